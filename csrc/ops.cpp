@@ -1,0 +1,43 @@
+// The one place where every lora_kernels operator schema is declared. CPU and CUDA implementations live in
+// csrc/cpu and csrc/cuda (TORCH_LIBRARY_IMPL blocks); fake (meta) implementations are registered from Python
+// (lora_kernels/_ext.py) so torch.compile can trace through the ops.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing lora_kernels._C loads this shared library, which runs the registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  PyObject* module = PyModule_Create(&module_def);
+#ifdef LORA_KERNELS_WITH_CUDA
+  PyModule_AddIntConstant(module, "WITH_CUDA", 1);
+#else
+  PyModule_AddIntConstant(module, "WITH_CUDA", 0);
+#endif
+  return module;
+}
+}
+
+TORCH_LIBRARY(lora_kernels, m) {
+  // Single-adapter fused forward. x: [M, K], x_lora: [M, K] or None (the dropped-out LoRA input; None means x),
+  // weight: [N, K], lora_a: [r, K], lora_b: [N, r], bias: [N] or None.
+  // Returns (y, s): y = x @ weight.T + scaling * (s @ lora_b.T) + bias  [M, N] in x.dtype,
+  //                 s = x_lora @ lora_a.T  [M, r] float32 (unscaled; saved for backward).
+  m.def("lora_fwd(Tensor x, Tensor? x_lora, Tensor weight, Tensor lora_a, Tensor lora_b, float scaling, "
+        "Tensor? bias) -> (Tensor, Tensor)");
+  // Backward, the part that reads dy: ONE pass over dy gives both
+  //   d_lora_b = scaling * dy.T @ s  [N, r] float32   and   ds = scaling * dy @ lora_b  [M, r] float32.
+  // dy: [M, N], s: [M, r] float32, lora_b: [N, r].
+  m.def("lora_bwd_dy(Tensor dy, Tensor s, Tensor lora_b, float scaling) -> (Tensor, Tensor)");
+  // Grouped shrink (SGMV/BGMV). x: [M, K], lora_a: [L, R, K], metadata from LoRABatch (int32):
+  // sorted_token_ids [M] (token ids stably sorted by slot), slot_starts [L], slot_counts [L];
+  // scalings [L] float32, ranks [L] int32. Returns out [M, R] float32 with
+  //   out[t, :ranks[i]] = scalings[i] * lora_a[i, :ranks[i]] @ x[t]   for i = slot of t, zero elsewhere
+  // (tokens of slot -1 and columns past the slot's rank are zero; lora_a past ranks[i] is never read).
+  m.def("sgmv_shrink(Tensor x, Tensor lora_a, Tensor sorted_token_ids, Tensor slot_starts, Tensor slot_counts, "
+        "Tensor scalings, Tensor ranks) -> Tensor");
+  // Grouped expand, adding in place. t: [M, R] float32, lora_b: [L, N, R], out: [M, N_total];
+  //   out[t, slice_offset : slice_offset + N] += lora_b[i, :, :ranks[i]] @ t[t, :ranks[i]]   for i = slot of t.
+  m.def("sgmv_expand(Tensor t, Tensor lora_b, Tensor sorted_token_ids, Tensor slot_starts, Tensor slot_counts, "
+        "Tensor ranks, Tensor(a!) out, int slice_offset) -> ()");
+}

@@ -1,0 +1,37 @@
+"""Loads the C++/CUDA extension `lora_kernels._C` when it was built, and registers the fake (meta) implementations
+of its ops so torch.compile can trace through them. Importing this never fails: a missing extension is recorded."""
+
+import torch
+
+EXTENSION_ERROR = None
+try:
+    from lora_kernels import _C  # noqa: F401  (loading the library registers the ops)
+except ImportError as exc:  # not built, or built against another torch
+    _C = None
+    EXTENSION_ERROR = f"{type(exc).__name__}: {exc}"
+
+HAS_EXTENSION = _C is not None
+EXTENSION_WITH_CUDA = bool(getattr(_C, "WITH_CUDA", 0))
+
+
+def _fake_lora_fwd(x, x_lora, weight, lora_a, lora_b, scaling, bias):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_a.shape[0], dtype=torch.float32)
+
+
+def _fake_lora_bwd_dy(dy, s, lora_b, scaling):
+    return (dy.new_empty(lora_b.shape, dtype=torch.float32),
+            dy.new_empty(dy.shape[0], lora_b.shape[1], dtype=torch.float32))
+
+
+def _fake_sgmv_shrink(x, lora_a, sorted_token_ids, slot_starts, slot_counts, scalings, ranks):
+    return x.new_empty(x.shape[0], lora_a.shape[1], dtype=torch.float32)
+
+
+def _fake_sgmv_expand(t, lora_b, sorted_token_ids, slot_starts, slot_counts, ranks, out, slice_offset):
+    return None
+
+
+if HAS_EXTENSION:
+    for _name, _fake in [("lora_fwd", _fake_lora_fwd), ("lora_bwd_dy", _fake_lora_bwd_dy),
+                         ("sgmv_shrink", _fake_sgmv_shrink), ("sgmv_expand", _fake_sgmv_expand)]:
+        torch.library.register_fake(f"lora_kernels::{_name}")(_fake)

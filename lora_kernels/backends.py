@@ -1,0 +1,78 @@
+"""Which backends exist on this machine, why the others do not, and how `backend="auto"` chooses.
+
+Backends (design.md §4): reference (the spec), torch (unfused torch ops, PEFT's way), triton (fused Triton kernels),
+cuda (the C++/CUDA extension), cpu (the C++ extension's CPU kernels).
+"""
+
+import logging
+
+import torch
+
+from lora_kernels import _ext
+from lora_kernels import triton as _triton_pkg
+
+BACKENDS = ("reference", "torch", "triton", "cuda", "cpu")
+logger = logging.getLogger("lora_kernels")
+
+
+def unavailable_reason(backend, device):
+    """None when `backend` can run tensors on `device` here, else a sentence saying why not."""
+    device = torch.device(device)
+    if backend in ("reference", "torch"):
+        return None
+    if backend == "triton":
+        if not _triton_pkg.HAS_TRITON:
+            return f"triton is not importable ({_triton_pkg.TRITON_ERROR})"
+        if device.type == "cuda":
+            return None if torch.cuda.is_available() else "no CUDA device"
+        if device.type == "cpu":
+            return None if _triton_pkg.INTERPRET else "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter, for tests)"
+        return f"Triton does not run on {device.type} tensors"
+    if backend in ("cuda", "cpu"):
+        if not _ext.HAS_EXTENSION:
+            return f"the C++ extension lora_kernels._C is not built or failed to load ({_ext.EXTENSION_ERROR})"
+        if backend == "cuda":
+            if not _ext.EXTENSION_WITH_CUDA:
+                return "extension built without CUDA"
+            if device.type != "cuda":
+                return f"the cuda backend runs CUDA tensors, got {device.type} tensors"
+            return None if torch.cuda.is_available() else "no CUDA device"
+        return None if device.type == "cpu" else f"the cpu backend runs CPU tensors, got {device.type} tensors"
+    return f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)} or 'auto'"
+
+
+def available_backends(device):
+    return [name for name in BACKENDS if unavailable_reason(name, device) is None]
+
+
+def auto_backend(device):
+    """The fastest available backend for `device`: fused Triton on GPUs (the C++ CUDA kernels when triton is
+    missing); the C++ CPU kernels on CPU (the interpreter is for tests, never chosen automatically)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        order = ("triton", "cuda", "torch")
+    elif device.type == "cpu":
+        order = ("cpu", "torch")
+    else:
+        order = ("torch",)
+    for name in order:
+        if unavailable_reason(name, device) is None:
+            return name
+    return "torch"
+
+
+def resolve_backend(backend, device, op_name):
+    """The backend to run `op_name` with: `backend` itself when it can run here, the auto choice for "auto".
+    Raises ValueError naming the reason and the available backends otherwise."""
+    device = torch.device(device)
+    if not isinstance(backend, str):
+        raise TypeError(f"{op_name}: backend expected a str, got {type(backend).__name__}")
+    if backend == "auto":
+        chosen = auto_backend(device)
+        logger.debug("%s: backend='auto' chose %r for %s tensors", op_name, chosen, device.type)
+        return chosen
+    reason = unavailable_reason(backend, device)
+    if reason is not None:
+        raise ValueError(f"{op_name}: backend {backend!r} is not available for {device.type} tensors: {reason}. "
+                         f"Available here: {', '.join(available_backends(device))} (or 'auto').")
+    return backend

@@ -1,0 +1,81 @@
+"""LoRABatch: the per-batch metadata of the grouped (SGMV/BGMV) ops, built on the device with no host sync.
+
+Every buffer has a size fixed by (num_tokens, num_adapters), never by the ids' values, so building it can be captured
+in a CUDA graph and one LoRABatch serves every layer of a step.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LoRABatch:
+    """Metadata of one batch of tokens, each carrying an adapter slot id in [-1, num_adapters).
+
+    adapter_ids       [M] int32  the slot of each token (-1: base model only)
+    sorted_token_ids  [M] int32  token indices stably sorted by slot (the -1 tokens come first)
+    slot_counts       [L] int32  tokens per slot
+    slot_starts       [L] int32  offset of each slot's first token in sorted_token_ids
+    active_slots      [L] int32  the slots with at least one token, ascending, then -1 padding
+    num_active        [1] int32  how many entries of active_slots are real
+    """
+
+    adapter_ids: torch.Tensor
+    sorted_token_ids: torch.Tensor
+    slot_counts: torch.Tensor
+    slot_starts: torch.Tensor
+    active_slots: torch.Tensor
+    num_active: torch.Tensor
+    num_tokens: int
+    num_adapters: int
+
+    @property
+    def device(self):
+        return self.adapter_ids.device
+
+    @classmethod
+    def from_adapter_ids(cls, adapter_ids, num_adapters, *, validate=None):
+        """adapter_ids: integer tensor of any shape (flattened to [M]) with values in [-1, num_adapters).
+
+        validate: check the id values and raise ValueError on one out of range. Checking values costs a host sync,
+        so the default (None) checks CPU tensors only; CUDA tensors are checked with validate=True (never during
+        CUDA-graph capture). Unchecked out-of-range ids are never read out of bounds: they are treated as -1
+        (base model only)."""
+        if not isinstance(adapter_ids, torch.Tensor):
+            raise TypeError(f"LoRABatch.from_adapter_ids: adapter_ids expected a torch.Tensor, got {type(adapter_ids).__name__}")
+        if adapter_ids.dtype.is_floating_point or adapter_ids.dtype.is_complex or adapter_ids.dtype == torch.bool:
+            raise TypeError(f"LoRABatch.from_adapter_ids: adapter_ids expected an integer dtype, got {adapter_ids.dtype}")
+        if isinstance(num_adapters, bool) or not isinstance(num_adapters, int) or num_adapters < 1:
+            raise ValueError(f"LoRABatch.from_adapter_ids: num_adapters expected an int >= 1, got {num_adapters!r}")
+        ids = adapter_ids.reshape(-1)
+        if validate is None:
+            validate = ids.device.type == "cpu"
+        if validate and ids.numel() > 0:
+            low, high = int(ids.min()), int(ids.max())
+            if low < -1 or high >= num_adapters:
+                bad = low if low < -1 else high
+                raise ValueError(f"LoRABatch.from_adapter_ids: adapter_ids expected values in [-1, {num_adapters}), "
+                                 f"got {bad}")
+        device = ids.device
+        ids = ids.to(torch.int64)
+        ids = torch.where((ids < -1) | (ids >= num_adapters), torch.full_like(ids, -1), ids)
+        sorted_token_ids = torch.sort(ids, stable=True).indices.to(torch.int32)
+        # Counts of slots -1 .. L-1 by scatter-add: bincount would size its output from the data (a host sync).
+        counts_with_base = torch.zeros(num_adapters + 1, dtype=torch.int64, device=device)
+        counts_with_base.scatter_add_(0, ids + 1, torch.ones_like(ids))
+        starts_with_base = torch.cumsum(counts_with_base, 0) - counts_with_base
+        slot_counts = counts_with_base[1:].to(torch.int32)
+        slot_starts = starts_with_base[1:].to(torch.int32)
+        slots = torch.arange(num_adapters, device=device, dtype=torch.int64)
+        key = torch.where(slot_counts > 0, slots, torch.full_like(slots, num_adapters))
+        active = torch.sort(key).values
+        active_slots = torch.where(active < num_adapters, active, torch.full_like(active, -1)).to(torch.int32)
+        num_active = (slot_counts > 0).sum().reshape(1).to(torch.int32)
+        return cls(ids.to(torch.int32), sorted_token_ids, slot_counts, slot_starts, active_slots, num_active,
+                   int(ids.numel()), num_adapters)
+
+    def check_tokens(self, num_tokens, op_name, arg_name="x"):
+        if num_tokens != self.num_tokens:
+            raise ValueError(f"{op_name}: batch was built for {self.num_tokens} tokens, but {arg_name} has "
+                             f"{num_tokens} rows")

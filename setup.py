@@ -1,0 +1,104 @@
+"""Builds the C++/CUDA extension `lora_kernels._C`; all metadata lives in pyproject.toml.
+
+CPU sources are always built. CUDA sources are built when torch is a CUDA build and a toolkit is found;
+LORA_KERNELS_BUILD_CUDA=1 forces them (and fails loudly when impossible), =0 skips them.
+TORCH_CUDA_ARCH_LIST overrides the default targets (sm_80 and sm_90a).
+"""
+
+import glob
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_CUDA_ARCHS = "8.0;9.0a"
+
+
+def _fail(message):
+    sys.stderr.write(f"\nlora_kernels build error: {message}\n\n")
+    raise SystemExit(1)
+
+
+try:
+    import torch  # noqa: F401
+except ImportError:
+    _fail(
+        "PyTorch is not installed. Install torch first (pip install 'torch>=2.11'), then build this package "
+        "with --no-build-isolation so the extension is compiled against that torch (scripts/install.sh does both)."
+    )
+
+
+def _is_toolkit_root(path):
+    return path is not None and (Path(path) / "bin" / "nvcc").exists() and (Path(path) / "include" / "cuda_runtime.h").exists()
+
+
+def _find_cuda_home():
+    """The toolkit root, or None. torch guesses it from the nvcc on PATH, which may be a link or a wrapper script
+    outside the toolkit (e.g. /usr/local/bin/nvcc -> guessed root /usr/local, which has no CUDA headers)."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parent.parent))
+        try:  # a wrapper script that execs the real nvcc: take the path it names
+            text = Path(nvcc).read_text(errors="ignore")
+            if len(text) < 4096:
+                for token in text.replace('"', " ").split():
+                    if token.endswith("/bin/nvcc"):
+                        candidates.append(str(Path(token).resolve().parent.parent))
+        except OSError:
+            pass
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for candidate in candidates:
+        if _is_toolkit_root(candidate):
+            return str(Path(candidate).resolve())
+    return None
+
+
+build_cuda_env = os.environ.get("LORA_KERNELS_BUILD_CUDA", "").strip()
+if build_cuda_env not in ("", "0", "1"):
+    _fail(f"LORA_KERNELS_BUILD_CUDA must be 0 or 1, got {build_cuda_env!r}")
+
+cuda_home = _find_cuda_home() if build_cuda_env != "0" else None
+if cuda_home:
+    # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME once, at import.
+    os.environ["CUDA_HOME"] = cuda_home
+
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+torch_has_cuda = torch.version.cuda is not None
+if build_cuda_env == "1":
+    if not torch_has_cuda:
+        _fail(f"LORA_KERNELS_BUILD_CUDA=1 but torch {torch.__version__} is a CPU-only build (torch.version.cuda is None).")
+    if cuda_home is None:
+        _fail("LORA_KERNELS_BUILD_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME to the toolkit root).")
+build_cuda = build_cuda_env != "0" and torch_has_cuda and cuda_home is not None
+
+cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+define_macros = []
+cxx_flags = ["-O3", "-std=c++17"]
+
+if build_cuda:
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    print(f"lora_kernels: building CPU + CUDA sources (CUDA_HOME={cuda_home}, "
+          f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})")
+    extension = CUDAExtension(
+        "lora_kernels._C",
+        cpu_sources + cuda_sources,
+        define_macros=define_macros + [("LORA_KERNELS_WITH_CUDA", "1")],
+        extra_compile_args={
+            "cxx": cxx_flags,
+            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+        },
+    )
+else:
+    reason = ("LORA_KERNELS_BUILD_CUDA=0" if build_cuda_env == "0"
+              else "torch is a CPU-only build" if not torch_has_cuda else "no CUDA toolkit found")
+    print(f"lora_kernels: building CPU sources only ({reason})")
+    extension = CppExtension("lora_kernels._C", cpu_sources, define_macros=define_macros,
+                             extra_compile_args={"cxx": cxx_flags})
+
+setup(ext_modules=[extension], cmdclass={"build_ext": BuildExtension})

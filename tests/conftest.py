@@ -1,0 +1,66 @@
+"""Shared test fixtures: the device fixture, the tolerance table (design.md §7) and the relative-error check.
+
+Without a CUDA device the Triton interpreter is switched on here, before any lora_kernels kernel module is
+imported, so the Triton kernels run on CPU tensors.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+# ‖out − ref‖ / ‖ref‖ in float64 (design.md §7). fp32 allows for tf32 on GPUs.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def rel_error(out, ref):
+    """‖out − ref‖ / ‖ref‖ in float64; inf when out holds NaN/Inf (so it never passes)."""
+    out64, ref64 = out.detach().to(torch.float64).cpu(), ref.detach().to(torch.float64).cpu()
+    assert out64.shape == ref64.shape, f"shape {tuple(out64.shape)} != reference {tuple(ref64.shape)}"
+    if not torch.isfinite(out64).all():
+        return float("inf")
+    denom = ref64.norm().item()
+    diff = (out64 - ref64).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def assert_close(out, ref, dtype, what="output", scale=1.0):
+    """Relative error against the float64 reference within the dtype's tolerance (times `scale` for results that
+    pass through more roundings, e.g. gradients built from a rounded intermediate)."""
+    err = rel_error(out, ref)
+    tol = TOLERANCE[dtype] * scale
+    assert err <= tol, f"{what}: relative error {err:.3e} > tolerance {tol:.1e} ({dtype})"
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def randn(*shape, dtype=torch.float32, device="cpu", scale=1.0):
+    """Fresh random values (never zeros), generated in float32 then cast, so every dtype sees the same numbers."""
+    return (torch.randn(*shape, device=device) * scale).to(dtype)
