@@ -1,14 +1,20 @@
 """Loads the C++/CUDA extension `lora_kernels._C` when it was built, and registers the fake (meta) implementations
 of its ops so torch.compile can trace through them. Importing this never fails: a missing extension is recorded."""
 
+import importlib
+import importlib.util
+
 import torch
 
+_C = None
 EXTENSION_ERROR = None
-try:
-    from lora_kernels import _C  # noqa: F401  (loading the library registers the ops)
-except ImportError as exc:  # not built, or built against another torch
-    _C = None
-    EXTENSION_ERROR = f"{type(exc).__name__}: {exc}"
+if importlib.util.find_spec("lora_kernels._C") is None:
+    EXTENSION_ERROR = "not built (pip install --no-build-isolation -e . builds it)"
+else:
+    try:
+        _C = importlib.import_module("lora_kernels._C")  # loading the library registers the ops
+    except ImportError as exc:  # e.g. built against another torch
+        EXTENSION_ERROR = f"failed to load: {type(exc).__name__}: {exc}"
 
 HAS_EXTENSION = _C is not None
 EXTENSION_WITH_CUDA = bool(getattr(_C, "WITH_CUDA", 0))

@@ -30,7 +30,7 @@ def unavailable_reason(backend, device):
         return f"Triton does not run on {device.type} tensors"
     if backend in ("cuda", "cpu"):
         if not _ext.HAS_EXTENSION:
-            return f"the C++ extension lora_kernels._C is not built or failed to load ({_ext.EXTENSION_ERROR})"
+            return f"the C++ extension lora_kernels._C is {_ext.EXTENSION_ERROR}"
         if backend == "cuda":
             if not _ext.EXTENSION_WITH_CUDA:
                 return "extension built without CUDA"

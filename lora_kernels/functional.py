@@ -1,0 +1,174 @@
+"""lora_linear and multi_lora_linear: input checks, backend dispatch and autograd (the A/B-only backward).
+
+Single adapter (design.md §2), x [..., K], weight [N, K], lora_a [r, K], lora_b [N, r]:
+    y = x @ weight.T + scaling * (drop(x) @ lora_a.T) @ lora_b.T + bias
+Backward gives dX, dA, dB and d(bias); dW only when weight.requires_grad (full fine-tuning). Saved: x and
+S = drop(x) @ lora_a.T; the dropout mask is regenerated from a seed, never stored.
+"""
+
+import numbers
+
+import torch
+
+from lora_kernels import reference
+from lora_kernels.backends import resolve_backend
+from lora_kernels.batch import LoRABatch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------------------- checks
+
+def _check_tensor(op, name, t, *, ndim=None, optional=False):
+    if t is None and optional:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} expected a floating dtype (float32/float16/bfloat16/float64), got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{op}: {name} expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
+
+
+def _check_same(op, name, t, ref_name, ref):
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{op}: {name} expected dtype {ref.dtype} (same as {ref_name}), got {t.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{op}: {name} expected device {ref.device} (same as {ref_name}), got {t.device}")
+
+
+def check_lora_linear_args(op, x, weight, lora_a, lora_b, bias, scaling, dropout_p):
+    """Raises ValueError/TypeError naming the argument, the expected and the actual shape/dtype/device."""
+    _check_tensor(op, "x", x)
+    _check_tensor(op, "weight", weight, ndim=2)
+    _check_tensor(op, "lora_a", lora_a, ndim=2)
+    _check_tensor(op, "lora_b", lora_b, ndim=2)
+    _check_tensor(op, "bias", bias, ndim=1, optional=True)
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x expected at least 1 dimension [..., K], got a 0-D tensor")
+    out_features, in_features = weight.shape
+    rank = lora_a.shape[0]
+    if x.shape[-1] != in_features:
+        raise ValueError(f"{op}: x expected last dimension {in_features} (weight is {tuple(weight.shape)} = [N, K]), "
+                         f"got shape {tuple(x.shape)}")
+    if rank < 1:
+        raise ValueError(f"{op}: lora_a expected shape [r, {in_features}] with r >= 1, got {tuple(lora_a.shape)}")
+    if lora_a.shape[1] != in_features:
+        raise ValueError(f"{op}: lora_a expected shape [r, {in_features}] (K of weight {tuple(weight.shape)}), "
+                         f"got {tuple(lora_a.shape)}")
+    if tuple(lora_b.shape) != (out_features, rank):
+        raise ValueError(f"{op}: lora_b expected shape [{out_features}, {rank}] ([N, r] for weight "
+                         f"{tuple(weight.shape)} and lora_a {tuple(lora_a.shape)}), got {tuple(lora_b.shape)}")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"{op}: bias expected shape [{out_features}], got {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("bias", bias)):
+        if t is not None:
+            _check_same(op, name, t, "x", x)
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
+        raise TypeError(f"{op}: scaling expected a real number, got {type(scaling).__name__}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{op}: dropout_p expected a number in [0, 1), got {dropout_p!r}")
+
+
+# ------------------------------------------------------------------------------------------------- dropout (torch)
+
+def torch_dropout_mask(seed, shape, p, device, dtype):
+    """The dropout multiplier (0 or 1/(1-p)) of the non-Triton backends: drawn from a generator seeded with `seed`,
+    so backward regenerates exactly the forward's mask instead of storing it."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    keep = torch.rand(shape, generator=generator, device=device) >= p
+    return keep.to(dtype) / (1.0 - p)
+
+
+def _new_seed():
+    # Drawn from torch's default CPU generator, so torch.manual_seed makes dropout reproducible.
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+# ------------------------------------------------------------------------------------------- single-adapter autograd
+
+def _triton_lora_linear():
+    from lora_kernels.triton import lora_linear as triton_lora_linear
+    return triton_lora_linear
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """Autograd of the fused LoRA linear for one backend. x2 is [M, K]; returns y [M, N]."""
+
+    @staticmethod
+    def forward(ctx, x2, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend):
+        mask = None
+        if dropout_p > 0.0 and backend != "triton":
+            mask = torch_dropout_mask(seed, x2.shape, dropout_p, x2.device, x2.dtype)
+        if backend == "triton":
+            y, s = _triton_lora_linear().lora_fwd(x2, weight, lora_a, lora_b, scaling, bias, dropout_p, seed)
+        elif backend in ("cpu", "cuda"):
+            x_lora = None if mask is None else x2 * mask
+            y, s = torch.ops.lora_kernels.lora_fwd(x2, x_lora, weight, lora_a, lora_b, float(scaling), bias)
+        else:  # "torch": the unfused composition PEFT runs, in the input dtype
+            x_lora = x2 if mask is None else x2 * mask
+            s = x_lora @ lora_a.T
+            y = torch.nn.functional.linear(x2, weight, bias) + scaling * (s @ lora_b.T)
+        ctx.save_for_backward(x2, s, weight, lora_a, lora_b)
+        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend = scaling, dropout_p, seed, backend
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, s, weight, lora_a, lora_b = ctx.saved_tensors
+        scaling, dropout_p, seed, backend = ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend
+        need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
+        dy = dy.contiguous()
+        dx = d_weight = d_lora_a = d_lora_b = d_bias = None
+        if backend == "triton":
+            kernels = _triton_lora_linear()
+            d_lora_b, ds = kernels.lora_bwd_dy(dy, s, lora_b, scaling)
+            if need_x:
+                dx = kernels.lora_bwd_dx(dy, ds, weight, lora_a, dropout_p, seed)
+            if need_a:
+                d_lora_a = kernels.lora_bwd_da(ds, x2, dropout_p, seed)
+        else:
+            mask = torch_dropout_mask(seed, x2.shape, dropout_p, x2.device, x2.dtype) if dropout_p > 0.0 else None
+            if backend in ("cpu", "cuda"):
+                d_lora_b, ds = torch.ops.lora_kernels.lora_bwd_dy(dy, s, lora_b, float(scaling))
+                ds = ds.to(dy.dtype)
+            else:
+                d_lora_b = scaling * (dy.T @ s)
+                ds = scaling * (dy @ lora_b)
+            x_lora = x2 if mask is None else x2 * mask
+            if need_a:
+                d_lora_a = ds.T @ x_lora
+            if need_x:
+                dx_lora = ds @ lora_a
+                dx = dy @ weight + (dx_lora if mask is None else dx_lora * mask)
+        if need_w:  # full fine-tuning: the M·N·K GEMM the A/B-only path never forms
+            d_weight = dy.T @ x2
+        if need_bias and ctx.has_bias:
+            d_bias = dy.sum(0)
+        cast = (lambda g, like: None if g is None else g.to(like.dtype))
+        return (cast(dx, x2), cast(d_weight, weight), cast(d_lora_a, lora_a) if need_a else None,
+                cast(d_lora_b, lora_b) if need_b else None, cast(d_bias, weight), None, None, None, None)
+
+
+def lora_linear(x, weight, lora_a, lora_b, scaling=1.0, bias=None, *, dropout_p=0.0, backend="auto"):
+    """y = x @ weight.T + scaling * (dropout(x) @ lora_a.T) @ lora_b.T + bias
+
+    x: [..., K]; weight: [N, K]; lora_a: [r, K]; lora_b: [N, r]; bias: [N] or None; all one dtype and device.
+    dropout_p applies to the LoRA branch input only (pass 0 in eval mode). Returns [..., N] in x.dtype.
+    backend: "auto", "triton", "cuda", "cpu", "torch" or "reference" (see lora_kernels.backends).
+    """
+    op = "lora_linear"
+    check_lora_linear_args(op, x, weight, lora_a, lora_b, bias, scaling, dropout_p)
+    backend = resolve_backend(backend, x.device, op)
+    seed = _new_seed() if dropout_p > 0.0 else 0
+    lead_shape, in_features = x.shape[:-1], x.shape[-1]
+    if backend == "reference":
+        mask = None
+        if dropout_p > 0.0:
+            mask = torch_dropout_mask(seed, (*lead_shape, in_features), dropout_p, x.device, x.dtype)
+        return reference.lora_linear(x, weight, lora_a, lora_b, scaling, bias, mask).to(x.dtype)
+    x2 = x.reshape(-1, in_features)
+    y = LoRALinearFunction.apply(x2, weight, lora_a, lora_b, bias, float(scaling), float(dropout_p), seed, backend)
+    return y.reshape(*lead_shape, weight.shape[0])

@@ -1,0 +1,203 @@
+"""lora_linear on every backend available here against the float64 reference: forward, every gradient, dtypes,
+odd shapes, ranks 1..256, bias, leading dims, non-contiguous input, dropout, bad input, torch.compile."""
+
+import pytest
+import torch
+
+from conftest import DTYPES, assert_close, randn
+from lora_kernels import backends, functional, reference
+from lora_kernels.functional import lora_linear
+
+# (M, K, N, r): odd sizes and the whole rank range, kept tiny for the Triton interpreter.
+SHAPES = [(5, 67, 33, 1), (17, 32, 48, 8), (3, 40, 24, 16), (9, 24, 19, 64), (2, 16, 20, 256)]
+KERNEL_BACKENDS = ["torch", "cpu", "cuda", "triton"]
+
+
+def _backend_or_skip(backend, device):
+    reason = backends.unavailable_reason(backend, device)
+    if reason is not None:
+        pytest.skip(f"{backend} on {device}: {reason}")
+
+
+def _dropout_mask(backend, seed, x2, p):
+    """The mask the backend generates for `seed`, so the reference can apply the same one."""
+    if backend == "triton":
+        from lora_kernels.triton.lora_linear import dropout_mask
+        return dropout_mask(seed, x2.shape[0], x2.shape[1], p, x2.device)
+    return functional.torch_dropout_mask(seed, x2.shape, p, x2.device, torch.float64)
+
+
+def _inputs(m, k, n, r, dtype, device, bias=True):
+    x = randn(m, k, dtype=dtype, device=device)
+    weight = randn(n, k, dtype=dtype, device=device, scale=k ** -0.5)
+    lora_a = randn(r, k, dtype=dtype, device=device, scale=k ** -0.5)
+    lora_b = randn(n, r, dtype=dtype, device=device, scale=r ** -0.5)
+    b = randn(n, dtype=dtype, device=device) if bias else None
+    return x, weight, lora_a, lora_b, b
+
+
+def _run(backend, x, weight, lora_a, lora_b, bias, scaling, dy, dropout_p=0.0):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, lora_a, lora_b)]
+    bias_leaf = None if bias is None else bias.detach().clone().requires_grad_(True)
+    y = lora_linear(leaves[0], weight, leaves[1], leaves[2], scaling, bias_leaf, dropout_p=dropout_p, backend=backend)
+    y.backward(dy)
+    grads = {"x": leaves[0].grad, "lora_a": leaves[1].grad, "lora_b": leaves[2].grad}
+    if bias_leaf is not None:
+        grads["bias"] = bias_leaf.grad
+    return y, grads
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}-K{}-N{}-r{}".format(*s))
+def test_forward_and_gradients_match_reference(backend, dtype, shape, device):
+    _backend_or_skip(backend, device)
+    m, k, n, r = shape
+    x, weight, lora_a, lora_b, bias = _inputs(m, k, n, r, dtype, device, bias=r != 8)
+    scaling = 1.5
+    dy = randn(m, n, dtype=dtype, device=device)
+    y, grads = _run(backend, x, weight, lora_a, lora_b, bias, scaling, dy)
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert_close(y, reference.lora_linear(x, weight, lora_a, lora_b, scaling, bias), dtype, "y")
+    expected = reference.lora_linear_backward(dy, x, weight, lora_a, lora_b, scaling)
+    for name, grad in grads.items():
+        assert grad.dtype == dtype, name
+        # Gradients pass through one more rounding (S or dS in the input dtype) than the forward.
+        assert_close(grad, expected[name], dtype, f"d{name}", scale=2.0)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_leading_dims_and_non_contiguous_input(backend, device):
+    _backend_or_skip(backend, device)
+    dtype = torch.float32
+    x_wide, weight, lora_a, lora_b, bias = _inputs(12, 2 * 24, 20, 8, dtype, device)
+    x = x_wide.reshape(2, 6, 48)[..., ::2]  # [2, 6, 24], stride 2 in the last dim
+    weight, lora_a = weight[:, :24].contiguous(), lora_a[:, :24].contiguous()
+    assert not x.is_contiguous()
+    dy = randn(2, 6, 20, dtype=dtype, device=device)
+    y, grads = _run(backend, x, weight, lora_a, lora_b, bias, 0.5, dy)
+    assert y.shape == (2, 6, 20)
+    assert_close(y, reference.lora_linear(x, weight, lora_a, lora_b, 0.5, bias), dtype, "y")
+    expected = reference.lora_linear_backward(dy.reshape(12, 20), x.reshape(12, 24), weight, lora_a, lora_b, 0.5)
+    assert_close(grads["x"].reshape(12, 24), expected["x"], dtype, "dx")
+    assert_close(grads["lora_a"], expected["lora_a"], dtype, "dA")
+    transposed = x_wide[:, :24].T.contiguous().T  # a column-major [12, 24] view
+    assert_close(lora_linear(transposed, weight, lora_a, lora_b, 0.5, bias, backend=backend),
+                 reference.lora_linear(transposed, weight, lora_a, lora_b, 0.5, bias), dtype, "y (column-major x)")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_empty_batch(backend, device):
+    _backend_or_skip(backend, device)
+    x, weight, lora_a, lora_b, bias = _inputs(0, 16, 8, 4, torch.float32, device)
+    x.requires_grad_(True)
+    y = lora_linear(x, weight, lora_a, lora_b, 2.0, bias, backend=backend)
+    assert y.shape == (0, 8)
+    y.sum().backward()
+    assert x.grad.shape == (0, 16)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "reference"])
+def test_gradcheck_float64(backend):
+    _backend_or_skip(backend, "cpu")
+    x, weight, lora_a, lora_b, bias = (t.double().requires_grad_(True) if t is not None else None
+                                       for t in _inputs(3, 5, 4, 2, torch.float32, "cpu"))
+    weight.requires_grad_(True)
+
+    def fn(x, weight, lora_a, lora_b, bias):
+        return lora_linear(x, weight, lora_a, lora_b, 0.7, bias, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, (x, weight, lora_a, lora_b, bias))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_lora_gradients_equal_full_finetuning(backend, device):
+    """dA and dB of the A/B-only path equal those of full fine-tuning (merged W + s·B·A, W trainable), and with
+    weight.requires_grad the same function returns dW = dYᵀ·x."""
+    _backend_or_skip(backend, device)
+    dtype = torch.float32
+    x, weight, lora_a, lora_b, bias = _inputs(11, 24, 18, 8, dtype, device)
+    dy = randn(11, 18, dtype=dtype, device=device)
+    full = [t.double().requires_grad_(True) for t in (x, weight, lora_a, lora_b)]
+    reference.full_finetune_linear(*full, 0.5, bias.double()).backward(dy.double())
+    leaves = [t.clone().requires_grad_(True) for t in (x, weight, lora_a, lora_b)]
+    lora_linear(*leaves, 0.5, bias, backend=backend).backward(dy)
+    for name, leaf, ref_leaf in zip(("x", "weight", "lora_a", "lora_b"), leaves, full):
+        assert_close(leaf.grad, ref_leaf.grad, dtype, f"d{name}")
+    frozen = [t.clone().requires_grad_(name != "w") for name, t in zip("xwab", (x, weight, lora_a, lora_b))]
+    lora_linear(*frozen, 0.5, bias, backend=backend).backward(dy)
+    assert frozen[1].grad is None  # dW is never formed for a frozen weight
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_dropout(backend, device):
+    _backend_or_skip(backend, device)
+    dtype, p, scaling = torch.float32, 0.25, 1.0
+    x, weight, lora_a, lora_b, bias = _inputs(24, 32, 16, 8, dtype, device)
+    dy = randn(24, 16, dtype=dtype, device=device)
+    # p = 0 is exactly no dropout.
+    assert torch.equal(lora_linear(x, weight, lora_a, lora_b, scaling, bias, dropout_p=0.0, backend=backend),
+                       lora_linear(x, weight, lora_a, lora_b, scaling, bias, backend=backend))
+    # Reproducible under torch.manual_seed; the backward uses the forward's mask.
+    torch.manual_seed(1234)
+    y1, grads = _run(backend, x, weight, lora_a, lora_b, bias, scaling, dy, dropout_p=p)
+    torch.manual_seed(1234)
+    y2 = lora_linear(x, weight, lora_a, lora_b, scaling, bias, dropout_p=p, backend=backend)
+    assert torch.equal(y1, y2)
+    torch.manual_seed(1234)
+    mask = _dropout_mask(backend, functional._new_seed(), x, p)
+    dropped = (mask == 0).double().mean().item()
+    assert 0.1 < dropped < 0.4, f"dropped fraction {dropped} for p={p}"
+    assert_close(y1, reference.lora_linear(x, weight, lora_a, lora_b, scaling, bias, mask), dtype, "y (dropout)")
+    expected = reference.lora_linear_backward(dy, x, weight, lora_a, lora_b, scaling, mask)
+    for name in ("x", "lora_a", "lora_b"):
+        assert_close(grads[name], expected[name], dtype, f"d{name} (dropout)")
+    torch.manual_seed(99)
+    y3 = lora_linear(x, weight, lora_a, lora_b, scaling, bias, dropout_p=p, backend=backend)
+    assert not torch.equal(y1, y3), "another seed must give another mask"
+
+
+BAD_INPUTS = [
+    ("x", lambda a: {**a, "x": a["x"][:, :-1]}, ValueError, "x expected last dimension"),
+    ("lora_a", lambda a: {**a, "lora_a": a["lora_a"][:, :-1]}, ValueError, "lora_a expected shape"),
+    ("lora_b", lambda a: {**a, "lora_b": a["lora_b"][:, :-1]}, ValueError, "lora_b expected shape"),
+    ("rank0", lambda a: {**a, "lora_a": a["lora_a"][:0], "lora_b": a["lora_b"][:, :0]}, ValueError, "r >= 1"),
+    ("bias", lambda a: {**a, "bias": a["bias"][:-1]}, ValueError, "bias expected shape"),
+    ("dtype", lambda a: {**a, "lora_a": a["lora_a"].half()}, TypeError, "lora_a expected dtype torch.float32"),
+    ("int", lambda a: {**a, "x": a["x"].int()}, TypeError, "x expected a floating dtype"),
+    ("nontensor", lambda a: {**a, "weight": [[1.0]]}, TypeError, "weight expected a torch.Tensor"),
+    ("dropout", lambda a: {**a, "dropout_p": 1.0}, ValueError, "dropout_p expected a number in [0, 1)"),
+    ("backend", lambda a: {**a, "backend": "nope"}, ValueError, "backend 'nope' is not available"),
+]
+
+
+@pytest.mark.parametrize("name,mutate,error,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_is_a_clear_error(name, mutate, error, message):
+    x, weight, lora_a, lora_b, bias = _inputs(4, 8, 6, 2, torch.float32, "cpu")
+    args = mutate({"x": x, "weight": weight, "lora_a": lora_a, "lora_b": lora_b, "bias": bias,
+                   "dropout_p": 0.0, "backend": "torch"})
+    with pytest.raises(error, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        lora_linear(args["x"], args["weight"], args["lora_a"], args["lora_b"], 1.0, args["bias"],
+                    dropout_p=args["dropout_p"], backend=args["backend"])
+
+
+def test_unavailable_backend_says_why_and_what_is_available():
+    if backends.unavailable_reason("cuda", "cpu") is None:
+        pytest.skip("cuda backend unexpectedly available for CPU tensors")
+    x, weight, lora_a, lora_b, bias = _inputs(2, 4, 3, 1, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"backend 'cuda' is not available .*Available here: reference, torch"):
+        lora_linear(x, weight, lora_a, lora_b, backend="cuda")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_torch_compile_fullgraph(backend):
+    _backend_or_skip(backend, "cpu")
+    from lora_kernels import LoRALinear
+    layer = LoRALinear(16, 12, r=4, lora_alpha=8, init_lora_weights=False, backend=backend)
+    x = torch.randn(3, 5, 16)
+    expected = layer(x)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    assert layer.lora_A.weight.grad is not None and layer.weight.grad is None

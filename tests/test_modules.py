@@ -1,0 +1,156 @@
+"""LoRALinear as a drop-in for nn.Linear, and inject_lora / merge_and_unload over a model."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import assert_close
+from lora_kernels import LoRALinear, count_parameters, inject_lora, merge_and_unload, reference
+
+
+def _trained(layer):
+    """Gives B non-zero values so the adapter changes the output (a fresh B is zero)."""
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    return layer
+
+
+def test_fresh_layer_equals_its_base_and_uses_peft_names():
+    linear = nn.Linear(20, 12)
+    expected = linear(torch.randn(1, 20))  # noqa: F841  (exercise the module once)
+    layer = LoRALinear.from_linear(linear, r=4, lora_alpha=8)
+    assert layer.weight is linear.weight and layer.bias is linear.bias
+    assert not layer.weight.requires_grad and not layer.bias.requires_grad
+    assert layer.lora_A.weight.shape == (4, 20) and layer.lora_B.weight.shape == (12, 4)
+    assert torch.count_nonzero(layer.lora_B.weight) == 0 and torch.count_nonzero(layer.lora_A.weight) > 0
+    assert set(layer.state_dict()) == {"weight", "bias", "lora_A.weight", "lora_B.weight"}
+    x = torch.randn(3, 7, 20)
+    torch.testing.assert_close(layer(x), linear(x))
+    # A base checkpoint loads unchanged (strict=False only because it lacks the adapter keys).
+    missing, unexpected = layer.load_state_dict(nn.Linear(20, 12).state_dict(), strict=False)
+    assert sorted(missing) == ["lora_A.weight", "lora_B.weight"] and not unexpected
+
+
+def test_scaling_rslora_and_gaussian_init():
+    assert LoRALinear(8, 8, r=4, lora_alpha=16).scaling == 4.0
+    assert LoRALinear(8, 8, r=4, lora_alpha=16, use_rslora=True).scaling == 16 / math.sqrt(4)
+    layer = LoRALinear(64, 8, r=16, init_lora_weights="gaussian")
+    assert abs(layer.lora_A.weight.std().item() - 1 / 16) < 0.02
+    assert torch.count_nonzero(layer.lora_B.weight) == 0
+    with pytest.raises(ValueError, match="init_lora_weights"):
+        LoRALinear(8, 8, init_lora_weights="orthogonal-ish")
+    with pytest.raises(ValueError, match="r expected an int >= 1, got 0"):
+        LoRALinear(8, 8, r=0)
+
+
+def test_forward_matches_reference_and_trains_only_the_adapter():
+    layer = _trained(LoRALinear(24, 10, r=4, lora_alpha=8, dtype=torch.float64))
+    x = torch.randn(5, 24, dtype=torch.float64)
+    expected = reference.lora_linear(x, layer.weight, layer.lora_A.weight, layer.lora_B.weight, 2.0, layer.bias)
+    torch.testing.assert_close(layer(x), expected)
+    layer(x).sum().backward()
+    assert layer.weight.grad is None and layer.bias.grad is None
+    assert layer.lora_A.weight.grad is not None and layer.lora_B.weight.grad is not None
+
+
+def test_dropout_only_in_training_mode():
+    layer = _trained(LoRALinear(32, 16, r=4, lora_dropout=0.5))
+    x = torch.randn(8, 32)
+    layer.eval()
+    torch.testing.assert_close(layer(x), layer(x))
+    eval_out = layer(x)
+    layer.train()
+    assert not torch.allclose(layer(x), eval_out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_merge_unmerge_round_trip(dtype):
+    layer = _trained(LoRALinear(48, 40, r=8, lora_alpha=16, dtype=dtype)).eval()
+    x = torch.randn(6, 48, dtype=dtype)
+    before, base_weight = layer(x), layer.weight.detach().clone()
+    layer.merge()
+    assert layer.merged
+    assert_close(layer(x), before, dtype, "merged output")
+    with pytest.raises(RuntimeError, match="already merged"):
+        layer.merge()
+    layer.unmerge()
+    assert not layer.merged
+    assert_close(layer.weight, base_weight, dtype, "unmerged weight")
+    with pytest.raises(RuntimeError, match="not merged"):
+        layer.unmerge()
+
+
+def test_safe_merge_refuses_non_finite_and_leaves_the_layer_unchanged():
+    layer = _trained(LoRALinear(8, 6, r=2))
+    with torch.no_grad():
+        layer.lora_A.weight[0, 0] = float("inf")
+    weight_before = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        layer.merge(safe_merge=True)
+    assert not layer.merged and torch.equal(layer.weight, weight_before)
+
+
+def test_disable_adapter_context():
+    layer = _trained(LoRALinear(16, 8, r=2))
+    x = torch.randn(3, 16)
+    with layer.disable_adapter():
+        torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+    assert not torch.allclose(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+    assert "r=2" in repr(layer) and "scaling=4" in repr(layer)
+
+
+class TinyBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.v_proj, self.o_proj = nn.Linear(16, 16), nn.Linear(16, 8), nn.Linear(8, 16)
+        self.norm = nn.LayerNorm(16)
+
+    def forward(self, x):
+        return self.o_proj(self.v_proj(self.norm(x))) + self.q_proj(x)
+
+
+def _model():
+    return nn.Sequential(TinyBlock(), TinyBlock())
+
+
+def test_inject_lora_by_names_freezes_the_rest_and_counts_parameters():
+    model = _model()
+    x = torch.randn(2, 16)
+    before = model(x)
+    inject_lora(model, ["q_proj", "v_proj"], r=4, lora_alpha=8)
+    assert isinstance(model[0].q_proj, LoRALinear) and isinstance(model[1].v_proj, LoRALinear)
+    assert isinstance(model[0].o_proj, nn.Linear) and not isinstance(model[0].o_proj, LoRALinear)
+    torch.testing.assert_close(model(x), before)
+    trainable, total = count_parameters(model)
+    assert trainable == 2 * (4 * (16 + 16) + 4 * (16 + 8))  # sum of r·(K + N) over injected layers
+    assert all(("lora_" in name) == p.requires_grad for name, p in model.named_parameters())
+    assert "0.q_proj.lora_A.weight" in model.state_dict() and "0.q_proj.weight" in model.state_dict()
+
+
+def test_inject_lora_by_regex_and_exclude():
+    model = inject_lora(_model(), r"1\.(q|o)_proj", r=2)
+    assert isinstance(model[1].q_proj, LoRALinear) and isinstance(model[1].o_proj, LoRALinear)
+    assert not isinstance(model[0].q_proj, LoRALinear)
+    model = inject_lora(_model(), ["q_proj"], exclude_modules=["0.q_proj"], r=2)
+    assert not isinstance(model[0].q_proj, LoRALinear) and isinstance(model[1].q_proj, LoRALinear)
+
+
+def test_inject_lora_errors_leave_the_model_untouched():
+    model = _model()
+    with pytest.raises(ValueError, match="matched no nn.Linear"):
+        inject_lora(model, ["k_proj"])
+    with pytest.raises(TypeError, match="'0.norm' matches target_modules but is a LayerNorm"):
+        inject_lora(model, ["q_proj", "norm"])
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_merge_and_unload_gives_plain_linears_with_the_same_output():
+    model = inject_lora(_model(), ["q_proj", "v_proj", "o_proj"], r=4, init_lora_weights=False)
+    x = torch.randn(3, 16)
+    before = model(x)
+    merge_and_unload(model)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
