@@ -50,7 +50,7 @@ class LoRABatch:
             raise ValueError(f"LoRABatch.from_adapter_ids: num_adapters expected an int >= 1, got {num_adapters!r}")
         ids = adapter_ids.reshape(-1)
         if validate is None:
-            validate = ids.device.type == "cpu"
+            validate = ids.device.type == "cpu" and not torch.compiler.is_compiling()
         if validate and ids.numel() > 0:
             low, high = int(ids.min()), int(ids.max())
             if low < -1 or high >= num_adapters:

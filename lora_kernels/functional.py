@@ -172,3 +172,99 @@ def lora_linear(x, weight, lora_a, lora_b, scaling=1.0, bias=None, *, dropout_p=
     x2 = x.reshape(-1, in_features)
     y = LoRALinearFunction.apply(x2, weight, lora_a, lora_b, bias, float(scaling), float(dropout_p), seed, backend)
     return y.reshape(*lead_shape, weight.shape[0])
+
+
+# --------------------------------------------------------------------------------------------- grouped (multi-LoRA)
+
+def _segment_outer_sum(ids, num_slots, left, right):
+    """[L, P, Q] with slot i holding sum over tokens t of slot i of outer(left[t], right[t]); left [M, P], right [M, Q].
+    Written as one batched GEMM over masked copies of `left` (L·M·P·Q work, no host sync); a segment-GEMM kernel
+    would do 1/L of it."""
+    one_hot = (ids[None, :] == torch.arange(num_slots, device=ids.device)[:, None]).to(right.dtype)  # [L, M]
+    masked_left = one_hot[:, :, None] * left.to(right.dtype)[None]  # [L, M, P]
+    return masked_left.transpose(1, 2) @ right  # [L, P, Q]
+
+
+class MultiLoRAFunction(torch.autograd.Function):
+    """y = x2 @ W.T + bias + grouped LoRA; gradients for x2 and every slot's A and B (never W or the scalings)."""
+
+    @staticmethod
+    def forward(ctx, x2, weight, bias, lora_a, lora_b, batch, scalings, ranks, backend):
+        from lora_kernels import ops
+        y = torch.nn.functional.linear(x2, weight, bias)
+        shrunk = ops.lora_shrink(x2, lora_a, batch, scalings, ranks, backend=backend)
+        ops.lora_expand(shrunk, lora_b, batch, y, 0, ranks, backend=backend)
+        ctx.save_for_backward(x2, weight, lora_a, lora_b, shrunk, scalings, ranks)
+        ctx.batch, ctx.backend = batch, backend
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        from lora_kernels import ops
+        x2, weight, lora_a, lora_b, shrunk, scalings, ranks = ctx.saved_tensors
+        batch, backend = ctx.batch, ctx.backend
+        need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
+        dy = dy.contiguous()
+        dx = d_lora_a = d_lora_b = None
+        ids = batch.adapter_ids
+        if need_x or need_a:
+            # u[t] = scalings[i] * B_i[:, :r]^T dy[t]: the shrink with B^T as the "A" of each slot.
+            u = ops.lora_shrink(dy, lora_b.transpose(1, 2), batch, scalings, ranks, backend=backend)
+            if need_x:
+                dx = dy @ weight
+                ops.lora_expand(u, lora_a.transpose(1, 2), batch, dx, 0, ranks, backend=backend)
+            if need_a:
+                d_lora_a = _segment_outer_sum(ids, lora_a.shape[0], u, x2).to(lora_a.dtype)
+        if need_b:
+            d_lora_b = _segment_outer_sum(ids, lora_b.shape[0], shrunk, dy).transpose(1, 2).to(lora_b.dtype)
+        return dx, None, None, d_lora_a, d_lora_b, None, None, None, None
+
+
+def multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias=None, *, ranks=None, backend="auto"):
+    """y[t] = x[t] @ weight.T + bias + scalings[i] * lora_b[i, :, :r_i] @ (lora_a[i, :r_i] @ x[t]), i = adapter_ids[t]
+    (-1: base only; r_i = ranks[i], default R).
+
+    x: [..., K]; weight: [N, K]; lora_a: [L, R, K]; lora_b: [L, N, R]; adapter_ids: integer tensor shaped like
+    x.shape[:-1], or a LoRABatch already built for these tokens (reuse one per step across layers); scalings: [L];
+    bias: [N] or None. Differentiable in x, lora_a and lora_b (several adapters trained in one batch).
+    """
+    from lora_kernels import ops
+    op = "multi_lora_linear"
+    for name, t, ndim in (("x", x, None), ("weight", weight, 2), ("lora_a", lora_a, 3), ("lora_b", lora_b, 3)):
+        _check_tensor(op, name, t, ndim=ndim)
+    _check_tensor(op, "bias", bias, ndim=1, optional=True)
+    num_slots, max_rank, in_features = lora_a.shape
+    out_features = weight.shape[0]
+    if x.dim() < 1 or x.shape[-1] != in_features or weight.shape[1] != in_features:
+        raise ValueError(f"{op}: x [..., K] and weight [N, K] expected K = {in_features} (lora_a is "
+                         f"{tuple(lora_a.shape)} = [L, R, K]), got x {tuple(x.shape)} and weight {tuple(weight.shape)}")
+    if tuple(lora_b.shape) != (num_slots, out_features, max_rank):
+        raise ValueError(f"{op}: lora_b expected shape [{num_slots}, {out_features}, {max_rank}] ([L, N, R]), "
+                         f"got {tuple(lora_b.shape)}")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"{op}: bias expected shape [{out_features}], got {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("bias", bias)):
+        if t is not None:
+            _check_same(op, name, t, "x", x)
+    lead_shape = x.shape[:-1]
+    if isinstance(adapter_ids, LoRABatch):
+        batch = adapter_ids
+    else:
+        if not isinstance(adapter_ids, torch.Tensor):
+            raise TypeError(f"{op}: adapter_ids expected a torch.Tensor or LoRABatch, got {type(adapter_ids).__name__}")
+        if tuple(adapter_ids.shape) != tuple(lead_shape):
+            raise ValueError(f"{op}: adapter_ids expected shape {tuple(lead_shape)} (x.shape[:-1]), "
+                             f"got {tuple(adapter_ids.shape)}")
+        if adapter_ids.device != x.device:
+            raise ValueError(f"{op}: adapter_ids expected device {x.device} (same as x), got {adapter_ids.device}")
+        batch = LoRABatch.from_adapter_ids(adapter_ids, num_slots)
+    backend = resolve_backend(backend, x.device, op)
+    x2 = x.reshape(-1, in_features)
+    scalings, ranks = ops.check_shrink_args(op, x2, lora_a, batch, scalings, ranks)
+    if backend == "reference":
+        y = reference.multi_lora_linear_autograd(x2.double(), weight.double(), lora_a.double(), lora_b.double(),
+                                                 batch.adapter_ids, scalings, None if bias is None else bias.double(),
+                                                 ranks.cpu())
+        return y.to(x.dtype).reshape(*lead_shape, out_features)
+    y = MultiLoRAFunction.apply(x2, weight, bias, lora_a, lora_b, batch, scalings, ranks, backend)
+    return y.reshape(*lead_shape, out_features)

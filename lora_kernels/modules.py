@@ -8,7 +8,7 @@ import re
 import torch
 from torch import nn
 
-from lora_kernels.functional import lora_linear
+from lora_kernels.functional import lora_linear, multi_lora_linear
 
 
 class LoRAFactor(nn.Module):
@@ -155,6 +155,87 @@ class LoRALinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout}"
                 f"{', use_rslora=True' if self.use_rslora else ''}, merged={self.merged}, backend={self.backend!r}")
+
+
+class MultiLoRALinear(nn.Module):
+    """A base nn.Linear plus `max_adapters` preallocated LoRA slots of rank up to `max_rank`, for batches that mix
+    adapters: forward(x, adapter_ids) with adapter_ids shaped like x.shape[:-1] (-1: base only).
+
+    lora_a [L, R, K], lora_b [L, N, R] are Parameters (frozen; requires_grad_(True) trains several adapters at once),
+    scalings [L] and ranks [L] are buffers. A cleared slot has rank 0 and contributes nothing."""
+
+    def __init__(self, base_linear, max_adapters, max_rank, *, backend="auto"):
+        super().__init__()
+        if not isinstance(base_linear, nn.Linear):
+            raise TypeError(f"MultiLoRALinear: base_linear expected an nn.Linear, got {type(base_linear).__name__}")
+        for name, value in (("max_adapters", max_adapters), ("max_rank", max_rank)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"MultiLoRALinear: {name} expected an int >= 1, got {value!r}")
+        self.base_layer = base_linear
+        self.max_adapters, self.max_rank, self.backend = max_adapters, max_rank, backend
+        weight = base_linear.weight
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        self.lora_a = nn.Parameter(torch.zeros(max_adapters, max_rank, base_linear.in_features, **factory),
+                                   requires_grad=False)
+        self.lora_b = nn.Parameter(torch.zeros(max_adapters, base_linear.out_features, max_rank, **factory),
+                                   requires_grad=False)
+        self.register_buffer("scalings", torch.zeros(max_adapters, dtype=torch.float32, device=weight.device))
+        self.register_buffer("ranks", torch.zeros(max_adapters, dtype=torch.int32, device=weight.device))
+
+    @property
+    def in_features(self):
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self):
+        return self.base_layer.out_features
+
+    def _check_slot(self, op, slot):
+        if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.max_adapters:
+            raise ValueError(f"{op}: slot expected an int in [0, {self.max_adapters}), got {slot!r}")
+
+    @torch.no_grad()
+    def set_adapter(self, slot, lora_a, lora_b, scaling):
+        """Loads one adapter (lora_a [r, K], lora_b [N, r], any r <= max_rank) into `slot`. Everything is checked
+        and the padded slot rows are built before the slot is written, so a failure leaves the slot as it was."""
+        op = "MultiLoRALinear.set_adapter"
+        self._check_slot(op, slot)
+        for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):
+            if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point or t.dim() != 2:
+                desc = f"{t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise TypeError(f"{op}: {name} expected a 2-D floating tensor, got {desc}")
+        rank = lora_a.shape[0]
+        if not 1 <= rank <= self.max_rank or lora_a.shape[1] != self.in_features:
+            raise ValueError(f"{op}: lora_a expected shape [r, {self.in_features}] with 1 <= r <= {self.max_rank}, "
+                             f"got {tuple(lora_a.shape)}")
+        if tuple(lora_b.shape) != (self.out_features, rank):
+            raise ValueError(f"{op}: lora_b expected shape [{self.out_features}, {rank}], got {tuple(lora_b.shape)}")
+        scaling = float(scaling)
+        padded_a = torch.zeros_like(self.lora_a[slot])
+        padded_a[:rank] = lora_a.to(padded_a)
+        padded_b = torch.zeros_like(self.lora_b[slot])
+        padded_b[:, :rank] = lora_b.to(padded_b)
+        self.lora_a[slot].copy_(padded_a)
+        self.lora_b[slot].copy_(padded_b)
+        self.scalings[slot] = scaling
+        self.ranks[slot] = rank
+
+    @torch.no_grad()
+    def clear_adapter(self, slot):
+        self._check_slot("MultiLoRALinear.clear_adapter", slot)
+        self.ranks[slot] = 0
+        self.scalings[slot] = 0.0
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+
+    def forward(self, x, adapter_ids):
+        """x: [..., K]; adapter_ids: integer tensor shaped like x.shape[:-1], or a LoRABatch built for x's tokens."""
+        return multi_lora_linear(x, self.base_layer.weight, self.lora_a, self.lora_b, adapter_ids, self.scalings,
+                                 self.base_layer.bias, ranks=self.ranks, backend=self.backend)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, max_adapters={self.max_adapters}, "
+                f"max_rank={self.max_rank}, backend={self.backend!r}")
 
 
 # ------------------------------------------------------------------------------------------------- model utilities

@@ -1,0 +1,214 @@
+"""Serving-stack level grouped ops (SGMV prefill / BGMV-like decode): lora_shrink, lora_expand, add_lora.
+
+L adapter slots are stacked: lora_a [L, R, K], lora_b [L, N, R], scalings [L] float32, ranks [L] int32. Tokens carry
+slot ids through a LoRABatch (-1: base model only). Entries past ranks[i] are never read and cost no work.
+Checks run here, once, before any backend launches; every backend then assumes valid arguments.
+"""
+
+import torch
+
+from lora_kernels.backends import resolve_backend
+from lora_kernels.batch import LoRABatch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _triton_sgmv():
+    from lora_kernels.triton import sgmv
+    return sgmv
+
+
+# ----------------------------------------------------------------------------------------------------------- checks
+
+def _check_float(op, name, t, ndim):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} expected a floating dtype, got {t.dtype}")
+    if t.dim() != ndim:
+        raise ValueError(f"{op}: {name} expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
+
+
+def _check_device(op, name, t, device):
+    if t.device != device:
+        raise ValueError(f"{op}: {name} expected device {device}, got {t.device}")
+
+
+def _check_batch(op, batch, num_tokens, num_slots, device):
+    if not isinstance(batch, LoRABatch):
+        raise TypeError(f"{op}: batch expected a LoRABatch, got {type(batch).__name__}")
+    batch.check_tokens(num_tokens, op)
+    if batch.num_adapters != num_slots:
+        raise ValueError(f"{op}: batch was built for {batch.num_adapters} adapter slots, but the LoRA weights have "
+                         f"{num_slots} (L)")
+    _check_device(op, "batch", batch.adapter_ids, device)
+
+
+def as_scalings(op, scalings, num_slots, device):
+    """scalings (a sequence or tensor of L numbers) as a float32 tensor [L] on device."""
+    if not isinstance(scalings, torch.Tensor):
+        scalings = torch.tensor([float(s) for s in scalings], dtype=torch.float32)
+    if scalings.dim() != 1 or scalings.shape[0] != num_slots:
+        raise ValueError(f"{op}: scalings expected shape [{num_slots}] (one per slot), got {tuple(scalings.shape)}")
+    if not scalings.dtype.is_floating_point:
+        raise TypeError(f"{op}: scalings expected a floating dtype, got {scalings.dtype}")
+    return scalings.to(device=device, dtype=torch.float32)
+
+
+def as_ranks(op, ranks, num_slots, max_rank, device):
+    """ranks (None: every slot at max_rank) as an int32 tensor [L] on device. Values are checked when they are on
+    the host (a list, or a CPU tensor, outside torch.compile tracing); checking CUDA values would need a host sync."""
+    if ranks is None:
+        return torch.full((num_slots,), max_rank, dtype=torch.int32, device=device)
+    if not isinstance(ranks, torch.Tensor):
+        ranks = torch.tensor([int(r) for r in ranks], dtype=torch.int32)
+    if ranks.dim() != 1 or ranks.shape[0] != num_slots:
+        raise ValueError(f"{op}: ranks expected shape [{num_slots}] (one per slot), got {tuple(ranks.shape)}")
+    if ranks.dtype.is_floating_point or ranks.dtype == torch.bool:
+        raise TypeError(f"{op}: ranks expected an integer dtype, got {ranks.dtype}")
+    if ranks.device.type == "cpu" and ranks.numel() and not torch.compiler.is_compiling():
+        low, high = int(ranks.min()), int(ranks.max())
+        if low < 0 or high > max_rank:
+            raise ValueError(f"{op}: ranks expected values in [0, {max_rank}] (R of the LoRA weights), "
+                             f"got {low if low < 0 else high}")
+    return ranks.to(device=device, dtype=torch.int32)
+
+
+def check_shrink_args(op, x, lora_a, batch, scalings, ranks):
+    _check_float(op, "x", x, 2)
+    _check_float(op, "lora_a", lora_a, 3)
+    num_slots, max_rank, in_features = lora_a.shape
+    if x.shape[1] != in_features:
+        raise ValueError(f"{op}: x expected shape [M, {in_features}] (K of lora_a {tuple(lora_a.shape)} = [L, R, K]), "
+                         f"got {tuple(x.shape)}")
+    if lora_a.dtype != x.dtype:
+        raise TypeError(f"{op}: lora_a expected dtype {x.dtype} (same as x), got {lora_a.dtype}")
+    _check_device(op, "lora_a", lora_a, x.device)
+    _check_batch(op, batch, x.shape[0], num_slots, x.device)
+    return as_scalings(op, scalings, num_slots, x.device), as_ranks(op, ranks, num_slots, max_rank, x.device)
+
+
+def check_expand_args(op, t, lora_b, batch, out, slice_offset, ranks):
+    _check_float(op, "t", t, 2)
+    _check_float(op, "lora_b", lora_b, 3)
+    _check_float(op, "out", out, 2)
+    num_slots, width, max_rank = lora_b.shape
+    if tuple(t.shape) != (out.shape[0], max_rank):
+        raise ValueError(f"{op}: t expected shape [{out.shape[0]}, {max_rank}] ([M, R] for out {tuple(out.shape)} and "
+                         f"lora_b {tuple(lora_b.shape)} = [L, N, R]), got {tuple(t.shape)}")
+    if isinstance(slice_offset, bool) or not isinstance(slice_offset, int) or slice_offset < 0:
+        raise ValueError(f"{op}: slice_offset expected an int >= 0, got {slice_offset!r}")
+    if slice_offset + width > out.shape[1]:
+        raise ValueError(f"{op}: out expected at least {slice_offset + width} columns (slice_offset {slice_offset} + "
+                         f"N {width} of lora_b), got shape {tuple(out.shape)}")
+    if lora_b.dtype != out.dtype:
+        raise TypeError(f"{op}: lora_b expected dtype {out.dtype} (same as out), got {lora_b.dtype}")
+    for name, tensor in (("t", t), ("lora_b", lora_b)):
+        _check_device(op, name, tensor, out.device)
+    _check_batch(op, batch, out.shape[0], num_slots, out.device)
+    return as_ranks(op, ranks, num_slots, max_rank, out.device)
+
+
+# ------------------------------------------------------------------------------------------------ torch fallbacks
+
+def _torch_shrink(x, lora_a, batch, scalings, ranks):
+    """Slot by slot over all tokens with masks, so nothing syncs with the host (L·M·R·K work: a fallback)."""
+    num_slots, max_rank, _ = lora_a.shape
+    ids = batch.adapter_ids.long()
+    columns = torch.arange(max_rank, device=x.device)
+    out = torch.zeros(x.shape[0], max_rank, dtype=torch.float32, device=x.device)
+    for slot in range(num_slots):
+        in_rank = columns < ranks[slot]
+        a_slot = torch.where(in_rank[:, None], lora_a[slot], torch.zeros((), dtype=lora_a.dtype, device=x.device))
+        contribution = (x @ a_slot.T).float() * scalings[slot]
+        out = torch.where((ids == slot)[:, None], contribution, out)
+    return out
+
+
+def _torch_expand(t, lora_b, batch, ranks, out, slice_offset):
+    num_slots, width, max_rank = lora_b.shape
+    ids = batch.adapter_ids.long()
+    columns = torch.arange(max_rank, device=out.device)
+    total = torch.zeros(out.shape[0], width, dtype=torch.float32, device=out.device)
+    for slot in range(num_slots):
+        in_rank = columns < ranks[slot]
+        b_slot = torch.where(in_rank[None, :], lora_b[slot], torch.zeros((), dtype=lora_b.dtype, device=out.device))
+        t_slot = torch.where(in_rank[None, :], t, torch.zeros((), dtype=t.dtype, device=out.device))
+        total = torch.where((ids == slot)[:, None], t_slot.float() @ b_slot.float().T, total)
+    target = out[:, slice_offset:slice_offset + width]
+    target.copy_((target.float() + total).to(out.dtype))
+
+
+# ------------------------------------------------------------------------------------------------------ public ops
+
+def lora_shrink(x, lora_a, batch, scalings, ranks=None, *, backend="auto", deterministic=False, out=None):
+    """out[t, :ranks[i]] = scalings[i] * lora_a[i, :ranks[i]] @ x[t] for i = slot of t; zero elsewhere.
+
+    x: [M, K]; lora_a: [L, R, K]; batch: LoRABatch over M tokens; scalings: [L]; ranks: [L] or None (all R).
+    Returns [M, R] float32 (into `out` when given, for allocation-free CUDA-graph replay; triton backend).
+    deterministic: no atomics (bit-identical repeats); only the triton backend uses atomics at all.
+    """
+    op = "lora_shrink"
+    scalings, ranks = check_shrink_args(op, x, lora_a, batch, scalings, ranks)
+    backend = resolve_backend(backend, x.device, op)
+    if backend == "triton":
+        return _triton_sgmv().sgmv_shrink(x, lora_a, batch, scalings, ranks, deterministic=deterministic, out=out)
+    if backend in ("cpu", "cuda"):
+        result = torch.ops.lora_kernels.sgmv_shrink(x, lora_a, batch.sorted_token_ids, batch.slot_starts,
+                                                    batch.slot_counts, scalings, ranks)
+    elif backend == "reference":
+        from lora_kernels import reference
+        result = reference.lora_shrink(x, lora_a, batch.adapter_ids, scalings, ranks).float()
+    else:
+        result = _torch_shrink(x, lora_a, batch, scalings, ranks)
+    if out is None:
+        return result
+    return out.copy_(result)
+
+
+def lora_expand(t, lora_b, batch, out, slice_offset=0, ranks=None, *, backend="auto"):
+    """out[t, slice_offset : slice_offset + N] += lora_b[i, :, :ranks[i]] @ t[t, :ranks[i]] for i = slot of t, in place.
+
+    t: [M, R] (float32 from lora_shrink); lora_b: [L, N, R]; out: [M, N_total]; returns out.
+    """
+    op = "lora_expand"
+    ranks = check_expand_args(op, t, lora_b, batch, out, slice_offset, ranks)
+    backend = resolve_backend(backend, out.device, op)
+    if backend == "triton":
+        _triton_sgmv().sgmv_expand(t, lora_b, batch, ranks, out, slice_offset)
+    elif backend in ("cpu", "cuda"):
+        torch.ops.lora_kernels.sgmv_expand(t, lora_b, batch.sorted_token_ids, batch.slot_starts, batch.slot_counts,
+                                           ranks, out, slice_offset)
+    elif backend == "reference":
+        from lora_kernels import reference
+        out.copy_(reference.lora_expand(t, lora_b, batch.adapter_ids, out, slice_offset, ranks).to(out.dtype))
+    else:
+        _torch_expand(t, lora_b, batch, ranks, out, slice_offset)
+    return out
+
+
+def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_slices, *, backend="auto",
+             deterministic=False):
+    """For each slice j: y[:, o_j : o_j + n_j] += expand(shrink(x, lora_a_slices[j]), lora_b_slices[j]), with
+    o_j = sum(output_slices[:j]) — e.g. a fused QKV projection with q, k, v widths (n_q, n_kv, n_kv).
+
+    y: [M, sum(output_slices)]; x: [M, K]; lora_a_slices[j]: [L, R, K]; lora_b_slices[j]: [L, n_j, R]. Returns y.
+    """
+    op = "add_lora"
+    if not (len(lora_a_slices) == len(lora_b_slices) == len(output_slices)) or not output_slices:
+        raise ValueError(f"{op}: lora_a_slices, lora_b_slices and output_slices expected the same non-zero length, "
+                         f"got {len(lora_a_slices)}, {len(lora_b_slices)}, {len(output_slices)}")
+    _check_float(op, "y", y, 2)
+    if sum(output_slices) != y.shape[1]:
+        raise ValueError(f"{op}: y expected {sum(output_slices)} columns (sum of output_slices {tuple(output_slices)}), "
+                         f"got shape {tuple(y.shape)}")
+    offset = 0
+    for j, (lora_a, lora_b, width) in enumerate(zip(lora_a_slices, lora_b_slices, output_slices)):
+        if not isinstance(lora_b, torch.Tensor) or lora_b.dim() != 3 or lora_b.shape[1] != width:
+            shape = tuple(lora_b.shape) if isinstance(lora_b, torch.Tensor) else type(lora_b).__name__
+            raise ValueError(f"{op}: lora_b_slices[{j}] expected shape [L, {width}, R] (output_slices[{j}] = {width}), "
+                             f"got {shape}")
+        shrunk = lora_shrink(x, lora_a, batch, scalings, ranks, backend=backend, deterministic=deterministic)
+        lora_expand(shrunk, lora_b, batch, y, offset, ranks, backend=backend)
+        offset += width
+    return y

@@ -1,0 +1,229 @@
+"""The grouped ops through the public API on every backend here: LoRABatch, lk.ops.lora_shrink/lora_expand/add_lora,
+multi_lora_linear with autograd, MultiLoRALinear, bad input, torch.compile."""
+
+import pytest
+import torch
+from torch import nn
+
+import lora_kernels as lk
+from conftest import DTYPES, assert_close, randn
+from lora_kernels import backends, reference
+from lora_kernels.batch import LoRABatch
+
+GROUPED_BACKENDS = ["torch", "cpu", "cuda", "triton"]
+
+
+def _backend_or_skip(backend, device):
+    reason = backends.unavailable_reason(backend, device)
+    if reason is not None:
+        pytest.skip(f"{backend} on {device}: {reason}")
+
+
+def segment_ids(kind, num_tokens, num_slots, generator=None):
+    """Slot ids for the segment distributions of design.md §7."""
+    g = generator or torch.Generator().manual_seed(7)
+    if kind == "distinct":
+        ids = torch.arange(num_tokens) % num_slots
+    elif kind == "uniform":
+        ids = torch.randint(0, num_slots, (num_tokens,), generator=g)
+    elif kind == "zipf":
+        weights = 1.0 / torch.arange(1, num_slots + 1, dtype=torch.float64)
+        ids = torch.multinomial(weights, num_tokens, replacement=True, generator=g)
+    elif kind == "identical":
+        ids = torch.full((num_tokens,), num_slots - 1)
+    elif kind == "skewed":
+        ids = torch.zeros(num_tokens, dtype=torch.int64)
+        ids[-1:] = num_slots - 1
+    elif kind == "empty_slots":
+        ids = torch.randint(0, 2, (num_tokens,), generator=g) * (num_slots - 1)
+    elif kind == "all_base":
+        ids = torch.full((num_tokens,), -1)
+    elif kind == "mixed_base":
+        ids = torch.randint(-1, num_slots, (num_tokens,), generator=g)
+    else:
+        raise ValueError(kind)
+    return ids[torch.randperm(num_tokens, generator=g)]
+
+
+DISTRIBUTIONS = ["distinct", "uniform", "zipf", "identical", "skewed", "empty_slots", "all_base", "mixed_base"]
+
+
+def _adapters(num_slots, max_rank, k, n, ranks, dtype, device):
+    """Stacked adapters with NaN written past each slot's rank: it must never be read."""
+    lora_a = randn(num_slots, max_rank, k, dtype=dtype, device=device, scale=k ** -0.5)
+    lora_b = randn(num_slots, n, max_rank, dtype=dtype, device=device, scale=max_rank ** -0.5)
+    for slot, rank in enumerate(ranks):
+        lora_a[slot, rank:] = float("nan")
+        lora_b[slot, :, rank:] = float("nan")
+    return lora_a, lora_b
+
+
+def test_lora_batch_metadata():
+    ids = torch.tensor([2, -1, 0, 2, 2, -1, 0])
+    batch = LoRABatch.from_adapter_ids(ids, 4)
+    assert batch.sorted_token_ids.tolist() == [1, 5, 2, 6, 0, 3, 4]  # stable: -1 first, then slot order
+    assert batch.slot_counts.tolist() == [2, 0, 3, 0]
+    assert batch.slot_starts.tolist() == [2, 4, 4, 7]
+    assert batch.active_slots.tolist() == [0, 2, -1, -1] and batch.num_active.tolist() == [2]
+    assert all(t.dtype == torch.int32 for t in (batch.adapter_ids, batch.sorted_token_ids, batch.slot_counts))
+    empty = LoRABatch.from_adapter_ids(torch.zeros(0, dtype=torch.int64), 3)
+    assert empty.num_tokens == 0 and empty.slot_counts.tolist() == [0, 0, 0]
+    with pytest.raises(ValueError, match=r"adapter_ids expected values in \[-1, 4\), got 4"):
+        LoRABatch.from_adapter_ids(torch.tensor([0, 4]), 4)
+    with pytest.raises(ValueError, match=r"got -2"):
+        LoRABatch.from_adapter_ids(torch.tensor([-2]), 4)
+    with pytest.raises(TypeError, match="integer dtype"):
+        LoRABatch.from_adapter_ids(torch.tensor([0.0]), 4)
+    unchecked = LoRABatch.from_adapter_ids(torch.tensor([7, 1]), 4, validate=False)
+    assert unchecked.adapter_ids.tolist() == [-1, 1]  # out of range is treated as base-only, never read
+
+
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS)
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+def test_shrink_expand_distributions(backend, distribution, device):
+    _backend_or_skip(backend, device)
+    num_slots, max_rank, k, n, m = 4, 16, 37, 23, 19
+    ranks = [16, 1, 8, 5]
+    dtype = torch.float32
+    lora_a, lora_b = _adapters(num_slots, max_rank, k, n, ranks, dtype, device)
+    ids = segment_ids(distribution, m, num_slots).to(device)
+    scalings = torch.tensor([0.5, 2.0, 1.0, -1.5], device=device)
+    ranks_t = torch.tensor(ranks, dtype=torch.int32, device=device)
+    x = randn(m, k, dtype=dtype, device=device)
+    batch = LoRABatch.from_adapter_ids(ids, num_slots)
+    shrunk = lk.ops.lora_shrink(x, lora_a, batch, scalings, ranks_t, backend=backend)
+    expected_shrunk = reference.lora_shrink(x, lora_a, ids, scalings, ranks_t)
+    assert shrunk.dtype == torch.float32 and shrunk.shape == (m, max_rank)
+    assert_close(shrunk, expected_shrunk, dtype, "shrink")
+    out = randn(m, n + 9, dtype=dtype, device=device)
+    expected_out = reference.lora_expand(shrunk, lora_b, ids, out, 5, ranks_t)
+    lk.ops.lora_expand(shrunk, lora_b, batch, out, 5, ranks_t, backend=backend)
+    assert_close(out, expected_out, dtype, "expand")
+
+
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_add_lora_slices(backend, dtype, device):
+    _backend_or_skip(backend, device)
+    num_slots, max_rank, k, m = 3, 16, 33, 13
+    widths = (24, 8, 8)
+    ranks = [4, 16, 1]
+    lora_as, lora_bs = zip(*[_adapters(num_slots, max_rank, k, w, ranks, dtype, device) for w in widths])
+    ids = segment_ids("mixed_base", m, num_slots).to(device)
+    scalings = torch.tensor([1.0, 0.25, 3.0], device=device)
+    x = randn(m, k, dtype=dtype, device=device)
+    y = randn(m, sum(widths), dtype=dtype, device=device)
+    expected = reference.add_lora(y, x, lora_as, lora_bs, ids, scalings, torch.tensor(ranks), widths)
+    batch = LoRABatch.from_adapter_ids(ids, num_slots)
+    lk.ops.add_lora(y, x, list(lora_as), list(lora_bs), batch, scalings, ranks, widths, backend=backend)
+    assert_close(y, expected, dtype, "add_lora")
+
+
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS + ["reference"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_multi_lora_linear_forward_and_gradients(backend, dtype, device):
+    _backend_or_skip(backend, device)
+    num_slots, max_rank, k, n = 3, 8, 20, 12
+    ranks = [8, 2, 5]
+    lora_a, lora_b = _adapters(num_slots, max_rank, k, n, ranks, torch.float64, device)
+    lora_a, lora_b = lora_a.nan_to_num(0.0), lora_b.nan_to_num(0.0)  # gradients are compared on the whole tensor
+    x = randn(2, 5, k, dtype=torch.float64, device=device)
+    weight = randn(n, k, dtype=torch.float64, device=device, scale=k ** -0.5)
+    bias = randn(n, dtype=torch.float64, device=device)
+    ids = segment_ids("mixed_base", 10, num_slots).reshape(2, 5).to(device)
+    scalings = torch.tensor([0.5, 1.0, 2.0])
+    dy = randn(2, 5, n, dtype=torch.float64, device=device)
+    ref_leaves = [t.clone().requires_grad_(True) for t in (x, lora_a, lora_b)]
+    expected = reference.multi_lora_linear_autograd(ref_leaves[0], weight, ref_leaves[1], ref_leaves[2], ids.cpu(),
+                                                    scalings, bias, torch.tensor(ranks))
+    expected.backward(dy)
+    leaves = [t.to(dtype).clone().requires_grad_(True) for t in (x, lora_a, lora_b)]
+    y = lk.multi_lora_linear(leaves[0], weight.to(dtype), leaves[1], leaves[2], ids, scalings, bias.to(dtype),
+                             ranks=ranks, backend=backend)
+    assert y.dtype == dtype and y.shape == (2, 5, n)
+    assert_close(y, expected, dtype, "y")
+    y.backward(dy.to(dtype))
+    for name, leaf, ref_leaf in zip(("x", "lora_a", "lora_b"), leaves, ref_leaves):
+        assert_close(leaf.grad, ref_leaf.grad, dtype, f"d{name}", scale=2.0)
+    for slot, rank in enumerate(ranks):  # padding past a slot's rank gets no gradient
+        assert torch.count_nonzero(leaves[1].grad[slot, rank:]) == 0
+
+
+def test_slots_absent_from_the_batch_get_zero_gradient():
+    lora_a = torch.randn(3, 4, 6, requires_grad=True)
+    lora_b = torch.randn(3, 5, 4, requires_grad=True)
+    y = lk.multi_lora_linear(torch.randn(4, 6), torch.randn(5, 6), lora_a, lora_b, torch.tensor([0, 2, 2, -1]),
+                             [1.0, 1.0, 1.0], backend="torch")
+    y.sum().backward()
+    assert torch.count_nonzero(lora_a.grad[1]) == 0 and torch.count_nonzero(lora_b.grad[1]) == 0
+    assert torch.count_nonzero(lora_a.grad[0]) > 0 and torch.count_nonzero(lora_b.grad[2]) > 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_multi_lora_linear_module(backend):
+    _backend_or_skip(backend, "cpu")
+    base = nn.Linear(16, 10)
+    layer = lk.MultiLoRALinear(base, max_adapters=4, max_rank=8, backend=backend)
+    adapters = {0: (torch.randn(8, 16), torch.randn(10, 8), 0.5), 2: (torch.randn(3, 16), torch.randn(10, 3), 2.0)}
+    for slot, (a, b, s) in adapters.items():
+        layer.set_adapter(slot, a, b, s)
+    x = torch.randn(2, 3, 16)
+    ids = torch.tensor([[0, 2, -1], [1, 2, 0]])  # slot 1 is empty: base only
+    y = layer(x, ids)
+    for pos in [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]:
+        slot = int(ids[pos])
+        expected = base(x[pos])
+        if slot in adapters:
+            a, b, s = adapters[slot]
+            expected = expected + s * (b @ (a @ x[pos]))
+        torch.testing.assert_close(y[pos], expected, rtol=1e-4, atol=1e-4)
+    layer.clear_adapter(2)
+    torch.testing.assert_close(layer(x, ids)[0, 1], base(x[0, 1]), rtol=1e-5, atol=1e-5)
+
+
+def test_set_adapter_is_atomic_and_checks_input():
+    layer = lk.MultiLoRALinear(nn.Linear(8, 6), max_adapters=2, max_rank=4)
+    layer.set_adapter(0, torch.randn(2, 8), torch.randn(6, 2), 1.0)
+    before = [t.detach().clone() for t in (layer.lora_a, layer.lora_b, layer.scalings, layer.ranks)]
+    for bad, error, message in [
+        ((0, torch.randn(5, 8), torch.randn(6, 5), 1.0), ValueError, r"1 <= r <= 4"),
+        ((0, torch.randn(2, 8), torch.randn(6, 3), 1.0), ValueError, r"lora_b expected shape \[6, 2\]"),
+        ((2, torch.randn(2, 8), torch.randn(6, 2), 1.0), ValueError, r"slot expected an int in \[0, 2\)"),
+        ((0, torch.ones(2, 8, dtype=torch.int64), torch.randn(6, 2), 1.0), TypeError, "2-D floating tensor"),
+    ]:
+        with pytest.raises(error, match=message):
+            layer.set_adapter(*bad)
+    for old, new in zip(before, (layer.lora_a, layer.lora_b, layer.scalings, layer.ranks)):
+        assert torch.equal(old, new)
+
+
+def test_grouped_bad_input():
+    x, lora_a, lora_b = torch.randn(4, 6), torch.randn(2, 3, 6), torch.randn(2, 5, 3)
+    batch = LoRABatch.from_adapter_ids(torch.tensor([0, 1, -1, 0]), 2)
+    with pytest.raises(ValueError, match=r"scalings expected shape \[2\]"):
+        lk.ops.lora_shrink(x, lora_a, batch, [1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match=r"ranks expected values in \[0, 3\]"):
+        lk.ops.lora_shrink(x, lora_a, batch, [1.0, 1.0], [3, 4])
+    with pytest.raises(ValueError, match="batch was built for 4 tokens, but x has 3 rows"):
+        lk.ops.lora_shrink(x[:3], lora_a, batch, [1.0, 1.0])
+    with pytest.raises(ValueError, match=r"x expected shape \[M, 6\]"):
+        lk.ops.lora_shrink(x[:, :5], lora_a, batch, [1.0, 1.0])
+    with pytest.raises(TypeError, match="lora_a expected dtype torch.float32"):
+        lk.ops.lora_shrink(x, lora_a.half(), batch, [1.0, 1.0])
+    with pytest.raises(ValueError, match=r"out expected at least 7 columns"):
+        lk.ops.lora_expand(torch.zeros(4, 3), lora_b, batch, torch.zeros(4, 6), slice_offset=2)
+    with pytest.raises(ValueError, match="adapter_ids expected shape"):
+        lk.multi_lora_linear(x, torch.randn(5, 6), lora_a, lora_b, torch.tensor([0, 1]), [1.0, 1.0])
+
+
+def test_torch_compile_fullgraph_multi_lora_linear():
+    weight, lora_a, lora_b = torch.randn(10, 16), torch.randn(3, 4, 16), torch.randn(3, 10, 4)
+    scalings, ranks = torch.tensor([1.0, 0.5, 2.0]), torch.tensor([4, 2, 1], dtype=torch.int32)
+    x = torch.randn(6, 16)
+    batch = LoRABatch.from_adapter_ids(torch.tensor([0, 1, 2, -1, 1, 0]), 3)
+
+    def step(x, batch):
+        return lk.multi_lora_linear(x, weight, lora_a, lora_b, batch, scalings, ranks=ranks, backend="torch")
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, batch), step(x, batch))
