@@ -1,0 +1,754 @@
+"""Grouped multi-adapter LoRA kernels (design.md §3): SGMV shrink/expand for prefill, BGMV-like ones for decode.
+
+    sgmv_shrink:  out[t, :r_i] = scalings[i] * A[i, :r_i] @ x[t]                 (fp32 out, zero elsewhere)
+    sgmv_expand:  out[t, off:off+N] += B[i, :, :r_i] @ t[t, :r_i]                 (in place)
+    add_lora:     both, for several output slices of one output (fused QKV / gate_up)
+with i = batch.adapter_ids[t] >= 0 and r_i = ranks[i]; entries of A/B past r_i are never read.
+
+Kernels (all launch a grid fixed by shapes and exit early on the device, so they are CUDA-graph safe):
+- prefill (`_sgmv_shrink_kernel`, `_sgmv_expand_kernel`): grid (token tiles, slices x rank-or-N tiles [x split-K],
+  slots); a program gathers up to BLOCK_M tokens of its slot through `sorted_token_ids` and uses tl.dot. The shrink
+  output is only r wide, so split-K over K (fp32 atomics) multiplies the programs to fill the GPU.
+- decode (`_bgmv_shrink_kernel`, `_bgmv_expand_kernel`): one program per token (x output tiles [x split-K]), the
+  product as elementwise multiply + tl.sum, so a lone token does not pay for a 16-row tensor-core tile.
+- deterministic=True never splits K, so no atomics: repeats are bit-identical.
+
+The launchers run through custom ops `lora_kernels_triton::sgmv_shrink` and `lora_kernels_triton::sgmv_expand`
+(torch.library.custom_op with fake impls: torch.compile(fullgraph=True) traces through; triton_op/wrap_triton cannot
+trace a kernel running under the Triton interpreter, so the opaque custom op is used everywhere).
+"""
+
+import dataclasses
+import inspect
+
+import torch
+
+from lora_kernels.batch import LoRABatch
+from lora_kernels.triton import HAS_TRITON, INTERPRET
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+else:  # keep the module importable; the launchers raise below
+    triton = tl = None
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+# Path choice. A batch takes the decode (per-token) kernels when it has at most DECODE_MAX_TOKENS tokens, or at most
+# DECODE_MAX_TOKENS_PER_SLOT tokens per slot on average: there a 16-row tensor-core tile per slot is mostly padding.
+# 64 is the decode batch size of design.md §8 and vLLM's/Punica's BGMV range; both are unmeasured starting points.
+DECODE_MAX_TOKENS = 64
+DECODE_MAX_TOKENS_PER_SLOT = 4
+
+# GPU block sizes: starting points after vLLM's default LoRA configs (shrink: short token tile, long K tile;
+# expand: wide N tile) within sm_80/86's shared memory (largest: shrink prefill, fp32, R tile 64, 3 stages: 96 KB,
+# measured by compiling for sm_80); not tuned on a GPU.
+# Ranks are tiled by 16 (the smallest tl.dot dimension) or 64 (shrink prefill when R > 16: x is read once per tile).
+GPU_CONFIG = {
+    "shrink_prefill": {"BLOCK_M": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
+    "shrink_decode": {"BLOCK_R": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 2},
+    "expand_prefill": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_R": 16, "num_warps": 4, "num_stages": 2},
+    "expand_decode": {"BLOCK_N": 128, "BLOCK_R": 16, "num_warps": 4, "num_stages": 2},
+}
+SHRINK_PREFILL_BLOCK_R = (16, 64)
+# Under the interpreter (tests on CPU): one small config so tiny shapes still span several tiles, and a fixed
+# split-K of 2 so the atomic path is exercised.
+INTERP_CONFIG = {
+    "shrink_prefill": {"BLOCK_M": 16, "BLOCK_R": 16, "BLOCK_K": 32, "num_warps": 1, "num_stages": 1},
+    "shrink_decode": {"BLOCK_R": 16, "BLOCK_K": 32, "num_warps": 1, "num_stages": 1},
+    "expand_prefill": {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_R": 16, "num_warps": 1, "num_stages": 1},
+    "expand_decode": {"BLOCK_N": 32, "BLOCK_R": 16, "num_warps": 1, "num_stages": 1},
+}
+INTERP_SPLIT_K = 2
+# Split-K: aim for SPLIT_K_PROGRAMS_PER_SM programs per SM, at most MAX_SPLIT_K splits, and at least
+# MIN_K_BLOCKS_PER_SPLIT K tiles per split so each keeps its pipeline busy. Unmeasured starting points.
+SPLIT_K_PROGRAMS_PER_SM = 4
+MAX_SPLIT_K = 16
+MIN_K_BLOCKS_PER_SPLIT = 2
+MAX_GRID_YZ = 65535  # CUDA's limit on grid dimensions y and z
+
+
+if HAS_TRITON:
+    # The interpreter's tl.dot multiplies the raw bit patterns of bfloat16 operands (triton-lang/triton#11584):
+    # under it only, dot operands are upcast to fp32 (compiled kernels never see this branch).
+    _DOT_IN_FP32 = tl.constexpr(INTERPRET)
+
+    @triton.jit
+    def _sgmv_shrink_kernel(
+        x_ptr, a_ptr, out_ptr,
+        sorted_ids_ptr, slot_counts_ptr, slot_starts_ptr, scalings_ptr, ranks_ptr,
+        K, R,
+        stride_xm, stride_xk,
+        stride_as, stride_al, stride_ar, stride_ak,
+        stride_os, stride_om, stride_or,
+        num_r_tiles, split_k, k_per_split,
+        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, USE_ATOMIC: tl.constexpr,
+    ):
+        """Prefill shrink. Grid (cdiv(M, BLOCK_M), S * num_r_tiles * split_k, L). out must be zero where no program
+        writes (rows of -1 tokens, columns past a slot's rank) and, with USE_ATOMIC, everywhere."""
+        pid_m = tl.program_id(0)
+        pid_1 = tl.program_id(1)
+        slot = tl.program_id(2)
+        count = tl.load(slot_counts_ptr + slot)
+        if pid_m * BLOCK_M >= count:
+            return
+        pid_split = pid_1 % split_k
+        pid_r = (pid_1 // split_k) % num_r_tiles
+        pid_s = pid_1 // (split_k * num_r_tiles)
+        rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + slot), 0), R)
+        if pid_r * BLOCK_R >= rank:
+            return
+        start = tl.load(slot_starts_ptr + slot)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < count
+        tok = tl.load(sorted_ids_ptr + start + offs_m, mask=mask_m, other=0).to(tl.int64)
+        offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < rank
+        offs_k = tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
+        a_ptrs = (a_ptr + pid_s.to(tl.int64) * stride_as + slot.to(tl.int64) * stride_al
+                  + offs_r[None, :].to(tl.int64) * stride_ar + offs_k[:, None].to(tl.int64) * stride_ak)
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        k_lo = pid_split * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            mask_k = (k0 + offs_k) < k_hi
+            xt = tl.load(x_ptrs + tl.cast(k0, tl.int64) * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            at = tl.load(a_ptrs + tl.cast(k0, tl.int64) * stride_ak, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+            if _DOT_IN_FP32:
+                xt, at = xt.to(tl.float32), at.to(tl.float32)
+            acc = tl.dot(xt, at, acc)
+        acc = acc * tl.load(scalings_ptr + slot)
+        out_ptrs = (out_ptr + pid_s.to(tl.int64) * stride_os + tok[:, None] * stride_om
+                    + offs_r[None, :].to(tl.int64) * stride_or)
+        mask_out = mask_m[:, None] & mask_r[None, :]
+        if USE_ATOMIC:
+            tl.atomic_add(out_ptrs, acc, mask=mask_out)
+        else:
+            tl.store(out_ptrs, acc, mask=mask_out)
+
+    @triton.jit
+    def _bgmv_shrink_kernel(
+        x_ptr, a_ptr, out_ptr,
+        adapter_ids_ptr, scalings_ptr, ranks_ptr,
+        K, R, L,
+        stride_xm, stride_xk,
+        stride_as, stride_al, stride_ar, stride_ak,
+        stride_os, stride_om, stride_or,
+        num_r_tiles, k_per_split,
+        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, USE_ATOMIC: tl.constexpr,
+    ):
+        """Decode shrink. Grid (M, S * num_r_tiles, split_k). Without USE_ATOMIC (split_k == 1) every entry of out
+        is written (zeros for -1 tokens and past the rank); with it, out must be zero first."""
+        tok = tl.program_id(0).to(tl.int64)
+        pid_1 = tl.program_id(1)
+        pid_split = tl.program_id(2)
+        pid_r = pid_1 % num_r_tiles
+        pid_s = pid_1 // num_r_tiles
+        slot = tl.load(adapter_ids_ptr + tok)
+        valid = (slot >= 0) & (slot < L)
+        slot = tl.where(valid, slot, 0)
+        rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + slot), 0), R)
+        rank = tl.where(valid, rank, 0)
+        offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        out_ptrs = out_ptr + pid_s.to(tl.int64) * stride_os + tok * stride_om + offs_r.to(tl.int64) * stride_or
+        if pid_r * BLOCK_R >= rank:
+            if not USE_ATOMIC:
+                tl.store(out_ptrs, tl.zeros((BLOCK_R,), dtype=tl.float32), mask=offs_r < R)
+            return
+        mask_r = offs_r < rank
+        offs_k = tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + tok * stride_xm + offs_k.to(tl.int64) * stride_xk
+        a_ptrs = (a_ptr + pid_s.to(tl.int64) * stride_as + slot.to(tl.int64) * stride_al
+                  + offs_r[:, None].to(tl.int64) * stride_ar + offs_k[None, :].to(tl.int64) * stride_ak)
+        acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+        k_lo = pid_split * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            mask_k = (k0 + offs_k) < k_hi
+            xk = tl.load(x_ptrs + tl.cast(k0, tl.int64) * stride_xk, mask=mask_k, other=0.0).to(tl.float32)
+            at = tl.load(a_ptrs + tl.cast(k0, tl.int64) * stride_ak, mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+            acc += at.to(tl.float32) * xk[None, :]
+        res = tl.sum(acc, axis=1) * tl.load(scalings_ptr + slot)
+        if USE_ATOMIC:
+            tl.atomic_add(out_ptrs, res, mask=mask_r)
+        else:
+            tl.store(out_ptrs, res, mask=offs_r < R)
+
+    @triton.jit
+    def _sgmv_expand_kernel(
+        t_ptr, b_ptr, out_ptr,
+        sorted_ids_ptr, slot_counts_ptr, slot_starts_ptr, ranks_ptr,
+        N, R, slice_offset,
+        stride_ts, stride_tm, stride_tr,
+        stride_bs, stride_bl, stride_bn, stride_br,
+        stride_om, stride_on,
+        num_n_tiles,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ADD_INPUTS: tl.constexpr,
+    ):
+        """Prefill expand. Grid (cdiv(M, BLOCK_M), S * num_n_tiles, L); slice s covers columns
+        slice_offset + s*N ... + N. Rows of -1 tokens are not touched (with ADD_INPUTS=False the launcher zeroes
+        them first)."""
+        pid_m = tl.program_id(0)
+        pid_1 = tl.program_id(1)
+        slot = tl.program_id(2)
+        count = tl.load(slot_counts_ptr + slot)
+        if pid_m * BLOCK_M >= count:
+            return
+        pid_n = pid_1 % num_n_tiles
+        pid_s = pid_1 // num_n_tiles
+        rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + slot), 0), R)
+        if ADD_INPUTS:
+            if rank == 0:
+                return
+        start = tl.load(slot_starts_ptr + slot)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < count
+        tok = tl.load(sorted_ids_ptr + start + offs_m, mask=mask_m, other=0).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        offs_r = tl.arange(0, BLOCK_R)
+        t_ptrs = (t_ptr + pid_s.to(tl.int64) * stride_ts + tok[:, None] * stride_tm
+                  + offs_r[None, :].to(tl.int64) * stride_tr)
+        b_ptrs = (b_ptr + pid_s.to(tl.int64) * stride_bs + slot.to(tl.int64) * stride_bl
+                  + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None].to(tl.int64) * stride_br)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, rank, BLOCK_R):
+            mask_r = (r0 + offs_r) < rank
+            tt = tl.load(t_ptrs + tl.cast(r0, tl.int64) * stride_tr, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            bt = tl.load(b_ptrs + tl.cast(r0, tl.int64) * stride_br, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+            # 16-bit B: the fp32 intermediate is rounded to B's dtype for the tensor cores (as vLLM does).
+            tt = tt.to(bt.dtype)
+            if _DOT_IN_FP32:
+                tt, bt = tt.to(tl.float32), bt.to(tl.float32)
+            acc = tl.dot(tt, bt, acc)
+        cols = (slice_offset + pid_s * N + offs_n).to(tl.int64)
+        out_ptrs = out_ptr + tok[:, None] * stride_om + cols[None, :] * stride_on
+        mask_out = mask_m[:, None] & mask_n[None, :]
+        if ADD_INPUTS:
+            acc += tl.load(out_ptrs, mask=mask_out, other=0.0).to(tl.float32)
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
+
+    @triton.jit
+    def _bgmv_expand_kernel(
+        t_ptr, b_ptr, out_ptr,
+        adapter_ids_ptr, ranks_ptr,
+        N, R, L, slice_offset,
+        stride_ts, stride_tm, stride_tr,
+        stride_bs, stride_bl, stride_bn, stride_br,
+        stride_om, stride_on,
+        num_n_tiles,
+        BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ADD_INPUTS: tl.constexpr,
+    ):
+        """Decode expand. Grid (M, S * num_n_tiles). With ADD_INPUTS=False, -1 tokens get zeros."""
+        tok = tl.program_id(0).to(tl.int64)
+        pid_1 = tl.program_id(1)
+        pid_n = pid_1 % num_n_tiles
+        pid_s = pid_1 // num_n_tiles
+        slot = tl.load(adapter_ids_ptr + tok)
+        valid = (slot >= 0) & (slot < L)
+        slot = tl.where(valid, slot, 0)
+        rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + slot), 0), R)
+        rank = tl.where(valid, rank, 0)
+        if ADD_INPUTS:
+            if rank == 0:
+                return
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        offs_r = tl.arange(0, BLOCK_R)
+        t_ptrs = t_ptr + pid_s.to(tl.int64) * stride_ts + tok * stride_tm + offs_r.to(tl.int64) * stride_tr
+        b_ptrs = (b_ptr + pid_s.to(tl.int64) * stride_bs + slot.to(tl.int64) * stride_bl
+                  + offs_n[:, None].to(tl.int64) * stride_bn + offs_r[None, :].to(tl.int64) * stride_br)
+        acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+        for r0 in range(0, rank, BLOCK_R):
+            mask_r = (r0 + offs_r) < rank
+            tt = tl.load(t_ptrs + tl.cast(r0, tl.int64) * stride_tr, mask=mask_r, other=0.0)
+            bt = tl.load(b_ptrs + tl.cast(r0, tl.int64) * stride_br, mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+            acc += bt.to(tl.float32) * tt[None, :]
+        res = tl.sum(acc, axis=1)
+        out_ptrs = out_ptr + tok * stride_om + (slice_offset + pid_s * N + offs_n).to(tl.int64) * stride_on
+        if ADD_INPUTS:
+            res += tl.load(out_ptrs, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+def _config(name):
+    return (INTERP_CONFIG if INTERPRET else GPU_CONFIG)[name]
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _shrink_prefill_block_r(max_rank):
+    if INTERPRET:
+        return INTERP_CONFIG["shrink_prefill"]["BLOCK_R"]
+    return SHRINK_PREFILL_BLOCK_R[0] if max_rank <= SHRINK_PREFILL_BLOCK_R[0] else SHRINK_PREFILL_BLOCK_R[1]
+
+
+_SM_COUNT = {}
+
+
+def _sm_count(device):
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def _split_k(device, num_tiles, K, block_k, deterministic):
+    """How many K splits: enough programs to fill the GPU; 1 (no atomics) in deterministic mode."""
+    if deterministic:
+        return 1
+    max_useful = max(1, _cdiv(K, block_k * MIN_K_BLOCKS_PER_SPLIT))
+    if INTERPRET or device.type != "cuda":
+        return min(INTERP_SPLIT_K, max(1, _cdiv(K, block_k)))
+    want = max(1, (SPLIT_K_PROGRAMS_PER_SM * _sm_count(device)) // max(1, num_tiles))
+    return max(1, min(want, MAX_SPLIT_K, max_useful))
+
+
+def choose_path(num_tokens, num_slots, path="auto"):
+    """'decode' or 'prefill' for a batch of num_tokens tokens over num_slots slots (from shapes only: no sync)."""
+    if path not in ("auto", "prefill", "decode"):
+        raise ValueError(f"path expected 'auto', 'prefill' or 'decode', got {path!r}")
+    if path != "auto":
+        return path
+    if num_tokens <= DECODE_MAX_TOKENS or num_tokens <= DECODE_MAX_TOKENS_PER_SLOT * num_slots:
+        return "decode"
+    return "prefill"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launch (inside the custom ops: inputs already checked)
+
+
+def _launch_shrink(x, lora_a, adapter_ids, sorted_token_ids, slot_counts, slot_starts, scalings, ranks, out,
+                   deterministic, path):
+    a4 = lora_a if lora_a.dim() == 4 else lora_a.unsqueeze(0)
+    out3 = out if out.dim() == 3 else out.unsqueeze(0)
+    S, L, R, K = a4.shape
+    M = x.shape[0]
+    if M == 0 or R == 0:
+        return
+    if K == 0:
+        out3.zero_()
+        return
+    if choose_path(M, L, path) == "decode":
+        cfg = _config("shrink_decode")
+        block_r, block_k = cfg["BLOCK_R"], cfg["BLOCK_K"]
+        num_r_tiles = _cdiv(R, block_r)
+        split_k = _split_k(x.device, M * S * num_r_tiles, K, block_k, deterministic)
+        k_per_split = _cdiv(_cdiv(K, split_k), block_k) * block_k
+        split_k = _cdiv(K, k_per_split)
+        if split_k > 1:
+            out3.zero_()
+        _bgmv_shrink_kernel[(M, S * num_r_tiles, split_k)](
+            x, a4, out3, adapter_ids, scalings, ranks,
+            K, R, L,
+            x.stride(0), x.stride(1),
+            a4.stride(0), a4.stride(1), a4.stride(2), a4.stride(3),
+            out3.stride(0), out3.stride(1), out3.stride(2),
+            num_r_tiles, k_per_split,
+            BLOCK_R=block_r, BLOCK_K=block_k, USE_ATOMIC=split_k > 1,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+        return
+    cfg = _config("shrink_prefill")
+    block_m, block_k = cfg["BLOCK_M"], cfg["BLOCK_K"]
+    block_r = _shrink_prefill_block_r(R)
+    num_r_tiles = _cdiv(R, block_r)
+    num_m_tiles = _cdiv(M, block_m)
+    # Token tiles that can be active: each slot's partial last tile adds at most one to M / BLOCK_M.
+    active_tiles = (num_m_tiles + min(L, M)) * S * num_r_tiles
+    split_k = _split_k(x.device, active_tiles, K, block_k, deterministic)
+    k_per_split = _cdiv(_cdiv(K, split_k), block_k) * block_k
+    split_k = _cdiv(K, k_per_split)
+    out3.zero_()  # rows of -1 tokens, columns past a rank, and the atomics' start
+    _sgmv_shrink_kernel[(num_m_tiles, S * num_r_tiles * split_k, L)](
+        x, a4, out3, sorted_token_ids, slot_counts, slot_starts, scalings, ranks,
+        K, R,
+        x.stride(0), x.stride(1),
+        a4.stride(0), a4.stride(1), a4.stride(2), a4.stride(3),
+        out3.stride(0), out3.stride(1), out3.stride(2),
+        num_r_tiles, split_k, k_per_split,
+        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, USE_ATOMIC=split_k > 1,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+
+def _launch_expand(t, lora_b, adapter_ids, sorted_token_ids, slot_counts, slot_starts, ranks, out, slice_offset,
+                   add_inputs, path):
+    b4 = lora_b if lora_b.dim() == 4 else lora_b.unsqueeze(0)
+    t3 = t if t.dim() == 3 else t.unsqueeze(0)
+    S, L, N, R = b4.shape
+    M = t3.shape[1]
+    if M == 0 or N == 0:
+        return
+    if choose_path(M, L, path) == "decode":
+        cfg = _config("expand_decode")
+        num_n_tiles = _cdiv(N, cfg["BLOCK_N"])
+        _bgmv_expand_kernel[(M, S * num_n_tiles)](
+            t3, b4, out, adapter_ids, ranks,
+            N, R, L, slice_offset,
+            t3.stride(0), t3.stride(1), t3.stride(2),
+            b4.stride(0), b4.stride(1), b4.stride(2), b4.stride(3),
+            out.stride(0), out.stride(1),
+            num_n_tiles,
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"], ADD_INPUTS=add_inputs,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+        return
+    cfg = _config("expand_prefill")
+    if not add_inputs:  # rows of -1 tokens are covered by no program
+        out[:, slice_offset:slice_offset + S * N].zero_()
+    num_n_tiles = _cdiv(N, cfg["BLOCK_N"])
+    _sgmv_expand_kernel[(_cdiv(M, cfg["BLOCK_M"]), S * num_n_tiles, L)](
+        t3, b4, out, sorted_token_ids, slot_counts, slot_starts, ranks,
+        N, R, slice_offset,
+        t3.stride(0), t3.stride(1), t3.stride(2),
+        b4.stride(0), b4.stride(1), b4.stride(2), b4.stride(3),
+        out.stride(0), out.stride(1),
+        num_n_tiles,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"], ADD_INPUTS=add_inputs,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+
+@torch.library.custom_op("lora_kernels_triton::sgmv_shrink", mutates_args=("out",))
+def _sgmv_shrink_op(x: torch.Tensor, lora_a: torch.Tensor, adapter_ids: torch.Tensor,
+                    sorted_token_ids: torch.Tensor, slot_counts: torch.Tensor, slot_starts: torch.Tensor,
+                    scalings: torch.Tensor, ranks: torch.Tensor, out: torch.Tensor, deterministic: bool,
+                    path: str) -> None:
+    _launch_shrink(x, lora_a, adapter_ids, sorted_token_ids, slot_counts, slot_starts, scalings, ranks, out,
+                   deterministic, path)
+
+
+@_sgmv_shrink_op.register_fake
+def _(x, lora_a, adapter_ids, sorted_token_ids, slot_counts, slot_starts, scalings, ranks, out, deterministic, path):
+    return None
+
+
+@torch.library.custom_op("lora_kernels_triton::sgmv_expand", mutates_args=("out",))
+def _sgmv_expand_op(t: torch.Tensor, lora_b: torch.Tensor, adapter_ids: torch.Tensor,
+                    sorted_token_ids: torch.Tensor, slot_counts: torch.Tensor, slot_starts: torch.Tensor,
+                    ranks: torch.Tensor, out: torch.Tensor, slice_offset: int, add_inputs: bool,
+                    path: str) -> None:
+    _launch_expand(t, lora_b, adapter_ids, sorted_token_ids, slot_counts, slot_starts, ranks, out, slice_offset,
+                   add_inputs, path)
+
+
+@_sgmv_expand_op.register_fake
+def _(t, lora_b, adapter_ids, sorted_token_ids, slot_counts, slot_starts, ranks, out, slice_offset, add_inputs,
+      path):
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checks
+
+
+def _check_available(op, device):
+    if not HAS_TRITON:
+        from lora_kernels.triton import TRITON_ERROR
+        raise RuntimeError(f"{op}: triton is not importable ({TRITON_ERROR})")
+    if device.type == "cpu" and not INTERPRET:
+        raise ValueError(f"{op}: CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter); got CPU tensors")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{op}: Triton kernels run CUDA tensors, got {device.type} tensors")
+
+
+def _check_tensor(op, name, value, dim, dtypes, device=None):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}: {name} expected a torch.Tensor, got {type(value).__name__}")
+    if value.dim() not in (dim if isinstance(dim, tuple) else (dim,)):
+        raise ValueError(f"{op}: {name} expected {dim if isinstance(dim, int) else ' or '.join(map(str, dim))} "
+                         f"dims, got shape {tuple(value.shape)}")
+    if dtypes is not None and value.dtype not in dtypes:
+        raise TypeError(f"{op}: {name} expected dtype {' or '.join(map(str, dtypes))}, got {value.dtype}")
+    if device is not None and value.device != device:
+        raise ValueError(f"{op}: {name} expected device {device}, got {value.device}")
+
+
+def _check_shape(op, name, value, expected, what):
+    if tuple(value.shape) != tuple(expected):
+        raise ValueError(f"{op}: {name} expected shape {tuple(expected)} ({what}), got {tuple(value.shape)}")
+
+
+def _check_batch(op, batch, num_tokens, num_slots, device, arg_name):
+    if not isinstance(batch, LoRABatch):
+        raise TypeError(f"{op}: batch expected a LoRABatch, got {type(batch).__name__}")
+    batch.check_tokens(num_tokens, op, arg_name)
+    if batch.num_adapters != num_slots:
+        raise ValueError(f"{op}: batch was built for {batch.num_adapters} adapter slots, but the stacked weights "
+                         f"have L = {num_slots}")
+    if batch.device != device:
+        raise ValueError(f"{op}: batch expected device {device}, got {batch.device}")
+
+
+def _check_slots(op, scalings, ranks, num_slots, max_rank, device):
+    if scalings is not None:
+        _check_tensor(op, "scalings", scalings, 1, (torch.float32,), device)
+        _check_shape(op, "scalings", scalings, (num_slots,), "one per slot L")
+    _check_tensor(op, "ranks", ranks, 1, (torch.int32,), device)
+    _check_shape(op, "ranks", ranks, (num_slots,), "one per slot L")
+    if num_slots > MAX_GRID_YZ:
+        raise ValueError(f"{op}: at most {MAX_GRID_YZ} adapter slots, got L = {num_slots}")
+    # Value checks read the tensor: only for CPU tensors (no host sync on CUDA; the kernels clamp to [0, R]).
+    if ranks.device.type == "cpu" and ranks.numel() and not torch.compiler.is_compiling():
+        low, high = int(ranks.min()), int(ranks.max())
+        if low < 0 or high > max_rank:
+            raise ValueError(f"{op}: ranks expected values in [0, {max_rank}] (R of the stacked weights), "
+                             f"got {low if low < 0 else high}")
+
+
+def _check_path(op, path):
+    if path not in ("auto", "prefill", "decode"):
+        raise ValueError(f"{op}: path expected 'auto', 'prefill' or 'decode', got {path!r}")
+
+
+def _check_nonneg_int(op, name, value):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{op}: {name} expected an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{op}: {name} expected >= 0, got {value}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public launchers
+
+
+def _through_op(tensor):
+    """Go through the custom op when tracing (torch.compile, export, fake or other tensor subclasses). Plain eager
+    calls launch directly: the custom-op dispatcher costs ~30 us of host time per call (measured on this project's
+    CPU machine), which a decode step outside a CUDA graph would pay for every shrink and expand."""
+    return torch.compiler.is_compiling() or type(tensor) is not torch.Tensor
+
+
+def sgmv_shrink(x, lora_a, batch, scalings, ranks, *, deterministic=False, out=None, path="auto"):
+    """out[t, :ranks[i]] = scalings[i] * lora_a[i, :ranks[i]] @ x[t] for i = batch.adapter_ids[t] >= 0; 0 elsewhere.
+
+    x: [M, K] (fp32/fp16/bf16, any strides); lora_a: [L, R, K] of x's dtype (any strides), or [S, L, R, K] for S
+    slices in one launch; batch: LoRABatch of M tokens over L slots; scalings: [L] fp32; ranks: [L] int32, in [0, R].
+    out: optional [M, R] ([S, M, R]) fp32 to write into (no allocation). Returns out (fp32).
+    deterministic: no split-K atomics, so repeats are bit-identical. path: 'auto' | 'prefill' | 'decode'."""
+    op = "sgmv_shrink"
+    _check_tensor(op, "x", x, 2, SUPPORTED_DTYPES)
+    device = x.device
+    _check_available(op, device)
+    _check_tensor(op, "lora_a", lora_a, (3, 4), (x.dtype,), device)
+    *lead, L, R, K = lora_a.shape
+    if K != x.shape[1]:
+        raise ValueError(f"{op}: lora_a expected [..., L, R, K] with K = {x.shape[1]} (x.shape[1]), "
+                         f"got {tuple(lora_a.shape)}")
+    M = x.shape[0]
+    _check_batch(op, batch, M, L, device, "x")
+    _check_slots(op, scalings, ranks, L, R, device)
+    _check_path(op, path)
+    expected = (*lead, M, R)
+    if out is None:
+        out = torch.empty(expected, dtype=torch.float32, device=device)
+    else:
+        _check_tensor(op, "out", out, len(expected), (torch.float32,), device)
+        _check_shape(op, "out", out, expected, "[S,] M, R")
+    run = torch.ops.lora_kernels_triton.sgmv_shrink if _through_op(x) else _launch_shrink
+    run(x, lora_a, batch.adapter_ids, batch.sorted_token_ids, batch.slot_counts, batch.slot_starts, scalings, ranks,
+        out, bool(deterministic), path)
+    return out
+
+
+def sgmv_expand(t, lora_b, batch, ranks, out, slice_offset=0, *, add_inputs=True, path="auto"):
+    """out[t, off:off+N] += lora_b[i, :, :ranks[i]] @ t[t, :ranks[i]] for i = batch.adapter_ids[t] >= 0, in place.
+
+    t: [M, R] fp32 (the shrink output); lora_b: [L, N, R] (fp32/fp16/bf16, any strides); out: [M, N_total] of any
+    of those dtypes, N_total >= slice_offset + N. With t [S, M, R] and lora_b [S, L, N, R], slice s goes to columns
+    slice_offset + s*N (equal widths, one launch). add_inputs=False overwrites those columns instead (rows of -1
+    tokens get 0). The sum is accumulated in fp32; out is read once and written once. Returns out."""
+    op = "sgmv_expand"
+    _check_tensor(op, "t", t, (2, 3), (torch.float32,))
+    device = t.device
+    _check_available(op, device)
+    _check_tensor(op, "lora_b", lora_b, t.dim() + 1, SUPPORTED_DTYPES, device)
+    *lead, L, N, R = lora_b.shape
+    M = t.shape[-2]
+    _check_shape(op, "t", t, (*lead, M, R), "[S,] M, R with R = lora_b.shape[-1]")
+    _check_tensor(op, "out", out, 2, SUPPORTED_DTYPES, device)
+    _check_nonneg_int(op, "slice_offset", slice_offset)
+    width = N * (lead[0] if lead else 1)
+    if out.shape[0] != M or out.shape[1] < slice_offset + width:
+        raise ValueError(f"{op}: out expected shape ({M}, >= {slice_offset + width}) (M tokens, slice_offset "
+                         f"{slice_offset} + N {width}), got {tuple(out.shape)}")
+    _check_batch(op, batch, M, L, device, "t")
+    _check_slots(op, None, ranks, L, R, device)
+    _check_path(op, path)
+    run = torch.ops.lora_kernels_triton.sgmv_expand if _through_op(t) else _launch_expand
+    run(t, lora_b, batch.adapter_ids, batch.sorted_token_ids, batch.slot_counts, batch.slot_starts, ranks, out,
+        slice_offset, bool(add_inputs), path)
+    return out
+
+
+def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_slices, *, deterministic=False,
+             buffer=None, path="auto"):
+    """For each slice j: y[:, o_j:o_j+n_j] += scalings[i] * B_j[i, :, :r_i] @ (A_j[i, :r_i] @ x[t]), o_j the sum of
+    the widths before it (fused QKV / gate_up). In place; returns y.
+
+    y: [M, N_total]; x: [M, K]; output_slices: widths (n_1, ..., n_S), sum <= N_total.
+    lora_a_slices: S tensors [L, R, K] (one shrink launch each) or one stacked tensor [S, L, R, K] (one launch).
+    lora_b_slices: S tensors [L, n_j, R] (one expand launch each) or one stacked [S, L, n, R] when all widths are
+    equal (one launch). buffer: optional [S, M, R] fp32 for the shrink result (no allocation)."""
+    op = "add_lora"
+    if isinstance(output_slices, int) or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 0
+                                                  for w in output_slices):
+        raise TypeError(f"{op}: output_slices expected a sequence of ints >= 0, got {output_slices!r}")
+    widths = tuple(output_slices)
+    S = len(widths)
+    if S == 0:
+        raise ValueError(f"{op}: output_slices expected at least one slice, got none")
+    stacked_a = isinstance(lora_a_slices, torch.Tensor)
+    stacked_b = isinstance(lora_b_slices, torch.Tensor)
+    num_a = lora_a_slices.shape[0] if stacked_a and lora_a_slices.dim() == 4 else len(lora_a_slices)
+    num_b = lora_b_slices.shape[0] if stacked_b and lora_b_slices.dim() == 4 else len(lora_b_slices)
+    if stacked_a and lora_a_slices.dim() != 4:
+        raise ValueError(f"{op}: lora_a_slices as one tensor expected [S, L, R, K], got {tuple(lora_a_slices.shape)}")
+    if stacked_b and lora_b_slices.dim() != 4:
+        raise ValueError(f"{op}: lora_b_slices as one tensor expected [S, L, n, R], got {tuple(lora_b_slices.shape)}")
+    if num_a != S or num_b != S:
+        raise ValueError(f"{op}: expected {S} slices (len(output_slices)), got {num_a} lora_a and {num_b} lora_b")
+    if stacked_b and len(set(widths)) != 1:
+        raise ValueError(f"{op}: lora_b_slices stacked [S, L, n, R] needs equal output_slices, got {widths}")
+    for j in range(S):
+        b_j = lora_b_slices[j]
+        if not isinstance(b_j, torch.Tensor) or b_j.dim() != 3 or b_j.shape[1] != widths[j]:
+            raise ValueError(f"{op}: lora_b_slices[{j}] expected [L, {widths[j]}, R] (output_slices[{j}] = "
+                             f"{widths[j]}), got {tuple(b_j.shape) if isinstance(b_j, torch.Tensor) else b_j!r}")
+    _check_tensor(op, "y", y, 2, SUPPORTED_DTYPES)
+    _check_tensor(op, "x", x, 2, SUPPORTED_DTYPES, y.device)
+    if y.shape[0] != x.shape[0] or y.shape[1] < sum(widths):
+        raise ValueError(f"{op}: y expected shape ({x.shape[0]}, >= {sum(widths)}) (M of x, sum of output_slices "
+                         f"{widths}), got {tuple(y.shape)}")
+    first_a = lora_a_slices[0]
+    if not isinstance(first_a, torch.Tensor) or first_a.dim() != 3:
+        raise ValueError(f"{op}: lora_a_slices[0] expected [L, R, K], got {first_a!r}")
+    L, R, K = first_a.shape
+    if not stacked_a:
+        for j in range(1, S):
+            a_j = lora_a_slices[j]
+            if not isinstance(a_j, torch.Tensor) or tuple(a_j.shape) != (L, R, K):
+                raise ValueError(f"{op}: lora_a_slices[{j}] expected shape {(L, R, K)} (like lora_a_slices[0]), got "
+                                 f"{tuple(a_j.shape) if isinstance(a_j, torch.Tensor) else a_j!r}")
+    M = x.shape[0]
+    if buffer is None:
+        buffer = torch.empty(S, M, R, dtype=torch.float32, device=x.device)
+    else:
+        _check_tensor(op, "buffer", buffer, 3, (torch.float32,), x.device)
+        _check_shape(op, "buffer", buffer, (S, M, R), "S slices, M tokens, R")
+    if stacked_a:
+        sgmv_shrink(x, lora_a_slices, batch, scalings, ranks, deterministic=deterministic, out=buffer, path=path)
+    else:
+        for j in range(S):
+            sgmv_shrink(x, lora_a_slices[j], batch, scalings, ranks, deterministic=deterministic, out=buffer[j],
+                        path=path)
+    if stacked_b:
+        sgmv_expand(buffer, lora_b_slices, batch, ranks, y, 0, path=path)
+    else:
+        offset = 0
+        for j in range(S):
+            sgmv_expand(buffer[j], lora_b_slices[j], batch, ranks, y, offset, path=path)
+            offset += widths[j]
+    return y
+
+
+def refill_batch(batch, adapter_ids):
+    """Rebuilds `batch` in place for new adapter ids (same count): its buffers keep their addresses, so a CUDA graph
+    captured with `batch` replays with the new ids. Device-side only (no host sync); returns batch."""
+    if not isinstance(batch, LoRABatch):
+        raise TypeError(f"refill_batch: batch expected a LoRABatch, got {type(batch).__name__}")
+    if not isinstance(adapter_ids, torch.Tensor) or adapter_ids.numel() != batch.num_tokens:
+        got = tuple(adapter_ids.shape) if isinstance(adapter_ids, torch.Tensor) else type(adapter_ids).__name__
+        raise ValueError(f"refill_batch: adapter_ids expected {batch.num_tokens} ids (batch.num_tokens), got {got}")
+    fresh = LoRABatch.from_adapter_ids(adapter_ids.to(batch.device), batch.num_adapters, validate=False)
+    for field in dataclasses.fields(LoRABatch):
+        value = getattr(batch, field.name)
+        if isinstance(value, torch.Tensor):
+            value.copy_(getattr(fresh, field.name))
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ahead-of-time compile gate (lora_kernels/triton/aot.py compiles these for sm_80 and sm_90)
+
+
+def _sig(kernel, pointer_types, int_type="i32"):
+    """Signature dict of `kernel`: pointers from pointer_types, constexprs marked, every other argument (sizes,
+    strides) int_type."""
+    sig = {}
+    # From the Python signature: works for a JITFunction and for the interpreter's InterpretedFunction alike.
+    for name, param in inspect.signature(kernel.fn).parameters.items():
+        if name in pointer_types:
+            sig[name] = pointer_types[name]
+        elif param.annotation is tl.constexpr or "constexpr" in str(param.annotation):
+            sig[name] = "constexpr"
+        else:
+            sig[name] = int_type
+    return sig
+
+
+def aot_specs():
+    """Compile-gate entries: every kernel x dtype x constexpr config the launchers use on a GPU."""
+    if not HAS_TRITON:
+        return []
+    specs = []
+    ints = {"sorted_ids_ptr": "*i32", "slot_counts_ptr": "*i32", "slot_starts_ptr": "*i32", "ranks_ptr": "*i32",
+            "adapter_ids_ptr": "*i32", "scalings_ptr": "*fp32"}
+    for dtype in SUPPORTED_DTYPES:
+        ty = "*" + _TRITON_DTYPE[dtype]
+        shrink_ptrs = {"x_ptr": ty, "a_ptr": ty, "out_ptr": "*fp32", **ints}
+        for use_atomic in (False, True):
+            for block_r in SHRINK_PREFILL_BLOCK_R:
+                cfg = GPU_CONFIG["shrink_prefill"]
+                specs.append({
+                    "name": f"_sgmv_shrink_kernel[{_TRITON_DTYPE[dtype]},R{block_r},atomic={use_atomic}]",
+                    "kernel": _sgmv_shrink_kernel,
+                    "signature": _sig(_sgmv_shrink_kernel, shrink_ptrs),
+                    "constexprs": {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_R": block_r, "BLOCK_K": cfg["BLOCK_K"],
+                                   "USE_ATOMIC": use_atomic},
+                    "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
+                })
+            cfg = GPU_CONFIG["shrink_decode"]
+            specs.append({
+                "name": f"_bgmv_shrink_kernel[{_TRITON_DTYPE[dtype]},atomic={use_atomic}]",
+                "kernel": _bgmv_shrink_kernel,
+                "signature": _sig(_bgmv_shrink_kernel, shrink_ptrs),
+                "constexprs": {"BLOCK_R": cfg["BLOCK_R"], "BLOCK_K": cfg["BLOCK_K"], "USE_ATOMIC": use_atomic},
+                "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
+            })
+    # Expand: B in each dtype with out of B's dtype, plus fp32 out for 16-bit B (fp32 accumulators, gradients);
+    # ADD_INPUTS both ways.
+    for b_dtype in SUPPORTED_DTYPES:
+        for out_dtype in dict.fromkeys((b_dtype, torch.float32)):
+            ptrs = {"t_ptr": "*fp32", "b_ptr": "*" + _TRITON_DTYPE[b_dtype], "out_ptr": "*" + _TRITON_DTYPE[out_dtype],
+                    **ints}
+            for add_inputs in (True, False):
+                tag = f"{_TRITON_DTYPE[b_dtype]}->{_TRITON_DTYPE[out_dtype]},add={add_inputs}"
+                cfg = GPU_CONFIG["expand_prefill"]
+                specs.append({
+                    "name": f"_sgmv_expand_kernel[{tag}]",
+                    "kernel": _sgmv_expand_kernel,
+                    "signature": _sig(_sgmv_expand_kernel, ptrs),
+                    "constexprs": {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_R": cfg["BLOCK_R"],
+                                   "ADD_INPUTS": add_inputs},
+                    "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
+                })
+                cfg = GPU_CONFIG["expand_decode"]
+                specs.append({
+                    "name": f"_bgmv_expand_kernel[{tag}]",
+                    "kernel": _bgmv_expand_kernel,
+                    "signature": _sig(_bgmv_expand_kernel, ptrs),
+                    "constexprs": {"BLOCK_N": cfg["BLOCK_N"], "BLOCK_R": cfg["BLOCK_R"], "ADD_INPUTS": add_inputs},
+                    "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
+                })
+    return specs

@@ -1,0 +1,401 @@
+"""Grouped multi-adapter Triton kernels (lora_kernels/triton/sgmv.py) against the float64 reference.
+
+On CPU the kernels run under the Triton interpreter (conftest sets TRITON_INTERPRET=1), so shapes stay tiny; the
+same tests run on CUDA through the device fixture.
+"""
+
+import math
+
+import pytest
+import torch
+
+from conftest import HAS_CUDA, assert_close, randn
+from lora_kernels import reference
+from lora_kernels.batch import LoRABatch
+from lora_kernels.triton import HAS_TRITON, INTERPRET
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
+
+if HAS_TRITON:
+    from lora_kernels.triton import sgmv
+
+
+@pytest.fixture
+def device(device):
+    """conftest's device, less CPU on a CUDA machine: there the interpreter is off and Triton needs CUDA tensors."""
+    if device.type == "cpu" and not INTERPRET:
+        pytest.skip("CPU tensors run Triton kernels only under TRITON_INTERPRET=1")
+    return device
+
+DISTRIBUTIONS = ["distinct", "uniform", "zipf", "identical", "skewed", "empty_slots", "all_neg", "mixed_neg"]
+
+
+def make_ids(dist, num_tokens, num_slots, device="cpu"):
+    """adapter_ids [M] int32 in [-1, L) drawn from a named segment distribution."""
+    M, L = num_tokens, num_slots
+    if dist == "distinct":  # every token its own slot as far as L allows, in shuffled order
+        ids = torch.randperm(max(M, L))[:M] % L
+    elif dist == "uniform":
+        ids = torch.randint(0, L, (M,))
+    elif dist == "zipf":
+        weights = torch.tensor([1.0 / (i + 1) ** 1.5 for i in range(L)])
+        ids = torch.multinomial(weights, M, replacement=True)
+    elif dist == "identical":
+        ids = torch.full((M,), int(torch.randint(0, L, ())))
+    elif dist == "skewed":  # one slot takes ~90% of the tokens
+        ids = torch.where(torch.rand(M) < 0.9, torch.full((M,), L - 1), torch.randint(0, L, (M,)))
+    elif dist == "empty_slots":  # only even slots carry tokens
+        ids = 2 * torch.randint(0, (L + 1) // 2, (M,))
+    elif dist == "all_neg":
+        ids = torch.full((M,), -1)
+    elif dist == "mixed_neg":
+        ids = torch.randint(-1, L, (M,))
+    else:
+        raise ValueError(dist)
+    return ids.to(torch.int32).to(device)
+
+
+def make_weights(num_slots, ranks, K, widths, dtype, device, num_a=None):
+    """lora_a [L, R, K] (or num_a of them) and one lora_b [L, n, R] per width, NaN past each slot's rank (must never
+    be read), with R = max(ranks); plus ranks [L] int32 and scalings [L] fp32."""
+    L, R = num_slots, max(ranks)
+    ranks_t = torch.tensor(ranks, dtype=torch.int32)
+
+    def poison(w, rank_dim):
+        for i, r in enumerate(ranks):
+            w[i].narrow(rank_dim - 1, r, R - r).fill_(float("nan"))
+        return w.to(device)
+
+    num_a = len(widths) if num_a is None else num_a
+    a_list = [poison(randn(L, R, K, dtype=dtype, scale=1 / math.sqrt(K)), 1) for _ in range(num_a)]
+    b_list = [poison(randn(L, n, R, dtype=dtype), 2) for n in widths]
+    scalings = (0.5 + torch.rand(L)).to(device)
+    return a_list, b_list, ranks_t.to(device), scalings
+
+
+def nan_rows_past_rank(t, ids, ranks):
+    """t with NaN wherever expand must not read it: past each token's rank, and whole rows of -1 tokens."""
+    t = t.clone()
+    for tok, slot in enumerate(ids.tolist()):
+        t[tok, (int(ranks[slot]) if slot >= 0 else 0):] = float("nan")
+    return t
+
+
+def cpu(*tensors):
+    return [t.cpu() for t in tensors]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# shrink and expand
+
+
+@pytest.mark.parametrize("path", ["prefill", "decode"])
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+def test_segments(device, dist, path):
+    M, K, N, L, ranks = 37, 67, 45, 5, [8, 1, 16, 5, 16]
+    ids = make_ids(dist, M, L, device)
+    batch = LoRABatch.from_adapter_ids(ids, L)
+    (A,), (B,), ranks_t, scalings = make_weights(L, ranks, K, [N], torch.float32, device)
+    x = randn(M, K, device=device)
+    out = torch.full((M, max(ranks)), float("nan"), device=device)
+    sgmv.sgmv_shrink(x, A, batch, scalings, ranks_t, out=out, path=path)
+    assert_close(out, reference.lora_shrink(*cpu(x, A, ids, scalings, ranks_t)), torch.float32, "shrink")
+
+    t = nan_rows_past_rank(randn(M, max(ranks), device=device), ids.cpu(), ranks_t.cpu())
+    y = randn(M, N + 9, device=device)
+    expected = reference.lora_expand(*cpu(t, B, ids, y), 4, ranks_t.cpu())
+    sgmv.sgmv_expand(t, B, batch, ranks_t, y, 4, path=path)
+    assert_close(y, expected, torch.float32, "expand")
+
+
+@pytest.mark.parametrize("M, dtype", [
+    (1, torch.float32), (17, torch.float16), (64, torch.bfloat16),      # decode
+    (65, torch.float32), (100, torch.float16), (100, torch.bfloat16),   # prefill
+])
+def test_sizes_ranks_dtypes(device, M, dtype):
+    """Mixed ranks {1, 8, 16, 64, 128} in one batch, odd K and N; the path is chosen by the launcher (decode up to
+    64 tokens, prefill above)."""
+    K, N, ranks = 67, 123, [1, 8, 16, 64, 128]
+    L = len(ranks)
+    assert sgmv.choose_path(M, L) == ("decode" if M <= sgmv.DECODE_MAX_TOKENS else "prefill")
+    ids = make_ids("mixed_neg", M, L, device)
+    batch = LoRABatch.from_adapter_ids(ids, L)
+    (A,), (B,), ranks_t, scalings = make_weights(L, ranks, K, [N], dtype, device)
+    x = randn(M, K, dtype=dtype, device=device)
+    y = randn(M, N, dtype=dtype, device=device)
+    expected = reference.add_lora(*cpu(y, x), [A.cpu()], [B.cpu()], ids.cpu(), *cpu(scalings, ranks_t), [N])
+    shrunk = sgmv.sgmv_shrink(x, A, batch, scalings, ranks_t)
+    assert shrunk.dtype == torch.float32
+    assert_close(shrunk, reference.lora_shrink(*cpu(x, A, ids, scalings, ranks_t)), dtype, "shrink")
+    sgmv.sgmv_expand(shrunk, B, batch, ranks_t, y)
+    assert_close(y, expected, dtype, "shrink + expand")
+
+
+@pytest.mark.parametrize("path", ["prefill", "decode"])
+def test_strided_inputs(device, path):
+    """Transposed views everywhere (the backward passes B^T as lora_a and A^T as lora_b), and a strided output."""
+    M, K, N, L, ranks = 23, 33, 21, 3, [4, 16, 9]
+    R = max(ranks)
+    ids = make_ids("mixed_neg", M, L, device)
+    batch = LoRABatch.from_adapter_ids(ids, L)
+    x = randn(K, M, device=device).T
+    A = randn(L, K, R, device=device).transpose(1, 2)
+    B = randn(L, R, N, device=device).transpose(1, 2)
+    _, _, ranks_t, scalings = make_weights(L, ranks, 1, [], torch.float32, device, num_a=0)
+    out = torch.full((R, M), float("nan"), device=device).T
+    sgmv.sgmv_shrink(x, A, batch, scalings, ranks_t, out=out, path=path)
+    assert_close(out, reference.lora_shrink(*cpu(x, A, ids, scalings, ranks_t)), torch.float32, "shrink")
+    y_storage = randn(N + 5, M, device=device)
+    y = y_storage.T
+    expected = reference.lora_expand(*cpu(out, B, ids, y), 3, ranks_t.cpu())
+    sgmv.sgmv_expand(out, B, batch, ranks_t, y, 3, path=path)
+    assert_close(y, expected, torch.float32, "expand")
+
+
+@pytest.mark.parametrize("path", ["prefill", "decode"])
+def test_expand_overwrite(device, path):
+    """add_inputs=False: the slice is overwritten (0 for -1 tokens); columns outside it are untouched."""
+    M, N, L, ranks = 29, 19, 3, [3, 16, 7]
+    ids = make_ids("mixed_neg", M, L, device)
+    batch = LoRABatch.from_adapter_ids(ids, L)
+    _, (B,), ranks_t, _ = make_weights(L, ranks, 1, [N], torch.float16, device, num_a=0)
+    t = nan_rows_past_rank(randn(M, max(ranks), device=device), ids.cpu(), ranks_t.cpu())
+    y = randn(M, N + 8, dtype=torch.float16, device=device)
+    before = y.clone()
+    sgmv.sgmv_expand(t, B, batch, ranks_t, y, 5, add_inputs=False, path=path)
+    zeros = torch.zeros(M, N + 8, dtype=torch.float64)
+    expected = reference.lora_expand(*cpu(t, B, ids), zeros, 5, ranks_t.cpu())[:, 5:5 + N]
+    assert_close(y[:, 5:5 + N], expected, torch.float16, "overwritten slice")
+    assert torch.equal(y[:, :5], before[:, :5]) and torch.equal(y[:, 5 + N:], before[:, 5 + N:])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# add_lora: output slices
+
+
+@pytest.mark.parametrize("widths, stacked, M, dtype", [
+    ((48,), False, 9, torch.float32),
+    ((48, 16, 16), False, 9, torch.bfloat16),           # fused QKV of unequal widths, decode
+    ((40, 8, 24), False, 70, torch.float16),            # prefill
+    ((24, 24), True, 12, torch.bfloat16),               # gate_up: stacked A and B, one launch each
+    ((24, 24), True, 70, torch.float32),
+])
+def test_add_lora_slices(device, widths, stacked, M, dtype):
+    K, L, ranks = 35, 4, [16, 2, 9, 16]
+    ids = make_ids("uniform", M, L, device)
+    batch = LoRABatch.from_adapter_ids(ids, L)
+    a_list, b_list, ranks_t, scalings = make_weights(L, ranks, K, widths, dtype, device)
+    x = randn(M, K, dtype=dtype, device=device)
+    y = randn(M, sum(widths) + 3, dtype=dtype, device=device)
+    expected = reference.add_lora(*cpu(y, x), cpu(*a_list), cpu(*b_list), ids.cpu(), *cpu(scalings, ranks_t),
+                                  widths)
+    lora_a = torch.stack(a_list) if stacked else a_list
+    lora_b = torch.stack(b_list) if stacked else b_list
+    buffer = torch.full((len(widths), M, max(ranks)), float("nan"), device=device)
+    result = sgmv.add_lora(y, x, lora_a, lora_b, batch, scalings, ranks_t, widths, buffer=buffer)
+    assert result is y
+    assert_close(y, expected, dtype, "add_lora")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# determinism, buffers, edge cases
+
+
+@pytest.mark.parametrize("path", ["prefill", "decode"])
+def test_deterministic_repeats_bit_identical(device, path):
+    M, K, N, L, ranks = 24, 70, 33, 3, [16, 5, 12]
+    ids = make_ids("zipf", M, L, device)
+    batch = LoRABatch.from_adapter_ids(ids, L)
+    a_list, b_list, ranks_t, scalings = make_weights(L, ranks, K, [N, 7], torch.bfloat16, device)
+    x = randn(M, K, dtype=torch.bfloat16, device=device)
+    y0 = randn(M, N + 7, dtype=torch.bfloat16, device=device)
+    results = []
+    for _ in range(2):
+        y = y0.clone()
+        sgmv.add_lora(y, x, a_list, b_list, batch, scalings, ranks_t, [N, 7], deterministic=True, path=path)
+        results.append(y)
+    assert torch.equal(results[0], results[1])
+    outs = [sgmv.sgmv_shrink(x, a_list[0], batch, scalings, ranks_t, deterministic=True, path=path)
+            for _ in range(2)]
+    assert torch.equal(outs[0], outs[1])
+    fast = sgmv.sgmv_shrink(x, a_list[0], batch, scalings, ranks_t, path=path)  # split-K with atomics
+    assert_close(fast, outs[0].double(), torch.float32, "split-K vs deterministic")
+
+
+@pytest.mark.parametrize("path", ["prefill", "decode"])
+def test_out_buffer_reuse(device, path):
+    """One out buffer, poisoned, reused for batches with other ids: written in place and fully defined each time."""
+    M, K, L, ranks = 26, 40, 4, [16, 3, 8, 1]
+    (A,), _, ranks_t, scalings = make_weights(L, ranks, K, [], torch.float16, device, num_a=1)
+    x = randn(M, K, dtype=torch.float16, device=device)
+    out = torch.full((M, 16), float("nan"), device=device)
+    ptr = out.data_ptr()
+    for dist in ("skewed", "all_neg", "mixed_neg"):
+        ids = make_ids(dist, M, L, device)
+        batch = LoRABatch.from_adapter_ids(ids, L)
+        result = sgmv.sgmv_shrink(x, A, batch, scalings, ranks_t, out=out, path=path)
+        assert result is out and out.data_ptr() == ptr
+        assert_close(out, reference.lora_shrink(*cpu(x, A, ids, scalings, ranks_t)), torch.float16, dist)
+        out.fill_(float("nan"))
+
+
+def test_empty_and_zero_rank(device):
+    L = 2
+    (A,), (B,), ranks_t, scalings = make_weights(L, [4, 4], 8, [6], torch.float32, device)
+    empty = LoRABatch.from_adapter_ids(torch.zeros(0, dtype=torch.int32, device=device), L)
+    assert sgmv.sgmv_shrink(torch.zeros(0, 8, device=device), A, empty, scalings, ranks_t).shape == (0, 4)
+    # a slot of rank 0 contributes nothing and reads nothing
+    ids = torch.tensor([0, 1, 1, 0], dtype=torch.int32, device=device)
+    batch = LoRABatch.from_adapter_ids(ids, L)
+    ranks0 = torch.tensor([0, 4], dtype=torch.int32, device=device)
+    A[0].fill_(float("nan"))
+    B[0].fill_(float("nan"))
+    x = randn(4, 8, device=device)
+    for path in ("prefill", "decode"):
+        out = sgmv.sgmv_shrink(x, A, batch, scalings, ranks0, path=path)
+        assert_close(out, reference.lora_shrink(*cpu(x, A, ids, scalings, ranks0)), torch.float32, path)
+        y = randn(4, 6, device=device)
+        expected = reference.lora_expand(*cpu(out, B, ids, y), 0, ranks0.cpu())
+        sgmv.sgmv_expand(out, B, batch, ranks0, y, path=path)
+        assert_close(y, expected, torch.float32, path)
+
+
+def test_bad_inputs(device):
+    M, K, L, R, N = 6, 8, 2, 4, 5
+    x = randn(M, K, device=device)
+    A = randn(L, R, K, device=device)
+    B = randn(L, N, R, device=device)
+    ranks = torch.full((L,), R, dtype=torch.int32, device=device)
+    scalings = torch.ones(L, device=device)
+    batch = LoRABatch.from_adapter_ids(torch.zeros(M, dtype=torch.int32, device=device), L)
+    t = torch.zeros(M, R, device=device)
+    y = torch.zeros(M, N, device=device)
+    meta = torch.device("meta")
+    cases = [
+        (ValueError, "K = 8", lambda: sgmv.sgmv_shrink(x, randn(L, R, K + 1, device=device), batch, scalings, ranks)),
+        (TypeError, "lora_a expected dtype", lambda: sgmv.sgmv_shrink(x, A.half(), batch, scalings, ranks)),
+        (ValueError, "scalings expected shape (2,)",
+         lambda: sgmv.sgmv_shrink(x, A, batch, torch.ones(L + 1, device=device), ranks)),
+        (TypeError, "scalings expected dtype", lambda: sgmv.sgmv_shrink(x, A, batch, scalings.double(), ranks)),
+        (TypeError, "ranks expected dtype", lambda: sgmv.sgmv_shrink(x, A, batch, scalings, ranks.long())),
+        (ValueError, "batch was built for 6 tokens", lambda: sgmv.sgmv_shrink(x[:5], A, batch, scalings, ranks)),
+        (ValueError, "adapter slots", lambda: sgmv.sgmv_shrink(x, randn(L + 1, R, K, device=device), batch,
+                                                                torch.ones(L + 1, device=device),
+                                                                torch.ones(L + 1, dtype=torch.int32, device=device))),
+        (ValueError, "out expected shape (6, 4)",
+         lambda: sgmv.sgmv_shrink(x, A, batch, scalings, ranks, out=torch.zeros(M, R + 1, device=device))),
+        (TypeError, "out expected dtype",
+         lambda: sgmv.sgmv_shrink(x, A, batch, scalings, ranks, out=torch.zeros(M, R, device=device).half())),
+        (ValueError, "lora_a expected device", lambda: sgmv.sgmv_shrink(x, A.to(meta), batch, scalings, ranks)),
+        (ValueError, "path expected", lambda: sgmv.sgmv_shrink(x, A, batch, scalings, ranks, path="fast")),
+        (TypeError, "batch expected a LoRABatch", lambda: sgmv.sgmv_shrink(x, A, None, scalings, ranks)),
+        (ValueError, "out expected shape (6, >= 7)", lambda: sgmv.sgmv_expand(t, B, batch, ranks, y, 2)),
+        (ValueError, "t expected shape", lambda: sgmv.sgmv_expand(t[:, :3], B, batch, ranks, y)),
+        (TypeError, "t expected dtype", lambda: sgmv.sgmv_expand(t.half(), B, batch, ranks, y)),
+        (ValueError, "slice_offset expected >= 0", lambda: sgmv.sgmv_expand(t, B, batch, ranks, y, -1)),
+        (ValueError, "out expected device", lambda: sgmv.sgmv_expand(t, B, batch, ranks, y.to(meta))),
+        (ValueError, "lora_b_slices[1] expected [L, 3, R]",
+         lambda: sgmv.add_lora(y, x, [A, A], [B[:, :2], B], batch, scalings, ranks, [2, 3])),
+        (ValueError, "expected 2 slices", lambda: sgmv.add_lora(y, x, [A], [B], batch, scalings, ranks, [2, 3])),
+        (ValueError, "y expected shape", lambda: sgmv.add_lora(y[:, :4], x, [A], [B], batch, scalings, ranks, [N])),
+    ]
+    if device.type == "cpu":  # value checks read the tensor: CPU only (no host sync on CUDA)
+        cases.append((ValueError, "ranks expected values in [0, 4]",
+                      lambda: sgmv.sgmv_shrink(x, A, batch, scalings, ranks + 1)))
+    for exc, fragment, call in cases:
+        with pytest.raises(exc, match=None) as info:
+            call()
+        assert fragment in str(info.value), f"{fragment!r} not in {str(info.value)!r}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.compile, custom ops, compile-gate specs
+
+
+def test_custom_ops_opcheck(device):
+    M, K, N, L, ranks = 9, 16, 12, 2, [4, 2]
+    ids = make_ids("mixed_neg", M, L, device)
+    batch = LoRABatch.from_adapter_ids(ids, L)
+    (A,), (B,), ranks_t, scalings = make_weights(L, ranks, K, [N], torch.float32, device)
+    fields = (batch.adapter_ids, batch.sorted_token_ids, batch.slot_counts, batch.slot_starts)
+    x = randn(M, K, device=device)
+    out = torch.zeros(M, 4, device=device)
+    torch.library.opcheck(torch.ops.lora_kernels_triton.sgmv_shrink,
+                          (x, A, *fields, scalings, ranks_t, out, True, "prefill"))
+    torch.library.opcheck(torch.ops.lora_kernels_triton.sgmv_expand,
+                          (randn(M, 4, device=device), B, *fields, ranks_t, randn(M, N, device=device), 0, True,
+                           "decode"))
+
+
+def test_torch_compile_fullgraph(device):
+    M, K, L, ranks, widths = 20, 24, 3, [8, 3, 5], (16, 8)
+    ids = make_ids("mixed_neg", M, L, device)
+    batch = LoRABatch.from_adapter_ids(ids, L)
+    a_list, b_list, ranks_t, scalings = make_weights(L, ranks, K, widths, torch.float32, device)
+    x = randn(M, K, device=device)
+    y = randn(M, sum(widths), device=device)
+
+    def layer(y, x, batch):
+        y = y * 2.0
+        return sgmv.add_lora(y, x, a_list, b_list, batch, scalings, ranks_t, widths) + 1.0
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True)
+    expected = reference.add_lora(*cpu(y * 2.0, x), cpu(*a_list), cpu(*b_list), ids.cpu(), *cpu(scalings, ranks_t),
+                                  widths) + 1.0
+    assert_close(compiled(y, x, batch), expected, torch.float32, "compiled add_lora")
+    assert_close(layer(y, x, batch), expected, torch.float32, "eager add_lora")
+
+
+def test_aot_specs_cover_kernels():
+    specs = sgmv.aot_specs()
+    names = {spec["kernel"].__name__ for spec in specs}
+    assert names == {"_sgmv_shrink_kernel", "_bgmv_shrink_kernel", "_sgmv_expand_kernel", "_bgmv_expand_kernel"}
+    for spec in specs:
+        assert set(spec) == {"name", "kernel", "signature", "constexprs", "num_warps", "num_stages"}
+        assert list(spec["signature"]) == list(spec["kernel"].arg_names)
+        assert {k for k, v in spec["signature"].items() if v == "constexpr"} == set(spec["constexprs"])
+    for dtype in ("fp32", "fp16", "bf16"):
+        assert any(spec["signature"]["x_ptr"] == "*" + dtype for spec in specs if "x_ptr" in spec["signature"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA graphs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["prefill", "decode"])
+def test_cuda_graph_replay_with_new_adapter_ids(path):
+    """Capture shrink + expand once; replay after refilling the same LoRABatch buffers with other ids: a fixed grid
+    with on-device early exit covers every segment layout (SGLang's capture-time grid bug)."""
+    assert HAS_CUDA
+    device = torch.device("cuda")
+    M, K, N, L, ranks, dtype = 48, 256, 192, 6, [16, 4, 8, 16, 1, 12], torch.bfloat16
+    (A,), (B,), ranks_t, scalings = make_weights(L, ranks, K, [N], dtype, device)
+    batch = LoRABatch.from_adapter_ids(make_ids("identical", M, L, device), L)
+    x = randn(M, K, dtype=dtype, device=device)
+    base = randn(M, N, dtype=dtype, device=device)
+    y = torch.empty_like(base)
+    shrunk = torch.empty(M, max(ranks), device=device)
+
+    def step():
+        y.copy_(base)
+        sgmv.sgmv_shrink(x, A, batch, scalings, ranks_t, out=shrunk, path=path)
+        sgmv.sgmv_expand(shrunk, B, batch, ranks_t, y, path=path)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile the kernels outside the capture
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for dist in ("zipf", "mixed_neg", "distinct", "all_neg", "skewed"):
+        ids = make_ids(dist, M, L, device)
+        sgmv.refill_batch(batch, ids)
+        x.copy_(randn(M, K, dtype=dtype, device=device))
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = reference.add_lora(*cpu(base, x), [A.cpu()], [B.cpu()], ids.cpu(), *cpu(scalings, ranks_t), [N])
+        assert_close(y, expected, dtype, f"graph replay ({dist})")
