@@ -1,9 +1,12 @@
-"""LoRALinear (a drop-in for nn.Linear), inject_lora / merge_and_unload over a model. No maths here: the forward
-is lora_kernels.functional.lora_linear."""
+"""LoRALinear (a drop-in for nn.Linear or transformers' Conv1D), MultiLoRALinear, and the model utilities:
+inject_lora / merge_and_unload, prepare_multi_adapter / set_batch_adapters, PEFT's target-module matching.
+No maths here: the forwards are lora_kernels.functional.lora_linear and multi_lora_linear."""
 
 import contextlib
 import math
 import re
+import sys
+import warnings
 
 import torch
 from torch import nn
@@ -27,20 +30,37 @@ def lora_scaling(r, lora_alpha, use_rslora):
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
+def conv1d_class():
+    """transformers' Conv1D (GPT-2's linear layer, weight stored [in, out]) when transformers is imported, else None.
+    Never imports transformers itself: a model that holds a Conv1D has imported it already."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None)
+
+
+def is_conv1d(module):
+    cls = conv1d_class()
+    return cls is not None and isinstance(module, cls)
+
+
 class LoRALinear(nn.Module):
     """y = x @ weight.T + bias + scaling * lora_B(lora_A(dropout(x))), with scaling = lora_alpha / r
     (lora_alpha / sqrt(r) with use_rslora). weight [out, in] and bias [out] are frozen; lora_A.weight [r, in] and
-    lora_B.weight [out, r] train. A fresh layer equals its base layer (A kaiming-uniform, B zeros, as PEFT)."""
+    lora_B.weight [out, r] train. A fresh layer equals its base layer (A kaiming-uniform, B zeros, as PEFT).
+
+    fan_in_fan_out=True stores weight as [in, out], the layout of transformers' Conv1D (GPT-2), so the base keys and
+    shapes of the state dict stay those of the wrapped Conv1D; the forward passes weight.T (a view, no copy). The
+    LoRA factors keep PEFT's layout [r, in] / [out, r] either way."""
 
     def __init__(self, in_features, out_features, r=8, lora_alpha=8, lora_dropout=0.0, bias=True, use_rslora=False,
-                 device=None, dtype=None, *, init_lora_weights=True, backend="auto"):
+                 device=None, dtype=None, *, init_lora_weights=True, backend="auto", fan_in_fan_out=False):
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"LoRALinear: {name} expected an int >= 1, got {value!r}")
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype),
-                                   requires_grad=False)
+        self.fan_in_fan_out = bool(fan_in_fan_out)
+        shape = (in_features, out_features) if self.fan_in_fan_out else (out_features, in_features)
+        self.weight = nn.Parameter(torch.empty(*shape, device=device, dtype=dtype), requires_grad=False)
         self.bias = (nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False)
                      if bias else None)
         self._reset_base_parameters()
@@ -61,9 +81,13 @@ class LoRALinear(nn.Module):
         self.disable_adapters = False
         self.reset_lora_parameters(init_lora_weights)
 
+    def base_weight(self):
+        """The base weight as [out, in] (a transposed view with fan_in_fan_out)."""
+        return self.weight.T if self.fan_in_fan_out else self.weight
+
     def _reset_base_parameters(self):
         # nn.Linear's own initialisation, so a LoRALinear built from scratch behaves like a new nn.Linear.
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.base_weight(), a=math.sqrt(5))
         if self.bias is not None:
             bound = 1 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
@@ -86,13 +110,27 @@ class LoRALinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False, *, init_lora_weights=True,
-                    backend="auto"):
-        """Wraps an existing nn.Linear: its weight and bias Parameters are reused (not copied) and frozen."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"LoRALinear.from_linear: linear expected an nn.Linear, got {type(linear).__name__}")
+                    backend="auto", fan_in_fan_out=False):
+        """Wraps an existing nn.Linear, or with fan_in_fan_out=True a transformers Conv1D (weight [in, out]): its
+        weight and bias Parameters are reused (not copied) and frozen."""
+        op = "LoRALinear.from_linear"
+        if fan_in_fan_out:
+            if not is_conv1d(linear):
+                raise TypeError(f"{op}: fan_in_fan_out=True expects a transformers Conv1D (weight [in, out]), "
+                                f"got {type(linear).__name__}" + ("; an nn.Linear needs fan_in_fan_out=False"
+                                                                 if isinstance(linear, nn.Linear) else ""))
+            in_features, out_features = linear.weight.shape
+        elif isinstance(linear, nn.Linear):
+            in_features, out_features = linear.in_features, linear.out_features
+        elif is_conv1d(linear):
+            raise TypeError(f"{op}: linear is a transformers Conv1D, whose weight is stored [in, out]; "
+                            f"pass fan_in_fan_out=True to wrap it")
+        else:
+            raise TypeError(f"{op}: linear expected an nn.Linear, got {type(linear).__name__}")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer.in_features, layer.out_features = in_features, out_features
+        layer.fan_in_fan_out = bool(fan_in_fan_out)
         layer.weight = linear.weight.requires_grad_(False)
         layer.bias = None if linear.bias is None else linear.bias.requires_grad_(False)
         layer._init_lora(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, backend, "LoRALinear.from_linear")
@@ -102,14 +140,19 @@ class LoRALinear(nn.Module):
         if self.merged or self.disable_adapters:
             if self.disable_adapters and self.merged:
                 raise RuntimeError("LoRALinear: cannot disable the adapter of a merged layer; call unmerge() first")
-            return nn.functional.linear(x, self.weight, self.bias)
+            return nn.functional.linear(x, self.base_weight(), self.bias)
         dropout_p = self.lora_dropout if self.training else 0.0
-        return lora_linear(x, self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling, self.bias,
+        return lora_linear(x, self.base_weight(), self.lora_A.weight, self.lora_B.weight, self.scaling, self.bias,
                            dropout_p=dropout_p, backend=self.backend)
 
     def delta_weight(self):
-        """scaling * B @ A in float32: what merge adds to the base weight (added in float32, rounded once)."""
+        """scaling * B @ A in float32 [out, in]: what merge adds to the base weight (added in float32, rounded once;
+        transposed first with fan_in_fan_out)."""
         return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+
+    def _stored_delta(self):
+        delta = self.delta_weight()
+        return delta.T if self.fan_in_fan_out else delta
 
     @torch.no_grad()
     def merge(self, safe_merge=False):
@@ -117,7 +160,7 @@ class LoRALinear(nn.Module):
         weight untouched) when it holds NaN or Inf."""
         if self.merged:
             raise RuntimeError("LoRALinear.merge: the adapter is already merged; call unmerge() first")
-        merged_weight = (self.weight.float() + self.delta_weight()).to(self.weight.dtype)
+        merged_weight = (self.weight.float() + self._stored_delta()).to(self.weight.dtype)
         if safe_merge and not torch.isfinite(merged_weight).all():
             raise ValueError("LoRALinear.merge: safe_merge found NaN/Inf in the merged weight; the layer is unchanged")
         self.weight.copy_(merged_weight)
@@ -128,7 +171,7 @@ class LoRALinear(nn.Module):
         """Subtracts the merged delta again (exact up to the weight dtype's rounding)."""
         if not self.merged:
             raise RuntimeError("LoRALinear.unmerge: the adapter is not merged")
-        self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+        self.weight.copy_((self.weight.float() - self._stored_delta()).to(self.weight.dtype))
         self.merged = False
 
     @contextlib.contextmanager
@@ -142,11 +185,20 @@ class LoRALinear(nn.Module):
             self.disable_adapters = previous
 
     def to_linear(self):
-        """A plain nn.Linear holding the merged weights (the adapter folded in)."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.weight.device, dtype=self.weight.dtype)
+        """A plain nn.Linear holding the merged weights (the adapter folded in); a transformers Conv1D with
+        fan_in_fan_out, so the state dict keeps the wrapped layer's keys and shapes."""
+        if self.fan_in_fan_out:
+            conv1d = conv1d_class()
+            if conv1d is None:
+                raise RuntimeError("LoRALinear.to_linear: fan_in_fan_out layers unwrap to transformers' Conv1D, but "
+                                   "transformers is not imported")
+            # Conv1D always has a bias (zeros when this layer has none: same output).
+            linear = conv1d(self.out_features, self.in_features).to(device=self.weight.device, dtype=self.weight.dtype)
+        else:
+            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                               device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
-            linear.weight.copy_(self.weight if self.merged else (self.weight.float() + self.delta_weight()))
+            linear.weight.copy_(self.weight if self.merged else (self.weight.float() + self._stored_delta()))
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
         return linear
@@ -154,41 +206,56 @@ class LoRALinear(nn.Module):
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout}"
-                f"{', use_rslora=True' if self.use_rslora else ''}, merged={self.merged}, backend={self.backend!r}")
+                f"{', use_rslora=True' if self.use_rslora else ''}{', fan_in_fan_out=True' if self.fan_in_fan_out else ''}"
+                f", merged={self.merged}, backend={self.backend!r}")
 
 
 class MultiLoRALinear(nn.Module):
-    """A base nn.Linear plus `max_adapters` preallocated LoRA slots of rank up to `max_rank`, for batches that mix
-    adapters: forward(x, adapter_ids) with adapter_ids shaped like x.shape[:-1] (-1: base only).
+    """A base nn.Linear (or transformers Conv1D) plus `max_adapters` preallocated LoRA slots of rank up to
+    `max_rank`, for batches that mix adapters: forward(x, adapter_ids) with adapter_ids shaped like x.shape[:-1]
+    (-1: base only). forward(x) without ids takes them from set_batch_adapters (one id per batch row).
 
     lora_a [L, R, K], lora_b [L, N, R] are Parameters (frozen; requires_grad_(True) trains several adapters at once),
-    scalings [L] and ranks [L] are buffers. A cleared slot has rank 0 and contributes nothing."""
+    scalings [L] and ranks [L] are buffers. A cleared slot has rank 0 and contributes nothing. No dropout: the slots
+    serve inference (and dropout-free multi-adapter training)."""
 
     def __init__(self, base_linear, max_adapters, max_rank, *, backend="auto"):
         super().__init__()
-        if not isinstance(base_linear, nn.Linear):
-            raise TypeError(f"MultiLoRALinear: base_linear expected an nn.Linear, got {type(base_linear).__name__}")
+        if is_conv1d(base_linear):
+            self.fan_in_fan_out = True  # Conv1D stores weight [in, out]; the forward passes weight.T
+            in_features, out_features = base_linear.weight.shape
+        elif isinstance(base_linear, nn.Linear):
+            self.fan_in_fan_out = False
+            in_features, out_features = base_linear.in_features, base_linear.out_features
+        else:
+            raise TypeError(f"MultiLoRALinear: base_linear expected an nn.Linear or a transformers Conv1D, "
+                            f"got {type(base_linear).__name__}")
         for name, value in (("max_adapters", max_adapters), ("max_rank", max_rank)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"MultiLoRALinear: {name} expected an int >= 1, got {value!r}")
         self.base_layer = base_linear
         self.max_adapters, self.max_rank, self.backend = max_adapters, max_rank, backend
+        self._in_features, self._out_features = in_features, out_features
+        self.batch_adapters = None  # a BatchAdapterIds while set_batch_adapters is in effect
         weight = base_linear.weight
         factory = {"device": weight.device, "dtype": weight.dtype}
-        self.lora_a = nn.Parameter(torch.zeros(max_adapters, max_rank, base_linear.in_features, **factory),
-                                   requires_grad=False)
-        self.lora_b = nn.Parameter(torch.zeros(max_adapters, base_linear.out_features, max_rank, **factory),
-                                   requires_grad=False)
+        self.lora_a = nn.Parameter(torch.zeros(max_adapters, max_rank, in_features, **factory), requires_grad=False)
+        self.lora_b = nn.Parameter(torch.zeros(max_adapters, out_features, max_rank, **factory), requires_grad=False)
         self.register_buffer("scalings", torch.zeros(max_adapters, dtype=torch.float32, device=weight.device))
         self.register_buffer("ranks", torch.zeros(max_adapters, dtype=torch.int32, device=weight.device))
 
     @property
     def in_features(self):
-        return self.base_layer.in_features
+        return self._in_features
 
     @property
     def out_features(self):
-        return self.base_layer.out_features
+        return self._out_features
+
+    def base_weight(self):
+        """The base weight as [out, in] (a transposed view of a Conv1D's [in, out] weight)."""
+        weight = self.base_layer.weight
+        return weight.T if self.fan_in_fan_out else weight
 
     def _check_slot(self, op, slot):
         if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.max_adapters:
@@ -228,17 +295,27 @@ class MultiLoRALinear(nn.Module):
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
 
-    def forward(self, x, adapter_ids):
-        """x: [..., K]; adapter_ids: integer tensor shaped like x.shape[:-1], or a LoRABatch built for x's tokens."""
-        return multi_lora_linear(x, self.base_layer.weight, self.lora_a, self.lora_b, adapter_ids, self.scalings,
+    def forward(self, x, adapter_ids=None):
+        """x: [..., K]; adapter_ids: integer tensor shaped like x.shape[:-1], or a LoRABatch built for x's tokens;
+        None takes the per-row slots of set_batch_adapters (one LoRABatch per input shape, shared by all layers)."""
+        if adapter_ids is None:
+            if self.batch_adapters is None:
+                raise RuntimeError("MultiLoRALinear: forward(x) without adapter_ids needs the per-row adapters set "
+                                   "first: `with lora_kernels.set_batch_adapters(model, adapter_names): model(...)`")
+            adapter_ids = self.batch_adapters.batch_for(x, self.max_adapters)
+        return multi_lora_linear(x, self.base_weight(), self.lora_a, self.lora_b, adapter_ids, self.scalings,
                                  self.base_layer.bias, ranks=self.ranks, backend=self.backend)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, max_adapters={self.max_adapters}, "
-                f"max_rank={self.max_rank}, backend={self.backend!r}")
+                f"max_rank={self.max_rank}{', fan_in_fan_out=True' if self.fan_in_fan_out else ''}, "
+                f"backend={self.backend!r}")
 
 
 # ------------------------------------------------------------------------------------------------- model utilities
+
+LORA_WRAPPERS = (LoRALinear, MultiLoRALinear)
+
 
 def _matches(name, target_modules):
     """PEFT's rule: a str is a regex that must match the whole module name; a list matches a name equal to an entry
@@ -248,22 +325,106 @@ def _matches(name, target_modules):
     return any(name == target or name.endswith("." + target) for target in target_modules)
 
 
-def find_target_linears(model, target_modules, exclude_modules=None, op="inject_lora"):
-    """[(name, module)] of the nn.Linear modules matching target_modules and not exclude_modules."""
+def _layer_index_matches(name, layers_to_transform, layers_pattern):
+    """PEFT's layers_to_transform rule: the first numbered segment after `layers_pattern` (any segment when no
+    pattern is given) must be one of the indices (or equal the one int)."""
+    if layers_pattern is None or len(layers_pattern) == 0:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        match = None
+        for pattern in patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if match is not None:
+                break
+    if match is None:
+        return False
+    index = int(match.group("idx"))
+    return index == layers_to_transform if isinstance(layers_to_transform, int) else index in layers_to_transform
+
+
+def target_module_matches(name, target_modules, exclude_modules=None, layers_to_transform=None, layers_pattern=None):
+    """Whether PEFT (`check_target_module_exists`) would put a LoRA on the module called `name`: not excluded
+    (exclude_modules: regex str or list of names/suffixes), matched by target_modules (regex str over the whole name,
+    or list of names/suffixes), and, for a list only, in layers_to_transform (int or list of layer indices)."""
+    if exclude_modules and _matches(name, exclude_modules):
+        return False
+    if not _matches(name, target_modules):
+        return False
+    if isinstance(target_modules, str) or name in target_modules:
+        return True
+    using_indices = layers_to_transform is not None and (
+        len(layers_to_transform) != 0 if isinstance(layers_to_transform, (list, tuple)) else True)
+    return not using_indices or _layer_index_matches(name, layers_to_transform, layers_pattern)
+
+
+def pattern_value(pattern, name, default):
+    r"""PEFT's rank_pattern / alpha_pattern lookup: the value of the first key (in dict order) such that
+    re.match(rf"(.*\.)?({key})$", name) matches; `default` when none does."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _output_layer(model):
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+def named_target_modules(model, target_modules, exclude_modules=None, *, layers_to_transform=None,
+                         layers_pattern=None, op="inject_lora"):
+    """[(name, module)] of every module whose full name PEFT would target, in model order. Does not look inside
+    LoRALinear/MultiLoRALinear (their factors and base layer are not targets; the wrapper itself is).
+    target_modules="all-linear" takes every nn.Linear/Conv1D but the model's output layer, as PEFT."""
     if not isinstance(target_modules, (str, list, tuple, set)) or not target_modules:
         raise ValueError(f"{op}: target_modules expected a regex string or a non-empty list of names, "
                          f"got {target_modules!r}")
-    found = []
+    if not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+    if isinstance(exclude_modules, (tuple, set)):
+        exclude_modules = list(exclude_modules)
+    all_linear = isinstance(target_modules, str) and target_modules.lower() == "all-linear"
+    output_layer = _output_layer(model) if all_linear else None
+    found, wrapper_prefixes = [], []
     for name, module in model.named_modules():
-        if not name or not _matches(name, target_modules):
+        if not name or any(name.startswith(prefix) for prefix in wrapper_prefixes):
             continue
-        if exclude_modules and _matches(name, exclude_modules):
-            continue
-        if isinstance(module, LoRALinear):
-            raise ValueError(f"{op}: module {name!r} already has a LoRA adapter")
-        if not isinstance(module, nn.Linear):
+        if isinstance(module, LORA_WRAPPERS):
+            wrapper_prefixes.append(name + ".")
+        if all_linear:
+            linear_like = isinstance(module, (nn.Linear, *LORA_WRAPPERS)) or is_conv1d(module)
+            hit = (linear_like and module is not output_layer
+                   and not (exclude_modules and _matches(name, exclude_modules)))
+        else:
+            hit = target_module_matches(name, target_modules, exclude_modules, layers_to_transform, layers_pattern)
+        if hit:
+            found.append((name, module))
+    return found
+
+
+def find_target_linears(model, target_modules, exclude_modules=None, op="inject_lora", *, fan_in_fan_out=False,
+                        layers_to_transform=None, layers_pattern=None, conv1d="require_fan_in_fan_out"):
+    """[(name, module)] of the nn.Linear (and transformers Conv1D) modules that target_modules selects.
+
+    A matched module of another type is a TypeError, one that already holds a LoRA a ValueError. A Conv1D needs
+    fan_in_fan_out=True (conv1d="require_fan_in_fan_out": TypeError suggesting it; conv1d="accept": taken as is,
+    for callers that wrap Conv1D regardless, as PEFT does with a warning)."""
+    found = []
+    for name, module in named_target_modules(model, target_modules, exclude_modules, op=op,
+                                             layers_to_transform=layers_to_transform, layers_pattern=layers_pattern):
+        if isinstance(module, LORA_WRAPPERS):
+            raise ValueError(f"{op}: module {name!r} already has a LoRA adapter ({type(module).__name__})")
+        if is_conv1d(module):
+            if not fan_in_fan_out and conv1d != "accept":
+                raise TypeError(f"{op}: module {name!r} is a transformers Conv1D, whose weight is stored [in, out] "
+                                f"(GPT-2); pass fan_in_fan_out=True to wrap it")
+        elif not isinstance(module, nn.Linear):
             raise TypeError(f"{op}: module {name!r} matches target_modules but is a {type(module).__name__}; "
-                            f"only nn.Linear layers can be wrapped")
+                            f"only nn.Linear layers (and transformers Conv1D with fan_in_fan_out=True) can be wrapped")
         found.append((name, module))
     if not found:
         raise ValueError(f"{op}: target_modules {target_modules!r} matched no nn.Linear in the model")
@@ -276,22 +437,173 @@ def _set_submodule(model, name, module):
     setattr(parent, child, module)
 
 
+@contextlib.contextmanager
+def _rollback_on_error(model):
+    """Undoes module replacements (recorded by the body through the yielded list of (name, old_module)) and restores
+    every parameter's requires_grad flag when the body raises, so a failed model edit leaves the model as it was."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    replaced = []
+    try:
+        yield replaced
+    except BaseException:
+        for name, old in reversed(replaced):
+            _set_submodule(model, name, old)
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+        raise
+
+
+def _warn_linear_fan_in_fan_out(op, name):
+    warnings.warn(f"{op}: fan_in_fan_out=True but {name!r} is an nn.Linear (weight [out, in]); wrapping it with "
+                  f"fan_in_fan_out=False, as PEFT does", stacklevel=3)
+
+
 def inject_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False, *,
-                exclude_modules=None, init_lora_weights=True, backend="auto"):
+                exclude_modules=None, init_lora_weights=True, backend="auto", fan_in_fan_out=False,
+                layers_to_transform=None, layers_pattern=None, rank_pattern=None, alpha_pattern=None):
     """Replaces, in place, every nn.Linear whose name matches target_modules (a regex over the full name, or a list
     of names/suffixes, as PEFT) with a LoRALinear sharing its weights, freezes every other parameter, returns model.
-    All targets are found and validated before the model is changed."""
-    targets = find_target_linears(model, target_modules, exclude_modules)
-    layers = [(name, LoRALinear.from_linear(linear, r, lora_alpha, lora_dropout, use_rslora,
-                                            init_lora_weights=init_lora_weights, backend=backend))
-              for name, linear in targets]
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    for name, layer in layers:
-        _set_submodule(model, name, layer)
-        layer.lora_A.weight.requires_grad_(True)
-        layer.lora_B.weight.requires_grad_(True)
+    All targets are found and validated before the model is changed; a failure leaves it as it was.
+
+    PEFT's LoraConfig options, same meaning: exclude_modules, layers_to_transform (+ layers_pattern) for list
+    targets, rank_pattern / alpha_pattern ({name regex: r or alpha}), fan_in_fan_out=True to wrap transformers'
+    Conv1D (GPT-2; the nn.Linear targets of the same model are wrapped normally, with a warning, as PEFT)."""
+    op = "inject_lora"
+    targets = find_target_linears(model, target_modules, exclude_modules, op, fan_in_fan_out=fan_in_fan_out,
+                                  layers_to_transform=layers_to_transform, layers_pattern=layers_pattern)
+    with _rollback_on_error(model) as replaced:
+        layers = []
+        for name, module in targets:
+            conv = is_conv1d(module)
+            if fan_in_fan_out and not conv:
+                _warn_linear_fan_in_fan_out(op, name)
+            layers.append((name, module, LoRALinear.from_linear(
+                module, pattern_value(rank_pattern, name, r), pattern_value(alpha_pattern, name, lora_alpha),
+                lora_dropout, use_rslora, init_lora_weights=init_lora_weights, backend=backend, fan_in_fan_out=conv)))
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        for name, old, layer in layers:
+            _set_submodule(model, name, layer)
+            replaced.append((name, old))
+            layer.lora_A.weight.requires_grad_(True)
+            layer.lora_B.weight.requires_grad_(True)
     return model
+
+
+# ------------------------------------------------------------------------------------ several named adapters, mixed batch
+
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch (slot id -1)
+
+
+def prepare_multi_adapter(model, target_modules, max_adapters, max_rank, *, exclude_modules=None,
+                          layers_to_transform=None, layers_pattern=None, backend="auto"):
+    """Wraps, in place, every nn.Linear / transformers Conv1D that target_modules selects (PEFT's matching rules)
+    with a MultiLoRALinear of `max_adapters` empty slots of rank up to `max_rank`, freezes every parameter and
+    records an empty name -> slot table as `model.lora_adapter_slots`. Adapters then go in by name with
+    load_peft_adapter(model, path, adapter_name=...) and a batch mixes them per row with set_batch_adapters.
+    Target the union of the modules of every adapter you will load: a slot of a layer that an adapter does not
+    target stays empty (that layer computes the base output for that adapter's rows, as PEFT). Returns model."""
+    op = "prepare_multi_adapter"
+    if getattr(model, "lora_adapter_slots", None) is not None:
+        raise ValueError(f"{op}: the model is prepared already (it has lora_adapter_slots)")
+    targets = find_target_linears(model, target_modules, exclude_modules, op, layers_to_transform=layers_to_transform,
+                                  layers_pattern=layers_pattern, conv1d="accept")
+    layers = [(name, module, MultiLoRALinear(module, max_adapters, max_rank, backend=backend))
+              for name, module in targets]
+    with _rollback_on_error(model) as replaced:
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        for name, old, layer in layers:
+            _set_submodule(model, name, layer)
+            replaced.append((name, old))
+    model.lora_adapter_slots = {}
+    return model
+
+
+def adapter_slot_ids(model, adapter_names, op="set_batch_adapters"):
+    """Slot ids (int64 CPU tensor [len(adapter_names)]) of per-row adapter names; "__base__" is -1."""
+    slots = getattr(model, "lora_adapter_slots", None)
+    if slots is None:
+        raise ValueError(f"{op}: the model has no named adapters; call prepare_multi_adapter and load_peft_adapter("
+                         f"..., adapter_name=...) first")
+    ids = []
+    for name in adapter_names:
+        if name == BASE_ADAPTER:
+            ids.append(-1)
+        elif name in slots:
+            ids.append(slots[name])
+        else:
+            raise ValueError(f"{op}: unknown adapter name {name!r}; loaded: {sorted(slots)} (or {BASE_ADAPTER!r})")
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+class BatchAdapterIds:
+    """The per-row slot ids of the next forwards (row_ids [B], or one slot for every row) and the LoRABatch built
+    from them: one per (input shape, slot count, device), shared by every MultiLoRALinear of a forward."""
+
+    _MAX_CACHED = 8  # distinct input shapes kept (prefill + decode shapes of a generate loop)
+
+    def __init__(self, row_ids=None, all_rows=None):
+        self.row_ids, self.all_rows = row_ids, all_rows
+        self._cache = {}
+
+    def batch_for(self, x, num_adapters):
+        from lora_kernels.batch import LoRABatch
+        lead = tuple(x.shape[:-1])
+        if self.row_ids is not None and (not lead or lead[0] != self.row_ids.numel()):
+            raise ValueError(f"MultiLoRALinear: set_batch_adapters got {self.row_ids.numel()} adapter names, but the "
+                             f"layer input has shape {tuple(x.shape)} (batch dimension first expected)")
+        key = (lead, num_adapters, x.device)
+        batch = None if torch.compiler.is_compiling() else self._cache.get(key)
+        if batch is None:
+            if self.row_ids is None:
+                ids = torch.full(lead, self.all_rows, dtype=torch.int64, device=x.device)
+            else:
+                ids = self.row_ids.to(x.device).reshape(-1, *([1] * (len(lead) - 1))).expand(lead)
+            batch = LoRABatch.from_adapter_ids(ids, num_adapters)
+            if not torch.compiler.is_compiling():
+                if len(self._cache) >= self._MAX_CACHED:
+                    self._cache.clear()
+                self._cache[key] = batch
+        return batch
+
+
+class set_batch_adapters:
+    """Per-row adapters for the MultiLoRALinear layers of `model` (PEFT's `adapter_names=` of a mixed batch):
+    adapter_names is a list with one name per batch row ("__base__": the base model for that row), or one name for
+    every row, or None to unset. Applies at once; as a context manager it restores the previous setting on exit:
+
+        with lk.set_batch_adapters(model, ["fr", "__base__", "de"]):
+            logits = model(input_ids).logits     # row 0 with adapter "fr", row 1 base only, row 2 with "de"
+
+    Every layer input must have the batch dimension first ([B, ...]); slot ids broadcast over the other dims."""
+
+    def __init__(self, model, adapter_names):
+        op = "set_batch_adapters"
+        layers = [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
+        if not layers:
+            raise ValueError(f"{op}: the model has no MultiLoRALinear layers; call prepare_multi_adapter first")
+        if adapter_names is None:
+            state = None
+        elif isinstance(adapter_names, str):
+            state = BatchAdapterIds(all_rows=int(adapter_slot_ids(model, [adapter_names], op)[0]))
+        else:
+            names = list(adapter_names)
+            if not names or not all(isinstance(n, str) for n in names):
+                raise TypeError(f"{op}: adapter_names expected a non-empty list of str, a str or None, "
+                                f"got {adapter_names!r}")
+            state = BatchAdapterIds(row_ids=adapter_slot_ids(model, names, op))
+        self._previous = [(layer, layer.batch_adapters) for layer in layers]
+        for layer in layers:
+            layer.batch_adapters = state
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        for layer, previous in self._previous:
+            layer.batch_adapters = previous
+        return False
 
 
 def merge_and_unload(model):

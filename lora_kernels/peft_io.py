@@ -1,0 +1,651 @@
+"""PEFT's LoRA file format in and out: adapter_config.json + adapter_model.safetensors (adapter_model.bin read too),
+keys `base_model.model.<module>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r].
+
+Loading is atomic: the config, every tensor, every target module, key and shape are checked before the model is
+touched, and a failure while changing it is rolled back; a config field that would change what the adapter computes
+and that is not implemented here is refused by name, never ignored.
+
+Distributed training: LoRALinear holds plain Parameters (frozen base, trainable lora_A/lora_B), so DDP and FSDP2
+(`torch.distributed.fsdp.fully_shard`, which accepts frozen and trainable parameters in one group) wrap an injected
+model like any other; save from rank 0 after gathering (FSDP2: `full_tensor()` of each DTensor, or
+`torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))`),
+and load before wrapping.
+"""
+
+import json
+import os
+import re
+import tempfile
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lora_kernels.modules import (LORA_WRAPPERS, LoRALinear, MultiLoRALinear, _rollback_on_error, _set_submodule,
+                                  _warn_linear_fan_in_fan_out, is_conv1d, lora_scaling, named_target_modules,
+                                  pattern_value, target_module_matches)
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+KEY_PREFIX = "base_model.model."
+_KEY_RE = re.compile(r"^(?P<module>.+)\.(?P<factor>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+
+# Fields that do not change what a loaded LoRA adapter computes (bookkeeping, or only how PEFT initialised it).
+_IGNORED_FIELDS = {
+    "peft_type", "task_type", "peft_version", "auto_mapping", "base_model_name_or_path", "revision", "inference_mode",
+    "init_lora_weights", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "qalora_group_size",
+    "megatron_core", "ensure_weight_tying", "runtime_config",
+}
+# Honoured (read and validated below).
+_HONOURED_FIELDS = {
+    "r", "lora_alpha", "lora_dropout", "use_rslora", "fan_in_fan_out", "bias", "target_modules", "exclude_modules",
+    "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern",
+}
+# LoRA variants and extras not implemented here: refused when set (not null / false / empty).
+_REFUSED_FIELDS = {
+    "use_dora": "DoRA (weight-decomposed LoRA)",
+    "modules_to_save": "fully trained extra modules",
+    "lora_bias": "a bias on lora_B",
+    "layer_replication": "layer replication",
+    "target_parameters": "LoRA on bare nn.Parameters",
+    "megatron_config": "Megatron parallel layers",
+    "use_qalora": "QALoRA",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "trainable_token_indices": "trainable tokens",
+    "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA",
+    "kasa_config": "KaSA",
+    "use_bdlora": "block-diagonal LoRA",
+    "arrow_config": "Arrow routing",
+}
+# init_lora_weights values whose adapters were trained against a base model PEFT modified (residual weights):
+# loaded as they are, with a warning, since only the caller knows which base they pass.
+_BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+# ------------------------------------------------------------------------------------------------------------ config
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """The honoured fields of a PEFT LoRA adapter_config.json, validated."""
+
+    r: int
+    lora_alpha: float
+    lora_dropout: float
+    use_rslora: bool
+    fan_in_fan_out: bool
+    target_modules: object  # regex str or list of str
+    exclude_modules: object = None
+    rank_pattern: dict = None
+    alpha_pattern: dict = None
+    layers_to_transform: object = None
+    layers_pattern: object = None
+    task_type: object = None
+    base_model_name_or_path: object = None
+
+    def rank_and_alpha(self, name):
+        """(r, lora_alpha) of the module called `name`, with PEFT's rank_pattern / alpha_pattern lookup."""
+        return (pattern_value(self.rank_pattern, name, self.r),
+                pattern_value(self.alpha_pattern, name, self.lora_alpha))
+
+    def matches(self, name):
+        return target_module_matches(name, self.target_modules, self.exclude_modules, self.layers_to_transform,
+                                     self.layers_pattern)
+
+
+def _is_unset(value):
+    return value is None or value is False or (isinstance(value, (list, dict, str, tuple)) and len(value) == 0)
+
+
+def _bad(file, field, expected, value):
+    return ValueError(f"{file}: field {field!r} expected {expected}, got {value!r}")
+
+
+def _check_names(file, field, value, *, allow_none):
+    """A regex str or a list of str (PEFT also allows a set, saved as a list)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, str) and value:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"{file}: field {field!r} is not a valid regular expression ({exc}): {value!r}") from None
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+        return list(value)
+    if isinstance(value, list) and not value and allow_none:
+        return None
+    raise _bad(file, field, "a regex string or a non-empty list of module names", value)
+
+
+def _check_pattern(file, field, value, kind):
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _bad(file, field, "an object {module-name regex: value}", value)
+    for key, v in value.items():
+        try:
+            re.compile(key)
+        except re.error as exc:
+            raise ValueError(f"{file}: field {field!r} has an invalid regex key {key!r} ({exc})") from None
+        ok = (kind == "rank" and isinstance(v, int) and not isinstance(v, bool) and v >= 1) or (
+            kind == "alpha" and isinstance(v, (int, float)) and not isinstance(v, bool))
+        if not ok:
+            raise _bad(file, f"{field}[{key!r}]", "an int >= 1" if kind == "rank" else "a number", v)
+    return dict(value)
+
+
+def parse_adapter_config(raw, file=CONFIG_NAME):
+    """Validates the dict of an adapter_config.json and returns an AdapterConfig. Raises ValueError naming the field
+    for anything malformed, not LoRA, or not implemented here (DoRA, bias other than "none", modules_to_save, ...)."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(raw).__name__}")
+    peft_type = raw.get("peft_type")
+    if peft_type != "LORA":
+        raise _bad(file, "peft_type", '"LORA" (only LoRA adapters are supported)', peft_type)
+    for field, what in _REFUSED_FIELDS.items():
+        if field in raw and not _is_unset(raw[field]):
+            raise ValueError(f"{file}: field {field!r} = {raw[field]!r} asks for {what}, which lora_kernels does not "
+                             f"implement; refusing to load a partial adapter")
+    bias = raw.get("bias", "none")
+    if bias != "none":
+        raise ValueError(f"{file}: field 'bias' = {bias!r}: only 'none' is supported (trained base biases are not "
+                         f"loaded); refusing to load a partial adapter")
+    unknown = sorted(k for k in raw if k not in _IGNORED_FIELDS | _HONOURED_FIELDS | set(_REFUSED_FIELDS)
+                     and not _is_unset(raw[k]))
+    if unknown:
+        raise ValueError(f"{file}: unknown field(s) {unknown} with non-default values; lora_kernels cannot tell what "
+                         f"they change, so it refuses to load the adapter")
+
+    r = raw.get("r", 8)
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise _bad(file, "r", "an int >= 1", r)
+    lora_alpha = raw.get("lora_alpha", 8)
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)):
+        raise _bad(file, "lora_alpha", "a number", lora_alpha)
+    lora_dropout = raw.get("lora_dropout", 0.0)
+    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0 <= lora_dropout < 1:
+        raise _bad(file, "lora_dropout", "a number in [0, 1)", lora_dropout)
+    flags = {}
+    for field in ("use_rslora", "fan_in_fan_out"):
+        value = raw.get(field, False)
+        if value is None:
+            value = False
+        if not isinstance(value, bool):
+            raise _bad(file, field, "true or false", value)
+        flags[field] = value
+    if raw.get("target_modules") is None:
+        raise ValueError(f"{file}: field 'target_modules' is null (PEFT's per-architecture default); lora_kernels "
+                         f"needs the modules listed")
+    target_modules = _check_names(file, "target_modules", raw["target_modules"], allow_none=False)
+    exclude_modules = _check_names(file, "exclude_modules", raw.get("exclude_modules"), allow_none=True)
+    layers_to_transform = raw.get("layers_to_transform")
+    if layers_to_transform is not None:
+        is_index = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+        if not (is_index(layers_to_transform) or (isinstance(layers_to_transform, list)
+                                                 and all(is_index(v) for v in layers_to_transform))):
+            raise _bad(file, "layers_to_transform", "an int or a list of ints >= 0", layers_to_transform)
+        if isinstance(target_modules, str):
+            raise ValueError(f"{file}: field 'layers_to_transform' cannot be used with a regex target_modules "
+                             f"(as in PEFT)")
+    layers_pattern = raw.get("layers_pattern")
+    if layers_pattern is not None:
+        if not (isinstance(layers_pattern, str) or (isinstance(layers_pattern, list)
+                                                   and all(isinstance(v, str) for v in layers_pattern))):
+            raise _bad(file, "layers_pattern", "a str or a list of str", layers_pattern)
+        if layers_pattern and layers_to_transform is None:
+            raise ValueError(f"{file}: field 'layers_pattern' needs 'layers_to_transform' (as in PEFT)")
+    init = raw.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_MODIFYING_INITS):
+        warnings.warn(f"{file}: init_lora_weights={init!r}: this adapter was trained on a base model that PEFT "
+                      f"modified (residual weights); it is loaded as is, so pass that modified base model",
+                      stacklevel=3)
+    return AdapterConfig(r=r, lora_alpha=lora_alpha, lora_dropout=float(lora_dropout), use_rslora=flags["use_rslora"],
+                         fan_in_fan_out=flags["fan_in_fan_out"], target_modules=target_modules,
+                         exclude_modules=exclude_modules,
+                         rank_pattern=_check_pattern(file, "rank_pattern", raw.get("rank_pattern"), "rank"),
+                         alpha_pattern=_check_pattern(file, "alpha_pattern", raw.get("alpha_pattern"), "alpha"),
+                         layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
+                         task_type=raw.get("task_type"), base_model_name_or_path=raw.get("base_model_name_or_path"))
+
+
+def read_adapter_config(path):
+    """AdapterConfig of the adapter directory `path` (adapter_config.json, validated)."""
+    file = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"load_peft_adapter: {file} not found")
+    try:
+        with open(file, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{file}: malformed JSON ({exc})") from None
+    return parse_adapter_config(raw, file)
+
+
+# ----------------------------------------------------------------------------------------------------------- weights
+
+def read_adapter_weights(path):
+    """{key: tensor} on CPU from adapter_model.safetensors (preferred, as PEFT) or adapter_model.bin
+    (torch.load with weights_only=True). Unreadable or truncated files raise ValueError naming the file."""
+    file = os.path.join(path, SAFETENSORS_NAME)
+    if os.path.isfile(file):
+        from safetensors.torch import load_file
+        try:
+            tensors = load_file(file, device="cpu")
+        except Exception as exc:  # safetensors raises its own SafetensorError (header/size checks) or OSError
+            raise ValueError(f"{file}: not a readable safetensors file (truncated or corrupt?): {exc}") from None
+    else:
+        file = os.path.join(path, BIN_NAME)
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"load_peft_adapter: neither {SAFETENSORS_NAME} nor {BIN_NAME} found in {path}")
+        try:
+            tensors = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle/zip errors, or objects weights_only refuses
+            raise ValueError(f"{file}: not a readable torch checkpoint (truncated or corrupt?): {exc}") from None
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in tensors.items()):
+        raise ValueError(f"{file}: expected a flat mapping of names to tensors")
+    return tensors, file
+
+
+def _key_hint(key):
+    if "lora_magnitude_vector" in key:
+        return " (DoRA magnitude: DoRA is not supported)"
+    if "lora_embedding" in key:
+        return " (LoRA on an embedding: only linear layers are supported)"
+    if key.endswith(".bias"):
+        return " (a bias: only bias='none' is supported)"
+    if "modules_to_save" in key:
+        return " (modules_to_save is not supported)"
+    return ""
+
+
+def group_adapter_weights(tensors, file):
+    """{module name: {"lora_A": tensor, "lora_B": tensor}} from PEFT keys. Keys may still carry an adapter name
+    (`.lora_A.default.weight`), one name for the whole file. Unknown keys and non-floating tensors raise ValueError."""
+    grouped, adapter_names, unexpected = {}, set(), []
+    for key, tensor in tensors.items():
+        match = _KEY_RE.match(key[len(KEY_PREFIX):]) if key.startswith(KEY_PREFIX) else None
+        if match is None:
+            unexpected.append(key)
+            continue
+        adapter_names.add(match.group("adapter"))
+        if not tensor.dtype.is_floating_point:
+            raise ValueError(f"{file}: tensor {key!r} expected a floating dtype, got {tensor.dtype}")
+        if tensor.dim() != 2:
+            raise ValueError(f"{file}: tensor {key!r} expected 2 dimensions, got shape {tuple(tensor.shape)}")
+        factors = grouped.setdefault(match.group("module"), {})
+        if match.group("factor") in factors:
+            raise ValueError(f"{file}: two tensors for {match.group('module')}.{match.group('factor')}")
+        factors[match.group("factor")] = tensor
+    if unexpected:
+        shown = ", ".join(f"{k!r}{_key_hint(k)}" for k in sorted(unexpected)[:5])
+        more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
+        raise ValueError(f"{file}: unexpected keys {shown}{more}; expected only "
+                         f"'{KEY_PREFIX}<module>.lora_A.weight' / '.lora_B.weight'")
+    if len(adapter_names) > 1:
+        raise ValueError(f"{file}: the keys carry several adapter names {sorted(map(str, adapter_names))}; "
+                         f"expected one adapter per file")
+    if not grouped:
+        raise ValueError(f"{file}: holds no LoRA tensors")
+    return grouped
+
+
+# -------------------------------------------------------------------------------------------------------------- load
+
+def _targets(model, config, op):
+    """[(name, module)] that the config targets in `model`, with PEFT's matching (inside LoRA wrappers excluded)."""
+    found = named_target_modules(model, config.target_modules, config.exclude_modules,
+                                 layers_to_transform=config.layers_to_transform,
+                                 layers_pattern=config.layers_pattern, op=op)
+    if not found:
+        raise ValueError(f"{op}: the adapter's target_modules {config.target_modules!r} match no module of the model")
+    return found
+
+
+def _check_pair(op, file, name, factors, r, in_features, out_features):
+    for factor, shape in (("lora_A", (r, in_features)), ("lora_B", (out_features, r))):
+        tensor = factors.get(factor)
+        if tensor is None:
+            raise ValueError(f"{op}: {file} is missing '{KEY_PREFIX}{name}.{factor}.weight' (the config targets "
+                             f"module {name!r})")
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{op}: '{KEY_PREFIX}{name}.{factor}.weight' in {file} expected shape {list(shape)} "
+                             f"(r={r}, module [in={in_features}, out={out_features}]), got {list(tensor.shape)}")
+
+
+def load_peft_adapter(model, path, adapter_name=None, *, backend="auto"):
+    """Loads the PEFT LoRA adapter saved in directory `path` into `model` (the base model, not a PeftModel) and
+    returns model.
+
+    adapter_name=None: every module the config targets becomes a LoRALinear (nn.Linear, or transformers Conv1D with
+    its [in, out] weight) holding the adapter; modules that are LoRALinear already (inject_lora) get the weights
+    when their rank matches (alpha, rsLoRA and dropout are taken from the file). Every non-LoRA parameter is frozen
+    and lora_A/lora_B train, like inject_lora.
+
+    adapter_name="name": the model was prepared with prepare_multi_adapter; the adapter goes into a slot of every
+    MultiLoRALinear (the one already named so, else the first free one) and `model.lora_adapter_slots[name]` records
+    it; layers the adapter does not target get that slot cleared. Mix adapters per row with set_batch_adapters.
+
+    Atomic: the config, tensors, targets, keys and shapes are all checked first (ValueError naming the field, key
+    or module; FileNotFoundError for missing files); on any failure the model is left exactly as it was."""
+    op = "load_peft_adapter"
+    config = read_adapter_config(path)
+    tensors, file = read_adapter_weights(path)
+    grouped = group_adapter_weights(tensors, file)
+    targets = _targets(model, config, op)
+    plan = []
+    for name, module in targets:
+        r, alpha = config.rank_and_alpha(name)
+        if isinstance(module, MultiLoRALinear):
+            if adapter_name is None:
+                raise ValueError(f"{op}: module {name!r} is a MultiLoRALinear; pass adapter_name=... to load the "
+                                 f"adapter into a slot")
+            if r > module.max_rank:
+                raise ValueError(f"{op}: module {name!r} holds ranks up to {module.max_rank}, the adapter has r={r}")
+            in_features, out_features = module.in_features, module.out_features
+        elif adapter_name is not None:
+            raise ValueError(f"{op}: adapter_name={adapter_name!r} loads into MultiLoRALinear slots, but module "
+                             f"{name!r} is a {type(module).__name__}; call prepare_multi_adapter with target_modules "
+                             f"covering it first")
+        elif isinstance(module, LoRALinear):
+            if module.merged:
+                raise ValueError(f"{op}: module {name!r} has a merged adapter; unmerge() it first")
+            if module.r != r:
+                raise ValueError(f"{op}: module {name!r} is a LoRALinear of r={module.r}, the adapter has r={r} there; "
+                                 f"load into the base model or a model injected with the adapter's ranks")
+            in_features, out_features = module.in_features, module.out_features
+        elif is_conv1d(module):
+            in_features, out_features = module.weight.shape
+        elif isinstance(module, nn.Linear):
+            in_features, out_features = module.in_features, module.out_features
+        else:
+            raise ValueError(f"{op}: the adapter targets module {name!r}, a {type(module).__name__}; only nn.Linear "
+                             f"and transformers Conv1D layers are supported")
+        _check_pair(op, file, name, grouped.get(name, {}), r, in_features, out_features)
+        plan.append((name, module, r, alpha))
+    target_names = {name for name, *_ in plan}
+    extra = sorted(set(grouped) - target_names)
+    if extra:
+        shown = ", ".join(f"'{KEY_PREFIX}{n}.lora_A/B.weight'" for n in extra[:5])
+        raise ValueError(f"{op}: {file} has unexpected keys {shown}{' ...' if len(extra) > 5 else ''}: modules the "
+                         f"config's target_modules do not select in this model (or that it does not have)")
+    if adapter_name is None:
+        stale = [n for n, m in model.named_modules() if isinstance(m, LORA_WRAPPERS) and n not in target_names]
+        if stale:
+            raise ValueError(f"{op}: the model has LoRA layers the adapter does not target ({stale[:5]}"
+                             f"{' ...' if len(stale) > 5 else ''}); they would keep other weights. Load into the base "
+                             f"model or a model injected with the adapter's target_modules")
+        _commit_single(model, config, plan, grouped, backend)
+    else:
+        _commit_multi(model, op, adapter_name, plan, grouped, config)
+    return model
+
+
+def _commit_single(model, config, plan, grouped, backend):
+    op = "load_peft_adapter"
+    # Everything that can fail on the inputs is checked; build the new layers before touching the model.
+    prepared = []
+    for name, module, r, alpha in plan:
+        weight = module.weight
+        lora_a = grouped[name]["lora_A"].to(device=weight.device, dtype=weight.dtype)
+        lora_b = grouped[name]["lora_B"].to(device=weight.device, dtype=weight.dtype)
+        prepared.append((name, module, r, alpha, lora_a, lora_b))
+    snapshots = [(m, m.lora_A.weight.detach().clone(), m.lora_B.weight.detach().clone(),
+                  (m.lora_alpha, m.use_rslora, m.scaling, m.lora_dropout))
+                 for _, m, *_ in plan if isinstance(m, LoRALinear)]
+    try:
+        with _rollback_on_error(model) as replaced:
+            layers = []
+            for name, module, r, alpha, lora_a, lora_b in prepared:
+                if isinstance(module, LoRALinear):
+                    layer = module
+                    layer.lora_alpha, layer.use_rslora = alpha, config.use_rslora
+                    layer.scaling = lora_scaling(r, alpha, config.use_rslora)
+                    layer.lora_dropout = config.lora_dropout
+                else:
+                    conv = is_conv1d(module)
+                    if conv and not config.fan_in_fan_out:
+                        warnings.warn(f"{op}: {name!r} is a transformers Conv1D but the adapter has "
+                                      f"fan_in_fan_out=false; wrapping it with fan_in_fan_out=True, as PEFT does",
+                                      stacklevel=4)
+                    elif config.fan_in_fan_out and not conv:
+                        _warn_linear_fan_in_fan_out(op, name)
+                    layer = LoRALinear.from_linear(module, r, alpha, config.lora_dropout, config.use_rslora,
+                                                   backend=backend, fan_in_fan_out=conv)
+                with torch.no_grad():
+                    layer.lora_A.weight.copy_(lora_a)
+                    layer.lora_B.weight.copy_(lora_b)
+                layers.append((name, module, layer))
+            for parameter in model.parameters():
+                parameter.requires_grad_(False)
+            for name, old, layer in layers:
+                if layer is not old:
+                    _set_submodule(model, name, layer)
+                    replaced.append((name, old))
+                layer.lora_A.weight.requires_grad_(True)
+                layer.lora_B.weight.requires_grad_(True)
+    except BaseException:
+        with torch.no_grad():
+            for layer, a, b, attrs in snapshots:
+                layer.lora_A.weight.copy_(a)
+                layer.lora_B.weight.copy_(b)
+                layer.lora_alpha, layer.use_rslora, layer.scaling, layer.lora_dropout = attrs
+        raise
+
+
+def _commit_multi(model, op, adapter_name, plan, grouped, config):
+    if not isinstance(adapter_name, str) or not adapter_name or adapter_name == "__base__":
+        raise ValueError(f"{op}: adapter_name expected a non-empty str other than '__base__', got {adapter_name!r}")
+    slots = getattr(model, "lora_adapter_slots", None)
+    if slots is None:
+        raise ValueError(f"{op}: adapter_name={adapter_name!r} needs a model prepared with prepare_multi_adapter")
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, MultiLoRALinear)]
+    capacity = min(m.max_adapters for _, m in layers)
+    if adapter_name in slots:
+        slot = slots[adapter_name]
+    else:
+        free = sorted(set(range(capacity)) - set(slots.values()))
+        if not free:
+            raise ValueError(f"{op}: all {capacity} adapter slots are taken ({sorted(slots)}); prepare the model with "
+                             f"more max_adapters")
+        slot = free[0]
+    if config.lora_dropout > 0:
+        warnings.warn(f"{op}: lora_dropout={config.lora_dropout} is not applied by MultiLoRALinear slots (inference; "
+                      f"the same in eval mode)", stacklevel=3)
+    loaded = {name: (r, alpha) for name, _, r, alpha in plan}
+    snapshots = [(m, m.lora_a[slot].detach().clone(), m.lora_b[slot].detach().clone(), m.scalings[slot].clone(),
+                  m.ranks[slot].clone()) for _, m in layers]
+    try:
+        for name, module in layers:
+            if name in loaded:
+                r, alpha = loaded[name]
+                module.set_adapter(slot, grouped[name]["lora_A"], grouped[name]["lora_B"],
+                                   lora_scaling(r, alpha, config.use_rslora))
+            else:
+                module.clear_adapter(slot)
+    except BaseException:
+        with torch.no_grad():
+            for module, a, b, scaling, rank in snapshots:
+                module.lora_a[slot].copy_(a)
+                module.lora_b[slot].copy_(b)
+                module.scalings[slot] = scaling
+                module.ranks[slot] = rank
+        raise
+    slots[adapter_name] = slot
+
+
+# -------------------------------------------------------------------------------------------------------------- save
+
+def _atomic_write(directory, name, write):
+    """Calls write(temp_path) for a temporary file in `directory`, fsyncs it and renames it to `name`: a crash leaves
+    either the old file or the new one, never a truncated one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(directory, name))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename itself durable where the platform allows it
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def _clean_number(value):
+    """An alpha recovered from a float scaling: the int it is meant to be when within rounding of one."""
+    rounded = round(value)
+    return int(rounded) if abs(value - rounded) <= 1e-6 * max(1.0, abs(value)) else float(value)
+
+
+def _collect_layers(model, adapter_name, op):
+    """[(name, lora_a, lora_b, r, alpha, use_rslora, dropout, fan_in_fan_out)] of the adapter to save."""
+    records = []
+    if adapter_name is None:
+        for name, m in model.named_modules():
+            if isinstance(m, LoRALinear):
+                if m.merged:
+                    raise ValueError(f"{op}: module {name!r} has its adapter merged; unmerge() it before saving")
+                records.append((name, m.lora_A.weight, m.lora_B.weight, m.r, m.lora_alpha, m.use_rslora,
+                                m.lora_dropout, m.fan_in_fan_out))
+        if not records:
+            raise ValueError(f"{op}: the model has no LoRALinear layers (for MultiLoRALinear slots pass adapter_name)")
+        return records
+    slots = getattr(model, "lora_adapter_slots", None) or {}
+    if adapter_name not in slots:
+        raise ValueError(f"{op}: unknown adapter_name {adapter_name!r}; loaded: {sorted(slots)}")
+    slot = slots[adapter_name]
+    for name, m in model.named_modules():
+        if isinstance(m, MultiLoRALinear):
+            r = int(m.ranks[slot])
+            if r == 0:
+                continue  # this layer is not targeted by the adapter
+            # MultiLoRALinear keeps the scaling, not alpha: alpha = scaling * r reproduces it (use_rslora off).
+            alpha = _clean_number(float(m.scalings[slot]) * r)
+            records.append((name, m.lora_a[slot, :r], m.lora_b[slot, :, :r], r, alpha, False, 0.0, m.fan_in_fan_out))
+    if not records:
+        raise ValueError(f"{op}: adapter {adapter_name!r} has no layer with a non-empty slot")
+    return records
+
+
+def _most_common(values):
+    return Counter(values).most_common(1)[0][0]
+
+
+def _pattern(values, default):
+    """rank_pattern / alpha_pattern for [(module name, value)]: keyed by the last name component when every layer of
+    that component shares the value (e.g. {"down_proj": 4}), else by full module name; {} when all equal default."""
+    by_suffix = {}
+    for name, value in values:
+        by_suffix.setdefault(name.rsplit(".", 1)[-1], set()).add(value)
+    pattern = {}
+    for name, value in values:
+        suffix = name.rsplit(".", 1)[-1]
+        if value == default:
+            if len(by_suffix[suffix]) > 1:
+                continue  # full-name keys of the other layers cover this suffix
+        elif len(by_suffix[suffix]) == 1:
+            pattern[suffix] = value
+        else:
+            pattern[name] = value
+    return pattern
+
+
+def _target_modules_for(model, names, op):
+    """The shortest target_modules list that selects exactly the modules `names` under PEFT's matching: their last
+    name components when those pick no other module, else the full names."""
+    names = set(names)
+
+    def selected(targets):
+        return {n for n, _ in named_target_modules(model, targets, op=op)}
+
+    short = sorted({n.rsplit(".", 1)[-1] for n in names})
+    if selected(short) == names:
+        return short
+    full = sorted(names)
+    if selected(full) != names:
+        raise ValueError(f"{op}: cannot express the LoRA layers {full[:5]} as PEFT target_modules")
+    return full
+
+
+def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_model_name_or_path=None):
+    """Writes the LoRA adapter of `model` to directory `path` (created if needed) in PEFT's format:
+    adapter_config.json and adapter_model.safetensors, which `peft.PeftModel.from_pretrained(base, path)` loads.
+
+    adapter_name=None saves the LoRALinear layers; a name saves that adapter's MultiLoRALinear slots. Layers of
+    different rank or alpha go into rank_pattern / alpha_pattern (full module names); one lora_dropout and one
+    use_rslora must hold for the whole adapter (PEFT has one of each). Each file is written to a temporary file in
+    `path` and renamed over the old one, so a crash never leaves a truncated file."""
+    op = "save_peft_adapter"
+    records = _collect_layers(model, adapter_name, op)
+    for field, index in (("use_rslora", 5), ("lora_dropout", 6)):
+        values = {rec[index] for rec in records}
+        if len(values) > 1:
+            raise ValueError(f"{op}: the LoRA layers have different {field} values {sorted(values)}; PEFT's config "
+                             f"holds one")
+    r = _most_common([rec[3] for rec in records])
+    lora_alpha = _most_common([rec[4] for rec in records])
+    rank_pattern = _pattern([(rec[0], rec[3]) for rec in records], r)
+    alpha_pattern = _pattern([(rec[0], rec[4]) for rec in records], lora_alpha)
+    target_modules = _target_modules_for(model, [rec[0] for rec in records], op)
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(model, "name_or_path", None) or getattr(
+            getattr(model, "config", None), "_name_or_path", None) or None
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "target_modules": target_modules,
+        "exclude_modules": None,
+        "lora_dropout": records[0][6],
+        "use_rslora": records[0][5],
+        "bias": "none",
+        "fan_in_fan_out": any(rec[7] for rec in records),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "modules_to_save": None,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    # The config must select exactly these layers with these ranks when read back (PEFT's rules, our parser).
+    parsed = parse_adapter_config(json.loads(json.dumps(config)))
+    if any(parsed.rank_and_alpha(rec[0]) != (rec[3], rec[4]) for rec in records):
+        # a suffix key also matched a longer name it should not (e.g. "proj" vs "o_proj"): use full names only
+        config["rank_pattern"] = {rec[0]: rec[3] for rec in records if rec[3] != r}
+        config["alpha_pattern"] = {rec[0]: rec[4] for rec in records if rec[4] != lora_alpha}
+        parsed = parse_adapter_config(json.loads(json.dumps(config)))
+        for name, _, _, rank, alpha, *_ in records:
+            if parsed.rank_and_alpha(name) != (rank, alpha):
+                raise ValueError(f"{op}: internal error: rank/alpha patterns do not reproduce module {name!r}")
+    tensors = {}
+    for name, lora_a, lora_b, *_ in records:
+        # clone: safetensors refuses tensors sharing storage (slot slices), and the file must not alias the model
+        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = lora_a.detach().to("cpu", copy=True).contiguous()
+        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = lora_b.detach().to("cpu", copy=True).contiguous()
+    os.makedirs(path, exist_ok=True)
+    from safetensors.torch import save_file
+    _atomic_write(path, SAFETENSORS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+
+    def write_json(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    _atomic_write(path, CONFIG_NAME, write_json)

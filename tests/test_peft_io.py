@@ -1,0 +1,411 @@
+"""PEFT file format in and out on small torch models: round trips, the config fields honoured or refused, atomic
+loads (bad files leave the model untouched) and atomic saves, several named adapters in MultiLoRALinear slots.
+Interop with PEFT itself on Hugging Face models is in test_hf_models.py."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import lora_kernels as lk
+from lora_kernels import peft_io
+from lora_kernels.modules import LoRALinear, MultiLoRALinear, target_module_matches
+
+BACKEND = "torch"
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = nn.Linear(16, 16)
+        self.v_proj = nn.Linear(16, 8, bias=False)
+        self.o_proj = nn.Linear(8, 16)
+        self.norm = nn.LayerNorm(16)
+
+    def forward(self, x):
+        return x + self.o_proj(self.v_proj(self.norm(x))) + self.q_proj(x)
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([Block(), Block()])
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def _base():
+    torch.manual_seed(1)
+    return Tiny()
+
+
+def _trained(targets=("q_proj", "v_proj"), **kwargs):
+    """A base model with a LoRA of random non-zero A and B (init_lora_weights=False)."""
+    return lk.inject_lora(_base(), list(targets), init_lora_weights=False, backend=BACKEND, **kwargs)
+
+
+def _snapshot(model):
+    return ({k: v.detach().clone() for k, v in model.state_dict().items()},
+            [(n, type(m)) for n, m in model.named_modules()],
+            [(n, p.requires_grad) for n, p in model.named_parameters()])
+
+
+def _assert_same(model, snapshot):
+    state, types, flags = snapshot
+    now = model.state_dict()
+    assert list(now) == list(state)
+    for key, value in state.items():
+        assert torch.equal(now[key], value), key
+    assert [(n, type(m)) for n, m in model.named_modules()] == types
+    assert [(n, p.requires_grad) for n, p in model.named_parameters()] == flags
+
+
+def _write_config(path, **changes):
+    file = os.path.join(path, "adapter_config.json")
+    with open(file) as f:
+        config = json.load(f)
+    config.update(changes)
+    with open(file, "w") as f:
+        json.dump(config, f)
+
+
+def _edit_weights(path, edit):
+    file = os.path.join(path, "adapter_model.safetensors")
+    tensors = load_file(file)
+    edit(tensors)
+    save_file(tensors, file)
+
+
+# -------------------------------------------------------------------------------------------------- round trips
+
+def test_save_load_round_trip_gives_the_same_model(tmp_path):
+    trained = _trained(lora_alpha=12)
+    x = torch.randn(3, 16)
+    lk.save_peft_adapter(trained, tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]  # no temp files
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["bias"] == "none" and config["inference_mode"] is True
+    assert config["r"] == 8 and config["lora_alpha"] == 12 and config["target_modules"] == ["q_proj", "v_proj"]
+    assert config["rank_pattern"] == {} and config["alpha_pattern"] == {} and config["use_rslora"] is False
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    assert keys == {f"base_model.model.layers.{i}.{m}.lora_{f}.weight"
+                    for i in (0, 1) for m in ("q_proj", "v_proj") for f in "AB"}
+
+    loaded = lk.load_peft_adapter(_base(), tmp_path, backend=BACKEND)
+    torch.testing.assert_close(loaded(x), trained(x), rtol=0, atol=0)
+    assert torch.equal(loaded.layers[1].v_proj.lora_B.weight, trained.layers[1].v_proj.lora_B.weight)
+    # freezes non-LoRA params, like inject_lora
+    assert all(("lora_" in n) == p.requires_grad for n, p in loaded.named_parameters())
+    assert loaded.layers[0].q_proj.scaling == 12 / 8
+
+
+def test_rank_alpha_patterns_rslora_and_overwrite(tmp_path):
+    trained = _trained(("q_proj", "v_proj", "o_proj"), r=4, lora_alpha=8, use_rslora=True,
+                       rank_pattern={"o_proj": 2, r"layers\.1\.v_proj": 3}, alpha_pattern={"q_proj": 5})
+    lk.save_peft_adapter(_trained(), tmp_path)  # an older adapter, overwritten below
+    lk.save_peft_adapter(trained, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["use_rslora"] is True
+    assert config["rank_pattern"] == {"o_proj": 2, "layers.1.v_proj": 3}
+    assert config["alpha_pattern"] == {"q_proj": 5}
+    loaded = lk.load_peft_adapter(_base(), tmp_path, backend=BACKEND)
+    assert loaded.layers[1].v_proj.r == 3 and loaded.layers[0].v_proj.r == 4 and loaded.layers[0].o_proj.r == 2
+    assert loaded.layers[0].q_proj.scaling == pytest.approx(5 / 4 ** 0.5)
+    x = torch.randn(2, 16)
+    torch.testing.assert_close(loaded(x), trained(x), rtol=0, atol=0)
+
+
+def test_load_into_an_injected_model_and_from_bin_with_adapter_names_in_keys(tmp_path):
+    trained = _trained(lora_alpha=4, lora_dropout=0.1)
+    lk.save_peft_adapter(trained, tmp_path)
+    # adapter_model.bin whose keys still carry the adapter name, as PEFT keeps them in memory
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    os.remove(tmp_path / "adapter_model.safetensors")
+    torch.save({k.replace(".weight", ".default.weight"): v for k, v in tensors.items()}, tmp_path / "adapter_model.bin")
+    injected = lk.inject_lora(_base(), ["q_proj", "v_proj"], lora_alpha=16, backend=BACKEND)  # B = 0, other alpha
+    target = injected.layers[0].q_proj
+    assert lk.load_peft_adapter(injected, tmp_path) is injected
+    assert injected.layers[0].q_proj is target  # loaded in place, not replaced
+    assert target.scaling == 0.5 and target.lora_dropout == 0.1
+    x = torch.randn(2, 16)
+    trained.eval(), injected.eval()
+    torch.testing.assert_close(injected(x), trained(x), rtol=0, atol=0)
+
+
+def test_target_modules_regex_exclude_and_layers_to_transform(tmp_path):
+    lk.save_peft_adapter(_trained(("q_proj", "v_proj", "o_proj")), tmp_path)
+    model = _base()
+    names = [n for n, _ in model.named_modules()]
+    raw = json.loads((tmp_path / "adapter_config.json").read_text())
+    for changes, expected in [
+        ({"target_modules": r"layers\.\d\.(q|o)_proj"}, {"layers.0.q_proj", "layers.0.o_proj", "layers.1.q_proj",
+                                                          "layers.1.o_proj"}),
+        ({"exclude_modules": ["layers.0.q_proj"]}, {"layers.1.q_proj", "layers.0.v_proj", "layers.1.v_proj",
+                                                    "layers.0.o_proj", "layers.1.o_proj"}),
+        ({"layers_to_transform": [1], "layers_pattern": "layers"}, {"layers.1.q_proj", "layers.1.v_proj",
+                                                                   "layers.1.o_proj"}),
+        ({"layers_to_transform": 0, "layers_pattern": ["blocks", "layers"]}, {"layers.0.q_proj", "layers.0.v_proj",
+                                                                              "layers.0.o_proj"}),
+        # PEFT's default layer pattern needs a component before the layer list ("model.layers.0."): none here
+        ({"layers_to_transform": 0}, set()),
+    ]:
+        config = peft_io.parse_adapter_config({**raw, **changes})
+        assert {n for n in names if config.matches(n)} == expected, changes
+
+
+def test_conv1d_like_layers_need_transformers():
+    # without transformers imported nothing is a Conv1D and fan_in_fan_out on nn.Linear is refused by from_linear
+    with pytest.raises(TypeError, match="fan_in_fan_out=True expects a transformers Conv1D"):
+        LoRALinear.from_linear(nn.Linear(4, 3), fan_in_fan_out=True)
+
+
+# ----------------------------------------------------------------------------------------------- bad adapter files
+
+def _bad_cases():
+    def drop_key(t):
+        del t["base_model.model.layers.1.v_proj.lora_B.weight"]
+
+    def wrong_shape(t):
+        t["base_model.model.layers.0.q_proj.lora_A.weight"] = torch.randn(8, 15)
+
+    def extra_key(t):
+        t["base_model.model.layers.0.o_proj.lora_A.weight"] = torch.randn(8, 8)
+        t["base_model.model.layers.0.o_proj.lora_B.weight"] = torch.randn(16, 8)
+
+    def dora_key(t):
+        t["base_model.model.layers.0.q_proj.lora_magnitude_vector"] = torch.randn(16)
+
+    def int_dtype(t):
+        key = "base_model.model.layers.0.q_proj.lora_A.weight"
+        t[key] = t[key].to(torch.int32)
+
+    def two_names(t):
+        key = "base_model.model.layers.0.q_proj.lora_A.weight"
+        t[key.replace(".weight", ".other.weight")] = t.pop(key)
+        key = "base_model.model.layers.0.q_proj.lora_B.weight"
+        t[key.replace(".weight", ".default.weight")] = t.pop(key)
+
+    def malformed_json(path):
+        (path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8,')
+
+    def truncated(path):
+        file = path / "adapter_model.safetensors"
+        data = file.read_bytes()
+        file.write_bytes(data[: len(data) - 100])
+
+    def config(**changes):
+        return lambda path: _write_config(path, **changes)
+
+    def weights(edit):
+        return lambda path: _edit_weights(path, edit)
+
+    return [
+        ("missing key", weights(drop_key), ValueError, r"missing 'base_model\.model\.layers\.1\.v_proj\.lora_B\.weight'"),
+        ("wrong shape", weights(wrong_shape), ValueError, r"expected shape \[8, 16\].*got \[8, 15\]"),
+        ("extra keys", weights(extra_key), ValueError, r"unexpected keys 'base_model\.model\.layers\.0\.o_proj"),
+        ("DoRA key", weights(dora_key), ValueError, r"unexpected keys.*lora_magnitude_vector.*DoRA"),
+        ("int dtype", weights(int_dtype), ValueError, r"expected a floating dtype, got torch\.int32"),
+        ("two adapter names", weights(two_names), ValueError, r"several adapter names"),
+        ("malformed JSON", malformed_json, ValueError, r"adapter_config\.json: malformed JSON"),
+        ("truncated safetensors", truncated, ValueError, r"not a readable safetensors file"),
+        ("unknown peft_type", config(peft_type="IA3"), ValueError, r"'peft_type' expected \"LORA\""),
+        ("use_dora", config(use_dora=True), ValueError, r"'use_dora' = True asks for DoRA"),
+        ("bias all", config(bias="all"), ValueError, r"'bias' = 'all'"),
+        ("modules_to_save", config(modules_to_save=["head"]), ValueError, r"'modules_to_save'"),
+        ("lora_bias", config(lora_bias=True), ValueError, r"'lora_bias'"),
+        ("unknown field", config(new_peft_feature={"on": 1}), ValueError, r"unknown field\(s\) \['new_peft_feature'\]"),
+        ("null targets", config(target_modules=None), ValueError, r"'target_modules' is null"),
+        ("targets match nothing", config(target_modules=["k_proj"]), ValueError, r"match no module"),
+        ("target is not linear", config(target_modules=["q_proj", "v_proj", "norm"]), ValueError,
+         r"targets module 'layers\.0\.norm', a LayerNorm"),
+        ("bad r", config(r=0), ValueError, r"'r' expected an int >= 1, got 0"),
+        ("bad rank_pattern", config(rank_pattern={"q_proj": 4}), ValueError,
+         r"expected shape \[4, 16\]|LoRALinear of r=8, the adapter has r=4"),
+        ("no config", lambda path: os.remove(path / "adapter_config.json"), FileNotFoundError, "adapter_config.json"),
+        ("no weights", lambda path: os.remove(path / "adapter_model.safetensors"), FileNotFoundError,
+         "neither adapter_model.safetensors nor adapter_model.bin"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
+@pytest.mark.parametrize("into", ["base", "injected"])
+def test_bad_adapter_files_raise_and_leave_the_model_untouched(tmp_path, case, into):
+    _, corrupt, error, message = case
+    lk.save_peft_adapter(_trained(), tmp_path)
+    corrupt(tmp_path)
+    model = _base() if into == "base" else lk.inject_lora(_base(), ["q_proj", "v_proj"], init_lora_weights=False)
+    if into == "injected":
+        model.layers[0].q_proj.lora_A.weight.requires_grad_(False)  # an odd flag must survive too
+    before = _snapshot(model)
+    with pytest.raises(error, match=message):
+        lk.load_peft_adapter(model, tmp_path)
+    _assert_same(model, before)
+
+
+def test_injected_model_mismatches_are_refused_untouched(tmp_path):
+    lk.save_peft_adapter(_trained(), tmp_path)
+    for model, message in [
+        (lk.inject_lora(_base(), ["q_proj", "v_proj"], r=4), r"LoRALinear of r=4, the adapter has r=8"),
+        (lk.inject_lora(_base(), ["q_proj", "v_proj", "o_proj"]), r"LoRA layers the adapter does not target.*o_proj"),
+    ]:
+        before = _snapshot(model)
+        with pytest.raises(ValueError, match=message):
+            lk.load_peft_adapter(model, tmp_path)
+        _assert_same(model, before)
+    merged = lk.inject_lora(_base(), ["q_proj", "v_proj"])
+    merged.layers[1].q_proj.merge()
+    with pytest.raises(ValueError, match="merged adapter"):
+        lk.load_peft_adapter(merged, tmp_path)
+
+
+def test_a_failure_while_changing_the_model_is_rolled_back(tmp_path, monkeypatch):
+    lk.save_peft_adapter(_trained(), tmp_path)
+    model = _base()
+    before = _snapshot(model)
+    calls = []
+    original = LoRALinear.from_linear.__func__
+
+    def flaky(cls, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated failure mid-load")
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(LoRALinear, "from_linear", classmethod(flaky))
+    with pytest.raises(RuntimeError, match="simulated"):
+        lk.load_peft_adapter(model, tmp_path)
+    _assert_same(model, before)
+
+
+def test_save_is_atomic_a_crash_keeps_the_old_file(tmp_path, monkeypatch):
+    lk.save_peft_adapter(_trained(), tmp_path)
+    old = (tmp_path / "adapter_model.safetensors").read_bytes()
+    import safetensors.torch
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        lk.save_peft_adapter(_trained(("q_proj",)), tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").read_bytes() == old
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_save_refuses_what_one_peft_config_cannot_hold(tmp_path):
+    with pytest.raises(ValueError, match="no LoRALinear layers"):
+        lk.save_peft_adapter(_base(), tmp_path)
+    model = _trained()
+    model.layers[0].q_proj.lora_dropout = 0.2
+    with pytest.raises(ValueError, match="different lora_dropout"):
+        lk.save_peft_adapter(model, tmp_path)
+    model = _trained()
+    model.layers[0].q_proj.merge()
+    with pytest.raises(ValueError, match="merged"):
+        lk.save_peft_adapter(model, tmp_path)
+    assert not os.listdir(tmp_path)
+
+
+def test_saved_target_modules_select_exactly_the_lora_layers(tmp_path):
+    # only layer 1's q_proj: the suffix "q_proj" would also select layer 0, so full names are written
+    model = lk.inject_lora(_base(), ["layers.1.q_proj", "v_proj"], init_lora_weights=False)
+    lk.save_peft_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["layers.0.v_proj", "layers.1.q_proj", "layers.1.v_proj"]
+    loaded = lk.load_peft_adapter(_base(), tmp_path)
+    assert not isinstance(loaded.layers[0].q_proj, LoRALinear) and isinstance(loaded.layers[1].q_proj, LoRALinear)
+
+
+def test_target_matching_agrees_with_peft():
+    tuners_utils = pytest.importorskip("peft.tuners.tuners_utils")
+    from peft import LoraConfig
+    names = [n for n, _ in _base().named_modules() if n]
+    for kwargs in [
+        {"target_modules": ["q_proj", "o_proj"]},
+        {"target_modules": r".*\.(q|v)_proj"},
+        {"target_modules": ["q_proj", "v_proj"], "exclude_modules": ["layers.1.q_proj"]},
+        {"target_modules": ["q_proj", "v_proj"], "exclude_modules": r".*0\.v_proj"},
+        {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": [1], "layers_pattern": "layers"},
+        {"target_modules": ["q_proj", "head"], "layers_to_transform": 0},
+    ]:
+        config = LoraConfig(**kwargs)
+        ours = [n for n in names if target_module_matches(n, kwargs["target_modules"], kwargs.get("exclude_modules"),
+                                                          kwargs.get("layers_to_transform"),
+                                                          kwargs.get("layers_pattern"))]
+        theirs = [n for n in names if tuners_utils.check_target_module_exists(config, n)
+                  and not isinstance(tuners_utils.check_target_module_exists(config, n), tuners_utils._ExcludedModule)]
+        assert ours == theirs, kwargs
+
+
+# ---------------------------------------------------------------------------------------- several named adapters
+
+def test_named_adapters_in_slots_and_mixed_batch(tmp_path):
+    lk.save_peft_adapter(_trained(("q_proj", "v_proj"), r=4, lora_alpha=8), tmp_path / "a")
+    lk.save_peft_adapter(_trained(("q_proj", "o_proj"), r=6, lora_alpha=3), tmp_path / "b")
+    singles = {name: lk.load_peft_adapter(_base(), tmp_path / name) for name in ("a", "b")}
+    singles["__base__"] = _base()
+
+    model = lk.prepare_multi_adapter(_base(), ["q_proj", "v_proj", "o_proj"], max_adapters=3, max_rank=8)
+    assert model.lora_adapter_slots == {}
+    assert isinstance(model.layers[0].o_proj, MultiLoRALinear)
+    assert not any(p.requires_grad for p in model.parameters())
+    lk.load_peft_adapter(model, tmp_path / "a", adapter_name="a")
+    lk.load_peft_adapter(model, tmp_path / "b", adapter_name="b")
+    assert model.lora_adapter_slots == {"a": 0, "b": 1}
+    assert int(model.layers[0].o_proj.ranks[0]) == 0 and int(model.layers[0].v_proj.ranks[1]) == 0
+
+    x = torch.randn(5, 3, 16)
+    names = ["b", "__base__", "a", "a", "b"]
+    with lk.set_batch_adapters(model, names):
+        mixed = model(x)
+    for row, name in enumerate(names):
+        torch.testing.assert_close(mixed[row], singles[name](x[row]), rtol=1e-5, atol=1e-5)
+    with lk.set_batch_adapters(model, "a"):  # one name for every row
+        torch.testing.assert_close(model(x), singles["a"](x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="set_batch_adapters"):
+        model(x)  # restored on exit: no per-row adapters set
+    with pytest.raises(ValueError, match=r"unknown adapter name 'c'; loaded: \['a', 'b'\]"):
+        lk.set_batch_adapters(model, ["a", "c"])
+    with lk.set_batch_adapters(model, ["a", "b"]), pytest.raises(ValueError, match="got 2 adapter names"):
+        model(x)
+
+    # reloading a name reuses its slot; a full table is refused untouched; a slot saves as a PEFT adapter
+    lk.load_peft_adapter(model, tmp_path / "b", adapter_name="a")
+    assert model.lora_adapter_slots == {"a": 0, "b": 1}
+    lk.load_peft_adapter(model, tmp_path / "a", adapter_name="a")
+    lk.load_peft_adapter(model, tmp_path / "a", adapter_name="c")
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="all 3 adapter slots are taken"):
+        lk.load_peft_adapter(model, tmp_path / "a", adapter_name="d")
+    _assert_same(model, before)
+    assert model.lora_adapter_slots == {"a": 0, "b": 1, "c": 2}
+    lk.save_peft_adapter(model, tmp_path / "b_again", adapter_name="b")
+    resaved = lk.load_peft_adapter(_base(), tmp_path / "b_again")
+    torch.testing.assert_close(resaved(x), singles["b"](x), rtol=1e-6, atol=1e-6)
+
+
+def test_named_adapter_errors(tmp_path):
+    lk.save_peft_adapter(_trained(("q_proj", "v_proj"), r=4), tmp_path / "a")
+    with pytest.raises(ValueError, match="prepare_multi_adapter"):
+        lk.load_peft_adapter(_base(), tmp_path / "a", adapter_name="a")
+    small = lk.prepare_multi_adapter(_base(), ["q_proj", "v_proj"], max_adapters=2, max_rank=2)
+    before = _snapshot(small)
+    with pytest.raises(ValueError, match="holds ranks up to 2, the adapter has r=4"):
+        lk.load_peft_adapter(small, tmp_path / "a", adapter_name="a")
+    _assert_same(small, before)
+    partial = lk.prepare_multi_adapter(_base(), ["q_proj"], max_adapters=2, max_rank=8)
+    with pytest.raises(ValueError, match="call prepare_multi_adapter with target_modules covering it"):
+        lk.load_peft_adapter(partial, tmp_path / "a", adapter_name="a")
+    with pytest.raises(ValueError, match="pass adapter_name"):
+        lk.load_peft_adapter(lk.prepare_multi_adapter(_base(), ["q_proj", "v_proj"], 2, 8), tmp_path / "a")
+    with pytest.raises(ValueError, match="prepared already"):
+        lk.prepare_multi_adapter(partial, ["q_proj"], 2, 8)
