@@ -1,0 +1,210 @@
+"""The Triton compile gate (design.md §7): compiles every kernel spec that a module's `aot_specs()` lists for sm_80
+and sm_90 with Triton's own compiler (no GPU needed) and checks its shared memory against the target's limit.
+
+Triton's compiler cannot run on interpreted kernels: with TRITON_INTERPRET=1, @triton.jit returns interpreter
+objects with no compilable IR. `run_gate` therefore compiles in a subprocess started with TRITON_INTERPRET=0,
+one per module (its specs are spread over a small process pool there):
+
+    python -m lora_kernels.triton.aot [--module lora_linear] [--cc 80 90] [--jobs N] [--json out.json]
+"""
+
+import argparse
+import importlib
+import inspect
+import json
+import os
+import subprocess
+import sys
+import time
+
+# Modules of lora_kernels.triton that may define aot_specs(). A module that does not exist (yet) is skipped; one
+# that exists and fails to import is an error.
+SPEC_MODULES = ("lora_linear", "sgmv")
+TARGETS = (80, 90)
+# Opt-in shared memory per block (CUDA programming guide, compute capabilities table): 163 KiB on sm_80 (A100),
+# 227 KiB on sm_90 (H100).
+SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+WARP_SIZE = 32
+
+
+class SharedMemoryError(RuntimeError):
+    """A kernel compiled but needs more shared memory than its target has."""
+
+
+def _jit_function(kernel):
+    """The @triton.jit function under autotune/heuristics wrappers; refuses interpreted kernels."""
+    from triton.runtime.jit import JITFunction
+
+    def interpreted(k):
+        return type(k).__name__ == "InterpretedFunction"
+
+    while not isinstance(kernel, JITFunction) and not interpreted(kernel) and hasattr(kernel, "fn"):
+        kernel = kernel.fn  # Autotuner / Heuristics
+    if interpreted(kernel):
+        raise RuntimeError(
+            f"{kernel.__name__} is an interpreted kernel (TRITON_INTERPRET=1): Triton can only compile kernels "
+            "defined without the interpreter; use run_gate(), which compiles in a TRITON_INTERPRET=0 subprocess")
+    if not isinstance(kernel, JITFunction):
+        raise TypeError(f"expected a @triton.jit function, got {type(kernel).__name__}")
+    return kernel
+
+
+def _divisibility_attrs(fn, signature, divisible):
+    """Arguments Triton would mark 16-divisible at run time: every pointer (torch allocations are 16-byte aligned)
+    and the int arguments the spec lists under "divisible_by_16"."""
+    attrs = {}
+    for index, name in enumerate(fn.arg_names):
+        kind = signature.get(name)
+        if kind is None or kind == "constexpr":
+            continue
+        if kind.startswith("*") or name in divisible:
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return attrs
+
+
+def compile_spec(spec, cc):
+    """Compile one aot_specs() entry for sm_<cc>; returns the shared memory it uses in bytes.
+    Raises SharedMemoryError when that exceeds the target's limit, and whatever Triton raises when it does not
+    compile."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = _jit_function(spec["kernel"])
+    signature = dict(spec["signature"])
+    constexprs = dict(spec.get("constexprs", {}))
+    for name in constexprs:
+        signature[name] = "constexpr"
+    missing = [name for name in fn.arg_names if name not in signature]
+    if missing:
+        raise ValueError(f"{spec['name']}: signature lacks arguments {missing}")
+    attrs = _divisibility_attrs(fn, signature, set(spec.get("divisible_by_16", ())))
+    params = inspect.signature(ASTSource).parameters
+    if "constexprs" in params:
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    else:  # older spelling
+        src = ASTSource(fn=fn, signature=signature, constants=constexprs, attrs=attrs)
+    options = {"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]}
+    compiled = triton.compile(src, target=GPUTarget("cuda", cc, WARP_SIZE), options=options)
+    shared = int(compiled.metadata.shared)
+    limit = SHARED_MEMORY_LIMIT[cc]
+    if shared > limit:
+        raise SharedMemoryError(f"{spec['name']}: needs {shared} bytes of shared memory on sm_{cc}, "
+                                f"the limit is {limit} bytes")
+    return shared
+
+
+def module_specs(module_name):
+    """aot_specs() of lora_kernels.triton.<module_name>; [] when the module does not exist or defines none."""
+    qualified = f"lora_kernels.triton.{module_name}"
+    try:
+        module = importlib.import_module(qualified)
+    except ModuleNotFoundError as exc:
+        if exc.name == qualified:
+            return []
+        raise
+    specs_fn = getattr(module, "aot_specs", None)
+    return list(specs_fn()) if specs_fn is not None else []
+
+
+def all_specs(modules=SPEC_MODULES):
+    """Every compile-gate spec of every module in `modules` that exists, each with its "module" recorded."""
+    specs = []
+    for name in modules:
+        for spec in module_specs(name):
+            specs.append({**spec, "module": name})
+    return specs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running the gate
+# ----------------------------------------------------------------------------------------------------------------
+
+_WORKER_SPECS = None
+
+
+def _compile_one(job):
+    """Pool worker: compile spec `index` of the list loaded before the fork; report instead of raising."""
+    index, cc = job
+    spec = _WORKER_SPECS[index]
+    start = time.perf_counter()
+    record = {"name": spec["name"], "module": spec.get("module"), "cc": cc, "limit": SHARED_MEMORY_LIMIT[cc]}
+    try:
+        record["shared"] = compile_spec(spec, cc)
+        record["ok"] = True
+    except Exception as exc:  # noqa: BLE001  (reported, and the gate fails on it)
+        record["ok"] = False
+        record["error"] = f"{type(exc).__name__}: {exc}".strip()[:2000]
+    record["seconds"] = round(time.perf_counter() - start, 2)
+    return record
+
+
+def compile_all(specs, targets=TARGETS, jobs=None):
+    """Compile every spec for every target, `jobs` processes at a time; returns one record per (spec, target):
+    name, module, cc, ok, shared, limit, seconds, and error when it failed."""
+    global _WORKER_SPECS
+    _WORKER_SPECS = specs
+    work = [(index, cc) for index in range(len(specs)) for cc in targets]
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(work)))
+    if jobs == 1:
+        return [_compile_one(job) for job in work]
+    import multiprocessing
+
+    # fork: the workers inherit the imported kernels (JIT functions do not pickle); nothing touched CUDA here.
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        return pool.map(_compile_one, work, chunksize=1)
+
+
+def run_gate(module, targets=TARGETS, jobs=None, timeout=900):
+    """Compile one module's specs in a TRITON_INTERPRET=0 subprocess; returns the records of `compile_all`, or
+    raises RuntimeError with the subprocess's output when it fails before compiling (e.g. an import error)."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH", "")) if p)
+    cmd = [sys.executable, "-m", "lora_kernels.triton.aot", "--module", module, "--json", "-",
+           "--cc", *map(str, targets)]
+    if jobs:
+        cmd += ["--jobs", str(jobs)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    marker = "AOT-GATE-JSON:"
+    for line in proc.stdout.splitlines():
+        if line.startswith(marker):
+            return json.loads(line[len(marker):])
+    raise RuntimeError(f"compile gate for {module} failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+
+
+def format_records(records):
+    lines = []
+    for rec in records:
+        if rec["ok"]:
+            lines.append(f"ok   sm_{rec['cc']} {rec['shared']:>7} B / {rec['limit']} B  {rec['seconds']:6.2f}s  "
+                         f"{rec['name']}")
+        else:
+            lines.append(f"FAIL sm_{rec['cc']} {rec['name']}: {rec['error']}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--module", action="append", help="module of lora_kernels.triton (default: all)")
+    parser.add_argument("--cc", type=int, nargs="+", default=list(TARGETS))
+    parser.add_argument("--jobs", type=int, default=None)
+    parser.add_argument("--json", default=None, help="write the records as JSON to this file ('-': stdout line)")
+    args = parser.parse_args(argv)
+    from lora_kernels.triton import INTERPRET
+
+    if INTERPRET:
+        parser.error("run with TRITON_INTERPRET=0: the interpreter's kernels cannot be compiled")
+    specs = all_specs(args.module or SPEC_MODULES)
+    records = compile_all(specs, args.cc, args.jobs)
+    print(format_records(records), flush=True)
+    if args.json == "-":
+        print("AOT-GATE-JSON:" + json.dumps(records), flush=True)
+    elif args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+    return 0 if all(rec["ok"] for rec in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

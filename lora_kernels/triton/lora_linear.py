@@ -1,0 +1,767 @@
+"""Fused single-adapter LoRA linear in Triton (design.md §2): the forward and the three A/B-only backward kernels,
+their launchers (check, allocate, launch) registered as torch custom ops, and the AOT compile-gate specs.
+
+    s  = drop(x) · Aᵀ                         _lora_shrink_kernel   (dropout fused, s stored fp32, unscaled)
+    y  = x · Wᵀ + scaling · s · Bᵀ + bias     _lora_fwd_kernel      (base GEMM and expand in one accumulator)
+    dB = scaling · dyᵀ · s,  ds = scaling · dy · B                  _lora_bwd_dy_kernel   (one read of dy)
+    dX = dy · W + drop'(ds · A)               _lora_bwd_dx_kernel   (base GEMM and LoRA term, one kernel)
+    dA = dsᵀ · drop(x)                        _lora_bwd_da_kernel
+
+Dropout is never stored: element (m, k) of x is kept when tl.rand(seed, m * K + k) >= p, and every kernel (and
+`dropout_mask`, for tests) regenerates the same decision from (seed, m * K + k).
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from lora_kernels.triton import INTERPRET
+
+# tl.dot needs every block dimension >= 16: ranks below 16 are padded up to 16 inside the kernels with masks.
+MIN_DOT_DIM = 16
+# Ranks are processed in chunks of at most this many columns: it bounds the registers and shared memory the LoRA
+# operands take (an fp32 [128, 64] tile is 32 KiB), so every rank 1..256 runs with one set of block sizes. Ranks up
+# to 64 (the usual 8, 16, 32, 64) are a single chunk.
+MAX_BLOCK_R = 64
+# Rank of the largest adapter the launchers accept (design.md: ranks 1..256). Larger ranks would work (the rank is
+# looped over in chunks) but are not tested.
+MAX_RANK = 256
+# L2-friendly program order: GROUP_M row-blocks of the output are walked before moving to the next column block
+# (the grouped ordering of Triton's matmul tutorial; 8 is its measured default).
+GROUP_M = 8
+# Pipelined operand buffers must fit the smallest target's opt-in shared memory (sm_80: 163 KiB); configs whose
+# estimate exceeds this for the dtype at hand (fp32 with the bigger tiles) are pruned before autotuning.
+SMEM_BUDGET = 160 * 1024
+# Row block of _lora_bwd_dy_kernel. It is fixed, not autotuned, because it sets the number of dB partials the
+# launcher allocates before the launch. 128 rows halve the partials against 64 and still keep the skinny
+# [128, <=64] fp32 ds accumulator in registers.
+DY_BLOCK_M = 16 if INTERPRET else 128
+DROPOUT_BLOCK = 32  # tile of the dropout_mask utility kernel (a test helper; performance does not matter)
+
+
+def _config(num_warps, num_stages, **blocks):
+    return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
+
+
+# Autotune configs. Under the interpreter one small config keeps the tests fast (autotuning is meaningless there).
+# GPU configs: the usual H100/A100 bf16 GEMM tiles for K = N = 4096 (Triton matmul tutorial and persistent-matmul
+# defaults), as (output rows, output cols, reduction block, num_warps, num_stages). The first of each list is the
+# default: it fits every dtype within sm_80's shared memory, and aot_specs() compiles it for every dtype.
+if INTERPRET:
+    _GEMM_TILES = [(16, 32, 32, 1, 1)]
+else:
+    _GEMM_TILES = [
+        (128, 128, 32, 8, 3),
+        (128, 128, 64, 8, 3),
+        (128, 256, 64, 8, 3),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+    ]
+# Forward: output [BLOCK_M, BLOCK_N], reduction over K. dx: output [BLOCK_M, BLOCK_K], reduction over N.
+GEMM_CONFIGS = [_config(w, st, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k) for m, n, k, w, st in _GEMM_TILES]
+# dx drops the 128 x 256 tile: with dropout it regenerates the mask over its whole output tile, and that variant
+# alone took ~25 s of CPU to compile per target for no expected gain over 128 x 128 (dx is a plain GEMM shape).
+DX_CONFIGS = [_config(w, st, BLOCK_M=m, BLOCK_K=n, BLOCK_N=k) for m, n, k, w, st in _GEMM_TILES if m * n <= 128 * 128]
+if INTERPRET:
+    SHRINK_CONFIGS = [_config(1, 1, BLOCK_M=16, BLOCK_K=32)]
+    DY_CONFIGS = [_config(1, 1, BLOCK_N=32)]
+    DA_CONFIGS = [_config(1, 1, BLOCK_M=16, BLOCK_K=32)]
+else:
+    # The shrink is a skinny GEMM (N = r): memory-bound on x, so long K blocks and enough rows per program.
+    SHRINK_CONFIGS = [
+        _config(4, 3, BLOCK_M=64, BLOCK_K=128),
+        _config(4, 4, BLOCK_M=128, BLOCK_K=64),
+        _config(4, 4, BLOCK_M=32, BLOCK_K=128),
+    ]
+    DY_CONFIGS = [
+        _config(8, 3, BLOCK_N=64),
+        _config(8, 4, BLOCK_N=128),
+        _config(4, 3, BLOCK_N=32),
+    ]
+    # dA owns [r, BLOCK_K] tiles and loops over all of M: small K blocks give K / BLOCK_K programs to fill the GPU.
+    DA_CONFIGS = [
+        _config(4, 3, BLOCK_M=64, BLOCK_K=64),
+        _config(4, 4, BLOCK_M=128, BLOCK_K=32),
+        _config(8, 3, BLOCK_M=128, BLOCK_K=64),
+    ]
+
+
+def _prune_by_smem(row_block, col_block, inner_block, element_ptr):
+    """early_config_prune: drop configs whose pipelined operand tiles overflow SMEM_BUDGET for this dtype
+    (only fp32 with the biggest tiles); the first config always survives."""
+
+    def prune(configs, named_args, **kwargs):
+        size = named_args[element_ptr].element_size()
+        kept = []
+        for cfg in configs:
+            kw = cfg.kwargs
+            rows = kw.get(row_block, kwargs.get(row_block, 0))
+            cols = kw.get(col_block, kwargs.get(col_block, 0))
+            inner = kw.get(inner_block, kwargs.get(inner_block, 0))
+            if cfg.num_stages * (rows + cols) * inner * size <= SMEM_BUDGET:
+                kept.append(cfg)
+        return kept or configs[:1]
+
+    return prune
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+# The triton 3.8 interpreter multiplies bf16 operands of tl.dot as their raw int16 bit patterns; under the
+# interpreter every dot is widened to fp32 first. Compiled kernels never take this branch.
+UPCAST_DOT_OPERANDS = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def _dot(a, b, acc):
+    if UPCAST_DOT_OPERANDS:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _keep_mask(seed, offs_m, offs_k, K, p):
+    """Dropout keep-decision of elements (offs_m, offs_k) of x [M, K]: tl.rand(seed, m * K + k) >= p.
+    offs_m is int64, so m * K cannot overflow."""
+    rand_offsets = offs_m[:, None] * K + offs_k[None, :]
+    return tl.rand(seed, rand_offsets) >= p
+
+
+@triton.jit
+def _grouped_pid(pid, num_m, num_n, GROUP: tl.constexpr):
+    """Program id -> (row block, column block), GROUP row blocks at a time (L2 reuse of the column operand)."""
+    width = GROUP * num_n
+    group = pid // width
+    first_m = group * GROUP
+    group_size = tl.minimum(num_m - first_m, GROUP)
+    pid_m = first_m + (pid % width) % group_size
+    pid_n = (pid % width) // group_size
+    return pid_m, pid_n
+
+
+@triton.jit
+def _lora_shrink_kernel(
+    x_ptr, a_ptr, s_ptr,
+    M, K, R,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
+    p, dropout_scale, seed,
+    HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """s[M, R] (fp32) = drop(x) · Aᵀ. Grid: (row blocks, rank chunks)."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_r = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    a_ptrs = a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak  # Aᵀ tile [BLOCK_K, BLOCK_R]
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if HAS_DROPOUT:
+            # Zero the dropped elements; the uniform 1/(1-p) factor is applied once to the result (exact).
+            x = tl.where(_keep_mask(seed, offs_m, offs_k + k0, K, p), x, tl.zeros_like(x))
+        a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        acc = _dot(x, a, acc)
+        x_ptrs += BLOCK_K * stride_xk
+        a_ptrs += BLOCK_K * stride_ak
+    if HAS_DROPOUT:
+        acc = acc * dropout_scale
+    s_ptrs = s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr
+    tl.store(s_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def _lora_fwd_kernel(
+    x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr,
+    M, N, K, R,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr, stride_bn, stride_br, stride_bias,
+    stride_ym, stride_yn,
+    scaling,
+    HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """y[M, N] = x · Wᵀ + scaling · s · Bᵀ (+ bias): the expand is extra K-steps of the same accumulator."""
+    pid_m, pid_n = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk  # Wᵀ tile [BLOCK_K, BLOCK_N]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = _dot(x, w, acc)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    # Expand: s is fp32, so B is widened and the dot runs in tf32 (fp32 in the interpreter); ranks past R are
+    # masked to zero, which pads small ranks up to BLOCK_R >= 16.
+    offs_r = tl.arange(0, BLOCK_R)
+    # Not software-pipelined (num_stages=1): ranks up to 64 are one iteration, and staging fp32 [BLOCK_M, 64] and
+    # [64, BLOCK_N] operands num_stages times would more than double the kernel's shared memory.
+    for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
+        mask_r = offs_r < R - r0
+        s = tl.load(s_ptr + offs_m[:, None] * stride_sm + (offs_r + r0)[None, :] * stride_sr,
+                    mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        b = tl.load(b_ptr + offs_n[None, :] * stride_bn + (offs_r + r0)[:, None] * stride_br,
+                    mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        acc = _dot(s * scaling, b.to(tl.float32), acc)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _lora_bwd_dy_kernel(
+    dy_ptr, s_ptr, b_ptr, ds_ptr, dbp_ptr,
+    M, N, R,
+    stride_dym, stride_dyn, stride_sm, stride_sr, stride_bn, stride_br, stride_dsm, stride_dsr,
+    stride_dbp_part, stride_dbp_n, stride_dbp_r,
+    scaling,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One read of dy for both products. Program (m-block, r-chunk) walks all of N:
+        ds[m-block, r-chunk]            = scaling · dy[m-block, :] · B[:, r-chunk]          (owned: stored once)
+        dB_partial[m-block, n, r-chunk] = scaling · dy[m-block, n]ᵀ · s[m-block, r-chunk]   (per-row-block partial)
+    The partials are summed over row blocks afterwards in a fixed order: deterministic, no atomics."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_r = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    s = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+                mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+    s = s * scaling
+    ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    dy_ptrs = dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn
+    b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br
+    dbp_ptrs = dbp_ptr + pid_m * stride_dbp_part + offs_n[:, None] * stride_dbp_n + offs_r[None, :] * stride_dbp_r
+    for n0 in range(0, N, BLOCK_N):
+        mask_n = offs_n < N - n0
+        dy = tl.load(dy_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+        ds = _dot(dy, b, ds)
+        db = _dot(tl.trans(dy).to(tl.float32), s, None)
+        tl.store(dbp_ptrs, db, mask=mask_n[:, None] & mask_r[None, :])
+        dy_ptrs += BLOCK_N * stride_dyn
+        b_ptrs += BLOCK_N * stride_bn
+        dbp_ptrs += BLOCK_N * stride_dbp_n
+    tl.store(ds_ptr + offs_m[:, None] * stride_dsm + offs_r[None, :] * stride_dsr, ds * scaling,
+             mask=mask_m[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def _lora_bwd_dx_kernel(
+    dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr,
+    M, N, K, R,
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_dsm, stride_dsr, stride_ar, stride_ak,
+    stride_dxm, stride_dxk,
+    p, dropout_scale, seed,
+    HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dx[M, K] = dy · W + drop'(ds · A). Without dropout the LoRA term is extra reduction steps of the base GEMM's
+    accumulator; with dropout it is masked element-wise after its own (skinny) dot, then added to the same one."""
+    pid_m, pid_k = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_k = offs_k < K
+    dy_ptrs = dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        mask_n = offs_n < N - n0
+        dy = tl.load(dy_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc = _dot(dy, w, acc)
+        dy_ptrs += BLOCK_N * stride_dyn
+        w_ptrs += BLOCK_N * stride_wn
+    offs_r = tl.arange(0, BLOCK_R)
+    if HAS_DROPOUT:
+        lora = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    else:
+        lora = acc
+    for r0 in tl.range(0, R, BLOCK_R, num_stages=1):  # not pipelined: see _lora_fwd_kernel
+        mask_r = offs_r < R - r0
+        ds = tl.load(ds_ptr + offs_m[:, None] * stride_dsm + (offs_r + r0)[None, :] * stride_dsr,
+                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        a = tl.load(a_ptr + (offs_r + r0)[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                    mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+        lora = _dot(ds, a.to(tl.float32), lora)
+    if HAS_DROPOUT:
+        keep = _keep_mask(seed, offs_m, offs_k, K, p)
+        acc += tl.where(keep, lora * dropout_scale, 0.0)
+    else:
+        acc = lora
+    dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
+
+
+@triton.jit
+def _lora_bwd_da_kernel(
+    ds_ptr, x_ptr, da_ptr,
+    M, K, R,
+    stride_dsm, stride_dsr, stride_xm, stride_xk, stride_dam, stride_dak,
+    p, dropout_scale, seed,
+    HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dA[R, K] (fp32) = dsᵀ · drop(x). Each program owns an [r-chunk, k-block] tile of dA and loops over all of
+    M: deterministic, no partials."""
+    pid_k = tl.program_id(0).to(tl.int64)
+    pid_r = tl.program_id(1).to(tl.int64)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
+    mask_k = offs_k < K
+    mask_r = offs_r < R
+    dst_ptrs = ds_ptr + offs_r[:, None] * stride_dsr + offs_m[None, :] * stride_dsm  # dsᵀ tile [BLOCK_R, BLOCK_M]
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        mask_m = offs_m < M - m0
+        dst = tl.load(dst_ptrs, mask=mask_r[:, None] & mask_m[None, :], other=0.0)
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if HAS_DROPOUT:
+            x = tl.where(_keep_mask(seed, offs_m + m0, offs_k, K, p), x, tl.zeros_like(x))
+        acc = _dot(dst, x.to(tl.float32), acc)
+        dst_ptrs += BLOCK_M * stride_dsm
+        x_ptrs += BLOCK_M * stride_xm
+    if HAS_DROPOUT:
+        acc = acc * dropout_scale
+    tl.store(da_ptr + offs_r[:, None] * stride_dam + offs_k[None, :] * stride_dak, acc,
+             mask=mask_r[:, None] & mask_k[None, :])
+
+
+@triton.jit
+def _dropout_mask_kernel(
+    out_ptr,
+    M, K,
+    stride_om, stride_ok,
+    p, dropout_scale, seed,
+    BLOCK: tl.constexpr,
+):
+    """out[M, K] (fp32) = the multiplier every kernel applies: 1/(1-p) where kept, 0 where dropped."""
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs_k = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    keep = _keep_mask(seed, offs_m, offs_k, K, p)
+    value = tl.where(keep, dropout_scale, 0.0)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_k[None, :] * stride_ok, value,
+             mask=(offs_m < M)[:, None] & (offs_k < K)[None, :])
+
+
+_shrink = triton.autotune(SHRINK_CONFIGS, key=["M", "K", "R", "HAS_DROPOUT"],
+                          prune_configs_by={"early_config_prune": _prune_by_smem("BLOCK_M", "BLOCK_R", "BLOCK_K",
+                                                                                 "x_ptr")})(_lora_shrink_kernel)
+_fwd = triton.autotune(GEMM_CONFIGS, key=["M", "N", "K", "R", "HAS_BIAS"],
+                       prune_configs_by={"early_config_prune": _prune_by_smem("BLOCK_M", "BLOCK_N", "BLOCK_K",
+                                                                              "x_ptr")})(_lora_fwd_kernel)
+_bwd_dy = triton.autotune(DY_CONFIGS, key=["M", "N", "R"],
+                          prune_configs_by={"early_config_prune": _prune_by_smem("BLOCK_M", "BLOCK_R", "BLOCK_N",
+                                                                                 "dy_ptr")})(_lora_bwd_dy_kernel)
+_bwd_dx = triton.autotune(DX_CONFIGS, key=["M", "N", "K", "R", "HAS_DROPOUT"],
+                          prune_configs_by={"early_config_prune": _prune_by_smem("BLOCK_M", "BLOCK_K", "BLOCK_N",
+                                                                                 "dy_ptr")})(_lora_bwd_dx_kernel)
+_bwd_da = triton.autotune(DA_CONFIGS, key=["M", "K", "R", "HAS_DROPOUT"],
+                          prune_configs_by={"early_config_prune": _prune_by_smem("BLOCK_R", "BLOCK_K", "BLOCK_M",
+                                                                                 "x_ptr")})(_lora_bwd_da_kernel)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checks
+# ----------------------------------------------------------------------------------------------------------------
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_tensor(op, name, t, ndim, dtype=None, device=None, shape=None):
+    """Raise TypeError/ValueError naming `name` unless t is a `ndim`-D float tensor of `dtype` on `device` whose
+    shape matches `shape` (None entries match anything)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} expected a float32/float16/bfloat16 tensor, got {t.dtype}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{op}: {name} expected dtype {dtype}, got {t.dtype}")
+    if t.dim() != ndim:
+        raise ValueError(f"{op}: {name} expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
+    if shape is not None and any(want is not None and want != got for want, got in zip(shape, t.shape)):
+        expected = "[" + ", ".join("*" if w is None else str(w) for w in shape) + "]"
+        raise ValueError(f"{op}: {name} expected shape {expected}, got {list(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{op}: {name} expected device {device}, got {t.device}")
+    if t.device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"{op}: {name} is on {t.device}; the Triton kernels need CUDA tensors "
+                         "(CPU tensors only under TRITON_INTERPRET=1)")
+
+
+def _check_rank(op, name, r):
+    if not 1 <= r <= MAX_RANK:
+        raise ValueError(f"{op}: {name} expected a rank between 1 and {MAX_RANK}, got {r}")
+
+
+def _check_dropout(op, dropout_p, seed):
+    if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"{op}: dropout_p expected a float in [0, 1], got {dropout_p!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise TypeError(f"{op}: seed expected an int in [0, 2**63), got {seed!r}")
+
+
+def _check_scaling(op, scaling):
+    if not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
+        raise TypeError(f"{op}: scaling expected a float, got {type(scaling).__name__}")
+
+
+def _block_r(r):
+    """Rank chunk: the rank rounded up to a power of two, at least MIN_DOT_DIM, at most MAX_BLOCK_R."""
+    return min(max(MIN_DOT_DIM, triton.next_power_of_2(r)), MAX_BLOCK_R)
+
+
+def _dropout_args(dropout_p):
+    """(has_dropout, p, scale) as the kernels take them; p == 1 drops everything (scale 0, like torch)."""
+    p = float(dropout_p)
+    return p > 0.0, p, (1.0 / (1.0 - p) if p < 1.0 else 0.0)
+
+
+def _launch(kernel):
+    """The kernel as torch.compile can trace it (wrap_triton) on GPUs; the interpreter runs the kernel directly
+    (wrap_triton cannot trace interpreted kernels, and older torch versions reject them)."""
+    if INTERPRET:
+        return kernel
+    return torch.library.wrap_triton(kernel)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Op bodies: allocate and launch (inputs already checked). Registered as custom ops below.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _lora_fwd_impl(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                   scaling: float, bias: torch.Tensor | None, dropout_p: float, seed: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    # The shrink runs first as its own small kernel instead of inside the main one: fused, every column-block
+    # program of the main GEMM would recompute drop(x)·Aᵀ and regenerate the mask (N / BLOCK_N times the shrink's
+    # 2·M·r·K FLOPs: +12.5% FLOPs at N = 4096, BLOCK_N = 128, r = 16), and s has to reach memory anyway because
+    # the backward reuses it. Separate, it costs one extra read of x (~2r/N of the GEMM's traffic).
+    M, K = x.shape
+    N, r = weight.shape[0], lora_a.shape[0]
+    has_dropout, p, scale = _dropout_args(dropout_p)
+    s = torch.empty((M, r), device=x.device, dtype=torch.float32)
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if M == 0:
+        return y, s
+    block_r = _block_r(r)
+    _launch(_shrink)[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(r, block_r))](
+        x, lora_a, s,
+        M, K, r,
+        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), s.stride(0), s.stride(1),
+        p, scale, seed,
+        HAS_DROPOUT=has_dropout, BLOCK_R=block_r,
+    )
+    has_bias = bias is not None
+    bias_arg = bias if has_bias else y  # never read when HAS_BIAS is False
+    _launch(_fwd)[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)](
+        x, weight, s, lora_b, bias_arg, y,
+        M, N, K, r,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), s.stride(0), s.stride(1),
+        lora_b.stride(0), lora_b.stride(1), bias_arg.stride(0), y.stride(0), y.stride(1),
+        float(scaling),
+        HAS_BIAS=has_bias, BLOCK_R=block_r, GROUP=GROUP_M,
+    )
+    return y, s
+
+
+def _lora_bwd_dy_impl(dy: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, scaling: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    M, N = dy.shape
+    r = lora_b.shape[1]
+    ds = torch.empty((M, r), device=dy.device, dtype=torch.float32)
+    if M == 0:
+        return torch.zeros((N, r), device=dy.device, dtype=torch.float32), ds
+    block_r = _block_r(r)
+    num_parts = triton.cdiv(M, DY_BLOCK_M)
+    partials = torch.empty((num_parts, N, r), device=dy.device, dtype=torch.float32)
+    _launch(_bwd_dy)[(num_parts, triton.cdiv(r, block_r))](
+        dy, s, lora_b, ds, partials,
+        M, N, r,
+        dy.stride(0), dy.stride(1), s.stride(0), s.stride(1), lora_b.stride(0), lora_b.stride(1),
+        ds.stride(0), ds.stride(1), partials.stride(0), partials.stride(1), partials.stride(2),
+        float(scaling),
+        BLOCK_R=block_r, BLOCK_M=DY_BLOCK_M,
+    )
+    # Deterministic: a fixed-shape reduction over the row-block partials (no atomics).
+    d_lora_b = partials[0] if num_parts == 1 else partials.sum(dim=0)
+    return d_lora_b, ds
+
+
+def _lora_bwd_dx_impl(dy: torch.Tensor, ds: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
+                      dropout_p: float, seed: int) -> torch.Tensor:
+    M, N = dy.shape
+    K, r = weight.shape[1], lora_a.shape[0]
+    has_dropout, p, scale = _dropout_args(dropout_p)
+    dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
+    if M == 0:
+        return dx
+    _launch(_bwd_dx)[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)](
+        dy, weight, ds, lora_a, dx,
+        M, N, K, r,
+        dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), ds.stride(0), ds.stride(1),
+        lora_a.stride(0), lora_a.stride(1), dx.stride(0), dx.stride(1),
+        p, scale, seed,
+        HAS_DROPOUT=has_dropout, BLOCK_R=_block_r(r), GROUP=GROUP_M,
+    )
+    return dx
+
+
+def _lora_bwd_da_impl(ds: torch.Tensor, x: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+    M, K = x.shape
+    r = ds.shape[1]
+    has_dropout, p, scale = _dropout_args(dropout_p)
+    if M == 0:
+        return torch.zeros((r, K), device=x.device, dtype=torch.float32)
+    da = torch.empty((r, K), device=x.device, dtype=torch.float32)
+    block_r = _block_r(r)
+    _launch(_bwd_da)[lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(r, block_r))](
+        ds, x, da,
+        M, K, r,
+        ds.stride(0), ds.stride(1), x.stride(0), x.stride(1), da.stride(0), da.stride(1),
+        p, scale, seed,
+        HAS_DROPOUT=has_dropout, BLOCK_R=block_r,
+    )
+    return da
+
+
+def _fake_lora_fwd(x, weight, lora_a, lora_b, scaling, bias, dropout_p, seed):
+    return (x.new_empty((x.shape[0], weight.shape[0])),
+            x.new_empty((x.shape[0], lora_a.shape[0]), dtype=torch.float32))
+
+
+def _fake_lora_bwd_dy(dy, s, lora_b, scaling):
+    return (dy.new_empty(tuple(lora_b.shape), dtype=torch.float32),
+            dy.new_empty((dy.shape[0], lora_b.shape[1]), dtype=torch.float32))
+
+
+def _fake_lora_bwd_dx(dy, ds, weight, lora_a, dropout_p, seed):
+    return dy.new_empty((dy.shape[0], weight.shape[1]))
+
+
+def _fake_lora_bwd_da(ds, x, dropout_p, seed):
+    return x.new_empty((ds.shape[1], x.shape[1]), dtype=torch.float32)
+
+
+def _register(name, impl, fake):
+    """A custom op torch.compile(fullgraph=True) traces. On GPUs a triton_op: its kernels stay visible to Inductor.
+    Under the interpreter an opaque custom_op with a fake implementation, because triton_op uses the body itself as
+    the fake implementation, and an interpreted kernel cannot run on fake tensors."""
+    qualified = f"lora_kernels::{name}"
+    if not INTERPRET and hasattr(torch.library, "triton_op"):
+        return torch.library.triton_op(qualified, impl, mutates_args=())
+    op = torch.library.custom_op(qualified, impl, mutates_args=())
+    op.register_fake(fake)
+    return op
+
+
+_fwd_op = _register("triton_lora_fwd", _lora_fwd_impl, _fake_lora_fwd)
+_bwd_dy_op = _register("triton_lora_bwd_dy", _lora_bwd_dy_impl, _fake_lora_bwd_dy)
+_bwd_dx_op = _register("triton_lora_bwd_dx", _lora_bwd_dx_impl, _fake_lora_bwd_dx)
+_bwd_da_op = _register("triton_lora_bwd_da", _lora_bwd_da_impl, _fake_lora_bwd_da)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers: check, then call the op.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def lora_fwd(x, weight, lora_a, lora_b, scaling, bias=None, dropout_p=0.0, seed=0):
+    """y, s = x @ W.T + scaling * (s := drop(x) @ A.T) @ B.T + bias, s.float()
+
+    x: [M, K] (any strides), weight: [N, K], lora_a: [r, K], lora_b: [N, r], bias: [N] or None, all one float
+    dtype and device. Returns y [M, N] in x.dtype and s [M, r] float32 (unscaled, saved for the backward).
+    Dropout (p = dropout_p) applies to the LoRA branch input; its mask comes from (seed, m * K + k), see
+    `dropout_mask`."""
+    op = "lora_fwd"
+    _check_tensor(op, "x", x, 2)
+    M, K = x.shape
+    dtype, device = x.dtype, x.device
+    _check_tensor(op, "weight", weight, 2, dtype, device, (None, K))
+    N = weight.shape[0]
+    _check_tensor(op, "lora_a", lora_a, 2, dtype, device, (None, K))
+    r = lora_a.shape[0]
+    _check_rank(op, "lora_a", r)
+    _check_tensor(op, "lora_b", lora_b, 2, dtype, device, (N, r))
+    if bias is not None:
+        _check_tensor(op, "bias", bias, 1, dtype, device, (N,))
+    _check_scaling(op, scaling)
+    _check_dropout(op, dropout_p, seed)
+    return _fwd_op(x, weight, lora_a, lora_b, float(scaling), bias, float(dropout_p), int(seed))
+
+
+def lora_bwd_dy(dy, s, lora_b, scaling):
+    """d_lora_b, ds = scaling * dy.T @ s, scaling * dy @ B   (both float32, from one read of dy)
+
+    dy: [M, N], s: [M, r] float32 (from lora_fwd), lora_b: [N, r] in dy.dtype.
+    Returns d_lora_b [N, r] and ds [M, r], float32."""
+    op = "lora_bwd_dy"
+    _check_tensor(op, "dy", dy, 2)
+    M, N = dy.shape
+    _check_tensor(op, "lora_b", lora_b, 2, dy.dtype, dy.device, (N, None))
+    r = lora_b.shape[1]
+    _check_rank(op, "lora_b", r)
+    _check_tensor(op, "s", s, 2, torch.float32, dy.device, (M, r))
+    _check_scaling(op, scaling)
+    return _bwd_dy_op(dy, s, lora_b, float(scaling))
+
+
+def lora_bwd_dx(dy, ds, weight, lora_a, dropout_p=0.0, seed=0):
+    """dx = dy @ W + mask * (ds @ A)   (mask: the forward's dropout multiplier for (seed, dropout_p))
+
+    dy: [M, N], ds: [M, r] float32, weight: [N, K], lora_a: [r, K] in dy.dtype. Returns dx [M, K] in dy.dtype."""
+    op = "lora_bwd_dx"
+    _check_tensor(op, "dy", dy, 2)
+    M, N = dy.shape
+    _check_tensor(op, "weight", weight, 2, dy.dtype, dy.device, (N, None))
+    K = weight.shape[1]
+    _check_tensor(op, "lora_a", lora_a, 2, dy.dtype, dy.device, (None, K))
+    r = lora_a.shape[0]
+    _check_rank(op, "lora_a", r)
+    _check_tensor(op, "ds", ds, 2, torch.float32, dy.device, (M, r))
+    _check_dropout(op, dropout_p, seed)
+    return _bwd_dx_op(dy, ds, weight, lora_a, float(dropout_p), int(seed))
+
+
+def lora_bwd_da(ds, x, dropout_p=0.0, seed=0):
+    """d_lora_a = ds.T @ (x * mask)   (float32; mask as in lora_fwd for the same seed and dropout_p)
+
+    ds: [M, r] float32, x: [M, K] (any strides). Returns d_lora_a [r, K] float32."""
+    op = "lora_bwd_da"
+    _check_tensor(op, "x", x, 2)
+    M, K = x.shape
+    _check_tensor(op, "ds", ds, 2, torch.float32, x.device, (M, None))
+    _check_rank(op, "ds", ds.shape[1])
+    _check_dropout(op, dropout_p, seed)
+    return _bwd_da_op(ds, x, float(dropout_p), int(seed))
+
+
+def dropout_mask(seed, M, K, p, device):
+    """The dropout multiplier [M, K] float32 the kernels apply for (seed, p): 1/(1-p) where kept, 0 where dropped.
+    For tests (feed it to lora_kernels.reference); the kernels regenerate it and never store it."""
+    op = "dropout_mask"
+    _check_dropout(op, p, seed)
+    for name, value in (("M", M), ("K", K)):
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{op}: {name} expected a non-negative int, got {value!r}")
+    device = torch.device(device)
+    if device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"{op}: device is {device}; the Triton kernels need CUDA (CPU only under TRITON_INTERPRET=1)")
+    has_dropout, p, scale = _dropout_args(p)
+    out = torch.empty((M, K), device=device, dtype=torch.float32)
+    if not has_dropout:
+        return out.fill_(1.0)
+    if M and K:
+        _dropout_mask_kernel[(triton.cdiv(M, DROPOUT_BLOCK), triton.cdiv(K, DROPOUT_BLOCK))](
+            out, M, K, out.stride(0), out.stride(1), p, scale, seed, BLOCK=DROPOUT_BLOCK)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# AOT compile-gate specs (lora_kernels/triton/aot.py compiles each for sm_80 and sm_90)
+# ----------------------------------------------------------------------------------------------------------------
+
+_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_INNER_STRIDES = {  # unit strides of contiguous operands: Triton specialises them to constexpr 1 at run time,
+    # which turns on vectorised, pipelined loads, so that is the variant whose shared memory matters.
+    "_lora_shrink_kernel": ("stride_xk", "stride_ak", "stride_sr"),
+    "_lora_fwd_kernel": ("stride_xk", "stride_wk", "stride_sr", "stride_br", "stride_bias", "stride_yn"),
+    "_lora_bwd_dy_kernel": ("stride_dyn", "stride_sr", "stride_br", "stride_dsr", "stride_dbp_r"),
+    "_lora_bwd_dx_kernel": ("stride_dyn", "stride_wk", "stride_dsr", "stride_ak", "stride_dxk"),
+    "_lora_bwd_da_kernel": ("stride_dsr", "stride_xk", "stride_dak"),
+    "_dropout_mask_kernel": ("stride_ok",),
+}
+_FP32_POINTERS = {"s_ptr", "ds_ptr", "dbp_ptr", "da_ptr", "out_ptr"}
+_FLOAT_SCALARS = {"scaling", "p", "dropout_scale"}
+
+
+def _signature(fn, dtype, constexpr_names):
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexpr_names:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32" if name in _FP32_POINTERS else "*" + _TRITON_DTYPE[dtype]
+        elif name in _FLOAT_SCALARS:
+            sig[name] = "fp32"
+        elif name == "seed":
+            sig[name] = "i64"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def _spec(fn, dtype, config, num_warps, num_stages, **flags):
+    constexprs = dict(config)
+    constexprs.update(flags)
+    constexprs.update({name: 1 for name in _INNER_STRIDES[fn.__name__]})
+    tag = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in sorted({**config, **flags}.items()))
+    signature = _signature(fn, dtype, constexprs)
+    return {
+        "name": f"{fn.__name__}[{_TRITON_DTYPE[dtype]}; {tag}; w{num_warps} s{num_stages}]",
+        "kernel": fn,
+        "signature": signature,
+        "constexprs": constexprs,
+        "num_warps": num_warps,
+        "num_stages": num_stages,
+        # Sizes and strides as Triton specialises them for K = N = 4096, M = 8192, r = 16: divisible by 16, which
+        # enables the vectorised async copies of the pipelined loops, the variant with the most shared memory.
+        "divisible_by_16": [name for name, kind in signature.items() if kind == "i32"],
+    }
+
+
+def aot_specs():
+    """Compile-gate entries for every kernel here. bf16: every autotune config at rank chunk 64 (the largest LoRA
+    operands, so the most shared memory) with every flag on, plus the default config at chunk 16 with the flags off
+    and at chunk 32. fp16: the default config at chunk 64. fp32 (twice the bytes per operand): the default config at
+    chunk 64 with flags on and chunk 16 with flags off. Ranks above 64 loop over chunks of 64."""
+    specs = []
+    seen = set()
+
+    def add(fn, dtype, cfg, **flags):
+        spec = _spec(fn, dtype, cfg.kwargs, cfg.num_warps, cfg.num_stages, **flags)
+        if spec["name"] not in seen:
+            seen.add(spec["name"])
+            specs.append(spec)
+
+    kernels = (  # (configs, kernel, flags on, flags off, fixed constexprs)
+        (SHRINK_CONFIGS, _lora_shrink_kernel, dict(HAS_DROPOUT=True), dict(HAS_DROPOUT=False), {}),
+        (GEMM_CONFIGS, _lora_fwd_kernel, dict(HAS_BIAS=True), dict(HAS_BIAS=False), dict(GROUP=GROUP_M)),
+        (DY_CONFIGS, _lora_bwd_dy_kernel, {}, {}, dict(BLOCK_M=DY_BLOCK_M)),
+        (DX_CONFIGS, _lora_bwd_dx_kernel, dict(HAS_DROPOUT=True), dict(HAS_DROPOUT=False), dict(GROUP=GROUP_M)),
+        (DA_CONFIGS, _lora_bwd_da_kernel, dict(HAS_DROPOUT=True), dict(HAS_DROPOUT=False), {}),
+    )
+    for configs, fn, on, off, fixed in kernels:
+        for cfg in configs:
+            add(fn, torch.bfloat16, cfg, **on, **fixed, BLOCK_R=MAX_BLOCK_R)
+        add(fn, torch.bfloat16, configs[0], **off, **fixed, BLOCK_R=MIN_DOT_DIM)
+        add(fn, torch.bfloat16, configs[0], **on, **fixed, BLOCK_R=32)
+        add(fn, torch.float16, configs[0], **on, **fixed, BLOCK_R=MAX_BLOCK_R)
+        add(fn, torch.float32, configs[0], **on, **fixed, BLOCK_R=MAX_BLOCK_R)
+        add(fn, torch.float32, configs[0], **off, **fixed, BLOCK_R=MIN_DOT_DIM)
+    add(_dropout_mask_kernel, torch.float32, triton.Config({"BLOCK": DROPOUT_BLOCK}, num_warps=4, num_stages=1))
+    return specs

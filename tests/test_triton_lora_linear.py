@@ -1,0 +1,285 @@
+"""The fused single-adapter Triton kernels (lora_kernels/triton/lora_linear.py) against lora_kernels.reference in
+float64: forward y and s, each backward kernel, dropout, edge cases and input checks. On CPU they run under the
+Triton interpreter (tests/conftest.py switches it on), so the shapes stay tiny."""
+
+import pytest
+import torch
+
+from conftest import DTYPES, assert_close, randn
+from lora_kernels import reference
+from lora_kernels.triton import HAS_TRITON, INTERPRET, TRITON_ERROR
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason=f"triton not importable: {TRITON_ERROR}")
+
+if HAS_TRITON:
+    from lora_kernels.triton import lora_linear as tk
+
+# (M, K, N, r): odd sizes with masked tails; ranks from 1 (padded to 16) to 256 (four chunks of 64).
+CASES = [(5, 67, 33, 1), (5, 67, 33, 16), (33, 130, 17, 8), (33, 130, 17, 64), (17, 40, 24, 256)]
+SCALING = 0.75
+
+
+@pytest.fixture
+def dev(device):
+    if device.type == "cpu" and not INTERPRET:
+        pytest.skip("CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)")
+    return device
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """torch.empty returns NaN-filled float tensors, so an output element a kernel forgets to write shows up."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        if out.is_floating_point():
+            out.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+def make_inputs(M, K, N, r, dtype, device, bias=True):
+    x = randn(M, K, dtype=dtype, device=device)
+    weight = randn(N, K, dtype=dtype, device=device, scale=K ** -0.5)
+    lora_a = randn(r, K, dtype=dtype, device=device, scale=K ** -0.5)
+    lora_b = randn(N, r, dtype=dtype, device=device, scale=r ** -0.5)
+    b = randn(N, dtype=dtype, device=device) if bias else None
+    return x, weight, lora_a, lora_b, b
+
+
+def ref_s(x, lora_a, mask=None):
+    x64 = x.double() if mask is None else x.double() * mask.double()
+    return x64 @ lora_a.double().T
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("M,K,N,r", CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward(dev, dtype, M, K, N, r, bias, poisoned_empty):
+    x, weight, lora_a, lora_b, b = make_inputs(M, K, N, r, dtype, dev, bias)
+    y, s = tk.lora_fwd(x, weight, lora_a, lora_b, SCALING, b)
+    assert y.dtype == dtype and y.shape == (M, N)
+    assert s.dtype == torch.float32 and s.shape == (M, r)
+    assert_close(y, reference.lora_linear(x, weight, lora_a, lora_b, SCALING, b), dtype, "y")
+    assert_close(s, ref_s(x, lora_a), torch.float32, "s")  # fp32 accumulation of exact products
+
+
+@pytest.mark.parametrize("M,K,N,r", CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward(dev, dtype, M, K, N, r, poisoned_empty):
+    x, weight, lora_a, lora_b, _ = make_inputs(M, K, N, r, dtype, dev, bias=False)
+    dy = randn(M, N, dtype=dtype, device=dev)
+    ref = reference.lora_linear_backward(dy, x, weight, lora_a, lora_b, SCALING)
+    _, s = tk.lora_fwd(x, weight, lora_a, lora_b, SCALING)
+    d_lora_b, ds = tk.lora_bwd_dy(dy, s, lora_b, SCALING)
+    assert d_lora_b.dtype == ds.dtype == torch.float32
+    assert d_lora_b.shape == (N, r) and ds.shape == (M, r)
+    # s, ds are fp32 results of rounded-precision inputs: the fp32 tolerance covers them.
+    assert_close(d_lora_b, ref["lora_b"], torch.float32, "d_lora_b")
+    assert_close(ds, SCALING * dy.double() @ lora_b.double(), torch.float32, "ds")
+    dx = tk.lora_bwd_dx(dy, ds, weight, lora_a)
+    assert dx.dtype == dtype and dx.shape == (M, K)
+    assert_close(dx, ref["x"], dtype, "dx")
+    d_lora_a = tk.lora_bwd_da(ds, x)
+    assert d_lora_a.dtype == torch.float32 and d_lora_a.shape == (r, K)
+    assert_close(d_lora_a, ref["lora_a"], torch.float32, "d_lora_a")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_non_contiguous_inputs(dev, dtype, poisoned_empty):
+    """x a transposed view, weight/lora_a column slices, dy a strided slice: strides are always passed."""
+    M, K, N, r = 9, 70, 20, 8
+    x = randn(K, M, dtype=dtype, device=dev).T  # [M, K], stride (1, M)
+    weight = randn(N, 2 * K, dtype=dtype, device=dev, scale=K ** -0.5)[:, ::2]
+    lora_a = randn(r, K + 5, dtype=dtype, device=dev, scale=K ** -0.5)[:, 5:]
+    lora_b = randn(r, N, dtype=dtype, device=dev, scale=r ** -0.5).T
+    b = randn(2 * N, dtype=dtype, device=dev)[::2]
+    dy = randn(M, 3 * N, dtype=dtype, device=dev)[:, N:2 * N]
+    assert not (x.is_contiguous() or weight.is_contiguous() or dy.is_contiguous() or lora_b.is_contiguous())
+    y, s = tk.lora_fwd(x, weight, lora_a, lora_b, SCALING, b)
+    assert_close(y, reference.lora_linear(x, weight, lora_a, lora_b, SCALING, b), dtype, "y")
+    ref = reference.lora_linear_backward(dy, x, weight, lora_a, lora_b, SCALING)
+    s_t = s.T.contiguous().T  # an fp32 s with column-major strides
+    d_lora_b, ds = tk.lora_bwd_dy(dy, s_t, lora_b, SCALING)
+    assert_close(d_lora_b, ref["lora_b"], torch.float32, "d_lora_b")
+    assert_close(tk.lora_bwd_dx(dy, ds, weight, lora_a), ref["x"], dtype, "dx")
+    assert_close(tk.lora_bwd_da(ds, x), ref["lora_a"], torch.float32, "d_lora_a")
+
+
+def test_empty_batch(dev):
+    M, K, N, r = 0, 40, 24, 8
+    x, weight, lora_a, lora_b, b = make_inputs(M, K, N, r, torch.float32, dev)
+    y, s = tk.lora_fwd(x, weight, lora_a, lora_b, SCALING, b, dropout_p=0.1, seed=3)
+    assert y.shape == (0, N) and s.shape == (0, r)
+    dy = randn(M, N, device=dev)
+    d_lora_b, ds = tk.lora_bwd_dy(dy, s, lora_b, SCALING)
+    assert d_lora_b.shape == (N, r) and ds.shape == (0, r) and torch.all(d_lora_b == 0)
+    assert tk.lora_bwd_dx(dy, ds, weight, lora_a, dropout_p=0.1, seed=3).shape == (0, K)
+    d_lora_a = tk.lora_bwd_da(ds, x, dropout_p=0.1, seed=3)
+    assert d_lora_a.shape == (r, K) and torch.all(d_lora_a == 0)
+
+
+def test_d_lora_b_is_deterministic(dev):
+    """dB is reduced from per-row-block partials in a fixed order: bitwise equal across runs."""
+    M, N, r = 40, 33, 16
+    dy = randn(M, N, device=dev)
+    s = randn(M, r, device=dev)
+    lora_b = randn(N, r, device=dev)
+    first = tk.lora_bwd_dy(dy, s, lora_b, SCALING)
+    second = tk.lora_bwd_dy(dy, s, lora_b, SCALING)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dropout
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_dropout_mask_values_fraction_and_seeds(dev):
+    M, K, p = 64, 96, 0.3
+    mask = tk.dropout_mask(11, M, K, p, dev)
+    assert mask.dtype == torch.float32 and mask.shape == (M, K)
+    scale = torch.tensor(1.0 / (1.0 - p), dtype=torch.float32).item()
+    assert torch.all((mask == 0) | (mask == scale))
+    dropped = (mask == 0).double().mean().item()
+    assert abs(dropped - p) < 0.04, dropped  # 6144 Bernoulli(0.3) draws: std 0.006
+    assert torch.equal(mask, tk.dropout_mask(11, M, K, p, dev)), "same seed, same mask"
+    assert not torch.equal(mask, tk.dropout_mask(12, M, K, p, dev)), "another seed, another mask"
+    assert torch.all(tk.dropout_mask(11, M, K, 0.0, dev) == 1)
+    big_seed = tk.dropout_mask(2**40 + 11, M, K, p, dev)  # 64-bit seeds reach the kernel intact
+    assert not torch.equal(mask, big_seed) and abs((big_seed == 0).double().mean().item() - p) < 0.04
+    # The mask of a smaller M is the leading rows of a larger one: it depends on (seed, m * K + k) only.
+    assert torch.equal(tk.dropout_mask(11, 7, K, p, dev), mask[:7])
+
+
+def test_dropout_p0_is_no_dropout(dev):
+    x, weight, lora_a, lora_b, b = make_inputs(9, 40, 20, 8, torch.float32, dev)
+    plain = tk.lora_fwd(x, weight, lora_a, lora_b, SCALING, b)
+    seeded = tk.lora_fwd(x, weight, lora_a, lora_b, SCALING, b, dropout_p=0.0, seed=1234)
+    assert torch.equal(plain[0], seeded[0]) and torch.equal(plain[1], seeded[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dropout_forward_and_backward_share_the_mask(dev, dtype, poisoned_empty):
+    """Every kernel regenerates the forward's mask from the seed: compare all of them to the reference fed with
+    dropout_mask(). Ranks 16 and 70 (two chunks) over two shapes."""
+    p, seed = 0.25, 2024
+    for M, K, N, r in [(17, 67, 33, 16), (6, 40, 20, 70)]:
+        x, weight, lora_a, lora_b, b = make_inputs(M, K, N, r, dtype, dev)
+        mask = tk.dropout_mask(seed, M, K, p, dev)
+        y, s = tk.lora_fwd(x, weight, lora_a, lora_b, SCALING, b, dropout_p=p, seed=seed)
+        assert_close(y, reference.lora_linear(x, weight, lora_a, lora_b, SCALING, b, dropout_mask=mask), dtype, "y")
+        assert_close(s, ref_s(x, lora_a, mask), torch.float32, "s")
+        dy = randn(M, N, dtype=dtype, device=dev)
+        ref = reference.lora_linear_backward(dy, x, weight, lora_a, lora_b, SCALING, dropout_mask=mask)
+        d_lora_b, ds = tk.lora_bwd_dy(dy, s, lora_b, SCALING)
+        assert_close(d_lora_b, ref["lora_b"], torch.float32, "d_lora_b")
+        assert_close(tk.lora_bwd_dx(dy, ds, weight, lora_a, dropout_p=p, seed=seed), ref["x"], dtype, "dx")
+        assert_close(tk.lora_bwd_da(ds, x, dropout_p=p, seed=seed), ref["lora_a"], torch.float32, "d_lora_a")
+
+
+def test_dropout_seeds_change_the_result_and_p1_drops_everything(dev):
+    x, weight, lora_a, lora_b, _ = make_inputs(9, 40, 20, 8, torch.float32, dev)
+    s1 = tk.lora_fwd(x, weight, lora_a, lora_b, SCALING, dropout_p=0.5, seed=1)[1]
+    s2 = tk.lora_fwd(x, weight, lora_a, lora_b, SCALING, dropout_p=0.5, seed=2)[1]
+    assert not torch.equal(s1, s2)
+    y, s = tk.lora_fwd(x, weight, lora_a, lora_b, SCALING, dropout_p=1.0, seed=1)
+    assert torch.all(s == 0)
+    assert_close(y, x.double() @ weight.double().T, torch.float32, "y with everything dropped")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input checks: raised before any launch, naming the argument
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_forward_rejects_bad_inputs(dev):
+    x, weight, lora_a, lora_b, b = make_inputs(4, 32, 16, 8, torch.float32, dev)
+    fwd = tk.lora_fwd
+    cases = [
+        (ValueError, "weight", lambda: fwd(x, weight[:, :31], lora_a, lora_b, 1.0)),
+        (ValueError, "lora_a", lambda: fwd(x, weight, lora_a[:, :31], lora_b, 1.0)),
+        (ValueError, "lora_b", lambda: fwd(x, weight, lora_a, lora_b[:15], 1.0)),
+        (ValueError, "lora_b", lambda: fwd(x, weight, lora_a, lora_b[:, :7], 1.0)),
+        (ValueError, "bias", lambda: fwd(x, weight, lora_a, lora_b, 1.0, b[:15])),
+        (ValueError, "x", lambda: fwd(x[None], weight, lora_a, lora_b, 1.0)),
+        (ValueError, "lora_a", lambda: fwd(x, weight, lora_a[:0], lora_b[:, :0], 1.0)),
+        (TypeError, "weight", lambda: fwd(x, weight.half(), lora_a, lora_b, 1.0)),
+        (TypeError, "lora_b", lambda: fwd(x, weight, lora_a, lora_b.bfloat16(), 1.0)),
+        (TypeError, "bias", lambda: fwd(x, weight, lora_a, lora_b, 1.0, b.double())),
+        (TypeError, "x", lambda: fwd(x.to(torch.int32), weight, lora_a, lora_b, 1.0)),
+        (TypeError, "x", lambda: fwd(x.double(), weight, lora_a, lora_b, 1.0)),
+        (TypeError, "x", lambda: fwd(x.tolist(), weight, lora_a, lora_b, 1.0)),
+        (ValueError, "dropout_p", lambda: fwd(x, weight, lora_a, lora_b, 1.0, dropout_p=1.5)),
+        (TypeError, "seed", lambda: fwd(x, weight, lora_a, lora_b, 1.0, dropout_p=0.1, seed=0.5)),
+        (TypeError, "scaling", lambda: fwd(x, weight, lora_a, lora_b, torch.tensor(1.0))),
+    ]
+    for error, name, call in cases:
+        with pytest.raises(error, match=rf"lora_fwd: {name} expected"):
+            call()
+
+
+def test_backward_rejects_bad_inputs(dev):
+    M, K, N, r = 4, 32, 16, 8
+    x, weight, lora_a, lora_b, _ = make_inputs(M, K, N, r, torch.float32, dev)
+    dy = randn(M, N, device=dev)
+    s = randn(M, r, device=dev)
+    cases = [
+        (ValueError, "lora_bwd_dy: lora_b", lambda: tk.lora_bwd_dy(dy, s, lora_b[:15], 1.0)),
+        (ValueError, "lora_bwd_dy: s", lambda: tk.lora_bwd_dy(dy, s[:, :7], lora_b, 1.0)),
+        (ValueError, "lora_bwd_dy: s", lambda: tk.lora_bwd_dy(dy, s[:3], lora_b, 1.0)),
+        (TypeError, "lora_bwd_dy: s", lambda: tk.lora_bwd_dy(dy, s.half(), lora_b, 1.0)),
+        (TypeError, "lora_bwd_dy: lora_b", lambda: tk.lora_bwd_dy(dy, s, lora_b.half(), 1.0)),
+        (TypeError, "lora_bwd_dy: dy", lambda: tk.lora_bwd_dy(dy.long(), s, lora_b, 1.0)),
+        (ValueError, "lora_bwd_dx: weight", lambda: tk.lora_bwd_dx(dy, s, weight[:15], lora_a)),
+        (ValueError, "lora_bwd_dx: lora_a", lambda: tk.lora_bwd_dx(dy, s, weight, lora_a[:, :31])),
+        (ValueError, "lora_bwd_dx: ds", lambda: tk.lora_bwd_dx(dy, s[:, :7], weight, lora_a)),
+        (TypeError, "lora_bwd_dx: weight", lambda: tk.lora_bwd_dx(dy, s, weight.bfloat16(), lora_a)),
+        (TypeError, "lora_bwd_dx: ds", lambda: tk.lora_bwd_dx(dy, s.bfloat16(), weight, lora_a)),
+        (ValueError, "lora_bwd_da: ds", lambda: tk.lora_bwd_da(s[:3], x)),
+        (TypeError, "lora_bwd_da: ds", lambda: tk.lora_bwd_da(s.half(), x)),
+        (TypeError, "lora_bwd_da: x", lambda: tk.lora_bwd_da(s, x.to(torch.int16))),
+        (ValueError, "lora_bwd_da: dropout_p", lambda: tk.lora_bwd_da(s, x, dropout_p=-0.1)),
+    ]
+    for error, prefix, call in cases:
+        with pytest.raises(error, match=rf"{prefix} expected"):
+            call()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.compile / custom op registration
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_custom_ops_are_registered():
+    for name in ("triton_lora_fwd", "triton_lora_bwd_dy", "triton_lora_bwd_dx", "triton_lora_bwd_da"):
+        assert hasattr(torch.ops.lora_kernels, name), name
+
+
+def test_opcheck_forward(dev):
+    x, weight, lora_a, lora_b, b = make_inputs(5, 40, 20, 8, torch.float32, dev)
+    torch.library.opcheck(torch.ops.lora_kernels.triton_lora_fwd.default,
+                          (x, weight, lora_a, lora_b, SCALING, b, 0.1, 7),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_torch_compile_fullgraph(dev):
+    """torch.compile(fullgraph=True) traces the launchers (checks included) and the ops without graph breaks."""
+    torch._dynamo.reset()
+    M, K, N, r = 6, 40, 20, 8
+    x, weight, lora_a, lora_b, b = make_inputs(M, K, N, r, torch.float32, dev)
+    dy = randn(M, N, device=dev)
+
+    def step(x, weight, lora_a, lora_b, b, dy):
+        y, s = tk.lora_fwd(x, weight, lora_a, lora_b, SCALING, b, dropout_p=0.2, seed=5)
+        d_lora_b, ds = tk.lora_bwd_dy(dy, s, lora_b, SCALING)
+        dx = tk.lora_bwd_dx(dy, ds, weight, lora_a, dropout_p=0.2, seed=5)
+        d_lora_a = tk.lora_bwd_da(ds, x, dropout_p=0.2, seed=5)
+        return y, dx, d_lora_a, d_lora_b
+
+    backend = "aot_eager" if dev.type == "cpu" else "inductor"
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
+    for got, want in zip(compiled(x, weight, lora_a, lora_b, b, dy), step(x, weight, lora_a, lora_b, b, dy)):
+        torch.testing.assert_close(got, want)
