@@ -7,9 +7,9 @@ and that is not implemented here is refused by name, never ignored.
 
 Distributed training: LoRALinear holds plain Parameters (frozen base, trainable lora_A/lora_B), so DDP and FSDP2
 (`torch.distributed.fsdp.fully_shard`, which accepts frozen and trainable parameters in one group) wrap an injected
-model like any other; save from rank 0 after gathering (FSDP2: `full_tensor()` of each DTensor, or
-`torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))`),
-and load before wrapping.
+or loaded model like any other (tests/test_distributed.py: gloo, CPU). Load before wrapping. Save: under DDP call
+save_peft_adapter on rank 0 (or on every rank: only rank 0 writes); under FSDP2 call it on every rank, since
+gathering the sharded LoRA weights (DTensor.full_tensor) is a collective, and rank 0 writes.
 """
 
 import json
@@ -504,6 +504,15 @@ def _atomic_write(directory, name, write):
         pass
 
 
+def _to_saved(tensor):
+    """A contiguous CPU copy: safetensors refuses tensors sharing storage (slot slices), and the file must not alias
+    the model. An FSDP2-sharded DTensor is gathered first (a collective: every rank must call save)."""
+    tensor = tensor.detach()
+    if hasattr(tensor, "full_tensor"):
+        tensor = tensor.full_tensor()
+    return tensor.to("cpu", copy=True).contiguous()
+
+
 def _clean_number(value):
     """An alpha recovered from a float scaling: the int it is meant to be when within rounding of one."""
     rounded = round(value)
@@ -587,7 +596,8 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
     adapter_name=None saves the LoRALinear layers; a name saves that adapter's MultiLoRALinear slots. Layers of
     different rank or alpha go into rank_pattern / alpha_pattern (full module names); one lora_dropout and one
     use_rslora must hold for the whole adapter (PEFT has one of each). Each file is written to a temporary file in
-    `path` and renamed over the old one, so a crash never leaves a truncated file."""
+    `path` and renamed over the old one, so a crash never leaves a truncated file. With torch.distributed
+    initialised only rank 0 writes (FSDP2: call it on every rank, the sharded weights are gathered)."""
     op = "save_peft_adapter"
     records = _collect_layers(model, adapter_name, op)
     for field, index in (("use_rslora", 5), ("lora_dropout", 6)):
@@ -636,9 +646,10 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
                 raise ValueError(f"{op}: internal error: rank/alpha patterns do not reproduce module {name!r}")
     tensors = {}
     for name, lora_a, lora_b, *_ in records:
-        # clone: safetensors refuses tensors sharing storage (slot slices), and the file must not alias the model
-        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = lora_a.detach().to("cpu", copy=True).contiguous()
-        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = lora_b.detach().to("cpu", copy=True).contiguous()
+        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = _to_saved(lora_a)
+        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = _to_saved(lora_b)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
     os.makedirs(path, exist_ok=True)
     from safetensors.torch import save_file
     _atomic_write(path, SAFETENSORS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))

@@ -207,7 +207,8 @@ def _bad_cases():
         return lambda path: _edit_weights(path, edit)
 
     return [
-        ("missing key", weights(drop_key), ValueError, r"missing 'base_model\.model\.layers\.1\.v_proj\.lora_B\.weight'"),
+        ("missing key", weights(drop_key), ValueError,
+         r"missing 'base_model\.model\.layers\.1\.v_proj\.lora_B\.weight'"),
         ("wrong shape", weights(wrong_shape), ValueError, r"expected shape \[8, 16\].*got \[8, 15\]"),
         ("extra keys", weights(extra_key), ValueError, r"unexpected keys 'base_model\.model\.layers\.0\.o_proj"),
         ("DoRA key", weights(dora_key), ValueError, r"unexpected keys.*lora_magnitude_vector.*DoRA"),

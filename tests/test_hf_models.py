@@ -1,0 +1,221 @@
+"""Parity with PEFT on Hugging Face models built from configs with random weights (no downloads): a small Llama
+(nn.Linear) and GPT-2 (Conv1D, fan_in_fan_out). Same adapter in PEFT and in lora_kernels -> same logits and same
+LoRA gradients; files round-trip both ways; PEFT's mixed-batch `adapter_names=` against set_batch_adapters;
+torch.compile(fullgraph=True) of an injected Llama training step."""
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from conftest import assert_close
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+import lora_kernels as lk  # noqa: E402
+from lora_kernels.modules import LoRALinear, MultiLoRALinear  # noqa: E402
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from transformers.pytorch_utils import Conv1D  # noqa: E402
+
+F32 = torch.float32
+VOCAB = 128
+
+
+@pytest.fixture(scope="module")
+def llama():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                      max_position_embeddings=64, bos_token_id=0, eos_token_id=1)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
+                                     bos_token_id=0, eos_token_id=1)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def _ids(batch=3, seq=7):
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(7))
+
+
+def _peft(base, **kwargs):
+    """A PeftModel of a copy of base with random non-zero A and B (init_lora_weights=False)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's fan_in_fan_out notices
+        return get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, **kwargs)).eval()
+
+
+def _loss_and_lora_grads(model, ids, strip_adapter_name=False):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert "lora_" in name, f"{name} should be frozen"
+            if strip_adapter_name:
+                name = name.removeprefix("base_model.model.").replace(".default.", ".")
+            grads[name] = p.grad
+    return out.logits.detach(), grads
+
+
+def _assert_parity(ours, theirs, ids):
+    logits, grads = _loss_and_lora_grads(ours, ids)
+    ref_logits, ref_grads = _loss_and_lora_grads(theirs, ids, strip_adapter_name=True)
+    assert_close(logits, ref_logits, F32, "logits")
+    assert sorted(grads) == sorted(ref_grads)
+    for name, grad in grads.items():
+        assert_close(grad, ref_grads[name], F32, f"grad {name}")
+    return logits
+
+
+LLAMA_CONFIGS = {
+    "list": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "regex-patterns-rslora": dict(r=4, lora_alpha=6, target_modules=r".*\.(k_proj|o_proj|down_proj|up_proj)",
+                                  rank_pattern={"down_proj": 2, "model.layers.1.self_attn.o_proj": 6},
+                                  alpha_pattern={"k_proj": 3}, use_rslora=True),
+    "layers-exclude-dropout": dict(r=3, lora_alpha=5, target_modules=["q_proj", "gate_proj", "v_proj"],
+                                   layers_to_transform=[1], layers_pattern="layers", lora_dropout=0.1,
+                                   exclude_modules=["model.layers.1.self_attn.v_proj"]),
+}
+
+
+@pytest.mark.parametrize("name", list(LLAMA_CONFIGS))
+def test_llama_parity_and_round_trip_both_ways(llama, tmp_path, name):
+    ids = _ids()
+    theirs = _peft(llama, **LLAMA_CONFIGS[name])
+    theirs.save_pretrained(tmp_path / "peft", safe_serialization=(name != "list"))  # "list" writes a .bin
+    ours = lk.load_peft_adapter(copy.deepcopy(llama), tmp_path / "peft", backend="torch").eval()
+    wrapped = sorted(n for n, m in ours.named_modules() if isinstance(m, LoRALinear))
+    assert wrapped == sorted(n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+                             if isinstance(m, peft.tuners.lora.LoraLayer))
+    logits = _assert_parity(ours, theirs, ids)
+    assert (logits - llama(ids).logits).abs().max() > 1e-3  # the adapter does something
+
+    lk.save_peft_adapter(ours, tmp_path / "ours")
+    back = PeftModel.from_pretrained(copy.deepcopy(llama), tmp_path / "ours", is_trainable=True).eval()
+    _assert_parity(ours, back, ids)
+
+
+def test_llama_injected_with_auto_backend_matches_peft_after_loading(llama, tmp_path):
+    """inject_lora with default settings, then the PEFT file loaded into its LoRALinear layers (same rank)."""
+    theirs = _peft(llama, r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    theirs.save_pretrained(tmp_path)
+    ours = lk.inject_lora(copy.deepcopy(llama), ["q_proj", "k_proj", "v_proj", "o_proj"]).eval()
+    lk.load_peft_adapter(ours, tmp_path)
+    _assert_parity(ours, theirs, _ids())
+
+
+def test_gpt2_conv1d_parity_and_round_trip_both_ways(gpt2, tmp_path):
+    ids = _ids()
+    theirs = _peft(gpt2, r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = lk.load_peft_adapter(copy.deepcopy(gpt2), tmp_path / "peft", backend="torch").eval()
+    layer = ours.transformer.h[0].attn.c_attn
+    assert isinstance(layer, LoRALinear) and layer.fan_in_fan_out and tuple(layer.weight.shape) == (64, 192)
+    assert isinstance(ours.transformer.h[1].mlp.c_proj, LoRALinear)  # "c_proj" selects attn.c_proj and mlp.c_proj
+    logits = _assert_parity(ours, theirs, ids)
+    assert (logits - gpt2(ids).logits).abs().max() > 1e-3
+
+    lk.save_peft_adapter(ours, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    back = PeftModel.from_pretrained(copy.deepcopy(gpt2), tmp_path / "ours", is_trainable=True).eval()
+    _assert_parity(ours, back, ids)
+
+
+def test_gpt2_conv1d_injection_keeps_the_base_state_dict(gpt2):
+    model = copy.deepcopy(gpt2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match="Conv1D.*pass fan_in_fan_out=True"):
+        lk.inject_lora(model, ["c_attn"])
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    ids = _ids()
+    ref = gpt2(ids).logits
+    lk.inject_lora(model, ["c_attn", "c_fc"], r=4, fan_in_fan_out=True)
+    state = model.state_dict()
+    for key, value in before.items():  # same keys, shapes and values: a GPT-2 checkpoint still loads
+        assert torch.equal(state[key], value), key
+    assert_close(model(ids).logits, ref, F32, "fresh adapter is the identity")
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            m.reset_lora_parameters(False)
+    with torch.no_grad():
+        unmerged = model(ids).logits
+        model.transformer.h[0].attn.c_attn.merge()
+        assert_close(model(ids).logits, unmerged, F32, "merged")
+        model.transformer.h[0].attn.c_attn.unmerge()
+        lk.merge_and_unload(model)
+        assert type(model.transformer.h[0].attn.c_attn) is Conv1D
+        assert_close(model(ids).logits, unmerged, F32, "merge_and_unload")
+    with pytest.warns(UserWarning, match="'lm_head' is an nn.Linear"):
+        lk.inject_lora(copy.deepcopy(gpt2), ["c_attn", "lm_head"], fan_in_fan_out=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_mixed_batch_matches_peft_adapter_names(arch, llama, gpt2, tmp_path):
+    base = llama if arch == "llama" else gpt2
+    if arch == "llama":
+        configs = {"fr": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+                   "de": dict(r=8, lora_alpha=4, target_modules=["q_proj", "o_proj", "down_proj"], use_rslora=True)}
+        union = ["q_proj", "v_proj", "o_proj", "down_proj"]
+    else:
+        configs = {"fr": dict(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True),
+                   "de": dict(r=6, lora_alpha=3, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)}
+        union = ["c_attn", "c_fc"]
+    for name, config in configs.items():
+        _peft(base, **config).save_pretrained(tmp_path / name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "fr", adapter_name="fr")
+        theirs.load_adapter(tmp_path / "de", adapter_name="de")
+    theirs.eval()
+    ours = lk.prepare_multi_adapter(copy.deepcopy(base), union, max_adapters=4, max_rank=8, backend="torch").eval()
+    for name in configs:
+        lk.load_peft_adapter(ours, tmp_path / name, adapter_name=name)
+    assert ours.lora_adapter_slots == {"fr": 0, "de": 1}
+    assert sum(isinstance(m, MultiLoRALinear) for m in ours.modules()) == 2 * len(union)
+
+    ids = _ids(batch=5)
+    names = ["de", "__base__", "fr", "fr", "de"]
+    with torch.no_grad():
+        ref = theirs(input_ids=ids, adapter_names=names).logits
+        with lk.set_batch_adapters(ours, names):
+            mixed = ours(input_ids=ids).logits
+    assert_close(mixed, ref, F32, "mixed-batch logits")
+    assert_close(mixed[1], base(ids[1:2]).logits[0], F32, "__base__ row")
+    assert (mixed[0] - mixed[2]).abs().max() > 0 and (ref[2] - base(ids[2:3]).logits[0]).abs().max() > 1e-3
+
+
+def test_torch_compile_fullgraph_training_step_of_an_injected_llama(llama):
+    """The whole HF Llama forward (attention, RoPE, loss) with our layers compiles as ONE graph (fullgraph=True
+    raises on any graph break, ours or HF's); backward runs the compiled graph. Checked: loss and LoRA gradients
+    equal eager's, and an optimizer step changes the LoRA weights only. backend="auto" is the inject_lora default
+    (the C++ CPU kernels when built, else torch ops); aot_eager keeps the compile fast."""
+    torch._dynamo.reset()
+    model = lk.inject_lora(copy.deepcopy(llama), ["q_proj", "v_proj", "down_proj"], r=4, init_lora_weights=False)
+    model.train()
+    ids = _ids(batch=2, seq=6)
+    eager_loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    eager_loss.backward()
+    eager_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    loss = compiled(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    assert_close(loss, eager_loss, F32, "compiled loss")
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert_close(p.grad, eager_grads[name], F32, f"compiled grad {name}")
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+    assert all(not torch.equal(p, lora[n]) for n, p in model.named_parameters() if p.requires_grad)
+    torch._dynamo.reset()
