@@ -1,4 +1,5 @@
-"""Command line: `lora-kernels info` (versions, device, backends and why some are missing)."""
+"""Command line: `lora-kernels info` (versions, device, backends and why some are missing), `lora-kernels compare`
+(full fine-tuning vs LoRA, unfused and fused, measured here) and `lora-kernels bench` (the design.md §8 ratios)."""
 
 import argparse
 import json
@@ -51,14 +52,178 @@ def print_info(as_json=False):
             print(f"  {name:10s} {status}")
 
 
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _name_list(text):
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of names, got {text!r}")
+    return names
+
+
+def _int_list(text):
+    return tuple(_positive_int(part) for part in _name_list(text))
+
+
+def _add_compare_parser(sub):
+    from lora_kernels.compare import DEFAULT_TARGETS, DEVICE_DEFAULTS, DTYPES, MODEL_SIZES
+    cpu, gpu = DEVICE_DEFAULTS["cpu"], DEVICE_DEFAULTS["cuda"]
+    p = sub.add_parser(
+        "compare", help="full fine-tuning vs LoRA (unfused torch layer) vs LoRA (fused kernels), measured here",
+        description="Trains a Llama-style decoder (built in code, random init, no downloads) on a synthetic "
+                    "next-token task for a few steps with full fine-tuning, LoRA with the unfused torch layer "
+                    "(PEFT's way) and LoRA with the fastest available fused backend, from the same init on the same "
+                    "data, and prints trainable parameters, gradient / optimizer-state / activation / peak memory, "
+                    "step time and tokens/s, checkpoint size on disk, inference latency (merged, unmerged unfused, "
+                    "unmerged fused) and the loss.")
+    model = p.add_argument_group("model")
+    model.add_argument("--model-size", choices=sorted(MODEL_SIZES),
+                       help=f"preset (default: {cpu['model_size']} on CPU, {gpu['model_size']} on CUDA); "
+                            + "; ".join(f"{name}: hidden {v['hidden']}, {v['layers']} layers"
+                                        for name, v in MODEL_SIZES.items()))
+    model.add_argument("--hidden", type=_positive_int, help="hidden size (overrides the preset; heads and MLP "
+                                                            "width follow unless given)")
+    model.add_argument("--layers", type=_positive_int, help="decoder layers (overrides the preset)")
+    model.add_argument("--heads", type=_positive_int, help="attention heads (overrides the preset)")
+    model.add_argument("--intermediate", type=_positive_int, help="SwiGLU MLP width (overrides the preset)")
+    model.add_argument("--vocab", type=_positive_int, help="vocabulary size (overrides the preset)")
+    lora = p.add_argument_group("LoRA")
+    lora.add_argument("--rank", "-r", type=_positive_int, default=16, help="LoRA rank r (default 16)")
+    lora.add_argument("--alpha", type=float, default=32.0, help="lora_alpha; scaling = alpha / r (default 32)")
+    lora.add_argument("--dropout", type=float, default=0.0, help="lora_dropout (default 0)")
+    lora.add_argument("--rslora", action="store_true", help="scaling = alpha / sqrt(r)")
+    lora.add_argument("--targets", type=_name_list, default=DEFAULT_TARGETS,
+                      help=f"comma-separated module names to adapt (default {','.join(DEFAULT_TARGETS)})")
+    lora.add_argument("--backend", default="auto",
+                      help="backend of the fused LoRA run (default auto: the fastest available here)")
+    run = p.add_argument_group("run")
+    run.add_argument("--steps", type=_positive_int,
+                     help=f"training steps, warm-up included (default {cpu['steps']} CPU / {gpu['steps']} CUDA)")
+    run.add_argument("--warmup", type=int, help=f"untimed first steps (default {cpu['warmup']} / {gpu['warmup']})")
+    run.add_argument("--batch-size", type=_positive_int, help=f"sequences per step (default {cpu['batch_size']} / "
+                                                              f"{gpu['batch_size']})")
+    run.add_argument("--seq-len", type=_positive_int, help=f"tokens per sequence (default {cpu['seq_len']} / "
+                                                           f"{gpu['seq_len']})")
+    run.add_argument("--dtype", choices=sorted(DTYPES), help=f"default {cpu['dtype']} on CPU, {gpu['dtype']} on CUDA")
+    run.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    run.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of full fine-tuning (default 1e-3)")
+    run.add_argument("--lora-lr", type=float, default=3e-3, help="AdamW learning rate of LoRA (default 3e-3)")
+    run.add_argument("--infer-reps", type=_positive_int, help="forward passes per inference latency (median)")
+    run.add_argument("--seed", type=int, default=0, help="seed of the init, the task and the data (default 0)")
+    run.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's)")
+    out = p.add_argument_group("output")
+    out.add_argument("--json", action="store_true", help="print the measurements as JSON instead of the table")
+    out.add_argument("--save", metavar="PATH", help="also write the JSON to PATH")
+    out.add_argument("--plot", metavar="PATH", help="write a figure (PNG) to PATH; needs matplotlib")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return p
+
+
+def _add_bench_parser(sub):
+    from lora_kernels.bench import PRESETS
+    from lora_kernels.compare import DTYPES
+    p = sub.add_parser(
+        "bench", help="microbenchmark ratios of design.md §8 for the available backends",
+        description="Times the fused LoRA ops against named baselines in one run (base F.linear, the two base "
+                    "GEMMs, PEFT's unfused layer with dropout, full fine-tuning, one adapter, the per-adapter loop, "
+                    "a copy) and prints the ratios. GPU: bf16, K=N=4096; CPU: fp32, scaled down.")
+    p.add_argument("--quick", action="store_true", help="fewer shapes and repetitions (seconds on CPU)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help=f"default {PRESETS['cpu']['dtype']} on CPU, "
+                                                           f"{PRESETS['cuda']['dtype']} on CUDA")
+    p.add_argument("--backends", type=_name_list, help="comma-separated backends (default: all available but "
+                                                       "reference, and no Triton interpreter on CPU)")
+    p.add_argument("--hidden", type=_positive_int, help="K = N of the layer (default 4096 GPU, 512 CPU)")
+    p.add_argument("--rank", type=_positive_int, help="rank of the main rows (default 16)")
+    p.add_argument("--ranks", type=_int_list, help="ranks of the rank sweep (default 8,16,64)")
+    p.add_argument("--ms", type=_int_list, help="token counts M of the forward rows")
+    p.add_argument("--train-m", type=_positive_int, help="M of the fwd+bwd rows (default 8192 GPU, 1024 CPU)")
+    p.add_argument("--reps", type=_positive_int, help="timed calls per candidate (median)")
+    p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--json", action="store_true", help="print the measurements as JSON instead of the table")
+    p.add_argument("--save", metavar="PATH", help="also write the JSON to PATH")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return p
+
+
+def _write_json(result, path):
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+
+
+def run_compare_command(args):
+    from lora_kernels import compare
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("lora-kernels compare: --plot needs matplotlib, which is not installed "
+                  "(pip install matplotlib, or pip install 'lora_kernels[bench]')", file=sys.stderr)
+            return 2
+    config = compare.CompareConfig(
+        model_size=args.model_size, hidden=args.hidden, layers=args.layers, heads=args.heads,
+        intermediate=args.intermediate, vocab=args.vocab, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
+        use_rslora=args.rslora, targets=args.targets, steps=args.steps, warmup=args.warmup,
+        batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype, device=args.device, backend=args.backend,
+        lr=args.lr, lora_lr=args.lora_lr, infer_reps=args.infer_reps, seed=args.seed, threads=args.threads,
+        progress=not args.no_progress)
+    try:
+        config = config.resolved()
+        compare.fused_backend_for(config)
+    except ValueError as exc:  # bad option values: the message names the option
+        print(f"lora-kernels {exc}", file=sys.stderr)  # the message starts with "compare: <option>"
+        return 2
+    result = compare.run_compare(config)
+    if args.save:
+        _write_json(result, args.save)
+    if args.plot:
+        compare.plot_compare(result, args.plot)
+    print(compare.to_json(result) if args.json else compare.format_compare(result))
+    if args.plot and not args.json:
+        print(f"figure: {args.plot}")
+    return 0
+
+
+def run_bench_command(args):
+    from lora_kernels import bench
+    config = bench.BenchConfig(
+        device=args.device, dtype=args.dtype, quick=args.quick, backends=args.backends, hidden=args.hidden,
+        rank=args.rank, ranks=args.ranks, ms=args.ms, train_m=args.train_m, reps=args.reps, threads=args.threads,
+        progress=not args.no_progress)
+    try:
+        config = config.resolved()
+    except ValueError as exc:
+        print(f"lora-kernels {exc}", file=sys.stderr)
+        return 2
+    result = bench.run_bench(config)
+    if args.save:
+        _write_json(result, args.save)
+    print(json.dumps(result, indent=2) if args.json else bench.format_bench(result))
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="lora-kernels", description="Fused LoRA kernels: info, benchmarks, compare.")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="versions, device and available backends")
     info.add_argument("--json", action="store_true", help="print JSON")
+    _add_compare_parser(sub)
+    _add_bench_parser(sub)
     args = parser.parse_args(argv)
-    if args.command == "info":
-        print_info(args.json)
+    if args.command == "compare":
+        return run_compare_command(args)
+    if args.command == "bench":
+        return run_bench_command(args)
+    print_info(args.json)
     return 0
 
 

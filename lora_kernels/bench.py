@@ -1,0 +1,521 @@
+"""`lora-kernels bench`: the microbenchmark sweep of design.md §8 for the backends available here, as ratios
+measured in one run against named baselines (base F.linear, the two base GEMMs, PEFT's unfused layer, full
+fine-tuning, one adapter, the per-adapter loop, a measured copy).
+
+`run_bench(BenchConfig(...)) -> dict` measures; `format_bench(result) -> str` prints; the CLI wraps both.
+GPU timings: CUDA events around each call after warm-up, the median, several rotating input sets (weights
+included) so the L2 cache never holds the next call's operands. CPU timings: time.perf_counter, the median.
+"""
+
+import dataclasses
+import math
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from lora_kernels import backends
+from lora_kernels.batch import LoRABatch
+from lora_kernels.compare import DTYPES, ProgressBar, environment
+from lora_kernels.functional import lora_linear, multi_lora_linear
+
+# Shapes (design.md §8 on GPUs; scaled down on CPU so the whole sweep takes about two minutes on 2 cores).
+PRESETS = {
+    "cuda": {"dtype": "bfloat16", "hidden": 4096, "rank": 16, "ranks": (8, 16, 64),
+             "ms": (1, 16, 256, 4096, 8192, 16384), "train_m": 8192, "prefill_tokens": 4096, "warmup": 10,
+             "reps": 30, "copy_mb": 1024},
+    "cuda_quick": {"dtype": "bfloat16", "hidden": 4096, "rank": 16, "ranks": (16,), "ms": (1, 256, 8192),
+                   "train_m": 8192, "prefill_tokens": 4096, "warmup": 5, "reps": 10, "copy_mb": 512},
+    "cpu": {"dtype": "float32", "hidden": 512, "rank": 16, "ranks": (8, 16, 64), "ms": (1, 16, 256, 1024),
+            "train_m": 1024, "prefill_tokens": 1024, "warmup": 5, "reps": 30, "copy_mb": 128},
+    "cpu_quick": {"dtype": "float32", "hidden": 256, "rank": 16, "ranks": (16,), "ms": (1, 64, 256),
+                  "train_m": 256, "prefill_tokens": 256, "warmup": 1, "reps": 5, "copy_mb": 32},
+}
+PREFILL_ADAPTERS = 16  # design.md §8: grouped prefill with 16 distinct adapters
+LOOP_ADAPTERS = 64  # design.md §8: grouped op vs per-adapter loop, and the decode bandwidth case
+DECODE_TOKENS = 64
+DROPOUT = 0.1  # the dropout of the "unfused layer vs ours" row (PEFT's common lora_dropout)
+ROUNDS = 2  # the candidates of a row are timed alternately in this many rounds, so clock drift hits both alike
+# Rotating input sets: enough sets that their bytes exceed this many times the last-level cache.
+CACHE_MULTIPLE = 3
+CPU_CACHE_BYTES = 32 << 20  # an assumed last-level cache for CPUs (not read from the machine)
+MAX_SETS, MAX_ROTATION_BYTES = 8, {"cuda": 8 << 30, "cpu": 1 << 30}
+
+# design.md §8 targets: (comparison, value). They are GPU targets; on CPU they are printed for reference only.
+TARGETS = {
+    "fwd_decode": ("<=", 1.10), "fwd_prefill": ("<=", 1.05), "fwd_bwd_vs_gemms": ("<=", 1.08),
+    "unfused_vs_ours": (">=", 1.3), "lora_vs_full": ("<=", 0.72), "grouped_distinct": ("<=", 1.05),
+    "grouped_vs_loop": ("<=", 0.1), "decode_bandwidth": (">=", 0.8), "memory_vs_unfused": ("<=", 1.0),
+}
+FLOORS = {"fwd_decode": 1.01, "fwd_prefill": 1.01, "fwd_bwd_vs_gemms": 1.01, "lora_vs_full": 0.67,
+          "grouped_distinct": 1.01, "decode_bandwidth": 1.0}
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    device: str = None
+    dtype: str = None
+    quick: bool = False
+    backends: tuple = None  # None: every available backend but reference (and the Triton interpreter on CPU)
+    hidden: int = None  # K = N
+    rank: int = None
+    ranks: tuple = None
+    ms: tuple = None
+    train_m: int = None
+    prefill_tokens: int = None
+    warmup: int = None
+    reps: int = None
+    copy_mb: int = None
+    threads: int = None
+    seed: int = 0
+    progress: bool = False
+
+    def resolved(self):
+        device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("bench: --device cuda but torch sees no CUDA device")
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"bench: --device expected cpu or cuda, got {device}")
+        preset = PRESETS[device.type + ("_quick" if self.quick else "")]
+        cfg = dataclasses.replace(self, device=str(device))
+        for name, value in preset.items():
+            if getattr(cfg, name) is None:
+                setattr(cfg, name, value)
+        if cfg.dtype not in DTYPES:
+            raise ValueError(f"bench: --dtype expected one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+        cfg.dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(cfg.dtype, cfg.dtype)
+        if cfg.backends is None:
+            cfg.backends = tuple(b for b in backends.available_backends(device)
+                                 if b != "reference" and not (b == "triton" and device.type == "cpu"))
+        cfg.backends = tuple(cfg.backends)
+        for name in cfg.backends:
+            reason = backends.unavailable_reason(name, device)
+            if reason is not None:
+                raise ValueError(f"bench: --backends {name!r} is not available for {device.type}: {reason}")
+        for name in ("hidden", "rank", "train_m", "prefill_tokens", "reps", "copy_mb"):
+            value = getattr(cfg, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"bench: {name} expected an int >= 1, got {value!r}")
+        cfg.ranks, cfg.ms = tuple(cfg.ranks), tuple(cfg.ms)
+        return cfg
+
+
+# ------------------------------------------------------------------------------------------------ timing
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cache_bytes(device):
+    if device.type == "cuda":
+        return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20) or (50 << 20)
+    return CPU_CACHE_BYTES
+
+
+def num_sets(device, set_bytes):
+    """How many rotating input sets: their total exceeds CACHE_MULTIPLE × the cache, within MAX_SETS and memory."""
+    wanted = math.ceil(CACHE_MULTIPLE * _cache_bytes(device) / max(set_bytes, 1))
+    affordable = max(1, MAX_ROTATION_BYTES[device.type] // max(set_bytes, 1))
+    return int(max(2, min(wanted, MAX_SETS, affordable)))
+
+
+def _time_calls(fns, device, reps, warmup):
+    """Milliseconds of each of `reps` calls, cycling through `fns` (one callable per input set)."""
+    for i in range(warmup):
+        fns[i % len(fns)]()
+    _sync(device)
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for i, (start, end) in enumerate(events):
+            start.record()
+            fns[i % len(fns)]()
+            end.record()
+        torch.cuda.synchronize(device)
+        return [start.elapsed_time(end) for start, end in events]
+    times = []
+    for i in range(reps):
+        t0 = time.perf_counter()
+        fns[i % len(fns)]()
+        times.append(1e3 * (time.perf_counter() - t0))
+    return times
+
+
+def measure(candidates, device, reps, warmup):
+    """{name: median ms} for {name: [callables]}, timed alternately in ROUNDS rounds (warm-up before the first)."""
+    times = {name: [] for name in candidates}
+    per_round = max(1, math.ceil(reps / ROUNDS))
+    for round_index in range(ROUNDS):
+        for name, fns in candidates.items():
+            times[name] += _time_calls(fns, device, per_round, warmup if round_index == 0 else 0)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def peak_memory(fn, device):
+    """Peak bytes allocated during fn() above what was allocated before it (CUDA only; None elsewhere)."""
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    _sync(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def saved_bytes(forward, exclude=()):
+    """Bytes autograd saves for backward in `forward()`, each storage once, the storages of `exclude` (the layer's
+    input and weights, which exist anyway) left out: the activation memory a layer adds between forward and
+    backward. Works on every device."""
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in excluded:  # saved tensors stay alive, so no pointer is reused meanwhile
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    del out
+    return sum(saved.values())
+
+
+# ------------------------------------------------------------------------------------------------ the layers
+
+def peft_lora_forward(x, weight, lora_a, lora_b, scaling, dropout_p):
+    """PEFT's LoRA Linear forward, composed of autograd ops: base(x) + lora_B(lora_A(dropout(x))) * scaling."""
+    result = F.linear(x, weight)
+    return result + F.linear(F.linear(F.dropout(x, dropout_p, training=dropout_p > 0), lora_a), lora_b) * scaling
+
+
+def per_adapter_loop(x, weight, lora_as, lora_bs, scalings, token_indices):
+    """PEFT's mixed-batch forward: the base layer, then a Python loop over adapters gathering each one's tokens
+    (index_select) and adding its LoRA output back (index_add_). The index tensors are built once outside the
+    timing, which is generous to the loop (PEFT builds them from a Python list on every call)."""
+    result = F.linear(x, weight)
+    for lora_a, lora_b, scaling, index in zip(lora_as, lora_bs, scalings, token_indices):
+        sub = x.index_select(0, index)
+        result.index_add_(0, index, F.linear(F.linear(sub, lora_a), lora_b) * scaling)
+    return result
+
+
+class _Inputs:
+    """Rotating sets of random operands for one (M, K, N, r) shape."""
+
+    def __init__(self, device, dtype, m, k, n, r, *, grad=False, count=None):
+        factory = {"device": device, "dtype": dtype}
+        set_bytes = (m * k + n * k + r * (k + n) + m * n * (2 if grad else 1)) * torch.finfo(dtype).bits // 8
+        self.count = count or num_sets(device, set_bytes)
+        self.sets = []
+        for _ in range(self.count):
+            s = {
+                "x": torch.randn(m, k, **factory).requires_grad_(grad),
+                "w": torch.randn(n, k, **factory) / math.sqrt(k),
+                "a": (torch.randn(r, k, **factory) / math.sqrt(k)).requires_grad_(grad),
+                "b": (torch.randn(n, r, **factory) / math.sqrt(r)).requires_grad_(grad),
+            }
+            if grad:
+                s["dy"] = torch.randn(m, n, **factory)
+                s["w_ft"] = s["w"].clone().requires_grad_(True)
+            self.sets.append(s)
+
+    def fns(self, fn):
+        return [lambda s=s: fn(**s) for s in self.sets]
+
+
+# ------------------------------------------------------------------------------------------------ the sweep
+
+def _row(rows, section, kind, backend, shape, ours, baseline, ratio, ours_value, baseline_value, unit, on_gpu,
+         note=None):
+    comparison, value = TARGETS.get(kind, (None, None))
+    meets = None
+    if on_gpu and comparison is not None and ratio is not None:
+        meets = ratio <= value if comparison == "<=" else ratio >= value
+    rows.append({"section": section, "kind": kind, "backend": backend, "shape": shape, "ours": ours,
+                 "baseline": baseline, "ratio": ratio, "ours_value": ours_value, "baseline_value": baseline_value,
+                 "unit": unit, "target": None if comparison is None else f"{comparison} {value:g}",
+                 "floor": FLOORS.get(kind), "meets_target": meets, "note": note})
+
+
+def _count_units(cfg):
+    per_backend = len(cfg.ms) + 2 * len(cfg.ranks) + 6
+    return len(cfg.backends) * per_backend + 1
+
+
+def run_bench(config=None, progress_stream=None):
+    cfg = (config or BenchConfig()).resolved()
+    previous_threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run_bench(cfg, progress_stream)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run_bench(cfg, progress_stream):
+    device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
+    on_gpu = device.type == "cuda"
+    k = n = cfg.hidden
+    r = cfg.rank
+    torch.manual_seed(cfg.seed)
+    started = time.perf_counter()
+    progress = ProgressBar(_count_units(cfg), enabled=cfg.progress, stream=progress_stream)
+    rows = []
+    timing = {"device": device, "reps": cfg.reps, "warmup": cfg.warmup}
+
+    def step(label):
+        progress.update(label)
+
+    # 1. fused forward / base F.linear at every M.
+    for m in cfg.ms:
+        inputs = _Inputs(device, dtype, m, k, n, r)
+        for backend in cfg.backends:
+            with torch.no_grad():
+                t = measure({"base": inputs.fns(lambda x, w, a, b: F.linear(x, w)),
+                             "ours": inputs.fns(lambda x, w, a, b, be=backend: lora_linear(x, w, a, b, 2.0,
+                                                                                            backend=be))}, **timing)
+            _row(rows, "forward / base F.linear", "fwd_decode" if m <= 16 else "fwd_prefill" if m >= 256 else None,
+                 backend, f"M={m} K={k} N={n} r={r}", "lora_linear forward", "F.linear(x, W)",
+                 t["ours"] / t["base"], t["ours"], t["base"], "ms", on_gpu)
+            step(f"forward M={m} {backend}")
+        del inputs
+
+    # 2. rank sweep at the training M: forward / base, and fwd+bwd / the two base GEMMs.
+    m = cfg.train_m
+    for rank in cfg.ranks:
+        inputs = _Inputs(device, dtype, m, k, n, rank, grad=True)
+        for backend in cfg.backends:
+            with torch.no_grad():
+                t = measure({"base": inputs.fns(lambda x, w, a, b, **_: F.linear(x, w)),
+                             "ours": inputs.fns(lambda x, w, a, b, be=backend, **_: lora_linear(
+                                 x, w, a, b, 2.0, backend=be))}, **timing)
+            _row(rows, "forward / base F.linear, rank sweep", "fwd_prefill", backend, f"M={m} K={k} N={n} r={rank}",
+                 "lora_linear forward", "F.linear(x, W)", t["ours"] / t["base"], t["ours"], t["base"], "ms", on_gpu)
+            step(f"rank {rank} forward {backend}")
+
+            def ours(x, w, a, b, dy, be=backend, **_):
+                return torch.autograd.grad(lora_linear(x, w, a, b, 2.0, backend=be), (x, a, b), dy)
+
+            def gemms(x, w, dy, **_):
+                with torch.no_grad():
+                    return F.linear(x, w), dy @ w
+            t = measure({"gemms": inputs.fns(gemms), "ours": inputs.fns(ours)}, **timing)
+            _row(rows, "LoRA fwd+bwd / the two base GEMMs (x·Wᵀ, dY·W)", "fwd_bwd_vs_gemms", backend,
+                 f"M={m} K={k} N={n} r={rank}", "lora_linear fwd+bwd (dX, dA, dB)", "x·Wᵀ + dY·W",
+                 t["ours"] / t["gemms"], t["ours"], t["gemms"], "ms", on_gpu)
+            step(f"rank {rank} fwd+bwd {backend}")
+        del inputs
+
+    # 3. training rows at the training M and rank.
+    inputs = _Inputs(device, dtype, m, k, n, r, grad=True)
+    shape = f"M={m} K={k} N={n} r={r}"
+
+    def peft_fwd_bwd(x, w, a, b, dy, **_):
+        return torch.autograd.grad(peft_lora_forward(x, w, a, b, 2.0, DROPOUT), (x, a, b), dy)
+
+    def full_fwd_bwd(x, w_ft, dy, **_):
+        return torch.autograd.grad(F.linear(x, w_ft), (x, w_ft), dy)
+
+    s0 = inputs.sets[0]
+    layer_tensors = (s0["x"], s0["w"], s0["a"], s0["b"])
+    peft_saved = saved_bytes(lambda: peft_lora_forward(*layer_tensors, 2.0, DROPOUT), exclude=layer_tensors)
+    peft_peak = peak_memory(lambda: peft_fwd_bwd(**s0), device)
+    for backend in cfg.backends:
+        def ours_dropout(x, w, a, b, dy, be=backend, **_):
+            return torch.autograd.grad(lora_linear(x, w, a, b, 2.0, dropout_p=DROPOUT, backend=be), (x, a, b), dy)
+
+        def ours_plain(x, w, a, b, dy, be=backend, **_):
+            return torch.autograd.grad(lora_linear(x, w, a, b, 2.0, backend=be), (x, a, b), dy)
+
+        t = measure({"peft": inputs.fns(peft_fwd_bwd), "ours": inputs.fns(ours_dropout)}, **timing)
+        _row(rows, f"unfused torch layer (PEFT's forward), dropout {DROPOUT} / ours, fwd+bwd", "unfused_vs_ours",
+             backend, shape, f"lora_linear fwd+bwd, dropout {DROPOUT}",
+             "base(x) + lora_B(lora_A(dropout(x)))·s, autograd", t["peft"] / t["ours"], t["ours"], t["peft"], "ms",
+             on_gpu, note="ratio = baseline / ours (higher is better)")
+        step(f"unfused vs ours {backend}")
+        t = measure({"full": inputs.fns(full_fwd_bwd), "ours": inputs.fns(ours_plain)}, **timing)
+        _row(rows, "LoRA fwd+bwd / full fine-tuning fwd+bwd", "lora_vs_full", backend, shape,
+             "lora_linear fwd+bwd (dX, dA, dB)", "F.linear fwd+bwd with W trainable (dX, dW)",
+             t["ours"] / t["full"], t["ours"], t["full"], "ms", on_gpu)
+        step(f"LoRA vs full {backend}")
+        ours_saved = saved_bytes(lambda be=backend: lora_linear(*layer_tensors, 2.0, dropout_p=DROPOUT, backend=be),
+                                 exclude=layer_tensors)
+        _row(rows, "activation memory saved for backward / PEFT's (dropout 0.1)", "memory_vs_unfused", backend, shape,
+             "lora_linear", "PEFT's unfused forward", ours_saved / peft_saved, ours_saved, peft_saved, "bytes",
+             on_gpu, note="storages autograd keeps (saved_tensors_hooks), inputs and weights excluded")
+        ours_peak = peak_memory(lambda: ours_dropout(**s0), device)
+        _row(rows, "peak memory of fwd+bwd / PEFT's (dropout 0.1)", "memory_vs_unfused", backend, shape,
+             "lora_linear fwd+bwd", "PEFT's unfused fwd+bwd", None if ours_peak is None else ours_peak / peft_peak,
+             ours_peak, peft_peak, "bytes", on_gpu,
+             note=None if on_gpu else "n/a on CPU (no allocator statistics)")
+    del inputs
+
+    # 4. grouped ops.
+    grouped_rows(rows, cfg, device, dtype, timing, on_gpu, step)
+
+    # 5. copy bandwidth, then decode bandwidth against it.
+    numel = cfg.copy_mb * (1 << 20) // 4
+    copy_gbs = copy_bandwidth(numel, timing)
+    step("copy bandwidth")
+    decode_rows(rows, cfg, device, dtype, timing, on_gpu, copy_gbs, step)
+    progress.close()
+
+    env = environment(device)
+    return {
+        "config": dataclasses.asdict(cfg),
+        "environment": env,
+        "timing": ("CUDA events around each call after warm-up, median" if on_gpu else
+                   "time.perf_counter around each call after warm-up, median")
+                  + f"; {cfg.reps} calls after {cfg.warmup} warm-up, in {ROUNDS} alternating rounds per row; "
+                    f"rotating input sets (> {CACHE_MULTIPLE}× the "
+                  + ("L2 cache" if on_gpu else f"assumed {CPU_CACHE_BYTES >> 20} MB cache") + ")",
+        "copy_bandwidth_gbs": copy_gbs,
+        "rows": rows,
+        "wall_s": time.perf_counter() - started,
+    }
+
+
+def copy_bandwidth(numel, timing):
+    """GB/s of dst.copy_(src) for float32 buffers of `numel` elements, counting the bytes read and written."""
+    src = torch.randn(numel, device=timing["device"])
+    dst = torch.empty_like(src)
+    copy_ms = measure({"copy": [lambda: dst.copy_(src)]}, **timing)["copy"]
+    return 2 * numel * src.element_size() / copy_ms / 1e6
+
+
+def _stacked_adapters(device, dtype, slots, k, n, r):
+    lora_a = torch.randn(slots, r, k, device=device, dtype=dtype) / math.sqrt(k)
+    lora_b = torch.randn(slots, n, r, device=device, dtype=dtype) / math.sqrt(r)
+    scalings = torch.full((slots,), 2.0, device=device)
+    return lora_a, lora_b, scalings
+
+
+def _segments(tokens, slots, device):
+    """Slot ids for `tokens` tokens in `slots` contiguous segments (requests), as a prefill batch has them."""
+    return torch.arange(tokens, device=device) * slots // tokens
+
+
+def grouped_rows(rows, cfg, device, dtype, timing, on_gpu, step):
+    k = n = cfg.hidden
+    r = cfg.rank
+    weight = torch.randn(n, k, device=device, dtype=dtype) / math.sqrt(k)
+    tokens = cfg.prefill_tokens
+    x = torch.randn(tokens, k, device=device, dtype=dtype)
+    lora_a, lora_b, scalings = _stacked_adapters(device, dtype, PREFILL_ADAPTERS, k, n, r)
+    distinct = LoRABatch.from_adapter_ids(_segments(tokens, PREFILL_ADAPTERS, device), PREFILL_ADAPTERS)
+    one = LoRABatch.from_adapter_ids(torch.zeros(tokens, dtype=torch.int64, device=device), PREFILL_ADAPTERS)
+    for backend in cfg.backends:
+        with torch.no_grad():
+            t = measure({
+                "one": [lambda be=backend: multi_lora_linear(x, weight, lora_a, lora_b, one, scalings, backend=be)],
+                "distinct": [lambda be=backend: multi_lora_linear(x, weight, lora_a, lora_b, distinct, scalings,
+                                                                  backend=be)]}, **timing)
+        _row(rows, f"grouped prefill: {PREFILL_ADAPTERS} distinct adapters / one adapter", "grouped_distinct", backend,
+             f"{tokens} tokens K={k} N={n} r={r}", "multi_lora_linear forward", "same, every token on one adapter",
+             t["distinct"] / t["one"], t["distinct"], t["one"], "ms", on_gpu)
+        step(f"grouped prefill {backend}")
+
+    lora_a, lora_b, scalings = _stacked_adapters(device, dtype, LOOP_ADAPTERS, k, n, r)
+    lora_as, lora_bs = list(lora_a.unbind(0)), list(lora_b.unbind(0))
+    scaling_list = scalings.tolist()
+    for tokens in (DECODE_TOKENS, cfg.prefill_tokens):
+        x = torch.randn(tokens, k, device=device, dtype=dtype)
+        ids = _segments(tokens, LOOP_ADAPTERS, device)
+        batch = LoRABatch.from_adapter_ids(ids, LOOP_ADAPTERS)
+        indices = [torch.nonzero(ids == i).squeeze(1) for i in range(LOOP_ADAPTERS)]
+        for backend in cfg.backends:
+            with torch.no_grad():
+                t = measure({
+                    "loop": [lambda x=x, indices=indices: per_adapter_loop(x, weight, lora_as, lora_bs, scaling_list,
+                                                                           indices)],
+                    "grouped": [lambda x=x, batch=batch, be=backend: multi_lora_linear(
+                        x, weight, lora_a, lora_b, batch, scalings, backend=be)]}, **timing)
+            _row(rows, f"grouped op / per-adapter loop (PEFT's mixed batch), {LOOP_ADAPTERS} adapters",
+                 "grouped_vs_loop", backend, f"{tokens} tokens K={k} N={n} r={r}", "multi_lora_linear forward",
+                 "F.linear + Python loop of index_select / index_add_", t["grouped"] / t["loop"], t["grouped"],
+                 t["loop"], "ms", on_gpu)
+            step(f"grouped vs loop {tokens} {backend}")
+
+
+def decode_rows(rows, cfg, device, dtype, timing, on_gpu, copy_gbs, step):
+    """Decode: DECODE_TOKENS tokens, each on its own adapter. Bandwidth on all bytes moved: the base weight, every
+    adapter's A and B, x read and y written, over the measured time, against the measured copy bandwidth."""
+    k = n = cfg.hidden
+    r = cfg.rank
+    element = torch.finfo(dtype).bits // 8
+    weight = torch.randn(n, k, device=device, dtype=dtype) / math.sqrt(k)
+    lora_a, lora_b, scalings = _stacked_adapters(device, dtype, LOOP_ADAPTERS, k, n, r)
+    x = torch.randn(DECODE_TOKENS, k, device=device, dtype=dtype)
+    batch = LoRABatch.from_adapter_ids(torch.arange(DECODE_TOKENS, device=device) % LOOP_ADAPTERS, LOOP_ADAPTERS)
+    moved = (n * k + LOOP_ADAPTERS * r * (k + n) + DECODE_TOKENS * (k + n)) * element
+    for backend in cfg.backends:
+        with torch.no_grad():
+            t = measure({"ours": [lambda be=backend: multi_lora_linear(x, weight, lora_a, lora_b, batch, scalings,
+                                                                       backend=be)]}, **timing)
+        gbs = moved / t["ours"] / 1e6
+        _row(rows, f"grouped decode bandwidth, {DECODE_TOKENS} tokens on {LOOP_ADAPTERS} distinct adapters / copy",
+             "decode_bandwidth", backend, f"{DECODE_TOKENS} tokens K={k} N={n} r={r}",
+             f"multi_lora_linear forward, {moved / 1e6:.1f} MB moved", "torch copy_ (read + write)", gbs / copy_gbs,
+             gbs, copy_gbs, "GB/s", on_gpu, note=f"{t['ours']:.3f} ms")
+        step(f"decode bandwidth {backend}")
+
+
+# ------------------------------------------------------------------------------------------------ printing
+
+def _fmt_value(value, unit):
+    if value is None:
+        return "n/a"
+    if unit == "ms":
+        return f"{value * 1e3:.1f} µs" if value < 1 else f"{value:.2f} ms"
+    if unit == "bytes":
+        return f"{value / 1e6:.2f} MB"
+    return f"{value:.1f} {unit}"
+
+
+def _table_row(row):
+    ratio = "n/a" if row["ratio"] is None else f"{row['ratio']:.3f}"
+    mark = {True: "ok", False: "MISS", None: ""}[row["meets_target"]]
+    return ("row", [row["backend"], row["shape"], ratio, _fmt_value(row["ours_value"], row["unit"]),
+                    _fmt_value(row["baseline_value"], row["unit"]), row["target"] or "", mark], row)
+
+
+def format_bench(result):
+    cfg, env = result["config"], result["environment"]
+    on_gpu = env["device"] == "cuda"
+    where = env["gpu"] if on_gpu else f"{env['cpu']}, {env['cpu_threads']} thread{'s' if env['cpu_threads'] != 1 else ''}"
+    if not on_gpu and env.get("load_average"):
+        where += f", load average {env['load_average'][0]:.2f}"
+    lines = [f"lora-kernels bench: {env['device']} ({where}), {cfg['dtype']}, K=N={cfg['hidden']}, r={cfg['rank']}, "
+             f"torch {env['torch']}, triton {env['triton'] or '-'}, {env['date']}",
+             f"backends: {', '.join(cfg['backends'])}; timing: {result['timing']}",
+             f"measured copy bandwidth: {result['copy_bandwidth_gbs']:.1f} GB/s (read + write)"]
+    if not on_gpu:
+        lines.append("targets are design.md §8's GPU targets, shown for reference: CPU ratios are not judged by them")
+    headers = ["backend", "shape", "ratio", "ours", "baseline", "target", ""]
+    sections = {}  # rows grouped by section, sections in order of first appearance
+    for row in result["rows"]:
+        sections.setdefault(row["section"], []).append(row)
+    table = []
+    for section, section_rows in sections.items():
+        table.append(("section", section, section_rows[0]))
+        for row in section_rows:
+            table.append(_table_row(row))
+    cells = [entry[1] for entry in table if entry[0] == "row"]
+    widths = [max([len(headers[i])] + [len(c[i]) for c in cells]) for i in range(len(headers))]
+    lines.append("")
+    lines.append("  " + "  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+    for kind, content, row in table:
+        if kind == "section":
+            note = f"; {row['note']}" if row["note"] and row["kind"] in ("unfused_vs_ours", "memory_vs_unfused") \
+                else ""
+            lines.append(f"{content}  [ours: {row['ours']}; baseline: {row['baseline']}{note}]")
+        else:
+            lines.append("  " + "  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                                          for i, (c, w) in enumerate(zip(content, widths))).rstrip())
+    lines.append("")
+    lines.append(f"Total {result['wall_s']:.1f} s.")
+    return "\n".join(lines)

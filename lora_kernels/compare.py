@@ -1,0 +1,901 @@
+"""`lora-kernels compare`: full fine-tuning vs LoRA with the unfused torch layer (PEFT's way) vs LoRA with the fused
+kernels, on a Llama-style decoder built here in code and a synthetic task, measured on this machine: the seed
+document's claims (trainable parameters, memory, speed, storage, inference latency, loss) as numbers.
+
+`run_compare(CompareConfig(...)) -> dict` measures; `format_compare(result) -> str` prints; the CLI wraps both.
+"""
+
+import ctypes
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lora_kernels
+from lora_kernels import backends
+from lora_kernels.modules import LoRALinear, count_parameters, inject_lora
+
+# ------------------------------------------------------------------------------------------------ the toy model
+
+# Llama's layout at small sizes: MLP width ≈ 8/3 · hidden (SwiGLU), head_dim 32–128. "small" is sized so the whole
+# default command takes about a minute on 2 CPU cores; "medium" (542 M parameters, Llama's 32k vocabulary) is the
+# GPU default: big enough that the GEMMs, not Python, dominate a step on an H100.
+MODEL_SIZES = {
+    "tiny": {"hidden": 64, "layers": 2, "heads": 4, "intermediate": 176, "vocab": 128},
+    "small": {"hidden": 256, "layers": 4, "heads": 4, "intermediate": 688, "vocab": 512},
+    "medium": {"hidden": 2048, "layers": 8, "heads": 16, "intermediate": 5632, "vocab": 32000},
+}
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+INIT_STD = 0.02  # Llama's initializer_range
+# The readout (lm_head) gets std 1/sqrt(hidden) instead: its logits then have unit scale. At 0.02 a frozen random
+# readout caps the logits LoRA can reach (measured: LoRA stalled at loss 5.7 on the task below while full
+# fine-tuning, which also trains lm_head, reached 0.5); a pretrained model has no such cap.
+ROPE_THETA = 10000.0
+
+# Per-device defaults; explicit options override them. Steps include the warm-up steps (trained, not timed).
+DEVICE_DEFAULTS = {
+    "cpu": {"model_size": "small", "dtype": "float32", "batch_size": 4, "seq_len": 128, "steps": 20, "warmup": 3,
+            "infer_reps": 10},
+    "cuda": {"model_size": "medium", "dtype": "bfloat16", "batch_size": 8, "seq_len": 512, "steps": 30,
+             "warmup": 5, "infer_reps": 20},
+}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+
+    @property
+    def head_dim(self):
+        return self.hidden // self.heads
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-5, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x):
+        x32 = x.float()  # the mean of squares in fp32, as Llama does
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, **factory):
+        super().__init__()
+        self.heads, self.head_dim = cfg.heads, cfg.head_dim
+        width = cfg.heads * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden, width, bias=False, **factory)
+        self.k_proj = nn.Linear(cfg.hidden, width, bias=False, **factory)
+        self.v_proj = nn.Linear(cfg.hidden, width, bias=False, **factory)
+        self.o_proj = nn.Linear(width, cfg.hidden, bias=False, **factory)
+
+    def forward(self, x, cos, sin):
+        batch, seq, _ = x.shape
+        shape = (batch, seq, self.heads, self.head_dim)
+        q = self.q_proj(x).view(shape).transpose(1, 2)
+        k = self.k_proj(x).view(shape).transpose(1, 2)
+        v = self.v_proj(x).view(shape).transpose(1, 2)
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg, **factory):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden, cfg.intermediate, bias=False, **factory)
+        self.up_proj = nn.Linear(cfg.hidden, cfg.intermediate, bias=False, **factory)
+        self.down_proj = nn.Linear(cfg.intermediate, cfg.hidden, bias=False, **factory)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg, **factory):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden, **factory)
+        self.self_attn = Attention(cfg, **factory)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden, **factory)
+        self.mlp = MLP(cfg, **factory)
+
+    def forward(self, x, cos, sin):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderLM(nn.Module):
+    """A Llama-style causal LM in plain torch (RMSNorm, rotary positions, q/k/v/o and SwiGLU gate/up/down as
+    nn.Linear, untied lm_head), with Llama's module names so PEFT-style target lists apply unchanged."""
+
+    def __init__(self, cfg, device=None, dtype=None):
+        super().__init__()
+        if cfg.hidden % cfg.heads or cfg.head_dim % 2:
+            raise ValueError(f"DecoderLM: hidden ({cfg.hidden}) expected a multiple of heads ({cfg.heads}) with an "
+                             f"even head_dim, got head_dim {cfg.hidden / cfg.heads:g}")
+        factory = {"device": device, "dtype": dtype}
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab, cfg.hidden, **factory)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, **factory) for _ in range(cfg.layers))
+        self.norm = RMSNorm(cfg.hidden, **factory)
+        self.lm_head = nn.Linear(cfg.hidden, cfg.vocab, bias=False, **factory)
+        self._rotary = {}  # (seq, device, dtype) -> (cos, sin): not buffers, so not in the state dict
+
+    @torch.no_grad()
+    def init_weights(self):
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=INIT_STD)
+        nn.init.normal_(self.lm_head.weight, std=self.cfg.hidden ** -0.5)
+
+    def _rotary_tables(self, seq, device, dtype):
+        key = (seq, device, dtype)
+        if key not in self._rotary:
+            dim = self.cfg.head_dim
+            inv_freq = 1.0 / (ROPE_THETA ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
+            angles = torch.outer(torch.arange(seq, device=device, dtype=torch.float32), inv_freq)
+            angles = torch.cat((angles, angles), dim=-1)
+            self._rotary[key] = (angles.cos().to(dtype), angles.sin().to(dtype))
+        return self._rotary[key]
+
+    def forward(self, input_ids):
+        x = self.embed_tokens(input_ids)
+        cos, sin = self._rotary_tables(input_ids.shape[1], x.device, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.lm_head(self.norm(x))
+
+
+def lm_loss(logits, targets):
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+# ------------------------------------------------------------------------------------------------ the task
+
+def make_task(vocab, task_vocab, seed):
+    """A fixed random permutation of the first `task_vocab` tokens: every sequence follows t -> perm[t] from a random
+    start. Deterministic (loss floor 0) and learnable in a few steps; starts near ln(vocab) from a random init."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(min(task_vocab, vocab), generator=generator)
+
+
+def make_batch(perm, batch_size, seq_len, generator):
+    """(inputs, targets), both [batch, seq] int64 on CPU: the chain start, perm[start], perm[perm[start]], ..."""
+    tokens = torch.empty(batch_size, seq_len + 1, dtype=torch.int64)
+    tokens[:, 0] = torch.randint(0, perm.numel(), (batch_size,), generator=generator)
+    for t in range(seq_len):
+        tokens[:, t + 1] = perm[tokens[:, t]]
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+# ------------------------------------------------------------------------------------------------ measurement
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def tensor_bytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def optimizer_state_bytes(optimizer):
+    """Bytes of every tensor the optimizer keeps (AdamW: exp_avg, exp_avg_sq, and a scalar `step` per parameter)."""
+    return sum(tensor_bytes(state.values()) for state in optimizer.state.values())
+
+
+def gradient_bytes(model):
+    return tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)
+
+
+def saved_activation_bytes(model, inputs, targets):
+    """Bytes autograd keeps for backward in one training forward (each storage once, parameters excluded): the
+    activation memory a step holds when backward starts. Exact and the same on every device."""
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in param_storages:  # saved tensors stay alive, so a pointer is never reused here
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = lm_loss(model(inputs), targets)
+    del loss
+    return sum(saved.values())
+
+
+def _proc_status_kib(field):
+    try:
+        with open("/proc/self/status") as f:
+            match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE)
+        return int(match.group(1)) if match else None
+    except OSError:
+        return None
+
+
+class MemoryProbe:
+    """Peak memory of a region of code. CUDA: the caching allocator's peak (torch.cuda.max_memory_allocated) above
+    what was allocated at `baseline()`. CPU: the process's peak resident set (VmHWM in /proc/self/status, reset
+    before each region by writing 5 to /proc/self/clear_refs) above the resident set at `baseline()`; glibc's
+    free heap is returned to the OS (malloc_trim) before each reading so memory freed earlier does not hide new
+    allocations."""
+
+    def __init__(self, device):
+        self.device = device
+        self._libc = None
+        if device.type == "cpu":
+            try:
+                self._libc = ctypes.CDLL("libc.so.6")
+            except OSError:
+                pass
+        self.resettable = device.type == "cuda" or self._reset_hwm()
+        self.base = 0
+        if device.type == "cuda":
+            self.method = "CUDA caching-allocator peak (torch.cuda.max_memory_allocated) minus the allocation before " \
+                          "the model was built"
+        elif self.resettable:
+            self.method = "peak resident set per step (VmHWM, reset via /proc/self/clear_refs; glibc heap trimmed " \
+                          "first) minus the resident set before the model was built"
+        else:
+            self.method = "peak resident set of the process (VmHWM; could not be reset per step) minus the resident " \
+                          "set before the model was built: an upper bound"
+        if device.type == "cpu" and _proc_status_kib("VmHWM") is None:
+            self.method = "unavailable (no /proc/self/status)"
+
+    def _trim(self):
+        if self._libc is not None:
+            self._libc.malloc_trim(0)
+
+    @staticmethod
+    def _reset_hwm():
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    def _current(self):
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device)
+        kib = _proc_status_kib("VmRSS")
+        return None if kib is None else kib * 1024
+
+    def baseline(self):
+        _sync(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self._trim()
+        self.base = self._current() or 0
+
+    def start(self):
+        _sync(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._trim()
+            if self.resettable:
+                self._reset_hwm()
+
+    def peak(self):
+        """Peak bytes since start() above the baseline (None when it cannot be read)."""
+        _sync(self.device)
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) - self.base
+        kib = _proc_status_kib("VmHWM")
+        return None if kib is None else kib * 1024 - self.base
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr, drawn only once the run has lasted `delay` seconds (short runs stay quiet).
+    On a terminal it redraws in place; elsewhere (logs) it prints a line every 10%."""
+
+    def __init__(self, total, enabled=True, stream=None, delay=2.0, width=30):
+        self.total, self.done, self.enabled = max(total, 1), 0, enabled
+        self.stream = stream or sys.stderr
+        self.delay, self.width = delay, width
+        self.start = time.perf_counter()
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._last_decile = -1
+        self._drawn = False
+
+    def update(self, label, n=1):
+        self.done = min(self.done + n, self.total)
+        if not self.enabled or time.perf_counter() - self.start < self.delay:
+            return
+        fraction = self.done / self.total
+        elapsed = time.perf_counter() - self.start
+        if self.tty:
+            filled = int(self.width * fraction)
+            self.stream.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {100 * fraction:3.0f}% "
+                              f"{elapsed:5.1f}s  {label[:40]:40s}")
+            self._drawn = True
+        elif int(10 * fraction) > self._last_decile:
+            self._last_decile = int(10 * fraction)
+            self.stream.write(f"progress {100 * fraction:3.0f}% {elapsed:6.1f}s  {label}\n")
+        self.stream.flush()
+
+    def close(self):
+        if self._drawn:
+            self.stream.write("\r" + " " * (self.width + 60) + "\r")
+            self.stream.flush()
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+@dataclasses.dataclass
+class CompareConfig:
+    """Everything `run_compare` needs. None means the device's default (DEVICE_DEFAULTS / MODEL_SIZES)."""
+
+    model_size: str = None
+    hidden: int = None
+    layers: int = None
+    heads: int = None
+    intermediate: int = None
+    vocab: int = None
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    use_rslora: bool = False
+    targets: tuple = DEFAULT_TARGETS
+    steps: int = None
+    warmup: int = None
+    batch_size: int = None
+    seq_len: int = None
+    dtype: str = None
+    device: str = None
+    backend: str = "auto"
+    lr: float = 1e-3  # full fine-tuning (AdamW)
+    # LoRA usually takes a larger rate than full fine-tuning: on the default task, 3e-3 learned fastest of
+    # {3e-3, 1e-2, 3e-2} for LoRA and 1e-3 of {1e-3, 3e-3} for full fine-tuning. Printed with the results.
+    lora_lr: float = 3e-3
+    task_vocab: int = 64
+    infer_reps: int = None
+    seed: int = 0
+    threads: int = None  # torch.set_num_threads for the run (CPU); None keeps torch's default
+    progress: bool = False
+
+    def resolved(self):
+        """A copy with every None filled in and every value checked (ValueError names the option)."""
+        device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("compare: --device cuda but torch sees no CUDA device")
+        if device.type not in DEVICE_DEFAULTS:
+            raise ValueError(f"compare: --device expected cpu or cuda, got {device}")
+        defaults = DEVICE_DEFAULTS[device.type]
+        cfg = dataclasses.replace(self, device=str(device))
+        for name in ("model_size", "dtype", "batch_size", "seq_len", "steps", "warmup", "infer_reps"):
+            if getattr(cfg, name) is None:
+                setattr(cfg, name, defaults[name])
+        if cfg.model_size not in MODEL_SIZES:
+            raise ValueError(f"compare: --model-size expected one of {', '.join(MODEL_SIZES)}, got {cfg.model_size!r}")
+        size = dict(MODEL_SIZES[cfg.model_size])
+        if cfg.hidden is not None and cfg.heads is None:  # keep head_dim near the preset's
+            size["heads"] = max(1, cfg.hidden // (size["hidden"] // size["heads"]))
+        if cfg.hidden is not None and cfg.intermediate is None:
+            size["intermediate"] = 16 * math.ceil(8 * cfg.hidden / 3 / 16)
+        for name in size:
+            if getattr(cfg, name) is None:
+                setattr(cfg, name, size[name])
+        if cfg.dtype not in DTYPES:
+            raise ValueError(f"compare: --dtype expected one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+        for name in ("hidden", "layers", "heads", "intermediate", "vocab", "rank", "batch_size", "seq_len", "steps",
+                     "infer_reps", "task_vocab"):
+            value = getattr(cfg, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"compare: --{name.replace('_', '-')} expected an int >= 1, got {value!r}")
+        if cfg.threads is not None and (isinstance(cfg.threads, bool) or not isinstance(cfg.threads, int)
+                                        or cfg.threads < 1):
+            raise ValueError(f"compare: --threads expected an int >= 1, got {cfg.threads!r}")
+        if not isinstance(cfg.warmup, int) or not 0 <= cfg.warmup < cfg.steps:
+            raise ValueError(f"compare: --warmup expected an int in [0, steps={cfg.steps}), got {cfg.warmup!r}")
+        if cfg.hidden % cfg.heads or (cfg.hidden // cfg.heads) % 2:
+            raise ValueError(f"compare: --hidden {cfg.hidden} expected a multiple of --heads {cfg.heads} with an even "
+                             f"head dim")
+        if not 0.0 <= cfg.dropout < 1.0:
+            raise ValueError(f"compare: --dropout expected a number in [0, 1), got {cfg.dropout!r}")
+        cfg.targets = tuple(cfg.targets)
+        if not cfg.targets or not expected_lora_params(cfg.model_config(), cfg.targets, cfg.rank):
+            raise ValueError(f"compare: --targets {','.join(cfg.targets)!r} matched no nn.Linear of the model; "
+                             f"its layers are {', '.join(DEFAULT_TARGETS)} and lm_head")
+        cfg.dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(cfg.dtype, cfg.dtype)
+        return cfg
+
+    def model_config(self):
+        return ModelConfig(self.vocab, self.hidden, self.layers, self.heads, self.intermediate)
+
+
+# ------------------------------------------------------------------------------------------------ environment
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device):
+    device = torch.device(device)
+    triton_version = None
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        pass
+    env = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+           "lora_kernels": lora_kernels.__version__, "torch": torch.__version__, "triton": triton_version,
+           "python": platform.python_version(), "device": device.type, "cpu": cpu_model(),
+           "cpu_threads": torch.get_num_threads(), "gpu": None,
+           # Other processes on a shared machine distort CPU timings: the load average says how busy it was.
+           "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+# ------------------------------------------------------------------------------------------------ the three runs
+
+METHODS = ("full", "lora_torch", "lora_fused")
+
+
+def _build(method, cfg, init_state, fused_backend):
+    device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
+    with torch.device("meta"):
+        model = DecoderLM(cfg.model_config(), dtype=dtype)
+    model = model.to_empty(device=device)
+    model.load_state_dict(init_state)
+    if method != "full":
+        torch.manual_seed(cfg.seed + 1)  # the same A init for both LoRA runs
+        backend = "torch" if method == "lora_torch" else fused_backend
+        inject_lora(model, list(cfg.targets), r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                    use_rslora=cfg.use_rslora, backend=backend)
+    return model
+
+
+@torch.no_grad()
+def _eval_loss(model, batch):
+    was_training = model.training
+    model.eval()
+    loss = lm_loss(model(batch[0]), batch[1]).item()
+    model.train(was_training)
+    return loss
+
+
+def _train_step(model, optimizer, inputs, targets):
+    optimizer.zero_grad(set_to_none=True)
+    loss = lm_loss(model(inputs), targets)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def _train(method, model, cfg, batches, eval_batch, probe, progress):
+    """Trains `model` on `batches` (one per step) with AdamW; returns the measurements of design.md §1's table."""
+    device = torch.device(cfg.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = cfg.lr if method == "full" else cfg.lora_lr
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    torch.manual_seed(cfg.seed + 2)  # the same dropout draws for every run
+    model.train()
+    losses, step_seconds, peaks = [], [], []
+    for step, (inputs, targets) in enumerate(batches):
+        timed = step >= cfg.warmup
+        probe.start()
+        _sync(device)
+        t0 = time.perf_counter()
+        loss = _train_step(model, optimizer, inputs, targets)
+        _sync(device)
+        elapsed = time.perf_counter() - t0
+        losses.append(loss.item())
+        if timed:
+            step_seconds.append(elapsed)
+            peaks.append(probe.peak())
+        progress.update(f"{method}: step {step + 1}/{len(batches)}")
+    trainable, total = count_parameters(model)
+    tokens = cfg.batch_size * cfg.seq_len
+    median = statistics.median(step_seconds)
+    peak_values = [p for p in peaks if p is not None]
+    return {
+        "lr": lr,
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_percent": 100.0 * trainable / total,
+        "param_bytes": tensor_bytes(model.parameters()),
+        "trainable_param_bytes": tensor_bytes(params),
+        "grad_bytes": gradient_bytes(model),  # the .grad tensors after the last step (before any zero_grad)
+        "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+        "peak_step_bytes": max(peak_values) if peak_values else None,
+        "saved_activation_bytes": saved_activation_bytes(model, *batches[0]),
+        "step_ms_median": 1e3 * median,
+        "step_ms_all": [1e3 * s for s in step_seconds],
+        "tokens_per_s": tokens / median,
+        "train_losses": losses,
+        "eval_loss": _eval_loss(model, eval_batch),
+    }
+
+
+def _lora_layers(model):
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def expected_lora_params(model_cfg, targets, rank):
+    """sum of r·(K + N) over the nn.Linear layers that `targets` selects in DecoderLM (for tests and the printout)."""
+    with torch.device("meta"):
+        model = DecoderLM(model_cfg)
+    total = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
+            total += rank * (module.in_features + module.out_features)
+    return total
+
+
+def _checkpoint_sizes(model, method, directory):
+    """Writes what each method has to store and returns the file sizes: the full state dict (safetensors and
+    torch.save) for full fine-tuning; the adapter alone (PEFT's adapter_model.safetensors layout) for LoRA."""
+    from safetensors.torch import save_file
+    os.makedirs(directory, exist_ok=True)
+    sizes = {}
+    if method == "full":
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        path = os.path.join(directory, "model.safetensors")
+        save_file(state, path)
+        sizes["full_safetensors_bytes"] = os.path.getsize(path)
+        path = os.path.join(directory, "model.pt")
+        torch.save(state, path)
+        sizes["full_torch_save_bytes"] = os.path.getsize(path)
+        sizes["checkpoint_bytes"] = sizes["full_safetensors_bytes"]
+        sizes["checkpoint_kind"] = "full model (safetensors)"
+    else:
+        state = {f"base_model.model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()
+                 if ".lora_A." in k or ".lora_B." in k}
+        path = os.path.join(directory, "adapter_model.safetensors")
+        save_file(state, path)
+        sizes["adapter_safetensors_bytes"] = os.path.getsize(path)
+        sizes["adapter_tensor_bytes"] = tensor_bytes(state.values())
+        sizes["checkpoint_bytes"] = sizes["adapter_safetensors_bytes"]
+        sizes["checkpoint_kind"] = "adapter only (safetensors)"
+    return sizes
+
+
+@torch.no_grad()
+def _time_forward(model, inputs, reps, device, warmup=2):
+    for _ in range(warmup):
+        model(inputs)
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        model(inputs)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+@torch.no_grad()
+def _inference(model, cfg, inputs, fused_backend, progress):
+    """Forward latency of the trained LoRA model: unmerged with the unfused torch layer, unmerged with the fused
+    backend, then merged (W + s·B·A folded into W, a plain F.linear)."""
+    device = torch.device(cfg.device)
+    model.eval()
+    layers = _lora_layers(model)
+    result = {}
+    logits = {}
+    for key, backend in (("unmerged_unfused", "torch"), ("unmerged_fused", fused_backend)):
+        for layer in layers:
+            layer.backend = backend
+        result[f"{key}_ms"] = _time_forward(model, inputs, cfg.infer_reps, device)
+        logits[key] = model(inputs).float()
+        progress.update(f"inference: {key}")
+    for layer in layers:
+        layer.merge()
+    result["merged_ms"] = _time_forward(model, inputs, cfg.infer_reps, device)
+    merged = model(inputs).float()
+    progress.update("inference: merged")
+    reference = logits["unmerged_unfused"]
+    denom = reference.norm().item() or 1.0
+    result["merged_vs_unmerged_rel_diff"] = (merged - reference).norm().item() / denom
+    result["fused_vs_unfused_rel_diff"] = (logits["unmerged_fused"] - reference).norm().item() / denom
+    result["tokens"] = inputs.numel()
+    result["reps"] = cfg.infer_reps
+    return result
+
+
+def fused_backend_for(cfg):
+    """(backend name, note) of the 'fused' LoRA run: `cfg.backend` resolved ("auto": the fastest available)."""
+    device = torch.device(cfg.device)
+    if cfg.backend == "auto":
+        chosen = backends.auto_backend(device)
+    else:
+        reason = backends.unavailable_reason(cfg.backend, device)
+        if reason is not None:
+            raise ValueError(f"compare: --backend {cfg.backend!r} is not available for {device.type}: {reason}")
+        chosen = cfg.backend
+    note = None
+    if chosen in ("torch", "reference"):
+        missing = {name: backends.unavailable_reason(name, device) for name in ("triton", "cuda", "cpu")}
+        why = "; ".join(f"{name}: {reason}" for name, reason in missing.items() if reason)
+        note = (f"no fused backend is available for {device.type} tensors here, so the 'fused' run uses the "
+                f"{chosen!r} backend too ({why})")
+    return chosen, note
+
+
+def run_compare(config=None, progress_stream=None):
+    """Runs full fine-tuning, LoRA (torch backend) and LoRA (fused backend) from one init on the same batches and
+    returns every measurement as a JSON-serialisable dict (see format_compare for what each one means)."""
+    cfg = (config or CompareConfig()).resolved()
+    previous_threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run_compare(cfg, progress_stream)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run_compare(cfg, progress_stream):
+    device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
+    fused_backend, fused_note = fused_backend_for(cfg)
+    model_cfg = cfg.model_config()
+    started = time.perf_counter()
+    progress = ProgressBar(3 * cfg.steps + 3 + 3 + 1, enabled=cfg.progress, stream=progress_stream)
+
+    torch.manual_seed(cfg.seed)
+    with torch.device(device):
+        base = DecoderLM(model_cfg, dtype=dtype)
+    base.init_weights()
+    init_state = {k: v.detach().to("cpu", copy=True) for k, v in base.state_dict().items()}
+    del base
+
+    perm = make_task(cfg.vocab, cfg.task_vocab, cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed + 3)
+    batches = [tuple(t.to(device) for t in make_batch(perm, cfg.batch_size, cfg.seq_len, generator))
+               for _ in range(cfg.steps)]
+    eval_batch = tuple(t.to(device) for t in make_batch(perm, cfg.batch_size, cfg.seq_len,
+                                                        torch.Generator().manual_seed(cfg.seed + 4)))
+
+    # One untimed step of each method first: lazily created library state (thread pools, kernel caches, Triton
+    # compilation) would otherwise land in the first measured run's memory and time.
+    for method in METHODS:
+        model = _build(method, cfg, init_state, fused_backend)
+        _train_step(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0), *batches[0])
+        del model
+    progress.update("warm-up")
+
+    probe = MemoryProbe(device)
+    methods, inference = {}, None
+    init_eval_loss = None
+    with tempfile.TemporaryDirectory(prefix="lora_kernels_compare_") as tmp:
+        for method in METHODS:
+            probe.baseline()
+            model = _build(method, cfg, init_state, fused_backend)
+            if init_eval_loss is None:
+                init_eval_loss = _eval_loss(model, eval_batch)
+            result = _train(method, model, cfg, batches, eval_batch, probe, progress)
+            result.update(_checkpoint_sizes(model, method, os.path.join(tmp, method)))
+            result["backend"] = {"full": None, "lora_torch": "torch", "lora_fused": fused_backend}[method]
+            if method != "full":
+                result["lora_layers"] = len(_lora_layers(model))
+            progress.update(f"{method}: checkpoint")
+            if method == "lora_fused":
+                inference = _inference(model, cfg, eval_batch[0], fused_backend, progress)
+            methods[method] = result
+            del model
+    progress.close()
+
+    return {
+        "config": dataclasses.asdict(cfg),
+        "environment": environment(device),
+        "model": {"name": f"Llama-style decoder ({cfg.model_size})", **dataclasses.asdict(model_cfg),
+                  "total_params": methods["full"]["total_params"],
+                  "expected_lora_params": expected_lora_params(model_cfg, cfg.targets, cfg.rank)},
+        "task": {"kind": "next-token prediction on a fixed random permutation chain", "task_vocab": perm.numel(),
+                 "tokens_per_step": cfg.batch_size * cfg.seq_len, "initial_eval_loss": init_eval_loss,
+                 "uniform_loss": math.log(cfg.vocab)},
+        "backends": {"available": [b for b in backends.available_backends(device) if b != "reference"],
+                     "fused": fused_backend, "fused_note": fused_note},
+        "methods": methods,
+        "inference": inference,
+        "measurement": {
+            "memory": probe.method,
+            "optimizer_state": "sum of numel × element_size over the tensors in optimizer.state (AdamW)",
+            "gradients": "sum of numel × element_size over every parameter's .grad after the last step",
+            "activations": "storages autograd saves for backward in one training forward (saved_tensors_hooks), "
+                           "parameters excluded",
+            "step_time": f"median wall time of steps {cfg.warmup + 1}..{cfg.steps} (device synchronised), "
+                         f"first {cfg.warmup} not timed",
+            "checkpoint": "real file sizes written to a temporary directory",
+            "inference": f"median of {cfg.infer_reps} forward passes after 2 warm-up passes, eval mode, no grad",
+        },
+        "wall_s": time.perf_counter() - started,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ printing
+
+def fmt_count(n):
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return str(n)
+
+
+def fmt_bytes(n):
+    if n is None:
+        return "n/a"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def _ratio(value, reference):
+    if value is None or not reference:
+        return ""
+    return f" ({value / reference:.2f}×)"
+
+
+def format_compare(result):
+    """The side-by-side table of full FT vs LoRA (unfused torch) vs LoRA (fused), with ratios against full FT."""
+    cfg, env, model, task = result["config"], result["environment"], result["model"], result["task"]
+    methods, inference, fused = result["methods"], result["inference"], result["backends"]["fused"]
+    threads = env["cpu_threads"]
+    where = env["gpu"] if env["device"] == "cuda" else f"{env['cpu']}, {threads} thread{'s' if threads != 1 else ''}"
+    if env.get("load_average"):
+        where += f", load average {env['load_average'][0]:.2f} at start"
+    lines = [
+        f"lora-kernels compare: {env['device']} ({where}), {cfg['dtype']}, torch {env['torch']}, "
+        f"triton {env['triton'] or '-'}, {env['date']}",
+        f"model: {model['name']}: hidden {model['hidden']}, {model['layers']} layers, {model['heads']} heads, "
+        f"MLP {model['intermediate']}, vocab {model['vocab']}; {fmt_count(model['total_params'])} parameters, "
+        f"random init (seed {cfg['seed']})",
+        f"task: {task['kind']} over {task['task_vocab']} tokens; batch {cfg['batch_size']} x seq {cfg['seq_len']} = "
+        f"{task['tokens_per_step']} tokens/step; {cfg['steps']} AdamW steps ({cfg['warmup']} warm-up, not timed)",
+        f"LoRA: r={cfg['rank']}, alpha={cfg['alpha']:g}, dropout {cfg['dropout']:g} on "
+        f"{','.join(cfg['targets'])} ({methods['lora_torch']['lora_layers']} layers); "
+        f"lr {cfg['lr']:g} (full) / {cfg['lora_lr']:g} (LoRA)",
+        f"backends available: {', '.join(result['backends']['available'])}; fused run: "
+        f"backend={cfg['backend']!r} -> {fused}",
+    ]
+    if result["backends"]["fused_note"]:
+        lines.append(f"  note: {result['backends']['fused_note']}")
+    headers = ["", "full fine-tuning", "LoRA, torch (unfused)", f"LoRA, {fused} (fused)"]
+    full = methods["full"]
+
+    def row(label, fn):
+        return [label] + [fn(methods[m], m) for m in METHODS]
+
+    rows = [
+        row("trainable params", lambda r, m: f"{fmt_count(r['trainable_params'])} ({r['trainable_percent']:.2f}%)"),
+        row("weights (all params)", lambda r, m: fmt_bytes(r["param_bytes"])),
+        row("gradients (.grad)", lambda r, m: fmt_bytes(r["grad_bytes"]) + _ratio(r["grad_bytes"], full["grad_bytes"])),
+        row("optimizer state (AdamW)", lambda r, m: fmt_bytes(r["optimizer_state_bytes"])
+            + _ratio(r["optimizer_state_bytes"], full["optimizer_state_bytes"])),
+        row("activations saved for bwd", lambda r, m: fmt_bytes(r["saved_activation_bytes"])
+            + _ratio(r["saved_activation_bytes"], full["saved_activation_bytes"])),
+        row("peak memory / step [1]", lambda r, m: fmt_bytes(r["peak_step_bytes"])
+            + _ratio(r["peak_step_bytes"], full["peak_step_bytes"])),
+        row("step time (median)", lambda r, m: f"{r['step_ms_median']:.1f} ms"
+            + _ratio(r["step_ms_median"], full["step_ms_median"])),
+        row("tokens / s", lambda r, m: f"{r['tokens_per_s']:,.0f}"),
+        row("checkpoint on disk [2]", lambda r, m: fmt_bytes(r["checkpoint_bytes"])
+            + ("" if m == "full" else _ratio(r["checkpoint_bytes"], full["checkpoint_bytes"]))),
+        row("loss: first step -> last", lambda r, m: f"{r['train_losses'][0]:.3f} -> {r['train_losses'][-1]:.3f}"),
+        row("eval loss after training", lambda r, m: f"{r['eval_loss']:.3f}"),
+    ]
+    widths = [max(len(str(line[i])) for line in [headers] + rows) for i in range(len(headers))]
+    lines.append("")
+    lines.append("  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths))))
+    for line in rows:
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+    lines.append(f"(eval loss before training: {task['initial_eval_loss']:.3f}; ln(vocab) = {task['uniform_loss']:.3f};"
+                 f" ratios in parentheses are against full fine-tuning)")
+    if inference:
+        merged = inference["merged_ms"]
+        lines.append("")
+        lines.append(f"inference latency of the trained LoRA model, {inference['tokens']} tokens per forward "
+                     f"(median of {inference['reps']}, eval mode, no grad):")
+        for key, label in (("merged_ms", "merged (W + s·B·A folded into W)"),
+                           ("unmerged_unfused_ms", "unmerged, torch (unfused)"),
+                           ("unmerged_fused_ms", f"unmerged, {fused} (fused)")):
+            lines.append(f"  {label:36s} {inference[key]:9.2f} ms  {inference[key] / merged:5.2f}× merged")
+        lines.append(f"  (merged vs unmerged logits: relative difference {inference['merged_vs_unmerged_rel_diff']:.1e})")
+    m = result["measurement"]
+    lines.append("")
+    lines.append(f"[1] {m['memory']}.")
+    lines.append(f"[2] full fine-tuning stores the whole model; LoRA stores the adapter "
+                 f"(adapter_model.safetensors, PEFT keys); torch.save of the full model: "
+                 f"{fmt_bytes(full['full_torch_save_bytes'])}.")
+    lines.append(f"step time: {m['step_time']}. Total run {result['wall_s']:.1f} s.")
+    return "\n".join(lines)
+
+
+def plot_compare(result, path):
+    """Six panels (parameters, memory, step time, checkpoint, inference latency, loss curves) into `path`."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise RuntimeError("compare --plot needs matplotlib, which is not installed "
+                           "(pip install matplotlib, or pip install 'lora_kernels[bench]')") from exc
+    methods = result["methods"]
+    fused = result["backends"]["fused"]
+    labels = ["full FT", "LoRA torch", f"LoRA {fused}"]
+    colors = ["#4c72b0", "#dd8452", "#55a868"]
+    values = [methods[m] for m in METHODS]
+
+    def bars(ax, names, heights, title, fmt, bar_colors=colors):
+        drawn = ax.bar(names, heights, color=bar_colors)
+        ax.bar_label(drawn, labels=[fmt(h) for h in heights], fontsize=8)
+        ax.set_title(title)
+        ax.margins(y=0.15)
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    bars(axes[0, 0], labels, [v["trainable_params"] for v in values], "trainable parameters", fmt_count)
+    ax = axes[0, 1]
+    width = 0.16
+    xs = range(len(labels))
+    for offset, (key, name) in enumerate((("param_bytes", "weights"), ("grad_bytes", "gradients"),
+                                          ("optimizer_state_bytes", "optimizer state"),
+                                          ("saved_activation_bytes", "saved activations"),
+                                          ("peak_step_bytes", "peak / step"))):
+        ax.bar([x + (offset - 2) * width for x in xs], [(v[key] or 0) / 1e6 for v in values], width, label=name)
+    ax.set_xticks(list(xs), labels)
+    ax.set_title("memory (MB)")
+    ax.legend(fontsize=8)
+    bars(axes[0, 2], labels, [v["step_ms_median"] for v in values], "training step time (ms, median)",
+         lambda h: f"{h:.1f}")
+    bars(axes[1, 0], labels, [v["checkpoint_bytes"] / 1e6 for v in values], "checkpoint on disk (MB)",
+         lambda h: f"{h:.3g}")
+    inference = result["inference"]
+    bars(axes[1, 1], ["merged", "unmerged torch", f"unmerged {fused}"],
+         [inference["merged_ms"], inference["unmerged_unfused_ms"], inference["unmerged_fused_ms"]],
+         "inference latency (ms, median)", lambda h: f"{h:.2f}", ["#8172b2", "#dd8452", "#55a868"])
+    ax = axes[1, 2]
+    for label, color, style, v in zip(labels, colors, ("-", "-", "--"), values):
+        ax.plot(range(1, len(v["train_losses"]) + 1), v["train_losses"], style, label=label, color=color)
+    ax.set_xlabel("step")
+    ax.set_title("training loss")
+    ax.legend(fontsize=8)
+    env = result["environment"]
+    fig.suptitle(f"lora-kernels compare: {env['gpu'] or env['cpu']}, {result['config']['dtype']}, "
+                 f"r={result['config']['rank']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def to_json(result):
+    return json.dumps(result, indent=2)
