@@ -362,6 +362,9 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto"):
             in_features, out_features = module.weight.shape
         elif isinstance(module, nn.Linear):
             in_features, out_features = module.in_features, module.out_features
+        elif type(module).__module__.startswith("peft."):
+            raise ValueError(f"{op}: module {name!r} is a PEFT layer ({type(module).__name__}); pass the base model, "
+                             f"not a PeftModel")
         else:
             raise ValueError(f"{op}: the adapter targets module {name!r}, a {type(module).__name__}; only nn.Linear "
                              f"and transformers Conv1D layers are supported")

@@ -110,6 +110,21 @@ def test_llama_injected_with_auto_backend_matches_peft_after_loading(llama, tmp_
     ours = lk.inject_lora(copy.deepcopy(llama), ["q_proj", "k_proj", "v_proj", "o_proj"]).eval()
     lk.load_peft_adapter(ours, tmp_path)
     _assert_parity(ours, theirs, _ids())
+    with pytest.raises(ValueError, match="pass the base model, not a PeftModel"):
+        lk.load_peft_adapter(theirs, tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_all_linear_selects_what_peft_selects(arch, llama, gpt2):
+    base = llama if arch == "llama" else gpt2
+    theirs = _peft(base, r=2, target_modules="all-linear", fan_in_fan_out=(arch == "gpt2"))
+    expected = sorted(n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+                      if isinstance(m, peft.tuners.lora.LoraLayer))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = lk.inject_lora(copy.deepcopy(base), "all-linear", r=2, fan_in_fan_out=(arch == "gpt2"))
+    assert sorted(n for n, m in ours.named_modules() if isinstance(m, LoRALinear)) == expected
+    assert "lm_head" not in expected
 
 
 def test_gpt2_conv1d_parity_and_round_trip_both_ways(gpt2, tmp_path):

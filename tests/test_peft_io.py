@@ -368,6 +368,8 @@ def test_named_adapters_in_slots_and_mixed_batch(tmp_path):
     names = ["b", "__base__", "a", "a", "b"]
     with lk.set_batch_adapters(model, names):
         mixed = model(x)
+        states = {id(m.batch_adapters) for m in model.modules() if isinstance(m, MultiLoRALinear)}
+        assert len(states) == 1 and len(model.layers[0].q_proj.batch_adapters._cache) == 1  # one LoRABatch shared
     for row, name in enumerate(names):
         torch.testing.assert_close(mixed[row], singles[name](x[row]), rtol=1e-5, atol=1e-5)
     with lk.set_batch_adapters(model, "a"):  # one name for every row
