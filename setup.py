@@ -79,7 +79,9 @@ build_cuda = build_cuda_env != "0" and torch_has_cuda and cuda_home is not None
 cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
 cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
 define_macros = []
-cxx_flags = ["-O3", "-std=c++17"]
+# No -std flag: torch.utils.cpp_extension adds the standard its headers need (torch 2.14 requires C++20;
+# an explicit -std=c++17 breaks the build against torch 2.14 headers).
+cxx_flags = ["-O3"]
 
 if build_cuda:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
@@ -91,7 +93,7 @@ if build_cuda:
         define_macros=define_macros + [("LORA_KERNELS_WITH_CUDA", "1")],
         extra_compile_args={
             "cxx": cxx_flags,
-            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+            "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
         },
     )
 else:
