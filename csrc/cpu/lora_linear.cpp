@@ -1,0 +1,47 @@
+// CPU implementations of lora_fwd and lora_bwd_dy (schemas in csrc/ops.cpp). They compose ATen GEMMs in float32
+// (float64 for float64 inputs), so half-precision inputs are rounded once, when y is stored: the base GEMM, the
+// LoRA expand and the bias share one fp32 accumulator, as in the fused GPU kernels.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "../lora_checks.h"
+
+namespace lora_kernels {
+namespace {
+
+at::ScalarType accumulate_type(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor>& x_lora,
+                                                const at::Tensor& weight, const at::Tensor& lora_a,
+                                                const at::Tensor& lora_b, double scaling,
+                                                const std::optional<at::Tensor>& bias) {
+  check_lora_fwd(x, x_lora, weight, lora_a, lora_b, scaling, bias);
+  const at::ScalarType acc = accumulate_type(x.scalar_type());
+  const at::Tensor x_acc = x.to(acc);
+  const at::Tensor x_lora_acc = x_lora.has_value() ? x_lora->to(acc) : x_acc;
+  const at::Tensor s = at::mm(x_lora_acc, lora_a.to(acc).t());  // [M, r], unscaled
+  at::Tensor y = bias.has_value() ? at::addmm(bias->to(acc), x_acc, weight.to(acc).t())
+                                  : at::mm(x_acc, weight.to(acc).t());
+  y.addmm_(s, lora_b.to(acc).t(), /*beta=*/1.0, /*alpha=*/scaling);
+  return {y.to(x.scalar_type()), s.to(at::kFloat)};
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_bwd_dy_cpu(const at::Tensor& dy, const at::Tensor& s,
+                                                   const at::Tensor& lora_b, double scaling) {
+  check_lora_bwd_dy(dy, s, lora_b, scaling);
+  const at::ScalarType acc = accumulate_type(dy.scalar_type());
+  const at::Tensor dy_acc = dy.to(acc);
+  at::Tensor d_lora_b = at::mm(dy_acc.t(), s.to(acc)).mul_(scaling);  // [N, r]
+  at::Tensor ds = at::mm(dy_acc, lora_b.to(acc)).mul_(scaling);       // [M, r]
+  return {d_lora_b.to(at::kFloat), ds.to(at::kFloat)};
+}
+
+}  // namespace
+}  // namespace lora_kernels
+
+TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) {
+  m.impl("lora_fwd", &lora_kernels::lora_fwd_cpu);
+  m.impl("lora_bwd_dy", &lora_kernels::lora_bwd_dy_cpu);
+}
