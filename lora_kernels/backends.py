@@ -69,7 +69,8 @@ def resolve_backend(backend, device, op_name):
         raise TypeError(f"{op_name}: backend expected a str, got {type(backend).__name__}")
     if backend == "auto":
         chosen = auto_backend(device)
-        logger.debug("%s: backend='auto' chose %r for %s tensors", op_name, chosen, device.type)
+        if not torch.compiler.is_compiling():  # dynamo cannot trace Logger calls: one graph break per call
+            logger.debug("%s: backend='auto' chose %r for %s tensors", op_name, chosen, device.type)
         return chosen
     reason = unavailable_reason(backend, device)
     if reason is not None:

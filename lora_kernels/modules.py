@@ -11,7 +11,6 @@ import warnings
 import torch
 from torch import nn
 
-from lora_kernels.backends import auto_backend
 from lora_kernels.functional import lora_linear, multi_lora_linear
 
 
@@ -29,14 +28,6 @@ class LoRAFactor(nn.Module):
 
 def lora_scaling(r, lora_alpha, use_rslora):
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
-
-
-def _forward_backend(backend, x):
-    """The backend a layer passes on. Under torch.compile "auto" is resolved here, without the debug log line of
-    backends.resolve_backend: dynamo cannot trace logging.Logger calls and would break the graph at every layer."""
-    if backend == "auto" and torch.compiler.is_compiling():
-        return auto_backend(x.device)
-    return backend
 
 
 def conv1d_class():
@@ -152,7 +143,7 @@ class LoRALinear(nn.Module):
             return nn.functional.linear(x, self.base_weight(), self.bias)
         dropout_p = self.lora_dropout if self.training else 0.0
         return lora_linear(x, self.base_weight(), self.lora_A.weight, self.lora_B.weight, self.scaling, self.bias,
-                           dropout_p=dropout_p, backend=_forward_backend(self.backend, x))
+                           dropout_p=dropout_p, backend=self.backend)
 
     def delta_weight(self):
         """scaling * B @ A in float32 [out, in]: what merge adds to the base weight (added in float32, rounded once;
@@ -314,7 +305,7 @@ class MultiLoRALinear(nn.Module):
                                    "first: `with lora_kernels.set_batch_adapters(model, adapter_names): model(...)`")
             adapter_ids = self.batch_adapters.batch_for(x, self.max_adapters)
         return multi_lora_linear(x, self.base_weight(), self.lora_a, self.lora_b, adapter_ids, self.scalings,
-                                 self.base_layer.bias, ranks=self.ranks, backend=_forward_backend(self.backend, x))
+                                 self.base_layer.bias, ranks=self.ranks, backend=self.backend)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, max_adapters={self.max_adapters}, "
