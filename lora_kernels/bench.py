@@ -7,6 +7,7 @@ GPU timings: CUDA events around each call after warm-up, the median, several rot
 included) so the L2 cache never holds the next call's operands. CPU timings: time.perf_counter, the median.
 """
 
+import contextlib
 import dataclasses
 import math
 import statistics
@@ -240,6 +241,16 @@ def _row(rows, section, kind, backend, shape, ours, baseline, ratio, ours_value,
                  "floor": FLOORS.get(kind), "meets_target": meets, "note": note})
 
 
+@contextlib.contextmanager
+def _guard(rows, section, backend, shape, on_gpu):
+    """A backend that raises gets an error row; the sweep goes on, so one broken kernel hides no other number."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001  (any failure is reported in the table and the JSON)
+        _row(rows, section, "error", backend, shape, "error", "-", None, None, None, "ms", on_gpu,
+             note=f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+
+
 def _count_units(cfg):
     per_backend = len(cfg.ms) + 2 * len(cfg.ranks) + 6
     return len(cfg.backends) * per_backend + 1
@@ -274,13 +285,15 @@ def _run_bench(cfg, progress_stream):
     for m in cfg.ms:
         inputs = _Inputs(device, dtype, m, k, n, r)
         for backend in cfg.backends:
-            with torch.no_grad():
+            with _guard(rows, "forward / base F.linear", backend, f"M={m} K={k} N={n} r={r}", on_gpu), \
+                    torch.no_grad():
                 t = measure({"base": inputs.fns(lambda x, w, a, b: F.linear(x, w)),
                              "ours": inputs.fns(lambda x, w, a, b, be=backend: lora_linear(x, w, a, b, 2.0,
                                                                                             backend=be))}, **timing)
-            _row(rows, "forward / base F.linear", "fwd_decode" if m <= 16 else "fwd_prefill" if m >= 256 else None,
-                 backend, f"M={m} K={k} N={n} r={r}", "lora_linear forward", "F.linear(x, W)",
-                 t["ours"] / t["base"], t["ours"], t["base"], "ms", on_gpu)
+                _row(rows, "forward / base F.linear",
+                     "fwd_decode" if m <= 16 else "fwd_prefill" if m >= 256 else None, backend,
+                     f"M={m} K={k} N={n} r={r}", "lora_linear forward", "F.linear(x, W)", t["ours"] / t["base"],
+                     t["ours"], t["base"], "ms", on_gpu)
             step(f"forward M={m} {backend}")
         del inputs
 
@@ -289,12 +302,14 @@ def _run_bench(cfg, progress_stream):
     for rank in cfg.ranks:
         inputs = _Inputs(device, dtype, m, k, n, rank, grad=True)
         for backend in cfg.backends:
-            with torch.no_grad():
+            shape = f"M={m} K={k} N={n} r={rank}"
+            with _guard(rows, "forward / base F.linear, rank sweep", backend, shape, on_gpu), torch.no_grad():
                 t = measure({"base": inputs.fns(lambda x, w, a, b, **_: F.linear(x, w)),
                              "ours": inputs.fns(lambda x, w, a, b, be=backend, **_: lora_linear(
                                  x, w, a, b, 2.0, backend=be))}, **timing)
-            _row(rows, "forward / base F.linear, rank sweep", "fwd_prefill", backend, f"M={m} K={k} N={n} r={rank}",
-                 "lora_linear forward", "F.linear(x, W)", t["ours"] / t["base"], t["ours"], t["base"], "ms", on_gpu)
+                _row(rows, "forward / base F.linear, rank sweep", "fwd_prefill", backend, shape,
+                     "lora_linear forward", "F.linear(x, W)", t["ours"] / t["base"], t["ours"], t["base"], "ms",
+                     on_gpu)
             step(f"rank {rank} forward {backend}")
 
             def ours(x, w, a, b, dy, be=backend, **_):
@@ -303,10 +318,11 @@ def _run_bench(cfg, progress_stream):
             def gemms(x, w, dy, **_):
                 with torch.no_grad():
                     return F.linear(x, w), dy @ w
-            t = measure({"gemms": inputs.fns(gemms), "ours": inputs.fns(ours)}, **timing)
-            _row(rows, "LoRA fwd+bwd / the two base GEMMs (x·Wᵀ, dY·W)", "fwd_bwd_vs_gemms", backend,
-                 f"M={m} K={k} N={n} r={rank}", "lora_linear fwd+bwd (dX, dA, dB)", "x·Wᵀ + dY·W",
-                 t["ours"] / t["gemms"], t["ours"], t["gemms"], "ms", on_gpu)
+            section = "LoRA fwd+bwd / the two base GEMMs (x·Wᵀ, dY·W)"
+            with _guard(rows, section, backend, shape, on_gpu):
+                t = measure({"gemms": inputs.fns(gemms), "ours": inputs.fns(ours)}, **timing)
+                _row(rows, section, "fwd_bwd_vs_gemms", backend, shape, "lora_linear fwd+bwd (dX, dA, dB)",
+                     "x·Wᵀ + dY·W", t["ours"] / t["gemms"], t["ours"], t["gemms"], "ms", on_gpu)
             step(f"rank {rank} fwd+bwd {backend}")
         del inputs
 
@@ -331,27 +347,33 @@ def _run_bench(cfg, progress_stream):
         def ours_plain(x, w, a, b, dy, be=backend, **_):
             return torch.autograd.grad(lora_linear(x, w, a, b, 2.0, backend=be), (x, a, b), dy)
 
-        t = measure({"peft": inputs.fns(peft_fwd_bwd), "ours": inputs.fns(ours_dropout)}, **timing)
-        _row(rows, f"unfused torch layer (PEFT's forward), dropout {DROPOUT} / ours, fwd+bwd", "unfused_vs_ours",
-             backend, shape, f"lora_linear fwd+bwd, dropout {DROPOUT}",
-             "base(x) + lora_B(lora_A(dropout(x)))·s, autograd", t["peft"] / t["ours"], t["ours"], t["peft"], "ms",
-             on_gpu, note="ratio = baseline / ours (higher is better)")
+        section = f"unfused torch layer (PEFT's forward), dropout {DROPOUT} / ours, fwd+bwd"
+        with _guard(rows, section, backend, shape, on_gpu):
+            t = measure({"peft": inputs.fns(peft_fwd_bwd), "ours": inputs.fns(ours_dropout)}, **timing)
+            _row(rows, section, "unfused_vs_ours", backend, shape, f"lora_linear fwd+bwd, dropout {DROPOUT}",
+                 "base(x) + lora_B(lora_A(dropout(x)))·s, autograd", t["peft"] / t["ours"], t["ours"], t["peft"],
+                 "ms", on_gpu, note="ratio = baseline / ours (higher is better)")
         step(f"unfused vs ours {backend}")
-        t = measure({"full": inputs.fns(full_fwd_bwd), "ours": inputs.fns(ours_plain)}, **timing)
-        _row(rows, "LoRA fwd+bwd / full fine-tuning fwd+bwd", "lora_vs_full", backend, shape,
-             "lora_linear fwd+bwd (dX, dA, dB)", "F.linear fwd+bwd with W trainable (dX, dW)",
-             t["ours"] / t["full"], t["ours"], t["full"], "ms", on_gpu)
+        section = "LoRA fwd+bwd / full fine-tuning fwd+bwd"
+        with _guard(rows, section, backend, shape, on_gpu):
+            t = measure({"full": inputs.fns(full_fwd_bwd), "ours": inputs.fns(ours_plain)}, **timing)
+            _row(rows, section, "lora_vs_full", backend, shape, "lora_linear fwd+bwd (dX, dA, dB)",
+                 "F.linear fwd+bwd with W trainable (dX, dW)", t["ours"] / t["full"], t["ours"], t["full"], "ms",
+                 on_gpu)
         step(f"LoRA vs full {backend}")
-        ours_saved = saved_bytes(lambda be=backend: lora_linear(*layer_tensors, 2.0, dropout_p=DROPOUT, backend=be),
-                                 exclude=layer_tensors)
-        _row(rows, "activation memory saved for backward / PEFT's (dropout 0.1)", "memory_vs_unfused", backend, shape,
-             "lora_linear", "PEFT's unfused forward", ours_saved / peft_saved, ours_saved, peft_saved, "bytes",
-             on_gpu, note="storages autograd keeps (saved_tensors_hooks), inputs and weights excluded")
-        ours_peak = peak_memory(lambda: ours_dropout(**s0), device)
-        _row(rows, "peak memory of fwd+bwd / PEFT's (dropout 0.1)", "memory_vs_unfused", backend, shape,
-             "lora_linear fwd+bwd", "PEFT's unfused fwd+bwd", None if ours_peak is None else ours_peak / peft_peak,
-             ours_peak, peft_peak, "bytes", on_gpu,
-             note=None if on_gpu else "n/a on CPU (no allocator statistics)")
+        section = f"activation memory saved for backward / PEFT's (dropout {DROPOUT})"
+        with _guard(rows, section, backend, shape, on_gpu):
+            ours_saved = saved_bytes(lambda be=backend: lora_linear(*layer_tensors, 2.0, dropout_p=DROPOUT,
+                                                                    backend=be), exclude=layer_tensors)
+            _row(rows, section, "memory_vs_unfused", backend, shape, "lora_linear", "PEFT's unfused forward",
+                 ours_saved / peft_saved, ours_saved, peft_saved, "bytes", on_gpu,
+                 note="storages autograd keeps (saved_tensors_hooks), inputs and weights excluded")
+        section = f"peak memory of fwd+bwd / PEFT's (dropout {DROPOUT})"
+        with _guard(rows, section, backend, shape, on_gpu):
+            ours_peak = peak_memory(lambda be=backend: ours_dropout(**s0, be=be), device)
+            _row(rows, section, "memory_vs_unfused", backend, shape, "lora_linear fwd+bwd", "PEFT's unfused fwd+bwd",
+                 None if ours_peak is None else ours_peak / peft_peak, ours_peak, peft_peak, "bytes", on_gpu,
+                 note=None if on_gpu else "n/a on CPU (no allocator statistics)")
     del inputs
 
     # 4. grouped ops.
@@ -408,15 +430,16 @@ def grouped_rows(rows, cfg, device, dtype, timing, on_gpu, step):
     lora_a, lora_b, scalings = _stacked_adapters(device, dtype, PREFILL_ADAPTERS, k, n, r)
     distinct = LoRABatch.from_adapter_ids(_segments(tokens, PREFILL_ADAPTERS, device), PREFILL_ADAPTERS)
     one = LoRABatch.from_adapter_ids(torch.zeros(tokens, dtype=torch.int64, device=device), PREFILL_ADAPTERS)
+    section = f"grouped prefill: {PREFILL_ADAPTERS} distinct adapters / one adapter"
+    shape = f"{tokens} tokens K={k} N={n} r={r}"
     for backend in cfg.backends:
-        with torch.no_grad():
+        with _guard(rows, section, backend, shape, on_gpu), torch.no_grad():
             t = measure({
                 "one": [lambda be=backend: multi_lora_linear(x, weight, lora_a, lora_b, one, scalings, backend=be)],
                 "distinct": [lambda be=backend: multi_lora_linear(x, weight, lora_a, lora_b, distinct, scalings,
                                                                   backend=be)]}, **timing)
-        _row(rows, f"grouped prefill: {PREFILL_ADAPTERS} distinct adapters / one adapter", "grouped_distinct", backend,
-             f"{tokens} tokens K={k} N={n} r={r}", "multi_lora_linear forward", "same, every token on one adapter",
-             t["distinct"] / t["one"], t["distinct"], t["one"], "ms", on_gpu)
+            _row(rows, section, "grouped_distinct", backend, shape, "multi_lora_linear forward",
+                 "same, every token on one adapter", t["distinct"] / t["one"], t["distinct"], t["one"], "ms", on_gpu)
         step(f"grouped prefill {backend}")
 
     lora_a, lora_b, scalings = _stacked_adapters(device, dtype, LOOP_ADAPTERS, k, n, r)
@@ -427,17 +450,18 @@ def grouped_rows(rows, cfg, device, dtype, timing, on_gpu, step):
         ids = _segments(tokens, LOOP_ADAPTERS, device)
         batch = LoRABatch.from_adapter_ids(ids, LOOP_ADAPTERS)
         indices = [torch.nonzero(ids == i).squeeze(1) for i in range(LOOP_ADAPTERS)]
+        section = f"grouped op / per-adapter loop (PEFT's mixed batch), {LOOP_ADAPTERS} adapters"
+        shape = f"{tokens} tokens K={k} N={n} r={r}"
         for backend in cfg.backends:
-            with torch.no_grad():
+            with _guard(rows, section, backend, shape, on_gpu), torch.no_grad():
                 t = measure({
                     "loop": [lambda x=x, indices=indices: per_adapter_loop(x, weight, lora_as, lora_bs, scaling_list,
                                                                            indices)],
                     "grouped": [lambda x=x, batch=batch, be=backend: multi_lora_linear(
                         x, weight, lora_a, lora_b, batch, scalings, backend=be)]}, **timing)
-            _row(rows, f"grouped op / per-adapter loop (PEFT's mixed batch), {LOOP_ADAPTERS} adapters",
-                 "grouped_vs_loop", backend, f"{tokens} tokens K={k} N={n} r={r}", "multi_lora_linear forward",
-                 "F.linear + Python loop of index_select / index_add_", t["grouped"] / t["loop"], t["grouped"],
-                 t["loop"], "ms", on_gpu)
+                _row(rows, section, "grouped_vs_loop", backend, shape, "multi_lora_linear forward",
+                     "F.linear + Python loop of index_select / index_add_", t["grouped"] / t["loop"], t["grouped"],
+                     t["loop"], "ms", on_gpu)
             step(f"grouped vs loop {tokens} {backend}")
 
 
@@ -452,15 +476,16 @@ def decode_rows(rows, cfg, device, dtype, timing, on_gpu, copy_gbs, step):
     x = torch.randn(DECODE_TOKENS, k, device=device, dtype=dtype)
     batch = LoRABatch.from_adapter_ids(torch.arange(DECODE_TOKENS, device=device) % LOOP_ADAPTERS, LOOP_ADAPTERS)
     moved = (n * k + LOOP_ADAPTERS * r * (k + n) + DECODE_TOKENS * (k + n)) * element
+    section = f"grouped decode bandwidth, {DECODE_TOKENS} tokens on {LOOP_ADAPTERS} distinct adapters / copy"
+    shape = f"{DECODE_TOKENS} tokens K={k} N={n} r={r}"
     for backend in cfg.backends:
-        with torch.no_grad():
+        with _guard(rows, section, backend, shape, on_gpu), torch.no_grad():
             t = measure({"ours": [lambda be=backend: multi_lora_linear(x, weight, lora_a, lora_b, batch, scalings,
                                                                        backend=be)]}, **timing)
-        gbs = moved / t["ours"] / 1e6
-        _row(rows, f"grouped decode bandwidth, {DECODE_TOKENS} tokens on {LOOP_ADAPTERS} distinct adapters / copy",
-             "decode_bandwidth", backend, f"{DECODE_TOKENS} tokens K={k} N={n} r={r}",
-             f"multi_lora_linear forward, {moved / 1e6:.1f} MB moved", "torch copy_ (read + write)", gbs / copy_gbs,
-             gbs, copy_gbs, "GB/s", on_gpu, note=f"{t['ours']:.3f} ms")
+            gbs = moved / t["ours"] / 1e6
+            _row(rows, section, "decode_bandwidth", backend, shape,
+                 f"multi_lora_linear forward, {moved / 1e6:.1f} MB moved", "torch copy_ (read + write)",
+                 gbs / copy_gbs, gbs, copy_gbs, "GB/s", on_gpu, note=f"{t['ours']:.3f} ms")
         step(f"decode bandwidth {backend}")
 
 
@@ -478,7 +503,7 @@ def _fmt_value(value, unit):
 
 def _table_row(row):
     ratio = "n/a" if row["ratio"] is None else f"{row['ratio']:.3f}"
-    mark = {True: "ok", False: "MISS", None: ""}[row["meets_target"]]
+    mark = "ERROR" if row["kind"] == "error" else {True: "ok", False: "MISS", None: ""}[row["meets_target"]]
     return ("row", [row["backend"], row["shape"], ratio, _fmt_value(row["ours_value"], row["unit"]),
                     _fmt_value(row["baseline_value"], row["unit"]), row["target"] or "", mark], row)
 
@@ -516,6 +541,9 @@ def format_bench(result):
         else:
             lines.append("  " + "  ".join(c.ljust(w) if i < 2 else c.rjust(w)
                                           for i, (c, w) in enumerate(zip(content, widths))).rstrip())
+    errors = [row for row in result["rows"] if row["kind"] == "error"]
+    for row in errors:
+        lines.append(f"ERROR {row['backend']} ({row['section']}, {row['shape']}): {row['note']}")
     lines.append("")
     lines.append(f"Total {result['wall_s']:.1f} s.")
     return "\n".join(lines)

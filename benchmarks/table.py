@@ -1,0 +1,158 @@
+"""Table printer for benchmark results: the ratio table of a pytest-benchmark JSON (each group's entries against the
+group's baseline), and the short summary of `lora-kernels bench --save` / `lora-kernels compare --save` files that
+scripts/gpu_check.sh prints last.
+
+    python benchmarks/table.py results.json           # pytest-benchmark JSON: ratios against each group's baseline
+    python benchmarks/table.py --summary OUTDIR       # bench.json + compare.json of a gpu_check run
+"""
+
+import argparse
+import json
+import os
+import sys
+
+# bench rows shown in the summary, one per kind: the design.md §8 shape where the sweep has it.
+SUMMARY_KINDS = ("fwd_decode", "fwd_prefill", "fwd_bwd_vs_gemms", "unfused_vs_ours", "lora_vs_full",
+                 "memory_vs_unfused", "grouped_distinct", "grouped_vs_loop", "decode_bandwidth")
+
+
+def _load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _print_table(headers, rows, out):
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h))
+              for i, h in enumerate(headers)]
+    out.write("  ".join(str(h).ljust(w) for h, w in zip(headers, widths)).rstrip() + "\n")
+    for row in rows:
+        out.write("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() + "\n")
+
+
+# ---------------------------------------------------------------------------------------- pytest-benchmark JSON
+
+def pytest_benchmark_ratios(data):
+    """[(group, name, median_s, baseline name, ratio)] for a pytest-benchmark JSON. Each benchmark's extra_info
+    names its role ("baseline" or not); a group without a baseline gets no ratios."""
+    groups = {}
+    for bench in data.get("benchmarks", []):
+        groups.setdefault(bench.get("group") or "", []).append(bench)
+    rows = []
+    for group, benches in groups.items():
+        baseline = next((b for b in benches if b.get("extra_info", {}).get("role") == "baseline"), None)
+        for bench in benches:
+            median = bench["stats"]["median"]
+            ratio = None if baseline is None else median / baseline["stats"]["median"]
+            rows.append((group, bench["name"], median, None if baseline is None else baseline["name"], ratio))
+    return rows
+
+
+def print_pytest_benchmark(path, out=sys.stdout):
+    data = _load(path)
+    machine = data.get("machine_info", {})
+    extra = machine.get("lora_kernels", {})
+    out.write(f"{path}: {data.get('datetime', '?')}, {extra.get('device_name') or machine.get('cpu', {}).get('brand_raw', '?')}, "
+              f"torch {extra.get('torch', '?')}, triton {extra.get('triton', '?')}\n")
+    rows = [(group, name, _fmt_seconds(median), baseline or "-", "-" if ratio is None else f"{ratio:.3f}")
+            for group, name, median, baseline, ratio in pytest_benchmark_ratios(data)]
+    _print_table(["group", "benchmark", "median", "baseline", "ratio"], rows, out)
+
+
+def _fmt_seconds(seconds):
+    return f"{seconds * 1e6:.1f} µs" if seconds < 1e-3 else f"{seconds * 1e3:.3f} ms"
+
+
+# ---------------------------------------------------------------------------------------- gpu_check summary
+
+def summary_bench_rows(bench):
+    """One row per (kind, backend): the worst ratio of that kind against its target, with its shape."""
+    grouped = {}
+    for row in bench["rows"]:
+        if row["kind"] in SUMMARY_KINDS:
+            grouped.setdefault((row["kind"], row["backend"]), []).append(row)
+    table = []
+    for (kind, backend) in sorted(grouped, key=lambda key: (SUMMARY_KINDS.index(key[0]), key[1])):
+        rows = grouped[(kind, backend)]
+        measured = [r for r in rows if r["ratio"] is not None]
+        if not measured:
+            row = rows[0]
+        elif (rows[0]["target"] or "<=").startswith(">="):
+            row = min(measured, key=lambda r: r["ratio"])
+        else:
+            row = max(measured, key=lambda r: r["ratio"])
+        ratio = "n/a" if row["ratio"] is None else f"{row['ratio']:.3f}"
+        mark = {True: "ok", False: "MISS", None: ""}[row["meets_target"]]
+        table.append((kind, backend, row["shape"], ratio, row["target"] or "", mark))
+    return table
+
+
+def summary_compare_rows(compare):
+    methods = compare["methods"]
+    full, torch_lora, fused = methods["full"], methods["lora_torch"], methods["lora_fused"]
+    inference = compare.get("inference") or {}
+
+    def ratio(a, b):
+        return "n/a" if a is None or not b else f"{a / b:.3f}"
+
+    rows = [
+        ("trainable params %", f"{full['trainable_percent']:.2f}", f"{torch_lora['trainable_percent']:.3f}",
+         f"{fused['trainable_percent']:.3f}"),
+        ("optimizer state / full FT", "1", ratio(torch_lora["optimizer_state_bytes"], full["optimizer_state_bytes"]),
+         ratio(fused["optimizer_state_bytes"], full["optimizer_state_bytes"])),
+        ("peak memory per step / full FT", "1", ratio(torch_lora["peak_step_bytes"], full["peak_step_bytes"]),
+         ratio(fused["peak_step_bytes"], full["peak_step_bytes"])),
+        ("step time / full FT", "1", ratio(torch_lora["step_ms_median"], full["step_ms_median"]),
+         ratio(fused["step_ms_median"], full["step_ms_median"])),
+        ("tokens / s", f"{full['tokens_per_s']:,.0f}", f"{torch_lora['tokens_per_s']:,.0f}",
+         f"{fused['tokens_per_s']:,.0f}"),
+        ("checkpoint / full FT", "1", ratio(torch_lora["checkpoint_bytes"], full["checkpoint_bytes"]),
+         ratio(fused["checkpoint_bytes"], full["checkpoint_bytes"])),
+        ("eval loss after training", f"{full['eval_loss']:.3f}", f"{torch_lora['eval_loss']:.3f}",
+         f"{fused['eval_loss']:.3f}"),
+    ]
+    if inference:
+        rows.append(("inference latency / merged", "1 (merged)",
+                     ratio(inference["unmerged_unfused_ms"], inference["merged_ms"]),
+                     ratio(inference["unmerged_fused_ms"], inference["merged_ms"])))
+    return rows
+
+
+def print_summary(outdir, out=sys.stdout):
+    """The key numbers of a gpu_check run (bench: the worst case of each ratio); missing files are reported."""
+    bench_path, compare_path = os.path.join(outdir, "bench.json"), os.path.join(outdir, "compare.json")
+    if os.path.exists(bench_path):
+        bench = _load(bench_path)
+        env = bench["environment"]
+        out.write(f"bench ({env['gpu'] or env['cpu']}, {bench['config']['dtype']}, K=N={bench['config']['hidden']}, "
+                  f"r={bench['config']['rank']}; copy {bench['copy_bandwidth_gbs']:.0f} GB/s):\n")
+        _print_table(["what (worst case)", "backend", "shape", "ratio", "target", ""], summary_bench_rows(bench), out)
+        for row in bench["rows"]:
+            if row["kind"] == "error":
+                out.write(f"ERROR {row['backend']} in '{row['section']}' ({row['shape']}): {row['note']}\n")
+    else:
+        out.write(f"bench: no {bench_path}\n")
+    if os.path.exists(compare_path):
+        compare = _load(compare_path)
+        cfg = compare["config"]
+        out.write(f"\ncompare ({compare['model']['name']}, {cfg['dtype']}, r={cfg['rank']}, "
+                  f"{compare['task']['tokens_per_step']} tokens/step, {cfg['steps']} steps):\n")
+        _print_table(["", "full FT", "LoRA torch", f"LoRA {compare['backends']['fused']}"],
+                     summary_compare_rows(compare), out)
+    else:
+        out.write(f"compare: no {compare_path}\n")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("path", help="a pytest-benchmark JSON file, or with --summary a gpu_check OUTDIR")
+    parser.add_argument("--summary", action="store_true", help="summarise bench.json and compare.json in PATH")
+    args = parser.parse_args(argv)
+    if args.summary:
+        print_summary(args.path)
+    else:
+        print_pytest_benchmark(args.path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

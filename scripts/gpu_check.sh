@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# The whole GPU verification in one command, for a CUDA machine without network whose Python already has torch
+# (>= 2.11), triton (>= 3.6), pytest, pytest-benchmark, peft, transformers and ninja:
+#
+#   bash scripts/gpu_check.sh OUTDIR            # build the extension with CUDA, GPU tests, bench, compare
+#   bash scripts/gpu_check.sh OUTDIR --dry-run  # any machine: checks the steps (bench --quick and compare tiny on
+#                                               # CPU), prints the build and test commands instead of running them
+#
+# Every stage runs under `timeout` inside one time budget (GPU_CHECK_BUDGET seconds, default 450, so the whole run
+# ends within 8 minutes on an H100); each stage's output goes to OUTDIR/<stage>.log, bench and compare also write
+# OUTDIR/bench.json and OUTDIR/compare.json. The key numbers and a table of the stages come last (also in
+# OUTDIR/summary.txt). Exit status: 0 when every stage that ran passed.
+# Environment: PYTHON (default: python, else python3), MAX_JOBS (default 16), GPU_CHECK_BUDGET.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+usage() { echo "usage: bash scripts/gpu_check.sh OUTDIR [--dry-run]" >&2; exit 2; }
+OUTDIR="" DRY_RUN=0
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY_RUN=1 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -*) usage ;;
+    *) [ -z "$OUTDIR" ] || usage; OUTDIR=$arg ;;
+  esac
+done
+[ -n "$OUTDIR" ] || usage
+mkdir -p "$OUTDIR" || exit 2
+OUTDIR=$(cd "$OUTDIR" && pwd)
+
+PY=${PYTHON:-$(command -v python || command -v python3)}
+[ -n "$PY" ] || { echo "gpu_check: no python found (set PYTHON)" >&2; exit 2; }
+BUDGET=${GPU_CHECK_BUDGET:-450}
+export MAX_JOBS=${MAX_JOBS:-16}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the checkout itself, also after build_ext --inplace
+export PYTHONUNBUFFERED=1
+START=$(date +%s)
+
+STAGES=() STATUSES=() SECONDS_TAKEN=() LOGS=()
+record() { STAGES+=("$1"); STATUSES+=("$2"); SECONDS_TAKEN+=("$3"); LOGS+=("$4"); }
+remaining() { echo $(( BUDGET - ($(date +%s) - START) )); }
+
+# run_stage NAME LIMIT_S LOGFILE CMD...: runs CMD under timeout (the smaller of LIMIT_S and the budget left).
+run_stage() {
+  local name=$1 limit=$2 log=$3
+  shift 3
+  local left
+  left=$(remaining)
+  if (( left < 20 )); then
+    echo "== $name: skipped, the time budget (${BUDGET}s) is spent"
+    record "$name" "skipped (budget)" 0 "-"
+    return 1
+  fi
+  (( limit > left - 10 )) && limit=$(( left - 10 ))
+  echo "== $name (limit ${limit}s): $*"
+  echo "\$ $*" > "$OUTDIR/$log"
+  local t0 rc status
+  t0=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" >> "$OUTDIR/$log" 2>&1
+  rc=$?
+  case $rc in
+    0) status=ok ;;
+    124|137) status="TIMEOUT (${limit}s)" ;;
+    *) status="FAILED (exit $rc)" ;;
+  esac
+  local took=$(( $(date +%s) - t0 ))
+  record "$name" "$status" "$took" "$log"
+  echo "   $status in ${took}s, log: $OUTDIR/$log"
+  if (( rc != 0 )); then tail -n 15 "$OUTDIR/$log" | sed 's/^/   | /'; fi
+  return $rc
+}
+
+# dry_stage NAME CMD...: what a real run would do, without running it.
+dry_stage() {
+  local name=$1
+  shift
+  echo "== $name (dry run, not run): $*"
+  record "$name" "dry run: not run" 0 "-"
+}
+
+have_matplotlib() { "$PY" -c "import matplotlib" > /dev/null 2>&1; }
+
+echo "gpu_check: $(date -Is), $( (( DRY_RUN )) && echo "dry run" || echo "GPU run"), python $PY, budget ${BUDGET}s, logs in $OUTDIR"
+
+# 1. environment
+run_stage env 60 env.log bash -c "
+  date -Is; uname -a; command -v nvidia-smi > /dev/null && nvidia-smi; command -v nvcc > /dev/null && nvcc --version
+  '$PY' -c 'import sys, torch; print(\"python\", sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"device\", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)'
+  '$PY' -c 'import triton; print(\"triton\", triton.__version__)' || true
+  '$PY' -m pip list 2>/dev/null | grep -iE '^(torch|triton|pytest|pytest-benchmark|peft|transformers|ninja|numpy|safetensors|matplotlib) ' || true"
+
+if (( ! DRY_RUN )) && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "gpu_check: torch sees no CUDA device; run with --dry-run to check the steps on a CPU machine" >&2
+  exit 2
+fi
+
+# 2. build the extension in place (CPU + CUDA sources), in parallel
+BUILD=(env "MAX_JOBS=$MAX_JOBS" LORA_KERNELS_BUILD_CUDA=1 "$PY" -m pip install --no-build-isolation --no-deps -e .)
+FALLBACK=(env "MAX_JOBS=$MAX_JOBS" LORA_KERNELS_BUILD_CUDA=1 "$PY" setup.py build_ext --inplace)
+if (( DRY_RUN )); then
+  command -v nvcc > /dev/null || echo "   (no nvcc on this machine: a real run needs the CUDA toolkit for this stage)"
+  dry_stage build "${BUILD[@]}" "(if that fails: ${FALLBACK[*]})"
+else
+  if ! run_stage build 240 build.log "${BUILD[@]}"; then
+    # pip itself may be what failed (e.g. an old setuptools without editable installs): build in place instead.
+    (( $(remaining) > 200 )) && run_stage build_ext 200 build_ext.log "${FALLBACK[@]}"
+  fi
+fi
+
+# 3. what the package sees
+run_stage info 60 info.log "$PY" -m lora_kernels info
+
+# 4. tests: the GPU-only tests, then the normal suite's CUDA cases
+TESTS_GPU=("$PY" -m pytest -q -p no:cacheprovider -m gpu -rf)
+TESTS_CUDA=("$PY" -m pytest -q -p no:cacheprovider -m "not gpu" -k cuda -rf)
+if (( DRY_RUN )); then
+  dry_stage tests_gpu "${TESTS_GPU[@]}"
+  dry_stage tests_cuda "${TESTS_CUDA[@]}"
+else
+  run_stage tests_gpu 100 tests_gpu.log "${TESTS_GPU[@]}"
+fi
+
+# 5. benchmarks and the main comparison (GPU sizes; CPU sizes in a dry run)
+PLOT=()
+have_matplotlib && PLOT=(--plot "$OUTDIR/compare.png")
+if (( DRY_RUN )); then
+  # one thread: a dry run checks the plumbing, and one thread is the fastest way through on a busy shared CPU
+  run_stage bench 120 bench.log "$PY" -m lora_kernels bench --quick --device cpu --threads 1 --no-progress \
+    --save "$OUTDIR/bench.json"
+  run_stage compare 120 compare.log "$PY" -m lora_kernels compare --model-size tiny --device cpu --steps 6 --warmup 2 \
+    --seq-len 32 --infer-reps 3 --threads 1 --no-progress --save "$OUTDIR/compare.json" "${PLOT[@]}"
+else
+  run_stage bench 110 bench.log "$PY" -m lora_kernels bench --no-progress --save "$OUTDIR/bench.json"
+  run_stage compare 90 compare.log "$PY" -m lora_kernels compare --no-progress --save "$OUTDIR/compare.json" "${PLOT[@]}"
+  # the normal suite's CUDA cases take whatever budget is left
+  run_stage tests_cuda 150 tests_cuda.log "${TESTS_CUDA[@]}"
+fi
+
+# 6. the short table, last
+{
+  echo
+  "$PY" benchmarks/table.py --summary "$OUTDIR" || echo "(no summary: benchmarks/table.py failed)"
+  echo
+  printf '%-12s %-22s %6s  %s\n' stage status seconds log
+  failed=0
+  for i in "${!STAGES[@]}"; do
+    printf '%-12s %-22s %6s  %s\n' "${STAGES[$i]}" "${STATUSES[$i]}" "${SECONDS_TAKEN[$i]}" "${LOGS[$i]}"
+    case "${STATUSES[$i]}" in ok|dry\ run*) ;; *) failed=$((failed + 1)) ;; esac
+  done
+  echo "gpu_check: $failed stage(s) not ok; total $(( $(date +%s) - START ))s; logs in $OUTDIR"
+  echo "$failed" > "$OUTDIR/.failed"
+} | tee "$OUTDIR/summary.txt"
+failed=$(cat "$OUTDIR/.failed")
+rm -f "$OUTDIR/.failed"
+(( failed == 0 ))

@@ -1,0 +1,139 @@
+"""The command line: `lora-kernels info | compare | bench` (in-process and as subprocesses) and scripts/gpu_check.sh
+(syntax, and its --dry-run on CPU). Structure only: no timing is asserted."""
+
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from lora_kernels import cli
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TINY_COMPARE = ["compare", "--model-size", "tiny", "--device", "cpu", "--batch-size", "2", "--seq-len", "16",
+                "--steps", "4", "--warmup", "1", "--infer-reps", "2", "--threads", "1", "--no-progress"]
+QUICK_BENCH = ["bench", "--quick", "--device", "cpu", "--threads", "1", "--reps", "2", "--no-progress"]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def _run(args, timeout=120):
+    return subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def test_python_m_lora_kernels_info():
+    proc = _run([sys.executable, "-m", "lora_kernels", "info"])
+    assert proc.returncode == 0, proc.stderr
+    assert "backends for cpu tensors" in proc.stdout and "torch" in proc.stdout
+
+
+def test_console_script_info():
+    script = shutil.which("lora-kernels", path=os.path.dirname(sys.executable)) or shutil.which("lora-kernels")
+    if script is None:
+        pytest.skip("the lora-kernels console script is not installed (pip install -e . installs it)")
+    proc = _run([script, "info", "--json"])
+    assert proc.returncode == 0, proc.stderr
+    assert "cpu" in json.loads(proc.stdout)["backends"]
+
+
+def test_pyproject_declares_the_console_script():
+    text = (ROOT / "pyproject.toml").read_text()
+    assert re.search(r'^lora-kernels = "lora_kernels\.cli:main"$', text, re.MULTILINE)
+    assert callable(cli.main)
+
+
+def test_compare_json_parses_and_has_the_three_runs(capsys):
+    assert cli.main(TINY_COMPARE + ["--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["methods"]) == {"full", "lora_torch", "lora_fused"}
+    assert result["config"]["model_size"] == "tiny" and result["config"]["steps"] == 4
+    assert result["methods"]["full"]["trainable_percent"] == 100.0
+
+
+def test_compare_table_and_save(capsys, tmp_path):
+    saved = tmp_path / "compare.json"
+    assert cli.main(TINY_COMPARE + ["--rank", "4", "--alpha", "8", "--targets", "q_proj,v_proj",
+                                    "--save", str(saved)]) == 0
+    out = capsys.readouterr().out
+    assert "full fine-tuning" in out and "LoRA, torch (unfused)" in out and "inference latency" in out
+    result = json.loads(saved.read_text())
+    assert result["config"]["targets"] == ["q_proj", "v_proj"] and result["methods"]["lora_torch"]["lora_layers"] == 4
+
+
+def test_compare_bad_option_is_a_clear_error(capsys):
+    assert cli.main(TINY_COMPARE + ["--targets", "no_such_layer"]) == 2
+    assert "--targets" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(TINY_COMPARE + ["--rank", "0"])
+
+
+def test_compare_plot_without_matplotlib_is_a_clear_error(capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    assert cli.main(TINY_COMPARE + ["--plot", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "needs matplotlib" in err and "pip install" in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_bench_quick_prints_ratio_rows(capsys):
+    assert cli.main(QUICK_BENCH) == 0
+    out = capsys.readouterr().out
+    for section in ("forward / base F.linear", "LoRA fwd+bwd / the two base GEMMs", "unfused torch layer",
+                    "LoRA fwd+bwd / full fine-tuning", "grouped prefill", "per-adapter loop",
+                    "decode bandwidth", "peak memory of fwd+bwd"):
+        assert section in out, section
+    rows = [line for line in out.splitlines() if re.match(r"^  (torch|cpu|triton|cuda) ", line)]
+    assert rows, out
+    assert all(re.search(r"\s(\d+\.\d{3}|n/a)\s", row) for row in rows), rows
+    assert "ERROR" not in out
+
+
+def test_bench_json(capsys):
+    assert cli.main(QUICK_BENCH + ["--ms", "1,8", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    kinds = {row["kind"] for row in result["rows"]}
+    assert {"fwd_decode", "fwd_bwd_vs_gemms", "unfused_vs_ours", "lora_vs_full", "grouped_distinct",
+            "grouped_vs_loop", "decode_bandwidth", "memory_vs_unfused"} <= kinds
+    for row in result["rows"]:
+        assert row["baseline"] and row["ours"]
+        assert row["meets_target"] is None  # CPU ratios are never judged against the GPU targets
+        if row["ratio"] is not None:
+            assert row["ratio"] > 0
+    assert result["copy_bandwidth_gbs"] > 0
+    assert result["config"]["ms"] == [1, 8]
+
+
+def test_bench_rejects_an_unavailable_backend(capsys):
+    assert cli.main(QUICK_BENCH + ["--backends", "cuda"]) == 2
+    assert "cuda" in capsys.readouterr().err
+
+
+def test_gpu_check_script_syntax():
+    proc = _run(["bash", "-n", str(ROOT / "scripts" / "gpu_check.sh")])
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run(tmp_path):
+    env = _env()
+    env["PYTHON"] = sys.executable
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(tmp_path), "--dry-run"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "== build (dry run, not run)" in out and "--no-build-isolation" in out
+    assert "tests_gpu (dry run, not run)" in out
+    for log in ("env.log", "info.log", "bench.log", "compare.log", "bench.json", "compare.json", "summary.txt"):
+        assert (tmp_path / log).exists(), log
+    # the short table comes last: the key numbers, then the stages
+    tail = out[out.index("what (worst case)"):]
+    assert "compare (" in tail and "stage" in tail and "0 stage(s) not ok" in tail
+    assert json.loads((tmp_path / "compare.json").read_text())["config"]["model_size"] == "tiny"

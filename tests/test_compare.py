@@ -1,0 +1,184 @@
+"""`lora-kernels compare` on a tiny config: the structure of the result and the relations its numbers must obey
+(parameter counts, file sizes, optimizer and gradient memory against the counts, the loss going down)."""
+
+import io
+import json
+import math
+
+import pytest
+import torch
+
+from lora_kernels import compare
+from lora_kernels.compare import CompareConfig, DecoderLM, ModelConfig, run_compare
+
+TINY = CompareConfig(model_size="tiny", device="cpu", batch_size=4, seq_len=32, steps=10, warmup=2, infer_reps=3,
+                     threads=1)
+FLOAT32_BYTES = 4
+
+
+@pytest.fixture(scope="module")
+def result():
+    return run_compare(TINY)
+
+
+def _injected_layer_shapes(model_cfg, targets):
+    """(in, out) of every nn.Linear a target name selects, read off the model the same way PEFT matches names."""
+    with torch.device("meta"):
+        model = DecoderLM(model_cfg)
+    return [(m.in_features, m.out_features) for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets]
+
+
+def test_result_structure(result):
+    assert set(result["methods"]) == {"full", "lora_torch", "lora_fused"}
+    for method in result["methods"].values():
+        for key in ("trainable_params", "total_params", "grad_bytes", "optimizer_state_bytes", "peak_step_bytes",
+                    "saved_activation_bytes", "step_ms_median", "tokens_per_s", "checkpoint_bytes", "train_losses",
+                    "eval_loss"):
+            assert key in method, key
+        assert len(method["train_losses"]) == TINY.steps
+        assert len(method["step_ms_all"]) == TINY.steps - TINY.warmup
+        assert method["step_ms_median"] > 0 and method["tokens_per_s"] > 0
+    assert result["methods"]["lora_torch"]["backend"] == "torch"
+    assert result["backends"]["fused"] == result["methods"]["lora_fused"]["backend"]
+    assert result["backends"]["fused"] in result["backends"]["available"]
+    for key in ("merged_ms", "unmerged_unfused_ms", "unmerged_fused_ms"):
+        assert result["inference"][key] > 0
+    for key in ("memory", "optimizer_state", "gradients", "step_time", "checkpoint", "inference"):
+        assert result["measurement"][key]
+    assert json.loads(compare.to_json(result)) == json.loads(json.dumps(result))
+
+
+def test_lora_trainable_count_is_sum_of_r_times_k_plus_n(result):
+    cfg = result["config"]
+    model_cfg = ModelConfig(cfg["vocab"], cfg["hidden"], cfg["layers"], cfg["heads"], cfg["intermediate"])
+    shapes = _injected_layer_shapes(model_cfg, cfg["targets"])
+    assert len(shapes) == 7 * cfg["layers"]
+    expected = sum(cfg["rank"] * (k + n) for k, n in shapes)
+    for method in ("lora_torch", "lora_fused"):
+        run = result["methods"][method]
+        assert run["trainable_params"] == expected
+        assert run["lora_layers"] == len(shapes)
+        assert run["total_params"] == result["model"]["total_params"] + expected
+        assert run["trainable_percent"] == pytest.approx(100 * expected / run["total_params"])
+    assert result["model"]["expected_lora_params"] == expected
+    full = result["methods"]["full"]
+    assert full["trainable_params"] == full["total_params"] == result["model"]["total_params"]
+
+
+def test_adapter_file_is_smaller_by_the_parameter_ratio(result):
+    full, lora = result["methods"]["full"], result["methods"]["lora_fused"]
+    # safetensors: the raw tensor bytes plus a JSON header (under 200 bytes per tensor; tiny has 21 and 28 tensors)
+    header_allowance = 16 * 1024
+    assert 0 <= full["checkpoint_bytes"] - full["total_params"] * FLOAT32_BYTES < header_allowance
+    assert 0 <= lora["checkpoint_bytes"] - lora["trainable_params"] * FLOAT32_BYTES < header_allowance
+    assert lora["adapter_tensor_bytes"] == lora["trainable_params"] * FLOAT32_BYTES
+    expected_factor = full["total_params"] / lora["trainable_params"]
+    assert full["checkpoint_bytes"] / lora["checkpoint_bytes"] == pytest.approx(expected_factor, rel=0.05)
+    assert full["full_torch_save_bytes"] >= full["total_params"] * FLOAT32_BYTES
+
+
+def test_optimizer_state_and_gradients_follow_the_trainable_counts(result):
+    for run in result["methods"].values():
+        trainable = run["trainable_params"]
+        assert run["grad_bytes"] == trainable * FLOAT32_BYTES
+        # AdamW: exp_avg and exp_avg_sq per trainable parameter, plus one scalar `step` tensor per parameter tensor
+        states = 2 * trainable * FLOAT32_BYTES
+        assert states <= run["optimizer_state_bytes"] <= states + 8 * 200
+    full, lora = result["methods"]["full"], result["methods"]["lora_torch"]
+    expected_ratio = full["trainable_params"] / lora["trainable_params"]
+    assert full["optimizer_state_bytes"] / lora["optimizer_state_bytes"] == pytest.approx(expected_ratio, rel=0.02)
+    assert full["optimizer_state_bytes"] > 2 * lora["optimizer_state_bytes"]
+
+
+def test_losses_are_finite_start_equal_and_go_down(result):
+    methods = result["methods"]
+    first = [run["train_losses"][0] for run in methods.values()]
+    # same init, same data, and a fresh LoRA adapter is the identity: the first loss is the same for all three
+    assert first == pytest.approx([first[0]] * 3, rel=1e-5)
+    assert first[0] == pytest.approx(math.log(result["config"]["vocab"]), rel=0.25)
+    for name, run in methods.items():
+        assert all(math.isfinite(loss) for loss in run["train_losses"]), name
+        assert run["train_losses"][-1] < run["train_losses"][0] - 0.5, name
+        assert run["eval_loss"] < result["task"]["initial_eval_loss"] - 0.5, name
+    # the two LoRA runs differ only in the backend: the same numbers up to rounding
+    assert methods["lora_fused"]["train_losses"] == pytest.approx(methods["lora_torch"]["train_losses"], rel=1e-3)
+
+
+def test_merged_model_matches_unmerged(result):
+    assert result["inference"]["merged_vs_unmerged_rel_diff"] < 1e-4
+    assert result["inference"]["fused_vs_unfused_rel_diff"] < 1e-3
+
+
+def test_printed_table_names_every_measurement(result):
+    text = compare.format_compare(result)
+    for label in ("trainable params", "gradients", "optimizer state", "activations saved", "peak memory / step",
+                  "step time", "tokens / s", "checkpoint on disk", "eval loss", "merged", "unmerged, torch",
+                  f"LoRA, {result['backends']['fused']} (fused)", result["measurement"]["memory"]):
+        assert label in text, label
+
+
+def test_plot_writes_a_png(result, tmp_path):
+    pytest.importorskip("matplotlib")
+    path = compare.plot_compare(result, str(tmp_path / "compare.png"))
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_model_is_causal_and_uses_llama_names():
+    cfg = ModelConfig(vocab=32, hidden=32, layers=1, heads=2, intermediate=48)
+    torch.manual_seed(0)
+    model = DecoderLM(cfg)
+    model.init_weights()
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert names == set(compare.DEFAULT_TARGETS) | {"lm_head"}
+    ids = torch.randint(0, 32, (2, 10))
+    changed = ids.clone()
+    changed[:, 6:] = (changed[:, 6:] + 1) % 32
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids)[:, :6], model(changed)[:, :6])
+        assert not torch.allclose(model(ids)[:, 6:], model(changed)[:, 6:])
+
+
+def test_task_is_deterministic_and_follows_the_permutation():
+    perm = compare.make_task(vocab=128, task_vocab=16, seed=3)
+    assert sorted(perm.tolist()) == list(range(16))
+    inputs, targets = compare.make_batch(perm, 3, 8, torch.Generator().manual_seed(0))
+    again, _ = compare.make_batch(perm, 3, 8, torch.Generator().manual_seed(0))
+    assert torch.equal(inputs, again)
+    assert torch.equal(targets, perm[inputs])
+    assert torch.equal(inputs[:, 1:], targets[:, :-1])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_size": "huge"}, "--model-size"),
+    ({"targets": ("nope",)}, "--targets"),
+    ({"steps": 3, "warmup": 3}, "--warmup"),
+    ({"hidden": 30, "heads": 4}, "--hidden"),
+    ({"dtype": "int8"}, "--dtype"),
+    ({"threads": 0}, "--threads"),
+])
+def test_bad_config_names_the_option(change, message):
+    import dataclasses
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(TINY, **change).resolved()
+
+
+def test_explicit_hidden_derives_heads_and_mlp_width():
+    cfg = CompareConfig(model_size="small", hidden=128, layers=2, device="cpu").resolved()
+    assert (cfg.hidden, cfg.layers) == (128, 2)
+    assert cfg.hidden % cfg.heads == 0 and cfg.hidden // cfg.heads == 64
+    assert cfg.intermediate % 16 == 0 and cfg.intermediate >= 8 * 128 // 3
+
+
+def test_progress_bar_prints_to_its_stream_only_after_the_delay():
+    stream = io.StringIO()
+    quiet = compare.ProgressBar(10, stream=stream, delay=60)
+    for _ in range(10):
+        quiet.update("step")
+    assert stream.getvalue() == ""
+    bar = compare.ProgressBar(10, stream=stream, delay=0)
+    for i in range(10):
+        bar.update(f"step {i}")
+    bar.close()
+    assert "100%" in stream.getvalue() and "step 9" in stream.getvalue()
