@@ -31,8 +31,10 @@ MAX_RANK = 256
 # L2-friendly program order: GROUP_M row-blocks of the output are walked before moving to the next column block
 # (the grouped ordering of Triton's matmul tutorial; 8 is its measured default).
 GROUP_M = 8
-# Pipelined operand buffers must fit the smallest target's opt-in shared memory (sm_80: 163 KiB); configs whose
-# estimate exceeds this for the dtype at hand (fp32 with the bigger tiles) are pruned before autotuning.
+# Configs whose pipelined operand tiles, num_stages * (rows + cols) * reduction block * element size, exceed this are
+# pruned before autotuning (fp32 with the bigger tiles). Measured with the compile gate: sm_80 keeps num_stages - 1
+# buffers, so it stays below the estimate and within its 163 KiB; sm_90 keeps num_stages buffers plus up to ~16 KiB
+# more, which its 227 KiB absorb (fp32 shrink at the limit: 163840 B on sm_80, 212992 B on sm_90).
 SMEM_BUDGET = 160 * 1024
 # Row block of _lora_bwd_dy_kernel. It is fixed, not autotuned, because it sets the number of dB partials the
 # launcher allocates before the launch. 128 rows halve the partials against 64 and still keep the skinny
@@ -368,21 +370,24 @@ def _dropout_mask_kernel(
              mask=(offs_m < M)[:, None] & (offs_k < K)[None, :])
 
 
-_shrink = triton.autotune(SHRINK_CONFIGS, key=["M", "K", "R", "HAS_DROPOUT"],
-                          prune_configs_by={"early_config_prune": _prune_by_smem("BLOCK_M", "BLOCK_R", "BLOCK_K",
-                                                                                 "x_ptr")})(_lora_shrink_kernel)
-_fwd = triton.autotune(GEMM_CONFIGS, key=["M", "N", "K", "R", "HAS_BIAS"],
-                       prune_configs_by={"early_config_prune": _prune_by_smem("BLOCK_M", "BLOCK_N", "BLOCK_K",
-                                                                              "x_ptr")})(_lora_fwd_kernel)
-_bwd_dy = triton.autotune(DY_CONFIGS, key=["M", "N", "R"],
-                          prune_configs_by={"early_config_prune": _prune_by_smem("BLOCK_M", "BLOCK_R", "BLOCK_N",
-                                                                                 "dy_ptr")})(_lora_bwd_dy_kernel)
-_bwd_dx = triton.autotune(DX_CONFIGS, key=["M", "N", "K", "R", "HAS_DROPOUT"],
-                          prune_configs_by={"early_config_prune": _prune_by_smem("BLOCK_M", "BLOCK_K", "BLOCK_N",
-                                                                                 "dy_ptr")})(_lora_bwd_dx_kernel)
-_bwd_da = triton.autotune(DA_CONFIGS, key=["M", "K", "R", "HAS_DROPOUT"],
-                          prune_configs_by={"early_config_prune": _prune_by_smem("BLOCK_R", "BLOCK_K", "BLOCK_M",
-                                                                                 "x_ptr")})(_lora_bwd_da_kernel)
+_PRUNE = {
+    "_lora_shrink_kernel": _prune_by_smem("BLOCK_M", "BLOCK_R", "BLOCK_K", "x_ptr"),
+    "_lora_fwd_kernel": _prune_by_smem("BLOCK_M", "BLOCK_N", "BLOCK_K", "x_ptr"),
+    "_lora_bwd_dy_kernel": _prune_by_smem("BLOCK_M", "BLOCK_R", "BLOCK_N", "dy_ptr"),
+    "_lora_bwd_dx_kernel": _prune_by_smem("BLOCK_M", "BLOCK_K", "BLOCK_N", "dy_ptr"),
+    "_lora_bwd_da_kernel": _prune_by_smem("BLOCK_R", "BLOCK_K", "BLOCK_M", "x_ptr"),
+}
+
+
+def _autotune(configs, key, kernel):
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _PRUNE[kernel.__name__]})(kernel)
+
+
+_shrink = _autotune(SHRINK_CONFIGS, ["M", "K", "R", "HAS_DROPOUT"], _lora_shrink_kernel)
+_fwd = _autotune(GEMM_CONFIGS, ["M", "N", "K", "R", "HAS_BIAS"], _lora_fwd_kernel)
+_bwd_dy = _autotune(DY_CONFIGS, ["M", "N", "R"], _lora_bwd_dy_kernel)
+_bwd_dx = _autotune(DX_CONFIGS, ["M", "N", "K", "R", "HAS_DROPOUT"], _lora_bwd_dx_kernel)
+_bwd_da = _autotune(DA_CONFIGS, ["M", "K", "R", "HAS_DROPOUT"], _lora_bwd_da_kernel)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -737,8 +742,10 @@ def _spec(fn, dtype, config, num_warps, num_stages, **flags):
 def aot_specs():
     """Compile-gate entries for every kernel here. bf16: every autotune config at rank chunk 64 (the largest LoRA
     operands, so the most shared memory) with every flag on, plus the default config at chunk 16 with the flags off
-    and at chunk 32. fp16: the default config at chunk 64. fp32 (twice the bytes per operand): the default config at
-    chunk 64 with flags on and chunk 16 with flags off. Ranks above 64 loop over chunks of 64."""
+    and at chunk 32. fp16 (same sizes as bf16): the default config at chunk 64. fp32 (twice the bytes per operand):
+    every config the shared-memory prune keeps at chunk 64, flags on, and the default config at chunk 16, flags
+    off. Ranks above 64 loop over chunks of 64. (A bf16 spec at chunk 64 may be one the prune skips at run time
+    for that chunk: it still launches at smaller chunks.)"""
     specs = []
     seen = set()
 
@@ -761,7 +768,11 @@ def aot_specs():
         add(fn, torch.bfloat16, configs[0], **off, **fixed, BLOCK_R=MIN_DOT_DIM)
         add(fn, torch.bfloat16, configs[0], **on, **fixed, BLOCK_R=32)
         add(fn, torch.float16, configs[0], **on, **fixed, BLOCK_R=MAX_BLOCK_R)
-        add(fn, torch.float32, configs[0], **on, **fixed, BLOCK_R=MAX_BLOCK_R)
+        # fp32: every config the shared-memory prune lets it launch with at the largest rank chunk.
+        element_ptr = "dy_ptr" if "dy_ptr" in fn.arg_names else "x_ptr"
+        prune = _PRUNE[fn.__name__]
+        for cfg in prune(configs, {element_ptr: torch.empty(0)}, **fixed, BLOCK_R=MAX_BLOCK_R):
+            add(fn, torch.float32, cfg, **on, **fixed, BLOCK_R=MAX_BLOCK_R)
         add(fn, torch.float32, configs[0], **off, **fixed, BLOCK_R=MIN_DOT_DIM)
     add(_dropout_mask_kernel, torch.float32, triton.Config({"BLOCK": DROPOUT_BLOCK}, num_warps=4, num_stages=1))
     return specs
