@@ -123,8 +123,10 @@ def print_summary(outdir, out=sys.stdout):
     if os.path.exists(bench_path):
         bench = _load(bench_path)
         env = bench["environment"]
+        copy = bench.get("copy_bandwidth_gbs")
         out.write(f"bench ({env['gpu'] or env['cpu']}, {bench['config']['dtype']}, K=N={bench['config']['hidden']}, "
-                  f"r={bench['config']['rank']}; copy {bench['copy_bandwidth_gbs']:.0f} GB/s):\n")
+                  f"r={bench['config']['rank']}; copy {'not measured' if copy is None else f'{copy:.0f} GB/s'}"
+                  f"{'; PARTIAL: the sweep did not finish' if bench.get('partial') else ''}):\n")
         _print_table(["what (worst case)", "backend", "shape", "ratio", "target", ""], summary_bench_rows(bench), out)
         for row in bench["rows"]:
             if row["kind"] == "error":

@@ -203,7 +203,7 @@ def per_adapter_loop(x, weight, lora_as, lora_bs, scalings, token_indices):
     return result
 
 
-class _Inputs:
+class InputSets:
     """Rotating sets of random operands for one (M, K, N, r) shape."""
 
     def __init__(self, device, dtype, m, k, n, r, *, grad=False, count=None):
@@ -256,18 +256,38 @@ def _count_units(cfg):
     return len(cfg.backends) * per_backend + 1
 
 
-def run_bench(config=None, progress_stream=None):
+def run_bench(config=None, progress_stream=None, on_update=None):
+    """Runs the sweep; returns {"config", "environment", "timing", "copy_bandwidth_gbs", "rows", "wall_s",
+    "partial": False}. on_update(result) is called after every measurement with the rows so far ("partial": True),
+    so a run stopped by a timeout still leaves what it measured (the CLI's --save writes each update)."""
     cfg = (config or BenchConfig()).resolved()
     previous_threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _run_bench(cfg, progress_stream)
+        return _run_bench(cfg, progress_stream, on_update)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _run_bench(cfg, progress_stream):
+def _assemble(cfg, device, rows, copy_gbs, started, partial):
+    on_gpu = device.type == "cuda"
+    return {
+        "config": dataclasses.asdict(cfg),
+        "environment": environment(device),
+        "timing": ("CUDA events around each call after warm-up, median" if on_gpu else
+                   "time.perf_counter around each call after warm-up, median")
+                  + f"; {cfg.reps} calls after {cfg.warmup} warm-up, in {ROUNDS} alternating rounds per row; "
+                    f"rotating input sets (> {CACHE_MULTIPLE}× the "
+                  + ("L2 cache" if on_gpu else f"assumed {CPU_CACHE_BYTES >> 20} MB cache") + ")",
+        "copy_bandwidth_gbs": copy_gbs,
+        "rows": list(rows),
+        "wall_s": time.perf_counter() - started,
+        "partial": partial,
+    }
+
+
+def _run_bench(cfg, progress_stream, on_update):
     device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
     on_gpu = device.type == "cuda"
     k = n = cfg.hidden
@@ -278,12 +298,16 @@ def _run_bench(cfg, progress_stream):
     rows = []
     timing = {"device": device, "reps": cfg.reps, "warmup": cfg.warmup}
 
+    copy = {"gbs": None}
+
     def step(label):
         progress.update(label)
+        if on_update is not None:
+            on_update(_assemble(cfg, device, rows, copy["gbs"], started, partial=True))
 
     # 1. fused forward / base F.linear at every M.
     for m in cfg.ms:
-        inputs = _Inputs(device, dtype, m, k, n, r)
+        inputs = InputSets(device, dtype, m, k, n, r)
         for backend in cfg.backends:
             with _guard(rows, "forward / base F.linear", backend, f"M={m} K={k} N={n} r={r}", on_gpu), \
                     torch.no_grad():
@@ -300,7 +324,7 @@ def _run_bench(cfg, progress_stream):
     # 2. rank sweep at the training M: forward / base, and fwd+bwd / the two base GEMMs.
     m = cfg.train_m
     for rank in cfg.ranks:
-        inputs = _Inputs(device, dtype, m, k, n, rank, grad=True)
+        inputs = InputSets(device, dtype, m, k, n, rank, grad=True)
         for backend in cfg.backends:
             shape = f"M={m} K={k} N={n} r={rank}"
             with _guard(rows, "forward / base F.linear, rank sweep", backend, shape, on_gpu), torch.no_grad():
@@ -327,7 +351,7 @@ def _run_bench(cfg, progress_stream):
         del inputs
 
     # 3. training rows at the training M and rank.
-    inputs = _Inputs(device, dtype, m, k, n, r, grad=True)
+    inputs = InputSets(device, dtype, m, k, n, r, grad=True)
     shape = f"M={m} K={k} N={n} r={r}"
 
     def peft_fwd_bwd(x, w, a, b, dy, **_):
@@ -381,24 +405,11 @@ def _run_bench(cfg, progress_stream):
 
     # 5. copy bandwidth, then decode bandwidth against it.
     numel = cfg.copy_mb * (1 << 20) // 4
-    copy_gbs = copy_bandwidth(numel, timing)
+    copy_gbs = copy["gbs"] = copy_bandwidth(numel, timing)
     step("copy bandwidth")
     decode_rows(rows, cfg, device, dtype, timing, on_gpu, copy_gbs, step)
     progress.close()
-
-    env = environment(device)
-    return {
-        "config": dataclasses.asdict(cfg),
-        "environment": env,
-        "timing": ("CUDA events around each call after warm-up, median" if on_gpu else
-                   "time.perf_counter around each call after warm-up, median")
-                  + f"; {cfg.reps} calls after {cfg.warmup} warm-up, in {ROUNDS} alternating rounds per row; "
-                    f"rotating input sets (> {CACHE_MULTIPLE}× the "
-                  + ("L2 cache" if on_gpu else f"assumed {CPU_CACHE_BYTES >> 20} MB cache") + ")",
-        "copy_bandwidth_gbs": copy_gbs,
-        "rows": rows,
-        "wall_s": time.perf_counter() - started,
-    }
+    return _assemble(cfg, device, rows, copy_gbs, started, partial=False)
 
 
 def copy_bandwidth(numel, timing):
@@ -409,14 +420,14 @@ def copy_bandwidth(numel, timing):
     return 2 * numel * src.element_size() / copy_ms / 1e6
 
 
-def _stacked_adapters(device, dtype, slots, k, n, r):
+def stacked_adapters(device, dtype, slots, k, n, r):
     lora_a = torch.randn(slots, r, k, device=device, dtype=dtype) / math.sqrt(k)
     lora_b = torch.randn(slots, n, r, device=device, dtype=dtype) / math.sqrt(r)
     scalings = torch.full((slots,), 2.0, device=device)
     return lora_a, lora_b, scalings
 
 
-def _segments(tokens, slots, device):
+def segment_ids(tokens, slots, device):
     """Slot ids for `tokens` tokens in `slots` contiguous segments (requests), as a prefill batch has them."""
     return torch.arange(tokens, device=device) * slots // tokens
 
@@ -427,8 +438,8 @@ def grouped_rows(rows, cfg, device, dtype, timing, on_gpu, step):
     weight = torch.randn(n, k, device=device, dtype=dtype) / math.sqrt(k)
     tokens = cfg.prefill_tokens
     x = torch.randn(tokens, k, device=device, dtype=dtype)
-    lora_a, lora_b, scalings = _stacked_adapters(device, dtype, PREFILL_ADAPTERS, k, n, r)
-    distinct = LoRABatch.from_adapter_ids(_segments(tokens, PREFILL_ADAPTERS, device), PREFILL_ADAPTERS)
+    lora_a, lora_b, scalings = stacked_adapters(device, dtype, PREFILL_ADAPTERS, k, n, r)
+    distinct = LoRABatch.from_adapter_ids(segment_ids(tokens, PREFILL_ADAPTERS, device), PREFILL_ADAPTERS)
     one = LoRABatch.from_adapter_ids(torch.zeros(tokens, dtype=torch.int64, device=device), PREFILL_ADAPTERS)
     section = f"grouped prefill: {PREFILL_ADAPTERS} distinct adapters / one adapter"
     shape = f"{tokens} tokens K={k} N={n} r={r}"
@@ -442,12 +453,12 @@ def grouped_rows(rows, cfg, device, dtype, timing, on_gpu, step):
                  "same, every token on one adapter", t["distinct"] / t["one"], t["distinct"], t["one"], "ms", on_gpu)
         step(f"grouped prefill {backend}")
 
-    lora_a, lora_b, scalings = _stacked_adapters(device, dtype, LOOP_ADAPTERS, k, n, r)
+    lora_a, lora_b, scalings = stacked_adapters(device, dtype, LOOP_ADAPTERS, k, n, r)
     lora_as, lora_bs = list(lora_a.unbind(0)), list(lora_b.unbind(0))
     scaling_list = scalings.tolist()
     for tokens in (DECODE_TOKENS, cfg.prefill_tokens):
         x = torch.randn(tokens, k, device=device, dtype=dtype)
-        ids = _segments(tokens, LOOP_ADAPTERS, device)
+        ids = segment_ids(tokens, LOOP_ADAPTERS, device)
         batch = LoRABatch.from_adapter_ids(ids, LOOP_ADAPTERS)
         indices = [torch.nonzero(ids == i).squeeze(1) for i in range(LOOP_ADAPTERS)]
         section = f"grouped op / per-adapter loop (PEFT's mixed batch), {LOOP_ADAPTERS} adapters"
@@ -472,7 +483,7 @@ def decode_rows(rows, cfg, device, dtype, timing, on_gpu, copy_gbs, step):
     r = cfg.rank
     element = torch.finfo(dtype).bits // 8
     weight = torch.randn(n, k, device=device, dtype=dtype) / math.sqrt(k)
-    lora_a, lora_b, scalings = _stacked_adapters(device, dtype, LOOP_ADAPTERS, k, n, r)
+    lora_a, lora_b, scalings = stacked_adapters(device, dtype, LOOP_ADAPTERS, k, n, r)
     x = torch.randn(DECODE_TOKENS, k, device=device, dtype=dtype)
     batch = LoRABatch.from_adapter_ids(torch.arange(DECODE_TOKENS, device=device) % LOOP_ADAPTERS, LOOP_ADAPTERS)
     moved = (n * k + LOOP_ADAPTERS * r * (k + n) + DECODE_TOKENS * (k + n)) * element
@@ -517,7 +528,10 @@ def format_bench(result):
     lines = [f"lora-kernels bench: {env['device']} ({where}), {cfg['dtype']}, K=N={cfg['hidden']}, r={cfg['rank']}, "
              f"torch {env['torch']}, triton {env['triton'] or '-'}, {env['date']}",
              f"backends: {', '.join(cfg['backends'])}; timing: {result['timing']}",
-             f"measured copy bandwidth: {result['copy_bandwidth_gbs']:.1f} GB/s (read + write)"]
+             "measured copy bandwidth: " + ("not measured" if result["copy_bandwidth_gbs"] is None
+                                            else f"{result['copy_bandwidth_gbs']:.1f} GB/s (read + write)")]
+    if result.get("partial"):
+        lines.append("PARTIAL: the sweep did not finish; these are the rows measured so far")
     if not on_gpu:
         lines.append("targets are design.md §8's GPU targets, shown for reference: CPU ratios are not judged by them")
     headers = ["backend", "shape", "ratio", "ours", "baseline", "target", ""]

@@ -3,6 +3,7 @@
 
 import argparse
 import json
+import os
 import platform
 import sys
 
@@ -155,9 +156,12 @@ def _add_bench_parser(sub):
 
 
 def _write_json(result, path):
-    with open(path, "w") as f:
+    """Written to a temporary file and renamed, so a run killed mid-write never leaves a truncated file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
         json.dump(result, f, indent=2)
         f.write("\n")
+    os.replace(tmp, path)
 
 
 def run_compare_command(args):
@@ -204,7 +208,8 @@ def run_bench_command(args):
     except ValueError as exc:
         print(f"lora-kernels {exc}", file=sys.stderr)
         return 2
-    result = bench.run_bench(config)
+    on_update = (lambda partial: _write_json(partial, args.save)) if args.save else None
+    result = bench.run_bench(config, on_update=on_update)
     if args.save:
         _write_json(result, args.save)
     print(json.dumps(result, indent=2) if args.json else bench.format_bench(result))
