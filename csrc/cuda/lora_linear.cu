@@ -1,0 +1,496 @@
+// CUDA implementations of lora_fwd and lora_bwd_dy (schemas in csrc/ops.cpp).
+//
+// lora_fwd, decode sizes (M <= 16): two hand-written kernels.
+//   1. lora_shrink_splitk_kernel: S partials = x_lora · Aᵀ over K slices (split-K: A has only r rows, so without
+//      splitting K a handful of blocks would read it). Partials [splits, M, r] fp32, no atomics.
+//   2. lora_fwd_decode_kernel: every block sums the partials into S in shared memory (fixed order: deterministic;
+//      block 0 also stores S as the `s` output), then each warp streams kRowsPerWarp rows of W once with 16-byte
+//      loads, accumulating dot(x_m, W_n) for every m <= 16, adds scaling·dot(S_m, B_n) into the same fp32
+//      accumulators, reduces across the warp and stores y = acc + bias in x.dtype. W is read exactly once.
+// lora_fwd, M > 16: ATen GEMMs with in-place epilogues (see lora_fwd_gemm).
+// lora_bwd_dy: one kernel reads each element of dy once and produces both ds = scaling·dy·B and
+//   dB = scaling·dyᵀ·S as deterministic fp32 partials, summed afterwards in a fixed order.
+//
+// Only c10/cuda headers: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers a bare toolkit may lack.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+
+#include "../lora_checks.h"
+
+namespace lora_kernels {
+namespace {
+
+constexpr int kWarpSize = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// ---- decode forward ------------------------------------------------------------------------------------------
+constexpr int kDecodeMaxM = 16;      // decode path bound (brief): above it cuBLAS tensor-core GEMMs win
+constexpr int kDecodeMaxRank = 256;  // S [M, r] fp32 lives in shared memory: 16 * 256 * 4 B = 16 KiB
+constexpr int kDecodeWarps = 4;      // 128 threads per block
+constexpr int kRowsPerWarp = 4;      // rows of W per warp: each x vector loaded serves 4 rows (L1 traffic / 4)
+constexpr int kRowsPerBlock = kDecodeWarps * kRowsPerWarp;
+constexpr int kMaxSplitK = 32;         // bounds the partial-sum work of the second kernel
+constexpr int kPartialBudget = 2048;   // floats of S partials (splits * M * r) each forward block sums from L2
+constexpr int kBlocksPerSm = 2;        // shrink grid target: enough blocks to cover every SM twice
+
+// ---- backward ------------------------------------------------------------------------------------------------
+constexpr int kBwdThreads = 256;
+constexpr int kBwdItems = 8;         // (column, rank) accumulators per thread: tile * r <= 256 * 8
+constexpr int kBwdMaxRank = 64;      // above: 2r fp32 FMAs per dy element make this kernel slower than cuBLAS
+
+int sm_count(int device) {
+  static std::atomic<int> cache[64] = {};
+  if (device >= 0 && device < 64) {
+    const int cached = cache[device].load(std::memory_order_relaxed);
+    if (cached > 0) {
+      return cached;
+    }
+  }
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  if (device >= 0 && device < 64) {
+    cache[device].store(count, std::memory_order_relaxed);
+  }
+  return std::max(count, 1);
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// 16-byte vector of T, converted to fp32. W is streamed once (__ldcs: evict-first, keeps x resident in L1);
+// x is re-read by every warp (__ldg: read-only cache).
+template <typename T>
+struct Vec16 {
+  static constexpr int kSize = 16 / sizeof(T);
+};
+
+template <typename T, bool kStream>
+__device__ __forceinline__ void load_vec16(const T* p, float (&out)[Vec16<T>::kSize]) {
+  const uint4 raw = kStream ? __ldcs(reinterpret_cast<const uint4*>(p)) : __ldg(reinterpret_cast<const uint4*>(p));
+  const T* elems = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < Vec16<T>::kSize; ++i) {
+    out[i] = static_cast<float>(elems[i]);
+  }
+}
+
+// Per-lane partial sums acc[rr][m] += Σ_k x[m, k] · w[row0 + rr, k] for k in [k_begin, k_end) (lanes stride K).
+// Rows >= num_rows and m >= M contribute nothing. `vec` selects 16-byte loads; the caller guarantees that then
+// K-slice bounds, row strides and base pointers are multiples of the vector width / 16 bytes.
+template <typename T, int kMaxM>
+__device__ __forceinline__ void warp_rows_dot(const T* __restrict__ x, int64_t ldx, int M, const T* __restrict__ w,
+                                              int64_t ldw, int64_t row0, int64_t num_rows, int64_t k_begin,
+                                              int64_t k_end, bool vec, float (&acc)[kRowsPerWarp][kMaxM]) {
+  const int lane = threadIdx.x % kWarpSize;
+  if (vec) {
+    constexpr int V = Vec16<T>::kSize;
+    for (int64_t k = k_begin + int64_t(lane) * V; k < k_end; k += int64_t(kWarpSize) * V) {
+      float wv[kRowsPerWarp][V];
+#pragma unroll
+      for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+        if (row0 + rr < num_rows) {
+          load_vec16<T, true>(w + (row0 + rr) * ldw + k, wv[rr]);
+        } else {
+#pragma unroll
+          for (int v = 0; v < V; ++v) wv[rr][v] = 0.f;
+        }
+      }
+#pragma unroll
+      for (int m = 0; m < kMaxM; ++m) {
+        if (m < M) {
+          float xv[V];
+          load_vec16<T, false>(x + m * ldx + k, xv);
+#pragma unroll
+          for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+#pragma unroll
+            for (int v = 0; v < V; ++v) acc[rr][m] = fmaf(wv[rr][v], xv[v], acc[rr][m]);
+          }
+        }
+      }
+    }
+  } else {
+    for (int64_t k = k_begin + lane; k < k_end; k += kWarpSize) {
+      float wv[kRowsPerWarp];
+#pragma unroll
+      for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+        wv[rr] = row0 + rr < num_rows ? static_cast<float>(w[(row0 + rr) * ldw + k]) : 0.f;
+      }
+#pragma unroll
+      for (int m = 0; m < kMaxM; ++m) {
+        if (m < M) {
+          const float xv = static_cast<float>(x[m * ldx + k]);
+#pragma unroll
+          for (int rr = 0; rr < kRowsPerWarp; ++rr) acc[rr][m] = fmaf(wv[rr], xv, acc[rr][m]);
+        }
+      }
+    }
+  }
+}
+
+// Butterfly sum across the warp: afterwards every lane holds every total.
+template <int kMaxM>
+__device__ __forceinline__ void warp_reduce(int M, float (&acc)[kRowsPerWarp][kMaxM]) {
+#pragma unroll
+  for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+#pragma unroll
+    for (int m = 0; m < kMaxM; ++m) {
+      if (m < M) {
+#pragma unroll
+        for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+          acc[rr][m] += __shfl_xor_sync(kFullMask, acc[rr][m], offset);
+        }
+      }
+    }
+  }
+}
+
+// grid (ceil(r / kRowsPerBlock), splits). partials[split, m, j] = Σ_{k in split} x_lora[m, k] · A[j, k].
+template <typename T, int kMaxM>
+__global__ void __launch_bounds__(kDecodeWarps* kWarpSize)
+    lora_shrink_splitk_kernel(const T* __restrict__ x_lora, int64_t ldx, int M, const T* __restrict__ lora_a,
+                              int64_t lda, int r, int64_t K, int64_t k_per_split, bool vec,
+                              float* __restrict__ partials) {
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int64_t row0 = int64_t(blockIdx.x) * kRowsPerBlock + int64_t(warp) * kRowsPerWarp;
+  if (row0 >= r) {
+    return;
+  }
+  const int64_t k_begin = int64_t(blockIdx.y) * k_per_split;
+  const int64_t k_end = k_begin + k_per_split < K ? k_begin + k_per_split : K;
+  float acc[kRowsPerWarp][kMaxM];
+#pragma unroll
+  for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+#pragma unroll
+    for (int m = 0; m < kMaxM; ++m) acc[rr][m] = 0.f;
+  }
+  warp_rows_dot<T, kMaxM>(x_lora, ldx, M, lora_a, lda, row0, r, k_begin, k_end, vec, acc);
+  warp_reduce<kMaxM>(M, acc);
+  float* out = partials + int64_t(blockIdx.y) * M * r;
+#pragma unroll
+  for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+#pragma unroll
+    for (int m = 0; m < kMaxM; ++m) {
+      if (m < M && row0 + rr < r && lane == (rr * kMaxM + m) % kWarpSize) {
+        out[int64_t(m) * r + row0 + rr] = acc[rr][m];
+      }
+    }
+  }
+}
+
+// grid (ceil(N / kRowsPerBlock)), dynamic shared memory M * r floats.
+// y[m, n] = Σ_k x[m, k] · W[n, k] + scaling · Σ_j S[m, j] · B[n, j] + bias[n], S = Σ_split partials[split].
+template <typename T, int kMaxM>
+__global__ void __launch_bounds__(kDecodeWarps* kWarpSize)
+    lora_fwd_decode_kernel(const T* __restrict__ x, int64_t ldx, int M, const T* __restrict__ weight, int64_t ldw,
+                           int64_t N, int64_t K, bool vec, const float* __restrict__ partials, int splits, int r,
+                           const T* __restrict__ lora_b, int64_t ldb_n, int64_t ldb_r, float scaling,
+                           const T* __restrict__ bias, int64_t bias_stride, T* __restrict__ y, int64_t ldy,
+                           float* __restrict__ s_out) {
+  extern __shared__ float s_shared[];  // [M, r]
+  const int64_t mr = int64_t(M) * r;
+  for (int64_t i = threadIdx.x; i < mr; i += blockDim.x) {
+    float total = 0.f;
+    for (int split = 0; split < splits; ++split) total += partials[split * mr + i];
+    s_shared[i] = total;
+    if (blockIdx.x == 0) {
+      s_out[i] = total;
+    }
+  }
+  __syncthreads();
+
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int64_t row0 = int64_t(blockIdx.x) * kRowsPerBlock + int64_t(warp) * kRowsPerWarp;
+  if (row0 >= N) {
+    return;
+  }
+  float acc[kRowsPerWarp][kMaxM];
+#pragma unroll
+  for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+#pragma unroll
+    for (int m = 0; m < kMaxM; ++m) acc[rr][m] = 0.f;
+  }
+  warp_rows_dot<T, kMaxM>(x, ldx, M, weight, ldw, row0, N, 0, K, vec, acc);
+  // The LoRA expand goes into the same per-lane accumulators before the one warp reduction (lanes stride r).
+  for (int j = lane; j < r; j += kWarpSize) {
+#pragma unroll
+    for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+      if (row0 + rr < N) {
+        const float b = scaling * static_cast<float>(lora_b[(row0 + rr) * ldb_n + int64_t(j) * ldb_r]);
+#pragma unroll
+        for (int m = 0; m < kMaxM; ++m) {
+          if (m < M) acc[rr][m] = fmaf(s_shared[m * r + j], b, acc[rr][m]);
+        }
+      }
+    }
+  }
+  warp_reduce<kMaxM>(M, acc);
+#pragma unroll
+  for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+    const int64_t n = row0 + rr;
+#pragma unroll
+    for (int m = 0; m < kMaxM; ++m) {
+      if (m < M && n < N && lane == (rr * kMaxM + m) % kWarpSize) {
+        const float b = bias != nullptr ? static_cast<float>(bias[n * bias_stride]) : 0.f;
+        y[m * ldy + n] = static_cast<T>(acc[rr][m] + b);
+      }
+    }
+  }
+}
+
+#define LK_DISPATCH_FLOAT_HALF_BF16(TYPE, NAME, ...)                   \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+// Rows of W (or A) must be unit-stride for the kernels; weights are in practice, so the copy is the rare case.
+at::Tensor unit_stride_rows(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
+
+template <typename T, int kMaxM>
+void launch_decode(const at::Tensor& x, const at::Tensor& x_lora, const at::Tensor& weight, const at::Tensor& lora_a,
+                   const at::Tensor& lora_b, double scaling, const std::optional<at::Tensor>& bias, at::Tensor& y,
+                   at::Tensor& s) {
+  const int M = static_cast<int>(x.size(0)), r = static_cast<int>(lora_a.size(0));
+  const int64_t K = x.size(1), N = weight.size(0);
+  constexpr int V = Vec16<T>::kSize;
+  const T* x_ptr = x.data_ptr<T>();
+  const T* xl_ptr = x_lora.data_ptr<T>();
+  const T* w_ptr = weight.data_ptr<T>();
+  const T* a_ptr = lora_a.data_ptr<T>();
+  const int64_t ldx = x.stride(0), ldxl = x_lora.stride(0), ldw = weight.stride(0), lda = lora_a.stride(0);
+  // 16-byte loads need every row start 16-byte aligned: K, the row strides and the base pointers.
+  const bool vec_fwd = K % V == 0 && ldx % V == 0 && ldw % V == 0 && aligned16(x_ptr) && aligned16(w_ptr);
+  const bool vec_shrink = K % V == 0 && ldxl % V == 0 && lda % V == 0 && aligned16(xl_ptr) && aligned16(a_ptr);
+
+  // Split K so the shrink covers the GPU, in chunks of one warp-wide vector load, within the partial budget.
+  const int device = x.get_device();
+  const int64_t chunk = int64_t(kWarpSize) * V;
+  const int64_t chunks = std::max<int64_t>(ceil_div(K, chunk), 1);
+  const int64_t row_blocks = ceil_div(r, kRowsPerBlock);
+  int64_t splits = ceil_div(int64_t(kBlocksPerSm) * sm_count(device), row_blocks);
+  splits = std::min<int64_t>({splits, kMaxSplitK, chunks, std::max<int64_t>(kPartialBudget / (int64_t(M) * r), 1)});
+  splits = std::max<int64_t>(splits, 1);
+  const int64_t k_per_split = ceil_div(chunks, splits) * chunk;
+  splits = std::max<int64_t>(ceil_div(K, k_per_split), 1);
+
+  at::Tensor partials = at::empty({splits, M, r}, x.options().dtype(at::kFloat));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
+  lora_shrink_splitk_kernel<T, kMaxM><<<dim3(row_blocks, splits), kDecodeWarps * kWarpSize, 0, stream>>>(
+      xl_ptr, ldxl, M, a_ptr, lda, r, K, k_per_split, vec_shrink, partials.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  const T* bias_ptr = bias.has_value() ? bias->data_ptr<T>() : nullptr;
+  const int64_t bias_stride = bias.has_value() ? bias->stride(0) : 0;
+  const size_t shared_bytes = size_t(M) * r * sizeof(float);
+  lora_fwd_decode_kernel<T, kMaxM><<<ceil_div(N, kRowsPerBlock), kDecodeWarps * kWarpSize, shared_bytes, stream>>>(
+      x_ptr, ldx, M, w_ptr, ldw, N, K, vec_fwd, partials.data_ptr<float>(), static_cast<int>(splits), r,
+      lora_b.data_ptr<T>(), lora_b.stride(0), lora_b.stride(1), static_cast<float>(scaling), bias_ptr, bias_stride,
+      y.data_ptr<T>(), y.stride(0), s.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// fp32 result of a @ b: cuBLAS writes fp32 directly for half types (mm.dtype), no rounding through the input dtype.
+at::Tensor mm_float(const at::Tensor& a, const at::Tensor& b) {
+  const at::ScalarType dtype = a.scalar_type();
+  if (dtype == at::kHalf || dtype == at::kBFloat16) {
+    return at::mm(a, b, at::kFloat);
+  }
+  return at::mm(a, b);  // fp32 stays fp32; fp64 stays fp64 (the caller rounds s to fp32)
+}
+
+// M > 16 (and fp64, r > 256, empty shapes): cuBLAS tensor-core GEMMs are the roofline at large M, and the LoRA
+// term is only 2r/d extra FLOPs and bytes, so a hand-written GEMM has nothing to win there. The LoRA term is added
+// in place by a second GEMM with beta = 1 (an epilogue, no temporary [M, N]); its cost is that GEMM's extra read
+// and write of y (2·M·N elements), small against the base GEMM at r << K.
+std::tuple<at::Tensor, at::Tensor> lora_fwd_gemm(const at::Tensor& x, const at::Tensor& x_lora,
+                                                 const at::Tensor& weight, const at::Tensor& lora_a,
+                                                 const at::Tensor& lora_b, double scaling,
+                                                 const std::optional<at::Tensor>& bias) {
+  const at::Tensor s_acc = mm_float(x_lora, lora_a.t());  // [M, r] unscaled, fp32 (fp64 for fp64 inputs)
+  at::Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  y.addmm_(s_acc.to(x.scalar_type()), lora_b.t(), /*beta=*/1.0, /*alpha=*/scaling);
+  return {y, s_acc.to(at::kFloat)};
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& x_lora_opt,
+                                                 const at::Tensor& weight, const at::Tensor& lora_a,
+                                                 const at::Tensor& lora_b, double scaling,
+                                                 const std::optional<at::Tensor>& bias) {
+  check_lora_fwd(x, x_lora_opt, weight, lora_a, lora_b, scaling, bias);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_a.size(0);
+  const at::Tensor x_lora = x_lora_opt.has_value() ? *x_lora_opt : x;
+  const bool decode = M >= 1 && M <= kDecodeMaxM && N >= 1 && K >= 1 && r <= kDecodeMaxRank &&
+                      x.scalar_type() != at::kDouble;
+  if (!decode) {
+    return lora_fwd_gemm(x, x_lora, weight, lora_a, lora_b, scaling, bias);
+  }
+  // x is at most 16 rows: making it contiguous is cheap and gives the kernels unit-stride rows.
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor xlc = x_lora_opt.has_value() ? x_lora_opt->contiguous() : xc;
+  const at::Tensor wc = unit_stride_rows(weight);
+  const at::Tensor ac = unit_stride_rows(lora_a);
+  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor s = at::empty({M, r}, x.options().dtype(at::kFloat));
+  LK_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "lora_fwd_cuda", [&] {
+    if (M == 1) {
+      launch_decode<scalar_t, 1>(xc, xlc, wc, ac, lora_b, scaling, bias, y, s);
+    } else if (M <= 4) {
+      launch_decode<scalar_t, 4>(xc, xlc, wc, ac, lora_b, scaling, bias, y, s);
+    } else {
+      launch_decode<scalar_t, 16>(xc, xlc, wc, ac, lora_b, scaling, bias, y, s);
+    }
+  });
+  return {y, s};
+}
+
+// ---- lora_bwd_dy ---------------------------------------------------------------------------------------------
+// grid (col_blocks, row_blocks). A block owns dy[m_begin:m_end, n_begin:n_end] and walks it in tile x tile pieces,
+// column pieces outer: per piece of columns, dB[n, :] accumulates in registers over all of the block's rows; ds
+// accumulates over the block's column pieces in its own slice of ds_partials (read-modify-write by the thread that
+// owns the element, no atomics). Each dy element is loaded once. Partials are reduced by the caller.
+template <typename T>
+__global__ void __launch_bounds__(kBwdThreads)
+    lora_bwd_dy_kernel(const T* __restrict__ dy, int64_t dy_sm, int64_t dy_sn, const float* __restrict__ s,
+                       int64_t s_sm, int64_t s_sr, const T* __restrict__ lora_b, int64_t b_sn, int64_t b_sr,
+                       int64_t M, int64_t N, int r, float scaling, int tile, int64_t rows_per_block,
+                       int64_t cols_per_block, float* __restrict__ db_partials, float* __restrict__ ds_partials) {
+  extern __shared__ float smem[];
+  const int pitch = tile + 1;  // odd pitch: column reads of dy_tile hit distinct banks
+  float* dy_tile = smem;                       // [tile][pitch]
+  float* s_tile = dy_tile + tile * pitch;      // [tile][r]
+  float* b_tile = s_tile + tile * r;           // [tile][r]
+  const int tid = threadIdx.x;
+  const int64_t m_begin = int64_t(blockIdx.y) * rows_per_block;
+  const int64_t m_end = m_begin + rows_per_block < M ? m_begin + rows_per_block : M;
+  const int64_t n_begin = int64_t(blockIdx.x) * cols_per_block;
+  const int64_t n_end = n_begin + cols_per_block < N ? n_begin + cols_per_block : N;
+  float* db_out = db_partials + int64_t(blockIdx.y) * N * r;
+  float* ds_out = ds_partials + int64_t(blockIdx.x) * M * r;
+  const int items = tile * r;  // both (column, rank) and (row, rank) work items of one piece
+
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += tile) {
+    for (int e = tid; e < items; e += kBwdThreads) {
+      const int64_t n = n0 + e / r;
+      b_tile[e] = n < n_end ? static_cast<float>(lora_b[n * b_sn + int64_t(e % r) * b_sr]) : 0.f;
+    }
+    float db_acc[kBwdItems];
+#pragma unroll
+    for (int i = 0; i < kBwdItems; ++i) db_acc[i] = 0.f;
+
+    for (int64_t m0 = m_begin; m0 < m_end; m0 += tile) {
+      __syncthreads();  // b_tile is written; the previous piece's readers of dy_tile/s_tile are done
+      for (int e = tid; e < tile * tile; e += kBwdThreads) {
+        const int64_t m = m0 + e / tile, n = n0 + e % tile;
+        dy_tile[(e / tile) * pitch + e % tile] =
+            (m < m_end && n < n_end) ? static_cast<float>(dy[m * dy_sm + n * dy_sn]) : 0.f;
+      }
+      for (int e = tid; e < items; e += kBwdThreads) {
+        const int64_t m = m0 + e / r;
+        s_tile[e] = m < m_end ? s[m * s_sm + int64_t(e % r) * s_sr] : 0.f;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int i = 0; i < kBwdItems; ++i) {
+        const int e = tid + i * kBwdThreads;
+        if (e < items) {
+          const int col = e / r, j = e % r;
+          float sum = 0.f;
+          for (int row = 0; row < tile; ++row) sum = fmaf(dy_tile[row * pitch + col], s_tile[row * r + j], sum);
+          db_acc[i] += sum;
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kBwdItems; ++i) {
+        const int e = tid + i * kBwdThreads;
+        const int64_t m = m0 + e / r;
+        if (e < items && m < m_end) {
+          const int row = e / r, j = e % r;
+          float sum = 0.f;
+          for (int col = 0; col < tile; ++col) sum = fmaf(dy_tile[row * pitch + col], b_tile[col * r + j], sum);
+          float* dst = ds_out + m * r + j;
+          *dst = n0 == n_begin ? scaling * sum : *dst + scaling * sum;
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kBwdItems; ++i) {
+      const int e = tid + i * kBwdThreads;
+      const int64_t n = n0 + e / r;
+      if (e < items && n < n_end) {
+        db_out[n * r + e % r] = scaling * db_acc[i];
+      }
+    }
+    __syncthreads();  // every reader of b_tile is done before the next column piece overwrites it
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_bwd_dy_cuda(const at::Tensor& dy, const at::Tensor& s,
+                                                    const at::Tensor& lora_b, double scaling) {
+  check_lora_bwd_dy(dy, s, lora_b, scaling);
+  const c10::cuda::CUDAGuard guard(dy.device());
+  const int64_t M = dy.size(0), N = dy.size(1), r = lora_b.size(1);
+  const auto fp32 = dy.options().dtype(at::kFloat);
+  if (M == 0 || N == 0 || r == 0) {
+    return {at::zeros({N, r}, fp32), at::zeros({M, r}, fp32)};
+  }
+  if (r > kBwdMaxRank || dy.scalar_type() == at::kDouble) {
+    // Two cuBLAS GEMMs read dy twice but run on tensor cores; at large r that beats 2r fp32 FMAs per element.
+    at::Tensor d_lora_b = mm_float(dy.t(), s.to(dy.scalar_type())).mul_(scaling);
+    at::Tensor ds = mm_float(dy, lora_b).mul_(scaling);
+    return {d_lora_b.to(at::kFloat), ds.to(at::kFloat)};
+  }
+  const int tile = r <= 32 ? 64 : 32;  // tile * r <= kBwdThreads * kBwdItems
+  // Grid: about kBlocksPerSm blocks per SM, split between rows and columns to keep the partials
+  // (r · (row_blocks · N + col_blocks · M) floats) small; halve the larger side until they fit the budget.
+  const int64_t target = int64_t(kBlocksPerSm) * sm_count(dy.get_device());
+  const int64_t max_row_blocks = ceil_div(M, tile), max_col_blocks = ceil_div(N, tile);
+  int64_t row_blocks = std::llround(std::sqrt(double(target) * double(M) / double(N)));
+  row_blocks = std::clamp<int64_t>(row_blocks, 1, std::min(max_row_blocks, target));
+  int64_t col_blocks = std::clamp<int64_t>(target / row_blocks, 1, max_col_blocks);
+  const int64_t budget = std::max<int64_t>(M * N / 2, int64_t(1) << 20);
+  while (r * (row_blocks * N + col_blocks * M) > budget && (row_blocks > 1 || col_blocks > 1)) {
+    if ((row_blocks * N >= col_blocks * M && row_blocks > 1) || col_blocks == 1) {
+      row_blocks = (row_blocks + 1) / 2;
+    } else {
+      col_blocks = (col_blocks + 1) / 2;
+    }
+  }
+  const int64_t rows_per_block = ceil_div(ceil_div(M, row_blocks), tile) * tile;
+  const int64_t cols_per_block = ceil_div(ceil_div(N, col_blocks), tile) * tile;
+  row_blocks = ceil_div(M, rows_per_block);
+  col_blocks = ceil_div(N, cols_per_block);
+
+  at::Tensor db_partials = at::empty({row_blocks, N, r}, fp32);
+  at::Tensor ds_partials = at::empty({col_blocks, M, r}, fp32);
+  const size_t shared_bytes = size_t(tile * (tile + 1) + 2 * tile * r) * sizeof(float);  // <= 33 KiB
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dy.get_device());
+  LK_DISPATCH_FLOAT_HALF_BF16(dy.scalar_type(), "lora_bwd_dy_cuda", [&] {
+    lora_bwd_dy_kernel<scalar_t><<<dim3(col_blocks, row_blocks), kBwdThreads, shared_bytes, stream>>>(
+        dy.data_ptr<scalar_t>(), dy.stride(0), dy.stride(1), s.data_ptr<float>(), s.stride(0), s.stride(1),
+        lora_b.data_ptr<scalar_t>(), lora_b.stride(0), lora_b.stride(1), M, N, static_cast<int>(r),
+        static_cast<float>(scaling), tile, rows_per_block, cols_per_block, db_partials.data_ptr<float>(),
+        ds_partials.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  // Fixed-order sums over the block partials: deterministic, unlike fp32 atomics.
+  at::Tensor d_lora_b = row_blocks == 1 ? db_partials.select(0, 0) : db_partials.sum(0);
+  at::Tensor ds = col_blocks == 1 ? ds_partials.select(0, 0) : ds_partials.sum(0);
+  return {d_lora_b, ds};
+}
+
+}  // namespace
+}  // namespace lora_kernels
+
+TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
+  m.impl("lora_fwd", &lora_kernels::lora_fwd_cuda);
+  m.impl("lora_bwd_dy", &lora_kernels::lora_bwd_dy_cuda);
+}
