@@ -1,0 +1,579 @@
+"""The C++/CUDA extension's ops (torch.ops.lora_kernels.*) called directly, against the float64 reference: lora_fwd,
+lora_bwd_dy, sgmv_shrink, sgmv_expand on every dtype, odd shapes, ranks 1..256, segment distributions, NaN padding
+past each rank, bad input, opcheck. The `device` fixture runs them on CPU (and CUDA when present); the gpu-marked
+tests cover what only the CUDA kernels have (the decode kernel's vector/scalar paths, split-K, determinism, graphs)."""
+
+import pytest
+import torch
+
+from conftest import DTYPES, assert_close, randn
+from lora_kernels import _ext, reference
+from lora_kernels.batch import LoRABatch
+
+if not _ext.HAS_EXTENSION:
+    pytest.skip(f"lora_kernels._C is not built ({_ext.EXTENSION_ERROR})", allow_module_level=True)
+
+ops = torch.ops.lora_kernels
+ALL_DTYPES = DTYPES + [torch.float64]
+RANKS = [1, 8, 16, 64, 256]
+
+
+def _tol_dtype(dtype):
+    """Outputs stored in float32 (s, dB, dS, the shrink result) are never more precise than float32."""
+    return torch.float32 if dtype == torch.float64 else dtype
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# lora_fwd
+
+
+def _fwd_inputs(m, k, n, r, dtype, device, bias=True):
+    x = randn(m, k, dtype=dtype, device=device)
+    weight = randn(n, k, dtype=dtype, device=device, scale=k ** -0.5)
+    lora_a = randn(r, k, dtype=dtype, device=device, scale=k ** -0.5)
+    lora_b = randn(n, r, dtype=dtype, device=device, scale=r ** -0.5)
+    b = randn(n, dtype=dtype, device=device) if bias else None
+    return x, weight, lora_a, lora_b, b
+
+
+def _check_fwd(x, x_lora, weight, lora_a, lora_b, scaling, bias, mask=None):
+    dtype = x.dtype
+    y, s = ops.lora_fwd(x, x_lora, weight, lora_a, lora_b, scaling, bias)
+    m, n, r = x.shape[0], weight.shape[0], lora_a.shape[0]
+    assert y.shape == (m, n) and y.dtype == dtype and y.device == x.device
+    assert s.shape == (m, r) and s.dtype == torch.float32
+    if m == 0:
+        return y, s
+    y_ref = reference.lora_linear(x.cpu(), weight.cpu(), lora_a.cpu(), lora_b.cpu(), scaling,
+                                  None if bias is None else bias.cpu(), None if mask is None else mask.cpu())
+    x_lora_ref = (x if x_lora is None else x_lora).cpu().double()
+    s_ref = x_lora_ref @ lora_a.cpu().double().T
+    assert_close(y, y_ref, dtype, "y")
+    assert_close(s, s_ref, _tol_dtype(dtype), "s")
+    # The LoRA term on its own (y minus the base layer), so a wrong expand cannot hide behind the base GEMM.
+    base = x.cpu().double() @ weight.cpu().double().T + (0 if bias is None else bias.cpu().double())
+    assert_close(y.double().cpu() - base, y_ref - base, dtype, "y - base", scale=4.0)
+    return y, s
+
+
+@pytest.mark.parametrize("r", RANKS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_lora_fwd_matches_reference(dtype, r, device):
+    x, weight, lora_a, lora_b, bias = _fwd_inputs(7, 67, 123, r, dtype, device)
+    _check_fwd(x, None, weight, lora_a, lora_b, 2.0, bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m,k,n", [(1, 64, 32), (4, 67, 123), (16, 72, 40), (17, 33, 65), (40, 128, 96)])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+def test_lora_fwd_shapes_and_bias(dtype, m, k, n, with_bias, device):
+    x, weight, lora_a, lora_b, bias = _fwd_inputs(m, k, n, 16, dtype, device, bias=with_bias)
+    _check_fwd(x, None, weight, lora_a, lora_b, 0.5, bias)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_lora_fwd_with_x_lora(dtype, device):
+    """x_lora is the dropped-out LoRA input: x * mask with mask in {0, 1/(1-p)} (p = 0.5, so x * 2 is exact)."""
+    x, weight, lora_a, lora_b, bias = _fwd_inputs(9, 67, 50, 8, dtype, device)
+    mask = (torch.rand(9, 67, device=device) > 0.5).to(dtype) * 2.0
+    x_lora = x * mask
+    y, _ = _check_fwd(x, x_lora, weight, lora_a, lora_b, 1.5, bias, mask=mask)
+    y_plain, _ = ops.lora_fwd(x, None, weight, lora_a, lora_b, 1.5, bias)
+    assert not torch.equal(y, y_plain)  # x_lora was used, not x
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_lora_fwd_non_contiguous(dtype, device):
+    x_wide, weight, lora_a, lora_b, bias = _fwd_inputs(6, 2 * 40, 30, 8, dtype, device)
+    x = x_wide[:, ::2]                               # stride 2 along K
+    x_t = randn(40, 6, dtype=dtype, device=device).T  # column-major
+    weight, lora_a = weight[:, :40], lora_a[:, :40]  # row stride 80, unit column stride
+    lora_b = randn(8, 30, dtype=dtype, device=device, scale=8 ** -0.5).T
+    bias = randn(60, dtype=dtype, device=device)[::2]
+    for xi in (x, x_t):
+        assert not xi.is_contiguous()
+        _check_fwd(xi, None, weight, lora_a, lora_b, 2.0, bias)
+    # x_lora column-major and a column-major weight (the CUDA decode path copies it to unit-stride rows).
+    _check_fwd(x_t, x_t.contiguous(), weight.T.contiguous().T, lora_a, lora_b, 2.0, bias)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_lora_fwd_empty_batch(dtype, device):
+    x, weight, lora_a, lora_b, bias = _fwd_inputs(0, 32, 24, 4, dtype, device)
+    y, s = _check_fwd(x, None, weight, lora_a, lora_b, 1.0, bias)
+    assert y.shape == (0, 24) and s.shape == (0, 4)
+
+
+def test_lora_fwd_is_deterministic(device):
+    x, weight, lora_a, lora_b, bias = _fwd_inputs(4, 1000, 300, 16, torch.bfloat16, device)
+    first = ops.lora_fwd(x, None, weight, lora_a, lora_b, 2.0, bias)
+    second = ops.lora_fwd(x, None, weight, lora_a, lora_b, 2.0, bias)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# lora_bwd_dy
+
+
+def _check_bwd(dy, s, lora_b, scaling):
+    d_lora_b, ds = ops.lora_bwd_dy(dy, s, lora_b, scaling)
+    m, n, r = dy.shape[0], dy.shape[1], s.shape[1]
+    assert d_lora_b.shape == (n, r) and d_lora_b.dtype == torch.float32
+    assert ds.shape == (m, r) and ds.dtype == torch.float32
+    dy64, s64, b64 = dy.cpu().double(), s.cpu().double(), lora_b.cpu().double()
+    tol = _tol_dtype(dy.dtype)
+    if m == 0:
+        assert torch.equal(d_lora_b.cpu(), torch.zeros(n, r))
+        return d_lora_b, ds
+    assert_close(d_lora_b, scaling * dy64.T @ s64, tol, "d_lora_b")
+    assert_close(ds, scaling * dy64 @ b64, tol, "ds")
+    return d_lora_b, ds
+
+
+@pytest.mark.parametrize("r", RANKS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_lora_bwd_dy_matches_reference(dtype, r, device):
+    dy = randn(19, 123, dtype=dtype, device=device)
+    s = randn(19, r, device=device)
+    lora_b = randn(123, r, dtype=dtype, device=device, scale=r ** -0.5)
+    _check_bwd(dy, s, lora_b, 2.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m,n,r", [(1, 33, 16), (16, 4096, 16), (300, 70, 32), (129, 257, 64), (64, 200, 128)])
+def test_lora_bwd_dy_shapes(dtype, m, n, r, device):
+    dy = randn(m, n, dtype=dtype, device=device)
+    s = randn(m, r, device=device)
+    lora_b = randn(n, r, dtype=dtype, device=device, scale=r ** -0.5)
+    _check_bwd(dy, s, lora_b, 0.25)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_lora_bwd_dy_non_contiguous_and_empty(dtype, device):
+    dy = randn(50, 20, dtype=dtype, device=device).T  # [20, 50], column-major
+    s = randn(8, 20, device=device).T
+    lora_b = randn(8, 50, dtype=dtype, device=device).T
+    _check_bwd(dy, s, lora_b, 1.0)
+    _check_bwd(randn(0, 50, dtype=dtype, device=device), randn(0, 8, device=device), lora_b, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# sgmv_shrink / sgmv_expand
+
+NUM_SLOTS = 6
+
+
+def _adapter_ids(distribution, m, num_slots, device):
+    g = torch.Generator().manual_seed(1234)
+    if distribution == "distinct":
+        ids = torch.randperm(num_slots, generator=g)[:m] if m <= num_slots else torch.arange(m) % num_slots
+    elif distribution == "uniform":
+        ids = torch.randint(0, num_slots, (m,), generator=g)
+    elif distribution == "identical":
+        ids = torch.full((m,), 2)
+    elif distribution == "skewed":  # most tokens on one slot, a few elsewhere (zipf-like)
+        ids = torch.where(torch.rand(m, generator=g) < 0.8, 0, torch.randint(1, num_slots, (m,), generator=g))
+    elif distribution == "empty_slots":  # slots 1, 2, 4 get nothing
+        ids = torch.tensor([0, 3, 5])[torch.randint(0, 3, (m,), generator=g)]
+    elif distribution == "all_base":
+        ids = torch.full((m,), -1)
+    elif distribution == "mixed_base":
+        ids = torch.randint(-1, num_slots, (m,), generator=g)
+    else:
+        raise AssertionError(distribution)
+    return ids.to(device=device, dtype=torch.int32)
+
+
+DISTRIBUTIONS = ["distinct", "uniform", "identical", "skewed", "empty_slots", "all_base", "mixed_base"]
+
+
+def _stacked_lora(num_slots, max_rank, k, n, dtype, device, ranks):
+    """A [L, R, K] and B [L, N, R] with NaN past each slot's rank (it must never be read)."""
+    lora_a = randn(num_slots, max_rank, k, dtype=dtype, device=device, scale=k ** -0.5)
+    lora_b = randn(num_slots, n, max_rank, dtype=dtype, device=device, scale=max_rank ** -0.5)
+    for slot, rank in enumerate(ranks.tolist()):
+        lora_a[slot, rank:] = float("nan")
+        lora_b[slot, :, rank:] = float("nan")
+    return lora_a, lora_b
+
+
+def _hetero_ranks(max_rank, device):
+    ranks = [max_rank, 1, max(max_rank // 2, 1), 3 if max_rank >= 3 else 1, 0, max_rank]
+    return torch.tensor(ranks[:NUM_SLOTS], dtype=torch.int32, device=device)
+
+
+def _expected_zero_mask(ids, ranks, max_rank):
+    """True where the shrink output must be exactly zero: -1 tokens and columns past the token's slot rank."""
+    ids, ranks = ids.cpu().long(), ranks.cpu().long()
+    token_rank = torch.where(ids >= 0, ranks[ids.clamp(min=0)], torch.zeros_like(ids))
+    return torch.arange(max_rank)[None, :] >= token_rank[:, None]
+
+
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_sgmv_shrink_matches_reference(dtype, distribution, device):
+    m, k, max_rank = 37, 67, 16
+    ids = _adapter_ids(distribution, m, NUM_SLOTS, device)
+    ranks = _hetero_ranks(max_rank, device)
+    lora_a, _ = _stacked_lora(NUM_SLOTS, max_rank, k, 8, dtype, device, ranks)
+    x = randn(m, k, dtype=dtype, device=device)
+    scalings = torch.tensor([0.5, 2.0, 1.0, 4.0, 1.5, 0.25], device=device)
+    batch = LoRABatch.from_adapter_ids(ids, NUM_SLOTS, validate=True)
+    out = ops.sgmv_shrink(x, lora_a, batch.sorted_token_ids, batch.slot_starts, batch.slot_counts, scalings, ranks)
+    assert out.shape == (m, max_rank) and out.dtype == torch.float32
+    ref = reference.lora_shrink(x.cpu(), lora_a.cpu(), ids.cpu(), scalings.cpu(), ranks.cpu())
+    assert torch.isfinite(out).all()
+    zero = _expected_zero_mask(ids, ranks, max_rank)
+    assert (out.cpu()[zero] == 0).all()
+    assert_close(out, ref, _tol_dtype(dtype), "shrink")
+
+
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_sgmv_expand_matches_reference(dtype, distribution, device):
+    m, n, max_rank, n_total, offset = 37, 45, 16, 100, 30
+    ids = _adapter_ids(distribution, m, NUM_SLOTS, device)
+    ranks = _hetero_ranks(max_rank, device)
+    _, lora_b = _stacked_lora(NUM_SLOTS, max_rank, 8, n, dtype, device, ranks)
+    t = randn(m, max_rank, device=device)
+    ranks_cpu, ids_cpu = ranks.cpu().long(), ids.cpu().long()
+    for token in range(m):  # t past the token's rank is garbage too: it must not be read
+        rank = int(ranks_cpu[ids_cpu[token]]) if ids_cpu[token] >= 0 else 0
+        t[token, rank:] = float("nan")
+    out = randn(m, n_total, dtype=dtype, device=device)
+    before = out.clone()
+    batch = LoRABatch.from_adapter_ids(ids, NUM_SLOTS, validate=True)
+    result = ops.sgmv_expand(t, lora_b, batch.sorted_token_ids, batch.slot_starts, batch.slot_counts, ranks, out,
+                             offset)
+    assert result is None
+    ref = reference.lora_expand(t.cpu(), lora_b.cpu(), ids_cpu, before.cpu(), offset, ranks_cpu)
+    assert torch.isfinite(out).all()
+    # Columns outside the slice, and rows of tokens that add nothing, are untouched bit for bit.
+    assert torch.equal(out[:, :offset], before[:, :offset]) and torch.equal(out[:, offset + n:], before[:, offset + n:])
+    untouched = (ids_cpu < 0) | (ranks_cpu[ids_cpu.clamp(min=0)] == 0)
+    assert torch.equal(out.cpu()[untouched], before.cpu()[untouched])
+    sl = slice(offset, offset + n)
+    assert_close(out[:, sl], ref[:, sl], dtype, "expand slice")
+    assert_close((out[:, sl].double() - before[:, sl].double()).cpu(), ref[:, sl] - before[:, sl].cpu().double(),
+                 dtype, "expand delta", scale=4.0)
+
+
+@pytest.mark.parametrize("r", RANKS)
+def test_sgmv_ranks_and_shrink_expand_roundtrip(r, device):
+    """Every max rank of the range; shrink then expand into a fused (two-slice) output equals the reference add_lora."""
+    dtype, m, k, widths = torch.bfloat16, 21, 40, (24, 9)
+    ids = _adapter_ids("mixed_base", m, NUM_SLOTS, device)
+    ranks = _hetero_ranks(r, device)
+    scalings = torch.linspace(0.5, 2.0, NUM_SLOTS, device=device)
+    x = randn(m, k, dtype=dtype, device=device)
+    y = randn(m, sum(widths), dtype=dtype, device=device)
+    slices = [_stacked_lora(NUM_SLOTS, r, k, w, dtype, device, ranks) for w in widths]
+    expected = reference.add_lora(y.cpu(), x.cpu(), [a.cpu() for a, _ in slices], [b.cpu() for _, b in slices],
+                                  ids.cpu(), scalings.cpu(), ranks.cpu(), list(widths))
+    batch = LoRABatch.from_adapter_ids(ids, NUM_SLOTS, validate=True)
+    meta = (batch.sorted_token_ids, batch.slot_starts, batch.slot_counts)
+    offset = 0
+    for (lora_a, lora_b), width in zip(slices, widths):
+        shrunk = ops.sgmv_shrink(x, lora_a, *meta, scalings, ranks)
+        ops.sgmv_expand(shrunk, lora_b, *meta, ranks, y, offset)
+        offset += width
+    assert torch.isfinite(y).all()
+    assert_close(y, expected, dtype, "add_lora", scale=2.0)
+
+
+def test_sgmv_mixed_dtypes_and_strided_out(device):
+    """out may have another float dtype than lora_b, and any strides."""
+    m, n, max_rank = 13, 20, 8
+    ids = _adapter_ids("uniform", m, NUM_SLOTS, device)
+    ranks = _hetero_ranks(max_rank, device)
+    _, lora_b = _stacked_lora(NUM_SLOTS, max_rank, 4, n, torch.bfloat16, device, ranks)
+    t = randn(m, max_rank, device=device)
+    batch = LoRABatch.from_adapter_ids(ids, NUM_SLOTS, validate=True)
+    meta = (batch.sorted_token_ids, batch.slot_starts, batch.slot_counts)
+    for out_dtype in (torch.float32, torch.float16):
+        out = randn(2 * n + 3, m, dtype=out_dtype, device=device).T  # [m, 2n+3], column-major
+        before = out.clone()
+        ops.sgmv_expand(t, lora_b, *meta, ranks, out, n + 3)
+        ref = reference.lora_expand(t.cpu(), lora_b.cpu(), ids.cpu(), before.cpu(), n + 3, ranks.cpu())
+        assert_close(out, ref, out_dtype, f"expand into {out_dtype}")
+
+
+def test_sgmv_empty_batch(device):
+    lora_a = randn(NUM_SLOTS, 8, 16, device=device)
+    lora_b = randn(NUM_SLOTS, 10, 8, device=device)
+    ranks = torch.full((NUM_SLOTS,), 8, dtype=torch.int32, device=device)
+    scalings = torch.ones(NUM_SLOTS, device=device)
+    batch = LoRABatch.from_adapter_ids(torch.zeros(0, dtype=torch.int32, device=device), NUM_SLOTS)
+    meta = (batch.sorted_token_ids, batch.slot_starts, batch.slot_counts)
+    out = ops.sgmv_shrink(randn(0, 16, device=device), lora_a, *meta, scalings, ranks)
+    assert out.shape == (0, 8)
+    y = randn(0, 10, device=device)
+    ops.sgmv_expand(out, lora_b, *meta, ranks, y, 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input: ValueError / TypeError naming the argument, before any work.
+
+
+def _good_fwd(device):
+    x, weight, lora_a, lora_b, bias = _fwd_inputs(3, 16, 12, 4, torch.float32, device)
+    return dict(x=x, x_lora=None, weight=weight, lora_a=lora_a, lora_b=lora_b, scaling=1.0, bias=bias)
+
+
+FWD_BAD = [
+    ("x", lambda a: a["x"][None], ValueError, "x expected a 2-D"),
+    ("x", lambda a: a["x"].to(torch.int32), TypeError, "x expected a float32"),
+    ("weight", lambda a: a["weight"][:, :15], ValueError, r"weight.shape\[1\] expected 16"),
+    ("weight", lambda a: a["weight"].double(), TypeError, "weight expected dtype"),
+    ("lora_a", lambda a: a["lora_a"][:, :15], ValueError, r"lora_a.shape\[1\] expected 16"),
+    ("lora_b", lambda a: a["lora_b"][:11], ValueError, r"lora_b.shape\[0\] expected 12"),
+    ("lora_b", lambda a: a["lora_b"][:, :3], ValueError, r"lora_b.shape\[1\] expected 4"),
+    ("lora_b", lambda a: a["lora_b"].half(), TypeError, "lora_b expected dtype"),
+    ("bias", lambda a: a["bias"][:5], ValueError, r"bias.shape\[0\] expected 12"),
+    ("bias", lambda a: a["bias"][None], ValueError, "bias expected a 1-D"),
+    ("x_lora", lambda a: a["x"][:2], ValueError, r"x_lora.shape\[0\] expected 3"),
+    ("x_lora", lambda a: a["x"].half(), TypeError, "x_lora expected dtype"),
+    ("scaling", lambda a: float("nan"), ValueError, "scaling expected a finite"),
+]
+
+
+@pytest.mark.parametrize("arg,make,error,match", FWD_BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(FWD_BAD)])
+def test_lora_fwd_bad_input(arg, make, error, match, device):
+    args = _good_fwd(device)
+    args[arg] = make(args)
+    with pytest.raises(error, match=f"lora_fwd: {match}"):
+        ops.lora_fwd(**args)
+
+
+def test_lora_fwd_rank_zero_and_device_mismatch(device):
+    args = _good_fwd(device)
+    args["lora_a"], args["lora_b"] = args["lora_a"][:0], args["lora_b"][:, :0]
+    with pytest.raises(ValueError, match="lora_a.shape"):
+        ops.lora_fwd(**args)
+    if device.type == "cuda":
+        args = _good_fwd(device)
+        args["bias"] = args["bias"].cpu()
+        with pytest.raises(ValueError, match="bias expected device"):
+            ops.lora_fwd(**args)
+
+
+def test_lora_bwd_dy_bad_input(device):
+    dy, s, lora_b = randn(5, 12, device=device), randn(5, 4, device=device), randn(12, 4, device=device)
+    with pytest.raises(TypeError, match="lora_bwd_dy: s expected dtype"):
+        ops.lora_bwd_dy(dy, s.half(), lora_b, 1.0)
+    with pytest.raises(TypeError, match="lora_bwd_dy: lora_b expected dtype"):
+        ops.lora_bwd_dy(dy, s, lora_b.double(), 1.0)
+    with pytest.raises(ValueError, match=r"lora_bwd_dy: lora_b.shape\[0\] expected 12"):
+        ops.lora_bwd_dy(dy, s, lora_b[:10], 1.0)
+    with pytest.raises(ValueError, match=r"lora_bwd_dy: s.shape\[0\] expected 5"):
+        ops.lora_bwd_dy(dy, s[:4], lora_b, 1.0)
+    with pytest.raises(ValueError, match=r"lora_bwd_dy: lora_b.shape\[1\] expected 3"):
+        ops.lora_bwd_dy(dy, s[:, :3], lora_b, 1.0)
+    with pytest.raises(ValueError, match="lora_bwd_dy: dy expected a 2-D"):
+        ops.lora_bwd_dy(dy[None], s, lora_b, 1.0)
+
+
+def _good_sgmv(device):
+    m, k, n, max_rank = 10, 16, 12, 4
+    ids = _adapter_ids("mixed_base", m, NUM_SLOTS, device)
+    batch = LoRABatch.from_adapter_ids(ids, NUM_SLOTS, validate=True)
+    return dict(
+        x=randn(m, k, device=device), lora_a=randn(NUM_SLOTS, max_rank, k, device=device),
+        lora_b=randn(NUM_SLOTS, n, max_rank, device=device), sorted_token_ids=batch.sorted_token_ids,
+        slot_starts=batch.slot_starts, slot_counts=batch.slot_counts,
+        scalings=torch.ones(NUM_SLOTS, device=device),
+        ranks=torch.full((NUM_SLOTS,), max_rank, dtype=torch.int32, device=device),
+        t=randn(m, max_rank, device=device), out=randn(m, 2 * n, device=device), slice_offset=n)
+
+
+def _shrink(a):
+    return ops.sgmv_shrink(a["x"], a["lora_a"], a["sorted_token_ids"], a["slot_starts"], a["slot_counts"],
+                           a["scalings"], a["ranks"])
+
+
+def _expand(a):
+    return ops.sgmv_expand(a["t"], a["lora_b"], a["sorted_token_ids"], a["slot_starts"], a["slot_counts"],
+                           a["ranks"], a["out"], a["slice_offset"])
+
+
+SGMV_BAD = [
+    (_shrink, "sorted_token_ids", lambda a: a["sorted_token_ids"].long(), TypeError, "sorted_token_ids expected dtype"),
+    (_shrink, "slot_starts", lambda a: a["slot_starts"][:-1], ValueError, r"slot_starts.shape\[0\] expected 6"),
+    (_shrink, "slot_counts", lambda a: a["slot_counts"].float(), TypeError, "slot_counts expected dtype"),
+    (_shrink, "scalings", lambda a: a["scalings"].double(), TypeError, "scalings expected dtype"),
+    (_shrink, "ranks", lambda a: a["ranks"][None], ValueError, "ranks expected a 1-D"),
+    (_shrink, "lora_a", lambda a: a["lora_a"][:, :, :15], ValueError, r"lora_a.shape\[2\] expected 16"),
+    (_shrink, "lora_a", lambda a: a["lora_a"].half(), TypeError, "lora_a expected dtype"),
+    (_shrink, "x", lambda a: a["x"][:9], ValueError, r"sorted_token_ids.shape\[0\] expected 9"),
+    (_expand, "t", lambda a: a["t"].half(), TypeError, "t expected dtype"),
+    (_expand, "lora_b", lambda a: a["lora_b"][:, :, :3], ValueError, r"lora_b.shape\[2\] expected 4"),
+    (_expand, "out", lambda a: a["out"][:9], ValueError, r"out.shape\[0\] expected 10"),
+    (_expand, "out", lambda a: a["out"].to(torch.int32), TypeError, "out expected a float32"),
+    (_expand, "slice_offset", lambda a: 13, ValueError, "slice_offset expected in"),
+    (_expand, "slice_offset", lambda a: -1, ValueError, "slice_offset expected in"),
+]
+
+
+@pytest.mark.parametrize("call,arg,make,error,match", SGMV_BAD,
+                         ids=[f"{b[0].__name__[1:]}-{b[1]}-{i}" for i, b in enumerate(SGMV_BAD)])
+def test_sgmv_bad_input(call, arg, make, error, match, device):
+    args = _good_sgmv(device)
+    args[arg] = make(args)
+    op = "sgmv_shrink" if call is _shrink else "sgmv_expand"
+    with pytest.raises(error, match=f"{op}: {match}"):
+        call(args)
+
+
+def test_sgmv_bad_metadata_values_cpu():
+    """On CPU the metadata values are checked too (free there; on CUDA the kernels clamp instead of syncing)."""
+    args = _good_sgmv(torch.device("cpu"))
+    bad_ranks = dict(args, ranks=torch.full((NUM_SLOTS,), 5, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"sgmv_shrink: ranks expected values in \[0, 4\]"):
+        _shrink(bad_ranks)
+    bad_counts = dict(args, slot_counts=args["slot_counts"] + 10)
+    with pytest.raises(ValueError, match="sgmv_expand: slot_starts/slot_counts expected"):
+        _expand(bad_counts)
+    bad_ids = dict(args, sorted_token_ids=args["sorted_token_ids"] + 100)
+    with pytest.raises(ValueError, match="sgmv_shrink: sorted_token_ids expected values"):
+        _shrink(bad_ids)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# opcheck: schema, fake (meta) impls, and that the registrations agree with them.
+
+
+def test_opcheck_lora_fwd(device):
+    for dtype in (torch.float32, torch.bfloat16):
+        x, weight, lora_a, lora_b, bias = _fwd_inputs(5, 24, 20, 4, dtype, device)
+        torch.library.opcheck(ops.lora_fwd.default, (x, None, weight, lora_a, lora_b, 2.0, bias))
+        torch.library.opcheck(ops.lora_fwd.default, (x, x * 2, weight, lora_a, lora_b, 0.5, None))
+
+
+def test_opcheck_lora_bwd_dy(device):
+    dy = randn(5, 20, dtype=torch.bfloat16, device=device)
+    torch.library.opcheck(ops.lora_bwd_dy.default,
+                          (dy, randn(5, 4, device=device), randn(20, 4, dtype=torch.bfloat16, device=device), 2.0))
+
+
+def test_opcheck_sgmv(device):
+    args = _good_sgmv(device)
+    torch.library.opcheck(ops.sgmv_shrink.default, (args["x"], args["lora_a"], args["sorted_token_ids"],
+                                                     args["slot_starts"], args["slot_counts"], args["scalings"],
+                                                     args["ranks"]))
+    torch.library.opcheck(ops.sgmv_expand.default, (args["t"], args["lora_b"], args["sorted_token_ids"],
+                                                     args["slot_starts"], args["slot_counts"], args["ranks"],
+                                                     args["out"], args["slice_offset"]))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CUDA only: paths the CPU implementation does not have.
+
+
+@pytest.fixture
+def cuda_device():
+    return torch.device("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 2, 4, 5, 16])
+@pytest.mark.parametrize("k", [64, 67, 4096, 4100])
+@pytest.mark.parametrize("r", [1, 16, 256])
+def test_cuda_decode_kernel(dtype, m, k, r, cuda_device):
+    """The hand-written decode forward (M <= 16): K multiple of the 16-byte vector or not (scalar path), split-K
+    shrink for large K, the partial budget at r = 256, bias on."""
+    x, weight, lora_a, lora_b, bias = _fwd_inputs(m, k, 123, r, dtype, cuda_device)
+    _check_fwd(x, None, weight, lora_a, lora_b, 2.0, bias)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_decode_kernel_misaligned_and_strided(dtype, cuda_device):
+    """Misaligned base pointers and row strides that are not a multiple of the vector width take the scalar path;
+    x_lora given; no bias; a column-major lora_b."""
+    m, k, n, r = 3, 256, 77, 8
+    buf = randn(m * k + 1, dtype=dtype, device=cuda_device)
+    x = buf[1:].view(m, k)  # 2 or 4 bytes past a 16-byte boundary
+    weight = randn(n, k + 3, dtype=dtype, device=cuda_device, scale=k ** -0.5)[:, :k]  # row stride k + 3
+    lora_a = randn(r, k, dtype=dtype, device=cuda_device, scale=k ** -0.5)
+    lora_b = randn(r, n, dtype=dtype, device=cuda_device).T
+    mask = (torch.rand(m, k, device=cuda_device) > 0.5).to(dtype) * 2.0
+    _check_fwd(x, x * mask, weight, lora_a, lora_b, 1.5, None, mask=mask)
+    _check_fwd(x.contiguous(), None, weight.contiguous(), lora_a, lora_b, 1.5, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [17, 64, 300])
+def test_cuda_gemm_path(dtype, m, cuda_device):
+    x, weight, lora_a, lora_b, bias = _fwd_inputs(m, 4096, 256, 16, dtype, cuda_device)
+    _check_fwd(x, None, weight, lora_a, lora_b, 2.0, bias)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m,n,r", [(1, 4096, 16), (16, 4099, 8), (4096, 1024, 16), (1000, 333, 64), (77, 5000, 1)])
+def test_cuda_bwd_dy_kernel(dtype, m, n, r, cuda_device):
+    dy = randn(m, n, dtype=dtype, device=cuda_device)
+    s = randn(m, r, device=cuda_device)
+    lora_b = randn(n, r, dtype=dtype, device=cuda_device, scale=r ** -0.5)
+    first = _check_bwd(dy, s, lora_b, 2.0)
+    second = ops.lora_bwd_dy(dy, s, lora_b, 2.0)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])  # deterministic
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu_extension(cuda_device):
+    """Larger grouped shapes: the CUDA kernels agree with the CPU implementation."""
+    m, k, n, max_rank, num_slots = 700, 1000, 300, 64, 16
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(-1, num_slots, (m,), generator=g).to(torch.int32)
+    ranks = torch.randint(0, max_rank + 1, (num_slots,), generator=g).to(torch.int32)
+    scalings = torch.rand(num_slots, generator=g) + 0.5
+    x = randn(m, k, dtype=torch.bfloat16)
+    lora_a = randn(num_slots, max_rank, k, dtype=torch.bfloat16, scale=k ** -0.5)
+    lora_b = randn(num_slots, n, max_rank, dtype=torch.bfloat16, scale=max_rank ** -0.5)
+    out = randn(m, n, dtype=torch.bfloat16)
+    results = {}
+    for dev in (torch.device("cpu"), cuda_device):
+        batch = LoRABatch.from_adapter_ids(ids.to(dev), num_slots, validate=True)
+        meta = (batch.sorted_token_ids, batch.slot_starts, batch.slot_counts)
+        shrunk = ops.sgmv_shrink(x.to(dev), lora_a.to(dev), *meta, scalings.to(dev), ranks.to(dev))
+        y = out.to(dev)
+        ops.sgmv_expand(shrunk, lora_b.to(dev), *meta, ranks.to(dev), y, 0)
+        results[dev.type] = (shrunk.cpu(), y.cpu())
+    assert_close(results["cuda"][0], results["cpu"][0], torch.float32, "shrink cuda vs cpu")
+    assert_close(results["cuda"][1], results["cpu"][1], torch.bfloat16, "expand cuda vs cpu")
+
+
+@pytest.mark.gpu
+def test_cuda_sgmv_graph_capture(cuda_device):
+    """No host sync: metadata build, shrink and expand capture into a CUDA graph and replay with new ids."""
+    m, k, n, max_rank = 64, 256, 128, 16
+    ranks = _hetero_ranks(max_rank, cuda_device)
+    lora_a, lora_b = _stacked_lora(NUM_SLOTS, max_rank, k, n, torch.bfloat16, cuda_device, ranks)
+    scalings = torch.linspace(0.5, 2.0, NUM_SLOTS, device=cuda_device)
+    x = randn(m, k, dtype=torch.bfloat16, device=cuda_device)
+    ids = _adapter_ids("uniform", m, NUM_SLOTS, cuda_device)
+    y = torch.zeros(m, n, dtype=torch.bfloat16, device=cuda_device)
+
+    def step():
+        batch = LoRABatch.from_adapter_ids(ids, NUM_SLOTS, validate=False)
+        meta = (batch.sorted_token_ids, batch.slot_starts, batch.slot_counts)
+        y.zero_()
+        ops.sgmv_expand(ops.sgmv_shrink(x, lora_a, *meta, scalings, ranks), lora_b, *meta, ranks, y, 0)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # warm-up outside the graph
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    ids.copy_(_adapter_ids("mixed_base", m, NUM_SLOTS, cuda_device))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = reference.add_lora(torch.zeros(m, n), x.cpu(), [lora_a.cpu()], [lora_b.cpu()], ids.cpu(), scalings.cpu(),
+                             ranks.cpu(), [n])
+    assert_close(y, ref, torch.bfloat16, "graph replay", scale=2.0)
