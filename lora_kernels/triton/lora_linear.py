@@ -13,6 +13,8 @@ Dropout is never stored: element (m, k) of x is kept when tl.rand(seed, m * K + 
 
 import math
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -379,7 +381,13 @@ _PRUNE = {
 }
 
 
+# LORA_KERNELS_AUTOTUNE=0 keeps only the first (default) config of each list: the GPU tests run many shapes, and
+# autotuning every one of them would spend minutes compiling and timing configs that correctness does not need.
+AUTOTUNE = os.environ.get("LORA_KERNELS_AUTOTUNE", "1") != "0"
+
+
 def _autotune(configs, key, kernel):
+    configs = configs if AUTOTUNE else configs[:1]
     return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _PRUNE[kernel.__name__]})(kernel)
 
 
