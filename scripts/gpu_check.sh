@@ -110,9 +110,13 @@ fi
 # 3. what the package sees
 run_stage info 60 info.log "$PY" -m lora_kernels info
 
-# 4. tests: the GPU-only tests, then the normal suite's CUDA cases
-TESTS_GPU=("$PY" -m pytest -q -p no:cacheprovider -m gpu -rf)
-TESTS_CUDA=("$PY" -m pytest -q -p no:cacheprovider -m "not gpu" -k cuda -rf)
+# 4. tests: the GPU-only tests, then the normal suite's CUDA cases. -v names every test in the log as it runs, and
+# with pytest-xdist a test that crashes its process (a segfault in a kernel) fails alone instead of ending the run
+# (seen on the first H100 run: one segfault hid every later result).
+XDIST=()
+"$PY" -c "import xdist" > /dev/null 2>&1 && XDIST=(-n 4)
+TESTS_GPU=("$PY" -m pytest -v -p no:cacheprovider "${XDIST[@]}" -m gpu -rfE)
+TESTS_CUDA=("$PY" -m pytest -v -p no:cacheprovider "${XDIST[@]}" -m "not gpu" -k cuda -rfE)
 if (( DRY_RUN )); then
   dry_stage tests_gpu "${TESTS_GPU[@]}"
   dry_stage tests_cuda "${TESTS_CUDA[@]}"
