@@ -45,12 +45,18 @@ def available_backends(device):
     return [name for name in BACKENDS if unavailable_reason(name, device) is None]
 
 
-def auto_backend(device):
-    """The fastest available backend for `device`: fused Triton on GPUs (the C++ CUDA kernels when triton is
-    missing); the C++ CPU kernels on CPU (the interpreter is for tests, never chosen automatically)."""
+GROUPED_OPS = ("multi_lora_linear", "lora_shrink", "lora_expand", "add_lora")
+
+
+def auto_backend(device, op_name="lora_linear"):
+    """The fastest available backend for `op_name` on `device`, by measurement (BENCHMARKS.md, H100, bf16):
+    - grouped ops on GPUs: the Triton kernels (0.07x the per-adapter loop; the C++ CUDA ones 0.26x);
+    - lora_linear on GPUs: the unfused torch composition, because the fused kernels measured slower there
+      (fwd+bwd at M=8192: torch 1.28 ms, cuda 1.58 ms, triton 2.77 ms); ask for "triton" or "cuda" explicitly;
+    - on CPU: the C++ CPU kernels. The Triton interpreter is for tests and never chosen automatically."""
     device = torch.device(device)
     if device.type == "cuda":
-        order = ("triton", "cuda", "torch")
+        order = ("triton", "cuda", "torch") if op_name in GROUPED_OPS else ("torch",)
     elif device.type == "cpu":
         order = ("cpu", "torch")
     else:
@@ -68,7 +74,7 @@ def resolve_backend(backend, device, op_name):
     if not isinstance(backend, str):
         raise TypeError(f"{op_name}: backend expected a str, got {type(backend).__name__}")
     if backend == "auto":
-        chosen = auto_backend(device)
+        chosen = auto_backend(device, op_name)
         if not torch.compiler.is_compiling():  # dynamo cannot trace Logger calls: one graph break per call
             logger.debug("%s: backend='auto' chose %r for %s tensors", op_name, chosen, device.type)
         return chosen

@@ -32,7 +32,8 @@ def info_dict():
         "triton_interpreter": triton_pkg.INTERPRET,
         "backends": {device: {name: backends.unavailable_reason(name, device) or "available"
                               for name in backends.BACKENDS} for device in devices},
-        "auto": {device: backends.auto_backend(device) for device in devices},
+        "auto": {device: {"lora_linear": backends.auto_backend(device, "lora_linear"),
+                          "grouped": backends.auto_backend(device, "multi_lora_linear")} for device in devices},
     }
 
 
@@ -48,7 +49,9 @@ def print_info(as_json=False):
     print("C++ extension: " + ("loaded, built " + ("with" if ext["with_cuda"] else "without") + " CUDA"
                                if ext["loaded"] else f"not loaded ({ext['error']})"))
     for device, table in info["backends"].items():
-        print(f"backends for {device} tensors (auto -> {info['auto'][device]}):")
+        auto = info["auto"][device]
+        print(f"backends for {device} tensors (auto -> lora_linear: {auto['lora_linear']}, "
+              f"grouped ops: {auto['grouped']}):")
         for name, status in table.items():
             print(f"  {name:10s} {status}")
 

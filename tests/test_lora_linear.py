@@ -24,7 +24,8 @@ def _dropout_mask(backend, seed, x2, p):
     if backend == "triton":
         from lora_kernels.triton.lora_linear import dropout_mask
         return dropout_mask(seed, x2.shape[0], x2.shape[1], p, x2.device)
-    return functional.torch_dropout_mask(seed, x2.shape, p, x2.device, torch.float64)
+    # Drawn in x's dtype, as the backend draws it: the random stream depends on the dtype (on CUDA).
+    return functional.torch_dropout_mask(seed, x2.shape, p, x2.device, x2.dtype).double()
 
 
 def _inputs(m, k, n, r, dtype, device, bias=True):

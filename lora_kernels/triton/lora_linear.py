@@ -122,10 +122,14 @@ UPCAST_DOT_OPERANDS = tl.constexpr(INTERPRET)
 
 
 @triton.jit
-def _dot(a, b, acc):
+def _dot(a, b, acc, FP32_INPUT: tl.constexpr):
     if UPCAST_DOT_OPERANDS:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    if FP32_INPUT:
+        # fp32 layers: tf32 missed the 1e-3 fp32 tolerance on an H100 (relative error 1.1e-3 to 1.7e-3 in y, dx and
+        # dB), and tf32x3 overflowed shared memory with the larger tiles; full-precision FMA dots are slower but
+        # exact to fp32. 16-bit layers keep tensor cores (their widened fp32 LoRA-term dots run in tf32).
+        return tl.dot(a, b, acc, input_precision="ieee")
     return tl.dot(a, b, acc)
 
 
@@ -175,7 +179,7 @@ def _lora_shrink_kernel(
             # Zero the dropped elements; the uniform 1/(1-p) factor is applied once to the result (exact).
             x = tl.where(_keep_mask(seed, offs_m, offs_k + k0, K, p), x, tl.zeros_like(x))
         a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-        acc = _dot(x, a, acc)
+        acc = _dot(x, a, acc, x_ptr.dtype.element_ty == tl.float32)
         x_ptrs += BLOCK_K * stride_xk
         a_ptrs += BLOCK_K * stride_ak
     if HAS_DROPOUT:
@@ -208,7 +212,7 @@ def _lora_fwd_kernel(
         mask_k = offs_k < K - k0
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = _dot(x, w, acc)
+        acc = _dot(x, w, acc, x_ptr.dtype.element_ty == tl.float32)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
     # Expand: s is fp32, so B is widened and the dot runs in tf32 (fp32 in the interpreter); ranks past R are
@@ -222,7 +226,7 @@ def _lora_fwd_kernel(
                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
         b = tl.load(b_ptr + offs_n[None, :] * stride_bn + (offs_r + r0)[:, None] * stride_br,
                     mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        acc = _dot(s * scaling, b.to(tl.float32), acc)
+        acc = _dot(s * scaling, b.to(tl.float32), acc, x_ptr.dtype.element_ty == tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0)
         acc += bias.to(tl.float32)[None, :]
@@ -261,8 +265,8 @@ def _lora_bwd_dy_kernel(
         mask_n = offs_n < N - n0
         dy = tl.load(dy_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_r[None, :], other=0.0)
-        ds = _dot(dy, b, ds)
-        db = _dot(tl.trans(dy).to(tl.float32), s, None)
+        ds = _dot(dy, b, ds, dy_ptr.dtype.element_ty == tl.float32)
+        db = _dot(tl.trans(dy).to(tl.float32), s, None, dy_ptr.dtype.element_ty == tl.float32)
         tl.store(dbp_ptrs, db, mask=mask_n[:, None] & mask_r[None, :])
         dy_ptrs += BLOCK_N * stride_dyn
         b_ptrs += BLOCK_N * stride_bn
@@ -296,7 +300,7 @@ def _lora_bwd_dx_kernel(
         mask_n = offs_n < N - n0
         dy = tl.load(dy_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        acc = _dot(dy, w, acc)
+        acc = _dot(dy, w, acc, dy_ptr.dtype.element_ty == tl.float32)
         dy_ptrs += BLOCK_N * stride_dyn
         w_ptrs += BLOCK_N * stride_wn
     offs_r = tl.arange(0, BLOCK_R)
@@ -310,7 +314,7 @@ def _lora_bwd_dx_kernel(
                      mask=mask_m[:, None] & mask_r[None, :], other=0.0)
         a = tl.load(a_ptr + (offs_r + r0)[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                     mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-        lora = _dot(ds, a.to(tl.float32), lora)
+        lora = _dot(ds, a.to(tl.float32), lora, dy_ptr.dtype.element_ty == tl.float32)
     if HAS_DROPOUT:
         keep = _keep_mask(seed, offs_m, offs_k, K, p)
         acc += tl.where(keep, lora * dropout_scale, 0.0)
@@ -346,7 +350,7 @@ def _lora_bwd_da_kernel(
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if HAS_DROPOUT:
             x = tl.where(_keep_mask(seed, offs_m + m0, offs_k, K, p), x, tl.zeros_like(x))
-        acc = _dot(dst, x.to(tl.float32), acc)
+        acc = _dot(dst, x.to(tl.float32), acc, x_ptr.dtype.element_ty == tl.float32)
         dst_ptrs += BLOCK_M * stride_dsm
         x_ptrs += BLOCK_M * stride_xm
     if HAS_DROPOUT:
@@ -454,14 +458,6 @@ def _dropout_args(dropout_p):
     return p > 0.0, p, (1.0 / (1.0 - p) if p < 1.0 else 0.0)
 
 
-def _launch(kernel):
-    """The kernel as torch.compile can trace it (wrap_triton) on GPUs; the interpreter runs the kernel directly
-    (wrap_triton cannot trace interpreted kernels, and older torch versions reject them)."""
-    if INTERPRET:
-        return kernel
-    return torch.library.wrap_triton(kernel)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Op bodies: allocate and launch (inputs already checked). Registered as custom ops below.
 # ----------------------------------------------------------------------------------------------------------------
@@ -482,7 +478,7 @@ def _lora_fwd_impl(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, 
     if M == 0:
         return y, s
     block_r = _block_r(r)
-    _launch(_shrink)[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(r, block_r))](
+    _shrink[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(r, block_r))](
         x, lora_a, s,
         M, K, r,
         x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), s.stride(0), s.stride(1),
@@ -491,7 +487,7 @@ def _lora_fwd_impl(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, 
     )
     has_bias = bias is not None
     bias_arg = bias if has_bias else y  # never read when HAS_BIAS is False
-    _launch(_fwd)[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)](
+    _fwd[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)](
         x, weight, s, lora_b, bias_arg, y,
         M, N, K, r,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), s.stride(0), s.stride(1),
@@ -512,7 +508,7 @@ def _lora_bwd_dy_impl(dy: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, s
     block_r = _block_r(r)
     num_parts = triton.cdiv(M, DY_BLOCK_M)
     partials = torch.empty((num_parts, N, r), device=dy.device, dtype=torch.float32)
-    _launch(_bwd_dy)[(num_parts, triton.cdiv(r, block_r))](
+    _bwd_dy[(num_parts, triton.cdiv(r, block_r))](
         dy, s, lora_b, ds, partials,
         M, N, r,
         dy.stride(0), dy.stride(1), s.stride(0), s.stride(1), lora_b.stride(0), lora_b.stride(1),
@@ -533,7 +529,7 @@ def _lora_bwd_dx_impl(dy: torch.Tensor, ds: torch.Tensor, weight: torch.Tensor, 
     dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
     if M == 0:
         return dx
-    _launch(_bwd_dx)[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)](
+    _bwd_dx[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)](
         dy, weight, ds, lora_a, dx,
         M, N, K, r,
         dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), ds.stride(0), ds.stride(1),
@@ -552,7 +548,7 @@ def _lora_bwd_da_impl(ds: torch.Tensor, x: torch.Tensor, dropout_p: float, seed:
         return torch.zeros((r, K), device=x.device, dtype=torch.float32)
     da = torch.empty((r, K), device=x.device, dtype=torch.float32)
     block_r = _block_r(r)
-    _launch(_bwd_da)[lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(r, block_r))](
+    _bwd_da[lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(r, block_r))](
         ds, x, da,
         M, K, r,
         ds.stride(0), ds.stride(1), x.stride(0), x.stride(1), da.stride(0), da.stride(1),
@@ -581,15 +577,18 @@ def _fake_lora_bwd_da(ds, x, dropout_p, seed):
 
 
 def _register(name, impl, fake):
-    """A custom op torch.compile(fullgraph=True) traces. On GPUs a triton_op: its kernels stay visible to Inductor.
-    Under the interpreter an opaque custom_op with a fake implementation, because triton_op uses the body itself as
-    the fake implementation, and an interpreted kernel cannot run on fake tensors."""
-    qualified = f"lora_kernels::{name}"
-    if not INTERPRET and hasattr(torch.library, "triton_op"):
-        return torch.library.triton_op(qualified, impl, mutates_args=())
-    op = torch.library.custom_op(qualified, impl, mutates_args=())
+    """An opaque custom op with a fake implementation: torch.compile(fullgraph=True) traces through it and calls the
+    launcher as it is. Not a triton_op: that hands the kernels to Inductor, which failed to compile the fused forward
+    on an H100 (torch 2.11, triton 3.6: CompilationError at its rank loop), and under the interpreter it would run
+    the body on fake tensors."""
+    op = torch.library.custom_op(f"lora_kernels::{name}", impl, mutates_args=())
     op.register_fake(fake)
     return op
+
+
+def _call(op, impl, *args):
+    # Eager calls skip the dispatcher (tens of microseconds of host time per call); traced calls need the op.
+    return op(*args) if torch.compiler.is_compiling() else impl(*args)
 
 
 _fwd_op = _register("triton_lora_fwd", _lora_fwd_impl, _fake_lora_fwd)
@@ -624,7 +623,7 @@ def lora_fwd(x, weight, lora_a, lora_b, scaling, bias=None, dropout_p=0.0, seed=
         _check_tensor(op, "bias", bias, 1, dtype, device, (N,))
     _check_scaling(op, scaling)
     _check_dropout(op, dropout_p, seed)
-    return _fwd_op(x, weight, lora_a, lora_b, float(scaling), bias, float(dropout_p), int(seed))
+    return _call(_fwd_op, _lora_fwd_impl, x, weight, lora_a, lora_b, float(scaling), bias, float(dropout_p), int(seed))
 
 
 def lora_bwd_dy(dy, s, lora_b, scaling):
@@ -640,7 +639,7 @@ def lora_bwd_dy(dy, s, lora_b, scaling):
     _check_rank(op, "lora_b", r)
     _check_tensor(op, "s", s, 2, torch.float32, dy.device, (M, r))
     _check_scaling(op, scaling)
-    return _bwd_dy_op(dy, s, lora_b, float(scaling))
+    return _call(_bwd_dy_op, _lora_bwd_dy_impl, dy, s, lora_b, float(scaling))
 
 
 def lora_bwd_dx(dy, ds, weight, lora_a, dropout_p=0.0, seed=0):
@@ -657,7 +656,7 @@ def lora_bwd_dx(dy, ds, weight, lora_a, dropout_p=0.0, seed=0):
     _check_rank(op, "lora_a", r)
     _check_tensor(op, "ds", ds, 2, torch.float32, dy.device, (M, r))
     _check_dropout(op, dropout_p, seed)
-    return _bwd_dx_op(dy, ds, weight, lora_a, float(dropout_p), int(seed))
+    return _call(_bwd_dx_op, _lora_bwd_dx_impl, dy, ds, weight, lora_a, float(dropout_p), int(seed))
 
 
 def lora_bwd_da(ds, x, dropout_p=0.0, seed=0):
@@ -670,7 +669,7 @@ def lora_bwd_da(ds, x, dropout_p=0.0, seed=0):
     _check_tensor(op, "ds", ds, 2, torch.float32, x.device, (M, None))
     _check_rank(op, "ds", ds.shape[1])
     _check_dropout(op, dropout_p, seed)
-    return _bwd_da_op(ds, x, float(dropout_p), int(seed))
+    return _call(_bwd_da_op, _lora_bwd_da_impl, ds, x, float(dropout_p), int(seed))
 
 
 def dropout_mask(seed, M, K, p, device):
