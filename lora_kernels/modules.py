@@ -6,6 +6,7 @@ import contextlib
 import math
 import re
 import sys
+import threading
 import warnings
 
 import torch
@@ -211,6 +212,13 @@ class LoRALinear(nn.Module):
                 f", merged={self.merged}, backend={self.backend!r}")
 
 
+# One lock for every MultiLoRALinear (a per-module lock would make modules unpicklable): set_adapter/clear_adapter
+# and the launch of a forward exclude each other, so one layer's forward never sees half of a slot update. The
+# writes and the forward's kernels are then queued in that order on the current stream, so the guarantee holds on
+# GPUs too when both threads use the same stream (the default).
+_SLOT_LOCK = threading.RLock()
+
+
 class MultiLoRALinear(nn.Module):
     """A base nn.Linear (or transformers Conv1D) plus `max_adapters` preallocated LoRA slots of rank up to
     `max_rank`, for batches that mix adapters: forward(x, adapter_ids) with adapter_ids shaped like x.shape[:-1]
@@ -218,7 +226,11 @@ class MultiLoRALinear(nn.Module):
 
     lora_a [L, R, K], lora_b [L, N, R] are Parameters (frozen; requires_grad_(True) trains several adapters at once),
     scalings [L] and ranks [L] are buffers. A cleared slot has rank 0 and contributes nothing. No dropout: the slots
-    serve inference (and dropout-free multi-adapter training)."""
+    serve inference (and dropout-free multi-adapter training).
+
+    Thread safety: set_adapter / clear_adapter may run in another thread while forwards run; each forward of this
+    layer uses either the old or the new weights of a slot, never a mix (per layer: a model forward that runs while
+    a loop updates its layers one by one can see some layers updated and others not)."""
 
     def __init__(self, base_linear, max_adapters, max_rank, *, backend="auto"):
         super().__init__()
@@ -283,18 +295,20 @@ class MultiLoRALinear(nn.Module):
         padded_a[:rank] = lora_a.to(padded_a)
         padded_b = torch.zeros_like(self.lora_b[slot])
         padded_b[:, :rank] = lora_b.to(padded_b)
-        self.lora_a[slot].copy_(padded_a)
-        self.lora_b[slot].copy_(padded_b)
-        self.scalings[slot] = scaling
-        self.ranks[slot] = rank
+        with _SLOT_LOCK:
+            self.lora_a[slot].copy_(padded_a)
+            self.lora_b[slot].copy_(padded_b)
+            self.scalings[slot] = scaling
+            self.ranks[slot] = rank
 
     @torch.no_grad()
     def clear_adapter(self, slot):
         self._check_slot("MultiLoRALinear.clear_adapter", slot)
-        self.ranks[slot] = 0
-        self.scalings[slot] = 0.0
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
+        with _SLOT_LOCK:
+            self.ranks[slot] = 0
+            self.scalings[slot] = 0.0
+            self.lora_a[slot].zero_()
+            self.lora_b[slot].zero_()
 
     def forward(self, x, adapter_ids=None):
         """x: [..., K]; adapter_ids: integer tensor shaped like x.shape[:-1], or a LoRABatch built for x's tokens;
@@ -304,6 +318,12 @@ class MultiLoRALinear(nn.Module):
                 raise RuntimeError("MultiLoRALinear: forward(x) without adapter_ids needs the per-row adapters set "
                                    "first: `with lora_kernels.set_batch_adapters(model, adapter_names): model(...)`")
             adapter_ids = self.batch_adapters.batch_for(x, self.max_adapters)
+        if torch.compiler.is_compiling():  # a traced graph cannot hold a Python lock
+            return self._forward(x, adapter_ids)
+        with _SLOT_LOCK:
+            return self._forward(x, adapter_ids)
+
+    def _forward(self, x, adapter_ids):
         return multi_lora_linear(x, self.base_weight(), self.lora_a, self.lora_b, adapter_ids, self.scalings,
                                  self.base_layer.bias, ranks=self.ranks, backend=self.backend)
 

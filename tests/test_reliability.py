@@ -143,3 +143,41 @@ def test_fuzz_lora_batch_builder(ids, num_adapters, validate):
     assert ((batch.adapter_ids >= -1) & (batch.adapter_ids < num_adapters)).all()
     sorted_slots = batch.adapter_ids[batch.sorted_token_ids.long()]
     assert (sorted_slots[1:] >= sorted_slots[:-1]).all()
+
+
+def test_set_adapter_from_another_thread_never_mixes_weights_within_a_forward():
+    """One thread swaps slot 0 between two adapters of different ranks while the main thread runs forwards: every
+    output row equals the output of one adapter or the other, never a mix of old and new weights."""
+    import threading
+
+    torch.manual_seed(3)
+    base = torch.nn.Linear(32, 24)
+    layer = lk.MultiLoRALinear(base, max_adapters=2, max_rank=8, backend="torch")
+    adapters = [(torch.randn(8, 32), torch.randn(24, 8), 1.0), (torch.randn(3, 32), torch.randn(24, 3), -2.0)]
+    x = torch.randn(16, 32)
+    ids = torch.zeros(16, dtype=torch.int64)
+    with torch.no_grad():
+        expected = [base(x) + s * (x @ a.T) @ b.T for a, b, s in adapters]
+    layer.set_adapter(0, *adapters[0])
+    stop = threading.Event()
+
+    def swap():
+        i = 0
+        while not stop.is_set():
+            i ^= 1
+            layer.set_adapter(0, *adapters[i])
+
+    writer = threading.Thread(target=swap)
+    writer.start()
+    try:
+        seen = set()
+        with torch.no_grad():
+            for _ in range(150):
+                y = layer(x, ids)
+                match = [torch.allclose(y, e, rtol=1e-4, atol=1e-4) for e in expected]
+                assert any(match), "a forward mixed the weights of two adapters"
+                seen.add(match.index(True))
+    finally:
+        stop.set()
+        writer.join()
+    assert seen, "no forward ran"
