@@ -1,157 +1,48 @@
 // Argument checks of every lora_kernels op, written once and called first by both the CPU and the CUDA
 // implementations (shapes, dtypes, devices; never values on the device, which would need a host sync).
+//
+// Declarations only: the definitions live in ONE host-compiled translation unit, csrc/lora_checks.cpp. Do not
+// include this header from .cu files and do not make these functions inline: a copy compiled by nvcc that throws
+// (the linker may keep that copy) crashed the Python process instead of raising ValueError/TypeError. The CUDA ops
+// validate in csrc/cuda/register_cuda.cpp, then call the launchers of csrc/cuda/launchers.h.
 #pragma once
 
-#include <cmath>
-#include <optional>
+#include <ATen/core/Tensor.h>
 
-#include "checks.h"
+#include <cstdint>
+#include <optional>
 
 namespace lora_kernels {
 
 // x: [M, K], x_lora: [M, K] or None, weight: [N, K], lora_a: [r, K], lora_b: [N, r], bias: [N] or None.
-inline void check_lora_fwd(const at::Tensor& x, const std::optional<at::Tensor>& x_lora_opt,
-                           const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
-                           double scaling, const std::optional<at::Tensor>& bias_opt) {
-  constexpr const char* op = "lora_fwd";
-  LK_CHECK_DIM(op, x, 2);
-  LK_CHECK_FLOATING(op, x);
-  LK_CHECK_DIM(op, weight, 2);
-  LK_CHECK_DIM(op, lora_a, 2);
-  LK_CHECK_DIM(op, lora_b, 2);
-  LK_CHECK_SAME_DTYPE(op, weight, x);
-  LK_CHECK_SAME_DTYPE(op, lora_a, x);
-  LK_CHECK_SAME_DTYPE(op, lora_b, x);
-  LK_CHECK_SAME_DEVICE(op, weight, x);
-  LK_CHECK_SAME_DEVICE(op, lora_a, x);
-  LK_CHECK_SAME_DEVICE(op, lora_b, x);
-  const int64_t K = x.size(1), N = weight.size(0), r = lora_a.size(0);
-  LK_CHECK_SIZE(op, weight, 1, K, "in_features = x.shape[1]");
-  LK_CHECK_SIZE(op, lora_a, 1, K, "in_features = x.shape[1]");
-  LK_CHECK_VALUE(r >= 1, op, ": lora_a.shape[0] (the rank r) expected >= 1, got shape ", shape_str(lora_a));
-  LK_CHECK_SIZE(op, lora_b, 0, N, "out_features = weight.shape[0]");
-  LK_CHECK_SIZE(op, lora_b, 1, r, "rank = lora_a.shape[0]");
-  if (x_lora_opt.has_value()) {
-    const at::Tensor& x_lora = *x_lora_opt;
-    LK_CHECK_DIM(op, x_lora, 2);
-    LK_CHECK_SAME_DTYPE(op, x_lora, x);
-    LK_CHECK_SAME_DEVICE(op, x_lora, x);
-    LK_CHECK_SIZE(op, x_lora, 0, x.size(0), "tokens = x.shape[0]");
-    LK_CHECK_SIZE(op, x_lora, 1, K, "in_features = x.shape[1]");
-  }
-  if (bias_opt.has_value()) {
-    const at::Tensor& bias = *bias_opt;
-    LK_CHECK_DIM(op, bias, 1);
-    LK_CHECK_SAME_DTYPE(op, bias, x);
-    LK_CHECK_SAME_DEVICE(op, bias, x);
-    LK_CHECK_SIZE(op, bias, 0, N, "out_features = weight.shape[0]");
-  }
-  LK_CHECK_VALUE(std::isfinite(scaling), op, ": scaling expected a finite float, got ", scaling);
-}
+void check_lora_fwd(const at::Tensor& x, const std::optional<at::Tensor>& x_lora_opt, const at::Tensor& weight,
+                    const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling,
+                    const std::optional<at::Tensor>& bias_opt);
 
 // dy: [M, N], s: [M, r] float32, lora_b: [N, r].
-inline void check_lora_bwd_dy(const at::Tensor& dy, const at::Tensor& s, const at::Tensor& lora_b, double scaling) {
-  constexpr const char* op = "lora_bwd_dy";
-  LK_CHECK_DIM(op, dy, 2);
-  LK_CHECK_FLOATING(op, dy);
-  LK_CHECK_DIM(op, s, 2);
-  LK_CHECK_DTYPE(op, s, at::kFloat);
-  LK_CHECK_DIM(op, lora_b, 2);
-  LK_CHECK_SAME_DTYPE(op, lora_b, dy);
-  LK_CHECK_SAME_DEVICE(op, s, dy);
-  LK_CHECK_SAME_DEVICE(op, lora_b, dy);
-  LK_CHECK_SIZE(op, s, 0, dy.size(0), "tokens = dy.shape[0]");
-  LK_CHECK_SIZE(op, lora_b, 0, dy.size(1), "out_features = dy.shape[1]");
-  LK_CHECK_SIZE(op, lora_b, 1, s.size(1), "rank = s.shape[1]");
-  LK_CHECK_VALUE(std::isfinite(scaling), op, ": scaling expected a finite float, got ", scaling);
-}
+void check_lora_bwd_dy(const at::Tensor& dy, const at::Tensor& s, const at::Tensor& lora_b, double scaling);
 
 // The LoRABatch metadata of M tokens and L slots: sorted_token_ids [M], slot_starts [L], slot_counts [L], ranks [L],
 // all int32 on `ref`'s device.
-inline void check_sgmv_metadata(const char* op, const at::Tensor& ref, int64_t num_tokens, int64_t num_slots,
-                                const at::Tensor& sorted_token_ids, const at::Tensor& slot_starts,
-                                const at::Tensor& slot_counts, const at::Tensor& ranks) {
-  LK_CHECK_DIM(op, sorted_token_ids, 1);
-  LK_CHECK_DTYPE(op, sorted_token_ids, at::kInt);
-  LK_CHECK_SAME_DEVICE(op, sorted_token_ids, ref);
-  LK_CHECK_SIZE(op, sorted_token_ids, 0, num_tokens, "tokens");
-  LK_CHECK_DIM(op, slot_starts, 1);
-  LK_CHECK_DTYPE(op, slot_starts, at::kInt);
-  LK_CHECK_SAME_DEVICE(op, slot_starts, ref);
-  LK_CHECK_SIZE(op, slot_starts, 0, num_slots, "adapter slots");
-  LK_CHECK_DIM(op, slot_counts, 1);
-  LK_CHECK_DTYPE(op, slot_counts, at::kInt);
-  LK_CHECK_SAME_DEVICE(op, slot_counts, ref);
-  LK_CHECK_SIZE(op, slot_counts, 0, num_slots, "adapter slots");
-  LK_CHECK_DIM(op, ranks, 1);
-  LK_CHECK_DTYPE(op, ranks, at::kInt);
-  LK_CHECK_SAME_DEVICE(op, ranks, ref);
-  LK_CHECK_SIZE(op, ranks, 0, num_slots, "adapter slots");
-}
+void check_sgmv_metadata(const char* op, const at::Tensor& ref, int64_t num_tokens, int64_t num_slots,
+                         const at::Tensor& sorted_token_ids, const at::Tensor& slot_starts,
+                         const at::Tensor& slot_counts, const at::Tensor& ranks);
 
 // x: [M, K], lora_a: [L, R, K], metadata as above, scalings: [L] float32.
-inline void check_sgmv_shrink(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& sorted_token_ids,
-                              const at::Tensor& slot_starts, const at::Tensor& slot_counts,
-                              const at::Tensor& scalings, const at::Tensor& ranks) {
-  constexpr const char* op = "sgmv_shrink";
-  LK_CHECK_DIM(op, x, 2);
-  LK_CHECK_FLOATING(op, x);
-  LK_CHECK_DIM(op, lora_a, 3);
-  LK_CHECK_SAME_DTYPE(op, lora_a, x);
-  LK_CHECK_SAME_DEVICE(op, lora_a, x);
-  LK_CHECK_SIZE(op, lora_a, 2, x.size(1), "in_features = x.shape[1]");
-  const int64_t num_slots = lora_a.size(0);
-  check_sgmv_metadata(op, x, x.size(0), num_slots, sorted_token_ids, slot_starts, slot_counts, ranks);
-  LK_CHECK_DIM(op, scalings, 1);
-  LK_CHECK_DTYPE(op, scalings, at::kFloat);
-  LK_CHECK_SAME_DEVICE(op, scalings, x);
-  LK_CHECK_SIZE(op, scalings, 0, num_slots, "adapter slots = lora_a.shape[0]");
-}
+void check_sgmv_shrink(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& sorted_token_ids,
+                       const at::Tensor& slot_starts, const at::Tensor& slot_counts, const at::Tensor& scalings,
+                       const at::Tensor& ranks);
 
 // t: [M, R] float32, lora_b: [L, N, R], out: [M, N_total] with 0 <= slice_offset <= N_total - N.
-inline void check_sgmv_expand(const at::Tensor& t, const at::Tensor& lora_b, const at::Tensor& sorted_token_ids,
-                              const at::Tensor& slot_starts, const at::Tensor& slot_counts, const at::Tensor& ranks,
-                              const at::Tensor& out, int64_t slice_offset) {
-  constexpr const char* op = "sgmv_expand";
-  LK_CHECK_DIM(op, t, 2);
-  LK_CHECK_DTYPE(op, t, at::kFloat);
-  LK_CHECK_DIM(op, lora_b, 3);
-  LK_CHECK_FLOATING(op, lora_b);
-  LK_CHECK_SAME_DEVICE(op, lora_b, t);
-  LK_CHECK_SIZE(op, lora_b, 2, t.size(1), "max rank = t.shape[1]");
-  LK_CHECK_DIM(op, out, 2);
-  LK_CHECK_FLOATING(op, out);
-  LK_CHECK_SAME_DEVICE(op, out, t);
-  LK_CHECK_SIZE(op, out, 0, t.size(0), "tokens = t.shape[0]");
-  const int64_t width = lora_b.size(1);
-  LK_CHECK_VALUE(slice_offset >= 0 && slice_offset + width <= out.size(1), op,
-                 ": slice_offset expected in [0, out.shape[1] - lora_b.shape[1]] = [0, ", out.size(1) - width,
-                 "], got ", slice_offset, " (out shape ", shape_str(out), ", lora_b shape ", shape_str(lora_b), ")");
-  check_sgmv_metadata(op, t, t.size(0), lora_b.size(0), sorted_token_ids, slot_starts, slot_counts, ranks);
-}
+void check_sgmv_expand(const at::Tensor& t, const at::Tensor& lora_b, const at::Tensor& sorted_token_ids,
+                       const at::Tensor& slot_starts, const at::Tensor& slot_counts, const at::Tensor& ranks,
+                       const at::Tensor& out, int64_t slice_offset);
 
 // Value checks of the metadata, for CPU tensors only (on CUDA they would cost a host sync; the kernels clamp
 // instead, so bad values never read out of bounds). ranks in [0, R], every slot's token range inside [0, M),
 // token ids in [0, M).
-inline void check_sgmv_metadata_values_cpu(const char* op, int64_t num_tokens, int64_t max_rank,
-                                           const at::Tensor& sorted_token_ids, const at::Tensor& slot_starts,
-                                           const at::Tensor& slot_counts, const at::Tensor& ranks) {
-  const auto starts = slot_starts.accessor<int32_t, 1>();
-  const auto counts = slot_counts.accessor<int32_t, 1>();
-  const auto rank_values = ranks.accessor<int32_t, 1>();
-  for (int64_t i = 0; i < ranks.size(0); ++i) {
-    LK_CHECK_VALUE(rank_values[i] >= 0 && rank_values[i] <= max_rank, op, ": ranks expected values in [0, ",
-                   max_rank, "] (the max rank R), got ranks[", i, "] = ", rank_values[i]);
-    LK_CHECK_VALUE(starts[i] >= 0 && counts[i] >= 0 && int64_t(starts[i]) + counts[i] <= num_tokens, op,
-                   ": slot_starts/slot_counts expected token ranges inside [0, ", num_tokens, "), got slot ", i,
-                   " starting at ", starts[i], " with ", counts[i], " tokens");
-  }
-  if (sorted_token_ids.numel() > 0) {
-    const int64_t low = sorted_token_ids.min().item<int64_t>();
-    const int64_t high = sorted_token_ids.max().item<int64_t>();
-    LK_CHECK_VALUE(low >= 0 && high < num_tokens, op, ": sorted_token_ids expected values in [0, ", num_tokens,
-                   "), got ", (low < 0 ? low : high));
-  }
-}
+void check_sgmv_metadata_values_cpu(const char* op, int64_t num_tokens, int64_t max_rank,
+                                    const at::Tensor& sorted_token_ids, const at::Tensor& slot_starts,
+                                    const at::Tensor& slot_counts, const at::Tensor& ranks);
 
 }  // namespace lora_kernels

@@ -539,7 +539,9 @@ def test_cuda_matches_cpu_extension(cuda_device):
         batch = LoRABatch.from_adapter_ids(ids.to(dev), num_slots, validate=True)
         meta = (batch.sorted_token_ids, batch.slot_starts, batch.slot_counts)
         shrunk = ops.sgmv_shrink(x.to(dev), lora_a.to(dev), *meta, scalings.to(dev), ranks.to(dev))
-        y = out.to(dev)
+        # A copy on every device: out.to("cpu") returns out itself, so the CPU run's in-place add would otherwise
+        # leak into the input of the CUDA run (which then added the LoRA delta twice).
+        y = out.to(dev, copy=True)
         ops.sgmv_expand(shrunk, lora_b.to(dev), *meta, ranks.to(dev), y, 0)
         results[dev.type] = (shrunk.cpu(), y.cpu())
     assert_close(results["cuda"][0], results["cpu"][0], torch.float32, "shrink cuda vs cpu")

@@ -17,14 +17,13 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 
-#include "../lora_checks.h"
+#include "launchers.h"
 
 namespace lora_kernels {
 namespace {
@@ -324,7 +323,6 @@ std::tuple<at::Tensor, at::Tensor> lora_fwd_cuda(const at::Tensor& x, const std:
                                                  const at::Tensor& weight, const at::Tensor& lora_a,
                                                  const at::Tensor& lora_b, double scaling,
                                                  const std::optional<at::Tensor>& bias) {
-  check_lora_fwd(x, x_lora_opt, weight, lora_a, lora_b, scaling, bias);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_a.size(0);
   const at::Tensor x_lora = x_lora_opt.has_value() ? *x_lora_opt : x;
@@ -435,7 +433,6 @@ __global__ void __launch_bounds__(kBwdThreads)
 
 std::tuple<at::Tensor, at::Tensor> lora_bwd_dy_cuda(const at::Tensor& dy, const at::Tensor& s,
                                                     const at::Tensor& lora_b, double scaling) {
-  check_lora_bwd_dy(dy, s, lora_b, scaling);
   const c10::cuda::CUDAGuard guard(dy.device());
   const int64_t M = dy.size(0), N = dy.size(1), r = lora_b.size(1);
   const auto fp32 = dy.options().dtype(at::kFloat);
@@ -488,9 +485,20 @@ std::tuple<at::Tensor, at::Tensor> lora_bwd_dy_cuda(const at::Tensor& dy, const 
 }
 
 }  // namespace
-}  // namespace lora_kernels
 
-TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
-  m.impl("lora_fwd", &lora_kernels::lora_fwd_cuda);
-  m.impl("lora_bwd_dy", &lora_kernels::lora_bwd_dy_cuda);
+// Launchers (csrc/cuda/launchers.h): the arguments were validated by csrc/cuda/register_cuda.cpp, which also holds
+// the CUDA registrations; nothing here throws for user input.
+std::tuple<at::Tensor, at::Tensor> lora_fwd_cuda_launch(const at::Tensor& x,
+                                                        const std::optional<at::Tensor>& x_lora_opt,
+                                                        const at::Tensor& weight, const at::Tensor& lora_a,
+                                                        const at::Tensor& lora_b, double scaling,
+                                                        const std::optional<at::Tensor>& bias) {
+  return lora_fwd_cuda(x, x_lora_opt, weight, lora_a, lora_b, scaling, bias);
 }
+
+std::tuple<at::Tensor, at::Tensor> lora_bwd_dy_cuda_launch(const at::Tensor& dy, const at::Tensor& s,
+                                                           const at::Tensor& lora_b, double scaling) {
+  return lora_bwd_dy_cuda(dy, s, lora_b, scaling);
+}
+
+}  // namespace lora_kernels

@@ -9,6 +9,10 @@
 // graph. Metadata values are clamped (ranks to [0, R], slot ranges to [0, M), token ids outside [0, M) skipped)
 // rather than checked, so bad metadata never reads out of bounds; A/B are never read past ranks[i].
 //
+// Argument checks (and the CUDA grid limits) run before the launchers below are called, in the host-compiled
+// csrc/cuda/register_cuda.cpp, which also holds the registrations: nothing here throws for user input.
+//
+// Accumulation is fp32, or fp64 when any operand (x / lora_a, lora_b, out) is float64, like the CPU implementation.
 // Simple and correct: shared-memory tiles and fp32 FMAs, operand dtypes read at run time (one kernel for every
 // dtype combination instead of a template per pair: compile time). A tensor-core version would stage bf16/fp16
 // tiles with cp.async and use mma.sync (rank padded to 16), split K for the skinny shrink to fill the GPU, and
@@ -19,51 +23,54 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <torch/library.h>
 
 #include <cstdint>
 
-#include "../lora_checks.h"
+#include "launchers.h"
 
 namespace lora_kernels {
 namespace {
 
-constexpr int kTileTokens = 32;
+constexpr int kTileTokens = static_cast<int>(kSgmvTileTokens);
 constexpr int kTileCols = 32;
 constexpr int kTileK = 32;
 constexpr int kThreads = 256;  // 16 x 16 threads, each a 2 x 2 micro-tile of the 32 x 32 output tile
-constexpr int kMaxGridYZ = 65535;
 
 enum DtypeCode : int { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
 
+// The dtypes were validated by register_cuda.cpp (float32/float16/bfloat16/float64): no throwing default here.
 int dtype_code(const at::Tensor& t) {
   switch (t.scalar_type()) {
-    case at::kFloat: return kF32;
     case at::kHalf: return kF16;
     case at::kBFloat16: return kBF16;
     case at::kDouble: return kF64;
-    default: TORCH_CHECK_TYPE(false, "sgmv: unsupported dtype ", t.scalar_type());
-  }
-  return kF32;
-}
-
-__device__ __forceinline__ float load_as_float(const void* p, int64_t i, int dtype) {
-  switch (dtype) {
-    case kF16: return static_cast<float>(static_cast<const c10::Half*>(p)[i]);
-    case kBF16: return static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]);
-    case kF64: return static_cast<float>(static_cast<const double*>(p)[i]);
-    default: return static_cast<const float*>(p)[i];
+    default: return kF32;
   }
 }
 
-__device__ __forceinline__ void store_from_float(void* p, int64_t i, int dtype, float v) {
+// Loads and stores in the accumulation type Acc (float, or double when an operand is float64).
+template <typename Acc>
+__device__ __forceinline__ Acc load_as(const void* p, int64_t i, int dtype) {
   switch (dtype) {
-    case kF16: static_cast<c10::Half*>(p)[i] = c10::Half(v); break;
-    case kBF16: static_cast<c10::BFloat16*>(p)[i] = c10::BFloat16(v); break;
+    case kF16: return static_cast<Acc>(static_cast<float>(static_cast<const c10::Half*>(p)[i]));
+    case kBF16: return static_cast<Acc>(static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]));
+    case kF64: return static_cast<Acc>(static_cast<const double*>(p)[i]);
+    default: return static_cast<Acc>(static_cast<const float*>(p)[i]);
+  }
+}
+
+template <typename Acc>
+__device__ __forceinline__ void store_as(void* p, int64_t i, int dtype, Acc v) {
+  switch (dtype) {
+    case kF16: static_cast<c10::Half*>(p)[i] = c10::Half(static_cast<float>(v)); break;
+    case kBF16: static_cast<c10::BFloat16*>(p)[i] = c10::BFloat16(static_cast<float>(v)); break;
     case kF64: static_cast<double*>(p)[i] = static_cast<double>(v); break;
-    default: static_cast<float*>(p)[i] = v;
+    default: static_cast<float*>(p)[i] = static_cast<float>(v);
   }
 }
+
+__device__ __forceinline__ float mul_add(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double mul_add(double a, double b, double c) { return fma(a, b, c); }
 
 struct SgmvArgs {
   const void* x;  // shrink: x [M, K]; expand: t [M, R] fp32
@@ -85,7 +92,7 @@ struct SgmvArgs {
   int64_t cols_full;  // expand: N (shrink: the slot's rank)
 };
 
-template <bool kShrink>
+template <bool kShrink, typename Acc>
 __global__ void __launch_bounds__(kThreads) sgmv_kernel(const SgmvArgs args) {
   const int slot = blockIdx.z;
   int64_t start = args.slot_starts[slot], count = args.slot_counts[slot];
@@ -105,8 +112,8 @@ __global__ void __launch_bounds__(kThreads) sgmv_kernel(const SgmvArgs args) {
   }
 
   __shared__ int64_t tokens[kTileTokens];
-  __shared__ float x_tile[kTileTokens][kTileK + 1];  // +1: the column reads below hit distinct banks
-  __shared__ float w_tile[kTileCols][kTileK + 1];
+  __shared__ Acc x_tile[kTileTokens][kTileK + 1];  // +1: the column reads below hit distinct banks
+  __shared__ Acc w_tile[kTileCols][kTileK + 1];
   const int tid = threadIdx.x;
   if (tid < kTileTokens) {
     int64_t token = -1;
@@ -119,37 +126,37 @@ __global__ void __launch_bounds__(kThreads) sgmv_kernel(const SgmvArgs args) {
   __syncthreads();
 
   const int ty = tid / 16, tx = tid % 16;
-  float acc[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
+  Acc acc[2][2] = {{Acc(0), Acc(0)}, {Acc(0), Acc(0)}};
   const int64_t w_slot = int64_t(slot) * args.w_stride_slot;
   for (int64_t k0 = 0; k0 < kdim; k0 += kTileK) {
     for (int e = tid; e < kTileTokens * kTileK; e += kThreads) {
       const int row = e / kTileK, kk = e % kTileK;
       const int64_t token = tokens[row], k = k0 + kk;
       x_tile[row][kk] = (token >= 0 && k < kdim)
-                            ? load_as_float(args.x, token * args.x_stride_t + k * args.x_stride_k, args.x_dtype)
-                            : 0.f;
+                            ? load_as<Acc>(args.x, token * args.x_stride_t + k * args.x_stride_k, args.x_dtype)
+                            : Acc(0);
     }
     for (int e = tid; e < kTileCols * kTileK; e += kThreads) {
       const int c = e / kTileK, kk = e % kTileK;
       const int64_t col = c0 + c, k = k0 + kk;
       w_tile[c][kk] = (col < cols && k < kdim)
-                          ? load_as_float(args.w, w_slot + col * args.w_stride_c + k * args.w_stride_k, args.w_dtype)
-                          : 0.f;
+                          ? load_as<Acc>(args.w, w_slot + col * args.w_stride_c + k * args.w_stride_k, args.w_dtype)
+                          : Acc(0);
     }
     __syncthreads();
 #pragma unroll 8
     for (int kk = 0; kk < kTileK; ++kk) {
-      const float a0 = x_tile[ty][kk], a1 = x_tile[ty + 16][kk];
-      const float b0 = w_tile[tx][kk], b1 = w_tile[tx + 16][kk];
-      acc[0][0] = fmaf(a0, b0, acc[0][0]);
-      acc[0][1] = fmaf(a0, b1, acc[0][1]);
-      acc[1][0] = fmaf(a1, b0, acc[1][0]);
-      acc[1][1] = fmaf(a1, b1, acc[1][1]);
+      const Acc a0 = x_tile[ty][kk], a1 = x_tile[ty + 16][kk];
+      const Acc b0 = w_tile[tx][kk], b1 = w_tile[tx + 16][kk];
+      acc[0][0] = mul_add(a0, b0, acc[0][0]);
+      acc[0][1] = mul_add(a0, b1, acc[0][1]);
+      acc[1][0] = mul_add(a1, b0, acc[1][0]);
+      acc[1][1] = mul_add(a1, b1, acc[1][1]);
     }
     __syncthreads();
   }
 
-  const float scale = kShrink ? args.scalings[slot] : 1.f;
+  const Acc scale = kShrink ? static_cast<Acc>(args.scalings[slot]) : Acc(1);
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int64_t token = tokens[ty + 16 * i];
@@ -159,24 +166,17 @@ __global__ void __launch_bounds__(kThreads) sgmv_kernel(const SgmvArgs args) {
       if (token >= 0 && col < cols) {
         const int64_t idx = token * args.out_stride_t + (args.col_offset + col) * args.out_stride_c;
         if (kShrink) {
-          store_from_float(args.out, idx, args.out_dtype, scale * acc[i][j]);
+          store_as<Acc>(args.out, idx, args.out_dtype, scale * acc[i][j]);
         } else {
           // Tokens are distinct (sorted_token_ids is a permutation), so each element has one writer.
-          store_from_float(args.out, idx, args.out_dtype, load_as_float(args.out, idx, args.out_dtype) + acc[i][j]);
+          store_as<Acc>(args.out, idx, args.out_dtype, load_as<Acc>(args.out, idx, args.out_dtype) + acc[i][j]);
         }
       }
     }
   }
 }
 
-// The grid's y and z dimensions are limited to 65535 (token tiles and slots).
-void check_sgmv_grid(const char* op, const char* lora_arg, int64_t num_tokens, int64_t num_slots) {
-  LK_CHECK_VALUE((num_tokens + kTileTokens - 1) / kTileTokens <= kMaxGridYZ, op, ": the tokens (rows of x / t) ",
-                 "expected at most ", int64_t(kMaxGridYZ) * kTileTokens, " (CUDA grid limit), got ", num_tokens);
-  LK_CHECK_VALUE(num_slots <= kMaxGridYZ, op, ": ", lora_arg, ".shape[0] expected at most ", kMaxGridYZ,
-                 " adapter slots (CUDA grid limit), got ", num_slots);
-}
-
+// The grid's y and z dimensions (token tiles, slots) were checked against kSgmvMaxGridYZ by register_cuda.cpp.
 template <bool kShrink>
 void launch_sgmv(const SgmvArgs& args, int64_t num_slots, int64_t max_cols) {
   const int64_t token_tiles = (args.num_tokens + kTileTokens - 1) / kTileTokens;
@@ -185,15 +185,18 @@ void launch_sgmv(const SgmvArgs& args, int64_t num_slots, int64_t max_cols) {
     return;
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  sgmv_kernel<kShrink><<<dim3(col_tiles, token_tiles, num_slots), kThreads, 0, stream>>>(args);
+  const dim3 grid(col_tiles, token_tiles, num_slots);
+  if (args.x_dtype == kF64 || args.w_dtype == kF64 || args.out_dtype == kF64) {
+    sgmv_kernel<kShrink, double><<<grid, kThreads, 0, stream>>>(args);
+  } else {
+    sgmv_kernel<kShrink, float><<<grid, kThreads, 0, stream>>>(args);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor sgmv_shrink_cuda(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& sorted_token_ids,
                             const at::Tensor& slot_starts, const at::Tensor& slot_counts, const at::Tensor& scalings,
                             const at::Tensor& ranks) {
-  check_sgmv_shrink(x, lora_a, sorted_token_ids, slot_starts, slot_counts, scalings, ranks);
-  check_sgmv_grid("sgmv_shrink", "lora_a", x.size(0), lora_a.size(0));
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t num_tokens = x.size(0), max_rank = lora_a.size(1);
   at::Tensor out = at::zeros({num_tokens, max_rank}, x.options().dtype(at::kFloat));
@@ -232,8 +235,6 @@ at::Tensor sgmv_shrink_cuda(const at::Tensor& x, const at::Tensor& lora_a, const
 void sgmv_expand_cuda(const at::Tensor& t, const at::Tensor& lora_b, const at::Tensor& sorted_token_ids,
                       const at::Tensor& slot_starts, const at::Tensor& slot_counts, const at::Tensor& ranks,
                       const at::Tensor& out, int64_t slice_offset) {
-  check_sgmv_expand(t, lora_b, sorted_token_ids, slot_starts, slot_counts, ranks, out, slice_offset);
-  check_sgmv_grid("sgmv_expand", "lora_b", t.size(0), lora_b.size(0));
   const c10::cuda::CUDAGuard guard(t.device());
   const at::Tensor ids = sorted_token_ids.contiguous(), starts = slot_starts.contiguous();
   const at::Tensor counts = slot_counts.contiguous(), rank_values = ranks.contiguous();
@@ -265,9 +266,19 @@ void sgmv_expand_cuda(const at::Tensor& t, const at::Tensor& lora_b, const at::T
 }
 
 }  // namespace
-}  // namespace lora_kernels
 
-TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
-  m.impl("sgmv_shrink", &lora_kernels::sgmv_shrink_cuda);
-  m.impl("sgmv_expand", &lora_kernels::sgmv_expand_cuda);
+// Launchers (csrc/cuda/launchers.h): the arguments were validated by csrc/cuda/register_cuda.cpp, which also holds
+// the CUDA registrations; nothing here throws for user input.
+at::Tensor sgmv_shrink_cuda_launch(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& sorted_token_ids,
+                                   const at::Tensor& slot_starts, const at::Tensor& slot_counts,
+                                   const at::Tensor& scalings, const at::Tensor& ranks) {
+  return sgmv_shrink_cuda(x, lora_a, sorted_token_ids, slot_starts, slot_counts, scalings, ranks);
 }
+
+void sgmv_expand_cuda_launch(const at::Tensor& t, const at::Tensor& lora_b, const at::Tensor& sorted_token_ids,
+                             const at::Tensor& slot_starts, const at::Tensor& slot_counts, const at::Tensor& ranks,
+                             const at::Tensor& out, int64_t slice_offset) {
+  sgmv_expand_cuda(t, lora_b, sorted_token_ids, slot_starts, slot_counts, ranks, out, slice_offset);
+}
+
+}  // namespace lora_kernels
