@@ -181,3 +181,24 @@ def test_set_adapter_from_another_thread_never_mixes_weights_within_a_forward():
         stop.set()
         writer.join()
     assert seen, "no forward ran"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_offsets_past_2_to_the_31_elements(backend):
+    """x with M·K > 2³¹ elements: the rows at the end are computed right (64-bit offsets), single and grouped ops."""
+    if backends.unavailable_reason(backend, "cuda") is not None:
+        pytest.skip(backends.unavailable_reason(backend, "cuda"))
+    k, n, r = 4096, 64, 16
+    m = 2**31 // k + 3
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    weight, lora_a = torch.randn(n, k, device="cuda", dtype=torch.bfloat16), torch.randn(r, k, device="cuda", dtype=torch.bfloat16)
+    lora_b = torch.randn(n, r, device="cuda", dtype=torch.bfloat16)
+    y = lk.lora_linear(x, weight, lora_a, lora_b, 0.5, backend=backend)
+    tail = slice(m - 5, m)
+    expected = reference.lora_linear(x[tail], weight, lora_a, lora_b, 0.5)
+    assert rel_error(y[tail], expected) <= TOLERANCE[torch.bfloat16]
+    ids = torch.zeros(m, dtype=torch.int32, device="cuda")
+    batch = LoRABatch.from_adapter_ids(ids, 1)
+    shrunk = lk.ops.lora_shrink(x, lora_a[None], batch, [0.5], backend=backend)
+    assert rel_error(shrunk[tail], 0.5 * (x[tail].double() @ lora_a.double().T)) <= TOLERANCE[torch.bfloat16]

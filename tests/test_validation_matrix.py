@@ -1,0 +1,172 @@
+"""The validation matrix: every public entry point × each kind of wrong argument raises ValueError/TypeError whose
+message names the argument and the expected and actual values, before any work. Adding an op adds rows, not code."""
+
+import pytest
+import torch
+from torch import nn
+
+import lora_kernels as lk
+from lora_kernels.batch import LoRABatch
+
+M, K, N, R, L = 4, 8, 6, 2, 3
+
+
+def _single():
+    return {"x": torch.randn(M, K), "weight": torch.randn(N, K), "lora_a": torch.randn(R, K),
+            "lora_b": torch.randn(N, R), "scaling": 1.0, "bias": torch.randn(N), "dropout_p": 0.0, "backend": "torch"}
+
+
+def _grouped():
+    ids = torch.tensor([0, 2, -1, 1])
+    return {"x": torch.randn(M, K), "weight": torch.randn(N, K), "lora_a": torch.randn(L, R, K),
+            "lora_b": torch.randn(L, N, R), "adapter_ids": ids, "scalings": [1.0, 0.5, 2.0], "bias": torch.randn(N),
+            "ranks": [2, 1, 2], "batch": LoRABatch.from_adapter_ids(ids, L), "backend": "torch"}
+
+
+def call_lora_linear(a):
+    return lk.lora_linear(a["x"], a["weight"], a["lora_a"], a["lora_b"], a["scaling"], a["bias"],
+                          dropout_p=a["dropout_p"], backend=a["backend"])
+
+
+def call_multi_lora_linear(a):
+    return lk.multi_lora_linear(a["x"], a["weight"], a["lora_a"], a["lora_b"], a["adapter_ids"], a["scalings"],
+                                a["bias"], ranks=a["ranks"], backend=a["backend"])
+
+
+def call_shrink(a):
+    return lk.ops.lora_shrink(a["x"], a["lora_a"], a["batch"], a["scalings"], a["ranks"], backend=a["backend"])
+
+
+def call_expand(a):
+    out = a.get("out", torch.zeros(M, N + 2))
+    t = a.get("t", torch.zeros(M, R))
+    return lk.ops.lora_expand(t, a["lora_b"], a["batch"], out, a.get("slice_offset", 1), a["ranks"],
+                              backend=a["backend"])
+
+
+def call_add_lora(a):
+    y = a.get("y", torch.zeros(M, N + 3))
+    slices = a.get("output_slices", (N, 3))
+    lora_bs = a.get("lora_b_slices", [a["lora_b"], torch.randn(L, 3, R)])
+    return lk.ops.add_lora(y, a["x"], [a["lora_a"], a["lora_a"]], lora_bs, a["batch"], a["scalings"], a["ranks"],
+                           slices, backend=a["backend"])
+
+
+def call_batch(a):
+    return LoRABatch.from_adapter_ids(a["adapter_ids"], a.get("num_adapters", L))
+
+
+def call_lora_linear_module(a):
+    return lk.LoRALinear(a.get("in_features", K), a.get("out_features", N), r=a.get("r", R),
+                         lora_dropout=a.get("lora_dropout", 0.0), init_lora_weights=a.get("init", True))
+
+
+def call_set_adapter(a):
+    layer = lk.MultiLoRALinear(nn.Linear(K, N), max_adapters=L, max_rank=R)
+    return layer.set_adapter(a.get("slot", 0), a.get("a", torch.randn(R, K)), a.get("b", torch.randn(N, R)), 1.0)
+
+
+def call_multi_module(a):
+    return lk.MultiLoRALinear(a.get("base", nn.Linear(K, N)), max_adapters=a.get("max_adapters", L),
+                              max_rank=a.get("max_rank", R))
+
+
+def call_inject(a):
+    model = nn.Sequential(nn.Linear(K, N), nn.ReLU(), nn.Linear(N, K))
+    return lk.inject_lora(model, a.get("target_modules", ["0"]), r=a.get("r", R))
+
+
+# (entry point, argument, bad value from the good arguments, error, words the message must contain)
+MATRIX = [
+    # lora_linear: shape, dtype, device, rank, non-tensor, ranges
+    (call_lora_linear, _single, "x", lambda a: a["x"][:, :-1], ValueError, ["x expected last dimension 8", "(4, 7)"]),
+    (call_lora_linear, _single, "x", lambda a: a["x"].int(), TypeError, ["x expected a floating dtype", "int32"]),
+    (call_lora_linear, _single, "x", lambda a: a["x"].to("meta"), ValueError,
+     ["expected device meta (same as x), got cpu"]),
+    (call_lora_linear, _single, "lora_a", lambda a: a["lora_a"][:0], ValueError, ["lora_a", "r >= 1", "(0, 8)"]),
+    (call_lora_linear, _single, "lora_b", lambda a: a["lora_b"].T, ValueError, ["lora_b expected shape [6, 2]", "(2, 6)"]),
+    (call_lora_linear, _single, "weight", lambda a: a["weight"].half(), TypeError,
+     ["weight expected dtype torch.float32", "torch.float16"]),
+    (call_lora_linear, _single, "weight", lambda a: "W", TypeError, ["weight expected a torch.Tensor, got str"]),
+    (call_lora_linear, _single, "bias", lambda a: a["bias"][:3], ValueError, ["bias expected shape [6]", "(3,)"]),
+    (call_lora_linear, _single, "scaling", lambda a: "2", TypeError, ["scaling expected a real number, got str"]),
+    (call_lora_linear, _single, "dropout_p", lambda a: -0.1, ValueError, ["dropout_p expected a number in [0, 1)", "-0.1"]),
+    (call_lora_linear, _single, "backend", lambda a: "fast", ValueError, ["backend 'fast' is not available"]),
+    # multi_lora_linear
+    (call_multi_lora_linear, _grouped, "adapter_ids", lambda a: a["adapter_ids"][:3], ValueError,
+     ["adapter_ids expected shape (4,)", "(3,)"]),
+    (call_multi_lora_linear, _grouped, "adapter_ids", lambda a: torch.tensor([0, 3, 0, 0]), ValueError,
+     ["adapter_ids expected values in [-1, 3), got 3"]),
+    (call_multi_lora_linear, _grouped, "scalings", lambda a: [1.0], ValueError, ["scalings expected shape [3]", "(1,)"]),
+    (call_multi_lora_linear, _grouped, "ranks", lambda a: [2, 3, 1], ValueError, ["ranks expected values in [0, 2]", "got 3"]),
+    (call_multi_lora_linear, _grouped, "lora_b", lambda a: a["lora_b"][:, :5], ValueError,
+     ["lora_b expected shape [3, 6, 2]", "(3, 5, 2)"]),
+    (call_multi_lora_linear, _grouped, "lora_a", lambda a: a["lora_a"][0], ValueError, ["lora_a expected a 3-D tensor"]),
+    (call_multi_lora_linear, _grouped, "adapter_ids", lambda a: [0, 1, 2, -1], TypeError,
+     ["adapter_ids expected a torch.Tensor or LoRABatch, got list"]),
+    # serving-level ops
+    (call_shrink, _grouped, "x", lambda a: a["x"][:, :5], ValueError, ["x expected shape [M, 8]", "(4, 5)"]),
+    (call_shrink, _grouped, "batch", lambda a: LoRABatch.from_adapter_ids(torch.tensor([0, 1]), L), ValueError,
+     ["batch was built for 2 tokens, but x has 4 rows"]),
+    (call_shrink, _grouped, "batch", lambda a: LoRABatch.from_adapter_ids(a["adapter_ids"], 5), ValueError,
+     ["batch was built for 5 adapter slots", "3 (L)"]),
+    (call_shrink, _grouped, "batch", lambda a: a["adapter_ids"], TypeError, ["batch expected a LoRABatch, got Tensor"]),
+    (call_shrink, _grouped, "ranks", lambda a: torch.tensor([1.0, 2.0, 2.0]), TypeError,
+     ["ranks expected an integer dtype", "torch.float32"]),
+    (call_shrink, _grouped, "scalings", lambda a: torch.ones(3, dtype=torch.int64), TypeError,
+     ["scalings expected a floating dtype", "torch.int64"]),
+    (call_expand, _grouped, "slice_offset", lambda a: 3, ValueError, ["out expected at least 9 columns", "(4, 8)"]),
+    (call_expand, _grouped, "slice_offset", lambda a: -1, ValueError, ["slice_offset expected an int >= 0, got -1"]),
+    (call_expand, _grouped, "t", lambda a: torch.zeros(M, R + 1), ValueError, ["t expected shape [4, 2]", "(4, 3)"]),
+    (call_expand, _grouped, "out", lambda a: torch.zeros(M, N + 2, dtype=torch.float16), TypeError,
+     ["lora_b expected dtype torch.float16 (same as out), got torch.float32"]),
+    (call_add_lora, _grouped, "output_slices", lambda a: (N, 2), ValueError,
+     ["y expected 8 columns (sum of output_slices (6, 2))", "(4, 9)"]),
+    (call_add_lora, _grouped, "lora_b_slices", lambda a: [a["lora_b"]], ValueError,
+     ["expected the same non-zero length", "2, 1, 2"]),
+    (call_add_lora, _grouped, "lora_b_slices", lambda a: [a["lora_b"], torch.randn(L, 4, R)], ValueError,
+     ["lora_b_slices[1] expected shape [L, 3, R]", "(3, 4, 2)"]),
+    # metadata
+    (call_batch, _grouped, "adapter_ids", lambda a: torch.tensor([0, -2]), ValueError,
+     ["adapter_ids expected values in [-1, 3), got -2"]),
+    (call_batch, _grouped, "adapter_ids", lambda a: torch.tensor([0.0]), TypeError, ["adapter_ids expected an integer dtype"]),
+    (call_batch, _grouped, "num_adapters", lambda a: 0, ValueError, ["num_adapters expected an int >= 1, got 0"]),
+    (call_batch, _grouped, "adapter_ids", lambda a: [0, 1], TypeError, ["adapter_ids expected a torch.Tensor, got list"]),
+    # modules
+    (call_lora_linear_module, dict, "r", lambda a: 0, ValueError, ["r expected an int >= 1, got 0"]),
+    (call_lora_linear_module, dict, "in_features", lambda a: -3, ValueError, ["in_features expected an int >= 1, got -3"]),
+    (call_lora_linear_module, dict, "lora_dropout", lambda a: 1.5, ValueError, ["lora_dropout expected a number in [0, 1)"]),
+    (call_lora_linear_module, dict, "init", lambda a: "pissa", ValueError, ["init_lora_weights expected", "'pissa'"]),
+    (call_set_adapter, dict, "slot", lambda a: L, ValueError, ["slot expected an int in [0, 3), got 3"]),
+    (call_set_adapter, dict, "slot", lambda a: -1, ValueError, ["slot expected an int in [0, 3), got -1"]),
+    (call_set_adapter, dict, "a", lambda a: torch.randn(R + 1, K), ValueError, ["1 <= r <= 2", "(3, 8)"]),
+    (call_set_adapter, dict, "b", lambda a: torch.randn(N + 1, R), ValueError, ["lora_b expected shape [6, 2]", "(7, 2)"]),
+    (call_set_adapter, dict, "a", lambda a: [[1.0]], TypeError, ["lora_a expected a 2-D floating tensor, got list"]),
+    (call_multi_module, dict, "max_rank", lambda a: 0, ValueError, ["max_rank expected an int >= 1, got 0"]),
+    (call_multi_module, dict, "base", lambda a: nn.ReLU(), TypeError, ["base_linear expected an nn.Linear", "ReLU"]),
+    (call_inject, dict, "target_modules", lambda a: ["nope"], ValueError, ["matched no", "nope"]),
+    (call_inject, dict, "target_modules", lambda a: ["1"], TypeError, ["'1'", "ReLU"]),
+]
+
+
+@pytest.mark.parametrize("entry,make_args,arg,bad,error,words", MATRIX,
+                         ids=[f"{row[0].__name__[5:]}-{row[2]}-{i}" for i, row in enumerate(MATRIX)])
+def test_wrong_argument_is_a_specific_error(entry, make_args, arg, bad, error, words):
+    args = make_args()
+    args[arg] = bad(args)
+    with pytest.raises(error) as info:
+        entry(args)
+    message = str(info.value)
+    for word in words:
+        assert word in message, f"{word!r} not in the message: {message}"
+
+
+@pytest.mark.parametrize("entry,make_args", [(call_lora_linear, _single), (call_multi_lora_linear, _grouped),
+                                             (call_shrink, _grouped), (call_expand, _grouped),
+                                             (call_add_lora, _grouped), (call_batch, _grouped),
+                                             (call_lora_linear_module, dict), (call_set_adapter, dict),
+                                             (call_multi_module, dict), (call_inject, dict)],
+                         ids=lambda v: getattr(v, "__name__", "")[5:])
+def test_good_arguments_pass(entry, make_args):
+    """The rows above start from arguments that work: each failure is the mutation's doing."""
+    entry(make_args())
