@@ -202,3 +202,33 @@ def test_offsets_past_2_to_the_31_elements(backend):
     batch = LoRABatch.from_adapter_ids(ids, 1)
     shrunk = lk.ops.lora_shrink(x, lora_a[None], batch, [0.5], backend=backend)
     assert rel_error(shrunk[tail], 0.5 * (x[tail].double() @ lora_a.double().T)) <= TOLERANCE[torch.bfloat16]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_fuzz_adapter_file_loader(data, tmp_path_factory):
+    """Random truncations and byte changes of a valid adapter (weights and config): the load either succeeds or
+    raises a clear ValueError/TypeError naming the problem; the model is untouched on error, and nothing hangs."""
+    import json
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 4))
+    source = lk.inject_lora(torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 4)),
+                            ["0", "2"], r=2)
+    path = tmp_path_factory.mktemp("adapter")
+    lk.save_peft_adapter(source, path)
+    target = data.draw(st.sampled_from(["adapter_model.safetensors", "adapter_config.json"]))
+    raw = bytearray((path / target).read_bytes())
+    if data.draw(st.booleans()):
+        raw = raw[:data.draw(st.integers(0, len(raw) - 1))]
+    else:
+        for _ in range(data.draw(st.integers(1, 8))):
+            raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    (path / target).write_bytes(bytes(raw))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        lk.load_peft_adapter(model, path)
+    except (ValueError, TypeError) as exc:
+        assert str(exc), "an empty error message"
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+        assert set(model.state_dict()) == set(before), "a failed load changed the model's structure"
