@@ -6,6 +6,7 @@ a module that does not exist yet is skipped, one that exists and fails to import
 """
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 
@@ -26,7 +27,12 @@ def test_specs_compile_for_sm80_and_sm90(module, record_property):
     if not _module_exists(module):
         pytest.skip(f"lora_kernels.triton.{module} does not exist (yet)")
     records = aot.run_gate(module)
-    print(f"\n{module}: {len(records)} compilations\n" + aot.format_records(records))
+    report = f"{module}: {len(records)} compilations\n" + aot.format_records(records)
+    print("\n" + report)
+    # .ci/run prints these files, so every CI log shows what was compiled for which target.
+    build_dir = Path(__file__).resolve().parent.parent / "build"
+    build_dir.mkdir(exist_ok=True)
+    (build_dir / f"triton_aot_{module}.txt").write_text(report + "\n")
     record_property(f"{module}_compiled", [(r["name"], r["cc"], r.get("shared")) for r in records if r["ok"]])
     failures = [r for r in records if not r["ok"]]
     assert not failures, "\n".join(f"sm_{r['cc']} {r['name']}: {r['error']}" for r in failures)
