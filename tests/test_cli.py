@@ -130,7 +130,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "== build (dry run, not run)" in out and "--no-build-isolation" in out
-    assert "tests_gpu (dry run, not run)" in out
+    assert "== tests (dry run, not run)" in out and "cuda or gpu" in out
     for log in ("env.log", "info.log", "bench.log", "compare.log", "bench.json", "compare.json", "summary.txt"):
         assert (tmp_path / log).exists(), log
     # the short table comes last: the key numbers, then the stages
