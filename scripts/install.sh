@@ -29,6 +29,6 @@ if ! MAX_JOBS="${MAX_JOBS:-$(nproc)}" python -m pip install -v --no-build-isolat
   echo "lora_kernels: install failed (full log: build/install.log)" >&2
   exit 1
 fi
-grep -E "^lora_kernels: building" build/install.log || true
+grep -m1 -E "^ *lora_kernels: building" build/install.log | sed "s/^ *//" || true
 echo "lora_kernels: nvcc compile steps: $(grep -cE '(^|[ /])nvcc .*\.cu' build/install.log || true)"
 python -m lora_kernels info

@@ -232,3 +232,22 @@ def test_fuzz_adapter_file_loader(data, tmp_path_factory):
         assert str(exc), "an empty error message"
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
         assert set(model.state_dict()) == set(before), "a failed load changed the model's structure"
+
+
+@pytest.mark.skipif(backends.unavailable_reason("triton", "cpu") is not None, reason="Triton backend not available")
+def test_triton_launches_from_several_threads():
+    """Several threads launching the Triton kernels at once (first use of an autotune key included) all get the
+    right result: launches take turns on a lock, so the autotuner's cache is never raced."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(seed):
+        g = torch.Generator().manual_seed(seed)
+        m = 3 + seed  # distinct M: every thread brings a new autotune key
+        x, weight = torch.randn(m, 24, generator=g), torch.randn(16, 24, generator=g)
+        lora_a, lora_b = torch.randn(4, 24, generator=g), torch.randn(16, 4, generator=g)
+        y = lk.lora_linear(x, weight, lora_a, lora_b, 0.5, backend="triton")
+        return rel_error(y, reference.lora_linear(x, weight, lora_a, lora_b, 0.5))
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        errors = list(pool.map(run, range(8)))
+    assert max(errors) <= TOLERANCE[torch.float32], errors

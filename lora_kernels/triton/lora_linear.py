@@ -14,6 +14,7 @@ Dropout is never stored: element (m, k) of x is kept when tl.rand(seed, m * K + 
 import math
 
 import os
+import threading
 
 import torch
 import triton
@@ -586,9 +587,17 @@ def _register(name, impl, fake):
     return op
 
 
+# Launches from several threads take turns: triton.autotune keeps its per-key choice in a plain dict and times the
+# candidates on first use of a key, which two threads must not do at once. A launch holds it for microseconds.
+_LAUNCH_LOCK = threading.Lock()
+
+
 def _call(op, impl, *args):
     # Eager calls skip the dispatcher (tens of microseconds of host time per call); traced calls need the op.
-    return op(*args) if torch.compiler.is_compiling() else impl(*args)
+    if torch.compiler.is_compiling():
+        return op(*args)
+    with _LAUNCH_LOCK:
+        return impl(*args)
 
 
 _fwd_op = _register("triton_lora_fwd", _lora_fwd_impl, _fake_lora_fwd)
