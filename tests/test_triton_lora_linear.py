@@ -132,6 +132,51 @@ def test_d_lora_b_is_deterministic(dev):
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
+def test_split_count_heuristic(monkeypatch):
+    """The launchers' split of the backward reductions: SPLIT_PROGRAMS_PER_SM programs per SM, at most MAX_SPLIT,
+    never more than the blocks of the split dimension, at least 1; the interpreter uses INTERPRET_SPLIT."""
+    monkeypatch.setattr(tk, "SPLIT_OVERRIDE", None)
+    per_sm, cap = tk.SPLIT_PROGRAMS_PER_SM, tk.MAX_SPLIT
+    # M = 8192 (64 row blocks of 128) on an H100's 132 SMs: enough splits for per_sm programs per SM.
+    assert tk._split_count(64, 32, 132) == min(-(-per_sm * 132 // 64), cap)
+    assert tk._split_count(64, 32, 132) > 1
+    assert tk._split_count(1, 1000, 132) == cap
+    assert tk._split_count(64, 3, 132) == 3  # no more splits than blocks
+    assert tk._split_count(10_000, 32, 132) == 1  # a grid that fills the GPU alone is not split
+    assert tk._split_count(64, 32, None) == tk.INTERPRET_SPLIT
+    assert tk._split_count(64, 1, None) == 1
+    monkeypatch.setattr(tk, "SPLIT_OVERRIDE", 5)
+    assert tk._split_count(64, 32, 132) == 5 and tk._split_count(64, 4, None) == 4
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25], ids=["nodrop", "drop"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("split", [3, 4])
+def test_backward_split_paths(dev, dtype, split, dropout_p, monkeypatch, poisoned_empty):
+    """bwd_dy split over N and bwd_da split over M (forced through SPLIT_OVERRIDE), with uneven and empty last
+    splits (5 blocks into 3 or 4 chunks of 2 blocks; 3 blocks into 3) and two rank chunks: they match the
+    reference and are bitwise repeatable."""
+    monkeypatch.setattr(tk, "SPLIT_OVERRIDE", split)
+    seed = 77
+    # Sizes in blocks of the largest config block, which the launchers count the blocks in (5 and 4 or 2-3 blocks).
+    block_m, block_n = tk._DA_MAX_BLOCK_M, tk._DY_MAX_BLOCK_N
+    for M, K, N, r in [(5 * block_m - 3, 67, 5 * block_n - 2, 16), (2 * block_m + 1, 40, 4 * block_n, 70)]:
+        assert tk._bwd_dy_split(M, N, r, dev) > 1 and tk._bwd_da_split(M, K, r, dev) > 1
+        x, weight, lora_a, lora_b, _ = make_inputs(M, K, N, r, dtype, dev, bias=False)
+        dy = randn(M, N, dtype=dtype, device=dev)
+        mask = tk.dropout_mask(seed, M, K, dropout_p, dev)
+        ref = reference.lora_linear_backward(dy, x, weight, lora_a, lora_b, SCALING, dropout_mask=mask)
+        _, s = tk.lora_fwd(x, weight, lora_a, lora_b, SCALING, dropout_p=dropout_p, seed=seed)
+        d_lora_b, ds = tk.lora_bwd_dy(dy, s, lora_b, SCALING)
+        assert_close(d_lora_b, ref["lora_b"], torch.float32, "d_lora_b")
+        assert_close(ds, SCALING * dy.double() @ lora_b.double(), torch.float32, "ds")
+        d_lora_a = tk.lora_bwd_da(ds, x, dropout_p=dropout_p, seed=seed)
+        assert_close(d_lora_a, ref["lora_a"], torch.float32, "d_lora_a")
+        again = tk.lora_bwd_dy(dy, s, lora_b, SCALING)
+        assert torch.equal(again[0], d_lora_b) and torch.equal(again[1], ds)
+        assert torch.equal(tk.lora_bwd_da(ds, x, dropout_p=dropout_p, seed=seed), d_lora_a)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Dropout
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ Dropout is never stored: element (m, k) of x is kept when tl.rand(seed, m * K + 
 `dropout_mask`, for tests) regenerates the same decision from (seed, m * K + k).
 """
 
+import functools
 import math
-
 import os
 import threading
 
@@ -44,6 +44,25 @@ SMEM_BUDGET = 160 * 1024
 # [128, <=64] fp32 ds accumulator in registers.
 DY_BLOCK_M = 16 if INTERPRET else 128
 DROPOUT_BLOCK = 32  # tile of the dropout_mask utility kernel (a test helper; performance does not matter)
+# Split-K-style parallelism of the two backward reductions whose natural grids are small: _lora_bwd_dy_kernel has one
+# program per DY_BLOCK_M row block (64 at M = 8192) and _lora_bwd_da_kernel one per BLOCK_K column block (64 at
+# K = 4096), against 132 SMs on an H100. The launchers split the reduced dimension (N, resp. M) into chunks of whole
+# blocks, one program each, and sum the fp32 partials afterwards in a fixed order (deterministic, no atomics).
+# Programs per SM the split aims for: these kernels stream dy / x from memory, so several resident programs per SM
+# hide load latency and shorten the last wave. 4 (the top of a 2-4 range) gives 9 splits at M = 8192, K = N = 4096,
+# r = 16 on 132 SMs, 576 programs each; the extra traffic is the fp32 partials, written once and read once by the
+# sum: 9 x M x r x 4 B = 4.7 MB for ds (7% of dy's 67 MB) and 9 x r x K x 4 B = 2.4 MB for dA (3.5% of x's).
+# Chosen from these shapes, not measured on a GPU yet.
+SPLIT_PROGRAMS_PER_SM = 4
+# Upper bound on the split: each split adds a partial of ds (M x r fp32) or dA (r x K fp32) to write and sum, and
+# past 16 chunks the per-program share of the reduction (N or M / 16) gets short enough that the fixed per-program
+# work (loading s, storing the partial) stops being negligible.
+MAX_SPLIT = 16
+# Under the interpreter there is no SM count: a small fixed split, so every interpreted test runs the split path
+# whenever the reduced dimension has at least two blocks.
+INTERPRET_SPLIT = 2
+# Tests only: force this split (still capped by the number of blocks of the split dimension); None = the heuristic.
+SPLIT_OVERRIDE = None
 
 
 def _config(num_warps, num_stages, **blocks):
@@ -85,12 +104,19 @@ else:
         _config(8, 4, BLOCK_N=128),
         _config(4, 3, BLOCK_N=32),
     ]
-    # dA owns [r, BLOCK_K] tiles and loops over all of M: small K blocks give K / BLOCK_K programs to fill the GPU.
+    # dA owns [r, BLOCK_K] tiles and loops over its split of M (see SPLIT_PROGRAMS_PER_SM).
     DA_CONFIGS = [
         _config(4, 3, BLOCK_M=64, BLOCK_K=64),
         _config(4, 4, BLOCK_M=128, BLOCK_K=32),
         _config(8, 3, BLOCK_M=128, BLOCK_K=64),
     ]
+
+# Largest blocks of the split dimensions and of dA's column blocks over the autotune lists: the launchers size the
+# split before the autotuner picks a config, so they count blocks with the largest block of any config. Then the
+# split never exceeds the number of blocks under any config, and dA's program count is the smallest any config gives.
+_DY_MAX_BLOCK_N = max(cfg.kwargs["BLOCK_N"] for cfg in DY_CONFIGS)
+_DA_MAX_BLOCK_M = max(cfg.kwargs["BLOCK_M"] for cfg in DA_CONFIGS)
+_DA_MAX_BLOCK_K = max(cfg.kwargs["BLOCK_K"] for cfg in DA_CONFIGS)
 
 
 def _prune_by_smem(row_block, col_block, inner_block, element_ptr):
@@ -237,19 +263,26 @@ def _lora_fwd_kernel(
 
 @triton.jit
 def _lora_bwd_dy_kernel(
-    dy_ptr, s_ptr, b_ptr, ds_ptr, dbp_ptr,
-    M, N, R,
-    stride_dym, stride_dyn, stride_sm, stride_sr, stride_bn, stride_br, stride_dsm, stride_dsr,
-    stride_dbp_part, stride_dbp_n, stride_dbp_r,
+    dy_ptr, s_ptr, b_ptr, dsp_ptr, dbp_ptr,
+    M, N, R, split_n,
+    stride_dym, stride_dyn, stride_sm, stride_sr, stride_bn, stride_br,
+    stride_dsp_part, stride_dsp_m, stride_dsp_r, stride_dbp_part, stride_dbp_n, stride_dbp_r,
     scaling,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One read of dy for both products. Program (m-block, r-chunk) walks all of N:
-        ds[m-block, r-chunk]            = scaling · dy[m-block, :] · B[:, r-chunk]          (owned: stored once)
-        dB_partial[m-block, n, r-chunk] = scaling · dy[m-block, n]ᵀ · s[m-block, r-chunk]   (per-row-block partial)
-    The partials are summed over row blocks afterwards in a fixed order: deterministic, no atomics."""
+    """One read of dy for both products. Program (m-block, r-chunk, n-split) walks its split's share of N, whole
+    BLOCK_N blocks from n_start to n_end (the last splits may be short or empty):
+        ds_partial[n-split, m-block, r-chunk] = scaling · dy[m-block, n-split] · B[n-split, r-chunk]
+        dB_partial[m-block, n, r-chunk]       = scaling · dy[m-block, n]ᵀ · s[m-block, r-chunk]   (n in its split)
+    The splits partition N, so dy is still read once per rank chunk, and every partial element is written by
+    exactly one program (an empty split stores zeros). Both partials are summed afterwards in a fixed order:
+    deterministic, no atomics."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_r = tl.program_id(1).to(tl.int64)
+    pid_s = tl.program_id(2).to(tl.int64)
+    n_per_split = tl.cdiv(tl.cdiv(N, BLOCK_N), split_n) * BLOCK_N  # whole blocks: splits never share a block
+    n_start = pid_s * n_per_split
+    n_end = tl.minimum(n_start + n_per_split, N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_n = tl.arange(0, BLOCK_N)
@@ -259,10 +292,11 @@ def _lora_bwd_dy_kernel(
                 mask=mask_m[:, None] & mask_r[None, :], other=0.0)
     s = s * scaling
     ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    dy_ptrs = dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn
-    b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br
-    dbp_ptrs = dbp_ptr + pid_m * stride_dbp_part + offs_n[:, None] * stride_dbp_n + offs_r[None, :] * stride_dbp_r
-    for n0 in range(0, N, BLOCK_N):
+    dy_ptrs = dy_ptr + offs_m[:, None] * stride_dym + (n_start + offs_n)[None, :] * stride_dyn
+    b_ptrs = b_ptr + (n_start + offs_n)[:, None] * stride_bn + offs_r[None, :] * stride_br
+    dbp_ptrs = (dbp_ptr + pid_m * stride_dbp_part + (n_start + offs_n)[:, None] * stride_dbp_n
+                + offs_r[None, :] * stride_dbp_r)
+    for n0 in range(n_start, n_end, BLOCK_N):
         mask_n = offs_n < N - n0
         dy = tl.load(dy_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_r[None, :], other=0.0)
@@ -272,8 +306,8 @@ def _lora_bwd_dy_kernel(
         dy_ptrs += BLOCK_N * stride_dyn
         b_ptrs += BLOCK_N * stride_bn
         dbp_ptrs += BLOCK_N * stride_dbp_n
-    tl.store(ds_ptr + offs_m[:, None] * stride_dsm + offs_r[None, :] * stride_dsr, ds * scaling,
-             mask=mask_m[:, None] & mask_r[None, :])
+    dsp_ptrs = dsp_ptr + pid_s * stride_dsp_part + offs_m[:, None] * stride_dsp_m + offs_r[None, :] * stride_dsp_r
+    tl.store(dsp_ptrs, ds * scaling, mask=mask_m[:, None] & mask_r[None, :])
 
 
 @triton.jit
@@ -327,25 +361,32 @@ def _lora_bwd_dx_kernel(
 
 @triton.jit
 def _lora_bwd_da_kernel(
-    ds_ptr, x_ptr, da_ptr,
-    M, K, R,
-    stride_dsm, stride_dsr, stride_xm, stride_xk, stride_dam, stride_dak,
+    ds_ptr, x_ptr, dap_ptr,
+    M, K, R, split_m,
+    stride_dsm, stride_dsr, stride_xm, stride_xk, stride_dap_part, stride_dap_r, stride_dap_k,
     p, dropout_scale, seed,
     HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dA[R, K] (fp32) = dsᵀ · drop(x). Each program owns an [r-chunk, k-block] tile of dA and loops over all of
-    M: deterministic, no partials."""
+    """dA_partial[m-split, R, K] (fp32) = ds[m-split]ᵀ · drop(x[m-split]). Program (k-block, r-chunk, m-split) owns
+    an [r-chunk, k-block] tile of its split's partial and loops over its split's share of M, whole BLOCK_M blocks
+    from m_start to m_end (the last splits may be short or empty: an empty split stores zeros). The partials are
+    summed over the splits afterwards in a fixed order: deterministic, no atomics."""
     pid_k = tl.program_id(0).to(tl.int64)
     pid_r = tl.program_id(1).to(tl.int64)
+    pid_s = tl.program_id(2).to(tl.int64)
+    m_per_split = tl.cdiv(tl.cdiv(M, BLOCK_M), split_m) * BLOCK_M  # whole blocks: splits never share a block
+    m_start = pid_s * m_per_split
+    m_end = tl.minimum(m_start + m_per_split, M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
     mask_k = offs_k < K
     mask_r = offs_r < R
-    dst_ptrs = ds_ptr + offs_r[:, None] * stride_dsr + offs_m[None, :] * stride_dsm  # dsᵀ tile [BLOCK_R, BLOCK_M]
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    # dsᵀ tile [BLOCK_R, BLOCK_M]
+    dst_ptrs = ds_ptr + offs_r[:, None] * stride_dsr + (m_start + offs_m)[None, :] * stride_dsm
+    x_ptrs = x_ptr + (m_start + offs_m)[:, None] * stride_xm + offs_k[None, :] * stride_xk
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
+    for m0 in range(m_start, m_end, BLOCK_M):
         mask_m = offs_m < M - m0
         dst = tl.load(dst_ptrs, mask=mask_r[:, None] & mask_m[None, :], other=0.0)
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
@@ -356,8 +397,8 @@ def _lora_bwd_da_kernel(
         x_ptrs += BLOCK_M * stride_xm
     if HAS_DROPOUT:
         acc = acc * dropout_scale
-    tl.store(da_ptr + offs_r[:, None] * stride_dam + offs_k[None, :] * stride_dak, acc,
-             mask=mask_r[:, None] & mask_k[None, :])
+    dap_ptrs = dap_ptr + pid_s * stride_dap_part + offs_r[:, None] * stride_dap_r + offs_k[None, :] * stride_dap_k
+    tl.store(dap_ptrs, acc, mask=mask_r[:, None] & mask_k[None, :])
 
 
 @triton.jit
@@ -453,6 +494,40 @@ def _block_r(r):
     return min(max(MIN_DOT_DIM, triton.next_power_of_2(r)), MAX_BLOCK_R)
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _split_count(programs: int, blocks: int, sm_count: int | None) -> int:
+    """Chunks to split a reduction of `blocks` blocks into, for a grid of `programs` programs without the split:
+    enough for SPLIT_PROGRAMS_PER_SM programs per SM (sm_count None: the interpreter's INTERPRET_SPLIT), at most
+    MAX_SPLIT (SPLIT_OVERRIDE replaces both), and never more than `blocks`, at least 1."""
+    if SPLIT_OVERRIDE is not None:
+        split = SPLIT_OVERRIDE
+    elif sm_count is None:
+        split = INTERPRET_SPLIT
+    else:
+        split = min(triton.cdiv(SPLIT_PROGRAMS_PER_SM * sm_count, max(programs, 1)), MAX_SPLIT)
+    return max(1, min(split, blocks))
+
+
+def _device_sm_count(device: torch.device) -> int | None:
+    return None if INTERPRET else _sm_count(device)
+
+
+def _bwd_dy_split(M: int, N: int, r: int, device: torch.device) -> int:
+    """N-split of _lora_bwd_dy_kernel: its grid is (M / DY_BLOCK_M) x (rank chunks) without it."""
+    programs = triton.cdiv(M, DY_BLOCK_M) * triton.cdiv(r, _block_r(r))
+    return _split_count(programs, triton.cdiv(N, _DY_MAX_BLOCK_N), _device_sm_count(device))
+
+
+def _bwd_da_split(M: int, K: int, r: int, device: torch.device) -> int:
+    """M-split of _lora_bwd_da_kernel: its grid is (K / BLOCK_K) x (rank chunks) without it."""
+    programs = triton.cdiv(K, _DA_MAX_BLOCK_K) * triton.cdiv(r, _block_r(r))
+    return _split_count(programs, triton.cdiv(M, _DA_MAX_BLOCK_M), _device_sm_count(device))
+
+
 def _dropout_args(dropout_p):
     """(has_dropout, p, scale) as the kernels take them; p == 1 drops everything (scale 0, like torch)."""
     p = float(dropout_p)
@@ -503,22 +578,26 @@ def _lora_bwd_dy_impl(dy: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, s
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     M, N = dy.shape
     r = lora_b.shape[1]
-    ds = torch.empty((M, r), device=dy.device, dtype=torch.float32)
     if M == 0:
-        return torch.zeros((N, r), device=dy.device, dtype=torch.float32), ds
+        return (torch.zeros((N, r), device=dy.device, dtype=torch.float32),
+                torch.empty((M, r), device=dy.device, dtype=torch.float32))
     block_r = _block_r(r)
     num_parts = triton.cdiv(M, DY_BLOCK_M)
+    split = _bwd_dy_split(M, N, r, dy.device)
     partials = torch.empty((num_parts, N, r), device=dy.device, dtype=torch.float32)
-    _bwd_dy[(num_parts, triton.cdiv(r, block_r))](
-        dy, s, lora_b, ds, partials,
-        M, N, r,
+    ds_partials = torch.empty((split, M, r), device=dy.device, dtype=torch.float32)
+    _bwd_dy[(num_parts, triton.cdiv(r, block_r), split)](
+        dy, s, lora_b, ds_partials, partials,
+        M, N, r, split,
         dy.stride(0), dy.stride(1), s.stride(0), s.stride(1), lora_b.stride(0), lora_b.stride(1),
-        ds.stride(0), ds.stride(1), partials.stride(0), partials.stride(1), partials.stride(2),
+        ds_partials.stride(0), ds_partials.stride(1), ds_partials.stride(2),
+        partials.stride(0), partials.stride(1), partials.stride(2),
         float(scaling),
         BLOCK_R=block_r, BLOCK_M=DY_BLOCK_M,
     )
-    # Deterministic: a fixed-shape reduction over the row-block partials (no atomics).
+    # Deterministic: fixed-shape reductions over the row-block (dB) and N-split (ds) partials (no atomics).
     d_lora_b = partials[0] if num_parts == 1 else partials.sum(dim=0)
+    ds = ds_partials[0] if split == 1 else ds_partials.sum(dim=0)
     return d_lora_b, ds
 
 
@@ -547,16 +626,19 @@ def _lora_bwd_da_impl(ds: torch.Tensor, x: torch.Tensor, dropout_p: float, seed:
     has_dropout, p, scale = _dropout_args(dropout_p)
     if M == 0:
         return torch.zeros((r, K), device=x.device, dtype=torch.float32)
-    da = torch.empty((r, K), device=x.device, dtype=torch.float32)
     block_r = _block_r(r)
-    _bwd_da[lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(r, block_r))](
-        ds, x, da,
-        M, K, r,
-        ds.stride(0), ds.stride(1), x.stride(0), x.stride(1), da.stride(0), da.stride(1),
+    split = _bwd_da_split(M, K, r, x.device)
+    partials = torch.empty((split, r, K), device=x.device, dtype=torch.float32)
+    _bwd_da[lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(r, block_r), split)](
+        ds, x, partials,
+        M, K, r, split,
+        ds.stride(0), ds.stride(1), x.stride(0), x.stride(1),
+        partials.stride(0), partials.stride(1), partials.stride(2),
         p, scale, seed,
         HAS_DROPOUT=has_dropout, BLOCK_R=block_r,
     )
-    return da
+    # Deterministic: a fixed-shape reduction over the M-split partials (no atomics).
+    return partials[0] if split == 1 else partials.sum(dim=0)
 
 
 def _fake_lora_fwd(x, weight, lora_a, lora_b, scaling, bias, dropout_p, seed):
@@ -711,12 +793,14 @@ _INNER_STRIDES = {  # unit strides of contiguous operands: Triton specialises th
     # which turns on vectorised, pipelined loads, so that is the variant whose shared memory matters.
     "_lora_shrink_kernel": ("stride_xk", "stride_ak", "stride_sr"),
     "_lora_fwd_kernel": ("stride_xk", "stride_wk", "stride_sr", "stride_br", "stride_bias", "stride_yn"),
-    "_lora_bwd_dy_kernel": ("stride_dyn", "stride_sr", "stride_br", "stride_dsr", "stride_dbp_r"),
+    "_lora_bwd_dy_kernel": ("stride_dyn", "stride_sr", "stride_br", "stride_dsp_r", "stride_dbp_r"),
     "_lora_bwd_dx_kernel": ("stride_dyn", "stride_wk", "stride_dsr", "stride_ak", "stride_dxk"),
-    "_lora_bwd_da_kernel": ("stride_dsr", "stride_xk", "stride_dak"),
+    "_lora_bwd_da_kernel": ("stride_dsr", "stride_xk", "stride_dap_k"),
     "_dropout_mask_kernel": ("stride_ok",),
 }
-_FP32_POINTERS = {"s_ptr", "ds_ptr", "dbp_ptr", "da_ptr", "out_ptr"}
+_FP32_POINTERS = {"s_ptr", "ds_ptr", "dsp_ptr", "dbp_ptr", "dap_ptr", "out_ptr"}
+# Split counts (the launchers' N / M splits): small run-time ints, not sizes, so not marked 16-divisible.
+_SPLIT_ARGS = {"split_n", "split_m"}
 _FLOAT_SCALARS = {"scaling", "p", "dropout_scale"}
 
 
@@ -751,7 +835,7 @@ def _spec(fn, dtype, config, num_warps, num_stages, **flags):
         "num_stages": num_stages,
         # Sizes and strides as Triton specialises them for K = N = 4096, M = 8192, r = 16: divisible by 16, which
         # enables the vectorised async copies of the pipelined loops, the variant with the most shared memory.
-        "divisible_by_16": [name for name, kind in signature.items() if kind == "i32"],
+        "divisible_by_16": [name for name, kind in signature.items() if kind == "i32" and name not in _SPLIT_ARGS],
     }
 
 
