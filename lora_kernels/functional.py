@@ -10,11 +10,9 @@ import numbers
 
 import torch
 
-from lora_kernels import reference
+from lora_kernels import ops, reference
 from lora_kernels.backends import resolve_backend
 from lora_kernels.batch import LoRABatch
-
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 # ----------------------------------------------------------------------------------------------------------- checks
@@ -24,7 +22,7 @@ def _check_tensor(op, name, t, *, ndim=None, optional=False):
         return
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
+    if t.dtype not in ops.FLOAT_DTYPES:
         raise TypeError(f"{op}: {name} expected a floating dtype (float32/float16/bfloat16/float64), got {t.dtype}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{op}: {name} expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
@@ -192,7 +190,6 @@ class MultiLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, weight, bias, lora_a, lora_b, batch, scalings, ranks, backend):
-        from lora_kernels import ops
         y = torch.nn.functional.linear(x2, weight, bias)
         shrunk = ops.lora_shrink(x2, lora_a, batch, scalings, ranks, backend=backend)
         ops.lora_expand(shrunk, lora_b, batch, y, 0, ranks, backend=backend)
@@ -202,7 +199,6 @@ class MultiLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        from lora_kernels import ops
         x2, weight, lora_a, lora_b, shrunk, scalings, ranks = ctx.saved_tensors
         batch, backend = ctx.batch, ctx.backend
         need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
@@ -230,7 +226,6 @@ def multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias=Non
     x.shape[:-1], or a LoRABatch already built for these tokens (reuse one per step across layers); scalings: [L];
     bias: [N] or None. Differentiable in x, lora_a and lora_b (several adapters trained in one batch).
     """
-    from lora_kernels import ops
     op = "multi_lora_linear"
     for name, t, ndim in (("x", x, None), ("weight", weight, 2), ("lora_a", lora_a, 3), ("lora_b", lora_b, 3)):
         _check_tensor(op, name, t, ndim=ndim)
