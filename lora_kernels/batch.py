@@ -52,27 +52,30 @@ class LoRABatch:
         if validate is None:
             validate = ids.device.type == "cpu" and not torch.compiler.is_compiling()
         if validate and ids.numel() > 0:
-            low, high = int(ids.min()), int(ids.max())
+            low, high = (int(v) for v in torch.aminmax(ids))
             if low < -1 or high >= num_adapters:
                 bad = low if low < -1 else high
                 raise ValueError(f"LoRABatch.from_adapter_ids: adapter_ids expected values in [-1, {num_adapters}), "
                                  f"got {bad}")
         device = ids.device
-        ids = ids.to(torch.int64)
-        ids = torch.where((ids < -1) | (ids >= num_adapters), torch.full_like(ids, -1), ids)
-        sorted_token_ids = torch.sort(ids, stable=True).indices.to(torch.int32)
-        # Counts of slots -1 .. L-1 by scatter-add: bincount would size its output from the data (a host sync).
-        counts_with_base = torch.zeros(num_adapters + 1, dtype=torch.int64, device=device)
-        counts_with_base.scatter_add_(0, ids + 1, torch.ones_like(ids))
-        starts_with_base = torch.cumsum(counts_with_base, 0) - counts_with_base
-        slot_counts = counts_with_base[1:].to(torch.int32)
-        slot_starts = starts_with_base[1:].to(torch.int32)
-        slots = torch.arange(num_adapters, device=device, dtype=torch.int64)
-        key = torch.where(slot_counts > 0, slots, torch.full_like(slots, num_adapters))
-        active = torch.sort(key).values
-        active_slots = torch.where(active < num_adapters, active, torch.full_like(active, -1)).to(torch.int32)
-        num_active = (slot_counts > 0).sum().reshape(1).to(torch.int32)
-        return cls(ids.to(torch.int32), sorted_token_ids, slot_counts, slot_starts, active_slots, num_active,
+        # int32 throughout (what the kernels read), in few ops: each op is a kernel launch on a GPU. Narrow and
+        # unsigned dtypes are widened first, or comparing them with -1 would wrap.
+        if ids.dtype not in (torch.int32, torch.int64):
+            ids = ids.to(torch.int64)
+        ids = torch.where((ids >= -1) & (ids < num_adapters), ids, -1).to(torch.int32)
+        sorted_ids, order = torch.sort(ids, stable=True)
+        sorted_token_ids = order.to(torch.int32)
+        # Slot i's tokens are sorted_ids[starts[i] : starts[i + 1]]: binary search for 0..L in the sorted ids.
+        # (bincount would size its output from the data: a host sync.)
+        slots = torch.arange(num_adapters + 1, device=device, dtype=torch.int32)
+        bounds = torch.searchsorted(sorted_ids, slots, out_int32=True)
+        slot_starts = bounds[:-1]
+        slot_counts = bounds[1:] - slot_starts
+        has_tokens = slot_counts > 0
+        active = torch.sort(torch.where(has_tokens, slots[:-1], num_adapters)).values
+        active_slots = torch.where(active < num_adapters, active, -1)
+        num_active = has_tokens.sum(dtype=torch.int32).reshape(1)
+        return cls(ids, sorted_token_ids, slot_counts, slot_starts, active_slots, num_active,
                    int(ids.numel()), num_adapters)
 
     def check_tokens(self, num_tokens, op_name, arg_name="x"):

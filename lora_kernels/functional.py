@@ -35,8 +35,34 @@ def _check_same(op, name, t, ref_name, ref):
         raise ValueError(f"{op}: {name} expected device {ref.device} (same as {ref_name}), got {t.device}")
 
 
+def _lora_linear_args_ok(x, weight, lora_a, lora_b, bias, scaling, dropout_p):
+    """True only when every check of check_lora_linear_args passes, tested in few Python operations: the checks run
+    on every call of every layer, and the full version cost ~8 µs of host time per call. False means "look closer":
+    the full checks then run and name the problem."""
+    tensor = torch.Tensor
+    if not (isinstance(x, tensor) and isinstance(weight, tensor) and isinstance(lora_a, tensor)
+            and isinstance(lora_b, tensor)):
+        return False
+    dtype, device = x.dtype, x.device
+    if (dtype not in ops.FLOAT_DTYPES or weight.dtype != dtype or lora_a.dtype != dtype or lora_b.dtype != dtype
+            or weight.device != device or lora_a.device != device or lora_b.device != device
+            or x.dim() < 1 or weight.dim() != 2 or lora_a.dim() != 2 or lora_b.dim() != 2):
+        return False
+    out_features, in_features = weight.shape
+    rank = lora_a.shape[0]
+    if (rank < 1 or x.shape[-1] != in_features or lora_a.shape[1] != in_features or lora_b.shape[0] != out_features
+            or lora_b.shape[1] != rank):
+        return False
+    if bias is not None and not (isinstance(bias, tensor) and bias.dtype == dtype and bias.device == device
+                                 and bias.dim() == 1 and bias.shape[0] == out_features):
+        return False
+    return type(scaling) in (float, int) and type(dropout_p) in (float, int) and 0.0 <= dropout_p < 1.0
+
+
 def check_lora_linear_args(op, x, weight, lora_a, lora_b, bias, scaling, dropout_p):
     """Raises ValueError/TypeError naming the argument, the expected and the actual shape/dtype/device."""
+    if _lora_linear_args_ok(x, weight, lora_a, lora_b, bias, scaling, dropout_p):
+        return
     _check_tensor(op, "x", x)
     _check_tensor(op, "weight", weight, ndim=2)
     _check_tensor(op, "lora_a", lora_a, ndim=2)
@@ -93,23 +119,28 @@ def _triton_lora_linear():
     return triton_lora_linear
 
 
+def _lora_linear_forward(x2, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend):
+    """(y [M, N], S [M, r]) for one backend; S = drop(x2) @ lora_a.T, unscaled (what backward needs)."""
+    mask = None
+    if dropout_p > 0.0 and backend != "triton":
+        mask = torch_dropout_mask(seed, x2.shape, dropout_p, x2.device, x2.dtype)
+    if backend == "triton":
+        return _triton_lora_linear().lora_fwd(x2, weight, lora_a, lora_b, scaling, bias, dropout_p, seed)
+    if backend in ("cpu", "cuda"):
+        x_lora = None if mask is None else x2 * mask
+        return torch.ops.lora_kernels.lora_fwd(x2, x_lora, weight, lora_a, lora_b, float(scaling), bias)
+    # "torch": the unfused composition PEFT runs, in the input dtype
+    x_lora = x2 if mask is None else x2 * mask
+    s = x_lora @ lora_a.T
+    return torch.nn.functional.linear(x2, weight, bias) + scaling * (s @ lora_b.T), s
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """Autograd of the fused LoRA linear for one backend. x2 is [M, K]; returns y [M, N]."""
 
     @staticmethod
     def forward(ctx, x2, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend):
-        mask = None
-        if dropout_p > 0.0 and backend != "triton":
-            mask = torch_dropout_mask(seed, x2.shape, dropout_p, x2.device, x2.dtype)
-        if backend == "triton":
-            y, s = _triton_lora_linear().lora_fwd(x2, weight, lora_a, lora_b, scaling, bias, dropout_p, seed)
-        elif backend in ("cpu", "cuda"):
-            x_lora = None if mask is None else x2 * mask
-            y, s = torch.ops.lora_kernels.lora_fwd(x2, x_lora, weight, lora_a, lora_b, float(scaling), bias)
-        else:  # "torch": the unfused composition PEFT runs, in the input dtype
-            x_lora = x2 if mask is None else x2 * mask
-            s = x_lora @ lora_a.T
-            y = torch.nn.functional.linear(x2, weight, bias) + scaling * (s @ lora_b.T)
+        y, s = _lora_linear_forward(x2, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend)
         ctx.save_for_backward(x2, s, weight, lora_a, lora_b)
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend = scaling, dropout_p, seed, backend
         ctx.has_bias = bias is not None
@@ -142,7 +173,12 @@ class LoRALinearFunction(torch.autograd.Function):
                 d_lora_a = ds.T @ x_lora
             if need_x:
                 dx_lora = ds @ lora_a
-                dx = dy @ weight + (dx_lora if mask is None else dx_lora * mask)
+                if mask is not None:
+                    dx_lora.mul_(mask)
+                if backend == "torch":  # PEFT's composition: separate GEMM and add
+                    dx = dy @ weight + dx_lora
+                else:  # the base GEMM adds the LoRA term in its epilogue: one pass over dx [M, K] instead of three
+                    dx = torch.addmm(dx_lora, dy, weight)
         if need_w:  # full fine-tuning: the M·N·K GEMM the A/B-only path never forms
             d_weight = dy.T @ x2
         if need_bias and ctx.has_bias:
@@ -169,9 +205,14 @@ def lora_linear(x, weight, lora_a, lora_b, scaling=1.0, bias=None, *, dropout_p=
         if dropout_p > 0.0:
             mask = torch_dropout_mask(seed, (*lead_shape, in_features), dropout_p, x.device, x.dtype)
         return reference.lora_linear(x, weight, lora_a, lora_b, scaling, bias, mask).to(x.dtype)
-    x2 = x.reshape(-1, in_features)
-    y = LoRALinearFunction.apply(x2, weight, lora_a, lora_b, bias, float(scaling), float(dropout_p), seed, backend)
-    return y.reshape(*lead_shape, weight.shape[0])
+    x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
+    args = (x2, weight, lora_a, lora_b, bias, float(scaling), float(dropout_p), seed, backend)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_a.requires_grad
+                                    or lora_b.requires_grad or (bias is not None and bias.requires_grad)):
+        y = LoRALinearFunction.apply(*args)
+    else:  # nothing to differentiate (inference, no_grad): the autograd Function's bookkeeping costs ~13 µs a call
+        y = _lora_linear_forward(*args)[0]
+    return y if x.dim() == 2 else y.reshape(*lead_shape, weight.shape[0])
 
 
 # --------------------------------------------------------------------------------------------- grouped (multi-LoRA)
@@ -185,14 +226,20 @@ def _segment_outer_sum(ids, num_slots, left, right):
     return masked_left.transpose(1, 2) @ right  # [L, P, Q]
 
 
+def _multi_lora_forward(x2, weight, bias, lora_a, lora_b, batch, scalings, ranks, backend):
+    """(y, shrunk): the base GEMM, then the grouped shrink and expand added into its output."""
+    y = torch.nn.functional.linear(x2, weight, bias)
+    shrunk = ops.run_shrink(backend, x2, lora_a, batch, scalings, ranks)
+    ops.run_expand(backend, shrunk, lora_b, batch, ranks, y)
+    return y, shrunk
+
+
 class MultiLoRAFunction(torch.autograd.Function):
     """y = x2 @ W.T + bias + grouped LoRA; gradients for x2 and every slot's A and B (never W or the scalings)."""
 
     @staticmethod
     def forward(ctx, x2, weight, bias, lora_a, lora_b, batch, scalings, ranks, backend):
-        y = torch.nn.functional.linear(x2, weight, bias)
-        shrunk = ops.lora_shrink(x2, lora_a, batch, scalings, ranks, backend=backend)
-        ops.lora_expand(shrunk, lora_b, batch, y, 0, ranks, backend=backend)
+        y, shrunk = _multi_lora_forward(x2, weight, bias, lora_a, lora_b, batch, scalings, ranks, backend)
         ctx.save_for_backward(x2, weight, lora_a, lora_b, shrunk, scalings, ranks)
         ctx.batch, ctx.backend = batch, backend
         return y
@@ -207,10 +254,10 @@ class MultiLoRAFunction(torch.autograd.Function):
         ids = batch.adapter_ids
         if need_x or need_a:
             # u[t] = scalings[i] * B_i[:, :r]^T dy[t]: the shrink with B^T as the "A" of each slot.
-            u = ops.lora_shrink(dy, lora_b.transpose(1, 2), batch, scalings, ranks, backend=backend)
+            u = ops.run_shrink(backend, dy, lora_b.transpose(1, 2), batch, scalings, ranks)
             if need_x:
                 dx = dy @ weight
-                ops.lora_expand(u, lora_a.transpose(1, 2), batch, dx, 0, ranks, backend=backend)
+                ops.run_expand(backend, u, lora_a.transpose(1, 2), batch, ranks, dx)
             if need_a:
                 d_lora_a = _segment_outer_sum(ids, lora_a.shape[0], u, x2).to(lora_a.dtype)
         if need_b:
@@ -256,12 +303,18 @@ def multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias=Non
             raise ValueError(f"{op}: adapter_ids expected device {x.device} (same as x), got {adapter_ids.device}")
         batch = LoRABatch.from_adapter_ids(adapter_ids, num_slots)
     backend = resolve_backend(backend, x.device, op)
-    x2 = x.reshape(-1, in_features)
+    x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
     scalings, ranks = ops.check_shrink_args(op, x2, lora_a, batch, scalings, ranks)
+    if backend == "triton":
+        ops.check_triton_args(op, x.dtype, num_slots)
     if backend == "reference":
         y = reference.multi_lora_linear_autograd(x2.double(), weight.double(), lora_a.double(), lora_b.double(),
                                                  batch.adapter_ids, scalings, None if bias is None else bias.double(),
                                                  ranks.cpu())
         return y.to(x.dtype).reshape(*lead_shape, out_features)
-    y = MultiLoRAFunction.apply(x2, weight, bias, lora_a, lora_b, batch, scalings, ranks, backend)
-    return y.reshape(*lead_shape, out_features)
+    if torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad
+                                    or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        y = MultiLoRAFunction.apply(x2, weight, bias, lora_a, lora_b, batch, scalings, ranks, backend)
+    else:  # nothing to differentiate (serving): skip the autograd Function's bookkeeping
+        y = _multi_lora_forward(x2, weight, bias, lora_a, lora_b, batch, scalings, ranks, backend)[0]
+    return y if x.dim() == 2 else y.reshape(*lead_shape, out_features)

@@ -141,18 +141,22 @@ def _torch_expand(t, lora_b, batch, ranks, out, slice_offset):
 
 # ------------------------------------------------------------------------------------------------------ public ops
 
-def lora_shrink(x, lora_a, batch, scalings, ranks=None, *, backend="auto", deterministic=False, out=None):
-    """out[t, :ranks[i]] = scalings[i] * lora_a[i, :ranks[i]] @ x[t] for i = slot of t; zero elsewhere.
+def check_triton_args(op, dtype, num_slots):
+    """What the Triton kernels need beyond the checks above: a 16- or 32-bit float dtype, and L within a grid
+    dimension (the kernels' own launchers check the same, for direct callers)."""
+    sgmv = _triton_sgmv()
+    if dtype not in sgmv.SUPPORTED_DTYPES:
+        raise TypeError(f"{op}: the triton backend runs float32/float16/bfloat16, got {dtype} (use backend='cuda', "
+                        "'cpu' or 'torch' for float64)")
+    if num_slots > sgmv.MAX_GRID_YZ:
+        raise ValueError(f"{op}: the triton backend takes at most {sgmv.MAX_GRID_YZ} adapter slots, got L = {num_slots}")
 
-    x: [M, K]; lora_a: [L, R, K]; batch: LoRABatch over M tokens; scalings: [L]; ranks: [L] or None (all R).
-    Returns [M, R] float32 (into `out` when given, for allocation-free CUDA-graph replay; triton backend).
-    deterministic: no atomics (bit-identical repeats); only the triton backend uses atomics at all.
-    """
-    op = "lora_shrink"
-    scalings, ranks = check_shrink_args(op, x, lora_a, batch, scalings, ranks)
-    backend = resolve_backend(backend, x.device, op)
+
+def run_shrink(backend, x, lora_a, batch, scalings, ranks, deterministic=False, out=None):
+    """lora_shrink for arguments already checked (scalings and ranks as check_shrink_args returns them) and a
+    resolved backend: multi_lora_linear checks once and calls this for forward and backward."""
     if backend == "triton":
-        return _triton_sgmv().sgmv_shrink(x, lora_a, batch, scalings, ranks, deterministic=deterministic, out=out)
+        return _triton_sgmv().shrink(x, lora_a, batch, scalings, ranks, deterministic=deterministic, out=out)
     if backend in ("cpu", "cuda"):
         result = torch.ops.lora_kernels.sgmv_shrink(x, lora_a, batch.sorted_token_ids, batch.slot_starts,
                                                     batch.slot_counts, scalings, ranks)
@@ -166,16 +170,10 @@ def lora_shrink(x, lora_a, batch, scalings, ranks=None, *, backend="auto", deter
     return out.copy_(result)
 
 
-def lora_expand(t, lora_b, batch, out, slice_offset=0, ranks=None, *, backend="auto"):
-    """out[t, slice_offset : slice_offset + N] += lora_b[i, :, :ranks[i]] @ t[t, :ranks[i]] for i = slot of t, in place.
-
-    t: [M, R] (float32 from lora_shrink); lora_b: [L, N, R]; out: [M, N_total]; returns out.
-    """
-    op = "lora_expand"
-    ranks = check_expand_args(op, t, lora_b, batch, out, slice_offset, ranks)
-    backend = resolve_backend(backend, out.device, op)
+def run_expand(backend, t, lora_b, batch, ranks, out, slice_offset=0):
+    """lora_expand for arguments already checked and a resolved backend (see run_shrink)."""
     if backend == "triton":
-        _triton_sgmv().sgmv_expand(t, lora_b, batch, ranks, out, slice_offset)
+        _triton_sgmv().expand(t.float(), lora_b, batch, ranks, out, slice_offset)
     elif backend in ("cpu", "cuda"):
         torch.ops.lora_kernels.sgmv_expand(t, lora_b, batch.sorted_token_ids, batch.slot_starts, batch.slot_counts,
                                            ranks, out, slice_offset)
@@ -185,6 +183,40 @@ def lora_expand(t, lora_b, batch, out, slice_offset=0, ranks=None, *, backend="a
     else:
         _torch_expand(t, lora_b, batch, ranks, out, slice_offset)
     return out
+
+
+def lora_shrink(x, lora_a, batch, scalings, ranks=None, *, backend="auto", deterministic=False, out=None):
+    """out[t, :ranks[i]] = scalings[i] * lora_a[i, :ranks[i]] @ x[t] for i = slot of t; zero elsewhere.
+
+    x: [M, K]; lora_a: [L, R, K]; batch: LoRABatch over M tokens; scalings: [L]; ranks: [L] or None (all R).
+    Returns [M, R] float32 (into `out` when given, for allocation-free CUDA-graph replay; triton backend).
+    deterministic: no atomics (bit-identical repeats); only the triton backend uses atomics at all.
+    """
+    op = "lora_shrink"
+    scalings, ranks = check_shrink_args(op, x, lora_a, batch, scalings, ranks)
+    backend = resolve_backend(backend, x.device, op)
+    if backend == "triton":
+        check_triton_args(op, x.dtype, lora_a.shape[0])
+    if out is not None:
+        _check_float(op, "out", out, 2)
+        if out.dtype != torch.float32 or tuple(out.shape) != (x.shape[0], lora_a.shape[1]):
+            raise ValueError(f"{op}: out expected a float32 tensor of shape [{x.shape[0]}, {lora_a.shape[1]}] "
+                             f"([M, R]), got {out.dtype} {tuple(out.shape)}")
+        _check_device(op, "out", out, x.device)
+    return run_shrink(backend, x, lora_a, batch, scalings, ranks, deterministic, out)
+
+
+def lora_expand(t, lora_b, batch, out, slice_offset=0, ranks=None, *, backend="auto"):
+    """out[t, slice_offset : slice_offset + N] += lora_b[i, :, :ranks[i]] @ t[t, :ranks[i]] for i = slot of t, in place.
+
+    t: [M, R] (float32 from lora_shrink); lora_b: [L, N, R]; out: [M, N_total]; returns out.
+    """
+    op = "lora_expand"
+    ranks = check_expand_args(op, t, lora_b, batch, out, slice_offset, ranks)
+    backend = resolve_backend(backend, out.device, op)
+    if backend == "triton":
+        check_triton_args(op, out.dtype, lora_b.shape[0])
+    return run_expand(backend, t, lora_b, batch, ranks, out, slice_offset)
 
 
 def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_slices, *, backend="auto",

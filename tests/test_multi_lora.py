@@ -76,6 +76,17 @@ def test_lora_batch_metadata():
         LoRABatch.from_adapter_ids(torch.tensor([0.0]), 4)
     unchecked = LoRABatch.from_adapter_ids(torch.tensor([7, 1]), 4, validate=False)
     assert unchecked.adapter_ids.tolist() == [-1, 1]  # out of range is treated as base-only, never read
+    assert all(t.dtype == torch.int32 and t.is_contiguous() for t in (batch.slot_starts, batch.active_slots))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])
+def test_lora_batch_takes_every_integer_dtype(dtype):
+    ids = torch.tensor([2, 0, 3, 2] + ([-1] if dtype != torch.uint8 else []), dtype=dtype)
+    batch = LoRABatch.from_adapter_ids(ids, 4)
+    assert batch.adapter_ids.tolist() == ids.tolist()  # no wrap-around of unsigned or narrow ids
+    assert batch.slot_counts.tolist() == [1, 0, 2, 1]
+    unchecked = LoRABatch.from_adapter_ids(torch.tensor([9, 1], dtype=dtype), 4, validate=False)
+    assert unchecked.adapter_ids.tolist() == [-1, 1]
 
 
 @pytest.mark.parametrize("backend", GROUPED_BACKENDS)

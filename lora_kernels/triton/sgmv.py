@@ -561,12 +561,18 @@ def sgmv_shrink(x, lora_a, batch, scalings, ranks, *, deterministic=False, out=N
     _check_batch(op, batch, M, L, device, "x")
     _check_slots(op, scalings, ranks, L, R, device)
     _check_path(op, path)
-    expected = (*lead, M, R)
-    if out is None:
-        out = torch.empty(expected, dtype=torch.float32, device=device)
-    else:
+    if out is not None:
+        expected = (*lead, M, R)
         _check_tensor(op, "out", out, len(expected), (torch.float32,), device)
         _check_shape(op, "out", out, expected, "[S,] M, R")
+    return shrink(x, lora_a, batch, scalings, ranks, deterministic=deterministic, out=out, path=path)
+
+
+def shrink(x, lora_a, batch, scalings, ranks, *, deterministic=False, out=None, path="auto"):
+    """sgmv_shrink without the argument checks, for callers that have checked them (lora_kernels.ops: the checks
+    cost more host time than the launch)."""
+    if out is None:
+        out = torch.empty((*lora_a.shape[:-3], x.shape[0], lora_a.shape[-2]), dtype=torch.float32, device=x.device)
     run = torch.ops.lora_kernels_triton.sgmv_shrink if _through_op(x) else _launch_shrink
     run(x, lora_a, batch.adapter_ids, batch.sorted_token_ids, batch.slot_counts, batch.slot_starts, scalings, ranks,
         out, bool(deterministic), path)
@@ -597,6 +603,11 @@ def sgmv_expand(t, lora_b, batch, ranks, out, slice_offset=0, *, add_inputs=True
     _check_batch(op, batch, M, L, device, "t")
     _check_slots(op, None, ranks, L, R, device)
     _check_path(op, path)
+    return expand(t, lora_b, batch, ranks, out, slice_offset, add_inputs=add_inputs, path=path)
+
+
+def expand(t, lora_b, batch, ranks, out, slice_offset=0, *, add_inputs=True, path="auto"):
+    """sgmv_expand without the argument checks, for callers that have checked them (see shrink)."""
     run = torch.ops.lora_kernels_triton.sgmv_expand if _through_op(t) else _launch_expand
     run(t, lora_b, batch.adapter_ids, batch.sorted_token_ids, batch.slot_counts, batch.slot_starts, ranks, out,
         slice_offset, bool(add_inputs), path)
