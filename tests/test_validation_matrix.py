@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import lora_kernels as lk
+from lora_kernels import backends
 from lora_kernels.batch import LoRABatch
 
 M, K, N, R, L = 4, 8, 6, 2, 3
@@ -34,7 +35,8 @@ def call_multi_lora_linear(a):
 
 
 def call_shrink(a):
-    return lk.ops.lora_shrink(a["x"], a["lora_a"], a["batch"], a["scalings"], a["ranks"], backend=a["backend"])
+    return lk.ops.lora_shrink(a["x"], a["lora_a"], a["batch"], a["scalings"], a["ranks"], backend=a["backend"],
+                              out=a.get("out"))
 
 
 def call_expand(a):
@@ -115,6 +117,10 @@ MATRIX = [
      ["ranks expected an integer dtype", "torch.float32"]),
     (call_shrink, _grouped, "scalings", lambda a: torch.ones(3, dtype=torch.int64), TypeError,
      ["scalings expected a floating dtype", "torch.int64"]),
+    (call_shrink, _grouped, "out", lambda a: torch.zeros(M, R + 1), ValueError,
+     ["out expected a float32 tensor of shape [4, 2]", "(4, 3)"]),
+    (call_shrink, _grouped, "out", lambda a: torch.zeros(M, R, dtype=torch.float16), ValueError,
+     ["out expected a float32 tensor", "torch.float16"]),
     (call_expand, _grouped, "slice_offset", lambda a: 3, ValueError, ["out expected at least 9 columns", "(4, 8)"]),
     (call_expand, _grouped, "slice_offset", lambda a: -1, ValueError, ["slice_offset expected an int >= 0, got -1"]),
     (call_expand, _grouped, "t", lambda a: torch.zeros(M, R + 1), ValueError, ["t expected shape [4, 2]", "(4, 3)"]),
@@ -170,3 +176,17 @@ def test_wrong_argument_is_a_specific_error(entry, make_args, arg, bad, error, w
 def test_good_arguments_pass(entry, make_args):
     """The rows above start from arguments that work: each failure is the mutation's doing."""
     entry(make_args())
+
+
+@pytest.mark.parametrize("entry", [call_shrink, call_expand, call_multi_lora_linear], ids=lambda f: f.__name__[5:])
+def test_triton_backend_refuses_float64_before_any_launch(entry):
+    if backends.unavailable_reason("triton", "cpu") is not None:
+        pytest.skip("the Triton backend needs TRITON_INTERPRET=1 on CPU")
+    args = _grouped()
+    for name in ("x", "weight", "lora_a", "lora_b", "bias"):
+        args[name] = args[name].double()
+    if entry is call_expand:
+        args["out"] = torch.zeros(M, N + 2, dtype=torch.float64)
+    args["backend"] = "triton"
+    with pytest.raises(TypeError, match=r"the triton backend runs float32/float16/bfloat16, got torch.float64"):
+        entry(args)
