@@ -13,7 +13,11 @@ import sys
 
 # bench rows shown in the summary, one per kind: the design.md §8 shape where the sweep has it.
 SUMMARY_KINDS = ("fwd_decode", "fwd_prefill", "fwd_bwd_vs_gemms", "unfused_vs_ours", "lora_vs_full",
-                 "memory_vs_unfused", "grouped_distinct", "grouped_vs_loop", "decode_bandwidth")
+                 "memory_vs_unfused", "grouped_distinct", "grouped_vs_loop", "decode_bandwidth", "triton_split",
+                 "cuda_bwd_dy")
+# rows of `lora-kernels bench --sections sweep` (sweep.json of a gpu_check run)
+SWEEP_KINDS = ("sweep_vs_one", "grouped_vs_loop", "sweep_bandwidth", "mixed_vs_padded")
+HIGHER_IS_BETTER = ("unfused_vs_ours", "decode_bandwidth", "sweep_bandwidth")
 
 
 def _load(path):
@@ -64,19 +68,20 @@ def _fmt_seconds(seconds):
 
 # ---------------------------------------------------------------------------------------- gpu_check summary
 
-def summary_bench_rows(bench):
-    """One row per (kind, backend): the worst ratio of that kind against its target, with its shape."""
+def summary_bench_rows(bench, kinds=SUMMARY_KINDS):
+    """One row per (kind, backend): the worst ratio of that kind (against its target where it has one), with its
+    shape."""
     grouped = {}
     for row in bench["rows"]:
-        if row["kind"] in SUMMARY_KINDS:
+        if row["kind"] in kinds:
             grouped.setdefault((row["kind"], row["backend"]), []).append(row)
     table = []
-    for (kind, backend) in sorted(grouped, key=lambda key: (SUMMARY_KINDS.index(key[0]), key[1])):
+    for (kind, backend) in sorted(grouped, key=lambda key: (kinds.index(key[0]), key[1])):
         rows = grouped[(kind, backend)]
         measured = [r for r in rows if r["ratio"] is not None]
         if not measured:
             row = rows[0]
-        elif (rows[0]["target"] or "<=").startswith(">="):
+        elif kind in HIGHER_IS_BETTER:
             row = min(measured, key=lambda r: r["ratio"])
         else:
             row = max(measured, key=lambda r: r["ratio"])
@@ -133,6 +138,16 @@ def print_summary(outdir, out=sys.stdout):
                 out.write(f"ERROR {row['backend']} in '{row['section']}' ({row['shape']}): {row['note']}\n")
     else:
         out.write(f"bench: no {bench_path}\n")
+    sweep_path = os.path.join(outdir, "sweep.json")
+    if os.path.exists(sweep_path):
+        sweep = _load(sweep_path)
+        out.write(f"\ngrouped sweep ({len(sweep['rows'])} rows{'; PARTIAL' if sweep.get('partial') else ''}; "
+                  "worst case of each kind):\n")
+        _print_table(["what (worst case)", "backend", "shape", "ratio", "target", ""],
+                     summary_bench_rows(sweep, SWEEP_KINDS), out)
+        for row in sweep["rows"]:
+            if row["kind"] == "error":
+                out.write(f"ERROR {row['backend']} in '{row['section']}' ({row['shape']}): {row['note']}\n")
     if os.path.exists(compare_path):
         compare = _load(compare_path)
         cfg = compare["config"]

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import math
 import statistics
+import sys
 import time
 
 import torch
@@ -25,17 +26,34 @@ from lora_kernels.functional import lora_linear, multi_lora_linear
 PRESETS = {
     "cuda": {"dtype": "bfloat16", "hidden": 4096, "rank": 16, "ranks": (8, 16, 64),
              "ms": (1, 16, 256, 4096, 8192, 16384), "train_m": 8192, "prefill_tokens": 4096, "warmup": 10,
-             "reps": 30, "copy_mb": 1024},
+             "reps": 30, "copy_mb": 1024, "sweep_tokens": (1, 16, 64, 256, 1024, 4096, 8192),
+             "sweep_adapters": (1, 4, 16, 64)},
     "cuda_quick": {"dtype": "bfloat16", "hidden": 4096, "rank": 16, "ranks": (16,), "ms": (1, 256, 8192),
-                   "train_m": 8192, "prefill_tokens": 4096, "warmup": 5, "reps": 10, "copy_mb": 512},
+                   "train_m": 8192, "prefill_tokens": 4096, "warmup": 5, "reps": 10, "copy_mb": 512,
+                   "sweep_tokens": (16, 64, 4096), "sweep_adapters": (1, 16, 64)},
     "cpu": {"dtype": "float32", "hidden": 512, "rank": 16, "ranks": (8, 16, 64), "ms": (1, 16, 256, 1024),
-            "train_m": 1024, "prefill_tokens": 1024, "warmup": 5, "reps": 30, "copy_mb": 128},
+            "train_m": 1024, "prefill_tokens": 1024, "warmup": 5, "reps": 30, "copy_mb": 128,
+            "sweep_tokens": (1, 16, 64, 256, 1024), "sweep_adapters": (1, 4, 16, 64)},
     "cpu_quick": {"dtype": "float32", "hidden": 256, "rank": 16, "ranks": (16,), "ms": (1, 64, 256),
-                  "train_m": 256, "prefill_tokens": 256, "warmup": 1, "reps": 5, "copy_mb": 32},
+                  "train_m": 256, "prefill_tokens": 256, "warmup": 1, "reps": 5, "copy_mb": 32,
+                  "sweep_tokens": (16, 256), "sweep_adapters": (1, 16)},
 }
+# Sections of the sweep, in order. "sweep" (the grouped decode/prefill grid of the multi-adapter issue: token counts
+# x distinct adapters, and mixed ranks) is long and runs only when asked for.
+SECTIONS = ("host", "forward", "train", "grouped", "decode", "sweep")
+DEFAULT_SECTIONS = ("host", "forward", "train", "grouped", "decode")
+# On GPUs, calls at up to this many tokens are also timed as CUDA-graph replays: eager calls there measure the host
+# path (Python, dispatch, launches) as much as the kernels (BENCHMARKS.md: F.linear at M = 1 took 32-40 µs eager
+# on an H100, where reading W takes 11 µs), and serving stacks replay graphs at decode sizes.
+GRAPH_MAX_TOKENS = 256
+MIXED_RANKS = (8, 16, 32, 64)  # the mixed-rank rows cycle these over the slots (R = 64)
 PREFILL_ADAPTERS = 16  # design.md §8: grouped prefill with 16 distinct adapters
 LOOP_ADAPTERS = 64  # design.md §8: grouped op vs per-adapter loop, and the decode bandwidth case
 DECODE_TOKENS = 64
+# Host overhead rows: a shape so small that the kernels take a few µs, so the time per call is what the Python and
+# C++ host path costs (argument checks, dispatch, autograd, launches); against F.linear at the same shape.
+HOST_SHAPE = {"m": 1, "k": 64, "n": 64, "r": 8, "slots": 8}
+HOST_CALLS, HOST_REPEATS = 100, 5  # the best of HOST_REPEATS runs of HOST_CALLS calls (a shared CPU is noisy)
 DROPOUT = 0.1  # the dropout of the "unfused layer vs ours" row (PEFT's common lora_dropout)
 ROUNDS = 2  # the candidates of a row are timed alternately in this many rounds, so clock drift hits both alike
 # Rotating input sets: enough sets that their bytes exceed this many times the last-level cache.
@@ -68,6 +86,9 @@ class BenchConfig:
     warmup: int = None
     reps: int = None
     copy_mb: int = None
+    sections: tuple = None  # None: DEFAULT_SECTIONS; ("all",): SECTIONS
+    sweep_tokens: tuple = None
+    sweep_adapters: tuple = None
     threads: int = None
     seed: int = 0
     progress: bool = False
@@ -99,6 +120,15 @@ class BenchConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"bench: {name} expected an int >= 1, got {value!r}")
         cfg.ranks, cfg.ms = tuple(cfg.ranks), tuple(cfg.ms)
+        cfg.sweep_tokens, cfg.sweep_adapters = tuple(cfg.sweep_tokens), tuple(cfg.sweep_adapters)
+        sections = tuple(cfg.sections or DEFAULT_SECTIONS)
+        if sections == ("all",):
+            sections = SECTIONS
+        unknown = [name for name in sections if name not in SECTIONS]
+        if unknown or not sections:
+            raise ValueError(f"bench: --sections expected names from {', '.join(SECTIONS)} (or all), "
+                             f"got {','.join(sections) or 'none'}")
+        cfg.sections = tuple(name for name in SECTIONS if name in sections)
         return cfg
 
 
@@ -143,8 +173,43 @@ def _time_calls(fns, device, reps, warmup):
     return times
 
 
-def measure(candidates, device, reps, warmup):
-    """{name: median ms} for {name: [callables]}, timed alternately in ROUNDS rounds (warm-up before the first)."""
+def host_time_ms(fn, device, calls=HOST_CALLS):
+    """Wall time per call of `calls` back-to-back calls, the device synchronised only after the last, best of
+    HOST_REPEATS runs: the host cost of a call wherever the device keeps up (tiny shapes)."""
+    for _ in range(10):
+        fn()
+    best = math.inf
+    for _ in range(HOST_REPEATS):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        _sync(device)
+        best = min(best, 1e3 * (time.perf_counter() - t0) / calls)
+    return best
+
+
+def graphed(fn, device):
+    """A callable that replays a CUDA graph of fn(). fn runs three times first on a side stream, so autotuning,
+    lazy initialisation and workspace allocation happen before the capture (the pattern of torch.cuda.graphs'
+    documentation); the graph's outputs live in its own memory pool."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def measure(candidates, device, reps, warmup, graph=False):
+    """{name: median ms} for {name: [callables]}, timed alternately in ROUNDS rounds (warm-up before the first).
+    graph: on CUDA, time replays of a CUDA graph of each callable instead of eager calls (the kernels alone)."""
+    if graph and device.type == "cuda":
+        candidates = {name: [graphed(fn, device) for fn in fns] for name, fns in candidates.items()}
     times = {name: [] for name in candidates}
     per_round = max(1, math.ceil(reps / ROUNDS))
     for round_index in range(ROUNDS):
@@ -251,9 +316,17 @@ def _guard(rows, section, backend, shape, on_gpu):
              note=f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
 
 
+def _sweep_points(cfg):
+    """(tokens, distinct adapters) of the grouped sweep: every adapter count up to the token count."""
+    return [(tokens, adapters) for tokens in cfg.sweep_tokens for adapters in cfg.sweep_adapters if adapters <= tokens]
+
+
 def _count_units(cfg):
-    per_backend = len(cfg.ms) + 2 * len(cfg.ranks) + 6
-    return len(cfg.backends) * per_backend + 1
+    """Progress-bar steps of the sections asked for."""
+    per_backend = {"host": 1, "forward": len(cfg.ms), "train": 2 * len(cfg.ranks) + 3, "grouped": 3, "decode": 1,
+                   "sweep": len(_sweep_points(cfg)) + 2}
+    units = sum(per_backend[name] for name in cfg.sections) * len(cfg.backends)
+    return units + ("host" in cfg.sections) + ("decode" in cfg.sections or "sweep" in cfg.sections)
 
 
 def run_bench(config=None, progress_stream=None, on_update=None):
@@ -270,6 +343,20 @@ def run_bench(config=None, progress_stream=None, on_update=None):
         torch.set_num_threads(previous_threads)
 
 
+def triton_configs():
+    """{kernel: {autotune key: chosen config}} of the single-adapter Triton kernels run so far in this process
+    (empty when they were not imported): which tile the autotuner picked for each shape."""
+    module = sys.modules.get("lora_kernels.triton.lora_linear")
+    if module is None:
+        return {}
+    chosen = {}
+    for name in ("_shrink", "_fwd", "_bwd_dy", "_bwd_dx", "_bwd_da"):
+        cache = getattr(getattr(module, name, None), "cache", None) or {}
+        if cache:
+            chosen[name.lstrip("_")] = {str(key): str(config) for key, config in cache.items()}
+    return chosen
+
+
 def _assemble(cfg, device, rows, copy_gbs, started, partial):
     on_gpu = device.type == "cuda"
     return {
@@ -281,6 +368,8 @@ def _assemble(cfg, device, rows, copy_gbs, started, partial):
                     f"rotating input sets (> {CACHE_MULTIPLE}× the "
                   + ("L2 cache" if on_gpu else f"assumed {CPU_CACHE_BYTES >> 20} MB cache") + ")",
         "copy_bandwidth_gbs": copy_gbs,
+        "graph_max_tokens": GRAPH_MAX_TOKENS if on_gpu else None,
+        "triton_configs": triton_configs(),
         "rows": list(rows),
         "wall_s": time.perf_counter() - started,
         "partial": partial,
@@ -290,14 +379,11 @@ def _assemble(cfg, device, rows, copy_gbs, started, partial):
 def _run_bench(cfg, progress_stream, on_update):
     device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
     on_gpu = device.type == "cuda"
-    k = n = cfg.hidden
-    r = cfg.rank
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
     progress = ProgressBar(_count_units(cfg), enabled=cfg.progress, stream=progress_stream)
     rows = []
     timing = {"device": device, "reps": cfg.reps, "warmup": cfg.warmup}
-
     copy = {"gbs": None}
 
     def step(label):
@@ -305,24 +391,62 @@ def _run_bench(cfg, progress_stream, on_update):
         if on_update is not None:
             on_update(_assemble(cfg, device, rows, copy["gbs"], started, partial=True))
 
-    # 1. fused forward / base F.linear at every M.
+    args = (rows, cfg, device, dtype, timing, on_gpu, step)
+    if "host" in cfg.sections:
+        host_overhead_rows(rows, cfg, device, dtype, on_gpu, step)
+    if "forward" in cfg.sections:
+        forward_rows(*args)
+    if "train" in cfg.sections:
+        training_rows(*args)
+    if "grouped" in cfg.sections:
+        grouped_rows(*args)
+    if "decode" in cfg.sections or "sweep" in cfg.sections:
+        copy["gbs"] = copy_bandwidth(cfg.copy_mb * (1 << 20) // 4, timing)
+        step("copy bandwidth")
+    if "decode" in cfg.sections:
+        decode_rows(*args, copy["gbs"])
+    if "sweep" in cfg.sections:
+        sweep_rows(*args, copy["gbs"])
+    progress.close()
+    return _assemble(cfg, device, rows, copy["gbs"], started, partial=False)
+
+
+def forward_rows(rows, cfg, device, dtype, timing, on_gpu, step):
+    """Fused forward / base F.linear at every M. On GPUs, M <= GRAPH_MAX_TOKENS is timed as CUDA-graph replays
+    (the kernels: these rows carry the targets) and also eagerly (what a plain Python call costs)."""
+    k = n = cfg.hidden
+    r = cfg.rank
+    section = "forward / base F.linear"
     for m in cfg.ms:
         inputs = InputSets(device, dtype, m, k, n, r)
+        kind = "fwd_decode" if m <= 16 else "fwd_prefill" if m >= 256 else None
+        shape = f"M={m} K={k} N={n} r={r}"
         for backend in cfg.backends:
-            with _guard(rows, "forward / base F.linear", backend, f"M={m} K={k} N={n} r={r}", on_gpu), \
-                    torch.no_grad():
-                t = measure({"base": inputs.fns(lambda x, w, a, b: F.linear(x, w)),
-                             "ours": inputs.fns(lambda x, w, a, b, be=backend: lora_linear(x, w, a, b, 2.0,
-                                                                                            backend=be))}, **timing)
-                _row(rows, "forward / base F.linear",
-                     "fwd_decode" if m <= 16 else "fwd_prefill" if m >= 256 else None, backend,
-                     f"M={m} K={k} N={n} r={r}", "lora_linear forward", "F.linear(x, W)", t["ours"] / t["base"],
-                     t["ours"], t["base"], "ms", on_gpu)
+            candidates = {"base": inputs.fns(lambda x, w, a, b: F.linear(x, w)),
+                          "ours": inputs.fns(lambda x, w, a, b, be=backend: lora_linear(x, w, a, b, 2.0,
+                                                                                         backend=be))}
+            graph = on_gpu and m <= GRAPH_MAX_TOKENS
+            with _guard(rows, section, backend, shape, on_gpu), torch.no_grad():
+                t = measure(candidates, graph=graph, **timing)
+                _row(rows, section + (", CUDA-graph replay" if graph else ""), kind, backend, shape,
+                     "lora_linear forward", "F.linear(x, W)", t["ours"] / t["base"], t["ours"], t["base"], "ms",
+                     on_gpu)
+            if graph:
+                eager = section + ", eager calls (host path included)"
+                with _guard(rows, eager, backend, shape, on_gpu), torch.no_grad():
+                    t = measure(candidates, **timing)
+                    _row(rows, eager, "fwd_eager", backend, shape, "lora_linear forward", "F.linear(x, W)",
+                         t["ours"] / t["base"], t["ours"], t["base"], "ms", on_gpu)
             step(f"forward M={m} {backend}")
         del inputs
 
-    # 2. rank sweep at the training M: forward / base, and fwd+bwd / the two base GEMMs.
-    m = cfg.train_m
+
+def training_rows(rows, cfg, device, dtype, timing, on_gpu, step):
+    """At the training M: the rank sweep (forward / base, fwd+bwd / the two base GEMMs), then fwd+bwd against
+    PEFT's unfused layer with dropout and against full fine-tuning, activation and peak memory, and (Triton) the
+    backward's split reductions against no split."""
+    k = n = cfg.hidden
+    m, r = cfg.train_m, cfg.rank
     for rank in cfg.ranks:
         inputs = InputSets(device, dtype, m, k, n, rank, grad=True)
         for backend in cfg.backends:
@@ -347,10 +471,11 @@ def _run_bench(cfg, progress_stream, on_update):
                 t = measure({"gemms": inputs.fns(gemms), "ours": inputs.fns(ours)}, **timing)
                 _row(rows, section, "fwd_bwd_vs_gemms", backend, shape, "lora_linear fwd+bwd (dX, dA, dB)",
                      "x·Wᵀ + dY·W", t["ours"] / t["gemms"], t["ours"], t["gemms"], "ms", on_gpu)
+            if backend == "cuda":
+                cuda_bwd_dy_row(rows, inputs, shape, timing, on_gpu)
             step(f"rank {rank} fwd+bwd {backend}")
         del inputs
 
-    # 3. training rows at the training M and rank.
     inputs = InputSets(device, dtype, m, k, n, r, grad=True)
     shape = f"M={m} K={k} N={n} r={r}"
 
@@ -398,18 +523,92 @@ def _run_bench(cfg, progress_stream, on_update):
             _row(rows, section, "memory_vs_unfused", backend, shape, "lora_linear fwd+bwd", "PEFT's unfused fwd+bwd",
                  None if ours_peak is None else ours_peak / peft_peak, ours_peak, peft_peak, "bytes", on_gpu,
                  note=None if on_gpu else "n/a on CPU (no allocator statistics)")
+        if backend == "triton" and on_gpu:
+            section = "Triton backward: split reductions (default) / no split"
+            with _guard(rows, section, backend, shape, on_gpu):
+                t = measure({"unsplit": [_with_split(1, fn) for fn in inputs.fns(ours_plain)],
+                             "split": inputs.fns(ours_plain)}, **timing)
+                _row(rows, section, "triton_split", backend, shape, "fwd+bwd, dY-once and dA kernels split",
+                     "same with SPLIT_OVERRIDE = 1", t["split"] / t["unsplit"], t["split"], t["unsplit"], "ms",
+                     on_gpu)
+        step(f"memory {backend}")
     del inputs
 
-    # 4. grouped ops.
-    grouped_rows(rows, cfg, device, dtype, timing, on_gpu, step)
 
-    # 5. copy bandwidth, then decode bandwidth against it.
-    numel = cfg.copy_mb * (1 << 20) // 4
-    copy_gbs = copy["gbs"] = copy_bandwidth(numel, timing)
-    step("copy bandwidth")
-    decode_rows(rows, cfg, device, dtype, timing, on_gpu, copy_gbs, step)
-    progress.close()
-    return _assemble(cfg, device, rows, copy_gbs, started, partial=False)
+def cuda_bwd_dy_row(rows, inputs, shape, timing, on_gpu):
+    """The C++/CUDA dY-once kernel (dB and dS from one read of dY, fp32 FMA) against the two cuBLAS GEMMs it
+    replaces, which read dY twice: whether reading dY once pays for the kernel's CUDA-core arithmetic."""
+    section = "CUDA backward: dY-once kernel (lora_bwd_dy) / two cuBLAS GEMMs (dYᵀ·S, dY·B)"
+    with torch.no_grad():
+        saved = [(st["dy"], (st["x"] @ st["a"].detach().T).float(), st["b"].detach()) for st in inputs.sets]
+
+    def kernel(dy, s, b):
+        return torch.ops.lora_kernels.lora_bwd_dy(dy, s, b, 2.0)
+
+    def gemms(dy, s, b):
+        return 2.0 * (dy.T @ s.to(dy.dtype)), 2.0 * (dy @ b)
+    with _guard(rows, section, "cuda", shape, on_gpu), torch.no_grad():
+        t = measure({"gemms": [lambda args=args: gemms(*args) for args in saved],
+                     "kernel": [lambda args=args: kernel(*args) for args in saved]}, **timing)
+        _row(rows, section, "cuda_bwd_dy", "cuda", shape, "lora_kernels::lora_bwd_dy", "dYᵀ·S and dY·B (ATen)",
+             t["kernel"] / t["gemms"], t["kernel"], t["gemms"], "ms", on_gpu)
+
+
+def _with_split(split, fn):
+    """fn() with the Triton backward's split forced to `split` (lora_kernels.triton.lora_linear.SPLIT_OVERRIDE)."""
+    from lora_kernels.triton import lora_linear as triton_lora_linear
+
+    def run():
+        previous = triton_lora_linear.SPLIT_OVERRIDE
+        triton_lora_linear.SPLIT_OVERRIDE = split
+        try:
+            return fn()
+        finally:
+            triton_lora_linear.SPLIT_OVERRIDE = previous
+    return run
+
+
+def host_overhead_rows(rows, cfg, device, dtype, on_gpu, step):
+    """Host time per call at HOST_SHAPE against F.linear's: lora_linear forward (no grad) and fwd+bwd,
+    multi_lora_linear over a prebuilt LoRABatch, and building the LoRABatch itself."""
+    m, k, n, r, slots = (HOST_SHAPE[name] for name in ("m", "k", "n", "r", "slots"))
+    factory = {"device": device, "dtype": dtype}
+    x = torch.randn(m, k, **factory)
+    weight = torch.randn(n, k, **factory)
+    lora_a, lora_b = torch.randn(r, k, **factory), torch.randn(n, r, **factory)
+    x_grad, a_grad, b_grad = (t.clone().requires_grad_(True) for t in (x, lora_a, lora_b))
+    dy = torch.randn(m, n, **factory)
+    stacked_a, stacked_b, scalings = stacked_adapters(device, dtype, slots, k, n, r)
+    ids = torch.arange(m, device=device) % slots
+    batch = LoRABatch.from_adapter_ids(ids, slots)
+    shape = f"M={m} K={k} N={n} r={r}"
+
+    def add(backend, ours, baseline, ours_ms, base_ms, grouped=False):
+        section = f"host time per call at a tiny shape: {ours} / {baseline}"
+        _row(rows, section, "host_overhead", backend, shape + (f", {slots} slots" if grouped else ""), ours,
+             baseline, ours_ms / base_ms, ours_ms, base_ms, "ms", on_gpu,
+             note="wall time of back-to-back calls: the host path (checks, dispatch, autograd, launches)")
+
+    with torch.no_grad():
+        linear_ms = host_time_ms(lambda: F.linear(x, weight), device)
+    linear_grad_ms = host_time_ms(lambda: torch.autograd.grad(F.linear(x_grad, weight), (x_grad,), dy), device)
+    batch_ms = host_time_ms(lambda: LoRABatch.from_adapter_ids(ids, slots), device)
+    add("-", "LoRABatch.from_adapter_ids", "F.linear forward", batch_ms, linear_ms, grouped=True)
+    step("host overhead: LoRABatch")
+    for backend in cfg.backends:
+        with _guard(rows, "host time per call at a tiny shape", backend, shape, on_gpu):
+            with torch.no_grad():
+                ours = host_time_ms(lambda: lora_linear(x, weight, lora_a, lora_b, 2.0, backend=backend), device)
+            add(backend, "lora_linear forward, no grad", "F.linear forward", ours, linear_ms)
+            ours = host_time_ms(lambda: torch.autograd.grad(
+                lora_linear(x_grad, weight, a_grad, b_grad, 2.0, backend=backend), (x_grad, a_grad, b_grad), dy),
+                device)
+            add(backend, "lora_linear fwd+bwd (dX, dA, dB)", "F.linear fwd+bwd (dX)", ours, linear_grad_ms)
+            with torch.no_grad():
+                ours = host_time_ms(lambda: multi_lora_linear(x, weight, stacked_a, stacked_b, batch, scalings,
+                                                              backend=backend), device)
+            add(backend, "multi_lora_linear forward, no grad", "F.linear forward", ours, linear_ms, grouped=True)
+        step(f"host overhead {backend}")
 
 
 def copy_bandwidth(numel, timing):
@@ -432,72 +631,168 @@ def segment_ids(tokens, slots, device):
     return torch.arange(tokens, device=device) * slots // tokens
 
 
+class GroupedSets:
+    """Rotating sets of grouped-call operands (x [tokens, K], W [N, K], A [L, R, K], B [L, N, R], scalings [L]),
+    enough that their bytes exceed CACHE_MULTIPLE x the cache: at K = N = 4096, bf16, W alone (33.5 MB) fits in an
+    H100's 50 MB L2, so one set would time reads from the cache, not from memory."""
+
+    def __init__(self, device, dtype, tokens, k, n, r, slots):
+        element = torch.finfo(dtype).bits // 8
+        self.bytes_per_set = (tokens * (k + n) + n * k + slots * r * (k + n)) * element
+        self.sets = []
+        for _ in range(num_sets(device, self.bytes_per_set)):
+            lora_a, lora_b, scalings = stacked_adapters(device, dtype, slots, k, n, r)
+            self.sets.append({"x": torch.randn(tokens, k, device=device, dtype=dtype),
+                              "w": torch.randn(n, k, device=device, dtype=dtype) / math.sqrt(k),
+                              "a": lora_a, "b": lora_b, "scalings": scalings})
+
+    def grouped(self, batch, backend, ranks=None):
+        return [lambda s=s: multi_lora_linear(s["x"], s["w"], s["a"], s["b"], batch, s["scalings"], ranks=ranks,
+                                              backend=backend) for s in self.sets]
+
+    def loop(self, ids):
+        """PEFT's per-adapter loop over the same operands (index tensors built here, outside the timing)."""
+        indices = [torch.nonzero(ids == i).squeeze(1) for i in range(self.sets[0]["a"].shape[0])]
+        fns = []
+        for s in self.sets:
+            lora_as, lora_bs, scaling_list = list(s["a"].unbind(0)), list(s["b"].unbind(0)), s["scalings"].tolist()
+            fns.append(lambda s=s, lora_as=lora_as, lora_bs=lora_bs, scaling_list=scaling_list: per_adapter_loop(
+                s["x"], s["w"], lora_as, lora_bs, scaling_list, indices))
+        return fns
+
+
+def _graph_note(on_gpu):
+    return "CUDA-graph replays (kernels only, no host path)" if on_gpu else None
+
+
 def grouped_rows(rows, cfg, device, dtype, timing, on_gpu, step):
+    """design.md §8's grouped rows: prefill over PREFILL_ADAPTERS distinct adapters / one adapter, and the grouped
+    op / the per-adapter loop at LOOP_ADAPTERS adapters (decode and prefill size); CUDA-graph replays on GPUs."""
     k = n = cfg.hidden
     r = cfg.rank
-    weight = torch.randn(n, k, device=device, dtype=dtype) / math.sqrt(k)
     tokens = cfg.prefill_tokens
-    x = torch.randn(tokens, k, device=device, dtype=dtype)
-    lora_a, lora_b, scalings = stacked_adapters(device, dtype, PREFILL_ADAPTERS, k, n, r)
+    inputs = GroupedSets(device, dtype, tokens, k, n, r, PREFILL_ADAPTERS)
     distinct = LoRABatch.from_adapter_ids(segment_ids(tokens, PREFILL_ADAPTERS, device), PREFILL_ADAPTERS)
     one = LoRABatch.from_adapter_ids(torch.zeros(tokens, dtype=torch.int64, device=device), PREFILL_ADAPTERS)
     section = f"grouped prefill: {PREFILL_ADAPTERS} distinct adapters / one adapter"
     shape = f"{tokens} tokens K={k} N={n} r={r}"
     for backend in cfg.backends:
         with _guard(rows, section, backend, shape, on_gpu), torch.no_grad():
-            t = measure({
-                "one": [lambda be=backend: multi_lora_linear(x, weight, lora_a, lora_b, one, scalings, backend=be)],
-                "distinct": [lambda be=backend: multi_lora_linear(x, weight, lora_a, lora_b, distinct, scalings,
-                                                                  backend=be)]}, **timing)
+            t = measure({"one": inputs.grouped(one, backend), "distinct": inputs.grouped(distinct, backend)},
+                        graph=True, **timing)
             _row(rows, section, "grouped_distinct", backend, shape, "multi_lora_linear forward",
-                 "same, every token on one adapter", t["distinct"] / t["one"], t["distinct"], t["one"], "ms", on_gpu)
+                 "same, every token on one adapter", t["distinct"] / t["one"], t["distinct"], t["one"], "ms", on_gpu,
+                 note=_graph_note(on_gpu))
         step(f"grouped prefill {backend}")
+    del inputs
 
-    lora_a, lora_b, scalings = stacked_adapters(device, dtype, LOOP_ADAPTERS, k, n, r)
-    lora_as, lora_bs = list(lora_a.unbind(0)), list(lora_b.unbind(0))
-    scaling_list = scalings.tolist()
+    section = f"grouped op / per-adapter loop (PEFT's mixed batch), {LOOP_ADAPTERS} adapters"
     for tokens in (DECODE_TOKENS, cfg.prefill_tokens):
-        x = torch.randn(tokens, k, device=device, dtype=dtype)
+        inputs = GroupedSets(device, dtype, tokens, k, n, r, LOOP_ADAPTERS)
         ids = segment_ids(tokens, LOOP_ADAPTERS, device)
         batch = LoRABatch.from_adapter_ids(ids, LOOP_ADAPTERS)
-        indices = [torch.nonzero(ids == i).squeeze(1) for i in range(LOOP_ADAPTERS)]
-        section = f"grouped op / per-adapter loop (PEFT's mixed batch), {LOOP_ADAPTERS} adapters"
+        loop = inputs.loop(ids)
         shape = f"{tokens} tokens K={k} N={n} r={r}"
         for backend in cfg.backends:
             with _guard(rows, section, backend, shape, on_gpu), torch.no_grad():
-                t = measure({
-                    "loop": [lambda x=x, indices=indices: per_adapter_loop(x, weight, lora_as, lora_bs, scaling_list,
-                                                                           indices)],
-                    "grouped": [lambda x=x, batch=batch, be=backend: multi_lora_linear(
-                        x, weight, lora_a, lora_b, batch, scalings, backend=be)]}, **timing)
+                t = measure({"loop": loop, "grouped": inputs.grouped(batch, backend)}, graph=True, **timing)
                 _row(rows, section, "grouped_vs_loop", backend, shape, "multi_lora_linear forward",
                      "F.linear + Python loop of index_select / index_add_", t["grouped"] / t["loop"], t["grouped"],
-                     t["loop"], "ms", on_gpu)
+                     t["loop"], "ms", on_gpu, note=_graph_note(on_gpu))
             step(f"grouped vs loop {tokens} {backend}")
+        del inputs
 
 
-def decode_rows(rows, cfg, device, dtype, timing, on_gpu, copy_gbs, step):
-    """Decode: DECODE_TOKENS tokens, each on its own adapter. Bandwidth on all bytes moved: the base weight, every
-    adapter's A and B, x read and y written, over the measured time, against the measured copy bandwidth."""
+def _moved_bytes(tokens, k, n, r, adapters, dtype):
+    """What a grouped forward must move at least: W, each used adapter's A and B, x read and y written."""
+    return (n * k + adapters * r * (k + n) + tokens * (k + n)) * torch.finfo(dtype).bits // 8
+
+
+def decode_rows(rows, cfg, device, dtype, timing, on_gpu, step, copy_gbs):
+    """Decode: DECODE_TOKENS tokens, each on its own adapter. Bandwidth on all bytes moved (the base weight, every
+    adapter's A and B, x read and y written) over the measured time, against the measured copy bandwidth; the row
+    with the target times CUDA-graph replays on GPUs, a second row eager calls."""
     k = n = cfg.hidden
     r = cfg.rank
-    element = torch.finfo(dtype).bits // 8
-    weight = torch.randn(n, k, device=device, dtype=dtype) / math.sqrt(k)
-    lora_a, lora_b, scalings = stacked_adapters(device, dtype, LOOP_ADAPTERS, k, n, r)
-    x = torch.randn(DECODE_TOKENS, k, device=device, dtype=dtype)
+    inputs = GroupedSets(device, dtype, DECODE_TOKENS, k, n, r, LOOP_ADAPTERS)
     batch = LoRABatch.from_adapter_ids(torch.arange(DECODE_TOKENS, device=device) % LOOP_ADAPTERS, LOOP_ADAPTERS)
-    moved = (n * k + LOOP_ADAPTERS * r * (k + n) + DECODE_TOKENS * (k + n)) * element
-    section = f"grouped decode bandwidth, {DECODE_TOKENS} tokens on {LOOP_ADAPTERS} distinct adapters / copy"
+    moved = _moved_bytes(DECODE_TOKENS, k, n, r, LOOP_ADAPTERS, dtype)
+    title = f"grouped decode bandwidth, {DECODE_TOKENS} tokens on {LOOP_ADAPTERS} distinct adapters / copy"
     shape = f"{DECODE_TOKENS} tokens K={k} N={n} r={r}"
     for backend in cfg.backends:
-        with _guard(rows, section, backend, shape, on_gpu), torch.no_grad():
-            t = measure({"ours": [lambda be=backend: multi_lora_linear(x, weight, lora_a, lora_b, batch, scalings,
-                                                                       backend=be)]}, **timing)
-            gbs = moved / t["ours"] / 1e6
-            _row(rows, section, "decode_bandwidth", backend, shape,
-                 f"multi_lora_linear forward, {moved / 1e6:.1f} MB moved", "torch copy_ (read + write)",
-                 gbs / copy_gbs, gbs, copy_gbs, "GB/s", on_gpu, note=f"{t['ours']:.3f} ms")
+        for graph in (True, False) if on_gpu else (False,):
+            section = title + ("" if graph or not on_gpu else ", eager calls (host path included)")
+            with _guard(rows, section, backend, shape, on_gpu), torch.no_grad():
+                ms = measure({"ours": inputs.grouped(batch, backend)}, graph=graph, **timing)["ours"]
+                gbs = moved / ms / 1e6
+                _row(rows, section, "decode_bandwidth" if graph or not on_gpu else "decode_bandwidth_eager",
+                     backend, shape, f"multi_lora_linear forward, {moved / 1e6:.1f} MB moved",
+                     "torch copy_ (read + write)", gbs / copy_gbs, gbs, copy_gbs, "GB/s", on_gpu,
+                     note=f"{ms:.3f} ms" + (", CUDA-graph replays" if graph and on_gpu else ""))
         step(f"decode bandwidth {backend}")
+    del inputs
+
+
+def sweep_rows(rows, cfg, device, dtype, timing, on_gpu, step, copy_gbs):
+    """The multi-adapter issue's grid: for each token count and number of distinct adapters (r = cfg.rank), the
+    grouped forward against the same batch on one adapter and against the per-adapter loop, plus, up to
+    GRAPH_MAX_TOKENS tokens (decode), its bandwidth on all bytes moved. Decode batches interleave the adapters token
+    by token, prefill batches give each adapter a contiguous segment. Then mixed ranks against the same batch with
+    every slot at the padded rank. CUDA-graph replays on GPUs."""
+    k = n = cfg.hidden
+    r = cfg.rank
+    note = _graph_note(on_gpu)
+    for tokens, adapters in _sweep_points(cfg):
+        decode = tokens <= GRAPH_MAX_TOKENS
+        inputs = GroupedSets(device, dtype, tokens, k, n, r, adapters)
+        arange = torch.arange(tokens, device=device)
+        ids = arange % adapters if decode else segment_ids(tokens, adapters, device)
+        batch = LoRABatch.from_adapter_ids(ids, adapters)
+        one = LoRABatch.from_adapter_ids(torch.zeros_like(ids), adapters)
+        shape = f"{tokens} tokens, {adapters} adapter{'s' if adapters > 1 else ''}, K={k} N={n} r={r}"
+        for backend in cfg.backends:
+            with _guard(rows, "grouped sweep", backend, shape, on_gpu), torch.no_grad():
+                candidates = {"loop": inputs.loop(ids), "ours": inputs.grouped(batch, backend)}
+                if adapters > 1:
+                    candidates["one"] = inputs.grouped(one, backend)
+                t = measure(candidates, graph=True, **timing)
+                if adapters > 1:
+                    _row(rows, "grouped sweep: distinct adapters / one adapter", "sweep_vs_one", backend, shape,
+                         "multi_lora_linear forward", "same, every token on one adapter", t["ours"] / t["one"],
+                         t["ours"], t["one"], "ms", on_gpu, note=note)
+                _row(rows, "grouped sweep: grouped op / per-adapter loop",
+                     "grouped_vs_loop" if adapters == LOOP_ADAPTERS else "sweep_vs_loop", backend, shape,
+                     "multi_lora_linear forward", "F.linear + Python loop of index_select / index_add_",
+                     t["ours"] / t["loop"], t["ours"], t["loop"], "ms", on_gpu, note=note)
+                if decode:
+                    moved = _moved_bytes(tokens, k, n, r, adapters, dtype)
+                    gbs = moved / t["ours"] / 1e6
+                    _row(rows, "grouped sweep: decode bandwidth on all bytes moved / copy", "sweep_bandwidth",
+                         backend, shape, "multi_lora_linear forward: W, the adapters used, x and y over the time",
+                         "torch copy_ (read + write)", gbs / copy_gbs, gbs, copy_gbs, "GB/s", on_gpu,
+                         note=f"{t['ours']:.3f} ms")
+            step(f"sweep {tokens}x{adapters} {backend}")
+        del inputs
+
+    max_rank = max(MIXED_RANKS)
+    for tokens, adapters in ((DECODE_TOKENS, LOOP_ADAPTERS), (cfg.prefill_tokens, PREFILL_ADAPTERS)):
+        inputs = GroupedSets(device, dtype, tokens, k, n, max_rank, adapters)
+        ids = torch.arange(tokens, device=device) % adapters if tokens <= GRAPH_MAX_TOKENS \
+            else segment_ids(tokens, adapters, device)
+        batch = LoRABatch.from_adapter_ids(ids, adapters)
+        ranks = torch.tensor([MIXED_RANKS[i % len(MIXED_RANKS)] for i in range(adapters)], dtype=torch.int32,
+                             device=device)
+        shape = f"{tokens} tokens, {adapters} adapters, K={k} N={n} R={max_rank}"
+        for backend in cfg.backends:
+            section = f"grouped sweep: mixed ranks {'/'.join(map(str, MIXED_RANKS))} / all at R = {max_rank}"
+            with _guard(rows, section, backend, shape, on_gpu), torch.no_grad():
+                t = measure({"padded": inputs.grouped(batch, backend),
+                             "mixed": inputs.grouped(batch, backend, ranks=ranks)}, graph=True, **timing)
+                _row(rows, section, "mixed_vs_padded", backend, shape, "multi_lora_linear forward, ranks cycling "
+                     f"{MIXED_RANKS}", f"same, every slot at rank {max_rank}", t["mixed"] / t["padded"], t["mixed"],
+                     t["padded"], "ms", on_gpu, note=note)
+            step(f"mixed ranks {tokens} {backend}")
+        del inputs
 
 
 # ------------------------------------------------------------------------------------------------ printing
@@ -549,8 +844,10 @@ def format_bench(result):
     lines.append("  " + "  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
     for kind, content, row in table:
         if kind == "section":
-            note = f"; {row['note']}" if row["note"] and row["kind"] in ("unfused_vs_ours", "memory_vs_unfused") \
-                else ""
+            note = row["note"] or ""
+            shown = (row["kind"] in ("unfused_vs_ours", "memory_vs_unfused", "host_overhead")
+                     or note.startswith("CUDA-graph"))
+            note = f"; {note}" if note and shown else ""
             lines.append(f"{content}  [ours: {row['ours']}; baseline: {row['baseline']}{note}]")
         else:
             lines.append("  " + "  ".join(c.ljust(w) if i < 2 else c.rjust(w)
@@ -558,6 +855,9 @@ def format_bench(result):
     errors = [row for row in result["rows"] if row["kind"] == "error"]
     for row in errors:
         lines.append(f"ERROR {row['backend']} ({row['section']}, {row['shape']}): {row['note']}")
+    for kernel, choices in (result.get("triton_configs") or {}).items():
+        for key, config in choices.items():
+            lines.append(f"triton autotune: {kernel} {key} -> {config}")
     lines.append("")
     lines.append(f"Total {result['wall_s']:.1f} s.")
     return "\n".join(lines)

@@ -151,6 +151,11 @@ def _add_bench_parser(sub):
     p.add_argument("--ms", type=_int_list, help="token counts M of the forward rows")
     p.add_argument("--train-m", type=_positive_int, help="M of the fwd+bwd rows (default 8192 GPU, 1024 CPU)")
     p.add_argument("--reps", type=_positive_int, help="timed calls per candidate (median)")
+    p.add_argument("--sections", type=_name_list,
+                   help="comma-separated parts of the sweep: host, forward, train, grouped, decode, sweep (the grouped "
+                        "grid of token counts x adapters and mixed ranks), or all (default: all but sweep)")
+    p.add_argument("--sweep-tokens", type=_int_list, help="token counts of the grouped sweep")
+    p.add_argument("--sweep-adapters", type=_int_list, help="distinct adapter counts of the grouped sweep")
     p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", action="store_true", help="print the measurements as JSON instead of the table")
     p.add_argument("--save", metavar="PATH", help="also write the JSON to PATH")
@@ -205,6 +210,7 @@ def run_bench_command(args):
     config = bench.BenchConfig(
         device=args.device, dtype=args.dtype, quick=args.quick, backends=args.backends, hidden=args.hidden,
         rank=args.rank, ranks=args.ranks, ms=args.ms, train_m=args.train_m, reps=args.reps, threads=args.threads,
+        sections=args.sections, sweep_tokens=args.sweep_tokens, sweep_adapters=args.sweep_adapters,
         progress=not args.no_progress)
     try:
         config = config.resolved()

@@ -1,0 +1,105 @@
+"""Pieces of `lora-kernels bench` that the CLI tests do not reach on CPU: the section selection, the grouped sweep,
+the host-overhead timer, the CUDA dY-once comparison row (its C++ op also has a CPU kernel) and, on a GPU, timing
+as CUDA-graph replays. Structure and arithmetic only: no timing is asserted."""
+
+import pytest
+import torch
+
+from lora_kernels import bench
+from lora_kernels.batch import LoRABatch
+from lora_kernels.functional import lora_linear, multi_lora_linear
+
+HAS_EXTENSION = hasattr(torch.ops.lora_kernels, "lora_bwd_dy")
+
+
+def _tiny(**overrides):
+    settings = {"device": "cpu", "quick": True, "threads": 1, "reps": 2, "warmup": 1, "hidden": 32,
+                "backends": ("torch",)}
+    settings.update(overrides)
+    return bench.BenchConfig(**settings)
+
+
+def test_sections_default_all_and_unknown():
+    assert _tiny().resolved().sections == bench.DEFAULT_SECTIONS
+    assert _tiny(sections=("all",)).resolved().sections == bench.SECTIONS
+    assert _tiny(sections=("sweep", "host")).resolved().sections == ("host", "sweep")  # always in sweep order
+    with pytest.raises(ValueError, match="--sections expected names from host, forward"):
+        _tiny(sections=("fast",)).resolved()
+
+
+def test_sweep_section_rows():
+    result = bench.run_bench(_tiny(sections=("sweep",), sweep_tokens=(4, 32), sweep_adapters=(1, 4)))
+    kinds = {}
+    for row in result["rows"]:
+        kinds.setdefault(row["kind"], []).append(row)
+    assert "error" not in kinds, kinds.get("error")
+    # points: (4, 1), (4, 4), (32, 1), (32, 4); "one adapter" rows only where there are several
+    assert len(kinds["sweep_vs_loop"]) == 4
+    assert len(kinds["sweep_vs_one"]) == 2
+    assert len(kinds["sweep_bandwidth"]) == 4  # every point is a decode size (<= GRAPH_MAX_TOKENS tokens)
+    assert len(kinds["mixed_vs_padded"]) == 2
+    assert all(row["ratio"] > 0 for rows in kinds.values() for row in rows)
+    assert result["copy_bandwidth_gbs"] > 0
+    assert "grouped sweep: mixed ranks 8/16/32/64" in bench.format_bench(result)
+
+
+def test_moved_bytes_counts_weight_adapters_and_activations():
+    # W 4x4, two adapters of rank 2 (A 2x4 and B 4x2 each), 3 tokens of x (4) and y (4), bf16
+    assert bench._moved_bytes(3, 4, 4, 2, 2, torch.bfloat16) == (16 + 2 * 2 * 8 + 3 * 8) * 2
+
+
+def test_host_overhead_rows_cover_every_backend():
+    cfg = _tiny(backends=("torch", "cpu") if HAS_EXTENSION else ("torch",)).resolved()
+    rows = []
+    bench.host_overhead_rows(rows, cfg, torch.device("cpu"), torch.float32, False, lambda label: None)
+    assert [row["backend"] for row in rows][0] == "-"  # LoRABatch first, then 3 rows per backend
+    assert len(rows) == 1 + 3 * len(cfg.backends)
+    assert all(row["kind"] == "host_overhead" and row["ours_value"] > 0 for row in rows)
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="needs the C++ extension")
+def test_cuda_bwd_dy_row_computes_the_same_products():
+    # The row times the C++ op against two GEMMs; on CPU the op's CPU kernel stands in for the CUDA one. First,
+    # the two candidates compute the same thing (else the ratio compares different work).
+    inputs = bench.InputSets(torch.device("cpu"), torch.float32, 16, 8, 12, 4, grad=True, count=2)
+    st = inputs.sets[0]
+    s = (st["x"] @ st["a"].T).detach().float()
+    d_lora_b, ds = torch.ops.lora_kernels.lora_bwd_dy(st["dy"], s, st["b"].detach(), 2.0)
+    torch.testing.assert_close(d_lora_b, 2.0 * st["dy"].T @ s)
+    torch.testing.assert_close(ds, 2.0 * st["dy"] @ st["b"].detach())
+    rows = []
+    bench.cuda_bwd_dy_row(rows, inputs, "tiny", {"device": torch.device("cpu"), "reps": 2, "warmup": 1}, False)
+    assert rows[0]["kind"] == "cuda_bwd_dy" and rows[0]["ratio"] > 0, rows
+
+
+def test_with_split_sets_and_restores_the_override():
+    tk = pytest.importorskip("lora_kernels.triton.lora_linear")
+    seen = []
+    before = tk.SPLIT_OVERRIDE
+    bench._with_split(1, lambda: seen.append(tk.SPLIT_OVERRIDE))()
+    assert seen == [1] and tk.SPLIT_OVERRIDE == before
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_graph_replay_timing_on_gpu(backend):
+    # Every backend's forward and grouped forward can be captured in a CUDA graph and replayed by the bench, and
+    # a replay computes what an eager call computes.
+    reason = bench.backends.unavailable_reason(backend, "cuda")
+    if reason:
+        pytest.skip(reason)
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    x, w = torch.randn(16, 64, device=device, dtype=dtype), torch.randn(48, 64, device=device, dtype=dtype)
+    a, b = torch.randn(8, 64, device=device, dtype=dtype), torch.randn(48, 8, device=device, dtype=dtype)
+    lora_a, lora_b, scalings = bench.stacked_adapters(device, dtype, 4, 64, 48, 8)
+    batch = LoRABatch.from_adapter_ids(torch.arange(16, device=device) % 4, 4)
+    out = {}
+    with torch.no_grad():
+        single = lambda: out.__setitem__("single", lora_linear(x, w, a, b, 2.0, backend=backend))  # noqa: E731
+        grouped = lambda: out.__setitem__("grouped", multi_lora_linear(  # noqa: E731
+            x, w, lora_a, lora_b, batch, scalings, backend=backend))
+        times = bench.measure({"single": [single], "grouped": [grouped]}, device, reps=3, warmup=1, graph=True)
+        assert all(t > 0 for t in times.values())
+        torch.testing.assert_close(out["single"], lora_linear(x, w, a, b, 2.0, backend=backend))
+        torch.testing.assert_close(out["grouped"], multi_lora_linear(x, w, lora_a, lora_b, batch, scalings,
+                                                                     backend=backend))
