@@ -541,6 +541,24 @@ def prepare_multi_adapter(model, target_modules, max_adapters, max_rank, *, excl
     return model
 
 
+def delete_adapter(model, adapter_name):
+    """Unloads the named adapter of a model prepared with prepare_multi_adapter (PEFT's delete_adapter): its slot
+    is cleared in every MultiLoRALinear (rank 0: rows still pointing at it get the base output) and freed for the
+    next load_peft_adapter. Raises ValueError, changing nothing, for a name that is not loaded. Returns model."""
+    op = "delete_adapter"
+    slots = getattr(model, "lora_adapter_slots", None)
+    if slots is None:
+        raise ValueError(f"{op}: the model has no named adapters (prepare_multi_adapter first)")
+    if not isinstance(adapter_name, str) or adapter_name not in slots:
+        raise ValueError(f"{op}: unknown adapter name {adapter_name!r}; loaded: {sorted(slots)}")
+    slot = slots[adapter_name]
+    for module in model.modules():
+        if isinstance(module, MultiLoRALinear):
+            module.clear_adapter(slot)
+    del slots[adapter_name]
+    return model
+
+
 def adapter_slot_ids(model, adapter_names, op="set_batch_adapters"):
     """Slot ids (int64 CPU tensor [len(adapter_names)]) of per-row adapter names; "__base__" is -1."""
     slots = getattr(model, "lora_adapter_slots", None)

@@ -395,6 +395,20 @@ def test_named_adapters_in_slots_and_mixed_batch(tmp_path):
     resaved = lk.load_peft_adapter(_base(), tmp_path / "b_again")
     torch.testing.assert_close(resaved(x), singles["b"](x), rtol=1e-6, atol=1e-6)
 
+    # unloading frees the slot for the next load; the other adapters are untouched
+    with pytest.raises(ValueError, match=r"unknown adapter name 'zz'; loaded: \['a', 'b', 'c'\]"):
+        lk.delete_adapter(model, "zz")
+    assert lk.delete_adapter(model, "b") is model
+    assert model.lora_adapter_slots == {"a": 0, "c": 2}
+    assert all(int(m.ranks[1]) == 0 and not m.lora_b[1].any()
+               for m in model.modules() if isinstance(m, MultiLoRALinear))
+    lk.load_peft_adapter(model, tmp_path / "b", adapter_name="d")
+    assert model.lora_adapter_slots == {"a": 0, "c": 2, "d": 1}
+    with lk.set_batch_adapters(model, ["d", "a", "__base__", "c", "d"]):
+        mixed = model(x)
+    for row, name in enumerate(["b", "a", "__base__", "a", "b"]):
+        torch.testing.assert_close(mixed[row], singles[name](x[row]), rtol=1e-5, atol=1e-5)
+
 
 def test_named_adapter_errors(tmp_path):
     lk.save_peft_adapter(_trained(("q_proj", "v_proj"), r=4), tmp_path / "a")
