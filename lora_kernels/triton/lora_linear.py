@@ -222,7 +222,7 @@ def _lora_fwd_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr, stride_bn, stride_br, stride_bias,
     stride_ym, stride_yn,
     scaling,
-    HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """y[M, N] = x · Wᵀ + scaling · s · Bᵀ (+ bias): the expand is extra K-steps of the same accumulator."""
@@ -232,13 +232,20 @@ def _lora_fwd_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk  # Wᵀ tile [BLOCK_K, BLOCK_N]
+    # The main loop loads rows and columns past the edge wrapped around (modulo M, N: valid addresses whose
+    # products land only in rows and columns the store masks off), so its loads need no row or column masks, and
+    # with EVEN_K (K a multiple of BLOCK_K) no masks at all: the unmasked, vectorised loads of Triton's matmul.
+    x_ptrs = x_ptr + (offs_m % M)[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + (offs_n % N)[None, :] * stride_wn + offs_k[:, None] * stride_wk  # Wᵀ tile [BLOCK_K, BLOCK_N]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        mask_k = offs_k < K - k0
-        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            mask_k = offs_k < K - k0
+            x = tl.load(x_ptrs, mask=mask_k[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_k[:, None], other=0.0)
         acc = _dot(x, w, acc, x_ptr.dtype.element_ty == tl.float32)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
@@ -317,7 +324,7 @@ def _lora_bwd_dx_kernel(
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_dsm, stride_dsr, stride_ar, stride_ak,
     stride_dxm, stride_dxk,
     p, dropout_scale, seed,
-    HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dx[M, K] = dy · W + drop'(ds · A). Without dropout the LoRA term is extra reduction steps of the base GEMM's
@@ -328,13 +335,18 @@ def _lora_bwd_dx_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_k = offs_k < K
-    dy_ptrs = dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn
-    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    # Edge rows and columns wrap around in the main loop's loads, as in _lora_fwd_kernel (EVEN_N: no masks at all).
+    dy_ptrs = dy_ptr + (offs_m % M)[:, None] * stride_dym + offs_n[None, :] * stride_dyn
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + (offs_k % K)[None, :] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
-        mask_n = offs_n < N - n0
-        dy = tl.load(dy_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        if EVEN_N:
+            dy = tl.load(dy_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            mask_n = offs_n < N - n0
+            dy = tl.load(dy_ptrs, mask=mask_n[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
         acc = _dot(dy, w, acc, dy_ptr.dtype.element_ty == tl.float32)
         dy_ptrs += BLOCK_N * stride_dyn
         w_ptrs += BLOCK_N * stride_wn
@@ -432,15 +444,20 @@ _PRUNE = {
 AUTOTUNE = os.environ.get("LORA_KERNELS_AUTOTUNE", "1") != "0"
 
 
-def _autotune(configs, key, kernel):
+def _autotune(configs, key, kernel, heuristics=None):
     configs = configs if AUTOTUNE else configs[:1]
-    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _PRUNE[kernel.__name__]})(kernel)
+    prune = _PRUNE[kernel.__name__]
+    if heuristics:  # constexprs derived from the arguments and the chosen config (e.g. EVEN_K)
+        kernel = triton.heuristics(heuristics)(kernel)
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
 _shrink = _autotune(SHRINK_CONFIGS, ["M", "K", "R", "HAS_DROPOUT"], _lora_shrink_kernel)
-_fwd = _autotune(GEMM_CONFIGS, ["M", "N", "K", "R", "HAS_BIAS"], _lora_fwd_kernel)
+_fwd = _autotune(GEMM_CONFIGS, ["M", "N", "K", "R", "HAS_BIAS"], _lora_fwd_kernel,
+                 {"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 _bwd_dy = _autotune(DY_CONFIGS, ["M", "N", "R"], _lora_bwd_dy_kernel)
-_bwd_dx = _autotune(DX_CONFIGS, ["M", "N", "K", "R", "HAS_DROPOUT"], _lora_bwd_dx_kernel)
+_bwd_dx = _autotune(DX_CONFIGS, ["M", "N", "K", "R", "HAS_DROPOUT"], _lora_bwd_dx_kernel,
+                    {"EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0})
 _bwd_da = _autotune(DA_CONFIGS, ["M", "K", "R", "HAS_DROPOUT"], _lora_bwd_da_kernel)
 
 
@@ -836,6 +853,11 @@ def _spec(fn, dtype, config, num_warps, num_stages, **flags):
         # Sizes and strides as Triton specialises them for K = N = 4096, M = 8192, r = 16: divisible by 16, which
         # enables the vectorised async copies of the pipelined loops, the variant with the most shared memory.
         "divisible_by_16": [name for name, kind in signature.items() if kind == "i32" and name not in _SPLIT_ARGS],
+        # The gate fails a 16-bit kernel whose dots did not become tensor-core MMAs, and a base-GEMM kernel (forward,
+        # dX) that is not warp-group MMA on sm_90 (the instruction Hopper's GEMM speed needs). fp32 layers run
+        # full-precision FMA dots by design (see _dot).
+        "tensor_cores": dtype != torch.float32 and fn is not _dropout_mask_kernel,
+        "wgmma": dtype != torch.float32 and fn in (_lora_fwd_kernel, _lora_bwd_dx_kernel),
     }
 
 
@@ -857,9 +879,11 @@ def aot_specs():
 
     kernels = (  # (configs, kernel, flags on, flags off, fixed constexprs)
         (SHRINK_CONFIGS, _lora_shrink_kernel, dict(HAS_DROPOUT=True), dict(HAS_DROPOUT=False), {}),
-        (GEMM_CONFIGS, _lora_fwd_kernel, dict(HAS_BIAS=True), dict(HAS_BIAS=False), dict(GROUP=GROUP_M)),
+        (GEMM_CONFIGS, _lora_fwd_kernel, dict(HAS_BIAS=True, EVEN_K=True), dict(HAS_BIAS=False, EVEN_K=False),
+         dict(GROUP=GROUP_M)),
         (DY_CONFIGS, _lora_bwd_dy_kernel, {}, {}, dict(BLOCK_M=DY_BLOCK_M)),
-        (DX_CONFIGS, _lora_bwd_dx_kernel, dict(HAS_DROPOUT=True), dict(HAS_DROPOUT=False), dict(GROUP=GROUP_M)),
+        (DX_CONFIGS, _lora_bwd_dx_kernel, dict(HAS_DROPOUT=True, EVEN_N=True), dict(HAS_DROPOUT=False, EVEN_N=False),
+         dict(GROUP=GROUP_M)),
         (DA_CONFIGS, _lora_bwd_da_kernel, dict(HAS_DROPOUT=True), dict(HAS_DROPOUT=False), {}),
     )
     for configs, fn, on, off, fixed in kernels:
