@@ -40,6 +40,30 @@ def test_specs_compile_for_sm80_and_sm90(module, record_property):
         assert any(r["cc"] == cc for r in records) or not records, f"nothing compiled for sm_{cc}"
     for r in records:
         assert 0 <= r["shared"] <= aot.SHARED_MEMORY_LIMIT[r["cc"]]
+        assert r["mma"] in ("wgmma", "mma", "none")
+    if module == "lora_linear":  # the spec flags held: Hopper's 16-bit base GEMMs are warp-group MMA
+        fwd_sm90 = [r for r in records if r["name"].startswith("_lora_fwd_kernel[bf16") and r["cc"] == 90]
+        assert fwd_sm90 and all(r["mma"] == "wgmma" for r in fwd_sm90)
+
+
+def test_mma_kind_reads_the_ptx():
+    assert aot.mma_kind("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {...}") == "wgmma"
+    assert aot.mma_kind("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {...}") == "mma"
+    assert aot.mma_kind("fma.rn.f32 %f1, %f2, %f3, %f4;") == "none"
+
+
+def test_tensor_core_flags_of_the_specs():
+    """16-bit dot kernels must compile to tensor-core MMAs (the gate fails them otherwise), the base GEMMs to wgmma
+    on sm_90; fp32 and dot-free kernels are exempt (checked in-process: building the specs needs no compiler)."""
+    from lora_kernels.triton import lora_linear, sgmv
+
+    for spec in lora_linear.aot_specs():
+        fp32 = "fp32" in spec["name"].split(";")[0]
+        assert spec["tensor_cores"] == (not fp32 and spec["kernel"].__name__ != "_dropout_mask_kernel"), spec["name"]
+        base_gemm = spec["kernel"].__name__ in ("_lora_fwd_kernel", "_lora_bwd_dx_kernel")
+        assert spec["wgmma"] == (base_gemm and not fp32), spec["name"]
+    for spec in sgmv.aot_specs():
+        assert spec.get("tensor_cores", False) == spec["name"].startswith("_sgmv_"), spec["name"]
 
 
 def test_lora_linear_specs_cover_every_kernel():
@@ -74,3 +98,23 @@ def test_interpreted_kernel_is_refused_with_a_clear_error():
     spec = lora_linear.aot_specs()[0]
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         aot.compile_spec(spec, 80)
+
+
+def test_gate_fails_a_kernel_that_lost_its_tensor_cores():
+    """The check can fail: an fp32 forward spec (full-precision FMA dots by design) marked as needing tensor cores
+    is refused when compiled for sm_90 (in a TRITON_INTERPRET=0 subprocess, like the gate)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from lora_kernels.triton import aot, lora_linear as ll\n"
+            "spec = next(s for s in ll.aot_specs() if s['name'].startswith('_lora_fwd_kernel[fp32'))\n"
+            "try:\n"
+            "    aot.compile_spec(dict(spec, tensor_cores=True), 90)\n"
+            "except aot.TensorCoreError as exc:\n"
+            "    print('REFUSED', exc)\n")
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(root))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "REFUSED" in proc.stdout and "CUDA-core FMAs on sm_90" in proc.stdout, proc.stdout

@@ -1,5 +1,6 @@
 """The Triton compile gate (design.md §7): compiles every kernel spec that a module's `aot_specs()` lists for sm_80
-and sm_90 with Triton's own compiler (no GPU needed) and checks its shared memory against the target's limit.
+and sm_90 with Triton's own compiler (no GPU needed), checks its shared memory against the target's limit, and
+records which matrix instructions its PTX uses (wgmma, mma.sync or none), failing specs that require tensor cores.
 
 Triton's compiler cannot run on interpreted kernels: with TRITON_INTERPRET=1, @triton.jit returns interpreter
 objects with no compilable IR. `run_gate` therefore compiles in a subprocess started with TRITON_INTERPRET=0,
@@ -62,10 +63,25 @@ def _divisibility_attrs(fn, signature, divisible):
     return attrs
 
 
+def mma_kind(ptx):
+    """Which matrix instructions a kernel's PTX uses: "wgmma" (Hopper's warp-group MMA), "mma" (mma.sync, the
+    Ampere-style tensor-core MMA) or "none" (its dots, if any, became CUDA-core FMAs)."""
+    if "wgmma.mma_async" in ptx:
+        return "wgmma"
+    if "mma.sync" in ptx:
+        return "mma"
+    return "none"
+
+
+class TensorCoreError(RuntimeError):
+    """A kernel whose spec requires tensor cores compiled without MMA instructions (a silent ~10x slowdown)."""
+
+
 def compile_spec(spec, cc):
-    """Compile one aot_specs() entry for sm_<cc>; returns the shared memory it uses in bytes.
-    Raises SharedMemoryError when that exceeds the target's limit, and whatever Triton raises when it does not
-    compile."""
+    """Compile one aot_specs() entry for sm_<cc>; returns {"shared": bytes of shared memory, "mma": mma_kind}.
+    Raises SharedMemoryError when the shared memory exceeds the target's limit, TensorCoreError when the spec asks
+    for tensor cores ("tensor_cores": True; on sm_90 "wgmma": True asks for warp-group MMA) and the PTX has none,
+    and whatever Triton raises when it does not compile."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -91,7 +107,12 @@ def compile_spec(spec, cc):
     if shared > limit:
         raise SharedMemoryError(f"{spec['name']}: needs {shared} bytes of shared memory on sm_{cc}, "
                                 f"the limit is {limit} bytes")
-    return shared
+    mma = mma_kind(compiled.asm["ptx"])
+    if spec.get("tensor_cores") and mma == "none":
+        raise TensorCoreError(f"{spec['name']}: its dots compiled to CUDA-core FMAs on sm_{cc}, not tensor-core MMA")
+    if spec.get("wgmma") and cc >= 90 and mma != "wgmma":
+        raise TensorCoreError(f"{spec['name']}: compiled to {mma} on sm_{cc}, not Hopper's warp-group MMA (wgmma)")
+    return {"shared": shared, "mma": mma}
 
 
 def module_specs(module_name):
@@ -130,7 +151,7 @@ def _compile_one(job):
     start = time.perf_counter()
     record = {"name": spec["name"], "module": spec.get("module"), "cc": cc, "limit": SHARED_MEMORY_LIMIT[cc]}
     try:
-        record["shared"] = compile_spec(spec, cc)
+        record.update(compile_spec(spec, cc))
         record["ok"] = True
     except Exception as exc:  # noqa: BLE001  (reported, and the gate fails on it)
         record["ok"] = False
@@ -177,8 +198,8 @@ def format_records(records):
     lines = []
     for rec in records:
         if rec["ok"]:
-            lines.append(f"ok   sm_{rec['cc']} {rec['shared']:>7} B / {rec['limit']} B  {rec['seconds']:6.2f}s  "
-                         f"{rec['name']}")
+            lines.append(f"ok   sm_{rec['cc']} {rec['shared']:>7} B / {rec['limit']} B  {rec['mma']:<5}  "
+                         f"{rec['seconds']:6.2f}s  {rec['name']}")
         else:
             lines.append(f"FAIL sm_{rec['cc']} {rec['name']}: {rec['error']}")
     return "\n".join(lines)

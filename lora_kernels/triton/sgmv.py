@@ -736,6 +736,7 @@ def aot_specs():
                 specs.append({
                     "name": f"_sgmv_shrink_kernel[{_TRITON_DTYPE[dtype]},R{block_r},atomic={use_atomic}]",
                     "kernel": _sgmv_shrink_kernel,
+                    "tensor_cores": True,  # the compile gate fails it if its tl.dot became CUDA-core FMAs
                     "signature": _sig(_sgmv_shrink_kernel, shrink_ptrs),
                     "constexprs": {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_R": block_r, "BLOCK_K": cfg["BLOCK_K"],
                                    "USE_ATOMIC": use_atomic},
@@ -761,6 +762,7 @@ def aot_specs():
                 specs.append({
                     "name": f"_sgmv_expand_kernel[{tag}]",
                     "kernel": _sgmv_expand_kernel,
+                    "tensor_cores": True,  # the compile gate fails it if its tl.dot became CUDA-core FMAs
                     "signature": _sig(_sgmv_expand_kernel, ptrs),
                     "constexprs": {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_R": cfg["BLOCK_R"],
                                    "ADD_INPUTS": add_inputs},
