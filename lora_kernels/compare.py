@@ -631,11 +631,21 @@ def _inference(model, cfg, inputs, fused_backend, progress):
     return result
 
 
+FUSED_BACKENDS = ("triton", "cuda", "cpu")
+
+
 def fused_backend_for(cfg):
-    """(backend name, note) of the 'fused' LoRA run: `cfg.backend` resolved ("auto": the fastest available)."""
+    """(backend name, note) of the 'fused' LoRA run: `cfg.backend` resolved. "auto" takes what backend="auto"
+    picks for lora_linear, unless that is the unfused torch composition (on GPUs, where it measured faster): the
+    run would then repeat the unfused column, so it shows the first available fused backend instead, and says so."""
     device = torch.device(cfg.device)
     if cfg.backend == "auto":
         chosen = backends.auto_backend(device)
+        fused = [name for name in FUSED_BACKENDS if backends.unavailable_reason(name, device) is None]
+        if chosen in ("torch", "reference") and fused:
+            return fused[0], (f"backend='auto' runs lora_linear on {device.type} with the unfused {chosen!r} "
+                              f"composition (it measured faster than the fused kernels, BENCHMARKS.md); this column "
+                              f"shows the fused {fused[0]!r} kernels instead (--backend picks another)")
     else:
         reason = backends.unavailable_reason(cfg.backend, device)
         if reason is not None:
