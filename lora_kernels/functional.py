@@ -219,11 +219,16 @@ def lora_linear(x, weight, lora_a, lora_b, scaling=1.0, bias=None, *, dropout_p=
 
 def _segment_outer_sum(ids, num_slots, left, right):
     """[L, P, Q] with slot i holding sum over tokens t of slot i of outer(left[t], right[t]); left [M, P], right [M, Q].
-    Written as one batched GEMM over masked copies of `left` (L·M·P·Q work, no host sync); a segment-GEMM kernel
-    would do 1/L of it."""
-    one_hot = (ids[None, :] == torch.arange(num_slots, device=ids.device)[:, None]).to(right.dtype)  # [L, M]
-    masked_left = one_hot[:, :, None] * left.to(right.dtype)[None]  # [L, M, P]
-    return masked_left.transpose(1, 2) @ right  # [L, P, Q]
+    Slot by slot, each a GEMM over all M rows with the other slots' rows of BOTH operands zeroed by `where`: a 0/1
+    mask multiplied in would turn another slot's NaN or Inf row into NaN (0·NaN), so one broken token or adapter
+    would poison every slot's gradient. L·M·P·Q work and no host sync; a segment-GEMM kernel would do 1/L of it."""
+    left = left.to(right.dtype)
+    zero = torch.zeros((), dtype=right.dtype, device=right.device)
+    sums = []
+    for slot in range(num_slots):
+        rows = (ids == slot)[:, None]
+        sums.append(torch.where(rows, left, zero).T @ torch.where(rows, right, zero))
+    return torch.stack(sums)  # [L, P, Q]
 
 
 def _multi_lora_forward(x2, weight, bias, lora_a, lora_b, batch, scalings, ranks, backend):

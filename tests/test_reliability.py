@@ -85,6 +85,30 @@ def test_nan_in_x_stays_in_its_rows(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_broken_adapter_poisons_only_its_own_tokens(backend):
+    """NaN inside one slot's rank (not padding: real weights) reaches that slot's tokens only, in the forward and
+    in every gradient: one bad adapter in a serving batch or a multi-adapter training step spares the others."""
+    x = torch.randn(6, 16, requires_grad=True)
+    weight = torch.randn(8, 16)
+    lora_a, lora_b = torch.randn(3, 4, 16), torch.randn(3, 8, 4)
+    lora_a[1, 0, 3] = float("nan")
+    lora_b[1, 2, 1] = float("nan")
+    lora_a.requires_grad_(True)
+    lora_b.requires_grad_(True)
+    ids = torch.tensor([0, 1, 2, -1, 1, 0])
+    y = lk.multi_lora_linear(x, weight, lora_a, lora_b, ids, [1.0, 0.5, 2.0], backend=backend)
+    poisoned = {1, 4}
+    for row in range(6):
+        assert torch.isfinite(y[row]).all() != (row in poisoned), row
+    y.sum().backward()
+    for row in range(6):
+        assert torch.isfinite(x.grad[row]).all() != (row in poisoned), row
+    for slot in (0, 2):
+        assert torch.isfinite(lora_a.grad[slot]).all() and torch.isfinite(lora_b.grad[slot]).all(), slot
+    assert not torch.isfinite(lora_a.grad[1]).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_fp16_overflow_becomes_inf_in_the_overflowing_rows_only(backend):
     """Documented behaviour: accumulation is fp32, the store rounds to fp16, so a result beyond ±65504 becomes ±inf
     (as F.linear in fp16 does) and never NaN; other rows are unaffected."""
