@@ -114,6 +114,11 @@ def _new_seed():
 
 # ------------------------------------------------------------------------------------------- single-adapter autograd
 
+def _triton_sgmv():
+    from lora_kernels.triton import sgmv
+    return sgmv
+
+
 def _triton_lora_linear():
     from lora_kernels.triton import lora_linear as triton_lora_linear
     return triton_lora_linear
@@ -217,11 +222,15 @@ def lora_linear(x, weight, lora_a, lora_b, scaling=1.0, bias=None, *, dropout_p=
 
 # --------------------------------------------------------------------------------------------- grouped (multi-LoRA)
 
-def _segment_outer_sum(ids, num_slots, left, right):
+def _segment_outer_sum(batch, backend, left, right):
     """[L, P, Q] with slot i holding sum over tokens t of slot i of outer(left[t], right[t]); left [M, P], right [M, Q].
-    Slot by slot, each a GEMM over all M rows with the other slots' rows of BOTH operands zeroed by `where`: a 0/1
-    mask multiplied in would turn another slot's NaN or Inf row into NaN (0·NaN), so one broken token or adapter
-    would poison every slot's gradient. L·M·P·Q work and no host sync; a segment-GEMM kernel would do 1/L of it."""
+    Triton: one segment-GEMM kernel (M·P·Q work). Other backends: slot by slot, each a GEMM over all M rows with the
+    other slots' rows of BOTH operands zeroed by `where` (L·M·P·Q work, no host sync): a 0/1 mask multiplied in
+    would turn another slot's NaN or Inf row into NaN (0·NaN), so one broken token or adapter would poison every
+    slot's gradient."""
+    if backend == "triton":
+        return _triton_sgmv().segment_outer_sum(left, right, batch)
+    ids, num_slots = batch.adapter_ids, batch.num_adapters
     left = left.to(right.dtype)
     zero = torch.zeros((), dtype=right.dtype, device=right.device)
     sums = []
@@ -256,7 +265,6 @@ class MultiLoRAFunction(torch.autograd.Function):
         need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
         dy = dy.contiguous()
         dx = d_lora_a = d_lora_b = None
-        ids = batch.adapter_ids
         if need_x or need_a:
             # u[t] = scalings[i] * B_i[:, :r]^T dy[t]: the shrink with B^T as the "A" of each slot.
             u = ops.run_shrink(backend, dy, lora_b.transpose(1, 2), batch, scalings, ranks)
@@ -264,9 +272,9 @@ class MultiLoRAFunction(torch.autograd.Function):
                 dx = dy @ weight
                 ops.run_expand(backend, u, lora_a.transpose(1, 2), batch, ranks, dx)
             if need_a:
-                d_lora_a = _segment_outer_sum(ids, lora_a.shape[0], u, x2).to(lora_a.dtype)
+                d_lora_a = _segment_outer_sum(batch, backend, u, x2).to(lora_a.dtype)
         if need_b:
-            d_lora_b = _segment_outer_sum(ids, lora_b.shape[0], shrunk, dy).transpose(1, 2).to(lora_b.dtype)
+            d_lora_b = _segment_outer_sum(batch, backend, shrunk, dy).transpose(1, 2).to(lora_b.dtype)
         return dx, None, None, d_lora_a, d_lora_b, None, None, None, None
 
 

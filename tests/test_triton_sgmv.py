@@ -309,6 +309,47 @@ def test_bad_inputs(device):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# per-slot gradient sums (the grouped backward's dA and dB)
+
+
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+@pytest.mark.parametrize("P, Q, dtype", [(4, 37, torch.float32), (20, 33, torch.bfloat16), (16, 64, torch.float16)])
+def test_segment_outer_sum(device, dist, P, Q, dtype):
+    M, L = 45, 5
+    ids = make_ids(dist, M, L, device)
+    batch = LoRABatch.from_adapter_ids(ids, L)
+    left = randn(M, P, device=device)
+    right = randn(M, Q, dtype=dtype, device=device)
+    out = sgmv.segment_outer_sum(left, right, batch)
+    assert out.shape == (L, P, Q) and out.dtype == torch.float32
+    # the kernel rounds fp32 `left` to right's dtype for the tensor cores, as the torch path does
+    rounded = left.to(dtype).double().cpu()
+    for slot in range(L):
+        rows = (ids.cpu() == slot)
+        expected = rounded[rows].T @ right.double().cpu()[rows]
+        assert_close(out[slot], expected, dtype, f"slot {slot}")
+
+
+def test_segment_outer_sum_keeps_nan_in_its_slot(device):
+    ids = torch.tensor([0, 1, 1, -1, 2, 0], dtype=torch.int32, device=device)
+    batch = LoRABatch.from_adapter_ids(ids, 3)
+    left, right = randn(6, 4, device=device), randn(6, 8, device=device)
+    right[2, 3] = float("nan")  # a token of slot 1
+    left[3, 0] = float("inf")  # a -1 token: counts nowhere
+    out = sgmv.segment_outer_sum(left, right, batch).cpu()
+    assert torch.isfinite(out[0]).all() and torch.isfinite(out[2]).all()
+    assert torch.isnan(out[1, :, 3]).all() and torch.isfinite(out[1, :, :3]).all()
+
+
+def test_segment_outer_op_opcheck(device):
+    ids = make_ids("mixed_neg", 11, 3, device)
+    batch = LoRABatch.from_adapter_ids(ids, 3)
+    torch.library.opcheck(torch.ops.lora_kernels_triton.segment_outer,
+                          (randn(11, 4, device=device), randn(11, 9, device=device), batch.sorted_token_ids,
+                           batch.slot_counts, batch.slot_starts, torch.empty(3, 4, 9, device=device)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # torch.compile, custom ops, compile-gate specs
 
 
@@ -350,9 +391,11 @@ def test_torch_compile_fullgraph(device):
 def test_aot_specs_cover_kernels():
     specs = sgmv.aot_specs()
     names = {spec["kernel"].__name__ for spec in specs}
-    assert names == {"_sgmv_shrink_kernel", "_bgmv_shrink_kernel", "_sgmv_expand_kernel", "_bgmv_expand_kernel"}
+    assert names == {"_sgmv_shrink_kernel", "_bgmv_shrink_kernel", "_sgmv_expand_kernel", "_bgmv_expand_kernel",
+                     "_segment_outer_kernel"}
     for spec in specs:
-        assert set(spec) == {"name", "kernel", "signature", "constexprs", "num_warps", "num_stages"}
+        assert set(spec) - {"tensor_cores"} == {"name", "kernel", "signature", "constexprs", "num_warps",
+                                                "num_stages"}
         assert list(spec["signature"]) == list(spec["kernel"].arg_names)
         assert {k for k, v in spec["signature"].items() if v == "constexpr"} == set(spec["constexprs"])
     for dtype in ("fp32", "fp16", "bf16"):

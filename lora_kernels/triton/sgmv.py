@@ -52,8 +52,12 @@ GPU_CONFIG = {
     "shrink_decode": {"BLOCK_R": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 2},
     "expand_prefill": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_R": 16, "num_warps": 4, "num_stages": 2},
     "expand_decode": {"BLOCK_N": 128, "BLOCK_R": 16, "num_warps": 4, "num_stages": 2},
+    # Untuned starting point (not yet run on a GPU): a GEMM [P, tokens] x [tokens, Q] per slot with P = the rank,
+    # so a short P tile (the rank, 16..64) against a wide Q tile, 64 tokens per step.
+    "segment_outer": {"BLOCK_T": 64, "BLOCK_Q": 128, "num_warps": 4, "num_stages": 3},
 }
 SHRINK_PREFILL_BLOCK_R = (16, 64)
+SEGMENT_OUTER_BLOCK_P = (16, 64)  # the P (rank) tile: 16 up to rank 16, else 64 (ranks above 64 take several)
 # Under the interpreter (tests on CPU): one small config so tiny shapes still span several tiles, and a fixed
 # split-K of 2 so the atomic path is exercised.
 INTERP_CONFIG = {
@@ -61,6 +65,7 @@ INTERP_CONFIG = {
     "shrink_decode": {"BLOCK_R": 16, "BLOCK_K": 32, "num_warps": 1, "num_stages": 1},
     "expand_prefill": {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_R": 16, "num_warps": 1, "num_stages": 1},
     "expand_decode": {"BLOCK_N": 32, "BLOCK_R": 16, "num_warps": 1, "num_stages": 1},
+    "segment_outer": {"BLOCK_T": 16, "BLOCK_Q": 32, "num_warps": 1, "num_stages": 1},
 }
 INTERP_SPLIT_K = 2
 # Split-K: aim for SPLIT_K_PROGRAMS_PER_SM programs per SM, at most MAX_SPLIT_K splits, and at least
@@ -285,6 +290,50 @@ if HAS_TRITON:
         tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
+    @triton.jit
+    def _segment_outer_kernel(
+        left_ptr, right_ptr, out_ptr,
+        sorted_ids_ptr, slot_counts_ptr, slot_starts_ptr,
+        P, Q,
+        stride_lm, stride_lp, stride_rm, stride_rq, stride_ol, stride_op, stride_oq,
+        BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+    ):
+        """Per-slot gradient sums of the grouped backward: out[slot] = sum over the slot's tokens t of
+        outer(left[t], right[t]) in fp32 (dA = uᵀ·x, dB = sᵀ·dy for each adapter). Grid (cdiv(P, BLOCK_P),
+        cdiv(Q, BLOCK_Q), L): a program walks its slot's tokens in tiles gathered through sorted_token_ids, so the
+        work is M·P·Q in all (not L times that) and no other slot's token is ever loaded (a NaN token stays in its
+        slot's gradient). Every program stores its tile: an empty slot gets zeros."""
+        pid_p = tl.program_id(0)
+        pid_q = tl.program_id(1)
+        slot = tl.program_id(2)
+        count = tl.load(slot_counts_ptr + slot)
+        start = tl.load(slot_starts_ptr + slot)
+        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        offs_t = tl.arange(0, BLOCK_T)
+        mask_p = offs_p < P
+        mask_q = offs_q < Q
+        acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+        for t0 in range(0, count, BLOCK_T):
+            mask_t = (t0 + offs_t) < count
+            tok = tl.load(sorted_ids_ptr + start + t0 + offs_t, mask=mask_t, other=0).to(tl.int64)
+            lt = tl.load(left_ptr + tok[None, :] * stride_lm + offs_p[:, None].to(tl.int64) * stride_lp,
+                         mask=mask_p[:, None] & mask_t[None, :], other=0.0)  # leftᵀ tile [BLOCK_P, BLOCK_T]
+            rt = tl.load(right_ptr + tok[:, None] * stride_rm + offs_q[None, :].to(tl.int64) * stride_rq,
+                         mask=mask_t[:, None] & mask_q[None, :], other=0.0)  # [BLOCK_T, BLOCK_Q]
+            # fp32 left (u or s) is rounded to right's 16-bit dtype for the tensor cores, as the torch path does.
+            lt = lt.to(rt.dtype)
+            if _DOT_IN_FP32:
+                lt, rt = lt.to(tl.float32), rt.to(tl.float32)
+            if lt.dtype == tl.float32:
+                acc = tl.dot(lt, rt, acc, input_precision=_FP32_DOT_PRECISION)
+            else:
+                acc = tl.dot(lt, rt, acc)
+        out_ptrs = (out_ptr + slot.to(tl.int64) * stride_ol + offs_p[:, None].to(tl.int64) * stride_op
+                    + offs_q[None, :].to(tl.int64) * stride_oq)
+        tl.store(out_ptrs, acc, mask=mask_p[:, None] & mask_q[None, :])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Configuration
 
@@ -460,6 +509,33 @@ def _(t, lora_b, adapter_ids, sorted_token_ids, slot_counts, slot_starts, ranks,
     return None
 
 
+def _launch_segment_outer(left, right, sorted_token_ids, slot_counts, slot_starts, out):
+    L, P, Q = out.shape
+    if out.numel() == 0:
+        return
+    cfg = _config("segment_outer")
+    block_p = SEGMENT_OUTER_BLOCK_P[0] if P <= SEGMENT_OUTER_BLOCK_P[0] or INTERPRET else SEGMENT_OUTER_BLOCK_P[1]
+    _segment_outer_kernel[(_cdiv(P, block_p), _cdiv(Q, cfg["BLOCK_Q"]), L)](
+        left, right, out, sorted_token_ids, slot_counts, slot_starts,
+        P, Q,
+        left.stride(0), left.stride(1), right.stride(0), right.stride(1), out.stride(0), out.stride(1),
+        out.stride(2),
+        BLOCK_T=cfg["BLOCK_T"], BLOCK_P=block_p, BLOCK_Q=cfg["BLOCK_Q"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+
+@torch.library.custom_op("lora_kernels_triton::segment_outer", mutates_args=("out",))
+def _segment_outer_op(left: torch.Tensor, right: torch.Tensor, sorted_token_ids: torch.Tensor,
+                      slot_counts: torch.Tensor, slot_starts: torch.Tensor, out: torch.Tensor) -> None:
+    _launch_segment_outer(left, right, sorted_token_ids, slot_counts, slot_starts, out)
+
+
+@_segment_outer_op.register_fake
+def _(left, right, sorted_token_ids, slot_counts, slot_starts, out):
+    return None
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Checks
 
@@ -611,6 +687,16 @@ def expand(t, lora_b, batch, ranks, out, slice_offset=0, *, add_inputs=True, pat
     run = torch.ops.lora_kernels_triton.sgmv_expand if _through_op(t) else _launch_expand
     run(t, lora_b, batch.adapter_ids, batch.sorted_token_ids, batch.slot_counts, batch.slot_starts, ranks, out,
         slice_offset, bool(add_inputs), path)
+    return out
+
+
+def segment_outer_sum(left, right, batch):
+    """[L, P, Q] fp32 with out[i] = sum over the tokens t of slot i of outer(left[t], right[t]): the per-adapter
+    gradients of the grouped backward (left [M, P] fp32, right [M, Q] fp32/fp16/bf16, batch: LoRABatch of the M
+    tokens over L slots; -1 tokens count nowhere). Arguments are not checked (multi_lora_linear's backward)."""
+    out = torch.empty((batch.num_adapters, left.shape[1], right.shape[1]), dtype=torch.float32, device=right.device)
+    run = torch.ops.lora_kernels_triton.segment_outer if _through_op(right) else _launch_segment_outer
+    run(left, right, batch.sorted_token_ids, batch.slot_counts, batch.slot_starts, out)
     return out
 
 
@@ -776,4 +862,17 @@ def aot_specs():
                     "constexprs": {"BLOCK_N": cfg["BLOCK_N"], "BLOCK_R": cfg["BLOCK_R"], "ADD_INPUTS": add_inputs},
                     "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
                 })
+    # Per-slot gradient sums: fp32 left (u or s) against right (x or dy) in each dtype, both P tiles.
+    for dtype in SUPPORTED_DTYPES:
+        ptrs = {"left_ptr": "*fp32", "right_ptr": "*" + _TRITON_DTYPE[dtype], "out_ptr": "*fp32", **ints}
+        cfg = GPU_CONFIG["segment_outer"]
+        for block_p in SEGMENT_OUTER_BLOCK_P:
+            specs.append({
+                "name": f"_segment_outer_kernel[{_TRITON_DTYPE[dtype]},P{block_p}]",
+                "kernel": _segment_outer_kernel,
+                "tensor_cores": True,
+                "signature": _sig(_segment_outer_kernel, ptrs),
+                "constexprs": {"BLOCK_T": cfg["BLOCK_T"], "BLOCK_P": block_p, "BLOCK_Q": cfg["BLOCK_Q"]},
+                "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
+            })
     return specs
