@@ -650,6 +650,17 @@ class GroupedSets:
         return [lambda s=s: multi_lora_linear(s["x"], s["w"], s["a"], s["b"], batch, s["scalings"], ranks=ranks,
                                               backend=backend) for s in self.sets]
 
+    def trained(self, batch, backend):
+        """fwd+bwd with gradients for x and every slot's A and B (several adapters trained in one batch)."""
+        fns = []
+        for s in self.sets:
+            x, lora_a, lora_b = (s[name].detach().requires_grad_(True) for name in ("x", "a", "b"))
+            dy = torch.randn(x.shape[0], s["w"].shape[0], device=x.device, dtype=x.dtype)
+            fns.append(lambda s=s, x=x, lora_a=lora_a, lora_b=lora_b, dy=dy: torch.autograd.grad(
+                multi_lora_linear(x, s["w"], lora_a, lora_b, batch, s["scalings"], backend=backend),
+                (x, lora_a, lora_b), dy))
+        return fns
+
     def loop(self, ids):
         """PEFT's per-adapter loop over the same operands (index tensors built here, outside the timing)."""
         indices = [torch.nonzero(ids == i).squeeze(1) for i in range(self.sets[0]["a"].shape[0])]
@@ -684,6 +695,13 @@ def grouped_rows(rows, cfg, device, dtype, timing, on_gpu, step):
                  "same, every token on one adapter", t["distinct"] / t["one"], t["distinct"], t["one"], "ms", on_gpu,
                  note=_graph_note(on_gpu))
         step(f"grouped prefill {backend}")
+        training = f"grouped training fwd+bwd: {PREFILL_ADAPTERS} distinct adapters / one adapter"
+        with _guard(rows, training, backend, shape, on_gpu):
+            t = measure({"one": inputs.trained(one, backend), "distinct": inputs.trained(distinct, backend)},
+                        **timing)
+            _row(rows, training, "grouped_train", backend, shape, "multi_lora_linear fwd+bwd (dX, every slot's dA, dB)",
+                 "same, every token on one adapter", t["distinct"] / t["one"], t["distinct"], t["one"], "ms", on_gpu,
+                 note="eager calls")
     del inputs
 
     section = f"grouped op / per-adapter loop (PEFT's mixed batch), {LOOP_ADAPTERS} adapters"
