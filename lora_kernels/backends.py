@@ -4,7 +4,6 @@ Backends (design.md §4): reference (the spec), torch (unfused torch ops, PEFT's
 cuda (the C++/CUDA extension), cpu (the C++ extension's CPU kernels).
 """
 
-import functools
 import logging
 
 import torch
@@ -68,24 +67,24 @@ def auto_backend(device, op_name="lora_linear"):
     return "torch"
 
 
-@functools.cache
-def _auto_choice(device_type, op_name):
-    """auto_backend, once per (device type, op): availability is fixed once the process has imported the package
-    (the extension, triton and the CUDA runtime are loaded or not), and the per-call lookup cost several µs."""
-    chosen = auto_backend(torch.device(device_type), op_name)
-    if not torch.compiler.is_compiling():  # dynamo traces through the cache and cannot trace Logger calls
-        logger.debug("%s: backend='auto' chose %r for %s tensors", op_name, chosen, device_type)
-    return chosen
+# (backend, device type, op) -> the backend to run, or the ValueError to raise. Availability is fixed once the
+# process has imported the package (the extension, triton and the CUDA runtime are loaded or not), and looking it up
+# again cost several µs per call. A plain dict, not functools.cache: dynamo traces through it without a warning.
+_CHOICES = {}
 
 
-@functools.cache
-def _explicit_choice(backend, device_type, op_name):
-    """`backend` when it can run on device_type tensors here; else the ValueError to raise (cached like _auto_choice)."""
-    reason = unavailable_reason(backend, torch.device(device_type))
+def _choose(backend, device_type, op_name):
+    device = torch.device(device_type)
+    if backend == "auto":
+        chosen = auto_backend(device, op_name)
+        if not torch.compiler.is_compiling():  # dynamo cannot trace Logger calls
+            logger.debug("%s: backend='auto' chose %r for %s tensors", op_name, chosen, device_type)
+        return chosen
+    reason = unavailable_reason(backend, device)
     if reason is None:
         return backend
     return ValueError(f"{op_name}: backend {backend!r} is not available for {device_type} tensors: {reason}. "
-                      f"Available here: {', '.join(available_backends(torch.device(device_type)))} (or 'auto').")
+                      f"Available here: {', '.join(available_backends(device))} (or 'auto').")
 
 
 def resolve_backend(backend, device, op_name):
@@ -94,9 +93,10 @@ def resolve_backend(backend, device, op_name):
     if not isinstance(backend, str):
         raise TypeError(f"{op_name}: backend expected a str, got {type(backend).__name__}")
     device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
-    if backend == "auto":
-        return _auto_choice(device_type, op_name)
-    chosen = _explicit_choice(backend, device_type, op_name)
+    key = (backend, device_type, op_name)
+    chosen = _CHOICES.get(key)
+    if chosen is None:
+        chosen = _CHOICES[key] = _choose(backend, device_type, op_name)
     if isinstance(chosen, ValueError):
         raise ValueError(*chosen.args)
     return chosen

@@ -88,12 +88,14 @@ def check_shrink_args(op, x, lora_a, batch, scalings, ranks):
     return as_scalings(op, scalings, num_slots, x.device), as_ranks(op, ranks, num_slots, max_rank, x.device)
 
 
-def check_expand_args(op, t, lora_b, batch, out, slice_offset, ranks):
-    _check_float(op, "t", t, 2)
-    _check_float(op, "lora_b", lora_b, 3)
+def check_expand_args(op, t, lora_b, batch, out, slice_offset, ranks, lora_b_name="lora_b"):
+    """Checks of lora_expand; t=None checks everything but t (add_lora, whose t is its own shrink's output)."""
+    if t is not None:
+        _check_float(op, "t", t, 2)
+    _check_float(op, lora_b_name, lora_b, 3)
     _check_float(op, "out", out, 2)
     num_slots, width, max_rank = lora_b.shape
-    if tuple(t.shape) != (out.shape[0], max_rank):
+    if t is not None and tuple(t.shape) != (out.shape[0], max_rank):
         raise ValueError(f"{op}: t expected shape [{out.shape[0]}, {max_rank}] ([M, R] for out {tuple(out.shape)} and "
                          f"lora_b {tuple(lora_b.shape)} = [L, N, R]), got {tuple(t.shape)}")
     if isinstance(slice_offset, bool) or not isinstance(slice_offset, int) or slice_offset < 0:
@@ -102,9 +104,10 @@ def check_expand_args(op, t, lora_b, batch, out, slice_offset, ranks):
         raise ValueError(f"{op}: out expected at least {slice_offset + width} columns (slice_offset {slice_offset} + "
                          f"N {width} of lora_b), got shape {tuple(out.shape)}")
     if lora_b.dtype != out.dtype:
-        raise TypeError(f"{op}: lora_b expected dtype {out.dtype} (same as out), got {lora_b.dtype}")
-    for name, tensor in (("t", t), ("lora_b", lora_b)):
-        _check_device(op, name, tensor, out.device)
+        raise TypeError(f"{op}: {lora_b_name} expected dtype {out.dtype} (same as out), got {lora_b.dtype}")
+    for name, tensor in (("t", t), (lora_b_name, lora_b)):
+        if tensor is not None:
+            _check_device(op, name, tensor, out.device)
     _check_batch(op, batch, out.shape[0], num_slots, out.device)
     return as_ranks(op, ranks, num_slots, max_rank, out.device)
 
@@ -224,23 +227,59 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
     """For each slice j: y[:, o_j : o_j + n_j] += expand(shrink(x, lora_a_slices[j]), lora_b_slices[j]), with
     o_j = sum(output_slices[:j]) — e.g. a fused QKV projection with q, k, v widths (n_q, n_kv, n_kv).
 
-    y: [M, sum(output_slices)]; x: [M, K]; lora_a_slices[j]: [L, R, K]; lora_b_slices[j]: [L, n_j, R]. Returns y.
+    y: [M, sum(output_slices)]; x: [M, K]; lora_a_slices: S tensors [L, R_j, K], or one [S, L, R, K];
+    lora_b_slices: S tensors [L, n_j, R_j], or one [S, L, n, R] when the widths are equal. With the triton backend a
+    stacked lora_a is one shrink launch and a stacked lora_b one expand launch (else one launch per slice). Every
+    slice is checked before y is touched. Returns y.
     """
     op = "add_lora"
-    if not (len(lora_a_slices) == len(lora_b_slices) == len(output_slices)) or not output_slices:
+    if isinstance(output_slices, int) or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 0
+                                                  for w in output_slices):
+        raise TypeError(f"{op}: output_slices expected a sequence of ints >= 0, got {output_slices!r}")
+    widths = tuple(output_slices)
+    if not (len(lora_a_slices) == len(lora_b_slices) == len(widths)) or not widths:
         raise ValueError(f"{op}: lora_a_slices, lora_b_slices and output_slices expected the same non-zero length, "
-                         f"got {len(lora_a_slices)}, {len(lora_b_slices)}, {len(output_slices)}")
+                         f"got {len(lora_a_slices)}, {len(lora_b_slices)}, {len(widths)}")
     _check_float(op, "y", y, 2)
-    if sum(output_slices) != y.shape[1]:
-        raise ValueError(f"{op}: y expected {sum(output_slices)} columns (sum of output_slices {tuple(output_slices)}), "
+    if sum(widths) != y.shape[1]:
+        raise ValueError(f"{op}: y expected {sum(widths)} columns (sum of output_slices {widths}), "
                          f"got shape {tuple(y.shape)}")
-    offset = 0
-    for j, (lora_a, lora_b, width) in enumerate(zip(lora_a_slices, lora_b_slices, output_slices)):
+    backend = resolve_backend(backend, y.device, op)
+    offsets = [sum(widths[:j]) for j in range(len(widths))]
+    for j, width in enumerate(widths):  # every slice checked before any work: nothing half-applied
+        lora_b = lora_b_slices[j]
         if not isinstance(lora_b, torch.Tensor) or lora_b.dim() != 3 or lora_b.shape[1] != width:
             shape = tuple(lora_b.shape) if isinstance(lora_b, torch.Tensor) else type(lora_b).__name__
             raise ValueError(f"{op}: lora_b_slices[{j}] expected shape [L, {width}, R] (output_slices[{j}] = {width}), "
                              f"got {shape}")
-        shrunk = lora_shrink(x, lora_a, batch, scalings, ranks, backend=backend, deterministic=deterministic)
-        lora_expand(shrunk, lora_b, batch, y, offset, ranks, backend=backend)
-        offset += width
+        scalings_t, ranks_t = check_shrink_args(op, x, lora_a_slices[j], batch, scalings, ranks)
+        check_expand_args(op, None, lora_b, batch, y, offsets[j], ranks_t, lora_b_name=f"lora_b_slices[{j}]")
+        if lora_b.shape[2] != lora_a_slices[j].shape[1]:
+            raise ValueError(f"{op}: lora_b_slices[{j}] expected R = {lora_a_slices[j].shape[1]} (lora_a_slices[{j}] "
+                             f"is {tuple(lora_a_slices[j].shape)}), got {tuple(lora_b.shape)}")
+    if backend == "triton":
+        check_triton_args(op, x.dtype, batch.num_adapters)
+        check_triton_args(op, y.dtype, batch.num_adapters)
+        _triton_add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings_t, ranks_t, widths, offsets,
+                         deterministic)
+        return y
+    for j in range(len(widths)):
+        shrunk = run_shrink(backend, x, lora_a_slices[j], batch, scalings_t, ranks_t, deterministic)
+        run_expand(backend, shrunk, lora_b_slices[j], batch, ranks_t, y, offsets[j])
     return y
+
+
+def _triton_add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, widths, offsets, deterministic):
+    """add_lora's launches with the triton backend: one shrink for a stacked [S, L, R, K] lora_a, one expand for a
+    stacked [S, L, n, R] lora_b (equal widths), else one per slice."""
+    sgmv = _triton_sgmv()
+    if isinstance(lora_a_slices, torch.Tensor):
+        shrunk = sgmv.shrink(x, lora_a_slices, batch, scalings, ranks, deterministic=deterministic)  # [S, M, R]
+    else:
+        shrunk = [sgmv.shrink(x, lora_a, batch, scalings, ranks, deterministic=deterministic)
+                  for lora_a in lora_a_slices]
+    if isinstance(lora_b_slices, torch.Tensor) and isinstance(shrunk, torch.Tensor):
+        sgmv.expand(shrunk, lora_b_slices, batch, ranks, y, 0)  # slice s lands at columns s * n (equal widths)
+    else:
+        for j in range(len(widths)):
+            sgmv.expand(shrunk[j], lora_b_slices[j], batch, ranks, y, offsets[j])

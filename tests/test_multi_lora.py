@@ -130,6 +130,39 @@ def test_add_lora_slices(backend, dtype, device):
     assert_close(y, expected, dtype, "add_lora")
 
 
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS)
+@pytest.mark.parametrize("stack_b", [False, True])
+def test_add_lora_stacked_slices(backend, stack_b, device):
+    """lora_a (and, with equal widths, lora_b) as one stacked tensor: one launch each with the triton backend."""
+    _backend_or_skip(backend, device)
+    num_slots, max_rank, k, m, widths, ranks = 2, 8, 20, 11, (12, 12, 12), [8, 3]
+    lora_as, lora_bs = zip(*[_adapters(num_slots, max_rank, k, w, ranks, torch.float32, device) for w in widths])
+    ids = segment_ids("mixed_base", m, num_slots).to(device)
+    scalings = torch.tensor([0.5, 2.0], device=device)
+    x, y = randn(m, k, device=device), randn(m, sum(widths), device=device)
+    expected = reference.add_lora(y, x, lora_as, lora_bs, ids, scalings, torch.tensor(ranks), widths)
+    batch = LoRABatch.from_adapter_ids(ids, num_slots)
+    lora_b = torch.stack(lora_bs) if stack_b else list(lora_bs)
+    lk.ops.add_lora(y, x, torch.stack(lora_as), lora_b, batch, scalings, ranks, widths, backend=backend)
+    assert_close(y, expected, torch.float32, "add_lora stacked")
+
+
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS)
+def test_add_lora_checks_every_slice_before_touching_y(backend, device):
+    """A bad last slice is an error before the first slice is added: y is left exactly as it was."""
+    _backend_or_skip(backend, device)
+    num_slots, max_rank, k, m, widths, ranks = 2, 4, 16, 6, (8, 8), [4, 2]
+    (a0, b0), (a1, b1) = [_adapters(num_slots, max_rank, k, w, ranks, torch.float32, device) for w in widths]
+    batch = LoRABatch.from_adapter_ids(segment_ids("mixed_base", m, num_slots).to(device), num_slots)
+    x, y = randn(m, k, device=device), randn(m, sum(widths), device=device)
+    before = y.clone()
+    with pytest.raises(ValueError, match=r"add_lora: x expected shape \[M, 15\]"):
+        lk.ops.add_lora(y, x, [a0, a1[:, :, :15]], [b0, b1], batch, [1.0, 1.0], ranks, widths, backend=backend)
+    with pytest.raises(TypeError, match=r"lora_b_slices\[1\] expected dtype torch.float32"):
+        lk.ops.add_lora(y, x, [a0, a1], [b0, b1.double()], batch, [1.0, 1.0], ranks, widths, backend=backend)
+    assert torch.equal(y, before)
+
+
 @pytest.mark.parametrize("backend", GROUPED_BACKENDS + ["reference"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_multi_lora_linear_forward_and_gradients(backend, dtype, device):

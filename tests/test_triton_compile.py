@@ -63,7 +63,7 @@ def test_tensor_core_flags_of_the_specs():
         base_gemm = spec["kernel"].__name__ in ("_lora_fwd_kernel", "_lora_bwd_dx_kernel")
         assert spec["wgmma"] == (base_gemm and not fp32), spec["name"]
     for spec in sgmv.aot_specs():
-        assert spec.get("tensor_cores", False) == spec["name"].startswith("_sgmv_"), spec["name"]
+        assert spec.get("tensor_cores", False) == spec["name"].startswith(("_sgmv_", "_segment_")), spec["name"]
 
 
 def test_lora_linear_specs_cover_every_kernel():
