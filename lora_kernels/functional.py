@@ -224,14 +224,23 @@ def lora_linear(x, weight, lora_a, lora_b, scaling=1.0, bias=None, *, dropout_p=
 
 def _segment_outer_sum(batch, backend, left, right):
     """[L, P, Q] with slot i holding sum over tokens t of slot i of outer(left[t], right[t]); left [M, P], right [M, Q].
-    Triton: one segment-GEMM kernel (M·P·Q work). Other backends: slot by slot, each a GEMM over all M rows with the
-    other slots' rows of BOTH operands zeroed by `where` (L·M·P·Q work, no host sync): a 0/1 mask multiplied in
-    would turn another slot's NaN or Inf row into NaN (0·NaN), so one broken token or adapter would poison every
-    slot's gradient."""
+    Triton: one segment-GEMM kernel (M·P·Q work). CPU tensors: each slot's rows gathered (M·P·Q work). Other
+    devices: slot by slot, each a GEMM over all M rows with the other slots' rows of BOTH operands zeroed by `where`
+    (L·M·P·Q work, no host sync): a 0/1 mask multiplied in would turn another slot's NaN or Inf row into NaN
+    (0·NaN), so one broken token or adapter would poison every slot's gradient."""
     if backend == "triton":
         return _triton_sgmv().segment_outer_sum(left, right, batch)
-    ids, num_slots = batch.adapter_ids, batch.num_adapters
     left = left.to(right.dtype)
+    if right.device.type == "cpu" and not torch.compiler.is_compiling():
+        # On the host the slot sizes cost nothing to read: each slot's own rows only, M·P·Q work in all.
+        order = batch.sorted_token_ids.long()
+        sums = torch.zeros(batch.num_adapters, left.shape[1], right.shape[1], dtype=right.dtype)
+        for slot, (start, count) in enumerate(zip(batch.slot_starts.tolist(), batch.slot_counts.tolist())):
+            if count:
+                rows = order[start:start + count]
+                torch.mm(left.index_select(0, rows).T, right.index_select(0, rows), out=sums[slot])
+        return sums
+    ids, num_slots = batch.adapter_ids, batch.num_adapters
     zero = torch.zeros((), dtype=right.dtype, device=right.device)
     sums = []
     for slot in range(num_slots):
