@@ -61,7 +61,7 @@ def test_tensor_core_flags_of_the_specs():
         fp32 = "fp32" in spec["name"].split(";")[0]
         assert spec["tensor_cores"] == (not fp32 and spec["kernel"].__name__ != "_dropout_mask_kernel"), spec["name"]
         base_gemm = spec["kernel"].__name__ in ("_lora_fwd_kernel", "_lora_bwd_dx_kernel")
-        assert spec["wgmma"] == (base_gemm and not fp32), spec["name"]
+        assert spec["wgmma"] == (base_gemm and not fp32 and spec["constexprs"]["BLOCK_M"] >= 64), spec["name"]
     for spec in sgmv.aot_specs():
         assert spec.get("tensor_cores", False) == spec["name"].startswith(("_sgmv_", "_segment_")), spec["name"]
 

@@ -331,3 +331,39 @@ def test_torch_compile_fullgraph(dev):
     compiled = torch.compile(step, fullgraph=True, backend=backend)
     for got, want in zip(compiled(x, weight, lora_a, lora_b, b, dy), step(x, weight, lora_a, lora_b, b, dy)):
         torch.testing.assert_close(got, want)
+
+
+def test_forward_configs_follow_m():
+    """The forward's autotune candidates: the decode tiles (16 rows) for M <= DECODE_MAX_M, the others above; each
+    set falls back to what fits when it would be empty (the interpreter's single config)."""
+    x = torch.empty(0, dtype=torch.bfloat16)
+    small = tk._prune_fwd(tk.GEMM_CONFIGS, {"x_ptr": x, "M": 1}, BLOCK_R=16)
+    large = tk._prune_fwd(tk.GEMM_CONFIGS, {"x_ptr": x, "M": 4096}, BLOCK_R=16)
+    assert small and large
+    decode_rows = {tile[0] for tile in tk._DECODE_TILES}
+    if decode_rows:  # GPU config lists
+        assert all(cfg.kwargs["BLOCK_M"] in decode_rows for cfg in small)
+        assert not any(cfg.kwargs["BLOCK_M"] in decode_rows for cfg in large)
+    else:  # interpreter: one config for every M
+        assert small == large == tk.GEMM_CONFIGS[:1]
+    assert len(tk._prune_fwd(tk.GEMM_CONFIGS, {"x_ptr": x}, BLOCK_R=16)) >= len(large)  # no M: keep all that fit
+
+
+def test_forward_gpu_configs_follow_m():
+    """The same with the GPU config lists (a TRITON_INTERPRET=0 subprocess: nothing is compiled or launched)."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    code = ("import torch\n"
+            "from lora_kernels.triton import lora_linear as tk\n"
+            "x = torch.empty(0, dtype=torch.bfloat16)\n"
+            "small = tk._prune_fwd(tk.GEMM_CONFIGS, {'x_ptr': x, 'M': 16}, BLOCK_R=16)\n"
+            "large = tk._prune_fwd(tk.GEMM_CONFIGS, {'x_ptr': x, 'M': 17}, BLOCK_R=16)\n"
+            "print(sorted({c.kwargs['BLOCK_M'] for c in small}), sorted({c.kwargs['BLOCK_M'] for c in large}))\n")
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(root))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("\n")[0] == "[16] [64, 128]", proc.stdout

@@ -75,6 +75,7 @@ def _config(num_warps, num_stages, **blocks):
 # default: it fits every dtype within sm_80's shared memory, and aot_specs() compiles it for every dtype.
 if INTERPRET:
     _GEMM_TILES = [(16, 32, 32, 1, 1)]
+    _DECODE_TILES = []
 else:
     _GEMM_TILES = [
         (128, 128, 32, 8, 3),
@@ -83,8 +84,16 @@ else:
         (64, 128, 64, 4, 4),
         (64, 64, 64, 4, 4),
     ]
+    # Forward at decode sizes (M <= DECODE_MAX_M): bound by reading W once, so it wants many programs in flight.
+    # At K = N = 4096 a 16 x 32 tile gives 128 column blocks (an H100 has 132 SMs) where 64 x 64 gives 64 and
+    # 128 x 128 gives 32; 16 rows is tl.dot's minimum. Chosen from those counts, not measured on a GPU yet.
+    _DECODE_TILES = [
+        (16, 32, 128, 4, 4),
+        (16, 64, 128, 4, 4),
+    ]
+DECODE_MAX_M = 16
 # Forward: output [BLOCK_M, BLOCK_N], reduction over K. dx: output [BLOCK_M, BLOCK_K], reduction over N.
-GEMM_CONFIGS = [_config(w, st, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k) for m, n, k, w, st in _GEMM_TILES]
+GEMM_CONFIGS = [_config(w, st, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k) for m, n, k, w, st in _GEMM_TILES + _DECODE_TILES]
 # dx drops the 128 x 256 tile: with dropout it regenerates the mask over its whole output tile, and that variant
 # alone took ~25 s of CPU to compile per target for no expected gain over 128 x 128 (dx is a plain GEMM shape).
 DX_CONFIGS = [_config(w, st, BLOCK_M=m, BLOCK_K=n, BLOCK_N=k) for m, n, k, w, st in _GEMM_TILES if m * n <= 128 * 128]
@@ -430,9 +439,21 @@ def _dropout_mask_kernel(
              mask=(offs_m < M)[:, None] & (offs_k < K)[None, :])
 
 
+def _prune_fwd(configs, named_args, **kwargs):
+    """The forward's configs for this M: after the shared-memory prune, the decode tiles when M <= DECODE_MAX_M and
+    the others above it (each set, when it is empty here, falls back to whatever survived). Without an M (the
+    compile gate's spec list) every config that fits is kept."""
+    kept = _prune_by_smem("BLOCK_M", "BLOCK_N", "BLOCK_K", "x_ptr")(configs, named_args, **kwargs)
+    if "M" not in named_args:
+        return kept
+    decode = named_args["M"] <= DECODE_MAX_M
+    decode_block_m = {tile[0] for tile in _DECODE_TILES}
+    return [cfg for cfg in kept if (cfg.kwargs["BLOCK_M"] in decode_block_m) == decode] or kept
+
+
 _PRUNE = {
     "_lora_shrink_kernel": _prune_by_smem("BLOCK_M", "BLOCK_R", "BLOCK_K", "x_ptr"),
-    "_lora_fwd_kernel": _prune_by_smem("BLOCK_M", "BLOCK_N", "BLOCK_K", "x_ptr"),
+    "_lora_fwd_kernel": _prune_fwd,
     "_lora_bwd_dy_kernel": _prune_by_smem("BLOCK_M", "BLOCK_R", "BLOCK_N", "dy_ptr"),
     "_lora_bwd_dx_kernel": _prune_by_smem("BLOCK_M", "BLOCK_K", "BLOCK_N", "dy_ptr"),
     "_lora_bwd_da_kernel": _prune_by_smem("BLOCK_R", "BLOCK_K", "BLOCK_M", "x_ptr"),
@@ -853,11 +874,12 @@ def _spec(fn, dtype, config, num_warps, num_stages, **flags):
         # Sizes and strides as Triton specialises them for K = N = 4096, M = 8192, r = 16: divisible by 16, which
         # enables the vectorised async copies of the pipelined loops, the variant with the most shared memory.
         "divisible_by_16": [name for name, kind in signature.items() if kind == "i32" and name not in _SPLIT_ARGS],
-        # The gate fails a 16-bit kernel whose dots did not become tensor-core MMAs, and a base-GEMM kernel (forward,
-        # dX) that is not warp-group MMA on sm_90 (the instruction Hopper's GEMM speed needs). fp32 layers run
-        # full-precision FMA dots by design (see _dot).
+        # The gate fails a 16-bit kernel whose dots did not become tensor-core MMAs, and a base-GEMM tile (forward,
+        # dX, 64 rows or more) that is not warp-group MMA on sm_90 (the instruction Hopper's GEMM speed needs).
+        # fp32 layers run full-precision FMA dots by design (see _dot).
         "tensor_cores": dtype != torch.float32 and fn is not _dropout_mask_kernel,
-        "wgmma": dtype != torch.float32 and fn in (_lora_fwd_kernel, _lora_bwd_dx_kernel),
+        "wgmma": dtype != torch.float32 and fn in (_lora_fwd_kernel, _lora_bwd_dx_kernel)
+                 and config["BLOCK_M"] >= 64,  # a warp group's MMA spans 64 rows: the decode tiles use mma.sync
     }
 
 
