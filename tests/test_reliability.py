@@ -64,6 +64,33 @@ def test_grouped_property(backend, dtype, m, num_slots, data):
     assert rel_error(out, expected) <= 2 * TOLERANCE[dtype]
 
 
+@PROPERTY_SETTINGS
+@given(backend=st.sampled_from(CPU_BACKENDS), m=st.integers(1, 20), num_slots=st.integers(1, 4), data=st.data())
+def test_grouped_gradients_property(backend, m, num_slots, data):
+    """Gradients of x and of every slot's A and B (several adapters trained in one batch) against autograd of the
+    float64 reference, over random segment layouts (-1 tokens, empty slots), ranks (0 included) and shapes."""
+    k, n, max_rank = data.draw(st.integers(1, 24)), data.draw(st.integers(1, 24)), data.draw(st.integers(1, 12))
+    ranks = data.draw(st.lists(st.integers(0, max_rank), min_size=num_slots, max_size=num_slots))
+    ids = torch.tensor(data.draw(st.lists(st.integers(-1, num_slots - 1), min_size=m, max_size=m)))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    x = torch.randn(m, k, generator=g)
+    weight = torch.randn(n, k, generator=g) * k ** -0.5
+    lora_a = torch.randn(num_slots, max_rank, k, generator=g) * k ** -0.5
+    lora_b = torch.randn(num_slots, n, max_rank, generator=g)
+    scalings = torch.rand(num_slots, generator=g) + 0.5
+    dy = torch.randn(m, n, generator=g)
+    leaves = [t.clone().requires_grad_(True) for t in (x, lora_a, lora_b)]
+    y = lk.multi_lora_linear(leaves[0], weight, leaves[1], leaves[2], ids, scalings, ranks=ranks, backend=backend)
+    y.backward(dy)
+    ref_leaves = [t.double().requires_grad_(True) for t in (x, lora_a, lora_b)]
+    expected = reference.multi_lora_linear_autograd(ref_leaves[0], weight.double(), ref_leaves[1], ref_leaves[2],
+                                                    ids, scalings, None, torch.tensor(ranks))
+    expected.backward(dy.double())
+    assert rel_error(y, expected) <= 2 * TOLERANCE[torch.float32]
+    for name, leaf, ref in zip(("dx", "dA", "dB"), leaves, ref_leaves):
+        assert rel_error(leaf.grad, ref.grad) <= 2 * TOLERANCE[torch.float32], name
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_nan_in_x_stays_in_its_rows(backend):
     x, weight = torch.randn(6, 16), torch.randn(8, 16)
