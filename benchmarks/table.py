@@ -3,7 +3,7 @@ group's baseline), and the short summary of `lora-kernels bench --save` / `lora-
 scripts/gpu_check.sh prints last.
 
     python benchmarks/table.py results.json           # pytest-benchmark JSON: ratios against each group's baseline
-    python benchmarks/table.py --summary OUTDIR       # bench.json + compare.json of a gpu_check run
+    python benchmarks/table.py --summary OUTDIR       # bench/grouped/sweep/compare.json of a gpu_check run
 """
 
 import argparse
@@ -15,7 +15,8 @@ import sys
 SUMMARY_KINDS = ("fwd_decode", "fwd_prefill", "fwd_bwd_vs_gemms", "unfused_vs_ours", "lora_vs_full",
                  "memory_vs_unfused", "grouped_distinct", "grouped_train", "grouped_vs_loop", "decode_bandwidth", "triton_split",
                  "cuda_bwd_dy")
-# rows of `lora-kernels bench --sections sweep` (sweep.json of a gpu_check run)
+# the bench JSON files of a gpu_check run, and the rows of `lora-kernels bench --sections sweep` (sweep.json)
+BENCH_FILES = ("bench.json", "grouped.json")
 SWEEP_KINDS = ("sweep_vs_one", "grouped_vs_loop", "sweep_bandwidth", "mixed_vs_padded")
 HIGHER_IS_BETTER = ("unfused_vs_ours", "decode_bandwidth", "sweep_bandwidth")
 
@@ -124,9 +125,15 @@ def summary_compare_rows(compare):
 
 def print_summary(outdir, out=sys.stdout):
     """The key numbers of a gpu_check run (bench: the worst case of each ratio); missing files are reported."""
-    bench_path, compare_path = os.path.join(outdir, "bench.json"), os.path.join(outdir, "compare.json")
-    if os.path.exists(bench_path):
-        bench = _load(bench_path)
+    compare_path = os.path.join(outdir, "compare.json")
+    # gpu_check runs the bench in two parts (forward/train, then host/grouped/decode), each with its own time limit
+    parts = [_load(path) for path in (os.path.join(outdir, name) for name in BENCH_FILES) if os.path.exists(path)]
+    bench_path = os.path.join(outdir, " + ".join(BENCH_FILES))
+    if parts:
+        bench = {**parts[0], "rows": [row for part in parts for row in part["rows"]],
+                 "partial": any(part.get("partial") for part in parts),
+                 "copy_bandwidth_gbs": next((part["copy_bandwidth_gbs"] for part in parts
+                                             if part.get("copy_bandwidth_gbs")), None)}
         env = bench["environment"]
         copy = bench.get("copy_bandwidth_gbs")
         out.write(f"bench ({env['gpu'] or env['cpu']}, {bench['config']['dtype']}, K=N={bench['config']['hidden']}, "

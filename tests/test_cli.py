@@ -131,7 +131,8 @@ def test_gpu_check_dry_run(tmp_path):
     out = proc.stdout
     assert "== build (dry run, not run)" in out and "--no-build-isolation" in out
     assert "== tests (dry run, not run)" in out and "cuda or gpu" in out
-    for log in ("env.log", "info.log", "bench.log", "compare.log", "bench.json", "compare.json", "summary.txt"):
+    for log in ("env.log", "info.log", "bench.log", "grouped.log", "sweep.log", "compare.log", "bench.json",
+                "grouped.json", "sweep.json", "compare.json", "summary.txt"):
         assert (tmp_path / log).exists(), log
     # the short table comes last: the key numbers, then the stages
     tail = out[out.index("what (worst case)"):]
