@@ -114,6 +114,16 @@ def _new_seed():
 
 # ------------------------------------------------------------------------------------------- single-adapter autograd
 
+# The cuda backend's dY-once kernel (csrc/cuda/lora_linear.cu) multiplies on CUDA cores out of shared memory. On the
+# H100 (BENCHMARKS.md, first run) the cuda backend's fwd+bwd at M = 8192 took 1.58 ms at r = 16 and 3.37 ms at
+# r = 64, against 1.28 and 1.07 ms for the torch composition, whose backward reads dY twice in two cuBLAS GEMMs on
+# tensor cores, while the cuda forward was the faster one. By its arithmetic the kernel moves ~16·r bytes of shared
+# memory per dY element where the two GEMMs read 4 bytes of HBM, so it can only win where the GEMMs' fixed launch
+# cost dominates: it runs up to M·r = CUDA_BWD_DY_KERNEL_MAX_WORK (M = 256 at r = 16), cuBLAS above. The bench's
+# "CUDA backward" rows time the kernel against the two GEMMs directly; the bound is a model, not yet measured.
+CUDA_BWD_DY_KERNEL_MAX_WORK = 4096
+
+
 def _triton_sgmv():
     from lora_kernels.triton import sgmv
     return sgmv
@@ -167,7 +177,10 @@ class LoRALinearFunction(torch.autograd.Function):
                 d_lora_a = kernels.lora_bwd_da(ds, x2, dropout_p, seed)
         else:
             mask = torch_dropout_mask(seed, x2.shape, dropout_p, x2.device, x2.dtype) if dropout_p > 0.0 else None
-            if backend in ("cpu", "cuda"):
+            if backend == "cuda" and dy.shape[0] * lora_b.shape[1] > CUDA_BWD_DY_KERNEL_MAX_WORK:
+                d_lora_b = torch.mm(dy.T, s.to(dy.dtype)).mul_(scaling)
+                ds = torch.mm(dy, lora_b).mul_(scaling)
+            elif backend in ("cpu", "cuda"):
                 d_lora_b, ds = torch.ops.lora_kernels.lora_bwd_dy(dy, s, lora_b, float(scaling))
                 ds = ds.to(dy.dtype)
             else:

@@ -67,6 +67,28 @@ def test_forward_and_gradients_match_reference(backend, dtype, shape, device):
         assert_close(grad, expected[name], dtype, f"d{name}", scale=2.0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m, r", [(100, 16), (300, 16), (80, 64)], ids=["kernel", "gemms", "gemms-r64"])
+def test_cuda_backward_either_side_of_the_kernel_bound(dtype, m, r, device):
+    """The cuda backend's dY products come from its dY-once kernel up to M·r = CUDA_BWD_DY_KERNEL_MAX_WORK and from
+    two GEMMs above: both sides against the reference. On CPU the autograd Function runs with backend 'cuda' on
+    CPU tensors (the extension's CPU kernels stand in for the CUDA ones; the GEMM branch is the same code)."""
+    if device.type == "cuda":
+        _backend_or_skip("cuda", device)
+    elif not hasattr(torch.ops.lora_kernels, "lora_fwd"):
+        pytest.skip("needs the C++ extension")
+    k, n, scaling = 24, 40, 0.5
+    x, weight, lora_a, lora_b, bias = _inputs(m, k, n, r, dtype, device)
+    dy = randn(m, n, dtype=dtype, device=device)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, lora_a, lora_b)]
+    y = functional.LoRALinearFunction.apply(leaves[0], weight, leaves[1], leaves[2], bias, scaling, 0.0, 0, "cuda")
+    y.backward(dy)
+    expected = reference.lora_linear_backward(dy, x, weight, lora_a, lora_b, scaling)
+    for name, leaf in zip(("x", "lora_a", "lora_b"), leaves):
+        assert_close(leaf.grad, expected[name], dtype, f"d{name}", scale=2.0)
+    assert (m * r > functional.CUDA_BWD_DY_KERNEL_MAX_WORK) == (m != 100)  # the cases sit on both sides
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_leading_dims_and_non_contiguous_input(backend, device):
     _backend_or_skip(backend, device)
