@@ -223,14 +223,15 @@ def lora_expand(t, lora_b, batch, out, slice_offset=0, ranks=None, *, backend="a
 
 
 def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_slices, *, backend="auto",
-             deterministic=False):
+             deterministic=False, buffer=None):
     """For each slice j: y[:, o_j : o_j + n_j] += expand(shrink(x, lora_a_slices[j]), lora_b_slices[j]), with
     o_j = sum(output_slices[:j]) — e.g. a fused QKV projection with q, k, v widths (n_q, n_kv, n_kv).
 
     y: [M, sum(output_slices)]; x: [M, K]; lora_a_slices: S tensors [L, R_j, K], or one [S, L, R, K];
     lora_b_slices: S tensors [L, n_j, R_j], or one [S, L, n, R] when the widths are equal. With the triton backend a
-    stacked lora_a is one shrink launch and a stacked lora_b one expand launch (else one launch per slice). Every
-    slice is checked before y is touched. Returns y.
+    stacked lora_a is one shrink launch and a stacked lora_b one expand launch (else one launch per slice).
+    buffer: optional [S, M, R] float32 for the shrink results (every slice of rank R), so a captured CUDA graph
+    allocates nothing (triton backend). Every slice is checked before y is touched. Returns y.
     """
     op = "add_lora"
     if isinstance(output_slices, int) or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 0
@@ -257,27 +258,37 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
         if lora_b.shape[2] != lora_a_slices[j].shape[1]:
             raise ValueError(f"{op}: lora_b_slices[{j}] expected R = {lora_a_slices[j].shape[1]} (lora_a_slices[{j}] "
                              f"is {tuple(lora_a_slices[j].shape)}), got {tuple(lora_b.shape)}")
+    if buffer is not None:
+        expected = (len(widths), x.shape[0], lora_a_slices[0].shape[1])
+        _check_float(op, "buffer", buffer, 3)
+        if (buffer.dtype != torch.float32 or tuple(buffer.shape) != expected
+                or any(lora_a_slices[j].shape[1] != expected[2] for j in range(len(widths)))):
+            raise ValueError(f"{op}: buffer expected a float32 tensor of shape [{', '.join(map(str, expected))}] "
+                             f"([S, M, R], every slice of rank R), got {buffer.dtype} {tuple(buffer.shape)}")
+        _check_device(op, "buffer", buffer, x.device)
     if backend == "triton":
         check_triton_args(op, x.dtype, batch.num_adapters)
         check_triton_args(op, y.dtype, batch.num_adapters)
         _triton_add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings_t, ranks_t, widths, offsets,
-                         deterministic)
+                         deterministic, buffer)
         return y
     for j in range(len(widths)):
-        shrunk = run_shrink(backend, x, lora_a_slices[j], batch, scalings_t, ranks_t, deterministic)
+        shrunk = run_shrink(backend, x, lora_a_slices[j], batch, scalings_t, ranks_t, deterministic,
+                            None if buffer is None else buffer[j])
         run_expand(backend, shrunk, lora_b_slices[j], batch, ranks_t, y, offsets[j])
     return y
 
 
-def _triton_add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, widths, offsets, deterministic):
+def _triton_add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, widths, offsets, deterministic,
+                     buffer):
     """add_lora's launches with the triton backend: one shrink for a stacked [S, L, R, K] lora_a, one expand for a
     stacked [S, L, n, R] lora_b (equal widths), else one per slice."""
     sgmv = _triton_sgmv()
-    if isinstance(lora_a_slices, torch.Tensor):
-        shrunk = sgmv.shrink(x, lora_a_slices, batch, scalings, ranks, deterministic=deterministic)  # [S, M, R]
+    if isinstance(lora_a_slices, torch.Tensor):  # [S, M, R]
+        shrunk = sgmv.shrink(x, lora_a_slices, batch, scalings, ranks, deterministic=deterministic, out=buffer)
     else:
-        shrunk = [sgmv.shrink(x, lora_a, batch, scalings, ranks, deterministic=deterministic)
-                  for lora_a in lora_a_slices]
+        shrunk = [sgmv.shrink(x, lora_a, batch, scalings, ranks, deterministic=deterministic,
+                              out=None if buffer is None else buffer[j]) for j, lora_a in enumerate(lora_a_slices)]
     if isinstance(lora_b_slices, torch.Tensor) and isinstance(shrunk, torch.Tensor):
         sgmv.expand(shrunk, lora_b_slices, batch, ranks, y, 0)  # slice s lands at columns s * n (equal widths)
     else:

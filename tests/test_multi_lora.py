@@ -143,8 +143,14 @@ def test_add_lora_stacked_slices(backend, stack_b, device):
     expected = reference.add_lora(y, x, lora_as, lora_bs, ids, scalings, torch.tensor(ranks), widths)
     batch = LoRABatch.from_adapter_ids(ids, num_slots)
     lora_b = torch.stack(lora_bs) if stack_b else list(lora_bs)
-    lk.ops.add_lora(y, x, torch.stack(lora_as), lora_b, batch, scalings, ranks, widths, backend=backend)
+    buffer = torch.full((len(widths), m, max_rank), float("nan"), device=device)  # every entry gets written
+    lk.ops.add_lora(y, x, torch.stack(lora_as), lora_b, batch, scalings, ranks, widths, backend=backend,
+                    buffer=buffer)
     assert_close(y, expected, torch.float32, "add_lora stacked")
+    assert not torch.isnan(buffer).any()
+    with pytest.raises(ValueError, match=r"buffer expected a float32 tensor of shape \[3, 11, 8\]"):
+        lk.ops.add_lora(y, x, torch.stack(lora_as), lora_b, batch, scalings, ranks, widths, backend=backend,
+                        buffer=buffer[:, :5])
 
 
 @pytest.mark.parametrize("backend", GROUPED_BACKENDS)
