@@ -135,6 +135,7 @@ if (( DRY_RUN )); then
     --sections host,grouped,decode --save "$OUTDIR/grouped.json"
   run_stage compare 120 compare.log "$PY" -m lora_kernels compare --model-size tiny --device cpu --steps 6 --warmup 2 \
     --seq-len 32 --infer-reps 3 --threads 1 --no-progress --save "$OUTDIR/compare.json" "${PLOT[@]}"
+  run_stage profile 120 profile.log "$PY" benchmarks/profile_kernels.py --device cpu --quick
   run_stage sweep 120 sweep.log "$PY" -m lora_kernels bench --quick --device cpu --threads 1 --sections sweep \
     --no-progress --save "$OUTDIR/sweep.json"
 else
@@ -150,7 +151,9 @@ else
     (( $(remaining) > 100 )) && run_stage compare_torch 80 compare_torch.log "$PY" -m lora_kernels compare \
       --backend torch --no-progress --save "$OUTDIR/compare.json"
   fi
-  # last, the lowest priority: the grouped grid (token counts x adapters, mixed ranks), CUDA-graph timed
+  # per-kernel GPU time of the key calls (which kernel takes the time), then, last, the lowest priority: the
+  # grouped grid (token counts x adapters, mixed ranks), CUDA-graph timed
+  run_stage profile 45 profile.log "$PY" benchmarks/profile_kernels.py
   run_stage sweep 90 sweep.log "$PY" -m lora_kernels bench --sections sweep --no-progress --save "$OUTDIR/sweep.json"
 fi
 

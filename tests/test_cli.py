@@ -131,10 +131,14 @@ def test_gpu_check_dry_run(tmp_path):
     out = proc.stdout
     assert "== build (dry run, not run)" in out and "--no-build-isolation" in out
     assert "== tests (dry run, not run)" in out and "cuda or gpu" in out
-    for log in ("env.log", "info.log", "bench.log", "grouped.log", "sweep.log", "compare.log", "bench.json",
+    for log in ("env.log", "info.log", "bench.log", "grouped.log", "profile.log", "sweep.log", "compare.log",
+                "bench.json",
                 "grouped.json", "sweep.json", "compare.json", "summary.txt"):
         assert (tmp_path / log).exists(), log
     # the short table comes last: the key numbers, then the stages
     tail = out[out.index("what (worst case)"):]
     assert "compare (" in tail and "stage" in tail and "0 stage(s) not ok" in tail
     assert json.loads((tmp_path / "compare.json").read_text())["config"]["model_size"] == "tiny"
+    profile = (tmp_path / "profile.log").read_text()
+    assert "=== lora_linear fwd+bwd, backend torch" in profile
+    assert "\nERROR: " not in profile  # the script's own failure line (the profiler may log "ERROR:<date>" lines)
