@@ -120,3 +120,24 @@ def test_gate_fails_a_kernel_that_lost_its_tensor_cores():
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "REFUSED" in proc.stdout and "CUDA-core FMAs on sm_90" in proc.stdout, proc.stdout
+
+
+def test_register_report_from_ptxas():
+    """`python -m lora_kernels.triton.aot --registers` adds ptxas -v's registers and spill bytes per kernel (the
+    numbers BENCHMARKS.md quotes); one small kernel, both targets."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(root))
+    proc = subprocess.run([sys.executable, "-m", "lora_kernels.triton.aot", "--module", "lora_linear", "--match",
+                           "_dropout_mask_kernel", "--registers", "--json", "-", "--jobs", "1"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("AOT-GATE-JSON:"))
+    records = json.loads(line[len("AOT-GATE-JSON:"):])
+    assert {r["cc"] for r in records} == set(aot.TARGETS)
+    assert all(r["ok"] and 1 <= r["registers"] <= 255 and r["spill_bytes"] >= 0 for r in records), records
+    assert "regs" in proc.stdout and "B spilled" in proc.stdout

@@ -7,6 +7,7 @@ objects with no compilable IR. `run_gate` therefore compiles in a subprocess sta
 one per module (its specs are spread over a small process pool there):
 
     python -m lora_kernels.triton.aot [--module lora_linear] [--cc 80 90] [--jobs N] [--json out.json]
+                                      [--match _lora_fwd_kernel[bf16] [--registers]   # + ptxas -v usage
 """
 
 import argparse
@@ -73,15 +74,51 @@ def mma_kind(ptx):
     return "none"
 
 
+def ptxas_path():
+    """The ptxas Triton ships (the one it compiles with), else the first on PATH; None when there is none."""
+    import shutil
+
+    import triton.backends.nvidia as nvidia_backend
+
+    bundled = os.path.join(os.path.dirname(nvidia_backend.__file__), "bin", "ptxas")
+    return bundled if os.access(bundled, os.X_OK) else shutil.which("ptxas")
+
+
+def register_usage(ptx, cc):
+    """(registers per thread, spill store bytes, spill load bytes) that `ptxas -v` reports for this PTX on sm_<cc>
+    (sm_90a for 90, as Triton targets it). Spills go to local memory: a kernel that spills is slower than its tile
+    suggests."""
+    import re
+    import tempfile
+
+    ptxas = ptxas_path()
+    if ptxas is None:
+        raise RuntimeError("ptxas not found (neither Triton's nor on PATH)")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        arch = f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
+        proc = subprocess.run([ptxas, f"-arch={arch}", "-v", path, "-o", os.path.join(tmp, "kernel.cubin")],
+                              capture_output=True, text=True, timeout=300)
+    report = proc.stdout + proc.stderr
+    registers = re.search(r"Used (\d+) registers", report)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    if proc.returncode != 0 or registers is None or spills is None:
+        raise RuntimeError(f"ptxas -v gave no register report (exit {proc.returncode}): {report[-500:]}")
+    return int(registers.group(1)), int(spills.group(1)), int(spills.group(2))
+
+
 class TensorCoreError(RuntimeError):
     """A kernel whose spec requires tensor cores compiled without MMA instructions (a silent ~10x slowdown)."""
 
 
-def compile_spec(spec, cc):
+def compile_spec(spec, cc, registers=False):
     """Compile one aot_specs() entry for sm_<cc>; returns {"shared": bytes of shared memory, "mma": mma_kind}.
     Raises SharedMemoryError when the shared memory exceeds the target's limit, TensorCoreError when the spec asks
     for tensor cores ("tensor_cores": True; on sm_90 "wgmma": True asks for warp-group MMA) and the PTX has none,
-    and whatever Triton raises when it does not compile."""
+    and whatever Triton raises when it does not compile. registers=True adds "registers" and "spill_bytes" from
+    `ptxas -v` (a second ptxas run per kernel, so not part of the CI gate)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -112,7 +149,10 @@ def compile_spec(spec, cc):
         raise TensorCoreError(f"{spec['name']}: its dots compiled to CUDA-core FMAs on sm_{cc}, not tensor-core MMA")
     if spec.get("wgmma") and cc >= 90 and mma != "wgmma":
         raise TensorCoreError(f"{spec['name']}: compiled to {mma} on sm_{cc}, not Hopper's warp-group MMA (wgmma)")
-    return {"shared": shared, "mma": mma}
+    result = {"shared": shared, "mma": mma}
+    if registers:
+        result["registers"], result["spill_bytes"], _ = register_usage(compiled.asm["ptx"], cc)
+    return result
 
 
 def module_specs(module_name):
@@ -142,6 +182,7 @@ def all_specs(modules=SPEC_MODULES):
 # ----------------------------------------------------------------------------------------------------------------
 
 _WORKER_SPECS = None
+_WORKER_REGISTERS = False
 
 
 def _compile_one(job):
@@ -151,7 +192,7 @@ def _compile_one(job):
     start = time.perf_counter()
     record = {"name": spec["name"], "module": spec.get("module"), "cc": cc, "limit": SHARED_MEMORY_LIMIT[cc]}
     try:
-        record.update(compile_spec(spec, cc))
+        record.update(compile_spec(spec, cc, registers=_WORKER_REGISTERS))
         record["ok"] = True
     except Exception as exc:  # noqa: BLE001  (reported, and the gate fails on it)
         record["ok"] = False
@@ -160,11 +201,12 @@ def _compile_one(job):
     return record
 
 
-def compile_all(specs, targets=TARGETS, jobs=None):
+def compile_all(specs, targets=TARGETS, jobs=None, registers=False):
     """Compile every spec for every target, `jobs` processes at a time; returns one record per (spec, target):
-    name, module, cc, ok, shared, limit, seconds, and error when it failed."""
-    global _WORKER_SPECS
-    _WORKER_SPECS = specs
+    name, module, cc, ok, shared, limit, mma, seconds, error when it failed, and with registers=True the
+    registers and spill bytes of ptxas -v."""
+    global _WORKER_SPECS, _WORKER_REGISTERS
+    _WORKER_SPECS, _WORKER_REGISTERS = specs, registers
     work = [(index, cc) for index in range(len(specs)) for cc in targets]
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(work)))
     if jobs == 1:
@@ -198,7 +240,9 @@ def format_records(records):
     lines = []
     for rec in records:
         if rec["ok"]:
-            lines.append(f"ok   sm_{rec['cc']} {rec['shared']:>7} B / {rec['limit']} B  {rec['mma']:<5}  "
+            usage = (f"{rec['registers']:>3} regs {rec['spill_bytes']:>5} B spilled  " if "registers" in rec
+                     else "")
+            lines.append(f"ok   sm_{rec['cc']} {rec['shared']:>7} B / {rec['limit']} B  {rec['mma']:<5}  {usage}"
                          f"{rec['seconds']:6.2f}s  {rec['name']}")
         else:
             lines.append(f"FAIL sm_{rec['cc']} {rec['name']}: {rec['error']}")
@@ -211,13 +255,18 @@ def main(argv=None):
     parser.add_argument("--cc", type=int, nargs="+", default=list(TARGETS))
     parser.add_argument("--jobs", type=int, default=None)
     parser.add_argument("--json", default=None, help="write the records as JSON to this file ('-': stdout line)")
+    parser.add_argument("--registers", action="store_true",
+                        help="also report registers and spill bytes per kernel (ptxas -v; slower)")
+    parser.add_argument("--match", default=None, help="only the specs whose name contains this text")
     args = parser.parse_args(argv)
     from lora_kernels.triton import INTERPRET
 
     if INTERPRET:
         parser.error("run with TRITON_INTERPRET=0: the interpreter's kernels cannot be compiled")
     specs = all_specs(args.module or SPEC_MODULES)
-    records = compile_all(specs, args.cc, args.jobs)
+    if args.match:
+        specs = [spec for spec in specs if args.match in spec["name"]]
+    records = compile_all(specs, args.cc, args.jobs, registers=args.registers)
     print(format_records(records), flush=True)
     if args.json == "-":
         print("AOT-GATE-JSON:" + json.dumps(records), flush=True)
