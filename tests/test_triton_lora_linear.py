@@ -367,3 +367,12 @@ def test_forward_gpu_configs_follow_m():
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split("\n")[0] == "[16] [64, 128]", proc.stdout
+
+
+def test_fp32_dy_kernel_takes_rank_chunks_of_16():
+    """fp32 ranks above 16 run the dY-once kernel in chunks of 16 (larger chunks spilled kilobytes per thread);
+    16-bit dtypes keep chunks of 64. The multi-chunk fp32 path itself runs in the r = 64 and 256 cases above."""
+    assert tk._dy_block_r(64, torch.float32) == 16 and tk._dy_block_r(256, torch.float32) == 16
+    assert tk._dy_block_r(64, torch.bfloat16) == 64 and tk._dy_block_r(8, torch.float32) == 16
+    fp32_dy = [spec for spec in tk.aot_specs() if spec["name"].startswith("_lora_bwd_dy_kernel[fp32")]
+    assert fp32_dy and max(spec["constexprs"]["BLOCK_R"] for spec in fp32_dy) == tk.DY_MAX_BLOCK_R_FP32

@@ -28,6 +28,11 @@ MIN_DOT_DIM = 16
 # operands take (an fp32 [128, 64] tile is 32 KiB), so every rank 1..256 runs with one set of block sizes. Ranks up
 # to 64 (the usual 8, 16, 32, 64) are a single chunk.
 MAX_BLOCK_R = 64
+# fp32 _lora_bwd_dy_kernel holds [BLOCK_N, chunk] and [128, chunk] fp32 operands for its full-precision FMA dots.
+# ptxas -v for the two fp32 tiles the shared-memory prune keeps: chunk 64 spilled 15-18 KB per thread on sm_90a,
+# chunk 32 spilled 3.7-6.5 KB on sm_80 (0-28 bytes on sm_90a), chunk 16 at most 12 bytes on either. fp32 ranks
+# above 16 therefore take chunks of 16 there: dy is read once per chunk (4 times at r = 64) instead of spilling.
+DY_MAX_BLOCK_R_FP32 = 16
 # Rank of the largest adapter the launchers accept (design.md: ranks 1..256). Larger ranks would work (the rank is
 # looped over in chunks) but are not tested.
 MAX_RANK = 256
@@ -522,9 +527,14 @@ def _check_scaling(op, scaling):
         raise TypeError(f"{op}: scaling expected a float, got {type(scaling).__name__}")
 
 
-def _block_r(r):
-    """Rank chunk: the rank rounded up to a power of two, at least MIN_DOT_DIM, at most MAX_BLOCK_R."""
-    return min(max(MIN_DOT_DIM, triton.next_power_of_2(r)), MAX_BLOCK_R)
+def _block_r(r, limit=MAX_BLOCK_R):
+    """Rank chunk: the rank rounded up to a power of two, at least MIN_DOT_DIM, at most `limit`."""
+    return min(max(MIN_DOT_DIM, triton.next_power_of_2(r)), limit)
+
+
+def _dy_block_r(r, dtype):
+    """Rank chunk of _lora_bwd_dy_kernel (smaller for fp32: see DY_MAX_BLOCK_R_FP32)."""
+    return _block_r(r, DY_MAX_BLOCK_R_FP32 if dtype == torch.float32 else MAX_BLOCK_R)
 
 
 @functools.cache
@@ -549,9 +559,9 @@ def _device_sm_count(device: torch.device) -> int | None:
     return None if INTERPRET else _sm_count(device)
 
 
-def _bwd_dy_split(M: int, N: int, r: int, device: torch.device) -> int:
+def _bwd_dy_split(M: int, N: int, r: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> int:
     """N-split of _lora_bwd_dy_kernel: its grid is (M / DY_BLOCK_M) x (rank chunks) without it."""
-    programs = triton.cdiv(M, DY_BLOCK_M) * triton.cdiv(r, _block_r(r))
+    programs = triton.cdiv(M, DY_BLOCK_M) * triton.cdiv(r, _dy_block_r(r, dtype))
     return _split_count(programs, triton.cdiv(N, _DY_MAX_BLOCK_N), _device_sm_count(device))
 
 
@@ -614,9 +624,9 @@ def _lora_bwd_dy_impl(dy: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, s
     if M == 0:
         return (torch.zeros((N, r), device=dy.device, dtype=torch.float32),
                 torch.empty((M, r), device=dy.device, dtype=torch.float32))
-    block_r = _block_r(r)
+    block_r = _dy_block_r(r, dy.dtype)
     num_parts = triton.cdiv(M, DY_BLOCK_M)
-    split = _bwd_dy_split(M, N, r, dy.device)
+    split = _bwd_dy_split(M, N, r, dy.device, dy.dtype)
     partials = torch.empty((num_parts, N, r), device=dy.device, dtype=torch.float32)
     ds_partials = torch.empty((split, M, r), device=dy.device, dtype=torch.float32)
     _bwd_dy[(num_parts, triton.cdiv(r, block_r), split)](
@@ -882,8 +892,8 @@ def aot_specs():
     """Compile-gate entries for every kernel here. bf16: every autotune config at rank chunk 64 (the largest LoRA
     operands, so the most shared memory) with every flag on, plus the default config at chunk 16 with the flags off
     and at chunk 32. fp16 (same sizes as bf16): the default config at chunk 64. fp32 (twice the bytes per operand):
-    every config the shared-memory prune keeps at chunk 64, flags on, and the default config at chunk 16, flags
-    off. Ranks above 64 loop over chunks of 64. (A bf16 spec at chunk 64 may be one the prune skips at run time
+    every config the shared-memory prune keeps at its largest chunk (64; 16 for the dY-once kernel), flags on, and
+    the default config at chunk 16, flags off. Larger ranks loop over chunks of that size. (A bf16 spec at chunk 64 may be one the prune skips at run time
     for that chunk: it still launches at smaller chunks.)"""
     specs = []
     seen = set()
@@ -909,11 +919,12 @@ def aot_specs():
         add(fn, torch.bfloat16, configs[0], **off, **fixed, BLOCK_R=MIN_DOT_DIM)
         add(fn, torch.bfloat16, configs[0], **on, **fixed, BLOCK_R=32)
         add(fn, torch.float16, configs[0], **on, **fixed, BLOCK_R=MAX_BLOCK_R)
-        # fp32: every config the shared-memory prune lets it launch with at the largest rank chunk.
+        # fp32: every config the shared-memory prune lets it launch with at its largest rank chunk.
         element_ptr = "dy_ptr" if "dy_ptr" in fn.arg_names else "x_ptr"
         prune = _PRUNE[fn.__name__]
-        for cfg in prune(configs, {element_ptr: torch.empty(0)}, **fixed, BLOCK_R=MAX_BLOCK_R):
-            add(fn, torch.float32, cfg, **on, **fixed, BLOCK_R=MAX_BLOCK_R)
+        fp32_block_r = DY_MAX_BLOCK_R_FP32 if fn is _lora_bwd_dy_kernel else MAX_BLOCK_R
+        for cfg in prune(configs, {element_ptr: torch.empty(0)}, **fixed, BLOCK_R=fp32_block_r):
+            add(fn, torch.float32, cfg, **on, **fixed, BLOCK_R=fp32_block_r)
         add(fn, torch.float32, configs[0], **off, **fixed, BLOCK_R=MIN_DOT_DIM)
     add(_dropout_mask_kernel, torch.float32, triton.Config({"BLOCK": DROPOUT_BLOCK}, num_warps=4, num_stages=1))
     return specs
