@@ -175,6 +175,26 @@ def _dot(a, b, acc, FP32_INPUT: tl.constexpr):
 
 
 @triton.jit
+def _gemm_loop(a_ptrs, b_ptrs, acc, offs_red, size_red, step_a, step_b, FP32_INPUT: tl.constexpr,
+               EVEN: tl.constexpr, BLOCK: tl.constexpr):
+    """acc += A · B over a reduction of size_red: a_ptrs points at [rows, BLOCK] tiles and b_ptrs at [BLOCK, cols]
+    tiles, advanced by step_a / step_b per step. EVEN (size_red a multiple of BLOCK): loads without masks; callers
+    point edge rows and columns at valid addresses (wrapped) and mask them at the store."""
+    for r0 in range(0, size_red, BLOCK):
+        if EVEN:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            mask = offs_red < size_red - r0
+            a = tl.load(a_ptrs, mask=mask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=mask[:, None], other=0.0)
+        acc = _dot(a, b, acc, FP32_INPUT)
+        a_ptrs += step_a
+        b_ptrs += step_b
+    return acc
+
+
+@triton.jit
 def _keep_mask(seed, offs_m, offs_k, K, p):
     """Dropout keep-decision of elements (offs_m, offs_k) of x [M, K]: tl.rand(seed, m * K + k) >= p.
     offs_m is int64, so m * K cannot overflow."""
@@ -252,17 +272,8 @@ def _lora_fwd_kernel(
     x_ptrs = x_ptr + (offs_m % M)[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w_ptrs = w_ptr + (offs_n % N)[None, :] * stride_wn + offs_k[:, None] * stride_wk  # Wᵀ tile [BLOCK_K, BLOCK_N]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            x = tl.load(x_ptrs)
-            w = tl.load(w_ptrs)
-        else:
-            mask_k = offs_k < K - k0
-            x = tl.load(x_ptrs, mask=mask_k[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=mask_k[:, None], other=0.0)
-        acc = _dot(x, w, acc, x_ptr.dtype.element_ty == tl.float32)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+    acc = _gemm_loop(x_ptrs, w_ptrs, acc, offs_k, K, BLOCK_K * stride_xk, BLOCK_K * stride_wk,
+                     x_ptr.dtype.element_ty == tl.float32, EVEN_K, BLOCK_K)
     # Expand: s is fp32, so B is widened and the dot runs in tf32 (fp32 in the interpreter); ranks past R are
     # masked to zero, which pads small ranks up to BLOCK_R >= 16.
     offs_r = tl.arange(0, BLOCK_R)
@@ -365,17 +376,8 @@ def _lora_bwd_dx_kernel(
     # Edge rows and columns wrap around in the main loop's loads, as in _lora_fwd_kernel (EVEN_N: no masks at all).
     dy_ptrs = dy_ptr + (offs_m % M)[:, None] * stride_dym + offs_n[None, :] * stride_dyn
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + (offs_k % K)[None, :] * stride_wk
-    for n0 in range(0, N, BLOCK_N):
-        if EVEN_N:
-            dy = tl.load(dy_ptrs)
-            w = tl.load(w_ptrs)
-        else:
-            mask_n = offs_n < N - n0
-            dy = tl.load(dy_ptrs, mask=mask_n[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
-        acc = _dot(dy, w, acc, dy_ptr.dtype.element_ty == tl.float32)
-        dy_ptrs += BLOCK_N * stride_dyn
-        w_ptrs += BLOCK_N * stride_wn
+    acc = _gemm_loop(dy_ptrs, w_ptrs, acc, offs_n, N, BLOCK_N * stride_dyn, BLOCK_N * stride_wn,
+                     dy_ptr.dtype.element_ty == tl.float32, EVEN_N, BLOCK_N)
     dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
 
