@@ -807,6 +807,16 @@ def _sig(kernel, pointer_types, int_type="i32"):
     return sig
 
 
+def _spec(name, kernel, pointer_types, config, **constexprs):
+    """One compile-gate entry: `kernel` with the pointer types given, the block sizes of GPU_CONFIG[config] that
+    it takes plus `constexprs`; kernels with a tl.dot must compile to tensor-core instructions."""
+    cfg = GPU_CONFIG[config]
+    blocks = {key: value for key, value in cfg.items() if key.startswith("BLOCK_")}
+    return {"name": name, "kernel": kernel, "signature": _sig(kernel, pointer_types),
+            "constexprs": {**blocks, **constexprs}, "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
+            "tensor_cores": kernel in (_sgmv_shrink_kernel, _sgmv_expand_kernel, _segment_outer_kernel)}
+
+
 def aot_specs():
     """Compile-gate entries: every kernel x dtype x constexpr config the launchers use on a GPU."""
     if not HAS_TRITON:
@@ -815,28 +825,19 @@ def aot_specs():
     ints = {"sorted_ids_ptr": "*i32", "slot_counts_ptr": "*i32", "slot_starts_ptr": "*i32", "ranks_ptr": "*i32",
             "adapter_ids_ptr": "*i32", "scalings_ptr": "*fp32"}
     for dtype in SUPPORTED_DTYPES:
-        ty = "*" + _TRITON_DTYPE[dtype]
-        shrink_ptrs = {"x_ptr": ty, "a_ptr": ty, "out_ptr": "*fp32", **ints}
+        name = _TRITON_DTYPE[dtype]
+        shrink_ptrs = {"x_ptr": "*" + name, "a_ptr": "*" + name, "out_ptr": "*fp32", **ints}
         for use_atomic in (False, True):
             for block_r in SHRINK_PREFILL_BLOCK_R:
-                cfg = GPU_CONFIG["shrink_prefill"]
-                specs.append({
-                    "name": f"_sgmv_shrink_kernel[{_TRITON_DTYPE[dtype]},R{block_r},atomic={use_atomic}]",
-                    "kernel": _sgmv_shrink_kernel,
-                    "tensor_cores": True,  # the compile gate fails it if its tl.dot became CUDA-core FMAs
-                    "signature": _sig(_sgmv_shrink_kernel, shrink_ptrs),
-                    "constexprs": {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_R": block_r, "BLOCK_K": cfg["BLOCK_K"],
-                                   "USE_ATOMIC": use_atomic},
-                    "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
-                })
-            cfg = GPU_CONFIG["shrink_decode"]
-            specs.append({
-                "name": f"_bgmv_shrink_kernel[{_TRITON_DTYPE[dtype]},atomic={use_atomic}]",
-                "kernel": _bgmv_shrink_kernel,
-                "signature": _sig(_bgmv_shrink_kernel, shrink_ptrs),
-                "constexprs": {"BLOCK_R": cfg["BLOCK_R"], "BLOCK_K": cfg["BLOCK_K"], "USE_ATOMIC": use_atomic},
-                "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
-            })
+                specs.append(_spec(f"_sgmv_shrink_kernel[{name},R{block_r},atomic={use_atomic}]", _sgmv_shrink_kernel,
+                                   shrink_ptrs, "shrink_prefill", BLOCK_R=block_r, USE_ATOMIC=use_atomic))
+            specs.append(_spec(f"_bgmv_shrink_kernel[{name},atomic={use_atomic}]", _bgmv_shrink_kernel, shrink_ptrs,
+                               "shrink_decode", USE_ATOMIC=use_atomic))
+        # Per-slot gradient sums: fp32 left (u or s) against right (x or dy) of this dtype, both P tiles.
+        segment_ptrs = {"left_ptr": "*fp32", "right_ptr": "*" + name, "out_ptr": "*fp32", **ints}
+        for block_p in SEGMENT_OUTER_BLOCK_P:
+            specs.append(_spec(f"_segment_outer_kernel[{name},P{block_p}]", _segment_outer_kernel, segment_ptrs,
+                               "segment_outer", BLOCK_P=block_p))
     # Expand: B in each dtype with out of B's dtype, plus fp32 out for 16-bit B (fp32 accumulators, gradients);
     # ADD_INPUTS both ways.
     for b_dtype in SUPPORTED_DTYPES:
@@ -845,35 +846,8 @@ def aot_specs():
                     **ints}
             for add_inputs in (True, False):
                 tag = f"{_TRITON_DTYPE[b_dtype]}->{_TRITON_DTYPE[out_dtype]},add={add_inputs}"
-                cfg = GPU_CONFIG["expand_prefill"]
-                specs.append({
-                    "name": f"_sgmv_expand_kernel[{tag}]",
-                    "kernel": _sgmv_expand_kernel,
-                    "tensor_cores": True,  # the compile gate fails it if its tl.dot became CUDA-core FMAs
-                    "signature": _sig(_sgmv_expand_kernel, ptrs),
-                    "constexprs": {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_R": cfg["BLOCK_R"],
-                                   "ADD_INPUTS": add_inputs},
-                    "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
-                })
-                cfg = GPU_CONFIG["expand_decode"]
-                specs.append({
-                    "name": f"_bgmv_expand_kernel[{tag}]",
-                    "kernel": _bgmv_expand_kernel,
-                    "signature": _sig(_bgmv_expand_kernel, ptrs),
-                    "constexprs": {"BLOCK_N": cfg["BLOCK_N"], "BLOCK_R": cfg["BLOCK_R"], "ADD_INPUTS": add_inputs},
-                    "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
-                })
-    # Per-slot gradient sums: fp32 left (u or s) against right (x or dy) in each dtype, both P tiles.
-    for dtype in SUPPORTED_DTYPES:
-        ptrs = {"left_ptr": "*fp32", "right_ptr": "*" + _TRITON_DTYPE[dtype], "out_ptr": "*fp32", **ints}
-        cfg = GPU_CONFIG["segment_outer"]
-        for block_p in SEGMENT_OUTER_BLOCK_P:
-            specs.append({
-                "name": f"_segment_outer_kernel[{_TRITON_DTYPE[dtype]},P{block_p}]",
-                "kernel": _segment_outer_kernel,
-                "tensor_cores": True,
-                "signature": _sig(_segment_outer_kernel, ptrs),
-                "constexprs": {"BLOCK_T": cfg["BLOCK_T"], "BLOCK_P": block_p, "BLOCK_Q": cfg["BLOCK_Q"]},
-                "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
-            })
+                specs.append(_spec(f"_sgmv_expand_kernel[{tag}]", _sgmv_expand_kernel, ptrs, "expand_prefill",
+                                   ADD_INPUTS=add_inputs))
+                specs.append(_spec(f"_bgmv_expand_kernel[{tag}]", _bgmv_expand_kernel, ptrs, "expand_decode",
+                                   ADD_INPUTS=add_inputs))
     return specs
