@@ -64,3 +64,14 @@ def _seed():
 def randn(*shape, dtype=torch.float32, device="cpu", scale=1.0):
     """Fresh random values (never zeros), generated in float32 then cast, so every dtype sees the same numbers."""
     return (torch.randn(*shape, device=device) * scale).to(dtype)
+
+
+def lora_inputs(m, k, n, r, dtype=torch.float32, device="cpu", bias=True):
+    """x [m, k], weight [n, k], lora_a [r, k], lora_b [n, r] (scaled so outputs stay O(1)) and bias [n] or None."""
+    x = randn(m, k, dtype=dtype, device=device)
+    weight = randn(n, k, dtype=dtype, device=device, scale=k ** -0.5)
+    lora_a = randn(r, k, dtype=dtype, device=device, scale=k ** -0.5)
+    lora_b = randn(n, r, dtype=dtype, device=device, scale=r ** -0.5)
+    b = randn(n, dtype=dtype, device=device) if bias else None
+    return x, weight, lora_a, lora_b, b
+

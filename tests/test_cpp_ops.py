@@ -6,7 +6,7 @@ tests cover what only the CUDA kernels have (the decode kernel's vector/scalar p
 import pytest
 import torch
 
-from conftest import DTYPES, assert_close, randn
+from conftest import DTYPES, assert_close, lora_inputs, randn
 from lora_kernels import _ext, reference
 from lora_kernels.batch import LoRABatch
 
@@ -25,15 +25,6 @@ def _tol_dtype(dtype):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # lora_fwd
-
-
-def _fwd_inputs(m, k, n, r, dtype, device, bias=True):
-    x = randn(m, k, dtype=dtype, device=device)
-    weight = randn(n, k, dtype=dtype, device=device, scale=k ** -0.5)
-    lora_a = randn(r, k, dtype=dtype, device=device, scale=k ** -0.5)
-    lora_b = randn(n, r, dtype=dtype, device=device, scale=r ** -0.5)
-    b = randn(n, dtype=dtype, device=device) if bias else None
-    return x, weight, lora_a, lora_b, b
 
 
 def _check_fwd(x, x_lora, weight, lora_a, lora_b, scaling, bias, mask=None):
@@ -59,7 +50,7 @@ def _check_fwd(x, x_lora, weight, lora_a, lora_b, scaling, bias, mask=None):
 @pytest.mark.parametrize("r", RANKS)
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 def test_lora_fwd_matches_reference(dtype, r, device):
-    x, weight, lora_a, lora_b, bias = _fwd_inputs(7, 67, 123, r, dtype, device)
+    x, weight, lora_a, lora_b, bias = lora_inputs(7, 67, 123, r, dtype, device)
     _check_fwd(x, None, weight, lora_a, lora_b, 2.0, bias)
 
 
@@ -67,14 +58,14 @@ def test_lora_fwd_matches_reference(dtype, r, device):
 @pytest.mark.parametrize("m,k,n", [(1, 64, 32), (4, 67, 123), (16, 72, 40), (17, 33, 65), (40, 128, 96)])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
 def test_lora_fwd_shapes_and_bias(dtype, m, k, n, with_bias, device):
-    x, weight, lora_a, lora_b, bias = _fwd_inputs(m, k, n, 16, dtype, device, bias=with_bias)
+    x, weight, lora_a, lora_b, bias = lora_inputs(m, k, n, 16, dtype, device, bias=with_bias)
     _check_fwd(x, None, weight, lora_a, lora_b, 0.5, bias)
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 def test_lora_fwd_with_x_lora(dtype, device):
     """x_lora is the dropped-out LoRA input: x * mask with mask in {0, 1/(1-p)} (p = 0.5, so x * 2 is exact)."""
-    x, weight, lora_a, lora_b, bias = _fwd_inputs(9, 67, 50, 8, dtype, device)
+    x, weight, lora_a, lora_b, bias = lora_inputs(9, 67, 50, 8, dtype, device)
     mask = (torch.rand(9, 67, device=device) > 0.5).to(dtype) * 2.0
     x_lora = x * mask
     y, _ = _check_fwd(x, x_lora, weight, lora_a, lora_b, 1.5, bias, mask=mask)
@@ -84,7 +75,7 @@ def test_lora_fwd_with_x_lora(dtype, device):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_lora_fwd_non_contiguous(dtype, device):
-    x_wide, weight, lora_a, lora_b, bias = _fwd_inputs(6, 2 * 40, 30, 8, dtype, device)
+    x_wide, weight, lora_a, lora_b, bias = lora_inputs(6, 2 * 40, 30, 8, dtype, device)
     x = x_wide[:, ::2]                               # stride 2 along K
     x_t = randn(40, 6, dtype=dtype, device=device).T  # column-major
     weight, lora_a = weight[:, :40], lora_a[:, :40]  # row stride 80, unit column stride
@@ -99,13 +90,13 @@ def test_lora_fwd_non_contiguous(dtype, device):
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 def test_lora_fwd_empty_batch(dtype, device):
-    x, weight, lora_a, lora_b, bias = _fwd_inputs(0, 32, 24, 4, dtype, device)
+    x, weight, lora_a, lora_b, bias = lora_inputs(0, 32, 24, 4, dtype, device)
     y, s = _check_fwd(x, None, weight, lora_a, lora_b, 1.0, bias)
     assert y.shape == (0, 24) and s.shape == (0, 4)
 
 
 def test_lora_fwd_is_deterministic(device):
-    x, weight, lora_a, lora_b, bias = _fwd_inputs(4, 1000, 300, 16, torch.bfloat16, device)
+    x, weight, lora_a, lora_b, bias = lora_inputs(4, 1000, 300, 16, torch.bfloat16, device)
     first = ops.lora_fwd(x, None, weight, lora_a, lora_b, 2.0, bias)
     second = ops.lora_fwd(x, None, weight, lora_a, lora_b, 2.0, bias)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
@@ -316,7 +307,7 @@ def test_sgmv_empty_batch(device):
 
 
 def _good_fwd(device):
-    x, weight, lora_a, lora_b, bias = _fwd_inputs(3, 16, 12, 4, torch.float32, device)
+    x, weight, lora_a, lora_b, bias = lora_inputs(3, 16, 12, 4, torch.float32, device)
     return dict(x=x, x_lora=None, weight=weight, lora_a=lora_a, lora_b=lora_b, scaling=1.0, bias=bias)
 
 
@@ -444,7 +435,7 @@ def test_sgmv_bad_metadata_values_cpu():
 
 def test_opcheck_lora_fwd(device):
     for dtype in (torch.float32, torch.bfloat16):
-        x, weight, lora_a, lora_b, bias = _fwd_inputs(5, 24, 20, 4, dtype, device)
+        x, weight, lora_a, lora_b, bias = lora_inputs(5, 24, 20, 4, dtype, device)
         torch.library.opcheck(ops.lora_fwd.default, (x, None, weight, lora_a, lora_b, 2.0, bias))
         torch.library.opcheck(ops.lora_fwd.default, (x, x * 2, weight, lora_a, lora_b, 0.5, None))
 
@@ -482,7 +473,7 @@ def cuda_device():
 def test_cuda_decode_kernel(dtype, m, k, r, cuda_device):
     """The hand-written decode forward (M <= 16): K multiple of the 16-byte vector or not (scalar path), split-K
     shrink for large K, the partial budget at r = 256, bias on."""
-    x, weight, lora_a, lora_b, bias = _fwd_inputs(m, k, 123, r, dtype, cuda_device)
+    x, weight, lora_a, lora_b, bias = lora_inputs(m, k, 123, r, dtype, cuda_device)
     _check_fwd(x, None, weight, lora_a, lora_b, 2.0, bias)
 
 
@@ -506,7 +497,7 @@ def test_cuda_decode_kernel_misaligned_and_strided(dtype, cuda_device):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m", [17, 64, 300])
 def test_cuda_gemm_path(dtype, m, cuda_device):
-    x, weight, lora_a, lora_b, bias = _fwd_inputs(m, 4096, 256, 16, dtype, cuda_device)
+    x, weight, lora_a, lora_b, bias = lora_inputs(m, 4096, 256, 16, dtype, cuda_device)
     _check_fwd(x, None, weight, lora_a, lora_b, 2.0, bias)
 
 

@@ -4,7 +4,7 @@ odd shapes, ranks 1..256, bias, leading dims, non-contiguous input, dropout, bad
 import pytest
 import torch
 
-from conftest import DTYPES, assert_close, randn
+from conftest import DTYPES, assert_close, lora_inputs, randn
 from lora_kernels import backends, functional, reference
 from lora_kernels.functional import lora_linear
 
@@ -28,15 +28,6 @@ def _dropout_mask(backend, seed, x2, p):
     return functional.torch_dropout_mask(seed, x2.shape, p, x2.device, x2.dtype).double()
 
 
-def _inputs(m, k, n, r, dtype, device, bias=True):
-    x = randn(m, k, dtype=dtype, device=device)
-    weight = randn(n, k, dtype=dtype, device=device, scale=k ** -0.5)
-    lora_a = randn(r, k, dtype=dtype, device=device, scale=k ** -0.5)
-    lora_b = randn(n, r, dtype=dtype, device=device, scale=r ** -0.5)
-    b = randn(n, dtype=dtype, device=device) if bias else None
-    return x, weight, lora_a, lora_b, b
-
-
 def _run(backend, x, weight, lora_a, lora_b, bias, scaling, dy, dropout_p=0.0):
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, lora_a, lora_b)]
     bias_leaf = None if bias is None else bias.detach().clone().requires_grad_(True)
@@ -54,7 +45,7 @@ def _run(backend, x, weight, lora_a, lora_b, bias, scaling, dy, dropout_p=0.0):
 def test_forward_and_gradients_match_reference(backend, dtype, shape, device):
     _backend_or_skip(backend, device)
     m, k, n, r = shape
-    x, weight, lora_a, lora_b, bias = _inputs(m, k, n, r, dtype, device, bias=r != 8)
+    x, weight, lora_a, lora_b, bias = lora_inputs(m, k, n, r, dtype, device, bias=r != 8)
     scaling = 1.5
     dy = randn(m, n, dtype=dtype, device=device)
     y, grads = _run(backend, x, weight, lora_a, lora_b, bias, scaling, dy)
@@ -78,7 +69,7 @@ def test_cuda_backward_either_side_of_the_kernel_bound(dtype, m, r, device):
     elif not hasattr(torch.ops.lora_kernels, "lora_fwd"):
         pytest.skip("needs the C++ extension")
     k, n, scaling = 24, 40, 0.5
-    x, weight, lora_a, lora_b, bias = _inputs(m, k, n, r, dtype, device)
+    x, weight, lora_a, lora_b, bias = lora_inputs(m, k, n, r, dtype, device)
     dy = randn(m, n, dtype=dtype, device=device)
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, lora_a, lora_b)]
     y = functional.LoRALinearFunction.apply(leaves[0], weight, leaves[1], leaves[2], bias, scaling, 0.0, 0, "cuda")
@@ -93,7 +84,7 @@ def test_cuda_backward_either_side_of_the_kernel_bound(dtype, m, r, device):
 def test_leading_dims_and_non_contiguous_input(backend, device):
     _backend_or_skip(backend, device)
     dtype = torch.float32
-    x_wide, weight, lora_a, lora_b, bias = _inputs(12, 2 * 24, 20, 8, dtype, device)
+    x_wide, weight, lora_a, lora_b, bias = lora_inputs(12, 2 * 24, 20, 8, dtype, device)
     x = x_wide.reshape(2, 6, 48)[..., ::2]  # [2, 6, 24], stride 2 in the last dim
     weight, lora_a = weight[:, :24].contiguous(), lora_a[:, :24].contiguous()
     assert not x.is_contiguous()
@@ -112,7 +103,7 @@ def test_leading_dims_and_non_contiguous_input(backend, device):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_empty_batch(backend, device):
     _backend_or_skip(backend, device)
-    x, weight, lora_a, lora_b, bias = _inputs(0, 16, 8, 4, torch.float32, device)
+    x, weight, lora_a, lora_b, bias = lora_inputs(0, 16, 8, 4, torch.float32, device)
     x.requires_grad_(True)
     y = lora_linear(x, weight, lora_a, lora_b, 2.0, bias, backend=backend)
     assert y.shape == (0, 8)
@@ -124,7 +115,7 @@ def test_empty_batch(backend, device):
 def test_gradcheck_float64(backend):
     _backend_or_skip(backend, "cpu")
     x, weight, lora_a, lora_b, bias = (t.double().requires_grad_(True) if t is not None else None
-                                       for t in _inputs(3, 5, 4, 2, torch.float32, "cpu"))
+                                       for t in lora_inputs(3, 5, 4, 2, torch.float32, "cpu"))
     weight.requires_grad_(True)
 
     def fn(x, weight, lora_a, lora_b, bias):
@@ -139,7 +130,7 @@ def test_lora_gradients_equal_full_finetuning(backend, device):
     weight.requires_grad the same function returns dW = dYᵀ·x."""
     _backend_or_skip(backend, device)
     dtype = torch.float32
-    x, weight, lora_a, lora_b, bias = _inputs(11, 24, 18, 8, dtype, device)
+    x, weight, lora_a, lora_b, bias = lora_inputs(11, 24, 18, 8, dtype, device)
     dy = randn(11, 18, dtype=dtype, device=device)
     full = [t.double().requires_grad_(True) for t in (x, weight, lora_a, lora_b)]
     reference.full_finetune_linear(*full, 0.5, bias.double()).backward(dy.double())
@@ -156,7 +147,7 @@ def test_lora_gradients_equal_full_finetuning(backend, device):
 def test_dropout(backend, device):
     _backend_or_skip(backend, device)
     dtype, p, scaling = torch.float32, 0.25, 1.0
-    x, weight, lora_a, lora_b, bias = _inputs(24, 32, 16, 8, dtype, device)
+    x, weight, lora_a, lora_b, bias = lora_inputs(24, 32, 16, 8, dtype, device)
     dy = randn(24, 16, dtype=dtype, device=device)
     # p = 0 is exactly no dropout.
     assert torch.equal(lora_linear(x, weight, lora_a, lora_b, scaling, bias, dropout_p=0.0, backend=backend),
@@ -196,7 +187,7 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("name,mutate,error,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
 def test_bad_input_is_a_clear_error(name, mutate, error, message):
-    x, weight, lora_a, lora_b, bias = _inputs(4, 8, 6, 2, torch.float32, "cpu")
+    x, weight, lora_a, lora_b, bias = lora_inputs(4, 8, 6, 2, torch.float32, "cpu")
     args = mutate({"x": x, "weight": weight, "lora_a": lora_a, "lora_b": lora_b, "bias": bias,
                    "dropout_p": 0.0, "backend": "torch"})
     with pytest.raises(error, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
@@ -207,7 +198,7 @@ def test_bad_input_is_a_clear_error(name, mutate, error, message):
 def test_unavailable_backend_says_why_and_what_is_available():
     if backends.unavailable_reason("cuda", "cpu") is None:
         pytest.skip("cuda backend unexpectedly available for CPU tensors")
-    x, weight, lora_a, lora_b, bias = _inputs(2, 4, 3, 1, torch.float32, "cpu")
+    x, weight, lora_a, lora_b, bias = lora_inputs(2, 4, 3, 1, torch.float32, "cpu")
     with pytest.raises(ValueError, match=r"backend 'cuda' is not available .*Available here: reference, torch"):
         lora_linear(x, weight, lora_a, lora_b, backend="cuda")
 

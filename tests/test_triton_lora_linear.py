@@ -5,7 +5,7 @@ Triton interpreter (tests/conftest.py switches it on), so the shapes stay tiny."
 import pytest
 import torch
 
-from conftest import DTYPES, assert_close, randn
+from conftest import DTYPES, assert_close, lora_inputs, randn
 from lora_kernels import reference
 from lora_kernels.triton import HAS_TRITON, INTERPRET, TRITON_ERROR
 
@@ -43,15 +43,6 @@ def poisoned_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", empty)
 
 
-def make_inputs(M, K, N, r, dtype, device, bias=True):
-    x = randn(M, K, dtype=dtype, device=device)
-    weight = randn(N, K, dtype=dtype, device=device, scale=K ** -0.5)
-    lora_a = randn(r, K, dtype=dtype, device=device, scale=K ** -0.5)
-    lora_b = randn(N, r, dtype=dtype, device=device, scale=r ** -0.5)
-    b = randn(N, dtype=dtype, device=device) if bias else None
-    return x, weight, lora_a, lora_b, b
-
-
 def ref_s(x, lora_a, mask=None):
     x64 = x.double() if mask is None else x.double() * mask.double()
     return x64 @ lora_a.double().T
@@ -61,7 +52,7 @@ def ref_s(x, lora_a, mask=None):
 @pytest.mark.parametrize("M,K,N,r", CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_forward(dev, dtype, M, K, N, r, bias, poisoned_empty):
-    x, weight, lora_a, lora_b, b = make_inputs(M, K, N, r, dtype, dev, bias)
+    x, weight, lora_a, lora_b, b = lora_inputs(M, K, N, r, dtype, dev, bias)
     y, s = tk.lora_fwd(x, weight, lora_a, lora_b, SCALING, b)
     assert y.dtype == dtype and y.shape == (M, N)
     assert s.dtype == torch.float32 and s.shape == (M, r)
@@ -72,7 +63,7 @@ def test_forward(dev, dtype, M, K, N, r, bias, poisoned_empty):
 @pytest.mark.parametrize("M,K,N,r", CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_backward(dev, dtype, M, K, N, r, poisoned_empty):
-    x, weight, lora_a, lora_b, _ = make_inputs(M, K, N, r, dtype, dev, bias=False)
+    x, weight, lora_a, lora_b, _ = lora_inputs(M, K, N, r, dtype, dev, bias=False)
     dy = randn(M, N, dtype=dtype, device=dev)
     ref = reference.lora_linear_backward(dy, x, weight, lora_a, lora_b, SCALING)
     _, s = tk.lora_fwd(x, weight, lora_a, lora_b, SCALING)
@@ -113,7 +104,7 @@ def test_non_contiguous_inputs(dev, dtype, poisoned_empty):
 
 def test_empty_batch(dev):
     M, K, N, r = 0, 40, 24, 8
-    x, weight, lora_a, lora_b, b = make_inputs(M, K, N, r, torch.float32, dev)
+    x, weight, lora_a, lora_b, b = lora_inputs(M, K, N, r, torch.float32, dev)
     y, s = tk.lora_fwd(x, weight, lora_a, lora_b, SCALING, b, dropout_p=0.1, seed=3)
     assert y.shape == (0, N) and s.shape == (0, r)
     dy = randn(M, N, device=dev)
@@ -165,7 +156,7 @@ def test_backward_split_paths(dev, dtype, split, dropout_p, monkeypatch, poisone
     block_m, block_n = tk._DA_MAX_BLOCK_M, tk._DY_MAX_BLOCK_N
     for M, K, N, r in [(5 * block_m - 3, 67, 5 * block_n - 2, 16), (2 * block_m + 1, 40, 4 * block_n, 70)]:
         assert tk._bwd_dy_split(M, N, r, dev) > 1 and tk._bwd_da_split(M, K, r, dev) > 1
-        x, weight, lora_a, lora_b, _ = make_inputs(M, K, N, r, dtype, dev, bias=False)
+        x, weight, lora_a, lora_b, _ = lora_inputs(M, K, N, r, dtype, dev, bias=False)
         dy = randn(M, N, dtype=dtype, device=dev)
         mask = tk.dropout_mask(seed, M, K, dropout_p, dev)
         ref = reference.lora_linear_backward(dy, x, weight, lora_a, lora_b, SCALING, dropout_mask=mask)
@@ -203,7 +194,7 @@ def test_dropout_mask_values_fraction_and_seeds(dev):
 
 
 def test_dropout_p0_is_no_dropout(dev):
-    x, weight, lora_a, lora_b, b = make_inputs(9, 40, 20, 8, torch.float32, dev)
+    x, weight, lora_a, lora_b, b = lora_inputs(9, 40, 20, 8, torch.float32, dev)
     plain = tk.lora_fwd(x, weight, lora_a, lora_b, SCALING, b)
     seeded = tk.lora_fwd(x, weight, lora_a, lora_b, SCALING, b, dropout_p=0.0, seed=1234)
     assert torch.equal(plain[0], seeded[0]) and torch.equal(plain[1], seeded[1])
@@ -215,7 +206,7 @@ def test_dropout_forward_and_backward_share_the_mask(dev, dtype, poisoned_empty)
     dropout_mask(). Ranks 16 and 70 (two chunks) over two shapes."""
     p, seed = 0.25, 2024
     for M, K, N, r in [(17, 67, 33, 16), (6, 40, 20, 70)]:
-        x, weight, lora_a, lora_b, b = make_inputs(M, K, N, r, dtype, dev)
+        x, weight, lora_a, lora_b, b = lora_inputs(M, K, N, r, dtype, dev)
         mask = tk.dropout_mask(seed, M, K, p, dev)
         y, s = tk.lora_fwd(x, weight, lora_a, lora_b, SCALING, b, dropout_p=p, seed=seed)
         assert_close(y, reference.lora_linear(x, weight, lora_a, lora_b, SCALING, b, dropout_mask=mask), dtype, "y")
@@ -229,7 +220,7 @@ def test_dropout_forward_and_backward_share_the_mask(dev, dtype, poisoned_empty)
 
 
 def test_dropout_seeds_change_the_result_and_p1_drops_everything(dev):
-    x, weight, lora_a, lora_b, _ = make_inputs(9, 40, 20, 8, torch.float32, dev)
+    x, weight, lora_a, lora_b, _ = lora_inputs(9, 40, 20, 8, torch.float32, dev)
     s1 = tk.lora_fwd(x, weight, lora_a, lora_b, SCALING, dropout_p=0.5, seed=1)[1]
     s2 = tk.lora_fwd(x, weight, lora_a, lora_b, SCALING, dropout_p=0.5, seed=2)[1]
     assert not torch.equal(s1, s2)
@@ -244,7 +235,7 @@ def test_dropout_seeds_change_the_result_and_p1_drops_everything(dev):
 
 
 def test_forward_rejects_bad_inputs(dev):
-    x, weight, lora_a, lora_b, b = make_inputs(4, 32, 16, 8, torch.float32, dev)
+    x, weight, lora_a, lora_b, b = lora_inputs(4, 32, 16, 8, torch.float32, dev)
     fwd = tk.lora_fwd
     cases = [
         (ValueError, "weight", lambda: fwd(x, weight[:, :31], lora_a, lora_b, 1.0)),
@@ -271,7 +262,7 @@ def test_forward_rejects_bad_inputs(dev):
 
 def test_backward_rejects_bad_inputs(dev):
     M, K, N, r = 4, 32, 16, 8
-    x, weight, lora_a, lora_b, _ = make_inputs(M, K, N, r, torch.float32, dev)
+    x, weight, lora_a, lora_b, _ = lora_inputs(M, K, N, r, torch.float32, dev)
     dy = randn(M, N, device=dev)
     s = randn(M, r, device=dev)
     cases = [
@@ -307,7 +298,7 @@ def test_custom_ops_are_registered():
 
 
 def test_opcheck_forward(dev):
-    x, weight, lora_a, lora_b, b = make_inputs(5, 40, 20, 8, torch.float32, dev)
+    x, weight, lora_a, lora_b, b = lora_inputs(5, 40, 20, 8, torch.float32, dev)
     torch.library.opcheck(torch.ops.lora_kernels.triton_lora_fwd.default,
                           (x, weight, lora_a, lora_b, SCALING, b, 0.1, 7),
                           test_utils=("test_schema", "test_faketensor"))
@@ -317,7 +308,7 @@ def test_torch_compile_fullgraph(dev):
     """torch.compile(fullgraph=True) traces the launchers (checks included) and the ops without graph breaks."""
     torch._dynamo.reset()
     M, K, N, r = 6, 40, 20, 8
-    x, weight, lora_a, lora_b, b = make_inputs(M, K, N, r, torch.float32, dev)
+    x, weight, lora_a, lora_b, b = lora_inputs(M, K, N, r, torch.float32, dev)
     dy = randn(M, N, device=dev)
 
     def step(x, weight, lora_a, lora_b, b, dy):

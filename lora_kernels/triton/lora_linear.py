@@ -12,7 +12,6 @@ Dropout is never stored: element (m, k) of x is kept when tl.rand(seed, m * K + 
 """
 
 import functools
-import math
 import os
 import threading
 
