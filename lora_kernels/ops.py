@@ -253,8 +253,9 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
             shape = tuple(lora_b.shape) if isinstance(lora_b, torch.Tensor) else type(lora_b).__name__
             raise ValueError(f"{op}: lora_b_slices[{j}] expected shape [L, {width}, R] (output_slices[{j}] = {width}), "
                              f"got {shape}")
-        scalings_t, ranks_t = check_shrink_args(op, x, lora_a_slices[j], batch, scalings, ranks)
-        check_expand_args(op, None, lora_b, batch, y, offsets[j], ranks_t, lora_b_name=f"lora_b_slices[{j}]")
+        # converted once (lists become tensors on the device); later slices check the converted tensors
+        scalings, ranks = check_shrink_args(op, x, lora_a_slices[j], batch, scalings, ranks)
+        check_expand_args(op, None, lora_b, batch, y, offsets[j], ranks, lora_b_name=f"lora_b_slices[{j}]")
         if lora_b.shape[2] != lora_a_slices[j].shape[1]:
             raise ValueError(f"{op}: lora_b_slices[{j}] expected R = {lora_a_slices[j].shape[1]} (lora_a_slices[{j}] "
                              f"is {tuple(lora_a_slices[j].shape)}), got {tuple(lora_b.shape)}")
@@ -269,13 +270,13 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
     if backend == "triton":
         check_triton_args(op, x.dtype, batch.num_adapters)
         check_triton_args(op, y.dtype, batch.num_adapters)
-        _triton_add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings_t, ranks_t, widths, offsets,
+        _triton_add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, widths, offsets,
                          deterministic, buffer)
         return y
     for j in range(len(widths)):
-        shrunk = run_shrink(backend, x, lora_a_slices[j], batch, scalings_t, ranks_t, deterministic,
+        shrunk = run_shrink(backend, x, lora_a_slices[j], batch, scalings, ranks, deterministic,
                             None if buffer is None else buffer[j])
-        run_expand(backend, shrunk, lora_b_slices[j], batch, ranks_t, y, offsets[j])
+        run_expand(backend, shrunk, lora_b_slices[j], batch, ranks, y, offsets[j])
     return y
 
 
