@@ -71,25 +71,21 @@ void check_lora_bwd_dy(const at::Tensor& dy, const at::Tensor& s, const at::Tens
 
 // The LoRABatch metadata of M tokens and L slots: sorted_token_ids [M], slot_starts [L], slot_counts [L], ranks [L],
 // all int32 on `ref`'s device.
+// One int32 vector of the metadata: 1-D, int32, on ref's device, `size` entries. A macro so the messages name the
+// argument (the checks stringize it).
+#define LK_CHECK_METADATA_VECTOR(op, t, ref, size, what) \
+  LK_CHECK_DIM(op, t, 1);                                 \
+  LK_CHECK_DTYPE(op, t, at::kInt);                        \
+  LK_CHECK_SAME_DEVICE(op, t, ref);                       \
+  LK_CHECK_SIZE(op, t, 0, size, what)
+
 void check_sgmv_metadata(const char* op, const at::Tensor& ref, int64_t num_tokens, int64_t num_slots,
                                 const at::Tensor& sorted_token_ids, const at::Tensor& slot_starts,
                                 const at::Tensor& slot_counts, const at::Tensor& ranks) {
-  LK_CHECK_DIM(op, sorted_token_ids, 1);
-  LK_CHECK_DTYPE(op, sorted_token_ids, at::kInt);
-  LK_CHECK_SAME_DEVICE(op, sorted_token_ids, ref);
-  LK_CHECK_SIZE(op, sorted_token_ids, 0, num_tokens, "tokens");
-  LK_CHECK_DIM(op, slot_starts, 1);
-  LK_CHECK_DTYPE(op, slot_starts, at::kInt);
-  LK_CHECK_SAME_DEVICE(op, slot_starts, ref);
-  LK_CHECK_SIZE(op, slot_starts, 0, num_slots, "adapter slots");
-  LK_CHECK_DIM(op, slot_counts, 1);
-  LK_CHECK_DTYPE(op, slot_counts, at::kInt);
-  LK_CHECK_SAME_DEVICE(op, slot_counts, ref);
-  LK_CHECK_SIZE(op, slot_counts, 0, num_slots, "adapter slots");
-  LK_CHECK_DIM(op, ranks, 1);
-  LK_CHECK_DTYPE(op, ranks, at::kInt);
-  LK_CHECK_SAME_DEVICE(op, ranks, ref);
-  LK_CHECK_SIZE(op, ranks, 0, num_slots, "adapter slots");
+  LK_CHECK_METADATA_VECTOR(op, sorted_token_ids, ref, num_tokens, "tokens");
+  LK_CHECK_METADATA_VECTOR(op, slot_starts, ref, num_slots, "adapter slots");
+  LK_CHECK_METADATA_VECTOR(op, slot_counts, ref, num_slots, "adapter slots");
+  LK_CHECK_METADATA_VECTOR(op, ranks, ref, num_slots, "adapter slots");
 }
 
 // x: [M, K], lora_a: [L, R, K], metadata as above, scalings: [L] float32.
