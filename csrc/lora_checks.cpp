@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <optional>
+#include <vector>
 
 #include "lora_checks.h"
 
@@ -145,11 +146,24 @@ void check_sgmv_metadata_values_cpu(const char* op, int64_t num_tokens, int64_t 
                    ": slot_starts/slot_counts expected token ranges inside [0, ", num_tokens, "), got slot ", i,
                    " starting at ", starts[i], " with ", counts[i], " tokens");
   }
-  if (sorted_token_ids.numel() > 0) {
-    const int64_t low = sorted_token_ids.min().item<int64_t>();
-    const int64_t high = sorted_token_ids.max().item<int64_t>();
-    LK_CHECK_VALUE(low >= 0 && high < num_tokens, op, ": sorted_token_ids expected values in [0, ", num_tokens,
-                   "), got ", (low < 0 ? low : high));
+  const auto token_ids = sorted_token_ids.accessor<int32_t, 1>();
+  for (int64_t position = 0; position < num_tokens; ++position) {
+    LK_CHECK_VALUE(token_ids[position] >= 0 && token_ids[position] < num_tokens, op,
+                   ": sorted_token_ids expected values in [0, ", num_tokens, "), got ", token_ids[position]);
+  }
+  // The CPU kernels write each token's row from one thread: two slots covering one token would race. So the slots'
+  // ranges must not overlap and must name distinct tokens (LoRABatch's always do: its ids are a permutation).
+  std::vector<char> position_taken(num_tokens, 0), token_taken(num_tokens, 0);
+  for (int64_t i = 0; i < ranks.size(0); ++i) {
+    for (int64_t position = starts[i]; position < int64_t(starts[i]) + counts[i]; ++position) {
+      LK_CHECK_VALUE(!position_taken[position], op, ": slot_starts/slot_counts expected disjoint token ranges, got ",
+                     "slot ", i, " overlapping another slot at position ", position);
+      position_taken[position] = 1;
+      const int32_t token = token_ids[position];
+      LK_CHECK_VALUE(!token_taken[token], op, ": sorted_token_ids expected each token at most once within the ",
+                     "slots' ranges, got token ", token, " twice");
+      token_taken[token] = 1;
+    }
   }
 }
 

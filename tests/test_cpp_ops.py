@@ -249,6 +249,34 @@ def test_sgmv_expand_matches_reference(dtype, distribution, device):
                  dtype, "expand delta", scale=4.0)
 
 
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_sgmv_large_and_small_slots_in_one_batch(dtype, device):
+    """On CPU a slot with much work goes through a BLAS GEMM and the others through the direct per-token loop: one
+    batch with both (and -1 tokens, an empty slot, NaN padding past each rank) matches the reference."""
+    k = n = 520  # 30 tokens x 520 features is a GEMM slot on CPU; 1 or 2 tokens are direct ones
+    ids = torch.tensor([0] * 30 + [1, 1, 2, 3, 3, 4] + [-1] * 4)
+    ids = ids[torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(3))].to(device=device,
+                                                                                         dtype=torch.int32)
+    m, max_rank = ids.numel(), 16
+    ranks = _hetero_ranks(max_rank, device)  # slot 4 has rank 0, slot 5 no tokens
+    lora_a, lora_b = _stacked_lora(NUM_SLOTS, max_rank, k, n, dtype, device, ranks)
+    x = randn(m, k, dtype=dtype, device=device)
+    y = randn(m, n + 7, dtype=dtype, device=device)
+    scalings = torch.tensor([0.5, 2.0, 1.0, 4.0, 1.5, 0.25], device=device)
+    batch = LoRABatch.from_adapter_ids(ids, NUM_SLOTS, validate=True)
+    meta = (batch.sorted_token_ids, batch.slot_starts, batch.slot_counts)
+    shrunk = ops.sgmv_shrink(x, lora_a, *meta, scalings, ranks)
+    ref_shrunk = reference.lora_shrink(x.cpu(), lora_a.cpu(), ids.cpu(), scalings.cpu(), ranks.cpu())
+    assert (shrunk.cpu()[_expected_zero_mask(ids, ranks, max_rank)] == 0).all()
+    assert_close(shrunk, ref_shrunk, _tol_dtype(dtype), "shrink")
+    before = y.clone()
+    ops.sgmv_expand(shrunk, lora_b, *meta, ranks, y, 7)
+    ref = reference.lora_expand(shrunk.cpu(), lora_b.cpu(), ids.cpu().long(), before.cpu(), 7, ranks.cpu().long())
+    assert torch.equal(y[:, :7], before[:, :7])
+    assert_close((y[:, 7:].double() - before[:, 7:].double()).cpu(), ref[:, 7:] - before[:, 7:].cpu().double(),
+                 dtype, "expand delta", scale=4.0)
+
+
 @pytest.mark.parametrize("r", RANKS)
 def test_sgmv_ranks_and_shrink_expand_roundtrip(r, device):
     """Every max rank of the range; shrink then expand into a fused (two-slice) output equals the reference add_lora."""
@@ -427,6 +455,18 @@ def test_sgmv_bad_metadata_values_cpu():
     bad_ids = dict(args, sorted_token_ids=args["sorted_token_ids"] + 100)
     with pytest.raises(ValueError, match="sgmv_shrink: sorted_token_ids expected values"):
         _shrink(bad_ids)
+    # Two slots over one token would have two threads write its row: overlapping ranges and repeated tokens fail.
+    overlapping = dict(args, slot_starts=torch.zeros(NUM_SLOTS, dtype=torch.int32),
+                       slot_counts=torch.full((NUM_SLOTS,), 2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="sgmv_shrink: slot_starts/slot_counts expected disjoint token ranges, got "
+                                         "slot 1 overlapping another slot at position 0"):
+        _shrink(overlapping)
+    repeated = dict(args, sorted_token_ids=torch.zeros(10, dtype=torch.int32),
+                    slot_starts=torch.tensor([0, 2, 4, 6, 8, 10], dtype=torch.int32),
+                    slot_counts=torch.tensor([2, 2, 2, 2, 2, 0], dtype=torch.int32))
+    with pytest.raises(ValueError, match="sgmv_expand: sorted_token_ids expected each token at most once within the "
+                                         "slots' ranges, got token 0 twice"):
+        _expand(repeated)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
