@@ -83,14 +83,15 @@ AccRows<acc_t> as_acc_rows(const scalar_t* src, int64_t rows, int64_t cols, int6
   }
 }
 
-// The sorted positions of the slots that do not use the GEMM path, with their slot, in slot order (so consecutive positions
-// of one parallel chunk share a slot and its converted weights).
+// The sorted positions of the slots that do not use the GEMM path, with their slot, in slot order (so consecutive
+// positions of one parallel chunk share a slot and its converted weights).
 struct SmallSlotWork {
   std::vector<int32_t> positions;
   std::vector<int32_t> slots;
 };
 
-SmallSlotWork small_slot_work(const at::TensorAccessor<int32_t, 1>& starts, const at::TensorAccessor<int32_t, 1>& counts,
+SmallSlotWork small_slot_work(const at::TensorAccessor<int32_t, 1>& starts,
+                              const at::TensorAccessor<int32_t, 1>& counts,
                               const at::TensorAccessor<int32_t, 1>& ranks, int64_t num_slots, int64_t features) {
   SmallSlotWork work;
   for (int64_t slot = 0; slot < num_slots; ++slot) {
