@@ -13,8 +13,8 @@ import sys
 
 # bench rows shown in the summary, one per kind: the design.md §8 shape where the sweep has it.
 SUMMARY_KINDS = ("fwd_decode", "fwd_prefill", "fwd_bwd_vs_gemms", "unfused_vs_ours", "lora_vs_full",
-                 "memory_vs_unfused", "grouped_distinct", "grouped_train", "grouped_vs_loop", "decode_bandwidth", "triton_split",
-                 "cuda_bwd_dy")
+                 "memory_vs_unfused", "grouped_distinct", "grouped_train", "grouped_vs_loop", "decode_bandwidth",
+                 "triton_split", "triton_tma", "cuda_bwd_dy")
 # the bench JSON files of a gpu_check run, and the rows of `lora-kernels bench --sections sweep` (sweep.json)
 BENCH_FILES = ("bench.json", "grouped.json")
 SWEEP_KINDS = ("sweep_vs_one", "grouped_vs_loop", "sweep_bandwidth", "mixed_vs_padded")

@@ -413,7 +413,8 @@ def _run_bench(cfg, progress_stream, on_update):
 
 def forward_rows(rows, cfg, device, dtype, timing, on_gpu, step):
     """Fused forward / base F.linear at every M. On GPUs, M <= GRAPH_MAX_TOKENS is timed as CUDA-graph replays
-    (the kernels: these rows carry the targets) and also eagerly (what a plain Python call costs)."""
+    (the kernels: these rows carry the targets) and also eagerly (what a plain Python call costs); on sm_90+ the
+    Triton backend's opt-in TMA forward is timed against its default pointer-load forward at M >= 256."""
     k = n = cfg.hidden
     r = cfg.rank
     section = "forward / base F.linear"
@@ -431,6 +432,14 @@ def forward_rows(rows, cfg, device, dtype, timing, on_gpu, step):
                 _row(rows, section + (", CUDA-graph replay" if graph else ""), kind, backend, shape,
                      "lora_linear forward", "F.linear(x, W)", t["ours"] / t["base"], t["ours"], t["base"], "ms",
                      on_gpu)
+            if backend == "triton" and on_gpu and kind == "fwd_prefill" and _triton_tma_available(device):
+                tma_section = "Triton forward: TMA loads (LORA_KERNELS_TRITON_TMA=1) / pointer loads (default)"
+                with _guard(rows, tma_section, backend, shape, on_gpu), torch.no_grad():
+                    t = measure({"pointer": [_with_triton_setting("USE_TMA", False, fn) for fn in candidates["ours"]],
+                                 "tma": [_with_triton_setting("USE_TMA", True, fn) for fn in candidates["ours"]]},
+                                graph=graph, **timing)
+                    _row(rows, tma_section, "triton_tma", backend, shape, "lora_linear forward, TMA kernel",
+                         "same, pointer-load kernel", t["tma"] / t["pointer"], t["tma"], t["pointer"], "ms", on_gpu)
             if graph:
                 eager = section + ", eager calls (host path included)"
                 with _guard(rows, eager, backend, shape, on_gpu), torch.no_grad():
@@ -526,7 +535,8 @@ def training_rows(rows, cfg, device, dtype, timing, on_gpu, step):
         if backend == "triton" and on_gpu:
             section = "Triton backward: split reductions (default) / no split"
             with _guard(rows, section, backend, shape, on_gpu):
-                t = measure({"unsplit": [_with_split(1, fn) for fn in inputs.fns(ours_plain)],
+                t = measure({"unsplit": [_with_triton_setting("SPLIT_OVERRIDE", 1, fn)
+                                         for fn in inputs.fns(ours_plain)],
                              "split": inputs.fns(ours_plain)}, **timing)
                 _row(rows, section, "triton_split", backend, shape, "fwd+bwd, dY-once and dA kernels split",
                      "same with SPLIT_OVERRIDE = 1", t["split"] / t["unsplit"], t["split"], t["unsplit"], "ms",
@@ -554,18 +564,25 @@ def cuda_bwd_dy_row(rows, inputs, shape, timing, on_gpu):
              t["kernel"] / t["gemms"], t["kernel"], t["gemms"], "ms", on_gpu)
 
 
-def _with_split(split, fn):
-    """fn() with the Triton backward's split forced to `split` (lora_kernels.triton.lora_linear.SPLIT_OVERRIDE)."""
+def _with_triton_setting(name, value, fn):
+    """fn() with lora_kernels.triton.lora_linear.<name> set to `value` for the call (SPLIT_OVERRIDE: the backward's
+    split; USE_TMA: the TMA forward)."""
     from lora_kernels.triton import lora_linear as triton_lora_linear
 
     def run():
-        previous = triton_lora_linear.SPLIT_OVERRIDE
-        triton_lora_linear.SPLIT_OVERRIDE = split
+        previous = getattr(triton_lora_linear, name)
+        setattr(triton_lora_linear, name, value)
         try:
             return fn()
         finally:
-            triton_lora_linear.SPLIT_OVERRIDE = previous
+            setattr(triton_lora_linear, name, previous)
     return run
+
+
+def _triton_tma_available(device):
+    from lora_kernels.triton import lora_linear as triton_lora_linear
+
+    return triton_lora_linear.TensorDescriptor is not None and triton_lora_linear._has_tma(device)
 
 
 def host_overhead_rows(rows, cfg, device, dtype, on_gpu, step):

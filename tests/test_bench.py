@@ -72,12 +72,13 @@ def test_cuda_bwd_dy_row_computes_the_same_products():
     assert rows[0]["kind"] == "cuda_bwd_dy" and rows[0]["ratio"] > 0, rows
 
 
-def test_with_split_sets_and_restores_the_override():
+def test_with_triton_setting_sets_and_restores_it():
     tk = pytest.importorskip("lora_kernels.triton.lora_linear")
     seen = []
-    before = tk.SPLIT_OVERRIDE
-    bench._with_split(1, lambda: seen.append(tk.SPLIT_OVERRIDE))()
-    assert seen == [1] and tk.SPLIT_OVERRIDE == before
+    before = tk.SPLIT_OVERRIDE, tk.USE_TMA
+    bench._with_triton_setting("SPLIT_OVERRIDE", 1, lambda: seen.append(tk.SPLIT_OVERRIDE))()
+    bench._with_triton_setting("USE_TMA", not tk.USE_TMA, lambda: seen.append(tk.USE_TMA))()
+    assert seen == [1, not before[1]] and (tk.SPLIT_OVERRIDE, tk.USE_TMA) == before
 
 
 @pytest.mark.gpu

@@ -84,9 +84,14 @@ def test_lora_linear_specs_cover_every_kernel():
     names = [spec["name"] for spec in specs]
     assert len(names) == len(set(names)), "duplicate specs"
     for kernel in kernels - {"_dropout_mask_kernel"}:
-        dtypes = {spec["signature"].get("x_ptr", spec["signature"].get("dy_ptr")) for spec in specs
-                  if spec["kernel"].__name__ == kernel}
-        assert dtypes == {"*bf16", "*fp16", "*fp32"}, (kernel, dtypes)
+        dtypes = {spec["signature"].get("x_ptr", spec["signature"].get("dy_ptr", spec["signature"].get("y_ptr")))
+                  for spec in specs if spec["kernel"].__name__ == kernel}
+        # The TMA forward runs 16-bit operands only (fp32 layers keep the pointer kernel's full-precision dots).
+        expected = {"*bf16", "*fp16"} if kernel == "_lora_fwd_tma_kernel" else {"*bf16", "*fp16", "*fp32"}
+        assert dtypes == expected, (kernel, dtypes)
+    tma_specs = [spec for spec in specs if spec["kernel"].__name__ == "_lora_fwd_tma_kernel"]
+    assert tma_specs and all(spec["tma"] and spec["signature"]["x_desc"].startswith("tensordesc<")
+                             for spec in tma_specs)
 
 
 def test_missing_module_is_skipped():
@@ -102,24 +107,30 @@ def test_interpreted_kernel_is_refused_with_a_clear_error():
         aot.compile_spec(spec, 80)
 
 
-def test_gate_fails_a_kernel_that_lost_its_tensor_cores():
-    """The check can fail: an fp32 forward spec (full-precision FMA dots by design) marked as needing tensor cores
-    is refused when compiled for sm_90 (in a TRITON_INTERPRET=0 subprocess, like the gate)."""
+def test_gate_fails_a_kernel_that_lost_its_tensor_cores_or_tma():
+    """The checks can fail: an fp32 forward spec (full-precision FMA dots by design) marked as needing tensor cores,
+    and the pointer-load forward marked as needing TMA, are refused when compiled for sm_90 (in a
+    TRITON_INTERPRET=0 subprocess, like the gate)."""
     import os
     import subprocess
     import sys
 
     code = ("from lora_kernels.triton import aot, lora_linear as ll\n"
-            "spec = next(s for s in ll.aot_specs() if s['name'].startswith('_lora_fwd_kernel[fp32'))\n"
-            "try:\n"
-            "    aot.compile_spec(dict(spec, tensor_cores=True), 90)\n"
-            "except aot.TensorCoreError as exc:\n"
-            "    print('REFUSED', exc)\n")
+            "specs = ll.aot_specs()\n"
+            "fp32 = next(s for s in specs if s['name'].startswith('_lora_fwd_kernel[fp32'))\n"
+            "bf16 = next(s for s in specs if s['name'].startswith('_lora_fwd_kernel[bf16'))\n"
+            "for spec, error in ((dict(fp32, tensor_cores=True), aot.TensorCoreError),\n"
+            "                    (dict(bf16, tma=True), aot.TmaError)):\n"
+            "    try:\n"
+            "        aot.compile_spec(spec, 90)\n"
+            "    except error as exc:\n"
+            "        print('REFUSED', exc)\n")
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(root))
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "REFUSED" in proc.stdout and "CUDA-core FMAs on sm_90" in proc.stdout, proc.stdout
+    assert proc.stdout.count("REFUSED") == 2, proc.stdout
+    assert "CUDA-core FMAs on sm_90" in proc.stdout and "without TMA bulk copies on sm_90" in proc.stdout, proc.stdout
 
 
 def test_register_report_from_ptxas():

@@ -367,3 +367,55 @@ def test_fp32_dy_kernel_takes_rank_chunks_of_16():
     assert tk._dy_block_r(64, torch.bfloat16) == 64 and tk._dy_block_r(8, torch.float32) == 16
     fp32_dy = [spec for spec in tk.aot_specs() if spec["name"].startswith("_lora_bwd_dy_kernel[fp32")]
     assert fp32_dy and max(spec["constexprs"]["BLOCK_R"] for spec in fp32_dy) == tk.DY_MAX_BLOCK_R_FP32
+
+
+# (M, K, N, r) for the TMA forward: rows past DECODE_MAX_M, K a multiple of 8 (16-byte rows, which a descriptor
+# needs) but not of the interpreter's 32-wide K blocks in the second case (the descriptor zero-fills the tail),
+# odd N, ranks padded (1), one chunk (16) and two chunks (80).
+TMA_CASES = [(20, 96, 40, 1), (33, 72, 17, 16), (40, 64, 48, 80)]
+
+
+def _tma_or_skip(dev):
+    if dev.type == "cuda" and not tk._has_tma(dev):
+        pytest.skip("the TMA forward needs sm_90 or newer")
+    if tk.TensorDescriptor is None:
+        pytest.skip("this triton has no host tensor descriptors")
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("M,K,N,r", TMA_CASES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_tma_forward(dev, dtype, M, K, N, r, bias, monkeypatch, poisoned_empty):
+    """The opt-in TMA forward (LORA_KERNELS_TRITON_TMA=1) against the reference; the pointer kernel is made to
+    fail, so the result can only come from the TMA kernel."""
+    _tma_or_skip(dev)
+    monkeypatch.setattr(tk, "USE_TMA", True)
+    monkeypatch.setattr(tk, "_fwd", None)  # subscripting it would raise
+    x, weight, lora_a, lora_b, b = lora_inputs(M, K, N, r, dtype, dev, bias)
+    assert tk._use_tma(x, weight)
+    y, s = tk.lora_fwd(x, weight, lora_a, lora_b, SCALING, b)
+    assert_close(y, reference.lora_linear(x, weight, lora_a, lora_b, SCALING, b), dtype, "y")
+    assert_close(s, ref_s(x, lora_a), torch.float32, "s")
+
+
+def test_tma_forward_only_where_a_descriptor_can_run(dev, monkeypatch):
+    """Off by default; when on, fp32, decode sizes, rows that are not 16-byte multiples and non-unit inner strides
+    take the pointer kernel, with the same results."""
+    _tma_or_skip(dev)
+    x, weight, lora_a, lora_b, b = lora_inputs(24, 64, 40, 8, torch.bfloat16, dev, True)
+    assert not tk._use_tma(x, weight)  # USE_TMA is off unless LORA_KERNELS_TRITON_TMA=1
+    monkeypatch.setattr(tk, "USE_TMA", True)
+    assert tk._use_tma(x, weight)
+    odd_k = lora_inputs(24, 60, 40, 8, torch.bfloat16, dev, True)  # 120-byte rows
+    pointer_only = [
+        (x.float(), weight.float()),
+        (x[:16], weight),
+        (odd_k[0], odd_k[1]),
+        (randn(64, 24, dtype=torch.bfloat16, device=dev).T, weight),  # inner stride 24
+    ]
+    for xs, ws in pointer_only:
+        assert not tk._use_tma(xs, ws), (xs.shape, xs.stride(), xs.dtype)
+    xs, ws, a, bb, bias = odd_k
+    monkeypatch.setattr(tk, "_fwd_tma", None)  # would raise if it were used
+    y, _ = tk.lora_fwd(xs, ws, a, bb, SCALING, bias)
+    assert_close(y, reference.lora_linear(xs, ws, a, bb, SCALING, bias), torch.bfloat16, "y")

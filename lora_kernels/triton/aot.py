@@ -1,6 +1,7 @@
 """The Triton compile gate (design.md §7): compiles every kernel spec that a module's `aot_specs()` lists for sm_80
 and sm_90 with Triton's own compiler (no GPU needed), checks its shared memory against the target's limit, and
-records which matrix instructions its PTX uses (wgmma, mma.sync or none), failing specs that require tensor cores.
+records which matrix instructions its PTX uses (wgmma, mma.sync or none) and whether it loads with TMA, failing specs
+that require tensor cores (or TMA) and compiled without them.
 
 Triton's compiler cannot run on interpreted kernels: with TRITON_INTERPRET=1, @triton.jit returns interpreter
 objects with no compilable IR. `run_gate` therefore compiles in a subprocess started with TRITON_INTERPRET=0,
@@ -33,6 +34,10 @@ class SharedMemoryError(RuntimeError):
     """A kernel compiled but needs more shared memory than its target has."""
 
 
+class TmaError(RuntimeError):
+    """A kernel whose spec requires TMA loads on sm_90 compiled without them."""
+
+
 def _jit_function(kernel):
     """The @triton.jit function under autotune/heuristics wrappers; refuses interpreted kernels."""
     from triton.runtime.jit import JITFunction
@@ -62,6 +67,11 @@ def _divisibility_attrs(fn, signature, divisible):
         if kind.startswith("*") or name in divisible:
             attrs[(index,)] = [["tt.divisibility", 16]]
     return attrs
+
+
+def uses_tma(ptx):
+    """Whether a kernel's PTX loads tiles with Hopper's tensor-memory accelerator (bulk tensor copies)."""
+    return "cp.async.bulk.tensor" in ptx
 
 
 def mma_kind(ptx):
@@ -117,7 +127,8 @@ def compile_spec(spec, cc, registers=False):
     """Compile one aot_specs() entry for sm_<cc>; returns {"shared": bytes of shared memory, "mma": mma_kind}.
     Raises SharedMemoryError when the shared memory exceeds the target's limit, TensorCoreError when the spec asks
     for tensor cores ("tensor_cores": True; on sm_90 "wgmma": True asks for warp-group MMA) and the PTX has none,
-    and whatever Triton raises when it does not compile. registers=True adds "registers" and "spill_bytes" from
+    TmaError when it asks for TMA loads on sm_90 ("tma": True) and the PTX has none, and whatever Triton raises when
+    it does not compile. registers=True adds "registers" and "spill_bytes" from
     `ptxas -v` (a second ptxas run per kernel, so not part of the CI gate)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -149,7 +160,10 @@ def compile_spec(spec, cc, registers=False):
         raise TensorCoreError(f"{spec['name']}: its dots compiled to CUDA-core FMAs on sm_{cc}, not tensor-core MMA")
     if spec.get("wgmma") and cc >= 90 and mma != "wgmma":
         raise TensorCoreError(f"{spec['name']}: compiled to {mma} on sm_{cc}, not Hopper's warp-group MMA (wgmma)")
-    result = {"shared": shared, "mma": mma}
+    tma = uses_tma(compiled.asm["ptx"])
+    if spec.get("tma") and cc >= 90 and not tma:
+        raise TmaError(f"{spec['name']}: its tensor-descriptor loads compiled without TMA bulk copies on sm_{cc}")
+    result = {"shared": shared, "mma": mma, "tma": tma}
     if registers:
         result["registers"], result["spill_bytes"], _ = register_usage(compiled.asm["ptx"], cc)
     return result
@@ -242,8 +256,9 @@ def format_records(records):
         if rec["ok"]:
             usage = (f"{rec['registers']:>3} regs {rec['spill_bytes']:>5} B spilled  " if "registers" in rec
                      else "")
-            lines.append(f"ok   sm_{rec['cc']} {rec['shared']:>7} B / {rec['limit']} B  {rec['mma']:<5}  {usage}"
-                         f"{rec['seconds']:6.2f}s  {rec['name']}")
+            loads = "tma" if rec.get("tma") else "   "
+            lines.append(f"ok   sm_{rec['cc']} {rec['shared']:>7} B / {rec['limit']} B  {rec['mma']:<5} {loads}  "
+                         f"{usage}{rec['seconds']:6.2f}s  {rec['name']}")
         else:
             lines.append(f"FAIL sm_{rec['cc']} {rec['name']}: {rec['error']}")
     return "\n".join(lines)

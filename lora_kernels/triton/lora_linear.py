@@ -2,7 +2,8 @@
 their launchers (check, allocate, launch) registered as torch custom ops, and the AOT compile-gate specs.
 
     s  = drop(x) · Aᵀ                         _lora_shrink_kernel   (dropout fused, s stored fp32, unscaled)
-    y  = x · Wᵀ + scaling · s · Bᵀ + bias     _lora_fwd_kernel      (base GEMM and expand in one accumulator)
+    y  = x · Wᵀ + scaling · s · Bᵀ + bias     _lora_fwd_kernel      (base GEMM and expand in one accumulator;
+                                              _lora_fwd_tma_kernel: the same with TMA loads, opt-in, sm_90+)
     dB = scaling · dyᵀ · s,  ds = scaling · dy · B                  _lora_bwd_dy_kernel   (one read of dy)
     dX = dy · W + drop'(ds · A)               _lora_bwd_dx_kernel   (base GEMM and LoRA term, one kernel)
     dA = dsᵀ · drop(x)                        _lora_bwd_da_kernel
@@ -20,6 +21,11 @@ import triton
 import triton.language as tl
 
 from lora_kernels.triton import INTERPRET
+
+try:  # host-side TMA descriptors (triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 # tl.dot needs every block dimension >= 16: ranks below 16 are padded up to 16 inside the kernels with masks.
 MIN_DOT_DIM = 16
@@ -69,8 +75,14 @@ INTERPRET_SPLIT = 2
 SPLIT_OVERRIDE = None
 
 
-def _config(num_warps, num_stages, **blocks):
-    return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
+def _config(num_warps, num_stages, pre_hook=None, **blocks):
+    return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages, pre_hook=pre_hook)
+
+
+def _set_tma_block_shapes(nargs):
+    """Autotune pre-hook of the TMA forward: the descriptors' block shapes follow the config being launched."""
+    nargs["x_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
 
 
 # Autotune configs. Under the interpreter one small config keeps the tests fast (autotuning is meaningless there).
@@ -98,6 +110,8 @@ else:
 DECODE_MAX_M = 16
 # Forward: output [BLOCK_M, BLOCK_N], reduction over K. dx: output [BLOCK_M, BLOCK_K], reduction over N.
 GEMM_CONFIGS = [_config(w, st, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k) for m, n, k, w, st in _GEMM_TILES + _DECODE_TILES]
+# The TMA forward takes the GEMM tiles (decode sizes stay on the pointer kernel's 16-row tiles).
+TMA_CONFIGS = [_config(w, st, _set_tma_block_shapes, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k) for m, n, k, w, st in _GEMM_TILES]
 # dx drops the 128 x 256 tile: with dropout it regenerates the mask over its whole output tile, and that variant
 # alone took ~25 s of CPU to compile per target for no expected gain over 128 x 128 (dx is a plain GEMM shape).
 DX_CONFIGS = [_config(w, st, BLOCK_M=m, BLOCK_K=n, BLOCK_N=k) for m, n, k, w, st in _GEMM_TILES if m * n <= 128 * 128]
@@ -263,8 +277,6 @@ def _lora_fwd_kernel(
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
     # The main loop loads rows and columns past the edge wrapped around (modulo M, N: valid addresses whose
     # products land only in rows and columns the store masks off), so its loads need no row or column masks, and
     # with EVEN_K (K a multiple of BLOCK_K) no masks at all: the unmasked, vectorised loads of Triton's matmul.
@@ -273,6 +285,45 @@ def _lora_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = _gemm_loop(x_ptrs, w_ptrs, acc, offs_k, K, BLOCK_K * stride_xk, BLOCK_K * stride_wk,
                      x_ptr.dtype.element_ty == tl.float32, EVEN_K, BLOCK_K)
+    _expand_bias_store(acc, s_ptr, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, M, N, R, stride_sm, stride_sr,
+                       stride_bn, stride_br, stride_bias, stride_ym, stride_yn, scaling,
+                       x_ptr.dtype.element_ty == tl.float32, HAS_BIAS, BLOCK_R)
+
+
+@triton.jit
+def _lora_fwd_tma_kernel(
+    x_desc, w_desc, s_ptr, b_ptr, bias_ptr, y_ptr,
+    M, N, K, R,
+    stride_sm, stride_sr, stride_bn, stride_br, stride_bias, stride_ym, stride_yn,
+    scaling,
+    HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """_lora_fwd_kernel with the main loop's x and W tiles fetched by tensor descriptors (Hopper's TMA copy engine:
+    one instruction per tile instead of per-thread address arithmetic and cp.async, the loads cuBLAS-class Hopper
+    GEMMs use). The descriptors fill out-of-bounds rows, columns and the K tail with zeros, so the loop has no masks
+    at any shape. 16-bit dtypes only; the launcher picks it (see _use_tma)."""
+    pid_m, pid_n = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP)
+    row0 = pid_m * BLOCK_M
+    col0 = pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = x_desc.load([row0, k0])
+        w = w_desc.load([col0, k0])
+        acc = _dot(x, w.T, acc, False)
+    offs_m = row0.to(tl.int64) + tl.arange(0, BLOCK_M)
+    offs_n = col0.to(tl.int64) + tl.arange(0, BLOCK_N)
+    _expand_bias_store(acc, s_ptr, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, M, N, R, stride_sm, stride_sr,
+                       stride_bn, stride_br, stride_bias, stride_ym, stride_yn, scaling, False, HAS_BIAS, BLOCK_R)
+
+
+@triton.jit
+def _expand_bias_store(acc, s_ptr, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, M, N, R, stride_sm, stride_sr,
+                       stride_bn, stride_br, stride_bias, stride_ym, stride_yn, scaling,
+                       FP32_INPUT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The forward's epilogue: acc += scaling · s · Bᵀ (+ bias), stored to y with edge masks."""
+    mask_m = offs_m < M
+    mask_n = offs_n < N
     # Expand: s is fp32, so B is widened and the dot runs in tf32 (fp32 in the interpreter); ranks past R are
     # masked to zero, which pads small ranks up to BLOCK_R >= 16.
     offs_r = tl.arange(0, BLOCK_R)
@@ -284,7 +335,7 @@ def _lora_fwd_kernel(
                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
         b = tl.load(b_ptr + offs_n[None, :] * stride_bn + (offs_r + r0)[:, None] * stride_br,
                     mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        acc = _dot(s * scaling, b.to(tl.float32), acc, x_ptr.dtype.element_ty == tl.float32)
+        acc = _dot(s * scaling, b.to(tl.float32), acc, FP32_INPUT)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0)
         acc += bias.to(tl.float32)[None, :]
@@ -455,6 +506,7 @@ def _prune_fwd(configs, named_args, **kwargs):
 _PRUNE = {
     "_lora_shrink_kernel": _prune_by_smem("BLOCK_M", "BLOCK_R", "BLOCK_K", "x_ptr"),
     "_lora_fwd_kernel": _prune_fwd,
+    "_lora_fwd_tma_kernel": _prune_by_smem("BLOCK_M", "BLOCK_N", "BLOCK_K", "y_ptr"),
     "_lora_bwd_dy_kernel": _prune_by_smem("BLOCK_M", "BLOCK_R", "BLOCK_N", "dy_ptr"),
     "_lora_bwd_dx_kernel": _prune_by_smem("BLOCK_M", "BLOCK_K", "BLOCK_N", "dy_ptr"),
     "_lora_bwd_da_kernel": _prune_by_smem("BLOCK_R", "BLOCK_K", "BLOCK_M", "x_ptr"),
@@ -477,6 +529,7 @@ def _autotune(configs, key, kernel, heuristics=None):
 _shrink = _autotune(SHRINK_CONFIGS, ["M", "K", "R", "HAS_DROPOUT"], _lora_shrink_kernel)
 _fwd = _autotune(GEMM_CONFIGS, ["M", "N", "K", "R", "HAS_BIAS"], _lora_fwd_kernel,
                  {"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+_fwd_tma = _autotune(TMA_CONFIGS, ["M", "N", "K", "R", "HAS_BIAS"], _lora_fwd_tma_kernel)
 _bwd_dy = _autotune(DY_CONFIGS, ["M", "N", "R"], _lora_bwd_dy_kernel)
 _bwd_dx = _autotune(DX_CONFIGS, ["M", "N", "K", "R", "HAS_DROPOUT"], _lora_bwd_dx_kernel,
                     {"EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0})
@@ -572,6 +625,29 @@ def _bwd_da_split(M: int, K: int, r: int, device: torch.device) -> int:
     return _split_count(programs, triton.cdiv(M, _DA_MAX_BLOCK_M), _device_sm_count(device))
 
 
+# The TMA forward is opt-in until a GPU run has measured it against the pointer kernel (bench row "Triton forward:
+# TMA / pointer loads"): LORA_KERNELS_TRITON_TMA=1 uses it wherever it can run.
+USE_TMA = os.environ.get("LORA_KERNELS_TRITON_TMA", "0") == "1"
+
+
+@functools.cache
+def _has_tma(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _tma_addressable(t: torch.Tensor) -> bool:
+    """What a TMA descriptor needs of a 2-D tensor: unit inner stride, 16-byte aligned base and row stride."""
+    return t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+
+
+def _use_tma(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the forward runs _lora_fwd_tma_kernel: when switched on (USE_TMA), on a GPU with TMA (sm_90+; any
+    device under the interpreter), for 16-bit operands a descriptor can address, above decode sizes."""
+    return (USE_TMA and TensorDescriptor is not None and x.dtype in (torch.float16, torch.bfloat16)
+            and x.shape[0] > DECODE_MAX_M and _tma_addressable(x) and _tma_addressable(weight)
+            and (INTERPRET or _has_tma(x.device)))
+
+
 def _dropout_args(dropout_p):
     """(has_dropout, p, scale) as the kernels take them; p == 1 drops everything (scale 0, like torch)."""
     p = float(dropout_p)
@@ -607,7 +683,21 @@ def _lora_fwd_impl(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, 
     )
     has_bias = bias is not None
     bias_arg = bias if has_bias else y  # never read when HAS_BIAS is False
-    _fwd[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)](
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    if _use_tma(x, weight):
+        first = TMA_CONFIGS[0].kwargs  # block shapes until the autotune pre-hook sets the launched config's
+        _fwd_tma[grid](
+            TensorDescriptor.from_tensor(x, [first["BLOCK_M"], first["BLOCK_K"]]),
+            TensorDescriptor.from_tensor(weight, [first["BLOCK_N"], first["BLOCK_K"]]),
+            s, lora_b, bias_arg, y,
+            M, N, K, r,
+            s.stride(0), s.stride(1), lora_b.stride(0), lora_b.stride(1), bias_arg.stride(0), y.stride(0),
+            y.stride(1),
+            float(scaling),
+            HAS_BIAS=has_bias, BLOCK_R=block_r, GROUP=GROUP_M,
+        )
+        return y, s
+    _fwd[grid](
         x, weight, s, lora_b, bias_arg, y,
         M, N, K, r,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), s.stride(0), s.stride(1),
@@ -837,22 +927,28 @@ _INNER_STRIDES = {  # unit strides of contiguous operands: Triton specialises th
     # which turns on vectorised, pipelined loads, so that is the variant whose shared memory matters.
     "_lora_shrink_kernel": ("stride_xk", "stride_ak", "stride_sr"),
     "_lora_fwd_kernel": ("stride_xk", "stride_wk", "stride_sr", "stride_br", "stride_bias", "stride_yn"),
+    "_lora_fwd_tma_kernel": ("stride_sr", "stride_br", "stride_bias", "stride_yn"),
     "_lora_bwd_dy_kernel": ("stride_dyn", "stride_sr", "stride_br", "stride_dsp_r", "stride_dbp_r"),
     "_lora_bwd_dx_kernel": ("stride_dyn", "stride_wk", "stride_dsr", "stride_ak", "stride_dxk"),
     "_lora_bwd_da_kernel": ("stride_dsr", "stride_xk", "stride_dap_k"),
     "_dropout_mask_kernel": ("stride_ok",),
 }
 _FP32_POINTERS = {"s_ptr", "ds_ptr", "dsp_ptr", "dbp_ptr", "dap_ptr", "out_ptr"}
+# Tensor-descriptor arguments and the block sizes that shape their tiles.
+_DESC_BLOCKS = {"x_desc": ("BLOCK_M", "BLOCK_K"), "w_desc": ("BLOCK_N", "BLOCK_K")}
 # Split counts (the launchers' N / M splits): small run-time ints, not sizes, so not marked 16-divisible.
 _SPLIT_ARGS = {"split_n", "split_m"}
 _FLOAT_SCALARS = {"scaling", "p", "dropout_scale"}
 
 
-def _signature(fn, dtype, constexpr_names):
+def _signature(fn, dtype, constexprs):
     sig = {}
     for name in fn.arg_names:
-        if name in constexpr_names:
+        if name in constexprs:
             sig[name] = "constexpr"
+        elif name in _DESC_BLOCKS:
+            rows, cols = (constexprs[block] for block in _DESC_BLOCKS[name])
+            sig[name] = f"tensordesc<{_TRITON_DTYPE[dtype]}[{rows},{cols}]>"
         elif name.endswith("_ptr"):
             sig[name] = "*fp32" if name in _FP32_POINTERS else "*" + _TRITON_DTYPE[dtype]
         elif name in _FLOAT_SCALARS:
@@ -884,8 +980,9 @@ def _spec(fn, dtype, config, num_warps, num_stages, **flags):
         # dX, 64 rows or more) that is not warp-group MMA on sm_90 (the instruction Hopper's GEMM speed needs).
         # fp32 layers run full-precision FMA dots by design (see _dot).
         "tensor_cores": dtype != torch.float32 and fn is not _dropout_mask_kernel,
-        "wgmma": dtype != torch.float32 and fn in (_lora_fwd_kernel, _lora_bwd_dx_kernel)
+        "wgmma": dtype != torch.float32 and fn in (_lora_fwd_kernel, _lora_fwd_tma_kernel, _lora_bwd_dx_kernel)
                  and config["BLOCK_M"] >= 64,  # a warp group's MMA spans 64 rows: the decode tiles use mma.sync
+        "tma": fn is _lora_fwd_tma_kernel,
     }
 
 
@@ -894,8 +991,9 @@ def aot_specs():
     operands, so the most shared memory) with every flag on, plus the default config at chunk 16 with the flags off
     and at chunk 32. fp16 (same sizes as bf16): the default config at chunk 64. fp32 (twice the bytes per operand):
     every config the shared-memory prune keeps at its largest chunk (64; 16 for the dY-once kernel), flags on, and
-    the default config at chunk 16, flags off. Larger ranks loop over chunks of that size. (A bf16 spec at chunk 64 may be one the prune skips at run time
-    for that chunk: it still launches at smaller chunks.)"""
+    the default config at chunk 16, flags off. Larger ranks loop over chunks of that size. (A bf16 spec at chunk 64
+    may be one the prune skips at run time for that chunk: it still launches at smaller chunks.) The TMA forward is
+    16-bit only: every bf16 config, the default at chunk 16 flags off, and fp16's default."""
     specs = []
     seen = set()
 
@@ -909,12 +1007,19 @@ def aot_specs():
         (SHRINK_CONFIGS, _lora_shrink_kernel, dict(HAS_DROPOUT=True), dict(HAS_DROPOUT=False), {}),
         (GEMM_CONFIGS, _lora_fwd_kernel, dict(HAS_BIAS=True, EVEN_K=True), dict(HAS_BIAS=False, EVEN_K=False),
          dict(GROUP=GROUP_M)),
+        (TMA_CONFIGS, _lora_fwd_tma_kernel, dict(HAS_BIAS=True), dict(HAS_BIAS=False), dict(GROUP=GROUP_M)),
         (DY_CONFIGS, _lora_bwd_dy_kernel, {}, {}, dict(BLOCK_M=DY_BLOCK_M)),
         (DX_CONFIGS, _lora_bwd_dx_kernel, dict(HAS_DROPOUT=True, EVEN_N=True), dict(HAS_DROPOUT=False, EVEN_N=False),
          dict(GROUP=GROUP_M)),
         (DA_CONFIGS, _lora_bwd_da_kernel, dict(HAS_DROPOUT=True), dict(HAS_DROPOUT=False), {}),
     )
     for configs, fn, on, off, fixed in kernels:
+        if fn is _lora_fwd_tma_kernel:  # 16-bit only: bf16 every config, fp16 the default
+            for cfg in configs:
+                add(fn, torch.bfloat16, cfg, **on, **fixed, BLOCK_R=MAX_BLOCK_R)
+            add(fn, torch.bfloat16, configs[0], **off, **fixed, BLOCK_R=MIN_DOT_DIM)
+            add(fn, torch.float16, configs[0], **on, **fixed, BLOCK_R=MAX_BLOCK_R)
+            continue
         for cfg in configs:
             add(fn, torch.bfloat16, cfg, **on, **fixed, BLOCK_R=MAX_BLOCK_R)
         add(fn, torch.bfloat16, configs[0], **off, **fixed, BLOCK_R=MIN_DOT_DIM)
