@@ -350,7 +350,7 @@ def triton_configs():
     if module is None:
         return {}
     chosen = {}
-    for name in ("_shrink", "_fwd", "_bwd_dy", "_bwd_dx", "_bwd_da"):
+    for name in ("_shrink", "_fwd", "_fwd_tma", "_bwd_dy", "_bwd_dx", "_bwd_dx_tma", "_bwd_da"):
         cache = getattr(getattr(module, name, None), "cache", None) or {}
         if cache:
             chosen[name.lstrip("_")] = {str(key): str(config) for key, config in cache.items()}
@@ -453,7 +453,7 @@ def forward_rows(rows, cfg, device, dtype, timing, on_gpu, step):
 def training_rows(rows, cfg, device, dtype, timing, on_gpu, step):
     """At the training M: the rank sweep (forward / base, fwd+bwd / the two base GEMMs), then fwd+bwd against
     PEFT's unfused layer with dropout and against full fine-tuning, activation and peak memory, and (Triton) the
-    backward's split reductions against no split."""
+    backward's split reductions against no split and, on sm_90+, the TMA kernels against the pointer kernels."""
     k = n = cfg.hidden
     m, r = cfg.train_m, cfg.rank
     for rank in cfg.ranks:
@@ -541,6 +541,15 @@ def training_rows(rows, cfg, device, dtype, timing, on_gpu, step):
                 _row(rows, section, "triton_split", backend, shape, "fwd+bwd, dY-once and dA kernels split",
                      "same with SPLIT_OVERRIDE = 1", t["split"] / t["unsplit"], t["split"], t["unsplit"], "ms",
                      on_gpu)
+            if _triton_tma_available(device):
+                section = "Triton fwd+bwd: TMA loads (LORA_KERNELS_TRITON_TMA=1) / pointer loads (default)"
+                with _guard(rows, section, backend, shape, on_gpu):
+                    t = measure({"pointer": [_with_triton_setting("USE_TMA", False, fn)
+                                             for fn in inputs.fns(ours_plain)],
+                                 "tma": [_with_triton_setting("USE_TMA", True, fn) for fn in inputs.fns(ours_plain)]},
+                                **timing)
+                    _row(rows, section, "triton_tma", backend, shape, "fwd+bwd, forward and dX kernels with TMA",
+                         "same, pointer-load kernels", t["tma"] / t["pointer"], t["tma"], t["pointer"], "ms", on_gpu)
         step(f"memory {backend}")
     del inputs
 

@@ -84,14 +84,16 @@ def test_lora_linear_specs_cover_every_kernel():
     names = [spec["name"] for spec in specs]
     assert len(names) == len(set(names)), "duplicate specs"
     for kernel in kernels - {"_dropout_mask_kernel"}:
-        dtypes = {spec["signature"].get("x_ptr", spec["signature"].get("dy_ptr", spec["signature"].get("y_ptr")))
+        dtypes = {next(spec["signature"][name] for name in ("x_ptr", "dy_ptr", "y_ptr", "dx_ptr")
+                       if name in spec["signature"])
                   for spec in specs if spec["kernel"].__name__ == kernel}
-        # The TMA forward runs 16-bit operands only (fp32 layers keep the pointer kernel's full-precision dots).
-        expected = {"*bf16", "*fp16"} if kernel == "_lora_fwd_tma_kernel" else {"*bf16", "*fp16", "*fp32"}
+        # The TMA kernels run 16-bit operands only (fp32 layers keep the pointer kernels' full-precision dots).
+        expected = {"*bf16", "*fp16"} if "_tma_" in kernel else {"*bf16", "*fp16", "*fp32"}
         assert dtypes == expected, (kernel, dtypes)
-    tma_specs = [spec for spec in specs if spec["kernel"].__name__ == "_lora_fwd_tma_kernel"]
-    assert tma_specs and all(spec["tma"] and spec["signature"]["x_desc"].startswith("tensordesc<")
-                             for spec in tma_specs)
+    tma_specs = [spec for spec in specs if "_tma_" in spec["kernel"].__name__]
+    assert {spec["kernel"].__name__ for spec in tma_specs} == {"_lora_fwd_tma_kernel", "_lora_bwd_dx_tma_kernel"}
+    assert all(spec["tma"] and any(kind.startswith("tensordesc<") for kind in spec["signature"].values())
+               for spec in tma_specs)
 
 
 def test_missing_module_is_skipped():

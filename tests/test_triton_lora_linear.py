@@ -398,6 +398,28 @@ def test_tma_forward(dev, dtype, M, K, N, r, bias, monkeypatch, poisoned_empty):
     assert_close(s, ref_s(x, lora_a), torch.float32, "s")
 
 
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25], ids=["nodrop", "drop"])
+@pytest.mark.parametrize("M,K,N,r", TMA_CASES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_tma_dx(dev, dtype, M, K, N, r, dropout_p, monkeypatch, poisoned_empty):
+    """The opt-in TMA dX kernel (dy and W through descriptors; N is dX's reduction, so the odd N = 17 case has a
+    zero-filled reduction tail) against the reference, with and without dropout; the pointer kernel is made to
+    fail."""
+    _tma_or_skip(dev)
+    monkeypatch.setattr(tk, "USE_TMA", True)
+    monkeypatch.setattr(tk, "_bwd_dx", None)  # subscripting it would raise
+    seed = 77
+    x, weight, lora_a, lora_b, _ = lora_inputs(M, K, N, r, dtype, dev, bias=False)
+    # dy rows must be 16-byte multiples for a descriptor: N = 17 takes a padded allocation, sliced (stride 24).
+    dy = randn(M, (N + 7) // 8 * 8, dtype=dtype, device=dev)[:, :N]
+    assert tk._use_tma(dy, weight)
+    mask = tk.dropout_mask(seed, M, K, dropout_p, dev)
+    ref = reference.lora_linear_backward(dy, x, weight, lora_a, lora_b, SCALING, dropout_mask=mask)
+    ds = SCALING * (dy.float() @ lora_b.float())
+    dx = tk.lora_bwd_dx(dy, ds, weight, lora_a, dropout_p=dropout_p, seed=seed)
+    assert_close(dx, ref["x"], dtype, "dx")
+
+
 def test_tma_forward_only_where_a_descriptor_can_run(dev, monkeypatch):
     """Off by default; when on, fp32, decode sizes, rows that are not 16-byte multiples and non-unit inner strides
     take the pointer kernel, with the same results."""

@@ -5,7 +5,8 @@ their launchers (check, allocate, launch) registered as torch custom ops, and th
     y  = x · Wᵀ + scaling · s · Bᵀ + bias     _lora_fwd_kernel      (base GEMM and expand in one accumulator;
                                               _lora_fwd_tma_kernel: the same with TMA loads, opt-in, sm_90+)
     dB = scaling · dyᵀ · s,  ds = scaling · dy · B                  _lora_bwd_dy_kernel   (one read of dy)
-    dX = dy · W + drop'(ds · A)               _lora_bwd_dx_kernel   (base GEMM and LoRA term, one kernel)
+    dX = dy · W + drop'(ds · A)               _lora_bwd_dx_kernel   (base GEMM and LoRA term, one kernel;
+                                              _lora_bwd_dx_tma_kernel: the same with TMA loads, opt-in, sm_90+)
     dA = dsᵀ · drop(x)                        _lora_bwd_da_kernel
 
 Dropout is never stored: element (m, k) of x is kept when tl.rand(seed, m * K + k) >= p, and every kernel (and
@@ -79,10 +80,17 @@ def _config(num_warps, num_stages, pre_hook=None, **blocks):
     return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages, pre_hook=pre_hook)
 
 
+# Tensor-descriptor arguments of the TMA kernels and the block sizes that shape their tiles (W is [N, K] in both:
+# the forward reduces over its K, dX over its N).
+_DESC_BLOCKS = {"x_desc": ("BLOCK_M", "BLOCK_K"), "w_desc": ("BLOCK_N", "BLOCK_K"),
+                "dy_desc": ("BLOCK_M", "BLOCK_N")}
+
+
 def _set_tma_block_shapes(nargs):
-    """Autotune pre-hook of the TMA forward: the descriptors' block shapes follow the config being launched."""
-    nargs["x_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
-    nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+    """Autotune pre-hook of the TMA kernels: the descriptors' block shapes follow the config being launched."""
+    for name, (rows, cols) in _DESC_BLOCKS.items():
+        if name in nargs:
+            nargs[name].block_shape = [nargs[rows], nargs[cols]]
 
 
 # Autotune configs. Under the interpreter one small config keeps the tests fast (autotuning is meaningless there).
@@ -115,6 +123,8 @@ TMA_CONFIGS = [_config(w, st, _set_tma_block_shapes, BLOCK_M=m, BLOCK_N=n, BLOCK
 # dx drops the 128 x 256 tile: with dropout it regenerates the mask over its whole output tile, and that variant
 # alone took ~25 s of CPU to compile per target for no expected gain over 128 x 128 (dx is a plain GEMM shape).
 DX_CONFIGS = [_config(w, st, BLOCK_M=m, BLOCK_K=n, BLOCK_N=k) for m, n, k, w, st in _GEMM_TILES if m * n <= 128 * 128]
+TMA_DX_CONFIGS = [_config(w, st, _set_tma_block_shapes, BLOCK_M=m, BLOCK_K=n, BLOCK_N=k)
+                  for m, n, k, w, st in _GEMM_TILES if m * n <= 128 * 128]
 if INTERPRET:
     SHRINK_CONFIGS = [_config(1, 1, BLOCK_M=16, BLOCK_K=32)]
     DY_CONFIGS = [_config(1, 1, BLOCK_N=32)]
@@ -410,6 +420,49 @@ def _lora_bwd_dx_kernel(
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = tl.arange(0, BLOCK_N)
+    acc = _dx_lora_term(ds_ptr, a_ptr, offs_m, offs_k, M, K, R, stride_dsm, stride_dsr, stride_ar, stride_ak,
+                        p, dropout_scale, seed, dy_ptr.dtype.element_ty == tl.float32, HAS_DROPOUT, BLOCK_R,
+                        BLOCK_M, BLOCK_K)
+    # Edge rows and columns wrap around in the main loop's loads, as in _lora_fwd_kernel (EVEN_N: no masks at all).
+    dy_ptrs = dy_ptr + (offs_m % M)[:, None] * stride_dym + offs_n[None, :] * stride_dyn
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + (offs_k % K)[None, :] * stride_wk
+    acc = _gemm_loop(dy_ptrs, w_ptrs, acc, offs_n, N, BLOCK_N * stride_dyn, BLOCK_N * stride_wn,
+                     dy_ptr.dtype.element_ty == tl.float32, EVEN_N, BLOCK_N)
+    dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_k < K)[None, :])
+
+
+@triton.jit
+def _lora_bwd_dx_tma_kernel(
+    dy_desc, w_desc, ds_ptr, a_ptr, dx_ptr,
+    M, N, K, R,
+    stride_dsm, stride_dsr, stride_ar, stride_ak, stride_dxm, stride_dxk,
+    p, dropout_scale, seed,
+    HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """_lora_bwd_dx_kernel with the main loop's dy and W tiles fetched by tensor descriptors (TMA; see
+    _lora_fwd_tma_kernel): zero-filled edges, no masks. 16-bit dtypes only; the launcher picks it."""
+    pid_m, pid_k = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP)
+    row0 = pid_m * BLOCK_M
+    col0 = pid_k * BLOCK_K
+    offs_m = row0.to(tl.int64) + tl.arange(0, BLOCK_M)
+    offs_k = col0.to(tl.int64) + tl.arange(0, BLOCK_K)
+    acc = _dx_lora_term(ds_ptr, a_ptr, offs_m, offs_k, M, K, R, stride_dsm, stride_dsr, stride_ar, stride_ak,
+                        p, dropout_scale, seed, False, HAS_DROPOUT, BLOCK_R, BLOCK_M, BLOCK_K)
+    for n0 in range(0, N, BLOCK_N):
+        dy = dy_desc.load([row0, n0])
+        w = w_desc.load([n0, col0])
+        acc = _dot(dy, w, acc, False)
+    dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_k < K)[None, :])
+
+
+@triton.jit
+def _dx_lora_term(ds_ptr, a_ptr, offs_m, offs_k, M, K, R, stride_dsm, stride_dsr, stride_ar, stride_ak,
+                  p, dropout_scale, seed, FP32_INPUT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """drop'(ds · A) for the [BLOCK_M, BLOCK_K] tile at (offs_m, offs_k), fp32: dX's initial accumulator."""
     mask_m = offs_m < M
     mask_k = offs_k < K
     offs_r = tl.arange(0, BLOCK_R)
@@ -420,16 +473,10 @@ def _lora_bwd_dx_kernel(
                      mask=mask_m[:, None] & mask_r[None, :], other=0.0)
         a = tl.load(a_ptr + (offs_r + r0)[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                     mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-        acc = _dot(ds, a.to(tl.float32), acc, dy_ptr.dtype.element_ty == tl.float32)
+        acc = _dot(ds, a.to(tl.float32), acc, FP32_INPUT)
     if HAS_DROPOUT:
         acc = tl.where(_keep_mask(seed, offs_m, offs_k, K, p), acc * dropout_scale, 0.0)
-    # Edge rows and columns wrap around in the main loop's loads, as in _lora_fwd_kernel (EVEN_N: no masks at all).
-    dy_ptrs = dy_ptr + (offs_m % M)[:, None] * stride_dym + offs_n[None, :] * stride_dyn
-    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + (offs_k % K)[None, :] * stride_wk
-    acc = _gemm_loop(dy_ptrs, w_ptrs, acc, offs_n, N, BLOCK_N * stride_dyn, BLOCK_N * stride_wn,
-                     dy_ptr.dtype.element_ty == tl.float32, EVEN_N, BLOCK_N)
-    dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
-    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
+    return acc
 
 
 @triton.jit
@@ -507,6 +554,7 @@ _PRUNE = {
     "_lora_shrink_kernel": _prune_by_smem("BLOCK_M", "BLOCK_R", "BLOCK_K", "x_ptr"),
     "_lora_fwd_kernel": _prune_fwd,
     "_lora_fwd_tma_kernel": _prune_by_smem("BLOCK_M", "BLOCK_N", "BLOCK_K", "y_ptr"),
+    "_lora_bwd_dx_tma_kernel": _prune_by_smem("BLOCK_M", "BLOCK_K", "BLOCK_N", "dx_ptr"),
     "_lora_bwd_dy_kernel": _prune_by_smem("BLOCK_M", "BLOCK_R", "BLOCK_N", "dy_ptr"),
     "_lora_bwd_dx_kernel": _prune_by_smem("BLOCK_M", "BLOCK_K", "BLOCK_N", "dy_ptr"),
     "_lora_bwd_da_kernel": _prune_by_smem("BLOCK_R", "BLOCK_K", "BLOCK_M", "x_ptr"),
@@ -533,6 +581,7 @@ _fwd_tma = _autotune(TMA_CONFIGS, ["M", "N", "K", "R", "HAS_BIAS"], _lora_fwd_tm
 _bwd_dy = _autotune(DY_CONFIGS, ["M", "N", "R"], _lora_bwd_dy_kernel)
 _bwd_dx = _autotune(DX_CONFIGS, ["M", "N", "K", "R", "HAS_DROPOUT"], _lora_bwd_dx_kernel,
                     {"EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0})
+_bwd_dx_tma = _autotune(TMA_DX_CONFIGS, ["M", "N", "K", "R", "HAS_DROPOUT"], _lora_bwd_dx_tma_kernel)
 _bwd_da = _autotune(DA_CONFIGS, ["M", "K", "R", "HAS_DROPOUT"], _lora_bwd_da_kernel)
 
 
@@ -625,8 +674,9 @@ def _bwd_da_split(M: int, K: int, r: int, device: torch.device) -> int:
     return _split_count(programs, triton.cdiv(M, _DA_MAX_BLOCK_M), _device_sm_count(device))
 
 
-# The TMA forward is opt-in until a GPU run has measured it against the pointer kernel (bench row "Triton forward:
-# TMA / pointer loads"): LORA_KERNELS_TRITON_TMA=1 uses it wherever it can run.
+# The TMA forward and dX kernels are opt-in until a GPU run has measured them against the pointer kernels (bench
+# rows "Triton forward: TMA / pointer loads" and "Triton fwd+bwd: TMA / pointer loads"): LORA_KERNELS_TRITON_TMA=1
+# uses them wherever they can run.
 USE_TMA = os.environ.get("LORA_KERNELS_TRITON_TMA", "0") == "1"
 
 
@@ -640,12 +690,20 @@ def _tma_addressable(t: torch.Tensor) -> bool:
     return t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
 
 
-def _use_tma(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the forward runs _lora_fwd_tma_kernel: when switched on (USE_TMA), on a GPU with TMA (sm_90+; any
-    device under the interpreter), for 16-bit operands a descriptor can address, above decode sizes."""
-    return (USE_TMA and TensorDescriptor is not None and x.dtype in (torch.float16, torch.bfloat16)
-            and x.shape[0] > DECODE_MAX_M and _tma_addressable(x) and _tma_addressable(weight)
-            and (INTERPRET or _has_tma(x.device)))
+def _use_tma(tokens: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the forward (tokens = x) or dX (tokens = dy) runs its TMA kernel: when switched on (USE_TMA), on a
+    GPU with TMA (sm_90+; any device under the interpreter), for 16-bit operands a descriptor can address, above
+    decode sizes."""
+    return (USE_TMA and TensorDescriptor is not None and tokens.dtype in (torch.float16, torch.bfloat16)
+            and tokens.shape[0] > DECODE_MAX_M and _tma_addressable(tokens) and _tma_addressable(weight)
+            and (INTERPRET or _has_tma(tokens.device)))
+
+
+def _descriptor(t: torch.Tensor, configs, name: str):
+    """A TMA descriptor of t, with the block shape of the first config (the autotune pre-hook sets the launched
+    config's)."""
+    rows, cols = (configs[0].kwargs[block] for block in _DESC_BLOCKS[name])
+    return TensorDescriptor.from_tensor(t, [rows, cols])
 
 
 def _dropout_args(dropout_p):
@@ -685,10 +743,8 @@ def _lora_fwd_impl(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, 
     bias_arg = bias if has_bias else y  # never read when HAS_BIAS is False
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     if _use_tma(x, weight):
-        first = TMA_CONFIGS[0].kwargs  # block shapes until the autotune pre-hook sets the launched config's
         _fwd_tma[grid](
-            TensorDescriptor.from_tensor(x, [first["BLOCK_M"], first["BLOCK_K"]]),
-            TensorDescriptor.from_tensor(weight, [first["BLOCK_N"], first["BLOCK_K"]]),
+            _descriptor(x, TMA_CONFIGS, "x_desc"), _descriptor(weight, TMA_CONFIGS, "w_desc"),
             s, lora_b, bias_arg, y,
             M, N, K, r,
             s.stride(0), s.stride(1), lora_b.stride(0), lora_b.stride(1), bias_arg.stride(0), y.stride(0),
@@ -743,7 +799,18 @@ def _lora_bwd_dx_impl(dy: torch.Tensor, ds: torch.Tensor, weight: torch.Tensor, 
     dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
     if M == 0:
         return dx
-    _bwd_dx[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)](
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
+    if _use_tma(dy, weight):
+        _bwd_dx_tma[grid](
+            _descriptor(dy, TMA_DX_CONFIGS, "dy_desc"), _descriptor(weight, TMA_DX_CONFIGS, "w_desc"),
+            ds, lora_a, dx,
+            M, N, K, r,
+            ds.stride(0), ds.stride(1), lora_a.stride(0), lora_a.stride(1), dx.stride(0), dx.stride(1),
+            p, scale, seed,
+            HAS_DROPOUT=has_dropout, BLOCK_R=_block_r(r), GROUP=GROUP_M,
+        )
+        return dx
+    _bwd_dx[grid](
         dy, weight, ds, lora_a, dx,
         M, N, K, r,
         dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), ds.stride(0), ds.stride(1),
@@ -928,14 +995,13 @@ _INNER_STRIDES = {  # unit strides of contiguous operands: Triton specialises th
     "_lora_shrink_kernel": ("stride_xk", "stride_ak", "stride_sr"),
     "_lora_fwd_kernel": ("stride_xk", "stride_wk", "stride_sr", "stride_br", "stride_bias", "stride_yn"),
     "_lora_fwd_tma_kernel": ("stride_sr", "stride_br", "stride_bias", "stride_yn"),
+    "_lora_bwd_dx_tma_kernel": ("stride_dsr", "stride_ak", "stride_dxk"),
     "_lora_bwd_dy_kernel": ("stride_dyn", "stride_sr", "stride_br", "stride_dsp_r", "stride_dbp_r"),
     "_lora_bwd_dx_kernel": ("stride_dyn", "stride_wk", "stride_dsr", "stride_ak", "stride_dxk"),
     "_lora_bwd_da_kernel": ("stride_dsr", "stride_xk", "stride_dap_k"),
     "_dropout_mask_kernel": ("stride_ok",),
 }
 _FP32_POINTERS = {"s_ptr", "ds_ptr", "dsp_ptr", "dbp_ptr", "dap_ptr", "out_ptr"}
-# Tensor-descriptor arguments and the block sizes that shape their tiles.
-_DESC_BLOCKS = {"x_desc": ("BLOCK_M", "BLOCK_K"), "w_desc": ("BLOCK_N", "BLOCK_K")}
 # Split counts (the launchers' N / M splits): small run-time ints, not sizes, so not marked 16-divisible.
 _SPLIT_ARGS = {"split_n", "split_m"}
 _FLOAT_SCALARS = {"scaling", "p", "dropout_scale"}
@@ -960,6 +1026,9 @@ def _signature(fn, dtype, constexprs):
     return sig
 
 
+_TMA_KERNELS = (_lora_fwd_tma_kernel, _lora_bwd_dx_tma_kernel)
+
+
 def _spec(fn, dtype, config, num_warps, num_stages, **flags):
     constexprs = dict(config)
     constexprs.update(flags)
@@ -980,9 +1049,10 @@ def _spec(fn, dtype, config, num_warps, num_stages, **flags):
         # dX, 64 rows or more) that is not warp-group MMA on sm_90 (the instruction Hopper's GEMM speed needs).
         # fp32 layers run full-precision FMA dots by design (see _dot).
         "tensor_cores": dtype != torch.float32 and fn is not _dropout_mask_kernel,
-        "wgmma": dtype != torch.float32 and fn in (_lora_fwd_kernel, _lora_fwd_tma_kernel, _lora_bwd_dx_kernel)
+        "wgmma": dtype != torch.float32 and fn in (_lora_fwd_kernel, _lora_fwd_tma_kernel, _lora_bwd_dx_kernel,
+                                                   _lora_bwd_dx_tma_kernel)
                  and config["BLOCK_M"] >= 64,  # a warp group's MMA spans 64 rows: the decode tiles use mma.sync
-        "tma": fn is _lora_fwd_tma_kernel,
+        "tma": fn in _TMA_KERNELS,
     }
 
 
@@ -992,8 +1062,8 @@ def aot_specs():
     and at chunk 32. fp16 (same sizes as bf16): the default config at chunk 64. fp32 (twice the bytes per operand):
     every config the shared-memory prune keeps at its largest chunk (64; 16 for the dY-once kernel), flags on, and
     the default config at chunk 16, flags off. Larger ranks loop over chunks of that size. (A bf16 spec at chunk 64
-    may be one the prune skips at run time for that chunk: it still launches at smaller chunks.) The TMA forward is
-    16-bit only: every bf16 config, the default at chunk 16 flags off, and fp16's default."""
+    may be one the prune skips at run time for that chunk: it still launches at smaller chunks.) The TMA kernels
+    are 16-bit only: every bf16 config, the default at chunk 16 flags off, and fp16's default."""
     specs = []
     seen = set()
 
@@ -1011,10 +1081,12 @@ def aot_specs():
         (DY_CONFIGS, _lora_bwd_dy_kernel, {}, {}, dict(BLOCK_M=DY_BLOCK_M)),
         (DX_CONFIGS, _lora_bwd_dx_kernel, dict(HAS_DROPOUT=True, EVEN_N=True), dict(HAS_DROPOUT=False, EVEN_N=False),
          dict(GROUP=GROUP_M)),
+        (TMA_DX_CONFIGS, _lora_bwd_dx_tma_kernel, dict(HAS_DROPOUT=True), dict(HAS_DROPOUT=False),
+         dict(GROUP=GROUP_M)),
         (DA_CONFIGS, _lora_bwd_da_kernel, dict(HAS_DROPOUT=True), dict(HAS_DROPOUT=False), {}),
     )
     for configs, fn, on, off, fixed in kernels:
-        if fn is _lora_fwd_tma_kernel:  # 16-bit only: bf16 every config, fp16 the default
+        if fn in _TMA_KERNELS:  # 16-bit only: bf16 every config, fp16 the default
             for cfg in configs:
                 add(fn, torch.bfloat16, cfg, **on, **fixed, BLOCK_R=MAX_BLOCK_R)
             add(fn, torch.bfloat16, configs[0], **off, **fixed, BLOCK_R=MIN_DOT_DIM)
