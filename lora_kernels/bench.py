@@ -413,8 +413,9 @@ def _run_bench(cfg, progress_stream, on_update):
 
 def forward_rows(rows, cfg, device, dtype, timing, on_gpu, step):
     """Fused forward / base F.linear at every M. On GPUs, M <= GRAPH_MAX_TOKENS is timed as CUDA-graph replays
-    (the kernels: these rows carry the targets) and also eagerly (what a plain Python call costs); on sm_90+ the
-    Triton backend's opt-in TMA forward is timed against its default pointer-load forward at M >= 256."""
+    (the kernels: these rows carry the targets) and also eagerly (what a plain Python call costs). Triton on GPUs:
+    the shrink's K-split against none (M <= GRAPH_MAX_TOKENS), and on sm_90+ the opt-in TMA forward against the
+    default pointer-load forward (M >= 256)."""
     k = n = cfg.hidden
     r = cfg.rank
     section = "forward / base F.linear"
@@ -432,6 +433,14 @@ def forward_rows(rows, cfg, device, dtype, timing, on_gpu, step):
                 _row(rows, section + (", CUDA-graph replay" if graph else ""), kind, backend, shape,
                      "lora_linear forward", "F.linear(x, W)", t["ours"] / t["base"], t["ours"], t["base"], "ms",
                      on_gpu)
+            if backend == "triton" and on_gpu and m <= GRAPH_MAX_TOKENS:
+                split_section = "Triton forward: shrink split over K (default) / no split"
+                with _guard(rows, split_section, backend, shape, on_gpu), torch.no_grad():
+                    unsplit = [_with_triton_setting("SPLIT_OVERRIDE", 1, fn) for fn in candidates["ours"]]
+                    t = measure({"unsplit": unsplit, "split": candidates["ours"]}, graph=graph, **timing)
+                    _row(rows, split_section, "triton_split", backend, shape, "lora_linear forward, shrink split",
+                         "same with SPLIT_OVERRIDE = 1", t["split"] / t["unsplit"], t["split"], t["unsplit"], "ms",
+                         on_gpu)
             if backend == "triton" and on_gpu and kind == "fwd_prefill" and _triton_tma_available(device):
                 tma_section = "Triton forward: TMA loads (LORA_KERNELS_TRITON_TMA=1) / pointer loads (default)"
                 with _guard(rows, tma_section, backend, shape, on_gpu), torch.no_grad():
@@ -533,12 +542,12 @@ def training_rows(rows, cfg, device, dtype, timing, on_gpu, step):
                  None if ours_peak is None else ours_peak / peft_peak, ours_peak, peft_peak, "bytes", on_gpu,
                  note=None if on_gpu else "n/a on CPU (no allocator statistics)")
         if backend == "triton" and on_gpu:
-            section = "Triton backward: split reductions (default) / no split"
+            section = "Triton fwd+bwd: split reductions (default) / no split"
             with _guard(rows, section, backend, shape, on_gpu):
                 t = measure({"unsplit": [_with_triton_setting("SPLIT_OVERRIDE", 1, fn)
                                          for fn in inputs.fns(ours_plain)],
                              "split": inputs.fns(ours_plain)}, **timing)
-                _row(rows, section, "triton_split", backend, shape, "fwd+bwd, dY-once and dA kernels split",
+                _row(rows, section, "triton_split", backend, shape, "fwd+bwd, shrink, dY-once and dA kernels split",
                      "same with SPLIT_OVERRIDE = 1", t["split"] / t["unsplit"], t["split"], t["unsplit"], "ms",
                      on_gpu)
             if _triton_tma_available(device):

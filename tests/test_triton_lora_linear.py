@@ -171,6 +171,29 @@ def test_backward_split_paths(dev, dtype, split, dropout_p, monkeypatch, poisone
         assert torch.equal(tk.lora_bwd_da(ds, x, dropout_p=dropout_p, seed=seed), d_lora_a)
 
 
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25], ids=["nodrop", "drop"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("split", [3, 4])
+def test_shrink_split_paths(dev, dtype, split, dropout_p, monkeypatch, poisoned_empty):
+    """The forward's shrink split over K (forced through SPLIT_OVERRIDE), at decode and larger M, with uneven and
+    empty last splits (5 blocks of K into 3 or 4 chunks of 2 blocks; 4 blocks) and two rank chunks: s and y match
+    the reference and repeat bit for bit."""
+    monkeypatch.setattr(tk, "SPLIT_OVERRIDE", split)
+    seed = 5
+    block_k = tk._SHRINK_MAX_BLOCK_K
+    for M, K, N, r in [(1, 5 * block_k - 3, 24, 16), (3, 4 * block_k, 17, 70), (2 * tk._SHRINK_MAX_BLOCK_M + 1,
+                                                                            5 * block_k, 20, 8)]:
+        assert tk._shrink_split(M, K, r, dev) > 1
+        x, weight, lora_a, lora_b, b = lora_inputs(M, K, N, r, dtype, dev)
+        mask = tk.dropout_mask(seed, M, K, dropout_p, dev)
+        y, s = tk.lora_fwd(x, weight, lora_a, lora_b, SCALING, b, dropout_p=dropout_p, seed=seed)
+        assert s.shape == (M, r) and s.dtype == torch.float32
+        assert_close(s, ref_s(x, lora_a, mask), torch.float32, "s")
+        assert_close(y, reference.lora_linear(x, weight, lora_a, lora_b, SCALING, b, dropout_mask=mask), dtype, "y")
+        again = tk.lora_fwd(x, weight, lora_a, lora_b, SCALING, b, dropout_p=dropout_p, seed=seed)
+        assert torch.equal(again[0], y) and torch.equal(again[1], s)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Dropout
 # ---------------------------------------------------------------------------------------------------------------

@@ -55,10 +55,11 @@ SMEM_BUDGET = 160 * 1024
 # [128, <=64] fp32 ds accumulator in registers.
 DY_BLOCK_M = 16 if INTERPRET else 128
 DROPOUT_BLOCK = 32  # tile of the dropout_mask utility kernel (a test helper; performance does not matter)
-# Split-K-style parallelism of the two backward reductions whose natural grids are small: _lora_bwd_dy_kernel has one
-# program per DY_BLOCK_M row block (64 at M = 8192) and _lora_bwd_da_kernel one per BLOCK_K column block (64 at
-# K = 4096), against 132 SMs on an H100. The launchers split the reduced dimension (N, resp. M) into chunks of whole
-# blocks, one program each, and sum the fp32 partials afterwards in a fixed order (deterministic, no atomics).
+# Split-K-style parallelism of the three skinny reductions whose natural grids are small: _lora_bwd_dy_kernel has one
+# program per DY_BLOCK_M row block (64 at M = 8192), _lora_bwd_da_kernel one per BLOCK_K column block (64 at
+# K = 4096), and _lora_shrink_kernel one per row block (1 at decode sizes, 4 at M = 256), against 132 SMs on an
+# H100. The launchers split the reduced dimension (N, M, resp. K) into chunks of whole blocks, one program each, and
+# sum the fp32 partials afterwards in a fixed order (deterministic, no atomics).
 # Programs per SM the split aims for: these kernels stream dy / x from memory, so several resident programs per SM
 # hide load latency and shorten the last wave. 4 (the top of a 2-4 range) gives 9 splits at M = 8192, K = N = 4096,
 # r = 16 on 132 SMs, 576 programs each; the extra traffic is the fp32 partials, written once and read once by the
@@ -151,6 +152,8 @@ else:
 # Largest blocks of the split dimensions and of dA's column blocks over the autotune lists: the launchers size the
 # split before the autotuner picks a config, so they count blocks with the largest block of any config. Then the
 # split never exceeds the number of blocks under any config, and dA's program count is the smallest any config gives.
+_SHRINK_MAX_BLOCK_M = max(cfg.kwargs["BLOCK_M"] for cfg in SHRINK_CONFIGS)
+_SHRINK_MAX_BLOCK_K = max(cfg.kwargs["BLOCK_K"] for cfg in SHRINK_CONFIGS)
 _DY_MAX_BLOCK_N = max(cfg.kwargs["BLOCK_N"] for cfg in DY_CONFIGS)
 _DA_MAX_BLOCK_M = max(cfg.kwargs["BLOCK_M"] for cfg in DA_CONFIGS)
 _DA_MAX_BLOCK_K = max(cfg.kwargs["BLOCK_K"] for cfg in DA_CONFIGS)
@@ -239,24 +242,33 @@ def _grouped_pid(pid, num_m, num_n, GROUP: tl.constexpr):
 
 @triton.jit
 def _lora_shrink_kernel(
-    x_ptr, a_ptr, s_ptr,
-    M, K, R,
-    stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
+    x_ptr, a_ptr, sp_ptr,
+    M, K, R, split_k,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_sp_part, stride_sp_m, stride_sp_r,
     p, dropout_scale, seed,
     HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """s[M, R] (fp32) = drop(x) · Aᵀ. Grid: (row blocks, rank chunks)."""
+    """s_partial[k-split, M, R] (fp32) = drop(x[:, k-split]) · A[:, k-split]ᵀ. Grid: (row blocks, rank chunks,
+    k-splits); each split reduces whole BLOCK_K blocks of K (the last may be short or empty: it stores zeros), and
+    the launcher sums the partials in a fixed order. At decode and small-batch sizes the row-block grid is a handful
+    of programs, each streaming all of A (and its rows of x) through one SM: latency-bound, not bandwidth-bound;
+    the split spreads that stream over many SMs."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_r = tl.program_id(1).to(tl.int64)
+    pid_s = tl.program_id(2).to(tl.int64)
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), split_k) * BLOCK_K  # whole blocks: splits never share a block
+    k_start = pid_s * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_r = offs_r < R
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    a_ptrs = a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak  # Aᵀ tile [BLOCK_K, BLOCK_R]
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_start + offs_k)[None, :] * stride_xk
+    # Aᵀ tile [BLOCK_K, BLOCK_R]
+    a_ptrs = a_ptr + offs_r[None, :] * stride_ar + (k_start + offs_k)[:, None] * stride_ak
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         mask_k = offs_k < K - k0
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if HAS_DROPOUT:
@@ -268,8 +280,8 @@ def _lora_shrink_kernel(
         a_ptrs += BLOCK_K * stride_ak
     if HAS_DROPOUT:
         acc = acc * dropout_scale
-    s_ptrs = s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr
-    tl.store(s_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])
+    sp_ptrs = sp_ptr + pid_s * stride_sp_part + offs_m[:, None] * stride_sp_m + offs_r[None, :] * stride_sp_r
+    tl.store(sp_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])
 
 
 @triton.jit
@@ -662,6 +674,13 @@ def _device_sm_count(device: torch.device) -> int | None:
     return None if INTERPRET else _sm_count(device)
 
 
+def _shrink_split(M: int, K: int, r: int, device: torch.device) -> int:
+    """K-split of _lora_shrink_kernel: its grid is (M / BLOCK_M) x (rank chunks) without it (one program at
+    decode sizes)."""
+    programs = triton.cdiv(M, _SHRINK_MAX_BLOCK_M) * triton.cdiv(r, _block_r(r))
+    return _split_count(programs, triton.cdiv(K, _SHRINK_MAX_BLOCK_K), _device_sm_count(device))
+
+
 def _bwd_dy_split(M: int, N: int, r: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> int:
     """N-split of _lora_bwd_dy_kernel: its grid is (M / DY_BLOCK_M) x (rank chunks) without it."""
     programs = triton.cdiv(M, DY_BLOCK_M) * triton.cdiv(r, _dy_block_r(r, dtype))
@@ -727,18 +746,22 @@ def _lora_fwd_impl(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, 
     M, K = x.shape
     N, r = weight.shape[0], lora_a.shape[0]
     has_dropout, p, scale = _dropout_args(dropout_p)
-    s = torch.empty((M, r), device=x.device, dtype=torch.float32)
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0:
-        return y, s
+        return y, torch.empty((M, r), device=x.device, dtype=torch.float32)
     block_r = _block_r(r)
-    _shrink[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(r, block_r))](
-        x, lora_a, s,
-        M, K, r,
-        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), s.stride(0), s.stride(1),
+    split = _shrink_split(M, K, r, x.device)
+    s_partials = torch.empty((split, M, r), device=x.device, dtype=torch.float32)
+    _shrink[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(r, block_r), split)](
+        x, lora_a, s_partials,
+        M, K, r, split,
+        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1),
+        s_partials.stride(0), s_partials.stride(1), s_partials.stride(2),
         p, scale, seed,
         HAS_DROPOUT=has_dropout, BLOCK_R=block_r,
     )
+    # Deterministic: a fixed-shape reduction over the K-split partials (no atomics).
+    s = s_partials[0] if split == 1 else s_partials.sum(dim=0)
     has_bias = bias is not None
     bias_arg = bias if has_bias else y  # never read when HAS_BIAS is False
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
@@ -992,7 +1015,7 @@ def dropout_mask(seed, M, K, p, device):
 _TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _INNER_STRIDES = {  # unit strides of contiguous operands: Triton specialises them to constexpr 1 at run time,
     # which turns on vectorised, pipelined loads, so that is the variant whose shared memory matters.
-    "_lora_shrink_kernel": ("stride_xk", "stride_ak", "stride_sr"),
+    "_lora_shrink_kernel": ("stride_xk", "stride_ak", "stride_sp_r"),
     "_lora_fwd_kernel": ("stride_xk", "stride_wk", "stride_sr", "stride_br", "stride_bias", "stride_yn"),
     "_lora_fwd_tma_kernel": ("stride_sr", "stride_br", "stride_bias", "stride_yn"),
     "_lora_bwd_dx_tma_kernel": ("stride_dsr", "stride_ak", "stride_dxk"),
@@ -1001,9 +1024,9 @@ _INNER_STRIDES = {  # unit strides of contiguous operands: Triton specialises th
     "_lora_bwd_da_kernel": ("stride_dsr", "stride_xk", "stride_dap_k"),
     "_dropout_mask_kernel": ("stride_ok",),
 }
-_FP32_POINTERS = {"s_ptr", "ds_ptr", "dsp_ptr", "dbp_ptr", "dap_ptr", "out_ptr"}
-# Split counts (the launchers' N / M splits): small run-time ints, not sizes, so not marked 16-divisible.
-_SPLIT_ARGS = {"split_n", "split_m"}
+_FP32_POINTERS = {"s_ptr", "sp_ptr", "ds_ptr", "dsp_ptr", "dbp_ptr", "dap_ptr", "out_ptr"}
+# Split counts (the launchers' N / M / K splits): small run-time ints, not sizes, so not marked 16-divisible.
+_SPLIT_ARGS = {"split_n", "split_m", "split_k"}
 _FLOAT_SCALARS = {"scaling", "p", "dropout_scale"}
 
 
