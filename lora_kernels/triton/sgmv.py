@@ -42,7 +42,7 @@ DECODE_MAX_TOKENS = 64
 DECODE_MAX_TOKENS_PER_SLOT = 4
 
 # GPU block sizes: starting points after vLLM's default LoRA configs (shrink: short token tile, long K tile;
-# expand: wide N tile) within sm_80/86's shared memory (largest: shrink prefill, fp32, R tile 64, 3 stages: 96 KB,
+# expand: wide N tile) within sm_80/86's shared memory (largest: shrink prefill, fp32, R tile 64, 3 stages: 72 KB,
 # read from an sm_80 compile). A one-off sweep on an H100 (bf16, K = N = 4096, r = 16; prefill M = 4096 with 1 and
 # 16 adapters, decode M = 64 with 64 adapters; ~8 variants per kernel of BLOCK_M/N/K, warps, stages, split-K target)
 # found these best or within 0.3 us of the best; other shapes and GPUs are untuned.
@@ -56,6 +56,9 @@ GPU_CONFIG = {
     # 64) against a wide Q tile. Chosen without spills: ptxas -v for sm_90a gave 90-214 registers and none spilled
     # for bf16/fp32 at P 16/64 with 8 warps and 32 tokens per step; 4 warps and 64 tokens spilled 168-456 bytes.
     "segment_outer": {"BLOCK_T": 32, "BLOCK_Q": 128, "num_warps": 8, "num_stages": 3},
+    # fp32 x (tf32x3 dots, three MMAs per product) with the bf16 tile spilled at R = 64: 6.8 KB per thread on sm_80,
+    # 1.7 KB on sm_90a (ptxas -v). Half the K tile over twice the warps spills none on either, at R 16 and 64.
+    "shrink_prefill_fp32": {"BLOCK_M": 32, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
 }
 SHRINK_PREFILL_BLOCK_R = (16, 64)
 SEGMENT_OUTER_BLOCK_P = (16, 64)  # the P (rank) tile: 16 up to rank 16, else 64 (ranks above 64 take several)
@@ -339,8 +342,12 @@ if HAS_TRITON:
 # Configuration
 
 
-def _config(name):
-    return (INTERP_CONFIG if INTERPRET else GPU_CONFIG)[name]
+def _config(name, dtype=None):
+    """The block sizes of one kernel path; a "<name>_fp32" entry, where there is one, for fp32 inputs."""
+    table = INTERP_CONFIG if INTERPRET else GPU_CONFIG
+    if dtype == torch.float32 and f"{name}_fp32" in table:
+        return table[f"{name}_fp32"]
+    return table[name]
 
 
 def _cdiv(a, b):
@@ -420,7 +427,7 @@ def _launch_shrink(x, lora_a, adapter_ids, sorted_token_ids, slot_counts, slot_s
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         return
-    cfg = _config("shrink_prefill")
+    cfg = _config("shrink_prefill", x.dtype)
     block_m, block_k = cfg["BLOCK_M"], cfg["BLOCK_K"]
     block_r = _shrink_prefill_block_r(R)
     num_r_tiles = _cdiv(R, block_r)
@@ -828,9 +835,10 @@ def aot_specs():
         name = _TRITON_DTYPE[dtype]
         shrink_ptrs = {"x_ptr": "*" + name, "a_ptr": "*" + name, "out_ptr": "*fp32", **ints}
         for use_atomic in (False, True):
+            prefill = "shrink_prefill_fp32" if dtype == torch.float32 else "shrink_prefill"
             for block_r in SHRINK_PREFILL_BLOCK_R:
                 specs.append(_spec(f"_sgmv_shrink_kernel[{name},R{block_r},atomic={use_atomic}]", _sgmv_shrink_kernel,
-                                   shrink_ptrs, "shrink_prefill", BLOCK_R=block_r, USE_ATOMIC=use_atomic))
+                                   shrink_ptrs, prefill, BLOCK_R=block_r, USE_ATOMIC=use_atomic))
             specs.append(_spec(f"_bgmv_shrink_kernel[{name},atomic={use_atomic}]", _bgmv_shrink_kernel, shrink_ptrs,
                                "shrink_decode", USE_ATOMIC=use_atomic))
         # Per-slot gradient sums: fp32 left (u or s) against right (x or dy) of this dtype, both P tiles.
