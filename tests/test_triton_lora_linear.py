@@ -464,3 +464,40 @@ def test_tma_forward_only_where_a_descriptor_can_run(dev, monkeypatch):
     monkeypatch.setattr(tk, "_fwd_tma", None)  # would raise if it were used
     y, _ = tk.lora_fwd(xs, ws, a, bb, SCALING, bias)
     assert_close(y, reference.lora_linear(xs, ws, a, bb, SCALING, bias), torch.bfloat16, "y")
+
+
+@pytest.mark.gpu
+def test_tma_kernels_in_a_cuda_graph(monkeypatch):
+    """The TMA forward and dX captured once in a CUDA graph (descriptors are kernel parameters, built at capture)
+    and replayed on new inputs copied into the same buffers: the replays match the reference."""
+    device = torch.device("cuda")
+    if not tk._has_tma(device) or tk.TensorDescriptor is None:
+        pytest.skip("the TMA kernels need sm_90 or newer and host tensor descriptors")
+    monkeypatch.setattr(tk, "USE_TMA", True)
+    M, K, N, r, dtype = 192, 256, 320, 16, torch.bfloat16
+    x, weight, lora_a, lora_b, b = lora_inputs(M, K, N, r, dtype, device)
+    dy = randn(M, N, dtype=dtype, device=device)
+    assert tk._use_tma(x, weight) and tk._use_tma(dy, weight)
+    out = {}
+
+    def step():
+        out["y"], s = tk.lora_fwd(x, weight, lora_a, lora_b, SCALING, b)
+        out["dx"] = tk.lora_bwd_dx(dy, s, weight, lora_a)  # s stands in for ds: any [M, r] fp32 works
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # autotune and compile outside the capture
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(2):
+        x.copy_(randn(M, K, dtype=dtype, device=device))
+        dy.copy_(randn(M, N, dtype=dtype, device=device))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(out["y"], reference.lora_linear(x, weight, lora_a, lora_b, SCALING, b), dtype, "y")
+        s = (x.double() @ lora_a.double().T).float()
+        expected_dx = dy.double() @ weight.double() + s.double() @ lora_a.double()
+        assert_close(out["dx"], expected_dx, dtype, "dx")
