@@ -16,10 +16,13 @@ from lora_kernels import triton as triton_pkg
 
 def info_dict():
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    triton_version = None
+    triton_version, triton_tma = None, False
     if triton_pkg.HAS_TRITON:
         import triton
+
+        from lora_kernels.triton import lora_linear as triton_lora_linear
         triton_version = triton.__version__
+        triton_tma = triton_lora_linear.USE_TMA
     return {
         "lora_kernels": lora_kernels.__version__,
         "python": platform.python_version(),
@@ -30,6 +33,7 @@ def info_dict():
         "extension": {"loaded": _ext.HAS_EXTENSION, "with_cuda": _ext.EXTENSION_WITH_CUDA,
                       "error": _ext.EXTENSION_ERROR},
         "triton_interpreter": triton_pkg.INTERPRET,
+        "triton_tma": triton_tma,
         "backends": {device: {name: backends.unavailable_reason(name, device) or "available"
                               for name in backends.BACKENDS} for device in devices},
         "auto": {device: {"lora_linear": backends.auto_backend(device, "lora_linear"),
@@ -45,6 +49,8 @@ def print_info(as_json=False):
     print(f"lora_kernels {info['lora_kernels']}  python {info['python']}  torch {info['torch']} "
           f"(CUDA {info['torch_cuda'] or 'none'})  triton {info['triton'] or 'not installed'}")
     print(f"CUDA device: {info['cuda_device'] or 'none'}")
+    print("Triton TMA forward/dX kernels (sm_90+, not yet measured): "
+          + ("on" if info["triton_tma"] else "off (LORA_KERNELS_TRITON_TMA=1 turns them on)"))
     ext = info["extension"]
     print("C++ extension: " + ("loaded, built " + ("with" if ext["with_cuda"] else "without") + " CUDA"
                                if ext["loaded"] else f"not loaded ({ext['error']})"))

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from lora_kernels import cli
+from lora_kernels import triton as triton_pkg
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY_COMPARE = ["compare", "--model-size", "tiny", "--device", "cpu", "--batch-size", "2", "--seq-len", "16",
@@ -33,6 +34,20 @@ def test_python_m_lora_kernels_info():
     proc = _run([sys.executable, "-m", "lora_kernels", "info"])
     assert proc.returncode == 0, proc.stderr
     assert "backends for cpu tensors" in proc.stdout and "torch" in proc.stdout
+
+
+@pytest.mark.skipif(not triton_pkg.HAS_TRITON, reason="triton not importable")
+def test_info_shows_the_triton_tma_switch():
+    def info(*args, **extra_env):
+        env = {key: value for key, value in _env().items() if key != "LORA_KERNELS_TRITON_TMA"}
+        proc = subprocess.run([sys.executable, "-m", "lora_kernels", "info", *args], cwd=ROOT, env={**env, **extra_env},
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    assert "TMA forward/dX kernels (sm_90+, not yet measured): off (LORA_KERNELS_TRITON_TMA=1" in info()
+    assert json.loads(info("--json"))["triton_tma"] is False
+    assert json.loads(info("--json", LORA_KERNELS_TRITON_TMA="1"))["triton_tma"] is True
 
 
 def test_console_script_info():
