@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import DTYPES, assert_close, lora_inputs, randn
-from lora_kernels import reference
+from lora_kernels import bench, reference
 from lora_kernels.triton import HAS_TRITON, INTERPRET, TRITON_ERROR
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason=f"triton not importable: {TRITON_ERROR}")
@@ -484,18 +484,11 @@ def test_tma_kernels_in_a_cuda_graph(monkeypatch):
         out["y"], s = tk.lora_fwd(x, weight, lora_a, lora_b, SCALING, b)
         out["dx"] = tk.lora_bwd_dx(dy, s, weight, lora_a)  # s stands in for ds: any [M, r] fp32 works
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # autotune and compile outside the capture
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    replay = bench.graphed(step, device)  # autotunes and compiles on a side stream, then captures
     for _ in range(2):
         x.copy_(randn(M, K, dtype=dtype, device=device))
         dy.copy_(randn(M, N, dtype=dtype, device=device))
-        graph.replay()
+        replay()
         torch.cuda.synchronize()
         assert_close(out["y"], reference.lora_linear(x, weight, lora_a, lora_b, SCALING, b), dtype, "y")
         s = (x.double() @ lora_a.double().T).float()

@@ -197,11 +197,14 @@ at::Tensor sgmv_shrink_cpu(const at::Tensor& x_in, const at::Tensor& lora_a_in, 
   const auto scale_values = scalings.accessor<float, 1>();
   const int64_t num_slots = lora_a.size(0), features = x.size(1);
 
-  const at::Tensor token_ids = sorted_token_ids.to(at::kLong);
+  at::Tensor token_ids;  // int64 ids for index_select, made only when a slot takes the GEMM path
   for (int64_t slot = 0; slot < num_slots; ++slot) {
     const int64_t count = counts[slot], rank = rank_values[slot];
     if (rank == 0 || !slot_uses_gemm(count, features)) {
       continue;
+    }
+    if (!token_ids.defined()) {
+      token_ids = sorted_token_ids.to(at::kLong);
     }
     const at::Tensor tokens = token_ids.narrow(0, starts[slot], count);
     const at::Tensor xs = x.index_select(0, tokens).to(acc);               // [count, K]
@@ -236,11 +239,14 @@ void sgmv_expand_cpu(const at::Tensor& t_in, const at::Tensor& lora_b_in, const 
   const auto rank_values = ranks.accessor<int32_t, 1>();
   const int64_t num_slots = lora_b.size(0), features = width;
 
-  const at::Tensor token_ids = sorted_token_ids.to(at::kLong);
+  at::Tensor token_ids;  // int64 ids for index_select, made only when a slot takes the GEMM path
   for (int64_t slot = 0; slot < num_slots; ++slot) {
     const int64_t count = counts[slot], rank = rank_values[slot];
     if (rank == 0 || !slot_uses_gemm(count, features)) {
       continue;
+    }
+    if (!token_ids.defined()) {
+      token_ids = sorted_token_ids.to(at::kLong);
     }
     const at::Tensor tokens = token_ids.narrow(0, starts[slot], count);
     const at::Tensor ts = t.index_select(0, tokens).narrow(1, 0, rank).to(acc);  // [count, rank]

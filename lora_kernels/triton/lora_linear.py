@@ -725,6 +725,12 @@ def _descriptor(t: torch.Tensor, configs, name: str):
     return TensorDescriptor.from_tensor(t, [rows, cols])
 
 
+def _sum_partials(partials: torch.Tensor) -> torch.Tensor:
+    """The sum over dim 0 of a split kernel's fp32 partials: a fixed-shape reduction, so deterministic (no
+    atomics); no work when there is one split."""
+    return partials[0] if partials.shape[0] == 1 else partials.sum(dim=0)
+
+
 def _dropout_args(dropout_p):
     """(has_dropout, p, scale) as the kernels take them; p == 1 drops everything (scale 0, like torch)."""
     p = float(dropout_p)
@@ -760,8 +766,7 @@ def _lora_fwd_impl(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, 
         p, scale, seed,
         HAS_DROPOUT=has_dropout, BLOCK_R=block_r,
     )
-    # Deterministic: a fixed-shape reduction over the K-split partials (no atomics).
-    s = s_partials[0] if split == 1 else s_partials.sum(dim=0)
+    s = _sum_partials(s_partials)
     has_bias = bias is not None
     bias_arg = bias if has_bias else y  # never read when HAS_BIAS is False
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
@@ -809,8 +814,7 @@ def _lora_bwd_dy_impl(dy: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, s
         BLOCK_R=block_r, BLOCK_M=DY_BLOCK_M,
     )
     # Deterministic: fixed-shape reductions over the row-block (dB) and N-split (ds) partials (no atomics).
-    d_lora_b = partials[0] if num_parts == 1 else partials.sum(dim=0)
-    ds = ds_partials[0] if split == 1 else ds_partials.sum(dim=0)
+    d_lora_b, ds = _sum_partials(partials), _sum_partials(ds_partials)
     return d_lora_b, ds
 
 
@@ -861,8 +865,7 @@ def _lora_bwd_da_impl(ds: torch.Tensor, x: torch.Tensor, dropout_p: float, seed:
         p, scale, seed,
         HAS_DROPOUT=has_dropout, BLOCK_R=block_r,
     )
-    # Deterministic: a fixed-shape reduction over the M-split partials (no atomics).
-    return partials[0] if split == 1 else partials.sum(dim=0)
+    return _sum_partials(partials)
 
 
 def _fake_lora_fwd(x, weight, lora_a, lora_b, scaling, bias, dropout_p, seed):

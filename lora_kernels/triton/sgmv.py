@@ -90,6 +90,16 @@ if HAS_TRITON:
     _FP32_DOT_PRECISION = tl.constexpr("tf32x3")
 
     @triton.jit
+    def _mma(a, b, acc):
+        """acc + a · b on tensor cores: fp32 operands in tf32x3 (see _FP32_DOT_PRECISION), upcast first under the
+        interpreter (see _DOT_IN_FP32)."""
+        if _DOT_IN_FP32:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        if a.dtype == tl.float32:
+            return tl.dot(a, b, acc, input_precision=_FP32_DOT_PRECISION)
+        return tl.dot(a, b, acc)
+
+    @triton.jit
     def _sgmv_shrink_kernel(
         x_ptr, a_ptr, out_ptr,
         sorted_ids_ptr, slot_counts_ptr, slot_starts_ptr, scalings_ptr, ranks_ptr,
@@ -131,12 +141,7 @@ if HAS_TRITON:
             mask_k = (k0 + offs_k) < k_hi
             xt = tl.load(x_ptrs + tl.cast(k0, tl.int64) * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             at = tl.load(a_ptrs + tl.cast(k0, tl.int64) * stride_ak, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-            if _DOT_IN_FP32:
-                xt, at = xt.to(tl.float32), at.to(tl.float32)
-            if xt.dtype == tl.float32:  # see _FP32_DOT_PRECISION
-                acc = tl.dot(xt, at, acc, input_precision=_FP32_DOT_PRECISION)
-            else:
-                acc = tl.dot(xt, at, acc)
+            acc = _mma(xt, at, acc)
         acc = acc * tl.load(scalings_ptr + slot)
         out_ptrs = (out_ptr + pid_s.to(tl.int64) * stride_os + tok[:, None] * stride_om
                     + offs_r[None, :].to(tl.int64) * stride_or)
@@ -238,12 +243,7 @@ if HAS_TRITON:
             bt = tl.load(b_ptrs + tl.cast(r0, tl.int64) * stride_br, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
             # 16-bit B: the fp32 intermediate is rounded to B's dtype for the tensor cores (as vLLM does).
             tt = tt.to(bt.dtype)
-            if _DOT_IN_FP32:
-                tt, bt = tt.to(tl.float32), bt.to(tl.float32)
-            if tt.dtype == tl.float32:
-                acc = tl.dot(tt, bt, acc, input_precision=_FP32_DOT_PRECISION)
-            else:
-                acc = tl.dot(tt, bt, acc)
+            acc = _mma(tt, bt, acc)
         cols = (slice_offset + pid_s * N + offs_n).to(tl.int64)
         out_ptrs = out_ptr + tok[:, None] * stride_om + cols[None, :] * stride_on
         mask_out = mask_m[:, None] & mask_n[None, :]
@@ -327,12 +327,7 @@ if HAS_TRITON:
                          mask=mask_t[:, None] & mask_q[None, :], other=0.0)  # [BLOCK_T, BLOCK_Q]
             # fp32 left (u or s) is rounded to right's 16-bit dtype for the tensor cores, as the torch path does.
             lt = lt.to(rt.dtype)
-            if _DOT_IN_FP32:
-                lt, rt = lt.to(tl.float32), rt.to(tl.float32)
-            if lt.dtype == tl.float32:
-                acc = tl.dot(lt, rt, acc, input_precision=_FP32_DOT_PRECISION)
-            else:
-                acc = tl.dot(lt, rt, acc)
+            acc = _mma(lt, rt, acc)
         out_ptrs = (out_ptr + slot.to(tl.int64) * stride_ol + offs_p[:, None].to(tl.int64) * stride_op
                     + offs_q[None, :].to(tl.int64) * stride_oq)
         tl.store(out_ptrs, acc, mask=mask_p[:, None] & mask_q[None, :])
