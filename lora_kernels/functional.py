@@ -94,6 +94,29 @@ def check_lora_linear_args(op, x, weight, lora_a, lora_b, bias, scaling, dropout
         raise ValueError(f"{op}: dropout_p expected a number in [0, 1), got {dropout_p!r}")
 
 
+# ------------------------------------------------------------------------------------------------------ autocast
+
+def _autocast_dtype(x):
+    """The dtype torch.autocast runs linear layers in on x's device, or None where autocast is off (or x is not a
+    tensor: the checks then name the problem)."""
+    if not isinstance(x, torch.Tensor):
+        return None
+    device_type = x.device.type
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _cast_for_autocast(dtype, tensors):
+    """The tensors as autocast hands them to F.linear: floating tensors cast to `dtype`, float64 left alone (and then
+    refused by the same-dtype check, as F.linear refuses it). Our kernels and custom ops are invisible to autocast,
+    so without this an fp32 model under autocast ran the slow fp32 kernels, or failed on the mixed dtypes autocast
+    gave the torch ops around them. The casts are differentiable: fp32 parameters get fp32 gradients, like
+    nn.Linear's under autocast."""
+    return [t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point()
+            and t.dtype not in (dtype, torch.float64) else t for t in tensors]
+
+
 # ------------------------------------------------------------------------------------------------- dropout (torch)
 
 def torch_dropout_mask(seed, shape, p, device, dtype):
@@ -210,10 +233,14 @@ def lora_linear(x, weight, lora_a, lora_b, scaling=1.0, bias=None, *, dropout_p=
     """y = x @ weight.T + scaling * (dropout(x) @ lora_a.T) @ lora_b.T + bias
 
     x: [..., K]; weight: [N, K]; lora_a: [r, K]; lora_b: [N, r]; bias: [N] or None; all one dtype and device.
-    dropout_p applies to the LoRA branch input only (pass 0 in eval mode). Returns [..., N] in x.dtype.
+    dropout_p applies to the LoRA branch input only (pass 0 in eval mode). Returns [..., N] in x.dtype; under
+    torch.autocast, in the autocast dtype, like F.linear (every input is cast to it first).
     backend: "auto", "triton", "cuda", "cpu", "torch" or "reference" (see lora_kernels.backends).
     """
     op = "lora_linear"
+    autocast_dtype = _autocast_dtype(x)
+    if autocast_dtype is not None:
+        x, weight, lora_a, lora_b, bias = _cast_for_autocast(autocast_dtype, (x, weight, lora_a, lora_b, bias))
     check_lora_linear_args(op, x, weight, lora_a, lora_b, bias, scaling, dropout_p)
     backend = resolve_backend(backend, x.device, op)
     seed = _new_seed() if dropout_p > 0.0 else 0
@@ -306,9 +333,13 @@ def multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias=Non
 
     x: [..., K]; weight: [N, K]; lora_a: [L, R, K]; lora_b: [L, N, R]; adapter_ids: integer tensor shaped like
     x.shape[:-1], or a LoRABatch already built for these tokens (reuse one per step across layers); scalings: [L];
-    bias: [N] or None. Differentiable in x, lora_a and lora_b (several adapters trained in one batch).
+    bias: [N] or None. Differentiable in x, lora_a and lora_b (several adapters trained in one batch). Under
+    torch.autocast, computed in the autocast dtype, like F.linear (scalings stay float32).
     """
     op = "multi_lora_linear"
+    autocast_dtype = _autocast_dtype(x)
+    if autocast_dtype is not None:
+        x, weight, lora_a, lora_b, bias = _cast_for_autocast(autocast_dtype, (x, weight, lora_a, lora_b, bias))
     for name, t, ndim in (("x", x, None), ("weight", weight, 2), ("lora_a", lora_a, 3), ("lora_b", lora_b, 3)):
         _check_tensor(op, name, t, ndim=ndim)
     _check_tensor(op, "bias", bias, ndim=1, optional=True)

@@ -5,6 +5,8 @@ slot ids through a LoRABatch (-1: base model only). Entries past ranks[i] are ne
 Checks run here, once, before any backend launches; every backend then assumes valid arguments.
 """
 
+import contextlib
+
 import torch
 
 from lora_kernels.backends import resolve_backend
@@ -114,17 +116,26 @@ def check_expand_args(op, t, lora_b, batch, out, slice_offset, ranks, lora_b_nam
 
 # ------------------------------------------------------------------------------------------------ torch fallbacks
 
+def _autocast_off(device):
+    """A region where torch ops run in the dtypes they are given even inside torch.autocast: the fallbacks below
+    accumulate in float32 on purpose, and autocast would round their matmuls to its 16-bit dtype."""
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _torch_shrink(x, lora_a, batch, scalings, ranks):
     """Slot by slot over all tokens with masks, so nothing syncs with the host (L·M·R·K work: a fallback)."""
     num_slots, max_rank, _ = lora_a.shape
     ids = batch.adapter_ids.long()
     columns = torch.arange(max_rank, device=x.device)
     out = torch.zeros(x.shape[0], max_rank, dtype=torch.float32, device=x.device)
-    for slot in range(num_slots):
-        in_rank = columns < ranks[slot]
-        a_slot = torch.where(in_rank[:, None], lora_a[slot], torch.zeros((), dtype=lora_a.dtype, device=x.device))
-        contribution = (x @ a_slot.T).float() * scalings[slot]
-        out = torch.where((ids == slot)[:, None], contribution, out)
+    with _autocast_off(x.device):
+        for slot in range(num_slots):
+            in_rank = columns < ranks[slot]
+            a_slot = torch.where(in_rank[:, None], lora_a[slot], torch.zeros((), dtype=lora_a.dtype, device=x.device))
+            contribution = (x @ a_slot.T).float() * scalings[slot]
+            out = torch.where((ids == slot)[:, None], contribution, out)
     return out
 
 
@@ -133,11 +144,13 @@ def _torch_expand(t, lora_b, batch, ranks, out, slice_offset):
     ids = batch.adapter_ids.long()
     columns = torch.arange(max_rank, device=out.device)
     total = torch.zeros(out.shape[0], width, dtype=torch.float32, device=out.device)
-    for slot in range(num_slots):
-        in_rank = columns < ranks[slot]
-        b_slot = torch.where(in_rank[None, :], lora_b[slot], torch.zeros((), dtype=lora_b.dtype, device=out.device))
-        t_slot = torch.where(in_rank[None, :], t, torch.zeros((), dtype=t.dtype, device=out.device))
-        total = torch.where((ids == slot)[:, None], t_slot.float() @ b_slot.float().T, total)
+    with _autocast_off(out.device):
+        for slot in range(num_slots):
+            in_rank = columns < ranks[slot]
+            b_slot = torch.where(in_rank[None, :], lora_b[slot],
+                                 torch.zeros((), dtype=lora_b.dtype, device=out.device))
+            t_slot = torch.where(in_rank[None, :], t, torch.zeros((), dtype=t.dtype, device=out.device))
+            total = torch.where((ids == slot)[:, None], t_slot.float() @ b_slot.float().T, total)
     target = out[:, slice_offset:slice_offset + width]
     target.copy_((target.float() + total).to(out.dtype))
 

@@ -473,6 +473,36 @@ def test_sgmv_bad_metadata_values_cpu():
 # opcheck: schema, fake (meta) impls, and that the registrations agree with them.
 
 
+def test_ops_compute_as_written_under_autocast(device):
+    """torch.autocast must not reach inside the ops: their fp32 GEMMs stay fp32 and give the same bits as without
+    autocast. Before, lora_fwd failed on the mixed dtypes autocast made inside it, and the shrink's GEMM path would
+    have rounded to bfloat16."""
+    x, weight, lora_a, lora_b, bias = lora_inputs(7, 67, 123, 8, torch.float32, device)
+    dy = randn(7, 123, device=device)
+    k = n = 520  # 30 tokens x 520 features: the CPU shrink/expand take their GEMM path for slot 0
+    ids = torch.tensor([0] * 30 + [1, 1], device=device, dtype=torch.int32)
+    stacked_a = randn(2, 8, k, device=device, scale=k ** -0.5)
+    stacked_b = randn(2, n, 8, device=device, scale=8 ** -0.5)
+    tokens = randn(ids.numel(), k, device=device)
+    scalings, ranks = torch.tensor([1.0, 2.0], device=device), torch.tensor([8, 8], device=device, dtype=torch.int32)
+    batch = LoRABatch.from_adapter_ids(ids, 2, validate=True)
+    meta = (batch.sorted_token_ids, batch.slot_starts, batch.slot_counts)
+
+    def run_all():
+        y, s = ops.lora_fwd(x, None, weight, lora_a, lora_b, 2.0, bias)
+        d_lora_b, ds = ops.lora_bwd_dy(dy, s, lora_b, 2.0)
+        shrunk = ops.sgmv_shrink(tokens, stacked_a, *meta, scalings, ranks)
+        out = torch.zeros(ids.numel(), n, device=device)
+        ops.sgmv_expand(shrunk, stacked_b, *meta, ranks, out, 0)
+        return y, s, d_lora_b, ds, shrunk, out
+
+    expected = run_all()
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        results = run_all()
+    for name, got, want in zip(("y", "s", "dB", "dS", "shrink", "expand"), results, expected):
+        assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want), name
+
+
 def test_opcheck_lora_fwd(device):
     for dtype in (torch.float32, torch.bfloat16):
         x, weight, lora_a, lora_b, bias = lora_inputs(5, 24, 20, 4, dtype, device)

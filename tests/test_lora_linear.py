@@ -171,6 +171,30 @@ def test_dropout(backend, device):
     assert not torch.equal(y1, y3), "another seed must give another mask"
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["reference"])
+def test_autocast_computes_in_the_autocast_dtype_like_linear(backend, device):
+    """Under torch.autocast an fp32 layer computes as nn.Linear does there: in the autocast dtype, with fp32
+    gradients for its fp32 tensors. Bit for bit the same call on inputs cast by hand (so the 16-bit kernels ran, not
+    the fp32 ones, and nothing inside them was cast again), and close to the reference."""
+    _backend_or_skip(backend, device)
+    low = torch.bfloat16
+    x, weight, lora_a, lora_b, bias = lora_inputs(6, 40, 24, 8, torch.float32, device)
+    dy = randn(6, 24, dtype=low, device=device)
+    leaves = [t.clone().requires_grad_(True) for t in (x, lora_a, lora_b, bias)]
+    with torch.autocast(device.type, dtype=low):
+        y = lora_linear(leaves[0], weight, leaves[1], leaves[2], 1.5, leaves[3], backend=backend)
+        assert y.dtype == torch.nn.functional.linear(x, weight, bias).dtype == low
+    y.backward(dy)
+    cast = [t.to(low).requires_grad_(True) for t in (x, lora_a, lora_b, bias)]
+    y_cast = lora_linear(cast[0], weight.to(low), cast[1], cast[2], 1.5, cast[3], backend=backend)
+    y_cast.backward(dy)
+    assert torch.equal(y, y_cast)
+    for name, leaf, cast_leaf in zip(("x", "lora_a", "lora_b", "bias"), leaves, cast):
+        assert leaf.grad.dtype == torch.float32, name
+        assert torch.equal(leaf.grad, cast_leaf.grad.float()), name
+    assert_close(y, reference.lora_linear(x, weight, lora_a, lora_b, 1.5, bias), low, "y")
+
+
 BAD_INPUTS = [
     ("x", lambda a: {**a, "x": a["x"][:, :-1]}, ValueError, "x expected last dimension"),
     ("lora_a", lambda a: {**a, "lora_a": a["lora_a"][:, :-1]}, ValueError, "lora_a expected shape"),
@@ -215,3 +239,18 @@ def test_torch_compile_fullgraph(backend):
     torch.testing.assert_close(out, expected)
     out.sum().backward()
     assert layer.lora_A.weight.grad is not None and layer.weight.grad is None
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_torch_compile_fullgraph_under_autocast(backend):
+    _backend_or_skip(backend, "cpu")
+    from lora_kernels import LoRALinear
+    layer = LoRALinear(16, 12, r=4, lora_alpha=8, init_lora_weights=False, backend=backend)
+    x = torch.randn(3, 5, 16)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = layer(x)
+        out = compiled(x)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+    out.float().sum().backward()
+    assert layer.lora_A.weight.grad.dtype == torch.float32

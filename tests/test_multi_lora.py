@@ -199,6 +199,32 @@ def test_multi_lora_linear_forward_and_gradients(backend, dtype, device):
         assert torch.count_nonzero(leaves[1].grad[slot, rank:]) == 0
 
 
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS + ["reference"])
+def test_multi_lora_linear_under_autocast(backend, device):
+    """Under torch.autocast, fp32 weights and adapters compute in the autocast dtype, like F.linear: bit for bit the
+    call on inputs cast by hand, with fp32 gradients for the fp32 adapters (the scalings stay fp32)."""
+    _backend_or_skip(backend, device)
+    low, num_slots, max_rank, k, n = torch.bfloat16, 3, 8, 20, 12
+    lora_a, lora_b = _adapters(num_slots, max_rank, k, n, [8, 8, 8], torch.float32, device)
+    x = randn(7, k, device=device)
+    weight = randn(n, k, device=device, scale=k ** -0.5)
+    bias = randn(n, device=device)
+    ids = segment_ids("mixed_base", 7, num_slots).to(device)
+    scalings = torch.tensor([0.5, 1.0, 2.0], device=device)
+    dy = randn(7, n, dtype=low, device=device)
+    leaves = [t.clone().requires_grad_(True) for t in (x, lora_a, lora_b)]
+    with torch.autocast(device.type, dtype=low):
+        y = lk.multi_lora_linear(leaves[0], weight, leaves[1], leaves[2], ids, scalings, bias, backend=backend)
+    y.backward(dy)
+    cast = [t.to(low).requires_grad_(True) for t in (x, lora_a, lora_b)]
+    y_cast = lk.multi_lora_linear(cast[0], weight.to(low), cast[1], cast[2], ids, scalings, bias.to(low),
+                                  backend=backend)
+    y_cast.backward(dy)
+    assert y.dtype == low and torch.equal(y, y_cast)
+    for name, leaf, cast_leaf in zip(("x", "lora_a", "lora_b"), leaves, cast):
+        assert leaf.grad.dtype == torch.float32 and torch.equal(leaf.grad, cast_leaf.grad.float()), name
+
+
 def test_slots_absent_from_the_batch_get_zero_gradient():
     lora_a = torch.randn(3, 4, 6, requires_grad=True)
     lora_b = torch.randn(3, 5, 4, requires_grad=True)

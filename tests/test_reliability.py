@@ -88,7 +88,9 @@ def test_grouped_gradients_property(backend, m, num_slots, data):
     expected.backward(dy.double())
     assert rel_error(y, expected) <= 2 * TOLERANCE[torch.float32]
     for name, leaf, ref in zip(("dx", "dA", "dB"), leaves, ref_leaves):
-        assert rel_error(leaf.grad, ref.grad) <= 2 * TOLERANCE[torch.float32], name
+        # The reference never touches the adapters when every token is -1 or every rank 0: zero gradient.
+        ref_grad = torch.zeros_like(ref) if ref.grad is None else ref.grad
+        assert rel_error(leaf.grad, ref_grad) <= 2 * TOLERANCE[torch.float32], name
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "../lora_checks.h"
+#include "../no_autocast.h"
 
 namespace lora_kernels {
 namespace {
@@ -17,6 +18,7 @@ std::tuple<at::Tensor, at::Tensor> lora_fwd_cpu(const at::Tensor& x, const std::
                                                 const at::Tensor& weight, const at::Tensor& lora_a,
                                                 const at::Tensor& lora_b, double scaling,
                                                 const std::optional<at::Tensor>& bias) {
+  const AutocastOff autocast_off;
   check_lora_fwd(x, x_lora, weight, lora_a, lora_b, scaling, bias);
   const at::ScalarType acc = accumulate_type(x.scalar_type());
   const at::Tensor x_acc = x.to(acc);
@@ -30,6 +32,7 @@ std::tuple<at::Tensor, at::Tensor> lora_fwd_cpu(const at::Tensor& x, const std::
 
 std::tuple<at::Tensor, at::Tensor> lora_bwd_dy_cpu(const at::Tensor& dy, const at::Tensor& s,
                                                    const at::Tensor& lora_b, double scaling) {
+  const AutocastOff autocast_off;
   check_lora_bwd_dy(dy, s, lora_b, scaling);
   const at::ScalarType acc = accumulate_type(dy.scalar_type());
   const at::Tensor dy_acc = dy.to(acc);

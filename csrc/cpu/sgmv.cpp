@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../lora_checks.h"
+#include "../no_autocast.h"
 
 namespace lora_kernels {
 namespace {
@@ -182,6 +183,7 @@ void expand_small_slots(const at::Tensor& t, const at::Tensor& lora_b, const int
 at::Tensor sgmv_shrink_cpu(const at::Tensor& x_in, const at::Tensor& lora_a_in, const at::Tensor& sorted_token_ids,
                            const at::Tensor& slot_starts, const at::Tensor& slot_counts, const at::Tensor& scalings,
                            const at::Tensor& ranks) {
+  const AutocastOff autocast_off;
   check_sgmv_shrink(x_in, lora_a_in, sorted_token_ids, slot_starts, slot_counts, scalings, ranks);
   const int64_t num_tokens = x_in.size(0), max_rank = lora_a_in.size(1);
   check_sgmv_metadata_values_cpu("sgmv_shrink", num_tokens, max_rank, sorted_token_ids, slot_starts, slot_counts,
@@ -226,6 +228,7 @@ at::Tensor sgmv_shrink_cpu(const at::Tensor& x_in, const at::Tensor& lora_a_in, 
 void sgmv_expand_cpu(const at::Tensor& t_in, const at::Tensor& lora_b_in, const at::Tensor& sorted_token_ids,
                      const at::Tensor& slot_starts, const at::Tensor& slot_counts, const at::Tensor& ranks,
                      const at::Tensor& out, int64_t slice_offset) {
+  const AutocastOff autocast_off;
   check_sgmv_expand(t_in, lora_b_in, sorted_token_ids, slot_starts, slot_counts, ranks, out, slice_offset);
   const int64_t num_tokens = t_in.size(0), max_rank = lora_b_in.size(2), width = lora_b_in.size(1);
   check_sgmv_metadata_values_cpu("sgmv_expand", num_tokens, max_rank, sorted_token_ids, slot_starts, slot_counts,

@@ -6,6 +6,7 @@
 
 #include "../checks.h"
 #include "../lora_checks.h"
+#include "../no_autocast.h"
 #include "launchers.h"
 
 namespace lora_kernels {
@@ -24,12 +25,14 @@ std::tuple<at::Tensor, at::Tensor> lora_fwd_cuda(const at::Tensor& x, const std:
                                                  const at::Tensor& weight, const at::Tensor& lora_a,
                                                  const at::Tensor& lora_b, double scaling,
                                                  const std::optional<at::Tensor>& bias) {
+  const AutocastOff autocast_off;
   check_lora_fwd(x, x_lora, weight, lora_a, lora_b, scaling, bias);
   return lora_fwd_cuda_launch(x, x_lora, weight, lora_a, lora_b, scaling, bias);
 }
 
 std::tuple<at::Tensor, at::Tensor> lora_bwd_dy_cuda(const at::Tensor& dy, const at::Tensor& s,
                                                     const at::Tensor& lora_b, double scaling) {
+  const AutocastOff autocast_off;
   check_lora_bwd_dy(dy, s, lora_b, scaling);
   return lora_bwd_dy_cuda_launch(dy, s, lora_b, scaling);
 }
@@ -37,6 +40,7 @@ std::tuple<at::Tensor, at::Tensor> lora_bwd_dy_cuda(const at::Tensor& dy, const 
 at::Tensor sgmv_shrink_cuda(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& sorted_token_ids,
                             const at::Tensor& slot_starts, const at::Tensor& slot_counts, const at::Tensor& scalings,
                             const at::Tensor& ranks) {
+  const AutocastOff autocast_off;
   check_sgmv_shrink(x, lora_a, sorted_token_ids, slot_starts, slot_counts, scalings, ranks);
   check_sgmv_grid("sgmv_shrink", "lora_a", x.size(0), lora_a.size(0));
   return sgmv_shrink_cuda_launch(x, lora_a, sorted_token_ids, slot_starts, slot_counts, scalings, ranks);
@@ -45,6 +49,7 @@ at::Tensor sgmv_shrink_cuda(const at::Tensor& x, const at::Tensor& lora_a, const
 void sgmv_expand_cuda(const at::Tensor& t, const at::Tensor& lora_b, const at::Tensor& sorted_token_ids,
                       const at::Tensor& slot_starts, const at::Tensor& slot_counts, const at::Tensor& ranks,
                       const at::Tensor& out, int64_t slice_offset) {
+  const AutocastOff autocast_off;
   check_sgmv_expand(t, lora_b, sorted_token_ids, slot_starts, slot_counts, ranks, out, slice_offset);
   check_sgmv_grid("sgmv_expand", "lora_b", t.size(0), lora_b.size(0));
   sgmv_expand_cuda_launch(t, lora_b, sorted_token_ids, slot_starts, slot_counts, ranks, out, slice_offset);
