@@ -65,6 +65,29 @@ def test_dropout_only_in_training_mode():
     assert not torch.allclose(layer(x), eval_out)
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_activation_checkpointing_recomputes_the_same_dropout_mask(backend, use_reentrant):
+    """Under torch.utils.checkpoint (gradient checkpointing in HF models) the forward runs twice; the recomputation
+    must draw the same dropout mask, so outputs and gradients equal those of the plain run bit for bit."""
+    from lora_kernels import backends
+    reason = backends.unavailable_reason(backend, torch.device("cpu"))
+    if reason is not None:
+        pytest.skip(reason)
+    layer = LoRALinear(32, 16, r=4, lora_dropout=0.3, init_lora_weights=False, backend=backend)
+    x = torch.randn(8, 32, requires_grad=True)
+    results = []
+    for checkpointed in (False, True):
+        torch.manual_seed(5)
+        y = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=use_reentrant) if checkpointed else layer(x)
+        y.square().sum().backward()
+        results.append([y.detach()] + [t.grad.clone() for t in (x, layer.lora_A.weight, layer.lora_B.weight)])
+        x.grad = layer.lora_A.weight.grad = layer.lora_B.weight.grad = None
+    assert not torch.equal(results[0][0], layer.eval()(x)), "dropout must be active for this test to mean anything"
+    for name, plain, checkpointed in zip(("y", "dx", "dA", "dB"), *results):
+        assert torch.equal(plain, checkpointed), name
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_merge_unmerge_round_trip(dtype):
     layer = _trained(LoRALinear(48, 40, r=8, lora_alpha=16, dtype=dtype)).eval()
