@@ -119,20 +119,35 @@ def _cast_for_autocast(dtype, tensors):
 
 # ------------------------------------------------------------------------------------------------- dropout (torch)
 
-def torch_dropout_mask(seed, shape, p, device, dtype):
-    """The dropout multiplier (0 or 1/(1-p)) of the non-Triton backends: drawn from a generator seeded with `seed`,
-    so backward regenerates exactly the forward's mask instead of storing it."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
+def new_seed():
+    """A dropout seed: a 0-d int64 CPU tensor drawn from torch's default CPU generator, so torch.manual_seed makes
+    dropout reproducible and activation checkpointing (which restores that generator) redraws the same mask. A
+    tensor, not an int: torch.compile keeps the draw in its graph, where a Python int (and the .item() that made
+    it) broke the graph, and would have been baked into the compiled code as one mask for every step."""
+    return torch.randint(0, 2**31 - 1, ())
+
+
+def _dropout_mask_impl(seed: torch.Tensor, like: torch.Tensor, p: float) -> torch.Tensor:
+    generator = torch.Generator(device=like.device)
+    generator.manual_seed(int(seed))
     # Drawn straight into the input dtype, then scaled in place: no float32 [M, K] temporary (measured on an H100:
     # torch.rand + compare + cast raised fwd+bwd peak memory to 1.56x PEFT's at M=8192, K=4096, bf16).
-    mask = torch.empty(shape, device=device, dtype=dtype).bernoulli_(1.0 - p, generator=generator)
+    mask = torch.empty(like.shape, device=like.device, dtype=like.dtype).bernoulli_(1.0 - p, generator=generator)
     return mask.mul_(1.0 / (1.0 - p))
 
 
-def _new_seed():
-    # Drawn from torch's default CPU generator, so torch.manual_seed makes dropout reproducible.
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+# An opaque op for torch.compile: a seeded torch.Generator cannot be traced.
+_dropout_mask_op = torch.library.custom_op("lora_kernels::torch_dropout_mask", _dropout_mask_impl, mutates_args=())
+_dropout_mask_op.register_fake(lambda seed, like, p: like.new_empty(like.shape))
+
+
+def torch_dropout_mask(seed, like, p):
+    """The dropout multiplier (0 or 1/(1-p)) of the non-Triton backends, shaped like `like` and in its dtype and
+    device: drawn from a generator seeded with `seed` (from new_seed), so backward regenerates exactly the
+    forward's mask instead of storing it."""
+    if torch.compiler.is_compiling():
+        return _dropout_mask_op(seed, like.detach(), p)
+    return _dropout_mask_impl(seed, like, p)
 
 
 # ------------------------------------------------------------------------------------------- single-adapter autograd
@@ -157,13 +172,18 @@ def _triton_lora_linear():
     return triton_lora_linear
 
 
+def _or_zero(seed):
+    # The Triton launchers take seed 0 when there is no dropout (the kernels never read it then).
+    return 0 if seed is None else seed
+
+
 def _lora_linear_forward(x2, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend):
     """(y [M, N], S [M, r]) for one backend; S = drop(x2) @ lora_a.T, unscaled (what backward needs)."""
     mask = None
     if dropout_p > 0.0 and backend != "triton":
-        mask = torch_dropout_mask(seed, x2.shape, dropout_p, x2.device, x2.dtype)
+        mask = torch_dropout_mask(seed, x2, dropout_p)
     if backend == "triton":
-        return _triton_lora_linear().lora_fwd(x2, weight, lora_a, lora_b, scaling, bias, dropout_p, seed)
+        return _triton_lora_linear().lora_fwd(x2, weight, lora_a, lora_b, scaling, bias, dropout_p, _or_zero(seed))
     if backend in ("cpu", "cuda"):
         x_lora = None if mask is None else x2 * mask
         return torch.ops.lora_kernels.lora_fwd(x2, x_lora, weight, lora_a, lora_b, float(scaling), bias)
@@ -179,15 +199,15 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend):
         y, s = _lora_linear_forward(x2, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend)
-        ctx.save_for_backward(x2, s, weight, lora_a, lora_b)
-        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend = scaling, dropout_p, seed, backend
+        ctx.save_for_backward(x2, s, weight, lora_a, lora_b, seed)
+        ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x2, s, weight, lora_a, lora_b = ctx.saved_tensors
-        scaling, dropout_p, seed, backend = ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend
+        x2, s, weight, lora_a, lora_b, seed = ctx.saved_tensors
+        scaling, dropout_p, backend = ctx.scaling, ctx.dropout_p, ctx.backend
         need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
         dy = dy.contiguous()
         dx = d_weight = d_lora_a = d_lora_b = d_bias = None
@@ -195,11 +215,11 @@ class LoRALinearFunction(torch.autograd.Function):
             kernels = _triton_lora_linear()
             d_lora_b, ds = kernels.lora_bwd_dy(dy, s, lora_b, scaling)
             if need_x:
-                dx = kernels.lora_bwd_dx(dy, ds, weight, lora_a, dropout_p, seed)
+                dx = kernels.lora_bwd_dx(dy, ds, weight, lora_a, dropout_p, _or_zero(seed))
             if need_a:
-                d_lora_a = kernels.lora_bwd_da(ds, x2, dropout_p, seed)
+                d_lora_a = kernels.lora_bwd_da(ds, x2, dropout_p, _or_zero(seed))
         else:
-            mask = torch_dropout_mask(seed, x2.shape, dropout_p, x2.device, x2.dtype) if dropout_p > 0.0 else None
+            mask = torch_dropout_mask(seed, x2, dropout_p) if dropout_p > 0.0 else None
             if backend == "cuda" and dy.shape[0] * lora_b.shape[1] > CUDA_BWD_DY_KERNEL_MAX_WORK:
                 d_lora_b = torch.mm(dy.T, s.to(dy.dtype)).mul_(scaling)
                 ds = torch.mm(dy, lora_b).mul_(scaling)
@@ -243,12 +263,10 @@ def lora_linear(x, weight, lora_a, lora_b, scaling=1.0, bias=None, *, dropout_p=
         x, weight, lora_a, lora_b, bias = _cast_for_autocast(autocast_dtype, (x, weight, lora_a, lora_b, bias))
     check_lora_linear_args(op, x, weight, lora_a, lora_b, bias, scaling, dropout_p)
     backend = resolve_backend(backend, x.device, op)
-    seed = _new_seed() if dropout_p > 0.0 else 0
+    seed = new_seed() if dropout_p > 0.0 else None
     lead_shape, in_features = x.shape[:-1], x.shape[-1]
     if backend == "reference":
-        mask = None
-        if dropout_p > 0.0:
-            mask = torch_dropout_mask(seed, (*lead_shape, in_features), dropout_p, x.device, x.dtype)
+        mask = None if seed is None else torch_dropout_mask(seed, x, dropout_p)
         return reference.lora_linear(x, weight, lora_a, lora_b, scaling, bias, mask).to(x.dtype)
     x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
     args = (x2, weight, lora_a, lora_b, bias, float(scaling), float(dropout_p), seed, backend)

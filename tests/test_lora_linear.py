@@ -25,7 +25,7 @@ def _dropout_mask(backend, seed, x2, p):
         from lora_kernels.triton.lora_linear import dropout_mask
         return dropout_mask(seed, x2.shape[0], x2.shape[1], p, x2.device)
     # Drawn in x's dtype, as the backend draws it: the random stream depends on the dtype (on CUDA).
-    return functional.torch_dropout_mask(seed, x2.shape, p, x2.device, x2.dtype).double()
+    return functional.torch_dropout_mask(seed, x2, p).double()
 
 
 def _run(backend, x, weight, lora_a, lora_b, bias, scaling, dy, dropout_p=0.0):
@@ -72,7 +72,7 @@ def test_cuda_backward_either_side_of_the_kernel_bound(dtype, m, r, device):
     x, weight, lora_a, lora_b, bias = lora_inputs(m, k, n, r, dtype, device)
     dy = randn(m, n, dtype=dtype, device=device)
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, lora_a, lora_b)]
-    y = functional.LoRALinearFunction.apply(leaves[0], weight, leaves[1], leaves[2], bias, scaling, 0.0, 0, "cuda")
+    y = functional.LoRALinearFunction.apply(leaves[0], weight, leaves[1], leaves[2], bias, scaling, 0.0, None, "cuda")
     y.backward(dy)
     expected = reference.lora_linear_backward(dy, x, weight, lora_a, lora_b, scaling)
     for name, leaf in zip(("x", "lora_a", "lora_b"), leaves):
@@ -159,7 +159,7 @@ def test_dropout(backend, device):
     y2 = lora_linear(x, weight, lora_a, lora_b, scaling, bias, dropout_p=p, backend=backend)
     assert torch.equal(y1, y2)
     torch.manual_seed(1234)
-    mask = _dropout_mask(backend, functional._new_seed(), x, p)
+    mask = _dropout_mask(backend, functional.new_seed(), x, p)
     dropped = (mask == 0).double().mean().item()
     assert 0.1 < dropped < 0.4, f"dropped fraction {dropped} for p={p}"
     assert_close(y1, reference.lora_linear(x, weight, lora_a, lora_b, scaling, bias, mask), dtype, "y (dropout)")
@@ -254,3 +254,27 @@ def test_torch_compile_fullgraph_under_autocast(backend):
     assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
     out.float().sum().backward()
     assert layer.lora_A.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_torch_compile_fullgraph_with_dropout(backend):
+    """Training with dropout compiles without graph breaks: the seed is drawn in the graph (a tensor, not a Python
+    int), so each compiled step draws a new mask, the same one eager draws under the same torch.manual_seed."""
+    _backend_or_skip(backend, "cpu")
+    from lora_kernels import LoRALinear
+    torch._dynamo.reset()
+    layer = LoRALinear(16, 12, r=4, lora_alpha=8, lora_dropout=0.3, init_lora_weights=False, backend=backend)
+    x = torch.randn(3, 5, 16)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    results = []
+    for run in (layer, compiled, compiled):
+        torch.manual_seed(11 if len(results) < 2 else 12)
+        y = run(x)
+        y.square().sum().backward()
+        results.append((y.detach(), layer.lora_A.weight.grad, layer.lora_B.weight.grad))
+        layer.lora_A.weight.grad = layer.lora_B.weight.grad = None
+    eager, same_seed, other_seed = results
+    for name, got, want in zip(("y", "dA", "dB"), same_seed, eager):
+        assert torch.equal(got, want), name
+    assert not torch.equal(other_seed[0], eager[0]), "another seed must give another mask in the compiled graph"
+    assert not torch.equal(eager[0], layer.eval()(x)), "dropout must be active for this test to mean anything"

@@ -323,7 +323,7 @@ def test_custom_ops_are_registered():
 def test_opcheck_forward(dev):
     x, weight, lora_a, lora_b, b = lora_inputs(5, 40, 20, 8, torch.float32, dev)
     torch.library.opcheck(torch.ops.lora_kernels.triton_lora_fwd.default,
-                          (x, weight, lora_a, lora_b, SCALING, b, 0.1, 7),
+                          (x, weight, lora_a, lora_b, SCALING, b, 0.1, torch.tensor(7)),
                           test_utils=("test_schema", "test_faketensor"))
 
 

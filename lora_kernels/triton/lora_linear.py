@@ -631,10 +631,24 @@ def _check_rank(op, name, r):
 
 
 def _check_dropout(op, dropout_p, seed):
+    """Checks dropout_p and seed; returns the seed as the ops take it (see _seed_value)."""
     if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"{op}: dropout_p expected a float in [0, 1], got {dropout_p!r}")
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.dim() != 0 or seed.device.type != "cpu":
+            raise TypeError(f"{op}: seed expected an int or a 0-d int64 CPU tensor, got a {seed.dtype} tensor of "
+                            f"shape {tuple(seed.shape)} on {seed.device}")
+        return seed
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
         raise TypeError(f"{op}: seed expected an int in [0, 2**63), got {seed!r}")
+    # Traced calls go through the custom op, whose schema takes the seed as a tensor (a graph input, not a constant).
+    return torch.tensor(seed, dtype=torch.int64) if torch.compiler.is_compiling() else seed
+
+
+def _seed_value(seed):
+    """The seed as the kernels take it: an int. The ops' schemas declare a 0-d int64 CPU tensor (what
+    functional.new_seed draws, so torch.compile keeps the draw in the graph); eager calls may pass an int."""
+    return int(seed)
 
 
 def _check_scaling(op, scaling):
@@ -743,7 +757,7 @@ def _dropout_args(dropout_p):
 
 
 def _lora_fwd_impl(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                   scaling: float, bias: torch.Tensor | None, dropout_p: float, seed: int
+                   scaling: float, bias: torch.Tensor | None, dropout_p: float, seed: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     # The shrink runs first as its own small kernel instead of inside the main one: fused, every column-block
     # program of the main GEMM would recompute drop(x)·Aᵀ and regenerate the mask (N / BLOCK_N times the shrink's
@@ -752,6 +766,7 @@ def _lora_fwd_impl(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, 
     M, K = x.shape
     N, r = weight.shape[0], lora_a.shape[0]
     has_dropout, p, scale = _dropout_args(dropout_p)
+    seed = _seed_value(seed)
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0:
         return y, torch.empty((M, r), device=x.device, dtype=torch.float32)
@@ -819,10 +834,11 @@ def _lora_bwd_dy_impl(dy: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, s
 
 
 def _lora_bwd_dx_impl(dy: torch.Tensor, ds: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
-                      dropout_p: float, seed: int) -> torch.Tensor:
+                      dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
     M, N = dy.shape
     K, r = weight.shape[1], lora_a.shape[0]
     has_dropout, p, scale = _dropout_args(dropout_p)
+    seed = _seed_value(seed)
     dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
     if M == 0:
         return dx
@@ -848,10 +864,11 @@ def _lora_bwd_dx_impl(dy: torch.Tensor, ds: torch.Tensor, weight: torch.Tensor, 
     return dx
 
 
-def _lora_bwd_da_impl(ds: torch.Tensor, x: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+def _lora_bwd_da_impl(ds: torch.Tensor, x: torch.Tensor, dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
     M, K = x.shape
     r = ds.shape[1]
     has_dropout, p, scale = _dropout_args(dropout_p)
+    seed = _seed_value(seed)
     if M == 0:
         return torch.zeros((r, K), device=x.device, dtype=torch.float32)
     block_r = _block_r(r)
@@ -940,8 +957,8 @@ def lora_fwd(x, weight, lora_a, lora_b, scaling, bias=None, dropout_p=0.0, seed=
     if bias is not None:
         _check_tensor(op, "bias", bias, 1, dtype, device, (N,))
     _check_scaling(op, scaling)
-    _check_dropout(op, dropout_p, seed)
-    return _call(_fwd_op, _lora_fwd_impl, x, weight, lora_a, lora_b, float(scaling), bias, float(dropout_p), int(seed))
+    seed = _check_dropout(op, dropout_p, seed)
+    return _call(_fwd_op, _lora_fwd_impl, x, weight, lora_a, lora_b, float(scaling), bias, float(dropout_p), seed)
 
 
 def lora_bwd_dy(dy, s, lora_b, scaling):
@@ -973,8 +990,8 @@ def lora_bwd_dx(dy, ds, weight, lora_a, dropout_p=0.0, seed=0):
     r = lora_a.shape[0]
     _check_rank(op, "lora_a", r)
     _check_tensor(op, "ds", ds, 2, torch.float32, dy.device, (M, r))
-    _check_dropout(op, dropout_p, seed)
-    return _call(_bwd_dx_op, _lora_bwd_dx_impl, dy, ds, weight, lora_a, float(dropout_p), int(seed))
+    seed = _check_dropout(op, dropout_p, seed)
+    return _call(_bwd_dx_op, _lora_bwd_dx_impl, dy, ds, weight, lora_a, float(dropout_p), seed)
 
 
 def lora_bwd_da(ds, x, dropout_p=0.0, seed=0):
@@ -986,15 +1003,15 @@ def lora_bwd_da(ds, x, dropout_p=0.0, seed=0):
     M, K = x.shape
     _check_tensor(op, "ds", ds, 2, torch.float32, x.device, (M, None))
     _check_rank(op, "ds", ds.shape[1])
-    _check_dropout(op, dropout_p, seed)
-    return _call(_bwd_da_op, _lora_bwd_da_impl, ds, x, float(dropout_p), int(seed))
+    seed = _check_dropout(op, dropout_p, seed)
+    return _call(_bwd_da_op, _lora_bwd_da_impl, ds, x, float(dropout_p), seed)
 
 
 def dropout_mask(seed, M, K, p, device):
     """The dropout multiplier [M, K] float32 the kernels apply for (seed, p): 1/(1-p) where kept, 0 where dropped.
     For tests (feed it to lora_kernels.reference); the kernels regenerate it and never store it."""
     op = "dropout_mask"
-    _check_dropout(op, p, seed)
+    seed = _seed_value(_check_dropout(op, p, seed))
     for name, value in (("M", M), ("K", K)):
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"{op}: {name} expected a non-negative int, got {value!r}")
