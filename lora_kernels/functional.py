@@ -99,12 +99,7 @@ def check_lora_linear_args(op, x, weight, lora_a, lora_b, bias, scaling, dropout
 def _autocast_dtype(x):
     """The dtype torch.autocast runs linear layers in on x's device, or None where autocast is off (or x is not a
     tensor: the checks then name the problem)."""
-    if not isinstance(x, torch.Tensor):
-        return None
-    device_type = x.device.type
-    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
-        return None
-    return torch.get_autocast_dtype(device_type)
+    return ops.autocast_dtype(x.device) if isinstance(x, torch.Tensor) else None
 
 
 def _cast_for_autocast(dtype, tensors):

@@ -116,10 +116,22 @@ def check_expand_args(op, t, lora_b, batch, out, slice_offset, ranks, lora_b_nam
 
 # ------------------------------------------------------------------------------------------------ torch fallbacks
 
+def autocast_dtype(device):
+    """The dtype torch.autocast runs matmuls in on this device, or None where autocast is off."""
+    device_type = device.type
+    # cpu and cuda always have autocast. Asking torch.amp.is_autocast_available about them broke
+    # torch.compile(fullgraph=True) on torch 2.11, whose dynamo cannot trace it (2.14's can).
+    if device_type not in ("cpu", "cuda") and not torch.amp.is_autocast_available(device_type):
+        return None
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def _autocast_off(device):
     """A region where torch ops run in the dtypes they are given even inside torch.autocast: the fallbacks below
     accumulate in float32 on purpose, and autocast would round their matmuls to its 16-bit dtype."""
-    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
+    if autocast_dtype(device) is not None:
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 
