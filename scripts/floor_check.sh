@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The supported floor of design.md §6 (torch 2.11 + triton 3.6, the versions of the GPU image), checked on any
+# machine without a GPU: the committed HEAD cloned into VENV/src, torch 2.11, triton 3.6 and numpy < 2.4 (the
+# triton 3.6 interpreter breaks on 2.4) in the virtualenv VENV, the extension built CPU-only, then the whole test
+# suite and the sm_80/sm_90 compile gate. CI runs only the newest versions; run this after touching torch.compile,
+# torch.library or Triton APIs, and before a GPU session. It found a torch.compile break on torch 2.11 that CI could
+# not see. Downloads torch 2.11 from PyPI with its CUDA libraries (a few GB) on first use.
+#   bash scripts/floor_check.sh [VENV]        (default /tmp/lk-floor; logs in VENV/logs)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${1:-/tmp/lk-floor}"
+[ -x "$venv/bin/python" ] || "${PYTHON:-python3}" -m venv "$venv"
+py="$venv/bin/python"
+mkdir -p "$venv/logs"
+printf 'torch==2.11.*\ntriton==3.6.*\nnumpy<2.4\n' > "$venv/constraints.txt"
+
+rm -rf "$venv/src"
+git clone -q . "$venv/src"
+echo "floor check of $(git -C "$venv/src" log --oneline -1) in $venv"
+"$py" -m pip install -q --upgrade pip "setuptools>=64" wheel
+"$py" -m pip install -q -c "$venv/constraints.txt" torch triton numpy ninja
+# CPU-only build: the CUDA sources are compiled by CI with the newest torch; here the point is the Python side.
+(cd "$venv/src" && LORA_KERNELS_BUILD_CUDA=0 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+  "$py" -m pip install -q --no-build-isolation -c "$venv/constraints.txt" -e ".[test]") > "$venv/logs/install.log" 2>&1 \
+  || { tail -n 40 "$venv/logs/install.log"; exit 1; }
+"$py" -c "import torch, triton, numpy; print('torch', torch.__version__, '| triton', triton.__version__, '| numpy', numpy.__version__)"
+
+status=0
+# The triton 3.6 interpreter warns on every call under numpy 2.3 ("Conversion of an array with ndim > 0 to a
+# scalar"): -W ignore keeps the log readable.
+(cd "$venv/src" && "$py" -m pytest -q -p no:cacheprovider -W ignore) > "$venv/logs/pytest.log" 2>&1 || status=1
+tail -n 3 "$venv/logs/pytest.log"
+(cd "$venv/src" && "$py" -m lora_kernels.triton.aot) > "$venv/logs/aot.log" 2>&1 || status=1
+tail -n 2 "$venv/logs/aot.log"
+exit $status
