@@ -17,7 +17,7 @@ printf 'torch==2.11.*\ntriton==3.6.*\nnumpy<2.4\n' > "$venv/constraints.txt"
 rm -rf "$venv/src"
 git clone -q . "$venv/src"
 echo "floor check of $(git -C "$venv/src" log --oneline -1) in $venv"
-"$py" -m pip install -q --upgrade pip "setuptools>=64" wheel
+"$py" -m pip install -q --upgrade pip "setuptools>=64,<82" wheel  # torch 2.11 requires setuptools < 82
 "$py" -m pip install -q -c "$venv/constraints.txt" torch triton numpy ninja
 # CPU-only build: the CUDA sources are compiled by CI with the newest torch; here the point is the Python side.
 (cd "$venv/src" && LORA_KERNELS_BUILD_CUDA=0 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
