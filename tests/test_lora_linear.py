@@ -256,15 +256,16 @@ def test_torch_compile_fullgraph_under_autocast(backend):
     assert layer.lora_A.weight.grad.dtype == torch.float32
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
-def test_torch_compile_fullgraph_with_dropout(backend):
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_torch_compile_fullgraph_with_dropout(backend, device):
     """Training with dropout compiles without graph breaks: the seed is drawn in the graph (a tensor, not a Python
     int), so each compiled step draws a new mask, the same one eager draws under the same torch.manual_seed."""
-    _backend_or_skip(backend, "cpu")
+    _backend_or_skip(backend, device)
     from lora_kernels import LoRALinear
     torch._dynamo.reset()
-    layer = LoRALinear(16, 12, r=4, lora_alpha=8, lora_dropout=0.3, init_lora_weights=False, backend=backend)
-    x = torch.randn(3, 5, 16)
+    layer = LoRALinear(16, 12, r=4, lora_alpha=8, lora_dropout=0.3, init_lora_weights=False, backend=backend,
+                       device=device)
+    x = torch.randn(3, 5, 16, device=device)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     results = []
     for run in (layer, compiled, compiled):
