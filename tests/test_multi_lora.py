@@ -112,6 +112,30 @@ def test_shrink_expand_distributions(backend, distribution, device):
     assert_close(out, expected_out, dtype, "expand")
 
 
+@pytest.mark.parametrize("path", ["by_slot", "masked"])
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+def test_torch_fallback_paths(path, distribution, device):
+    """Both paths of the torch backend's grouped ops against the reference: slot by slot with the slot sizes read on
+    the host (CPU tensors in eager mode), and the masked loop over all rows (traced, or on a GPU: no host sync)."""
+    from lora_kernels import ops
+    num_slots, max_rank, k, n, m = 4, 16, 37, 23, 19
+    ranks = torch.tensor([16, 1, 8, 5], dtype=torch.int32, device=device)
+    lora_a, lora_b = _adapters(num_slots, max_rank, k, n, ranks.tolist(), torch.float32, device)
+    ids = segment_ids(distribution, m, num_slots).to(device)
+    scalings = torch.tensor([0.5, 2.0, 1.0, -1.5], device=device)
+    x = randn(m, k, device=device)
+    batch = LoRABatch.from_adapter_ids(ids, num_slots)
+    shrink, expand = {"by_slot": (ops._torch_shrink_by_slot, ops._torch_expand_by_slot),
+                      "masked": (ops._torch_shrink_masked, ops._torch_expand_masked)}[path]
+    shrunk = torch.zeros(m, max_rank, device=device)  # the paths write only the rows of tokens with an adapter
+    shrink(x, lora_a, batch, scalings, ranks, shrunk)
+    assert_close(shrunk, reference.lora_shrink(x, lora_a, ids, scalings, ranks), torch.float32, "shrink")
+    total = torch.zeros(m, n, device=device)
+    expand(shrunk, lora_b, batch, ranks, total)
+    expected = reference.lora_expand(shrunk, lora_b, ids, torch.zeros(m, n, device=device), 0, ranks)
+    assert_close(total, expected, torch.float32, "expand")
+
+
 @pytest.mark.parametrize("backend", GROUPED_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_add_lora_slices(backend, dtype, device):
