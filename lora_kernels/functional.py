@@ -258,7 +258,13 @@ def lora_linear(x, weight, lora_a, lora_b, scaling=1.0, bias=None, *, dropout_p=
         x, weight, lora_a, lora_b, bias = _cast_for_autocast(autocast_dtype, (x, weight, lora_a, lora_b, bias))
     check_lora_linear_args(op, x, weight, lora_a, lora_b, bias, scaling, dropout_p)
     backend = resolve_backend(backend, x.device, op)
-    seed = new_seed() if dropout_p > 0.0 else None
+    seed = None
+    if dropout_p > 0.0:
+        if x.is_cuda and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing():
+            # The seed is drawn on the host now: every replay of the graph would reuse this one dropout mask.
+            raise RuntimeError(f"{op}: dropout_p = {dropout_p} inside a CUDA-graph capture would replay one dropout "
+                               "mask forever; capture with dropout_p = 0 (eval mode) or run the step eagerly")
+        seed = new_seed()
     lead_shape, in_features = x.shape[:-1], x.shape[-1]
     if backend == "reference":
         mask = None if seed is None else torch_dropout_mask(seed, x, dropout_p)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import DTYPES, assert_close, lora_inputs, randn
-from lora_kernels import backends, functional, reference
+from lora_kernels import backends, bench, functional, reference
 from lora_kernels.functional import lora_linear
 
 # (M, K, N, r): odd sizes and the whole rank range, kept tiny for the Triton interpreter.
@@ -193,6 +193,20 @@ def test_autocast_computes_in_the_autocast_dtype_like_linear(backend, device):
         assert leaf.grad.dtype == torch.float32, name
         assert torch.equal(leaf.grad, cast_leaf.grad.float()), name
     assert_close(y, reference.lora_linear(x, weight, lora_a, lora_b, 1.5, bias), low, "y")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_dropout_refuses_cuda_graph_capture(backend):
+    """A captured graph would replay the seed drawn at capture: one dropout mask forever. Refused, not silent."""
+    device = torch.device("cuda")
+    _backend_or_skip(backend, device)
+    x, weight, lora_a, lora_b, bias = lora_inputs(32, 64, 48, 8, torch.bfloat16, device)
+    step = lambda p: lora_linear(x, weight, lora_a, lora_b, 2.0, bias, dropout_p=p, backend=backend)  # noqa: E731
+    step(0.1)  # eager dropout works
+    bench.graphed(lambda: step(0.0), device)  # and capturing without dropout
+    with pytest.raises(RuntimeError, match="inside a CUDA-graph capture"):
+        bench.graphed(lambda: step(0.1), device)
 
 
 BAD_INPUTS = [
