@@ -118,8 +118,9 @@ def new_seed():
     """A dropout seed: a 0-d int64 CPU tensor drawn from torch's default CPU generator, so torch.manual_seed makes
     dropout reproducible and activation checkpointing (which restores that generator) redraws the same mask. A
     tensor, not an int: torch.compile keeps the draw in its graph, where a Python int (and the .item() that made
-    it) broke the graph, and would have been baked into the compiled code as one mask for every step."""
-    return torch.randint(0, 2**31 - 1, ())
+    it) broke the graph, and would have been baked into the compiled code as one mask for every step. On the CPU
+    even under torch.set_default_device("cuda"): reading it for a kernel launch must not sync with a GPU."""
+    return torch.randint(0, 2**31 - 1, (), device="cpu")
 
 
 def _dropout_mask_impl(seed: torch.Tensor, like: torch.Tensor, p: float) -> torch.Tensor:
@@ -293,7 +294,7 @@ def _segment_outer_sum(batch, backend, left, right):
     if right.device.type == "cpu" and not torch.compiler.is_compiling():
         # On the host the slot sizes cost nothing to read: each slot's own rows only, M·P·Q work in all.
         order = batch.sorted_token_ids.long()
-        sums = torch.zeros(batch.num_adapters, left.shape[1], right.shape[1], dtype=right.dtype)
+        sums = torch.zeros(batch.num_adapters, left.shape[1], right.shape[1], dtype=right.dtype, device=right.device)
         for slot, (start, count) in enumerate(zip(batch.slot_starts.tolist(), batch.slot_counts.tolist())):
             if count:
                 rows = order[start:start + count]

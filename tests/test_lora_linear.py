@@ -195,6 +195,14 @@ def test_autocast_computes_in_the_autocast_dtype_like_linear(backend, device):
     assert_close(y, reference.lora_linear(x, weight, lora_a, lora_b, 1.5, bias), low, "y")
 
 
+def test_dropout_seed_stays_on_the_cpu_under_a_default_device():
+    """torch.set_default_device("cuda") must not move the seed to a GPU (a sync per read, and the Triton ops refuse
+    it); "meta" stands in for a GPU here."""
+    with torch.device("meta"):
+        seed = functional.new_seed()
+    assert seed.device.type == "cpu" and seed.dtype == torch.int64 and seed.dim() == 0
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_dropout_refuses_cuda_graph_capture(backend):

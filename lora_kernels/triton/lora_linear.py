@@ -642,7 +642,7 @@ def _check_dropout(op, dropout_p, seed):
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
         raise TypeError(f"{op}: seed expected an int in [0, 2**63), got {seed!r}")
     # Traced calls go through the custom op, whose schema takes the seed as a tensor (a graph input, not a constant).
-    return torch.tensor(seed, dtype=torch.int64) if torch.compiler.is_compiling() else seed
+    return torch.tensor(seed, dtype=torch.int64, device="cpu") if torch.compiler.is_compiling() else seed
 
 
 def _seed_value(seed):
