@@ -282,7 +282,7 @@ def lora_linear(x, weight, lora_a, lora_b, scaling=1.0, bias=None, *, dropout_p=
 
 # --------------------------------------------------------------------------------------------- grouped (multi-LoRA)
 
-def _segment_outer_sum(batch, backend, left, right):
+def _segment_outer_sum(batch, ranks, backend, left, right):
     """[L, P, Q] with slot i holding sum over tokens t of slot i of outer(left[t], right[t]); left [M, P], right [M, Q].
     Triton: one segment-GEMM kernel (M·P·Q work). CPU tensors: each slot's rows gathered (M·P·Q work). Other
     devices: slot by slot, each a GEMM over all M rows with the other slots' rows of BOTH operands zeroed by `where`
@@ -291,14 +291,12 @@ def _segment_outer_sum(batch, backend, left, right):
     if backend == "triton":
         return _triton_sgmv().segment_outer_sum(left, right, batch)
     left = left.to(right.dtype)
-    if right.device.type == "cpu" and not torch.compiler.is_compiling():
-        # On the host the slot sizes cost nothing to read: each slot's own rows only, M·P·Q work in all.
-        order = batch.sorted_token_ids.long()
+    if ops.slots_on_host(right.device):
+        # Each slot's own rows only, M·P·Q work in all. A slot of rank 0 keeps its zero sum: its left rows (shrink
+        # outputs) are zero anyway.
         sums = torch.zeros(batch.num_adapters, left.shape[1], right.shape[1], dtype=right.dtype, device=right.device)
-        for slot, (start, count) in enumerate(zip(batch.slot_starts.tolist(), batch.slot_counts.tolist())):
-            if count:
-                rows = order[start:start + count]
-                torch.mm(left.index_select(0, rows).T, right.index_select(0, rows), out=sums[slot])
+        for slot, rows, _ in ops.host_slot_rows(batch, ranks):
+            torch.mm(left.index_select(0, rows).T, right.index_select(0, rows), out=sums[slot])
         return sums
     ids, num_slots = batch.adapter_ids, batch.num_adapters
     zero = torch.zeros((), dtype=right.dtype, device=right.device)
@@ -341,9 +339,9 @@ class MultiLoRAFunction(torch.autograd.Function):
                 dx = dy @ weight
                 ops.run_expand(backend, u, lora_a.transpose(1, 2), batch, ranks, dx)
             if need_a:
-                d_lora_a = _segment_outer_sum(batch, backend, u, x2).to(lora_a.dtype)
+                d_lora_a = _segment_outer_sum(batch, ranks, backend, u, x2).to(lora_a.dtype)
         if need_b:
-            d_lora_b = _segment_outer_sum(batch, backend, shrunk, dy).transpose(1, 2).to(lora_b.dtype)
+            d_lora_b = _segment_outer_sum(batch, ranks, backend, shrunk, dy).transpose(1, 2).to(lora_b.dtype)
         return dx, None, None, d_lora_a, d_lora_b, None, None, None, None
 
 

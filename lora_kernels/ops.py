@@ -136,15 +136,15 @@ def _autocast_off(device):
     return contextlib.nullcontext()
 
 
-def _slots_on_host(device):
-    """Whether the torch fallbacks read the slot sizes on the host and touch each slot's own rows only (M·R·K work
-    in all, like PEFT's per-adapter loop): for CPU tensors in eager mode, where reading them costs nothing. Traced,
-    or on a GPU, they take the masked loop over every row once per slot (L·M·R·K work, no host sync): on this
-    project's CPU that was 5.7x the per-adapter loop at 64 tokens on 64 adapters (BENCHMARKS.md)."""
+def slots_on_host(device):
+    """Whether the torch paths of the grouped ops read the slot sizes on the host and touch each slot's own rows only
+    (M·R·K work in all, like PEFT's per-adapter loop): for CPU tensors in eager mode, where reading them costs
+    nothing. Traced, or on a GPU, they take a masked loop over every row once per slot (L·M·R·K work, no host sync):
+    on this project's CPU that was 5.5-6.7x the per-adapter loop at 64 and 1024 tokens on 64 adapters (BENCHMARKS.md)."""
     return device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-def _host_slot_rows(batch, ranks):
+def host_slot_rows(batch, ranks):
     """(slot, token rows, rank) of every slot with tokens and a rank above 0, read on the host."""
     order = batch.sorted_token_ids.long()
     bounds = zip(batch.slot_starts.tolist(), batch.slot_counts.tolist(), ranks.tolist())
@@ -153,55 +153,56 @@ def _host_slot_rows(batch, ranks):
 
 
 def _torch_shrink(x, lora_a, batch, scalings, ranks):
-    out = torch.zeros(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
     with _autocast_off(x.device):
-        if _slots_on_host(x.device):
-            _torch_shrink_by_slot(x, lora_a, batch, scalings, ranks, out)
-        else:
-            _torch_shrink_masked(x, lora_a, batch, scalings, ranks, out)
+        shrink = _torch_shrink_by_slot if slots_on_host(x.device) else _torch_shrink_masked
+        return shrink(x, lora_a, batch, scalings, ranks)
+
+
+def _torch_shrink_by_slot(x, lora_a, batch, scalings, ranks):
+    out = torch.zeros(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
+    for slot, rows, rank in host_slot_rows(batch, ranks):
+        out[rows, :rank] = (x.index_select(0, rows) @ lora_a[slot, :rank].T).float() * scalings[slot]
     return out
 
 
-def _torch_shrink_by_slot(x, lora_a, batch, scalings, ranks, out):
-    for slot, rows, rank in _host_slot_rows(batch, ranks):
-        out[rows, :rank] = (x.index_select(0, rows) @ lora_a[slot, :rank].T).float() * scalings[slot]
-
-
-def _torch_shrink_masked(x, lora_a, batch, scalings, ranks, out):
+def _torch_shrink_masked(x, lora_a, batch, scalings, ranks):
     ids = batch.adapter_ids.long()
     columns = torch.arange(lora_a.shape[1], device=x.device)
+    out = torch.zeros(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
     for slot in range(lora_a.shape[0]):
         in_rank = columns < ranks[slot]
         a_slot = torch.where(in_rank[:, None], lora_a[slot], torch.zeros((), dtype=lora_a.dtype, device=x.device))
         contribution = (x @ a_slot.T).float() * scalings[slot]
-        out.copy_(torch.where((ids == slot)[:, None], contribution, out))
+        out = torch.where((ids == slot)[:, None], contribution, out)
+    return out
 
 
 def _torch_expand(t, lora_b, batch, ranks, out, slice_offset):
-    width = lora_b.shape[1]
-    total = torch.zeros(out.shape[0], width, dtype=torch.float32, device=out.device)
     with _autocast_off(out.device):
-        if _slots_on_host(out.device):
-            _torch_expand_by_slot(t, lora_b, batch, ranks, total)
-        else:
-            _torch_expand_masked(t, lora_b, batch, ranks, total)
-    target = out[:, slice_offset:slice_offset + width]
+        expand = _torch_expand_by_slot if slots_on_host(out.device) else _torch_expand_masked
+        total = expand(t, lora_b, batch, ranks)
+    target = out[:, slice_offset:slice_offset + lora_b.shape[1]]
     target.copy_((target.float() + total).to(out.dtype))
 
 
-def _torch_expand_by_slot(t, lora_b, batch, ranks, total):
-    for slot, rows, rank in _host_slot_rows(batch, ranks):
+def _torch_expand_by_slot(t, lora_b, batch, ranks):
+    """The LoRA term [M, N] in float32 (zero for tokens without an adapter)."""
+    total = torch.zeros(t.shape[0], lora_b.shape[1], dtype=torch.float32, device=t.device)
+    for slot, rows, rank in host_slot_rows(batch, ranks):
         total[rows] = t.index_select(0, rows)[:, :rank].float() @ lora_b[slot, :, :rank].float().T
+    return total
 
 
-def _torch_expand_masked(t, lora_b, batch, ranks, total):
+def _torch_expand_masked(t, lora_b, batch, ranks):
     ids = batch.adapter_ids.long()
-    columns = torch.arange(lora_b.shape[2], device=total.device)
+    columns = torch.arange(lora_b.shape[2], device=t.device)
+    total = torch.zeros(t.shape[0], lora_b.shape[1], dtype=torch.float32, device=t.device)
     for slot in range(lora_b.shape[0]):
         in_rank = columns < ranks[slot]
-        b_slot = torch.where(in_rank[None, :], lora_b[slot], torch.zeros((), dtype=lora_b.dtype, device=total.device))
-        t_slot = torch.where(in_rank[None, :], t, torch.zeros((), dtype=t.dtype, device=total.device))
-        total.copy_(torch.where((ids == slot)[:, None], t_slot.float() @ b_slot.float().T, total))
+        b_slot = torch.where(in_rank[None, :], lora_b[slot], torch.zeros((), dtype=lora_b.dtype, device=t.device))
+        t_slot = torch.where(in_rank[None, :], t, torch.zeros((), dtype=t.dtype, device=t.device))
+        total = torch.where((ids == slot)[:, None], t_slot.float() @ b_slot.float().T, total)
+    return total
 
 
 # ------------------------------------------------------------------------------------------------------ public ops
