@@ -452,6 +452,53 @@ def find_target_linears(model, target_modules, exclude_modules=None, op="inject_
     return found
 
 
+MODULES_TO_SAVE_ATTR = "lora_modules_to_save"  # on the model: the modules_to_save names its adapter trains and saves
+
+
+def named_modules_to_save(model, modules_to_save, lora_names, op):
+    """[(name, module)] that PEFT's modules_to_save selects: modules whose full name ends with an entry (PEFT's plain
+    suffix test), the outermost of nested matches, none inside a LoRA wrapper. Such a module is trained and saved
+    whole beside the adapter (PEFT adds the classification head of SEQ_CLS models this way). A module that is or
+    holds one of lora_names (the LoRA targets), or shares a parameter with the rest of the model (tied weights:
+    changing it would change both), is a ValueError."""
+    if (not isinstance(modules_to_save, (list, tuple)) or not modules_to_save
+            or not all(isinstance(n, str) and n for n in modules_to_save)):
+        raise ValueError(f"{op}: modules_to_save expected a non-empty list of module names, got {modules_to_save!r}")
+    found, skip_prefixes = [], []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(prefix) for prefix in skip_prefixes):
+            continue
+        selected = any(name.endswith(entry) for entry in modules_to_save)
+        if selected:
+            found.append((name, module))
+        if selected or isinstance(module, LORA_WRAPPERS):
+            skip_prefixes.append(name + ".")  # nothing inside a selected module or a LoRA layer is selected again
+    owners = {}
+    for parameter_name, parameter in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(parameter), []).append(parameter_name)
+    for name, module in found:
+        inside = name + "."
+        lora = [n for n in lora_names if n == name or n.startswith(inside)]
+        if lora or any(isinstance(m, LORA_WRAPPERS) for m in module.modules()):
+            raise ValueError(f"{op}: modules_to_save selects module {name!r}, which is or holds a LoRA target "
+                             f"({(lora or [name])[0]!r}); a module is either trained whole or given a LoRA, not both")
+        for parameter in module.parameters():
+            outside = [n for n in owners[id(parameter)] if not n.startswith(inside)]
+            if outside:
+                raise ValueError(f"{op}: modules_to_save selects module {name!r}, whose parameter is tied to "
+                                 f"{outside[0]!r} outside it; training or loading it would change both (untie them "
+                                 f"first)")
+    return found
+
+
+def _record_modules_to_save(model, modules_to_save):
+    """Remembers on the model which modules_to_save its adapter has, for save_peft_adapter (None: none)."""
+    if modules_to_save:
+        setattr(model, MODULES_TO_SAVE_ATTR, list(modules_to_save))
+    elif hasattr(model, MODULES_TO_SAVE_ATTR):
+        delattr(model, MODULES_TO_SAVE_ATTR)
+
+
 def _set_submodule(model, name, module):
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -481,17 +528,25 @@ def _warn_linear_fan_in_fan_out(op, name):
 
 def inject_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False, *,
                 exclude_modules=None, init_lora_weights=True, backend="auto", fan_in_fan_out=False,
-                layers_to_transform=None, layers_pattern=None, rank_pattern=None, alpha_pattern=None):
+                layers_to_transform=None, layers_pattern=None, rank_pattern=None, alpha_pattern=None,
+                modules_to_save=None):
     """Replaces, in place, every nn.Linear whose name matches target_modules (a regex over the full name, or a list
     of names/suffixes, as PEFT) with a LoRALinear sharing its weights, freezes every other parameter, returns model.
     All targets are found and validated before the model is changed; a failure leaves it as it was.
 
     PEFT's LoraConfig options, same meaning: exclude_modules, layers_to_transform (+ layers_pattern) for list
     targets, rank_pattern / alpha_pattern ({name regex: r or alpha}), fan_in_fan_out=True to wrap transformers'
-    Conv1D (GPT-2; the nn.Linear targets of the same model are wrapped normally, with a warning, as PEFT)."""
+    Conv1D (GPT-2; the nn.Linear targets of the same model are wrapped normally, with a warning, as PEFT), and
+    modules_to_save (module names, e.g. ["score"] for a classification head): those modules train whole and
+    save_peft_adapter writes them beside the adapter. Unlike PEFT, no copy is kept: they train in place."""
     op = "inject_lora"
     targets = find_target_linears(model, target_modules, exclude_modules, op, fan_in_fan_out=fan_in_fan_out,
                                   layers_to_transform=layers_to_transform, layers_pattern=layers_pattern)
+    heads = []
+    if modules_to_save:  # None or [] (PEFT's default): none
+        heads = named_modules_to_save(model, modules_to_save, [name for name, _ in targets], op)
+        if not heads:
+            raise ValueError(f"{op}: modules_to_save {modules_to_save!r} matched no module of the model")
     with _rollback_on_error(model) as replaced:
         layers = []
         for name, module in targets:
@@ -508,6 +563,9 @@ def inject_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_
             replaced.append((name, old))
             layer.lora_A.weight.requires_grad_(True)
             layer.lora_B.weight.requires_grad_(True)
+        for _, head in heads:
+            head.requires_grad_(True)
+    _record_modules_to_save(model, modules_to_save)
     return model
 
 

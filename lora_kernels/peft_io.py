@@ -1,5 +1,6 @@
 """PEFT's LoRA file format in and out: adapter_config.json + adapter_model.safetensors (adapter_model.bin read too),
-keys `base_model.model.<module>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r].
+keys `base_model.model.<module>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r], plus the whole state of each
+module that `modules_to_save` names (`base_model.model.<module>.<param>`, e.g. a classification head).
 
 Loading is atomic: the config, every tensor, every target module, key and shape are checked before the model is
 touched, and a failure while changing it is rolled back; a config field that would change what the adapter computes
@@ -23,9 +24,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lora_kernels.modules import (LORA_WRAPPERS, LoRALinear, MultiLoRALinear, _rollback_on_error, _set_submodule,
-                                  _warn_linear_fan_in_fan_out, is_conv1d, lora_scaling, named_target_modules,
-                                  pattern_value, target_module_matches)
+from lora_kernels.modules import (LORA_WRAPPERS, MODULES_TO_SAVE_ATTR, LoRALinear, MultiLoRALinear,
+                                  _record_modules_to_save, _rollback_on_error, _set_submodule,
+                                  _warn_linear_fan_in_fan_out, is_conv1d, lora_scaling, named_modules_to_save,
+                                  named_target_modules, pattern_value, target_module_matches)
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -42,12 +44,11 @@ _IGNORED_FIELDS = {
 # Honoured (read and validated below).
 _HONOURED_FIELDS = {
     "r", "lora_alpha", "lora_dropout", "use_rslora", "fan_in_fan_out", "bias", "target_modules", "exclude_modules",
-    "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern",
+    "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern", "modules_to_save",
 }
 # LoRA variants and extras not implemented here: refused when set (not null / false / empty).
 _REFUSED_FIELDS = {
     "use_dora": "DoRA (weight-decomposed LoRA)",
-    "modules_to_save": "fully trained extra modules",
     "lora_bias": "a bias on lora_B",
     "layer_replication": "layer replication",
     "target_parameters": "LoRA on bare nn.Parameters",
@@ -83,6 +84,7 @@ class AdapterConfig:
     alpha_pattern: dict = None
     layers_to_transform: object = None
     layers_pattern: object = None
+    modules_to_save: list = None  # module names trained whole and saved beside the adapter (None: none)
     task_type: object = None
     base_model_name_or_path: object = None
 
@@ -140,7 +142,7 @@ def _check_pattern(file, field, value, kind):
 
 def parse_adapter_config(raw, file=CONFIG_NAME):
     """Validates the dict of an adapter_config.json and returns an AdapterConfig. Raises ValueError naming the field
-    for anything malformed, not LoRA, or not implemented here (DoRA, bias other than "none", modules_to_save, ...)."""
+    for anything malformed, not LoRA, or not implemented here (DoRA, bias other than "none", ...)."""
     if not isinstance(raw, dict):
         raise ValueError(f"{file}: expected a JSON object, got {type(raw).__name__}")
     peft_type = raw.get("peft_type")
@@ -198,6 +200,11 @@ def parse_adapter_config(raw, file=CONFIG_NAME):
             raise _bad(file, "layers_pattern", "a str or a list of str", layers_pattern)
         if layers_pattern and layers_to_transform is None:
             raise ValueError(f"{file}: field 'layers_pattern' needs 'layers_to_transform' (as in PEFT)")
+    modules_to_save = raw.get("modules_to_save")
+    if modules_to_save is not None:
+        if not isinstance(modules_to_save, list) or not all(isinstance(v, str) and v for v in modules_to_save):
+            raise _bad(file, "modules_to_save", "a list of module names", modules_to_save)
+        modules_to_save = modules_to_save or None
     init = raw.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_MODIFYING_INITS):
         warnings.warn(f"{file}: init_lora_weights={init!r}: this adapter was trained on a base model that PEFT "
@@ -209,7 +216,7 @@ def parse_adapter_config(raw, file=CONFIG_NAME):
                          rank_pattern=_check_pattern(file, "rank_pattern", raw.get("rank_pattern"), "rank"),
                          alpha_pattern=_check_pattern(file, "alpha_pattern", raw.get("alpha_pattern"), "alpha"),
                          layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
-                         task_type=raw.get("task_type"), base_model_name_or_path=raw.get("base_model_name_or_path"))
+                         modules_to_save=modules_to_save, task_type=raw.get("task_type"), base_model_name_or_path=raw.get("base_model_name_or_path"))
 
 
 def read_adapter_config(path):
@@ -258,14 +265,15 @@ def _key_hint(key):
         return " (LoRA on an embedding: only linear layers are supported)"
     if key.endswith(".bias"):
         return " (a bias: only bias='none' is supported)"
-    if "modules_to_save" in key:
-        return " (modules_to_save is not supported)"
+    if ".modules_to_save." in key:
+        return " (PEFT's in-memory name of a modules_to_save module; its files store it without that part)"
     return ""
 
 
-def group_adapter_weights(tensors, file):
+def group_adapter_weights(tensors, file, modules_to_save=None):
     """{module name: {"lora_A": tensor, "lora_B": tensor}} from PEFT keys. Keys may still carry an adapter name
-    (`.lora_A.default.weight`), one name for the whole file. Unknown keys and non-floating tensors raise ValueError."""
+    (`.lora_A.default.weight`), one name for the whole file. Unknown keys and non-floating tensors raise ValueError
+    (modules_to_save: the config's names, for the message; their modules' keys are taken out before)."""
     grouped, adapter_names, unexpected = {}, set(), []
     for key, tensor in tensors.items():
         match = _KEY_RE.match(key[len(KEY_PREFIX):]) if key.startswith(KEY_PREFIX) else None
@@ -284,8 +292,10 @@ def group_adapter_weights(tensors, file):
     if unexpected:
         shown = ", ".join(f"{k!r}{_key_hint(k)}" for k in sorted(unexpected)[:5])
         more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
+        heads = (f", or the state of a module that modules_to_save {modules_to_save} selects in this model"
+                 if modules_to_save else "")
         raise ValueError(f"{file}: unexpected keys {shown}{more}; expected only "
-                         f"'{KEY_PREFIX}<module>.lora_A.weight' / '.lora_B.weight'")
+                         f"'{KEY_PREFIX}<module>.lora_A.weight' / '.lora_B.weight'{heads}")
     if len(adapter_names) > 1:
         raise ValueError(f"{file}: the keys carry several adapter names {sorted(map(str, adapter_names))}; "
                          f"expected one adapter per file")
@@ -306,6 +316,32 @@ def _targets(model, config, op):
     return found
 
 
+def _split_modules_to_save(model, config, tensors, file, lora_names, adapter_name, op):
+    """([(name, module, {state key: tensor})] for each module the config's modules_to_save selects in model, the
+    remaining tensors). Each selected module's whole state must be in the file, shapes equal."""
+    if not config.modules_to_save:
+        return [], tensors
+    if adapter_name is not None:
+        raise ValueError(f"{op}: {file} has modules_to_save {config.modules_to_save} (whole modules trained with the "
+                         f"adapter); MultiLoRALinear slots hold LoRA factors only, so it cannot load by adapter_name")
+    rest, heads = dict(tensors), []
+    for name, module in named_modules_to_save(model, config.modules_to_save, lora_names, op):
+        loaded = {}
+        for key, current in module.state_dict().items():
+            file_key = f"{KEY_PREFIX}{name}.{key}"
+            tensor = rest.pop(file_key, None)
+            if tensor is None:
+                raise ValueError(f"{op}: {file} is missing {file_key!r} (modules_to_save {config.modules_to_save} "
+                                 f"selects module {name!r})")
+            if tensor.shape != current.shape or tensor.dtype.is_floating_point != current.dtype.is_floating_point:
+                raise ValueError(f"{op}: {file_key!r} in {file} expected shape {list(current.shape)} and a "
+                                 f"{'floating' if current.dtype.is_floating_point else 'non-floating'} dtype (module "
+                                 f"{name!r}), got shape {list(tensor.shape)}, {tensor.dtype}")
+            loaded[key] = tensor
+        heads.append((name, module, loaded))
+    return heads, rest
+
+
 def _check_pair(op, file, name, factors, r, in_features, out_features):
     for factor, shape in (("lora_A", (r, in_features)), ("lora_B", (out_features, r))):
         tensor = factors.get(factor)
@@ -324,7 +360,9 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto"):
     adapter_name=None: every module the config targets becomes a LoRALinear (nn.Linear, or transformers Conv1D with
     its [in, out] weight) holding the adapter; modules that are LoRALinear already (inject_lora) get the weights
     when their rank matches (alpha, rsLoRA and dropout are taken from the file). Every non-LoRA parameter is frozen
-    and lora_A/lora_B train, like inject_lora.
+    and lora_A/lora_B train, like inject_lora. Modules that the config's modules_to_save selects (a classification
+    head) get their saved state and train whole; unlike PEFT, which keeps the originals beside a trained copy, their
+    state is replaced in place (load into a fresh base model to keep it).
 
     adapter_name="name": the model was prepared with prepare_multi_adapter; the adapter goes into a slot of every
     MultiLoRALinear (the one already named so, else the first free one) and `model.lora_adapter_slots[name]` records
@@ -335,8 +373,10 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto"):
     op = "load_peft_adapter"
     config = read_adapter_config(path)
     tensors, file = read_adapter_weights(path)
-    grouped = group_adapter_weights(tensors, file)
     targets = _targets(model, config, op)
+    heads, tensors = _split_modules_to_save(model, config, tensors, file, [name for name, _ in targets],
+                                            adapter_name, op)
+    grouped = group_adapter_weights(tensors, file, config.modules_to_save)
     plan = []
     for name, module in targets:
         r, alpha = config.rank_and_alpha(name)
@@ -382,13 +422,13 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto"):
             raise ValueError(f"{op}: the model has LoRA layers the adapter does not target ({stale[:5]}"
                              f"{' ...' if len(stale) > 5 else ''}); they would keep other weights. Load into the base "
                              f"model or a model injected with the adapter's target_modules")
-        _commit_single(model, config, plan, grouped, backend)
+        _commit_single(model, config, plan, grouped, heads, backend)
     else:
         _commit_multi(model, op, adapter_name, plan, grouped, config)
     return model
 
 
-def _commit_single(model, config, plan, grouped, backend):
+def _commit_single(model, config, plan, grouped, heads, backend):
     op = "load_peft_adapter"
     # Everything that can fail on the inputs is checked; build the new layers before touching the model.
     prepared = []
@@ -400,6 +440,8 @@ def _commit_single(model, config, plan, grouped, backend):
     snapshots = [(m, m.lora_A.weight.detach().clone(), m.lora_B.weight.detach().clone(),
                   (m.lora_alpha, m.use_rslora, m.scaling, m.lora_dropout))
                  for _, m, *_ in plan if isinstance(m, LoRALinear)]
+    head_snapshots = [(module, {k: v.detach().clone() for k, v in module.state_dict().items()})
+                      for _, module, _ in heads]
     try:
         with _rollback_on_error(model) as replaced:
             layers = []
@@ -431,13 +473,28 @@ def _commit_single(model, config, plan, grouped, backend):
                     replaced.append((name, old))
                 layer.lora_A.weight.requires_grad_(True)
                 layer.lora_B.weight.requires_grad_(True)
+            for _, module, loaded in heads:
+                _copy_state(module, loaded)
+                module.requires_grad_(True)
     except BaseException:
         with torch.no_grad():
             for layer, a, b, attrs in snapshots:
                 layer.lora_A.weight.copy_(a)
                 layer.lora_B.weight.copy_(b)
                 layer.lora_alpha, layer.use_rslora, layer.scaling, layer.lora_dropout = attrs
+        for module, state in head_snapshots:
+            _copy_state(module, state)
         raise
+    _record_modules_to_save(model, config.modules_to_save if heads else None)
+
+
+def _copy_state(module, state):
+    """Copies {state-dict key: tensor} into module's parameters and buffers in place (cast to their dtype and
+    device), so whatever holds them (an optimizer) sees the new values."""
+    current = module.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for key, tensor in state.items():
+            current[key].copy_(tensor)
 
 
 def _commit_multi(model, op, adapter_name, plan, grouped, config):
@@ -596,13 +653,18 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
     """Writes the LoRA adapter of `model` to directory `path` (created if needed) in PEFT's format:
     adapter_config.json and adapter_model.safetensors, which `peft.PeftModel.from_pretrained(base, path)` loads.
 
-    adapter_name=None saves the LoRALinear layers; a name saves that adapter's MultiLoRALinear slots. Layers of
+    adapter_name=None saves the LoRALinear layers, and the whole state of the modules_to_save given to inject_lora
+    or read by load_peft_adapter; a name saves that adapter's MultiLoRALinear slots. Layers of
     different rank or alpha go into rank_pattern / alpha_pattern (full module names); one lora_dropout and one
     use_rslora must hold for the whole adapter (PEFT has one of each). Each file is written to a temporary file in
     `path` and renamed over the old one, so a crash never leaves a truncated file. With torch.distributed
     initialised only rank 0 writes (FSDP2: call it on every rank, the sharded weights are gathered)."""
     op = "save_peft_adapter"
     records = _collect_layers(model, adapter_name, op)
+    modules_to_save = getattr(model, MODULES_TO_SAVE_ATTR, None) if adapter_name is None else None
+    heads = named_modules_to_save(model, modules_to_save, [rec[0] for rec in records], op) if modules_to_save else []
+    if modules_to_save and not heads:
+        raise ValueError(f"{op}: model.{MODULES_TO_SAVE_ATTR} = {modules_to_save!r} matches no module of the model")
     for field, index in (("use_rslora", 5), ("lora_dropout", 6)):
         values = {rec[index] for rec in records}
         if len(values) > 1:
@@ -632,7 +694,7 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
         "alpha_pattern": alpha_pattern,
         "layers_to_transform": None,
         "layers_pattern": None,
-        "modules_to_save": None,
+        "modules_to_save": list(modules_to_save) if heads else None,
         "use_dora": False,
         "init_lora_weights": True,
         "inference_mode": True,
@@ -651,6 +713,9 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
     for name, lora_a, lora_b, *_ in records:
         tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = _to_saved(lora_a)
         tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = _to_saved(lora_b)
+    for name, module in heads:
+        for key, tensor in module.state_dict().items():
+            tensors[f"{KEY_PREFIX}{name}.{key}"] = _to_saved(tensor)
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
     os.makedirs(path, exist_ok=True)

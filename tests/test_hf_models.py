@@ -127,6 +127,46 @@ def test_all_linear_selects_what_peft_selects(arch, llama, gpt2):
     assert "lm_head" not in expected
 
 
+def test_sequence_classification_head_in_modules_to_save_both_ways(tmp_path):
+    """PEFT's task_type="SEQ_CLS" adds the classification head ("classifier", "score") to modules_to_save by
+    itself: the head trains whole and is saved beside the adapter. Both ways, with the head's gradient."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                      max_position_embeddings=64, num_labels=3, pad_token_id=2)
+    base = transformers.LlamaForSequenceClassification(config).eval()
+    theirs = _peft(base, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS")
+    with torch.no_grad():
+        theirs.base_model.model.score.modules_to_save["default"].weight.add_(1.0)  # as if trained
+    theirs.save_pretrained(tmp_path / "peft")
+    saved = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["modules_to_save"]
+    assert sorted(saved) == ["classifier", "score"]  # "classifier" selects nothing in a Llama: fine, as in PEFT
+
+    ours = lk.load_peft_adapter(copy.deepcopy(base), tmp_path / "peft", backend="torch").eval()
+    ids, labels = _ids(), torch.tensor([0, 2, 1])
+
+    def logits_and_grads(model, strip):
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, labels=labels)
+        out.loss.backward()
+        grads = {name.removeprefix("base_model.model.").replace(".modules_to_save.default", "")
+                 .replace(".default", "") if strip else name: p.grad
+                 for name, p in model.named_parameters() if p.requires_grad}
+        return out.logits.detach(), grads
+
+    for reference in (theirs, None):
+        if reference is None:  # and back: our file into PEFT
+            lk.save_peft_adapter(ours, tmp_path / "ours", task_type="SEQ_CLS")
+            reference = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours", is_trainable=True).eval()
+        logits, grads = logits_and_grads(ours, strip=False)
+        ref_logits, ref_grads = logits_and_grads(reference, strip=True)
+        assert_close(logits, ref_logits, F32, "logits")
+        assert sorted(grads) == sorted(ref_grads) and "score.weight" in grads
+        for name, grad in grads.items():
+            assert_close(grad, ref_grads[name], F32, f"grad {name}")
+    assert (logits - base(input_ids=ids).logits).abs().max() > 1e-2  # the head and the adapter do something
+
+
 def test_gpt2_conv1d_parity_and_round_trip_both_ways(gpt2, tmp_path):
     ids = _ids()
     theirs = _peft(gpt2, r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)

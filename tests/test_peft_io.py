@@ -54,11 +54,13 @@ def _trained(targets=("q_proj", "v_proj"), **kwargs):
 def _snapshot(model):
     return ({k: v.detach().clone() for k, v in model.state_dict().items()},
             [(n, type(m)) for n, m in model.named_modules()],
-            [(n, p.requires_grad) for n, p in model.named_parameters()])
+            [(n, p.requires_grad) for n, p in model.named_parameters()],
+            getattr(model, "lora_modules_to_save", None))
 
 
 def _assert_same(model, snapshot):
-    state, types, flags = snapshot
+    state, types, flags, modules_to_save = snapshot
+    assert getattr(model, "lora_modules_to_save", None) == modules_to_save
     now = model.state_dict()
     assert list(now) == list(state)
     for key, value in state.items():
@@ -139,6 +141,84 @@ def test_load_into_an_injected_model_and_from_bin_with_adapter_names_in_keys(tmp
     torch.testing.assert_close(injected(x), trained(x), rtol=0, atol=0)
 
 
+def test_modules_to_save_train_whole_and_round_trip(tmp_path):
+    trained = _trained(modules_to_save=["head"])
+    assert trained.lora_modules_to_save == ["head"]
+    assert {n for n, p in trained.named_parameters() if p.requires_grad} == (
+        {f"layers.{i}.{m}.lora_{f}.weight" for i in (0, 1) for m in ("q_proj", "v_proj") for f in "AB"}
+        | {"head.weight", "head.bias"})
+    with torch.no_grad():
+        trained.head.weight.add_(torch.randn_like(trained.head.weight))  # as if trained
+    lk.save_peft_adapter(trained, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["head"]
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert torch.equal(saved["base_model.model.head.weight"], trained.head.weight)
+    assert "base_model.model.head.bias" in saved and len(saved) == 10
+
+    loaded = lk.load_peft_adapter(_base(), tmp_path, backend=BACKEND)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(loaded(x), trained(x), rtol=0, atol=0)
+    assert loaded.lora_modules_to_save == ["head"] and loaded.head.weight.requires_grad
+    # an adapter without modules_to_save loaded over it freezes the head again and forgets it
+    lk.save_peft_adapter(_trained(), tmp_path / "plain")
+    lk.load_peft_adapter(loaded, tmp_path / "plain")
+    assert not hasattr(loaded, "lora_modules_to_save") and not loaded.head.weight.requires_grad
+    # PEFT's suffix rule ("norm" selects layers.0.norm and layers.1.norm), buffers and all
+    both = _trained(modules_to_save=["head", "norm"])
+    lk.save_peft_adapter(both, tmp_path / "both")
+    assert {k for k in load_file(tmp_path / "both" / "adapter_model.safetensors") if "norm" in k} == {
+        f"base_model.model.layers.{i}.norm.{p}" for i in (0, 1) for p in ("weight", "bias")}
+
+
+def test_modules_to_save_errors_leave_the_model_untouched(tmp_path, monkeypatch):
+    for kwargs, error, message in [
+        (dict(modules_to_save=["classifier"]), ValueError, r"modules_to_save \['classifier'\] matched no module"),
+        (dict(modules_to_save=["q_proj"]), ValueError, r"'layers\.0\.q_proj', which is or holds a LoRA target"),
+        (dict(modules_to_save=["layers"]), ValueError, r"module 'layers', which is or holds a LoRA target"),
+        (dict(modules_to_save="head"), ValueError, r"modules_to_save expected a non-empty list of module names"),
+    ]:
+        model = _base()
+        before = _snapshot(model)
+        with pytest.raises(error, match=message):
+            lk.inject_lora(model, ["q_proj", "v_proj"], **kwargs)
+        _assert_same(model, before)
+    tied = _base()
+    tied.layers[1].o_proj.weight = tied.layers[0].o_proj.weight
+    with pytest.raises(ValueError, match=r"module 'layers\.1\.o_proj', whose parameter is tied to "
+                                         r"'layers\.0\.o_proj\.weight'"):
+        lk.inject_lora(tied, ["q_proj"], modules_to_save=["layers.1.o_proj"])
+
+    # a failure while copying the second of three modules rolls back the LoRA layers and the first module
+    heads = _trained(modules_to_save=["head", "norm"])
+    with torch.no_grad():
+        for parameter in [*heads.layers[0].norm.parameters(), *heads.head.parameters()]:
+            parameter.add_(1.0)  # the saved states differ from the base's
+    lk.save_peft_adapter(heads, tmp_path)
+    model = _base()
+    before = _snapshot(model)
+    copies = []
+    original = peft_io._copy_state
+
+    def flaky(module, state):
+        copies.append(1)
+        if len(copies) == 2:
+            raise RuntimeError("simulated failure mid-load")
+        original(module, state)
+
+    monkeypatch.setattr(peft_io, "_copy_state", flaky)
+    with pytest.raises(RuntimeError, match="simulated"):
+        lk.load_peft_adapter(model, tmp_path)
+    _assert_same(model, before)
+    monkeypatch.undo()
+
+    multi = lk.prepare_multi_adapter(_base(), ["q_proj", "v_proj"], max_adapters=2, max_rank=8)
+    before = _snapshot(multi)
+    with pytest.raises(ValueError, match=r"modules_to_save \['head', 'norm'\].*cannot load by adapter_name"):
+        lk.load_peft_adapter(multi, tmp_path, adapter_name="a")
+    _assert_same(multi, before)
+
+
 def test_target_modules_regex_exclude_and_layers_to_transform(tmp_path):
     lk.save_peft_adapter(_trained(("q_proj", "v_proj", "o_proj")), tmp_path)
     model = _base()
@@ -186,6 +266,17 @@ def _bad_cases():
         key = "base_model.model.layers.0.q_proj.lora_A.weight"
         t[key] = t[key].to(torch.int32)
 
+    def head_key(t):
+        t["base_model.model.head.weight"] = torch.randn(5, 16)
+
+    def head_saved(path):  # the file holds the head's state, the config names it: an adapter with modules_to_save
+        _write_config(path, modules_to_save=["head"])
+        _edit_weights(path, lambda t: t.update({"base_model.model.head.weight": torch.randn(5, 16),
+                                                "base_model.model.head.bias": torch.randn(5)}))
+
+    def then(*edits):
+        return lambda path: [edit(path) for edit in edits]
+
     def two_names(t):
         key = "base_model.model.layers.0.q_proj.lora_A.weight"
         t[key.replace(".weight", ".other.weight")] = t.pop(key)
@@ -219,7 +310,22 @@ def _bad_cases():
         ("unknown peft_type", config(peft_type="IA3"), ValueError, r"'peft_type' expected \"LORA\""),
         ("use_dora", config(use_dora=True), ValueError, r"'use_dora' = True asks for DoRA"),
         ("bias all", config(bias="all"), ValueError, r"'bias' = 'all'"),
-        ("modules_to_save", config(modules_to_save=["head"]), ValueError, r"'modules_to_save'"),
+        ("head key, no modules_to_save", weights(head_key), ValueError,
+         r"unexpected keys 'base_model\.model\.head\.weight'; expected only"),
+        ("modules_to_save, head missing", config(modules_to_save=["head"]), ValueError,
+         r"missing 'base_model\.model\.head\.(weight|bias)' \(modules_to_save \['head'\] selects module 'head'\)"),
+        ("modules_to_save, head wrong shape", then(head_saved, weights(lambda t: t.update(
+            {"base_model.model.head.weight": torch.randn(5, 15)}))), ValueError,
+         r"'base_model\.model\.head\.weight' in .* expected shape \[5, 16\].*got shape \[5, 15\]"),
+        ("modules_to_save, a LoRA key missing", then(head_saved, weights(drop_key)), ValueError,
+         r"missing 'base_model\.model\.layers\.1\.v_proj\.lora_B\.weight'"),
+        ("modules_to_save, unknown module's keys", then(head_saved, config(modules_to_save=["classifier"])),
+         ValueError, (r"unexpected keys 'base_model\.model\.head\.bias'.*or the state of a module that "
+                      r"modules_to_save \['classifier'\] selects")),
+        ("modules_to_save, a LoRA target", then(head_saved, config(modules_to_save=["head", "q_proj"])), ValueError,
+         r"modules_to_save selects module 'layers\.0\.q_proj', which is or holds a LoRA target"),
+        ("modules_to_save not a list", config(modules_to_save="head"), ValueError,
+         r"'modules_to_save' expected a list of module names, got 'head'"),
         ("lora_bias", config(lora_bias=True), ValueError, r"'lora_bias'"),
         ("unknown field", config(new_peft_feature={"on": 1}), ValueError, r"unknown field\(s\) \['new_peft_feature'\]"),
         ("null targets", config(target_modules=None), ValueError, r"'target_modules' is null"),
