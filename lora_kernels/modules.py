@@ -446,6 +446,7 @@ def find_target_linears(model, target_modules, exclude_modules=None, op="inject_
         elif not isinstance(module, nn.Linear):
             raise TypeError(f"{op}: module {name!r} matches target_modules but is a {type(module).__name__}; "
                             f"only nn.Linear layers (and transformers Conv1D with fan_in_fan_out=True) can be wrapped")
+        check_no_accelerate_hook(op, name, module)
         found.append((name, module))
     if not found:
         raise ValueError(f"{op}: target_modules {target_modules!r} matched no nn.Linear in the model")
@@ -497,6 +498,19 @@ def _record_modules_to_save(model, modules_to_save):
         setattr(model, MODULES_TO_SAVE_ATTR, list(modules_to_save))
     elif hasattr(model, MODULES_TO_SAVE_ATTR):
         delattr(model, MODULES_TO_SAVE_ATTR)
+
+
+def check_no_accelerate_hook(op, name, module):
+    """Refuses a layer that carries an accelerate hook. Offloading (a device_map with "cpu"/"disk", cpu_offload) keeps
+    the layer's weight on the meta device and moves it in for each forward through a hook on that very layer (and
+    puts device-moving hooks on the other layers); a LoRA wrapper holds the weight itself and replaces the layer,
+    so the hook would be dropped and the weight stay meta."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is not None:
+        offloaded = "; its weight is on the meta device (offloaded)" if module.weight.is_meta else ""
+        raise ValueError(f"{op}: module {name!r} carries an accelerate hook ({type(hook).__name__}, from a device_map "
+                         f"dispatch or offloading) that a LoRA wrapper would drop{offloaded}. Load the model with "
+                         f"every weight on a real device and no offloading first")
 
 
 def _set_submodule(model, name, module):

@@ -26,7 +26,7 @@ from torch import nn
 
 from lora_kernels.modules import (LORA_WRAPPERS, MODULES_TO_SAVE_ATTR, LoRALinear, MultiLoRALinear,
                                   _record_modules_to_save, _rollback_on_error, _set_submodule,
-                                  _warn_linear_fan_in_fan_out, is_conv1d, lora_scaling, named_modules_to_save,
+                                  _warn_linear_fan_in_fan_out, check_no_accelerate_hook, is_conv1d, lora_scaling, named_modules_to_save,
                                   named_target_modules, pattern_value, target_module_matches)
 
 CONFIG_NAME = "adapter_config.json"
@@ -399,8 +399,10 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto"):
                                  f"load into the base model or a model injected with the adapter's ranks")
             in_features, out_features = module.in_features, module.out_features
         elif is_conv1d(module):
+            check_no_accelerate_hook(op, name, module)
             in_features, out_features = module.weight.shape
         elif isinstance(module, nn.Linear):
+            check_no_accelerate_hook(op, name, module)
             in_features, out_features = module.in_features, module.out_features
         elif type(module).__module__.startswith("peft."):
             raise ValueError(f"{op}: module {name!r} is a PEFT layer ({type(module).__name__}); pass the base model, "

@@ -372,6 +372,30 @@ def test_injected_model_mismatches_are_refused_untouched(tmp_path):
         lk.load_peft_adapter(merged, tmp_path)
 
 
+def test_layers_with_accelerate_hooks_are_refused_untouched(tmp_path):
+    """Offloading (device_map "cpu"/"disk", cpu_offload) keeps a layer's weight on "meta" behind a hook on that layer:
+    wrapping it would drop the hook. Refused by name before anything changes, by every entry point."""
+    accelerate = pytest.importorskip("accelerate")
+    lk.save_peft_adapter(_trained(), tmp_path)
+    offloaded = accelerate.cpu_offload(_base(), execution_device="cpu")
+    assert offloaded.layers[0].q_proj.weight.is_meta
+    modules = [(n, type(m)) for n, m in offloaded.named_modules()]
+    for call in (lambda m: lk.inject_lora(m, ["q_proj", "v_proj"]), lambda m: lk.load_peft_adapter(m, tmp_path),
+                 lambda m: lk.prepare_multi_adapter(m, ["q_proj"], max_adapters=2, max_rank=8)):
+        with pytest.raises(ValueError, match=r"module 'layers\.0\.q_proj' carries an accelerate hook "
+                                             r"\(AlignDevicesHook.*drop; its weight is on the meta device"):
+            call(offloaded)
+        assert [(n, type(m)) for n, m in offloaded.named_modules()] == modules
+        assert not hasattr(offloaded, "lora_adapter_slots")
+    # a hook that only moves inputs (a dispatched model's layer, weight on a real device)
+    model = _base()
+    accelerate.hooks.add_hook_to_module(model.layers[1].v_proj, accelerate.hooks.AlignDevicesHook("cpu"))
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"module 'layers\.1\.v_proj' carries an accelerate hook.*would drop\. Load"):
+        lk.inject_lora(model, ["q_proj", "v_proj"])
+    _assert_same(model, before)
+
+
 def test_a_failure_while_changing_the_model_is_rolled_back(tmp_path, monkeypatch):
     lk.save_peft_adapter(_trained(), tmp_path)
     model = _base()
