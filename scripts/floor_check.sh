@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The supported floor of design.md §6 (torch 2.11 + triton 3.6, the versions of the GPU image), checked on any
 # machine without a GPU: the committed HEAD cloned into VENV/src, torch 2.11, triton 3.6 and numpy < 2.4 (the
-# triton 3.6 interpreter breaks on 2.4) in the virtualenv VENV, the extension built CPU-only, then the whole test
-# suite and the sm_80/sm_90 compile gate. CI runs only the newest versions; run this after touching torch.compile,
-# torch.library or Triton APIs, and before a GPU session. It found a torch.compile break on torch 2.11 that CI could
-# not see. Downloads torch 2.11 from PyPI with its CUDA libraries (a few GB) on first use.
+# triton 3.6 interpreter breaks on 2.4) in the virtualenv VENV, the extension built (with its CUDA sources when nvcc
+# is found), then the whole test suite and the sm_80/sm_90 compile gate. CI runs only the newest versions; run this
+# after touching torch.compile, torch.library, Triton APIs or the C++/CUDA sources, and before a GPU session. It
+# found a torch.compile break on torch 2.11 that CI could not see. Downloads torch 2.11 from PyPI with its CUDA
+# libraries (a few GB) on first use.
 #   bash scripts/floor_check.sh [VENV]        (default /tmp/lk-floor; logs in VENV/logs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,11 +20,21 @@ git clone -q . "$venv/src"
 echo "floor check of $(git -C "$venv/src" log --oneline -1) in $venv"
 "$py" -m pip install -q --upgrade pip "setuptools>=64,<82" wheel  # torch 2.11 requires setuptools < 82
 "$py" -m pip install -q -c "$venv/constraints.txt" torch triton numpy ninja
-# CPU-only build: the CUDA sources are compiled by CI with the newest torch; here the point is the Python side.
-(cd "$venv/src" && LORA_KERNELS_BUILD_CUDA=0 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+# With nvcc on PATH the CUDA sources are compiled too, against torch 2.11's headers: the build step of a GPU session
+# (the GPU image has these versions), checked before the GPU time is spent on it. About 3 minutes on 2 cores.
+cuda=0
+command -v nvcc > /dev/null && cuda=1
+(cd "$venv/src" && LORA_KERNELS_BUILD_CUDA=$cuda MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
   "$py" -m pip install -q --no-build-isolation -c "$venv/constraints.txt" -e ".[test]") > "$venv/logs/install.log" 2>&1 \
   || { tail -n 40 "$venv/logs/install.log"; exit 1; }
 "$py" -c "import torch, triton, numpy; print('torch', torch.__version__, '| triton', triton.__version__, '| numpy', numpy.__version__)"
+(cd "$venv/src" && "$py" -c "
+import torch, lora_kernels._C
+has = lambda key: all(torch._C._dispatch_has_kernel_for_dispatch_key('lora_kernels::' + op, key)
+                      for op in ('lora_fwd', 'lora_bwd_dy', 'sgmv_shrink', 'sgmv_expand'))
+print('extension built with kernels for', 'CPU and CUDA' if has('CUDA') else 'CPU only', '(nvcc found: $cuda)')
+assert has('CPU') and has('CUDA') == bool($cuda)
+")
 
 status=0
 # The triton 3.6 interpreter warns on every call under numpy 2.3 ("Conversion of an array with ndim > 0 to a
