@@ -61,6 +61,19 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _triton_bounds_checked():
+    """Under the interpreter every Triton launch checks that its loads, stores and atomics stay inside its tensor
+    arguments (tests/triton_bounds.py): the interpreter would read past a tensor's end silently, a GPU would not."""
+    from lora_kernels.triton import HAS_TRITON, INTERPRET
+    if not (HAS_TRITON and INTERPRET):
+        yield
+        return
+    from triton_bounds import bounds_checked
+    with bounds_checked():
+        yield
+
+
 def randn(*shape, dtype=torch.float32, device="cpu", scale=1.0):
     """Fresh random values (never zeros), generated in float32 then cast, so every dtype sees the same numbers."""
     return (torch.randn(*shape, device=device) * scale).to(dtype)
