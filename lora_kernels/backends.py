@@ -48,15 +48,18 @@ def available_backends(device):
 GROUPED_OPS = ("multi_lora_linear", "lora_shrink", "lora_expand", "add_lora")
 
 
-def auto_backend(device, op_name="lora_linear"):
+def auto_backend(device, op_name="lora_linear", dtype=None):
     """The fastest available backend for `op_name` on `device`, by measurement (BENCHMARKS.md, H100, bf16):
     - grouped ops on GPUs: the Triton kernels (0.07x the per-adapter loop; the C++ CUDA ones 0.26x);
     - lora_linear on GPUs: the unfused torch composition, because the fused kernels measured slower there
       (fwd+bwd at M=8192: torch 1.28 ms, cuda 1.58 ms, triton 2.77 ms); ask for "triton" or "cuda" explicitly;
-    - on CPU: the C++ CPU kernels. The Triton interpreter is for tests and never chosen automatically."""
+    - on CPU: the C++ CPU kernels. The Triton interpreter is for tests and never chosen automatically.
+    float64 (dtype) skips Triton, whose kernels run 32- and 16-bit floats only."""
     device = torch.device(device)
     if device.type == "cuda":
         order = ("triton", "cuda", "torch") if op_name in GROUPED_OPS else ("torch",)
+        if dtype == torch.float64:
+            order = order[1:] if order[0] == "triton" else order
     elif device.type == "cpu":
         order = ("cpu", "torch")
     else:
@@ -73,10 +76,10 @@ def auto_backend(device, op_name="lora_linear"):
 _CHOICES = {}
 
 
-def _choose(backend, device_type, op_name):
+def _choose(backend, device_type, op_name, dtype):
     device = torch.device(device_type)
     if backend == "auto":
-        chosen = auto_backend(device, op_name)
+        chosen = auto_backend(device, op_name, dtype)
         if not torch.compiler.is_compiling():  # dynamo cannot trace Logger calls
             logger.debug("%s: backend='auto' chose %r for %s tensors", op_name, chosen, device_type)
         return chosen
@@ -87,16 +90,16 @@ def _choose(backend, device_type, op_name):
                       f"Available here: {', '.join(available_backends(device))} (or 'auto').")
 
 
-def resolve_backend(backend, device, op_name):
-    """The backend to run `op_name` with: `backend` itself when it can run here, the auto choice for "auto".
-    Raises ValueError naming the reason and the available backends otherwise."""
+def resolve_backend(backend, device, op_name, dtype=None):
+    """The backend to run `op_name` with: `backend` itself when it can run here, the auto choice for "auto" (for
+    tensors of `dtype`). Raises ValueError naming the reason and the available backends otherwise."""
     if not isinstance(backend, str):
         raise TypeError(f"{op_name}: backend expected a str, got {type(backend).__name__}")
     device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
-    key = (backend, device_type, op_name)
+    key = (backend, device_type, op_name, dtype)
     chosen = _CHOICES.get(key)
     if chosen is None:
-        chosen = _CHOICES[key] = _choose(backend, device_type, op_name)
+        chosen = _CHOICES[key] = _choose(backend, device_type, op_name, dtype)
     if isinstance(chosen, ValueError):
         raise ValueError(*chosen.args)
     return chosen

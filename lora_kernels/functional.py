@@ -316,7 +316,8 @@ def _multi_lora_forward(x2, weight, bias, lora_a, lora_b, batch, scalings, ranks
 
 
 class MultiLoRAFunction(torch.autograd.Function):
-    """y = x2 @ W.T + bias + grouped LoRA; gradients for x2 and every slot's A and B (never W or the scalings)."""
+    """y = x2 @ W.T + bias + grouped LoRA; gradients for x2, every slot's A and B, and W and bias when they require
+    it (full fine-tuning of the base; never the scalings)."""
 
     @staticmethod
     def forward(ctx, x2, weight, bias, lora_a, lora_b, batch, scalings, ranks, backend):
@@ -329,9 +330,9 @@ class MultiLoRAFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x2, weight, lora_a, lora_b, shrunk, scalings, ranks = ctx.saved_tensors
         batch, backend = ctx.batch, ctx.backend
-        need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         dy = dy.contiguous()
-        dx = d_lora_a = d_lora_b = None
+        dx = d_weight = d_bias = d_lora_a = d_lora_b = None
         if need_x or need_a:
             # u[t] = scalings[i] * B_i[:, :r]^T dy[t]: the shrink with B^T as the "A" of each slot.
             u = ops.run_shrink(backend, dy, lora_b.transpose(1, 2), batch, scalings, ranks)
@@ -342,7 +343,11 @@ class MultiLoRAFunction(torch.autograd.Function):
                 d_lora_a = _segment_outer_sum(batch, ranks, backend, u, x2).to(lora_a.dtype)
         if need_b:
             d_lora_b = _segment_outer_sum(batch, ranks, backend, shrunk, dy).transpose(1, 2).to(lora_b.dtype)
-        return dx, None, None, d_lora_a, d_lora_b, None, None, None, None
+        if need_w:
+            d_weight = dy.T @ x2
+        if need_bias:
+            d_bias = dy.sum(0)
+        return dx, d_weight, d_bias, d_lora_a, d_lora_b, None, None, None, None
 
 
 def multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias=None, *, ranks=None, backend="auto"):
@@ -351,7 +356,8 @@ def multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias=Non
 
     x: [..., K]; weight: [N, K]; lora_a: [L, R, K]; lora_b: [L, N, R]; adapter_ids: integer tensor shaped like
     x.shape[:-1], or a LoRABatch already built for these tokens (reuse one per step across layers); scalings: [L];
-    bias: [N] or None. Differentiable in x, lora_a and lora_b (several adapters trained in one batch). Under
+    bias: [N] or None. Differentiable in x, lora_a and lora_b (several adapters trained in one batch), and in weight
+    and bias when they require grad. Under
     torch.autocast, computed in the autocast dtype, like F.linear (scalings stay float32).
     """
     op = "multi_lora_linear"
@@ -386,7 +392,7 @@ def multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias=Non
         if adapter_ids.device != x.device:
             raise ValueError(f"{op}: adapter_ids expected device {x.device} (same as x), got {adapter_ids.device}")
         batch = LoRABatch.from_adapter_ids(adapter_ids, num_slots)
-    backend = resolve_backend(backend, x.device, op)
+    backend = resolve_backend(backend, x.device, op, x.dtype)
     x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
     scalings, ranks = ops.check_shrink_args(op, x2, lora_a, batch, scalings, ranks)
     if backend == "triton":

@@ -224,8 +224,8 @@ class MultiLoRALinear(nn.Module):
     `max_rank`, for batches that mix adapters: forward(x, adapter_ids) with adapter_ids shaped like x.shape[:-1]
     (-1: base only). forward(x) without ids takes them from set_batch_adapters (one id per batch row).
 
-    lora_a [L, R, K], lora_b [L, N, R] are Parameters (frozen; requires_grad_(True) trains several adapters at once),
-    scalings [L] and ranks [L] are buffers. A cleared slot has rank 0 and contributes nothing. No dropout: the slots
+    The base layer's weight and bias are frozen, as in LoRALinear. lora_a [L, R, K], lora_b [L, N, R] are Parameters
+    (frozen; requires_grad_(True) trains several adapters at once), scalings [L] and ranks [L] are buffers. A cleared slot has rank 0 and contributes nothing. No dropout: the slots
     serve inference (and dropout-free multi-adapter training).
 
     Thread safety: set_adapter / clear_adapter may run in another thread while forwards run; each forward of this
@@ -246,7 +246,7 @@ class MultiLoRALinear(nn.Module):
         for name, value in (("max_adapters", max_adapters), ("max_rank", max_rank)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"MultiLoRALinear: {name} expected an int >= 1, got {value!r}")
-        self.base_layer = base_linear
+        self.base_layer = base_linear.requires_grad_(False)
         self.max_adapters, self.max_rank, self.backend = max_adapters, max_rank, backend
         self._in_features, self._out_features = in_features, out_features
         self.batch_adapters = None  # a BatchAdapterIds while set_batch_adapters is in effect

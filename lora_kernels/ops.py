@@ -182,26 +182,33 @@ def _torch_expand(t, lora_b, batch, ranks, out, slice_offset):
         expand = _torch_expand_by_slot if slots_on_host(out.device) else _torch_expand_masked
         total = expand(t, lora_b, batch, ranks)
     target = out[:, slice_offset:slice_offset + lora_b.shape[1]]
-    target.copy_((target.float() + total).to(out.dtype))
+    target.copy_(target.to(total.dtype) + total)  # one rounding to out's dtype
+
+
+def _accumulate_dtype(dtype):
+    """float32 for 16- and 32-bit floats, float64 for float64 (the base output must not pass through float32)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _torch_expand_by_slot(t, lora_b, batch, ranks):
-    """The LoRA term [M, N] in float32 (zero for tokens without an adapter)."""
-    total = torch.zeros(t.shape[0], lora_b.shape[1], dtype=torch.float32, device=t.device)
+    """The LoRA term [M, N] in float32 (float64 for float64; zero for tokens without an adapter)."""
+    acc = _accumulate_dtype(lora_b.dtype)
+    total = torch.zeros(t.shape[0], lora_b.shape[1], dtype=acc, device=t.device)
     for slot, rows, rank in host_slot_rows(batch, ranks):
-        total[rows] = t.index_select(0, rows)[:, :rank].float() @ lora_b[slot, :, :rank].float().T
+        total[rows] = t.index_select(0, rows)[:, :rank].to(acc) @ lora_b[slot, :, :rank].to(acc).T
     return total
 
 
 def _torch_expand_masked(t, lora_b, batch, ranks):
     ids = batch.adapter_ids.long()
     columns = torch.arange(lora_b.shape[2], device=t.device)
-    total = torch.zeros(t.shape[0], lora_b.shape[1], dtype=torch.float32, device=t.device)
+    acc = _accumulate_dtype(lora_b.dtype)
+    total = torch.zeros(t.shape[0], lora_b.shape[1], dtype=acc, device=t.device)
     for slot in range(lora_b.shape[0]):
         in_rank = columns < ranks[slot]
         b_slot = torch.where(in_rank[None, :], lora_b[slot], torch.zeros((), dtype=lora_b.dtype, device=t.device))
         t_slot = torch.where(in_rank[None, :], t, torch.zeros((), dtype=t.dtype, device=t.device))
-        total = torch.where((ids == slot)[:, None], t_slot.float() @ b_slot.float().T, total)
+        total = torch.where((ids == slot)[:, None], t_slot.to(acc) @ b_slot.to(acc).T, total)
     return total
 
 
@@ -260,7 +267,7 @@ def lora_shrink(x, lora_a, batch, scalings, ranks=None, *, backend="auto", deter
     """
     op = "lora_shrink"
     scalings, ranks = check_shrink_args(op, x, lora_a, batch, scalings, ranks)
-    backend = resolve_backend(backend, x.device, op)
+    backend = resolve_backend(backend, x.device, op, x.dtype)
     if backend == "triton":
         check_triton_args(op, x.dtype, lora_a.shape[0])
     if out is not None:
@@ -279,7 +286,7 @@ def lora_expand(t, lora_b, batch, out, slice_offset=0, ranks=None, *, backend="a
     """
     op = "lora_expand"
     ranks = check_expand_args(op, t, lora_b, batch, out, slice_offset, ranks)
-    backend = resolve_backend(backend, out.device, op)
+    backend = resolve_backend(backend, out.device, op, out.dtype)
     if backend == "triton":
         check_triton_args(op, out.dtype, lora_b.shape[0])
     return run_expand(backend, t, lora_b, batch, ranks, out, slice_offset)
@@ -308,7 +315,7 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
     if sum(widths) != y.shape[1]:
         raise ValueError(f"{op}: y expected {sum(widths)} columns (sum of output_slices {widths}), "
                          f"got shape {tuple(y.shape)}")
-    backend = resolve_backend(backend, y.device, op)
+    backend = resolve_backend(backend, y.device, op, y.dtype)
     offsets = [sum(widths[:j]) for j in range(len(widths))]
     for j, width in enumerate(widths):  # every slice checked before any work: nothing half-applied
         lora_b = lora_b_slices[j]

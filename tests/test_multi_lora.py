@@ -134,6 +134,25 @@ def test_torch_fallback_paths(path, distribution, device):
     assert_close(total, expected, torch.float32, "expand")
 
 
+@pytest.mark.parametrize("path", [True, False], ids=["by_slot", "masked"])
+def test_torch_fallback_expand_keeps_float64(path, device, monkeypatch):
+    """A float64 output stays float64: rows without an adapter keep their bits, the others get the float64 sum (the
+    fallback once rounded the whole output slice, base result included, to float32)."""
+    from lora_kernels import ops
+    monkeypatch.setattr(ops, "slots_on_host", lambda device: path)
+    lora_a, lora_b = _adapters(2, 4, 9, 7, [4, 3], torch.float64, device)
+    ids = torch.tensor([0, -1, 1, 1, -1], device=device)
+    batch, ranks = LoRABatch.from_adapter_ids(ids, 2), torch.tensor([4, 3], dtype=torch.int32, device=device)
+    shrunk = lk.ops.lora_shrink(randn(5, 9, dtype=torch.float64, device=device), lora_a, batch, [1.0, 0.5], ranks,
+                                backend="torch")
+    out = randn(5, 7, dtype=torch.float64, device=device)
+    before = out.clone()
+    lk.ops.lora_expand(shrunk, lora_b, batch, out, 0, ranks, backend="torch")
+    expected = reference.lora_expand(shrunk, lora_b, ids.cpu(), before.cpu(), 0, ranks.cpu())
+    assert torch.equal(out[ids < 0], before[ids < 0])
+    torch.testing.assert_close(out.cpu(), expected, rtol=1e-14, atol=1e-14)
+
+
 @pytest.mark.parametrize("backend", GROUPED_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_add_lora_slices(backend, dtype, device):
@@ -205,20 +224,38 @@ def test_multi_lora_linear_forward_and_gradients(backend, dtype, device):
     ids = segment_ids("mixed_base", 10, num_slots).reshape(2, 5).to(device)
     scalings = torch.tensor([0.5, 1.0, 2.0])
     dy = randn(2, 5, n, dtype=torch.float64, device=device)
-    ref_leaves = [t.clone().requires_grad_(True) for t in (x, lora_a, lora_b)]
-    expected = reference.multi_lora_linear_autograd(ref_leaves[0], weight, ref_leaves[1], ref_leaves[2], ids.cpu(),
-                                                    scalings, bias, torch.tensor(ranks))
+    names = ("x", "weight", "lora_a", "lora_b", "bias")  # weight and bias too: full fine-tuning of the base
+    ref_leaves = [t.clone().requires_grad_(True) for t in (x, weight, lora_a, lora_b, bias)]
+    expected = reference.multi_lora_linear_autograd(*ref_leaves[:4], ids.cpu(), scalings, ref_leaves[4],
+                                                    torch.tensor(ranks))
     expected.backward(dy)
-    leaves = [t.to(dtype).clone().requires_grad_(True) for t in (x, lora_a, lora_b)]
-    y = lk.multi_lora_linear(leaves[0], weight.to(dtype), leaves[1], leaves[2], ids, scalings, bias.to(dtype),
-                             ranks=ranks, backend=backend)
+    leaves = [t.to(dtype).clone().requires_grad_(True) for t in (x, weight, lora_a, lora_b, bias)]
+    y = lk.multi_lora_linear(*leaves[:4], ids, scalings, leaves[4], ranks=ranks, backend=backend)
     assert y.dtype == dtype and y.shape == (2, 5, n)
     assert_close(y, expected, dtype, "y")
     y.backward(dy.to(dtype))
-    for name, leaf, ref_leaf in zip(("x", "lora_a", "lora_b"), leaves, ref_leaves):
+    for name, leaf, ref_leaf in zip(names, leaves, ref_leaves):
+        assert leaf.grad is not None and leaf.grad.dtype == dtype, name
         assert_close(leaf.grad, ref_leaf.grad, dtype, f"d{name}", scale=2.0)
     for slot, rank in enumerate(ranks):  # padding past a slot's rank gets no gradient
-        assert torch.count_nonzero(leaves[1].grad[slot, rank:]) == 0
+        assert torch.count_nonzero(leaves[2].grad[slot, rank:]) == 0
+
+
+def test_auto_runs_float64_where_triton_cannot(device, monkeypatch):
+    """The Triton kernels run 32- and 16-bit floats only: "auto" picks another backend for float64 (on a GPU it
+    picked Triton and raised)."""
+    lora_a, lora_b = _adapters(2, 4, 10, 6, [4, 2], torch.float64, device)
+    x, weight = randn(5, 10, dtype=torch.float64, device=device), randn(6, 10, dtype=torch.float64, device=device)
+    ids, scalings = torch.tensor([0, 1, -1, 1, 0], device=device), torch.tensor([0.5, 2.0])
+    y = lk.multi_lora_linear(x, weight, lora_a, lora_b, ids, scalings, ranks=[4, 2])
+    expected = reference.multi_lora_linear_autograd(x.cpu(), weight.cpu(), lora_a.cpu(), lora_b.cpu(), ids.cpu(),
+                                                    scalings, None, torch.tensor([4, 2]))
+    assert y.dtype == torch.float64
+    assert_close(y, expected, torch.float32)  # the shrink's intermediate is float32 (design.md §3)
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device: None)  # as on a GPU with every backend
+    assert backends.auto_backend("cuda", "lora_shrink") == "triton"
+    assert backends.auto_backend("cuda", "lora_shrink", torch.float64) == "cuda"
+    assert backends.auto_backend("cuda", "lora_linear", torch.float64) == "torch"
 
 
 @pytest.mark.parametrize("backend", GROUPED_BACKENDS + ["reference"])
@@ -262,6 +299,7 @@ def test_multi_lora_linear_module(backend):
     _backend_or_skip(backend, "cpu")
     base = nn.Linear(16, 10)
     layer = lk.MultiLoRALinear(base, max_adapters=4, max_rank=8, backend=backend)
+    assert not base.weight.requires_grad and not base.bias.requires_grad  # frozen, as in LoRALinear
     adapters = {0: (torch.randn(8, 16), torch.randn(10, 8), 0.5), 2: (torch.randn(3, 16), torch.randn(10, 3), 2.0)}
     for slot, (a, b, s) in adapters.items():
         layer.set_adapter(slot, a, b, s)
