@@ -4,6 +4,7 @@ No maths here: the forwards are lora_kernels.functional.lora_linear and multi_lo
 
 import contextlib
 import math
+import numbers
 import re
 import sys
 import threading
@@ -71,7 +72,9 @@ class LoRALinear(nn.Module):
         """The adapter half of construction, shared by __init__ and from_linear (the base weight exists already)."""
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"{op}: r expected an int >= 1, got {r!r}")
-        if not 0.0 <= lora_dropout < 1.0:
+        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real):
+            raise TypeError(f"{op}: lora_alpha expected a number, got {lora_alpha!r}")
+        if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real) or not 0 <= lora_dropout < 1:
             raise ValueError(f"{op}: lora_dropout expected a number in [0, 1), got {lora_dropout!r}")
         self.r, self.lora_alpha, self.use_rslora, self.lora_dropout = r, lora_alpha, use_rslora, float(lora_dropout)
         self.scaling = lora_scaling(r, lora_alpha, use_rslora)
@@ -225,8 +228,9 @@ class MultiLoRALinear(nn.Module):
     (-1: base only). forward(x) without ids takes them from set_batch_adapters (one id per batch row).
 
     The base layer's weight and bias are frozen, as in LoRALinear. lora_a [L, R, K], lora_b [L, N, R] are Parameters
-    (frozen; requires_grad_(True) trains several adapters at once), scalings [L] and ranks [L] are buffers. A cleared slot has rank 0 and contributes nothing. No dropout: the slots
-    serve inference (and dropout-free multi-adapter training).
+    (frozen; requires_grad_(True) trains several adapters at once), scalings [L] and ranks [L] are buffers. A
+    cleared slot has rank 0 and contributes nothing. No dropout: the slots serve inference (and dropout-free
+    multi-adapter training).
 
     Thread safety: set_adapter / clear_adapter may run in another thread while forwards run; each forward of this
     layer uses either the old or the new weights of a slot, never a mix (per layer: a model forward that runs while
@@ -290,7 +294,10 @@ class MultiLoRALinear(nn.Module):
                              f"got {tuple(lora_a.shape)}")
         if tuple(lora_b.shape) != (self.out_features, rank):
             raise ValueError(f"{op}: lora_b expected shape [{self.out_features}, {rank}], got {tuple(lora_b.shape)}")
-        scaling = float(scaling)
+        try:
+            scaling = float(scaling)  # a number, or a one-element tensor
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"{op}: scaling expected a number, got {scaling!r}") from None
         padded_a = torch.zeros_like(self.lora_a[slot])
         padded_a[:rank] = lora_a.to(padded_a)
         padded_b = torch.zeros_like(self.lora_b[slot])
@@ -699,7 +706,7 @@ class set_batch_adapters:
         elif isinstance(adapter_names, str):
             state = BatchAdapterIds(all_rows=int(adapter_slot_ids(model, [adapter_names], op)[0]))
         else:
-            names = list(adapter_names)
+            names = list(adapter_names) if isinstance(adapter_names, (list, tuple)) else []
             if not names or not all(isinstance(n, str) for n in names):
                 raise TypeError(f"{op}: adapter_names expected a non-empty list of str, a str or None, "
                                 f"got {adapter_names!r}")

@@ -36,20 +36,29 @@ def _check_device(op, name, t, device):
         raise ValueError(f"{op}: {name} expected device {device}, got {t.device}")
 
 
-def _check_batch(op, batch, num_tokens, num_slots, device):
+def _check_batch(op, batch, num_tokens, num_slots, device, tokens_name):
     if not isinstance(batch, LoRABatch):
         raise TypeError(f"{op}: batch expected a LoRABatch, got {type(batch).__name__}")
-    batch.check_tokens(num_tokens, op)
+    batch.check_tokens(num_tokens, op, tokens_name)
     if batch.num_adapters != num_slots:
         raise ValueError(f"{op}: batch was built for {batch.num_adapters} adapter slots, but the LoRA weights have "
                          f"{num_slots} (L)")
     _check_device(op, "batch", batch.adapter_ids, device)
 
 
+def _host_tensor(op, name, values, dtype, what):
+    """A sequence of numbers as a CPU tensor of dtype; anything else a TypeError naming the argument."""
+    convert = float if dtype.is_floating_point else int
+    try:
+        return torch.tensor([convert(v) for v in values], dtype=dtype)
+    except (TypeError, ValueError):
+        raise TypeError(f"{op}: {name} expected {what}, got {values!r}") from None
+
+
 def as_scalings(op, scalings, num_slots, device):
     """scalings (a sequence or tensor of L numbers) as a float32 tensor [L] on device."""
     if not isinstance(scalings, torch.Tensor):
-        scalings = torch.tensor([float(s) for s in scalings], dtype=torch.float32)
+        scalings = _host_tensor(op, "scalings", scalings, torch.float32, "a float tensor [L] or a sequence of numbers")
     if scalings.dim() != 1 or scalings.shape[0] != num_slots:
         raise ValueError(f"{op}: scalings expected shape [{num_slots}] (one per slot), got {tuple(scalings.shape)}")
     if not scalings.dtype.is_floating_point:
@@ -63,7 +72,7 @@ def as_ranks(op, ranks, num_slots, max_rank, device):
     if ranks is None:
         return torch.full((num_slots,), max_rank, dtype=torch.int32, device=device)
     if not isinstance(ranks, torch.Tensor):
-        ranks = torch.tensor([int(r) for r in ranks], dtype=torch.int32)
+        ranks = _host_tensor(op, "ranks", ranks, torch.int32, "an integer tensor [L] or a sequence of ints")
     if ranks.dim() != 1 or ranks.shape[0] != num_slots:
         raise ValueError(f"{op}: ranks expected shape [{num_slots}] (one per slot), got {tuple(ranks.shape)}")
     if ranks.dtype.is_floating_point or ranks.dtype == torch.bool:
@@ -86,7 +95,7 @@ def check_shrink_args(op, x, lora_a, batch, scalings, ranks):
     if lora_a.dtype != x.dtype:
         raise TypeError(f"{op}: lora_a expected dtype {x.dtype} (same as x), got {lora_a.dtype}")
     _check_device(op, "lora_a", lora_a, x.device)
-    _check_batch(op, batch, x.shape[0], num_slots, x.device)
+    _check_batch(op, batch, x.shape[0], num_slots, x.device, "x")
     return as_scalings(op, scalings, num_slots, x.device), as_ranks(op, ranks, num_slots, max_rank, x.device)
 
 
@@ -110,7 +119,7 @@ def check_expand_args(op, t, lora_b, batch, out, slice_offset, ranks, lora_b_nam
     for name, tensor in (("t", t), (lora_b_name, lora_b)):
         if tensor is not None:
             _check_device(op, name, tensor, out.device)
-    _check_batch(op, batch, out.shape[0], num_slots, out.device)
+    _check_batch(op, batch, out.shape[0], num_slots, out.device, "out")
     return as_ranks(op, ranks, num_slots, max_rank, out.device)
 
 
@@ -304,7 +313,11 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
     allocates nothing (triton backend). Every slice is checked before y is touched. Returns y.
     """
     op = "add_lora"
-    if isinstance(output_slices, int) or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 0
+    for name, value in (("lora_a_slices", lora_a_slices), ("lora_b_slices", lora_b_slices)):
+        if not isinstance(value, (list, tuple, torch.Tensor)):
+            raise TypeError(f"{op}: {name} expected a list of tensors or one stacked tensor, "
+                            f"got {type(value).__name__}")
+    if not isinstance(output_slices, (list, tuple)) or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 0
                                                   for w in output_slices):
         raise TypeError(f"{op}: output_slices expected a sequence of ints >= 0, got {output_slices!r}")
     widths = tuple(output_slices)
@@ -355,7 +368,7 @@ def _triton_add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks,
     """add_lora's launches with the triton backend: one shrink for a stacked [S, L, R, K] lora_a, one expand for a
     stacked [S, L, n, R] lora_b (equal widths), else one per slice."""
     sgmv = _triton_sgmv()
-    if isinstance(lora_a_slices, torch.Tensor):  # [S, M, R]
+    if isinstance(lora_a_slices, torch.Tensor):  # [S, L, R, K]
         shrunk = sgmv.shrink(x, lora_a_slices, batch, scalings, ranks, deterministic=deterministic, out=buffer)
     else:
         shrunk = [sgmv.shrink(x, lora_a, batch, scalings, ranks, deterministic=deterministic,

@@ -26,8 +26,8 @@ from torch import nn
 
 from lora_kernels.modules import (LORA_WRAPPERS, MODULES_TO_SAVE_ATTR, LoRALinear, MultiLoRALinear,
                                   _record_modules_to_save, _rollback_on_error, _set_submodule,
-                                  _warn_linear_fan_in_fan_out, check_no_accelerate_hook, is_conv1d, lora_scaling, named_modules_to_save,
-                                  named_target_modules, pattern_value, target_module_matches)
+                                  _warn_linear_fan_in_fan_out, check_no_accelerate_hook, is_conv1d, lora_scaling,
+                                  named_modules_to_save, named_target_modules, pattern_value, target_module_matches)
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -85,8 +85,6 @@ class AdapterConfig:
     layers_to_transform: object = None
     layers_pattern: object = None
     modules_to_save: list = None  # module names trained whole and saved beside the adapter (None: none)
-    task_type: object = None
-    base_model_name_or_path: object = None
 
     def rank_and_alpha(self, name):
         """(r, lora_alpha) of the module called `name`, with PEFT's rank_pattern / alpha_pattern lookup."""
@@ -216,7 +214,7 @@ def parse_adapter_config(raw, file=CONFIG_NAME):
                          rank_pattern=_check_pattern(file, "rank_pattern", raw.get("rank_pattern"), "rank"),
                          alpha_pattern=_check_pattern(file, "alpha_pattern", raw.get("alpha_pattern"), "alpha"),
                          layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
-                         modules_to_save=modules_to_save, task_type=raw.get("task_type"), base_model_name_or_path=raw.get("base_model_name_or_path"))
+                         modules_to_save=modules_to_save)
 
 
 def read_adapter_config(path):
@@ -656,10 +654,11 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
     adapter_config.json and adapter_model.safetensors, which `peft.PeftModel.from_pretrained(base, path)` loads.
 
     adapter_name=None saves the LoRALinear layers, and the whole state of the modules_to_save given to inject_lora
-    or read by load_peft_adapter; a name saves that adapter's MultiLoRALinear slots. Layers of
-    different rank or alpha go into rank_pattern / alpha_pattern (full module names); one lora_dropout and one
-    use_rslora must hold for the whole adapter (PEFT has one of each). Each file is written to a temporary file in
-    `path` and renamed over the old one, so a crash never leaves a truncated file. With torch.distributed
+    or read by load_peft_adapter; a name saves that adapter's MultiLoRALinear slots. Layers of different rank or
+    alpha go into rank_pattern / alpha_pattern (keyed by the last name component where that selects exactly those
+    layers, else by full module name); one lora_dropout and one use_rslora must hold for the whole adapter (PEFT has
+    one of each). Each file is written to a temporary file in `path` and renamed over the old one, so a crash never
+    leaves a truncated file. With torch.distributed
     initialised only rank 0 writes (FSDP2: call it on every rank, the sharded weights are gathered)."""
     op = "save_peft_adapter"
     records = _collect_layers(model, adapter_name, op)

@@ -43,6 +43,10 @@ def test_scaling_rslora_and_gaussian_init():
         LoRALinear(8, 8, init_lora_weights="orthogonal-ish")
     with pytest.raises(ValueError, match="r expected an int >= 1, got 0"):
         LoRALinear(8, 8, r=0)
+    with pytest.raises(TypeError, match="LoRALinear: lora_alpha expected a number, got None"):
+        LoRALinear(8, 8, lora_alpha=None)
+    with pytest.raises(ValueError, match=r"from_linear: lora_dropout expected a number in \[0, 1\), got '0\.1'"):
+        LoRALinear.from_linear(nn.Linear(8, 8), lora_dropout="0.1")
 
 
 def test_forward_matches_reference_and_trains_only_the_adapter():

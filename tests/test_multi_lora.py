@@ -326,6 +326,7 @@ def test_set_adapter_is_atomic_and_checks_input():
         ((0, torch.randn(2, 8), torch.randn(6, 3), 1.0), ValueError, r"lora_b expected shape \[6, 2\]"),
         ((2, torch.randn(2, 8), torch.randn(6, 2), 1.0), ValueError, r"slot expected an int in \[0, 2\)"),
         ((0, torch.ones(2, 8, dtype=torch.int64), torch.randn(6, 2), 1.0), TypeError, "2-D floating tensor"),
+        ((0, torch.randn(2, 8), torch.randn(6, 2), "big"), TypeError, "scaling expected a number, got 'big'"),
     ]:
         with pytest.raises(error, match=message):
             layer.set_adapter(*bad)
@@ -350,6 +351,18 @@ def test_grouped_bad_input():
         lk.ops.lora_expand(torch.zeros(4, 3), lora_b, batch, torch.zeros(4, 6), slice_offset=2)
     with pytest.raises(ValueError, match="adapter_ids expected shape"):
         lk.multi_lora_linear(x, torch.randn(5, 6), lora_a, lora_b, torch.tensor([0, 1]), [1.0, 1.0])
+    # arguments of the wrong kind are named too, not left to Python's own error
+    with pytest.raises(TypeError, match=r"scalings expected a float tensor \[L\] or a sequence of numbers, got 1\.0"):
+        lk.ops.lora_shrink(x, lora_a, batch, 1.0)
+    with pytest.raises(TypeError, match=r"ranks expected an integer tensor \[L\] or a sequence of ints, "
+                                        r"got \['a', 2\]"):
+        lk.ops.lora_shrink(x, lora_a, batch, [1.0, 1.0], ["a", 2])
+    with pytest.raises(ValueError, match="batch was built for 4 tokens, but out has 3 rows"):
+        lk.ops.lora_expand(torch.zeros(3, 3), lora_b, batch, torch.zeros(3, 5))
+    with pytest.raises(TypeError, match="lora_a_slices expected a list of tensors or one stacked tensor, got int"):
+        lk.ops.add_lora(torch.zeros(4, 5), x, 3, [lora_b], batch, [1.0, 1.0], None, [5])
+    with pytest.raises(TypeError, match="output_slices expected a sequence of ints >= 0, got None"):
+        lk.ops.add_lora(torch.zeros(4, 5), x, [lora_a], [lora_b], batch, [1.0, 1.0], None, None)
 
 
 def test_torch_compile_fullgraph_multi_lora_linear():

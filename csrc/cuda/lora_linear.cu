@@ -39,7 +39,7 @@ constexpr int kRowsPerWarp = 4;      // rows of W per warp: each x vector loaded
 constexpr int kRowsPerBlock = kDecodeWarps * kRowsPerWarp;
 constexpr int kMaxSplitK = 32;         // bounds the partial-sum work of the second kernel
 constexpr int kPartialBudget = 2048;   // floats of S partials (splits * M * r) each forward block sums from L2
-constexpr int kBlocksPerSm = 2;        // shrink grid target: enough blocks to cover every SM twice
+constexpr int kBlocksPerSm = 2;        // grid target of the shrink and the backward: every SM covered twice
 
 // ---- backward ------------------------------------------------------------------------------------------------
 constexpr int kBwdThreads = 256;

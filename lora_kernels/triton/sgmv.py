@@ -13,9 +13,10 @@ Kernels (all launch a grid fixed by shapes and exit early on the device, so they
   product as elementwise multiply + tl.sum, so a lone token does not pay for a 16-row tensor-core tile.
 - deterministic=True never splits K, so no atomics: repeats are bit-identical.
 
-The launchers run through custom ops `lora_kernels_triton::sgmv_shrink` and `lora_kernels_triton::sgmv_expand`
-(torch.library.custom_op with fake impls: torch.compile(fullgraph=True) traces through; triton_op/wrap_triton cannot
-trace a kernel running under the Triton interpreter, so the opaque custom op is used everywhere).
+Traced calls (torch.compile, fake tensors) go through the custom ops `lora_kernels_triton::sgmv_shrink`,
+`::sgmv_expand` and `::segment_outer` (torch.library.custom_op with fake impls, so torch.compile(fullgraph=True)
+traces through; triton_op/wrap_triton cannot trace a kernel running under the Triton interpreter, so the opaque
+custom op is used everywhere); plain eager calls launch directly (_through_op: the dispatcher's host time).
 """
 
 import dataclasses
