@@ -123,27 +123,32 @@ def new_seed():
     return torch.randint(0, 2**31 - 1, (), device="cpu")
 
 
-def _dropout_mask_impl(seed: torch.Tensor, like: torch.Tensor, p: float) -> torch.Tensor:
+def _dropout_keep_impl(seed: torch.Tensor, like: torch.Tensor, p: float) -> torch.Tensor:
     generator = torch.Generator(device=like.device)
     generator.manual_seed(int(seed))
-    # Drawn straight into the input dtype, then scaled in place: no float32 [M, K] temporary (measured on an H100:
-    # torch.rand + compare + cast raised fwd+bwd peak memory to 1.56x PEFT's at M=8192, K=4096, bf16).
-    mask = torch.empty(like.shape, device=like.device, dtype=like.dtype).bernoulli_(1.0 - p, generator=generator)
-    return mask.mul_(1.0 / (1.0 - p))
+    # Drawn straight into the input dtype (0 and 1 are exact there): no float32 [M, K] temporary (measured on an
+    # H100: torch.rand + compare + cast raised fwd+bwd peak memory to 1.56x PEFT's at M=8192, K=4096, bf16).
+    return torch.empty(like.shape, device=like.device, dtype=like.dtype).bernoulli_(1.0 - p, generator=generator)
 
 
 # An opaque op for torch.compile: a seeded torch.Generator cannot be traced.
-_dropout_mask_op = torch.library.custom_op("lora_kernels::torch_dropout_mask", _dropout_mask_impl, mutates_args=())
-_dropout_mask_op.register_fake(lambda seed, like, p: like.new_empty(like.shape))
+_dropout_keep_op = torch.library.custom_op("lora_kernels::torch_dropout_keep", _dropout_keep_impl, mutates_args=())
+_dropout_keep_op.register_fake(lambda seed, like, p: like.new_empty(like.shape))
 
 
-def torch_dropout_mask(seed, like, p):
-    """The dropout multiplier (0 or 1/(1-p)) of the non-Triton backends, shaped like `like` and in its dtype and
-    device: drawn from a generator seeded with `seed` (from new_seed), so backward regenerates exactly the
-    forward's mask instead of storing it."""
+def torch_dropout_keep(seed, like, p):
+    """The dropout keep-mask (1 kept, 0 dropped, each kept with probability 1 - p) of the non-Triton backends,
+    shaped like `like` and in its dtype and device: drawn from a generator seeded with `seed` (from new_seed), so
+    backward regenerates exactly the forward's mask instead of storing it."""
     if torch.compiler.is_compiling():
-        return _dropout_mask_op(seed, like.detach(), p)
-    return _dropout_mask_impl(seed, like, p)
+        return _dropout_keep_op(seed, like.detach(), p)
+    return _dropout_keep_impl(seed, like, p)
+
+
+def apply_dropout(t, keep, p):
+    """t * keep / (1 - p), rounded once to t's dtype: the 1/(1-p) factor stays a float in the multiply's own math
+    instead of being stored in t's dtype (in bf16 1/0.9 is 1.109375: the LoRA branch came out 0.16% small)."""
+    return (t * keep).mul_(1.0 / (1.0 - p))
 
 
 # ------------------------------------------------------------------------------------------- single-adapter autograd
@@ -175,16 +180,15 @@ def _or_zero(seed):
 
 def _lora_linear_forward(x2, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend):
     """(y [M, N], S [M, r]) for one backend; S = drop(x2) @ lora_a.T, unscaled (what backward needs)."""
-    mask = None
-    if dropout_p > 0.0 and backend != "triton":
-        mask = torch_dropout_mask(seed, x2, dropout_p)
     if backend == "triton":
         return _triton_lora_linear().lora_fwd(x2, weight, lora_a, lora_b, scaling, bias, dropout_p, _or_zero(seed))
+    x_lora = None
+    if dropout_p > 0.0:
+        x_lora = apply_dropout(x2, torch_dropout_keep(seed, x2, dropout_p), dropout_p)
     if backend in ("cpu", "cuda"):
-        x_lora = None if mask is None else x2 * mask
         return torch.ops.lora_kernels.lora_fwd(x2, x_lora, weight, lora_a, lora_b, float(scaling), bias)
     # "torch": the unfused composition PEFT runs, in the input dtype
-    x_lora = x2 if mask is None else x2 * mask
+    x_lora = x2 if x_lora is None else x_lora
     s = x_lora @ lora_a.T
     return torch.nn.functional.linear(x2, weight, bias) + scaling * (s @ lora_b.T), s
 
@@ -215,7 +219,7 @@ class LoRALinearFunction(torch.autograd.Function):
             if need_a:
                 d_lora_a = kernels.lora_bwd_da(ds, x2, dropout_p, _or_zero(seed))
         else:
-            mask = torch_dropout_mask(seed, x2, dropout_p) if dropout_p > 0.0 else None
+            keep = torch_dropout_keep(seed, x2, dropout_p) if dropout_p > 0.0 else None
             if backend == "cuda" and dy.shape[0] * lora_b.shape[1] > CUDA_BWD_DY_KERNEL_MAX_WORK:
                 d_lora_b = torch.mm(dy.T, s.to(dy.dtype)).mul_(scaling)
                 ds = torch.mm(dy, lora_b).mul_(scaling)
@@ -225,13 +229,13 @@ class LoRALinearFunction(torch.autograd.Function):
             else:
                 d_lora_b = scaling * (dy.T @ s)
                 ds = scaling * (dy @ lora_b)
-            x_lora = x2 if mask is None else x2 * mask
+            x_lora = x2 if keep is None else apply_dropout(x2, keep, dropout_p)
             if need_a:
                 d_lora_a = ds.T @ x_lora
             if need_x:
                 dx_lora = ds @ lora_a
-                if mask is not None:
-                    dx_lora.mul_(mask)
+                if keep is not None:
+                    dx_lora.mul_(keep).mul_(1.0 / (1.0 - dropout_p))
                 if backend == "torch":  # PEFT's composition: separate GEMM and add
                     dx = dy @ weight + dx_lora
                 else:  # the base GEMM adds the LoRA term in its epilogue: one pass over dx [M, K] instead of three
@@ -268,7 +272,7 @@ def lora_linear(x, weight, lora_a, lora_b, scaling=1.0, bias=None, *, dropout_p=
         seed = new_seed()
     lead_shape, in_features = x.shape[:-1], x.shape[-1]
     if backend == "reference":
-        mask = None if seed is None else torch_dropout_mask(seed, x, dropout_p)
+        mask = None if seed is None else torch_dropout_keep(seed, x, dropout_p).double() / (1.0 - dropout_p)
         return reference.lora_linear(x, weight, lora_a, lora_b, scaling, bias, mask).to(x.dtype)
     x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
     args = (x2, weight, lora_a, lora_b, bias, float(scaling), float(dropout_p), seed, backend)

@@ -25,7 +25,7 @@ def _dropout_mask(backend, seed, x2, p):
         from lora_kernels.triton.lora_linear import dropout_mask
         return dropout_mask(seed, x2.shape[0], x2.shape[1], p, x2.device)
     # Drawn in x's dtype, as the backend draws it: the random stream depends on the dtype (on CUDA).
-    return functional.torch_dropout_mask(seed, x2, p).double()
+    return functional.torch_dropout_keep(seed, x2, p).double() / (1.0 - p)
 
 
 def _run(backend, x, weight, lora_a, lora_b, bias, scaling, dy, dropout_p=0.0):
@@ -169,6 +169,21 @@ def test_dropout(backend, device):
     torch.manual_seed(99)
     y3 = lora_linear(x, weight, lora_a, lora_b, scaling, bias, dropout_p=p, backend=backend)
     assert not torch.equal(y1, y3), "another seed must give another mask"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_dropout_scale_is_rounded_once(dtype, device):
+    """The non-Triton backends scale kept elements by 1/(1-p) in float math, rounding once, as torch's fused dropout
+    does on a GPU and the Triton kernels do: a multiplier stored in bf16 (1/0.9 -> 1.109375) shrank the LoRA
+    branch by 0.16%."""
+    p = 0.1
+    x = randn(64, 48, dtype=dtype, device=device)
+    keep = functional.torch_dropout_keep(functional.new_seed(), x, p)
+    assert keep.dtype == dtype and set(keep.unique().tolist()) == {0.0, 1.0}
+    dropped = functional.apply_dropout(x, keep, p)
+    assert torch.equal(dropped, (x.float() * keep.float() * (1.0 / (1.0 - p))).to(dtype))
+    kept = (x.double() * keep.double()).abs().sum()
+    assert abs(dropped.double().abs().sum() / kept * (1.0 - p) - 1.0) < 5e-4
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["reference"])
