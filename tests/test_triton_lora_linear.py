@@ -320,6 +320,39 @@ def test_custom_ops_are_registered():
         assert hasattr(torch.ops.lora_kernels, name), name
 
 
+def test_every_launcher_runs_on_its_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device: each launcher makes its tensors' device current first (tensors
+    on cuda:1 while cuda:0 is current would otherwise be addressed from GPU 0). Checked with a stand-in tensor; a
+    real two-GPU run is the gpu test below."""
+    import contextlib
+
+    from lora_kernels.triton import on_tensor_device, sgmv
+    for launcher in (tk._lora_fwd_impl, tk._lora_bwd_dy_impl, tk._lora_bwd_dx_impl, tk._lora_bwd_da_impl,
+                     sgmv._launch_shrink, sgmv._launch_expand, sgmv._launch_segment_outer):
+        assert launcher.__code__ is on_tensor_device(lambda t: t).__code__, launcher.__name__
+    entered = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext(entered.append(d)))
+
+    class OnSecondGpu:
+        is_cuda, device = True, torch.device("cuda", 1)
+
+    assert on_tensor_device(lambda t, n: n + 1)(OnSecondGpu(), 2) == 3
+    assert entered == [torch.device("cuda", 1)]
+    on_tensor_device(lambda t: t)(torch.zeros(1))  # CPU tensors (the interpreter): nothing to switch
+    assert len(entered) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_kernels_on_the_second_gpu():
+    device = torch.device("cuda", 1)
+    x, weight, lora_a, lora_b, b = lora_inputs(33, 130, 17, 8, torch.bfloat16, device)
+    with torch.cuda.device(0):
+        y, _ = tk.lora_fwd(x, weight, lora_a, lora_b, SCALING, b)
+    assert_close(y, reference.lora_linear(x, weight, lora_a, lora_b, SCALING, b), torch.bfloat16, "y on cuda:1")
+
+
 def test_opcheck_forward(dev):
     x, weight, lora_a, lora_b, b = lora_inputs(5, 40, 20, 8, torch.float32, dev)
     torch.library.opcheck(torch.ops.lora_kernels.triton_lora_fwd.default,

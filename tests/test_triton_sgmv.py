@@ -220,6 +220,16 @@ def test_deterministic_repeats_bit_identical(device, path):
     assert torch.equal(outs[0], outs[1])
     fast = sgmv.sgmv_shrink(x, a_list[0], batch, scalings, ranks_t, path=path)  # split-K with atomics
     assert_close(fast, outs[0].double(), torch.float32, "split-K vs deterministic")
+    # torch's global switch turns the atomics off too (multi_lora_linear has no deterministic argument)
+    assert sgmv._split_k(x.device, 1, K, 16, deterministic=False) > 1
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert sgmv._split_k(x.device, 1, K, 16, deterministic=False) == 1
+        globally = sgmv.sgmv_shrink(x, a_list[0], batch, scalings, ranks_t, path=path)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert torch.equal(globally, outs[0])
 
 
 @pytest.mark.parametrize("path", ["prefill", "decode"])

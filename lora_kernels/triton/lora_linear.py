@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lora_kernels.triton import INTERPRET
+from lora_kernels.triton import INTERPRET, on_tensor_device
 
 try:  # host-side TMA descriptors (triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -756,6 +756,7 @@ def _dropout_args(dropout_p):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@on_tensor_device
 def _lora_fwd_impl(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                    scaling: float, bias: torch.Tensor | None, dropout_p: float, seed: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -807,6 +808,7 @@ def _lora_fwd_impl(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, 
     return y, s
 
 
+@on_tensor_device
 def _lora_bwd_dy_impl(dy: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, scaling: float
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     M, N = dy.shape
@@ -833,6 +835,7 @@ def _lora_bwd_dy_impl(dy: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, s
     return d_lora_b, ds
 
 
+@on_tensor_device
 def _lora_bwd_dx_impl(dy: torch.Tensor, ds: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
                       dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
     M, N = dy.shape
@@ -864,6 +867,7 @@ def _lora_bwd_dx_impl(dy: torch.Tensor, ds: torch.Tensor, weight: torch.Tensor, 
     return dx
 
 
+@on_tensor_device
 def _lora_bwd_da_impl(ds: torch.Tensor, x: torch.Tensor, dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
     M, K = x.shape
     r = ds.shape[1]

@@ -11,7 +11,8 @@ Kernels (all launch a grid fixed by shapes and exit early on the device, so they
   output is only r wide, so split-K over K (fp32 atomics) multiplies the programs to fill the GPU.
 - decode (`_bgmv_shrink_kernel`, `_bgmv_expand_kernel`): one program per token (x output tiles [x split-K]), the
   product as elementwise multiply + tl.sum, so a lone token does not pay for a 16-row tensor-core tile.
-- deterministic=True never splits K, so no atomics: repeats are bit-identical.
+- deterministic=True, or torch.use_deterministic_algorithms(True), never splits K, so no atomics: repeats are
+  bit-identical.
 
 Traced calls (torch.compile, fake tensors) go through the custom ops `lora_kernels_triton::sgmv_shrink`,
 `::sgmv_expand` and `::segment_outer` (torch.library.custom_op with fake impls, so torch.compile(fullgraph=True)
@@ -25,7 +26,7 @@ import inspect
 import torch
 
 from lora_kernels.batch import LoRABatch
-from lora_kernels.triton import HAS_TRITON, INTERPRET
+from lora_kernels.triton import HAS_TRITON, INTERPRET, on_tensor_device
 
 if HAS_TRITON:
     import triton
@@ -367,8 +368,9 @@ def _sm_count(device):
 
 
 def _split_k(device, num_tiles, K, block_k, deterministic):
-    """How many K splits: enough programs to fill the GPU; 1 (no atomics) in deterministic mode."""
-    if deterministic:
+    """How many K splits: enough programs to fill the GPU; 1 (no atomics) in deterministic mode, asked for by the
+    call or globally by torch.use_deterministic_algorithms(True) (the only way through multi_lora_linear)."""
+    if deterministic or torch.are_deterministic_algorithms_enabled():
         return 1
     max_useful = max(1, _cdiv(K, block_k * MIN_K_BLOCKS_PER_SPLIT))
     if INTERPRET or device.type != "cuda":
@@ -392,6 +394,7 @@ def choose_path(num_tokens, num_slots, path="auto"):
 # Launch (inside the custom ops: inputs already checked)
 
 
+@on_tensor_device
 def _launch_shrink(x, lora_a, adapter_ids, sorted_token_ids, slot_counts, slot_starts, scalings, ranks, out,
                    deterministic, path):
     a4 = lora_a if lora_a.dim() == 4 else lora_a.unsqueeze(0)
@@ -446,6 +449,7 @@ def _launch_shrink(x, lora_a, adapter_ids, sorted_token_ids, slot_counts, slot_s
     )
 
 
+@on_tensor_device
 def _launch_expand(t, lora_b, adapter_ids, sorted_token_ids, slot_counts, slot_starts, ranks, out, slice_offset,
                    add_inputs, path):
     b4 = lora_b if lora_b.dim() == 4 else lora_b.unsqueeze(0)
@@ -513,6 +517,7 @@ def _(t, lora_b, adapter_ids, sorted_token_ids, slot_counts, slot_starts, ranks,
     return None
 
 
+@on_tensor_device
 def _launch_segment_outer(left, right, sorted_token_ids, slot_counts, slot_starts, out):
     L, P, Q = out.shape
     if out.numel() == 0:
