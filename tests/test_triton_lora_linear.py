@@ -7,6 +7,7 @@ import torch
 
 from conftest import DTYPES, assert_close, lora_inputs, randn
 from lora_kernels import bench, reference
+from lora_kernels.functional import lora_linear
 from lora_kernels.triton import HAS_TRITON, INTERPRET, TRITON_ERROR
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason=f"triton not importable: {TRITON_ERROR}")
@@ -169,6 +170,29 @@ def test_backward_split_paths(dev, dtype, split, dropout_p, monkeypatch, poisone
         again = tk.lora_bwd_dy(dy, s, lora_b, SCALING)
         assert torch.equal(again[0], d_lora_b) and torch.equal(again[1], ds)
         assert torch.equal(tk.lora_bwd_da(ds, x, dropout_p=dropout_p, seed=seed), d_lora_a)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bwd_dy_past_the_partials_budget(dev, dtype, monkeypatch):
+    """Past DY_PARTIALS_BUDGET bytes of dB partials the dY part of the backward is two GEMMs, not the kernel (whose
+    partials grow with M·N·r): the same gradients, to the dtype's rounding, through lora_linear too."""
+    M, K, N, r = 70, 24, 33, 8
+    x, weight, lora_a, lora_b, _ = lora_inputs(M, K, N, r, dtype, dev, bias=False)
+    dy = randn(M, N, dtype=dtype, device=dev)
+    _, s = tk.lora_fwd(x, weight, lora_a, lora_b, SCALING)
+    at_budget = -(-M // tk.DY_BLOCK_M) * N * r * 4
+    kernel = tk.lora_bwd_dy(dy, s, lora_b, SCALING)
+    monkeypatch.setattr(tk, "DY_PARTIALS_BUDGET", at_budget - 1)
+    monkeypatch.setattr(tk, "_bwd_dy", None)  # launching the kernel now would fail
+    d_lora_b, ds = tk.lora_bwd_dy(dy, s, lora_b, SCALING)
+    assert d_lora_b.dtype == ds.dtype == torch.float32
+    assert_close(d_lora_b, kernel[0].double(), dtype, "d_lora_b")
+    assert_close(ds, kernel[1].double(), dtype, "ds")
+    leaves = [t.clone().requires_grad_(True) for t in (x, lora_a, lora_b)]
+    lora_linear(leaves[0], weight, leaves[1], leaves[2], SCALING, backend="triton").backward(dy)
+    expected = reference.lora_linear_backward(dy, x, weight, lora_a, lora_b, SCALING)
+    for name, leaf in zip(("x", "lora_a", "lora_b"), leaves):
+        assert_close(leaf.grad, expected[name], dtype, f"d{name}", scale=2.0)
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25], ids=["nodrop", "drop"])

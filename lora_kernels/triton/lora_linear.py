@@ -54,6 +54,11 @@ SMEM_BUDGET = 160 * 1024
 # launcher allocates before the launch. 128 rows halve the partials against 64 and still keep the skinny
 # [128, <=64] fp32 ds accumulator in registers.
 DY_BLOCK_M = 16 if INTERPRET else 128
+# Bytes of dB partials (one [N, r] fp32 partial per DY_BLOCK_M rows) above which the backward's dY part runs as two
+# GEMMs (dY read twice) instead of _lora_bwd_dy_kernel: the partials grow with M·N·r, and at M = 65536 rows,
+# N = 16384, r = 64 they took 2 GiB, as much as dY itself in bf16. 256 MiB leaves every bench shape on the kernel
+# (M = 16384, N = 4096, r = 64: 128 MiB).
+DY_PARTIALS_BUDGET = 256 * 2**20
 DROPOUT_BLOCK = 32  # tile of the dropout_mask utility kernel (a test helper; performance does not matter)
 # Split-K-style parallelism of the three skinny reductions whose natural grids are small: _lora_bwd_dy_kernel has one
 # program per DY_BLOCK_M row block (64 at M = 8192), _lora_bwd_da_kernel one per BLOCK_K column block (64 at
@@ -816,8 +821,13 @@ def _lora_bwd_dy_impl(dy: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, s
     if M == 0:
         return (torch.zeros((N, r), device=dy.device, dtype=torch.float32),
                 torch.empty((M, r), device=dy.device, dtype=torch.float32))
-    block_r = _dy_block_r(r, dy.dtype)
     num_parts = triton.cdiv(M, DY_BLOCK_M)
+    if num_parts * N * r * 4 > DY_PARTIALS_BUDGET:
+        # Two GEMMs in dy's dtype (fp32 accumulation), as the torch backend computes them: d_lora_b is cast to
+        # lora_b's dtype anyway, and ds is rounded to dy's dtype here instead of staying fp32.
+        d_lora_b = torch.mm(dy.T, s.to(dy.dtype)).float().mul_(scaling)
+        return d_lora_b, torch.mm(dy, lora_b).float().mul_(scaling)
+    block_r = _dy_block_r(r, dy.dtype)
     split = _bwd_dy_split(M, N, r, dy.device, dy.dtype)
     partials = torch.empty((num_parts, N, r), device=dy.device, dtype=torch.float32)
     ds_partials = torch.empty((split, M, r), device=dy.device, dtype=torch.float32)
