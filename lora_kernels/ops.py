@@ -3,6 +3,9 @@
 L adapter slots are stacked: lora_a [L, R, K], lora_b [L, N, R], scalings [L] float32, ranks [L] int32. Tokens carry
 slot ids through a LoRABatch (-1: base model only). Entries past ranks[i] are never read and cost no work.
 Checks run here, once, before any backend launches; every backend then assumes valid arguments.
+
+Inside a CUDA-graph capture pass scalings and ranks as tensors on the device (MultiLoRALinear keeps them as buffers):
+a Python list or a CPU tensor is copied to the device on every call, which synchronises with the host.
 """
 
 import contextlib
