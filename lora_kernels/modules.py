@@ -250,7 +250,7 @@ class MultiLoRALinear(nn.Module):
         for name, value in (("max_adapters", max_adapters), ("max_rank", max_rank)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"MultiLoRALinear: {name} expected an int >= 1, got {value!r}")
-        self.base_layer = base_linear.requires_grad_(False)
+        self.base_layer = base_linear
         self.max_adapters, self.max_rank, self.backend = max_adapters, max_rank, backend
         self._in_features, self._out_features = in_features, out_features
         self.batch_adapters = None  # a BatchAdapterIds while set_batch_adapters is in effect
@@ -260,6 +260,7 @@ class MultiLoRALinear(nn.Module):
         self.lora_b = nn.Parameter(torch.zeros(max_adapters, out_features, max_rank, **factory), requires_grad=False)
         self.register_buffer("scalings", torch.zeros(max_adapters, dtype=torch.float32, device=weight.device))
         self.register_buffer("ranks", torch.zeros(max_adapters, dtype=torch.int32, device=weight.device))
+        base_linear.requires_grad_(False)  # last: a failed allocation above leaves the base layer as it was
 
     @property
     def in_features(self):
@@ -371,11 +372,18 @@ def _layer_index_matches(name, layers_to_transform, layers_pattern):
     return index == layers_to_transform if isinstance(layers_to_transform, int) else index in layers_to_transform
 
 
-def target_module_matches(name, target_modules, exclude_modules=None, layers_to_transform=None, layers_pattern=None):
+def in_modules_to_save(name, modules_to_save):
+    """PEFT's rule: a module named by modules_to_save, or inside one (a whole name component), gets no LoRA."""
+    return bool(modules_to_save) and any(re.match(rf"(^|.*\.){entry}($|\..*)", name) for entry in modules_to_save)
+
+
+def target_module_matches(name, target_modules, exclude_modules=None, layers_to_transform=None, layers_pattern=None,
+                          modules_to_save=None):
     """Whether PEFT (`check_target_module_exists`) would put a LoRA on the module called `name`: not excluded
-    (exclude_modules: regex str or list of names/suffixes), matched by target_modules (regex str over the whole name,
-    or list of names/suffixes), and, for a list only, in layers_to_transform (int or list of layer indices)."""
-    if exclude_modules and _matches(name, exclude_modules):
+    (exclude_modules: regex str or list of names/suffixes), not in a modules_to_save module, matched by
+    target_modules (regex str over the whole name, or list of names/suffixes), and, for a list only, in
+    layers_to_transform (int or list of layer indices)."""
+    if (exclude_modules and _matches(name, exclude_modules)) or in_modules_to_save(name, modules_to_save):
         return False
     if not _matches(name, target_modules):
         return False
@@ -404,7 +412,7 @@ def _output_layer(model):
 
 
 def named_target_modules(model, target_modules, exclude_modules=None, *, layers_to_transform=None,
-                         layers_pattern=None, op="inject_lora"):
+                         layers_pattern=None, modules_to_save=None, op="inject_lora"):
     """[(name, module)] of every module whose full name PEFT would target, in model order. Does not look inside
     LoRALinear/MultiLoRALinear (their factors and base layer are not targets; the wrapper itself is).
     target_modules="all-linear" takes every nn.Linear/Conv1D but the model's output layer, as PEFT."""
@@ -426,16 +434,19 @@ def named_target_modules(model, target_modules, exclude_modules=None, *, layers_
         if all_linear:
             linear_like = isinstance(module, (nn.Linear, *LORA_WRAPPERS)) or is_conv1d(module)
             hit = (linear_like and module is not output_layer
-                   and not (exclude_modules and _matches(name, exclude_modules)))
+                   and not (exclude_modules and _matches(name, exclude_modules))
+                   and not in_modules_to_save(name, modules_to_save))
         else:
-            hit = target_module_matches(name, target_modules, exclude_modules, layers_to_transform, layers_pattern)
+            hit = target_module_matches(name, target_modules, exclude_modules, layers_to_transform, layers_pattern,
+                                        modules_to_save)
         if hit:
             found.append((name, module))
     return found
 
 
 def find_target_linears(model, target_modules, exclude_modules=None, op="inject_lora", *, fan_in_fan_out=False,
-                        layers_to_transform=None, layers_pattern=None, conv1d="require_fan_in_fan_out"):
+                        layers_to_transform=None, layers_pattern=None, conv1d="require_fan_in_fan_out",
+                        modules_to_save=None):
     """[(name, module)] of the nn.Linear (and transformers Conv1D) modules that target_modules selects.
 
     A matched module of another type is a TypeError, one that already holds a LoRA a ValueError. A Conv1D needs
@@ -443,7 +454,8 @@ def find_target_linears(model, target_modules, exclude_modules=None, op="inject_
     for callers that wrap Conv1D regardless, as PEFT does with a warning)."""
     found = []
     for name, module in named_target_modules(model, target_modules, exclude_modules, op=op,
-                                             layers_to_transform=layers_to_transform, layers_pattern=layers_pattern):
+                                             layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
+                                             modules_to_save=modules_to_save):
         if isinstance(module, LORA_WRAPPERS):
             raise ValueError(f"{op}: module {name!r} already has a LoRA adapter ({type(module).__name__})")
         if is_conv1d(module):
@@ -463,12 +475,12 @@ def find_target_linears(model, target_modules, exclude_modules=None, op="inject_
 MODULES_TO_SAVE_ATTR = "lora_modules_to_save"  # on the model: the modules_to_save names its adapter trains and saves
 
 
-def named_modules_to_save(model, modules_to_save, lora_names, op):
+def named_modules_to_save(model, modules_to_save, op):
     """[(name, module)] that PEFT's modules_to_save selects: modules whose full name ends with an entry (PEFT's plain
     suffix test), the outermost of nested matches, none inside a LoRA wrapper. Such a module is trained and saved
-    whole beside the adapter (PEFT adds the classification head of SEQ_CLS models this way). A module that is or
-    holds one of lora_names (the LoRA targets), or shares a parameter with the rest of the model (tied weights:
-    changing it would change both), is a ValueError."""
+    whole beside the adapter (PEFT adds the classification head of SEQ_CLS models this way); LoRA targets never lie
+    inside one (in_modules_to_save). A module that holds a LoRA layer already, shares a parameter with the rest of
+    the model (tied weights: changing it would change both) or carries an accelerate hook is a ValueError."""
     if (not isinstance(modules_to_save, (list, tuple)) or not modules_to_save
             or not all(isinstance(n, str) and n for n in modules_to_save)):
         raise ValueError(f"{op}: modules_to_save expected a non-empty list of module names, got {modules_to_save!r}")
@@ -486,10 +498,12 @@ def named_modules_to_save(model, modules_to_save, lora_names, op):
         owners.setdefault(id(parameter), []).append(parameter_name)
     for name, module in found:
         inside = name + "."
-        lora = [n for n in lora_names if n == name or n.startswith(inside)]
-        if lora or any(isinstance(m, LORA_WRAPPERS) for m in module.modules()):
-            raise ValueError(f"{op}: modules_to_save selects module {name!r}, which is or holds a LoRA target "
-                             f"({(lora or [name])[0]!r}); a module is either trained whole or given a LoRA, not both")
+        lora = [f"{name}.{n}".rstrip(".") for n, m in module.named_modules() if isinstance(m, LORA_WRAPPERS)]
+        if lora:
+            raise ValueError(f"{op}: modules_to_save selects module {name!r}, which holds the LoRA layer {lora[0]!r}; "
+                             f"a module is either trained whole or given a LoRA, not both")
+        for sub_name, sub in module.named_modules():
+            check_no_accelerate_hook(op, f"{name}.{sub_name}".rstrip("."), sub)
         for parameter in module.parameters():
             outside = [n for n in owners[id(parameter)] if not n.startswith(inside)]
             if outside:
@@ -514,7 +528,8 @@ def check_no_accelerate_hook(op, name, module):
     so the hook would be dropped and the weight stay meta."""
     hook = getattr(module, "_hf_hook", None)
     if hook is not None:
-        offloaded = "; its weight is on the meta device (offloaded)" if module.weight.is_meta else ""
+        weight = getattr(module, "weight", None)
+        offloaded = "; its weight is on the meta device (offloaded)" if weight is not None and weight.is_meta else ""
         raise ValueError(f"{op}: module {name!r} carries an accelerate hook ({type(hook).__name__}, from a device_map "
                          f"dispatch or offloading) that a LoRA wrapper would drop{offloaded}. Load the model with "
                          f"every weight on a real device and no offloading first")
@@ -562,10 +577,11 @@ def inject_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_
     save_peft_adapter writes them beside the adapter. Unlike PEFT, no copy is kept: they train in place."""
     op = "inject_lora"
     targets = find_target_linears(model, target_modules, exclude_modules, op, fan_in_fan_out=fan_in_fan_out,
-                                  layers_to_transform=layers_to_transform, layers_pattern=layers_pattern)
+                                  layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
+                                  modules_to_save=modules_to_save or None)
     heads = []
     if modules_to_save:  # None or [] (PEFT's default): none
-        heads = named_modules_to_save(model, modules_to_save, [name for name, _ in targets], op)
+        heads = named_modules_to_save(model, modules_to_save, op)
         if not heads:
             raise ValueError(f"{op}: modules_to_save {modules_to_save!r} matched no module of the model")
     with _rollback_on_error(model) as replaced:
@@ -608,9 +624,9 @@ def prepare_multi_adapter(model, target_modules, max_adapters, max_rank, *, excl
         raise ValueError(f"{op}: the model is prepared already (it has lora_adapter_slots)")
     targets = find_target_linears(model, target_modules, exclude_modules, op, layers_to_transform=layers_to_transform,
                                   layers_pattern=layers_pattern, conv1d="accept")
-    layers = [(name, module, MultiLoRALinear(module, max_adapters, max_rank, backend=backend))
-              for name, module in targets]
     with _rollback_on_error(model) as replaced:
+        layers = [(name, module, MultiLoRALinear(module, max_adapters, max_rank, backend=backend))
+                  for name, module in targets]
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         for name, old, layer in layers:

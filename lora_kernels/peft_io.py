@@ -93,7 +93,7 @@ class AdapterConfig:
 
     def matches(self, name):
         return target_module_matches(name, self.target_modules, self.exclude_modules, self.layers_to_transform,
-                                     self.layers_pattern)
+                                     self.layers_pattern, self.modules_to_save)
 
 
 def _is_unset(value):
@@ -308,13 +308,13 @@ def _targets(model, config, op):
     """[(name, module)] that the config targets in `model`, with PEFT's matching (inside LoRA wrappers excluded)."""
     found = named_target_modules(model, config.target_modules, config.exclude_modules,
                                  layers_to_transform=config.layers_to_transform,
-                                 layers_pattern=config.layers_pattern, op=op)
+                                 layers_pattern=config.layers_pattern, modules_to_save=config.modules_to_save, op=op)
     if not found:
         raise ValueError(f"{op}: the adapter's target_modules {config.target_modules!r} match no module of the model")
     return found
 
 
-def _split_modules_to_save(model, config, tensors, file, lora_names, adapter_name, op):
+def _split_modules_to_save(model, config, tensors, file, adapter_name, op):
     """([(name, module, {state key: tensor})] for each module the config's modules_to_save selects in model, the
     remaining tensors). Each selected module's whole state must be in the file, shapes equal."""
     if not config.modules_to_save:
@@ -323,10 +323,13 @@ def _split_modules_to_save(model, config, tensors, file, lora_names, adapter_nam
         raise ValueError(f"{op}: {file} has modules_to_save {config.modules_to_save} (whole modules trained with the "
                          f"adapter); MultiLoRALinear slots hold LoRA factors only, so it cannot load by adapter_name")
     rest, heads = dict(tensors), []
-    for name, module in named_modules_to_save(model, config.modules_to_save, lora_names, op):
+    for name, module in named_modules_to_save(model, config.modules_to_save, op):
         loaded = {}
         for key, current in module.state_dict().items():
             file_key = f"{KEY_PREFIX}{name}.{key}"
+            if current.is_meta:
+                raise ValueError(f"{op}: module {name!r} (modules_to_save) holds {key!r} on the meta device; load the "
+                                 f"adapter into a model whose weights are materialised")
             tensor = rest.pop(file_key, None)
             if tensor is None:
                 raise ValueError(f"{op}: {file} is missing {file_key!r} (modules_to_save {config.modules_to_save} "
@@ -372,8 +375,7 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto"):
     config = read_adapter_config(path)
     tensors, file = read_adapter_weights(path)
     targets = _targets(model, config, op)
-    heads, tensors = _split_modules_to_save(model, config, tensors, file, [name for name, _ in targets],
-                                            adapter_name, op)
+    heads, tensors = _split_modules_to_save(model, config, tensors, file, adapter_name, op)
     grouped = group_adapter_weights(tensors, file, config.modules_to_save)
     plan = []
     for name, module in targets:
@@ -408,6 +410,10 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto"):
         else:
             raise ValueError(f"{op}: the adapter targets module {name!r}, a {type(module).__name__}; only nn.Linear "
                              f"and transformers Conv1D layers are supported")
+        weight = module.base_weight() if isinstance(module, LORA_WRAPPERS) else module.weight
+        if weight.is_meta:  # the adapter would be copied into meta tensors, which hold nothing
+            raise ValueError(f"{op}: module {name!r} has its weight on the meta device; load the adapter into a model "
+                             f"whose weights are materialised")
         _check_pair(op, file, name, grouped.get(name, {}), r, in_features, out_features)
         plan.append((name, module, r, alpha))
     target_names = {name for name, *_ in plan}
@@ -632,13 +638,13 @@ def _pattern(values, default):
     return pattern
 
 
-def _target_modules_for(model, names, op):
-    """The shortest target_modules list that selects exactly the modules `names` under PEFT's matching: their last
-    name components when those pick no other module, else the full names."""
+def _target_modules_for(model, names, op, modules_to_save=None):
+    """The shortest target_modules list that selects exactly the modules `names` under PEFT's matching (which skips
+    modules_to_save modules): their last name components when those pick no other module, else the full names."""
     names = set(names)
 
     def selected(targets):
-        return {n for n, _ in named_target_modules(model, targets, op=op)}
+        return {n for n, _ in named_target_modules(model, targets, modules_to_save=modules_to_save, op=op)}
 
     short = sorted({n.rsplit(".", 1)[-1] for n in names})
     if selected(short) == names:
@@ -658,12 +664,12 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
     alpha go into rank_pattern / alpha_pattern (keyed by the last name component where that selects exactly those
     layers, else by full module name); one lora_dropout and one use_rslora must hold for the whole adapter (PEFT has
     one of each). Each file is written to a temporary file in `path` and renamed over the old one, so a crash never
-    leaves a truncated file. With torch.distributed
-    initialised only rank 0 writes (FSDP2: call it on every rank, the sharded weights are gathered)."""
+    leaves a truncated file. With torch.distributed initialised only rank 0 writes (FSDP2: call it on every rank,
+    the sharded weights are gathered)."""
     op = "save_peft_adapter"
     records = _collect_layers(model, adapter_name, op)
     modules_to_save = getattr(model, MODULES_TO_SAVE_ATTR, None) if adapter_name is None else None
-    heads = named_modules_to_save(model, modules_to_save, [rec[0] for rec in records], op) if modules_to_save else []
+    heads = named_modules_to_save(model, modules_to_save, op) if modules_to_save else []
     if modules_to_save and not heads:
         raise ValueError(f"{op}: model.{MODULES_TO_SAVE_ATTR} = {modules_to_save!r} matches no module of the model")
     for field, index in (("use_rslora", 5), ("lora_dropout", 6)):
@@ -675,7 +681,7 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
     lora_alpha = _most_common([rec[4] for rec in records])
     rank_pattern = _pattern([(rec[0], rec[3]) for rec in records], r)
     alpha_pattern = _pattern([(rec[0], rec[4]) for rec in records], lora_alpha)
-    target_modules = _target_modules_for(model, [rec[0] for rec in records], op)
+    target_modules = _target_modules_for(model, [rec[0] for rec in records], op, modules_to_save if heads else None)
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(model, "name_or_path", None) or getattr(
             getattr(model, "config", None), "_name_or_path", None) or None

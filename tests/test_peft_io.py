@@ -2,6 +2,7 @@
 loads (bad files leave the model untouched) and atomic saves, several named adapters in MultiLoRALinear slots.
 Interop with PEFT itself on Hugging Face models is in test_hf_models.py."""
 
+import copy
 import json
 import os
 
@@ -174,8 +175,8 @@ def test_modules_to_save_train_whole_and_round_trip(tmp_path):
 def test_modules_to_save_errors_leave_the_model_untouched(tmp_path, monkeypatch):
     for kwargs, error, message in [
         (dict(modules_to_save=["classifier"]), ValueError, r"modules_to_save \['classifier'\] matched no module"),
-        (dict(modules_to_save=["q_proj"]), ValueError, r"'layers\.0\.q_proj', which is or holds a LoRA target"),
-        (dict(modules_to_save=["layers"]), ValueError, r"module 'layers', which is or holds a LoRA target"),
+        # PEFT puts no LoRA inside a modules_to_save module: nothing is left to target
+        (dict(modules_to_save=["layers"]), ValueError, r"target_modules \['q_proj', 'v_proj'\] matched no nn\.Linear"),
         (dict(modules_to_save="head"), ValueError, r"modules_to_save expected a non-empty list of module names"),
     ]:
         model = _base()
@@ -185,9 +186,15 @@ def test_modules_to_save_errors_leave_the_model_untouched(tmp_path, monkeypatch)
         _assert_same(model, before)
     tied = _base()
     tied.layers[1].o_proj.weight = tied.layers[0].o_proj.weight
-    with pytest.raises(ValueError, match=r"module 'layers\.1\.o_proj', whose parameter is tied to "
-                                         r"'layers\.0\.o_proj\.weight'"):
-        lk.inject_lora(tied, ["q_proj"], modules_to_save=["layers.1.o_proj"])
+    with_lora = lk.inject_lora(_base(), ["o_proj"])
+    for model, head, message in [
+        (tied, "layers.1.o_proj", r"module 'layers\.1\.o_proj', whose parameter is tied to 'layers\.0\.o_proj\.weight'"),
+        (with_lora, "layers.1", r"module 'layers\.1', which holds the LoRA layer 'layers\.1\.o_proj'"),
+    ]:
+        before = _snapshot(model)
+        with pytest.raises(ValueError, match=message):
+            lk.inject_lora(model, ["q_proj"], modules_to_save=[head])
+        _assert_same(model, before)
 
     # a failure while copying the second of three modules rolls back the LoRA layers and the first module
     heads = _trained(modules_to_save=["head", "norm"])
@@ -217,6 +224,58 @@ def test_modules_to_save_errors_leave_the_model_untouched(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match=r"modules_to_save \['head', 'norm'\].*cannot load by adapter_name"):
         lk.load_peft_adapter(multi, tmp_path, adapter_name="a")
     _assert_same(multi, before)
+
+
+class _Classifier(nn.Module):
+    """A RoBERTa-like model: the classification head holds a `dense` layer like the encoder's."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = nn.Linear(16, 16)
+        self.classifier = nn.Sequential()
+        self.classifier.dense = nn.Linear(16, 16)
+        self.classifier.out_proj = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.classifier(self.dense(x))
+
+
+def test_no_lora_inside_modules_to_save_as_peft(tmp_path):
+    """PEFT puts no LoRA inside a modules_to_save module: target "dense" with modules_to_save ["classifier"] wraps
+    the encoder's dense only and trains the head whole. Same layers here, and the files load both ways."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(3)
+    base, x = _Classifier(), torch.randn(4, 16)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=4, target_modules=["dense"], modules_to_save=["classifier"], init_lora_weights=False))
+    with torch.no_grad():
+        for name, parameter in theirs.named_parameters():
+            if "modules_to_save" in name:
+                parameter.add_(torch.randn_like(parameter))  # as if trained
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = lk.load_peft_adapter(copy.deepcopy(base), tmp_path / "peft", backend=BACKEND)
+    assert [n for n, m in ours.named_modules() if isinstance(m, LoRALinear)] == ["dense"]
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-6, atol=1e-6)
+
+    injected = lk.inject_lora(copy.deepcopy(base), ["dense"], modules_to_save=["classifier"], backend=BACKEND)
+    assert [n for n, m in injected.named_modules() if isinstance(m, LoRALinear)] == ["dense"]
+    assert injected.classifier.dense.weight.requires_grad and not injected.dense.weight.requires_grad
+    lk.save_peft_adapter(ours, tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    torch.testing.assert_close(back(x), ours(x), rtol=1e-6, atol=1e-6)
+
+
+def test_loads_into_meta_weights_are_refused(tmp_path):
+    """Copying an adapter into meta tensors would keep nothing: refused by name, LoRA targets and heads alike."""
+    lk.save_peft_adapter(_trained(modules_to_save=["head"]), tmp_path)
+    with torch.device("meta"):
+        model = Tiny()
+    with pytest.raises(ValueError, match=r"module 'head' \(modules_to_save\) holds 'weight' on the meta device"):
+        lk.load_peft_adapter(model, tmp_path)
+    model.head = nn.Linear(16, 5)
+    with pytest.raises(ValueError, match=r"module 'layers\.0\.q_proj' has its weight on the meta device"):
+        lk.load_peft_adapter(model, tmp_path)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
 
 
 def test_target_modules_regex_exclude_and_layers_to_transform(tmp_path):
@@ -322,8 +381,10 @@ def _bad_cases():
         ("modules_to_save, unknown module's keys", then(head_saved, config(modules_to_save=["classifier"])),
          ValueError, (r"unexpected keys 'base_model\.model\.head\.bias'.*or the state of a module that "
                       r"modules_to_save \['classifier'\] selects")),
+        # q_proj becomes a module trained whole (PEFT then puts no LoRA on it): the file has no state for it
         ("modules_to_save, a LoRA target", then(head_saved, config(modules_to_save=["head", "q_proj"])), ValueError,
-         r"modules_to_save selects module 'layers\.0\.q_proj', which is or holds a LoRA target"),
+         r"missing 'base_model\.model\.layers\.0\.q_proj\.weight'|module 'layers\.0\.q_proj', which holds the "
+         r"LoRA layer 'layers\.0\.q_proj'"),
         ("modules_to_save not a list", config(modules_to_save="head"), ValueError,
          r"'modules_to_save' expected a list of module names, got 'head'"),
         ("lora_bias", config(lora_bias=True), ValueError, r"'lora_bias'"),
@@ -387,6 +448,13 @@ def test_layers_with_accelerate_hooks_are_refused_untouched(tmp_path):
             call(offloaded)
         assert [(n, type(m)) for n, m in offloaded.named_modules()] == modules
         assert not hasattr(offloaded, "lora_adapter_slots")
+    # an offloaded head (modules_to_save) is refused too: the saved state would go into meta tensors
+    lk.save_peft_adapter(_trained(modules_to_save=["head"]), tmp_path / "head")
+    model = _base()
+    accelerate.cpu_offload(model.head, execution_device="cpu")
+    with pytest.raises(ValueError, match=r"module 'head' carries an accelerate hook .*meta device"):
+        lk.load_peft_adapter(model, tmp_path / "head")
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
     # a hook that only moves inputs (a dispatched model's layer, weight on a real device)
     model = _base()
     accelerate.hooks.add_hook_to_module(model.layers[1].v_proj, accelerate.hooks.AlignDevicesHook("cpu"))
@@ -538,6 +606,27 @@ def test_named_adapters_in_slots_and_mixed_batch(tmp_path):
         mixed = model(x)
     for row, name in enumerate(["b", "a", "__base__", "a", "b"]):
         torch.testing.assert_close(mixed[row], singles[name](x[row]), rtol=1e-5, atol=1e-5)
+
+
+def test_prepare_multi_adapter_failing_mid_way_leaves_the_model_untouched(monkeypatch):
+    """A MultiLoRALinear that fails to build (e.g. out of memory for its slots) after others were built: every base
+    layer keeps its requires_grad flag (the layers freeze their base, which used to happen outside the rollback)."""
+    model = _base()
+    before = _snapshot(model)
+    built = []
+    original = MultiLoRALinear.__init__
+
+    def flaky(self, *args, **kwargs):
+        built.append(1)
+        if len(built) == 3:
+            raise RuntimeError("simulated allocation failure")
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MultiLoRALinear, "__init__", flaky)
+    with pytest.raises(RuntimeError, match="simulated allocation failure"):
+        lk.prepare_multi_adapter(model, ["q_proj", "v_proj"], max_adapters=2, max_rank=4)
+    _assert_same(model, before)
+    assert all(p.requires_grad for p in model.parameters())
 
 
 def test_named_adapter_errors(tmp_path):
