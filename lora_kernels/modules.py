@@ -503,7 +503,9 @@ def named_modules_to_save(model, modules_to_save, op):
             raise ValueError(f"{op}: modules_to_save selects module {name!r}, which holds the LoRA layer {lora[0]!r}; "
                              f"a module is either trained whole or given a LoRA, not both")
         for sub_name, sub in module.named_modules():
-            check_no_accelerate_hook(op, f"{name}.{sub_name}".rstrip("."), sub)
+            check_no_accelerate_hook(op, f"{name}.{sub_name}".rstrip("."), sub,
+                                     why="that swaps the module's weights in and out around each forward (a "
+                                         "modules_to_save module must hold the weights it trains or loads)")
         for parameter in module.parameters():
             outside = [n for n in owners[id(parameter)] if not n.startswith(inside)]
             if outside:
@@ -521,7 +523,7 @@ def _record_modules_to_save(model, modules_to_save):
         delattr(model, MODULES_TO_SAVE_ATTR)
 
 
-def check_no_accelerate_hook(op, name, module):
+def check_no_accelerate_hook(op, name, module, why="that a LoRA wrapper would drop"):
     """Refuses a layer that carries an accelerate hook. Offloading (a device_map with "cpu"/"disk", cpu_offload) keeps
     the layer's weight on the meta device and moves it in for each forward through a hook on that very layer (and
     puts device-moving hooks on the other layers); a LoRA wrapper holds the weight itself and replaces the layer,
@@ -531,8 +533,8 @@ def check_no_accelerate_hook(op, name, module):
         weight = getattr(module, "weight", None)
         offloaded = "; its weight is on the meta device (offloaded)" if weight is not None and weight.is_meta else ""
         raise ValueError(f"{op}: module {name!r} carries an accelerate hook ({type(hook).__name__}, from a device_map "
-                         f"dispatch or offloading) that a LoRA wrapper would drop{offloaded}. Load the model with "
-                         f"every weight on a real device and no offloading first")
+                         f"dispatch or offloading) {why}{offloaded}. Load the model with every weight on a real "
+                         f"device and no offloading first")
 
 
 def _set_submodule(model, name, module):
