@@ -53,13 +53,13 @@ void check_lora_fwd(const at::Tensor& x, const std::optional<at::Tensor>& x_lora
   LK_CHECK_VALUE(std::isfinite(scaling), op, ": scaling expected a finite float, got ", scaling);
 }
 
-// dy: [M, N], s: [M, r] float32, lora_b: [N, r].
+// dy: [M, N], s: [M, r] float32 (float64 for float64 dy), lora_b: [N, r].
 void check_lora_bwd_dy(const at::Tensor& dy, const at::Tensor& s, const at::Tensor& lora_b, double scaling) {
   constexpr const char* op = "lora_bwd_dy";
   LK_CHECK_DIM(op, dy, 2);
   LK_CHECK_FLOATING(op, dy);
   LK_CHECK_DIM(op, s, 2);
-  LK_CHECK_DTYPE(op, s, at::kFloat);
+  LK_CHECK_DTYPE(op, s, dy.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   LK_CHECK_DIM(op, lora_b, 2);
   LK_CHECK_SAME_DTYPE(op, lora_b, dy);
   LK_CHECK_SAME_DEVICE(op, s, dy);

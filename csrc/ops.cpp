@@ -22,12 +22,12 @@ TORCH_LIBRARY(lora_kernels, m) {
   // Single-adapter fused forward. x: [M, K], x_lora: [M, K] or None (the dropped-out LoRA input; None means x),
   // weight: [N, K], lora_a: [r, K], lora_b: [N, r], bias: [N] or None.
   // Returns (y, s): y = x @ weight.T + scaling * (s @ lora_b.T) + bias  [M, N] in x.dtype,
-  //                 s = x_lora @ lora_a.T  [M, r] float32 (unscaled; saved for backward).
+  //                 s = x_lora @ lora_a.T  [M, r] float32, float64 for float64 x (unscaled; saved for backward).
   m.def("lora_fwd(Tensor x, Tensor? x_lora, Tensor weight, Tensor lora_a, Tensor lora_b, float scaling, "
         "Tensor? bias) -> (Tensor, Tensor)");
   // Backward, the part that reads dy: ONE pass over dy gives both
-  //   d_lora_b = scaling * dy.T @ s  [N, r] float32   and   ds = scaling * dy @ lora_b  [M, r] float32.
-  // dy: [M, N], s: [M, r] float32, lora_b: [N, r].
+  //   d_lora_b = scaling * dy.T @ s  [N, r]   and   ds = scaling * dy @ lora_b  [M, r],
+  // both float32 (float64 for float64 dy). dy: [M, N], s: [M, r] in that same dtype, lora_b: [N, r].
   m.def("lora_bwd_dy(Tensor dy, Tensor s, Tensor lora_b, float scaling) -> (Tensor, Tensor)");
   // Grouped shrink (SGMV/BGMV). x: [M, K], lora_a: [L, R, K], metadata from LoRABatch (int32):
   // sorted_token_ids [M] (token ids stably sorted by slot), slot_starts [L], slot_counts [L];

@@ -20,13 +20,19 @@ HAS_EXTENSION = _C is not None
 EXTENSION_WITH_CUDA = bool(getattr(_C, "WITH_CUDA", 0))
 
 
+def _accumulate_dtype(dtype):
+    """The dtype of the single-adapter ops' s, d_lora_b and ds: float32, float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _fake_lora_fwd(x, x_lora, weight, lora_a, lora_b, scaling, bias):
-    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_a.shape[0], dtype=torch.float32)
+    return (x.new_empty(x.shape[0], weight.shape[0]),
+            x.new_empty(x.shape[0], lora_a.shape[0], dtype=_accumulate_dtype(x.dtype)))
 
 
 def _fake_lora_bwd_dy(dy, s, lora_b, scaling):
-    return (dy.new_empty(lora_b.shape, dtype=torch.float32),
-            dy.new_empty(dy.shape[0], lora_b.shape[1], dtype=torch.float32))
+    acc = _accumulate_dtype(dy.dtype)
+    return dy.new_empty(lora_b.shape, dtype=acc), dy.new_empty(dy.shape[0], lora_b.shape[1], dtype=acc)
 
 
 def _fake_sgmv_shrink(x, lora_a, sorted_token_ids, slot_starts, slot_counts, scalings, ranks):

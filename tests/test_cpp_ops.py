@@ -19,8 +19,13 @@ RANKS = [1, 8, 16, 64, 256]
 
 
 def _tol_dtype(dtype):
-    """Outputs stored in float32 (s, dB, dS, the shrink result) are never more precise than float32."""
+    """The grouped shrink's result is stored in float32, so it is never more precise than float32."""
     return torch.float32 if dtype == torch.float64 else dtype
+
+
+def _acc(dtype):
+    """The dtype of lora_fwd's s and lora_bwd_dy's outputs: float32, float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -32,7 +37,7 @@ def _check_fwd(x, x_lora, weight, lora_a, lora_b, scaling, bias, mask=None):
     y, s = ops.lora_fwd(x, x_lora, weight, lora_a, lora_b, scaling, bias)
     m, n, r = x.shape[0], weight.shape[0], lora_a.shape[0]
     assert y.shape == (m, n) and y.dtype == dtype and y.device == x.device
-    assert s.shape == (m, r) and s.dtype == torch.float32
+    assert s.shape == (m, r) and s.dtype == _acc(dtype)
     if m == 0:
         return y, s
     y_ref = reference.lora_linear(x.cpu(), weight.cpu(), lora_a.cpu(), lora_b.cpu(), scaling,
@@ -40,7 +45,7 @@ def _check_fwd(x, x_lora, weight, lora_a, lora_b, scaling, bias, mask=None):
     x_lora_ref = (x if x_lora is None else x_lora).cpu().double()
     s_ref = x_lora_ref @ lora_a.cpu().double().T
     assert_close(y, y_ref, dtype, "y")
-    assert_close(s, s_ref, _tol_dtype(dtype), "s")
+    assert_close(s, s_ref, dtype, "s")
     # The LoRA term on its own (y minus the base layer), so a wrong expand cannot hide behind the base GEMM.
     base = x.cpu().double() @ weight.cpu().double().T + (0 if bias is None else bias.cpu().double())
     assert_close(y.double().cpu() - base, y_ref - base, dtype, "y - base", scale=4.0)
@@ -109,12 +114,12 @@ def test_lora_fwd_is_deterministic(device):
 def _check_bwd(dy, s, lora_b, scaling):
     d_lora_b, ds = ops.lora_bwd_dy(dy, s, lora_b, scaling)
     m, n, r = dy.shape[0], dy.shape[1], s.shape[1]
-    assert d_lora_b.shape == (n, r) and d_lora_b.dtype == torch.float32
-    assert ds.shape == (m, r) and ds.dtype == torch.float32
+    assert d_lora_b.shape == (n, r) and d_lora_b.dtype == _acc(dy.dtype)
+    assert ds.shape == (m, r) and ds.dtype == _acc(dy.dtype)
     dy64, s64, b64 = dy.cpu().double(), s.cpu().double(), lora_b.cpu().double()
-    tol = _tol_dtype(dy.dtype)
+    tol = dy.dtype
     if m == 0:
-        assert torch.equal(d_lora_b.cpu(), torch.zeros(n, r))
+        assert torch.equal(d_lora_b.cpu(), torch.zeros(n, r, dtype=_acc(dy.dtype)))
         return d_lora_b, ds
     assert_close(d_lora_b, scaling * dy64.T @ s64, tol, "d_lora_b")
     assert_close(ds, scaling * dy64 @ b64, tol, "ds")
@@ -125,7 +130,7 @@ def _check_bwd(dy, s, lora_b, scaling):
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 def test_lora_bwd_dy_matches_reference(dtype, r, device):
     dy = randn(19, 123, dtype=dtype, device=device)
-    s = randn(19, r, device=device)
+    s = randn(19, r, dtype=_acc(dtype), device=device)
     lora_b = randn(123, r, dtype=dtype, device=device, scale=r ** -0.5)
     _check_bwd(dy, s, lora_b, 2.0)
 
@@ -382,6 +387,8 @@ def test_lora_bwd_dy_bad_input(device):
         ops.lora_bwd_dy(dy, s.half(), lora_b, 1.0)
     with pytest.raises(TypeError, match="lora_bwd_dy: lora_b expected dtype"):
         ops.lora_bwd_dy(dy, s, lora_b.double(), 1.0)
+    with pytest.raises(TypeError, match="lora_bwd_dy: s expected dtype Double, got Float"):
+        ops.lora_bwd_dy(dy.double(), s, lora_b.double(), 1.0)
     with pytest.raises(ValueError, match=r"lora_bwd_dy: lora_b.shape\[0\] expected 12"):
         ops.lora_bwd_dy(dy, s, lora_b[:10], 1.0)
     with pytest.raises(ValueError, match=r"lora_bwd_dy: s.shape\[0\] expected 5"):

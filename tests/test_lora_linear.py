@@ -111,6 +111,20 @@ def test_empty_batch(backend, device):
     assert x.grad.shape == (0, 16)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu", "cuda"])
+def test_float64_keeps_float64_precision(backend, device):
+    """float64 in, float64 precision out, gradients included: the C++ ops keep s, dB and dS in float64 for float64
+    inputs (they stored them in float32, so gradients agreed to ~1e-7 only; gradcheck's tolerances let that pass)."""
+    _backend_or_skip(backend, device)
+    x, weight, lora_a, lora_b, bias = lora_inputs(9, 40, 24, 8, torch.float64, device)
+    dy = randn(9, 24, dtype=torch.float64, device=device)
+    y, grads = _run(backend, x, weight, lora_a, lora_b, bias, 0.7, dy)
+    assert_close(y, reference.lora_linear(x, weight, lora_a, lora_b, 0.7, bias), torch.float64, "y")
+    expected = reference.lora_linear_backward(dy, x, weight, lora_a, lora_b, 0.7)
+    for name in ("x", "lora_a", "lora_b"):
+        assert_close(grads[name], expected[name], torch.float64, f"d{name}")
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpu", "reference"])
 def test_gradcheck_float64(backend):
     _backend_or_skip(backend, "cpu")

@@ -1,6 +1,6 @@
 // CPU implementations of lora_fwd and lora_bwd_dy (schemas in csrc/ops.cpp). They compose ATen GEMMs in float32
-// (float64 for float64 inputs), so half-precision inputs are rounded once, when y is stored: the base GEMM, the
-// LoRA expand and the bias share one fp32 accumulator, as in the fused GPU kernels.
+// (float64 for float64 inputs, s and the gradients included), so half-precision inputs are rounded once, when y is
+// stored: the base GEMM, the LoRA expand and the bias share one fp32 accumulator, as in the fused GPU kernels.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -27,7 +27,7 @@ std::tuple<at::Tensor, at::Tensor> lora_fwd_cpu(const at::Tensor& x, const std::
   at::Tensor y = bias.has_value() ? at::addmm(bias->to(acc), x_acc, weight.to(acc).t())
                                   : at::mm(x_acc, weight.to(acc).t());
   y.addmm_(s, lora_b.to(acc).t(), /*beta=*/1.0, /*alpha=*/scaling);
-  return {y.to(x.scalar_type()), s.to(at::kFloat)};
+  return {y.to(x.scalar_type()), s};  // s in the accumulate type: float32, or float64 for float64
 }
 
 std::tuple<at::Tensor, at::Tensor> lora_bwd_dy_cpu(const at::Tensor& dy, const at::Tensor& s,
@@ -38,7 +38,7 @@ std::tuple<at::Tensor, at::Tensor> lora_bwd_dy_cpu(const at::Tensor& dy, const a
   const at::Tensor dy_acc = dy.to(acc);
   at::Tensor d_lora_b = at::mm(dy_acc.t(), s.to(acc)).mul_(scaling);  // [N, r]
   at::Tensor ds = at::mm(dy_acc, lora_b.to(acc)).mul_(scaling);       // [M, r]
-  return {d_lora_b.to(at::kFloat), ds.to(at::kFloat)};
+  return {d_lora_b, ds};
 }
 
 }  // namespace

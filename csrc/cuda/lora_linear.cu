@@ -302,7 +302,7 @@ at::Tensor mm_float(const at::Tensor& a, const at::Tensor& b) {
   if (dtype == at::kHalf || dtype == at::kBFloat16) {
     return at::mm(a, b, at::kFloat);
   }
-  return at::mm(a, b);  // fp32 stays fp32; fp64 stays fp64 (the caller rounds s to fp32)
+  return at::mm(a, b);  // fp32 stays fp32; fp64 stays fp64
 }
 
 // M > 16 (and fp64, r > 256, empty shapes): cuBLAS tensor-core GEMMs are the roofline at large M, and the LoRA
@@ -316,7 +316,7 @@ std::tuple<at::Tensor, at::Tensor> lora_fwd_gemm(const at::Tensor& x, const at::
   const at::Tensor s_acc = mm_float(x_lora, lora_a.t());  // [M, r] unscaled, fp32 (fp64 for fp64 inputs)
   at::Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
   y.addmm_(s_acc.to(x.scalar_type()), lora_b.t(), /*beta=*/1.0, /*alpha=*/scaling);
-  return {y, s_acc.to(at::kFloat)};
+  return {y, s_acc};
 }
 
 std::tuple<at::Tensor, at::Tensor> lora_fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& x_lora_opt,
@@ -437,13 +437,15 @@ std::tuple<at::Tensor, at::Tensor> lora_bwd_dy_cuda(const at::Tensor& dy, const 
   const int64_t M = dy.size(0), N = dy.size(1), r = lora_b.size(1);
   const auto fp32 = dy.options().dtype(at::kFloat);
   if (M == 0 || N == 0 || r == 0) {
-    return {at::zeros({N, r}, fp32), at::zeros({M, r}, fp32)};
+    const auto acc = dy.scalar_type() == at::kDouble ? dy.options() : fp32;
+    return {at::zeros({N, r}, acc), at::zeros({M, r}, acc)};
   }
   if (r > kBwdMaxRank || dy.scalar_type() == at::kDouble) {
     // Two cuBLAS GEMMs read dy twice but run on tensor cores; at large r that beats 2r fp32 FMAs per element.
+    // float64 stays float64 throughout (mm_float), so float64 gradients keep float64 precision.
     at::Tensor d_lora_b = mm_float(dy.t(), s.to(dy.scalar_type())).mul_(scaling);
     at::Tensor ds = mm_float(dy, lora_b).mul_(scaling);
-    return {d_lora_b.to(at::kFloat), ds.to(at::kFloat)};
+    return {d_lora_b, ds};
   }
   const int tile = r <= 32 ? 64 : 32;  // tile * r <= kBwdThreads * kBwdItems
   // Grid: about kBlocksPerSm blocks per SM, split between rows and columns to keep the partials
