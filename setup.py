@@ -7,6 +7,7 @@ TORCH_CUDA_ARCH_LIST overrides the default targets (sm_80 and sm_90a).
 
 import glob
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
+os.chdir(ROOT)  # the source globs below and setuptools' relative source paths, wherever the build is started from
 DEFAULT_CUDA_ARCHS = "8.0;9.0a"
 
 
@@ -50,11 +52,23 @@ def _find_cuda_home():
                         candidates.append(str(Path(token).resolve().parent.parent))
         except OSError:
             pass
-    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    versioned = glob.glob("/usr/local/cuda-*")  # newest first: cuda-13.0 before cuda-9.2 (not a text sort)
+    candidates += ["/usr/local/cuda"] + sorted(versioned, key=lambda p: [int(n) for n in re.findall(r"\d+", p)],
+                                               reverse=True)
     for candidate in candidates:
         if _is_toolkit_root(candidate):
             return str(Path(candidate).resolve())
     return None
+
+
+def _toolkit_major(cuda_home):
+    """The CUDA major version of the toolkit at cuda_home (from cuda.h), or None."""
+    try:
+        text = (Path(cuda_home) / "include" / "cuda.h").read_text(errors="ignore")
+    except OSError:
+        return None
+    match = re.search(r"#define\s+CUDA_VERSION\s+(\d+)", text)
+    return int(match.group(1)) // 1000 if match else None
 
 
 build_cuda_env = os.environ.get("LORA_KERNELS_BUILD_CUDA", "").strip()
@@ -69,12 +83,20 @@ if cuda_home:
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 torch_has_cuda = torch.version.cuda is not None
+# torch.utils.cpp_extension refuses a toolkit whose CUDA major version differs from torch's build.
+toolkit_major = _toolkit_major(cuda_home) if cuda_home else None
+version_mismatch = (torch_has_cuda and toolkit_major is not None
+                    and toolkit_major != int(torch.version.cuda.split(".")[0]))
+mismatch_reason = (f"the CUDA toolkit at {cuda_home} is CUDA {toolkit_major}, torch {torch.__version__} was built "
+                   f"with CUDA {torch.version.cuda}")
 if build_cuda_env == "1":
     if not torch_has_cuda:
         _fail(f"LORA_KERNELS_BUILD_CUDA=1 but torch {torch.__version__} is a CPU-only build (torch.version.cuda is None).")
     if cuda_home is None:
         _fail("LORA_KERNELS_BUILD_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME to the toolkit root).")
-build_cuda = build_cuda_env != "0" and torch_has_cuda and cuda_home is not None
+    if version_mismatch:
+        _fail(f"LORA_KERNELS_BUILD_CUDA=1 but {mismatch_reason}; install a matching toolkit or torch build.")
+build_cuda = build_cuda_env != "0" and torch_has_cuda and cuda_home is not None and not version_mismatch
 
 cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
 cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
@@ -98,7 +120,8 @@ if build_cuda:
     )
 else:
     reason = ("LORA_KERNELS_BUILD_CUDA=0" if build_cuda_env == "0"
-              else "torch is a CPU-only build" if not torch_has_cuda else "no CUDA toolkit found")
+              else "torch is a CPU-only build" if not torch_has_cuda
+              else "no CUDA toolkit found" if cuda_home is None else mismatch_reason)
     print(f"lora_kernels: building CPU sources only ({reason})")
     extension = CppExtension("lora_kernels._C", cpu_sources, define_macros=define_macros,
                              extra_compile_args={"cxx": cxx_flags})
