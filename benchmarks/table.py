@@ -11,7 +11,8 @@ import json
 import os
 import sys
 
-# bench rows shown in the summary, one per kind: the design.md §8 shape where the sweep has it.
+# bench rows shown in the summary: per kind and backend, the worst ratio over the rows of that kind (rows at ranks
+# other than design.md §8's r = 16 have a kind of their own, without a target, and are not summarised).
 SUMMARY_KINDS = ("fwd_decode", "fwd_prefill", "fwd_bwd_vs_gemms", "unfused_vs_ours", "lora_vs_full",
                  "memory_vs_unfused", "grouped_distinct", "grouped_train", "grouped_vs_loop", "decode_bandwidth",
                  "triton_split", "triton_tma", "cuda_bwd_dy")

@@ -90,7 +90,8 @@ def _add_compare_parser(sub):
         "compare", help="full fine-tuning vs LoRA (unfused torch layer) vs LoRA (fused kernels), measured here",
         description="Trains a Llama-style decoder (built in code, random init, no downloads) on a synthetic "
                     "next-token task for a few steps with full fine-tuning, LoRA with the unfused torch layer "
-                    "(PEFT's way) and LoRA with the fastest available fused backend, from the same init on the same "
+                    "(PEFT's composition; with --dropout it redraws the mask in backward where PEFT saves it) and "
+                    "LoRA with the fastest available fused backend, from the same init on the same "
                     "data, and prints trainable parameters, gradient / optimizer-state / activation / peak memory, "
                     "step time and tokens/s, checkpoint size on disk, inference latency (merged, unmerged unfused, "
                     "unmerged fused) and the loss.")

@@ -811,6 +811,10 @@ def format_compare(result):
     ]
     if result["backends"]["fused_note"]:
         lines.append(f"  note: {result['backends']['fused_note']}")
+    if cfg["dropout"] > 0:
+        lines.append("  note: with dropout, both LoRA columns redraw the dropout mask from a seed in backward; PEFT's "
+                     "own layer saves it, so its activation and peak memory are higher than the torch column's "
+                     "(`lora-kernels bench --sections train` times and measures PEFT's layer with dropout 0.1)")
     headers = ["", "full fine-tuning", "LoRA, torch (unfused)", f"LoRA, {fused} (fused)"]
     full = methods["full"]
 
