@@ -20,18 +20,19 @@ HAS_EXTENSION = _C is not None
 EXTENSION_WITH_CUDA = bool(getattr(_C, "WITH_CUDA", 0))
 
 
-def _accumulate_dtype(dtype):
-    """The dtype of the single-adapter ops' s, d_lora_b and ds: float32, float64 for float64 inputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def accumulate_dtype(dtype):
+    """The dtype the ops accumulate and keep intermediates in (the single-adapter ops' s, d_lora_b and ds; the torch
+    grouped fallback's expand): float32 for 16- and 32-bit floats, float64 for float64."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _fake_lora_fwd(x, x_lora, weight, lora_a, lora_b, scaling, bias):
     return (x.new_empty(x.shape[0], weight.shape[0]),
-            x.new_empty(x.shape[0], lora_a.shape[0], dtype=_accumulate_dtype(x.dtype)))
+            x.new_empty(x.shape[0], lora_a.shape[0], dtype=accumulate_dtype(x.dtype)))
 
 
 def _fake_lora_bwd_dy(dy, s, lora_b, scaling):
-    acc = _accumulate_dtype(dy.dtype)
+    acc = accumulate_dtype(dy.dtype)
     return dy.new_empty(lora_b.shape, dtype=acc), dy.new_empty(dy.shape[0], lora_b.shape[1], dtype=acc)
 
 

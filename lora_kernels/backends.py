@@ -59,7 +59,7 @@ def auto_backend(device, op_name="lora_linear", dtype=None):
     if device.type == "cuda":
         order = ("triton", "cuda", "torch") if op_name in GROUPED_OPS else ("torch",)
         if dtype == torch.float64:
-            order = order[1:] if order[0] == "triton" else order
+            order = tuple(name for name in order if name != "triton")
     elif device.type == "cpu":
         order = ("cpu", "torch")
     else:

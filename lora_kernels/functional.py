@@ -145,10 +145,11 @@ def torch_dropout_keep(seed, like, p):
     return _dropout_keep_impl(seed, like, p)
 
 
-def apply_dropout(t, keep, p):
+def apply_dropout(t, keep, p, *, inplace=False):
     """t * keep / (1 - p), rounded once to t's dtype: the 1/(1-p) factor stays a float in the multiply's own math
-    instead of being stored in t's dtype (in bf16 1/0.9 is 1.109375: the LoRA branch came out 0.16% small)."""
-    return (t * keep).mul_(1.0 / (1.0 - p))
+    instead of being stored in t's dtype (in bf16 1/0.9 is 1.109375: the LoRA branch came out 0.16% small).
+    inplace: into t itself (a temporary of the caller's) instead of a new tensor."""
+    return (t.mul_(keep) if inplace else t * keep).mul_(1.0 / (1.0 - p))
 
 
 # ------------------------------------------------------------------------------------------- single-adapter autograd
@@ -235,7 +236,7 @@ class LoRALinearFunction(torch.autograd.Function):
             if need_x:
                 dx_lora = ds @ lora_a
                 if keep is not None:
-                    dx_lora.mul_(keep).mul_(1.0 / (1.0 - dropout_p))
+                    apply_dropout(dx_lora, keep, dropout_p, inplace=True)
                 if backend == "torch":  # PEFT's composition: separate GEMM and add
                     dx = dy @ weight + dx_lora
                 else:  # the base GEMM adds the LoRA term in its epilogue: one pass over dx [M, K] instead of three

@@ -12,6 +12,7 @@ import contextlib
 
 import torch
 
+from lora_kernels._ext import accumulate_dtype
 from lora_kernels.backends import resolve_backend
 from lora_kernels.batch import LoRABatch
 
@@ -197,14 +198,9 @@ def _torch_expand(t, lora_b, batch, ranks, out, slice_offset):
     target.copy_(target.to(total.dtype) + total)  # one rounding to out's dtype
 
 
-def _accumulate_dtype(dtype):
-    """float32 for 16- and 32-bit floats, float64 for float64 (the base output must not pass through float32)."""
-    return torch.promote_types(dtype, torch.float32)
-
-
 def _torch_expand_by_slot(t, lora_b, batch, ranks):
     """The LoRA term [M, N] in float32 (float64 for float64; zero for tokens without an adapter)."""
-    acc = _accumulate_dtype(lora_b.dtype)
+    acc = accumulate_dtype(lora_b.dtype)  # float64 stays float64: the base output must not pass through float32
     total = torch.zeros(t.shape[0], lora_b.shape[1], dtype=acc, device=t.device)
     for slot, rows, rank in host_slot_rows(batch, ranks):
         total[rows] = t.index_select(0, rows)[:, :rank].to(acc) @ lora_b[slot, :, :rank].to(acc).T
@@ -214,7 +210,7 @@ def _torch_expand_by_slot(t, lora_b, batch, ranks):
 def _torch_expand_masked(t, lora_b, batch, ranks):
     ids = batch.adapter_ids.long()
     columns = torch.arange(lora_b.shape[2], device=t.device)
-    acc = _accumulate_dtype(lora_b.dtype)
+    acc = accumulate_dtype(lora_b.dtype)
     total = torch.zeros(t.shape[0], lora_b.shape[1], dtype=acc, device=t.device)
     for slot in range(lora_b.shape[0]):
         in_rank = columns < ranks[slot]
