@@ -405,39 +405,21 @@ def test_torch_compile_fullgraph(dev):
 
 
 def test_forward_configs_follow_m():
-    """The forward's autotune candidates: the decode tiles (16 rows) for M <= DECODE_MAX_M, the others above; each
-    set falls back to what fits when it would be empty (the interpreter's single config)."""
+    """The forward's autotune candidates on a GPU: the decode tiles (16 rows) for M <= DECODE_MAX_M, the others
+    above; the interpreter's single config for every M (each set falls back to what fits when it would be empty)."""
     x = torch.empty(0, dtype=torch.bfloat16)
-    small = tk._prune_fwd(tk.GEMM_CONFIGS, {"x_ptr": x, "M": 1}, BLOCK_R=16)
-    large = tk._prune_fwd(tk.GEMM_CONFIGS, {"x_ptr": x, "M": 4096}, BLOCK_R=16)
-    assert small and large
-    decode_rows = {tile[0] for tile in tk._DECODE_TILES}
-    if decode_rows:  # GPU config lists
-        assert all(cfg.kwargs["BLOCK_M"] in decode_rows for cfg in small)
-        assert not any(cfg.kwargs["BLOCK_M"] in decode_rows for cfg in large)
-    else:  # interpreter: one config for every M
-        assert small == large == tk.GEMM_CONFIGS[:1]
-    assert len(tk._prune_fwd(tk.GEMM_CONFIGS, {"x_ptr": x}, BLOCK_R=16)) >= len(large)  # no M: keep all that fit
+    gpu = tk.kernel_configs(gpu=True)["_lora_fwd_kernel"]
 
+    def block_rows(named_args):
+        return sorted({cfg.kwargs["BLOCK_M"] for cfg in tk._prune_fwd(gpu, named_args, BLOCK_R=16)})
 
-def test_forward_gpu_configs_follow_m():
-    """The same with the GPU config lists (a TRITON_INTERPRET=0 subprocess: nothing is compiled or launched)."""
-    import os
-    import pathlib
-    import subprocess
-    import sys
-
-    code = ("import torch\n"
-            "from lora_kernels.triton import lora_linear as tk\n"
-            "x = torch.empty(0, dtype=torch.bfloat16)\n"
-            "small = tk._prune_fwd(tk.GEMM_CONFIGS, {'x_ptr': x, 'M': 16}, BLOCK_R=16)\n"
-            "large = tk._prune_fwd(tk.GEMM_CONFIGS, {'x_ptr': x, 'M': 17}, BLOCK_R=16)\n"
-            "print(sorted({c.kwargs['BLOCK_M'] for c in small}), sorted({c.kwargs['BLOCK_M'] for c in large}))\n")
-    root = pathlib.Path(__file__).resolve().parent.parent
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(root))
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split("\n")[0] == "[16] [64, 128]", proc.stdout
+    assert block_rows({"x_ptr": x, "M": 1}) == block_rows({"x_ptr": x, "M": tk.DECODE_MAX_M}) == [16]
+    assert block_rows({"x_ptr": x, "M": tk.DECODE_MAX_M + 1}) == [64, 128]
+    assert len(tk._prune_fwd(gpu, {"x_ptr": x}, BLOCK_R=16)) == len(gpu)  # no M (the compile gate): all that fit
+    interpreter = tk.kernel_configs(gpu=False)["_lora_fwd_kernel"]
+    assert len(interpreter) == 1
+    for M in (1, 4096):
+        assert tk._prune_fwd(interpreter, {"x_ptr": x, "M": M}, BLOCK_R=16) == interpreter
 
 
 def test_fp32_dy_kernel_takes_rank_chunks_of_16():

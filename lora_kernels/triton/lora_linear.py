@@ -50,10 +50,6 @@ GROUP_M = 8
 # buffers, so it stays below the estimate and within its 163 KiB; sm_90 keeps num_stages buffers plus up to ~16 KiB
 # more, which its 227 KiB absorb (fp32 shrink at the limit: 163840 B on sm_80, 212992 B on sm_90).
 SMEM_BUDGET = 160 * 1024
-# Row block of _lora_bwd_dy_kernel. It is fixed, not autotuned, because it sets the number of dB partials the
-# launcher allocates before the launch. 128 rows halve the partials against 64 and still keep the skinny
-# [128, <=64] fp32 ds accumulator in registers.
-DY_BLOCK_M = 16 if INTERPRET else 128
 # Bytes of dB partials (one [N, r] fp32 partial per DY_BLOCK_M rows) above which the backward's dY part runs as two
 # GEMMs (dY read twice) instead of _lora_bwd_dy_kernel: the partials grow with M·N·r, and at M = 65536 rows,
 # N = 16384, r = 64 they took 2 GiB, as much as dY itself in bf16. 256 MiB leaves every bench shape on the kernel
@@ -103,65 +99,94 @@ def _set_tma_block_shapes(nargs):
 # GPU configs: the usual H100/A100 bf16 GEMM tiles for K = N = 4096 (Triton matmul tutorial and persistent-matmul
 # defaults), as (output rows, output cols, reduction block, num_warps, num_stages). The first of each list is the
 # default: it fits every dtype within sm_80's shared memory, and aot_specs() compiles it for every dtype.
-if INTERPRET:
-    _GEMM_TILES = [(16, 32, 32, 1, 1)]
-    _DECODE_TILES = []
-else:
-    _GEMM_TILES = [
-        (128, 128, 32, 8, 3),
-        (128, 128, 64, 8, 3),
-        (128, 256, 64, 8, 3),
-        (64, 128, 64, 4, 4),
-        (64, 64, 64, 4, 4),
-    ]
-    # Forward at decode sizes (M <= DECODE_MAX_M): bound by reading W once, so it wants many programs in flight.
-    # At K = N = 4096 a 16 x 32 tile gives 128 column blocks (an H100 has 132 SMs) where 64 x 64 gives 64 and
-    # 128 x 128 gives 32; 16 rows is tl.dot's minimum. Chosen from those counts, not measured on a GPU yet.
-    _DECODE_TILES = [
-        (16, 32, 128, 4, 4),
-        (16, 64, 128, 4, 4),
-    ]
+GPU_GEMM_TILES = [
+    (128, 128, 32, 8, 3),
+    (128, 128, 64, 8, 3),
+    (128, 256, 64, 8, 3),
+    (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+]
+# Forward at decode sizes (M <= DECODE_MAX_M): bound by reading W once, so it wants many programs in flight.
+# At K = N = 4096 a 16 x 32 tile gives 128 column blocks (an H100 has 132 SMs) where 64 x 64 gives 64 and
+# 128 x 128 gives 32; 16 rows is tl.dot's minimum. Chosen from those counts, not measured on a GPU yet.
+GPU_DECODE_TILES = [
+    (16, 32, 128, 4, 4),
+    (16, 64, 128, 4, 4),
+]
 DECODE_MAX_M = 16
-# Forward: output [BLOCK_M, BLOCK_N], reduction over K. dx: output [BLOCK_M, BLOCK_K], reduction over N.
-GEMM_CONFIGS = [_config(w, st, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k) for m, n, k, w, st in _GEMM_TILES + _DECODE_TILES]
-# The TMA forward takes the GEMM tiles (decode sizes stay on the pointer kernel's 16-row tiles).
-TMA_CONFIGS = [_config(w, st, _set_tma_block_shapes, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k) for m, n, k, w, st in _GEMM_TILES]
-# dx drops the 128 x 256 tile: with dropout it regenerates the mask over its whole output tile, and that variant
-# alone took ~25 s of CPU to compile per target for no expected gain over 128 x 128 (dx is a plain GEMM shape).
-DX_CONFIGS = [_config(w, st, BLOCK_M=m, BLOCK_K=n, BLOCK_N=k) for m, n, k, w, st in _GEMM_TILES if m * n <= 128 * 128]
-TMA_DX_CONFIGS = [_config(w, st, _set_tma_block_shapes, BLOCK_M=m, BLOCK_K=n, BLOCK_N=k)
-                  for m, n, k, w, st in _GEMM_TILES if m * n <= 128 * 128]
-if INTERPRET:
-    SHRINK_CONFIGS = [_config(1, 1, BLOCK_M=16, BLOCK_K=32)]
-    DY_CONFIGS = [_config(1, 1, BLOCK_N=32)]
-    DA_CONFIGS = [_config(1, 1, BLOCK_M=16, BLOCK_K=32)]
-else:
-    # The shrink is a skinny GEMM (N = r): memory-bound on x, so long K blocks and enough rows per program.
-    SHRINK_CONFIGS = [
-        _config(4, 3, BLOCK_M=64, BLOCK_K=128),
-        _config(4, 4, BLOCK_M=128, BLOCK_K=64),
-        _config(4, 4, BLOCK_M=32, BLOCK_K=128),
-    ]
-    DY_CONFIGS = [
-        _config(8, 3, BLOCK_N=64),
-        _config(8, 4, BLOCK_N=128),
-        _config(4, 3, BLOCK_N=32),
-    ]
-    # dA owns [r, BLOCK_K] tiles and loops over its split of M (see SPLIT_PROGRAMS_PER_SM).
-    DA_CONFIGS = [
-        _config(4, 3, BLOCK_M=64, BLOCK_K=64),
-        _config(4, 4, BLOCK_M=128, BLOCK_K=32),
-        _config(8, 3, BLOCK_M=128, BLOCK_K=64),
-    ]
+# Row block of _lora_bwd_dy_kernel. It is fixed, not autotuned, because it sets the number of dB partials the
+# launcher allocates before the launch. 128 rows halve the partials against 64 and still keep the skinny
+# [128, <=64] fp32 ds accumulator in registers.
+GPU_DY_BLOCK_M = 128
 
-# Largest blocks of the split dimensions and of dA's column blocks over the autotune lists: the launchers size the
-# split before the autotuner picks a config, so they count blocks with the largest block of any config. Then the
-# split never exceeds the number of blocks under any config, and dA's program count is the smallest any config gives.
-_SHRINK_MAX_BLOCK_M = max(cfg.kwargs["BLOCK_M"] for cfg in SHRINK_CONFIGS)
-_SHRINK_MAX_BLOCK_K = max(cfg.kwargs["BLOCK_K"] for cfg in SHRINK_CONFIGS)
-_DY_MAX_BLOCK_N = max(cfg.kwargs["BLOCK_N"] for cfg in DY_CONFIGS)
-_DA_MAX_BLOCK_M = max(cfg.kwargs["BLOCK_M"] for cfg in DA_CONFIGS)
-_DA_MAX_BLOCK_K = max(cfg.kwargs["BLOCK_K"] for cfg in DA_CONFIGS)
+
+def kernel_configs(gpu: bool) -> dict[str, list]:
+    """Autotune configs by kernel name: the GPU lists, or (gpu=False) the interpreter's single small config each.
+    The GPU lists also run under the interpreter in tests/test_triton_gpu_configs.py, block sizes as on a GPU."""
+    gemm_tiles = GPU_GEMM_TILES if gpu else [(16, 32, 32, 1, 1)]
+    decode_tiles = GPU_DECODE_TILES if gpu else []
+    # The TMA kernels take the GEMM tiles (decode sizes stay on the pointer kernel's 16-row tiles). dx drops the
+    # 128 x 256 tile: with dropout it regenerates the mask over its whole output tile, and that variant alone took
+    # ~25 s of CPU to compile per target for no expected gain over 128 x 128 (dx is a plain GEMM shape).
+    # Forward: output [BLOCK_M, BLOCK_N], reduction over K. dx: output [BLOCK_M, BLOCK_K], reduction over N.
+    dx_tiles = [tile for tile in gemm_tiles if tile[0] * tile[1] <= 128 * 128]
+    configs = {
+        "_lora_fwd_kernel": [_config(w, st, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k)
+                             for m, n, k, w, st in gemm_tiles + decode_tiles],
+        "_lora_fwd_tma_kernel": [_config(w, st, _set_tma_block_shapes, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k)
+                                 for m, n, k, w, st in gemm_tiles],
+        "_lora_bwd_dx_kernel": [_config(w, st, BLOCK_M=m, BLOCK_K=n, BLOCK_N=k) for m, n, k, w, st in dx_tiles],
+        "_lora_bwd_dx_tma_kernel": [_config(w, st, _set_tma_block_shapes, BLOCK_M=m, BLOCK_K=n, BLOCK_N=k)
+                                    for m, n, k, w, st in dx_tiles],
+    }
+    if not gpu:
+        return {**configs,
+                "_lora_shrink_kernel": [_config(1, 1, BLOCK_M=16, BLOCK_K=32)],
+                "_lora_bwd_dy_kernel": [_config(1, 1, BLOCK_N=32)],
+                "_lora_bwd_da_kernel": [_config(1, 1, BLOCK_M=16, BLOCK_K=32)]}
+    return {
+        **configs,
+        # The shrink is a skinny GEMM (N = r): memory-bound on x, so long K blocks and enough rows per program.
+        "_lora_shrink_kernel": [
+            _config(4, 3, BLOCK_M=64, BLOCK_K=128),
+            _config(4, 4, BLOCK_M=128, BLOCK_K=64),
+            _config(4, 4, BLOCK_M=32, BLOCK_K=128),
+        ],
+        "_lora_bwd_dy_kernel": [
+            _config(8, 3, BLOCK_N=64),
+            _config(8, 4, BLOCK_N=128),
+            _config(4, 3, BLOCK_N=32),
+        ],
+        # dA owns [r, BLOCK_K] tiles and loops over its split of M (see SPLIT_PROGRAMS_PER_SM).
+        "_lora_bwd_da_kernel": [
+            _config(4, 3, BLOCK_M=64, BLOCK_K=64),
+            _config(4, 4, BLOCK_M=128, BLOCK_K=32),
+            _config(8, 3, BLOCK_M=128, BLOCK_K=64),
+        ],
+    }
+
+
+def max_block(configs, block: str) -> int:
+    """The largest `block` over a config list. The launchers size their splits before the autotuner picks a config,
+    so they count blocks with the largest block of any config: then a split never exceeds the number of blocks
+    under any config, and dA's program count is the smallest any config gives."""
+    return max(cfg.kwargs[block] for cfg in configs)
+
+
+_CONFIGS = kernel_configs(gpu=not INTERPRET)
+SHRINK_CONFIGS = _CONFIGS["_lora_shrink_kernel"]
+GEMM_CONFIGS = _CONFIGS["_lora_fwd_kernel"]
+TMA_CONFIGS = _CONFIGS["_lora_fwd_tma_kernel"]
+DY_CONFIGS = _CONFIGS["_lora_bwd_dy_kernel"]
+DX_CONFIGS = _CONFIGS["_lora_bwd_dx_kernel"]
+TMA_DX_CONFIGS = _CONFIGS["_lora_bwd_dx_tma_kernel"]
+DA_CONFIGS = _CONFIGS["_lora_bwd_da_kernel"]
+DY_BLOCK_M = 16 if INTERPRET else GPU_DY_BLOCK_M
+_SHRINK_MAX_BLOCK_M = max_block(SHRINK_CONFIGS, "BLOCK_M")
+_SHRINK_MAX_BLOCK_K = max_block(SHRINK_CONFIGS, "BLOCK_K")
+_DY_MAX_BLOCK_N = max_block(DY_CONFIGS, "BLOCK_N")
+_DA_MAX_BLOCK_M = max_block(DA_CONFIGS, "BLOCK_M")
+_DA_MAX_BLOCK_K = max_block(DA_CONFIGS, "BLOCK_K")
 
 
 def _prune_by_smem(row_block, col_block, inner_block, element_ptr):
@@ -563,7 +588,7 @@ def _prune_fwd(configs, named_args, **kwargs):
     if "M" not in named_args:
         return kept
     decode = named_args["M"] <= DECODE_MAX_M
-    decode_block_m = {tile[0] for tile in _DECODE_TILES}
+    decode_block_m = {tile[0] for tile in GPU_DECODE_TILES}
     return [cfg for cfg in kept if (cfg.kwargs["BLOCK_M"] in decode_block_m) == decode] or kept
 
 

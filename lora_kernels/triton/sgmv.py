@@ -74,6 +74,9 @@ INTERP_CONFIG = {
     "segment_outer": {"BLOCK_T": 16, "BLOCK_Q": 32, "num_warps": 1, "num_stages": 1},
 }
 INTERP_SPLIT_K = 2
+# Which block sizes the launchers take: GPU_CONFIG's on a GPU, INTERP_CONFIG's under the interpreter.
+# tests/test_triton_gpu_configs.py switches the interpreter to GPU_CONFIG's too, to run the GPU tiles' edge cases.
+USE_GPU_CONFIG = not INTERPRET
 # Split-K: aim for SPLIT_K_PROGRAMS_PER_SM programs per SM, at most MAX_SPLIT_K splits, and at least
 # MIN_K_BLOCKS_PER_SPLIT K tiles per split so each keeps its pipeline busy. In the H100 sweep above, 4 programs per
 # SM beat 2 (29 vs 20 us, 16-adapter prefill shrink) and tied 8; the other two are unmeasured starting points.
@@ -341,7 +344,7 @@ if HAS_TRITON:
 
 def _config(name, dtype=None):
     """The block sizes of one kernel path; a "<name>_fp32" entry, where there is one, for fp32 inputs."""
-    table = INTERP_CONFIG if INTERPRET else GPU_CONFIG
+    table = GPU_CONFIG if USE_GPU_CONFIG else INTERP_CONFIG
     if dtype == torch.float32 and f"{name}_fp32" in table:
         return table[f"{name}_fp32"]
     return table[name]
@@ -352,7 +355,7 @@ def _cdiv(a, b):
 
 
 def _shrink_prefill_block_r(max_rank):
-    if INTERPRET:
+    if not USE_GPU_CONFIG:
         return INTERP_CONFIG["shrink_prefill"]["BLOCK_R"]
     return SHRINK_PREFILL_BLOCK_R[0] if max_rank <= SHRINK_PREFILL_BLOCK_R[0] else SHRINK_PREFILL_BLOCK_R[1]
 
@@ -523,7 +526,8 @@ def _launch_segment_outer(left, right, sorted_token_ids, slot_counts, slot_start
     if out.numel() == 0:
         return
     cfg = _config("segment_outer")
-    block_p = SEGMENT_OUTER_BLOCK_P[0] if P <= SEGMENT_OUTER_BLOCK_P[0] or INTERPRET else SEGMENT_OUTER_BLOCK_P[1]
+    block_p = (SEGMENT_OUTER_BLOCK_P[0] if P <= SEGMENT_OUTER_BLOCK_P[0] or not USE_GPU_CONFIG
+               else SEGMENT_OUTER_BLOCK_P[1])
     _segment_outer_kernel[(_cdiv(P, block_p), _cdiv(Q, cfg["BLOCK_Q"]), L)](
         left, right, out, sorted_token_ids, slot_counts, slot_starts,
         P, Q,
