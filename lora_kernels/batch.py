@@ -4,7 +4,7 @@ Every buffer has a size fixed by (num_tokens, num_adapters), never by the ids' v
 in a CUDA graph and one LoRABatch serves every layer of a step.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -19,6 +19,8 @@ class LoRABatch:
     slot_starts       [L] int32  offset of each slot's first token in sorted_token_ids
     active_slots      [L] int32  the slots with at least one token, ascending, then -1 padding
     num_active        [1] int32  how many entries of active_slots are real
+
+    The fields never change (frozen); `refill_` rewrites the buffers' contents in place for the next step's ids.
     """
 
     adapter_ids: torch.Tensor
@@ -39,9 +41,9 @@ class LoRABatch:
         """adapter_ids: integer tensor of any shape (flattened to [M]) with values in [-1, num_adapters).
 
         validate: check the id values and raise ValueError on one out of range. Checking values costs a host sync,
-        so the default (None) checks CPU tensors only; CUDA tensors are checked with validate=True (never during
-        CUDA-graph capture). Unchecked out-of-range ids are never read out of bounds: they are treated as -1
-        (base model only)."""
+        so the default (None) checks CPU tensors outside torch.compile tracing only; CUDA tensors are checked with
+        validate=True (never during CUDA-graph capture), traced ones never (the check would break the graph).
+        Unchecked out-of-range ids are never read out of bounds: they are treated as -1 (base model only)."""
         if not isinstance(adapter_ids, torch.Tensor):
             raise TypeError(f"LoRABatch.from_adapter_ids: adapter_ids expected a torch.Tensor, got {type(adapter_ids).__name__}")
         if adapter_ids.dtype.is_floating_point or adapter_ids.dtype.is_complex or adapter_ids.dtype == torch.bool:
@@ -77,6 +79,27 @@ class LoRABatch:
         num_active = has_tokens.sum(dtype=torch.int32).reshape(1)
         return cls(ids, sorted_token_ids, slot_counts, slot_starts, active_slots, num_active,
                    int(ids.numel()), num_adapters)
+
+    def refill_(self, adapter_ids, *, validate=None):
+        """Rebuilds this batch in place for new adapter ids, as many as before (any shape): every buffer keeps its
+        address, so a CUDA graph captured with this batch replays with the new ids. Build one batch per token count
+        once, refill it before each replay. On the device with no host sync; validate as in from_adapter_ids (a
+        bad id raises before anything is written). A multi_lora_linear whose backward has not run yet refuses a
+        refilled batch (autograd's error about a tensor modified in place) rather than use the new ids. Returns
+        self."""
+        if not isinstance(adapter_ids, torch.Tensor):
+            raise TypeError(f"LoRABatch.refill_: adapter_ids expected a torch.Tensor, got {type(adapter_ids).__name__}")
+        if adapter_ids.numel() != self.num_tokens:
+            raise ValueError(f"LoRABatch.refill_: adapter_ids expected {self.num_tokens} ids (the batch's num_tokens), "
+                             f"got shape {tuple(adapter_ids.shape)}")
+        if validate is None:  # as from_adapter_ids would decide for the ids where the caller has them
+            validate = adapter_ids.device.type == "cpu" and not torch.compiler.is_compiling()
+        fresh = LoRABatch.from_adapter_ids(adapter_ids.to(self.device), self.num_adapters, validate=validate)
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, torch.Tensor):
+                value.copy_(getattr(fresh, field.name))
+        return self
 
     def check_tokens(self, num_tokens, op_name, arg_name="x"):
         if num_tokens != self.num_tokens:

@@ -6,6 +6,7 @@ Backward gives dX, dA, dB and d(bias); dW only when weight.requires_grad (full f
 S = drop(x) @ lora_a.T; the dropout mask is regenerated from a seed, never stored.
 """
 
+import dataclasses
 import numbers
 
 import torch
@@ -320,6 +321,9 @@ def _multi_lora_forward(x2, weight, bias, lora_a, lora_b, batch, scalings, ranks
     return y, shrunk
 
 
+_BATCH_BUFFERS = tuple(field.name for field in dataclasses.fields(LoRABatch) if field.type is torch.Tensor)
+
+
 class MultiLoRAFunction(torch.autograd.Function):
     """y = x2 @ W.T + bias + grouped LoRA; gradients for x2, every slot's A and B, and W and bias when they require
     it (full fine-tuning of the base; never the scalings)."""
@@ -327,14 +331,19 @@ class MultiLoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, weight, bias, lora_a, lora_b, batch, scalings, ranks, backend):
         y, shrunk = _multi_lora_forward(x2, weight, bias, lora_a, lora_b, batch, scalings, ranks, backend)
-        ctx.save_for_backward(x2, weight, lora_a, lora_b, shrunk, scalings, ranks)
+        # The batch's buffers are saved like the other inputs: refilling them in place (LoRABatch.refill_, for the
+        # next step of a CUDA graph) before this backward runs then raises autograd's in-place modification error
+        # instead of computing the gradients for the new ids.
+        batch_buffers = [getattr(batch, name) for name in _BATCH_BUFFERS]
+        ctx.save_for_backward(x2, weight, lora_a, lora_b, shrunk, scalings, ranks, *batch_buffers)
         ctx.batch, ctx.backend = batch, backend
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, lora_a, lora_b, shrunk, scalings, ranks = ctx.saved_tensors
-        batch, backend = ctx.batch, ctx.backend
+        x2, weight, lora_a, lora_b, shrunk, scalings, ranks, *batch_buffers = ctx.saved_tensors
+        batch = dataclasses.replace(ctx.batch, **dict(zip(_BATCH_BUFFERS, batch_buffers)))
+        backend = ctx.backend
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         dy = dy.contiguous()
         dx = d_weight = d_bias = d_lora_a = d_lora_b = None

@@ -40,12 +40,12 @@ def _check_device(op, name, t, device):
         raise ValueError(f"{op}: {name} expected device {device}, got {t.device}")
 
 
-def _check_batch(op, batch, num_tokens, num_slots, device, tokens_name):
+def _check_batch(op, batch, num_tokens, num_slots, device, tokens_name, weights_name):
     if not isinstance(batch, LoRABatch):
         raise TypeError(f"{op}: batch expected a LoRABatch, got {type(batch).__name__}")
     batch.check_tokens(num_tokens, op, tokens_name)
     if batch.num_adapters != num_slots:
-        raise ValueError(f"{op}: batch was built for {batch.num_adapters} adapter slots, but the LoRA weights have "
+        raise ValueError(f"{op}: batch was built for {batch.num_adapters} adapter slots, but {weights_name} has "
                          f"{num_slots} (L)")
     _check_device(op, "batch", batch.adapter_ids, device)
 
@@ -89,17 +89,17 @@ def as_ranks(op, ranks, num_slots, max_rank, device):
     return ranks.to(device=device, dtype=torch.int32)
 
 
-def check_shrink_args(op, x, lora_a, batch, scalings, ranks):
+def check_shrink_args(op, x, lora_a, batch, scalings, ranks, lora_a_name="lora_a"):
     _check_float(op, "x", x, 2)
-    _check_float(op, "lora_a", lora_a, 3)
+    _check_float(op, lora_a_name, lora_a, 3)
     num_slots, max_rank, in_features = lora_a.shape
     if x.shape[1] != in_features:
-        raise ValueError(f"{op}: x expected shape [M, {in_features}] (K of lora_a {tuple(lora_a.shape)} = [L, R, K]), "
-                         f"got {tuple(x.shape)}")
+        raise ValueError(f"{op}: x expected shape [M, {in_features}] (K of {lora_a_name} {tuple(lora_a.shape)} = "
+                         f"[L, R, K]), got {tuple(x.shape)}")
     if lora_a.dtype != x.dtype:
-        raise TypeError(f"{op}: lora_a expected dtype {x.dtype} (same as x), got {lora_a.dtype}")
-    _check_device(op, "lora_a", lora_a, x.device)
-    _check_batch(op, batch, x.shape[0], num_slots, x.device, "x")
+        raise TypeError(f"{op}: {lora_a_name} expected dtype {x.dtype} (same as x), got {lora_a.dtype}")
+    _check_device(op, lora_a_name, lora_a, x.device)
+    _check_batch(op, batch, x.shape[0], num_slots, x.device, "x", lora_a_name)
     return as_scalings(op, scalings, num_slots, x.device), as_ranks(op, ranks, num_slots, max_rank, x.device)
 
 
@@ -107,6 +107,8 @@ def check_expand_args(op, t, lora_b, batch, out, slice_offset, ranks, lora_b_nam
     """Checks of lora_expand; t=None checks everything but t (add_lora, whose t is its own shrink's output)."""
     if t is not None:
         _check_float(op, "t", t, 2)
+        if t.dtype != torch.float32:  # what lora_shrink returns, and what every backend's expand reads
+            raise TypeError(f"{op}: t expected dtype torch.float32 (lora_shrink's output), got {t.dtype}")
     _check_float(op, lora_b_name, lora_b, 3)
     _check_float(op, "out", out, 2)
     num_slots, width, max_rank = lora_b.shape
@@ -123,7 +125,7 @@ def check_expand_args(op, t, lora_b, batch, out, slice_offset, ranks, lora_b_nam
     for name, tensor in (("t", t), (lora_b_name, lora_b)):
         if tensor is not None:
             _check_device(op, name, tensor, out.device)
-    _check_batch(op, batch, out.shape[0], num_slots, out.device, "out")
+    _check_batch(op, batch, out.shape[0], num_slots, out.device, "out", lora_b_name)
     return as_ranks(op, ranks, num_slots, max_rank, out.device)
 
 
@@ -306,7 +308,8 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
     o_j = sum(output_slices[:j]) — e.g. a fused QKV projection with q, k, v widths (n_q, n_kv, n_kv).
 
     y: [M, sum(output_slices)]; x: [M, K]; lora_a_slices: S tensors [L, R_j, K], or one [S, L, R, K];
-    lora_b_slices: S tensors [L, n_j, R_j], or one [S, L, n, R] when the widths are equal. With the triton backend a
+    lora_b_slices: S tensors [L, n_j, R_j], or one [S, L, n, R] when the widths are equal; scalings: [L]; ranks: [L]
+    (every slice) or None (every slot at each slice's own R_j). With the triton backend a
     stacked lora_a is one shrink launch and a stacked lora_b one expand launch (else one launch per slice).
     buffer: optional [S, M, R] float32 for the shrink results (every slice of rank R), so a captured CUDA graph
     allocates nothing (triton backend). Every slice is checked before y is touched. Returns y.
@@ -329,18 +332,22 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
                          f"got shape {tuple(y.shape)}")
     backend = resolve_backend(backend, y.device, op, y.dtype)
     offsets = [sum(widths[:j]) for j in range(len(widths))]
+    slice_ranks = []  # per slice: ranks=None means every slot at that slice's own R_j
     for j, width in enumerate(widths):  # every slice checked before any work: nothing half-applied
         lora_b = lora_b_slices[j]
         if not isinstance(lora_b, torch.Tensor) or lora_b.dim() != 3 or lora_b.shape[1] != width:
             shape = tuple(lora_b.shape) if isinstance(lora_b, torch.Tensor) else type(lora_b).__name__
             raise ValueError(f"{op}: lora_b_slices[{j}] expected shape [L, {width}, R] (output_slices[{j}] = {width}), "
                              f"got {shape}")
-        # converted once (lists become tensors on the device); later slices check the converted tensors
-        scalings, ranks = check_shrink_args(op, x, lora_a_slices[j], batch, scalings, ranks)
-        check_expand_args(op, None, lora_b, batch, y, offsets[j], ranks, lora_b_name=f"lora_b_slices[{j}]")
+        scalings, ranks_j = check_shrink_args(op, x, lora_a_slices[j], batch, scalings, ranks,
+                                              lora_a_name=f"lora_a_slices[{j}]")
+        if ranks is not None:  # converted once (a list becomes a device tensor); later slices check that tensor
+            ranks = ranks_j
+        check_expand_args(op, None, lora_b, batch, y, offsets[j], ranks_j, lora_b_name=f"lora_b_slices[{j}]")
         if lora_b.shape[2] != lora_a_slices[j].shape[1]:
             raise ValueError(f"{op}: lora_b_slices[{j}] expected R = {lora_a_slices[j].shape[1]} (lora_a_slices[{j}] "
                              f"is {tuple(lora_a_slices[j].shape)}), got {tuple(lora_b.shape)}")
+        slice_ranks.append(ranks_j)
     if buffer is not None:
         expected = (len(widths), x.shape[0], lora_a_slices[0].shape[1])
         _check_float(op, "buffer", buffer, 3)
@@ -352,28 +359,37 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
     if backend == "triton":
         check_triton_args(op, x.dtype, batch.num_adapters)
         check_triton_args(op, y.dtype, batch.num_adapters)
-        _triton_add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, widths, offsets,
+        _triton_add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, slice_ranks, widths, offsets,
                          deterministic, buffer)
         return y
+    if backend == "reference":  # the oracle: float64 from x to y, one rounding to y's dtype
+        from lora_kernels import reference
+        result = y
+        for j in range(len(widths)):
+            shrunk = reference.lora_shrink(x, lora_a_slices[j], batch.adapter_ids, scalings, slice_ranks[j])
+            result = reference.lora_expand(shrunk, lora_b_slices[j], batch.adapter_ids, result, offsets[j],
+                                           slice_ranks[j])
+        return y.copy_(result)
     for j in range(len(widths)):
-        shrunk = run_shrink(backend, x, lora_a_slices[j], batch, scalings, ranks, deterministic,
+        shrunk = run_shrink(backend, x, lora_a_slices[j], batch, scalings, slice_ranks[j], deterministic,
                             None if buffer is None else buffer[j])
-        run_expand(backend, shrunk, lora_b_slices[j], batch, ranks, y, offsets[j])
+        run_expand(backend, shrunk, lora_b_slices[j], batch, slice_ranks[j], y, offsets[j])
     return y
 
 
-def _triton_add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, widths, offsets, deterministic,
-                     buffer):
+def _triton_add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, slice_ranks, widths, offsets,
+                     deterministic, buffer):
     """add_lora's launches with the triton backend: one shrink for a stacked [S, L, R, K] lora_a, one expand for a
-    stacked [S, L, n, R] lora_b (equal widths), else one per slice."""
+    stacked [S, L, n, R] lora_b (equal widths), else one per slice. Stacked slices share one R, so one ranks."""
     sgmv = _triton_sgmv()
     if isinstance(lora_a_slices, torch.Tensor):  # [S, L, R, K]
-        shrunk = sgmv.shrink(x, lora_a_slices, batch, scalings, ranks, deterministic=deterministic, out=buffer)
+        shrunk = sgmv.shrink(x, lora_a_slices, batch, scalings, slice_ranks[0], deterministic=deterministic,
+                             out=buffer)
     else:
-        shrunk = [sgmv.shrink(x, lora_a, batch, scalings, ranks, deterministic=deterministic,
+        shrunk = [sgmv.shrink(x, lora_a, batch, scalings, slice_ranks[j], deterministic=deterministic,
                               out=None if buffer is None else buffer[j]) for j, lora_a in enumerate(lora_a_slices)]
     if isinstance(lora_b_slices, torch.Tensor) and isinstance(shrunk, torch.Tensor):
-        sgmv.expand(shrunk, lora_b_slices, batch, ranks, y, 0)  # slice s lands at columns s * n (equal widths)
+        sgmv.expand(shrunk, lora_b_slices, batch, slice_ranks[0], y, 0)  # slice s at columns s * n (equal widths)
     else:
         for j in range(len(widths)):
-            sgmv.expand(shrunk[j], lora_b_slices[j], batch, ranks, y, offsets[j])
+            sgmv.expand(shrunk[j], lora_b_slices[j], batch, slice_ranks[j], y, offsets[j])

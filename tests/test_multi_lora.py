@@ -79,6 +79,45 @@ def test_lora_batch_metadata():
     assert all(t.dtype == torch.int32 and t.is_contiguous() for t in (batch.slot_starts, batch.active_slots))
 
 
+def test_lora_batch_refill_in_place(device):
+    """refill_ (a captured CUDA graph's next step): the same buffers, holding what a fresh build holds; a bad id or
+    count raises before anything is written."""
+    batch = LoRABatch.from_adapter_ids(torch.tensor([2, -1, 0, 2, 2, -1, 0], device=device), 4)
+    buffers = {name: getattr(batch, name) for name in ("adapter_ids", "sorted_token_ids", "slot_counts",
+                                                       "slot_starts", "active_slots", "num_active")}
+    pointers = {name: t.data_ptr() for name, t in buffers.items()}
+    new_ids = torch.tensor([1, 1, 3, -1, 0, 3, 2])
+    assert batch.refill_(new_ids.to(device)) is batch
+    fresh = LoRABatch.from_adapter_ids(new_ids, 4)
+    for name, t in buffers.items():
+        assert t.data_ptr() == pointers[name] and getattr(batch, name) is t
+        assert torch.equal(t.cpu(), getattr(fresh, name)), name
+    snapshot = {name: t.clone() for name, t in buffers.items()}
+    with pytest.raises(ValueError, match=r"LoRABatch.refill_: adapter_ids expected 7 ids \(the batch's num_tokens\), "
+                                         r"got shape \(6,\)"):
+        batch.refill_(new_ids[:6].to(device))
+    with pytest.raises(ValueError, match=r"adapter_ids expected values in \[-1, 4\), got 4"):
+        batch.refill_(torch.tensor([0, 1, 2, 3, 4, 0, 0]))  # CPU ids are checked, wherever the batch lives
+    with pytest.raises(TypeError, match="adapter_ids expected a torch.Tensor, got list"):
+        batch.refill_([0] * 7)
+    assert all(torch.equal(t, snapshot[name]) for name, t in buffers.items())
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_refilled_batch_before_backward_is_refused(backend, device):
+    """A LoRABatch refilled between multi_lora_linear's forward and its backward: autograd refuses the modified
+    buffers. It had silently computed the gradients of the new ids (a serving stack reusing one batch per CUDA
+    graph while training several adapters)."""
+    _backend_or_skip(backend, device)
+    lora_a, lora_b = [t.requires_grad_(True) for t in _adapters(4, 4, 8, 6, [4, 4, 4, 4], torch.float32, device)]
+    x, weight = randn(6, 8, device=device), randn(6, 8, device=device)
+    batch = LoRABatch.from_adapter_ids(torch.tensor([0, 0, 1, 1, -1, 2], device=device), 4)
+    y = lk.multi_lora_linear(x, weight, lora_a, lora_b, batch, [1.0] * 4, backend=backend)
+    batch.refill_(torch.full((6,), 3, device=device))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])
 def test_lora_batch_takes_every_integer_dtype(dtype):
     ids = torch.tensor([2, 0, 3, 2] + ([-1] if dtype != torch.uint8 else []), dtype=dtype)
@@ -207,7 +246,66 @@ def test_add_lora_checks_every_slice_before_touching_y(backend, device):
         lk.ops.add_lora(y, x, [a0, a1[:, :, :15]], [b0, b1], batch, [1.0, 1.0], ranks, widths, backend=backend)
     with pytest.raises(TypeError, match=r"lora_b_slices\[1\] expected dtype torch.float32"):
         lk.ops.add_lora(y, x, [a0, a1], [b0, b1.double()], batch, [1.0, 1.0], ranks, widths, backend=backend)
+    # errors about a later slice's weights name that slice
+    with pytest.raises(ValueError, match=r"x expected shape \[M, 15\] \(K of lora_a_slices\[1\]"):
+        lk.ops.add_lora(y, x, [a0, a1[:, :, :15]], [b0, b1], batch, [1.0, 1.0], ranks, widths, backend=backend)
+    with pytest.raises(ValueError, match=r"batch was built for 2 adapter slots, but lora_a_slices\[1\] has 1"):
+        lk.ops.add_lora(y, x, [a0, a1[:1]], [b0, b1], batch, [1.0, 1.0], ranks, widths, backend=backend)
     assert torch.equal(y, before)
+
+
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS + ["reference"])
+@pytest.mark.parametrize("order", [(8, 16), (16, 8)], ids=["R8,16", "R16,8"])
+def test_add_lora_default_ranks_per_slice(backend, order, device):
+    """ranks=None: every slot at each slice's own R_j (slices may be padded to different R). It had taken the first
+    slice's R for all: a wider later slice was cut to it, a narrower one refused."""
+    _backend_or_skip(backend, device)
+    num_slots, k, m, widths = 3, 20, 9, (12, 6)
+    weights = [_adapters(num_slots, r, k, w, [r] * num_slots, torch.float32, device) for r, w in zip(order, widths)]
+    lora_as, lora_bs = zip(*weights)
+    ids = segment_ids("mixed_base", m, num_slots).to(device)
+    scalings = torch.tensor([1.0, 0.5, 2.0], device=device)
+    x, y = randn(m, k, device=device), randn(m, sum(widths), device=device)
+    expected = y.double().cpu()
+    for j, (lora_a, lora_b) in enumerate(weights):
+        full = torch.full((num_slots,), order[j])
+        shrunk = reference.lora_shrink(x.cpu(), lora_a.cpu(), ids.cpu(), scalings.cpu(), full)
+        expected = reference.lora_expand(shrunk, lora_b.cpu(), ids.cpu(), expected, sum(widths[:j]), full)
+    batch = LoRABatch.from_adapter_ids(ids, num_slots)
+    lk.ops.add_lora(y, x, list(lora_as), list(lora_bs), batch, scalings, None, widths, backend=backend)
+    assert_close(y, expected, torch.float32, "add_lora, ranks=None")
+
+
+def test_reference_backend_is_float64_throughout(device):
+    """The reference backend of add_lora keeps the shrink result in float64 (the oracle); lora_shrink's output is
+    float32 on every backend, as documented."""
+    num_slots, max_rank, k, m, widths, ranks = 3, 8, 24, 10, (16, 8), [8, 3, 5]
+    lora_as, lora_bs = zip(*[_adapters(num_slots, max_rank, k, w, ranks, torch.float64, device) for w in widths])
+    ids = segment_ids("uniform", m, num_slots).to(device)
+    scalings = torch.tensor([1.0, 0.3, 2.0], device=device)
+    x, y = randn(m, k, dtype=torch.float64, device=device), randn(m, sum(widths), dtype=torch.float64, device=device)
+    expected = reference.add_lora(y.cpu(), x.cpu(), [a.cpu() for a in lora_as], [b.cpu() for b in lora_bs],
+                                  ids.cpu(), scalings.cpu(), torch.tensor(ranks), widths)
+    batch = LoRABatch.from_adapter_ids(ids, num_slots)
+    lk.ops.add_lora(y, x, list(lora_as), list(lora_bs), batch, scalings, ranks, widths, backend="reference")
+    assert_close(y, expected, torch.float64, "add_lora, reference backend")
+    shrunk = lk.ops.lora_shrink(x, lora_as[0], batch, scalings, ranks, backend="reference")
+    assert shrunk.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS + ["reference"])
+def test_lora_expand_takes_float32_t_only(backend, device):
+    """t is lora_shrink's float32 output on every backend; another dtype is refused by name (the cpu backend had
+    refused it from C++, torch and triton had taken it silently)."""
+    _backend_or_skip(backend, device)
+    lora_a, lora_b = _adapters(2, 4, 8, 6, [4, 2], torch.float32, device)
+    batch = LoRABatch.from_adapter_ids(torch.tensor([0, 1, -1], device=device), 2)
+    out = torch.zeros(3, 6, device=device)
+    for dtype in (torch.bfloat16, torch.float64):
+        with pytest.raises(TypeError, match=rf"lora_expand: t expected dtype torch.float32 .*got {dtype}"):
+            lk.ops.lora_expand(torch.zeros(3, 4, dtype=dtype, device=device), lora_b, batch, out, 0, [4, 2],
+                               backend=backend)
+    assert not out.any()
 
 
 @pytest.mark.parametrize("backend", GROUPED_BACKENDS + ["reference"])

@@ -197,6 +197,23 @@ def test_add_lora_slices(device, widths, stacked, M, dtype):
     assert_close(y, expected, dtype, "add_lora")
 
 
+def test_add_lora_checks_every_expand_before_touching_y(device):
+    """A bad later slice is an error naming it before the first expand writes y (it had added slice 0 first)."""
+    M, K, L, ranks = 9, 24, 3, [4, 8, 2]
+    ids = make_ids("mixed_neg", M, L, device)
+    batch = LoRABatch.from_adapter_ids(ids, L)
+    a_list, b_list, ranks_t, scalings = make_weights(L, ranks, K, [8, 6, 6], torch.float32, device)
+    x, y = randn(M, K, device=device), randn(M, 20, device=device)
+    before = y.clone()
+    with pytest.raises(ValueError, match=r"add_lora: batch was built for 3 adapter slots, but the stacked weights "
+                                         r"have L = 4"):
+        sgmv.add_lora(y, x, a_list, [b_list[0], b_list[1], torch.cat([b_list[2], b_list[2][:1]])], batch, scalings,
+                      ranks_t, [8, 6, 6])
+    with pytest.raises(ValueError, match=r"add_lora: lora_b_slices\[2\] expected R = 8"):
+        sgmv.add_lora(y, x, a_list, [b_list[0], b_list[1], b_list[2][..., :4]], batch, scalings, ranks_t, [8, 6, 6])
+    assert torch.equal(y, before)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # determinism, buffers, edge cases
 
@@ -446,7 +463,7 @@ def test_cuda_graph_replay_with_new_adapter_ids(path):
         step()
     for dist in ("zipf", "mixed_neg", "distinct", "all_neg", "skewed"):
         ids = make_ids(dist, M, L, device)
-        sgmv.refill_batch(batch, ids)
+        batch.refill_(ids)
         x.copy_(randn(M, K, dtype=dtype, device=device))
         graph.replay()
         torch.cuda.synchronize()

@@ -20,7 +20,6 @@ traces through; triton_op/wrap_triton cannot trace a kernel running under the Tr
 custom op is used everywhere); plain eager calls launch directly (_through_op: the dispatcher's host time).
 """
 
-import dataclasses
 import inspect
 
 import torch
@@ -675,14 +674,18 @@ def sgmv_expand(t, lora_b, batch, ranks, out, slice_offset=0, *, add_inputs=True
     of those dtypes, N_total >= slice_offset + N. With t [S, M, R] and lora_b [S, L, N, R], slice s goes to columns
     slice_offset + s*N (equal widths, one launch). add_inputs=False overwrites those columns instead (rows of -1
     tokens get 0). The sum is accumulated in fp32; out is read once and written once. Returns out."""
-    op = "sgmv_expand"
+    _check_expand("sgmv_expand", t, lora_b, batch, ranks, out, slice_offset, path)
+    return expand(t, lora_b, batch, ranks, out, slice_offset, add_inputs=add_inputs, path=path)
+
+
+def _check_expand(op, t, lora_b, batch, ranks, out, slice_offset, path, lora_b_name="lora_b"):
     _check_tensor(op, "t", t, (2, 3), (torch.float32,))
     device = t.device
     _check_available(op, device)
-    _check_tensor(op, "lora_b", lora_b, t.dim() + 1, SUPPORTED_DTYPES, device)
+    _check_tensor(op, lora_b_name, lora_b, t.dim() + 1, SUPPORTED_DTYPES, device)
     *lead, L, N, R = lora_b.shape
     M = t.shape[-2]
-    _check_shape(op, "t", t, (*lead, M, R), "[S,] M, R with R = lora_b.shape[-1]")
+    _check_shape(op, "t", t, (*lead, M, R), f"[S,] M, R with R = {lora_b_name}.shape[-1]")
     _check_tensor(op, "out", out, 2, SUPPORTED_DTYPES, device)
     _check_nonneg_int(op, "slice_offset", slice_offset)
     width = N * (lead[0] if lead else 1)
@@ -692,7 +695,6 @@ def sgmv_expand(t, lora_b, batch, ranks, out, slice_offset=0, *, add_inputs=True
     _check_batch(op, batch, M, L, device, "t")
     _check_slots(op, None, ranks, L, R, device)
     _check_path(op, path)
-    return expand(t, lora_b, batch, ranks, out, slice_offset, add_inputs=add_inputs, path=path)
 
 
 def expand(t, lora_b, batch, ranks, out, slice_offset=0, *, add_inputs=True, path="auto"):
@@ -768,6 +770,16 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
     else:
         _check_tensor(op, "buffer", buffer, 3, (torch.float32,), x.device)
         _check_shape(op, "buffer", buffer, (S, M, R), "S slices, M tokens, R")
+    # Every expand's arguments checked before the first one writes y: nothing half-applied. (The shrinks write
+    # only the buffer; sgmv_shrink checks each before its launch.)
+    offsets = [sum(widths[:j]) for j in range(S)]
+    for j in range(1 if stacked_b else S):
+        b_j = lora_b_slices if stacked_b else lora_b_slices[j]
+        name = "lora_b_slices" if stacked_b else f"lora_b_slices[{j}]"
+        if b_j.shape[-1] != R:
+            raise ValueError(f"{op}: {name} expected R = {R} (lora_a_slices[0] is {(L, R, K)}), "
+                             f"got {tuple(b_j.shape)}")
+        _check_expand(op, buffer if stacked_b else buffer[j], b_j, batch, ranks, y, offsets[j], path, name)
     if stacked_a:
         sgmv_shrink(x, lora_a_slices, batch, scalings, ranks, deterministic=deterministic, out=buffer, path=path)
     else:
@@ -775,29 +787,11 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
             sgmv_shrink(x, lora_a_slices[j], batch, scalings, ranks, deterministic=deterministic, out=buffer[j],
                         path=path)
     if stacked_b:
-        sgmv_expand(buffer, lora_b_slices, batch, ranks, y, 0, path=path)
+        expand(buffer, lora_b_slices, batch, ranks, y, 0, path=path)
     else:
-        offset = 0
         for j in range(S):
-            sgmv_expand(buffer[j], lora_b_slices[j], batch, ranks, y, offset, path=path)
-            offset += widths[j]
+            expand(buffer[j], lora_b_slices[j], batch, ranks, y, offsets[j], path=path)
     return y
-
-
-def refill_batch(batch, adapter_ids):
-    """Rebuilds `batch` in place for new adapter ids (same count): its buffers keep their addresses, so a CUDA graph
-    captured with `batch` replays with the new ids. Device-side only (no host sync); returns batch."""
-    if not isinstance(batch, LoRABatch):
-        raise TypeError(f"refill_batch: batch expected a LoRABatch, got {type(batch).__name__}")
-    if not isinstance(adapter_ids, torch.Tensor) or adapter_ids.numel() != batch.num_tokens:
-        got = tuple(adapter_ids.shape) if isinstance(adapter_ids, torch.Tensor) else type(adapter_ids).__name__
-        raise ValueError(f"refill_batch: adapter_ids expected {batch.num_tokens} ids (batch.num_tokens), got {got}")
-    fresh = LoRABatch.from_adapter_ids(adapter_ids.to(batch.device), batch.num_adapters, validate=False)
-    for field in dataclasses.fields(LoRABatch):
-        value = getattr(batch, field.name)
-        if isinstance(value, torch.Tensor):
-            value.copy_(getattr(fresh, field.name))
-    return batch
 
 
 # ----------------------------------------------------------------------------------------------------------------
