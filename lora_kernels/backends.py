@@ -41,6 +41,27 @@ def unavailable_reason(backend, device):
     return f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)} or 'auto'"
 
 
+def parse_device(op, value):
+    """--device of the CLI commands: "cpu", "cuda" or "cuda:N" as a torch.device, else ValueError naming it (torch's
+    own error for a name like "gpu" is a RuntimeError listing every device type it knows)."""
+    try:
+        device = torch.device(value or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{op}: --device expected cpu or cuda, got {value!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{op}: --device expected cpu or cuda, got {value!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{op}: --device cuda but torch sees no CUDA device")
+    return device
+
+
+def check_backend_name(op, backend):
+    """ValueError naming `backend` unless it is a backend's name or "auto" (whether it runs here is decided per call,
+    by the tensors' device)."""
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"{op}: backend expected one of {', '.join(BACKENDS)} or 'auto', got {backend!r}")
+
+
 def available_backends(device):
     return [name for name in BACKENDS if unavailable_reason(name, device) is None]
 

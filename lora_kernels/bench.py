@@ -94,11 +94,7 @@ class BenchConfig:
     progress: bool = False
 
     def resolved(self):
-        device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("bench: --device cuda but torch sees no CUDA device")
-        if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"bench: --device expected cpu or cuda, got {device}")
+        device = backends.parse_device("bench", self.device)
         preset = PRESETS[device.type + ("_quick" if self.quick else "")]
         cfg = dataclasses.replace(self, device=str(device))
         for name, value in preset.items():

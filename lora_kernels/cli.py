@@ -179,8 +179,21 @@ def _write_json(result, path):
     os.replace(tmp, path)
 
 
+def _output_dirs_exist(command, args):
+    """The folders of --save / --plot exist: checked before a run of minutes, not after it."""
+    for option in ("save", "plot"):
+        path = getattr(args, option, None)
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            print(f"lora-kernels {command}: --{option} {path}: the folder {os.path.dirname(os.path.abspath(path))} "
+                  f"does not exist", file=sys.stderr)
+            return False
+    return True
+
+
 def run_compare_command(args):
     from lora_kernels import compare
+    if not _output_dirs_exist("compare", args):
+        return 2
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -214,6 +227,8 @@ def run_compare_command(args):
 
 def run_bench_command(args):
     from lora_kernels import bench
+    if not _output_dirs_exist("bench", args):
+        return 2
     config = bench.BenchConfig(
         device=args.device, dtype=args.dtype, quick=args.quick, backends=args.backends, hidden=args.hidden,
         rank=args.rank, ranks=args.ranks, ms=args.ms, train_m=args.train_m, reps=args.reps, threads=args.threads,

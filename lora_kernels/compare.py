@@ -383,11 +383,7 @@ class CompareConfig:
 
     def resolved(self):
         """A copy with every None filled in and every value checked (ValueError names the option)."""
-        device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("compare: --device cuda but torch sees no CUDA device")
-        if device.type not in DEVICE_DEFAULTS:
-            raise ValueError(f"compare: --device expected cpu or cuda, got {device}")
+        device = backends.parse_device("compare", self.device)
         defaults = DEVICE_DEFAULTS[device.type]
         cfg = dataclasses.replace(self, device=str(device))
         for name in ("model_size", "dtype", "batch_size", "seq_len", "steps", "warmup", "infer_reps"):
@@ -396,6 +392,7 @@ class CompareConfig:
         if cfg.model_size not in MODEL_SIZES:
             raise ValueError(f"compare: --model-size expected one of {', '.join(MODEL_SIZES)}, got {cfg.model_size!r}")
         size = dict(MODEL_SIZES[cfg.model_size])
+        heads_given = cfg.heads is not None
         if cfg.hidden is not None and cfg.heads is None:  # keep head_dim near the preset's
             size["heads"] = max(1, cfg.hidden // (size["hidden"] // size["heads"]))
         if cfg.hidden is not None and cfg.intermediate is None:
@@ -416,8 +413,13 @@ class CompareConfig:
         if not isinstance(cfg.warmup, int) or not 0 <= cfg.warmup < cfg.steps:
             raise ValueError(f"compare: --warmup expected an int in [0, steps={cfg.steps}), got {cfg.warmup!r}")
         if cfg.hidden % cfg.heads or (cfg.hidden // cfg.heads) % 2:
-            raise ValueError(f"compare: --hidden {cfg.hidden} expected a multiple of --heads {cfg.heads} with an even "
-                             f"head dim")
+            heads = f"--heads {cfg.heads}" if heads_given else f"the {cfg.heads} heads of --model-size {cfg.model_size}"
+            raise ValueError(f"compare: --hidden {cfg.hidden} expected a multiple of {heads} with an even head dim "
+                             f"(set --heads to fit)")
+        for name in ("lr", "lora_lr"):
+            value = getattr(cfg, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"compare: --{name.replace('_', '-')} expected a number > 0, got {value!r}")
         if not 0.0 <= cfg.dropout < 1.0:
             raise ValueError(f"compare: --dropout expected a number in [0, 1), got {cfg.dropout!r}")
         cfg.targets = tuple(cfg.targets)

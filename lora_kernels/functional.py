@@ -7,6 +7,7 @@ S = drop(x) @ lora_a.T; the dropout mask is regenerated from a seed, never store
 """
 
 import dataclasses
+import math
 import numbers
 
 import torch
@@ -57,7 +58,8 @@ def _lora_linear_args_ok(x, weight, lora_a, lora_b, bias, scaling, dropout_p):
     if bias is not None and not (isinstance(bias, tensor) and bias.dtype == dtype and bias.device == device
                                  and bias.dim() == 1 and bias.shape[0] == out_features):
         return False
-    return type(scaling) in (float, int) and type(dropout_p) in (float, int) and 0.0 <= dropout_p < 1.0
+    return (type(scaling) in (float, int) and math.isfinite(scaling) and type(dropout_p) in (float, int)
+            and 0.0 <= dropout_p < 1.0)
 
 
 def check_lora_linear_args(op, x, weight, lora_a, lora_b, bias, scaling, dropout_p):
@@ -91,6 +93,8 @@ def check_lora_linear_args(op, x, weight, lora_a, lora_b, bias, scaling, dropout
             _check_same(op, name, t, "x", x)
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
         raise TypeError(f"{op}: scaling expected a real number, got {type(scaling).__name__}")
+    if not math.isfinite(scaling):
+        raise ValueError(f"{op}: scaling expected a finite number, got {scaling!r}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{op}: dropout_p expected a number in [0, 1), got {dropout_p!r}")
 

@@ -13,6 +13,7 @@ import warnings
 import torch
 from torch import nn
 
+from lora_kernels.backends import check_backend_name
 from lora_kernels.functional import lora_linear, multi_lora_linear
 
 
@@ -51,10 +52,16 @@ class LoRALinear(nn.Module):
 
     fan_in_fan_out=True stores weight as [in, out], the layout of transformers' Conv1D (GPT-2), so the base keys and
     shapes of the state dict stay those of the wrapped Conv1D; the forward passes weight.T (a view, no copy). The
-    LoRA factors keep PEFT's layout [r, in] / [out, r] either way."""
+    LoRA factors keep PEFT's layout [r, in] / [out, r] either way.
+
+    autocast_adapter_dtype=True (PEFT's default of the same name): the factors of a float16/bfloat16 layer are
+    float32, so their gradients and optimizer updates keep float32 precision (in bfloat16, AdamW steps below ~1/256
+    of a weight round away). The forward casts them to the layer's dtype and runs the same 16-bit kernels.
+    False: the factors take the layer's dtype."""
 
     def __init__(self, in_features, out_features, r=8, lora_alpha=8, lora_dropout=0.0, bias=True, use_rslora=False,
-                 device=None, dtype=None, *, init_lora_weights=True, backend="auto", fan_in_fan_out=False):
+                 device=None, dtype=None, *, init_lora_weights=True, backend="auto", fan_in_fan_out=False,
+                 autocast_adapter_dtype=True):
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -66,21 +73,33 @@ class LoRALinear(nn.Module):
         self.bias = (nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False)
                      if bias else None)
         self._reset_base_parameters()
-        self._init_lora(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, backend, "LoRALinear")
+        self._init_lora(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, backend, autocast_adapter_dtype,
+                        "LoRALinear")
 
-    def _init_lora(self, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, backend, op):
-        """The adapter half of construction, shared by __init__ and from_linear (the base weight exists already)."""
+    @staticmethod
+    def _check_lora_args(op, r, lora_alpha, lora_dropout, backend):
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"{op}: r expected an int >= 1, got {r!r}")
         if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real):
             raise TypeError(f"{op}: lora_alpha expected a number, got {lora_alpha!r}")
+        if not math.isfinite(lora_alpha):
+            raise ValueError(f"{op}: lora_alpha expected a finite number, got {lora_alpha!r}")
         if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real) or not 0 <= lora_dropout < 1:
             raise ValueError(f"{op}: lora_dropout expected a number in [0, 1), got {lora_dropout!r}")
+        check_backend_name(op, backend)
+
+    def _init_lora(self, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, backend, autocast_adapter_dtype,
+                   op):
+        """The adapter half of construction, shared by __init__ and from_linear (the base weight exists already)."""
+        self._check_lora_args(op, r, lora_alpha, lora_dropout, backend)
         self.r, self.lora_alpha, self.use_rslora, self.lora_dropout = r, lora_alpha, use_rslora, float(lora_dropout)
         self.scaling = lora_scaling(r, lora_alpha, use_rslora)
         self.backend = backend
-        self.lora_A = LoRAFactor(r, self.in_features, device=self.weight.device, dtype=self.weight.dtype)
-        self.lora_B = LoRAFactor(self.out_features, r, device=self.weight.device, dtype=self.weight.dtype)
+        factor_dtype = self.weight.dtype
+        if autocast_adapter_dtype and factor_dtype in (torch.float16, torch.bfloat16):
+            factor_dtype = torch.float32
+        self.lora_A = LoRAFactor(r, self.in_features, device=self.weight.device, dtype=factor_dtype)
+        self.lora_B = LoRAFactor(self.out_features, r, device=self.weight.device, dtype=factor_dtype)
         self.merged = False
         self.disable_adapters = False
         self.reset_lora_parameters(init_lora_weights)
@@ -114,9 +133,10 @@ class LoRALinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False, *, init_lora_weights=True,
-                    backend="auto", fan_in_fan_out=False):
+                    backend="auto", fan_in_fan_out=False, autocast_adapter_dtype=True):
         """Wraps an existing nn.Linear, or with fan_in_fan_out=True a transformers Conv1D (weight [in, out]): its
-        weight and bias Parameters are reused (not copied) and frozen."""
+        weight and bias Parameters are reused (not copied) and frozen, and the new layer takes its train/eval mode.
+        Bad arguments raise before `linear` is touched."""
         op = "LoRALinear.from_linear"
         if fan_in_fan_out:
             if not is_conv1d(linear):
@@ -135,10 +155,13 @@ class LoRALinear(nn.Module):
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = in_features, out_features
         layer.fan_in_fan_out = bool(fan_in_fan_out)
-        layer.weight = linear.weight.requires_grad_(False)
-        layer.bias = None if linear.bias is None else linear.bias.requires_grad_(False)
-        layer._init_lora(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, backend, "LoRALinear.from_linear")
-        return layer
+        layer.weight, layer.bias = linear.weight, linear.bias
+        layer._init_lora(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, backend, autocast_adapter_dtype,
+                         op)
+        linear.weight.requires_grad_(False)  # after every check: a refused wrap leaves `linear` as it was
+        if linear.bias is not None:
+            linear.bias.requires_grad_(False)
+        return layer.train(linear.training)  # a model in eval mode stays in eval mode (no dropout)
 
     def forward(self, x):
         if self.merged or self.disable_adapters:
@@ -146,8 +169,11 @@ class LoRALinear(nn.Module):
                 raise RuntimeError("LoRALinear: cannot disable the adapter of a merged layer; call unmerge() first")
             return nn.functional.linear(x, self.base_weight(), self.bias)
         dropout_p = self.lora_dropout if self.training else 0.0
-        return lora_linear(x, self.base_weight(), self.lora_A.weight, self.lora_B.weight, self.scaling, self.bias,
-                           dropout_p=dropout_p, backend=self.backend)
+        weight, lora_a, lora_b = self.base_weight(), self.lora_A.weight, self.lora_B.weight
+        if lora_a.dtype != weight.dtype:  # float32 factors of a 16-bit layer (autocast_adapter_dtype)
+            lora_a, lora_b = lora_a.to(weight.dtype), lora_b.to(weight.dtype)
+        return lora_linear(x, weight, lora_a, lora_b, self.scaling, self.bias, dropout_p=dropout_p,
+                           backend=self.backend)
 
     def delta_weight(self):
         """scaling * B @ A in float32 [out, in]: what merge adds to the base weight (added in float32, rounded once;
@@ -190,7 +216,8 @@ class LoRALinear(nn.Module):
 
     def to_linear(self):
         """A plain nn.Linear holding the merged weights (the adapter folded in); a transformers Conv1D with
-        fan_in_fan_out, so the state dict keeps the wrapped layer's keys and shapes."""
+        fan_in_fan_out, so the state dict keeps the wrapped layer's keys and shapes. Its weight and bias keep this
+        layer's requires_grad (frozen, unless the base was trained) and train/eval mode."""
         if self.fan_in_fan_out:
             conv1d = conv1d_class()
             if conv1d is None:
@@ -205,7 +232,10 @@ class LoRALinear(nn.Module):
             linear.weight.copy_(self.weight if self.merged else (self.weight.float() + self._stored_delta()))
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
-        return linear
+        linear.weight.requires_grad_(self.weight.requires_grad)
+        if linear.bias is not None:
+            linear.bias.requires_grad_(self.bias is not None and self.bias.requires_grad)
+        return linear.train(self.training)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -250,6 +280,7 @@ class MultiLoRALinear(nn.Module):
         for name, value in (("max_adapters", max_adapters), ("max_rank", max_rank)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"MultiLoRALinear: {name} expected an int >= 1, got {value!r}")
+        check_backend_name("MultiLoRALinear", backend)
         self.base_layer = base_linear
         self.max_adapters, self.max_rank, self.backend = max_adapters, max_rank, backend
         self._in_features, self._out_features = in_features, out_features
@@ -260,6 +291,7 @@ class MultiLoRALinear(nn.Module):
         self.lora_b = nn.Parameter(torch.zeros(max_adapters, out_features, max_rank, **factory), requires_grad=False)
         self.register_buffer("scalings", torch.zeros(max_adapters, dtype=torch.float32, device=weight.device))
         self.register_buffer("ranks", torch.zeros(max_adapters, dtype=torch.int32, device=weight.device))
+        self.train(base_linear.training)
         base_linear.requires_grad_(False)  # last: a failed allocation above leaves the base layer as it was
 
     @property
@@ -299,6 +331,8 @@ class MultiLoRALinear(nn.Module):
             scaling = float(scaling)  # a number, or a one-element tensor
         except (TypeError, ValueError, RuntimeError):
             raise TypeError(f"{op}: scaling expected a number, got {scaling!r}") from None
+        if not math.isfinite(scaling):
+            raise ValueError(f"{op}: scaling expected a finite number, got {scaling!r}")
         padded_a = torch.zeros_like(self.lora_a[slot])
         padded_a[:rank] = lora_a.to(padded_a)
         padded_b = torch.zeros_like(self.lora_b[slot])
@@ -444,27 +478,19 @@ def named_target_modules(model, target_modules, exclude_modules=None, *, layers_
     return found
 
 
-def find_target_linears(model, target_modules, exclude_modules=None, op="inject_lora", *, fan_in_fan_out=False,
-                        layers_to_transform=None, layers_pattern=None, conv1d="require_fan_in_fan_out",
-                        modules_to_save=None):
-    """[(name, module)] of the nn.Linear (and transformers Conv1D) modules that target_modules selects.
-
-    A matched module of another type is a TypeError, one that already holds a LoRA a ValueError. A Conv1D needs
-    fan_in_fan_out=True (conv1d="require_fan_in_fan_out": TypeError suggesting it; conv1d="accept": taken as is,
-    for callers that wrap Conv1D regardless, as PEFT does with a warning)."""
+def find_target_linears(model, target_modules, exclude_modules=None, op="inject_lora", *, layers_to_transform=None,
+                        layers_pattern=None, modules_to_save=None):
+    """[(name, module)] of the nn.Linear and transformers Conv1D modules that target_modules selects. A matched
+    module of another type is a TypeError, one that already holds a LoRA a ValueError."""
     found = []
     for name, module in named_target_modules(model, target_modules, exclude_modules, op=op,
                                              layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
                                              modules_to_save=modules_to_save):
         if isinstance(module, LORA_WRAPPERS):
             raise ValueError(f"{op}: module {name!r} already has a LoRA adapter ({type(module).__name__})")
-        if is_conv1d(module):
-            if not fan_in_fan_out and conv1d != "accept":
-                raise TypeError(f"{op}: module {name!r} is a transformers Conv1D, whose weight is stored [in, out] "
-                                f"(GPT-2); pass fan_in_fan_out=True to wrap it")
-        elif not isinstance(module, nn.Linear):
+        if not (isinstance(module, nn.Linear) or is_conv1d(module)):
             raise TypeError(f"{op}: module {name!r} matches target_modules but is a {type(module).__name__}; "
-                            f"only nn.Linear layers (and transformers Conv1D with fan_in_fan_out=True) can be wrapped")
+                            f"only nn.Linear and transformers Conv1D layers can be wrapped")
         check_no_accelerate_hook(op, name, module)
         found.append((name, module))
     if not found:
@@ -564,23 +590,29 @@ def _warn_linear_fan_in_fan_out(op, name):
                   f"fan_in_fan_out=False, as PEFT does", stacklevel=3)
 
 
+def warn_conv1d_fan_in_fan_out(op, name):
+    warnings.warn(f"{op}: {name!r} is a transformers Conv1D (weight [in, out]) but fan_in_fan_out is False; "
+                  f"wrapping it with fan_in_fan_out=True, as PEFT does", stacklevel=3)
+
+
 def inject_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False, *,
                 exclude_modules=None, init_lora_weights=True, backend="auto", fan_in_fan_out=False,
                 layers_to_transform=None, layers_pattern=None, rank_pattern=None, alpha_pattern=None,
-                modules_to_save=None):
+                modules_to_save=None, autocast_adapter_dtype=True):
     """Replaces, in place, every nn.Linear whose name matches target_modules (a regex over the full name, or a list
     of names/suffixes, as PEFT) with a LoRALinear sharing its weights, freezes every other parameter, returns model.
     All targets are found and validated before the model is changed; a failure leaves it as it was.
 
     PEFT's LoraConfig options, same meaning: exclude_modules, layers_to_transform (+ layers_pattern) for list
-    targets, rank_pattern / alpha_pattern ({name regex: r or alpha}), fan_in_fan_out=True to wrap transformers'
-    Conv1D (GPT-2; the nn.Linear targets of the same model are wrapped normally, with a warning, as PEFT), and
-    modules_to_save (module names, e.g. ["score"] for a classification head): those modules train whole and
-    save_peft_adapter writes them beside the adapter. Unlike PEFT, no copy is kept: they train in place."""
+    targets, rank_pattern / alpha_pattern ({name regex: r or alpha}), fan_in_fan_out (transformers' Conv1D, GPT-2's
+    [in, out] layer, is wrapped with fan_in_fan_out=True and nn.Linear with False whatever the flag says, with a
+    warning where it disagrees, as PEFT), autocast_adapter_dtype (float32 factors for 16-bit layers: see
+    LoRALinear), and modules_to_save (module names, e.g. ["score"] for a classification head): those modules train
+    whole and save_peft_adapter writes them beside the adapter. Unlike PEFT, no copy is kept: they train in place.
+    The new layers keep the train/eval mode of the layers they replace."""
     op = "inject_lora"
-    targets = find_target_linears(model, target_modules, exclude_modules, op, fan_in_fan_out=fan_in_fan_out,
-                                  layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
-                                  modules_to_save=modules_to_save or None)
+    targets = find_target_linears(model, target_modules, exclude_modules, op, layers_to_transform=layers_to_transform,
+                                  layers_pattern=layers_pattern, modules_to_save=modules_to_save or None)
     heads = []
     if modules_to_save:  # None or [] (PEFT's default): none
         heads = named_modules_to_save(model, modules_to_save, op)
@@ -592,9 +624,12 @@ def inject_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_
             conv = is_conv1d(module)
             if fan_in_fan_out and not conv:
                 _warn_linear_fan_in_fan_out(op, name)
+            elif conv and not fan_in_fan_out:
+                warn_conv1d_fan_in_fan_out(op, name)
             layers.append((name, module, LoRALinear.from_linear(
                 module, pattern_value(rank_pattern, name, r), pattern_value(alpha_pattern, name, lora_alpha),
-                lora_dropout, use_rslora, init_lora_weights=init_lora_weights, backend=backend, fan_in_fan_out=conv)))
+                lora_dropout, use_rslora, init_lora_weights=init_lora_weights, backend=backend, fan_in_fan_out=conv,
+                autocast_adapter_dtype=autocast_adapter_dtype)))
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         for name, old, layer in layers:
@@ -625,7 +660,7 @@ def prepare_multi_adapter(model, target_modules, max_adapters, max_rank, *, excl
     if getattr(model, "lora_adapter_slots", None) is not None:
         raise ValueError(f"{op}: the model is prepared already (it has lora_adapter_slots)")
     targets = find_target_linears(model, target_modules, exclude_modules, op, layers_to_transform=layers_to_transform,
-                                  layers_pattern=layers_pattern, conv1d="accept")
+                                  layers_pattern=layers_pattern)
     with _rollback_on_error(model) as replaced:
         layers = [(name, module, MultiLoRALinear(module, max_adapters, max_rank, backend=backend))
                   for name, module in targets]
@@ -656,46 +691,54 @@ def delete_adapter(model, adapter_name):
     return model
 
 
-def adapter_slot_ids(model, adapter_names, op="set_batch_adapters"):
-    """Slot ids (int64 CPU tensor [len(adapter_names)]) of per-row adapter names; "__base__" is -1."""
+def _check_adapter_names(model, adapter_names, op):
+    """ValueError unless every name is loaded (or "__base__"); returns the model's name -> slot table."""
     slots = getattr(model, "lora_adapter_slots", None)
     if slots is None:
         raise ValueError(f"{op}: the model has no named adapters; call prepare_multi_adapter and load_peft_adapter("
                          f"..., adapter_name=...) first")
-    ids = []
     for name in adapter_names:
-        if name == BASE_ADAPTER:
-            ids.append(-1)
-        elif name in slots:
-            ids.append(slots[name])
-        else:
+        if name != BASE_ADAPTER and name not in slots:
             raise ValueError(f"{op}: unknown adapter name {name!r}; loaded: {sorted(slots)} (or {BASE_ADAPTER!r})")
-    return torch.tensor(ids, dtype=torch.int64)
+    return slots
 
 
 class BatchAdapterIds:
-    """The per-row slot ids of the next forwards (row_ids [B], or one slot for every row) and the LoRABatch built
-    from them: one per (input shape, slot count, device), shared by every MultiLoRALinear of a forward."""
+    """The adapter names of the next forwards (one per batch row, or one str for every row) and the LoRABatch built
+    from them: one per (input shape, slot ids, device), shared by every MultiLoRALinear of a forward. Names are
+    resolved against the model's name -> slot table at each forward: an adapter deleted since counts as the base
+    model (-1), never as whichever adapter took its slot."""
 
-    _MAX_CACHED = 8  # distinct input shapes kept (prefill + decode shapes of a generate loop)
+    _MAX_CACHED = 8  # distinct (shape, ids) kept (prefill + decode shapes of a generate loop)
 
-    def __init__(self, row_ids=None, all_rows=None):
-        self.row_ids, self.all_rows = row_ids, all_rows
+    def __init__(self, slots, names):
+        self.slots, self.names = slots, names
         self._cache = {}
+
+    def _slot_ids(self, lead):
+        if isinstance(self.names, str):
+            return self.slots.get(self.names, -1)
+        count = len(self.names)
+        if not lead or lead[0] % count:
+            raise ValueError(f"MultiLoRALinear: set_batch_adapters got {count} adapter names, but the layer input has "
+                             f"shape {tuple(lead)} + [features] (the batch dimension first, expected a multiple of "
+                             f"{count})")
+        return tuple(self.slots.get(name, -1) for name in self.names)
 
     def batch_for(self, x, num_adapters):
         from lora_kernels.batch import LoRABatch
         lead = tuple(x.shape[:-1])
-        if self.row_ids is not None and (not lead or lead[0] != self.row_ids.numel()):
-            raise ValueError(f"MultiLoRALinear: set_batch_adapters got {self.row_ids.numel()} adapter names, but the "
-                             f"layer input has shape {tuple(x.shape)} (batch dimension first expected)")
-        key = (lead, num_adapters, x.device)
+        slot_ids = self._slot_ids(lead)
+        key = (lead, num_adapters, x.device, slot_ids)
         batch = None if torch.compiler.is_compiling() else self._cache.get(key)
         if batch is None:
-            if self.row_ids is None:
-                ids = torch.full(lead, self.all_rows, dtype=torch.int64, device=x.device)
+            if isinstance(slot_ids, int):
+                ids = torch.full(lead, slot_ids, dtype=torch.int64, device=x.device)
             else:
-                ids = self.row_ids.to(x.device).reshape(-1, *([1] * (len(lead) - 1))).expand(lead)
+                # A batch k times the names long (generate's beams or num_return_sequences repeat each row k
+                # times, next to each other): each name covers k rows, as PEFT expands adapter_names for beams.
+                rows = torch.tensor(slot_ids, dtype=torch.int64).repeat_interleave(lead[0] // len(slot_ids))
+                ids = rows.to(x.device).reshape(-1, *([1] * (len(lead) - 1))).expand(lead)
             batch = LoRABatch.from_adapter_ids(ids, num_adapters)
             if not torch.compiler.is_compiling():
                 if len(self._cache) >= self._MAX_CACHED:
@@ -712,7 +755,10 @@ class set_batch_adapters:
         with lk.set_batch_adapters(model, ["fr", "__base__", "de"]):
             logits = model(input_ids).logits     # row 0 with adapter "fr", row 1 base only, row 2 with "de"
 
-    Every layer input must have the batch dimension first ([B, ...]); slot ids broadcast over the other dims."""
+    Every layer input must have the batch dimension first ([B, ...]); slot ids broadcast over the other dims. A batch
+    dimension k times as long as the list (generate with num_beams=k or num_return_sequences=k) gives each name k
+    consecutive rows. Names are looked up at each forward: a name deleted since (delete_adapter) computes the base
+    model for its rows."""
 
     def __init__(self, model, adapter_names):
         op = "set_batch_adapters"
@@ -722,13 +768,13 @@ class set_batch_adapters:
         if adapter_names is None:
             state = None
         elif isinstance(adapter_names, str):
-            state = BatchAdapterIds(all_rows=int(adapter_slot_ids(model, [adapter_names], op)[0]))
+            state = BatchAdapterIds(_check_adapter_names(model, [adapter_names], op), adapter_names)
         else:
             names = list(adapter_names) if isinstance(adapter_names, (list, tuple)) else []
             if not names or not all(isinstance(n, str) for n in names):
                 raise TypeError(f"{op}: adapter_names expected a non-empty list of str, a str or None, "
                                 f"got {adapter_names!r}")
-            state = BatchAdapterIds(row_ids=adapter_slot_ids(model, names, op))
+            state = BatchAdapterIds(_check_adapter_names(model, names, op), tuple(names))
         self._previous = [(layer, layer.batch_adapters) for layer in layers]
         for layer in layers:
             layer.batch_adapters = state
@@ -743,7 +789,14 @@ class set_batch_adapters:
 
 
 def merge_and_unload(model):
-    """Replaces every LoRALinear by a plain nn.Linear with the adapter merged into its weight; returns model."""
+    """Replaces every LoRALinear by a plain nn.Linear (or Conv1D) with the adapter merged into its weight, frozen
+    as the base weight was; returns model. A model with MultiLoRALinear layers (several named adapters) is refused
+    before any change: which adapter to merge is not defined."""
+    multi = [name for name, module in model.named_modules() if isinstance(module, MultiLoRALinear)]
+    if multi:
+        raise ValueError(f"merge_and_unload: the model has MultiLoRALinear layers ({multi[:3]}"
+                         f"{' ...' if len(multi) > 3 else ''}), which hold several adapters; load the one adapter to "
+                         f"merge into the base model (load_peft_adapter without adapter_name) and merge that")
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
             _set_submodule(model, name, module.to_linear())

@@ -67,6 +67,10 @@ def as_scalings(op, scalings, num_slots, device):
         raise ValueError(f"{op}: scalings expected shape [{num_slots}] (one per slot), got {tuple(scalings.shape)}")
     if not scalings.dtype.is_floating_point:
         raise TypeError(f"{op}: scalings expected a floating dtype, got {scalings.dtype}")
+    # Values are checked on the host only (a CUDA tensor's would need a sync), as for ranks.
+    if scalings.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.isfinite(scalings).all():
+        bad = scalings[~torch.isfinite(scalings)][0].item()
+        raise ValueError(f"{op}: scalings expected finite numbers, got {bad}")
     return scalings.to(device=device, dtype=torch.float32)
 
 

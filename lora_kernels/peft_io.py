@@ -27,7 +27,8 @@ from torch import nn
 from lora_kernels.modules import (LORA_WRAPPERS, MODULES_TO_SAVE_ATTR, LoRALinear, MultiLoRALinear,
                                   _record_modules_to_save, _rollback_on_error, _set_submodule,
                                   _warn_linear_fan_in_fan_out, check_no_accelerate_hook, is_conv1d, lora_scaling,
-                                  named_modules_to_save, named_target_modules, pattern_value, target_module_matches)
+                                  named_modules_to_save, named_target_modules, pattern_value, target_module_matches,
+                                  warn_conv1d_fan_in_fan_out)
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -354,13 +355,15 @@ def _check_pair(op, file, name, factors, r, in_features, out_features):
                              f"(r={r}, module [in={in_features}, out={out_features}]), got {list(tensor.shape)}")
 
 
-def load_peft_adapter(model, path, adapter_name=None, *, backend="auto"):
+def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocast_adapter_dtype=True):
     """Loads the PEFT LoRA adapter saved in directory `path` into `model` (the base model, not a PeftModel) and
     returns model.
 
     adapter_name=None: every module the config targets becomes a LoRALinear (nn.Linear, or transformers Conv1D with
-    its [in, out] weight) holding the adapter; modules that are LoRALinear already (inject_lora) get the weights
-    when their rank matches (alpha, rsLoRA and dropout are taken from the file). Every non-LoRA parameter is frozen
+    its [in, out] weight) holding the adapter, in the train/eval mode of the layer it replaces, with float32 factors
+    for 16-bit layers unless autocast_adapter_dtype=False (PEFT's default and option); modules that are LoRALinear
+    already (inject_lora) get the weights when their rank matches (alpha, rsLoRA and dropout are taken from the
+    file). Every non-LoRA parameter is frozen
     and lora_A/lora_B train, like inject_lora. Modules that the config's modules_to_save selects (a classification
     head) get their saved state and train whole; unlike PEFT, which keeps the originals beside a trained copy, their
     state is replaced in place (load into a fresh base model to keep it).
@@ -428,20 +431,20 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto"):
             raise ValueError(f"{op}: the model has LoRA layers the adapter does not target ({stale[:5]}"
                              f"{' ...' if len(stale) > 5 else ''}); they would keep other weights. Load into the base "
                              f"model or a model injected with the adapter's target_modules")
-        _commit_single(model, config, plan, grouped, heads, backend)
+        _commit_single(model, config, plan, grouped, heads, backend, autocast_adapter_dtype)
     else:
         _commit_multi(model, op, adapter_name, plan, grouped, config)
     return model
 
 
-def _commit_single(model, config, plan, grouped, heads, backend):
+def _commit_single(model, config, plan, grouped, heads, backend, autocast_adapter_dtype):
     op = "load_peft_adapter"
     # Everything that can fail on the inputs is checked; build the new layers before touching the model.
     prepared = []
     for name, module, r, alpha in plan:
-        weight = module.weight
-        lora_a = grouped[name]["lora_A"].to(device=weight.device, dtype=weight.dtype)
-        lora_b = grouped[name]["lora_B"].to(device=weight.device, dtype=weight.dtype)
+        # on the layer's device, in the file's dtype: copy_ rounds once, into the factors' own dtype
+        lora_a = grouped[name]["lora_A"].to(device=module.weight.device)
+        lora_b = grouped[name]["lora_B"].to(device=module.weight.device)
         prepared.append((name, module, r, alpha, lora_a, lora_b))
     snapshots = [(m, m.lora_A.weight.detach().clone(), m.lora_B.weight.detach().clone(),
                   (m.lora_alpha, m.use_rslora, m.scaling, m.lora_dropout))
@@ -460,13 +463,12 @@ def _commit_single(model, config, plan, grouped, heads, backend):
                 else:
                     conv = is_conv1d(module)
                     if conv and not config.fan_in_fan_out:
-                        warnings.warn(f"{op}: {name!r} is a transformers Conv1D but the adapter has "
-                                      f"fan_in_fan_out=false; wrapping it with fan_in_fan_out=True, as PEFT does",
-                                      stacklevel=4)
+                        warn_conv1d_fan_in_fan_out(op, name)
                     elif config.fan_in_fan_out and not conv:
                         _warn_linear_fan_in_fan_out(op, name)
                     layer = LoRALinear.from_linear(module, r, alpha, config.lora_dropout, config.use_rslora,
-                                                   backend=backend, fan_in_fan_out=conv)
+                                                   backend=backend, fan_in_fan_out=conv,
+                                                   autocast_adapter_dtype=autocast_adapter_dtype)
                 with torch.no_grad():
                     layer.lora_A.weight.copy_(lora_a)
                     layer.lora_B.weight.copy_(lora_b)

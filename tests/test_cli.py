@@ -90,6 +90,23 @@ def test_compare_bad_option_is_a_clear_error(capsys):
         cli.main(TINY_COMPARE + ["--rank", "0"])
 
 
+@pytest.mark.parametrize("options, message", [
+    (["--device", "gpu"], "compare: --device expected cpu or cuda, got 'gpu'"),
+    (["--lr", "-1"], "compare: --lr expected a number > 0, got -1.0"),
+    (["--lora-lr", "nan"], "compare: --lora-lr expected a number > 0, got nan"),
+    (["--hidden", "65"], "compare: --hidden 65 expected a multiple of the 4 heads of --model-size tiny"),
+    (["--save", "/no/such/folder/out.json"], "compare: --save /no/such/folder/out.json: the folder /no/such/folder "
+                                             "does not exist"),
+    (["--plot", "/no/such/folder/x.png"], "the folder /no/such/folder does not exist"),
+])
+def test_compare_bad_values_are_one_line_errors_before_the_run(capsys, options, message):
+    """Each refused before any model is built (the --save / --plot folders had been found missing only after the
+    whole run; --device gpu and --lr -1 had ended in tracebacks from torch)."""
+    assert cli.main(TINY_COMPARE + options) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
 def test_compare_plot_without_matplotlib_is_a_clear_error(capsys, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     assert cli.main(TINY_COMPARE + ["--plot", str(tmp_path / "x.png")]) == 2

@@ -280,6 +280,7 @@ BAD_INPUTS = [
     ("nontensor", lambda a: {**a, "weight": [[1.0]]}, TypeError, "weight expected a torch.Tensor"),
     ("dropout", lambda a: {**a, "dropout_p": 1.0}, ValueError, "dropout_p expected a number in [0, 1)"),
     ("backend", lambda a: {**a, "backend": "nope"}, ValueError, "backend 'nope' is not available"),
+    ("scaling", lambda a: {**a, "scaling": float("nan")}, ValueError, "lora_linear: scaling expected a finite number"),
 ]
 
 
@@ -287,9 +288,9 @@ BAD_INPUTS = [
 def test_bad_input_is_a_clear_error(name, mutate, error, message):
     x, weight, lora_a, lora_b, bias = lora_inputs(4, 8, 6, 2, torch.float32, "cpu")
     args = mutate({"x": x, "weight": weight, "lora_a": lora_a, "lora_b": lora_b, "bias": bias,
-                   "dropout_p": 0.0, "backend": "torch"})
+                   "dropout_p": 0.0, "backend": "torch", "scaling": 1.0})
     with pytest.raises(error, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
-        lora_linear(args["x"], args["weight"], args["lora_a"], args["lora_b"], 1.0, args["bias"],
+        lora_linear(args["x"], args["weight"], args["lora_a"], args["lora_b"], args["scaling"], args["bias"],
                     dropout_p=args["dropout_p"], backend=args["backend"])
 
 

@@ -181,3 +181,72 @@ def test_merge_and_unload_gives_plain_linears_with_the_same_output():
     merge_and_unload(model)
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
     torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+    # the merged layers stay frozen like the rest of the base model (PEFT's merge_and_unload), in its eval mode
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_new_layers_keep_the_train_eval_mode_of_what_they_replace():
+    """A model in eval mode (as from_pretrained returns it) stays in eval mode after inject_lora / from_linear: no
+    dropout at inference. The new layers had started in train mode, and dropout ran at inference."""
+    model = _model().eval()
+    inject_lora(model, ["q_proj", "v_proj"], r=4, lora_dropout=0.5, init_lora_weights=False)
+    assert not any(m.training for m in model.modules())
+    x = torch.randn(4, 16)
+    assert torch.equal(model(x), model(x))
+    assert LoRALinear.from_linear(nn.Linear(4, 4).train(), r=2).training
+    merge_and_unload(model)
+    assert not any(m.training for m in model.modules())
+
+
+def test_a_refused_from_linear_leaves_the_linear_as_it_was():
+    linear = nn.Linear(8, 8)
+    for kwargs, error in [(dict(r=0), ValueError), (dict(lora_alpha="x"), TypeError),
+                          (dict(backend="nope"), ValueError)]:
+        with pytest.raises(error):
+            LoRALinear.from_linear(linear, **kwargs)
+        assert linear.weight.requires_grad and linear.bias.requires_grad, kwargs
+
+
+def test_bad_backend_names_and_non_finite_scalings_are_refused_at_construction():
+    with pytest.raises(ValueError, match=r"LoRALinear: backend expected one of reference, torch, triton, cuda, cpu or "
+                                         r"'auto', got 'nope'"):
+        LoRALinear(8, 8, backend="nope")
+    model = _model()
+    with pytest.raises(ValueError, match="backend expected one of"):
+        inject_lora(model, ["q_proj"], backend="nope")
+    assert not any(isinstance(m, LoRALinear) for m in model.modules()) and all(p.requires_grad
+                                                                                for p in model.parameters())
+    with pytest.raises(ValueError, match=r"LoRALinear: lora_alpha expected a finite number, got nan"):
+        LoRALinear(8, 8, lora_alpha=float("nan"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_16_bit_layers_get_float32_factors_as_peft(dtype):
+    """PEFT's autocast_adapter_dtype: the factors of a 16-bit layer are float32, so AdamW updates far below the
+    16-bit spacing of the factors still land (with bfloat16 factors most of them rounded away); the forward runs the
+    layer's dtype and equals the layer computed with the factors rounded to it."""
+    torch.manual_seed(0)
+    model = _model().to(dtype)
+    inject_lora(model, ["q_proj", "v_proj"], r=4, init_lora_weights=False)
+    layer = model[0].q_proj
+    assert layer.lora_A.weight.dtype == layer.lora_B.weight.dtype == torch.float32
+    assert layer.weight.dtype == dtype
+    x = torch.randn(3, 16, dtype=dtype)
+    y = layer(x)
+    expected = LoRALinear.from_linear(nn.Linear(16, 16).to(dtype), r=4, autocast_adapter_dtype=False)
+    assert expected.lora_A.weight.dtype == dtype
+    with torch.no_grad():
+        expected.weight.copy_(layer.weight), expected.bias.copy_(layer.bias)
+        expected.lora_A.weight.copy_(layer.lora_A.weight), expected.lora_B.weight.copy_(layer.lora_B.weight)
+    assert y.dtype == dtype and torch.equal(y, expected(x))
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(8, 16, dtype=dtype)).float().square().mean().backward()
+        optimizer.step()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad.dtype == torch.float32
+            changed = (p.detach() != before[name]).float().mean().item()
+            assert changed > 0.99, f"{name}: only {changed:.0%} of the entries changed"

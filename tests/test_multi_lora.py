@@ -425,6 +425,7 @@ def test_set_adapter_is_atomic_and_checks_input():
         ((2, torch.randn(2, 8), torch.randn(6, 2), 1.0), ValueError, r"slot expected an int in \[0, 2\)"),
         ((0, torch.ones(2, 8, dtype=torch.int64), torch.randn(6, 2), 1.0), TypeError, "2-D floating tensor"),
         ((0, torch.randn(2, 8), torch.randn(6, 2), "big"), TypeError, "scaling expected a number, got 'big'"),
+        ((0, torch.randn(2, 8), torch.randn(6, 2), float("inf")), ValueError, "scaling expected a finite number"),
     ]:
         with pytest.raises(error, match=message):
             layer.set_adapter(*bad)
@@ -437,6 +438,11 @@ def test_grouped_bad_input():
     batch = LoRABatch.from_adapter_ids(torch.tensor([0, 1, -1, 0]), 2)
     with pytest.raises(ValueError, match=r"scalings expected shape \[2\]"):
         lk.ops.lora_shrink(x, lora_a, batch, [1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match=r"lora_shrink: scalings expected finite numbers, got nan"):
+        lk.ops.lora_shrink(x, lora_a, batch, [1.0, float("nan")])
+    with pytest.raises(ValueError, match=r"multi_lora_linear: scalings expected finite numbers, got inf"):
+        lk.multi_lora_linear(x, torch.randn(5, 6), lora_a, lora_b, torch.tensor([0, 1, -1, 0]),
+                             torch.tensor([float("inf"), 1.0]))
     with pytest.raises(ValueError, match=r"ranks expected values in \[0, 3\]"):
         lk.ops.lora_shrink(x, lora_a, batch, [1.0, 1.0], [3, 4])
     with pytest.raises(ValueError, match="batch was built for 4 tokens, but x has 3 rows"):

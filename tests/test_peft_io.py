@@ -645,3 +645,78 @@ def test_named_adapter_errors(tmp_path):
         lk.load_peft_adapter(lk.prepare_multi_adapter(_base(), ["q_proj", "v_proj"], 2, 8), tmp_path / "a")
     with pytest.raises(ValueError, match="prepared already"):
         lk.prepare_multi_adapter(partial, ["q_proj"], 2, 8)
+
+
+def test_loading_into_an_eval_model_keeps_it_in_eval_mode(tmp_path):
+    """load_peft_adapter / prepare_multi_adapter into a model in eval mode (as from_pretrained returns it): the new
+    layers are in eval mode too, so an adapter saved with dropout runs none at inference. They had started in train
+    mode: every forward of the loaded model drew a new dropout mask."""
+    lk.save_peft_adapter(_trained(lora_dropout=0.5), tmp_path / "a")
+    model = lk.load_peft_adapter(_base().eval(), tmp_path / "a")
+    assert not any(m.training for m in model.modules())
+    x = torch.randn(4, 16)
+    assert torch.equal(model(x), model(x))
+    multi = lk.prepare_multi_adapter(_base().eval(), ["q_proj", "v_proj"], max_adapters=2, max_rank=4)
+    assert not any(m.training for m in multi.modules())
+
+
+def test_16_bit_model_loads_float32_factors_exactly(tmp_path):
+    """A bfloat16 base model gets float32 factors, equal to the file's (PEFT's autocast_adapter_dtype); with
+    autocast_adapter_dtype=False they are rounded to bfloat16."""
+    lk.save_peft_adapter(_trained(), tmp_path / "a")
+    saved = load_file(os.path.join(tmp_path / "a", "adapter_model.safetensors"))
+    key = "base_model.model.layers.0.q_proj.lora_A.weight"
+    assert saved[key].dtype == torch.float32
+    model = lk.load_peft_adapter(_base().to(torch.bfloat16), tmp_path / "a")
+    factor = model.layers[0].q_proj.lora_A.weight
+    assert factor.dtype == torch.float32 and torch.equal(factor, saved[key])
+    assert model(torch.randn(2, 16, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    rounded = lk.load_peft_adapter(_base().to(torch.bfloat16), tmp_path / "a", autocast_adapter_dtype=False)
+    assert torch.equal(rounded.layers[0].q_proj.lora_A.weight, saved[key].to(torch.bfloat16))
+
+
+def test_rows_of_a_deleted_adapter_get_the_base_model_even_after_its_slot_is_reused(tmp_path):
+    """set_batch_adapters keeps names, looked up at each forward: after delete_adapter a row naming the deleted
+    adapter computes the base model, as documented, also once another adapter took over its slot (it had then
+    computed that other adapter)."""
+    lk.save_peft_adapter(_trained(r=4), tmp_path / "a")
+    lk.save_peft_adapter(_trained(("q_proj", "o_proj"), r=2, lora_alpha=5), tmp_path / "c")
+    model = lk.prepare_multi_adapter(_base(), ["q_proj", "v_proj", "o_proj"], max_adapters=2, max_rank=4)
+    lk.load_peft_adapter(model, tmp_path / "a", adapter_name="a")
+    x = torch.randn(2, 3, 16)
+    lk.set_batch_adapters(model, ["a", "__base__"])  # not as a context manager: stays in effect
+    lk.delete_adapter(model, "a")
+    lk.load_peft_adapter(model, tmp_path / "c", adapter_name="c")
+    assert model.lora_adapter_slots == {"c": 0}
+    base = _base()
+    torch.testing.assert_close(model(x), base(x), rtol=1e-6, atol=1e-6)
+    lk.load_peft_adapter(model, tmp_path / "a", adapter_name="a")  # back under its name: its rows use it again
+    single = lk.load_peft_adapter(_base(), tmp_path / "a")
+    out = model(x)
+    torch.testing.assert_close(out[0], single(x[0]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1], base(x[1]), rtol=1e-6, atol=1e-6)
+
+
+def test_a_batch_a_multiple_of_the_names_gives_each_name_consecutive_rows(tmp_path):
+    """generate(num_beams=k) and num_return_sequences=k repeat each row k times, side by side: each name then covers
+    its k rows, as PEFT expands adapter_names for beams. Other batch sizes stay an error."""
+    lk.save_peft_adapter(_trained(r=4), tmp_path / "a")
+    model = lk.prepare_multi_adapter(_base(), ["q_proj", "v_proj"], max_adapters=2, max_rank=4)
+    lk.load_peft_adapter(model, tmp_path / "a", adapter_name="a")
+    single, base = lk.load_peft_adapter(_base(), tmp_path / "a"), _base()
+    x = torch.randn(6, 2, 16)
+    with lk.set_batch_adapters(model, ["a", "__base__"]):
+        out = model(x)
+        with pytest.raises(ValueError, match=r"got 2 adapter names, but the layer input has shape \(5, 2\).*a "
+                                             r"multiple of 2"):
+            model(x[:5])
+    torch.testing.assert_close(out[:3], single(x[:3]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[3:], base(x[3:]), rtol=1e-6, atol=1e-6)
+
+
+def test_merge_and_unload_refuses_multi_adapter_models_untouched():
+    model = lk.prepare_multi_adapter(_base(), ["q_proj"], max_adapters=2, max_rank=4)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"merge_and_unload: the model has MultiLoRALinear layers"):
+        lk.merge_and_unload(model)
+    _assert_same(model, before)
