@@ -788,6 +788,29 @@ class set_batch_adapters:
         return False
 
 
+@contextlib.contextmanager
+def disable_adapter(model):
+    """Within this context every LoRALinear of `model` computes its base layer only (PEFT's
+    `with model.disable_adapter():`, e.g. the reference model of DPO without a second copy); on exit each layer is
+    as it was. A merged layer cannot be disabled: RuntimeError before any layer changes. MultiLoRALinear layers
+    select adapters per row: use set_batch_adapters(model, "__base__") there."""
+    layers = [module for module in model.modules() if isinstance(module, LoRALinear)]
+    if not layers:
+        raise ValueError("disable_adapter: the model has no LoRALinear layers")
+    merged = [name for name, module in model.named_modules() if isinstance(module, LoRALinear) and module.merged]
+    if merged:
+        raise RuntimeError(f"disable_adapter: layers {merged[:3]}{' ...' if len(merged) > 3 else ''} are merged; "
+                           f"unmerge() them first")
+    previous = [layer.disable_adapters for layer in layers]
+    for layer in layers:
+        layer.disable_adapters = True
+    try:
+        yield model
+    finally:
+        for layer, flag in zip(layers, previous):
+            layer.disable_adapters = flag
+
+
 def merge_and_unload(model):
     """Replaces every LoRALinear by a plain nn.Linear (or Conv1D) with the adapter merged into its weight, frozen
     as the base weight was; returns model. A model with MultiLoRALinear layers (several named adapters) is refused

@@ -250,3 +250,23 @@ def test_16_bit_layers_get_float32_factors_as_peft(dtype):
             assert p.grad.dtype == torch.float32
             changed = (p.detach() != before[name]).float().mean().item()
             assert changed > 0.99, f"{name}: only {changed:.0%} of the entries changed"
+
+
+def test_model_level_disable_adapter_context():
+    model = inject_lora(_model(), ["q_proj", "v_proj"], r=4, init_lora_weights=False)
+    base = _model()
+    base.load_state_dict(model.state_dict(), strict=False)
+    x = torch.randn(3, 16)
+    with_adapter = model(x)
+    model[1].q_proj.disable_adapters = True  # one layer disabled already stays so afterwards
+    from lora_kernels import disable_adapter
+    with disable_adapter(model):
+        torch.testing.assert_close(model(x), base(x))
+    assert model[1].q_proj.disable_adapters and not model[0].q_proj.disable_adapters
+    model[1].q_proj.disable_adapters = False
+    torch.testing.assert_close(model(x), with_adapter)
+    model[0].v_proj.merge()
+    with pytest.raises(RuntimeError, match=r"disable_adapter: layers \['0.v_proj'\] are merged"):
+        with disable_adapter(model):
+            pass
+    assert not any(m.disable_adapters for m in model.modules() if isinstance(m, LoRALinear))

@@ -720,3 +720,11 @@ def test_merge_and_unload_refuses_multi_adapter_models_untouched():
     with pytest.raises(ValueError, match=r"merge_and_unload: the model has MultiLoRALinear layers"):
         lk.merge_and_unload(model)
     _assert_same(model, before)
+
+
+def test_a_folder_of_named_adapters_gets_a_hint(tmp_path):
+    """PEFT's save_pretrained(..., adapter_name="fr") writes into path/fr: the error points there."""
+    lk.save_peft_adapter(_trained(), tmp_path / "fr")
+    with pytest.raises(FileNotFoundError, match=r"adapter_config.json not found; adapters saved under a name are in "
+                                                r"subfolders: fr \(pass .*fr\)"):
+        lk.load_peft_adapter(_base(), tmp_path)
