@@ -117,10 +117,15 @@ def resolve_backend(backend, device, op_name, dtype=None):
     if not isinstance(backend, str):
         raise TypeError(f"{op_name}: backend expected a str, got {type(backend).__name__}")
     device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
-    key = (backend, device_type, op_name, dtype)
-    chosen = _CHOICES.get(key)
-    if chosen is None:
-        chosen = _CHOICES[key] = _choose(backend, device_type, op_name, dtype)
+    if torch.compiler.is_compiling():
+        # Traced: no cache. A lookup would make dynamo guard on the dict's contents, and the first compiled call
+        # filling it would then fail that guard: one recompile of every graph.
+        chosen = _choose(backend, device_type, op_name, dtype)
+    else:
+        key = (backend, device_type, op_name, dtype)
+        chosen = _CHOICES.get(key)
+        if chosen is None:
+            chosen = _CHOICES[key] = _choose(backend, device_type, op_name, dtype)
     if isinstance(chosen, ValueError):
         raise ValueError(*chosen.args)
     return chosen

@@ -480,3 +480,27 @@ def test_torch_compile_fullgraph_multi_lora_linear():
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x, batch), step(x, batch))
+
+
+def test_torch_compile_traces_once(monkeypatch):
+    """The backend choice is not cached while tracing: a lookup in the cache made dynamo guard on its contents, and
+    the first compiled call, by filling it, forced one recompile of the graph."""
+    from lora_kernels import backends as backends_module
+    monkeypatch.setattr(backends_module, "_CHOICES", {})
+    weight, lora_a, lora_b = torch.randn(10, 16), torch.randn(3, 4, 16), torch.randn(3, 10, 4)
+    scalings = torch.tensor([1.0, 0.5, 2.0])
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    @torch.compile(fullgraph=True, backend=counting_backend)
+    def step(x, ids):
+        return lk.multi_lora_linear(x, weight, lora_a, lora_b, ids, scalings, backend="auto")
+
+    for ids in ([0, 1, 2, -1, 1, 0], [2, 2, 0, 1, -1, -1], [1, 0, 0, 0, 2, 1]):
+        x, ids = torch.randn(6, 16), torch.tensor(ids)
+        got = step(x, ids)  # first: traced with the cache still empty
+        torch.testing.assert_close(got, lk.multi_lora_linear(x, weight, lora_a, lora_b, ids, scalings))
+    assert len(graphs) == 1, f"{len(graphs)} graphs compiled"
