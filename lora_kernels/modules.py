@@ -626,10 +626,14 @@ def inject_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_
                 _warn_linear_fan_in_fan_out(op, name)
             elif conv and not fan_in_fan_out:
                 warn_conv1d_fan_in_fan_out(op, name)
-            layers.append((name, module, LoRALinear.from_linear(
-                module, pattern_value(rank_pattern, name, r), pattern_value(alpha_pattern, name, lora_alpha),
-                lora_dropout, use_rslora, init_lora_weights=init_lora_weights, backend=backend, fan_in_fan_out=conv,
-                autocast_adapter_dtype=autocast_adapter_dtype)))
+            try:
+                layer = LoRALinear.from_linear(
+                    module, pattern_value(rank_pattern, name, r), pattern_value(alpha_pattern, name, lora_alpha),
+                    lora_dropout, use_rslora, init_lora_weights=init_lora_weights, backend=backend,
+                    fan_in_fan_out=conv, autocast_adapter_dtype=autocast_adapter_dtype)
+            except (TypeError, ValueError) as exc:  # name the module: its r or alpha may come from a pattern
+                raise type(exc)(f"{op}: module {name!r}: {exc}") from None
+            layers.append((name, module, layer))
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         for name, old, layer in layers:

@@ -218,6 +218,10 @@ def test_bad_backend_names_and_non_finite_scalings_are_refused_at_construction()
                                                                                 for p in model.parameters())
     with pytest.raises(ValueError, match=r"LoRALinear: lora_alpha expected a finite number, got nan"):
         LoRALinear(8, 8, lora_alpha=float("nan"))
+    with pytest.raises(ValueError, match=r"inject_lora: module '1.q_proj': LoRALinear.from_linear: r expected an int "
+                                         r">= 1, got 0"):
+        inject_lora(model, ["q_proj"], rank_pattern={r"1\.q_proj": 0})
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
