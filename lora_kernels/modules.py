@@ -549,6 +549,49 @@ def _record_modules_to_save(model, modules_to_save):
         delattr(model, MODULES_TO_SAVE_ATTR)
 
 
+BIAS_MODES = ("none", "all", "lora_only")  # PEFT's LoraConfig.bias
+BIAS_ATTR = "lora_bias_mode"  # on the model: the bias mode its adapter trains and saves (absent: "none")
+
+
+def check_bias_mode(op, bias):
+    if bias not in BIAS_MODES:
+        raise ValueError(f"{op}: bias expected one of {list(BIAS_MODES)}, got {bias!r}")
+
+
+def trained_biases(model, bias, lora_names, skip=()):
+    """[(state-dict key, tensor, LoRA layer name or None)] of the biases that PEFT's bias mode trains and saves:
+    "all" every state-dict entry called bias (PEFT's name test, LayerNorm biases included), "lora_only" those of
+    the LoRA layers named in `lora_names`, "none" none. Entries inside the modules named in `skip` are left out:
+    modules_to_save modules train and save whole anyway."""
+    if bias == "none":
+        return []
+    found = []
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        module, _, leaf = key.rpartition(".")
+        if leaf != "bias" or any(key.startswith(f"{name}.") for name in skip):
+            continue
+        if module in lora_names:
+            found.append((key, tensor, module))
+        elif bias == "all":
+            found.append((key, tensor, None))
+    return found
+
+
+def _train_biases(tensors):
+    # PEFT saves buffers called bias under "all" too, but only parameters can train
+    for tensor in tensors:
+        if isinstance(tensor, nn.Parameter):
+            tensor.requires_grad_(True)
+
+
+def _record_bias(model, bias):
+    """Remembers on the model the bias mode of its adapter, for save_peft_adapter ("none": nothing recorded)."""
+    if bias != "none":
+        setattr(model, BIAS_ATTR, bias)
+    elif hasattr(model, BIAS_ATTR):
+        delattr(model, BIAS_ATTR)
+
+
 def check_no_accelerate_hook(op, name, module, why="that a LoRA wrapper would drop"):
     """Refuses a layer that carries an accelerate hook. Offloading (a device_map with "cpu"/"disk", cpu_offload) keeps
     the layer's weight on the meta device and moves it in for each forward through a hook on that very layer (and
@@ -598,7 +641,7 @@ def warn_conv1d_fan_in_fan_out(op, name):
 def inject_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False, *,
                 exclude_modules=None, init_lora_weights=True, backend="auto", fan_in_fan_out=False,
                 layers_to_transform=None, layers_pattern=None, rank_pattern=None, alpha_pattern=None,
-                modules_to_save=None, autocast_adapter_dtype=True):
+                modules_to_save=None, autocast_adapter_dtype=True, bias="none"):
     """Replaces, in place, every nn.Linear whose name matches target_modules (a regex over the full name, or a list
     of names/suffixes, as PEFT) with a LoRALinear sharing its weights, freezes every other parameter, returns model.
     All targets are found and validated before the model is changed; a failure leaves it as it was.
@@ -609,8 +652,11 @@ def inject_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_
     warning where it disagrees, as PEFT), autocast_adapter_dtype (float32 factors for 16-bit layers: see
     LoRALinear), and modules_to_save (module names, e.g. ["score"] for a classification head): those modules train
     whole and save_peft_adapter writes them beside the adapter. Unlike PEFT, no copy is kept: they train in place.
+    bias ("none", "all" or "lora_only") is PEFT's option too: "all" also trains every parameter called bias
+    (LayerNorm biases included), "lora_only" the biases of the new LoRA layers; save_peft_adapter saves them.
     The new layers keep the train/eval mode of the layers they replace."""
     op = "inject_lora"
+    check_bias_mode(op, bias)
     targets = find_target_linears(model, target_modules, exclude_modules, op, layers_to_transform=layers_to_transform,
                                   layers_pattern=layers_pattern, modules_to_save=modules_to_save or None)
     heads = []
@@ -641,9 +687,12 @@ def inject_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_
             replaced.append((name, old))
             layer.lora_A.weight.requires_grad_(True)
             layer.lora_B.weight.requires_grad_(True)
+        _train_biases(tensor for _, tensor, _ in trained_biases(model, bias, {name for name, _ in targets},
+                                                                 [name for name, _ in heads]))
         for _, head in heads:
             head.requires_grad_(True)
     _record_modules_to_save(model, modules_to_save)
+    _record_bias(model, bias)
     return model
 
 

@@ -1,6 +1,8 @@
 """PEFT's LoRA file format in and out: adapter_config.json + adapter_model.safetensors (adapter_model.bin read too),
 keys `base_model.model.<module>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r], plus the whole state of each
-module that `modules_to_save` names (`base_model.model.<module>.<param>`, e.g. a classification head).
+module that `modules_to_save` names (`base_model.model.<module>.<param>`, e.g. a classification head), plus with
+bias="all" / "lora_only" the trained biases (`base_model.model.<layer>.base_layer.bias` for a LoRA layer, whose
+bias is our `<layer>.bias`; `base_model.model.<module>.bias` for any other).
 
 Loading is atomic: the config, every tensor, every target module, key and shape are checked before the model is
 touched, and a failure while changing it is rolled back; a config field that would change what the adapter computes
@@ -24,11 +26,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lora_kernels.modules import (LORA_WRAPPERS, MODULES_TO_SAVE_ATTR, LoRALinear, MultiLoRALinear,
-                                  _record_modules_to_save, _rollback_on_error, _set_submodule,
-                                  _warn_linear_fan_in_fan_out, check_no_accelerate_hook, is_conv1d, lora_scaling,
-                                  named_modules_to_save, named_target_modules, pattern_value, target_module_matches,
-                                  warn_conv1d_fan_in_fan_out)
+from lora_kernels.modules import (BIAS_ATTR, BIAS_MODES, LORA_WRAPPERS, MODULES_TO_SAVE_ATTR, LoRALinear,
+                                  MultiLoRALinear, _record_bias, _record_modules_to_save, _rollback_on_error,
+                                  _set_submodule, _train_biases, _warn_linear_fan_in_fan_out, check_no_accelerate_hook,
+                                  is_conv1d, lora_scaling, named_modules_to_save, named_target_modules, pattern_value,
+                                  target_module_matches, trained_biases, warn_conv1d_fan_in_fan_out)
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -86,6 +88,7 @@ class AdapterConfig:
     layers_to_transform: object = None
     layers_pattern: object = None
     modules_to_save: list = None  # module names trained whole and saved beside the adapter (None: none)
+    bias: str = "none"  # which base biases the adapter trained and holds: "none", "all" or "lora_only"
 
     def rank_and_alpha(self, name):
         """(r, lora_alpha) of the module called `name`, with PEFT's rank_pattern / alpha_pattern lookup."""
@@ -141,7 +144,7 @@ def _check_pattern(file, field, value, kind):
 
 def parse_adapter_config(raw, file=CONFIG_NAME):
     """Validates the dict of an adapter_config.json and returns an AdapterConfig. Raises ValueError naming the field
-    for anything malformed, not LoRA, or not implemented here (DoRA, bias other than "none", ...)."""
+    for anything malformed, not LoRA, or not implemented here (DoRA, lora_bias, ...)."""
     if not isinstance(raw, dict):
         raise ValueError(f"{file}: expected a JSON object, got {type(raw).__name__}")
     peft_type = raw.get("peft_type")
@@ -152,9 +155,8 @@ def parse_adapter_config(raw, file=CONFIG_NAME):
             raise ValueError(f"{file}: field {field!r} = {raw[field]!r} asks for {what}, which lora_kernels does not "
                              f"implement; refusing to load a partial adapter")
     bias = raw.get("bias", "none")
-    if bias != "none":
-        raise ValueError(f"{file}: field 'bias' = {bias!r}: only 'none' is supported (trained base biases are not "
-                         f"loaded); refusing to load a partial adapter")
+    if bias not in BIAS_MODES:
+        raise _bad(file, "bias", f"one of {list(BIAS_MODES)}", bias)
     unknown = sorted(k for k in raw if k not in _IGNORED_FIELDS | _HONOURED_FIELDS | set(_REFUSED_FIELDS)
                      and not _is_unset(raw[k]))
     if unknown:
@@ -215,7 +217,7 @@ def parse_adapter_config(raw, file=CONFIG_NAME):
                          rank_pattern=_check_pattern(file, "rank_pattern", raw.get("rank_pattern"), "rank"),
                          alpha_pattern=_check_pattern(file, "alpha_pattern", raw.get("alpha_pattern"), "alpha"),
                          layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
-                         modules_to_save=modules_to_save)
+                         modules_to_save=modules_to_save, bias=bias)
 
 
 def read_adapter_config(path):
@@ -268,7 +270,7 @@ def _key_hint(key):
     if "lora_embedding" in key:
         return " (LoRA on an embedding: only linear layers are supported)"
     if key.endswith(".bias"):
-        return " (a bias: only bias='none' is supported)"
+        return " (a bias, which PEFT saves with bias='all' or 'lora_only'; the config has bias='none')"
     if ".modules_to_save." in key:
         return " (PEFT's in-memory name of a modules_to_save module; its files store it without that part)"
     return ""
@@ -349,6 +351,53 @@ def _split_modules_to_save(model, config, tensors, file, adapter_name, op):
     return heads, rest
 
 
+def _bias_file_keys(model, bias, lora_names, head_names):
+    """{file key: (state-dict key, tensor)} of the biases that `bias` trains and saves (trained_biases), under PEFT's
+    keys: a LoRA layer's bias is `<layer>.base_layer.bias` there, since PEFT wraps the original layer."""
+    return {f"{KEY_PREFIX}{layer}.base_layer.bias" if layer is not None else f"{KEY_PREFIX}{key}": (key, tensor)
+            for key, tensor, layer in trained_biases(model, bias, lora_names, head_names)}
+
+
+def _split_biases(model, config, tensors, file, adapter_name, op, lora_names, heads):
+    """([(state-dict key, model tensor, file tensor)] for each bias the config's bias mode trains in model, the
+    remaining tensors). `lora_names`: the modules that will be LoRA layers. Each such bias must be in the file,
+    shapes equal, and every other bias key of the file must be one of them."""
+    if config.bias == "none":
+        return [], tensors
+    if adapter_name is not None:
+        raise ValueError(f"{op}: {file} holds base biases (bias={config.bias!r}); MultiLoRALinear slots hold LoRA "
+                         f"factors only, so it cannot load by adapter_name")
+    rest, biases = dict(tensors), []
+    if config.bias == "all":
+        # PEFT's "all" also saves the biases of a modules_to_save module under its wrapper's names: the trained copy
+        # (`<module>.modules_to_save...`; PEFT loads the module's own `<module>.<key>` over it) and the original
+        # (`<module>.original_module...`; not kept here, where the module is replaced in place)
+        wrapper_names = tuple(f"{KEY_PREFIX}{name}.{part}." for name, *_ in heads
+                              for part in ("modules_to_save", "original_module"))
+        rest = {k: v for k, v in rest.items() if not (k.startswith(wrapper_names) and k.endswith(".bias"))}
+    expected = _bias_file_keys(model, config.bias, lora_names, [name for name, *_ in heads])
+    for file_key, (key, current) in expected.items():
+        tensor = rest.pop(file_key, None)
+        if tensor is None:
+            raise ValueError(f"{op}: {file} is missing {file_key!r} (bias={config.bias!r} trains the model's "
+                             f"{key!r})")
+        if current.is_meta:
+            raise ValueError(f"{op}: the model's {key!r} (bias={config.bias!r}) is on the meta device; load the "
+                             f"adapter into a model whose weights are materialised")
+        if tensor.shape != current.shape or tensor.dtype.is_floating_point != current.dtype.is_floating_point:
+            raise ValueError(f"{op}: {file_key!r} in {file} expected shape {list(current.shape)} and a "
+                             f"{'floating' if current.dtype.is_floating_point else 'non-floating'} dtype (the model's "
+                             f"{key!r}), got shape {list(tensor.shape)}, {tensor.dtype}")
+        biases.append((key, current, tensor))
+    unmatched = sorted(k for k in rest if k.endswith(".bias"))
+    if unmatched:
+        where = "a LoRA layer's" if config.bias == "lora_only" else "the model's"
+        raise ValueError(f"{op}: {file} has {unmatched[0]!r}{' and more' if len(unmatched) > 1 else ''}, which maps "
+                         f"to no bias that bias={config.bias!r} trains in this model (expected {where} biases: "
+                         f"{sorted(expected)[:3]}{' ...' if len(expected) > 3 else ''})")
+    return biases, rest
+
+
 def _check_pair(op, file, name, factors, r, in_features, out_features):
     for factor, shape in (("lora_A", (r, in_features)), ("lora_B", (out_features, r))):
         tensor = factors.get(factor)
@@ -371,11 +420,14 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
     file). Every non-LoRA parameter is frozen
     and lora_A/lora_B train, like inject_lora. Modules that the config's modules_to_save selects (a classification
     head) get their saved state and train whole; unlike PEFT, which keeps the originals beside a trained copy, their
-    state is replaced in place (load into a fresh base model to keep it).
+    state is replaced in place (load into a fresh base model to keep it). With the config's bias "all" or
+    "lora_only" (PEFT's option, see inject_lora) the file's biases are copied into the model's, which then train;
+    every bias that mode selects must be in the file, and every bias of the file must map to one.
 
     adapter_name="name": the model was prepared with prepare_multi_adapter; the adapter goes into a slot of every
     MultiLoRALinear (the one already named so, else the first free one) and `model.lora_adapter_slots[name]` records
     it; layers the adapter does not target get that slot cleared. Mix adapters per row with set_batch_adapters.
+    Slots hold LoRA factors only: an adapter with modules_to_save or a bias other than "none" is refused.
 
     Atomic: the config, tensors, targets, keys and shapes are all checked first (ValueError naming the field, key
     or module; FileNotFoundError for missing files); on any failure the model is left exactly as it was."""
@@ -384,6 +436,8 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
     tensors, file = read_adapter_weights(path)
     targets = _targets(model, config, op)
     heads, tensors = _split_modules_to_save(model, config, tensors, file, adapter_name, op)
+    biases, tensors = _split_biases(model, config, tensors, file, adapter_name, op, {name for name, _ in targets},
+                                    heads)
     grouped = group_adapter_weights(tensors, file, config.modules_to_save)
     plan = []
     for name, module in targets:
@@ -436,13 +490,13 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
             raise ValueError(f"{op}: the model has LoRA layers the adapter does not target ({stale[:5]}"
                              f"{' ...' if len(stale) > 5 else ''}); they would keep other weights. Load into the base "
                              f"model or a model injected with the adapter's target_modules")
-        _commit_single(model, config, plan, grouped, heads, backend, autocast_adapter_dtype)
+        _commit_single(model, config, plan, grouped, heads, biases, backend, autocast_adapter_dtype)
     else:
         _commit_multi(model, op, adapter_name, plan, grouped, config)
     return model
 
 
-def _commit_single(model, config, plan, grouped, heads, backend, autocast_adapter_dtype):
+def _commit_single(model, config, plan, grouped, heads, biases, backend, autocast_adapter_dtype):
     op = "load_peft_adapter"
     # Everything that can fail on the inputs is checked; build the new layers before touching the model.
     prepared = []
@@ -456,6 +510,7 @@ def _commit_single(model, config, plan, grouped, heads, backend, autocast_adapte
                  for _, m, *_ in plan if isinstance(m, LoRALinear)]
     head_snapshots = [(module, {k: v.detach().clone() for k, v in module.state_dict().items()})
                       for _, module, _ in heads]
+    bias_snapshot = {key: current.detach().clone() for key, current, _ in biases}
     try:
         with _rollback_on_error(model) as replaced:
             layers = []
@@ -486,6 +541,9 @@ def _commit_single(model, config, plan, grouped, heads, backend, autocast_adapte
                     replaced.append((name, old))
                 layer.lora_A.weight.requires_grad_(True)
                 layer.lora_B.weight.requires_grad_(True)
+            if biases:  # the state-dict keys are the base model's: a LoRA layer's bias is `<layer>.bias`
+                _copy_state(model, {key: loaded for key, _, loaded in biases})
+                _train_biases(current for _, current, _ in biases)
             for _, module, loaded in heads:
                 _copy_state(module, loaded)
                 module.requires_grad_(True)
@@ -495,10 +553,13 @@ def _commit_single(model, config, plan, grouped, heads, backend, autocast_adapte
                 layer.lora_A.weight.copy_(a)
                 layer.lora_B.weight.copy_(b)
                 layer.lora_alpha, layer.use_rslora, layer.scaling, layer.lora_dropout = attrs
+        if bias_snapshot:
+            _copy_state(model, bias_snapshot)
         for module, state in head_snapshots:
             _copy_state(module, state)
         raise
     _record_modules_to_save(model, config.modules_to_save if heads else None)
+    _record_bias(model, config.bias)
 
 
 def _copy_state(module, state):
@@ -666,16 +727,18 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
     """Writes the LoRA adapter of `model` to directory `path` (created if needed) in PEFT's format:
     adapter_config.json and adapter_model.safetensors, which `peft.PeftModel.from_pretrained(base, path)` loads.
 
-    adapter_name=None saves the LoRALinear layers, and the whole state of the modules_to_save given to inject_lora
-    or read by load_peft_adapter; a name saves that adapter's MultiLoRALinear slots. Layers of different rank or
-    alpha go into rank_pattern / alpha_pattern (keyed by the last name component where that selects exactly those
-    layers, else by full module name); one lora_dropout and one use_rslora must hold for the whole adapter (PEFT has
-    one of each). Each file is written to a temporary file in `path` and renamed over the old one, so a crash never
-    leaves a truncated file. With torch.distributed initialised only rank 0 writes (FSDP2: call it on every rank,
-    the sharded weights are gathered)."""
+    adapter_name=None saves the LoRALinear layers, the whole state of the modules_to_save given to inject_lora
+    or read by load_peft_adapter, and the biases that their bias mode trains ("all" / "lora_only": the config's
+    "bias", the tensors under PEFT's keys); a name saves that adapter's MultiLoRALinear slots (bias "none"). Layers
+    of different rank or alpha go into rank_pattern / alpha_pattern (keyed by the last name component where that
+    selects exactly those layers, else by full module name); one lora_dropout and one use_rslora must hold for the
+    whole adapter (PEFT has one of each). Each file is written to a temporary file in `path` and renamed over the
+    old one, so a crash never leaves a truncated file. With torch.distributed initialised only rank 0 writes (FSDP2:
+    call it on every rank, the sharded weights are gathered)."""
     op = "save_peft_adapter"
     records = _collect_layers(model, adapter_name, op)
     modules_to_save = getattr(model, MODULES_TO_SAVE_ATTR, None) if adapter_name is None else None
+    bias = getattr(model, BIAS_ATTR, "none") if adapter_name is None else "none"
     heads = named_modules_to_save(model, modules_to_save, op) if modules_to_save else []
     if modules_to_save and not heads:
         raise ValueError(f"{op}: model.{MODULES_TO_SAVE_ATTR} = {modules_to_save!r} matches no module of the model")
@@ -702,7 +765,7 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
         "exclude_modules": None,
         "lora_dropout": records[0][6],
         "use_rslora": records[0][5],
-        "bias": "none",
+        "bias": bias,
         "fan_in_fan_out": any(rec[7] for rec in records),
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
@@ -730,6 +793,9 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
     for name, module in heads:
         for key, tensor in module.state_dict().items():
             tensors[f"{KEY_PREFIX}{name}.{key}"] = _to_saved(tensor)
+    for file_key, (_, tensor) in _bias_file_keys(model, bias, {rec[0] for rec in records},
+                                                 [name for name, _ in heads]).items():
+        tensors[file_key] = _to_saved(tensor)
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
     os.makedirs(path, exist_ok=True)
