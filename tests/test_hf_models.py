@@ -33,6 +33,17 @@ def llama():
 
 
 @pytest.fixture(scope="module")
+def llama_with_biases():
+    """The Llama above with biases on the attention and MLP projections (Qwen2-like), for PEFT's bias modes."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                      max_position_embeddings=64, bos_token_id=0, eos_token_id=1,
+                                      attention_bias=True, mlp_bias=True)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
 def gpt2():
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
@@ -51,23 +62,23 @@ def _peft(base, **kwargs):
         return get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, **kwargs)).eval()
 
 
-def _loss_and_lora_grads(model, ids, strip_adapter_name=False):
+def _loss_and_lora_grads(model, ids, strip_adapter_name=False, biases_train=False):
     model.zero_grad(set_to_none=True)
     out = model(input_ids=ids, labels=ids)
     out.loss.backward()
     grads = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            assert "lora_" in name, f"{name} should be frozen"
-            if strip_adapter_name:
-                name = name.removeprefix("base_model.model.").replace(".default.", ".")
+            assert "lora_" in name or (biases_train and name.endswith(".bias")), f"{name} should be frozen"
+            if strip_adapter_name:  # a LoRA layer's bias is PEFT's `<layer>.base_layer.bias`
+                name = name.removeprefix("base_model.model.").replace(".default.", ".").replace(".base_layer.", ".")
             grads[name] = p.grad
     return out.logits.detach(), grads
 
 
-def _assert_parity(ours, theirs, ids):
-    logits, grads = _loss_and_lora_grads(ours, ids)
-    ref_logits, ref_grads = _loss_and_lora_grads(theirs, ids, strip_adapter_name=True)
+def _assert_parity(ours, theirs, ids, biases_train=False):
+    logits, grads = _loss_and_lora_grads(ours, ids, biases_train=biases_train)
+    ref_logits, ref_grads = _loss_and_lora_grads(theirs, ids, strip_adapter_name=True, biases_train=biases_train)
     assert_close(logits, ref_logits, F32, "logits")
     assert sorted(grads) == sorted(ref_grads)
     for name, grad in grads.items():
@@ -101,6 +112,57 @@ def test_llama_parity_and_round_trip_both_ways(llama, tmp_path, name):
     lk.save_peft_adapter(ours, tmp_path / "ours")
     back = PeftModel.from_pretrained(copy.deepcopy(llama), tmp_path / "ours", is_trainable=True).eval()
     _assert_parity(ours, back, ids)
+
+
+def _train_steps(model, ids, steps=3):
+    """A few SGD steps on the trainable parameters; returns their values before."""
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+    return before
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_bias_modes_match_peft_both_ways(arch, bias, llama_with_biases, gpt2, tmp_path):
+    """PEFT's bias="all" / "lora_only": the same parameters train, and trained biases go through the files both
+    ways (PEFT's `<layer>.base_layer.bias` is our `<layer>.bias`), logits and gradients equal."""
+    base = llama_with_biases if arch == "llama" else gpt2
+    targets = ["q_proj", "v_proj", "down_proj"] if arch == "llama" else ["c_attn"]
+    kwargs = dict(r=4, lora_alpha=8, target_modules=targets, bias=bias, fan_in_fan_out=(arch == "gpt2"))
+    ids = _ids()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = lk.inject_lora(copy.deepcopy(base), backend="torch", init_lora_weights=False, **kwargs)
+    theirs = _peft(base, **kwargs)
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert trainable == {n.removeprefix("base_model.model.").replace(".base_layer", "").replace(".default", "")
+                         for n, p in theirs.named_parameters() if p.requires_grad}
+    other_biases = [n for n in trainable if n.endswith(".bias") and n.split(".")[-2] not in targets]
+    assert bool(other_biases) == (bias == "all")  # GPT-2's LayerNorm biases among them
+
+    def biases_changed(model, before):
+        biases = [n for n in before if n.endswith(".bias")]
+        return biases and all(not torch.equal(model.get_parameter(n), before[n]) for n in biases)
+
+    # trained with PEFT, saved with save_pretrained, loaded into a fresh base model
+    assert biases_changed(theirs, _train_steps(theirs.train(), ids))
+    theirs.eval().save_pretrained(tmp_path / "peft")
+    loaded = lk.load_peft_adapter(copy.deepcopy(base), tmp_path / "peft", backend="torch").eval()
+    _assert_parity(loaded, theirs, ids, biases_train=True)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, theirs(input_ids=ids).logits, rtol=1e-6, atol=1e-6)
+
+    # trained here, loaded with PeftModel.from_pretrained
+    assert biases_changed(ours, _train_steps(ours.train(), ids))
+    lk.save_peft_adapter(ours.eval(), tmp_path / "ours")
+    back = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours", is_trainable=True).eval()
+    _assert_parity(ours, back, ids, biases_train=True)
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, ours(ids).logits, rtol=1e-6, atol=1e-6)
 
 
 def test_llama_injected_with_auto_backend_matches_peft_after_loading(llama, tmp_path):
