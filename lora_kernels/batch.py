@@ -85,8 +85,9 @@ class LoRABatch:
         address, so a CUDA graph captured with this batch replays with the new ids. Build one batch per token count
         once, refill it before each replay. On the device with no host sync; validate as in from_adapter_ids (a
         bad id raises before anything is written). A multi_lora_linear whose backward has not run yet refuses a
-        refilled batch (autograd's error about a tensor modified in place) rather than use the new ids. Returns
-        self."""
+        refilled batch (autograd's error about a tensor modified in place) rather than use the new ids; not under
+        activation checkpointing, whose backward recomputes the forward with the batch as it is then: refill only
+        after the backward there. Returns self."""
         if not isinstance(adapter_ids, torch.Tensor):
             raise TypeError(f"LoRABatch.refill_: adapter_ids expected a torch.Tensor, got {type(adapter_ids).__name__}")
         if adapter_ids.numel() != self.num_tokens:

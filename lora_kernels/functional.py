@@ -337,8 +337,11 @@ class MultiLoRAFunction(torch.autograd.Function):
         y, shrunk = _multi_lora_forward(x2, weight, bias, lora_a, lora_b, batch, scalings, ranks, backend)
         # The batch's buffers are saved like the other inputs: refilling them in place (LoRABatch.refill_, for the
         # next step of a CUDA graph) before this backward runs then raises autograd's in-place modification error
-        # instead of computing the gradients for the new ids.
+        # instead of computing the gradients for the new ids. A batch built under torch.inference_mode (a reference
+        # pass whose batch is reused for training) holds inference tensors, which cannot be saved: a copy is.
         batch_buffers = [getattr(batch, name) for name in _BATCH_BUFFERS]
+        if any(t.is_inference() for t in batch_buffers):
+            batch_buffers = [t.clone() for t in batch_buffers]
         ctx.save_for_backward(x2, weight, lora_a, lora_b, shrunk, scalings, ranks, *batch_buffers)
         ctx.batch, ctx.backend = batch, backend
         return y

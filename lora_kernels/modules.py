@@ -55,9 +55,9 @@ class LoRALinear(nn.Module):
     LoRA factors keep PEFT's layout [r, in] / [out, r] either way.
 
     autocast_adapter_dtype=True (PEFT's default of the same name): the factors of a float16/bfloat16 layer are
-    float32, so their gradients and optimizer updates keep float32 precision (in bfloat16, AdamW steps below ~1/256
-    of a weight round away). The forward casts them to the layer's dtype and runs the same 16-bit kernels.
-    False: the factors take the layer's dtype."""
+    float32, so the optimizer updates them in float32 (in bfloat16, AdamW steps below ~1/256 of a weight round
+    away). The forward casts them to the layer's dtype and runs the same 16-bit kernels, so their gradients are
+    16-bit values (PEFT computes its LoRA branch in float32). False: the factors take the layer's dtype."""
 
     def __init__(self, in_features, out_features, r=8, lora_alpha=8, lora_dropout=0.0, bias=True, use_rslora=False,
                  device=None, dtype=None, *, init_lora_weights=True, backend="auto", fan_in_fan_out=False,

@@ -504,3 +504,17 @@ def test_torch_compile_traces_once(monkeypatch):
         got = step(x, ids)  # first: traced with the cache still empty
         torch.testing.assert_close(got, lk.multi_lora_linear(x, weight, lora_a, lora_b, ids, scalings))
     assert len(graphs) == 1, f"{len(graphs)} graphs compiled"
+
+
+def test_a_batch_built_under_inference_mode_trains():
+    """A LoRABatch built under torch.inference_mode (a reference pass whose batch is then reused for the policy
+    step) holds inference tensors, which autograd cannot save: multi_lora_linear saves a copy of its buffers."""
+    with torch.inference_mode():
+        batch = LoRABatch.from_adapter_ids(torch.tensor([0, 0, 1, 1, -1, 2]), 4)
+    lora_a, lora_b = [t.requires_grad_(True) for t in _adapters(4, 4, 8, 6, [4, 4, 4, 4], torch.float32, "cpu")]
+    x, weight = randn(6, 8), randn(6, 8)
+    lk.multi_lora_linear(x, weight, lora_a, lora_b, batch, [1.0] * 4, backend="torch").square().sum().backward()
+    leaves = [t.detach().clone().requires_grad_(True) for t in (lora_a, lora_b)]
+    lk.multi_lora_linear(x, weight, *leaves, batch.adapter_ids.clone(), [1.0] * 4,
+                         backend="torch").square().sum().backward()
+    assert torch.equal(lora_a.grad, leaves[0].grad) and torch.equal(lora_b.grad, leaves[1].grad)
