@@ -96,13 +96,15 @@ class LoRABatch:
         if validate is None:  # as from_adapter_ids would decide for the ids where the caller has them
             validate = adapter_ids.device.type == "cpu" and not torch.compiler.is_compiling()
         fresh = LoRABatch.from_adapter_ids(adapter_ids.to(self.device), self.num_adapters, validate=validate)
-        for field in fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, torch.Tensor):
-                value.copy_(getattr(fresh, field.name))
+        for name in BUFFER_FIELDS:
+            getattr(self, name).copy_(getattr(fresh, name))
         return self
 
     def check_tokens(self, num_tokens, op_name, arg_name="x"):
         if num_tokens != self.num_tokens:
             raise ValueError(f"{op_name}: batch was built for {self.num_tokens} tokens, but {arg_name} has "
                              f"{num_tokens} rows")
+
+
+# The tensor fields of a LoRABatch: its device buffers (the rest are sizes).
+BUFFER_FIELDS = tuple(field.name for field in fields(LoRABatch) if field.type is torch.Tensor)

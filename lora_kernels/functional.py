@@ -14,7 +14,7 @@ import torch
 
 from lora_kernels import ops, reference
 from lora_kernels.backends import resolve_backend
-from lora_kernels.batch import LoRABatch
+from lora_kernels.batch import BUFFER_FIELDS, LoRABatch
 
 
 # ----------------------------------------------------------------------------------------------------------- checks
@@ -325,9 +325,6 @@ def _multi_lora_forward(x2, weight, bias, lora_a, lora_b, batch, scalings, ranks
     return y, shrunk
 
 
-_BATCH_BUFFERS = tuple(field.name for field in dataclasses.fields(LoRABatch) if field.type is torch.Tensor)
-
-
 class MultiLoRAFunction(torch.autograd.Function):
     """y = x2 @ W.T + bias + grouped LoRA; gradients for x2, every slot's A and B, and W and bias when they require
     it (full fine-tuning of the base; never the scalings)."""
@@ -339,7 +336,7 @@ class MultiLoRAFunction(torch.autograd.Function):
         # next step of a CUDA graph) before this backward runs then raises autograd's in-place modification error
         # instead of computing the gradients for the new ids. A batch built under torch.inference_mode (a reference
         # pass whose batch is reused for training) holds inference tensors, which cannot be saved: a copy is.
-        batch_buffers = [getattr(batch, name) for name in _BATCH_BUFFERS]
+        batch_buffers = [getattr(batch, name) for name in BUFFER_FIELDS]
         if any(t.is_inference() for t in batch_buffers):
             batch_buffers = [t.clone() for t in batch_buffers]
         ctx.save_for_backward(x2, weight, lora_a, lora_b, shrunk, scalings, ranks, *batch_buffers)
@@ -349,7 +346,7 @@ class MultiLoRAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2, weight, lora_a, lora_b, shrunk, scalings, ranks, *batch_buffers = ctx.saved_tensors
-        batch = dataclasses.replace(ctx.batch, **dict(zip(_BATCH_BUFFERS, batch_buffers)))
+        batch = dataclasses.replace(ctx.batch, **dict(zip(BUFFER_FIELDS, batch_buffers)))
         backend = ctx.backend
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         dy = dy.contiguous()

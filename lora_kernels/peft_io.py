@@ -322,6 +322,22 @@ def _targets(model, config, op):
     return found
 
 
+def _pop_state_tensor(op, file, rest, file_key, current, owner, why):
+    """The file's tensor for the model tensor `current` (described by `owner`), popped from `rest`: present, of
+    current's shape and kind of dtype, and bound for a materialised tensor; else ValueError naming the key."""
+    if current.is_meta:
+        raise ValueError(f"{op}: {owner} is on the meta device; load the adapter into a model whose weights are "
+                         f"materialised")
+    tensor = rest.pop(file_key, None)
+    if tensor is None:
+        raise ValueError(f"{op}: {file} is missing {file_key!r} ({why})")
+    if tensor.shape != current.shape or tensor.dtype.is_floating_point != current.dtype.is_floating_point:
+        raise ValueError(f"{op}: {file_key!r} in {file} expected shape {list(current.shape)} and a "
+                         f"{'floating' if current.dtype.is_floating_point else 'non-floating'} dtype ({owner}), "
+                         f"got shape {list(tensor.shape)}, {tensor.dtype}")
+    return tensor
+
+
 def _split_modules_to_save(model, config, tensors, file, adapter_name, op):
     """([(name, module, {state key: tensor})] for each module the config's modules_to_save selects in model, the
     remaining tensors). Each selected module's whole state must be in the file, shapes equal."""
@@ -332,21 +348,10 @@ def _split_modules_to_save(model, config, tensors, file, adapter_name, op):
                          f"adapter); MultiLoRALinear slots hold LoRA factors only, so it cannot load by adapter_name")
     rest, heads = dict(tensors), []
     for name, module in named_modules_to_save(model, config.modules_to_save, op):
-        loaded = {}
-        for key, current in module.state_dict().items():
-            file_key = f"{KEY_PREFIX}{name}.{key}"
-            if current.is_meta:
-                raise ValueError(f"{op}: module {name!r} (modules_to_save) holds {key!r} on the meta device; load the "
-                                 f"adapter into a model whose weights are materialised")
-            tensor = rest.pop(file_key, None)
-            if tensor is None:
-                raise ValueError(f"{op}: {file} is missing {file_key!r} (modules_to_save {config.modules_to_save} "
-                                 f"selects module {name!r})")
-            if tensor.shape != current.shape or tensor.dtype.is_floating_point != current.dtype.is_floating_point:
-                raise ValueError(f"{op}: {file_key!r} in {file} expected shape {list(current.shape)} and a "
-                                 f"{'floating' if current.dtype.is_floating_point else 'non-floating'} dtype (module "
-                                 f"{name!r}), got shape {list(tensor.shape)}, {tensor.dtype}")
-            loaded[key] = tensor
+        loaded = {key: _pop_state_tensor(op, file, rest, f"{KEY_PREFIX}{name}.{key}", current,
+                                         f"{key!r} of module {name!r} (modules_to_save)",
+                                         f"modules_to_save {config.modules_to_save} selects module {name!r}")
+                  for key, current in module.state_dict().items()}
         heads.append((name, module, loaded))
     return heads, rest
 
@@ -377,17 +382,8 @@ def _split_biases(model, config, tensors, file, adapter_name, op, lora_names, he
         rest = {k: v for k, v in rest.items() if not (k.startswith(wrapper_names) and k.endswith(".bias"))}
     expected = _bias_file_keys(model, config.bias, lora_names, [name for name, *_ in heads])
     for file_key, (key, current) in expected.items():
-        tensor = rest.pop(file_key, None)
-        if tensor is None:
-            raise ValueError(f"{op}: {file} is missing {file_key!r} (bias={config.bias!r} trains the model's "
-                             f"{key!r})")
-        if current.is_meta:
-            raise ValueError(f"{op}: the model's {key!r} (bias={config.bias!r}) is on the meta device; load the "
-                             f"adapter into a model whose weights are materialised")
-        if tensor.shape != current.shape or tensor.dtype.is_floating_point != current.dtype.is_floating_point:
-            raise ValueError(f"{op}: {file_key!r} in {file} expected shape {list(current.shape)} and a "
-                             f"{'floating' if current.dtype.is_floating_point else 'non-floating'} dtype (the model's "
-                             f"{key!r}), got shape {list(tensor.shape)}, {tensor.dtype}")
+        tensor = _pop_state_tensor(op, file, rest, file_key, current, f"the model's {key!r}",
+                                   f"bias={config.bias!r} trains the model's {key!r}")
         biases.append((key, current, tensor))
     unmatched = sorted(k for k in rest if k.endswith(".bias"))
     if unmatched:

@@ -387,7 +387,7 @@ def test_loads_into_meta_weights_are_refused(tmp_path):
     lk.save_peft_adapter(_trained(modules_to_save=["head"]), tmp_path)
     with torch.device("meta"):
         model = Tiny()
-    with pytest.raises(ValueError, match=r"module 'head' \(modules_to_save\) holds 'weight' on the meta device"):
+    with pytest.raises(ValueError, match=r"'weight' of module 'head' \(modules_to_save\) is on the meta device"):
         lk.load_peft_adapter(model, tmp_path)
     model.head = nn.Linear(16, 5)
     with pytest.raises(ValueError, match=r"module 'layers\.0\.q_proj' has its weight on the meta device"):
