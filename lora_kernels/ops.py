@@ -90,6 +90,8 @@ def as_ranks(op, ranks, num_slots, max_rank, device):
         if low < 0 or high > max_rank:
             raise ValueError(f"{op}: ranks expected values in [0, {max_rank}] (R of the LoRA weights), "
                              f"got {low if low < 0 else high}")
+    if ranks.dtype == torch.int64:  # unchecked (CUDA) values past int32 would wrap to a wrong rank in the cast
+        ranks = ranks.clamp(0, max_rank)
     return ranks.to(device=device, dtype=torch.int32)
 
 

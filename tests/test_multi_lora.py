@@ -518,3 +518,20 @@ def test_a_batch_built_under_inference_mode_trains():
     lk.multi_lora_linear(x, weight, *leaves, batch.adapter_ids.clone(), [1.0] * 4,
                          backend="torch").square().sum().backward()
     assert torch.equal(lora_a.grad, leaves[0].grad) and torch.equal(lora_b.grad, leaves[1].grad)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_unchecked_int64_ranks_are_clamped_not_wrapped(backend):
+    """Rank values are not checked where that needs a sync or breaks a trace (CUDA tensors, torch.compile); they
+    are clamped to [0, R]. An int64 rank past int32 wrapped in the cast to int32: 2**32 + 3 became rank 3."""
+    _backend_or_skip(backend, torch.device("cpu"))
+    lora_a, _ = _adapters(2, 4, 8, 6, [4, 4], torch.float32, "cpu")
+    x, batch = randn(3, 8), LoRABatch.from_adapter_ids(torch.tensor([0, 1, 0]), 2)
+    huge = torch.tensor([2**32 + 3, -(2**32) + 2], dtype=torch.int64)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def shrink(x, ranks):
+        return lk.ops.lora_shrink(x, lora_a, batch, [1.0, 1.0], ranks, backend=backend)
+
+    clamped = torch.tensor([4, 0], dtype=torch.int64)
+    torch.testing.assert_close(shrink(x, huge), lk.ops.lora_shrink(x, lora_a, batch, [1.0, 1.0], clamped))

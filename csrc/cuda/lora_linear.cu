@@ -250,7 +250,8 @@ __global__ void __launch_bounds__(kDecodeWarps* kWarpSize)
   AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
                                      AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
-// Rows of W (or A) must be unit-stride for the kernels; weights are in practice, so the copy is the rare case.
+// Rows of A must be unit-stride for the kernels (A is r x K, so a copy is cheap). W is not copied: a transposed W
+// (GPT-2's Conv1D, fan_in_fan_out) takes the GEMM path, since copying it would triple the bytes decode exists to save.
 at::Tensor unit_stride_rows(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
 
 template <typename T, int kMaxM>
@@ -305,10 +306,13 @@ at::Tensor mm_float(const at::Tensor& a, const at::Tensor& b) {
   return at::mm(a, b);  // fp32 stays fp32; fp64 stays fp64
 }
 
-// M > 16 (and fp64, r > 256, empty shapes): cuBLAS tensor-core GEMMs are the roofline at large M, and the LoRA
-// term is only 2r/d extra FLOPs and bytes, so a hand-written GEMM has nothing to win there. The LoRA term is added
-// in place by a second GEMM with beta = 1 (an epilogue, no temporary [M, N]); its cost is that GEMM's extra read
-// and write of y (2·M·N elements), small against the base GEMM at r << K.
+// M > 16 (and fp64, r > 256, a transposed W, empty shapes): cuBLAS tensor-core GEMMs are the roofline at large M,
+// and the LoRA term is only 2r/d extra FLOPs and bytes, so a hand-written GEMM has nothing to win there. The LoRA
+// term is added in place by a second GEMM with beta = 1 (an epilogue, no temporary [M, N]); its cost is that GEMM's
+// extra read and write of y (2·M·N elements), small against the base GEMM at r << K. Unlike the decode kernel's
+// single fp32 accumulator, 16-bit y is rounded after the base GEMM and S is rounded to x's dtype for the second
+// GEMM, as in the unfused torch composition (within design.md §7's tolerances; a fp32 [M, N] y would cost more
+// bytes than the LoRA term itself).
 std::tuple<at::Tensor, at::Tensor> lora_fwd_gemm(const at::Tensor& x, const at::Tensor& x_lora,
                                                  const at::Tensor& weight, const at::Tensor& lora_a,
                                                  const at::Tensor& lora_b, double scaling,
@@ -327,24 +331,23 @@ std::tuple<at::Tensor, at::Tensor> lora_fwd_cuda(const at::Tensor& x, const std:
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_a.size(0);
   const at::Tensor x_lora = x_lora_opt.has_value() ? *x_lora_opt : x;
   const bool decode = M >= 1 && M <= kDecodeMaxM && N >= 1 && K >= 1 && r <= kDecodeMaxRank &&
-                      x.scalar_type() != at::kDouble;
+                      x.scalar_type() != at::kDouble && weight.stride(1) == 1;
   if (!decode) {
     return lora_fwd_gemm(x, x_lora, weight, lora_a, lora_b, scaling, bias);
   }
   // x is at most 16 rows: making it contiguous is cheap and gives the kernels unit-stride rows.
   const at::Tensor xc = x.contiguous();
   const at::Tensor xlc = x_lora_opt.has_value() ? x_lora_opt->contiguous() : xc;
-  const at::Tensor wc = unit_stride_rows(weight);
   const at::Tensor ac = unit_stride_rows(lora_a);
   at::Tensor y = at::empty({M, N}, x.options());
   at::Tensor s = at::empty({M, r}, x.options().dtype(at::kFloat));
   LK_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "lora_fwd_cuda", [&] {
     if (M == 1) {
-      launch_decode<scalar_t, 1>(xc, xlc, wc, ac, lora_b, scaling, bias, y, s);
+      launch_decode<scalar_t, 1>(xc, xlc, weight, ac, lora_b, scaling, bias, y, s);
     } else if (M <= 4) {
-      launch_decode<scalar_t, 4>(xc, xlc, wc, ac, lora_b, scaling, bias, y, s);
+      launch_decode<scalar_t, 4>(xc, xlc, weight, ac, lora_b, scaling, bias, y, s);
     } else {
-      launch_decode<scalar_t, 16>(xc, xlc, wc, ac, lora_b, scaling, bias, y, s);
+      launch_decode<scalar_t, 16>(xc, xlc, weight, ac, lora_b, scaling, bias, y, s);
     }
   });
   return {y, s};
