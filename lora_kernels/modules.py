@@ -606,6 +606,35 @@ def check_no_accelerate_hook(op, name, module, why="that a LoRA wrapper would dr
                          f"device and no offloading first")
 
 
+def unwrap_model(model):
+    """The model inside torch.compile's and DistributedDataParallel/DataParallel's wrappers, whose module names are
+    the model's own (the wrappers prefix them with `_orig_mod.` / `module.`): the model utilities and the adapter
+    files use those names, as PEFT does for a compiled or DDP-wrapped model."""
+    while True:
+        # a compiled model exists only once dynamo is imported, so plain calls do not pay for importing it
+        dynamo = sys.modules.get("torch._dynamo.eval_frame")
+        if dynamo is not None and isinstance(model, dynamo.OptimizedModule):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def enable_input_grads_for_checkpointing(model):
+    """As PEFT when it wraps a model: a transformers model with gradient checkpointing on gets its input embeddings'
+    output marked as requiring grad. Reentrant checkpointing recomputes (and back-propagates through) a segment only
+    when one of its inputs requires grad; with a frozen embedding none does, and every LoRA gradient stays zero.
+    Text models' checkpointing does this itself, others (ViT) do not."""
+    checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers 5 renamed the flag
+    if checkpointing is None:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    if not checkpointing or not hasattr(model, "enable_input_require_grads"):
+        return
+    if not getattr(model, "_require_grads_hooks", None) and getattr(model, "_require_grads_hook", None) is None:
+        model.enable_input_require_grads()  # once: each call registers another hook
+
+
 def _set_submodule(model, name, module):
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -628,6 +657,18 @@ def _rollback_on_error(model):
         raise
 
 
+def _warn_tied_targets(op, model, targets):
+    names = {}
+    for parameter_name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(parameter_name)
+    for name, module in targets:
+        tied = [n for n in names.get(id(module.weight), []) if n != f"{name}.weight"]
+        if tied:
+            warnings.warn(f"{op}: the weight of target {name!r} is tied to {tied[0]!r}; the adapter trains as usual, "
+                          f"but LoRALinear.merge() would change both (merge_and_unload unties them), as PEFT warns",
+                          stacklevel=3)
+
+
 def _warn_linear_fan_in_fan_out(op, name):
     warnings.warn(f"{op}: fan_in_fan_out=True but {name!r} is an nn.Linear (weight [out, in]); wrapping it with "
                   f"fan_in_fan_out=False, as PEFT does", stacklevel=3)
@@ -643,8 +684,10 @@ def inject_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_
                 layers_to_transform=None, layers_pattern=None, rank_pattern=None, alpha_pattern=None,
                 modules_to_save=None, autocast_adapter_dtype=True, bias="none"):
     """Replaces, in place, every nn.Linear whose name matches target_modules (a regex over the full name, or a list
-    of names/suffixes, as PEFT) with a LoRALinear sharing its weights, freezes every other parameter, returns model.
-    All targets are found and validated before the model is changed; a failure leaves it as it was.
+    of names/suffixes, as PEFT) with a LoRALinear sharing its weights, freezes every parameter but the adapter's,
+    returns model. All targets are found and validated before the model is changed; a failure leaves it as it was.
+    A second call adds to the adapter: the LoRA layers, modules_to_save and bias mode of earlier calls stay trained
+    and are saved together (the broader bias mode of the two holds).
 
     PEFT's LoraConfig options, same meaning: exclude_modules, layers_to_transform (+ layers_pattern) for list
     targets, rank_pattern / alpha_pattern ({name regex: r or alpha}), fan_in_fan_out (transformers' Conv1D, GPT-2's
@@ -653,17 +696,22 @@ def inject_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_
     LoRALinear), and modules_to_save (module names, e.g. ["score"] for a classification head): those modules train
     whole and save_peft_adapter writes them beside the adapter. Unlike PEFT, no copy is kept: they train in place.
     bias ("none", "all" or "lora_only") is PEFT's option too: "all" also trains every parameter called bias
-    (LayerNorm biases included), "lora_only" the biases of the new LoRA layers; save_peft_adapter saves them.
-    The new layers keep the train/eval mode of the layers they replace."""
+    (LayerNorm biases included), "lora_only" the biases of the LoRA layers; save_peft_adapter saves them.
+    The new layers keep the train/eval mode of the layers they replace. A target whose weight is tied to another
+    module's (GPT-2's lm_head) gets PEFT's warning: LoRALinear.merge() would change both; merge_and_unload unties."""
     op = "inject_lora"
+    wrapper, model = model, unwrap_model(model)
     check_bias_mode(op, bias)
+    if modules_to_save and not named_modules_to_save(model, modules_to_save, op):  # None or [] (PEFT's default)
+        raise ValueError(f"{op}: modules_to_save {modules_to_save!r} matched no module of the model")
+    # an earlier call's adapter stays part of this one
+    earlier = getattr(model, MODULES_TO_SAVE_ATTR, None) or []
+    modules_to_save = earlier + [name for name in modules_to_save or [] if name not in earlier]
+    bias = max(bias, getattr(model, BIAS_ATTR, "none"), key=("none", "lora_only", "all").index)  # the broader
     targets = find_target_linears(model, target_modules, exclude_modules, op, layers_to_transform=layers_to_transform,
                                   layers_pattern=layers_pattern, modules_to_save=modules_to_save or None)
-    heads = []
-    if modules_to_save:  # None or [] (PEFT's default): none
-        heads = named_modules_to_save(model, modules_to_save, op)
-        if not heads:
-            raise ValueError(f"{op}: modules_to_save {modules_to_save!r} matched no module of the model")
+    heads = named_modules_to_save(model, modules_to_save, op) if modules_to_save else []
+    _warn_tied_targets(op, model, targets)
     with _rollback_on_error(model) as replaced:
         layers = []
         for name, module in targets:
@@ -685,15 +733,19 @@ def inject_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_
         for name, old, layer in layers:
             _set_submodule(model, name, layer)
             replaced.append((name, old))
-            layer.lora_A.weight.requires_grad_(True)
-            layer.lora_B.weight.requires_grad_(True)
-        _train_biases(tensor for _, tensor, _ in trained_biases(model, bias, {name for name, _ in targets},
-                                                                 [name for name, _ in heads]))
+        lora_names = set()
+        for name, layer in model.named_modules():
+            if isinstance(layer, LoRALinear):
+                lora_names.add(name)
+                layer.lora_A.weight.requires_grad_(True)
+                layer.lora_B.weight.requires_grad_(True)
+        _train_biases(tensor for _, tensor, _ in trained_biases(model, bias, lora_names, [name for name, _ in heads]))
         for _, head in heads:
             head.requires_grad_(True)
     _record_modules_to_save(model, modules_to_save)
     _record_bias(model, bias)
-    return model
+    enable_input_grads_for_checkpointing(model)
+    return wrapper
 
 
 # --------------------------------------------------------------------------------- several named adapters, mixed batch
@@ -710,6 +762,7 @@ def prepare_multi_adapter(model, target_modules, max_adapters, max_rank, *, excl
     Target the union of the modules of every adapter you will load: a slot of a layer that an adapter does not
     target stays empty (that layer computes the base output for that adapter's rows, as PEFT). Returns model."""
     op = "prepare_multi_adapter"
+    wrapper, model = model, unwrap_model(model)
     if getattr(model, "lora_adapter_slots", None) is not None:
         raise ValueError(f"{op}: the model is prepared already (it has lora_adapter_slots)")
     targets = find_target_linears(model, target_modules, exclude_modules, op, layers_to_transform=layers_to_transform,
@@ -723,7 +776,7 @@ def prepare_multi_adapter(model, target_modules, max_adapters, max_rank, *, excl
             _set_submodule(model, name, layer)
             replaced.append((name, old))
     model.lora_adapter_slots = {}
-    return model
+    return wrapper
 
 
 def delete_adapter(model, adapter_name):
@@ -731,6 +784,7 @@ def delete_adapter(model, adapter_name):
     is cleared in every MultiLoRALinear (rank 0: rows still pointing at it get the base output) and freed for the
     next load_peft_adapter. Raises ValueError, changing nothing, for a name that is not loaded. Returns model."""
     op = "delete_adapter"
+    wrapper, model = model, unwrap_model(model)
     slots = getattr(model, "lora_adapter_slots", None)
     if slots is None:
         raise ValueError(f"{op}: the model has no named adapters (prepare_multi_adapter first)")
@@ -741,7 +795,7 @@ def delete_adapter(model, adapter_name):
         if isinstance(module, MultiLoRALinear):
             module.clear_adapter(slot)
     del slots[adapter_name]
-    return model
+    return wrapper
 
 
 def _check_adapter_names(model, adapter_names, op):
@@ -815,6 +869,7 @@ class set_batch_adapters:
 
     def __init__(self, model, adapter_names):
         op = "set_batch_adapters"
+        model = unwrap_model(model)
         layers = [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
         if not layers:
             raise ValueError(f"{op}: the model has no MultiLoRALinear layers; call prepare_multi_adapter first")
@@ -846,10 +901,17 @@ def disable_adapter(model):
     """Within this context every LoRALinear of `model` computes its base layer only (PEFT's
     `with model.disable_adapter():`, e.g. the reference model of DPO without a second copy); on exit each layer is
     as it was. A merged layer cannot be disabled: RuntimeError before any layer changes. MultiLoRALinear layers
-    select adapters per row: use set_batch_adapters(model, "__base__") there."""
+    select adapters per row: use set_batch_adapters(model, "__base__") there. modules_to_save heads and trained
+    biases are not switched off (they hold the trained values in place; a warning says so for heads)."""
+    wrapper, model = model, unwrap_model(model)
     layers = [module for module in model.modules() if isinstance(module, LoRALinear)]
     if not layers:
         raise ValueError("disable_adapter: the model has no LoRALinear layers")
+    heads = getattr(model, MODULES_TO_SAVE_ATTR, None)
+    if heads:
+        warnings.warn(f"disable_adapter: the modules_to_save {heads} were trained in place and stay as trained in "
+                      f"this context, so the result is not the base model's (PEFT keeps the originals beside them)",
+                      stacklevel=3)
     merged = [name for name, module in model.named_modules() if isinstance(module, LoRALinear) and module.merged]
     if merged:
         raise RuntimeError(f"disable_adapter: layers {merged[:3]}{' ...' if len(merged) > 3 else ''} are merged; "
@@ -858,7 +920,7 @@ def disable_adapter(model):
     for layer in layers:
         layer.disable_adapters = True
     try:
-        yield model
+        yield wrapper
     finally:
         for layer, flag in zip(layers, previous):
             layer.disable_adapters = flag
@@ -868,6 +930,7 @@ def merge_and_unload(model):
     """Replaces every LoRALinear by a plain nn.Linear (or Conv1D) with the adapter merged into its weight, frozen
     as the base weight was; returns model. A model with MultiLoRALinear layers (several named adapters) is refused
     before any change: which adapter to merge is not defined."""
+    wrapper, model = model, unwrap_model(model)
     multi = [name for name, module in model.named_modules() if isinstance(module, MultiLoRALinear)]
     if multi:
         raise ValueError(f"merge_and_unload: the model has MultiLoRALinear layers ({multi[:3]}"
@@ -876,7 +939,7 @@ def merge_and_unload(model):
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
             _set_submodule(model, name, module.to_linear())
-    return model
+    return wrapper
 
 
 def count_parameters(model):

@@ -29,8 +29,9 @@ from torch import nn
 from lora_kernels.modules import (BIAS_ATTR, BIAS_MODES, LORA_WRAPPERS, MODULES_TO_SAVE_ATTR, LoRALinear,
                                   MultiLoRALinear, _record_bias, _record_modules_to_save, _rollback_on_error,
                                   _set_submodule, _train_biases, _warn_linear_fan_in_fan_out, check_no_accelerate_hook,
-                                  is_conv1d, lora_scaling, named_modules_to_save, named_target_modules, pattern_value,
-                                  target_module_matches, trained_biases, warn_conv1d_fan_in_fan_out)
+                                  enable_input_grads_for_checkpointing, is_conv1d, lora_scaling, named_modules_to_save,
+                                  named_target_modules, pattern_value, target_module_matches, trained_biases,
+                                  unwrap_model, warn_conv1d_fan_in_fan_out)
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -428,6 +429,7 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
     Atomic: the config, tensors, targets, keys and shapes are all checked first (ValueError naming the field, key
     or module; FileNotFoundError for missing files); on any failure the model is left exactly as it was."""
     op = "load_peft_adapter"
+    wrapper, model = model, unwrap_model(model)
     config = read_adapter_config(path)
     tensors, file = read_adapter_weights(path)
     targets = _targets(model, config, op)
@@ -487,9 +489,10 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
                              f"{' ...' if len(stale) > 5 else ''}); they would keep other weights. Load into the base "
                              f"model or a model injected with the adapter's target_modules")
         _commit_single(model, config, plan, grouped, heads, biases, backend, autocast_adapter_dtype)
+        enable_input_grads_for_checkpointing(model)
     else:
         _commit_multi(model, op, adapter_name, plan, grouped, config)
-    return model
+    return wrapper
 
 
 def _commit_single(model, config, plan, grouped, heads, biases, backend, autocast_adapter_dtype):
@@ -732,6 +735,7 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
     old one, so a crash never leaves a truncated file. With torch.distributed initialised only rank 0 writes (FSDP2:
     call it on every rank, the sharded weights are gathered)."""
     op = "save_peft_adapter"
+    model = unwrap_model(model)
     records = _collect_layers(model, adapter_name, op)
     modules_to_save = getattr(model, MODULES_TO_SAVE_ATTR, None) if adapter_name is None else None
     bias = getattr(model, BIAS_ATTR, "none") if adapter_name is None else "none"

@@ -272,8 +272,11 @@ def test_gpt2_conv1d_injection_keeps_the_base_state_dict(gpt2):
         lk.merge_and_unload(model)
         assert type(model.transformer.h[0].attn.c_attn) is Conv1D
         assert_close(model(ids).logits, unmerged, F32, "merge_and_unload")
-    with pytest.warns(UserWarning, match="'lm_head' is an nn.Linear"):
+    with pytest.warns(UserWarning) as caught:  # GPT-2's lm_head is tied to the token embedding
         lk.inject_lora(copy.deepcopy(gpt2), ["c_attn", "lm_head"], fan_in_fan_out=True)
+    messages = [str(w.message) for w in caught]
+    assert any("'lm_head' is an nn.Linear" in m for m in messages), messages
+    assert any("target 'lm_head' is tied to 'transformer.wte.weight'" in m for m in messages), messages
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -338,3 +341,34 @@ def test_torch_compile_fullgraph_training_step_of_an_injected_llama(llama):
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
     assert all(not torch.equal(p, lora[n]) for n, p in model.named_parameters() if p.requires_grad)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("how", ["inject", "load"])
+def test_reentrant_checkpointing_enabled_before_wrapping_trains_the_adapter(how, tmp_path):
+    """PEFT's recipe `model.gradient_checkpointing_enable(); get_peft_model(model, ...)` on a model whose
+    checkpointing does not mark its inputs as requiring grad (ViT): with the embeddings frozen, reentrant
+    checkpointing back-propagates through no segment and every LoRA gradient was zero. Like PEFT, wrapping a model
+    with checkpointing on now enables its input gradients."""
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    image_size=16, patch_size=8, num_labels=3)
+    model = transformers.ViTForImageClassification(config)
+    targets = ["query", "value", "q_proj", "v_proj"]  # transformers 4 / 5 names
+    if how == "load":
+        lk.save_peft_adapter(lk.inject_lora(copy.deepcopy(model), targets, r=4, init_lora_weights=False), tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers 5 renames it activation_checkpointing_enable
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.train()
+    if how == "inject":
+        lk.inject_lora(model, targets, r=4, init_lora_weights=False)
+    else:
+        lk.load_peft_adapter(model, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # torch: "None of the inputs have requires_grad=True"
+        model(pixel_values=torch.randn(2, 3, 16, 16), labels=torch.tensor([0, 2])).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+    assert len(grads) == 8 and all(g is not None and g.abs().sum() > 0 for g in grads)
+    before = len(model._require_grads_hooks)
+    lk.inject_lora(model, ["key", "k_proj"], r=4)  # a second wrap does not register a second hook
+    assert len(model._require_grads_hooks) == before == 1

@@ -143,6 +143,66 @@ def test_load_into_an_injected_model_and_from_bin_with_adapter_names_in_keys(tmp
     torch.testing.assert_close(injected(x), trained(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("wrap", ["compile", "data_parallel"])
+def test_wrapped_models_save_and_load_under_the_model_names(tmp_path, wrap):
+    """torch.compile's OptimizedModule and (Distributed)DataParallel prefix every module name (`_orig_mod.`,
+    `module.`). The adapter file keeps the model's own names, as PEFT writes them: a wrapper's name in the keys made
+    PEFT load the file as a fresh adapter (a warning only), and a plain file did not load into a compiled model."""
+    def wrapped(model):
+        return torch.compile(model, backend="eager") if wrap == "compile" else nn.DataParallel(model)
+
+    trained, x = _trained(), torch.randn(3, 16)
+    lk.save_peft_adapter(wrapped(trained), tmp_path / "from_wrapper")
+    lk.save_peft_adapter(trained, tmp_path / "plain")
+    assert (load_file(tmp_path / "from_wrapper" / "adapter_model.safetensors").keys()
+            == load_file(tmp_path / "plain" / "adapter_model.safetensors").keys())
+    assert (json.loads((tmp_path / "from_wrapper" / "adapter_config.json").read_text())
+            == json.loads((tmp_path / "plain" / "adapter_config.json").read_text()))
+
+    model = wrapped(_base())
+    assert lk.load_peft_adapter(model, tmp_path / "plain", backend=BACKEND) is model
+    torch.testing.assert_close(model(x), trained(x), rtol=0, atol=0)
+    assert lk.merge_and_unload(model) is model and not any(isinstance(m, LoRALinear) for m in model.modules())
+    injected = wrapped(_base())
+    assert lk.inject_lora(injected, ["q_proj"], backend=BACKEND) is injected
+    with lk.disable_adapter(injected) as inside:
+        assert inside is injected
+
+
+def test_a_second_inject_lora_adds_to_the_adapter(tmp_path):
+    """inject_lora twice (say q_proj, then v_proj with another rank) is one adapter: the first call's LoRA layers,
+    modules_to_save and bias mode stay trained and saved. The second call froze the first call's factors and dropped
+    its head from the saved file."""
+    model = lk.inject_lora(_base(), ["q_proj"], modules_to_save=["head"], bias="lora_only", backend=BACKEND)
+    lk.inject_lora(model, ["v_proj"], r=4, backend=BACKEND)
+    lora = {f"layers.{i}.{m}.lora_{f}.weight" for i in (0, 1) for m in ("q_proj", "v_proj") for f in "AB"}
+    biases = {f"layers.{i}.q_proj.bias" for i in (0, 1)}  # v_proj has no bias
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == lora | biases | {"head.weight", "head.bias"}
+    assert model.lora_modules_to_save == ["head"] and model.lora_bias_mode == "lora_only"
+    lk.save_peft_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["head"] and config["bias"] == "lora_only"
+    assert config["target_modules"] == ["q_proj", "v_proj"] and config["rank_pattern"] == {"v_proj": 4}
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(lk.load_peft_adapter(_base(), tmp_path, backend=BACKEND)(x), model(x), rtol=0, atol=0)
+    lk.inject_lora(model, ["o_proj"], bias="all", backend=BACKEND)  # the broader bias mode holds
+    assert model.lora_bias_mode == "all" and model.layers[0].norm.bias.requires_grad
+
+
+def test_a_tied_target_gets_peft_warning():
+    model = _base()
+    model.layers[1].o_proj.weight = model.layers[0].o_proj.weight
+    with pytest.warns(UserWarning, match=r"target 'layers.0.o_proj' is tied to 'layers.1.o_proj.weight'"):
+        lk.inject_lora(model, ["layers.0.o_proj"], backend=BACKEND)
+
+
+def test_disable_adapter_warns_that_trained_heads_stay():
+    model = _trained(modules_to_save=["head"])
+    with pytest.warns(UserWarning, match=r"modules_to_save \['head'\] were trained in place and stay"), \
+            lk.disable_adapter(model):
+        pass
+
+
 def test_modules_to_save_train_whole_and_round_trip(tmp_path):
     trained = _trained(modules_to_save=["head"])
     assert trained.lora_modules_to_save == ["head"]
