@@ -29,12 +29,17 @@ class LoRABatch:
     slot_starts: torch.Tensor
     active_slots: torch.Tensor
     num_active: torch.Tensor
-    num_tokens: int
     num_adapters: int
 
     @property
     def device(self):
         return self.adapter_ids.device
+
+    @property
+    def num_tokens(self):
+        """M, read from adapter_ids' shape rather than stored as an int: a stored int made torch.compile and
+        torch.export treat a dynamic token count as a constant (a recompile per count, or an export error)."""
+        return self.adapter_ids.shape[0]
 
     @classmethod
     def from_adapter_ids(cls, adapter_ids, num_adapters, *, validate=None):
@@ -77,8 +82,7 @@ class LoRABatch:
         active = torch.sort(torch.where(has_tokens, slots[:-1], num_adapters)).values
         active_slots = torch.where(active < num_adapters, active, -1)
         num_active = has_tokens.sum(dtype=torch.int32).reshape(1)
-        return cls(ids, sorted_token_ids, slot_counts, slot_starts, active_slots, num_active,
-                   int(ids.numel()), num_adapters)
+        return cls(ids, sorted_token_ids, slot_counts, slot_starts, active_slots, num_active, num_adapters)
 
     def refill_(self, adapter_ids, *, validate=None):
         """Rebuilds this batch in place for new adapter ids, as many as before (any shape): every buffer keeps its

@@ -40,7 +40,8 @@ def _check_same(op, name, t, ref_name, ref):
 def _lora_linear_args_ok(x, weight, lora_a, lora_b, bias, scaling, dropout_p):
     """True only when every check of check_lora_linear_args passes, tested in few Python operations: the checks run
     on every call of every layer, and the full version cost ~8 µs of host time per call. False means "look closer":
-    the full checks then run and name the problem."""
+    the full checks then run and name the problem. While tracing, scaling's value is not checked:
+    torch.compile(dynamic=True) traces a layer's scaling as a symbolic float, which math.isfinite cannot take."""
     tensor = torch.Tensor
     if not (isinstance(x, tensor) and isinstance(weight, tensor) and isinstance(lora_a, tensor)
             and isinstance(lora_b, tensor)):
@@ -58,8 +59,8 @@ def _lora_linear_args_ok(x, weight, lora_a, lora_b, bias, scaling, dropout_p):
     if bias is not None and not (isinstance(bias, tensor) and bias.dtype == dtype and bias.device == device
                                  and bias.dim() == 1 and bias.shape[0] == out_features):
         return False
-    return (type(scaling) in (float, int) and math.isfinite(scaling) and type(dropout_p) in (float, int)
-            and 0.0 <= dropout_p < 1.0)
+    return (type(scaling) in (float, int) and (torch.compiler.is_compiling() or math.isfinite(scaling))
+            and type(dropout_p) in (float, int) and 0.0 <= dropout_p < 1.0)
 
 
 def check_lora_linear_args(op, x, weight, lora_a, lora_b, bias, scaling, dropout_p):
@@ -93,7 +94,7 @@ def check_lora_linear_args(op, x, weight, lora_a, lora_b, bias, scaling, dropout
             _check_same(op, name, t, "x", x)
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
         raise TypeError(f"{op}: scaling expected a real number, got {type(scaling).__name__}")
-    if not math.isfinite(scaling):
+    if not torch.compiler.is_compiling() and not math.isfinite(scaling):  # see _lora_linear_args_ok
         raise ValueError(f"{op}: scaling expected a finite number, got {scaling!r}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{op}: dropout_p expected a number in [0, 1), got {dropout_p!r}")
@@ -335,9 +336,10 @@ class MultiLoRAFunction(torch.autograd.Function):
         # The batch's buffers are saved like the other inputs: refilling them in place (LoRABatch.refill_, for the
         # next step of a CUDA graph) before this backward runs then raises autograd's in-place modification error
         # instead of computing the gradients for the new ids. A batch built under torch.inference_mode (a reference
-        # pass whose batch is reused for training) holds inference tensors, which cannot be saved: a copy is.
+        # pass whose batch is reused for training) holds inference tensors, which cannot be saved: a copy is. (Not
+        # while tracing: dynamo cannot trace is_inference(), and a traced graph takes no inference tensors.)
         batch_buffers = [getattr(batch, name) for name in BUFFER_FIELDS]
-        if any(t.is_inference() for t in batch_buffers):
+        if not torch.compiler.is_compiling() and any(t.is_inference() for t in batch_buffers):
             batch_buffers = [t.clone() for t in batch_buffers]
         ctx.save_for_backward(x2, weight, lora_a, lora_b, shrunk, scalings, ranks, *batch_buffers)
         ctx.batch, ctx.backend = batch, backend

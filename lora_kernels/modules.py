@@ -865,7 +865,9 @@ class set_batch_adapters:
     Every layer input must have the batch dimension first ([B, ...]); slot ids broadcast over the other dims. A batch
     dimension k times as long as the list (generate with num_beams=k or num_return_sequences=k) gives each name k
     consecutive rows. Names are looked up at each forward: a name deleted since (delete_adapter) computes the base
-    model for its rows."""
+    model for its rows. Under torch.compile the names are constants of the graph: each new list compiles a graph of
+    its own (dynamo's recompile limit, 8 by default, then runs the model eagerly); a serving loop whose mix changes
+    every step passes adapter ids (MultiLoRALinear's forward(x, adapter_ids)) or a LoRABatch instead."""
 
     def __init__(self, model, adapter_names):
         op = "set_batch_adapters"

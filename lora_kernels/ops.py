@@ -5,7 +5,11 @@ slot ids through a LoRABatch (-1: base model only). Entries past ranks[i] are ne
 Checks run here, once, before any backend launches; every backend then assumes valid arguments.
 
 Inside a CUDA-graph capture pass scalings and ranks as tensors on the device (MultiLoRALinear keeps them as buffers):
-a Python list or a CPU tensor is copied to the device on every call, which synchronises with the host.
+a Python list or a CPU tensor is copied to the device on every call, which synchronises with the host. Under
+torch.compile, too: a Python list's values are baked into the graph, so new values recompile it.
+
+These ops compute forward only (a serving stack's LoRA backend): they are not differentiable, and only the torch and
+reference backends happen to record gradients. multi_lora_linear is the differentiable grouped op.
 """
 
 import contextlib

@@ -317,6 +317,22 @@ def test_torch_compile_fullgraph(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_torch_compile_dynamic_fullgraph(backend):
+    """dynamic=True traces the layer's scaling as a symbolic float: the finiteness check of scaling (math.isfinite,
+    which dynamo cannot trace) broke fullgraph=True. Several token counts, one graph."""
+    _backend_or_skip(backend, "cpu")
+    from lora_kernels import LoRALinear
+    layer = LoRALinear(16, 12, r=4, lora_alpha=8, init_lora_weights=False, backend=backend)
+    graphs = []
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True,
+                             backend=lambda gm, example_inputs: graphs.append(gm) or gm.forward)
+    for tokens in (5, 9, 17):
+        x = torch.randn(2, tokens, 16)
+        torch.testing.assert_close(compiled(x), layer(x))
+    assert len(graphs) <= 2, f"{len(graphs)} graphs"  # dynamo may restart its first trace once for the float
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_torch_compile_fullgraph_under_autocast(backend):
     _backend_or_skip(backend, "cpu")
     from lora_kernels import LoRALinear

@@ -482,6 +482,55 @@ def test_torch_compile_fullgraph_multi_lora_linear():
     torch.testing.assert_close(compiled(x, batch), step(x, batch))
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_torch_compile_fullgraph_multi_adapter_training(backend):
+    """Trainable slots through a compiled MultiLoRALinear: the forward's check for inference-mode batch buffers
+    (Tensor.is_inference, which dynamo cannot trace) broke fullgraph=True."""
+    _backend_or_skip(backend, torch.device("cpu"))
+    layer = lk.MultiLoRALinear(nn.Linear(16, 10), max_adapters=3, max_rank=4, backend=backend)
+    for slot in range(3):
+        layer.set_adapter(slot, randn(4, 16), randn(10, 4), scaling=1.0 + slot)
+    layer.lora_a.requires_grad_(True)
+    layer.lora_b.requires_grad_(True)
+    x, ids = randn(6, 16), torch.tensor([0, 1, 2, -1, 1, 0])
+    torch.compile(layer, fullgraph=True, backend="aot_eager")(x, ids).square().sum().backward()
+    compiled_grads = [layer.lora_a.grad.clone(), layer.lora_b.grad.clone()]
+    layer.lora_a.grad = layer.lora_b.grad = None
+    layer(x, ids).square().sum().backward()
+    torch.testing.assert_close(compiled_grads, [layer.lora_a.grad, layer.lora_b.grad])
+
+
+def test_a_batch_from_outside_the_compiled_region_keeps_the_token_count_dynamic():
+    """A LoRABatch built once per step outside the compiled model and read by every layer: its token count was a
+    stored int, which torch.compile treated as a constant (one graph per count, eager after 8) and
+    torch.export refused for a dynamic dimension."""
+    layer = lk.MultiLoRALinear(nn.Linear(16, 10), max_adapters=3, max_rank=4, backend="torch").eval()
+    for slot in range(3):
+        layer.set_adapter(slot, randn(4, 16), randn(10, 4), scaling=1.0)
+    graphs = []
+    compiled = torch.compile(layer, backend=lambda gm, example_inputs: graphs.append(gm) or gm.forward)
+    generator = torch.Generator().manual_seed(3)
+    for tokens in (5, 9, 13, 17, 21):
+        x = torch.randn(tokens, 16, generator=generator)
+        batch = LoRABatch.from_adapter_ids(torch.randint(-1, 3, (tokens,), generator=generator), 3)
+        torch.testing.assert_close(compiled(x, batch), layer(x, batch))
+    assert len(graphs) <= 2, f"{len(graphs)} graphs"  # the first count, then one dynamic graph
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x, ids):
+            return self.layer(x, ids)
+
+    tokens = torch.export.Dim("tokens", min=2, max=4096)
+    x, ids = torch.randn(7, 16), torch.tensor([0, 1, 2, -1, 1, 0, 2])
+    exported = torch.export.export(Model(), (x, ids), dynamic_shapes={"x": {0: tokens}, "ids": {0: tokens}})
+    x, ids = torch.randn(13, 16), torch.randint(-1, 3, (13,), generator=generator)
+    torch.testing.assert_close(exported.module()(x, ids), layer(x, ids))
+
+
 def test_torch_compile_traces_once(monkeypatch):
     """The backend choice is not cached while tracing: a lookup in the cache made dynamo guard on its contents, and
     the first compiled call, by filling it, forced one recompile of the graph."""
