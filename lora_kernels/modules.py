@@ -911,9 +911,9 @@ def disable_adapter(model):
         raise ValueError("disable_adapter: the model has no LoRALinear layers")
     heads = getattr(model, MODULES_TO_SAVE_ATTR, None)
     if heads:
-        warnings.warn(f"disable_adapter: the modules_to_save {heads} were trained in place and stay as trained in "
-                      f"this context, so the result is not the base model's (PEFT keeps the originals beside them)",
-                      stacklevel=3)
+        warnings.warn(f"disable_adapter: the modules_to_save {heads} train in place and stay active in this "
+                      f"context, so the result is not the base model's once they have trained (PEFT keeps the "
+                      f"originals beside them)", stacklevel=3)
     merged = [name for name, module in model.named_modules() if isinstance(module, LoRALinear) and module.merged]
     if merged:
         raise RuntimeError(f"disable_adapter: layers {merged[:3]}{' ...' if len(merged) > 3 else ''} are merged; "

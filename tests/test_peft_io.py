@@ -198,7 +198,7 @@ def test_a_tied_target_gets_peft_warning():
 
 def test_disable_adapter_warns_that_trained_heads_stay():
     model = _trained(modules_to_save=["head"])
-    with pytest.warns(UserWarning, match=r"modules_to_save \['head'\] were trained in place and stay"), \
+    with pytest.warns(UserWarning, match=r"modules_to_save \['head'\] train in place and stay active"), \
             lk.disable_adapter(model):
         pass
 
