@@ -206,9 +206,11 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend):
         y, s = _lora_linear_forward(x2, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend)
-        ctx.save_for_backward(x2, s, weight, lora_a, lora_b, seed)
+        # W is read only for dX. Not saving it otherwise matters under autocast, where it is a 16-bit copy [N, K]
+        # (the first layer's projections, whose input needs no gradient).
+        ctx.save_for_backward(x2, s, weight if ctx.needs_input_grad[0] else None, lora_a, lora_b, seed)
         ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.weight_dtype = bias is not None, weight.dtype
         return y
 
     @staticmethod
@@ -236,24 +238,29 @@ class LoRALinearFunction(torch.autograd.Function):
             else:
                 d_lora_b = scaling * (dy.T @ s)
                 ds = scaling * (dy @ lora_b)
-            x_lora = x2 if keep is None else apply_dropout(x2, keep, dropout_p)
+            # The [M, K] temporaries (the dropped x, the mask, the LoRA part of dX) are released as soon as they
+            # are used, so no more than two are alive beside x and dx.
             if need_a:
+                x_lora = x2 if keep is None else apply_dropout(x2, keep, dropout_p)
                 d_lora_a = ds.T @ x_lora
+                del x_lora
             if need_x:
                 dx_lora = ds @ lora_a
                 if keep is not None:
                     apply_dropout(dx_lora, keep, dropout_p, inplace=True)
+                del keep
                 if backend == "torch":  # PEFT's composition: separate GEMM and add
-                    dx = dy @ weight + dx_lora
+                    dx = (dy @ weight).add_(dx_lora)
                 else:  # the base GEMM adds the LoRA term in its epilogue: one pass over dx [M, K] instead of three
                     dx = torch.addmm(dx_lora, dy, weight)
         if need_w:  # full fine-tuning: the M·N·K GEMM the A/B-only path never forms
             d_weight = dy.T @ x2
         if need_bias and ctx.has_bias:
             d_bias = dy.sum(0)
-        cast = (lambda g, like: None if g is None else g.to(like.dtype))
-        return (cast(dx, x2), cast(d_weight, weight), cast(d_lora_a, lora_a) if need_a else None,
-                cast(d_lora_b, lora_b) if need_b else None, cast(d_bias, weight), None, None, None, None)
+        cast = (lambda g, dtype: None if g is None else g.to(dtype))
+        return (cast(dx, x2.dtype), cast(d_weight, ctx.weight_dtype), cast(d_lora_a, lora_a.dtype),
+                cast(d_lora_b, lora_b.dtype) if need_b else None, cast(d_bias, ctx.weight_dtype),
+                None, None, None, None)
 
 
 def lora_linear(x, weight, lora_a, lora_b, scaling=1.0, bias=None, *, dropout_p=0.0, backend="auto"):

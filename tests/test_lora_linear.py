@@ -370,3 +370,31 @@ def test_torch_compile_fullgraph_with_dropout(backend, device):
         assert torch.equal(got, want), name
     assert not torch.equal(other_seed[0], eager[0]), "another seed must give another mask in the compiled graph"
     assert not torch.equal(eager[0], layer.eval()(x)), "dropout must be active for this test to mean anything"
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_autocast_saves_no_weight_copy_when_x_needs_no_gradient(backend):
+    """W is read by the backward only for dX. Under autocast it is a 16-bit copy [N, K]; saving it when x needs no
+    gradient (the first layer's projections) kept one such copy per layer alive until the backward."""
+    _backend_or_skip(backend, "cpu")
+    x, weight, lora_a, lora_b, _ = lora_inputs(8, 32, 24, 4, torch.float32, "cpu")
+    lora_a.requires_grad_(True)
+    lora_b.requires_grad_(True)
+    for x_needs_grad in (False, True):
+        shapes = []
+
+        def pack(tensor):
+            shapes.append(tuple(tensor.shape))
+            return tensor
+
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = lora_linear(x.detach().requires_grad_(x_needs_grad), weight, lora_a, lora_b, 2.0, backend=backend)
+        assert ((24, 32) in shapes) == x_needs_grad, shapes
+        y.float().sum().backward()
+        assert lora_a.grad is not None and lora_b.grad is not None
+
+
+def test_available_backends_names_a_bad_device():
+    assert "torch" in backends.available_backends("cpu")
+    with pytest.raises(ValueError, match=r"available_backends: device expected .*got 'gpu'"):
+        backends.available_backends("gpu")
