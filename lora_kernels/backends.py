@@ -63,6 +63,13 @@ def check_backend_name(op, backend):
 
 
 def available_backends(device):
+    """The backend names that can run tensors on `device` (a torch.device or a name such as "cpu" or "cuda:0"),
+    reference included; unavailable_reason(name, device) says why another cannot."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"available_backends: device expected a torch.device or a name such as 'cpu' or 'cuda', "
+                         f"got {device!r}") from None
     return [name for name in BACKENDS if unavailable_reason(name, device) is None]
 
 

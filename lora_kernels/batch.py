@@ -47,7 +47,7 @@ class LoRABatch:
 
         validate: check the id values and raise ValueError on one out of range. Checking values costs a host sync,
         so the default (None) checks CPU tensors outside torch.compile tracing only; CUDA tensors are checked with
-        validate=True (never during CUDA-graph capture), traced ones never (the check would break the graph).
+        validate=True (not inside a CUDA-graph capture: the check syncs), traced ones never (it would break the graph).
         Unchecked out-of-range ids are never read out of bounds: they are treated as -1 (base model only)."""
         if not isinstance(adapter_ids, torch.Tensor):
             raise TypeError(f"LoRABatch.from_adapter_ids: adapter_ids expected a torch.Tensor, got {type(adapter_ids).__name__}")

@@ -66,6 +66,8 @@ class LoRALinear(nn.Module):
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"LoRALinear: {name} expected an int >= 1, got {value!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"LoRALinear: dtype expected a floating dtype, got {dtype!r}")
         self.in_features, self.out_features = in_features, out_features
         self.fan_in_fan_out = bool(fan_in_fan_out)
         shape = (in_features, out_features) if self.fan_in_fan_out else (out_features, in_features)
@@ -77,7 +79,7 @@ class LoRALinear(nn.Module):
                         "LoRALinear")
 
     @staticmethod
-    def _check_lora_args(op, r, lora_alpha, lora_dropout, backend):
+    def _check_lora_args(op, r, lora_alpha, lora_dropout, use_rslora, backend):
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"{op}: r expected an int >= 1, got {r!r}")
         if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real):
@@ -86,12 +88,14 @@ class LoRALinear(nn.Module):
             raise ValueError(f"{op}: lora_alpha expected a finite number, got {lora_alpha!r}")
         if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real) or not 0 <= lora_dropout < 1:
             raise ValueError(f"{op}: lora_dropout expected a number in [0, 1), got {lora_dropout!r}")
+        if not isinstance(use_rslora, bool):  # a truthy string such as "no" switched rsLoRA on
+            raise TypeError(f"{op}: use_rslora expected a bool, got {use_rslora!r}")
         check_backend_name(op, backend)
 
     def _init_lora(self, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, backend, autocast_adapter_dtype,
                    op):
         """The adapter half of construction, shared by __init__ and from_linear (the base weight exists already)."""
-        self._check_lora_args(op, r, lora_alpha, lora_dropout, backend)
+        self._check_lora_args(op, r, lora_alpha, lora_dropout, use_rslora, backend)
         self.r, self.lora_alpha, self.use_rslora, self.lora_dropout = r, lora_alpha, use_rslora, float(lora_dropout)
         self.scaling = lora_scaling(r, lora_alpha, use_rslora)
         self.backend = backend
@@ -117,7 +121,7 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def reset_lora_parameters(self, init_lora_weights=True):
-        """PEFT's initialisations: True (A kaiming-uniform a=sqrt(5), B zeros), "gaussian" (A ~ N(0, 1/r), B zeros),
+        """PEFT's initialisations: True (A kaiming-uniform a=sqrt(5), B zeros), "gaussian" (A ~ N(0, std 1/r), B zeros),
         False (both random: the layer no longer starts as the identity; for tests)."""
         if init_lora_weights is True:
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
@@ -191,6 +195,8 @@ class LoRALinear(nn.Module):
         if self.merged:
             raise RuntimeError("LoRALinear.merge: the adapter is already merged; call unmerge() first")
         merged_weight = (self.weight.float() + self._stored_delta()).to(self.weight.dtype)
+        if not isinstance(safe_merge, bool):
+            raise TypeError(f"LoRALinear.merge: safe_merge expected a bool, got {safe_merge!r}")
         if safe_merge and not torch.isfinite(merged_weight).all():
             raise ValueError("LoRALinear.merge: safe_merge found NaN/Inf in the merged weight; the layer is unchanged")
         self.weight.copy_(merged_weight)
@@ -328,6 +334,8 @@ class MultiLoRALinear(nn.Module):
         if tuple(lora_b.shape) != (self.out_features, rank):
             raise ValueError(f"{op}: lora_b expected shape [{self.out_features}, {rank}], got {tuple(lora_b.shape)}")
         try:
+            if isinstance(scaling, (str, bytes, bool)):  # float("2.0") would take a string
+                raise TypeError
             scaling = float(scaling)  # a number, or a one-element tensor
         except (TypeError, ValueError, RuntimeError):
             raise TypeError(f"{op}: scaling expected a number, got {scaling!r}") from None
@@ -345,6 +353,7 @@ class MultiLoRALinear(nn.Module):
 
     @torch.no_grad()
     def clear_adapter(self, slot):
+        """Empties a slot (rank 0, zero factors): its tokens get the base output until set_adapter fills it."""
         self._check_slot("MultiLoRALinear.clear_adapter", slot)
         with _SLOT_LOCK:
             self.ranks[slot] = 0
@@ -457,6 +466,8 @@ def named_target_modules(model, target_modules, exclude_modules=None, *, layers_
         target_modules = list(target_modules)
     if isinstance(exclude_modules, (tuple, set)):
         exclude_modules = list(exclude_modules)
+    if exclude_modules is not None and not isinstance(exclude_modules, (str, list)):
+        raise TypeError(f"{op}: exclude_modules expected a regex string or a list of names, got {exclude_modules!r}")
     all_linear = isinstance(target_modules, str) and target_modules.lower() == "all-linear"
     output_layer = _output_layer(model) if all_linear else None
     found, wrapper_prefixes = [], []
@@ -606,10 +617,13 @@ def check_no_accelerate_hook(op, name, module, why="that a LoRA wrapper would dr
                          f"device and no offloading first")
 
 
-def unwrap_model(model):
+def unwrap_model(model, op):
     """The model inside torch.compile's and DistributedDataParallel/DataParallel's wrappers, whose module names are
     the model's own (the wrappers prefix them with `_orig_mod.` / `module.`): the model utilities and the adapter
-    files use those names, as PEFT does for a compiled or DDP-wrapped model."""
+    files use those names, as PEFT does for a compiled or DDP-wrapped model. Anything but an nn.Module is a
+    TypeError naming `op`."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{op}: model expected a torch.nn.Module, got {type(model).__name__}")
     while True:
         # a compiled model exists only once dynamo is imported, so plain calls do not pay for importing it
         dynamo = sys.modules.get("torch._dynamo.eval_frame")
@@ -700,8 +714,11 @@ def inject_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_
     The new layers keep the train/eval mode of the layers they replace. A target whose weight is tied to another
     module's (GPT-2's lm_head) gets PEFT's warning: LoRALinear.merge() would change both; merge_and_unload unties."""
     op = "inject_lora"
-    wrapper, model = model, unwrap_model(model)
+    wrapper, model = model, unwrap_model(model, op)
     check_bias_mode(op, bias)
+    for name, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        if pattern is not None and not isinstance(pattern, dict):
+            raise TypeError(f"{op}: {name} expected a dict {{module name regex: value}}, got {pattern!r}")
     if modules_to_save and not named_modules_to_save(model, modules_to_save, op):  # None or [] (PEFT's default)
         raise ValueError(f"{op}: modules_to_save {modules_to_save!r} matched no module of the model")
     # an earlier call's adapter stays part of this one
@@ -762,7 +779,7 @@ def prepare_multi_adapter(model, target_modules, max_adapters, max_rank, *, excl
     Target the union of the modules of every adapter you will load: a slot of a layer that an adapter does not
     target stays empty (that layer computes the base output for that adapter's rows, as PEFT). Returns model."""
     op = "prepare_multi_adapter"
-    wrapper, model = model, unwrap_model(model)
+    wrapper, model = model, unwrap_model(model, op)
     if getattr(model, "lora_adapter_slots", None) is not None:
         raise ValueError(f"{op}: the model is prepared already (it has lora_adapter_slots)")
     targets = find_target_linears(model, target_modules, exclude_modules, op, layers_to_transform=layers_to_transform,
@@ -784,7 +801,7 @@ def delete_adapter(model, adapter_name):
     is cleared in every MultiLoRALinear (rank 0: rows still pointing at it get the base output) and freed for the
     next load_peft_adapter. Raises ValueError, changing nothing, for a name that is not loaded. Returns model."""
     op = "delete_adapter"
-    wrapper, model = model, unwrap_model(model)
+    wrapper, model = model, unwrap_model(model, op)
     slots = getattr(model, "lora_adapter_slots", None)
     if slots is None:
         raise ValueError(f"{op}: the model has no named adapters (prepare_multi_adapter first)")
@@ -866,12 +883,13 @@ class set_batch_adapters:
     dimension k times as long as the list (generate with num_beams=k or num_return_sequences=k) gives each name k
     consecutive rows. Names are looked up at each forward: a name deleted since (delete_adapter) computes the base
     model for its rows. Under torch.compile the names are constants of the graph: each new list compiles a graph of
-    its own (dynamo's recompile limit, 8 by default, then runs the model eagerly); a serving loop whose mix changes
-    every step passes adapter ids (MultiLoRALinear's forward(x, adapter_ids)) or a LoRABatch instead."""
+    its own (past dynamo's recompile limit, 8 by default, the model runs eagerly, or fails under fullgraph=True); a
+    serving loop whose mix changes every step passes adapter ids (MultiLoRALinear's forward(x, adapter_ids)) or a
+    LoRABatch instead."""
 
     def __init__(self, model, adapter_names):
         op = "set_batch_adapters"
-        model = unwrap_model(model)
+        model = unwrap_model(model, op)
         layers = [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
         if not layers:
             raise ValueError(f"{op}: the model has no MultiLoRALinear layers; call prepare_multi_adapter first")
@@ -905,7 +923,7 @@ def disable_adapter(model):
     as it was. A merged layer cannot be disabled: RuntimeError before any layer changes. MultiLoRALinear layers
     select adapters per row: use set_batch_adapters(model, "__base__") there. modules_to_save heads and trained
     biases are not switched off (they hold the trained values in place; a warning says so for heads)."""
-    wrapper, model = model, unwrap_model(model)
+    wrapper, model = model, unwrap_model(model, "disable_adapter")
     layers = [module for module in model.modules() if isinstance(module, LoRALinear)]
     if not layers:
         raise ValueError("disable_adapter: the model has no LoRALinear layers")
@@ -932,7 +950,7 @@ def merge_and_unload(model):
     """Replaces every LoRALinear by a plain nn.Linear (or Conv1D) with the adapter merged into its weight, frozen
     as the base weight was; returns model. A model with MultiLoRALinear layers (several named adapters) is refused
     before any change: which adapter to merge is not defined."""
-    wrapper, model = model, unwrap_model(model)
+    wrapper, model = model, unwrap_model(model, "merge_and_unload")
     multi = [name for name, module in model.named_modules() if isinstance(module, MultiLoRALinear)]
     if multi:
         raise ValueError(f"merge_and_unload: the model has MultiLoRALinear layers ({multi[:3]}"
@@ -952,5 +970,6 @@ def count_parameters(model):
 
 
 def trainable_parameters_summary(model):
+    """PEFT's print_trainable_parameters line, as a string: trainable and total parameter counts and the share."""
     trainable, total = count_parameters(model)
     return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"

@@ -13,6 +13,7 @@ reference backends happen to record gradients. multi_lora_linear is the differen
 """
 
 import contextlib
+import numbers
 
 import torch
 
@@ -54,13 +55,27 @@ def _check_batch(op, batch, num_tokens, num_slots, device, tokens_name, weights_
     _check_device(op, "batch", batch.adapter_ids, device)
 
 
+def _exact_int(value):
+    """int(value) for a whole number (numpy ints and one-element tensors included); 1.5 or True is a TypeError
+    rather than silently rank 1."""
+    converted = int(value)
+    if isinstance(value, bool) or converted != value:
+        raise TypeError
+    return converted
+
+
 def _host_tensor(op, name, values, dtype, what):
     """A sequence of numbers as a CPU tensor of dtype; anything else a TypeError naming the argument."""
-    convert = float if dtype.is_floating_point else int
+    convert = float if dtype.is_floating_point else _exact_int
     try:
         return torch.tensor([convert(v) for v in values], dtype=dtype)
     except (TypeError, ValueError):
         raise TypeError(f"{op}: {name} expected {what}, got {values!r}") from None
+
+
+def _check_bool(op, name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} expected a bool, got {value!r}")
 
 
 def as_scalings(op, scalings, num_slots, device):
@@ -286,6 +301,7 @@ def lora_shrink(x, lora_a, batch, scalings, ranks=None, *, backend="auto", deter
     deterministic: no atomics (bit-identical repeats); only the triton backend uses atomics at all.
     """
     op = "lora_shrink"
+    _check_bool(op, "deterministic", deterministic)
     scalings, ranks = check_shrink_args(op, x, lora_a, batch, scalings, ranks)
     backend = resolve_backend(backend, x.device, op, x.dtype)
     if backend == "triton":
@@ -305,6 +321,8 @@ def lora_expand(t, lora_b, batch, out, slice_offset=0, ranks=None, *, backend="a
     t: [M, R] (float32 from lora_shrink); lora_b: [L, N, R]; out: [M, N_total]; returns out.
     """
     op = "lora_expand"
+    if isinstance(slice_offset, numbers.Integral) and not isinstance(slice_offset, bool):
+        slice_offset = int(slice_offset)  # a numpy integer, say
     ranks = check_expand_args(op, t, lora_b, batch, out, slice_offset, ranks)
     backend = resolve_backend(backend, out.device, op, out.dtype)
     if backend == "triton":
@@ -325,6 +343,7 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
     allocates nothing (triton backend). Every slice is checked before y is touched. Returns y.
     """
     op = "add_lora"
+    _check_bool(op, "deterministic", deterministic)
     for name, value in (("lora_a_slices", lora_a_slices), ("lora_b_slices", lora_b_slices)):
         if not isinstance(value, (list, tuple, torch.Tensor)):
             raise TypeError(f"{op}: {name} expected a list of tensors or one stacked tensor, "
@@ -353,10 +372,10 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
                                               lora_a_name=f"lora_a_slices[{j}]")
         if ranks is not None:  # converted once (a list becomes a device tensor); later slices check that tensor
             ranks = ranks_j
-        check_expand_args(op, None, lora_b, batch, y, offsets[j], ranks_j, lora_b_name=f"lora_b_slices[{j}]")
-        if lora_b.shape[2] != lora_a_slices[j].shape[1]:
+        if lora_b.shape[2] != lora_a_slices[j].shape[1]:  # before the expand's checks, which would blame ranks
             raise ValueError(f"{op}: lora_b_slices[{j}] expected R = {lora_a_slices[j].shape[1]} (lora_a_slices[{j}] "
                              f"is {tuple(lora_a_slices[j].shape)}), got {tuple(lora_b.shape)}")
+        check_expand_args(op, None, lora_b, batch, y, offsets[j], ranks_j, lora_b_name=f"lora_b_slices[{j}]")
         slice_ranks.append(ranks_j)
     if buffer is not None:
         expected = (len(widths), x.shape[0], lora_a_slices[0].shape[1])

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lora_kernels.backends import check_backend_name
 from lora_kernels.modules import (BIAS_ATTR, BIAS_MODES, LORA_WRAPPERS, MODULES_TO_SAVE_ATTR, LoRALinear,
                                   MultiLoRALinear, _record_bias, _record_modules_to_save, _rollback_on_error,
                                   _set_submodule, _train_biases, _warn_linear_fan_in_fan_out, check_no_accelerate_hook,
@@ -219,6 +220,11 @@ def parse_adapter_config(raw, file=CONFIG_NAME):
                          alpha_pattern=_check_pattern(file, "alpha_pattern", raw.get("alpha_pattern"), "alpha"),
                          layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
                          modules_to_save=modules_to_save, bias=bias)
+
+
+def _check_path(op, path):
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{op}: path expected a directory path (str or os.PathLike), got {type(path).__name__}")
 
 
 def read_adapter_config(path):
@@ -429,7 +435,9 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
     Atomic: the config, tensors, targets, keys and shapes are all checked first (ValueError naming the field, key
     or module; FileNotFoundError for missing files); on any failure the model is left exactly as it was."""
     op = "load_peft_adapter"
-    wrapper, model = model, unwrap_model(model)
+    wrapper, model = model, unwrap_model(model, op)
+    _check_path(op, path)
+    check_backend_name(op, backend)
     config = read_adapter_config(path)
     tensors, file = read_adapter_weights(path)
     targets = _targets(model, config, op)
@@ -735,7 +743,8 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
     old one, so a crash never leaves a truncated file. With torch.distributed initialised only rank 0 writes (FSDP2:
     call it on every rank, the sharded weights are gathered)."""
     op = "save_peft_adapter"
-    model = unwrap_model(model)
+    model = unwrap_model(model, op)
+    _check_path(op, path)
     records = _collect_layers(model, adapter_name, op)
     modules_to_save = getattr(model, MODULES_TO_SAVE_ATTR, None) if adapter_name is None else None
     bias = getattr(model, BIAS_ATTR, "none") if adapter_name is None else "none"

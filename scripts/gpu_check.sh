@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # The whole GPU verification in one command, for a CUDA machine without network whose Python already has torch
-# (>= 2.11), triton (>= 3.6), pytest, pytest-benchmark, peft, transformers and ninja:
+# (>= 2.11), triton (>= 3.6), pytest, pytest-benchmark, peft, transformers and ninja (hypothesis is optional: the
+# property tests, CPU-only anyway, are skipped without it):
 #
-#   bash scripts/gpu_check.sh OUTDIR            # build the extension with CUDA, GPU tests, bench, compare, sweep
+#   bash scripts/gpu_check.sh OUTDIR            # build with CUDA, GPU tests, bench, compare, profile, sweep
 #   bash scripts/gpu_check.sh OUTDIR --dry-run  # any machine: checks the steps (bench --quick and compare tiny on
 #                                               # CPU), prints the build and test commands instead of running them
 #
 # Every stage runs under `timeout` inside one time budget (GPU_CHECK_BUDGET seconds, default 500, so the whole run
 # ends within 9 minutes on an H100); each stage's output goes to OUTDIR/<stage>.log; the bench parts, compare and
 # the grouped sweep also write OUTDIR/bench.json, grouped.json, compare.json and sweep.json. The key numbers and a
-# table of the stages come last (also in OUTDIR/summary.txt). Exit status: 0 when every stage that ran passed.
+# table of the stages come last (also in OUTDIR/summary.txt). Exit status: 0 when every stage ran and passed (a
+# stage skipped because the budget is spent counts as not ok).
 # Environment: PYTHON (default: python, else python3), MAX_JOBS (default 16), GPU_CHECK_BUDGET.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -584,3 +584,11 @@ def test_unchecked_int64_ranks_are_clamped_not_wrapped(backend):
 
     clamped = torch.tensor([4, 0], dtype=torch.int64)
     torch.testing.assert_close(shrink(x, huge), lk.ops.lora_shrink(x, lora_a, batch, [1.0, 1.0], clamped))
+
+
+def test_lora_expand_takes_a_numpy_integer_slice_offset():
+    numpy = pytest.importorskip("numpy")
+    _, lora_b = _adapters(2, 4, 8, 6, [4, 4], torch.float32, "cpu")
+    batch, t = LoRABatch.from_adapter_ids(torch.tensor([0, 1, -1]), 2), randn(3, 4)
+    got = lk.ops.lora_expand(t, lora_b, batch, torch.zeros(3, 9), numpy.int64(2), backend="torch")
+    torch.testing.assert_close(got, lk.ops.lora_expand(t, lora_b, batch, torch.zeros(3, 9), 2, backend="torch"))

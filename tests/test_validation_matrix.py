@@ -36,7 +36,7 @@ def call_multi_lora_linear(a):
 
 def call_shrink(a):
     return lk.ops.lora_shrink(a["x"], a["lora_a"], a["batch"], a["scalings"], a["ranks"], backend=a["backend"],
-                              out=a.get("out"))
+                              out=a.get("out"), deterministic=a.get("deterministic", False))
 
 
 def call_expand(a):
@@ -60,12 +60,18 @@ def call_batch(a):
 
 def call_lora_linear_module(a):
     return lk.LoRALinear(a.get("in_features", K), a.get("out_features", N), r=a.get("r", R),
-                         lora_dropout=a.get("lora_dropout", 0.0), init_lora_weights=a.get("init", True))
+                         lora_dropout=a.get("lora_dropout", 0.0), init_lora_weights=a.get("init", True),
+                         use_rslora=a.get("use_rslora", False), dtype=a.get("dtype"))
+
+
+def call_merge(a):
+    return lk.LoRALinear(K, N, r=R).merge(safe_merge=a.get("safe_merge", False))
 
 
 def call_set_adapter(a):
     layer = lk.MultiLoRALinear(nn.Linear(K, N), max_adapters=L, max_rank=R)
-    return layer.set_adapter(a.get("slot", 0), a.get("a", torch.randn(R, K)), a.get("b", torch.randn(N, R)), 1.0)
+    return layer.set_adapter(a.get("slot", 0), a.get("a", torch.randn(R, K)), a.get("b", torch.randn(N, R)),
+                             a.get("scaling", 1.0))
 
 
 def call_multi_module(a):
@@ -74,8 +80,26 @@ def call_multi_module(a):
 
 
 def call_inject(a):
-    model = nn.Sequential(nn.Linear(K, N), nn.ReLU(), nn.Linear(N, K))
-    return lk.inject_lora(model, a.get("target_modules", ["0"]), r=a.get("r", R))
+    model = a.get("model", nn.Sequential(nn.Linear(K, N), nn.ReLU(), nn.Linear(N, K)))
+    return lk.inject_lora(model, a.get("target_modules", ["0"]), r=a.get("r", R),
+                          rank_pattern=a.get("rank_pattern"), exclude_modules=a.get("exclude_modules"))
+
+
+def call_save(a):
+    model = lk.inject_lora(nn.Sequential(nn.Linear(K, N)), ["0"], r=R)
+    return lk.save_peft_adapter(a.get("model", model), a["path"])
+
+
+def call_load(a):
+    return lk.load_peft_adapter(a.get("model", nn.Sequential(nn.Linear(K, N))), a["path"],
+                                backend=a.get("backend", "auto"))
+
+
+def _adapter_dir():
+    import tempfile
+    path = tempfile.mkdtemp(prefix="lk_matrix_")
+    lk.save_peft_adapter(lk.inject_lora(nn.Sequential(nn.Linear(K, N)), ["0"], r=R), path)
+    return {"path": path}
 
 
 # (entry point, argument, bad value from the good arguments, error, words the message must contain)
@@ -106,6 +130,8 @@ MATRIX = [
     (call_multi_lora_linear, _grouped, "lora_a", lambda a: a["lora_a"][0], ValueError, ["lora_a expected a 3-D tensor"]),
     (call_multi_lora_linear, _grouped, "adapter_ids", lambda a: [0, 1, 2, -1], TypeError,
      ["adapter_ids expected a torch.Tensor or LoRABatch, got list"]),
+    (call_multi_lora_linear, _grouped, "ranks", lambda a: [1.5, 2, 2], TypeError,
+     ["ranks expected an integer tensor [L] or a sequence of ints", "1.5"]),
     # serving-level ops
     (call_shrink, _grouped, "x", lambda a: a["x"][:, :5], ValueError, ["x expected shape [M, 8]", "(4, 5)"]),
     (call_shrink, _grouped, "batch", lambda a: LoRABatch.from_adapter_ids(torch.tensor([0, 1]), L), ValueError,
@@ -121,6 +147,7 @@ MATRIX = [
      ["out expected a float32 tensor of shape [4, 2]", "(4, 3)"]),
     (call_shrink, _grouped, "out", lambda a: torch.zeros(M, R, dtype=torch.float16), ValueError,
      ["out expected a float32 tensor", "torch.float16"]),
+    (call_shrink, _grouped, "deterministic", lambda a: "yes", TypeError, ["deterministic expected a bool, got 'yes'"]),
     (call_expand, _grouped, "slice_offset", lambda a: 3, ValueError, ["out expected at least 9 columns", "(4, 8)"]),
     (call_expand, _grouped, "slice_offset", lambda a: -1, ValueError, ["slice_offset expected an int >= 0, got -1"]),
     (call_expand, _grouped, "t", lambda a: torch.zeros(M, R + 1), ValueError, ["t expected shape [4, 2]", "(4, 3)"]),
@@ -132,6 +159,8 @@ MATRIX = [
      ["expected the same non-zero length", "2, 1, 2"]),
     (call_add_lora, _grouped, "lora_b_slices", lambda a: [a["lora_b"], torch.randn(L, 4, R)], ValueError,
      ["lora_b_slices[1] expected shape [L, 3, R]", "(3, 4, 2)"]),
+    (call_add_lora, _grouped, "lora_b_slices", lambda a: [a["lora_b"], torch.randn(L, 3, R - 1)], ValueError,
+     ["lora_b_slices[1] expected R = 2", "(3, 3, 1)"]),
     # metadata
     (call_batch, _grouped, "adapter_ids", lambda a: torch.tensor([0, -2]), ValueError,
      ["adapter_ids expected values in [-1, 3), got -2"]),
@@ -143,6 +172,11 @@ MATRIX = [
     (call_lora_linear_module, dict, "in_features", lambda a: -3, ValueError, ["in_features expected an int >= 1, got -3"]),
     (call_lora_linear_module, dict, "lora_dropout", lambda a: 1.5, ValueError, ["lora_dropout expected a number in [0, 1)"]),
     (call_lora_linear_module, dict, "init", lambda a: "pissa", ValueError, ["init_lora_weights expected", "'pissa'"]),
+    (call_lora_linear_module, dict, "use_rslora", lambda a: "no", TypeError, ["use_rslora expected a bool, got 'no'"]),
+    (call_lora_linear_module, dict, "dtype", lambda a: torch.int64, TypeError,
+     ["dtype expected a floating dtype, got torch.int64"]),
+    (call_merge, dict, "safe_merge", lambda a: "x", TypeError, ["safe_merge expected a bool, got 'x'"]),
+    (call_set_adapter, dict, "scaling", lambda a: "2.0", TypeError, ["scaling expected a number, got '2.0'"]),
     (call_set_adapter, dict, "slot", lambda a: L, ValueError, ["slot expected an int in [0, 3), got 3"]),
     (call_set_adapter, dict, "slot", lambda a: -1, ValueError, ["slot expected an int in [0, 3), got -1"]),
     (call_set_adapter, dict, "a", lambda a: torch.randn(R + 1, K), ValueError, ["1 <= r <= 2", "(3, 8)"]),
@@ -152,6 +186,17 @@ MATRIX = [
     (call_multi_module, dict, "base", lambda a: nn.ReLU(), TypeError, ["base_linear expected an nn.Linear", "ReLU"]),
     (call_inject, dict, "target_modules", lambda a: ["nope"], ValueError, ["matched no", "nope"]),
     (call_inject, dict, "target_modules", lambda a: ["1"], TypeError, ["'1'", "ReLU"]),
+    (call_inject, dict, "rank_pattern", lambda a: [("0", 4)], TypeError, ["rank_pattern expected a dict", "[('0', 4)]"]),
+    (call_inject, dict, "exclude_modules", lambda a: 5, TypeError, ["exclude_modules expected a regex string", "5"]),
+    (call_inject, dict, "model", lambda a: None, TypeError, ["inject_lora: model expected a torch.nn.Module",
+                                                             "NoneType"]),
+    (call_save, _adapter_dir, "path", lambda a: 5, TypeError, ["save_peft_adapter: path expected a directory path",
+                                                                "int"]),
+    (call_load, _adapter_dir, "path", lambda a: None, TypeError, ["load_peft_adapter: path expected a directory",
+                                                                   "NoneType"]),
+    (call_load, _adapter_dir, "backend", lambda a: "fast", ValueError, ["load_peft_adapter: backend expected one of",
+                                                                         "'fast'"]),
+    (call_load, _adapter_dir, "model", lambda a: None, TypeError, ["load_peft_adapter: model expected a torch.nn.Module"]),
 ]
 
 
@@ -170,8 +215,9 @@ def test_wrong_argument_is_a_specific_error(entry, make_args, arg, bad, error, w
 @pytest.mark.parametrize("entry,make_args", [(call_lora_linear, _single), (call_multi_lora_linear, _grouped),
                                              (call_shrink, _grouped), (call_expand, _grouped),
                                              (call_add_lora, _grouped), (call_batch, _grouped),
-                                             (call_lora_linear_module, dict), (call_set_adapter, dict),
-                                             (call_multi_module, dict), (call_inject, dict)],
+                                             (call_lora_linear_module, dict), (call_merge, dict),
+                                             (call_set_adapter, dict), (call_multi_module, dict), (call_inject, dict),
+                                             (call_save, _adapter_dir), (call_load, _adapter_dir)],
                          ids=lambda v: getattr(v, "__name__", "")[5:])
 def test_good_arguments_pass(entry, make_args):
     """The rows above start from arguments that work: each failure is the mutation's doing."""
