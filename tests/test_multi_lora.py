@@ -592,3 +592,24 @@ def test_lora_expand_takes_a_numpy_integer_slice_offset():
     batch, t = LoRABatch.from_adapter_ids(torch.tensor([0, 1, -1]), 2), randn(3, 4)
     got = lk.ops.lora_expand(t, lora_b, batch, torch.zeros(3, 9), numpy.int64(2), backend="torch")
     torch.testing.assert_close(got, lk.ops.lora_expand(t, lora_b, batch, torch.zeros(3, 9), 2, backend="torch"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "reference"])
+def test_serving_ops_ignore_autocast(backend):
+    """lk.ops.* compute in the dtypes they are given, autocast or not (README, Mixed precision)."""
+    _backend_or_skip(backend, torch.device("cpu"))
+    lora_a, lora_b = _adapters(2, 4, 8, 6, [4, 2], torch.float32, "cpu")
+    x, batch = randn(5, 8), LoRABatch.from_adapter_ids(torch.tensor([0, 1, -1, 1, 0]), 2)
+
+    def run():
+        shrunk = lk.ops.lora_shrink(x, lora_a, batch, [1.0, 0.5], [4, 2], backend=backend)
+        expanded = lk.ops.lora_expand(shrunk, lora_b, batch, torch.zeros(5, 6), 0, [4, 2], backend=backend)
+        added = lk.ops.add_lora(torch.zeros(5, 6), x, [lora_a], [lora_b], batch, [1.0, 0.5], [4, 2], [6],
+                                backend=backend)
+        return shrunk, expanded, added
+
+    plain = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = run()
+    for got, expected in zip(under_autocast, plain):
+        assert got.dtype == torch.float32 and torch.equal(got, expected)
