@@ -40,8 +40,9 @@ def _check_same(op, name, t, ref_name, ref):
 def _lora_linear_args_ok(x, weight, lora_a, lora_b, bias, scaling, dropout_p):
     """True only when every check of check_lora_linear_args passes, tested in few Python operations: the checks run
     on every call of every layer, and the full version cost ~8 µs of host time per call. False means "look closer":
-    the full checks then run and name the problem. While tracing, scaling's value is not checked:
-    torch.compile(dynamic=True) traces a layer's scaling as a symbolic float, which math.isfinite cannot take."""
+    the full checks then run and name the problem. While tracing, scaling's value is not checked (an inf scaling
+    goes through): torch.compile(dynamic=True) traces a float as a symbolic one, which math.isfinite cannot take,
+    and dynamo presents it as a float, so the two cannot be told apart there."""
     tensor = torch.Tensor
     if not (isinstance(x, tensor) and isinstance(weight, tensor) and isinstance(lora_a, tensor)
             and isinstance(lora_b, tensor)):
@@ -343,8 +344,9 @@ class MultiLoRAFunction(torch.autograd.Function):
         # The batch's buffers are saved like the other inputs: refilling them in place (LoRABatch.refill_, for the
         # next step of a CUDA graph) before this backward runs then raises autograd's in-place modification error
         # instead of computing the gradients for the new ids. A batch built under torch.inference_mode (a reference
-        # pass whose batch is reused for training) holds inference tensors, which cannot be saved: a copy is. (Not
-        # while tracing: dynamo cannot trace is_inference(), and a traced graph takes no inference tensors.)
+        # pass whose batch is reused for training) holds inference tensors, which cannot be saved: a copy is. Not
+        # while tracing (dynamo cannot trace is_inference()): compiled training needs a batch built outside
+        # inference_mode (set_batch_adapters builds its batch inside the graph, so only a batch passed in is).
         batch_buffers = [getattr(batch, name) for name in BUFFER_FIELDS]
         if not torch.compiler.is_compiling() and any(t.is_inference() for t in batch_buffers):
             batch_buffers = [t.clone() for t in batch_buffers]

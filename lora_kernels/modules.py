@@ -15,6 +15,7 @@ from torch import nn
 
 from lora_kernels.backends import check_backend_name
 from lora_kernels.functional import lora_linear, multi_lora_linear
+from lora_kernels.ops import check_flag
 
 
 class LoRAFactor(nn.Module):
@@ -79,7 +80,7 @@ class LoRALinear(nn.Module):
                         "LoRALinear")
 
     @staticmethod
-    def _check_lora_args(op, r, lora_alpha, lora_dropout, use_rslora, backend):
+    def _check_lora_args(op, r, lora_alpha, lora_dropout, backend):
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"{op}: r expected an int >= 1, got {r!r}")
         if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real):
@@ -88,14 +89,13 @@ class LoRALinear(nn.Module):
             raise ValueError(f"{op}: lora_alpha expected a finite number, got {lora_alpha!r}")
         if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real) or not 0 <= lora_dropout < 1:
             raise ValueError(f"{op}: lora_dropout expected a number in [0, 1), got {lora_dropout!r}")
-        if not isinstance(use_rslora, bool):  # a truthy string such as "no" switched rsLoRA on
-            raise TypeError(f"{op}: use_rslora expected a bool, got {use_rslora!r}")
         check_backend_name(op, backend)
 
     def _init_lora(self, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, backend, autocast_adapter_dtype,
                    op):
         """The adapter half of construction, shared by __init__ and from_linear (the base weight exists already)."""
-        self._check_lora_args(op, r, lora_alpha, lora_dropout, use_rslora, backend)
+        self._check_lora_args(op, r, lora_alpha, lora_dropout, backend)
+        use_rslora = check_flag(op, "use_rslora", use_rslora)  # a truthy string such as "no" switched rsLoRA on
         self.r, self.lora_alpha, self.use_rslora, self.lora_dropout = r, lora_alpha, use_rslora, float(lora_dropout)
         self.scaling = lora_scaling(r, lora_alpha, use_rslora)
         self.backend = backend
@@ -192,11 +192,10 @@ class LoRALinear(nn.Module):
     def merge(self, safe_merge=False):
         """Adds scaling * B @ A into the base weight. safe_merge computes the result first and refuses (ValueError,
         weight untouched) when it holds NaN or Inf."""
+        safe_merge = check_flag("LoRALinear.merge", "safe_merge", safe_merge)
         if self.merged:
             raise RuntimeError("LoRALinear.merge: the adapter is already merged; call unmerge() first")
         merged_weight = (self.weight.float() + self._stored_delta()).to(self.weight.dtype)
-        if not isinstance(safe_merge, bool):
-            raise TypeError(f"LoRALinear.merge: safe_merge expected a bool, got {safe_merge!r}")
         if safe_merge and not torch.isfinite(merged_weight).all():
             raise ValueError("LoRALinear.merge: safe_merge found NaN/Inf in the merged weight; the layer is unchanged")
         self.weight.copy_(merged_weight)
@@ -530,9 +529,7 @@ def named_modules_to_save(model, modules_to_save, op):
             found.append((name, module))
         if selected or isinstance(module, LORA_WRAPPERS):
             skip_prefixes.append(name + ".")  # nothing inside a selected module or a LoRA layer is selected again
-    owners = {}
-    for parameter_name, parameter in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(parameter), []).append(parameter_name)
+    owners = _parameter_names(model)
     for name, module in found:
         inside = name + "."
         lora = [f"{name}.{n}".rstrip(".") for n, m in module.named_modules() if isinstance(m, LORA_WRAPPERS)]
@@ -560,7 +557,7 @@ def _record_modules_to_save(model, modules_to_save):
         delattr(model, MODULES_TO_SAVE_ATTR)
 
 
-BIAS_MODES = ("none", "all", "lora_only")  # PEFT's LoraConfig.bias
+BIAS_MODES = ("none", "lora_only", "all")  # PEFT's LoraConfig.bias, from fewest biases trained to most
 BIAS_ATTR = "lora_bias_mode"  # on the model: the bias mode its adapter trains and saves (absent: "none")
 
 
@@ -617,11 +614,12 @@ def check_no_accelerate_hook(op, name, module, why="that a LoRA wrapper would dr
                          f"device and no offloading first")
 
 
-def unwrap_model(model, op):
+def unwrap_model(model, op, *, adds_parameters=False):
     """The model inside torch.compile's and DistributedDataParallel/DataParallel's wrappers, whose module names are
     the model's own (the wrappers prefix them with `_orig_mod.` / `module.`): the model utilities and the adapter
     files use those names, as PEFT does for a compiled or DDP-wrapped model. Anything but an nn.Module is a
-    TypeError naming `op`."""
+    TypeError naming `op`. An op that adds or replaces parameters (adds_parameters) refuses DDP: DDP took its
+    parameter list when it was built, so new LoRA weights would train unsynchronised on each rank."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{op}: model expected a torch.nn.Module, got {type(model).__name__}")
     while True:
@@ -629,6 +627,10 @@ def unwrap_model(model, op):
         dynamo = sys.modules.get("torch._dynamo.eval_frame")
         if dynamo is not None and isinstance(model, dynamo.OptimizedModule):
             model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel) and adds_parameters:
+            raise ValueError(f"{op}: model is wrapped in DistributedDataParallel, which fixed its parameters when it "
+                             f"was built (new LoRA weights would not be synchronised across ranks); call {op} on the "
+                             f"model first, then wrap it")
         elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
         else:
@@ -646,7 +648,12 @@ def enable_input_grads_for_checkpointing(model):
     if not checkpointing or not hasattr(model, "enable_input_require_grads"):
         return
     if not getattr(model, "_require_grads_hooks", None) and getattr(model, "_require_grads_hook", None) is None:
-        model.enable_input_require_grads()  # once: each call registers another hook
+        try:
+            model.enable_input_require_grads()  # once: each call registers another hook
+        except NotImplementedError:  # transformers 4's get_input_embeddings, on a model without token embeddings
+            warnings.warn(f"{type(model).__name__} has gradient checkpointing on but no input embeddings to mark as "
+                          f"requiring grad; with reentrant checkpointing its LoRA layers may get no gradients "
+                          f"(use use_reentrant=False)", stacklevel=3)
 
 
 def _set_submodule(model, name, module):
@@ -671,10 +678,16 @@ def _rollback_on_error(model):
         raise
 
 
-def _warn_tied_targets(op, model, targets):
+def _parameter_names(model):
+    """{id(parameter): every name it has in model}: a tied parameter has several."""
     names = {}
     for parameter_name, parameter in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(parameter), []).append(parameter_name)
+    return names
+
+
+def _warn_tied_targets(op, model, targets):
+    names = _parameter_names(model)
     for name, module in targets:
         tied = [n for n in names.get(id(module.weight), []) if n != f"{name}.weight"]
         if tied:
@@ -714,7 +727,7 @@ def inject_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_
     The new layers keep the train/eval mode of the layers they replace. A target whose weight is tied to another
     module's (GPT-2's lm_head) gets PEFT's warning: LoRALinear.merge() would change both; merge_and_unload unties."""
     op = "inject_lora"
-    wrapper, model = model, unwrap_model(model, op)
+    wrapper, model = model, unwrap_model(model, op, adds_parameters=True)
     check_bias_mode(op, bias)
     for name, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
         if pattern is not None and not isinstance(pattern, dict):
@@ -724,7 +737,7 @@ def inject_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_
     # an earlier call's adapter stays part of this one
     earlier = getattr(model, MODULES_TO_SAVE_ATTR, None) or []
     modules_to_save = earlier + [name for name in modules_to_save or [] if name not in earlier]
-    bias = max(bias, getattr(model, BIAS_ATTR, "none"), key=("none", "lora_only", "all").index)  # the broader
+    bias = max(bias, getattr(model, BIAS_ATTR, "none"), key=BIAS_MODES.index)  # the broader of the two
     targets = find_target_linears(model, target_modules, exclude_modules, op, layers_to_transform=layers_to_transform,
                                   layers_pattern=layers_pattern, modules_to_save=modules_to_save or None)
     heads = named_modules_to_save(model, modules_to_save, op) if modules_to_save else []
@@ -779,7 +792,7 @@ def prepare_multi_adapter(model, target_modules, max_adapters, max_rank, *, excl
     Target the union of the modules of every adapter you will load: a slot of a layer that an adapter does not
     target stays empty (that layer computes the base output for that adapter's rows, as PEFT). Returns model."""
     op = "prepare_multi_adapter"
-    wrapper, model = model, unwrap_model(model, op)
+    wrapper, model = model, unwrap_model(model, op, adds_parameters=True)
     if getattr(model, "lora_adapter_slots", None) is not None:
         raise ValueError(f"{op}: the model is prepared already (it has lora_adapter_slots)")
     targets = find_target_linears(model, target_modules, exclude_modules, op, layers_to_transform=layers_to_transform,
@@ -950,7 +963,7 @@ def merge_and_unload(model):
     """Replaces every LoRALinear by a plain nn.Linear (or Conv1D) with the adapter merged into its weight, frozen
     as the base weight was; returns model. A model with MultiLoRALinear layers (several named adapters) is refused
     before any change: which adapter to merge is not defined."""
-    wrapper, model = model, unwrap_model(model, "merge_and_unload")
+    wrapper, model = model, unwrap_model(model, "merge_and_unload", adds_parameters=True)
     multi = [name for name, module in model.named_modules() if isinstance(module, MultiLoRALinear)]
     if multi:
         raise ValueError(f"merge_and_unload: the model has MultiLoRALinear layers ({multi[:3]}"
@@ -959,6 +972,8 @@ def merge_and_unload(model):
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
             _set_submodule(model, name, module.to_linear())
+    _record_modules_to_save(model, None)  # the adapter is gone: a later inject_lora starts a new one
+    _record_bias(model, "none")
     return wrapper
 
 

@@ -64,18 +64,27 @@ def _exact_int(value):
     return converted
 
 
+def _number(value):
+    if isinstance(value, (str, bytes)):  # float("2") would take a string
+        raise TypeError
+    return float(value)
+
+
 def _host_tensor(op, name, values, dtype, what):
     """A sequence of numbers as a CPU tensor of dtype; anything else a TypeError naming the argument."""
-    convert = float if dtype.is_floating_point else _exact_int
+    convert = _number if dtype.is_floating_point else _exact_int
     try:
         return torch.tensor([convert(v) for v in values], dtype=dtype)
     except (TypeError, ValueError):
         raise TypeError(f"{op}: {name} expected {what}, got {values!r}") from None
 
 
-def _check_bool(op, name, value):
-    if not isinstance(value, bool):
+def check_flag(op, name, value):
+    """value as a bool: True/False, 0/1 or a numpy bool; anything else (a truthy string such as "no", None) is a
+    TypeError naming the argument."""
+    if isinstance(value, (str, bytes)) or value is None or not (value is True or value is False or value in (0, 1)):
         raise TypeError(f"{op}: {name} expected a bool, got {value!r}")
+    return bool(value)
 
 
 def as_scalings(op, scalings, num_slots, device):
@@ -98,8 +107,8 @@ def as_ranks(op, ranks, num_slots, max_rank, device):
     the host (a list, or a CPU tensor, outside torch.compile tracing); checking CUDA values would need a host sync."""
     if ranks is None:
         return torch.full((num_slots,), max_rank, dtype=torch.int32, device=device)
-    if not isinstance(ranks, torch.Tensor):
-        ranks = _host_tensor(op, "ranks", ranks, torch.int32, "an integer tensor [L] or a sequence of ints")
+    if not isinstance(ranks, torch.Tensor):  # int64 first: the range check below names a value past int32
+        ranks = _host_tensor(op, "ranks", ranks, torch.int64, "an integer tensor [L] or a sequence of ints")
     if ranks.dim() != 1 or ranks.shape[0] != num_slots:
         raise ValueError(f"{op}: ranks expected shape [{num_slots}] (one per slot), got {tuple(ranks.shape)}")
     if ranks.dtype.is_floating_point or ranks.dtype == torch.bool:
@@ -301,7 +310,7 @@ def lora_shrink(x, lora_a, batch, scalings, ranks=None, *, backend="auto", deter
     deterministic: no atomics (bit-identical repeats); only the triton backend uses atomics at all.
     """
     op = "lora_shrink"
-    _check_bool(op, "deterministic", deterministic)
+    deterministic = check_flag(op, "deterministic", deterministic)
     scalings, ranks = check_shrink_args(op, x, lora_a, batch, scalings, ranks)
     backend = resolve_backend(backend, x.device, op, x.dtype)
     if backend == "triton":
@@ -343,15 +352,15 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
     allocates nothing (triton backend). Every slice is checked before y is touched. Returns y.
     """
     op = "add_lora"
-    _check_bool(op, "deterministic", deterministic)
+    deterministic = check_flag(op, "deterministic", deterministic)
     for name, value in (("lora_a_slices", lora_a_slices), ("lora_b_slices", lora_b_slices)):
         if not isinstance(value, (list, tuple, torch.Tensor)):
             raise TypeError(f"{op}: {name} expected a list of tensors or one stacked tensor, "
                             f"got {type(value).__name__}")
-    if not isinstance(output_slices, (list, tuple)) or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 0
-                                                  for w in output_slices):
+    if not isinstance(output_slices, (list, tuple)) or not all(
+            isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= 0 for w in output_slices):
         raise TypeError(f"{op}: output_slices expected a sequence of ints >= 0, got {output_slices!r}")
-    widths = tuple(output_slices)
+    widths = tuple(int(w) for w in output_slices)  # numpy integers too
     if not (len(lora_a_slices) == len(lora_b_slices) == len(widths)) or not widths:
         raise ValueError(f"{op}: lora_a_slices, lora_b_slices and output_slices expected the same non-zero length, "
                          f"got {len(lora_a_slices)}, {len(lora_b_slices)}, {len(widths)}")

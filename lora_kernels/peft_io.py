@@ -435,7 +435,7 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
     Atomic: the config, tensors, targets, keys and shapes are all checked first (ValueError naming the field, key
     or module; FileNotFoundError for missing files); on any failure the model is left exactly as it was."""
     op = "load_peft_adapter"
-    wrapper, model = model, unwrap_model(model, op)
+    wrapper, model = model, unwrap_model(model, op, adds_parameters=True)
     _check_path(op, path)
     check_backend_name(op, backend)
     config = read_adapter_config(path)

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import assert_close
+from safetensors.torch import load_file
 from torch import nn
 
 import lora_kernels as lk
@@ -64,6 +65,12 @@ def _worker(rank, port, out_dir):
                           if p.grad is not None}
         if rank == 0:
             lk.save_peft_adapter(ddp.module, os.path.join(out_dir, "ddp_adapter"))
+            lk.save_peft_adapter(ddp, os.path.join(out_dir, "ddp_wrapper_adapter"))  # the wrapper itself
+        try:  # LoRA weights added inside DDP would not be synchronised: refused
+            lk.inject_lora(nn.parallel.DistributedDataParallel(_base()), ["0"])
+            inject_into_ddp = "accepted"
+        except ValueError as exc:
+            inject_into_ddp = str(exc)
 
         if _has_fully_shard():
             from torch.distributed.fsdp import fully_shard
@@ -79,6 +86,7 @@ def _worker(rank, port, out_dir):
             lk.save_peft_adapter(model, os.path.join(out_dir, "fsdp2_adapter"))  # every rank: gathers the shards
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "grads.pt"))
+            torch.save(inject_into_ddp, os.path.join(out_dir, "inject_into_ddp.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -116,3 +124,7 @@ def test_ddp_and_fsdp2_lora_gradients_equal_one_process_and_saved_adapters_load(
         # the adapter saved from the wrapped model (rank 0 writes) is the one every rank started from
         loaded = lk.load_peft_adapter(_base(), tmp_path / f"{kind}_adapter")
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    # saved through the DDP wrapper: the model's own names, the same file
+    wrapper_file = load_file(tmp_path / "ddp_wrapper_adapter" / "adapter_model.safetensors")
+    assert wrapper_file.keys() == load_file(tmp_path / "ddp_adapter" / "adapter_model.safetensors").keys()
+    assert "wrapped in DistributedDataParallel" in torch.load(tmp_path / "inject_into_ddp.pt")

@@ -383,7 +383,7 @@ def test_autocast_saves_no_weight_copy_when_x_needs_no_gradient(backend):
     for x_needs_grad in (False, True):
         shapes = []
 
-        def pack(tensor):
+        def pack(tensor, shapes=shapes):
             shapes.append(tuple(tensor.shape))
             return tensor
 

@@ -274,3 +274,13 @@ def test_model_level_disable_adapter_context():
         with disable_adapter(model):
             pass
     assert not any(m.disable_adapters for m in model.modules() if isinstance(m, LoRALinear))
+
+
+def test_flags_take_bool_like_values_and_refuse_strings():
+    """use_rslora="no" switched rsLoRA on (a truthy string); 0/1 and numpy bools stay accepted."""
+    numpy = pytest.importorskip("numpy")
+    for value, expected in ((True, True), (0, False), (1, True), (numpy.bool_(True), True)):
+        assert LoRALinear(8, 6, r=2, use_rslora=value).use_rslora is expected
+    for value in ("no", None, 2):
+        with pytest.raises(TypeError, match="use_rslora expected a bool"):
+            LoRALinear(8, 6, r=2, use_rslora=value)

@@ -187,6 +187,24 @@ def test_a_second_inject_lora_adds_to_the_adapter(tmp_path):
     torch.testing.assert_close(lk.load_peft_adapter(_base(), tmp_path, backend=BACKEND)(x), model(x), rtol=0, atol=0)
     lk.inject_lora(model, ["o_proj"], bias="all", backend=BACKEND)  # the broader bias mode holds
     assert model.lora_bias_mode == "all" and model.layers[0].norm.bias.requires_grad
+    # merge_and_unload ends that adapter: an inject after it starts a new one, without the old head or biases
+    lk.inject_lora(lk.merge_and_unload(model), ["q_proj"], backend=BACKEND)
+    assert not hasattr(model, "lora_modules_to_save") and not hasattr(model, "lora_bias_mode")
+    assert all(("lora_" in n) == p.requires_grad for n, p in model.named_parameters())
+
+
+def test_checkpointing_model_without_input_embeddings_gets_a_warning_not_a_half_applied_inject():
+    """transformers 4's enable_input_require_grads raises NotImplementedError for a model without token
+    embeddings; the inject is complete by then, so it warns instead of raising out of a changed model."""
+    class NoEmbeddings(Tiny):
+        is_gradient_checkpointing = True
+
+        def enable_input_require_grads(self):
+            raise NotImplementedError("no input embeddings")
+
+    with pytest.warns(UserWarning, match="no input embeddings to mark as requiring grad"):
+        model = lk.inject_lora(NoEmbeddings(), ["q_proj"], backend=BACKEND)
+    assert isinstance(model.layers[0].q_proj, LoRALinear)
 
 
 def test_a_tied_target_gets_peft_warning():
@@ -354,7 +372,7 @@ def test_bias_modes_train_what_peft_trains(bias, modules_to_save):
 def test_inject_lora_refuses_an_unknown_bias_mode_untouched():
     model = _base()
     before = _snapshot(model)
-    with pytest.raises(ValueError, match=r"inject_lora: bias expected one of \['none', 'all', 'lora_only'\], "
+    with pytest.raises(ValueError, match=r"inject_lora: bias expected one of \['none', 'lora_only', 'all'\], "
                                          r"got 'lora'"):
         lk.inject_lora(model, ["q_proj"], bias="lora")
     _assert_same(model, before)
@@ -554,7 +572,7 @@ def _bad_cases():
         ("unknown peft_type", config(peft_type="IA3"), ValueError, r"'peft_type' expected \"LORA\""),
         ("use_dora", config(use_dora=True), ValueError, r"'use_dora' = True asks for DoRA"),
         ("bias not a mode", config(bias="some"), ValueError,
-         r"field 'bias' expected one of \['none', 'all', 'lora_only'\], got 'some'"),
+         r"field 'bias' expected one of \['none', 'lora_only', 'all'\], got 'some'"),
         ("bias all, biases missing", config(bias="all"), ValueError,
          rf"missing '{q_bias}' \(bias='all' trains the model's 'layers\.0\.q_proj\.bias'\)"),
         ("bias lora_only, a bias missing", then(bias_saved("lora_only"), weights(

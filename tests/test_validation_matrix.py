@@ -1,6 +1,8 @@
 """The validation matrix: every public entry point × each kind of wrong argument raises ValueError/TypeError whose
 message names the argument and the expected and actual values, before any work. Adding an op adds rows, not code."""
 
+import tempfile
+
 import pytest
 import torch
 from torch import nn
@@ -95,11 +97,12 @@ def call_load(a):
                                 backend=a.get("backend", "auto"))
 
 
+_ADAPTER_DIR = tempfile.TemporaryDirectory(prefix="lk_matrix_")  # removed when the test process ends
+
+
 def _adapter_dir():
-    import tempfile
-    path = tempfile.mkdtemp(prefix="lk_matrix_")
-    lk.save_peft_adapter(lk.inject_lora(nn.Sequential(nn.Linear(K, N)), ["0"], r=R), path)
-    return {"path": path}
+    lk.save_peft_adapter(lk.inject_lora(nn.Sequential(nn.Linear(K, N)), ["0"], r=R), _ADAPTER_DIR.name)
+    return {"path": _ADAPTER_DIR.name}
 
 
 # (entry point, argument, bad value from the good arguments, error, words the message must contain)
@@ -132,6 +135,10 @@ MATRIX = [
      ["adapter_ids expected a torch.Tensor or LoRABatch, got list"]),
     (call_multi_lora_linear, _grouped, "ranks", lambda a: [1.5, 2, 2], TypeError,
      ["ranks expected an integer tensor [L] or a sequence of ints", "1.5"]),
+    (call_multi_lora_linear, _grouped, "ranks", lambda a: [2**32 + 3, 1, 1], ValueError,
+     ["ranks expected values in [0, 2]", "got 4294967299"]),
+    (call_multi_lora_linear, _grouped, "scalings", lambda a: ["1.0", 0.5, 2.0], TypeError,
+     ["scalings expected a float tensor [L] or a sequence of numbers", "'1.0'"]),
     # serving-level ops
     (call_shrink, _grouped, "x", lambda a: a["x"][:, :5], ValueError, ["x expected shape [M, 8]", "(4, 5)"]),
     (call_shrink, _grouped, "batch", lambda a: LoRABatch.from_adapter_ids(torch.tensor([0, 1]), L), ValueError,
