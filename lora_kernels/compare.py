@@ -212,15 +212,27 @@ def gradient_bytes(model):
     return tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)
 
 
+def _is_parameter_cast(t, parameters):
+    """t is a dtype cast of a trainable parameter (a float32 LoRA factor cast to the 16-bit model dtype): weight
+    memory of a size fixed by the model, not an activation."""
+    grad_fn = t.grad_fn
+    if grad_fn is None or type(grad_fn).__name__ != "ToCopyBackward0":
+        return False
+    source = grad_fn.next_functions[0][0]
+    return source is not None and id(getattr(source, "variable", None)) in parameters
+
+
 def saved_activation_bytes(model, inputs, targets):
-    """Bytes autograd keeps for backward in one training forward (each storage once, parameters excluded): the
-    activation memory a step holds when backward starts. Exact and the same on every device."""
+    """Bytes autograd keeps for backward in one training forward (each storage once; parameters and their dtype
+    casts excluded): the activation memory a step holds when backward starts. Exact and the same on every device."""
     param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    parameters = {id(p) for p in model.parameters()}
     saved = {}
 
     def pack(t):
         storage = t.untyped_storage()
-        if storage.data_ptr() not in param_storages:  # saved tensors stay alive, so a pointer is never reused here
+        # saved tensors stay alive, so a pointer is never reused here
+        if storage.data_ptr() not in param_storages and not _is_parameter_cast(t, parameters):
             saved[storage.data_ptr()] = storage.nbytes()
         return t
 
@@ -755,7 +767,7 @@ def _run_compare(cfg, progress_stream):
             "optimizer_state": "sum of numel × element_size over the tensors in optimizer.state (AdamW)",
             "gradients": "sum of numel × element_size over every parameter's .grad after the last step",
             "activations": "storages autograd saves for backward in one training forward (saved_tensors_hooks), "
-                           "parameters excluded",
+                           "parameters and their dtype casts (float32 LoRA factors in a 16-bit model) excluded",
             "step_time": f"median wall time of steps {cfg.warmup + 1}..{cfg.steps} (device synchronised), "
                          f"first {cfg.warmup} not timed",
             "checkpoint": "real file sizes written to a temporary directory",

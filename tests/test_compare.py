@@ -198,3 +198,23 @@ def test_auto_never_repeats_the_unfused_column_when_a_fused_backend_exists(monke
         assert chosen == fused[0] and "unfused 'torch' composition" in note and repr(fused[0]) in note
     else:
         assert chosen == "torch" and "no fused backend is available" in note
+
+
+def test_saved_activations_count_neither_parameters_nor_their_casts():
+    """A bf16 LoRA layer with float32 factors also saves the factors' bf16 casts: weight memory of a size fixed by
+    the model, not activations (they made LoRA's activations exceed full fine-tuning's on the tiny bf16 model). The
+    count equals that of the same layer with bf16 factors, which need no cast."""
+    from lora_kernels import LoRALinear
+
+    class Head(torch.nn.Module):
+        def __init__(self, float32_factors):
+            super().__init__()
+            self.proj = LoRALinear(16, 8, r=4, dtype=torch.bfloat16, backend="cpu",
+                                   autocast_adapter_dtype=float32_factors)
+
+        def forward(self, x):
+            return self.proj(x).unsqueeze(0)  # [1, M, vocab] logits for lm_loss
+
+    x, targets = torch.randn(6, 16, dtype=torch.bfloat16), torch.randint(0, 8, (1, 6))
+    with_casts, without = (compare.saved_activation_bytes(Head(flag), x, targets) for flag in (True, False))
+    assert with_casts == without > x.numel() * x.element_size()
