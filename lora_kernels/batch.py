@@ -112,3 +112,7 @@ class LoRABatch:
 
 # The tensor fields of a LoRABatch: its device buffers (the rest are sizes).
 BUFFER_FIELDS = tuple(field.name for field in fields(LoRABatch) if field.type is torch.Tensor)
+
+# A pytree node, so a LoRABatch can be an input of torch.export (a serving engine's batch is built outside the
+# exported model); the token dimension of its [M] buffers can be dynamic.
+torch.export.register_dataclass(LoRABatch, serialized_type_name="lora_kernels.LoRABatch")

@@ -530,6 +530,15 @@ def test_a_batch_from_outside_the_compiled_region_keeps_the_token_count_dynamic(
     x, ids = torch.randn(13, 16), torch.randint(-1, 3, (13,), generator=generator)
     torch.testing.assert_close(exported.module()(x, ids), layer(x, ids))
 
+    # the LoRABatch itself as an input of the exported model (a pytree node), its [M] buffers dynamic
+    from lora_kernels.batch import BUFFER_FIELDS
+    x, batch = torch.randn(7, 16), LoRABatch.from_adapter_ids(torch.tensor([0, 1, 2, -1, 1, 0, 2]), 3)
+    batch_shapes = [{0: tokens} if name in ("adapter_ids", "sorted_token_ids") else None for name in BUFFER_FIELDS]
+    exported = torch.export.export(Model(), (x, batch),
+                                   dynamic_shapes={"x": {0: tokens}, "ids": batch_shapes + [None]})
+    x, batch = torch.randn(13, 16), LoRABatch.from_adapter_ids(ids, 3)
+    torch.testing.assert_close(exported.module()(x, batch), layer(x, batch))
+
 
 def test_torch_compile_traces_once(monkeypatch):
     """The backend choice is not cached while tracing: a lookup in the cache made dynamo guard on its contents, and
