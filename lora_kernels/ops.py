@@ -113,12 +113,13 @@ def as_ranks(op, ranks, num_slots, max_rank, device):
         raise ValueError(f"{op}: ranks expected shape [{num_slots}] (one per slot), got {tuple(ranks.shape)}")
     if ranks.dtype.is_floating_point or ranks.dtype == torch.bool:
         raise TypeError(f"{op}: ranks expected an integer dtype, got {ranks.dtype}")
-    if ranks.device.type == "cpu" and ranks.numel() and not torch.compiler.is_compiling():
-        low, high = int(ranks.min()), int(ranks.max())
-        if low < 0 or high > max_rank:
-            raise ValueError(f"{op}: ranks expected values in [0, {max_rank}] (R of the LoRA weights), "
-                             f"got {low if low < 0 else high}")
-    if ranks.dtype == torch.int64:  # unchecked (CUDA) values past int32 would wrap to a wrong rank in the cast
+    if ranks.device.type == "cpu" and not torch.compiler.is_compiling():
+        if ranks.numel():
+            low, high = int(ranks.min()), int(ranks.max())
+            if low < 0 or high > max_rank:
+                raise ValueError(f"{op}: ranks expected values in [0, {max_rank}] (R of the LoRA weights), "
+                                 f"got {low if low < 0 else high}")
+    elif ranks.dtype == torch.int64:  # unchecked values past int32 would wrap to a wrong rank in the cast
         ranks = ranks.clamp(0, max_rank)
     return ranks.to(device=device, dtype=torch.int32)
 
