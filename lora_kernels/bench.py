@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from lora_kernels import backends
 from lora_kernels.batch import LoRABatch
-from lora_kernels.compare import DTYPES, ProgressBar, environment
+from lora_kernels.compare import DTYPES, ProgressBar, environment, synchronize
 from lora_kernels.functional import lora_linear, multi_lora_linear
 
 # Shapes (design.md §8 on GPUs; scaled down on CPU so the whole sweep takes about two minutes on 2 cores).
@@ -59,6 +59,7 @@ ROUNDS = 2  # the candidates of a row are timed alternately in this many rounds,
 # Rotating input sets: enough sets that their bytes exceed this many times the last-level cache.
 CACHE_MULTIPLE = 3
 CPU_CACHE_BYTES = 32 << 20  # an assumed last-level cache for CPUs (not read from the machine)
+GPU_L2_FALLBACK_BYTES = 50 << 20  # an H100's L2, for a torch whose device properties lack L2_cache_size
 MAX_SETS, MAX_ROTATION_BYTES = 8, {"cuda": 8 << 30, "cpu": 1 << 30}
 
 # design.md §8 targets: (comparison, value). They are GPU targets; on CPU they are printed for reference only.
@@ -130,14 +131,10 @@ class BenchConfig:
 
 # ------------------------------------------------------------------------------------------------ timing
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _cache_bytes(device):
     if device.type == "cuda":
-        return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20) or (50 << 20)
+        l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", None)
+        return l2_bytes or GPU_L2_FALLBACK_BYTES
     return CPU_CACHE_BYTES
 
 
@@ -152,7 +149,7 @@ def _time_calls(fns, device, reps, warmup):
     """Milliseconds of each of `reps` calls, cycling through `fns` (one callable per input set)."""
     for i in range(warmup):
         fns[i % len(fns)]()
-    _sync(device)
+    synchronize(device)
     if device.type == "cuda":
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
         for i, (start, end) in enumerate(events):
@@ -176,11 +173,11 @@ def host_time_ms(fn, device, calls=HOST_CALLS):
         fn()
     best = math.inf
     for _ in range(HOST_REPEATS):
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
-        _sync(device)
+        synchronize(device)
         best = min(best, 1e3 * (time.perf_counter() - t0) / calls)
     return best
 
@@ -218,11 +215,11 @@ def peak_memory(fn, device):
     """Peak bytes allocated during fn() above what was allocated before it (CUDA only; None elsewhere)."""
     if device.type != "cuda":
         return None
-    _sync(device)
+    synchronize(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     fn()
-    _sync(device)
+    synchronize(device)
     return torch.cuda.max_memory_allocated(device) - before
 
 
@@ -583,8 +580,8 @@ def cuda_bwd_dy_row(rows, inputs, shape, timing, on_gpu):
 
 
 def _with_triton_setting(name, value, fn):
-    """fn() with lora_kernels.triton.lora_linear.<name> set to `value` for the call (SPLIT_OVERRIDE: the backward's
-    split; USE_TMA: the TMA forward)."""
+    """fn() with lora_kernels.triton.lora_linear.<name> set to `value` for the call (SPLIT_OVERRIDE: the split of
+    the forward's shrink and of both backward split kernels; USE_TMA: the TMA forward and dX kernels)."""
     from lora_kernels.triton import lora_linear as triton_lora_linear
 
     def run():
@@ -600,7 +597,7 @@ def _with_triton_setting(name, value, fn):
 def _triton_tma_available(device):
     from lora_kernels.triton import lora_linear as triton_lora_linear
 
-    return triton_lora_linear.TensorDescriptor is not None and triton_lora_linear._has_tma(device)
+    return triton_lora_linear._has_tma(device)
 
 
 def host_overhead_rows(rows, cfg, device, dtype, on_gpu, step):

@@ -194,7 +194,7 @@ def make_batch(perm, batch_size, seq_len, generator):
 
 # ------------------------------------------------------------------------------------------------ measurement
 
-def _sync(device):
+def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -300,14 +300,14 @@ class MemoryProbe:
         return None if kib is None else kib * 1024
 
     def baseline(self):
-        _sync(self.device)
+        synchronize(self.device)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self._trim()
         self.base = self._current() or 0
 
     def start(self):
-        _sync(self.device)
+        synchronize(self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
@@ -317,7 +317,7 @@ class MemoryProbe:
 
     def peak(self):
         """Peak bytes since start() above the baseline (None when it cannot be read)."""
-        _sync(self.device)
+        synchronize(self.device)
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) - self.base
         kib = _proc_status_kib("VmHWM")
@@ -530,10 +530,10 @@ def _train(method, model, cfg, batches, eval_batch, probe, progress):
     model.train()
     losses, step_seconds, peaks = [], [], []
     for step, (inputs, targets) in enumerate(batches):
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         loss = _train_step(model, optimizer, inputs, targets)
-        _sync(device)
+        synchronize(device)
         elapsed = time.perf_counter() - t0
         losses.append(loss.item())
         if step >= cfg.warmup:
@@ -616,10 +616,10 @@ def _time_forward(model, inputs, reps, device, warmup=2):
         model(inputs)
     times = []
     for _ in range(reps):
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         model(inputs)
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times)
 

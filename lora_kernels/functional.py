@@ -171,11 +171,6 @@ def apply_dropout(t, keep, p, *, inplace=False):
 CUDA_BWD_DY_KERNEL_MAX_WORK = 4096
 
 
-def _triton_sgmv():
-    from lora_kernels.triton import sgmv
-    return sgmv
-
-
 def _triton_lora_linear():
     from lora_kernels.triton import lora_linear as triton_lora_linear
     return triton_lora_linear
@@ -308,7 +303,7 @@ def _segment_outer_sum(batch, ranks, backend, left, right):
     (L·M·P·Q work, no host sync): a 0/1 mask multiplied in would turn another slot's NaN or Inf row into NaN
     (0·NaN), so one broken token or adapter would poison every slot's gradient."""
     if backend == "triton":
-        return _triton_sgmv().segment_outer_sum(left, right, batch)
+        return ops.triton_sgmv().segment_outer_sum(left, right, batch)
     left = left.to(right.dtype)
     if ops.slots_on_host(right.device):
         # Each slot's own rows only, M·P·Q work in all. A slot of rank 0 keeps its zero sum: its left rows (shrink

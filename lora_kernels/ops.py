@@ -2,7 +2,8 @@
 
 L adapter slots are stacked: lora_a [L, R, K], lora_b [L, N, R], scalings [L] float32, ranks [L] int32. Tokens carry
 slot ids through a LoRABatch (-1: base model only). Entries past ranks[i] are never read and cost no work.
-Checks run here, once, before any backend launches; every backend then assumes valid arguments.
+Checks run here, once, before any backend launches; the Triton launchers are then called unchecked (the C++ ops
+check again, since they are callable directly as torch.ops.lora_kernels.*).
 
 Inside a CUDA-graph capture pass scalings and ranks as tensors on the device (MultiLoRALinear keeps them as buffers):
 a Python list or a CPU tensor is copied to the device on every call, which synchronises with the host. Under
@@ -24,7 +25,8 @@ from lora_kernels.batch import LoRABatch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _triton_sgmv():
+def triton_sgmv():
+    """lora_kernels.triton.sgmv, imported on first use (importing triton takes most of a second; CPU-only users never need it)."""
     from lora_kernels.triton import sgmv
     return sgmv
 
@@ -262,7 +264,7 @@ def _torch_expand_masked(t, lora_b, batch, ranks):
 def check_triton_args(op, dtype, num_slots):
     """What the Triton kernels need beyond the checks above: a 16- or 32-bit float dtype, and L within a grid
     dimension (the kernels' own launchers check the same, for direct callers)."""
-    sgmv = _triton_sgmv()
+    sgmv = triton_sgmv()
     if dtype not in sgmv.SUPPORTED_DTYPES:
         raise TypeError(f"{op}: the triton backend runs float32/float16/bfloat16, got {dtype} (use backend='cuda', "
                         "'cpu' or 'torch' for float64)")
@@ -274,7 +276,7 @@ def run_shrink(backend, x, lora_a, batch, scalings, ranks, deterministic=False, 
     """lora_shrink for arguments already checked (scalings and ranks as check_shrink_args returns them) and a
     resolved backend: multi_lora_linear checks once and calls this for forward and backward."""
     if backend == "triton":
-        return _triton_sgmv().shrink(x, lora_a, batch, scalings, ranks, deterministic=deterministic, out=out)
+        return triton_sgmv().shrink(x, lora_a, batch, scalings, ranks, deterministic=deterministic, out=out)
     if backend in ("cpu", "cuda"):
         result = torch.ops.lora_kernels.sgmv_shrink(x, lora_a, batch.sorted_token_ids, batch.slot_starts,
                                                     batch.slot_counts, scalings, ranks)
@@ -291,7 +293,7 @@ def run_shrink(backend, x, lora_a, batch, scalings, ranks, deterministic=False, 
 def run_expand(backend, t, lora_b, batch, ranks, out, slice_offset=0):
     """lora_expand for arguments already checked and a resolved backend (see run_shrink)."""
     if backend == "triton":
-        _triton_sgmv().expand(t.float(), lora_b, batch, ranks, out, slice_offset)
+        triton_sgmv().expand(t.float(), lora_b, batch, ranks, out, slice_offset)
     elif backend in ("cpu", "cuda"):
         torch.ops.lora_kernels.sgmv_expand(t, lora_b, batch.sorted_token_ids, batch.slot_starts, batch.slot_counts,
                                            ranks, out, slice_offset)
@@ -403,12 +405,8 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
         return y
     if backend == "reference":  # the oracle: float64 from x to y, one rounding to y's dtype
         from lora_kernels import reference
-        result = y
-        for j in range(len(widths)):
-            shrunk = reference.lora_shrink(x, lora_a_slices[j], batch.adapter_ids, scalings, slice_ranks[j])
-            result = reference.lora_expand(shrunk, lora_b_slices[j], batch.adapter_ids, result, offsets[j],
-                                           slice_ranks[j])
-        return y.copy_(result)
+        return y.copy_(reference.add_lora(y, x, lora_a_slices, lora_b_slices, batch.adapter_ids, scalings,
+                                          slice_ranks, widths))
     for j in range(len(widths)):
         shrunk = run_shrink(backend, x, lora_a_slices[j], batch, scalings, slice_ranks[j], deterministic,
                             None if buffer is None else buffer[j])
@@ -420,7 +418,7 @@ def _triton_add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, slice_
                      deterministic, buffer):
     """add_lora's launches with the triton backend: one shrink for a stacked [S, L, R, K] lora_a, one expand for a
     stacked [S, L, n, R] lora_b (equal widths), else one per slice. Stacked slices share one R, so one ranks."""
-    sgmv = _triton_sgmv()
+    sgmv = triton_sgmv()
     if isinstance(lora_a_slices, torch.Tensor):  # [S, L, R, K]
         shrunk = sgmv.shrink(x, lora_a_slices, batch, scalings, slice_ranks[0], deterministic=deterministic,
                              out=buffer)

@@ -1,5 +1,6 @@
 """The spec: every op of design.md in obvious PyTorch, computed in float64 by default. It is the oracle every
-backend is tested against, and `full_finetune_linear` is the full fine-tuning path (W trainable).
+backend is tested against, and `full_finetune_linear` is the full fine-tuning oracle (W trainable) the tests compare
+the A/B-only backward with.
 
 Shapes (PEFT layout): x [M, K], weight [N, K], bias [N], lora_a [r, K], lora_b [N, r]; grouped ops stack L slots:
 lora_a [L, R, K], lora_b [L, N, R], scalings [L], ranks [L], adapter_ids [M] in [-1, L).
@@ -73,13 +74,18 @@ def lora_expand(t, lora_b, adapter_ids, out, slice_offset, ranks, dtype=torch.fl
 
 def add_lora(y, x, lora_a_slices, lora_b_slices, adapter_ids, scalings, ranks, output_slices, dtype=torch.float64):
     """For each output slice j of width output_slices[j] (consecutive column ranges of y), adds the grouped LoRA of
-    (lora_a_slices[j] [L, R, K], lora_b_slices[j] [L, n_j, R]) to those columns. Returns the result as dtype."""
+    (lora_a_slices[j] [L, R_j, K], lora_b_slices[j] [L, n_j, R_j]) to those columns. ranks: one [L] tensor for every
+    slice, or a list of S such tensors (one per slice). Returns the result as dtype."""
+    per_slice = isinstance(ranks, (list, tuple)) and all(isinstance(r, torch.Tensor) for r in ranks)
     out = y.to(dtype).clone()
     offset = 0
-    for lora_a, lora_b, width in zip(lora_a_slices, lora_b_slices, output_slices):
-        assert lora_b.shape[1] == width
-        shrunk = lora_shrink(x, lora_a, adapter_ids, scalings, ranks, dtype)
-        out = lora_expand(shrunk, lora_b, adapter_ids, out, offset, ranks, dtype)
+    for j, (lora_a, lora_b, width) in enumerate(zip(lora_a_slices, lora_b_slices, output_slices)):
+        if lora_b.shape[1] != width:
+            raise ValueError(f"reference.add_lora: lora_b_slices[{j}] expected {width} rows (output_slices[{j}]), "
+                             f"got shape {tuple(lora_b.shape)}")
+        ranks_j = ranks[j] if per_slice else ranks
+        shrunk = lora_shrink(x, lora_a, adapter_ids, scalings, ranks_j, dtype)
+        out = lora_expand(shrunk, lora_b, adapter_ids, out, offset, ranks_j, dtype)
         offset += width
     return out
 

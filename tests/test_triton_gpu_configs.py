@@ -219,12 +219,12 @@ def test_grouped_shrink_expand_gpu_config(path, M, dtype, ranks, sgmv_gpu_config
     (lora_a,), (lora_b,), ranks_t, scalings = make_weights(L, ranks, K, [N], dtype, "cpu")
     x = randn(M, K, dtype=dtype)
     out = torch.full((M, max(ranks)), float("nan"))
-    sgmv.sgmv_shrink(x, lora_a, batch, scalings, ranks_t, out=out, path=path)
+    sgmv.shrink(x, lora_a, batch, scalings, ranks_t, out=out, path=path)
     assert_close(out, reference.lora_shrink(x, lora_a, ids, scalings, ranks_t), dtype, "shrink")
     t = nan_rows_past_rank(randn(M, max(ranks)), ids, ranks_t)
     y = randn(M, N + 11, dtype=dtype)
     expected = reference.lora_expand(t, lora_b, ids, y, 3, ranks_t)
-    sgmv.sgmv_expand(t, lora_b, batch, ranks_t, y, 3, path=path)
+    sgmv.expand(t, lora_b, batch, ranks_t, y, 3, path=path)
     assert_close(y, expected, dtype, "expand")
 
 

@@ -156,7 +156,7 @@ def test_backward_split_paths(dev, dtype, split, dropout_p, monkeypatch, poisone
     # Sizes in blocks of the largest config block, which the launchers count the blocks in (5 and 4 or 2-3 blocks).
     block_m, block_n = tk._DA_MAX_BLOCK_M, tk._DY_MAX_BLOCK_N
     for M, K, N, r in [(5 * block_m - 3, 67, 5 * block_n - 2, 16), (2 * block_m + 1, 40, 4 * block_n, 70)]:
-        assert tk._bwd_dy_split(M, N, r, dev) > 1 and tk._bwd_da_split(M, K, r, dev) > 1
+        assert tk._bwd_dy_split(M, N, r, dev, dtype) > 1 and tk._bwd_da_split(M, K, r, dev) > 1
         x, weight, lora_a, lora_b, _ = lora_inputs(M, K, N, r, dtype, dev, bias=False)
         dy = randn(M, N, dtype=dtype, device=dev)
         mask = tk.dropout_mask(seed, M, K, dropout_p, dev)

@@ -17,6 +17,25 @@ except ImportError as exc:
 
 HAS_TRITON = TRITON_ERROR is None
 
+# Triton's names of the dtypes the kernels take (the compile gate's signatures).
+TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+if HAS_TRITON:
+    # The interpreter's tl.dot multiplies the raw bit patterns of bfloat16 operands (triton-lang/triton#11584, seen
+    # with triton 3.8): under the interpreter only, every dot's operands are upcast to fp32 first. Compiled kernels
+    # never take this branch.
+    UPCAST_DOT_OPERANDS = triton.language.constexpr(INTERPRET)
+
+
+@functools.cache
+def _sm_count_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached: launchers size their grids with it on every call)."""
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
+
 
 def on_tensor_device(launcher):
     """Runs `launcher` with the CUDA device of its first (tensor) argument current: Triton launches on the current

@@ -13,15 +13,13 @@ one per module (its specs are spread over a small process pool there):
 
 import argparse
 import importlib
-import inspect
 import json
 import os
 import subprocess
 import sys
 import time
 
-# Modules of lora_kernels.triton that may define aot_specs(). A module that does not exist (yet) is skipped; one
-# that exists and fails to import is an error.
+# Modules of lora_kernels.triton that define aot_specs().
 SPEC_MODULES = ("lora_linear", "sgmv")
 TARGETS = (80, 90)
 # Opt-in shared memory per block (CUDA programming guide, compute capabilities table): 163 KiB on sm_80 (A100),
@@ -143,11 +141,7 @@ def compile_spec(spec, cc, registers=False):
     if missing:
         raise ValueError(f"{spec['name']}: signature lacks arguments {missing}")
     attrs = _divisibility_attrs(fn, signature, set(spec.get("divisible_by_16", ())))
-    params = inspect.signature(ASTSource).parameters
-    if "constexprs" in params:
-        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    else:  # older spelling
-        src = ASTSource(fn=fn, signature=signature, constants=constexprs, attrs=attrs)
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]}
     compiled = triton.compile(src, target=GPUTarget("cuda", cc, WARP_SIZE), options=options)
     shared = int(compiled.metadata.shared)
@@ -170,20 +164,12 @@ def compile_spec(spec, cc, registers=False):
 
 
 def module_specs(module_name):
-    """aot_specs() of lora_kernels.triton.<module_name>; [] when the module does not exist or defines none."""
-    qualified = f"lora_kernels.triton.{module_name}"
-    try:
-        module = importlib.import_module(qualified)
-    except ModuleNotFoundError as exc:
-        if exc.name == qualified:
-            return []
-        raise
-    specs_fn = getattr(module, "aot_specs", None)
-    return list(specs_fn()) if specs_fn is not None else []
+    """aot_specs() of lora_kernels.triton.<module_name>."""
+    return list(importlib.import_module(f"lora_kernels.triton.{module_name}").aot_specs())
 
 
 def all_specs(modules=SPEC_MODULES):
-    """Every compile-gate spec of every module in `modules` that exists, each with its "module" recorded."""
+    """Every compile-gate spec of every module in `modules`, each with its "module" recorded."""
     specs = []
     for name in modules:
         for spec in module_specs(name):

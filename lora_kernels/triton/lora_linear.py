@@ -21,12 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from lora_kernels.triton import INTERPRET, on_tensor_device
+from lora_kernels.triton import INTERPRET, TRITON_DTYPE_NAMES, UPCAST_DOT_OPERANDS, on_tensor_device, sm_count
 
-try:  # host-side TMA descriptors (triton >= 3.4)
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:
-    TensorDescriptor = None
+from triton.tools.tensor_descriptor import TensorDescriptor  # host-side TMA descriptors
 
 # tl.dot needs every block dimension >= 16: ranks below 16 are padded up to 16 inside the kernels with masks.
 MIN_DOT_DIM = 16
@@ -74,7 +71,9 @@ MAX_SPLIT = 16
 # Under the interpreter there is no SM count: a small fixed split, so every interpreted test runs the split path
 # whenever the reduced dimension has at least two blocks.
 INTERPRET_SPLIT = 2
-# Tests only: force this split (still capped by the number of blocks of the split dimension); None = the heuristic.
+# Forces the split of all three split kernels (the forward's shrink over K, bwd_dy over N, bwd_da over M), still
+# capped by the number of blocks of the split dimension; None = the heuristic. For tests and the bench's
+# "split / no split" rows.
 SPLIT_OVERRIDE = None
 
 
@@ -211,11 +210,6 @@ def _prune_by_smem(row_block, col_block, inner_block, element_ptr):
 # ----------------------------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------------------------
-
-
-# The triton 3.8 interpreter multiplies bf16 operands of tl.dot as their raw int16 bit patterns; under the
-# interpreter every dot is widened to fp32 first. Compiled kernels never take this branch.
-UPCAST_DOT_OPERANDS = tl.constexpr(INTERPRET)
 
 
 @triton.jit
@@ -696,11 +690,6 @@ def _dy_block_r(r, dtype):
     return _block_r(r, DY_MAX_BLOCK_R_FP32 if dtype == torch.float32 else MAX_BLOCK_R)
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _split_count(programs: int, blocks: int, sm_count: int | None) -> int:
     """Chunks to split a reduction of `blocks` blocks into, for a grid of `programs` programs without the split:
     enough for SPLIT_PROGRAMS_PER_SM programs per SM (sm_count None: the interpreter's INTERPRET_SPLIT), at most
@@ -715,7 +704,7 @@ def _split_count(programs: int, blocks: int, sm_count: int | None) -> int:
 
 
 def _device_sm_count(device: torch.device) -> int | None:
-    return None if INTERPRET else _sm_count(device)
+    return None if INTERPRET else sm_count(device)
 
 
 def _shrink_split(M: int, K: int, r: int, device: torch.device) -> int:
@@ -725,7 +714,7 @@ def _shrink_split(M: int, K: int, r: int, device: torch.device) -> int:
     return _split_count(programs, triton.cdiv(K, _SHRINK_MAX_BLOCK_K), _device_sm_count(device))
 
 
-def _bwd_dy_split(M: int, N: int, r: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> int:
+def _bwd_dy_split(M: int, N: int, r: int, device: torch.device, dtype: torch.dtype) -> int:
     """N-split of _lora_bwd_dy_kernel: its grid is (M / DY_BLOCK_M) x (rank chunks) without it."""
     programs = triton.cdiv(M, DY_BLOCK_M) * triton.cdiv(r, _dy_block_r(r, dtype))
     return _split_count(programs, triton.cdiv(N, _DY_MAX_BLOCK_N), _device_sm_count(device))
@@ -757,7 +746,7 @@ def _use_tma(tokens: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the forward (tokens = x) or dX (tokens = dy) runs its TMA kernel: when switched on (USE_TMA), on a
     GPU with TMA (sm_90+; any device under the interpreter), for 16-bit operands a descriptor can address, above
     decode sizes."""
-    return (USE_TMA and TensorDescriptor is not None and tokens.dtype in (torch.float16, torch.bfloat16)
+    return (USE_TMA and tokens.dtype in (torch.float16, torch.bfloat16)
             and tokens.shape[0] > DECODE_MAX_M and _tma_addressable(tokens) and _tma_addressable(weight)
             and (INTERPRET or _has_tma(tokens.device)))
 
@@ -1071,7 +1060,6 @@ def dropout_mask(seed, M, K, p, device):
 # AOT compile-gate specs (lora_kernels/triton/aot.py compiles each for sm_80 and sm_90)
 # ----------------------------------------------------------------------------------------------------------------
 
-_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _INNER_STRIDES = {  # unit strides of contiguous operands: Triton specialises them to constexpr 1 at run time,
     # which turns on vectorised, pipelined loads, so that is the variant whose shared memory matters.
     "_lora_shrink_kernel": ("stride_xk", "stride_ak", "stride_sp_r"),
@@ -1096,9 +1084,9 @@ def _signature(fn, dtype, constexprs):
             sig[name] = "constexpr"
         elif name in _DESC_BLOCKS:
             rows, cols = (constexprs[block] for block in _DESC_BLOCKS[name])
-            sig[name] = f"tensordesc<{_TRITON_DTYPE[dtype]}[{rows},{cols}]>"
+            sig[name] = f"tensordesc<{TRITON_DTYPE_NAMES[dtype]}[{rows},{cols}]>"
         elif name.endswith("_ptr"):
-            sig[name] = "*fp32" if name in _FP32_POINTERS else "*" + _TRITON_DTYPE[dtype]
+            sig[name] = "*fp32" if name in _FP32_POINTERS else "*" + TRITON_DTYPE_NAMES[dtype]
         elif name in _FLOAT_SCALARS:
             sig[name] = "fp32"
         elif name == "seed":
@@ -1118,7 +1106,7 @@ def _spec(fn, dtype, config, num_warps, num_stages, **flags):
     tag = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in sorted({**config, **flags}.items()))
     signature = _signature(fn, dtype, constexprs)
     return {
-        "name": f"{fn.__name__}[{_TRITON_DTYPE[dtype]}; {tag}; w{num_warps} s{num_stages}]",
+        "name": f"{fn.__name__}[{TRITON_DTYPE_NAMES[dtype]}; {tag}; w{num_warps} s{num_stages}]",
         "kernel": fn,
         "signature": signature,
         "constexprs": constexprs,

@@ -1,9 +1,9 @@
 """Grouped multi-adapter LoRA kernels (design.md §3): SGMV shrink/expand for prefill, BGMV-like ones for decode.
 
-    sgmv_shrink:  out[t, :r_i] = scalings[i] * A[i, :r_i] @ x[t]                 (fp32 out, zero elsewhere)
-    sgmv_expand:  out[t, off:off+N] += B[i, :, :r_i] @ t[t, :r_i]                 (in place)
-    add_lora:     both, for several output slices of one output (fused QKV / gate_up)
-with i = batch.adapter_ids[t] >= 0 and r_i = ranks[i]; entries of A/B past r_i are never read.
+    shrink:  out[t, :r_i] = scalings[i] * A[i, :r_i] @ x[t]                 (fp32 out, zero elsewhere)
+    expand:  out[t, off:off+N] += B[i, :, :r_i] @ t[t, :r_i]                 (in place)
+with i = batch.adapter_ids[t] >= 0 and r_i = ranks[i]; entries of A/B past r_i are never read. The launchers do not
+check their arguments: lora_kernels.ops (lora_shrink, lora_expand, add_lora) is the checked API over them.
 
 Kernels (all launch a grid fixed by shapes and exit early on the device, so they are CUDA-graph safe):
 - prefill (`_sgmv_shrink_kernel`, `_sgmv_expand_kernel`): grid (token tiles, slices x rank-or-N tiles [x split-K],
@@ -24,17 +24,17 @@ import inspect
 
 import torch
 
-from lora_kernels.batch import LoRABatch
-from lora_kernels.triton import HAS_TRITON, INTERPRET, on_tensor_device
+from lora_kernels.triton import HAS_TRITON, INTERPRET, TRITON_DTYPE_NAMES, on_tensor_device, sm_count
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
-else:  # keep the module importable; the launchers raise below
+
+    from lora_kernels.triton import UPCAST_DOT_OPERANDS
+else:  # keep the module importable: lora_kernels.backends reports triton as unavailable
     triton = tl = None
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 # Path choice. A batch takes the decode (per-token) kernels when it has at most DECODE_MAX_TOKENS tokens, or at most
 # DECODE_MAX_TOKENS_PER_SLOT tokens per slot on average: there a 16-row tensor-core tile per slot is mostly padding.
@@ -86,9 +86,6 @@ MAX_GRID_YZ = 65535  # CUDA's limit on grid dimensions y and z
 
 
 if HAS_TRITON:
-    # The interpreter's tl.dot multiplies the raw bit patterns of bfloat16 operands (triton-lang/triton#11584):
-    # under it only, dot operands are upcast to fp32 (compiled kernels never see this branch).
-    _DOT_IN_FP32 = tl.constexpr(INTERPRET)
     # fp32 inputs: plain tf32 missed the fp32 tolerance (relative error 1.2e-3 to 1.4e-3 > 1e-3 on an H100, shrink +
     # expand); tf32x3 is about fp32-accurate for 3 MMAs, which these memory-bound GEMMs can afford.
     _FP32_DOT_PRECISION = tl.constexpr("tf32x3")
@@ -96,8 +93,8 @@ if HAS_TRITON:
     @triton.jit
     def _mma(a, b, acc):
         """acc + a · b on tensor cores: fp32 operands in tf32x3 (see _FP32_DOT_PRECISION), upcast first under the
-        interpreter (see _DOT_IN_FP32)."""
-        if _DOT_IN_FP32:
+        interpreter (see UPCAST_DOT_OPERANDS)."""
+        if UPCAST_DOT_OPERANDS:
             a, b = a.to(tl.float32), b.to(tl.float32)
         if a.dtype == tl.float32:
             return tl.dot(a, b, acc, input_precision=_FP32_DOT_PRECISION)
@@ -212,11 +209,10 @@ if HAS_TRITON:
         stride_bs, stride_bl, stride_bn, stride_br,
         stride_om, stride_on,
         num_n_tiles,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ADD_INPUTS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
-        """Prefill expand. Grid (cdiv(M, BLOCK_M), S * num_n_tiles, L); slice s covers columns
-        slice_offset + s*N ... + N. Rows of -1 tokens are not touched (with ADD_INPUTS=False the launcher zeroes
-        them first)."""
+        """Prefill expand, adding into out. Grid (cdiv(M, BLOCK_M), S * num_n_tiles, L); slice s covers columns
+        slice_offset + s*N ... + N. Rows of -1 tokens are not touched."""
         pid_m = tl.program_id(0)
         pid_1 = tl.program_id(1)
         slot = tl.program_id(2)
@@ -226,9 +222,8 @@ if HAS_TRITON:
         pid_n = pid_1 % num_n_tiles
         pid_s = pid_1 // num_n_tiles
         rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + slot), 0), R)
-        if ADD_INPUTS:
-            if rank == 0:
-                return
+        if rank == 0:
+            return
         start = tl.load(slot_starts_ptr + slot)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < count
@@ -251,8 +246,7 @@ if HAS_TRITON:
         cols = (slice_offset + pid_s * N + offs_n).to(tl.int64)
         out_ptrs = out_ptr + tok[:, None] * stride_om + cols[None, :] * stride_on
         mask_out = mask_m[:, None] & mask_n[None, :]
-        if ADD_INPUTS:
-            acc += tl.load(out_ptrs, mask=mask_out, other=0.0).to(tl.float32)
+        acc += tl.load(out_ptrs, mask=mask_out, other=0.0).to(tl.float32)
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
 
     @triton.jit
@@ -264,9 +258,9 @@ if HAS_TRITON:
         stride_bs, stride_bl, stride_bn, stride_br,
         stride_om, stride_on,
         num_n_tiles,
-        BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ADD_INPUTS: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
-        """Decode expand. Grid (M, S * num_n_tiles). With ADD_INPUTS=False, -1 tokens get zeros."""
+        """Decode expand, adding into out. Grid (M, S * num_n_tiles); -1 tokens are not touched."""
         tok = tl.program_id(0).to(tl.int64)
         pid_1 = tl.program_id(1)
         pid_n = pid_1 % num_n_tiles
@@ -276,9 +270,8 @@ if HAS_TRITON:
         slot = tl.where(valid, slot, 0)
         rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + slot), 0), R)
         rank = tl.where(valid, rank, 0)
-        if ADD_INPUTS:
-            if rank == 0:
-                return
+        if rank == 0:
+            return
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         offs_r = tl.arange(0, BLOCK_R)
@@ -293,8 +286,7 @@ if HAS_TRITON:
             acc += bt.to(tl.float32) * tt[None, :]
         res = tl.sum(acc, axis=1)
         out_ptrs = out_ptr + tok * stride_om + (slice_offset + pid_s * N + offs_n).to(tl.int64) * stride_on
-        if ADD_INPUTS:
-            res += tl.load(out_ptrs, mask=mask_n, other=0.0).to(tl.float32)
+        res += tl.load(out_ptrs, mask=mask_n, other=0.0).to(tl.float32)
         tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
@@ -359,16 +351,6 @@ def _shrink_prefill_block_r(max_rank):
     return SHRINK_PREFILL_BLOCK_R[0] if max_rank <= SHRINK_PREFILL_BLOCK_R[0] else SHRINK_PREFILL_BLOCK_R[1]
 
 
-_SM_COUNT = {}
-
-
-def _sm_count(device):
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
-
-
 def _split_k(device, num_tiles, K, block_k, deterministic):
     """How many K splits: enough programs to fill the GPU; 1 (no atomics) in deterministic mode, asked for by the
     call or globally by torch.use_deterministic_algorithms(True) (the only way through multi_lora_linear)."""
@@ -377,7 +359,7 @@ def _split_k(device, num_tiles, K, block_k, deterministic):
     max_useful = max(1, _cdiv(K, block_k * MIN_K_BLOCKS_PER_SPLIT))
     if INTERPRET or device.type != "cuda":
         return min(INTERP_SPLIT_K, max(1, _cdiv(K, block_k)))
-    want = max(1, (SPLIT_K_PROGRAMS_PER_SM * _sm_count(device)) // max(1, num_tiles))
+    want = max(1, (SPLIT_K_PROGRAMS_PER_SM * sm_count(device)) // max(1, num_tiles))
     return max(1, min(want, MAX_SPLIT_K, max_useful))
 
 
@@ -453,7 +435,7 @@ def _launch_shrink(x, lora_a, adapter_ids, sorted_token_ids, slot_counts, slot_s
 
 @on_tensor_device
 def _launch_expand(t, lora_b, adapter_ids, sorted_token_ids, slot_counts, slot_starts, ranks, out, slice_offset,
-                   add_inputs, path):
+                   path):
     b4 = lora_b if lora_b.dim() == 4 else lora_b.unsqueeze(0)
     t3 = t if t.dim() == 3 else t.unsqueeze(0)
     S, L, N, R = b4.shape
@@ -470,13 +452,11 @@ def _launch_expand(t, lora_b, adapter_ids, sorted_token_ids, slot_counts, slot_s
             b4.stride(0), b4.stride(1), b4.stride(2), b4.stride(3),
             out.stride(0), out.stride(1),
             num_n_tiles,
-            BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"], ADD_INPUTS=add_inputs,
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         return
     cfg = _config("expand_prefill")
-    if not add_inputs:  # rows of -1 tokens are covered by no program
-        out[:, slice_offset:slice_offset + S * N].zero_()
     num_n_tiles = _cdiv(N, cfg["BLOCK_N"])
     _sgmv_expand_kernel[(_cdiv(M, cfg["BLOCK_M"]), S * num_n_tiles, L)](
         t3, b4, out, sorted_token_ids, slot_counts, slot_starts, ranks,
@@ -485,7 +465,7 @@ def _launch_expand(t, lora_b, adapter_ids, sorted_token_ids, slot_counts, slot_s
         b4.stride(0), b4.stride(1), b4.stride(2), b4.stride(3),
         out.stride(0), out.stride(1),
         num_n_tiles,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"], ADD_INPUTS=add_inputs,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
@@ -507,15 +487,13 @@ def _(x, lora_a, adapter_ids, sorted_token_ids, slot_counts, slot_starts, scalin
 @torch.library.custom_op("lora_kernels_triton::sgmv_expand", mutates_args=("out",))
 def _sgmv_expand_op(t: torch.Tensor, lora_b: torch.Tensor, adapter_ids: torch.Tensor,
                     sorted_token_ids: torch.Tensor, slot_counts: torch.Tensor, slot_starts: torch.Tensor,
-                    ranks: torch.Tensor, out: torch.Tensor, slice_offset: int, add_inputs: bool,
-                    path: str) -> None:
+                    ranks: torch.Tensor, out: torch.Tensor, slice_offset: int, path: str) -> None:
     _launch_expand(t, lora_b, adapter_ids, sorted_token_ids, slot_counts, slot_starts, ranks, out, slice_offset,
-                   add_inputs, path)
+                   path)
 
 
 @_sgmv_expand_op.register_fake
-def _(t, lora_b, adapter_ids, sorted_token_ids, slot_counts, slot_starts, ranks, out, slice_offset, add_inputs,
-      path):
+def _(t, lora_b, adapter_ids, sorted_token_ids, slot_counts, slot_starts, ranks, out, slice_offset, path):
     return None
 
 
@@ -549,76 +527,6 @@ def _(left, right, sorted_token_ids, slot_counts, slot_starts, out):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checks
-
-
-def _check_available(op, device):
-    if not HAS_TRITON:
-        from lora_kernels.triton import TRITON_ERROR
-        raise RuntimeError(f"{op}: triton is not importable ({TRITON_ERROR})")
-    if device.type == "cpu" and not INTERPRET:
-        raise ValueError(f"{op}: CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter); got CPU tensors")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"{op}: Triton kernels run CUDA tensors, got {device.type} tensors")
-
-
-def _check_tensor(op, name, value, dim, dtypes, device=None):
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{op}: {name} expected a torch.Tensor, got {type(value).__name__}")
-    if value.dim() not in (dim if isinstance(dim, tuple) else (dim,)):
-        raise ValueError(f"{op}: {name} expected {dim if isinstance(dim, int) else ' or '.join(map(str, dim))} "
-                         f"dims, got shape {tuple(value.shape)}")
-    if dtypes is not None and value.dtype not in dtypes:
-        raise TypeError(f"{op}: {name} expected dtype {' or '.join(map(str, dtypes))}, got {value.dtype}")
-    if device is not None and value.device != device:
-        raise ValueError(f"{op}: {name} expected device {device}, got {value.device}")
-
-
-def _check_shape(op, name, value, expected, what):
-    if tuple(value.shape) != tuple(expected):
-        raise ValueError(f"{op}: {name} expected shape {tuple(expected)} ({what}), got {tuple(value.shape)}")
-
-
-def _check_batch(op, batch, num_tokens, num_slots, device, arg_name):
-    if not isinstance(batch, LoRABatch):
-        raise TypeError(f"{op}: batch expected a LoRABatch, got {type(batch).__name__}")
-    batch.check_tokens(num_tokens, op, arg_name)
-    if batch.num_adapters != num_slots:
-        raise ValueError(f"{op}: batch was built for {batch.num_adapters} adapter slots, but the stacked weights "
-                         f"have L = {num_slots}")
-    if batch.device != device:
-        raise ValueError(f"{op}: batch expected device {device}, got {batch.device}")
-
-
-def _check_slots(op, scalings, ranks, num_slots, max_rank, device):
-    if scalings is not None:
-        _check_tensor(op, "scalings", scalings, 1, (torch.float32,), device)
-        _check_shape(op, "scalings", scalings, (num_slots,), "one per slot L")
-    _check_tensor(op, "ranks", ranks, 1, (torch.int32,), device)
-    _check_shape(op, "ranks", ranks, (num_slots,), "one per slot L")
-    if num_slots > MAX_GRID_YZ:
-        raise ValueError(f"{op}: at most {MAX_GRID_YZ} adapter slots, got L = {num_slots}")
-    # Value checks read the tensor: only for CPU tensors (no host sync on CUDA; the kernels clamp to [0, R]).
-    if ranks.device.type == "cpu" and ranks.numel() and not torch.compiler.is_compiling():
-        low, high = int(ranks.min()), int(ranks.max())
-        if low < 0 or high > max_rank:
-            raise ValueError(f"{op}: ranks expected values in [0, {max_rank}] (R of the stacked weights), "
-                             f"got {low if low < 0 else high}")
-
-
-def _check_path(op, path):
-    if path not in ("auto", "prefill", "decode"):
-        raise ValueError(f"{op}: path expected 'auto', 'prefill' or 'decode', got {path!r}")
-
-
-def _check_nonneg_int(op, name, value):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{op}: {name} expected an int, got {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{op}: {name} expected >= 0, got {value}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Public launchers
 
 
@@ -629,36 +537,15 @@ def _through_op(tensor):
     return torch.compiler.is_compiling() or type(tensor) is not torch.Tensor
 
 
-def sgmv_shrink(x, lora_a, batch, scalings, ranks, *, deterministic=False, out=None, path="auto"):
+def shrink(x, lora_a, batch, scalings, ranks, *, deterministic=False, out=None, path="auto"):
     """out[t, :ranks[i]] = scalings[i] * lora_a[i, :ranks[i]] @ x[t] for i = batch.adapter_ids[t] >= 0; 0 elsewhere.
 
     x: [M, K] (fp32/fp16/bf16, any strides); lora_a: [L, R, K] of x's dtype (any strides), or [S, L, R, K] for S
     slices in one launch; batch: LoRABatch of M tokens over L slots; scalings: [L] fp32; ranks: [L] int32, in [0, R].
     out: optional [M, R] ([S, M, R]) fp32 to write into (no allocation). Returns out (fp32).
-    deterministic: no split-K atomics, so repeats are bit-identical. path: 'auto' | 'prefill' | 'decode'."""
-    op = "sgmv_shrink"
-    _check_tensor(op, "x", x, 2, SUPPORTED_DTYPES)
-    device = x.device
-    _check_available(op, device)
-    _check_tensor(op, "lora_a", lora_a, (3, 4), (x.dtype,), device)
-    *lead, L, R, K = lora_a.shape
-    if K != x.shape[1]:
-        raise ValueError(f"{op}: lora_a expected [..., L, R, K] with K = {x.shape[1]} (x.shape[1]), "
-                         f"got {tuple(lora_a.shape)}")
-    M = x.shape[0]
-    _check_batch(op, batch, M, L, device, "x")
-    _check_slots(op, scalings, ranks, L, R, device)
-    _check_path(op, path)
-    if out is not None:
-        expected = (*lead, M, R)
-        _check_tensor(op, "out", out, len(expected), (torch.float32,), device)
-        _check_shape(op, "out", out, expected, "[S,] M, R")
-    return shrink(x, lora_a, batch, scalings, ranks, deterministic=deterministic, out=out, path=path)
-
-
-def shrink(x, lora_a, batch, scalings, ranks, *, deterministic=False, out=None, path="auto"):
-    """sgmv_shrink without the argument checks, for callers that have checked them (lora_kernels.ops: the checks
-    cost more host time than the launch)."""
+    deterministic: no split-K atomics, so repeats are bit-identical. path: 'auto' | 'prefill' | 'decode'.
+    Arguments are not checked: lora_kernels.ops.lora_shrink / add_lora check them (the checks cost more host time
+    than the launch)."""
     if out is None:
         out = torch.empty((*lora_a.shape[:-3], x.shape[0], lora_a.shape[-2]), dtype=torch.float32, device=x.device)
     run = torch.ops.lora_kernels_triton.sgmv_shrink if _through_op(x) else _launch_shrink
@@ -667,41 +554,16 @@ def shrink(x, lora_a, batch, scalings, ranks, *, deterministic=False, out=None, 
     return out
 
 
-def sgmv_expand(t, lora_b, batch, ranks, out, slice_offset=0, *, add_inputs=True, path="auto"):
+def expand(t, lora_b, batch, ranks, out, slice_offset=0, *, path="auto"):
     """out[t, off:off+N] += lora_b[i, :, :ranks[i]] @ t[t, :ranks[i]] for i = batch.adapter_ids[t] >= 0, in place.
 
     t: [M, R] fp32 (the shrink output); lora_b: [L, N, R] (fp32/fp16/bf16, any strides); out: [M, N_total] of any
     of those dtypes, N_total >= slice_offset + N. With t [S, M, R] and lora_b [S, L, N, R], slice s goes to columns
-    slice_offset + s*N (equal widths, one launch). add_inputs=False overwrites those columns instead (rows of -1
-    tokens get 0). The sum is accumulated in fp32; out is read once and written once. Returns out."""
-    _check_expand("sgmv_expand", t, lora_b, batch, ranks, out, slice_offset, path)
-    return expand(t, lora_b, batch, ranks, out, slice_offset, add_inputs=add_inputs, path=path)
-
-
-def _check_expand(op, t, lora_b, batch, ranks, out, slice_offset, path, lora_b_name="lora_b"):
-    _check_tensor(op, "t", t, (2, 3), (torch.float32,))
-    device = t.device
-    _check_available(op, device)
-    _check_tensor(op, lora_b_name, lora_b, t.dim() + 1, SUPPORTED_DTYPES, device)
-    *lead, L, N, R = lora_b.shape
-    M = t.shape[-2]
-    _check_shape(op, "t", t, (*lead, M, R), f"[S,] M, R with R = {lora_b_name}.shape[-1]")
-    _check_tensor(op, "out", out, 2, SUPPORTED_DTYPES, device)
-    _check_nonneg_int(op, "slice_offset", slice_offset)
-    width = N * (lead[0] if lead else 1)
-    if out.shape[0] != M or out.shape[1] < slice_offset + width:
-        raise ValueError(f"{op}: out expected shape ({M}, >= {slice_offset + width}) (M tokens, slice_offset "
-                         f"{slice_offset} + N {width}), got {tuple(out.shape)}")
-    _check_batch(op, batch, M, L, device, "t")
-    _check_slots(op, None, ranks, L, R, device)
-    _check_path(op, path)
-
-
-def expand(t, lora_b, batch, ranks, out, slice_offset=0, *, add_inputs=True, path="auto"):
-    """sgmv_expand without the argument checks, for callers that have checked them (see shrink)."""
+    slice_offset + s*N (equal widths, one launch). The sum is accumulated in fp32; out is read once and written
+    once. Returns out. Arguments are not checked (see shrink)."""
     run = torch.ops.lora_kernels_triton.sgmv_expand if _through_op(t) else _launch_expand
     run(t, lora_b, batch.adapter_ids, batch.sorted_token_ids, batch.slot_counts, batch.slot_starts, ranks, out,
-        slice_offset, bool(add_inputs), path)
+        slice_offset, path)
     return out
 
 
@@ -713,85 +575,6 @@ def segment_outer_sum(left, right, batch):
     run = torch.ops.lora_kernels_triton.segment_outer if _through_op(right) else _launch_segment_outer
     run(left, right, batch.sorted_token_ids, batch.slot_counts, batch.slot_starts, out)
     return out
-
-
-def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_slices, *, deterministic=False,
-             buffer=None, path="auto"):
-    """For each slice j: y[:, o_j:o_j+n_j] += scalings[i] * B_j[i, :, :r_i] @ (A_j[i, :r_i] @ x[t]), o_j the sum of
-    the widths before it (fused QKV / gate_up). In place; returns y.
-
-    y: [M, N_total]; x: [M, K]; output_slices: widths (n_1, ..., n_S), sum <= N_total.
-    lora_a_slices: S tensors [L, R, K] (one shrink launch each) or one stacked tensor [S, L, R, K] (one launch).
-    lora_b_slices: S tensors [L, n_j, R] (one expand launch each) or one stacked [S, L, n, R] when all widths are
-    equal (one launch). buffer: optional [S, M, R] fp32 for the shrink result (no allocation)."""
-    op = "add_lora"
-    if isinstance(output_slices, int) or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 0
-                                                  for w in output_slices):
-        raise TypeError(f"{op}: output_slices expected a sequence of ints >= 0, got {output_slices!r}")
-    widths = tuple(output_slices)
-    S = len(widths)
-    if S == 0:
-        raise ValueError(f"{op}: output_slices expected at least one slice, got none")
-    stacked_a = isinstance(lora_a_slices, torch.Tensor)
-    stacked_b = isinstance(lora_b_slices, torch.Tensor)
-    num_a = lora_a_slices.shape[0] if stacked_a and lora_a_slices.dim() == 4 else len(lora_a_slices)
-    num_b = lora_b_slices.shape[0] if stacked_b and lora_b_slices.dim() == 4 else len(lora_b_slices)
-    if stacked_a and lora_a_slices.dim() != 4:
-        raise ValueError(f"{op}: lora_a_slices as one tensor expected [S, L, R, K], got {tuple(lora_a_slices.shape)}")
-    if stacked_b and lora_b_slices.dim() != 4:
-        raise ValueError(f"{op}: lora_b_slices as one tensor expected [S, L, n, R], got {tuple(lora_b_slices.shape)}")
-    if num_a != S or num_b != S:
-        raise ValueError(f"{op}: expected {S} slices (len(output_slices)), got {num_a} lora_a and {num_b} lora_b")
-    if stacked_b and len(set(widths)) != 1:
-        raise ValueError(f"{op}: lora_b_slices stacked [S, L, n, R] needs equal output_slices, got {widths}")
-    for j in range(S):
-        b_j = lora_b_slices[j]
-        if not isinstance(b_j, torch.Tensor) or b_j.dim() != 3 or b_j.shape[1] != widths[j]:
-            raise ValueError(f"{op}: lora_b_slices[{j}] expected [L, {widths[j]}, R] (output_slices[{j}] = "
-                             f"{widths[j]}), got {tuple(b_j.shape) if isinstance(b_j, torch.Tensor) else b_j!r}")
-    _check_tensor(op, "y", y, 2, SUPPORTED_DTYPES)
-    _check_tensor(op, "x", x, 2, SUPPORTED_DTYPES, y.device)
-    if y.shape[0] != x.shape[0] or y.shape[1] < sum(widths):
-        raise ValueError(f"{op}: y expected shape ({x.shape[0]}, >= {sum(widths)}) (M of x, sum of output_slices "
-                         f"{widths}), got {tuple(y.shape)}")
-    first_a = lora_a_slices[0]
-    if not isinstance(first_a, torch.Tensor) or first_a.dim() != 3:
-        raise ValueError(f"{op}: lora_a_slices[0] expected [L, R, K], got {first_a!r}")
-    L, R, K = first_a.shape
-    if not stacked_a:
-        for j in range(1, S):
-            a_j = lora_a_slices[j]
-            if not isinstance(a_j, torch.Tensor) or tuple(a_j.shape) != (L, R, K):
-                raise ValueError(f"{op}: lora_a_slices[{j}] expected shape {(L, R, K)} (like lora_a_slices[0]), got "
-                                 f"{tuple(a_j.shape) if isinstance(a_j, torch.Tensor) else a_j!r}")
-    M = x.shape[0]
-    if buffer is None:
-        buffer = torch.empty(S, M, R, dtype=torch.float32, device=x.device)
-    else:
-        _check_tensor(op, "buffer", buffer, 3, (torch.float32,), x.device)
-        _check_shape(op, "buffer", buffer, (S, M, R), "S slices, M tokens, R")
-    # Every expand's arguments checked before the first one writes y: nothing half-applied. (The shrinks write
-    # only the buffer; sgmv_shrink checks each before its launch.)
-    offsets = [sum(widths[:j]) for j in range(S)]
-    for j in range(1 if stacked_b else S):
-        b_j = lora_b_slices if stacked_b else lora_b_slices[j]
-        name = "lora_b_slices" if stacked_b else f"lora_b_slices[{j}]"
-        if b_j.shape[-1] != R:
-            raise ValueError(f"{op}: {name} expected R = {R} (lora_a_slices[0] is {(L, R, K)}), "
-                             f"got {tuple(b_j.shape)}")
-        _check_expand(op, buffer if stacked_b else buffer[j], b_j, batch, ranks, y, offsets[j], path, name)
-    if stacked_a:
-        sgmv_shrink(x, lora_a_slices, batch, scalings, ranks, deterministic=deterministic, out=buffer, path=path)
-    else:
-        for j in range(S):
-            sgmv_shrink(x, lora_a_slices[j], batch, scalings, ranks, deterministic=deterministic, out=buffer[j],
-                        path=path)
-    if stacked_b:
-        expand(buffer, lora_b_slices, batch, ranks, y, 0, path=path)
-    else:
-        for j in range(S):
-            expand(buffer[j], lora_b_slices[j], batch, ranks, y, offsets[j], path=path)
-    return y
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -831,7 +614,7 @@ def aot_specs():
     ints = {"sorted_ids_ptr": "*i32", "slot_counts_ptr": "*i32", "slot_starts_ptr": "*i32", "ranks_ptr": "*i32",
             "adapter_ids_ptr": "*i32", "scalings_ptr": "*fp32"}
     for dtype in SUPPORTED_DTYPES:
-        name = _TRITON_DTYPE[dtype]
+        name = TRITON_DTYPE_NAMES[dtype]
         shrink_ptrs = {"x_ptr": "*" + name, "a_ptr": "*" + name, "out_ptr": "*fp32", **ints}
         for use_atomic in (False, True):
             prefill = "shrink_prefill_fp32" if dtype == torch.float32 else "shrink_prefill"
@@ -845,16 +628,12 @@ def aot_specs():
         for block_p in SEGMENT_OUTER_BLOCK_P:
             specs.append(_spec(f"_segment_outer_kernel[{name},P{block_p}]", _segment_outer_kernel, segment_ptrs,
                                "segment_outer", BLOCK_P=block_p))
-    # Expand: B in each dtype with out of B's dtype, plus fp32 out for 16-bit B (fp32 accumulators, gradients);
-    # ADD_INPUTS both ways.
+    # Expand: B in each dtype with out of B's dtype, plus fp32 out for 16-bit B (fp32 accumulators, gradients).
     for b_dtype in SUPPORTED_DTYPES:
         for out_dtype in dict.fromkeys((b_dtype, torch.float32)):
-            ptrs = {"t_ptr": "*fp32", "b_ptr": "*" + _TRITON_DTYPE[b_dtype], "out_ptr": "*" + _TRITON_DTYPE[out_dtype],
+            ptrs = {"t_ptr": "*fp32", "b_ptr": "*" + TRITON_DTYPE_NAMES[b_dtype], "out_ptr": "*" + TRITON_DTYPE_NAMES[out_dtype],
                     **ints}
-            for add_inputs in (True, False):
-                tag = f"{_TRITON_DTYPE[b_dtype]}->{_TRITON_DTYPE[out_dtype]},add={add_inputs}"
-                specs.append(_spec(f"_sgmv_expand_kernel[{tag}]", _sgmv_expand_kernel, ptrs, "expand_prefill",
-                                   ADD_INPUTS=add_inputs))
-                specs.append(_spec(f"_bgmv_expand_kernel[{tag}]", _bgmv_expand_kernel, ptrs, "expand_decode",
-                                   ADD_INPUTS=add_inputs))
+            tag = f"{TRITON_DTYPE_NAMES[b_dtype]}->{TRITON_DTYPE_NAMES[out_dtype]}"
+            specs.append(_spec(f"_sgmv_expand_kernel[{tag}]", _sgmv_expand_kernel, ptrs, "expand_prefill"))
+            specs.append(_spec(f"_bgmv_expand_kernel[{tag}]", _bgmv_expand_kernel, ptrs, "expand_decode"))
     return specs
