@@ -46,7 +46,7 @@ def _find_cuda_home():
         candidates.append(str(Path(nvcc).resolve().parent.parent))
         try:  # a wrapper script that execs the real nvcc: take the path it names
             text = Path(nvcc).read_text(errors="ignore")
-            if len(text) < 4096:
+            if len(text) < 4096:  # a wrapper script is a few lines; the real nvcc is a large binary
                 for token in text.replace('"', " ").split():
                     if token.endswith("/bin/nvcc"):
                         candidates.append(str(Path(token).resolve().parent.parent))
@@ -100,7 +100,6 @@ build_cuda = build_cuda_env != "0" and torch_has_cuda and cuda_home is not None 
 
 cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
 cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
-define_macros = []
 # No -std flag: torch.utils.cpp_extension adds the standard its headers need (torch 2.14 requires C++20;
 # an explicit -std=c++17 breaks the build against torch 2.14 headers).
 cxx_flags = ["-O3"]
@@ -112,7 +111,7 @@ if build_cuda:
     extension = CUDAExtension(
         "lora_kernels._C",
         cpu_sources + cuda_sources,
-        define_macros=define_macros + [("LORA_KERNELS_WITH_CUDA", "1")],
+        define_macros=[("LORA_KERNELS_WITH_CUDA", "1")],
         extra_compile_args={
             "cxx": cxx_flags,
             "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
@@ -123,7 +122,6 @@ else:
               else "torch is a CPU-only build" if not torch_has_cuda
               else "no CUDA toolkit found" if cuda_home is None else mismatch_reason)
     print(f"lora_kernels: building CPU sources only ({reason})")
-    extension = CppExtension("lora_kernels._C", cpu_sources, define_macros=define_macros,
-                             extra_compile_args={"cxx": cxx_flags})
+    extension = CppExtension("lora_kernels._C", cpu_sources, extra_compile_args={"cxx": cxx_flags})
 
 setup(ext_modules=[extension], cmdclass={"build_ext": BuildExtension})

@@ -1,6 +1,6 @@
-// Definitions of the argument checks declared in lora_checks.h. This is the ONLY translation unit that defines them,
-// and it is compiled by the host C++ compiler: no nvcc-compiled copy exists (an exception thrown from nvcc-compiled
-// code crashed the process instead of reaching Python).
+// Definitions of the argument checks declared in lora_checks.h, whose comments state each op's shapes. This is the
+// ONLY translation unit that defines them, and it is compiled by the host C++ compiler: no nvcc-compiled copy exists
+// (an exception thrown from nvcc-compiled code crashed the process instead of reaching Python).
 #include <ATen/ATen.h>
 
 #include <cmath>
@@ -13,7 +13,6 @@
 
 namespace lora_kernels {
 
-// x: [M, K], x_lora: [M, K] or None, weight: [N, K], lora_a: [r, K], lora_b: [N, r], bias: [N] or None.
 void check_lora_fwd(const at::Tensor& x, const std::optional<at::Tensor>& x_lora_opt,
                            const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
                            double scaling, const std::optional<at::Tensor>& bias_opt) {
@@ -53,7 +52,6 @@ void check_lora_fwd(const at::Tensor& x, const std::optional<at::Tensor>& x_lora
   LK_CHECK_VALUE(std::isfinite(scaling), op, ": scaling expected a finite float, got ", scaling);
 }
 
-// dy: [M, N], s: [M, r] float32 (float64 for float64 dy), lora_b: [N, r].
 void check_lora_bwd_dy(const at::Tensor& dy, const at::Tensor& s, const at::Tensor& lora_b, double scaling) {
   constexpr const char* op = "lora_bwd_dy";
   LK_CHECK_DIM(op, dy, 2);
@@ -70,8 +68,6 @@ void check_lora_bwd_dy(const at::Tensor& dy, const at::Tensor& s, const at::Tens
   LK_CHECK_VALUE(std::isfinite(scaling), op, ": scaling expected a finite float, got ", scaling);
 }
 
-// The LoRABatch metadata of M tokens and L slots: sorted_token_ids [M], slot_starts [L], slot_counts [L], ranks [L],
-// all int32 on `ref`'s device.
 // One int32 vector of the metadata: 1-D, int32, on ref's device, `size` entries. A macro so the messages name the
 // argument (the checks stringize it).
 #define LK_CHECK_METADATA_VECTOR(op, t, ref, size, what) \
@@ -89,7 +85,6 @@ void check_sgmv_metadata(const char* op, const at::Tensor& ref, int64_t num_toke
   LK_CHECK_METADATA_VECTOR(op, ranks, ref, num_slots, "adapter slots");
 }
 
-// x: [M, K], lora_a: [L, R, K], metadata as above, scalings: [L] float32.
 void check_sgmv_shrink(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& sorted_token_ids,
                               const at::Tensor& slot_starts, const at::Tensor& slot_counts,
                               const at::Tensor& scalings, const at::Tensor& ranks) {
@@ -108,7 +103,6 @@ void check_sgmv_shrink(const at::Tensor& x, const at::Tensor& lora_a, const at::
   LK_CHECK_SIZE(op, scalings, 0, num_slots, "adapter slots = lora_a.shape[0]");
 }
 
-// t: [M, R] float32, lora_b: [L, N, R], out: [M, N_total] with 0 <= slice_offset <= N_total - N.
 void check_sgmv_expand(const at::Tensor& t, const at::Tensor& lora_b, const at::Tensor& sorted_token_ids,
                               const at::Tensor& slot_starts, const at::Tensor& slot_counts, const at::Tensor& ranks,
                               const at::Tensor& out, int64_t slice_offset) {
@@ -130,9 +124,6 @@ void check_sgmv_expand(const at::Tensor& t, const at::Tensor& lora_b, const at::
   check_sgmv_metadata(op, t, t.size(0), lora_b.size(0), sorted_token_ids, slot_starts, slot_counts, ranks);
 }
 
-// Value checks of the metadata, for CPU tensors only (on CUDA they would cost a host sync; the kernels clamp
-// instead, so bad values never read out of bounds). ranks in [0, R], every slot's token range inside [0, M),
-// token ids in [0, M).
 void check_sgmv_metadata_values_cpu(const char* op, int64_t num_tokens, int64_t max_rank,
                                            const at::Tensor& sorted_token_ids, const at::Tensor& slot_starts,
                                            const at::Tensor& slot_counts, const at::Tensor& ranks) {

@@ -19,7 +19,7 @@ void check_lora_fwd(const at::Tensor& x, const std::optional<at::Tensor>& x_lora
                     const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling,
                     const std::optional<at::Tensor>& bias_opt);
 
-// dy: [M, N], s: [M, r] float32, lora_b: [N, r].
+// dy: [M, N], s: [M, r] float32 (float64 for float64 dy), lora_b: [N, r].
 void check_lora_bwd_dy(const at::Tensor& dy, const at::Tensor& s, const at::Tensor& lora_b, double scaling);
 
 // The LoRABatch metadata of M tokens and L slots: sorted_token_ids [M], slot_starts [L], slot_counts [L], ranks [L],

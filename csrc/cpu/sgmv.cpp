@@ -107,9 +107,12 @@ SmallSlotWork small_slot_work(const at::TensorAccessor<int32_t, 1>& starts,
   return work;
 }
 
-// Grain of the parallel loops: enough multiply-adds per task that scheduling is noise.
+// Multiply-adds per parallel task: 32768 of them are some tens of microseconds of work, well above the few
+// microseconds at::parallel_for spends per task, so scheduling is noise (a round number, not tuned).
+constexpr int64_t kMultiplyAddsPerTask = 32768;
+
 int64_t grain_for(int64_t work_per_item) {
-  return std::max<int64_t>(1, 32768 / std::max<int64_t>(work_per_item, 1));
+  return std::max<int64_t>(1, kMultiplyAddsPerTask / std::max<int64_t>(work_per_item, 1));
 }
 
 template <typename scalar_t>

@@ -32,7 +32,9 @@ constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 
 // ---- decode forward ------------------------------------------------------------------------------------------
-constexpr int kDecodeMaxM = 16;      // decode path bound (brief): above it cuBLAS tensor-core GEMMs win
+// Decode path bound: issue #3 asks for a hand-written forward at M <= 16; above it cuBLAS's tensor-core GEMMs are
+// expected to win (the same bound as Triton's DECODE_MAX_M; not measured on a GPU yet).
+constexpr int kDecodeMaxM = 16;
 constexpr int kDecodeMaxRank = 256;  // S [M, r] fp32 lives in shared memory: 16 * 256 * 4 B = 16 KiB
 constexpr int kDecodeWarps = 4;      // 128 threads per block
 constexpr int kRowsPerWarp = 4;      // rows of W per warp: each x vector loaded serves 4 rows (L1 traffic / 4)
@@ -46,9 +48,12 @@ constexpr int kBwdThreads = 256;
 constexpr int kBwdItems = 8;         // (column, rank) accumulators per thread: tile * r <= 256 * 8
 constexpr int kBwdMaxRank = 64;      // above: 2r fp32 FMAs per dy element make this kernel slower than cuBLAS
 
+// Devices whose SM count is cached (a node has at most a few dozen; others query the driver on every call).
+constexpr int kMaxCachedDevices = 64;
+
 int sm_count(int device) {
-  static std::atomic<int> cache[64] = {};
-  if (device >= 0 && device < 64) {
+  static std::atomic<int> cache[kMaxCachedDevices] = {};
+  if (device >= 0 && device < kMaxCachedDevices) {
     const int cached = cache[device].load(std::memory_order_relaxed);
     if (cached > 0) {
       return cached;
@@ -56,7 +61,7 @@ int sm_count(int device) {
   }
   int count = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  if (device >= 0 && device < 64) {
+  if (device >= 0 && device < kMaxCachedDevices) {
     cache[device].store(count, std::memory_order_relaxed);
   }
   return std::max(count, 1);
@@ -323,10 +328,15 @@ std::tuple<at::Tensor, at::Tensor> lora_fwd_gemm(const at::Tensor& x, const at::
   return {y, s_acc};
 }
 
-std::tuple<at::Tensor, at::Tensor> lora_fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& x_lora_opt,
-                                                 const at::Tensor& weight, const at::Tensor& lora_a,
-                                                 const at::Tensor& lora_b, double scaling,
-                                                 const std::optional<at::Tensor>& bias) {
+}  // namespace
+
+// Launchers (csrc/cuda/launchers.h): the arguments were validated by csrc/cuda/register_cuda.cpp, which also holds
+// the CUDA registrations; nothing here throws for user input.
+std::tuple<at::Tensor, at::Tensor> lora_fwd_cuda_launch(const at::Tensor& x,
+                                                        const std::optional<at::Tensor>& x_lora_opt,
+                                                        const at::Tensor& weight, const at::Tensor& lora_a,
+                                                        const at::Tensor& lora_b, double scaling,
+                                                        const std::optional<at::Tensor>& bias) {
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_a.size(0);
   const at::Tensor x_lora = x_lora_opt.has_value() ? *x_lora_opt : x;
@@ -352,6 +362,8 @@ std::tuple<at::Tensor, at::Tensor> lora_fwd_cuda(const at::Tensor& x, const std:
   });
   return {y, s};
 }
+
+namespace {
 
 // ---- lora_bwd_dy ---------------------------------------------------------------------------------------------
 // grid (col_blocks, row_blocks). A block owns dy[m_begin:m_end, n_begin:n_end] and walks it in tile x tile pieces,
@@ -434,8 +446,10 @@ __global__ void __launch_bounds__(kBwdThreads)
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> lora_bwd_dy_cuda(const at::Tensor& dy, const at::Tensor& s,
-                                                    const at::Tensor& lora_b, double scaling) {
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> lora_bwd_dy_cuda_launch(const at::Tensor& dy, const at::Tensor& s,
+                                                           const at::Tensor& lora_b, double scaling) {
   const c10::cuda::CUDAGuard guard(dy.device());
   const int64_t M = dy.size(0), N = dy.size(1), r = lora_b.size(1);
   const auto fp32 = dy.options().dtype(at::kFloat);
@@ -458,6 +472,9 @@ std::tuple<at::Tensor, at::Tensor> lora_bwd_dy_cuda(const at::Tensor& dy, const 
   int64_t row_blocks = std::llround(std::sqrt(double(target) * double(M) / double(N)));
   row_blocks = std::clamp<int64_t>(row_blocks, 1, std::min(max_row_blocks, target));
   int64_t col_blocks = std::clamp<int64_t>(target / row_blocks, 1, max_col_blocks);
+  // The partials are written once and read once: capped at half of dy's elements (so at most half as much extra
+  // traffic as reading dy) but at least 1 Mi floats (4 MB, which stays in L2 on sm_80/sm_90), so small shapes are not
+  // starved of blocks. A starting point, not measured on a GPU yet.
   const int64_t budget = std::max<int64_t>(M * N / 2, int64_t(1) << 20);
   while (r * (row_blocks * N + col_blocks * M) > budget && (row_blocks > 1 || col_blocks > 1)) {
     if ((row_blocks * N >= col_blocks * M && row_blocks > 1) || col_blocks == 1) {
@@ -487,23 +504,6 @@ std::tuple<at::Tensor, at::Tensor> lora_bwd_dy_cuda(const at::Tensor& dy, const 
   at::Tensor d_lora_b = row_blocks == 1 ? db_partials.select(0, 0) : db_partials.sum(0);
   at::Tensor ds = col_blocks == 1 ? ds_partials.select(0, 0) : ds_partials.sum(0);
   return {d_lora_b, ds};
-}
-
-}  // namespace
-
-// Launchers (csrc/cuda/launchers.h): the arguments were validated by csrc/cuda/register_cuda.cpp, which also holds
-// the CUDA registrations; nothing here throws for user input.
-std::tuple<at::Tensor, at::Tensor> lora_fwd_cuda_launch(const at::Tensor& x,
-                                                        const std::optional<at::Tensor>& x_lora_opt,
-                                                        const at::Tensor& weight, const at::Tensor& lora_a,
-                                                        const at::Tensor& lora_b, double scaling,
-                                                        const std::optional<at::Tensor>& bias) {
-  return lora_fwd_cuda(x, x_lora_opt, weight, lora_a, lora_b, scaling, bias);
-}
-
-std::tuple<at::Tensor, at::Tensor> lora_bwd_dy_cuda_launch(const at::Tensor& dy, const at::Tensor& s,
-                                                           const at::Tensor& lora_b, double scaling) {
-  return lora_bwd_dy_cuda(dy, s, lora_b, scaling);
 }
 
 }  // namespace lora_kernels

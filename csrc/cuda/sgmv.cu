@@ -168,7 +168,8 @@ __global__ void __launch_bounds__(kThreads) sgmv_kernel(const SgmvArgs args) {
         if (kShrink) {
           store_as<Acc>(args.out, idx, args.out_dtype, scale * acc[i][j]);
         } else {
-          // Tokens are distinct (sorted_token_ids is a permutation), so each element has one writer.
+          // LoRABatch's sorted_token_ids is a permutation, so each element has one writer. Metadata with a repeated
+          // token races here: token ids are not value-checked on CUDA (that would need a host sync).
           store_as<Acc>(args.out, idx, args.out_dtype, load_as<Acc>(args.out, idx, args.out_dtype) + acc[i][j]);
         }
       }
@@ -194,9 +195,13 @@ void launch_sgmv(const SgmvArgs& args, int64_t num_slots, int64_t max_cols) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor sgmv_shrink_cuda(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& sorted_token_ids,
-                            const at::Tensor& slot_starts, const at::Tensor& slot_counts, const at::Tensor& scalings,
-                            const at::Tensor& ranks) {
+}  // namespace
+
+// Launchers (csrc/cuda/launchers.h): the arguments were validated by csrc/cuda/register_cuda.cpp, which also holds
+// the CUDA registrations; nothing here throws for user input.
+at::Tensor sgmv_shrink_cuda_launch(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& sorted_token_ids,
+                                   const at::Tensor& slot_starts, const at::Tensor& slot_counts,
+                                   const at::Tensor& scalings, const at::Tensor& ranks) {
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t num_tokens = x.size(0), max_rank = lora_a.size(1);
   at::Tensor out = at::zeros({num_tokens, max_rank}, x.options().dtype(at::kFloat));
@@ -232,9 +237,9 @@ at::Tensor sgmv_shrink_cuda(const at::Tensor& x, const at::Tensor& lora_a, const
   return out;
 }
 
-void sgmv_expand_cuda(const at::Tensor& t, const at::Tensor& lora_b, const at::Tensor& sorted_token_ids,
-                      const at::Tensor& slot_starts, const at::Tensor& slot_counts, const at::Tensor& ranks,
-                      const at::Tensor& out, int64_t slice_offset) {
+void sgmv_expand_cuda_launch(const at::Tensor& t, const at::Tensor& lora_b, const at::Tensor& sorted_token_ids,
+                             const at::Tensor& slot_starts, const at::Tensor& slot_counts, const at::Tensor& ranks,
+                             const at::Tensor& out, int64_t slice_offset) {
   const c10::cuda::CUDAGuard guard(t.device());
   const at::Tensor ids = sorted_token_ids.contiguous(), starts = slot_starts.contiguous();
   const at::Tensor counts = slot_counts.contiguous(), rank_values = ranks.contiguous();
@@ -263,22 +268,6 @@ void sgmv_expand_cuda(const at::Tensor& t, const at::Tensor& lora_b, const at::T
   args.k_full = 0;
   args.cols_full = lora_b.size(1);
   launch_sgmv<false>(args, lora_b.size(0), lora_b.size(1));
-}
-
-}  // namespace
-
-// Launchers (csrc/cuda/launchers.h): the arguments were validated by csrc/cuda/register_cuda.cpp, which also holds
-// the CUDA registrations; nothing here throws for user input.
-at::Tensor sgmv_shrink_cuda_launch(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& sorted_token_ids,
-                                   const at::Tensor& slot_starts, const at::Tensor& slot_counts,
-                                   const at::Tensor& scalings, const at::Tensor& ranks) {
-  return sgmv_shrink_cuda(x, lora_a, sorted_token_ids, slot_starts, slot_counts, scalings, ranks);
-}
-
-void sgmv_expand_cuda_launch(const at::Tensor& t, const at::Tensor& lora_b, const at::Tensor& sorted_token_ids,
-                             const at::Tensor& slot_starts, const at::Tensor& slot_counts, const at::Tensor& ranks,
-                             const at::Tensor& out, int64_t slice_offset) {
-  sgmv_expand_cuda(t, lora_b, sorted_token_ids, slot_starts, slot_counts, ranks, out, slice_offset);
 }
 
 }  // namespace lora_kernels
