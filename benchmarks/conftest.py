@@ -8,7 +8,8 @@ Files are named bench_*.py and collected by the hook below. Every benchmark belo
 (extra_info["role"] == "baseline"), so each ratio is measured in the same run (benchmarks/table.py prints them).
 Shapes are lora_kernels.bench.PRESETS: bf16 K=N=4096 on a GPU, fp32 scaled down on CPU. pytest-benchmark times each
 call with time.perf_counter, so on a GPU every call ends with torch.cuda.synchronize() (launch overhead included);
-`lora-kernels bench` times the same cases with CUDA events. Each call takes the next of several rotating input sets.
+`lora-kernels bench` times the same cases with CUDA events (use it for §8 numbers). Each call takes the next of
+several rotating input sets.
 """
 
 import itertools

@@ -14,10 +14,11 @@ import sys
 # bench rows shown in the summary: per kind and backend, the worst ratio over the rows of that kind (rows at ranks
 # other than design.md §8's r = 16 have a kind of their own, without a target, and are not summarised).
 SUMMARY_KINDS = ("fwd_decode", "fwd_prefill", "fwd_bwd_vs_gemms", "unfused_vs_ours", "lora_vs_full",
-                 "memory_vs_unfused", "grouped_distinct", "grouped_train", "grouped_vs_loop", "decode_bandwidth",
-                 "triton_split", "triton_tma", "cuda_bwd_dy")
-# the bench JSON files of a gpu_check run, and the rows of `lora-kernels bench --sections sweep` (sweep.json)
-BENCH_FILES = ("bench.json", "grouped.json")
+                 "memory_vs_unfused", "peak_memory_vs_unfused", "grouped_distinct", "grouped_train", "grouped_vs_loop",
+                 "decode_bandwidth", "triton_split", "triton_tma", "cuda_bwd_dy")
+# the bench JSON files of a gpu_check run (train, forward and grouped sections run as separate stages), and the rows
+# of `lora-kernels bench --sections sweep` (sweep.json)
+BENCH_FILES = ("train.json", "bench.json", "grouped.json")
 SWEEP_KINDS = ("sweep_vs_one", "grouped_vs_loop", "sweep_bandwidth", "mixed_vs_padded")
 HIGHER_IS_BETTER = ("unfused_vs_ours", "decode_bandwidth", "sweep_bandwidth")
 
@@ -38,18 +39,31 @@ def _print_table(headers, rows, out):
 # ---------------------------------------------------------------------------------------- pytest-benchmark JSON
 
 def pytest_benchmark_ratios(data):
-    """[(group, name, median_s, baseline name, ratio)] for a pytest-benchmark JSON. Each benchmark's extra_info
-    names its role ("baseline" or not); a group without a baseline gets no ratios."""
+    """[(group, name, median_s, baseline name, ratio, inverted, full-FT ratio)] for a pytest-benchmark JSON.
+
+    Each benchmark's extra_info names its role: "baseline" (the group's ratios are median / the baseline's median),
+    "full_ft" (full fine-tuning: a second ratio, median / its median, design.md §8's LoRA / full FT row) or
+    "candidate". extra_info["inverted"] turns a candidate's ratio into baseline / median: §8 states the dropout row
+    as PEFT's layer / ours. A group without a baseline gets no ratios."""
     groups = {}
     for bench in data.get("benchmarks", []):
         groups.setdefault(bench.get("group") or "", []).append(bench)
     rows = []
     for group, benches in groups.items():
-        baseline = next((b for b in benches if b.get("extra_info", {}).get("role") == "baseline"), None)
+        def role(name):
+            return next((b for b in benches if b.get("extra_info", {}).get("role") == name), None)
+
+        baseline, full_ft = role("baseline"), role("full_ft")
         for bench in benches:
             median = bench["stats"]["median"]
-            ratio = None if baseline is None else median / baseline["stats"]["median"]
-            rows.append((group, bench["name"], median, None if baseline is None else baseline["name"], ratio))
+            inverted = bool(bench.get("extra_info", {}).get("inverted"))
+            ratio = None
+            if baseline is not None:
+                ratio = baseline["stats"]["median"] / median if inverted else median / baseline["stats"]["median"]
+            vs_full = (None if full_ft is None or bench in (full_ft, baseline)
+                       else median / full_ft["stats"]["median"])
+            rows.append((group, bench["name"], median, None if baseline is None else baseline["name"], ratio,
+                         inverted, vs_full))
     return rows
 
 
@@ -59,9 +73,13 @@ def print_pytest_benchmark(path, out=sys.stdout):
     extra = machine.get("lora_kernels", {})
     out.write(f"{path}: {data.get('datetime', '?')}, {extra.get('device_name') or machine.get('cpu', {}).get('brand_raw', '?')}, "
               f"torch {extra.get('torch', '?')}, triton {extra.get('triton', '?')}\n")
-    rows = [(group, name, _fmt_seconds(median), baseline or "-", "-" if ratio is None else f"{ratio:.3f}")
-            for group, name, median, baseline, ratio in pytest_benchmark_ratios(data)]
-    _print_table(["group", "benchmark", "median", "baseline", "ratio"], rows, out)
+    out.write("(pytest-benchmark: wall time per call, each call synchronised, launch overhead included; "
+              "`lora-kernels bench` times the same rows with CUDA events)\n")
+    rows = [(group, name, _fmt_seconds(median), baseline or "-", "-" if ratio is None else f"{ratio:.3f}",
+             "-" if ratio is None else ("baseline / this" if inverted else "this / baseline"),
+             "-" if vs_full is None else f"{vs_full:.3f}")
+            for group, name, median, baseline, ratio, inverted, vs_full in pytest_benchmark_ratios(data)]
+    _print_table(["group", "benchmark", "median", "baseline", "ratio", "ratio is", "/ full FT"], rows, out)
 
 
 def _fmt_seconds(seconds):
@@ -127,7 +145,7 @@ def summary_compare_rows(compare):
 def print_summary(outdir, out=sys.stdout):
     """The key numbers of a gpu_check run (bench: the worst case of each ratio); missing files are reported."""
     compare_path = os.path.join(outdir, "compare.json")
-    # gpu_check runs the bench in two parts (forward/train, then host/grouped/decode), each with its own time limit
+    # gpu_check runs the bench in parts (train, host/grouped/decode, forward), each with its own time limit
     parts = [_load(path) for path in (os.path.join(outdir, name) for name in BENCH_FILES) if os.path.exists(path)]
     bench_path = os.path.join(outdir, " + ".join(BENCH_FILES))
     if parts:

@@ -9,9 +9,9 @@
 #
 # Every stage runs under `timeout` inside one time budget (GPU_CHECK_BUDGET seconds, default 500, so the whole run
 # ends within 9 minutes on an H100); each stage's output goes to OUTDIR/<stage>.log; the bench parts, compare and
-# the grouped sweep also write OUTDIR/bench.json, grouped.json, compare.json and sweep.json. The key numbers and a
-# table of the stages come last (also in OUTDIR/summary.txt). Exit status: 0 when every stage ran and passed (a
-# stage skipped because the budget is spent counts as not ok).
+# the grouped sweep also write OUTDIR/train.json, bench.json, grouped.json, compare.json and sweep.json. The key
+# numbers and a table of the stages come last (also in OUTDIR/summary.txt). Exit status: 0 when every stage ran and
+# passed (a stage skipped because the budget is spent counts as not ok).
 # Environment: PYTHON (default: python, else python3), MAX_JOBS (default 16), GPU_CHECK_BUDGET.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -89,7 +89,10 @@ run_stage env 60 env.log bash -c "
   date -Is; uname -a; command -v nvidia-smi > /dev/null && nvidia-smi; command -v nvcc > /dev/null && nvcc --version
   '$PY' -c 'import sys, torch; print(\"python\", sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"device\", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)'
   '$PY' -c 'import triton; print(\"triton\", triton.__version__)' || true
-  '$PY' -m pip list 2>/dev/null | grep -iE '^(torch|triton|pytest|pytest-benchmark|peft|transformers|ninja|numpy|safetensors|matplotlib) ' || true"
+  '$PY' -m pip list 2>/dev/null | grep -iE '^(torch|triton|pytest|pytest-benchmark|pytest-xdist|peft|transformers|ninja|numpy|safetensors|matplotlib) ' || true
+  git rev-parse HEAD 2>/dev/null && git status --porcelain 2>/dev/null | head -20
+  # which code ran, also where the copy has no .git: compare with the same line run on a checkout
+  echo \"source hash: \$(find lora_kernels csrc benchmarks scripts setup.py -type f \\( -name '*.py' -o -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.sh' \\) | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16)\""
 
 if (( ! DRY_RUN )) && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "gpu_check: torch sees no CUDA device; run with --dry-run to check the steps on a CPU machine" >&2
@@ -119,7 +122,10 @@ run_stage info 60 info.log "$PY" -m lora_kernels info
 # minutes autotuning (the second H100 run: 606 tests in 69 s with 12 workers).
 XDIST=()
 "$PY" -c "import xdist" > /dev/null 2>&1 && XDIST=(-n 12)
-TESTS=(env LORA_KERNELS_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" -k "cuda or gpu" -rfE)
+# -v: each result is logged as it happens, so a stage killed by its time limit still names what passed and failed
+# (-q prints names and counts only at the end).
+TESTS=(env LORA_KERNELS_AUTOTUNE=0 "$PY" -m pytest -v --tb=short -p no:cacheprovider "${XDIST[@]}" -k "cuda or gpu"
+       -rfE)
 if (( DRY_RUN )); then
   dry_stage tests "${TESTS[@]}"
 else
@@ -131,23 +137,28 @@ PLOT=()
 have_matplotlib && PLOT=(--plot "$OUTDIR/compare.png")
 if (( DRY_RUN )); then
   # one thread: a dry run checks the plumbing, and one thread is the fastest way through on a busy shared CPU
-  run_stage bench 120 bench.log "$PY" -m lora_kernels bench --quick --device cpu --threads 1 --no-progress \
-    --sections forward,train --save "$OUTDIR/bench.json"
+  run_stage train 120 train.log "$PY" -m lora_kernels bench --quick --device cpu --threads 1 --no-progress \
+    --sections train --save "$OUTDIR/train.json"
   run_stage grouped 120 grouped.log "$PY" -m lora_kernels bench --quick --device cpu --threads 1 --no-progress \
     --sections host,grouped,decode --save "$OUTDIR/grouped.json"
+  run_stage bench 120 bench.log "$PY" -m lora_kernels bench --quick --device cpu --threads 1 --no-progress \
+    --sections forward --save "$OUTDIR/bench.json"
   run_stage compare 120 compare.log "$PY" -m lora_kernels compare --model-size tiny --device cpu --steps 6 --warmup 2 \
     --seq-len 32 --infer-reps 3 --threads 1 --no-progress --save "$OUTDIR/compare.json" "${PLOT[@]}"
   run_stage profile 120 profile.log "$PY" benchmarks/profile_kernels.py --device cpu --quick
   run_stage sweep 120 sweep.log "$PY" -m lora_kernels bench --quick --device cpu --threads 1 --sections sweep \
     --no-progress --save "$OUTDIR/sweep.json"
 else
-  # the bench in two parts with their own limits, so a slow first part (autotuning) cannot cost the grouped rows;
-  # the second needs no autotuning (the grouped kernels have fixed tiles, the host rows time launches, not tiles).
-  # 150 s: the first part also autotunes and times the opt-in TMA kernels against the default ones.
-  run_stage bench 150 bench.log "$PY" -m lora_kernels bench --sections forward,train --no-progress \
-    --save "$OUTDIR/bench.json"
+  # the bench in three parts with their own limits, the most §8 rows first, so a slow part (autotuning on a cold
+  # Triton cache) cannot cost the others: train (4 rows: fwd+bwd vs the GEMMs, vs PEFT, vs full FT, memory), then
+  # grouped (3 rows; fixed tiles, no autotuning; the host rows time launches, not tiles), then forward (2 rows; it
+  # also autotunes per M and times the opt-in TMA kernels and the split against the default ones).
+  run_stage train 100 train.log "$PY" -m lora_kernels bench --sections train --no-progress \
+    --save "$OUTDIR/train.json"
   run_stage grouped 70 grouped.log env LORA_KERNELS_AUTOTUNE=0 "$PY" -m lora_kernels bench \
     --sections host,grouped,decode --no-progress --save "$OUTDIR/grouped.json"
+  run_stage bench 110 bench.log "$PY" -m lora_kernels bench --sections forward --no-progress \
+    --save "$OUTDIR/bench.json"
   if ! run_stage compare 90 compare.log "$PY" -m lora_kernels compare --no-progress --save "$OUTDIR/compare.json" \
       "${PLOT[@]}"; then
     # a fused backend that fails must not cost the full-FT vs LoRA numbers: again with the torch backend only

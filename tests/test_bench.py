@@ -2,6 +2,9 @@
 the host-overhead timer, the CUDA dY-once comparison row (its C++ op also has a CPU kernel) and, on a GPU, timing
 as CUDA-graph replays. Structure and arithmetic only: no timing is asserted."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -79,6 +82,28 @@ def test_with_triton_setting_sets_and_restores_it():
     bench._with_triton_setting("SPLIT_OVERRIDE", 1, lambda: seen.append(tk.SPLIT_OVERRIDE))()
     bench._with_triton_setting("USE_TMA", not tk.USE_TMA, lambda: seen.append(tk.USE_TMA))()
     assert seen == [1, not before[1]] and (tk.SPLIT_OVERRIDE, tk.USE_TMA) == before
+
+
+def test_pytest_benchmark_table_ratios():
+    """benchmarks/table.py: each ratio against the group's baseline, inverted where design.md §8 states the row as
+    baseline / ours (PEFT's layer with dropout), and a second column against full fine-tuning."""
+    spec = importlib.util.spec_from_file_location("table", Path(__file__).parents[1] / "benchmarks" / "table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+
+    def entry(group, name, median, **info):
+        return {"group": group, "name": name, "stats": {"median": median}, "extra_info": info}
+
+    data = {"benchmarks": [
+        entry("fwd+bwd", "gemms", 1.0, role="baseline"), entry("fwd+bwd", "full", 3.0, role="full_ft"),
+        entry("fwd+bwd", "ours", 2.0, role="candidate"),
+        entry("dropout", "peft", 3.0, role="baseline"), entry("dropout", "ours", 2.0, role="candidate", inverted=True),
+    ]}
+    rows = {(group, name): (ratio, inverted, vs_full)
+            for group, name, _, _, ratio, inverted, vs_full in table.pytest_benchmark_ratios(data)}
+    assert rows[("fwd+bwd", "ours")] == (2.0, False, pytest.approx(2 / 3))
+    assert rows[("fwd+bwd", "full")] == (3.0, False, None) and rows[("fwd+bwd", "gemms")][2] is None
+    assert rows[("dropout", "ours")] == (1.5, True, None)  # PEFT / ours
 
 
 @pytest.mark.gpu

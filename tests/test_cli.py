@@ -133,7 +133,7 @@ def test_bench_json(capsys):
     result = json.loads(capsys.readouterr().out)
     kinds = {row["kind"] for row in result["rows"]}
     assert {"fwd_decode", "fwd_bwd_vs_gemms", "unfused_vs_ours", "lora_vs_full", "grouped_distinct",
-            "grouped_vs_loop", "decode_bandwidth", "memory_vs_unfused"} <= kinds
+            "grouped_vs_loop", "decode_bandwidth", "memory_vs_unfused", "peak_memory_vs_unfused"} <= kinds
     for row in result["rows"]:
         assert row["baseline"] and row["ours"]
         assert row["meets_target"] is None  # CPU ratios are never judged against the GPU targets
@@ -163,9 +163,8 @@ def test_gpu_check_dry_run(tmp_path):
     out = proc.stdout
     assert "== build (dry run, not run)" in out and "--no-build-isolation" in out
     assert "== tests (dry run, not run)" in out and "cuda or gpu" in out
-    for log in ("env.log", "info.log", "bench.log", "grouped.log", "profile.log", "sweep.log", "compare.log",
-                "bench.json",
-                "grouped.json", "sweep.json", "compare.json", "summary.txt"):
+    for log in ("env.log", "info.log", "train.log", "bench.log", "grouped.log", "profile.log", "sweep.log",
+                "compare.log", "train.json", "bench.json", "grouped.json", "sweep.json", "compare.json", "summary.txt"):
         assert (tmp_path / log).exists(), log
     # the short table comes last: the key numbers, then the stages
     tail = out[out.index("what (worst case)"):]
