@@ -299,8 +299,11 @@ def test_forward_rejects_bad_inputs(dev):
         (TypeError, "x", lambda: fwd(x.double(), weight, lora_a, lora_b, 1.0)),
         (TypeError, "x", lambda: fwd(x.tolist(), weight, lora_a, lora_b, 1.0)),
         (ValueError, "dropout_p", lambda: fwd(x, weight, lora_a, lora_b, 1.0, dropout_p=1.5)),
+        (TypeError, "dropout_p", lambda: fwd(x, weight, lora_a, lora_b, 1.0, dropout_p="0.1")),
         (TypeError, "seed", lambda: fwd(x, weight, lora_a, lora_b, 1.0, dropout_p=0.1, seed=0.5)),
+        (ValueError, "seed", lambda: fwd(x, weight, lora_a, lora_b, 1.0, dropout_p=0.1, seed=-1)),
         (TypeError, "scaling", lambda: fwd(x, weight, lora_a, lora_b, torch.tensor(1.0))),
+        (ValueError, "scaling", lambda: fwd(x, weight, lora_a, lora_b, float("inf"))),
     ]
     for error, name, call in cases:
         with pytest.raises(error, match=rf"lora_fwd: {name} expected"):

@@ -14,6 +14,8 @@ Dropout is never stored: element (m, k) of x is kept when tl.rand(seed, m * K + 
 """
 
 import functools
+import math
+import numbers
 import os
 import threading
 
@@ -656,15 +658,19 @@ def _check_rank(op, name, r):
 
 def _check_dropout(op, dropout_p, seed):
     """Checks dropout_p and seed; returns the seed as the ops take it (see _seed_value)."""
-    if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p <= 1.0:
+    if not isinstance(dropout_p, numbers.Real) or isinstance(dropout_p, bool):
+        raise TypeError(f"{op}: dropout_p expected a float in [0, 1], got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p <= 1.0:  # 1 drops everything, as torch's dropout does (lora_linear refuses it)
         raise ValueError(f"{op}: dropout_p expected a float in [0, 1], got {dropout_p!r}")
     if isinstance(seed, torch.Tensor):
         if seed.dtype != torch.int64 or seed.dim() != 0 or seed.device.type != "cpu":
             raise TypeError(f"{op}: seed expected an int or a 0-d int64 CPU tensor, got a {seed.dtype} tensor of "
                             f"shape {tuple(seed.shape)} on {seed.device}")
         return seed
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
-        raise TypeError(f"{op}: seed expected an int in [0, 2**63), got {seed!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"{op}: seed expected an int in [0, 2**63), got {type(seed).__name__}")
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"{op}: seed expected an int in [0, 2**63), got {seed!r}")
     # Traced calls go through the custom op, whose schema takes the seed as a tensor (a graph input, not a constant).
     return torch.tensor(seed, dtype=torch.int64, device="cpu") if torch.compiler.is_compiling() else seed
 
@@ -676,8 +682,10 @@ def _seed_value(seed):
 
 
 def _check_scaling(op, scaling):
-    if not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
+    if not isinstance(scaling, numbers.Real) or isinstance(scaling, bool):
         raise TypeError(f"{op}: scaling expected a float, got {type(scaling).__name__}")
+    if not math.isfinite(scaling):
+        raise ValueError(f"{op}: scaling expected a finite float, got {scaling!r}")
 
 
 def _block_r(r, limit=MAX_BLOCK_R):
