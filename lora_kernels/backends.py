@@ -102,15 +102,13 @@ def auto_backend(device, op_name="lora_linear", dtype=None):
 # process has imported the package (the extension, triton and the CUDA runtime are loaded or not), and looking it up
 # again cost several µs per call. A plain dict, not functools.cache: dynamo traces through it without a warning.
 _CHOICES = {}
+_LOGGED = set()  # the auto choices already logged at DEBUG level
 
 
 def _choose(backend, device_type, op_name, dtype):
     device = torch.device(device_type)
     if backend == "auto":
-        chosen = auto_backend(device, op_name, dtype)
-        if not torch.compiler.is_compiling():  # dynamo cannot trace Logger calls
-            logger.debug("%s: backend='auto' chose %r for %s tensors", op_name, chosen, device_type)
-        return chosen
+        return auto_backend(device, op_name, dtype)
     reason = unavailable_reason(backend, device)
     if reason is None:
         return backend
@@ -133,6 +131,12 @@ def resolve_backend(backend, device, op_name, dtype=None):
         chosen = _CHOICES.get(key)
         if chosen is None:
             chosen = _CHOICES[key] = _choose(backend, device_type, op_name, dtype)
+        # The auto choice, once per (op, device, dtype) while DEBUG is on, whenever it was switched on (the choice
+        # itself is cached from the first call). Not while tracing: dynamo cannot trace Logger calls.
+        if backend == "auto" and key not in _LOGGED and logger.isEnabledFor(logging.DEBUG):
+            _LOGGED.add(key)
+            logger.debug("%s: backend='auto' chose %r for %s tensors", op_name, chosen,
+                         device_type if dtype is None else f"{device_type} {str(dtype).removeprefix('torch.')}")
     if isinstance(chosen, ValueError):
         raise ValueError(*chosen.args)
     return chosen

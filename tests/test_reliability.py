@@ -2,6 +2,7 @@
 property tests and fuzzers are in test_properties.py."""
 
 import gc
+import logging
 
 import pytest
 import torch
@@ -177,3 +178,16 @@ def test_triton_launches_from_several_threads():
     with ThreadPoolExecutor(max_workers=4) as pool:
         errors = list(pool.map(run, range(8)))
     assert max(errors) <= TOLERANCE[torch.float32], errors
+
+
+def test_auto_choice_is_logged_when_debug_is_switched_on_after_the_first_call(caplog, monkeypatch):
+    """design.md §4: the auto choice is visible in a debug log line. The choice is cached at the first call; the line
+    comes at the first call after DEBUG is on, once per (op, device, dtype)."""
+    monkeypatch.setattr(backends, "_LOGGED", set())
+    x, w, a, b = torch.randn(2, 8), torch.randn(4, 8), torch.randn(2, 8), torch.randn(4, 2)
+    lk.lora_linear(x, w, a, b)  # cached before logging is switched on
+    with caplog.at_level(logging.DEBUG, logger="lora_kernels"):
+        lk.lora_linear(x, w, a, b)
+        lk.lora_linear(x, w, a, b)
+    lines = [r.getMessage() for r in caplog.records if "backend='auto' chose" in r.getMessage()]
+    assert lines == [f"lora_linear: backend='auto' chose {backends.auto_backend('cpu')!r} for cpu tensors"]
