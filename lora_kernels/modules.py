@@ -549,6 +549,23 @@ def named_modules_to_save(model, modules_to_save, op):
     return found
 
 
+def check_targets_outside_heads(op, targets, heads, modules_to_save):
+    """ValueError when a LoRA target is (or lies inside) a modules_to_save module. PEFT selects modules_to_save by a
+    plain suffix test (name.endswith(entry): "classifier" also selects DistilBERT's "pre_classifier") but keeps LoRA
+    targets out of them by whole name components only (in_modules_to_save), so the two disagree on such names; the
+    module would get a LoRA and train whole, and PEFT refuses it at get_peft_model. Called before the model changes."""
+    for name, _ in targets:
+        for head, _ in heads:
+            if name == head or name.startswith(head + "."):
+                entry = next(e for e in modules_to_save if head.endswith(e))
+                where = "is" if name == head else "lies inside"
+                raise ValueError(f"{op}: module {name!r} is a LoRA target and {where} the modules_to_save module "
+                                 f"{head!r} (entry {entry!r}: modules_to_save selects every module whose name ends "
+                                 f"with an entry, as PEFT); a module is either trained whole or given a LoRA, not "
+                                 f"both. Leave it out of the targets (exclude_modules=[{name!r}]: it then trains "
+                                 f"whole, as PEFT would) or use modules_to_save entries it does not end with")
+
+
 def _record_modules_to_save(model, modules_to_save):
     """Remembers on the model which modules_to_save its adapter has, for save_peft_adapter (None: none)."""
     if modules_to_save:
@@ -741,6 +758,7 @@ def inject_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_
     targets = find_target_linears(model, target_modules, exclude_modules, op, layers_to_transform=layers_to_transform,
                                   layers_pattern=layers_pattern, modules_to_save=modules_to_save or None)
     heads = named_modules_to_save(model, modules_to_save, op) if modules_to_save else []
+    check_targets_outside_heads(op, targets, heads, modules_to_save)
     _warn_tied_targets(op, model, targets)
     with _rollback_on_error(model) as replaced:
         layers = []

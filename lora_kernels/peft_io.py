@@ -30,9 +30,9 @@ from lora_kernels.backends import check_backend_name
 from lora_kernels.modules import (BIAS_ATTR, BIAS_MODES, LORA_WRAPPERS, MODULES_TO_SAVE_ATTR, LoRALinear,
                                   MultiLoRALinear, _record_bias, _record_modules_to_save, _rollback_on_error,
                                   _set_submodule, _train_biases, _warn_linear_fan_in_fan_out, check_no_accelerate_hook,
-                                  enable_input_grads_for_checkpointing, is_conv1d, lora_scaling, named_modules_to_save,
-                                  named_target_modules, pattern_value, target_module_matches, trained_biases,
-                                  unwrap_model, warn_conv1d_fan_in_fan_out)
+                                  check_targets_outside_heads, enable_input_grads_for_checkpointing, is_conv1d,
+                                  lora_scaling, named_modules_to_save, named_target_modules, pattern_value,
+                                  target_module_matches, trained_biases, unwrap_model, warn_conv1d_fan_in_fan_out)
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -442,6 +442,7 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
     tensors, file = read_adapter_weights(path)
     targets = _targets(model, config, op)
     heads, tensors = _split_modules_to_save(model, config, tensors, file, adapter_name, op)
+    check_targets_outside_heads(op, targets, [(name, module) for name, module, _ in heads], config.modules_to_save)
     biases, tensors = _split_biases(model, config, tensors, file, adapter_name, op, {name for name, _ in targets},
                                     heads)
     grouped = group_adapter_weights(tensors, file, config.modules_to_save)

@@ -229,6 +229,29 @@ def test_sequence_classification_head_in_modules_to_save_both_ways(tmp_path):
     assert (logits - base(input_ids=ids).logits).abs().max() > 1e-2  # the head and the adapter do something
 
 
+def test_distilbert_pre_classifier_as_target_and_head_is_refused_untouched():
+    """DistilBERT's pre_classifier ends with "classifier": modules_to_save=["classifier"] selects it (PEFT's suffix
+    rule), and "all-linear" targets it too. PEFT refuses that at get_peft_model; so does inject_lora, before any
+    change (it used to train the layer whole beside its LoRA and fail only at save time)."""
+    torch.manual_seed(0)
+    base = transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(
+        dim=64, hidden_dim=96, n_layers=2, n_heads=4, vocab_size=VOCAB, num_labels=3)).eval()
+    with pytest.raises(TypeError, match="modules_to_save cannot be applied to modules of type"):
+        _peft(base, target_modules="all-linear", modules_to_save=["classifier"])
+    model = copy.deepcopy(base)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [(n, p.requires_grad) for n, p in model.named_parameters()]
+    types = [(n, type(m)) for n, m in model.named_modules()]
+    for targets in ("all-linear", ["q_lin", "pre_classifier"]):
+        with pytest.raises(ValueError, match="module 'pre_classifier' is a LoRA target and is the modules_to_save "
+                                             "module 'pre_classifier'"):
+            lk.inject_lora(model, targets, modules_to_save=["classifier"])
+        assert [(n, type(m)) for n, m in model.named_modules()] == types
+        assert [(n, p.requires_grad) for n, p in model.named_parameters()] == flags
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+        assert not hasattr(model, "lora_modules_to_save")
+
+
 def test_gpt2_conv1d_parity_and_round_trip_both_ways(gpt2, tmp_path):
     ids = _ids()
     theirs = _peft(gpt2, r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
