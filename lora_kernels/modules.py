@@ -505,7 +505,43 @@ def find_target_linears(model, target_modules, exclude_modules=None, op="inject_
         found.append((name, module))
     if not found:
         raise ValueError(f"{op}: target_modules {target_modules!r} matched no nn.Linear in the model")
+    _warn_partial_targets(op, model, target_modules)
     return found
+
+
+def _fused_expert_parameters(model):
+    """Names of the 3-D Parameters held by mixture-of-experts modules (transformers 5 fuses each layer's experts
+    into `experts.gate_up_proj` / `experts.down_proj` [num_experts, ...]): no nn.Linear, so no target here."""
+    return [f"{name}.{pname}" for name, module in model.named_modules()
+            if name.rpartition(".")[2] == "experts" or type(module).__name__.endswith("Experts")
+            for pname, parameter in module.named_parameters(recurse=False) if parameter.dim() == 3]
+
+
+def _warn_partial_targets(op, model, target_modules):
+    """Warns where the adapter is silently smaller than the user (or PEFT) would make it: a list entry that names no
+    module while others do (PEFT only raises when nothing matches; a name ported from transformers 4, such as
+    Mixtral's "w2", then trains nothing), and "all-linear" on a model with fused 3-D expert weights, which PEFT
+    adapts for some models through target_parameters, unsupported here. One pass over the module names."""
+    if isinstance(target_modules, str):
+        if target_modules.lower() != "all-linear":
+            return
+        fused = _fused_expert_parameters(model)
+        if fused:
+            warnings.warn(f"{op}: target_modules='all-linear' adapts nn.Linear/Conv1D layers only; the model's fused "
+                          f"expert weights ({fused[:2]}{' ...' if len(fused) > 2 else ''}: 3-D Parameters, not "
+                          f"layers) get no LoRA. PEFT adapts them for some models (target_parameters, e.g. Mixtral "
+                          f"under transformers 5), which lora_kernels does not support, so this adapter is smaller "
+                          f"than PEFT's", stacklevel=4)
+        return
+    entries = list(dict.fromkeys(target_modules))
+    names = [name for name, _ in model.named_modules() if name]
+    missing = [entry for entry in entries if not any(n == entry or n.endswith("." + entry) for n in names)]
+    if missing:
+        fused = _fused_expert_parameters(model)
+        hint = (f"; the model's experts are fused 3-D Parameters ({fused[0]!r} ...), which hold no per-expert "
+                f"layers to target (PEFT's target_parameters, unsupported here)" if fused else "")
+        warnings.warn(f"{op}: target_modules entries {missing} match no module of the model (the others do), so they "
+                      f"add no LoRA layer{hint}", stacklevel=4)
 
 
 MODULES_TO_SAVE_ATTR = "lora_modules_to_save"  # on the model: the modules_to_save names its adapter trains and saves
