@@ -46,6 +46,35 @@ def is_conv1d(module):
     return cls is not None and isinstance(module, cls)
 
 
+def check_wrappable_linear(op, what, module, hint=""):
+    """TypeError, naming `what` and the class, for a linear layer a LoRA wrapper cannot stand in for. The wrappers
+    compute F.linear(x, weight, bias) on the layer's weight Parameter and never call the layer itself, so:
+    - an nn.Linear subclass with its own forward (fake-quant/QAT, torchao's Float8Linear, bnb's Linear8bitLt) would
+      lose that forward silently (a fresh adapter would not even reproduce the layer's output);
+    - a weight computed on each access (torch.nn.utils.parametrize: weight_norm, spectral_norm, orthogonal) or by a
+      forward pre-hook (the deprecated torch.nn.utils.weight_norm) is no Parameter to hold, freeze and merge into.
+    nn.Linear, its subclasses that keep nn.Linear's forward, and transformers' Conv1D pass."""
+    cls = type(module)
+    if isinstance(module, nn.Linear) and cls.forward is not nn.Linear.forward:
+        raise TypeError(f"{op}: {what} is a {cls.__module__}.{cls.__qualname__}, an nn.Linear subclass with its own "
+                        f"forward (e.g. fake-quant, float8 or 8-bit layers); a LoRA layer computes F.linear on its "
+                        f"weight and never calls that forward, so the layer's own computation would be lost. Only "
+                        f"nn.Linear, subclasses that keep nn.Linear's forward and transformers' Conv1D can be "
+                        f"wrapped{hint}")
+    if nn.utils.parametrize.is_parametrized(module):
+        raise TypeError(f"{op}: {what} ({cls.__name__}) has parametrizations on {sorted(module.parametrizations)} "
+                        f"(torch.nn.utils.parametrize: weight_norm, spectral_norm, orthogonal, ...): its weight is "
+                        f"computed on each access, not a Parameter a LoRA layer can hold and merge into. Remove them "
+                        f"first (parametrize.remove_parametrizations(module, 'weight') keeps the current value)"
+                        f"{hint}")
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, nn.Parameter):
+        raise TypeError(f"{op}: {what} ({cls.__name__}) has a weight that is not a Parameter (got "
+                        f"{type(weight).__name__}; the deprecated torch.nn.utils.weight_norm computes it in a forward "
+                        f"pre-hook): a LoRA layer needs the weight Parameter itself. Remove the hook first "
+                        f"(torch.nn.utils.remove_weight_norm){hint}")
+
+
 class LoRALinear(nn.Module):
     """y = x @ weight.T + bias + scaling * lora_B(lora_A(dropout(x))), with scaling = lora_alpha / r
     (lora_alpha / sqrt(r) with use_rslora). weight [out, in] and bias [out] are frozen; lora_A.weight [r, in] and
@@ -155,6 +184,7 @@ class LoRALinear(nn.Module):
                             f"pass fan_in_fan_out=True to wrap it")
         else:
             raise TypeError(f"{op}: linear expected an nn.Linear, got {type(linear).__name__}")
+        check_wrappable_linear(op, "linear", linear)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = in_features, out_features
@@ -282,6 +312,7 @@ class MultiLoRALinear(nn.Module):
         else:
             raise TypeError(f"MultiLoRALinear: base_linear expected an nn.Linear or a transformers Conv1D, "
                             f"got {type(base_linear).__name__}")
+        check_wrappable_linear("MultiLoRALinear", "base_linear", base_linear)
         for name, value in (("max_adapters", max_adapters), ("max_rank", max_rank)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"MultiLoRALinear: {name} expected an int >= 1, got {value!r}")
@@ -488,6 +519,9 @@ def named_target_modules(model, target_modules, exclude_modules=None, *, layers_
     return found
 
 
+_LEAVE_OUT_HINT = "; or leave it out of the targets (exclude_modules)"
+
+
 def find_target_linears(model, target_modules, exclude_modules=None, op="inject_lora", *, layers_to_transform=None,
                         layers_pattern=None, modules_to_save=None):
     """[(name, module)] of the nn.Linear and transformers Conv1D modules that target_modules selects. A matched
@@ -502,6 +536,7 @@ def find_target_linears(model, target_modules, exclude_modules=None, op="inject_
             raise TypeError(f"{op}: module {name!r} matches target_modules but is a {type(module).__name__}; "
                             f"only nn.Linear and transformers Conv1D layers can be wrapped")
         check_no_accelerate_hook(op, name, module)
+        check_wrappable_linear(op, f"module {name!r}", module, _LEAVE_OUT_HINT)
         found.append((name, module))
     if not found:
         raise ValueError(f"{op}: target_modules {target_modules!r} matched no nn.Linear in the model")

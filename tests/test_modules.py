@@ -284,3 +284,70 @@ def test_flags_take_bool_like_values_and_refuse_strings():
     for value in ("no", None, 2):
         with pytest.raises(TypeError, match="use_rslora expected a bool"):
             LoRALinear(8, 6, r=2, use_rslora=value)
+
+
+class _FakeQuantLinear(nn.Linear):
+    """A QAT-style layer: its forward rounds the weight, so its output is not F.linear(x, weight, bias)."""
+
+    def forward(self, x):
+        return nn.functional.linear(x, torch.round(self.weight * 4) / 4, self.bias)
+
+
+class _TaggedLinear(nn.Linear):
+    """A subclass that keeps nn.Linear's forward (like nn.MultiheadAttention's NonDynamicallyQuantizableLinear)."""
+
+
+def _model_state(model):
+    return ([(n, type(m)) for n, m in model.named_modules()], [(n, p.requires_grad) for n, p in model.named_parameters()],
+            {k: v.clone() for k, v in model.state_dict().items()})
+
+
+def _assert_model_state(model, state):
+    types, flags, values = state
+    assert [(n, type(m)) for n, m in model.named_modules()] == types
+    assert [(n, p.requires_grad) for n, p in model.named_parameters()] == flags
+    assert all(torch.equal(v, values[k]) for k, v in model.state_dict().items())
+
+
+def test_linear_subclasses_with_their_own_forward_are_refused_untouched():
+    """A LoRA layer computes F.linear on the weight and never calls the wrapped layer: a subclass with its own forward
+    (fake-quant, Float8Linear, bnb's Linear8bitLt) would silently lose it. Refused by class, before any change."""
+    from lora_kernels import MultiLoRALinear
+    fake = _FakeQuantLinear(8, 8)
+    with pytest.raises(TypeError, match=r"from_linear: linear is a .*_FakeQuantLinear, an nn.Linear subclass with its "
+                                        r"own forward"):
+        LoRALinear.from_linear(fake)
+    with pytest.raises(TypeError, match=r"MultiLoRALinear: base_linear is a .*_FakeQuantLinear"):
+        MultiLoRALinear(fake, max_adapters=2, max_rank=4)
+    assert fake.weight.requires_grad and fake.bias.requires_grad
+    model = nn.Sequential(nn.Linear(8, 8), _FakeQuantLinear(8, 8), nn.ReLU(), _TaggedLinear(8, 8))
+    state = _model_state(model)
+    for targets in ("all-linear", ["0", "1"]):
+        with pytest.raises(TypeError, match=r"inject_lora: module '1' is a .*_FakeQuantLinear.*exclude_modules"):
+            inject_lora(model, targets)
+        _assert_model_state(model, state)
+    # a subclass that keeps nn.Linear's forward is a plain linear layer
+    inject_lora(model, "all-linear", exclude_modules=["1"])
+    assert isinstance(model[0], LoRALinear) and isinstance(model[3], LoRALinear)
+    x = torch.randn(3, 8)
+    assert isinstance(MultiLoRALinear(_TaggedLinear(8, 8), max_adapters=2, max_rank=4)(x, torch.zeros(3, dtype=torch.long)),
+                      torch.Tensor)
+
+
+def test_parametrized_linears_are_refused_with_a_clear_error():
+    """weight_norm / spectral_norm / orthogonal (torch.nn.utils.parametrize) compute the weight on each access, and
+    the deprecated weight_norm in a forward pre-hook: no Parameter to hold and merge into. A TypeError naming the
+    cause, not torch's "you can only change requires_grad flags of leaf variables"."""
+    parametrized = nn.utils.parametrizations.weight_norm(nn.Linear(8, 8))
+    with pytest.raises(TypeError, match=r"from_linear: linear \(ParametrizedLinear\) has parametrizations on "
+                                        r"\['weight'\].*remove_parametrizations"):
+        LoRALinear.from_linear(parametrized)
+    with pytest.warns(FutureWarning):
+        hooked = nn.utils.weight_norm(nn.Linear(8, 8))
+    with pytest.raises(TypeError, match=r"from_linear: linear \(Linear\) has a weight that is not a Parameter"):
+        LoRALinear.from_linear(hooked)
+    model = nn.Sequential(nn.Linear(8, 8), nn.utils.parametrizations.spectral_norm(nn.Linear(8, 8)))
+    state = _model_state(model)
+    with pytest.raises(TypeError, match=r"inject_lora: module '1' \(ParametrizedLinear\) has parametrizations"):
+        inject_lora(model, "all-linear")
+    _assert_model_state(model, state)

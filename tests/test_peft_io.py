@@ -730,6 +730,24 @@ def test_layers_with_accelerate_hooks_are_refused_untouched(tmp_path):
     _assert_same(model, before)
 
 
+class _FakeQuantLinear(nn.Linear):
+    def forward(self, x):  # its own computation: a LoRA layer would replace it by F.linear on the raw weight
+        return nn.functional.linear(x, torch.round(self.weight * 4) / 4, self.bias)
+
+
+def test_loading_into_a_linear_subclass_with_its_own_forward_is_refused_untouched(tmp_path):
+    lk.save_peft_adapter(_trained(), tmp_path)
+    model = _base()
+    fake = _FakeQuantLinear(16, 8, bias=False)
+    fake.load_state_dict(model.layers[1].v_proj.state_dict())
+    model.layers[1].v_proj = fake
+    before = _snapshot(model)
+    with pytest.raises(TypeError, match=r"load_peft_adapter: module 'layers.1.v_proj' is a .*_FakeQuantLinear, an "
+                                        r"nn.Linear subclass with its own forward"):
+        lk.load_peft_adapter(model, tmp_path, backend=BACKEND)
+    _assert_same(model, before)
+
+
 def test_a_failure_while_changing_the_model_is_rolled_back(tmp_path, monkeypatch):
     lk.save_peft_adapter(_trained(), tmp_path)
     model = _base()
