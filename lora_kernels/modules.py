@@ -20,11 +20,27 @@ from lora_kernels.ops import check_flag
 
 class LoRAFactor(nn.Module):
     """Holds one LoRA factor as `.weight`, so state-dict keys read `<layer>.lora_A.weight` as in PEFT. Not an
-    nn.Linear on purpose: target-module matching never wraps a factor."""
+    nn.Linear on purpose: target-module matching never wraps a factor.
 
-    def __init__(self, out_features, in_features, device=None, dtype=None):
+    init_scheme ("kaiming", "zeros" or "gaussian"; set by the owning LoRALinear from its init_lora_weights) is what
+    reset_parameters() does: meta-device init flows (FSDP's, torchtitan's) call reset_parameters() on every module
+    that holds parameters itself, the factors too, after their LoRALinear, so a factor must re-create its own part
+    of PEFT's init (lora_B zeros: a fresh adapter stays the identity)."""
+
+    def __init__(self, out_features, in_features, device=None, dtype=None, init_scheme="kaiming"):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self.init_scheme = init_scheme
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        scheme = getattr(self, "init_scheme", "kaiming")  # a factor pickled before init_scheme existed
+        if scheme == "zeros":
+            nn.init.zeros_(self.weight)
+        elif scheme == "gaussian":  # lora_A [r, in]: PEFT's N(0, std 1/r)
+            nn.init.normal_(self.weight, std=1 / self.weight.shape[0])
+        else:
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def extra_repr(self):
         return f"shape={tuple(self.weight.shape)}"
@@ -148,21 +164,31 @@ class LoRALinear(nn.Module):
             bound = 1 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
 
+    # init_lora_weights -> (lora_A's, lora_B's) LoRAFactor.init_scheme
+    _INIT_SCHEMES = {True: ("kaiming", "zeros"), "gaussian": ("gaussian", "zeros"), False: ("kaiming", "kaiming")}
+
     @torch.no_grad()
     def reset_lora_parameters(self, init_lora_weights=True):
         """PEFT's initialisations: True (A kaiming-uniform a=sqrt(5), B zeros), "gaussian" (A ~ N(0, std 1/r), B zeros),
-        False (both random: the layer no longer starts as the identity; for tests)."""
-        if init_lora_weights is True:
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B.weight)
-        elif init_lora_weights == "gaussian":
-            nn.init.normal_(self.lora_A.weight, std=1 / self.r)
-            nn.init.zeros_(self.lora_B.weight)
-        elif init_lora_weights is False:
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-            nn.init.kaiming_uniform_(self.lora_B.weight, a=math.sqrt(5))
-        else:
+        False (both random: the layer no longer starts as the identity; for tests). The choice is kept for
+        reset_parameters()."""
+        schemes = next((v for k, v in self._INIT_SCHEMES.items()
+                        if type(k) is type(init_lora_weights) and k == init_lora_weights), None)  # 1 is not True
+        if schemes is None:
             raise ValueError(f"LoRALinear: init_lora_weights expected True, False or 'gaussian', got {init_lora_weights!r}")
+        self.init_lora_weights = init_lora_weights
+        for factor, scheme in zip((self.lora_A, self.lora_B), schemes):
+            factor.init_scheme = scheme
+            factor.reset_parameters()
+
+    def reset_parameters(self):
+        """Re-initialises the layer as a new one: the base weight and bias as nn.Linear does, the adapter with the
+        layer's init_lora_weights (a fresh adapter: the identity, unless it is False), unmerged. What meta-device
+        flows call after to_empty(); on a layer made by from_linear it re-initialises the shared base weight too,
+        as nn.Linear.reset_parameters() would."""
+        self._reset_base_parameters()
+        self.reset_lora_parameters(getattr(self, "init_lora_weights", True))  # a layer pickled before it was kept
+        self.merged = False
 
     @classmethod
     def from_linear(cls, linear, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False, *, init_lora_weights=True,
@@ -380,6 +406,26 @@ class MultiLoRALinear(nn.Module):
             self.lora_b[slot].copy_(padded_b)
             self.scalings[slot] = scaling
             self.ranks[slot] = rank
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Re-initialises the base layer (its reset_parameters(); a transformers Conv1D, which has none, as its
+        constructor does: weight ~ N(0, 0.02), bias zeros) and clears every slot (rank 0, scaling 0, zero
+        factors), as after construction: what meta-device flows call after to_empty(), which leaves the ranks and
+        scalings buffers uninitialised. A name -> slot table the model holds (lora_adapter_slots) is not changed:
+        load the adapters again."""
+        base = self.base_layer
+        if callable(getattr(base, "reset_parameters", None)):
+            base.reset_parameters()
+        else:
+            nn.init.normal_(base.weight, std=0.02)
+            if getattr(base, "bias", None) is not None:
+                nn.init.zeros_(base.bias)
+        with _SLOT_LOCK:
+            self.lora_a.zero_()
+            self.lora_b.zero_()
+            self.scalings.zero_()
+            self.ranks.zero_()
 
     @torch.no_grad()
     def clear_adapter(self, slot):

@@ -351,3 +351,69 @@ def test_parametrized_linears_are_refused_with_a_clear_error():
     with pytest.raises(TypeError, match=r"inject_lora: module '1' \(ParametrizedLinear\) has parametrizations"):
         inject_lora(model, "all-linear")
     _assert_model_state(model, state)
+
+
+def _materialise_with_garbage(model):
+    """to_empty as meta-device init flows do it, with the uninitialised memory made visibly bad (NaN, huge ranks)."""
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.fill_(float("nan") if tensor.is_floating_point() else 1701081697)
+
+
+def _reset_like_meta_init(model):
+    # the usual loop (FSDP1's meta init calls it on every module holding parameters itself, torchtitan similarly)
+    for module in model.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+
+
+@pytest.mark.parametrize("init", [True, "gaussian"])
+def test_meta_to_empty_reset_parameters_gives_a_fresh_layer(init):
+    """Built under torch.device("meta"), injected, to_empty, reset_parameters(): finite weights, PEFT's init of the
+    adapter (B zeros, so the model equals its base layers), as nn.Linear's own flow gives."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8))
+        inject_lora(model, ["0", "2"], r=4, init_lora_weights=init)
+    _materialise_with_garbage(model)
+    _reset_like_meta_init(model)
+    for layer in (model[0], model[2]):
+        assert torch.isfinite(layer.weight).all() and torch.isfinite(layer.bias).all()
+        assert torch.count_nonzero(layer.lora_B.weight) == 0 and torch.isfinite(layer.lora_A.weight).all()
+        assert layer.weight.abs().max() <= 1 / math.sqrt(layer.in_features) + 1e-6  # nn.Linear's kaiming bound
+    if init == "gaussian":
+        assert abs(model[0].lora_A.weight.std().item() - 1 / 4) < 0.05
+    x = torch.randn(5, 32)
+    expected = nn.functional.linear(torch.relu(nn.functional.linear(x, model[0].weight, model[0].bias)),
+                                    model[2].weight, model[2].bias)
+    torch.testing.assert_close(model(x), expected)
+
+    # one layer on its own: reset_parameters() also unmerges and keeps init_lora_weights=False's random B
+    layer = _trained(LoRALinear(12, 6, r=2, init_lora_weights=False))
+    layer.merge()
+    layer.reset_parameters()
+    assert not layer.merged and torch.count_nonzero(layer.lora_B.weight) > 0
+    with pytest.raises(ValueError, match="init_lora_weights expected True, False or 'gaussian', got 1"):
+        layer.reset_lora_parameters(1)
+
+
+def test_multi_lora_meta_to_empty_reset_parameters_clears_every_slot():
+    """MultiLoRALinear after to_empty: its ranks and scalings buffers held garbage (ranks like 1701081697).
+    reset_parameters() re-initialises the base layer and empties every slot: the base output for every id."""
+    from lora_kernels import MultiLoRALinear, prepare_multi_adapter
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8))
+        prepare_multi_adapter(model, ["0", "2"], max_adapters=3, max_rank=4)
+    _materialise_with_garbage(model)
+    _reset_like_meta_init(model)
+    layer = model[0]
+    assert isinstance(layer, MultiLoRALinear)
+    assert layer.ranks.tolist() == [0, 0, 0] and layer.scalings.tolist() == [0.0, 0.0, 0.0]
+    assert layer.scalings.dtype == torch.float32
+    assert torch.count_nonzero(layer.lora_a) == 0 and torch.count_nonzero(layer.lora_b) == 0
+    x, ids = torch.randn(4, 32), torch.tensor([0, 1, 2, -1])
+    torch.testing.assert_close(layer(x, ids), layer.base_layer(x))
+    layer.set_adapter(1, torch.randn(2, 32), torch.randn(16, 2), scaling=0.5)  # usable as a new layer
+    assert layer.ranks.tolist() == [0, 2, 0]
+    layer.reset_parameters()  # on its own too, base included
+    assert layer.ranks.tolist() == [0, 0, 0] and torch.isfinite(layer.base_layer.weight).all()
