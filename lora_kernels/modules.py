@@ -235,10 +235,16 @@ class LoRALinear(nn.Module):
         return lora_linear(x, weight, lora_a, lora_b, self.scaling, self.bias, dropout_p=dropout_p,
                            backend=self.backend)
 
+    def _merge_dtype(self):
+        # float32 at least (a 16-bit weight takes the delta rounded once, not B @ A rounded first), and float64 for a
+        # float64 layer: rounding through float32 would move its weight by ~1e-8 for good on merge + unmerge
+        return torch.promote_types(torch.promote_types(self.weight.dtype, self.lora_A.weight.dtype), torch.float32)
+
     def delta_weight(self):
-        """scaling * B @ A in float32 [out, in]: what merge adds to the base weight (added in float32, rounded once;
-        transposed first with fan_in_fan_out)."""
-        return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+        """scaling * B @ A [out, in] in float32 (float64 for a float64 layer): what merge adds to the base weight
+        (added in that dtype, rounded once; transposed first with fan_in_fan_out)."""
+        dtype = self._merge_dtype()
+        return self.scaling * (self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype))
 
     def _stored_delta(self):
         delta = self.delta_weight()
@@ -251,7 +257,7 @@ class LoRALinear(nn.Module):
         safe_merge = check_flag("LoRALinear.merge", "safe_merge", safe_merge)
         if self.merged:
             raise RuntimeError("LoRALinear.merge: the adapter is already merged; call unmerge() first")
-        merged_weight = (self.weight.float() + self._stored_delta()).to(self.weight.dtype)
+        merged_weight = (self.weight.to(self._merge_dtype()) + self._stored_delta()).to(self.weight.dtype)
         if safe_merge and not torch.isfinite(merged_weight).all():
             raise ValueError("LoRALinear.merge: safe_merge found NaN/Inf in the merged weight; the layer is unchanged")
         self.weight.copy_(merged_weight)
@@ -262,7 +268,7 @@ class LoRALinear(nn.Module):
         """Subtracts the merged delta again (exact up to the weight dtype's rounding)."""
         if not self.merged:
             raise RuntimeError("LoRALinear.unmerge: the adapter is not merged")
-        self.weight.copy_((self.weight.float() - self._stored_delta()).to(self.weight.dtype))
+        self.weight.copy_((self.weight.to(self._merge_dtype()) - self._stored_delta()).to(self.weight.dtype))
         self.merged = False
 
     @contextlib.contextmanager
@@ -290,7 +296,8 @@ class LoRALinear(nn.Module):
             linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                                device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
-            linear.weight.copy_(self.weight if self.merged else (self.weight.float() + self._stored_delta()))
+            merged = self.weight if self.merged else self.weight.to(self._merge_dtype()) + self._stored_delta()
+            linear.weight.copy_(merged)
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
         linear.weight.requires_grad_(self.weight.requires_grad)
