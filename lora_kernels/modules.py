@@ -363,6 +363,20 @@ class MultiLoRALinear(nn.Module):
         self.train(base_linear.training)
         base_linear.requires_grad_(False)  # last: a failed allocation above leaves the base layer as it was
 
+    def _apply(self, fn, recurse=True):
+        # .half() / .bfloat16() / .to(dtype) cast every floating buffer: scalings would round (16/24 -> 0.66797 in
+        # bfloat16, +0.2% on every delta of that adapter) and the result would depend on whether the model was
+        # converted before or after prepare. Keep it float32, and let the conversion move it (device, to_empty).
+        scalings = self._buffers.get("scalings")
+
+        def keep_scalings_float32(tensor):
+            result = fn(tensor)
+            if tensor is scalings and result.dtype != torch.float32:
+                result = tensor.to(device=result.device)
+            return result
+
+        return super()._apply(keep_scalings_float32, recurse)
+
     @property
     def in_features(self):
         return self._in_features

@@ -441,3 +441,22 @@ def test_float64_merge_unmerge_delta_and_to_linear_stay_in_float64():
     # 16-bit layers keep merging in float32 (the delta rounded once)
     half = _trained(LoRALinear(16, 8, r=2, dtype=torch.bfloat16))
     assert half.delta_weight().dtype == torch.float32
+
+
+@pytest.mark.parametrize("convert", ["half", "bfloat16", "to_bfloat16", "double"])
+def test_multi_lora_scalings_stay_float32_across_dtype_conversions(convert):
+    """Module dtype conversions cast floating buffers: a scaling of 16/24 became 0.66797 under .bfloat16(). The
+    scalings buffer keeps its float32 values; the factors and base take the new dtype as usual."""
+    from lora_kernels import MultiLoRALinear
+    layer = MultiLoRALinear(nn.Linear(16, 8), max_adapters=2, max_rank=4)
+    layer.set_adapter(0, torch.randn(4, 16), torch.randn(8, 4), scaling=16 / 24)
+    dtype = {"half": torch.float16, "double": torch.float64}.get(convert, torch.bfloat16)
+    layer = layer.to(dtype) if convert == "to_bfloat16" else getattr(layer, convert)()
+    assert layer.scalings.dtype == torch.float32 and layer.scalings[0].item() == torch.tensor(16 / 24).item()
+    assert layer.lora_a.dtype == layer.base_layer.weight.dtype == dtype
+    layer.set_adapter(1, torch.randn(2, 16), torch.randn(8, 2), scaling=16 / 24)  # loaded after the conversion too
+    assert layer.scalings[1].item() == layer.scalings[0].item()
+    x = torch.randn(3, 16, dtype=dtype)
+    assert layer(x, torch.tensor([0, 1, -1])).dtype == dtype
+    moved = layer.to("meta")  # a conversion that moves it still moves it
+    assert moved.scalings.is_meta and moved.scalings.dtype == torch.float32
