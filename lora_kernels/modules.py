@@ -91,6 +91,22 @@ def check_wrappable_linear(op, what, module, hint=""):
                         f"(torch.nn.utils.remove_weight_norm){hint}")
 
 
+_HOOK_KINDS = (("forward", "_forward_hooks"), ("forward pre", "_forward_pre_hooks"), ("backward", "_backward_hooks"),
+               ("backward pre", "_backward_pre_hooks"))
+
+
+def warn_dropped_hooks(op, what, module, why, stacklevel):
+    """Warns when `module` carries hooks that the LoRA wrapper replacing it (or wrapping it without calling it) will
+    not fire: activation capture, steering or observers registered before the adapter went in would go silent. Not
+    carried over: a forward hook would then see the LoRA output (PEFT's see the base layer's), and the handles the
+    caller holds would remove them from the old module only."""
+    kinds = [kind for kind, attr in _HOOK_KINDS if getattr(module, attr, None)]
+    if kinds:
+        warnings.warn(f"{op}: {what} ({type(module).__name__}) has {' and '.join(kinds)} hooks, which are not carried "
+                      f"over: {why}, so they will not fire. Register them again on the new layer (they then see its "
+                      f"output, adapter included)", stacklevel=stacklevel + 1)
+
+
 class LoRALinear(nn.Module):
     """y = x @ weight.T + bias + scaling * lora_B(lora_A(dropout(x))), with scaling = lora_alpha / r
     (lora_alpha / sqrt(r) with use_rslora). weight [out, in] and bias [out] are frozen; lora_A.weight [r, in] and
@@ -334,8 +350,8 @@ class MultiLoRALinear(nn.Module):
     layer uses either the old or the new weights of a slot, never a mix (per layer: a model forward that runs while
     a loop updates its layers one by one can see some layers updated and others not)."""
 
-    def __init__(self, base_linear, max_adapters, max_rank, *, backend="auto"):
-        super().__init__()
+    def __init__(self, base_linear, max_adapters, max_rank, *, backend="auto", _name=None):
+        super().__init__()  # _name: the base layer's name in its model, for prepare_multi_adapter's messages
         if is_conv1d(base_linear):
             self.fan_in_fan_out = True  # Conv1D stores weight [in, out]; the forward passes weight.T
             in_features, out_features = base_linear.weight.shape
@@ -350,6 +366,10 @@ class MultiLoRALinear(nn.Module):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"MultiLoRALinear: {name} expected an int >= 1, got {value!r}")
         check_backend_name("MultiLoRALinear", backend)
+        op, what = ("prepare_multi_adapter", f"module {_name!r}") if _name is not None else ("MultiLoRALinear",
+                                                                                             "base_linear")
+        warn_dropped_hooks(op, what, base_linear, "MultiLoRALinear keeps it as base_layer but reads its weight and "
+                           "never calls it", stacklevel=2 if _name is None else 3)
         self.base_layer = base_linear
         self.max_adapters, self.max_rank, self.backend = max_adapters, max_rank, backend
         self._in_features, self._out_features = in_features, out_features
@@ -906,6 +926,8 @@ def inject_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_
                 _warn_linear_fan_in_fan_out(op, name)
             elif conv and not fan_in_fan_out:
                 warn_conv1d_fan_in_fan_out(op, name)
+            warn_dropped_hooks(op, f"module {name!r}", module, "the LoRALinear that replaces it never calls it",
+                               stacklevel=2)
             try:
                 layer = LoRALinear.from_linear(
                     module, pattern_value(rank_pattern, name, r), pattern_value(alpha_pattern, name, lora_alpha),
@@ -954,8 +976,9 @@ def prepare_multi_adapter(model, target_modules, max_adapters, max_rank, *, excl
     targets = find_target_linears(model, target_modules, exclude_modules, op, layers_to_transform=layers_to_transform,
                                   layers_pattern=layers_pattern)
     with _rollback_on_error(model) as replaced:
-        layers = [(name, module, MultiLoRALinear(module, max_adapters, max_rank, backend=backend))
-                  for name, module in targets]
+        layers = []
+        for name, module in targets:
+            layers.append((name, module, MultiLoRALinear(module, max_adapters, max_rank, backend=backend, _name=name)))
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         for name, old, layer in layers:
@@ -1127,6 +1150,8 @@ def merge_and_unload(model):
                          f"merge into the base model (load_peft_adapter without adapter_name) and merge that")
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
+            warn_dropped_hooks("merge_and_unload", f"module {name!r}", module, "it is replaced by a new layer holding "
+                               "the merged weight", stacklevel=2)
             _set_submodule(model, name, module.to_linear())
     _record_modules_to_save(model, None)  # the adapter is gone: a later inject_lora starts a new one
     _record_bias(model, "none")

@@ -33,7 +33,7 @@ from lora_kernels.modules import (BIAS_ATTR, BIAS_MODES, LORA_WRAPPERS, MODULES_
                                   check_targets_outside_heads, check_wrappable_linear,
                                   enable_input_grads_for_checkpointing, is_conv1d, lora_scaling, named_modules_to_save,
                                   named_target_modules, pattern_value, target_module_matches, trained_biases,
-                                  unwrap_model, warn_conv1d_fan_in_fan_out)
+                                  unwrap_model, warn_conv1d_fan_in_fan_out, warn_dropped_hooks)
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -537,6 +537,8 @@ def _commit_single(model, config, plan, grouped, heads, biases, backend, autocas
                         warn_conv1d_fan_in_fan_out(op, name)
                     elif config.fan_in_fan_out and not conv:
                         _warn_linear_fan_in_fan_out(op, name)
+                    warn_dropped_hooks(op, f"module {name!r}", module, "the LoRALinear that replaces it never calls "
+                                       "it", stacklevel=3)
                     layer = LoRALinear.from_linear(module, r, alpha, config.lora_dropout, config.use_rslora,
                                                    backend=backend, fan_in_fan_out=conv,
                                                    autocast_adapter_dtype=autocast_adapter_dtype)

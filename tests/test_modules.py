@@ -460,3 +460,41 @@ def test_multi_lora_scalings_stay_float32_across_dtype_conversions(convert):
     assert layer(x, torch.tensor([0, 1, -1])).dtype == dtype
     moved = layer.to("meta")  # a conversion that moves it still moves it
     assert moved.scalings.is_meta and moved.scalings.dtype == torch.float32
+
+
+def test_hooks_on_a_replaced_or_wrapped_layer_get_a_warning(tmp_path):
+    """Hooks registered on a layer before the adapter goes in never fire afterwards: inject_lora and
+    load_peft_adapter replace the module, MultiLoRALinear keeps it but never calls it, merge_and_unload replaces the
+    LoRA layer. Each warns, naming the module and the hook kinds, at the caller's line; hook-free layers do not."""
+    import warnings
+
+    from lora_kernels import MultiLoRALinear, load_peft_adapter, prepare_multi_adapter, save_peft_adapter
+
+    def model_with_hooks():
+        model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+        model[0].register_forward_hook(lambda module, args, output: None)
+        model[2].register_forward_pre_hook(lambda module, args: None)
+        return model
+
+    match = r"module '[02]' \(Linear\) has forward (pre )?hooks, which are not carried over: the LoRALinear that"
+    for call in ("inject_lora", "load_peft_adapter"):
+        with pytest.warns(UserWarning, match=rf"{call}: {match}") as caught:
+            if call == "inject_lora":
+                model = inject_lora(model_with_hooks(), ["0", "2"])
+                save_peft_adapter(model, tmp_path)
+            else:
+                load_peft_adapter(model_with_hooks(), tmp_path)
+        assert sorted(str(w.message).partition(" has ")[2].partition(" hooks")[0] for w in caught) == [
+            "forward", "forward pre"]
+        assert all(w.filename == __file__ for w in caught)
+    with pytest.warns(UserWarning, match=r"prepare_multi_adapter: module '0' \(Linear\) has forward hooks.*"
+                                         r"MultiLoRALinear keeps it as base_layer but reads its weight and never"):
+        prepare_multi_adapter(model_with_hooks(), ["0"], max_adapters=2, max_rank=4)
+    with pytest.warns(UserWarning, match=r"MultiLoRALinear: base_linear \(Linear\) has forward pre hooks"):
+        MultiLoRALinear(model_with_hooks()[2], max_adapters=2, max_rank=4)
+    model[0].register_full_backward_hook(lambda module, grad_input, grad_output: None)
+    with pytest.warns(UserWarning, match=r"merge_and_unload: module '0' \(LoRALinear\) has backward hooks"):
+        merge_and_unload(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        merge_and_unload(inject_lora(nn.Sequential(nn.Linear(8, 8)), ["0"]))
