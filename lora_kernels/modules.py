@@ -107,6 +107,10 @@ def warn_dropped_hooks(op, what, module, why, stacklevel):
                       f"output, adapter included)", stacklevel=stacklevel + 1)
 
 
+# init_lora_weights -> (lora_A's, lora_B's) LoRAFactor.init_scheme
+_INIT_SCHEMES = ((True, ("kaiming", "zeros")), ("gaussian", ("gaussian", "zeros")), (False, ("kaiming", "kaiming")))
+
+
 class LoRALinear(nn.Module):
     """y = x @ weight.T + bias + scaling * lora_B(lora_A(dropout(x))), with scaling = lora_alpha / r
     (lora_alpha / sqrt(r) with use_rslora). weight [out, in] and bias [out] are frozen; lora_A.weight [r, in] and
@@ -180,15 +184,12 @@ class LoRALinear(nn.Module):
             bound = 1 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
 
-    # init_lora_weights -> (lora_A's, lora_B's) LoRAFactor.init_scheme
-    _INIT_SCHEMES = {True: ("kaiming", "zeros"), "gaussian": ("gaussian", "zeros"), False: ("kaiming", "kaiming")}
-
     @torch.no_grad()
     def reset_lora_parameters(self, init_lora_weights=True):
         """PEFT's initialisations: True (A kaiming-uniform a=sqrt(5), B zeros), "gaussian" (A ~ N(0, std 1/r), B zeros),
         False (both random: the layer no longer starts as the identity; for tests). The choice is kept for
         reset_parameters()."""
-        schemes = next((v for k, v in self._INIT_SCHEMES.items()
+        schemes = next((v for k, v in _INIT_SCHEMES
                         if type(k) is type(init_lora_weights) and k == init_lora_weights), None)  # 1 is not True
         if schemes is None:
             raise ValueError(f"LoRALinear: init_lora_weights expected True, False or 'gaussian', got {init_lora_weights!r}")

@@ -477,13 +477,12 @@ def test_hooks_on_a_replaced_or_wrapped_layer_get_a_warning(tmp_path):
         return model
 
     match = r"module '[02]' \(Linear\) has forward (pre )?hooks, which are not carried over: the LoRALinear that"
-    for call in ("inject_lora", "load_peft_adapter"):
-        with pytest.warns(UserWarning, match=rf"{call}: {match}") as caught:
-            if call == "inject_lora":
-                model = inject_lora(model_with_hooks(), ["0", "2"])
-                save_peft_adapter(model, tmp_path)
-            else:
-                load_peft_adapter(model_with_hooks(), tmp_path)
+    with pytest.warns(UserWarning, match=rf"inject_lora: {match}") as injected:
+        model = inject_lora(model_with_hooks(), ["0", "2"])
+    save_peft_adapter(model, tmp_path)
+    with pytest.warns(UserWarning, match=rf"load_peft_adapter: {match}") as loaded:
+        load_peft_adapter(model_with_hooks(), tmp_path)
+    for caught in (injected, loaded):
         assert sorted(str(w.message).partition(" has ")[2].partition(" hooks")[0] for w in caught) == [
             "forward", "forward pre"]
         assert all(w.filename == __file__ for w in caught)
