@@ -20,11 +20,27 @@ from lora_kernels.ops import check_flag
 
 class LoRAFactor(nn.Module):
     """Holds one LoRA factor as `.weight`, so state-dict keys read `<layer>.lora_A.weight` as in PEFT. Not an
-    nn.Linear on purpose: target-module matching never wraps a factor."""
+    nn.Linear on purpose: target-module matching never wraps a factor.
 
-    def __init__(self, out_features, in_features, device=None, dtype=None):
+    init_scheme ("kaiming", "zeros" or "gaussian"; set by the owning LoRALinear from its init_lora_weights) is what
+    reset_parameters() does: meta-device init flows (FSDP's, torchtitan's) call reset_parameters() on every module
+    that holds parameters itself, the factors too, after their LoRALinear, so a factor must re-create its own part
+    of PEFT's init (lora_B zeros: a fresh adapter stays the identity)."""
+
+    def __init__(self, out_features, in_features, device=None, dtype=None, init_scheme="kaiming"):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self.init_scheme = init_scheme
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        scheme = getattr(self, "init_scheme", "kaiming")  # a factor pickled before init_scheme existed
+        if scheme == "zeros":
+            nn.init.zeros_(self.weight)
+        elif scheme == "gaussian":  # lora_A [r, in]: PEFT's N(0, std 1/r)
+            nn.init.normal_(self.weight, std=1 / self.weight.shape[0])
+        else:
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def extra_repr(self):
         return f"shape={tuple(self.weight.shape)}"
@@ -44,6 +60,55 @@ def conv1d_class():
 def is_conv1d(module):
     cls = conv1d_class()
     return cls is not None and isinstance(module, cls)
+
+
+def check_wrappable_linear(op, what, module, hint=""):
+    """TypeError, naming `what` and the class, for a linear layer a LoRA wrapper cannot stand in for. The wrappers
+    compute F.linear(x, weight, bias) on the layer's weight Parameter and never call the layer itself, so:
+    - an nn.Linear subclass with its own forward (fake-quant/QAT, torchao's Float8Linear, bnb's Linear8bitLt) would
+      lose that forward silently (a fresh adapter would not even reproduce the layer's output);
+    - a weight computed on each access (torch.nn.utils.parametrize: weight_norm, spectral_norm, orthogonal) or by a
+      forward pre-hook (the deprecated torch.nn.utils.weight_norm) is no Parameter to hold, freeze and merge into.
+    nn.Linear, its subclasses that keep nn.Linear's forward, and transformers' Conv1D pass."""
+    cls = type(module)
+    if isinstance(module, nn.Linear) and cls.forward is not nn.Linear.forward:
+        raise TypeError(f"{op}: {what} is a {cls.__module__}.{cls.__qualname__}, an nn.Linear subclass with its own "
+                        f"forward (e.g. fake-quant, float8 or 8-bit layers); a LoRA layer computes F.linear on its "
+                        f"weight and never calls that forward, so the layer's own computation would be lost. Only "
+                        f"nn.Linear, subclasses that keep nn.Linear's forward and transformers' Conv1D can be "
+                        f"wrapped{hint}")
+    if nn.utils.parametrize.is_parametrized(module):
+        raise TypeError(f"{op}: {what} ({cls.__name__}) has parametrizations on {sorted(module.parametrizations)} "
+                        f"(torch.nn.utils.parametrize: weight_norm, spectral_norm, orthogonal, ...): its weight is "
+                        f"computed on each access, not a Parameter a LoRA layer can hold and merge into. Remove them "
+                        f"first (parametrize.remove_parametrizations(module, 'weight') keeps the current value)"
+                        f"{hint}")
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, nn.Parameter):
+        raise TypeError(f"{op}: {what} ({cls.__name__}) has a weight that is not a Parameter (got "
+                        f"{type(weight).__name__}; the deprecated torch.nn.utils.weight_norm computes it in a forward "
+                        f"pre-hook): a LoRA layer needs the weight Parameter itself. Remove the hook first "
+                        f"(torch.nn.utils.remove_weight_norm){hint}")
+
+
+_HOOK_KINDS = (("forward", "_forward_hooks"), ("forward pre", "_forward_pre_hooks"), ("backward", "_backward_hooks"),
+               ("backward pre", "_backward_pre_hooks"))
+
+
+def warn_dropped_hooks(op, what, module, why, stacklevel):
+    """Warns when `module` carries hooks that the LoRA wrapper replacing it (or wrapping it without calling it) will
+    not fire: activation capture, steering or observers registered before the adapter went in would go silent. Not
+    carried over: a forward hook would then see the LoRA output (PEFT's see the base layer's), and the handles the
+    caller holds would remove them from the old module only."""
+    kinds = [kind for kind, attr in _HOOK_KINDS if getattr(module, attr, None)]
+    if kinds:
+        warnings.warn(f"{op}: {what} ({type(module).__name__}) has {' and '.join(kinds)} hooks, which are not carried "
+                      f"over: {why}, so they will not fire. Register them again on the new layer (they then see its "
+                      f"output, adapter included)", stacklevel=stacklevel + 1)
+
+
+# init_lora_weights -> (lora_A's, lora_B's) LoRAFactor.init_scheme
+_INIT_SCHEMES = ((True, ("kaiming", "zeros")), ("gaussian", ("gaussian", "zeros")), (False, ("kaiming", "kaiming")))
 
 
 class LoRALinear(nn.Module):
@@ -122,18 +187,25 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def reset_lora_parameters(self, init_lora_weights=True):
         """PEFT's initialisations: True (A kaiming-uniform a=sqrt(5), B zeros), "gaussian" (A ~ N(0, std 1/r), B zeros),
-        False (both random: the layer no longer starts as the identity; for tests)."""
-        if init_lora_weights is True:
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B.weight)
-        elif init_lora_weights == "gaussian":
-            nn.init.normal_(self.lora_A.weight, std=1 / self.r)
-            nn.init.zeros_(self.lora_B.weight)
-        elif init_lora_weights is False:
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-            nn.init.kaiming_uniform_(self.lora_B.weight, a=math.sqrt(5))
-        else:
+        False (both random: the layer no longer starts as the identity; for tests). The choice is kept for
+        reset_parameters()."""
+        schemes = next((v for k, v in _INIT_SCHEMES
+                        if type(k) is type(init_lora_weights) and k == init_lora_weights), None)  # 1 is not True
+        if schemes is None:
             raise ValueError(f"LoRALinear: init_lora_weights expected True, False or 'gaussian', got {init_lora_weights!r}")
+        self.init_lora_weights = init_lora_weights
+        for factor, scheme in zip((self.lora_A, self.lora_B), schemes):
+            factor.init_scheme = scheme
+            factor.reset_parameters()
+
+    def reset_parameters(self):
+        """Re-initialises the layer as a new one: the base weight and bias as nn.Linear does, the adapter with the
+        layer's init_lora_weights (a fresh adapter: the identity, unless it is False), unmerged. What meta-device
+        flows call after to_empty(); on a layer made by from_linear it re-initialises the shared base weight too,
+        as nn.Linear.reset_parameters() would."""
+        self._reset_base_parameters()
+        self.reset_lora_parameters(getattr(self, "init_lora_weights", True))  # a layer pickled before it was kept
+        self.merged = False
 
     @classmethod
     def from_linear(cls, linear, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False, *, init_lora_weights=True,
@@ -155,6 +227,7 @@ class LoRALinear(nn.Module):
                             f"pass fan_in_fan_out=True to wrap it")
         else:
             raise TypeError(f"{op}: linear expected an nn.Linear, got {type(linear).__name__}")
+        check_wrappable_linear(op, "linear", linear)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = in_features, out_features
@@ -179,10 +252,16 @@ class LoRALinear(nn.Module):
         return lora_linear(x, weight, lora_a, lora_b, self.scaling, self.bias, dropout_p=dropout_p,
                            backend=self.backend)
 
+    def _merge_dtype(self):
+        # float32 at least (a 16-bit weight takes the delta rounded once, not B @ A rounded first), and float64 for a
+        # float64 layer: rounding through float32 would move its weight by ~1e-8 for good on merge + unmerge
+        return torch.promote_types(torch.promote_types(self.weight.dtype, self.lora_A.weight.dtype), torch.float32)
+
     def delta_weight(self):
-        """scaling * B @ A in float32 [out, in]: what merge adds to the base weight (added in float32, rounded once;
-        transposed first with fan_in_fan_out)."""
-        return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+        """scaling * B @ A [out, in] in float32 (float64 for a float64 layer): what merge adds to the base weight
+        (added in that dtype, rounded once; transposed first with fan_in_fan_out)."""
+        dtype = self._merge_dtype()
+        return self.scaling * (self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype))
 
     def _stored_delta(self):
         delta = self.delta_weight()
@@ -195,7 +274,7 @@ class LoRALinear(nn.Module):
         safe_merge = check_flag("LoRALinear.merge", "safe_merge", safe_merge)
         if self.merged:
             raise RuntimeError("LoRALinear.merge: the adapter is already merged; call unmerge() first")
-        merged_weight = (self.weight.float() + self._stored_delta()).to(self.weight.dtype)
+        merged_weight = (self.weight.to(self._merge_dtype()) + self._stored_delta()).to(self.weight.dtype)
         if safe_merge and not torch.isfinite(merged_weight).all():
             raise ValueError("LoRALinear.merge: safe_merge found NaN/Inf in the merged weight; the layer is unchanged")
         self.weight.copy_(merged_weight)
@@ -206,7 +285,7 @@ class LoRALinear(nn.Module):
         """Subtracts the merged delta again (exact up to the weight dtype's rounding)."""
         if not self.merged:
             raise RuntimeError("LoRALinear.unmerge: the adapter is not merged")
-        self.weight.copy_((self.weight.float() - self._stored_delta()).to(self.weight.dtype))
+        self.weight.copy_((self.weight.to(self._merge_dtype()) - self._stored_delta()).to(self.weight.dtype))
         self.merged = False
 
     @contextlib.contextmanager
@@ -234,7 +313,8 @@ class LoRALinear(nn.Module):
             linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                                device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
-            linear.weight.copy_(self.weight if self.merged else (self.weight.float() + self._stored_delta()))
+            merged = self.weight if self.merged else self.weight.to(self._merge_dtype()) + self._stored_delta()
+            linear.weight.copy_(merged)
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
         linear.weight.requires_grad_(self.weight.requires_grad)
@@ -271,8 +351,8 @@ class MultiLoRALinear(nn.Module):
     layer uses either the old or the new weights of a slot, never a mix (per layer: a model forward that runs while
     a loop updates its layers one by one can see some layers updated and others not)."""
 
-    def __init__(self, base_linear, max_adapters, max_rank, *, backend="auto"):
-        super().__init__()
+    def __init__(self, base_linear, max_adapters, max_rank, *, backend="auto", _name=None):
+        super().__init__()  # _name: the base layer's name in its model, for prepare_multi_adapter's messages
         if is_conv1d(base_linear):
             self.fan_in_fan_out = True  # Conv1D stores weight [in, out]; the forward passes weight.T
             in_features, out_features = base_linear.weight.shape
@@ -282,10 +362,15 @@ class MultiLoRALinear(nn.Module):
         else:
             raise TypeError(f"MultiLoRALinear: base_linear expected an nn.Linear or a transformers Conv1D, "
                             f"got {type(base_linear).__name__}")
+        check_wrappable_linear("MultiLoRALinear", "base_linear", base_linear)
         for name, value in (("max_adapters", max_adapters), ("max_rank", max_rank)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"MultiLoRALinear: {name} expected an int >= 1, got {value!r}")
         check_backend_name("MultiLoRALinear", backend)
+        op, what = ("prepare_multi_adapter", f"module {_name!r}") if _name is not None else ("MultiLoRALinear",
+                                                                                             "base_linear")
+        warn_dropped_hooks(op, what, base_linear, "MultiLoRALinear keeps it as base_layer but reads its weight and "
+                           "never calls it", stacklevel=2 if _name is None else 3)
         self.base_layer = base_linear
         self.max_adapters, self.max_rank, self.backend = max_adapters, max_rank, backend
         self._in_features, self._out_features = in_features, out_features
@@ -298,6 +383,20 @@ class MultiLoRALinear(nn.Module):
         self.register_buffer("ranks", torch.zeros(max_adapters, dtype=torch.int32, device=weight.device))
         self.train(base_linear.training)
         base_linear.requires_grad_(False)  # last: a failed allocation above leaves the base layer as it was
+
+    def _apply(self, fn, recurse=True):
+        # .half() / .bfloat16() / .to(dtype) cast every floating buffer: scalings would round (16/24 -> 0.66797 in
+        # bfloat16, +0.2% on every delta of that adapter) and the result would depend on whether the model was
+        # converted before or after prepare. Keep it float32, and let the conversion move it (device, to_empty).
+        scalings = self._buffers.get("scalings")
+
+        def keep_scalings_float32(tensor):
+            result = fn(tensor)
+            if tensor is scalings and result.dtype != torch.float32:
+                result = tensor.to(device=result.device)
+            return result
+
+        return super()._apply(keep_scalings_float32, recurse)
 
     @property
     def in_features(self):
@@ -349,6 +448,26 @@ class MultiLoRALinear(nn.Module):
             self.lora_b[slot].copy_(padded_b)
             self.scalings[slot] = scaling
             self.ranks[slot] = rank
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Re-initialises the base layer (its reset_parameters(); a transformers Conv1D, which has none, as its
+        constructor does: weight ~ N(0, 0.02), bias zeros) and clears every slot (rank 0, scaling 0, zero
+        factors), as after construction: what meta-device flows call after to_empty(), which leaves the ranks and
+        scalings buffers uninitialised. A name -> slot table the model holds (lora_adapter_slots) is not changed:
+        load the adapters again."""
+        base = self.base_layer
+        if callable(getattr(base, "reset_parameters", None)):
+            base.reset_parameters()
+        else:
+            nn.init.normal_(base.weight, std=0.02)
+            if getattr(base, "bias", None) is not None:
+                nn.init.zeros_(base.bias)
+        with _SLOT_LOCK:
+            self.lora_a.zero_()
+            self.lora_b.zero_()
+            self.scalings.zero_()
+            self.ranks.zero_()
 
     @torch.no_grad()
     def clear_adapter(self, slot):
@@ -488,6 +607,9 @@ def named_target_modules(model, target_modules, exclude_modules=None, *, layers_
     return found
 
 
+_LEAVE_OUT_HINT = "; or leave it out of the targets (exclude_modules)"
+
+
 def find_target_linears(model, target_modules, exclude_modules=None, op="inject_lora", *, layers_to_transform=None,
                         layers_pattern=None, modules_to_save=None):
     """[(name, module)] of the nn.Linear and transformers Conv1D modules that target_modules selects. A matched
@@ -502,10 +624,47 @@ def find_target_linears(model, target_modules, exclude_modules=None, op="inject_
             raise TypeError(f"{op}: module {name!r} matches target_modules but is a {type(module).__name__}; "
                             f"only nn.Linear and transformers Conv1D layers can be wrapped")
         check_no_accelerate_hook(op, name, module)
+        check_wrappable_linear(op, f"module {name!r}", module, _LEAVE_OUT_HINT)
         found.append((name, module))
     if not found:
         raise ValueError(f"{op}: target_modules {target_modules!r} matched no nn.Linear in the model")
+    _warn_partial_targets(op, model, target_modules)
     return found
+
+
+def _fused_expert_parameters(model):
+    """Names of the 3-D Parameters held by mixture-of-experts modules (transformers 5 fuses each layer's experts
+    into `experts.gate_up_proj` / `experts.down_proj` [num_experts, ...]): no nn.Linear, so no target here."""
+    return [f"{name}.{pname}" for name, module in model.named_modules()
+            if name.rpartition(".")[2] == "experts" or type(module).__name__.endswith("Experts")
+            for pname, parameter in module.named_parameters(recurse=False) if parameter.dim() == 3]
+
+
+def _warn_partial_targets(op, model, target_modules):
+    """Warns where the adapter is silently smaller than the user (or PEFT) would make it: a list entry that names no
+    module while others do (PEFT only raises when nothing matches; a name ported from transformers 4, such as
+    Mixtral's "w2", then trains nothing), and "all-linear" on a model with fused 3-D expert weights, which PEFT
+    adapts for some models through target_parameters, unsupported here. One pass over the module names."""
+    if isinstance(target_modules, str):
+        if target_modules.lower() != "all-linear":
+            return
+        fused = _fused_expert_parameters(model)
+        if fused:
+            warnings.warn(f"{op}: target_modules='all-linear' adapts nn.Linear/Conv1D layers only; the model's fused "
+                          f"expert weights ({fused[:2]}{' ...' if len(fused) > 2 else ''}: 3-D Parameters, not "
+                          f"layers) get no LoRA. PEFT adapts them for some models (target_parameters, e.g. Mixtral "
+                          f"under transformers 5), which lora_kernels does not support, so this adapter is smaller "
+                          f"than PEFT's", stacklevel=4)
+        return
+    entries = list(dict.fromkeys(target_modules))
+    names = [name for name, _ in model.named_modules() if name]
+    missing = [entry for entry in entries if not any(n == entry or n.endswith("." + entry) for n in names)]
+    if missing:
+        fused = _fused_expert_parameters(model)
+        hint = (f"; the model's experts are fused 3-D Parameters ({fused[0]!r} ...), which hold no per-expert "
+                f"layers to target (PEFT's target_parameters, unsupported here)" if fused else "")
+        warnings.warn(f"{op}: target_modules entries {missing} match no module of the model (the others do), so they "
+                      f"add no LoRA layer{hint}", stacklevel=4)
 
 
 MODULES_TO_SAVE_ATTR = "lora_modules_to_save"  # on the model: the modules_to_save names its adapter trains and saves
@@ -547,6 +706,23 @@ def named_modules_to_save(model, modules_to_save, op):
                                  f"{outside[0]!r} outside it; training or loading it would change both (untie them "
                                  f"first)")
     return found
+
+
+def check_targets_outside_heads(op, targets, heads, modules_to_save):
+    """ValueError when a LoRA target is (or lies inside) a modules_to_save module. PEFT selects modules_to_save by a
+    plain suffix test (name.endswith(entry): "classifier" also selects DistilBERT's "pre_classifier") but keeps LoRA
+    targets out of them by whole name components only (in_modules_to_save), so the two disagree on such names; the
+    module would get a LoRA and train whole, and PEFT refuses it at get_peft_model. Called before the model changes."""
+    for name, _ in targets:
+        for head, _ in heads:
+            if name == head or name.startswith(head + "."):
+                entry = next(e for e in modules_to_save if head.endswith(e))
+                where = "is" if name == head else "lies inside"
+                raise ValueError(f"{op}: module {name!r} is a LoRA target and {where} the modules_to_save module "
+                                 f"{head!r} (entry {entry!r}: modules_to_save selects every module whose name ends "
+                                 f"with an entry, as PEFT); a module is either trained whole or given a LoRA, not "
+                                 f"both. Leave it out of the targets (exclude_modules=[{name!r}]: it then trains "
+                                 f"whole, as PEFT would) or use modules_to_save entries it does not end with")
 
 
 def _record_modules_to_save(model, modules_to_save):
@@ -741,6 +917,7 @@ def inject_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_
     targets = find_target_linears(model, target_modules, exclude_modules, op, layers_to_transform=layers_to_transform,
                                   layers_pattern=layers_pattern, modules_to_save=modules_to_save or None)
     heads = named_modules_to_save(model, modules_to_save, op) if modules_to_save else []
+    check_targets_outside_heads(op, targets, heads, modules_to_save)
     _warn_tied_targets(op, model, targets)
     with _rollback_on_error(model) as replaced:
         layers = []
@@ -750,6 +927,8 @@ def inject_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_
                 _warn_linear_fan_in_fan_out(op, name)
             elif conv and not fan_in_fan_out:
                 warn_conv1d_fan_in_fan_out(op, name)
+            warn_dropped_hooks(op, f"module {name!r}", module, "the LoRALinear that replaces it never calls it",
+                               stacklevel=2)
             try:
                 layer = LoRALinear.from_linear(
                     module, pattern_value(rank_pattern, name, r), pattern_value(alpha_pattern, name, lora_alpha),
@@ -798,8 +977,9 @@ def prepare_multi_adapter(model, target_modules, max_adapters, max_rank, *, excl
     targets = find_target_linears(model, target_modules, exclude_modules, op, layers_to_transform=layers_to_transform,
                                   layers_pattern=layers_pattern)
     with _rollback_on_error(model) as replaced:
-        layers = [(name, module, MultiLoRALinear(module, max_adapters, max_rank, backend=backend))
-                  for name, module in targets]
+        layers = []
+        for name, module in targets:
+            layers.append((name, module, MultiLoRALinear(module, max_adapters, max_rank, backend=backend, _name=name)))
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         for name, old, layer in layers:
@@ -971,6 +1151,8 @@ def merge_and_unload(model):
                          f"merge into the base model (load_peft_adapter without adapter_name) and merge that")
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
+            warn_dropped_hooks("merge_and_unload", f"module {name!r}", module, "it is replaced by a new layer holding "
+                               "the merged weight", stacklevel=2)
             _set_submodule(model, name, module.to_linear())
     _record_modules_to_save(model, None)  # the adapter is gone: a later inject_lora starts a new one
     _record_bias(model, "none")

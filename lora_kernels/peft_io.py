@@ -30,9 +30,10 @@ from lora_kernels.backends import check_backend_name
 from lora_kernels.modules import (BIAS_ATTR, BIAS_MODES, LORA_WRAPPERS, MODULES_TO_SAVE_ATTR, LoRALinear,
                                   MultiLoRALinear, _record_bias, _record_modules_to_save, _rollback_on_error,
                                   _set_submodule, _train_biases, _warn_linear_fan_in_fan_out, check_no_accelerate_hook,
+                                  check_targets_outside_heads, check_wrappable_linear,
                                   enable_input_grads_for_checkpointing, is_conv1d, lora_scaling, named_modules_to_save,
                                   named_target_modules, pattern_value, target_module_matches, trained_biases,
-                                  unwrap_model, warn_conv1d_fan_in_fan_out)
+                                  unwrap_model, warn_conv1d_fan_in_fan_out, warn_dropped_hooks)
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -442,6 +443,7 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
     tensors, file = read_adapter_weights(path)
     targets = _targets(model, config, op)
     heads, tensors = _split_modules_to_save(model, config, tensors, file, adapter_name, op)
+    check_targets_outside_heads(op, targets, [(name, module) for name, module, _ in heads], config.modules_to_save)
     biases, tensors = _split_biases(model, config, tensors, file, adapter_name, op, {name for name, _ in targets},
                                     heads)
     grouped = group_adapter_weights(tensors, file, config.modules_to_save)
@@ -468,9 +470,11 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
             in_features, out_features = module.in_features, module.out_features
         elif is_conv1d(module):
             check_no_accelerate_hook(op, name, module)
+            check_wrappable_linear(op, f"module {name!r}", module)
             in_features, out_features = module.weight.shape
         elif isinstance(module, nn.Linear):
             check_no_accelerate_hook(op, name, module)
+            check_wrappable_linear(op, f"module {name!r}", module)
             in_features, out_features = module.in_features, module.out_features
         elif type(module).__module__.startswith("peft."):
             raise ValueError(f"{op}: module {name!r} is a PEFT layer ({type(module).__name__}); pass the base model, "
@@ -533,6 +537,8 @@ def _commit_single(model, config, plan, grouped, heads, biases, backend, autocas
                         warn_conv1d_fan_in_fan_out(op, name)
                     elif config.fan_in_fan_out and not conv:
                         _warn_linear_fan_in_fan_out(op, name)
+                    warn_dropped_hooks(op, f"module {name!r}", module, "the LoRALinear that replaces it never calls "
+                                       "it", stacklevel=3)
                     layer = LoRALinear.from_linear(module, r, alpha, config.lora_dropout, config.use_rslora,
                                                    backend=backend, fan_in_fan_out=conv,
                                                    autocast_adapter_dtype=autocast_adapter_dtype)

@@ -229,6 +229,53 @@ def test_sequence_classification_head_in_modules_to_save_both_ways(tmp_path):
     assert (logits - base(input_ids=ids).logits).abs().max() > 1e-2  # the head and the adapter do something
 
 
+def test_distilbert_pre_classifier_as_target_and_head_is_refused_untouched():
+    """DistilBERT's pre_classifier ends with "classifier": modules_to_save=["classifier"] selects it (PEFT's suffix
+    rule), and "all-linear" targets it too. PEFT refuses that at get_peft_model; so does inject_lora, before any
+    change (it used to train the layer whole beside its LoRA and fail only at save time)."""
+    torch.manual_seed(0)
+    base = transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(
+        dim=64, hidden_dim=96, n_layers=2, n_heads=4, vocab_size=VOCAB, num_labels=3)).eval()
+    with pytest.raises(TypeError, match="modules_to_save cannot be applied to modules of type"):
+        _peft(base, target_modules="all-linear", modules_to_save=["classifier"])
+    model = copy.deepcopy(base)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [(n, p.requires_grad) for n, p in model.named_parameters()]
+    types = [(n, type(m)) for n, m in model.named_modules()]
+    for targets in ("all-linear", ["q_lin", "pre_classifier"]):
+        with pytest.raises(ValueError, match="module 'pre_classifier' is a LoRA target and is the modules_to_save "
+                                             "module 'pre_classifier'"):
+            lk.inject_lora(model, targets, modules_to_save=["classifier"])
+        assert [(n, type(m)) for n, m in model.named_modules()] == types
+        assert [(n, p.requires_grad) for n, p in model.named_parameters()] == flags
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+        assert not hasattr(model, "lora_modules_to_save")
+
+
+def test_a_smaller_adapter_than_asked_for_gets_a_warning(llama):
+    """transformers 5 fuses Mixtral's experts into 3-D Parameters: PEFT adapts them (target_parameters) under
+    "all-linear" and for the transformers-4 names ("w2"), lora_kernels cannot. Both warn, naming what is left out;
+    ordinary targets do not warn."""
+    torch.manual_seed(0)
+    mixtral = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        intermediate_size=96, vocab_size=VOCAB, num_local_experts=4, num_experts_per_tok=2))
+    with pytest.warns(UserWarning, match=r"'all-linear' adapts nn.Linear/Conv1D layers only; the model's fused expert "
+                                         r"weights \(\['model.layers.0.mlp.experts.gate_up_proj'.*target_parameters"):
+        lk.inject_lora(copy.deepcopy(mixtral), "all-linear")
+    with pytest.warns(UserWarning, match=r"target_modules entries \['w2', 'w1'\] match no module of the model \(the "
+                                         r"others do\).*experts are fused 3-D Parameters"):
+        model = lk.inject_lora(copy.deepcopy(mixtral), ["q_proj", "w2", "w1"])
+    assert {n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, LoRALinear)} == {"q_proj"}
+    with pytest.warns(UserWarning, match=r"prepare_multi_adapter: target_modules entries \['nope'\]"):
+        lk.prepare_multi_adapter(copy.deepcopy(llama), ["q_proj", "nope"], max_adapters=2, max_rank=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lk.inject_lora(copy.deepcopy(mixtral), ["q_proj", "v_proj"])
+        lk.inject_lora(copy.deepcopy(llama), "all-linear")
+        lk.inject_lora(copy.deepcopy(llama), ["q_proj", "v_proj", "gate_proj"])
+
+
 def test_gpt2_conv1d_parity_and_round_trip_both_ways(gpt2, tmp_path):
     ids = _ids()
     theirs = _peft(gpt2, r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
@@ -344,6 +391,7 @@ def test_torch_compile_fullgraph_training_step_of_an_injected_llama(llama):
 
 
 @pytest.mark.parametrize("how", ["inject", "load"])
+@pytest.mark.filterwarnings("ignore:.*target_modules entries .* match no module:UserWarning")  # both versions' names
 def test_reentrant_checkpointing_enabled_before_wrapping_trains_the_adapter(how, tmp_path):
     """PEFT's recipe `model.gradient_checkpointing_enable(); get_peft_model(model, ...)` on a model whose
     checkpointing does not mark its inputs as requiring grad (ViT): with the embeddings frozen, reentrant

@@ -284,3 +284,216 @@ def test_flags_take_bool_like_values_and_refuse_strings():
     for value in ("no", None, 2):
         with pytest.raises(TypeError, match="use_rslora expected a bool"):
             LoRALinear(8, 6, r=2, use_rslora=value)
+
+
+class _FakeQuantLinear(nn.Linear):
+    """A QAT-style layer: its forward rounds the weight, so its output is not F.linear(x, weight, bias)."""
+
+    def forward(self, x):
+        return nn.functional.linear(x, torch.round(self.weight * 4) / 4, self.bias)
+
+
+class _TaggedLinear(nn.Linear):
+    """A subclass that keeps nn.Linear's forward (like nn.MultiheadAttention's NonDynamicallyQuantizableLinear)."""
+
+
+def _model_state(model):
+    return ([(n, type(m)) for n, m in model.named_modules()],
+            [(n, p.requires_grad) for n, p in model.named_parameters()],
+            {k: v.clone() for k, v in model.state_dict().items()})
+
+
+def _assert_model_state(model, state):
+    types, flags, values = state
+    assert [(n, type(m)) for n, m in model.named_modules()] == types
+    assert [(n, p.requires_grad) for n, p in model.named_parameters()] == flags
+    assert all(torch.equal(v, values[k]) for k, v in model.state_dict().items())
+
+
+def test_linear_subclasses_with_their_own_forward_are_refused_untouched():
+    """A LoRA layer computes F.linear on the weight and never calls the wrapped layer: a subclass with its own forward
+    (fake-quant, Float8Linear, bnb's Linear8bitLt) would silently lose it. Refused by class, before any change."""
+    from lora_kernels import MultiLoRALinear
+    fake = _FakeQuantLinear(8, 8)
+    with pytest.raises(TypeError, match=r"from_linear: linear is a .*_FakeQuantLinear, an nn.Linear subclass with its "
+                                        r"own forward"):
+        LoRALinear.from_linear(fake)
+    with pytest.raises(TypeError, match=r"MultiLoRALinear: base_linear is a .*_FakeQuantLinear"):
+        MultiLoRALinear(fake, max_adapters=2, max_rank=4)
+    assert fake.weight.requires_grad and fake.bias.requires_grad
+    model = nn.Sequential(nn.Linear(8, 8), _FakeQuantLinear(8, 8), nn.ReLU(), _TaggedLinear(8, 8))
+    state = _model_state(model)
+    for targets in ("all-linear", ["0", "1"]):
+        with pytest.raises(TypeError, match=r"inject_lora: module '1' is a .*_FakeQuantLinear.*exclude_modules"):
+            inject_lora(model, targets)
+        _assert_model_state(model, state)
+    # a subclass that keeps nn.Linear's forward is a plain linear layer
+    inject_lora(model, "all-linear", exclude_modules=["1"])
+    assert isinstance(model[0], LoRALinear) and isinstance(model[3], LoRALinear)
+    x = torch.randn(3, 8)
+    multi = MultiLoRALinear(_TaggedLinear(8, 8), max_adapters=2, max_rank=4)
+    torch.testing.assert_close(multi(x, torch.zeros(3, dtype=torch.long)), multi.base_layer(x))
+
+
+def test_parametrized_linears_are_refused_with_a_clear_error():
+    """weight_norm / spectral_norm / orthogonal (torch.nn.utils.parametrize) compute the weight on each access, and
+    the deprecated weight_norm in a forward pre-hook: no Parameter to hold and merge into. A TypeError naming the
+    cause, not torch's "you can only change requires_grad flags of leaf variables"."""
+    parametrized = nn.utils.parametrizations.weight_norm(nn.Linear(8, 8))
+    with pytest.raises(TypeError, match=r"from_linear: linear \(ParametrizedLinear\) has parametrizations on "
+                                        r"\['weight'\].*remove_parametrizations"):
+        LoRALinear.from_linear(parametrized)
+    with pytest.warns(FutureWarning):
+        hooked = nn.utils.weight_norm(nn.Linear(8, 8))
+    with pytest.raises(TypeError, match=r"from_linear: linear \(Linear\) has a weight that is not a Parameter"):
+        LoRALinear.from_linear(hooked)
+    model = nn.Sequential(nn.Linear(8, 8), nn.utils.parametrizations.spectral_norm(nn.Linear(8, 8)))
+    state = _model_state(model)
+    with pytest.raises(TypeError, match=r"inject_lora: module '1' \(ParametrizedLinear\) has parametrizations"):
+        inject_lora(model, "all-linear")
+    _assert_model_state(model, state)
+
+
+def _materialise_with_garbage(model):
+    """to_empty as meta-device init flows do it, with the uninitialised memory made visibly bad (NaN, huge ranks)."""
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.fill_(float("nan") if tensor.is_floating_point() else 1701081697)
+
+
+def _reset_like_meta_init(model):
+    # the usual loop (FSDP1's meta init calls it on every module holding parameters itself, torchtitan similarly)
+    for module in model.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+
+
+@pytest.mark.parametrize("init", [True, "gaussian"])
+def test_meta_to_empty_reset_parameters_gives_a_fresh_layer(init):
+    """Built under torch.device("meta"), injected, to_empty, reset_parameters(): finite weights, PEFT's init of the
+    adapter (B zeros, so the model equals its base layers), as nn.Linear's own flow gives."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8))
+        inject_lora(model, ["0", "2"], r=4, init_lora_weights=init)
+    _materialise_with_garbage(model)
+    _reset_like_meta_init(model)
+    for layer in (model[0], model[2]):
+        assert torch.isfinite(layer.weight).all() and torch.isfinite(layer.bias).all()
+        assert torch.count_nonzero(layer.lora_B.weight) == 0 and torch.isfinite(layer.lora_A.weight).all()
+        assert layer.weight.abs().max() <= 1 / math.sqrt(layer.in_features) + 1e-6  # nn.Linear's kaiming bound
+    if init == "gaussian":
+        assert abs(model[0].lora_A.weight.std().item() - 1 / 4) < 0.05
+    x = torch.randn(5, 32)
+    expected = nn.functional.linear(torch.relu(nn.functional.linear(x, model[0].weight, model[0].bias)),
+                                    model[2].weight, model[2].bias)
+    torch.testing.assert_close(model(x), expected)
+
+    # one layer on its own: reset_parameters() also unmerges and keeps init_lora_weights=False's random B
+    layer = _trained(LoRALinear(12, 6, r=2, init_lora_weights=False))
+    layer.merge()
+    layer.reset_parameters()
+    assert not layer.merged and torch.count_nonzero(layer.lora_B.weight) > 0
+    with pytest.raises(ValueError, match="init_lora_weights expected True, False or 'gaussian', got 1"):
+        layer.reset_lora_parameters(1)
+
+
+def test_multi_lora_meta_to_empty_reset_parameters_clears_every_slot():
+    """MultiLoRALinear after to_empty: its ranks and scalings buffers held garbage (ranks like 1701081697).
+    reset_parameters() re-initialises the base layer and empties every slot: the base output for every id."""
+    from lora_kernels import MultiLoRALinear, prepare_multi_adapter
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8))
+        prepare_multi_adapter(model, ["0", "2"], max_adapters=3, max_rank=4)
+    _materialise_with_garbage(model)
+    _reset_like_meta_init(model)
+    layer = model[0]
+    assert isinstance(layer, MultiLoRALinear)
+    assert layer.ranks.tolist() == [0, 0, 0] and layer.scalings.tolist() == [0.0, 0.0, 0.0]
+    assert layer.scalings.dtype == torch.float32
+    assert torch.count_nonzero(layer.lora_a) == 0 and torch.count_nonzero(layer.lora_b) == 0
+    x, ids = torch.randn(4, 32), torch.tensor([0, 1, 2, -1])
+    torch.testing.assert_close(layer(x, ids), layer.base_layer(x))
+    layer.set_adapter(1, torch.randn(2, 32), torch.randn(16, 2), scaling=0.5)  # usable as a new layer
+    assert layer.ranks.tolist() == [0, 2, 0]
+    layer.reset_parameters()  # on its own too, base included
+    assert layer.ranks.tolist() == [0, 0, 0] and torch.isfinite(layer.base_layer.weight).all()
+
+
+def test_float64_merge_unmerge_delta_and_to_linear_stay_in_float64():
+    """A float64 layer merges in float64 (it rounded through float32: merge + unmerge moved the weight by ~1e-8 for
+    good, and delta_weight() was float32). PEFT's drift there is 0; here it is within float64 rounding."""
+    torch.manual_seed(0)
+    layer = _trained(LoRALinear(48, 40, r=4, lora_alpha=24, dtype=torch.float64))
+    w0, x = layer.weight.detach().clone(), torch.randn(6, 48, dtype=torch.float64)
+    delta = layer.delta_weight()
+    assert delta.dtype == torch.float64
+    exact = layer.scaling * (layer.lora_B.weight @ layer.lora_A.weight)
+    assert ((delta - exact).abs().max() / exact.abs().max()).item() <= 1e-15
+    unmerged = layer(x)
+    linear = layer.to_linear()
+    assert linear.weight.dtype == torch.float64
+    assert ((linear.weight - (w0 + exact)).abs().max() / w0.abs().max()).item() <= 1e-15
+    layer.merge()
+    assert ((layer(x) - unmerged).abs().max() / unmerged.abs().max()).item() <= 1e-14
+    layer.unmerge()  # relative to the merged weight, whose rounding is all that may remain
+    assert ((layer.weight - w0).abs().max() / (w0 + exact).abs().max()).item() <= 1e-15
+    # 16-bit layers keep merging in float32 (the delta rounded once)
+    half = _trained(LoRALinear(16, 8, r=2, dtype=torch.bfloat16))
+    assert half.delta_weight().dtype == torch.float32
+
+
+@pytest.mark.parametrize("convert", ["half", "bfloat16", "to_bfloat16", "double"])
+def test_multi_lora_scalings_stay_float32_across_dtype_conversions(convert):
+    """Module dtype conversions cast floating buffers: a scaling of 16/24 became 0.66797 under .bfloat16(). The
+    scalings buffer keeps its float32 values; the factors and base take the new dtype as usual."""
+    from lora_kernels import MultiLoRALinear
+    layer = MultiLoRALinear(nn.Linear(16, 8), max_adapters=2, max_rank=4)
+    layer.set_adapter(0, torch.randn(4, 16), torch.randn(8, 4), scaling=16 / 24)
+    dtype = {"half": torch.float16, "double": torch.float64}.get(convert, torch.bfloat16)
+    layer = layer.to(dtype) if convert == "to_bfloat16" else getattr(layer, convert)()
+    assert layer.scalings.dtype == torch.float32 and layer.scalings[0].item() == torch.tensor(16 / 24).item()
+    assert layer.lora_a.dtype == layer.base_layer.weight.dtype == dtype
+    layer.set_adapter(1, torch.randn(2, 16), torch.randn(8, 2), scaling=16 / 24)  # loaded after the conversion too
+    assert layer.scalings[1].item() == layer.scalings[0].item()
+    x = torch.randn(3, 16, dtype=dtype)
+    assert layer(x, torch.tensor([0, 1, -1])).dtype == dtype
+    moved = layer.to("meta")  # a conversion that moves it still moves it
+    assert moved.scalings.is_meta and moved.scalings.dtype == torch.float32
+
+
+def test_hooks_on_a_replaced_or_wrapped_layer_get_a_warning(tmp_path):
+    """Hooks registered on a layer before the adapter goes in never fire afterwards: inject_lora and
+    load_peft_adapter replace the module, MultiLoRALinear keeps it but never calls it, merge_and_unload replaces the
+    LoRA layer. Each warns, naming the module and the hook kinds, at the caller's line; hook-free layers do not."""
+    import warnings
+
+    from lora_kernels import MultiLoRALinear, load_peft_adapter, prepare_multi_adapter, save_peft_adapter
+
+    def model_with_hooks():
+        model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+        model[0].register_forward_hook(lambda module, args, output: None)
+        model[2].register_forward_pre_hook(lambda module, args: None)
+        return model
+
+    match = r"module '[02]' \(Linear\) has forward (pre )?hooks, which are not carried over: the LoRALinear that"
+    with pytest.warns(UserWarning, match=rf"inject_lora: {match}") as injected:
+        model = inject_lora(model_with_hooks(), ["0", "2"])
+    save_peft_adapter(model, tmp_path)
+    with pytest.warns(UserWarning, match=rf"load_peft_adapter: {match}") as loaded:
+        load_peft_adapter(model_with_hooks(), tmp_path)
+    for caught in (injected, loaded):
+        assert sorted(str(w.message).partition(" has ")[2].partition(" hooks")[0] for w in caught) == [
+            "forward", "forward pre"]
+        assert all(w.filename == __file__ for w in caught)
+    with pytest.warns(UserWarning, match=r"prepare_multi_adapter: module '0' \(Linear\) has forward hooks.*"
+                                         r"MultiLoRALinear keeps it as base_layer but reads its weight and never"):
+        prepare_multi_adapter(model_with_hooks(), ["0"], max_adapters=2, max_rank=4)
+    with pytest.warns(UserWarning, match=r"MultiLoRALinear: base_linear \(Linear\) has forward pre hooks"):
+        MultiLoRALinear(model_with_hooks()[2], max_adapters=2, max_rank=4)
+    model[0].register_full_backward_hook(lambda module, grad_input, grad_output: None)
+    with pytest.warns(UserWarning, match=r"merge_and_unload: module '0' \(LoRALinear\) has backward hooks"):
+        merge_and_unload(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        merge_and_unload(inject_lora(nn.Sequential(nn.Linear(8, 8)), ["0"]))

@@ -344,6 +344,50 @@ def test_no_lora_inside_modules_to_save_as_peft(tmp_path):
     torch.testing.assert_close(back(x), ours(x), rtol=1e-6, atol=1e-6)
 
 
+class _PreClassifier(nn.Module):
+    """A DistilBERT-like head: `pre_classifier` (an nn.Linear) ends with "classifier" but is not the classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = nn.Linear(16, 16)
+        self.pre_classifier = nn.Linear(16, 16)
+        self.classifier = nn.Linear(16, 3)
+        self.my_classifier = nn.Sequential()
+        self.my_classifier.proj = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.classifier(self.pre_classifier(self.dense(x)) + self.my_classifier(x))
+
+
+@pytest.mark.parametrize("targets, culprit", [("all-linear", "pre_classifier"), (["dense", "pre_classifier"],
+                                                                                  "pre_classifier"),
+                                              (["dense", "proj"], "my_classifier.proj")])
+def test_a_target_that_modules_to_save_also_selects_is_refused_untouched(targets, culprit, tmp_path):
+    """modules_to_save selects by name suffix (PEFT: "classifier" also picks "pre_classifier"), targets skip only
+    whole name components: such a module would get a LoRA and train whole. Refused before any change, as PEFT."""
+    torch.manual_seed(0)
+    model = _PreClassifier()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=rf"inject_lora: module '{culprit}' is a LoRA target and (is|lies inside) "
+                                         rf"the modules_to_save module .*entry 'classifier'"):
+        lk.inject_lora(model, targets, modules_to_save=["classifier"], backend=BACKEND)
+    _assert_same(model, before)
+    # the way out the message names: the module then trains whole, as a head
+    excluded = ["pre_classifier", "my_classifier.proj"] if targets == "all-linear" else [culprit]
+    lk.inject_lora(model, targets, modules_to_save=["classifier"], exclude_modules=excluded, backend=BACKEND)
+    assert not isinstance(model.get_submodule(culprit), LoRALinear)
+    assert model.get_submodule(culprit).weight.requires_grad
+
+    # the loader's path: a config whose targets overlap its modules_to_save
+    lk.save_peft_adapter(model, tmp_path)
+    _write_config(tmp_path, target_modules=targets, exclude_modules=None)
+    fresh = _PreClassifier()
+    before = _snapshot(fresh)
+    with pytest.raises(ValueError, match=rf"load_peft_adapter: module '{culprit}' is a LoRA target"):
+        lk.load_peft_adapter(fresh, tmp_path, backend=BACKEND)
+    _assert_same(fresh, before)
+
+
 # ----------------------------------------------------------------------------------------------------- bias modes
 
 def _peft_trainable(model):
@@ -683,6 +727,24 @@ def test_layers_with_accelerate_hooks_are_refused_untouched(tmp_path):
     before = _snapshot(model)
     with pytest.raises(ValueError, match=r"module 'layers\.1\.v_proj' carries an accelerate hook.*would drop\. Load"):
         lk.inject_lora(model, ["q_proj", "v_proj"])
+    _assert_same(model, before)
+
+
+class _FakeQuantLinear(nn.Linear):
+    def forward(self, x):  # its own computation: a LoRA layer would replace it by F.linear on the raw weight
+        return nn.functional.linear(x, torch.round(self.weight * 4) / 4, self.bias)
+
+
+def test_loading_into_a_linear_subclass_with_its_own_forward_is_refused_untouched(tmp_path):
+    lk.save_peft_adapter(_trained(), tmp_path)
+    model = _base()
+    fake = _FakeQuantLinear(16, 8, bias=False)
+    fake.load_state_dict(model.layers[1].v_proj.state_dict())
+    model.layers[1].v_proj = fake
+    before = _snapshot(model)
+    with pytest.raises(TypeError, match=r"load_peft_adapter: module 'layers.1.v_proj' is a .*_FakeQuantLinear, an "
+                                        r"nn.Linear subclass with its own forward"):
+        lk.load_peft_adapter(model, tmp_path, backend=BACKEND)
     _assert_same(model, before)
 
 
