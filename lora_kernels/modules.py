@@ -347,11 +347,16 @@ class MultiLoRALinear(nn.Module):
     cleared slot has rank 0 and contributes nothing. No dropout: the slots serve inference (and dropout-free
     multi-adapter training).
 
+    adapter_dtype: the dtype of the slots' factors; None (default) is the base weight's, as serving stacks keep them
+    (set_adapter casts float32 factors down). torch.float32 on a 16-bit model trains several adapters in one batch
+    the way LoRALinear trains one (PEFT's autocast_adapter_dtype): optimizer updates below the 16-bit spacing still
+    land, and each forward casts the factors (L·R·(K+N) elements) to x's dtype for the kernels.
+
     Thread safety: set_adapter / clear_adapter may run in another thread while forwards run; each forward of this
     layer uses either the old or the new weights of a slot, never a mix (per layer: a model forward that runs while
     a loop updates its layers one by one can see some layers updated and others not)."""
 
-    def __init__(self, base_linear, max_adapters, max_rank, *, backend="auto", _name=None):
+    def __init__(self, base_linear, max_adapters, max_rank, *, backend="auto", adapter_dtype=None, _name=None):
         super().__init__()  # _name: the base layer's name in its model, for prepare_multi_adapter's messages
         if is_conv1d(base_linear):
             self.fan_in_fan_out = True  # Conv1D stores weight [in, out]; the forward passes weight.T
@@ -367,6 +372,10 @@ class MultiLoRALinear(nn.Module):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"MultiLoRALinear: {name} expected an int >= 1, got {value!r}")
         check_backend_name("MultiLoRALinear", backend)
+        if adapter_dtype is not None and (not isinstance(adapter_dtype, torch.dtype)
+                                          or not adapter_dtype.is_floating_point):
+            raise TypeError(f"MultiLoRALinear: adapter_dtype expected None or a floating torch.dtype, got "
+                            f"{adapter_dtype!r}")
         op, what = ("prepare_multi_adapter", f"module {_name!r}") if _name is not None else ("MultiLoRALinear",
                                                                                              "base_linear")
         warn_dropped_hooks(op, what, base_linear, "MultiLoRALinear keeps it as base_layer but reads its weight and "
@@ -376,7 +385,7 @@ class MultiLoRALinear(nn.Module):
         self._in_features, self._out_features = in_features, out_features
         self.batch_adapters = None  # a BatchAdapterIds while set_batch_adapters is in effect
         weight = base_linear.weight
-        factory = {"device": weight.device, "dtype": weight.dtype}
+        factory = {"device": weight.device, "dtype": adapter_dtype or weight.dtype}
         self.lora_a = nn.Parameter(torch.zeros(max_adapters, max_rank, in_features, **factory), requires_grad=False)
         self.lora_b = nn.Parameter(torch.zeros(max_adapters, out_features, max_rank, **factory), requires_grad=False)
         self.register_buffer("scalings", torch.zeros(max_adapters, dtype=torch.float32, device=weight.device))
@@ -493,12 +502,16 @@ class MultiLoRALinear(nn.Module):
             return self._forward(x, adapter_ids)
 
     def _forward(self, x, adapter_ids):
-        return multi_lora_linear(x, self.base_weight(), self.lora_a, self.lora_b, adapter_ids, self.scalings,
+        lora_a, lora_b = self.lora_a, self.lora_b
+        if lora_a.dtype != x.dtype and x.dtype.is_floating_point:  # adapter_dtype slots: cast for the kernels
+            lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+        return multi_lora_linear(x, self.base_weight(), lora_a, lora_b, adapter_ids, self.scalings,
                                  self.base_layer.bias, ranks=self.ranks, backend=self.backend)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, max_adapters={self.max_adapters}, "
                 f"max_rank={self.max_rank}{', fan_in_fan_out=True' if self.fan_in_fan_out else ''}, "
+                f"{'' if self.lora_a.dtype == self.base_layer.weight.dtype else f'adapter_dtype={self.lora_a.dtype}, '}"
                 f"backend={self.backend!r}")
 
 
@@ -963,13 +976,15 @@ BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch (slot
 
 
 def prepare_multi_adapter(model, target_modules, max_adapters, max_rank, *, exclude_modules=None,
-                          layers_to_transform=None, layers_pattern=None, backend="auto"):
+                          layers_to_transform=None, layers_pattern=None, backend="auto", adapter_dtype=None):
     """Wraps, in place, every nn.Linear / transformers Conv1D that target_modules selects (PEFT's matching rules)
     with a MultiLoRALinear of `max_adapters` empty slots of rank up to `max_rank`, freezes every parameter and
     records an empty name -> slot table as `model.lora_adapter_slots`. Adapters then go in by name with
     load_peft_adapter(model, path, adapter_name=...) and a batch mixes them per row with set_batch_adapters.
     Target the union of the modules of every adapter you will load: a slot of a layer that an adapter does not
-    target stays empty (that layer computes the base output for that adapter's rows, as PEFT). Returns model."""
+    target stays empty (that layer computes the base output for that adapter's rows, as PEFT). adapter_dtype:
+    the slots' factor dtype (see MultiLoRALinear; torch.float32 to train the adapters of a 16-bit model). Returns
+    model."""
     op = "prepare_multi_adapter"
     wrapper, model = model, unwrap_model(model, op, adds_parameters=True)
     if getattr(model, "lora_adapter_slots", None) is not None:
@@ -979,7 +994,8 @@ def prepare_multi_adapter(model, target_modules, max_adapters, max_rank, *, excl
     with _rollback_on_error(model) as replaced:
         layers = []
         for name, module in targets:
-            layers.append((name, module, MultiLoRALinear(module, max_adapters, max_rank, backend=backend, _name=name)))
+            layers.append((name, module, MultiLoRALinear(module, max_adapters, max_rank, backend=backend,
+                                                         adapter_dtype=adapter_dtype, _name=name)))
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         for name, old, layer in layers:

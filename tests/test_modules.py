@@ -443,6 +443,41 @@ def test_float64_merge_unmerge_delta_and_to_linear_stay_in_float64():
     assert half.delta_weight().dtype == torch.float32
 
 
+def test_multi_lora_float32_slots_train_the_adapters_of_a_16bit_model():
+    """adapter_dtype=torch.float32: several adapters of a bfloat16 model trained in one batch keep float32 factors,
+    as LoRALinear does for one (an update far below bfloat16's spacing lands in every entry; in bfloat16 slots almost
+    none does), and the forward is the same as with bfloat16 slots."""
+    from lora_kernels import MultiLoRALinear, prepare_multi_adapter
+
+    torch.manual_seed(0)
+    base = nn.Linear(64, 32).to(torch.bfloat16)
+    x, ids = torch.randn(6, 64, dtype=torch.bfloat16), torch.tensor([0, 1, -1, 0, 1, 1])
+    a, b = torch.randn(8, 64), 0.1 * torch.randn(32, 8)
+    results = {}
+    for adapter_dtype in (None, torch.float32):
+        layer = MultiLoRALinear(base, 2, 8, adapter_dtype=adapter_dtype)
+        layer.set_adapter(0, a, b, 2.0)
+        layer.set_adapter(1, 0.5 * a, b, 1.0)
+        layer.lora_a.requires_grad_(True)
+        y = layer(x, ids)
+        y.float().square().sum().backward()
+        before = layer.lora_a.detach().clone()
+        with torch.no_grad():
+            layer.lora_a -= 1e-6 * layer.lora_a.grad.sign()
+        results[adapter_dtype] = (y.detach(), layer.lora_a.grad.dtype, (layer.lora_a != before).float().mean().item())
+    (y16, grad16, changed16), (y32, grad32, changed32) = results[None], results[torch.float32]
+    assert y16.dtype == y32.dtype == torch.bfloat16 and torch.equal(y16, y32)
+    assert (grad16, grad32) == (torch.bfloat16, torch.float32)
+    assert changed32 == 1.0 and changed16 < 0.01
+    assert "adapter_dtype=torch.float32" in repr(MultiLoRALinear(base, 2, 8, adapter_dtype=torch.float32))
+    with pytest.raises(TypeError, match="MultiLoRALinear: adapter_dtype expected None or a floating torch.dtype, "
+                                        "got torch.int32"):
+        MultiLoRALinear(base, 2, 8, adapter_dtype=torch.int32)
+    model = prepare_multi_adapter(nn.Sequential(nn.Linear(8, 8).to(torch.bfloat16)), ["0"], 2, 4,
+                                  adapter_dtype=torch.float32)
+    assert model[0].lora_a.dtype == model[0].lora_b.dtype == torch.float32
+
+
 @pytest.mark.parametrize("convert", ["half", "bfloat16", "to_bfloat16", "double"])
 def test_multi_lora_scalings_stay_float32_across_dtype_conversions(convert):
     """Module dtype conversions cast floating buffers: a scaling of 16/24 became 0.66797 under .bfloat16(). The
