@@ -638,6 +638,10 @@ def find_target_linears(model, target_modules, exclude_modules=None, op="inject_
                             f"only nn.Linear and transformers Conv1D layers can be wrapped")
         check_no_accelerate_hook(op, name, module)
         check_wrappable_linear(op, f"module {name!r}", module, _LEAVE_OUT_HINT)
+        if isinstance(model.get_submodule(name.rpartition(".")[0]), nn.MultiheadAttention):
+            raise TypeError(f"{op}: module {name!r} is the out_proj of an nn.MultiheadAttention, which reads its "
+                            f"weight directly and never calls it: a LoRA layer there would be silently ignored"
+                            f"{_LEAVE_OUT_HINT}")
         found.append((name, module))
     if not found:
         raise ValueError(f"{op}: target_modules {target_modules!r} matched no nn.Linear in the model")

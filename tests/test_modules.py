@@ -443,6 +443,20 @@ def test_float64_merge_unmerge_delta_and_to_linear_stay_in_float64():
     assert half.delta_weight().dtype == torch.float32
 
 
+@pytest.mark.parametrize("targets", [["out_proj"], "all-linear"])
+def test_multihead_attention_out_proj_is_refused_untouched(targets):
+    """nn.MultiheadAttention reads out_proj.weight itself and never calls out_proj: a LoRA there would be ignored."""
+    from lora_kernels import prepare_multi_adapter
+
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True)
+    before = {name: type(module) for name, module in layer.named_modules()}
+    for wrap in (lambda: inject_lora(layer, targets, r=2), lambda: prepare_multi_adapter(layer, targets, 2, 2)):
+        with pytest.raises(TypeError, match="module 'self_attn.out_proj' is the out_proj of an nn.MultiheadAttention"):
+            wrap()
+        assert {name: type(module) for name, module in layer.named_modules()} == before
+    inject_lora(layer, ["linear1"], r=2)  # the feed-forward layers are ordinary targets
+
+
 def test_multi_lora_float32_slots_train_the_adapters_of_a_16bit_model():
     """adapter_dtype=torch.float32: several adapters of a bfloat16 model trained in one batch keep float32 factors,
     as LoRALinear does for one (an update far below bfloat16's spacing lands in every entry; in bfloat16 slots almost
