@@ -398,3 +398,20 @@ def test_available_backends_names_a_bad_device():
     assert "torch" in backends.available_backends("cpu")
     with pytest.raises(ValueError, match=r"available_backends: device expected .*got 'gpu'"):
         backends.available_backends("gpu")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("m", [4, 40], ids=["M4", "M40"])  # the cuda backend's decode kernel and its GEMM path
+def test_scaling_zero_keeps_nan_in_lora_b_like_the_reference(backend, m, device):
+    """scaling = 0 multiplies the LoRA term by zero, and 0·NaN is NaN: every backend returns NaN in the columns of a
+    NaN in lora_b, as the reference and PEFT do (the cpu backend passed scaling as addmm's alpha, and BLAS skips the
+    product when alpha is 0, so its y came out finite)."""
+    _backend_or_skip(backend, device)
+    x, weight, lora_a, lora_b, bias = lora_inputs(m, 32, 24, 8, torch.float32, device)
+    lora_b[5, 3] = float("nan")
+    y = lora_linear(x, weight, lora_a, lora_b, 0.0, bias, backend=backend)
+    expected = reference.lora_linear(x, weight, lora_a, lora_b, 0.0, bias)
+    assert torch.equal(torch.isnan(y).cpu(), torch.isnan(expected).cpu())
+    assert torch.isnan(y[:, 5]).all()
+    finite = ~torch.isnan(expected)
+    assert_close(y.cpu()[finite], expected.cpu()[finite], torch.float32, "y (finite columns)")
