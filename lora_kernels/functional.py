@@ -226,29 +226,36 @@ class LoRALinearFunction(torch.autograd.Function):
         else:
             keep = torch_dropout_keep(seed, x2, dropout_p) if dropout_p > 0.0 else None
             if backend == "cuda" and dy.shape[0] * lora_b.shape[1] > CUDA_BWD_DY_KERNEL_MAX_WORK:
+                # cuBLAS GEMMs in the input dtype, S rounded to it as PEFT rounds it. Using the fp32 S and dS would
+                # take fp32 copies of dy [M, N] and x [M, K] (torch has no mixed-dtype GEMM): a cost at large M
+                # that no GPU has measured yet.
                 d_lora_b = torch.mm(dy.T, s.to(dy.dtype)).mul_(scaling)
                 ds = torch.mm(dy, lora_b).mul_(scaling)
             elif backend in ("cpu", "cuda"):
+                # dS stays in fp32 (fp64 for fp64): |s·dY·B| may pass 65504 in fp16 where dA and the LoRA term of
+                # dX do not, as the Triton backward keeps it (rounding it first gave dx = inf there, as PEFT does).
                 d_lora_b, ds = torch.ops.lora_kernels.lora_bwd_dy(dy, s, lora_b, float(scaling))
-                ds = ds.to(dy.dtype)
             else:
                 d_lora_b = scaling * (dy.T @ s)
                 ds = scaling * (dy @ lora_b)
-            # The [M, K] temporaries (the dropped x, the mask, the LoRA part of dX) are released as soon as they
-            # are used, so no more than two are alive beside x and dx.
-            if need_a:
-                x_lora = x2 if keep is None else apply_dropout(x2, keep, dropout_p)
-                d_lora_a = ds.T @ x_lora
-                del x_lora
-            if need_x:
-                dx_lora = ds @ lora_a
-                if keep is not None:
-                    apply_dropout(dx_lora, keep, dropout_p, inplace=True)
-                del keep
-                if backend == "torch":  # PEFT's composition: separate GEMM and add
-                    dx = (dy @ weight).add_(dx_lora)
-                else:  # the base GEMM adds the LoRA term in its epilogue: one pass over dx [M, K] instead of three
-                    dx = torch.addmm(dx_lora, dy, weight)
+            # ds's dtype: the other operands of the dS products are widened to it (a no-op but for the cpu and
+            # small-M cuda paths in 16 bits), and autocast must not round them back.
+            with ops.autocast_off(dy.device):
+                # The [M, K] temporaries (the dropped x, the mask, the LoRA part of dX) are released as soon as
+                # they are used, so no more than two are alive beside x and dx.
+                if need_a:
+                    x_lora = x2 if keep is None else apply_dropout(x2, keep, dropout_p)
+                    d_lora_a = ds.T @ x_lora.to(ds.dtype)
+                    del x_lora
+                if need_x:
+                    dx_lora = ds @ lora_a.to(ds.dtype)
+                    if keep is not None:
+                        apply_dropout(dx_lora, keep, dropout_p, inplace=True)
+                    del keep
+                    if backend == "torch":  # PEFT's composition: separate GEMM and add
+                        dx = (dy @ weight).add_(dx_lora)
+                    else:  # the base GEMM adds the LoRA term in its epilogue: one pass over dx [M, K], not three
+                        dx = torch.addmm(dx_lora.to(dy.dtype), dy, weight)
         if need_w:  # full fine-tuning: the M·N·K GEMM the A/B-only path never forms
             d_weight = dy.T @ x2
         if need_bias and ctx.has_bias:
