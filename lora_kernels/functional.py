@@ -13,6 +13,7 @@ import numbers
 import torch
 
 from lora_kernels import ops, reference
+from lora_kernels._ext import accumulate_dtype
 from lora_kernels.backends import resolve_backend
 from lora_kernels.batch import BUFFER_FIELDS, LoRABatch
 
@@ -303,37 +304,52 @@ def lora_linear(x, weight, lora_a, lora_b, scaling=1.0, bias=None, *, dropout_p=
 
 # --------------------------------------------------------------------------------------------- grouped (multi-LoRA)
 
-def _segment_outer_sum(batch, ranks, backend, left, right):
-    """[L, P, Q] with slot i holding sum over tokens t of slot i of outer(left[t], right[t]); left [M, P], right [M, Q].
-    Triton: one segment-GEMM kernel (M·P·Q work). CPU tensors: each slot's rows gathered (M·P·Q work). Other
-    devices: slot by slot, each a GEMM over all M rows with the other slots' rows of BOTH operands zeroed by `where`
-    (L·M·P·Q work, no host sync): a 0/1 mask multiplied in would turn another slot's NaN or Inf row into NaN
+def _segment_outer_sum(batch, ranks, backend, left, right, scalings=None):
+    """[L, P, Q] with slot i holding sum over tokens t of slot i of outer(left[t], right[t]) (times scalings[i] when
+    given); left [M, P] (P = R, the rank axis), right [M, Q]. fp32 (fp64 for fp64 right).
+    Triton: one segment-GEMM kernel (M·P·Q work). CPU tensors: each slot's rows gathered (M·P·Q work), in fp32.
+    Other devices: slot by slot, each a GEMM over all M rows with the other slots' rows of BOTH operands zeroed by
+    `where` (L·M·P·Q work, no host sync): a 0/1 mask multiplied in would turn another slot's NaN or Inf row into NaN
     (0·NaN), so one broken token or adapter would poison every slot's gradient."""
+    acc = accumulate_dtype(right.dtype)
     if backend == "triton":
-        return ops.triton_sgmv().segment_outer_sum(left, right, batch)
-    left = left.to(right.dtype)
-    if ops.slots_on_host(right.device):
-        # Each slot's own rows only, M·P·Q work in all. A slot of rank 0 keeps its zero sum: its left rows (shrink
-        # outputs) are zero anyway.
-        sums = torch.zeros(batch.num_adapters, left.shape[1], right.shape[1], dtype=right.dtype, device=right.device)
-        for slot, rows, _ in ops.host_slot_rows(batch, ranks):
-            torch.mm(left.index_select(0, rows).T, right.index_select(0, rows), out=sums[slot])
-        return sums
-    ids, num_slots = batch.adapter_ids, batch.num_adapters
-    zero = torch.zeros((), dtype=right.dtype, device=right.device)
-    sums = []
-    for slot in range(num_slots):
-        rows = (ids == slot)[:, None]
-        sums.append(torch.where(rows, left, zero).T @ torch.where(rows, right, zero))
-    return torch.stack(sums)  # [L, P, Q]
+        sums = ops.triton_sgmv().segment_outer_sum(left, right, batch)
+    elif ops.slots_on_host(right.device):
+        # Each slot's own rows only, M·P·Q work in all; in fp32, as the CPU kernels compute (a 16-bit copy of a
+        # slot's rows is no cheaper to multiply on a CPU). A slot of rank 0 keeps its zero sum.
+        left = left.to(acc)
+        sums = torch.zeros(batch.num_adapters, left.shape[1], right.shape[1], dtype=acc, device=right.device)
+        with ops.autocast_off(right.device):
+            for slot, rows, _ in ops.host_slot_rows(batch, ranks):
+                torch.mm(left.index_select(0, rows).T, right.index_select(0, rows).to(acc), out=sums[slot])
+    else:
+        left = left.to(right.dtype)  # tensor-core GEMMs in the input dtype, as PEFT's
+        ids, num_slots = batch.adapter_ids, batch.num_adapters
+        zero = torch.zeros((), dtype=right.dtype, device=right.device)
+        per_slot = []
+        with ops.autocast_off(right.device):
+            for slot in range(num_slots):
+                rows = (ids == slot)[:, None]
+                per_slot.append(torch.where(rows, left, zero).T @ torch.where(rows, right, zero))
+        sums = torch.stack(per_slot).to(acc)
+    if scalings is not None:
+        sums = sums * scalings.to(acc)[:, None, None]
+    return sums
 
 
-def _multi_lora_forward(x2, weight, bias, lora_a, lora_b, batch, scalings, ranks, backend):
-    """(y, shrunk): the base GEMM, then the grouped shrink and expand added into its output."""
+def _multi_lora_forward(x2, weight, bias, lora_a, lora_b, batch, scalings, ranks, backend, unscaled=False):
+    """(y, shrunk): the base GEMM, then the grouped shrink and expand added into its output. unscaled: shrunk is
+    returned without the scalings (S = x·Aᵀ per slot, fp32), what the backward's dB is built from."""
     y = torch.nn.functional.linear(x2, weight, bias)
-    shrunk = ops.run_shrink(backend, x2, lora_a, batch, scalings, ranks)
-    ops.run_expand(backend, shrunk, lora_b, batch, ranks, y)
-    return y, shrunk
+    if not unscaled:
+        shrunk = ops.run_shrink(backend, x2, lora_a, batch, scalings, ranks)
+        ops.run_expand(backend, shrunk, lora_b, batch, ranks, y)
+        return y, shrunk
+    s = ops.run_shrink(backend, x2, lora_a, batch, torch.ones_like(scalings), ranks)
+    # Rows of -1 tokens are zero in s, and the expand never reads them: any slot's scaling will do there.
+    token_scalings = scalings.index_select(0, batch.adapter_ids.clamp(min=0))
+    ops.run_expand(backend, s * token_scalings[:, None], lora_b, batch, ranks, y)
+    return y, s
 
 
 class MultiLoRAFunction(torch.autograd.Function):
@@ -342,7 +358,9 @@ class MultiLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, weight, bias, lora_a, lora_b, batch, scalings, ranks, backend):
-        y, shrunk = _multi_lora_forward(x2, weight, bias, lora_a, lora_b, batch, scalings, ranks, backend)
+        # S is kept unscaled: dB = s·dYᵀ·S reduces S rounded to the input dtype, and the scaled s·S overflows fp16
+        # where S does not (PEFT also rounds S unscaled).
+        y, s = _multi_lora_forward(x2, weight, bias, lora_a, lora_b, batch, scalings, ranks, backend, unscaled=True)
         # The batch's buffers are saved like the other inputs: refilling them in place (LoRABatch.refill_, for the
         # next step of a CUDA graph) before this backward runs then raises autograd's in-place modification error
         # instead of computing the gradients for the new ids. A batch built under torch.inference_mode (a reference
@@ -352,13 +370,13 @@ class MultiLoRAFunction(torch.autograd.Function):
         batch_buffers = [getattr(batch, name) for name in BUFFER_FIELDS]
         if not torch.compiler.is_compiling() and any(t.is_inference() for t in batch_buffers):
             batch_buffers = [t.clone() for t in batch_buffers]
-        ctx.save_for_backward(x2, weight, lora_a, lora_b, shrunk, scalings, ranks, *batch_buffers)
+        ctx.save_for_backward(x2, weight, lora_a, lora_b, s, scalings, ranks, *batch_buffers)
         ctx.batch, ctx.backend = batch, backend
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, lora_a, lora_b, shrunk, scalings, ranks, *batch_buffers = ctx.saved_tensors
+        x2, weight, lora_a, lora_b, s, scalings, ranks, *batch_buffers = ctx.saved_tensors
         batch = dataclasses.replace(ctx.batch, **dict(zip(BUFFER_FIELDS, batch_buffers)))
         backend = ctx.backend
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
@@ -373,7 +391,7 @@ class MultiLoRAFunction(torch.autograd.Function):
             if need_a:
                 d_lora_a = _segment_outer_sum(batch, ranks, backend, u, x2).to(lora_a.dtype)
         if need_b:
-            d_lora_b = _segment_outer_sum(batch, ranks, backend, shrunk, dy).transpose(1, 2).to(lora_b.dtype)
+            d_lora_b = _segment_outer_sum(batch, ranks, backend, s, dy, scalings).transpose(1, 2).to(lora_b.dtype)
         if need_w:
             d_weight = dy.T @ x2
         if need_bias:

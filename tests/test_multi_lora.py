@@ -622,3 +622,31 @@ def test_serving_ops_ignore_autocast(backend):
         under_autocast = run()
     for got, expected in zip(under_autocast, plain):
         assert got.dtype == torch.float32 and torch.equal(got, expected)
+
+
+# y itself overflows in the Triton prefill expand, which rounds s·S to fp16 for its tensor-core dot (a known limit).
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS)
+def test_fp16_lora_b_gradient_is_built_from_the_unscaled_shrink(backend, device):
+    """dB = s·dYᵀ·S with |s·S| above fp16's 65504 where S, dB and y are in range: dB is finite and accurate (it
+    was reduced over s·S rounded to fp16, inf where PEFT's, which rounds S unscaled, is finite). 80 tokens: the
+    Triton prefill path."""
+    _backend_or_skip(backend, device)
+    dtype, num_slots, max_rank, k, n, m = torch.float16, 3, 4, 64, 32, 80
+    ranks, scalings = [4, 2, 3], torch.tensor([200.0, 150.0, 1.0])
+    lora_a = randn(num_slots, max_rank, k, dtype=dtype, device=device, scale=90.0)
+    lora_b = randn(num_slots, n, max_rank, dtype=dtype, device=device, scale=1e-3)
+    x = randn(m, k, dtype=dtype, device=device)
+    weight = randn(n, k, dtype=dtype, device=device, scale=k ** -0.5)
+    ids = segment_ids("mixed_base", m, num_slots).to(device)
+    dy = randn(m, n, dtype=dtype, device=device, scale=1e-2)
+    shrunk = reference.lora_shrink(x.cpu(), lora_a.cpu(), ids.cpu(), scalings, torch.tensor(ranks))
+    assert shrunk.abs().max() > 2 * torch.finfo(dtype).max  # s·S overflows fp16
+    ref_leaves = [t.double().cpu().requires_grad_(True) for t in (lora_a, lora_b)]
+    reference.multi_lora_linear_autograd(x.double().cpu(), weight.double().cpu(), *ref_leaves, ids.cpu(), scalings,
+                                         None, torch.tensor(ranks)).backward(dy.double().cpu())
+    assert ref_leaves[1].grad.abs().max() < torch.finfo(dtype).max / 2  # dB does not
+    leaf = lora_b.clone().requires_grad_(True)
+    lk.multi_lora_linear(x, weight, lora_a, leaf, ids, scalings, ranks=ranks, backend=backend).backward(dy)
+    assert_close(leaf.grad, ref_leaves[1].grad, dtype, "dlora_b", scale=2.0)
