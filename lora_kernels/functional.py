@@ -306,7 +306,7 @@ def lora_linear(x, weight, lora_a, lora_b, scaling=1.0, bias=None, *, dropout_p=
 
 def _segment_outer_sum(batch, ranks, backend, left, right, scalings=None):
     """[L, P, Q] with slot i holding sum over tokens t of slot i of outer(left[t], right[t]) (times scalings[i] when
-    given); left [M, P] (P = R, the rank axis), right [M, Q]. fp32 (fp64 for fp64 right).
+    given), zero in rows p >= ranks[i]; left [M, P] (P = R, the rank axis), right [M, Q]. fp32 (fp64 for fp64 right).
     Triton: one segment-GEMM kernel (M·P·Q work). CPU tensors: each slot's rows gathered (M·P·Q work), in fp32.
     Other devices: slot by slot, each a GEMM over all M rows with the other slots' rows of BOTH operands zeroed by
     `where` (L·M·P·Q work, no host sync): a 0/1 mask multiplied in would turn another slot's NaN or Inf row into NaN
@@ -334,7 +334,10 @@ def _segment_outer_sum(batch, ranks, backend, left, right, scalings=None):
         sums = torch.stack(per_slot).to(acc)
     if scalings is not None:
         sums = sums * scalings.to(acc)[:, None, None]
-    return sums
+    # Past a slot's rank the sums are 0·(that slot's tokens): NaN when one of them holds NaN or Inf, where the
+    # reference's gradient is 0 (padding is never read, so it gets no gradient).
+    in_rank = torch.arange(left.shape[1], device=right.device) < ranks[:, None]
+    return torch.where(in_rank[:, :, None], sums, torch.zeros((), dtype=acc, device=right.device))
 
 
 def _multi_lora_forward(x2, weight, bias, lora_a, lora_b, batch, scalings, ranks, backend, unscaled=False):

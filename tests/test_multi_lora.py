@@ -650,3 +650,27 @@ def test_fp16_lora_b_gradient_is_built_from_the_unscaled_shrink(backend, device)
     leaf = lora_b.clone().requires_grad_(True)
     lk.multi_lora_linear(x, weight, lora_a, leaf, ids, scalings, ranks=ranks, backend=backend).backward(dy)
     assert_close(leaf.grad, ref_leaves[1].grad, dtype, "dlora_b", scale=2.0)
+
+
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS)
+@pytest.mark.parametrize("num_tokens", [12, 80], ids=["decode", "prefill"])
+def test_nan_token_leaves_the_padding_gradient_zero(backend, num_tokens, device):
+    """A NaN in one token of slot 0 makes slot 0's in-rank gradients NaN, as it must, but the padding past its rank
+    (never read) keeps a zero gradient, as in the reference (0·NaN in the full-R sums gave NaN there); other slots
+    stay finite."""
+    _backend_or_skip(backend, device)
+    num_slots, max_rank, k, n, ranks = 3, 8, 16, 12, [3, 8, 5]
+    lora_a, lora_b = _adapters(num_slots, max_rank, k, n, ranks, torch.float32, device)
+    x = randn(num_tokens, k, device=device)
+    weight = randn(n, k, device=device, scale=k ** -0.5)
+    ids = (torch.arange(num_tokens) % num_slots).to(device)
+    x[0, 3] = float("nan")  # token 0 is slot 0's
+    leaves = [t.clone().requires_grad_(True) for t in (lora_a, lora_b)]
+    y = lk.multi_lora_linear(x, weight, *leaves, ids, [2.0, 1.0, 0.5], ranks=ranks, backend=backend)
+    y.backward(randn(num_tokens, n, device=device))
+    grad_a, grad_b = leaves[0].grad, leaves[1].grad
+    for slot, rank in enumerate(ranks):
+        assert torch.count_nonzero(grad_a[slot, rank:]) == 0 and torch.count_nonzero(grad_b[slot, :, rank:]) == 0
+    assert torch.isnan(grad_a[0, :ranks[0]]).any() and torch.isnan(grad_b[0, :, :ranks[0]]).any()
+    for slot in (1, 2):
+        assert torch.isfinite(grad_a[slot, :ranks[slot]]).all() and torch.isfinite(grad_b[slot, :, :ranks[slot]]).all()
