@@ -215,6 +215,12 @@ class LoRALinearFunction(torch.autograd.Function):
         x2, s, weight, lora_a, lora_b, seed = ctx.saved_tensors
         scaling, dropout_p, backend = ctx.scaling, ctx.dropout_p, ctx.backend
         need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
+        if torch.is_grad_enabled():
+            # create_graph=True (a gradient penalty, second-order meta-learning): the gradients must be
+            # differentiable themselves. The Triton kernels and the C++ ops have no derivatives (triton failed at the
+            # second grad, the C++ ops warned "autograd kernel was not registered"), and the saved S is detached
+            # from lora_a and x, so dB would miss their terms: the torch composition, on an S recomputed here.
+            return _lora_linear_backward_differentiable(ctx, dy, x2, weight, lora_a, lora_b, seed)
         dy = dy.contiguous()
         dx = d_weight = d_lora_a = d_lora_b = d_bias = None
         if backend == "triton":
@@ -261,10 +267,42 @@ class LoRALinearFunction(torch.autograd.Function):
             d_weight = dy.T @ x2
         if need_bias and ctx.has_bias:
             d_bias = dy.sum(0)
-        cast = (lambda g, dtype: None if g is None else g.to(dtype))
-        return (cast(dx, x2.dtype), cast(d_weight, ctx.weight_dtype), cast(d_lora_a, lora_a.dtype),
-                cast(d_lora_b, lora_b.dtype) if need_b else None, cast(d_bias, ctx.weight_dtype),
-                None, None, None, None)
+        return _cast_grads(ctx, (dx, d_weight, d_lora_a, d_lora_b, d_bias), x2, lora_a, lora_b)
+
+
+def _cast_grads(ctx, grads, x2, lora_a, lora_b):
+    """LoRALinearFunction.backward's return: each gradient in its input's dtype (None where not needed)."""
+    dx, d_weight, d_lora_a, d_lora_b, d_bias = grads
+    cast = (lambda g, dtype: None if g is None else g.to(dtype))
+    return (cast(dx, x2.dtype), cast(d_weight, ctx.weight_dtype), cast(d_lora_a, lora_a.dtype),
+            cast(d_lora_b, lora_b.dtype) if ctx.needs_input_grad[3] else None, cast(d_bias, ctx.weight_dtype),
+            None, None, None, None)
+
+
+def _lora_linear_backward_differentiable(ctx, dy, x2, weight, lora_a, lora_b, seed):
+    """The A/B-only backward of design.md §2 in differentiable torch ops (any backend, for create_graph=True):
+    S is recomputed from x and lora_a so that dB, too, carries their derivatives."""
+    scaling, dropout_p = ctx.scaling, ctx.dropout_p
+    need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
+    if dropout_p == 0.0:
+        drop = None
+    elif ctx.backend == "triton":  # the forward's mask: the Triton kernels draw their own from the seed
+        multiplier = _triton_lora_linear().dropout_mask(seed, x2.shape[0], x2.shape[1], dropout_p, x2.device)
+        drop = (lambda t: (t * multiplier).to(t.dtype))
+    else:
+        keep = torch_dropout_keep(seed, x2, dropout_p)
+        drop = (lambda t: apply_dropout(t, keep, dropout_p))
+    x_lora = x2 if drop is None else drop(x2)
+    ds = scaling * (dy @ lora_b)
+    d_lora_b = scaling * (dy.T @ (x_lora @ lora_a.T)) if need_b else None
+    d_lora_a = ds.T @ x_lora if need_a else None
+    dx = None
+    if need_x:
+        dx_lora = ds @ lora_a
+        dx = dy @ weight + (dx_lora if drop is None else drop(dx_lora))
+    d_weight = dy.T @ x2 if need_w else None
+    d_bias = dy.sum(0) if need_bias and ctx.has_bias else None
+    return _cast_grads(ctx, (dx, d_weight, d_lora_a, d_lora_b, d_bias), x2, lora_a, lora_b)
 
 
 def lora_linear(x, weight, lora_a, lora_b, scaling=1.0, bias=None, *, dropout_p=0.0, backend="auto"):
@@ -355,6 +393,26 @@ def _multi_lora_forward(x2, weight, bias, lora_a, lora_b, batch, scalings, ranks
     return y, s
 
 
+def _multi_lora_term(x2, lora_a, lora_b, adapter_ids, scalings, ranks):
+    """The grouped LoRA term [M, N] (design.md §3) in differentiable torch ops, in x2's dtype (accumulated in fp32,
+    fp64 for fp64): what autograd differentiates where the kernels cannot be (create_graph=True, torch.func). Slot
+    by slot over all rows with `where`, so no other slot's NaN row and no NaN padding reaches a value or a gradient
+    (L·M·R·(K+N) work: these paths are not the fast ones)."""
+    acc = accumulate_dtype(x2.dtype)
+    num_slots, max_rank = lora_a.shape[:2]
+    zero = torch.zeros((), dtype=acc, device=x2.device)
+    in_rank = torch.arange(max_rank, device=x2.device) < ranks[:, None]
+    a = torch.where(in_rank[:, :, None], lora_a.to(acc), zero)
+    b = torch.where(in_rank[:, None, :], lora_b.to(acc), zero)
+    x_acc = x2.to(acc)
+    total = torch.zeros(x2.shape[0], lora_b.shape[1], dtype=acc, device=x2.device)
+    for slot in range(num_slots):
+        rows = (adapter_ids == slot)[:, None]
+        term = (torch.where(rows, x_acc, zero) @ a[slot].T * scalings[slot].to(acc)) @ b[slot].T
+        total = total + torch.where(rows, term, zero)
+    return total.to(x2.dtype)
+
+
 class MultiLoRAFunction(torch.autograd.Function):
     """y = x2 @ W.T + bias + grouped LoRA; gradients for x2, every slot's A and B, and W and bias when they require
     it (full fine-tuning of the base; never the scalings)."""
@@ -383,6 +441,19 @@ class MultiLoRAFunction(torch.autograd.Function):
         batch = dataclasses.replace(ctx.batch, **dict(zip(BUFFER_FIELDS, batch_buffers)))
         backend = ctx.backend
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        if torch.is_grad_enabled():
+            # create_graph=True: differentiable gradients, which the kernels and C++ ops do not give (see
+            # LoRALinearFunction.backward). The LoRA term's are autograd's own, of its torch composition.
+            wanted = ((x2, need_x), (lora_a, need_a), (lora_b, need_b))
+            term = _multi_lora_term(x2, lora_a, lora_b, batch.adapter_ids, scalings, ranks)
+            inputs = [t for t, need in wanted if need]
+            grads = iter(torch.autograd.grad(term, inputs, dy, create_graph=True, allow_unused=True,
+                                             materialize_grads=True) if inputs else ())
+            dx, d_lora_a, d_lora_b = (next(grads) if need else None for _, need in wanted)
+            if need_x:
+                dx = dy @ weight + dx
+            return (dx, dy.T @ x2 if need_w else None, dy.sum(0) if need_bias else None, d_lora_a, d_lora_b,
+                    None, None, None, None)
         dy = dy.contiguous()
         dx = d_weight = d_bias = d_lora_a = d_lora_b = None
         if need_x or need_a:

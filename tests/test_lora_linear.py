@@ -1,6 +1,8 @@
 """lora_linear on every backend available here against the float64 reference: forward, every gradient, dtypes,
 odd shapes, ranks 1..256, bias, leading dims, non-contiguous input, dropout, bad input, torch.compile."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -435,3 +437,48 @@ def test_fp16_gradients_stay_finite_where_only_ds_overflows(backend, device):
     _, grads = _run(backend, x, weight, lora_a, lora_b, None, scaling, dy)
     for name in ("x", "lora_a"):
         assert_close(grads[name], expected[name], dtype, f"d{name}", scale=2.0)
+
+
+def _penalty_gradients(fn, leaves, dy):
+    """Second derivatives through a gradient penalty: the first-order gradients of <fn(leaves), dy> are taken with
+    create_graph=True, and the gradients of the sum of their squares with respect to every leaf are returned."""
+    first = torch.autograd.grad((fn(*leaves) * dy).sum(), leaves, create_graph=True)
+    penalty = sum(g.square().sum() for g in first)
+    return torch.autograd.grad(penalty, leaves)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25], ids=["no_dropout", "dropout"])
+def test_double_backward_matches_the_reference(backend, dropout_p, device):
+    """create_graph=True (a gradient penalty, second-order meta-learning) gives the reference's second derivatives
+    on every backend, with no warning (triton failed with "element 0 of tensors does not require grad", the C++ ops
+    warned that no autograd kernel was registered, and the saved S left dB's derivatives out)."""
+    _backend_or_skip(backend, device)
+    dtype = torch.float32
+    x, weight, lora_a, lora_b, bias = lora_inputs(6, 16, 12, 4, dtype, device)
+    dy = randn(6, 12, dtype=dtype, device=device)
+    torch.manual_seed(3)
+    seed = functional.new_seed()
+    mask = _dropout_mask(backend, seed, x, dropout_p) if dropout_p else None
+    leaves = [t.clone().requires_grad_(True) for t in (x, weight, lora_a, lora_b)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.manual_seed(3)
+        got = _penalty_gradients(lambda *t: lora_linear(*t, 1.5, bias, dropout_p=dropout_p, backend=backend),
+                                 leaves, dy)
+    ref_leaves = [t.double().requires_grad_(True) for t in (x, weight, lora_a, lora_b)]
+    expected = _penalty_gradients(lambda *t: reference.lora_linear(*t, 1.5, bias, mask), ref_leaves, dy.double())
+    for name, g, e in zip(("x", "weight", "lora_a", "lora_b"), got, expected):
+        assert_close(g, e, dtype, f"d(penalty)/d{name}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_gradgradcheck_float64(backend):
+    _backend_or_skip(backend, "cpu")
+    x, weight, lora_a, lora_b, bias = (t.double().requires_grad_(True)
+                                       for t in lora_inputs(3, 5, 4, 2, torch.float32, "cpu"))
+
+    def fn(x, weight, lora_a, lora_b, bias):
+        return lora_linear(x, weight, lora_a, lora_b, 0.7, bias, backend=backend)
+
+    assert torch.autograd.gradgradcheck(fn, (x, weight, lora_a, lora_b, bias))

@@ -1,6 +1,8 @@
 """The grouped ops through the public API on every backend here: LoRABatch, lk.ops.lora_shrink/lora_expand/add_lora,
 multi_lora_linear with autograd, MultiLoRALinear, bad input, torch.compile."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -674,3 +676,37 @@ def test_nan_token_leaves_the_padding_gradient_zero(backend, num_tokens, device)
     assert torch.isnan(grad_a[0, :ranks[0]]).any() and torch.isnan(grad_b[0, :, :ranks[0]]).any()
     for slot in (1, 2):
         assert torch.isfinite(grad_a[slot, :ranks[slot]]).all() and torch.isfinite(grad_b[slot, :, :ranks[slot]]).all()
+
+
+def _grouped_inputs(device, dtype=torch.float32):
+    num_slots, max_rank, k, n, ranks = 3, 4, 10, 6, [4, 2, 3]
+    lora_a, lora_b = _adapters(num_slots, max_rank, k, n, ranks, dtype, device)
+    x = randn(9, k, dtype=dtype, device=device)
+    weight = randn(n, k, dtype=dtype, device=device, scale=k ** -0.5)
+    ids = torch.tensor([0, 1, 2, -1, 0, 2, 1, 0, 2], device=device)
+    return x, weight, lora_a, lora_b, ids, torch.tensor([0.5, 2.0, 1.5]), ranks
+
+
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS)
+def test_multi_lora_double_backward_matches_the_reference(backend, device):
+    """create_graph=True through multi_lora_linear: the reference's second derivatives on every backend, NaN padding
+    included, with no warning (the kernels' gradients are not differentiable)."""
+    _backend_or_skip(backend, device)
+    x, weight, lora_a, lora_b, ids, scalings, ranks = _grouped_inputs(device)
+    dy = randn(9, 6, device=device)
+
+    def penalty_gradients(fn, leaves, dy):
+        first = torch.autograd.grad((fn(*leaves) * dy).sum(), leaves, create_graph=True)
+        return torch.autograd.grad(sum(g.square().sum() for g in first), leaves)
+
+    leaves = [t.clone().requires_grad_(True) for t in (x, weight, lora_a, lora_b)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = penalty_gradients(lambda *t: lk.multi_lora_linear(*t, ids, scalings, ranks=ranks, backend=backend),
+                                leaves, dy)
+    ref_leaves = [t.double().cpu().nan_to_num(0.0).requires_grad_(True) for t in (x, weight, lora_a, lora_b)]
+    expected = penalty_gradients(lambda *t: reference.multi_lora_linear_autograd(*t, ids.cpu(), scalings, None,
+                                                                                 torch.tensor(ranks)),
+                                 ref_leaves, dy.double().cpu())
+    for name, g, e in zip(("x", "weight", "lora_a", "lora_b"), got, expected):
+        assert_close(g, e, torch.float32, f"d(penalty)/d{name}")
