@@ -172,6 +172,13 @@ def apply_dropout(t, keep, p, *, inplace=False):
 CUDA_BWD_DY_KERNEL_MAX_WORK = 4096
 
 
+def _functorch_transforms_active():
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) is running this call. Its C function is the one
+    torch's own autograd.Function.apply asks (torch 2.11 and 2.14 alike); not while tracing, where dynamo handles
+    the transforms itself."""
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
 def _triton_lora_linear():
     from lora_kernels.triton import lora_linear as triton_lora_linear
     return triton_lora_linear
@@ -332,8 +339,13 @@ def lora_linear(x, weight, lora_a, lora_b, scaling=1.0, bias=None, *, dropout_p=
         return reference.lora_linear(x, weight, lora_a, lora_b, scaling, bias, mask).to(x.dtype)
     x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
     args = (x2, weight, lora_a, lora_b, bias, float(scaling), float(dropout_p), seed, backend)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_a.requires_grad
-                                    or lora_b.requires_grad or (bias is not None and bias.requires_grad)):
+    if _functorch_transforms_active():
+        # torch.func transforms need an autograd.Function with setup_context and a vmap rule, and the kernels and
+        # C++ ops have neither derivatives nor batching rules ("must override the setup_context staticmethod"): the
+        # torch composition, outside the Function, which the transforms differentiate and batch themselves.
+        y = _lora_linear_forward(*args[:-1], "torch")[0]
+    elif torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_a.requires_grad
+                                      or lora_b.requires_grad or (bias is not None and bias.requires_grad)):
         y = LoRALinearFunction.apply(*args)
     else:  # nothing to differentiate (inference, no_grad): the autograd Function's bookkeeping costs ~13 µs a call
         y = _lora_linear_forward(*args)[0]
@@ -525,8 +537,11 @@ def multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias=Non
                                                  batch.adapter_ids, scalings, None if bias is None else bias.double(),
                                                  ranks.cpu())
         return y.to(x.dtype).reshape(*lead_shape, out_features)
-    if torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad
-                                    or weight.requires_grad or (bias is not None and bias.requires_grad)):
+    if _functorch_transforms_active():  # see lora_linear
+        y = torch.nn.functional.linear(x2, weight, bias) + _multi_lora_term(x2, lora_a, lora_b, batch.adapter_ids,
+                                                                            scalings, ranks)
+    elif torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad
+                                      or weight.requires_grad or (bias is not None and bias.requires_grad)):
         y = MultiLoRAFunction.apply(x2, weight, bias, lora_a, lora_b, batch, scalings, ranks, backend)
     else:  # nothing to differentiate (serving): skip the autograd Function's bookkeeping
         y = _multi_lora_forward(x2, weight, bias, lora_a, lora_b, batch, scalings, ranks, backend)[0]

@@ -482,3 +482,34 @@ def test_gradgradcheck_float64(backend):
         return lora_linear(x, weight, lora_a, lora_b, 0.7, bias, backend=backend)
 
     assert torch.autograd.gradgradcheck(fn, (x, weight, lora_a, lora_b, bias))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_torch_func_transforms_match_the_reference(backend, device):
+    """torch.func.grad over functional_call, vmap and jacrev of a LoRALinear run on every backend (torch refused the
+    autograd.Function: "must override the setup_context staticmethod") and give the reference backend's results."""
+    _backend_or_skip(backend, device)
+    from torch.func import functional_call, grad, jacrev, vmap
+
+    import lora_kernels as lk
+    layer = lk.LoRALinear(8, 6, r=2, lora_alpha=4, init_lora_weights=False, backend=backend).to(device)
+    x = randn(5, 8, device=device)
+    params = {name: p.detach() for name, p in layer.named_parameters()}
+
+    def run(backend_name, transform):
+        layer.backend = backend_name
+        return transform()
+
+    def loss_grads():
+        return grad(lambda p: functional_call(layer, p, (x,)).square().sum())(params)
+
+    got, expected = run(backend, loss_grads), run("reference", loss_grads)
+    for name in ("lora_A.weight", "lora_B.weight"):
+        assert_close(got[name], expected[name], torch.float32, f"torch.func.grad {name}")
+    batched = run(backend, lambda: vmap(layer)(x[:, None, :]))
+    assert_close(batched[:, 0], run("reference", lambda: layer(x)), torch.float32, "vmap")
+    jacobian = run(backend, lambda: jacrev(lambda a: lk.lora_linear(x, layer.weight, a, layer.lora_B.weight, 2.0,
+                                                                    backend=backend))(params["lora_A.weight"]))
+    expected_jacobian = jacrev(lambda a: reference.lora_linear(x, layer.weight, a, layer.lora_B.weight, 2.0).float())(
+        params["lora_A.weight"])
+    assert_close(jacobian, expected_jacobian, torch.float32, "jacrev")

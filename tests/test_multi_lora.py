@@ -710,3 +710,22 @@ def test_multi_lora_double_backward_matches_the_reference(backend, device):
                                  ref_leaves, dy.double().cpu())
     for name, g, e in zip(("x", "weight", "lora_a", "lora_b"), got, expected):
         assert_close(g, e, torch.float32, f"d(penalty)/d{name}")
+
+
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS)
+def test_multi_lora_under_torch_func_grad(backend, device):
+    """torch.func.grad of a loss of multi_lora_linear in the stacked adapters: the reference's gradients (the
+    autograd.Function without setup_context refused every functorch transform)."""
+    _backend_or_skip(backend, device)
+    from torch.func import grad
+    x, weight, lora_a, lora_b, ids, scalings, ranks = _grouped_inputs(device)
+
+    def loss(a, b, backend):
+        return lk.multi_lora_linear(x, weight, a, b, ids, scalings, ranks=ranks, backend=backend).square().sum()
+
+    got = grad(loss, argnums=(0, 1))(lora_a, lora_b, backend)
+    ref_leaves = [t.double().cpu().requires_grad_(True) for t in (lora_a, lora_b)]
+    reference.multi_lora_linear_autograd(x.double().cpu(), weight.double().cpu(), *ref_leaves, ids.cpu(), scalings,
+                                         None, torch.tensor(ranks)).square().sum().backward()
+    for name, g, leaf in zip(("lora_a", "lora_b"), got, ref_leaves):
+        assert_close(g, leaf.grad, torch.float32, f"torch.func.grad {name}")
