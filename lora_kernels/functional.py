@@ -221,7 +221,7 @@ class LoRALinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x2, s, weight, lora_a, lora_b, seed = ctx.saved_tensors
         scaling, dropout_p, backend = ctx.scaling, ctx.dropout_p, ctx.backend
-        need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
+        need_x, need_w, need_a, _, need_bias = ctx.needs_input_grad[:5]  # dB comes with dS anyway
         if torch.is_grad_enabled():
             # create_graph=True (a gradient penalty, second-order meta-learning): the gradients must be
             # differentiable themselves. The Triton kernels and the C++ ops have no derivatives (triton failed at the
