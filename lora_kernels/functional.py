@@ -13,6 +13,7 @@ import numbers
 import torch
 
 from lora_kernels import ops, reference
+from lora_kernels._ext import accumulate_dtype
 from lora_kernels.backends import resolve_backend
 from lora_kernels.batch import BUFFER_FIELDS, LoRABatch
 
@@ -171,6 +172,13 @@ def apply_dropout(t, keep, p, *, inplace=False):
 CUDA_BWD_DY_KERNEL_MAX_WORK = 4096
 
 
+def _functorch_transforms_active():
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) is running this call. Its C function is the one
+    torch's own autograd.Function.apply asks (torch 2.11 and 2.14 alike); not while tracing, where dynamo handles
+    the transforms itself."""
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
 def _triton_lora_linear():
     from lora_kernels.triton import lora_linear as triton_lora_linear
     return triton_lora_linear
@@ -213,7 +221,13 @@ class LoRALinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x2, s, weight, lora_a, lora_b, seed = ctx.saved_tensors
         scaling, dropout_p, backend = ctx.scaling, ctx.dropout_p, ctx.backend
-        need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
+        need_x, need_w, need_a, _, need_bias = ctx.needs_input_grad[:5]  # dB comes with dS anyway
+        if torch.is_grad_enabled():
+            # create_graph=True (a gradient penalty, second-order meta-learning): the gradients must be
+            # differentiable themselves. The Triton kernels and the C++ ops have no derivatives (triton failed at the
+            # second grad, the C++ ops warned "autograd kernel was not registered"), and the saved S is detached
+            # from lora_a and x, so dB would miss their terms: the torch composition, on an S recomputed here.
+            return _lora_linear_backward_differentiable(ctx, dy, x2, weight, lora_a, lora_b, seed)
         dy = dy.contiguous()
         dx = d_weight = d_lora_a = d_lora_b = d_bias = None
         if backend == "triton":
@@ -226,37 +240,76 @@ class LoRALinearFunction(torch.autograd.Function):
         else:
             keep = torch_dropout_keep(seed, x2, dropout_p) if dropout_p > 0.0 else None
             if backend == "cuda" and dy.shape[0] * lora_b.shape[1] > CUDA_BWD_DY_KERNEL_MAX_WORK:
+                # cuBLAS GEMMs in the input dtype, S rounded to it as PEFT rounds it. Using the fp32 S and dS would
+                # take fp32 copies of dy [M, N] and x [M, K] (torch has no mixed-dtype GEMM): a cost at large M
+                # that no GPU has measured yet.
                 d_lora_b = torch.mm(dy.T, s.to(dy.dtype)).mul_(scaling)
                 ds = torch.mm(dy, lora_b).mul_(scaling)
             elif backend in ("cpu", "cuda"):
+                # dS stays in fp32 (fp64 for fp64): |s·dY·B| may pass 65504 in fp16 where dA and the LoRA term of
+                # dX do not, as the Triton backward keeps it (rounding it first gave dx = inf there, as PEFT does).
                 d_lora_b, ds = torch.ops.lora_kernels.lora_bwd_dy(dy, s, lora_b, float(scaling))
-                ds = ds.to(dy.dtype)
             else:
                 d_lora_b = scaling * (dy.T @ s)
                 ds = scaling * (dy @ lora_b)
-            # The [M, K] temporaries (the dropped x, the mask, the LoRA part of dX) are released as soon as they
-            # are used, so no more than two are alive beside x and dx.
-            if need_a:
-                x_lora = x2 if keep is None else apply_dropout(x2, keep, dropout_p)
-                d_lora_a = ds.T @ x_lora
-                del x_lora
-            if need_x:
-                dx_lora = ds @ lora_a
-                if keep is not None:
-                    apply_dropout(dx_lora, keep, dropout_p, inplace=True)
-                del keep
-                if backend == "torch":  # PEFT's composition: separate GEMM and add
-                    dx = (dy @ weight).add_(dx_lora)
-                else:  # the base GEMM adds the LoRA term in its epilogue: one pass over dx [M, K] instead of three
-                    dx = torch.addmm(dx_lora, dy, weight)
+            # ds's dtype: the other operands of the dS products are widened to it (a no-op but for the cpu and
+            # small-M cuda paths in 16 bits), and autocast must not round them back.
+            with ops.autocast_off(dy.device):
+                # The [M, K] temporaries (the dropped x, the mask, the LoRA part of dX) are released as soon as
+                # they are used, so no more than two are alive beside x and dx.
+                if need_a:
+                    x_lora = x2 if keep is None else apply_dropout(x2, keep, dropout_p)
+                    d_lora_a = ds.T @ x_lora.to(ds.dtype)
+                    del x_lora
+                if need_x:
+                    dx_lora = ds @ lora_a.to(ds.dtype)
+                    if keep is not None:
+                        apply_dropout(dx_lora, keep, dropout_p, inplace=True)
+                    del keep
+                    if backend == "torch":  # PEFT's composition: separate GEMM and add
+                        dx = (dy @ weight).add_(dx_lora)
+                    else:  # the base GEMM adds the LoRA term in its epilogue: one pass over dx [M, K], not three
+                        dx = torch.addmm(dx_lora.to(dy.dtype), dy, weight)
         if need_w:  # full fine-tuning: the M·N·K GEMM the A/B-only path never forms
             d_weight = dy.T @ x2
         if need_bias and ctx.has_bias:
             d_bias = dy.sum(0)
-        cast = (lambda g, dtype: None if g is None else g.to(dtype))
-        return (cast(dx, x2.dtype), cast(d_weight, ctx.weight_dtype), cast(d_lora_a, lora_a.dtype),
-                cast(d_lora_b, lora_b.dtype) if need_b else None, cast(d_bias, ctx.weight_dtype),
-                None, None, None, None)
+        return _cast_grads(ctx, (dx, d_weight, d_lora_a, d_lora_b, d_bias), x2, lora_a, lora_b)
+
+
+def _cast_grads(ctx, grads, x2, lora_a, lora_b):
+    """LoRALinearFunction.backward's return: each gradient in its input's dtype (None where not needed)."""
+    dx, d_weight, d_lora_a, d_lora_b, d_bias = grads
+    cast = (lambda g, dtype: None if g is None else g.to(dtype))
+    return (cast(dx, x2.dtype), cast(d_weight, ctx.weight_dtype), cast(d_lora_a, lora_a.dtype),
+            cast(d_lora_b, lora_b.dtype) if ctx.needs_input_grad[3] else None, cast(d_bias, ctx.weight_dtype),
+            None, None, None, None)
+
+
+def _lora_linear_backward_differentiable(ctx, dy, x2, weight, lora_a, lora_b, seed):
+    """The A/B-only backward of design.md §2 in differentiable torch ops (any backend, for create_graph=True):
+    S is recomputed from x and lora_a so that dB, too, carries their derivatives."""
+    scaling, dropout_p = ctx.scaling, ctx.dropout_p
+    need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
+    if dropout_p == 0.0:
+        drop = None
+    elif ctx.backend == "triton":  # the forward's mask: the Triton kernels draw their own from the seed
+        multiplier = _triton_lora_linear().dropout_mask(seed, x2.shape[0], x2.shape[1], dropout_p, x2.device)
+        drop = (lambda t: (t * multiplier).to(t.dtype))
+    else:
+        keep = torch_dropout_keep(seed, x2, dropout_p)
+        drop = (lambda t: apply_dropout(t, keep, dropout_p))
+    x_lora = x2 if drop is None else drop(x2)
+    ds = scaling * (dy @ lora_b)
+    d_lora_b = scaling * (dy.T @ (x_lora @ lora_a.T)) if need_b else None
+    d_lora_a = ds.T @ x_lora if need_a else None
+    dx = None
+    if need_x:
+        dx_lora = ds @ lora_a
+        dx = dy @ weight + (dx_lora if drop is None else drop(dx_lora))
+    d_weight = dy.T @ x2 if need_w else None
+    d_bias = dy.sum(0) if need_bias and ctx.has_bias else None
+    return _cast_grads(ctx, (dx, d_weight, d_lora_a, d_lora_b, d_bias), x2, lora_a, lora_b)
 
 
 def lora_linear(x, weight, lora_a, lora_b, scaling=1.0, bias=None, *, dropout_p=0.0, backend="auto"):
@@ -286,8 +339,13 @@ def lora_linear(x, weight, lora_a, lora_b, scaling=1.0, bias=None, *, dropout_p=
         return reference.lora_linear(x, weight, lora_a, lora_b, scaling, bias, mask).to(x.dtype)
     x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
     args = (x2, weight, lora_a, lora_b, bias, float(scaling), float(dropout_p), seed, backend)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_a.requires_grad
-                                    or lora_b.requires_grad or (bias is not None and bias.requires_grad)):
+    if _functorch_transforms_active():
+        # torch.func transforms need an autograd.Function with setup_context and a vmap rule, and the kernels and
+        # C++ ops have neither derivatives nor batching rules ("must override the setup_context staticmethod"): the
+        # torch composition, outside the Function, which the transforms differentiate and batch themselves.
+        y = _lora_linear_forward(*args[:-1], "torch")[0]
+    elif torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_a.requires_grad
+                                      or lora_b.requires_grad or (bias is not None and bias.requires_grad)):
         y = LoRALinearFunction.apply(*args)
     else:  # nothing to differentiate (inference, no_grad): the autograd Function's bookkeeping costs ~13 µs a call
         y = _lora_linear_forward(*args)[0]
@@ -296,37 +354,75 @@ def lora_linear(x, weight, lora_a, lora_b, scaling=1.0, bias=None, *, dropout_p=
 
 # --------------------------------------------------------------------------------------------- grouped (multi-LoRA)
 
-def _segment_outer_sum(batch, ranks, backend, left, right):
-    """[L, P, Q] with slot i holding sum over tokens t of slot i of outer(left[t], right[t]); left [M, P], right [M, Q].
-    Triton: one segment-GEMM kernel (M·P·Q work). CPU tensors: each slot's rows gathered (M·P·Q work). Other
-    devices: slot by slot, each a GEMM over all M rows with the other slots' rows of BOTH operands zeroed by `where`
-    (L·M·P·Q work, no host sync): a 0/1 mask multiplied in would turn another slot's NaN or Inf row into NaN
+def _segment_outer_sum(batch, ranks, backend, left, right, scalings=None):
+    """[L, P, Q] with slot i holding sum over tokens t of slot i of outer(left[t], right[t]) (times scalings[i] when
+    given), zero in rows p >= ranks[i]; left [M, P] (P = R, the rank axis), right [M, Q]. fp32 (fp64 for fp64 right).
+    Triton: one segment-GEMM kernel (M·P·Q work). CPU tensors: each slot's rows gathered (M·P·Q work), in fp32.
+    Other devices: slot by slot, each a GEMM over all M rows with the other slots' rows of BOTH operands zeroed by
+    `where` (L·M·P·Q work, no host sync): a 0/1 mask multiplied in would turn another slot's NaN or Inf row into NaN
     (0·NaN), so one broken token or adapter would poison every slot's gradient."""
+    acc = accumulate_dtype(right.dtype)
     if backend == "triton":
-        return ops.triton_sgmv().segment_outer_sum(left, right, batch)
-    left = left.to(right.dtype)
-    if ops.slots_on_host(right.device):
-        # Each slot's own rows only, M·P·Q work in all. A slot of rank 0 keeps its zero sum: its left rows (shrink
-        # outputs) are zero anyway.
-        sums = torch.zeros(batch.num_adapters, left.shape[1], right.shape[1], dtype=right.dtype, device=right.device)
-        for slot, rows, _ in ops.host_slot_rows(batch, ranks):
-            torch.mm(left.index_select(0, rows).T, right.index_select(0, rows), out=sums[slot])
-        return sums
-    ids, num_slots = batch.adapter_ids, batch.num_adapters
-    zero = torch.zeros((), dtype=right.dtype, device=right.device)
-    sums = []
-    for slot in range(num_slots):
-        rows = (ids == slot)[:, None]
-        sums.append(torch.where(rows, left, zero).T @ torch.where(rows, right, zero))
-    return torch.stack(sums)  # [L, P, Q]
+        sums = ops.triton_sgmv().segment_outer_sum(left, right, batch)
+    elif ops.slots_on_host(right.device):
+        # Each slot's own rows only, M·P·Q work in all; in fp32, as the CPU kernels compute (a 16-bit copy of a
+        # slot's rows is no cheaper to multiply on a CPU). A slot of rank 0 keeps its zero sum.
+        left = left.to(acc)
+        sums = torch.zeros(batch.num_adapters, left.shape[1], right.shape[1], dtype=acc, device=right.device)
+        with ops.autocast_off(right.device):
+            for slot, rows, _ in ops.host_slot_rows(batch, ranks):
+                torch.mm(left.index_select(0, rows).T, right.index_select(0, rows).to(acc), out=sums[slot])
+    else:
+        left = left.to(right.dtype)  # tensor-core GEMMs in the input dtype, as PEFT's
+        ids, num_slots = batch.adapter_ids, batch.num_adapters
+        zero = torch.zeros((), dtype=right.dtype, device=right.device)
+        per_slot = []
+        with ops.autocast_off(right.device):
+            for slot in range(num_slots):
+                rows = (ids == slot)[:, None]
+                per_slot.append(torch.where(rows, left, zero).T @ torch.where(rows, right, zero))
+        sums = torch.stack(per_slot).to(acc)
+    if scalings is not None:
+        sums = sums * scalings.to(acc)[:, None, None]
+    # Past a slot's rank the sums are 0·(that slot's tokens): NaN when one of them holds NaN or Inf, where the
+    # reference's gradient is 0 (padding is never read, so it gets no gradient).
+    in_rank = torch.arange(left.shape[1], device=right.device) < ranks[:, None]
+    return torch.where(in_rank[:, :, None], sums, torch.zeros((), dtype=acc, device=right.device))
 
 
-def _multi_lora_forward(x2, weight, bias, lora_a, lora_b, batch, scalings, ranks, backend):
-    """(y, shrunk): the base GEMM, then the grouped shrink and expand added into its output."""
+def _multi_lora_forward(x2, weight, bias, lora_a, lora_b, batch, scalings, ranks, backend, unscaled=False):
+    """(y, shrunk): the base GEMM, then the grouped shrink and expand added into its output. unscaled: shrunk is
+    returned without the scalings (S = x·Aᵀ per slot, fp32), what the backward's dB is built from."""
     y = torch.nn.functional.linear(x2, weight, bias)
-    shrunk = ops.run_shrink(backend, x2, lora_a, batch, scalings, ranks)
-    ops.run_expand(backend, shrunk, lora_b, batch, ranks, y)
-    return y, shrunk
+    if not unscaled:
+        shrunk = ops.run_shrink(backend, x2, lora_a, batch, scalings, ranks)
+        ops.run_expand(backend, shrunk, lora_b, batch, ranks, y)
+        return y, shrunk
+    s = ops.run_shrink(backend, x2, lora_a, batch, torch.ones_like(scalings), ranks)
+    # Rows of -1 tokens are zero in s, and the expand never reads them: any slot's scaling will do there.
+    token_scalings = scalings.index_select(0, batch.adapter_ids.clamp(min=0))
+    ops.run_expand(backend, s * token_scalings[:, None], lora_b, batch, ranks, y)
+    return y, s
+
+
+def _multi_lora_term(x2, lora_a, lora_b, adapter_ids, scalings, ranks):
+    """The grouped LoRA term [M, N] (design.md §3) in differentiable torch ops, in x2's dtype (accumulated in fp32,
+    fp64 for fp64): what autograd differentiates where the kernels cannot be (create_graph=True, torch.func). Slot
+    by slot over all rows with `where`, so no other slot's NaN row and no NaN padding reaches a value or a gradient
+    (L·M·R·(K+N) work: these paths are not the fast ones)."""
+    acc = accumulate_dtype(x2.dtype)
+    num_slots, max_rank = lora_a.shape[:2]
+    zero = torch.zeros((), dtype=acc, device=x2.device)
+    in_rank = torch.arange(max_rank, device=x2.device) < ranks[:, None]
+    a = torch.where(in_rank[:, :, None], lora_a.to(acc), zero)
+    b = torch.where(in_rank[:, None, :], lora_b.to(acc), zero)
+    x_acc = x2.to(acc)
+    total = torch.zeros(x2.shape[0], lora_b.shape[1], dtype=acc, device=x2.device)
+    for slot in range(num_slots):
+        rows = (adapter_ids == slot)[:, None]
+        term = (torch.where(rows, x_acc, zero) @ a[slot].T * scalings[slot].to(acc)) @ b[slot].T
+        total = total + torch.where(rows, term, zero)
+    return total.to(x2.dtype)
 
 
 class MultiLoRAFunction(torch.autograd.Function):
@@ -335,7 +431,9 @@ class MultiLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, weight, bias, lora_a, lora_b, batch, scalings, ranks, backend):
-        y, shrunk = _multi_lora_forward(x2, weight, bias, lora_a, lora_b, batch, scalings, ranks, backend)
+        # S is kept unscaled: dB = s·dYᵀ·S reduces S rounded to the input dtype, and the scaled s·S overflows fp16
+        # where S does not (PEFT also rounds S unscaled).
+        y, s = _multi_lora_forward(x2, weight, bias, lora_a, lora_b, batch, scalings, ranks, backend, unscaled=True)
         # The batch's buffers are saved like the other inputs: refilling them in place (LoRABatch.refill_, for the
         # next step of a CUDA graph) before this backward runs then raises autograd's in-place modification error
         # instead of computing the gradients for the new ids. A batch built under torch.inference_mode (a reference
@@ -345,16 +443,29 @@ class MultiLoRAFunction(torch.autograd.Function):
         batch_buffers = [getattr(batch, name) for name in BUFFER_FIELDS]
         if not torch.compiler.is_compiling() and any(t.is_inference() for t in batch_buffers):
             batch_buffers = [t.clone() for t in batch_buffers]
-        ctx.save_for_backward(x2, weight, lora_a, lora_b, shrunk, scalings, ranks, *batch_buffers)
+        ctx.save_for_backward(x2, weight, lora_a, lora_b, s, scalings, ranks, *batch_buffers)
         ctx.batch, ctx.backend = batch, backend
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, lora_a, lora_b, shrunk, scalings, ranks, *batch_buffers = ctx.saved_tensors
+        x2, weight, lora_a, lora_b, s, scalings, ranks, *batch_buffers = ctx.saved_tensors
         batch = dataclasses.replace(ctx.batch, **dict(zip(BUFFER_FIELDS, batch_buffers)))
         backend = ctx.backend
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        if torch.is_grad_enabled():
+            # create_graph=True: differentiable gradients, which the kernels and C++ ops do not give (see
+            # LoRALinearFunction.backward). The LoRA term's are autograd's own, of its torch composition.
+            wanted = ((x2, need_x), (lora_a, need_a), (lora_b, need_b))
+            term = _multi_lora_term(x2, lora_a, lora_b, batch.adapter_ids, scalings, ranks)
+            inputs = [t for t, need in wanted if need]
+            grads = iter(torch.autograd.grad(term, inputs, dy, create_graph=True, allow_unused=True,
+                                             materialize_grads=True) if inputs else ())
+            dx, d_lora_a, d_lora_b = (next(grads) if need else None for _, need in wanted)
+            if need_x:
+                dx = dy @ weight + dx
+            return (dx, dy.T @ x2 if need_w else None, dy.sum(0) if need_bias else None, d_lora_a, d_lora_b,
+                    None, None, None, None)
         dy = dy.contiguous()
         dx = d_weight = d_bias = d_lora_a = d_lora_b = None
         if need_x or need_a:
@@ -366,7 +477,7 @@ class MultiLoRAFunction(torch.autograd.Function):
             if need_a:
                 d_lora_a = _segment_outer_sum(batch, ranks, backend, u, x2).to(lora_a.dtype)
         if need_b:
-            d_lora_b = _segment_outer_sum(batch, ranks, backend, shrunk, dy).transpose(1, 2).to(lora_b.dtype)
+            d_lora_b = _segment_outer_sum(batch, ranks, backend, s, dy, scalings).transpose(1, 2).to(lora_b.dtype)
         if need_w:
             d_weight = dy.T @ x2
         if need_bias:
@@ -426,8 +537,11 @@ def multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias=Non
                                                  batch.adapter_ids, scalings, None if bias is None else bias.double(),
                                                  ranks.cpu())
         return y.to(x.dtype).reshape(*lead_shape, out_features)
-    if torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad
-                                    or weight.requires_grad or (bias is not None and bias.requires_grad)):
+    if _functorch_transforms_active():  # see lora_linear
+        y = torch.nn.functional.linear(x2, weight, bias) + _multi_lora_term(x2, lora_a, lora_b, batch.adapter_ids,
+                                                                            scalings, ranks)
+    elif torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad
+                                      or weight.requires_grad or (bias is not None and bias.requires_grad)):
         y = MultiLoRAFunction.apply(x2, weight, bias, lora_a, lora_b, batch, scalings, ranks, backend)
     else:  # nothing to differentiate (serving): skip the autograd Function's bookkeeping
         y = _multi_lora_forward(x2, weight, bias, lora_a, lora_b, batch, scalings, ranks, backend)[0]

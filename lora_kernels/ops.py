@@ -180,7 +180,7 @@ def autocast_dtype(device):
     return torch.get_autocast_dtype(device_type)
 
 
-def _autocast_off(device):
+def autocast_off(device):
     """A region where torch ops run in the dtypes they are given even inside torch.autocast: the fallbacks below
     accumulate in float32 on purpose, and autocast would round their matmuls to its 16-bit dtype."""
     if autocast_dtype(device) is not None:
@@ -205,7 +205,7 @@ def host_slot_rows(batch, ranks):
 
 
 def _torch_shrink(x, lora_a, batch, scalings, ranks):
-    with _autocast_off(x.device):
+    with autocast_off(x.device):
         shrink = _torch_shrink_by_slot if slots_on_host(x.device) else _torch_shrink_masked
         return shrink(x, lora_a, batch, scalings, ranks)
 
@@ -230,7 +230,7 @@ def _torch_shrink_masked(x, lora_a, batch, scalings, ranks):
 
 
 def _torch_expand(t, lora_b, batch, ranks, out, slice_offset):
-    with _autocast_off(out.device):
+    with autocast_off(out.device):
         expand = _torch_expand_by_slot if slots_on_host(out.device) else _torch_expand_masked
         total = expand(t, lora_b, batch, ranks)
     target = out[:, slice_offset:slice_offset + lora_b.shape[1]]

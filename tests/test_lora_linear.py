@@ -1,6 +1,8 @@
 """lora_linear on every backend available here against the float64 reference: forward, every gradient, dtypes,
 odd shapes, ranks 1..256, bias, leading dims, non-contiguous input, dropout, bad input, torch.compile."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -398,3 +400,116 @@ def test_available_backends_names_a_bad_device():
     assert "torch" in backends.available_backends("cpu")
     with pytest.raises(ValueError, match=r"available_backends: device expected .*got 'gpu'"):
         backends.available_backends("gpu")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("m", [4, 40], ids=["M4", "M40"])  # the cuda backend's decode kernel and its GEMM path
+def test_scaling_zero_keeps_nan_in_lora_b_like_the_reference(backend, m, device):
+    """scaling = 0 multiplies the LoRA term by zero, and 0·NaN is NaN: every backend returns NaN in the columns of a
+    NaN in lora_b, as the reference and PEFT do (the cpu backend passed scaling as addmm's alpha, and BLAS skips the
+    product when alpha is 0, so its y came out finite)."""
+    _backend_or_skip(backend, device)
+    x, weight, lora_a, lora_b, bias = lora_inputs(m, 32, 24, 8, torch.float32, device)
+    lora_b[5, 3] = float("nan")
+    y = lora_linear(x, weight, lora_a, lora_b, 0.0, bias, backend=backend)
+    expected = reference.lora_linear(x, weight, lora_a, lora_b, 0.0, bias)
+    assert torch.equal(torch.isnan(y).cpu(), torch.isnan(expected).cpu())
+    assert torch.isnan(y[:, 5]).all()
+    finite = ~torch.isnan(expected)
+    assert_close(y.cpu()[finite], expected.cpu()[finite], torch.float32, "y (finite columns)")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda", "triton"])
+def test_fp16_gradients_stay_finite_where_only_ds_overflows(backend, device):
+    """|s·dY·B| above fp16's 65504 while dX and dA are in range: the fused backends keep dS in fp32 and round dX and
+    dA once, so both come out finite and accurate (the cpu backend rounded dS to fp16 first: dx = inf, as PEFT's
+    and the torch backend's). The cuda backend's GEMM path above CUDA_BWD_DY_KERNEL_MAX_WORK rounds like PEFT."""
+    _backend_or_skip(backend, device)
+    dtype, scaling, m, k, n, r = torch.float16, 200.0, 8, 32, 16, 4
+    x = randn(m, k, dtype=dtype, device=device, scale=1e-3)
+    weight = randn(n, k, dtype=dtype, device=device, scale=k ** -0.5)
+    lora_a = randn(r, k, dtype=dtype, device=device, scale=1e-3)
+    lora_b = (100.0 * (1.0 + torch.rand(n, r, device=device))).to(dtype)  # one sign: dY·B cannot cancel
+    dy = (1.0 + torch.rand(m, n, device=device)).to(dtype)
+    expected = reference.lora_linear_backward(dy, x, weight, lora_a, lora_b, scaling)
+    assert (scaling * dy.double() @ lora_b.double()).abs().min() > torch.finfo(dtype).max  # dS overflows fp16
+    assert expected["x"].abs().max() < 1e4 and expected["lora_a"].abs().max() < 1e4  # dX and dA do not
+    _, grads = _run(backend, x, weight, lora_a, lora_b, None, scaling, dy)
+    for name in ("x", "lora_a"):
+        assert_close(grads[name], expected[name], dtype, f"d{name}", scale=2.0)
+
+
+def _penalty_gradients(fn, leaves, dy):
+    """Second derivatives through a gradient penalty: the first-order gradients of <fn(leaves), dy> are taken with
+    create_graph=True, and the gradients of the sum of their squares with respect to every leaf are returned."""
+    first = torch.autograd.grad((fn(*leaves) * dy).sum(), leaves, create_graph=True)
+    penalty = sum(g.square().sum() for g in first)
+    return torch.autograd.grad(penalty, leaves)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25], ids=["no_dropout", "dropout"])
+def test_double_backward_matches_the_reference(backend, dropout_p, device):
+    """create_graph=True (a gradient penalty, second-order meta-learning) gives the reference's second derivatives
+    on every backend, with no warning (triton failed with "element 0 of tensors does not require grad", the C++ ops
+    warned that no autograd kernel was registered, and the saved S left dB's derivatives out)."""
+    _backend_or_skip(backend, device)
+    dtype = torch.float32
+    x, weight, lora_a, lora_b, bias = lora_inputs(6, 16, 12, 4, dtype, device)
+    dy = randn(6, 12, dtype=dtype, device=device)
+    torch.manual_seed(3)
+    seed = functional.new_seed()
+    mask = _dropout_mask(backend, seed, x, dropout_p) if dropout_p else None
+    leaves = [t.clone().requires_grad_(True) for t in (x, weight, lora_a, lora_b)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.manual_seed(3)
+        got = _penalty_gradients(lambda *t: lora_linear(*t, 1.5, bias, dropout_p=dropout_p, backend=backend),
+                                 leaves, dy)
+    ref_leaves = [t.double().requires_grad_(True) for t in (x, weight, lora_a, lora_b)]
+    expected = _penalty_gradients(lambda *t: reference.lora_linear(*t, 1.5, bias, mask), ref_leaves, dy.double())
+    for name, g, e in zip(("x", "weight", "lora_a", "lora_b"), got, expected):
+        assert_close(g, e, dtype, f"d(penalty)/d{name}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_gradgradcheck_float64(backend):
+    _backend_or_skip(backend, "cpu")
+    x, weight, lora_a, lora_b, bias = (t.double().requires_grad_(True)
+                                       for t in lora_inputs(3, 5, 4, 2, torch.float32, "cpu"))
+
+    def fn(x, weight, lora_a, lora_b, bias):
+        return lora_linear(x, weight, lora_a, lora_b, 0.7, bias, backend=backend)
+
+    assert torch.autograd.gradgradcheck(fn, (x, weight, lora_a, lora_b, bias))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_torch_func_transforms_match_the_reference(backend, device):
+    """torch.func.grad over functional_call, vmap and jacrev of a LoRALinear run on every backend (torch refused the
+    autograd.Function: "must override the setup_context staticmethod") and give the reference backend's results."""
+    _backend_or_skip(backend, device)
+    from torch.func import functional_call, grad, jacrev, vmap
+
+    import lora_kernels as lk
+    layer = lk.LoRALinear(8, 6, r=2, lora_alpha=4, init_lora_weights=False, backend=backend).to(device)
+    x = randn(5, 8, device=device)
+    params = {name: p.detach() for name, p in layer.named_parameters()}
+
+    def run(backend_name, transform):
+        layer.backend = backend_name
+        return transform()
+
+    def loss_grads():
+        return grad(lambda p: functional_call(layer, p, (x,)).square().sum())(params)
+
+    got, expected = run(backend, loss_grads), run("reference", loss_grads)
+    for name in ("lora_A.weight", "lora_B.weight"):
+        assert_close(got[name], expected[name], torch.float32, f"torch.func.grad {name}")
+    batched = run(backend, lambda: vmap(layer)(x[:, None, :]))
+    assert_close(batched[:, 0], run("reference", lambda: layer(x)), torch.float32, "vmap")
+    jacobian = run(backend, lambda: jacrev(lambda a: lk.lora_linear(x, layer.weight, a, layer.lora_B.weight, 2.0,
+                                                                    backend=backend))(params["lora_A.weight"]))
+    expected_jacobian = jacrev(lambda a: reference.lora_linear(x, layer.weight, a, layer.lora_B.weight, 2.0).float())(
+        params["lora_A.weight"])
+    assert_close(jacobian, expected_jacobian, torch.float32, "jacrev")

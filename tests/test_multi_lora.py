@@ -1,6 +1,8 @@
 """The grouped ops through the public API on every backend here: LoRABatch, lk.ops.lora_shrink/lora_expand/add_lora,
 multi_lora_linear with autograd, MultiLoRALinear, bad input, torch.compile."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -622,3 +624,108 @@ def test_serving_ops_ignore_autocast(backend):
         under_autocast = run()
     for got, expected in zip(under_autocast, plain):
         assert got.dtype == torch.float32 and torch.equal(got, expected)
+
+
+# y itself overflows in the Triton prefill expand, which rounds s·S to fp16 for its tensor-core dot (a known limit).
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS)
+def test_fp16_lora_b_gradient_is_built_from_the_unscaled_shrink(backend, device):
+    """dB = s·dYᵀ·S with |s·S| above fp16's 65504 where S, dB and y are in range: dB is finite and accurate (it
+    was reduced over s·S rounded to fp16, inf where PEFT's, which rounds S unscaled, is finite). 80 tokens: the
+    Triton prefill path."""
+    _backend_or_skip(backend, device)
+    dtype, num_slots, max_rank, k, n, m = torch.float16, 3, 4, 64, 32, 80
+    ranks, scalings = [4, 2, 3], torch.tensor([200.0, 150.0, 1.0])
+    lora_a = randn(num_slots, max_rank, k, dtype=dtype, device=device, scale=90.0)
+    lora_b = randn(num_slots, n, max_rank, dtype=dtype, device=device, scale=1e-3)
+    x = randn(m, k, dtype=dtype, device=device)
+    weight = randn(n, k, dtype=dtype, device=device, scale=k ** -0.5)
+    ids = segment_ids("mixed_base", m, num_slots).to(device)
+    dy = randn(m, n, dtype=dtype, device=device, scale=1e-2)
+    shrunk = reference.lora_shrink(x.cpu(), lora_a.cpu(), ids.cpu(), scalings, torch.tensor(ranks))
+    assert shrunk.abs().max() > 2 * torch.finfo(dtype).max  # s·S overflows fp16
+    ref_leaves = [t.double().cpu().requires_grad_(True) for t in (lora_a, lora_b)]
+    reference.multi_lora_linear_autograd(x.double().cpu(), weight.double().cpu(), *ref_leaves, ids.cpu(), scalings,
+                                         None, torch.tensor(ranks)).backward(dy.double().cpu())
+    assert ref_leaves[1].grad.abs().max() < torch.finfo(dtype).max / 2  # dB does not
+    leaf = lora_b.clone().requires_grad_(True)
+    lk.multi_lora_linear(x, weight, lora_a, leaf, ids, scalings, ranks=ranks, backend=backend).backward(dy)
+    assert_close(leaf.grad, ref_leaves[1].grad, dtype, "dlora_b", scale=2.0)
+
+
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS)
+@pytest.mark.parametrize("num_tokens", [12, 80], ids=["decode", "prefill"])
+def test_nan_token_leaves_the_padding_gradient_zero(backend, num_tokens, device):
+    """A NaN in one token of slot 0 makes slot 0's in-rank gradients NaN, as it must, but the padding past its rank
+    (never read) keeps a zero gradient, as in the reference (0·NaN in the full-R sums gave NaN there); other slots
+    stay finite."""
+    _backend_or_skip(backend, device)
+    num_slots, max_rank, k, n, ranks = 3, 8, 16, 12, [3, 8, 5]
+    lora_a, lora_b = _adapters(num_slots, max_rank, k, n, ranks, torch.float32, device)
+    x = randn(num_tokens, k, device=device)
+    weight = randn(n, k, device=device, scale=k ** -0.5)
+    ids = (torch.arange(num_tokens) % num_slots).to(device)
+    x[0, 3] = float("nan")  # token 0 is slot 0's
+    leaves = [t.clone().requires_grad_(True) for t in (lora_a, lora_b)]
+    y = lk.multi_lora_linear(x, weight, *leaves, ids, [2.0, 1.0, 0.5], ranks=ranks, backend=backend)
+    y.backward(randn(num_tokens, n, device=device))
+    grad_a, grad_b = leaves[0].grad, leaves[1].grad
+    for slot, rank in enumerate(ranks):
+        assert torch.count_nonzero(grad_a[slot, rank:]) == 0 and torch.count_nonzero(grad_b[slot, :, rank:]) == 0
+    assert torch.isnan(grad_a[0, :ranks[0]]).any() and torch.isnan(grad_b[0, :, :ranks[0]]).any()
+    for slot in (1, 2):
+        assert torch.isfinite(grad_a[slot, :ranks[slot]]).all() and torch.isfinite(grad_b[slot, :, :ranks[slot]]).all()
+
+
+def _grouped_inputs(device, dtype=torch.float32):
+    num_slots, max_rank, k, n, ranks = 3, 4, 10, 6, [4, 2, 3]
+    lora_a, lora_b = _adapters(num_slots, max_rank, k, n, ranks, dtype, device)
+    x = randn(9, k, dtype=dtype, device=device)
+    weight = randn(n, k, dtype=dtype, device=device, scale=k ** -0.5)
+    ids = torch.tensor([0, 1, 2, -1, 0, 2, 1, 0, 2], device=device)
+    return x, weight, lora_a, lora_b, ids, torch.tensor([0.5, 2.0, 1.5]), ranks
+
+
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS)
+def test_multi_lora_double_backward_matches_the_reference(backend, device):
+    """create_graph=True through multi_lora_linear: the reference's second derivatives on every backend, NaN padding
+    included, with no warning (the kernels' gradients are not differentiable)."""
+    _backend_or_skip(backend, device)
+    x, weight, lora_a, lora_b, ids, scalings, ranks = _grouped_inputs(device)
+    dy = randn(9, 6, device=device)
+
+    def penalty_gradients(fn, leaves, dy):
+        first = torch.autograd.grad((fn(*leaves) * dy).sum(), leaves, create_graph=True)
+        return torch.autograd.grad(sum(g.square().sum() for g in first), leaves)
+
+    leaves = [t.clone().requires_grad_(True) for t in (x, weight, lora_a, lora_b)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = penalty_gradients(lambda *t: lk.multi_lora_linear(*t, ids, scalings, ranks=ranks, backend=backend),
+                                leaves, dy)
+    ref_leaves = [t.double().cpu().nan_to_num(0.0).requires_grad_(True) for t in (x, weight, lora_a, lora_b)]
+    expected = penalty_gradients(lambda *t: reference.multi_lora_linear_autograd(*t, ids.cpu(), scalings, None,
+                                                                                 torch.tensor(ranks)),
+                                 ref_leaves, dy.double().cpu())
+    for name, g, e in zip(("x", "weight", "lora_a", "lora_b"), got, expected):
+        assert_close(g, e, torch.float32, f"d(penalty)/d{name}")
+
+
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS)
+def test_multi_lora_under_torch_func_grad(backend, device):
+    """torch.func.grad of a loss of multi_lora_linear in the stacked adapters: the reference's gradients (the
+    autograd.Function without setup_context refused every functorch transform)."""
+    _backend_or_skip(backend, device)
+    from torch.func import grad
+    x, weight, lora_a, lora_b, ids, scalings, ranks = _grouped_inputs(device)
+
+    def loss(a, b, backend):
+        return lk.multi_lora_linear(x, weight, a, b, ids, scalings, ranks=ranks, backend=backend).square().sum()
+
+    got = grad(loss, argnums=(0, 1))(lora_a, lora_b, backend)
+    ref_leaves = [t.double().cpu().requires_grad_(True) for t in (lora_a, lora_b)]
+    reference.multi_lora_linear_autograd(x.double().cpu(), weight.double().cpu(), *ref_leaves, ids.cpu(), scalings,
+                                         None, torch.tensor(ranks)).square().sum().backward()
+    for name, g, leaf in zip(("lora_a", "lora_b"), got, ref_leaves):
+        assert_close(g, leaf.grad, torch.float32, f"torch.func.grad {name}")

@@ -26,7 +26,10 @@ std::tuple<at::Tensor, at::Tensor> lora_fwd_cpu(const at::Tensor& x, const std::
   const at::Tensor s = at::mm(x_lora_acc, lora_a.to(acc).t());  // [M, r], unscaled
   at::Tensor y = bias.has_value() ? at::addmm(bias->to(acc), x_acc, weight.to(acc).t())
                                   : at::mm(x_acc, weight.to(acc).t());
-  y.addmm_(s, lora_b.to(acc).t(), /*beta=*/1.0, /*alpha=*/scaling);
+  // Scaling S (M·r multiplies) rather than passing it as addmm's alpha: BLAS skips the product when alpha is 0, so
+  // at scaling 0 a NaN/Inf in lora_b or S vanished here while the reference, the other backends and PEFT return
+  // NaN (0·NaN). S is fp32 (fp64), so scaling it first cannot overflow where the product would not.
+  y.addmm_(s.mul(scaling), lora_b.to(acc).t());
   return {y.to(x.scalar_type()), s};  // s in the accumulate type: float32, or float64 for float64
 }
 

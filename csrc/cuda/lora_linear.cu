@@ -324,7 +324,14 @@ std::tuple<at::Tensor, at::Tensor> lora_fwd_gemm(const at::Tensor& x, const at::
                                                  const std::optional<at::Tensor>& bias) {
   const at::Tensor s_acc = mm_float(x_lora, lora_a.t());  // [M, r] unscaled, fp32 (fp64 for fp64 inputs)
   at::Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
-  y.addmm_(s_acc.to(x.scalar_type()), lora_b.t(), /*beta=*/1.0, /*alpha=*/scaling);
+  // Scaling as addmm's alpha keeps S unscaled where it is rounded to 16 bits (it overflows only where PEFT's S
+  // does). But BLAS skips the product when alpha is 0, so at scaling 0 a NaN/Inf in lora_b or S would vanish while
+  // the reference and the other backends return NaN (0·NaN): there the zero is multiplied into S instead.
+  if (scaling == 0.0) {
+    y.addmm_(s_acc.mul(0.0).to(x.scalar_type()), lora_b.t());
+  } else {
+    y.addmm_(s_acc.to(x.scalar_type()), lora_b.t(), /*beta=*/1.0, /*alpha=*/scaling);
+  }
   return {y, s_acc};
 }
 
