@@ -23,9 +23,10 @@ class LoRAFactor(nn.Module):
     nn.Linear on purpose: target-module matching never wraps a factor.
 
     init_scheme ("kaiming", "zeros" or "gaussian"; set by the owning LoRALinear from its init_lora_weights) is what
-    reset_parameters() does: meta-device init flows (FSDP's, torchtitan's) call reset_parameters() on every module
-    that holds parameters itself, the factors too, after their LoRALinear, so a factor must re-create its own part
-    of PEFT's init (lora_B zeros: a fresh adapter stays the identity)."""
+    reset_parameters() does: meta-device init flows that call reset_parameters() on every module holding
+    parameters (FSDP1's default param_init_fn does, parents before children) reach the factors too, after their
+    LoRALinear, so a factor must re-create its own part of PEFT's init (lora_B zeros: a fresh adapter stays the
+    identity)."""
 
     def __init__(self, out_features, in_features, device=None, dtype=None, init_scheme="kaiming"):
         super().__init__()
@@ -62,6 +63,18 @@ def is_conv1d(module):
     return cls is not None and isinstance(module, cls)
 
 
+# nn.Linear subclasses whose own forward computes exactly F.linear(x, weight, bias): wrapped like nn.Linear.
+# transformers' FalconLinear (every Falcon projection) is `input @ weight.T (+ bias)`.
+LINEAR_EQUIVALENTS = frozenset({"transformers.models.falcon.modeling_falcon.FalconLinear"})
+
+
+def has_own_linear_forward(module):
+    """Whether `module` is an nn.Linear subclass computing something other than F.linear in its own forward."""
+    cls = type(module)
+    return (isinstance(module, nn.Linear) and cls.forward is not nn.Linear.forward
+            and f"{cls.__module__}.{cls.__qualname__}" not in LINEAR_EQUIVALENTS)
+
+
 def check_wrappable_linear(op, what, module, hint=""):
     """TypeError, naming `what` and the class, for a linear layer a LoRA wrapper cannot stand in for. The wrappers
     compute F.linear(x, weight, bias) on the layer's weight Parameter and never call the layer itself, so:
@@ -69,9 +82,10 @@ def check_wrappable_linear(op, what, module, hint=""):
       lose that forward silently (a fresh adapter would not even reproduce the layer's output);
     - a weight computed on each access (torch.nn.utils.parametrize: weight_norm, spectral_norm, orthogonal) or by a
       forward pre-hook (the deprecated torch.nn.utils.weight_norm) is no Parameter to hold, freeze and merge into.
-    nn.Linear, its subclasses that keep nn.Linear's forward, and transformers' Conv1D pass."""
+    nn.Linear, its subclasses that keep nn.Linear's forward (or whose forward computes F.linear: LINEAR_EQUIVALENTS)
+    and transformers' Conv1D pass."""
     cls = type(module)
-    if isinstance(module, nn.Linear) and cls.forward is not nn.Linear.forward:
+    if has_own_linear_forward(module):
         raise TypeError(f"{op}: {what} is a {cls.__module__}.{cls.__qualname__}, an nn.Linear subclass with its own "
                         f"forward (e.g. fake-quant, float8 or 8-bit layers); a LoRA layer computes F.linear on its "
                         f"weight and never calls that forward, so the layer's own computation would be lost. Only "
@@ -626,8 +640,14 @@ _LEAVE_OUT_HINT = "; or leave it out of the targets (exclude_modules)"
 def find_target_linears(model, target_modules, exclude_modules=None, op="inject_lora", *, layers_to_transform=None,
                         layers_pattern=None, modules_to_save=None):
     """[(name, module)] of the nn.Linear and transformers Conv1D modules that target_modules selects. A matched
-    module of another type is a TypeError, one that already holds a LoRA a ValueError."""
-    found = []
+    module of another type is a TypeError, one that already holds a LoRA a ValueError. Two kinds of matched linear
+    layer are left out with one warning: an nn.MultiheadAttention's out_proj (it reads the weight and never calls
+    the layer, so a LoRA there would be ignored; SigLIP's pooling head, matched by "all-linear" or a CLIP-style
+    "out_proj" entry), and under "all-linear" the layers check_wrappable_linear refuses when named (nn.Linear
+    subclasses with a forward of their own, such as MoE routers that return scores and indices or fake-quant
+    layers; parametrized weights)."""
+    all_linear = isinstance(target_modules, str) and target_modules.lower() == "all-linear"
+    found, skipped = [], []
     for name, module in named_target_modules(model, target_modules, exclude_modules, op=op,
                                              layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
                                              modules_to_save=modules_to_save):
@@ -636,15 +656,26 @@ def find_target_linears(model, target_modules, exclude_modules=None, op="inject_
         if not (isinstance(module, nn.Linear) or is_conv1d(module)):
             raise TypeError(f"{op}: module {name!r} matches target_modules but is a {type(module).__name__}; "
                             f"only nn.Linear and transformers Conv1D layers can be wrapped")
+        if isinstance(model.get_submodule(name.rpartition(".")[0]), nn.MultiheadAttention):
+            skipped.append(f"{name!r} (the out_proj of an nn.MultiheadAttention, which reads its weight and never "
+                           f"calls it)")
+            continue
+        if all_linear:
+            try:
+                check_wrappable_linear(op, f"module {name!r}", module)
+            except TypeError:
+                skipped.append(f"{name!r} (a {type(module).__name__}: its own forward or a computed weight)")
+                continue
         check_no_accelerate_hook(op, name, module)
         check_wrappable_linear(op, f"module {name!r}", module, _LEAVE_OUT_HINT)
-        if isinstance(model.get_submodule(name.rpartition(".")[0]), nn.MultiheadAttention):
-            raise TypeError(f"{op}: module {name!r} is the out_proj of an nn.MultiheadAttention, which reads its "
-                            f"weight directly and never calls it: a LoRA layer there would be silently ignored"
-                            f"{_LEAVE_OUT_HINT}")
         found.append((name, module))
+    if skipped:
+        shown = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+        warnings.warn(f"{op}: left out {len(skipped)} matched layer(s) a LoRA layer cannot stand in for: {shown}",
+                      stacklevel=3)
     if not found:
-        raise ValueError(f"{op}: target_modules {target_modules!r} matched no nn.Linear in the model")
+        raise ValueError(f"{op}: target_modules {target_modules!r} matched no nn.Linear in the model"
+                         f"{' it can wrap' if skipped else ''}")
     _warn_partial_targets(op, model, target_modules)
     return found
 

@@ -263,7 +263,7 @@ def _torch_expand_masked(t, lora_b, batch, ranks):
 
 def check_triton_args(op, dtype, num_slots):
     """What the Triton kernels need beyond the checks above: a 16- or 32-bit float dtype, and L within a grid
-    dimension (the kernels' own launchers check the same, for direct callers)."""
+    dimension (the launchers of lora_kernels.triton.sgmv check nothing: these ops are their checked API)."""
     sgmv = triton_sgmv()
     if dtype not in sgmv.SUPPORTED_DTYPES:
         raise TypeError(f"{op}: the triton backend runs float32/float16/bfloat16, got {dtype} (use backend='cuda', "

@@ -420,3 +420,21 @@ def test_reentrant_checkpointing_enabled_before_wrapping_trains_the_adapter(how,
     before = len(model._require_grads_hooks)
     lk.inject_lora(model, ["key", "k_proj"], r=4)  # a second wrap does not register a second hook
     assert len(model._require_grads_hooks) == before == 1
+
+
+def test_falcon_linear_layers_are_wrapped_like_nn_linear(tmp_path):
+    """transformers' FalconLinear (every Falcon projection) is an nn.Linear subclass whose own forward computes
+    F.linear: loaded from a PEFT file with Falcon's default target (query_key_value) and injected, it matches PEFT."""
+    config = transformers.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       new_decoder_architecture=False, multi_query=True)
+    torch.manual_seed(0)
+    falcon = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ids = _ids()
+    theirs = _peft(falcon, r=4, lora_alpha=8, target_modules=["query_key_value", "dense_h_to_4h"])
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = lk.load_peft_adapter(copy.deepcopy(falcon), tmp_path / "peft", backend="torch").eval()
+    assert sum(isinstance(m, LoRALinear) for m in ours.modules()) == 4
+    _assert_parity(ours, theirs, ids)
+    injected = lk.inject_lora(copy.deepcopy(falcon), ["query_key_value"], r=4)
+    assert sum(isinstance(m, LoRALinear) for m in injected.modules()) == 2
+    assert_close(injected(ids).logits, falcon(ids).logits, F32, "a fresh adapter is the identity")

@@ -323,13 +323,15 @@ def test_linear_subclasses_with_their_own_forward_are_refused_untouched():
     assert fake.weight.requires_grad and fake.bias.requires_grad
     model = nn.Sequential(nn.Linear(8, 8), _FakeQuantLinear(8, 8), nn.ReLU(), _TaggedLinear(8, 8))
     state = _model_state(model)
-    for targets in ("all-linear", ["0", "1"]):
-        with pytest.raises(TypeError, match=r"inject_lora: module '1' is a .*_FakeQuantLinear.*exclude_modules"):
-            inject_lora(model, targets)
-        _assert_model_state(model, state)
-    # a subclass that keeps nn.Linear's forward is a plain linear layer
-    inject_lora(model, "all-linear", exclude_modules=["1"])
-    assert isinstance(model[0], LoRALinear) and isinstance(model[3], LoRALinear)
+    with pytest.raises(TypeError, match=r"inject_lora: module '1' is a .*_FakeQuantLinear.*exclude_modules"):
+        inject_lora(model, ["0", "1"])  # named: refused
+    _assert_model_state(model, state)
+    # matched by "all-linear" only (MoE routers, fake-quant layers in a larger model): left out with a warning; a
+    # subclass that keeps nn.Linear's forward is a plain linear layer
+    with pytest.warns(UserWarning, match=r"inject_lora: left out 1 matched layer\(s\) a LoRA layer cannot stand in "
+                                         r"for: '1' \(a _FakeQuantLinear"):
+        inject_lora(model, "all-linear")
+    assert isinstance(model[0], LoRALinear) and type(model[1]) is _FakeQuantLinear and isinstance(model[3], LoRALinear)
     x = torch.randn(3, 8)
     multi = MultiLoRALinear(_TaggedLinear(8, 8), max_adapters=2, max_rank=4)
     torch.testing.assert_close(multi(x, torch.zeros(3, dtype=torch.long)), multi.base_layer(x))
@@ -350,8 +352,11 @@ def test_parametrized_linears_are_refused_with_a_clear_error():
     model = nn.Sequential(nn.Linear(8, 8), nn.utils.parametrizations.spectral_norm(nn.Linear(8, 8)))
     state = _model_state(model)
     with pytest.raises(TypeError, match=r"inject_lora: module '1' \(ParametrizedLinear\) has parametrizations"):
-        inject_lora(model, "all-linear")
+        inject_lora(model, ["0", "1"])
     _assert_model_state(model, state)
+    with pytest.warns(UserWarning, match=r"left out 1 matched layer\(s\).*'1' \(a ParametrizedLinear"):
+        inject_lora(model, "all-linear")
+    assert isinstance(model[0], LoRALinear) and not isinstance(model[1], LoRALinear)
 
 
 def _materialise_with_garbage(model):
@@ -443,18 +448,24 @@ def test_float64_merge_unmerge_delta_and_to_linear_stay_in_float64():
     assert half.delta_weight().dtype == torch.float32
 
 
-@pytest.mark.parametrize("targets", [["out_proj"], "all-linear"])
-def test_multihead_attention_out_proj_is_refused_untouched(targets):
-    """nn.MultiheadAttention reads out_proj.weight itself and never calls out_proj: a LoRA there would be ignored."""
-    from lora_kernels import prepare_multi_adapter
+@pytest.mark.parametrize("wrap", ["inject_lora", "prepare_multi_adapter"])
+def test_multihead_attention_out_proj_is_left_out_with_a_warning(wrap):
+    """nn.MultiheadAttention reads out_proj.weight itself and never calls out_proj: a LoRA there would be ignored.
+    Matched by "all-linear" or a CLIP-style "out_proj" entry (SigLIP's pooling head), it is left out with a warning;
+    alone, nothing is left to wrap."""
+    import lora_kernels as lk
 
-    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True)
-    before = {name: type(module) for name, module in layer.named_modules()}
-    for wrap in (lambda: inject_lora(layer, targets, r=2), lambda: prepare_multi_adapter(layer, targets, 2, 2)):
-        with pytest.raises(TypeError, match="module 'self_attn.out_proj' is the out_proj of an nn.MultiheadAttention"):
-            wrap()
-        assert {name: type(module) for name, module in layer.named_modules()} == before
-    inject_lora(layer, ["linear1"], r=2)  # the feed-forward layers are ordinary targets
+    def wrapped(targets):
+        layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True)
+        with pytest.warns(UserWarning, match=r"left out 1 matched layer\(s\).*'self_attn.out_proj' \(the out_proj of "
+                                             r"an nn.MultiheadAttention"):
+            getattr(lk, wrap)(layer, targets, *((2, 2) if wrap == "prepare_multi_adapter" else ()))
+        return {name for name, module in layer.named_modules() if isinstance(module, lk.modules.LORA_WRAPPERS)}
+
+    assert wrapped("all-linear") == {"linear1", "linear2"}
+    assert wrapped(["out_proj", "linear1"]) == {"linear1"}
+    with pytest.raises(ValueError, match=r"matched no nn.Linear in the model it can wrap"):
+        wrapped(["out_proj"])
 
 
 def test_multi_lora_float32_slots_train_the_adapters_of_a_16bit_model():
