@@ -172,6 +172,23 @@ def apply_dropout(t, keep, p, *, inplace=False):
 CUDA_BWD_DY_KERNEL_MAX_WORK = 4096
 
 
+# Rows up to which a 16-bit cpu-backend forward keeps its base GEMM in 16 bits (kDecodeMaxM in
+# csrc/cpu/lora_linear.cpp; multi_lora_linear's forward uses the same bound).
+CPU_DECODE_MAX_M = 16
+
+
+def _cpu_widens(backend, t):
+    """Whether the cpu backend runs the base GEMMs for 16-bit `t` in fp32 on fp32 copies: the backward's dX = dY·W
+    and dW = dYᵀ·X always, a multi_lora_linear forward's x·Wᵀ past CPU_DECODE_MAX_M rows (as lora_fwd_cpu does in
+    C++). ATen's 16-bit GEMMs on a CPU without bf16/fp16 matrix units are slow, and dY·W (W not transposed)
+    pathologically so. This project's 2-core AMD EPYC (AVX2), 1 thread, K = N = 1024: bf16 dY·W took 152 ms at
+    M = 16 and 5.0 s at M = 512 against 1.3 and 78 ms through fp32 copies, fp16 1.2 s against 16 ms at M = 128; a
+    bf16 LoRA fwd+bwd of one layer went from 0.8-1.2x to 0.01-0.32x PEFT's unfused layer at M >= 16 (BENCHMARKS.md,
+    "CPU: the backends against PEFT's unfused layer", session 9; `lora-kernels bench --device cpu --dtype bf16
+    --sections train` shows it). CPUs with bf16 matrix units (AMX) may be faster in 16 bits: not measured."""
+    return backend == "cpu" and t.dtype in (torch.bfloat16, torch.float16)
+
+
 def _functorch_transforms_active():
     """Whether a torch.func transform (grad, vmap, jacrev, ...) is running this call. Its C function is the one
     torch's own autograd.Function.apply asks (torch 2.11 and 2.14 alike); not while tracing, where dynamo handles
@@ -230,6 +247,7 @@ class LoRALinearFunction(torch.autograd.Function):
             return _lora_linear_backward_differentiable(ctx, dy, x2, weight, lora_a, lora_b, seed)
         dy = dy.contiguous()
         dx = d_weight = d_lora_a = d_lora_b = d_bias = None
+        widen = _cpu_widens(backend, dy)  # dX = dY·W and dW = dYᵀ·X in fp32 (see _cpu_widens)
         if backend == "triton":
             kernels = _triton_lora_linear()
             d_lora_b, ds = kernels.lora_bwd_dy(dy, s, lora_b, scaling)
@@ -268,10 +286,12 @@ class LoRALinearFunction(torch.autograd.Function):
                     del keep
                     if backend == "torch":  # PEFT's composition: separate GEMM and add
                         dx = (dy @ weight).add_(dx_lora)
+                    elif widen:  # fp32 GEMM, rounded once to x's dtype by _cast_grads
+                        dx = torch.addmm(dx_lora, dy.to(dx_lora.dtype), weight.to(dx_lora.dtype))
                     else:  # the base GEMM adds the LoRA term in its epilogue: one pass over dx [M, K], not three
                         dx = torch.addmm(dx_lora.to(dy.dtype), dy, weight)
         if need_w:  # full fine-tuning: the M·N·K GEMM the A/B-only path never forms
-            d_weight = dy.T @ x2
+            d_weight = (dy.T.float() @ x2.float()) if widen else dy.T @ x2
         if need_bias and ctx.has_bias:
             d_bias = dy.sum(0)
         return _cast_grads(ctx, (dx, d_weight, d_lora_a, d_lora_b, d_bias), x2, lora_a, lora_b)
@@ -393,7 +413,12 @@ def _segment_outer_sum(batch, ranks, backend, left, right, scalings=None):
 def _multi_lora_forward(x2, weight, bias, lora_a, lora_b, batch, scalings, ranks, backend, unscaled=False):
     """(y, shrunk): the base GEMM, then the grouped shrink and expand added into its output. unscaled: shrunk is
     returned without the scalings (S = x·Aᵀ per slot, fp32), what the backward's dB is built from."""
-    y = torch.nn.functional.linear(x2, weight, bias)
+    if _cpu_widens(backend, x2) and x2.shape[0] > CPU_DECODE_MAX_M:
+        with ops.autocast_off(x2.device):  # fp32 base GEMM past decode size, as lora_fwd_cpu (see _cpu_widens)
+            y = torch.nn.functional.linear(x2.float(), weight.float(),
+                                           None if bias is None else bias.float()).to(x2.dtype)
+    else:
+        y = torch.nn.functional.linear(x2, weight, bias)
     if not unscaled:
         shrunk = ops.run_shrink(backend, x2, lora_a, batch, scalings, ranks)
         ops.run_expand(backend, shrunk, lora_b, batch, ranks, y)
@@ -468,18 +493,19 @@ class MultiLoRAFunction(torch.autograd.Function):
                     None, None, None, None)
         dy = dy.contiguous()
         dx = d_weight = d_bias = d_lora_a = d_lora_b = None
+        widen = _cpu_widens(backend, dy)  # the base GEMMs in fp32 (see _cpu_widens)
         if need_x or need_a:
             # u[t] = scalings[i] * B_i[:, :r]^T dy[t]: the shrink with B^T as the "A" of each slot.
             u = ops.run_shrink(backend, dy, lora_b.transpose(1, 2), batch, scalings, ranks)
             if need_x:
-                dx = dy @ weight
+                dx = (dy.float() @ weight.float()).to(dy.dtype) if widen else dy @ weight
                 ops.run_expand(backend, u, lora_a.transpose(1, 2), batch, ranks, dx)
             if need_a:
                 d_lora_a = _segment_outer_sum(batch, ranks, backend, u, x2).to(lora_a.dtype)
         if need_b:
             d_lora_b = _segment_outer_sum(batch, ranks, backend, s, dy, scalings).transpose(1, 2).to(lora_b.dtype)
         if need_w:
-            d_weight = dy.T @ x2
+            d_weight = (dy.T.float() @ x2.float()).to(dy.dtype) if widen else dy.T @ x2
         if need_bias:
             d_bias = dy.sum(0)
         return dx, d_weight, d_bias, d_lora_a, d_lora_b, None, None, None, None

@@ -312,18 +312,19 @@ def test_lora_expand_takes_float32_t_only(backend, device):
 
 @pytest.mark.parametrize("backend", GROUPED_BACKENDS + ["reference"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_multi_lora_linear_forward_and_gradients(backend, dtype, device):
+@pytest.mark.parametrize("lead", [(2, 5), (4, 10)], ids=["10_tokens", "40_tokens"])  # 40: the cpu backend's 16-bit
+def test_multi_lora_linear_forward_and_gradients(backend, dtype, lead, device):   # base GEMM in fp32 (> 16 rows)
     _backend_or_skip(backend, device)
     num_slots, max_rank, k, n = 3, 8, 20, 12
     ranks = [8, 2, 5]
     lora_a, lora_b = _adapters(num_slots, max_rank, k, n, ranks, torch.float64, device)
     lora_a, lora_b = lora_a.nan_to_num(0.0), lora_b.nan_to_num(0.0)  # gradients are compared on the whole tensor
-    x = randn(2, 5, k, dtype=torch.float64, device=device)
+    x = randn(*lead, k, dtype=torch.float64, device=device)
     weight = randn(n, k, dtype=torch.float64, device=device, scale=k ** -0.5)
     bias = randn(n, dtype=torch.float64, device=device)
-    ids = segment_ids("mixed_base", 10, num_slots).reshape(2, 5).to(device)
+    ids = segment_ids("mixed_base", lead[0] * lead[1], num_slots).reshape(lead).to(device)
     scalings = torch.tensor([0.5, 1.0, 2.0])
-    dy = randn(2, 5, n, dtype=torch.float64, device=device)
+    dy = randn(*lead, n, dtype=torch.float64, device=device)
     names = ("x", "weight", "lora_a", "lora_b", "bias")  # weight and bias too: full fine-tuning of the base
     ref_leaves = [t.clone().requires_grad_(True) for t in (x, weight, lora_a, lora_b, bias)]
     expected = reference.multi_lora_linear_autograd(*ref_leaves[:4], ids.cpu(), scalings, ref_leaves[4],
@@ -331,7 +332,7 @@ def test_multi_lora_linear_forward_and_gradients(backend, dtype, device):
     expected.backward(dy)
     leaves = [t.to(dtype).clone().requires_grad_(True) for t in (x, weight, lora_a, lora_b, bias)]
     y = lk.multi_lora_linear(*leaves[:4], ids, scalings, leaves[4], ranks=ranks, backend=backend)
-    assert y.dtype == dtype and y.shape == (2, 5, n)
+    assert y.dtype == dtype and y.shape == (*lead, n)
     assert_close(y, expected, dtype, "y")
     y.backward(dy.to(dtype))
     for name, leaf, ref_leaf in zip(names, leaves, ref_leaves):
