@@ -101,7 +101,8 @@ def as_scalings(op, scalings, num_slots, device):
     if scalings.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.isfinite(scalings).all():
         bad = scalings[~torch.isfinite(scalings)][0].item()
         raise ValueError(f"{op}: scalings expected finite numbers, got {bad}")
-    return scalings.to(device=device, dtype=torch.float32)
+    # contiguous: the cpu, cuda and triton kernels index it as a plain array (a strided view read other entries)
+    return scalings.to(device=device, dtype=torch.float32).contiguous()
 
 
 def as_ranks(op, ranks, num_slots, max_rank, device):
@@ -123,7 +124,7 @@ def as_ranks(op, ranks, num_slots, max_rank, device):
                                  f"got {low if low < 0 else high}")
     elif ranks.dtype == torch.int64:  # unchecked values past int32 would wrap to a wrong rank in the cast
         ranks = ranks.clamp(0, max_rank)
-    return ranks.to(device=device, dtype=torch.int32)
+    return ranks.to(device=device, dtype=torch.int32).contiguous()  # indexed as a plain array, as scalings
 
 
 def check_shrink_args(op, x, lora_a, batch, scalings, ranks, lora_a_name="lora_a"):

@@ -598,6 +598,35 @@ def test_unchecked_int64_ranks_are_clamped_not_wrapped(backend):
     torch.testing.assert_close(shrink(x, huge), lk.ops.lora_shrink(x, lora_a, batch, [1.0, 1.0], clamped))
 
 
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS)
+def test_strided_scalings_and_ranks_give_the_same_result(backend, device):
+    """scalings and ranks given as strided views (every other entry of a longer tensor) compute what their
+    contiguous copies do. The cpu and triton kernels index them as plain arrays: a view read the entries between
+    (other slots' values, or past the end for a stride-0 expand) and gave wrong outputs without an error."""
+    _backend_or_skip(backend, device)
+    num_slots, max_rank, k, n, m = 3, 4, 8, 6, 10
+    lora_a, lora_b = _adapters(num_slots, max_rank, k, n, [4, 1, 3], torch.float32, device)
+    ids = segment_ids("mixed_base", m, num_slots).to(device)
+    batch = LoRABatch.from_adapter_ids(ids, num_slots)
+    x, weight, t = randn(m, k, device=device), randn(n, k, device=device), randn(m, max_rank, device=device)
+    scalings = torch.tensor([1.0, 9.0, 0.5, 9.0, 2.0, 9.0], device=device)[::2]
+    ranks = torch.tensor([4, 0, 1, 0, 3, 0], dtype=torch.int32, device=device)[::2]
+    flat_s, flat_r = scalings.contiguous(), ranks.contiguous()
+    assert not scalings.is_contiguous() and not ranks.is_contiguous()
+    torch.testing.assert_close(lk.ops.lora_shrink(x, lora_a, batch, scalings, ranks, backend=backend),
+                               lk.ops.lora_shrink(x, lora_a, batch, flat_s, flat_r, backend=backend))
+    torch.testing.assert_close(lk.ops.lora_expand(t, lora_b, batch, torch.zeros(m, n, device=device), 0, ranks,
+                                                  backend=backend),
+                               lk.ops.lora_expand(t, lora_b, batch, torch.zeros(m, n, device=device), 0, flat_r,
+                                                  backend=backend))
+    torch.testing.assert_close(
+        lk.multi_lora_linear(x, weight, lora_a, lora_b, ids, scalings, ranks=ranks, backend=backend),
+        lk.multi_lora_linear(x, weight, lora_a, lora_b, ids, flat_s, ranks=flat_r, backend=backend))
+    one = torch.tensor([0.5], device=device).expand(num_slots)  # stride 0
+    torch.testing.assert_close(lk.ops.lora_shrink(x, lora_a, batch, one, flat_r, backend=backend),
+                               lk.ops.lora_shrink(x, lora_a, batch, one.contiguous(), flat_r, backend=backend))
+
+
 def test_lora_expand_takes_a_numpy_integer_slice_offset():
     numpy = pytest.importorskip("numpy")
     _, lora_b = _adapters(2, 4, 8, 6, [4, 4], torch.float32, "cpu")
