@@ -47,6 +47,37 @@ def _check_device(op, name, t, device):
         raise ValueError(f"{op}: {name} expected device {device}, got {t.device}")
 
 
+def _byte_span(t):
+    start = t.storage_offset() * t.element_size()
+    return start, start + (1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))) * t.element_size()
+
+
+def _shares_memory(a, b):
+    """Whether a and b may share memory: the same storage with intersecting byte ranges (conservative: two
+    interleaved views of one tensor count too). Meta tensors have no memory."""
+    if (a.device != b.device or a.is_meta or a.numel() == 0 or b.numel() == 0
+            or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()):
+        return False
+    (a_start, a_end), (b_start, b_end) = _byte_span(a), _byte_span(b)
+    return a_start < b_end and b_start < a_end
+
+
+def check_output(op, name, out, inputs):
+    """ValueError unless `out`, which the op writes in place, is a tensor of its own: no element written twice
+    through a stride-0 dimension (an expand()ed view: the kernels raced there, torch refused it), and no memory
+    shared with the (name, tensor) inputs it reads (the cpu kernels read rows they had already overwritten).
+    Not while tracing, where tensors have no memory to compare."""
+    if torch.compiler.is_compiling():
+        return
+    if any(stride == 0 and size > 1 for size, stride in zip(out.shape, out.stride())):
+        raise ValueError(f"{op}: {name} expected a tensor whose elements do not overlap in memory, got shape "
+                         f"{tuple(out.shape)} with strides {out.stride()} (an expanded view); pass a new tensor")
+    for input_name, t in inputs:
+        if t is not None and _shares_memory(out, t):
+            raise ValueError(f"{op}: {name} expected memory of its own, but it overlaps {input_name}, which the op "
+                             f"reads; pass a separate tensor (or a .clone() of {input_name})")
+
+
 def _check_batch(op, batch, num_tokens, num_slots, device, tokens_name, weights_name):
     if not isinstance(batch, LoRABatch):
         raise TypeError(f"{op}: batch expected a LoRABatch, got {type(batch).__name__}")
@@ -164,7 +195,9 @@ def check_expand_args(op, t, lora_b, batch, out, slice_offset, ranks, lora_b_nam
         if tensor is not None:
             _check_device(op, name, tensor, out.device)
     _check_batch(op, batch, out.shape[0], num_slots, out.device, "out", lora_b_name)
-    return as_ranks(op, ranks, num_slots, max_rank, out.device)
+    ranks = as_ranks(op, ranks, num_slots, max_rank, out.device)
+    check_output(op, "out" if t is not None else "y", out, (("t", t), (lora_b_name, lora_b)))
+    return ranks
 
 
 # ------------------------------------------------------------------------------------------------ torch fallbacks
@@ -325,6 +358,7 @@ def lora_shrink(x, lora_a, batch, scalings, ranks=None, *, backend="auto", deter
             raise ValueError(f"{op}: out expected a float32 tensor of shape [{x.shape[0]}, {lora_a.shape[1]}] "
                              f"([M, R]), got {out.dtype} {tuple(out.shape)}")
         _check_device(op, "out", out, x.device)
+        check_output(op, "out", out, (("x", x), ("lora_a", lora_a)))
     return run_shrink(backend, x, lora_a, batch, scalings, ranks, deterministic, out)
 
 
@@ -398,6 +432,9 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
             raise ValueError(f"{op}: buffer expected a float32 tensor of shape [{', '.join(map(str, expected))}] "
                              f"([S, M, R], every slice of rank R), got {buffer.dtype} {tuple(buffer.shape)}")
         _check_device(op, "buffer", buffer, x.device)
+        check_output(op, "buffer", buffer, [("x", x), ("y", y)] + [(f"lora_a_slices[{j}]", lora_a_slices[j])
+                                                                   for j in range(len(widths))])
+    check_output(op, "y", y, [("x", x)] + [(f"lora_a_slices[{j}]", lora_a_slices[j]) for j in range(len(widths))])
     if backend == "triton":
         check_triton_args(op, x.dtype, batch.num_adapters)
         check_triton_args(op, y.dtype, batch.num_adapters)

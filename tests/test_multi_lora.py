@@ -627,6 +627,49 @@ def test_strided_scalings_and_ranks_give_the_same_result(backend, device):
                                lk.ops.lora_shrink(x, lora_a, batch, one.contiguous(), flat_r, backend=backend))
 
 
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS + ["reference"])
+def test_outputs_that_overlap_an_input_or_themselves_are_refused(backend, device):
+    """The serving ops write out / y in place. An out that is also an input (lora_expand into its own t: the cpu
+    kernel read rows it had already written; add_lora with x a view of y: later slices read the updated x) gave
+    wrong results, and an expanded out (stride 0: every row one memory row) raced in the cpu and triton kernels
+    where the torch backend raised torch's RuntimeError after computing. Each is a ValueError naming the argument,
+    raised before anything is written."""
+    _backend_or_skip(backend, device)
+    num_slots, rank, m = 2, 4, 6
+    lora_a, lora_b = _adapters(num_slots, rank, rank, rank, [rank, 2], torch.float32, device)
+    batch = LoRABatch.from_adapter_ids(segment_ids("mixed_base", m, num_slots).to(device), num_slots)
+    scalings = [1.0, 0.5]
+
+    def refused(call, target, words):
+        before = target.clone()
+        with pytest.raises(ValueError, match=words):
+            call()
+        assert torch.equal(target, before)
+
+    t = randn(m, rank, device=device)
+    refused(lambda: lk.ops.lora_expand(t, lora_b, batch, t, backend=backend), t, r"lora_expand: out .* overlaps t")
+    wide = torch.zeros(1, rank, device=device)
+    refused(lambda: lk.ops.lora_expand(t, lora_b, batch, wide.expand(m, rank), backend=backend), wide,
+            r"lora_expand: out expected a tensor whose elements do not overlap in memory, got shape \(6, 4\) with "
+            r"strides \(0, 1\)")
+    x = randn(m, rank, device=device)
+    refused(lambda: lk.ops.lora_shrink(x, lora_a, batch, scalings, backend=backend, out=x), x,
+            r"lora_shrink: out .* overlaps x")
+    refused(lambda: lk.ops.lora_shrink(x, lora_a, batch, scalings, backend=backend, out=wide.expand(m, rank)), wide,
+            r"lora_shrink: out expected a tensor whose elements do not overlap")
+    y = randn(m, 2 * rank, device=device)
+    refused(lambda: lk.ops.add_lora(y, y[:, :rank], [lora_a, lora_a], [lora_b, lora_b], batch, scalings, None,
+                                    (rank, rank), backend=backend), y, r"add_lora: y .* overlaps x")
+    row = torch.zeros(1, 2 * rank, device=device)
+    refused(lambda: lk.ops.add_lora(row.expand(m, 2 * rank), x, [lora_a, lora_a], [lora_b, lora_b], batch,
+                                    scalings, None, (rank, rank), backend=backend), row,
+            r"add_lora: y expected a tensor whose elements do not overlap")
+    # a column block of a wider tensor that no input shares stays a valid out
+    out = torch.zeros(m, 3 * rank, device=device)
+    lk.ops.lora_expand(t, lora_b, batch, out[:, rank:], backend=backend)
+    assert out[:, :rank].eq(0).all()
+
+
 def test_lora_expand_takes_a_numpy_integer_slice_offset():
     numpy = pytest.importorskip("numpy")
     _, lora_b = _adapters(2, 4, 8, 6, [4, 4], torch.float32, "cpu")
