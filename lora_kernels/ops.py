@@ -120,6 +120,14 @@ def check_flag(op, name, value):
     return bool(value)
 
 
+def _check_host_or_device(op, name, t, device):
+    """scalings and ranks may be CPU tensors (copied over, like a list) or on the tensors' device; any other device
+    is refused like a mismatched device of the other arguments (a meta tensor failed in the copy, naming nothing)."""
+    if t.device != device and t.device.type != "cpu":
+        raise ValueError(f"{op}: {name} expected a tensor on {device} (the device of the other tensors) or the CPU, "
+                         f"got {t.device}")
+
+
 def as_scalings(op, scalings, num_slots, device):
     """scalings (a sequence or tensor of L numbers) as a float32 tensor [L] on device."""
     if not isinstance(scalings, torch.Tensor):
@@ -128,6 +136,7 @@ def as_scalings(op, scalings, num_slots, device):
         raise ValueError(f"{op}: scalings expected shape [{num_slots}] (one per slot), got {tuple(scalings.shape)}")
     if not scalings.dtype.is_floating_point:
         raise TypeError(f"{op}: scalings expected a floating dtype, got {scalings.dtype}")
+    _check_host_or_device(op, "scalings", scalings, device)
     # Values are checked on the host only (a CUDA tensor's would need a sync), as for ranks.
     if scalings.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.isfinite(scalings).all():
         bad = scalings[~torch.isfinite(scalings)][0].item()
@@ -147,6 +156,7 @@ def as_ranks(op, ranks, num_slots, max_rank, device):
         raise ValueError(f"{op}: ranks expected shape [{num_slots}] (one per slot), got {tuple(ranks.shape)}")
     if ranks.dtype.is_floating_point or ranks.dtype == torch.bool:
         raise TypeError(f"{op}: ranks expected an integer dtype, got {ranks.dtype}")
+    _check_host_or_device(op, "ranks", ranks, device)
     if ranks.device.type == "cpu" and not torch.compiler.is_compiling():
         if ranks.numel():
             low, high = int(ranks.min()), int(ranks.max())
