@@ -148,8 +148,10 @@ class LoRALinear(nn.Module):
                 raise ValueError(f"LoRALinear: {name} expected an int >= 1, got {value!r}")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"LoRALinear: dtype expected a floating dtype, got {dtype!r}")
+        # flags, not truthy values: PEFT's bias="none" made a bias, fan_in_fan_out="false" a transposed weight
+        bias = check_flag("LoRALinear", "bias", bias)
         self.in_features, self.out_features = in_features, out_features
-        self.fan_in_fan_out = bool(fan_in_fan_out)
+        self.fan_in_fan_out = check_flag("LoRALinear", "fan_in_fan_out", fan_in_fan_out)
         shape = (in_features, out_features) if self.fan_in_fan_out else (out_features, in_features)
         self.weight = nn.Parameter(torch.empty(*shape, device=device, dtype=dtype), requires_grad=False)
         self.bias = (nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False)
@@ -175,6 +177,7 @@ class LoRALinear(nn.Module):
         """The adapter half of construction, shared by __init__ and from_linear (the base weight exists already)."""
         self._check_lora_args(op, r, lora_alpha, lora_dropout, backend)
         use_rslora = check_flag(op, "use_rslora", use_rslora)  # a truthy string such as "no" switched rsLoRA on
+        autocast_adapter_dtype = check_flag(op, "autocast_adapter_dtype", autocast_adapter_dtype)
         self.r, self.lora_alpha, self.use_rslora, self.lora_dropout = r, lora_alpha, use_rslora, float(lora_dropout)
         self.scaling = lora_scaling(r, lora_alpha, use_rslora)
         self.backend = backend
@@ -228,6 +231,7 @@ class LoRALinear(nn.Module):
         weight and bias Parameters are reused (not copied) and frozen, and the new layer takes its train/eval mode.
         Bad arguments raise before `linear` is touched."""
         op = "LoRALinear.from_linear"
+        fan_in_fan_out = check_flag(op, "fan_in_fan_out", fan_in_fan_out)
         if fan_in_fan_out:
             if not is_conv1d(linear):
                 raise TypeError(f"{op}: fan_in_fan_out=True expects a transformers Conv1D (weight [in, out]), "
@@ -953,6 +957,8 @@ def inject_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_
     op = "inject_lora"
     wrapper, model = model, unwrap_model(model, op, adds_parameters=True)
     check_bias_mode(op, bias)
+    fan_in_fan_out = check_flag(op, "fan_in_fan_out", fan_in_fan_out)
+    autocast_adapter_dtype = check_flag(op, "autocast_adapter_dtype", autocast_adapter_dtype)
     for name, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
         if pattern is not None and not isinstance(pattern, dict):
             raise TypeError(f"{op}: {name} expected a dict {{module name regex: value}}, got {pattern!r}")

@@ -34,6 +34,7 @@ from lora_kernels.modules import (BIAS_ATTR, BIAS_MODES, LORA_WRAPPERS, MODULES_
                                   enable_input_grads_for_checkpointing, is_conv1d, lora_scaling, named_modules_to_save,
                                   named_target_modules, pattern_value, target_module_matches, trained_biases,
                                   unwrap_model, warn_conv1d_fan_in_fan_out, warn_dropped_hooks)
+from lora_kernels.ops import check_flag
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -439,6 +440,7 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
     wrapper, model = model, unwrap_model(model, op, adds_parameters=True)
     _check_path(op, path)
     check_backend_name(op, backend)
+    autocast_adapter_dtype = check_flag(op, "autocast_adapter_dtype", autocast_adapter_dtype)
     config = read_adapter_config(path)
     tensors, file = read_adapter_weights(path)
     targets = _targets(model, config, op)

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from conftest import assert_close
-from lora_kernels import LoRALinear, count_parameters, inject_lora, merge_and_unload, reference
+from lora_kernels import (LoRALinear, count_parameters, inject_lora, load_peft_adapter, merge_and_unload, reference,
+                          save_peft_adapter)
 
 
 def _trained(layer):
@@ -205,6 +206,32 @@ def test_a_refused_from_linear_leaves_the_linear_as_it_was():
         with pytest.raises(error):
             LoRALinear.from_linear(linear, **kwargs)
         assert linear.weight.requires_grad and linear.bias.requires_grad, kwargs
+
+
+@pytest.mark.parametrize("flag", ["bias", "fan_in_fan_out", "autocast_adapter_dtype"])
+def test_flags_given_as_strings_are_refused(flag, tmp_path):
+    """bias / fan_in_fan_out / autocast_adapter_dtype are bools. A string was taken for its truthiness: PEFT's
+    bias="none" gave LoRALinear a trained-shape bias, fan_in_fan_out="false" a transposed weight, and
+    autocast_adapter_dtype="no" float32 factors. A TypeError naming the flag, before the model or linear changes."""
+    with pytest.raises(TypeError, match=rf"LoRALinear: {flag} expected a bool, got 'none'"):
+        LoRALinear(8, 8, **{flag: "none"}, dtype=torch.float16)
+    if flag == "bias":
+        return
+    linear = nn.Linear(8, 8)
+    with pytest.raises(TypeError, match=rf"LoRALinear.from_linear: {flag} expected a bool, got 'no'"):
+        LoRALinear.from_linear(linear, **{flag: "no"})
+    assert linear.weight.requires_grad and linear.bias.requires_grad
+    model = _model()
+    with pytest.raises(TypeError, match=rf"inject_lora: {flag} expected a bool, got 'no'"):
+        inject_lora(model, ["q_proj"], **{flag: "no"})
+    assert not any(isinstance(m, LoRALinear) for m in model.modules()) and all(p.requires_grad
+                                                                                for p in model.parameters())
+    if flag == "autocast_adapter_dtype":
+        save_peft_adapter(inject_lora(_model(), ["q_proj"]), tmp_path)
+        model = _model()
+        with pytest.raises(TypeError, match=r"load_peft_adapter: autocast_adapter_dtype expected a bool, got 'no'"):
+            load_peft_adapter(model, tmp_path, autocast_adapter_dtype="no")
+        assert not any(isinstance(m, LoRALinear) for m in model.modules())
 
 
 def test_bad_backend_names_and_non_finite_scalings_are_refused_at_construction():
