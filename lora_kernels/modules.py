@@ -603,6 +603,30 @@ def _output_layer(model):
         return None
 
 
+def _is_index(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_regex(op, name, pattern):
+    """ValueError naming the argument when `pattern` is not a valid regular expression (re.error, which is neither
+    a ValueError nor names the argument, came out of the matching otherwise)."""
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"{op}: {name} {pattern!r} is not a valid regular expression ({exc})") from None
+
+
+def _check_names(op, name, value):
+    """A regex string, or a list of module names (each a non-empty str)."""
+    if isinstance(value, str):
+        check_regex(op, name, value)
+        return
+    bad = next((entry for entry in value if not isinstance(entry, str) or not entry), None)
+    if bad is not None:
+        raise TypeError(f"{op}: {name} expected a regex string or a list of module names (str), got the entry "
+                        f"{bad!r} in {value!r}")
+
+
 def named_target_modules(model, target_modules, exclude_modules=None, *, layers_to_transform=None,
                          layers_pattern=None, modules_to_save=None, op="inject_lora"):
     """[(name, module)] of every module whose full name PEFT would target, in model order. Does not look inside
@@ -617,6 +641,20 @@ def named_target_modules(model, target_modules, exclude_modules=None, *, layers_
         exclude_modules = list(exclude_modules)
     if exclude_modules is not None and not isinstance(exclude_modules, (str, list)):
         raise TypeError(f"{op}: exclude_modules expected a regex string or a list of names, got {exclude_modules!r}")
+    _check_names(op, "target_modules", target_modules)
+    if exclude_modules is not None:
+        _check_names(op, "exclude_modules", exclude_modules)
+    if layers_to_transform is not None and not (
+            _is_index(layers_to_transform) or (isinstance(layers_to_transform, (list, tuple))
+                                               and all(_is_index(i) for i in layers_to_transform))):
+        raise TypeError(f"{op}: layers_to_transform expected an int or a list of ints >= 0, "
+                        f"got {layers_to_transform!r}")
+    if layers_pattern is not None:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
+            raise TypeError(f"{op}: layers_pattern expected a str or a list of str, got {layers_pattern!r}")
+        for pattern in patterns:
+            check_regex(op, "layers_pattern", pattern)
     all_linear = isinstance(target_modules, str) and target_modules.lower() == "all-linear"
     output_layer = _output_layer(model) if all_linear else None
     found, wrapper_prefixes = [], []
@@ -962,6 +1000,10 @@ def inject_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_
     for name, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
         if pattern is not None and not isinstance(pattern, dict):
             raise TypeError(f"{op}: {name} expected a dict {{module name regex: value}}, got {pattern!r}")
+        for key in pattern or {}:
+            if not isinstance(key, str):
+                raise TypeError(f"{op}: {name} expected module name regex keys (str), got the key {key!r}")
+            check_regex(op, f"{name} key", key)
     if modules_to_save and not named_modules_to_save(model, modules_to_save, op):  # None or [] (PEFT's default)
         raise ValueError(f"{op}: modules_to_save {modules_to_save!r} matched no module of the model")
     # an earlier call's adapter stays part of this one

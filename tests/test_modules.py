@@ -171,6 +171,13 @@ def test_inject_lora_errors_leave_the_model_untouched():
         inject_lora(model, ["k_proj"])
     with pytest.raises(TypeError, match="'0.norm' matches target_modules but is a LayerNorm"):
         inject_lora(model, ["q_proj", "norm"])
+    # PEFT's layer selection options, checked by name (a str index list failed inside the matching: "'in <string>'
+    # requires string as left operand")
+    with pytest.raises(TypeError, match=r"inject_lora: layers_to_transform expected an int or a list of ints >= 0, "
+                                        r"got '1'"):
+        inject_lora(nn.Sequential(nn.Sequential(model)), ["q_proj"], layers_to_transform="1")  # 0.0.<layer>.q_proj
+    with pytest.raises(TypeError, match=r"inject_lora: layers_pattern expected a str or a list of str, got 0"):
+        inject_lora(model, ["q_proj"], layers_to_transform=[1], layers_pattern=0)
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())
 
