@@ -434,6 +434,8 @@ class CompareConfig:
                 raise ValueError(f"compare: --{name.replace('_', '-')} expected a number > 0, got {value!r}")
         if not 0.0 <= cfg.dropout < 1.0:
             raise ValueError(f"compare: --dropout expected a number in [0, 1), got {cfg.dropout!r}")
+        if isinstance(cfg.alpha, bool) or not isinstance(cfg.alpha, (int, float)) or not math.isfinite(cfg.alpha):
+            raise ValueError(f"compare: --alpha expected a finite number, got {cfg.alpha!r}")
         cfg.targets = tuple(cfg.targets)
         if not cfg.targets or not expected_lora_params(cfg.model_config(), cfg.targets, cfg.rank):
             raise ValueError(f"compare: --targets {','.join(cfg.targets)!r} matched no nn.Linear of the model; "

@@ -94,6 +94,8 @@ def test_compare_bad_option_is_a_clear_error(capsys):
     (["--device", "gpu"], "compare: --device expected cpu or cuda, got 'gpu'"),
     (["--lr", "-1"], "compare: --lr expected a number > 0, got -1.0"),
     (["--lora-lr", "nan"], "compare: --lora-lr expected a number > 0, got nan"),
+    (["--alpha", "nan"], "compare: --alpha expected a finite number, got nan"),
+    (["--alpha", "inf"], "compare: --alpha expected a finite number, got inf"),
     (["--hidden", "65"], "compare: --hidden 65 expected a multiple of the 4 heads of --model-size tiny"),
     (["--save", "/no/such/folder/out.json"], "compare: --save /no/such/folder/out.json: the folder /no/such/folder "
                                              "does not exist"),
