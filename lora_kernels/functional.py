@@ -346,6 +346,14 @@ def lora_linear(x, weight, lora_a, lora_b, scaling=1.0, bias=None, *, dropout_p=
         x, weight, lora_a, lora_b, bias = _cast_for_autocast(autocast_dtype, (x, weight, lora_a, lora_b, bias))
     check_lora_linear_args(op, x, weight, lora_a, lora_b, bias, scaling, dropout_p)
     backend = resolve_backend(backend, x.device, op)
+    if backend == "triton":  # the kernels' limits, named for this op and before the dropout seed is drawn
+        kernels = _triton_lora_linear()
+        if x.dtype not in kernels.SUPPORTED_DTYPES:
+            raise TypeError(f"{op}: the triton backend runs float32/float16/bfloat16, got {x.dtype} (use backend="
+                            "'cuda', 'cpu' or 'torch' for float64)")
+        if lora_a.shape[0] > kernels.MAX_RANK:
+            raise ValueError(f"{op}: the triton backend takes ranks up to r = {kernels.MAX_RANK}, got lora_a "
+                             f"{tuple(lora_a.shape)} (use backend='torch' or 'cuda' for larger ranks)")
     seed = None
     if dropout_p > 0.0:
         if x.is_cuda and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing():

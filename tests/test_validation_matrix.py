@@ -257,3 +257,25 @@ def test_triton_backend_refuses_float64_before_any_launch(entry):
     args["backend"] = "triton"
     with pytest.raises(TypeError, match=r"the triton backend runs float32/float16/bfloat16, got torch.float64"):
         entry(args)
+
+
+@pytest.mark.parametrize("bad", ["float64", "rank"])
+def test_triton_lora_linear_limits_are_named_before_the_dropout_seed(bad):
+    """The Triton kernels' dtype and rank limits were found inside the launcher: the error named the internal op
+    (lora_fwd) and came after the dropout seed was drawn, so a refused call had advanced torch's generator."""
+    if backends.unavailable_reason("triton", "cpu") is not None:
+        pytest.skip("the Triton backend needs TRITON_INTERPRET=1 on CPU")
+    from lora_kernels.triton.lora_linear import MAX_RANK
+    args = _single()
+    if bad == "float64":
+        for name in ("x", "weight", "lora_a", "lora_b", "bias"):
+            args[name] = args[name].double()
+        error, words = TypeError, "lora_linear: the triton backend runs float32/float16/bfloat16, got torch.float64"
+    else:
+        args["lora_a"], args["lora_b"] = torch.randn(MAX_RANK + 1, K), torch.randn(N, MAX_RANK + 1)
+        error, words = ValueError, f"lora_linear: the triton backend takes ranks up to r = {MAX_RANK}, got lora_a"
+    args["backend"], args["dropout_p"] = "triton", 0.1
+    generator_state = torch.random.get_rng_state()
+    with pytest.raises(error, match=words):
+        call_lora_linear(args)
+    assert torch.equal(torch.random.get_rng_state(), generator_state)

@@ -627,7 +627,7 @@ _bwd_da = _autotune(DA_CONFIGS, ["M", "K", "R", "HAS_DROPOUT"], _lora_bwd_da_ker
 # Checks
 # ----------------------------------------------------------------------------------------------------------------
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FLOAT_DTYPES = SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_tensor(op, name, t, ndim, dtype=None, device=None, shape=None):
