@@ -490,6 +490,32 @@ def test_sgmv_bad_metadata_values_cpu():
         _expand(repeated)
 
 
+@pytest.mark.parametrize("call, arg", [("fwd", "bias"), ("fwd", "x_lora"), ("bwd_dy", "lora_b"), ("shrink", "ranks"),
+                                       ("shrink", "scalings"), ("expand", "ranks"), ("expand", "lora_b")])
+def test_a_meta_argument_among_cpu_tensors_is_a_device_error(call, arg):
+    """One meta tensor among CPU ones sends the call to the fake (meta) implementation, which took any devices: it
+    returned uninitialised CPU tensors (lora_fwd, sgmv_shrink) or did nothing (sgmv_expand), with no error. The
+    fakes check devices as the kernels do."""
+    cpu = torch.device("cpu")
+    if call == "fwd":
+        args = _good_fwd(cpu)
+        args["x_lora"] = args["x"].clone()
+        args[arg] = args[arg].to("meta")
+        run = lambda: ops.lora_fwd(**args)  # noqa: E731
+        ref = "x"
+    elif call == "bwd_dy":
+        dy, s, lora_b = randn(3, 12), randn(3, 4), randn(12, 4)
+        run = lambda: ops.lora_bwd_dy(dy, s, lora_b.to("meta"), 1.0)  # noqa: E731
+        ref = "dy"
+    else:
+        args = _good_sgmv(cpu)
+        args[arg] = args[arg].to("meta")
+        run = (lambda: _shrink(args)) if call == "shrink" else (lambda: _expand(args))
+        ref = "x" if call == "shrink" else "t"
+    with pytest.raises(ValueError, match=rf"{arg} expected device cpu \(same as {ref}\), got meta"):
+        run()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # opcheck: schema, fake (meta) impls, and that the registrations agree with them.
 
