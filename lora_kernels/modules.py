@@ -1248,11 +1248,15 @@ def merge_and_unload(model):
         raise ValueError(f"merge_and_unload: the model has MultiLoRALinear layers ({multi[:3]}"
                          f"{' ...' if len(multi) > 3 else ''}), which hold several adapters; load the one adapter to "
                          f"merge into the base model (load_peft_adapter without adapter_name) and merge that")
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear):
-            warn_dropped_hooks("merge_and_unload", f"module {name!r}", module, "it is replaced by a new layer holding "
-                               "the merged weight", stacklevel=2)
-            _set_submodule(model, name, module.to_linear())
+    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, LoRALinear)]
+    fan_in_fan_out = [name for name, module in layers if module.fan_in_fan_out]
+    if fan_in_fan_out and conv1d_class() is None:  # to_linear would fail there, after earlier layers were replaced
+        raise RuntimeError(f"merge_and_unload: layers {fan_in_fan_out[:3]} have fan_in_fan_out=True and unwrap to "
+                           f"transformers' Conv1D, but transformers is not imported; the model is unchanged")
+    for name, module in layers:
+        warn_dropped_hooks("merge_and_unload", f"module {name!r}", module, "it is replaced by a new layer holding "
+                           "the merged weight", stacklevel=2)
+        _set_submodule(model, name, module.to_linear())
     _record_modules_to_save(model, None)  # the adapter is gone: a later inject_lora starts a new one
     _record_bias(model, "none")
     return wrapper

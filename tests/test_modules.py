@@ -193,6 +193,19 @@ def test_merge_and_unload_gives_plain_linears_with_the_same_output():
     assert not any(p.requires_grad for p in model.parameters())
 
 
+def test_merge_and_unload_that_cannot_finish_changes_nothing(monkeypatch):
+    """A fan_in_fan_out LoRALinear unwraps to transformers' Conv1D, which needs transformers imported. That failed
+    in to_linear after the layers before it had been replaced: a half-merged model. Now refused before any change."""
+    import sys
+    monkeypatch.delitem(sys.modules, "transformers.pytorch_utils", raising=False)
+    model = nn.Sequential(_trained(LoRALinear(8, 6)), _trained(LoRALinear(6, 4, fan_in_fan_out=True)))
+    layers, weights = list(model), [p.clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"merge_and_unload: layers \['1'\] have fan_in_fan_out=True .* transformers "
+                                           r"is not imported; the model is unchanged"):
+        merge_and_unload(model)
+    assert list(model) == layers and all(torch.equal(a, b) for a, b in zip(model.parameters(), weights))
+
+
 def test_new_layers_keep_the_train_eval_mode_of_what_they_replace():
     """A model in eval mode (as from_pretrained returns it) stays in eval mode after inject_lora / from_linear: no
     dropout at inference. The new layers had started in train mode, and dropout ran at inference."""
