@@ -753,6 +753,13 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
     op = "save_peft_adapter"
     model = unwrap_model(model, op)
     _check_path(op, path)
+    if task_type is not None and not isinstance(task_type, str):  # written to the config as is
+        raise TypeError(f"{op}: task_type expected None or a str such as 'CAUSAL_LM', got {task_type!r}")
+    if isinstance(base_model_name_or_path, os.PathLike):
+        base_model_name_or_path = os.fspath(base_model_name_or_path)  # a Path was not JSON serializable
+    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
+        raise TypeError(f"{op}: base_model_name_or_path expected None, a str or a path, got "
+                        f"{base_model_name_or_path!r}")
     records = _collect_layers(model, adapter_name, op)
     modules_to_save = getattr(model, MODULES_TO_SAVE_ATTR, None) if adapter_name is None else None
     bias = getattr(model, BIAS_ATTR, "none") if adapter_name is None else "none"

@@ -798,6 +798,23 @@ def test_save_refuses_what_one_peft_config_cannot_hold(tmp_path):
     assert not os.listdir(tmp_path)
 
 
+def test_save_checks_the_config_fields_it_is_given(tmp_path):
+    """task_type was written to the config whatever it was (task_type=5 made a config PEFT's TaskType does not
+    know), and a pathlib.Path base_model_name_or_path failed in json with "Object of type PosixPath is not JSON
+    serializable", naming no argument. A path is taken as its str; anything else is a TypeError before any file."""
+    import pathlib
+    with pytest.raises(TypeError, match=r"save_peft_adapter: task_type expected None or a str such as 'CAUSAL_LM', "
+                                        r"got 5"):
+        lk.save_peft_adapter(_trained(), tmp_path, task_type=5)
+    with pytest.raises(TypeError, match=r"save_peft_adapter: base_model_name_or_path expected None, a str or a path, "
+                                        r"got 7"):
+        lk.save_peft_adapter(_trained(), tmp_path, base_model_name_or_path=7)
+    assert not os.listdir(tmp_path)
+    lk.save_peft_adapter(_trained(), tmp_path, base_model_name_or_path=pathlib.Path("/models/base"))
+    with open(tmp_path / "adapter_config.json") as f:
+        assert json.load(f)["base_model_name_or_path"] == "/models/base"
+
+
 def test_saved_target_modules_select_exactly_the_lora_layers(tmp_path):
     # only layer 1's q_proj: the suffix "q_proj" would also select layer 0, so full names are written
     model = lk.inject_lora(_base(), ["layers.1.q_proj", "v_proj"], init_lora_weights=False)
