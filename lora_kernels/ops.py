@@ -58,9 +58,13 @@ def check_output(op, name, out, inputs):
     shared with the (name, tensor) inputs it reads (the cpu kernels read rows they had already overwritten). Two
     tensors share memory when they are views of one storage with intersecting byte ranges (conservative: two
     interleaved views count too). A few µs of host time in the common case (separate storages). Not while tracing,
-    where tensors have no memory to compare, nor for meta tensors."""
+    where tensors have no memory to compare, nor for meta tensors. A leaf that requires grad is refused on every
+    backend (torch's in-place ops raised after computing; the cpu and triton kernels wrote into it)."""
     if torch.compiler.is_compiling() or out.is_meta:
         return
+    if out.requires_grad and out.is_leaf and torch.is_grad_enabled():  # as torch refuses an in-place op on it
+        raise ValueError(f"{op}: {name} expected a tensor autograd lets the op write into, got a leaf that requires "
+                         f"grad (pass one that does not, or call under torch.no_grad())")
     if 0 in out.stride() and any(stride == 0 and size > 1 for size, stride in zip(out.shape, out.stride())):
         raise ValueError(f"{op}: {name} expected a tensor whose elements do not overlap in memory, got shape "
                          f"{tuple(out.shape)} with strides {out.stride()} (an expanded view); pass a new tensor")

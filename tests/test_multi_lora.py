@@ -632,8 +632,9 @@ def test_outputs_that_overlap_an_input_or_themselves_are_refused(backend, device
     """The serving ops write out / y in place. An out that is also an input (lora_expand into its own t: the cpu
     kernel read rows it had already written; add_lora with x a view of y: later slices read the updated x) gave
     wrong results, and an expanded out (stride 0: every row one memory row) raced in the cpu and triton kernels
-    where the torch backend raised torch's RuntimeError after computing. Each is a ValueError naming the argument,
-    raised before anything is written."""
+    where the torch backend raised torch's RuntimeError after computing; so did a leaf out that requires grad, which
+    the cpu and triton kernels wrote into. Each is a ValueError naming the argument, raised before anything is
+    written."""
     _backend_or_skip(backend, device)
     num_slots, rank, m = 2, 4, 6
     lora_a, lora_b = _adapters(num_slots, rank, rank, rank, [rank, 2], torch.float32, device)
@@ -664,6 +665,14 @@ def test_outputs_that_overlap_an_input_or_themselves_are_refused(backend, device
     refused(lambda: lk.ops.add_lora(row.expand(m, 2 * rank), x, [lora_a, lora_a], [lora_b, lora_b], batch,
                                     scalings, None, (rank, rank), backend=backend), row,
             r"add_lora: y expected a tensor whose elements do not overlap")
+    # a leaf that requires grad: torch's in-place ops raised after computing, the cpu and triton kernels wrote in
+    leaf = torch.zeros(m, rank, device=device, requires_grad=True)
+    refused(lambda: lk.ops.lora_expand(t, lora_b, batch, leaf, backend=backend), leaf,
+            r"lora_expand: out expected a tensor autograd lets the op write into, got a leaf that requires grad")
+    refused(lambda: lk.ops.lora_shrink(x, lora_a, batch, scalings, backend=backend, out=leaf), leaf,
+            r"lora_shrink: out expected a tensor autograd lets the op write into")
+    with torch.no_grad():
+        lk.ops.lora_expand(t, lora_b, batch, leaf, backend=backend)
     # a column block of a wider tensor that no input shares stays a valid out
     out = torch.zeros(m, 3 * rank, device=device)
     lk.ops.lora_expand(t, lora_b, batch, out[:, rank:], backend=backend)
