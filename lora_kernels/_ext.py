@@ -55,7 +55,6 @@ def _fake_sgmv_shrink(x, lora_a, sorted_token_ids, slot_starts, slot_counts, sca
 def _fake_sgmv_expand(t, lora_b, sorted_token_ids, slot_starts, slot_counts, ranks, out, slice_offset):
     _check_devices("sgmv_expand", "t", t, lora_b=lora_b, sorted_token_ids=sorted_token_ids, slot_starts=slot_starts,
                    slot_counts=slot_counts, ranks=ranks, out=out)
-    return None
 
 
 if HAS_EXTENSION:
