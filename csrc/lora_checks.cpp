@@ -2,9 +2,11 @@
 // ONLY translation unit that defines them, and it is compiled by the host C++ compiler: no nvcc-compiled copy exists
 // (an exception thrown from nvcc-compiled code crashed the process instead of reaching Python).
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
 #include <cmath>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "lora_checks.h"
@@ -68,11 +70,18 @@ void check_lora_bwd_dy(const at::Tensor& dy, const at::Tensor& s, const at::Tens
   LK_CHECK_VALUE(std::isfinite(scaling), op, ": scaling expected a finite float, got ", scaling);
 }
 
-// One int32 vector of the metadata: 1-D, int32, on ref's device, `size` entries. A macro so the messages name the
-// argument (the checks stringize it).
+// The kernels read these as plain arrays (no strides): metadata vectors and scalings.
+#define LK_CHECK_CONTIGUOUS(op, t)                                                                     \
+  LK_CHECK_VALUE((t).is_contiguous(), op, ": " #t " expected a contiguous tensor, got strides ",     \
+                 (t).strides(), " (shape ", shape_str(t), "); pass " #t ".contiguous()")
+
+// One int32 vector of the metadata: 1-D, int32, contiguous, on ref's device, `size` entries. A macro so the messages
+// name the argument (the checks stringize it). Contiguous: the kernels index it as a plain array, so a strided view
+// read other entries (out of bounds for sorted_token_ids).
 #define LK_CHECK_METADATA_VECTOR(op, t, ref, size, what) \
   LK_CHECK_DIM(op, t, 1);                                 \
   LK_CHECK_DTYPE(op, t, at::kInt);                        \
+  LK_CHECK_CONTIGUOUS(op, t);                             \
   LK_CHECK_SAME_DEVICE(op, t, ref);                       \
   LK_CHECK_SIZE(op, t, 0, size, what)
 
@@ -99,6 +108,7 @@ void check_sgmv_shrink(const at::Tensor& x, const at::Tensor& lora_a, const at::
   check_sgmv_metadata(op, x, x.size(0), num_slots, sorted_token_ids, slot_starts, slot_counts, ranks);
   LK_CHECK_DIM(op, scalings, 1);
   LK_CHECK_DTYPE(op, scalings, at::kFloat);
+  LK_CHECK_CONTIGUOUS(op, scalings);
   LK_CHECK_SAME_DEVICE(op, scalings, x);
   LK_CHECK_SIZE(op, scalings, 0, num_slots, "adapter slots = lora_a.shape[0]");
 }
@@ -122,6 +132,17 @@ void check_sgmv_expand(const at::Tensor& t, const at::Tensor& lora_b, const at::
                  ": slice_offset expected in [0, out.shape[1] - lora_b.shape[1]] = [0, ", out.size(1) - width,
                  "], got ", slice_offset, " (out shape ", shape_str(out), ", lora_b shape ", shape_str(lora_b), ")");
   check_sgmv_metadata(op, t, t.size(0), lora_b.size(0), sorted_token_ids, slot_starts, slot_counts, ranks);
+  // out is written in place: an element reached twice (an expanded view) was raced, and memory shared with t or
+  // lora_b was read after the kernel had overwritten it. Layouts too hard to decide (TooHard) are let through.
+  LK_CHECK_VALUE(at::has_internal_overlap(out) != at::MemOverlap::Yes, op,
+                 ": out expected a tensor whose elements do not overlap in memory, got shape ", shape_str(out),
+                 " with strides ", out.strides(), " (an expanded view); pass a new tensor");
+  for (const auto& [name, input] : {std::pair<const char*, const at::Tensor*>{"t", &t}, {"lora_b", &lora_b}}) {
+    const at::MemOverlapStatus status = at::get_overlap_status(out, *input);
+    LK_CHECK_VALUE(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial, op,
+                   ": out expected memory of its own, but it overlaps ", name, ", which the op reads; pass a "
+                   "separate tensor");
+  }
 }
 
 void check_sgmv_metadata_values_cpu(const char* op, int64_t num_tokens, int64_t max_rank,

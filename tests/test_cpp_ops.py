@@ -436,6 +436,11 @@ def _expand(a):
                            a["ranks"], a["out"], a["slice_offset"])
 
 
+def _strided(t):
+    """The same values in a view with stride 2."""
+    return torch.stack([t, t], dim=-1)[..., 0]
+
+
 SGMV_BAD = [
     (_shrink, "sorted_token_ids", lambda a: a["sorted_token_ids"].long(), TypeError, "sorted_token_ids expected dtype"),
     (_shrink, "slot_starts", lambda a: a["slot_starts"][:-1], ValueError, r"slot_starts.shape\[0\] expected 6"),
@@ -451,6 +456,15 @@ SGMV_BAD = [
     (_expand, "out", lambda a: a["out"].to(torch.int32), TypeError, "out expected a float32"),
     (_expand, "slice_offset", lambda a: 13, ValueError, "slice_offset expected in"),
     (_expand, "slice_offset", lambda a: -1, ValueError, "slice_offset expected in"),
+    # the kernels index metadata and scalings as plain arrays: a strided view read other entries (out of bounds)
+    (_shrink, "sorted_token_ids", lambda a: _strided(a["sorted_token_ids"]), ValueError,
+     "sorted_token_ids expected a contiguous tensor"),
+    (_shrink, "slot_counts", lambda a: _strided(a["slot_counts"]), ValueError, "slot_counts expected a contiguous"),
+    (_shrink, "scalings", lambda a: _strided(a["scalings"]), ValueError, "scalings expected a contiguous tensor"),
+    (_expand, "ranks", lambda a: _strided(a["ranks"]), ValueError, "ranks expected a contiguous tensor"),
+    (_expand, "slot_starts", lambda a: _strided(a["slot_starts"]), ValueError, "slot_starts expected a contiguous"),
+    (_expand, "out", lambda a: a["out"][:1].expand(10, -1), ValueError,
+     "out expected a tensor whose elements do not overlap in memory"),
 ]
 
 
@@ -462,6 +476,20 @@ def test_sgmv_bad_input(call, arg, make, error, match, device):
     op = "sgmv_shrink" if call is _shrink else "sgmv_expand"
     with pytest.raises(error, match=f"{op}: {match}"):
         call(args)
+
+
+@pytest.mark.parametrize("overlapped", ["t", "lora_b"])
+def test_sgmv_expand_refuses_an_out_sharing_memory_with_its_inputs(overlapped, device):
+    """out is written in place: sharing memory with t or lora_b, it was read after being overwritten."""
+    args = _good_sgmv(device)
+    source = args[overlapped]
+    storage = torch.zeros(source.numel() + args["out"].numel(), device=device)
+    args[overlapped] = storage[:source.numel()].view_as(source).copy_(source)
+    args["out"] = storage[source.numel() // 2:][:args["out"].numel()].view_as(args["out"])  # half over the input
+    before = storage.clone()
+    with pytest.raises(ValueError, match=f"sgmv_expand: out expected memory of its own, but it overlaps {overlapped}"):
+        _expand(args)
+    assert torch.equal(storage, before)
 
 
 def test_sgmv_bad_metadata_values_cpu():
