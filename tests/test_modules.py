@@ -129,6 +129,26 @@ def test_disable_adapter_context():
     assert "r=2" in repr(layer) and "scaling=4" in repr(layer)
 
 
+def test_nested_disable_adapter_restores_the_outer_state():
+    """Each disable_adapter() context puts back the flag it found: leaving an inner one (a helper that disables the
+    adapter for its own reference pass) inside an outer one, or inside the model-level context, keeps the layer
+    disabled until the outer context ends."""
+    from lora_kernels import disable_adapter
+    layer = _trained(LoRALinear(16, 8, r=2))
+    x = torch.randn(3, 16)
+    base = nn.functional.linear(x, layer.weight, layer.bias)
+    with layer.disable_adapter():
+        with layer.disable_adapter():
+            pass
+        torch.testing.assert_close(layer(x), base)
+    model = nn.Sequential(layer)
+    with disable_adapter(model):
+        with layer.disable_adapter():
+            pass
+        torch.testing.assert_close(model(x), base)
+    assert not torch.allclose(layer(x), base)
+
+
 class TinyBlock(nn.Module):
     def __init__(self):
         super().__init__()
