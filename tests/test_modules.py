@@ -149,6 +149,20 @@ def test_nested_disable_adapter_restores_the_outer_state():
     assert not torch.allclose(layer(x), base)
 
 
+def test_disabling_a_merged_layer_is_an_error_not_the_merged_output():
+    """A merged layer's weight holds the adapter, so 'disabled' cannot be computed from it: the forward raises
+    instead of silently returning the adapted output."""
+    layer = _trained(LoRALinear(16, 8, r=2))
+    x = torch.randn(3, 16)
+    layer.merge()
+    with layer.disable_adapter():
+        with pytest.raises(RuntimeError, match="cannot disable the adapter of a merged layer"):
+            layer(x)
+    layer.unmerge()
+    with layer.disable_adapter():
+        torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+
+
 class TinyBlock(nn.Module):
     def __init__(self):
         super().__init__()
