@@ -81,6 +81,25 @@ def test_lora_batch_metadata():
     assert all(t.dtype == torch.int32 and t.is_contiguous() for t in (batch.slot_starts, batch.active_slots))
 
 
+@pytest.mark.parametrize("num_tokens", [100, 333])
+def test_lora_batch_sort_is_stable_on_many_tokens(device, num_tokens):
+    """The metadata of a batch long enough that an unstable sort reorders equal ids (torch's CPU sort does from
+    ~100 elements; 7 tokens cannot tell): within each slot, and among the -1 tokens, the token indices ascend, and
+    every buffer equals a plain Python build."""
+    num_adapters = 5
+    ids = torch.randint(-1, num_adapters, (num_tokens,))
+    batch = LoRABatch.from_adapter_ids(ids.to(device), num_adapters)
+    listed = ids.tolist()
+    expected_order = sorted(range(num_tokens), key=lambda t: (listed[t], t))
+    assert batch.sorted_token_ids.cpu().tolist() == expected_order
+    counts = [listed.count(slot) for slot in range(num_adapters)]
+    starts = [listed.count(-1) + sum(counts[:slot]) for slot in range(num_adapters)]
+    assert batch.slot_counts.cpu().tolist() == counts and batch.slot_starts.cpu().tolist() == starts
+    active = [slot for slot in range(num_adapters) if counts[slot]]
+    assert batch.active_slots.cpu().tolist() == active + [-1] * (num_adapters - len(active))
+    assert batch.num_active.cpu().tolist() == [len(active)]
+
+
 def test_lora_batch_refill_in_place(device):
     """refill_ (a captured CUDA graph's next step): the same buffers, holding what a fresh build holds; a bad id or
     count raises before anything is written."""
