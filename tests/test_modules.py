@@ -484,6 +484,18 @@ def test_meta_to_empty_reset_parameters_gives_a_fresh_layer(init):
         layer.reset_lora_parameters(1)
 
 
+def test_reset_parameters_of_a_trained_layer_gives_a_fresh_adapter():
+    """reset_parameters() on its own (not after every factor's own reset, as the meta flow above calls them)
+    re-draws the adapter: B zeros again, so the layer equals its freshly initialised base layer, A re-drawn."""
+    layer = _trained(LoRALinear(12, 6, r=2))
+    old_a = layer.lora_A.weight.detach().clone()
+    layer.reset_parameters()
+    assert torch.count_nonzero(layer.lora_B.weight) == 0
+    assert not torch.equal(layer.lora_A.weight, old_a)
+    x = torch.randn(4, 12)
+    torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+
+
 def test_multi_lora_meta_to_empty_reset_parameters_clears_every_slot():
     """MultiLoRALinear after to_empty: its ranks and scalings buffers held garbage (ranks like 1701081697).
     reset_parameters() re-initialises the base layer and empties every slot: the base output for every id."""
