@@ -485,9 +485,11 @@ def test_a_failure_after_copying_the_biases_is_rolled_back(tmp_path, monkeypatch
     trained = _trained(bias="all")
     with torch.no_grad():
         for name, parameter in trained.named_parameters():
-            if name.endswith("bias"):
-                parameter.add_(1.0)  # the saved biases differ from the base's
+            if name.endswith("bias") or ".lora_" in name:
+                parameter.add_(1.0)  # the saved biases differ from the base's, the factors from the injected ones
     lk.save_peft_adapter(trained, tmp_path)
+    # "injected": its factors are those of `trained` before the change above (same seed), so a load that left the
+    # file's factors in place on failure shows only because they were changed
     model = _base() if into == "base" else lk.inject_lora(_base(), ["q_proj", "v_proj"], init_lora_weights=False)
     before = _snapshot(model)
     original, failed = peft_io._copy_state, []
