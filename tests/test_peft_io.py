@@ -911,6 +911,35 @@ def test_named_adapters_in_slots_and_mixed_batch(tmp_path):
         torch.testing.assert_close(mixed[row], singles[name](x[row]), rtol=1e-5, atol=1e-5)
 
 
+def test_a_named_load_failing_after_some_layers_restores_their_slots(tmp_path, monkeypatch):
+    """Reloading adapter "a" from another file, with the second layer's slot write failing: the first layer's slot,
+    already rewritten, gets adapter "a" back (factors, scaling and rank), so no layer mixes two adapters."""
+    lk.save_peft_adapter(_trained(("q_proj", "v_proj"), r=4, lora_alpha=8), tmp_path / "a")
+    other = _trained(("q_proj", "v_proj"), r=2, lora_alpha=3)
+    with torch.no_grad():
+        for name, parameter in other.named_parameters():
+            if ".lora_" in name:
+                parameter.normal_()
+    lk.save_peft_adapter(other, tmp_path / "other")
+    model = lk.prepare_multi_adapter(_base(), ["q_proj", "v_proj"], max_adapters=2, max_rank=8)
+    lk.load_peft_adapter(model, tmp_path / "a", adapter_name="a")
+    before = _snapshot(model)
+    original, calls = MultiLoRALinear.set_adapter, []
+
+    def flaky(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated failure mid-load")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MultiLoRALinear, "set_adapter", flaky)
+    with pytest.raises(RuntimeError, match="simulated"):
+        lk.load_peft_adapter(model, tmp_path / "other", adapter_name="a")
+    assert len(calls) == 2  # the first layer's slot was rewritten before the failure
+    _assert_same(model, before)
+    assert model.lora_adapter_slots == {"a": 0}
+
+
 def test_prepare_multi_adapter_failing_mid_way_leaves_the_model_untouched(monkeypatch):
     """A MultiLoRALinear that fails to build (e.g. out of memory for its slots) after others were built: every base
     layer keeps its requires_grad flag (the layers freeze their base, which used to happen outside the rollback)."""
