@@ -118,6 +118,24 @@ def test_printed_table_names_every_measurement(result):
         assert label in text, label
 
 
+def test_parameter_bytes_and_printed_ratios_follow_the_runs(result):
+    """The byte counts of the result follow the parameter counts (trainable bytes count trainable parameters only),
+    and each ratio printed in the table is that column's value over full fine-tuning's, not the inverse."""
+    methods = result["methods"]
+    for name, run in methods.items():
+        assert run["trainable_param_bytes"] == run["trainable_params"] * FLOAT32_BYTES, name
+        assert run["param_bytes"] == run["total_params"] * FLOAT32_BYTES, name
+    assert methods["lora_torch"]["trainable_param_bytes"] < methods["lora_torch"]["param_bytes"] / 2
+    text = compare.format_compare(result)
+    full = methods["full"]
+    for label, key in (("gradients (.grad)", "grad_bytes"), ("optimizer state (AdamW)", "optimizer_state_bytes")):
+        line = next(line for line in text.splitlines() if line.startswith(label))
+        assert line.count("×") == 3, line
+        for name in ("full", "lora_torch", "lora_fused"):
+            assert f"({methods[name][key] / full[key]:.2f}×)" in line, (name, line)
+        assert methods["lora_torch"][key] / full[key] < 0.5  # so an inverted ratio cannot print the same text
+
+
 def test_plot_writes_a_png(result, tmp_path):
     pytest.importorskip("matplotlib")
     path = compare.plot_compare(result, str(tmp_path / "compare.png"))
