@@ -662,6 +662,9 @@ def _bad_cases():
         ("target is not linear", config(target_modules=["q_proj", "v_proj", "norm"]), ValueError,
          r"targets module 'layers\.0\.norm', a LayerNorm"),
         ("bad r", config(r=0), ValueError, r"'r' expected an int >= 1, got 0"),
+        # into an injected model the dropout is assigned to the existing layers, not checked by a constructor
+        ("bad lora_dropout", config(lora_dropout=1.5), ValueError,
+         r"adapter_config\.json.*'lora_dropout' expected a number in \[0, 1\), got 1\.5"),
         ("bad rank_pattern", config(rank_pattern={"q_proj": 4}), ValueError,
          r"expected shape \[4, 16\]|LoRALinear of r=8, the adapter has r=4"),
         ("no config", lambda path: os.remove(path / "adapter_config.json"), FileNotFoundError, "adapter_config.json"),
