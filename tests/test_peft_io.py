@@ -662,6 +662,8 @@ def _bad_cases():
         ("target is not linear", config(target_modules=["q_proj", "v_proj", "norm"]), ValueError,
          r"targets module 'layers\.0\.norm', a LayerNorm"),
         ("bad r", config(r=0), ValueError, r"'r' expected an int >= 1, got 0"),
+        ("layers_pattern alone", config(layers_pattern="layers"), ValueError,
+         r"field 'layers_pattern' needs 'layers_to_transform' \(as in PEFT\)"),
         # into an injected model the dropout is assigned to the existing layers, not checked by a constructor
         ("bad lora_dropout", config(lora_dropout=1.5), ValueError,
          r"adapter_config\.json.*'lora_dropout' expected a number in \[0, 1\), got 1\.5"),
