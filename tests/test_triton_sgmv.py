@@ -184,6 +184,39 @@ def test_add_lora_slices(device, widths, stacked, M, dtype):
 # determinism, buffers, edge cases
 
 
+@pytest.mark.parametrize("num_tokens", [4, 80], ids=["decode", "prefill"])
+def test_deterministic_flag_reaches_every_shrink_launch(device, monkeypatch, num_tokens):
+    """deterministic=True of lora_shrink and add_lora (slices listed or stacked) makes every shrink launch take
+    one K split (no atomics). Read off the split count, since the interpreter's atomics run in a fixed order and
+    repeats would be bit-identical anyway."""
+    K, L, ranks, widths = 70, 3, [16, 5, 12], [33, 7]
+    batch = LoRABatch.from_adapter_ids(make_ids("zipf", num_tokens, L, device), L)
+    a_list, b_list, ranks_t, scalings = make_weights(L, ranks, K, widths, torch.float32, device)
+    x = randn(num_tokens, K, device=device)
+    y = randn(num_tokens, sum(widths), device=device)
+    splits, original = [], sgmv._split_k
+
+    def recording(*args, **kwargs):
+        splits.append(original(*args, **kwargs))
+        return splits[-1]
+
+    monkeypatch.setattr(sgmv, "_split_k", recording)
+    ops.lora_shrink(x, a_list[0], batch, scalings, ranks_t, backend="triton")
+    assert max(splits) > 1, "without the flag the shrink splits K (else this test could not fail)"
+    calls = {
+        "lora_shrink": lambda: ops.lora_shrink(x, a_list[0], batch, scalings, ranks_t, backend="triton",
+                                               deterministic=True),
+        "add_lora": lambda: ops.add_lora(y.clone(), x, a_list, b_list, batch, scalings, ranks_t, widths,
+                                         backend="triton", deterministic=True),
+        "add_lora stacked": lambda: ops.add_lora(y.clone(), x, torch.stack(a_list), b_list, batch, scalings, ranks_t,
+                                                 widths, backend="triton", deterministic=True),
+    }
+    for name, call in calls.items():
+        splits.clear()
+        call()
+        assert splits and set(splits) == {1}, (name, splits)
+
+
 @pytest.mark.parametrize("path", ["prefill", "decode"])
 def test_deterministic_repeats_bit_identical(device, path):
     M, K, N, L, ranks = 24, 70, 33, 3, [16, 5, 12]
