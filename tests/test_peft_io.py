@@ -1034,6 +1034,24 @@ def test_rows_of_a_deleted_adapter_get_the_base_model_even_after_its_slot_is_reu
     torch.testing.assert_close(out[1], base(x[1]), rtol=1e-6, atol=1e-6)
 
 
+def test_nested_set_batch_adapters_restore_the_outer_names(tmp_path):
+    """Leaving an inner set_batch_adapters context (a reference pass on the base model, say) puts back the names of
+    the outer one, not 'no names'."""
+    lk.save_peft_adapter(_trained(r=4), tmp_path / "a")
+    model = lk.prepare_multi_adapter(_base(), ["q_proj", "v_proj"], max_adapters=2, max_rank=4)
+    lk.load_peft_adapter(model, tmp_path / "a", adapter_name="a")
+    x = torch.randn(2, 3, 16)
+    base, single = _base(), lk.load_peft_adapter(_base(), tmp_path / "a")
+    with lk.set_batch_adapters(model, ["a", "__base__"]):
+        with lk.set_batch_adapters(model, "__base__"):
+            torch.testing.assert_close(model(x), base(x), rtol=1e-6, atol=1e-6)
+        out = model(x)  # the outer names again
+        torch.testing.assert_close(out[0], single(x[0]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[1], base(x[1]), rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match="set_batch_adapters"):
+        model(x)
+
+
 def test_a_batch_a_multiple_of_the_names_gives_each_name_consecutive_rows(tmp_path):
     """generate(num_beams=k) and num_return_sequences=k repeat each row k times, side by side: each name then covers
     its k rows, as PEFT expands adapter_names for beams. Other batch sizes stay an error."""
