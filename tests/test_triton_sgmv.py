@@ -250,19 +250,23 @@ def test_deterministic_repeats_bit_identical(device, path):
 
 @pytest.mark.parametrize("path", ["prefill", "decode"])
 def test_out_buffer_reuse(device, path):
-    """One out buffer, poisoned, reused for batches with other ids: written in place and fully defined each time."""
+    """One out buffer, poisoned, reused for batches with other ids: written in place and fully defined each time.
+    deterministic=True too: one K split, so no zero fill before the kernel, which must then write the zeros of -1
+    tokens and past each rank itself."""
     M, K, L, ranks = 26, 40, 4, [16, 3, 8, 1]
     (A,), _, ranks_t, scalings = make_weights(L, ranks, K, [], torch.float16, device, num_a=1)
     x = randn(M, K, dtype=torch.float16, device=device)
     out = torch.full((M, 16), float("nan"), device=device)
     ptr = out.data_ptr()
-    for dist in ("skewed", "all_neg", "mixed_neg"):
-        ids = make_ids(dist, M, L, device)
-        batch = LoRABatch.from_adapter_ids(ids, L)
-        result = sgmv.shrink(x, A, batch, scalings, ranks_t, out=out, path=path)
-        assert result is out and out.data_ptr() == ptr
-        assert_close(out, reference.lora_shrink(*cpu(x, A, ids, scalings, ranks_t)), torch.float16, dist)
-        out.fill_(float("nan"))
+    for deterministic in (False, True):
+        for dist in ("skewed", "all_neg", "mixed_neg"):
+            ids = make_ids(dist, M, L, device)
+            batch = LoRABatch.from_adapter_ids(ids, L)
+            result = sgmv.shrink(x, A, batch, scalings, ranks_t, out=out, path=path, deterministic=deterministic)
+            assert result is out and out.data_ptr() == ptr
+            assert_close(out, reference.lora_shrink(*cpu(x, A, ids, scalings, ranks_t)), torch.float16,
+                         f"{dist}, deterministic={deterministic}")
+            out.fill_(float("nan"))
 
 
 def test_empty_and_zero_rank(device):
