@@ -155,9 +155,8 @@ def test_disabling_a_merged_layer_is_an_error_not_the_merged_output():
     layer = _trained(LoRALinear(16, 8, r=2))
     x = torch.randn(3, 16)
     layer.merge()
-    with layer.disable_adapter():
-        with pytest.raises(RuntimeError, match="cannot disable the adapter of a merged layer"):
-            layer(x)
+    with layer.disable_adapter(), pytest.raises(RuntimeError, match="cannot disable the adapter of a merged layer"):
+        layer(x)
     layer.unmerge()
     with layer.disable_adapter():
         torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
