@@ -198,6 +198,22 @@ def test_inject_lora_by_regex_and_exclude():
     assert not isinstance(model[0].q_proj, LoRALinear) and isinstance(model[1].q_proj, LoRALinear)
 
 
+def test_target_names_and_patterns_match_whole_name_components_as_peft():
+    """PEFT's matching: a regex str matches the whole module name, a list entry the whole name or its last
+    components, a rank_pattern / alpha_pattern key the name's end after a dot: "proj" is not "q_proj", "q_proj" is
+    not "0.q_proj" as a regex, and "0.q_proj" is not the end of "10.q_proj"."""
+    from lora_kernels.modules import pattern_value
+    for target in (["proj"], ["_proj"], "q_proj", r"\d\.q"):
+        with pytest.raises(ValueError, match="matched no"):
+            inject_lora(_model(), target)
+    model = inject_lora(_model(), ["1.q_proj", "v_proj"], r=2, rank_pattern={"proj": 4, "0.v_proj": 6},
+                        alpha_pattern={"_proj": 5.0})
+    assert [(name, m.r, m.lora_alpha) for name, m in model.named_modules() if isinstance(m, LoRALinear)] == [
+        ("0.v_proj", 6, 8), ("1.q_proj", 2, 8), ("1.v_proj", 2, 8)]
+    assert pattern_value({"0.q_proj": 3}, "layers.10.q_proj", 8) == 8
+    assert pattern_value({"0.q_proj": 3}, "layers.0.q_proj", 8) == 3
+
+
 def test_inject_lora_errors_leave_the_model_untouched():
     model = _model()
     with pytest.raises(ValueError, match="matched no nn.Linear"):
