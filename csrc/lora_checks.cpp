@@ -140,8 +140,10 @@ void check_sgmv_expand(const at::Tensor& t, const at::Tensor& lora_b, const at::
   for (const auto& [name, input] : {std::pair<const char*, const at::Tensor*>{"t", &t}, {"lora_b", &lora_b}}) {
     const at::MemOverlapStatus status = at::get_overlap_status(out, *input);
     LK_CHECK_VALUE(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial, op,
-                   ": out expected memory of its own, but it overlaps ", name, ", which the op reads; pass a "
-                   "separate tensor");
+                   ": out expected memory of its own, got a view that overlaps ", name, ", which the op reads (out: ",
+                   "shape ", shape_str(out), ", strides ", out.strides(), ", offset ", out.storage_offset(), "; ",
+                   name, ": shape ", shape_str(*input), ", strides ", input->strides(), ", offset ",
+                   input->storage_offset(), "); pass a separate tensor");
   }
 }
 

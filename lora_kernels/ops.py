@@ -17,6 +17,7 @@ import contextlib
 import numbers
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from lora_kernels._ext import accumulate_dtype
 from lora_kernels.backends import resolve_backend
@@ -48,35 +49,73 @@ def _check_device(op, name, t, device):
 
 
 def _byte_span(t):
+    """[first, last + 1) byte of t's elements in its storage."""
     start = t.storage_offset() * t.element_size()
     return start, start + (1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))) * t.element_size()
+
+
+def _is_dense(t):
+    """Whether t's elements fill its byte span exactly (some permutation of a contiguous layout)."""
+    expected = 1
+    for stride, size in sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _rows_and_columns(t):
+    """(row pitch, rows, columns) in bytes of a 2-D view with unit column stride whose rows do not wrap around the
+    pitch, as the column slices of one workspace are; else None."""
+    if t.dim() != 2 or t.shape[1] > 1 and t.stride(1) != 1 or t.stride(0) < t.shape[1]:
+        return None
+    pitch, start = t.stride(0) * t.element_size(), t.storage_offset() * t.element_size()
+    first_row, first_column = divmod(start, pitch)
+    return pitch, (first_row, first_row + t.shape[0]), (first_column, first_column + t.shape[1] * t.element_size())
+
+
+def _shares_memory(a, b):
+    """Whether a and b (non-empty views of one storage) provably share an element: both dense, or both 2-D views
+    with one row pitch, with intersecting memory. Other layouts are let through, as torch's own in-place checks let
+    through what they cannot decide (at::get_overlap_status's TooHard)."""
+    (a_start, a_end), (b_start, b_end) = _byte_span(a), _byte_span(b)
+    if not (a_start < b_end and b_start < a_end):
+        return False
+    if _is_dense(a) and _is_dense(b):
+        return True
+    a_layout, b_layout = _rows_and_columns(a), _rows_and_columns(b)
+    if a_layout is None or b_layout is None or a_layout[0] != b_layout[0]:
+        return False
+    return all(a_range[0] < b_range[1] and b_range[0] < a_range[1]
+               for a_range, b_range in zip(a_layout[1:], b_layout[1:]))
 
 
 def check_output(op, name, out, inputs):
     """ValueError unless `out`, which the op writes in place, is a tensor of its own: no element written twice
     through a stride-0 dimension (an expand()ed view: the kernels raced there, torch refused it), and no memory
-    shared with the (name, tensor) inputs it reads (the cpu kernels read rows they had already overwritten). Two
-    tensors share memory when they are views of one storage with intersecting byte ranges (conservative: two
-    interleaved views count too). A few µs of host time in the common case (separate storages). Not while tracing,
-    where tensors have no memory to compare, nor for meta tensors. A leaf that requires grad is refused on every
-    backend (torch's in-place ops raised after computing; the cpu and triton kernels wrote into it)."""
-    if torch.compiler.is_compiling() or out.is_meta:
+    shared with the (name, tensor) inputs it reads (the cpu kernels read rows they had already overwritten; see
+    _shares_memory for the layouts decided). A few µs of host time in the common case (separate storages). Not
+    while tracing, nor for meta and fake tensors, which have no memory to compare. A tensor that requires grad is
+    refused while grad mode is on: these ops are not differentiable, so autograd would not see the write (torch's
+    in-place ops raised on a leaf only after computing; the cpu and triton kernels wrote into it, or into a view
+    of it)."""
+    if torch.compiler.is_compiling() or out.is_meta or isinstance(out, FakeTensor):
         return
-    if out.requires_grad and out.is_leaf and torch.is_grad_enabled():  # as torch refuses an in-place op on it
-        raise ValueError(f"{op}: {name} expected a tensor autograd lets the op write into, got a leaf that requires "
-                         f"grad (pass one that does not, or call under torch.no_grad())")
+    if out.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{op}: {name} expected a tensor that does not require grad (the op is not differentiable), "
+                         f"got one that does; call under torch.no_grad() or pass {name}.detach()")
     if 0 in out.stride() and any(stride == 0 and size > 1 for size, stride in zip(out.shape, out.stride())):
         raise ValueError(f"{op}: {name} expected a tensor whose elements do not overlap in memory, got shape "
                          f"{tuple(out.shape)} with strides {out.stride()} (an expanded view); pass a new tensor")
     storage = out.untyped_storage().data_ptr()
     for input_name, t in inputs:
-        if (t is None or t.untyped_storage().data_ptr() != storage or t.device != out.device or t.numel() == 0
-                or out.numel() == 0):
+        if t is None or t.untyped_storage().data_ptr() != storage or t.device != out.device:  # the common case first
             continue
-        (out_start, out_end), (t_start, t_end) = _byte_span(out), _byte_span(t)
-        if out_start < t_end and t_start < out_end:
-            raise ValueError(f"{op}: {name} expected memory of its own, but it overlaps {input_name}, which the op "
-                             f"reads; pass a separate tensor (or a .clone() of {input_name})")
+        if t.numel() and out.numel() and _shares_memory(out, t):
+            raise ValueError(f"{op}: {name} expected memory of its own, got a view that overlaps {input_name}, which "
+                             f"the op reads ({name}: shape {tuple(out.shape)}, strides {out.stride()}, offset "
+                             f"{out.storage_offset()}; {input_name}: shape {tuple(t.shape)}, strides {t.stride()}, "
+                             f"offset {t.storage_offset()}); pass a separate tensor")
 
 
 def _check_batch(op, batch, num_tokens, num_slots, device, tokens_name, weights_name):
@@ -207,7 +246,8 @@ def check_expand_args(op, t, lora_b, batch, out, slice_offset, ranks, lora_b_nam
             _check_device(op, name, tensor, out.device)
     _check_batch(op, batch, out.shape[0], num_slots, out.device, "out", lora_b_name)
     ranks = as_ranks(op, ranks, num_slots, max_rank, out.device)
-    check_output(op, "out" if t is not None else "y", out, (("t", t), (lora_b_name, lora_b)))
+    if t is not None:  # add_lora checks its y once, against all of its inputs
+        check_output(op, "out", out, (("t", t), (lora_b_name, lora_b)))
     return ranks
 
 
@@ -443,9 +483,12 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
             raise ValueError(f"{op}: buffer expected a float32 tensor of shape [{', '.join(map(str, expected))}] "
                              f"([S, M, R], every slice of rank R), got {buffer.dtype} {tuple(buffer.shape)}")
         _check_device(op, "buffer", buffer, x.device)
-        check_output(op, "buffer", buffer, [("x", x), ("y", y)] + [(f"lora_a_slices[{j}]", lora_a_slices[j])
-                                                                   for j in range(len(widths))])
-    check_output(op, "y", y, [("x", x)] + [(f"lora_a_slices[{j}]", lora_a_slices[j]) for j in range(len(widths))])
+    inputs = [("x", x)] + [(f"lora_{ab}_slices[{j}]", slices[j]) for ab, slices in (("a", lora_a_slices),
+                                                                                   ("b", lora_b_slices))
+                           for j in range(len(widths))]
+    if buffer is not None:
+        check_output(op, "buffer", buffer, inputs + [("y", y)])
+    check_output(op, "y", y, inputs)
     if backend == "triton":
         check_triton_args(op, x.dtype, batch.num_adapters)
         check_triton_args(op, y.dtype, batch.num_adapters)

@@ -487,7 +487,7 @@ def test_sgmv_expand_refuses_an_out_sharing_memory_with_its_inputs(overlapped, d
     args[overlapped] = storage[:source.numel()].view_as(source).copy_(source)
     args["out"] = storage[source.numel() // 2:][:args["out"].numel()].view_as(args["out"])  # half over the input
     before = storage.clone()
-    with pytest.raises(ValueError, match=f"sgmv_expand: out expected memory of its own, but it overlaps {overlapped}"):
+    with pytest.raises(ValueError, match=f"sgmv_expand: out expected memory of its own, got a view that overlaps {overlapped}, "):
         _expand(args)
     assert torch.equal(storage, before)
 
