@@ -189,6 +189,14 @@ def _cpu_widens(backend, t):
     return backend == "cpu" and t.dtype in (torch.bfloat16, torch.float16)
 
 
+def _fp32_mm(a, b):
+    """a @ b on fp32 copies (see _cpu_widens), with autocast off: a backward called inside torch.autocast runs
+    under it, and autocast would put the product back into 16 bits (0.6 s against 0.015 s for a multi_lora_linear
+    backward at M = 256, K = N = 1024 in bf16 on this project's CPU)."""
+    with ops.autocast_off(a.device):
+        return a.float() @ b.float()
+
+
 def _functorch_transforms_active():
     """Whether a torch.func transform (grad, vmap, jacrev, ...) is running this call. Its C function is the one
     torch's own autograd.Function.apply asks (torch 2.11 and 2.14 alike); not while tracing, where dynamo handles
@@ -286,12 +294,12 @@ class LoRALinearFunction(torch.autograd.Function):
                     del keep
                     if backend == "torch":  # PEFT's composition: separate GEMM and add
                         dx = (dy @ weight).add_(dx_lora)
-                    elif widen:  # fp32 GEMM, rounded once to x's dtype by _cast_grads
-                        dx = torch.addmm(dx_lora, dy.to(dx_lora.dtype), weight.to(dx_lora.dtype))
+                    elif widen:  # fp32 GEMM into the fp32 LoRA term, rounded once to x's dtype by _cast_grads
+                        dx = dx_lora.addmm_(dy.to(dx_lora.dtype), weight.to(dx_lora.dtype))
                     else:  # the base GEMM adds the LoRA term in its epilogue: one pass over dx [M, K], not three
                         dx = torch.addmm(dx_lora.to(dy.dtype), dy, weight)
         if need_w:  # full fine-tuning: the M·N·K GEMM the A/B-only path never forms
-            d_weight = (dy.T.float() @ x2.float()) if widen else dy.T @ x2
+            d_weight = _fp32_mm(dy.T, x2) if widen else dy.T @ x2
         if need_bias and ctx.has_bias:
             d_bias = dy.sum(0)
         return _cast_grads(ctx, (dx, d_weight, d_lora_a, d_lora_b, d_bias), x2, lora_a, lora_b)
@@ -422,7 +430,9 @@ def _multi_lora_forward(x2, weight, bias, lora_a, lora_b, batch, scalings, ranks
     """(y, shrunk): the base GEMM, then the grouped shrink and expand added into its output. unscaled: shrunk is
     returned without the scalings (S = x·Aᵀ per slot, fp32), what the backward's dB is built from."""
     if _cpu_widens(backend, x2) and x2.shape[0] > CPU_DECODE_MAX_M:
-        with ops.autocast_off(x2.device):  # fp32 base GEMM past decode size, as lora_fwd_cpu (see _cpu_widens)
+        # the base GEMM in fp32 past decode size, as lora_fwd_cpu's (see _cpu_widens); unlike lora_fwd_cpu, which
+        # rounds once, y is rounded before the expand adds the LoRA term into it, as on every backend here
+        with ops.autocast_off(x2.device):
             y = torch.nn.functional.linear(x2.float(), weight.float(),
                                            None if bias is None else bias.float()).to(x2.dtype)
     else:
@@ -506,14 +516,14 @@ class MultiLoRAFunction(torch.autograd.Function):
             # u[t] = scalings[i] * B_i[:, :r]^T dy[t]: the shrink with B^T as the "A" of each slot.
             u = ops.run_shrink(backend, dy, lora_b.transpose(1, 2), batch, scalings, ranks)
             if need_x:
-                dx = (dy.float() @ weight.float()).to(dy.dtype) if widen else dy @ weight
+                dx = _fp32_mm(dy, weight).to(dy.dtype) if widen else dy @ weight
                 ops.run_expand(backend, u, lora_a.transpose(1, 2), batch, ranks, dx)
             if need_a:
                 d_lora_a = _segment_outer_sum(batch, ranks, backend, u, x2).to(lora_a.dtype)
         if need_b:
             d_lora_b = _segment_outer_sum(batch, ranks, backend, s, dy, scalings).transpose(1, 2).to(lora_b.dtype)
         if need_w:
-            d_weight = (dy.T.float() @ x2.float()).to(dy.dtype) if widen else dy.T @ x2
+            d_weight = _fp32_mm(dy.T, x2).to(dy.dtype) if widen else dy.T @ x2
         if need_bias:
             d_bias = dy.sum(0)
         return dx, d_weight, d_bias, d_lora_a, d_lora_b, None, None, None, None
