@@ -603,8 +603,9 @@ def _output_layer(model):
         return None
 
 
-def _is_index(value):
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def is_layer_index(value):
+    """A layers_to_transform entry: an int >= 0 (numpy integers too, as PEFT takes them)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
 
 
 def check_regex(op, name, pattern):
@@ -644,11 +645,14 @@ def named_target_modules(model, target_modules, exclude_modules=None, *, layers_
     _check_names(op, "target_modules", target_modules)
     if exclude_modules is not None:
         _check_names(op, "exclude_modules", exclude_modules)
-    if layers_to_transform is not None and not (
-            _is_index(layers_to_transform) or (isinstance(layers_to_transform, (list, tuple))
-                                               and all(_is_index(i) for i in layers_to_transform))):
-        raise TypeError(f"{op}: layers_to_transform expected an int or a list of ints >= 0, "
-                        f"got {layers_to_transform!r}")
+    if layers_to_transform is not None:  # as plain ints: PEFT takes numpy integers and ranges too
+        if is_layer_index(layers_to_transform):
+            layers_to_transform = int(layers_to_transform)
+        elif isinstance(layers_to_transform, (list, tuple, range)) and all(map(is_layer_index, layers_to_transform)):
+            layers_to_transform = [int(i) for i in layers_to_transform]
+        else:
+            raise TypeError(f"{op}: layers_to_transform expected an int or a list of ints >= 0, "
+                            f"got {layers_to_transform!r}")
     if layers_pattern is not None:
         patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
         if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):

@@ -31,9 +31,9 @@ from lora_kernels.modules import (BIAS_ATTR, BIAS_MODES, LORA_WRAPPERS, MODULES_
                                   MultiLoRALinear, _record_bias, _record_modules_to_save, _rollback_on_error,
                                   _set_submodule, _train_biases, _warn_linear_fan_in_fan_out, check_no_accelerate_hook,
                                   check_targets_outside_heads, check_wrappable_linear,
-                                  enable_input_grads_for_checkpointing, is_conv1d, lora_scaling, named_modules_to_save,
-                                  named_target_modules, pattern_value, target_module_matches, trained_biases,
-                                  unwrap_model, warn_conv1d_fan_in_fan_out, warn_dropped_hooks)
+                                  enable_input_grads_for_checkpointing, is_conv1d, is_layer_index, lora_scaling,
+                                  named_modules_to_save, named_target_modules, pattern_value, target_module_matches,
+                                  trained_biases, unwrap_model, warn_conv1d_fan_in_fan_out, warn_dropped_hooks)
 from lora_kernels.ops import check_flag
 
 CONFIG_NAME = "adapter_config.json"
@@ -191,9 +191,8 @@ def parse_adapter_config(raw, file=CONFIG_NAME):
     exclude_modules = _check_names(file, "exclude_modules", raw.get("exclude_modules"), allow_none=True)
     layers_to_transform = raw.get("layers_to_transform")
     if layers_to_transform is not None:
-        is_index = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0)
-        if not (is_index(layers_to_transform) or (isinstance(layers_to_transform, list)
-                                                 and all(is_index(v) for v in layers_to_transform))):
+        if not (is_layer_index(layers_to_transform) or (isinstance(layers_to_transform, list)
+                                                       and all(map(is_layer_index, layers_to_transform)))):
             raise _bad(file, "layers_to_transform", "an int or a list of ints >= 0", layers_to_transform)
         if isinstance(target_modules, str):
             raise ValueError(f"{file}: field 'layers_to_transform' cannot be used with a regex target_modules "

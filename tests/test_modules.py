@@ -231,6 +231,15 @@ def test_inject_lora_errors_leave_the_model_untouched():
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_layers_to_transform_takes_numpy_integers_and_ranges_as_peft():
+    """PEFT tests `layer_index in layers_to_transform`, so a range or numpy integers (list(np.arange(...))) select
+    layers there; they are TypeErrors nowhere here either."""
+    np = pytest.importorskip("numpy")
+    for layers in ([np.int64(1)], range(1, 2), np.int64(1), (1,)):
+        model = inject_lora(nn.Sequential(nn.Sequential(_model())), ["q_proj"], layers_to_transform=layers)
+        assert [name for name, m in model.named_modules() if isinstance(m, LoRALinear)] == ["0.0.1.q_proj"], layers
+
+
 def test_merge_and_unload_gives_plain_linears_with_the_same_output():
     model = inject_lora(_model(), ["q_proj", "v_proj", "o_proj"], r=4, init_lora_weights=False)
     x = torch.randn(3, 16)
