@@ -404,6 +404,56 @@ def test_multi_lora_linear_under_autocast(backend, device):
         assert leaf.grad.dtype == torch.float32 and torch.equal(leaf.grad, cast_leaf.grad.float()), name
 
 
+@pytest.mark.parametrize("op", ["multi_lora_linear", "lora_linear"])
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS)
+def test_backward_inside_autocast_equals_backward_outside(op, backend, device):
+    """A backward called inside torch.autocast (loss.backward() in the autocast block, as many training loops do)
+    runs under it; its gradients are those of a backward outside it, bit for bit. On the cpu backend its 16-bit base
+    GEMMs (dX, dW) stay on fp32 copies there too: autocast rounded them back to bf16 GEMMs, 40x slower on this
+    project's CPU (the gradients came out the same: a bf16 GEMM accumulates in fp32 and rounds once too)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    _backend_or_skip(backend, device)
+    low, num_slots, rank, m, k, n = torch.bfloat16, 3, 4, 40, 32, 24
+    x, weight = randn(m, k, device=device), randn(n, k, device=device, scale=k ** -0.5)
+    lora_a, lora_b = randn(num_slots, rank, k, device=device), randn(num_slots, n, rank, device=device)
+    ids = segment_ids("mixed_base", m, num_slots).to(device)
+    dy = randn(m, n, dtype=low, device=device)
+
+    class BaseGemmDtypes(TorchDispatchMode):  # operand dtypes of the [M, N] x [N, K] and [N, M] x [M, K] products
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default):
+                a, b = args[-2:]
+                if {tuple(a.shape), tuple(b.shape)} in ({(m, n), (n, k)}, {(n, m), (m, k)}):
+                    self.seen.append((a.dtype, b.dtype))
+            return func(*args, **(kwargs or {}))
+
+    def gradients(backward_in_autocast):
+        leaves = [t.clone().requires_grad_(True) for t in (x, weight, lora_a, lora_b)]
+        recorder = BaseGemmDtypes()
+        with torch.autocast(device.type, dtype=low):
+            if op == "lora_linear":
+                y = lk.lora_linear(leaves[0], leaves[1], leaves[2][0], leaves[3][0], 2.0, backend=backend)
+            else:
+                y = lk.multi_lora_linear(*leaves, ids, [0.5, 1.0, 2.0], backend=backend)
+            if backward_in_autocast:
+                with recorder:
+                    y.backward(dy)
+        if not backward_in_autocast:
+            y.backward(dy)
+        return [leaf.grad for leaf in leaves], recorder.seen
+
+    inside, base_gemms = gradients(True)
+    outside, _ = gradients(False)
+    for name, grad_inside, grad_outside in zip(("x", "weight", "lora_a", "lora_b"), inside, outside):
+        assert torch.equal(grad_inside, grad_outside), name
+    if backend == "cpu":
+        assert len(base_gemms) == 2 and set(base_gemms) == {(torch.float32, torch.float32)}, base_gemms
+
+
 def test_slots_absent_from_the_batch_get_zero_gradient():
     lora_a = torch.randn(3, 4, 6, requires_grad=True)
     lora_b = torch.randn(3, 5, 4, requires_grad=True)
@@ -684,18 +734,46 @@ def test_outputs_that_overlap_an_input_or_themselves_are_refused(backend, device
     refused(lambda: lk.ops.add_lora(row.expand(m, 2 * rank), x, [lora_a, lora_a], [lora_b, lora_b], batch,
                                     scalings, None, (rank, rank), backend=backend), row,
             r"add_lora: y expected a tensor whose elements do not overlap")
-    # a leaf that requires grad: torch's in-place ops raised after computing, the cpu and triton kernels wrote in
-    leaf = torch.zeros(m, rank, device=device, requires_grad=True)
-    refused(lambda: lk.ops.lora_expand(t, lora_b, batch, leaf, backend=backend), leaf,
-            r"lora_expand: out expected a tensor autograd lets the op write into, got a leaf that requires grad")
-    refused(lambda: lk.ops.lora_shrink(x, lora_a, batch, scalings, backend=backend, out=leaf), leaf,
-            r"lora_shrink: out expected a tensor autograd lets the op write into")
+    # a tensor that requires grad (a leaf, or a view of one): torch's in-place ops raised on a leaf after computing,
+    # the cpu and triton kernels wrote into it; the ops are not differentiable, so autograd would miss the write
+    leaf = torch.zeros(m, 2 * rank, device=device, requires_grad=True)
+    refused(lambda: lk.ops.lora_expand(t, lora_b, batch, leaf[:, :rank], backend=backend), leaf,
+            r"lora_expand: out expected a tensor that does not require grad \(the op is not differentiable\)")
+    refused(lambda: lk.ops.lora_shrink(x, lora_a, batch, scalings, backend=backend, out=leaf[:, rank:]), leaf,
+            r"lora_shrink: out expected a tensor that does not require grad")
     with torch.no_grad():
-        lk.ops.lora_expand(t, lora_b, batch, leaf, backend=backend)
+        lk.ops.lora_expand(t, lora_b, batch, leaf[:, :rank], backend=backend)
     # a column block of a wider tensor that no input shares stays a valid out
     out = torch.zeros(m, 3 * rank, device=device)
     lk.ops.lora_expand(t, lora_b, batch, out[:, rank:], backend=backend)
     assert out[:, :rank].eq(0).all()
+    # x and y as column blocks of one workspace (a serving stack's preallocated buffer) share no element: valid;
+    # shifted by one column they share one, which is refused
+    workspace = torch.zeros(m, 3 * rank, device=device)
+    workspace[:, :rank] = x
+    ranks = [rank, 2]  # the padding holds NaN
+    y_alone = lk.ops.add_lora(torch.zeros(m, 2 * rank, device=device), x, [lora_a, lora_a], [lora_b, lora_b], batch,
+                              scalings, ranks, (rank, rank), backend=backend)
+    lk.ops.add_lora(workspace[:, rank:], workspace[:, :rank], [lora_a, lora_a], [lora_b, lora_b], batch, scalings,
+                    ranks, (rank, rank), backend=backend)
+    torch.testing.assert_close(workspace[:, rank:], y_alone)
+    refused(lambda: lk.ops.add_lora(workspace[:, rank - 1:-1], workspace[:, :rank], [lora_a, lora_a],
+                                    [lora_b, lora_b], batch, scalings, None, (rank, rank), backend=backend),
+            workspace, r"add_lora: y expected memory of its own, got a view that overlaps x")
+
+
+def test_lora_expand_runs_on_fake_tensors():
+    """Under FakeTensorMode (shape and memory estimates outside torch.compile) every storage's data pointer is 0:
+    the output check must not take that for shared memory (it refused every call)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._pytree import tree_map
+    num_slots, rank, m, n = 2, 4, 6, 5
+    batch = LoRABatch.from_adapter_ids(segment_ids("mixed_base", m, num_slots), num_slots)
+    with FakeTensorMode() as mode:
+        fake = lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t
+        t, lora_b, y = (mode.from_tensor(v) for v in (randn(m, rank), randn(num_slots, n, rank), randn(m, n)))
+        out = lk.ops.lora_expand(t, lora_b, tree_map(fake, batch), y, backend="cpu")
+    assert out.shape == (m, n)
 
 
 def test_lora_expand_takes_a_numpy_integer_slice_offset():
