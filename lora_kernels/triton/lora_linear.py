@@ -627,7 +627,7 @@ _bwd_da = _autotune(DA_CONFIGS, ["M", "K", "R", "HAS_DROPOUT"], _lora_bwd_da_ker
 # Checks
 # ----------------------------------------------------------------------------------------------------------------
 
-_FLOAT_DTYPES = SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_tensor(op, name, t, ndim, dtype=None, device=None, shape=None):
@@ -635,7 +635,7 @@ def _check_tensor(op, name, t, ndim, dtype=None, device=None, shape=None):
     shape matches `shape` (None entries match anything)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
+    if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{op}: {name} expected a float32/float16/bfloat16 tensor, got {t.dtype}")
     if dtype is not None and t.dtype != dtype:
         raise TypeError(f"{op}: {name} expected dtype {dtype}, got {t.dtype}")
