@@ -349,6 +349,46 @@ def test_sgmv_empty_batch(device):
     ops.sgmv_expand(out, lora_b, *meta, ranks, y, 0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_sgmv_strided_x_and_weights(dtype, device):
+    """x and the stacked weights as strided views: x as the first K columns of a wider tensor and column-major,
+    lora_a as the first K columns of a wider tensor, lora_b column-major and as the first R columns of a wider tensor
+    (the padding is NaN). The CPU direct loops index rows by their stride, read float32 weights in place and convert
+    16-bit ones row by row, and need unit column strides (they copy other layouts), so a row length taken for the row
+    stride, or a column-major view read as row-major, gave other rows' values. Both CPU paths (a GEMM slot, direct
+    slots) against the reference."""
+    k = n = 520  # slot 0's 30 tokens take the GEMM path on CPU, the others the direct loop
+    ids = torch.tensor([0] * 30 + [1, 1, 2, 3, 3, 4] + [-1] * 4)
+    ids = ids[torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(3))].to(device=device,
+                                                                                         dtype=torch.int32)
+    m, max_rank = ids.numel(), 16
+    ranks = _hetero_ranks(max_rank, device)
+    lora_a, lora_b = _stacked_lora(NUM_SLOTS, max_rank, k, n, dtype, device, ranks)
+    x = randn(m, k, dtype=dtype, device=device)
+    scalings = torch.tensor([0.5, 2.0, 1.0, 4.0, 1.5, 0.25], device=device)
+    batch = LoRABatch.from_adapter_ids(ids, NUM_SLOTS, validate=True)
+    meta = (batch.sorted_token_ids, batch.slot_starts, batch.slot_counts)
+
+    def padded(tensor, extra):
+        """The same values as a view whose rows are `extra` NaN columns longer."""
+        pad = torch.full((*tensor.shape[:-1], extra), float("nan"), dtype=dtype, device=device)
+        return torch.cat([tensor, pad], dim=-1)[..., :tensor.shape[-1]]
+
+    ref_shrunk = reference.lora_shrink(x.cpu(), lora_a.cpu(), ids.cpu(), scalings.cpu(), ranks.cpu())
+    for x_view in (padded(x, 8), x.T.contiguous().T):
+        shrunk = ops.sgmv_shrink(x_view, padded(lora_a, 8), *meta, scalings, ranks)
+        assert torch.isfinite(shrunk).all()
+        assert_close(shrunk, ref_shrunk, _tol_dtype(dtype), "shrink")
+    t = ref_shrunk.float().to(device)
+    y = randn(m, n, dtype=dtype, device=device)
+    ref = reference.lora_expand(t.cpu(), lora_b.cpu(), ids.cpu(), y.cpu(), 0, ranks.cpu())
+    for b_view in (lora_b.transpose(1, 2).contiguous().transpose(1, 2), padded(lora_b, 4)):
+        out = y.clone()
+        ops.sgmv_expand(t, b_view, *meta, ranks, out, 0)
+        assert torch.isfinite(out).all()
+        assert_close((out.double() - y.double()).cpu(), ref - y.cpu().double(), dtype, "expand delta", scale=4.0)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Bad input: ValueError / TypeError naming the argument, before any work.
 
