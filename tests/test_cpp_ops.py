@@ -389,6 +389,59 @@ def test_sgmv_strided_x_and_weights(dtype, device):
         assert_close((out.double() - y.double()).cpu(), ref - y.cpu().double(), dtype, "expand delta", scale=4.0)
 
 
+def _integers(*shape, bound=64, step=1.0, dtype=torch.float32, device="cpu"):
+    """Random integers in [-bound, bound] times `step` (a power of two), exact in every dtype here; so are the
+    float32 sums of their products below 2**24, and a float32 result can be compared for equality."""
+    return (torch.randint(-bound, bound + 1, shape, device=device).float() * step).to(dtype)
+
+
+def _assert_equal(out, expected, what):
+    assert out.dtype == expected.dtype and torch.equal(out, expected), \
+        f"{what}: {(out != expected).sum().item()} of {out.numel()} elements differ"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cpu_ops_accumulate_16bit_inputs_in_float32_and_round_once(dtype):
+    """16-bit inputs are multiplied and summed in float32 and rounded once. With integer-valued inputs every float32
+    sum here is exact, so the float32 results equal the float64 reference bit for bit and the 16-bit expand output is
+    the exact sum rounded once; a GEMM or an accumulator in the 16-bit dtype, or the expand's product rounded to it
+    before the add, round sums of more bits than the dtype holds, within the 16-bit tolerances of the tests above.
+    Both CPU paths of the grouped ops (a GEMM slot, direct slots) are covered."""
+    cpu = torch.device("cpu")
+    for m in (3, 40):  # lora_fwd's decode and prefill paths
+        x, lora_a = _integers(m, 520, dtype=dtype), _integers(16, 520, dtype=dtype)
+        weight, lora_b = randn(24, 520, dtype=dtype, scale=520 ** -0.5), randn(24, 16, dtype=dtype)
+        _, s = ops.lora_fwd(x, None, weight, lora_a, lora_b, 2.0, None)
+        _assert_equal(s, (x.double() @ lora_a.double().T).float(), f"lora_fwd s, M = {m}")
+    dy, s, lora_b = _integers(40, 520, dtype=dtype), _integers(40, 16), _integers(520, 16, dtype=dtype)
+    d_lora_b, ds = ops.lora_bwd_dy(dy, s, lora_b, 0.5)
+    _assert_equal(d_lora_b, (0.5 * dy.double().T @ s.double()).float(), "lora_bwd_dy d_lora_b")
+    _assert_equal(ds, (0.5 * dy.double() @ lora_b.double()).float(), "lora_bwd_dy ds")
+
+    k = n = 520  # slot 0's 30 tokens take the GEMM path, the others the direct loop
+    ids = torch.tensor([0] * 30 + [1, 1, 2, 3, 3, 4] + [-1] * 4, dtype=torch.int32)
+    ids = ids[torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(3))]
+    m, max_rank = ids.numel(), 16
+    ranks = _hetero_ranks(max_rank, cpu)
+    lora_a = _integers(NUM_SLOTS, max_rank, k, dtype=dtype)
+    lora_b = _integers(NUM_SLOTS, n, max_rank, step=2.0 ** -10, dtype=dtype)
+    for slot, rank in enumerate(ranks.tolist()):
+        lora_a[slot, rank:] = float("nan")
+        lora_b[slot, :, rank:] = float("nan")
+    x = _integers(m, k, dtype=dtype)
+    scalings = torch.tensor([0.5, 2.0, 1.0, 4.0, 1.5, 0.25])
+    batch = LoRABatch.from_adapter_ids(ids, NUM_SLOTS, validate=True)
+    meta = (batch.sorted_token_ids, batch.slot_starts, batch.slot_counts)
+    shrunk = ops.sgmv_shrink(x, lora_a, *meta, scalings, ranks)
+    _assert_equal(shrunk, reference.lora_shrink(x, lora_a, ids, scalings, ranks).float(), "sgmv_shrink")
+
+    t = _integers(m, max_rank)  # sums of 16 products below 64, in steps of 2**-10: 16 bits, more than 16-bit dtypes
+    out = _integers(m, n + 7, step=2.0 ** -4, dtype=dtype)
+    expected = reference.lora_expand(t, lora_b, ids, out, 7, ranks).to(dtype)
+    ops.sgmv_expand(t, lora_b, *meta, ranks, out, 7)
+    _assert_equal(out, expected, "sgmv_expand")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Bad input: ValueError / TypeError naming the argument, before any work.
 
