@@ -457,13 +457,17 @@ FWD_BAD = [
     ("weight", lambda a: a["weight"][:, :15], ValueError, r"weight.shape\[1\] expected 16"),
     ("weight", lambda a: a["weight"].double(), TypeError, "weight expected dtype"),
     ("lora_a", lambda a: a["lora_a"][:, :15], ValueError, r"lora_a.shape\[1\] expected 16"),
+    ("lora_a", lambda a: a["lora_a"][None], ValueError, "lora_a expected a 2-D"),
     ("lora_b", lambda a: a["lora_b"][:11], ValueError, r"lora_b.shape\[0\] expected 12"),
     ("lora_b", lambda a: a["lora_b"][:, :3], ValueError, r"lora_b.shape\[1\] expected 4"),
     ("lora_b", lambda a: a["lora_b"].half(), TypeError, "lora_b expected dtype"),
     ("bias", lambda a: a["bias"][:5], ValueError, r"bias.shape\[0\] expected 12"),
     ("bias", lambda a: a["bias"][None], ValueError, "bias expected a 1-D"),
+    ("bias", lambda a: a["bias"].double(), TypeError, "bias expected dtype"),
     ("x_lora", lambda a: a["x"][:2], ValueError, r"x_lora.shape\[0\] expected 3"),
     ("x_lora", lambda a: a["x"].half(), TypeError, "x_lora expected dtype"),
+    ("x_lora", lambda a: a["x"][None], ValueError, "x_lora expected a 2-D"),
+    ("x_lora", lambda a: torch.cat([a["x"], a["x"][:, :1]], dim=1), ValueError, r"x_lora.shape\[1\] expected 16"),
     ("scaling", lambda a: float("nan"), ValueError, "scaling expected a finite"),
 ]
 
@@ -504,6 +508,12 @@ def test_lora_bwd_dy_bad_input(device):
         ops.lora_bwd_dy(dy, s[:, :3], lora_b, 1.0)
     with pytest.raises(ValueError, match="lora_bwd_dy: dy expected a 2-D"):
         ops.lora_bwd_dy(dy[None], s, lora_b, 1.0)
+    with pytest.raises(ValueError, match="lora_bwd_dy: lora_b expected a 2-D"):
+        ops.lora_bwd_dy(dy, s, lora_b[None], 1.0)
+    with pytest.raises(TypeError, match="lora_bwd_dy: dy expected a float32"):
+        ops.lora_bwd_dy(dy.to(torch.int32), s, lora_b.to(torch.int32), 1.0)
+    with pytest.raises(ValueError, match="lora_bwd_dy: scaling expected a finite float"):
+        ops.lora_bwd_dy(dy, s, lora_b, float("inf"))
 
 
 def _good_sgmv(device):
@@ -539,12 +549,14 @@ SGMV_BAD = [
     (_shrink, "slot_starts", lambda a: a["slot_starts"][:-1], ValueError, r"slot_starts.shape\[0\] expected 6"),
     (_shrink, "slot_counts", lambda a: a["slot_counts"].float(), TypeError, "slot_counts expected dtype"),
     (_shrink, "scalings", lambda a: a["scalings"].double(), TypeError, "scalings expected dtype"),
+    (_shrink, "scalings", lambda a: a["scalings"][:-1], ValueError, r"scalings.shape\[0\] expected 6"),
     (_shrink, "ranks", lambda a: a["ranks"][None], ValueError, "ranks expected a 1-D"),
     (_shrink, "lora_a", lambda a: a["lora_a"][:, :, :15], ValueError, r"lora_a.shape\[2\] expected 16"),
     (_shrink, "lora_a", lambda a: a["lora_a"].half(), TypeError, "lora_a expected dtype"),
     (_shrink, "x", lambda a: a["x"][:9], ValueError, r"sorted_token_ids.shape\[0\] expected 9"),
     (_expand, "t", lambda a: a["t"].half(), TypeError, "t expected dtype"),
     (_expand, "lora_b", lambda a: a["lora_b"][:, :, :3], ValueError, r"lora_b.shape\[2\] expected 4"),
+    (_expand, "lora_b", lambda a: a["lora_b"].to(torch.int32), TypeError, "lora_b expected a float32"),
     (_expand, "out", lambda a: a["out"][:9], ValueError, r"out.shape\[0\] expected 10"),
     (_expand, "out", lambda a: a["out"].to(torch.int32), TypeError, "out expected a float32"),
     (_expand, "slice_offset", lambda a: 13, ValueError, "slice_offset expected in"),
@@ -591,12 +603,29 @@ def test_sgmv_bad_metadata_values_cpu():
     bad_ranks = dict(args, ranks=torch.full((NUM_SLOTS,), 5, dtype=torch.int32))
     with pytest.raises(ValueError, match=r"sgmv_shrink: ranks expected values in \[0, 4\]"):
         _shrink(bad_ranks)
+    negative_rank = dict(args, ranks=torch.tensor([4, 4, -1, 4, 4, 4], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"sgmv_expand: ranks expected values in \[0, 4\] \(the max rank R\), got "
+                                        r"ranks\[2\] = -1"):
+        _expand(negative_rank)
     bad_counts = dict(args, slot_counts=args["slot_counts"] + 10)
     with pytest.raises(ValueError, match="sgmv_expand: slot_starts/slot_counts expected"):
         _expand(bad_counts)
+    # Below zero too, on an empty slot: a range starting before token 0, a negative count.
+    starts, counts = args["slot_starts"], args["slot_counts"]
+    assert (counts == 0).any()
+    before_zero = dict(args, slot_starts=torch.where(counts == 0, -1, starts).to(torch.int32))
+    negative_count = dict(args, slot_counts=torch.where(counts == 0, -1, counts).to(torch.int32))
+    for bad in (before_zero, negative_count):
+        with pytest.raises(ValueError, match="sgmv_shrink: slot_starts/slot_counts expected token ranges inside"):
+            _shrink(bad)
     bad_ids = dict(args, sorted_token_ids=args["sorted_token_ids"] + 100)
     with pytest.raises(ValueError, match="sgmv_shrink: sorted_token_ids expected values"):
         _shrink(bad_ids)
+    negative_id = dict(args, sorted_token_ids=args["sorted_token_ids"].clone())
+    assert int(starts.min()) > 0  # position 0 holds a token of no slot (-1 tokens sort first), outside every range
+    negative_id["sorted_token_ids"][0] = -1
+    with pytest.raises(ValueError, match=r"sgmv_expand: sorted_token_ids expected values in \[0, 10\), got -1"):
+        _expand(negative_id)
     # Two slots over one token would have two threads write its row: overlapping ranges and repeated tokens fail.
     overlapping = dict(args, slot_starts=torch.zeros(NUM_SLOTS, dtype=torch.int32),
                        slot_counts=torch.full((NUM_SLOTS,), 2, dtype=torch.int32))
