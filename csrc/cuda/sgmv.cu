@@ -205,10 +205,9 @@ at::Tensor sgmv_shrink_cuda_launch(const at::Tensor& x, const at::Tensor& lora_a
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t num_tokens = x.size(0), max_rank = lora_a.size(1);
   at::Tensor out = at::zeros({num_tokens, max_rank}, x.options().dtype(at::kFloat));
-  // Metadata vectors are [L] or [M]: contiguous copies are cheap (and a no-op for LoRABatch's).
-  const at::Tensor ids = sorted_token_ids.contiguous(), starts = slot_starts.contiguous();
-  const at::Tensor counts = slot_counts.contiguous(), rank_values = ranks.contiguous();
-  const at::Tensor scale_values = scalings.contiguous();
+  // The metadata vectors and scalings are contiguous (check_sgmv_shrink): read as plain arrays.
+  const at::Tensor &ids = sorted_token_ids, &starts = slot_starts, &counts = slot_counts, &rank_values = ranks;
+  const at::Tensor& scale_values = scalings;
   SgmvArgs args{};
   args.x = x.data_ptr();
   args.x_dtype = dtype_code(x);
@@ -241,8 +240,8 @@ void sgmv_expand_cuda_launch(const at::Tensor& t, const at::Tensor& lora_b, cons
                              const at::Tensor& slot_starts, const at::Tensor& slot_counts, const at::Tensor& ranks,
                              const at::Tensor& out, int64_t slice_offset) {
   const c10::cuda::CUDAGuard guard(t.device());
-  const at::Tensor ids = sorted_token_ids.contiguous(), starts = slot_starts.contiguous();
-  const at::Tensor counts = slot_counts.contiguous(), rank_values = ranks.contiguous();
+  // The metadata vectors are contiguous (check_sgmv_expand): read as plain arrays.
+  const at::Tensor &ids = sorted_token_ids, &starts = slot_starts, &counts = slot_counts, &rank_values = ranks;
   SgmvArgs args{};
   args.x = t.data_ptr();
   args.x_dtype = kF32;

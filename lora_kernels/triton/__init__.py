@@ -19,6 +19,7 @@ HAS_TRITON = TRITON_ERROR is None
 
 # Triton's names of the dtypes the kernels take (the compile gate's signatures).
 TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+SUPPORTED_DTYPES = tuple(TRITON_DTYPE_NAMES)  # what every Triton kernel here takes
 
 if HAS_TRITON:
     # The interpreter's tl.dot multiplies the raw bit patterns of bfloat16 operands (triton-lang/triton#11584, seen

@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lora_kernels.triton import INTERPRET, TRITON_DTYPE_NAMES, UPCAST_DOT_OPERANDS, on_tensor_device, sm_count
+from lora_kernels.triton import (INTERPRET, SUPPORTED_DTYPES, TRITON_DTYPE_NAMES, UPCAST_DOT_OPERANDS, on_tensor_device,
+                                 sm_count)
 
 from triton.tools.tensor_descriptor import TensorDescriptor  # host-side TMA descriptors
 
@@ -626,9 +627,6 @@ _bwd_da = _autotune(DA_CONFIGS, ["M", "K", "R", "HAS_DROPOUT"], _lora_bwd_da_ker
 # ----------------------------------------------------------------------------------------------------------------
 # Checks
 # ----------------------------------------------------------------------------------------------------------------
-
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 
 def _check_tensor(op, name, t, ndim, dtype=None, device=None, shape=None):
     """Raise TypeError/ValueError naming `name` unless t is a `ndim`-D float tensor of `dtype` on `device` whose

@@ -24,7 +24,8 @@ import inspect
 
 import torch
 
-from lora_kernels.triton import HAS_TRITON, INTERPRET, TRITON_DTYPE_NAMES, on_tensor_device, sm_count
+from lora_kernels.triton import (HAS_TRITON, INTERPRET, SUPPORTED_DTYPES, TRITON_DTYPE_NAMES, on_tensor_device,
+                                 sm_count)
 
 if HAS_TRITON:
     import triton
@@ -34,7 +35,6 @@ if HAS_TRITON:
 else:  # keep the module importable: lora_kernels.backends reports triton as unavailable
     triton = tl = None
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Path choice. A batch takes the decode (per-token) kernels when it has at most DECODE_MAX_TOKENS tokens, or at most
 # DECODE_MAX_TOKENS_PER_SLOT tokens per slot on average: there a 16-row tensor-core tile per slot is mostly padding.
