@@ -101,6 +101,11 @@ if HAS_TRITON:
         return tl.dot(a, b, acc)
 
     @triton.jit
+    def _mma_tf32(a, b, acc):
+        """acc + a · b for fp32 operands on tensor cores in one tf32 MMA (operands rounded to 10 mantissa bits)."""
+        return tl.dot(a, b, acc, input_precision="tf32")
+
+    @triton.jit
     def _sgmv_shrink_kernel(
         x_ptr, a_ptr, out_ptr,
         sorted_ids_ptr, slot_counts_ptr, slot_starts_ptr, scalings_ptr, ranks_ptr,
@@ -240,9 +245,15 @@ if HAS_TRITON:
             mask_r = (r0 + offs_r) < rank
             tt = tl.load(t_ptrs + tl.cast(r0, tl.int64) * stride_tr, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
             bt = tl.load(b_ptrs + tl.cast(r0, tl.int64) * stride_br, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-            # 16-bit B: the fp32 intermediate is rounded to B's dtype for the tensor cores (as vLLM does).
-            tt = tt.to(bt.dtype)
-            acc = _mma(tt, bt, acc)
+            if bt.dtype == tl.float16:
+                # fp16 B: t is already scaled (t = s·S), and rounding it to fp16 made y inf wherever |s·S| passed
+                # 65504 while y stayed in range. tf32 keeps fp16's 10-bit mantissa with fp32's exponent (fp16 B
+                # converts exactly), at one tensor-core MMA per product, in a kernel that is memory-bound.
+                acc = _mma_tf32(tt, bt.to(tl.float32), acc)
+            else:
+                # bf16 B: t rounded to bf16 for the tensor cores (as vLLM does), bf16 having fp32's exponent range;
+                # fp32 B: tf32x3 (see _mma).
+                acc = _mma(tt.to(bt.dtype), bt, acc)
         cols = (slice_offset + pid_s * N + offs_n).to(tl.int64)
         out_ptrs = out_ptr + tok[:, None] * stride_om + cols[None, :] * stride_on
         mask_out = mask_m[:, None] & mask_n[None, :]
