@@ -313,25 +313,33 @@ at::Tensor mm_float(const at::Tensor& a, const at::Tensor& b) {
 
 // M > 16 (and fp64, r > 256, a transposed W, empty shapes): cuBLAS tensor-core GEMMs are the roofline at large M,
 // and the LoRA term is only 2r/d extra FLOPs and bytes, so a hand-written GEMM has nothing to win there. The LoRA
-// term is added in place by a second GEMM with beta = 1 (an epilogue, no temporary [M, N]); its cost is that GEMM's
-// extra read and write of y (2·M·N elements), small against the base GEMM at r << K. Unlike the decode kernel's
-// single fp32 accumulator, 16-bit y is rounded after the base GEMM and S is rounded to x's dtype for the second
-// GEMM, as in the unfused torch composition (within design.md §7's tolerances; a fp32 [M, N] y would cost more
-// bytes than the LoRA term itself).
+// term (with the bias) is written into y first, and the base GEMM then adds into it with beta = 1: cuBLAS reads y in
+// its epilogue, hidden under the compute-bound M·N·K mainloop. The other order (base GEMM, then the rank-r GEMM
+// adding in place) made the memory-bound rank-r GEMM read and write y: at M = 8192, K = N = 4096 in bf16 that is
+// 128 MB against 64 MB written here, ~20 µs of the ~450 µs forward on an H100 by bandwidth (the first H100 run
+// measured the old order at 1.29x F.linear; this order is not measured yet). Unlike the decode kernel's single fp32
+// accumulator, 16-bit S is rounded to x's dtype for the rank-r GEMM and the LoRA term + bias once more when stored
+// in y before the base GEMM adds to it (the base product itself is rounded once, at the end), within design.md §7's
+// tolerances; an fp32 [M, N] y would cost more bytes than the LoRA term itself.
 std::tuple<at::Tensor, at::Tensor> lora_fwd_gemm(const at::Tensor& x, const at::Tensor& x_lora,
                                                  const at::Tensor& weight, const at::Tensor& lora_a,
                                                  const at::Tensor& lora_b, double scaling,
                                                  const std::optional<at::Tensor>& bias) {
   const at::Tensor s_acc = mm_float(x_lora, lora_a.t());  // [M, r] unscaled, fp32 (fp64 for fp64 inputs)
-  at::Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
   // Scaling as addmm's alpha keeps S unscaled where it is rounded to 16 bits (it overflows only where PEFT's S
   // does). But BLAS skips the product when alpha is 0, so at scaling 0 a NaN/Inf in lora_b or S would vanish while
   // the reference and the other backends return NaN (0·NaN): there the zero is multiplied into S instead.
-  if (scaling == 0.0) {
-    y.addmm_(s_acc.mul(0.0).to(x.scalar_type()), lora_b.t());
+  const bool zero_scaling = scaling == 0.0;
+  const at::Tensor s_in = (zero_scaling ? s_acc.mul(0.0) : s_acc).to(x.scalar_type());
+  const double alpha = zero_scaling ? 1.0 : scaling;
+  at::Tensor y;
+  if (bias.has_value()) {
+    y = at::addmm(*bias, s_in, lora_b.t(), /*beta=*/1.0, alpha);
   } else {
-    y.addmm_(s_acc.to(x.scalar_type()), lora_b.t(), /*beta=*/1.0, /*alpha=*/scaling);
+    y = at::empty({x.size(0), weight.size(0)}, x.options());
+    y.addmm_(s_in, lora_b.t(), /*beta=*/0.0, alpha);  // beta 0: y's uninitialised values are not read
   }
+  y.addmm_(x, weight.t());
   return {y, s_acc};
 }
 
