@@ -659,6 +659,13 @@ def named_target_modules(model, target_modules, exclude_modules=None, *, layers_
             raise TypeError(f"{op}: layers_pattern expected a str or a list of str, got {layers_pattern!r}")
         for pattern in patterns:
             check_regex(op, "layers_pattern", pattern)
+    # PEFT's LoraConfig refuses these pairs; its matcher would ignore the layer options, and so did this one.
+    for option, value in (("layers_to_transform", layers_to_transform), ("layers_pattern", layers_pattern)):
+        if value is not None and isinstance(target_modules, str):
+            raise ValueError(f"{op}: {option} cannot be used with target_modules given as a string "
+                             f"({target_modules!r}: a regex, or 'all-linear'), as in PEFT; list the module names")
+    if layers_pattern and layers_to_transform is None:
+        raise ValueError(f"{op}: layers_pattern {layers_pattern!r} needs layers_to_transform (as in PEFT)")
     all_linear = isinstance(target_modules, str) and target_modules.lower() == "all-linear"
     output_layer = _output_layer(model) if all_linear else None
     found, wrapper_prefixes = [], []

@@ -227,6 +227,16 @@ def test_inject_lora_errors_leave_the_model_untouched():
         inject_lora(nn.Sequential(nn.Sequential(model)), ["q_proj"], layers_to_transform="1")  # 0.0.<layer>.q_proj
     with pytest.raises(TypeError, match=r"inject_lora: layers_pattern expected a str or a list of str, got 0"):
         inject_lora(model, ["q_proj"], layers_to_transform=[1], layers_pattern=0)
+    # pairs PEFT's LoraConfig refuses: its matcher (and this one, before) ignored the layer options there
+    for target in (r".*\.q_proj", "all-linear"):
+        with pytest.raises(ValueError, match=r"inject_lora: layers_to_transform cannot be used with target_modules "
+                                            r"given as a string"):
+            inject_lora(model, target, layers_to_transform=[1])
+        with pytest.raises(ValueError, match=r"inject_lora: layers_pattern cannot be used with target_modules "
+                                            r"given as a string"):
+            inject_lora(model, target, layers_pattern="layers")
+    with pytest.raises(ValueError, match=r"inject_lora: layers_pattern 'layers' needs layers_to_transform"):
+        inject_lora(model, ["q_proj"], layers_pattern="layers")
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())
 
