@@ -2,7 +2,8 @@
 gradients equal those of one process on the full batch, frozen base weights get none, and save_peft_adapter of the
 wrapped model (FSDP2: sharded weights gathered by every rank, rank 0 writes) loads back to the same adapter.
 
-Both run in one pair of spawned processes (process start-up dominates the cost)."""
+Both run in one pair of spawned processes (process start-up dominates the cost). A second pair runs the serving ops
+under tensor parallelism (below)."""
 
 import os
 import socket
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import lora_kernels as lk
+from lora_kernels import reference
 
 WORLD = 2
 BATCH = 8  # split evenly, so the mean over ranks of per-rank mean losses is the full-batch mean loss
@@ -128,3 +130,96 @@ def test_ddp_and_fsdp2_lora_gradients_equal_one_process_and_saved_adapters_load(
     wrapper_file = load_file(tmp_path / "ddp_wrapper_adapter" / "adapter_model.safetensors")
     assert wrapper_file.keys() == load_file(tmp_path / "ddp_adapter" / "adapter_model.safetensors").keys()
     assert "wrapped in DistributedDataParallel" in torch.load(tmp_path / "inject_into_ddp.pt")
+
+
+# ---------------------------------------------------------------------------------------------- tensor parallelism
+# The serving ops under tensor parallelism, as a serving stack shards a layer over TP_WORLD ranks: the results must
+# equal the unsharded layer's, computed in one process. Column-parallel (W and lora_b split over N, x and lora_a
+# whole): add_lora per rank, then all_gather. Row-parallel (W, lora_a and x split over K, the result all-reduced):
+# either add_lora with the rank's K-shard and the whole lora_b before the all-reduce (the partial LoRA terms sum
+# like the base partials), or lora_shrink, all_reduce of the [M, R] shrink result, and lora_expand of this rank's
+# N-slice of lora_b at its slice_offset (vLLM's way: 1/tp of the expand). The trap the README names: all-reduced
+# shrink results expanded over all N on every rank count the LoRA term TP_WORLD times.
+
+TP_WORLD = 2
+TP_SHAPE = {"tokens": 24, "k": 32, "n": 16, "slots": 3, "max_rank": 4}
+TP_BACKENDS = ("torch", "cpu")
+
+
+def _tp_problem():
+    generator = torch.Generator().manual_seed(3)
+    s = TP_SHAPE
+    x = torch.randn(s["tokens"], s["k"], generator=generator)
+    weight = torch.randn(s["n"], s["k"], generator=generator) / s["k"] ** 0.5
+    lora_a = torch.randn(s["slots"], s["max_rank"], s["k"], generator=generator)
+    lora_b = torch.randn(s["slots"], s["n"], s["max_rank"], generator=generator)
+    ids = torch.arange(s["tokens"]) % (s["slots"] + 1) - 1  # every slot and base-only tokens
+    return x, weight, lora_a, lora_b, ids, torch.tensor([2.0, 0.5, 1.0]), torch.tensor([4, 2, 3])
+
+
+def _tp_worker(rank, port, out_dir):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=TP_WORLD)
+    try:
+        x, weight, lora_a, lora_b, ids, scalings, ranks = _tp_problem()
+        batch = lk.LoRABatch.from_adapter_ids(ids, lora_a.shape[0])
+        n_shard, k_shard = weight.shape[0] // TP_WORLD, weight.shape[1] // TP_WORLD
+        cols, ks = slice(rank * n_shard, (rank + 1) * n_shard), slice(rank * k_shard, (rank + 1) * k_shard)
+        results = {}
+        for backend in (b for b in TP_BACKENDS if b in lk.available_backends("cpu")):
+            # column-parallel
+            y = x @ weight[cols].T
+            lk.ops.add_lora(y, x, [lora_a], [lora_b[:, cols].contiguous()], batch, scalings, ranks, [n_shard],
+                            backend=backend)
+            gathered = [torch.empty_like(y) for _ in range(TP_WORLD)]
+            dist.all_gather(gathered, y)
+            results[f"column/{backend}"] = torch.cat(gathered, dim=1)
+            # row-parallel, add_lora before the all-reduce
+            x_shard, a_shard = x[:, ks].contiguous(), lora_a[:, :, ks].contiguous()
+            y = x_shard @ weight[:, ks].T
+            lk.ops.add_lora(y, x_shard, [a_shard], [lora_b], batch, scalings, ranks, [weight.shape[0]],
+                            backend=backend)
+            dist.all_reduce(y)
+            results[f"row add_lora/{backend}"] = y
+            # row-parallel, all-reduced shrink, each rank expanding its own N-slice
+            t = lk.ops.lora_shrink(x_shard, a_shard, batch, scalings, ranks, backend=backend)
+            dist.all_reduce(t)
+            y = x_shard @ weight[:, ks].T
+            lk.ops.lora_expand(t, lora_b[:, cols].contiguous(), batch, y, cols.start, ranks, backend=backend)
+            dist.all_reduce(y)
+            results[f"row sliced expand/{backend}"] = y
+            # the trap: the all-reduced shrink expanded over all N on every rank
+            y = x_shard @ weight[:, ks].T
+            lk.ops.lora_expand(t, lora_b, batch, y, 0, ranks, backend=backend)
+            dist.all_reduce(y)
+            results[f"trap/{backend}"] = y
+        if rank == 0:
+            torch.save(results, os.path.join(out_dir, "tp.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_serving_ops_under_tensor_parallelism_equal_the_unsharded_layer(tmp_path):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    context = mp.spawn(_tp_worker, args=(_free_port(), str(tmp_path)), nprocs=TP_WORLD, join=False)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
+    results = torch.load(tmp_path / "tp.pt")
+    x, weight, lora_a, lora_b, ids, scalings, ranks = _tp_problem()
+    expected = reference.multi_lora_linear(x, weight, lora_a, lora_b, ids, scalings, None, ranks)
+    base = x.double() @ weight.double().T
+    backends = [b for b in TP_BACKENDS if b in lk.available_backends("cpu")]
+    assert sorted(results) == sorted(f"{kind}/{b}" for b in backends
+                                     for kind in ("column", "row add_lora", "row sliced expand", "trap"))
+    for name, got in results.items():
+        if name.startswith("trap/"):  # the LoRA term counted TP_WORLD times: what the README warns against
+            assert_close(got, base + TP_WORLD * (expected - base), torch.float32, name)
+        else:
+            assert_close(got, expected, torch.float32, name)
