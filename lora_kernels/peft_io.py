@@ -228,6 +228,39 @@ def _check_path(op, path):
         raise TypeError(f"{op}: path expected a directory path (str or os.PathLike), got {type(path).__name__}")
 
 
+# A Hugging Face Hub repo id, "namespace/name", as PEFT's from_pretrained takes one.
+_REPO_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def resolve_adapter_dir(op, path, *, revision=None, subfolder=None):
+    """The local directory that holds the adapter files: `path` (joined with `subfolder`) when it is a local directory
+    or cannot be a Hub repo id, else the files of the Hub repo `path` at `revision`, downloaded by huggingface_hub
+    (adapter_config.json and the weight files only; its cache, token and HF_HUB_OFFLINE apply)."""
+    _check_path(op, path)
+    for name, value in (("revision", revision), ("subfolder", subfolder)):
+        if value is not None and not (isinstance(value, str) and value):
+            raise TypeError(f"{op}: {name} expected a non-empty str or None, got {value!r}")
+    local = os.fspath(path)
+    if os.path.isdir(local) or not (isinstance(path, str) and _REPO_ID_RE.fullmatch(path)):
+        if revision is not None:
+            raise ValueError(f"{op}: revision={revision!r} selects a version of a Hugging Face Hub repo, but {local!r} "
+                             f"is a local path")
+        return os.path.join(local, subfolder) if subfolder else local
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ValueError(f"{op}: {path!r} is not a local directory; loading it as a Hugging Face Hub repo needs "
+                         f"huggingface_hub (pip install huggingface_hub)") from None
+    prefix = subfolder.strip("/") + "/" if subfolder else ""
+    try:
+        root = snapshot_download(path, revision=revision,
+                                 allow_patterns=[prefix + CONFIG_NAME, prefix + SAFETENSORS_NAME, prefix + BIN_NAME])
+    except Exception as exc:  # no such repo or revision, offline without a cached copy, HTTP errors, ...
+        raise ValueError(f"{op}: {path!r} is not a local directory, and fetching it from the Hugging Face Hub "
+                         f"failed: {type(exc).__name__}: {exc}") from exc
+    return os.path.join(root, subfolder) if subfolder else root
+
+
 def read_adapter_config(path):
     """AdapterConfig of the adapter directory `path` (adapter_config.json, validated)."""
     file = os.path.join(path, CONFIG_NAME)
@@ -236,7 +269,7 @@ def read_adapter_config(path):
         named = sorted(entry for entry in (os.listdir(path) if os.path.isdir(path) else [])
                        if os.path.isfile(os.path.join(path, entry, CONFIG_NAME)))
         hint = (f"; adapters saved under a name are in subfolders: {', '.join(named)} (pass "
-                f"{os.path.join(path, named[0])})" if named else "")
+                f"{os.path.join(path, named[0])}, or subfolder={named[0]!r})" if named else "")
         raise FileNotFoundError(f"load_peft_adapter: {file} not found{hint}")
     try:
         with open(file, encoding="utf-8") as f:
@@ -413,9 +446,14 @@ def _check_pair(op, file, name, factors, r, in_features, out_features):
                              f"(r={r}, module [in={in_features}, out={out_features}]), got {list(tensor.shape)}")
 
 
-def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocast_adapter_dtype=True):
+def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocast_adapter_dtype=True, revision=None,
+                      subfolder=None):
     """Loads the PEFT LoRA adapter saved in directory `path` into `model` (the base model, not a PeftModel) and
     returns model.
+
+    path: a local directory, or, as in PeftModel.from_pretrained, a Hugging Face Hub repo id ("namespace/name") that
+    is not one: its adapter_config.json and weights are downloaded through huggingface_hub, at `revision` (a branch,
+    tag or commit; None: the default branch). subfolder: the adapter's directory inside path or the repo.
 
     adapter_name=None: every module the config targets becomes a LoRALinear (nn.Linear, or transformers Conv1D with
     its [in, out] weight) holding the adapter, in the train/eval mode of the layer it replaces, with float32 factors
@@ -437,9 +475,9 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
     or module; FileNotFoundError for missing files); on any failure the model is left exactly as it was."""
     op = "load_peft_adapter"
     wrapper, model = model, unwrap_model(model, op, adds_parameters=True)
-    _check_path(op, path)
     check_backend_name(op, backend)
     autocast_adapter_dtype = check_flag(op, "autocast_adapter_dtype", autocast_adapter_dtype)
+    path = resolve_adapter_dir(op, path, revision=revision, subfolder=subfolder)
     config = read_adapter_config(path)
     tensors, file = read_adapter_weights(path)
     targets = _targets(model, config, op)

@@ -3,6 +3,8 @@ loads (bad files leave the model untouched) and atomic saves, several named adap
 Interop with PEFT itself on Hugging Face models is in test_hf_models.py."""
 
 import copy
+import subprocess
+import sys
 import json
 import os
 
@@ -1081,5 +1083,101 @@ def test_a_folder_of_named_adapters_gets_a_hint(tmp_path):
     """PEFT's save_pretrained(..., adapter_name="fr") writes into path/fr: the error points there."""
     lk.save_peft_adapter(_trained(), tmp_path / "fr")
     with pytest.raises(FileNotFoundError, match=r"adapter_config.json not found; adapters saved under a name are in "
-                                                r"subfolders: fr \(pass .*fr\)"):
+                                                r"subfolders: fr \(pass .*fr, or subfolder='fr'\)"):
         lk.load_peft_adapter(_base(), tmp_path)
+    model = lk.load_peft_adapter(_base(), tmp_path, subfolder="fr", backend=BACKEND)
+    assert isinstance(model.layers[0].q_proj, LoRALinear)
+
+
+# ------------------------------------------------------------------------------------------ Hugging Face Hub repo ids
+
+def _fake_hub(monkeypatch, snapshot_dir, error=None):
+    """huggingface_hub.snapshot_download replaced by a stand-in (the tests run offline) that records its calls and
+    returns snapshot_dir as the downloaded repo, or raises `error`."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    calls = []
+
+    def snapshot_download(repo_id, *, revision=None, allow_patterns=None, **kwargs):
+        calls.append({"repo_id": repo_id, "revision": revision, "allow_patterns": sorted(allow_patterns), **kwargs})
+        if error is not None:
+            raise error
+        return str(snapshot_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return calls
+
+
+def test_load_from_a_hub_repo_id_downloads_only_the_adapter_files(tmp_path, monkeypatch):
+    """A repo id ("namespace/name") that is not a local directory is fetched through huggingface_hub, as
+    PeftModel.from_pretrained fetches it: only the config and weight files, at the revision asked, under subfolder."""
+    trained = _trained()
+    lk.save_peft_adapter(trained, tmp_path / "snapshot" / "sub")
+    calls = _fake_hub(monkeypatch, tmp_path / "snapshot")
+    monkeypatch.chdir(tmp_path)  # no local directory called someone/adapter
+    loaded = lk.load_peft_adapter(_base(), "someone/adapter", revision="v1.0", subfolder="sub", backend=BACKEND)
+    assert calls == [{"repo_id": "someone/adapter", "revision": "v1.0", "allow_patterns": [
+        "sub/adapter_config.json", "sub/adapter_model.bin", "sub/adapter_model.safetensors"]}]
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(loaded(x), trained(x), rtol=0, atol=0)
+    # a local directory wins over the Hub, also when its name reads as a repo id; subfolder applies there too
+    os.makedirs(tmp_path / "someone")
+    os.rename(tmp_path / "snapshot", tmp_path / "someone" / "adapter")
+    loaded = lk.load_peft_adapter(_base(), "someone/adapter", subfolder="sub", backend=BACKEND)
+    assert len(calls) == 1
+    torch.testing.assert_close(loaded(x), trained(x), rtol=0, atol=0)
+
+
+def test_load_from_a_hub_repo_id_through_the_real_huggingface_hub_offline(tmp_path):
+    """The same through huggingface_hub itself, in a subprocess with HF_HUB_OFFLINE=1 and a hub cache laid out as
+    huggingface_hub lays it out (refs/<revision> -> snapshots/<commit>/files): what a user with a cached adapter and
+    no network gets. The subprocess's model must equal this process's."""
+    pytest.importorskip("huggingface_hub")
+    trained = _trained()
+    repo = tmp_path / "hub" / "models--someone--adapter"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    lk.save_peft_adapter(trained, repo / "snapshots" / commit)
+    os.makedirs(repo / "refs")
+    (repo / "refs" / "v1.0").write_text(commit)
+    x = torch.randn(3, 16)
+    torch.save({"x": x, "y": trained(x).detach()}, tmp_path / "io.pt")
+    script = (
+        "import sys, torch; sys.path.insert(0, sys.argv[2]); import test_peft_io as t, lora_kernels as lk\n"
+        "io = torch.load(sys.argv[1] + '/io.pt')\n"
+        "model = lk.load_peft_adapter(t._base(), 'someone/adapter', revision='v1.0', backend=t.BACKEND)\n"
+        "assert torch.equal(model(io['x']), io['y']), 'loaded adapter differs'\n"
+        "try:\n"
+        "    lk.load_peft_adapter(t._base(), 'someone/adapter')  # no refs/main in the cache, and offline\n"
+        "except ValueError as exc:\n"
+        "    print(exc)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"),
+           "PYTHONPATH": root + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")}
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path), os.path.dirname(os.path.abspath(__file__))],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "'someone/adapter' is not a local directory, and fetching it from the Hugging Face Hub failed" in proc.stdout
+
+
+def test_hub_failures_are_errors_naming_the_repo_and_leave_the_model_untouched(tmp_path, monkeypatch):
+    model = _base()
+    before = _snapshot(model)
+    monkeypatch.chdir(tmp_path)
+    calls = _fake_hub(monkeypatch, tmp_path, error=RuntimeError("404 Client Error: Repository Not Found"))
+    with pytest.raises(ValueError, match=r"load_peft_adapter: 'someone/missing' is not a local directory, and fetching "
+                                         r"it from the Hugging Face Hub failed: RuntimeError: 404 Client Error"):
+        lk.load_peft_adapter(model, "someone/missing")
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match=r"load_peft_adapter: revision='main' selects a version of a Hugging Face Hub "
+                                         r"repo, but .* is a local path"):
+        lk.load_peft_adapter(model, tmp_path, revision="main")
+    with pytest.raises(TypeError, match=r"load_peft_adapter: subfolder expected a non-empty str or None, got 3"):
+        lk.load_peft_adapter(model, "someone/adapter", subfolder=3)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
+    with pytest.raises(ValueError, match=r"'someone/adapter' is not a local directory; loading it as a Hugging Face "
+                                         r"Hub repo needs huggingface_hub"):
+        lk.load_peft_adapter(model, "someone/adapter")
+    # not a repo id (and not a directory): the missing file is named, nothing is fetched
+    with pytest.raises(FileNotFoundError, match=r"adapter_config.json not found"):
+        lk.load_peft_adapter(model, "no/such/adapter")
+    assert len(calls) == 1
+    _assert_same(model, before)
