@@ -409,7 +409,12 @@ def _segment_outer_sum(batch, ranks, backend, left, right, scalings=None):
             for slot, rows, _ in ops.host_slot_rows(batch, ranks):
                 torch.mm(left.index_select(0, rows).T, right.index_select(0, rows).to(acc), out=sums[slot])
     else:
-        left = left.to(right.dtype)  # tensor-core GEMMs in the input dtype, as PEFT's
+        if right.dtype == torch.float16:
+            # fp32 GEMMs: u = s·dY·B (left) passes fp16's 65504 where dA does not (the Triton kernel multiplies in
+            # tf32 for the same reason), and rounding it gave dA = inf
+            right = right.float()
+        else:
+            left = left.to(right.dtype)  # tensor-core GEMMs in the input dtype, as PEFT's
         ids, num_slots = batch.adapter_ids, batch.num_adapters
         zero = torch.zeros((), dtype=right.dtype, device=right.device)
         per_slot = []

@@ -829,6 +829,40 @@ def test_fp16_output_stays_finite_where_only_the_scaled_shrink_overflows(backend
 
 
 @pytest.mark.parametrize("backend", GROUPED_BACKENDS)
+@pytest.mark.parametrize("num_tokens", [12, 80], ids=["decode", "prefill"])
+@pytest.mark.parametrize("slot_loop", [False, True], ids=["own_path", "device_slot_loop"])
+def test_fp16_x_and_lora_a_gradients_stay_finite_where_only_the_scaled_dy_b_overflows(backend, num_tokens, slot_loop,
+                                                                                        device, monkeypatch):
+    """u = s·dY·B above fp16's 65504 while dX and dA are in range: every backend keeps u in fp32 up to the products
+    that use it, as the single-adapter backward keeps dS (the Triton dA kernel and the GPU slot loop rounded u to
+    fp16: dA = inf; PEFT's dS overflows here too). device_slot_loop: the per-slot GEMMs that the cuda and torch
+    backends run on GPUs, here on CPU tensors."""
+    _backend_or_skip(backend, device)
+    if slot_loop:
+        if backend == "triton":
+            pytest.skip("the triton backend runs its own kernel")
+        from lora_kernels import ops
+        monkeypatch.setattr(ops, "slots_on_host", lambda device: False)
+    dtype, num_slots, max_rank, k, n = torch.float16, 2, 4, 32, 16
+    ranks, scalings = [4, 3], torch.tensor([200.0, 150.0])
+    lora_a = randn(num_slots, max_rank, k, dtype=dtype, device=device, scale=1e-3)
+    lora_b = (100.0 * (1.0 + torch.rand(num_slots, n, max_rank))).to(dtype).to(device)  # one sign: no cancelling
+    x = randn(num_tokens, k, dtype=dtype, device=device, scale=1e-3)
+    weight = randn(n, k, dtype=dtype, device=device, scale=k ** -0.5)
+    ids = (torch.arange(num_tokens) % num_slots).to(device)
+    dy = (1.0 + torch.rand(num_tokens, n)).to(dtype).to(device)
+    leaves = [t.double().cpu().requires_grad_(True) for t in (x, lora_a, lora_b)]
+    reference.multi_lora_linear_autograd(leaves[0], weight.double().cpu(), *leaves[1:], ids.cpu(), scalings, None,
+                                         torch.tensor(ranks)).backward(dy.double().cpu())
+    assert (scalings.min() * dy.double().min() * 100.0 * n) > torch.finfo(dtype).max  # every in-rank u overflows
+    assert leaves[0].grad.abs().max() < 1e4 and leaves[1].grad.abs().max() < 1e4  # dX and dA do not
+    got = [t.clone().requires_grad_(True) for t in (x, lora_a)]
+    lk.multi_lora_linear(got[0], weight, got[1], lora_b, ids, scalings, ranks=ranks, backend=backend).backward(dy)
+    assert_close(got[0].grad, leaves[0].grad, dtype, "dx", scale=2.0)
+    assert_close(got[1].grad, leaves[1].grad, dtype, "dlora_a", scale=2.0)
+
+
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS)
 def test_fp16_lora_b_gradient_is_built_from_the_unscaled_shrink(backend, device):
     """dB = s·dYᵀ·S with |s·S| above fp16's 65504 where S, dB and y are in range: dB is finite and accurate (it
     was reduced over s·S rounded to fp16, inf where PEFT's, which rounds S unscaled, is finite). 80 tokens: the

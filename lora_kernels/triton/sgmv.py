@@ -332,9 +332,12 @@ if HAS_TRITON:
                          mask=mask_p[:, None] & mask_t[None, :], other=0.0)  # leftᵀ tile [BLOCK_P, BLOCK_T]
             rt = tl.load(right_ptr + tok[:, None] * stride_rm + offs_q[None, :].to(tl.int64) * stride_rq,
                          mask=mask_t[:, None] & mask_q[None, :], other=0.0)  # [BLOCK_T, BLOCK_Q]
-            # fp32 left (u or s) is rounded to right's 16-bit dtype for the tensor cores, as the torch path does.
-            lt = lt.to(rt.dtype)
-            acc = _mma(lt, rt, acc)
+            if rt.dtype == tl.float16:
+                # fp32 left in tf32 (see _sgmv_expand_kernel): u = s·dY·B passes fp16's 65504 where dA does not
+                acc = _mma_tf32(lt, rt.to(tl.float32), acc)
+            else:
+                # bf16 right: left rounded to bf16 for the tensor cores; fp32: tf32x3 (see _mma)
+                acc = _mma(lt.to(rt.dtype), rt, acc)
         out_ptrs = (out_ptr + slot.to(tl.int64) * stride_ol + offs_p[:, None].to(tl.int64) * stride_op
                     + offs_q[None, :].to(tl.int64) * stride_oq)
         tl.store(out_ptrs, acc, mask=mask_p[:, None] & mask_q[None, :])
