@@ -3,10 +3,10 @@ loads (bad files leave the model untouched) and atomic saves, several named adap
 Interop with PEFT itself on Hugging Face models is in test_hf_models.py."""
 
 import copy
-import subprocess
-import sys
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -1153,7 +1153,7 @@ def test_load_from_a_hub_repo_id_through_the_real_huggingface_hub_offline(tmp_pa
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"),
            "PYTHONPATH": root + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")}
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path), os.path.dirname(os.path.abspath(__file__))],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "'someone/adapter' is not a local directory, and fetching it from the Hugging Face Hub failed" in proc.stdout
 
