@@ -314,6 +314,28 @@ def _cast_grads(ctx, grads, x2, lora_a, lora_b):
             None, None, None, None)
 
 
+def _differentiable_lora_operands(backend, *tensors):
+    """The LoRA-branch operands of the differentiable paths (create_graph=True, torch.func), cast (differentiably) to
+    the dtype the branch runs in: float32 for 16-bit inputs on the fused backends, whose kernels keep S and dS in
+    float32 (s·dY·B and S·Bᵀ pass fp16's 65504 where dX, dA and y do not: rounding them gave inf there, where the
+    backend's own path was finite); the input dtype on the torch backend, which is PEFT's composition and rounds as
+    PEFT does. These paths are not the fast ones: the float32 copies of dy and x are the price."""
+    if backend == "torch":
+        return tensors
+    return tuple(t.to(accumulate_dtype(t.dtype)) for t in tensors)
+
+
+def _lora_linear_composition(x2, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend):
+    """y [M, N] in differentiable torch ops (the torch.func path): the torch backend's composition, with the LoRA
+    branch in the dtype of _differentiable_lora_operands and the base output added to it there, then rounded once
+    more to x's dtype."""
+    x_lora = x2 if dropout_p == 0.0 else apply_dropout(x2, torch_dropout_keep(seed, x2, dropout_p), dropout_p)
+    with ops.autocast_off(x2.device):
+        x_lora, lora_a, lora_b = _differentiable_lora_operands(backend, x_lora, lora_a, lora_b)
+        term = scaling * ((x_lora @ lora_a.T) @ lora_b.T)
+        return (torch.nn.functional.linear(x2, weight, bias).to(term.dtype) + term).to(x2.dtype)
+
+
 def _lora_linear_backward_differentiable(ctx, dy, x2, weight, lora_a, lora_b, seed):
     """The A/B-only backward of design.md §2 in differentiable torch ops (any backend, for create_graph=True):
     S is recomputed from x and lora_a so that dB, too, carries their derivatives."""
@@ -328,13 +350,15 @@ def _lora_linear_backward_differentiable(ctx, dy, x2, weight, lora_a, lora_b, se
         keep = torch_dropout_keep(seed, x2, dropout_p)
         drop = (lambda t: apply_dropout(t, keep, dropout_p))
     x_lora = x2 if drop is None else drop(x2)
-    ds = scaling * (dy @ lora_b)
-    d_lora_b = scaling * (dy.T @ (x_lora @ lora_a.T)) if need_b else None
-    d_lora_a = ds.T @ x_lora if need_a else None
     dx = None
-    if need_x:
-        dx_lora = ds @ lora_a
-        dx = dy @ weight + (dx_lora if drop is None else drop(dx_lora))
+    with ops.autocast_off(dy.device):  # the LoRA branch's dtype, not autocast's (as in the first-order backward)
+        dy_l, x_l, a_l, b_l = _differentiable_lora_operands(ctx.backend, dy, x_lora, lora_a, lora_b)
+        ds = scaling * (dy_l @ b_l)
+        d_lora_b = scaling * (dy_l.T @ (x_l @ a_l.T)) if need_b else None
+        d_lora_a = ds.T @ x_l if need_a else None
+        if need_x:
+            dx_lora = ds @ a_l
+            dx = dy @ weight + (dx_lora if drop is None else drop(dx_lora))
     d_weight = dy.T @ x2 if need_w else None
     d_bias = dy.sum(0) if need_bias and ctx.has_bias else None
     return _cast_grads(ctx, (dx, d_weight, d_lora_a, d_lora_b, d_bias), x2, lora_a, lora_b)
@@ -379,7 +403,7 @@ def lora_linear(x, weight, lora_a, lora_b, scaling=1.0, bias=None, *, dropout_p=
         # torch.func transforms need an autograd.Function with setup_context and a vmap rule, and the kernels and
         # C++ ops have neither derivatives nor batching rules ("must override the setup_context staticmethod"): the
         # torch composition, outside the Function, which the transforms differentiate and batch themselves.
-        y = _lora_linear_forward(*args[:-1], "torch")[0]
+        y = _lora_linear_composition(*args)
     elif torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_a.requires_grad
                                       or lora_b.requires_grad or (bias is not None and bias.requires_grad)):
         y = LoRALinearFunction.apply(*args)

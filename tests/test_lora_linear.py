@@ -439,6 +439,59 @@ def test_fp16_gradients_stay_finite_where_only_ds_overflows(backend, device):
         assert_close(grads[name], expected[name], dtype, f"d{name}", scale=2.0)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "cuda", "triton"])
+def test_fp16_create_graph_gradients_stay_finite_where_only_ds_overflows(backend, device):
+    """The inputs of test_fp16_gradients_stay_finite_where_only_ds_overflows with create_graph=True, which runs the
+    differentiable torch composition on every backend: the fused backends keep its LoRA branch in fp32 as their
+    kernels keep S and dS (it formed s·dY·B in fp16: dx = dA = inf where the first-order backward was finite)."""
+    _backend_or_skip(backend, device)
+    dtype, scaling, m, k, n, r = torch.float16, 200.0, 8, 32, 16, 4
+    x = randn(m, k, dtype=dtype, device=device, scale=1e-3)
+    weight = randn(n, k, dtype=dtype, device=device, scale=k ** -0.5)
+    lora_a = randn(r, k, dtype=dtype, device=device, scale=1e-3)
+    lora_b = (100.0 * (1.0 + torch.rand(n, r, device=device))).to(dtype)  # one sign: dY·B cannot cancel
+    dy = (1.0 + torch.rand(m, n, device=device)).to(dtype)
+    expected = reference.lora_linear_backward(dy, x, weight, lora_a, lora_b, scaling)
+    assert (scaling * dy.double() @ lora_b.double()).abs().min() > torch.finfo(dtype).max  # dS overflows fp16
+    leaves = [t.clone().requires_grad_(True) for t in (x, lora_a, lora_b)]
+    y = lora_linear(leaves[0], weight, leaves[1], leaves[2], scaling, backend=backend)
+    grads = torch.autograd.grad(y, leaves, dy, create_graph=True)
+    for name, grad in zip(("x", "lora_a", "lora_b"), grads):
+        assert grad.requires_grad  # still differentiable
+        assert_close(grad, expected[name], dtype, f"d{name}", scale=2.0)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda", "triton"])
+def test_fp16_torch_func_stays_finite_where_only_an_intermediate_overflows(backend, device):
+    """torch.func runs the torch composition on every backend; the fused backends keep its LoRA branch in fp32, as
+    their kernels do. vmap: S·Bᵀ passes fp16's 65504 while s·S·Bᵀ (s = 0.25) and y do not (the composition rounded
+    S·Bᵀ to fp16 before scaling it: y = inf where the backend's own forward was finite). torch.func.vjp: the inputs
+    of test_fp16_gradients_stay_finite_where_only_ds_overflows (s·dY·B rounded to fp16: dx = dA = inf)."""
+    _backend_or_skip(backend, device)
+    from torch.func import vjp, vmap
+    dtype, m, k, n, r = torch.float16, 8, 32, 16, 4
+    weight = randn(n, k, dtype=dtype, device=device, scale=k ** -0.5)
+    lora_b = (100.0 * (1.0 + torch.rand(n, r, device=device))).to(dtype)  # one sign: nothing cancels
+    x = randn(m, k, dtype=dtype, device=device)
+    lora_a = randn(r, k, dtype=dtype, device=device, scale=40.0)
+    shrunk = x.double() @ lora_a.double().T
+    assert (shrunk @ lora_b.double().T).abs().max() > 2 * torch.finfo(dtype).max  # S·Bᵀ overflows fp16
+    expected = reference.lora_linear(x, weight, lora_a, lora_b, 0.25)
+    assert expected.abs().max() < torch.finfo(dtype).max  # y does not
+    got = vmap(lambda row: lora_linear(row, weight, lora_a, lora_b, 0.25, backend=backend))(x[:, None, :])[:, 0]
+    assert_close(got, expected, dtype, "vmap y")
+
+    scaling = 200.0
+    x = randn(m, k, dtype=dtype, device=device, scale=1e-3)
+    lora_a = randn(r, k, dtype=dtype, device=device, scale=1e-3)
+    dy = (1.0 + torch.rand(m, n, device=device)).to(dtype)
+    expected = reference.lora_linear_backward(dy, x, weight, lora_a, lora_b, scaling)
+    assert (scaling * dy.double() @ lora_b.double()).abs().min() > torch.finfo(dtype).max  # dS overflows fp16
+    _, pullback = vjp(lambda xx, a, b: lora_linear(xx, weight, a, b, scaling, backend=backend), x, lora_a, lora_b)
+    for name, grad in zip(("x", "lora_a", "lora_b"), pullback(dy)):
+        assert_close(grad, expected[name], dtype, f"torch.func.vjp d{name}", scale=2.0)
+
+
 def _penalty_gradients(fn, leaves, dy):
     """Second derivatives through a gradient penalty: the first-order gradients of <fn(leaves), dy> are taken with
     create_graph=True, and the gradients of the sum of their squares with respect to every leaf are returned."""
