@@ -26,6 +26,20 @@ def accumulate_dtype(dtype):
     return torch.promote_types(dtype, torch.float32)
 
 
+def scaled_mm(a, b, scaling, out_dtype=None):
+    """scaling · (a @ b) as one GEMM in a's dtype (b is cast to it; out_dtype: the product converted before any
+    scaling after it), for the backward's GEMM fallbacks (a = dY, b = B or S: r columns). The scaling goes where no
+    16-bit intermediate exceeds both the operands and the result: into b before the GEMM when |scaling| <= 1 (b is
+    small, and b · scaling is rounded once), onto the product after it otherwise. Scaling afterwards at a scaling
+    below 1 rounded dY·B to fp16 first: inf where it passed 65504 while the result did not, where PEFT, which scales
+    dY first, stays finite."""
+    if abs(scaling) <= 1.0:
+        product = a @ (b * scaling).to(a.dtype)
+        return product if out_dtype is None else product.to(out_dtype)
+    product = a @ b.to(a.dtype)
+    return (product if out_dtype is None else product.to(out_dtype)).mul_(scaling)
+
+
 def _check_devices(op, ref_name, ref, **tensors):
     """The kernels' device check, in the fakes too: one meta tensor among CPU ones sends a call here, and a fake
     that took any devices returned uninitialised CPU tensors (or, for sgmv_expand, wrote nothing) without an error."""

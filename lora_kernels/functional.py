@@ -13,7 +13,7 @@ import numbers
 import torch
 
 from lora_kernels import ops, reference
-from lora_kernels._ext import accumulate_dtype
+from lora_kernels._ext import accumulate_dtype, scaled_mm
 from lora_kernels.backends import resolve_backend
 from lora_kernels.batch import BUFFER_FIELDS, LoRABatch
 
@@ -266,11 +266,11 @@ class LoRALinearFunction(torch.autograd.Function):
         else:
             keep = torch_dropout_keep(seed, x2, dropout_p) if dropout_p > 0.0 else None
             if backend == "cuda" and dy.shape[0] * lora_b.shape[1] > CUDA_BWD_DY_KERNEL_MAX_WORK:
-                # cuBLAS GEMMs in the input dtype, S rounded to it as PEFT rounds it. Using the fp32 S and dS would
-                # take fp32 copies of dy [M, N] and x [M, K] (torch has no mixed-dtype GEMM): a cost at large M
-                # that no GPU has measured yet.
-                d_lora_b = torch.mm(dy.T, s.to(dy.dtype)).mul_(scaling)
-                ds = torch.mm(dy, lora_b).mul_(scaling)
+                # cuBLAS GEMMs in the input dtype, S rounded to it as PEFT rounds it (scaled first when that keeps
+                # it smaller: see scaled_mm). Using the fp32 S and dS would take fp32 copies of dy [M, N] and
+                # x [M, K] (torch has no mixed-dtype GEMM on CPU): a cost at large M no GPU has measured yet.
+                d_lora_b = scaled_mm(dy.T, s, scaling)
+                ds = scaled_mm(dy, lora_b, scaling)
             elif backend in ("cpu", "cuda"):
                 # dS stays in fp32 (fp64 for fp64): |s·dY·B| may pass 65504 in fp16 where dA and the LoRA term of
                 # dX do not, as the Triton backward keeps it (rounding it first gave dx = inf there, as PEFT does).

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lora_kernels._ext import scaled_mm
 from lora_kernels.triton import (INTERPRET, SUPPORTED_DTYPES, TRITON_DTYPE_NAMES, UPCAST_DOT_OPERANDS, on_tensor_device,
                                  sm_count)
 
@@ -844,9 +845,10 @@ def _lora_bwd_dy_impl(dy: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, s
     num_parts = triton.cdiv(M, DY_BLOCK_M)
     if num_parts * N * r * 4 > DY_PARTIALS_BUDGET:
         # Two GEMMs in dy's dtype (fp32 accumulation), as the torch backend computes them: d_lora_b is cast to
-        # lora_b's dtype anyway, and ds is rounded to dy's dtype here instead of staying fp32.
-        d_lora_b = torch.mm(dy.T, s.to(dy.dtype)).float().mul_(scaling)
-        return d_lora_b, torch.mm(dy, lora_b).float().mul_(scaling)
+        # lora_b's dtype anyway, and ds is rounded to dy's dtype here instead of staying fp32 (the scaling placed
+        # where it keeps the rounded product smaller: see scaled_mm).
+        return (scaled_mm(dy.T, s, scaling, out_dtype=torch.float32),
+                scaled_mm(dy, lora_b, scaling, out_dtype=torch.float32))
     block_r = _dy_block_r(r, dy.dtype)
     split = _bwd_dy_split(M, N, r, dy.device, dy.dtype)
     partials = torch.empty((num_parts, N, r), device=dy.device, dtype=torch.float32)
