@@ -513,7 +513,14 @@ class MultiLoRALinear(nn.Module):
             if self.batch_adapters is None:
                 raise RuntimeError("MultiLoRALinear: forward(x) without adapter_ids needs the per-row adapters set "
                                    "first: `with lora_kernels.set_batch_adapters(model, adapter_names): model(...)`")
-            adapter_ids = self.batch_adapters.batch_for(x, self.max_adapters)
+            slot_ids = self.batch_adapters.slot_ids(tuple(x.shape[:-1]))
+            if max_slot_id(slot_ids) < 0 and not (torch.is_grad_enabled() and (self.lora_a.requires_grad
+                                                                              or self.lora_b.requires_grad)):
+                # No row has an adapter, as the names say on the host: the base layer alone, as LoRALinear computes
+                # a disabled adapter (the LoRA ops' checks and launches cost more than a decode-size base GEMM: a
+                # serving stack's "no LoRA" flag). Slots being trained still get their zero gradients below.
+                return nn.functional.linear(x, self.base_weight(), self.base_layer.bias)
+            adapter_ids = self.batch_adapters.batch_for(x, self.max_adapters, slot_ids)
         if torch.compiler.is_compiling():  # a traced graph cannot hold a Python lock
             return self._forward(x, adapter_ids)
         with _SLOT_LOCK:
@@ -1130,6 +1137,11 @@ def _check_adapter_names(model, adapter_names, op):
     return slots
 
 
+def max_slot_id(slot_ids):
+    """The largest of BatchAdapterIds.slot_ids' ids: below 0 when every row computes the base model."""
+    return slot_ids if isinstance(slot_ids, int) else max(slot_ids)
+
+
 class BatchAdapterIds:
     """The adapter names of the next forwards (one per batch row, or one str for every row) and the LoRABatch built
     from them: one per (input shape, slot ids, device), shared by every MultiLoRALinear of a forward. Names are
@@ -1142,7 +1154,9 @@ class BatchAdapterIds:
         self.slots, self.names = slots, names
         self._cache = {}
 
-    def _slot_ids(self, lead):
+    def slot_ids(self, lead):
+        """The slot id of every batch row of an input with leading dims `lead` (one int when one name covers every
+        row), -1 for "__base__" and for names deleted since; looked up now."""
         if isinstance(self.names, str):
             return self.slots.get(self.names, -1)
         count = len(self.names)
@@ -1152,10 +1166,10 @@ class BatchAdapterIds:
                              f"{count})")
         return tuple(self.slots.get(name, -1) for name in self.names)
 
-    def batch_for(self, x, num_adapters):
+    def batch_for(self, x, num_adapters, slot_ids):
+        """The LoRABatch of x's rows for these slot_ids (from slot_ids(x.shape[:-1]))."""
         from lora_kernels.batch import LoRABatch
         lead = tuple(x.shape[:-1])
-        slot_ids = self._slot_ids(lead)
         key = (lead, num_adapters, x.device, slot_ids)
         batch = None if torch.compiler.is_compiling() else self._cache.get(key)
         if batch is None:

@@ -857,6 +857,36 @@ def test_target_matching_agrees_with_peft():
 
 # ---------------------------------------------------------------------------------------- several named adapters
 
+def test_batch_with_no_active_adapter_skips_the_lora_ops(tmp_path, monkeypatch):
+    """set_batch_adapters with every row "__base__" (or a name deleted since): each layer computes its base layer
+    alone, known from the names on the host, without the grouped ops (a serving stack's "no LoRA" flag); while a
+    slot trains, the ops run, so its gradient is a zero tensor as in a mixed batch."""
+    from lora_kernels import modules
+    lk.save_peft_adapter(_trained(("q_proj", "v_proj"), r=4, lora_alpha=8), tmp_path / "a")
+    model = lk.prepare_multi_adapter(_base(), ["q_proj", "v_proj"], max_adapters=2, max_rank=8)
+    lk.load_peft_adapter(model, tmp_path / "a", adapter_name="a")
+    x = torch.randn(3, 2, 16)
+    with lk.set_batch_adapters(model, ["a", "__base__", "a"]):
+        mixed = model(x)
+    calls = []
+    monkeypatch.setattr(modules, "multi_lora_linear", lambda *args, **kwargs: calls.append(1))
+    expected = _base()(x)
+    for names in ("__base__", ["__base__"] * 3):
+        with lk.set_batch_adapters(model, names):
+            torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    with lk.set_batch_adapters(model, ["a", "__base__", "a"]):
+        lk.delete_adapter(model, "a")  # deleted since: the base model for every row
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    assert calls == []
+    monkeypatch.undo()
+    assert not torch.equal(mixed[0], expected[0]) and torch.equal(mixed[1], expected[1])
+    layer = model.layers[0].q_proj
+    layer.lora_a.requires_grad_(True)
+    with lk.set_batch_adapters(model, "__base__"):
+        model(x).sum().backward()
+    assert layer.lora_a.grad is not None and torch.count_nonzero(layer.lora_a.grad) == 0
+
+
 def test_named_adapters_in_slots_and_mixed_batch(tmp_path):
     lk.save_peft_adapter(_trained(("q_proj", "v_proj"), r=4, lora_alpha=8), tmp_path / "a")
     lk.save_peft_adapter(_trained(("q_proj", "o_proj"), r=6, lora_alpha=3), tmp_path / "b")
