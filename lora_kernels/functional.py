@@ -455,17 +455,21 @@ def _segment_outer_sum(batch, ranks, backend, left, right, scalings=None):
     return torch.where(in_rank[:, :, None], sums, torch.zeros((), dtype=acc, device=right.device))
 
 
-def _multi_lora_forward(x2, weight, bias, lora_a, lora_b, batch, scalings, ranks, backend, unscaled=False):
-    """(y, shrunk): the base GEMM, then the grouped shrink and expand added into its output. unscaled: shrunk is
-    returned without the scalings (S = x·Aᵀ per slot, fp32), what the backward's dB is built from."""
+def _multi_lora_base(x2, weight, bias, backend):
+    """x2 @ weight.T + bias as the grouped forward computes it, before the expand adds the LoRA term into it."""
     if _cpu_widens(backend, x2) and x2.shape[0] > CPU_DECODE_MAX_M:
         # the base GEMM in fp32 past decode size, as lora_fwd_cpu's (see _cpu_widens); unlike lora_fwd_cpu, which
         # rounds once, y is rounded before the expand adds the LoRA term into it, as on every backend here
         with ops.autocast_off(x2.device):
-            y = torch.nn.functional.linear(x2.float(), weight.float(),
-                                           None if bias is None else bias.float()).to(x2.dtype)
-    else:
-        y = torch.nn.functional.linear(x2, weight, bias)
+            return torch.nn.functional.linear(x2.float(), weight.float(),
+                                              None if bias is None else bias.float()).to(x2.dtype)
+    return torch.nn.functional.linear(x2, weight, bias)
+
+
+def _multi_lora_forward(x2, weight, bias, lora_a, lora_b, batch, scalings, ranks, backend, unscaled=False):
+    """(y, shrunk): the base GEMM, then the grouped shrink and expand added into its output. unscaled: shrunk is
+    returned without the scalings (S = x·Aᵀ per slot, fp32), what the backward's dB is built from."""
+    y = _multi_lora_base(x2, weight, bias, backend)
     if not unscaled:
         shrunk = ops.run_shrink(backend, x2, lora_a, batch, scalings, ranks)
         ops.run_expand(backend, shrunk, lora_b, batch, ranks, y)
@@ -558,6 +562,49 @@ class MultiLoRAFunction(torch.autograd.Function):
         return dx, d_weight, d_bias, d_lora_a, d_lora_b, None, None, None, None
 
 
+def _check_multi_lora_args(op, x, weight, lora_a, lora_b, bias):
+    """multi_lora_linear's checks of its tensors (after autocast's casts); lora_a and lora_b None: x, weight and
+    bias only (multi_lora_base_linear)."""
+    for name, t, ndim in (("x", x, None), ("weight", weight, 2), ("lora_a", lora_a, 3), ("lora_b", lora_b, 3)):
+        _check_tensor(op, name, t, ndim=ndim, optional=name.startswith("lora_") and lora_a is None)
+    _check_tensor(op, "bias", bias, ndim=1, optional=True)
+    in_features, out_features = (weight.shape[1] if lora_a is None else lora_a.shape[2]), weight.shape[0]
+    if x.dim() < 1 or x.shape[-1] != in_features or weight.shape[1] != in_features:
+        of_a = "" if lora_a is None else f" (lora_a is {tuple(lora_a.shape)} = [L, R, K])"
+        raise ValueError(f"{op}: x [..., K] and weight [N, K] expected K = {in_features}{of_a}, got x "
+                         f"{tuple(x.shape)} and weight {tuple(weight.shape)}")
+    if lora_a is not None and tuple(lora_b.shape) != (lora_a.shape[0], out_features, lora_a.shape[1]):
+        raise ValueError(f"{op}: lora_b expected shape [{lora_a.shape[0]}, {out_features}, {lora_a.shape[1]}] "
+                         f"([L, N, R]), got {tuple(lora_b.shape)}")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"{op}: bias expected shape [{out_features}], got {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("bias", bias)):
+        if t is not None:
+            _check_same(op, name, t, "x", x)
+
+
+def multi_lora_base_linear(x, weight, bias=None, *, backend="auto"):
+    """multi_lora_linear's y for a batch in which no token has an adapter, known on the host (MultiLoRALinear under
+    set_batch_adapters with every row "__base__"): the same checks of x, weight and bias, autocast and base GEMM
+    (fp32 on the cpu backend past decode size, see _cpu_widens), without the grouped ops. x: [..., K]; weight:
+    [N, K]; bias: [N] or None."""
+    op = "multi_lora_linear"
+    autocast_dtype = _autocast_dtype(x)
+    if autocast_dtype is not None:
+        x, weight, bias = _cast_for_autocast(autocast_dtype, (x, weight, bias))
+    _check_multi_lora_args(op, x, weight, None, None, bias)
+    backend = resolve_backend(backend, x.device, op, x.dtype)
+    if backend == "triton":
+        ops.check_triton_args(op, x.dtype, 1)
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if backend == "reference":
+        y = torch.nn.functional.linear(x2.double(), weight.double(), None if bias is None else bias.double())
+        y = y.to(x.dtype)
+    else:
+        y = _multi_lora_base(x2, weight, bias, backend)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
+
+
 def multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias=None, *, ranks=None, backend="auto"):
     """y[t] = x[t] @ weight.T + bias + scalings[i] * lora_b[i, :, :r_i] @ (lora_a[i, :r_i] @ x[t]), i = adapter_ids[t]
     (-1: base only; r_i = ranks[i], default R).
@@ -572,22 +619,9 @@ def multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias=Non
     autocast_dtype = _autocast_dtype(x)
     if autocast_dtype is not None:
         x, weight, lora_a, lora_b, bias = _cast_for_autocast(autocast_dtype, (x, weight, lora_a, lora_b, bias))
-    for name, t, ndim in (("x", x, None), ("weight", weight, 2), ("lora_a", lora_a, 3), ("lora_b", lora_b, 3)):
-        _check_tensor(op, name, t, ndim=ndim)
-    _check_tensor(op, "bias", bias, ndim=1, optional=True)
-    num_slots, max_rank, in_features = lora_a.shape
+    _check_multi_lora_args(op, x, weight, lora_a, lora_b, bias)
+    num_slots, _, in_features = lora_a.shape
     out_features = weight.shape[0]
-    if x.dim() < 1 or x.shape[-1] != in_features or weight.shape[1] != in_features:
-        raise ValueError(f"{op}: x [..., K] and weight [N, K] expected K = {in_features} (lora_a is "
-                         f"{tuple(lora_a.shape)} = [L, R, K]), got x {tuple(x.shape)} and weight {tuple(weight.shape)}")
-    if tuple(lora_b.shape) != (num_slots, out_features, max_rank):
-        raise ValueError(f"{op}: lora_b expected shape [{num_slots}, {out_features}, {max_rank}] ([L, N, R]), "
-                         f"got {tuple(lora_b.shape)}")
-    if bias is not None and tuple(bias.shape) != (out_features,):
-        raise ValueError(f"{op}: bias expected shape [{out_features}], got {tuple(bias.shape)}")
-    for name, t in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("bias", bias)):
-        if t is not None:
-            _check_same(op, name, t, "x", x)
     lead_shape = x.shape[:-1]
     if isinstance(adapter_ids, LoRABatch):
         batch = adapter_ids

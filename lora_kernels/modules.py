@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lora_kernels.backends import check_backend_name
-from lora_kernels.functional import lora_linear, multi_lora_linear
+from lora_kernels.functional import lora_linear, multi_lora_base_linear, multi_lora_linear
 from lora_kernels.ops import check_flag
 
 
@@ -519,7 +519,7 @@ class MultiLoRALinear(nn.Module):
                 # No row has an adapter, as the names say on the host: the base layer alone, as LoRALinear computes
                 # a disabled adapter (the LoRA ops' checks and launches cost more than a decode-size base GEMM: a
                 # serving stack's "no LoRA" flag). Slots being trained still get their zero gradients below.
-                return nn.functional.linear(x, self.base_weight(), self.base_layer.bias)
+                return multi_lora_base_linear(x, self.base_weight(), self.base_layer.bias, backend=self.backend)
             adapter_ids = self.batch_adapters.batch_for(x, self.max_adapters, slot_ids)
         if torch.compiler.is_compiling():  # a traced graph cannot hold a Python lock
             return self._forward(x, adapter_ids)

@@ -887,6 +887,34 @@ def test_batch_with_no_active_adapter_skips_the_lora_ops(tmp_path, monkeypatch):
     assert layer.lora_a.grad is not None and torch.count_nonzero(layer.lora_a.grad) == 0
 
 
+def test_batch_with_no_active_adapter_computes_what_the_grouped_path_gives_base_rows():
+    """The base-only shortcut of test_batch_with_no_active_adapter_skips_the_lora_ops computes a row as the grouped
+    path computes a "__base__" row of a mixed batch, also where that path's base GEMM is not a plain F.linear (the
+    cpu backend's fp32 GEMM past 16 rows of a bf16 layer: a bf16 F.linear there was 4-6x slower than the grouped
+    path with an adapter at K = N = 1024 on this project's CPU, and rounded differently), and refuses bad input with
+    the grouped path's errors, which name the argument (F.linear raised a RuntimeError of its own)."""
+    if "cpu" not in lk.available_backends("cpu"):
+        pytest.skip("needs the C++ extension's cpu backend")
+    torch.manual_seed(0)
+    model = lk.prepare_multi_adapter(nn.Sequential(nn.Linear(1024, 64)).to(torch.bfloat16), ["0"], max_adapters=2,
+                                     max_rank=4, backend="cpu")
+    layer = model[0]
+    layer.set_adapter(0, torch.randn(4, 1024), torch.randn(64, 4), 0.5)
+    model.lora_adapter_slots["a"] = 0
+    x = torch.randn(3, 24, 1024, dtype=torch.bfloat16)  # 72 rows: past CPU_DECODE_MAX_M
+    with torch.no_grad():
+        with lk.set_batch_adapters(model, ["a", "__base__", "a"]):
+            mixed = model(x)
+        with lk.set_batch_adapters(model, "__base__"):
+            assert torch.equal(model(x)[1], mixed[1])
+            with pytest.raises(ValueError, match=r"multi_lora_linear: x \[\.\.\., K\] and weight \[N, K\] expected "
+                                                 r"K = 1024"):
+                model(torch.randn(3, 1023, dtype=torch.bfloat16))
+            with pytest.raises(TypeError, match=r"multi_lora_linear: weight expected dtype torch.float32 \(same as "
+                                                r"x\), got torch.bfloat16"):
+                model(torch.randn(3, 1024))
+
+
 def test_named_adapters_in_slots_and_mixed_batch(tmp_path):
     lk.save_peft_adapter(_trained(("q_proj", "v_proj"), r=4, lora_alpha=8), tmp_path / "a")
     lk.save_peft_adapter(_trained(("q_proj", "o_proj"), r=6, lora_alpha=3), tmp_path / "b")
