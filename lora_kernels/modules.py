@@ -516,9 +516,9 @@ class MultiLoRALinear(nn.Module):
             slot_ids = self.batch_adapters.slot_ids(tuple(x.shape[:-1]))
             if max_slot_id(slot_ids) < 0 and not (torch.is_grad_enabled() and (self.lora_a.requires_grad
                                                                               or self.lora_b.requires_grad)):
-                # No row has an adapter, as the names say on the host: the base layer alone, as LoRALinear computes
-                # a disabled adapter (the LoRA ops' checks and launches cost more than a decode-size base GEMM: a
-                # serving stack's "no LoRA" flag). Slots being trained still get their zero gradients below.
+                # No row has an adapter, as the names say on the host: multi_lora_linear's base GEMM alone, without
+                # the grouped ops (their checks and launches cost more than a decode-size base GEMM: a serving
+                # stack's "no LoRA" flag). Slots being trained still get their zero gradients below.
                 return multi_lora_base_linear(x, self.base_weight(), self.base_layer.bias, backend=self.backend)
             adapter_ids = self.batch_adapters.batch_for(x, self.max_adapters, slot_ids)
         if torch.compiler.is_compiling():  # a traced graph cannot hold a Python lock
