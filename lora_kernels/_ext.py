@@ -27,17 +27,23 @@ def accumulate_dtype(dtype):
 
 
 def scaled_mm(a, b, scaling, out_dtype=None):
-    """scaling · (a @ b) as one GEMM in a's dtype (b is cast to it; out_dtype: the product converted before any
-    scaling after it), for the backward's GEMM fallbacks (a = dY, b = B or S: r columns). The scaling goes where no
-    16-bit intermediate exceeds both the operands and the result: into b before the GEMM when |scaling| <= 1 (b is
-    small, and b · scaling is rounded once), onto the product after it otherwise. Scaling afterwards at a scaling
-    below 1 rounded dY·B to fp16 first: inf where it passed 65504 while the result did not, where PEFT, which scales
-    dY first, stays finite."""
+    """scaling · (a @ b) for the backward's GEMM fallbacks (a = dY, b = B or S: r columns), with b cast to a's dtype.
+
+    out_dtype given and wider than a's 16-bit dtype (the Triton fallback's fp32 dB and dS): the product is never
+    rounded to 16 bits: cuBLAS writes it in out_dtype (mm.dtype, CUDA-only), other devices (the Triton interpreter's
+    tests) multiply fp32 copies, and the scaling is applied after, in out_dtype.
+
+    Otherwise the product is in a's dtype, and the scaling goes where no rounded intermediate exceeds both the
+    operands and the result: into b before the GEMM when |scaling| <= 1 (b is small, and b · scaling is rounded
+    once), onto the product after it otherwise. Scaling afterwards at a scaling below 1 rounded dY·B to fp16 first:
+    inf where it passed 65504 while the result did not, where PEFT, which scales dY first, stays finite."""
+    if out_dtype is not None and out_dtype != a.dtype:
+        if a.is_cuda:
+            return torch.mm(a, b.to(a.dtype), out_dtype=out_dtype).mul_(scaling)
+        return torch.mm(a.to(out_dtype), b.to(out_dtype)).mul_(scaling)
     if abs(scaling) <= 1.0:
-        product = a @ (b * scaling).to(a.dtype)
-        return product if out_dtype is None else product.to(out_dtype)
-    product = a @ b.to(a.dtype)
-    return (product if out_dtype is None else product.to(out_dtype)).mul_(scaling)
+        return a @ (b * scaling).to(a.dtype)
+    return (a @ b.to(a.dtype)).mul_(scaling)
 
 
 def _check_devices(op, ref_name, ref, **tensors):

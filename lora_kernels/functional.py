@@ -507,8 +507,8 @@ class MultiLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, weight, bias, lora_a, lora_b, batch, scalings, ranks, backend):
-        # S is kept unscaled: dB = s·dYᵀ·S reduces S rounded to the input dtype, and the scaled s·S overflows fp16
-        # where S does not (PEFT also rounds S unscaled).
+        # S is kept unscaled: dB = s·dYᵀ·S may reduce S rounded to the input dtype (bf16 on GPUs; fp16 stays fp32
+        # there, see _segment_outer_sum), and the scaled s·S overflows fp16 where S does not (PEFT rounds S unscaled).
         y, s = _multi_lora_forward(x2, weight, bias, lora_a, lora_b, batch, scalings, ranks, backend, unscaled=True)
         # The batch's buffers are saved like the other inputs: refilling them in place (LoRABatch.refill_, for the
         # next step of a CUDA graph) before this backward runs then raises autograd's in-place modification error

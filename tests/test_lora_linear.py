@@ -492,6 +492,25 @@ def test_fp16_torch_func_stays_finite_where_only_an_intermediate_overflows(backe
         assert_close(grad, expected[name], dtype, f"torch.func.vjp d{name}", scale=2.0)
 
 
+@pytest.mark.parametrize("magnitude", ["small", "large"])
+def test_triton_gemm_fallback_keeps_fp32_products(magnitude, device, monkeypatch):
+    """The Triton backward past DY_PARTIALS_BUDGET returns fp32 dB and dS like its kernel: neither product is rounded
+    to fp16 on the way (small: s·dY·B ~ 1e-6 is subnormal in fp16, where the folded scaling lost 5% of its bits;
+    large: dY·B passes 65504 while s·dY·B does not)."""
+    _backend_or_skip("triton", device)
+    from lora_kernels.triton import lora_linear as triton_lora_linear
+    monkeypatch.setattr(triton_lora_linear, "DY_PARTIALS_BUDGET", 0)
+    dtype, m, n, r, scaling = torch.float16, 8, 16, 4, 0.01
+    dy = randn(m, n, dtype=dtype, device=device, scale=1e-3 if magnitude == "small" else 1.0)
+    lora_b = ((1e-2 if magnitude == "small" else 5000.0) * (1.0 + torch.rand(n, r))).to(dtype).to(device)
+    s = randn(m, r, device=device)
+    d_lora_b, ds = triton_lora_linear.lora_bwd_dy(dy, s, lora_b, scaling)
+    assert d_lora_b.dtype == ds.dtype == torch.float32
+    s16 = s.to(dtype).double().cpu()  # S is rounded to dy's dtype for the GEMM, as PEFT rounds it
+    assert_close(ds, scaling * dy.double().cpu() @ lora_b.double().cpu(), torch.float32, "ds")
+    assert_close(d_lora_b, scaling * dy.double().cpu().T @ s16, torch.float32, "d_lora_b")
+
+
 @pytest.mark.parametrize("path", ["cuda_above_the_kernel_bound", "triton_past_the_partials_budget"])
 @pytest.mark.parametrize("scaling", [0.01, 4.0])
 def test_fp16_gemm_fallbacks_stay_finite_where_only_the_unscaled_dy_b_overflows(path, scaling, monkeypatch):
