@@ -235,11 +235,13 @@ _REPO_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 def resolve_adapter_dir(op, path, *, revision=None, subfolder=None):
     """The local directory that holds the adapter files: `path` (joined with `subfolder`) when it is a local directory
     or cannot be a Hub repo id, else the files of the Hub repo `path` at `revision`, downloaded by huggingface_hub
-    (adapter_config.json and the weight files only; its cache, token and HF_HUB_OFFLINE apply)."""
+    (its cache, token and HF_HUB_OFFLINE apply): adapter_config.json and adapter_model.safetensors, or
+    adapter_model.bin where the repo has no safetensors file, as PEFT fetches them."""
     _check_path(op, path)
     for name, value in (("revision", revision), ("subfolder", subfolder)):
-        if value is not None and not (isinstance(value, str) and value):
+        if value is not None and not (isinstance(value, str) and value.strip("/")):
             raise TypeError(f"{op}: {name} expected a non-empty str or None, got {value!r}")
+    subfolder = subfolder.strip("/") if subfolder else None  # "/sub" must not join to the root directory
     local = os.fspath(path)
     if os.path.isdir(local) or not (isinstance(path, str) and _REPO_ID_RE.fullmatch(path)):
         if revision is not None:
@@ -251,10 +253,12 @@ def resolve_adapter_dir(op, path, *, revision=None, subfolder=None):
     except ImportError:
         raise ValueError(f"{op}: {path!r} is not a local directory; loading it as a Hugging Face Hub repo needs "
                          f"huggingface_hub (pip install huggingface_hub)") from None
-    prefix = subfolder.strip("/") + "/" if subfolder else ""
+    prefix = subfolder + "/" if subfolder else ""
     try:
         root = snapshot_download(path, revision=revision,
-                                 allow_patterns=[prefix + CONFIG_NAME, prefix + SAFETENSORS_NAME, prefix + BIN_NAME])
+                                 allow_patterns=[prefix + CONFIG_NAME, prefix + SAFETENSORS_NAME])
+        if not os.path.isfile(os.path.join(root, prefix + SAFETENSORS_NAME)):  # an older adapter: .bin only
+            root = snapshot_download(path, revision=revision, allow_patterns=[prefix + BIN_NAME])
     except Exception as exc:  # no such repo or revision, offline without a cached copy, HTTP errors, ...
         raise ValueError(f"{op}: {path!r} is not a local directory, and fetching it from the Hugging Face Hub "
                          f"failed: {type(exc).__name__}: {exc}") from exc
@@ -453,7 +457,9 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
 
     path: a local directory, or, as in PeftModel.from_pretrained, a Hugging Face Hub repo id ("namespace/name") that
     is not one: its adapter_config.json and weights are downloaded through huggingface_hub, at `revision` (a branch,
-    tag or commit; None: the default branch). subfolder: the adapter's directory inside path or the repo.
+    tag or commit; None: the default branch); a missing relative path that reads as "namespace/name" is looked up
+    there too, so a ValueError naming the failed download reports it, not FileNotFoundError. subfolder: the adapter's
+    directory inside path or the repo.
 
     adapter_name=None: every module the config targets becomes a LoRALinear (nn.Linear, or transformers Conv1D with
     its [in, out] weight) holding the adapter, in the train/eval mode of the layer it replaces, with float32 factors

@@ -1172,16 +1172,24 @@ def test_load_from_a_hub_repo_id_downloads_only_the_adapter_files(tmp_path, monk
     lk.save_peft_adapter(trained, tmp_path / "snapshot" / "sub")
     calls = _fake_hub(monkeypatch, tmp_path / "snapshot")
     monkeypatch.chdir(tmp_path)  # no local directory called someone/adapter
-    loaded = lk.load_peft_adapter(_base(), "someone/adapter", revision="v1.0", subfolder="sub", backend=BACKEND)
+    loaded = lk.load_peft_adapter(_base(), "someone/adapter", revision="v1.0", subfolder="/sub/", backend=BACKEND)
     assert calls == [{"repo_id": "someone/adapter", "revision": "v1.0", "allow_patterns": [
-        "sub/adapter_config.json", "sub/adapter_model.bin", "sub/adapter_model.safetensors"]}]
+        "sub/adapter_config.json", "sub/adapter_model.safetensors"]}]
     x = torch.randn(3, 16)
+    torch.testing.assert_close(loaded(x), trained(x), rtol=0, atol=0)
+    # an adapter saved as adapter_model.bin only (older PEFT): fetched in a second call, as PEFT falls back to it
+    state = load_file(tmp_path / "snapshot" / "sub" / "adapter_model.safetensors")
+    os.remove(tmp_path / "snapshot" / "sub" / "adapter_model.safetensors")
+    torch.save(state, tmp_path / "snapshot" / "sub" / "adapter_model.bin")
+    loaded = lk.load_peft_adapter(_base(), "someone/adapter", subfolder="sub", backend=BACKEND)
+    assert [call["allow_patterns"] for call in calls[1:]] == [
+        ["sub/adapter_config.json", "sub/adapter_model.safetensors"], ["sub/adapter_model.bin"]]
     torch.testing.assert_close(loaded(x), trained(x), rtol=0, atol=0)
     # a local directory wins over the Hub, also when its name reads as a repo id; subfolder applies there too
     os.makedirs(tmp_path / "someone")
     os.rename(tmp_path / "snapshot", tmp_path / "someone" / "adapter")
     loaded = lk.load_peft_adapter(_base(), "someone/adapter", subfolder="sub", backend=BACKEND)
-    assert len(calls) == 1
+    assert len(calls) == 3
     torch.testing.assert_close(loaded(x), trained(x), rtol=0, atol=0)
 
 
@@ -1228,8 +1236,9 @@ def test_hub_failures_are_errors_naming_the_repo_and_leave_the_model_untouched(t
     with pytest.raises(ValueError, match=r"load_peft_adapter: revision='main' selects a version of a Hugging Face Hub "
                                          r"repo, but .* is a local path"):
         lk.load_peft_adapter(model, tmp_path, revision="main")
-    with pytest.raises(TypeError, match=r"load_peft_adapter: subfolder expected a non-empty str or None, got 3"):
-        lk.load_peft_adapter(model, "someone/adapter", subfolder=3)
+    for subfolder in (3, "/"):
+        with pytest.raises(TypeError, match=r"load_peft_adapter: subfolder expected a non-empty str or None, got "):
+            lk.load_peft_adapter(model, "someone/adapter", subfolder=subfolder)
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
     with pytest.raises(ValueError, match=r"'someone/adapter' is not a local directory; loading it as a Hugging Face "
                                          r"Hub repo needs huggingface_hub"):
