@@ -268,7 +268,7 @@ class LoRALinearFunction(torch.autograd.Function):
             if backend == "cuda" and dy.shape[0] * lora_b.shape[1] > CUDA_BWD_DY_KERNEL_MAX_WORK:
                 # cuBLAS GEMMs in the input dtype, S rounded to it as PEFT rounds it (scaled first when that keeps
                 # it smaller: see scaled_mm). Using the fp32 S and dS would take fp32 copies of dy [M, N] and
-                # x [M, K] (torch has no mixed-dtype GEMM on CPU): a cost at large M no GPU has measured yet.
+                # x [M, K] (a GEMM takes one input dtype): a cost at large M no GPU has measured yet.
                 d_lora_b = scaled_mm(dy.T, s, scaling)
                 ds = scaled_mm(dy, lora_b, scaling)
             elif backend in ("cpu", "cuda"):
