@@ -82,7 +82,8 @@ def auto_backend(device, op_name="lora_linear", dtype=None):
     - lora_linear on GPUs: the unfused torch composition, because the fused kernels measured slower there
       (fwd+bwd at M=8192: torch 1.28 ms, cuda 1.58 ms, triton 2.77 ms); ask for "triton" or "cuda" explicitly;
     - on CPU: the C++ CPU kernels. The Triton interpreter is for tests and never chosen automatically.
-    float64 (dtype) skips Triton, whose kernels run 32- and 16-bit floats only."""
+    float64 (dtype) skips Triton, whose kernels run 32- and 16-bit floats only. DTensor arguments (tensor
+    parallelism) never come here: lora_linear picks "torch" for them (functional.resolve_dtensor_backend)."""
     device = torch.device(device)
     if device.type == "cuda":
         order = ("triton", "cuda", "torch") if op_name in GROUPED_OPS else ("torch",)

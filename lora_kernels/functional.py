@@ -13,6 +13,7 @@ import numbers
 import torch
 
 from lora_kernels import ops, reference
+from lora_kernels._dtensor import describe, dtensor_class
 from lora_kernels._ext import accumulate_dtype, scaled_mm
 from lora_kernels.backends import resolve_backend
 from lora_kernels.batch import BUFFER_FIELDS, LoRABatch
@@ -100,6 +101,56 @@ def check_lora_linear_args(op, x, weight, lora_a, lora_b, bias, scaling, dropout
         raise ValueError(f"{op}: scaling expected a finite number, got {scaling!r}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{op}: dropout_p expected a number in [0, 1), got {dropout_p!r}")
+
+
+# DTensor (tensor parallelism) is run by the backends that compose torch ops, whose DTensor rules shard the maths:
+# the kernels take plain tensors (a DTensor reached them as "lora_fwd.default does not have a sharding strategy
+# registered", or as torch's "got mixed torch.Tensor and DTensor" deep inside).
+DTENSOR_BACKENDS = ("torch", "reference")
+
+
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter, type(None))
+
+
+def _has_dtensor(tensors):
+    """Whether one of `tensors` is a DTensor; plain tensors are told apart by type first (an isinstance check
+    against DTensor costs ~0.15 µs a tensor, every call of every layer)."""
+    cls = dtensor_class()
+    if cls is None:
+        return False
+    for t in tensors:
+        if type(t) not in _PLAIN_TYPES and isinstance(t, cls):
+            return True
+    return False
+
+
+def resolve_dtensor_backend(op, backend, named, dropout_p):
+    """The backend for a call with a DTensor among `named` ((name, tensor or None) pairs, checked otherwise already):
+    "auto" picks "torch", the composition of DTensor-aware torch ops (a kernel backend cannot take them); a kernel
+    backend, a plain tensor beside a DTensor, another device mesh and dropout are refused (TypeError/ValueError
+    naming the argument) before any work."""
+    cls = dtensor_class()
+    first_name, first = next((n, t) for n, t in named if isinstance(t, cls))
+    for name, t in named:
+        if t is None:
+            continue
+        if not isinstance(t, cls):
+            raise TypeError(f"{op}: {name} expected a DTensor, as {first_name} is {describe(first)}, got a plain "
+                            f"torch.Tensor: with tensor parallelism every tensor argument is a DTensor on one device "
+                            f"mesh (parallelize_module's hooks convert a layer's input; a LoRALinear made from a "
+                            f"parallelized nn.Linear by inject_lora, load_peft_adapter or from_linear keeps them)")
+        if t.device_mesh != first.device_mesh:
+            raise ValueError(f"{op}: {name} expected a DTensor on {first.device_mesh} (as {first_name}), got "
+                             f"{describe(t)}")
+    chosen = resolve_backend("torch" if backend == "auto" else backend, first.device, op)
+    if chosen not in DTENSOR_BACKENDS:
+        raise TypeError(f"{op}: backend {backend!r} runs plain tensors, got {first_name} as {describe(first)} "
+                        f"(tensor parallelism); use backend='torch' (or 'auto', which picks it for DTensors): its "
+                        f"torch ops shard the computation as the weights are sharded")
+    if dropout_p > 0.0:
+        raise ValueError(f"{op}: dropout_p expected 0 with DTensor inputs (tensor parallelism), got {dropout_p!r}: "
+                         f"the dropout mask is drawn by each process, not as a DTensor; use lora_dropout=0 there")
+    return chosen
 
 
 # ------------------------------------------------------------------------------------------------------ autocast
@@ -308,6 +359,13 @@ class LoRALinearFunction(torch.autograd.Function):
 def _cast_grads(ctx, grads, x2, lora_a, lora_b):
     """LoRALinearFunction.backward's return: each gradient in its input's dtype (None where not needed)."""
     dx, d_weight, d_lora_a, d_lora_b, d_bias = grads
+    if _has_dtensor((lora_a,)):
+        # tensor parallelism: a replicated factor's gradient comes out partial (summed over the ranks' shards of N
+        # or K); reduced here, so each factor's gradient is laid out as the factor is (as torch's own parallel
+        # layers give theirs), which optimizers, grad clipping and FSDP2 over TP expect
+        d_lora_a, d_lora_b = (g if g is None or g.placements == t.placements
+                              else g.redistribute(t.device_mesh, t.placements)
+                              for g, t in ((d_lora_a, lora_a), (d_lora_b, lora_b)))
     cast = (lambda g, dtype: None if g is None else g.to(dtype))
     return (cast(dx, x2.dtype), cast(d_weight, ctx.weight_dtype), cast(d_lora_a, lora_a.dtype),
             cast(d_lora_b, lora_b.dtype) if ctx.needs_input_grad[3] else None, cast(d_bias, ctx.weight_dtype),
@@ -371,13 +429,19 @@ def lora_linear(x, weight, lora_a, lora_b, scaling=1.0, bias=None, *, dropout_p=
     dropout_p applies to the LoRA branch input only (pass 0 in eval mode). Returns [..., N] in x.dtype; under
     torch.autocast, in the autocast dtype, like F.linear (every input is cast to it first).
     backend: "auto", "triton", "cuda", "cpu", "torch" or "reference" (see lora_kernels.backends).
+    DTensors (tensor parallelism; all arguments then, on one mesh, dropout_p = 0): "torch" or "reference" only,
+    and "auto" picks "torch" (resolve_dtensor_backend).
     """
     op = "lora_linear"
     autocast_dtype = _autocast_dtype(x)
     if autocast_dtype is not None:
         x, weight, lora_a, lora_b, bias = _cast_for_autocast(autocast_dtype, (x, weight, lora_a, lora_b, bias))
     check_lora_linear_args(op, x, weight, lora_a, lora_b, bias, scaling, dropout_p)
-    backend = resolve_backend(backend, x.device, op)
+    if _has_dtensor((x, weight, lora_a, lora_b, bias)):  # tensor parallelism: the torch composition
+        backend = resolve_dtensor_backend(op, backend, (("x", x), ("weight", weight), ("lora_a", lora_a),
+                                                        ("lora_b", lora_b), ("bias", bias)), dropout_p)
+    else:
+        backend = resolve_backend(backend, x.device, op)
     if backend == "triton":  # the kernels' limits, named for this op and before the dropout seed is drawn
         kernels = _triton_lora_linear()
         if x.dtype not in kernels.SUPPORTED_DTYPES:

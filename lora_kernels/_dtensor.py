@@ -1,0 +1,35 @@
+"""Tensor parallelism (torch.distributed.tensor, parallelize_module): recognising DTensors and the layout hooks
+parallelize_module puts on a layer, without importing torch.distributed (no DTensor can exist before it is
+imported)."""
+
+import sys
+
+
+def dtensor_class():
+    """torch.distributed.tensor.DTensor once that module is imported, else None."""
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+
+
+def is_dtensor(t):
+    cls = dtensor_class()
+    return cls is not None and isinstance(t, cls)
+
+
+def describe(t):
+    """'a DTensor (placements (Shard(dim=0),) on DeviceMesh(...))' for error messages."""
+    return f"a DTensor (placements {tuple(t.placements)} on {t.device_mesh})"
+
+
+def is_tensor_parallel_hook(hook):
+    """Whether `hook` is one of the forward (pre-)hooks torch.distributed.tensor.distribute_module registers, which
+    ColwiseParallel / RowwiseParallel / SequenceParallel (parallelize_module) use to convert a layer's input to the
+    DTensor layout its sharded weight needs and its output back: lambdas defined in distribute_module (torch 2.5 on:
+    torch/distributed/tensor/_api.py)."""
+    return (getattr(hook, "__module__", None) == "torch.distributed.tensor._api"
+            and getattr(hook, "__qualname__", "").startswith("distribute_module."))
+
+
+def tensor_parallel_hooks(module):
+    """(forward pre-hooks, forward hooks) that distribute_module registered on `module`, in registration order."""
+    return ([h for h in module._forward_pre_hooks.values() if is_tensor_parallel_hook(h)],
+            [h for h in module._forward_hooks.values() if is_tensor_parallel_hook(h)])
