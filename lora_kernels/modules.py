@@ -13,6 +13,7 @@ import warnings
 import torch
 from torch import nn
 
+from lora_kernels._dtensor import describe, is_dtensor, is_tensor_parallel_hook, tensor_parallel_hooks
 from lora_kernels.backends import check_backend_name
 from lora_kernels.functional import lora_linear, multi_lora_base_linear, multi_lora_linear
 from lora_kernels.ops import check_flag
@@ -36,15 +37,67 @@ class LoRAFactor(nn.Module):
     @torch.no_grad()
     def reset_parameters(self):
         scheme = getattr(self, "init_scheme", "kaiming")  # a factor pickled before init_scheme existed
+        weight = self.weight
+        if is_dtensor(weight):
+            # tensor parallelism: drawn whole, then rank 0's draw distributed (a collective), so a replicated factor
+            # is the same on every rank and a sharded one holds the shards of one draw (the draws of one process)
+            weight = torch.empty(self.weight.shape, dtype=self.weight.dtype, device=self.weight.device)
         if scheme == "zeros":
-            nn.init.zeros_(self.weight)
+            nn.init.zeros_(weight)
         elif scheme == "gaussian":  # lora_A [r, in]: PEFT's N(0, std 1/r)
-            nn.init.normal_(self.weight, std=1 / self.weight.shape[0])
+            nn.init.normal_(weight, std=1 / weight.shape[0])
         else:
-            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        if weight is not self.weight:
+            self.weight.copy_(distribute_like(weight, self.weight))
 
     def extra_repr(self):
         return f"shape={tuple(self.weight.shape)}"
+
+
+def distribute_like(tensor, dtensor):
+    """`tensor` (whole, the same on every rank) as a DTensor laid out like `dtensor`: rank 0's copy is scattered or
+    broadcast (a collective, as parallelize_module distributes weights)."""
+    from torch.distributed.tensor import distribute_tensor
+    return distribute_tensor(tensor, dtensor.device_mesh, dtensor.placements)
+
+
+def copy_into(parameter, tensor):
+    """parameter.copy_(tensor) for a whole `tensor`, also when parameter is a DTensor (see distribute_like)."""
+    if is_dtensor(parameter) and not is_dtensor(tensor):
+        tensor = distribute_like(tensor.to(device=parameter.device, dtype=parameter.dtype), parameter)
+    parameter.copy_(tensor)
+
+
+def _factor_placements(op, weight, fan_in_fan_out, backend, lora_dropout):
+    """The placements of (lora_A [r, in], lora_B [out, r]) for a LoRA layer on a base weight that is a DTensor, so
+    that the factors are sharded as the weight is: a column-parallel weight (split over out) splits lora_B over out,
+    a row-parallel one (split over in) lora_A over in, a replicated one replicates both. Then the torch ops of the
+    torch backend compute the same layout as the base layer's (A·x is partial for a row-parallel layer and reduced
+    with its base output). Refused by name: a kernel backend, dropout, a mesh of more than one dimension (FSDP2
+    over tensor parallelism) and a partial weight."""
+    from torch.distributed.tensor import Replicate, Shard
+    where = f"the base weight is {describe(weight)}"
+    if backend not in ("auto", "torch", "reference"):
+        raise TypeError(f"{op}: backend {backend!r} runs plain tensors, but {where} (tensor parallelism); use "
+                        f"backend='torch' (or 'auto', which picks it for DTensors)")
+    if lora_dropout > 0:
+        raise ValueError(f"{op}: lora_dropout expected 0 for a DTensor base weight (tensor parallelism), got "
+                         f"{lora_dropout!r}: the dropout mask is drawn by each process, not as a DTensor")
+    if weight.device_mesh.ndim != 1:
+        raise TypeError(f"{op}: {where}, on a mesh of {weight.device_mesh.ndim} dimensions; LoRA layers go on a "
+                        f"tensor-parallel (1-D mesh) weight: call inject_lora / load_peft_adapter after "
+                        f"parallelize_module and before fully_shard")
+    (placement,) = weight.placements
+    out_dim = 1 if fan_in_fan_out else 0
+    if isinstance(placement, Replicate):
+        return (Replicate(),), (Replicate(),)
+    if isinstance(placement, Shard) and placement.dim % 2 == out_dim:
+        return (Replicate(),), (Shard(0),)
+    if isinstance(placement, Shard):
+        return (Shard(1),), (Replicate(),)
+    raise TypeError(f"{op}: {where}; expected Shard or Replicate placements (a partial weight holds no value "
+                    f"of its own to adapt)")
 
 
 def lora_scaling(r, lora_alpha, use_rslora):
@@ -114,7 +167,9 @@ def warn_dropped_hooks(op, what, module, why, stacklevel):
     not fire: activation capture, steering or observers registered before the adapter went in would go silent. Not
     carried over: a forward hook would then see the LoRA output (PEFT's see the base layer's), and the handles the
     caller holds would remove them from the old module only."""
-    kinds = [kind for kind, attr in _HOOK_KINDS if getattr(module, attr, None)]
+    # parallelize_module's layout hooks are not dropped: LoRALinear.from_linear carries them over
+    kinds = [kind for kind, attr in _HOOK_KINDS
+             if any(not is_tensor_parallel_hook(hook) for hook in (getattr(module, attr, None) or {}).values())]
     if kinds:
         warnings.warn(f"{op}: {what} ({type(module).__name__}) has {' and '.join(kinds)} hooks, which are not carried "
                       f"over: {why}, so they will not fire. Register them again on the new layer (they then see its "
@@ -184,8 +239,15 @@ class LoRALinear(nn.Module):
         factor_dtype = self.weight.dtype
         if autocast_adapter_dtype and factor_dtype in (torch.float16, torch.bfloat16):
             factor_dtype = torch.float32
+        placements = (_factor_placements(op, self.weight, self.fan_in_fan_out, backend, lora_dropout)
+                      if is_dtensor(self.weight) else None)
         self.lora_A = LoRAFactor(r, self.in_features, device=self.weight.device, dtype=factor_dtype)
         self.lora_B = LoRAFactor(self.out_features, r, device=self.weight.device, dtype=factor_dtype)
+        if placements is not None:  # sharded like the base weight; reset_lora_parameters fills them
+            from torch.distributed.tensor import distribute_tensor
+            for factor, placement in zip((self.lora_A, self.lora_B), placements):
+                factor.weight = nn.Parameter(distribute_tensor(factor.weight.detach(), self.weight.device_mesh,
+                                                               placement, src_data_rank=None))
         self.merged = False
         self.disable_adapters = False
         self.reset_lora_parameters(init_lora_weights)
@@ -246,6 +308,11 @@ class LoRALinear(nn.Module):
         else:
             raise TypeError(f"{op}: linear expected an nn.Linear, got {type(linear).__name__}")
         check_wrappable_linear(op, "linear", linear)
+        pre_hooks, hooks = tensor_parallel_hooks(linear)
+        if is_dtensor(linear.weight) and not (pre_hooks and hooks):
+            raise TypeError(f"{op}: linear's weight is {describe(linear.weight)} without the input and output hooks "
+                            f"parallelize_module puts on a tensor-parallel layer (an FSDP2-sharded weight, or one "
+                            f"distributed by hand); apply LoRA before fully_shard, or after parallelize_module")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = in_features, out_features
@@ -256,6 +323,12 @@ class LoRALinear(nn.Module):
         linear.weight.requires_grad_(False)  # after every check: a refused wrap leaves `linear` as it was
         if linear.bias is not None:
             linear.bias.requires_grad_(False)
+        # parallelize_module's hooks convert the input to the DTensor layout the sharded weight needs and the
+        # output back: part of the layer's computation, so they come along (other hooks do not: warn_dropped_hooks)
+        for hook in pre_hooks:
+            layer.register_forward_pre_hook(hook)
+        for hook in hooks:
+            layer.register_forward_hook(hook)
         return layer.train(linear.training)  # a model in eval mode stays in eval mode (no dropout)
 
     def forward(self, x):
@@ -319,7 +392,12 @@ class LoRALinear(nn.Module):
     def to_linear(self):
         """A plain nn.Linear holding the merged weights (the adapter folded in); a transformers Conv1D with
         fan_in_fan_out, so the state dict keeps the wrapped layer's keys and shapes. Its weight and bias keep this
-        layer's requires_grad (frozen, unless the base was trained) and train/eval mode."""
+        layer's requires_grad (frozen, unless the base was trained) and train/eval mode. Not for a DTensor base weight
+        (tensor parallelism): TypeError."""
+        if is_dtensor(self.weight):
+            raise TypeError(f"LoRALinear.to_linear: the base weight is {describe(self.weight)} (tensor parallelism) "
+                            f"and the new layer would be a plain one; merge() in place, or save the adapter "
+                            f"(save_peft_adapter, on every rank) and merge it into an unsharded model")
         if self.fan_in_fan_out:
             conv1d = conv1d_class()
             if conv1d is None:
@@ -386,6 +464,12 @@ class MultiLoRALinear(nn.Module):
             raise TypeError(f"MultiLoRALinear: base_linear expected an nn.Linear or a transformers Conv1D, "
                             f"got {type(base_linear).__name__}")
         check_wrappable_linear("MultiLoRALinear", "base_linear", base_linear)
+        if is_dtensor(base_linear.weight):  # the grouped kernels take plain tensors, and the layout hooks never fire
+            raise TypeError(f"{'MultiLoRALinear' if _name is None else f'prepare_multi_adapter: module {_name!r}'}: "
+                            f"the base weight is {describe(base_linear.weight)} (tensor parallelism); several "
+                            f"adapters in one batch are not supported on DTensor layers: use a LoRALinear per adapter "
+                            f"(inject_lora / load_peft_adapter after parallelize_module), or the serving ops lk.ops.* "
+                            f"on each rank's plain shards")
         for name, value in (("max_adapters", max_adapters), ("max_rank", max_rank)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"MultiLoRALinear: {name} expected an int >= 1, got {value!r}")
@@ -1278,6 +1362,12 @@ def merge_and_unload(model):
     if fan_in_fan_out and conv1d_class() is None:  # to_linear would fail there, after earlier layers were replaced
         raise RuntimeError(f"merge_and_unload: layers {fan_in_fan_out[:3]} have fan_in_fan_out=True and unwrap to "
                            f"transformers' Conv1D, but transformers is not imported; the model is unchanged")
+    sharded = [name for name, module in layers if is_dtensor(module.weight)]
+    if sharded:  # to_linear would refuse them, after earlier layers were replaced
+        raise TypeError(f"merge_and_unload: layers {sharded[:3]}{' ...' if len(sharded) > 3 else ''} have DTensor base "
+                        f"weights (tensor parallelism) and would become plain nn.Linear layers; merge() them in "
+                        f"place, or save the adapter (save_peft_adapter, on every rank) and merge it into an "
+                        f"unsharded model; the model is unchanged")
     for name, module in layers:
         warn_dropped_hooks("merge_and_unload", f"module {name!r}", module, "it is replaced by a new layer holding "
                            "the merged weight", stacklevel=2)

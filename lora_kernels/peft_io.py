@@ -12,7 +12,9 @@ Distributed training: LoRALinear holds plain Parameters (frozen base, trainable 
 (`torch.distributed.fsdp.fully_shard`, which accepts frozen and trainable parameters in one group) wrap an injected
 or loaded model like any other (tests/test_distributed.py: gloo, CPU). Load before wrapping. Save: under DDP call
 save_peft_adapter on rank 0 (or on every rank: only rank 0 writes); under FSDP2 call it on every rank, since
-gathering the sharded LoRA weights (DTensor.full_tensor) is a collective, and rank 0 writes.
+gathering the sharded LoRA weights (DTensor.full_tensor) is a collective, and rank 0 writes. Tensor parallelism
+(parallelize_module): load after it, on every rank (the factors are distributed from rank 0's copy, a collective,
+sharded like the weights they adapt); save on every rank.
 """
 
 import json
@@ -30,7 +32,7 @@ from lora_kernels.backends import check_backend_name
 from lora_kernels.modules import (BIAS_ATTR, BIAS_MODES, LORA_WRAPPERS, MODULES_TO_SAVE_ATTR, LoRALinear,
                                   MultiLoRALinear, _record_bias, _record_modules_to_save, _rollback_on_error,
                                   _set_submodule, _train_biases, _warn_linear_fan_in_fan_out, check_no_accelerate_hook,
-                                  check_targets_outside_heads, check_wrappable_linear,
+                                  check_targets_outside_heads, check_wrappable_linear, copy_into,
                                   enable_input_grads_for_checkpointing, is_conv1d, is_layer_index, lora_scaling,
                                   named_modules_to_save, named_target_modules, pattern_value, target_module_matches,
                                   trained_biases, unwrap_model, warn_conv1d_fan_in_fan_out, warn_dropped_hooks)
@@ -587,9 +589,9 @@ def _commit_single(model, config, plan, grouped, heads, biases, backend, autocas
                     layer = LoRALinear.from_linear(module, r, alpha, config.lora_dropout, config.use_rslora,
                                                    backend=backend, fan_in_fan_out=conv,
                                                    autocast_adapter_dtype=autocast_adapter_dtype)
-                with torch.no_grad():
-                    layer.lora_A.weight.copy_(lora_a)
-                    layer.lora_B.weight.copy_(lora_b)
+                with torch.no_grad():  # sharded like the base weight under tensor parallelism: copy_into
+                    copy_into(layer.lora_A.weight, lora_a)
+                    copy_into(layer.lora_B.weight, lora_b)
                 layers.append((name, module, layer))
             for parameter in model.parameters():
                 parameter.requires_grad_(False)
@@ -622,11 +624,12 @@ def _commit_single(model, config, plan, grouped, heads, biases, backend, autocas
 
 def _copy_state(module, state):
     """Copies {state-dict key: tensor} into module's parameters and buffers in place (cast to their dtype and
-    device), so whatever holds them (an optimizer) sees the new values."""
+    device), so whatever holds them (an optimizer) sees the new values; DTensors (tensor parallelism) take their
+    shards of the whole tensor."""
     current = module.state_dict(keep_vars=True)
     with torch.no_grad():
         for key, tensor in state.items():
-            current[key].copy_(tensor)
+            copy_into(current[key], tensor)
 
 
 def _commit_multi(model, op, adapter_name, plan, grouped, config):
