@@ -223,3 +223,188 @@ def test_serving_ops_under_tensor_parallelism_equal_the_unsharded_layer(tmp_path
             assert_close(got, base + TP_WORLD * (expected - base), torch.float32, name)
         else:
             assert_close(got, expected, torch.float32, name)
+
+
+# --------------------------------------------------------------------------- LoRA layers under DTensor tensor parallelism
+# PyTorch's own tensor parallelism (parallelize_module with ColwiseParallel / RowwiseParallel: DTensor weights and
+# layout hooks on each nn.Linear), the FSDP2+TP recipe's TP half. Layer "0" column-parallel (W, bias and so lora_B
+# split over N), layer "2" row-parallel (W and so lora_A split over K, the result all-reduced). One pair of processes
+# for every case; rank 0 saves what it saw and the parent compares it with one process.
+#   (a) inject_lora, then parallelize_module: torch refuses the LoRA layers (its styles take nn.Linear only).
+#   (b) parallelize_module, then inject_lora: the torch backend (and "auto", which picks it for DTensors) gives the
+#       one-process output and LoRA gradients (the factors sharded like the weight, the layout hooks carried over);
+#       merge() in place too. A kernel backend, which takes plain tensors, lora_dropout > 0, prepare_multi_adapter
+#       and merge_and_unload (plain layers) are refused before the model changes.
+#   (c) save_peft_adapter of (b)'s model writes the one-process adapter; load_peft_adapter into a parallelized base
+#       model computes the one-process output.
+# Each lk.lora_linear call with a DTensor argument and a plain one, or a kernel backend, is refused by name.
+
+TP_LORA_PLAN_TARGETS = ["0", "2"]
+
+
+def _tp_lora_base():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
+
+
+def _tp_lora_inject(model, **kwargs):
+    torch.manual_seed(7)  # the same draws for the factors in one process and on rank 0 (whose draw every rank gets)
+    return lk.inject_lora(model, TP_LORA_PLAN_TARGETS, r=4, lora_alpha=8, init_lora_weights=False, **kwargs)
+
+
+def _tp_lora_batch():
+    generator = torch.Generator().manual_seed(2)
+    return torch.randn(6, 16, generator=generator), torch.randn(6, 8, generator=generator)
+
+
+def _outcome(fn):
+    """("ok", value) or ("error", exception type name, message): what a case did on this rank."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            value = fn()
+        return ("ok", value, [str(w.message) for w in caught])
+    except Exception as exc:  # noqa: BLE001  (the test compares the type and message)
+        return ("error", type(exc).__name__, str(exc))
+
+
+def _tp_lora_worker(rank, port, out_dir):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=TP_WORLD)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+        mesh = init_device_mesh("cpu", (TP_WORLD,))
+
+        def parallel_base():
+            return parallelize_module(_tp_lora_base(), mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+
+        x, target = _tp_lora_batch()
+        results = {}
+        results["a"] = _outcome(lambda: parallelize_module(_tp_lora_inject(_tp_lora_base(), backend="torch"), mesh,
+                                                           {"0": ColwiseParallel(), "2": RowwiseParallel()}))
+
+        def step(backend):
+            model = _tp_lora_inject(parallel_base(), backend=backend)
+            y = model(x)
+            _loss(model, x, target).backward()
+            grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+            # each factor sharded like the weight it adapts, and its gradient laid out as the factor
+            placements = {n: (tuple(map(repr, p.placements)), p.grad.placements == p.placements)
+                          for n, p in model.named_parameters() if "lora_" in n}
+            if backend == "torch":
+                lk.save_peft_adapter(model, os.path.join(out_dir, "tp_adapter"))  # every rank: gathers the factors
+            unload = _outcome(lambda: lk.merge_and_unload(model))[:2]  # would make plain layers: refused
+            unload += (all(isinstance(model[i], lk.LoRALinear) for i in (0, 2)),)
+            for i in (0, 2):
+                model[i].merge()  # in place, on the sharded weight
+            return y, grads, placements, unload, model(x)
+
+        for backend in ("torch", "auto"):
+            results[f"b/{backend}"] = _outcome(lambda: step(backend))
+
+        def refused(apply):  # the error, and whether the model is still the parallelized base model
+            model = parallel_base()
+            flags = [p.requires_grad for p in model.parameters()]
+            outcome = _outcome(lambda: apply(model) and None)  # not the model: its hooks do not pickle
+            unchanged = (all(type(model[i]) is nn.Linear for i in (0, 2))
+                         and flags == [p.requires_grad for p in model.parameters()])
+            return outcome, unchanged
+
+        if "cpu" in lk.available_backends("cpu"):
+            results["b/cpu"] = refused(lambda model: _tp_lora_inject(model, backend="cpu"))
+        results["b/dropout"] = refused(lambda model: _tp_lora_inject(model, lora_dropout=0.1))
+        # several adapters per batch: grouped kernels only
+        results["b/multi"] = refused(lambda model: lk.prepare_multi_adapter(model, TP_LORA_PLAN_TARGETS, 2, 4))
+
+        def loaded():
+            model = lk.load_peft_adapter(parallel_base(), os.path.join(out_dir, "tp_adapter"))
+            return model(x)
+        results["c/load"] = _outcome(loaded)
+
+        # the functional op, called directly: a DTensor weight with a plain x (a layer without parallelize_module's
+        # input hook), and DTensors for a kernel backend
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+        generator = torch.Generator().manual_seed(4)
+        w, a, b = (torch.randn(*shape, generator=generator) for shape in ((8, 16), (2, 16), (8, 2)))
+        w_d = distribute_tensor(w, mesh, [Shard(0)])
+        a_d, b_d = distribute_tensor(a, mesh, [Replicate()]), distribute_tensor(b, mesh, [Shard(0)])
+        x_d = distribute_tensor(x, mesh, [Replicate()])
+        results["op/mixed"] = _outcome(lambda: lk.lora_linear(x, w_d, a_d, b_d, 2.0, backend="torch"))
+        if "cpu" in lk.available_backends("cpu"):
+            results["op/cpu"] = _outcome(lambda: lk.lora_linear(x_d, w_d, a_d, b_d, 2.0, backend="cpu"))
+        for backend in ("auto", "reference"):  # torch ops, DTensor-aware (auto picks torch)
+            results[f"op/{backend}"] = _outcome(lambda: lk.lora_linear(x_d, w_d, a_d, b_d, 2.0,
+                                                                       backend=backend).full_tensor())
+        if rank == 0:
+            torch.save(results, os.path.join(out_dir, "tp_lora.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_lora_layers_under_dtensor_tensor_parallelism_equal_one_process_or_are_refused(tmp_path):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    context = mp.spawn(_tp_lora_worker, args=(_free_port(), str(tmp_path)), nprocs=TP_WORLD, join=False)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
+    results = torch.load(tmp_path / "tp_lora.pt", weights_only=False)
+    x, target = _tp_lora_batch()
+    model = _tp_lora_inject(_tp_lora_base(), backend="torch")
+    expected_y = model(x)
+    _loss(model, x, target).backward()
+    expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    # (a) torch's own refusal: its styles shard nn.Linear and nn.Embedding only
+    assert results["a"][:2] == ("error", "NotImplementedError") and "nn.Linear" in results["a"][2]
+    # (b) the torch backend, and auto, which picks it for DTensors: one process's output and gradients, with the
+    # factors sharded like the weight they adapt and no warning about dropped hooks (the layout hooks move along)
+    for backend in ("torch", "auto"):
+        status, value, caught = results[f"b/{backend}"]
+        assert status == "ok", results[f"b/{backend}"]
+        y, grads, placements, unload, merged_y = value
+        assert not caught, caught
+        assert_close(y, expected_y, torch.float32, f"TP output/{backend}")
+        assert sorted(grads) == sorted(expected)
+        for name, grad in expected.items():
+            assert_close(grads[name], grad, torch.float32, f"TP grad {name}/{backend}")
+        assert placements == {"0.lora_A.weight": (("Replicate()",), True), "0.lora_B.weight": (("Shard(dim=0)",), True),
+                              "2.lora_A.weight": (("Shard(dim=1)",), True), "2.lora_B.weight": (("Replicate()",), True)}
+        assert unload == ("error", "TypeError", True), unload  # merge_and_unload refused, the model unchanged
+        assert_close(merged_y, expected_y, torch.float32, f"TP output after merge()/{backend}")
+    # refused before any change: a kernel backend (plain tensors only), dropout (masks drawn per process)
+    if "cpu" in lk.available_backends("cpu"):
+        (status, kind, message), unchanged = results["b/cpu"]
+        assert (status, kind, unchanged) == ("error", "TypeError", True), results["b/cpu"]
+        assert "backend 'cpu'" in message and "backend='torch'" in message, message
+    (status, kind, message), unchanged = results["b/dropout"]
+    assert (status, kind, unchanged) == ("error", "ValueError", True), results["b/dropout"]
+    assert "lora_dropout" in message and "0.1" in message, message
+    (status, kind, message), unchanged = results["b/multi"]
+    assert (status, kind, unchanged) == ("error", "TypeError", True), results["b/multi"]
+    assert message.startswith("prepare_multi_adapter: module '0'") and "DTensor" in message, message
+    # (c) the saved adapter is the one-process one; loaded into a parallelized base model it computes its output
+    loaded = lk.load_peft_adapter(_tp_lora_base(), tmp_path / "tp_adapter")
+    torch.testing.assert_close(loaded(x), expected_y.detach(), rtol=0, atol=0)
+    status, y, caught = results["c/load"]
+    assert status == "ok", results["c/load"]
+    assert not caught, caught
+    assert_close(y, expected_y, torch.float32, "TP output after load_peft_adapter")
+    # the functional op
+    status, kind, message = results["op/mixed"]
+    assert (status, kind) == ("error", "TypeError") and message.startswith("lora_linear: x "), results["op/mixed"]
+    if "op/cpu" in results:
+        status, kind, message = results["op/cpu"]
+        assert (status, kind) == ("error", "TypeError") and "backend 'cpu'" in message, message
+    generator = torch.Generator().manual_seed(4)
+    w, a, b = (torch.randn(*shape, generator=generator) for shape in ((8, 16), (2, 16), (8, 2)))
+    for backend in ("auto", "reference"):
+        status, y, _ = results[f"op/{backend}"]
+        assert status == "ok", results[f"op/{backend}"]
+        assert_close(y, lk.lora_linear(x, w, a, b, 2.0, backend="torch"), torch.float32, f"DTensor lora_linear/{backend}")
