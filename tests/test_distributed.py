@@ -94,6 +94,17 @@ def _worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
+def _run_workers(worker, world, tmp_path):
+    """worker(rank, port, out_dir) in `world` spawned processes; fails the test past TIMEOUT_S."""
+    context = mp.spawn(worker, args=(_free_port(), str(tmp_path)), nprocs=world, join=False)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -103,13 +114,7 @@ def _free_port():
 def test_ddp_and_fsdp2_lora_gradients_equal_one_process_and_saved_adapters_load(tmp_path):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    context = mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
+    _run_workers(_worker, WORLD, tmp_path)
     results = torch.load(tmp_path / "grads.pt")
 
     model = _model()
@@ -204,13 +209,7 @@ def _tp_worker(rank, port, out_dir):
 def test_serving_ops_under_tensor_parallelism_equal_the_unsharded_layer(tmp_path):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    context = mp.spawn(_tp_worker, args=(_free_port(), str(tmp_path)), nprocs=TP_WORLD, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
+    _run_workers(_tp_worker, TP_WORLD, tmp_path)
     results = torch.load(tmp_path / "tp.pt")
     x, weight, lora_a, lora_b, ids, scalings, ranks = _tp_problem()
     expected = reference.multi_lora_linear(x, weight, lora_a, lora_b, ids, scalings, None, ranks)
@@ -302,7 +301,7 @@ def _tp_lora_worker(rank, port, out_dir):
             return y, grads, placements, unload, model(x)
 
         for backend in ("torch", "auto"):
-            results[f"b/{backend}"] = _outcome(lambda: step(backend))
+            results[f"b/{backend}"] = _outcome(lambda backend=backend: step(backend))
 
         def refused(apply):  # the error, and whether the model is still the parallelized base model
             model = parallel_base()
@@ -335,8 +334,8 @@ def _tp_lora_worker(rank, port, out_dir):
         if "cpu" in lk.available_backends("cpu"):
             results["op/cpu"] = _outcome(lambda: lk.lora_linear(x_d, w_d, a_d, b_d, 2.0, backend="cpu"))
         for backend in ("auto", "reference"):  # torch ops, DTensor-aware (auto picks torch)
-            results[f"op/{backend}"] = _outcome(lambda: lk.lora_linear(x_d, w_d, a_d, b_d, 2.0,
-                                                                       backend=backend).full_tensor())
+            results[f"op/{backend}"] = _outcome(lambda backend=backend: lk.lora_linear(
+                x_d, w_d, a_d, b_d, 2.0, backend=backend).full_tensor())
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "tp_lora.pt"))
         dist.barrier()
@@ -347,13 +346,7 @@ def _tp_lora_worker(rank, port, out_dir):
 def test_lora_layers_under_dtensor_tensor_parallelism_equal_one_process_or_are_refused(tmp_path):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    context = mp.spawn(_tp_lora_worker, args=(_free_port(), str(tmp_path)), nprocs=TP_WORLD, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
+    _run_workers(_tp_lora_worker, TP_WORLD, tmp_path)
     results = torch.load(tmp_path / "tp_lora.pt", weights_only=False)
     x, target = _tp_lora_batch()
     model = _tp_lora_inject(_tp_lora_base(), backend="torch")

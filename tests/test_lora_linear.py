@@ -419,12 +419,9 @@ def test_scaling_zero_keeps_nan_in_lora_b_like_the_reference(backend, m, device)
     assert_close(y.cpu()[finite], expected.cpu()[finite], torch.float32, "y (finite columns)")
 
 
-@pytest.mark.parametrize("backend", ["cpu", "cuda", "triton"])
-def test_fp16_gradients_stay_finite_where_only_ds_overflows(backend, device):
-    """|s·dY·B| above fp16's 65504 while dX and dA are in range: the fused backends keep dS in fp32 and round dX and
-    dA once, so both come out finite and accurate (the cpu backend rounded dS to fp16 first: dx = inf, as PEFT's
-    and the torch backend's). The cuda backend's GEMM path above CUDA_BWD_DY_KERNEL_MAX_WORK rounds like PEFT."""
-    _backend_or_skip(backend, device)
+def _ds_overflow_case(device):
+    """fp16 inputs where |s·dY·B| passes 65504 while dX and dA stay in range: (scaling, x, weight, lora_a, lora_b,
+    dy, the float64 reference gradients)."""
     dtype, scaling, m, k, n, r = torch.float16, 200.0, 8, 32, 16, 4
     x = randn(m, k, dtype=dtype, device=device, scale=1e-3)
     weight = randn(n, k, dtype=dtype, device=device, scale=k ** -0.5)
@@ -434,9 +431,19 @@ def test_fp16_gradients_stay_finite_where_only_ds_overflows(backend, device):
     expected = reference.lora_linear_backward(dy, x, weight, lora_a, lora_b, scaling)
     assert (scaling * dy.double() @ lora_b.double()).abs().min() > torch.finfo(dtype).max  # dS overflows fp16
     assert expected["x"].abs().max() < 1e4 and expected["lora_a"].abs().max() < 1e4  # dX and dA do not
+    return scaling, x, weight, lora_a, lora_b, dy, expected
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda", "triton"])
+def test_fp16_gradients_stay_finite_where_only_ds_overflows(backend, device):
+    """|s·dY·B| above fp16's 65504 while dX and dA are in range: the fused backends keep dS in fp32 and round dX and
+    dA once, so both come out finite and accurate (the cpu backend rounded dS to fp16 first: dx = inf, as PEFT's
+    and the torch backend's). The cuda backend's GEMM path above CUDA_BWD_DY_KERNEL_MAX_WORK rounds like PEFT."""
+    _backend_or_skip(backend, device)
+    scaling, x, weight, lora_a, lora_b, dy, expected = _ds_overflow_case(device)
     _, grads = _run(backend, x, weight, lora_a, lora_b, None, scaling, dy)
     for name in ("x", "lora_a"):
-        assert_close(grads[name], expected[name], dtype, f"d{name}", scale=2.0)
+        assert_close(grads[name], expected[name], torch.float16, f"d{name}", scale=2.0)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "cuda", "triton"])
@@ -445,20 +452,13 @@ def test_fp16_create_graph_gradients_stay_finite_where_only_ds_overflows(backend
     differentiable torch composition on every backend: the fused backends keep its LoRA branch in fp32 as their
     kernels keep S and dS (it formed s·dY·B in fp16: dx = dA = inf where the first-order backward was finite)."""
     _backend_or_skip(backend, device)
-    dtype, scaling, m, k, n, r = torch.float16, 200.0, 8, 32, 16, 4
-    x = randn(m, k, dtype=dtype, device=device, scale=1e-3)
-    weight = randn(n, k, dtype=dtype, device=device, scale=k ** -0.5)
-    lora_a = randn(r, k, dtype=dtype, device=device, scale=1e-3)
-    lora_b = (100.0 * (1.0 + torch.rand(n, r, device=device))).to(dtype)  # one sign: dY·B cannot cancel
-    dy = (1.0 + torch.rand(m, n, device=device)).to(dtype)
-    expected = reference.lora_linear_backward(dy, x, weight, lora_a, lora_b, scaling)
-    assert (scaling * dy.double() @ lora_b.double()).abs().min() > torch.finfo(dtype).max  # dS overflows fp16
+    scaling, x, weight, lora_a, lora_b, dy, expected = _ds_overflow_case(device)
     leaves = [t.clone().requires_grad_(True) for t in (x, lora_a, lora_b)]
     y = lora_linear(leaves[0], weight, leaves[1], leaves[2], scaling, backend=backend)
     grads = torch.autograd.grad(y, leaves, dy, create_graph=True)
     for name, grad in zip(("x", "lora_a", "lora_b"), grads):
         assert grad.requires_grad  # still differentiable
-        assert_close(grad, expected[name], dtype, f"d{name}", scale=2.0)
+        assert_close(grad, expected[name], torch.float16, f"d{name}", scale=2.0)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "cuda", "triton"])
