@@ -27,7 +27,8 @@ def accumulate_dtype(dtype):
 
 
 def scaled_mm(a, b, scaling, out_dtype=None):
-    """scaling · (a @ b) for the backward's GEMM fallbacks (a = dY, b = B or S: r columns), with b cast to a's dtype.
+    """scaling · (a @ b) for the backward's GEMM fallbacks (a = dY with b = B, or dYᵀ with b = S: b has r columns),
+    with b cast to a's dtype.
 
     out_dtype given and wider than a's 16-bit dtype (the Triton fallback's fp32 dB and dS): the product is never
     rounded to 16 bits: cuBLAS writes it in out_dtype (mm.dtype, CUDA-only), other devices (the Triton interpreter's

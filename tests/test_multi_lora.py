@@ -805,12 +805,9 @@ def test_serving_ops_ignore_autocast(backend):
         assert got.dtype == torch.float32 and torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("backend", GROUPED_BACKENDS)
-@pytest.mark.parametrize("num_tokens", [12, 80], ids=["decode", "prefill"])
-def test_fp16_output_stays_finite_where_only_the_scaled_shrink_overflows(backend, num_tokens, device):
-    """|s·S| above fp16's 65504 where S and y are in range: y is finite and accurate on both kernel paths (the
-    Triton prefill expand rounded s·S to fp16 for its tensor-core dot, so y was inf there)."""
-    _backend_or_skip(backend, device)
+def _scaled_shrink_overflow_case(num_tokens, device):
+    """fp16 inputs of 3 slots where s·S passes 65504 (S itself does not): x, weight, lora_a, lora_b, ids,
+    scalings, ranks."""
     dtype, num_slots, max_rank, k, n = torch.float16, 3, 4, 64, 32
     ranks, scalings = [4, 2, 3], torch.tensor([200.0, 150.0, 1.0])
     lora_a = randn(num_slots, max_rank, k, dtype=dtype, device=device, scale=90.0)
@@ -820,6 +817,17 @@ def test_fp16_output_stays_finite_where_only_the_scaled_shrink_overflows(backend
     ids = segment_ids("mixed_base", num_tokens, num_slots).to(device)
     shrunk = reference.lora_shrink(x.cpu(), lora_a.cpu(), ids.cpu(), scalings, torch.tensor(ranks))
     assert shrunk.abs().max() > 2 * torch.finfo(dtype).max  # s·S overflows fp16
+    return x, weight, lora_a, lora_b, ids, scalings, ranks
+
+
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS)
+@pytest.mark.parametrize("num_tokens", [12, 80], ids=["decode", "prefill"])
+def test_fp16_output_stays_finite_where_only_the_scaled_shrink_overflows(backend, num_tokens, device):
+    """|s·S| above fp16's 65504 where S and y are in range: y is finite and accurate on both kernel paths (the
+    Triton prefill expand rounded s·S to fp16 for its tensor-core dot, so y was inf there)."""
+    _backend_or_skip(backend, device)
+    dtype = torch.float16
+    x, weight, lora_a, lora_b, ids, scalings, ranks = _scaled_shrink_overflow_case(num_tokens, device)
     expected = reference.multi_lora_linear(x.cpu(), weight.cpu(), lora_a.cpu(), lora_b.cpu(), ids.cpu(), scalings,
                                            None, torch.tensor(ranks))
     assert expected.abs().max() < torch.finfo(dtype).max / 4  # y does not
@@ -868,16 +876,9 @@ def test_fp16_lora_b_gradient_is_built_from_the_unscaled_shrink(backend, device)
     was reduced over s·S rounded to fp16, inf where PEFT's, which rounds S unscaled, is finite). 80 tokens: the
     Triton prefill path."""
     _backend_or_skip(backend, device)
-    dtype, num_slots, max_rank, k, n, m = torch.float16, 3, 4, 64, 32, 80
-    ranks, scalings = [4, 2, 3], torch.tensor([200.0, 150.0, 1.0])
-    lora_a = randn(num_slots, max_rank, k, dtype=dtype, device=device, scale=90.0)
-    lora_b = randn(num_slots, n, max_rank, dtype=dtype, device=device, scale=1e-3)
-    x = randn(m, k, dtype=dtype, device=device)
-    weight = randn(n, k, dtype=dtype, device=device, scale=k ** -0.5)
-    ids = segment_ids("mixed_base", m, num_slots).to(device)
-    dy = randn(m, n, dtype=dtype, device=device, scale=1e-2)
-    shrunk = reference.lora_shrink(x.cpu(), lora_a.cpu(), ids.cpu(), scalings, torch.tensor(ranks))
-    assert shrunk.abs().max() > 2 * torch.finfo(dtype).max  # s·S overflows fp16
+    dtype = torch.float16
+    x, weight, lora_a, lora_b, ids, scalings, ranks = _scaled_shrink_overflow_case(80, device)
+    dy = randn(80, weight.shape[0], dtype=dtype, device=device, scale=1e-2)
     ref_leaves = [t.double().cpu().requires_grad_(True) for t in (lora_a, lora_b)]
     reference.multi_lora_linear_autograd(x.double().cpu(), weight.double().cpu(), *ref_leaves, ids.cpu(), scalings,
                                          None, torch.tensor(ranks)).backward(dy.double().cpu())
