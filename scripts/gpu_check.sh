@@ -89,7 +89,7 @@ run_stage env 60 env.log bash -c "
   date -Is; uname -a; command -v nvidia-smi > /dev/null && nvidia-smi; command -v nvcc > /dev/null && nvcc --version
   '$PY' -c 'import sys, torch; print(\"python\", sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"device\", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)'
   '$PY' -c 'import triton; print(\"triton\", triton.__version__)' || true
-  '$PY' -m pip list 2>/dev/null | grep -iE '^(torch|triton|pytest|pytest-benchmark|pytest-xdist|peft|transformers|ninja|numpy|safetensors|matplotlib) ' || true
+  '$PY' -m pip list 2>/dev/null | grep -iE '^(torch|triton|pytest|pytest-benchmark|pytest-xdist|peft|transformers|ninja|numpy|safetensors|matplotlib|setuptools) ' || true
   git rev-parse HEAD 2>/dev/null && git status --porcelain 2>/dev/null | head -20
   # which code ran, also where the copy has no .git: compare with the same line run on a checkout
   echo \"source hash: \$(find lora_kernels csrc benchmarks scripts setup.py -type f \\( -name '*.py' -o -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.sh' \\) | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16)\""
