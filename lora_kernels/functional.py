@@ -677,7 +677,8 @@ def multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias=Non
     x.shape[:-1], or a LoRABatch already built for these tokens (reuse one per step across layers); scalings: [L];
     bias: [N] or None. Differentiable in x, lora_a and lora_b (several adapters trained in one batch), and in weight
     and bias when they require grad. Under
-    torch.autocast, computed in the autocast dtype, like F.linear (scalings stay float32).
+    torch.autocast, computed in the autocast dtype, like F.linear (scalings stay float32). float64 runs a torch
+    composition, float64 throughout but slot by slot (L·M·R·(K+N) work): the kernels' shrink results are float32.
     """
     op = "multi_lora_linear"
     autocast_dtype = _autocast_dtype(x)
@@ -708,7 +709,10 @@ def multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias=Non
                                                  batch.adapter_ids, scalings, None if bias is None else bias.double(),
                                                  ranks.cpu())
         return y.to(x.dtype).reshape(*lead_shape, out_features)
-    if _functorch_transforms_active():  # see lora_linear
+    if _functorch_transforms_active() or x.dtype == torch.float64:
+        # torch.func: see lora_linear. float64: the grouped ops' shrink results are float32 (lora_shrink's contract),
+        # which left float64 outputs and gradients float32-accurate (gradcheck failed); this composition, which
+        # autograd differentiates, keeps them float64 (the scalings are float32 on every path).
         y = torch.nn.functional.linear(x2, weight, bias) + _multi_lora_term(x2, lora_a, lora_b, batch.adapter_ids,
                                                                             scalings, ranks)
     elif torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad

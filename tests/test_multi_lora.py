@@ -371,11 +371,28 @@ def test_auto_runs_float64_where_triton_cannot(device, monkeypatch):
     expected = reference.multi_lora_linear_autograd(x.cpu(), weight.cpu(), lora_a.cpu(), lora_b.cpu(), ids.cpu(),
                                                     scalings, None, torch.tensor([4, 2]))
     assert y.dtype == torch.float64
-    assert_close(y, expected, torch.float32)  # the shrink's intermediate is float32 (design.md §3)
+    assert_close(y, expected, torch.float64)
     monkeypatch.setattr(backends, "unavailable_reason", lambda name, device: None)  # as on a GPU with every backend
     assert backends.auto_backend("cuda", "lora_shrink") == "triton"
     assert backends.auto_backend("cuda", "lora_shrink", torch.float64) == "cuda"
     assert backends.auto_backend("cuda", "lora_linear", torch.float64) == "torch"
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "cuda", "reference"])  # Triton runs 32- and 16-bit floats
+def test_multi_lora_linear_float64_passes_gradcheck(backend, device):
+    """float64 outputs and gradients keep float64 precision on every backend: the grouped ops' shrink results are
+    float32, and with them gradcheck failed on the torch and cpu backends (a Jacobian mismatch for x)."""
+    _backend_or_skip(backend, device)
+    ranks = [3, 1]
+    lora_a, lora_b = (t.nan_to_num(0.0) for t in _adapters(2, 3, 8, 5, ranks, torch.float64, device))
+    x, weight = randn(6, 8, dtype=torch.float64, device=device), randn(5, 8, dtype=torch.float64, device=device)
+    ids = torch.tensor([0, 1, -1, 0, 1, 1], device=device)
+    inputs = [t.requires_grad_(True) for t in (x, weight, lora_a, lora_b)]
+
+    def fn(x, weight, lora_a, lora_b):
+        return lk.multi_lora_linear(x, weight, lora_a, lora_b, ids, [0.7, 1.3], ranks=ranks, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, inputs)
 
 
 @pytest.mark.parametrize("backend", GROUPED_BACKENDS + ["reference"])
