@@ -34,3 +34,51 @@ def test_sdist_holds_every_extension_source_and_header(tmp_path):
     assert any(name.endswith(".h") for name in needed) and any(name.endswith(".cu") for name in needed)
     assert not needed - packed, f"missing from the sdist: {sorted(needed - packed)}"
     assert {"setup.py", "pyproject.toml", "lora_kernels/__init__.py", "lora_kernels/triton/__init__.py"} <= packed
+
+
+# Run in a fresh interpreter in which `import triton` and `import lora_kernels._C` fail, as on a machine where
+# neither was installed or built: every public entry point must still work, on the torch backend.
+WITHOUT_EXTENSION_OR_TRITON = r"""
+import sys
+sys.modules["triton"] = None  # None in sys.modules: the import raises ImportError
+sys.modules["lora_kernels._C"] = None
+import torch
+import lora_kernels as lk
+from lora_kernels import _ext, backends, cli
+from lora_kernels import triton as triton_pkg
+
+assert not _ext.HAS_EXTENSION and not triton_pkg.HAS_TRITON
+assert backends.available_backends("cpu") == ["reference", "torch"], backends.available_backends("cpu")
+torch.manual_seed(0)
+x = torch.randn(3, 5, 64, dtype=torch.float64)
+weight, bias = torch.randn(32, 64, dtype=torch.float64), torch.randn(32, dtype=torch.float64)
+lora_a, lora_b = torch.randn(4, 64, dtype=torch.float64), torch.randn(32, 4, dtype=torch.float64)
+
+def grads(backend):
+    leaves = [t.clone().requires_grad_() for t in (x, lora_a, lora_b)]
+    y = lk.lora_linear(leaves[0], weight, leaves[1], leaves[2], 2.0, bias, backend=backend)
+    return [y, *torch.autograd.grad(y.square().sum(), leaves)]
+
+for ours, ref in zip(grads("auto"), grads("reference")):
+    torch.testing.assert_close(ours, ref)
+
+ids = torch.tensor([[0, -1, 1, 0, 1]] * 3)
+stacked_a, stacked_b = torch.randn(2, 4, 64, dtype=torch.float64), torch.randn(2, 32, 4, dtype=torch.float64)
+torch.testing.assert_close(lk.multi_lora_linear(x, weight, stacked_a, stacked_b, ids, [0.5, 2.0], bias),
+                           lk.multi_lora_linear(x, weight, stacked_a, stacked_b, ids, [0.5, 2.0], bias,
+                                                backend="reference"))
+layer = lk.LoRALinear.from_linear(torch.nn.Linear(64, 32), r=4, lora_alpha=8)
+layer(x.float()).square().mean().backward()
+assert layer.lora_A.weight.grad.abs().sum() == 0 and layer.lora_B.weight.grad.abs().sum() > 0  # B starts at zero
+cli.main(["info"])
+"""
+
+
+def test_package_works_without_the_extension_and_triton():
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_EXTENSION_OR_TRITON], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "auto -> lora_linear: torch, grouped ops: torch" in proc.stdout
+    assert "cpu        the C++ extension lora_kernels._C is not built" in proc.stdout
+    assert "triton     triton is not importable" in proc.stdout
