@@ -701,7 +701,10 @@ def multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias=Non
         batch = LoRABatch.from_adapter_ids(adapter_ids, num_slots)
     backend = resolve_backend(backend, x.device, op, x.dtype)
     x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
-    scalings, ranks = ops.check_shrink_args(op, x2, lora_a, batch, scalings, ranks)
+    # float64 runs torch compositions (below) that read the scalings in float64: rounded to float32, as the
+    # kernels read them, they left float64 outputs and gradients 3e-8 off for a scaling such as 1/3 or 16/3.
+    scalings_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    scalings, ranks = ops.check_shrink_args(op, x2, lora_a, batch, scalings, ranks, scalings_dtype=scalings_dtype)
     if backend == "triton":
         ops.check_triton_args(op, x.dtype, num_slots)
     if backend == "reference":
@@ -712,7 +715,7 @@ def multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias=Non
     if _functorch_transforms_active() or x.dtype == torch.float64:
         # torch.func: see lora_linear. float64: the grouped ops' shrink results are float32 (lora_shrink's contract),
         # which left float64 outputs and gradients float32-accurate (gradcheck failed); this composition, which
-        # autograd differentiates, keeps them float64 (the scalings are float32 on every path).
+        # autograd differentiates, keeps them float64 (and the scalings, as given).
         y = torch.nn.functional.linear(x2, weight, bias) + _multi_lora_term(x2, lora_a, lora_b, batch.adapter_ids,
                                                                             scalings, ranks)
     elif torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad

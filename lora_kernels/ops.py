@@ -169,10 +169,11 @@ def _check_host_or_device(op, name, t, device):
                          f"got {t.device}")
 
 
-def as_scalings(op, scalings, num_slots, device):
-    """scalings (a sequence or tensor of L numbers) as a float32 tensor [L] on device."""
+def as_scalings(op, scalings, num_slots, device, dtype=torch.float32):
+    """scalings (a sequence or tensor of L numbers) as a float32 tensor [L] on device (what the kernels read);
+    dtype=torch.float64 for multi_lora_linear's float64 composition, which must not round them to float32."""
     if not isinstance(scalings, torch.Tensor):
-        scalings = _host_tensor(op, "scalings", scalings, torch.float32, "a float tensor [L] or a sequence of numbers")
+        scalings = _host_tensor(op, "scalings", scalings, dtype, "a float tensor [L] or a sequence of numbers")
     if scalings.dim() != 1 or scalings.shape[0] != num_slots:
         raise ValueError(f"{op}: scalings expected shape [{num_slots}] (one per slot), got {tuple(scalings.shape)}")
     if not scalings.dtype.is_floating_point:
@@ -186,7 +187,7 @@ def as_scalings(op, scalings, num_slots, device):
         if bad is not None:
             raise ValueError(f"{op}: scalings expected finite numbers, got {bad}")
     # contiguous: the cpu, cuda and triton kernels index it as a plain array (a strided view read other entries)
-    return scalings.to(device=device, dtype=torch.float32).contiguous()
+    return scalings.to(device=device, dtype=dtype).contiguous()
 
 
 def as_ranks(op, ranks, num_slots, max_rank, device):
@@ -213,7 +214,7 @@ def as_ranks(op, ranks, num_slots, max_rank, device):
     return ranks.to(device=device, dtype=torch.int32).contiguous()  # indexed as a plain array, as scalings
 
 
-def check_shrink_args(op, x, lora_a, batch, scalings, ranks, lora_a_name="lora_a"):
+def check_shrink_args(op, x, lora_a, batch, scalings, ranks, lora_a_name="lora_a", scalings_dtype=torch.float32):
     _check_float(op, "x", x, 2)
     _check_float(op, lora_a_name, lora_a, 3)
     num_slots, max_rank, in_features = lora_a.shape
@@ -224,7 +225,8 @@ def check_shrink_args(op, x, lora_a, batch, scalings, ranks, lora_a_name="lora_a
         raise TypeError(f"{op}: {lora_a_name} expected dtype {x.dtype} (same as x), got {lora_a.dtype}")
     _check_device(op, lora_a_name, lora_a, x.device)
     _check_batch(op, batch, x.shape[0], num_slots, x.device, "x", lora_a_name)
-    return as_scalings(op, scalings, num_slots, x.device), as_ranks(op, ranks, num_slots, max_rank, x.device)
+    return (as_scalings(op, scalings, num_slots, x.device, scalings_dtype),
+            as_ranks(op, ranks, num_slots, max_rank, x.device))
 
 
 def check_expand_args(op, t, lora_b, batch, out, slice_offset, ranks, lora_b_name="lora_b"):

@@ -395,6 +395,41 @@ def test_multi_lora_linear_float64_passes_gradcheck(backend, device):
     assert torch.autograd.gradcheck(fn, inputs)
 
 
+@pytest.mark.parametrize("as_tensor", [False, True])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "cuda", "reference"])
+def test_multi_lora_linear_float64_keeps_float64_scalings(backend, as_tensor, device):
+    """Scalings not representable in float32 (1/3, 16/3), given as a list or a float64 tensor, are used in float64
+    by float64 calls: rounded to float32 they left outputs and gradients 3e-8 off on every backend, the reference
+    included (so comparing with it, and gradcheck, which differentiates the rounded function, did not see it). The
+    expected values are written here token by token, not taken from the reference."""
+    _backend_or_skip(backend, device)
+    ranks, scalings = [3, 2], [1 / 3, 16 / 3]
+    lora_a, lora_b = _adapters(2, 3, 6, 5, ranks, torch.float64, device)
+    x, weight = randn(5, 6, dtype=torch.float64, device=device), randn(5, 6, dtype=torch.float64, device=device)
+    ids = torch.tensor([0, 1, -1, 1, 0], device=device)
+    leaves = [t.requires_grad_(True) for t in (x, lora_a, lora_b)]
+    given = torch.tensor(scalings, dtype=torch.float64, device=device) if as_tensor else scalings
+    y = lk.multi_lora_linear(x, weight, lora_a, lora_b, ids, given, ranks=ranks, backend=backend)
+    dy = randn(*y.shape, dtype=torch.float64, device=device)
+    y.backward(dy)
+    expected = x.detach() @ weight.T
+    d_x, d_a, d_b = dy @ weight, torch.zeros_like(lora_a), torch.zeros_like(lora_b)
+    for t, slot in enumerate(ids.tolist()):
+        if slot < 0:
+            continue
+        r, s = ranks[slot], scalings[slot]
+        a, b, xt = lora_a.detach()[slot, :r], lora_b.detach()[slot, :, :r], x.detach()[t]
+        expected[t] += s * (b @ (a @ xt))
+        d_s = s * (b.T @ dy[t])
+        d_x[t] += a.T @ d_s
+        d_a[slot, :r] += torch.outer(d_s, xt)
+        d_b[slot, :, :r] += s * torch.outer(dy[t], a @ xt)
+    for what, out, ref in (("y", y, expected), ("dx", x.grad, d_x), ("d_lora_a", lora_a.grad, d_a),
+                           ("d_lora_b", lora_b.grad, d_b)):
+        err = (out.detach() - ref).norm() / ref.norm()
+        assert err <= 1e-13, f"{what}: relative error {err:.2e} (float32 scalings give ~3e-8)"
+
+
 @pytest.mark.parametrize("backend", GROUPED_BACKENDS + ["reference"])
 def test_multi_lora_linear_under_autocast(backend, device):
     """Under torch.autocast, fp32 weights and adapters compute in the autocast dtype, like F.linear: bit for bit the
