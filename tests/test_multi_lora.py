@@ -516,6 +516,21 @@ def test_slots_absent_from_the_batch_get_zero_gradient():
     assert torch.count_nonzero(lora_a.grad[0]) > 0 and torch.count_nonzero(lora_b.grad[2]) > 0
 
 
+@pytest.mark.parametrize("ids", [[-1, -1, -1], []], ids=["all_base", "no_tokens"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "reference"])
+def test_a_batch_without_adapter_tokens_gives_zero_adapter_gradients(backend, ids):
+    """Only the adapters require grad and no token uses one (or there are no tokens): backward gives them zero
+    gradients on every backend. The reference backend's output did not depend on them there, so backward raised
+    "element 0 of tensors does not require grad"."""
+    _backend_or_skip(backend, "cpu")
+    lora_a = torch.randn(2, 3, 4, requires_grad=True)
+    lora_b = torch.randn(2, 5, 3, requires_grad=True)
+    y = lk.multi_lora_linear(torch.randn(len(ids), 4), torch.randn(5, 4), lora_a, lora_b,
+                             torch.tensor(ids, dtype=torch.int64), [1.0, 2.0], backend=backend)
+    y.sum().backward()
+    assert torch.count_nonzero(lora_a.grad) == 0 and torch.count_nonzero(lora_b.grad) == 0
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_multi_lora_linear_module(backend):
     _backend_or_skip(backend, "cpu")
