@@ -124,8 +124,8 @@ def multi_lora_linear_autograd(x, weight, lora_a, lora_b, adapter_ids, scalings,
         # A token without an adapter adds a rank-0 product: zeros that read no entry of A or B, but keep them in the
         # graph (zeros_like did not: with no adapter token in the batch, A and B got no gradient, and backward
         # raised "does not require grad" when only they required it, where every other backend gives zeros).
-        rank = 0 if slot < 0 else int(ranks[slot])
-        slot = max(slot, 0)
-        rows.append(float(scalings[slot]) * (lora_b[slot, :, :rank] @ (lora_a[slot, :rank] @ x2[t])))
+        rank, scaling = (0, 1.0) if slot < 0 else (int(ranks[slot]), float(scalings[slot]))
+        slot = max(slot, 0)  # not slot 0's scaling: an unchecked inf there (CUDA tensors) would give 0·inf = NaN
+        rows.append(scaling * (lora_b[slot, :, :rank] @ (lora_a[slot, :rank] @ x2[t])))
     y = y + (torch.stack(rows) if rows else (x2 @ lora_a[0, :0].T) @ lora_b[0, :, :0].T)  # no tokens: [0, N]
     return y.reshape(*lead, weight.shape[0])
