@@ -1,5 +1,5 @@
 """lora_linear on every backend available here against the float64 reference: forward, every gradient, dtypes,
-odd shapes, ranks 1..256, bias, leading dims, non-contiguous input, dropout, bad input, torch.compile."""
+odd shapes, ranks 1..512, bias, leading dims, non-contiguous input, dropout, bad input, torch.compile."""
 
 import warnings
 
@@ -11,7 +11,7 @@ from lora_kernels import backends, bench, functional, reference
 from lora_kernels.functional import lora_linear
 
 # (M, K, N, r): odd sizes and the whole rank range, kept tiny for the Triton interpreter.
-SHAPES = [(5, 67, 33, 1), (17, 32, 48, 8), (3, 40, 24, 16), (9, 24, 19, 64), (2, 16, 20, 256)]
+SHAPES = [(5, 67, 33, 1), (17, 32, 48, 8), (3, 40, 24, 16), (9, 24, 19, 64), (2, 16, 20, 256), (3, 24, 20, 512)]
 KERNEL_BACKENDS = ["torch", "cpu", "cuda", "triton"]
 
 

@@ -32,17 +32,18 @@ from triton.tools.tensor_descriptor import TensorDescriptor  # host-side TMA des
 # tl.dot needs every block dimension >= 16: ranks below 16 are padded up to 16 inside the kernels with masks.
 MIN_DOT_DIM = 16
 # Ranks are processed in chunks of at most this many columns: it bounds the registers and shared memory the LoRA
-# operands take (an fp32 [128, 64] tile is 32 KiB), so every rank 1..256 runs with one set of block sizes. Ranks up
-# to 64 (the usual 8, 16, 32, 64) are a single chunk.
+# operands take (an fp32 [128, 64] tile is 32 KiB), so every rank runs with one set of block sizes. Ranks up to 64
+# (the usual 8, 16, 32, 64) are a single chunk.
 MAX_BLOCK_R = 64
 # fp32 _lora_bwd_dy_kernel holds [BLOCK_N, chunk] and [128, chunk] fp32 operands for its full-precision FMA dots.
 # ptxas -v for the two fp32 tiles the shared-memory prune keeps: chunk 64 spilled 15-18 KB per thread on sm_90a,
 # chunk 32 spilled 3.7-6.5 KB on sm_80 (0-28 bytes on sm_90a), chunk 16 at most 12 bytes on either. fp32 ranks
 # above 16 therefore take chunks of 16 there: dy is read once per chunk (4 times at r = 64) instead of spilling.
 DY_MAX_BLOCK_R_FP32 = 16
-# Rank of the largest adapter the launchers accept (design.md: ranks 1..256). Larger ranks would work (the rank is
-# looped over in chunks) but are not tested.
-MAX_RANK = 256
+# Rank of the largest adapter the launchers accept: design.md asks for 1..256, serving stacks go to 512 (vLLM's
+# max_lora_rank) and high-rank LoRA to 1024. The rank is looped over in chunks of MAX_BLOCK_R at run time, so larger
+# ranks compile no other kernel variant; r = 512 runs in the tests (interpreter), GPU speed there is unmeasured.
+MAX_RANK = 1024
 # L2-friendly program order: GROUP_M row-blocks of the output are walked before moving to the next column block
 # (the grouped ordering of Triton's matmul tutorial; 8 is its measured default).
 GROUP_M = 8
