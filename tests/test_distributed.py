@@ -316,6 +316,12 @@ def _tp_lora_worker(rank, port, out_dir):
         results["b/dropout"] = refused(lambda model: _tp_lora_inject(model, lora_dropout=0.1))
         # several adapters per batch: grouped kernels only
         results["b/multi"] = refused(lambda model: lk.prepare_multi_adapter(model, TP_LORA_PLAN_TARGETS, 2, 4))
+        # a DTensor weight without parallelize_module's layout hooks (an FSDP2 shard, or distributed by hand): refused
+        from torch.distributed.tensor import Shard, distribute_tensor
+        model = _tp_lora_base()
+        model[0].weight = nn.Parameter(distribute_tensor(model[0].weight.detach(), mesh, [Shard(0)]))
+        results["b/no_hooks"] = (_outcome(lambda: _tp_lora_inject(model, backend="torch") and None),
+                                 type(model[0]) is nn.Linear)
 
         def loaded():
             model = lk.load_peft_adapter(parallel_base(), os.path.join(out_dir, "tp_adapter"))
@@ -331,6 +337,10 @@ def _tp_lora_worker(rank, port, out_dir):
         a_d, b_d = distribute_tensor(a, mesh, [Replicate()]), distribute_tensor(b, mesh, [Shard(0)])
         x_d = distribute_tensor(x, mesh, [Replicate()])
         results["op/mixed"] = _outcome(lambda: lk.lora_linear(x, w_d, a_d, b_d, 2.0, backend="torch"))
+        # dropout (a mask drawn by each process) and a weight on another mesh: refused by name
+        results["op/dropout"] = _outcome(lambda: lk.lora_linear(x_d, w_d, a_d, b_d, 2.0, dropout_p=0.1, backend="torch"))
+        w_other = distribute_tensor(w, init_device_mesh("cpu", (1, TP_WORLD)), [Replicate(), Shard(0)])
+        results["op/mesh"] = _outcome(lambda: lk.lora_linear(x_d, w_other, a_d, b_d, 2.0, backend="torch"))
         if "cpu" in lk.available_backends("cpu"):
             results["op/cpu"] = _outcome(lambda: lk.lora_linear(x_d, w_d, a_d, b_d, 2.0, backend="cpu"))
         for backend in ("auto", "reference"):  # torch ops, DTensor-aware (auto picks torch)
@@ -390,8 +400,15 @@ def test_lora_layers_under_dtensor_tensor_parallelism_equal_one_process_or_are_r
     assert not caught, caught
     assert_close(y, expected_y, torch.float32, "TP output after load_peft_adapter")
     # the functional op
+    (status, kind, message), unchanged = results["b/no_hooks"]
+    assert (status, kind, unchanged) == ("error", "TypeError", True), results["b/no_hooks"]
+    assert "without the input and output hooks" in message, message
     status, kind, message = results["op/mixed"]
     assert (status, kind) == ("error", "TypeError") and message.startswith("lora_linear: x "), results["op/mixed"]
+    status, kind, message = results["op/dropout"]
+    assert (status, kind) == ("error", "ValueError") and "dropout_p expected 0" in message, results["op/dropout"]
+    status, kind, message = results["op/mesh"]
+    assert (status, kind) == ("error", "ValueError") and message.startswith("lora_linear: weight "), results["op/mesh"]
     if "op/cpu" in results:
         status, kind, message = results["op/cpu"]
         assert (status, kind) == ("error", "TypeError") and "backend 'cpu'" in message, message
