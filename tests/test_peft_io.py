@@ -5,6 +5,7 @@ Interop with PEFT itself on Hugging Face models is in test_hf_models.py."""
 import copy
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -1181,9 +1182,9 @@ def test_load_from_a_hub_repo_id_downloads_only_the_adapter_files(tmp_path, monk
     state = load_file(tmp_path / "snapshot" / "sub" / "adapter_model.safetensors")
     os.remove(tmp_path / "snapshot" / "sub" / "adapter_model.safetensors")
     torch.save(state, tmp_path / "snapshot" / "sub" / "adapter_model.bin")
-    loaded = lk.load_peft_adapter(_base(), "someone/adapter", subfolder="sub", backend=BACKEND)
-    assert [call["allow_patterns"] for call in calls[1:]] == [
-        ["sub/adapter_config.json", "sub/adapter_model.safetensors"], ["sub/adapter_model.bin"]]
+    loaded = lk.load_peft_adapter(_base(), "someone/adapter", revision="v2", subfolder="sub", backend=BACKEND)
+    assert [(call["revision"], call["allow_patterns"]) for call in calls[1:]] == [
+        ("v2", ["sub/adapter_config.json", "sub/adapter_model.safetensors"]), ("v2", ["sub/adapter_model.bin"])]
     torch.testing.assert_close(loaded(x), trained(x), rtol=0, atol=0)
     # a local directory wins over the Hub, also when its name reads as a repo id; subfolder applies there too
     os.makedirs(tmp_path / "someone")
@@ -1243,8 +1244,10 @@ def test_hub_failures_are_errors_naming_the_repo_and_leave_the_model_untouched(t
     with pytest.raises(ValueError, match=r"'someone/adapter' is not a local directory; loading it as a Hugging Face "
                                          r"Hub repo needs huggingface_hub"):
         lk.load_peft_adapter(model, "someone/adapter")
-    # not a repo id (and not a directory): the missing file is named, nothing is fetched
-    with pytest.raises(FileNotFoundError, match=r"adapter_config.json not found"):
-        lk.load_peft_adapter(model, "no/such/adapter")
+    # not a repo id (and not a directory): the missing file is named, nothing is fetched; a relative path, or an
+    # os.PathLike (never a repo id), reads as one too
+    for path in ("no/such/adapter", "./adapter", "../adapter", pathlib.Path("someone/adapter")):
+        with pytest.raises(FileNotFoundError, match=r"adapter_config.json not found"):
+            lk.load_peft_adapter(model, path)
     assert len(calls) == 1
     _assert_same(model, before)
