@@ -479,7 +479,11 @@ def test_fp16_torch_func_stays_finite_where_only_an_intermediate_overflows(backe
     expected = reference.lora_linear(x, weight, lora_a, lora_b, 0.25)
     assert expected.abs().max() < torch.finfo(dtype).max  # y does not
     got = vmap(lambda row: lora_linear(row, weight, lora_a, lora_b, 0.25, backend=backend))(x[:, None, :])[:, 0]
+    assert got.dtype == dtype
     assert_close(got, expected, dtype, "vmap y")
+    with torch.autocast(device.type, dtype=dtype):  # autocast must not round the fp32 branch back to fp16
+        got = vmap(lambda row: lora_linear(row, weight, lora_a, lora_b, 0.25, backend=backend))(x[:, None, :])[:, 0]
+    assert_close(got, expected, dtype, "vmap y under autocast")
 
     scaling = 200.0
     x = randn(m, k, dtype=dtype, device=device, scale=1e-3)
@@ -490,6 +494,39 @@ def test_fp16_torch_func_stays_finite_where_only_an_intermediate_overflows(backe
     _, pullback = vjp(lambda xx, a, b: lora_linear(xx, weight, a, b, scaling, backend=backend), x, lora_a, lora_b)
     for name, grad in zip(("x", "lora_a", "lora_b"), pullback(dy)):
         assert_close(grad, expected[name], dtype, f"torch.func.vjp d{name}", scale=2.0)
+
+
+def test_fp16_torch_func_on_the_torch_backend_rounds_as_its_own_forward(device):
+    """The torch backend's torch.func path is its own (PEFT's) composition in the input dtype, not the fused
+    backends' fp32 branch: where S·Bᵀ passes fp16's 65504 both give inf at the same places."""
+    from torch.func import vmap
+    dtype, m, k, n, r = torch.float16, 8, 32, 16, 4
+    weight = randn(n, k, dtype=dtype, device=device, scale=k ** -0.5)
+    lora_b = (100.0 * (1.0 + torch.rand(n, r, device=device))).to(dtype)
+    x = randn(m, k, dtype=dtype, device=device)
+    lora_a = randn(r, k, dtype=dtype, device=device, scale=40.0)
+    own = lora_linear(x, weight, lora_a, lora_b, 0.25, backend="torch")
+    got = vmap(lambda row: lora_linear(row, weight, lora_a, lora_b, 0.25, backend="torch"))(x[:, None, :])[:, 0]
+    assert own.isinf().any()
+    assert torch.equal(got.isinf(), own.isinf())
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "cuda"])  # triton's own path draws the Triton kernels' mask
+def test_torch_func_applies_the_dropout_mask_of_the_autograd_path(backend, device):
+    """lora_linear with dropout_p > 0 under torch.func (the torch composition) draws the mask the backend's own
+    path draws from the same seed: the same output and gradient as the autograd path."""
+    _backend_or_skip(backend, device)
+    from torch.func import vjp
+    x, weight, lora_a, lora_b, _ = lora_inputs(6, 32, 16, 4, device=device, bias=False)
+    dy = randn(6, 16, device=device)
+    leaf = lora_a.clone().requires_grad_(True)
+    torch.manual_seed(3)
+    y = lora_linear(x, weight, leaf, lora_b, 2.0, dropout_p=0.5, backend=backend)
+    y.backward(dy)
+    torch.manual_seed(3)
+    got, pullback = vjp(lambda a: lora_linear(x, weight, a, lora_b, 2.0, dropout_p=0.5, backend=backend), lora_a)
+    torch.testing.assert_close(got, y.detach())
+    torch.testing.assert_close(pullback(dy)[0], leaf.grad)
 
 
 @pytest.mark.parametrize("magnitude", ["small", "large"])
