@@ -979,6 +979,40 @@ def test_nan_token_leaves_the_padding_gradient_zero(backend, num_tokens, device)
         assert torch.isfinite(grad_a[slot, :ranks[slot]]).all() and torch.isfinite(grad_b[slot, :, :ranks[slot]]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS)
+def test_nan_adapter_leaves_the_other_slots_tokens_finite(backend, dtype, device):
+    """A NaN inside one slot's rank (a broken adapter) makes that slot's tokens NaN and no other token: float64 runs
+    the slot-by-slot torch composition, where each slot's product must keep the other slots' rows out (0·NaN)."""
+    _backend_or_skip(backend, device)
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the triton backend runs float32/float16/bfloat16")
+    ranks = [3, 2, 4]
+    lora_a, lora_b = _adapters(3, 4, 10, 6, ranks, dtype, device)
+    lora_a[1, 0, 0] = float("nan")
+    x, weight = randn(7, 10, dtype=dtype, device=device), randn(6, 10, dtype=dtype, device=device)
+    ids = torch.tensor([0, 1, 2, -1, 0, 2, 1], device=device)
+    y = lk.multi_lora_linear(x, weight, lora_a, lora_b, ids, [0.5, 2.0, 1.5], ranks=ranks, backend=backend)
+    assert torch.isnan(y[ids == 1]).all()
+    assert torch.isfinite(y[ids != 1]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS)
+def test_multi_lora_under_torch_func_keeps_the_input_dtype(backend, dtype, device):
+    """Under torch.func (the torch composition) a 16-bit call returns its output in the input dtype, as the autograd
+    path does, not the composition's fp32 accumulator's."""
+    _backend_or_skip(backend, device)
+    from torch.func import vjp
+    x, weight, lora_a, lora_b, ids, scalings, ranks = _grouped_inputs(device, dtype)
+    lora_a, lora_b = lora_a.nan_to_num(0.0), lora_b.nan_to_num(0.0)
+    y, _ = vjp(lambda a: lk.multi_lora_linear(x, weight, a, lora_b, ids, scalings, ranks=ranks, backend=backend),
+               lora_a)
+    assert y.dtype == dtype
+    expected = reference.multi_lora_linear(x, weight, lora_a, lora_b, ids, scalings, None, ranks)
+    assert_close(y, expected, dtype, "y")
+
+
 def _grouped_inputs(device, dtype=torch.float32):
     num_slots, max_rank, k, n, ranks = 3, 4, 10, 6, [4, 2, 3]
     lora_a, lora_b = _adapters(num_slots, max_rank, k, n, ranks, dtype, device)
