@@ -886,6 +886,35 @@ def test_batch_with_no_active_adapter_skips_the_lora_ops(tmp_path, monkeypatch):
     with lk.set_batch_adapters(model, "__base__"):
         model(x).sum().backward()
     assert layer.lora_a.grad is not None and torch.count_nonzero(layer.lora_a.grad) == 0
+    layer.lora_a.requires_grad_(False)  # lora_B alone trained: its gradient too
+    layer.lora_b.requires_grad_(True)
+    with lk.set_batch_adapters(model, "__base__"):
+        model(x).sum().backward()
+    assert layer.lora_b.grad is not None and torch.count_nonzero(layer.lora_b.grad) == 0
+
+
+@pytest.mark.parametrize("case", ["autocast", "reference"])
+def test_batch_with_no_active_adapter_matches_base_rows_under_autocast_and_on_the_reference_backend(case):
+    """As below, for an fp32 layer under torch.autocast (bf16; the cpu backend's fp32 GEMM past 16 rows runs on the
+    autocast-cast inputs) and an fp32 layer on the reference backend (the base GEMM in float64, rounded once): the
+    shortcut's row is the grouped path's "__base__" row, bit for bit."""
+    backend = "cpu" if case == "autocast" else "reference"
+    if backend not in lk.available_backends("cpu"):
+        pytest.skip(f"needs the {backend} backend")
+    torch.manual_seed(0)
+    model = lk.prepare_multi_adapter(nn.Sequential(nn.Linear(1024, 64)), ["0"], max_adapters=2, max_rank=4,
+                                     backend=backend)
+    model[0].set_adapter(0, torch.randn(4, 1024), torch.randn(64, 4), 0.5)
+    model.lora_adapter_slots["a"] = 0
+    x = torch.randn(3, 24, 1024)  # 72 rows: past CPU_DECODE_MAX_M
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast")
+    with torch.no_grad(), autocast:
+        with lk.set_batch_adapters(model, ["a", "__base__", "a"]):
+            mixed = model(x)
+        with lk.set_batch_adapters(model, "__base__"):
+            base_only = model(x)
+    assert base_only.dtype == mixed.dtype == (torch.bfloat16 if case == "autocast" else torch.float32)
+    assert torch.equal(base_only[1], mixed[1])
 
 
 def test_batch_with_no_active_adapter_computes_what_the_grouped_path_gives_base_rows():
