@@ -137,6 +137,10 @@ MATRIX = [
      ["ranks expected an integer tensor [L] or a sequence of ints", "1.5"]),
     (call_multi_lora_linear, _grouped, "ranks", lambda a: [2**32 + 3, 1, 1], ValueError,
      ["ranks expected values in [0, 2]", "got 4294967299"]),
+    (call_multi_lora_linear, _grouped, "ranks", lambda a: [2, -1, 1], ValueError,
+     ["ranks expected values in [0, 2]", "got -1"]),
+    (call_multi_lora_linear, _grouped, "ranks", lambda a: torch.tensor([True, True, False]), TypeError,
+     ["ranks expected an integer dtype", "torch.bool"]),
     (call_multi_lora_linear, _grouped, "scalings", lambda a: ["1.0", 0.5, 2.0], TypeError,
      ["scalings expected a float tensor [L] or a sequence of numbers", "'1.0'"]),
     # serving-level ops
