@@ -227,6 +227,14 @@ def test_inject_lora_errors_leave_the_model_untouched():
         inject_lora(nn.Sequential(nn.Sequential(model)), ["q_proj"], layers_to_transform="1")  # 0.0.<layer>.q_proj
     with pytest.raises(TypeError, match=r"inject_lora: layers_pattern expected a str or a list of str, got 0"):
         inject_lora(model, ["q_proj"], layers_to_transform=[1], layers_pattern=0)
+    with pytest.raises(TypeError, match=r"inject_lora: layers_pattern expected a str or a list of str, "
+                                        r"got \['layers', 0\]"):
+        inject_lora(model, ["q_proj"], layers_to_transform=[1], layers_pattern=["layers", 0])
+    with pytest.raises(ValueError, match=r"inject_lora: layers_pattern '\(' is not a valid regular expression"):
+        inject_lora(model, ["q_proj"], layers_to_transform=[1], layers_pattern="(")
+    with pytest.raises(TypeError, match=r"inject_lora: layers_to_transform expected an int or a list of ints >= 0, "
+                                        r"got True"):  # a bool is no layer index (True would select layer 1)
+        inject_lora(nn.Sequential(nn.Sequential(model)), ["q_proj"], layers_to_transform=True)
     # pairs PEFT's LoraConfig refuses: its matcher (and this one, before) ignored the layer options there
     for target in (r".*\.q_proj", "all-linear"):
         with pytest.raises(ValueError, match=r"inject_lora: layers_to_transform cannot be used with target_modules "

@@ -839,6 +839,7 @@ def test_target_matching_agrees_with_peft():
     tuners_utils = pytest.importorskip("peft.tuners.tuners_utils")
     from peft import LoraConfig
     names = [n for n, _ in _base().named_modules() if n]
+    names += ["model." + n for n in names] + ["model.blocks.1.q_proj"]  # PEFT's default layer pattern needs "model."
     for kwargs in [
         {"target_modules": ["q_proj", "o_proj"]},
         {"target_modules": r".*\.(q|v)_proj"},
@@ -846,6 +847,9 @@ def test_target_matching_agrees_with_peft():
         {"target_modules": ["q_proj", "v_proj"], "exclude_modules": r".*0\.v_proj"},
         {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": [1], "layers_pattern": "layers"},
         {"target_modules": ["q_proj", "head"], "layers_to_transform": 0},
+        {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": []},  # empty: every layer
+        {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": [1], "layers_pattern": ""},  # the default
+        {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": [1], "layers_pattern": ["layers", "blocks"]},
     ]:
         config = LoraConfig(**kwargs)
         ours = [n for n in names if target_module_matches(n, kwargs["target_modules"], kwargs.get("exclude_modules"),
