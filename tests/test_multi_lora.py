@@ -531,6 +531,17 @@ def test_a_batch_without_adapter_tokens_gives_zero_adapter_gradients(backend, id
     assert torch.count_nonzero(lora_a.grad) == 0 and torch.count_nonzero(lora_b.grad) == 0
 
 
+def test_reference_base_tokens_take_no_slot_scaling():
+    """The reference's token without an adapter adds a rank-0 product and no slot's scaling: an inf scaling in slot 0
+    (unchecked for CUDA tensors) left a base token NaN there (0·inf)."""
+    x, weight = torch.randn(3, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    lora_a, lora_b = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 5, 3, dtype=torch.float64)
+    y = reference.multi_lora_linear_autograd(x, weight, lora_a, lora_b, torch.tensor([-1, 1, -1]),
+                                             torch.tensor([float("inf"), 2.0], dtype=torch.float64))
+    torch.testing.assert_close(y[[0, 2]], (x @ weight.T)[[0, 2]], rtol=0, atol=0)
+    assert torch.isfinite(y[1]).all()
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_multi_lora_linear_module(backend):
     _backend_or_skip(backend, "cpu")

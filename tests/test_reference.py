@@ -59,6 +59,11 @@ def test_grouped_reference_is_a_loop_of_single_adapters():
         assert rel_error(y[t], expected) < 1e-12, t
     autograd_y = reference.multi_lora_linear_autograd(x, weight, lora_a, lora_b, ids, scalings, ranks=ranks)
     assert rel_error(autograd_y, y) < 1e-12
+    # ranks=None: every slot at R
+    full_a, full_b, full_ranks = lora_a.nan_to_num(1.0), lora_b.nan_to_num(1.0), torch.full((slots,), max_rank)
+    expected = reference.multi_lora_linear(x, weight, full_a, full_b, ids, scalings, ranks=full_ranks)
+    assert rel_error(reference.multi_lora_linear(x, weight, full_a, full_b, ids, scalings), expected) < 1e-12
+    assert rel_error(reference.multi_lora_linear_autograd(x, weight, full_a, full_b, ids, scalings), expected) < 1e-12
 
 
 def test_add_lora_slices_fill_their_column_ranges():
