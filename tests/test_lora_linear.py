@@ -496,6 +496,19 @@ def test_fp16_torch_func_stays_finite_where_only_an_intermediate_overflows(backe
         assert_close(grad, expected[name], dtype, f"torch.func.vjp d{name}", scale=2.0)
 
 
+def test_tensor_subclasses_are_not_taken_for_dtensors():
+    """With torch.distributed.tensor imported (DTensor checks live), a tensor subclass that is no DTensor runs as a
+    plain tensor (the type test only skips the isinstance check for plain tensors)."""
+    pytest.importorskip("torch.distributed.tensor")
+
+    class Tagged(torch.Tensor):
+        pass
+
+    x, weight, lora_a, lora_b, _ = lora_inputs(3, 8, 6, 2, bias=False)
+    y = lora_linear(x.as_subclass(Tagged), weight, lora_a, lora_b, 2.0, backend="torch")
+    assert_close(y, reference.lora_linear(x, weight, lora_a, lora_b, 2.0), torch.float32)
+
+
 def test_fp16_torch_func_on_the_torch_backend_rounds_as_its_own_forward(device):
     """The torch backend's torch.func path is its own (PEFT's) composition in the input dtype, not the fused
     backends' fp32 branch: where S·Bᵀ passes fp16's 65504 both give inf at the same places."""

@@ -921,6 +921,21 @@ def test_batch_with_no_active_adapter_matches_base_rows_under_autocast_and_on_th
     assert torch.equal(base_only[1], mixed[1])
 
 
+def test_batch_with_no_active_adapter_refuses_what_the_triton_grouped_path_refuses():
+    """The no-adapter shortcut checks the triton backend's dtypes as the grouped path does: float64 is a TypeError
+    naming the backends that run it, with or without an adapter row."""
+    if "triton" not in lk.available_backends("cpu"):
+        pytest.skip("needs the triton backend (TRITON_INTERPRET=1 on CPU)")
+    model = lk.prepare_multi_adapter(nn.Sequential(nn.Linear(8, 4)).double(), ["0"], max_adapters=2, max_rank=2,
+                                     backend="triton")
+    model.lora_adapter_slots["a"] = 0
+    for names in (["a", "__base__"], "__base__"):
+        with lk.set_batch_adapters(model, names), pytest.raises(
+                TypeError, match=r"multi_lora_linear: the triton backend runs float32/float16/bfloat16, got "
+                                 r"torch.float64"):
+            model(torch.randn(2, 8, dtype=torch.float64))
+
+
 def test_batch_with_no_active_adapter_computes_what_the_grouped_path_gives_base_rows():
     """The base-only shortcut of test_batch_with_no_active_adapter_skips_the_lora_ops computes a row as the grouped
     path computes a "__base__" row of a mixed batch, also where that path's base GEMM is not a plain F.linear (the
