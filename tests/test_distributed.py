@@ -339,8 +339,14 @@ def _tp_lora_worker(rank, port, out_dir):
         results["op/mixed"] = _outcome(lambda: lk.lora_linear(x, w_d, a_d, b_d, 2.0, backend="torch"))
         # dropout (a mask drawn by each process) and a weight on another mesh: refused by name
         results["op/dropout"] = _outcome(lambda: lk.lora_linear(x_d, w_d, a_d, b_d, 2.0, dropout_p=0.1, backend="torch"))
-        w_other = distribute_tensor(w, init_device_mesh("cpu", (1, TP_WORLD)), [Replicate(), Shard(0)])
+        mesh_2d = init_device_mesh("cpu", (1, TP_WORLD))
+        w_other = distribute_tensor(w, mesh_2d, [Replicate(), Shard(0)])
         results["op/mesh"] = _outcome(lambda: lk.lora_linear(x_d, w_other, a_d, b_d, 2.0, backend="torch"))
+        # a parallelized layer whose weight is on a 2-D mesh (FSDP2 over tensor parallelism): refused by name
+        model = parallel_base()
+        whole = model[0].weight.detach().full_tensor()
+        model[0].weight = nn.Parameter(distribute_tensor(whole, mesh_2d, [Replicate(), Shard(0)]))
+        results["b/mesh_2d"] = _outcome(lambda: _tp_lora_inject(model, backend="torch") and None)
         if "cpu" in lk.available_backends("cpu"):
             results["op/cpu"] = _outcome(lambda: lk.lora_linear(x_d, w_d, a_d, b_d, 2.0, backend="cpu"))
         for backend in ("auto", "reference"):  # torch ops, DTensor-aware (auto picks torch)
@@ -407,6 +413,8 @@ def test_lora_layers_under_dtensor_tensor_parallelism_equal_one_process_or_are_r
     assert (status, kind) == ("error", "TypeError") and message.startswith("lora_linear: x "), results["op/mixed"]
     status, kind, message = results["op/dropout"]
     assert (status, kind) == ("error", "ValueError") and "dropout_p expected 0" in message, results["op/dropout"]
+    status, kind, message = results["b/mesh_2d"]
+    assert (status, kind) == ("error", "TypeError") and "on a mesh of 2 dimensions" in message, results["b/mesh_2d"]
     status, kind, message = results["op/mesh"]
     assert (status, kind) == ("error", "ValueError") and message.startswith("lora_linear: weight "), results["op/mesh"]
     if "op/cpu" in results:
