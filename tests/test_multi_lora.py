@@ -406,13 +406,14 @@ def test_multi_lora_linear_float64_keeps_float64_scalings(backend, as_tensor, de
     ranks, scalings = [3, 2], [1 / 3, 16 / 3]
     lora_a, lora_b = _adapters(2, 3, 6, 5, ranks, torch.float64, device)
     x, weight = randn(5, 6, dtype=torch.float64, device=device), randn(5, 6, dtype=torch.float64, device=device)
+    bias = randn(5, dtype=torch.float64, device=device)
     ids = torch.tensor([0, 1, -1, 1, 0], device=device)
     leaves = [t.requires_grad_(True) for t in (x, lora_a, lora_b)]
     given = torch.tensor(scalings, dtype=torch.float64, device=device) if as_tensor else scalings
-    y = lk.multi_lora_linear(x, weight, lora_a, lora_b, ids, given, ranks=ranks, backend=backend)
+    y = lk.multi_lora_linear(x, weight, lora_a, lora_b, ids, given, bias, ranks=ranks, backend=backend)
     dy = randn(*y.shape, dtype=torch.float64, device=device)
     y.backward(dy)
-    expected = x.detach() @ weight.T
+    expected = x.detach() @ weight.T + bias
     d_x, d_a, d_b = dy @ weight, torch.zeros_like(lora_a), torch.zeros_like(lora_b)
     for t, slot in enumerate(ids.tolist()):
         if slot < 0:
@@ -428,6 +429,22 @@ def test_multi_lora_linear_float64_keeps_float64_scalings(backend, as_tensor, de
                            ("d_lora_b", lora_b.grad, d_b)):
         err = (out.detach() - ref).norm() / ref.norm()
         assert err <= 1e-13, f"{what}: relative error {err:.2e} (float32 scalings give ~3e-8)"
+
+
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS + ["reference"])
+def test_scalings_tensor_of_another_float_dtype_is_converted(backend, device):
+    """A scalings tensor in float64 or float16 (a model config's) with float32 inputs: read as float32, as a list
+    is (the kernels read a float32 array; the cpu ops refused a float64 one)."""
+    _backend_or_skip(backend, device)
+    ranks = [3, 2]
+    lora_a, lora_b = _adapters(2, 3, 6, 5, ranks, torch.float32, device)
+    x, weight = randn(4, 6, device=device), randn(5, 6, device=device)
+    ids = torch.tensor([0, 1, -1, 1], device=device)
+    expected = lk.multi_lora_linear(x, weight, lora_a, lora_b, ids, [0.5, 2.0], ranks=ranks, backend=backend)
+    for dtype in (torch.float64, torch.float16):
+        scalings = torch.tensor([0.5, 2.0], dtype=dtype, device=device)  # exact in each dtype
+        got = lk.multi_lora_linear(x, weight, lora_a, lora_b, ids, scalings, ranks=ranks, backend=backend)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", GROUPED_BACKENDS + ["reference"])
