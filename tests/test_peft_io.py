@@ -895,6 +895,10 @@ def test_batch_with_no_active_adapter_skips_the_lora_ops(tmp_path, monkeypatch):
     with lk.set_batch_adapters(model, "__base__"):
         model(x).sum().backward()
     assert layer.lora_b.grad is not None and torch.count_nonzero(layer.lora_b.grad) == 0
+    monkeypatch.setattr(modules, "multi_lora_linear", lambda *args, **kwargs: calls.append(1))
+    with torch.no_grad(), lk.set_batch_adapters(model, "__base__"):  # evaluation while a slot trains: the shortcut
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    assert calls == []
 
 
 @pytest.mark.parametrize("case", ["autocast", "reference"])
