@@ -383,11 +383,25 @@ def _differentiable_lora_operands(backend, *tensors):
     return tuple(t.to(accumulate_dtype(t.dtype)) for t in tensors)
 
 
+def _dropout_as_function(backend, seed, x2, dropout_p):
+    """The dropout of the forward that drew `seed` from x2 [M, K], as a function of a tensor shaped like x2: the
+    Triton kernels draw their own mask from the seed, the other backends torch_dropout_keep's."""
+    if backend == "triton":
+        # Outside torch.func's transforms: the launch needs the plain storage of its output, which a tensor created
+        # inside a transform's level does not expose ("Cannot access storage of TensorWrapper"); the mask is a
+        # constant of the seed and the shape.
+        with torch._C._DisableFuncTorch():
+            multiplier = _triton_lora_linear().dropout_mask(seed, x2.shape[0], x2.shape[1], dropout_p, x2.device)
+        return lambda t: (t * multiplier).to(t.dtype)
+    keep = torch_dropout_keep(seed, x2, dropout_p)
+    return lambda t: apply_dropout(t, keep, dropout_p)
+
+
 def _lora_linear_composition(x2, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend):
     """y [M, N] in differentiable torch ops (the torch.func path): the torch backend's composition, with the LoRA
     branch in the dtype of _differentiable_lora_operands and the base output added to it there, then rounded once
-    more to x's dtype."""
-    x_lora = x2 if dropout_p == 0.0 else apply_dropout(x2, torch_dropout_keep(seed, x2, dropout_p), dropout_p)
+    more to x's dtype. Dropout draws the mask the backend's own path draws from the same seed."""
+    x_lora = x2 if dropout_p == 0.0 else _dropout_as_function(backend, seed, x2, dropout_p)(x2)
     with ops.autocast_off(x2.device):
         x_lora, lora_a, lora_b = _differentiable_lora_operands(backend, x_lora, lora_a, lora_b)
         term = scaling * ((x_lora @ lora_a.T) @ lora_b.T)
@@ -399,14 +413,7 @@ def _lora_linear_backward_differentiable(ctx, dy, x2, weight, lora_a, lora_b, se
     S is recomputed from x and lora_a so that dB, too, carries their derivatives."""
     scaling, dropout_p = ctx.scaling, ctx.dropout_p
     need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
-    if dropout_p == 0.0:
-        drop = None
-    elif ctx.backend == "triton":  # the forward's mask: the Triton kernels draw their own from the seed
-        multiplier = _triton_lora_linear().dropout_mask(seed, x2.shape[0], x2.shape[1], dropout_p, x2.device)
-        drop = (lambda t: (t * multiplier).to(t.dtype))
-    else:
-        keep = torch_dropout_keep(seed, x2, dropout_p)
-        drop = (lambda t: apply_dropout(t, keep, dropout_p))
+    drop = None if dropout_p == 0.0 else _dropout_as_function(ctx.backend, seed, x2, dropout_p)  # the forward's mask
     x_lora = x2 if drop is None else drop(x2)
     dx = None
     with ops.autocast_off(dy.device):  # the LoRA branch's dtype, not autocast's (as in the first-order backward)

@@ -524,7 +524,7 @@ def test_fp16_torch_func_on_the_torch_backend_rounds_as_its_own_forward(device):
     assert torch.equal(got.isinf(), own.isinf())
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu", "cuda"])  # triton's own path draws the Triton kernels' mask
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_torch_func_applies_the_dropout_mask_of_the_autograd_path(backend, device):
     """lora_linear with dropout_p > 0 under torch.func (the torch composition) draws the mask the backend's own
     path draws from the same seed: the same output and gradient as the autograd path."""
