@@ -434,6 +434,31 @@ def test_fp32_dy_kernel_takes_rank_chunks_of_16():
     assert fp32_dy and max(spec["constexprs"]["BLOCK_R"] for spec in fp32_dy) == tk.DY_MAX_BLOCK_R_FP32
 
 
+
+def test_fp32_dy_launch_takes_rank_chunks_of_16(dev, monkeypatch):
+    """lora_bwd_dy launches the fp32 kernel with BLOCK_R = 16 (four rank chunks at r = 64, the only fp32 chunk the
+    compile gate builds) and the bf16 one with 64. The chunk changes no number, so only the launch can show it."""
+    launches = []
+    real = tk._bwd_dy
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((grid, kwargs["BLOCK_R"]))
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(tk, "_bwd_dy", Recording())
+    M, N, r = 5, 20, 64
+    for dtype, block_r in ((torch.float32, 16), (torch.bfloat16, 64)):
+        launches.clear()
+        dy, lora_b = randn(M, N, dtype=dtype, device=dev), randn(N, r, dtype=dtype, device=dev)
+        s = randn(M, r, device=dev)
+        d_lora_b, ds = tk.lora_bwd_dy(dy, s, lora_b, SCALING)
+        assert [(grid[1], chunk) for grid, chunk in launches] == [(r // block_r, block_r)], (dtype, launches)
+        assert_close(d_lora_b, SCALING * dy.double().T @ s.double(), torch.float32, "d_lora_b")
+        assert_close(ds, SCALING * dy.double() @ lora_b.double(), torch.float32, "ds")
+
 # (M, K, N, r) for the TMA forward: rows past DECODE_MAX_M, K a multiple of 8 (16-byte rows, which a descriptor
 # needs) but not of the interpreter's 32-wide K blocks in the second case (the descriptor zero-fills the tail),
 # odd N, ranks padded (1), one chunk (16) and two chunks (80).
