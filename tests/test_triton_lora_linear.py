@@ -182,6 +182,9 @@ def test_bwd_dy_past_the_partials_budget(dev, dtype, monkeypatch):
     _, s = tk.lora_fwd(x, weight, lora_a, lora_b, SCALING)
     at_budget = -(-M // tk.DY_BLOCK_M) * N * r * 4
     kernel = tk.lora_bwd_dy(dy, s, lora_b, SCALING)
+    monkeypatch.setattr(tk, "DY_PARTIALS_BUDGET", at_budget)  # exactly at the budget: still the kernel
+    at = tk.lora_bwd_dy(dy, s, lora_b, SCALING)
+    assert torch.equal(at[0], kernel[0]) and torch.equal(at[1], kernel[1])
     monkeypatch.setattr(tk, "DY_PARTIALS_BUDGET", at_budget - 1)
     monkeypatch.setattr(tk, "_bwd_dy", None)  # launching the kernel now would fail
     d_lora_b, ds = tk.lora_bwd_dy(dy, s, lora_b, SCALING)
