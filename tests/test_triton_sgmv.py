@@ -291,6 +291,26 @@ def test_empty_and_zero_rank(device):
         assert_close(y, expected, torch.float32, path)
 
 
+
+@pytest.mark.parametrize("path", ["prefill", "decode"])
+def test_unchecked_ranks_are_clamped_to_r(device, path):
+    """int32 ranks on the device are not range-checked (lora_kernels.ops checks host values only): each kernel
+    clamps a slot's rank to [0, R], so a rank past R neither reads the next slot's rows of A or B (or past the
+    last slot's) nor writes past out's R columns, and a negative rank is rank 0."""
+    M, K, N, L, R = 20, 40, 24, 3, 10  # R not a multiple of the 16-wide rank tiles
+    ids = make_ids("uniform", M, L, device)
+    batch = LoRABatch.from_adapter_ids(ids, L)
+    (A,), (B,), _, scalings = make_weights(L, [R] * L, K, [N], torch.float32, device)
+    wild = torch.tensor([R + 9, -4, 1000], dtype=torch.int32, device=device)
+    clamped = torch.tensor([R, 0, R], dtype=torch.int32)
+    x = randn(M, K, device=device)
+    out = sgmv.shrink(x, A, batch, scalings, wild, path=path)
+    assert_close(out, reference.lora_shrink(*cpu(x, A, ids, scalings), clamped), torch.float32, "shrink")
+    y = randn(M, N, device=device)
+    expected = reference.lora_expand(*cpu(out, B, ids, y), 0, clamped)
+    sgmv.expand(out, B, batch, wild, y, path=path)
+    assert_close(y, expected, torch.float32, "expand")
+
 # ---------------------------------------------------------------------------------------------------------------
 # per-slot gradient sums (the grouped backward's dA and dB)
 
