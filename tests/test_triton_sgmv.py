@@ -275,6 +275,12 @@ def test_empty_and_zero_rank(device):
     (A,), (B,), ranks_t, scalings = make_weights(L, [4, 4], 8, [6], torch.float32, device)
     empty = LoRABatch.from_adapter_ids(torch.zeros(0, dtype=torch.int32, device=device), L)
     assert sgmv.shrink(torch.zeros(0, 8, device=device), A, empty, scalings, ranks_t).shape == (0, 4)
+    # K = 0: an empty sum, so the shrink is zeros, written over a poisoned out on both paths
+    batch_k0 = LoRABatch.from_adapter_ids(torch.tensor([0, -1, 1], dtype=torch.int32, device=device), L)
+    for path in ("prefill", "decode"):
+        out = torch.full((3, 4), float("nan"), device=device)
+        sgmv.shrink(torch.zeros(3, 0, device=device), A[:, :, :0], batch_k0, scalings, ranks_t, out=out, path=path)
+        assert torch.equal(out, torch.zeros(3, 4, device=device)), path
     # a slot of rank 0 contributes nothing and reads nothing
     ids = torch.tensor([0, 1, 1, 0], dtype=torch.int32, device=device)
     batch = LoRABatch.from_adapter_ids(ids, L)
