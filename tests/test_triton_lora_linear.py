@@ -15,11 +15,11 @@ pytestmark = pytest.mark.skipif(not HAS_TRITON, reason=f"triton not importable: 
 if HAS_TRITON:
     from lora_kernels.triton import lora_linear as tk
 
-# (M, K, N, r): odd sizes with masked tails; ranks from 1 (padded to 16) to 512 (eight chunks of 64). The last two
-# have K (and N) a multiple of the interpreter's 32-wide reduction blocks: the unmasked EVEN_K / EVEN_N main loops,
-# with edge rows (and columns) wrapped around.
+# (M, K, N, r): odd sizes with masked tails; ranks from 1 (padded to 16) to 512 (eight chunks of 64). Two have K
+# (and N) a multiple of the interpreter's 32-wide reduction blocks: the unmasked EVEN_K / EVEN_N main loops, with
+# edge rows (and columns) wrapped around; the last, K = N = 48, a multiple of 16 but not of the blocks: masked loops.
 CASES = [(5, 67, 33, 1), (5, 67, 33, 16), (33, 130, 17, 8), (33, 130, 17, 64), (17, 40, 24, 256), (6, 40, 24, 512),
-         (9, 64, 96, 16), (20, 96, 40, 8)]
+         (9, 64, 96, 16), (20, 96, 40, 8), (7, 48, 48, 16)]
 SCALING = 0.75
 
 
