@@ -66,6 +66,15 @@ def _lora_linear_args_ok(x, weight, lora_a, lora_b, bias, scaling, dropout_p):
             and type(dropout_p) in (float, int) and 0.0 <= dropout_p < 1.0)
 
 
+def _check_bias_and_like_x(op, x, weight, lora_a, lora_b, bias, out_features):
+    """bias [N] (or None), and every given tensor on x's device and dtype: the tail of both ops' argument checks."""
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"{op}: bias expected shape [{out_features}], got {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("bias", bias)):
+        if t is not None:
+            _check_same(op, name, t, "x", x)
+
+
 def check_lora_linear_args(op, x, weight, lora_a, lora_b, bias, scaling, dropout_p):
     """Raises ValueError/TypeError naming the argument, the expected and the actual shape/dtype/device."""
     if _lora_linear_args_ok(x, weight, lora_a, lora_b, bias, scaling, dropout_p):
@@ -90,11 +99,7 @@ def check_lora_linear_args(op, x, weight, lora_a, lora_b, bias, scaling, dropout
     if tuple(lora_b.shape) != (out_features, rank):
         raise ValueError(f"{op}: lora_b expected shape [{out_features}, {rank}] ([N, r] for weight "
                          f"{tuple(weight.shape)} and lora_a {tuple(lora_a.shape)}), got {tuple(lora_b.shape)}")
-    if bias is not None and tuple(bias.shape) != (out_features,):
-        raise ValueError(f"{op}: bias expected shape [{out_features}], got {tuple(bias.shape)}")
-    for name, t in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("bias", bias)):
-        if t is not None:
-            _check_same(op, name, t, "x", x)
+    _check_bias_and_like_x(op, x, weight, lora_a, lora_b, bias, out_features)
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
         raise TypeError(f"{op}: scaling expected a real number, got {type(scaling).__name__}")
     if not torch.compiler.is_compiling() and not math.isfinite(scaling):  # see _lora_linear_args_ok
@@ -647,11 +652,7 @@ def _check_multi_lora_args(op, x, weight, lora_a, lora_b, bias):
     if lora_a is not None and tuple(lora_b.shape) != (lora_a.shape[0], out_features, lora_a.shape[1]):
         raise ValueError(f"{op}: lora_b expected shape [{lora_a.shape[0]}, {out_features}, {lora_a.shape[1]}] "
                          f"([L, N, R]), got {tuple(lora_b.shape)}")
-    if bias is not None and tuple(bias.shape) != (out_features,):
-        raise ValueError(f"{op}: bias expected shape [{out_features}], got {tuple(bias.shape)}")
-    for name, t in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("bias", bias)):
-        if t is not None:
-            _check_same(op, name, t, "x", x)
+    _check_bias_and_like_x(op, x, weight, lora_a, lora_b, bias, out_features)
 
 
 def multi_lora_base_linear(x, weight, bias=None, *, backend="auto"):
