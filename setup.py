@@ -1,4 +1,4 @@
-"""Builds the C++/CUDA extension `lora_kernels._C`; all metadata lives in pyproject.toml.
+"""Builds the C++/CUDA extension `lora_kernels._C`; the metadata lives in pyproject.toml, but for the license.
 
 CPU sources are always built. CUDA sources are built when torch is a CUDA build and a toolkit is found;
 LORA_KERNELS_BUILD_CUDA=1 forces them (and fails loudly when impossible), =0 skips them.
@@ -12,6 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import setuptools
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
@@ -124,4 +125,10 @@ else:
     print(f"lora_kernels: building CPU sources only ({reason})")
     extension = CppExtension("lora_kernels._C", cpu_sources, extra_compile_args={"cxx": cxx_flags})
 
-setup(ext_modules=[extension], cmdclass={"build_ext": BuildExtension})
+# PEP 639's license expression where setuptools has it (77+), the old free-text field before: one pyproject.toml
+# for every setuptools from 68 on (a GPU image's system Python may carry an old one, and have no network to upgrade).
+if int(setuptools.__version__.split(".")[0]) >= 77:
+    license_metadata = {"license_expression": "Apache-2.0"}
+else:
+    license_metadata = {"license": "Apache-2.0"}
+setup(ext_modules=[extension], cmdclass={"build_ext": BuildExtension}, **license_metadata)

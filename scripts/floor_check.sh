@@ -18,7 +18,9 @@ printf 'torch==2.11.*\ntriton==3.6.*\nnumpy<2.4\n' > "$venv/constraints.txt"
 rm -rf "$venv/src"
 git clone -q . "$venv/src"
 echo "floor check of $(git -C "$venv/src" log --oneline -1) in $venv"
-"$py" -m pip install -q --upgrade pip "setuptools>=77,<82" wheel  # torch 2.11 requires setuptools < 82
+# The oldest setuptools the build supports (pyproject.toml; Ubuntu 24.04's, whose Python 3.12.3 the GPU image
+# runs): CI builds with the newest.
+"$py" -m pip install -q --upgrade pip "setuptools==68.1.2" wheel
 "$py" -m pip install -q -c "$venv/constraints.txt" torch triton numpy ninja
 # With nvcc on PATH the CUDA sources are compiled too, against torch 2.11's headers: the build step of a GPU session
 # (the GPU image has these versions), checked before the GPU time is spent on it. About 3 minutes on 2 cores.

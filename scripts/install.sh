@@ -18,7 +18,7 @@ esac
 python=.venv/bin/python
 export PATH="$PWD/.venv/bin:$PATH"  # ninja and the console scripts of this environment
 
-"$python" -m pip install -q --upgrade pip "setuptools>=77" wheel
+"$python" -m pip install -q --upgrade pip "setuptools>=68" wheel
 "$python" -m pip install -q "torch>=2.11" "triton>=3.6" numpy ninja
 
 mkdir -p build

@@ -34,6 +34,11 @@ def test_sdist_holds_every_extension_source_and_header(tmp_path):
     assert any(name.endswith(".h") for name in needed) and any(name.endswith(".cu") for name in needed)
     assert not needed - packed, f"missing from the sdist: {sorted(needed - packed)}"
     assert {"setup.py", "pyproject.toml", "lora_kernels/__init__.py", "lora_kernels/triton/__init__.py"} <= packed
+    # setup.py supplies the license in the field this setuptools knows (License-Expression from 77 on)
+    with tarfile.open(archive) as tar:
+        (pkg_info,) = [name for name in tar.getnames() if name.count("/") == 1 and name.endswith("/PKG-INFO")]
+        metadata = tar.extractfile(pkg_info).read().decode()
+    assert "License-Expression: Apache-2.0" in metadata or "License: Apache-2.0" in metadata, metadata[:2000]
 
 
 # Run in a fresh interpreter in which `import triton` and `import lora_kernels._C` fail, as on a machine where
