@@ -23,8 +23,8 @@ SUPPORTED_DTYPES = tuple(TRITON_DTYPE_NAMES)  # what every Triton kernel here ta
 
 if HAS_TRITON:
     # The interpreter's tl.dot multiplies the raw bit patterns of bfloat16 operands (triton-lang/triton#11584, seen
-    # with triton 3.8): under the interpreter only, every dot's operands are upcast to fp32 first. Compiled kernels
-    # never take this branch.
+    # with triton 3.7 and 3.8): under the interpreter only, every dot's operands are upcast to fp32 first. Compiled
+    # kernels never take this branch.
     UPCAST_DOT_OPERANDS = triton.language.constexpr(INTERPRET)
 
 
