@@ -71,7 +71,8 @@ def print_pytest_benchmark(path, out=sys.stdout):
     data = _load(path)
     machine = data.get("machine_info", {})
     extra = machine.get("lora_kernels", {})
-    out.write(f"{path}: {data.get('datetime', '?')}, {extra.get('device_name') or machine.get('cpu', {}).get('brand_raw', '?')}, "
+    device_name = extra.get("device_name") or machine.get("cpu", {}).get("brand_raw", "?")
+    out.write(f"{path}: {data.get('datetime', '?')}, {device_name}, "
               f"torch {extra.get('torch', '?')}, triton {extra.get('triton', '?')}\n")
     out.write("(pytest-benchmark: wall time per call, each call synchronised, launch overhead included; "
               "`lora-kernels bench` times the same rows with CUDA events)\n")

@@ -26,7 +26,9 @@ def unavailable_reason(backend, device):
         if device.type == "cuda":
             return None if torch.cuda.is_available() else "no CUDA device"
         if device.type == "cpu":
-            return None if _triton_pkg.INTERPRET else "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter, for tests)"
+            if _triton_pkg.INTERPRET:
+                return None
+            return "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter, for tests)"
         return f"Triton does not run on {device.type} tensors"
     if backend in ("cuda", "cpu"):
         if not _ext.HAS_EXTENSION:

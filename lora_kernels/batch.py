@@ -50,9 +50,11 @@ class LoRABatch:
         validate=True (not inside a CUDA-graph capture: the check syncs), traced ones never (it would break the graph).
         Unchecked out-of-range ids are never read out of bounds: they are treated as -1 (base model only)."""
         if not isinstance(adapter_ids, torch.Tensor):
-            raise TypeError(f"LoRABatch.from_adapter_ids: adapter_ids expected a torch.Tensor, got {type(adapter_ids).__name__}")
+            raise TypeError(f"LoRABatch.from_adapter_ids: adapter_ids expected a torch.Tensor, "
+                            f"got {type(adapter_ids).__name__}")
         if adapter_ids.dtype.is_floating_point or adapter_ids.dtype.is_complex or adapter_ids.dtype == torch.bool:
-            raise TypeError(f"LoRABatch.from_adapter_ids: adapter_ids expected an integer dtype, got {adapter_ids.dtype}")
+            raise TypeError(f"LoRABatch.from_adapter_ids: adapter_ids expected an integer dtype, "
+                            f"got {adapter_ids.dtype}")
         if isinstance(num_adapters, bool) or not isinstance(num_adapters, int) or num_adapters < 1:
             raise ValueError(f"LoRABatch.from_adapter_ids: num_adapters expected an int >= 1, got {num_adapters!r}")
         ids = adapter_ids.reshape(-1)

@@ -884,7 +884,8 @@ def _table_row(row):
 def format_bench(result):
     cfg, env = result["config"], result["environment"]
     on_gpu = env["device"] == "cuda"
-    where = env["gpu"] if on_gpu else f"{env['cpu']}, {env['cpu_threads']} thread{'s' if env['cpu_threads'] != 1 else ''}"
+    threads = env["cpu_threads"]
+    where = env["gpu"] if on_gpu else f"{env['cpu']}, {threads} thread{'s' if threads != 1 else ''}"
     if not on_gpu and env.get("load_average"):
         where += f", load average {env['load_average'][0]:.2f}"
     lines = [f"lora-kernels bench: {env['device']} ({where}), {cfg['dtype']}, K=N={cfg['hidden']}, r={cfg['rank']}, "

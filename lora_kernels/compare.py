@@ -871,7 +871,8 @@ def format_compare(result):
                            ("unmerged_unfused_ms", "unmerged, torch (unfused)"),
                            ("unmerged_fused_ms", f"unmerged, {fused} (fused)")):
             lines.append(f"  {label:36s} {inference[key]:9.2f} ms  {inference[key] / merged:5.2f}× merged")
-        lines.append(f"  (merged vs unmerged logits: relative difference {inference['merged_vs_unmerged_rel_diff']:.1e})")
+        rel_diff = inference["merged_vs_unmerged_rel_diff"]
+        lines.append(f"  (merged vs unmerged logits: relative difference {rel_diff:.1e})")
     m = result["measurement"]
     lines.append("")
     lines.append(f"[1] {m['memory']}.")

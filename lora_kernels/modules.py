@@ -271,7 +271,8 @@ class LoRALinear(nn.Module):
         schemes = next((v for k, v in _INIT_SCHEMES
                         if type(k) is type(init_lora_weights) and k == init_lora_weights), None)  # 1 is not True
         if schemes is None:
-            raise ValueError(f"LoRALinear: init_lora_weights expected True, False or 'gaussian', got {init_lora_weights!r}")
+            raise ValueError(f"LoRALinear: init_lora_weights expected True, False or 'gaussian', "
+                             f"got {init_lora_weights!r}")
         self.init_lora_weights = init_lora_weights
         for factor, scheme in zip((self.lora_A, self.lora_B), schemes):
             factor.init_scheme = scheme
@@ -534,7 +535,8 @@ class MultiLoRALinear(nn.Module):
         self._check_slot(op, slot)
         for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):
             if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point or t.dim() != 2:
-                desc = f"{t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                desc = (f"{t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor)
+                        else type(t).__name__)
                 raise TypeError(f"{op}: {name} expected a 2-D floating tensor, got {desc}")
         rank = lora_a.shape[0]
         if not 1 <= rank <= self.max_rank or lora_a.shape[1] != self.in_features:
@@ -1387,4 +1389,5 @@ def count_parameters(model):
 def trainable_parameters_summary(model):
     """PEFT's print_trainable_parameters line, as a string: trainable and total parameter counts and the share."""
     trainable, total = count_parameters(model)
-    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"
+    return (f"trainable params: {trainable:,} || all params: {total:,} || "
+            f"trainable%: {100 * trainable / max(total, 1):.4f}")

@@ -28,7 +28,8 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def triton_sgmv():
-    """lora_kernels.triton.sgmv, imported on first use (importing triton takes most of a second; CPU-only users never need it)."""
+    """lora_kernels.triton.sgmv, imported on first use (importing triton takes most of a second; CPU-only users never
+    need it)."""
     from lora_kernels.triton import sgmv
     return sgmv
 
@@ -284,7 +285,8 @@ def slots_on_host(device):
     """Whether the torch paths of the grouped ops read the slot sizes on the host and touch each slot's own rows only
     (M·R·K work in all, like PEFT's per-adapter loop): for CPU tensors in eager mode, where reading them costs
     nothing. Traced, or on a GPU, they take a masked loop over every row once per slot (L·M·R·K work, no host sync):
-    on this project's CPU that was 5.5-6.7x the per-adapter loop at 64 and 1024 tokens on 64 adapters (BENCHMARKS.md)."""
+    on this project's CPU that was 5.5-6.7x the per-adapter loop at 64 and 1024 tokens on 64 adapters
+    (BENCHMARKS.md)."""
     return device.type == "cpu" and not torch.compiler.is_compiling()
 
 
@@ -361,7 +363,8 @@ def check_triton_args(op, dtype, num_slots):
         raise TypeError(f"{op}: the triton backend runs float32/float16/bfloat16, got {dtype} (use backend='cuda', "
                         "'cpu' or 'torch' for float64)")
     if num_slots > sgmv.MAX_GRID_YZ:
-        raise ValueError(f"{op}: the triton backend takes at most {sgmv.MAX_GRID_YZ} adapter slots, got L = {num_slots}")
+        raise ValueError(f"{op}: the triton backend takes at most {sgmv.MAX_GRID_YZ} adapter slots, "
+                         f"got L = {num_slots}")
 
 
 def run_shrink(backend, x, lora_a, batch, scalings, ranks, deterministic=False, out=None):

@@ -59,8 +59,8 @@ def lora_shrink(x, lora_a, adapter_ids, scalings, ranks, dtype=torch.float64):
 
 
 def lora_expand(t, lora_b, adapter_ids, out, slice_offset, ranks, dtype=torch.float64):
-    """Returns out (as dtype) with out[t, off:off+N] += B[i, :, :ranks[i]] @ t[t, :ranks[i]] for i = adapter_ids[t] >= 0.
-    t [M, R], lora_b [L, N, R], out [M, N_total]."""
+    """Returns out (as dtype) with out[t, off:off+N] += B[i, :, :ranks[i]] @ t[t, :ranks[i]] for
+    i = adapter_ids[t] >= 0. t [M, R], lora_b [L, N, R], out [M, N_total]."""
     out = out.to(dtype).clone()
     width = lora_b.shape[1]
     for token in range(t.shape[0]):

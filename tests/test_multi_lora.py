@@ -408,7 +408,8 @@ def test_multi_lora_linear_float64_keeps_float64_scalings(backend, as_tensor, de
     x, weight = randn(5, 6, dtype=torch.float64, device=device), randn(5, 6, dtype=torch.float64, device=device)
     bias = randn(5, dtype=torch.float64, device=device)
     ids = torch.tensor([0, 1, -1, 1, 0], device=device)
-    leaves = [t.requires_grad_(True) for t in (x, lora_a, lora_b)]
+    for leaf in (x, lora_a, lora_b):
+        leaf.requires_grad_(True)
     given = torch.tensor(scalings, dtype=torch.float64, device=device) if as_tensor else scalings
     y = lk.multi_lora_linear(x, weight, lora_a, lora_b, ids, given, bias, ranks=ranks, backend=backend)
     dy = randn(*y.shape, dtype=torch.float64, device=device)

@@ -645,8 +645,8 @@ def aot_specs():
     # Expand: B in each dtype with out of B's dtype, plus fp32 out for 16-bit B (fp32 accumulators, gradients).
     for b_dtype in SUPPORTED_DTYPES:
         for out_dtype in dict.fromkeys((b_dtype, torch.float32)):
-            ptrs = {"t_ptr": "*fp32", "b_ptr": "*" + TRITON_DTYPE_NAMES[b_dtype], "out_ptr": "*" + TRITON_DTYPE_NAMES[out_dtype],
-                    **ints}
+            ptrs = {"t_ptr": "*fp32", "b_ptr": "*" + TRITON_DTYPE_NAMES[b_dtype],
+                    "out_ptr": "*" + TRITON_DTYPE_NAMES[out_dtype], **ints}
             tag = f"{TRITON_DTYPE_NAMES[b_dtype]}->{TRITON_DTYPE_NAMES[out_dtype]}"
             specs.append(_spec(f"_sgmv_expand_kernel[{tag}]", _sgmv_expand_kernel, ptrs, "expand_prefill"))
             specs.append(_spec(f"_bgmv_expand_kernel[{tag}]", _bgmv_expand_kernel, ptrs, "expand_decode"))
