@@ -832,7 +832,8 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
         "r": r,
         "lora_alpha": lora_alpha,
         "target_modules": target_modules,
-        "exclude_modules": None,
+        # no "exclude_modules" (always null here): peft < 0.14's LoraConfig has no such field, and its
+        # PeftModel.from_pretrained raises TypeError on a key it does not know
         "lora_dropout": records[0][6],
         "use_rslora": records[0][5],
         "bias": bias,

@@ -101,6 +101,7 @@ def test_save_load_round_trip_gives_the_same_model(tmp_path):
     assert config["peft_type"] == "LORA" and config["bias"] == "none" and config["inference_mode"] is True
     assert config["r"] == 8 and config["lora_alpha"] == 12 and config["target_modules"] == ["q_proj", "v_proj"]
     assert config["rank_pattern"] == {} and config["alpha_pattern"] == {} and config["use_rslora"] is False
+    assert "exclude_modules" not in config  # peft 0.13's PeftModel.from_pretrained raises TypeError on it
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
     assert keys == {f"base_model.model.layers.{i}.{m}.lora_{f}.weight"
                     for i in (0, 1) for m in ("q_proj", "v_proj") for f in "AB"}
