@@ -20,6 +20,19 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-3, torch.float16: 5e-3, tor
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
+def installed_version(package):
+    """(major, minor) of an installed distribution, read from its metadata without importing it; None when it is
+    not installed. For the reference-library checks whose behaviour changed between the versions the test extra
+    allows (peft >= 0.13, transformers >= 4.45)."""
+    import importlib.metadata
+    import re
+    try:
+        match = re.match(r"(\d+)\.(\d+)", importlib.metadata.version(package))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return (int(match[1]), int(match[2])) if match else None
+
+
 def rel_error(out, ref):
     """‖out − ref‖ / ‖ref‖ in float64; inf when out holds NaN/Inf (so it never passes)."""
     out64, ref64 = out.detach().to(torch.float64).cpu(), ref.detach().to(torch.float64).cpu()

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_close
+from conftest import assert_close, installed_version
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -21,6 +21,8 @@ from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 F32 = torch.float32
 VOCAB = 128
+PEFT = installed_version("peft")
+TRANSFORMERS = installed_version("transformers")
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +99,9 @@ LLAMA_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("name", list(LLAMA_CONFIGS))
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.skipif(
+    "exclude_modules" in config and PEFT < (0, 14), reason="peft < 0.14's LoraConfig has no exclude_modules"))
+    for name, config in LLAMA_CONFIGS.items()])
 def test_llama_parity_and_round_trip_both_ways(llama, tmp_path, name):
     ids = _ids()
     theirs = _peft(llama, **LLAMA_CONFIGS[name])
@@ -151,10 +155,17 @@ def test_bias_modes_match_peft_both_ways(arch, bias, llama_with_biases, gpt2, tm
     # trained with PEFT, saved with save_pretrained, loaded into a fresh base model
     assert biases_changed(theirs, _train_steps(theirs.train(), ids))
     theirs.eval().save_pretrained(tmp_path / "peft")
-    loaded = lk.load_peft_adapter(copy.deepcopy(base), tmp_path / "peft", backend="torch").eval()
-    _assert_parity(loaded, theirs, ids, biases_train=True)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, theirs(input_ids=ids).logits, rtol=1e-6, atol=1e-6)
+    if bias == "lora_only" and PEFT < (0, 21):
+        # peft < 0.21 saves no bias with bias="lora_only": it looks for `<layer>.bias`, but a LoRA layer's bias is
+        # `<layer>.base_layer.bias`, so the trained biases are lost. Loading that file is refused, naming the key.
+        with pytest.raises(ValueError, match=r"adapter_model\.safetensors is missing '[^']*\.base_layer\.bias' "
+                                             r"\(bias='lora_only' trains"):
+            lk.load_peft_adapter(copy.deepcopy(base), tmp_path / "peft", backend="torch")
+    else:
+        loaded = lk.load_peft_adapter(copy.deepcopy(base), tmp_path / "peft", backend="torch").eval()
+        _assert_parity(loaded, theirs, ids, biases_train=True)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids).logits, theirs(input_ids=ids).logits, rtol=1e-6, atol=1e-6)
 
     # trained here, loaded with PeftModel.from_pretrained
     assert biases_changed(ours, _train_steps(ours.train(), ids))
@@ -236,8 +247,9 @@ def test_distilbert_pre_classifier_as_target_and_head_is_refused_untouched():
     torch.manual_seed(0)
     base = transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(
         dim=64, hidden_dim=96, n_layers=2, n_heads=4, vocab_size=VOCAB, num_labels=3)).eval()
-    with pytest.raises(TypeError, match="modules_to_save cannot be applied to modules of type"):
-        _peft(base, target_modules="all-linear", modules_to_save=["classifier"])
+    if PEFT >= (0, 16):  # peft < 0.16 accepts it (checked: 0.13, 0.14, 0.15)
+        with pytest.raises(TypeError, match="modules_to_save cannot be applied to modules of type"):
+            _peft(base, target_modules="all-linear", modules_to_save=["classifier"])
     model = copy.deepcopy(base)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     flags = [(n, p.requires_grad) for n, p in model.named_parameters()]
@@ -255,18 +267,29 @@ def test_distilbert_pre_classifier_as_target_and_head_is_refused_untouched():
 def test_a_smaller_adapter_than_asked_for_gets_a_warning(llama):
     """transformers 5 fuses Mixtral's experts into 3-D Parameters: PEFT adapts them (target_parameters) under
     "all-linear" and for the transformers-4 names ("w2"), lora_kernels cannot. Both warn, naming what is left out;
-    ordinary targets do not warn."""
+    ordinary targets do not warn. Under transformers 4 the experts are nn.Linear modules (w1/w2/w3): wrapped, no
+    warning."""
     torch.manual_seed(0)
     mixtral = transformers.MixtralForCausalLM(transformers.MixtralConfig(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
         intermediate_size=96, vocab_size=VOCAB, num_local_experts=4, num_experts_per_tok=2))
-    with pytest.warns(UserWarning, match=r"'all-linear' adapts nn.Linear/Conv1D layers only; the model's fused expert "
-                                         r"weights \(\['model.layers.0.mlp.experts.gate_up_proj'.*target_parameters"):
-        lk.inject_lora(copy.deepcopy(mixtral), "all-linear")
-    with pytest.warns(UserWarning, match=r"target_modules entries \['w2', 'w1'\] match no module of the model \(the "
-                                         r"others do\).*experts are fused 3-D Parameters"):
-        model = lk.inject_lora(copy.deepcopy(mixtral), ["q_proj", "w2", "w1"])
-    assert {n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, LoRALinear)} == {"q_proj"}
+    if TRANSFORMERS >= (5, 0):
+        with pytest.warns(UserWarning, match=r"'all-linear' adapts nn.Linear/Conv1D layers only; the model's fused "
+                                             r"expert weights \(\['model.layers.0.mlp.experts.gate_up_proj'.*"
+                                             r"target_parameters"):
+            lk.inject_lora(copy.deepcopy(mixtral), "all-linear")
+        with pytest.warns(UserWarning, match=r"target_modules entries \['w2', 'w1'\] match no module of the model "
+                                             r"\(the others do\).*experts are fused 3-D Parameters"):
+            model = lk.inject_lora(copy.deepcopy(mixtral), ["q_proj", "w2", "w1"])
+        assert {n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, LoRALinear)} == {"q_proj"}
+    else:  # transformers 4: block_sparse_moe.experts.<i>.w1/w2/w3 are nn.Linear
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model = lk.inject_lora(copy.deepcopy(mixtral), ["q_proj", "w2", "w1"])
+            lk.inject_lora(copy.deepcopy(mixtral), "all-linear")
+        wrapped = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+        assert {n.rpartition(".")[2] for n in wrapped} == {"q_proj", "w1", "w2"}
+        assert sum(n.endswith(".w2") for n in wrapped) == 2 * 4  # every expert of both layers
     with pytest.warns(UserWarning, match=r"prepare_multi_adapter: target_modules entries \['nope'\]"):
         lk.prepare_multi_adapter(copy.deepcopy(llama), ["q_proj", "nope"], max_adapters=2, max_rank=4)
     with warnings.catch_warnings():
@@ -417,9 +440,10 @@ def test_reentrant_checkpointing_enabled_before_wrapping_trains_the_adapter(how,
         model(pixel_values=torch.randn(2, 3, 16, 16), labels=torch.tensor([0, 2])).loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
     assert len(grads) == 8 and all(g is not None and g.abs().sum() > 0 for g in grads)
-    before = len(model._require_grads_hooks)
+    hooks = model.get_input_embeddings()._forward_hooks  # transformers 4 keeps no list of its hooks
+    before = len(hooks)
     lk.inject_lora(model, ["key", "k_proj"], r=4)  # a second wrap does not register a second hook
-    assert len(model._require_grads_hooks) == before == 1
+    assert len(hooks) == before == 1
 
 
 def test_falcon_linear_layers_are_wrapped_like_nn_linear(tmp_path):

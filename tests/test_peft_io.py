@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from conftest import installed_version
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -19,6 +20,11 @@ from lora_kernels import peft_io
 from lora_kernels.modules import LoRALinear, MultiLoRALinear, target_module_matches
 
 BACKEND = "torch"
+PEFT = installed_version("peft")  # None without peft: its tests skip through importorskip
+# peft 0.13 fails in get_peft_model (ModulesToSaveWrapper has no attribute 'dense') for a target inside a
+# modules_to_save module, and 0.14-0.15 put a LoRA inside the head; from 0.16 on PEFT leaves it out, as here
+NO_LORA_INSIDE_MODULES_TO_SAVE = pytest.mark.skipif(
+    PEFT is not None and PEFT < (0, 16), reason="peft < 0.16 puts a LoRA inside a modules_to_save module or fails")
 
 
 class Block(nn.Module):
@@ -323,6 +329,7 @@ class _Classifier(nn.Module):
         return self.classifier(self.dense(x))
 
 
+@NO_LORA_INSIDE_MODULES_TO_SAVE
 def test_no_lora_inside_modules_to_save_as_peft(tmp_path):
     """PEFT puts no LoRA inside a modules_to_save module: target "dense" with modules_to_save ["classifier"] wraps
     the encoder's dense only and trains the head whole. Same layers here, and the files load both ways."""
@@ -458,6 +465,7 @@ def test_bias_modes_round_trip_under_peft_keys(tmp_path, bias):
     _assert_same(multi, before)
 
 
+@NO_LORA_INSIDE_MODULES_TO_SAVE
 def test_bias_all_with_modules_to_save_both_ways_with_peft(tmp_path):
     """PEFT's bias="all" also writes the biases of a modules_to_save module under its wrapper's names (the trained
     copy `classifier.modules_to_save.default.dense.bias`, the original `classifier.original_module.dense.bias`):
@@ -473,8 +481,10 @@ def test_bias_all_with_modules_to_save_both_ways_with_peft(tmp_path):
                 parameter.add_(torch.randn_like(parameter))  # as if trained
     theirs.save_pretrained(tmp_path / "peft")
     saved = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    # peft < 0.18 strips the adapter name from every key: `classifier.modules_to_save.out_proj.bias`
+    copy_key = "modules_to_save.default.out_proj.bias" if PEFT >= (0, 18) else "modules_to_save.out_proj.bias"
     assert {"base_model.model.classifier.original_module.out_proj.bias", "base_model.model.dense.base_layer.bias",
-            "base_model.model.classifier.modules_to_save.default.out_proj.bias"} <= set(saved)
+            f"base_model.model.classifier.{copy_key}"} <= set(saved)
     ours = lk.load_peft_adapter(copy.deepcopy(base), tmp_path / "peft", backend=BACKEND)
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-6, atol=1e-6)
     assert _trainable(ours) == _peft_trainable(theirs) and "dense.bias" in _trainable(ours)
@@ -852,12 +862,20 @@ def test_target_matching_agrees_with_peft():
         {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": [1], "layers_pattern": ""},  # the default
         {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": [1], "layers_pattern": ["layers", "blocks"]},
     ]:
+        if "exclude_modules" in kwargs and PEFT < (0, 14):
+            continue  # peft < 0.14's LoraConfig has no exclude_modules
+        checked = names
+        if kwargs.get("layers_pattern") and PEFT < (0, 21):
+            # peft < 0.21 needs a name component before the pattern ("model.layers.1" matches, "layers.1" does not);
+            # lora_kernels follows peft >= 0.21
+            checked = [n for n in names if not n.startswith("layers.")]
         config = LoraConfig(**kwargs)
-        ours = [n for n in names if target_module_matches(n, kwargs["target_modules"], kwargs.get("exclude_modules"),
-                                                          kwargs.get("layers_to_transform"),
-                                                          kwargs.get("layers_pattern"))]
-        theirs = [n for n in names if tuners_utils.check_target_module_exists(config, n)
-                  and not isinstance(tuners_utils.check_target_module_exists(config, n), tuners_utils._ExcludedModule)]
+        ours = [n for n in checked if target_module_matches(n, kwargs["target_modules"], kwargs.get("exclude_modules"),
+                                                            kwargs.get("layers_to_transform"),
+                                                            kwargs.get("layers_pattern"))]
+        excluded = getattr(tuners_utils, "_ExcludedModule", ())  # peft >= 0.14 returns one for an excluded name
+        theirs = [n for n in checked if tuners_utils.check_target_module_exists(config, n)
+                  and not isinstance(tuners_utils.check_target_module_exists(config, n), excluded)]
         assert ours == theirs, kwargs
 
 
