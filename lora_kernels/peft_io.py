@@ -428,6 +428,14 @@ def _split_biases(model, config, tensors, file, adapter_name, op, lora_names, he
                               for part in ("modules_to_save", "original_module"))
         rest = {k: v for k, v in rest.items() if not (k.startswith(wrapper_names) and k.endswith(".bias"))}
     expected = _bias_file_keys(model, config.bias, lora_names, [name for name, *_ in heads])
+    if config.bias == "lora_only" and expected and not any(file_key in rest for file_key in expected):
+        # PEFT before 0.21 saved no bias with bias="lora_only" (it looked for `<layer>.bias`; a LoRA layer's is
+        # `<layer>.base_layer.bias`), so its files hold none, and PEFT loads them over the base biases. Do the same
+        # (a file holding some of them is refused below as incomplete).
+        warnings.warn(f"{op}: {file} has bias='lora_only' but holds no bias of its LoRA layers (e.g. "
+                      f"{next(iter(expected))!r}): PEFT before 0.21 saved none, so the biases trained with it are "
+                      f"lost; the model's own biases are kept and train, as in PEFT", stacklevel=3)
+        return [(key, current, current.detach().clone()) for key, current in expected.values()], rest
     for file_key, (key, current) in expected.items():
         tensor = _pop_state_tensor(op, file, rest, file_key, current, f"the model's {key!r}",
                                    f"bias={config.bias!r} trains the model's {key!r}")
@@ -472,7 +480,9 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
     head) get their saved state and train whole; unlike PEFT, which keeps the originals beside a trained copy, their
     state is replaced in place (load into a fresh base model to keep it). With the config's bias "all" or
     "lora_only" (PEFT's option, see inject_lora) the file's biases are copied into the model's, which then train;
-    every bias that mode selects must be in the file, and every bias of the file must map to one.
+    every bias that mode selects must be in the file, and every bias of the file must map to one. Except: a
+    "lora_only" file without any bias, as PEFT before 0.21 saved them, loads with a warning, keeping the model's
+    biases (trainable), as PEFT does.
 
     adapter_name="name": the model was prepared with prepare_multi_adapter; the adapter goes into a slot of every
     MultiLoRALinear (the one already named so, else the first free one) and `model.lora_adapter_slots[name]` records

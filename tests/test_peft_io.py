@@ -465,6 +465,25 @@ def test_bias_modes_round_trip_under_peft_keys(tmp_path, bias):
     _assert_same(multi, before)
 
 
+def test_lora_only_file_without_biases_loads_as_peft_before_0_21_saved_it(tmp_path):
+    """PEFT before 0.21 saved no bias with bias="lora_only" (it looked for `<layer>.bias`, the key is
+    `<layer>.base_layer.bias`), and loads such files over the base biases: so does load_peft_adapter, with a warning,
+    the LoRA layers' biases trainable. A file holding some of those biases but not all stays refused (bad cases)."""
+    trained = _trained(("q_proj",), bias="lora_only")
+    lk.save_peft_adapter(trained, tmp_path)
+    _edit_weights(tmp_path, lambda t: [t.pop(k) for k in [k for k in t if k.endswith(".bias")]])
+    with pytest.warns(UserWarning, match=r"load_peft_adapter: .*adapter_model\.safetensors has bias='lora_only' but "
+                                         r"holds no bias of its LoRA layers \(e\.g\. 'base_model\.model\.layers\.0"
+                                         r"\.q_proj\.base_layer\.bias'\): PEFT before 0\.21 saved none"):
+        loaded = lk.load_peft_adapter(_base(), tmp_path, backend=BACKEND)
+    base = _base()
+    for i in (0, 1):
+        assert torch.equal(loaded.layers[i].q_proj.bias, base.layers[i].q_proj.bias)
+        assert torch.equal(loaded.layers[i].q_proj.lora_B.weight, trained.layers[i].q_proj.lora_B.weight)
+    assert loaded.lora_bias_mode == "lora_only" and _trainable(loaded) == _trainable(trained)
+    assert {"layers.0.q_proj.bias", "layers.1.q_proj.bias"} <= _trainable(loaded)
+
+
 @NO_LORA_INSIDE_MODULES_TO_SAVE
 def test_bias_all_with_modules_to_save_both_ways_with_peft(tmp_path):
     """PEFT's bias="all" also writes the biases of a modules_to_save module under its wrapper's names (the trained
