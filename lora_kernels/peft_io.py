@@ -428,17 +428,14 @@ def _split_biases(model, config, tensors, file, adapter_name, op, lora_names, he
                               for part in ("modules_to_save", "original_module"))
         rest = {k: v for k, v in rest.items() if not (k.startswith(wrapper_names) and k.endswith(".bias"))}
     expected = _bias_file_keys(model, config.bias, lora_names, [name for name, *_ in heads])
-    if config.bias == "lora_only" and expected and not any(file_key in rest for file_key in expected):
-        # PEFT before 0.21 saved no bias with bias="lora_only" (it looked for `<layer>.bias`; a LoRA layer's is
-        # `<layer>.base_layer.bias`), so its files hold none, and PEFT loads them over the base biases. Do the same
-        # (a file holding some of them is refused below as incomplete).
-        warnings.warn(f"{op}: {file} has bias='lora_only' but holds no bias of its LoRA layers (e.g. "
-                      f"{next(iter(expected))!r}): PEFT before 0.21 saved none, so the biases trained with it are "
-                      f"lost; the model's own biases are kept and train, as in PEFT", stacklevel=3)
-        return [(key, current, current.detach().clone()) for key, current in expected.values()], rest
+    # PEFT before 0.21 saved no bias with bias="lora_only" (it looked for `<layer>.bias`; a LoRA layer's is
+    # `<layer>.base_layer.bias`), so its files hold none, and PEFT loads them over the base biases: the same here. A
+    # file holding some of them is refused as incomplete.
+    saved_none = config.bias == "lora_only" and expected and not any(file_key in rest for file_key in expected)
     for file_key, (key, current) in expected.items():
-        tensor = _pop_state_tensor(op, file, rest, file_key, current, f"the model's {key!r}",
-                                   f"bias={config.bias!r} trains the model's {key!r}")
+        tensor = current.detach().clone() if saved_none else _pop_state_tensor(
+            op, file, rest, file_key, current, f"the model's {key!r}",
+            f"bias={config.bias!r} trains the model's {key!r}")
         biases.append((key, current, tensor))
     unmatched = sorted(k for k in rest if k.endswith(".bias"))
     if unmatched:
@@ -446,6 +443,10 @@ def _split_biases(model, config, tensors, file, adapter_name, op, lora_names, he
         raise ValueError(f"{op}: {file} has {unmatched[0]!r}{' and more' if len(unmatched) > 1 else ''}, which maps "
                          f"to no bias that bias={config.bias!r} trains in this model (expected {where} biases: "
                          f"{sorted(expected)[:3]}{' ...' if len(expected) > 3 else ''})")
+    if saved_none:
+        warnings.warn(f"{op}: {file} has bias='lora_only' but holds no bias of its LoRA layers (e.g. "
+                      f"{next(iter(expected))!r}): PEFT before 0.21 saved none, so the biases trained with it are "
+                      f"lost; the model's own biases are kept and train, as in PEFT", stacklevel=3)
     return biases, rest
 
 

@@ -667,6 +667,10 @@ def _bad_cases():
         ("bias of another layer, lora_only", then(bias_saved("lora_only"), add("base_model.model.head.bias",
                                                                                torch.randn(5))), ValueError,
          r"has 'base_model\.model\.head\.bias', which maps to no bias that bias='lora_only' trains"),
+        ("bias of another layer, lora_only, none of its own", then(bias_saved("lora_only"), weights(
+            lambda t: [t.pop(k) for k in [k for k in t if k.endswith(".base_layer.bias")]]),
+            add("base_model.model.head.bias", torch.randn(5))), ValueError,
+         r"has 'base_model\.model\.head\.bias', which maps to no bias that bias='lora_only' trains"),
         ("bias key, bias none", add("base_model.model.head.bias", torch.randn(5)), ValueError,
          (r"unexpected keys 'base_model\.model\.head\.bias' \(a bias, which PEFT saves with bias='all' or "
           r"'lora_only'; the config has bias='none'\)")),
