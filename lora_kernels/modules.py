@@ -781,6 +781,9 @@ def named_target_modules(model, target_modules, exclude_modules=None, *, layers_
 
 
 _LEAVE_OUT_HINT = "; or leave it out of the targets (exclude_modules)"
+# layers PEFT puts a LoRA on (Whisper's and ViT's convolutions, embeddings) that a LoRALinear cannot stand in for
+PEFT_ONLY_LAYERS = (nn.modules.conv._ConvNd, nn.Embedding)
+_PEFT_ONLY_HINT = " (PEFT's LoRA on convolution and embedding layers is not supported here)"
 
 
 def find_target_linears(model, target_modules, exclude_modules=None, op="inject_lora", *, layers_to_transform=None,
@@ -801,7 +804,8 @@ def find_target_linears(model, target_modules, exclude_modules=None, op="inject_
             raise ValueError(f"{op}: module {name!r} already has a LoRA adapter ({type(module).__name__})")
         if not (isinstance(module, nn.Linear) or is_conv1d(module)):
             raise TypeError(f"{op}: module {name!r} matches target_modules but is a {type(module).__name__}; "
-                            f"only nn.Linear and transformers Conv1D layers can be wrapped")
+                            f"only nn.Linear and transformers' Conv1D (GPT-2's linear layer) can be wrapped"
+                            f"{_PEFT_ONLY_HINT if isinstance(module, PEFT_ONLY_LAYERS) else ''}")
         if isinstance(model.get_submodule(name.rpartition(".")[0]), nn.MultiheadAttention):
             skipped.append(f"{name!r} (the out_proj of an nn.MultiheadAttention, which reads its weight and never "
                            f"calls it)")

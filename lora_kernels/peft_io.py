@@ -29,13 +29,14 @@ import torch
 from torch import nn
 
 from lora_kernels.backends import check_backend_name
-from lora_kernels.modules import (BIAS_ATTR, BIAS_MODES, LORA_WRAPPERS, MODULES_TO_SAVE_ATTR, LoRALinear,
-                                  MultiLoRALinear, _record_bias, _record_modules_to_save, _rollback_on_error,
-                                  _set_submodule, _train_biases, _warn_linear_fan_in_fan_out, check_no_accelerate_hook,
-                                  check_targets_outside_heads, check_wrappable_linear, copy_into,
-                                  enable_input_grads_for_checkpointing, is_conv1d, is_layer_index, lora_scaling,
-                                  named_modules_to_save, named_target_modules, pattern_value, target_module_matches,
-                                  trained_biases, unwrap_model, warn_conv1d_fan_in_fan_out, warn_dropped_hooks)
+from lora_kernels.modules import (_PEFT_ONLY_HINT, BIAS_ATTR, BIAS_MODES, LORA_WRAPPERS, MODULES_TO_SAVE_ATTR,
+                                  PEFT_ONLY_LAYERS, LoRALinear, MultiLoRALinear, _record_bias, _record_modules_to_save,
+                                  _rollback_on_error, _set_submodule, _train_biases, _warn_linear_fan_in_fan_out,
+                                  check_no_accelerate_hook, check_targets_outside_heads, check_wrappable_linear,
+                                  copy_into, enable_input_grads_for_checkpointing, is_conv1d, is_layer_index,
+                                  lora_scaling, named_modules_to_save, named_target_modules, pattern_value,
+                                  target_module_matches, trained_biases, unwrap_model, warn_conv1d_fan_in_fan_out,
+                                  warn_dropped_hooks)
 from lora_kernels.ops import check_flag
 
 CONFIG_NAME = "adapter_config.json"
@@ -461,6 +462,20 @@ def _check_pair(op, file, name, factors, r, in_features, out_features):
                              f"(r={r}, module [in={in_features}, out={out_features}]), got {list(tensor.shape)}")
 
 
+def _check_target_type(op, name, module):
+    """ValueError naming the module unless it is a layer the loader can put a LoRA on (nn.Linear, transformers
+    Conv1D, or a LoRA layer of lora_kernels): a PEFT layer (a PeftModel was passed), or a Conv/Embedding layer that
+    PEFT adapts and lora_kernels does not (Whisper's and ViT's Conv targets)."""
+    if isinstance(module, (nn.Linear, *LORA_WRAPPERS)) or is_conv1d(module):
+        return
+    if type(module).__module__.startswith("peft."):
+        raise ValueError(f"{op}: module {name!r} is a PEFT layer ({type(module).__name__}); pass the base model, "
+                         f"not a PeftModel")
+    raise ValueError(f"{op}: the adapter targets module {name!r}, a {type(module).__name__}; only nn.Linear and "
+                     f"transformers' Conv1D (GPT-2's linear layer) are supported"
+                     f"{_PEFT_ONLY_HINT if isinstance(module, PEFT_ONLY_LAYERS) else ''}")
+
+
 def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocast_adapter_dtype=True, revision=None,
                       subfolder=None):
     """Loads the PEFT LoRA adapter saved in directory `path` into `model` (the base model, not a PeftModel) and
@@ -504,6 +519,8 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
     check_targets_outside_heads(op, targets, [(name, module) for name, module, _ in heads], config.modules_to_save)
     biases, tensors = _split_biases(model, config, tensors, file, adapter_name, op, {name for name, _ in targets},
                                     heads)
+    for name, module in targets:  # before the tensors: a Conv layer's 3-D/4-D factors would be refused by shape
+        _check_target_type(op, name, module)
     grouped = group_adapter_weights(tensors, file, config.modules_to_save)
     plan = []
     for name, module in targets:
@@ -534,12 +551,8 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
             check_no_accelerate_hook(op, name, module)
             check_wrappable_linear(op, f"module {name!r}", module)
             in_features, out_features = module.in_features, module.out_features
-        elif type(module).__module__.startswith("peft."):
-            raise ValueError(f"{op}: module {name!r} is a PEFT layer ({type(module).__name__}); pass the base model, "
-                             f"not a PeftModel")
         else:
-            raise ValueError(f"{op}: the adapter targets module {name!r}, a {type(module).__name__}; only nn.Linear "
-                             f"and transformers Conv1D layers are supported")
+            _check_target_type(op, name, module)
         weight = module.base_weight() if isinstance(module, LORA_WRAPPERS) else module.weight
         if weight.is_meta:  # the adapter would be copied into meta tensors, which hold nothing
             raise ValueError(f"{op}: module {name!r} has its weight on the meta device; load the adapter into a model "
