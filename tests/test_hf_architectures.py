@@ -5,8 +5,9 @@ RoBERTa's head is a module holding two linears), Whisper (Conv1d layers beside t
 
 Per architecture: inject_lora selects the modules and trains the parameters get_peft_model does (listed targets and
 "all-linear"); with the same A/B the logits and gradients match (torch backend to float rounding, the default
-backend within the fp32 tolerance); adapter files go both ways; merge_and_unload keeps the logits; for the
-decoder-only models a mixed batch over two adapters matches PEFT's adapter_names."""
+backend within the fp32 tolerance); adapter files go both ways; merge_and_unload keeps the logits; a mixed batch
+over two adapters matches PEFT's adapter_names and each adapter alone (decoder-only and encoder-decoder models, and
+T5's beam search); PEFT's SEQ_CLS "all-linear" files; Whisper's Conv1d targets are refused before any change."""
 
 import copy
 import warnings
@@ -315,6 +316,59 @@ def test_mixed_batch_matches_each_adapter_alone_and_peft(arch, backend, tmp_path
             assert_close(mixed[rows], expected, F32, f"rows of adapter {name}")
             assert rel_error(expected, base(**part).logits) > 1e-2
         assert_close(mixed[2:3], base(**{k: v[2:3] for k, v in inputs.items()}).logits, F32, "__base__ row")
+
+
+def test_encoder_decoder_beam_search_over_a_mixed_batch(tmp_path):
+    """generate(num_beams=2) on T5: the encoder runs the 3 rows, the decoder 6 (each row's beams side by side), so
+    each name covers one encoder row and two decoder rows. Each row generates what its adapter generates alone, and
+    what PEFT's generate(adapter_names=) does."""
+    base, inputs = _base("t5"), {"input_ids": _ids()}
+    configs = {"a": dict(r=4, lora_alpha=64, target_modules=["q", "v"]),
+               "b": dict(r=4, lora_alpha=64, target_modules=["v"])}
+    for name, config in configs.items():
+        _peft("t5", **config).save_pretrained(tmp_path / name)
+    ours = lk.prepare_multi_adapter(copy.deepcopy(base), ["q", "v"], max_adapters=2, max_rank=4).eval()
+    for name in configs:
+        lk.load_peft_adapter(ours, tmp_path / name, adapter_name=name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a", adapter_name="a")
+        theirs.load_adapter(tmp_path / "b", adapter_name="b")
+    theirs.eval()
+    options = dict(max_new_tokens=4, min_new_tokens=4, num_beams=2, do_sample=False)
+    names = ["b", "__base__", "a"]
+    with torch.no_grad():
+        with lk.set_batch_adapters(ours, names):
+            mixed = ours.generate(**inputs, **options)
+        assert torch.equal(mixed, theirs.generate(**inputs, adapter_names=names, **options))
+        alone = {"__base__": base}
+        alone.update({name: lk.load_peft_adapter(copy.deepcopy(base), tmp_path / name).eval() for name in configs})
+        for row, name in enumerate(names):
+            assert torch.equal(mixed[row:row + 1], alone[name].generate(input_ids=inputs["input_ids"][row:row + 1],
+                                                                        **options)), name
+        outputs = {name: model.generate(**inputs, **options) for name, model in alone.items()}
+    assert not any(torch.equal(outputs[x], outputs[y]) for x, y in (("a", "b"), ("a", "__base__"), ("b", "__base__")))
+
+
+def test_seq_cls_all_linear_file_from_peft_task_type(tmp_path):
+    """PEFT's task_type="SEQ_CLS" with "all-linear" and no modules_to_save leaves the head out of the LoRA targets
+    and trains it whole (modules_to_save ["classifier", "score"] in the file; RoBERTa's head holds two linears).
+    The file loads here as inject_lora("all-linear", modules_to_save=["classifier"]) builds the model, same logits
+    and gradients as PEFT's."""
+    for arch in ("bert", "roberta"):
+        base, inputs = _base(arch), ARCHS[arch][1]()
+        theirs = _peft(arch, r=4, lora_alpha=8, target_modules="all-linear")
+        with torch.no_grad():
+            for name, p in theirs.named_parameters():
+                if ".modules_to_save.default." in name:
+                    p.add_(0.5)
+        theirs.save_pretrained(tmp_path / arch)
+        loaded = lk.load_peft_adapter(copy.deepcopy(base), tmp_path / arch, backend="torch").eval()
+        injected = lk.inject_lora(copy.deepcopy(base), "all-linear", r=4, modules_to_save=["classifier"])
+        assert _our_lora_layers(loaded) == _our_lora_layers(injected) == _peft_lora_layers(theirs)
+        assert _trainable(loaded) == _trainable(injected) == _trainable(theirs)
+        assert not any(name.startswith("classifier") for name in _our_lora_layers(loaded))
+        _assert_parity(loaded, theirs, inputs, exact=True)
 
 
 def test_whisper_conv_targets_are_refused_by_name_before_any_change(tmp_path):
