@@ -547,12 +547,10 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
             check_no_accelerate_hook(op, name, module)
             check_wrappable_linear(op, f"module {name!r}", module)
             in_features, out_features = module.weight.shape
-        elif isinstance(module, nn.Linear):
+        else:  # nn.Linear: _check_target_type let nothing else through
             check_no_accelerate_hook(op, name, module)
             check_wrappable_linear(op, f"module {name!r}", module)
             in_features, out_features = module.in_features, module.out_features
-        else:
-            _check_target_type(op, name, module)
         weight = module.base_weight() if isinstance(module, LORA_WRAPPERS) else module.weight
         if weight.is_meta:  # the adapter would be copied into meta tensors, which hold nothing
             raise ValueError(f"{op}: module {name!r} has its weight on the meta device; load the adapter into a model "
