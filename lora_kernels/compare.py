@@ -680,7 +680,10 @@ def fused_backend_for(cfg):
             raise ValueError(f"compare: --backend {cfg.backend!r} is not available for {device.type}: {reason}")
         chosen = cfg.backend
     note = None
-    if chosen in ("torch", "reference"):
+    if chosen in ("torch", "reference") and cfg.backend != "auto":
+        # asked for by name (gpu_check.sh's fallback stage runs --backend torch): not for want of a fused backend
+        note = f"--backend {chosen}: the 'fused' run uses the unfused {chosen!r} composition too, as asked"
+    elif chosen in ("torch", "reference"):
         missing = {name: backends.unavailable_reason(name, device) for name in ("triton", "cuda", "cpu")}
         why = "; ".join(f"{name}: {reason}" for name, reason in missing.items() if reason)
         note = (f"no fused backend is available for {device.type} tensors here, so the 'fused' run uses the "

@@ -218,6 +218,19 @@ def test_auto_never_repeats_the_unfused_column_when_a_fused_backend_exists(monke
         assert chosen == "torch" and "no fused backend is available" in note
 
 
+def test_a_backend_named_on_the_command_line_is_run_as_asked():
+    # gpu_check.sh's fallback stage runs `compare --backend torch` on a GPU, where fused backends exist: the note
+    # said "no fused backend is available" there. A backend that cannot run here is refused, naming it.
+    cfg = CompareConfig(model_size="tiny", device="cpu", backend="torch").resolved()
+    chosen, note = compare.fused_backend_for(cfg)
+    assert chosen == "torch" and "as asked" in note and "no fused backend" not in note
+    if compare.backends.unavailable_reason("cpu", "cpu") is None:
+        assert compare.fused_backend_for(CompareConfig(model_size="tiny", device="cpu", backend="cpu").resolved()) \
+            == ("cpu", None)
+    with pytest.raises(ValueError, match="compare: --backend 'cuda' is not available for cpu"):
+        compare.fused_backend_for(CompareConfig(model_size="tiny", device="cpu", backend="cuda").resolved())
+
+
 def test_saved_activations_count_neither_parameters_nor_their_casts():
     """A bf16 LoRA layer with float32 factors also saves the factors' bf16 casts: weight memory of a size fixed by
     the model, not activations (they made LoRA's activations exceed full fine-tuning's on the tiny bf16 model). The
