@@ -305,6 +305,32 @@ def test_unavailable_backend_says_why_and_what_is_available():
         lora_linear(x, weight, lora_a, lora_b, backend="cuda")
 
 
+def test_unavailable_reason_names_each_missing_piece(monkeypatch):
+    from lora_kernels import _ext
+    from lora_kernels import triton as triton_pkg
+    cuda_reason = None if torch.cuda.is_available() else "no CUDA device"
+    assert backends.unavailable_reason("reference", "meta") is None
+    assert backends.unavailable_reason("foo", "cpu").startswith("unknown backend 'foo'")
+    assert backends.unavailable_reason("cpu", "meta") == "the cpu backend runs CPU tensors, got meta tensors"
+    if triton_pkg.HAS_TRITON:
+        assert backends.unavailable_reason("triton", "cuda") == cuda_reason
+        assert backends.unavailable_reason("triton", "meta") == "Triton does not run on meta tensors"
+        monkeypatch.setattr(triton_pkg, "INTERPRET", False)
+        assert "TRITON_INTERPRET=1" in backends.unavailable_reason("triton", "cpu")
+    monkeypatch.setattr(triton_pkg, "HAS_TRITON", False)
+    monkeypatch.setattr(triton_pkg, "TRITON_ERROR", "ImportError: no triton")
+    assert backends.unavailable_reason("triton", "cpu") == "triton is not importable (ImportError: no triton)"
+    monkeypatch.setattr(_ext, "HAS_EXTENSION", True)
+    monkeypatch.setattr(_ext, "EXTENSION_WITH_CUDA", False)
+    assert backends.unavailable_reason("cuda", "cuda") == "extension built without CUDA"
+    monkeypatch.setattr(_ext, "EXTENSION_WITH_CUDA", True)
+    assert backends.unavailable_reason("cuda", "cuda") == cuda_reason
+    assert backends.unavailable_reason("cuda", "cpu") == "the cuda backend runs CUDA tensors, got cpu tensors"
+    monkeypatch.setattr(_ext, "HAS_EXTENSION", False)
+    monkeypatch.setattr(_ext, "EXTENSION_ERROR", "not built")
+    assert backends.unavailable_reason("cpu", "cpu") == "the C++ extension lora_kernels._C is not built"
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_torch_compile_fullgraph(backend):
     _backend_or_skip(backend, "cpu")

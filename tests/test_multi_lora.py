@@ -966,6 +966,32 @@ def test_fp16_x_and_lora_a_gradients_stay_finite_where_only_the_scaled_dy_b_over
     assert_close(got[1].grad, leaves[1].grad, dtype, "dlora_a", scale=2.0)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_device_slot_loop_gradients_match_the_reference(backend, dtype, device, monkeypatch):
+    """The per-slot masked GEMMs that the torch and cuda backends run for dA and dB on GPUs (the fp32 and bf16
+    branch: left cast to right's dtype), here on CPU tensors, against the float64 reference: mixed ranks, a slot of
+    rank 0 and tokens without an adapter (id -1)."""
+    _backend_or_skip(backend, device)
+    from lora_kernels import ops
+    monkeypatch.setattr(ops, "slots_on_host", lambda device: False)
+    num_slots, max_rank, k, n = 3, 4, 24, 10
+    ranks, scalings = [4, 0, 2], torch.tensor([2.0, 1.0, 0.5])
+    lora_a = randn(num_slots, max_rank, k, dtype=dtype, device=device, scale=k ** -0.5)
+    lora_b = randn(num_slots, n, max_rank, dtype=dtype, device=device)
+    x = randn(9, k, dtype=dtype, device=device)
+    weight = randn(n, k, dtype=dtype, device=device, scale=k ** -0.5)
+    ids = torch.tensor([0, 2, -1, 1, 0, 2, 2, -1, 0], device=device)
+    dy = randn(9, n, dtype=dtype, device=device)
+    leaves = [t.double().cpu().requires_grad_(True) for t in (x, lora_a, lora_b)]
+    reference.multi_lora_linear_autograd(leaves[0], weight.double().cpu(), *leaves[1:], ids.cpu(), scalings, None,
+                                         torch.tensor(ranks)).backward(dy.double().cpu())
+    got = [t.clone().requires_grad_(True) for t in (x, lora_a, lora_b)]
+    lk.multi_lora_linear(got[0], weight, got[1], got[2], ids, scalings, ranks=ranks, backend=backend).backward(dy)
+    for name, g, ref in zip(("dx", "dlora_a", "dlora_b"), got, leaves):
+        assert_close(g.grad, ref.grad, dtype, name, scale=2.0)
+
+
 @pytest.mark.parametrize("backend", GROUPED_BACKENDS)
 def test_fp16_lora_b_gradient_is_built_from_the_unscaled_shrink(backend, device):
     """dB = s·dYᵀ·S with |s·S| above fp16's 65504 where S, dB and y are in range: dB is finite and accurate (it

@@ -340,6 +340,22 @@ def test_backward_rejects_bad_inputs(dev):
             call()
 
 
+def test_launchers_refuse_other_devices_bad_seed_tensors_and_mask_sizes(dev, monkeypatch):
+    x, weight, lora_a, lora_b, _ = lora_inputs(4, 32, 16, 8, torch.float32, dev)
+    with pytest.raises(ValueError, match=rf"lora_fwd: weight expected device {x.device}, got meta"):
+        tk.lora_fwd(x, weight.to("meta"), lora_a, lora_b, 1.0)
+    with pytest.raises(TypeError, match="lora_fwd: seed expected an int or a 0-d int64 CPU tensor, got a torch.int32"):
+        tk.lora_fwd(x, weight, lora_a, lora_b, 1.0, dropout_p=0.1, seed=torch.tensor(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="dropout_mask: K expected a non-negative int, got -1"):
+        tk.dropout_mask(0, 4, -1, 0.1, dev)
+    if dev.type == "cpu":  # without the interpreter CPU tensors are refused by name, not handed to a GPU kernel
+        monkeypatch.setattr(tk, "INTERPRET", False)
+        with pytest.raises(ValueError, match="lora_fwd: x is on cpu; the Triton kernels need CUDA tensors"):
+            tk.lora_fwd(x, weight, lora_a, lora_b, 1.0)
+        with pytest.raises(ValueError, match="dropout_mask: device is cpu; the Triton kernels need CUDA"):
+            tk.dropout_mask(0, 4, 4, 0.1, "cpu")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # torch.compile / custom op registration
 # ---------------------------------------------------------------------------------------------------------------
