@@ -13,6 +13,8 @@ from lora_kernels.triton import HAS_TRITON, INTERPRET, TRITON_ERROR
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason=f"triton not importable: {TRITON_ERROR}")
 
 if HAS_TRITON:
+    import triton
+
     from lora_kernels.triton import lora_linear as tk
 
 # (M, K, N, r): odd sizes with masked tails; ranks from 1 (padded to 16) to 512 (eight chunks of 64). Two have K
@@ -142,6 +144,17 @@ def test_split_count_heuristic(monkeypatch):
     assert tk._split_count(64, 1, None) == 1
     monkeypatch.setattr(tk, "SPLIT_OVERRIDE", 5)
     assert tk._split_count(64, 32, 132) == 5 and tk._split_count(64, 4, None) == 4
+
+
+def test_autotune_keys_name_kernel_arguments_and_the_split_counts():
+    """Triton's autotuner silently drops a key name that is not an argument of the kernel, so a misspelt key would
+    reuse one shape's config for every other. The split kernels' keys hold their split count: SPLIT_OVERRIDE (the
+    bench's "split / no split" rows) changes their grid, which must not reuse the config tuned for the other."""
+    tuned = {name: kernel for name, kernel in vars(tk).items() if isinstance(kernel, triton.runtime.Autotuner)}
+    assert {"_shrink", "_fwd", "_fwd_tma", "_bwd_dy", "_bwd_dx", "_bwd_dx_tma", "_bwd_da"} <= set(tuned)
+    for name, kernel in tuned.items():
+        assert set(kernel.keys) <= set(kernel.arg_names), (name, kernel.keys)
+    assert "split_k" in tk._shrink.keys and "split_n" in tk._bwd_dy.keys and "split_m" in tk._bwd_da.keys
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25], ids=["nodrop", "drop"])

@@ -615,15 +615,18 @@ def _autotune(configs, key, kernel, heuristics=None):
     return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
-_shrink = _autotune(SHRINK_CONFIGS, ["M", "K", "R", "HAS_DROPOUT"], _lora_shrink_kernel)
+# The split kernels' keys hold their split count: the launchers derive it from the shape and the SM count (one
+# value per shape, so no extra tuning), but SPLIT_OVERRIDE (the bench's "split / no split" rows) changes the grid a
+# config runs on, and a config tuned for one grid must not be reused for the other.
+_shrink = _autotune(SHRINK_CONFIGS, ["M", "K", "R", "split_k", "HAS_DROPOUT"], _lora_shrink_kernel)
 _fwd = _autotune(GEMM_CONFIGS, ["M", "N", "K", "R", "HAS_BIAS"], _lora_fwd_kernel,
                  {"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 _fwd_tma = _autotune(TMA_CONFIGS, ["M", "N", "K", "R", "HAS_BIAS"], _lora_fwd_tma_kernel)
-_bwd_dy = _autotune(DY_CONFIGS, ["M", "N", "R"], _lora_bwd_dy_kernel)
+_bwd_dy = _autotune(DY_CONFIGS, ["M", "N", "R", "split_n"], _lora_bwd_dy_kernel)
 _bwd_dx = _autotune(DX_CONFIGS, ["M", "N", "K", "R", "HAS_DROPOUT"], _lora_bwd_dx_kernel,
                     {"EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0})
 _bwd_dx_tma = _autotune(TMA_DX_CONFIGS, ["M", "N", "K", "R", "HAS_DROPOUT"], _lora_bwd_dx_tma_kernel)
-_bwd_da = _autotune(DA_CONFIGS, ["M", "K", "R", "HAS_DROPOUT"], _lora_bwd_da_kernel)
+_bwd_da = _autotune(DA_CONFIGS, ["M", "K", "R", "split_m", "HAS_DROPOUT"], _lora_bwd_da_kernel)
 
 
 # ----------------------------------------------------------------------------------------------------------------
