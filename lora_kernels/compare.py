@@ -668,8 +668,7 @@ def fused_backend_for(cfg):
     device = torch.device(cfg.device)
     if cfg.backend == "auto":
         chosen = backends.auto_backend(device)
-        fused = [name for name in FUSED_BACKENDS if backends.unavailable_reason(name, device) is None
-                 and not (name == "triton" and device.type != "cuda")]
+        fused = _fused_available(device)
         if chosen in ("torch", "reference") and fused:
             return fused[0], (f"backend='auto' runs lora_linear on {device.type} with the unfused {chosen!r} "
                               f"composition (it measured faster than the fused kernels, BENCHMARKS.md); this column "
@@ -681,14 +680,24 @@ def fused_backend_for(cfg):
         chosen = cfg.backend
     note = None
     if chosen in ("torch", "reference") and cfg.backend != "auto":
-        # asked for by name (gpu_check.sh's fallback stage runs --backend torch): not for want of a fused backend
-        note = f"--backend {chosen}: the 'fused' run uses the unfused {chosen!r} composition too, as asked"
+        # asked for by name: a fused backend may well be available, the user chose not to run it
+        note = (f"--backend {chosen!r} is not a fused backend: the 'fused' column runs the {chosen!r} composition "
+                f"(fused backends available here: {', '.join(_fused_available(device)) or 'none'})")
     elif chosen in ("torch", "reference"):
         missing = {name: backends.unavailable_reason(name, device) for name in ("triton", "cuda", "cpu")}
         why = "; ".join(f"{name}: {reason}" for name, reason in missing.items() if reason)
         note = (f"no fused backend is available for {device.type} tensors here, so the 'fused' run uses the "
                 f"{chosen!r} backend too ({why})")
+    elif chosen == "triton" and device.type != "cuda":
+        note = ("--backend 'triton' on CPU tensors runs the Triton interpreter (TRITON_INTERPRET=1, for tests): its "
+                "step times and latencies are the interpreter's, not a kernel's")
     return chosen, note
+
+
+def _fused_available(device):
+    """The fused backends that run `device` tensors as kernels (the Triton interpreter on CPU is not one)."""
+    return [name for name in FUSED_BACKENDS if backends.unavailable_reason(name, device) is None
+            and not (name == "triton" and device.type != "cuda")]
 
 
 def run_compare(config=None, progress_stream=None):

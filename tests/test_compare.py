@@ -223,12 +223,32 @@ def test_a_backend_named_on_the_command_line_is_run_as_asked():
     # said "no fused backend is available" there. A backend that cannot run here is refused, naming it.
     cfg = CompareConfig(model_size="tiny", device="cpu", backend="torch").resolved()
     chosen, note = compare.fused_backend_for(cfg)
-    assert chosen == "torch" and "as asked" in note and "no fused backend" not in note
+    assert chosen == "torch" and "is not a fused backend" in note and "no fused backend" not in note
     if compare.backends.unavailable_reason("cpu", "cpu") is None:
         assert compare.fused_backend_for(CompareConfig(model_size="tiny", device="cpu", backend="cpu").resolved()) \
             == ("cpu", None)
     with pytest.raises(ValueError, match="compare: --backend 'cuda' is not available for cpu"):
         compare.fused_backend_for(CompareConfig(model_size="tiny", device="cpu", backend="cuda").resolved())
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_an_unfused_backend_asked_for_by_name_is_not_said_to_be_all_there_is(backend):
+    # --backend torch with the C++ extension loaded had printed "no fused backend is available for cpu tensors here"
+    # next to "backends available: torch, cpu"
+    cfg = CompareConfig(model_size="tiny", device="cpu", backend=backend).resolved()
+    chosen, note = compare.fused_backend_for(cfg)
+    fused = compare._fused_available(torch.device("cpu"))
+    assert chosen == backend
+    assert "no fused backend is available" not in note
+    assert f"--backend {backend!r} is not a fused backend" in note
+    assert f"fused backends available here: {', '.join(fused) or 'none'}" in note
+
+
+def test_triton_on_cpu_says_it_is_the_interpreter(monkeypatch):
+    monkeypatch.setattr(compare.backends, "unavailable_reason", lambda name, device: None)
+    cfg = CompareConfig(model_size="tiny", device="cpu", backend="triton").resolved()
+    chosen, note = compare.fused_backend_for(cfg)
+    assert chosen == "triton" and "Triton interpreter" in note and "not a kernel's" in note
 
 
 def test_saved_activations_count_neither_parameters_nor_their_casts():
