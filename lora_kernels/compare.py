@@ -24,7 +24,7 @@ from torch import nn
 
 import lora_kernels
 from lora_kernels import backends
-from lora_kernels.modules import LoRALinear, count_parameters, inject_lora
+from lora_kernels.modules import LoRALinear, count_parameters, inject_lora, lora_scaling
 
 # ------------------------------------------------------------------------------------------------ the toy model
 
@@ -815,6 +815,12 @@ def _ratio(value, reference):
     return f" ({value / reference:.2f}×)"
 
 
+def _scaling_text(cfg):
+    """The LoRA scaling the runs used, and which rule gave it (--rslora: alpha / sqrt(r), else alpha / r)."""
+    scaling = lora_scaling(cfg["rank"], cfg["alpha"], cfg["use_rslora"])
+    return f"alpha/sqrt(r) = {scaling:g} (rsLoRA)" if cfg["use_rslora"] else f"alpha/r = {scaling:g}"
+
+
 def format_compare(result):
     """The side-by-side table of full FT vs LoRA (unfused torch) vs LoRA (fused), with ratios against full FT."""
     cfg, env, model, task = result["config"], result["environment"], result["model"], result["task"]
@@ -831,7 +837,7 @@ def format_compare(result):
         f"random init (seed {cfg['seed']})",
         f"task: {task['kind']} over {task['task_vocab']} tokens; batch {cfg['batch_size']} x seq {cfg['seq_len']} = "
         f"{task['tokens_per_step']} tokens/step; {cfg['steps']} AdamW steps ({cfg['warmup']} warm-up, not timed)",
-        f"LoRA: r={cfg['rank']}, alpha={cfg['alpha']:g}, dropout {cfg['dropout']:g} on "
+        f"LoRA: r={cfg['rank']}, alpha={cfg['alpha']:g}, scaling {_scaling_text(cfg)}, dropout {cfg['dropout']:g} on "
         f"{','.join(cfg['targets'])} ({methods['lora_torch']['lora_layers']} layers); "
         f"lr {cfg['lr']:g} (full) / {cfg['lora_lr']:g} (LoRA)",
         f"backends available: {', '.join(result['backends']['available'])}; fused run: "

@@ -83,6 +83,15 @@ def test_compare_table_and_save(capsys, tmp_path):
     assert result["config"]["targets"] == ["q_proj", "v_proj"] and result["methods"]["lora_torch"]["lora_layers"] == 4
 
 
+def test_compare_table_says_which_scaling_rule_ran(capsys):
+    # --rslora changed the scaling (alpha / sqrt(r)) but the printed LoRA line was the same as without it
+    assert cli.main(TINY_COMPARE + ["--rank", "4", "--alpha", "8", "--rslora", "--targets", "q_proj"]) == 0
+    assert "r=4, alpha=8, scaling alpha/sqrt(r) = 4 (rsLoRA)," in capsys.readouterr().out
+    assert cli.main(TINY_COMPARE + ["--rank", "4", "--alpha", "8", "--targets", "q_proj"]) == 0
+    out = capsys.readouterr().out
+    assert "r=4, alpha=8, scaling alpha/r = 2," in out and "rsLoRA" not in out
+
+
 def test_compare_bad_option_is_a_clear_error(capsys):
     assert cli.main(TINY_COMPARE + ["--targets", "no_such_layer"]) == 2
     assert "--targets" in capsys.readouterr().err
