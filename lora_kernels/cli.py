@@ -173,10 +173,10 @@ def _add_bench_parser(sub):
 
 def _write_json(result, path):
     """Written to a temporary file and renamed, so a run killed mid-write never leaves a truncated file."""
+    from lora_kernels.compare import to_json
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
+        f.write(to_json(result) + "\n")
     os.replace(tmp, path)
 
 
@@ -227,7 +227,7 @@ def run_compare_command(args):
 
 
 def run_bench_command(args):
-    from lora_kernels import bench
+    from lora_kernels import bench, compare
     if not _output_dirs_exist("bench", args):
         return 2
     config = bench.BenchConfig(
@@ -244,7 +244,7 @@ def run_bench_command(args):
     result = bench.run_bench(config, on_update=on_update)
     if args.save:
         _write_json(result, args.save)
-    print(json.dumps(result, indent=2) if args.json else bench.format_bench(result))
+    print(compare.to_json(result) if args.json else bench.format_bench(result))
     return 0
 
 

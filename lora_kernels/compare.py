@@ -880,6 +880,15 @@ def format_compare(result):
         lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
     lines.append(f"(eval loss before training: {task['initial_eval_loss']:.3f}; ln(vocab) = {task['uniform_loss']:.3f};"
                  f" ratios in parentheses are against full fine-tuning)")
+    for method, name in zip(METHODS, headers[1:]):
+        losses = methods[method]["train_losses"]
+        bad = next((i for i, loss in enumerate(losses) if not _finite(loss)), None)
+        if bad is None:
+            continue
+        why = (" (float16 AdamW state: squared gradients under ~6e-8 and eps 1e-8 round to 0 in float16, so updates "
+               "divide by 0; --dtype bfloat16 or float32 avoid it)" if cfg["dtype"] == "float16" else "")
+        lines.append(f"  note: {name}: the training loss is not finite from step {bad + 1} on{why}; its column "
+                     f"measures a diverged run")
     if inference:
         merged = inference["merged_ms"]
         lines.append("")
@@ -958,5 +967,22 @@ def plot_compare(result, path):
     return path
 
 
+def _finite(value):
+    return value is not None and math.isfinite(value)
+
+
+def json_safe(value):
+    """`value` with every non-finite float (a diverged loss) as None: JSON has no NaN or Infinity, and parsers other
+    than Python's (JavaScript's JSON.parse, strict ones) reject the bare NaN that json.dumps writes by default."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
 def to_json(result):
-    return json.dumps(result, indent=2)
+    """Standard JSON (non-finite numbers as null)."""
+    return json.dumps(json_safe(result), indent=2, allow_nan=False)

@@ -92,6 +92,27 @@ def test_compare_table_says_which_scaling_rule_ran(capsys):
     assert "r=4, alpha=8, scaling alpha/r = 2," in out and "rsLoRA" not in out
 
 
+def test_compare_save_writes_standard_json(monkeypatch, capsys, tmp_path):
+    # --save went through json.dump's default allow_nan=True: a diverged loss became a bare NaN in the file
+    from lora_kernels import compare
+    run = compare.run_compare
+
+    def diverging(config):
+        result = run(config)
+        result["methods"]["full"]["eval_loss"] = float("nan")
+        return result
+
+    monkeypatch.setattr(compare, "run_compare", diverging)
+    saved = tmp_path / "c.json"
+    assert cli.main(TINY_COMPARE + ["--targets", "q_proj", "--save", str(saved)]) == 0
+    capsys.readouterr()
+
+    def refuse(constant):
+        raise ValueError(constant)
+
+    assert json.loads(saved.read_text(), parse_constant=refuse)["methods"]["full"]["eval_loss"] is None
+
+
 def test_compare_bad_option_is_a_clear_error(capsys):
     assert cli.main(TINY_COMPARE + ["--targets", "no_such_layer"]) == 2
     assert "--targets" in capsys.readouterr().err

@@ -136,6 +136,29 @@ def test_parameter_bytes_and_printed_ratios_follow_the_runs(result):
         assert methods["lora_torch"][key] / full[key] < 0.5  # so an inverted ratio cannot print the same text
 
 
+def test_a_diverged_run_is_named_and_its_json_stays_standard(result):
+    """Pure float16 full fine-tuning goes to nan after one AdamW step (its float16 state rounds eps and small squared
+    gradients to 0): the table had printed "5.178 -> nan" with no word, and --json / --save wrote bare NaN, which
+    JSON.parse and strict parsers reject."""
+    import copy
+    diverged = copy.deepcopy(result)
+    diverged["config"]["dtype"] = "float16"
+    full = diverged["methods"]["full"]
+    full["train_losses"][1:] = [math.nan] * (len(full["train_losses"]) - 1)
+    full["eval_loss"] = math.nan
+    text = compare.format_compare(diverged)
+    assert "note: full fine-tuning: the training loss is not finite from step 2 on (float16 AdamW state" in text
+    assert "note: LoRA" not in text
+    assert "not finite" not in compare.format_compare(result)
+
+    def refuse(constant):
+        raise ValueError(constant)
+
+    loaded = json.loads(compare.to_json(diverged), parse_constant=refuse)
+    assert loaded["methods"]["full"]["eval_loss"] is None and loaded["methods"]["full"]["train_losses"][1] is None
+    assert loaded["methods"]["full"]["train_losses"][0] == full["train_losses"][0]
+
+
 def test_plot_writes_a_png(result, tmp_path):
     pytest.importorskip("matplotlib")
     path = compare.plot_compare(result, str(tmp_path / "compare.png"))
