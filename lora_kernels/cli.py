@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 
 import torch
 
@@ -175,25 +176,45 @@ def _write_json(result, path):
     """Written to a temporary file and renamed, so a run killed mid-write never leaves a truncated file."""
     from lora_kernels.compare import to_json
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(to_json(result) + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(to_json(result) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.isfile(tmp):  # no half-written file left next to the target
+            os.remove(tmp)
+        raise
 
 
-def _output_dirs_exist(command, args):
-    """The folders of --save / --plot exist: checked before a run of minutes, not after it."""
+def _output_paths_ok(command, args):
+    """--save / --plot name a file that can be written: checked before a run of minutes, not after it (a folder, a
+    missing folder or one this process cannot write in had ended the run in a traceback, its results lost)."""
     for option in ("save", "plot"):
         path = getattr(args, option, None)
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            print(f"lora-kernels {command}: --{option} {path}: the folder {os.path.dirname(os.path.abspath(path))} "
-                  f"does not exist", file=sys.stderr)
+        if path is None:
+            continue
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if not path:
+            problem = "expected a file path, got ''"
+        elif os.path.isdir(path):
+            problem = "is a folder, expected a file path"
+        elif not os.path.isdir(folder):
+            problem = f"the folder {folder} does not exist"
+        else:
+            try:
+                with tempfile.NamedTemporaryFile(dir=folder, prefix=".lora_kernels_"):
+                    problem = None
+            except OSError as exc:
+                problem = f"cannot write in the folder {folder} ({exc.strerror or exc})"
+        if problem:
+            print(f"lora-kernels {command}: --{option}{' ' + path + ':' if path else ''} {problem}", file=sys.stderr)
             return False
     return True
 
 
 def run_compare_command(args):
     from lora_kernels import compare
-    if not _output_dirs_exist("compare", args):
+    if not _output_paths_ok("compare", args):
         return 2
     if args.plot:
         try:
@@ -228,7 +249,7 @@ def run_compare_command(args):
 
 def run_bench_command(args):
     from lora_kernels import bench, compare
-    if not _output_dirs_exist("bench", args):
+    if not _output_paths_ok("bench", args):
         return 2
     config = bench.BenchConfig(
         device=args.device, dtype=args.dtype, quick=args.quick, backends=args.backends, hidden=args.hidden,

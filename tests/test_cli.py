@@ -130,6 +130,9 @@ def test_compare_bad_option_is_a_clear_error(capsys):
     (["--save", "/no/such/folder/out.json"], "compare: --save /no/such/folder/out.json: the folder /no/such/folder "
                                              "does not exist"),
     (["--plot", "/no/such/folder/x.png"], "the folder /no/such/folder does not exist"),
+    (["--save", ""], "compare: --save expected a file path, got ''"),
+    (["--save", str(ROOT)], f"compare: --save {ROOT}: is a folder, expected a file path"),
+    (["--plot", str(ROOT)], f"compare: --plot {ROOT}: is a folder, expected a file path"),
 ])
 def test_compare_bad_values_are_one_line_errors_before_the_run(capsys, options, message):
     """Each refused before any model is built (the --save / --plot folders had been found missing only after the
@@ -137,6 +140,26 @@ def test_compare_bad_values_are_one_line_errors_before_the_run(capsys, options, 
     assert cli.main(TINY_COMPARE + options) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_save_in_a_folder_that_cannot_be_written_is_refused_before_the_run(capsys, monkeypatch, tmp_path):
+    # --save to a folder without write permission (or a read-only file system) ended the run in a traceback
+    import tempfile
+
+    def unwritable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", unwritable)
+    for command in (TINY_COMPARE, QUICK_BENCH):
+        assert cli.main(command + ["--save", str(tmp_path / "out.json")]) == 2
+        err = capsys.readouterr().err
+        assert f"--save {tmp_path / 'out.json'}: cannot write in the folder {tmp_path} (Permission denied)" in err
+        assert "Traceback" not in err
+
+
+def test_bench_save_to_a_folder_is_refused_before_the_run(capsys):
+    assert cli.main(QUICK_BENCH + ["--save", str(ROOT)]) == 2
+    assert f"bench: --save {ROOT}: is a folder" in capsys.readouterr().err
 
 
 def test_compare_plot_without_matplotlib_is_a_clear_error(capsys, monkeypatch, tmp_path):
@@ -205,3 +228,12 @@ def test_gpu_check_dry_run(tmp_path):
     profile = (tmp_path / "profile.log").read_text()
     assert "=== lora_linear fwd+bwd, backend torch" in profile
     assert "\nERROR: " not in profile  # the script's own failure line (the profiler may log "ERROR:<date>" lines)
+
+
+def test_a_failed_json_write_leaves_no_temporary_file(tmp_path):
+    # _write_json writes PATH.tmp and renames it; a rename that failed (PATH a folder) had left PATH.tmp behind
+    target = tmp_path / "out"
+    target.mkdir()
+    with pytest.raises(OSError):
+        cli._write_json({"a": 1}, str(target))
+    assert not (tmp_path / "out.tmp").exists()
