@@ -130,6 +130,10 @@ class BenchConfig:
             raise ValueError(f"bench: --sections expected names from {', '.join(SECTIONS)} (or all), "
                              f"got {','.join(sections) or 'none'}")
         cfg.sections = tuple(name for name in SECTIONS if name in sections)
+        if "sweep" in cfg.sections and not _sweep_points(cfg):
+            raise ValueError(f"bench: --sweep-adapters {','.join(map(str, cfg.sweep_adapters))} expected a count <= "
+                             f"one of --sweep-tokens {','.join(map(str, cfg.sweep_tokens))} (the sweep skips points "
+                             f"with more distinct adapters than tokens, so it would have no grid)")
         return cfg
 
 

@@ -164,7 +164,8 @@ def _add_bench_parser(sub):
                    help="comma-separated parts of the sweep: host, forward, train, grouped, decode, sweep (the grouped "
                         "grid of token counts x adapters and mixed ranks), or all (default: all but sweep)")
     p.add_argument("--sweep-tokens", type=_int_list, help="token counts of the grouped sweep")
-    p.add_argument("--sweep-adapters", type=_int_list, help="distinct adapter counts of the grouped sweep")
+    p.add_argument("--sweep-adapters", type=_int_list, help="distinct adapter counts of the grouped sweep (a point "
+                                                            "with more adapters than tokens is skipped)")
     p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", action="store_true", help="print the measurements as JSON instead of the table")
     p.add_argument("--save", metavar="PATH", help="also write the JSON to PATH")

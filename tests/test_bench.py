@@ -30,6 +30,15 @@ def test_sections_default_all_and_unknown():
         _tiny(sections=("fast",)).resolved()
 
 
+def test_a_sweep_with_no_point_is_refused():
+    # every adapter count above every token count: the sweep had printed only its mixed-rank rows, its grid silently
+    # empty; outside the sweep section the sweep options do not matter
+    with pytest.raises(ValueError, match="--sweep-adapters 8,16 expected a count <= one of --sweep-tokens 2,4"):
+        _tiny(sections=("sweep",), sweep_tokens=(2, 4), sweep_adapters=(8, 16)).resolved()
+    assert _tiny(sections=("host",), sweep_tokens=(2,), sweep_adapters=(8,)).resolved().sections == ("host",)
+    assert _tiny(sections=("sweep",), sweep_tokens=(2, 8), sweep_adapters=(8, 16)).resolved()
+
+
 def test_sweep_section_rows():
     result = bench.run_bench(_tiny(sections=("sweep",), sweep_tokens=(4, 32), sweep_adapters=(1, 4)))
     kinds = {}
