@@ -111,7 +111,7 @@ class BenchConfig:
         if cfg.backends is None:
             cfg.backends = tuple(b for b in backends.available_backends(device)
                                  if b != "reference" and not (b == "triton" and device.type == "cpu"))
-        cfg.backends = tuple(cfg.backends)
+        cfg.backends = tuple(dict.fromkeys(cfg.backends))  # a name given twice is measured once
         for name in cfg.backends:
             reason = backends.unavailable_reason(name, device)
             if reason is not None:
@@ -120,15 +120,17 @@ class BenchConfig:
             value = getattr(cfg, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"bench: {name} expected an int >= 1, got {value!r}")
-        cfg.ranks, cfg.ms = tuple(cfg.ranks), tuple(cfg.ms)
-        cfg.sweep_tokens, cfg.sweep_adapters = tuple(cfg.sweep_tokens), tuple(cfg.sweep_adapters)
+        for name in ("ranks", "ms", "sweep_tokens", "sweep_adapters"):  # a value given twice is measured once
+            setattr(cfg, name, tuple(dict.fromkeys(getattr(cfg, name))))
         sections = tuple(cfg.sections or DEFAULT_SECTIONS)
         if sections == ("all",):
             sections = SECTIONS
         unknown = [name for name in sections if name not in SECTIONS]
         if unknown or not sections:
-            raise ValueError(f"bench: --sections expected names from {', '.join(SECTIONS)} (or all), "
-                             f"got {','.join(sections) or 'none'}")
+            raise ValueError(f"bench: --sections expected names from {', '.join(SECTIONS)} (or all alone), "
+                             f"got {','.join(sections) or 'none'}"
+                             + (f" (unknown: {','.join(n for n in unknown if n != 'all')})"
+                                if set(unknown) - {"all"} else " (all goes alone)" if unknown else ""))
         cfg.sections = tuple(name for name in SECTIONS if name in sections)
         if "sweep" in cfg.sections and not _sweep_points(cfg):
             raise ValueError(f"bench: --sweep-adapters {','.join(map(str, cfg.sweep_adapters))} expected a count <= "

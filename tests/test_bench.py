@@ -39,6 +39,18 @@ def test_a_sweep_with_no_point_is_refused():
     assert _tiny(sections=("sweep",), sweep_tokens=(2, 8), sweep_adapters=(8, 16)).resolved()
 
 
+def test_a_repeated_name_or_value_is_measured_once():
+    # --backends torch,torch and --ms 1,1 had printed every row twice
+    cfg = _tiny(backends=("torch", "torch"), ms=(1, 8, 1), ranks=(4, 4), sweep_tokens=(16, 16),
+                sweep_adapters=(1, 1)).resolved()
+    assert (cfg.backends, cfg.ms, cfg.ranks, cfg.sweep_tokens, cfg.sweep_adapters) == (("torch",), (1, 8), (4,), (16,),
+                                                                                       (1,))
+    with pytest.raises(ValueError, match=r"got host,fast \(unknown: fast\)"):
+        _tiny(sections=("host", "fast")).resolved()
+    with pytest.raises(ValueError, match=r"got all,host \(all goes alone\)"):
+        _tiny(sections=("all", "host")).resolved()
+
+
 def test_sweep_section_rows():
     result = bench.run_bench(_tiny(sections=("sweep",), sweep_tokens=(4, 32), sweep_adapters=(1, 4)))
     kinds = {}
