@@ -437,9 +437,12 @@ class CompareConfig:
         if isinstance(cfg.alpha, bool) or not isinstance(cfg.alpha, (int, float)) or not math.isfinite(cfg.alpha):
             raise ValueError(f"compare: --alpha expected a finite number, got {cfg.alpha!r}")
         cfg.targets = tuple(cfg.targets)
-        if not cfg.targets or not expected_lora_params(cfg.model_config(), cfg.targets, cfg.rank):
-            raise ValueError(f"compare: --targets {','.join(cfg.targets)!r} matched no nn.Linear of the model; "
-                             f"its layers are {', '.join(DEFAULT_TARGETS)} and lm_head")
+        # the model's layer names are fixed: an entry that matches none is a typo, not a name of another model's
+        # layer (it had only warned, from inject_lora, and the run went on with fewer LoRA layers)
+        unmatched = [t for t in cfg.targets if not expected_lora_params(cfg.model_config(), (t,), cfg.rank)]
+        if not cfg.targets or unmatched:
+            raise ValueError(f"compare: --targets {','.join(unmatched or cfg.targets)!r} matched no nn.Linear of the "
+                             f"model; its layers are {', '.join(DEFAULT_TARGETS)} and lm_head")
         cfg.dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(cfg.dtype, cfg.dtype)
         return cfg
 

@@ -194,6 +194,7 @@ def test_task_is_deterministic_and_follows_the_permutation():
 @pytest.mark.parametrize("change, message", [
     ({"model_size": "huge"}, "--model-size"),
     ({"targets": ("nope",)}, "--targets"),
+    ({"targets": ("q_proj", "v_prj")}, "--targets 'v_prj' matched no nn.Linear"),  # had only warned
     ({"steps": 3, "warmup": 3}, "--warmup"),
     ({"hidden": 30, "heads": 4}, "--hidden"),
     ({"dtype": "int8"}, "--dtype"),
