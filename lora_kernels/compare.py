@@ -422,6 +422,9 @@ class CompareConfig:
         if cfg.threads is not None and (isinstance(cfg.threads, bool) or not isinstance(cfg.threads, int)
                                         or cfg.threads < 1):
             raise ValueError(f"compare: --threads expected an int >= 1, got {cfg.threads!r}")
+        # torch's seeds are 64-bit, and the run seeds torch with seed .. seed + 4
+        if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not -2 ** 63 <= cfg.seed <= 2 ** 64 - 5:
+            raise ValueError(f"compare: --seed expected an int in [-2**63, 2**64 - 5], got {cfg.seed!r}")
         if not isinstance(cfg.warmup, int) or not 0 <= cfg.warmup < cfg.steps:
             raise ValueError(f"compare: --warmup expected an int in [0, steps={cfg.steps}), got {cfg.warmup!r}")
         if cfg.hidden % cfg.heads or (cfg.hidden // cfg.heads) % 2:

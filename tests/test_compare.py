@@ -195,6 +195,8 @@ def test_task_is_deterministic_and_follows_the_permutation():
     ({"model_size": "huge"}, "--model-size"),
     ({"targets": ("nope",)}, "--targets"),
     ({"targets": ("q_proj", "v_prj")}, "--targets 'v_prj' matched no nn.Linear"),  # had only warned
+    ({"seed": 2 ** 64 - 1}, "--seed"),  # these two had ended in torch's "Overflow when unpacking long long"
+    ({"seed": -2 ** 63 - 1}, "--seed"),
     ({"steps": 3, "warmup": 3}, "--warmup"),
     ({"hidden": 30, "heads": 4}, "--hidden"),
     ({"dtype": "int8"}, "--dtype"),
