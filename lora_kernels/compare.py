@@ -818,7 +818,9 @@ def fmt_bytes(n):
 def _ratio(value, reference):
     if value is None or not reference:
         return ""
-    return f" ({value / reference:.2f}×)"
+    ratio = value / reference
+    # two significant digits under 0.1: a 976 B adapter against a 268 kB model is 0.0036×, not "0.00×"
+    return f" ({ratio:.2g}×)" if 0 < abs(ratio) < 0.095 else f" ({ratio:.2f}×)"
 
 
 def _scaling_text(cfg):

@@ -159,6 +159,14 @@ def test_a_diverged_run_is_named_and_its_json_stays_standard(result):
     assert loaded["methods"]["full"]["train_losses"][0] == full["train_losses"][0]
 
 
+def test_small_ratios_keep_two_significant_digits():
+    # --targets lm_head --rank 1 printed the adapter file as "976 B (0.00×)" the full checkpoint
+    assert compare._ratio(976, 268130) == " (0.0036×)"
+    assert compare._ratio(9.86, 468.22) == " (0.021×)"
+    assert compare._ratio(34, 100) == " (0.34×)" and compare._ratio(1, 1) == " (1.00×)"
+    assert compare._ratio(0, 1) == " (0.00×)" and compare._ratio(5, 0) == ""
+
+
 def test_plot_writes_a_png(result, tmp_path):
     pytest.importorskip("matplotlib")
     path = compare.plot_compare(result, str(tmp_path / "compare.png"))
