@@ -60,6 +60,8 @@ def print_info(as_json=False):
         print(f"backends for {device} tensors (auto -> lora_linear: {auto['lora_linear']}, "
               f"grouped ops: {auto['grouped']}):")
         for name, status in table.items():
+            if name == "triton" and device == "cpu" and status == "available":
+                status += " (the Triton interpreter, TRITON_INTERPRET=1: for tests, not a compiled kernel)"
             print(f"  {name:10s} {status}")
 
 

@@ -50,6 +50,15 @@ def test_info_shows_the_triton_tma_switch():
     assert json.loads(info("--json", LORA_KERNELS_TRITON_TMA="1"))["triton_tma"] is True
 
 
+@pytest.mark.skipif(not triton_pkg.HAS_TRITON, reason="triton not importable")
+def test_info_says_triton_on_cpu_is_the_interpreter():
+    # with TRITON_INTERPRET=1, info listed triton for cpu tensors as plain "available"
+    proc = subprocess.run([sys.executable, "-m", "lora_kernels", "info"], cwd=ROOT,
+                          env={**_env(), "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"^  triton +available \(the Triton interpreter, TRITON_INTERPRET=1", proc.stdout, re.MULTILINE)
+
+
 def test_console_script_info():
     script = shutil.which("lora-kernels", path=os.path.dirname(sys.executable)) or shutil.which("lora-kernels")
     if script is None:
