@@ -122,7 +122,8 @@ def _add_compare_parser(sub):
     run = p.add_argument_group("run")
     run.add_argument("--steps", type=_positive_int,
                      help=f"training steps, warm-up included (default {cpu['steps']} CPU / {gpu['steps']} CUDA)")
-    run.add_argument("--warmup", type=int, help=f"untimed first steps (default {cpu['warmup']} / {gpu['warmup']})")
+    run.add_argument("--warmup", type=int, help=f"untimed first steps (default {cpu['warmup']} / {gpu['warmup']}, "
+                                                f"at most steps - 1)")
     run.add_argument("--batch-size", type=_positive_int, help=f"sequences per step (default {cpu['batch_size']} / "
                                                               f"{gpu['batch_size']})")
     run.add_argument("--seq-len", type=_positive_int, help=f"tokens per sequence (default {cpu['seq_len']} / "
@@ -131,7 +132,8 @@ def _add_compare_parser(sub):
     run.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     run.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of full fine-tuning (default 1e-3)")
     run.add_argument("--lora-lr", type=float, default=3e-3, help="AdamW learning rate of LoRA (default 3e-3)")
-    run.add_argument("--infer-reps", type=_positive_int, help="forward passes per inference latency (median)")
+    run.add_argument("--infer-reps", type=_positive_int, help=f"forward passes per inference latency (median; "
+                                                               f"default {cpu['infer_reps']} / {gpu['infer_reps']})")
     run.add_argument("--seed", type=int, default=0, help="seed of the init, the task and the data (default 0)")
     run.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's)")
     out = p.add_argument_group("output")

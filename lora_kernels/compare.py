@@ -401,6 +401,9 @@ class CompareConfig:
         for name in ("model_size", "dtype", "batch_size", "seq_len", "steps", "warmup", "infer_reps"):
             if getattr(cfg, name) is None:
                 setattr(cfg, name, defaults[name])
+        if self.warmup is None and isinstance(cfg.steps, int) and cfg.steps >= 1:
+            # the default warm-up leaves a step to time: --steps 3 alone had been refused for a --warmup 3 not given
+            cfg.warmup = min(cfg.warmup, cfg.steps - 1)
         if cfg.model_size not in MODEL_SIZES:
             raise ValueError(f"compare: --model-size expected one of {', '.join(MODEL_SIZES)}, got {cfg.model_size!r}")
         size = dict(MODEL_SIZES[cfg.model_size])

@@ -216,6 +216,15 @@ def test_bad_config_names_the_option(change, message):
         dataclasses.replace(TINY, **change).resolved()
 
 
+def test_few_steps_alone_lower_the_default_warmup():
+    # --steps 3 without --warmup had been refused: "--warmup expected an int in [0, steps=3), got 3"
+    default = compare.DEVICE_DEFAULTS["cpu"]["warmup"]
+    for steps, warmup in ((1, 0), (2, 1), (default, default - 1), (default + 1, default), (50, default)):
+        assert CompareConfig(model_size="tiny", device="cpu", steps=steps).resolved().warmup == warmup, steps
+    with pytest.raises(ValueError, match=r"--warmup expected an int in \[0, steps=2\), got 2"):
+        CompareConfig(model_size="tiny", device="cpu", steps=2, warmup=2).resolved()
+
+
 def test_explicit_hidden_derives_heads_and_mlp_width():
     cfg = CompareConfig(model_size="small", hidden=128, layers=2, device="cpu").resolved()
     assert (cfg.hidden, cfg.layers) == (128, 2)
