@@ -408,8 +408,10 @@ class CompareConfig:
             raise ValueError(f"compare: --model-size expected one of {', '.join(MODEL_SIZES)}, got {cfg.model_size!r}")
         size = dict(MODEL_SIZES[cfg.model_size])
         heads_given = cfg.heads is not None
-        if cfg.hidden is not None and cfg.heads is None:  # keep head_dim near the preset's
-            size["heads"] = max(1, cfg.hidden // (size["hidden"] // size["heads"]))
+        if isinstance(cfg.hidden, int) and cfg.hidden >= 1 and cfg.heads is None:
+            # the head count that divides hidden into even head dims nearest the preset's ("heads follow" --hidden:
+            # hidden // head_dim alone had answered --hidden 100 with 6 heads, then refused them)
+            size["heads"] = _fitting_heads(cfg.hidden, size["hidden"] // size["heads"])
         if cfg.hidden is not None and cfg.intermediate is None:
             size["intermediate"] = 16 * math.ceil(8 * cfg.hidden / 3 / 16)
         for name in size:
@@ -430,6 +432,9 @@ class CompareConfig:
             raise ValueError(f"compare: --seed expected an int in [-2**63, 2**64 - 5], got {cfg.seed!r}")
         if not isinstance(cfg.warmup, int) or not 0 <= cfg.warmup < cfg.steps:
             raise ValueError(f"compare: --warmup expected an int in [0, steps={cfg.steps}), got {cfg.warmup!r}")
+        if cfg.hidden % 2:
+            raise ValueError(f"compare: --hidden {cfg.hidden} expected an even number (the rotary head dim, hidden / "
+                             f"heads, must be even)")
         if cfg.hidden % cfg.heads or (cfg.hidden // cfg.heads) % 2:
             heads = f"--heads {cfg.heads}" if heads_given else f"the {cfg.heads} heads of --model-size {cfg.model_size}"
             raise ValueError(f"compare: --hidden {cfg.hidden} expected a multiple of {heads} with an even head dim "
@@ -454,6 +459,19 @@ class CompareConfig:
 
     def model_config(self):
         return ModelConfig(self.vocab, self.hidden, self.layers, self.heads, self.intermediate)
+
+
+def _fitting_heads(hidden, head_dim):
+    """The number of heads that splits `hidden` into even head dims nearest `head_dim` (fewer heads on a tie); for
+    an odd hidden, which no count fits, hidden // head_dim (resolved() then refuses it)."""
+    divisors = set()
+    for d in range(1, math.isqrt(hidden) + 1):
+        if hidden % d == 0:
+            divisors.update((d, hidden // d))
+    fitting = [h for h in divisors if (hidden // h) % 2 == 0]
+    if not fitting:
+        return max(1, hidden // head_dim)
+    return min(fitting, key=lambda h: (abs(hidden // h - head_dim), h))
 
 
 # ------------------------------------------------------------------------------------------------ environment

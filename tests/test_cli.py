@@ -135,7 +135,9 @@ def test_compare_bad_option_is_a_clear_error(capsys):
     (["--lora-lr", "nan"], "compare: --lora-lr expected a number > 0, got nan"),
     (["--alpha", "nan"], "compare: --alpha expected a finite number, got nan"),
     (["--alpha", "inf"], "compare: --alpha expected a finite number, got inf"),
-    (["--hidden", "65"], "compare: --hidden 65 expected a multiple of the 4 heads of --model-size tiny"),
+    # an odd hidden fits no head count: the message had said to "set --heads to fit", which no --heads can
+    (["--hidden", "65"], "compare: --hidden 65 expected an even number (the rotary head dim"),
+    (["--hidden", "66", "--heads", "2"], "compare: --hidden 66 expected a multiple of --heads 2 with an even head dim"),
     (["--save", "/no/such/folder/out.json"], "compare: --save /no/such/folder/out.json: the folder /no/such/folder "
                                              "does not exist"),
     (["--plot", "/no/such/folder/x.png"], "the folder /no/such/folder does not exist"),

@@ -232,6 +232,14 @@ def test_explicit_hidden_derives_heads_and_mlp_width():
     assert cfg.intermediate % 16 == 0 and cfg.intermediate >= 8 * 128 // 3
 
 
+@pytest.mark.parametrize("hidden, heads", [(100, 5), (96, 6), (48, 3), (64, 4), (4, 1)])
+def test_explicit_hidden_gets_a_head_count_that_fits(hidden, heads):
+    # "heads and MLP width follow unless given": --hidden 100 on tiny (head dim 16) had derived 100 // 16 = 6 heads,
+    # then refused them ("expected a multiple of the 6 heads of --model-size tiny", which has 4)
+    cfg = CompareConfig(model_size="tiny", hidden=hidden, device="cpu").resolved()
+    assert cfg.heads == heads and hidden % heads == 0 and (hidden // heads) % 2 == 0
+
+
 def test_progress_bar_prints_to_its_stream_only_after_the_delay():
     stream = io.StringIO()
     quiet = compare.ProgressBar(10, stream=stream, delay=60)
