@@ -133,8 +133,9 @@ def summary_compare_rows(compare):
          f"{fused['tokens_per_s']:,.0f}"),
         ("checkpoint / full FT", "1", ratio(torch_lora["checkpoint_bytes"], full["checkpoint_bytes"]),
          ratio(fused["checkpoint_bytes"], full["checkpoint_bytes"])),
-        ("eval loss after training", f"{full['eval_loss']:.3f}", f"{torch_lora['eval_loss']:.3f}",
-         f"{fused['eval_loss']:.3f}"),
+        # null in the JSON: a loss that was not finite (a diverged run; compare writes standard JSON)
+        ("eval loss after training", *("not finite" if run["eval_loss"] is None else f"{run['eval_loss']:.3f}"
+                                       for run in (full, torch_lora, fused))),
     ]
     if inference:
         rows.append(("inference latency / merged", "1 (merged)",

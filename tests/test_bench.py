@@ -127,6 +127,18 @@ def test_pytest_benchmark_table_ratios():
     assert rows[("dropout", "ours")] == (1.5, True, None)  # PEFT / ours
 
 
+def test_summary_of_a_compare_json_with_a_diverged_run():
+    """compare writes a non-finite loss as null (standard JSON): the gpu_check summary prints it, not a TypeError."""
+    spec = importlib.util.spec_from_file_location("table", Path(__file__).parents[1] / "benchmarks" / "table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    run = {"trainable_percent": 1.0, "optimizer_state_bytes": 8, "peak_step_bytes": None, "step_ms_median": 2.0,
+           "tokens_per_s": 10.0, "checkpoint_bytes": 4, "eval_loss": 0.5}
+    compare = {"methods": {"full": {**run, "eval_loss": None}, "lora_torch": run, "lora_fused": run}, "inference": None}
+    rows = {row[0]: row[1:] for row in table.summary_compare_rows(compare)}
+    assert rows["eval loss after training"] == ("not finite", "0.500", "0.500")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 def test_graph_replay_timing_on_gpu(backend):
