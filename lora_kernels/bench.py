@@ -903,6 +903,9 @@ def format_bench(result):
         lines.append("PARTIAL: the sweep did not finish; these are the rows measured so far")
     if not on_gpu:
         lines.append("targets are design.md §8's GPU targets, shown for reference: CPU ratios are not judged by them")
+        if "triton" in cfg["backends"]:
+            lines.append("note: triton on CPU tensors is the Triton interpreter (TRITON_INTERPRET=1, for tests): its "
+                         "rows time the interpreter, not a compiled kernel")
     headers = ["backend", "shape", "ratio", "ours", "baseline", "target", ""]
     sections = {}  # rows grouped by section, sections in order of first appearance
     for row in result["rows"]:

@@ -39,6 +39,17 @@ def test_a_sweep_with_no_point_is_refused():
     assert _tiny(sections=("sweep",), sweep_tokens=(2, 8), sweep_adapters=(8, 16)).resolved()
 
 
+def test_cpu_triton_rows_are_said_to_time_the_interpreter():
+    # --backends triton under TRITON_INTERPRET=1 printed a 155x forward ratio with no word about the interpreter
+    result = {"config": {"dtype": "float32", "hidden": 32, "rank": 16, "backends": ["triton"]}, "rows": [],
+              "environment": {"device": "cpu", "cpu": "x", "cpu_threads": 1, "gpu": None, "torch": "t", "triton": "3",
+                              "date": "d"},
+              "timing": "t", "copy_bandwidth_gbs": None, "wall_s": 0.0}
+    assert "note: triton on CPU tensors is the Triton interpreter" in bench.format_bench(result)
+    result["config"]["backends"] = ["torch"]
+    assert "Triton interpreter" not in bench.format_bench(result)
+
+
 def test_a_repeated_name_or_value_is_measured_once():
     # --backends torch,torch and --ms 1,1 had printed every row twice
     cfg = _tiny(backends=("torch", "torch"), ms=(1, 8, 1), ranks=(4, 4), sweep_tokens=(16, 16),
