@@ -54,7 +54,8 @@ def test_info_shows_the_triton_tma_switch():
 def test_info_says_triton_on_cpu_is_the_interpreter():
     # with TRITON_INTERPRET=1, info listed triton for cpu tensors as plain "available"
     proc = subprocess.run([sys.executable, "-m", "lora_kernels", "info"], cwd=ROOT,
-                          env={**_env(), "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=120)
+                          env={**_env(), "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=120,
+                          check=False)
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"^  triton +available \(the Triton interpreter, TRITON_INTERPRET=1", proc.stdout, re.MULTILINE)
 
