@@ -198,6 +198,23 @@ def test_inject_lora_by_regex_and_exclude():
     assert not isinstance(model[0].q_proj, LoRALinear) and isinstance(model[1].q_proj, LoRALinear)
 
 
+def test_a_target_entry_that_matches_nothing_while_others_do_warns():
+    """README: a target_modules entry that matches no module while others do warns (a misspelt or ported name
+    would silently train a smaller adapter); the entries that match are wrapped. Every entry matching: no warning."""
+    import warnings
+
+    from lora_kernels import prepare_multi_adapter
+    with pytest.warns(UserWarning, match=r"inject_lora: target_modules entries \['k_proj'\] match no module of the "
+                                         r"model \(the others do\)"):
+        model = inject_lora(_model(), ["q_proj", "k_proj"], r=2)
+    assert isinstance(model[0].q_proj, LoRALinear) and isinstance(model[1].q_proj, LoRALinear)
+    with pytest.warns(UserWarning, match=r"prepare_multi_adapter: target_modules entries \['k_proj'\] match no"):
+        prepare_multi_adapter(_model(), ["q_proj", "k_proj"], max_adapters=2, max_rank=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inject_lora(_model(), ["q_proj", "v_proj"], r=2)
+
+
 def test_target_names_and_patterns_match_whole_name_components_as_peft():
     """PEFT's matching: a regex str matches the whole module name, a list entry the whole name or its last
     components, a rank_pattern / alpha_pattern key the name's end after a dot: "proj" is not "q_proj", "q_proj" is
