@@ -1207,6 +1207,42 @@ def test_nested_set_batch_adapters_restore_the_outer_names(tmp_path):
         model(x)
 
 
+def test_a_prepared_models_state_dict_holds_the_slots_but_not_the_name_table(tmp_path):
+    """README: the state_dict of a prepared model holds the slots (<path>.lora_a, lora_b, scalings, ranks) and the base
+    weights under <path>.base_layer., not model.lora_adapter_slots: a fresh prepared model takes it strictly and
+    computes the same slots, but knows no adapter names."""
+    lk.save_peft_adapter(_trained(["q_proj"], r=4), tmp_path / "a")
+    model = lk.prepare_multi_adapter(_base(), ["q_proj"], max_adapters=2, max_rank=4)
+    lk.load_peft_adapter(model, tmp_path / "a", adapter_name="a")
+    state = model.state_dict()
+    for i in (0, 1):
+        path = f"layers.{i}.q_proj"
+        assert {k for k in state if k.startswith(path + ".")} == {
+            f"{path}.{name}" for name in ("lora_a", "lora_b", "scalings", "ranks", "base_layer.weight",
+                                          "base_layer.bias")}
+    assert not any("slot" in key for key in state)
+    fresh = lk.prepare_multi_adapter(_base(), ["q_proj"], max_adapters=2, max_rank=4)
+    fresh.load_state_dict(state)
+    assert fresh.lora_adapter_slots == {} and model.lora_adapter_slots == {"a": 0}
+    x, ids = torch.randn(3, 16), torch.tensor([0, -1, 0])
+    torch.testing.assert_close(fresh.layers[0].q_proj(x, ids), model.layers[0].q_proj(x, ids), rtol=0, atol=0)
+
+
+def test_new_adapter_names_recompile_a_compiled_model(tmp_path):
+    """README: set_batch_adapters' names are constants of a torch.compile graph, so new names recompile it (the result
+    follows the names; it never replays the graph of the old ones)."""
+    lk.save_peft_adapter(_trained(r=4), tmp_path / "a")
+    model = lk.prepare_multi_adapter(_base(), ["q_proj", "v_proj"], max_adapters=2, max_rank=4)
+    lk.load_peft_adapter(model, tmp_path / "a", adapter_name="a")
+    graphs = []
+    compiled = torch.compile(model, backend=lambda gm, example_inputs: graphs.append(gm) or gm.forward)
+    x = torch.randn(2, 16)
+    for names, count in ((["a", "__base__"], 1), (["__base__", "a"], 2), (["a", "__base__"], 2)):
+        with lk.set_batch_adapters(model, names):
+            torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=0)
+        assert len(graphs) == count, names
+
+
 def test_a_batch_a_multiple_of_the_names_gives_each_name_consecutive_rows(tmp_path):
     """generate(num_beams=k) and num_return_sequences=k repeat each row k times, side by side: each name then covers
     its k rows, as PEFT expands adapter_names for beams. Other batch sizes stay an error."""
