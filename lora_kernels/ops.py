@@ -446,7 +446,8 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
     y: [M, sum(output_slices)]; x: [M, K]; lora_a_slices: S tensors [L, R_j, K], or one [S, L, R, K];
     lora_b_slices: S tensors [L, n_j, R_j], or one [S, L, n, R] when the widths are equal; scalings: [L]; ranks: [L]
     (every slice) or None (every slot at each slice's own R_j). With the triton backend a
-    stacked lora_a is one shrink launch and a stacked lora_b one expand launch (else one launch per slice).
+    stacked lora_a is one shrink launch and a stacked lora_b, with a stacked lora_a, one expand launch (else one
+    launch per slice).
     buffer: optional [S, M, R] float32 for the shrink results (every slice of rank R), so a captured CUDA graph
     allocates nothing (triton backend). Every slice is checked before y is touched. Returns y.
     """
@@ -519,7 +520,8 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
 def _triton_add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, slice_ranks, widths, offsets,
                      deterministic, buffer):
     """add_lora's launches with the triton backend: one shrink for a stacked [S, L, R, K] lora_a, one expand for a
-    stacked [S, L, n, R] lora_b (equal widths), else one per slice. Stacked slices share one R, so one ranks."""
+    stacked [S, L, n, R] lora_b (equal widths) after a stacked lora_a, else one per slice. Stacked slices share
+    one R, so one ranks."""
     sgmv = triton_sgmv()
     if isinstance(lora_a_slices, torch.Tensor):  # [S, L, R, K]
         shrunk = sgmv.shrink(x, lora_a_slices, batch, scalings, slice_ranks[0], deterministic=deterministic,

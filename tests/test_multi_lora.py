@@ -254,6 +254,31 @@ def test_add_lora_stacked_slices(backend, stack_b, device):
                         buffer=buffer[:, :5])
 
 
+@pytest.mark.parametrize("stack", ["none", "a", "a_and_b"])
+def test_add_lora_stacked_slices_are_one_launch_each_with_triton(stack, monkeypatch):
+    """README: with the triton backend a stacked lora_a is one shrink launch, and a stacked lora_b (with a stacked
+    lora_a) one expand launch; lists take one launch per slice."""
+    _backend_or_skip("triton", torch.device("cpu"))
+    from lora_kernels.triton import sgmv
+    calls = []
+    for name in ("shrink", "expand"):
+        original = getattr(sgmv, name)
+        monkeypatch.setattr(sgmv, name, lambda *args, _f=original, _n=name, **kwargs: calls.append(_n) or _f(
+            *args, **kwargs))
+    widths, m, k = (4, 4, 4), 5, 8
+    lora_as, lora_bs = zip(*[_adapters(2, 2, k, w, [2, 1], torch.float32, "cpu") for w in widths])
+    x, y = randn(m, k), torch.zeros(m, sum(widths))
+    batch = LoRABatch.from_adapter_ids(torch.tensor([0, 1, -1, 0, 1]), 2)
+    lora_a = torch.stack(lora_as) if stack != "none" else list(lora_as)
+    lora_b = torch.stack(lora_bs) if stack == "a_and_b" else list(lora_bs)
+    lk.ops.add_lora(y, x, lora_a, lora_b, batch, [1.0, 2.0], [2, 1], widths, backend="triton")
+    expected = {"none": ["shrink"] * 3 + ["expand"] * 3, "a": ["shrink"] + ["expand"] * 3,
+                "a_and_b": ["shrink", "expand"]}[stack]
+    assert calls == expected
+    assert_close(y, reference.add_lora(torch.zeros(m, 12), x, lora_as, lora_bs, batch.adapter_ids,
+                                       torch.tensor([1.0, 2.0]), torch.tensor([2, 1]), widths), torch.float32)
+
+
 @pytest.mark.parametrize("backend", GROUPED_BACKENDS)
 def test_add_lora_checks_every_slice_before_touching_y(backend, device):
     """A bad last slice is an error before the first slice is added: y is left exactly as it was."""
