@@ -250,6 +250,35 @@ def test_autocast_computes_in_the_autocast_dtype_like_linear(backend, device):
     assert_close(y, reference.lora_linear(x, weight, lora_a, lora_b, 1.5, bias), low, "y")
 
 
+def test_autocast_reaches_the_modules_and_leaves_float64_alone():
+    """README: under torch.autocast LoRALinear and MultiLoRALinear compute in the autocast dtype with fp32 gradients
+    for their fp32 factors, as lora_linear / multi_lora_linear do; float64 tensors are not cast (nor by autocast), in
+    the functions and the modules alike."""
+    from torch import nn
+
+    from lora_kernels import LoRALinear, MultiLoRALinear, multi_lora_linear
+    low, f64 = torch.bfloat16, torch.float64
+    ids = torch.tensor([0, -1, 1])
+    layer = LoRALinear(8, 6, r=2, init_lora_weights=False)
+    multi = MultiLoRALinear(nn.Linear(8, 6), max_adapters=2, max_rank=2)
+    multi.set_adapter(0, torch.randn(2, 8), torch.randn(6, 2), 1.0)
+    multi.lora_a.requires_grad_(True)
+    x = torch.randn(3, 8)
+    with torch.autocast("cpu", dtype=low):
+        outputs = [layer(x), multi(x, ids)]
+    assert [y.dtype for y in outputs] == [low, low]
+    sum(y.float().sum() for y in outputs).backward()
+    assert layer.lora_A.weight.grad.dtype == multi.lora_a.grad.dtype == torch.float32
+    x, weight = torch.randn(3, 8, dtype=f64), torch.randn(6, 8, dtype=f64)
+    layer64, multi64 = layer.to(f64), MultiLoRALinear(nn.Linear(8, 6, dtype=f64), max_adapters=2, max_rank=2)
+    with torch.autocast("cpu", dtype=low):
+        outputs = [lora_linear(x, weight, torch.randn(2, 8, dtype=f64), torch.randn(6, 2, dtype=f64), 1.0),
+                   multi_lora_linear(x, weight, torch.randn(2, 2, 8, dtype=f64), torch.randn(2, 6, 2, dtype=f64), ids,
+                                     [1.0, 1.0]),
+                   layer64(x), multi64(x, ids), nn.functional.linear(x, weight)]
+    assert [y.dtype for y in outputs] == [f64] * 5
+
+
 def test_dropout_seed_stays_on_the_cpu_under_a_default_device():
     """torch.set_default_device("cuda") must not move the seed to a GPU (a sync per read, and the Triton ops refuse
     it); "meta" stands in for a GPU here."""
