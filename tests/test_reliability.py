@@ -59,6 +59,24 @@ def test_a_broken_adapter_poisons_only_its_own_tokens(backend):
     assert not torch.isfinite(lora_a.grad[1]).all()
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")  # the Triton interpreter
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["reference"])
+def test_a_zero_scaling_still_propagates_the_adapters_nan_in_the_grouped_ops(backend):
+    """README: scaling = 0 still propagates NaN/Inf of the adapter weights (0·NaN, as PEFT and the reference), on
+    every backend: in the grouped ops, the tokens of a slot with scaling 0 and NaN in lora_b (or Inf in lora_a)
+    inside its rank come out NaN; base-only tokens stay finite."""
+    x, weight = torch.randn(4, 8), torch.randn(6, 8)
+    lora_a, lora_b = torch.randn(2, 4, 8), torch.randn(2, 6, 4)
+    lora_b[0, 2, 1] = float("nan")
+    lora_a[1, 0, 3] = float("inf")
+    batch = LoRABatch.from_adapter_ids(torch.tensor([0, 1, -1, 0]), 2)
+    shrunk = lk.ops.lora_shrink(x, lora_a, batch, [0.0, 0.0], backend=backend)
+    out = lk.ops.lora_expand(shrunk, lora_b, batch, torch.zeros(4, 6), backend=backend)
+    y = lk.multi_lora_linear(x, weight, lora_a, lora_b, batch, [0.0, 0.0], backend=backend)
+    for result in (out, y):
+        assert torch.isnan(result).any(dim=1).tolist() == [True, True, False, True]
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_fp16_overflow_becomes_inf_in_the_overflowing_rows_only(backend):
     """Documented behaviour: accumulation is fp32, the store rounds to fp16, so a result beyond ±65504 becomes ±inf
