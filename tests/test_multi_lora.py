@@ -757,6 +757,24 @@ def test_torch_compile_traces_once(monkeypatch):
     assert len(graphs) == 1, f"{len(graphs)} graphs compiled"
 
 
+def test_new_values_of_python_lists_of_scalings_or_ranks_recompile():
+    """README: Python lists of scalings or ranks are constants of a graph: new values recompile it, and the compiled
+    result follows them (a graph never replays old values)."""
+    weight, lora_a, lora_b = torch.randn(10, 16), torch.randn(3, 4, 16), torch.randn(3, 10, 4)
+    graphs = []
+
+    @torch.compile(fullgraph=True, backend=lambda gm, example_inputs: graphs.append(gm) or gm.forward)
+    def step(x, ids, scalings, ranks):
+        return lk.multi_lora_linear(x, weight, lora_a, lora_b, ids, scalings, ranks=ranks, backend="torch")
+
+    x, ids = torch.randn(6, 16), torch.tensor([0, 1, 2, -1, 1, 0])
+    for count, (scalings, ranks) in enumerate((([1.0, 0.5, 2.0], [4, 2, 1]), ([1.0, 0.5, 3.0], [4, 2, 1]),
+                                               ([1.0, 0.5, 3.0], [4, 3, 1])), start=1):
+        expected = lk.multi_lora_linear(x, weight, lora_a, lora_b, ids, scalings, ranks=ranks, backend="torch")
+        torch.testing.assert_close(step(x, ids, scalings, ranks), expected)
+        assert len(graphs) == count
+
+
 def test_a_batch_built_under_inference_mode_trains():
     """A LoRABatch built under torch.inference_mode (a reference pass whose batch is then reused for the policy
     step) holds inference tensors, which autograd cannot save: multi_lora_linear saves a copy of its buffers."""
