@@ -86,6 +86,18 @@ def _worker(rank, port, out_dir):
                 _loss(model, x, target).backward()
             results["fsdp2"] = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
             lk.save_peft_adapter(model, os.path.join(out_dir, "fsdp2_adapter"))  # every rank: gathers the shards
+            # README: float32 factors and trained 16-bit biases in one fully_shard group fail FSDP2's one-dtype
+            # check; autocast_adapter_dtype=False (16-bit factors) passes it
+            for float32_factors in (True, False):
+                torch.manual_seed(0)
+                model = lk.inject_lora(_base().to(torch.bfloat16), ["0", "2", "4"], r=4, bias="all",
+                                       autocast_adapter_dtype=float32_factors, backend="torch")
+                try:
+                    fully_shard(model[0])
+                    model[0](x.to(torch.bfloat16)).float().sum().backward()
+                    results[f"fsdp2_bias_all/{float32_factors}"] = "ok"
+                except Exception as exc:  # noqa: BLE001  (the outcome is what the test checks)
+                    results[f"fsdp2_bias_all/{float32_factors}"] = f"{type(exc).__name__}: {exc}"
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "grads.pt"))
             torch.save(inject_into_ddp, os.path.join(out_dir, "inject_into_ddp.pt"))
@@ -122,6 +134,10 @@ def test_ddp_and_fsdp2_lora_gradients_equal_one_process_and_saved_adapters_load(
     expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert sorted(expected) == sorted(f"{i}.lora_{f}.weight" for i in (0, 2, 4) for f in "AB")
     kinds = ["ddp"] + (["fsdp2"] if _has_fully_shard() else [])
+    if _has_fully_shard():
+        mixed, uniform = results.pop("fsdp2_bias_all/True"), results.pop("fsdp2_bias_all/False")
+        assert "uniform" in mixed and "dtype" in mixed, mixed
+        assert uniform == "ok", uniform
     assert sorted(results) == kinds
     x, _ = _batch()
     for kind in kinds:
