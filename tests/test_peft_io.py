@@ -231,6 +231,25 @@ def test_disable_adapter_warns_that_trained_heads_stay():
         pass
 
 
+def test_disable_adapter_keeps_trained_heads_and_biases():
+    """README: inside disable_adapter the LoRA layers compute their base layers, while modules_to_save heads and
+    biases trained by bias="all" stay as trained (they are trained in place): the result is the base model with the
+    trained head and biases."""
+    model = _trained(modules_to_save=["head"], bias="all")
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad and "lora_" not in name:
+                parameter.add_(1.0)  # as if trained
+    expected = _base()
+    expected.load_state_dict({k.replace("base_layer.", ""): v for k, v in model.state_dict().items()
+                              if "lora_" not in k})
+    x = torch.randn(3, 16)
+    with pytest.warns(UserWarning, match="stay active"), lk.disable_adapter(model):
+        y = model(x)
+    torch.testing.assert_close(y, expected(x), rtol=0, atol=0)
+    assert not torch.allclose(y, _base()(x))
+
+
 def test_modules_to_save_train_whole_and_round_trip(tmp_path):
     trained = _trained(modules_to_save=["head"])
     assert trained.lora_modules_to_save == ["head"]
