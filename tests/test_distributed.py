@@ -68,11 +68,24 @@ def _worker(rank, port, out_dir):
         if rank == 0:
             lk.save_peft_adapter(ddp.module, os.path.join(out_dir, "ddp_adapter"))
             lk.save_peft_adapter(ddp, os.path.join(out_dir, "ddp_wrapper_adapter"))  # the wrapper itself
-        try:  # LoRA weights added inside DDP would not be synchronised: refused
-            lk.inject_lora(nn.parallel.DistributedDataParallel(_base()), ["0"])
-            inject_into_ddp = "accepted"
-        except ValueError as exc:
-            inject_into_ddp = str(exc)
+        # LoRA weights added inside DDP would not be synchronised: every op that adds or replaces layers refuses a
+        # DDP-wrapped model, before any change (README, "Distributed training")
+        wrapped = nn.parallel.DistributedDataParallel(_base())  # a collective: on every rank
+        dist.barrier()  # rank 0 wrote ddp_adapter above: a file every rank reads
+        saved_adapter = os.path.join(out_dir, "ddp_adapter")
+        ddp_refusals = {}
+        for op, call in (("inject_lora", lambda: lk.inject_lora(wrapped, ["0"])),
+                         ("load_peft_adapter", lambda: lk.load_peft_adapter(wrapped, saved_adapter)),
+                         ("prepare_multi_adapter", lambda: lk.prepare_multi_adapter(wrapped, ["0"], max_adapters=2,
+                                                                                   max_rank=4)),
+                         ("merge_and_unload", lambda: lk.merge_and_unload(ddp))):
+            try:
+                call()
+                ddp_refusals[op] = "accepted"
+            except ValueError as exc:
+                ddp_refusals[op] = str(exc)
+        ddp_refusals["unchanged"] = (not any(isinstance(m, lk.LoRALinear) for m in wrapped.modules())
+                                        and sum(isinstance(m, lk.LoRALinear) for m in ddp.modules()) == 3)
 
         if _has_fully_shard():
             from torch.distributed.fsdp import fully_shard
@@ -100,7 +113,7 @@ def _worker(rank, port, out_dir):
                     results[f"fsdp2_bias_all/{float32_factors}"] = f"{type(exc).__name__}: {exc}"
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "grads.pt"))
-            torch.save(inject_into_ddp, os.path.join(out_dir, "inject_into_ddp.pt"))
+            torch.save(ddp_refusals, os.path.join(out_dir, "ddp_refusals.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -150,7 +163,11 @@ def test_ddp_and_fsdp2_lora_gradients_equal_one_process_and_saved_adapters_load(
     # saved through the DDP wrapper: the model's own names, the same file
     wrapper_file = load_file(tmp_path / "ddp_wrapper_adapter" / "adapter_model.safetensors")
     assert wrapper_file.keys() == load_file(tmp_path / "ddp_adapter" / "adapter_model.safetensors").keys()
-    assert "wrapped in DistributedDataParallel" in torch.load(tmp_path / "inject_into_ddp.pt")
+    refusals = torch.load(tmp_path / "ddp_refusals.pt")
+    assert refusals.pop("unchanged") is True
+    assert sorted(refusals) == ["inject_lora", "load_peft_adapter", "merge_and_unload", "prepare_multi_adapter"]
+    for op, message in refusals.items():
+        assert message.startswith(f"{op}: model is wrapped in DistributedDataParallel"), message
 
 
 # ---------------------------------------------------------------------------------------------- tensor parallelism
