@@ -911,7 +911,7 @@ def format_compare(result):
                  f" ratios in parentheses are against full fine-tuning)")
     for method, name in zip(METHODS, headers[1:]):
         losses = methods[method]["train_losses"]
-        bad = next((i for i, loss in enumerate(losses) if not _finite(loss)), None)
+        bad = next((i for i, loss in enumerate(losses) if loss is None or not math.isfinite(loss)), None)
         if bad is None:
             continue
         why = (" (float16 AdamW state: squared gradients under ~6e-8 and eps 1e-8 round to 0 in float16, so updates "
@@ -994,10 +994,6 @@ def plot_compare(result, path):
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-def _finite(value):
-    return value is not None and math.isfinite(value)
 
 
 def json_safe(value):

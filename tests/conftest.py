@@ -33,6 +33,15 @@ def installed_version(package):
     return (int(match[1]), int(match[2])) if match else None
 
 
+def tiny_llama_config(**overrides):
+    """A LlamaConfig small enough for CPU tests (vocabulary 128, 2 layers, hidden 64, GQA 4/2 heads), with
+    `overrides`; transformers is imported here, so only the tests that use it need it."""
+    import transformers
+    options = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, bos_token_id=0, eos_token_id=1)
+    return transformers.LlamaConfig(**{**options, **overrides})
+
+
 def rel_error(out, ref):
     """‖out − ref‖ / ‖ref‖ in float64; inf when out holds NaN/Inf (so it never passes)."""
     out64, ref64 = out.detach().to(torch.float64).cpu(), ref.detach().to(torch.float64).cpu()

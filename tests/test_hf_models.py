@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_close, installed_version
+from conftest import assert_close, installed_version, tiny_llama_config
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -28,20 +28,14 @@ TRANSFORMERS = installed_version("transformers")
 @pytest.fixture(scope="module")
 def llama():
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
-                                      max_position_embeddings=64, bos_token_id=0, eos_token_id=1)
-    return transformers.LlamaForCausalLM(config).eval()
+    return transformers.LlamaForCausalLM(tiny_llama_config(vocab_size=VOCAB)).eval()
 
 
 @pytest.fixture(scope="module")
 def llama_with_biases():
     """The Llama above with biases on the attention and MLP projections (Qwen2-like), for PEFT's bias modes."""
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
-                                      max_position_embeddings=64, bos_token_id=0, eos_token_id=1,
-                                      attention_bias=True, mlp_bias=True)
+    config = tiny_llama_config(vocab_size=VOCAB, attention_bias=True, mlp_bias=True)
     return transformers.LlamaForCausalLM(config).eval()
 
 

@@ -15,7 +15,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_close
+from conftest import assert_close, tiny_llama_config
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -38,10 +38,8 @@ PROBE = "model.layers.0.self_attn.q_proj"  # a LoRA layer whose forward calls ar
 @pytest.fixture(scope="module")
 def base():
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
-                                      max_position_embeddings=64, bos_token_id=0, eos_token_id=1,
-                                      initializer_range=0.1)  # weights large enough for q/v adapters to matter
+    config = tiny_llama_config(hidden_size=32, intermediate_size=48, vocab_size=VOCAB,
+                               initializer_range=0.1)  # weights large enough for q/v adapters to matter
     return transformers.LlamaForCausalLM(config).eval()
 
 
