@@ -300,6 +300,21 @@ def _outcome(fn):
         return ("error", type(exc).__name__, str(exc))
 
 
+def _read(output):
+    """RowwiseParallel's output all-reduce is asynchronous: the layer returns an AsyncCollectiveTensor whose collective
+    is waited for by the first op that reads it. Outputs only pickled (rank 0) or dropped (rank 1) left their
+    collectives unwaited at exit, where gloo's teardown now and then aborted a process ("terminate called without an
+    active exception"). clone() reads it."""
+    return output.clone()
+
+
+def _unwaited_collectives():
+    """Collectives started and never waited for on this rank (0 when every output was read); None where this torch
+    does not count them."""
+    count = getattr(torch._C._distributed_c10d, "_get_work_registry_size", None)
+    return None if count is None else count()
+
+
 def _tp_lora_worker(rank, port, out_dir):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -331,7 +346,7 @@ def _tp_lora_worker(rank, port, out_dir):
             unload += (all(isinstance(model[i], lk.LoRALinear) for i in (0, 2)),)
             for i in (0, 2):
                 model[i].merge()  # in place, on the sharded weight
-            return y, grads, placements, unload, model(x)
+            return _read(y), grads, placements, unload, _read(model(x))
 
         for backend in ("torch", "auto"):
             results[f"b/{backend}"] = _outcome(lambda backend=backend: step(backend))
@@ -358,7 +373,7 @@ def _tp_lora_worker(rank, port, out_dir):
 
         def loaded():
             model = lk.load_peft_adapter(parallel_base(), os.path.join(out_dir, "tp_adapter"))
-            return model(x)
+            return _read(model(x))
         results["c/load"] = _outcome(loaded)
 
         # the functional op, called directly: a DTensor weight with a plain x (a layer without parallelize_module's
@@ -385,6 +400,8 @@ def _tp_lora_worker(rank, port, out_dir):
         for backend in ("auto", "reference"):  # torch ops, DTensor-aware (auto picks torch)
             results[f"op/{backend}"] = _outcome(lambda backend=backend: lk.lora_linear(
                 x_d, w_d, a_d, b_d, 2.0, backend=backend).full_tensor())
+        results["unwaited"] = [None] * TP_WORLD
+        dist.all_gather_object(results["unwaited"], _unwaited_collectives())
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "tp_lora.pt"))
         dist.barrier()
@@ -459,3 +476,5 @@ def test_lora_layers_under_dtensor_tensor_parallelism_equal_one_process_or_are_r
         status, y, _ = results[f"op/{backend}"]
         assert status == "ok", results[f"op/{backend}"]
         assert_close(y, lk.lora_linear(x, w, a, b, 2.0, backend="torch"), torch.float32, f"DTensor lora_linear/{backend}")
+    # every collective waited for on both ranks before the process group is destroyed (see _read)
+    assert results["unwaited"] in ([0] * TP_WORLD, [None] * TP_WORLD), results["unwaited"]
