@@ -1062,9 +1062,15 @@ def dropout_mask(seed, M, K, p, device):
     if not has_dropout:
         return out.fill_(1.0)
     if M and K:
-        _dropout_mask_kernel[(triton.cdiv(M, DROPOUT_BLOCK), triton.cdiv(K, DROPOUT_BLOCK))](
-            out, M, K, out.stride(0), out.stride(1), p, scale, seed, BLOCK=DROPOUT_BLOCK)
+        _launch_dropout_mask(out, p, scale, seed)
     return out
+
+
+@on_tensor_device
+def _launch_dropout_mask(out, p, scale, seed):
+    M, K = out.shape
+    _dropout_mask_kernel[(triton.cdiv(M, DROPOUT_BLOCK), triton.cdiv(K, DROPOUT_BLOCK))](
+        out, M, K, out.stride(0), out.stride(1), p, scale, seed, BLOCK=DROPOUT_BLOCK)
 
 
 # ----------------------------------------------------------------------------------------------------------------
