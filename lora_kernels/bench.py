@@ -352,8 +352,13 @@ def run_bench(config=None, progress_stream=None, on_update=None):
     previous_threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device)
+    # CUDA events, torch.cuda._sleep and graph capture work on the current device's stream: with --device cuda:1
+    # while cuda:0 was current they timed an idle stream of GPU 0 and captured none of the kernels.
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     try:
-        return _run_bench(cfg, progress_stream, on_update)
+        with on_device:
+            return _run_bench(cfg, progress_stream, on_update)
     finally:
         torch.set_num_threads(previous_threads)
 

@@ -22,6 +22,19 @@ def _tiny(**overrides):
     return bench.BenchConfig(**settings)
 
 
+def test_a_gpu_bench_runs_with_its_device_current(monkeypatch):
+    """CUDA events, torch.cuda._sleep and graph capture use the current device's stream: --device cuda:1 must make
+    cuda:1 current for the whole run (with cuda:0 current it timed an idle stream). Checked with stand-ins for the
+    CUDA calls; no GPU here."""
+    import contextlib
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext(current.append(d)))
+    monkeypatch.setattr(bench, "_run_bench", lambda cfg, progress_stream, on_update: list(current))
+    assert bench.run_bench(_tiny(device="cuda:1")) == [torch.device("cuda", 1)]
+
+
 def test_sections_default_all_and_unknown():
     assert _tiny().resolved().sections == bench.DEFAULT_SECTIONS
     assert _tiny(sections=("all",)).resolved().sections == bench.SECTIONS
