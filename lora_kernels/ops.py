@@ -449,7 +449,8 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
     stacked lora_a is one shrink launch and a stacked lora_b, with a stacked lora_a, one expand launch (else one
     launch per slice).
     buffer: optional [S, M, R] float32 for the shrink results (every slice of rank R), so a captured CUDA graph
-    allocates nothing (triton backend). Every slice is checked before y is touched. Returns y.
+    allocates nothing (triton backend, with scalings and ranks given as tensors: ranks=None makes one per slice).
+    Every slice is checked before y is touched. Returns y.
     """
     op = "add_lora"
     deterministic = check_flag(op, "deterministic", deterministic)

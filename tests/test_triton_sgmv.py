@@ -184,6 +184,39 @@ def test_add_lora_slices(device, widths, stacked, M, dtype):
 # determinism, buffers, edge cases
 
 
+@pytest.mark.parametrize("stacked", [False, True], ids=["listed", "stacked"])
+def test_add_lora_with_a_buffer_and_tensor_ranks_allocates_nothing(monkeypatch, stacked):
+    """add_lora's docstring: with buffer, scalings and ranks as tensors, the triton path creates no tensor on the
+    host side (only views), so a captured CUDA graph allocates nothing; ranks=None makes a ranks tensor per slice.
+    The launchers are stubbed out: what is checked is the Python around them, every ATen op it dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class NonViewOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:
+                self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    for name in ("_launch_shrink", "_launch_expand"):
+        monkeypatch.setattr(sgmv, name, lambda *args, **kwargs: None)
+    M, K, L, R, widths = 6, 32, 3, 16, (16, 8, 8)
+    batch = LoRABatch.from_adapter_ids(torch.tensor([0, 1, 2, -1, 0, 1]), L)
+    a_list = [randn(L, R, K) for _ in widths]
+    b_list = [randn(L, R, R) for _ in widths] if stacked else [randn(L, w, R) for w in widths]
+    widths = (R,) * 3 if stacked else widths
+    lora_a, lora_b = (torch.stack(a_list), torch.stack(b_list)) if stacked else (a_list, b_list)
+    x, y = randn(M, K), torch.zeros(M, sum(widths))
+    scalings, buffer = torch.ones(L), torch.empty(len(widths), M, R)
+    for ranks, expected in ((torch.full((L,), R, dtype=torch.int32), []), (None, ["aten.full.default"])):
+        with NonViewOps() as mode:
+            ops.add_lora(y, x, lora_a, lora_b, batch, scalings, ranks, widths, backend="triton", buffer=buffer)
+        assert sorted(set(mode.seen)) == expected, mode.seen
+
+
 @pytest.mark.parametrize("num_tokens", [4, 80], ids=["decode", "prefill"])
 def test_deterministic_flag_reaches_every_shrink_launch(device, monkeypatch, num_tokens):
     """deterministic=True of lora_shrink and add_lora (slices listed or stacked) makes every shrink launch take
