@@ -824,8 +824,13 @@ def find_target_linears(model, target_modules, exclude_modules=None, op="inject_
         warnings.warn(f"{op}: left out {len(skipped)} matched layer(s) a LoRA layer cannot stand in for: {shown}",
                       stacklevel=3)
     if not found:
+        hint = ""
+        if (isinstance(target_modules, str) and not all_linear
+                and any(name.endswith("." + target_modules) for name, _ in model.named_modules())):
+            hint = (f"; a str is a regex over the whole module name (PEFT's rule): for the layers named "
+                    f"{target_modules!r} pass a list, [{target_modules!r}]")
         raise ValueError(f"{op}: target_modules {target_modules!r} matched no nn.Linear in the model"
-                         f"{' it can wrap' if skipped else ''}")
+                         f"{' it can wrap' if skipped else ''}{hint}")
     _warn_partial_targets(op, model, target_modules)
     return found
 

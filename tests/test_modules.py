@@ -231,6 +231,20 @@ def test_target_names_and_patterns_match_whole_name_components_as_peft():
     assert pattern_value({"0.q_proj": 3}, "layers.0.q_proj", 8) == 3
 
 
+def test_a_str_target_naming_layers_says_it_is_a_regex_over_the_whole_name():
+    """A str target_modules is a regex over the whole module name (PEFT's rule), so "q_proj" matches nothing in a
+    model whose q_proj layers sit inside blocks; the error said only "matched no nn.Linear", which reads as a wrong
+    name. It now says a list selects the layers by name; a regex that matches no layer name gets no such hint."""
+    from lora_kernels import prepare_multi_adapter
+    with pytest.raises(ValueError, match=r"a str is a regex over the whole module name .* pass a list, \['q_proj'\]"):
+        inject_lora(_model(), "q_proj")
+    with pytest.raises(ValueError, match=r"prepare_multi_adapter: .* pass a list, \['v_proj'\]"):
+        prepare_multi_adapter(_model(), "v_proj", max_adapters=2, max_rank=2)
+    with pytest.raises(ValueError, match=r"matched no nn.Linear in the model$"):
+        inject_lora(_model(), r"\d\.q")
+    assert isinstance(inject_lora(_model(), ["q_proj"])[0].q_proj, LoRALinear)
+
+
 def test_inject_lora_errors_leave_the_model_untouched():
     model = _model()
     with pytest.raises(ValueError, match="matched no nn.Linear"):
