@@ -1338,7 +1338,11 @@ def disable_adapter(model):
     wrapper, model = model, unwrap_model(model, "disable_adapter")
     layers = [module for module in model.modules() if isinstance(module, LoRALinear)]
     if not layers:
-        raise ValueError("disable_adapter: the model has no LoRALinear layers")
+        hint = ""
+        if any(isinstance(module, MultiLoRALinear) for module in model.modules()):
+            hint = ("; its MultiLoRALinear layers pick adapters per row: set_batch_adapters(model, \"__base__\") "
+                    "computes the base model")
+        raise ValueError(f"disable_adapter: the model has no LoRALinear layers{hint}")
     heads = getattr(model, MODULES_TO_SAVE_ATTR, None)
     if heads:
         warnings.warn(f"disable_adapter: the modules_to_save {heads} train in place and stay active in this "

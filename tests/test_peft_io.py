@@ -231,6 +231,22 @@ def test_disable_adapter_warns_that_trained_heads_stay():
         pass
 
 
+def test_disable_adapter_on_a_multi_adapter_model_points_to_set_batch_adapters():
+    """A model prepared for several adapters has MultiLoRALinear layers only: disable_adapter said just "the model
+    has no LoRALinear layers", as for a model with no adapter at all; it now names the way to compute the base model
+    there, which computes it."""
+    model = lk.prepare_multi_adapter(_base(), ["q_proj", "v_proj"], max_adapters=2, max_rank=8)
+    with pytest.raises(ValueError, match=r"set_batch_adapters\(model, \"__base__\"\) computes the base model"):
+        with lk.disable_adapter(model):
+            pass
+    x = torch.randn(3, 16)
+    with torch.no_grad(), lk.set_batch_adapters(model, "__base__"):
+        torch.testing.assert_close(model(x), _base()(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"no LoRALinear layers$"):
+        with lk.disable_adapter(_base()):
+            pass
+
+
 def test_disable_adapter_keeps_trained_heads_and_biases():
     """README: inside disable_adapter the LoRA layers compute their base layers, while modules_to_save heads and
     biases trained by bias="all" stay as trained (they are trained in place): the result is the base model with the
