@@ -230,14 +230,15 @@ def check_shrink_args(op, x, lora_a, batch, scalings, ranks, lora_a_name="lora_a
             as_ranks(op, ranks, num_slots, max_rank, x.device))
 
 
-def check_expand_args(op, t, lora_b, batch, out, slice_offset, ranks, lora_b_name="lora_b"):
-    """Checks of lora_expand; t=None checks everything but t (add_lora, whose t is its own shrink's output)."""
+def check_expand_args(op, t, lora_b, batch, out, slice_offset, ranks, lora_b_name="lora_b", out_name="out"):
+    """Checks of lora_expand; t=None checks everything but t (add_lora, whose t is its own shrink's output, and
+    whose out is called y)."""
     if t is not None:
         _check_float(op, "t", t, 2)
         if t.dtype != torch.float32:  # what lora_shrink returns, and what every backend's expand reads
             raise TypeError(f"{op}: t expected dtype torch.float32 (lora_shrink's output), got {t.dtype}")
     _check_float(op, lora_b_name, lora_b, 3)
-    _check_float(op, "out", out, 2)
+    _check_float(op, out_name, out, 2)
     num_slots, width, max_rank = lora_b.shape
     if t is not None and tuple(t.shape) != (out.shape[0], max_rank):
         raise ValueError(f"{op}: t expected shape [{out.shape[0]}, {max_rank}] ([M, R] for out {tuple(out.shape)} and "
@@ -245,14 +246,14 @@ def check_expand_args(op, t, lora_b, batch, out, slice_offset, ranks, lora_b_nam
     if isinstance(slice_offset, bool) or not isinstance(slice_offset, int) or slice_offset < 0:
         raise ValueError(f"{op}: slice_offset expected an int >= 0, got {slice_offset!r}")
     if slice_offset + width > out.shape[1]:
-        raise ValueError(f"{op}: out expected at least {slice_offset + width} columns (slice_offset {slice_offset} + "
+        raise ValueError(f"{op}: {out_name} expected at least {slice_offset + width} columns (slice_offset {slice_offset} + "
                          f"N {width} of lora_b), got shape {tuple(out.shape)}")
     if lora_b.dtype != out.dtype:
-        raise TypeError(f"{op}: {lora_b_name} expected dtype {out.dtype} (same as out), got {lora_b.dtype}")
+        raise TypeError(f"{op}: {lora_b_name} expected dtype {out.dtype} (same as {out_name}), got {lora_b.dtype}")
     for name, tensor in (("t", t), (lora_b_name, lora_b)):
         if tensor is not None:
             _check_device(op, name, tensor, out.device)
-    _check_batch(op, batch, out.shape[0], num_slots, out.device, "out", lora_b_name)
+    _check_batch(op, batch, out.shape[0], num_slots, out.device, out_name, lora_b_name)
     ranks = as_ranks(op, ranks, num_slots, max_rank, out.device)
     if t is not None:  # add_lora checks its y once, against all of its inputs
         check_output(op, "out", out, (("t", t), (lora_b_name, lora_b)))
@@ -485,7 +486,8 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
         if lora_b.shape[2] != lora_a_slices[j].shape[1]:  # before the expand's checks, which would blame ranks
             raise ValueError(f"{op}: lora_b_slices[{j}] expected R = {lora_a_slices[j].shape[1]} (lora_a_slices[{j}] "
                              f"is {tuple(lora_a_slices[j].shape)}), got {tuple(lora_b.shape)}")
-        check_expand_args(op, None, lora_b, batch, y, offsets[j], ranks_j, lora_b_name=f"lora_b_slices[{j}]")
+        check_expand_args(op, None, lora_b, batch, y, offsets[j], ranks_j, lora_b_name=f"lora_b_slices[{j}]",
+                          out_name="y")
         slice_ranks.append(ranks_j)
     if buffer is not None:
         expected = (len(widths), x.shape[0], lora_a_slices[0].shape[1])

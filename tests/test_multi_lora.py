@@ -662,6 +662,19 @@ def test_grouped_bad_input():
         lk.ops.add_lora(torch.zeros(4, 5), x, [lora_a], [lora_b], batch, [1.0, 1.0], None, None)
 
 
+def test_add_lora_errors_name_its_output_y():
+    """add_lora's output argument is y; its expand checks, shared with lora_expand, named it "out", an argument
+    add_lora does not have (a 16-bit y with float32 lora_b read "expected dtype torch.bfloat16 (same as out)")."""
+    x, lora_a, lora_b = torch.randn(4, 6), torch.randn(2, 3, 6), torch.randn(2, 5, 3)
+    batch = LoRABatch.from_adapter_ids(torch.tensor([0, 1, -1, 0]), 2)
+    with pytest.raises(TypeError, match=r"add_lora: lora_b_slices\[0\] expected dtype torch.bfloat16 \(same as y\)"):
+        lk.ops.add_lora(torch.zeros(4, 5, dtype=torch.bfloat16), x, [lora_a], [lora_b], batch, [1.0, 1.0], None, [5])
+    with pytest.raises(ValueError, match="add_lora: batch was built for 4 tokens, but y has 3 rows"):
+        lk.ops.add_lora(torch.zeros(3, 5), x, [lora_a], [lora_b], batch, [1.0, 1.0], None, [5])
+    with pytest.raises(TypeError, match=r"lora_expand: lora_b expected dtype torch.bfloat16 \(same as out\)"):
+        lk.ops.lora_expand(torch.zeros(4, 3), lora_b, batch, torch.zeros(4, 5, dtype=torch.bfloat16))
+
+
 def test_torch_compile_fullgraph_multi_lora_linear():
     weight, lora_a, lora_b = torch.randn(10, 16), torch.randn(3, 4, 16), torch.randn(3, 10, 4)
     scalings, ranks = torch.tensor([1.0, 0.5, 2.0]), torch.tensor([4, 2, 1], dtype=torch.int32)
