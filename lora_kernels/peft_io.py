@@ -533,9 +533,11 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
                 raise ValueError(f"{op}: module {name!r} holds ranks up to {module.max_rank}, the adapter has r={r}")
             in_features, out_features = module.in_features, module.out_features
         elif adapter_name is not None:
+            fix = ("prepare_multi_adapter refuses LoRALinear layers: prepare a fresh base model (save this model's "
+                   "adapter with save_peft_adapter to load it there by name too)" if isinstance(module, LoRALinear) else
+                   "call prepare_multi_adapter with target_modules covering it first")
             raise ValueError(f"{op}: adapter_name={adapter_name!r} loads into MultiLoRALinear slots, but module "
-                             f"{name!r} is a {type(module).__name__}; call prepare_multi_adapter with target_modules "
-                             f"covering it first")
+                             f"{name!r} is a {type(module).__name__}; {fix}")
         elif isinstance(module, LoRALinear):
             if module.merged:
                 raise ValueError(f"{op}: module {name!r} has a merged adapter; unmerge() it first")

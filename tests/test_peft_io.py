@@ -1172,6 +1172,13 @@ def test_named_adapter_errors(tmp_path):
         lk.load_peft_adapter(lk.prepare_multi_adapter(_base(), ["q_proj", "v_proj"], 2, 8), tmp_path / "a")
     with pytest.raises(ValueError, match="prepared already"):
         lk.prepare_multi_adapter(partial, ["q_proj"], 2, 8)
+    # into a model with LoRALinear layers: the error sent the user to prepare_multi_adapter, which refuses them
+    injected = lk.inject_lora(_base(), ["q_proj", "v_proj"], r=4, backend=BACKEND)
+    with pytest.raises(ValueError, match=r"is a LoRALinear; prepare_multi_adapter refuses LoRALinear layers: "
+                                         r"prepare a fresh base model"):
+        lk.load_peft_adapter(injected, tmp_path / "a", adapter_name="a")
+    with pytest.raises(ValueError, match="already has a LoRA adapter"):
+        lk.prepare_multi_adapter(injected, ["q_proj", "v_proj"], 2, 8)
 
 
 def test_loading_into_an_eval_model_keeps_it_in_eval_mode(tmp_path):
