@@ -936,6 +936,17 @@ def _record_modules_to_save(model, modules_to_save):
         delattr(model, MODULES_TO_SAVE_ATTR)
 
 
+TASK_TYPE_ATTR = "lora_task_type"  # on the model: the task_type of the adapter file load_peft_adapter read
+
+
+def _record_task_type(model, task_type):
+    """Remembers the loaded adapter's PEFT task_type, for save_peft_adapter (None: none)."""
+    if task_type is not None:
+        setattr(model, TASK_TYPE_ATTR, task_type)
+    elif hasattr(model, TASK_TYPE_ATTR):
+        delattr(model, TASK_TYPE_ATTR)
+
+
 BIAS_MODES = ("none", "lora_only", "all")  # PEFT's LoraConfig.bias, from fewest biases trained to most
 BIAS_ATTR = "lora_bias_mode"  # on the model: the bias mode its adapter trains and saves (absent: "none")
 
@@ -1389,6 +1400,7 @@ def merge_and_unload(model):
         _set_submodule(model, name, module.to_linear())
     _record_modules_to_save(model, None)  # the adapter is gone: a later inject_lora starts a new one
     _record_bias(model, "none")
+    _record_task_type(model, None)
     return wrapper
 
 

@@ -30,8 +30,8 @@ from torch import nn
 
 from lora_kernels.backends import check_backend_name
 from lora_kernels.modules import (_PEFT_ONLY_HINT, BIAS_ATTR, BIAS_MODES, LORA_WRAPPERS, MODULES_TO_SAVE_ATTR,
-                                  PEFT_ONLY_LAYERS, LoRALinear, MultiLoRALinear, _record_bias, _record_modules_to_save,
-                                  _rollback_on_error, _set_submodule, _train_biases, _warn_linear_fan_in_fan_out,
+                                  PEFT_ONLY_LAYERS, TASK_TYPE_ATTR, LoRALinear, MultiLoRALinear, _record_bias,
+                                  _record_modules_to_save, _record_task_type, _rollback_on_error, _set_submodule, _train_biases, _warn_linear_fan_in_fan_out,
                                   check_no_accelerate_hook, check_targets_outside_heads, check_wrappable_linear,
                                   copy_into, enable_input_grads_for_checkpointing, is_conv1d, is_layer_index,
                                   lora_scaling, named_modules_to_save, named_target_modules, pattern_value,
@@ -96,6 +96,7 @@ class AdapterConfig:
     layers_pattern: object = None
     modules_to_save: list = None  # module names trained whole and saved beside the adapter (None: none)
     bias: str = "none"  # which base biases the adapter trained and holds: "none", "all" or "lora_only"
+    task_type: str = None  # PEFT's task type ("CAUSAL_LM"), kept for save_peft_adapter; changes no computation
 
     def rank_and_alpha(self, name):
         """(r, lora_alpha) of the module called `name`, with PEFT's rank_pattern / alpha_pattern lookup."""
@@ -223,7 +224,8 @@ def parse_adapter_config(raw, file=CONFIG_NAME):
                          rank_pattern=_check_pattern(file, "rank_pattern", raw.get("rank_pattern"), "rank"),
                          alpha_pattern=_check_pattern(file, "alpha_pattern", raw.get("alpha_pattern"), "alpha"),
                          layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
-                         modules_to_save=modules_to_save, bias=bias)
+                         modules_to_save=modules_to_save, bias=bias,
+                         task_type=raw["task_type"] if isinstance(raw.get("task_type"), str) else None)
 
 
 def _check_path(op, path):
@@ -572,6 +574,7 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
                              f"{' ...' if len(stale) > 5 else ''}); they would keep other weights. Load into the base "
                              f"model or a model injected with the adapter's target_modules")
         _commit_single(model, config, plan, grouped, heads, biases, backend, autocast_adapter_dtype)
+        _record_task_type(model, config.task_type)
         enable_input_grads_for_checkpointing(model)
     else:
         _commit_multi(model, op, adapter_name, plan, grouped, config)
@@ -819,12 +822,18 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
     selects exactly those layers, else by full module name); one lora_dropout and one use_rslora must hold for the
     whole adapter (PEFT has one of each). Each file is written to a temporary file in `path` and renamed over the
     old one, so a crash never leaves a truncated file. With torch.distributed initialised only rank 0 writes (FSDP2:
-    call it on every rank, the sharded weights are gathered)."""
+    call it on every rank, the sharded weights are gathered).
+
+    task_type: PEFT's task type for the config, e.g. "CAUSAL_LM", which AutoPeftModelForCausalLM needs (None:
+    the task type of the file load_peft_adapter read, if any, else none, as PEFT's default). base_model_name_or_path:
+    None takes the model's own (from_pretrained's path)."""
     op = "save_peft_adapter"
     model = unwrap_model(model, op)
     _check_path(op, path)
     if task_type is not None and not isinstance(task_type, str):  # written to the config as is
         raise TypeError(f"{op}: task_type expected None or a str such as 'CAUSAL_LM', got {task_type!r}")
+    if task_type is None and adapter_name is None:  # the loaded file's, as PEFT saves what it loaded
+        task_type = getattr(model, TASK_TYPE_ATTR, None)
     if isinstance(base_model_name_or_path, os.PathLike):
         base_model_name_or_path = os.fspath(base_model_name_or_path)  # a Path was not JSON serializable
     if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):

@@ -894,6 +894,27 @@ def test_save_checks_the_config_fields_it_is_given(tmp_path):
         assert json.load(f)["base_model_name_or_path"] == "/models/base"
 
 
+def test_a_loaded_task_type_is_saved_again(tmp_path):
+    """PEFT keeps a loaded adapter's task_type when it saves it again; here a PEFT file with task_type "CAUSAL_LM",
+    loaded, trained and saved, came back with task_type null, which AutoPeftModelForCausalLM.from_pretrained refuses
+    ("Cannot infer the auto class from the config"). An explicit task_type still wins; merge_and_unload ends the
+    adapter, so a new one starts without it."""
+    def saved_task_type(model, name, **kwargs):
+        lk.save_peft_adapter(model, tmp_path / name, **kwargs)
+        with open(tmp_path / name / "adapter_config.json") as f:
+            return json.load(f)["task_type"]
+
+    assert saved_task_type(_trained(), "causal", task_type="CAUSAL_LM") == "CAUSAL_LM"
+    model = lk.load_peft_adapter(_base(), tmp_path / "causal", backend=BACKEND)
+    assert saved_task_type(model, "again") == "CAUSAL_LM"
+    assert saved_task_type(model, "explicit", task_type="SEQ_CLS") == "SEQ_CLS"
+    assert saved_task_type(_trained(), "none") is None
+    assert saved_task_type(lk.load_peft_adapter(model, tmp_path / "none", backend=BACKEND), "none_again") is None
+    model = lk.load_peft_adapter(_base(), tmp_path / "causal", backend=BACKEND)
+    lk.inject_lora(lk.merge_and_unload(model), ["q_proj"], backend=BACKEND)
+    assert saved_task_type(model, "new") is None
+
+
 def test_saved_target_modules_select_exactly_the_lora_layers(tmp_path):
     # only layer 1's q_proj: the suffix "q_proj" would also select layer 0, so full names are written
     model = lk.inject_lora(_base(), ["layers.1.q_proj", "v_proj"], init_lora_weights=False)
