@@ -1341,6 +1341,18 @@ def test_a_folder_of_named_adapters_gets_a_hint(tmp_path):
     assert isinstance(model.layers[0].q_proj, LoRALinear)
 
 
+def test_the_path_of_an_adapter_file_gets_a_hint(tmp_path):
+    """The weights (or config) file given instead of its directory: the error read ".../adapter_model.safetensors/
+    adapter_config.json not found"; it now says to pass the directory that holds the files."""
+    lk.save_peft_adapter(_trained(), tmp_path / "a")
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        with pytest.raises(FileNotFoundError, match=rf"{name} is a file: pass the directory that holds "
+                                                    rf"adapter_config.json and the weights \(.*a\)"):
+            lk.load_peft_adapter(_base(), tmp_path / "a" / name)
+    with pytest.raises(FileNotFoundError, match=r"adapter_config.json not found$"):
+        lk.load_peft_adapter(_base(), tmp_path / "missing")
+
+
 # ------------------------------------------------------------------------------------------ Hugging Face Hub repo ids
 
 def _fake_hub(monkeypatch, snapshot_dir, error=None):
