@@ -246,8 +246,8 @@ def check_expand_args(op, t, lora_b, batch, out, slice_offset, ranks, lora_b_nam
     if isinstance(slice_offset, bool) or not isinstance(slice_offset, int) or slice_offset < 0:
         raise ValueError(f"{op}: slice_offset expected an int >= 0, got {slice_offset!r}")
     if slice_offset + width > out.shape[1]:
-        raise ValueError(f"{op}: {out_name} expected at least {slice_offset + width} columns (slice_offset {slice_offset} + "
-                         f"N {width} of lora_b), got shape {tuple(out.shape)}")
+        raise ValueError(f"{op}: {out_name} expected at least {slice_offset + width} columns (slice_offset "
+                         f"{slice_offset} + N {width} of lora_b), got shape {tuple(out.shape)}")
     if lora_b.dtype != out.dtype:
         raise TypeError(f"{op}: {lora_b_name} expected dtype {out.dtype} (same as {out_name}), got {lora_b.dtype}")
     for name, tensor in (("t", t), (lora_b_name, lora_b)):

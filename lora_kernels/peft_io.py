@@ -31,7 +31,8 @@ from torch import nn
 from lora_kernels.backends import check_backend_name
 from lora_kernels.modules import (_PEFT_ONLY_HINT, BIAS_ATTR, BIAS_MODES, LORA_WRAPPERS, MODULES_TO_SAVE_ATTR,
                                   PEFT_ONLY_LAYERS, TASK_TYPE_ATTR, LoRALinear, MultiLoRALinear, _record_bias,
-                                  _record_modules_to_save, _record_task_type, _rollback_on_error, _set_submodule, _train_biases, _warn_linear_fan_in_fan_out,
+                                  _record_modules_to_save, _record_task_type, _rollback_on_error, _set_submodule,
+                                  _train_biases, _warn_linear_fan_in_fan_out,
                                   check_no_accelerate_hook, check_targets_outside_heads, check_wrappable_linear,
                                   copy_into, enable_input_grads_for_checkpointing, is_conv1d, is_layer_index,
                                   lora_scaling, named_modules_to_save, named_target_modules, pattern_value,
