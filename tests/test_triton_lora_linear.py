@@ -282,6 +282,29 @@ def test_dropout_forward_and_backward_share_the_mask(dev, dtype, poisoned_empty)
         assert_close(tk.lora_bwd_da(ds, x, dropout_p=p, seed=seed), ref["lora_a"], torch.float32, "d_lora_a")
 
 
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dropout_keeps_a_dropped_nan(dev, dtype):
+    """A NaN that dropout drops is still NaN after it (x·0, as torch's dropout x·mask, the other backends and the
+    reference give): in S, dA and dB for a NaN of x, in dX's LoRA term for a NaN of A. The kernels selected 0 for
+    dropped elements, which left them finite."""
+    if dtype == torch.bfloat16 and dev.type == "cpu":
+        pytest.skip("the Triton interpreter's bf16 multiply gives NaN·0 = 0")
+    p, seed, (M, K, N, r) = 0.5, 7, (6, 40, 20, 8)
+    x, weight, lora_a, lora_b, _ = lora_inputs(M, K, N, r, dtype, dev)
+    mask = tk.dropout_mask(seed, M, K, p, dev)
+    row, col = (mask == 0).nonzero()[0].tolist()
+    x[row, col] = float("nan")
+    s = tk.lora_fwd(x, weight, lora_a, lora_b, SCALING, dropout_p=p, seed=seed)[1]
+    assert s[row].isnan().all()
+    dy = randn(M, N, dtype=dtype, device=dev)
+    ref = reference.lora_linear_backward(dy, x, weight, lora_a, lora_b, SCALING, dropout_mask=mask)
+    d_lora_b, ds = tk.lora_bwd_dy(dy, s, lora_b, SCALING)
+    assert torch.equal(d_lora_b.isnan(), ref["lora_b"].isnan())
+    assert torch.equal(tk.lora_bwd_da(ds, x, dropout_p=p, seed=seed).isnan(), ref["lora_a"].isnan())
+    lora_a[0, col] = float("nan")
+    assert tk.lora_bwd_dx(dy, ds, weight, lora_a, dropout_p=p, seed=seed)[:, col].isnan().all()
+
 def test_dropout_seeds_change_the_result_and_p1_drops_everything(dev):
     x, weight, lora_a, lora_b, _ = lora_inputs(9, 40, 20, 8, torch.float32, dev)
     s1 = tk.lora_fwd(x, weight, lora_a, lora_b, SCALING, dropout_p=0.5, seed=1)[1]

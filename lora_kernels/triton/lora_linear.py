@@ -301,8 +301,10 @@ def _lora_shrink_kernel(
         mask_k = offs_k < K - k0
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if HAS_DROPOUT:
-            # Zero the dropped elements; the uniform 1/(1-p) factor is applied once to the result (exact).
-            x = tl.where(_keep_mask(seed, offs_m, offs_k + k0, K, p), x, tl.zeros_like(x))
+            # Zero the dropped elements; the uniform 1/(1-p) factor is applied once to the result (exact). x·0, not
+            # 0: a dropped NaN/Inf stays NaN, as torch's dropout (x·mask), the other backends and the reference give
+            # (a plain 0 left S, dA and dB finite there).
+            x = tl.where(_keep_mask(seed, offs_m, offs_k + k0, K, p), x, x * 0)
         a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
         acc = _dot(x, a, acc, x_ptr.dtype.element_ty == tl.float32)
         x_ptrs += BLOCK_K * stride_xk
@@ -516,7 +518,7 @@ def _dx_lora_term(ds_ptr, a_ptr, offs_m, offs_k, M, K, R, stride_dsm, stride_dsr
                     mask=mask_r[:, None] & mask_k[None, :], other=0.0)
         acc = _dot(ds, a.to(tl.float32), acc, FP32_INPUT)
     if HAS_DROPOUT:
-        acc = tl.where(_keep_mask(seed, offs_m, offs_k, K, p), acc * dropout_scale, 0.0)
+        acc = acc * tl.where(_keep_mask(seed, offs_m, offs_k, K, p), dropout_scale, 0.0)  # ·0: see the shrink
     return acc
 
 
@@ -552,7 +554,7 @@ def _lora_bwd_da_kernel(
         dst = tl.load(dst_ptrs, mask=mask_r[:, None] & mask_m[None, :], other=0.0)
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if HAS_DROPOUT:
-            x = tl.where(_keep_mask(seed, offs_m + m0, offs_k, K, p), x, tl.zeros_like(x))
+            x = tl.where(_keep_mask(seed, offs_m + m0, offs_k, K, p), x, x * 0)  # x·0: see _lora_shrink_kernel
         acc = _dot(dst, x.to(tl.float32), acc, x_ptr.dtype.element_ty == tl.float32)
         dst_ptrs += BLOCK_M * stride_dsm
         x_ptrs += BLOCK_M * stride_xm
