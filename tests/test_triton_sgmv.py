@@ -332,6 +332,23 @@ def test_empty_and_zero_rank(device):
 
 
 @pytest.mark.parametrize("path", ["prefill", "decode"])
+def test_shrink_of_a_nan_token_is_zero_past_its_rank(device, path):
+    """A NaN or Inf in a token's row of x makes its shrink row non-finite up to its slot's rank, and zero past it, as
+    the reference's (the decode kernel stored the sums of 0·x there: NaN)."""
+    L, R, K = 2, 4, 8
+    (A,), _, _, scalings = make_weights(L, [1, R], K, [6], torch.float32, device)
+    ranks = torch.tensor([1, 3], dtype=torch.int32, device=device)
+    ids = torch.tensor([0, 1, 0, -1], dtype=torch.int32, device=device)
+    x = randn(4, K, device=device)
+    x[0, 2], x[1, 5] = float("nan"), float("inf")
+    out = sgmv.shrink(x, A, LoRABatch.from_adapter_ids(ids, L), scalings, ranks, path=path)
+    assert not out[0, :1].isfinite().any() and not out[1, :3].isfinite().any()
+    assert torch.equal(out[0, 1:], torch.zeros(R - 1, device=device))
+    assert torch.equal(out[1, 3:], torch.zeros(R - 3, device=device))
+    assert_close(out[2:], reference.lora_shrink(*cpu(x, A, ids, scalings, ranks))[2:], torch.float32)
+
+
+@pytest.mark.parametrize("path", ["prefill", "decode"])
 def test_unchecked_ranks_are_clamped_to_r(device, path):
     """int32 ranks on the device are not range-checked (lora_kernels.ops checks host values only): each kernel
     clamps a slot's rank to [0, R], so a rank past R neither reads the next slot's rows of A or B (or past the

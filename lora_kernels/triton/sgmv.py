@@ -203,7 +203,8 @@ if HAS_TRITON:
         if USE_ATOMIC:
             tl.atomic_add(out_ptrs, res, mask=mask_r)
         else:
-            tl.store(out_ptrs, res, mask=offs_r < R)
+            # zeros past the rank, not the sums of 0·x there: NaN for a NaN or Inf in the token's row of x
+            tl.store(out_ptrs, tl.where(mask_r, res, 0.0), mask=offs_r < R)
 
     @triton.jit
     def _sgmv_expand_kernel(
