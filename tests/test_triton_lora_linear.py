@@ -282,7 +282,6 @@ def test_dropout_forward_and_backward_share_the_mask(dev, dtype, poisoned_empty)
         assert_close(tk.lora_bwd_da(ds, x, dropout_p=p, seed=seed), ref["lora_a"], torch.float32, "d_lora_a")
 
 
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_dropout_keeps_a_dropped_nan(dev, dtype):
     """A NaN that dropout drops is still NaN after it (x·0, as torch's dropout x·mask, the other backends and the
@@ -304,6 +303,7 @@ def test_dropout_keeps_a_dropped_nan(dev, dtype):
     assert torch.equal(tk.lora_bwd_da(ds, x, dropout_p=p, seed=seed).isnan(), ref["lora_a"].isnan())
     lora_a[0, col] = float("nan")
     assert tk.lora_bwd_dx(dy, ds, weight, lora_a, dropout_p=p, seed=seed)[:, col].isnan().all()
+
 
 def test_dropout_seeds_change_the_result_and_p1_drops_everything(dev):
     x, weight, lora_a, lora_b, _ = lora_inputs(9, 40, 20, 8, torch.float32, dev)
