@@ -82,14 +82,18 @@ def mma_kind(ptx):
     return "none"
 
 
-def ptxas_path():
-    """The ptxas Triton ships (the one it compiles with), else the first on PATH; None when there is none."""
+def ptxas_path(cc):
+    """The ptxas Triton compiles sm_<cc> with, else the first on PATH; None when there is none. Triton ships two
+    and picks one per target (`get_ptxas(arch)`, in every supported Triton): from 3.9 on, ptxas-blackwell (CUDA 13)
+    serves sm_90 too, and writes PTX of a version that the older bundled ptxas (CUDA 12.9) refuses."""
     import shutil
 
-    import triton.backends.nvidia as nvidia_backend
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
 
-    bundled = os.path.join(os.path.dirname(nvidia_backend.__file__), "bin", "ptxas")
-    return bundled if os.access(bundled, os.X_OK) else shutil.which("ptxas")
+        return get_ptxas(cc).path
+    except (ImportError, RuntimeError):  # RuntimeError: Triton's knob found no binary
+        return shutil.which("ptxas")
 
 
 def register_usage(ptx, cc):
@@ -99,7 +103,7 @@ def register_usage(ptx, cc):
     import re
     import tempfile
 
-    ptxas = ptxas_path()
+    ptxas = ptxas_path(cc)
     if ptxas is None:
         raise RuntimeError("ptxas not found (neither Triton's nor on PATH)")
     with tempfile.TemporaryDirectory() as tmp:
