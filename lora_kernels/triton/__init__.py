@@ -21,6 +21,11 @@ HAS_TRITON = TRITON_ERROR is None
 TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 SUPPORTED_DTYPES = tuple(TRITON_DTYPE_NAMES)  # what every Triton kernel here takes
 
+# Every launch (and the compile gate) passes enable_fp_fusion=FP_FUSION: FMA contraction on, as Triton 3.6 to 3.9
+# default to and as the tolerances and BENCHMARKS.md were measured. Triton 3.9 warns (UserWarning, once per process)
+# when a kernel leaves it to the default, which 3.10 turns off.
+FP_FUSION = True
+
 if HAS_TRITON:
     # The interpreter's tl.dot multiplies the raw bit patterns of bfloat16 operands (triton-lang/triton#11584, seen
     # with triton 3.7 and 3.8): under the interpreter only, every dot's operands are upcast to fp32 first. Compiled

@@ -136,6 +136,8 @@ def compile_spec(spec, cc, registers=False):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from lora_kernels.triton import FP_FUSION  # the launchers' setting: compile what runs
+
     fn = _jit_function(spec["kernel"])
     signature = dict(spec["signature"])
     constexprs = dict(spec.get("constexprs", {}))
@@ -146,7 +148,7 @@ def compile_spec(spec, cc, registers=False):
         raise ValueError(f"{spec['name']}: signature lacks arguments {missing}")
     attrs = _divisibility_attrs(fn, signature, set(spec.get("divisible_by_16", ())))
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    options = {"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]}
+    options = {"num_warps": spec["num_warps"], "num_stages": spec["num_stages"], "enable_fp_fusion": FP_FUSION}
     compiled = triton.compile(src, target=GPUTarget("cuda", cc, WARP_SIZE), options=options)
     shared = int(compiled.metadata.shared)
     limit = SHARED_MEMORY_LIMIT[cc]

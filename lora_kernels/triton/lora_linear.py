@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 
 from lora_kernels._ext import scaled_mm
-from lora_kernels.triton import (INTERPRET, SUPPORTED_DTYPES, TRITON_DTYPE_NAMES, UPCAST_DOT_OPERANDS, on_tensor_device,
-                                 sm_count)
+from lora_kernels.triton import (FP_FUSION, INTERPRET, SUPPORTED_DTYPES, TRITON_DTYPE_NAMES, UPCAST_DOT_OPERANDS,
+                                 on_tensor_device, sm_count)
 
 from triton.tools.tensor_descriptor import TensorDescriptor  # host-side TMA descriptors
 
@@ -812,7 +812,7 @@ def _lora_fwd_impl(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, 
         x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1),
         s_partials.stride(0), s_partials.stride(1), s_partials.stride(2),
         p, scale, seed,
-        HAS_DROPOUT=has_dropout, BLOCK_R=block_r,
+        HAS_DROPOUT=has_dropout, BLOCK_R=block_r, enable_fp_fusion=FP_FUSION,
     )
     s = _sum_partials(s_partials)
     has_bias = bias is not None
@@ -826,7 +826,7 @@ def _lora_fwd_impl(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, 
             s.stride(0), s.stride(1), lora_b.stride(0), lora_b.stride(1), bias_arg.stride(0), y.stride(0),
             y.stride(1),
             float(scaling),
-            HAS_BIAS=has_bias, BLOCK_R=block_r, GROUP=GROUP_M,
+            HAS_BIAS=has_bias, BLOCK_R=block_r, GROUP=GROUP_M, enable_fp_fusion=FP_FUSION,
         )
         return y, s
     _fwd[grid](
@@ -835,7 +835,7 @@ def _lora_fwd_impl(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, 
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), s.stride(0), s.stride(1),
         lora_b.stride(0), lora_b.stride(1), bias_arg.stride(0), y.stride(0), y.stride(1),
         float(scaling),
-        HAS_BIAS=has_bias, BLOCK_R=block_r, GROUP=GROUP_M,
+        HAS_BIAS=has_bias, BLOCK_R=block_r, GROUP=GROUP_M, enable_fp_fusion=FP_FUSION,
     )
     return y, s
 
@@ -865,7 +865,7 @@ def _lora_bwd_dy_impl(dy: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, s
         ds_partials.stride(0), ds_partials.stride(1), ds_partials.stride(2),
         partials.stride(0), partials.stride(1), partials.stride(2),
         float(scaling),
-        BLOCK_R=block_r, BLOCK_M=DY_BLOCK_M,
+        BLOCK_R=block_r, BLOCK_M=DY_BLOCK_M, enable_fp_fusion=FP_FUSION,
     )
     # Deterministic: fixed-shape reductions over the row-block (dB) and N-split (ds) partials (no atomics).
     d_lora_b, ds = _sum_partials(partials), _sum_partials(ds_partials)
@@ -890,7 +890,7 @@ def _lora_bwd_dx_impl(dy: torch.Tensor, ds: torch.Tensor, weight: torch.Tensor, 
             M, N, K, r,
             ds.stride(0), ds.stride(1), lora_a.stride(0), lora_a.stride(1), dx.stride(0), dx.stride(1),
             p, scale, seed,
-            HAS_DROPOUT=has_dropout, BLOCK_R=_block_r(r), GROUP=GROUP_M,
+            HAS_DROPOUT=has_dropout, BLOCK_R=_block_r(r), GROUP=GROUP_M, enable_fp_fusion=FP_FUSION,
         )
         return dx
     _bwd_dx[grid](
@@ -899,7 +899,7 @@ def _lora_bwd_dx_impl(dy: torch.Tensor, ds: torch.Tensor, weight: torch.Tensor, 
         dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), ds.stride(0), ds.stride(1),
         lora_a.stride(0), lora_a.stride(1), dx.stride(0), dx.stride(1),
         p, scale, seed,
-        HAS_DROPOUT=has_dropout, BLOCK_R=_block_r(r), GROUP=GROUP_M,
+        HAS_DROPOUT=has_dropout, BLOCK_R=_block_r(r), GROUP=GROUP_M, enable_fp_fusion=FP_FUSION,
     )
     return dx
 
@@ -921,7 +921,7 @@ def _lora_bwd_da_impl(ds: torch.Tensor, x: torch.Tensor, dropout_p: float, seed:
         ds.stride(0), ds.stride(1), x.stride(0), x.stride(1),
         partials.stride(0), partials.stride(1), partials.stride(2),
         p, scale, seed,
-        HAS_DROPOUT=has_dropout, BLOCK_R=block_r,
+        HAS_DROPOUT=has_dropout, BLOCK_R=block_r, enable_fp_fusion=FP_FUSION,
     )
     return _sum_partials(partials)
 
@@ -1072,7 +1072,8 @@ def dropout_mask(seed, M, K, p, device):
 def _launch_dropout_mask(out, p, scale, seed):
     M, K = out.shape
     _dropout_mask_kernel[(triton.cdiv(M, DROPOUT_BLOCK), triton.cdiv(K, DROPOUT_BLOCK))](
-        out, M, K, out.stride(0), out.stride(1), p, scale, seed, BLOCK=DROPOUT_BLOCK)
+        out, M, K, out.stride(0), out.stride(1), p, scale, seed, BLOCK=DROPOUT_BLOCK,
+        enable_fp_fusion=FP_FUSION)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -24,8 +24,8 @@ import inspect
 
 import torch
 
-from lora_kernels.triton import (HAS_TRITON, INTERPRET, SUPPORTED_DTYPES, TRITON_DTYPE_NAMES, on_tensor_device,
-                                 sm_count)
+from lora_kernels.triton import (FP_FUSION, HAS_TRITON, INTERPRET, SUPPORTED_DTYPES, TRITON_DTYPE_NAMES,
+                                 on_tensor_device, sm_count)
 
 if HAS_TRITON:
     import triton
@@ -422,7 +422,7 @@ def _launch_shrink(x, lora_a, adapter_ids, sorted_token_ids, slot_counts, slot_s
             out3.stride(0), out3.stride(1), out3.stride(2),
             num_r_tiles, k_per_split,
             BLOCK_R=block_r, BLOCK_K=block_k, USE_ATOMIC=split_k > 1,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
         )
         return
     cfg = _config("shrink_prefill", x.dtype)
@@ -444,7 +444,7 @@ def _launch_shrink(x, lora_a, adapter_ids, sorted_token_ids, slot_counts, slot_s
         out3.stride(0), out3.stride(1), out3.stride(2),
         num_r_tiles, split_k, k_per_split,
         BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, USE_ATOMIC=split_k > 1,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
     )
 
 
@@ -468,7 +468,7 @@ def _launch_expand(t, lora_b, adapter_ids, sorted_token_ids, slot_counts, slot_s
             out.stride(0), out.stride(1),
             num_n_tiles,
             BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
         )
         return
     cfg = _config("expand_prefill")
@@ -481,7 +481,7 @@ def _launch_expand(t, lora_b, adapter_ids, sorted_token_ids, slot_counts, slot_s
         out.stride(0), out.stride(1),
         num_n_tiles,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
     )
 
 
@@ -526,7 +526,7 @@ def _launch_segment_outer(left, right, sorted_token_ids, slot_counts, slot_start
         left.stride(0), left.stride(1), right.stride(0), right.stride(1), out.stride(0), out.stride(1),
         out.stride(2),
         BLOCK_T=cfg["BLOCK_T"], BLOCK_P=block_p, BLOCK_Q=cfg["BLOCK_Q"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
     )
 
 
