@@ -150,3 +150,20 @@ def test_register_report_from_ptxas():
     assert {r["cc"] for r in records} == set(aot.TARGETS)
     assert all(r["ok"] and 1 <= r["registers"] <= 255 and r["spill_bytes"] >= 0 for r in records), records
     assert "regs" in proc.stdout and "B spilled" in proc.stdout
+
+
+def test_every_launch_passes_the_fp_fusion_setting():
+    """Every `kernel[grid](...)` launch in lora_kernels/triton passes enable_fp_fusion=FP_FUSION, the setting the
+    gate compiles with: triton 3.9 warns on a launch that leaves it to the default, which 3.10 turns off (FMA
+    contraction off changes the numerics, silently). CI's triton 3.8 does not warn, so a new launch without it would
+    pass every other test here. Read from the source: the interpreter ignores the option."""
+    import ast
+
+    launches = {}
+    for path in sorted(Path(aot.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript):  # kernel[grid](...)
+                passed = {k.arg: ast.unparse(k.value) for k in node.keywords}.get("enable_fp_fusion")
+                launches[f"{path.name}:{node.lineno} {ast.unparse(node.func.value)}"] = passed
+    assert len(launches) >= 13, sorted(launches)  # the launch sites of lora_linear.py and sgmv.py
+    assert {site for site, passed in launches.items() if passed != "FP_FUSION"} == set(), launches
