@@ -275,14 +275,14 @@ def read_adapter_config(path):
     """AdapterConfig of the adapter directory `path` (adapter_config.json, validated)."""
     file = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(file):
-        # PEFT's save_pretrained writes a named adapter (adapter_name="x", other than "default") into path/x
-        named = sorted(entry for entry in (os.listdir(path) if os.path.isdir(path) else [])
-                       if os.path.isfile(os.path.join(path, entry, CONFIG_NAME)))
-        hint = (f"; adapters saved under a name are in subfolders: {', '.join(named)} (pass "
-                f"{os.path.join(path, named[0])}, or subfolder={named[0]!r})" if named else "")
         if os.path.isfile(path):  # the adapter's config or weights file itself, as some loaders take it
             hint = (f"; {path} is a file: pass the directory that holds {CONFIG_NAME} and the weights "
                     f"({os.path.dirname(path) or '.'})")
+        else:  # PEFT's save_pretrained writes a named adapter (adapter_name="x", other than "default") into path/x
+            named = sorted(entry for entry in (os.listdir(path) if os.path.isdir(path) else [])
+                           if os.path.isfile(os.path.join(path, entry, CONFIG_NAME)))
+            hint = (f"; adapters saved under a name are in subfolders: {', '.join(named)} (pass "
+                    f"{os.path.join(path, named[0])}, or subfolder={named[0]!r})" if named else "")
         raise FileNotFoundError(f"load_peft_adapter: {file} not found{hint}")
     try:
         with open(file, encoding="utf-8") as f:
