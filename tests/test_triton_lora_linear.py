@@ -149,12 +149,49 @@ def test_split_count_heuristic(monkeypatch):
 def test_autotune_keys_name_kernel_arguments_and_the_split_counts():
     """Triton's autotuner silently drops a key name that is not an argument of the kernel, so a misspelt key would
     reuse one shape's config for every other. The split kernels' keys hold their split count: SPLIT_OVERRIDE (the
-    bench's "split / no split" rows) changes their grid, which must not reuse the config tuned for the other."""
+    bench's "split / no split" rows) changes their grid, which must not reuse the config tuned for the other. The
+    token count enters as its power-of-two bucket, never as M (see the next test)."""
     tuned = {name: kernel for name, kernel in vars(tk).items() if isinstance(kernel, triton.runtime.Autotuner)}
     assert {"_shrink", "_fwd", "_fwd_tma", "_bwd_dy", "_bwd_dx", "_bwd_dx_tma", "_bwd_da"} <= set(tuned)
     for name, kernel in tuned.items():
         assert set(kernel.keys) <= set(kernel.arg_names), (name, kernel.keys)
+        assert "m_bucket" in kernel.keys and "M" not in kernel.keys, (name, kernel.keys)
     assert "split_k" in tk._shrink.keys and "split_n" in tk._bwd_dy.keys and "split_m" in tk._bwd_da.keys
+
+
+def test_m_bucket_is_a_power_of_two_that_keeps_decode_apart():
+    """Each M tunes as the next power of two at or above it, and no bucket holds both a decode-size M (the 16-row
+    tiles) and a larger one, so the forward's prune, decided on the bucket, is right for every M in it."""
+    for M in range(1, 1100):
+        bucket = tk._m_bucket(M)
+        assert M <= bucket < 2 * M and bucket & (bucket - 1) == 0
+        assert (bucket <= tk.DECODE_MAX_M) == (M <= tk.DECODE_MAX_M), M
+
+
+def test_a_new_token_count_in_a_tuned_bucket_is_not_timed_again(dev, monkeypatch):
+    """Training with dynamic padding meets a new M nearly every step: keyed on M, the autotuner timed every config
+    of every kernel again for each (about 0.1 s per config on a GPU). With two candidate configs and the timing
+    replaced by a counter, M = 20 and then 30 (bucket 32) time the forward's candidates once, M = 40 (bucket 64)
+    again; every result is still right."""
+    candidates = [tk._config(1, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32),
+                  tk._config(1, 1, BLOCK_M=32, BLOCK_N=16, BLOCK_K=32)]
+    monkeypatch.setattr(tk._fwd, "configs", candidates)
+    monkeypatch.setattr(tk._fwd, "cache", {})
+    timed = []
+
+    def fake_bench(*args, config, **kwargs):
+        timed.append(config)
+        return float(len(timed))  # the first candidate timed wins
+
+    monkeypatch.setattr(tk._fwd, "_bench", fake_bench)
+    counts = []
+    for M in (20, 30, 40):
+        x, weight, lora_a, lora_b, _ = lora_inputs(M, 40, 24, 8, torch.float32, dev, False)
+        y, _ = tk.lora_fwd(x, weight, lora_a, lora_b, SCALING)
+        assert_close(y, reference.lora_linear(x, weight, lora_a, lora_b, SCALING), torch.float32)
+        counts.append(len(timed))
+    assert counts == [2, 2, 4]
+    assert sorted(key[0] for key in tk._fwd.cache) == [32, 64]  # m_bucket leads the key
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25], ids=["nodrop", "drop"])
@@ -468,16 +505,19 @@ def test_forward_configs_follow_m():
     x = torch.empty(0, dtype=torch.bfloat16)
     gpu = tk.kernel_configs(gpu=True)["_lora_fwd_kernel"]
 
-    def block_rows(named_args):
-        return sorted({cfg.kwargs["BLOCK_M"] for cfg in tk._prune_fwd(gpu, named_args, BLOCK_R=16)})
+    def launch_args(M):  # as the autotuner passes them
+        return {"x_ptr": x, "M": M, "m_bucket": tk._m_bucket(M)}
 
-    assert block_rows({"x_ptr": x, "M": 1}) == block_rows({"x_ptr": x, "M": tk.DECODE_MAX_M}) == [16]
-    assert block_rows({"x_ptr": x, "M": tk.DECODE_MAX_M + 1}) == [64, 128]
+    def block_rows(M):
+        return sorted({cfg.kwargs["BLOCK_M"] for cfg in tk._prune_fwd(gpu, launch_args(M), BLOCK_R=16)})
+
+    assert block_rows(1) == block_rows(tk.DECODE_MAX_M) == [16]
+    assert block_rows(tk.DECODE_MAX_M + 1) == [64, 128]
     assert len(tk._prune_fwd(gpu, {"x_ptr": x}, BLOCK_R=16)) == len(gpu)  # no M (the compile gate): all that fit
     interpreter = tk.kernel_configs(gpu=False)["_lora_fwd_kernel"]
     assert len(interpreter) == 1
     for M in (1, 4096):
-        assert tk._prune_fwd(interpreter, {"x_ptr": x, "M": M}, BLOCK_R=16) == interpreter
+        assert tk._prune_fwd(interpreter, launch_args(M), BLOCK_R=16) == interpreter
 
 
 def test_fp32_dy_kernel_takes_rank_chunks_of_16():

@@ -269,10 +269,10 @@ def _grouped_pid(pid, num_m, num_n, GROUP: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["m_bucket"])
 def _lora_shrink_kernel(
     x_ptr, a_ptr, sp_ptr,
-    M, K, R, split_k,
+    M, K, R, split_k, m_bucket,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_sp_part, stride_sp_m, stride_sp_r,
     p, dropout_scale, seed,
     HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -315,10 +315,10 @@ def _lora_shrink_kernel(
     tl.store(sp_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["m_bucket"])
 def _lora_fwd_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr,
-    M, N, K, R,
+    M, N, K, R, m_bucket,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr, stride_bn, stride_br, stride_bias,
     stride_ym, stride_yn,
     scaling,
@@ -343,10 +343,10 @@ def _lora_fwd_kernel(
                        x_ptr.dtype.element_ty == tl.float32, HAS_BIAS, BLOCK_R)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["m_bucket"])
 def _lora_fwd_tma_kernel(
     x_desc, w_desc, s_ptr, b_ptr, bias_ptr, y_ptr,
-    M, N, K, R,
+    M, N, K, R, m_bucket,
     stride_sm, stride_sr, stride_bn, stride_br, stride_bias, stride_ym, stride_yn,
     scaling,
     HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr,
@@ -396,10 +396,10 @@ def _expand_bias_store(acc, s_ptr, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, M, N,
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["m_bucket"])
 def _lora_bwd_dy_kernel(
     dy_ptr, s_ptr, b_ptr, dsp_ptr, dbp_ptr,
-    M, N, R, split_n,
+    M, N, R, split_n, m_bucket,
     stride_dym, stride_dyn, stride_sm, stride_sr, stride_bn, stride_br,
     stride_dsp_part, stride_dsp_m, stride_dsp_r, stride_dbp_part, stride_dbp_n, stride_dbp_r,
     scaling,
@@ -445,10 +445,10 @@ def _lora_bwd_dy_kernel(
     tl.store(dsp_ptrs, ds * scaling, mask=mask_m[:, None] & mask_r[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["m_bucket"])
 def _lora_bwd_dx_kernel(
     dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr,
-    M, N, K, R,
+    M, N, K, R, m_bucket,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_dsm, stride_dsr, stride_ar, stride_ak,
     stride_dxm, stride_dxk,
     p, dropout_scale, seed,
@@ -475,10 +475,10 @@ def _lora_bwd_dx_kernel(
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_k < K)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["m_bucket"])
 def _lora_bwd_dx_tma_kernel(
     dy_desc, w_desc, ds_ptr, a_ptr, dx_ptr,
-    M, N, K, R,
+    M, N, K, R, m_bucket,
     stride_dsm, stride_dsr, stride_ar, stride_ak, stride_dxm, stride_dxk,
     p, dropout_scale, seed,
     HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr,
@@ -522,10 +522,10 @@ def _dx_lora_term(ds_ptr, a_ptr, offs_m, offs_k, M, K, R, stride_dsm, stride_dsr
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["m_bucket"])
 def _lora_bwd_da_kernel(
     ds_ptr, x_ptr, dap_ptr,
-    M, K, R, split_m,
+    M, K, R, split_m, m_bucket,
     stride_dsm, stride_dsr, stride_xm, stride_xk, stride_dap_part, stride_dap_r, stride_dap_k,
     p, dropout_scale, seed,
     HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -584,11 +584,12 @@ def _dropout_mask_kernel(
 def _prune_fwd(configs, named_args, **kwargs):
     """The forward's configs for this M: after the shared-memory prune, the decode tiles when M <= DECODE_MAX_M and
     the others above it (each set, when it is empty here, falls back to whatever survived). Without an M (the
-    compile gate's spec list) every config that fits is kept."""
+    compile gate's spec list) every config that fits is kept. Decided on the autotune key's m_bucket, not M, so
+    the choice holds for every M of the bucket (DECODE_MAX_M is a power of two: a bucket boundary)."""
     kept = _prune_by_smem("BLOCK_M", "BLOCK_N", "BLOCK_K", "x_ptr")(configs, named_args, **kwargs)
-    if "M" not in named_args:
+    if "m_bucket" not in named_args:
         return kept
-    decode = named_args["M"] <= DECODE_MAX_M
+    decode = named_args["m_bucket"] <= DECODE_MAX_M
     decode_block_m = {tile[0] for tile in GPU_DECODE_TILES}
     return [cfg for cfg in kept if (cfg.kwargs["BLOCK_M"] in decode_block_m) == decode] or kept
 
@@ -617,18 +618,19 @@ def _autotune(configs, key, kernel, heuristics=None):
     return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
-# The split kernels' keys hold their split count: the launchers derive it from the shape and the SM count (one
+# The keys hold m_bucket (see _m_bucket), not M, so a new token count reuses its bucket's tuning. The split kernels'
+# keys hold their split count: the launchers derive it from the shape and the SM count (one
 # value per shape, so no extra tuning), but SPLIT_OVERRIDE (the bench's "split / no split" rows) changes the grid a
 # config runs on, and a config tuned for one grid must not be reused for the other.
-_shrink = _autotune(SHRINK_CONFIGS, ["M", "K", "R", "split_k", "HAS_DROPOUT"], _lora_shrink_kernel)
-_fwd = _autotune(GEMM_CONFIGS, ["M", "N", "K", "R", "HAS_BIAS"], _lora_fwd_kernel,
+_shrink = _autotune(SHRINK_CONFIGS, ["m_bucket", "K", "R", "split_k", "HAS_DROPOUT"], _lora_shrink_kernel)
+_fwd = _autotune(GEMM_CONFIGS, ["m_bucket", "N", "K", "R", "HAS_BIAS"], _lora_fwd_kernel,
                  {"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
-_fwd_tma = _autotune(TMA_CONFIGS, ["M", "N", "K", "R", "HAS_BIAS"], _lora_fwd_tma_kernel)
-_bwd_dy = _autotune(DY_CONFIGS, ["M", "N", "R", "split_n"], _lora_bwd_dy_kernel)
-_bwd_dx = _autotune(DX_CONFIGS, ["M", "N", "K", "R", "HAS_DROPOUT"], _lora_bwd_dx_kernel,
+_fwd_tma = _autotune(TMA_CONFIGS, ["m_bucket", "N", "K", "R", "HAS_BIAS"], _lora_fwd_tma_kernel)
+_bwd_dy = _autotune(DY_CONFIGS, ["m_bucket", "N", "R", "split_n"], _lora_bwd_dy_kernel)
+_bwd_dx = _autotune(DX_CONFIGS, ["m_bucket", "N", "K", "R", "HAS_DROPOUT"], _lora_bwd_dx_kernel,
                     {"EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0})
-_bwd_dx_tma = _autotune(TMA_DX_CONFIGS, ["M", "N", "K", "R", "HAS_DROPOUT"], _lora_bwd_dx_tma_kernel)
-_bwd_da = _autotune(DA_CONFIGS, ["M", "K", "R", "split_m", "HAS_DROPOUT"], _lora_bwd_da_kernel)
+_bwd_dx_tma = _autotune(TMA_DX_CONFIGS, ["m_bucket", "N", "K", "R", "HAS_DROPOUT"], _lora_bwd_dx_tma_kernel)
+_bwd_da = _autotune(DA_CONFIGS, ["m_bucket", "K", "R", "split_m", "HAS_DROPOUT"], _lora_bwd_da_kernel)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -714,6 +716,15 @@ def _split_count(programs: int, blocks: int, sm_count: int | None) -> int:
     else:
         split = min(triton.cdiv(SPLIT_PROGRAMS_PER_SM * sm_count, max(programs, 1)), MAX_SPLIT)
     return max(1, min(split, blocks))
+
+
+def _m_bucket(M: int) -> int:
+    """The token count the autotuners key on: M rounded up to a power of two. Keyed on M itself, each new token
+    count (dynamic padding in training, every prompt length in serving) timed every config of every kernel again
+    before running it (Triton's do_bench: about 25 + 100 ms per config, 2-5 configs per kernel, per weight shape),
+    for tiles whose speed differs little within a factor of two of M. The kernels never read it (and Triton does not
+    specialise on it: one compiled variant)."""
+    return triton.next_power_of_2(M)
 
 
 def _device_sm_count(device: torch.device) -> int | None:
@@ -808,7 +819,7 @@ def _lora_fwd_impl(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, 
     s_partials = torch.empty((split, M, r), device=x.device, dtype=torch.float32)
     _shrink[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(r, block_r), split)](
         x, lora_a, s_partials,
-        M, K, r, split,
+        M, K, r, split, _m_bucket(M),
         x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1),
         s_partials.stride(0), s_partials.stride(1), s_partials.stride(2),
         p, scale, seed,
@@ -822,7 +833,7 @@ def _lora_fwd_impl(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, 
         _fwd_tma[grid](
             _descriptor(x, TMA_CONFIGS, "x_desc"), _descriptor(weight, TMA_CONFIGS, "w_desc"),
             s, lora_b, bias_arg, y,
-            M, N, K, r,
+            M, N, K, r, _m_bucket(M),
             s.stride(0), s.stride(1), lora_b.stride(0), lora_b.stride(1), bias_arg.stride(0), y.stride(0),
             y.stride(1),
             float(scaling),
@@ -831,7 +842,7 @@ def _lora_fwd_impl(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, 
         return y, s
     _fwd[grid](
         x, weight, s, lora_b, bias_arg, y,
-        M, N, K, r,
+        M, N, K, r, _m_bucket(M),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), s.stride(0), s.stride(1),
         lora_b.stride(0), lora_b.stride(1), bias_arg.stride(0), y.stride(0), y.stride(1),
         float(scaling),
@@ -860,7 +871,7 @@ def _lora_bwd_dy_impl(dy: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, s
     ds_partials = torch.empty((split, M, r), device=dy.device, dtype=torch.float32)
     _bwd_dy[(num_parts, triton.cdiv(r, block_r), split)](
         dy, s, lora_b, ds_partials, partials,
-        M, N, r, split,
+        M, N, r, split, _m_bucket(M),
         dy.stride(0), dy.stride(1), s.stride(0), s.stride(1), lora_b.stride(0), lora_b.stride(1),
         ds_partials.stride(0), ds_partials.stride(1), ds_partials.stride(2),
         partials.stride(0), partials.stride(1), partials.stride(2),
@@ -887,7 +898,7 @@ def _lora_bwd_dx_impl(dy: torch.Tensor, ds: torch.Tensor, weight: torch.Tensor, 
         _bwd_dx_tma[grid](
             _descriptor(dy, TMA_DX_CONFIGS, "dy_desc"), _descriptor(weight, TMA_DX_CONFIGS, "w_desc"),
             ds, lora_a, dx,
-            M, N, K, r,
+            M, N, K, r, _m_bucket(M),
             ds.stride(0), ds.stride(1), lora_a.stride(0), lora_a.stride(1), dx.stride(0), dx.stride(1),
             p, scale, seed,
             HAS_DROPOUT=has_dropout, BLOCK_R=_block_r(r), GROUP=GROUP_M, enable_fp_fusion=FP_FUSION,
@@ -895,7 +906,7 @@ def _lora_bwd_dx_impl(dy: torch.Tensor, ds: torch.Tensor, weight: torch.Tensor, 
         return dx
     _bwd_dx[grid](
         dy, weight, ds, lora_a, dx,
-        M, N, K, r,
+        M, N, K, r, _m_bucket(M),
         dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), ds.stride(0), ds.stride(1),
         lora_a.stride(0), lora_a.stride(1), dx.stride(0), dx.stride(1),
         p, scale, seed,
@@ -917,7 +928,7 @@ def _lora_bwd_da_impl(ds: torch.Tensor, x: torch.Tensor, dropout_p: float, seed:
     partials = torch.empty((split, r, K), device=x.device, dtype=torch.float32)
     _bwd_da[lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(r, block_r), split)](
         ds, x, partials,
-        M, K, r, split,
+        M, K, r, split, _m_bucket(M),
         ds.stride(0), ds.stride(1), x.stride(0), x.stride(1),
         partials.stride(0), partials.stride(1), partials.stride(2),
         p, scale, seed,
@@ -1092,8 +1103,9 @@ _INNER_STRIDES = {  # unit strides of contiguous operands: Triton specialises th
     "_dropout_mask_kernel": ("stride_ok",),
 }
 _FP32_POINTERS = {"s_ptr", "sp_ptr", "ds_ptr", "dsp_ptr", "dbp_ptr", "dap_ptr", "out_ptr"}
-# Split counts (the launchers' N / M / K splits): small run-time ints, not sizes, so not marked 16-divisible.
-_SPLIT_ARGS = {"split_n", "split_m", "split_k"}
+# Split counts (the launchers' N / M / K splits) and the autotune bucket: run-time ints that are not sizes, so not
+# marked 16-divisible (Triton does not specialise m_bucket at all).
+_NOT_SIZE_ARGS = {"split_n", "split_m", "split_k", "m_bucket"}
 _FLOAT_SCALARS = {"scaling", "p", "dropout_scale"}
 
 
@@ -1134,7 +1146,7 @@ def _spec(fn, dtype, config, num_warps, num_stages, **flags):
         "num_stages": num_stages,
         # Sizes and strides as Triton specialises them for K = N = 4096, M = 8192, r = 16: divisible by 16, which
         # enables the vectorised async copies of the pipelined loops, the variant with the most shared memory.
-        "divisible_by_16": [name for name, kind in signature.items() if kind == "i32" and name not in _SPLIT_ARGS],
+        "divisible_by_16": [name for name, kind in signature.items() if kind == "i32" and name not in _NOT_SIZE_ARGS],
         # The gate fails a 16-bit kernel whose dots did not become tensor-core MMAs, and a base-GEMM tile (forward,
         # dX, 64 rows or more) that is not warp-group MMA on sm_90 (the instruction Hopper's GEMM speed needs).
         # fp32 layers run full-precision FMA dots by design (see _dot).
