@@ -160,19 +160,32 @@ def test_set_adapter_from_another_thread_never_mixes_weights_within_a_forward():
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_offsets_past_2_to_the_31_elements(backend):
-    """x with M·K > 2³¹ elements: the rows at the end are computed right (64-bit offsets), single and grouped ops."""
+    """x with M·K > 2³¹ elements: the rows at the end are computed right (64-bit offsets), single and grouped ops;
+    in the backward, dX (M·K elements written) at its last rows and dA, dB (sums over every row of x) too."""
     if backends.unavailable_reason(backend, "cuda") is not None:
         pytest.skip(backends.unavailable_reason(backend, "cuda"))
     k, n, r = 4096, 64, 16
     m = 2**31 // k + 3
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-    lora_a = torch.randn(r, k, device="cuda", dtype=torch.bfloat16)
-    lora_b = torch.randn(n, r, device="cuda", dtype=torch.bfloat16)
+    lora_a = torch.randn(r, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    lora_b = torch.randn(n, r, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     y = lk.lora_linear(x, weight, lora_a, lora_b, 0.5, backend=backend)
     tail = slice(m - 5, m)
-    expected = reference.lora_linear(x[tail], weight, lora_a, lora_b, 0.5)
+    expected = reference.lora_linear(x[tail].detach(), weight, lora_a.detach(), lora_b.detach(), 0.5)
     assert rel_error(y[tail], expected) <= TOLERANCE[torch.bfloat16]
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    tail_grads = reference.lora_linear_backward(dy[tail], x[tail].detach(), weight, lora_a.detach(),
+                                                lora_b.detach(), 0.5)
+    assert rel_error(x.grad[tail], tail_grads["x"]) <= TOLERANCE[torch.bfloat16]
+    with torch.no_grad():  # every row: fp32 on the GPU (a float64 copy of x would take 17 GB)
+        x32 = x.float()
+        ds = 0.5 * (dy.float() @ lora_b.float())
+        assert rel_error(lora_a.grad, ds.T @ x32) <= TOLERANCE[torch.bfloat16]
+        assert rel_error(lora_b.grad, 0.5 * dy.float().T @ (x32 @ lora_a.float().T)) <= TOLERANCE[torch.bfloat16]
+        del x32
+    x, lora_a = x.detach(), lora_a.detach()  # the serving ops are forward only
     ids = torch.zeros(m, dtype=torch.int32, device="cuda")
     batch = LoRABatch.from_adapter_ids(ids, 1)
     shrunk = lk.ops.lora_shrink(x, lora_a[None], batch, [0.5], backend=backend)
