@@ -374,10 +374,11 @@ def test_torch_compile_fullgraph(backend):
     assert layer.lora_A.weight.grad is not None and layer.weight.grad is None
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
 def test_torch_compile_dynamic_fullgraph(backend):
     """dynamic=True traces the layer's scaling as a symbolic float: the finiteness check of scaling (math.isfinite,
-    which dynamo cannot trace) broke fullgraph=True. Several token counts, one graph."""
+    which dynamo cannot trace) broke fullgraph=True, in lora_linear and then in the Triton launchers (lora_fwd,
+    lora_bwd_dy), whose own check was still traced. Several token counts, one graph."""
     _backend_or_skip(backend, "cpu")
     from lora_kernels import LoRALinear
     layer = LoRALinear(16, 12, r=4, lora_alpha=8, init_lora_weights=False, backend=backend)

@@ -691,7 +691,9 @@ def _seed_value(seed):
 def _check_scaling(op, scaling):
     if not isinstance(scaling, numbers.Real) or isinstance(scaling, bool):
         raise TypeError(f"{op}: scaling expected a float, got {type(scaling).__name__}")
-    if not math.isfinite(scaling):
+    # Not while tracing: torch.compile(dynamic=True) traces a float as a symbolic one, which math.isfinite cannot
+    # take (a graph break per launcher, an error under fullgraph=True), as lora_linear's own check skips it there.
+    if not torch.compiler.is_compiling() and not math.isfinite(scaling):
         raise ValueError(f"{op}: scaling expected a finite float, got {scaling!r}")
 
 
