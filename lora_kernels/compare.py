@@ -153,14 +153,21 @@ class DecoderLM(nn.Module):
         nn.init.normal_(self.lm_head.weight, std=self.cfg.hidden ** -0.5)
 
     def _rotary_tables(self, seq, device, dtype):
+        # Not cached while tracing: a dict keyed by the sequence length made torch.compile specialise it (a graph
+        # per length, even with dynamic=True); in the graph the tables are a few cheap ops.
+        if torch.compiler.is_compiling():
+            return self._compute_rotary_tables(seq, device, dtype)
         key = (seq, device, dtype)
         if key not in self._rotary:
-            dim = self.cfg.head_dim
-            inv_freq = 1.0 / (ROPE_THETA ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
-            angles = torch.outer(torch.arange(seq, device=device, dtype=torch.float32), inv_freq)
-            angles = torch.cat((angles, angles), dim=-1)
-            self._rotary[key] = (angles.cos().to(dtype), angles.sin().to(dtype))
+            self._rotary[key] = self._compute_rotary_tables(seq, device, dtype)
         return self._rotary[key]
+
+    def _compute_rotary_tables(self, seq, device, dtype):
+        dim = self.cfg.head_dim
+        inv_freq = 1.0 / (ROPE_THETA ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
+        angles = torch.outer(torch.arange(seq, device=device, dtype=torch.float32), inv_freq)
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def forward(self, input_ids):
         x = self.embed_tokens(input_ids)

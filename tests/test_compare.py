@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import lora_kernels
 from lora_kernels import compare
 from lora_kernels.compare import CompareConfig, DecoderLM, ModelConfig, run_compare
 
@@ -187,6 +188,26 @@ def test_model_is_causal_and_uses_llama_names():
     with torch.no_grad():
         torch.testing.assert_close(model(ids)[:, :6], model(changed)[:, :6])
         assert not torch.allclose(model(ids)[:, 6:], model(changed)[:, 6:])
+
+
+def test_compiled_injected_model_keeps_the_sequence_length_dynamic():
+    """Fine-tuning with dynamic padding feeds a new sequence length every step. The rotary tables were cached in a
+    dict keyed by the length, which made torch.compile specialise it: a graph per length even with dynamic=True
+    (eager after 8). Now one graph for every length, matching eager."""
+    cfg = ModelConfig(vocab=32, hidden=32, layers=1, heads=2, intermediate=48)
+    torch.manual_seed(0)
+    model = DecoderLM(cfg)
+    model.init_weights()
+    lora_kernels.inject_lora(model, compare.DEFAULT_TARGETS, r=4, lora_alpha=8, init_lora_weights=False,
+                             backend="torch")
+    graphs = []
+    compiled = torch.compile(model, fullgraph=True, dynamic=True,
+                             backend=lambda gm, example_inputs: graphs.append(gm) or gm.forward)
+    for batch, seq in ((2, 5), (2, 9), (3, 13), (2, 17)):
+        ids = torch.randint(0, 32, (batch, seq))
+        torch.testing.assert_close(compiled(ids), model(ids))
+    # 1 here; 2 allowed: dynamo may trace the first call again with the LoRA scalings (floats) specialised
+    assert len(graphs) <= 2, f"{len(graphs)} graphs for 4 sequence lengths"
 
 
 def test_task_is_deterministic_and_follows_the_permutation():
