@@ -391,6 +391,32 @@ def test_torch_compile_dynamic_fullgraph(backend):
     assert len(graphs) <= 2, f"{len(graphs)} graphs"  # dynamo may restart its first trace once for the float
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_torch_compile_training_with_a_new_token_count_every_step(backend):
+    """Dynamic padding: every training step a new token count, under torch.compile's default settings. The first
+    new count makes the dimension dynamic (one recompile); nothing of ours may specialise it again (a Python branch
+    on M, a cache keyed by the shape), dropout's seed included. Outputs and gradients as eager's."""
+    _backend_or_skip(backend, "cpu")
+    from lora_kernels import LoRALinear
+    torch._dynamo.reset()  # dynamo remembers which dims went dynamic in earlier tests, which would hide a recompile
+    layer = LoRALinear(16, 12, r=4, lora_alpha=8, lora_dropout=0.1, init_lora_weights=False, backend=backend)
+    graphs = []
+    compiled = torch.compile(layer, fullgraph=True,
+                             backend=lambda gm, example_inputs: graphs.append(gm) or gm.forward)
+    for tokens in (14, 18, 39, 40, 132):
+        x = torch.randn(tokens, 16)
+        results = []
+        for run in (layer, compiled):
+            torch.manual_seed(tokens)  # the same dropout mask in both
+            y = run(x)
+            y.square().sum().backward()
+            results.append((y.detach(), layer.lora_A.weight.grad, layer.lora_B.weight.grad))
+            layer.lora_A.weight.grad = layer.lora_B.weight.grad = None
+        for name, got, want in zip(("y", "dA", "dB"), results[1], results[0]):
+            torch.testing.assert_close(got, want, msg=f"{name} at {tokens} tokens")
+    assert len(graphs) <= 2, f"{len(graphs)} graphs for 5 token counts"  # the first count, then one dynamic graph
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_torch_compile_fullgraph_under_autocast(backend):
     _backend_or_skip(backend, "cpu")
