@@ -168,6 +168,18 @@ def test_m_bucket_is_a_power_of_two_that_keeps_decode_apart():
         assert (bucket <= tk.DECODE_MAX_M) == (M <= tk.DECODE_MAX_M), M
 
 
+def test_splits_are_the_same_for_every_token_count_of_a_bucket(monkeypatch):
+    """The split counts are part of their kernels' autotune keys: taken from M itself they changed within a bucket
+    (8 values for the shrink over M = 4097..8192 on 132 SMs), and each new value was timed again."""
+    monkeypatch.setattr(tk, "_device_sm_count", lambda device: 132)
+    for low in (17, 300, 1025, 4097):
+        tokens = range(low, tk._m_bucket(low) + 1, 7)
+        for split in (lambda M: tk._shrink_split(M, 4096, 16, None),
+                      lambda M: tk._bwd_dy_split(M, 4096, 16, None, torch.bfloat16),
+                      lambda M: tk._bwd_da_split(M, 4096, 16, None)):
+            assert len({split(M) for M in tokens}) == 1, (low, [split(M) for M in tokens])
+
+
 def test_a_new_token_count_in_a_tuned_bucket_is_not_timed_again(dev, monkeypatch):
     """Training with dynamic padding meets a new M nearly every step: keyed on M, the autotuner timed every config
     of every kernel again for each (about 0.1 s per config on a GPU). With two candidate configs and the timing
@@ -199,8 +211,8 @@ def test_a_new_token_count_in_a_tuned_bucket_is_not_timed_again(dev, monkeypatch
 @pytest.mark.parametrize("split", [3, 4])
 def test_backward_split_paths(dev, dtype, split, dropout_p, monkeypatch, poisoned_empty):
     """bwd_dy split over N and bwd_da split over M (forced through SPLIT_OVERRIDE), with uneven and empty last
-    splits (5 blocks into 3 or 4 chunks of 2 blocks; 3 blocks into 3) and two rank chunks: they match the
-    reference and are bitwise repeatable."""
+    splits (5 blocks into 3 or 4 chunks of 2 blocks; 3 blocks of M into 3, or into 4 with one empty, as dA counts
+    the blocks of M's bucket) and two rank chunks: they match the reference and are bitwise repeatable."""
     monkeypatch.setattr(tk, "SPLIT_OVERRIDE", split)
     seed = 77
     # Sizes in blocks of the largest config block, which the launchers count the blocks in (5 and 4 or 2-3 blocks).

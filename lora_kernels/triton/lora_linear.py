@@ -173,7 +173,7 @@ def kernel_configs(gpu: bool) -> dict[str, list]:
 def max_block(configs, block: str) -> int:
     """The largest `block` over a config list. The launchers size their splits before the autotuner picks a config,
     so they count blocks with the largest block of any config: then a split never exceeds the number of blocks
-    under any config, and dA's program count is the smallest any config gives."""
+    under any config (dA's split over M: of M's bucket), and dA's program count is the smallest any config gives."""
     return max(cfg.kwargs[block] for cfg in configs)
 
 
@@ -733,23 +733,29 @@ def _device_sm_count(device: torch.device) -> int | None:
     return None if INTERPRET else sm_count(device)
 
 
+# The three splits below count M's rows by its bucket (_m_bucket), not M: the split is part of its kernel's
+# autotune key, and counted from M it took up to 8 values within one bucket (M = 4097..8192 gives 33..64 shrink row
+# blocks, so splits 16..9 on 132 SMs), each timed anew.
+
+
 def _shrink_split(M: int, K: int, r: int, device: torch.device) -> int:
     """K-split of _lora_shrink_kernel: its grid is (M / BLOCK_M) x (rank chunks) without it (one program at
     decode sizes)."""
-    programs = triton.cdiv(M, _SHRINK_MAX_BLOCK_M) * triton.cdiv(r, _block_r(r))
+    programs = triton.cdiv(_m_bucket(M), _SHRINK_MAX_BLOCK_M) * triton.cdiv(r, _block_r(r))
     return _split_count(programs, triton.cdiv(K, _SHRINK_MAX_BLOCK_K), _device_sm_count(device))
 
 
 def _bwd_dy_split(M: int, N: int, r: int, device: torch.device, dtype: torch.dtype) -> int:
     """N-split of _lora_bwd_dy_kernel: its grid is (M / DY_BLOCK_M) x (rank chunks) without it."""
-    programs = triton.cdiv(M, DY_BLOCK_M) * triton.cdiv(r, _dy_block_r(r, dtype))
+    programs = triton.cdiv(_m_bucket(M), DY_BLOCK_M) * triton.cdiv(r, _dy_block_r(r, dtype))
     return _split_count(programs, triton.cdiv(N, _DY_MAX_BLOCK_N), _device_sm_count(device))
 
 
 def _bwd_da_split(M: int, K: int, r: int, device: torch.device) -> int:
-    """M-split of _lora_bwd_da_kernel: its grid is (K / BLOCK_K) x (rank chunks) without it."""
+    """M-split of _lora_bwd_da_kernel: its grid is (K / BLOCK_K) x (rank chunks) without it. Capped by the blocks
+    of M's bucket, so below the bucket's top up to half the splits are empty (they store zeros)."""
     programs = triton.cdiv(K, _DA_MAX_BLOCK_K) * triton.cdiv(r, _block_r(r))
-    return _split_count(programs, triton.cdiv(M, _DA_MAX_BLOCK_M), _device_sm_count(device))
+    return _split_count(programs, triton.cdiv(_m_bucket(M), _DA_MAX_BLOCK_M), _device_sm_count(device))
 
 
 # The TMA forward and dX kernels are opt-in until a GPU run has measured them against the pointer kernels (bench
