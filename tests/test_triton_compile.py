@@ -152,6 +152,27 @@ def test_register_report_from_ptxas():
     assert "regs" in proc.stdout and "B spilled" in proc.stdout
 
 
+def test_global_memory_ops_reads_the_ptx():
+    ptx = "\n".join([
+        "\t.loc\t1 10 5                        // k.py:10:5",
+        "\tcp.async.cg.shared.global [ %r53 + 0 ], [ %rd29 + 0 ], 0x10, %r54;",
+        "\tcp.async.ca.shared.global [ %r55 + 0 ], [ %rd30 + 0 ], 0x4, %r56;",
+        "\t@%p1 ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];",
+        "\t.loc\t1 12 7",
+        "\t@!%p2 ld.global.b16 { %rs1 }, [ %rd2 + 0 ];",
+        "\tst.global.v2.b32 [ %rd3 + 0 ], { %r5, %r6 };",
+        "\tatom.global.gpu.acq_rel.add.f32 %r7, [ %rd4 + 0 ], %r8;",
+        "\tcp.async.bulk.tensor.2d.shared::cta.global.mbarrier::complete_tx::bytes [%r9], [%rd5, {%r10}], [%r12];",
+        "\tld.shared.v4.b32 { %r1, %r2, %r3, %r4 }, [ %r13 + 0 ];",  # not global memory
+        '\t.file\t1 "/somewhere/k.py"',
+    ])
+    assert aot.global_memory_ops(ptx) == {
+        ("cp.async.cg.shared.global", 16, "k.py:10"): 1, ("cp.async.ca.shared.global", 4, "k.py:10"): 1,
+        ("ld.global.v4.b32", 16, "k.py:10"): 1, ("ld.global.b16", 2, "k.py:12"): 1,
+        ("st.global.v2.b32", 8, "k.py:12"): 1, ("atom.global.gpu.acq_rel.add.f32", 4, "k.py:12"): 1,
+        ("cp.async.bulk.tensor.2d.shared::cta.global.mbarrier::complete_tx::bytes", 0, "k.py:12"): 1}
+
+
 def test_every_launch_passes_the_fp_fusion_setting():
     """Every `kernel[grid](...)` launch in lora_kernels/triton passes enable_fp_fusion=FP_FUSION, the setting the
     gate compiles with: triton 3.9 warns on a launch that leaves it to the default, which 3.10 turns off (FMA

@@ -9,12 +9,14 @@ one per module (its specs are spread over a small process pool there):
 
     python -m lora_kernels.triton.aot [--module lora_linear] [--cc 80 90] [--jobs N] [--json out.json]
                                       [--match _lora_fwd_kernel[bf16] [--registers]   # + ptxas -v usage
+                                      [--loads]   # + global loads/stores by width and source line
 """
 
 import argparse
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -100,7 +102,6 @@ def register_usage(ptx, cc):
     """(registers per thread, spill store bytes, spill load bytes) that `ptxas -v` reports for this PTX on sm_<cc>
     (sm_90a for 90, as Triton targets it). Spills go to local memory: a kernel that spills is slower than its tile
     suggests."""
-    import re
     import tempfile
 
     ptxas = ptxas_path(cc)
@@ -121,17 +122,54 @@ def register_usage(ptx, cc):
     return int(registers.group(1)), int(spills.group(1)), int(spills.group(2))
 
 
+_MEMORY_OP = re.compile(r"^\s*(?:@!?%p\d+\s+)?((?:ld|st|red|atom)\.global[\w.:]*"
+                        r"|cp\.async\.(?:ca|cg)\.shared\.global|cp\.async\.bulk\.tensor[\w.:]*)\s*(.*)$")
+
+
+def global_memory_ops(ptx):
+    """The global memory instructions of a kernel's PTX: {(instruction, bytes per thread, "file.py:line"): count},
+    the line being the source line of the last `.loc` before it (Triton's debug info; an access the compiler moved
+    may carry a neighbouring line). Loads (`ld.global`, `cp.async` into shared memory, TMA's `cp.async.bulk.tensor`,
+    0 bytes: a whole tile per copy), stores and atomics. A streamed operand reaches bandwidth with 16-byte accesses
+    (`ld.global.v4.b32`, `cp.async ... 16`); 2- and 4-byte ones issue 4-8x the instructions for the same bytes."""
+    import collections
+
+    files = dict(re.findall(r'^\s*\.file\s+(\d+)\s+"([^"]+)"', ptx, flags=re.MULTILINE))  # listed after the code
+    ops, line_of = collections.Counter(), "?"
+    for text in ptx.splitlines():
+        loc = re.match(r"^\s*\.loc\s+(\d+)\s+(\d+)", text)
+        if loc:
+            line_of = f"{os.path.basename(files.get(loc.group(1), '?'))}:{loc.group(2)}"
+            continue
+        match = _MEMORY_OP.match(text)
+        if not match:
+            continue
+        op = match.group(1)
+        if op.startswith("cp.async.bulk"):
+            width = 0
+        elif op.startswith("cp.async"):
+            size = re.search(r"\],\s*(0x[0-9a-fA-F]+|\d+)", match.group(2))
+            width = int(size.group(1), 0) if size else 0
+        else:
+            bits = re.search(r"\.[bsuf](8|16|32|64)\b", op)
+            vec = re.search(r"\.v(2|4|8)\b", op)
+            width = (int(bits.group(1)) // 8 if bits else 0) * (int(vec.group(1)) if vec else 1)
+        ops[(op, width, line_of)] += 1
+    return dict(ops)
+
+
 class TensorCoreError(RuntimeError):
     """A kernel whose spec requires tensor cores compiled without MMA instructions (a silent ~10x slowdown)."""
 
 
-def compile_spec(spec, cc, registers=False):
+def compile_spec(spec, cc, registers=False, loads=False):
     """Compile one aot_specs() entry for sm_<cc>; returns {"shared": bytes of shared memory, "mma": mma_kind}.
     Raises SharedMemoryError when the shared memory exceeds the target's limit, TensorCoreError when the spec asks
     for tensor cores ("tensor_cores": True; on sm_90 "wgmma": True asks for warp-group MMA) and the PTX has none,
     TmaError when it asks for TMA loads on sm_90 ("tma": True) and the PTX has none, and whatever Triton raises when
     it does not compile. registers=True adds "registers" and "spill_bytes" from
-    `ptxas -v` (a second ptxas run per kernel, so not part of the CI gate)."""
+    `ptxas -v` (a second ptxas run per kernel, so not part of the CI gate); loads=True adds "memory": the
+    `global_memory_ops` of its PTX as [instruction, bytes, source line, count] rows."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -166,6 +204,8 @@ def compile_spec(spec, cc, registers=False):
     result = {"shared": shared, "mma": mma, "tma": tma}
     if registers:
         result["registers"], result["spill_bytes"], _ = register_usage(compiled.asm["ptx"], cc)
+    if loads:
+        result["memory"] = sorted([*key, count] for key, count in global_memory_ops(compiled.asm["ptx"]).items())
     return result
 
 
@@ -189,6 +229,7 @@ def all_specs(modules=SPEC_MODULES):
 
 _WORKER_SPECS = None
 _WORKER_REGISTERS = False
+_WORKER_LOADS = False
 
 
 def _compile_one(job):
@@ -198,7 +239,7 @@ def _compile_one(job):
     start = time.perf_counter()
     record = {"name": spec["name"], "module": spec.get("module"), "cc": cc, "limit": SHARED_MEMORY_LIMIT[cc]}
     try:
-        record.update(compile_spec(spec, cc, registers=_WORKER_REGISTERS))
+        record.update(compile_spec(spec, cc, registers=_WORKER_REGISTERS, loads=_WORKER_LOADS))
         record["ok"] = True
     except Exception as exc:  # noqa: BLE001  (reported, and the gate fails on it)
         record["ok"] = False
@@ -207,12 +248,12 @@ def _compile_one(job):
     return record
 
 
-def compile_all(specs, targets=TARGETS, jobs=None, registers=False):
+def compile_all(specs, targets=TARGETS, jobs=None, registers=False, loads=False):
     """Compile every spec for every target, `jobs` processes at a time; returns one record per (spec, target):
-    name, module, cc, ok, shared, limit, mma, seconds, error when it failed, and with registers=True the
-    registers and spill bytes of ptxas -v."""
-    global _WORKER_SPECS, _WORKER_REGISTERS
-    _WORKER_SPECS, _WORKER_REGISTERS = specs, registers
+    name, module, cc, ok, shared, limit, mma, seconds, error when it failed, with registers=True the
+    registers and spill bytes of ptxas -v, and with loads=True its global memory instructions ("memory")."""
+    global _WORKER_SPECS, _WORKER_REGISTERS, _WORKER_LOADS
+    _WORKER_SPECS, _WORKER_REGISTERS, _WORKER_LOADS = specs, registers, loads
     work = [(index, cc) for index in range(len(specs)) for cc in targets]
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(work)))
     if jobs == 1:
@@ -251,6 +292,8 @@ def format_records(records):
             loads = "tma" if rec.get("tma") else "   "
             lines.append(f"ok   sm_{rec['cc']} {rec['shared']:>7} B / {rec['limit']} B  {rec['mma']:<5} {loads}  "
                          f"{usage}{rec['seconds']:6.2f}s  {rec['name']}")
+            for op, width, line, count in rec.get("memory", ()):
+                lines.append(f"       {count:>4} x {op:<44} {width:>2} B  {line}")
         else:
             lines.append(f"FAIL sm_{rec['cc']} {rec['name']}: {rec['error']}")
     return "\n".join(lines)
@@ -264,6 +307,8 @@ def main(argv=None):
     parser.add_argument("--json", default=None, help="write the records as JSON to this file ('-': stdout line)")
     parser.add_argument("--registers", action="store_true",
                         help="also report registers and spill bytes per kernel (ptxas -v; slower)")
+    parser.add_argument("--loads", action="store_true",
+                        help="also list each kernel's global loads, stores and atomics by width and source line")
     parser.add_argument("--match", default=None, help="only the specs whose name contains this text")
     args = parser.parse_args(argv)
     from lora_kernels.triton import INTERPRET
@@ -273,7 +318,7 @@ def main(argv=None):
     specs = all_specs(args.module or SPEC_MODULES)
     if args.match:
         specs = [spec for spec in specs if args.match in spec["name"]]
-    records = compile_all(specs, args.cc, args.jobs, registers=args.registers)
+    records = compile_all(specs, args.cc, args.jobs, registers=args.registers, loads=args.loads)
     print(format_records(records), flush=True)
     if args.json == "-":
         print("AOT-GATE-JSON:" + json.dumps(records), flush=True)

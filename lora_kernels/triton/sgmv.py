@@ -611,13 +611,34 @@ def _sig(kernel, pointer_types, int_type="i32"):
     return sig
 
 
+# Unit inner strides of contiguous operands: Triton specialises an int argument equal to 1 to constexpr 1 at run
+# time, so a contiguous row is known contiguous and its loads can be vectorised; the gate compiles that variant.
+_INNER_STRIDES = {
+    "_sgmv_shrink_kernel": ("stride_xk", "stride_ak", "stride_or"),
+    "_bgmv_shrink_kernel": ("stride_xk", "stride_ak", "stride_or"),
+    "_sgmv_expand_kernel": ("stride_tr", "stride_br", "stride_on"),
+    "_bgmv_expand_kernel": ("stride_tr", "stride_br", "stride_on"),
+    "_segment_outer_kernel": ("stride_lp", "stride_rq", "stride_oq"),
+}
+# Tile and split counts: not sizes, so not marked 16-divisible (num_r_tiles and split_k are often 1, then constexpr).
+_NOT_SIZE_ARGS = {"num_r_tiles", "num_n_tiles", "split_k"}
+
+
 def _spec(name, kernel, pointer_types, config, **constexprs):
     """One compile-gate entry: `kernel` with the pointer types given, the block sizes of GPU_CONFIG[config] that
-    it takes plus `constexprs`; kernels with a tl.dot must compile to tensor-core instructions."""
+    it takes plus `constexprs`; kernels with a tl.dot must compile to tensor-core instructions. Sizes and strides
+    are specialised as Triton does at run time for contiguous operands with K = N = 4096, r = 16 (unit inner strides
+    constexpr 1, every other size and stride divisible by 16): the variant the design point runs."""
     cfg = GPU_CONFIG[config]
     blocks = {key: value for key, value in cfg.items() if key.startswith("BLOCK_")}
-    return {"name": name, "kernel": kernel, "signature": _sig(kernel, pointer_types),
-            "constexprs": {**blocks, **constexprs}, "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
+    inner = {stride: 1 for stride in _INNER_STRIDES[kernel.fn.__name__]}
+    signature = _sig(kernel, pointer_types)
+    for stride in inner:
+        signature[stride] = "constexpr"
+    return {"name": name, "kernel": kernel, "signature": signature,
+            "constexprs": {**blocks, **inner, **constexprs}, "num_warps": cfg["num_warps"],
+            "num_stages": cfg["num_stages"],
+            "divisible_by_16": [arg for arg, kind in signature.items() if kind == "i32" and arg not in _NOT_SIZE_ARGS],
             "tensor_cores": kernel in (_sgmv_shrink_kernel, _sgmv_expand_kernel, _segment_outer_kernel)}
 
 
