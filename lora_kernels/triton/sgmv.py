@@ -2,7 +2,8 @@
 
     shrink:  out[t, :r_i] = scalings[i] * A[i, :r_i] @ x[t]                 (fp32 out, zero elsewhere)
     expand:  out[t, off:off+N] += B[i, :, :r_i] @ t[t, :r_i]                 (in place)
-with i = batch.adapter_ids[t] >= 0 and r_i = ranks[i]; entries of A/B past r_i are never read. The launchers do not
+with i = batch.adapter_ids[t] >= 0 and r_i = ranks[i]; entries of A/B past r_i are never used (the expand kernels
+load B up to r_i rounded up to 8, for 16-byte loads, and select the rest away). The launchers do not
 check their arguments: lora_kernels.ops (lora_shrink, lora_expand, add_lora) is the checked API over them.
 
 Kernels (all launch a grid fixed by shapes and exit early on the device, so they are CUDA-graph safe):
@@ -104,6 +105,16 @@ if HAS_TRITON:
     def _mma_tf32(a, b, acc):
         """acc + a · b for fp32 operands on tensor cores in one tf32 MMA (operands rounded to 10 mantissa bits)."""
         return tl.dot(a, b, acc, input_precision="tf32")
+
+    @triton.jit
+    def _rank_load_bound(rank, R):
+        """How far along a row of B (rank contiguous) the expand kernels load: the slot's rank rounded up to a
+        multiple of 8, within R. A mask ending at the rank itself (a loaded value, of unknown divisibility) ends
+        anywhere, so Triton loads B element by element; this bound is a multiple of 8 whenever R is, which Triton
+        knows when R is a multiple of 16 (it specialises ints on 16-divisibility): then 8 16-bit elements (16 bytes)
+        load at once; other R load element by element, as before. Within R, so in bounds for any strides. The up to
+        7 entries past the rank are selected away (tl.where, not multiplied by zero: they may hold NaN)."""
+        return tl.minimum((rank + 7) // 8 * 8, R)
 
     @triton.jit
     def _sgmv_shrink_kernel(
@@ -241,11 +252,15 @@ if HAS_TRITON:
                   + offs_r[None, :].to(tl.int64) * stride_tr)
         b_ptrs = (b_ptr + pid_s.to(tl.int64) * stride_bs + slot.to(tl.int64) * stride_bl
                   + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None].to(tl.int64) * stride_br)
+        r_hi = _rank_load_bound(rank, R)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for r0 in range(0, rank, BLOCK_R):
             mask_r = (r0 + offs_r) < rank
-            tt = tl.load(t_ptrs + tl.cast(r0, tl.int64) * stride_tr, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-            bt = tl.load(b_ptrs + tl.cast(r0, tl.int64) * stride_br, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+            load_r = (r0 + offs_r) < r_hi  # see _rank_load_bound: 16-byte loads, then past the rank selected away
+            tt = tl.load(t_ptrs + tl.cast(r0, tl.int64) * stride_tr, mask=mask_m[:, None] & load_r[None, :], other=0.0)
+            tt = tl.where(mask_r[None, :], tt, 0.0)
+            bt = tl.load(b_ptrs + tl.cast(r0, tl.int64) * stride_br, mask=load_r[:, None] & mask_n[None, :], other=0.0)
+            bt = tl.where(mask_r[:, None], bt, 0.0)
             if bt.dtype == tl.float16:
                 # fp16 B: t is already scaled (t = s·S), and rounding it to fp16 made y inf wherever |s·S| passed
                 # 65504 while y stayed in range. tf32 keeps fp16's 10-bit mantissa with fp32's exponent (fp16 B
@@ -290,12 +305,14 @@ if HAS_TRITON:
         t_ptrs = t_ptr + pid_s.to(tl.int64) * stride_ts + tok * stride_tm + offs_r.to(tl.int64) * stride_tr
         b_ptrs = (b_ptr + pid_s.to(tl.int64) * stride_bs + slot.to(tl.int64) * stride_bl
                   + offs_n[:, None].to(tl.int64) * stride_bn + offs_r[None, :].to(tl.int64) * stride_br)
+        r_hi = _rank_load_bound(rank, R)
         acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
         for r0 in range(0, rank, BLOCK_R):
             mask_r = (r0 + offs_r) < rank
-            tt = tl.load(t_ptrs + tl.cast(r0, tl.int64) * stride_tr, mask=mask_r, other=0.0)
-            bt = tl.load(b_ptrs + tl.cast(r0, tl.int64) * stride_br, mask=mask_n[:, None] & mask_r[None, :], other=0.0)
-            acc += bt.to(tl.float32) * tt[None, :]
+            load_r = (r0 + offs_r) < r_hi  # see _rank_load_bound: 16-byte loads, then past the rank selected away
+            tt = tl.load(t_ptrs + tl.cast(r0, tl.int64) * stride_tr, mask=load_r, other=0.0)
+            bt = tl.load(b_ptrs + tl.cast(r0, tl.int64) * stride_br, mask=mask_n[:, None] & load_r[None, :], other=0.0)
+            acc += tl.where(mask_r[None, :], bt.to(tl.float32) * tt[None, :], 0.0)
         res = tl.sum(acc, axis=1)
         out_ptrs = out_ptr + tok * stride_om + (slice_offset + pid_s * N + offs_n).to(tl.int64) * stride_on
         res += tl.load(out_ptrs, mask=mask_n, other=0.0).to(tl.float32)
