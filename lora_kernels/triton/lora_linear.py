@@ -619,9 +619,9 @@ def _autotune(configs, key, kernel, heuristics=None):
 
 
 # The keys hold m_bucket (see _m_bucket), not M, so a new token count reuses its bucket's tuning. The split kernels'
-# keys hold their split count: the launchers derive it from the shape and the SM count (one
-# value per shape, so no extra tuning), but SPLIT_OVERRIDE (the bench's "split / no split" rows) changes the grid a
-# config runs on, and a config tuned for one grid must not be reused for the other.
+# keys hold their split count: the launchers derive it from the bucket, the other sizes and the SM count (one value
+# per key, so no extra tuning), but SPLIT_OVERRIDE (the bench's "split / no split" rows) changes the grid a config
+# runs on, and a config tuned for one grid must not be reused for the other.
 _shrink = _autotune(SHRINK_CONFIGS, ["m_bucket", "K", "R", "split_k", "HAS_DROPOUT"], _lora_shrink_kernel)
 _fwd = _autotune(GEMM_CONFIGS, ["m_bucket", "N", "K", "R", "HAS_BIAS"], _lora_fwd_kernel,
                  {"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
@@ -723,9 +723,9 @@ def _split_count(programs: int, blocks: int, sm_count: int | None) -> int:
 def _m_bucket(M: int) -> int:
     """The token count the autotuners key on: M rounded up to a power of two. Keyed on M itself, each new token
     count (dynamic padding in training, every prompt length in serving) timed every config of every kernel again
-    before running it (Triton's do_bench: about 25 + 100 ms per config, 2-5 configs per kernel, per weight shape),
-    for tiles whose speed differs little within a factor of two of M. The kernels never read it (and Triton does not
-    specialise on it: one compiled variant)."""
+    before running it (Triton's do_bench: about 25 + 100 ms per config, 2-5 configs per kernel, per weight shape).
+    Now the tile tuned at a bucket's first M serves its other Ms too (that it is as good there is assumed, not
+    measured). The kernels never read it, and Triton does not specialise on it (one compiled variant)."""
     return triton.next_power_of_2(M)
 
 
