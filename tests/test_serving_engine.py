@@ -25,15 +25,24 @@ def _backend_or_skip(backend):
 
 @pytest.mark.parametrize("backend,dtype,steps", [("torch", torch.float32, 30), ("torch", torch.bfloat16, 30),
                                                  ("cpu", torch.float32, 30), ("cpu", torch.bfloat16, 30),
-                                                 ("triton", torch.float32, 10), ("triton", torch.bfloat16, 10)])
-def test_simulated_engine_with_slot_reuse_eviction_and_refilled_padded_batches(backend, dtype, steps):
+                                                 ("triton", torch.float32, 10), ("triton", torch.bfloat16, 10),
+                                                 ("triton-prefill", torch.float32, 10),
+                                                 ("triton-prefill", torch.bfloat16, 10)])
+def test_simulated_engine_with_slot_reuse_eviction_and_refilled_padded_batches(backend, dtype, steps, monkeypatch):
     """Requests with an adapter or none (-1) arrive, prefill in chunks, decode and finish; adapters go into slots
     with LRU eviction (see evict); each step's tokens are padded with -1 to a
     bucket size whose LoRABatch is refilled in place and shared by a fused QKV add_lora (three unequal slices, a
     preallocated buffer) and an MLP MultiLoRALinear reading a strided view of its output. Slot padding past a rank
     and freed slots hold NaN. Every step: real tokens match the float64 oracle, padding rows of y are untouched by
-    add_lora and get the base output from the MLP."""
+    add_lora and get the base output from the MLP. The engine's batches (at most 16 tokens) take the Triton decode
+    kernels; "triton-prefill" sends them to the prefill (SGMV) kernels instead."""
+    prefill = backend == "triton-prefill"
+    backend = "triton" if prefill else backend
     _backend_or_skip(backend)
+    if prefill:
+        from lora_kernels.triton import sgmv
+        monkeypatch.setattr(sgmv, "DECODE_MAX_TOKENS", 0)
+        monkeypatch.setattr(sgmv, "DECODE_MAX_TOKENS_PER_SLOT", 0)
     rng, nan = random.Random(12), float("nan")
     # the original weights (float32), kept by the engine: the oracle never reads the slots
     adapters = [dict(r=r, s=rng.choice([0.5, 2.0, 16 / 3]), qa=[torch.randn(r, K) * K ** -0.5 for _ in WIDTHS],

@@ -173,24 +173,19 @@ def test_global_memory_ops_reads_the_ptx():
         ("cp.async.bulk.tensor.2d.shared::cta.global.mbarrier::complete_tx::bytes", 0, "k.py:12"): 1}
 
 
-@pytest.mark.parametrize("match", ["_shrink_kernel[bf16,", "_expand_kernel[bf16->bf16]"])
-def test_grouped_kernels_load_a_and_b_16_bytes_at_a_time(match):
-    """The grouped kernels stream the adapters' A (shrink) and B (expand): compiled as they run for contiguous
-    16-bit operands (unit inner strides, sizes divisible by 16), no load of A or B is narrower than 16 bytes. The
-    expand kernels loaded B 2 bytes at a time while their mask ended at the slot's rank (a loaded value) and the
-    gate, compiling unit strides as plain ints, saw 2-byte loads of A as well. Read from the PTX's source lines
-    (`--loads`); Triton moves some loads to a neighbouring line, so this checks only what it can attribute."""
+@pytest.mark.parametrize("match", ["_shrink_kernel[bf16,atomic", "_shrink_kernel[bf16,R", "_expand_kernel[bf16->"])
+def test_grouped_kernels_load_their_16_bit_operands_16_bytes_at_a_time(match):
+    """The grouped kernels stream x and A (shrink) and B (expand): compiled as they run for contiguous bf16
+    operands (unit inner strides, sizes divisible by 16), none of their global loads is 2 bytes wide (one bf16
+    element) except the decode expand's read of its bf16 output row (one element per thread by its tile), and
+    each has 16-byte loads. The expand kernels loaded B 2 bytes at a time while their mask ended at the slot's rank
+    (a loaded value), and the gate, compiling unit strides as plain ints, saw 2-byte loads of A and x as well.
+    Counted over the whole kernel: Triton's source lines for a load are not reliable enough to attribute it."""
     import json
     import os
     import subprocess
     import sys
 
-    from lora_kernels.triton import sgmv
-
-    source = Path(sgmv.__file__).read_text(encoding="utf-8").splitlines()
-    operand_lines = {f"sgmv.py:{number}" for number, text in enumerate(source, 1)
-                     if text.strip().startswith(("at = tl.load(a_ptrs", "bt = tl.load(b_ptrs"))}
-    assert len(operand_lines) == 4, operand_lines  # A in both shrink kernels, B in both expand kernels
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(root))
     proc = subprocess.run([sys.executable, "-m", "lora_kernels.triton.aot", "--module", "sgmv", "--match", match,
@@ -199,12 +194,14 @@ def test_grouped_kernels_load_a_and_b_16_bytes_at_a_time(match):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     line = next(line for line in proc.stdout.splitlines() if line.startswith("AOT-GATE-JSON:"))
     records = json.loads(line[len("AOT-GATE-JSON:"):])
-    specs = 6 if match.startswith("_shrink") else 2  # sgmv R16/R64 and bgmv, atomic or not; bgmv and sgmv
+    specs = {"_shrink_kernel[bf16,atomic": 2, "_shrink_kernel[bf16,R": 4, "_expand_kernel[bf16->": 4}[match]
     assert len(records) == specs * len(aot.TARGETS), [r["name"] for r in records]
     for r in records:
-        operand = [row for row in r["memory"] if row[2] in operand_lines]
-        assert all(width == 16 for _, width, _, _ in operand), (r["name"], r["cc"], operand)
-        assert any(width == 16 and op.startswith(("ld.", "cp.async")) for op, width, _, _ in r["memory"]), r
+        loads = [(op, width, count) for op, width, _, count in r["memory"] if op.startswith(("ld.", "cp.async"))]
+        one_element = sum(count for op, width, count in loads if width == 2)
+        allowed = 1 if r["name"].startswith("_bgmv_expand_kernel[bf16->bf16]") else 0
+        assert one_element <= allowed, (r["name"], r["cc"], loads)
+        assert any(width == 16 for _, width, _ in loads), (r["name"], r["cc"], loads)
 
 
 def test_every_launch_passes_the_fp_fusion_setting():

@@ -180,30 +180,50 @@ def test_splits_are_the_same_for_every_token_count_of_a_bucket(monkeypatch):
             assert len({split(M) for M in tokens}) == 1, (low, [split(M) for M in tokens])
 
 
-def test_a_new_token_count_in_a_tuned_bucket_is_not_timed_again(dev, monkeypatch):
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer", "tma"])
+def test_a_new_token_count_in_a_tuned_bucket_is_not_timed_again(dev, tma, monkeypatch):
     """Training with dynamic padding meets a new M nearly every step: keyed on M, the autotuner timed every config
-    of every kernel again for each (about 0.1 s per config on a GPU). With two candidate configs and the timing
-    replaced by a counter, M = 20 and then 30 (bucket 32) time the forward's candidates once, M = 40 (bucket 64)
-    again; every result is still right."""
-    candidates = [tk._config(1, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32),
-                  tk._config(1, 1, BLOCK_M=32, BLOCK_N=16, BLOCK_K=32)]
-    monkeypatch.setattr(tk._fwd, "configs", candidates)
-    monkeypatch.setattr(tk._fwd, "cache", {})
-    timed = []
+    of every kernel again for each (about 0.1 s per config on a GPU). Every autotuned launch of a forward and
+    backward gets two candidate configs and a counter for timing: M = 20 and then 30 (bucket 32) time each kernel's
+    candidates once, M = 40 (bucket 64) again; every result is still right."""
+    if tma:
+        _tma_or_skip(dev)
+    monkeypatch.setattr(tk, "USE_TMA", tma)
+    timed = {}
 
-    def fake_bench(*args, config, **kwargs):
-        timed.append(config)
-        return float(len(timed))  # the first candidate timed wins
+    def counting_bench(log):
+        def bench(*args, config, **kwargs):
+            log.append(config)
+            return float(len(log))  # the first candidate timed wins
+        return bench
 
-    monkeypatch.setattr(tk._fwd, "_bench", fake_bench)
+    for name in ("_shrink", "_fwd", "_fwd_tma", "_bwd_dy", "_bwd_dx", "_bwd_dx_tma", "_bwd_da"):
+        autotuner = getattr(tk, name)
+        config = autotuner.configs[0]
+        twin = tk._config(config.num_warps, config.num_stages, config.pre_hook, **config.kwargs)
+        monkeypatch.setattr(autotuner, "configs", [config, twin])
+        monkeypatch.setattr(autotuner, "cache", {})
+        monkeypatch.setattr(autotuner, "cache_results", False)  # TRITON_CACHE_AUTOTUNING=1 would answer from disk
+        timed[name] = []
+        monkeypatch.setattr(autotuner, "_bench", counting_bench(timed[name]))
+    used = ("_shrink", "_fwd_tma" if tma else "_fwd", "_bwd_dy", "_bwd_dx_tma" if tma else "_bwd_dx", "_bwd_da")
     counts = []
+    dtype = torch.bfloat16 if tma else torch.float32  # the TMA kernels are 16-bit only
     for M in (20, 30, 40):
-        x, weight, lora_a, lora_b, _ = lora_inputs(M, 40, 24, 8, torch.float32, dev, False)
-        y, _ = tk.lora_fwd(x, weight, lora_a, lora_b, SCALING)
-        assert_close(y, reference.lora_linear(x, weight, lora_a, lora_b, SCALING), torch.float32)
-        counts.append(len(timed))
-    assert counts == [2, 2, 4]
-    assert sorted(key[0] for key in tk._fwd.cache) == [32, 64]  # m_bucket leads the key
+        x, weight, lora_a, lora_b, _ = lora_inputs(M, 48, 32, 8, dtype, dev, False)
+        dy = randn(M, 32, dtype=dtype, device=dev)
+        y, s = tk.lora_fwd(x, weight, lora_a, lora_b, SCALING)
+        d_lora_b, ds = tk.lora_bwd_dy(dy, s, lora_b, SCALING)
+        dx = tk.lora_bwd_dx(dy, ds, weight, lora_a)
+        d_lora_a = tk.lora_bwd_da(ds, x)
+        expected = reference.lora_linear_backward(dy, x, weight, lora_a, lora_b, SCALING)
+        assert_close(y, reference.lora_linear(x, weight, lora_a, lora_b, SCALING), dtype, "y")
+        for name, got in (("x", dx), ("lora_a", d_lora_a), ("lora_b", d_lora_b)):
+            assert_close(got, expected[name], dtype, f"d{name}", scale=2.0)
+        counts.append({name: len(timed[name]) for name in used})
+    assert counts == [dict.fromkeys(used, 2), dict.fromkeys(used, 2), dict.fromkeys(used, 4)], counts
+    for name in used:  # m_bucket leads every key; one key per bucket (the split counts follow the bucket too)
+        assert sorted(key[0] for key in getattr(tk, name).cache) == [32, 64], (name, getattr(tk, name).cache)
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25], ids=["nodrop", "drop"])

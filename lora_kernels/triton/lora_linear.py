@@ -172,8 +172,9 @@ def kernel_configs(gpu: bool) -> dict[str, list]:
 
 def max_block(configs, block: str) -> int:
     """The largest `block` over a config list. The launchers size their splits before the autotuner picks a config,
-    so they count blocks with the largest block of any config: then a split never exceeds the number of blocks
-    under any config (dA's split over M: of M's bucket), and dA's program count is the smallest any config gives."""
+    so they count blocks with the largest block of any config: then the K and N splits never exceed their blocks
+    under any config, and dA's program count is the smallest any config gives. dA's split over M is capped by the
+    blocks of M's bucket instead, so it may exceed M's own: the surplus splits store zeros."""
     return max(cfg.kwargs[block] for cfg in configs)
 
 
@@ -721,11 +722,11 @@ def _split_count(programs: int, blocks: int, sm_count: int | None) -> int:
 
 
 def _m_bucket(M: int) -> int:
-    """The token count the autotuners key on: M rounded up to a power of two. Keyed on M itself, each new token
-    count (dynamic padding in training, every prompt length in serving) timed every config of every kernel again
-    before running it (Triton's do_bench: about 25 + 100 ms per config, 2-5 configs per kernel, per weight shape).
-    Now the tile tuned at a bucket's first M serves its other Ms too (that it is as good there is assumed, not
-    measured). The kernels never read it, and Triton does not specialise on it (one compiled variant)."""
+    """The token count the autotuners key on: M rounded up to a power of two, so a new token count (dynamic
+    padding in training, each prompt length in serving) reuses the tile tuned at its bucket's first M instead of
+    timing every config again (Triton's do_bench: about 25 + 100 ms per config, 2-5 configs per kernel, per weight
+    shape). That the tile is as good for the bucket's other Ms is assumed, not measured. The kernels never read it,
+    and Triton does not specialise on it (one compiled variant)."""
     return triton.next_power_of_2(M)
 
 

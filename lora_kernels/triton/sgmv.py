@@ -3,7 +3,8 @@
     shrink:  out[t, :r_i] = scalings[i] * A[i, :r_i] @ x[t]                 (fp32 out, zero elsewhere)
     expand:  out[t, off:off+N] += B[i, :, :r_i] @ t[t, :r_i]                 (in place)
 with i = batch.adapter_ids[t] >= 0 and r_i = ranks[i]; entries of A/B past r_i are never used (the expand kernels
-load B up to r_i rounded up to 8, for 16-byte loads, and select the rest away). The launchers do not
+load B and t up to min(r_i rounded up to 8, R), 16 bytes at a time when R is a multiple of 16, and select the
+entries past r_i away). The launchers do not
 check their arguments: lora_kernels.ops (lora_shrink, lora_expand, add_lora) is the checked API over them.
 
 Kernels (all launch a grid fixed by shapes and exit early on the device, so they are CUDA-graph safe):
@@ -641,21 +642,23 @@ _INNER_STRIDES = {
 _NOT_SIZE_ARGS = {"num_r_tiles", "num_n_tiles", "split_k"}
 
 
-def _spec(name, kernel, pointer_types, config, **constexprs):
+def _spec(name, kernel, pointer_types, config, contiguous=True, **constexprs):
     """One compile-gate entry: `kernel` with the pointer types given, the block sizes of GPU_CONFIG[config] that
-    it takes plus `constexprs`; kernels with a tl.dot must compile to tensor-core instructions. Sizes and strides
-    are specialised as Triton does at run time for contiguous operands with K = N = 4096, r = 16 (unit inner strides
-    constexpr 1, every other size and stride divisible by 16): the variant the design point runs."""
+    it takes plus `constexprs`; kernels with a tl.dot must compile to tensor-core instructions. contiguous=True:
+    sizes and strides specialised as Triton does at run time for contiguous operands whose sizes are multiples of 16
+    (e.g. K = N = 4096, R = 16 or 64): unit inner strides constexpr 1, every other size and stride marked divisible
+    by 16 (tile counts such as num_r_tiles, often 1 and then constexpr at run time, stay plain ints). False: every
+    int plain, as strided operands or odd sizes (K = 2049, R = 10) launch it."""
     cfg = GPU_CONFIG[config]
     blocks = {key: value for key, value in cfg.items() if key.startswith("BLOCK_")}
-    inner = {stride: 1 for stride in _INNER_STRIDES[kernel.fn.__name__]}
+    inner = {stride: 1 for stride in _INNER_STRIDES[kernel.fn.__name__]} if contiguous else {}
     signature = _sig(kernel, pointer_types)
     for stride in inner:
         signature[stride] = "constexpr"
+    divisible = [arg for arg, kind in signature.items() if kind == "i32" and arg not in _NOT_SIZE_ARGS]
     return {"name": name, "kernel": kernel, "signature": signature,
             "constexprs": {**blocks, **inner, **constexprs}, "num_warps": cfg["num_warps"],
-            "num_stages": cfg["num_stages"],
-            "divisible_by_16": [arg for arg, kind in signature.items() if kind == "i32" and arg not in _NOT_SIZE_ARGS],
+            "num_stages": cfg["num_stages"], "divisible_by_16": divisible if contiguous else [],
             "tensor_cores": kernel in (_sgmv_shrink_kernel, _sgmv_expand_kernel, _segment_outer_kernel)}
 
 
@@ -689,4 +692,16 @@ def aot_specs():
             tag = f"{TRITON_DTYPE_NAMES[b_dtype]}->{TRITON_DTYPE_NAMES[out_dtype]}"
             specs.append(_spec(f"_sgmv_expand_kernel[{tag}]", _sgmv_expand_kernel, ptrs, "expand_prefill"))
             specs.append(_spec(f"_bgmv_expand_kernel[{tag}]", _bgmv_expand_kernel, ptrs, "expand_decode"))
+    # The general variant of each kernel (strided operands, sizes not multiples of 16), in bf16.
+    bf16_ptrs = {"x_ptr": "*bf16", "a_ptr": "*bf16", "out_ptr": "*fp32", "left_ptr": "*fp32", "right_ptr": "*bf16",
+                 "t_ptr": "*fp32", "b_ptr": "*bf16", **ints}
+    for kernel, config, flags in ((_sgmv_shrink_kernel, "shrink_prefill", dict(BLOCK_R=SHRINK_PREFILL_BLOCK_R[0],
+                                                                                USE_ATOMIC=True)),
+                                  (_bgmv_shrink_kernel, "shrink_decode", dict(USE_ATOMIC=True)),
+                                  (_segment_outer_kernel, "segment_outer", dict(BLOCK_P=SEGMENT_OUTER_BLOCK_P[0])),
+                                  (_sgmv_expand_kernel, "expand_prefill", {}),
+                                  (_bgmv_expand_kernel, "expand_decode", {})):
+        params = inspect.signature(kernel.fn).parameters
+        ptrs = {arg: kind for arg, kind in bf16_ptrs.items() if arg in params}
+        specs.append(_spec(f"{kernel.fn.__name__}[bf16,strided]", kernel, ptrs, config, contiguous=False, **flags))
     return specs
