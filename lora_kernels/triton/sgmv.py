@@ -4,8 +4,8 @@
     expand:  out[t, off:off+N] += B[i, :, :r_i] @ t[t, :r_i]                 (in place)
 with i = batch.adapter_ids[t] >= 0 and r_i = ranks[i]; entries of A/B past r_i are never used (the expand kernels
 load B and t up to min(r_i rounded up to 8, R), 16 bytes at a time when R is a multiple of 16, and select the
-entries past r_i away). The launchers do not
-check their arguments: lora_kernels.ops (lora_shrink, lora_expand, add_lora) is the checked API over them.
+entries past r_i away). The launchers do not check their arguments: lora_kernels.ops (lora_shrink, lora_expand,
+add_lora) is the checked API over them.
 
 Kernels (all launch a grid fixed by shapes and exit early on the device, so they are CUDA-graph safe):
 - prefill (`_sgmv_shrink_kernel`, `_sgmv_expand_kernel`): grid (token tiles, slices x rank-or-N tiles [x split-K],
