@@ -42,6 +42,15 @@ def tiny_llama_config(**overrides):
     return transformers.LlamaConfig(**{**options, **overrides})
 
 
+def backend_or_skip(backend, device):
+    """Skips the test, naming why, when `backend` cannot run on `device` here."""
+    from lora_kernels import backends  # after TRITON_INTERPRET is set above
+
+    reason = backends.unavailable_reason(backend, device)
+    if reason is not None:
+        pytest.skip(f"{backend} on {device}: {reason}")
+
+
 def rel_error(out, ref):
     """‖out − ref‖ / ‖ref‖ in float64; inf when out holds NaN/Inf (so it never passes)."""
     out64, ref64 = out.detach().to(torch.float64).cpu(), ref.detach().to(torch.float64).cpu()

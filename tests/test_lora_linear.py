@@ -6,19 +6,13 @@ import warnings
 import pytest
 import torch
 
-from conftest import DTYPES, assert_close, lora_inputs, randn
+from conftest import DTYPES, assert_close, backend_or_skip, lora_inputs, randn
 from lora_kernels import backends, bench, functional, reference
 from lora_kernels.functional import lora_linear
 
 # (M, K, N, r): odd sizes and the whole rank range, kept tiny for the Triton interpreter.
 SHAPES = [(5, 67, 33, 1), (17, 32, 48, 8), (3, 40, 24, 16), (9, 24, 19, 64), (2, 16, 20, 256), (3, 24, 20, 512)]
 KERNEL_BACKENDS = ["torch", "cpu", "cuda", "triton"]
-
-
-def _backend_or_skip(backend, device):
-    reason = backends.unavailable_reason(backend, device)
-    if reason is not None:
-        pytest.skip(f"{backend} on {device}: {reason}")
 
 
 def _dropout_mask(backend, seed, x2, p):
@@ -45,7 +39,7 @@ def _run(backend, x, weight, lora_a, lora_b, bias, scaling, dy, dropout_p=0.0):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}-K{}-N{}-r{}".format(*s))
 def test_forward_and_gradients_match_reference(backend, dtype, shape, device):
-    _backend_or_skip(backend, device)
+    backend_or_skip(backend, device)
     m, k, n, r = shape
     x, weight, lora_a, lora_b, bias = lora_inputs(m, k, n, r, dtype, device, bias=r != 8)
     scaling = 1.5
@@ -67,7 +61,7 @@ def test_cuda_backward_either_side_of_the_kernel_bound(dtype, m, r, device):
     two GEMMs above: both sides against the reference. On CPU the autograd Function runs with backend 'cuda' on
     CPU tensors (the extension's CPU kernels stand in for the CUDA ones; the GEMM branch is the same code)."""
     if device.type == "cuda":
-        _backend_or_skip("cuda", device)
+        backend_or_skip("cuda", device)
     elif not hasattr(torch.ops.lora_kernels, "lora_fwd"):
         pytest.skip("needs the C++ extension")
     k, n, scaling = 24, 40, 0.5
@@ -84,7 +78,7 @@ def test_cuda_backward_either_side_of_the_kernel_bound(dtype, m, r, device):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_leading_dims_and_non_contiguous_input(backend, device):
-    _backend_or_skip(backend, device)
+    backend_or_skip(backend, device)
     dtype = torch.float32
     x_wide, weight, lora_a, lora_b, bias = lora_inputs(12, 2 * 24, 20, 8, dtype, device)
     x = x_wide.reshape(2, 6, 48)[..., ::2]  # [2, 6, 24], stride 2 in the last dim
@@ -104,7 +98,7 @@ def test_leading_dims_and_non_contiguous_input(backend, device):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_empty_batch(backend, device):
-    _backend_or_skip(backend, device)
+    backend_or_skip(backend, device)
     x, weight, lora_a, lora_b, bias = lora_inputs(0, 16, 8, 4, torch.float32, device)
     x.requires_grad_(True)
     y = lora_linear(x, weight, lora_a, lora_b, 2.0, bias, backend=backend)
@@ -117,7 +111,7 @@ def test_empty_batch(backend, device):
 def test_float64_keeps_float64_precision(backend, device):
     """float64 in, float64 precision out, gradients included: the C++ ops keep s, dB and dS in float64 for float64
     inputs (they stored them in float32, so gradients agreed to ~1e-7 only; gradcheck's tolerances let that pass)."""
-    _backend_or_skip(backend, device)
+    backend_or_skip(backend, device)
     x, weight, lora_a, lora_b, bias = lora_inputs(9, 40, 24, 8, torch.float64, device)
     dy = randn(9, 24, dtype=torch.float64, device=device)
     y, grads = _run(backend, x, weight, lora_a, lora_b, bias, 0.7, dy)
@@ -129,7 +123,7 @@ def test_float64_keeps_float64_precision(backend, device):
 
 @pytest.mark.parametrize("backend", ["torch", "cpu", "reference"])
 def test_gradcheck_float64(backend):
-    _backend_or_skip(backend, "cpu")
+    backend_or_skip(backend, "cpu")
     x, weight, lora_a, lora_b, bias = (t.double().requires_grad_(True) if t is not None else None
                                        for t in lora_inputs(3, 5, 4, 2, torch.float32, "cpu"))
     weight.requires_grad_(True)
@@ -144,7 +138,7 @@ def test_gradcheck_float64(backend):
 def test_lora_gradients_equal_full_finetuning(backend, device):
     """dA and dB of the A/B-only path equal those of full fine-tuning (merged W + s·B·A, W trainable), and with
     weight.requires_grad the same function returns dW = dYᵀ·x."""
-    _backend_or_skip(backend, device)
+    backend_or_skip(backend, device)
     dtype = torch.float32
     x, weight, lora_a, lora_b, bias = lora_inputs(11, 24, 18, 8, dtype, device)
     dy = randn(11, 18, dtype=dtype, device=device)
@@ -161,7 +155,7 @@ def test_lora_gradients_equal_full_finetuning(backend, device):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_dropout(backend, device):
-    _backend_or_skip(backend, device)
+    backend_or_skip(backend, device)
     dtype, p, scaling = torch.float32, 0.25, 1.0
     x, weight, lora_a, lora_b, bias = lora_inputs(24, 32, 16, 8, dtype, device)
     dy = randn(24, 16, dtype=dtype, device=device)
@@ -206,7 +200,7 @@ def test_dropout_scale_is_rounded_once(dtype, device):
 def test_dropout_leaves_the_lora_branch_unbiased_in_bf16(backend, device):
     """With the base weight zero, y, dX and dA are the LoRA branch alone: their size matches the float64 reference
     on the same mask to 5e-4 summed over every element (a 1/(1-p) stored in bf16 made them 0.16% small)."""
-    _backend_or_skip(backend, device)
+    backend_or_skip(backend, device)
     if backend == "triton" and device.type == "cpu":
         # the interpreter of triton 3.7 and 3.8 truncates fp32 -> bf16 casts (0.29% small on average); GPUs round to
         # nearest
@@ -231,7 +225,7 @@ def test_autocast_computes_in_the_autocast_dtype_like_linear(backend, device):
     """Under torch.autocast an fp32 layer computes as nn.Linear does there: in the autocast dtype, with fp32
     gradients for its fp32 tensors. Bit for bit the same call on inputs cast by hand (so the 16-bit kernels ran, not
     the fp32 ones, and nothing inside them was cast again), and close to the reference."""
-    _backend_or_skip(backend, device)
+    backend_or_skip(backend, device)
     low = torch.bfloat16
     x, weight, lora_a, lora_b, bias = lora_inputs(6, 40, 24, 8, torch.float32, device)
     dy = randn(6, 24, dtype=low, device=device)
@@ -292,7 +286,7 @@ def test_dropout_seed_stays_on_the_cpu_under_a_default_device():
 def test_dropout_refuses_cuda_graph_capture(backend):
     """A captured graph would replay the seed drawn at capture: one dropout mask forever. Refused, not silent."""
     device = torch.device("cuda")
-    _backend_or_skip(backend, device)
+    backend_or_skip(backend, device)
     x, weight, lora_a, lora_b, bias = lora_inputs(32, 64, 48, 8, torch.bfloat16, device)
     step = lambda p: lora_linear(x, weight, lora_a, lora_b, 2.0, bias, dropout_p=p, backend=backend)  # noqa: E731
     step(0.1)  # eager dropout works
@@ -362,7 +356,7 @@ def test_unavailable_reason_names_each_missing_piece(monkeypatch):
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_torch_compile_fullgraph(backend):
-    _backend_or_skip(backend, "cpu")
+    backend_or_skip(backend, "cpu")
     from lora_kernels import LoRALinear
     layer = LoRALinear(16, 12, r=4, lora_alpha=8, init_lora_weights=False, backend=backend)
     x = torch.randn(3, 5, 16)
@@ -379,7 +373,7 @@ def test_torch_compile_dynamic_fullgraph(backend):
     """dynamic=True traces the layer's scaling as a symbolic float: the finiteness check of scaling (math.isfinite,
     which dynamo cannot trace) broke fullgraph=True, in lora_linear and then in the Triton launchers (lora_fwd,
     lora_bwd_dy), whose own check was still traced. Several token counts, one graph."""
-    _backend_or_skip(backend, "cpu")
+    backend_or_skip(backend, "cpu")
     from lora_kernels import LoRALinear
     layer = LoRALinear(16, 12, r=4, lora_alpha=8, init_lora_weights=False, backend=backend)
     graphs = []
@@ -396,7 +390,7 @@ def test_torch_compile_training_with_a_new_token_count_every_step(backend):
     """Dynamic padding: every training step a new token count, under torch.compile's default settings. The first
     new count makes the dimension dynamic (one recompile); nothing of ours may specialise it again (a Python branch
     on M, a cache keyed by the shape), dropout's seed included. Outputs and gradients as eager's."""
-    _backend_or_skip(backend, "cpu")
+    backend_or_skip(backend, "cpu")
     from lora_kernels import LoRALinear
     torch._dynamo.reset()  # dynamo remembers which dims went dynamic in earlier tests, which would hide a recompile
     layer = LoRALinear(16, 12, r=4, lora_alpha=8, lora_dropout=0.1, init_lora_weights=False, backend=backend)
@@ -419,7 +413,7 @@ def test_torch_compile_training_with_a_new_token_count_every_step(backend):
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_torch_compile_fullgraph_under_autocast(backend):
-    _backend_or_skip(backend, "cpu")
+    backend_or_skip(backend, "cpu")
     from lora_kernels import LoRALinear
     layer = LoRALinear(16, 12, r=4, lora_alpha=8, init_lora_weights=False, backend=backend)
     x = torch.randn(3, 5, 16)
@@ -436,7 +430,7 @@ def test_torch_compile_fullgraph_under_autocast(backend):
 def test_torch_compile_fullgraph_with_dropout(backend, device):
     """Training with dropout compiles without graph breaks: the seed is drawn in the graph (a tensor, not a Python
     int), so each compiled step draws a new mask, the same one eager draws under the same torch.manual_seed."""
-    _backend_or_skip(backend, device)
+    backend_or_skip(backend, device)
     from lora_kernels import LoRALinear
     torch._dynamo.reset()
     layer = LoRALinear(16, 12, r=4, lora_alpha=8, lora_dropout=0.3, init_lora_weights=False, backend=backend,
@@ -461,7 +455,7 @@ def test_torch_compile_fullgraph_with_dropout(backend, device):
 def test_autocast_saves_no_weight_copy_when_x_needs_no_gradient(backend):
     """W is read by the backward only for dX. Under autocast it is a 16-bit copy [N, K]; saving it when x needs no
     gradient (the first layer's projections) kept one such copy per layer alive until the backward."""
-    _backend_or_skip(backend, "cpu")
+    backend_or_skip(backend, "cpu")
     x, weight, lora_a, lora_b, _ = lora_inputs(8, 32, 24, 4, torch.float32, "cpu")
     lora_a.requires_grad_(True)
     lora_b.requires_grad_(True)
@@ -506,7 +500,7 @@ def test_scaling_zero_keeps_nan_in_lora_b_like_the_reference(backend, m, device)
     """scaling = 0 multiplies the LoRA term by zero, and 0·NaN is NaN: every backend returns NaN in the columns of a
     NaN in lora_b, as the reference and PEFT do (the cpu backend passed scaling as addmm's alpha, and BLAS skips the
     product when alpha is 0, so its y came out finite)."""
-    _backend_or_skip(backend, device)
+    backend_or_skip(backend, device)
     x, weight, lora_a, lora_b, bias = lora_inputs(m, 32, 24, 8, torch.float32, device)
     lora_b[5, 3] = float("nan")
     y = lora_linear(x, weight, lora_a, lora_b, 0.0, bias, backend=backend)
@@ -537,7 +531,7 @@ def test_fp16_gradients_stay_finite_where_only_ds_overflows(backend, device):
     """|s·dY·B| above fp16's 65504 while dX and dA are in range: the fused backends keep dS in fp32 and round dX and
     dA once, so both come out finite and accurate (the cpu backend rounded dS to fp16 first: dx = inf, as PEFT's
     and the torch backend's). The cuda backend's GEMM path above CUDA_BWD_DY_KERNEL_MAX_WORK rounds like PEFT."""
-    _backend_or_skip(backend, device)
+    backend_or_skip(backend, device)
     scaling, x, weight, lora_a, lora_b, dy, expected = _ds_overflow_case(device)
     _, grads = _run(backend, x, weight, lora_a, lora_b, None, scaling, dy)
     for name in ("x", "lora_a"):
@@ -549,7 +543,7 @@ def test_fp16_create_graph_gradients_stay_finite_where_only_ds_overflows(backend
     """The inputs of test_fp16_gradients_stay_finite_where_only_ds_overflows with create_graph=True, which runs the
     differentiable torch composition on every backend: the fused backends keep its LoRA branch in fp32 as their
     kernels keep S and dS (it formed s·dY·B in fp16: dx = dA = inf where the first-order backward was finite)."""
-    _backend_or_skip(backend, device)
+    backend_or_skip(backend, device)
     scaling, x, weight, lora_a, lora_b, dy, expected = _ds_overflow_case(device)
     leaves = [t.clone().requires_grad_(True) for t in (x, lora_a, lora_b)]
     y = lora_linear(leaves[0], weight, leaves[1], leaves[2], scaling, backend=backend)
@@ -565,7 +559,7 @@ def test_fp16_torch_func_stays_finite_where_only_an_intermediate_overflows(backe
     their kernels do. vmap: S·Bᵀ passes fp16's 65504 while s·S·Bᵀ (s = 0.25) and y do not (the composition rounded
     S·Bᵀ to fp16 before scaling it: y = inf where the backend's own forward was finite). torch.func.vjp: the inputs
     of test_fp16_gradients_stay_finite_where_only_ds_overflows (s·dY·B rounded to fp16: dx = dA = inf)."""
-    _backend_or_skip(backend, device)
+    backend_or_skip(backend, device)
     from torch.func import vjp, vmap
     dtype, m, k, n, r = torch.float16, 8, 32, 16, 4
     weight = randn(n, k, dtype=dtype, device=device, scale=k ** -0.5)
@@ -626,7 +620,7 @@ def test_fp16_torch_func_on_the_torch_backend_rounds_as_its_own_forward(device):
 def test_torch_func_applies_the_dropout_mask_of_the_autograd_path(backend, device):
     """lora_linear with dropout_p > 0 under torch.func (the torch composition) draws the mask the backend's own
     path draws from the same seed: the same output and gradient as the autograd path."""
-    _backend_or_skip(backend, device)
+    backend_or_skip(backend, device)
     from torch.func import vjp
     x, weight, lora_a, lora_b, _ = lora_inputs(6, 32, 16, 4, device=device, bias=False)
     dy = randn(6, 16, device=device)
@@ -645,7 +639,7 @@ def test_triton_gemm_fallback_keeps_fp32_products(magnitude, device, monkeypatch
     """The Triton backward past DY_PARTIALS_BUDGET returns fp32 dB and dS like its kernel: neither product is rounded
     to fp16 on the way (small: s·dY·B ~ 1e-6 is subnormal in fp16, where the folded scaling lost 5% of its bits;
     large: dY·B passes 65504 while s·dY·B does not)."""
-    _backend_or_skip("triton", device)
+    backend_or_skip("triton", device)
     from lora_kernels.triton import lora_linear as triton_lora_linear
     monkeypatch.setattr(triton_lora_linear, "DY_PARTIALS_BUDGET", 0)
     dtype, m, n, r, scaling = torch.float16, 8, 16, 4, 0.01
@@ -668,7 +662,7 @@ def test_fp16_gemm_fallbacks_stay_finite_where_only_the_unscaled_dy_b_overflows(
     scaled it afterwards, so dX and dA were inf where dY·B passed 65504 while dS, dX and dA did not (PEFT, scaling dY
     first, stays finite). A scaling above 1 is applied after the GEMM, where the product is the smaller value."""
     backend = "cuda" if path.startswith("cuda") else "triton"
-    _backend_or_skip("cpu" if backend == "cuda" else "triton", "cpu")
+    backend_or_skip("cpu" if backend == "cuda" else "triton", "cpu")
     if backend == "cuda":
         monkeypatch.setattr(functional, "CUDA_BWD_DY_KERNEL_MAX_WORK", 0)
     else:
@@ -708,7 +702,7 @@ def test_double_backward_matches_the_reference(backend, dropout_p, device):
     """create_graph=True (a gradient penalty, second-order meta-learning) gives the reference's second derivatives
     on every backend, with no warning (triton failed with "element 0 of tensors does not require grad", the C++ ops
     warned that no autograd kernel was registered, and the saved S left dB's derivatives out)."""
-    _backend_or_skip(backend, device)
+    backend_or_skip(backend, device)
     dtype = torch.float32
     x, weight, lora_a, lora_b, bias = lora_inputs(6, 16, 12, 4, dtype, device)
     dy = randn(6, 12, dtype=dtype, device=device)
@@ -731,7 +725,7 @@ def test_double_backward_matches_the_reference(backend, dropout_p, device):
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_gradgradcheck_float64(backend):
-    _backend_or_skip(backend, "cpu")
+    backend_or_skip(backend, "cpu")
     x, weight, lora_a, lora_b, bias = (t.double().requires_grad_(True)
                                        for t in lora_inputs(3, 5, 4, 2, torch.float32, "cpu"))
 
@@ -745,7 +739,7 @@ def test_gradgradcheck_float64(backend):
 def test_torch_func_transforms_match_the_reference(backend, device):
     """torch.func.grad over functional_call, vmap and jacrev of a LoRALinear run on every backend (torch refused the
     autograd.Function: "must override the setup_context staticmethod") and give the reference backend's results."""
-    _backend_or_skip(backend, device)
+    backend_or_skip(backend, device)
     from torch.func import functional_call, grad, jacrev, vmap
 
     import lora_kernels as lk

@@ -9,17 +9,11 @@ import torch
 from torch import nn
 
 import lora_kernels as lk
-from conftest import DTYPES, assert_close, randn, rel_error
+from conftest import DTYPES, assert_close, backend_or_skip, randn, rel_error
 from lora_kernels import backends, reference
 from lora_kernels.batch import LoRABatch
 
 GROUPED_BACKENDS = ["torch", "cpu", "cuda", "triton"]
-
-
-def _backend_or_skip(backend, device):
-    reason = backends.unavailable_reason(backend, device)
-    if reason is not None:
-        pytest.skip(f"{backend} on {device}: {reason}")
 
 
 def segment_ids(kind, num_tokens, num_slots, generator=None):
@@ -130,7 +124,7 @@ def test_refilled_batch_before_backward_is_refused(backend, device):
     """A LoRABatch refilled between multi_lora_linear's forward and its backward: autograd refuses the modified
     buffers. It had silently computed the gradients of the new ids (a serving stack reusing one batch per CUDA
     graph while training several adapters)."""
-    _backend_or_skip(backend, device)
+    backend_or_skip(backend, device)
     lora_a, lora_b = [t.requires_grad_(True) for t in _adapters(4, 4, 8, 6, [4, 4, 4, 4], torch.float32, device)]
     x, weight = randn(6, 8, device=device), randn(6, 8, device=device)
     batch = LoRABatch.from_adapter_ids(torch.tensor([0, 0, 1, 1, -1, 2], device=device), 4)
@@ -153,7 +147,7 @@ def test_lora_batch_takes_every_integer_dtype(dtype):
 @pytest.mark.parametrize("backend", GROUPED_BACKENDS)
 @pytest.mark.parametrize("distribution", DISTRIBUTIONS)
 def test_shrink_expand_distributions(backend, distribution, device):
-    _backend_or_skip(backend, device)
+    backend_or_skip(backend, device)
     num_slots, max_rank, k, n, m = 4, 16, 37, 23, 19
     ranks = [16, 1, 8, 5]
     dtype = torch.float32
@@ -217,7 +211,7 @@ def test_torch_fallback_expand_keeps_float64(path, device, monkeypatch):
 @pytest.mark.parametrize("backend", GROUPED_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_add_lora_slices(backend, dtype, device):
-    _backend_or_skip(backend, device)
+    backend_or_skip(backend, device)
     num_slots, max_rank, k, m = 3, 16, 33, 13
     widths = (24, 8, 8)
     ranks = [4, 16, 1]
@@ -236,7 +230,7 @@ def test_add_lora_slices(backend, dtype, device):
 @pytest.mark.parametrize("stack_b", [False, True])
 def test_add_lora_stacked_slices(backend, stack_b, device):
     """lora_a (and, with equal widths, lora_b) as one stacked tensor: one launch each with the triton backend."""
-    _backend_or_skip(backend, device)
+    backend_or_skip(backend, device)
     num_slots, max_rank, k, m, widths, ranks = 2, 8, 20, 11, (12, 12, 12), [8, 3]
     lora_as, lora_bs = zip(*[_adapters(num_slots, max_rank, k, w, ranks, torch.float32, device) for w in widths])
     ids = segment_ids("mixed_base", m, num_slots).to(device)
@@ -259,7 +253,7 @@ def test_add_lora_stacked_slices(backend, stack_b, device):
 def test_add_lora_stacked_slices_are_one_launch_each_with_triton(stack, monkeypatch):
     """README: with the triton backend a stacked lora_a is one shrink launch, and a stacked lora_b (with a stacked
     lora_a) one expand launch; lists take one launch per slice."""
-    _backend_or_skip("triton", torch.device("cpu"))
+    backend_or_skip("triton", torch.device("cpu"))
     from lora_kernels.triton import sgmv
     calls = []
     for name in ("shrink", "expand"):
@@ -283,7 +277,7 @@ def test_add_lora_stacked_slices_are_one_launch_each_with_triton(stack, monkeypa
 @pytest.mark.parametrize("backend", GROUPED_BACKENDS)
 def test_add_lora_checks_every_slice_before_touching_y(backend, device):
     """A bad last slice is an error before the first slice is added: y is left exactly as it was."""
-    _backend_or_skip(backend, device)
+    backend_or_skip(backend, device)
     num_slots, max_rank, k, m, widths, ranks = 2, 4, 16, 6, (8, 8), [4, 2]
     (a0, b0), (a1, b1) = [_adapters(num_slots, max_rank, k, w, ranks, torch.float32, device) for w in widths]
     batch = LoRABatch.from_adapter_ids(segment_ids("mixed_base", m, num_slots).to(device), num_slots)
@@ -306,7 +300,7 @@ def test_add_lora_checks_every_slice_before_touching_y(backend, device):
 def test_add_lora_default_ranks_per_slice(backend, order, device):
     """ranks=None: every slot at each slice's own R_j (slices may be padded to different R). It had taken the first
     slice's R for all: a wider later slice was cut to it, a narrower one refused."""
-    _backend_or_skip(backend, device)
+    backend_or_skip(backend, device)
     num_slots, k, m, widths = 3, 20, 9, (12, 6)
     weights = [_adapters(num_slots, r, k, w, [r] * num_slots, torch.float32, device) for r, w in zip(order, widths)]
     lora_as, lora_bs = zip(*weights)
@@ -344,7 +338,7 @@ def test_reference_backend_is_float64_throughout(device):
 def test_lora_expand_takes_float32_t_only(backend, device):
     """t is lora_shrink's float32 output on every backend; another dtype is refused by name (the cpu backend had
     refused it from C++, torch and triton had taken it silently)."""
-    _backend_or_skip(backend, device)
+    backend_or_skip(backend, device)
     lora_a, lora_b = _adapters(2, 4, 8, 6, [4, 2], torch.float32, device)
     batch = LoRABatch.from_adapter_ids(torch.tensor([0, 1, -1], device=device), 2)
     out = torch.zeros(3, 6, device=device)
@@ -359,7 +353,7 @@ def test_lora_expand_takes_float32_t_only(backend, device):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lead", [(2, 5), (4, 10)], ids=["10_tokens", "40_tokens"])  # 40: the cpu backend's 16-bit
 def test_multi_lora_linear_forward_and_gradients(backend, dtype, lead, device):   # base GEMM in fp32 (> 16 rows)
-    _backend_or_skip(backend, device)
+    backend_or_skip(backend, device)
     num_slots, max_rank, k, n = 3, 8, 20, 12
     ranks = [8, 2, 5]
     lora_a, lora_b = _adapters(num_slots, max_rank, k, n, ranks, torch.float64, device)
@@ -408,7 +402,7 @@ def test_auto_runs_float64_where_triton_cannot(device, monkeypatch):
 def test_multi_lora_linear_float64_passes_gradcheck(backend, device):
     """float64 outputs and gradients keep float64 precision on every backend: the grouped ops' shrink results are
     float32, and with them gradcheck failed on the torch and cpu backends (a Jacobian mismatch for x)."""
-    _backend_or_skip(backend, device)
+    backend_or_skip(backend, device)
     ranks = [3, 1]
     lora_a, lora_b = (t.nan_to_num(0.0) for t in _adapters(2, 3, 8, 5, ranks, torch.float64, device))
     x, weight = randn(6, 8, dtype=torch.float64, device=device), randn(5, 8, dtype=torch.float64, device=device)
@@ -428,7 +422,7 @@ def test_multi_lora_linear_float64_keeps_float64_scalings(backend, as_tensor, de
     by float64 calls: rounded to float32 they left outputs and gradients 3e-8 off on every backend, the reference
     included (so comparing with it, and gradcheck, which differentiates the rounded function, did not see it). The
     expected values are written here token by token, not taken from the reference."""
-    _backend_or_skip(backend, device)
+    backend_or_skip(backend, device)
     ranks, scalings = [3, 2], [1 / 3, 16 / 3]
     lora_a, lora_b = _adapters(2, 3, 6, 5, ranks, torch.float64, device)
     x, weight = randn(5, 6, dtype=torch.float64, device=device), randn(5, 6, dtype=torch.float64, device=device)
@@ -462,7 +456,7 @@ def test_multi_lora_linear_float64_keeps_float64_scalings(backend, as_tensor, de
 def test_scalings_tensor_of_another_float_dtype_is_converted(backend, device):
     """A scalings tensor in float64 or float16 (a model config's) with float32 inputs: read as float32, as a list
     is (the kernels read a float32 array; the cpu ops refused a float64 one)."""
-    _backend_or_skip(backend, device)
+    backend_or_skip(backend, device)
     ranks = [3, 2]
     lora_a, lora_b = _adapters(2, 3, 6, 5, ranks, torch.float32, device)
     x, weight = randn(4, 6, device=device), randn(5, 6, device=device)
@@ -478,7 +472,7 @@ def test_scalings_tensor_of_another_float_dtype_is_converted(backend, device):
 def test_multi_lora_linear_under_autocast(backend, device):
     """Under torch.autocast, fp32 weights and adapters compute in the autocast dtype, like F.linear: bit for bit the
     call on inputs cast by hand, with fp32 gradients for the fp32 adapters (the scalings stay fp32)."""
-    _backend_or_skip(backend, device)
+    backend_or_skip(backend, device)
     low, num_slots, max_rank, k, n = torch.bfloat16, 3, 8, 20, 12
     lora_a, lora_b = _adapters(num_slots, max_rank, k, n, [8, 8, 8], torch.float32, device)
     x = randn(7, k, device=device)
@@ -508,7 +502,7 @@ def test_backward_inside_autocast_equals_backward_outside(op, backend, device):
     GEMMs (dX, dW) stay on fp32 copies there too: autocast rounded them back to bf16 GEMMs, 40x slower on this
     project's CPU (the gradients came out the same: a bf16 GEMM accumulates in fp32 and rounds once too)."""
     from torch.utils._python_dispatch import TorchDispatchMode
-    _backend_or_skip(backend, device)
+    backend_or_skip(backend, device)
     low, num_slots, rank, m, k, n = torch.bfloat16, 3, 4, 40, 32, 24
     x, weight = randn(m, k, device=device), randn(n, k, device=device, scale=k ** -0.5)
     lora_a, lora_b = randn(num_slots, rank, k, device=device), randn(num_slots, n, rank, device=device)
@@ -569,7 +563,7 @@ def test_adapters_trained_in_one_batch_match_each_trained_alone(backend, optimiz
     and the padding past each rank and the empty slot stay exactly zero. Plain SGD matches a separate run that skips
     the steps without "b"; AdamW (README, "Several adapters in one model") still moves "b" there (a zero gradient
     of the shared slot Parameter, with momentum and weight decay): it matches a run that steps with zero gradients."""
-    _backend_or_skip(backend, "cpu")
+    backend_or_skip(backend, "cpu")
     ranks, max_rank, steps = {"a": 4, "b": 1, "c": 3}, 4, 4 if backend == "triton" else 8
 
     def base_model():
@@ -641,7 +635,7 @@ def test_a_batch_without_adapter_tokens_gives_zero_adapter_gradients(backend, id
     """Only the adapters require grad and no token uses one (or there are no tokens): backward gives them zero
     gradients on every backend. The reference backend's output did not depend on them there, so backward raised
     "element 0 of tensors does not require grad"."""
-    _backend_or_skip(backend, "cpu")
+    backend_or_skip(backend, "cpu")
     lora_a = torch.randn(2, 3, 4, requires_grad=True)
     lora_b = torch.randn(2, 5, 3, requires_grad=True)
     y = lk.multi_lora_linear(torch.randn(len(ids), 4), torch.randn(5, 4), lora_a, lora_b,
@@ -663,7 +657,7 @@ def test_reference_base_tokens_take_no_slot_scaling():
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_multi_lora_linear_module(backend):
-    _backend_or_skip(backend, "cpu")
+    backend_or_skip(backend, "cpu")
     base = nn.Linear(16, 10)
     layer = lk.MultiLoRALinear(base, max_adapters=4, max_rank=8, backend=backend)
     assert not base.weight.requires_grad and not base.bias.requires_grad  # frozen, as in LoRALinear
@@ -768,7 +762,7 @@ def test_torch_compile_fullgraph_multi_lora_linear():
 def test_torch_compile_fullgraph_multi_adapter_training(backend):
     """Trainable slots through a compiled MultiLoRALinear: the forward's check for inference-mode batch buffers
     (Tensor.is_inference, which dynamo cannot trace) broke fullgraph=True."""
-    _backend_or_skip(backend, torch.device("cpu"))
+    backend_or_skip(backend, torch.device("cpu"))
     layer = lk.MultiLoRALinear(nn.Linear(16, 10), max_adapters=3, max_rank=4, backend=backend)
     for slot in range(3):
         layer.set_adapter(slot, randn(4, 16), randn(10, 4), scaling=1.0 + slot)
@@ -882,7 +876,7 @@ def test_a_batch_built_under_inference_mode_trains():
 def test_unchecked_int64_ranks_are_clamped_not_wrapped(backend):
     """Rank values are not checked where that needs a sync or breaks a trace (CUDA tensors, torch.compile); they
     are clamped to [0, R]. An int64 rank past int32 wrapped in the cast to int32: 2**32 + 3 became rank 3."""
-    _backend_or_skip(backend, torch.device("cpu"))
+    backend_or_skip(backend, torch.device("cpu"))
     lora_a, _ = _adapters(2, 4, 8, 6, [4, 4], torch.float32, "cpu")
     x, batch = randn(3, 8), LoRABatch.from_adapter_ids(torch.tensor([0, 1, 0]), 2)
     huge = torch.tensor([2**32 + 3, -(2**32) + 2], dtype=torch.int64)
@@ -900,7 +894,7 @@ def test_strided_scalings_and_ranks_give_the_same_result(backend, device):
     """scalings and ranks given as strided views (every other entry of a longer tensor) compute what their
     contiguous copies do. The cpu and triton kernels index them as plain arrays: a view read the entries between
     (other slots' values, or past the end for a stride-0 expand) and gave wrong outputs without an error."""
-    _backend_or_skip(backend, device)
+    backend_or_skip(backend, device)
     num_slots, max_rank, k, n, m = 3, 4, 8, 6, 10
     lora_a, lora_b = _adapters(num_slots, max_rank, k, n, [4, 1, 3], torch.float32, device)
     ids = segment_ids("mixed_base", m, num_slots).to(device)
@@ -932,7 +926,7 @@ def test_outputs_that_overlap_an_input_or_themselves_are_refused(backend, device
     where the torch backend raised torch's RuntimeError after computing; so did a leaf out that requires grad, which
     the cpu and triton kernels wrote into. Each is a ValueError naming the argument, raised before anything is
     written."""
-    _backend_or_skip(backend, device)
+    backend_or_skip(backend, device)
     num_slots, rank, m = 2, 4, 6
     lora_a, lora_b = _adapters(num_slots, rank, rank, rank, [rank, 2], torch.float32, device)
     batch = LoRABatch.from_adapter_ids(segment_ids("mixed_base", m, num_slots).to(device), num_slots)
@@ -1015,7 +1009,7 @@ def test_lora_expand_takes_a_numpy_integer_slice_offset():
 @pytest.mark.parametrize("backend", ["torch", "cpu", "reference"])
 def test_serving_ops_ignore_autocast(backend):
     """lk.ops.* compute in the dtypes they are given, autocast or not (README, Mixed precision)."""
-    _backend_or_skip(backend, torch.device("cpu"))
+    backend_or_skip(backend, torch.device("cpu"))
     lora_a, lora_b = _adapters(2, 4, 8, 6, [4, 2], torch.float32, "cpu")
     x, batch = randn(5, 8), LoRABatch.from_adapter_ids(torch.tensor([0, 1, -1, 1, 0]), 2)
 
@@ -1053,7 +1047,7 @@ def _scaled_shrink_overflow_case(num_tokens, device):
 def test_fp16_output_stays_finite_where_only_the_scaled_shrink_overflows(backend, num_tokens, device):
     """|s·S| above fp16's 65504 where S and y are in range: y is finite and accurate on both kernel paths (the
     Triton prefill expand rounded s·S to fp16 for its tensor-core dot, so y was inf there)."""
-    _backend_or_skip(backend, device)
+    backend_or_skip(backend, device)
     dtype = torch.float16
     x, weight, lora_a, lora_b, ids, scalings, ranks = _scaled_shrink_overflow_case(num_tokens, device)
     expected = reference.multi_lora_linear(x.cpu(), weight.cpu(), lora_a.cpu(), lora_b.cpu(), ids.cpu(), scalings,
@@ -1073,7 +1067,7 @@ def test_fp16_x_and_lora_a_gradients_stay_finite_where_only_the_scaled_dy_b_over
     that use it, as the single-adapter backward keeps dS (the Triton dA kernel and the GPU slot loop rounded u to
     fp16: dA = inf; PEFT's dS overflows here too). device_slot_loop: the per-slot GEMMs that the cuda and torch
     backends run on GPUs, here on CPU tensors."""
-    _backend_or_skip(backend, device)
+    backend_or_skip(backend, device)
     if slot_loop:
         if backend == "triton":
             pytest.skip("the triton backend runs its own kernel")
@@ -1104,7 +1098,7 @@ def test_device_slot_loop_gradients_match_the_reference(backend, dtype, device, 
     """The per-slot masked GEMMs that the torch and cuda backends run for dA and dB on GPUs (the fp32 and bf16
     branch: left cast to right's dtype), here on CPU tensors, against the float64 reference: mixed ranks, a slot of
     rank 0 and tokens without an adapter (id -1)."""
-    _backend_or_skip(backend, device)
+    backend_or_skip(backend, device)
     from lora_kernels import ops
     monkeypatch.setattr(ops, "slots_on_host", lambda device: False)
     num_slots, max_rank, k, n = 3, 4, 24, 10
@@ -1129,7 +1123,7 @@ def test_fp16_lora_b_gradient_is_built_from_the_unscaled_shrink(backend, device)
     """dB = s·dYᵀ·S with |s·S| above fp16's 65504 where S, dB and y are in range: dB is finite and accurate (it
     was reduced over s·S rounded to fp16, inf where PEFT's, which rounds S unscaled, is finite). 80 tokens: the
     Triton prefill path."""
-    _backend_or_skip(backend, device)
+    backend_or_skip(backend, device)
     dtype = torch.float16
     x, weight, lora_a, lora_b, ids, scalings, ranks = _scaled_shrink_overflow_case(80, device)
     dy = randn(80, weight.shape[0], dtype=dtype, device=device, scale=1e-2)
@@ -1148,7 +1142,7 @@ def test_nan_token_leaves_the_padding_gradient_zero(backend, num_tokens, device)
     """A NaN in one token of slot 0 makes slot 0's in-rank gradients NaN, as it must, but the padding past its rank
     (never read) keeps a zero gradient, as in the reference (0·NaN in the full-R sums gave NaN there); other slots
     stay finite."""
-    _backend_or_skip(backend, device)
+    backend_or_skip(backend, device)
     num_slots, max_rank, k, n, ranks = 3, 8, 16, 12, [3, 8, 5]
     lora_a, lora_b = _adapters(num_slots, max_rank, k, n, ranks, torch.float32, device)
     x = randn(num_tokens, k, device=device)
@@ -1171,7 +1165,7 @@ def test_nan_token_leaves_the_padding_gradient_zero(backend, num_tokens, device)
 def test_nan_adapter_leaves_the_other_slots_tokens_finite(backend, dtype, device):
     """A NaN inside one slot's rank (a broken adapter) makes that slot's tokens NaN and no other token: float64 runs
     the slot-by-slot torch composition, where each slot's product must keep the other slots' rows out (0·NaN)."""
-    _backend_or_skip(backend, device)
+    backend_or_skip(backend, device)
     if backend == "triton" and dtype == torch.float64:
         pytest.skip("the triton backend runs float32/float16/bfloat16")
     ranks = [3, 2, 4]
@@ -1189,7 +1183,7 @@ def test_nan_adapter_leaves_the_other_slots_tokens_finite(backend, dtype, device
 def test_multi_lora_under_torch_func_keeps_the_input_dtype(backend, dtype, device):
     """Under torch.func (the torch composition) a 16-bit call returns its output in the input dtype, as the autograd
     path does, not the composition's fp32 accumulator's."""
-    _backend_or_skip(backend, device)
+    backend_or_skip(backend, device)
     from torch.func import vjp
     x, weight, lora_a, lora_b, ids, scalings, ranks = _grouped_inputs(device, dtype)
     lora_a, lora_b = lora_a.nan_to_num(0.0), lora_b.nan_to_num(0.0)
@@ -1213,7 +1207,7 @@ def _grouped_inputs(device, dtype=torch.float32):
 def test_multi_lora_double_backward_matches_the_reference(backend, device):
     """create_graph=True through multi_lora_linear: the reference's second derivatives on every backend, NaN padding
     included, with no warning (the kernels' gradients are not differentiable)."""
-    _backend_or_skip(backend, device)
+    backend_or_skip(backend, device)
     x, weight, lora_a, lora_b, ids, scalings, ranks = _grouped_inputs(device)
     dy = randn(9, 6, device=device)
 
@@ -1240,7 +1234,7 @@ def test_multi_lora_double_backward_matches_the_reference(backend, device):
 def test_multi_lora_under_torch_func_grad(backend, device):
     """torch.func.grad of a loss of multi_lora_linear in the stacked adapters: the reference's gradients (the
     autograd.Function without setup_context refused every functorch transform)."""
-    _backend_or_skip(backend, device)
+    backend_or_skip(backend, device)
     from torch.func import grad
     x, weight, lora_a, lora_b, ids, scalings, ranks = _grouped_inputs(device)
 

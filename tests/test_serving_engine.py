@@ -11,16 +11,11 @@ import torch
 from torch import nn
 
 import lora_kernels as lk
-from conftest import TOLERANCE, rel_error
+from conftest import TOLERANCE, backend_or_skip, rel_error
 from lora_kernels import LoRABatch
 
 K, WIDTHS, N_MLP, SLOTS, MAX_RANK, BUCKETS = 16, (16, 8, 12), 24, 3, 8, (4, 8, 16)
 ADAPTER_RANKS = (3, 8, 1, 5, 2)  # five adapters for three slots: evictions, and slots reused at another rank
-
-
-def _backend_or_skip(backend):
-    if backend not in lk.available_backends("cpu"):
-        pytest.skip(f"backend {backend!r} is not available on CPU")
 
 
 @pytest.mark.parametrize("backend,dtype,steps", [("torch", torch.float32, 30), ("torch", torch.bfloat16, 30),
@@ -38,7 +33,7 @@ def test_simulated_engine_with_slot_reuse_eviction_and_refilled_padded_batches(b
     kernels; "triton-prefill" sends them to the prefill (SGMV) kernels instead."""
     prefill = backend == "triton-prefill"
     backend = "triton" if prefill else backend
-    _backend_or_skip(backend)
+    backend_or_skip(backend, "cpu")
     if prefill:
         from lora_kernels.triton import sgmv
         monkeypatch.setattr(sgmv, "DECODE_MAX_TOKENS", 0)
