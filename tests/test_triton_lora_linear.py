@@ -183,9 +183,9 @@ def test_splits_are_the_same_for_every_token_count_of_a_bucket(monkeypatch):
 @pytest.mark.parametrize("tma", [False, True], ids=["pointer", "tma"])
 def test_a_new_token_count_in_a_tuned_bucket_is_not_timed_again(dev, tma, monkeypatch):
     """Training with dynamic padding meets a new M nearly every step: keyed on M, the autotuner timed every config
-    of every kernel again for each (about 0.1 s per config on a GPU). Every autotuned launch of a forward and
-    backward gets two candidate configs and a counter for timing: M = 20 and then 30 (bucket 32) time each kernel's
-    candidates once, M = 40 (bucket 64) again; every result is still right."""
+    of every kernel again for each (Triton's default timing: 25 + 100 ms per config). Every autotuned launch of a
+    forward and backward gets two candidate configs and a counter for timing: M = 20 and then 30 (bucket 32) time
+    each kernel's candidates once, M = 40 (bucket 64) again; every result is still right."""
     if tma:
         _tma_or_skip(dev)
     monkeypatch.setattr(tk, "USE_TMA", tma)
