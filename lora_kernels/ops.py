@@ -1,9 +1,11 @@
 """Serving-stack level grouped ops (SGMV prefill / BGMV-like decode): lora_shrink, lora_expand, add_lora.
 
 L adapter slots are stacked: lora_a [L, R, K], lora_b [L, N, R], scalings [L] float32, ranks [L] int32. Tokens carry
-slot ids through a LoRABatch (-1: base model only). Entries past ranks[i] are never used and cost no arithmetic
-(the Triton expand loads B and t up to min(ranks[i] rounded up to 8, R), 16 bytes at a time when R is a multiple of
-16, and selects the entries past ranks[i] away).
+slot ids through a LoRABatch (-1: base model only). Entries past ranks[i] are never used, and the kernels skip the
+rank tiles past ranks[i] (within the tile that holds it the cuda and Triton kernels multiply zeros; the torch
+fallback's masked loop, on GPUs and under torch.compile, multiplies zeros over all of R). The Triton expand loads B
+and t up to min(ranks[i] rounded up to 8, R), 16 bytes at a time when R is a multiple of 16, and selects the entries
+past ranks[i] away.
 Checks run here, once, before any backend launches; the Triton launchers are then called unchecked (the C++ ops
 check again, since they are callable directly as torch.ops.lora_kernels.*).
 
