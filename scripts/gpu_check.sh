@@ -152,7 +152,7 @@ else
   # the bench in three parts with their own limits, the most §8 rows first, so a slow part (autotuning on a cold
   # Triton cache) cannot cost the others: train (4 rows: fwd+bwd vs the GEMMs, vs PEFT, vs full FT, memory), then
   # grouped (3 rows; fixed tiles, no autotuning; the host rows time launches, not tiles), then forward (2 rows; it
-  # also autotunes per M and times the opt-in TMA kernels and the split against the default ones).
+  # also autotunes per power-of-two M bucket and times the opt-in TMA kernels and the split against the default ones).
   run_stage train 100 train.log "$PY" -m lora_kernels bench --sections train --no-progress \
     --save "$OUTDIR/train.json"
   run_stage grouped 70 grouped.log env LORA_KERNELS_AUTOTUNE=0 "$PY" -m lora_kernels bench \
