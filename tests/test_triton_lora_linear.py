@@ -660,6 +660,24 @@ def test_tma_forward_only_where_a_descriptor_can_run(dev, monkeypatch):
     assert_close(y, reference.lora_linear(xs, ws, a, bb, SCALING, bias), torch.bfloat16, "y")
 
 
+def test_tma_leaves_empty_operands_to_the_pointer_kernels(dev, monkeypatch):
+    """A descriptor needs every dimension > 0 (Triton asserts "shape must be positive"): with TMA on, a weight of
+    0 output features (y [M, 0]) and a dY of 0 columns take the pointer kernels, as with TMA off."""
+    _tma_or_skip(dev)
+    monkeypatch.setattr(tk, "USE_TMA", True)
+    M, K, r, dtype = 24, 64, 8, torch.bfloat16
+    x, _, lora_a, _, _ = lora_inputs(M, K, 8, r, dtype, dev, False)
+    weight, lora_b = randn(0, K, dtype=dtype, device=dev), randn(0, r, dtype=dtype, device=dev)
+    assert not tk._use_tma(x, weight)
+    y, s = tk.lora_fwd(x, weight, lora_a, lora_b, SCALING)
+    assert y.shape == (M, 0) and s.shape == (M, r)
+    assert_close(s, ref_s(x, lora_a), torch.float32, "s")
+    dy = randn(M, 0, dtype=dtype, device=dev)
+    assert not tk._use_tma(dy, weight)
+    dx = tk.lora_bwd_dx(dy, s, weight, lora_a)
+    assert_close(dx, s.double() @ lora_a.double(), dtype, "dx with N = 0")
+
+
 @pytest.mark.gpu
 def test_tma_kernels_in_a_cuda_graph(monkeypatch):
     """The TMA forward and dX captured once in a CUDA graph (descriptors are kernel parameters, built at capture)
