@@ -105,6 +105,116 @@ def test_non_contiguous_inputs(dev, dtype, poisoned_empty):
     assert_close(tk.lora_bwd_da(ds, x), ref["lora_a"], torch.float32, "d_lora_a")
 
 
+# Operands whose element span passes 2**31 with strides below it (Triton passes those as int32): views with a huge
+# stride over a torch.empty storage of that span. Only the viewed elements are written, and the interpreter hands a
+# CPU storage to the kernel as it is (UntypedStorage.cpu() returns it; the copy back is a self-copy torch skips), so
+# the untouched pages never become resident: 4.3-4.6 GB of address space per operand, 0.8 GB peak RSS for a pytest
+# process running these tests (measured). HUGE: 31 and 32 times it pass 2**31 (the interpreter's 32-wide K and N
+# blocks: the last lane's offset and the pointer step); HUGE_RANK: 15 times it does (the 16-wide rank chunk of rank
+# 16); HUGE_ROWS: 16 times it does (the 16-row blocks of dA's loop over M).
+HUGE, HUGE_RANK, HUGE_ROWS = 70_000_000, 150_000_000, 135_000_000
+# operand, (M, K, N, r), its strides, and what read outside the tensors with int32 products
+SPAN_CASES = {
+    "x_transposed": ("x", (5, 34, 6, 4), (1, HUGE), "shrink step; fwd x column offsets and step"),
+    "weight_transposed": ("weight", (5, 34, 6, 4), (1, HUGE), "fwd W column offsets and step (a Conv1D's W.T)"),
+    "weight_rows": ("weight", (5, 34, 33, 4), (HUGE, 1), "dx W row offsets and step (as W with K past 2**31 / 32)"),
+    "lora_a_transposed": ("lora_a", (5, 34, 6, 4), (1, HUGE), "shrink A step"),
+    "lora_a_rows": ("lora_a", (5, 34, 6, 16), (HUGE_RANK, 1), "dx LoRA term's A row offsets (as r·K past 2**31)"),
+    "lora_b_transposed": ("lora_b", (5, 34, 6, 16), (1, HUGE_RANK), "fwd epilogue's B rank offsets"),
+    "lora_b_rows": ("lora_b", (5, 34, 33, 4), (HUGE, 1), "dy B step"),
+    "x_rows": ("x", (17, 34, 6, 4), (HUGE_ROWS, 1), "dA x step over M (as x with K past 2**31 / 16)"),
+}
+
+
+def _huge_span_copy(t, strides):
+    """t's values in a view with `strides` over a fresh storage just large enough for them."""
+    span = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, strides))
+    view = torch.empty(span, dtype=t.dtype, device=t.device).as_strided(t.shape, strides)
+    return view.copy_(t)
+
+
+@pytest.mark.parametrize("case", list(SPAN_CASES))
+def test_operands_spanning_past_2_to_the_31_elements(dev, case, monkeypatch):
+    """lora_linear forward and backward with one operand spanning past 2**31 elements through a stride below 2**31:
+    every index times stride product is 64-bit, so y, dx, dA and dB match the reference on contiguous copies (with
+    int32 products each case's kernel addressed memory gigabytes before its operand: tests/triton_bounds.py raised).
+    One split (SPLIT_OVERRIDE = 1), so the split kernels take the pointer steps a split of one block never takes."""
+    if dev.type != "cpu":
+        pytest.skip("the interpreter's block sizes set the strides; the GPU case is test_reliability's")
+    monkeypatch.setattr(tk, "SPLIT_OVERRIDE", 1)
+    name, (M, K, N, r), strides, _ = SPAN_CASES[case]
+    dtype = torch.float16
+    x, weight, lora_a, lora_b, _ = lora_inputs(M, K, N, r, dtype, dev, bias=False)
+    operands = dict(x=x, weight=weight, lora_a=lora_a, lora_b=lora_b)
+    operands[name] = _huge_span_copy(operands[name], strides)
+    leaves = {key: operands[key].requires_grad_(key != "weight") for key in operands}
+    y = lora_linear(leaves["x"], leaves["weight"], leaves["lora_a"], leaves["lora_b"], SCALING, backend="triton")
+    dy = randn(M, N, dtype=dtype, device=dev)
+    y.backward(dy)
+    assert_close(y, reference.lora_linear(x, weight, lora_a, lora_b, SCALING), dtype, "y")
+    expected = reference.lora_linear_backward(dy, x, weight, lora_a, lora_b, SCALING)
+    for key in ("x", "lora_a", "lora_b"):
+        assert_close(leaves[key].grad, expected[key], dtype, f"d{key}", scale=2.0)
+
+
+def test_int64_variant_threshold(dev, monkeypatch):
+    """The int32 variant multiplies strides below INT64_STRIDE by lanes of a block, block steps and rank indices
+    only, so none of its products reaches 2**31 while every block and MAX_RANK stay within 2**31 / INT64_STRIDE.
+    Contiguous operands keep it, at any M (the partials' and y's large strides only meet int64 indices); a transposed
+    x with INT64_STRIDE tokens takes the INT64 variant."""
+    blocks = [value for configs in tk.kernel_configs(gpu=True).values() for cfg in configs
+              for key, value in cfg.kwargs.items() if key.startswith("BLOCK_")]
+    largest = max(blocks + [tk.GPU_DY_BLOCK_M, tk.MAX_BLOCK_R, tk.MAX_RANK])
+    assert largest * tk.INT64_STRIDE <= 2**31
+    launched = []
+
+    class Recording:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append((self.name, kwargs["INT64"]))
+
+    for name in ("_shrink", "_fwd", "_bwd_dy", "_bwd_dx", "_bwd_da"):
+        monkeypatch.setattr(tk, name, Recording(name))
+    M, K, N, r = tk.INT64_STRIDE // 16 + 1, 64, 64, 16  # M·r past the threshold: the partials' row stride
+    x, weight = torch.empty(M, K, device=dev), torch.empty(N, K, device=dev)
+    lora_a, lora_b = torch.empty(r, K, device=dev), torch.empty(N, r, device=dev)
+    tk.lora_fwd(x, weight, lora_a, lora_b, SCALING)
+    dy, s = torch.empty(M, N, device=dev), torch.empty(M, r, device=dev)
+    tk.lora_bwd_dy(dy, s, lora_b, SCALING)
+    tk.lora_bwd_dx(dy, s, weight, lora_a)
+    tk.lora_bwd_da(s, x)
+    assert len(launched) == 5 and not any(int64 for _, int64 in launched), launched
+    launched.clear()
+    tk.lora_fwd(torch.empty(K, tk.INT64_STRIDE, device=dev).T, weight, lora_a, lora_b, SCALING)
+    assert launched == [("_shrink", True), ("_fwd", True)]
+
+
+@pytest.mark.parametrize("launcher", ["lora_bwd_dy", "lora_bwd_dx"])
+def test_launcher_operands_spanning_past_2_to_the_31_elements(dev, launcher, monkeypatch):
+    """The backward launchers with dy (and ds) spanning past 2**31 elements through transposed views with strides
+    below 2**31 (lora_linear itself passes a contiguous dy and the ds bwd_dy returns): dB and ds, or dx, match the
+    reference. With int32 products bwd_dy's dy step wrapped, and dx's dy column offsets and step and its rank index
+    times stride_dsr."""
+    if dev.type != "cpu":
+        pytest.skip("the interpreter's block sizes set the strides")
+    monkeypatch.setattr(tk, "SPLIT_OVERRIDE", 1)
+    M, K, N, r = 5, 24, 33, 16
+    dtype = torch.float16
+    _, weight, lora_a, lora_b, _ = lora_inputs(M, K, N, r, dtype, dev, bias=False)
+    dy = randn(M, N, dtype=dtype, device=dev)
+    if launcher == "lora_bwd_dy":
+        s = randn(M, r, device=dev)
+        d_lora_b, ds = tk.lora_bwd_dy(_huge_span_copy(dy, (1, HUGE)), s, lora_b, SCALING)
+        assert_close(d_lora_b, SCALING * dy.double().T @ s.double(), torch.float32, "d_lora_b")
+        assert_close(ds, SCALING * dy.double() @ lora_b.double(), torch.float32, "ds")
+    else:
+        ds = randn(M, r, device=dev)
+        dx = tk.lora_bwd_dx(_huge_span_copy(dy, (1, HUGE)), _huge_span_copy(ds, (1, HUGE_RANK)), weight, lora_a)
+        assert_close(dx, dy.double() @ weight.double() + ds.double() @ lora_a.double(), dtype, "dx")
+
+
 def test_empty_batch(dev):
     M, K, N, r = 0, 40, 24, 8
     x, weight, lora_a, lora_b, b = lora_inputs(M, K, N, r, torch.float32, dev)

@@ -44,6 +44,11 @@ DY_MAX_BLOCK_R_FP32 = 16
 # max_lora_rank) and high-rank LoRA to 1024. The rank is looped over in chunks of MAX_BLOCK_R at run time, so larger
 # ranks compile no other kernel variant; r = 512 runs in the tests (interpreter), GPU speed there is unmeasured.
 MAX_RANK = 1024
+# Launches where a stride that the kernels multiply by an int32 index is at least this many elements take their
+# INT64 variant (see "64-bit offsets" below, and _int64_offsets). Those indices are lanes of a block (at most 256
+# wide), block steps and rank indices below MAX_RANK, so below this stride no such product reaches 2**31. Contiguous
+# operands bring strides 1, r and K there: they keep the int32 variant unless K passes 2**21.
+INT64_STRIDE = 2**31 // MAX_RANK
 # L2-friendly program order: GROUP_M row-blocks of the output are walked before moving to the next column block
 # (the grouped ordering of Triton's matmul tutorial; 8 is its measured default).
 GROUP_M = 8
@@ -216,6 +221,32 @@ def _prune_by_smem(row_block, col_block, inner_block, element_ptr):
 # ----------------------------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------------------------
+# 64-bit offsets (style rule 4). Triton passes an int argument below 2**31 as int32 and tl.arange is int32, so an
+# index times a stride is an int32 product, which wraps once it reaches 2**31, long before the stride does: the
+# pointer step BLOCK_K * stride_xk of a transposed x (stride_xk = M) wrapped from M = 2**31 / BLOCK_K tokens (2**24
+# at BLOCK_K = 128), the lanes and step of a Conv1D's transposed W likewise from N = 2**24, A's rank rows (index
+# times stride_ar = K) once r * K passed 2**31. Program ids are widened to int64 before they become offsets, always.
+# The lane, step and rank products are int64 in the INT64 variant only, which a launch takes when one of the
+# strides they multiply is INT64_STRIDE or more (_int64_offsets). Always in int64, they cost the contiguous path,
+# where stride_wn and stride_ar are K (not a constexpr 1): ptxas -v register counts changed for 39 of the 126
+# compile-gate kernels, and two dX tiles that spill already spilled 24 and 84 bytes more. The int32 variant compiles
+# to the registers, spills and load widths it had before the flag (all 126 compile-gate kernels, ptxas -v).
+
+
+@triton.jit
+def _idx(offs, INT64: tl.constexpr):
+    """Index offsets that multiply a stride: int64 in the INT64 variant, as they are otherwise."""
+    if INT64:
+        offs = offs.to(tl.int64)
+    return offs
+
+
+@triton.jit
+def _step(BLOCK: tl.constexpr, stride, INT64: tl.constexpr):
+    """The pointer step of one BLOCK along a dimension of `stride`: int64 in the INT64 variant."""
+    if INT64:
+        stride = tl.cast(stride, tl.int64)
+    return BLOCK * stride
 
 
 @triton.jit
@@ -276,7 +307,8 @@ def _lora_shrink_kernel(
     M, K, R, split_k, m_bucket,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_sp_part, stride_sp_m, stride_sp_r,
     p, dropout_scale, seed,
-    HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """s_partial[k-split, M, R] (fp32) = drop(x[:, k-split]) · A[:, k-split]ᵀ. Grid: (row blocks, rank chunks,
     k-splits); each split reduces whole BLOCK_K blocks of K (the last may be short or empty: it stores zeros), and
@@ -308,8 +340,8 @@ def _lora_shrink_kernel(
             x = tl.where(_keep_mask(seed, offs_m, offs_k + k0, K, p), x, x * 0)
         a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
         acc = _dot(x, a, acc, x_ptr.dtype.element_ty == tl.float32)
-        x_ptrs += BLOCK_K * stride_xk
-        a_ptrs += BLOCK_K * stride_ak
+        x_ptrs += _step(BLOCK_K, stride_xk, INT64)
+        a_ptrs += _step(BLOCK_K, stride_ak, INT64)
     if HAS_DROPOUT:
         acc = acc * dropout_scale
     sp_ptrs = sp_ptr + pid_s * stride_sp_part + offs_m[:, None] * stride_sp_m + offs_r[None, :] * stride_sp_r
@@ -323,7 +355,7 @@ def _lora_fwd_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr, stride_bn, stride_br, stride_bias,
     stride_ym, stride_yn,
     scaling,
-    HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr, INT64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """y[M, N] = x · Wᵀ + scaling · s · Bᵀ (+ bias): the expand is extra K-steps of the same accumulator."""
@@ -334,14 +366,14 @@ def _lora_fwd_kernel(
     # The main loop loads rows and columns past the edge wrapped around (modulo M, N: valid addresses whose
     # products land only in rows and columns the store masks off), so its loads need no row or column masks, and
     # with EVEN_K (K a multiple of BLOCK_K) no masks at all: the unmasked, vectorised loads of Triton's matmul.
-    x_ptrs = x_ptr + (offs_m % M)[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + (offs_n % N)[None, :] * stride_wn + offs_k[:, None] * stride_wk  # Wᵀ tile [BLOCK_K, BLOCK_N]
+    x_ptrs = x_ptr + (offs_m % M)[:, None] * stride_xm + _idx(offs_k, INT64)[None, :] * stride_xk
+    w_ptrs = w_ptr + (offs_n % N)[None, :] * stride_wn + _idx(offs_k, INT64)[:, None] * stride_wk  # Wᵀ tile
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _gemm_loop(x_ptrs, w_ptrs, acc, offs_k, K, BLOCK_K * stride_xk, BLOCK_K * stride_wk,
-                     x_ptr.dtype.element_ty == tl.float32, EVEN_K, BLOCK_K)
+    acc = _gemm_loop(x_ptrs, w_ptrs, acc, offs_k, K, _step(BLOCK_K, stride_xk, INT64),
+                     _step(BLOCK_K, stride_wk, INT64), x_ptr.dtype.element_ty == tl.float32, EVEN_K, BLOCK_K)
     _expand_bias_store(acc, s_ptr, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, M, N, R, stride_sm, stride_sr,
                        stride_bn, stride_br, stride_bias, stride_ym, stride_yn, scaling,
-                       x_ptr.dtype.element_ty == tl.float32, HAS_BIAS, BLOCK_R)
+                       x_ptr.dtype.element_ty == tl.float32, HAS_BIAS, BLOCK_R, INT64)
 
 
 @triton.jit(do_not_specialize=["m_bucket"])
@@ -350,7 +382,7 @@ def _lora_fwd_tma_kernel(
     M, N, K, R, m_bucket,
     stride_sm, stride_sr, stride_bn, stride_br, stride_bias, stride_ym, stride_yn,
     scaling,
-    HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr, INT64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """_lora_fwd_kernel with the main loop's x and W tiles fetched by tensor descriptors (Hopper's TMA copy engine:
@@ -368,13 +400,15 @@ def _lora_fwd_tma_kernel(
     offs_m = row0.to(tl.int64) + tl.arange(0, BLOCK_M)
     offs_n = col0.to(tl.int64) + tl.arange(0, BLOCK_N)
     _expand_bias_store(acc, s_ptr, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, M, N, R, stride_sm, stride_sr,
-                       stride_bn, stride_br, stride_bias, stride_ym, stride_yn, scaling, False, HAS_BIAS, BLOCK_R)
+                       stride_bn, stride_br, stride_bias, stride_ym, stride_yn, scaling, False, HAS_BIAS, BLOCK_R,
+                       INT64)
 
 
 @triton.jit
 def _expand_bias_store(acc, s_ptr, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, M, N, R, stride_sm, stride_sr,
                        stride_bn, stride_br, stride_bias, stride_ym, stride_yn, scaling,
-                       FP32_INPUT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr):
+                       FP32_INPUT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+                       INT64: tl.constexpr):
     """The forward's epilogue: acc += scaling · s · Bᵀ (+ bias), stored to y with edge masks."""
     mask_m = offs_m < M
     mask_n = offs_n < N
@@ -385,9 +419,10 @@ def _expand_bias_store(acc, s_ptr, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, M, N,
     # [64, BLOCK_N] operands num_stages times would more than double the kernel's shared memory.
     for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
         mask_r = offs_r < R - r0
-        s = tl.load(s_ptr + offs_m[:, None] * stride_sm + (offs_r + r0)[None, :] * stride_sr,
+        rank_offs = _idx(offs_r + r0, INT64)
+        s = tl.load(s_ptr + offs_m[:, None] * stride_sm + rank_offs[None, :] * stride_sr,
                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        b = tl.load(b_ptr + offs_n[None, :] * stride_bn + (offs_r + r0)[:, None] * stride_br,
+        b = tl.load(b_ptr + offs_n[None, :] * stride_bn + rank_offs[:, None] * stride_br,
                     mask=mask_r[:, None] & mask_n[None, :], other=0.0)
         acc = _dot(s * scaling, b.to(tl.float32), acc, FP32_INPUT)
     if HAS_BIAS:
@@ -404,7 +439,7 @@ def _lora_bwd_dy_kernel(
     stride_dym, stride_dyn, stride_sm, stride_sr, stride_bn, stride_br,
     stride_dsp_part, stride_dsp_m, stride_dsp_r, stride_dbp_part, stride_dbp_n, stride_dbp_r,
     scaling,
-    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr, INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One read of dy for both products. Program (m-block, r-chunk, n-split) walks its split's share of N, whole
     BLOCK_N blocks from n_start to n_end (the last splits may be short or empty):
@@ -439,9 +474,9 @@ def _lora_bwd_dy_kernel(
         ds = _dot(dy, b, ds, dy_ptr.dtype.element_ty == tl.float32)
         db = _dot(tl.trans(dy).to(tl.float32), s, None, dy_ptr.dtype.element_ty == tl.float32)
         tl.store(dbp_ptrs, db, mask=mask_n[:, None] & mask_r[None, :])
-        dy_ptrs += BLOCK_N * stride_dyn
-        b_ptrs += BLOCK_N * stride_bn
-        dbp_ptrs += BLOCK_N * stride_dbp_n
+        dy_ptrs += _step(BLOCK_N, stride_dyn, INT64)
+        b_ptrs += _step(BLOCK_N, stride_bn, INT64)
+        dbp_ptrs += _step(BLOCK_N, stride_dbp_n, INT64)
     dsp_ptrs = dsp_ptr + pid_s * stride_dsp_part + offs_m[:, None] * stride_dsp_m + offs_r[None, :] * stride_dsp_r
     tl.store(dsp_ptrs, ds * scaling, mask=mask_m[:, None] & mask_r[None, :])
 
@@ -454,7 +489,7 @@ def _lora_bwd_dx_kernel(
     stride_dxm, stride_dxk,
     p, dropout_scale, seed,
     HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr, EVEN_N: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dx[M, K] = dy · W + drop'(ds · A). The (skinny) LoRA term comes first, masked element-wise with dropout, and
     becomes the initial accumulator of the base GEMM's loop: one [BLOCK_M, BLOCK_K] fp32 accumulator is live at a
@@ -466,12 +501,12 @@ def _lora_bwd_dx_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     acc = _dx_lora_term(ds_ptr, a_ptr, offs_m, offs_k, M, K, R, stride_dsm, stride_dsr, stride_ar, stride_ak,
                         p, dropout_scale, seed, dy_ptr.dtype.element_ty == tl.float32, HAS_DROPOUT, BLOCK_R,
-                        BLOCK_M, BLOCK_K)
+                        INT64, BLOCK_M, BLOCK_K)
     # Edge rows and columns wrap around in the main loop's loads, as in _lora_fwd_kernel (EVEN_N: no masks at all).
-    dy_ptrs = dy_ptr + (offs_m % M)[:, None] * stride_dym + offs_n[None, :] * stride_dyn
-    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + (offs_k % K)[None, :] * stride_wk
-    acc = _gemm_loop(dy_ptrs, w_ptrs, acc, offs_n, N, BLOCK_N * stride_dyn, BLOCK_N * stride_wn,
-                     dy_ptr.dtype.element_ty == tl.float32, EVEN_N, BLOCK_N)
+    dy_ptrs = dy_ptr + (offs_m % M)[:, None] * stride_dym + _idx(offs_n, INT64)[None, :] * stride_dyn
+    w_ptrs = w_ptr + _idx(offs_n, INT64)[:, None] * stride_wn + (offs_k % K)[None, :] * stride_wk
+    acc = _gemm_loop(dy_ptrs, w_ptrs, acc, offs_n, N, _step(BLOCK_N, stride_dyn, INT64),
+                     _step(BLOCK_N, stride_wn, INT64), dy_ptr.dtype.element_ty == tl.float32, EVEN_N, BLOCK_N)
     dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_k < K)[None, :])
 
@@ -482,7 +517,7 @@ def _lora_bwd_dx_tma_kernel(
     M, N, K, R, m_bucket,
     stride_dsm, stride_dsr, stride_ar, stride_ak, stride_dxm, stride_dxk,
     p, dropout_scale, seed,
-    HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr, INT64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """_lora_bwd_dx_kernel with the main loop's dy and W tiles fetched by tensor descriptors (TMA; see
@@ -493,7 +528,7 @@ def _lora_bwd_dx_tma_kernel(
     offs_m = row0.to(tl.int64) + tl.arange(0, BLOCK_M)
     offs_k = col0.to(tl.int64) + tl.arange(0, BLOCK_K)
     acc = _dx_lora_term(ds_ptr, a_ptr, offs_m, offs_k, M, K, R, stride_dsm, stride_dsr, stride_ar, stride_ak,
-                        p, dropout_scale, seed, False, HAS_DROPOUT, BLOCK_R, BLOCK_M, BLOCK_K)
+                        p, dropout_scale, seed, False, HAS_DROPOUT, BLOCK_R, INT64, BLOCK_M, BLOCK_K)
     for n0 in range(0, N, BLOCK_N):
         dy = dy_desc.load([row0, n0])
         w = w_desc.load([n0, col0])
@@ -505,7 +540,7 @@ def _lora_bwd_dx_tma_kernel(
 @triton.jit
 def _dx_lora_term(ds_ptr, a_ptr, offs_m, offs_k, M, K, R, stride_dsm, stride_dsr, stride_ar, stride_ak,
                   p, dropout_scale, seed, FP32_INPUT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                  BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                  BLOCK_R: tl.constexpr, INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """drop'(ds · A) for the [BLOCK_M, BLOCK_K] tile at (offs_m, offs_k), fp32: dX's initial accumulator."""
     mask_m = offs_m < M
     mask_k = offs_k < K
@@ -513,9 +548,10 @@ def _dx_lora_term(ds_ptr, a_ptr, offs_m, offs_k, M, K, R, stride_dsm, stride_dsr
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for r0 in tl.range(0, R, BLOCK_R, num_stages=1):  # not pipelined: see _lora_fwd_kernel
         mask_r = offs_r < R - r0
-        ds = tl.load(ds_ptr + offs_m[:, None] * stride_dsm + (offs_r + r0)[None, :] * stride_dsr,
+        rank_offs = _idx(offs_r + r0, INT64)
+        ds = tl.load(ds_ptr + offs_m[:, None] * stride_dsm + rank_offs[None, :] * stride_dsr,
                      mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        a = tl.load(a_ptr + (offs_r + r0)[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+        a = tl.load(a_ptr + rank_offs[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                     mask=mask_r[:, None] & mask_k[None, :], other=0.0)
         acc = _dot(ds, a.to(tl.float32), acc, FP32_INPUT)
     if HAS_DROPOUT:
@@ -529,7 +565,8 @@ def _lora_bwd_da_kernel(
     M, K, R, split_m, m_bucket,
     stride_dsm, stride_dsr, stride_xm, stride_xk, stride_dap_part, stride_dap_r, stride_dap_k,
     p, dropout_scale, seed,
-    HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dA_partial[m-split, R, K] (fp32) = ds[m-split]ᵀ · drop(x[m-split]). Program (k-block, r-chunk, m-split) owns
     an [r-chunk, k-block] tile of its split's partial and loops over its split's share of M, whole BLOCK_M blocks
@@ -557,8 +594,8 @@ def _lora_bwd_da_kernel(
         if HAS_DROPOUT:
             x = tl.where(_keep_mask(seed, offs_m + m0, offs_k, K, p), x, x * 0)  # x·0: see _lora_shrink_kernel
         acc = _dot(dst, x.to(tl.float32), acc, x_ptr.dtype.element_ty == tl.float32)
-        dst_ptrs += BLOCK_M * stride_dsm
-        x_ptrs += BLOCK_M * stride_xm
+        dst_ptrs += _step(BLOCK_M, stride_dsm, INT64)
+        x_ptrs += _step(BLOCK_M, stride_xm, INT64)
     if HAS_DROPOUT:
         acc = acc * dropout_scale
     dap_ptrs = dap_ptr + pid_s * stride_dap_part + offs_r[:, None] * stride_dap_r + offs_k[None, :] * stride_dap_k
@@ -622,16 +659,17 @@ def _autotune(configs, key, kernel, heuristics=None):
 # The keys hold m_bucket (see _m_bucket), not M, so a new token count reuses its bucket's tuning. The split kernels'
 # keys hold their split count: the launchers derive it from the bucket, the other sizes and the SM count (one value
 # per key, so no extra tuning), but SPLIT_OVERRIDE (the bench's "split / no split" rows) changes the grid a config
-# runs on, and a config tuned for one grid must not be reused for the other.
-_shrink = _autotune(SHRINK_CONFIGS, ["m_bucket", "K", "R", "split_k", "HAS_DROPOUT"], _lora_shrink_kernel)
-_fwd = _autotune(GEMM_CONFIGS, ["m_bucket", "N", "K", "R", "HAS_BIAS"], _lora_fwd_kernel,
+# runs on, and a config tuned for one grid must not be reused for the other. The INT64 variant is tuned on its own.
+_shrink = _autotune(SHRINK_CONFIGS, ["m_bucket", "K", "R", "split_k", "HAS_DROPOUT", "INT64"], _lora_shrink_kernel)
+_fwd = _autotune(GEMM_CONFIGS, ["m_bucket", "N", "K", "R", "HAS_BIAS", "INT64"], _lora_fwd_kernel,
                  {"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
-_fwd_tma = _autotune(TMA_CONFIGS, ["m_bucket", "N", "K", "R", "HAS_BIAS"], _lora_fwd_tma_kernel)
-_bwd_dy = _autotune(DY_CONFIGS, ["m_bucket", "N", "R", "split_n"], _lora_bwd_dy_kernel)
-_bwd_dx = _autotune(DX_CONFIGS, ["m_bucket", "N", "K", "R", "HAS_DROPOUT"], _lora_bwd_dx_kernel,
+_fwd_tma = _autotune(TMA_CONFIGS, ["m_bucket", "N", "K", "R", "HAS_BIAS", "INT64"], _lora_fwd_tma_kernel)
+_bwd_dy = _autotune(DY_CONFIGS, ["m_bucket", "N", "R", "split_n", "INT64"], _lora_bwd_dy_kernel)
+_bwd_dx = _autotune(DX_CONFIGS, ["m_bucket", "N", "K", "R", "HAS_DROPOUT", "INT64"], _lora_bwd_dx_kernel,
                     {"EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0})
-_bwd_dx_tma = _autotune(TMA_DX_CONFIGS, ["m_bucket", "N", "K", "R", "HAS_DROPOUT"], _lora_bwd_dx_tma_kernel)
-_bwd_da = _autotune(DA_CONFIGS, ["m_bucket", "K", "R", "split_m", "HAS_DROPOUT"], _lora_bwd_da_kernel)
+_bwd_dx_tma = _autotune(TMA_DX_CONFIGS, ["m_bucket", "N", "K", "R", "HAS_DROPOUT", "INT64"],
+                        _lora_bwd_dx_tma_kernel)
+_bwd_da = _autotune(DA_CONFIGS, ["m_bucket", "K", "R", "split_m", "HAS_DROPOUT", "INT64"], _lora_bwd_da_kernel)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -793,6 +831,13 @@ def _descriptor(t: torch.Tensor, configs, name: str):
     return TensorDescriptor.from_tensor(t, [rows, cols])
 
 
+def _int64_offsets(*strides: int) -> bool:
+    """Whether a launch takes its kernel's INT64 variant: one of `strides`, those that kernel's int32 variant
+    multiplies by an int32 index (a lane, a block step or a rank index), is INT64_STRIDE or more. The others only
+    meet int64 indices (program ids, row offsets), so a large M never changes the variant."""
+    return max(strides) >= INT64_STRIDE
+
+
 def _sum_partials(partials: torch.Tensor) -> torch.Tensor:
     """The sum over dim 0 of a split kernel's fp32 partials: a fixed-shape reduction, so deterministic (no
     atomics); no work when there is one split."""
@@ -834,11 +879,13 @@ def _lora_fwd_impl(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, 
         x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1),
         s_partials.stride(0), s_partials.stride(1), s_partials.stride(2),
         p, scale, seed,
-        HAS_DROPOUT=has_dropout, BLOCK_R=block_r, enable_fp_fusion=FP_FUSION,
+        HAS_DROPOUT=has_dropout, BLOCK_R=block_r, INT64=_int64_offsets(x.stride(1), lora_a.stride(1)),
+        enable_fp_fusion=FP_FUSION,
     )
     s = _sum_partials(s_partials)
     has_bias = bias is not None
     bias_arg = bias if has_bias else y  # never read when HAS_BIAS is False
+    int64 = _int64_offsets(x.stride(1), weight.stride(1), s.stride(1), lora_b.stride(1))
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     if _use_tma(x, weight):
         _fwd_tma[grid](
@@ -848,7 +895,7 @@ def _lora_fwd_impl(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, 
             s.stride(0), s.stride(1), lora_b.stride(0), lora_b.stride(1), bias_arg.stride(0), y.stride(0),
             y.stride(1),
             float(scaling),
-            HAS_BIAS=has_bias, BLOCK_R=block_r, GROUP=GROUP_M, enable_fp_fusion=FP_FUSION,
+            HAS_BIAS=has_bias, BLOCK_R=block_r, GROUP=GROUP_M, INT64=int64, enable_fp_fusion=FP_FUSION,
         )
         return y, s
     _fwd[grid](
@@ -857,7 +904,7 @@ def _lora_fwd_impl(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, 
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), s.stride(0), s.stride(1),
         lora_b.stride(0), lora_b.stride(1), bias_arg.stride(0), y.stride(0), y.stride(1),
         float(scaling),
-        HAS_BIAS=has_bias, BLOCK_R=block_r, GROUP=GROUP_M, enable_fp_fusion=FP_FUSION,
+        HAS_BIAS=has_bias, BLOCK_R=block_r, GROUP=GROUP_M, INT64=int64, enable_fp_fusion=FP_FUSION,
     )
     return y, s
 
@@ -887,7 +934,8 @@ def _lora_bwd_dy_impl(dy: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, s
         ds_partials.stride(0), ds_partials.stride(1), ds_partials.stride(2),
         partials.stride(0), partials.stride(1), partials.stride(2),
         float(scaling),
-        BLOCK_R=block_r, BLOCK_M=DY_BLOCK_M, enable_fp_fusion=FP_FUSION,
+        BLOCK_R=block_r, BLOCK_M=DY_BLOCK_M, INT64=_int64_offsets(dy.stride(1), lora_b.stride(0), partials.stride(1)),
+        enable_fp_fusion=FP_FUSION,
     )
     # Deterministic: fixed-shape reductions over the row-block (dB) and N-split (ds) partials (no atomics).
     d_lora_b, ds = _sum_partials(partials), _sum_partials(ds_partials)
@@ -905,6 +953,7 @@ def _lora_bwd_dx_impl(dy: torch.Tensor, ds: torch.Tensor, weight: torch.Tensor, 
     if M == 0:
         return dx
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
+    int64 = _int64_offsets(dy.stride(1), weight.stride(0), ds.stride(1), lora_a.stride(0))
     if _use_tma(dy, weight):
         _bwd_dx_tma[grid](
             _descriptor(dy, TMA_DX_CONFIGS, "dy_desc"), _descriptor(weight, TMA_DX_CONFIGS, "w_desc"),
@@ -912,7 +961,7 @@ def _lora_bwd_dx_impl(dy: torch.Tensor, ds: torch.Tensor, weight: torch.Tensor, 
             M, N, K, r, _m_bucket(M),
             ds.stride(0), ds.stride(1), lora_a.stride(0), lora_a.stride(1), dx.stride(0), dx.stride(1),
             p, scale, seed,
-            HAS_DROPOUT=has_dropout, BLOCK_R=_block_r(r), GROUP=GROUP_M, enable_fp_fusion=FP_FUSION,
+            HAS_DROPOUT=has_dropout, BLOCK_R=_block_r(r), GROUP=GROUP_M, INT64=int64, enable_fp_fusion=FP_FUSION,
         )
         return dx
     _bwd_dx[grid](
@@ -921,7 +970,7 @@ def _lora_bwd_dx_impl(dy: torch.Tensor, ds: torch.Tensor, weight: torch.Tensor, 
         dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), ds.stride(0), ds.stride(1),
         lora_a.stride(0), lora_a.stride(1), dx.stride(0), dx.stride(1),
         p, scale, seed,
-        HAS_DROPOUT=has_dropout, BLOCK_R=_block_r(r), GROUP=GROUP_M, enable_fp_fusion=FP_FUSION,
+        HAS_DROPOUT=has_dropout, BLOCK_R=_block_r(r), GROUP=GROUP_M, INT64=int64, enable_fp_fusion=FP_FUSION,
     )
     return dx
 
@@ -943,7 +992,8 @@ def _lora_bwd_da_impl(ds: torch.Tensor, x: torch.Tensor, dropout_p: float, seed:
         ds.stride(0), ds.stride(1), x.stride(0), x.stride(1),
         partials.stride(0), partials.stride(1), partials.stride(2),
         p, scale, seed,
-        HAS_DROPOUT=has_dropout, BLOCK_R=block_r, enable_fp_fusion=FP_FUSION,
+        HAS_DROPOUT=has_dropout, BLOCK_R=block_r, INT64=_int64_offsets(ds.stride(0), x.stride(0)),
+        enable_fp_fusion=FP_FUSION,
     )
     return _sum_partials(partials)
 
@@ -1142,11 +1192,14 @@ def _signature(fn, dtype, constexprs):
 _TMA_KERNELS = (_lora_fwd_tma_kernel, _lora_bwd_dx_tma_kernel)
 
 
-def _spec(fn, dtype, config, num_warps, num_stages, **flags):
+def _spec(fn, dtype, config, num_warps, num_stages, int64=False, **flags):
     constexprs = dict(config)
     constexprs.update(flags)
     constexprs.update({name: 1 for name in _INNER_STRIDES[fn.__name__]})
-    tag = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in sorted({**config, **flags}.items()))
+    if "INT64" in fn.arg_names:  # named only when on: the int32 specs keep the names they had before the flag
+        constexprs["INT64"] = int64
+    tagged = {**config, **flags, **({"INT64": True} if int64 else {})}
+    tag = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in sorted(tagged.items()))
     signature = _signature(fn, dtype, constexprs)
     return {
         "name": f"{fn.__name__}[{TRITON_DTYPE_NAMES[dtype]}; {tag}; w{num_warps} s{num_stages}]",
@@ -1176,12 +1229,14 @@ def aot_specs():
     every config the shared-memory prune keeps at its largest chunk (64; 16 for the dY-once kernel), flags on, and
     the default config at chunk 16, flags off. Larger ranks loop over chunks of that size. (A bf16 spec at chunk 64
     may be one the prune skips at run time for that chunk: it still launches at smaller chunks.) The TMA kernels
-    are 16-bit only: every bf16 config, the default at chunk 16 flags off, and fp16's default."""
+    are 16-bit only: every bf16 config, the default at chunk 16 flags off, and fp16's default. Each kernel's INT64
+    variant (64-bit index products, for strides of INT64_STRIDE or more): bf16, the default config at chunk 64,
+    flags on."""
     specs = []
     seen = set()
 
-    def add(fn, dtype, cfg, **flags):
-        spec = _spec(fn, dtype, cfg.kwargs, cfg.num_warps, cfg.num_stages, **flags)
+    def add(fn, dtype, cfg, int64=False, **flags):
+        spec = _spec(fn, dtype, cfg.kwargs, cfg.num_warps, cfg.num_stages, int64, **flags)
         if spec["name"] not in seen:
             seen.add(spec["name"])
             specs.append(spec)
@@ -1218,4 +1273,6 @@ def aot_specs():
             add(fn, torch.float32, cfg, **on, **fixed, BLOCK_R=fp32_block_r)
         add(fn, torch.float32, configs[0], **off, **fixed, BLOCK_R=MIN_DOT_DIM)
     add(_dropout_mask_kernel, torch.float32, triton.Config({"BLOCK": DROPOUT_BLOCK}, num_warps=4, num_stages=1))
+    for configs, fn, on, _, fixed in kernels:
+        add(fn, torch.bfloat16, configs[0], int64=True, **on, **fixed, BLOCK_R=MAX_BLOCK_R)
     return specs
