@@ -192,6 +192,57 @@ def test_offsets_past_2_to_the_31_elements(backend):
     assert rel_error(shrunk[tail], 0.5 * (x[tail].double() @ lora_a.double().T)) <= TOLERANCE[torch.bfloat16]
 
 
+# One operand a view whose element span passes 2**31 through a stride below 2**31, as a transposed x of 2**26 tokens,
+# a Conv1D's transposed W or a W with 2**26 input features has (operand, (M, K, N, r), strides). STRIDE: 32 times it
+# passes 2**31, so with int32 offsets every GPU block of 32 or more wrapped at its pointer step, and blocks of 64 or
+# more already at lane 32; the strided dimension (129) is longer than any block, so every step is taken.
+# RANK_STRIDE: 15 times it passes 2**31 (a rank index of rank 16). The CPU tests (interpreter block sizes) are in
+# test_triton_lora_linear.py; 4.5 to 17 GB of GPU memory per case.
+STRIDE, RANK_STRIDE = 2**26 + 64, 150_000_000
+GPU_SPAN_CASES = {
+    "x_transposed": ("x", (5, 129, 64, 16), (1, STRIDE)),
+    "weight_transposed": ("weight", (5, 129, 64, 16), (1, STRIDE)),
+    "weight_rows": ("weight", (5, 64, 129, 16), (STRIDE, 1)),
+    "lora_a_transposed": ("lora_a", (5, 129, 64, 16), (1, STRIDE)),
+    "lora_a_rows": ("lora_a", (5, 64, 64, 16), (RANK_STRIDE, 1)),
+    "lora_b_transposed": ("lora_b", (5, 64, 64, 16), (1, RANK_STRIDE)),
+    "lora_b_rows": ("lora_b", (5, 64, 129, 16), (STRIDE, 1)),
+    "x_rows": ("x", (129, 64, 64, 16), (STRIDE, 1)),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(GPU_SPAN_CASES))
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_strided_operands_past_2_to_the_31_elements(backend, case, monkeypatch):
+    """lora_linear forward and backward with one operand spanning past 2**31 elements through a stride below 2**31:
+    y, dx, dA and dB match the reference on contiguous copies (the Triton launchers take the kernels' INT64 variant
+    there; the .cu kernels index in int64 throughout). One split, so the split kernels take their pointer steps."""
+    if backends.unavailable_reason(backend, "cuda") is not None:
+        pytest.skip(backends.unavailable_reason(backend, "cuda"))
+    if backend == "triton":
+        from lora_kernels.triton import lora_linear as tk
+        monkeypatch.setattr(tk, "SPLIT_OVERRIDE", 1)
+    name, (m, k, n, r), strides = GPU_SPAN_CASES[case]
+    dtype = torch.bfloat16
+    operands = dict(x=torch.randn(m, k), weight=torch.randn(n, k) * k ** -0.5, lora_a=torch.randn(r, k) * k ** -0.5,
+                    lora_b=torch.randn(n, r) * r ** -0.5)
+    operands = {key: value.to("cuda", dtype) for key, value in operands.items()}
+    plain = dict(operands)
+    span = 1 + sum((size - 1) * stride for size, stride in zip(plain[name].shape, strides))
+    operands[name] = torch.empty(span, device="cuda", dtype=dtype).as_strided(plain[name].shape, strides)
+    operands[name].copy_(plain[name])
+    leaves = {key: value.requires_grad_(key != "weight") for key, value in operands.items()}
+    y = lk.lora_linear(leaves["x"], leaves["weight"], leaves["lora_a"], leaves["lora_b"], 0.5, backend=backend)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    args = [plain[key].detach() for key in ("x", "weight", "lora_a", "lora_b")]
+    assert rel_error(y, reference.lora_linear(*args, 0.5)) <= TOLERANCE[dtype]
+    expected = reference.lora_linear_backward(dy, *args, 0.5)
+    for key in ("x", "lora_a", "lora_b"):
+        assert rel_error(leaves[key].grad, expected[key]) <= 2 * TOLERANCE[dtype], key
+
+
 @pytest.mark.skipif(backends.unavailable_reason("triton", "cpu") is not None, reason="Triton backend not available")
 def test_triton_launches_from_several_threads():
     """Several threads launching the Triton kernels at once (first use of an autotune key included) all get the
