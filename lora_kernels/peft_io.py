@@ -2,7 +2,9 @@
 keys `base_model.model.<module>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r], plus the whole state of each
 module that `modules_to_save` names (`base_model.model.<module>.<param>`, e.g. a classification head), plus with
 bias="all" / "lora_only" the trained biases (`base_model.model.<layer>.base_layer.bias` for a LoRA layer, whose
-bias is our `<layer>.bias`; `base_model.model.<module>.bias` for any other).
+bias is our `<layer>.bias`; `base_model.model.<module>.bias` for any other), plus, when target_modules names
+"lm_head" or "embed_tokens", the base weight of that LoRA layer (`base_model.model.lm_head.base_layer.weight`: PEFT
+saves it for a resized vocabulary, and loads it over the model's; read and loaded here too, never written).
 
 Loading is atomic: the config, every tensor, every target module, key and shape are checked before the model is
 touched, and a failure while changing it is rolled back; a config field that would change what the adapter computes
@@ -323,6 +325,9 @@ def _key_hint(key):
         return " (DoRA magnitude: DoRA is not supported)"
     if "lora_embedding" in key:
         return " (LoRA on an embedding: only linear layers are supported)"
+    if ".base_layer." in key:
+        return (" (a wrapped layer's own tensor, which PEFT saves for a targeted embedding layer such as lm_head; "
+                "this module is not a target here)")
     if key.endswith(".bias"):
         return " (a bias, which PEFT saves with bias='all' or 'lora_only'; the config has bias='none')"
     if ".modules_to_save." in key:
@@ -457,6 +462,30 @@ def _split_biases(model, config, tensors, file, adapter_name, op, lora_names, he
     return biases, rest
 
 
+def _split_base_layers(targets, tensors, file, adapter_name, op):
+    """([(state-dict key, model tensor, file tensor)] for each base-layer tensor of a LoRA target that the file holds,
+    the remaining tensors). PEFT saves the whole layer a LoRA wraps when target_modules names an embedding layer
+    ("lm_head", "embed_tokens": save_embedding_layers="auto", for a resized vocabulary), under its wrapper's keys
+    `<layer>.base_layer.weight` (and `.bias`), and loads them over the model's: so do we. Our state-dict key is
+    `<layer>.weight`, before and after the layer is wrapped."""
+    found, rest = [], dict(tensors)
+    for name, module in targets:
+        base = module.base_layer if isinstance(module, MultiLoRALinear) else module
+        for leaf in ("weight", "bias"):
+            file_key = f"{KEY_PREFIX}{name}.base_layer.{leaf}"
+            current = getattr(base, leaf, None)
+            if file_key not in rest or not isinstance(current, torch.Tensor):
+                continue  # a bias key of a layer without bias stays in rest, refused as unexpected
+            tensor = _pop_state_tensor(op, file, rest, file_key, current, f"module {name!r}'s {leaf}", "")
+            if adapter_name is not None and not torch.equal(tensor.to(current.dtype), current.detach().cpu()):
+                raise ValueError(f"{op}: {file} holds {file_key!r}, the base layer's own {leaf} (PEFT saves it when "
+                                 f"target_modules names an embedding layer), and it differs from the model's; "
+                                 f"MultiLoRALinear slots share the base layer with every adapter, so it cannot load "
+                                 f"by adapter_name")
+            found.append((f"{name}.{leaf}", current, tensor))
+    return found, rest
+
+
 def _check_pair(op, file, name, factors, r, in_features, out_features):
     for factor, shape in (("lora_A", (r, in_features)), ("lora_B", (out_features, r))):
         tensor = factors.get(factor)
@@ -504,12 +533,15 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
     "lora_only" (PEFT's option, see inject_lora) the file's biases are copied into the model's, which then train;
     every bias that mode selects must be in the file, and every bias of the file must map to one. Except: a
     "lora_only" file without any bias, as PEFT before 0.21 saved them, loads with a warning, keeping the model's
-    biases (trainable), as PEFT does.
+    biases (trainable), as PEFT does. A target's own weight in the file (`<layer>.base_layer.weight`, which PEFT saves
+    when target_modules names "lm_head" or "embed_tokens") is copied into the layer's base weight, frozen, as PEFT
+    loads it.
 
     adapter_name="name": the model was prepared with prepare_multi_adapter; the adapter goes into a slot of every
     MultiLoRALinear (the one already named so, else the first free one) and `model.lora_adapter_slots[name]` records
     it; layers the adapter does not target get that slot cleared. Mix adapters per row with set_batch_adapters.
-    Slots hold LoRA factors only: an adapter with modules_to_save or a bias other than "none" is refused.
+    Slots hold LoRA factors only: an adapter with modules_to_save or a bias other than "none" is refused, and so is a
+    base weight in the file that differs from the model's (the base layer is every adapter's).
 
     Atomic: the config, tensors, targets, keys and shapes are all checked first (ValueError naming the field, key
     or module; FileNotFoundError for missing files); on any failure the model is left exactly as it was."""
@@ -527,6 +559,7 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
                                     heads)
     for name, module in targets:  # before the tensors: a Conv layer's 3-D/4-D factors would be refused by shape
         _check_target_type(op, name, module)
+    base_tensors, tensors = _split_base_layers(targets, tensors, file, adapter_name, op)
     grouped = group_adapter_weights(tensors, file, config.modules_to_save)
     plan = []
     for name, module in targets:
@@ -577,7 +610,7 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
             raise ValueError(f"{op}: the model has LoRA layers the adapter does not target ({stale[:5]}"
                              f"{' ...' if len(stale) > 5 else ''}); they would keep other weights. Load into the base "
                              f"model or a model injected with the adapter's target_modules")
-        _commit_single(model, config, plan, grouped, heads, biases, backend, autocast_adapter_dtype)
+        _commit_single(model, config, plan, grouped, heads, biases, base_tensors, backend, autocast_adapter_dtype)
         _record_task_type(model, config.task_type)
         enable_input_grads_for_checkpointing(model)
     else:
@@ -585,7 +618,8 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
     return wrapper
 
 
-def _commit_single(model, config, plan, grouped, heads, biases, backend, autocast_adapter_dtype):
+def _commit_single(model, config, plan, grouped, heads, biases, base_tensors, backend,
+                   autocast_adapter_dtype):
     op = "load_peft_adapter"
     # Everything that can fail on the inputs is checked; build the new layers before touching the model.
     prepared = []
@@ -599,7 +633,8 @@ def _commit_single(model, config, plan, grouped, heads, biases, backend, autocas
                  for _, m, *_ in plan if isinstance(m, LoRALinear)]
     head_snapshots = [(module, {k: v.detach().clone() for k, v in module.state_dict().items()})
                       for _, module, _ in heads]
-    bias_snapshot = {key: current.detach().clone() for key, current, _ in biases}
+    # biases and base-layer tensors alike are restored by their state-dict keys
+    bias_snapshot = {key: current.detach().clone() for key, current, _ in biases + base_tensors}
     try:
         with _rollback_on_error(model) as replaced:
             layers = []
@@ -632,6 +667,8 @@ def _commit_single(model, config, plan, grouped, heads, biases, backend, autocas
                     replaced.append((name, old))
                 layer.lora_A.weight.requires_grad_(True)
                 layer.lora_B.weight.requires_grad_(True)
+            if base_tensors:  # frozen, as the base layer was (PEFT's too)
+                _copy_state(model, {key: loaded for key, _, loaded in base_tensors})
             if biases:  # the state-dict keys are the base model's: a LoRA layer's bias is `<layer>.bias`
                 _copy_state(model, {key: loaded for key, _, loaded in biases})
                 _train_biases(current for _, current, _ in biases)

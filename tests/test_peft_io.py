@@ -574,6 +574,88 @@ def test_a_failure_after_copying_the_biases_is_rolled_back(tmp_path, monkeypatch
     _assert_same(model, before)
 
 
+class _LanguageModel(nn.Module):
+    """Tiny's layers between token embeddings and an lm_head, with the accessors PEFT looks for: PEFT saves the
+    output embedding layer whole when target_modules names it (save_embedding_layers="auto")."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(11, 16)
+        self.layers = Tiny().layers
+        self.lm_head = nn.Linear(16, 11, bias=False)
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, ids):
+        x = self.embed_tokens(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.lm_head(x)
+
+
+def _language_model():
+    torch.manual_seed(2)
+    return _LanguageModel()
+
+
+def test_a_targeted_lm_head_that_peft_saved_whole_loads_as_peft_loads_it(tmp_path, monkeypatch):
+    """PEFT saves `lm_head.base_layer.weight` beside the factors when target_modules names "lm_head", and loads it
+    over the model's weight (found by fuzzing against PEFT: such files were refused as having unexpected keys)."""
+    peft = pytest.importorskip("peft")
+    theirs = peft.get_peft_model(_language_model(), peft.LoraConfig(target_modules=["q_proj", "lm_head"], r=2,
+                                                                   init_lora_weights=False))
+    with torch.no_grad():  # a base weight that differs from the fresh model's, as after resizing the vocabulary
+        theirs.base_model.model.lm_head.base_layer.weight.add_(0.5)
+    with pytest.warns(UserWarning, match="save_embedding_layers"):
+        theirs.save_pretrained(tmp_path)
+    assert "base_model.model.lm_head.base_layer.weight" in load_file(tmp_path / "adapter_model.safetensors")
+    ids = torch.randint(0, 11, (2, 5))
+    expected = peft.PeftModel.from_pretrained(_language_model(), tmp_path)(ids)
+    for model in (_language_model(), lk.inject_lora(_language_model(), ["q_proj", "lm_head"], r=2)):
+        loaded = lk.load_peft_adapter(model, tmp_path)
+        torch.testing.assert_close(loaded(ids), expected, rtol=1e-6, atol=1e-6)
+        assert torch.equal(loaded.lm_head.weight, theirs.base_model.model.lm_head.base_layer.weight)
+        assert not loaded.lm_head.weight.requires_grad  # the base weight stays frozen
+
+    # named adapters share the base layer: only a file whose base weight is the model's own loads by name
+    multi = lk.prepare_multi_adapter(_language_model(), ["q_proj", "lm_head"], max_adapters=2, max_rank=2)
+    with pytest.raises(ValueError, match=r"holds 'base_model\.model\.lm_head\.base_layer\.weight'.*differs from the "
+                                         r"model's; MultiLoRALinear slots share the base layer"):
+        lk.load_peft_adapter(multi, tmp_path, adapter_name="a")
+    _edit_weights(tmp_path, lambda t: t.update({"base_model.model.lm_head.base_layer.weight":
+                                                 _language_model().lm_head.weight.detach().clone()}))
+    lk.load_peft_adapter(multi, tmp_path, adapter_name="a")
+    with lk.set_batch_adapters(multi, "a"):
+        torch.testing.assert_close(multi(ids), lk.load_peft_adapter(_language_model(), tmp_path)(ids), rtol=1e-6,
+                                   atol=1e-6)
+
+    _edit_weights(tmp_path, lambda t: t.update({"base_model.model.lm_head.base_layer.weight": torch.randn(11, 15)}))
+    model = _language_model()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"'base_model\.model\.lm_head\.base_layer\.weight' in .* expected shape "
+                                         r"\[11, 16\]"):
+        lk.load_peft_adapter(model, tmp_path)
+    _assert_same(model, before)
+
+    _edit_weights(tmp_path, lambda t: t.update({"base_model.model.lm_head.base_layer.weight": torch.randn(11, 16)}))
+    original, failed = peft_io._copy_state, []
+
+    def flaky(module, state):  # the base weight's copy goes through, then fails (once: the rollback copies too)
+        original(module, state)
+        if "lm_head.weight" in state and not failed:
+            failed.append(1)
+            raise RuntimeError("simulated failure mid-load")
+
+    monkeypatch.setattr(peft_io, "_copy_state", flaky)
+    with pytest.raises(RuntimeError, match="simulated"):
+        lk.load_peft_adapter(model, tmp_path)
+    _assert_same(model, before)
+
+
 def test_loads_into_meta_weights_are_refused(tmp_path):
     """Copying an adapter into meta tensors would keep nothing: refused by name, LoRA targets and heads alike."""
     lk.save_peft_adapter(_trained(modules_to_save=["head"]), tmp_path)
