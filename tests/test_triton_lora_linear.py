@@ -748,8 +748,8 @@ def test_tma_dx(dev, dtype, M, K, N, r, dropout_p, monkeypatch, poisoned_empty):
 
 
 def test_tma_forward_only_where_a_descriptor_can_run(dev, monkeypatch):
-    """Off by default; when on, fp32, decode sizes, rows that are not 16-byte multiples and non-unit inner strides
-    take the pointer kernel, with the same results."""
+    """Off by default; when on, fp32, decode sizes, rows that are not 16-byte multiples, non-unit inner strides and
+    overlapping rows take the pointer kernel, with the same results."""
     _tma_or_skip(dev)
     x, weight, lora_a, lora_b, b = lora_inputs(24, 64, 40, 8, torch.bfloat16, dev, True)
     assert not tk._use_tma(x, weight)  # USE_TMA is off unless LORA_KERNELS_TRITON_TMA=1
@@ -761,6 +761,7 @@ def test_tma_forward_only_where_a_descriptor_can_run(dev, monkeypatch):
         (x[:16], weight),
         (odd_k[0], odd_k[1]),
         (randn(64, 24, dtype=torch.bfloat16, device=dev).T, weight),  # inner stride 24
+        (randn(1, 64, dtype=torch.bfloat16, device=dev).expand(24, 64), weight),  # row stride 0
     ]
     for xs, ws in pointer_only:
         assert not tk._use_tma(xs, ws), (xs.shape, xs.stride(), xs.dtype)

@@ -810,9 +810,10 @@ def _has_tma(device: torch.device) -> bool:
 
 def _tma_addressable(t: torch.Tensor) -> bool:
     """What a TMA descriptor needs of a 2-D tensor: no empty dimension, unit inner stride, 16-byte aligned base and
-    row stride."""
-    return (t.numel() > 0 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
-            and t.data_ptr() % 16 == 0)
+    row stride, and rows that do not overlap (an expanded x has row stride 0: Triton's descriptor accepts it, and
+    the CUDA driver's documented layouts have none such, so those take the pointer kernels)."""
+    return (t.numel() > 0 and t.stride(1) == 1 and t.stride(0) >= t.shape[1]
+            and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0)
 
 
 def _use_tma(tokens: torch.Tensor, weight: torch.Tensor) -> bool:
