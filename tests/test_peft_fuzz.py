@@ -497,30 +497,38 @@ SEEDS = [*range(60), 81]
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_random_lora_configs_agree_with_peft_both_ways(seed, tmp_path):
+    _check_seed(seed, str(tmp_path))
+
+
+def sweep_seeds(first, count, check):
+    """A longer run than the tests' seeds (the fuzzers' __main__): check(seed, tmp) returns the outcomes of a seed,
+    a list of names to count; an AssertionError is printed and counted as FAILED."""
+    import collections
+    import tempfile
+
+    outcomes = collections.Counter()
+    for seed in range(first, first + count):
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                outcomes.update(check(seed, tmp))
+            except AssertionError as exc:
+                outcomes["FAILED"] += 1
+                print(f"seed {seed}: {exc}")
+    print(dict(outcomes))
+
+
+def _check_seed(seed, tmp):
     arch = ARCHS[seed % len(ARCHS)]
     config = draw_config(Chooser(seed), arch)
     try:
-        check_config(arch, config, str(tmp_path), seed)
+        return [check_config(arch, config, tmp, seed)]
     except AssertionError as exc:
         raise AssertionError(f"{arch} with LoraConfig(**{config!r}): {exc}") from exc
 
 
 # A longer run, from the repository root: PYTHONPATH=.:tests python tests/test_peft_fuzz.py FIRST_SEED COUNT
 if __name__ == "__main__":
-    import collections
     import sys
-    import tempfile
 
-    first, count = (int(a) for a in sys.argv[1:3])
-    outcomes = collections.Counter()
-    for seed in range(first, first + count):
-        arch = ARCHS[seed % len(ARCHS)]
-        config = draw_config(Chooser(seed), arch)
-        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                outcomes[check_config(arch, config, tmp, seed)] += 1
-            except AssertionError as exc:
-                outcomes["FAILED"] += 1
-                print(f"seed {seed}: {arch} with LoraConfig(**{config!r}): {exc}")
-    print(dict(outcomes))
+    sweep_seeds(*(int(a) for a in sys.argv[1:3]), _check_seed)

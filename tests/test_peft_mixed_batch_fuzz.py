@@ -29,7 +29,7 @@ from peft import PeftModel  # noqa: E402
 from test_peft_fuzz import DOCUMENTED_REFUSALS as SINGLE_ADAPTER_REFUSALS  # noqa: E402
 from test_peft_fuzz import (  # noqa: E402
     RTOL, VOCAB, Chooser, _attempt, _close, _inject, _peft_model, _perturb_trainable, _save_quietly, base_model,
-    draw_config)
+    draw_config, sweep_seeds)
 
 pytestmark = pytest.mark.skipif(installed_version("peft") < (0, 21),
                                 reason="the expectations follow peft >= 0.21's rules, as test_peft_fuzz's")
@@ -458,26 +458,18 @@ SEEDS = list(range(30))
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_mixed_batch_of_random_adapters_agrees_with_peft(seed, tmp_path):
+    _check_seed(seed, str(tmp_path))
+
+
+def _check_seed(seed, tmp):
     try:
-        check_case(seed, str(tmp_path))
+        return check_case(seed, tmp)
     except AssertionError as exc:
         raise AssertionError(f"seed {seed} ({ARCHS[seed % len(ARCHS)]}): {exc}") from exc
 
 
-# PYTHONPATH=.:tests python tests/test_peft_mixed_batch_fuzz.py FIRST_SEED COUNT
+# A longer run, from the repository root: PYTHONPATH=.:tests python tests/test_peft_mixed_batch_fuzz.py FIRST COUNT
 if __name__ == "__main__":
-    import collections
     import sys
-    import tempfile
 
-    first, count = (int(a) for a in sys.argv[1:3])
-    outcomes = collections.Counter()
-    for seed in range(first, first + count):
-        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                outcomes.update(check_case(seed, tmp))
-            except AssertionError as exc:
-                outcomes["FAILED"] += 1
-                print(f"seed {seed} ({ARCHS[seed % len(ARCHS)]}): {exc}")
-    print(dict(outcomes))
+    sweep_seeds(*(int(a) for a in sys.argv[1:3]), _check_seed)

@@ -21,7 +21,7 @@ import lora_kernels as lk  # noqa: E402
 from conftest import TOLERANCE, backend_or_skip, installed_version, rel_error  # noqa: E402
 from lora_kernels.modules import LoRALinear  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
-from test_peft_fuzz import Chooser, base_model, draw_config, inject_kwargs, model_input  # noqa: E402
+from test_peft_fuzz import Chooser, base_model, draw_config, inject_kwargs, model_input, sweep_seeds  # noqa: E402
 
 pytestmark = pytest.mark.skipif(installed_version("peft") < (0, 21), reason="the drawn configs follow peft >= 0.21")
 RTOL = 1e-9  # float64 on both sides: only the order of a few sums differs
@@ -495,14 +495,12 @@ def _factors(layer):
 if __name__ == "__main__":
     import sys
 
-    first, count = (int(a) for a in sys.argv[1:3])
-    failed = 0
-    warnings.simplefilter("ignore")
-    for seed in range(first, first + count):
+    def check(seed, tmp):
         arch, backend, config, (theirs, ours) = training_config(seed)
         try:
             train_both(theirs, ours, arch, RTOL)
         except AssertionError as exc:
-            failed += 1
-            print(f"seed {seed}: {arch}, backend {backend!r}, LoraConfig(**{config!r}): {exc}")
-    print(f"{count - failed} of {count} configs train as PEFT's")
+            raise AssertionError(f"{arch}, backend {backend!r}, LoraConfig(**{config!r}): {exc}") from exc
+        return ["trains as PEFT's"]
+
+    sweep_seeds(*(int(a) for a in sys.argv[1:3]), check)
