@@ -11,6 +11,7 @@ import math
 import numbers
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from lora_kernels import ops, reference
 from lora_kernels._dtensor import describe, dtensor_class
@@ -321,7 +322,7 @@ class LoRALinearFunction(torch.autograd.Function):
                 d_lora_a = kernels.lora_bwd_da(ds, x2, dropout_p, _or_zero(seed))
         else:
             keep = torch_dropout_keep(seed, x2, dropout_p) if dropout_p > 0.0 else None
-            if backend == "cuda" and dy.shape[0] * lora_b.shape[1] > CUDA_BWD_DY_KERNEL_MAX_WORK:
+            if backend == "cuda" and not _at_most(dy.shape[0] * lora_b.shape[1], CUDA_BWD_DY_KERNEL_MAX_WORK):
                 # cuBLAS GEMMs in the input dtype, S rounded to it as PEFT rounds it (scaled first when that keeps
                 # it smaller: see scaled_mm). Using the fp32 S and dS would take fp32 copies of dy [M, N] and
                 # x [M, K] (a GEMM takes one input dtype): a cost at large M no GPU has measured yet.
@@ -531,9 +532,17 @@ def _segment_outer_sum(batch, ranks, backend, left, right, scalings=None):
     return torch.where(in_rank[:, :, None], sums, torch.zeros((), dtype=acc, device=right.device))
 
 
+def _at_most(size, bound):
+    """Whether `size` (of a token count) is at most `bound`, for the backends' Python choices between two ways of
+    computing by size. A dynamic size in a torch.compile trace counts as larger unless its range says otherwise: a
+    plain comparison made dynamo guard on it, so the first token count on the other side of the bound compiled the
+    graph again (dynamic=True included). Such a graph takes the large-size way at every count."""
+    return statically_known_true(size <= bound)
+
+
 def _multi_lora_base(x2, weight, bias, backend):
     """x2 @ weight.T + bias as the grouped forward computes it, before the expand adds the LoRA term into it."""
-    if _cpu_widens(backend, x2) and x2.shape[0] > CPU_DECODE_MAX_M:
+    if _cpu_widens(backend, x2) and not _at_most(x2.shape[0], CPU_DECODE_MAX_M):
         # the base GEMM in fp32 past decode size, as lora_fwd_cpu's (see _cpu_widens); unlike lora_fwd_cpu, which
         # rounds once, y is rounded before the expand adds the LoRA term into it, as on every backend here
         with ops.autocast_off(x2.device):

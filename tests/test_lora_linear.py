@@ -411,6 +411,36 @@ def test_torch_compile_training_with_a_new_token_count_every_step(backend):
     assert len(graphs) <= 2, f"{len(graphs)} graphs for 5 token counts"  # the first count, then one dynamic graph
 
 
+def test_torch_compile_dynamic_token_count_across_the_cuda_backward_bound_compiles_once():
+    """The cuda backend's backward picks its dY-once kernel up to M·r = CUDA_BWD_DY_KERNEL_MAX_WORK and two GEMMs
+    above. The choice was a Python comparison of the traced M, on which dynamo guarded: with dynamic=True the first
+    M·r on the other side of the bound compiled the graph again (tests/test_compile_fuzz.py). Run here through the
+    autograd Function with CPU tensors, whose C++ ops dispatch to their CPU kernels: the branch is the cuda
+    backend's own."""
+    backend_or_skip("cpu", "cpu")
+    torch._dynamo.reset()
+    bound, r = functional.CUDA_BWD_DY_KERNEL_MAX_WORK, 4
+    _, weight, lora_a, lora_b, bias = lora_inputs(1, 8, 6, r)
+    lora_a.requires_grad_(True)
+    lora_b.requires_grad_(True)
+
+    def step(x):
+        return functional.LoRALinearFunction.apply(x, weight, lora_a, lora_b, bias, 2.0, 0.0, None, "cuda")
+
+    graphs = []
+    compiled = torch.compile(step, fullgraph=True, dynamic=True,
+                             backend=lambda gm, example_inputs: graphs.append(gm) or gm.forward)
+    for tokens in (bound // r - 100, bound // r + 100, bound // r - 50):
+        x = randn(tokens, 8).requires_grad_(True)
+        results = []
+        for run in (step, compiled):
+            y = run(x)
+            results.append([y, *torch.autograd.grad(y.square().sum(), (x, lora_a, lora_b))])
+        for name, got, want in zip(("y", "dx", "dA", "dB"), results[1], results[0]):
+            torch.testing.assert_close(got, want, msg=f"{name} at {tokens} tokens")
+    assert len(graphs) == 1, f"{len(graphs)} graphs"
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_torch_compile_fullgraph_under_autocast(backend):
     backend_or_skip(backend, "cpu")

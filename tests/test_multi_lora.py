@@ -776,6 +776,32 @@ def test_torch_compile_fullgraph_multi_adapter_training(backend):
     torch.testing.assert_close(compiled_grads, [layer.lora_a.grad, layer.lora_b.grad])
 
 
+def test_torch_compile_dynamic_token_count_across_the_cpu_decode_bound_compiles_once():
+    """The cpu backend runs a 16-bit forward's base GEMM in 16 bits up to CPU_DECODE_MAX_M rows and on fp32 copies
+    above. The choice was a Python comparison of the traced token count, on which dynamo guarded: with dynamic=True
+    the first count on the other side of the bound compiled the graph again (tests/test_compile_fuzz.py)."""
+    backend_or_skip("cpu", torch.device("cpu"))
+    from lora_kernels.functional import CPU_DECODE_MAX_M
+    torch._dynamo.reset()
+    layer = lk.MultiLoRALinear(nn.Linear(16, 10, dtype=torch.bfloat16), max_adapters=2, max_rank=4, backend="cpu")
+    for slot in range(2):
+        layer.set_adapter(slot, randn(4, 16), randn(10, 4), scaling=1.0 + slot)
+    layer.lora_a.requires_grad_(True)
+    graphs = []
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True,
+                             backend=lambda gm, example_inputs: graphs.append(gm) or gm.forward)
+    generator = torch.Generator().manual_seed(5)
+    for tokens in (CPU_DECODE_MAX_M - 9, CPU_DECODE_MAX_M + 20, CPU_DECODE_MAX_M - 5):
+        x, ids = randn(tokens, 16, dtype=torch.bfloat16), torch.randint(-1, 2, (tokens,), generator=generator)
+        results = []
+        for run in (layer, compiled):
+            y = run(x, ids)
+            results.append([y, torch.autograd.grad(y.float().square().sum(), layer.lora_a)[0]])
+        for name, got, want in zip(("y", "dA"), results[1], results[0]):
+            assert_close(got, want, torch.bfloat16, f"{name} at {tokens} tokens")
+    assert len(graphs) == 1, f"{len(graphs)} graphs"
+
+
 def test_a_batch_from_outside_the_compiled_region_keeps_the_token_count_dynamic():
     """A LoRABatch built once per step outside the compiled model and read by every layer: its token count was a
     stored int, which torch.compile treated as a constant (one graph per count, eager after 8) and
