@@ -725,9 +725,15 @@ def multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias=Non
     if backend == "triton":
         ops.check_triton_args(op, x.dtype, num_slots)
     if backend == "reference":
-        y = reference.multi_lora_linear_autograd(x2.double(), weight.double(), lora_a.double(), lora_b.double(),
-                                                 batch.adapter_ids, scalings, None if bias is None else bias.double(),
-                                                 ranks.cpu())
+        x64, weight64, bias64 = x2.double(), weight.double(), None if bias is None else bias.double()
+        if torch.compiler.is_compiling():
+            # The reference's loop reads each token's slot on the host, which a traced graph cannot (a data-dependent
+            # error under fullgraph=True): the same float64 math in slot-masked torch ops, differentiated by autograd.
+            y = torch.nn.functional.linear(x64, weight64, bias64) + _multi_lora_term(
+                x64, lora_a.double(), lora_b.double(), batch.adapter_ids, scalings, ranks)
+        else:
+            y = reference.multi_lora_linear_autograd(x64, weight64, lora_a.double(), lora_b.double(),
+                                                     batch.adapter_ids, scalings, bias64, ranks.cpu())
         return y.to(x.dtype).reshape(*lead_shape, out_features)
     if _functorch_transforms_active() or x.dtype == torch.float64:
         # torch.func: see lora_linear. float64: the grouped ops' shrink results are float32 (lora_shrink's contract),

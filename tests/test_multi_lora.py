@@ -802,6 +802,46 @@ def test_torch_compile_dynamic_token_count_across_the_cpu_decode_bound_compiles_
     assert len(graphs) == 1, f"{len(graphs)} graphs"
 
 
+def test_torch_compile_fullgraph_reference_backend_of_the_grouped_ops():
+    """backend="reference" of multi_lora_linear and lk.ops.* ran the oracle's per-token loops, which read each
+    token's slot on the host: under torch.compile(fullgraph=True) torch's "Could not guard on data-dependent
+    expression" error (tests/test_compile_fuzz.py). Traced, they compute the same float64 math in slot-masked torch
+    ops; NaN past each slot's rank is still never read."""
+    torch._dynamo.reset()
+    num_slots, max_rank, k, widths = 3, 4, 16, (6, 4)
+    a_slices, b_slices = zip(*(_adapters(num_slots, max_rank, k, n, [4, 1, 3], torch.float32, "cpu") for n in widths))
+    weight, bias = randn(sum(widths), k), randn(sum(widths))
+    lora_a, lora_b = (t.detach().clone().requires_grad_(True) for t in (a_slices[0], b_slices[0]))
+    scalings, ranks = torch.tensor([1.0, 0.5, 2.0]), torch.tensor([4, 1, 3], dtype=torch.int32)
+
+    def train(x, ids):
+        return lk.multi_lora_linear(x, weight[:widths[0]], lora_a, lora_b, ids, scalings, bias[:widths[0]],
+                                    ranks=ranks, backend="reference")
+
+    def serve(y, x, ids):
+        batch = LoRABatch.from_adapter_ids(ids, num_slots)
+        shrunk = lk.ops.lora_shrink(x, a_slices[1], batch, scalings, ranks, backend="reference")
+        expanded = lk.ops.lora_expand(shrunk, b_slices[1], batch, y.clone(), widths[0], ranks, backend="reference")
+        added = lk.ops.add_lora(y.clone(), x, list(a_slices), list(b_slices), batch, scalings, ranks, list(widths),
+                                backend="reference")
+        return shrunk, expanded, added
+
+    compiled_train = torch.compile(train, fullgraph=True, backend="aot_eager")
+    compiled_serve = torch.compile(serve, fullgraph=True, backend="aot_eager")
+    for ids in ([0, 1, 2, -1, 1, 0, 2], [2, 2, -1, -1, 0, 1, 1]):
+        x, ids = randn(7, k).requires_grad_(True), torch.tensor(ids)
+        results = []
+        for run in (train, compiled_train):
+            y = run(x, ids)
+            results.append([y, *torch.autograd.grad(y.square().sum(), (x, lora_a, lora_b))])
+        for name, got, want in zip(("y", "dx", "dA", "dB"), results[1], results[0]):
+            assert rel_error(got, want) <= 1e-6, name
+        y = randn(7, sum(widths))
+        with torch.no_grad():
+            for name, got, want in zip(("shrink", "expand", "add_lora"), compiled_serve(y, x, ids), serve(y, x, ids)):
+                assert rel_error(got, want) <= 1e-6, name
+
+
 def test_a_batch_from_outside_the_compiled_region_keeps_the_token_count_dynamic():
     """A LoRABatch built once per step outside the compiled model and read by every layer: its token count was a
     stored int, which torch.compile treated as a constant (one graph per count, eager after 8) and
