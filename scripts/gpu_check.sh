@@ -115,7 +115,7 @@ fi
 # 3. what the package sees
 run_stage info 60 info.log "$PY" -m lora_kernels info
 
-# 4. tests: every CUDA case in one run, before the timings (correctness first): the gpu-marked tests and the
+# 4. tests: every CUDA case, before the timings (correctness first): the gpu-marked tests and the
 # normal suite's cuda-device cases ("-k" matches marker names too). With pytest-xdist a test that crashes its
 # process (a segfault in a kernel) fails alone instead of ending the run (seen on the first H100 run: one segfault
 # hid every later result). LORA_KERNELS_AUTOTUNE=0: one config per Triton kernel, so many test shapes do not spend
@@ -125,12 +125,16 @@ XDIST=()
 "$PY" -c "import xdist" > /dev/null 2>&1 && XDIST=(-n 12)
 # -v: each result is logged as it happens, so a stage killed by its time limit still names what passed and failed
 # (-q prints names and counts only at the end).
-TESTS=(env LORA_KERNELS_AUTOTUNE=0 "$PY" -m pytest -v --tb=short -p no:cacheprovider "${XDIST[@]}"
+TESTS=(env LORA_KERNELS_AUTOTUNE=0 "$PY" -m pytest -v --tb=short -p no:cacheprovider
        -k "(cuda or gpu) and not gpu_check" -rfE)
+# the tests marked gpu_memory (tens of GB each) after the others, one at a time: several at once on one GPU would
+# run out of memory
 if (( DRY_RUN )); then
-  dry_stage tests "${TESTS[@]}"
+  dry_stage tests "${TESTS[@]}" "${XDIST[@]}" -m "not gpu_memory"
+  dry_stage tests-memory "${TESTS[@]}" -m gpu_memory
 else
-  run_stage tests 150 tests.log "${TESTS[@]}"
+  run_stage tests 150 tests.log "${TESTS[@]}" "${XDIST[@]}" -m "not gpu_memory"
+  run_stage tests-memory 90 tests-memory.log "${TESTS[@]}" -m gpu_memory
 fi
 
 # 5. benchmarks and the main comparison (GPU sizes; CPU sizes in a dry run)

@@ -157,7 +157,15 @@ def test_set_adapter_from_another_thread_never_mixes_weights_within_a_forward():
     assert seen, "no forward ran"
 
 
+# Tests that take tens of GB of GPU memory (up to ~70 GB for the first, 4.5-17 GB per case of the second): gpu_check.sh
+# runs them in a stage of their own, one at a time, not among its 12 parallel workers on one GPU (80 GB on an H100),
+# where several at once would run out of memory. A marker, not an xdist group: pytest-xdist 3.8's loadgroup does
+# not group under pytest 9 (checked here: 8.4 groups, 9.2 does not).
+GPU_MEMORY_GROUP = pytest.mark.gpu_memory
+
+
 @pytest.mark.gpu
+@GPU_MEMORY_GROUP
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_offsets_past_2_to_the_31_elements(backend):
     """x with M·K > 2³¹ elements: the rows at the end are computed right (64-bit offsets), single and grouped ops;
@@ -212,6 +220,7 @@ GPU_SPAN_CASES = {
 
 
 @pytest.mark.gpu
+@GPU_MEMORY_GROUP
 @pytest.mark.parametrize("case", list(GPU_SPAN_CASES))
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_strided_operands_past_2_to_the_31_elements(backend, case, monkeypatch):
