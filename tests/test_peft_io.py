@@ -46,9 +46,13 @@ class Tiny(nn.Module):
         self.head = nn.Linear(16, 5)
 
     def forward(self, x):
-        for layer in self.layers:
-            x = layer(x)
-        return self.head(x)
+        return self.head(run_layers(self.layers, x))
+
+
+def run_layers(layers, x):
+    for layer in layers:
+        x = layer(x)
+    return x
 
 
 def _base():
@@ -548,6 +552,19 @@ def test_bias_all_with_modules_to_save_both_ways_with_peft(tmp_path):
     torch.testing.assert_close(back(x), ours(x), rtol=1e-6, atol=1e-6)
 
 
+def _fail_once_after_copying(monkeypatch, selects):
+    """peft_io._copy_state copies the first state `selects` picks, then raises (once: the rollback copies too)."""
+    original, failed = peft_io._copy_state, []
+
+    def flaky(module, state):
+        original(module, state)
+        if selects(state) and not failed:
+            failed.append(1)
+            raise RuntimeError("simulated failure mid-load")
+
+    monkeypatch.setattr(peft_io, "_copy_state", flaky)
+
+
 @pytest.mark.parametrize("into", ["base", "injected"])
 def test_a_failure_after_copying_the_biases_is_rolled_back(tmp_path, monkeypatch, into):
     trained = _trained(bias="all")
@@ -560,15 +577,7 @@ def test_a_failure_after_copying_the_biases_is_rolled_back(tmp_path, monkeypatch
     # file's factors in place on failure shows only because they were changed
     model = _base() if into == "base" else lk.inject_lora(_base(), ["q_proj", "v_proj"], init_lora_weights=False)
     before = _snapshot(model)
-    original, failed = peft_io._copy_state, []
-
-    def flaky(module, state):  # the bias copy goes through, then fails
-        original(module, state)
-        if not failed:
-            failed.append(1)
-            raise RuntimeError("simulated failure mid-load")
-
-    monkeypatch.setattr(peft_io, "_copy_state", flaky)
+    _fail_once_after_copying(monkeypatch, lambda state: True)  # the bias copy goes through, then fails
     with pytest.raises(RuntimeError, match="simulated"):
         lk.load_peft_adapter(model, tmp_path)
     _assert_same(model, before)
@@ -591,10 +600,7 @@ class _LanguageModel(nn.Module):
         return self.lm_head
 
     def forward(self, ids):
-        x = self.embed_tokens(ids)
-        for layer in self.layers:
-            x = layer(x)
-        return self.lm_head(x)
+        return self.lm_head(run_layers(self.layers, self.embed_tokens(ids)))
 
 
 def _language_model():
@@ -642,15 +648,7 @@ def test_a_targeted_lm_head_that_peft_saved_whole_loads_as_peft_loads_it(tmp_pat
     _assert_same(model, before)
 
     _edit_weights(tmp_path, lambda t: t.update({"base_model.model.lm_head.base_layer.weight": torch.randn(11, 16)}))
-    original, failed = peft_io._copy_state, []
-
-    def flaky(module, state):  # the base weight's copy goes through, then fails (once: the rollback copies too)
-        original(module, state)
-        if "lm_head.weight" in state and not failed:
-            failed.append(1)
-            raise RuntimeError("simulated failure mid-load")
-
-    monkeypatch.setattr(peft_io, "_copy_state", flaky)
+    _fail_once_after_copying(monkeypatch, lambda state: "lm_head.weight" in state)  # the base weight's copy
     with pytest.raises(RuntimeError, match="simulated"):
         lk.load_peft_adapter(model, tmp_path)
     _assert_same(model, before)
