@@ -33,6 +33,15 @@ def _check_tensor(op, name, t, *, ndim=None, optional=False):
         raise ValueError(f"{op}: {name} expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
 
 
+def _check_dense_weight(op, weight):
+    """The base weight is the one argument a model may hold sparse (nn.Linear runs a CSR weight): the kernels and
+    the torch composition failed on one deep inside ("Could not run 'lora_kernels::lora_fwd' with arguments from
+    the 'SparseCsrCPU' backend", "addmm_sparse_dense: expected ...")."""
+    if weight.layout != torch.strided:
+        raise TypeError(f"{op}: weight expected a dense (strided) tensor, got layout {weight.layout}; convert it "
+                        f"with weight.to_dense()")
+
+
 def _check_same(op, name, t, ref_name, ref):
     if t.dtype != ref.dtype:
         raise TypeError(f"{op}: {name} expected dtype {ref.dtype} (same as {ref_name}), got {t.dtype}")
@@ -53,7 +62,8 @@ def _lora_linear_args_ok(x, weight, lora_a, lora_b, bias, scaling, dropout_p):
     dtype, device = x.dtype, x.device
     if (dtype not in ops.FLOAT_DTYPES or weight.dtype != dtype or lora_a.dtype != dtype or lora_b.dtype != dtype
             or weight.device != device or lora_a.device != device or lora_b.device != device
-            or x.dim() < 1 or weight.dim() != 2 or lora_a.dim() != 2 or lora_b.dim() != 2):
+            or x.dim() < 1 or weight.dim() != 2 or lora_a.dim() != 2 or lora_b.dim() != 2
+            or weight.layout != torch.strided):
         return False
     out_features, in_features = weight.shape
     rank = lora_a.shape[0]
@@ -85,6 +95,7 @@ def check_lora_linear_args(op, x, weight, lora_a, lora_b, bias, scaling, dropout
     _check_tensor(op, "lora_a", lora_a, ndim=2)
     _check_tensor(op, "lora_b", lora_b, ndim=2)
     _check_tensor(op, "bias", bias, ndim=1, optional=True)
+    _check_dense_weight(op, weight)
     if x.dim() < 1:
         raise ValueError(f"{op}: x expected at least 1 dimension [..., K], got a 0-D tensor")
     out_features, in_features = weight.shape
@@ -653,6 +664,7 @@ def _check_multi_lora_args(op, x, weight, lora_a, lora_b, bias):
     for name, t, ndim in (("x", x, None), ("weight", weight, 2), ("lora_a", lora_a, 3), ("lora_b", lora_b, 3)):
         _check_tensor(op, name, t, ndim=ndim, optional=name.startswith("lora_") and lora_a is None)
     _check_tensor(op, "bias", bias, ndim=1, optional=True)
+    _check_dense_weight(op, weight)
     in_features, out_features = (weight.shape[1] if lora_a is None else lora_a.shape[2]), weight.shape[0]
     if x.dim() < 1 or x.shape[-1] != in_features or weight.shape[1] != in_features:
         of_a = "" if lora_a is None else f" (lora_a is {tuple(lora_a.shape)} = [L, R, K])"

@@ -16,7 +16,7 @@ from torch import nn
 from lora_kernels._dtensor import describe, is_dtensor, is_tensor_parallel_hook, tensor_parallel_hooks
 from lora_kernels.backends import check_backend_name
 from lora_kernels.functional import lora_linear, multi_lora_base_linear, multi_lora_linear
-from lora_kernels.ops import check_flag
+from lora_kernels.ops import FLOAT_DTYPES, check_flag
 
 
 class LoRAFactor(nn.Module):
@@ -135,6 +135,8 @@ def check_wrappable_linear(op, what, module, hint=""):
       lose that forward silently (a fresh adapter would not even reproduce the layer's output);
     - a weight computed on each access (torch.nn.utils.parametrize: weight_norm, spectral_norm, orthogonal) or by a
       forward pre-hook (the deprecated torch.nn.utils.weight_norm) is no Parameter to hold, freeze and merge into.
+    - a weight of another dtype (float8, complex) or a sparse one cannot be computed with (an obscure error deep in
+      the first forward, the factors' initialisation or a merge).
     nn.Linear, its subclasses that keep nn.Linear's forward (or whose forward computes F.linear: LINEAR_EQUIVALENTS)
     and transformers' Conv1D pass."""
     cls = type(module)
@@ -156,6 +158,15 @@ def check_wrappable_linear(op, what, module, hint=""):
                         f"{type(weight).__name__}; the deprecated torch.nn.utils.weight_norm computes it in a forward "
                         f"pre-hook): a LoRA layer needs the weight Parameter itself. Remove the hook first "
                         f"(torch.nn.utils.remove_weight_norm){hint}")
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {what} ({cls.__name__}) expected a float32, float16, bfloat16 or float64 weight, got "
+                        f"{weight.dtype}: LoRA layers compute in those (a float8 weight is run by layers with a "
+                        f"forward of their own, or by torchao's quantize_ configs, whose weights LoRA layers take; "
+                        f"complex and integer weights are not supported){hint}")
+    if weight.layout != torch.strided:
+        raise TypeError(f"{op}: {what} ({cls.__name__}) expected a dense (strided) weight, got layout "
+                        f"{weight.layout}: the kernels, the merge and nn.Linear's own forward (COO) read dense "
+                        f"weights; convert it first (module.weight = nn.Parameter(module.weight.to_dense())){hint}")
 
 
 _HOOK_KINDS = (("forward", "_forward_hooks"), ("forward pre", "_forward_pre_hooks"), ("backward", "_backward_hooks"),
@@ -794,7 +805,7 @@ def find_target_linears(model, target_modules, exclude_modules=None, op="inject_
     the layer, so a LoRA there would be ignored; SigLIP's pooling head, matched by "all-linear" or a CLIP-style
     "out_proj" entry), and under "all-linear" the layers check_wrappable_linear refuses when named (nn.Linear
     subclasses with a forward of their own, such as MoE routers that return scores and indices or fake-quant
-    layers; parametrized weights)."""
+    layers; parametrized weights; weights of another dtype or a sparse layout)."""
     all_linear = isinstance(target_modules, str) and target_modules.lower() == "all-linear"
     found, skipped = [], []
     for name, module in named_target_modules(model, target_modules, exclude_modules, op=op,
@@ -814,7 +825,8 @@ def find_target_linears(model, target_modules, exclude_modules=None, op="inject_
             try:
                 check_wrappable_linear(op, f"module {name!r}", module)
             except TypeError:
-                skipped.append(f"{name!r} (a {type(module).__name__}: its own forward or a computed weight)")
+                skipped.append(f"{name!r} (a {type(module).__name__}: its own forward, a computed weight, or a "
+                               f"weight of another dtype or layout)")
                 continue
         check_no_accelerate_hook(op, name, module)
         check_wrappable_linear(op, f"module {name!r}", module, _LEAVE_OUT_HINT)

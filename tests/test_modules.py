@@ -1,6 +1,7 @@
 """LoRALinear as a drop-in for nn.Linear, and inject_lora / merge_and_unload over a model."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -511,6 +512,45 @@ def test_parametrized_linears_are_refused_with_a_clear_error():
     with pytest.warns(UserWarning, match=r"left out 1 matched layer\(s\).*'1' \(a ParametrizedLinear"):
         inject_lora(model, "all-linear")
     assert isinstance(model[0], LoRALinear) and not isinstance(model[1], LoRALinear)
+
+
+def _with_weight(linear, convert):
+    linear.weight = nn.Parameter(convert(linear.weight.detach()))
+    return linear
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state")
+@pytest.mark.parametrize("convert, words", [
+    (lambda w: w.to(torch.float8_e4m3fn), "expected a float32, float16, bfloat16 or float64 weight, got "
+                                          "torch.float8_e4m3fn"),
+    (lambda w: w.to(torch.complex64), "expected a float32, float16, bfloat16 or float64 weight, got torch.complex64"),
+    (lambda w: w.to_sparse_csr(), "expected a dense (strided) weight, got layout torch.sparse_csr"),
+], ids=["float8", "complex64", "sparse_csr"])
+def test_base_weights_of_other_dtypes_or_layouts_are_refused_untouched(convert, words, tmp_path):
+    """A float8, complex or sparse base weight: LoRA layers compute F.linear in float32/16/bf16/64 on a dense weight.
+    These failed deep inside ("check_uniform_bounds" not implemented for 'Float8_e4m3fn' while initialising the
+    factors), in the first forward ("Could not run 'lora_kernels::lora_fwd' with arguments from the 'SparseCsrCPU'
+    backend", "x expected a floating dtype ... complex64") or half-way through a merge. Refused by layer name, before
+    any change, by every wrapper; "all-linear" leaves them out with a warning."""
+    from lora_kernels import MultiLoRALinear, prepare_multi_adapter, save_peft_adapter
+    words = re.escape(words)
+    with pytest.raises(TypeError, match=r"from_linear: linear \(Linear\) " + words):
+        LoRALinear.from_linear(_with_weight(nn.Linear(8, 6), convert))
+    with pytest.raises(TypeError, match=r"MultiLoRALinear: base_linear \(Linear\) " + words):
+        MultiLoRALinear(_with_weight(nn.Linear(8, 6), convert), max_adapters=2, max_rank=4)
+    save_peft_adapter(inject_lora(nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 8)), ["0", "1"], r=2), tmp_path)
+    for call in (lambda m: inject_lora(m, ["0", "1"], r=2), lambda m: load_peft_adapter(m, tmp_path),
+                 lambda m: prepare_multi_adapter(m, ["0", "1"], max_adapters=2, max_rank=2)):
+        model = nn.Sequential(nn.Linear(8, 6), _with_weight(nn.Linear(6, 8), convert))
+        first_weight, second_weight = model[0].weight.detach().clone(), model[1].weight
+        with pytest.raises(TypeError, match=r": module '1' \(Linear\) " + words):
+            call(model)
+        # as it was (torch.equal takes neither float8 nor sparse tensors: the refused weight is the same Parameter)
+        assert [type(m) for m in model] == [nn.Linear, nn.Linear] and model[1].weight is second_weight
+        assert all(p.requires_grad for p in model.parameters()) and torch.equal(model[0].weight, first_weight)
+    with pytest.warns(UserWarning, match=r"left out 1 matched layer\(s\).*'1' \(a Linear: .*dtype or layout"):
+        inject_lora(model, "all-linear")
+    assert isinstance(model[0], LoRALinear) and type(model[1]) is nn.Linear
 
 
 def _materialise_with_garbage(model):

@@ -121,6 +121,8 @@ MATRIX = [
     (call_lora_linear, _single, "scaling", lambda a: "2", TypeError, ["scaling expected a real number, got str"]),
     (call_lora_linear, _single, "dropout_p", lambda a: -0.1, ValueError, ["dropout_p expected a number in [0, 1)", "-0.1"]),
     (call_lora_linear, _single, "backend", lambda a: "fast", ValueError, ["backend 'fast' is not available"]),
+    (call_lora_linear, _single, "weight", lambda a: a["weight"].to_sparse_csr(), TypeError,
+     ["weight expected a dense (strided) tensor, got layout torch.sparse_csr"]),
     # multi_lora_linear
     (call_multi_lora_linear, _grouped, "adapter_ids", lambda a: a["adapter_ids"][:3], ValueError,
      ["adapter_ids expected shape (4,)", "(3,)"]),
@@ -143,6 +145,8 @@ MATRIX = [
      ["ranks expected an integer dtype", "torch.bool"]),
     (call_multi_lora_linear, _grouped, "scalings", lambda a: ["1.0", 0.5, 2.0], TypeError,
      ["scalings expected a float tensor [L] or a sequence of numbers", "'1.0'"]),
+    (call_multi_lora_linear, _grouped, "weight", lambda a: a["weight"].to_sparse_csr(), TypeError,
+     ["weight expected a dense (strided) tensor, got layout torch.sparse_csr"]),
     # serving-level ops
     (call_shrink, _grouped, "x", lambda a: a["x"][:, :5], ValueError, ["x expected shape [M, 8]", "(4, 5)"]),
     (call_shrink, _grouped, "batch", lambda a: LoRABatch.from_adapter_ids(torch.tensor([0, 1]), L), ValueError,
