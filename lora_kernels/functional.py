@@ -12,9 +12,10 @@ import numbers
 
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass_type
 
 from lora_kernels import ops, reference
-from lora_kernels._dtensor import describe, dtensor_class
+from lora_kernels._dtensor import describe, dtensor_class, is_dtensor
 from lora_kernels._ext import accumulate_dtype, scaled_mm
 from lora_kernels.backends import resolve_backend
 from lora_kernels.batch import BUFFER_FIELDS, LoRABatch
@@ -168,6 +169,33 @@ def resolve_dtensor_backend(op, backend, named, dropout_p):
         raise ValueError(f"{op}: dropout_p expected 0 with DTensor inputs (tensor parallelism), got {dropout_p!r}: "
                          f"the dropout mask is drawn by each process, not as a DTensor; use lora_dropout=0 there")
     return chosen
+
+
+def is_subclass_weight(weight):
+    """Whether `weight` is a tensor subclass that holds its data in tensors of its own, such as torchao's quantized
+    weights (quantize_(model, Int8WeightOnlyConfig()) keeps nn.Linear and puts one in .weight); DTensors are not
+    counted here. Only the subclass's own ops read it, F.linear among them: the kernels and the reference cannot
+    ("Attempted to access the data pointer on an invalid python storage", "Int8Tensor dispatch: attempting to run
+    unimplemented operator/function: func=<OpOverload(op='lora_kernels.lora_fwd' ...", and in the torch backend's
+    backward, aten.mm for dX)."""
+    # the type, not the instance: dynamo answers the instance check False for such a weight
+    cls = type(weight)
+    return cls not in _PLAIN_TYPES and is_traceable_wrapper_subclass_type(cls) and not is_dtensor(weight)
+
+
+def describe_subclass(t):
+    """'a torchao.quantization.Int8Tensor (a tensor subclass, such as torchao's quantized weights)' for messages."""
+    return f"a {type(t).__module__}.{type(t).__qualname__} (a tensor subclass, such as torchao's quantized weights)"
+
+
+# lora_linear's single-adapter kernels compute the base GEMM themselves
+SUBCLASS_WEIGHT_USE = "backend='torch' (or 'auto', which picks it for such weights)"
+
+
+def refuse_subclass_weight_backend(op, backend, weight, use):
+    """TypeError for a backend that cannot read a subclass weight; `use` names the ones that can."""
+    raise TypeError(f"{op}: backend {backend!r} cannot read weight, {describe_subclass(weight)}; use {use}: the base "
+                    f"output is then the subclass's own F.linear")
 
 
 # ------------------------------------------------------------------------------------------------------ autocast
@@ -454,16 +482,24 @@ def lora_linear(x, weight, lora_a, lora_b, scaling=1.0, bias=None, *, dropout_p=
     torch.autocast, in the autocast dtype, like F.linear (every input is cast to it first).
     backend: "auto", "triton", "cuda", "cpu", "torch" or "reference" (see lora_kernels.backends).
     DTensors (tensor parallelism; all arguments then, on one mesh, dropout_p = 0): "torch" or "reference" only,
-    and "auto" picks "torch" (resolve_dtensor_backend).
+    and "auto" picks "torch" (resolve_dtensor_backend). A weight that is a tensor subclass (is_subclass_weight:
+    torchao's quantized weights): "torch" only, which "auto" picks, in torch ops that autograd differentiates (the
+    subclass's F.linear gives dX).
     """
     op = "lora_linear"
     autocast_dtype = _autocast_dtype(x)
     if autocast_dtype is not None:
         x, weight, lora_a, lora_b, bias = _cast_for_autocast(autocast_dtype, (x, weight, lora_a, lora_b, bias))
     check_lora_linear_args(op, x, weight, lora_a, lora_b, bias, scaling, dropout_p)
+    subclass_weight = False
     if _has_dtensor((x, weight, lora_a, lora_b, bias)):  # tensor parallelism: the torch composition
         backend = resolve_dtensor_backend(op, backend, (("x", x), ("weight", weight), ("lora_a", lora_a),
                                                         ("lora_b", lora_b), ("bias", bias)), dropout_p)
+    elif is_subclass_weight(weight):
+        subclass_weight = True
+        if resolve_backend("torch" if backend == "auto" else backend, x.device, op) != "torch":
+            refuse_subclass_weight_backend(op, backend, weight, SUBCLASS_WEIGHT_USE)
+        backend = "torch"
     else:
         backend = resolve_backend(backend, x.device, op)
     if backend == "triton":  # the kernels' limits, named for this op and before the dropout seed is drawn
@@ -487,10 +523,11 @@ def lora_linear(x, weight, lora_a, lora_b, scaling=1.0, bias=None, *, dropout_p=
         return reference.lora_linear(x, weight, lora_a, lora_b, scaling, bias, mask).to(x.dtype)
     x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
     args = (x2, weight, lora_a, lora_b, bias, float(scaling), float(dropout_p), seed, backend)
-    if _functorch_transforms_active():
+    if subclass_weight or _functorch_transforms_active():
         # torch.func transforms need an autograd.Function with setup_context and a vmap rule, and the kernels and
         # C++ ops have neither derivatives nor batching rules ("must override the setup_context staticmethod"): the
-        # torch composition, outside the Function, which the transforms differentiate and batch themselves.
+        # torch composition, outside the Function, which the transforms differentiate and batch themselves. A
+        # subclass weight implements F.linear and its derivative, not the dY @ W of the Function's backward.
         y = _lora_linear_composition(*args)
     elif torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_a.requires_grad
                                       or lora_b.requires_grad or (bias is not None and bias.requires_grad)):
@@ -552,8 +589,10 @@ def _at_most(size, bound):
 
 
 def _multi_lora_base(x2, weight, bias, backend):
-    """x2 @ weight.T + bias as the grouped forward computes it, before the expand adds the LoRA term into it."""
-    if _cpu_widens(backend, x2) and not _at_most(x2.shape[0], CPU_DECODE_MAX_M):
+    """x2 @ weight.T + bias as the grouped forward computes it, before the expand adds the LoRA term into it. A
+    subclass weight (is_subclass_weight) runs its own F.linear: a float32 copy is not among its ops."""
+    if (_cpu_widens(backend, x2) and not _at_most(x2.shape[0], CPU_DECODE_MAX_M)
+            and not is_subclass_weight(weight)):
         # the base GEMM in fp32 past decode size, as lora_fwd_cpu's (see _cpu_widens); unlike lora_fwd_cpu, which
         # rounds once, y is rounded before the expand adds the LoRA term into it, as on every backend here
         with ops.autocast_off(x2.device):
@@ -658,6 +697,11 @@ class MultiLoRAFunction(torch.autograd.Function):
         return dx, d_weight, d_bias, d_lora_a, d_lora_b, None, None, None, None
 
 
+# A subclass weight (is_subclass_weight) in the grouped ops: the base GEMM is its own F.linear and the kernels read only
+# x and the adapters; the reference computes the base in float64, which a quantized weight does not convert to.
+MULTI_SUBCLASS_WEIGHT_USE = "another backend (or 'auto')"
+
+
 def _check_multi_lora_args(op, x, weight, lora_a, lora_b, bias):
     """multi_lora_linear's checks of its tensors (after autocast's casts); lora_a and lora_b None: x, weight and
     bias only (multi_lora_base_linear)."""
@@ -687,6 +731,8 @@ def multi_lora_base_linear(x, weight, bias=None, *, backend="auto"):
         x, weight, bias = _cast_for_autocast(autocast_dtype, (x, weight, bias))
     _check_multi_lora_args(op, x, weight, None, None, bias)
     backend = resolve_backend(backend, x.device, op, x.dtype)
+    if backend == "reference" and is_subclass_weight(weight):
+        refuse_subclass_weight_backend(op, backend, weight, MULTI_SUBCLASS_WEIGHT_USE)
     if backend == "triton":
         ops.check_triton_args(op, x.dtype, 1)
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
@@ -708,6 +754,8 @@ def multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias=Non
     and bias when they require grad. Under
     torch.autocast, computed in the autocast dtype, like F.linear (scalings stay float32). float64 runs a torch
     composition, float64 throughout but slot by slot (L·M·R·(K+N) work): the kernels' shrink results are float32.
+    A weight that is a tensor subclass (is_subclass_weight: torchao's quantized weights) computes its own F.linear,
+    on every backend but "reference"; with gradients, in that slot-by-slot composition (its dX is the subclass's).
     """
     op = "multi_lora_linear"
     autocast_dtype = _autocast_dtype(x)
@@ -729,6 +777,9 @@ def multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias=Non
             raise ValueError(f"{op}: adapter_ids expected device {x.device} (same as x), got {adapter_ids.device}")
         batch = LoRABatch.from_adapter_ids(adapter_ids, num_slots)
     backend = resolve_backend(backend, x.device, op, x.dtype)
+    subclass_weight = is_subclass_weight(weight)
+    if backend == "reference" and subclass_weight:
+        refuse_subclass_weight_backend(op, backend, weight, MULTI_SUBCLASS_WEIGHT_USE)
     x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
     # float64 runs torch compositions (below) that read the scalings in float64: rounded to float32, as the
     # kernels read them, they left float64 outputs and gradients 3e-8 off for a scaling such as 1/3 or 16/3.
@@ -747,14 +798,16 @@ def multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias=Non
             y = reference.multi_lora_linear_autograd(x64, weight64, lora_a.double(), lora_b.double(),
                                                      batch.adapter_ids, scalings, bias64, ranks.cpu())
         return y.to(x.dtype).reshape(*lead_shape, out_features)
-    if _functorch_transforms_active() or x.dtype == torch.float64:
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad
+                                              or weight.requires_grad or (bias is not None and bias.requires_grad))
+    if _functorch_transforms_active() or x.dtype == torch.float64 or (needs_grad and subclass_weight):
         # torch.func: see lora_linear. float64: the grouped ops' shrink results are float32 (lora_shrink's contract),
         # which left float64 outputs and gradients float32-accurate (gradcheck failed); this composition, which
-        # autograd differentiates, keeps them float64 (and the scalings, as given).
+        # autograd differentiates, keeps them float64 (and the scalings, as given). A subclass weight: see
+        # lora_linear (its forward alone runs the grouped kernels, below).
         y = torch.nn.functional.linear(x2, weight, bias) + _multi_lora_term(x2, lora_a, lora_b, batch.adapter_ids,
                                                                             scalings, ranks)
-    elif torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad
-                                      or weight.requires_grad or (bias is not None and bias.requires_grad)):
+    elif needs_grad:
         y = MultiLoRAFunction.apply(x2, weight, bias, lora_a, lora_b, batch, scalings, ranks, backend)
     else:  # nothing to differentiate (serving): skip the autograd Function's bookkeeping
         y = _multi_lora_forward(x2, weight, bias, lora_a, lora_b, batch, scalings, ranks, backend)[0]

@@ -15,7 +15,8 @@ from torch import nn
 
 from lora_kernels._dtensor import describe, is_dtensor, is_tensor_parallel_hook, tensor_parallel_hooks
 from lora_kernels.backends import check_backend_name
-from lora_kernels.functional import lora_linear, multi_lora_base_linear, multi_lora_linear
+from lora_kernels.functional import (SUBCLASS_WEIGHT_USE, describe_subclass, is_subclass_weight, lora_linear,
+                                     multi_lora_base_linear, multi_lora_linear, refuse_subclass_weight_backend)
 from lora_kernels.ops import FLOAT_DTYPES, check_flag
 
 
@@ -252,6 +253,8 @@ class LoRALinear(nn.Module):
             factor_dtype = torch.float32
         placements = (_factor_placements(op, self.weight, self.fan_in_fan_out, backend, lora_dropout)
                       if is_dtensor(self.weight) else None)
+        if backend not in ("auto", "torch") and is_subclass_weight(self.weight):  # refused now, not at the forward
+            refuse_subclass_weight_backend(op, backend, self.weight, SUBCLASS_WEIGHT_USE)
         self.lora_A = LoRAFactor(r, self.in_features, device=self.weight.device, dtype=factor_dtype)
         self.lora_B = LoRAFactor(self.out_features, r, device=self.weight.device, dtype=factor_dtype)
         if placements is not None:  # sharded like the base weight; reset_lora_parameters fills them
@@ -375,6 +378,7 @@ class LoRALinear(nn.Module):
         """Adds scaling * B @ A into the base weight. safe_merge computes the result first and refuses (ValueError,
         weight untouched) when it holds NaN or Inf."""
         safe_merge = check_flag("LoRALinear.merge", "safe_merge", safe_merge)
+        self._refuse_subclass_weight("LoRALinear.merge")
         if self.merged:
             raise RuntimeError("LoRALinear.merge: the adapter is already merged; call unmerge() first")
         merged_weight = (self.weight.to(self._merge_dtype()) + self._stored_delta()).to(self.weight.dtype)
@@ -401,11 +405,23 @@ class LoRALinear(nn.Module):
         finally:
             self.disable_adapters = previous
 
+    def _refuse_subclass_weight(self, op):
+        """TypeError for a merge into a subclass weight (is_subclass_weight): merging into a quantized weight means
+        dequantizing it, adding the delta and quantizing it again, which rounds the whole weight anew (PEFT's
+        TorchaoLoraLinear does that when it knows the quantization config; here it failed deep inside, e.g.
+        "Int8Tensor dispatch: ... aten.add")."""
+        if is_subclass_weight(self.weight):
+            raise TypeError(f"{op}: the base weight is {describe_subclass(self.weight)}, which cannot take the adapter "
+                            f"without being dequantized and quantized again; the layer is unchanged. Keep the "
+                            f"adapter separate (save_peft_adapter), or load it into the unquantized model and merge "
+                            f"there")
+
     def to_linear(self):
         """A plain nn.Linear holding the merged weights (the adapter folded in); a transformers Conv1D with
         fan_in_fan_out, so the state dict keeps the wrapped layer's keys and shapes. Its weight and bias keep this
         layer's requires_grad (frozen, unless the base was trained) and train/eval mode. Not for a DTensor base weight
-        (tensor parallelism): TypeError."""
+        (tensor parallelism) or a tensor-subclass one (a quantized weight): TypeError."""
+        self._refuse_subclass_weight("LoRALinear.to_linear")
         if is_dtensor(self.weight):
             raise TypeError(f"LoRALinear.to_linear: the base weight is {describe(self.weight)} (tensor parallelism) "
                             f"and the new layer would be a plain one; merge() in place, or save the adapter "
@@ -1406,6 +1422,13 @@ def merge_and_unload(model):
                         f"weights (tensor parallelism) and would become plain nn.Linear layers; merge() them in "
                         f"place, or save the adapter (save_peft_adapter, on every rank) and merge it into an "
                         f"unsharded model; the model is unchanged")
+    quantized = [(name, module.weight) for name, module in layers if is_subclass_weight(module.weight)]
+    if quantized:  # to_linear would refuse them, after earlier layers were replaced
+        raise TypeError(f"merge_and_unload: layers {[name for name, _ in quantized[:3]]}"
+                        f"{' ...' if len(quantized) > 3 else ''} have base weights such as "
+                        f"{describe_subclass(quantized[0][1])}, which cannot take the adapter without being dequantized "
+                        f"and quantized again; the model is unchanged. Keep the adapter separate (save_peft_adapter), "
+                        f"or load it into the unquantized model and merge there")
     for name, module in layers:
         warn_dropped_hooks("merge_and_unload", f"module {name!r}", module, "it is replaced by a new layer holding "
                            "the merged weight", stacklevel=2)

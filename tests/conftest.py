@@ -119,3 +119,57 @@ def lora_inputs(m, k, n, r, dtype=torch.float32, device="cpu", bias=True):
     b = randn(n, dtype=dtype, device=device) if bias else None
     return x, weight, lora_a, lora_b, b
 
+
+class QuantizedWeight(torch.Tensor):
+    """A weight-only int8 tensor subclass in the manner of torchao's (quantize_(model, Int8WeightOnlyConfig()) puts
+    one in an nn.Linear's .weight; torchao is not a test dependency): int8 values and a scale per row, F.linear on
+    the dequantized weight (differentiable in x), and no other op, so a kernel, a merge or the reference that reads
+    it raises as torchao's subclasses do ("... dispatch: attempting to run unimplemented operator")."""
+
+    @staticmethod
+    def __new__(cls, qdata, scale, dtype):
+        return torch.Tensor._make_wrapper_subclass(cls, qdata.shape, dtype=dtype, device=qdata.device)
+
+    def __init__(self, qdata, scale, dtype):
+        self.qdata, self.scale = qdata, scale
+
+    @classmethod
+    def quantize(cls, weight):
+        scale = weight.detach().abs().amax(dim=1).clamp(min=1e-12) / 127
+        return cls(torch.round(weight.detach() / scale[:, None]).to(torch.int8), scale, weight.dtype)
+
+    def dequantize(self):
+        return self.qdata.to(self.dtype) * self.scale[:, None].to(self.dtype)
+
+    def __tensor_flatten__(self):
+        return ["qdata", "scale"], self.dtype
+
+    @classmethod
+    def __tensor_unflatten__(cls, inner, dtype, outer_size, outer_stride):
+        return cls(inner["qdata"], inner["scale"], dtype)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.linear:
+            x, weight, *rest = args
+            return torch.nn.functional.linear(x, weight.dequantize(), *rest, **(kwargs or {}))
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.detach.default, torch.ops.aten.alias.default):  # nn.Parameter(...) detaches
+            return cls(args[0].qdata, args[0].scale, args[0].dtype)
+        raise NotImplementedError(f"QuantizedWeight dispatch: attempting to run unimplemented operator {func}")
+
+
+def quantized_linear(in_features, out_features, dtype=torch.float32):
+    """An nn.Linear whose weight is a QuantizedWeight (frozen, as torchao leaves it), and the same layer with the
+    dequantized weight as a plain Parameter: what its outputs and gradients are compared with."""
+    plain = torch.nn.Linear(in_features, out_features, dtype=dtype)
+    quantized = torch.nn.Linear(in_features, out_features, dtype=dtype)
+    with torch.no_grad():
+        quantized.weight = torch.nn.Parameter(QuantizedWeight.quantize(plain.weight), requires_grad=False)
+        plain.weight.copy_(quantized.weight.dequantize())
+        quantized.bias.copy_(plain.bias)
+    return quantized, plain

@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import DTYPES, assert_close, backend_or_skip, lora_inputs, randn
+from conftest import DTYPES, assert_close, backend_or_skip, lora_inputs, quantized_linear, randn
 from lora_kernels import backends, bench, functional, reference
 from lora_kernels.functional import lora_linear
 
@@ -794,3 +794,34 @@ def test_torch_func_transforms_match_the_reference(backend, device):
     expected_jacobian = jacrev(lambda a: reference.lora_linear(x, layer.weight, a, layer.lora_B.weight, 2.0).float())(
         params["lora_A.weight"])
     assert_close(jacobian, expected_jacobian, torch.float32, "jacrev")
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_quantized_weight_subclass_runs_the_torch_composition(backend):
+    """A weight that is a tensor subclass (torchao's quantized weights; here conftest's QuantizedWeight): only its own
+    ops read it, F.linear among them. "auto" picks the torch composition, which autograd differentiates (dX through
+    the subclass's F.linear), and gives the outputs and gradients of the same call on the dequantized weight. Before,
+    "auto" ran the cpu kernel ("QuantizedWeight dispatch: attempting to run unimplemented operator
+    lora_kernels.lora_fwd") and the torch backend's backward failed at dY @ W (aten.mm)."""
+    quantized, plain = quantized_linear(24, 16)
+    x, _, lora_a, lora_b, _ = lora_inputs(5, 24, 16, 4)
+    results = []
+    for weight in (quantized.weight, plain.weight):
+        leaves = [t.clone().requires_grad_(True) for t in (x, lora_a, lora_b)]
+        y = lora_linear(leaves[0], weight, leaves[1], leaves[2], 2.0, quantized.bias, backend=backend)
+        y.backward(torch.linspace(-1, 1, y.numel()).reshape(y.shape))
+        results.append([y.detach()] + [leaf.grad for leaf in leaves])
+    for name, got, expected in zip(("y", "dx", "d_lora_a", "d_lora_b"), *results):
+        torch.testing.assert_close(got, expected, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+def test_quantized_weight_subclass_refuses_the_kernel_backends(backend):
+    """Named, instead of "Attempted to access the data pointer on an invalid python storage" (triton) or the
+    subclass's "unimplemented operator" (cpu: lora_fwd; reference: its float64 copy)."""
+    backend_or_skip(backend, torch.device("cpu"))
+    quantized, _ = quantized_linear(24, 16)
+    x, _, lora_a, lora_b, _ = lora_inputs(5, 24, 16, 4)
+    with pytest.raises(TypeError, match=rf"lora_linear: backend '{backend}' cannot read weight, a conftest."
+                                        rf"QuantizedWeight \(a tensor subclass.*use backend='torch'"):
+        lora_linear(x, quantized.weight, lora_a, lora_b, backend=backend)

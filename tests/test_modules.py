@@ -553,6 +553,54 @@ def test_base_weights_of_other_dtypes_or_layouts_are_refused_untouched(convert, 
     assert isinstance(model[0], LoRALinear) and type(model[1]) is nn.Linear
 
 
+def test_quantized_base_weights_train_as_dequantized_and_refuse_merging_untouched(tmp_path):
+    """A model whose linear weight is a tensor subclass (torchao's quantize_; here conftest's QuantizedWeight): the
+    LoRA layer runs the torch backend ("auto" picks it) and trains as on the dequantized weight, gradients through
+    the quantized layer's input included (PEFT's TorchaoLoraLinear gave the same outputs and gradients bit for bit
+    with torchao 0.18's Int8WeightOnlyConfig, by hand). Before, the first forward failed in the cpu kernel. Merging
+    would dequantize and quantize the weight again: merge, to_linear and merge_and_unload refuse it, unchanged; a
+    kernel backend is refused at construction; the adapter saves and loads."""
+    from conftest import quantized_linear
+
+    def model_with(second):
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Linear(8, 12), nn.ReLU(), second)
+
+    quantized_layer, plain_layer = quantized_linear(12, 6)
+    models = [inject_lora(model_with(layer), ["0", "2"], r=2, init_lora_weights=False)
+              for layer in (quantized_layer, plain_layer)]
+    with torch.no_grad():  # the same factors
+        for name, factor in models[0].named_parameters():
+            if "lora_" in name:
+                models[1].get_parameter(name).copy_(factor)
+    x = torch.randn(5, 8)
+    outputs = [model(x) for model in models]
+    torch.testing.assert_close(outputs[0], outputs[1])
+    for model, y in zip(models, outputs):
+        y.square().sum().backward()
+    for name in ("0.lora_A.weight", "0.lora_B.weight", "2.lora_A.weight", "2.lora_B.weight"):
+        torch.testing.assert_close(models[0].get_parameter(name).grad, models[1].get_parameter(name).grad, msg=name)
+
+    model, weight = models[0], quantized_layer.weight
+    with pytest.raises(TypeError, match=r"LoRALinear.merge: the base weight is a conftest.QuantizedWeight \(a tensor "
+                                        r"subclass.*dequantized and quantized again; the layer is unchanged"):
+        model[2].merge()
+    with pytest.raises(TypeError, match=r"LoRALinear.to_linear: the base weight is a conftest.QuantizedWeight"):
+        model[2].to_linear()
+    with pytest.raises(TypeError, match=r"merge_and_unload: layers \['2'\] have base weights such as a "
+                                        r"conftest.QuantizedWeight.*the model is unchanged"):
+        merge_and_unload(model)
+    assert isinstance(model[0], LoRALinear) and isinstance(model[2], LoRALinear) and not model[2].merged
+    assert model[2].weight is weight
+    torch.testing.assert_close(model(x), outputs[0])
+    with pytest.raises(TypeError, match=r"from_linear: backend 'cpu' cannot read weight, a conftest.QuantizedWeight"):
+        LoRALinear.from_linear(quantized_linear(12, 6)[0], backend="cpu")
+
+    save_peft_adapter(model, tmp_path)
+    loaded = load_peft_adapter(model_with(quantized_layer), tmp_path)
+    torch.testing.assert_close(loaded(x), outputs[0])
+
+
 def _materialise_with_garbage(model):
     """to_empty as meta-device init flows do it, with the uninitialised memory made visibly bad (NaN, huge ranks)."""
     model.to_empty(device="cpu")

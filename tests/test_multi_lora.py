@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import lora_kernels as lk
-from conftest import DTYPES, assert_close, backend_or_skip, randn, rel_error
+from conftest import DTYPES, assert_close, backend_or_skip, quantized_linear, randn, rel_error
 from lora_kernels import backends, reference
 from lora_kernels.batch import LoRABatch
 
@@ -1313,3 +1313,33 @@ def test_multi_lora_under_torch_func_grad(backend, device):
                                          None, torch.tensor(ranks)).square().sum().backward()
     for name, g, leaf in zip(("lora_a", "lora_b"), got, ref_leaves):
         assert_close(g, leaf.grad, torch.float32, f"torch.func.grad {name}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_quantized_weight_subclass_serves_and_trains_as_dequantized(backend, dtype):
+    """A base weight that is a tensor subclass (torchao's quantized weights; here conftest's QuantizedWeight): the base
+    GEMM is its own F.linear and the grouped kernels read only x and the adapters, so serving runs every kernel
+    backend; gradients come from the torch composition (its dX through the subclass's F.linear). Outputs and
+    gradients are those of the dequantized weight. Before, training failed at dY @ W ("unimplemented operator
+    aten.mm"), and the cpu backend's 16-bit forward past 16 tokens at its float32 copy of the weight."""
+    backend_or_skip(backend, torch.device("cpu"))
+    quantized, plain = quantized_linear(24, 16, dtype=dtype)
+    num_slots, rank, m = 3, 4, 40
+    x = randn(m, 24, dtype=dtype)
+    lora_a, lora_b = randn(num_slots, rank, 24, dtype=dtype, scale=0.2), randn(num_slots, 16, rank, dtype=dtype)
+    ids = torch.arange(m) % (num_slots + 1) - 1
+    results = []
+    for weight in (quantized.weight, plain.weight):
+        served = lk.multi_lora_linear(x, weight, lora_a, lora_b, ids, [2.0, 0.5, 1.0], quantized.bias,
+                                      backend=backend)
+        leaves = [t.clone().requires_grad_(True) for t in (x, lora_a, lora_b)]
+        y = lk.multi_lora_linear(*leaves[:1], weight, *leaves[1:], ids, [2.0, 0.5, 1.0], quantized.bias,
+                                 backend=backend)
+        y.backward(torch.linspace(-1, 1, y.numel(), dtype=dtype).reshape(y.shape))
+        results.append([served, y.detach()] + [leaf.grad for leaf in leaves])
+    for name, got, expected in zip(("served", "y", "dx", "d_lora_a", "d_lora_b"), *results):
+        assert_close(got, expected, dtype, name)
+    with pytest.raises(TypeError, match=r"multi_lora_linear: backend 'reference' cannot read weight, a conftest."
+                                        r"QuantizedWeight \(a tensor subclass"):
+        lk.multi_lora_linear(x, quantized.weight, lora_a, lora_b, ids, [2.0, 0.5, 1.0], backend="reference")
