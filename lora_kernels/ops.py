@@ -32,8 +32,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def triton_sgmv():
-    """lora_kernels.triton.sgmv, imported on first use (importing triton takes most of a second; CPU-only users never
-    need it)."""
+    """lora_kernels.triton.sgmv (imported with the package when triton is importable; see lora_kernels.triton)."""
     from lora_kernels.triton import sgmv
     return sgmv
 

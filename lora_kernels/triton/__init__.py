@@ -53,3 +53,12 @@ def on_tensor_device(launcher):
                 return launcher(tensor, *args, **kwargs)
         return launcher(tensor, *args, **kwargs)
     return launch
+
+
+if HAS_TRITON:
+    # The kernel modules register their custom ops (lora_kernels::triton_lora_*, lora_kernels_triton::*) when they
+    # are imported. Imported here, with the package, rather than on first use: a program exported or AOT-compiled
+    # with the triton backend (the auto choice for the grouped ops on GPUs) names those ops, and a process loading
+    # it after `import lora_kernels` failed with "Could not find schema for lora_kernels_triton::sgmv_shrink".
+    # Triton itself is imported above already; the two modules add ~50 ms (this project's 2-core CPU).
+    from lora_kernels.triton import lora_linear, sgmv  # noqa: F401
