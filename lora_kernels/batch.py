@@ -118,3 +118,7 @@ BUFFER_FIELDS = tuple(field.name for field in fields(LoRABatch) if field.type is
 # A pytree node, so a LoRABatch can be an input of torch.export (a serving engine's batch is built outside the
 # exported model); the token dimension of its [M] buffers can be dynamic.
 torch.export.register_dataclass(LoRABatch, serialized_type_name="lora_kernels.LoRABatch")
+# torch.export.save pickles a program's example inputs, which torch.export.load reads back with weights_only=True:
+# without this a LoRABatch among them failed that load, which then fell back to a full unpickle behind a logged
+# traceback (torch 2.14). A LoRABatch holds tensors and an int, so it is safe to allow.
+torch.serialization.add_safe_globals([LoRABatch])

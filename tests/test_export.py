@@ -7,6 +7,13 @@ import pathlib
 import subprocess
 import sys
 
+import torch
+from torch import nn
+
+import lora_kernels as lk
+from conftest import rel_error
+from lora_kernels.batch import BUFFER_FIELDS
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -14,6 +21,132 @@ def _run_python(script, *args):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
+
+
+class _Deployed(nn.Module):
+    """What a deployment exports, on the CPU backends: single-adapter layers (eval, one in train mode with dropout),
+    a MultiLoRALinear fed adapter ids and one fed a LoRABatch built outside, the serving ops adding into the base
+    output, and lora_expand adding into a buffer the caller passes in (an input mutated in place)."""
+
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=generator)
+
+        self.single = nn.ModuleList()
+        for backend in ("cpu", "torch", "reference"):
+            layer = lk.LoRALinear.from_linear(nn.Linear(16, 12), r=4, lora_alpha=8, backend=backend)
+            layer.lora_B.weight.data = randn(12, 4)  # B starts at zero, which would hide the LoRA term
+            self.single.append(layer)
+        self.dropped = lk.LoRALinear.from_linear(nn.Linear(16, 12), r=4, lora_alpha=8, lora_dropout=0.5,
+                                                 backend="cpu")
+        self.dropped.lora_B.weight.data = randn(12, 4)
+        self.multi = nn.ModuleList(lk.MultiLoRALinear(nn.Linear(16, 12), max_adapters=3, max_rank=4, backend=backend)
+                                   for backend in ("cpu", "torch"))
+        for layer in self.multi:
+            for slot in range(3):
+                layer.set_adapter(slot, randn(4, 16), randn(12, 4), scaling=0.5 + slot)
+        self.base = nn.Linear(16, 20)
+        self.register_buffer("lora_a_slices", randn(2, 3, 4, 16))
+        self.register_buffer("lora_b_slices", randn(2, 3, 10, 4))
+        self.register_buffer("scalings", torch.tensor([1.0, 0.5, 2.0]))
+        self.register_buffer("ranks", torch.tensor([4, 2, 3], dtype=torch.int32))
+        self.eval()
+        self.dropped.train()
+
+    def forward(self, x, adapter_ids, batch, out):
+        single = [layer(x) for layer in self.single]
+        own_batch = lk.LoRABatch.from_adapter_ids(adapter_ids, 3)
+        qkv = lk.ops.add_lora(self.base(x), x, list(self.lora_a_slices), list(self.lora_b_slices), own_batch,
+                              self.scalings, self.ranks, [10, 10], backend="cpu")
+        shrunk = lk.ops.lora_shrink(x, self.lora_a_slices[0], batch, self.scalings, self.ranks, backend="cpu")
+        lk.ops.lora_expand(shrunk, self.lora_b_slices[0], batch, out, 2, self.ranks, backend="cpu")
+        return (*single, self.multi[0](x, adapter_ids), self.multi[1](x, batch), qkv, self.dropped(x))
+
+
+# Runs the package and the saved program on inputs of another token count than the exported one, in a process that
+# imported nothing but torch and lora_kernels (argv: the package, the saved program, the inputs, where to write).
+_LOAD_AND_RUN = """
+import sys
+import torch
+import lora_kernels  # what a deployment imports before loading: it registers the ops and the LoRABatch node
+
+package, program, inputs, results = sys.argv[1:]
+x, adapter_ids, batch, out = torch.load(inputs, weights_only=True)  # a LoRABatch among them
+runner = torch._inductor.aoti_load_package(package)
+compiled_out = out.clone()
+compiled = runner(x, adapter_ids, batch, compiled_out)
+torch.manual_seed(5)
+seeded = runner(x, adapter_ids, batch, out.clone())[-1]
+torch.manual_seed(5)
+reseeded = runner(x, adapter_ids, batch, out.clone())[-1]
+exported_out = out.clone()
+exported = torch.export.load(program).module()(x, adapter_ids, batch, exported_out)
+# the last output is the dropout layer's: compared on its own
+torch.save({"compiled": (*compiled[:-1], compiled_out), "exported": (*exported[:-1], exported_out),
+            "dropout": (compiled[-1], seeded, reseeded)}, results)
+"""
+
+# The package loaded without `import lora_kernels`: prints the error.
+_LOAD_WITHOUT_IMPORT = """
+import sys
+import torch
+
+try:
+    torch._inductor.aoti_load_package(sys.argv[1])
+except Exception as error:
+    print(f"{type(error).__name__}: {error}")
+"""
+
+
+def test_an_aoti_package_and_a_saved_program_run_in_a_fresh_process_after_import_lora_kernels(tmp_path):
+    """AOTInductor packages and saved programs of LoRA layers (the cpu, torch and reference backends; adapter ids
+    and LoRABatch inputs; the in-place serving ops) run in another process with a dynamic token count, as the eager
+    model computes, once that process imports lora_kernels; without the import, loading the package names the
+    missing op. The package draws a new dropout mask per call (the seed is drawn in the graph), reproducible under
+    torch.manual_seed. ~25 s on 2 CPU cores, most of it Inductor's C++ compile."""
+    model = _Deployed()
+    tokens = torch.export.Dim("tokens", min=2, max=64)
+    batch_shapes = [{0: tokens} if name in ("adapter_ids", "sorted_token_ids") else None for name in BUFFER_FIELDS]
+
+    def inputs(count, seed):
+        generator = torch.Generator().manual_seed(seed)
+        ids = torch.randint(-1, 3, (count,), generator=generator)
+        return (torch.randn(count, 16, generator=generator), ids, lk.LoRABatch.from_adapter_ids(ids, 3),
+                torch.randn(count, 12, generator=generator))
+
+    exported = torch.export.export(model, inputs(7, 0),
+                                   dynamic_shapes=({0: tokens}, {0: tokens}, batch_shapes + [None], {0: tokens}))
+    package, program, saved_inputs = tmp_path / "model.pt2", tmp_path / "program.pt2", tmp_path / "inputs.pt"
+    torch._inductor.aoti_compile_and_package(exported, package_path=str(package))
+    torch.export.save(exported, program)
+    x, adapter_ids, batch, out = inputs(13, 1)
+    torch.save((x, adapter_ids, batch, out), saved_inputs)
+
+    proc = _run_python(_LOAD_AND_RUN, package, program, saved_inputs, tmp_path / "results.pt")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = torch.load(tmp_path / "results.pt")
+    eager_out = out.clone()
+    with torch.no_grad():
+        eager = (*model(x, adapter_ids, batch, eager_out)[:-1], eager_out)
+    for way in ("compiled", "exported"):
+        for index, (value, want) in enumerate(zip(results[way], eager, strict=True)):
+            assert rel_error(value, want) <= 1e-6, f"{way} output {index}: {rel_error(value, want):.2e}"
+    first, seeded, reseeded = results["dropout"]
+    torch.testing.assert_close(seeded, reseeded, rtol=0, atol=0)
+    assert not torch.equal(first, seeded)
+
+    # the ExportedProgram's decompositions (functionalized in-place ops) compute the same
+    decomposed_out = out.clone()
+    decomposed = exported.run_decompositions().module()(x, adapter_ids, batch, decomposed_out)
+    for value, want in zip((*decomposed[:-1], decomposed_out), eager, strict=True):
+        assert rel_error(value, want) <= 1e-6
+
+    proc = _run_python(_LOAD_WITHOUT_IMPORT, package)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("RuntimeError: Could not find schema for lora_kernels::"), proc.stdout
 
 
 def test_importing_lora_kernels_registers_every_custom_op_a_traced_call_can_record():
