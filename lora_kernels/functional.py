@@ -6,6 +6,7 @@ Backward gives dX, dA, dB and d(bias); dW only when weight.requires_grad (full f
 S = drop(x) @ lora_a.T; the dropout mask is regenerated from a seed, never stored.
 """
 
+import contextlib
 import dataclasses
 import math
 import numbers
@@ -295,9 +296,10 @@ def _fp32_mm(a, b):
 
 def _functorch_transforms_active():
     """Whether a torch.func transform (grad, vmap, jacrev, ...) is running this call. Its C function is the one
-    torch's own autograd.Function.apply asks (torch 2.11 and 2.14 alike); not while tracing, where dynamo handles
-    the transforms itself."""
-    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+    torch's own autograd.Function.apply asks (torch 2.11 and 2.14 alike); dynamo answers it while tracing a
+    transform too (torch.compile(torch.func.grad(f))), where the kernels' ops would not be differentiated: ignoring
+    it there ran the cpu backend's forward op, which has no derivative, and gave zero gradients, silently."""
+    return torch._C._are_functorch_transforms_active()
 
 
 def _triton_lora_linear():
@@ -434,8 +436,9 @@ def _dropout_as_function(backend, seed, x2, dropout_p):
     if backend == "triton":
         # Outside torch.func's transforms: the launch needs the plain storage of its output, which a tensor created
         # inside a transform's level does not expose ("Cannot access storage of TensorWrapper"); the mask is a
-        # constant of the seed and the shape.
-        with torch._C._DisableFuncTorch():
+        # constant of the seed and the shape. Traced, dropout_mask is an opaque op, which runs below the transforms
+        # (and dynamo cannot trace _DisableFuncTorch).
+        with contextlib.nullcontext() if torch.compiler.is_compiling() else torch._C._DisableFuncTorch():
             multiplier = _triton_lora_linear().dropout_mask(seed, x2.shape[0], x2.shape[1], dropout_p, x2.device)
         return lambda t: (t * multiplier).to(t.dtype)
     keep = torch_dropout_keep(seed, x2, dropout_p)

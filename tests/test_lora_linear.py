@@ -664,6 +664,28 @@ def test_torch_func_applies_the_dropout_mask_of_the_autograd_path(backend, devic
     torch.testing.assert_close(pullback(dy)[0], leaf.grad)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_torch_func_compiled_whole_matches_eager(backend, device):
+    """torch.compile(fullgraph=True) of a torch.func transform of lora_linear with dropout: the eager transform's
+    output and gradients (the torch composition, with the backend's mask). Dynamo answers whether a transform is
+    active while it traces one; asked only outside tracing, the cpu backend's forward op (no derivative) was traced
+    under the transform and its gradients came out zero, silently, and the Triton mask's launch failed to trace."""
+    backend_or_skip(backend, device)
+    from torch.func import vjp
+    x, weight, lora_a, lora_b, bias = lora_inputs(6, 32, 16, 4, device=device)
+    dy = randn(6, 16, device=device)
+
+    def step(a, b):
+        y, pullback = vjp(lambda a, b: lora_linear(x, weight, a, b, 2.0, bias, dropout_p=0.5, backend=backend), a, b)
+        return y, pullback(dy)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(3)  # the same dropout seed in both (aot_eager draws eager's)
+    expected = step(lora_a, lora_b)
+    torch.manual_seed(3)
+    torch.testing.assert_close(compiled(lora_a, lora_b), expected)
+
+
 @pytest.mark.parametrize("magnitude", ["small", "large"])
 def test_triton_gemm_fallback_keeps_fp32_products(magnitude, device, monkeypatch):
     """The Triton backward past DY_PARTIALS_BUDGET returns fp32 dB and dS like its kernel: neither product is rounded

@@ -1343,3 +1343,20 @@ def test_quantized_weight_subclass_serves_and_trains_as_dequantized(backend, dty
     with pytest.raises(TypeError, match=r"multi_lora_linear: backend 'reference' cannot read weight, a conftest."
                                         r"QuantizedWeight \(a tensor subclass"):
         lk.multi_lora_linear(x, quantized.weight, lora_a, lora_b, ids, [2.0, 0.5, 1.0], backend="reference")
+
+
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS)
+def test_multi_lora_torch_func_compiled_whole_matches_eager(backend, device):
+    """torch.compile(torch.func.grad(loss), fullgraph=True) over multi_lora_linear: the eager transform's gradients
+    (asked whether a transform was active only outside tracing, the cpu backend's forward op, which has no
+    derivative, was traced under the transform: zero gradients, silently)."""
+    backend_or_skip(backend, device)
+    from torch.func import grad
+    x, weight, lora_a, lora_b, ids, scalings, ranks = _grouped_inputs(device)
+
+    def loss(a, b):
+        return lk.multi_lora_linear(x, weight, a, b, ids, scalings, ranks=ranks, backend=backend).square().sum()
+
+    step = grad(loss, argnums=(0, 1))
+    torch.testing.assert_close(torch.compile(step, fullgraph=True, backend="aot_eager")(lora_a, lora_b),
+                               step(lora_a, lora_b))

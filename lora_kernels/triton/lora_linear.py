@@ -1123,9 +1123,18 @@ def lora_bwd_da(ds, x, dropout_p=0.0, seed=0):
 
 def dropout_mask(seed, M, K, p, device):
     """The dropout multiplier [M, K] float32 the kernels apply for (seed, p): 1/(1-p) where kept, 0 where dropped.
-    For tests (feed it to lora_kernels.reference); the kernels regenerate it and never store it."""
+    For tests (feed it to lora_kernels.reference) and lora_linear's torch.func path; the kernels regenerate it and
+    never store it."""
     op = "dropout_mask"
-    seed = _seed_value(_check_dropout(op, p, seed))
+    seed = _check_dropout(op, p, seed)
+    if torch.compiler.is_compiling():  # M and K may be symbols: unchecked, as lora_linear checks no values there
+        return _dropout_mask_op(seed, M, K, float(p), torch.device(device))
+    return _dropout_mask_impl(seed, M, K, p, device)
+
+
+def _dropout_mask_impl(seed: torch.Tensor, M: int, K: int, p: float, device: torch.device) -> torch.Tensor:
+    op = "dropout_mask"
+    seed = _seed_value(seed)
     for name, value in (("M", M), ("K", K)):
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"{op}: {name} expected a non-negative int, got {value!r}")
@@ -1139,6 +1148,12 @@ def dropout_mask(seed, M, K, p, device):
     if M and K:
         _launch_dropout_mask(out, p, scale, seed)
     return out
+
+
+# Traced (lora_linear's torch.func path under torch.compile), an opaque op: the launch cannot run on fake tensors.
+# It takes the sizes, not a tensor shaped like x, which vmap would batch (torch's fallback then launches per sample).
+_dropout_mask_op = _register("triton_dropout_mask", _dropout_mask_impl,
+                             lambda seed, M, K, p, device: torch.empty((M, K), device=device, dtype=torch.float32))
 
 
 @on_tensor_device
