@@ -241,6 +241,18 @@ _dropout_keep_op = torch.library.custom_op("lora_kernels::torch_dropout_keep", _
 _dropout_keep_op.register_fake(lambda seed, like, p: like.new_empty(like.shape))
 
 
+@_dropout_keep_op.register_vmap
+def _dropout_keep_vmap(info, in_dims, seed, like, p):
+    # torch.func.vmap traced by torch.compile (randomness="same": the seed is one for all samples): one mask of a
+    # sample's shape, as the eager call under vmap draws. torch's fallback drew one per sample (the same one, from
+    # the same seed) and guarded on the sizes: a recompile for every token count, dynamic=True too.
+    seed_dim, like_dim, _ = in_dims  # one per argument, p included
+    if seed_dim is not None:
+        raise ValueError("dropout under torch.func.vmap needs randomness='same' (one seed for the batch), got one "
+                         "seed per sample")
+    return _dropout_keep_op(seed, like if like_dim is None else like.select(like_dim, 0), p), None
+
+
 def torch_dropout_keep(seed, like, p):
     """The dropout keep-mask (1 kept, 0 dropped, each kept with probability 1 - p) of the non-Triton backends,
     shaped like `like` and in its dtype and device: drawn from a generator seeded with `seed` (from new_seed), so

@@ -638,3 +638,42 @@ def test_compiled_matches_eager(case):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         RUNNERS[case.kind](case, gen)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton", "reference"])
+def test_vmap_with_dropout_compiles_once_for_every_token_count(backend):
+    """torch.compile(vmap(lora_linear with dropout), dynamic=True): one graph for every token count, with eager's
+    outputs (the dropout mask op had no vmap rule: torch's fallback drew the mask once per sample and guarded on
+    the sizes, so every token count compiled a graph of its own)."""
+    backend_or_skip(backend, "cpu")
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    weight, lora_a, lora_b = (torch.randn(shape, generator=gen) * 0.3 for shape in ((12, 16), (4, 16), (12, 4)))
+    fn = torch.func.vmap(lambda x: lk.lora_linear(x, weight, lora_a, lora_b, 2.0, dropout_p=0.25, backend=backend),
+                         randomness="same")
+    compiled, graphs = compile_counted(fn, "aot_eager", True)
+    for tokens in (5, 7, 11):
+        x = torch.randn(2, tokens, 16, generator=gen)
+        results = []
+        for run in (fn, compiled):
+            torch.manual_seed(tokens)  # the same dropout seed in both
+            results.append(run(x))
+        check(f"{tokens} tokens", results[1], results[0], F32)
+    assert len(graphs) == 1, f"{len(graphs)} graphs for 3 token counts under dynamic=True"
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton", "reference"])
+def test_vmap_with_dropout_and_a_seed_per_sample_raises_compiled_as_eager(backend):
+    """vmap(randomness="different") draws a dropout seed per sample, which the eager path cannot read (torch's
+    .item() error under vmap); compiled, the mask ops refuse it by name (torch's fallback for ops without a vmap
+    rule drew a mask per sample instead: compiled ran what eager refuses)."""
+    backend_or_skip(backend, "cpu")
+    torch._dynamo.reset()
+    weight, lora_a, lora_b = torch.randn(12, 16), torch.randn(4, 16), torch.randn(12, 4)
+    fn = torch.func.vmap(lambda x: lk.lora_linear(x, weight, lora_a, lora_b, 2.0, dropout_p=0.25, backend=backend),
+                         randomness="different")
+    x = torch.randn(2, 5, 16)
+    with pytest.raises(RuntimeError):
+        fn(x)
+    with pytest.raises(RuntimeError, match="dropout under torch.func.vmap needs randomness="):
+        torch.compile(fn, fullgraph=True, backend="aot_eager")(x)

@@ -1156,6 +1156,14 @@ _dropout_mask_op = _register("triton_dropout_mask", _dropout_mask_impl,
                              lambda seed, M, K, p, device: torch.empty((M, K), device=device, dtype=torch.float32))
 
 
+@_dropout_mask_op.register_vmap
+def _dropout_mask_vmap(info, in_dims, seed, M, K, p, device):
+    # Reached only with a seed per sample (the one tensor argument): vmap's randomness="different", which the eager
+    # path refuses too (it reads the seed as an int), as the torch backend's mask does (functional.py).
+    raise ValueError("dropout under torch.func.vmap needs randomness='same' (one seed for the batch), got one seed "
+                     "per sample")
+
+
 @on_tensor_device
 def _launch_dropout_mask(out, p, scale, seed):
     M, K = out.shape
