@@ -2,8 +2,9 @@
 
 Seeded random cases over: the entry point (lk.lora_linear, LoRALinear, inject_lora on a small torch model and on a
 tiny HF Llama, lk.multi_lora_linear, MultiLoRALinear with adapter ids or set_batch_adapters, lk.ops.lora_shrink /
-lora_expand / add_lora with output slices), the backend, the dtype, training (gradients of x, the factors, the bias,
-the weight) or inference, dropout, leading dims, non-contiguous inputs, merged / disabled adapters, autocast,
+lora_expand / add_lora with output slices, and torch.func transforms of the first four compiled whole), the backend,
+the dtype (float32, float16, bfloat16), training (gradients of x, the factors, the bias, the weight) or inference,
+dropout, leading dims, non-contiguous inputs, merged / disabled adapters, autocast to float16 or bfloat16,
 dynamic=True or the default with several token counts, and adapter ids that change between calls. Each case runs
 every call eagerly and compiled (fullgraph=True, as README promises) on the same inputs and the same RNG state and
 compares outputs and gradients: float32 within 1e-5 (the compiled graph runs the same kernels; Inductor may reorder
@@ -33,11 +34,12 @@ import torch._dynamo
 from conftest import TOLERANCE, backend_or_skip, rel_error
 from torch import nn
 from torch._dynamo.backends.registry import lookup_backend
+from torch.func import functional_call, grad, jacrev, vmap
 
 import lora_kernels as lk
 from lora_kernels.batch import LoRABatch
 
-F32, BF16 = torch.float32, torch.bfloat16
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 FP32_TOLERANCE = 1e-5  # compiled against eager, both float32
 
 
@@ -93,8 +95,8 @@ def make_x(shape, dtype, noncontig, requires_grad, generator):
     return x.requires_grad_(requires_grad)
 
 
-def autocast_ctx(on):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if on else contextlib.nullcontext()
+def autocast_ctx(dtype):
+    return torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
 
 
 def max_graphs(calls, dynamic):
@@ -132,14 +134,14 @@ class Case:
     dropout: float = 0.0
     lead: tuple = ()
     noncontig: str = ""
-    autocast: bool = False
+    autocast: object = None  # the autocast dtype
     token_counts: tuple = (5, 9)
     extra: dict = field(default_factory=dict)
 
     @property
     def compute_dtype(self):
-        """The dtype the kernels run in, whose tolerance applies: autocast's bfloat16 under autocast."""
-        return BF16 if self.autocast else self.dtype
+        """The dtype the kernels run in, whose tolerance applies: autocast's under autocast."""
+        return self.autocast or self.dtype
 
     def id(self):
         parts = [self.kind, self.backend, str(self.dtype).removeprefix("torch."), self.compiler,
@@ -151,7 +153,7 @@ class Case:
         if self.noncontig:
             parts.append(self.noncontig)
         if self.autocast:
-            parts.append("autocast")
+            parts.append("autocast_" + str(self.autocast).removeprefix("torch."))
         parts += [f"{k}={v}" for k, v in sorted(self.extra.items())]
         return "-".join(parts)
 
@@ -524,11 +526,75 @@ def run_serving_ops(case, gen):
     check_graphs(graphs, [(tokens, None) for tokens in case.token_counts], case.dynamic)
 
 
+def _func_entry(case, gen):
+    """(f(params, x, ids) -> y, params): the case's entry point as a function of its trainable tensors (the LoRA
+    factors), for torch.func; ids are the adapter ids of the grouped entries (None for the others)."""
+    K, N, entry, backend = case.extra["K"], case.extra["N"], case.extra["entry"], case.backend
+    if entry in ("LoRALinear", "MultiLoRALinear"):
+        layer = _lora_layer(case, gen) if entry == "LoRALinear" else _multi_layer(case, gen)
+        params = {name: t.detach() for name, t in layer.named_parameters() if "lora" in name}
+        if entry == "LoRALinear":
+            return (lambda p, x, ids: functional_call(layer, p, (x,))), params
+        return (lambda p, x, ids: functional_call(layer, p, (x, ids))), params
+    weight = (torch.randn(N, K, generator=gen) * K ** -0.5).to(case.dtype)
+    bias = torch.randn(N, generator=gen).to(case.dtype) if case.extra["bias"] else None
+    if entry == "lora_linear":
+        r, scaling, p = case.extra["r"], case.extra["scaling"], case.dropout
+        params = {"lora_a": (torch.randn(r, K, generator=gen) * K ** -0.5).to(case.dtype),
+                  "lora_b": (torch.randn(N, r, generator=gen) * r ** -0.5).to(case.dtype)}
+        return (lambda q, x, ids: lk.lora_linear(x, weight, q["lora_a"], q["lora_b"], scaling, bias, dropout_p=p,
+                                                 backend=backend)), params
+    L, R, ranks = case.extra["L"], case.extra["R"], case.extra["ranks"]
+    lora_a, lora_b = _stacked_adapters(L, R, K, N, ranks, case.dtype, gen)
+    scalings, ranks = torch.tensor([0.5 + slot for slot in range(L)]), torch.tensor(ranks, dtype=torch.int32)
+    return (lambda q, x, ids: lk.multi_lora_linear(x, weight, q["lora_a"], q["lora_b"], ids, scalings, bias,
+                                                   ranks=ranks, backend=backend)), {"lora_a": lora_a, "lora_b": lora_b}
+
+
+def _func_transform(name, f):
+    """The transform `name` of f(params, x, ids), as a function of the same arguments. vmap maps over a leading
+    batch dimension of x with one dropout mask for the batch (randomness="same"); the loss is taken in float32."""
+
+    def loss(params, x, ids):
+        return f(params, x, ids).float().square().sum()
+
+    def penalty(params, x, ids):  # a gradient penalty: its gradient takes second derivatives
+        return grad(loss, argnums=1)(params, x, ids).float().square().sum()
+
+    return {"grad": grad(loss),
+            "vmap": vmap(f, in_dims=(None, 0, None), randomness="same"),
+            "per_sample_grad": vmap(grad(loss), in_dims=(None, 0, None), randomness="same"),
+            "jacrev": jacrev(lambda params, x, ids: f(params, x, ids).float().sum(0)),
+            "grad_of_penalty": grad(penalty)}[name]
+
+
+def run_torch_func(case, gen):
+    """A torch.func transform of an entry point compiled whole (torch.compile(torch.func.grad(f)), fullgraph=True)
+    against the same transform run eagerly: gradients of a loss over the LoRA factors, vmap over a batch of inputs,
+    per-sample gradients, jacrev, and the gradient of a gradient penalty (second derivatives: create_graph=True
+    cannot differentiate through a compiled graph, README). Eager, the transforms run the torch composition on every
+    backend (README, "Higher-order gradients and torch.func"); compiled, the same composition."""
+    f, params = _func_entry(case, gen)
+    transform = _func_transform(case.extra["transform"], f)
+    compiled, graphs = compile_counted(transform, case.compiler, case.dynamic)
+    batch = (2,) if case.extra["transform"] in ("vmap", "per_sample_grad") else ()
+    for call, tokens in enumerate(case.token_counts):
+        x = make_x(batch + (tokens, case.extra["K"]), case.dtype, case.noncontig, False, gen)
+        ids = _ids((tokens,), case.extra["L"], gen) if "L" in case.extra else None
+        results = []
+        for run in (transform, compiled):
+            torch.manual_seed(6000 + call)  # the same dropout seed in both
+            results.append(torch.utils._pytree.tree_leaves(run(params, x, ids)))
+        for i, (got, want) in enumerate(zip(results[1], results[0])):
+            check(f"call {call} ({tokens} tokens) output {i}", got, want, case.compute_dtype)
+    check_graphs(graphs, [(tokens, None) for tokens in case.token_counts], case.dynamic)
+
+
 RUNNERS = {
     "lora_linear": run_lora_linear, "LoRALinear": run_lora_module, "inject_torch": run_inject_torch,
     "hf_llama": run_hf_llama, "multi_lora_linear": run_multi_lora_linear, "multi_layer_ids": run_multi_layer_ids,
     "multi_model_names": run_multi_model_names, "serving_ops": run_serving_ops,
-    "dropout_inductor": run_dropout_inductor, "checkpointed": run_checkpointed,
+    "dropout_inductor": run_dropout_inductor, "checkpointed": run_checkpointed, "torch_func": run_torch_func,
 }
 
 
@@ -540,25 +606,29 @@ def draw_cases(seed):
     cases = []
 
     def common(kind, backends, **fixed):
-        case = Case(kind, backend=pick(backends), dtype=pick([F32, F32, BF16]), dynamic=pick([None, True]),
+        case = Case(kind, backend=pick(backends), dtype=pick([F32, F32, F16, BF16]), dynamic=pick([None, True]),
                     lead=pick([(), (2,), (2, 3)]), noncontig=pick(["", "", "stride", "transpose"]),
                     token_counts=tuple(rng.sample([5, 7, 11, 13, 19], rng.choice([2, 3]))))
         for key, value in fixed.items():
             setattr(case, key, value)
         return case
 
+    def autocast_or_none(case):
+        """An autocast dtype for some float32 cases (the reference backend is not autocast's)."""
+        return pick([BF16, F16]) if case.dtype == F32 and case.backend != "reference" and rng.random() < 0.3 else None
+
     single = ["torch", "cpu", "triton", "auto", "reference"]
     for i in range(8):
         case = common("lora_linear", single, train=rng.random() < 0.7)
         case.dropout = pick([0.0, 0.0, 0.25]) if case.train else pick([0.0, 0.25])
-        case.autocast = case.dtype == F32 and case.backend != "reference" and rng.random() < 0.3
+        case.autocast = autocast_or_none(case)
         case.extra = dict(K=pick([16, 24, 40]), N=pick([12, 20]), r=pick([1, 4, 8]), bias=rng.random() < 0.6,
                           scaling=pick([0.5, 2.0, 16 / 3]), grads=pick(["x a b", "a b", "x a b bias", "x a b w"]))
         cases.append(case)
     for i in range(5):
         case = common("LoRALinear", single, train=rng.random() < 0.7)
         case.dropout = pick([0.0, 0.25]) if case.train else 0.0
-        case.autocast = case.dtype == F32 and case.backend != "reference" and rng.random() < 0.3
+        case.autocast = autocast_or_none(case)
         n = len(case.token_counts)
         case.extra = dict(K=pick([16, 24]), N=pick([12, 20]), r=pick([2, 4]), alpha=pick([4, 8, 16]),
                           bias=rng.random() < 0.7,
@@ -577,7 +647,7 @@ def draw_cases(seed):
     grouped = ["torch", "cpu", "triton", "auto", "reference"]
     for i in range(6):
         case = common("multi_lora_linear", grouped, train=rng.random() < 0.6)
-        case.autocast = case.dtype == F32 and case.backend != "reference" and rng.random() < 0.3
+        case.autocast = autocast_or_none(case)
         L, R = pick([2, 3]), pick([4, 8])
         case.extra = dict(K=pick([16, 24]), N=pick([12, 20]), L=L, R=R,
                           ranks=[rng.randint(1 if s == 0 else 0, R) for s in range(L)], bias=rng.random() < 0.5,
@@ -587,7 +657,7 @@ def draw_cases(seed):
     for i in range(3):
         case = common("multi_layer_ids", grouped[:4], train=rng.random() < 0.5)
         L, R = pick([2, 3]), 4
-        case.autocast = case.dtype == F32 and rng.random() < 0.3
+        case.autocast = autocast_or_none(case)
         case.extra = dict(K=16, N=12, L=L, R=R, ranks=[rng.randint(0, R) for _ in range(L)],
                           batch_outside=rng.random() < 0.5, adapter_dtype=F32 if case.dtype == BF16 else None)
         cases.append(case)
@@ -617,6 +687,21 @@ def draw_cases(seed):
             # one more graph on layers this small (N < 32), torch's own.
             case.extra["r"] = max(case.extra["r"], 2)
         cases.append(case)
+    # torch.func transforms compiled whole: the transforms run the entry points' torch composition
+    for i in range(7):
+        entry = pick(["lora_linear", "LoRALinear", "multi_lora_linear", "MultiLoRALinear"])
+        case = common("torch_func", single, train=True, lead=())
+        case.dropout = pick([0.0, 0.25]) if entry in ("lora_linear", "LoRALinear") else 0.0
+        case.extra = dict(entry=entry, transform=pick(["grad", "vmap", "per_sample_grad", "jacrev", "grad_of_penalty"]),
+                          K=pick([16, 24]), N=pick([12, 20]), bias=rng.random() < 0.5)
+        if entry in ("lora_linear", "LoRALinear"):
+            case.extra.update(r=pick([2, 4]), alpha=pick([4, 16]), scaling=pick([0.5, 16 / 3]))
+        else:
+            L, R = pick([2, 3]), pick([4, 8])
+            case.extra.update(L=L, R=R, ranks=[rng.randint(1 if s == 0 else 0, R) for s in range(L)])
+        cases.append(case)
+    # Inductor draws its own dropout seed (README): compared with eager without dropout
+    cases[-1].compiler, cases[-1].backend, cases[-1].dropout = "inductor", pick(["torch", "cpu"]), 0.0
     cases.append(Case("dropout_inductor", backend=pick(["torch", "cpu"]), train=True, dropout=0.25, lead=(2,),
                       token_counts=(7,), extra=dict(K=16, N=20, r=4, alpha=8, bias=True)))
     # one tiny Llama (test_hf_models.py compiles its training step with the default settings)
