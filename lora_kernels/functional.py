@@ -44,8 +44,8 @@ def _check_dense_weight(op, weight):
                         f"with weight.to_dense()")
 
 
-def _check_same(op, name, t, ref_name, ref):
-    if t.dtype != ref.dtype:
+def _check_same(op, name, t, ref_name, ref, *, dtype=True):
+    if dtype and t.dtype != ref.dtype:
         raise TypeError(f"{op}: {name} expected dtype {ref.dtype} (same as {ref_name}), got {t.dtype}")
     if t.device != ref.device:
         raise ValueError(f"{op}: {name} expected device {ref.device} (same as {ref_name}), got {t.device}")
@@ -83,9 +83,11 @@ def _check_bias_and_like_x(op, x, weight, lora_a, lora_b, bias, out_features):
     """bias [N] (or None), and every given tensor on x's device and dtype: the tail of both ops' argument checks."""
     if bias is not None and tuple(bias.shape) != (out_features,):
         raise ValueError(f"{op}: bias expected shape [{out_features}], got {tuple(bias.shape)}")
+    # A subclass weight keeps its dtype under autocast (see _cast_for_autocast); its F.linear takes x in autocast's.
+    subclass_under_autocast = is_subclass_weight(weight) and _autocast_dtype(x) is not None
     for name, t in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("bias", bias)):
         if t is not None:
-            _check_same(op, name, t, "x", x)
+            _check_same(op, name, t, "x", x, dtype=not (name == "weight" and subclass_under_autocast))
 
 
 def check_lora_linear_args(op, x, weight, lora_a, lora_b, bias, scaling, dropout_p):
@@ -212,9 +214,12 @@ def _cast_for_autocast(dtype, tensors):
     refused by the same-dtype check, as F.linear refuses it). Our kernels and custom ops are invisible to autocast,
     so without this an fp32 model under autocast ran the slow fp32 kernels, or failed on the mixed dtypes autocast
     gave the torch ops around them. The casts are differentiable: fp32 parameters get fp32 gradients, like
-    nn.Linear's under autocast."""
+    nn.Linear's under autocast. A subclass weight (is_subclass_weight) is left as it is, as nn.Linear leaves it: its
+    own F.linear runs under autocast (see _lora_linear_composition and _multi_lora_base). A quantized weight may have
+    no cast (conftest's QuantizedWeight: "unimplemented operator aten._to_copy") or ignore it (torchao 0.18's
+    Int8Tensor.to(torch.bfloat16) stays float32, which the same-dtype check then refused)."""
     return [t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point()
-            and t.dtype not in (dtype, torch.float64) else t for t in tensors]
+            and t.dtype not in (dtype, torch.float64) and not is_subclass_weight(t) else t for t in tensors]
 
 
 # ------------------------------------------------------------------------------------------------- dropout (torch)
@@ -462,10 +467,13 @@ def _lora_linear_composition(x2, weight, lora_a, lora_b, bias, scaling, dropout_
     branch in the dtype of _differentiable_lora_operands and the base output added to it there, then rounded once
     more to x's dtype. Dropout draws the mask the backend's own path draws from the same seed."""
     x_lora = x2 if dropout_p == 0.0 else _dropout_as_function(backend, seed, x2, dropout_p)(x2)
+    # Under autocast as in nn.Linear: a subclass weight, left uncast (_cast_for_autocast), may be of another dtype
+    # than x2 (torchao's Int8Tensor stays float32), which its F.linear leaves to autocast. Other weights are cast.
+    base = torch.nn.functional.linear(x2, weight, bias)
     with ops.autocast_off(x2.device):
         x_lora, lora_a, lora_b = _differentiable_lora_operands(backend, x_lora, lora_a, lora_b)
         term = scaling * ((x_lora @ lora_a.T) @ lora_b.T)
-        return (torch.nn.functional.linear(x2, weight, bias).to(term.dtype) + term).to(x2.dtype)
+        return (base.to(term.dtype) + term).to(x2.dtype)
 
 
 def _lora_linear_backward_differentiable(ctx, dy, x2, weight, lora_a, lora_b, seed):
@@ -494,7 +502,8 @@ def lora_linear(x, weight, lora_a, lora_b, scaling=1.0, bias=None, *, dropout_p=
 
     x: [..., K]; weight: [N, K]; lora_a: [r, K]; lora_b: [N, r]; bias: [N] or None; all one dtype and device.
     dropout_p applies to the LoRA branch input only (pass 0 in eval mode). Returns [..., N] in x.dtype; under
-    torch.autocast, in the autocast dtype, like F.linear (every input is cast to it first).
+    torch.autocast, in the autocast dtype, like F.linear (every input is cast to it first, but for a subclass weight,
+    whose own F.linear runs under autocast).
     backend: "auto", "triton", "cuda", "cpu", "torch" or "reference" (see lora_kernels.backends).
     DTensors (tensor parallelism; all arguments then, on one mesh, dropout_p = 0): "torch" or "reference" only,
     and "auto" picks "torch" (resolve_dtensor_backend). A weight that is a tensor subclass (is_subclass_weight:

@@ -847,3 +847,23 @@ def test_quantized_weight_subclass_refuses_the_kernel_backends(backend):
     with pytest.raises(TypeError, match=rf"lora_linear: backend '{backend}' cannot read weight, a conftest."
                                         rf"QuantizedWeight \(a tensor subclass.*use backend='torch'"):
         lora_linear(x, quantized.weight, lora_a, lora_b, backend=backend)
+
+
+def test_quantized_weight_subclass_under_autocast_runs_its_own_linear_uncast():
+    """Under torch.autocast a subclass weight is left uncast, as nn.Linear leaves it: its own F.linear runs under
+    autocast on x and bias cast to the autocast dtype, and the output (in that dtype) and the gradients are those of
+    the dequantized weight under autocast. Before, the cast of the weight failed ("QuantizedWeight dispatch: ...
+    unimplemented operator aten._to_copy"; torchao 0.18's Int8Tensor ignores it and stays float32, which the
+    same-dtype check then refused)."""
+    quantized, plain = quantized_linear(24, 16)
+    x, _, lora_a, lora_b, _ = lora_inputs(5, 24, 16, 4)
+    results = []
+    for weight in (quantized.weight, plain.weight):
+        leaves = [t.clone().requires_grad_(True) for t in (x, lora_a, lora_b)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = lora_linear(leaves[0], weight, leaves[1], leaves[2], 2.0, quantized.bias)
+        y.float().backward(torch.linspace(-1, 1, y.numel()).reshape(y.shape))
+        results.append([y.detach()] + [leaf.grad for leaf in leaves])
+    assert results[0][0].dtype == torch.bfloat16 and results[0][1].dtype == torch.float32
+    for name, got, expected in zip(("y", "dx", "d_lora_a", "d_lora_b"), *results):
+        assert_close(got, expected, torch.bfloat16, name)

@@ -1345,6 +1345,31 @@ def test_quantized_weight_subclass_serves_and_trains_as_dequantized(backend, dty
         lk.multi_lora_linear(x, quantized.weight, lora_a, lora_b, ids, [2.0, 0.5, 1.0], backend="reference")
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_quantized_weight_subclass_under_autocast_runs_its_own_linear_uncast(backend):
+    """Under torch.autocast a subclass weight is left uncast, as nn.Linear leaves it (its own F.linear runs under
+    autocast), serving and training: as the dequantized weight under autocast. Before, the cast of the weight failed
+    ("unimplemented operator aten._to_copy"; torchao 0.18's Int8Tensor stays float32, which the checks refused)."""
+    quantized, plain = quantized_linear(24, 16)
+    num_slots, rank, m = 3, 4, 40
+    x = randn(m, 24)
+    lora_a, lora_b = randn(num_slots, rank, 24, scale=0.2), randn(num_slots, 16, rank)
+    ids = torch.arange(m) % (num_slots + 1) - 1
+    results = []
+    for weight in (quantized.weight, plain.weight):
+        leaves = [t.clone().requires_grad_(True) for t in (x, lora_a, lora_b)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            served = lk.multi_lora_linear(x, weight, lora_a, lora_b, ids, [2.0, 0.5, 1.0], quantized.bias,
+                                          backend=backend)
+            y = lk.multi_lora_linear(*leaves[:1], weight, *leaves[1:], ids, [2.0, 0.5, 1.0], quantized.bias,
+                                     backend=backend)
+        y.float().backward(torch.linspace(-1, 1, y.numel()).reshape(y.shape))
+        results.append([served, y.detach()] + [leaf.grad for leaf in leaves])
+    assert results[0][0].dtype == results[0][1].dtype == torch.bfloat16
+    for name, got, expected in zip(("served", "y", "dx", "d_lora_a", "d_lora_b"), *results):
+        assert_close(got, expected, torch.bfloat16, name)
+
+
 @pytest.mark.parametrize("backend", GROUPED_BACKENDS)
 def test_multi_lora_torch_func_compiled_whole_matches_eager(backend, device):
     """torch.compile(torch.func.grad(loss), fullgraph=True) over multi_lora_linear: the eager transform's gradients
