@@ -129,6 +129,15 @@ def has_own_linear_forward(module):
             and f"{cls.__module__}.{cls.__qualname__}" not in LINEAR_EQUIVALENTS)
 
 
+def refuse_subclass_reset(op, weight, instead):
+    """TypeError for re-initialising a tensor-subclass (quantized) base weight, before any change: nn.Linear's
+    initialisation writes values into it, which such weights do not implement (nn.Linear.reset_parameters() fails
+    on torchao's with "unimplemented operator ... aten.uniform_"), and a random quantized weight is of no use."""
+    if is_subclass_weight(weight):
+        raise TypeError(f"{op}: the base weight is {describe_subclass(weight)}, which cannot be re-initialised; the "
+                        f"layer is unchanged (use {instead})")
+
+
 def check_wrappable_linear(op, what, module, hint=""):
     """TypeError, naming `what` and the class, for a linear layer a LoRA wrapper cannot stand in for. The wrappers
     compute F.linear(x, weight, bias) on the layer's weight Parameter and never call the layer itself, so:
@@ -137,7 +146,9 @@ def check_wrappable_linear(op, what, module, hint=""):
     - a weight computed on each access (torch.nn.utils.parametrize: weight_norm, spectral_norm, orthogonal) or by a
       forward pre-hook (the deprecated torch.nn.utils.weight_norm) is no Parameter to hold, freeze and merge into.
     - a weight of another dtype (float8, complex) or a sparse one cannot be computed with (an obscure error deep in
-      the first forward, the factors' initialisation or a merge).
+      the first forward, the factors' initialisation or a merge);
+    - a transformers Conv1D's weight [in, out] is passed transposed, which a tensor-subclass (quantized) weight does
+      not implement (torchao's: "unimplemented operator ... aten.permute" at the first forward).
     nn.Linear, its subclasses that keep nn.Linear's forward (or whose forward computes F.linear: LINEAR_EQUIVALENTS)
     and transformers' Conv1D pass."""
     cls = type(module)
@@ -168,6 +179,13 @@ def check_wrappable_linear(op, what, module, hint=""):
         raise TypeError(f"{op}: {what} ({cls.__name__}) expected a dense (strided) weight, got layout "
                         f"{weight.layout}: the kernels, the merge and nn.Linear's own forward (COO) read dense "
                         f"weights; convert it first (module.weight = nn.Parameter(module.weight.to_dense())){hint}")
+    if is_conv1d(module) and is_subclass_weight(weight):
+        # torchao's quantize_ leaves Conv1D out by default; with a filter_fn it quantizes the [in, out] weight as if it
+        # were [out, in], and the Conv1D's own forward fails on it (aten.addmm)
+        raise TypeError(f"{op}: {what} ({cls.__name__}) has a weight that is {describe_subclass(weight)}: a Conv1D's "
+                        f"weight is stored [in, out] and a LoRA layer passes its transpose, which such weights do not "
+                        f"implement (nor does the Conv1D's own forward run on one). Quantize nn.Linear layers only "
+                        f"(torchao's quantize_ default){hint}")
 
 
 _HOOK_KINDS = (("forward", "_forward_hooks"), ("forward pre", "_forward_pre_hooks"), ("backward", "_backward_hooks"),
@@ -296,7 +314,9 @@ class LoRALinear(nn.Module):
         """Re-initialises the layer as a new one: the base weight and bias as nn.Linear does, the adapter with the
         layer's init_lora_weights (a fresh adapter: the identity, unless it is False), unmerged. What meta-device
         flows call after to_empty(); on a layer made by from_linear it re-initialises the shared base weight too,
-        as nn.Linear.reset_parameters() would."""
+        as nn.Linear.reset_parameters() would. Refused for a tensor-subclass (quantized) base weight."""
+        refuse_subclass_reset("LoRALinear.reset_parameters", self.weight,
+                              "reset_lora_parameters() to re-initialise the adapter alone")
         self._reset_base_parameters()
         self.reset_lora_parameters(getattr(self, "init_lora_weights", True))  # a layer pickled before it was kept
         self.merged = False
@@ -595,8 +615,9 @@ class MultiLoRALinear(nn.Module):
         constructor does: weight ~ N(0, 0.02), bias zeros) and clears every slot (rank 0, scaling 0, zero
         factors), as after construction: what meta-device flows call after to_empty(), which leaves the ranks and
         scalings buffers uninitialised. A name -> slot table the model holds (lora_adapter_slots) is not changed:
-        load the adapters again."""
+        load the adapters again. Refused for a tensor-subclass (quantized) base weight."""
         base = self.base_layer
+        refuse_subclass_reset("MultiLoRALinear.reset_parameters", base.weight, "clear_adapter(slot) to clear a slot")
         if callable(getattr(base, "reset_parameters", None)):
             base.reset_parameters()
         else:
@@ -821,7 +842,7 @@ def find_target_linears(model, target_modules, exclude_modules=None, op="inject_
     the layer, so a LoRA there would be ignored; SigLIP's pooling head, matched by "all-linear" or a CLIP-style
     "out_proj" entry), and under "all-linear" the layers check_wrappable_linear refuses when named (nn.Linear
     subclasses with a forward of their own, such as MoE routers that return scores and indices or fake-quant
-    layers; parametrized weights; weights of another dtype or a sparse layout)."""
+    layers; parametrized weights; weights of another dtype or a sparse layout; a Conv1D's quantized weight)."""
     all_linear = isinstance(target_modules, str) and target_modules.lower() == "all-linear"
     found, skipped = [], []
     for name, module in named_target_modules(model, target_modules, exclude_modules, op=op,
@@ -842,7 +863,7 @@ def find_target_linears(model, target_modules, exclude_modules=None, op="inject_
                 check_wrappable_linear(op, f"module {name!r}", module)
             except TypeError:
                 skipped.append(f"{name!r} (a {type(module).__name__}: its own forward, a computed weight, or a "
-                               f"weight of another dtype or layout)")
+                               f"weight of another dtype or layout, or a quantized Conv1D weight)")
                 continue
         check_no_accelerate_hook(op, name, module)
         check_wrappable_linear(op, f"module {name!r}", module, _LEAVE_OUT_HINT)

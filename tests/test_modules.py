@@ -601,6 +601,45 @@ def test_quantized_base_weights_train_as_dequantized_and_refuse_merging_untouche
     torch.testing.assert_close(loaded(x), outputs[0])
 
 
+def test_quantized_base_weights_refuse_reinitialisation_and_conv1d_untouched():
+    """A tensor-subclass (quantized) base weight cannot be re-initialised (nn.Linear's init writes into it) nor
+    transposed: reset_parameters() and a transformers Conv1D holding one ([in, out], passed transposed) are refused
+    by name before any change. Before, reset_parameters() failed in the init ("QuantizedWeight dispatch: ...
+    aten.uniform_", as nn.Linear's own does on torchao's weights) and the Conv1D was wrapped and failed at the first
+    forward (aten.permute); reset_lora_parameters() re-initialises the adapter alone."""
+    from transformers.pytorch_utils import Conv1D
+
+    from conftest import QuantizedWeight, quantized_linear
+    from lora_kernels import MultiLoRALinear
+    quantized, _ = quantized_linear(12, 6)
+    layer, weight = LoRALinear.from_linear(quantized, r=2, init_lora_weights=False), quantized.weight
+    lora_a, lora_b = layer.lora_A.weight.detach().clone(), layer.lora_B.weight.detach().clone()
+    with pytest.raises(TypeError, match=r"LoRALinear.reset_parameters: the base weight is a conftest.QuantizedWeight "
+                                        r"\(a tensor subclass.*cannot be re-initialised; the layer is unchanged \(use "
+                                        r"reset_lora_parameters\(\)"):
+        layer.reset_parameters()
+    assert layer.weight is weight and torch.equal(layer.lora_A.weight, lora_a) and torch.equal(layer.lora_B.weight,
+                                                                                                lora_b)
+    layer.reset_lora_parameters()
+    assert not layer.lora_B.weight.any()
+    multi = MultiLoRALinear(quantized_linear(12, 6)[0], max_adapters=2, max_rank=2)
+    multi.set_adapter(0, torch.ones(2, 12), torch.ones(6, 2), 1.0)
+    with pytest.raises(TypeError, match=r"MultiLoRALinear.reset_parameters: the base weight is a conftest."
+                                        r"QuantizedWeight.*the layer is unchanged \(use clear_adapter\(slot\)"):
+        multi.reset_parameters()
+    assert multi.ranks.tolist() == [2, 0] and multi.lora_a[0].eq(1).all()
+
+    conv1d = Conv1D(6, 12)
+    conv1d.weight = nn.Parameter(QuantizedWeight.quantize(conv1d.weight), requires_grad=False)
+    transposed = r" \(Conv1D\) has a weight that is a conftest.QuantizedWeight .*passes its transpose"
+    with pytest.raises(TypeError, match=r"LoRALinear.from_linear: linear" + transposed):
+        LoRALinear.from_linear(conv1d, fan_in_fan_out=True)
+    with pytest.raises(TypeError, match=r"MultiLoRALinear: base_linear" + transposed):
+        MultiLoRALinear(conv1d, max_adapters=2, max_rank=2)
+    with pytest.raises(TypeError, match=r"inject_lora: module '0'" + transposed):
+        inject_lora(nn.Sequential(conv1d), ["0"], r=2)
+
+
 def _materialise_with_garbage(model):
     """to_empty as meta-device init flows do it, with the uninitialised memory made visibly bad (NaN, huge ranks)."""
     model.to_empty(device="cpu")
