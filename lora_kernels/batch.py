@@ -47,7 +47,8 @@ class LoRABatch:
 
         validate: check the id values and raise ValueError on one out of range. Checking values costs a host sync,
         so the default (None) checks CPU tensors outside torch.compile tracing only; CUDA tensors are checked with
-        validate=True (not inside a CUDA-graph capture: the check syncs), traced ones never (it would break the graph).
+        validate=True (not inside a CUDA-graph capture: the check syncs), traced ones never (it would break the graph),
+        nor any inside torch.func transforms (vmap over the ids cannot read their values on the host).
         Unchecked out-of-range ids are never read out of bounds: they are treated as -1 (base model only)."""
         if not isinstance(adapter_ids, torch.Tensor):
             raise TypeError(f"LoRABatch.from_adapter_ids: adapter_ids expected a torch.Tensor, "
@@ -59,7 +60,10 @@ class LoRABatch:
             raise ValueError(f"LoRABatch.from_adapter_ids: num_adapters expected an int >= 1, got {num_adapters!r}")
         ids = adapter_ids.reshape(-1)
         if validate is None:
-            validate = ids.device.type == "cpu" and not torch.compiler.is_compiling()
+            # vmap over the ids (also inside a nested grad, which hides them in its own wrapper): reading them raised
+            # torch's ".item() on a Tensor" error, where the rest of the batch is built with batched torch ops
+            validate = (ids.device.type == "cpu" and not torch.compiler.is_compiling()
+                        and not torch._C._are_functorch_transforms_active())
         if validate and ids.numel() > 0:
             low, high = (int(v) for v in torch.aminmax(ids))
             if low < -1 or high >= num_adapters:

@@ -813,9 +813,10 @@ def multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias=Non
         ops.check_triton_args(op, x.dtype, num_slots)
     if backend == "reference":
         x64, weight64, bias64 = x2.double(), weight.double(), None if bias is None else bias.double()
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or _functorch_transforms_active():
             # The reference's loop reads each token's slot on the host, which a traced graph cannot (a data-dependent
-            # error under fullgraph=True): the same float64 math in slot-masked torch ops, differentiated by autograd.
+            # error under fullgraph=True), nor vmap over the ids (torch's ".item() on a Tensor" error): the same
+            # float64 math in slot-masked torch ops, differentiated by autograd.
             y = torch.nn.functional.linear(x64, weight64, bias64) + _multi_lora_term(
                 x64, lora_a.double(), lora_b.double(), batch.adapter_ids, scalings, ranks)
         else:

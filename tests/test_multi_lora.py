@@ -1315,6 +1315,31 @@ def test_multi_lora_under_torch_func_grad(backend, device):
         assert_close(g, leaf.grad, torch.float32, f"torch.func.grad {name}")
 
 
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS + ["reference"])
+def test_multi_lora_vmap_over_the_adapter_ids(backend, device):
+    """torch.func.vmap mapping the adapter ids as well as x (sequences with ids of their own), and per-sample
+    gradients of the stacked adapters under it: each sample's output and gradient are the reference's for that
+    sample. Before, building the batch read the ids' range on the host (vmap's ".item() on a Tensor" error), and
+    the reference backend's loop each token's slot."""
+    backend_or_skip(backend, device)
+    from torch.func import grad, vmap
+    x, weight, lora_a, lora_b, ids, scalings, ranks = _grouped_inputs(device)
+    xs, id_rows = torch.stack([x, x.flip(0)]), torch.stack([ids, ids.roll(1)])
+
+    def run(a, x, ids):
+        return lk.multi_lora_linear(x, weight, a, lora_b, ids, scalings, ranks=ranks, backend=backend)
+
+    ys = vmap(run, in_dims=(None, 0, 0))(lora_a, xs, id_rows)
+    grads = vmap(grad(lambda a, x, ids: run(a, x, ids).square().sum()), in_dims=(None, 0, 0))(lora_a, xs, id_rows)
+    for sample in range(2):
+        ref_a = lora_a.double().cpu().requires_grad_(True)
+        expected = reference.multi_lora_linear_autograd(xs[sample].double().cpu(), weight.double().cpu(), ref_a,
+                                                        lora_b.double().cpu(), id_rows[sample].cpu(), scalings, None,
+                                                        torch.tensor(ranks))
+        expected.square().sum().backward()
+        assert_close(ys[sample], expected, torch.float32, f"y of sample {sample}")
+        assert_close(grads[sample], ref_a.grad, torch.float32, f"per-sample d_lora_a of sample {sample}")
+
 @pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_quantized_weight_subclass_serves_and_trains_as_dequantized(backend, dtype):
