@@ -447,9 +447,24 @@ def _differentiable_lora_operands(backend, *tensors):
     return tuple(t.to(accumulate_dtype(t.dtype)) for t in tensors)
 
 
+def _check_one_seed_for_the_batch():
+    """ValueError for dropout under an eager torch.func.vmap with randomness="different": each sample drew a seed of
+    its own, which the mask's generator (or kernel launch) would read on the host, where torch raised its unclear
+    "vmap: It looks like you're calling .item() on a Tensor". Traced, the mask ops' vmap rules refuse it (see
+    _dropout_keep_vmap). Called on the paths the transforms take only (the torch composition, the reference)."""
+    if torch.compiler.is_compiling() or not _functorch_transforms_active():
+        return
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    if any(interpreter.key() == torch._C._functorch.TransformType.Vmap and interpreter.randomness() == "different"
+           for interpreter in retrieve_all_functorch_interpreters()):
+        raise ValueError("lora_linear: dropout under torch.func.vmap needs randomness='same' (one seed for the "
+                         "batch), got randomness='different' (one seed per sample)")
+
+
 def _dropout_as_function(backend, seed, x2, dropout_p):
     """The dropout of the forward that drew `seed` from x2 [M, K], as a function of a tensor shaped like x2: the
     Triton kernels draw their own mask from the seed, the other backends torch_dropout_keep's."""
+    _check_one_seed_for_the_batch()
     if backend == "triton":
         # Outside torch.func's transforms: the launch needs the plain storage of its output, which a tensor created
         # inside a transform's level does not expose ("Cannot access storage of TensorWrapper"); the mask is a
@@ -543,6 +558,8 @@ def lora_linear(x, weight, lora_a, lora_b, scaling=1.0, bias=None, *, dropout_p=
         seed = new_seed()
     lead_shape, in_features = x.shape[:-1], x.shape[-1]
     if backend == "reference":
+        if seed is not None:
+            _check_one_seed_for_the_batch()
         mask = None if seed is None else torch_dropout_keep(seed, x, dropout_p).double() / (1.0 - dropout_p)
         return reference.lora_linear(x, weight, lora_a, lora_b, scaling, bias, mask).to(x.dtype)
     x2 = x if x.dim() == 2 else x.reshape(-1, in_features)

@@ -749,16 +749,17 @@ def test_vmap_with_dropout_compiles_once_for_every_token_count(backend):
 
 @pytest.mark.parametrize("backend", ["torch", "cpu", "triton", "reference"])
 def test_vmap_with_dropout_and_a_seed_per_sample_raises_compiled_as_eager(backend):
-    """vmap(randomness="different") draws a dropout seed per sample, which the eager path cannot read (torch's
-    .item() error under vmap); compiled, the mask ops refuse it by name (torch's fallback for ops without a vmap
-    rule drew a mask per sample instead: compiled ran what eager refuses)."""
+    """vmap(randomness="different") draws a dropout seed per sample, which the eager path cannot read: it refuses it
+    by name (torch's unclear ".item() on a Tensor" error before); compiled, the mask ops' vmap rules refuse it
+    (torch's fallback for ops without a vmap rule drew a mask per sample instead: compiled ran what eager refuses)."""
     backend_or_skip(backend, "cpu")
     torch._dynamo.reset()
     weight, lora_a, lora_b = torch.randn(12, 16), torch.randn(4, 16), torch.randn(12, 4)
     fn = torch.func.vmap(lambda x: lk.lora_linear(x, weight, lora_a, lora_b, 2.0, dropout_p=0.25, backend=backend),
                          randomness="different")
     x = torch.randn(2, 5, 16)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match=r"lora_linear: dropout under torch.func.vmap needs randomness='same' .*"
+                                         r"got randomness='different'"):
         fn(x)
     with pytest.raises(RuntimeError, match="dropout under torch.func.vmap needs randomness="):
         torch.compile(fn, fullgraph=True, backend="aot_eager")(x)
