@@ -1356,7 +1356,8 @@ def test_quantized_weight_subclass_serves_and_trains_as_dequantized(backend, dty
     ids = torch.arange(m) % (num_slots + 1) - 1
     results = []
     for weight in (quantized.weight, plain.weight):
-        served = lk.multi_lora_linear(x, weight, lora_a, lora_b, ids, [2.0, 0.5, 1.0], quantized.bias,
+        # the bias detached: nothing requires grad, so this is the serving path (the layer's bias does)
+        served = lk.multi_lora_linear(x, weight, lora_a, lora_b, ids, [2.0, 0.5, 1.0], quantized.bias.detach(),
                                       backend=backend)
         leaves = [t.clone().requires_grad_(True) for t in (x, lora_a, lora_b)]
         y = lk.multi_lora_linear(*leaves[:1], weight, *leaves[1:], ids, [2.0, 0.5, 1.0], quantized.bias,
@@ -1369,6 +1370,23 @@ def test_quantized_weight_subclass_serves_and_trains_as_dequantized(backend, dty
                                         r"QuantizedWeight \(a tensor subclass"):
         lk.multi_lora_linear(x, quantized.weight, lora_a, lora_b, ids, [2.0, 0.5, 1.0], backend="reference")
 
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_quantized_weight_subclass_in_a_batch_with_no_active_adapter(backend):
+    """MultiLoRALinear's shortcut for a batch without adapter rows (multi_lora_base_linear) on a subclass base
+    weight: its own F.linear, as the base layer computes (the cpu backend's float32 copy past 16 rows of a bf16
+    layer is not among its ops); the reference backend, which computes the base in float64, refused by name."""
+    backend_or_skip(backend, torch.device("cpu"))
+    quantized, _ = quantized_linear(24, 16, dtype=torch.bfloat16)
+    model = lk.prepare_multi_adapter(nn.Sequential(quantized), ["0"], max_adapters=2, max_rank=4, backend=backend)
+    x = randn(2, 20, 24, dtype=torch.bfloat16)  # 40 rows: past CPU_DECODE_MAX_M
+    with torch.no_grad(), lk.set_batch_adapters(model, "__base__"):
+        if backend == "reference":
+            with pytest.raises(TypeError, match=r"multi_lora_linear: backend 'reference' cannot read weight, a "
+                                                r"conftest.QuantizedWeight \(a tensor subclass"):
+                model(x)
+        else:
+            torch.testing.assert_close(model(x), quantized(x), rtol=0, atol=0)
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_quantized_weight_subclass_under_autocast_runs_its_own_linear_uncast(backend):
