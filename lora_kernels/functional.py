@@ -661,20 +661,22 @@ def _multi_lora_term(x2, lora_a, lora_b, adapter_ids, scalings, ranks):
     """The grouped LoRA term [M, N] (design.md §3) in differentiable torch ops, in x2's dtype (accumulated in fp32,
     fp64 for fp64): what autograd differentiates where the kernels cannot be (create_graph=True, torch.func). Slot
     by slot over all rows with `where`, so no other slot's NaN row and no NaN padding reaches a value or a gradient
-    (L·M·R·(K+N) work: these paths are not the fast ones)."""
+    (L·M·R·(K+N) work: these paths are not the fast ones). Autocast is off inside: it would run the fp32 matmuls
+    in its 16-bit dtype."""
     acc = accumulate_dtype(x2.dtype)
     num_slots, max_rank = lora_a.shape[:2]
-    zero = torch.zeros((), dtype=acc, device=x2.device)
-    in_rank = torch.arange(max_rank, device=x2.device) < ranks[:, None]
-    a = torch.where(in_rank[:, :, None], lora_a.to(acc), zero)
-    b = torch.where(in_rank[:, None, :], lora_b.to(acc), zero)
-    x_acc = x2.to(acc)
-    total = torch.zeros(x2.shape[0], lora_b.shape[1], dtype=acc, device=x2.device)
-    for slot in range(num_slots):
-        rows = (adapter_ids == slot)[:, None]
-        term = (torch.where(rows, x_acc, zero) @ a[slot].T * scalings[slot].to(acc)) @ b[slot].T
-        total = total + torch.where(rows, term, zero)
-    return total.to(x2.dtype)
+    with ops.autocast_off(x2.device):
+        zero = torch.zeros((), dtype=acc, device=x2.device)
+        in_rank = torch.arange(max_rank, device=x2.device) < ranks[:, None]
+        a = torch.where(in_rank[:, :, None], lora_a.to(acc), zero)
+        b = torch.where(in_rank[:, None, :], lora_b.to(acc), zero)
+        x_acc = x2.to(acc)
+        total = torch.zeros(x2.shape[0], lora_b.shape[1], dtype=acc, device=x2.device)
+        for slot in range(num_slots):
+            rows = (adapter_ids == slot)[:, None]
+            term = (torch.where(rows, x_acc, zero) @ a[slot].T * scalings[slot].to(acc)) @ b[slot].T
+            total = total + torch.where(rows, term, zero)
+        return total.to(x2.dtype)
 
 
 class MultiLoRAFunction(torch.autograd.Function):

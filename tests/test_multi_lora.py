@@ -1340,6 +1340,26 @@ def test_multi_lora_vmap_over_the_adapter_ids(backend, device):
         assert_close(ys[sample], expected, torch.float32, f"y of sample {sample}")
         assert_close(grads[sample], ref_a.grad, torch.float32, f"per-sample d_lora_a of sample {sample}")
 
+
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS)
+def test_multi_lora_torch_func_under_autocast_keeps_the_lora_term_in_fp32(backend):
+    """Under torch.func (the torch composition) inside torch.autocast the LoRA term accumulates in fp32, as the
+    kernels' paths and lora_linear's composition do: the same as without autocast on the inputs autocast casts to.
+    Before, autocast ran the composition's fp32 matmuls in bf16."""
+    backend_or_skip(backend, torch.device("cpu"))
+    from torch.func import vmap
+    x, weight, lora_a, lora_b, ids, scalings, ranks = _grouped_inputs(torch.device("cpu"))
+
+    def run(x, weight, lora_a, lora_b):
+        return lk.multi_lora_linear(x, weight, lora_a, lora_b, ids, scalings, ranks=ranks, backend=backend)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = vmap(run, in_dims=(0, None, None, None))(x[None], weight, lora_a, lora_b)
+    cast_first = vmap(run, in_dims=(0, None, None, None))(*(t.bfloat16() for t in (x[None], weight, lora_a, lora_b)))
+    assert under_autocast.dtype == torch.bfloat16
+    torch.testing.assert_close(under_autocast, cast_first, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_quantized_weight_subclass_serves_and_trains_as_dequantized(backend, dtype):
