@@ -83,11 +83,13 @@ def _check_bias_and_like_x(op, x, weight, lora_a, lora_b, bias, out_features):
     """bias [N] (or None), and every given tensor on x's device and dtype: the tail of both ops' argument checks."""
     if bias is not None and tuple(bias.shape) != (out_features,):
         raise ValueError(f"{op}: bias expected shape [{out_features}], got {tuple(bias.shape)}")
-    # A subclass weight keeps its dtype under autocast (see _cast_for_autocast); its F.linear takes x in autocast's.
-    subclass_under_autocast = is_subclass_weight(weight) and _autocast_dtype(x) is not None
+    # A subclass weight's dtype is its own F.linear's to judge, as in nn.Linear: torchao's Int8Tensor computes in x's
+    # dtype, so a bfloat16 one takes the float32 inputs of peft.prepare_model_for_kbit_training's float32 norms and a
+    # float32 one autocast's (it is left uncast, see _cast_for_autocast); others raise their own dtype error.
+    subclass_weight = is_subclass_weight(weight)
     for name, t in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("bias", bias)):
         if t is not None:
-            _check_same(op, name, t, "x", x, dtype=not (name == "weight" and subclass_under_autocast))
+            _check_same(op, name, t, "x", x, dtype=not (name == "weight" and subclass_weight))
 
 
 def check_lora_linear_args(op, x, weight, lora_a, lora_b, bias, scaling, dropout_p):
@@ -515,8 +517,9 @@ def _lora_linear_backward_differentiable(ctx, dy, x2, weight, lora_a, lora_b, se
 def lora_linear(x, weight, lora_a, lora_b, scaling=1.0, bias=None, *, dropout_p=0.0, backend="auto"):
     """y = x @ weight.T + scaling * (dropout(x) @ lora_a.T) @ lora_b.T + bias
 
-    x: [..., K]; weight: [N, K]; lora_a: [r, K]; lora_b: [N, r]; bias: [N] or None; all one dtype and device.
-    dropout_p applies to the LoRA branch input only (pass 0 in eval mode). Returns [..., N] in x.dtype; under
+    x: [..., K]; weight: [N, K]; lora_a: [r, K]; lora_b: [N, r]; bias: [N] or None; all one dtype and device (but
+    for the dtype of a subclass weight, which its own F.linear judges). dropout_p applies to the LoRA branch input
+    only (pass 0 in eval mode). Returns [..., N] in x.dtype; under
     torch.autocast, in the autocast dtype, like F.linear (every input is cast to it first, but for a subclass weight,
     whose own F.linear runs under autocast).
     backend: "auto", "triton", "cuda", "cpu", "torch" or "reference" (see lora_kernels.backends).

@@ -221,8 +221,10 @@ class LoRALinear(nn.Module):
 
     autocast_adapter_dtype=True (PEFT's default of the same name): the factors of a float16/bfloat16 layer are
     float32, so the optimizer updates them in float32 (in bfloat16, AdamW steps below ~1/256 of a weight round
-    away). The forward casts them to the layer's dtype and runs the same 16-bit kernels, so their gradients are
-    16-bit values (PEFT computes its LoRA branch in float32). False: the factors take the layer's dtype."""
+    away). The forward casts them to the input's dtype, the layer's, and runs the same 16-bit kernels, so their
+    gradients are 16-bit values (PEFT computes its LoRA branch in float32); a quantized (tensor-subclass) weight
+    whose own F.linear takes float32 inputs runs the branch in float32 on them. False: the factors take the layer's
+    dtype."""
 
     def __init__(self, in_features, out_features, r=8, lora_alpha=8, lora_dropout=0.0, bias=True, use_rslora=False,
                  device=None, dtype=None, *, init_lora_weights=True, backend="auto", fan_in_fan_out=False,
@@ -373,8 +375,10 @@ class LoRALinear(nn.Module):
             return nn.functional.linear(x, self.base_weight(), self.bias)
         dropout_p = self.lora_dropout if self.training else 0.0
         weight, lora_a, lora_b = self.base_weight(), self.lora_A.weight, self.lora_B.weight
-        if lora_a.dtype != weight.dtype:  # float32 factors of a 16-bit layer (autocast_adapter_dtype)
-            lora_a, lora_b = lora_a.to(weight.dtype), lora_b.to(weight.dtype)
+        # float32 factors of a 16-bit layer (autocast_adapter_dtype), cast to x's dtype, which is the layer's but for
+        # a quantized (subclass) weight, whose own F.linear may take another: the LoRA branch then runs in x's dtype
+        if isinstance(x, torch.Tensor) and x.dtype.is_floating_point and lora_a.dtype != x.dtype:
+            lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
         return lora_linear(x, weight, lora_a, lora_b, self.scaling, self.bias, dropout_p=dropout_p,
                            backend=self.backend)
 
@@ -662,7 +666,7 @@ class MultiLoRALinear(nn.Module):
 
     def _forward(self, x, adapter_ids):
         lora_a, lora_b = self.lora_a, self.lora_b
-        if lora_a.dtype != x.dtype and x.dtype.is_floating_point:  # adapter_dtype slots: cast for the kernels
+        if isinstance(x, torch.Tensor) and x.dtype.is_floating_point and lora_a.dtype != x.dtype:  # adapter_dtype slots: cast for the kernels
             lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
         return multi_lora_linear(x, self.base_weight(), lora_a, lora_b, adapter_ids, self.scalings,
                                  self.base_layer.bias, ranks=self.ranks, backend=self.backend)

@@ -123,8 +123,9 @@ def lora_inputs(m, k, n, r, dtype=torch.float32, device="cpu", bias=True):
 class QuantizedWeight(torch.Tensor):
     """A weight-only int8 tensor subclass in the manner of torchao's (quantize_(model, Int8WeightOnlyConfig()) puts
     one in an nn.Linear's .weight; torchao is not a test dependency): int8 values and a scale per row, F.linear on
-    the dequantized weight (differentiable in x), and no other op, so a kernel, a merge or the reference that reads
-    it raises as torchao's subclasses do ("... dispatch: attempting to run unimplemented operator")."""
+    the weight dequantized in x's dtype, as torchao's Int8Tensor computes it (differentiable in x), and no other op,
+    so a kernel, a merge or the reference that reads it raises as torchao's subclasses do ("... dispatch: attempting
+    to run unimplemented operator")."""
 
     @staticmethod
     def __new__(cls, qdata, scale, dtype):
@@ -138,8 +139,9 @@ class QuantizedWeight(torch.Tensor):
         scale = weight.detach().abs().amax(dim=1).clamp(min=1e-12) / 127
         return cls(torch.round(weight.detach() / scale[:, None]).to(torch.int8), scale, weight.dtype)
 
-    def dequantize(self):
-        return self.qdata.to(self.dtype) * self.scale[:, None].to(self.dtype)
+    def dequantize(self, dtype=None):
+        dtype = dtype or self.dtype
+        return self.qdata.to(dtype) * self.scale[:, None].to(dtype)
 
     def __tensor_flatten__(self):
         return ["qdata", "scale"], self.dtype
@@ -152,7 +154,7 @@ class QuantizedWeight(torch.Tensor):
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         if func is torch.nn.functional.linear:
             x, weight, *rest = args
-            return torch.nn.functional.linear(x, weight.dequantize(), *rest, **(kwargs or {}))
+            return torch.nn.functional.linear(x, weight.dequantize(x.dtype), *rest, **(kwargs or {}))
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **(kwargs or {}))
 

@@ -601,6 +601,40 @@ def test_quantized_base_weights_train_as_dequantized_and_refuse_merging_untouche
     torch.testing.assert_close(loaded(x), outputs[0])
 
 
+def test_quantized_16_bit_base_weight_takes_a_float32_input_as_its_own_linear_does():
+    """The QLoRA recipe on torchao: peft.prepare_model_for_kbit_training on a bfloat16 model that quantize_ has
+    quantized casts the norms, embeddings and biases to float32 and leaves the quantized weights bfloat16, so the
+    layers get float32 inputs, which torchao's Int8Tensor takes (its F.linear computes in the input's dtype, as
+    conftest's QuantizedWeight does). The LoRA layer then computes as the quantized layer does, with its float32
+    factors uncast: the float32 outputs and gradients of the dequantized weight in float32 (PEFT's TorchaoLoraLinear
+    matched to 5e-8 over training steps of a tiny Llama, by hand with torchao 0.18). Before, the forward cast the
+    factors to bfloat16 and the call was refused ("lora_linear: weight expected dtype torch.float32 (same as x), got
+    torch.bfloat16"), where PEFT trains."""
+    from conftest import quantized_linear
+    quantized, _ = quantized_linear(12, 6, dtype=torch.bfloat16)
+    quantized.bias = nn.Parameter(quantized.bias.float(), requires_grad=False)  # as prepare_model_for_kbit_training
+    plain = nn.Linear(12, 6)
+    with torch.no_grad():
+        plain.weight.copy_(quantized.weight.dequantize(torch.float32))
+        plain.bias.copy_(quantized.bias)
+    layers = [LoRALinear.from_linear(base, r=2, init_lora_weights=False) for base in (quantized, plain)]
+    with torch.no_grad():  # the same factors, float32 in both (autocast_adapter_dtype for the bfloat16 layer)
+        layers[1].lora_A.weight.copy_(layers[0].lora_A.weight)
+        layers[1].lora_B.weight.copy_(layers[0].lora_B.weight)
+    x = torch.randn(5, 12)
+    results = []
+    for layer in layers:
+        leaf = x.clone().requires_grad_(True)
+        y = layer(leaf)
+        y.backward(torch.linspace(-1, 1, y.numel()).reshape(y.shape))
+        results.append([y.detach(), leaf.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad])
+    assert results[0][0].dtype == torch.float32 and layers[0].lora_A.weight.dtype == torch.float32
+    for name, got, expected in zip(("y", "dx", "d_lora_a", "d_lora_b"), *results):
+        assert_close(got, expected, torch.float32, name)
+    with pytest.raises(TypeError, match=r"lora_linear: x expected a torch.Tensor, got list"):  # x's dtype is read
+        layers[0]([1.0] * 12)
+
+
 def test_quantized_base_weights_refuse_reinitialisation_and_conv1d_untouched():
     """A tensor-subclass (quantized) base weight cannot be re-initialised (nn.Linear's init writes into it) nor
     transposed: reset_parameters() and a transformers Conv1D holding one ([in, out], passed transposed) are refused

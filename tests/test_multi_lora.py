@@ -1433,6 +1433,31 @@ def test_quantized_weight_subclass_under_autocast_runs_its_own_linear_uncast(bac
         assert_close(got, expected, torch.bfloat16, name)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_quantized_16_bit_base_weight_takes_a_float32_input_as_its_own_linear_does(backend):
+    """A bfloat16 quantized weight with float32 inputs, biases and slots (peft.prepare_model_for_kbit_training on a
+    torchao-quantized bfloat16 model, see test_modules): its own F.linear takes them (torchao's Int8Tensor computes
+    in the input's dtype), so serving and training compute as on the dequantized weight in float32. Before, the
+    call was refused ("multi_lora_linear: weight expected dtype torch.float32 (same as x), got torch.bfloat16")."""
+    quantized, _ = quantized_linear(24, 16, dtype=torch.bfloat16)
+    bias = quantized.bias.detach().float()
+    plain_weight = quantized.weight.dequantize(torch.float32)
+    num_slots, rank, m = 3, 4, 40
+    x = randn(m, 24)
+    lora_a, lora_b = randn(num_slots, rank, 24, scale=0.2), randn(num_slots, 16, rank)
+    ids = torch.arange(m) % (num_slots + 1) - 1
+    results = []
+    for weight in (quantized.weight, plain_weight):
+        served = lk.multi_lora_linear(x, weight, lora_a, lora_b, ids, [2.0, 0.5, 1.0], bias, backend=backend)
+        leaves = [t.clone().requires_grad_(True) for t in (x, lora_a, lora_b)]
+        y = lk.multi_lora_linear(*leaves[:1], weight, *leaves[1:], ids, [2.0, 0.5, 1.0], bias, backend=backend)
+        y.backward(torch.linspace(-1, 1, y.numel()).reshape(y.shape))
+        results.append([served, y.detach()] + [leaf.grad for leaf in leaves])
+    assert results[0][0].dtype == results[0][1].dtype == torch.float32
+    for name, got, expected in zip(("served", "y", "dx", "d_lora_a", "d_lora_b"), *results):
+        assert_close(got, expected, torch.float32, name)
+
+
 @pytest.mark.parametrize("backend", GROUPED_BACKENDS)
 def test_multi_lora_torch_func_compiled_whole_matches_eager(backend, device):
     """torch.compile(torch.func.grad(loss), fullgraph=True) over multi_lora_linear: the eager transform's gradients
