@@ -666,7 +666,8 @@ class MultiLoRALinear(nn.Module):
 
     def _forward(self, x, adapter_ids):
         lora_a, lora_b = self.lora_a, self.lora_b
-        if isinstance(x, torch.Tensor) and x.dtype.is_floating_point and lora_a.dtype != x.dtype:  # adapter_dtype slots: cast for the kernels
+        # adapter_dtype slots: cast for the kernels
+        if isinstance(x, torch.Tensor) and x.dtype.is_floating_point and lora_a.dtype != x.dtype:
             lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
         return multi_lora_linear(x, self.base_weight(), lora_a, lora_b, adapter_ids, self.scalings,
                                  self.base_layer.bias, ranks=self.ranks, backend=self.backend)
@@ -1451,9 +1452,9 @@ def merge_and_unload(model):
     if quantized:  # to_linear would refuse them, after earlier layers were replaced
         raise TypeError(f"merge_and_unload: layers {[name for name, _ in quantized[:3]]}"
                         f"{' ...' if len(quantized) > 3 else ''} have base weights such as "
-                        f"{describe_subclass(quantized[0][1])}, which cannot take the adapter without being dequantized "
-                        f"and quantized again; the model is unchanged. Keep the adapter separate (save_peft_adapter), "
-                        f"or load it into the unquantized model and merge there")
+                        f"{describe_subclass(quantized[0][1])}, which cannot take the adapter without being "
+                        f"dequantized and quantized again; the model is unchanged. Keep the adapter separate "
+                        f"(save_peft_adapter), or load it into the unquantized model and merge there")
     for name, module in layers:
         warn_dropped_hooks("merge_and_unload", f"module {name!r}", module, "it is replaced by a new layer holding "
                            "the merged weight", stacklevel=2)
