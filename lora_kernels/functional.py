@@ -248,6 +248,11 @@ _dropout_keep_op = torch.library.custom_op("lora_kernels::torch_dropout_keep", _
 _dropout_keep_op.register_fake(lambda seed, like, p: like.new_empty(like.shape))
 
 
+# Dropout under torch.func.vmap draws one mask for the batch: a seed per sample (randomness="different") is refused.
+VMAP_DROPOUT_NEEDS_ONE_SEED = ("dropout under torch.func.vmap needs randomness='same' (one seed for the batch), got "
+                               "randomness='different' (one seed per sample)")
+
+
 @_dropout_keep_op.register_vmap
 def _dropout_keep_vmap(info, in_dims, seed, like, p):
     # torch.func.vmap traced by torch.compile (randomness="same": the seed is one for all samples): one mask of a
@@ -255,8 +260,7 @@ def _dropout_keep_vmap(info, in_dims, seed, like, p):
     # the same seed) and guarded on the sizes: a recompile for every token count, dynamic=True too.
     seed_dim, like_dim, _ = in_dims  # one per argument, p included
     if seed_dim is not None:
-        raise ValueError("dropout under torch.func.vmap needs randomness='same' (one seed for the batch), got one "
-                         "seed per sample")
+        raise ValueError(VMAP_DROPOUT_NEEDS_ONE_SEED)
     return _dropout_keep_op(seed, like if like_dim is None else like.select(like_dim, 0), p), None
 
 
@@ -459,8 +463,7 @@ def _check_one_seed_for_the_batch():
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
     if any(interpreter.key() == torch._C._functorch.TransformType.Vmap and interpreter.randomness() == "different"
            for interpreter in retrieve_all_functorch_interpreters()):
-        raise ValueError("lora_linear: dropout under torch.func.vmap needs randomness='same' (one seed for the "
-                         "batch), got randomness='different' (one seed per sample)")
+        raise ValueError(f"lora_linear: {VMAP_DROPOUT_NEEDS_ONE_SEED}")
 
 
 def _dropout_as_function(backend, seed, x2, dropout_p):

@@ -129,6 +129,12 @@ def has_own_linear_forward(module):
             and f"{cls.__module__}.{cls.__qualname__}" not in LINEAR_EQUIVALENTS)
 
 
+# Why merging into a tensor-subclass (quantized) base weight is refused, and what to do instead.
+_NO_MERGE_INTO_SUBCLASS = "which cannot take the adapter without being dequantized and quantized again"
+_KEEP_THE_ADAPTER_SEPARATE = ("Keep the adapter separate (save_peft_adapter), or load it into the unquantized model "
+                              "and merge there")
+
+
 def refuse_subclass_reset(op, weight, instead):
     """TypeError for re-initialising a tensor-subclass (quantized) base weight, before any change: nn.Linear's
     initialisation writes values into it, which such weights do not implement (nn.Linear.reset_parameters() fails
@@ -435,10 +441,8 @@ class LoRALinear(nn.Module):
         TorchaoLoraLinear does that when it knows the quantization config; here it failed deep inside, e.g.
         "Int8Tensor dispatch: ... aten.add")."""
         if is_subclass_weight(self.weight):
-            raise TypeError(f"{op}: the base weight is {describe_subclass(self.weight)}, which cannot take the adapter "
-                            f"without being dequantized and quantized again; the layer is unchanged. Keep the "
-                            f"adapter separate (save_peft_adapter), or load it into the unquantized model and merge "
-                            f"there")
+            raise TypeError(f"{op}: the base weight is {describe_subclass(self.weight)}, {_NO_MERGE_INTO_SUBCLASS}; "
+                            f"the layer is unchanged. {_KEEP_THE_ADAPTER_SEPARATE}")
 
     def to_linear(self):
         """A plain nn.Linear holding the merged weights (the adapter folded in); a transformers Conv1D with
@@ -1452,9 +1456,8 @@ def merge_and_unload(model):
     if quantized:  # to_linear would refuse them, after earlier layers were replaced
         raise TypeError(f"merge_and_unload: layers {[name for name, _ in quantized[:3]]}"
                         f"{' ...' if len(quantized) > 3 else ''} have base weights such as "
-                        f"{describe_subclass(quantized[0][1])}, which cannot take the adapter without being "
-                        f"dequantized and quantized again; the model is unchanged. Keep the adapter separate "
-                        f"(save_peft_adapter), or load it into the unquantized model and merge there")
+                        f"{describe_subclass(quantized[0][1])}, {_NO_MERGE_INTO_SUBCLASS}; the model is unchanged. "
+                        f"{_KEEP_THE_ADAPTER_SEPARATE}")
     for name, module in layers:
         warn_dropped_hooks("merge_and_unload", f"module {name!r}", module, "it is replaced by a new layer holding "
                            "the merged weight", stacklevel=2)
