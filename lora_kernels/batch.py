@@ -56,6 +56,9 @@ class LoRABatch:
         if adapter_ids.dtype.is_floating_point or adapter_ids.dtype.is_complex or adapter_ids.dtype == torch.bool:
             raise TypeError(f"LoRABatch.from_adapter_ids: adapter_ids expected an integer dtype, "
                             f"got {adapter_ids.dtype}")
+        if adapter_ids.layout != torch.strided:  # failed in reshape, naming nothing
+            raise TypeError(f"LoRABatch.from_adapter_ids: adapter_ids expected a dense (strided) tensor, "
+                            f"got layout {adapter_ids.layout}")
         if isinstance(num_adapters, bool) or not isinstance(num_adapters, int) or num_adapters < 1:
             raise ValueError(f"LoRABatch.from_adapter_ids: num_adapters expected an int >= 1, got {num_adapters!r}")
         ids = adapter_ids.reshape(-1)

@@ -31,17 +31,14 @@ def _check_tensor(op, name, t, *, ndim=None, optional=False):
         raise TypeError(f"{op}: {name} expected a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in ops.FLOAT_DTYPES:
         raise TypeError(f"{op}: {name} expected a floating dtype (float32/float16/bfloat16/float64), got {t.dtype}")
+    # A sparse tensor (a model may hold a CSR weight: nn.Linear runs one) failed deep inside, differently per
+    # backend ("Could not run 'lora_kernels::lora_fwd' with arguments from the 'SparseCPU' backend", "Cannot access
+    # storage of SparseTensorImpl", "expand is unsupported for Sparse tensors"): every backend reads dense memory.
+    if t.layout != torch.strided:
+        raise TypeError(f"{op}: {name} expected a dense (strided) tensor, got layout {t.layout}; convert it with "
+                        f"{name}.to_dense()")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{op}: {name} expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
-
-
-def _check_dense_weight(op, weight):
-    """The base weight is the one argument a model may hold sparse (nn.Linear runs a CSR weight): the kernels and
-    the torch composition failed on one deep inside ("Could not run 'lora_kernels::lora_fwd' with arguments from
-    the 'SparseCsrCPU' backend", "addmm_sparse_dense: expected ...")."""
-    if weight.layout != torch.strided:
-        raise TypeError(f"{op}: weight expected a dense (strided) tensor, got layout {weight.layout}; convert it "
-                        f"with weight.to_dense()")
 
 
 def _check_same(op, name, t, ref_name, ref, *, dtype=True):
@@ -57,7 +54,7 @@ def _lora_linear_args_ok(x, weight, lora_a, lora_b, bias, scaling, dropout_p):
     the full checks then run and name the problem. While tracing, scaling's value is not checked (an inf scaling
     goes through): torch.compile(dynamic=True) traces a float as a symbolic one, which math.isfinite cannot take,
     and dynamo presents it as a float, so the two cannot be told apart there."""
-    tensor = torch.Tensor
+    tensor, strided = torch.Tensor, torch.strided
     if not (isinstance(x, tensor) and isinstance(weight, tensor) and isinstance(lora_a, tensor)
             and isinstance(lora_b, tensor)):
         return False
@@ -65,7 +62,8 @@ def _lora_linear_args_ok(x, weight, lora_a, lora_b, bias, scaling, dropout_p):
     if (dtype not in ops.FLOAT_DTYPES or weight.dtype != dtype or lora_a.dtype != dtype or lora_b.dtype != dtype
             or weight.device != device or lora_a.device != device or lora_b.device != device
             or x.dim() < 1 or weight.dim() != 2 or lora_a.dim() != 2 or lora_b.dim() != 2
-            or weight.layout != torch.strided):
+            or x.layout != strided or weight.layout != strided or lora_a.layout != strided
+            or lora_b.layout != strided):
         return False
     out_features, in_features = weight.shape
     rank = lora_a.shape[0]
@@ -73,7 +71,7 @@ def _lora_linear_args_ok(x, weight, lora_a, lora_b, bias, scaling, dropout_p):
             or lora_b.shape[1] != rank):
         return False
     if bias is not None and not (isinstance(bias, tensor) and bias.dtype == dtype and bias.device == device
-                                 and bias.dim() == 1 and bias.shape[0] == out_features):
+                                 and bias.dim() == 1 and bias.shape[0] == out_features and bias.layout == strided):
         return False
     return (type(scaling) in (float, int) and (torch.compiler.is_compiling() or math.isfinite(scaling))
             and type(dropout_p) in (float, int) and 0.0 <= dropout_p < 1.0)
@@ -101,7 +99,6 @@ def check_lora_linear_args(op, x, weight, lora_a, lora_b, bias, scaling, dropout
     _check_tensor(op, "lora_a", lora_a, ndim=2)
     _check_tensor(op, "lora_b", lora_b, ndim=2)
     _check_tensor(op, "bias", bias, ndim=1, optional=True)
-    _check_dense_weight(op, weight)
     if x.dim() < 1:
         raise ValueError(f"{op}: x expected at least 1 dimension [..., K], got a 0-D tensor")
     out_features, in_features = weight.shape
@@ -757,7 +754,6 @@ def _check_multi_lora_args(op, x, weight, lora_a, lora_b, bias):
     for name, t, ndim in (("x", x, None), ("weight", weight, 2), ("lora_a", lora_a, 3), ("lora_b", lora_b, 3)):
         _check_tensor(op, name, t, ndim=ndim, optional=name.startswith("lora_") and lora_a is None)
     _check_tensor(op, "bias", bias, ndim=1, optional=True)
-    _check_dense_weight(op, weight)
     in_features, out_features = (weight.shape[1] if lora_a is None else lora_a.shape[2]), weight.shape[0]
     if x.dim() < 1 or x.shape[-1] != in_features or weight.shape[1] != in_features:
         of_a = "" if lora_a is None else f" (lora_a is {tuple(lora_a.shape)} = [L, R, K])"

@@ -44,6 +44,8 @@ def _check_float(op, name, t, ndim):
         raise TypeError(f"{op}: {name} expected a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: {name} expected a floating dtype, got {t.dtype}")
+    if t.layout != torch.strided:  # the kernels read dense memory; a sparse tensor failed deep inside
+        raise TypeError(f"{op}: {name} expected a dense (strided) tensor, got layout {t.layout}")
     if t.dim() != ndim:
         raise ValueError(f"{op}: {name} expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
 
@@ -167,7 +169,10 @@ def check_flag(op, name, value):
 
 def _check_host_or_device(op, name, t, device):
     """scalings and ranks may be CPU tensors (copied over, like a list) or on the tensors' device; any other device
-    is refused like a mismatched device of the other arguments (a meta tensor failed in the copy, naming nothing)."""
+    is refused like a mismatched device of the other arguments (a meta tensor failed in the copy, naming nothing).
+    A sparse one failed in the kernels ("Cannot access data pointer"), naming nothing either."""
+    if t.layout != torch.strided:
+        raise TypeError(f"{op}: {name} expected a dense (strided) tensor, got layout {t.layout}")
     if t.device != device and t.device.type != "cpu":
         raise ValueError(f"{op}: {name} expected a tensor on {device} (the device of the other tensors) or the CPU, "
                          f"got {t.device}")
