@@ -15,8 +15,9 @@ from torch import nn
 
 from lora_kernels._dtensor import describe, is_dtensor, is_tensor_parallel_hook, tensor_parallel_hooks
 from lora_kernels.backends import check_backend_name
-from lora_kernels.functional import (SUBCLASS_WEIGHT_USE, describe_subclass, is_subclass_weight, lora_linear,
-                                     multi_lora_base_linear, multi_lora_linear, refuse_subclass_weight_backend)
+from lora_kernels.functional import (MULTI_SUBCLASS_WEIGHT_USE, SUBCLASS_WEIGHT_USE, describe_subclass,
+                                     is_subclass_weight, lora_linear, multi_lora_base_linear, multi_lora_linear,
+                                     refuse_subclass_weight_backend)
 from lora_kernels.ops import FLOAT_DTYPES, check_flag
 
 
@@ -530,6 +531,10 @@ class MultiLoRALinear(nn.Module):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"MultiLoRALinear: {name} expected an int >= 1, got {value!r}")
         check_backend_name("MultiLoRALinear", backend)
+        if backend == "reference" and is_subclass_weight(base_linear.weight):  # refused now, not at the forward
+            refuse_subclass_weight_backend("MultiLoRALinear" if _name is None else
+                                           f"prepare_multi_adapter: module {_name!r}", backend, base_linear.weight,
+                                           MULTI_SUBCLASS_WEIGHT_USE)
         if adapter_dtype is not None and (not isinstance(adapter_dtype, torch.dtype)
                                           or not adapter_dtype.is_floating_point):
             raise TypeError(f"MultiLoRALinear: adapter_dtype expected None or a floating torch.dtype, got "

@@ -1391,22 +1391,39 @@ def test_quantized_weight_subclass_serves_and_trains_as_dequantized(backend, dty
         lk.multi_lora_linear(x, quantized.weight, lora_a, lora_b, ids, [2.0, 0.5, 1.0], backend="reference")
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_quantized_weight_subclass_in_a_batch_with_no_active_adapter(backend):
     """MultiLoRALinear's shortcut for a batch without adapter rows (multi_lora_base_linear) on a subclass base
     weight: its own F.linear, as the base layer computes (the cpu backend's float32 copy past 16 rows of a bf16
-    layer is not among its ops); the reference backend, which computes the base in float64, refused by name."""
+    layer is not among its ops)."""
     backend_or_skip(backend, torch.device("cpu"))
     quantized, _ = quantized_linear(24, 16, dtype=torch.bfloat16)
     model = lk.prepare_multi_adapter(nn.Sequential(quantized), ["0"], max_adapters=2, max_rank=4, backend=backend)
     x = randn(2, 20, 24, dtype=torch.bfloat16)  # 40 rows: past CPU_DECODE_MAX_M
     with torch.no_grad(), lk.set_batch_adapters(model, "__base__"):
-        if backend == "reference":
-            with pytest.raises(TypeError, match=r"multi_lora_linear: backend 'reference' cannot read weight, a "
-                                                r"conftest.QuantizedWeight \(a tensor subclass"):
-                model(x)
-        else:
-            torch.testing.assert_close(model(x), quantized(x), rtol=0, atol=0)
+        torch.testing.assert_close(model(x), quantized(x), rtol=0, atol=0)
+
+
+def test_quantized_weight_subclass_with_the_reference_backend_is_refused_at_construction():
+    """The reference backend computes the base in float64, which a subclass weight does not convert to: refused when
+    the layer is built (as LoRALinear refuses its kernel backends), not at the first forward, and a refused
+    prepare_multi_adapter leaves the model as it was. A layer switched to "reference" afterwards is refused by
+    multi_lora_linear."""
+    quantized, _ = quantized_linear(24, 16, dtype=torch.bfloat16)
+    words = r"backend 'reference' cannot read weight, a conftest.QuantizedWeight \(a tensor subclass"
+    with pytest.raises(TypeError, match=r"^MultiLoRALinear: " + words):
+        lk.MultiLoRALinear(quantized, max_adapters=2, max_rank=4, backend="reference")
+    model = nn.Sequential(quantized)
+    with pytest.raises(TypeError, match=r"^prepare_multi_adapter: module '0': " + words):
+        lk.prepare_multi_adapter(model, ["0"], max_adapters=2, max_rank=4, backend="reference")
+    assert model[0] is quantized and quantized.bias.requires_grad  # not frozen
+    model = lk.prepare_multi_adapter(model, ["0"], max_adapters=2, max_rank=4, backend="cpu")
+    model[0].backend = "reference"
+    x = randn(3, 24, dtype=torch.bfloat16)
+    with torch.no_grad(), pytest.raises(TypeError, match=r"^multi_lora_linear: " + words):
+        model[0](x, torch.tensor([0, -1, 1]))
+    with torch.no_grad(), lk.set_batch_adapters(model, "__base__"), pytest.raises(TypeError, match=words):
+        model(x)  # the shortcut for a batch without adapter rows (multi_lora_base_linear)
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_quantized_weight_subclass_under_autocast_runs_its_own_linear_uncast(backend):
