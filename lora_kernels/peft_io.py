@@ -767,9 +767,20 @@ def _atomic_write(directory, name, write):
         pass
 
 
-def _to_saved(tensor):
+def _refuse_meta(op, what, tensor):
+    """ValueError naming `what` (a tensor and its module) when `tensor` is on the meta device: it holds no values to
+    save (a model built on the meta device whose adapter was never loaded or initialised). Raised before any file is
+    written; torch's own "Cannot copy out of meta tensor" named no layer."""
+    if tensor.is_meta:
+        raise ValueError(f"{op}: {what} is on the meta device, so it holds no values to save (the model was built on "
+                         f"the meta device and this tensor was never loaded or materialised); nothing was written")
+
+
+def _to_saved(op, what, tensor):
     """A contiguous CPU copy: safetensors refuses tensors sharing storage (slot slices), and the file must not alias
-    the model. An FSDP2-sharded DTensor is gathered first (a collective: every rank must call save)."""
+    the model. An FSDP2-sharded DTensor is gathered first (a collective: every rank must call save). A meta tensor
+    is refused (_refuse_meta)."""
+    _refuse_meta(op, what, tensor)
     tensor = tensor.detach()
     if hasattr(tensor, "full_tensor"):
         tensor = tensor.full_tensor()
@@ -801,6 +812,8 @@ def _collect_layers(model, adapter_name, op):
     slot = slots[adapter_name]
     for name, m in model.named_modules():
         if isinstance(m, MultiLoRALinear):
+            for buffer in ("ranks", "scalings"):  # read just below (int(), float()): refused by name first
+                _refuse_meta(op, f"{buffer} of module {name!r}", getattr(m, buffer))
             r = int(m.ranks[slot])
             if r == 0:
                 continue  # this layer is not targeted by the adapter
@@ -932,15 +945,17 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
             if parsed.rank_and_alpha(name) != (rank, alpha):
                 raise ValueError(f"{op}: internal error: rank/alpha patterns do not reproduce module {name!r}")
     tensors = {}
+    factor_names = ("lora_a", "lora_b") if adapter_name is not None else ("lora_A.weight", "lora_B.weight")
     for name, lora_a, lora_b, *_ in records:
-        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = _to_saved(lora_a)
-        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = _to_saved(lora_b)
+        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = _to_saved(op, f"{factor_names[0]} of module {name!r}", lora_a)
+        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = _to_saved(op, f"{factor_names[1]} of module {name!r}", lora_b)
     for name, module in heads:
         for key, tensor in module.state_dict().items():
-            tensors[f"{KEY_PREFIX}{name}.{key}"] = _to_saved(tensor)
-    for file_key, (_, tensor) in _bias_file_keys(model, bias, {rec[0] for rec in records},
-                                                 [name for name, _ in heads]).items():
-        tensors[file_key] = _to_saved(tensor)
+            tensors[f"{KEY_PREFIX}{name}.{key}"] = _to_saved(op, f"{key!r} of module {name!r} (modules_to_save)",
+                                                             tensor)
+    for file_key, (key, tensor) in _bias_file_keys(model, bias, {rec[0] for rec in records},
+                                                   [name for name, _ in heads]).items():
+        tensors[file_key] = _to_saved(op, f"the model's {key!r} (bias={bias!r})", tensor)
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
     os.makedirs(path, exist_ok=True)

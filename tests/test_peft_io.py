@@ -667,6 +667,45 @@ def test_loads_into_meta_weights_are_refused(tmp_path):
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
 
 
+def _meta_wrapped_then_base_assigned(wrap):
+    """Built on the meta device, wrapped (inject_lora / prepare_multi_adapter), then a base checkpoint loaded with
+    load_state_dict(assign=True, strict=False): real base weights, adapter tensors still meta (missing keys)."""
+    with torch.device("meta"):
+        model = Tiny()
+    wrap(model)
+    base = {k: v for k, v in _base().state_dict().items()}
+    if any(isinstance(m, MultiLoRALinear) for m in model.modules()):  # its base layer is `<layer>.base_layer`
+        base = {k.replace("q_proj.", "q_proj.base_layer.").replace("v_proj.", "v_proj.base_layer."): v
+                for k, v in base.items()}
+    missing = model.load_state_dict(base, assign=True, strict=False).missing_keys
+    assert missing and all("lora" in key or key.endswith(("scalings", "ranks")) for key in missing)
+    return model
+
+
+def test_save_refuses_meta_tensors_by_name_before_writing(tmp_path):
+    """An adapter, head or bias still on the meta device holds no values: torch's "Cannot copy out of meta tensor"
+    came out of the save naming nothing. A ValueError names the tensor before any file is written."""
+    lk.save_peft_adapter(_trained(), tmp_path)
+    files = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    meta_factors = _meta_wrapped_then_base_assigned(lambda m: lk.inject_lora(m, ["q_proj", "v_proj"]))
+    head = _trained(modules_to_save=["head"])
+    head.head.to("meta")
+    bias = _trained(bias="all")
+    bias.layers[1].norm.to("meta")
+    multi = lk.load_peft_adapter(lk.prepare_multi_adapter(_base(), ["q_proj", "v_proj"], max_adapters=2, max_rank=8),
+                                 tmp_path, adapter_name="x").to("meta")
+    for model, adapter_name, what in [
+            (meta_factors, None, r"lora_A\.weight of module 'layers\.0\.q_proj'"),
+            (head, None, r"'weight' of module 'head' \(modules_to_save\)"),
+            (bias, None, r"the model's 'layers\.1\.norm\.bias' \(bias='all'\)"),
+            (multi, "x", r"ranks of module 'layers\.0\.q_proj'")]:
+        with pytest.raises(ValueError, match=rf"save_peft_adapter: {what} is on the meta device.*nothing was written"):
+            lk.save_peft_adapter(model, tmp_path, adapter_name=adapter_name)
+        with pytest.raises(ValueError, match=r"is on the meta device"):
+            lk.save_peft_adapter(model, tmp_path / "new", adapter_name=adapter_name)
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == files
+
+
 def test_target_modules_regex_exclude_and_layers_to_transform(tmp_path):
     lk.save_peft_adapter(_trained(("q_proj", "v_proj", "o_proj")), tmp_path)
     model = _base()
