@@ -543,6 +543,11 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
     Slots hold LoRA factors only: an adapter with modules_to_save or a bias other than "none" is refused, and so is a
     base weight in the file that differs from the model's (the base layer is every adapter's).
 
+    A model built on the meta device: a base weight still there is refused (ValueError naming the module); LoRA
+    tensors still there while the base weight is loaded (wrapped on the meta device, then the base checkpoint loaded
+    with load_state_dict(..., assign=True)) are made on the base weight's device, holding the file's values (a
+    MultiLoRALinear's other slots empty).
+
     Atomic: the config, tensors, targets, keys and shapes are all checked first (ValueError naming the field, key
     or module; FileNotFoundError for missing files); on any failure the model is left exactly as it was."""
     op = "load_peft_adapter"
@@ -618,6 +623,27 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
     return wrapper
 
 
+def _materialise_meta(module, names, device):
+    """Replaces each of module's tensors (parameters or buffers) named in `names` that is on the meta device by zeros
+    on `device`, of its dtype and requires_grad; returns [(module, name, meta tensor)] for _put_back. A LoRA layer
+    built on the meta device whose base weight was loaded since (load_state_dict(..., assign=True) of a base
+    checkpoint) still holds meta adapter tensors: the adapter is loaded into real ones (copied into meta ones, it was
+    silently dropped), and a MultiLoRALinear's other slots start empty, as on a layer built on `device`."""
+    replaced = []
+    for name in names:
+        old = getattr(module, name)
+        if old.is_meta:
+            new = torch.zeros_like(old, device=device)
+            setattr(module, name, nn.Parameter(new, old.requires_grad) if isinstance(old, nn.Parameter) else new)
+            replaced.append((module, name, old))
+    return replaced
+
+
+def _put_back(replaced):
+    for module, name, old in reversed(replaced):
+        setattr(module, name, old)
+
+
 def _commit_single(model, config, plan, grouped, heads, biases, base_tensors, backend,
                    autocast_adapter_dtype):
     op = "load_peft_adapter"
@@ -635,12 +661,15 @@ def _commit_single(model, config, plan, grouped, heads, biases, base_tensors, ba
                       for _, module, _ in heads]
     # biases and base-layer tensors alike are restored by their state-dict keys
     bias_snapshot = {key: current.detach().clone() for key, current, _ in biases + base_tensors}
+    materialised = []
     try:
         with _rollback_on_error(model) as replaced:
             layers = []
             for name, module, r, alpha, lora_a, lora_b in prepared:
                 if isinstance(module, LoRALinear):
                     layer = module
+                    for factor in (layer.lora_A, layer.lora_B):
+                        materialised += _materialise_meta(factor, ["weight"], lora_a.device)
                     layer.lora_alpha, layer.use_rslora = alpha, config.use_rslora
                     layer.scaling = lora_scaling(r, alpha, config.use_rslora)
                     layer.lora_dropout = config.lora_dropout
@@ -676,6 +705,7 @@ def _commit_single(model, config, plan, grouped, heads, biases, base_tensors, ba
                 _copy_state(module, loaded)
                 module.requires_grad_(True)
     except BaseException:
+        _put_back(materialised)
         with torch.no_grad():
             for layer, a, b, attrs in snapshots:
                 layer.lora_A.weight.copy_(a)
@@ -722,8 +752,11 @@ def _commit_multi(model, op, adapter_name, plan, grouped, config):
     loaded = {name: (r, alpha) for name, _, r, alpha in plan}
     snapshots = [(m, m.lora_a[slot].detach().clone(), m.lora_b[slot].detach().clone(), m.scalings[slot].clone(),
                   m.ranks[slot].clone()) for _, m in layers]
+    materialised = []
     try:
         for name, module in layers:
+            materialised += _materialise_meta(module, ["lora_a", "lora_b", "scalings", "ranks"],
+                                              module.base_layer.weight.device)
             if name in loaded:
                 r, alpha = loaded[name]
                 module.set_adapter(slot, grouped[name]["lora_A"], grouped[name]["lora_B"],
@@ -731,6 +764,7 @@ def _commit_multi(model, op, adapter_name, plan, grouped, config):
             else:
                 module.clear_adapter(slot)
     except BaseException:
+        _put_back(materialised)
         with torch.no_grad():
             for module, a, b, scaling, rank in snapshots:
                 module.lora_a[slot].copy_(a)

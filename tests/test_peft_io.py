@@ -682,6 +682,59 @@ def _meta_wrapped_then_base_assigned(wrap):
     return model
 
 
+def test_an_adapter_loads_into_the_meta_adapter_tensors_of_an_assigned_base(tmp_path):
+    """inject_lora / prepare_multi_adapter on the meta device, then the base checkpoint with assign=True: the LoRA
+    tensors, missing from it, stay meta. load_peft_adapter copied the adapter into them, which keeps nothing, and
+    reported success (a later forward failed on "lora_a expected device cpu, got meta"); it now makes them on the
+    base weight's device (a MultiLoRALinear's other slots empty). A failure mid-load puts the meta tensors back."""
+    trained = _trained()
+    lk.save_peft_adapter(trained, tmp_path)
+    x = torch.randn(3, 16)
+
+    model = _meta_wrapped_then_base_assigned(lambda m: lk.inject_lora(m, ["q_proj", "v_proj"], backend=BACKEND))
+    lk.load_peft_adapter(model, tmp_path)
+    assert not any(p.is_meta for p in model.parameters())
+    torch.testing.assert_close(model(x), trained(x), rtol=0, atol=0)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        n for n, p in trained.named_parameters() if p.requires_grad]
+
+    multi = _meta_wrapped_then_base_assigned(
+        lambda m: lk.prepare_multi_adapter(m, ["q_proj", "v_proj"], max_adapters=2, max_rank=8, backend=BACKEND))
+    lk.load_peft_adapter(multi, tmp_path, adapter_name="x")
+    assert not any(t.is_meta for t in [*multi.parameters(), *multi.buffers()])
+    assert multi.layers[0].q_proj.ranks.tolist() == [8, 0] and multi.layers[0].q_proj.scalings.tolist() == [1.0, 0.0]
+    with torch.no_grad(), lk.set_batch_adapters(multi, ["x", "__base__"]):
+        torch.testing.assert_close(multi(torch.stack([x, x])), torch.stack([trained(x), _base()(x)]))
+
+
+def test_a_failed_load_into_meta_adapter_tensors_puts_them_back(tmp_path, monkeypatch):
+    lk.save_peft_adapter(_trained(bias="all"), tmp_path / "biases")
+    model = _meta_wrapped_then_base_assigned(lambda m: lk.inject_lora(m, ["q_proj", "v_proj"], backend=BACKEND))
+    before = [(name, p, p.requires_grad) for name, p in model.named_parameters()]
+    _fail_once_after_copying(monkeypatch, lambda state: True)  # after the factors, at the biases' copy
+    with pytest.raises(RuntimeError, match="simulated"):
+        lk.load_peft_adapter(model, tmp_path / "biases")
+    assert [(name, p, p.requires_grad) for name, p in model.named_parameters()] == before
+    assert model.layers[0].q_proj.lora_A.weight.is_meta
+
+    lk.save_peft_adapter(_trained(), tmp_path / "plain")
+    multi = _meta_wrapped_then_base_assigned(
+        lambda m: lk.prepare_multi_adapter(m, ["q_proj", "v_proj"], max_adapters=2, max_rank=8, backend=BACKEND))
+    before = [*multi.named_parameters(), *multi.named_buffers()]
+    set_adapter, calls = MultiLoRALinear.set_adapter, []
+
+    def fails_on_the_second_layer(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated failure mid-load")
+        set_adapter(self, *args)
+
+    monkeypatch.setattr(MultiLoRALinear, "set_adapter", fails_on_the_second_layer)
+    with pytest.raises(RuntimeError, match="simulated"):
+        lk.load_peft_adapter(multi, tmp_path / "plain", adapter_name="x")
+    assert [*multi.named_parameters(), *multi.named_buffers()] == before and multi.lora_adapter_slots == {}
+
+
 def test_save_refuses_meta_tensors_by_name_before_writing(tmp_path):
     """An adapter, head or bias still on the meta device holds no values: torch's "Cannot copy out of meta tensor"
     came out of the save naming nothing. A ValueError names the tensor before any file is written."""
