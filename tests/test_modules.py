@@ -718,6 +718,47 @@ def test_meta_to_empty_reset_parameters_gives_a_fresh_layer(init):
         layer.reset_lora_parameters(1)
 
 
+def test_meta_wrapped_then_a_base_checkpoint_loaded_as_readme_says():
+    """README's meta-device flows with a base checkpoint (no LoRA keys). to_empty + load_state_dict(strict=False), then
+    reset_lora_parameters() / clear_adapter(slot): the base checkpoint's weights untouched, the adapter PEFT's init
+    (A within kaiming's bound, B zeros), frozen base and trainable factors. assign=True: the base weights hold the
+    checkpoint's memory, still frozen; the factors stay meta (torch keeps what the state dict lacks) and the forward
+    names them."""
+    from lora_kernels import MultiLoRALinear, prepare_multi_adapter
+    base = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8))
+    x = torch.randn(5, 32)
+    with torch.device("meta"):
+        model = inject_lora(nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8)), ["0", "2"], r=4)
+        multi = prepare_multi_adapter(nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8)), ["0", "2"],
+                                      max_adapters=2, max_rank=4)
+    assert isinstance(multi[0], MultiLoRALinear)
+    _materialise_with_garbage(model)
+    _materialise_with_garbage(multi)
+    assert model.load_state_dict(base.state_dict(), strict=False).missing_keys == [
+        "0.lora_A.weight", "0.lora_B.weight", "2.lora_A.weight", "2.lora_B.weight"]
+    multi.load_state_dict({k.replace(".", ".base_layer.", 1): v for k, v in base.state_dict().items()}, strict=False)
+    for layer in (model[0], model[2]):
+        layer.reset_lora_parameters()
+        assert layer.lora_A.weight.abs().max() <= 1 / math.sqrt(layer.in_features)  # kaiming_uniform(a=sqrt(5))
+        assert torch.count_nonzero(layer.lora_A.weight) > 0 and torch.count_nonzero(layer.lora_B.weight) == 0
+    for layer in (multi[0], multi[2]):
+        for slot in range(layer.max_adapters):
+            layer.clear_adapter(slot)
+    torch.testing.assert_close(model(x), base(x), rtol=0, atol=0)
+    assert torch.equal(multi[2](multi[1](multi[0](x, torch.tensor([0, 1, -1, 0, 1]))), torch.tensor([1, 0, 0, 1, -1])),
+                       base(x))
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        "0.lora_A.weight", "0.lora_B.weight", "2.lora_A.weight", "2.lora_B.weight"]
+
+    with torch.device("meta"):
+        model = inject_lora(nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8)), ["0", "2"], r=4)
+    model.load_state_dict(base.state_dict(), assign=True, strict=False)
+    assert model[0].weight.data_ptr() == base[0].weight.data_ptr() and not model[0].weight.requires_grad
+    assert model[0].lora_A.weight.is_meta and model[0].lora_A.weight.requires_grad
+    with pytest.raises(ValueError, match=r"lora_a expected device cpu \(same as x\), got meta"):
+        model(x)
+
+
 def test_reset_parameters_of_a_trained_layer_gives_a_fresh_adapter():
     """reset_parameters() on its own (not after every factor's own reset, as the meta flow above calls them)
     re-draws the adapter: B zeros again, so the layer equals its freshly initialised base layer, A re-drawn."""
