@@ -397,6 +397,7 @@ class LoRALinear(nn.Module):
     def delta_weight(self):
         """scaling * B @ A [out, in] in float32 (float64 for a float64 layer): what merge adds to the base weight
         (added in that dtype, rounded once; transposed first with fan_in_fan_out)."""
+        self._check_factor_devices("LoRALinear.delta_weight")
         dtype = self._merge_dtype()
         return self.scaling * (self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype))
 
@@ -410,6 +411,7 @@ class LoRALinear(nn.Module):
         weight untouched) when it holds NaN or Inf."""
         safe_merge = check_flag("LoRALinear.merge", "safe_merge", safe_merge)
         self._refuse_subclass_weight("LoRALinear.merge")
+        self._check_factor_devices("LoRALinear.merge")
         if self.merged:
             raise RuntimeError("LoRALinear.merge: the adapter is already merged; call unmerge() first")
         merged_weight = (self.weight.to(self._merge_dtype()) + self._stored_delta()).to(self.weight.dtype)
@@ -423,6 +425,7 @@ class LoRALinear(nn.Module):
         """Subtracts the merged delta again (exact up to the weight dtype's rounding)."""
         if not self.merged:
             raise RuntimeError("LoRALinear.unmerge: the adapter is not merged")
+        self._check_factor_devices("LoRALinear.unmerge")
         self.weight.copy_((self.weight.to(self._merge_dtype()) - self._stored_delta()).to(self.weight.dtype))
         self.merged = False
 
@@ -445,12 +448,25 @@ class LoRALinear(nn.Module):
             raise TypeError(f"{op}: the base weight is {describe_subclass(self.weight)}, {_NO_MERGE_INTO_SUBCLASS}; "
                             f"the layer is unchanged. {_KEEP_THE_ADAPTER_SEPARATE}")
 
+    def _check_factor_devices(self, op, unchanged="the layer"):
+        """ValueError naming the factor that is not on the base weight's device, before B @ A is computed: a layer
+        wrapped on the meta device whose base checkpoint was loaded since (load_state_dict(assign=True)) holds meta
+        factors. Torch's CPU matmul takes a meta operand and returns uninitialised memory (a lora_A left on meta
+        merged garbage, silently); with both factors meta the merge failed in torch's add ("Tensor on device meta is
+        not on the expected device cpu!"), naming no tensor, after merge_and_unload had replaced earlier layers."""
+        for name, factor in (("lora_A.weight", self.lora_A.weight), ("lora_B.weight", self.lora_B.weight)):
+            if factor.device != self.weight.device:
+                hint = " (never loaded: load the adapter first, e.g. with load_peft_adapter)" if factor.is_meta else ""
+                raise ValueError(f"{op}: {name} expected device {self.weight.device} (the base weight's), got "
+                                 f"{factor.device}{hint}; {unchanged} is unchanged")
+
     def to_linear(self):
         """A plain nn.Linear holding the merged weights (the adapter folded in); a transformers Conv1D with
         fan_in_fan_out, so the state dict keeps the wrapped layer's keys and shapes. Its weight and bias keep this
         layer's requires_grad (frozen, unless the base was trained) and train/eval mode. Not for a DTensor base weight
         (tensor parallelism) or a tensor-subclass one (a quantized weight): TypeError."""
         self._refuse_subclass_weight("LoRALinear.to_linear")
+        self._check_factor_devices("LoRALinear.to_linear")
         if is_dtensor(self.weight):
             raise TypeError(f"LoRALinear.to_linear: the base weight is {describe(self.weight)} (tensor parallelism) "
                             f"and the new layer would be a plain one; merge() in place, or save the adapter "
@@ -1463,6 +1479,8 @@ def merge_and_unload(model):
                         f"{' ...' if len(quantized) > 3 else ''} have base weights such as "
                         f"{describe_subclass(quantized[0][1])}, {_NO_MERGE_INTO_SUBCLASS}; the model is unchanged. "
                         f"{_KEEP_THE_ADAPTER_SEPARATE}")
+    for name, module in layers:  # to_linear would refuse them, after earlier layers were replaced
+        module._check_factor_devices(f"merge_and_unload: module {name!r}", unchanged="the model")
     for name, module in layers:
         warn_dropped_hooks("merge_and_unload", f"module {name!r}", module, "it is replaced by a new layer holding "
                            "the merged weight", stacklevel=2)

@@ -759,6 +759,27 @@ def test_meta_wrapped_then_a_base_checkpoint_loaded_as_readme_says():
         model(x)
 
 
+def test_merging_factors_left_on_the_meta_device_is_refused_by_name_unchanged():
+    """A layer whose factors are still on the meta device (never loaded) while its base weight is real. lora_A alone
+    there: torch's CPU matmul B @ A took the meta operand and returned uninitialised memory, which merge, to_linear
+    and merge_and_unload merged silently. Both there: torch's add failed naming no tensor, after merge_and_unload had
+    replaced the layers before it. A ValueError names the factor, before any change."""
+    never_loaded = r"expected device cpu \(the base weight's\), got meta \(never loaded"
+    for meta_factors in (["lora_A"], ["lora_A", "lora_B"]):
+        model = inject_lora(nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8)), ["0", "2"], r=4)
+        for factor in meta_factors:
+            getattr(model[2], factor).to("meta")
+        weight = model[2].weight.detach().clone()
+        with pytest.raises(ValueError, match=rf"merge_and_unload: module '2': lora_A\.weight {never_loaded}.*the "
+                                             rf"model is unchanged"):
+            merge_and_unload(model)
+        assert isinstance(model[0], LoRALinear) and isinstance(model[2], LoRALinear)
+        for call in (model[2].merge, model[2].to_linear, model[2].delta_weight):
+            with pytest.raises(ValueError, match=rf"LoRALinear\.{call.__name__}: lora_A\.weight {never_loaded}"):
+                call()
+        assert not model[2].merged and torch.equal(model[2].weight, weight)
+
+
 def test_reset_parameters_of_a_trained_layer_gives_a_fresh_adapter():
     """reset_parameters() on its own (not after every factor's own reset, as the meta flow above calls them)
     re-draws the adapter: B zeros again, so the layer equals its freshly initialised base layer, A re-drawn."""
