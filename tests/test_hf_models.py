@@ -185,6 +185,28 @@ def test_llama_injected_with_auto_backend_matches_peft_after_loading(llama, tmp_
         lk.load_peft_adapter(theirs, tmp_path)
 
 
+def test_llama_built_on_meta_injected_base_assigned_then_adapter_loaded_matches_peft(llama, tmp_path):
+    """The low-memory flow: a Llama built on the meta device, inject_lora, the base checkpoint loaded with
+    load_state_dict(assign=True) (the LoRA tensors, missing from it, stay meta), then a PEFT file. load_peft_adapter
+    copied the file into the meta factors and kept nothing; now the factors are made on the base weight's device:
+    the same logits and LoRA gradients as PEFT's low_cpu_mem_usage load of the file, the base frozen."""
+    theirs = _peft(llama, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    theirs.save_pretrained(tmp_path)
+    with torch.device("meta"):
+        ours = transformers.LlamaForCausalLM(llama.config)
+    # non-persistent buffers (the rotary frequencies) are in no checkpoint: accelerate's init_empty_weights keeps
+    # buffers off the meta device, as this does
+    ours.model.rotary_emb = copy.deepcopy(llama.model.rotary_emb)
+    lk.inject_lora(ours, ["q_proj", "v_proj"], r=4, backend="torch")
+    checkpoint = {key: tensor.clone() for key, tensor in llama.state_dict().items()}
+    missing = ours.load_state_dict(checkpoint, assign=True, strict=False).missing_keys
+    assert missing and all(".lora_" in key for key in missing)
+    lk.load_peft_adapter(ours, tmp_path)
+    assert not any(p.is_meta for p in ours.parameters())
+    reference = PeftModel.from_pretrained(copy.deepcopy(llama), tmp_path, is_trainable=True, low_cpu_mem_usage=True)
+    _assert_parity(ours.eval(), reference.eval(), _ids())
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_all_linear_selects_what_peft_selects(arch, llama, gpt2):
     base = llama if arch == "llama" else gpt2
