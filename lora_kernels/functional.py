@@ -336,13 +336,18 @@ def _lora_linear_forward(x2, weight, lora_a, lora_b, bias, scaling, dropout_p, s
     """(y [M, N], S [M, r]) for one backend; S = drop(x2) @ lora_a.T, unscaled (what backward needs)."""
     if backend == "triton":
         return _triton_lora_linear().lora_fwd(x2, weight, lora_a, lora_b, scaling, bias, dropout_p, _or_zero(seed))
-    x_lora = None
-    if dropout_p > 0.0:
-        x_lora = apply_dropout(x2, torch_dropout_keep(seed, x2, dropout_p), dropout_p)
+    keep = None if dropout_p == 0.0 else torch_dropout_keep(seed, x2, dropout_p)
     if backend in ("cpu", "cuda"):
-        return torch.ops.lora_kernels.lora_fwd(x2, x_lora, weight, lora_a, lora_b, float(scaling), bias)
+        if keep is None:
+            return torch.ops.lora_kernels.lora_fwd(x2, None, weight, lora_a, lora_b, float(scaling), bias)
+        # The kernels get the kept elements (x·keep: exact in x's dtype) and the 1/(1-p) factor with the scaling, so
+        # it is applied to the fp32 S, as the Triton shrink applies it: x/(1-p) rounded to fp16 passes 65504 where x
+        # does not (x = 40000 at p = 0.5 gave S = inf, and y = NaN where lora_b is zeros, against a finite reference).
+        keep_scale = 1.0 / (1.0 - dropout_p)
+        y, s = torch.ops.lora_kernels.lora_fwd(x2, x2 * keep, weight, lora_a, lora_b, scaling * keep_scale, bias)
+        return y, s.mul_(keep_scale)
     # "torch": the unfused composition PEFT runs, in the input dtype
-    x_lora = x2 if x_lora is None else x_lora
+    x_lora = x2 if keep is None else apply_dropout(x2, keep, dropout_p)
     s = x_lora @ lora_a.T
     return torch.nn.functional.linear(x2, weight, bias) + scaling * (s @ lora_b.T), s
 
@@ -402,8 +407,11 @@ class LoRALinearFunction(torch.autograd.Function):
                 # The [M, K] temporaries (the dropped x, the mask, the LoRA part of dX) are released as soon as
                 # they are used, so no more than two are alive beside x and dx.
                 if need_a:
-                    x_lora = x2 if keep is None else apply_dropout(x2, keep, dropout_p)
-                    d_lora_a = ds.T @ x_lora.to(ds.dtype)
+                    # widened before the 1/(1-p) factor: see _lora_linear_forward
+                    x_lora = x2.to(ds.dtype)
+                    if keep is not None:
+                        x_lora = apply_dropout(x_lora, keep, dropout_p, inplace=x_lora is not x2)
+                    d_lora_a = ds.T @ x_lora
                     del x_lora
                 if need_x:
                     dx_lora = ds @ lora_a.to(ds.dtype)
@@ -483,12 +491,14 @@ def _lora_linear_composition(x2, weight, lora_a, lora_b, bias, scaling, dropout_
     """y [M, N] in differentiable torch ops (the torch.func path): the torch backend's composition, with the LoRA
     branch in the dtype of _differentiable_lora_operands and the base output added to it there, then rounded once
     more to x's dtype. Dropout draws the mask the backend's own path draws from the same seed."""
-    x_lora = x2 if dropout_p == 0.0 else _dropout_as_function(backend, seed, x2, dropout_p)(x2)
+    drop = None if dropout_p == 0.0 else _dropout_as_function(backend, seed, x2, dropout_p)
     # Under autocast as in nn.Linear: a subclass weight, left uncast (_cast_for_autocast), may be of another dtype
     # than x2 (torchao's Int8Tensor stays float32), which its F.linear leaves to autocast. Other weights are cast.
     base = torch.nn.functional.linear(x2, weight, bias)
     with ops.autocast_off(x2.device):
-        x_lora, lora_a, lora_b = _differentiable_lora_operands(backend, x_lora, lora_a, lora_b)
+        x_lora, lora_a, lora_b = _differentiable_lora_operands(backend, x2, lora_a, lora_b)
+        if drop is not None:  # after the widening, as the kernels apply 1/(1-p) (see _lora_linear_forward)
+            x_lora = drop(x_lora)
         term = scaling * ((x_lora @ lora_a.T) @ lora_b.T)
         return (base.to(term.dtype) + term).to(x2.dtype)
 
@@ -499,10 +509,10 @@ def _lora_linear_backward_differentiable(ctx, dy, x2, weight, lora_a, lora_b, se
     scaling, dropout_p = ctx.scaling, ctx.dropout_p
     need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
     drop = None if dropout_p == 0.0 else _dropout_as_function(ctx.backend, seed, x2, dropout_p)  # the forward's mask
-    x_lora = x2 if drop is None else drop(x2)
     dx = None
     with ops.autocast_off(dy.device):  # the LoRA branch's dtype, not autocast's (as in the first-order backward)
-        dy_l, x_l, a_l, b_l = _differentiable_lora_operands(ctx.backend, dy, x_lora, lora_a, lora_b)
+        dy_l, x_l, a_l, b_l = _differentiable_lora_operands(ctx.backend, dy, x2, lora_a, lora_b)
+        x_l = x_l if drop is None else drop(x_l)  # after the widening, as in _lora_linear_composition
         ds = scaling * (dy_l @ b_l)
         d_lora_b = scaling * (dy_l.T @ (x_l @ a_l.T)) if need_b else None
         d_lora_a = ds.T @ x_l if need_a else None

@@ -196,6 +196,41 @@ def test_dropout_scale_is_rounded_once(dtype, device):
     assert abs(dropped.double().abs().sum() / kept * (1.0 - p) - 1.0) < 5e-4
 
 
+@pytest.mark.parametrize("backend", ["cpu", "cuda", "triton"])
+@pytest.mark.parametrize("path", ["autograd", "create_graph", "torch_func"])
+def test_fp16_dropout_stays_finite_where_only_x_over_keep_overflows(backend, path, device):
+    """x = 40000 at p = 0.5: x/(1-p) passes fp16's 65504 while S, y and every gradient of the reference are small.
+    The fused backends apply 1/(1-p) to the fp32 S (and to x widened first in the backward), so everything stays
+    finite, also with lora_b zeros (PEFT's initialisation), where an inf in S makes y NaN (inf·0). The cpu backend
+    formed x/(1-p) in fp16 (y and dA NaN), and so did every backend's create_graph and torch.func composition. The
+    torch backend, PEFT's composition, rounds drop(x) to fp16 as PEFT's dropout does."""
+    backend_or_skip(backend, device)
+    dtype, p, scaling = torch.float16, 0.5, 2.0
+    x = randn(6, 16, dtype=dtype, device=device)
+    x[:, 3:7] = 40000.0
+    weight = randn(8, 16, dtype=dtype, device=device, scale=1e-3)
+    lora_a = randn(4, 16, dtype=dtype, device=device, scale=1e-3)
+    lora_b = torch.zeros(8, 4, dtype=dtype, device=device)
+    dy = randn(6, 8, dtype=dtype, device=device)
+    leaves = [t.clone().requires_grad_(True) for t in (x, lora_a, lora_b)]
+    torch.manual_seed(11)
+    if path == "torch_func":
+        y, pullback = torch.func.vjp(
+            lambda *ts: lora_linear(ts[0], weight, ts[1], ts[2], scaling, dropout_p=p, backend=backend), *leaves)
+        grads = pullback(dy)
+    else:
+        y = lora_linear(leaves[0], weight, leaves[1], leaves[2], scaling, dropout_p=p, backend=backend)
+        grads = torch.autograd.grad(y, leaves, dy, create_graph=path == "create_graph")
+    torch.manual_seed(11)
+    mask = _dropout_mask(backend, functional.new_seed(), x, p)
+    assert (x.double() * mask.to(x.device)).abs().max() > torch.finfo(dtype).max  # x/(1-p) overflows fp16
+    assert_close(y, reference.lora_linear(x, weight, lora_a, lora_b, scaling, None, mask), dtype, "y")
+    expected = reference.lora_linear_backward(dy, x, weight, lora_a, lora_b, scaling, mask)
+    for name, grad in zip(("x", "lora_a", "lora_b"), grads):
+        assert torch.isfinite(grad).all(), f"d{name}"
+        assert_close(grad, expected[name], dtype, f"d{name}", scale=2.0)
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_dropout_leaves_the_lora_branch_unbiased_in_bf16(backend, device):
     """With the base weight zero, y, dX and dA are the LoRA branch alone: their size matches the float64 reference
