@@ -3,9 +3,9 @@
 L adapter slots are stacked: lora_a [L, R, K], lora_b [L, N, R], scalings [L] float32, ranks [L] int32. Tokens carry
 slot ids through a LoRABatch (-1: base model only). Entries past ranks[i] are never used, and the kernels skip the
 rank tiles past ranks[i] (within the tile that holds it the cuda and Triton kernels multiply zeros; the torch
-fallback's masked loop, on GPUs and under torch.compile, multiplies zeros over all of R). The Triton expand loads B
-and t up to min(ranks[i] rounded up to 8, R), 16 bytes at a time when R is a multiple of 16, and selects the entries
-past ranks[i] away.
+fallback's masked loop, on GPUs and under torch.compile, works over all of R and selects or zeroes what lies past
+ranks[i]). The Triton expand loads B and t up to min(ranks[i] rounded up to 8, R), 16 bytes at a time when R is a
+multiple of 16, and selects the entries past ranks[i] away.
 Checks run here, once, before any backend launches; the Triton launchers are then called unchecked (the C++ ops
 check again, since they are callable directly as torch.ops.lora_kernels.*).
 
@@ -325,10 +325,10 @@ def _torch_shrink_masked(x, lora_a, batch, scalings, ranks):
     columns = torch.arange(lora_a.shape[1], device=x.device)
     out = torch.zeros(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
     for slot in range(lora_a.shape[0]):
-        in_rank = columns < ranks[slot]
-        a_slot = torch.where(in_rank[:, None], lora_a[slot], torch.zeros((), dtype=lora_a.dtype, device=x.device))
-        contribution = (x @ a_slot.T).float() * scalings[slot]
-        out = torch.where((ids == slot)[:, None], contribution, out)
+        # The columns past the slot's rank are selected away, not computed from A's rows zeroed: an Inf or NaN token
+        # times those zeros gave NaN where the output is zero (and A's padding, which may hold NaN, only reaches them).
+        contribution = (x @ lora_a[slot].T).float() * scalings[slot]
+        out = torch.where((ids == slot)[:, None] & (columns < ranks[slot])[None, :], contribution, out)
     return out
 
 

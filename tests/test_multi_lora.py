@@ -802,6 +802,27 @@ def test_torch_compile_dynamic_token_count_across_the_cpu_decode_bound_compiles_
     assert len(graphs) == 1, f"{len(graphs)} graphs"
 
 
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_compiled_shrink_keeps_zeros_past_each_rank_for_an_inf_token(backend, device):
+    """lora_shrink's output is zero past each slot's rank (a serving stack may read all R columns). The slot-masked
+    torch loop that the torch and reference backends run when traced (the torch backend on GPUs always) multiplied an
+    Inf token by A's zeroed padding rows: NaN there, where eager CPU and the kernels give 0."""
+    torch._dynamo.reset()
+    lora_a, _ = _adapters(2, 4, 8, 3, [2, 4], torch.float32, device)
+    x = randn(4, 8, device=device)
+    x[1, 2] = float("inf")  # token 1 is slot 0's, of rank 2
+    batch = LoRABatch.from_adapter_ids(torch.tensor([0, 0, 1, -1], device=device), 2)
+    ranks = torch.tensor([2, 4], device=device)
+    shrink = torch.compile(lambda x: lk.ops.lora_shrink(x, lora_a, batch, [1.0, 0.5], ranks, backend=backend),
+                           fullgraph=True, backend="eager")
+    out = shrink(x)
+    expected = reference.lora_shrink(x, lora_a, batch.adapter_ids, [1.0, 0.5], ranks.cpu()).float()
+    assert out[1, :2].isinf().all() and torch.count_nonzero(out[1, 2:]) == 0
+    assert torch.equal(out.isnan().cpu(), expected.isnan()) and torch.equal(out.isinf().cpu(), expected.isinf())
+    finite = torch.isfinite(expected)
+    assert_close(out.cpu()[finite], expected[finite], torch.float32, "finite entries")
+
+
 def test_torch_compile_fullgraph_reference_backend_of_the_grouped_ops():
     """backend="reference" of multi_lora_linear and lk.ops.* ran the oracle's per-token loops, which read each
     token's slot on the host: under torch.compile(fullgraph=True) torch's "Could not guard on data-dependent
