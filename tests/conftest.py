@@ -70,6 +70,18 @@ def assert_close(out, ref, dtype, what="output", scale=1.0):
     assert err <= tol, f"{what}: relative error {err:.3e} > tolerance {tol:.1e} ({dtype})"
 
 
+def assert_same_non_finite(got, expected, dtype, what="output", scale=1.0):
+    """NaN, +inf and -inf exactly where the reference has them, and the finite values within assert_close's
+    tolerance: no NaN/Inf dropped (a GradScaler would miss the overflow) and none invented (it would skip a step)."""
+    got, expected = got.detach().cpu(), expected.detach().cpu()
+    for kind, test in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
+        mismatch = (test(got) != test(expected)).nonzero().tolist()
+        assert not mismatch, f"{what}: {kind} differs from the reference at {mismatch[:4]}"
+    finite = torch.isfinite(expected)
+    if finite.any():
+        assert_close(got[finite], expected[finite], dtype, f"{what} (finite entries)", scale=scale)
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return

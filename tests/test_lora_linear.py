@@ -6,7 +6,8 @@ import warnings
 import pytest
 import torch
 
-from conftest import DTYPES, assert_close, backend_or_skip, lora_inputs, quantized_linear, randn
+from conftest import (DTYPES, assert_close, assert_same_non_finite, backend_or_skip, lora_inputs, quantized_linear,
+                      randn)
 from lora_kernels import backends, bench, functional, reference
 from lora_kernels.functional import lora_linear
 
@@ -574,6 +575,49 @@ def test_scaling_zero_keeps_nan_in_lora_b_like_the_reference(backend, m, device)
     assert torch.isnan(y[:, 5]).all()
     finite = ~torch.isnan(expected)
     assert_close(y.cpu()[finite], expected.cpu()[finite], torch.float32, "y (finite columns)")
+
+
+# Where NaN/±inf are planted, three at a time in one tensor: (target, lora_b zeros as PEFT initialises it).
+NON_FINITE_CASES = [("x", False), ("x", True), ("weight", False), ("lora_a", True), ("lora_b", False), ("bias", False),
+                    ("dy", True)]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the Triton interpreter's numpy
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.5])
+def test_non_finite_values_land_where_the_reference_puts_them(backend, dtype, dropout_p, device):
+    """NaN, +inf and -inf planted in x, W, A, B, bias or dY (with lora_b zeros too: inf·0 is NaN) come out of y and
+    every gradient (dX, dA, dB, d(bias), dW) at exactly the reference's places: no backend drops one (a GradScaler
+    would then miss an overflow) or invents one (it would skip a good step). Dropout multiplies (x·0 is NaN for a
+    dropped Inf, as torch's dropout gives). Rows up to 16 and above: the cpu backend's two forward paths."""
+    backend_or_skip(backend, device)
+    if backend == "triton" and device.type == "cpu" and dtype == torch.bfloat16 and dropout_p:
+        pytest.skip("the Triton interpreter's bf16 multiply gives NaN·0 = 0 (dropout's x·0)")
+    g = torch.Generator().manual_seed(17)
+    for case, (target, zero_b) in enumerate(NON_FINITE_CASES):
+        m, k, n, r = (20 if case % 2 else 5), 12, 10, 4
+        tensors = {"x": torch.randn(m, k, generator=g), "weight": torch.randn(n, k, generator=g) * k ** -0.5,
+                   "lora_a": torch.randn(r, k, generator=g) * k ** -0.5,
+                   "lora_b": torch.zeros(n, r) if zero_b else torch.randn(n, r, generator=g) * r ** -0.5,
+                   "bias": torch.randn(n, generator=g), "dy": torch.randn(m, n, generator=g)}
+        planted = tensors[target].view(-1)  # three distinct elements, spread over rows and columns
+        for position, value in zip(torch.randperm(planted.numel(), generator=g)[:3], (float("nan"), float("inf"),
+                                                                                      -float("inf"))):
+            planted[position] = value
+        x, weight, lora_a, lora_b, bias, dy = (tensors[name].to(dtype).to(device) for name in tensors)
+        leaves = [t.clone().requires_grad_(True) for t in (x, weight, lora_a, lora_b, bias)]
+        torch.manual_seed(case)
+        y = lora_linear(*leaves[:4], 2.0, leaves[4], dropout_p=dropout_p, backend=backend)
+        y.backward(dy)
+        torch.manual_seed(case)
+        mask = _dropout_mask(backend, functional.new_seed(), x, dropout_p) if dropout_p else None
+        what = f"{target} planted{' (lora_b zeros)' if zero_b else ''}, M = {m}"
+        assert_same_non_finite(y, reference.lora_linear(x, weight, lora_a, lora_b, 2.0, bias, mask).to(dtype),
+                                dtype, f"y, {what}")
+        expected = reference.lora_linear_backward(dy, x, weight, lora_a, lora_b, 2.0, mask)
+        for name, leaf in zip(("x", "weight", "lora_a", "lora_b", "bias"), leaves):
+            assert_same_non_finite(leaf.grad, expected[name].to(dtype), dtype, f"d{name}, {what}", scale=2.0)
 
 
 def _ds_overflow_case(device):

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import lora_kernels as lk
-from conftest import DTYPES, assert_close, backend_or_skip, quantized_linear, randn, rel_error
+from conftest import (DTYPES, assert_close, assert_same_non_finite, backend_or_skip, quantized_linear, randn,
+                      rel_error)
 from lora_kernels import backends, reference
 from lora_kernels.batch import LoRABatch
 
@@ -1221,6 +1222,48 @@ def test_fp16_lora_b_gradient_is_built_from_the_unscaled_shrink(backend, device)
     leaf = lora_b.clone().requires_grad_(True)
     lk.multi_lora_linear(x, weight, lora_a, leaf, ids, scalings, ranks=ranks, backend=backend).backward(dy)
     assert_close(leaf.grad, ref_leaves[1].grad, dtype, "dlora_b", scale=2.0)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the Triton interpreter's numpy
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_finite_values_land_where_the_reference_puts_them(backend, dtype, device):
+    """NaN, +inf and -inf planted in x, W, a slot's A or B (within its rank; NaN padding past it) or dY come out of
+    multi_lora_linear's y and every gradient (bias and W trained too) at exactly the reference's places: no backend
+    drops or invents one; a slot with scaling 0 still propagates its adapter's (0·inf is NaN)."""
+    backend_or_skip(backend, device)
+    num_slots, max_rank, k, n, ranks, scalings = 3, 4, 12, 10, [2, 4, 3], [2.0, 0.0, 0.5]
+    g = torch.Generator().manual_seed(23)
+    for case, target in enumerate(("x", "lora_a", "lora_b", "weight", "dy")):
+        m = 5 if case % 2 else 20
+        ids = torch.randint(-1, num_slots, (m,), generator=g)
+        tensors = {"x": torch.randn(m, k, generator=g), "weight": torch.randn(n, k, generator=g) * k ** -0.5,
+                   "lora_a": torch.randn(num_slots, max_rank, k, generator=g) * k ** -0.5,
+                   "lora_b": torch.randn(num_slots, n, max_rank, generator=g) * max_rank ** -0.5,
+                   "bias": torch.randn(n, generator=g), "dy": torch.randn(m, n, generator=g)}
+        planted = tensors[target]
+        for slot, value in zip(range(num_slots), (float("nan"), float("inf"), -float("inf"))):
+            if target == "lora_a":
+                planted[slot, ranks[slot] - 1, case] = value
+            elif target == "lora_b":
+                planted[slot, case, ranks[slot] - 1] = value
+            else:
+                planted.view(-1)[torch.randint(planted.numel(), (), generator=g)] = value
+        for slot, rank in enumerate(ranks):  # never read
+            tensors["lora_a"][slot, rank:] = float("nan")
+            tensors["lora_b"][slot, :, rank:] = float("nan")
+        x, weight, lora_a, lora_b, bias, dy = (tensors[name].to(dtype).to(device) for name in tensors)
+        leaves = [t.clone().requires_grad_(True) for t in (x, weight, lora_a, lora_b, bias)]
+        y = lk.multi_lora_linear(*leaves[:4], ids.to(device), scalings, leaves[4], ranks=ranks, backend=backend)
+        y.backward(dy)
+        ref_leaves = [t.double().cpu().requires_grad_(True) for t in (x, weight, lora_a, lora_b, bias)]
+        expected = reference.multi_lora_linear_autograd(*ref_leaves[:4], ids, torch.tensor(scalings).double(),
+                                                        ref_leaves[4], torch.tensor(ranks))
+        expected.backward(dy.double().cpu())
+        what = f"{target} planted, M = {m}"
+        assert_same_non_finite(y, expected.to(dtype), dtype, f"y, {what}")
+        for name, leaf, ref_leaf in zip(("x", "weight", "lora_a", "lora_b", "bias"), leaves, ref_leaves):
+            assert_same_non_finite(leaf.grad, ref_leaf.grad.to(dtype), dtype, f"d{name}, {what}", scale=2.0)
 
 
 @pytest.mark.parametrize("backend", GROUPED_BACKENDS)
