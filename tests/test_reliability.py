@@ -254,8 +254,9 @@ def test_strided_operands_past_2_to_the_31_elements(backend, case, monkeypatch):
 
 @pytest.mark.skipif(backends.unavailable_reason("triton", "cpu") is not None, reason="Triton backend not available")
 def test_triton_launches_from_several_threads():
-    """Several threads launching the Triton kernels at once (first use of an autotune key included) all get the
-    right result: launches take turns on a lock, so the autotuner's cache is never raced."""
+    """Several threads launching the Triton kernels at once (first use of an autotune key included), single-adapter
+    and grouped, all get the right result: launches take turns on a lock, so the autotuner's state is never raced
+    (nor the interpreter's, whose grouped kernels failed here with "x >= grid_dim[0]" before they took the lock)."""
     from concurrent.futures import ThreadPoolExecutor
 
     def run(seed):
@@ -264,11 +265,74 @@ def test_triton_launches_from_several_threads():
         x, weight = torch.randn(m, 24, generator=g), torch.randn(16, 24, generator=g)
         lora_a, lora_b = torch.randn(4, 24, generator=g), torch.randn(16, 4, generator=g)
         y = lk.lora_linear(x, weight, lora_a, lora_b, 0.5, backend="triton")
-        return rel_error(y, reference.lora_linear(x, weight, lora_a, lora_b, 0.5))
+        stacked_a, stacked_b = torch.randn(3, 4, 24, generator=g), torch.randn(3, 16, 4, generator=g)
+        ids, scalings = torch.arange(m) % 4 - 1, torch.rand(3, generator=g)
+        grouped = lk.multi_lora_linear(x, weight, stacked_a, stacked_b, ids, scalings, backend="triton")
+        return max(rel_error(y, reference.lora_linear(x, weight, lora_a, lora_b, 0.5)),
+                   rel_error(grouped, reference.multi_lora_linear(x, weight, stacked_a, stacked_b, ids, scalings)))
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         errors = list(pool.map(run, range(8)))
     assert max(errors) <= TOLERANCE[torch.float32], errors
+
+
+@pytest.mark.skipif(backends.unavailable_reason("triton", "cpu") is not None, reason="Triton backend not available")
+def test_every_triton_launch_holds_the_launch_lock(monkeypatch):
+    """Every Triton kernel runs holding the launch lock, on the eager paths and through the custom ops a compiled
+    graph calls (called here directly, as its compiled code does), the grouped kernels included. The ops' path ran
+    unlocked, and the grouped launches and dropout_mask had no lock: several threads then raced the autotuner's
+    per-launch state (triton-lang/triton#11494) on a GPU, and the interpreter's process-wide state on CPU (4
+    threads: "x >= grid_dim[0]", "Did you forget to add @triton.jit ?")."""
+    import triton
+
+    import lora_kernels.triton as lk_triton
+    from lora_kernels.triton import lora_linear as triton_lora_linear
+
+    kernel_class = (triton.runtime.interpreter.InterpretedFunction if lk_triton.INTERPRET
+                    else triton.runtime.jit.JITFunction)
+    launches, path = [], ["eager"]
+    run = kernel_class.run
+
+    def recording_run(self, *args, **kwargs):
+        launches.append((path[0], self.fn.__name__, lk_triton._LAUNCH_LOCK.locked()))
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(kernel_class, "run", recording_run)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(5)
+    x, weight, dy = (torch.randn(*shape, generator=g).to(device) for shape in ((6, 24), (16, 24), (6, 16)))
+    lora_a, lora_b = torch.randn(4, 24, generator=g).to(device), torch.randn(16, 4, generator=g).to(device)
+    stacked_a, stacked_b = torch.randn(3, 4, 24, generator=g).to(device), torch.randn(3, 16, 4, generator=g).to(device)
+    batch = LoRABatch.from_adapter_ids(torch.tensor([0, 2, -1, 0, 1, 2], device=device), 3)
+    scalings, ranks = torch.ones(3, device=device), torch.tensor([4, 2, 3], dtype=torch.int32, device=device)
+    seed = torch.tensor(7)
+
+    # eager: the single-adapter kernels with dropout (and its mask), the grouped ones through multi_lora_linear
+    leaves = [t.clone().requires_grad_() for t in (x, lora_a, lora_b, stacked_a, stacked_b)]
+    lk.lora_linear(leaves[0], weight, leaves[1], leaves[2], 0.5, dropout_p=0.2, backend="triton").backward(dy)
+    triton_lora_linear.dropout_mask(seed, 6, 24, 0.2, device)
+    lk.multi_lora_linear(leaves[0], weight, leaves[3], leaves[4], batch, scalings, ranks=ranks,
+                         backend="triton").backward(dy)
+    path[0] = "custom op"  # as compiled code runs them
+    ops, grouped = torch.ops.lora_kernels, torch.ops.lora_kernels_triton
+    _, s = ops.triton_lora_fwd(x, weight, lora_a, lora_b, 0.5, None, 0.2, seed)
+    _, ds = ops.triton_lora_bwd_dy(dy, s, lora_b, 0.5)
+    ops.triton_lora_bwd_dx(dy, ds, weight, lora_a, 0.2, seed)
+    ops.triton_lora_bwd_da(ds, x, 0.2, seed)
+    ops.triton_dropout_mask(seed, 6, 24, 0.2, torch.device(device))
+    metadata = (batch.adapter_ids, batch.sorted_token_ids, batch.slot_counts, batch.slot_starts)
+    shrunk = torch.empty(6, 4, device=device)
+    grouped.sgmv_shrink(x, stacked_a, *metadata, scalings, ranks, shrunk, False, "auto")
+    grouped.sgmv_expand(shrunk, stacked_b, *metadata, ranks, torch.zeros(6, 16, device=device), 0, "auto")
+    grouped.segment_outer(shrunk, x, *metadata[1:], torch.empty(3, 4, 24, device=device))
+
+    for each_path in ("eager", "custom op"):  # every kernel ran on both paths
+        names = {name for launch_path, name, _ in launches if launch_path == each_path}
+        assert {"_lora_shrink_kernel", "_lora_fwd_kernel", "_lora_bwd_dy_kernel", "_lora_bwd_dx_kernel",
+                "_lora_bwd_da_kernel", "_dropout_mask_kernel", "_segment_outer_kernel"} <= names, (each_path, names)
+        assert {"shrink", "expand"} <= {name.split("_")[2] for name in names if "gmv_" in name}, (each_path, names)
+    unlocked = sorted({(launch_path, name) for launch_path, name, locked in launches if not locked})
+    assert not unlocked, f"launched without the launch lock: {unlocked}"
 
 
 def test_auto_choice_is_logged_when_debug_is_switched_on_after_the_first_call(caplog, monkeypatch):

@@ -2,6 +2,7 @@
 
 import functools
 import os
+import threading
 
 import torch
 
@@ -41,6 +42,24 @@ def _sm_count_of(index: int) -> int:
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (cached: launchers size their grids with it on every call)."""
     return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# Triton launches take turns, on every path: the eager calls and the custom ops that compiled graphs run.
+# triton.autotune keeps the arguments of the launch in progress on the kernel object, where the config prune and the
+# TMA kernels' pre-hook read them and another thread's launch resets them to None (triton-lang/triton#11494), and it
+# times the candidates on the first use of a key; the interpreter (TRITON_INTERPRET=1) runs a kernel on process-wide
+# state: two interpreted kernels at once failed with "x >= grid_dim[0]" or "Did you forget to add @triton.jit ?".
+# A GPU launch holds the lock for its host time (microseconds, but for a key's first autotuning).
+_LAUNCH_LOCK = threading.Lock()
+
+
+def one_launch_at_a_time(launcher):
+    """Runs `launcher` (a function that launches Triton kernels) holding the launch lock."""
+    @functools.wraps(launcher)
+    def launch(*args, **kwargs):
+        with _LAUNCH_LOCK:
+            return launcher(*args, **kwargs)
+    return launch
 
 
 def on_tensor_device(launcher):

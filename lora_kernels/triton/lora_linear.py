@@ -17,7 +17,6 @@ import functools
 import math
 import numbers
 import os
-import threading
 
 import torch
 import triton
@@ -25,7 +24,7 @@ import triton.language as tl
 
 from lora_kernels._ext import scaled_mm
 from lora_kernels.triton import (FP_FUSION, INTERPRET, SUPPORTED_DTYPES, TRITON_DTYPE_NAMES, UPCAST_DOT_OPERANDS,
-                                 on_tensor_device, sm_count)
+                                 on_tensor_device, one_launch_at_a_time, sm_count)
 
 from triton.tools.tensor_descriptor import TensorDescriptor  # host-side TMA descriptors
 
@@ -856,6 +855,7 @@ def _dropout_args(dropout_p):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@one_launch_at_a_time
 @on_tensor_device
 def _lora_fwd_impl(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                    scaling: float, bias: torch.Tensor | None, dropout_p: float, seed: torch.Tensor
@@ -910,6 +910,7 @@ def _lora_fwd_impl(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, 
     return y, s
 
 
+@one_launch_at_a_time
 @on_tensor_device
 def _lora_bwd_dy_impl(dy: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, scaling: float
                       ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -943,6 +944,7 @@ def _lora_bwd_dy_impl(dy: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, s
     return d_lora_b, ds
 
 
+@one_launch_at_a_time
 @on_tensor_device
 def _lora_bwd_dx_impl(dy: torch.Tensor, ds: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
                       dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
@@ -976,6 +978,7 @@ def _lora_bwd_dx_impl(dy: torch.Tensor, ds: torch.Tensor, weight: torch.Tensor, 
     return dx
 
 
+@one_launch_at_a_time
 @on_tensor_device
 def _lora_bwd_da_impl(ds: torch.Tensor, x: torch.Tensor, dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
     M, K = x.shape
@@ -1027,17 +1030,10 @@ def _register(name, impl, fake):
     return op
 
 
-# Launches from several threads take turns: triton.autotune keeps its per-key choice in a plain dict and times the
-# candidates on first use of a key, which two threads must not do at once. A launch holds it for microseconds.
-_LAUNCH_LOCK = threading.Lock()
-
-
 def _call(op, impl, *args):
-    # Eager calls skip the dispatcher (tens of microseconds of host time per call); traced calls need the op.
-    if torch.compiler.is_compiling():
-        return op(*args)
-    with _LAUNCH_LOCK:
-        return impl(*args)
+    # Eager calls skip the dispatcher (tens of microseconds of host time per call); traced calls need the op. Both
+    # run impl, which takes the launch lock (one_launch_at_a_time).
+    return op(*args) if torch.compiler.is_compiling() else impl(*args)
 
 
 _fwd_op = _register("triton_lora_fwd", _lora_fwd_impl, _fake_lora_fwd)
@@ -1164,6 +1160,7 @@ def _dropout_mask_vmap(info, in_dims, seed, M, K, p, device):
                      "per sample")
 
 
+@one_launch_at_a_time
 @on_tensor_device
 def _launch_dropout_mask(out, p, scale, seed):
     M, K = out.shape

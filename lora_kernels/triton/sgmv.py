@@ -27,7 +27,7 @@ import inspect
 import torch
 
 from lora_kernels.triton import (FP_FUSION, HAS_TRITON, INTERPRET, SUPPORTED_DTYPES, TRITON_DTYPE_NAMES,
-                                 on_tensor_device, sm_count)
+                                 on_tensor_device, one_launch_at_a_time, sm_count)
 
 if HAS_TRITON:
     import triton
@@ -411,6 +411,7 @@ def choose_path(num_tokens, num_slots, path="auto"):
 # Launch (inside the custom ops: inputs already checked)
 
 
+@one_launch_at_a_time
 @on_tensor_device
 def _launch_shrink(x, lora_a, adapter_ids, sorted_token_ids, slot_counts, slot_starts, scalings, ranks, out,
                    deterministic, path):
@@ -466,6 +467,7 @@ def _launch_shrink(x, lora_a, adapter_ids, sorted_token_ids, slot_counts, slot_s
     )
 
 
+@one_launch_at_a_time
 @on_tensor_device
 def _launch_expand(t, lora_b, adapter_ids, sorted_token_ids, slot_counts, slot_starts, ranks, out, slice_offset,
                    path):
@@ -530,6 +532,7 @@ def _(t, lora_b, adapter_ids, sorted_token_ids, slot_counts, slot_starts, ranks,
     return None
 
 
+@one_launch_at_a_time
 @on_tensor_device
 def _launch_segment_outer(left, right, sorted_token_ids, slot_counts, slot_starts, out):
     L, P, Q = out.shape
