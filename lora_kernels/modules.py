@@ -5,6 +5,7 @@ No maths here: the forwards are lora_kernels.functional.lora_linear and multi_lo
 import contextlib
 import math
 import numbers
+import os
 import re
 import sys
 import threading
@@ -504,6 +505,18 @@ class LoRALinear(nn.Module):
 # writes and the forward's kernels are then queued in that order on the current stream, so the guarantee holds on
 # GPUs too when both threads use the same stream (the default).
 _SLOT_LOCK = threading.RLock()
+
+
+def _new_slot_lock_in_child():
+    # A process forked while another thread held the lock (a forward holds it throughout) inherits it held by a
+    # thread that does not exist there: every MultiLoRALinear forward of the child (a DataLoader worker, a fork-started
+    # multiprocessing pool) waited for it forever. A slot update in progress at the fork stays as the child copied it.
+    global _SLOT_LOCK
+    _SLOT_LOCK = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX: the processes that fork
+    os.register_at_fork(after_in_child=_new_slot_lock_in_child)
 
 
 class MultiLoRALinear(nn.Module):

@@ -3,6 +3,7 @@ property tests and fuzzers are in test_properties.py."""
 
 import gc
 import logging
+import os
 
 import pytest
 import torch
@@ -155,6 +156,59 @@ def test_set_adapter_from_another_thread_never_mixes_weights_within_a_forward():
         stop.set()
         writer.join()
     assert seen, "no forward ran"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_process_forked_during_another_threads_forward_can_run_the_layer(monkeypatch):
+    """A process forked while another thread is inside a MultiLoRALinear forward (which holds the slot lock
+    throughout), as a DataLoader worker or a fork-started pool can be, runs the layer itself: its copy of the lock
+    was held by a thread that does not exist there, and its forward waited forever."""
+    import multiprocessing
+    import threading
+    import warnings
+
+    from lora_kernels import modules
+
+    torch.manual_seed(4)
+    layer = lk.MultiLoRALinear(torch.nn.Linear(16, 12), max_adapters=2, max_rank=4, backend="torch")
+    layer.set_adapter(1, torch.randn(4, 16), torch.randn(12, 4), 0.5)
+    x, ids = torch.randn(5, 16), torch.tensor([1, -1, 1, 0, 1])
+    with torch.no_grad():
+        expected = layer(x, ids)
+    inside, leave = threading.Event(), threading.Event()
+    grouped_op = modules.multi_lora_linear
+
+    def held_in_forward(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            inside.set()
+            leave.wait()
+        return grouped_op(*args, **kwargs)
+
+    monkeypatch.setattr(modules, "multi_lora_linear", held_in_forward)
+    server = threading.Thread(target=lambda: layer(x, ids))
+    server.start()
+    inside.wait()
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    try:
+        with warnings.catch_warnings():  # Python 3.12+: "This process is multi-threaded, use of fork() may lead to
+            warnings.simplefilter("ignore", DeprecationWarning)  # deadlocks in the child", the case tested here
+            child = context.Process(target=_forward_into, args=(layer, x, ids, results))
+            child.start()
+        child.join(60)  # a guard against the hang, not a timing: the forward takes milliseconds
+        hung = child.is_alive()
+        if hung:
+            child.kill()
+        assert not hung, "the forked process's forward waited for a lock its parent's thread held"
+        assert torch.equal(torch.tensor(results.get(timeout=60)), expected)
+    finally:
+        leave.set()
+        server.join()
+
+
+def _forward_into(layer, x, ids, results):
+    with torch.no_grad():
+        results.put(layer(x, ids).tolist())  # plain floats: a tensor would be sent as a handle to the child's memory
 
 
 # Tests that take tens of GB of GPU memory (up to ~70 GB for the first, 4.5-17 GB per case of the second): gpu_check.sh
