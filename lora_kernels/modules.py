@@ -1400,7 +1400,9 @@ class set_batch_adapters:
     model for its rows. Under torch.compile the names are constants of the graph: each new list compiles a graph of
     its own (past dynamo's recompile limit, 8 by default, the model runs eagerly, or fails under fullgraph=True); a
     serving loop whose mix changes every step passes adapter ids (MultiLoRALinear's forward(x, adapter_ids)) or a
-    LoRABatch instead."""
+    LoRABatch instead. The setting belongs to the model, not to a thread: threads sharing a model that set names at
+    once see each other's (a forward reads, layer by layer, whichever names were set last); such threads pass adapter
+    ids or a LoRABatch to each forward."""
 
     def __init__(self, model, adapter_names):
         op = "set_batch_adapters"
