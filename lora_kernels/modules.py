@@ -507,16 +507,27 @@ class LoRALinear(nn.Module):
 _SLOT_LOCK = threading.RLock()
 
 
-def _new_slot_lock_in_child():
-    # A process forked while another thread held the lock (a forward holds it throughout) inherits it held by a
-    # thread that does not exist there: every MultiLoRALinear forward of the child (a DataLoader worker, a fork-started
-    # multiprocessing pool) waited for it forever. A slot update in progress at the fork stays as the child copied it.
-    global _SLOT_LOCK
-    _SLOT_LOCK = threading.RLock()
+# One lock for the name -> slot tables of every model (model.lora_adapter_slots): a load by name
+# (load_peft_adapter(..., adapter_name=...)) and delete_adapter take turns, from choosing a slot to recording the name.
+_ADAPTER_TABLE_LOCK = threading.Lock()
+
+
+def adapter_table_lock():
+    """_ADAPTER_TABLE_LOCK as it is now (a forked process replaces it)."""
+    return _ADAPTER_TABLE_LOCK
+
+
+def _new_locks_in_child():
+    # A process forked while another thread held a lock (a forward holds the slot lock throughout) inherits it held by
+    # a thread that does not exist there: every MultiLoRALinear forward of the child (a DataLoader worker, a
+    # fork-started multiprocessing pool) waited for it forever. A slot update in progress at the fork stays as the
+    # child copied it.
+    global _SLOT_LOCK, _ADAPTER_TABLE_LOCK
+    _SLOT_LOCK, _ADAPTER_TABLE_LOCK = threading.RLock(), threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):  # POSIX: the processes that fork
-    os.register_at_fork(after_in_child=_new_slot_lock_in_child)
+    os.register_at_fork(after_in_child=_new_locks_in_child)
 
 
 class MultiLoRALinear(nn.Module):
@@ -1313,13 +1324,14 @@ def delete_adapter(model, adapter_name):
     slots = getattr(model, "lora_adapter_slots", None)
     if slots is None:
         raise ValueError(f"{op}: the model has no named adapters (prepare_multi_adapter first)")
-    if not isinstance(adapter_name, str) or adapter_name not in slots:
-        raise ValueError(f"{op}: unknown adapter name {adapter_name!r}; loaded: {sorted(slots)}")
-    slot = slots[adapter_name]
-    for module in model.modules():
-        if isinstance(module, MultiLoRALinear):
-            module.clear_adapter(slot)
-    del slots[adapter_name]
+    with adapter_table_lock():  # taking turns with loads by name (and other deletes)
+        if not isinstance(adapter_name, str) or adapter_name not in slots:
+            raise ValueError(f"{op}: unknown adapter name {adapter_name!r}; loaded: {sorted(slots)}")
+        slot = slots[adapter_name]
+        for module in model.modules():
+            if isinstance(module, MultiLoRALinear):
+                module.clear_adapter(slot)
+        del slots[adapter_name]
     return wrapper
 
 

@@ -34,7 +34,7 @@ from lora_kernels.backends import check_backend_name
 from lora_kernels.modules import (_PEFT_ONLY_HINT, BIAS_ATTR, BIAS_MODES, LORA_WRAPPERS, MODULES_TO_SAVE_ATTR,
                                   PEFT_ONLY_LAYERS, TASK_TYPE_ATTR, LoRALinear, MultiLoRALinear, _record_bias,
                                   _record_modules_to_save, _record_task_type, _rollback_on_error, _set_submodule,
-                                  _train_biases, _warn_linear_fan_in_fan_out,
+                                  _train_biases, _warn_linear_fan_in_fan_out, adapter_table_lock,
                                   check_no_accelerate_hook, check_targets_outside_heads, check_wrappable_linear,
                                   copy_into, enable_input_grads_for_checkpointing, is_conv1d, is_layer_index,
                                   lora_scaling, named_modules_to_save, named_target_modules, pattern_value,
@@ -738,17 +738,32 @@ def _commit_multi(model, op, adapter_name, plan, grouped, config):
         raise ValueError(f"{op}: adapter_name={adapter_name!r} needs a model prepared with prepare_multi_adapter")
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, MultiLoRALinear)]
     capacity = min(m.max_adapters for _, m in layers)
+    # Choosing the slot, writing it and recording the name take turns with other loads and delete_adapter: two
+    # loads of new names in two threads both chose the first free slot before either recorded its name, so both
+    # names got one slot, holding the weights of whichever wrote last.
+    with adapter_table_lock():
+        slot = _slot_for(op, adapter_name, slots, capacity)
+        if config.lora_dropout > 0:
+            warnings.warn(f"{op}: lora_dropout={config.lora_dropout} is not applied by MultiLoRALinear slots "
+                          f"(inference; the same in eval mode)", stacklevel=3)
+        _write_slot(layers, slot, plan, grouped, config)
+        slots[adapter_name] = slot
+
+
+def _slot_for(op, adapter_name, slots, capacity):
+    """The slot adapter_name has, else the first free one."""
     if adapter_name in slots:
-        slot = slots[adapter_name]
-    else:
-        free = sorted(set(range(capacity)) - set(slots.values()))
-        if not free:
-            raise ValueError(f"{op}: all {capacity} adapter slots are taken ({sorted(slots)}); prepare the model with "
-                             f"more max_adapters")
-        slot = free[0]
-    if config.lora_dropout > 0:
-        warnings.warn(f"{op}: lora_dropout={config.lora_dropout} is not applied by MultiLoRALinear slots (inference; "
-                      f"the same in eval mode)", stacklevel=3)
+        return slots[adapter_name]
+    free = sorted(set(range(capacity)) - set(slots.values()))
+    if not free:
+        raise ValueError(f"{op}: all {capacity} adapter slots are taken ({sorted(slots)}); prepare the model with "
+                         f"more max_adapters")
+    return free[0]
+
+
+def _write_slot(layers, slot, plan, grouped, config):
+    """The adapter into `slot` of every MultiLoRALinear (cleared where it has no weights); all slots as they were
+    on an error."""
     loaded = {name: (r, alpha) for name, _, r, alpha in plan}
     snapshots = [(m, m.lora_a[slot].detach().clone(), m.lora_b[slot].detach().clone(), m.scalings[slot].clone(),
                   m.ranks[slot].clone()) for _, m in layers]
@@ -772,7 +787,6 @@ def _commit_multi(model, op, adapter_name, plan, grouped, config):
                 module.scalings[slot] = scaling
                 module.ranks[slot] = rank
         raise
-    slots[adapter_name] = slot
 
 
 # -------------------------------------------------------------------------------------------------------------- save

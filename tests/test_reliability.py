@@ -158,11 +158,68 @@ def test_set_adapter_from_another_thread_never_mixes_weights_within_a_forward():
     assert seen, "no forward ran"
 
 
+def test_two_threads_loading_new_adapters_by_name_get_a_slot_each(tmp_path, monkeypatch):
+    """Two threads loading different new adapters into one prepared model at once: each name gets its own slot
+    holding its own weights. Both loads chose the first free slot before either recorded its name, so both names got
+    slot 0, holding the weights of whichever wrote last. Forced here: load "a" stops inside its first slot write
+    until load "b" has finished, or is about to take the table lock that "a" holds (the hook announces it)."""
+    import threading
+
+    from lora_kernels import modules, peft_io
+
+    torch.manual_seed(6)
+    sources = {}
+    for name in ("a", "b"):
+        sources[name] = lk.inject_lora(torch.nn.Sequential(torch.nn.Linear(16, 12)), ["0"], r=4)
+        torch.nn.init.normal_(sources[name][0].lora_B.weight)
+        lk.save_peft_adapter(sources[name], tmp_path / name)
+    model = lk.prepare_multi_adapter(torch.nn.Sequential(torch.nn.Linear(16, 12)), ["0"], max_adapters=3, max_rank=4,
+                                     backend="torch")
+    a_inside, b_waits_or_done = threading.Event(), threading.Event()
+    set_adapter = modules.MultiLoRALinear.set_adapter
+    table_lock = getattr(peft_io, "adapter_table_lock", None)
+
+    def set_adapter_stopping_load_a(self, *args, **kwargs):
+        if threading.current_thread().name == "a" and not a_inside.is_set():
+            a_inside.set()
+            b_waits_or_done.wait()
+        return set_adapter(self, *args, **kwargs)
+
+    def announced_table_lock():
+        if threading.current_thread().name == "b":
+            b_waits_or_done.set()
+        return table_lock()
+
+    monkeypatch.setattr(modules.MultiLoRALinear, "set_adapter", set_adapter_stopping_load_a)
+    monkeypatch.setattr(peft_io, "adapter_table_lock", announced_table_lock, raising=False)
+
+    def load(name):
+        try:
+            lk.load_peft_adapter(model, tmp_path / name, adapter_name=name)
+        finally:  # whatever happened, neither load waits for the other any longer
+            a_inside.set()
+            b_waits_or_done.set()
+
+    first = threading.Thread(target=load, args=("a",), name="a")
+    first.start()
+    a_inside.wait()
+    second = threading.Thread(target=load, args=("b",), name="b")
+    second.start()
+    first.join()
+    second.join()
+    slots = model.lora_adapter_slots
+    assert sorted(slots) == ["a", "b"] and slots["a"] != slots["b"], slots
+    for name, source in sources.items():
+        assert torch.equal(model[0].lora_b[slots[name], :, :4], source[0].lora_B.weight), name
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_a_process_forked_during_another_threads_forward_can_run_the_layer(monkeypatch):
+@pytest.mark.parametrize("held_in", ["forward", "load"])
+def test_a_process_forked_while_another_thread_holds_a_lock_can_use_the_model(held_in, tmp_path, monkeypatch):
     """A process forked while another thread is inside a MultiLoRALinear forward (which holds the slot lock
-    throughout), as a DataLoader worker or a fork-started pool can be, runs the layer itself: its copy of the lock
-    was held by a thread that does not exist there, and its forward waited forever."""
+    throughout) or a load by name (the adapter table lock), as a DataLoader worker or a fork-started pool can be,
+    runs the layer and deletes an adapter itself: its copy of the lock was held by a thread that does not exist
+    there, and its forward waited forever."""
     import multiprocessing
     import threading
     import warnings
@@ -170,45 +227,56 @@ def test_a_process_forked_during_another_threads_forward_can_run_the_layer(monke
     from lora_kernels import modules
 
     torch.manual_seed(4)
-    layer = lk.MultiLoRALinear(torch.nn.Linear(16, 12), max_adapters=2, max_rank=4, backend="torch")
-    layer.set_adapter(1, torch.randn(4, 16), torch.randn(12, 4), 0.5)
-    x, ids = torch.randn(5, 16), torch.tensor([1, -1, 1, 0, 1])
+    source = lk.inject_lora(torch.nn.Sequential(torch.nn.Linear(16, 12)), ["0"], r=4)
+    torch.nn.init.normal_(source[0].lora_B.weight)
+    lk.save_peft_adapter(source, tmp_path)
+    model = lk.prepare_multi_adapter(torch.nn.Sequential(torch.nn.Linear(16, 12)), ["0"], max_adapters=2, max_rank=4,
+                                     backend="torch")
+    lk.load_peft_adapter(model, tmp_path, adapter_name="a")
+    x, ids = torch.randn(5, 16), torch.tensor([0, -1, 0, 1, 0])
     with torch.no_grad():
-        expected = layer(x, ids)
+        expected = model[0](x, ids)
     inside, leave = threading.Event(), threading.Event()
-    grouped_op = modules.multi_lora_linear
 
-    def held_in_forward(*args, **kwargs):
-        if threading.current_thread() is not threading.main_thread():
-            inside.set()
-            leave.wait()
-        return grouped_op(*args, **kwargs)
+    def stop_in(function):
+        def stopped(*args, **kwargs):
+            if threading.current_thread() is not threading.main_thread():
+                inside.set()
+                leave.wait()
+            return function(*args, **kwargs)
+        return stopped
 
-    monkeypatch.setattr(modules, "multi_lora_linear", held_in_forward)
-    server = threading.Thread(target=lambda: layer(x, ids))
-    server.start()
+    if held_in == "forward":
+        monkeypatch.setattr(modules, "multi_lora_linear", stop_in(modules.multi_lora_linear))
+        holder = threading.Thread(target=lambda: model[0](x, ids))
+    else:
+        monkeypatch.setattr(modules.MultiLoRALinear, "set_adapter", stop_in(modules.MultiLoRALinear.set_adapter))
+        holder = threading.Thread(target=lambda: lk.load_peft_adapter(model, tmp_path, adapter_name="b"))
+    holder.start()
     inside.wait()
     context = multiprocessing.get_context("fork")
     results = context.Queue()
     try:
         with warnings.catch_warnings():  # Python 3.12+: "This process is multi-threaded, use of fork() may lead to
             warnings.simplefilter("ignore", DeprecationWarning)  # deadlocks in the child", the case tested here
-            child = context.Process(target=_forward_into, args=(layer, x, ids, results))
+            child = context.Process(target=_forward_and_delete, args=(model, x, ids, results))
             child.start()
-        child.join(60)  # a guard against the hang, not a timing: the forward takes milliseconds
+        child.join(60)  # a guard against the hang, not a timing: the child's work takes milliseconds
         hung = child.is_alive()
         if hung:
             child.kill()
-        assert not hung, "the forked process's forward waited for a lock its parent's thread held"
-        assert torch.equal(torch.tensor(results.get(timeout=60)), expected)
+        assert not hung, "the forked process waited for a lock its parent's thread held"
+        output, slots = results.get(timeout=60)
+        assert torch.equal(torch.tensor(output), expected) and slots == {}
     finally:
         leave.set()
-        server.join()
+        holder.join()
 
 
-def _forward_into(layer, x, ids, results):
+def _forward_and_delete(model, x, ids, results):
     with torch.no_grad():
-        results.put(layer(x, ids).tolist())  # plain floats: a tensor would be sent as a handle to the child's memory
+        output = model[0](x, ids).tolist()  # plain floats: a tensor would be sent as a handle to the child's memory
+    results.put((output, lk.delete_adapter(model, "a").lora_adapter_slots))
 
 
 # Tests that take tens of GB of GPU memory (up to ~70 GB for the first, 4.5-17 GB per case of the second): gpu_check.sh
