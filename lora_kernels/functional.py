@@ -710,7 +710,9 @@ class MultiLoRAFunction(torch.autograd.Function):
         batch_buffers = [getattr(batch, name) for name in BUFFER_FIELDS]
         if not torch.compiler.is_compiling() and any(t.is_inference() for t in batch_buffers):
             batch_buffers = [t.clone() for t in batch_buffers]
-        ctx.save_for_backward(x2, weight, lora_a, lora_b, s, scalings, ranks, *batch_buffers)
+        # W only for dX, as in LoRALinearFunction: under autocast it is a 16-bit copy [N, K].
+        ctx.save_for_backward(x2, weight if ctx.needs_input_grad[0] else None, lora_a, lora_b, s, scalings, ranks,
+                              *batch_buffers)
         ctx.batch, ctx.backend = batch, backend
         return y
 

@@ -495,6 +495,35 @@ def test_multi_lora_linear_under_autocast(backend, device):
         assert leaf.grad.dtype == torch.float32 and torch.equal(leaf.grad, cast_leaf.grad.float()), name
 
 
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS)
+def test_autocast_saves_no_weight_copy_when_x_needs_no_gradient(backend, device):
+    """W is read by the backward only for dX. Under autocast it is a 16-bit copy [N, K]; saving it when x needs no
+    gradient (a first layer's projections, whose input is a frozen embedding's output) kept one such copy per layer
+    alive until the backward, as lora_linear's did before."""
+    backend_or_skip(backend, device)
+    num_slots, max_rank, m, k, n = 3, 4, 8, 32, 24
+    lora_a, lora_b = _adapters(num_slots, max_rank, k, n, [4, 2, 4], torch.float32, device)
+    lora_a.requires_grad_(True)
+    lora_b.requires_grad_(True)
+    weight = randn(n, k, device=device, scale=k ** -0.5)
+    ids = segment_ids("mixed_base", m, num_slots).to(device)
+    for x_needs_grad in (False, True):
+        shapes = []
+
+        def pack(tensor, shapes=shapes):
+            shapes.append(tuple(tensor.shape))
+            return tensor
+
+        x = randn(m, k, device=device).requires_grad_(x_needs_grad)
+        with torch.autocast(device.type, dtype=torch.bfloat16), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = lk.multi_lora_linear(x, weight, lora_a, lora_b, ids, [0.5, 1.0, 2.0], backend=backend)
+        assert ((n, k) in shapes) == x_needs_grad, shapes
+        y.float().sum().backward()
+        assert lora_a.grad is not None and lora_b.grad is not None and (x.grad is not None) == x_needs_grad
+        lora_a.grad = lora_b.grad = None
+
+
 @pytest.mark.parametrize("op", ["multi_lora_linear", "lora_linear"])
 @pytest.mark.parametrize("backend", GROUPED_BACKENDS)
 def test_backward_inside_autocast_equals_backward_outside(op, backend, device):
