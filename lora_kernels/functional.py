@@ -7,7 +7,6 @@ S = drop(x) @ lora_a.T; the dropout mask is regenerated from a seed, never store
 """
 
 import contextlib
-import dataclasses
 import math
 import numbers
 
@@ -713,13 +712,15 @@ class MultiLoRAFunction(torch.autograd.Function):
         # W only for dX, as in LoRALinearFunction: under autocast it is a 16-bit copy [N, K].
         ctx.save_for_backward(x2, weight if ctx.needs_input_grad[0] else None, lora_a, lora_b, s, scalings, ranks,
                               *batch_buffers)
-        ctx.batch, ctx.backend = batch, backend
+        # Sizes only outside save_for_backward: a LoRABatch here kept its buffers alive past the backward for as long
+        # as the graph lived (a loss held for logging until the next step's forward).
+        ctx.num_adapters, ctx.backend = batch.num_adapters, backend
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x2, weight, lora_a, lora_b, s, scalings, ranks, *batch_buffers = ctx.saved_tensors
-        batch = dataclasses.replace(ctx.batch, **dict(zip(BUFFER_FIELDS, batch_buffers)))
+        batch = LoRABatch(**dict(zip(BUFFER_FIELDS, batch_buffers)), num_adapters=ctx.num_adapters)
         backend = ctx.backend
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         if torch.is_grad_enabled():

@@ -468,3 +468,48 @@ def test_auto_choice_is_logged_when_debug_is_switched_on_after_the_first_call(ca
         lk.lora_linear(x, w, a, b)
     lines = [r.getMessage() for r in caplog.records if "backend='auto' chose" in r.getMessage()]
     assert lines == [f"lora_linear: backend='auto' chose {backends.auto_backend('cpu')!r} for cpu tensors"]
+
+
+# ------------------------------------------------------------ tensor lifetimes, reference cycles, unbounded caches
+# What a training or serving step leaves behind: the tensors the autograd Functions save and how long they live,
+# objects only the cycle collector would free (gc disabled, DEBUG_SAVEALL), and tensors held by caches.
+
+def _saved_by(fn, *args):
+    """(fn(*args), [(shape, dtype, bytes, weakref)] of every tensor autograd saved while it ran)."""
+    import weakref
+    saved = []
+
+    def pack(tensor):
+        saved.append((tuple(tensor.shape), tensor.dtype, tensor.numel() * tensor.element_size(),
+                      weakref.ref(tensor)))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = fn(*args)
+    return result, saved
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_multi_lora_backward_frees_what_the_forward_saved_while_the_graph_lives(backend):
+    """After the backward nothing of a training step's MultiLoRAFunction stays alive through its graph (kept by a
+    loss held for logging until the next step's forward): neither S nor the LoRABatch's buffers, which the
+    Function's context also held outside save_for_backward."""
+    import weakref
+
+    from lora_kernels.batch import BUFFER_FIELDS
+
+    m, k, n, max_rank, num_slots = 12, 32, 24, 8, 3
+    layer = lk.MultiLoRALinear(torch.nn.Linear(k, n), num_slots, max_rank, backend=backend)
+    for slot in range(num_slots):
+        layer.set_adapter(slot, torch.randn(4, k), torch.randn(n, 4), 0.5)
+    layer.requires_grad_(True)
+    layer.base_layer.requires_grad_(False)
+    batch = LoRABatch.from_adapter_ids(torch.tensor([0, 1, 2, -1] * 3), num_slots)
+    buffers = [weakref.ref(getattr(batch, name)) for name in BUFFER_FIELDS]
+    y, saved = _saved_by(layer, torch.randn(m, k, requires_grad=True), batch)
+    del batch
+    s = next(ref for shape, _, _, ref in saved if shape == (m, max_rank))
+    y.sum().backward()
+    assert s() is None, "S outlived the backward"
+    assert all(ref() is None for ref in buffers), "the LoRABatch outlived the backward"
+    assert y.grad_fn is not None  # the graph is still alive
