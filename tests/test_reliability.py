@@ -490,6 +490,32 @@ def _saved_by(fn, *args):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_training_step_saves_x_and_s_only_and_they_die_at_the_backward(backend):
+    """README: the layer saves x and S = drop(x)·Aᵀ (plus W for dX and the factors); the dropout mask comes back from
+    a seed, and no fp32 copy of a 16-bit x is kept. PEFT's layer on the same shapes saves the dropout output [M, K]
+    beside x, and with float32 factors (autocast_adapter_dtype) a float32 copy of x. S, the only activation the
+    Function makes, is freed by the backward while the graph (the output) is still held."""
+    peft = pytest.importorskip("peft")
+    m, k, n, r, p = 64, 48, 40, 4, 0.1
+    x = torch.randn(m, k, dtype=torch.bfloat16, requires_grad=True)
+    layer = lk.LoRALinear(k, n, r=r, lora_dropout=p, dtype=torch.bfloat16, init_lora_weights=False, backend=backend)
+    y, saved = _saved_by(layer, x)
+    s_dtype = x.dtype if backend == "torch" else torch.float32  # the fused kernels keep S in fp32 (PEFT: x's dtype)
+    # x, S, W (for dX), A and B cast from their fp32 Parameters, the dropout seed
+    assert [(shape, dtype) for shape, dtype, _, _ in saved] == [
+        ((m, k), x.dtype), ((m, r), s_dtype), ((n, k), x.dtype), ((r, k), x.dtype), ((n, r), x.dtype),
+        ((), torch.int64)]
+    y.float().sum().backward()
+    assert saved[1][3]() is None, "S outlived the backward"
+
+    base = torch.nn.Sequential(torch.nn.Linear(k, n)).to(torch.bfloat16)
+    peft_model = peft.get_peft_model(base, peft.LoraConfig(r=r, lora_alpha=8, lora_dropout=p, target_modules=["0"]))
+    _, peft_saved = _saved_by(peft_model, x)
+    ours, theirs = sum(size for _, _, size, _ in saved), sum(size for _, _, size, _ in peft_saved)
+    assert ours < theirs - 2 * m * k, (ours, theirs)  # at least one [M, K] bf16 tensor less
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_multi_lora_backward_frees_what_the_forward_saved_while_the_graph_lives(backend):
     """After the backward nothing of a training step's MultiLoRAFunction stays alive through its graph (kept by a
     loss held for logging until the next step's forward): neither S nor the LoRABatch's buffers, which the
@@ -513,3 +539,108 @@ def test_multi_lora_backward_frees_what_the_forward_saved_while_the_graph_lives(
     assert s() is None, "S outlived the backward"
     assert all(ref() is None for ref in buffers), "the LoRABatch outlived the backward"
     assert y.grad_fn is not None  # the graph is still alive
+
+
+def _garbage_of(step):
+    """The objects that only the cycle collector frees, left by step() (run once before to warm up lazy imports and
+    caches): with gc disabled, whatever refcounting does not free stays for gc.collect() to find."""
+    step()
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # the collector keeps what it finds in gc.garbage instead of freeing it
+    try:
+        step()
+        gc.collect()
+        return list(gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+
+
+def _small_model():
+    return torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+
+
+# The Triton interpreter leaves cycles of its own (GridExecutor's recursive argument-copying closures, with the CPU
+# copies of the launch's tensors in them): not the launchers', and not there in compiled kernels.
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
+def test_steps_adapter_loads_and_model_edits_leave_no_reference_cycles(backend, tmp_path):
+    """Everything a training or serving step, a LoRABatch, an adapter load or unload and a model edit creates is
+    freed by refcounting alone (a cycle, e.g. through an autograd context holding a module or a closure over
+    itself, keeps its tensors until the collector happens to run)."""
+    adapter = _small_model()
+    lk.inject_lora(adapter, ["0", "2"], r=4, init_lora_weights=False)
+    lk.save_peft_adapter(adapter, tmp_path)
+
+    def lora_step():
+        layer = lk.LoRALinear(16, 8, r=4, lora_dropout=0.1, init_lora_weights=False, backend=backend)
+        x = torch.randn(6, 16, requires_grad=True)
+        layer(x).sum().backward()
+        torch.autograd.grad(layer(x).sum(), x, create_graph=True)[0].sum().backward()  # the differentiable backward
+
+    def multi_step():
+        layer = lk.MultiLoRALinear(torch.nn.Linear(16, 8), 3, 4, backend=backend)
+        layer.set_adapter(1, torch.randn(2, 16), torch.randn(8, 2), 0.5)
+        ids = torch.tensor([1, -1, 0, 1])
+        batch = LoRABatch.from_adapter_ids(ids, 3).refill_(ids.flip(0))
+        with torch.no_grad():
+            layer(torch.randn(4, 16), batch)
+        layer.requires_grad_(True)
+        layer(torch.randn(4, 16, requires_grad=True), ids).sum().backward()
+        layer.clear_adapter(1)
+
+    def model_edits():
+        model = _small_model()
+        lk.inject_lora(model, ["0", "2"], r=4)
+        model(torch.randn(2, 16)).sum().backward()
+        lk.merge_and_unload(model)
+        lk.load_peft_adapter(_small_model(), tmp_path, backend=backend)
+        served = lk.prepare_multi_adapter(_small_model(), ["0", "2"], 2, 4, backend=backend)
+        lk.load_peft_adapter(served, tmp_path, adapter_name="a")
+        with lk.set_batch_adapters(served, ["a", "__base__"]), torch.no_grad():
+            served(torch.randn(2, 16))
+        lk.delete_adapter(served, "a")
+
+    for step in (lora_step, multi_step, model_edits):
+        garbage = _garbage_of(step)
+        assert not garbage, f"{step.__name__}: {len(garbage)} objects in cycles, e.g. {garbage[:5]}"
+
+
+def _live_tensors():
+    gc.collect()
+    return sum(1 for obj in gc.get_objects() if issubclass(type(obj), torch.Tensor))  # type(): no __class__ lookups
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_serving_with_a_new_token_count_every_call_keeps_no_tensors(backend, monkeypatch):
+    """A serving loop's token count changes every call: no cache keyed by it (backend choice, LoRABatch, kernel
+    configuration) may keep tensors per count, nor may loading and unloading adapters accumulate any. The batch
+    cache of set_batch_adapters is bounded: filled first, then passed over with more shapes than it holds (a bound
+    of 2 here, to keep the interpreted Triton calls few)."""
+    monkeypatch.setattr(lk.modules.BatchAdapterIds, "_MAX_CACHED", 2)
+    k, n, num_slots = 16, 8, 3
+    single = lk.LoRALinear(k, n, r=4, init_lora_weights=False, backend=backend).eval()
+    multi = lk.prepare_multi_adapter(_small_model(), ["0", "2"], num_slots, 4, backend=backend)
+    multi.lora_adapter_slots.update(a=0, b=1)
+    layers = [m for m in multi.modules() if isinstance(m, lk.MultiLoRALinear)]
+
+    def serve(tokens):
+        for layer in layers:  # load and unload: slot 0 takes a new rank each call, slot 1 is emptied and refilled
+            layer.set_adapter(0, torch.randn(1 + tokens % 4, layer.in_features),
+                              torch.randn(layer.out_features, 1 + tokens % 4), 0.5 * tokens)
+            layer.clear_adapter(1)
+            layer.set_adapter(1, torch.randn(2, layer.in_features), torch.randn(layer.out_features, 2), 1.0)
+        with torch.no_grad():
+            single(torch.randn(tokens, k))
+            multi[0](torch.randn(tokens, k), torch.randint(-1, num_slots, (tokens,)))
+            multi(torch.randn(2, tokens, k))  # under set_batch_adapters below: one cached batch per shape
+
+    with lk.set_batch_adapters(multi, ["a", "b"]):
+        cache_size = lk.modules.BatchAdapterIds._MAX_CACHED
+        for tokens in range(1, cache_size + 1):
+            serve(tokens)
+        before = _live_tensors()
+        for tokens in range(cache_size + 1, 3 * cache_size + 1):
+            serve(tokens)
+        assert _live_tensors() <= before
