@@ -1583,3 +1583,40 @@ def test_multi_lora_torch_func_compiled_whole_matches_eager(backend, device):
     step = grad(loss, argnums=(0, 1))
     torch.testing.assert_close(torch.compile(step, fullgraph=True, backend="aot_eager")(lora_a, lora_b),
                                step(lora_a, lora_b))
+
+
+# ------------------------------------------------------------------ README claims, checked as written (helper79)
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["split_k", "deterministic"])
+@pytest.mark.parametrize("m", [6, 64], ids=["decode", "prefill"])
+def test_add_lora_with_triton_allocates_nothing_given_buffer_scalings_and_ranks_tensors(m, deterministic, monkeypatch):
+    """README, Serving stacks: for CUDA graphs, add_lora given its buffer, scalings and ranks as tensors allocates
+    nothing on the Triton path; ranks=None makes a ranks tensor per slice on every call, and without a buffer the
+    shrink results are allocated. The kernels are stubbed out (the interpreter copies every argument), so what is
+    counted is every CPU allocation made on the way to them, torch.tensor of a list included."""
+    backend_or_skip("triton", torch.device("cpu"))
+    import triton
+
+    from torch.profiler import ProfilerActivity, profile
+    launches = []
+    monkeypatch.setattr(triton.runtime.interpreter.InterpretedFunction, "run",
+                        lambda self, *args, **kwargs: launches.append(self.fn.__name__))
+    widths, num_slots, rank, k = (16, 8, 8), 3, 8, 32
+    lora_as, lora_bs = zip(*[_adapters(num_slots, rank, k, w, [8, 4, 2], torch.float32, "cpu") for w in widths])
+    x, y = randn(m, k), torch.zeros(m, sum(widths))
+    batch = LoRABatch.from_adapter_ids(torch.arange(m) % (num_slots + 1) - 1, num_slots)
+    scalings, ranks = torch.tensor([1.0, 0.5, 2.0]), torch.tensor([8, 4, 2], dtype=torch.int32)
+    buffer = torch.empty(len(widths), m, rank)
+
+    def allocations(**changed):
+        arguments = dict(scalings=scalings, ranks=ranks, buffer=buffer) | changed
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiled:
+            lk.ops.add_lora(y, x, list(lora_as), list(lora_bs), batch, arguments["scalings"], arguments["ranks"],
+                            widths, backend="triton", deterministic=deterministic, buffer=arguments["buffer"])
+        return [(event.name, event.cpu_memory_usage) for event in profiled.events() if event.cpu_memory_usage > 0]
+
+    assert allocations() == []
+    assert len(launches) == 2 * len(widths)  # every shrink and expand reached its kernel
+    assert len(allocations(ranks=None)) >= len(widths)
+    assert allocations(scalings=[1.0, 0.5, 2.0])  # a list becomes a tensor on every call
+    assert allocations(buffer=None)
