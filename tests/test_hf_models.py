@@ -482,3 +482,29 @@ def test_falcon_linear_layers_are_wrapped_like_nn_linear(tmp_path):
     injected = lk.inject_lora(copy.deepcopy(falcon), ["query_key_value"], r=4)
     assert sum(isinstance(m, LoRALinear) for m in injected.modules()) == 2
     assert_close(injected(ids).logits, falcon(ids).logits, F32, "a fresh adapter is the identity")
+
+
+# ------------------------------------------------------------------ README claims, checked as written (helper79)
+
+def test_auto_peft_model_loads_a_file_saved_with_or_loaded_with_task_type_causal_lm(llama, tmp_path):
+    """README: for AutoPeftModelForCausalLM pass task_type="CAUSAL_LM" to save_peft_adapter, which a loaded file's
+    task type also sets. AutoPeftModelForCausalLM then loads the base model the file names (the model's own
+    name_or_path) with the adapter, computing our logits; a file saved without a task type it refuses."""
+    from peft import AutoPeftModelForCausalLM
+    llama.save_pretrained(tmp_path / "base")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers' notices while saving and loading
+        model = lk.inject_lora(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base"), ["q_proj", "v_proj"],
+                               r=4, init_lora_weights=False).eval()
+        lk.save_peft_adapter(model, tmp_path / "untyped")
+        with pytest.raises(ValueError, match="Cannot infer the auto class from the config"):
+            AutoPeftModelForCausalLM.from_pretrained(tmp_path / "untyped")
+        lk.save_peft_adapter(model, tmp_path / "causal", task_type="CAUSAL_LM")
+        reloaded = lk.load_peft_adapter(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base"),
+                                        tmp_path / "causal")
+        lk.save_peft_adapter(reloaded, tmp_path / "again")  # no task_type passed: the loaded file's
+        ids = _ids()
+        for saved in ("causal", "again"):
+            theirs = AutoPeftModelForCausalLM.from_pretrained(tmp_path / saved).eval()
+            assert type(theirs).__name__ == "PeftModelForCausalLM"
+            assert_close(theirs(ids).logits, model(ids).logits, F32, saved)
