@@ -172,3 +172,42 @@ print(json.dumps([sorted(after_import), sorted(ours() - after_import)]))
     registered, missing = json.loads(proc.stdout.strip().splitlines()[-1])
     assert {"lora_kernels::lora_fwd", "lora_kernels::torch_dropout_keep"} <= set(registered), registered
     assert not missing, f"registered only when another module is imported: {missing}"
+
+
+# ------------------------------------------------------------------ README claims, checked as written (helper79)
+
+# Loads a saved program in a process that does not import lora_kernels, and runs it (argv: the program, its input).
+_LOAD_SAVED_PROGRAM_WITHOUT_IMPORT = """
+import sys
+import torch
+
+try:
+    program = torch.export.load(sys.argv[1])
+except Exception as error:
+    print(f"{type(error).__name__}: {error}")
+else:
+    y = program.module()(*torch.load(sys.argv[2], weights_only=False))
+    print(f"loaded {'lora_kernels' in sys.modules} {y.shape}")
+"""
+
+
+def test_a_saved_program_loaded_without_import_lora_kernels_fails_unless_its_inputs_hold_a_lora_batch(tmp_path):
+    """README, Serving stacks: without `import lora_kernels`, torch.export.load logs "We failed to resolve
+    torch.ops.lora_kernels.lora_fwd.default" and fails; a program whose example inputs hold a LoRABatch loads,
+    because unpickling them imports the package. ~8 s, two fresh processes importing torch."""
+    single = lk.LoRALinear.from_linear(nn.Linear(16, 12), r=4, backend="cpu").eval()
+    multi = lk.MultiLoRALinear(nn.Linear(16, 12), max_adapters=2, max_rank=4, backend="cpu").eval()
+    x = torch.randn(5, 16)
+    cases = {"single": (single, (x,)), "multi": (multi, (x, lk.LoRABatch.from_adapter_ids(
+        torch.tensor([0, -1, 1, 0, 1]), 2)))}
+    outputs = {}
+    for name, (module, inputs) in cases.items():
+        torch.export.save(torch.export.export(module, inputs), tmp_path / f"{name}.pt2")
+        torch.save(inputs, tmp_path / f"{name}.pt")
+        proc = _run_python(_LOAD_SAVED_PROGRAM_WITHOUT_IMPORT, tmp_path / f"{name}.pt2", tmp_path / f"{name}.pt")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs[name] = (proc.stdout, proc.stderr)
+    stdout, stderr = outputs["single"]
+    assert stdout.startswith("RuntimeError: "), stdout
+    assert "We failed to resolve torch.ops.lora_kernels.lora_fwd.default" in stderr, stderr[-3000:]
+    assert outputs["multi"][0].strip() == "loaded True torch.Size([5, 12])", outputs["multi"]
