@@ -2,6 +2,7 @@
 multi_lora_linear with autograd, MultiLoRALinear, bad input, torch.compile."""
 
 import copy
+import re
 import warnings
 
 import pytest
@@ -1620,3 +1621,37 @@ def test_add_lora_with_triton_allocates_nothing_given_buffer_scalings_and_ranks_
     assert len(allocations(ranks=None)) >= len(widths)
     assert allocations(scalings=[1.0, 0.5, 2.0])  # a list becomes a tensor on every call
     assert allocations(buffer=None)
+
+
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS + ["reference"])
+def test_serving_ops_refuse_a_sparse_tensor_in_any_argument(backend, device):
+    """README, Fine-tuning a model: the lk.ops serving ops refuse a sparse tensor in any argument, naming it, with y
+    and out left as they were."""
+    backend_or_skip(backend, device)
+    m, k, num_slots, rank, n = 4, 8, 2, 2, 6
+    lora_a, lora_b = _adapters(num_slots, rank, k, n, [2, 1], torch.float32, device)
+    batch = LoRABatch.from_adapter_ids(torch.tensor([0, 1, -1, 0], device=device), num_slots)
+    dense = dict(x=randn(m, k, device=device), lora_a=lora_a, lora_b=lora_b, t=randn(m, rank, device=device),
+                 y=randn(m, n, device=device), out=randn(m, rank, device=device),
+                 buffer=torch.zeros(1, m, rank, device=device), scalings=torch.tensor([1.0, 0.5], device=device),
+                 ranks=torch.tensor([2, 1], device=device))
+    calls = {
+        "add_lora": (["y", "x", "lora_a", "lora_b", "scalings", "ranks", "buffer"], lambda a: lk.ops.add_lora(
+            a["y"], a["x"], [a["lora_a"]], [a["lora_b"]], batch, a["scalings"], a["ranks"], [n], backend=backend,
+            buffer=a["buffer"])),
+        "lora_shrink": (["x", "lora_a", "scalings", "ranks", "out"], lambda a: lk.ops.lora_shrink(
+            a["x"], a["lora_a"], batch, a["scalings"], a["ranks"], backend=backend, out=a["out"])),
+        "lora_expand": (["t", "lora_b", "y", "ranks"], lambda a: lk.ops.lora_expand(
+            a["t"], a["lora_b"], batch, a["y"], 0, a["ranks"], backend=backend)),
+    }
+    # the names the errors use: add_lora's slice lists, lora_expand's output argument
+    shown = {"add_lora": {"lora_a": "lora_a_slices[0]", "lora_b": "lora_b_slices[0]"}, "lora_expand": {"y": "out"}}
+    for op, (arguments, call) in calls.items():
+        for argument in arguments:
+            sparse = {**dense, argument: dense[argument].to_sparse()}
+            before = {name: dense[name].clone() for name in ("y", "out")}
+            name = shown.get(op, {}).get(argument, argument)
+            with pytest.raises(TypeError, match=rf"{op}: {re.escape(name)} expected a dense \(strided\) tensor, "
+                                                r"got layout torch.sparse_coo"):
+                call(sparse)
+            assert all(torch.equal(dense[key], value) for key, value in before.items()), (op, argument)
