@@ -1628,3 +1628,20 @@ def test_hub_failures_are_errors_naming_the_repo_and_leave_the_model_untouched(t
             lk.load_peft_adapter(model, path)
     assert len(calls) == 1
     _assert_same(model, before)
+
+
+# ------------------------------------------------------------------ README claims, checked as written (helper79)
+
+def test_a_saved_head_is_copied_into_the_models_head_keeping_no_original(tmp_path):
+    """README: a saved modules_to_save head comes along: its weights are copied into the model's head (the same module
+    and Parameters), keeping no copy of the original, where PEFT keeps the original beside it."""
+    trained = _trained(modules_to_save=["head"])
+    with torch.no_grad():
+        trained.head.weight.add_(1.0)  # as if trained
+    lk.save_peft_adapter(trained, tmp_path)
+    model = _base()
+    head, weight = model.head, model.head.weight
+    modules_before = [name for name, module in model.named_modules() if not name.startswith("layers")]
+    loaded = lk.load_peft_adapter(model, tmp_path, backend=BACKEND)
+    assert loaded.head is head and loaded.head.weight is weight and torch.equal(weight, trained.head.weight)
+    assert [name for name, module in loaded.named_modules() if not name.startswith("layers")] == modules_before
