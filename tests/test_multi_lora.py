@@ -1597,7 +1597,6 @@ def test_add_lora_with_triton_allocates_nothing_given_buffer_scalings_and_ranks_
     counted is every CPU allocation made on the way to them, torch.tensor of a list included."""
     backend_or_skip("triton", torch.device("cpu"))
     import triton
-
     from torch.profiler import ProfilerActivity, profile
     launches = []
     monkeypatch.setattr(triton.runtime.interpreter.InterpretedFunction, "run",
