@@ -762,22 +762,30 @@ def test_meta_wrapped_then_a_base_checkpoint_loaded_as_readme_says():
 def test_merging_factors_left_on_the_meta_device_is_refused_by_name_unchanged():
     """A layer whose factors are still on the meta device (never loaded) while its base weight is real. lora_A alone
     there: torch's CPU matmul B @ A took the meta operand and returned uninitialised memory, which merge, to_linear
-    and merge_and_unload merged silently. Both there: torch's add failed naming no tensor, after merge_and_unload had
-    replaced the layers before it. A ValueError names the factor, before any change."""
+    and merge_and_unload merged silently. lora_B there: torch's add failed naming no tensor, after merge_and_unload
+    had replaced the layers before it. A ValueError names the factor, before any change; unmerge too (a layer merged
+    before its factors were sent to the meta device keeps its merged weight)."""
     never_loaded = r"expected device cpu \(the base weight's\), got meta \(never loaded"
-    for meta_factors in (["lora_A"], ["lora_A", "lora_B"]):
+    for meta_factors in (["lora_A"], ["lora_B"], ["lora_A", "lora_B"]):
+        named = rf"{meta_factors[0]}\.weight {never_loaded}"
         model = inject_lora(nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8)), ["0", "2"], r=4)
         for factor in meta_factors:
             getattr(model[2], factor).to("meta")
         weight = model[2].weight.detach().clone()
-        with pytest.raises(ValueError, match=rf"merge_and_unload: module '2': lora_A\.weight {never_loaded}.*the "
-                                             rf"model is unchanged"):
+        with pytest.raises(ValueError, match=rf"merge_and_unload: module '2': {named}.*the model is unchanged"):
             merge_and_unload(model)
         assert isinstance(model[0], LoRALinear) and isinstance(model[2], LoRALinear)
         for call in (model[2].merge, model[2].to_linear, model[2].delta_weight):
-            with pytest.raises(ValueError, match=rf"LoRALinear\.{call.__name__}: lora_A\.weight {never_loaded}"):
+            with pytest.raises(ValueError, match=rf"LoRALinear\.{call.__name__}: {named}"):
                 call()
         assert not model[2].merged and torch.equal(model[2].weight, weight)
+        model[0].merge()
+        merged_weight = model[0].weight.detach().clone()
+        for factor in meta_factors:
+            getattr(model[0], factor).to("meta")
+        with pytest.raises(ValueError, match=rf"LoRALinear\.unmerge: {named}"):
+            model[0].unmerge()
+        assert model[0].merged and torch.equal(model[0].weight, merged_weight)
 
 
 def test_reset_parameters_of_a_trained_layer_gives_a_fresh_adapter():
