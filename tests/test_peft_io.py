@@ -702,6 +702,7 @@ def test_an_adapter_loads_into_the_meta_adapter_tensors_of_an_assigned_base(tmp_
         lambda m: lk.prepare_multi_adapter(m, ["q_proj", "v_proj"], max_adapters=2, max_rank=8, backend=BACKEND))
     lk.load_peft_adapter(multi, tmp_path, adapter_name="x")
     assert not any(t.is_meta for t in [*multi.parameters(), *multi.buffers()])
+    assert not any(p.requires_grad for p in multi.parameters())  # frozen, as prepared: the slots are not trained
     assert multi.layers[0].q_proj.ranks.tolist() == [8, 0] and multi.layers[0].q_proj.scalings.tolist() == [1.0, 0.0]
     with torch.no_grad(), lk.set_batch_adapters(multi, ["x", "__base__"]):
         torch.testing.assert_close(multi(torch.stack([x, x])), torch.stack([trained(x), _base()(x)]))
@@ -737,7 +738,8 @@ def test_a_failed_load_into_meta_adapter_tensors_puts_them_back(tmp_path, monkey
 
 def test_save_refuses_meta_tensors_by_name_before_writing(tmp_path):
     """An adapter, head or bias still on the meta device holds no values: torch's "Cannot copy out of meta tensor"
-    came out of the save naming nothing. A ValueError names the tensor before any file is written."""
+    came out of the save naming nothing (for a slot's ranks or scalings: "Tensor.item() cannot be called on meta
+    tensors"). A ValueError names the tensor before any file is written."""
     lk.save_peft_adapter(_trained(), tmp_path)
     files = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
     meta_factors = _meta_wrapped_then_base_assigned(lambda m: lk.inject_lora(m, ["q_proj", "v_proj"]))
@@ -745,13 +747,17 @@ def test_save_refuses_meta_tensors_by_name_before_writing(tmp_path):
     head.head.to("meta")
     bias = _trained(bias="all")
     bias.layers[1].norm.to("meta")
-    multi = lk.load_peft_adapter(lk.prepare_multi_adapter(_base(), ["q_proj", "v_proj"], max_adapters=2, max_rank=8),
-                                 tmp_path, adapter_name="x").to("meta")
+    multi, meta_scalings = (lk.load_peft_adapter(lk.prepare_multi_adapter(_base(), ["q_proj", "v_proj"],
+                                                                         max_adapters=2, max_rank=8),
+                                                tmp_path, adapter_name="x") for _ in range(2))
+    multi.to("meta")
+    meta_scalings.layers[1].v_proj.scalings = meta_scalings.layers[1].v_proj.scalings.to("meta")
     for model, adapter_name, what in [
             (meta_factors, None, r"lora_A\.weight of module 'layers\.0\.q_proj'"),
             (head, None, r"'weight' of module 'head' \(modules_to_save\)"),
             (bias, None, r"the model's 'layers\.1\.norm\.bias' \(bias='all'\)"),
-            (multi, "x", r"ranks of module 'layers\.0\.q_proj'")]:
+            (multi, "x", r"ranks of module 'layers\.0\.q_proj'"),
+            (meta_scalings, "x", r"scalings of module 'layers\.1\.v_proj'")]:
         with pytest.raises(ValueError, match=rf"save_peft_adapter: {what} is on the meta device.*nothing was written"):
             lk.save_peft_adapter(model, tmp_path, adapter_name=adapter_name)
         with pytest.raises(ValueError, match=r"is on the meta device"):
