@@ -162,7 +162,9 @@ def test_two_threads_loading_new_adapters_by_name_get_a_slot_each(tmp_path, monk
     """Two threads loading different new adapters into one prepared model at once: each name gets its own slot
     holding its own weights. Both loads chose the first free slot before either recorded its name, so both names got
     slot 0, holding the weights of whichever wrote last. Forced here: load "a" stops inside its first slot write
-    until load "b" has finished, or is about to take the table lock that "a" holds (the hook announces it)."""
+    until load "b" has finished, or is about to take the table lock that "a" holds (the hook announces it); once out
+    of the lock, "a" waits for "b" to finish (so "a" must have recorded its name inside)."""
+    import contextlib
     import threading
 
     from lora_kernels import modules, peft_io
@@ -175,7 +177,7 @@ def test_two_threads_loading_new_adapters_by_name_get_a_slot_each(tmp_path, monk
         lk.save_peft_adapter(sources[name], tmp_path / name)
     model = lk.prepare_multi_adapter(torch.nn.Sequential(torch.nn.Linear(16, 12)), ["0"], max_adapters=3, max_rank=4,
                                      backend="torch")
-    a_inside, b_waits_or_done = threading.Event(), threading.Event()
+    a_inside, b_waits_or_done, b_done = threading.Event(), threading.Event(), threading.Event()
     set_adapter = modules.MultiLoRALinear.set_adapter
     table_lock = getattr(peft_io, "adapter_table_lock", None)
 
@@ -185,10 +187,14 @@ def test_two_threads_loading_new_adapters_by_name_get_a_slot_each(tmp_path, monk
             b_waits_or_done.wait()
         return set_adapter(self, *args, **kwargs)
 
+    @contextlib.contextmanager
     def announced_table_lock():
         if threading.current_thread().name == "b":
             b_waits_or_done.set()
-        return table_lock()
+        with table_lock():
+            yield
+        if threading.current_thread().name == "a":
+            b_done.wait()
 
     monkeypatch.setattr(modules.MultiLoRALinear, "set_adapter", set_adapter_stopping_load_a)
     monkeypatch.setattr(peft_io, "adapter_table_lock", announced_table_lock, raising=False)
@@ -199,6 +205,7 @@ def test_two_threads_loading_new_adapters_by_name_get_a_slot_each(tmp_path, monk
         finally:  # whatever happened, neither load waits for the other any longer
             a_inside.set()
             b_waits_or_done.set()
+            b_done.set()
 
     first = threading.Thread(target=load, args=("a",), name="a")
     first.start()
