@@ -220,6 +220,61 @@ def test_two_threads_loading_new_adapters_by_name_get_a_slot_each(tmp_path, monk
         assert torch.equal(model[0].lora_b[slots[name], :, :4], source[0].lora_B.weight), name
 
 
+def test_two_threads_deleting_one_adapter_at_once_one_is_told_it_is_gone(tmp_path, monkeypatch):
+    """delete_adapter takes turns with other deletes (and loads by name): of two threads deleting one adapter at once,
+    one deletes it and the other gets the ValueError for a name that is not loaded. Both found the name when they
+    did not take turns, and the second to finish failed on a bare KeyError. Forced here: the first delete stops in
+    its first clear_adapter until the second has finished, or is about to take the table lock (the hook announces
+    it)."""
+    import threading
+
+    from lora_kernels import modules
+
+    lk.save_peft_adapter(lk.inject_lora(torch.nn.Sequential(torch.nn.Linear(16, 12)), ["0"], r=4), tmp_path)
+    model = lk.prepare_multi_adapter(torch.nn.Sequential(torch.nn.Linear(16, 12)), ["0"], max_adapters=2, max_rank=4,
+                                     backend="torch")
+    lk.load_peft_adapter(model, tmp_path, adapter_name="a")
+    first_inside, second_waits_or_done = threading.Event(), threading.Event()
+    clear_adapter, table_lock = modules.MultiLoRALinear.clear_adapter, modules.adapter_table_lock
+
+    def clear_adapter_stopping_the_first(self, slot):
+        if threading.current_thread().name == "first" and not first_inside.is_set():
+            first_inside.set()
+            second_waits_or_done.wait()
+        return clear_adapter(self, slot)
+
+    def announced_table_lock():
+        if threading.current_thread().name == "second":
+            second_waits_or_done.set()
+        return table_lock()
+
+    monkeypatch.setattr(modules.MultiLoRALinear, "clear_adapter", clear_adapter_stopping_the_first)
+    monkeypatch.setattr(modules, "adapter_table_lock", announced_table_lock)
+    outcomes = {}
+
+    def delete():
+        try:
+            lk.delete_adapter(model, "a")
+            outcomes[threading.current_thread().name] = "deleted"
+        except Exception as error:  # noqa: BLE001 (the outcome is checked below)
+            outcomes[threading.current_thread().name] = error
+        finally:  # whatever happened, neither delete waits for the other any longer
+            first_inside.set()
+            second_waits_or_done.set()
+
+    first = threading.Thread(target=delete, name="first")
+    first.start()
+    first_inside.wait()
+    second = threading.Thread(target=delete, name="second")
+    second.start()
+    first.join()
+    second.join()
+    assert outcomes["first"] == "deleted", outcomes
+    assert isinstance(outcomes["second"], ValueError), outcomes
+    assert "delete_adapter: unknown adapter name 'a'" in str(outcomes["second"]), outcomes
+    assert model.lora_adapter_slots == {} and int(model[0].ranks[0]) == 0
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 @pytest.mark.parametrize("held_in", ["forward", "load"])
 def test_a_process_forked_while_another_thread_holds_a_lock_can_use_the_model(held_in, tmp_path, monkeypatch):
