@@ -71,14 +71,13 @@ def _is_dense(t):
     return True
 
 
-def _rows_and_columns(t):
-    """(row pitch, rows, columns) in bytes of a 2-D view with unit column stride whose rows do not wrap around the
-    pitch, as the column slices of one workspace are; else None."""
-    if t.dim() != 2 or t.shape[1] > 1 and t.stride(1) != 1 or t.stride(0) < t.shape[1]:
+def _row_blocks(t):
+    """(row pitch, first byte, row width) in bytes of a 2-D view with unit column stride, whose rows are byte ranges
+    one pitch apart, as the column slices of one workspace are; else None."""
+    if t.dim() != 2 or t.shape[1] > 1 and t.stride(1) != 1 or t.stride(0) < 1:
         return None
-    pitch, start = t.stride(0) * t.element_size(), t.storage_offset() * t.element_size()
-    first_row, first_column = divmod(start, pitch)
-    return pitch, (first_row, first_row + t.shape[0]), (first_column, first_column + t.shape[1] * t.element_size())
+    size = t.element_size()
+    return t.stride(0) * size, t.storage_offset() * size, t.shape[1] * size
 
 
 def _shares_memory(a, b):
@@ -90,11 +89,17 @@ def _shares_memory(a, b):
         return False
     if _is_dense(a) and _is_dense(b):
         return True
-    a_layout, b_layout = _rows_and_columns(a), _rows_and_columns(b)
+    a_layout, b_layout = _row_blocks(a), _row_blocks(b)
     if a_layout is None or b_layout is None or a_layout[0] != b_layout[0]:
         return False
-    return all(a_range[0] < b_range[1] and b_range[0] < a_range[1]
-               for a_range, b_range in zip(a_layout[1:], b_layout[1:]))
+    (pitch, a_first, a_width), (_, b_first, b_width) = a_layout, b_layout
+    # Row i of a and row i + k of b intersect where -b_width < shift + k * pitch < a_width: try the least k with the
+    # first (the spans' intersection puts it within the rows' range, or makes the rows at that range's end meet).
+    # Not by rows and columns of the pitch grid: a view at an offset that is not a whole number of rows has rows
+    # that run past the grid's row ends (a flat workspace's [2, 6] view from element 4).
+    shift = b_first - a_first
+    k = (-b_width - shift) // pitch + 1
+    return shift + k * pitch < a_width
 
 
 def check_output(op, name, out, inputs):

@@ -1,0 +1,105 @@
+"""The checks of the serving-stack API (lk.ops.*, LoRABatch) that mutation testing of ops.py and batch.py found
+untested: each test fails when the check it names is deleted or weakened."""
+
+import pytest
+import torch
+
+import lora_kernels as lk
+from lora_kernels import ops
+from lora_kernels.batch import LoRABatch
+
+
+def _element_indices(view):
+    """The storage indices of view's elements, enumerated one by one (the brute-force answer)."""
+    indices = torch.zeros((), dtype=torch.int64) + view.storage_offset()
+    for size, stride in zip(view.shape, view.stride()):
+        indices = (indices[..., None] + torch.arange(size) * stride)
+    return set(indices.reshape(-1).tolist())
+
+
+def _random_view(storage, g):
+    """A view of the 1-D storage: a flat range, a block of a matrix of some row pitch that starts at the storage's
+    start or within its first row (the block possibly one row, every other column, or transposed), or an arbitrary
+    as_strided view."""
+    def pick(high):
+        return int(torch.randint(0, high, (), generator=g))
+
+    kind = pick(4)
+    if kind == 0:
+        start = pick(40)
+        return storage[start:start + 1 + pick(20)].view(1, -1) if pick(2) else storage[start:start + 2 + pick(20)]
+    # a matrix of some row pitch, from the storage's start or from an element within its first row
+    pitch, first = 6 + pick(3), pick(2) * pick(6)
+    matrix = storage[first:first + pitch * ((storage.numel() - first) // pitch)].view(-1, pitch)
+    row, column = pick(matrix.shape[0] - 1), pick(pitch - 1)
+    block = matrix[row:row + 1 + pick(4), column:column + 1 + pick(5)]
+    if kind == 1:
+        return block
+    if kind == 2:
+        return matrix[row:row + 1 + pick(4), column::2] if pick(2) else block.T
+    shape = (1 + pick(4), 1 + pick(5))
+    strides = (pick(13), 1 + pick(3))  # row stride 0: an expanded input
+    offset = pick(storage.numel() - (shape[0] - 1) * strides[0] - (shape[1] - 1) * strides[1])
+    return storage.as_strided(shape, strides, offset)
+
+
+def _decided(view):
+    """The layouts whose overlap check_output decides exactly (ops._shares_memory): dense, or 2-D with unit column
+    stride (its rows one row pitch apart)."""
+    dense = sorted((stride, size) for size, stride in zip(view.shape, view.stride()) if size != 1)
+    expected = 1
+    for stride, size in dense:
+        if stride != expected:
+            break
+        expected *= size
+    else:
+        return "dense"
+    if view.dim() == 2 and (view.shape[1] == 1 or view.stride(1) == 1):
+        return ("pitch", view.stride(0))
+    return None
+
+
+def test_overlap_check_matches_the_elements_views_really_share():
+    """check_output against brute force over random pairs of views of one storage: refused only where the two
+    share an element (a valid out is never refused: touching, interleaved and wrapped views included), and refused
+    wherever they do when both are dense or both are 2-D row blocks of one pitch (a workspace's column slices)."""
+    g = torch.Generator().manual_seed(0)
+    storage = torch.zeros(64)
+    decided_overlaps = 0
+    for _ in range(4000):
+        out, t = _random_view(storage, g), _random_view(storage, g)
+        if any(stride == 0 and size > 1 for size, stride in zip(out.shape, out.stride())):
+            continue  # refused as an expanded out
+        shared = bool(_element_indices(out) & _element_indices(t))
+        try:
+            ops.check_output("lora_expand", "out", out, [("t", t)])
+            refused = False
+        except ValueError as error:
+            assert "out expected memory of its own, got a view that overlaps t" in str(error)
+            refused = True
+        layouts = _decided(out), _decided(t)
+        decided = layouts == ("dense", "dense") or (layouts[0] == layouts[1] and layouts[0] is not None)
+        assert refused <= shared, f"refused views that share no element: {out.stride()}+{out.storage_offset()}, " \
+                                  f"{t.stride()}+{t.storage_offset()}"
+        if decided:
+            decided_overlaps += shared
+            assert refused == shared, f"missed an overlap: shape {tuple(out.shape)} strides {out.stride()} offset " \
+                                      f"{out.storage_offset()}; shape {tuple(t.shape)} strides {t.stride()} offset " \
+                                      f"{t.storage_offset()}"
+    assert decided_overlaps > 100  # the cases above are not all disjoint
+
+
+def test_overlap_check_sees_rows_that_run_past_the_pitch_grid():
+    """Two views of one flat workspace with one row pitch (6) whose offsets differ by part of a row: out's rows start
+    4 elements into the grid's rows and run into the next, where t's row lies. Their rows and columns on the grid
+    did not intersect, so the overlap was let through to kernels that read what they had written."""
+    workspace = torch.zeros(28)
+    out = workspace[4:].view(-1, 6)[:2, :4]  # elements 4-7 and 10-13
+    t = workspace[:24].view(-1, 6)[1:3, :2]  # elements 6, 7, 12 and 13
+    with pytest.raises(ValueError, match="out expected memory of its own, got a view that overlaps t"):
+        ops.check_output("lora_expand", "out", out, [("t", t)])
+    ops.check_output("lora_expand", "out", workspace[4:].view(-1, 6)[:2, :2], [("t", t)])  # elements 4, 5, 10, 11
+    # a one-row out whose row stride is 0 against an expanded input (row pitch 0 too): undecided, let through
+    one_row = workspace[:6].as_strided((1, 6), (0, 1))
+    ops.check_output("lora_expand", "out", one_row, [("t", workspace[:6].expand(3, 6))])
+
