@@ -103,3 +103,67 @@ def test_overlap_check_sees_rows_that_run_past_the_pitch_grid():
     one_row = workspace[:6].as_strided((1, 6), (0, 1))
     ops.check_output("lora_expand", "out", one_row, [("t", workspace[:6].expand(3, 6))])
 
+
+@pytest.mark.parametrize("ids,num_adapters,error,words", [
+    (torch.tensor([0j, 1j]), 2, TypeError, "adapter_ids expected an integer dtype, got torch.complex64"),
+    (torch.tensor([True, False]), 2, TypeError, "adapter_ids expected an integer dtype, got torch.bool"),
+    (torch.tensor([0, 1]), True, ValueError, "num_adapters expected an int >= 1, got True"),
+    (torch.tensor([0, 1]), 2.0, ValueError, "num_adapters expected an int >= 1, got 2.0"),
+])
+def test_lora_batch_refuses_ids_and_slot_counts_of_the_wrong_type(ids, num_adapters, error, words):
+    """Bool ids (a mask passed for ids) became slots 0 and 1, and num_adapters=True one slot."""
+    with pytest.raises(error, match=words):
+        LoRABatch.from_adapter_ids(ids, num_adapters)
+
+
+def test_lora_batch_reads_device_ids_on_the_host_only_when_asked():
+    """Ids on a device (meta here: no values to read) are not validated by default, building or refilling: the
+    check is a host sync, which a CUDA-graph capture refuses."""
+    ids = torch.tensor([0, 1, 1, -1], device="meta")
+    batch = LoRABatch.from_adapter_ids(ids, 2)
+    assert batch.slot_counts.shape == (2,) and batch.device.type == "meta"
+    batch.refill_(ids)
+
+
+def test_lora_batch_refills_inside_torch_compile():
+    """refill_ traced whole (fullgraph): its CPU ids are not validated while tracing, which needs their values."""
+    batch = LoRABatch.from_adapter_ids(torch.tensor([0, 1, 1, -1]), 3)
+    refill = torch.compile(lambda batch, ids: batch.refill_(ids), fullgraph=True, backend="eager")
+    refill(batch, torch.tensor([2, 2, 0, 1]))
+    assert batch.slot_counts.tolist() == [1, 1, 2] and batch.adapter_ids.tolist() == [2, 2, 0, 1]
+
+
+def _serving_args():
+    ids = torch.tensor([0, 1, -1, 1])
+    return torch.randn(4, 8), torch.randn(2, 3, 8), LoRABatch.from_adapter_ids(ids, 2), [1.0, 0.5]
+
+
+@pytest.mark.parametrize("bad,error,words", [
+    (lambda x, a, batch: (x.tolist(), a, batch), TypeError, "lora_shrink: x expected a torch.Tensor, got list"),
+    (lambda x, a, batch: (x.int(), a.int(), batch), TypeError,
+     "lora_shrink: x expected a floating dtype, got torch.int32"),
+    (lambda x, a, batch: (x, a[0], batch), ValueError,
+     r"lora_shrink: lora_a expected a 3-D tensor, got shape \(3, 8\)"),
+    (lambda x, a, batch: (x, a.to("meta"), batch), ValueError, "lora_shrink: lora_a expected device cpu, got meta"),
+    (lambda x, a, batch: (x, a, LoRABatch.from_adapter_ids(batch.adapter_ids.to("meta"), 2)), ValueError,
+     "lora_shrink: batch expected device cpu, got meta"),
+])
+def test_lora_shrink_names_a_wrong_argument(bad, error, words):
+    x, lora_a, batch, scalings = _serving_args()
+    x, lora_a, batch = bad(x, lora_a, batch)
+    with pytest.raises(error, match=words):
+        lk.ops.lora_shrink(x, lora_a, batch, scalings, backend="torch")
+
+
+def test_serving_ops_take_what_their_checks_promise():
+    """Values the checks must let through: deterministic given as 1 (a bool as 0/1), and a one-token out whose row
+    stride is 0 (a [1, N] view of an [N] vector: no element is written twice). A True rank is refused, not rank 1."""
+    x, lora_a, batch, scalings = _serving_args()
+    t = lk.ops.lora_shrink(x, lora_a, batch, scalings, backend="torch", deterministic=1)
+    torch.testing.assert_close(t, lk.ops.lora_shrink(x, lora_a, batch, scalings, backend="torch"))
+    one = LoRABatch.from_adapter_ids(torch.tensor([1]), 2)
+    row = torch.zeros(5)
+    lk.ops.lora_expand(t[1:2], torch.randn(2, 5, 3), one, row.as_strided((1, 5), (0, 1)), backend="torch")
+    assert row.ne(0).all()
+    with pytest.raises(TypeError, match=r"lora_shrink: ranks expected an integer tensor \[L\] or a sequence of ints"):
+        lk.ops.lora_shrink(x, lora_a, batch, scalings, [True, 3], backend="torch")
