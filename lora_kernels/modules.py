@@ -10,6 +10,7 @@ import re
 import sys
 import threading
 import warnings
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -697,17 +698,19 @@ class MultiLoRALinear(nn.Module):
         """x: [..., K]; adapter_ids: integer tensor shaped like x.shape[:-1], or a LoRABatch built for x's tokens;
         None takes the per-row slots of set_batch_adapters (one LoRABatch per input shape, shared by all layers)."""
         if adapter_ids is None:
-            if self.batch_adapters is None:
+            state = self.batch_adapters
+            if state is None:
                 raise RuntimeError("MultiLoRALinear: forward(x) without adapter_ids needs the per-row adapters set "
                                    "first: `with lora_kernels.set_batch_adapters(model, adapter_names): model(...)`")
-            slot_ids = self.batch_adapters.slot_ids(tuple(x.shape[:-1]))
-            if max_slot_id(slot_ids) < 0 and not (torch.is_grad_enabled() and (self.lora_a.requires_grad
-                                                                              or self.lora_b.requires_grad)):
+            rows = state.rows  # read once: a load or delete by name in another thread replaces it whole
+            state.check_rows(tuple(x.shape[:-1]))
+            if not rows.any_adapter and not (torch.is_grad_enabled() and (self.lora_a.requires_grad
+                                                                          or self.lora_b.requires_grad)):
                 # No row has an adapter, as the names say on the host: multi_lora_linear's base GEMM alone, without
                 # the grouped ops (their checks and launches cost more than a decode-size base GEMM: a serving
                 # stack's "no LoRA" flag). Slots being trained still get their zero gradients below.
                 return multi_lora_base_linear(x, self.base_weight(), self.base_layer.bias, backend=self.backend)
-            adapter_ids = self.batch_adapters.batch_for(x, self.max_adapters, slot_ids)
+            adapter_ids = state.batch_for(x, self.max_adapters, rows)
         if torch.compiler.is_compiling():  # a traced graph cannot hold a Python lock
             return self._forward(x, adapter_ids)
         with _SLOT_LOCK:
@@ -1332,6 +1335,7 @@ def delete_adapter(model, adapter_name):
             if isinstance(module, MultiLoRALinear):
                 module.clear_adapter(slot)
         del slots[adapter_name]
+        resolve_batch_adapters(model)
     return wrapper
 
 
@@ -1347,55 +1351,78 @@ def _check_adapter_names(model, adapter_names, op):
     return slots
 
 
-def max_slot_id(slot_ids):
-    """The largest of BatchAdapterIds.slot_ids' ids: below 0 when every row computes the base model."""
-    return slot_ids if isinstance(slot_ids, int) else max(slot_ids)
+class ResolvedRows(NamedTuple):
+    """set_batch_adapters' names looked up in the slot table: the slot id of each name (-1: "__base__" or deleted),
+    whether any is an adapter, and the ids as an int64 tensor, which a compiled forward reads as an input."""
+    slot_ids: tuple
+    any_adapter: bool
+    tensor: torch.Tensor
 
 
 class BatchAdapterIds:
-    """The adapter names of the next forwards (one per batch row, or one str for every row) and the LoRABatch built
-    from them: one per (input shape, slot ids, device), shared by every MultiLoRALinear of a forward. Names are
-    resolved against the model's name -> slot table at each forward: an adapter deleted since counts as the base
-    model (-1), never as whichever adapter took its slot."""
+    """The adapter names of the next forwards (one per batch row, or one str for every row), their slot ids and the
+    LoRABatch built from them: one per (input shape, slot ids, device), shared by every MultiLoRALinear of a forward.
+    The names are looked up in the model's name -> slot table when set and again whenever load_peft_adapter(...,
+    adapter_name=...) or delete_adapter changes it (resolve): an adapter deleted since counts as the base model (-1),
+    never as whichever adapter took its slot. A compiled forward reads the ids as a tensor, not as constants: a new
+    list of as many names, with an adapter among them, runs the same graph (HF generate has no way to pass ids)."""
 
     _MAX_CACHED = 8  # distinct (shape, ids) kept (prefill + decode shapes of a generate loop)
 
-    def __init__(self, slots, names):
-        self.slots, self.names = slots, names
+    def __init__(self, slots, names, device):
+        self.slots, self.names, self.device = slots, names, device
+        # what a compiled forward reads (dynamo guards on it, as on any Python value): never the names
+        self.per_row = not isinstance(names, str)
+        self.count = len(names) if self.per_row else 1
         self._cache = {}
+        self.resolve()
 
-    def slot_ids(self, lead):
-        """The slot id of every batch row of an input with leading dims `lead` (one int when one name covers every
-        row), -1 for "__base__" and for names deleted since; looked up now."""
-        if isinstance(self.names, str):
-            return self.slots.get(self.names, -1)
-        count = len(self.names)
-        if not lead or lead[0] % count:
-            raise ValueError(f"MultiLoRALinear: set_batch_adapters got {count} adapter names, but the layer input has "
-                             f"shape {tuple(lead)} + [features] (the batch dimension first, expected a multiple of "
-                             f"{count})")
-        return tuple(self.slots.get(name, -1) for name in self.names)
+    def resolve(self):
+        """Looks the names up in the slot table now."""
+        names = self.names if self.per_row else (self.names,)
+        slot_ids = tuple(self.slots.get(name, -1) for name in names)
+        self.rows = ResolvedRows(slot_ids, max(slot_ids) >= 0,
+                                 torch.tensor(slot_ids, dtype=torch.int64, device=self.device))
 
-    def batch_for(self, x, num_adapters, slot_ids):
-        """The LoRABatch of x's rows for these slot_ids (from slot_ids(x.shape[:-1]))."""
+    def check_rows(self, lead):
+        """ValueError unless an input with leading dims `lead` has a batch dimension the names can cover."""
+        if not self.per_row:
+            return
+        if not lead or lead[0] % self.count:
+            raise ValueError(f"MultiLoRALinear: set_batch_adapters got {self.count} adapter names, but the layer input "
+                             f"has shape {tuple(lead)} + [features] (the batch dimension first, expected a multiple "
+                             f"of {self.count})")
+
+    def batch_for(self, x, num_adapters, rows):
+        """The LoRABatch of x's rows for `rows` (this object's rows, read once by the caller)."""
         from lora_kernels.batch import LoRABatch
         lead = tuple(x.shape[:-1])
-        key = (lead, num_adapters, x.device, slot_ids)
-        batch = None if torch.compiler.is_compiling() else self._cache.get(key)
+        compiling = torch.compiler.is_compiling()
+        key = None if compiling else (lead, num_adapters, x.device, rows.slot_ids)
+        batch = None if compiling else self._cache.get(key)
         if batch is None:
-            if isinstance(slot_ids, int):
-                ids = torch.full(lead, slot_ids, dtype=torch.int64, device=x.device)
-            else:
+            ids = rows.tensor.to(x.device)
+            if lead:
                 # A batch k times the names long (generate's beams or num_return_sequences repeat each row k
                 # times, next to each other): each name covers k rows, as PEFT expands adapter_names for beams.
-                rows = torch.tensor(slot_ids, dtype=torch.int64).repeat_interleave(lead[0] // len(slot_ids))
-                ids = rows.to(x.device).reshape(-1, *([1] * (len(lead) - 1))).expand(lead)
+                ids = ids[:, None].expand(self.count, lead[0] // self.count)
+                ids = ids.reshape(-1, *([1] * (len(lead) - 1))).expand(lead)
+            else:  # a 1-D x: one token, under one name
+                ids = ids.reshape(())
             batch = LoRABatch.from_adapter_ids(ids, num_adapters)
-            if not torch.compiler.is_compiling():
+            if not compiling:
                 if len(self._cache) >= self._MAX_CACHED:
                     self._cache.clear()
                 self._cache[key] = batch
         return batch
+
+
+def resolve_batch_adapters(model):
+    """Looks the names of every set_batch_adapters setting in effect on `model` up again (its slot table changed)."""
+    states = {id(m.batch_adapters): m.batch_adapters for m in model.modules()
+              if isinstance(m, MultiLoRALinear) and m.batch_adapters is not None}
+    for state in states.values():
+        state.resolve()
 
 
 class set_batch_adapters:
@@ -1408,13 +1435,13 @@ class set_batch_adapters:
 
     Every layer input must have the batch dimension first ([B, ...]); slot ids broadcast over the other dims. A batch
     dimension k times as long as the list (generate with num_beams=k or num_return_sequences=k) gives each name k
-    consecutive rows. Names are looked up at each forward: a name deleted since (delete_adapter) computes the base
-    model for its rows. Under torch.compile the names are constants of the graph: each new list compiles a graph of
-    its own (past dynamo's recompile limit, 8 by default, the model runs eagerly, or fails under fullgraph=True); a
-    serving loop whose mix changes every step passes adapter ids (MultiLoRALinear's forward(x, adapter_ids)) or a
-    LoRABatch instead. The setting belongs to the model, not to a thread: threads sharing a model that set names at
-    once see each other's (a forward reads, layer by layer, whichever names were set last); such threads pass adapter
-    ids or a LoRABatch to each forward."""
+    consecutive rows. Names are looked up again whenever load_peft_adapter(..., adapter_name=...) or delete_adapter
+    change the model's name -> slot table: a name deleted since computes the base model for its rows. Under
+    torch.compile the slot ids are an input of the graph, not constants: a new list of as many names runs the same
+    graph (generate(): no recompile per mix); another number of names, or a list with no adapter (every layer then
+    skips the grouped ops), compiles one more. The setting belongs to the model, not to a thread: threads sharing a
+    model that set names at once see each other's (a forward reads, layer by layer, whichever names were set last);
+    such threads pass adapter ids or a LoRABatch to each forward."""
 
     def __init__(self, model, adapter_names):
         op = "set_batch_adapters"
@@ -1422,16 +1449,17 @@ class set_batch_adapters:
         layers = [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
         if not layers:
             raise ValueError(f"{op}: the model has no MultiLoRALinear layers; call prepare_multi_adapter first")
+        device = layers[0].ranks.device  # a layer on another device copies the ids over
         if adapter_names is None:
             state = None
         elif isinstance(adapter_names, str):
-            state = BatchAdapterIds(_check_adapter_names(model, [adapter_names], op), adapter_names)
+            state = BatchAdapterIds(_check_adapter_names(model, [adapter_names], op), adapter_names, device)
         else:
             names = list(adapter_names) if isinstance(adapter_names, (list, tuple)) else []
             if not names or not all(isinstance(n, str) for n in names):
                 raise TypeError(f"{op}: adapter_names expected a non-empty list of str, a str or None, "
                                 f"got {adapter_names!r}")
-            state = BatchAdapterIds(_check_adapter_names(model, names, op), tuple(names))
+            state = BatchAdapterIds(_check_adapter_names(model, names, op), tuple(names), device)
         self._previous = [(layer, layer.batch_adapters) for layer in layers]
         for layer in layers:
             layer.batch_adapters = state
@@ -1442,6 +1470,8 @@ class set_batch_adapters:
     def __exit__(self, *exc_info):
         for layer, previous in self._previous:
             layer.batch_adapters = previous
+        for previous in {id(previous): previous for _, previous in self._previous if previous is not None}.values():
+            previous.resolve()  # the slot table may have changed while it was set aside
         return False
 
 

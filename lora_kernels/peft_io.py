@@ -38,6 +38,7 @@ from lora_kernels.modules import (_PEFT_ONLY_HINT, BIAS_ATTR, BIAS_MODES, LORA_W
                                   check_no_accelerate_hook, check_targets_outside_heads, check_wrappable_linear,
                                   copy_into, enable_input_grads_for_checkpointing, is_conv1d, is_layer_index,
                                   lora_scaling, named_modules_to_save, named_target_modules, pattern_value,
+                                  resolve_batch_adapters,
                                   target_module_matches, trained_biases, unwrap_model, warn_conv1d_fan_in_fan_out,
                                   warn_dropped_hooks)
 from lora_kernels.ops import check_flag
@@ -748,6 +749,7 @@ def _commit_multi(model, op, adapter_name, plan, grouped, config):
                           f"(inference; the same in eval mode)", stacklevel=3)
         _write_slot(layers, slot, plan, grouped, config)
         slots[adapter_name] = slot
+        resolve_batch_adapters(model)  # a name deleted and loaded again has a slot again
 
 
 def _slot_for(op, adapter_name, slots, capacity):

@@ -10,8 +10,8 @@ every call eagerly and compiled (fullgraph=True, as README promises) on the same
 compares outputs and gradients: float32 within 1e-5 (the compiled graph runs the same kernels; Inductor may reorder
 the torch ops around them), 16-bit within design.md §7. It also counts the graphs the backend compiled against
 README: one per token count at most until the dimension goes dynamic (the default's one recompile), none for new
-adapter ids, one per new set_batch_adapters list or module state (merged, disabled, train/eval: Python attributes are
-constants of a graph).
+adapter ids or a new set_batch_adapters list of as many names, one per number of names, for a list with no adapter
+and per module state (merged, disabled, train/eval: Python attributes are constants of a graph).
 
 Dropout: under aot_eager the seed drawn in the graph is the one eager draws under the same torch.manual_seed, so
 outputs and gradients match eager's; under Inductor only with torch._inductor.config.fallback_random = True, and
@@ -101,10 +101,11 @@ def autocast_ctx(dtype):
 
 def max_graphs(calls, dynamic):
     """README's bound for calls [(token count, state)], where a state is whatever a graph holds as a constant (a
-    module's merged / disabled / training flags, a set_batch_adapters list): with dynamic=True one graph per state;
-    by default a state first met before the token count changed gets a static graph, and after the first change
-    (dynamo marks the dimension dynamic) one dynamic graph per state. Token counts never equal another size of the
-    inputs here: torch's duck sizing would tie the two, and compile once more when they part."""
+    module's merged / disabled / training flags, a set_batch_adapters list's length and whether it names an
+    adapter): with dynamic=True one graph per state; by default a state first met before the token count changed
+    gets a static graph, and after the first change (dynamo marks the dimension dynamic) one dynamic graph per state.
+    Token counts never equal another size of the inputs here: torch's duck sizing would tie the two, and compile
+    once more when they part."""
     first, dynamic_now, graphs = None, dynamic is True, set()
     for tokens, state in calls:
         first = tokens if first is None else first
@@ -457,7 +458,8 @@ def run_multi_layer_ids(case, gen):
 
 def run_multi_model_names(case, gen):
     """prepare_multi_adapter on a small model, adapters put in slots by name, and set_batch_adapters lists: a new
-    list is a new graph (README: its names are constants), a list seen before reuses its graph."""
+    list of as many names reuses the graph (README: the ids are an input of it), a list with no adapter gets one of
+    its own (the base-only shortcut)."""
     torch.manual_seed(case.extra["init_seed"])
     model = SmallModel(case.dtype)
     L, R = case.extra["L"], case.extra["R"]
@@ -485,7 +487,8 @@ def run_multi_model_names(case, gen):
             results.append([y] + grads_of(y, params, call))
         for i, (got, want) in enumerate(zip(results[1], results[0])):
             check(f"call {call} ({tokens} tokens, {name_list}) output {i}", got, want, case.compute_dtype)
-    check_graphs(graphs, list(zip(case.token_counts, lists)), case.dynamic)
+    states = [(len(names), any(name != "__base__" for name in names)) for names in lists]
+    check_graphs(graphs, list(zip(case.token_counts, states)), case.dynamic)
 
 
 def run_serving_ops(case, gen):

@@ -1469,19 +1469,49 @@ def test_a_prepared_models_state_dict_holds_the_slots_but_not_the_name_table(tmp
     torch.testing.assert_close(fresh.layers[0].q_proj(x, ids), model.layers[0].q_proj(x, ids), rtol=0, atol=0)
 
 
-def test_new_adapter_names_recompile_a_compiled_model(tmp_path):
-    """README: set_batch_adapters' names are constants of a torch.compile graph, so new names recompile it (the result
-    follows the names; it never replays the graph of the old ones)."""
+def test_new_adapter_names_run_the_compiled_graph_with_their_ids(tmp_path):
+    """README: set_batch_adapters' slot ids reach a torch.compile graph as a tensor, not as constants: a new list of
+    as many names runs the same graph and computes its own names (HF generate cannot pass adapter ids, and a graph
+    per list hit dynamo's recompile limit after a few mixes); another number of names and a list with no adapter
+    (the base-only shortcut) compile one more each; a delete or load by name reaches the compiled graph."""
     lk.save_peft_adapter(_trained(r=4), tmp_path / "a")
-    model = lk.prepare_multi_adapter(_base(), ["q_proj", "v_proj"], max_adapters=2, max_rank=4)
-    lk.load_peft_adapter(model, tmp_path / "a", adapter_name="a")
+    lk.save_peft_adapter(_trained(("q_proj", "o_proj"), r=2, lora_alpha=5), tmp_path / "b")
+    model = lk.prepare_multi_adapter(_base(), ["q_proj", "v_proj", "o_proj"], max_adapters=2, max_rank=4)
+    for name in ("a", "b"):
+        lk.load_peft_adapter(model, tmp_path / name, adapter_name=name)
+    base, single = _base(), {name: lk.load_peft_adapter(_base(), tmp_path / name) for name in ("a", "b")}
     graphs = []
-    compiled = torch.compile(model, backend=lambda gm, example_inputs: graphs.append(gm) or gm.forward)
+    compiled = torch.compile(model, fullgraph=True, backend=lambda gm, example_inputs: graphs.append(gm) or gm.forward)
     x = torch.randn(2, 16)
-    for names, count in ((["a", "__base__"], 1), (["__base__", "a"], 2), (["a", "__base__"], 2)):
+    for names, count in ((["a", "__base__"], 1), (["__base__", "b"], 1), (["b", "a"], 1), ("a", 2),
+                         (["__base__", "__base__"], 3), (["a", "b"], 3)):
         with lk.set_batch_adapters(model, names):
-            torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=0)
+            out = compiled(x)
+        for row, name in enumerate([names] * 2 if isinstance(names, str) else names):
+            torch.testing.assert_close(out[row], single.get(name, base)(x[row]), rtol=1e-5, atol=1e-5)
         assert len(graphs) == count, names
+    with lk.set_batch_adapters(model, ["a", "b"]):
+        lk.delete_adapter(model, "a")
+        torch.testing.assert_close(compiled(x)[0], base(x[0]), rtol=1e-6, atol=1e-6)
+        lk.load_peft_adapter(model, tmp_path / "a", adapter_name="a")
+        torch.testing.assert_close(compiled(x)[0], single["a"](x[0]), rtol=1e-5, atol=1e-5)
+    assert len(graphs) == 3
+
+
+def test_outer_names_are_looked_up_again_when_an_inner_context_ends(tmp_path):
+    """An adapter deleted while an inner set_batch_adapters context is in effect, and its slot taken by another: the
+    outer names put back on leaving count it as the base model, not as the adapter now in its slot."""
+    lk.save_peft_adapter(_trained(r=4), tmp_path / "a")
+    lk.save_peft_adapter(_trained(("q_proj", "o_proj"), r=2, lora_alpha=5), tmp_path / "c")
+    model = lk.prepare_multi_adapter(_base(), ["q_proj", "v_proj", "o_proj"], max_adapters=2, max_rank=4)
+    lk.load_peft_adapter(model, tmp_path / "a", adapter_name="a")
+    x = torch.randn(2, 3, 16)
+    with lk.set_batch_adapters(model, ["a", "__base__"]):
+        with lk.set_batch_adapters(model, "__base__"):
+            lk.delete_adapter(model, "a")
+            lk.load_peft_adapter(model, tmp_path / "c", adapter_name="c")
+        assert model.lora_adapter_slots == {"c": 0}
+        torch.testing.assert_close(model(x), _base()(x), rtol=1e-6, atol=1e-6)
 
 
 def test_a_batch_a_multiple_of_the_names_gives_each_name_consecutive_rows(tmp_path):
