@@ -1,8 +1,9 @@
 """Parity with PEFT on Hugging Face models built from configs with random weights (no downloads): a small Llama
 (nn.Linear) and GPT-2 (Conv1D, fan_in_fan_out). Same adapter in PEFT and in lora_kernels -> same logits and same
 LoRA gradients; files round-trip both ways; PEFT's mixed-batch `adapter_names=` against set_batch_adapters;
-torch.compile(fullgraph=True) of an injected Llama training step."""
+torch.compile(fullgraph=True) of an injected Llama training step, and of generate with a static KV cache."""
 
+import contextlib
 import copy
 import json
 import warnings
@@ -508,3 +509,65 @@ def test_auto_peft_model_loads_a_file_saved_with_or_loaded_with_task_type_causal
             theirs = AutoPeftModelForCausalLM.from_pretrained(tmp_path / saved).eval()
             assert type(theirs).__name__ == "PeftModelForCausalLM"
             assert_close(theirs(ids).logits, model(ids).logits, F32, saved)
+
+
+@pytest.mark.slow
+def test_generate_with_a_static_cache_and_a_compiled_forward(llama, tmp_path):
+    """transformers' fast decode: cache_implementation="static" and model.forward = torch.compile(model.forward,
+    fullgraph=True), greedy, for prompts of three lengths. One adapter (made with inject_lora, B non-zero, loaded as
+    LoRALinear layers) and two adapters in a mixed batch (set_batch_adapters, "__base__" rows, a new mix every call)
+    generate PEFT's tokens, with no graph break and as many graphs as the merged plain model compiles (the prefill at
+    the first length, the decode step, a prefill dynamic in the length): none per token, none per new mix of as many
+    names (each new mix compiled its prefill and decode again, reaching dynamo's recompile limit of 8 by the 4th mix,
+    past which fullgraph=True raises FailOnRecompileLimitHit). aot_eager: the graph count is dynamo's; Inductor
+    checked by hand."""
+    options = dict(max_new_tokens=4, do_sample=False, cache_implementation="static", pad_token_id=1)
+    prompts = [torch.randint(2, VOCAB, (3, length), generator=torch.Generator().manual_seed(length))
+               for length in (5, 9, 7)]
+    configs = {"fr": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+               "de": dict(r=8, lora_alpha=4, target_modules=["q_proj", "o_proj", "down_proj"], use_rslora=True)}
+    for seed, (name, config) in enumerate(configs.items()):
+        torch.manual_seed(seed)
+        adapter = lk.inject_lora(copy.deepcopy(llama), init_lora_weights=False, **config)
+        for module in adapter.modules():
+            if isinstance(module, LoRALinear):  # large enough to change the greedy tokens
+                module.lora_B.weight.data.mul_(20)
+        lk.save_peft_adapter(adapter, tmp_path / name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = PeftModel.from_pretrained(copy.deepcopy(llama), tmp_path / "fr", adapter_name="fr")
+        theirs.load_adapter(tmp_path / "de", adapter_name="de")
+    theirs.eval()
+    base = copy.deepcopy(llama)  # generate may keep its static cache on the model: not on the shared fixture
+    base_ids = [base.generate(prompt, **options) for prompt in prompts]
+
+    def compiled_generate(model, runs):
+        """runs: [(prompt, mix or None, expected ids)]; the number of graphs compiled."""
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        model.forward = torch.compile(model.forward, fullgraph=True, backend="aot_eager")
+        for prompt, mix, expected in runs:
+            with lk.set_batch_adapters(model, mix) if mix else contextlib.nullcontext():
+                assert torch.equal(model.generate(prompt, **options), expected), (prompt.shape, mix)
+        assert not torch._dynamo.utils.counters["graph_break"]
+        return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+    with torch.no_grad():
+        theirs.set_adapter("fr")
+        single_ids = [theirs.generate(input_ids=prompt, **options) for prompt in prompts]
+        assert all(not torch.equal(ids, plain) for ids, plain in zip(single_ids, base_ids))
+        merged = lk.merge_and_unload(lk.load_peft_adapter(copy.deepcopy(llama), tmp_path / "fr"))
+        plain_graphs = compiled_generate(merged, list(zip(prompts, [None] * 3, single_ids)))
+        single = lk.load_peft_adapter(copy.deepcopy(llama), tmp_path / "fr").eval()
+        assert compiled_generate(single, list(zip(prompts, [None] * 3, single_ids))) == plain_graphs
+
+        multi = lk.prepare_multi_adapter(copy.deepcopy(llama), ["q_proj", "v_proj", "o_proj", "down_proj"],
+                                         max_adapters=3, max_rank=8).eval()
+        for name in configs:
+            lk.load_peft_adapter(multi, tmp_path / name, adapter_name=name)
+        runs = []
+        for mix, prompt in zip([["de", "__base__", "fr"], ["fr", "fr", "de"], ["__base__", "de", "fr"],
+                                ["de", "de", "__base__"]], prompts + prompts[:1]):
+            runs.append((prompt, mix, theirs.generate(input_ids=prompt, adapter_names=mix, **options)))
+        assert compiled_generate(multi, runs) == plain_graphs
+    torch._dynamo.reset()
