@@ -1,6 +1,8 @@
 """The checks of the serving-stack API (lk.ops.*, LoRABatch) that mutation testing of ops.py and batch.py found
 untested: each test fails when the check it names is deleted or weakened."""
 
+import re
+
 import pytest
 import torch
 
@@ -167,3 +169,41 @@ def test_serving_ops_take_what_their_checks_promise():
     assert row.ne(0).all()
     with pytest.raises(TypeError, match=r"lora_shrink: ranks expected an integer tensor \[L\] or a sequence of ints"):
         lk.ops.lora_shrink(x, lora_a, batch, scalings, [True, 3], backend="torch")
+
+
+@pytest.mark.parametrize("name", ["scalings", "ranks"])
+@pytest.mark.parametrize("shape", [(2, 1), (1,), (3,)])
+def test_scalings_and_ranks_need_one_entry_per_slot(name, shape):
+    """A [L, 1] column or a vector of another length is refused by shape. Read on the host, a short ranks stopped
+    the slot loop early (slot 1's tokens got no LoRA), and a [L, 1] column failed in the value check, naming
+    nothing."""
+    x, lora_a, batch, scalings = _serving_args()
+    args = {"scalings": scalings, "ranks": None}
+    args[name] = torch.ones(shape, dtype=torch.float32 if name == "scalings" else torch.int64)
+    with pytest.raises(ValueError, match=re.escape(f"lora_shrink: {name} expected shape [2] (one per slot), "
+                                                   f"got {shape}")):
+        lk.ops.lora_shrink(x, lora_a, batch, args["scalings"], args["ranks"], backend="torch")
+
+
+def test_serving_ops_run_on_meta_tensors():
+    """Meta tensors (a model built on the meta device, shapes traced without data) go through the serving ops: their
+    outputs have no memory to compare, and every meta storage's data pointer is 0, so the overlap check refused them
+    as overlapping their inputs."""
+    ids = torch.tensor([0, 1, -1, 1], device="meta")
+    batch = LoRABatch.from_adapter_ids(ids, 2)
+    x, lora_a, lora_b = (torch.empty(shape, device="meta") for shape in ((4, 8), (2, 3, 8), (2, 5, 3)))
+    out = torch.empty(4, 3, device="meta")
+    assert lk.ops.lora_shrink(x, lora_a, batch, [1.0, 0.5], backend="torch", out=out) is out
+    expanded = torch.empty(4, 5, device="meta")
+    assert lk.ops.lora_expand(out, lora_b, batch, expanded, backend="torch") is expanded
+    y = torch.empty(4, 10, device="meta")
+    assert lk.ops.add_lora(y, x, [lora_a, lora_a], [lora_b, lora_b], batch, [1.0, 0.5], None, [5, 5],
+                           backend="torch") is y
+
+
+def test_an_empty_out_within_an_input_is_its_own_memory():
+    """An out with no elements (rank 0) overlaps nothing, even as a view inside x's rows: its byte span and row
+    blocks were read as if it held one row of width 0 and was refused."""
+    x, _, batch, scalings = _serving_args()
+    shrunk = lk.ops.lora_shrink(x, torch.randn(2, 0, 8), batch, scalings, backend="torch", out=x[:, 3:3])
+    assert shrunk.shape == (4, 0)
