@@ -207,3 +207,24 @@ def test_an_empty_out_within_an_input_is_its_own_memory():
     x, _, batch, scalings = _serving_args()
     shrunk = lk.ops.lora_shrink(x, torch.randn(2, 0, 8), batch, scalings, backend="torch", out=x[:, 3:3])
     assert shrunk.shape == (4, 0)
+
+
+@pytest.mark.parametrize("slice_offset", [True, 1.0, -1])
+def test_lora_expand_refuses_a_slice_offset_that_is_not_an_int_from_0(slice_offset):
+    """True was column 1, and 1.0 failed in the slicing of out, naming nothing."""
+    x, lora_a, batch, scalings = _serving_args()
+    t = lk.ops.lora_shrink(x, lora_a, batch, scalings, backend="torch")
+    with pytest.raises(ValueError, match=re.escape(f"lora_expand: slice_offset expected an int >= 0, "
+                                                   f"got {slice_offset!r}")):
+        lk.ops.lora_expand(t, torch.randn(2, 5, 3), batch, torch.zeros(4, 7), slice_offset, backend="torch")
+
+
+def test_lora_expand_refuses_t_of_another_token_count():
+    """t is [M, R] for out's M tokens: a t shrunk for another batch failed inside the backend (the torch fallback's
+    sum of shapes [4, 5] and [8, 5]), naming nothing."""
+    x, lora_a, batch, scalings = _serving_args()
+    t = lk.ops.lora_shrink(torch.cat([x, x]), lora_a, LoRABatch.from_adapter_ids(torch.zeros(8, dtype=torch.int64), 2),
+                           scalings, backend="torch")
+    with pytest.raises(ValueError, match=re.escape("lora_expand: t expected shape [4, 3] ([M, R] for out (4, 5) and "
+                                                   "lora_b (2, 5, 3) = [L, N, R]), got (8, 3)")):
+        lk.ops.lora_expand(t, torch.randn(2, 5, 3), batch, torch.zeros(4, 5), backend="torch")
