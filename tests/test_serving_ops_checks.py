@@ -228,3 +228,54 @@ def test_lora_expand_refuses_t_of_another_token_count():
     with pytest.raises(ValueError, match=re.escape("lora_expand: t expected shape [4, 3] ([M, R] for out (4, 5) and "
                                                    "lora_b (2, 5, 3) = [L, N, R]), got (8, 3)")):
         lk.ops.lora_expand(t, torch.randn(2, 5, 3), batch, torch.zeros(4, 5), backend="torch")
+
+
+@pytest.mark.parametrize("bad,words", [
+    (lambda t, lora_b, out: (t.to("meta"), lora_b, out), "lora_expand: t expected device cpu, got meta"),
+    (lambda t, lora_b, out: (t, lora_b.to("meta"), out), "lora_expand: lora_b expected device cpu, got meta"),
+    (lambda t, lora_b, out: (t, lora_b, lora_b.view(-1)[:20].view(4, 5)),
+     "lora_expand: out expected memory of its own, got a view that overlaps lora_b"),
+])
+def test_lora_expand_names_t_or_lora_b_on_another_device_or_under_out(bad, words):
+    x, lora_a, batch, scalings = _serving_args()
+    t = lk.ops.lora_shrink(x, lora_a, batch, scalings, backend="torch")
+    t, lora_b, out = bad(t, torch.randn(2, 5, 3), torch.zeros(4, 5))
+    with pytest.raises(ValueError, match=words):
+        lk.ops.lora_expand(t, lora_b, batch, out, backend="torch")
+
+
+@pytest.mark.parametrize("on_host", [True, False], ids=["by_slot", "masked"])
+def test_torch_fallback_reads_nothing_past_a_slot_rank(on_host, monkeypatch):
+    """Both paths of the torch backend: an Inf in a token of a rank-1 slot leaves zeros in its shrink columns past
+    rank 1 (the masked path made NaN there as Inf times A's rows zeroed), and NaN in t's columns past the rank stays
+    out of the expand (the masked path zeroed B's columns only: NaN times 0)."""
+    monkeypatch.setattr(ops, "slots_on_host", lambda device: on_host)
+    x, lora_a, batch, scalings = _serving_args()  # tokens 1 and 3 in slot 1
+    ranks = [3, 1]
+    x[1, 0] = float("inf")
+    shrunk = lk.ops.lora_shrink(x, lora_a, batch, scalings, ranks, backend="torch")
+    assert shrunk[[1, 3], 1:].eq(0).all()
+    t = torch.randn(4, 3)
+    t[[1, 3], 1:] = float("nan")
+    assert lk.ops.lora_expand(t, torch.randn(2, 5, 3), batch, torch.zeros(4, 5), ranks=ranks,
+                              backend="torch").isfinite().all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "reference"])
+def test_lora_expand_rounds_once_into_a_16_bit_out(backend):
+    """out + the LoRA term is rounded once: bfloat16 256 + (1 + 2^-9) is 258. The term rounded to bfloat16 first
+    (1.0) made a tie, 257, that rounds to even: 256."""
+    batch = LoRABatch.from_adapter_ids(torch.tensor([0]), 1)
+    out = torch.full((1, 1), 256.0, dtype=torch.bfloat16)
+    lk.ops.lora_expand(torch.tensor([[1 + 2 ** -9]]), torch.ones(1, 1, 1, dtype=torch.bfloat16), batch, out,
+                       backend=backend)
+    assert out.item() == 258
+
+
+def test_triton_slot_limit_is_inclusive():
+    """L up to a grid dimension's limit runs on the triton backend; one more slot is refused."""
+    sgmv = ops.triton_sgmv()
+    ops.check_triton_args("lora_shrink", torch.float32, sgmv.MAX_GRID_YZ)
+    with pytest.raises(ValueError, match=f"lora_shrink: the triton backend takes at most {sgmv.MAX_GRID_YZ} adapter "
+                                         f"slots, got L = {sgmv.MAX_GRID_YZ + 1}"):
+        ops.check_triton_args("lora_shrink", torch.float32, sgmv.MAX_GRID_YZ + 1)
