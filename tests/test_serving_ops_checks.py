@@ -303,3 +303,17 @@ def test_reference_lora_expand_adds_at_the_slice_offset():
     t, lora_b = lk.ops.lora_shrink(x, lora_a, batch, scalings, backend="torch"), torch.randn(2, 5, 3)
     want = lk.ops.lora_expand(t, lora_b, batch, torch.zeros(4, 9), 3, backend="torch")
     torch.testing.assert_close(lk.ops.lora_expand(t, lora_b, batch, torch.zeros(4, 9), 3, backend="reference"), want)
+
+
+@pytest.mark.parametrize("bad_out,error,words", [
+    (lambda lora_a: torch.zeros(4, 3).tolist(), TypeError, "lora_shrink: out expected a torch.Tensor, got list"),
+    (lambda lora_a: torch.zeros(4, 3, device="meta"), ValueError, "lora_shrink: out expected device cpu, got meta"),
+    (lambda lora_a: lora_a.view(-1)[:12].view(4, 3), ValueError,
+     "lora_shrink: out expected memory of its own, got a view that overlaps lora_a"),
+])
+def test_lora_shrink_names_a_wrong_out(bad_out, error, words):
+    """A list out failed reading its dtype, a meta out was copied into, and an out over lora_a's memory let the
+    shrink overwrite the weights it reads."""
+    x, lora_a, batch, scalings = _serving_args()
+    with pytest.raises(error, match=words):
+        lk.ops.lora_shrink(x, lora_a, batch, scalings, backend="torch", out=bad_out(lora_a))
