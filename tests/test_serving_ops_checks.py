@@ -317,3 +317,33 @@ def test_lora_shrink_names_a_wrong_out(bad_out, error, words):
     x, lora_a, batch, scalings = _serving_args()
     with pytest.raises(error, match=words):
         lk.ops.lora_shrink(x, lora_a, batch, scalings, backend="torch", out=bad_out(lora_a))
+
+
+def test_lora_expand_picks_its_backend_for_out_dtype(monkeypatch):
+    """The auto choice is made for out's dtype, not t's (always float32): a float64 out on CUDA got the Triton
+    backend, which refuses float64, where the C++ CUDA one runs it."""
+    asked = []
+    resolve = ops.resolve_backend
+    monkeypatch.setattr(ops, "resolve_backend", lambda *args: asked.append(args[3]) or resolve(*args))
+    x, lora_a, batch, scalings = _serving_args()
+    t = lk.ops.lora_shrink(x, lora_a, batch, scalings, backend="torch")
+    lk.ops.lora_expand(t, torch.randn(2, 5, 3, dtype=torch.float64), batch, torch.zeros(4, 5, dtype=torch.float64))
+    assert asked == [torch.float32, torch.float64]
+
+
+def test_add_lora_refuses_a_deterministic_that_is_not_a_bool():
+    x, lora_a, batch, scalings = _serving_args()
+    with pytest.raises(TypeError, match="add_lora: deterministic expected a bool, got 'no'"):
+        lk.ops.add_lora(torch.zeros(4, 5), x, [lora_a], [torch.randn(2, 5, 3)], batch, scalings, None, [5],
+                        backend="torch", deterministic="no")
+
+
+@pytest.mark.parametrize("output_slices", [(True, 4), (2.0, 3.0), (6, -1)])
+def test_add_lora_refuses_output_slices_that_are_not_ints_from_0(output_slices):
+    """True was width 1 and 2.0 width 2; a negative width was refused as a y too narrow for the slice before."""
+    x, lora_a, batch, scalings = _serving_args()
+    lora_b = [torch.randn(2, abs(int(width)), 3) for width in output_slices]
+    with pytest.raises(TypeError, match=re.escape(f"add_lora: output_slices expected a sequence of ints >= 0, "
+                                                  f"got {list(output_slices)!r}")):
+        lk.ops.add_lora(torch.zeros(4, 5), x, [lora_a, lora_a], lora_b, batch, scalings, None, list(output_slices),
+                        backend="torch")
