@@ -347,3 +347,21 @@ def test_add_lora_refuses_output_slices_that_are_not_ints_from_0(output_slices):
                                                   f"got {list(output_slices)!r}")):
         lk.ops.add_lora(torch.zeros(4, 5), x, [lora_a, lora_a], lora_b, batch, scalings, None, list(output_slices),
                         backend="torch")
+
+
+@pytest.mark.parametrize("num_a,num_b,widths", [(0, 0, []), (2, 1, [5])])
+def test_add_lora_needs_as_many_a_and_b_slices_as_widths(num_a, num_b, widths):
+    """No slice at all, or an extra lora_a slice (ignored), is refused naming the three lengths."""
+    x, lora_a, batch, scalings = _serving_args()
+    with pytest.raises(ValueError, match=f"add_lora: lora_a_slices, lora_b_slices and output_slices expected the "
+                                         f"same non-zero length, got {num_a}, {num_b}, {len(widths)}"):
+        lk.ops.add_lora(torch.zeros(4, sum(widths)), x, [lora_a] * num_a, [torch.randn(2, 5, 3)] * num_b, batch,
+                        scalings, None, widths, backend="torch")
+
+
+def test_add_lora_names_a_y_that_is_not_a_tensor():
+    """It failed reading y's shape, naming nothing."""
+    x, lora_a, batch, scalings = _serving_args()
+    with pytest.raises(TypeError, match="add_lora: y expected a torch.Tensor, got list"):
+        lk.ops.add_lora(torch.zeros(4, 5).tolist(), x, [lora_a], [torch.randn(2, 5, 3)], batch, scalings, None, [5],
+                        backend="torch")
