@@ -494,10 +494,11 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
     slice_ranks = []  # per slice: ranks=None means every slot at that slice's own R_j
     for j, width in enumerate(widths):  # every slice checked before any work: nothing half-applied
         lora_b = lora_b_slices[j]
-        if not isinstance(lora_b, torch.Tensor) or lora_b.dim() != 3 or lora_b.shape[1] != width:
-            shape = tuple(lora_b.shape) if isinstance(lora_b, torch.Tensor) else type(lora_b).__name__
+        if not isinstance(lora_b, torch.Tensor):
+            raise TypeError(f"{op}: lora_b_slices[{j}] expected a torch.Tensor, got {type(lora_b).__name__}")
+        if lora_b.dim() != 3 or lora_b.shape[1] != width:
             raise ValueError(f"{op}: lora_b_slices[{j}] expected shape [L, {width}, R] (output_slices[{j}] = {width}), "
-                             f"got {shape}")
+                             f"got {tuple(lora_b.shape)}")
         scalings, ranks_j = check_shrink_args(op, x, lora_a_slices[j], batch, scalings, ranks,
                                               lora_a_name=f"lora_a_slices[{j}]")
         if ranks is not None:  # converted once (a list becomes a device tensor); later slices check that tensor

@@ -365,3 +365,17 @@ def test_add_lora_names_a_y_that_is_not_a_tensor():
     with pytest.raises(TypeError, match="add_lora: y expected a torch.Tensor, got list"):
         lk.ops.add_lora(torch.zeros(4, 5).tolist(), x, [lora_a], [torch.randn(2, 5, 3)], batch, scalings, None, [5],
                         backend="torch")
+
+
+@pytest.mark.parametrize("lora_b,error,words", [
+    (torch.randn(2, 5, 3).tolist(), TypeError, "add_lora: lora_b_slices[0] expected a torch.Tensor, got list"),
+    (torch.randn(5, 5), ValueError, "add_lora: lora_b_slices[0] expected shape [L, 5, R] (output_slices[0] = 5), "
+                                    "got (5, 5)"),
+])
+def test_add_lora_names_a_lora_b_slice_that_is_not_a_3d_tensor(lora_b, error, words):
+    """A list is a TypeError, as for every other tensor argument (it was a ValueError); a 2-D lora_b whose second
+    dimension happens to be the slice's width is refused by shape, not an IndexError reading its R."""
+    x, lora_a, batch, scalings = _serving_args()
+    with pytest.raises(error, match=re.escape(words)):
+        lk.ops.add_lora(torch.zeros(4, 5), x, [lora_a], [lora_b], batch, scalings, None, [5], backend="torch")
+
