@@ -491,7 +491,9 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
                          f"got shape {tuple(y.shape)}")
     backend = resolve_backend(backend, y.device, op, y.dtype)
     offsets = [sum(widths[:j]) for j in range(len(widths))]
-    slice_ranks = []  # per slice: ranks=None means every slot at that slice's own R_j
+    # Per slice: ranks=None means every slot at that slice's own R_j. Ranks given on the host are converted for each
+    # slice, so their values are checked against each R_j (a device tensor made for the first slice is not checked).
+    slice_ranks = []
     for j, width in enumerate(widths):  # every slice checked before any work: nothing half-applied
         lora_b = lora_b_slices[j]
         if not isinstance(lora_b, torch.Tensor):
@@ -501,8 +503,6 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
                              f"got {tuple(lora_b.shape)}")
         scalings, ranks_j = check_shrink_args(op, x, lora_a_slices[j], batch, scalings, ranks,
                                               lora_a_name=f"lora_a_slices[{j}]")
-        if ranks is not None:  # converted once (a list becomes a device tensor); later slices check that tensor
-            ranks = ranks_j
         if lora_b.shape[2] != lora_a_slices[j].shape[1]:  # before the expand's checks, which would blame ranks
             raise ValueError(f"{op}: lora_b_slices[{j}] expected R = {lora_a_slices[j].shape[1]} (lora_a_slices[{j}] "
                              f"is {tuple(lora_a_slices[j].shape)}), got {tuple(lora_b.shape)}")

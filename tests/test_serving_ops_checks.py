@@ -379,3 +379,16 @@ def test_add_lora_names_a_lora_b_slice_that_is_not_a_3d_tensor(lora_b, error, wo
     with pytest.raises(error, match=re.escape(words)):
         lk.ops.add_lora(torch.zeros(4, 5), x, [lora_a], [lora_b], batch, scalings, None, [5], backend="torch")
 
+
+def test_add_lora_checks_host_ranks_against_every_slice_rank():
+    """Ranks given as a list are checked against each slice's R, also when x is on a device: converted once for the
+    first slice (R 3), the later slice (R 2) got a device tensor, whose values are not read, and a rank of 3 passed
+    (meta stands in for CUDA)."""
+    ids = torch.tensor([0, 1, -1, 1], device="meta")
+    x, y = torch.empty(4, 8, device="meta"), torch.empty(4, 10, device="meta")
+    lora_a = [torch.empty(2, rank, 8, device="meta") for rank in (3, 2)]
+    lora_b = [torch.empty(2, 5, rank, device="meta") for rank in (3, 2)]
+    with pytest.raises(ValueError, match=re.escape("add_lora: ranks expected values in [0, 2] (R of the LoRA weights), "
+                                                   "got 3")):
+        lk.ops.add_lora(y, x, lora_a, lora_b, LoRABatch.from_adapter_ids(ids, 2), [1.0, 0.5], [3, 1], [5, 5],
+                        backend="torch")
