@@ -392,3 +392,62 @@ def test_add_lora_checks_host_ranks_against_every_slice_rank():
                                                    "got 3")):
         lk.ops.add_lora(y, x, lora_a, lora_b, LoRABatch.from_adapter_ids(ids, 2), [1.0, 0.5], [3, 1], [5, 5],
                         backend="torch")
+
+
+def _add_lora_args(ranks=(3, 3)):
+    """Two slices of width 5 over _serving_args' x and batch, of ranks R_j, and y [4, 10]."""
+    x, _, batch, scalings = _serving_args()
+    lora_a = [torch.randn(2, rank, 8) for rank in ranks]
+    lora_b = [torch.randn(2, 5, rank) for rank in ranks]
+    return x, lora_a, lora_b, batch, scalings, torch.zeros(4, 10)
+
+
+@pytest.mark.parametrize("ranks,bad_buffer,error,words", [
+    ((3, 3), lambda y: torch.zeros(2, 4, 3).tolist(), TypeError, "add_lora: buffer expected a torch.Tensor, got list"),
+    ((3, 3), lambda y: torch.zeros(2, 4, 3, dtype=torch.float16), ValueError,
+     "add_lora: buffer expected a float32 tensor of shape [2, 4, 3] ([S, M, R], every slice of rank R), "
+     "got torch.float16 (2, 4, 3)"),
+    ((3, 2), lambda y: torch.zeros(2, 4, 3), ValueError,
+     "add_lora: buffer expected a float32 tensor of shape [2, 4, 3] ([S, M, R], every slice of rank R), "
+     "got torch.float32 (2, 4, 3)"),
+    ((3, 3), lambda y: torch.zeros(2, 4, 3, device="meta"), ValueError, "add_lora: buffer expected device cpu, got meta"),
+    ((3, 3), lambda y: y.view(-1)[:24].view(2, 4, 3), ValueError,
+     "add_lora: buffer expected memory of its own, got a view that overlaps y"),
+])
+def test_add_lora_names_a_wrong_buffer(ranks, bad_buffer, error, words):
+    """A list failed reading its dtype; a float16 buffer (the shrink results rounded to 16 bits), one sized for the
+    first slice's R when a later slice's differs, a meta one, and one over y's memory (each shrink's result written
+    into the columns the expands add to) were taken."""
+    x, lora_a, lora_b, batch, scalings, y = _add_lora_args(ranks)
+    with pytest.raises(error, match=re.escape(words)):
+        lk.ops.add_lora(y, x, lora_a, lora_b, batch, scalings, None, [5, 5], backend="torch", buffer=bad_buffer(y))
+
+
+def test_add_lora_refuses_a_y_over_a_lora_b_slice():
+    """The expand of the first slice overwrote the second slice's weights before reading them."""
+    x, lora_a, lora_b, batch, scalings, _ = _add_lora_args()
+    memory = torch.zeros(40)
+    lora_b[1] = memory[:30].view(2, 5, 3).copy_(lora_b[1])
+    y = memory.view(4, 10)
+    with pytest.raises(ValueError, match=re.escape("add_lora: y expected memory of its own, got a view that overlaps "
+                                                   "lora_b_slices[1]")):
+        lk.ops.add_lora(y, x, lora_a, lora_b, batch, scalings, None, [5, 5], backend="torch")
+
+
+@pytest.mark.parametrize("x_dtype,y_dtype", [(torch.float64, torch.float32), (torch.float32, torch.float64)])
+def test_add_lora_triton_refuses_float64_x_or_y_alone(x_dtype, y_dtype):
+    """x and y are checked apart: the shrink reads x's dtype, the expand writes y's."""
+    x, lora_a, lora_b, batch, scalings, y = _add_lora_args()
+    with pytest.raises(TypeError, match=re.escape("add_lora: the triton backend runs float32/float16/bfloat16, got "
+                                                  "torch.float64")):
+        lk.ops.add_lora(y.to(y_dtype), x.to(x_dtype), [a.to(x_dtype) for a in lora_a],
+                        [b.to(y_dtype) for b in lora_b], batch, scalings, None, [5, 5], backend="triton")
+
+
+def test_add_lora_triton_takes_a_stacked_lora_b_after_listed_lora_a_slices():
+    """The one stacked expand needs the shrink results stacked too: after one shrink per listed slice, each slice of
+    a stacked lora_b is expanded on its own."""
+    x, lora_a, lora_b, batch, scalings, y = _add_lora_args()
+    want = lk.ops.add_lora(y.clone(), x, lora_a, lora_b, batch, scalings, None, [5, 5], backend="torch")
+    got = lk.ops.add_lora(y, x, lora_a, torch.stack(lora_b), batch, scalings, None, [5, 5], backend="triton")
+    torch.testing.assert_close(got, want)
