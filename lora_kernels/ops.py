@@ -491,9 +491,12 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
                          f"got shape {tuple(y.shape)}")
     backend = resolve_backend(backend, y.device, op, y.dtype)
     offsets = [sum(widths[:j]) for j in range(len(widths))]
-    # Per slice: ranks=None means every slot at that slice's own R_j. Ranks given on the host are converted for each
-    # slice, so their values are checked against each R_j (a device tensor made for the first slice is not checked).
-    slice_ranks = []
+    # Per slice: ranks=None means every slot at that slice's own R_j. Given ranks are converted once (a list becomes a
+    # device tensor, one copy) and their values checked on the host against every slice's R_j: checking the converted
+    # tensor for later slices let [3, 1] through slices of R 3 and 2 on CUDA (the kernels clamped it to 2).
+    ranks_on_host = ranks is not None and x.device.type != "cpu" and (
+        not isinstance(ranks, torch.Tensor) or ranks.device.type == "cpu")
+    given_ranks, slice_ranks = ranks, []
     for j, width in enumerate(widths):  # every slice checked before any work: nothing half-applied
         lora_b = lora_b_slices[j]
         if not isinstance(lora_b, torch.Tensor):
@@ -503,6 +506,10 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
                              f"got {tuple(lora_b.shape)}")
         scalings, ranks_j = check_shrink_args(op, x, lora_a_slices[j], batch, scalings, ranks,
                                               lora_a_name=f"lora_a_slices[{j}]")
+        if j and ranks_on_host:
+            as_ranks(op, given_ranks, batch.num_adapters, lora_a_slices[j].shape[1], torch.device("cpu"))
+        if given_ranks is not None:
+            ranks = ranks_j
         if lora_b.shape[2] != lora_a_slices[j].shape[1]:  # before the expand's checks, which would blame ranks
             raise ValueError(f"{op}: lora_b_slices[{j}] expected R = {lora_a_slices[j].shape[1]} (lora_a_slices[{j}] "
                              f"is {tuple(lora_a_slices[j].shape)}), got {tuple(lora_b.shape)}")
