@@ -410,7 +410,8 @@ def _add_lora_args(ranks=(3, 3)):
     ((3, 2), lambda y: torch.zeros(2, 4, 3), ValueError,
      "add_lora: buffer expected a float32 tensor of shape [2, 4, 3] ([S, M, R], every slice of rank R), "
      "got torch.float32 (2, 4, 3)"),
-    ((3, 3), lambda y: torch.zeros(2, 4, 3, device="meta"), ValueError, "add_lora: buffer expected device cpu, got meta"),
+    ((3, 3), lambda y: torch.zeros(2, 4, 3, device="meta"), ValueError,
+     "add_lora: buffer expected device cpu, got meta"),
     ((3, 3), lambda y: y.view(-1)[:24].view(2, 4, 3), ValueError,
      "add_lora: buffer expected memory of its own, got a view that overlaps y"),
 ])
