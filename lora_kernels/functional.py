@@ -30,12 +30,7 @@ def _check_tensor(op, name, t, *, ndim=None, optional=False):
         raise TypeError(f"{op}: {name} expected a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in ops.FLOAT_DTYPES:
         raise TypeError(f"{op}: {name} expected a floating dtype (float32/float16/bfloat16/float64), got {t.dtype}")
-    # A sparse tensor (a model may hold a CSR weight: nn.Linear runs one) failed deep inside, differently per
-    # backend ("Could not run 'lora_kernels::lora_fwd' with arguments from the 'SparseCPU' backend", "Cannot access
-    # storage of SparseTensorImpl", "expand is unsupported for Sparse tensors"): every backend reads dense memory.
-    if t.layout != torch.strided:
-        raise TypeError(f"{op}: {name} expected a dense (strided) tensor, got layout {t.layout}; convert it with "
-                        f"{name}.to_dense()")
+    ops.check_dense(op, name, t)  # a model may hold a CSR weight (nn.Linear runs one); no backend reads it
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{op}: {name} expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
 

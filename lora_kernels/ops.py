@@ -39,13 +39,21 @@ def triton_sgmv():
 
 # ----------------------------------------------------------------------------------------------------------- checks
 
+def check_dense(op, name, t):
+    """TypeError for a sparse tensor: every backend reads dense memory, and a sparse argument failed deep inside,
+    differently per backend ("Could not run 'lora_kernels::lora_fwd' with arguments from the 'SparseCPU' backend",
+    "Cannot access storage of SparseTensorImpl", "expand is unsupported for Sparse tensors"), naming nothing."""
+    if t.layout != torch.strided:
+        raise TypeError(f"{op}: {name} expected a dense (strided) tensor, got layout {t.layout}; convert it with "
+                        f"{name}.to_dense()")
+
+
 def _check_float(op, name, t, ndim):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} expected a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: {name} expected a floating dtype, got {t.dtype}")
-    if t.layout != torch.strided:  # the kernels read dense memory; a sparse tensor failed deep inside
-        raise TypeError(f"{op}: {name} expected a dense (strided) tensor, got layout {t.layout}")
+    check_dense(op, name, t)
     if t.dim() != ndim:
         raise ValueError(f"{op}: {name} expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
 
@@ -174,10 +182,9 @@ def check_flag(op, name, value):
 
 def _check_host_or_device(op, name, t, device):
     """scalings and ranks may be CPU tensors (copied over, like a list) or on the tensors' device; any other device
-    is refused like a mismatched device of the other arguments (a meta tensor failed in the copy, naming nothing).
-    A sparse one failed in the kernels ("Cannot access data pointer"), naming nothing either."""
-    if t.layout != torch.strided:
-        raise TypeError(f"{op}: {name} expected a dense (strided) tensor, got layout {t.layout}")
+    is refused like a mismatched device of the other arguments (a meta tensor failed in the copy, naming nothing),
+    and a sparse one like the other arguments (it failed in the kernels: "Cannot access data pointer")."""
+    check_dense(op, name, t)
     if t.device != device and t.device.type != "cpu":
         raise ValueError(f"{op}: {name} expected a tensor on {device} (the device of the other tensors) or the CPU, "
                          f"got {t.device}")
