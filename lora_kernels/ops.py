@@ -503,7 +503,7 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
     # tensor for later slices let [3, 1] through slices of R 3 and 2 on CUDA (the kernels clamped it to 2).
     ranks_on_host = ranks is not None and x.device.type != "cpu" and (
         not isinstance(ranks, torch.Tensor) or ranks.device.type == "cpu")
-    given_ranks, slice_ranks = ranks, []
+    converted_ranks, slice_ranks = None, []
     for j, width in enumerate(widths):  # every slice checked before any work: nothing half-applied
         lora_b = lora_b_slices[j]
         if not isinstance(lora_b, torch.Tensor):
@@ -511,12 +511,13 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
         if lora_b.dim() != 3 or lora_b.shape[1] != width:
             raise ValueError(f"{op}: lora_b_slices[{j}] expected shape [L, {width}, R] (output_slices[{j}] = {width}), "
                              f"got {tuple(lora_b.shape)}")
-        scalings, ranks_j = check_shrink_args(op, x, lora_a_slices[j], batch, scalings, ranks,
+        scalings, ranks_j = check_shrink_args(op, x, lora_a_slices[j], batch, scalings,
+                                              ranks if converted_ranks is None else converted_ranks,
                                               lora_a_name=f"lora_a_slices[{j}]")
-        if j and ranks_on_host:
-            as_ranks(op, given_ranks, batch.num_adapters, lora_a_slices[j].shape[1], torch.device("cpu"))
-        if given_ranks is not None:
-            ranks = ranks_j
+        if converted_ranks is not None and ranks_on_host:
+            as_ranks(op, ranks, batch.num_adapters, lora_a_slices[j].shape[1], torch.device("cpu"))
+        if ranks is not None:
+            converted_ranks = ranks_j
         if lora_b.shape[2] != lora_a_slices[j].shape[1]:  # before the expand's checks, which would blame ranks
             raise ValueError(f"{op}: lora_b_slices[{j}] expected R = {lora_a_slices[j].shape[1]} (lora_a_slices[{j}] "
                              f"is {tuple(lora_a_slices[j].shape)}), got {tuple(lora_b.shape)}")
