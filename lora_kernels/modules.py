@@ -414,6 +414,9 @@ class LoRALinear(nn.Module):
         safe_merge = check_flag("LoRALinear.merge", "safe_merge", safe_merge)
         self._refuse_subclass_weight("LoRALinear.merge")
         self._check_factor_devices("LoRALinear.merge")
+        if safe_merge and self.weight.is_meta:  # no values to check: torch failed in .item(), naming no tensor
+            raise ValueError("LoRALinear.merge: safe_merge checks the merged weight's values, but the base weight is "
+                             "on the meta device, which holds none (load the weights first); the layer is unchanged")
         if self.merged:
             raise RuntimeError("LoRALinear.merge: the adapter is already merged; call unmerge() first")
         merged_weight = (self.weight.to(self._merge_dtype()) + self._stored_delta()).to(self.weight.dtype)

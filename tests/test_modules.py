@@ -788,6 +788,17 @@ def test_merging_factors_left_on_the_meta_device_is_refused_by_name_unchanged():
         assert model[0].merged and torch.equal(model[0].weight, merged_weight)
 
 
+def test_safe_merge_of_a_layer_on_the_meta_device_is_refused_by_name_unchanged():
+    """Base weight and factors all on the meta device: the devices agree, so the factor check passes, and safe_merge's
+    finiteness check failed in torch's .item() ("cannot be called on meta tensors"), naming no tensor."""
+    with torch.device("meta"):
+        layer = LoRALinear(8, 6, r=2)
+    with pytest.raises(ValueError, match=r"LoRALinear\.merge: safe_merge .* base weight is on the meta device.*"
+                                         r"the layer is unchanged"):
+        layer.merge(safe_merge=True)
+    assert not layer.merged
+
+
 def test_reset_parameters_of_a_trained_layer_gives_a_fresh_adapter():
     """reset_parameters() on its own (not after every factor's own reset, as the meta flow above calls them)
     re-draws the adapter: B zeros again, so the layer equals its freshly initialised base layer, A re-drawn."""
