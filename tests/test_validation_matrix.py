@@ -62,7 +62,8 @@ def call_batch(a):
 
 def call_lora_linear_module(a):
     return lk.LoRALinear(a.get("in_features", K), a.get("out_features", N), r=a.get("r", R),
-                         lora_dropout=a.get("lora_dropout", 0.0), init_lora_weights=a.get("init", True),
+                         lora_alpha=a.get("lora_alpha", 8), lora_dropout=a.get("lora_dropout", 0.0),
+                         init_lora_weights=a.get("init", True),
                          use_rslora=a.get("use_rslora", False), dtype=a.get("dtype"))
 
 
@@ -225,6 +226,19 @@ MATRIX = [
     (call_lora_linear_module, dict, "r", lambda a: 0, ValueError, ["r expected an int >= 1, got 0"]),
     (call_lora_linear_module, dict, "in_features", lambda a: -3, ValueError, ["in_features expected an int >= 1, got -3"]),
     (call_lora_linear_module, dict, "lora_dropout", lambda a: 1.5, ValueError, ["lora_dropout expected a number in [0, 1)"]),
+    # bools are ints to isinstance: r=True would be a rank-1 adapter, lora_dropout=False no dropout
+    (call_lora_linear_module, dict, "r", lambda a: True, ValueError, ["r expected an int >= 1, got True"]),
+    (call_lora_linear_module, dict, "in_features", lambda a: 0, ValueError,
+     ["in_features expected an int >= 1, got 0"]),
+    (call_lora_linear_module, dict, "out_features", lambda a: True, ValueError,
+     ["out_features expected an int >= 1, got True"]),
+    (call_lora_linear_module, dict, "lora_alpha", lambda a: True, TypeError,
+     ["lora_alpha expected a number, got True"]),
+    (call_lora_linear_module, dict, "lora_alpha", lambda a: 2j, TypeError, ["lora_alpha expected a number, got 2j"]),
+    (call_lora_linear_module, dict, "lora_dropout", lambda a: 1, ValueError,
+     ["lora_dropout expected a number in [0, 1), got 1"]),
+    (call_lora_linear_module, dict, "lora_dropout", lambda a: -0.1, ValueError, ["in [0, 1), got -0.1"]),
+    (call_lora_linear_module, dict, "lora_dropout", lambda a: False, ValueError, ["in [0, 1), got False"]),
     (call_lora_linear_module, dict, "init", lambda a: "pissa", ValueError, ["init_lora_weights expected", "'pissa'"]),
     (call_lora_linear_module, dict, "use_rslora", lambda a: "no", TypeError, ["use_rslora expected a bool, got 'no'"]),
     (call_lora_linear_module, dict, "dtype", lambda a: torch.int64, TypeError,
