@@ -492,3 +492,35 @@ def test_lora_layers_under_dtensor_tensor_parallelism_equal_one_process_or_are_r
         assert_close(y, lk.lora_linear(x, w, a, b, 2.0, backend="torch"), torch.float32, f"DTensor lora_linear/{backend}")
     # every collective waited for on both ranks before the process group is destroyed (see _read)
     assert results["unwaited"] in ([0] * TP_WORLD, [None] * TP_WORLD), results["unwaited"]
+
+
+def test_factor_placements_follow_the_weights_split_in_either_layout():
+    """Which factor is sharded, and how, for each placement of a 1-D-mesh DTensor base weight, checked without
+    processes (the spawned test above reaches nn.Linear's layout only: torch's styles do not shard a Conv1D). The
+    weight is split over out (column parallel: lora_B [out, r] splits over out), over in (row parallel: lora_A
+    [r, in] splits over in) or replicated; a transformers Conv1D stores its weight [in, out], so its dims swap."""
+    from types import SimpleNamespace
+
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.placement_types import Partial
+
+    from lora_kernels.modules import _factor_placements
+
+    def placements(placement, fan_in_fan_out=False, backend="torch", lora_dropout=0.0, mesh_dims=1):
+        weight = SimpleNamespace(device_mesh=SimpleNamespace(ndim=mesh_dims), placements=(placement,) * mesh_dims)
+        return _factor_placements("op", weight, fan_in_fan_out, backend, lora_dropout)
+
+    column, row, replicated = ((Replicate(),), (Shard(0),)), ((Shard(1),), (Replicate(),)), ((Replicate(),),) * 2
+    assert placements(Shard(0)) == column and placements(Shard(1)) == row and placements(Shard(-1)) == row
+    assert placements(Shard(1), fan_in_fan_out=True) == column and placements(Shard(0), fan_in_fan_out=True) == row
+    assert placements(Replicate()) == placements(Replicate(), fan_in_fan_out=True) == replicated
+    for backend in ("auto", "reference"):  # torch ops, which take DTensors
+        assert placements(Shard(0), backend=backend) == column
+    with pytest.raises(TypeError, match=r"op: backend 'cpu' runs plain tensors, .* use backend='torch'"):
+        placements(Shard(0), backend="cpu")
+    with pytest.raises(ValueError, match=r"op: lora_dropout expected 0 for a DTensor base weight .*, got 0\.1"):
+        placements(Shard(0), lora_dropout=0.1)
+    with pytest.raises(TypeError, match="on a mesh of 2 dimensions"):
+        placements(Shard(0), mesh_dims=2)
+    with pytest.raises(TypeError, match="expected Shard or Replicate placements"):
+        placements(Partial())

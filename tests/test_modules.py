@@ -811,6 +811,29 @@ def test_reset_parameters_of_a_trained_layer_gives_a_fresh_adapter():
     torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
 
 
+def test_a_lora_factor_on_its_own_resets_by_its_init_scheme():
+    """LoRAFactor.reset_parameters() (what a meta-device init loop calls on every module holding parameters) follows
+    the init_scheme it was built with or given: zeros, PEFT's gaussian (std 1/r over its rows) or kaiming-uniform
+    within nn.Linear's bound 1/sqrt(fan_in); a factor pickled before init_scheme existed resets kaiming-uniform."""
+    from lora_kernels.modules import LoRAFactor
+    nan = float("nan")
+    zeros = LoRAFactor(6, 4, init_scheme="zeros")
+    zeros.weight.data.fill_(nan)
+    zeros.reset_parameters()
+    assert torch.count_nonzero(zeros.weight) == 0
+    gaussian = LoRAFactor(8, 512, init_scheme="gaussian")
+    gaussian.reset_parameters()
+    assert abs(gaussian.weight.std().item() - 1 / 8) < 0.01
+    pickled_before = LoRAFactor(6, 16, init_scheme="zeros")
+    del pickled_before.init_scheme
+    for factor in (LoRAFactor(6, 16), pickled_before):
+        factor.weight.data.fill_(nan)
+        factor.reset_parameters()
+        bound = 1 / math.sqrt(16)
+        assert factor.weight.abs().max() <= bound and factor.weight.abs().max() > bound / 2
+    assert repr(LoRAFactor(6, 16)) == "LoRAFactor(shape=(6, 16))"
+
+
 def test_multi_lora_meta_to_empty_reset_parameters_clears_every_slot():
     """MultiLoRALinear after to_empty: its ranks and scalings buffers held garbage (ranks like 1701081697).
     reset_parameters() re-initialises the base layer and empties every slot: the base output for every id."""
