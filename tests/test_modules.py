@@ -121,6 +121,128 @@ def test_safe_merge_refuses_non_finite_and_leaves_the_layer_unchanged():
     assert not layer.merged and torch.equal(layer.weight, weight_before)
 
 
+def test_a_layer_built_from_scratch_is_initialised_as_nn_linear():
+    """LoRALinear(in, out) is nn.Linear(in, out) plus a fresh adapter: weight and bias uniform within nn.Linear's
+    bound 1/sqrt(in) and spanning it, the weight stored [in, out] with fan_in_fan_out (its bound still from in),
+    no bias with bias=False. init_lora_weights=False draws B as A is (kaiming-uniform, not gaussian); 16-bit layers
+    get float32 factors by default; the backend is kept and used by the forward."""
+    bound = 1 / math.sqrt(4)
+    for fan_in_fan_out in (False, True):
+        layer = LoRALinear(4, 256, fan_in_fan_out=fan_in_fan_out)
+        assert layer.weight.shape == ((4, 256) if fan_in_fan_out else (256, 4))
+        for tensor in (layer.weight, layer.bias):
+            assert tensor.abs().max() <= bound and tensor.max() > bound / 2 and tensor.min() < -bound / 2
+    assert LoRALinear(4, 6, bias=False).bias is None
+    layer = LoRALinear(256, 64, r=16, init_lora_weights=False)
+    for factor, fan_in in ((layer.lora_A, 256), (layer.lora_B, 16)):
+        assert factor.weight.abs().max() <= 1 / math.sqrt(fan_in) and factor.weight.max() > 0.5 / math.sqrt(fan_in)
+    assert LoRALinear(4, 6, dtype=torch.bfloat16).lora_A.weight.dtype == torch.float32
+    layer = LoRALinear(4, 6, backend="cuda")  # a valid name, unavailable for CPU tensors: the forward names it
+    assert layer.backend == "cuda" and "backend='cuda'" in repr(layer)
+    with pytest.raises(ValueError, match=r"lora_linear: backend 'cuda' is not available for cpu tensors"):
+        layer(torch.randn(2, 4))
+
+
+def test_rslora_scales_the_forward_by_alpha_over_sqrt_r():
+    layer = _trained(LoRALinear(8, 6, r=4, lora_alpha=8, use_rslora=True, dtype=torch.float64))
+    x = torch.randn(3, 8, dtype=torch.float64)
+    expected = reference.lora_linear(x, layer.weight, layer.lora_A.weight, layer.lora_B.weight, 8 / 2, layer.bias)
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_a_16_bit_merge_rounds_once_and_safe_merge_checks_the_stored_weight():
+    """merge, unmerge and to_linear add scaling * B @ A, computed in float32 (from 16-bit factors too, with
+    autocast_adapter_dtype=False), to the weight in float32 and round once to the weight's dtype. safe_merge checks
+    the weight as it would be stored: a float16 sum past 65504 is finite in float32 but Inf in the weight; NaN is
+    refused as Inf is."""
+    for float32_factors in (True, False):
+        layer = _trained(LoRALinear(64, 48, r=8, lora_alpha=16, dtype=torch.bfloat16,
+                                    autocast_adapter_dtype=float32_factors))
+        delta = 2.0 * (layer.lora_B.weight.float() @ layer.lora_A.weight.float())
+        merged = (layer.weight.float() + delta).bfloat16()
+        assert torch.equal(layer.to_linear().weight, merged)
+        layer.merge()
+        assert torch.equal(layer.weight, merged)
+        layer.unmerge()
+        assert torch.equal(layer.weight, (merged.float() - delta).bfloat16())
+
+    layer = LoRALinear(4, 2, r=1, lora_alpha=8, dtype=torch.float16)
+    with torch.no_grad():
+        layer.weight.fill_(60000.0)
+        layer.lora_A.weight.fill_(1.0)
+        layer.lora_B.weight.fill_(1000.0)  # + 8 * 1000: 68000 in float32, Inf in float16
+    weight = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="safe_merge found NaN/Inf"):
+        layer.merge(safe_merge=True)
+    with torch.no_grad():
+        layer.lora_B.weight.fill_(0.0)
+        layer.lora_A.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="safe_merge found NaN/Inf"):
+        layer.merge(safe_merge=True)
+    assert not layer.merged and torch.equal(layer.weight, weight)
+
+
+def test_a_fan_in_fan_out_layer_computes_with_the_transposed_weight_merged_or_not():
+    """fan_in_fan_out stores the weight [in, out] (a Conv1D's layout): the forward, the base-only forward, merge and
+    to_linear (a Conv1D of the layer's dtype) all use its transpose."""
+    from transformers.pytorch_utils import Conv1D
+    layer = _trained(LoRALinear(12, 5, r=2, fan_in_fan_out=True, dtype=torch.float64))
+    x = torch.randn(3, 12, dtype=torch.float64)
+    expected = reference.lora_linear(x, layer.weight.T, layer.lora_A.weight, layer.lora_B.weight, layer.scaling,
+                                     layer.bias)
+    torch.testing.assert_close(layer(x), expected)
+    with layer.disable_adapter():
+        torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight.T, layer.bias))
+    unwrapped = layer.to_linear()
+    assert type(unwrapped) is Conv1D and unwrapped.weight.dtype == torch.float64
+    torch.testing.assert_close(unwrapped(x), expected)
+    layer.merge()
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_a_conv1d_is_wrapped_with_fan_in_fan_out_only():
+    from transformers.pytorch_utils import Conv1D
+    conv1d = Conv1D(6, 12)  # 6 outputs, 12 inputs: weight [12, 6]
+    with pytest.raises(TypeError, match=r"from_linear: linear is a transformers Conv1D, .* pass fan_in_fan_out=True"):
+        LoRALinear.from_linear(conv1d)
+    layer = LoRALinear.from_linear(conv1d, r=2, fan_in_fan_out=True)
+    assert (layer.in_features, layer.out_features) == (12, 6) and layer.lora_A.weight.shape == (2, 12)
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(layer(x), conv1d(x))
+
+
+def test_to_linear_keeps_the_bias_the_merged_state_and_the_device():
+    """A layer without bias unwraps to one without; a merged layer's weight already holds the adapter (added once);
+    the new layer is made on the layer's device in its dtype (meta stands in for a GPU here)."""
+    from transformers.pytorch_utils import Conv1D  # noqa: F401  (fan_in_fan_out layers unwrap to it)
+    layer = _trained(LoRALinear(8, 6, r=2, bias=False))
+    x = torch.randn(3, 8)
+    expected = layer(x)
+    assert layer.to_linear().bias is None
+    torch.testing.assert_close(layer.to_linear()(x), expected)
+    layer.merge()
+    torch.testing.assert_close(layer.to_linear()(x), expected)
+    for fan_in_fan_out in (False, True):
+        with torch.device("meta"):
+            layer = LoRALinear(8, 6, fan_in_fan_out=fan_in_fan_out, dtype=torch.bfloat16)
+        unwrapped = layer.to_linear()
+        assert unwrapped.weight.is_meta and unwrapped.weight.dtype == torch.bfloat16
+        assert unwrapped.weight.shape == layer.weight.shape
+
+
+def test_the_factors_are_made_on_the_base_weights_device():
+    layer = LoRALinear.from_linear(nn.Linear(8, 6, device="meta"))  # meta stands in for a GPU here
+    assert layer.lora_A.weight.is_meta and layer.lora_B.weight.is_meta
+
+
+def test_repr_names_every_setting():
+    layer = LoRALinear(8, 6, r=2, lora_alpha=4, bias=False, use_rslora=True, fan_in_fan_out=True, backend="torch")
+    assert re.sub(r"\s+", " ", repr(layer)) == (
+        "LoRALinear( in_features=8, out_features=6, bias=False, r=2, lora_alpha=4, scaling=2.82843, lora_dropout=0.0, "
+        "use_rslora=True, fan_in_fan_out=True, merged=False, backend='torch' "
+        "(lora_A): LoRAFactor(shape=(2, 8)) (lora_B): LoRAFactor(shape=(6, 2)) )")
+
+
 def test_disable_adapter_context():
     layer = _trained(LoRALinear(16, 8, r=2))
     x = torch.randn(3, 16)
@@ -312,6 +434,9 @@ def test_merge_and_unload_that_cannot_finish_changes_nothing(monkeypatch):
                                            r"is not imported; the model is unchanged"):
         merge_and_unload(model)
     assert list(model) == layers and all(torch.equal(a, b) for a, b in zip(model.parameters(), weights))
+    with pytest.raises(RuntimeError, match=r"LoRALinear\.to_linear: fan_in_fan_out layers unwrap to transformers' "
+                                           r"Conv1D, but transformers is not imported"):
+        model[1].to_linear()
 
 
 def test_new_layers_keep_the_train_eval_mode_of_what_they_replace():
@@ -595,6 +720,7 @@ def test_quantized_base_weights_train_as_dequantized_and_refuse_merging_untouche
     torch.testing.assert_close(model(x), outputs[0])
     with pytest.raises(TypeError, match=r"from_linear: backend 'cpu' cannot read weight, a conftest.QuantizedWeight"):
         LoRALinear.from_linear(quantized_linear(12, 6)[0], backend="cpu")
+    assert LoRALinear.from_linear(quantized_linear(12, 6)[0], backend="torch").backend == "torch"  # torch reads them
 
     save_peft_adapter(model, tmp_path)
     loaded = load_peft_adapter(model_with(quantized_layer), tmp_path)
@@ -633,6 +759,8 @@ def test_quantized_16_bit_base_weight_takes_a_float32_input_as_its_own_linear_do
         assert_close(got, expected, torch.float32, name)
     with pytest.raises(TypeError, match=r"lora_linear: x expected a torch.Tensor, got list"):  # x's dtype is read
         layers[0]([1.0] * 12)
+    # bfloat16 factors (autocast_adapter_dtype=False) are cast to the input's dtype, not compared with the weight's
+    assert LoRALinear.from_linear(quantized, r=2, autocast_adapter_dtype=False)(x).dtype == torch.float32
 
 
 def test_quantized_base_weights_refuse_reinitialisation_and_conv1d_untouched():
@@ -809,6 +937,9 @@ def test_reset_parameters_of_a_trained_layer_gives_a_fresh_adapter():
     assert not torch.equal(layer.lora_A.weight, old_a)
     x = torch.randn(4, 12)
     torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+    del layer.init_lora_weights  # a layer pickled before init_lora_weights was kept: PEFT's default, B zeros
+    _trained(layer).reset_parameters()
+    assert torch.count_nonzero(layer.lora_B.weight) == 0
 
 
 def test_a_lora_factor_on_its_own_resets_by_its_init_scheme():
@@ -983,7 +1114,9 @@ def test_hooks_on_a_replaced_or_wrapped_layer_get_a_warning(tmp_path):
     with pytest.warns(UserWarning, match=r"MultiLoRALinear: base_linear \(Linear\) has forward pre hooks"):
         MultiLoRALinear(model_with_hooks()[2], max_adapters=2, max_rank=4)
     model[0].register_full_backward_hook(lambda module, grad_input, grad_output: None)
-    with pytest.warns(UserWarning, match=r"merge_and_unload: module '0' \(LoRALinear\) has backward hooks"):
+    model[0].register_full_backward_pre_hook(lambda module, grad_output: None)
+    with pytest.warns(UserWarning, match=r"merge_and_unload: module '0' \(LoRALinear\) has backward and backward pre "
+                                         r"hooks"):
         merge_and_unload(model)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
