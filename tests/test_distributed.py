@@ -357,6 +357,7 @@ def _tp_lora_worker(rank, port, out_dir):
                 lk.save_peft_adapter(model, os.path.join(out_dir, "tp_adapter"))  # every rank: gathers the factors
             unload = _outcome(lambda: lk.merge_and_unload(model))[:2]  # would make plain layers: refused
             unload += (all(isinstance(model[i], lk.LoRALinear) for i in (0, 2)),)
+            unload += _outcome(lambda: model[0].to_linear())[:2]  # so would to_linear on its own
             for i in (0, 2):
                 model[i].merge()  # in place, on the sharded weight
             return _read(y), grads, placements, unload, _read(model(x))
@@ -449,7 +450,8 @@ def test_lora_layers_under_dtensor_tensor_parallelism_equal_one_process_or_are_r
             assert_close(grads[name], grad, torch.float32, f"TP grad {name}/{backend}")
         assert placements == {"0.lora_A.weight": (("Replicate()",), True), "0.lora_B.weight": (("Shard(dim=0)",), True),
                               "2.lora_A.weight": (("Shard(dim=1)",), True), "2.lora_B.weight": (("Replicate()",), True)}
-        assert unload == ("error", "TypeError", True), unload  # merge_and_unload refused, the model unchanged
+        # merge_and_unload refused, the model unchanged; to_linear refused
+        assert unload == ("error", "TypeError", True, "error", "TypeError"), unload
         assert_close(merged_y, expected_y, torch.float32, f"TP output after merge()/{backend}")
     # refused before any change: a kernel backend (plain tensors only), dropout (masks drawn per process)
     if "cpu" in lk.available_backends("cpu"):
