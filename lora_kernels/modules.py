@@ -126,9 +126,11 @@ LINEAR_EQUIVALENTS = frozenset({"transformers.models.falcon.modeling_falcon.Falc
 
 
 def has_own_linear_forward(module):
-    """Whether `module` is an nn.Linear subclass computing something other than F.linear in its own forward."""
+    """Whether `module` is a subclass of nn.Linear or of transformers' Conv1D computing something other than
+    F.linear in its own forward."""
     cls = type(module)
-    return (isinstance(module, nn.Linear) and cls.forward is not nn.Linear.forward
+    base = conv1d_class() if is_conv1d(module) else nn.Linear if isinstance(module, nn.Linear) else None
+    return (base is not None and cls.forward is not base.forward
             and f"{cls.__module__}.{cls.__qualname__}" not in LINEAR_EQUIVALENTS)
 
 
@@ -150,22 +152,23 @@ def refuse_subclass_reset(op, weight, instead):
 def check_wrappable_linear(op, what, module, hint=""):
     """TypeError, naming `what` and the class, for a linear layer a LoRA wrapper cannot stand in for. The wrappers
     compute F.linear(x, weight, bias) on the layer's weight Parameter and never call the layer itself, so:
-    - an nn.Linear subclass with its own forward (fake-quant/QAT, torchao's Float8Linear, bnb's Linear8bitLt) would
-      lose that forward silently (a fresh adapter would not even reproduce the layer's output);
+    - an nn.Linear (or Conv1D) subclass with its own forward (fake-quant/QAT, torchao's Float8Linear, bnb's
+      Linear8bitLt) would lose that forward silently (a fresh adapter would not even reproduce the layer's output);
     - a weight computed on each access (torch.nn.utils.parametrize: weight_norm, spectral_norm, orthogonal) or by a
       forward pre-hook (the deprecated torch.nn.utils.weight_norm) is no Parameter to hold, freeze and merge into.
     - a weight of another dtype (float8, complex) or a sparse one cannot be computed with (an obscure error deep in
       the first forward, the factors' initialisation or a merge);
     - a transformers Conv1D's weight [in, out] is passed transposed, which a tensor-subclass (quantized) weight does
       not implement (torchao's: "unimplemented operator ... aten.permute" at the first forward).
-    nn.Linear, its subclasses that keep nn.Linear's forward (or whose forward computes F.linear: LINEAR_EQUIVALENTS)
-    and transformers' Conv1D pass."""
+    nn.Linear, transformers' Conv1D and their subclasses that keep the parent's forward (or whose forward computes
+    F.linear: LINEAR_EQUIVALENTS) pass."""
     cls = type(module)
     if has_own_linear_forward(module):
-        raise TypeError(f"{op}: {what} is a {cls.__module__}.{cls.__qualname__}, an nn.Linear subclass with its own "
+        kind = "a transformers Conv1D" if is_conv1d(module) else "an nn.Linear"
+        raise TypeError(f"{op}: {what} is a {cls.__module__}.{cls.__qualname__}, {kind} subclass with its own "
                         f"forward (e.g. fake-quant, float8 or 8-bit layers); a LoRA layer computes F.linear on its "
                         f"weight and never calls that forward, so the layer's own computation would be lost. Only "
-                        f"nn.Linear, subclasses that keep nn.Linear's forward and transformers' Conv1D can be "
+                        f"nn.Linear, transformers' Conv1D and their subclasses that keep the parent's forward can be "
                         f"wrapped{hint}")
     if nn.utils.parametrize.is_parametrized(module):
         raise TypeError(f"{op}: {what} ({cls.__name__}) has parametrizations on {sorted(module.parametrizations)} "

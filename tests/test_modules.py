@@ -617,6 +617,33 @@ def test_linear_subclasses_with_their_own_forward_are_refused_untouched():
     torch.testing.assert_close(multi(x, torch.zeros(3, dtype=torch.long)), multi.base_layer(x))
 
 
+def test_conv1d_subclasses_with_their_own_forward_are_refused_untouched():
+    """The same holds for transformers' Conv1D (GPT-2's linear layer): a subclass with its own forward had been
+    wrapped, its forward silently replaced by F.linear on the transposed weight; one keeping Conv1D's forward is a
+    Conv1D."""
+    from transformers.pytorch_utils import Conv1D
+
+    class RoundingConv1D(Conv1D):
+        def forward(self, x):
+            return torch.round(super().forward(x))
+
+    class TaggedConv1D(Conv1D):
+        pass
+
+    model = nn.Sequential(RoundingConv1D(6, 8), TaggedConv1D(6, 6))
+    state = _model_state(model)
+    with pytest.raises(TypeError, match=r"from_linear: linear is a .*RoundingConv1D, a transformers Conv1D subclass "
+                                        r"with its own forward"):
+        LoRALinear.from_linear(model[0], fan_in_fan_out=True)
+    with pytest.raises(TypeError, match=r"inject_lora: module '0' is a .*RoundingConv1D"):
+        inject_lora(model, ["0", "1"], fan_in_fan_out=True)
+    _assert_model_state(model, state)
+    inject_lora(model, ["1"], fan_in_fan_out=True)
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(model[1](x), model[1].to_linear()(x))
+    assert isinstance(model[1], LoRALinear)
+
+
 def test_parametrized_linears_are_refused_with_a_clear_error():
     """weight_norm / spectral_norm / orthogonal (torch.nn.utils.parametrize) compute the weight on each access, and
     the deprecated weight_norm in a forward pre-hook: no Parameter to hold and merge into. A TypeError naming the
