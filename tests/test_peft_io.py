@@ -1136,7 +1136,33 @@ def test_target_matching_agrees_with_peft():
         assert ours == theirs, kwargs
 
 
-# ---------------------------------------------------------------------------------------- several named adapters
+@pytest.mark.skipif(PEFT is None or PEFT < (0, 21), reason="lora_kernels follows peft >= 0.21's layer index rules")
+def test_target_matching_and_patterns_agree_with_peft_on_near_miss_names():
+    """Names where a looser rule would differ from PEFT's: a layer index nested in another (an expert's, a layer
+    list inside a layer), a layers_pattern that ends a longer component, a modules_to_save entry that ends or starts
+    a longer component; and rank_pattern keys that match only a name's start, or two keys that both match."""
+    tuners_utils = pytest.importorskip("peft.tuners.tuners_utils")
+    from peft import LoraConfig
+    from peft.utils.other import get_pattern_key
+    from lora_kernels.modules import pattern_value
+    names = ["model.layers.1.moe.experts.0.w1", "model.layers.0.moe.experts.1.w1", "model.layers.1.mixer.layers.0.q_proj",
+             "model.layers.0.mixer.layers.1.q_proj", "model.sublayers.1.q_proj", "model.pre_classifier",
+             "model.classifier_head", "model.classifier.dense"]
+    for kwargs in [
+        {"target_modules": ["w1", "q_proj"], "layers_to_transform": [1]},
+        {"target_modules": ["q_proj"], "layers_to_transform": [1], "layers_pattern": "layers"},
+        {"target_modules": ["pre_classifier", "classifier_head", "dense"], "modules_to_save": ["classifier"]},
+    ]:
+        config = LoraConfig(**kwargs)
+        ours = [n for n in names if target_module_matches(n, kwargs["target_modules"], None,
+                                                          kwargs.get("layers_to_transform"),
+                                                          kwargs.get("layers_pattern"), kwargs.get("modules_to_save"))]
+        theirs = [n for n in names if tuners_utils.check_target_module_exists(config, n)
+                  and not isinstance(tuners_utils.check_target_module_exists(config, n), tuners_utils._ExcludedModule)]
+        assert ours == theirs, kwargs
+    for pattern in [{"q": 4}, {"self_attn.q_proj": 2, "q_proj": 1}, {"q_proj": 1, "self_attn.q_proj": 2}]:
+        name = "model.layers.0.self_attn.q_proj"
+        assert pattern_value(pattern, name, 8) == pattern.get(get_pattern_key(pattern.keys(), name), 8), pattern
 
 def test_batch_with_no_active_adapter_skips_the_lora_ops(tmp_path, monkeypatch):
     """set_batch_adapters with every row "__base__" (or a name deleted since): each layer computes its base layer
