@@ -79,7 +79,7 @@ def call_set_adapter(a):
 
 def call_multi_module(a):
     return lk.MultiLoRALinear(a.get("base", nn.Linear(K, N)), max_adapters=a.get("max_adapters", L),
-                              max_rank=a.get("max_rank", R))
+                              max_rank=a.get("max_rank", R), backend=a.get("backend", "auto"))
 
 
 def call_inject(a):
@@ -251,6 +251,9 @@ MATRIX = [
     (call_set_adapter, dict, "b", lambda a: torch.randn(N + 1, R), ValueError, ["lora_b expected shape [6, 2]", "(7, 2)"]),
     (call_set_adapter, dict, "a", lambda a: [[1.0]], TypeError, ["lora_a expected a 2-D floating tensor, got list"]),
     (call_multi_module, dict, "max_rank", lambda a: 0, ValueError, ["max_rank expected an int >= 1, got 0"]),
+    (call_multi_module, dict, "max_adapters", lambda a: True, ValueError, ["max_adapters expected an int >= 1, got True"]),
+    (call_multi_module, dict, "backend", lambda a: "fast", ValueError,
+     ["MultiLoRALinear: backend expected one of", "got 'fast'"]),
     (call_multi_module, dict, "base", lambda a: nn.ReLU(), TypeError, ["base_linear expected an nn.Linear", "ReLU"]),
     (call_inject, dict, "target_modules", lambda a: ["nope"], ValueError, ["matched no", "nope"]),
     (call_inject, dict, "target_modules", lambda a: ["1"], TypeError, ["'1'", "ReLU"]),
