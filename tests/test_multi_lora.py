@@ -727,6 +727,18 @@ def test_set_adapter_is_atomic_and_checks_input():
         assert torch.equal(old, new)
 
 
+def test_a_smaller_adapter_in_a_used_slot_leaves_zeros_past_its_rank():
+    """A slot's rows past its rank are zeros after set_adapter, not the previous adapter's: our kernels never read
+    them, but a consumer of the stacked lora_a/lora_b that computes at the max rank (vLLM's layout) or a state dict
+    read elsewhere would."""
+    layer = lk.MultiLoRALinear(nn.Linear(8, 6), max_adapters=2, max_rank=4)
+    layer.set_adapter(1, torch.randn(4, 8), torch.randn(6, 4), 1.0)
+    a, b = torch.randn(2, 8), torch.randn(6, 2)
+    layer.set_adapter(1, a, b, 0.5)
+    assert torch.equal(layer.lora_a[1], torch.cat([a, torch.zeros(2, 8)]))
+    assert torch.equal(layer.lora_b[1], torch.cat([b, torch.zeros(6, 2)], dim=1))
+
+
 def test_grouped_bad_input():
     x, lora_a, lora_b = torch.randn(4, 6), torch.randn(2, 3, 6), torch.randn(2, 5, 3)
     batch = LoRABatch.from_adapter_ids(torch.tensor([0, 1, -1, 0]), 2)

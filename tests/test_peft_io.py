@@ -1160,9 +1160,13 @@ def test_target_matching_and_patterns_agree_with_peft_on_near_miss_names():
         theirs = [n for n in names if tuners_utils.check_target_module_exists(config, n)
                   and not isinstance(tuners_utils.check_target_module_exists(config, n), tuners_utils._ExcludedModule)]
         assert ours == theirs, kwargs
-    for pattern in [{"q": 4}, {"self_attn.q_proj": 2, "q_proj": 1}, {"q_proj": 1, "self_attn.q_proj": 2}]:
+    for pattern in [{"q": 4}, {"self_attn.q_proj": 2, "q_proj": 1}, {"q_proj": 1, "self_attn.q_proj": 2},
+                    {"down_proj|q_proj": 9}]:  # an alternation is one group: it matches whole components only
         name = "model.layers.0.self_attn.q_proj"
         assert pattern_value(pattern, name, 8) == pattern.get(get_pattern_key(pattern.keys(), name), 8), pattern
+
+
+# ---------------------------------------------------------------------------------------- several named adapters
 
 def test_batch_with_no_active_adapter_skips_the_lora_ops(tmp_path, monkeypatch):
     """set_batch_adapters with every row "__base__" (or a name deleted since): each layer computes its base layer
