@@ -102,7 +102,7 @@ def test_compare_table_says_which_scaling_rule_ran(capsys):
     assert "r=4, alpha=8, scaling alpha/r = 2," in out and "rsLoRA" not in out
 
 
-def test_compare_save_writes_standard_json(monkeypatch, capsys, tmp_path):
+def test_compare_save_and_json_write_standard_json(monkeypatch, capsys, tmp_path):
     # --save went through json.dump's default allow_nan=True: a diverged loss became a bare NaN in the file
     from lora_kernels import compare
     run = compare.run_compare
@@ -121,6 +121,8 @@ def test_compare_save_writes_standard_json(monkeypatch, capsys, tmp_path):
         raise ValueError(constant)
 
     assert json.loads(saved.read_text(), parse_constant=refuse)["methods"]["full"]["eval_loss"] is None
+    assert cli.main(TINY_COMPARE + ["--targets", "q_proj", "--json"]) == 0  # and so does --json on stdout
+    assert json.loads(capsys.readouterr().out, parse_constant=refuse)["methods"]["full"]["eval_loss"] is None
 
 
 def test_compare_bad_option_is_a_clear_error(capsys):
@@ -249,3 +251,64 @@ def test_a_failed_json_write_leaves_no_temporary_file(tmp_path):
     with pytest.raises(OSError):
         cli._write_json({"a": 1}, str(target))
     assert not (tmp_path / "out.tmp").exists()
+
+
+class _Captured(Exception):
+    """Raised by a stand-in run: the test has the config the command built, and nothing was measured."""
+
+
+def _config_of(command, monkeypatch, module, run_name):
+    configs = []
+
+    def capture(config, *args, **kwargs):
+        configs.append(config)
+        raise _Captured
+
+    monkeypatch.setattr(module, run_name, capture)
+    with pytest.raises(_Captured):
+        cli.main(command)
+    return configs[0]
+
+
+def test_compare_passes_every_option_to_the_run(monkeypatch):
+    from lora_kernels import compare
+    options = ["compare", "--model-size", "tiny", "--hidden", "48", "--layers", "3", "--heads", "2",
+               "--intermediate", "40", "--vocab", "100", "--rank", "3", "--alpha", "5", "--dropout", "0.1", "--rslora",
+               "--targets", "q_proj, v_proj", "--steps", "5", "--warmup", "0", "--batch-size", "3", "--seq-len", "7",
+               "--dtype", "bf16", "--device", "cpu", "--backend", "torch", "--lr", "0.01", "--lora-lr", "0.02",
+               "--infer-reps", "4", "--seed", "9", "--threads", "1", "--no-progress"]
+    expected = compare.CompareConfig(
+        model_size="tiny", hidden=48, layers=3, heads=2, intermediate=40, vocab=100, rank=3, alpha=5.0, dropout=0.1,
+        use_rslora=True, targets=("q_proj", "v_proj"), steps=5, warmup=0, batch_size=3, seq_len=7, dtype="bfloat16",
+        device="cpu", backend="torch", lr=0.01, lora_lr=0.02, infer_reps=4, seed=9, threads=1, progress=False)
+    assert _config_of(options, monkeypatch, compare, "run_compare") == expected.resolved()
+    # without options: the library's defaults (CompareConfig's), with the progress bar on
+    default = compare.CompareConfig(device="cpu", progress=True).resolved()
+    assert _config_of(["compare", "--device", "cpu"], monkeypatch, compare, "run_compare") == default
+
+
+def test_bench_passes_every_option_to_the_run(monkeypatch):
+    from lora_kernels import bench
+    options = ["bench", "--quick", "--device", "cpu", "--dtype", "fp16", "--backends", "torch", "--hidden", "40",
+               "--rank", "3", "--ranks", "2,5", "--ms", "1,3", "--train-m", "6", "--reps", "2", "--threads", "1",
+               "--sections", "sweep,host", "--sweep-tokens", "8,16", "--sweep-adapters", "1,2", "--no-progress"]
+    expected = bench.BenchConfig(
+        device="cpu", dtype="float16", quick=True, backends=("torch",), hidden=40, rank=3, ranks=(2, 5), ms=(1, 3),
+        train_m=6, reps=2, threads=1, sections=("host", "sweep"), sweep_tokens=(8, 16), sweep_adapters=(1, 2),
+        progress=False)
+    assert _config_of(options, monkeypatch, bench, "run_bench") == expected.resolved()
+    default = bench.BenchConfig(device="cpu", progress=True).resolved()
+    assert _config_of(["bench", "--device", "cpu"], monkeypatch, bench, "run_bench") == default
+
+
+@pytest.mark.parametrize("command, message", [
+    (QUICK_BENCH + ["--ms", "1,0"], "argument --ms: expected an integer >= 1, got 0"),
+    (QUICK_BENCH + ["--ranks", "8,x"], "argument --ranks: expected an integer, got 'x'"),
+    (QUICK_BENCH + ["--backends", " , "], "argument --backends: expected a comma-separated list of names, got ' , '"),
+    (TINY_COMPARE + ["--targets", ","], "argument --targets: expected a comma-separated list of names, got ','"),
+    (TINY_COMPARE + ["--steps", "0"], "argument --steps: expected an integer >= 1, got 0"),
+])
+def test_malformed_option_values_are_refused_by_the_parser(capsys, command, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(command)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

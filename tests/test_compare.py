@@ -1,9 +1,11 @@
 """`lora-kernels compare` on a tiny config: the structure of the result and the relations its numbers must obey
 (parameter counts, file sizes, optimizer and gradient memory against the counts, the loss going down)."""
 
+import dataclasses
 import io
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -80,12 +82,15 @@ def test_adapter_file_is_smaller_by_the_parameter_ratio(result):
 
 
 def test_optimizer_state_and_gradients_follow_the_trainable_counts(result):
-    for run in result["methods"].values():
+    cfg = result["config"]
+    with torch.device("meta"):
+        model = DecoderLM(ModelConfig(cfg["vocab"], cfg["hidden"], cfg["layers"], cfg["heads"], cfg["intermediate"]))
+    for name, run in result["methods"].items():
         trainable = run["trainable_params"]
         assert run["grad_bytes"] == trainable * FLOAT32_BYTES
-        # AdamW: exp_avg and exp_avg_sq per trainable parameter, plus one scalar `step` tensor per parameter tensor
-        states = 2 * trainable * FLOAT32_BYTES
-        assert states <= run["optimizer_state_bytes"] <= states + 8 * 200
+        # AdamW: exp_avg and exp_avg_sq per trainable parameter, plus a float32 scalar `step` per parameter tensor
+        tensors = len(list(model.parameters())) if name == "full" else 2 * run["lora_layers"]
+        assert run["optimizer_state_bytes"] == (2 * trainable + tensors) * FLOAT32_BYTES, name
     full, lora = result["methods"]["full"], result["methods"]["lora_torch"]
     expected_ratio = full["trainable_params"] / lora["trainable_params"]
     assert full["optimizer_state_bytes"] / lora["optimizer_state_bytes"] == pytest.approx(expected_ratio, rel=0.02)
@@ -230,9 +235,12 @@ def test_task_is_deterministic_and_follows_the_permutation():
     ({"hidden": 30, "heads": 4}, "--hidden"),
     ({"dtype": "int8"}, "--dtype"),
     ({"threads": 0}, "--threads"),
+    ({"rank": 0}, "--rank expected an int >= 1, got 0"),  # the CLI's parser refuses these too; the API checks them
+    ({"batch_size": 0}, "--batch-size expected an int >= 1, got 0"),
+    ({"layers": True}, "--layers expected an int >= 1, got True"),
+    ({"targets": ("proj",)}, "--targets 'proj' matched no nn.Linear"),  # a name matches whole, as in PEFT
 ])
 def test_bad_config_names_the_option(change, message):
-    import dataclasses
     with pytest.raises(ValueError, match=message):
         dataclasses.replace(TINY, **change).resolved()
 
@@ -272,6 +280,7 @@ def test_progress_bar_prints_to_its_stream_only_after_the_delay():
         bar.update(f"step {i}")
     bar.close()
     assert "100%" in stream.getvalue() and "step 9" in stream.getvalue()
+    compare.ProgressBar(0, stream=stream, delay=0).update("nothing to do")  # no division by a total of 0
 
 
 def test_auto_never_repeats_the_unfused_column_when_a_fused_backend_exists(monkeypatch):
@@ -341,3 +350,364 @@ def test_saved_activations_count_neither_parameters_nor_their_casts():
     x, targets = torch.randn(6, 16, dtype=torch.bfloat16), torch.randint(0, 8, (1, 6))
     with_casts, without = (compare.saved_activation_bytes(Head(flag), x, targets) for flag in (True, False))
     assert with_casts == without > x.numel() * x.element_size()
+
+
+def test_the_built_in_model_is_a_llama():
+    """compare argues about a Llama-style decoder: with the same weights, transformers' LlamaForCausalLM (rotary
+    positions, RMSNorm, SwiGLU, pre-norm residuals, untied head) gives the same logits. Its initialisation is Llama's
+    (std 0.02), except the readout's (1/sqrt(hidden), see INIT_STD)."""
+    transformers = pytest.importorskip("transformers")
+    from conftest import tiny_llama_config
+    cfg = ModelConfig(vocab=64, hidden=64, layers=2, heads=4, intermediate=96)
+    torch.manual_seed(0)
+    ours = DecoderLM(cfg)
+    ours.init_weights()
+    llama = transformers.LlamaForCausalLM(tiny_llama_config(
+        vocab_size=64, num_key_value_heads=4, rms_norm_eps=1e-5, tie_word_embeddings=False)).eval()
+    state = ours.state_dict()
+    llama.model.load_state_dict({k: v for k, v in state.items() if not k.startswith("lm_head.")})
+    llama.lm_head.weight.data.copy_(state["lm_head.weight"])
+    ids = torch.randint(0, 64, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), llama(ids).logits, rtol=1e-5, atol=1e-5)
+    for name, module in ours.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            expected = cfg.hidden ** -0.5 if name == "lm_head" else compare.INIT_STD
+            assert module.weight.std().item() == pytest.approx(expected, rel=0.1), name
+    assert compare.INIT_STD == 0.02  # Llama's initializer_range
+
+
+def test_an_odd_head_dim_is_refused_by_the_model():
+    # rotary positions rotate pairs of channels: an odd head dim had failed in forward with a shape error
+    with pytest.raises(ValueError, match=r"hidden \(6\) expected a multiple of heads \(2\) with an even head_dim"):
+        DecoderLM(ModelConfig(vocab=8, hidden=6, layers=1, heads=2, intermediate=8))
+
+
+def test_the_documented_default_runs():
+    """BENCHMARKS.md's defaults: on CPU the "small" model (hidden 256, 4 layers, fp32, 4 x 128 tokens, 20 steps;
+    3.43 M parameters, 312.32 k of them LoRA's at r=16 on every projection), on CUDA the "medium" one (hidden 2048,
+    8 layers, 32k vocabulary, 542.15 M parameters, bf16, 8 x 512 tokens, 30 steps)."""
+    cfg = CompareConfig(device="cpu").resolved()
+    assert (cfg.model_size, cfg.hidden, cfg.layers, cfg.dtype, cfg.batch_size, cfg.seq_len, cfg.steps) == \
+        ("small", 256, 4, "float32", 4, 128, 20)
+    assert (cfg.rank, cfg.alpha, cfg.targets) == (16, 32.0, compare.DEFAULT_TARGETS)
+
+    def parameters(model_cfg):
+        with torch.device("meta"):
+            return sum(p.numel() for p in DecoderLM(model_cfg).parameters())
+
+    assert compare.fmt_count(parameters(cfg.model_config())) == "3.43 M"
+    assert compare.fmt_count(compare.expected_lora_params(cfg.model_config(), cfg.targets, cfg.rank)) == "312.32 k"
+    gpu, medium = compare.DEVICE_DEFAULTS["cuda"], compare.MODEL_SIZES["medium"]
+    assert (gpu["model_size"], gpu["dtype"], gpu["batch_size"], gpu["seq_len"], gpu["steps"]) == \
+        ("medium", "bfloat16", 8, 512, 30)
+    assert (medium["hidden"], medium["layers"], medium["vocab"]) == (2048, 8, 32000)
+    assert compare.fmt_count(parameters(ModelConfig(**medium))) == "542.15 M"
+
+
+@pytest.mark.parametrize("name, dtype", [("float32", torch.float32), ("fp32", torch.float32),
+                                         ("bfloat16", torch.bfloat16), ("bf16", torch.bfloat16),
+                                         ("float16", torch.float16), ("fp16", torch.float16)])
+def test_dtype_names_run_their_dtype(name, dtype):
+    cfg = CompareConfig(model_size="tiny", device="cpu", dtype=name).resolved()
+    assert cfg.dtype == str(dtype).removeprefix("torch.")  # one name in the result, whichever alias was given
+    assert compare.DTYPES[cfg.dtype] == dtype
+
+
+def test_the_loss_is_computed_in_float32():
+    # a bfloat16 cross-entropy rounds its log-sum-exp to 8 bits: the loss of a 16-bit model is taken in float32
+    logits, targets = torch.randn(2, 5, 64).bfloat16(), torch.randint(0, 64, (2, 5))
+    assert compare.lm_loss(logits, targets).dtype == torch.float32
+    assert compare.lm_loss(logits, targets) == torch.nn.functional.cross_entropy(logits.float().reshape(10, 64),
+                                                                                 targets.reshape(10))
+
+
+def test_the_task_uses_every_token_it_may_and_no_other():
+    # the task's tokens must exist in the model's vocabulary (--vocab below the task's 64 tokens), and every chain
+    # start is drawn from all of them
+    perm = compare.make_task(vocab=16, task_vocab=64, seed=0)
+    assert sorted(perm.tolist()) == list(range(16))
+    inputs, _ = compare.make_batch(perm, 2000, 1, torch.Generator().manual_seed(0))
+    assert set(inputs[:, 0].tolist()) == set(range(16))
+
+
+def test_saved_activations_count_each_storage_once_and_casts_of_activations():
+    """Two views of one saved tensor are one storage (counted once); a float32 cast of a bfloat16 activation is an
+    activation (counted), unlike a cast of a parameter."""
+    class Net(torch.nn.Module):
+        def __init__(self, variant):
+            super().__init__()
+            self.variant = variant
+            self.proj = torch.nn.Linear(16, 8, bias=False, dtype=torch.bfloat16)
+
+        def forward(self, x):
+            y = self.proj(x)
+            if self.variant == "views":  # mul saves both operands: two views of y's storage
+                y = y.float()
+                return (y[:, :, :4] * y[:, :, 4:]).repeat(1, 1, 2)
+            if self.variant == "copies":  # the same bytes in two storages of half the size
+                y = y.float()
+                return (y[:, :, :4].clone() * y[:, :, 4:].clone()).repeat(1, 1, 2)
+            if self.variant == "cast":  # mul saves the cast (ToCopyBackward0 of an activation)
+                y = y.float()
+            else:  # "product": mul saves a MulBackward0 result of the same size instead
+                y = y.float() * 1.0
+            return y * y
+
+    x, targets = torch.randn(1, 6, 16, dtype=torch.bfloat16), torch.randint(0, 8, (1, 6))
+    count = {variant: compare.saved_activation_bytes(Net(variant), x, targets)
+             for variant in ("views", "copies", "cast", "product")}
+    assert count["views"] == count["copies"]
+    assert count["cast"] == count["product"]
+
+
+@pytest.mark.skipif(not compare.MemoryProbe(torch.device("cpu")).resettable, reason="needs /proc/self/clear_refs")
+def test_cpu_memory_probe_measures_each_region_above_the_baseline():
+    """The CPU peak of a region is what the region allocated: not the process's whole resident set, not an earlier
+    region's peak (the high-water mark is reset per region), and not hidden by freed heap memory that is still
+    resident (the heap is trimmed first). Sizes are MiB-scale so that allocator noise cannot pass for them."""
+    mib = 2 ** 20
+    probe = compare.MemoryProbe(torch.device("cpu"))
+    assert probe.method.startswith("peak resident set per step (VmHWM, reset via /proc/self/clear_refs")
+    probe.baseline()
+    probe.start()
+    idle = probe.peak()
+    assert abs(idle) < 32 * mib  # nothing allocated: near 0, not the resident set of a process that imported torch
+    big = torch.ones(64 * mib // 4)  # touched, so resident
+    grown = probe.peak() - idle
+    assert 64 * mib <= grown < 80 * mib
+    del big
+    probe.start()
+    assert probe.peak() - idle < 16 * mib  # the 64 MiB peak above belonged to the previous region
+    # freed heap-sized pieces (below glibc's mmap threshold) stay resident unless trimmed, and new ones reuse them
+    # without raising the resident set
+    pieces = [torch.ones(100 * 1024 // 4) for _ in range(640)]
+    del pieces
+    probe.baseline()
+    probe.start()
+    idle = probe.peak()
+    pieces = [torch.ones(100 * 1024 // 4) for _ in range(640)]
+    assert probe.peak() - idle >= 0.9 * sum(piece.nbytes for piece in pieces)
+
+
+@pytest.fixture(scope="module")
+def bf16_result():
+    """A bfloat16 run with fewer LoRA targets and a vocabulary under the task's 64 tokens."""
+    return run_compare(dataclasses.replace(TINY, dtype="bfloat16", vocab=48, batch_size=2, seq_len=8, steps=2,
+                                           warmup=1, infer_reps=1, rank=4, targets=("q_proj", "down_proj", "lm_head")))
+
+
+def test_byte_counts_follow_each_tensors_dtype(bf16_result):
+    """A bfloat16 model (2 bytes a parameter) with float32 LoRA factors (PEFT's default, 4 bytes): every byte count
+    is its tensors' numel times their own element size, recounted here from the model's shapes; AdamW keeps
+    exp_avg and exp_avg_sq in each parameter's dtype and a float32 `step` per parameter tensor."""
+    cfg = bf16_result["config"]
+    with torch.device("meta"):
+        model = DecoderLM(ModelConfig(cfg["vocab"], cfg["hidden"], cfg["layers"], cfg["heads"], cfg["intermediate"]))
+    base, base_tensors = sum(p.numel() for p in model.parameters()), len(list(model.parameters()))
+    shapes = _injected_layer_shapes(model.cfg, cfg["targets"])
+    lora, lora_tensors = sum(cfg["rank"] * (k + n) for k, n in shapes), 2 * len(shapes)
+    assert len(shapes) == 2 * cfg["layers"] + 1  # q_proj and down_proj per layer, and lm_head
+    bf16, fp32 = 2, 4
+    full = bf16_result["methods"]["full"]
+    assert full["trainable_params"] == full["total_params"] == base
+    assert full["param_bytes"] == full["trainable_param_bytes"] == full["grad_bytes"] == bf16 * base
+    assert full["optimizer_state_bytes"] == 2 * bf16 * base + fp32 * base_tensors
+    assert 0 <= full["checkpoint_bytes"] - bf16 * base < 16 * 1024  # safetensors: tensor bytes + a JSON header
+    for method in ("lora_torch", "lora_fused"):
+        run = bf16_result["methods"][method]
+        assert (run["trainable_params"], run["total_params"], run["lora_layers"]) == (lora, base + lora, len(shapes))
+        assert run["param_bytes"] == bf16 * base + fp32 * lora
+        assert run["trainable_param_bytes"] == run["grad_bytes"] == run["adapter_tensor_bytes"] == fp32 * lora
+        assert run["optimizer_state_bytes"] == 2 * fp32 * lora + fp32 * lora_tensors
+        assert 0 <= run["checkpoint_bytes"] - fp32 * lora < 16 * 1024
+    assert bf16_result["model"]["expected_lora_params"] == lora
+
+
+def test_a_vocabulary_smaller_than_the_task_bounds_its_tokens(bf16_result):
+    assert bf16_result["task"]["task_vocab"] == bf16_result["config"]["vocab"] == 48  # tokens the model has
+    assert bf16_result["task"]["uniform_loss"] == math.log(48)
+
+
+def test_a_run_uses_its_threads_and_restores_the_callers(monkeypatch):
+    monkeypatch.setattr(compare, "_run_compare", lambda cfg, progress_stream: torch.get_num_threads())
+    before = torch.get_num_threads()
+    assert run_compare(dataclasses.replace(TINY, threads=before + 1)) == before + 1
+    assert torch.get_num_threads() == before
+
+
+def test_progress_bar_in_a_log_prints_each_tenth_once_and_never_past_100():
+    stream = io.StringIO()  # not a terminal: a line per tenth of the work, not a redrawn bar
+    bar = compare.ProgressBar(20, stream=stream, delay=0)
+    for i in range(25):  # more updates than the total: it stays at 100%
+        bar.update(f"step {i}")
+    percents = [int(line.split()[1].rstrip("%")) for line in stream.getvalue().splitlines()]
+    assert percents == [5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
+    quiet = io.StringIO()
+    disabled = compare.ProgressBar(20, enabled=False, stream=quiet, delay=0)  # --no-progress
+    for i in range(20):
+        disabled.update(f"step {i}")
+    disabled.close()
+    assert quiet.getvalue() == ""
+
+
+def _tiny_cfg(**changes):
+    return dataclasses.replace(TINY, **{"targets": ("q_proj", "down_proj"), "rank": 4, **changes}).resolved()
+
+
+def _trainable_count(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _init_state(cfg):
+    torch.manual_seed(cfg.seed)
+    model = DecoderLM(cfg.model_config())
+    model.init_weights()
+    return model.state_dict()
+
+
+def test_each_lora_run_is_built_with_its_own_backend_and_the_given_lora_options():
+    cfg = _tiny_cfg(rank=4, alpha=6.0, dropout=0.25, use_rslora=True)
+    init_state = _init_state(cfg)
+    fused = compare.fused_backend_for(cfg)[0]
+    for method, backend in (("lora_torch", "torch"), ("lora_fused", fused)):
+        layers = compare._lora_layers(compare._build(method, cfg, init_state, fused))
+        assert len(layers) == 2 * cfg.layers and {layer.backend for layer in layers} == {backend}, method
+        # rsLoRA: alpha / sqrt(r) = 6 / 2
+        assert {(layer.r, layer.scaling, layer.lora_dropout) for layer in layers} == {(4, 3.0, 0.25)}, method
+    assert not compare._lora_layers(compare._build("full", cfg, init_state, fused))
+
+
+def test_eval_loss_is_taken_in_eval_mode_and_leaves_the_mode_as_it_was():
+    cfg = _tiny_cfg(dropout=0.5)
+    model = compare._build("lora_torch", cfg, _init_state(cfg), "torch")
+    for layer in compare._lora_layers(model):
+        torch.nn.init.normal_(layer.lora_B.weight)  # a non-zero LoRA branch, so dropout would change the loss
+    batch = compare.make_batch(compare.make_task(cfg.vocab, cfg.task_vocab, 0), 2, 8, torch.Generator().manual_seed(0))
+    model.train()
+    losses = {compare._eval_loss(model, batch) for _ in range(3)}
+    assert model.training
+    model.eval()
+    assert losses == {compare._eval_loss(model, batch)} and not model.training
+
+
+def test_inference_times_each_path_as_its_label_says(monkeypatch):
+    """unmerged_unfused runs every LoRA layer on the torch backend, unmerged_fused on the fused one, merged with the
+    weights folded in; all in eval mode (LoRA dropout off) and over the whole batch."""
+    cfg = _tiny_cfg(dropout=0.5, infer_reps=3)
+    fused = compare.fused_backend_for(cfg)[0]
+    model = compare._build("lora_torch", cfg, _init_state(cfg), fused)
+    for layer in compare._lora_layers(model):
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.02)
+    model.train()
+    timed = []
+
+    def record(model, inputs, reps, device, warmup=2):
+        layers = compare._lora_layers(model)
+        timed.append(({layer.backend for layer in layers}, {layer.merged for layer in layers}, model.training, reps))
+        return 1.0
+
+    monkeypatch.setattr(compare, "_time_forward", record)
+    inputs = torch.randint(0, cfg.vocab, (3, 5))
+    result = compare._inference(model, cfg, inputs, fused, compare.ProgressBar(1, enabled=False))
+    merged_backend = timed[2][0]
+    assert timed == [({"torch"}, {False}, False, 3), ({fused}, {False}, False, 3), (merged_backend, {True}, False, 3)]
+    assert (result["tokens"], result["reps"]) == (15, 3)
+    assert result["merged_vs_unmerged_rel_diff"] < 1e-5 and result["fused_vs_unfused_rel_diff"] < 1e-4
+
+
+def test_checkpoints_are_peft_adapter_files_and_full_state_dicts(tmp_path):
+    from safetensors import safe_open
+    cfg = _tiny_cfg()
+    init_state = _init_state(cfg)
+    lora = compare._build("lora_torch", cfg, init_state, "torch")
+    sizes = compare._checkpoint_sizes(lora, "lora_torch", str(tmp_path / "lora"))
+    path = tmp_path / "lora" / "adapter_model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+    assert keys == {f"base_model.model.layers.{i}.{module}.lora_{ab}.weight" for i in range(cfg.layers)
+                    for module in ("self_attn.q_proj", "mlp.down_proj") for ab in "AB"}  # PEFT's key names
+    assert sizes == {"adapter_safetensors_bytes": path.stat().st_size, "checkpoint_bytes": path.stat().st_size,
+                     "adapter_tensor_bytes": FLOAT32_BYTES * _trainable_count(lora),
+                     "checkpoint_kind": "adapter only (safetensors)"}
+    full = compare._build("full", cfg, init_state, "torch")
+    sizes = compare._checkpoint_sizes(full, "full", str(tmp_path / "full"))
+    path = tmp_path / "full" / "model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        assert set(f.keys()) == set(init_state)
+    assert sizes == {"full_safetensors_bytes": path.stat().st_size, "checkpoint_bytes": path.stat().st_size,
+                     "full_torch_save_bytes": (tmp_path / "full" / "model.pt").stat().st_size,
+                     "checkpoint_kind": "full model (safetensors)"}
+
+
+def test_peak_memory_is_the_largest_of_the_probed_steps(monkeypatch):
+    """Each run's peak is the larger of its MEMORY_STEPS probed steps (a stand-in probe gives the readings)."""
+    readings = iter([7000, 1000, 8000, 2000, 9000, 3000])  # two steps per run, the first one's the larger
+
+    class Probe:
+        method = "stand-in"
+
+        def __init__(self, device):
+            pass
+
+        def baseline(self):
+            pass
+
+        def start(self):
+            pass
+
+        def peak(self):
+            return next(readings)
+
+    monkeypatch.setattr(compare, "MemoryProbe", Probe)
+    result = run_compare(dataclasses.replace(TINY, steps=2, warmup=1, infer_reps=1, batch_size=2, seq_len=8,
+                                             targets=("q_proj",)))
+    assert compare.MEMORY_STEPS == 2
+    assert [result["methods"][m]["peak_step_bytes"] for m in compare.METHODS] == [7000, 8000, 9000]
+
+
+def test_the_result_says_what_ran(result):
+    """The numbers that describe the run itself, recomputed from the config: the task, the step-time statistics and
+    their derived rates, each method's learning rate, which backends were run and what the footnotes say."""
+    cfg, task = result["config"], result["task"]
+    assert task["task_vocab"] == min(cfg["task_vocab"], cfg["vocab"]) == 64
+    assert task["tokens_per_step"] == cfg["batch_size"] * cfg["seq_len"]
+    assert task["uniform_loss"] == math.log(cfg["vocab"])  # the model's vocabulary, not the task's 64 tokens
+    for name, run in result["methods"].items():
+        assert run["lr"] == (cfg["lr"] if name == "full" else cfg["lora_lr"]), name
+        assert run["step_ms_median"] == statistics.median(run["step_ms_all"]), name
+        assert run["tokens_per_s"] == pytest.approx(task["tokens_per_step"] / (run["step_ms_median"] / 1e3)), name
+        assert ("lora_layers" in run) == (name != "full"), name
+    assert "reference" not in result["backends"]["available"]  # the spec, not a backend to run a model with
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    assert result["environment"]["triton"] == triton_version
+    assert result["environment"]["cpu_threads"] == cfg["threads"] == TINY.threads
+    assert result["measurement"]["step_time"].startswith(
+        f"median wall time of steps {TINY.warmup + 1}..{TINY.steps} (device synchronised), first {TINY.warmup} ")
+    assert (result["inference"]["tokens"], result["inference"]["reps"]) == (TINY.batch_size * TINY.seq_len,
+                                                                            TINY.infer_reps)
+
+
+def test_without_a_fused_backend_the_note_says_why_each_is_missing(monkeypatch):
+    monkeypatch.setattr(compare.backends, "auto_backend", lambda device, op_name="lora_linear": "torch")
+    monkeypatch.setattr(compare.backends, "unavailable_reason",
+                        lambda name, device: None if name in ("torch", "reference") else f"no {name} here")
+    chosen, note = compare.fused_backend_for(CompareConfig(model_size="tiny", device="cpu").resolved())
+    assert chosen == "torch"
+    assert note.endswith("uses the 'torch' backend too (triton: no triton here; cuda: no cuda here; cpu: no cpu here)")
+
+
+def test_the_cpu_is_named_by_its_model_name():
+    # /proc/cpuinfo also has a "model" line (a number) before "model name"
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    if not names:
+        pytest.skip("no model name in /proc/cpuinfo")
+    assert compare.cpu_model() == names[0]
