@@ -25,6 +25,7 @@ from torch import nn
 import lora_kernels
 from lora_kernels import backends
 from lora_kernels.modules import LoRALinear, count_parameters, inject_lora, lora_scaling
+from lora_kernels.ops import check_flag
 
 # ------------------------------------------------------------------------------------------------ the toy model
 
@@ -450,10 +451,15 @@ class CompareConfig:
             value = getattr(cfg, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise ValueError(f"compare: --{name.replace('_', '-')} expected a number > 0, got {value!r}")
-        if not 0.0 <= cfg.dropout < 1.0:
+        if isinstance(cfg.dropout, bool) or not isinstance(cfg.dropout, (int, float)) or not 0.0 <= cfg.dropout < 1.0:
             raise ValueError(f"compare: --dropout expected a number in [0, 1), got {cfg.dropout!r}")
         if isinstance(cfg.alpha, bool) or not isinstance(cfg.alpha, (int, float)) or not math.isfinite(cfg.alpha):
             raise ValueError(f"compare: --alpha expected a finite number, got {cfg.alpha!r}")
+        # a truthy string such as "no" had passed here, to be refused by inject_lora once the model was built
+        cfg.use_rslora = check_flag("compare", "--rslora", cfg.use_rslora)
+        if isinstance(cfg.targets, str):  # tuple() had split it into letters, each "matching no nn.Linear"
+            raise TypeError(f"compare: --targets expected a list or tuple of layer names, got the string "
+                            f"{cfg.targets!r} (one name: ({cfg.targets!r},))")
         cfg.targets = tuple(cfg.targets)
         # the model's layer names are fixed: an entry that matches none is a typo, not a name of another model's
         # layer (it had only warned, from inject_lora, and the run went on with fewer LoRA layers)

@@ -245,6 +245,21 @@ def test_bad_config_names_the_option(change, message):
         dataclasses.replace(TINY, **change).resolved()
 
 
+@pytest.mark.parametrize("change, error, message", [
+    # these had ended in "'<=' not supported between instances of 'float' and 'NoneType'", naming no option
+    ({"dropout": None}, ValueError, r"compare: --dropout expected a number in \[0, 1\), got None"),
+    ({"dropout": "0.1"}, ValueError, r"compare: --dropout expected a number in \[0, 1\), got '0.1'"),
+    # a truthy string had passed the check, to be refused by inject_lora once the model was built, naming its argument
+    ({"use_rslora": "no"}, TypeError, "compare: --rslora expected a bool, got 'no'"),
+    # a string had been split into letters: "--targets 'q,_,p,r,o,j' matched no nn.Linear"
+    ({"targets": "q_proj"}, TypeError, r"compare: --targets expected a list or tuple of layer names, got the string "
+                                       r"'q_proj' \(one name: \('q_proj',\)\)"),
+])
+def test_a_config_value_of_the_wrong_type_names_the_option(change, error, message):
+    with pytest.raises(error, match=message):
+        dataclasses.replace(TINY, **change).resolved()
+
+
 def test_few_steps_alone_lower_the_default_warmup():
     # --steps 3 without --warmup had been refused: "--warmup expected an int in [0, steps=3), got 3"
     default = compare.DEVICE_DEFAULTS["cpu"]["warmup"]
