@@ -145,6 +145,7 @@ def test_compare_bad_option_is_a_clear_error(capsys):
                                              "does not exist"),
     (["--plot", "/no/such/folder/x.png"], "the folder /no/such/folder does not exist"),
     (["--save", ""], "compare: --save expected a file path, got ''"),
+    (["--backend", "cuda"], "compare: --backend 'cuda' is not available for cpu: the cuda backend runs CUDA tensors"),
     (["--save", str(ROOT)], f"compare: --save {ROOT}: is a folder, expected a file path"),
     (["--plot", str(ROOT)], f"compare: --plot {ROOT}: is a folder, expected a file path"),
 ])
@@ -159,9 +160,12 @@ def test_compare_bad_values_are_one_line_errors_before_the_run(capsys, options, 
 def test_save_in_a_folder_that_cannot_be_written_is_refused_before_the_run(capsys, monkeypatch, tmp_path):
     # --save to a folder without write permission (or a read-only file system) ended the run in a traceback
     import tempfile
+    writable = tempfile.NamedTemporaryFile
 
-    def unwritable(*args, **kwargs):
-        raise PermissionError(13, "Permission denied")
+    def unwritable(*args, dir=None, **kwargs):  # only the folder of --save is unwritable: the probe is made there
+        if dir == str(tmp_path):
+            raise PermissionError(13, "Permission denied")
+        return writable(*args, dir=dir, **kwargs)
 
     monkeypatch.setattr(tempfile, "NamedTemporaryFile", unwritable)
     for command in (TINY_COMPARE, QUICK_BENCH):
@@ -169,6 +173,12 @@ def test_save_in_a_folder_that_cannot_be_written_is_refused_before_the_run(capsy
         err = capsys.readouterr().err
         assert f"--save {tmp_path / 'out.json'}: cannot write in the folder {tmp_path} (Permission denied)" in err
         assert "Traceback" not in err
+
+
+def test_save_to_a_bare_file_name_goes_to_the_current_folder(monkeypatch, tmp_path):
+    from lora_kernels import compare
+    monkeypatch.chdir(tmp_path)
+    assert _config_of(TINY_COMPARE + ["--save", "out.json"], monkeypatch, compare, "run_compare")
 
 
 def test_bench_save_to_a_folder_is_refused_before_the_run(capsys):
@@ -182,6 +192,21 @@ def test_compare_plot_without_matplotlib_is_a_clear_error(capsys, monkeypatch, t
     err = capsys.readouterr().err
     assert "needs matplotlib" in err and "pip install" in err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_compare_json_with_a_plot_prints_only_the_json(capsys, monkeypatch, tmp_path):
+    # the "figure: PATH" line goes with the table; after --json it would make stdout unparseable
+    import types
+
+    from lora_kernels import compare
+    monkeypatch.setitem(sys.modules, "matplotlib", types.ModuleType("matplotlib"))  # passes the up-front check
+    plotted = []
+    monkeypatch.setattr(compare, "plot_compare", lambda result, path: plotted.append(path))
+    plot = str(tmp_path / "c.png")
+    assert cli.main(TINY_COMPARE + ["--targets", "q_proj", "--plot", plot, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["targets"] == ["q_proj"] and plotted == [plot]
+    assert cli.main(TINY_COMPARE + ["--targets", "q_proj", "--plot", plot]) == 0
+    assert capsys.readouterr().out.endswith(f"\nfigure: {plot}\n")
 
 
 def test_bench_quick_prints_ratio_rows(capsys):
@@ -312,3 +337,27 @@ def test_malformed_option_values_are_refused_by_the_parser(capsys, command, mess
     with pytest.raises(SystemExit) as exit_info:
         cli.main(command)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_save_holds_the_rows_so_far_then_the_whole_result(monkeypatch, tmp_path):
+    """--save is rewritten after every measurement (a run stopped by a timeout keeps its rows) and once more at the
+    end with the finished result."""
+    from lora_kernels import bench
+    saved = tmp_path / "b.json"
+
+    def stopping(config, on_update=None, **kwargs):
+        on_update({"rows": [1], "partial": True})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "run_bench", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(QUICK_BENCH + ["--save", str(saved)])
+    assert json.loads(saved.read_text()) == {"rows": [1], "partial": True}
+
+    def finishing(config, on_update=None, **kwargs):
+        on_update({"rows": [1], "partial": True})
+        return {"rows": [1, 2], "partial": False}
+
+    monkeypatch.setattr(bench, "run_bench", finishing)
+    assert cli.main(QUICK_BENCH + ["--save", str(saved), "--json"]) == 0
+    assert json.loads(saved.read_text()) == {"rows": [1, 2], "partial": False}

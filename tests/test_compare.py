@@ -173,6 +173,14 @@ def test_small_ratios_keep_two_significant_digits():
     assert compare._ratio(0, 1) == " (0.00×)" and compare._ratio(5, 0) == ""
 
 
+def test_counts_and_bytes_print_with_decimal_units():
+    assert [compare.fmt_count(n) for n in (999, 1000, 312_320, 3_430_000, 542_150_000)] == \
+        ["999", "1.00 k", "312.32 k", "3.43 M", "542.15 M"]
+    # a CPU peak is a difference of resident sets, and may come out negative
+    assert [compare.fmt_bytes(n) for n in (None, 999, 1000, 13_710_000, 1_080_000_000, -2_500_000)] == \
+        ["n/a", "999 B", "1.00 kB", "13.71 MB", "1.08 GB", "-2.50 MB"]
+
+
 def test_plot_writes_a_png(result, tmp_path):
     pytest.importorskip("matplotlib")
     path = compare.plot_compare(result, str(tmp_path / "compare.png"))
@@ -338,6 +346,14 @@ def test_an_unfused_backend_asked_for_by_name_is_not_said_to_be_all_there_is(bac
     assert "no fused backend is available" not in note
     assert f"--backend {backend!r} is not a fused backend" in note
     assert f"fused backends available here: {', '.join(fused) or 'none'}" in note
+
+
+def test_triton_on_a_gpu_runs_without_a_note(monkeypatch):
+    # the interpreter note is for CPU tensors only (checked with stand-ins: no GPU here)
+    monkeypatch.setattr(compare.backends, "unavailable_reason", lambda name, device: None)
+    on_cpu = CompareConfig(model_size="tiny", device="cpu", backend="triton").resolved()
+    cfg = dataclasses.replace(on_cpu, device="cuda")
+    assert compare.fused_backend_for(cfg) == ("triton", None)
 
 
 def test_triton_on_cpu_says_it_is_the_interpreter(monkeypatch):
