@@ -5,6 +5,7 @@ import dataclasses
 import io
 import json
 import math
+import re
 import statistics
 
 import pytest
@@ -122,6 +123,59 @@ def test_printed_table_names_every_measurement(result):
                   "step time", "tokens / s", "checkpoint on disk", "eval loss", "merged", "unmerged, torch",
                   f"LoRA, {result['backends']['fused']} (fused)", result["measurement"]["memory"]):
         assert label in text, label
+
+
+def test_the_table_header_describes_the_run(result):
+    """The lines above the table say what ran, from the result: where, the model and its parameter count, the task
+    and its step count, the LoRA options with the number of adapted layers and both learning rates, the backends."""
+    env, model, lora = result["environment"], result["model"], result["methods"]["lora_torch"]
+    load = f", load average {env['load_average'][0]:.2f} at start" if env["load_average"] else ""
+    assert compare.format_compare(result).splitlines()[:5] == [
+        f"lora-kernels compare: cpu ({env['cpu']}, 1 thread{load}), float32, torch {env['torch']}, "
+        f"triton {env['triton'] or '-'}, {env['date']}",
+        f"model: Llama-style decoder (tiny): hidden 64, 2 layers, 4 heads, MLP 176, vocab 128; "
+        f"{compare.fmt_count(model['total_params'])} parameters, random init (seed 0)",
+        "task: next-token prediction on a fixed random permutation chain over 64 tokens; batch 4 x seq 32 = "
+        "128 tokens/step; 10 AdamW steps (2 warm-up, not timed)",
+        f"LoRA: r=16, alpha=32, scaling alpha/r = 2, dropout 0 on {','.join(compare.DEFAULT_TARGETS)} "
+        f"({lora['lora_layers']} layers); lr 0.001 (full) / 0.003 (LoRA)",
+        f"backends available: {', '.join(result['backends']['available'])}; fused run: backend='auto' -> "
+        f"{result['backends']['fused']}",
+    ]
+
+
+def test_each_table_row_shows_its_own_measurement(result):
+    """Every row's cells are that measurement of each run, in the column order of the header, with the ratio to
+    full fine-tuning (value / full's) where the row has one."""
+    fmt_bytes, ratio = compare.fmt_bytes, compare._ratio
+    full = result["methods"]["full"]
+
+    def with_ratio(key, text=fmt_bytes):
+        return lambda run, name: text(run[key]) + ratio(run[key], full[key])
+
+    expected = {
+        "trainable params": lambda run, name: f"{compare.fmt_count(run['trainable_params'])} "
+                                              f"({run['trainable_percent']:.2f}%)",
+        "weights (all params)": lambda run, name: fmt_bytes(run["param_bytes"]),
+        "gradients (.grad)": with_ratio("grad_bytes"),
+        "optimizer state (AdamW)": with_ratio("optimizer_state_bytes"),
+        "activations saved for bwd": with_ratio("saved_activation_bytes"),
+        "peak memory / step [1]": with_ratio("peak_step_bytes"),
+        "step time (median)": with_ratio("step_ms_median", lambda ms: f"{ms:.1f} ms"),
+        "tokens / s": lambda run, name: f"{run['tokens_per_s']:,.0f}",
+        "checkpoint on disk [2]": lambda run, name: fmt_bytes(run["checkpoint_bytes"])
+        + ("" if name == "full" else ratio(run["checkpoint_bytes"], full["checkpoint_bytes"])),
+        "loss: first step -> last": lambda run, name: f"{run['train_losses'][0]:.3f} -> {run['train_losses'][-1]:.3f}",
+        "eval loss after training": lambda run, name: f"{run['eval_loss']:.3f}",
+    }
+    lines = compare.format_compare(result).splitlines()
+    header = next(line for line in lines if line.lstrip().startswith("full fine-tuning"))
+    assert re.split(r"\s{2,}", header.strip()) == ["full fine-tuning", "LoRA, torch (unfused)",
+                                                   f"LoRA, {result['backends']['fused']} (fused)"]
+    for label, cell in expected.items():
+        line = next(line for line in lines if line.startswith(label))
+        assert re.split(r"\s{2,}", line.strip()) == [label] + [cell(result["methods"][name], name)
+                                                               for name in compare.METHODS], label
 
 
 def test_parameter_bytes_and_printed_ratios_follow_the_runs(result):
