@@ -560,10 +560,10 @@ def test_cpu_memory_probe_measures_each_region_above_the_baseline():
     assert abs(idle) < 32 * mib  # nothing allocated: near 0, not the resident set of a process that imported torch
     big = torch.ones(64 * mib // 4)  # touched, so resident
     grown = probe.peak() - idle
-    assert 64 * mib <= grown < 80 * mib
+    assert 64 * mib <= grown < 96 * mib
     del big
     probe.start()
-    assert probe.peak() - idle < 16 * mib  # the 64 MiB peak above belonged to the previous region
+    assert probe.peak() - idle < 32 * mib  # the 64 MiB peak above belonged to the previous region
     # freed heap-sized pieces (below glibc's mmap threshold) stay resident unless trimmed, and new ones reuse them
     # without raising the resident set
     pieces = [torch.ones(100 * 1024 // 4) for _ in range(640)]
@@ -572,7 +572,7 @@ def test_cpu_memory_probe_measures_each_region_above_the_baseline():
     probe.start()
     idle = probe.peak()
     pieces = [torch.ones(100 * 1024 // 4) for _ in range(640)]
-    assert probe.peak() - idle >= 0.9 * sum(piece.nbytes for piece in pieces)
+    assert probe.peak() - idle >= 0.5 * sum(piece.nbytes for piece in pieces)  # untrimmed: under 1%
 
 
 @pytest.fixture(scope="module")
