@@ -271,13 +271,15 @@ def test_sgmv_expand_matches_reference(dtype, distribution, device):
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 def test_sgmv_large_and_small_slots_in_one_batch(dtype, device):
     """On CPU a slot with much work goes through a BLAS GEMM and the others through the direct per-token loop: one
-    batch with both (and -1 tokens, an empty slot, NaN padding past each rank) matches the reference."""
-    k = n = 520  # 30 tokens x 520 features is a GEMM slot on CPU; 1 or 2 tokens are direct ones
-    ids = torch.tensor([0] * 30 + [1, 1, 2, 3, 3, 4] + [-1] * 4)
+    batch with both (and -1 tokens, an empty slot, NaN padding past each rank) matches the reference. Two GEMM slots,
+    one of the max rank and one below it: the GEMM path must not read the padding either (its zero columns of the
+    shrink output, no NaN in the expand's)."""
+    k = n = 520  # 20 or 30 tokens x 520 features is a GEMM slot on CPU; 1 or 2 tokens are direct ones
+    ids = torch.tensor([0] * 30 + [2] * 20 + [1, 1, 3, 3, 4] + [-1] * 4)
     ids = ids[torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(3))].to(device=device,
                                                                                          dtype=torch.int32)
     m, max_rank = ids.numel(), 16
-    ranks = _hetero_ranks(max_rank, device)  # slot 4 has rank 0, slot 5 no tokens
+    ranks = _hetero_ranks(max_rank, device)  # slot 0 has the max rank, slot 2 half of it, 4 rank 0, 5 no tokens
     lora_a, lora_b = _stacked_lora(NUM_SLOTS, max_rank, k, n, dtype, device, ranks)
     x = randn(m, k, dtype=dtype, device=device)
     y = randn(m, n + 7, dtype=dtype, device=device)
