@@ -353,9 +353,9 @@ def test_sgmv_empty_batch(device):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_sgmv_strided_x_and_weights(dtype, device):
-    """x and the stacked weights as strided views: x as the first K columns of a wider tensor and column-major,
-    lora_a as the first K columns of a wider tensor, lora_b column-major and as the first R columns of a wider tensor
-    (the padding is NaN). The CPU direct loops index rows by their stride, read float32 weights in place and convert
+    """x, t and the stacked weights as strided views: x and lora_a as the first K columns of a wider tensor and
+    column-major, t column-major, lora_b column-major and as the first R columns of a wider tensor (the padding is
+    NaN). The CPU direct loops index rows by their stride, read float32 weights in place and convert
     16-bit ones row by row, and need unit column strides (they copy other layouts), so a row length taken for the row
     stride, or a column-major view read as row-major, gave other rows' values. Both CPU paths (a GEMM slot, direct
     slots) against the reference."""
@@ -377,16 +377,18 @@ def test_sgmv_strided_x_and_weights(dtype, device):
         return torch.cat([tensor, pad], dim=-1)[..., :tensor.shape[-1]]
 
     ref_shrunk = reference.lora_shrink(x.cpu(), lora_a.cpu(), ids.cpu(), scalings.cpu(), ranks.cpu())
-    for x_view in (padded(x, 8), x.T.contiguous().T):
-        shrunk = ops.sgmv_shrink(x_view, padded(lora_a, 8), *meta, scalings, ranks)
+    column_major_a = lora_a.transpose(1, 2).contiguous().transpose(1, 2)
+    for x_view, a_view in ((padded(x, 8), padded(lora_a, 8)), (x.T.contiguous().T, column_major_a)):
+        shrunk = ops.sgmv_shrink(x_view, a_view, *meta, scalings, ranks)
         assert torch.isfinite(shrunk).all()
         assert_close(shrunk, ref_shrunk, _tol_dtype(dtype), "shrink")
     t = ref_shrunk.float().to(device)
     y = randn(m, n, dtype=dtype, device=device)
     ref = reference.lora_expand(t.cpu(), lora_b.cpu(), ids.cpu(), y.cpu(), 0, ranks.cpu())
-    for b_view in (lora_b.transpose(1, 2).contiguous().transpose(1, 2), padded(lora_b, 4)):
+    column_major_b = lora_b.transpose(1, 2).contiguous().transpose(1, 2)
+    for t_view, b_view in ((t, column_major_b), (t, padded(lora_b, 4)), (t.T.contiguous().T, lora_b)):
         out = y.clone()
-        ops.sgmv_expand(t, b_view, *meta, ranks, out, 0)
+        ops.sgmv_expand(t_view, b_view, *meta, ranks, out, 0)
         assert torch.isfinite(out).all()
         assert_close((out.double() - y.double()).cpu(), ref - y.cpu().double(), dtype, "expand delta", scale=4.0)
 
