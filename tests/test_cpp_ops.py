@@ -446,6 +446,37 @@ def test_cpu_ops_accumulate_16bit_inputs_in_float32_and_round_once(dtype):
     _assert_equal(out, expected, "sgmv_expand")
 
 
+@pytest.mark.parametrize("lora_b_dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_cpu_grouped_ops_accumulate_float64_operands_in_float64(lora_b_dtype):
+    """A float64 operand makes the grouped ops accumulate in float64: the float64 shrink rounds its exact sums to its
+    float32 output once, and a float64 out gets the exact sum whatever lora_b's dtype (the ops take mixed dtypes).
+    The integer-valued inputs make every float64 sum here exact while float32 ones are not (they need up to 37 bits),
+    so a float32 accumulator, or out passed through float32, differs from the reference. Both CPU paths (a GEMM slot,
+    direct slots)."""
+    k = n = 520  # slot 0's 30 tokens take the GEMM path, the others the direct loop
+    ids = torch.tensor([0] * 30 + [1, 1, 2, 3, 3, 4] + [-1] * 4, dtype=torch.int32)
+    ids = ids[torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(3))]
+    m, max_rank = ids.numel(), 16
+    ranks = _hetero_ranks(max_rank, torch.device("cpu"))
+    lora_a = _integers(NUM_SLOTS, max_rank, k, dtype=torch.float64)
+    lora_b = _integers(NUM_SLOTS, n, max_rank, step=2.0 ** -10, dtype=lora_b_dtype)
+    for slot, rank in enumerate(ranks.tolist()):
+        lora_a[slot, rank:] = float("nan")
+        lora_b[slot, :, rank:] = float("nan")
+    x = _integers(m, k, bound=2 ** 20, dtype=torch.float64)
+    scalings = torch.tensor([0.5, 2.0, 1.0, 4.0, 1.5, 0.25])
+    batch = LoRABatch.from_adapter_ids(ids, NUM_SLOTS, validate=True)
+    meta = (batch.sorted_token_ids, batch.slot_starts, batch.slot_counts)
+    shrunk = ops.sgmv_shrink(x, lora_a, *meta, scalings, ranks)
+    _assert_equal(shrunk, reference.lora_shrink(x, lora_a, ids, scalings, ranks).float(), "sgmv_shrink")
+
+    t = _integers(m, max_rank)
+    out = _integers(m, n + 7, bound=2 ** 20, step=2.0 ** -30, dtype=torch.float64)
+    expected = reference.lora_expand(t, lora_b, ids, out, 7, ranks)
+    ops.sgmv_expand(t, lora_b, *meta, ranks, out, 7)
+    _assert_equal(out, expected, "sgmv_expand")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Bad input: ValueError / TypeError naming the argument, before any work.
 
