@@ -676,7 +676,8 @@ def test_sgmv_bad_metadata_values_cpu():
 
 
 @pytest.mark.parametrize("call, arg", [("fwd", "bias"), ("fwd", "x_lora"), ("bwd_dy", "lora_b"), ("shrink", "ranks"),
-                                       ("shrink", "scalings"), ("expand", "ranks"), ("expand", "lora_b")])
+                                       ("shrink", "scalings"), ("expand", "ranks"), ("expand", "lora_b"),
+                                       ("expand", "out")])
 def test_a_meta_argument_among_cpu_tensors_is_a_device_error(call, arg):
     """One meta tensor among CPU ones sends the call to the fake (meta) implementation, which took any devices: it
     returned uninitialised CPU tensors (lora_fwd, sgmv_shrink) or did nothing (sgmv_expand), with no error. The
