@@ -632,6 +632,18 @@ def test_sgmv_expand_refuses_an_out_sharing_memory_with_its_inputs(overlapped, d
     assert torch.equal(storage, before)
 
 
+
+def test_sgmv_expand_refuses_t_itself_as_out(device):
+    """The full overlap too: out passed as t itself (lora_b as wide as t's rank), which the op would overwrite while
+    reading it."""
+    args = _good_sgmv(device)
+    args["lora_b"] = args["lora_b"][:, :args["t"].shape[1]]
+    args["out"], args["slice_offset"] = args["t"], 0
+    before = args["t"].clone()
+    with pytest.raises(ValueError, match="sgmv_expand: out expected memory of its own, got a view that overlaps t, "):
+        _expand(args)
+    assert torch.equal(args["t"], before)
+
 def test_sgmv_bad_metadata_values_cpu():
     """On CPU the metadata values are checked too (free there; on CUDA the kernels clamp instead of syncing)."""
     args = _good_sgmv(torch.device("cpu"))
