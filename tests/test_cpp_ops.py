@@ -673,6 +673,10 @@ def test_sgmv_bad_metadata_values_cpu():
     negative_id["sorted_token_ids"][0] = -1
     with pytest.raises(ValueError, match=r"sgmv_expand: sorted_token_ids expected values in \[0, 10\), got -1"):
         _expand(negative_id)
+    one_past = dict(args, sorted_token_ids=args["sorted_token_ids"].clone())
+    one_past["sorted_token_ids"][0] = 10  # M: one row past the last token
+    with pytest.raises(ValueError, match=r"sgmv_shrink: sorted_token_ids expected values in \[0, 10\), got 10"):
+        _shrink(one_past)
     # Two slots over one token would have two threads write its row: overlapping ranges and repeated tokens fail.
     overlapping = dict(args, slot_starts=torch.zeros(NUM_SLOTS, dtype=torch.int32),
                        slot_counts=torch.full((NUM_SLOTS,), 2, dtype=torch.int32))
