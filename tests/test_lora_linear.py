@@ -819,6 +819,18 @@ def test_fp16_gemm_fallbacks_stay_finite_where_only_the_unscaled_dy_b_overflows(
         assert_close(leaves[2].grad, expected["lora_b"], dtype, "dlora_b", scale=2.0)
 
 
+def test_scaled_mm_applies_a_scaling_above_one_in_magnitude_after_the_product():
+    """Either sign: a scaling of -100 folded into B (1000 · -100 = -1e5) overflowed fp16, where the product scaled
+    afterwards (4 · -100) did not; only |scaling| <= 1 goes into B."""
+    from lora_kernels._ext import scaled_mm
+    a = torch.full((2, 4), 1e-3, dtype=torch.float16)
+    b = torch.full((4, 3), 1000.0, dtype=torch.float16)
+    for scaling in (100.0, -100.0):
+        out = scaled_mm(a, b, scaling)
+        assert out.dtype == torch.float16
+        torch.testing.assert_close(out.float(), torch.full((2, 3), scaling * 4 * 1e-3 * 1000), rtol=1e-2, atol=0)
+
+
 def _penalty_gradients(fn, leaves, dy):
     """Second derivatives through a gradient penalty: the first-order gradients of <fn(leaves), dy> are taken with
     create_graph=True, and the gradients of the sum of their squares with respect to every leaf are returned."""
