@@ -632,7 +632,6 @@ def test_sgmv_expand_refuses_an_out_sharing_memory_with_its_inputs(overlapped, d
     assert torch.equal(storage, before)
 
 
-
 def test_sgmv_expand_refuses_t_itself_as_out(device):
     """The full overlap too: out passed as t itself (lora_b as wide as t's rank), which the op would overwrite while
     reading it."""
@@ -643,6 +642,7 @@ def test_sgmv_expand_refuses_t_itself_as_out(device):
     with pytest.raises(ValueError, match="sgmv_expand: out expected memory of its own, got a view that overlaps t, "):
         _expand(args)
     assert torch.equal(args["t"], before)
+
 
 def test_sgmv_bad_metadata_values_cpu():
     """On CPU the metadata values are checked too (free there; on CUDA the kernels clamp instead of syncing)."""

@@ -1145,9 +1145,9 @@ def test_target_matching_and_patterns_agree_with_peft_on_near_miss_names():
     from peft import LoraConfig
     from peft.utils.other import get_pattern_key
     from lora_kernels.modules import pattern_value
-    names = ["model.layers.1.moe.experts.0.w1", "model.layers.0.moe.experts.1.w1", "model.layers.1.mixer.layers.0.q_proj",
-             "model.layers.0.mixer.layers.1.q_proj", "model.sublayers.1.q_proj", "model.pre_classifier",
-             "model.classifier_head", "model.classifier.dense"]
+    names = ["model.layers.1.moe.experts.0.w1", "model.layers.0.moe.experts.1.w1",
+             "model.layers.1.mixer.layers.0.q_proj", "model.layers.0.mixer.layers.1.q_proj", "model.sublayers.1.q_proj",
+             "model.pre_classifier", "model.classifier_head", "model.classifier.dense"]
     for kwargs in [
         {"target_modules": ["w1", "q_proj"], "layers_to_transform": [1]},
         {"target_modules": ["q_proj"], "layers_to_transform": [1], "layers_pattern": "layers"},
