@@ -157,13 +157,16 @@ def test_load_into_an_injected_model_and_from_bin_with_adapter_names_in_keys(tmp
     torch.testing.assert_close(injected(x), trained(x), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("wrap", ["compile", "data_parallel"])
+@pytest.mark.parametrize("wrap", ["compile", "data_parallel", "compile-data_parallel", "data_parallel-compile"])
 def test_wrapped_models_save_and_load_under_the_model_names(tmp_path, wrap):
     """torch.compile's OptimizedModule and (Distributed)DataParallel prefix every module name (`_orig_mod.`,
     `module.`). The adapter file keeps the model's own names, as PEFT writes them: a wrapper's name in the keys made
-    PEFT load the file as a fresh adapter (a warning only), and a plain file did not load into a compiled model."""
+    PEFT load the file as a fresh adapter (a warning only), and a plain file did not load into a compiled model.
+    A wrapper inside the other (a compiled DDP model) is taken off as well."""
     def wrapped(model):
-        return torch.compile(model, backend="eager") if wrap == "compile" else nn.DataParallel(model)
+        for name in reversed(wrap.split("-")):
+            model = torch.compile(model, backend="eager") if name == "compile" else nn.DataParallel(model)
+        return model
 
     trained, x = _trained(), torch.randn(3, 16)
     lk.save_peft_adapter(wrapped(trained), tmp_path / "from_wrapper")
@@ -306,6 +309,9 @@ def test_modules_to_save_errors_leave_the_model_untouched(tmp_path, monkeypatch)
         # PEFT puts no LoRA inside a modules_to_save module: nothing is left to target
         (dict(modules_to_save=["layers"]), ValueError, r"target_modules \['q_proj', 'v_proj'\] matched no nn\.Linear"),
         (dict(modules_to_save="head"), ValueError, r"modules_to_save expected a non-empty list of module names"),
+        # every name ends with "": PEFT's suffix test would select every module
+        (dict(modules_to_save=["head", ""]), ValueError, r"modules_to_save expected a non-empty list of module "
+                                                         r"names, got \['head', ''\]"),
     ]:
         model = _base()
         before = _snapshot(model)
@@ -318,6 +324,8 @@ def test_modules_to_save_errors_leave_the_model_untouched(tmp_path, monkeypatch)
     for model, head, message in [
         (tied, "layers.1.o_proj", r"module 'layers\.1\.o_proj', whose parameter is tied to 'layers\.0\.o_proj\.weight'"),
         (with_lora, "layers.1", r"module 'layers\.1', which holds the LoRA layer 'layers\.1\.o_proj'"),
+        # a LoRA layer's own factors are never a module to save (they end with "lora_A" all the same)
+        (with_lora, "lora_A", r"modules_to_save \['lora_A'\] matched no module"),
     ]:
         before = _snapshot(model)
         with pytest.raises(ValueError, match=message):
@@ -438,6 +446,68 @@ def test_a_target_that_modules_to_save_also_selects_is_refused_untouched(targets
     _assert_same(fresh, before)
 
 
+class _Heads(nn.Module):
+    """Modules whose names extend one another: siblings ("head", "head2") and a nested pair ("classifier",
+    "classifier.out_proj")."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 16)
+        self.head2 = nn.Linear(16, 16)
+        self.classifier = nn.Sequential()
+        self.classifier.proj = nn.Linear(16, 16)
+        self.classifier.out_proj = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.classifier(self.head2(self.head(self.dense(x))))
+
+
+def test_modules_to_save_take_siblings_whose_names_extend_one_another_and_the_outer_of_nested_matches(tmp_path):
+    """"head" does not cover "head2" (a sibling, selected by its own entry or a LoRA target), and "out_proj" inside
+    the selected "classifier" is part of that module, saved and loaded once with it. A tie to the sibling "head2" is
+    a tie outside "head", and one of a parameter nested in "classifier" is a tie of "classifier"."""
+    torch.manual_seed(0)
+    model = lk.inject_lora(_Heads(), ["dense"], modules_to_save=["head", "head2", "classifier", "out_proj"],
+                           backend=BACKEND)
+    assert _trainable(model) == {"dense.lora_A.weight", "dense.lora_B.weight"} | {
+        f"{m}.{p}" for m in ("head", "head2", "classifier.proj", "classifier.out_proj") for p in ("weight", "bias")}
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad and "lora_" not in name:
+                parameter.add_(torch.randn_like(parameter))  # as if trained
+    lk.save_peft_adapter(model, tmp_path)
+    torch.manual_seed(0)
+    loaded = lk.load_peft_adapter(_Heads(), tmp_path, backend=BACKEND)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+    sibling = lk.inject_lora(_Heads(), ["dense", "head2"], modules_to_save=["head"], backend=BACKEND)
+    assert isinstance(sibling.head2, LoRALinear) and sibling.head.weight.requires_grad
+
+    for tie, entry, message in [
+        (lambda m: setattr(m.head2, "weight", m.head.weight), "head",
+         r"selects module 'head', whose parameter is tied to 'head2\.weight'"),
+        (lambda m: setattr(m.classifier.proj, "weight", m.head.weight), "classifier",
+         r"selects module 'classifier', whose parameter is tied to 'head\.weight'"),
+    ]:
+        tied = _Heads()
+        tie(tied)
+        before = _snapshot(tied)
+        with pytest.raises(ValueError, match=message):
+            lk.inject_lora(tied, ["dense"], modules_to_save=[entry], backend=BACKEND)
+        _assert_same(tied, before)
+
+
+def test_a_target_refused_as_a_modules_to_save_module_is_told_which_entry_selects_it():
+    model = _PreClassifier()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"module 'pre_classifier' is a LoRA target and is the modules_to_save "
+                                         r"module 'pre_classifier' \(entry 'classifier'"):
+        lk.inject_lora(model, ["pre_classifier"], modules_to_save=["dense", "classifier"], backend=BACKEND)
+    _assert_same(model, before)
+
+
 # ----------------------------------------------------------------------------------------------------- bias modes
 
 def _peft_trainable(model):
@@ -461,6 +531,46 @@ def test_bias_modes_train_what_peft_trains(bias, modules_to_save):
     assert ("layers.0.norm.bias" in _trainable(ours)) == (bias == "all")  # LayerNorm biases too
     assert ("layers.0.q_proj.bias" in _trainable(ours)) == (bias != "none")
     assert getattr(ours, "lora_bias_mode", "none") == bias
+
+
+def test_trainable_parameters_summary_is_peft_print_trainable_parameters_line(capsys):
+    peft = pytest.importorskip("peft")
+    kwargs = dict(target_modules=["q_proj", "v_proj"], bias="all")
+    ours = lk.inject_lora(_base(), r=4, backend=BACKEND, **kwargs)
+    peft.get_peft_model(_base(), peft.LoraConfig(r=4, **kwargs)).print_trainable_parameters()
+    assert lk.trainable_parameters_summary(ours) == capsys.readouterr().out.strip()
+    assert lk.count_parameters(ours) == (sum(p.numel() for n, p in ours.named_parameters() if "lora_" in n)
+                                         + sum(p.numel() for n, p in ours.named_parameters() if n.endswith("bias")),
+                                         sum(p.numel() for p in _base().parameters())
+                                         + sum(p.numel() for n, p in ours.named_parameters() if "lora_" in n))
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_bias_modes_train_and_save_what_peft_does_beside_heads_attention_and_buffers(bias, tmp_path):
+    """PEFT's "all" trains the parameters called bias: those of "head2" beside the modules_to_save module "head" as
+    well, but not nn.MultiheadAttention's in_proj_bias. It saves the state-dict entries called bias, a buffer's too
+    (which does not train)."""
+    peft = pytest.importorskip("peft")
+    kwargs = dict(target_modules=["dense"], bias=bias, modules_to_save=["head"])
+    models = []
+    for _ in range(2):
+        model = _Heads()
+        model.attn = nn.MultiheadAttention(16, 2)
+        model.shift = nn.Module()
+        model.shift.register_buffer("bias", torch.ones(16))
+        models.append(model)
+    ours = lk.inject_lora(models[0], r=4, backend=BACKEND, **kwargs)
+    theirs = peft.get_peft_model(models[1], peft.LoraConfig(r=4, **kwargs))
+    assert _trainable(ours) == _peft_trainable(theirs)
+    assert ("head2.bias" in _trainable(ours)) == (bias == "all") and "attn.in_proj_bias" not in _trainable(ours)
+    assert not ours.shift.bias.requires_grad
+    lk.save_peft_adapter(ours, tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "peft")
+    saved = set(load_file(tmp_path / "ours" / "adapter_model.safetensors"))
+    # PEFT's "all" also saves its head wrapper's copies of the head's bias (loaded as PEFT loads them: see above)
+    assert saved == {k for k in load_file(tmp_path / "peft" / "adapter_model.safetensors")
+                     if ".modules_to_save." not in k and ".original_module." not in k}
+    assert ("base_model.model.shift.bias" in saved) == (bias == "all")
 
 
 def test_inject_lora_refuses_an_unknown_bias_mode_untouched():
