@@ -452,10 +452,12 @@ def test_reentrant_checkpointing_enabled_before_wrapping_trains_the_adapter(how,
         warnings.simplefilter("ignore", FutureWarning)  # transformers 5 renames it activation_checkpointing_enable
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     model.train()
-    if how == "inject":
-        lk.inject_lora(model, targets, r=4, init_lora_weights=False)
-    else:
-        lk.load_peft_adapter(model, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the flag is read under its transformers 5 name
+        if how == "inject":
+            lk.inject_lora(model, targets, r=4, init_lora_weights=False)
+        else:
+            lk.load_peft_adapter(model, tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # torch: "None of the inputs have requires_grad=True"
         model(pixel_values=torch.randn(2, 3, 16, 16), labels=torch.tensor([0, 2])).loss.backward()
@@ -465,6 +467,9 @@ def test_reentrant_checkpointing_enabled_before_wrapping_trains_the_adapter(how,
     before = len(hooks)
     lk.inject_lora(model, ["key", "k_proj"], r=4)  # a second wrap does not register a second hook
     assert len(hooks) == before == 1
+    plain = transformers.ViTForImageClassification(config)
+    lk.inject_lora(plain, targets, r=4)  # without checkpointing, as PEFT: no hook
+    assert not plain.get_input_embeddings()._forward_hooks
 
 
 def test_falcon_linear_layers_are_wrapped_like_nn_linear(tmp_path):
