@@ -403,6 +403,32 @@ def test_inject_lora_errors_leave_the_model_untouched():
     assert all(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.parametrize("edit", ["inject_lora", "prepare_multi_adapter"])
+def test_an_interrupt_while_replacing_layers_leaves_the_model_as_it_was(edit, monkeypatch):
+    """Ctrl-C (KeyboardInterrupt, no Exception) between two layer replacements: the layers replaced so far are put
+    back and every parameter trains again, as after any other failure."""
+    import lora_kernels
+    from lora_kernels import modules
+    model = _model()
+    before = _model_state(model)
+    replace, calls = modules._set_submodule, []
+
+    def interrupted(model, name, module):
+        calls.append(name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        replace(model, name, module)
+
+    monkeypatch.setattr(modules, "_set_submodule", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        if edit == "inject_lora":
+            inject_lora(model, ["q_proj", "v_proj"])
+        else:
+            lora_kernels.prepare_multi_adapter(model, ["q_proj", "v_proj"], max_adapters=2, max_rank=4)
+    _assert_model_state(model, before)
+    assert not hasattr(model, "lora_adapter_slots")
+
+
 def test_layers_to_transform_takes_numpy_integers_and_ranges_as_peft():
     """PEFT tests `layer_index in layers_to_transform`, so a range or numpy integers (list(np.arange(...))) select
     layers there; they are TypeErrors nowhere here either."""
