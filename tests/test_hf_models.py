@@ -368,6 +368,7 @@ def test_gpt2_conv1d_injection_keeps_the_base_state_dict(gpt2):
     messages = [str(w.message) for w in caught]
     assert any("'lm_head' is an nn.Linear" in m for m in messages), messages
     assert any("target 'lm_head' is tied to 'transformer.wte.weight'" in m for m in messages), messages
+    assert not any("Conv1D" in m for m in messages), messages  # c_attn agrees with fan_in_fan_out=True
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
