@@ -520,7 +520,7 @@ def _trainable(model):
     return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("modules_to_save", [None, ["head"]])
+@pytest.mark.parametrize("modules_to_save", [None, [], ["head"]])  # [] is None, as in PEFT
 @pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
 def test_bias_modes_train_what_peft_trains(bias, modules_to_save):
     peft = pytest.importorskip("peft")

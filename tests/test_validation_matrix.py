@@ -268,6 +268,8 @@ MATRIX = [
      ["inject_lora: exclude_modules '[' is not a valid regular expression"]),
     (call_inject, dict, "rank_pattern", lambda a: {"(": 4}, ValueError,
      ["inject_lora: rank_pattern key '(' is not a valid regular expression"]),
+    (call_inject, dict, "rank_pattern", lambda a: {0: 4}, TypeError,
+     ["inject_lora: rank_pattern expected module name regex keys (str), got the key 0"]),
     (call_inject, dict, "model", lambda a: None, TypeError, ["inject_lora: model expected a torch.nn.Module",
                                                              "NoneType"]),
     (call_save, _adapter_dir, "path", lambda a: 5, TypeError, ["save_peft_adapter: path expected a directory path",
