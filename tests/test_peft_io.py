@@ -202,8 +202,9 @@ def test_a_second_inject_lora_adds_to_the_adapter(tmp_path):
     assert config["target_modules"] == ["q_proj", "v_proj"] and config["rank_pattern"] == {"v_proj": 4}
     x = torch.randn(3, 16)
     torch.testing.assert_close(lk.load_peft_adapter(_base(), tmp_path, backend=BACKEND)(x), model(x), rtol=0, atol=0)
-    lk.inject_lora(model, ["o_proj"], bias="all", backend=BACKEND)  # the broader bias mode holds
-    assert model.lora_bias_mode == "all" and model.layers[0].norm.bias.requires_grad
+    lk.inject_lora(model, ["o_proj"], bias="all", modules_to_save=["head", "norm"], backend=BACKEND)
+    assert model.lora_bias_mode == "all" and model.layers[0].norm.bias.requires_grad  # the broader bias mode holds
+    assert model.lora_modules_to_save == ["head", "norm"]  # each name once
     # merge_and_unload ends that adapter: an inject after it starts a new one, without the old head or biases
     lk.inject_lora(lk.merge_and_unload(model), ["q_proj"], backend=BACKEND)
     assert not hasattr(model, "lora_modules_to_save") and not hasattr(model, "lora_bias_mode")
