@@ -543,7 +543,7 @@ def test_16_bit_layers_get_float32_factors_as_peft(dtype):
     assert layer.weight.dtype == dtype
     x = torch.randn(3, 16, dtype=dtype)
     y = layer(x)
-    expected = LoRALinear.from_linear(nn.Linear(16, 16).to(dtype), r=4, autocast_adapter_dtype=False)
+    expected = inject_lora(nn.Sequential(nn.Linear(16, 16).to(dtype)), ["0"], r=4, autocast_adapter_dtype=False)[0]
     assert expected.lora_A.weight.dtype == dtype
     with torch.no_grad():
         expected.weight.copy_(layer.weight), expected.bias.copy_(layer.bias)

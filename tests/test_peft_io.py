@@ -184,6 +184,14 @@ def test_wrapped_models_save_and_load_under_the_model_names(tmp_path, wrap):
     assert lk.inject_lora(injected, ["q_proj"], backend=BACKEND) is injected
     with lk.disable_adapter(injected) as inside:
         assert inside is injected
+    multi = wrapped(_base())
+    assert lk.prepare_multi_adapter(multi, ["q_proj", "v_proj"], max_adapters=2, max_rank=8) is multi
+    lk.load_peft_adapter(multi, tmp_path / "plain", adapter_name="a")
+    with lk.set_batch_adapters(multi, ["a", "__base__", "a"]):
+        rows = multi(x)
+    torch.testing.assert_close(rows[::2], trained(x)[::2])  # grouped ops: rounding differs
+    torch.testing.assert_close(rows[1], _base()(x)[1])
+    assert lk.delete_adapter(multi, "a") is multi
 
 
 def test_a_second_inject_lora_adds_to_the_adapter(tmp_path):
