@@ -1504,6 +1504,16 @@ def test_prepare_multi_adapter_failing_mid_way_leaves_the_model_untouched(monkey
     assert all(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.parametrize("options, wrapped", [
+    (dict(exclude_modules=["layers.1.v_proj"]), {"0.layers.0.q_proj", "0.layers.0.v_proj", "0.layers.1.q_proj"}),
+    (dict(layers_to_transform=[1]), {"0.layers.1.q_proj", "0.layers.1.v_proj"}),  # PEFT's: a name before "layers"
+])
+def test_prepare_multi_adapter_selects_layers_with_peft_options(options, wrapped):
+    model = lk.prepare_multi_adapter(nn.Sequential(_base()), ["q_proj", "v_proj"], max_adapters=2, max_rank=8,
+                                     **options)
+    assert {n for n, m in model.named_modules() if isinstance(m, MultiLoRALinear)} == wrapped
+
+
 def test_named_adapter_errors(tmp_path):
     lk.save_peft_adapter(_trained(("q_proj", "v_proj"), r=4), tmp_path / "a")
     with pytest.raises(ValueError, match="prepare_multi_adapter"):
