@@ -1537,6 +1537,30 @@ def test_named_adapter_errors(tmp_path):
         lk.load_peft_adapter(injected, tmp_path / "a", adapter_name="a")
     with pytest.raises(ValueError, match="already has a LoRA adapter"):
         lk.prepare_multi_adapter(injected, ["q_proj", "v_proj"], 2, 8)
+    # bad names and models for the name-based calls: ValueError / TypeError naming what is wrong, nothing set
+    lk.load_peft_adapter(partial, _q_only(tmp_path), adapter_name="a")
+    bare = nn.Sequential(MultiLoRALinear(nn.Linear(16, 16), max_adapters=2, max_rank=8))  # no name table
+    for call, error, message in [
+        (lambda: lk.delete_adapter(_base(), "a"), ValueError,
+         r"delete_adapter: the model has no named adapters \(prepare_multi_adapter first\)"),
+        (lambda: lk.delete_adapter(partial, ["a"]), ValueError, r"unknown adapter name \['a'\]; loaded: \['a'\]"),
+        (lambda: lk.set_batch_adapters(_base(), "a"), ValueError, r"the model has no MultiLoRALinear layers"),
+        (lambda: lk.set_batch_adapters(bare, "__base__"), ValueError, r"the model has no named adapters; call "
+                                                                       r"prepare_multi_adapter"),
+        (lambda: lk.set_batch_adapters(partial, []), TypeError, r"adapter_names expected a non-empty list of str, "
+                                                                r"a str or None, got \[\]"),
+        (lambda: lk.set_batch_adapters(partial, ["a", None]), TypeError, r"got \['a', None\]"),
+        (lambda: lk.set_batch_adapters(partial, {"a"}), TypeError, r"got \{'a'\}"),  # a set has no row order
+    ]:
+        with pytest.raises(error, match=message):
+            call()
+    assert partial.lora_adapter_slots == {"a": 0}
+    assert all(m.batch_adapters is None for m in partial.modules() if isinstance(m, MultiLoRALinear))
+
+
+def _q_only(path):
+    lk.save_peft_adapter(_trained(("q_proj",), r=4), path / "q")
+    return path / "q"
 
 
 def test_loading_into_an_eval_model_keeps_it_in_eval_mode(tmp_path):
