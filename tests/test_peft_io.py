@@ -1712,6 +1712,13 @@ def test_a_batch_a_multiple_of_the_names_gives_each_name_consecutive_rows(tmp_pa
             model(x[:5])
     torch.testing.assert_close(out[:3], single(x[:3]), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out[3:], base(x[3:]), rtol=1e-6, atol=1e-6)
+    # a 1-D input (one token, no batch dimension) takes one name for every row, not a list of names
+    token = x[0, 0]
+    with lk.set_batch_adapters(model, "a"):
+        torch.testing.assert_close(model(token), single(token), rtol=1e-5, atol=1e-5)
+    with lk.set_batch_adapters(model, ["a", "__base__"]), pytest.raises(
+            ValueError, match=r"got 2 adapter names, but the layer input has shape \(\) \+ \[features\]"):
+        model(token)
 
 
 def test_merge_and_unload_refuses_multi_adapter_models_untouched():
