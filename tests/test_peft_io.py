@@ -1614,6 +1614,30 @@ def test_rows_of_a_deleted_adapter_get_the_base_model_even_after_its_slot_is_reu
     torch.testing.assert_close(out[1], base(x[1]), rtol=1e-6, atol=1e-6)
 
 
+def test_an_error_inside_the_adapter_contexts_propagates_and_the_setting_is_restored(tmp_path):
+    """An exception inside `with set_batch_adapters(...)` or `with disable_adapter(...)` reaches the caller (the
+    context does not swallow it) and the layers get their previous setting back; None unsets the names."""
+    lk.save_peft_adapter(_trained(r=4), tmp_path / "a")
+    model = lk.prepare_multi_adapter(_base(), ["q_proj", "v_proj"], max_adapters=2, max_rank=4)
+    lk.load_peft_adapter(model, tmp_path / "a", adapter_name="a")
+    x = torch.randn(2, 16)
+    with pytest.raises(KeyError, match="inside"), lk.set_batch_adapters(model, "a"):
+        raise KeyError("inside")
+    with pytest.raises(RuntimeError, match="set_batch_adapters"):
+        model(x)  # no names in effect again
+    lk.set_batch_adapters(model, "a")
+    lk.set_batch_adapters(model, None)
+    with pytest.raises(RuntimeError, match="set_batch_adapters"):
+        model(x)
+
+    trained = _trained()
+    with_adapter = trained(x)
+    with pytest.raises(KeyError, match="inside"), lk.disable_adapter(trained):
+        raise KeyError("inside")
+    torch.testing.assert_close(trained(x), with_adapter, rtol=0, atol=0)
+    assert not torch.allclose(with_adapter, _base()(x))
+
+
 def test_nested_set_batch_adapters_restore_the_outer_names(tmp_path):
     """Leaving an inner set_batch_adapters context (a reference pass on the base model, say) puts back the names of
     the outer one, not 'no names'."""
