@@ -899,6 +899,31 @@ def test_meta_to_empty_reset_parameters_gives_a_fresh_layer(init):
         layer.reset_lora_parameters(1)
 
 
+def test_multi_lora_reset_parameters_reinitialises_the_base_and_empties_every_slot():
+    """MultiLoRALinear.reset_parameters() after to_empty: the base layer re-initialised (nn.Linear's own
+    reset_parameters; a transformers Conv1D, which has none, as its constructor does: weight ~ N(0, 0.02), bias zeros)
+    and every slot empty (rank 0, scaling 0, zero factors), so the layer computes its base layer."""
+    from transformers.pytorch_utils import Conv1D
+
+    from lora_kernels import MultiLoRALinear
+
+    torch.manual_seed(0)
+    x, ids = torch.randn(5, 64), torch.tensor([0, 1, -1, 1, 0])
+    for base in (nn.Linear(64, 48), Conv1D(48, 64)):  # Conv1D(nf=out, nx=in)
+        layer = MultiLoRALinear(base, max_adapters=2, max_rank=4)
+        _materialise_with_garbage(layer)
+        layer.reset_parameters()
+        weight, bias = layer.base_layer.weight, layer.base_layer.bias
+        if isinstance(base, nn.Linear):  # kaiming-uniform weight and a uniform bias within 1/sqrt(in)
+            assert weight.abs().max() <= 1 / 8 and weight.std() > 0.06
+            assert bias.abs().max() <= 1 / 8 and torch.count_nonzero(bias) == 48
+        else:
+            assert abs(weight.std().item() - 0.02) < 0.002 and torch.count_nonzero(bias) == 0
+        for slots in (layer.lora_a, layer.lora_b, layer.scalings, layer.ranks):
+            assert torch.count_nonzero(slots) == 0
+        torch.testing.assert_close(layer(x, ids), base(x), rtol=0, atol=0)
+
+
 def test_meta_wrapped_then_a_base_checkpoint_loaded_as_readme_says():
     """README's meta-device flows with a base checkpoint (no LoRA keys). to_empty + load_state_dict(strict=False), then
     reset_lora_parameters() / clear_adapter(slot): the base checkpoint's weights untouched, the adapter PEFT's init
@@ -1083,6 +1108,61 @@ def test_multihead_attention_out_proj_is_left_out_with_a_warning(wrap):
         wrapped(["out_proj"])
 
 
+@pytest.mark.parametrize("error", [NotImplementedError, AttributeError])
+def test_all_linear_wraps_every_linear_when_get_output_embeddings_raises(error):
+    """"all-linear" leaves out the output layer that get_output_embeddings names; an accessor that raises (older
+    transformers' NotImplementedError, or an AttributeError for a head the model lacks) means there is none."""
+
+    class NoOutputLayer(nn.Sequential):
+        def get_output_embeddings(self):
+            raise error("no output embeddings")
+
+    model = inject_lora(NoOutputLayer(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)), "all-linear", r=2)
+    assert isinstance(model[0], LoRALinear) and isinstance(model[2], LoRALinear)
+
+
+class _FusedExperts(nn.Module):
+    """transformers 5's fused mixture-of-experts block: 3-D expert weights, no nn.Linear per expert."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_up_proj, self.down_proj = nn.Parameter(torch.zeros(4, 16, 8)), nn.Parameter(torch.zeros(4, 8, 8))
+        self.router_bias = nn.Parameter(torch.zeros(4, 8))  # 2-D: not an expert weight
+
+
+@pytest.mark.parametrize("wrap", ["inject_lora", "prepare_multi_adapter"])
+def test_fused_expert_weights_left_out_are_named_at_the_callers_line(wrap):
+    """"all-linear" (and a list entry matching nothing) on a model with fused 3-D expert weights warns at the
+    caller's line, naming the first two of them (found by a module called "experts" or a class named "...Experts")
+    and "..." when there are more."""
+    import lora_kernels as lk
+
+    def warned(model, targets):
+        with pytest.warns(UserWarning) as caught:
+            getattr(lk, wrap)(model, targets, *((2, 2) if wrap == "prepare_multi_adapter" else ()))
+        assert [w.filename for w in caught] == [__file__]
+        return str(caught[0].message)
+
+    experts = nn.Module()
+    experts.experts = _FusedExperts()
+    two = ["'1.gate_up_proj', '1.down_proj'"]
+    assert f"fused expert weights ([{two[0]}]: 3-D Parameters" in warned(
+        nn.Sequential(nn.Linear(8, 8), _FusedExperts()), "all-linear")
+    assert f"fused expert weights ([{two[0]}] ...: 3-D Parameters" in warned(
+        nn.Sequential(nn.Linear(8, 8), _FusedExperts(), experts), "all-linear")
+    assert "add no LoRA layer; the model's experts are fused 3-D Parameters ('1.experts.gate_up_proj' ...)" in warned(
+        nn.Sequential(nn.Linear(8, 8), experts), ["0", "w2"])
+
+
+def test_more_than_three_left_out_layers_are_summarised_at_the_callers_line():
+    """The left-out warning names the first three layers and counts the rest, so a large model's stays readable."""
+    model = nn.Sequential(*(nn.MultiheadAttention(8, 2) for _ in range(4)), nn.Linear(8, 8))
+    with pytest.warns(UserWarning, match=r"left out 4 matched layer\(s\) .*'2.out_proj' \(the out_proj[^']*calls it\) "
+                                         r"and 1 more$") as caught:
+        inject_lora(model, "all-linear")
+    assert [w.filename for w in caught] == [__file__]
+
+
 def test_multi_lora_float32_slots_train_the_adapters_of_a_16bit_model():
     """adapter_dtype=torch.float32: several adapters of a bfloat16 model trained in one batch keep float32 factors,
     as LoRALinear does for one (an update far below bfloat16's spacing lands in every entry; in bfloat16 slots almost
@@ -1133,8 +1213,8 @@ def test_multi_lora_scalings_stay_float32_across_dtype_conversions(convert):
     assert layer.scalings[1].item() == layer.scalings[0].item()
     x = torch.randn(3, 16, dtype=dtype)
     assert layer(x, torch.tensor([0, 1, -1])).dtype == dtype
-    moved = layer.to("meta")  # a conversion that moves it still moves it
-    assert moved.scalings.is_meta and moved.scalings.dtype == torch.float32
+    moved = layer.to("meta", torch.float16)  # a conversion that also moves it still moves it
+    assert moved.scalings.is_meta and moved.scalings.dtype == torch.float32 and moved.lora_a.dtype == torch.float16
 
 
 def test_hooks_on_a_replaced_or_wrapped_layer_get_a_warning(tmp_path):
@@ -1162,10 +1242,12 @@ def test_hooks_on_a_replaced_or_wrapped_layer_get_a_warning(tmp_path):
             "forward", "forward pre"]
         assert all(w.filename == __file__ for w in caught)
     with pytest.warns(UserWarning, match=r"prepare_multi_adapter: module '0' \(Linear\) has forward hooks.*"
-                                         r"MultiLoRALinear keeps it as base_layer but reads its weight and never"):
+                                         r"MultiLoRALinear keeps it as base_layer but reads its weight and "
+                                         r"never") as prepared:
         prepare_multi_adapter(model_with_hooks(), ["0"], max_adapters=2, max_rank=4)
-    with pytest.warns(UserWarning, match=r"MultiLoRALinear: base_linear \(Linear\) has forward pre hooks"):
+    with pytest.warns(UserWarning, match=r"MultiLoRALinear: base_linear \(Linear\) has forward pre hooks") as built:
         MultiLoRALinear(model_with_hooks()[2], max_adapters=2, max_rank=4)
+    assert all(w.filename == __file__ for w in (*prepared, *built))
     model[0].register_full_backward_hook(lambda module, grad_input, grad_output: None)
     model[0].register_full_backward_pre_hook(lambda module, grad_output: None)
     with pytest.warns(UserWarning, match=r"merge_and_unload: module '0' \(LoRALinear\) has backward and backward pre "

@@ -720,11 +720,64 @@ def test_set_adapter_is_atomic_and_checks_input():
         ((0, torch.ones(2, 8, dtype=torch.int64), torch.randn(6, 2), 1.0), TypeError, "2-D floating tensor"),
         ((0, torch.randn(2, 8), torch.randn(6, 2), "big"), TypeError, "scaling expected a number, got 'big'"),
         ((0, torch.randn(2, 8), torch.randn(6, 2), float("inf")), ValueError, "scaling expected a finite number"),
+        ((0, torch.randn(2, 8), torch.randn(6, 2), float("nan")), ValueError, "scaling expected a finite number"),
+        ((True, torch.randn(2, 8), torch.randn(6, 2), 1.0), ValueError, r"slot expected an int in \[0, 2\), got True"),
+        ((-1, torch.randn(2, 8), torch.randn(6, 2), 1.0), ValueError, r"slot expected an int in \[0, 2\), got -1"),
+        ((0, torch.randn(8), torch.randn(6, 2), 1.0), TypeError, r"lora_a expected a 2-D floating tensor, got "
+                                                                 r"torch.float32 tensor of shape \(8,\)"),
+        ((0, torch.randn(2, 8), torch.randn(6, 2, 1), 1.0), TypeError, "lora_b expected a 2-D floating tensor"),
+        ((0, [[0.0] * 8] * 2, torch.randn(6, 2), 1.0), TypeError, "lora_a expected a 2-D floating tensor, got list"),
+        ((0, torch.randn(0, 8), torch.randn(6, 0), 1.0), ValueError, r"1 <= r <= 4, got \(0, 8\)"),
+        ((0, torch.randn(2, 6), torch.randn(6, 2), 1.0), ValueError, r"lora_a expected shape \[r, 8\]"),
+        ((0, torch.randn(2, 8), torch.randn(5, 2), 1.0), ValueError, r"lora_b expected shape \[6, 2\]"),
+        ((0, torch.randn(2, 8), torch.randn(6, 2), True), TypeError, "scaling expected a number, got True"),
+        ((0, torch.randn(2, 8), torch.randn(6, 2), "2.0"), TypeError, "scaling expected a number, got '2.0'"),
+        ((0, torch.randn(2, 8), torch.randn(6, 2), None), TypeError, "scaling expected a number, got None"),
+        ((0, torch.randn(2, 8), torch.randn(6, 2), torch.ones(2)), TypeError, "scaling expected a number"),
+        ((0, torch.randn(2, 8), torch.randn(6, 2), torch.ones((), device="meta")), TypeError,
+         "scaling expected a number"),
     ]:
         with pytest.raises(error, match=message):
             layer.set_adapter(*bad)
     for old, new in zip(before, (layer.lora_a, layer.lora_b, layer.scalings, layer.ranks)):
         assert torch.equal(old, new)
+    layer.set_adapter(1, torch.randn(4, 8), torch.randn(6, 4), torch.tensor(0.5))  # r = max_rank, a tensor scaling
+    assert layer.ranks.tolist() == [2, 4] and layer.scalings.tolist() == [1.0, 0.5]
+    for bad in (2, -1, True):
+        with pytest.raises(ValueError, match=rf"clear_adapter: slot expected an int in \[0, 2\), got {bad}"):
+            layer.clear_adapter(bad)
+    assert layer.ranks.tolist() == [2, 4]
+
+
+def test_a_new_layer_is_frozen_in_its_base_layers_mode_and_needs_adapter_ids():
+    """Every Parameter of a new MultiLoRALinear is frozen (the base layer's; the slots until requires_grad_(True)
+    trains them), it takes the base layer's train/eval mode, and forward(x) without adapter_ids says what it needs."""
+    for training in (True, False):
+        base = nn.Linear(8, 6).train(training)
+        layer = lk.MultiLoRALinear(base, max_adapters=2, max_rank=4)
+        assert [name for name, p in layer.named_parameters() if p.requires_grad] == []
+        assert layer.training is training
+    with pytest.raises(RuntimeError, match=r"forward\(x\) without adapter_ids needs the per-row adapters set first"):
+        layer(torch.randn(3, 8))
+    # the dtypes the grouped ops take as they are (int64 ranks would be range-checked and cast on every forward), also
+    # on a 16-bit model: a bfloat16 scaling would round 16 / 24 to 0.66797
+    half = lk.MultiLoRALinear(nn.Linear(8, 6).to(torch.bfloat16), max_adapters=2, max_rank=4)
+    half.set_adapter(0, torch.randn(2, 8), torch.randn(6, 2), 16 / 24)
+    assert half.ranks.dtype == torch.int32 and half.scalings[0].item() == torch.tensor(16 / 24).item()
+
+
+def test_slot_rows_past_the_rank_are_never_read():
+    """design.md: entries of a slot's lora_a/lora_b beyond its rank are never read (a state dict or a stacking
+    consumer may leave garbage there), so NaN past the rank leaves the output as the rank-r adapter gives it."""
+    layer = lk.MultiLoRALinear(nn.Linear(8, 6), max_adapters=2, max_rank=4)
+    a, b = torch.randn(2, 8), torch.randn(6, 2)
+    layer.set_adapter(0, a, b, 0.5)
+    with torch.no_grad():
+        layer.lora_a[0, 2:] = float("nan")
+        layer.lora_b[0, :, 2:] = float("nan")
+    x = torch.randn(3, 8)
+    expected = layer.base_layer(x) + 0.5 * (x @ a.T @ b.T)
+    torch.testing.assert_close(layer(x, torch.zeros(3, dtype=torch.long)), expected)
 
 
 def test_a_smaller_adapter_in_a_used_slot_leaves_zeros_past_its_rank():
