@@ -1143,8 +1143,9 @@ def test_fused_expert_weights_left_out_are_named_at_the_callers_line(wrap):
         assert [w.filename for w in caught] == [__file__]
         return str(caught[0].message)
 
-    experts = nn.Module()
-    experts.experts = _FusedExperts()
+    experts = nn.Module()  # found by its name alone
+    experts.experts = nn.Module()
+    experts.experts.gate_up_proj = nn.Parameter(torch.zeros(4, 16, 8))
     two = ["'1.gate_up_proj', '1.down_proj'"]
     assert f"fused expert weights ([{two[0]}]: 3-D Parameters" in warned(
         nn.Sequential(nn.Linear(8, 8), _FusedExperts()), "all-linear")

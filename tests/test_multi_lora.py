@@ -747,6 +747,10 @@ def test_set_adapter_is_atomic_and_checks_input():
         with pytest.raises(ValueError, match=rf"clear_adapter: slot expected an int in \[0, 2\), got {bad}"):
             layer.clear_adapter(bad)
     assert layer.ranks.tolist() == [2, 4]
+    layer.clear_adapter(1)  # rank 0, scaling 0 and zero factors (what a state dict shows), slot 0 untouched
+    assert layer.ranks.tolist() == [2, 0] and layer.scalings.tolist() == [1.0, 0.0]
+    assert torch.count_nonzero(layer.lora_a[1]) == torch.count_nonzero(layer.lora_b[1]) == 0
+    assert torch.equal(layer.lora_a[0], before[0][0]) and torch.equal(layer.lora_b[0], before[1][0])
 
 
 def test_a_new_layer_is_frozen_in_its_base_layers_mode_and_needs_adapter_ids():
@@ -1561,6 +1565,43 @@ def test_quantized_weight_subclass_in_a_batch_with_no_active_adapter(backend):
     x = randn(2, 20, 24, dtype=torch.bfloat16)  # 40 rows: past CPU_DECODE_MAX_M
     with torch.no_grad(), lk.set_batch_adapters(model, "__base__"):
         torch.testing.assert_close(model(x), quantized(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("training", [None, "lora_a", "lora_b"])
+def test_a_batch_without_adapters_skips_the_grouped_ops_unless_slots_train(monkeypatch, training):
+    """set_batch_adapters naming no adapter: the base GEMM alone (the grouped ops cost more than a decode-size base
+    GEMM), with the layer's backend; slots being trained (either factor) still get their zero gradients."""
+    from lora_kernels import modules
+
+    model = lk.prepare_multi_adapter(nn.Sequential(nn.Linear(8, 6)), ["0"], max_adapters=2, max_rank=4,
+                                     backend="reference")
+    layer, x = model[0], torch.randn(2, 8)
+    grouped, base_backends = [], []
+    multi_lora_linear, multi_lora_base_linear = modules.multi_lora_linear, modules.multi_lora_base_linear
+    monkeypatch.setattr(modules, "multi_lora_linear",
+                        lambda *a, **k: grouped.append(k["backend"]) or multi_lora_linear(*a, **k))
+    monkeypatch.setattr(modules, "multi_lora_base_linear",
+                        lambda *a, **k: base_backends.append(k["backend"]) or multi_lora_base_linear(*a, **k))
+    if training:
+        getattr(layer, training).requires_grad_(True)
+    with lk.set_batch_adapters(model, ["__base__", "__base__"]):
+        out = model(x)
+    if training:
+        out.sum().backward()
+        assert grouped == ["reference"] and torch.count_nonzero(getattr(layer, training).grad) == 0
+    else:
+        assert grouped == [] and base_backends == ["reference"]
+
+
+def test_explicit_adapter_ids_win_over_set_batch_adapters():
+    """forward(x, adapter_ids) uses the ids given, also while set_batch_adapters is in effect (its rows are for
+    forward(x) without ids)."""
+    model = lk.prepare_multi_adapter(nn.Sequential(nn.Linear(8, 6)), ["0"], max_adapters=2, max_rank=4)
+    a, b, x = torch.randn(2, 8), torch.randn(6, 2), torch.randn(2, 8)
+    model[0].set_adapter(0, a, b, 0.5)
+    with torch.no_grad(), lk.set_batch_adapters(model, ["__base__", "__base__"]):
+        y = model[0](x, torch.zeros(2, dtype=torch.long))
+    torch.testing.assert_close(y, model[0].base_layer(x) + 0.5 * (x @ a.T @ b.T))
 
 
 def test_quantized_weight_subclass_with_the_reference_backend_is_refused_at_construction():
