@@ -763,6 +763,8 @@ def test_a_new_layer_is_frozen_in_its_base_layers_mode_and_needs_adapter_ids():
         assert layer.training is training
     with pytest.raises(RuntimeError, match=r"forward\(x\) without adapter_ids needs the per-row adapters set first"):
         layer(torch.randn(3, 8))
+    with pytest.raises(TypeError, match="x expected a torch.Tensor, got list"):  # named, not an AttributeError
+        layer([[1.0] * 8], torch.zeros(1, dtype=torch.long))
     # the dtypes the grouped ops take as they are (int64 ranks would be range-checked and cast on every forward), also
     # on a 16-bit model: a bfloat16 scaling would round 16 / 24 to 0.66797
     half = lk.MultiLoRALinear(nn.Linear(8, 6).to(torch.bfloat16), max_adapters=2, max_rank=4)
@@ -1591,6 +1593,17 @@ def test_a_batch_without_adapters_skips_the_grouped_ops_unless_slots_train(monke
         assert grouped == ["reference"] and torch.count_nonzero(getattr(layer, training).grad) == 0
     else:
         assert grouped == [] and base_backends == ["reference"]
+
+
+def test_repr_names_the_layout_and_a_slot_dtype_other_than_the_base_weights():
+    """A Conv1D base ([in, out] weight) and float32 slots on a 16-bit model show in the repr; defaults do not."""
+    from transformers.pytorch_utils import Conv1D
+
+    assert lk.MultiLoRALinear(nn.Linear(8, 6), 2, 4).extra_repr() == (
+        "in_features=8, out_features=6, max_adapters=2, max_rank=4, backend='auto'")
+    layer = lk.MultiLoRALinear(Conv1D(6, 8).to(torch.bfloat16), 2, 4, adapter_dtype=torch.float32)
+    assert layer.extra_repr() == ("in_features=8, out_features=6, max_adapters=2, max_rank=4, fan_in_fan_out=True, "
+                                  "adapter_dtype=torch.float32, backend='auto'")
 
 
 def test_explicit_adapter_ids_win_over_set_batch_adapters():
