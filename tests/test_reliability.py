@@ -665,7 +665,9 @@ def test_steps_adapter_loads_and_model_edits_leave_no_reference_cycles(backend, 
         lk.delete_adapter(served, "a")
 
     for step in (lora_step, multi_step, model_edits):
-        garbage = _garbage_of(step)
+        # the collector also finds what other threads of the process (a compile worker, an earlier test's) left in the
+        # same window: that failed once in a full xdist run, not alone. A cycle of the step's own recurs every time.
+        garbage = _garbage_of(step) and _garbage_of(step)
         assert not garbage, f"{step.__name__}: {len(garbage)} objects in cycles, e.g. {garbage[:5]}"
 
 
