@@ -130,7 +130,7 @@ TESTS=(env LORA_KERNELS_AUTOTUNE=0 "$PY" -m pytest -v --tb=short -p no:cacheprov
 # The tests marked gpu_memory (tens of GB each, past-2^31-element operands) run later in a stage of their own, one
 # at a time: several at once on one GPU would run out of memory. They come after compare: edge cases of sizes few
 # users reach, where the §8 rows below have never measured most of the kernel changes (BENCHMARKS.md, "Awaiting").
-# 170 s: 1256 tests selected on a CUDA machine (counted with torch.cuda.is_available faked), 606 took 69 s before.
+# 170 s: 1259 tests selected on a CUDA machine (counted with torch.cuda.is_available faked), 606 took 69 s before.
 MEMORY_TESTS=("${TESTS[@]}" -m gpu_memory)
 if (( DRY_RUN )); then
   dry_stage tests "${TESTS[@]}" "${XDIST[@]}" -m "not gpu_memory"
