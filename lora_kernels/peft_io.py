@@ -31,16 +31,15 @@ import torch
 from torch import nn
 
 from lora_kernels.backends import check_backend_name
-from lora_kernels.modules import (_PEFT_ONLY_HINT, BIAS_ATTR, BIAS_MODES, LORA_WRAPPERS, MODULES_TO_SAVE_ATTR,
-                                  PEFT_ONLY_LAYERS, TASK_TYPE_ATTR, LoRALinear, MultiLoRALinear, _record_bias,
-                                  _record_modules_to_save, _record_task_type, _rollback_on_error, _set_submodule,
-                                  _train_biases, _warn_linear_fan_in_fan_out, adapter_table_lock,
+from lora_kernels.modules import (_PEFT_ONLY_HINT, BASE_ADAPTER, BIAS_ATTR, BIAS_MODES, LORA_WRAPPERS,
+                                  MODULES_TO_SAVE_ATTR, PEFT_ONLY_LAYERS, TASK_TYPE_ATTR, LoRALinear, MultiLoRALinear,
+                                  _record_bias, _record_modules_to_save, _record_task_type, _rollback_on_error,
+                                  _set_submodule, _train_biases, _warn_linear_fan_in_fan_out, adapter_table_lock,
                                   check_no_accelerate_hook, check_targets_outside_heads, check_wrappable_linear,
                                   copy_into, enable_input_grads_for_checkpointing, is_conv1d, is_layer_index,
                                   lora_scaling, named_modules_to_save, named_target_modules, pattern_value,
-                                  resolve_batch_adapters,
-                                  target_module_matches, trained_biases, unwrap_model, warn_conv1d_fan_in_fan_out,
-                                  warn_dropped_hooks)
+                                  resolve_batch_adapters, target_module_matches, trained_biases, unwrap_model,
+                                  warn_conv1d_fan_in_fan_out, warn_dropped_hooks)
 from lora_kernels.ops import check_flag
 
 CONFIG_NAME = "adapter_config.json"
@@ -235,6 +234,15 @@ def parse_adapter_config(raw, file=CONFIG_NAME):
 def _check_path(op, path):
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"{op}: path expected a directory path (str or os.PathLike), got {type(path).__name__}")
+
+
+def _check_adapter_name(op, adapter_name):
+    """None (the LoRALinear adapter) or the name of a MultiLoRALinear slot: a non-empty str other than "__base__",
+    which names the base model in a mixed batch."""
+    if adapter_name is not None and (not isinstance(adapter_name, str) or not adapter_name
+                                     or adapter_name == BASE_ADAPTER):
+        raise ValueError(f"{op}: adapter_name expected None or a non-empty str other than {BASE_ADAPTER!r}, got "
+                         f"{adapter_name!r}")
 
 
 # A Hugging Face Hub repo id, "namespace/name", as PEFT's from_pretrained takes one.
@@ -555,6 +563,7 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
     wrapper, model = model, unwrap_model(model, op, adds_parameters=True)
     check_backend_name(op, backend)
     autocast_adapter_dtype = check_flag(op, "autocast_adapter_dtype", autocast_adapter_dtype)
+    _check_adapter_name(op, adapter_name)  # before any file is read or downloaded
     path = resolve_adapter_dir(op, path, revision=revision, subfolder=subfolder)
     config = read_adapter_config(path)
     tensors, file = read_adapter_weights(path)
@@ -732,8 +741,6 @@ def _copy_state(module, state):
 
 
 def _commit_multi(model, op, adapter_name, plan, grouped, config):
-    if not isinstance(adapter_name, str) or not adapter_name or adapter_name == "__base__":
-        raise ValueError(f"{op}: adapter_name expected a non-empty str other than '__base__', got {adapter_name!r}")
     slots = getattr(model, "lora_adapter_slots", None)
     if slots is None:
         raise ValueError(f"{op}: adapter_name={adapter_name!r} needs a model prepared with prepare_multi_adapter")
@@ -934,6 +941,7 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
     op = "save_peft_adapter"
     model = unwrap_model(model, op)
     _check_path(op, path)
+    _check_adapter_name(op, adapter_name)
     if task_type is not None and not isinstance(task_type, str):  # written to the config as is
         raise TypeError(f"{op}: task_type expected None or a str such as 'CAUSAL_LM', got {task_type!r}")
     if task_type is None and adapter_name is None:  # the loaded file's, as PEFT saves what it loaded

@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -1561,6 +1562,21 @@ def test_named_adapter_errors(tmp_path):
 def _q_only(path):
     lk.save_peft_adapter(_trained(("q_proj",), r=4), path / "q")
     return path / "q"
+
+
+def test_a_name_that_cannot_name_a_slot_is_refused_before_any_file_is_read(tmp_path):
+    """adapter_name "" or "__base__" (the base rows of a mixed batch), or not a str: load_peft_adapter refused it only
+    after reading (or downloading) the files, so a missing path gave FileNotFoundError and a model not prepared a
+    hint to prepare it; save_peft_adapter raised "unhashable type: 'list'", naming no argument."""
+    prepared = lk.prepare_multi_adapter(_base(), ["q_proj", "v_proj"], max_adapters=2, max_rank=8)
+    for name in ("", "__base__", 5, ["a"]):
+        message = rf"adapter_name expected None or a non-empty str other than '__base__', got {re.escape(repr(name))}"
+        for model in (_base(), prepared):
+            with pytest.raises(ValueError, match=rf"^load_peft_adapter: {message}$"):
+                lk.load_peft_adapter(model, tmp_path / "missing", adapter_name=name)
+        with pytest.raises(ValueError, match=rf"^save_peft_adapter: {message}$"):
+            lk.save_peft_adapter(prepared, tmp_path / "out", adapter_name=name)
+    assert prepared.lora_adapter_slots == {} and not os.path.exists(tmp_path / "out")
 
 
 def test_loading_into_an_eval_model_keeps_it_in_eval_mode(tmp_path):
