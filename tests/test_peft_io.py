@@ -9,10 +9,13 @@ import pathlib
 import re
 import subprocess
 import sys
+import warnings
+from collections import OrderedDict
 
 import pytest
 import torch
 from conftest import installed_version
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -66,17 +69,25 @@ def _trained(targets=("q_proj", "v_proj"), **kwargs):
     return lk.inject_lora(_base(), list(targets), init_lora_weights=False, backend=BACKEND, **kwargs)
 
 
+def _lora_attributes(model):
+    """What a load sets on a LoRALinear besides its factors (outside the state dict)."""
+    return [(n, m.lora_alpha, m.scaling, m.use_rslora, m.lora_dropout) for n, m in model.named_modules()
+            if isinstance(m, LoRALinear)]
+
+
 def _snapshot(model):
     return ({k: v.detach().clone() for k, v in model.state_dict().items()},
             [(n, type(m)) for n, m in model.named_modules()],
             [(n, p.requires_grad) for n, p in model.named_parameters()],
-            getattr(model, "lora_modules_to_save", None), getattr(model, "lora_bias_mode", None))
+            getattr(model, "lora_modules_to_save", None), getattr(model, "lora_bias_mode", None),
+            _lora_attributes(model))
 
 
 def _assert_same(model, snapshot):
-    state, types, flags, modules_to_save, bias = snapshot
+    state, types, flags, modules_to_save, bias, lora_attributes = snapshot
     assert getattr(model, "lora_modules_to_save", None) == modules_to_save
     assert getattr(model, "lora_bias_mode", None) == bias
+    assert _lora_attributes(model) == lora_attributes
     now = model.state_dict()
     assert list(now) == list(state)
     for key, value in state.items():
@@ -110,6 +121,9 @@ def test_save_load_round_trip_gives_the_same_model(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]  # no temp files
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["bias"] == "none" and config["inference_mode"] is True
+    assert config["init_lora_weights"] is True and config["use_dora"] is False and config["lora_dropout"] == 0.0
+    with safe_open(tmp_path / "adapter_model.safetensors", "pt") as f:  # as PEFT writes it
+        assert f.metadata() == {"format": "pt"}
     assert config["r"] == 8 and config["lora_alpha"] == 12 and config["target_modules"] == ["q_proj", "v_proj"]
     assert config["rank_pattern"] == {} and config["alpha_pattern"] == {} and config["use_rslora"] is False
     assert "exclude_modules" not in config  # peft 0.13's PeftModel.from_pretrained raises TypeError on it
@@ -142,8 +156,9 @@ def test_rank_alpha_patterns_rslora_and_overwrite(tmp_path):
 
 
 def test_load_into_an_injected_model_and_from_bin_with_adapter_names_in_keys(tmp_path):
-    trained = _trained(lora_alpha=4, lora_dropout=0.1)
+    trained = _trained(lora_alpha=4, lora_dropout=0.1, use_rslora=True)
     lk.save_peft_adapter(trained, tmp_path)
+    saved_config = json.loads((tmp_path / "adapter_config.json").read_text())
     # adapter_model.bin whose keys still carry the adapter name, as PEFT keeps them in memory
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     os.remove(tmp_path / "adapter_model.safetensors")
@@ -152,10 +167,13 @@ def test_load_into_an_injected_model_and_from_bin_with_adapter_names_in_keys(tmp
     target = injected.layers[0].q_proj
     assert lk.load_peft_adapter(injected, tmp_path) is injected
     assert injected.layers[0].q_proj is target  # loaded in place, not replaced
-    assert target.scaling == 0.5 and target.lora_dropout == 0.1
+    assert target.scaling == 4 / 8 ** 0.5 and target.lora_dropout == 0.1 and target.use_rslora
     x = torch.randn(2, 16)
     trained.eval(), injected.eval()
     torch.testing.assert_close(injected(x), trained(x), rtol=0, atol=0)
+    # the layers hold the file's alpha, rsLoRA and dropout, so they save the same config again
+    lk.save_peft_adapter(injected, tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "adapter_config.json").read_text()) == saved_config
 
 
 @pytest.mark.parametrize("wrap", ["compile", "data_parallel", "compile-data_parallel", "data_parallel-compile"])
@@ -311,6 +329,17 @@ def test_modules_to_save_train_whole_and_round_trip(tmp_path):
     lk.save_peft_adapter(both, tmp_path / "both")
     assert {k for k in load_file(tmp_path / "both" / "adapter_model.safetensors") if "norm" in k} == {
         f"base_model.model.layers.{i}.norm.{p}" for i in (0, 1) for p in ("weight", "bias")}
+
+
+def test_modules_to_save_that_select_no_module_load_and_save_without_them(tmp_path):
+    """As in PEFT (its modules_to_save lookup is not strict), modules_to_save entries that select no module of the
+    model do not stop the LoRA layers from loading; the model then trains no module whole, and saves none."""
+    lk.save_peft_adapter(_trained(), tmp_path)
+    _write_config(tmp_path, modules_to_save=["classifier"])
+    model = lk.load_peft_adapter(_base(), tmp_path, backend=BACKEND)
+    assert getattr(model, "lora_modules_to_save", None) is None
+    lk.save_peft_adapter(model, tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["modules_to_save"] is None
 
 
 def test_modules_to_save_errors_leave_the_model_untouched(tmp_path, monkeypatch):
@@ -670,6 +699,11 @@ def test_bias_all_with_modules_to_save_both_ways_with_peft(tmp_path):
     lk.save_peft_adapter(ours, tmp_path / "ours")
     back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
     torch.testing.assert_close(back(x), ours(x), rtol=1e-6, atol=1e-6)
+    # only the biases under the wrapper's names are passed over, not any other tensor there
+    key = "base_model.model.classifier.original_module.out_proj.weight"
+    _edit_weights(tmp_path / "peft", lambda t: t.update({key: torch.zeros(2, 2)}))
+    with pytest.raises(ValueError, match=rf"unexpected keys '{re.escape(key)}'"):
+        lk.load_peft_adapter(copy.deepcopy(base), tmp_path / "peft", backend=BACKEND)
 
 
 def _fail_once_after_copying(monkeypatch, selects):
@@ -687,7 +721,8 @@ def _fail_once_after_copying(monkeypatch, selects):
 
 @pytest.mark.parametrize("into", ["base", "injected"])
 def test_a_failure_after_copying_the_biases_is_rolled_back(tmp_path, monkeypatch, into):
-    trained = _trained(bias="all")
+    # alpha, rsLoRA and dropout unlike the injected model's: a load into it sets them on its layers, then undoes that
+    trained = _trained(bias="all", lora_alpha=4, use_rslora=True, lora_dropout=0.1)
     with torch.no_grad():
         for name, parameter in trained.named_parameters():
             if name.endswith("bias") or ".lora_" in name:
@@ -771,6 +806,27 @@ def test_a_targeted_lm_head_that_peft_saved_whole_loads_as_peft_loads_it(tmp_pat
     _fail_once_after_copying(monkeypatch, lambda state: "lm_head.weight" in state)  # the base weight's copy
     with pytest.raises(RuntimeError, match="simulated"):
         lk.load_peft_adapter(model, tmp_path)
+    _assert_same(model, before)
+
+
+def test_a_targets_saved_bias_loads_with_its_weight_and_a_bias_it_lacks_is_refused(tmp_path):
+    """PEFT saves the whole layer a LoRA wraps when target_modules names an embedding layer, bias too where it has
+    one (Phi's lm_head): `<layer>.base_layer.bias` loads into the layer's bias, frozen, as its weight does; for a
+    layer without bias the key is refused by name, not an AttributeError."""
+    lk.save_peft_adapter(_trained(), tmp_path)
+    weight, bias = torch.randn(16, 16), torch.randn(16)
+    _edit_weights(tmp_path, lambda t: t.update({"base_model.model.layers.0.q_proj.base_layer.weight": weight,
+                                                 "base_model.model.layers.0.q_proj.base_layer.bias": bias}))
+    loaded = lk.load_peft_adapter(_base(), tmp_path, backend=BACKEND)
+    q_proj = loaded.layers[0].q_proj
+    assert torch.equal(q_proj.weight, weight) and torch.equal(q_proj.bias, bias)
+    assert not q_proj.weight.requires_grad and not q_proj.bias.requires_grad
+    key = "base_model.model.layers.0.v_proj.base_layer.bias"  # v_proj has no bias
+    _edit_weights(tmp_path, lambda t: t.update({key: torch.randn(8)}))
+    model = _base()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=rf"unexpected keys '{re.escape(key)}' \(a wrapped layer's own tensor"):
+        lk.load_peft_adapter(model, tmp_path, backend=BACKEND)
     _assert_same(model, before)
 
 
@@ -901,15 +957,108 @@ def test_target_modules_regex_exclude_and_layers_to_transform(tmp_path):
                                                                               "layers.0.o_proj"}),
         # PEFT's default layer pattern needs a component before the layer list ("model.layers.0."): none here
         ({"layers_to_transform": 0}, set()),
+        # PEFT puts no LoRA on a module trained whole
+        ({"modules_to_save": ["o_proj"]}, {"layers.0.q_proj", "layers.1.q_proj", "layers.0.v_proj", "layers.1.v_proj"}),
     ]:
         config = peft_io.parse_adapter_config({**raw, **changes})
         assert {n for n in names if config.matches(n)} == expected, changes
+    # the loader honours exclude_modules too: the file holds no o_proj factors
+    _write_config(tmp_path, target_modules=r".*_proj", exclude_modules=["layers.0.o_proj", "layers.1.o_proj"])
+    _edit_weights(tmp_path, lambda t: [t.pop(k) for k in [k for k in t if ".o_proj." in k]])
+    loaded = lk.load_peft_adapter(_base(), tmp_path, backend=BACKEND)
+    assert {n for n, m in loaded.named_modules() if isinstance(m, LoRALinear)} == {
+        f"layers.{i}.{m}" for i in (0, 1) for m in ("q_proj", "v_proj")}
+
+
+def _raw_config(**changes):
+    """An adapter_config.json dict as PEFT writes it, with `changes` (None values drop the field)."""
+    raw = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "use_dora": False,
+           "use_rslora": False, "fan_in_fan_out": False, "lora_dropout": 0.0, "bias": "none"}
+    raw.update(changes)
+    return {k: v for k, v in raw.items() if v is not None}
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"peft_type": None}, r"field 'peft_type' expected \"LORA\" \(only LoRA adapters are supported\), got None"),
+    ({"r": True}, r"field 'r' expected an int >= 1, got True"),
+    ({"lora_alpha": True}, r"field 'lora_alpha' expected a number, got True"),
+    ({"lora_dropout": 1}, r"field 'lora_dropout' expected a number in \[0, 1\), got 1$"),
+    ({"lora_dropout": False}, r"field 'lora_dropout' expected a number in \[0, 1\), got False"),
+    ({"use_rslora": "true"}, r"field 'use_rslora' expected true or false, got 'true'"),
+    ({"fan_in_fan_out": 1}, r"field 'fan_in_fan_out' expected true or false, got 1"),
+    ({"target_modules": ""}, r"field 'target_modules' expected a regex string or a non-empty list .*, got ''"),
+    ({"target_modules": []}, r"field 'target_modules' expected .*, got \[\]"),
+    ({"target_modules": ["q_proj", ""]}, r"field 'target_modules' expected .*, got \['q_proj', ''\]"),
+    ({"target_modules": "(q|v_proj"}, r"field 'target_modules' is not a valid regular expression"),
+    ({"exclude_modules": "("}, r"field 'exclude_modules' is not a valid regular expression"),
+    ({"rank_pattern": [["q_proj", 4]]}, r"field 'rank_pattern' expected an object \{module-name regex: value\}"),
+    ({"rank_pattern": {"(": 4}}, r"field 'rank_pattern' has an invalid regex key '\('"),
+    ({"rank_pattern": {"q_proj": 0}}, r"field \"rank_pattern\['q_proj'\]\" expected an int >= 1, got 0"),
+    ({"rank_pattern": {"q_proj": True}}, r"field \"rank_pattern\['q_proj'\]\" expected an int >= 1, got True"),
+    ({"rank_pattern": {"q_proj": 4.0}}, r"field \"rank_pattern\['q_proj'\]\" expected an int >= 1, got 4\.0"),
+    ({"alpha_pattern": {"q_proj": True}}, r"field \"alpha_pattern\['q_proj'\]\" expected a number, got True"),
+    ({"layers_to_transform": [0, -1]}, r"field 'layers_to_transform' expected an int or a list of ints >= 0"),
+    ({"layers_to_transform": [0], "target_modules": r".*\.q_proj"},
+     r"field 'layers_to_transform' cannot be used with a regex target_modules"),
+    ({"layers_to_transform": [0], "layers_pattern": ["layers", 1]},
+     r"field 'layers_pattern' expected a str or a list of str, got \['layers', 1\]"),
+    ({"modules_to_save": ["head", ""]}, r"field 'modules_to_save' expected a list of module names"),
+    ({"trainable_token_indices": [3, 5]}, r"field 'trainable_token_indices' = \[3, 5\] asks for trainable tokens"),
+], ids=lambda v: json.dumps(v) if isinstance(v, dict) else None)
+def test_config_fields_are_checked_by_name(changes, message):
+    """A malformed or unsupported field is a ValueError naming it and the value, never accepted with a guess (a
+    missing peft_type, r=true, a rank of 4.0 in rank_pattern, a dropout of 1 were each accepted by some variant)."""
+    with pytest.raises(ValueError, match=rf"^adapter_config\.json: .*{message}"):
+        peft_io.parse_adapter_config(_raw_config(**changes))
+
+
+def test_a_config_that_is_not_an_object_is_refused():
+    with pytest.raises(ValueError, match=r"adapter_config\.json: expected a JSON object, got list"):
+        peft_io.parse_adapter_config([_raw_config()])
+
+
+def test_config_defaults_and_unset_fields_are_peft_s():
+    """A field left out takes LoraConfig's default (r=8, lora_alpha=8, no dropout, bias "none"); null, false or
+    empty values of fields that change nothing when unset are accepted, as PEFT writes them (null use_rslora, an
+    empty layers_pattern, a field of a newer PEFT at its default)."""
+    config = peft_io.parse_adapter_config({"peft_type": "LORA", "target_modules": ["q_proj"], "use_rslora": None,
+                                           "fan_in_fan_out": None, "layers_pattern": [], "exclude_modules": [],
+                                           "use_dora": False,
+                                           "layer_replication": None, "lora_bias": False, "trainable_token_indices": [],
+                                           "future_field": None, "other_future_field": ""})
+    assert (config.r, config.lora_alpha, config.lora_dropout, config.bias) == (8, 8, 0.0, "none")
+    assert config.use_rslora is False and config.fan_in_fan_out is False
+    config = peft_io.parse_adapter_config({"peft_type": "LORA", "target_modules": ["q_proj"], "r": 4})
+    assert config.rank_and_alpha("layers.0.q_proj") == (4, 8)  # lora_alpha's default is 8, not r
+
+
+@pytest.mark.parametrize("init, warns", [("pissa", True), ("pissa_niter_16", True), ("olora", True), ("corda", True),
+                                         ("loftq", True), ("lora_ga", True), (True, False), ("gaussian", False),
+                                         ("eva", False), ("orthogonal", False)])
+def test_adapters_trained_on_a_base_that_peft_modified_load_with_a_warning(init, warns):
+    """PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA initialisations change the base weights PEFT trains against: such an
+    adapter only computes what it was trained to on that modified base, which the caller must pass."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_io.parse_adapter_config(_raw_config(init_lora_weights=init))
+    assert any("PEFT modified (residual weights)" in str(w.message) for w in caught) == warns
 
 
 def test_conv1d_like_layers_need_transformers():
     # without transformers imported nothing is a Conv1D and fan_in_fan_out on nn.Linear is refused by from_linear
     with pytest.raises(TypeError, match="fan_in_fan_out=True expects a transformers Conv1D"):
         LoRALinear.from_linear(nn.Linear(4, 3), fan_in_fan_out=True)
+
+
+def test_a_file_with_fan_in_fan_out_loads_into_linear_layers_with_peft_s_warning(tmp_path):
+    trained = _trained()
+    lk.save_peft_adapter(trained, tmp_path)
+    _write_config(tmp_path, fan_in_fan_out=True)
+    with pytest.warns(UserWarning, match=r"fan_in_fan_out=True but 'layers\.[01]\.[qv]_proj' is an nn\.Linear \(weight "
+                                         r"\[out, in\]\); wrapping it with fan_in_fan_out=False, as PEFT does"):
+        model = lk.load_peft_adapter(_base(), tmp_path, backend=BACKEND)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(model(x), trained(x), rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------------------------- bad adapter files
@@ -1014,6 +1163,10 @@ def _bad_cases():
         ("modules_to_save, head wrong shape", then(head_saved, weights(lambda t: t.update(
             {"base_model.model.head.weight": torch.randn(5, 15)}))), ValueError,
          r"'base_model\.model\.head\.weight' in .* expected shape \[5, 16\].*got shape \[5, 15\]"),
+        ("modules_to_save, head of int dtype", then(head_saved, weights(lambda t: t.update(
+            {"base_model.model.head.weight": torch.zeros(5, 16, dtype=torch.int64)}))), ValueError,
+         (r"'base_model\.model\.head\.weight' in .* expected shape \[5, 16\] and a floating dtype .*got shape "
+          r"\[5, 16\], torch\.int64")),
         ("modules_to_save, a LoRA key missing", then(head_saved, weights(drop_key)), ValueError,
          r"missing 'base_model\.model\.layers\.1\.v_proj\.lora_B\.weight'"),
         ("modules_to_save, unknown module's keys", then(head_saved, config(modules_to_save=["classifier"])),
@@ -1058,6 +1211,96 @@ def test_bad_adapter_files_raise_and_leave_the_model_untouched(tmp_path, case, i
     with pytest.raises(error, match=message):
         lk.load_peft_adapter(model, tmp_path)
     _assert_same(model, before)
+
+
+class _WritesAFile:
+    """Unpickling it opens (creates) `path`: code that a full torch.load would run."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_unreadable_weight_files_are_value_errors_naming_the_file(tmp_path):
+    """An adapter_model.bin is read with weights_only=True: a pickle that runs code is refused, never executed; a
+    checkpoint that is not a flat {str: tensor} mapping, and a config that is not UTF-8, are ValueErrors naming the
+    file (the raw UnpicklingError, AttributeError or UnicodeDecodeError did not)."""
+    lk.save_peft_adapter(_trained(), tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    os.remove(tmp_path / "adapter_model.safetensors")
+    bin_file, marker = tmp_path / "adapter_model.bin", tmp_path / "code-ran"
+    for content, message in [
+        ({**tensors, "extra": _WritesAFile(str(marker))}, r"not a readable torch checkpoint"),
+        ({**tensors, "base_model.model.layers.0.q_proj.lora_A.weight": 5},
+         r"expected a flat mapping of names to tensors"),
+        ({**tensors, 0: torch.zeros(8, 16)}, r"expected a flat mapping of names to tensors"),
+        (list(tensors.values()), r"expected a flat mapping of names to tensors"),
+    ]:
+        torch.save(content, bin_file)
+        model = _base()
+        before = _snapshot(model)
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(bin_file))}: {message}"):
+            lk.load_peft_adapter(model, tmp_path)
+        _assert_same(model, before)
+        assert not marker.exists()
+    (tmp_path / "adapter_config.json").write_bytes(b'{"peft_type": "LORA", "r": \xff}')
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'adapter_config.json'))}: malformed JSON"):
+        lk.load_peft_adapter(_base(), tmp_path)
+
+
+def test_config_errors_name_the_file_they_come_from(tmp_path):
+    lk.save_peft_adapter(_trained(), tmp_path)
+    _write_config(tmp_path, r=0)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'adapter_config.json'))}: field 'r'"):
+        lk.load_peft_adapter(_base(), tmp_path)
+
+
+@pytest.mark.parametrize("key, hint", [
+    ("layers.0.q_proj.lora_magnitude_vector", "DoRA magnitude: DoRA is not supported"),
+    ("embed.lora_embedding_A", "LoRA on an embedding: only linear layers are supported"),
+    ("head.base_layer.weight", "a wrapped layer's own tensor, which PEFT saves for a targeted embedding layer"),
+    ("head.bias", "a bias, which PEFT saves with bias='all' or 'lora_only'"),
+    ("head.modules_to_save.default.weight", "PEFT's in-memory name of a modules_to_save module"),
+    ("head.weight", None),
+])
+def test_unexpected_keys_say_what_peft_saved_them_for(key, hint):
+    tensors = {"base_model.model.layers.0.q_proj.lora_A.weight": torch.zeros(8, 16),
+               f"base_model.model.{key}": torch.zeros(4, 4)}
+    with pytest.raises(ValueError, match=r"f: unexpected keys") as info:
+        peft_io.group_adapter_weights(tensors, "f")
+    assert (hint in str(info.value)) if hint else f"'base_model.model.{key}'; expected only" in str(info.value)
+
+
+def _lora_key(module, factor="A", adapter=None):
+    return f"base_model.model.{module}.lora_{factor}{'.' + adapter if adapter else ''}.weight"
+
+
+@pytest.mark.parametrize("keys, message", [
+    # another prefix of the same length, none, two adapter-name components
+    (["base_model.MODEL.layers.0.q_proj.lora_A.weight"], r"unexpected keys 'base_model\.MODEL\.layers"),
+    (["layers.0.q_proj.lora_A.weight"], r"unexpected keys 'layers\.0\.q_proj\.lora_A\.weight'"),
+    ([_lora_key("q", adapter="default.x")], r"unexpected keys 'base_model\.model\.q\.lora_A\.default\.x\.weight'"),
+    ([f"base_model.model.m{i}.weight" for i in range(6)],
+     "unexpected keys " + ", ".join(rf"'base_model\.model\.m{i}\.weight'" for i in range(5)) + " and 1 more; expected"),
+    ([_lora_key("q", "A", "x"), _lora_key("q", "B", "y"), _lora_key("v", "A", "z")],
+     r"the keys carry several adapter names \['x', 'y', 'z'\]"),
+    ([_lora_key("q", "A"), _lora_key("q", "B", "default")],
+     r"the keys carry several adapter names \['None', 'default'\]"),
+    ([], r"holds no LoRA tensors"),
+])
+def test_keys_that_name_no_lora_factor_of_one_adapter_are_refused(keys, message):
+    """Only `base_model.model.<module>.lora_A|B[.<adapter>].weight` names a LoRA factor, one adapter name per file:
+    a key with another prefix of the same length was read as `<module>` with its first characters cut off."""
+    with pytest.raises(ValueError, match=rf"^f: {message}"):
+        peft_io.group_adapter_weights({key: torch.zeros(8, 8) for key in keys}, "f")
+
+
+def test_a_factor_that_is_not_a_matrix_is_refused_by_its_key():
+    with pytest.raises(ValueError, match=r"^f: tensor 'base_model\.model\.q\.lora_A\.weight' expected 2 dimensions, "
+                                         r"got shape \(8, 8, 1\)"):
+        peft_io.group_adapter_weights({_lora_key("q"): torch.zeros(8, 8, 1)}, "f")
 
 
 def test_injected_model_mismatches_are_refused_untouched(tmp_path):
@@ -1107,6 +1350,38 @@ def test_layers_with_accelerate_hooks_are_refused_untouched(tmp_path):
     _assert_same(model, before)
 
 
+def test_conv1d_layers_that_cannot_be_wrapped_are_refused_by_name_untouched(tmp_path):
+    """The loader's checks of an nn.Linear target hold for transformers' Conv1D (GPT-2's linear layer) too: an
+    accelerate hook, which the LoRA layer would drop, and a weight computed by a parametrization."""
+    accelerate = pytest.importorskip("accelerate")
+    conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+
+    def gpt2_like():
+        torch.manual_seed(0)
+        return nn.Sequential(OrderedDict(c_fc=conv1d(8, 16), act=nn.ReLU(), c_proj=conv1d(4, 8)))  # Conv1D(out, in)
+
+    trained = lk.inject_lora(gpt2_like(), ["c_fc", "c_proj"], r=2, fan_in_fan_out=True, backend=BACKEND)
+    lk.save_peft_adapter(trained, tmp_path)
+    hooked = gpt2_like()
+    accelerate.hooks.add_hook_to_module(hooked.c_proj, accelerate.hooks.AlignDevicesHook("cpu"))
+    parametrized = gpt2_like()
+    torch.nn.utils.parametrizations.weight_norm(parametrized.c_fc)
+    # a file that says fan_in_fan_out=False for them loads with PEFT's warning
+    _write_config(tmp_path, fan_in_fan_out=False)
+    with pytest.warns(UserWarning, match=r"'c_(fc|proj)' is a transformers Conv1D \(weight \[in, out\]\) but "
+                                         r"fan_in_fan_out is False; wrapping it with fan_in_fan_out=True, as PEFT "
+                                         r"does"):
+        lk.load_peft_adapter(gpt2_like(), tmp_path, backend=BACKEND)
+    for model, error, message in [
+        (hooked, ValueError, r"load_peft_adapter: module 'c_proj' carries an accelerate hook"),
+        (parametrized, TypeError, r"load_peft_adapter: module 'c_fc' \(ParametrizedConv1D\) has parametrizations"),
+    ]:
+        before = _snapshot(model)
+        with pytest.raises(error, match=message):
+            lk.load_peft_adapter(model, tmp_path, backend=BACKEND)
+        _assert_same(model, before)
+
+
 class _FakeQuantLinear(nn.Linear):
     def forward(self, x):  # its own computation: a LoRA layer would replace it by F.linear on the raw weight
         return nn.functional.linear(x, torch.round(self.weight * 4) / 4, self.bias)
@@ -1148,14 +1423,22 @@ def test_save_is_atomic_a_crash_keeps_the_old_file(tmp_path, monkeypatch):
     lk.save_peft_adapter(_trained(), tmp_path)
     old = (tmp_path / "adapter_model.safetensors").read_bytes()
     import safetensors.torch
+    written = []
 
-    def crash(tensors, filename, metadata=None):
+    def crash(tensors, filename, metadata=None, error=None):
+        written.append(filename)
         with open(filename, "wb") as f:
             f.write(b"partial")
-        raise OSError("disk full")
+        raise error or OSError("disk full")
 
     monkeypatch.setattr(safetensors.torch, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
+        lk.save_peft_adapter(_trained(("q_proj",)), tmp_path)
+    # the temporary file is beside the target (a rename across file systems would fail), and removed also when the
+    # save is interrupted (Ctrl-C)
+    assert os.path.dirname(written[0]) == str(tmp_path)
+    monkeypatch.setattr(safetensors.torch, "save_file", lambda *args, **kwargs: crash(*args, error=KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
         lk.save_peft_adapter(_trained(("q_proj",)), tmp_path)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == old
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
@@ -1529,6 +1812,13 @@ def test_named_adapter_errors(tmp_path):
         lk.load_peft_adapter(partial, tmp_path / "a", adapter_name="a")
     with pytest.raises(ValueError, match="pass adapter_name"):
         lk.load_peft_adapter(lk.prepare_multi_adapter(_base(), ["q_proj", "v_proj"], 2, 8), tmp_path / "a")
+    # slots on layers the file does not target: not mixed with LoRALinear layers on those it does
+    other_layers = lk.prepare_multi_adapter(_base(), ["o_proj"], 2, 8)
+    before = _snapshot(other_layers)
+    with pytest.raises(ValueError, match=r"the model has LoRA layers the adapter does not target "
+                                         r"\(\['layers\.0\.o_proj'"):
+        lk.load_peft_adapter(other_layers, tmp_path / "a")
+    _assert_same(other_layers, before)
     with pytest.raises(ValueError, match="prepared already"):
         lk.prepare_multi_adapter(partial, ["q_proj"], 2, 8)
     # into a model with LoRALinear layers: the error sent the user to prepare_multi_adapter, which refuses them
@@ -1562,6 +1852,25 @@ def test_named_adapter_errors(tmp_path):
 def _q_only(path):
     lk.save_peft_adapter(_trained(("q_proj",), r=4), path / "q")
     return path / "q"
+
+
+def test_a_slot_saves_the_config_it_was_loaded_from(tmp_path):
+    """MultiLoRALinear keeps scalings, not alphas: a slot's alpha is scaling * r, an int again where it was one
+    (10 / 3 * 3 is not 10 in float32), the others as close as float32 holds them; layers the adapter does not
+    target (rank 0 in its slot) are not in the file."""
+    trained = _trained(r=3, lora_alpha=10, rank_pattern={"v_proj": 6}, alpha_pattern={"v_proj": 7.05})
+    lk.save_peft_adapter(trained, tmp_path / "a")
+    model = lk.prepare_multi_adapter(_base(), ["q_proj", "v_proj", "o_proj"], max_adapters=2, max_rank=8)
+    lk.load_peft_adapter(model, tmp_path / "a", adapter_name="a")
+    lk.save_peft_adapter(model, tmp_path / "slot", adapter_name="a")
+    config = json.loads((tmp_path / "slot" / "adapter_config.json").read_text())
+    assert config["r"] == 3 and config["lora_alpha"] == 10 and isinstance(config["lora_alpha"], int)
+    assert config["rank_pattern"] == {"v_proj": 6} and config["alpha_pattern"] == {"v_proj": pytest.approx(7.05)}
+    assert config["target_modules"] == ["q_proj", "v_proj"] and config["bias"] == "none"
+    assert set(load_file(tmp_path / "slot" / "adapter_model.safetensors")) == set(
+        load_file(tmp_path / "a" / "adapter_model.safetensors"))
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(lk.load_peft_adapter(_base(), tmp_path / "slot")(x), trained(x), rtol=1e-6, atol=1e-6)
 
 
 def test_a_name_that_cannot_name_a_slot_is_refused_before_any_file_is_read(tmp_path):
@@ -1773,6 +2082,7 @@ def test_merge_and_unload_refuses_multi_adapter_models_untouched():
 def test_a_folder_of_named_adapters_gets_a_hint(tmp_path):
     """PEFT's save_pretrained(..., adapter_name="fr") writes into path/fr: the error points there."""
     lk.save_peft_adapter(_trained(), tmp_path / "fr")
+    os.makedirs(tmp_path / "logs")  # not an adapter: not listed
     with pytest.raises(FileNotFoundError, match=r"adapter_config.json not found; adapters saved under a name are in "
                                                 r"subfolders: fr \(pass .*fr, or subfolder='fr'\)"):
         lk.load_peft_adapter(_base(), tmp_path)
