@@ -706,7 +706,7 @@ def test_bias_all_with_modules_to_save_both_ways_with_peft(tmp_path):
         lk.load_peft_adapter(copy.deepcopy(base), tmp_path / "peft", backend=BACKEND)
 
 
-def _fail_once_after_copying(monkeypatch, selects):
+def _fail_once_after_copying(monkeypatch, selects, error=RuntimeError):
     """peft_io._copy_state copies the first state `selects` picks, then raises (once: the rollback copies too)."""
     original, failed = peft_io._copy_state, []
 
@@ -714,13 +714,14 @@ def _fail_once_after_copying(monkeypatch, selects):
         original(module, state)
         if selects(state) and not failed:
             failed.append(1)
-            raise RuntimeError("simulated failure mid-load")
+            raise error("simulated failure mid-load")
 
     monkeypatch.setattr(peft_io, "_copy_state", flaky)
 
 
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])  # Ctrl-C mid-load is undone too
 @pytest.mark.parametrize("into", ["base", "injected"])
-def test_a_failure_after_copying_the_biases_is_rolled_back(tmp_path, monkeypatch, into):
+def test_a_failure_after_copying_the_biases_is_rolled_back(tmp_path, monkeypatch, into, error):
     # alpha, rsLoRA and dropout unlike the injected model's: a load into it sets them on its layers, then undoes that
     trained = _trained(bias="all", lora_alpha=4, use_rslora=True, lora_dropout=0.1)
     with torch.no_grad():
@@ -732,8 +733,8 @@ def test_a_failure_after_copying_the_biases_is_rolled_back(tmp_path, monkeypatch
     # file's factors in place on failure shows only because they were changed
     model = _base() if into == "base" else lk.inject_lora(_base(), ["q_proj", "v_proj"], init_lora_weights=False)
     before = _snapshot(model)
-    _fail_once_after_copying(monkeypatch, lambda state: True)  # the bias copy goes through, then fails
-    with pytest.raises(RuntimeError, match="simulated"):
+    _fail_once_after_copying(monkeypatch, lambda state: True, error)  # the bias copy goes through, then fails
+    with pytest.raises(error, match="simulated"):
         lk.load_peft_adapter(model, tmp_path)
     _assert_same(model, before)
 
@@ -1812,6 +1813,11 @@ def test_named_adapter_errors(tmp_path):
         lk.load_peft_adapter(partial, tmp_path / "a", adapter_name="a")
     with pytest.raises(ValueError, match="pass adapter_name"):
         lk.load_peft_adapter(lk.prepare_multi_adapter(_base(), ["q_proj", "v_proj"], 2, 8), tmp_path / "a")
+    by_hand = _base()  # MultiLoRALinear layers put in by hand: no table of adapter names
+    for block in by_hand.layers:
+        block.q_proj, block.v_proj = MultiLoRALinear(block.q_proj, 2, 8), MultiLoRALinear(block.v_proj, 2, 8)
+    with pytest.raises(ValueError, match=r"adapter_name='a' needs a model prepared with prepare_multi_adapter"):
+        lk.load_peft_adapter(by_hand, tmp_path / "a", adapter_name="a")
     # slots on layers the file does not target: not mixed with LoRALinear layers on those it does
     other_layers = lk.prepare_multi_adapter(_base(), ["o_proj"], 2, 8)
     before = _snapshot(other_layers)
@@ -1852,6 +1858,14 @@ def test_named_adapter_errors(tmp_path):
 def _q_only(path):
     lk.save_peft_adapter(_trained(("q_proj",), r=4), path / "q")
     return path / "q"
+
+
+def test_a_file_with_dropout_loads_into_slots_with_a_warning_that_slots_apply_none(tmp_path):
+    lk.save_peft_adapter(_trained(lora_dropout=0.1), tmp_path)
+    model = lk.prepare_multi_adapter(_base(), ["q_proj", "v_proj"], max_adapters=2, max_rank=8)
+    with pytest.warns(UserWarning, match=r"load_peft_adapter: lora_dropout=0\.1 is not applied by MultiLoRALinear "
+                                         r"slots"):
+        lk.load_peft_adapter(model, tmp_path, adapter_name="a")
 
 
 def test_a_slot_saves_the_config_it_was_loaded_from(tmp_path):
