@@ -1363,6 +1363,7 @@ def test_conv1d_layers_that_cannot_be_wrapped_are_refused_by_name_untouched(tmp_
 
     trained = lk.inject_lora(gpt2_like(), ["c_fc", "c_proj"], r=2, fan_in_fan_out=True, backend=BACKEND)
     lk.save_peft_adapter(trained, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"] is True  # as PEFT's
     hooked = gpt2_like()
     accelerate.hooks.add_hook_to_module(hooked.c_proj, accelerate.hooks.AlignDevicesHook("cpu"))
     parametrized = gpt2_like()
@@ -1900,6 +1901,10 @@ def test_a_name_that_cannot_name_a_slot_is_refused_before_any_file_is_read(tmp_p
         with pytest.raises(ValueError, match=rf"^save_peft_adapter: {message}$"):
             lk.save_peft_adapter(prepared, tmp_path / "out", adapter_name=name)
     assert prepared.lora_adapter_slots == {} and not os.path.exists(tmp_path / "out")
+    # a name that is no slot's, or any name for a model without slots
+    for model in (prepared, _trained()):
+        with pytest.raises(ValueError, match=r"^save_peft_adapter: unknown adapter_name 'zz'; loaded: \[\]$"):
+            lk.save_peft_adapter(model, tmp_path / "out", adapter_name="zz")
 
 
 def test_loading_into_an_eval_model_keeps_it_in_eval_mode(tmp_path):
