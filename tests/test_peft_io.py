@@ -9,6 +9,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import types
 import warnings
 from collections import OrderedDict
 
@@ -1454,6 +1455,14 @@ def test_save_refuses_what_one_peft_config_cannot_hold(tmp_path):
     with pytest.raises(ValueError, match="different lora_dropout"):
         lk.save_peft_adapter(model, tmp_path)
     model = _trained()
+    model.layers[1].v_proj.use_rslora = True
+    with pytest.raises(ValueError, match=r"the LoRA layers have different use_rslora values \[False, True\]"):
+        lk.save_peft_adapter(model, tmp_path)
+    model = _trained(modules_to_save=["head"])
+    del model.head  # the module trained whole is gone: its state cannot be saved
+    with pytest.raises(ValueError, match=r"model\.lora_modules_to_save = \['head'\] matches no module of the model"):
+        lk.save_peft_adapter(model, tmp_path)
+    model = _trained()
     model.layers[0].q_proj.merge()
     with pytest.raises(ValueError, match="merged"):
         lk.save_peft_adapter(model, tmp_path)
@@ -1475,6 +1484,14 @@ def test_save_checks_the_config_fields_it_is_given(tmp_path):
     lk.save_peft_adapter(_trained(), tmp_path, base_model_name_or_path=pathlib.Path("/models/base"))
     with open(tmp_path / "adapter_config.json") as f:
         assert json.load(f)["base_model_name_or_path"] == "/models/base"
+    # by default the model's own: a transformers model's config._name_or_path, null where that is "" (a model
+    # built from a config, not loaded from a checkpoint)
+    model = _trained()
+    for name_or_path, saved in [("", None), ("org/base", "org/base")]:
+        model.config = types.SimpleNamespace(_name_or_path=name_or_path)
+        lk.save_peft_adapter(model, tmp_path)
+        with open(tmp_path / "adapter_config.json") as f:
+            assert json.load(f)["base_model_name_or_path"] == saved
 
 
 def test_a_loaded_task_type_is_saved_again(tmp_path):
