@@ -1,6 +1,6 @@
 // Definitions of the argument checks declared in lora_checks.h, whose comments state each op's shapes. This is the
-// ONLY translation unit that defines them, and it is compiled by the host C++ compiler: no nvcc-compiled copy exists
-// (an exception thrown from nvcc-compiled code crashed the process instead of reaching Python).
+// ONLY translation unit that defines them, and it is compiled by the host C++ compiler: no nvcc-compiled copy exists.
+// Messages are built by lora_kernels::message (csrc/checks.h), never with std::ostream.
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 

@@ -1,9 +1,9 @@
 // Argument checks of every lora_kernels op, written once and called first by both the CPU and the CUDA
 // implementations (shapes, dtypes, devices; never values on the device, which would need a host sync).
 //
-// Declarations only: the definitions live in ONE host-compiled translation unit, csrc/lora_checks.cpp. Do not
-// include this header from .cu files and do not make these functions inline: a copy compiled by nvcc that throws
-// (the linker may keep that copy) crashed the Python process instead of raising ValueError/TypeError. The CUDA ops
+// Declarations only: the definitions live in ONE host-compiled translation unit, csrc/lora_checks.cpp, so no copy
+// compiled by nvcc exists (the H100 run's crashes on bad input were first put down to exceptions thrown from
+// nvcc-compiled code; the H200 run found them in std::ostream's number formatting, see csrc/checks.h). The CUDA ops
 // validate in csrc/cuda/register_cuda.cpp, then call the launchers of csrc/cuda/launchers.h.
 #pragma once
 

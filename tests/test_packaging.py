@@ -8,6 +8,8 @@ import subprocess
 import sys
 import tarfile
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # What setup.py and the build read; the copy keeps the checkout's own egg-info and build folders out of the test.
 BUILD_INPUTS = ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "csrc", "lora_kernels")
@@ -87,3 +89,53 @@ def test_package_works_without_the_extension_and_triton():
     assert "auto -> lora_linear: torch, grouped ops: torch" in proc.stdout
     assert "cpu        the C++ extension lora_kernels._C is not built" in proc.stdout
     assert "triton     triton is not importable" in proc.stdout
+
+
+# Bad input to the extension's ops, as the user sees it: every piece of the message, numbers included.
+STATIC_LIBSTDCXX_MESSAGES = r"""
+import torch
+import lora_kernels
+from lora_kernels import _ext
+assert _ext.HAS_EXTENSION, "the copy's extension did not load"
+x, w, a, b = torch.randn(3, 16), torch.randn(12, 16), torch.randn(4, 16), torch.randn(12, 4)
+calls = [
+    (x, w[:, :15], a, b, 1.0),  # a size: an int64 and a shape
+    (x, w, a, b.double(), 1.0),  # dtypes
+    (x, w, a, b, float("inf")),  # a double
+]
+for args in calls:
+    try:
+        torch.ops.lora_kernels.lora_fwd(args[0], None, *args[1:], None)
+    except (ValueError, TypeError) as error:
+        print(str(error).splitlines()[0])
+"""
+
+
+def test_extension_messages_survive_a_statically_linked_libstdcxx(tmp_path):
+    """On the H200 image every failed check of the C++ ops segfaulted the process, in std::ostream's number
+    formatting inside the extension, which held libstdc++ code of its own (gdb). Linked that way here
+    (-static-libstdc++), a stream dropped every number from the message; csrc/checks.h builds messages without
+    streams, so the messages come out whole."""
+    libstdcxx_a = subprocess.run(["c++", "-print-file-name=libstdc++.a"], capture_output=True, text=True).stdout
+    if not os.path.isabs(libstdcxx_a.strip()):
+        pytest.skip("no static libstdc++ (libstdc++.a) for the C++ compiler")
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in BUILD_INPUTS:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+        else:
+            shutil.copy2(ROOT / name, source / name)
+    env = dict(os.environ, LORA_KERNELS_BUILD_CUDA="0", LDFLAGS="-static-libstdc++", MAX_JOBS="2")
+    proc = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=source, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    env = dict(os.environ, PYTHONPATH=str(source))
+    proc = subprocess.run([sys.executable, "-c", STATIC_LIBSTDCXX_MESSAGES], cwd=source, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == [
+        "lora_fwd: weight.shape[1] expected 16 (in_features = x.shape[1]), got shape [12, 15]",
+        "lora_fwd: lora_b expected dtype Float (same as x), got Double",
+        "lora_fwd: scaling expected a finite float, got inf",
+    ]

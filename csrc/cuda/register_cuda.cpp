@@ -1,7 +1,8 @@
 // CUDA registrations of every lora_kernels op (schemas in csrc/ops.cpp). Compiled by the host C++ compiler, NOT
 // nvcc: all argument checks run here and throw c10 errors (ValueError/TypeError in Python) from host-compiled
-// code; only then are the launchers of the .cu files called (csrc/cuda/launchers.h). An exception thrown from
-// nvcc-compiled code crashed the Python process on the H100 run, so the .cu files must not validate user input.
+// code; only then are the launchers of the .cu files called (csrc/cuda/launchers.h), which do not validate user
+// input. (The H100 run's crashes on bad input, first put down to exceptions thrown from nvcc-compiled code, were
+// std::ostream's number formatting in the messages, as the H200 run showed: csrc/checks.h.)
 #include <torch/library.h>
 
 #include "../checks.h"
