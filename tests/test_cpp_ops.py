@@ -843,6 +843,8 @@ def test_cuda_out_of_memory_inside_the_extension_raises(cuda_device):
     code = f"""
 import torch, lora_kernels
 dev = torch.device({str(cuda_device)!r})
+if dev.index is None:  # set_per_process_memory_fraction needs the index (the H200 run: "got: cuda")
+    dev = torch.device("cuda", torch.cuda.current_device())
 x = torch.randn(4096, 4096, device=dev, dtype=torch.bfloat16)
 a = torch.randn(16, 4096, device=dev, dtype=torch.bfloat16)
 b = torch.randn(4096, 16, device=dev, dtype=torch.bfloat16)

@@ -205,7 +205,7 @@ def test_torch_fallback_expand_keeps_float64(path, device, monkeypatch):
     out = randn(5, 7, dtype=torch.float64, device=device)
     before = out.clone()
     lk.ops.lora_expand(shrunk, lora_b, batch, out, 0, ranks, backend="torch")
-    expected = reference.lora_expand(shrunk, lora_b, ids.cpu(), before.cpu(), 0, ranks.cpu())
+    expected = reference.lora_expand(shrunk.cpu(), lora_b.cpu(), ids.cpu(), before.cpu(), 0, ranks.cpu())
     assert torch.equal(out[ids < 0], before[ids < 0])
     torch.testing.assert_close(out.cpu(), expected, rtol=1e-14, atol=1e-14)
 
@@ -918,7 +918,7 @@ def test_compiled_shrink_keeps_zeros_past_each_rank_for_an_inf_token(backend, de
     shrink = torch.compile(lambda x: lk.ops.lora_shrink(x, lora_a, batch, [1.0, 0.5], ranks, backend=backend),
                            fullgraph=True, backend="eager")
     out = shrink(x)
-    expected = reference.lora_shrink(x, lora_a, batch.adapter_ids, [1.0, 0.5], ranks.cpu()).float()
+    expected = reference.lora_shrink(x.cpu(), lora_a.cpu(), batch.adapter_ids.cpu(), [1.0, 0.5], ranks.cpu()).float()
     assert out[1, :2].isinf().all() and torch.count_nonzero(out[1, 2:]) == 0
     assert torch.equal(out.isnan().cpu(), expected.isnan()) and torch.equal(out.isinf().cpu(), expected.isinf())
     finite = torch.isfinite(expected)
@@ -1266,7 +1266,9 @@ def test_fp16_x_and_lora_a_gradients_stay_finite_where_only_the_scaled_dy_b_over
     ranks, scalings = [4, 3], torch.tensor([200.0, 150.0])
     lora_a = randn(num_slots, max_rank, k, dtype=dtype, device=device, scale=1e-3)
     lora_b = (100.0 * (1.0 + torch.rand(num_slots, n, max_rank))).to(dtype).to(device)  # one sign: no cancelling
-    x = randn(num_tokens, k, dtype=dtype, device=device, scale=1e-3)
+    # x this small keeps dA ~ u·x (40 tokens a slot) far inside fp16 on any draw: at 1e-3 its largest entry was
+    # above 1e4 on about half the seeds (12689 on the H200, whose random stream differs from the CPU's).
+    x = randn(num_tokens, k, dtype=dtype, device=device, scale=3e-4)
     weight = randn(n, k, dtype=dtype, device=device, scale=k ** -0.5)
     ids = (torch.arange(num_tokens) % num_slots).to(device)
     dy = (1.0 + torch.rand(num_tokens, n)).to(dtype).to(device)
@@ -1274,7 +1276,8 @@ def test_fp16_x_and_lora_a_gradients_stay_finite_where_only_the_scaled_dy_b_over
     reference.multi_lora_linear_autograd(leaves[0], weight.double().cpu(), *leaves[1:], ids.cpu(), scalings, None,
                                          torch.tensor(ranks)).backward(dy.double().cpu())
     assert (scalings.min() * dy.double().min() * 100.0 * n) > torch.finfo(dtype).max  # every in-rank u overflows
-    assert leaves[0].grad.abs().max() < 1e4 and leaves[1].grad.abs().max() < 1e4  # dX and dA do not
+    in_range = torch.finfo(dtype).max / 4
+    assert leaves[0].grad.abs().max() < in_range and leaves[1].grad.abs().max() < in_range  # dX and dA do not
     got = [t.clone().requires_grad_(True) for t in (x, lora_a)]
     lk.multi_lora_linear(got[0], weight, got[1], lora_b, ids, scalings, ranks=ranks, backend=backend).backward(dy)
     assert_close(got[0].grad, leaves[0].grad, dtype, "dx", scale=2.0)
