@@ -14,8 +14,15 @@ pytestmark = pytest.mark.skipif(not HAS_TRITON, reason=f"triton not importable: 
 
 if HAS_TRITON:
     import triton
+    import triton.language as tl
 
     from lora_kernels.triton import lora_linear as tk
+    from lora_kernels.triton import round_to_tf32
+
+    @triton.jit
+    def _round_to_tf32_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(y_ptr + offs, round_to_tf32(tl.load(x_ptr + offs, mask=offs < n)), mask=offs < n)
 
 # (M, K, N, r): odd sizes with masked tails; ranks from 1 (padded to 16) to 512 (eight chunks of 64). Two have K
 # (and N) a multiple of the interpreter's 32-wide reduction blocks: the unmasked EVEN_K / EVEN_N main loops, with
@@ -818,3 +825,30 @@ def test_tma_kernels_in_a_cuda_graph(monkeypatch):
         s = (x.double() @ lora_a.double().T).float()
         expected_dx = dy.double() @ weight.double() + s.double() @ lora_a.double()
         assert_close(out["dx"], expected_dx, dtype, "dx")
+
+
+def _tf32_nearest_even(bits):
+    """The reference: fp32 bit pattern -> the nearest tf32 pattern (low 13 bits zero), ties to even; NaN/inf kept."""
+    if bits & 0x7F800000 == 0x7F800000:
+        return bits
+    dropped, kept = bits & 0x1FFF, bits & 0xFFFFE000
+    if dropped > 0x1000 or (dropped == 0x1000 and kept & 0x2000):
+        kept += 0x2000  # a carry into the exponent is the next binade, or inf past the largest tf32
+    return kept
+
+
+def test_round_to_tf32_rounds_to_nearest_even(dev):
+    """The tf32 rounding of the fp32 operands of 16-bit layers' tf32 dots (the tensor cores truncate): nearest, ties
+    to even on both sides, carries into the exponent and to inf, subnormals, and NaN (CUDA's 0x7FFFFFFF too) and
+    inf untouched, on random bit patterns besides."""
+    special = [0x7FFFFFFF, 0xFFFFFFFF, 0x7FC00000, 0x7F800001, 0x7F800000, 0xFF800000, 0x7F7FFFFF, 0x7F7FEFFF,
+               0x7F7FF000, 0x00001000, 0x00003000, 0x00000FFF, 0x3F801000, 0x3F803000, 0x3F801001, 0xBF801000,
+               0xBF803000, 0xBF803001, 0x3FFFF000, 0x00000001, 0x80000000, 0]
+    generator = torch.Generator().manual_seed(3)
+    patterns = special + torch.randint(0, 2 ** 32, (3000,), dtype=torch.int64, generator=generator).tolist()
+    x = torch.tensor(patterns, dtype=torch.int64).to(torch.uint32).view(torch.int32).view(torch.float32).to(dev)
+    y = torch.full_like(x, 1.5)
+    _round_to_tf32_kernel[(1,)](x, y, x.numel(), BLOCK=4096)
+    got = y.cpu().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    wrong = [(hex(p), hex(g)) for p, g in zip(patterns, got.tolist()) if g != _tf32_nearest_even(p)]
+    assert not wrong, f"{len(wrong)} patterns rounded wrongly (input, got), e.g. {wrong[:4]}"

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from lora_kernels._ext import scaled_mm
 from lora_kernels.triton import (FP_FUSION, INTERPRET, SUPPORTED_DTYPES, TRITON_DTYPE_NAMES, UPCAST_DOT_OPERANDS,
-                                 on_tensor_device, one_launch_at_a_time, sm_count)
+                                 on_tensor_device, one_launch_at_a_time, round_to_tf32, sm_count)
 
 from triton.tools.tensor_descriptor import TensorDescriptor  # host-side TMA descriptors
 
@@ -261,6 +261,15 @@ def _dot(a, b, acc, FP32_INPUT: tl.constexpr):
 
 
 @triton.jit
+def _tf32_operand(v, FP32_INPUT: tl.constexpr):
+    """An fp32 intermediate (s, dS) about to meet a widened 16-bit operand in a 16-bit layer's tf32 dot, rounded to
+    tf32 first (the tensor cores would truncate it: see round_to_tf32). fp32 layers' dots are IEEE: v as it is."""
+    if FP32_INPUT:
+        return v
+    return round_to_tf32(v)
+
+
+@triton.jit
 def _gemm_loop(a_ptrs, b_ptrs, acc, offs_red, size_red, step_a, step_b, FP32_INPUT: tl.constexpr,
                EVEN: tl.constexpr, BLOCK: tl.constexpr):
     """acc += A · B over a reduction of size_red: a_ptrs points at [rows, BLOCK] tiles and b_ptrs at [BLOCK, cols]
@@ -423,7 +432,7 @@ def _expand_bias_store(acc, s_ptr, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, M, N,
                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
         b = tl.load(b_ptr + offs_n[None, :] * stride_bn + rank_offs[:, None] * stride_br,
                     mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        acc = _dot(s * scaling, b.to(tl.float32), acc, FP32_INPUT)
+        acc = _dot(_tf32_operand(s * scaling, FP32_INPUT), b.to(tl.float32), acc, FP32_INPUT)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0)
         acc += bias.to(tl.float32)[None, :]
@@ -460,7 +469,7 @@ def _lora_bwd_dy_kernel(
     mask_r = offs_r < R
     s = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
                 mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-    s = s * scaling
+    s = _tf32_operand(s * scaling, dy_ptr.dtype.element_ty == tl.float32)  # dB's only use of s
     ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     dy_ptrs = dy_ptr + offs_m[:, None] * stride_dym + (n_start + offs_n)[None, :] * stride_dyn
     b_ptrs = b_ptr + (n_start + offs_n)[:, None] * stride_bn + offs_r[None, :] * stride_br
@@ -552,7 +561,7 @@ def _dx_lora_term(ds_ptr, a_ptr, offs_m, offs_k, M, K, R, stride_dsm, stride_dsr
                      mask=mask_m[:, None] & mask_r[None, :], other=0.0)
         a = tl.load(a_ptr + rank_offs[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                     mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-        acc = _dot(ds, a.to(tl.float32), acc, FP32_INPUT)
+        acc = _dot(_tf32_operand(ds, FP32_INPUT), a.to(tl.float32), acc, FP32_INPUT)
     if HAS_DROPOUT:
         acc = acc * tl.where(_keep_mask(seed, offs_m, offs_k, K, p), dropout_scale, 0.0)  # ·0: see the shrink
     return acc
@@ -592,7 +601,8 @@ def _lora_bwd_da_kernel(
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if HAS_DROPOUT:
             x = tl.where(_keep_mask(seed, offs_m + m0, offs_k, K, p), x, x * 0)  # x·0: see _lora_shrink_kernel
-        acc = _dot(dst, x.to(tl.float32), acc, x_ptr.dtype.element_ty == tl.float32)
+        acc = _dot(_tf32_operand(dst, x_ptr.dtype.element_ty == tl.float32), x.to(tl.float32), acc,
+                   x_ptr.dtype.element_ty == tl.float32)
         dst_ptrs += _step(BLOCK_M, stride_dsm, INT64)
         x_ptrs += _step(BLOCK_M, stride_xm, INT64)
     if HAS_DROPOUT:

@@ -33,7 +33,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from lora_kernels.triton import UPCAST_DOT_OPERANDS
+    from lora_kernels.triton import UPCAST_DOT_OPERANDS, round_to_tf32
 else:  # keep the module importable: lora_kernels.backends reports triton as unavailable
     triton = tl = None
 
@@ -104,8 +104,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _mma_tf32(a, b, acc):
-        """acc + a · b for fp32 operands on tensor cores in one tf32 MMA (operands rounded to 10 mantissa bits)."""
-        return tl.dot(a, b, acc, input_precision="tf32")
+        """acc + a · b for an fp32 `a` and an fp16-widened `b` on tensor cores in one tf32 MMA, `a` rounded to tf32
+        first (the tensor cores would truncate it: see round_to_tf32; `b` converts exactly)."""
+        return tl.dot(round_to_tf32(a), b, acc, input_precision="tf32")
 
     @triton.jit
     def _rank_load_bound(rank, R):
