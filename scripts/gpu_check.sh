@@ -13,6 +13,8 @@
 # numbers and a table of the stages come last (also in OUTDIR/summary.txt). Exit status: 0 when every stage ran and
 # passed (a stage skipped because the budget is spent counts as not ok).
 # Environment: PYTHON (default: python, else python3), MAX_JOBS (default 16), GPU_CHECK_BUDGET.
+# Through this workplace's device tool, which returns at most 8 files from $OUT, pack the logs into one:
+#   bash scripts/gpu_check.sh /tmp/gc; tar czf "$OUT/gc.tgz" -C /tmp gc
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,7 +23,7 @@ OUTDIR="" DRY_RUN=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     -*) usage ;;
     *) [ -z "$OUTDIR" ] || usage; OUTDIR=$arg ;;
   esac
@@ -119,18 +121,18 @@ run_stage info 60 info.log "$PY" -m lora_kernels info
 # normal suite's cuda-device cases ("-k" matches marker names too). With pytest-xdist a test that crashes its
 # process (a segfault in a kernel) fails alone instead of ending the run (seen on the first H100 run: one segfault
 # hid every later result). LORA_KERNELS_AUTOTUNE=0: one config per Triton kernel, so many test shapes do not spend
-# minutes autotuning (the second H100 run: 606 tests in 69 s with 12 workers). "not gpu_check": test_cli's
+# minutes autotuning (the H200 run: 1259 tests in 122 s with 14 workers). "not gpu_check": test_cli's
 # tests of this script match "gpu" by name but run on the CPU (the dry run took 19 s of CPU on 2 cores).
 XDIST=()
-"$PY" -c "import xdist" > /dev/null 2>&1 && XDIST=(-n 12)
+"$PY" -c "import xdist" > /dev/null 2>&1 && XDIST=(-n 14)
 # -v: each result is logged as it happens, so a stage killed by its time limit still names what passed and failed
 # (-q prints names and counts only at the end).
 TESTS=(env LORA_KERNELS_AUTOTUNE=0 "$PY" -m pytest -v --tb=short -p no:cacheprovider
        -k "(cuda or gpu) and not gpu_check" -rfE)
 # The tests marked gpu_memory (tens of GB each, past-2^31-element operands) run later in a stage of their own, one
-# at a time: several at once on one GPU would run out of memory. They come after compare: edge cases of sizes few
-# users reach, where the §8 rows below have never measured most of the kernel changes (BENCHMARKS.md, "Awaiting").
-# 170 s: 1259 tests selected on a CUDA machine (counted with torch.cuda.is_available faked), 606 took 69 s before.
+# at a time: several at once on one GPU would run out of memory (18 tests, 20 s on the H200). They come after
+# compare: edge cases of sizes few users reach, where the §8 rows decide more. 170 s for the rest: 122 s on the H200,
+# where a first pass ran out of time replacing the workers that bad-input tests had crashed (fixed since).
 MEMORY_TESTS=("${TESTS[@]}" -m gpu_memory)
 if (( DRY_RUN )); then
   dry_stage tests "${TESTS[@]}" "${XDIST[@]}" -m "not gpu_memory"
