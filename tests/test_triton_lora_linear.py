@@ -852,3 +852,13 @@ def test_round_to_tf32_rounds_to_nearest_even(dev):
     got = y.cpu().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
     wrong = [(hex(p), hex(g)) for p, g in zip(patterns, got.tolist()) if g != _tf32_nearest_even(p)]
     assert not wrong, f"{len(wrong)} patterns rounded wrongly (input, got), e.g. {wrong[:4]}"
+
+
+def test_host_cdiv_and_next_power_of_2_match_triton():
+    """The launchers' own integer helpers (triton's are slow to call from Python) give triton's values."""
+    for n in range(0, 300):
+        assert tk._next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 2, 3, 16, 64, 128):
+            assert tk._cdiv(n, d) == triton.cdiv(n, d), (n, d)
+    for n in (2 ** 31 - 1, 2 ** 31, 2 ** 31 + 1, 2 ** 40 + 3):
+        assert tk._next_power_of_2(n) == triton.next_power_of_2(n) and tk._cdiv(n, 64) == triton.cdiv(n, 64)

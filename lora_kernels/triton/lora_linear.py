@@ -745,9 +745,21 @@ def _check_scaling(op, scaling):
         raise ValueError(f"{op}: scaling expected a finite float, got {scaling!r}")
 
 
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the host's grid and split arithmetic. Not triton.cdiv, nor triton.next_power_of_2 below:
+    since triton 3.6 they are constexpr functions, whose calls from Python took 30% of this module's host time per
+    lora_linear call (BENCHMARKS.md, session 19)."""
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (0 for 0), as triton.next_power_of_2."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def _block_r(r, limit=MAX_BLOCK_R):
     """Rank chunk: the rank rounded up to a power of two, at least MIN_DOT_DIM, at most `limit`."""
-    return min(max(MIN_DOT_DIM, triton.next_power_of_2(r)), limit)
+    return min(max(MIN_DOT_DIM, _next_power_of_2(r)), limit)
 
 
 def _dy_block_r(r, dtype):
@@ -764,7 +776,7 @@ def _split_count(programs: int, blocks: int, sm_count: int | None) -> int:
     elif sm_count is None:
         split = INTERPRET_SPLIT
     else:
-        split = min(triton.cdiv(SPLIT_PROGRAMS_PER_SM * sm_count, max(programs, 1)), MAX_SPLIT)
+        split = min(_cdiv(SPLIT_PROGRAMS_PER_SM * sm_count, max(programs, 1)), MAX_SPLIT)
     return max(1, min(split, blocks))
 
 
@@ -774,7 +786,7 @@ def _m_bucket(M: int) -> int:
     timing every config again (Triton's do_bench: about 25 + 100 ms per config, 2-5 configs per kernel, per weight
     shape). That the tile is as good for the bucket's other Ms is assumed, not measured. The kernels never read it,
     and Triton does not specialise on it (one compiled variant)."""
-    return triton.next_power_of_2(M)
+    return _next_power_of_2(M)
 
 
 def _device_sm_count(device: torch.device) -> int | None:
@@ -789,21 +801,21 @@ def _device_sm_count(device: torch.device) -> int | None:
 def _shrink_split(M: int, K: int, r: int, device: torch.device) -> int:
     """K-split of _lora_shrink_kernel: its grid is (M / BLOCK_M) x (rank chunks) without it (one program at
     decode sizes)."""
-    programs = triton.cdiv(_m_bucket(M), _SHRINK_MAX_BLOCK_M) * triton.cdiv(r, _block_r(r))
-    return _split_count(programs, triton.cdiv(K, _SHRINK_MAX_BLOCK_K), _device_sm_count(device))
+    programs = _cdiv(_m_bucket(M), _SHRINK_MAX_BLOCK_M) * _cdiv(r, _block_r(r))
+    return _split_count(programs, _cdiv(K, _SHRINK_MAX_BLOCK_K), _device_sm_count(device))
 
 
 def _bwd_dy_split(M: int, N: int, r: int, device: torch.device, dtype: torch.dtype) -> int:
     """N-split of _lora_bwd_dy_kernel: its grid is (M / DY_BLOCK_M) x (rank chunks) without it."""
-    programs = triton.cdiv(_m_bucket(M), DY_BLOCK_M) * triton.cdiv(r, _dy_block_r(r, dtype))
-    return _split_count(programs, triton.cdiv(N, _DY_MAX_BLOCK_N), _device_sm_count(device))
+    programs = _cdiv(_m_bucket(M), DY_BLOCK_M) * _cdiv(r, _dy_block_r(r, dtype))
+    return _split_count(programs, _cdiv(N, _DY_MAX_BLOCK_N), _device_sm_count(device))
 
 
 def _bwd_da_split(M: int, K: int, r: int, device: torch.device) -> int:
     """M-split of _lora_bwd_da_kernel: its grid is (K / BLOCK_K) x (rank chunks) without it. Capped by the blocks
     of M's bucket, so below the bucket's top up to half the splits are empty (they store zeros)."""
-    programs = triton.cdiv(K, _DA_MAX_BLOCK_K) * triton.cdiv(r, _block_r(r))
-    return _split_count(programs, triton.cdiv(_m_bucket(M), _DA_MAX_BLOCK_M), _device_sm_count(device))
+    programs = _cdiv(K, _DA_MAX_BLOCK_K) * _cdiv(r, _block_r(r))
+    return _split_count(programs, _cdiv(_m_bucket(M), _DA_MAX_BLOCK_M), _device_sm_count(device))
 
 
 # The TMA forward and dX kernels are opt-in until a GPU run has measured them against the pointer kernels (bench
@@ -884,7 +896,7 @@ def _lora_fwd_impl(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, 
     block_r = _block_r(r)
     split = _shrink_split(M, K, r, x.device)
     s_partials = torch.empty((split, M, r), device=x.device, dtype=torch.float32)
-    _shrink[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(r, block_r), split)](
+    _shrink[lambda meta: (_cdiv(M, meta["BLOCK_M"]), _cdiv(r, block_r), split)](
         x, lora_a, s_partials,
         M, K, r, split, _m_bucket(M),
         x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1),
@@ -897,7 +909,7 @@ def _lora_fwd_impl(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, 
     has_bias = bias is not None
     bias_arg = bias if has_bias else y  # never read when HAS_BIAS is False
     int64 = _int64_offsets(x.stride(1), weight.stride(1), s.stride(1), lora_b.stride(1))
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (_cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     if _use_tma(x, weight):
         _fwd_tma[grid](
             _descriptor(x, TMA_CONFIGS, "x_desc"), _descriptor(weight, TMA_CONFIGS, "w_desc"),
@@ -929,7 +941,7 @@ def _lora_bwd_dy_impl(dy: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, s
     if M == 0:
         return (torch.zeros((N, r), device=dy.device, dtype=torch.float32),
                 torch.empty((M, r), device=dy.device, dtype=torch.float32))
-    num_parts = triton.cdiv(M, DY_BLOCK_M)
+    num_parts = _cdiv(M, DY_BLOCK_M)
     if num_parts * N * r * 4 > DY_PARTIALS_BUDGET:
         # Two GEMMs with 16-bit operands (S rounded to dy's dtype, as PEFT rounds it) and fp32 products, dy read
         # twice: no [M, r] or [N, r] product is rounded to 16 bits (see scaled_mm).
@@ -939,7 +951,7 @@ def _lora_bwd_dy_impl(dy: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, s
     split = _bwd_dy_split(M, N, r, dy.device, dy.dtype)
     partials = torch.empty((num_parts, N, r), device=dy.device, dtype=torch.float32)
     ds_partials = torch.empty((split, M, r), device=dy.device, dtype=torch.float32)
-    _bwd_dy[(num_parts, triton.cdiv(r, block_r), split)](
+    _bwd_dy[(num_parts, _cdiv(r, block_r), split)](
         dy, s, lora_b, ds_partials, partials,
         M, N, r, split, _m_bucket(M),
         dy.stride(0), dy.stride(1), s.stride(0), s.stride(1), lora_b.stride(0), lora_b.stride(1),
@@ -965,7 +977,7 @@ def _lora_bwd_dx_impl(dy: torch.Tensor, ds: torch.Tensor, weight: torch.Tensor, 
     dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
     if M == 0:
         return dx
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
+    grid = lambda meta: (_cdiv(M, meta["BLOCK_M"]) * _cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
     int64 = _int64_offsets(dy.stride(1), weight.stride(0), ds.stride(1), lora_a.stride(0))
     if _use_tma(dy, weight):
         _bwd_dx_tma[grid](
@@ -1000,7 +1012,7 @@ def _lora_bwd_da_impl(ds: torch.Tensor, x: torch.Tensor, dropout_p: float, seed:
     block_r = _block_r(r)
     split = _bwd_da_split(M, K, r, x.device)
     partials = torch.empty((split, r, K), device=x.device, dtype=torch.float32)
-    _bwd_da[lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(r, block_r), split)](
+    _bwd_da[lambda meta: (_cdiv(K, meta["BLOCK_K"]), _cdiv(r, block_r), split)](
         ds, x, partials,
         M, K, r, split, _m_bucket(M),
         ds.stride(0), ds.stride(1), x.stride(0), x.stride(1),
@@ -1174,7 +1186,7 @@ def _dropout_mask_vmap(info, in_dims, seed, M, K, p, device):
 @on_tensor_device
 def _launch_dropout_mask(out, p, scale, seed):
     M, K = out.shape
-    _dropout_mask_kernel[(triton.cdiv(M, DROPOUT_BLOCK), triton.cdiv(K, DROPOUT_BLOCK))](
+    _dropout_mask_kernel[(_cdiv(M, DROPOUT_BLOCK), _cdiv(K, DROPOUT_BLOCK))](
         out, M, K, out.stride(0), out.stride(1), p, scale, seed, BLOCK=DROPOUT_BLOCK,
         enable_fp_fusion=FP_FUSION)
 
