@@ -905,6 +905,15 @@ def _pattern(values, default):
     return pattern
 
 
+def _full_name_pattern(values):
+    """rank_pattern / alpha_pattern for [(module name, value)] with a key for every module: its name, regex
+    characters other than the dots escaped (a name with "+" or "(" matched other names, or none), in order of
+    decreasing components, so that each name meets its own key before any shorter key it ends with. The dots stay
+    as they are: peft < 0.14 looks a name up as a plain key when no key matches it as a regex."""
+    keyed = [(re.escape(name).replace(r"\.", "."), value) for name, value in values]
+    return dict(sorted(keyed, key=lambda item: -item[0].count(".")))
+
+
 def _target_modules_for(model, names, op, modules_to_save=None):
     """The shortest target_modules list that selects exactly the modules `names` under PEFT's matching (which skips
     modules_to_save modules): their last name components when those pick no other module, else the full names."""
@@ -995,9 +1004,10 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
     # The config must select exactly these layers with these ranks when read back (PEFT's rules, our parser).
     parsed = parse_adapter_config(json.loads(json.dumps(config)))
     if any(parsed.rank_and_alpha(rec[0]) != (rec[3], rec[4]) for rec in records):
-        # a suffix key also matched a longer name it should not (e.g. "proj" vs "o_proj"): use full names only
-        config["rank_pattern"] = {rec[0]: rec[3] for rec in records if rec[3] != r}
-        config["alpha_pattern"] = {rec[0]: rec[4] for rec in records if rec[4] != lora_alpha}
+        # a key also matched a longer name it should not ("proj" matches "block.proj"): every layer by its full
+        # name, the names with more components first (PEFT takes the first key that matches)
+        config["rank_pattern"] = _full_name_pattern([(rec[0], rec[3]) for rec in records])
+        config["alpha_pattern"] = _full_name_pattern([(rec[0], rec[4]) for rec in records])
         parsed = parse_adapter_config(json.loads(json.dumps(config)))
         for name, _, _, rank, alpha, *_ in records:
             if parsed.rank_and_alpha(name) != (rank, alpha):

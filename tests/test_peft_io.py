@@ -1588,6 +1588,42 @@ def test_target_matching_and_patterns_agree_with_peft_on_near_miss_names():
         assert pattern_value(pattern, name, 8) == pattern.get(get_pattern_key(pattern.keys(), name), 8), pattern
 
 
+def test_save_writes_patterns_for_a_name_that_ends_another_and_for_regex_characters(tmp_path):
+    """A top-level layer "proj" of another rank than "block.proj" (its name ends the other's), and a layer whose name
+    holds a regex character: the keys of the first try ("proj" matched "block.proj", "a+b" matched no "a+b") gave
+    other ranks when read back, so save raised an internal error. Every layer now gets its own full-name key, longer
+    names first, regex characters escaped; our loader and PEFT's lookup give each layer its rank."""
+    model = nn.Module()
+    model.proj, model.block, model.other = nn.Linear(16, 16), nn.Module(), nn.Module()
+    model.block.proj, model.other.proj = nn.Linear(16, 16), nn.Linear(16, 16)
+    model.heads = nn.ModuleDict({"a+b": nn.Linear(16, 16), "aab": nn.Linear(16, 16)})
+    torch.manual_seed(0)
+    lk.inject_lora(model, ["proj", "a+b", "aab"], r=4, lora_alpha=8, init_lora_weights=False, backend=BACKEND,
+                   rank_pattern={"^proj": 2, r"heads\.a\+b": 6}, alpha_pattern={"^proj": 3})
+    ranks = {name: module.r for name, module in model.named_modules() if isinstance(module, LoRALinear)}
+    assert ranks == {"proj": 2, "block.proj": 4, "other.proj": 4, "heads.a+b": 6, "heads.aab": 4}
+    lk.save_peft_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert list(config["rank_pattern"])[-1] == "proj" and config["rank_pattern"]["heads.a\\+b"] == 6
+    fresh = nn.Module()
+    fresh.proj, fresh.block, fresh.other = nn.Linear(16, 16), nn.Module(), nn.Module()
+    fresh.block.proj, fresh.other.proj = nn.Linear(16, 16), nn.Linear(16, 16)
+    fresh.heads = nn.ModuleDict({"a+b": nn.Linear(16, 16), "aab": nn.Linear(16, 16)})
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" not in k}, strict=False)
+    lk.load_peft_adapter(fresh, tmp_path, backend=BACKEND)
+    loaded = {name: (m.r, m.lora_alpha) for name, m in fresh.named_modules() if isinstance(m, LoRALinear)}
+    assert loaded == {"proj": (2, 3), "block.proj": (4, 8), "other.proj": (4, 8), "heads.a+b": (6, 8),
+                      "heads.aab": (4, 8)}
+    x = torch.randn(3, 16)
+    for name in loaded:
+        torch.testing.assert_close(fresh.get_submodule(name)(x), model.get_submodule(name)(x), rtol=0, atol=0)
+    get_pattern_key = pytest.importorskip("peft.utils.other").get_pattern_key  # PEFT's own lookup agrees
+    for name, (rank, alpha) in loaded.items():
+        assert config["rank_pattern"].get(get_pattern_key(config["rank_pattern"].keys(), name), config["r"]) == rank
+        assert config["alpha_pattern"].get(get_pattern_key(config["alpha_pattern"].keys(), name),
+                                           config["lora_alpha"]) == alpha
+
+
 # ---------------------------------------------------------------------------------------- several named adapters
 
 def test_batch_with_no_active_adapter_skips_the_lora_ops(tmp_path, monkeypatch):
