@@ -120,8 +120,9 @@ def _bad(file, field, expected, value):
 
 
 def _check_names(file, field, value, *, allow_none):
-    """A regex str or a list of str (PEFT also allows a set, saved as a list)."""
-    if value is None and allow_none:
+    """A regex str or a list of str (PEFT also allows a set, saved as a list). Where none is allowed, "" and []
+    are none too: PEFT tests exclude_modules for truth before using it."""
+    if allow_none and (value is None or value == ""):
         return None
     if isinstance(value, str) and value:
         try:

@@ -1032,6 +1032,8 @@ def test_config_defaults_and_unset_fields_are_peft_s():
     assert config.use_rslora is False and config.fan_in_fan_out is False
     config = peft_io.parse_adapter_config({"peft_type": "LORA", "target_modules": ["q_proj"], "r": 4})
     assert config.rank_and_alpha("layers.0.q_proj") == (4, 8)  # lora_alpha's default is 8, not r
+    config = peft_io.parse_adapter_config({"peft_type": "LORA", "target_modules": ["q_proj"], "exclude_modules": ""})
+    assert config.exclude_modules is None and config.matches("layers.0.q_proj")  # PEFT: "" excludes nothing
 
 
 @pytest.mark.parametrize("init, warns", [("pissa", True), ("pissa_niter_16", True), ("olora", True), ("corda", True),
