@@ -15,7 +15,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 BUILD_INPUTS = ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "csrc", "lora_kernels")
 
 
-def test_sdist_holds_every_extension_source_and_header(tmp_path):
+def _copy_build_inputs(tmp_path):
+    """A copy of what the build reads, in tmp_path/source."""
     source = tmp_path / "source"
     source.mkdir()
     for name in BUILD_INPUTS:
@@ -23,6 +24,11 @@ def test_sdist_holds_every_extension_source_and_header(tmp_path):
             shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
         else:
             shutil.copy2(ROOT / name, source / name)
+    return source
+
+
+def test_sdist_holds_every_extension_source_and_header(tmp_path):
+    source = _copy_build_inputs(tmp_path)
     # without CUDA: the .cu files then come from MANIFEST.in alone, as in an sdist made on a machine without nvcc
     env = dict(os.environ, LORA_KERNELS_BUILD_CUDA="0")
     proc = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")], cwd=source,
@@ -119,13 +125,7 @@ def test_extension_messages_survive_a_statically_linked_libstdcxx(tmp_path):
     libstdcxx_a = subprocess.run(["c++", "-print-file-name=libstdc++.a"], capture_output=True, text=True).stdout
     if not os.path.isabs(libstdcxx_a.strip()):
         pytest.skip("no static libstdc++ (libstdc++.a) for the C++ compiler")
-    source = tmp_path / "source"
-    source.mkdir()
-    for name in BUILD_INPUTS:
-        if (ROOT / name).is_dir():
-            shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
-        else:
-            shutil.copy2(ROOT / name, source / name)
+    source = _copy_build_inputs(tmp_path)
     env = dict(os.environ, LORA_KERNELS_BUILD_CUDA="0", LDFLAGS="-static-libstdc++", MAX_JOBS="2")
     proc = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=source, env=env,
                           capture_output=True, text=True, timeout=600)
