@@ -31,16 +31,16 @@ if HAS_TRITON:
     # The interpreter's tl.dot multiplies the raw bit patterns of bfloat16 operands (triton-lang/triton#11584, seen
     # with triton 3.7 and 3.8): under the interpreter only, every dot's operands are upcast to fp32 first. Compiled
     # kernels never take this branch.
-    import triton.language as tl  # by this name: the interpreter finds the language module of a jit function so
+    import triton.language as tl  # as `tl`: the interpreter looks for the language module in a jit function's globals
 
     UPCAST_DOT_OPERANDS = tl.constexpr(INTERPRET)
 
     @triton.jit
     def round_to_tf32(v):
         """fp32 `v` rounded to the nearest tf32 (10 mantissa bits, ties to even); NaN and ±inf as they are. For an
-        fp32 operand of a tf32 dot: the tensor cores drop its low 13 bits instead (round toward zero), so every
-        product came out smaller, about 3.5e-4 on average: on the H200 (2026-11-29) a bf16 layer's dA summed to
-        0.99950 of the float64 reference's magnitude in the Triton kernels, where rounding leaves no bias."""
+        fp32 operand of a tf32 dot: the tensor cores drop its low 13 bits instead (round toward zero), so products
+        came out a few parts in 10^4 smaller on average: on the H200 (2026-11-29) a bf16 layer's dA summed to 0.99950
+        of the float64 reference's magnitude in the Triton kernels, where rounding to nearest leaves no bias."""
         bits = v.to(tl.uint32, bitcast=True)
         rounded = (bits + 0xFFF + ((bits >> 13) & 1)) & 0xFFFFE000
         # NaN and inf: all exponent bits set; adding to the largest NaN's bits would carry into the sign
