@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from lora_kernels import backends
 from lora_kernels.batch import LoRABatch
 from lora_kernels.compare import DTYPES, ProgressBar, environment, synchronize
-from lora_kernels.functional import lora_linear, multi_lora_linear
+from lora_kernels.functional import CUDA_BWD_DY_KERNEL_MAX_WORK, lora_linear, multi_lora_linear
 
 # Shapes (design.md §8 on GPUs; scaled down on CPU so the whole sweep takes about two minutes on 2 cores).
 PRESETS = {
@@ -46,6 +46,7 @@ DEFAULT_SECTIONS = ("host", "forward", "train", "grouped", "decode")
 # path (Python, dispatch, launches) as much as the kernels (BENCHMARKS.md: F.linear at M = 1 took 32-40 µs eager
 # on an H100, where reading W takes 11 µs), and serving stacks replay graphs at decode sizes.
 GRAPH_MAX_TOKENS = 256
+CUDA_DECODE_MAX_M = 16  # kDecodeMaxM in csrc/cuda/lora_linear.cu: the rows of the hand-written decode forward
 MIXED_RANKS = (8, 16, 32, 64)  # the mixed-rank rows cycle these over the slots (R = 64)
 PREFILL_ADAPTERS = 16  # design.md §8: grouped prefill with 16 distinct adapters
 LOOP_ADAPTERS = 64  # design.md §8: grouped op vs per-adapter loop, and the decode bandwidth case
@@ -437,7 +438,7 @@ def forward_rows(rows, cfg, device, dtype, timing, on_gpu, step):
     """Fused forward / base F.linear at every M. On GPUs, M <= GRAPH_MAX_TOKENS is timed as CUDA-graph replays
     (the kernels: these rows carry the targets) and also eagerly (what a plain Python call costs). Triton on GPUs:
     the shrink's K-split against none (M <= GRAPH_MAX_TOKENS), and on sm_90+ the opt-in TMA forward against the
-    default pointer-load forward (M >= 256)."""
+    default pointer-load forward (M >= 256). cuda at M <= CUDA_DECODE_MAX_M: its decode kernel against its GEMM path."""
     k = n = cfg.hidden
     r = cfg.rank
     section = "forward / base F.linear"
@@ -471,6 +472,8 @@ def forward_rows(rows, cfg, device, dtype, timing, on_gpu, step):
                                 graph=graph, **timing)
                     _row(rows, tma_section, "triton_tma", backend, shape, "lora_linear forward, TMA kernel",
                          "same, pointer-load kernel", t["tma"] / t["pointer"], t["tma"], t["pointer"], "ms", on_gpu)
+            if backend == "cuda" and m <= CUDA_DECODE_MAX_M:
+                cuda_decode_row(rows, inputs, m, timing, graph, on_gpu)
             if graph:
                 eager = section + ", eager calls (host path included)"
                 with _guard(rows, eager, backend, shape, on_gpu), torch.no_grad():
@@ -484,7 +487,8 @@ def forward_rows(rows, cfg, device, dtype, timing, on_gpu, step):
 def training_rows(rows, cfg, device, dtype, timing, on_gpu, step):
     """At the training M: the rank sweep (forward / base, fwd+bwd / the two base GEMMs), then fwd+bwd against
     PEFT's unfused layer with dropout and against full fine-tuning, activation and peak memory, and (Triton) the
-    backward's split reductions against no split and, on sm_90+, the TMA kernels against the pointer kernels."""
+    backward's split reductions against no split and, on sm_90+, the TMA kernels against the pointer kernels;
+    the cuda dY-once kernel against two GEMMs at the training M and at its bound (CUDA_BWD_DY_KERNEL_MAX_WORK)."""
     k = n = cfg.hidden
     m, r = cfg.train_m, cfg.rank
     for rank in cfg.ranks:
@@ -516,6 +520,11 @@ def training_rows(rows, cfg, device, dtype, timing, on_gpu, step):
             if backend == "cuda":
                 cuda_bwd_dy_row(rows, inputs, shape, timing, on_gpu)
             step(f"rank {rank} fwd+bwd {backend}")
+        del inputs
+    if "cuda" in cfg.backends:  # the dY-once kernel also where it runs: M·r at its bound
+        bound_m = CUDA_BWD_DY_KERNEL_MAX_WORK // r
+        inputs = InputSets(device, dtype, bound_m, k, n, r, grad=True)
+        cuda_bwd_dy_row(rows, inputs, f"M={bound_m} K={k} N={n} r={r}", timing, on_gpu)
         del inputs
 
     inputs = InputSets(device, dtype, m, k, n, r, grad=True)
@@ -605,6 +614,25 @@ def cuda_bwd_dy_row(rows, inputs, shape, timing, on_gpu):
                      "kernel": [lambda args=args: kernel(*args) for args in saved]}, **timing)
         _row(rows, section, "cuda_bwd_dy", "cuda", shape, "lora_kernels::lora_bwd_dy", "dYᵀ·S and dY·B (ATen)",
              t["kernel"] / t["gemms"], t["kernel"], t["gemms"], "ms", on_gpu)
+
+
+def cuda_decode_row(rows, inputs, m, timing, graph, on_gpu, backend="cuda"):
+    """The `cuda` forward's hand-written decode kernel (M <= CUDA_DECODE_MAX_M) against the same op one row past
+    that bound, where it runs ATen's GEMMs: whether the kernel beats them at decode sizes (on the H200 the cuda
+    forward took 106 µs at M = 16, the torch composition 29 µs). backend: "cpu" in the tests, for the plumbing."""
+    st = inputs.sets[0]
+    (n, k), r = st["w"].shape, st["a"].shape[0]
+    past = InputSets(st["x"].device, st["x"].dtype, CUDA_DECODE_MAX_M + 1, k, n, r, count=inputs.count)
+    section = f"CUDA forward: decode kernel (M <= {CUDA_DECODE_MAX_M}) / its GEMM path at M = {CUDA_DECODE_MAX_M + 1}"
+    shape = f"M={m} K={k} N={n} r={r}"
+
+    def forward(x, w, a, b):
+        return lora_linear(x, w, a, b, 2.0, backend=backend)
+    with _guard(rows, section, backend, shape, on_gpu), torch.no_grad():
+        t = measure({"gemm": past.fns(forward), "kernel": inputs.fns(forward)}, graph=graph, **timing)
+        _row(rows, section, "cuda_decode", backend, shape, "lora_linear forward, decode kernel",
+             f"same at M = {CUDA_DECODE_MAX_M + 1} (GEMM path)", t["kernel"] / t["gemm"], t["kernel"], t["gemm"], "ms",
+             on_gpu)
 
 
 def _with_triton_setting(name, value, fn):

@@ -120,6 +120,18 @@ def test_cuda_bwd_dy_row_computes_the_same_products():
     assert rows[0]["kind"] == "cuda_bwd_dy" and rows[0]["ratio"] > 0, rows
 
 
+@pytest.mark.skipif(not HAS_EXTENSION, reason="needs the C++ extension")
+def test_cuda_decode_row_times_the_op_at_m_against_one_row_past_the_decode_bound():
+    # The row is for the cuda backend; on CPU the cpu backend's op stands in (the plumbing: shapes, kind, labels).
+    inputs = bench.InputSets(torch.device("cpu"), torch.float32, 4, 8, 12, 3, count=2)
+    rows = []
+    bench.cuda_decode_row(rows, inputs, 4, {"device": torch.device("cpu"), "reps": 2, "warmup": 1}, False, False,
+                          backend="cpu")
+    (row,) = rows
+    assert (row["kind"], row["backend"], row["shape"]) == ("cuda_decode", "cpu", "M=4 K=8 N=12 r=3"), row
+    assert row["ratio"] > 0 and row["baseline"] == f"same at M = {bench.CUDA_DECODE_MAX_M + 1} (GEMM path)"
+
+
 def test_with_triton_setting_sets_and_restores_it():
     tk = pytest.importorskip("lora_kernels.triton.lora_linear")
     seen = []
