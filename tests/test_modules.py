@@ -354,6 +354,22 @@ def test_target_names_and_patterns_match_whole_name_components_as_peft():
     assert pattern_value({"0.q_proj": 3}, "layers.0.q_proj", 8) == 3
 
 
+def test_tuple_and_set_targets_select_what_the_list_selects_and_an_empty_target_is_refused_by_name():
+    """target_modules and exclude_modules as a tuple or a set (PEFT's LoraConfig keeps a set) select what the list
+    does; an empty target_modules is refused as such, not reported as a list that "matched no nn.Linear"."""
+    def wrapped(*args, **kwargs):
+        model = inject_lora(_model(), *args, r=2, **kwargs)
+        return [name for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+    for kind in (tuple, set):
+        assert wrapped(kind(["q_proj", "v_proj"])) == ["0.q_proj", "0.v_proj", "1.q_proj", "1.v_proj"], kind
+        assert wrapped(["q_proj"], exclude_modules=kind(["0.q_proj"])) == ["1.q_proj"], kind
+    for empty in ([], (), set(), ""):
+        with pytest.raises(ValueError, match=rf"inject_lora: target_modules expected a regex string or a non-empty "
+                                             rf"list of names, got {re.escape(repr(empty))}$"):
+            inject_lora(_model(), empty)
+
+
 def test_a_str_target_naming_layers_says_it_is_a_regex_over_the_whole_name():
     """A str target_modules is a regex over the whole module name (PEFT's rule), so "q_proj" matches nothing in a
     model whose q_proj layers sit inside blocks; the error said only "matched no nn.Linear", which reads as a wrong
@@ -372,8 +388,9 @@ def test_inject_lora_errors_leave_the_model_untouched():
     model = _model()
     with pytest.raises(ValueError, match="matched no nn.Linear"):
         inject_lora(model, ["k_proj"])
-    with pytest.raises(TypeError, match="'0.norm' matches target_modules but is a LayerNorm"):
-        inject_lora(model, ["q_proj", "norm"])
+    with pytest.raises(TypeError, match=r"'0.norm' matches target_modules but is a LayerNorm; only nn.Linear and "
+                                        r"transformers' Conv1D \(GPT-2's linear layer\) can be wrapped$"):
+        inject_lora(model, ["q_proj", "norm"])  # no word of the convolutions and embeddings PEFT adapts
     # PEFT's layer selection options, checked by name (a str index list failed inside the matching: "'in <string>'
     # requires string as left operand")
     with pytest.raises(TypeError, match=r"inject_lora: layers_to_transform expected an int or a list of ints >= 0, "
@@ -389,6 +406,10 @@ def test_inject_lora_errors_leave_the_model_untouched():
     with pytest.raises(TypeError, match=r"inject_lora: layers_to_transform expected an int or a list of ints >= 0, "
                                         r"got True"):  # a bool is no layer index (True would select layer 1)
         inject_lora(nn.Sequential(nn.Sequential(model)), ["q_proj"], layers_to_transform=True)
+    for bad in (["1"], [True], [-1], [1.0], (1, "2")):  # as list entries too: none selects a layer, [True] layer 1
+        with pytest.raises(TypeError, match=rf"inject_lora: layers_to_transform expected an int or a list of ints "
+                                            rf">= 0, got {re.escape(repr(bad))}$"):
+            inject_lora(nn.Sequential(nn.Sequential(model)), ["q_proj"], layers_to_transform=bad)
     # pairs PEFT's LoraConfig refuses: its matcher (and this one, before) ignored the layer options there
     for target in (r".*\.q_proj", "all-linear"):
         with pytest.raises(ValueError, match=r"inject_lora: layers_to_transform cannot be used with target_modules "
