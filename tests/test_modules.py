@@ -370,6 +370,36 @@ def test_tuple_and_set_targets_select_what_the_list_selects_and_an_empty_target_
             inject_lora(_model(), empty)
 
 
+def test_a_second_inject_lora_reaches_a_layer_whose_name_extends_a_wrapped_ones():
+    """The walk skips what is inside a LoRA layer ("1.base_layer"), not the layers whose names start with its name
+    ("10" beside the wrapped "1")."""
+    model = nn.Sequential(*(nn.Linear(4, 4) for _ in range(11)))
+    inject_lora(model, ["1"], r=2)
+    inject_lora(model, ["10"], r=2)
+    assert [name for name, m in model.named_modules() if isinstance(m, LoRALinear)] == ["1", "10"]
+
+
+def test_all_linear_over_lora_layers_is_refused_untouched():
+    """"all-linear" selects the LoRA layers of an earlier inject_lora too (PEFT's selects its own LoRA layers): one
+    cannot take a second LoRA, so the call is refused by the layer's name, changing nothing."""
+    model = inject_lora(_model(), ["q_proj"], r=2)
+    before = _model_state(model)
+    with pytest.raises(ValueError, match=r"inject_lora: module '0.q_proj' already has a LoRA adapter \(LoRALinear\)"):
+        inject_lora(model, "all-linear")
+    _assert_model_state(model, before)
+
+
+def test_a_regex_matching_every_name_wraps_the_linear_layers_as_peft():
+    """".*" also matches the model's own name, ""; the model is no target (PEFT wraps its linear layers only), so
+    this is no TypeError about a Sequential."""
+    peft = pytest.importorskip("peft")
+    model = inject_lora(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), ".*", r=2)
+    theirs = peft.get_peft_model(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), peft.LoraConfig(target_modules=".*"))
+    assert [name for name, m in model.named_modules() if isinstance(m, LoRALinear)] == ["0", "1"] == [
+        name.removeprefix("base_model.model.") for name, m in theirs.named_modules()
+        if isinstance(m, peft.tuners.lora.LoraLayer)]
+
+
 def test_a_str_target_naming_layers_says_it_is_a_regex_over_the_whole_name():
     """A str target_modules is a regex over the whole module name (PEFT's rule), so "q_proj" matches nothing in a
     model whose q_proj layers sit inside blocks; the error said only "matched no nn.Linear", which reads as a wrong

@@ -416,6 +416,20 @@ class _Classifier(nn.Module):
         return self.classifier(self.dense(x))
 
 
+def test_a_regex_target_that_also_matches_inside_the_wrappers_loads_into_the_slots(tmp_path):
+    """A file's regex target_modules such as ".*q_proj.*" also matches the names inside a prepared model's wrappers
+    ("layers.0.q_proj.base_layer"); those are no targets (the wrapper is), so the adapter loads into the slots and
+    the model computes what the adapter alone does."""
+    trained = _trained(["q_proj"])
+    lk.save_peft_adapter(trained, tmp_path)
+    _write_config(tmp_path, target_modules=r".*q_proj.*")
+    multi = lk.prepare_multi_adapter(_base(), ["q_proj"], max_adapters=2, max_rank=8)
+    lk.load_peft_adapter(multi, tmp_path, adapter_name="a")
+    x = torch.randn(3, 16)
+    with torch.no_grad(), lk.set_batch_adapters(multi, "a"):
+        torch.testing.assert_close(multi(x), trained(x))
+
+
 @NO_LORA_INSIDE_MODULES_TO_SAVE
 def test_no_lora_inside_modules_to_save_as_peft(tmp_path):
     """PEFT puts no LoRA inside a modules_to_save module: target "dense" with modules_to_save ["classifier"] wraps
