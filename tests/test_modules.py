@@ -338,6 +338,18 @@ def test_a_target_entry_that_matches_nothing_while_others_do_warns():
         inject_lora(_model(), ["q_proj", "v_proj"], r=2)
 
 
+def test_the_unmatched_target_warning_names_each_entry_once_by_whole_name_components():
+    """An entry counts as matching when it is a module's whole name (a top-level "head") or its last components
+    ("qk_proj" does not end in ".k_proj"); an entry given twice is named once."""
+    model = nn.Module()
+    model.head, model.block = nn.Linear(4, 4), nn.Module()
+    model.block.qk_proj = nn.Linear(4, 4)
+    with pytest.warns(UserWarning, match=r"inject_lora: target_modules entries \['k_proj'\] match no module of the "
+                                         r"model \(the others do\)") as caught:
+        inject_lora(model, ["head", "k_proj", "qk_proj", "k_proj"], r=2)
+    assert len(caught) == 1
+
+
 def test_target_names_and_patterns_match_whole_name_components_as_peft():
     """PEFT's matching: a regex str matches the whole module name, a list entry the whole name or its last
     components, a rank_pattern / alpha_pattern key the name's end after a dot: "proj" is not "q_proj", "q_proj" is
@@ -487,6 +499,16 @@ def test_layers_to_transform_takes_numpy_integers_and_ranges_as_peft():
     for layers in ([np.int64(1)], range(1, 2), np.int64(1), (1,)):
         model = inject_lora(nn.Sequential(nn.Sequential(_model())), ["q_proj"], layers_to_transform=layers)
         assert [name for name, m in model.named_modules() if isinstance(m, LoRALinear)] == ["0.0.1.q_proj"], layers
+
+
+def test_an_empty_layers_pattern_needs_no_layers_to_transform_as_in_peft():
+    """PEFT's LoraConfig asks for layers_to_transform only beside a non-empty layers_pattern: "" and [] mean no
+    pattern, and select every layer the targets name."""
+    LoraConfig = pytest.importorskip("peft").LoraConfig
+    for empty in ("", []):
+        LoraConfig(target_modules=["q_proj"], layers_pattern=empty)  # PEFT accepts it
+        model = inject_lora(_model(), ["q_proj"], layers_pattern=empty)
+        assert [name for name, m in model.named_modules() if isinstance(m, LoRALinear)] == ["0.q_proj", "1.q_proj"]
 
 
 def test_merge_and_unload_gives_plain_linears_with_the_same_output():
@@ -1213,6 +1235,29 @@ def test_more_than_three_left_out_layers_are_summarised_at_the_callers_line():
                                          r"and 1 more$") as caught:
         inject_lora(model, "all-linear")
     assert [w.filename for w in caught] == [__file__]
+
+
+def test_all_linear_in_any_case_is_all_linear_as_in_peft():
+    """PEFT lowercases target_modules before comparing it with "all-linear": "ALL-Linear" wraps every nn.Linear but
+    the output layer, leaves out (with the warning) a layer a LoRALinear cannot stand in for and names the fused
+    expert weights, as "all-linear" does."""
+
+    class Router(nn.Linear):  # a forward of its own: left out under "all-linear"
+        def forward(self, x):
+            return super().forward(x).softmax(-1)
+
+    class WithHead(nn.Sequential):
+        def get_output_embeddings(self):
+            return self[2]
+
+    for spelling in ("all-linear", "ALL-Linear"):
+        model = WithHead(nn.Linear(8, 8), Router(8, 4), nn.Linear(8, 8), _FusedExperts())
+        with pytest.warns(UserWarning) as caught:
+            inject_lora(model, spelling, r=2)
+        assert [name for name, m in model.named_modules() if isinstance(m, LoRALinear)] == ["0"], spelling
+        messages = [str(w.message) for w in caught]
+        assert len(messages) == 2 and "left out 1 matched layer(s)" in messages[0] and "'1' (a Router" in messages[0]
+        assert "fused expert weights (['3.gate_up_proj', '3.down_proj']" in messages[1], messages
 
 
 def test_multi_lora_float32_slots_train_the_adapters_of_a_16bit_model():
