@@ -593,6 +593,15 @@ def training_rows(rows, cfg, device, dtype, timing, on_gpu, step):
                                 **timing)
                     _row(rows, section, "triton_tma", backend, shape, "fwd+bwd, forward and dX kernels with TMA",
                          "same, pointer-load kernels", t["tma"] / t["pointer"], t["tma"], t["pointer"], "ms", on_gpu)
+                # the H200 run: the TMA forward alone was faster, forward and dX together slower (BENCHMARKS.md)
+                section = "Triton fwd+bwd: TMA forward only / pointer loads (default)"
+                with _guard(rows, section, backend, shape, on_gpu):
+                    t = measure({"pointer": [_with_triton_setting("USE_TMA", False, fn)
+                                             for fn in inputs.fns(ours_plain)],
+                                 "tma_forward": inputs.fns(_tma_forward_only)}, **timing)
+                    _row(rows, section, "triton_tma_forward", backend, shape, "fwd+bwd, forward kernel with TMA",
+                         "same, pointer-load kernels", t["tma_forward"] / t["pointer"], t["tma_forward"],
+                         t["pointer"], "ms", on_gpu)
         step(f"memory {backend}")
     del inputs
 
@@ -648,6 +657,12 @@ def _with_triton_setting(name, value, fn):
         finally:
             setattr(triton_lora_linear, name, previous)
     return run
+
+
+def _tma_forward_only(x, w, a, b, dy, **_):
+    """A Triton fwd+bwd whose forward runs the TMA kernel and whose dX runs the pointer-load kernel."""
+    y = _with_triton_setting("USE_TMA", True, lambda: lora_linear(x, w, a, b, 2.0, backend="triton"))()
+    return _with_triton_setting("USE_TMA", False, lambda: torch.autograd.grad(y, (x, a, b), dy))()
 
 
 def _triton_tma_available(device):

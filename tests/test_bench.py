@@ -132,6 +132,23 @@ def test_cuda_decode_row_times_the_op_at_m_against_one_row_past_the_decode_bound
     assert row["ratio"] > 0 and row["baseline"] == f"same at M = {bench.CUDA_DECODE_MAX_M + 1} (GEMM path)"
 
 
+def test_tma_forward_only_switches_tma_on_for_the_forward_launch_alone(monkeypatch):
+    """The "TMA forward only" row's fwd+bwd: USE_TMA is on when the forward asks whether to use TMA and off when
+    dX asks, and it is restored after; the gradients are the plain call's."""
+    tk = pytest.importorskip("lora_kernels.triton.lora_linear")
+    asked = []
+    monkeypatch.setattr(tk, "_use_tma", lambda tokens, weight: asked.append(tk.USE_TMA) or False)
+    before = tk.USE_TMA
+    torch.manual_seed(0)
+    x, a, b = (torch.randn(*shape, requires_grad=True) for shape in ((4, 16), (2, 16), (8, 2)))
+    w, dy = torch.randn(8, 16), torch.randn(4, 8)
+    grads = bench._tma_forward_only(x, w, a, b, dy)
+    assert asked == [True, False] and tk.USE_TMA == before
+    expected = torch.autograd.grad(lora_linear(x, w, a, b, 2.0, backend="triton"), (x, a, b), dy)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+
+
 def test_with_triton_setting_sets_and_restores_it():
     tk = pytest.importorskip("lora_kernels.triton.lora_linear")
     seen = []
