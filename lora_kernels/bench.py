@@ -586,22 +586,18 @@ def training_rows(rows, cfg, device, dtype, timing, on_gpu, step):
                      on_gpu)
             if _triton_tma_available(device):
                 section = "Triton fwd+bwd: TMA loads (LORA_KERNELS_TRITON_TMA=1) / pointer loads (default)"
+                # also the TMA forward alone: on the H200 it was faster by itself, forward and dX together slower
+                forward_section = "Triton fwd+bwd: TMA forward only / pointer loads (default)"
                 with _guard(rows, section, backend, shape, on_gpu):
                     t = measure({"pointer": [_with_triton_setting("USE_TMA", False, fn)
                                              for fn in inputs.fns(ours_plain)],
-                                 "tma": [_with_triton_setting("USE_TMA", True, fn) for fn in inputs.fns(ours_plain)]},
-                                **timing)
+                                 "tma": [_with_triton_setting("USE_TMA", True, fn) for fn in inputs.fns(ours_plain)],
+                                 "tma_forward": inputs.fns(_tma_forward_only)}, **timing)
                     _row(rows, section, "triton_tma", backend, shape, "fwd+bwd, forward and dX kernels with TMA",
                          "same, pointer-load kernels", t["tma"] / t["pointer"], t["tma"], t["pointer"], "ms", on_gpu)
-                # the H200 run: the TMA forward alone was faster, forward and dX together slower (BENCHMARKS.md)
-                section = "Triton fwd+bwd: TMA forward only / pointer loads (default)"
-                with _guard(rows, section, backend, shape, on_gpu):
-                    t = measure({"pointer": [_with_triton_setting("USE_TMA", False, fn)
-                                             for fn in inputs.fns(ours_plain)],
-                                 "tma_forward": inputs.fns(_tma_forward_only)}, **timing)
-                    _row(rows, section, "triton_tma_forward", backend, shape, "fwd+bwd, forward kernel with TMA",
-                         "same, pointer-load kernels", t["tma_forward"] / t["pointer"], t["tma_forward"],
-                         t["pointer"], "ms", on_gpu)
+                    _row(rows, forward_section, "triton_tma_forward", backend, shape,
+                         "fwd+bwd, forward kernel with TMA", "same, pointer-load kernels",
+                         t["tma_forward"] / t["pointer"], t["tma_forward"], t["pointer"], "ms", on_gpu)
         step(f"memory {backend}")
     del inputs
 

@@ -1609,11 +1609,15 @@ def test_save_writes_patterns_for_a_name_that_ends_another_and_for_regex_charact
     holds a regex character: the keys of the first try ("proj" matched "block.proj", "a+b" matched no "a+b") gave
     other ranks when read back, so save raised an internal error. Every layer now gets its own full-name key, longer
     names first, regex characters escaped; our loader and PEFT's lookup give each layer its rank."""
-    model = nn.Module()
-    model.proj, model.block, model.other = nn.Linear(16, 16), nn.Module(), nn.Module()
-    model.block.proj, model.other.proj = nn.Linear(16, 16), nn.Linear(16, 16)
-    model.heads = nn.ModuleDict({"a+b": nn.Linear(16, 16), "aab": nn.Linear(16, 16)})
+    def build():
+        model = nn.Module()
+        model.proj, model.block, model.other = nn.Linear(16, 16), nn.Module(), nn.Module()
+        model.block.proj, model.other.proj = nn.Linear(16, 16), nn.Linear(16, 16)
+        model.heads = nn.ModuleDict({"a+b": nn.Linear(16, 16), "aab": nn.Linear(16, 16)})
+        return model
+
     torch.manual_seed(0)
+    model = build()
     lk.inject_lora(model, ["proj", "a+b", "aab"], r=4, lora_alpha=8, init_lora_weights=False, backend=BACKEND,
                    rank_pattern={"^proj": 2, r"heads\.a\+b": 6}, alpha_pattern={"^proj": 3})
     ranks = {name: module.r for name, module in model.named_modules() if isinstance(module, LoRALinear)}
@@ -1621,10 +1625,7 @@ def test_save_writes_patterns_for_a_name_that_ends_another_and_for_regex_charact
     lk.save_peft_adapter(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert list(config["rank_pattern"])[-1] == "proj" and config["rank_pattern"]["heads.a\\+b"] == 6
-    fresh = nn.Module()
-    fresh.proj, fresh.block, fresh.other = nn.Linear(16, 16), nn.Module(), nn.Module()
-    fresh.block.proj, fresh.other.proj = nn.Linear(16, 16), nn.Linear(16, 16)
-    fresh.heads = nn.ModuleDict({"a+b": nn.Linear(16, 16), "aab": nn.Linear(16, 16)})
+    fresh = build()
     fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" not in k}, strict=False)
     lk.load_peft_adapter(fresh, tmp_path, backend=BACKEND)
     loaded = {name: (m.r, m.lora_alpha) for name, m in fresh.named_modules() if isinstance(m, LoRALinear)}

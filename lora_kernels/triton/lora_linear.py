@@ -747,8 +747,8 @@ def _check_scaling(op, scaling):
 
 def _cdiv(a: int, b: int) -> int:
     """ceil(a / b) for the host's grid and split arithmetic. Not triton.cdiv, nor triton.next_power_of_2 below:
-    since triton 3.6 they are constexpr functions, whose calls from Python took 30% of this module's host time per
-    lora_linear call (BENCHMARKS.md, session 19)."""
+    since triton 3.6 they are constexpr functions, whose calls from Python took about a third of the package's own
+    host time per Triton lora_linear call (BENCHMARKS.md, session 19)."""
     return -(-a // b)
 
 
