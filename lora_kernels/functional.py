@@ -419,7 +419,9 @@ class LoRALinearFunction(torch.autograd.Function):
                     elif widen:  # fp32 GEMM into the fp32 LoRA term, rounded once to x's dtype by _cast_grads
                         dx = dx_lora.addmm_(dy.to(dx_lora.dtype), weight.to(dx_lora.dtype))
                     else:  # the base GEMM adds the LoRA term in its epilogue: one pass over dx [M, K], not three
-                        dx = torch.addmm(dx_lora.to(dy.dtype), dy, weight)
+                        # In place, into a tensor of our own: the out-of-place torch.addmm first copies its input
+                        # into a new result (the H200 profile: a 33 µs device copy per call at M = 8192, K = 4096).
+                        dx = dx_lora.to(dy.dtype).addmm_(dy, weight)
         if need_w:  # full fine-tuning: the M·N·K GEMM the A/B-only path never forms
             d_weight = _fp32_mm(dy.T, x2) if widen else dy.T @ x2
         if need_bias and ctx.has_bias:
