@@ -9,6 +9,7 @@ scripts/gpu_check.sh prints last.
 import argparse
 import json
 import os
+import statistics
 import sys
 
 # bench rows shown in the summary: per kind and backend, the worst ratio over the rows of that kind (rows at ranks
@@ -113,6 +114,14 @@ def summary_bench_rows(bench, kinds=SUMMARY_KINDS):
     return table
 
 
+def _thirds(step_ms):
+    """'first -> last' medians of the first and last third of a run's timed steps (compare.step_time_drift's)."""
+    third = len(step_ms) // 3
+    if third < 2:
+        return "n/a"
+    return f"{statistics.median(step_ms[:third]):.1f} -> {statistics.median(step_ms[-third:]):.1f}"
+
+
 def summary_compare_rows(compare):
     methods = compare["methods"]
     full, torch_lora, fused = methods["full"], methods["lora_torch"], methods["lora_fused"]
@@ -130,6 +139,9 @@ def summary_compare_rows(compare):
          ratio(fused["peak_step_bytes"], full["peak_step_bytes"])),
         ("step time / full FT", "1", ratio(torch_lora["step_ms_median"], full["step_ms_median"]),
          ratio(fused["step_ms_median"], full["step_ms_median"])),
+        # a drift from the first third of the timed steps to the last says the machine changed under the run
+        # (compare's own table notes it); the H200 run of 2026-11-29 had its fused column rise from 37.7 to 61.5 ms
+        ("step ms, first -> last third", *(_thirds(run.get("step_ms_all") or []) for run in (full, torch_lora, fused))),
         ("tokens / s", f"{full['tokens_per_s']:,.0f}", f"{torch_lora['tokens_per_s']:,.0f}",
          f"{fused['tokens_per_s']:,.0f}"),
         ("checkpoint / full FT", "1", ratio(torch_lora["checkpoint_bytes"], full["checkpoint_bytes"]),

@@ -82,9 +82,11 @@ def auto_backend(device, op_name="lora_linear", dtype=None):
     """The fastest available backend for `op_name` on `device`, by measurement (BENCHMARKS.md, bf16, K = N = 4096):
     - grouped ops on GPUs: the Triton kernels (H200: 0.03-0.22x the per-adapter loop, the C++ CUDA ones 0.37-1.04x);
     - lora_linear on GPUs: the unfused torch composition, because a training step with the fused kernels measured
-      slower (`compare`'s model, H200: torch 37.2 ms, cuda 50.5 ms; H100: torch 38.8 ms, triton 99.9 ms), though one
-      layer's fwd+bwd at M=8192 came within 10% (H200: torch 1.07 ms, cuda 0.99 ms, triton 1.09 ms); ask for "triton"
-      or "cuda" explicitly;
+      slower (`compare`'s model, H200: torch 37.2 ms, cuda 50.5 ms, but the cuda steps slowed from 38 to 62 ms during
+      that run while the others held: to be measured again; H100: torch 38.8 ms, triton 99.9 ms), though one layer's
+      fwd+bwd at M=8192 came within 10% (H200: torch 1.07 ms, cuda 0.99 ms, triton 1.09 ms); the eager host path of a
+      fwd+bwd at a tiny shape took 453 µs with torch and 551 µs with cuda there; ask for "triton" or "cuda"
+      explicitly;
     - on CPU: the C++ CPU kernels. The Triton interpreter is for tests and never chosen automatically.
     float64 (dtype) skips Triton, whose kernels run 32- and 16-bit floats only. DTensor arguments (tensor
     parallelism) never come here: lora_linear picks "torch" for them (functional.resolve_dtensor_backend)."""

@@ -863,6 +863,22 @@ def _scaling_text(cfg):
     return f"alpha/sqrt(r) = {scaling:g} (rsLoRA)" if cfg["use_rslora"] else f"alpha/r = {scaling:g}"
 
 
+# A column whose timed steps got this much slower or faster from the first third to the last is flagged: its median
+# then describes a machine that changed under the run. The H200 run of 2026-11-29 printed the fused column at 1.28x
+# full fine-tuning's step time while its steps rose from 37.7 to 61.5 ms (full fine-tuning's stayed at 39-40 ms).
+STEP_DRIFT_LIMIT = 0.10
+
+
+def step_time_drift(step_ms):
+    """(median of the first third, median of the last third) of a run's timed steps when they differ by more than
+    STEP_DRIFT_LIMIT, else None (also for fewer than 6 steps, too few for thirds)."""
+    third = len(step_ms) // 3
+    if third < 2:
+        return None
+    first, last = statistics.median(step_ms[:third]), statistics.median(step_ms[-third:])
+    return (first, last) if abs(last - first) > STEP_DRIFT_LIMIT * first else None
+
+
 def format_compare(result):
     """The side-by-side table of full FT vs LoRA (unfused torch) vs LoRA (fused), with ratios against full FT."""
     cfg, env, model, task = result["config"], result["environment"], result["model"], result["task"]
@@ -909,6 +925,7 @@ def format_compare(result):
             + _ratio(r["peak_step_bytes"], full["peak_step_bytes"])),
         row("step time (median)", lambda r, m: f"{r['step_ms_median']:.1f} ms"
             + _ratio(r["step_ms_median"], full["step_ms_median"])),
+        row("step time (min - max)", lambda r, m: f"{min(r['step_ms_all']):.1f} - {max(r['step_ms_all']):.1f} ms"),
         row("tokens / s", lambda r, m: f"{r['tokens_per_s']:,.0f}"),
         row("checkpoint on disk [2]", lambda r, m: fmt_bytes(r["checkpoint_bytes"])
             + ("" if m == "full" else _ratio(r["checkpoint_bytes"], full["checkpoint_bytes"]))),
@@ -922,6 +939,12 @@ def format_compare(result):
         lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
     lines.append(f"(eval loss before training: {task['initial_eval_loss']:.3f}; ln(vocab) = {task['uniform_loss']:.3f};"
                  f" ratios in parentheses are against full fine-tuning)")
+    for method, name in zip(METHODS, headers[1:]):
+        drift = step_time_drift(methods[method]["step_ms_all"])
+        if drift is not None:
+            lines.append(f"  note: {name}: the step time went from {drift[0]:.1f} ms (median of the first third of the "
+                         f"timed steps) to {drift[1]:.1f} ms (the last third): the machine was not steady during "
+                         f"this run (other work on it?), so its step-time ratio is not a steady-state measurement")
     for method, name in zip(METHODS, headers[1:]):
         losses = methods[method]["train_losses"]
         bad = next((i for i, loss in enumerate(losses) if loss is None or not math.isfinite(loss)), None)

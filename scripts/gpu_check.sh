@@ -44,6 +44,14 @@ STAGES=() STATUSES=() SECONDS_TAKEN=() LOGS=()
 record() { STAGES+=("$1"); STATUSES+=("$2"); SECONDS_TAKEN+=("$3"); LOGS+=("$4"); }
 remaining() { echo $(( BUDGET - ($(date +%s) - START) )); }
 
+# What else the machine is doing, at the head of each stage's log: the H200 run's compare had one column's steps
+# rise from 38 to 62 ms while another's held (load average 2-4.6 on an otherwise idle machine), and nothing in the
+# logs said what ran beside it.
+machine_state() {
+  echo "# load average: $(cut -d' ' -f1-3 /proc/loadavg 2> /dev/null || echo unknown); busiest processes:"
+  ps -eo pid,pcpu,etimes,args --sort=-pcpu 2> /dev/null | head -6 | cut -c1-160 | sed 's/^/#   /'
+}
+
 # run_stage NAME LIMIT_S LOGFILE CMD...: runs CMD under timeout (the smaller of LIMIT_S and the budget left).
 run_stage() {
   local name=$1 limit=$2 log=$3
@@ -57,7 +65,7 @@ run_stage() {
   fi
   (( limit > left - 10 )) && limit=$(( left - 10 ))
   echo "== $name (limit ${limit}s): $*"
-  echo "\$ $*" > "$OUTDIR/$log"
+  { echo "\$ $*"; machine_state; } > "$OUTDIR/$log"
   local t0 rc status
   t0=$(date +%s)
   timeout --kill-after=10 "$limit" "$@" >> "$OUTDIR/$log" 2>&1

@@ -190,6 +190,10 @@ def test_summary_of_a_compare_json_with_a_diverged_run():
     compare = {"methods": {"full": {**run, "eval_loss": None}, "lora_torch": run, "lora_fused": run}, "inference": None}
     rows = {row[0]: row[1:] for row in table.summary_compare_rows(compare)}
     assert rows["eval loss after training"] == ("not finite", "0.500", "0.500")
+    assert rows["step ms, first -> last third"] == ("n/a", "n/a", "n/a")  # a run without its step list
+    compare["methods"]["lora_fused"] = {**run, "step_ms_all": [37.7, 43.8, 58.9, 46.9, 48.5, 40.8, 61.8, 62.5, 63.6]}
+    rows = {row[0]: row[1:] for row in table.summary_compare_rows(compare)}
+    assert rows["step ms, first -> last third"] == ("n/a", "n/a", "43.8 -> 62.5")
 
 
 @pytest.mark.gpu

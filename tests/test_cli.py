@@ -264,6 +264,11 @@ def test_gpu_check_dry_run(tmp_path):
     tail = out[out.index("what (worst case)"):]
     assert "compare (" in tail and "stage" in tail and "0 stage(s) not ok" in tail
     assert json.loads((tmp_path / "compare.json").read_text())["config"]["model_size"] == "tiny"
+    # each stage's log says what else the machine was doing when it started
+    head = (tmp_path / "compare.log").read_text().splitlines()[:3]
+    assert head[0].startswith("$ ") and "compare" in head[0], head
+    assert re.fullmatch(r"# load average: \S+ \S+ \S+; busiest processes:", head[1]), head
+    assert head[2].split()[:4] == ["#", "PID", "%CPU", "ELAPSED"], head
     profile = (tmp_path / "profile.log").read_text()
     assert "=== lora_linear fwd+bwd, backend torch" in profile
     assert "\nERROR: " not in profile  # the script's own failure line (the profiler may log "ERROR:<date>" lines)

@@ -162,6 +162,7 @@ def test_each_table_row_shows_its_own_measurement(result):
         "activations saved for bwd": with_ratio("saved_activation_bytes"),
         "peak memory / step [1]": with_ratio("peak_step_bytes"),
         "step time (median)": with_ratio("step_ms_median", lambda ms: f"{ms:.1f} ms"),
+        "step time (min - max)": lambda run, name: f"{min(run['step_ms_all']):.1f} - {max(run['step_ms_all']):.1f} ms",
         "tokens / s": lambda run, name: f"{run['tokens_per_s']:,.0f}",
         "checkpoint on disk [2]": lambda run, name: fmt_bytes(run["checkpoint_bytes"])
         + ("" if name == "full" else ratio(run["checkpoint_bytes"], full["checkpoint_bytes"])),
@@ -196,6 +197,29 @@ def test_parameter_bytes_and_printed_ratios_follow_the_runs(result):
         assert methods["lora_torch"][key] / full[key] < 0.5  # so an inverted ratio cannot print the same text
 
 
+def test_a_column_whose_steps_drift_is_named(result):
+    """A column whose timed steps got slower during its run (the H200's fused column rose from 37.7 to 61.5 ms
+    while full fine-tuning's held at 39-40 ms) gets a note with the first and last thirds' medians; steady columns,
+    and noise within STEP_DRIFT_LIMIT, get none."""
+    import copy
+    drifting = copy.deepcopy(result)
+    rising = [40.0, 41.0, 39.0, 44.0, 46.0, 45.0, 60.0, 62.0, 61.0]  # thirds' medians 40 and 61
+    steady = [40.0, 43.0, 39.0, 41.0, 38.0, 42.0, 40.5, 39.5, 43.5]  # within 10% third to third
+    drifting["methods"]["full"]["step_ms_all"] = steady
+    drifting["methods"]["lora_torch"]["step_ms_all"] = [2 * ms for ms in steady]
+    drifting["methods"]["lora_fused"]["step_ms_all"] = rising
+    notes = [line for line in compare.format_compare(drifting).splitlines() if "step time went from" in line]
+    fused = drifting["backends"]["fused"]
+    assert notes == [f"  note: LoRA, {fused} (fused): the step time went from 40.0 ms (median of the first third of "
+                     "the timed steps) to 61.0 ms (the last third): the machine was not steady during this run (other "
+                     "work on it?), so its step-time ratio is not a steady-state measurement"]
+    drifting["methods"]["lora_fused"]["step_ms_all"] = rising[::-1]  # faster towards the end: named too
+    assert "went from 61.0 ms" in compare.format_compare(drifting)
+    assert compare.step_time_drift([40.0, 40.0, 40.0, 40.0, 44.1, 44.1]) == (40.0, 44.1)
+    assert compare.step_time_drift([40.0, 40.0, 40.0, 40.0, 43.9, 43.9]) is None
+    assert compare.step_time_drift([10.0, 10.0, 90.0, 90.0, 90.0]) is None  # under 6 steps: no thirds to compare
+
+
 def test_a_diverged_run_is_named_and_its_json_stays_standard(result):
     """Pure float16 full fine-tuning goes to nan after one AdamW step (its float16 state rounds eps and small squared
     gradients to 0): the table had printed "5.178 -> nan" with no word, and --json / --save wrote bare NaN, which
@@ -208,7 +232,8 @@ def test_a_diverged_run_is_named_and_its_json_stays_standard(result):
     full["eval_loss"] = math.nan
     text = compare.format_compare(diverged)
     assert "note: full fine-tuning: the training loss is not finite from step 2 on (float16 AdamW state" in text
-    assert "note: LoRA" not in text
+    assert [line for line in text.splitlines() if "not finite" in line] == [
+        next(line for line in text.splitlines() if line.startswith("  note: full fine-tuning: the training loss"))]
     assert "not finite" not in compare.format_compare(result)
 
     def refuse(constant):
