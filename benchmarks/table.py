@@ -190,14 +190,22 @@ def print_summary(outdir, out=sys.stdout):
             if row["kind"] == "error":
                 out.write(f"ERROR {row['backend']} in '{row['section']}' ({row['shape']}): {row['note']}\n")
     if os.path.exists(compare_path):
-        compare = _load(compare_path)
-        cfg = compare["config"]
-        out.write(f"\ncompare ({compare['model']['name']}, {cfg['dtype']}, r={cfg['rank']}, "
-                  f"{compare['task']['tokens_per_step']} tokens/step, {cfg['steps']} steps):\n")
-        _print_table(["", "full FT", "LoRA torch", f"LoRA {compare['backends']['fused']}"],
-                     summary_compare_rows(compare), out)
+        _print_compare(_load(compare_path), out)
     else:
         out.write(f"compare: no {compare_path}\n")
+    # gpu_check's last stage, `compare --compile`, when the budget left time for it
+    compiled_path = os.path.join(outdir, "compare_compiled.json")
+    if os.path.exists(compiled_path):
+        _print_compare(_load(compiled_path), out)
+
+
+def _print_compare(compare, out):
+    cfg = compare["config"]
+    out.write(f"\ncompare ({compare['model']['name']}, {cfg['dtype']}, r={cfg['rank']}, "
+              f"{compare['task']['tokens_per_step']} tokens/step, {cfg['steps']} steps"
+              f"{', every decoder layer compiled' if cfg.get('compile') else ''}):\n")
+    _print_table(["", "full FT", "LoRA torch", f"LoRA {compare['backends']['fused']}"],
+                 summary_compare_rows(compare), out)
 
 
 def main(argv=None):

@@ -136,6 +136,9 @@ def _add_compare_parser(sub):
                                                                f"default {cpu['infer_reps']} / {gpu['infer_reps']})")
     run.add_argument("--seed", type=int, default=0, help="seed of the init, the task and the data (default 0)")
     run.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's)")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile every decoder layer of the three models (compiled in the warm-up steps): "
+                          "steps without Python's per-op host time, which dominates a small model's eager step")
     out = p.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print the measurements as JSON instead of the table")
     out.add_argument("--save", metavar="PATH", help="also write the JSON to PATH")
@@ -234,7 +237,7 @@ def run_compare_command(args):
         use_rslora=args.rslora, targets=args.targets, steps=args.steps, warmup=args.warmup,
         batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype, device=args.device, backend=args.backend,
         lr=args.lr, lora_lr=args.lora_lr, infer_reps=args.infer_reps, seed=args.seed, threads=args.threads,
-        progress=not args.no_progress)
+        compile=args.compile, progress=not args.no_progress)
     try:
         config = config.resolved()
         compare.fused_backend_for(config)

@@ -399,6 +399,9 @@ class CompareConfig:
     infer_reps: int = None
     seed: int = 0
     threads: int = None  # torch.set_num_threads for the run (CPU); None keeps torch's default
+    # torch.compile every decoder layer of all three models (see _compile_layers): without Python's per-op host time,
+    # which a small model's eager step is made of, the methods differ by their GPU work
+    compile: bool = False
     progress: bool = False
 
     def resolved(self):
@@ -457,6 +460,10 @@ class CompareConfig:
             raise ValueError(f"compare: --alpha expected a finite number, got {cfg.alpha!r}")
         # a truthy string such as "no" had passed here, to be refused by inject_lora once the model was built
         cfg.use_rslora = check_flag("compare", "--rslora", cfg.use_rslora)
+        cfg.compile = check_flag("compare", "--compile", cfg.compile)
+        if cfg.compile and cfg.warmup < 1:
+            raise ValueError(f"compare: --compile expected --warmup >= 1 (the first steps compile, and are not timed), "
+                             f"got --warmup {cfg.warmup}")
         if isinstance(cfg.targets, str):  # tuple() had split it into letters, each "matching no nn.Linear"
             raise TypeError(f"compare: --targets expected a list or tuple of layer names, got the string "
                             f"{cfg.targets!r} (one name: ({cfg.targets!r},))")
@@ -525,6 +532,16 @@ def environment(device):
 METHODS = ("full", "lora_torch", "lora_fused")
 
 
+def _compile_layers(model):
+    """torch.compile each decoder layer in place. The layers share their code, so dynamo compiles it once for all of
+    them (a layer's parameters are graph inputs): the compile time of one layer, not of the model. Dynamo's caches
+    are cleared first, so each method compiles its own graphs: the three methods' variants of one layer's code
+    (backends, LoRA or not, training or eval, merged) would pass its recompile limit, beyond which it runs eagerly."""
+    torch._dynamo.reset()
+    for layer in model.layers:
+        layer.compile()
+
+
 def _build(method, cfg, init_state, fused_backend):
     device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
     with torch.device("meta"):
@@ -536,6 +553,8 @@ def _build(method, cfg, init_state, fused_backend):
         backend = "torch" if method == "lora_torch" else fused_backend
         inject_lora(model, list(cfg.targets), r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                     use_rslora=cfg.use_rslora, backend=backend)
+    if cfg.compile:
+        _compile_layers(model)
     return model
 
 
@@ -775,7 +794,9 @@ def _run_compare(cfg, progress_stream):
                                                         torch.Generator().manual_seed(cfg.seed + 4)))
 
     # One untimed step of each method first: lazily created library state (thread pools, kernel caches, Triton
-    # compilation) would otherwise land in the first measured run's memory and time.
+    # compilation, with --compile the compiler's own state) would otherwise land in the first measured run's memory
+    # and time. With --compile each method compiles again in its run (_compile_layers clears dynamo's caches), mostly
+    # from inductor's cache of compiled code.
     for method in METHODS:
         model = _build(method, cfg, init_state, fused_backend)
         _train_step(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0), *batches[0])
@@ -823,7 +844,8 @@ def _run_compare(cfg, progress_stream):
             "activations": "storages autograd saves for backward in one training forward (saved_tensors_hooks), "
                            "parameters and their dtype casts (float32 LoRA factors in a 16-bit model) excluded",
             "step_time": f"median wall time of steps {cfg.warmup + 1}..{cfg.steps} (device synchronised), "
-                         f"first {cfg.warmup} not timed",
+                         f"first {cfg.warmup} not timed" + (", every decoder layer compiled with torch.compile in "
+                                                            "the first step" if cfg.compile else ""),
             "checkpoint": "real file sizes written to a temporary directory",
             "inference": f"median of {cfg.infer_reps} forward passes after 2 warm-up passes, eval mode, no grad",
         },
@@ -894,7 +916,8 @@ def format_compare(result):
         f"MLP {model['intermediate']}, vocab {model['vocab']}; {fmt_count(model['total_params'])} parameters, "
         f"random init (seed {cfg['seed']})",
         f"task: {task['kind']} over {task['task_vocab']} tokens; batch {cfg['batch_size']} x seq {cfg['seq_len']} = "
-        f"{task['tokens_per_step']} tokens/step; {cfg['steps']} AdamW steps ({cfg['warmup']} warm-up, not timed)",
+        f"{task['tokens_per_step']} tokens/step; {cfg['steps']} AdamW steps ({cfg['warmup']} warm-up, not timed)"
+        + ("; every decoder layer compiled (torch.compile)" if cfg.get("compile") else ""),
         f"LoRA: r={cfg['rank']}, alpha={cfg['alpha']:g}, scaling {_scaling_text(cfg)}, dropout {cfg['dropout']:g} on "
         f"{','.join(cfg['targets'])} ({methods['lora_torch']['lora_layers']} layers); "
         f"lr {cfg['lr']:g} (full) / {cfg['lora_lr']:g} (LoRA)",

@@ -3,15 +3,16 @@
 # (>= 2.11), triton (>= 3.6), pytest, pytest-benchmark, peft, transformers and ninja (hypothesis is optional: the
 # property tests, CPU-only anyway, are skipped without it):
 #
-#   bash scripts/gpu_check.sh OUTDIR            # build with CUDA, GPU tests, bench, compare, profile, sweep
+#   bash scripts/gpu_check.sh OUTDIR            # build with CUDA, GPU tests, bench, compare, profile, sweep,
+#                                               # compare --compile
 #   bash scripts/gpu_check.sh OUTDIR --dry-run  # any machine: checks the steps (bench --quick and compare tiny on
 #                                               # CPU), prints the build and test commands instead of running them
 #
 # Every stage runs under `timeout` inside one time budget (GPU_CHECK_BUDGET seconds, default 500, so the whole run
-# ends within 9 minutes on an H100); each stage's output goes to OUTDIR/<stage>.log; the bench parts, compare and
-# the grouped sweep also write OUTDIR/train.json, bench.json, grouped.json, compare.json and sweep.json. The key
-# numbers and a table of the stages come last (also in OUTDIR/summary.txt). Exit status: 0 when every stage ran and
-# passed (a stage skipped because the budget is spent counts as not ok).
+# ends within 9 minutes on an H100); each stage's output goes to OUTDIR/<stage>.log; the bench parts, both compares
+# and the grouped sweep also write OUTDIR/train.json, bench.json, grouped.json, compare.json, sweep.json and
+# compare_compiled.json. The key numbers and a table of the stages come last (also in OUTDIR/summary.txt). Exit
+# status: 0 when every stage ran and passed (a stage skipped because the budget is spent counts as not ok).
 # Environment: PYTHON (default: python, else python3), MAX_JOBS (default 16), GPU_CHECK_BUDGET.
 # Through this workplace's device tool, which returns at most 8 files from $OUT, pack the logs into one:
 #   bash scripts/gpu_check.sh /tmp/gc; tar czf "$OUT/gc.tgz" -C /tmp gc
@@ -23,7 +24,7 @@ OUTDIR="" DRY_RUN=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     -*) usage ;;
     *) [ -z "$OUTDIR" ] || usage; OUTDIR=$arg ;;
   esac
@@ -165,6 +166,9 @@ if (( DRY_RUN )); then
   run_stage profile 120 profile.log "$PY" benchmarks/profile_kernels.py --device cpu --quick
   run_stage sweep 120 sweep.log "$PY" -m lora_kernels bench --quick --device cpu --threads 1 --sections sweep \
     --no-progress --save "$OUTDIR/sweep.json"
+  run_stage compare_compiled 120 compare-compiled.log "$PY" -m lora_kernels compare --compile --model-size tiny \
+    --device cpu --steps 4 --warmup 1 --seq-len 32 --infer-reps 3 --threads 1 --no-progress \
+    --save "$OUTDIR/compare_compiled.json"
 else
   # the bench in three parts with their own limits, the most §8 rows first, so a slow part (autotuning on a cold
   # Triton cache) cannot cost the others: train (4 rows: fwd+bwd vs the GEMMs, vs PEFT, vs full FT, memory), then
@@ -187,6 +191,10 @@ else
   # grouped grid (token counts x adapters, mixed ranks), CUDA-graph timed
   run_stage profile 45 profile.log "$PY" benchmarks/profile_kernels.py
   run_stage sweep 90 sweep.log "$PY" -m lora_kernels bench --sections sweep --no-progress --save "$OUTDIR/sweep.json"
+  # last, with what the budget leaves: the same comparison with every decoder layer compiled (no Python host time
+  # per op, which an eager step of this model is largely made of); its compile time here is unmeasured
+  run_stage compare_compiled 150 compare-compiled.log "$PY" -m lora_kernels compare --compile --no-progress \
+    --save "$OUTDIR/compare_compiled.json"
 fi
 
 # 6. the short table, last
@@ -194,10 +202,10 @@ fi
   echo
   "$PY" benchmarks/table.py --summary "$OUTDIR" || echo "(no summary: benchmarks/table.py failed)"
   echo
-  printf '%-12s %-22s %6s  %s\n' stage status seconds log
+  printf '%-16s %-22s %6s  %s\n' stage status seconds log
   failed=0
   for i in "${!STAGES[@]}"; do
-    printf '%-12s %-22s %6s  %s\n' "${STAGES[$i]}" "${STATUSES[$i]}" "${SECONDS_TAKEN[$i]}" "${LOGS[$i]}"
+    printf '%-16s %-22s %6s  %s\n' "${STAGES[$i]}" "${STATUSES[$i]}" "${SECONDS_TAKEN[$i]}" "${LOGS[$i]}"
     case "${STATUSES[$i]}" in ok|dry\ run*) ;; *) failed=$((failed + 1)) ;; esac
   done
   echo "gpu_check: $failed stage(s) not ok; total $(( $(date +%s) - START ))s; logs in $OUTDIR"

@@ -258,11 +258,13 @@ def test_gpu_check_dry_run(tmp_path):
     assert "== build (dry run, not run)" in out and "--no-build-isolation" in out
     assert "== tests (dry run, not run)" in out and "cuda or gpu" in out
     for log in ("env.log", "info.log", "train.log", "bench.log", "grouped.log", "profile.log", "sweep.log",
-                "compare.log", "train.json", "bench.json", "grouped.json", "sweep.json", "compare.json", "summary.txt"):
+                "compare.log", "train.json", "bench.json", "grouped.json", "sweep.json", "compare.json", "summary.txt",
+                "compare-compiled.log", "compare_compiled.json"):
         assert (tmp_path / log).exists(), log
     # the short table comes last: the key numbers, then the stages
     tail = out[out.index("what (worst case)"):]
     assert "compare (" in tail and "stage" in tail and "0 stage(s) not ok" in tail
+    assert "steps, every decoder layer compiled):" in tail  # the compiled compare's summary, after the eager one
     assert json.loads((tmp_path / "compare.json").read_text())["config"]["model_size"] == "tiny"
     # each stage's log says what else the machine was doing when it started
     head = (tmp_path / "compare.log").read_text().splitlines()[:3]
@@ -304,13 +306,14 @@ def test_compare_passes_every_option_to_the_run(monkeypatch):
     from lora_kernels import compare
     options = ["compare", "--model-size", "tiny", "--hidden", "48", "--layers", "3", "--heads", "2",
                "--intermediate", "40", "--vocab", "100", "--rank", "3", "--alpha", "5", "--dropout", "0.1", "--rslora",
-               "--targets", "q_proj, v_proj", "--steps", "5", "--warmup", "0", "--batch-size", "3", "--seq-len", "7",
+               "--targets", "q_proj, v_proj", "--steps", "5", "--warmup", "1", "--batch-size", "3", "--seq-len", "7",
                "--dtype", "bf16", "--device", "cpu", "--backend", "torch", "--lr", "0.01", "--lora-lr", "0.02",
-               "--infer-reps", "4", "--seed", "9", "--threads", "1", "--no-progress"]
+               "--infer-reps", "4", "--seed", "9", "--threads", "1", "--compile", "--no-progress"]
     expected = compare.CompareConfig(
         model_size="tiny", hidden=48, layers=3, heads=2, intermediate=40, vocab=100, rank=3, alpha=5.0, dropout=0.1,
-        use_rslora=True, targets=("q_proj", "v_proj"), steps=5, warmup=0, batch_size=3, seq_len=7, dtype="bfloat16",
-        device="cpu", backend="torch", lr=0.01, lora_lr=0.02, infer_reps=4, seed=9, threads=1, progress=False)
+        use_rslora=True, targets=("q_proj", "v_proj"), steps=5, warmup=1, batch_size=3, seq_len=7, dtype="bfloat16",
+        device="cpu", backend="torch", lr=0.01, lora_lr=0.02, infer_reps=4, seed=9, threads=1, compile=True,
+        progress=False)
     assert _config_of(options, monkeypatch, compare, "run_compare") == expected.resolved()
     # without options: the library's defaults (CompareConfig's), with the progress bar on
     default = compare.CompareConfig(device="cpu", progress=True).resolved()

@@ -347,6 +347,34 @@ def test_a_config_value_of_the_wrong_type_names_the_option(change, error, messag
         dataclasses.replace(TINY, **change).resolved()
 
 
+def test_compile_is_a_flag_and_needs_a_warmup_step():
+    with pytest.raises(TypeError, match="compare: --compile expected a bool, got 'yes'"):
+        dataclasses.replace(TINY, compile="yes").resolved()
+    with pytest.raises(ValueError, match=r"compare: --compile expected --warmup >= 1 \(the first steps compile, and "
+                                         r"are not timed\), got --warmup 0"):
+        dataclasses.replace(TINY, compile=True, warmup=0).resolved()
+    assert dataclasses.replace(TINY, compile=1).resolved().compile is True
+
+
+def test_compiled_run_trains_as_the_eager_one_without_graph_breaks(result):
+    """--compile compiles every decoder layer of the three models: the same training as the eager run (same init,
+    data and maths; inductor's fusions round differently), said in the header and the JSON, and every layer variant
+    (LoRA or not, the first layer's input without grad, eval, the two backends and merged at inference) compiled
+    whole: no graph break, and no frame left to run eagerly past dynamo's recompile limit."""
+    from torch._dynamo.utils import counters
+    counters.clear()
+    compiled = run_compare(dataclasses.replace(TINY, compile=True))
+    assert counters["stats"]["unique_graphs"] >= 3 * 2  # at least a training and an eval graph per method
+    assert counters["frames"]["ok"] == counters["frames"]["total"]
+    assert not counters["graph_break"] and not counters["unimplemented"], dict(counters)
+    for name, run in compiled["methods"].items():
+        assert run["train_losses"] == pytest.approx(result["methods"][name]["train_losses"], rel=1e-3), name
+    assert compiled["config"]["compile"] is True and result["config"]["compile"] is False
+    assert compare.format_compare(compiled).splitlines()[2].endswith("; every decoder layer compiled (torch.compile)")
+    assert "compiled" not in compare.format_compare(result).splitlines()[2]
+    assert compiled["inference"]["merged_vs_unmerged_rel_diff"] < 1e-4
+
+
 def test_few_steps_alone_lower_the_default_warmup():
     # --steps 3 without --warmup had been refused: "--warmup expected an int in [0, steps=3), got 3"
     default = compare.DEVICE_DEFAULTS["cpu"]["warmup"]
