@@ -844,8 +844,9 @@ def _run_compare(cfg, progress_stream):
             "activations": "storages autograd saves for backward in one training forward (saved_tensors_hooks), "
                            "parameters and their dtype casts (float32 LoRA factors in a 16-bit model) excluded",
             "step_time": f"median wall time of steps {cfg.warmup + 1}..{cfg.steps} (device synchronised), "
-                         f"first {cfg.warmup} not timed" + (", every decoder layer compiled with torch.compile in "
-                                                            "the first step" if cfg.compile else ""),
+                         f"first {cfg.warmup} not timed" + (", every decoder layer compiled with torch.compile (the "
+                                                            "training graphs in the first step)" if cfg.compile
+                                                            else ""),
             "checkpoint": "real file sizes written to a temporary directory",
             "inference": f"median of {cfg.infer_reps} forward passes after 2 warm-up passes, eval mode, no grad",
         },
@@ -966,8 +967,9 @@ def format_compare(result):
         drift = step_time_drift(methods[method]["step_ms_all"])
         if drift is not None:
             lines.append(f"  note: {name}: the step time went from {drift[0]:.1f} ms (median of the first third of the "
-                         f"timed steps) to {drift[1]:.1f} ms (the last third): the machine was not steady during "
-                         f"this run (other work on it?), so its step-time ratio is not a steady-state measurement")
+                         f"timed steps) to {drift[1]:.1f} ms (the last third): the run was not steady (other work on "
+                         f"the machine, or too few --warmup steps?), so its step-time ratio is not a steady-state "
+                         f"measurement")
     for method, name in zip(METHODS, headers[1:]):
         losses = methods[method]["train_losses"]
         bad = next((i for i, loss in enumerate(losses) if loss is None or not math.isfinite(loss)), None)

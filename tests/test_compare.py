@@ -211,8 +211,8 @@ def test_a_column_whose_steps_drift_is_named(result):
     notes = [line for line in compare.format_compare(drifting).splitlines() if "step time went from" in line]
     fused = drifting["backends"]["fused"]
     assert notes == [f"  note: LoRA, {fused} (fused): the step time went from 40.0 ms (median of the first third of "
-                     "the timed steps) to 61.0 ms (the last third): the machine was not steady during this run (other "
-                     "work on it?), so its step-time ratio is not a steady-state measurement"]
+                     "the timed steps) to 61.0 ms (the last third): the run was not steady (other work on the machine, "
+                     "or too few --warmup steps?), so its step-time ratio is not a steady-state measurement"]
     drifting["methods"]["lora_fused"]["step_ms_all"] = rising[::-1]  # faster towards the end: named too
     assert "went from 61.0 ms" in compare.format_compare(drifting)
     assert compare.step_time_drift([40.0, 40.0, 40.0, 40.0, 44.1, 44.1]) == (40.0, 44.1)
