@@ -1,5 +1,6 @@
 """Which kernels take the time: torch.profiler tables of one lora_linear fwd+bwd and of grouped forwards (decode
-and prefill) for every available backend, at design.md §8's shapes on a GPU (bf16, K = N = 4096, r = 16).
+and prefill) for every available backend, at design.md §8's shapes on a GPU (bf16, K = N = 4096, r = 16), and of one
+layer of `compare`'s model (full fine-tuning's and each backend's LoRA fwd+bwd: host time against kernel time).
 
 The bench gives ratios; this gives the per-kernel breakdown behind them (the first H100 run had only the ratios, and
 the causes had to be read from the code).
@@ -22,6 +23,10 @@ SHAPES = {  # (training M, hidden, rank, decode tokens, prefill tokens, adapters
     "gpu": (8192, 4096, 16, 64, 4096, 16),
     "quick": (64, 64, 8, 8, 32, 4),
 }
+# One layer of `lora-kernels compare`'s default GPU model (hidden 2048, 4096 tokens per step), (M, hidden): its eager
+# step looked host-bound on the H200 (a LoRA step 0.95x full fine-tuning's, the fused column unsteady); the tables'
+# "Self CPU time total" against "Self CUDA time total" say whether a layer's host path outlasts its kernels.
+COMPARE_LAYER = {"gpu": (4096, 2048), "quick": (32, 32)}
 ROW_LIMIT = 12  # kernels shown per table
 
 
@@ -72,6 +77,18 @@ def main(argv=None):
         tables.append((f"lora_linear fwd+bwd, backend {name}, M={m}",
                        lambda name=name: torch.autograd.grad(lora_linear(x, weight, lora_a, lora_b, 2.0,
                                                                          backend=name), (x, lora_a, lora_b), dy)))
+    layer_m, layer_hidden = COMPARE_LAYER["quick" if args.quick else "gpu"]
+    lx = torch.randn(layer_m, layer_hidden, **factory, requires_grad=True)
+    lw = (torch.randn(layer_hidden, layer_hidden, **factory) / math.sqrt(layer_hidden)).requires_grad_(True)
+    la = (torch.randn(r, layer_hidden, **factory) / math.sqrt(layer_hidden)).requires_grad_(True)
+    lb = (torch.randn(layer_hidden, r, **factory) / math.sqrt(r)).requires_grad_(True)
+    ldy = torch.randn(layer_m, layer_hidden, **factory)
+    tables.append((f"full fine-tuning layer fwd+bwd (F.linear, dX and dW), M={layer_m}, K=N={layer_hidden}",
+                   lambda: torch.autograd.grad(torch.nn.functional.linear(lx, lw), (lx, lw), ldy)))
+    for name in names:
+        tables.append((f"lora_linear fwd+bwd, backend {name}, M={layer_m}, K=N={layer_hidden} (compare's layer)",
+                       lambda name=name: torch.autograd.grad(lora_linear(lx, lw.detach(), la, lb, 2.0, backend=name),
+                                                             (lx, la, lb), ldy)))
     stacked_a = torch.randn(adapters, r, hidden, **factory) / math.sqrt(hidden)
     stacked_b = torch.randn(adapters, hidden, r, **factory) / math.sqrt(r)
     scalings = torch.full((adapters,), 2.0, device=device)

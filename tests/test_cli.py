@@ -273,6 +273,8 @@ def test_gpu_check_dry_run(tmp_path):
     assert head[2].split()[:4] == ["#", "PID", "%CPU", "ELAPSED"], head
     profile = (tmp_path / "profile.log").read_text()
     assert "=== lora_linear fwd+bwd, backend torch" in profile
+    assert "=== full fine-tuning layer fwd+bwd (F.linear, dX and dW), M=32, K=N=32" in profile
+    assert "=== lora_linear fwd+bwd, backend cpu, M=32, K=N=32 (compare's layer)" in profile
     assert "\nERROR: " not in profile  # the script's own failure line (the profiler may log "ERROR:<date>" lines)
 
 
