@@ -21,6 +21,7 @@ from lora_kernels import backends
 from lora_kernels.batch import LoRABatch
 from lora_kernels.compare import DTYPES, ProgressBar, environment, synchronize
 from lora_kernels.functional import CUDA_BWD_DY_KERNEL_MAX_WORK, lora_linear, multi_lora_linear
+from lora_kernels.ops import check_flag
 
 # Shapes (design.md §8 on GPUs; scaled down on CPU so the whole sweep takes about two minutes on 2 cores).
 PRESETS = {
@@ -100,18 +101,28 @@ class BenchConfig:
     progress: bool = False
 
     def resolved(self):
+        """A copy with every None filled in from the device's preset and every value checked before any work: a
+        ValueError (a TypeError for a bool option that is no bool, or a list option that is a string or no list)
+        naming the option as the CLI spells it (train_m: --train-m)."""
         device = backends.parse_device("bench", self.device)
-        preset = PRESETS[device.type + ("_quick" if self.quick else "")]
-        cfg = dataclasses.replace(self, device=str(device))
+        quick = check_flag("bench", "--quick", self.quick)  # a truthy string such as "no" had picked the quick preset
+        preset = PRESETS[device.type + ("_quick" if quick else "")]
+        cfg = dataclasses.replace(self, device=str(device), quick=quick)
         for name, value in preset.items():
             if getattr(cfg, name) is None:
                 setattr(cfg, name, value)
-        if cfg.dtype not in DTYPES:
+        cfg.progress = check_flag("bench", "progress", cfg.progress)
+        if not isinstance(cfg.dtype, str) or cfg.dtype not in DTYPES:
             raise ValueError(f"bench: --dtype expected one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
         cfg.dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(cfg.dtype, cfg.dtype)
         if cfg.backends is None:
             cfg.backends = tuple(b for b in backends.available_backends(device)
                                  if b != "reference" and not (b == "triton" and device.type == "cpu"))
+        cfg.backends = _listed("--backends", cfg.backends, "names")
+        unknown = [name for name in cfg.backends if name not in backends.BACKENDS]
+        if unknown:  # unavailable_reason's own message for these offers 'auto', which the bench has no rows for
+            raise ValueError(f"bench: --backends expected names from {', '.join(backends.BACKENDS)}, got "
+                             f"{','.join(map(str, unknown))}")
         cfg.backends = tuple(dict.fromkeys(cfg.backends))  # a name given twice is measured once
         for name in cfg.backends:
             reason = backends.unavailable_reason(name, device)
@@ -120,24 +131,60 @@ class BenchConfig:
         for name in ("hidden", "rank", "train_m", "prefill_tokens", "reps", "copy_mb"):
             value = getattr(cfg, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"bench: {name} expected an int >= 1, got {value!r}")
-        for name in ("ranks", "ms", "sweep_tokens", "sweep_adapters"):  # a value given twice is measured once
-            setattr(cfg, name, tuple(dict.fromkeys(getattr(cfg, name))))
-        sections = tuple(cfg.sections or DEFAULT_SECTIONS)
+                raise ValueError(f"bench: {_option(name)} expected an int >= 1, got {value!r}")
+        # a negative warm-up had run none, and a bool where an int belongs had passed as 0 or 1
+        if isinstance(cfg.warmup, bool) or not isinstance(cfg.warmup, int) or cfg.warmup < 0:
+            raise ValueError(f"bench: --warmup expected an int >= 0, got {cfg.warmup!r}")
+        # threads 0 had kept torch's thread count, as None does
+        if cfg.threads is not None and (isinstance(cfg.threads, bool) or not isinstance(cfg.threads, int)
+                                        or cfg.threads < 1):
+            raise ValueError(f"bench: --threads expected an int >= 1, got {cfg.threads!r}")
+        if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not -2 ** 63 <= cfg.seed < 2 ** 64:
+            raise ValueError(f"bench: --seed expected an int in [-2**63, 2**64 - 1] (torch's seeds are 64-bit), got "
+                             f"{cfg.seed!r}")
+        for name in ("ranks", "ms", "sweep_tokens", "sweep_adapters"):
+            values = _listed(_option(name), getattr(cfg, name), "ints")
+            # shapes and counts: --ms 0 had timed empty tensors, --sweep-adapters 0 ended the run in a
+            # ZeroDivisionError, a negative entry, a float or a bool in a torch error
+            if any(isinstance(value, bool) or not isinstance(value, int) or value < 1 for value in values):
+                raise ValueError(f"bench: {_option(name)} expected ints >= 1, got {values!r}")
+            setattr(cfg, name, tuple(dict.fromkeys(values)))  # a value given twice is measured once
+        sections = DEFAULT_SECTIONS if cfg.sections is None else _listed("--sections", cfg.sections, "names")
         if sections == ("all",):
             sections = SECTIONS
         unknown = [name for name in sections if name not in SECTIONS]
-        if unknown or not sections:
+        if unknown:
+            misspelt = [str(name) for name in unknown if name != "all"]
             raise ValueError(f"bench: --sections expected names from {', '.join(SECTIONS)} (or all alone), "
-                             f"got {','.join(sections) or 'none'}"
-                             + (f" (unknown: {','.join(n for n in unknown if n != 'all')})"
-                                if set(unknown) - {"all"} else " (all goes alone)" if unknown else ""))
+                             f"got {','.join(map(str, sections))}"
+                             + (f" (unknown: {','.join(misspelt)})" if misspelt else " (all goes alone)"))
         cfg.sections = tuple(name for name in SECTIONS if name in sections)
         if "sweep" in cfg.sections and not _sweep_points(cfg):
             raise ValueError(f"bench: --sweep-adapters {','.join(map(str, cfg.sweep_adapters))} expected a count <= "
                              f"one of --sweep-tokens {','.join(map(str, cfg.sweep_tokens))} (the sweep skips points "
                              f"with more distinct adapters than tokens, so it would have no grid)")
         return cfg
+
+
+def _option(name):
+    """A BenchConfig field as the CLI spells its option: train_m -> --train-m."""
+    return "--" + name.replace("_", "-")
+
+
+def _listed(option, value, kind):
+    """value (a list, tuple or other iterable of `kind`, "names" or "ints") as a tuple. A string, which tuple() had
+    split into letters (ranks="16" had measured ranks "1" and "6"), a single value and an empty list are refused
+    naming the option."""
+    if isinstance(value, (str, bytes)):
+        one = f" (one name: ({value!r},))" if kind == "names" else ""
+        raise TypeError(f"bench: {option} expected a list or tuple of {kind}, got the string {value!r}{one}")
+    try:
+        values = tuple(value)
+    except TypeError:
+        raise TypeError(f"bench: {option} expected a list or tuple of {kind}, got {value!r}") from None
+    if not values:  # an empty list had left its rows out silently
+        raise ValueError(f"bench: {option} expected a non-empty list of {kind}, got {value!r}")
+    return values
 
 
 # ------------------------------------------------------------------------------------------------ timing

@@ -3,6 +3,7 @@ the host-overhead timer, the CUDA dY-once comparison row (its C++ op also has a 
 as CUDA-graph replays. Structure and arithmetic only: no timing is asserted."""
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,98 @@ def test_a_repeated_name_or_value_is_measured_once():
         _tiny(sections=("host", "fast")).resolved()
     with pytest.raises(ValueError, match=r"got all,host \(all goes alone\)"):
         _tiny(sections=("all", "host")).resolved()
+
+
+@pytest.mark.parametrize("change, message", [
+    # named as the CLI spells them (the messages had said "bench: train_m expected ...")
+    ({"hidden": True}, "bench: --hidden expected an int >= 1, got True"),
+    ({"rank": 0}, "bench: --rank expected an int >= 1, got 0"),
+    ({"train_m": 0}, "bench: --train-m expected an int >= 1, got 0"),
+    ({"prefill_tokens": -1}, "bench: --prefill-tokens expected an int >= 1, got -1"),
+    ({"reps": "2"}, "bench: --reps expected an int >= 1, got '2'"),
+    ({"copy_mb": 1.5}, "bench: --copy-mb expected an int >= 1, got 1.5"),
+    ({"dtype": "float64"}, "bench: --dtype expected one of float32, fp32, bfloat16, bf16, float16, fp16, got 'float64'"),
+    ({"dtype": ["bf16"]}, "bench: --dtype expected one of"),  # had been "unhashable type: 'list'"
+    # a negative warm-up had run none; a bool had passed as 0 or 1 warm-up calls
+    ({"warmup": -1}, "bench: --warmup expected an int >= 0, got -1"),
+    ({"warmup": True}, "bench: --warmup expected an int >= 0, got True"),
+    ({"warmup": 1.5}, "bench: --warmup expected an int >= 0, got 1.5"),  # had ended the run in a TypeError
+    ({"threads": 0}, "bench: --threads expected an int >= 1, got 0"),  # had kept torch's thread count
+    ({"threads": True}, "bench: --threads expected an int >= 1, got True"),  # had ended in torch's RuntimeError
+    ({"seed": 2 ** 64}, r"bench: --seed expected an int in [-2**63, 2**64 - 1] (torch's seeds are 64-bit), got "
+                        r"18446744073709551616"),  # had ended in "Overflow when unpacking long long"
+    ({"seed": -2 ** 63 - 1}, "bench: --seed expected an int in"),
+    ({"seed": 1.5}, "bench: --seed expected an int in [-2**63, 2**64 - 1] (torch's seeds are 64-bit), got 1.5"),
+    ({"seed": True}, "got True"),  # these two had seeded torch with 1
+    # shapes and counts: --ms 0 had timed empty tensors, --ranks 0 printed error rows, --sweep-adapters 0 ended the
+    # run in a ZeroDivisionError, the others in torch errors
+    ({"ms": (1, 0)}, "bench: --ms expected ints >= 1, got (1, 0)"),
+    ({"ms": [-4]}, "bench: --ms expected ints >= 1, got (-4,)"),
+    ({"ms": (True,)}, "bench: --ms expected ints >= 1, got (True,)"),
+    ({"ranks": (0,)}, "bench: --ranks expected ints >= 1, got (0,)"),
+    ({"ranks": (8, 16.0)}, "bench: --ranks expected ints >= 1, got (8, 16.0)"),
+    ({"ranks": ("8",)}, "bench: --ranks expected ints >= 1, got ('8',)"),
+    ({"sweep_tokens": (0,)}, "bench: --sweep-tokens expected ints >= 1, got (0,)"),
+    ({"sweep_adapters": (0,)}, "bench: --sweep-adapters expected ints >= 1, got (0,)"),  # checked outside the sweep too
+    # an empty list had left its rows out (no forward rows, no rank sweep, a table of the LoRABatch row alone)
+    ({"ms": ()}, "bench: --ms expected a non-empty list of ints, got ()"),
+    ({"ranks": []}, "bench: --ranks expected a non-empty list of ints, got []"),
+    ({"sweep_tokens": ()}, "bench: --sweep-tokens expected a non-empty list of ints, got ()"),
+    ({"sweep_adapters": ()}, "bench: --sweep-adapters expected a non-empty list of ints, got ()"),
+    ({"backends": ()}, "bench: --backends expected a non-empty list of names, got ()"),
+    ({"sections": ()}, "bench: --sections expected a non-empty list of names, got ()"),  # had run the default ones
+    # "auto" had been refused as "unknown backend 'auto'; expected one of reference, ..., cpu or 'auto'"
+    ({"backends": ("auto",)}, "bench: --backends expected names from reference, torch, triton, cuda, cpu, got auto"),
+    ({"backends": ("torch", "nope", None)}, "bench: --backends expected names from reference, torch, triton, cuda, "
+                                            "cpu, got nope,None"),
+    ({"sections": (1,)}, "bench: --sections expected names from host, forward, train, grouped, decode, sweep (or all "
+                         "alone), got 1 (unknown: 1)"),  # had been "sequence item 0: expected str instance"
+])
+def test_bad_config_names_the_option(change, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _tiny(**change).resolved()
+
+
+@pytest.mark.parametrize("change, message", [
+    # a string had been split into letters: ranks "16" measured ranks "1" and "6" (then a TypeError deep in the run),
+    # backends "torch" was refused as "--backends 't' is not available"
+    ({"ranks": "16"}, "bench: --ranks expected a list or tuple of ints, got the string '16'"),
+    ({"ms": "1,4"}, "bench: --ms expected a list or tuple of ints, got the string '1,4'"),
+    ({"sweep_tokens": "16"}, "bench: --sweep-tokens expected a list or tuple of ints, got the string '16'"),
+    ({"sweep_adapters": b"4"}, "bench: --sweep-adapters expected a list or tuple of ints, got the string b'4'"),
+    ({"backends": "torch"}, "bench: --backends expected a list or tuple of names, got the string 'torch' (one name: "
+                            "('torch',))"),
+    ({"sections": "all"}, "bench: --sections expected a list or tuple of names, got the string 'all' (one name: "
+                          "('all',))"),
+    ({"ms": 16}, "bench: --ms expected a list or tuple of ints, got 16"),  # (16) for (16,)
+    # a truthy string had picked the quick preset, or shown the progress bar
+    ({"quick": "no"}, "bench: --quick expected a bool, got 'no'"),
+    ({"quick": None}, "bench: --quick expected a bool, got None"),
+    ({"progress": "no"}, "bench: progress expected a bool, got 'no'"),
+])
+def test_a_config_value_of_the_wrong_type_names_the_option(change, message):
+    with pytest.raises(TypeError, match=re.escape(message)):
+        _tiny(**change).resolved()
+
+
+def test_config_values_at_their_bounds_are_accepted_and_normalised():
+    cfg = _tiny(warmup=0, threads=None, seed=2 ** 64 - 1, ms=[1], ranks=range(1, 3), sweep_tokens=iter([1]),
+                sweep_adapters=(1,), backends=["torch"], sections=["host", "sweep"], quick=1, progress=0).resolved()
+    assert (cfg.warmup, cfg.threads, cfg.seed, cfg.ms, cfg.ranks, cfg.sweep_tokens, cfg.backends, cfg.sections) == (
+        0, None, 2 ** 64 - 1, (1,), (1, 2), (1,), ("torch",), ("host", "sweep"))
+    assert cfg.quick is True and cfg.progress is False
+    assert _tiny(seed=-2 ** 63, threads=1).resolved().seed == -2 ** 63
+    # quick picks the preset: 0 the full one, 1 the quick one, as False and True do
+    assert bench.BenchConfig(device="cpu", quick=0).resolved() == bench.BenchConfig(device="cpu").resolved()
+    assert bench.BenchConfig(device="cpu", quick=1).resolved().ms == bench.PRESETS["cpu_quick"]["ms"]
+
+
+@pytest.mark.parametrize("alias, name", [("fp32", "float32"), ("bf16", "bfloat16"), ("fp16", "float16")])
+def test_a_dtype_alias_resolves_to_its_full_name(alias, name):
+    # the run, the table and the JSON see the full name alone; run_bench resolves an already resolved config again
+    cfg = _tiny(dtype=alias).resolved()
+    assert cfg == _tiny(dtype=name).resolved() and cfg.dtype == name
+    assert cfg.resolved() == cfg
 
 
 def test_sweep_section_rows():
