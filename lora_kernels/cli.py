@@ -75,15 +75,19 @@ def _positive_int(text):
     return value
 
 
+def _comma_list(text, kind):
+    items = tuple(item.strip() for item in text.split(",") if item.strip())
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind}, got {text!r}")
+    return items
+
+
 def _name_list(text):
-    names = tuple(name.strip() for name in text.split(",") if name.strip())
-    if not names:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of names, got {text!r}")
-    return names
+    return _comma_list(text, "names")
 
 
-def _int_list(text):
-    return tuple(_positive_int(part) for part in _name_list(text))
+def _int_list(text):  # --ms '' had been refused as "expected a comma-separated list of names"
+    return tuple(_positive_int(part) for part in _comma_list(text, "integers"))
 
 
 def _add_compare_parser(sub):

@@ -340,6 +340,14 @@ def test_bench_passes_every_option_to_the_run(monkeypatch):
     (QUICK_BENCH + ["--ms", "1,0"], "argument --ms: expected an integer >= 1, got 0"),
     (QUICK_BENCH + ["--ranks", "8,x"], "argument --ranks: expected an integer, got 'x'"),
     (QUICK_BENCH + ["--backends", " , "], "argument --backends: expected a comma-separated list of names, got ' , '"),
+    # had said "a comma-separated list of names"
+    (QUICK_BENCH + ["--ms", ""], "argument --ms: expected a comma-separated list of integers, got ''"),
+    (QUICK_BENCH + ["--sweep-tokens", ","], "argument --sweep-tokens: expected a comma-separated list of integers, "
+                                            "got ','"),
+    (QUICK_BENCH + ["--ranks", "0"], "argument --ranks: expected an integer >= 1, got 0"),
+    (QUICK_BENCH + ["--sweep-adapters", "-1"], "argument --sweep-adapters: expected an integer >= 1, got -1"),
+    (QUICK_BENCH + ["--threads", "0"], "argument --threads: expected an integer >= 1, got 0"),
+    (QUICK_BENCH + ["--sections", ""], "argument --sections: expected a comma-separated list of names, got ''"),
     (TINY_COMPARE + ["--targets", ","], "argument --targets: expected a comma-separated list of names, got ','"),
     (TINY_COMPARE + ["--steps", "0"], "argument --steps: expected an integer >= 1, got 0"),
 ])
@@ -347,6 +355,26 @@ def test_malformed_option_values_are_refused_by_the_parser(capsys, command, mess
     with pytest.raises(SystemExit) as exit_info:
         cli.main(command)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--device", "gpu"], "bench: --device expected cpu or cuda, got 'gpu'"),
+    (["--sections", "fast"], "bench: --sections expected names from host, forward, train, grouped, decode, sweep (or "
+                             "all alone), got fast (unknown: fast)"),
+    (["--sections", "all,host"], "got all,host (all goes alone)"),
+    (["--sections", "sweep", "--sweep-tokens", "2", "--sweep-adapters", "4"],
+     "bench: --sweep-adapters 4 expected a count <= one of --sweep-tokens 2"),
+    # had been refused as "unknown backend 'auto'; expected one of reference, torch, triton, cuda, cpu or 'auto'"
+    (["--backends", "auto"], "bench: --backends expected names from reference, torch, triton, cuda, cpu, got auto"),
+    (["--backends", "torch,nope"], "bench: --backends expected names from reference, torch, triton, cuda, cpu, got "
+                                   "nope"),
+])
+def test_bench_bad_values_are_one_line_errors_before_the_run(capsys, monkeypatch, options, message):
+    from lora_kernels import bench
+    monkeypatch.setattr(bench, "run_bench", lambda *args, **kwargs: pytest.fail("the run started"))
+    assert cli.main(QUICK_BENCH + options) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lora-kernels bench: ") and message in err and len(err.splitlines()) == 1, err
 
 
 def test_bench_save_holds_the_rows_so_far_then_the_whole_result(monkeypatch, tmp_path):
