@@ -160,6 +160,14 @@ def test_config_values_at_their_bounds_are_accepted_and_normalised():
     assert bench.BenchConfig(device="cpu", quick=1).resolved().ms == bench.PRESETS["cpu_quick"]["ms"]
 
 
+def test_defaults_name_the_device_and_leave_out_reference_and_the_interpreter():
+    # the run, the table and the JSON get the device's name (None had been kept); the default backends are those that
+    # run here but the reference oracle and, on CPU, the Triton interpreter (minutes per row under TRITON_INTERPRET=1)
+    assert bench.BenchConfig().resolved().device == ("cuda" if torch.cuda.is_available() else "cpu")
+    with_extension = bench.backends.unavailable_reason("cpu", "cpu") is None
+    assert bench.BenchConfig(device="cpu").resolved().backends == (("torch", "cpu") if with_extension else ("torch",))
+
+
 @pytest.mark.parametrize("alias, name", [("fp32", "float32"), ("bf16", "bfloat16"), ("fp16", "float16")])
 def test_a_dtype_alias_resolves_to_its_full_name(alias, name):
     # the run, the table and the JSON see the full name alone; run_bench resolves an already resolved config again
