@@ -84,7 +84,8 @@ def test_a_repeated_name_or_value_is_measured_once():
     ({"prefill_tokens": -1}, "bench: --prefill-tokens expected an int >= 1, got -1"),
     ({"reps": "2"}, "bench: --reps expected an int >= 1, got '2'"),
     ({"copy_mb": 1.5}, "bench: --copy-mb expected an int >= 1, got 1.5"),
-    ({"dtype": "float64"}, "bench: --dtype expected one of float32, fp32, bfloat16, bf16, float16, fp16, got 'float64'"),
+    ({"dtype": "float64"}, "bench: --dtype expected one of float32, fp32, bfloat16, bf16, float16, fp16, "
+                           "got 'float64'"),
     ({"dtype": ["bf16"]}, "bench: --dtype expected one of"),  # had been "unhashable type: 'list'"
     # a negative warm-up had run none; a bool had passed as 0 or 1 warm-up calls
     ({"warmup": -1}, "bench: --warmup expected an int >= 0, got -1"),
