@@ -487,15 +487,19 @@ def _good_fwd(device):
 
 
 FWD_BAD = [
-    ("x", lambda a: a["x"][None], ValueError, "x expected a 2-D"),
-    ("x", lambda a: a["x"].to(torch.int32), TypeError, "x expected a float32"),
-    ("weight", lambda a: a["weight"][:, :15], ValueError, r"weight.shape\[1\] expected 16"),
+    ("x", lambda a: a["x"][None], ValueError, r"x expected a 2-D tensor, got shape \[1, 3, 16\]"),
+    ("x", lambda a: a["x"].to(torch.int32), TypeError, "x expected a float32/float16/bfloat16/float64 tensor, got Int"),
+    ("weight", lambda a: a["weight"][:, :15], ValueError,
+     r"weight.shape\[1\] expected 16 \(in_features = x.shape\[1\]\), got shape \[12, 15\]"),
+    ("weight", lambda a: a["weight"][None], ValueError, r"weight expected a 2-D tensor, got shape \[1, 12, 16\]"),
     ("weight", lambda a: a["weight"].double(), TypeError, "weight expected dtype"),
     ("lora_a", lambda a: a["lora_a"][:, :15], ValueError, r"lora_a.shape\[1\] expected 16"),
     ("lora_a", lambda a: a["lora_a"][None], ValueError, "lora_a expected a 2-D"),
+    ("lora_a", lambda a: a["lora_a"].double(), TypeError, r"lora_a expected dtype Float \(same as x\), got Double"),
     ("lora_b", lambda a: a["lora_b"][:11], ValueError, r"lora_b.shape\[0\] expected 12"),
     ("lora_b", lambda a: a["lora_b"][:, :3], ValueError, r"lora_b.shape\[1\] expected 4"),
-    ("lora_b", lambda a: a["lora_b"].half(), TypeError, "lora_b expected dtype"),
+    ("lora_b", lambda a: a["lora_b"].half(), TypeError, r"lora_b expected dtype Float \(same as x\), got Half"),
+    ("lora_b", lambda a: a["lora_b"][None], ValueError, r"lora_b expected a 2-D tensor, got shape \[1, 12, 4\]"),
     ("bias", lambda a: a["bias"][:5], ValueError, r"bias.shape\[0\] expected 12"),
     ("bias", lambda a: a["bias"][None], ValueError, "bias expected a 1-D"),
     ("bias", lambda a: a["bias"].double(), TypeError, "bias expected dtype"),
@@ -543,6 +547,8 @@ def test_lora_bwd_dy_bad_input(device):
         ops.lora_bwd_dy(dy, s[:, :3], lora_b, 1.0)
     with pytest.raises(ValueError, match="lora_bwd_dy: dy expected a 2-D"):
         ops.lora_bwd_dy(dy[None], s, lora_b, 1.0)
+    with pytest.raises(ValueError, match=r"lora_bwd_dy: s expected a 2-D tensor, got shape \[1, 5, 4\]"):
+        ops.lora_bwd_dy(dy, s[None], lora_b, 1.0)
     with pytest.raises(ValueError, match="lora_bwd_dy: lora_b expected a 2-D"):
         ops.lora_bwd_dy(dy, s, lora_b[None], 1.0)
     with pytest.raises(TypeError, match="lora_bwd_dy: dy expected a float32"):
@@ -589,12 +595,20 @@ SGMV_BAD = [
     (_shrink, "lora_a", lambda a: a["lora_a"][:, :, :15], ValueError, r"lora_a.shape\[2\] expected 16"),
     (_shrink, "lora_a", lambda a: a["lora_a"].half(), TypeError, "lora_a expected dtype"),
     (_shrink, "x", lambda a: a["x"][:9], ValueError, r"sorted_token_ids.shape\[0\] expected 9"),
+    (_shrink, "x", lambda a: a["x"][None], ValueError, r"x expected a 2-D tensor, got shape \[1, 10, 16\]"),
+    (_shrink, "x", lambda a: a["x"].to(torch.int32), TypeError, "x expected a float32/float16/bfloat16/float64 tensor"),
+    (_shrink, "lora_a", lambda a: a["lora_a"][0], ValueError, r"lora_a expected a 3-D tensor, got shape \[4, 16\]"),
+    (_shrink, "scalings", lambda a: a["scalings"][None], ValueError, r"scalings expected a 1-D tensor, got shape \[1, 6\]"),
+    (_expand, "t", lambda a: a["t"][None], ValueError, r"t expected a 2-D tensor, got shape \[1, 10, 4\]"),
     (_expand, "t", lambda a: a["t"].half(), TypeError, "t expected dtype"),
     (_expand, "lora_b", lambda a: a["lora_b"][:, :, :3], ValueError, r"lora_b.shape\[2\] expected 4"),
     (_expand, "lora_b", lambda a: a["lora_b"].to(torch.int32), TypeError, "lora_b expected a float32"),
+    (_expand, "lora_b", lambda a: a["lora_b"][0], ValueError, r"lora_b expected a 3-D tensor, got shape \[12, 4\]"),
+    (_expand, "out", lambda a: a["out"][None], ValueError, r"out expected a 2-D tensor, got shape \[1, 10, 24\]"),
     (_expand, "out", lambda a: a["out"][:9], ValueError, r"out.shape\[0\] expected 10"),
     (_expand, "out", lambda a: a["out"].to(torch.int32), TypeError, "out expected a float32"),
-    (_expand, "slice_offset", lambda a: 13, ValueError, "slice_offset expected in"),
+    (_expand, "slice_offset", lambda a: 13, ValueError, r"slice_offset expected in \[0, out.shape\[1\] - "
+     r"lora_b.shape\[1\]\] = \[0, 12\], got 13 \(out shape \[10, 24\], lora_b shape \[6, 12, 4\]\)"),
     (_expand, "slice_offset", lambda a: -1, ValueError, "slice_offset expected in"),
     # the kernels index metadata and scalings as plain arrays: a strided view read other entries (out of bounds)
     (_shrink, "sorted_token_ids", lambda a: _strided(a["sorted_token_ids"]), ValueError,
@@ -616,6 +630,27 @@ def test_sgmv_bad_input(call, arg, make, error, match, device):
     op = "sgmv_shrink" if call is _shrink else "sgmv_expand"
     with pytest.raises(error, match=f"{op}: {match}"):
         call(args)
+
+
+@pytest.mark.parametrize("call", [_shrink, _expand], ids=["shrink", "expand"])
+@pytest.mark.parametrize("name", ["sorted_token_ids", "slot_starts", "slot_counts", "ranks"])
+def test_sgmv_checks_each_metadata_vector(call, name, device):
+    """Each metadata vector on its own must be 1-D, int32, contiguous (the kernels read it as a plain int32 array) and
+    hold one entry per token (sorted_token_ids) or per slot (the others)."""
+    op = "sgmv_shrink" if call is _shrink else "sgmv_expand"
+    args = _good_sgmv(device)
+    vector = args[name]
+    n = vector.numel()
+    what = "tokens" if name == "sorted_token_ids" else "adapter slots"
+    for bad, error, match in [
+        (vector[None], ValueError, rf"{name} expected a 1-D tensor, got shape \[1, {n}\]"),
+        (vector.long(), TypeError, rf"{name} expected dtype Int, got Long"),
+        (_strided(vector), ValueError,
+         rf"{name} expected a contiguous tensor, got strides \[2\] \(shape \[{n}\]\); pass {name}.contiguous\(\)"),
+        (vector[:-1], ValueError, rf"{name}.shape\[0\] expected {n} \({what}\), got shape \[{n - 1}\]"),
+    ]:
+        with pytest.raises(error, match=f"{op}: {match}"):
+            call(dict(args, **{name: bad}))
 
 
 @pytest.mark.parametrize("overlapped", ["t", "lora_b"])
@@ -689,6 +724,34 @@ def test_sgmv_bad_metadata_values_cpu():
     with pytest.raises(ValueError, match="sgmv_expand: sorted_token_ids expected each token at most once within the "
                                          "slots' ranges, got token 0 twice"):
         _expand(repeated)
+
+
+def test_sgmv_metadata_value_checks_reach_the_last_slot_and_token():
+    """The CPU value checks read every slot and every position, the last ones included, and a slot's range is bounded
+    by where it ends (start + count), not by its count alone."""
+    args = _good_sgmv(torch.device("cpu"))
+    last = NUM_SLOTS - 1
+    assert args["slot_starts"][last] + args["slot_counts"][last] == 10  # the last slot ends at the last token
+    ranks = args["ranks"].clone()
+    ranks[last] = 5
+    with pytest.raises(ValueError, match=rf"sgmv_shrink: ranks expected values in \[0, 4\] \(the max rank R\), got "
+                                         rf"ranks\[{last}\] = 5"):
+        _shrink(dict(args, ranks=ranks))
+    counts = args["slot_counts"].clone()
+    counts[last] += 1  # 3 tokens from position 8: one past the end, though 3 alone fits in 10
+    with pytest.raises(ValueError, match=rf"sgmv_expand: slot_starts/slot_counts expected token ranges inside \[0, 10\), "
+                                         rf"got slot {last} starting at 8 with 3 tokens"):
+        _expand(dict(args, slot_counts=counts))
+    token_ids = args["sorted_token_ids"].clone()
+    token_ids[-1] = 10
+    with pytest.raises(ValueError, match=r"sgmv_shrink: sorted_token_ids expected values in \[0, 10\), got 10"):
+        _shrink(dict(args, sorted_token_ids=token_ids))
+    over_first = dict(args, sorted_token_ids=torch.arange(10, dtype=torch.int32),
+                      slot_starts=torch.tensor([0, 2, 4, 6, 8, 0], dtype=torch.int32),
+                      slot_counts=torch.tensor([2, 2, 2, 2, 2, 1], dtype=torch.int32))
+    with pytest.raises(ValueError, match=rf"sgmv_expand: slot_starts/slot_counts expected disjoint token ranges, got "
+                                         rf"slot {last} overlapping another slot at position 0"):
+        _expand(over_first)
 
 
 @pytest.mark.parametrize("call, arg", [("fwd", "bias"), ("fwd", "x_lora"), ("bwd_dy", "lora_b"), ("shrink", "ranks"),
