@@ -128,7 +128,9 @@ void check_sgmv_expand(const at::Tensor& t, const at::Tensor& lora_b, const at::
   LK_CHECK_SAME_DEVICE(op, out, t);
   LK_CHECK_SIZE(op, out, 0, t.size(0), "tokens = t.shape[0]");
   const int64_t width = lora_b.size(1);
-  LK_CHECK_VALUE(slice_offset >= 0 && slice_offset + width <= out.size(1), op,
+  // Against out.size(1) - width, which cannot overflow: slice_offset + width wrapped past INT64_MAX for a huge
+  // slice_offset, and that negative sum passed.
+  LK_CHECK_VALUE(slice_offset >= 0 && slice_offset <= out.size(1) - width, op,
                  ": slice_offset expected in [0, out.shape[1] - lora_b.shape[1]] = [0, ", out.size(1) - width,
                  "], got ", slice_offset, " (out shape ", shape_str(out), ", lora_b shape ", shape_str(lora_b), ")");
   check_sgmv_metadata(op, t, t.size(0), lora_b.size(0), sorted_token_ids, slot_starts, slot_counts, ranks);

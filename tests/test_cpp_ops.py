@@ -610,6 +610,9 @@ SGMV_BAD = [
     (_expand, "slice_offset", lambda a: 13, ValueError, r"slice_offset expected in \[0, out.shape\[1\] - "
      r"lora_b.shape\[1\]\] = \[0, 12\], got 13 \(out shape \[10, 24\], lora_b shape \[6, 12, 4\]\)"),
     (_expand, "slice_offset", lambda a: -1, ValueError, "slice_offset expected in"),
+    # slice_offset + N wrapped past INT64_MAX to a negative sum, which passed (out.narrow then raised an IndexError;
+    # a CUDA kernel wrote that far past out)
+    (_expand, "slice_offset", lambda a: 2 ** 63 - 1, ValueError, "slice_offset expected in"),
     # the kernels index metadata and scalings as plain arrays: a strided view read other entries (out of bounds)
     (_shrink, "sorted_token_ids", lambda a: _strided(a["sorted_token_ids"]), ValueError,
      "sorted_token_ids expected a contiguous tensor"),
