@@ -598,7 +598,8 @@ SGMV_BAD = [
     (_shrink, "x", lambda a: a["x"][None], ValueError, r"x expected a 2-D tensor, got shape \[1, 10, 16\]"),
     (_shrink, "x", lambda a: a["x"].to(torch.int32), TypeError, "x expected a float32/float16/bfloat16/float64 tensor"),
     (_shrink, "lora_a", lambda a: a["lora_a"][0], ValueError, r"lora_a expected a 3-D tensor, got shape \[4, 16\]"),
-    (_shrink, "scalings", lambda a: a["scalings"][None], ValueError, r"scalings expected a 1-D tensor, got shape \[1, 6\]"),
+    (_shrink, "scalings", lambda a: a["scalings"][None], ValueError,
+     r"scalings expected a 1-D tensor, got shape \[1, 6\]"),
     (_expand, "t", lambda a: a["t"][None], ValueError, r"t expected a 2-D tensor, got shape \[1, 10, 4\]"),
     (_expand, "t", lambda a: a["t"].half(), TypeError, "t expected dtype"),
     (_expand, "lora_b", lambda a: a["lora_b"][:, :, :3], ValueError, r"lora_b.shape\[2\] expected 4"),
@@ -742,8 +743,8 @@ def test_sgmv_metadata_value_checks_reach_the_last_slot_and_token():
         _shrink(dict(args, ranks=ranks))
     counts = args["slot_counts"].clone()
     counts[last] += 1  # 3 tokens from position 8: one past the end, though 3 alone fits in 10
-    with pytest.raises(ValueError, match=rf"sgmv_expand: slot_starts/slot_counts expected token ranges inside \[0, 10\), "
-                                         rf"got slot {last} starting at 8 with 3 tokens"):
+    with pytest.raises(ValueError, match=rf"sgmv_expand: slot_starts/slot_counts expected token ranges inside "
+                                         rf"\[0, 10\), got slot {last} starting at 8 with 3 tokens"):
         _expand(dict(args, slot_counts=counts))
     token_ids = args["sorted_token_ids"].clone()
     token_ids[-1] = 10
