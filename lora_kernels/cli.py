@@ -142,7 +142,8 @@ def _add_compare_parser(sub):
     run.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's)")
     run.add_argument("--compile", action="store_true",
                      help="torch.compile every decoder layer of the three models (compiled in the warm-up steps): "
-                          "steps without Python's per-op host time, which dominates a small model's eager step")
+                          "steps without Python's per-op host time, which a small model's eager step on a GPU is "
+                          "largely made of")
     out = p.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print the measurements as JSON instead of the table")
     out.add_argument("--save", metavar="PATH", help="also write the JSON to PATH")
