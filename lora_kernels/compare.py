@@ -400,7 +400,7 @@ class CompareConfig:
     seed: int = 0
     threads: int = None  # torch.set_num_threads for the run (CPU); None keeps torch's default
     # torch.compile every decoder layer of all three models (see _compile_layers): without Python's per-op host time,
-    # which a small model's eager step is made of, the methods differ by their GPU work
+    # which a small model's eager step on a GPU is largely made of, the methods differ by their device work
     compile: bool = False
     progress: bool = False
 
