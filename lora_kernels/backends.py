@@ -44,10 +44,14 @@ def unavailable_reason(backend, device):
 
 
 def parse_device(op, value):
-    """--device of the CLI commands: "cpu", "cuda" or "cuda:N" as a torch.device, else ValueError naming it (torch's
-    own error for a name like "gpu" is a RuntimeError listing every device type it knows)."""
+    """--device of the CLI commands: "cpu", "cuda" or "cuda:N" as a torch.device (None: cuda when available, else
+    cpu), else ValueError naming it (torch's own error for a name like "gpu" is a RuntimeError listing every device
+    type it knows). Only None takes the default: an empty name is refused, and 0 is cuda:0 as torch reads it (both
+    had been taken for "no device given")."""
+    if value is None:
+        value = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        device = torch.device(value or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(value)
     except (RuntimeError, TypeError):
         raise ValueError(f"{op}: --device expected cpu or cuda, got {value!r}") from None
     if device.type not in ("cpu", "cuda"):

@@ -347,6 +347,18 @@ def test_a_config_value_of_the_wrong_type_names_the_option(change, error, messag
         dataclasses.replace(TINY, **change).resolved()
 
 
+def test_only_a_missing_device_takes_the_default():
+    # "" and 0 had been taken for "no device given" (`value or default`): "" is refused, 0 is cuda:0 as torch reads it
+    with pytest.raises(ValueError, match="compare: --device expected cpu or cuda, got ''"):
+        dataclasses.replace(TINY, device="").resolved()
+    if torch.cuda.is_available():
+        assert dataclasses.replace(TINY, device=0).resolved().device == "cuda:0"
+    else:
+        with pytest.raises(ValueError, match="compare: --device cuda but torch sees no CUDA device"):
+            dataclasses.replace(TINY, device=0).resolved()
+    assert dataclasses.replace(TINY, device=None).resolved().device == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def test_compile_is_a_flag_and_needs_a_warmup_step():
     with pytest.raises(TypeError, match="compare: --compile expected a bool, got 'yes'"):
         dataclasses.replace(TINY, compile="yes").resolved()
