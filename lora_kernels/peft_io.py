@@ -240,8 +240,12 @@ def _check_path(op, path):
 def _check_adapter_name(op, adapter_name):
     """None (the LoRALinear adapter) or the name of a MultiLoRALinear slot: a non-empty str other than "__base__",
     which names the base model in a mixed batch."""
-    if adapter_name is not None and (not isinstance(adapter_name, str) or not adapter_name
-                                     or adapter_name == BASE_ADAPTER):
+    if adapter_name is None:
+        return
+    if not isinstance(adapter_name, str):  # a wrong type is a TypeError, as for every other argument
+        raise TypeError(f"{op}: adapter_name expected None or a non-empty str other than {BASE_ADAPTER!r}, got "
+                        f"{adapter_name!r}")
+    if not adapter_name or adapter_name == BASE_ADAPTER:
         raise ValueError(f"{op}: adapter_name expected None or a non-empty str other than {BASE_ADAPTER!r}, got "
                          f"{adapter_name!r}")
 

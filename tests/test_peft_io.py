@@ -1963,12 +1963,12 @@ def test_a_name_that_cannot_name_a_slot_is_refused_before_any_file_is_read(tmp_p
     after reading (or downloading) the files, so a missing path gave FileNotFoundError and a model not prepared a
     hint to prepare it; save_peft_adapter raised "unhashable type: 'list'", naming no argument."""
     prepared = lk.prepare_multi_adapter(_base(), ["q_proj", "v_proj"], max_adapters=2, max_rank=8)
-    for name in ("", "__base__", 5, ["a"]):
+    for name, error in (("", ValueError), ("__base__", ValueError), (5, TypeError), (["a"], TypeError)):
         message = rf"adapter_name expected None or a non-empty str other than '__base__', got {re.escape(repr(name))}"
         for model in (_base(), prepared):
-            with pytest.raises(ValueError, match=rf"^load_peft_adapter: {message}$"):
+            with pytest.raises(error, match=rf"^load_peft_adapter: {message}$"):
                 lk.load_peft_adapter(model, tmp_path / "missing", adapter_name=name)
-        with pytest.raises(ValueError, match=rf"^save_peft_adapter: {message}$"):
+        with pytest.raises(error, match=rf"^save_peft_adapter: {message}$"):
             lk.save_peft_adapter(prepared, tmp_path / "out", adapter_name=name)
     assert prepared.lora_adapter_slots == {} and not os.path.exists(tmp_path / "out")
     # a name that is no slot's, or any name for a model without slots
