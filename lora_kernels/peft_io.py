@@ -341,7 +341,7 @@ def _key_hint(key):
         return " (LoRA on an embedding: only linear layers are supported)"
     if ".base_layer." in key:
         return (" (a wrapped layer's own tensor, which PEFT saves for a targeted embedding layer such as lm_head; "
-                "this module is not a target here)")
+                "here that module is no target, or has no such tensor)")
     if key.endswith(".bias"):
         return " (a bias, which PEFT saves with bias='all' or 'lora_only'; the config has bias='none')"
     if ".modules_to_save." in key:
