@@ -9,7 +9,6 @@ scripts/gpu_check.sh prints last.
 import argparse
 import json
 import os
-import statistics
 import sys
 
 # bench rows shown in the summary: per kind and backend, the worst ratio over the rows of that kind (rows at ranks
@@ -115,11 +114,11 @@ def summary_bench_rows(bench, kinds=SUMMARY_KINDS):
 
 
 def _thirds(step_ms):
-    """'first -> last' medians of the first and last third of a run's timed steps (compare.step_time_drift's)."""
-    third = len(step_ms) // 3
-    if third < 2:
-        return "n/a"
-    return f"{statistics.median(step_ms[:third]):.1f} -> {statistics.median(step_ms[-third:]):.1f}"
+    """'first -> last': compare's medians of the first and last third of a run's timed steps. Imported here, not at
+    the top: the pytest-benchmark table needs no lora_kernels on the path."""
+    from lora_kernels.compare import step_time_thirds
+    thirds = step_time_thirds(step_ms)
+    return "n/a" if thirds is None else f"{thirds[0]:.1f} -> {thirds[1]:.1f}"
 
 
 def summary_compare_rows(compare):

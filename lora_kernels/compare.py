@@ -892,14 +892,19 @@ def _scaling_text(cfg):
 STEP_DRIFT_LIMIT = 0.10
 
 
-def step_time_drift(step_ms):
-    """(median of the first third, median of the last third) of a run's timed steps when they differ by more than
-    STEP_DRIFT_LIMIT, else None (also for fewer than 6 steps, too few for thirds)."""
+def step_time_thirds(step_ms):
+    """(median of the first third, median of the last third) of a run's timed steps; None for fewer than 6 steps,
+    too few for thirds."""
     third = len(step_ms) // 3
     if third < 2:
         return None
-    first, last = statistics.median(step_ms[:third]), statistics.median(step_ms[-third:])
-    return (first, last) if abs(last - first) > STEP_DRIFT_LIMIT * first else None
+    return statistics.median(step_ms[:third]), statistics.median(step_ms[-third:])
+
+
+def step_time_drift(step_ms):
+    """step_time_thirds when the two differ by more than STEP_DRIFT_LIMIT, else None."""
+    thirds = step_time_thirds(step_ms)
+    return thirds if thirds is not None and abs(thirds[1] - thirds[0]) > STEP_DRIFT_LIMIT * thirds[0] else None
 
 
 def format_compare(result):
