@@ -3,6 +3,8 @@ lora_bwd_dy, sgmv_shrink, sgmv_expand on every dtype, odd shapes, ranks 1..256, 
 past each rank, bad input, opcheck. The `device` fixture runs them on CPU (and CUDA when present); the gpu-marked
 tests cover what only the CUDA kernels have (the decode kernel's vector/scalar paths, split-K, determinism, graphs)."""
 
+import re
+
 import pytest
 import torch
 
@@ -853,14 +855,33 @@ def cuda_device():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("m", [1, 2, 4, 5, 16])
-@pytest.mark.parametrize("k", [64, 67, 4096, 4100])
+@pytest.mark.parametrize("m", [1, 2, 4, 5, 8, 9, 16])
+@pytest.mark.parametrize("k", [64, 67, 4096, 4100, 4104])
 @pytest.mark.parametrize("r", [1, 16, 256])
 def test_cuda_decode_kernel(dtype, m, k, r, cuda_device):
     """The hand-written decode forward (M <= 16): K multiple of the 16-byte vector or not (scalar path), split-K
-    shrink for large K, the partial budget at r = 256, bias on."""
+    shrink for large K, the partial budget at r = 256, bias on. fp16/bf16 with K a multiple of 8 run the tensor-core
+    kernel: M = 8 and 9 on either side of its switch to the MMA tile's upper rows, K = 64 less than one warp's step,
+    K = 4104 a last step with one 16-byte load per row; N = 123 a partial last block."""
     x, weight, lora_a, lora_b, bias = lora_inputs(m, k, 123, r, dtype, cuda_device)
     _check_fwd(x, None, weight, lora_a, lora_b, 2.0, bias)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,k,kernel", [
+    (torch.bfloat16, 4096, "lora_fwd_decode_mma_kernel"), (torch.float16, 64, "lora_fwd_decode_mma_kernel"),
+    (torch.bfloat16, 4100, "lora_fwd_decode_kernel"), (torch.float32, 4096, "lora_fwd_decode_kernel")], ids=str)
+def test_cuda_decode_takes_the_tensor_core_kernel_where_it_can(dtype, k, kernel, cuda_device):
+    """Which decode kernel runs: the tensor-core one for 16-bit rows of whole 16-byte loads (on sm_80+, which every
+    GPU this extension is built for has), the CUDA-core one for fp32 and for K not a multiple of 8. The other tests
+    check the numbers; this one that they checked the kernel meant (a wrong dispatch would pass them on the old one)."""
+    x, weight, lora_a, lora_b, bias = lora_inputs(4, k, 256, 16, dtype, cuda_device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        ops.lora_fwd(x, None, weight, lora_a, lora_b, 2.0, bias)
+        torch.cuda.synchronize(cuda_device)
+    names = [event.name for event in prof.events()]
+    # demangled (`...kernel<c10::BFloat16, false>`) or mangled (`...kernelIN3c10...`): not the other kernel's prefix
+    assert any(re.search(kernel + "[<I]", name) for name in names), names
 
 
 @pytest.mark.gpu
