@@ -75,6 +75,16 @@ def _positive_int(text):
     return value
 
 
+def _non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
 def _comma_list(text, kind):
     items = tuple(item.strip() for item in text.split(",") if item.strip())
     if not items:
@@ -172,6 +182,14 @@ def _add_bench_parser(sub):
     p.add_argument("--ms", type=_int_list, help="token counts M of the forward rows")
     p.add_argument("--train-m", type=_positive_int, help="M of the fwd+bwd rows (default 8192 GPU, 1024 CPU)")
     p.add_argument("--reps", type=_positive_int, help="timed calls per candidate (median)")
+    gpu, cpu = PRESETS["cuda"], PRESETS["cpu"]  # --quick's presets have smaller ones
+    p.add_argument("--warmup", type=_non_negative_int, help="untimed calls per candidate before the timed ones "
+                                                            f"(default {gpu['warmup']} GPU, {cpu['warmup']} CPU)")
+    p.add_argument("--prefill-tokens", type=_positive_int,
+                   help=f"tokens of the grouped prefill rows (default {gpu['prefill_tokens']} GPU, "
+                        f"{cpu['prefill_tokens']} CPU)")
+    p.add_argument("--copy-mb", type=_positive_int, help="MiB copied to measure the bandwidth baseline (default "
+                                                         f"{gpu['copy_mb']} GPU, {cpu['copy_mb']} CPU)")
     p.add_argument("--sections", type=_name_list,
                    help="comma-separated parts of the sweep: host, forward, train, grouped, decode, sweep (the grouped "
                         "grid of token counts x adapters and mixed ranks), or all (default: all but sweep)")
@@ -266,8 +284,8 @@ def run_bench_command(args):
         return 2
     config = bench.BenchConfig(
         device=args.device, dtype=args.dtype, quick=args.quick, backends=args.backends, hidden=args.hidden,
-        rank=args.rank, ranks=args.ranks, ms=args.ms, train_m=args.train_m, reps=args.reps, threads=args.threads,
-        sections=args.sections, sweep_tokens=args.sweep_tokens, sweep_adapters=args.sweep_adapters,
+        rank=args.rank, ranks=args.ranks, ms=args.ms, train_m=args.train_m, reps=args.reps, warmup=args.warmup,
+        prefill_tokens=args.prefill_tokens, copy_mb=args.copy_mb, threads=args.threads, sections=args.sections, sweep_tokens=args.sweep_tokens, sweep_adapters=args.sweep_adapters,
         progress=not args.no_progress)
     try:
         config = config.resolved()

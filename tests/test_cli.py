@@ -325,12 +325,13 @@ def test_compare_passes_every_option_to_the_run(monkeypatch):
 def test_bench_passes_every_option_to_the_run(monkeypatch):
     from lora_kernels import bench
     options = ["bench", "--quick", "--device", "cpu", "--dtype", "fp16", "--backends", "torch", "--hidden", "40",
-               "--rank", "3", "--ranks", "2,5", "--ms", "1,3", "--train-m", "6", "--reps", "2", "--threads", "1",
-               "--sections", "sweep,host", "--sweep-tokens", "8,16", "--sweep-adapters", "1,2", "--no-progress"]
+               "--rank", "3", "--ranks", "2,5", "--ms", "1,3", "--train-m", "6", "--reps", "2", "--warmup", "0",
+               "--prefill-tokens", "7", "--copy-mb", "3", "--threads", "1", "--sections", "sweep,host",
+               "--sweep-tokens", "8,16", "--sweep-adapters", "1,2", "--no-progress"]
     expected = bench.BenchConfig(
         device="cpu", dtype="float16", quick=True, backends=("torch",), hidden=40, rank=3, ranks=(2, 5), ms=(1, 3),
-        train_m=6, reps=2, threads=1, sections=("host", "sweep"), sweep_tokens=(8, 16), sweep_adapters=(1, 2),
-        progress=False)
+        train_m=6, reps=2, warmup=0, prefill_tokens=7, copy_mb=3, threads=1, sections=("host", "sweep"),
+        sweep_tokens=(8, 16), sweep_adapters=(1, 2), progress=False)
     assert _config_of(options, monkeypatch, bench, "run_bench") == expected.resolved()
     default = bench.BenchConfig(device="cpu", progress=True).resolved()
     assert _config_of(["bench", "--device", "cpu"], monkeypatch, bench, "run_bench") == default
@@ -350,6 +351,10 @@ def test_bench_passes_every_option_to_the_run(monkeypatch):
     (QUICK_BENCH + ["--hidden", "0"], "argument --hidden: expected an integer >= 1, got 0"),
     (QUICK_BENCH + ["--rank", "0"], "argument --rank: expected an integer >= 1, got 0"),
     (QUICK_BENCH + ["--train-m", "-1"], "argument --train-m: expected an integer >= 1, got -1"),
+    (QUICK_BENCH + ["--warmup", "-1"], "argument --warmup: expected an integer >= 0, got -1"),
+    (QUICK_BENCH + ["--warmup", "1.5"], "argument --warmup: expected an integer, got '1.5'"),
+    (QUICK_BENCH + ["--prefill-tokens", "0"], "argument --prefill-tokens: expected an integer >= 1, got 0"),
+    (QUICK_BENCH + ["--copy-mb", "0"], "argument --copy-mb: expected an integer >= 1, got 0"),
     (QUICK_BENCH + ["--reps", "x"], "argument --reps: expected an integer, got 'x'"),
     (QUICK_BENCH + ["--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
     (QUICK_BENCH + ["--sections", ""], "argument --sections: expected a comma-separated list of names, got ''"),
