@@ -20,11 +20,11 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
 
+#include "grid_sizing.h"
 #include "launchers.h"
 
 namespace lora_kernels {
@@ -43,37 +43,11 @@ constexpr int kRowsPerWarp = 4;      // rows of W per warp: each x vector loaded
 constexpr int kRowsPerBlock = kDecodeWarps * kRowsPerWarp;
 constexpr int kMaxSplitK = 32;         // bounds the partial-sum work of the second kernel
 constexpr int kPartialBudget = 2048;   // floats of S partials (splits * M * r) each forward block sums from L2
-constexpr int kBlocksPerSm = 2;        // grid target of the shrink and the backward: every SM covered twice
 
 // ---- backward ------------------------------------------------------------------------------------------------
 constexpr int kBwdThreads = 256;
 constexpr int kBwdItems = 8;         // (column, rank) accumulators per thread: tile * r <= 256 * 8
 constexpr int kBwdMaxRank = 64;      // above: 2r fp32 FMAs per dy element make this kernel slower than cuBLAS
-
-// Devices whose SM count is cached (a node has at most a few dozen; others query the driver on every call).
-constexpr int kMaxCachedDevices = 64;
-
-// A device attribute that does not change while the process runs, cached per device (one cache per attribute).
-template <cudaDeviceAttr kAttribute>
-int device_attribute(int device) {
-  static std::atomic<int> cache[kMaxCachedDevices] = {};
-  if (device >= 0 && device < kMaxCachedDevices) {
-    const int cached = cache[device].load(std::memory_order_relaxed);
-    if (cached > 0) {
-      return cached;
-    }
-  }
-  int value = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, kAttribute, device));
-  if (device >= 0 && device < kMaxCachedDevices) {
-    cache[device].store(value, std::memory_order_relaxed);
-  }
-  return value;
-}
-
-int sm_count(int device) { return std::max(device_attribute<cudaDevAttrMultiProcessorCount>(device), 1); }
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
