@@ -3,11 +3,18 @@
 // One kernel serves both: a gathered "x · Wᵀ" per adapter slot,
 //   shrink: out[tok, c]           = scalings[i] · Σ_{k<K}        x[tok, k] · A[i, c, k]   for c < ranks[i]
 //   expand: out[tok, offset + c] +=               Σ_{k<ranks[i]} t[tok, k] · B[i, c, k]   for c < N
-// over a fixed grid (output column tiles, token tiles, slots): a block whose token tile starts past
+// over a fixed grid (K-splits x output column tiles, token tiles, slots): a block whose token tile starts past
 // slot_counts[slot], or whose column tile starts past the slot's width, exits at once. The grid depends only on
-// the shapes, never on the metadata values, so there is no host sync and the launch can be captured in a CUDA
-// graph. Metadata values are clamped (ranks to [0, R], slot ranges to [0, M), token ids outside [0, M) skipped)
-// rather than checked, so bad metadata never reads out of bounds; A/B are never read past ranks[i].
+// the shapes and the SM count, never on the metadata values, so there is no host sync and the launch can be
+// captured in a CUDA graph. Metadata values are clamped (ranks to [0, R], slot ranges to [0, M), token ids outside
+// [0, M) skipped) rather than checked, so bad metadata never reads out of bounds; A/B are never read past ranks[i].
+//
+// Split-K (shrink only): its output has only R columns, so one block per (column tile, token tile, slot) left most
+// SMs idle at decode sizes (one block walking all of K = 4096 for 16 tokens on one adapter). Each block takes a
+// K-range of k_per_split (a multiple of the 32-wide K tile) and writes its scaled partial into its own slice of
+// zero-filled partials [splits, M, R]; the launcher sums them in a fixed order afterwards (no atomics: repeats are
+// bit-identical). Elements no block writes (-1 tokens, columns past a slot's rank) stay exactly 0. The expand has
+// one split: its K is the rank, and its N output columns give many column tiles (128 at N = 4096).
 //
 // Argument checks (and the CUDA grid limits) run before the launchers below are called, in the host-compiled
 // csrc/cuda/register_cuda.cpp, which also holds the registrations: nothing here throws for user input.
@@ -15,8 +22,8 @@
 // Accumulation is fp32, or fp64 when any operand (x / lora_a, lora_b, out) is float64, like the CPU implementation.
 // Simple and correct: shared-memory tiles and fp32 FMAs, operand dtypes read at run time (one kernel for every
 // dtype combination instead of a template per pair: compile time). A tensor-core version would stage bf16/fp16
-// tiles with cp.async and use mma.sync (rank padded to 16), split K for the skinny shrink to fill the GPU, and
-// handle decode (one token per slot) with a per-token warp kernel instead of a 32-row tile that is mostly empty.
+// tiles with cp.async and use mma.sync (rank padded to 16), and handle decode (one token per slot) with a
+// per-token warp kernel instead of a 32-row tile that is mostly empty.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -24,8 +31,10 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
 
+#include "grid_sizing.h"
 #include "launchers.h"
 
 namespace lora_kernels {
@@ -35,6 +44,10 @@ constexpr int kTileTokens = static_cast<int>(kSgmvTileTokens);
 constexpr int kTileCols = 32;
 constexpr int kTileK = 32;
 constexpr int kThreads = 256;  // 16 x 16 threads, each a 2 x 2 micro-tile of the 32 x 32 output tile
+constexpr int64_t kMaxShrinkSplits = 32;  // bounds the partials the fixed-order sum reads per output element
+// Floor of the shrink partials' budget, in elements: 4 MB in fp32, which stays in L2 on sm_80/sm_90, so small
+// shapes are not starved of blocks (as lora_bwd_dy's partials; a starting point, not measured on a GPU yet).
+constexpr int64_t kMinShrinkPartials = int64_t(1) << 20;
 
 enum DtypeCode : int { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
 
@@ -79,9 +92,9 @@ struct SgmvArgs {
   const void* w;  // shrink: lora_a [L, R, K] (c = rank row); expand: lora_b [L, N, R] (c = output column)
   int w_dtype;
   int64_t w_stride_slot, w_stride_c, w_stride_k;
-  void* out;  // shrink: [M, R] fp32 (zero-filled); expand: [M, N_total]
+  void* out;  // shrink: partials [splits, M, R] fp32, fp64 when Acc is double (zero-filled); expand: [M, N_total]
   int out_dtype;
-  int64_t out_stride_t, out_stride_c, col_offset;
+  int64_t out_stride_split, out_stride_t, out_stride_c, col_offset;
   const int32_t* sorted_token_ids;
   const int32_t* slot_starts;
   const int32_t* slot_counts;
@@ -90,6 +103,8 @@ struct SgmvArgs {
   int64_t num_tokens, max_rank;
   int64_t k_full;     // shrink: K (expand: the slot's rank)
   int64_t cols_full;  // expand: N (shrink: the slot's rank)
+  int64_t col_tiles;    // grid.x = splits * col_tiles, split-major
+  int64_t k_per_split;  // shrink: a multiple of kTileK
 };
 
 template <bool kShrink, typename Acc>
@@ -106,8 +121,13 @@ __global__ void __launch_bounds__(kThreads) sgmv_kernel(const SgmvArgs args) {
   rank = rank < 0 ? 0 : (rank > args.max_rank ? args.max_rank : rank);
   const int64_t cols = kShrink ? rank : args.cols_full;
   const int64_t kdim = kShrink ? args.k_full : rank;
-  const int64_t c0 = int64_t(blockIdx.x) * kTileCols;
-  if (c0 >= cols || kdim == 0) {
+  // grid.x = splits * col_tiles, split-major. The expand's one split is fixed at compile time: deriving it from the
+  // grid too took the expand from 31 to 48 registers on sm_80.
+  const int64_t split = kShrink ? blockIdx.x / args.col_tiles : 0;
+  const int64_t c0 = (kShrink ? blockIdx.x % args.col_tiles : blockIdx.x) * kTileCols;
+  const int64_t k_begin = split * args.k_per_split;
+  const int64_t k_end = (kShrink && k_begin + args.k_per_split < kdim) ? k_begin + args.k_per_split : kdim;
+  if (c0 >= cols || k_begin >= k_end) {
     return;  // nothing to write: shrink's zero columns are already zero, expand adds nothing
   }
 
@@ -128,18 +148,18 @@ __global__ void __launch_bounds__(kThreads) sgmv_kernel(const SgmvArgs args) {
   const int ty = tid / 16, tx = tid % 16;
   Acc acc[2][2] = {{Acc(0), Acc(0)}, {Acc(0), Acc(0)}};
   const int64_t w_slot = int64_t(slot) * args.w_stride_slot;
-  for (int64_t k0 = 0; k0 < kdim; k0 += kTileK) {
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kTileK) {
     for (int e = tid; e < kTileTokens * kTileK; e += kThreads) {
       const int row = e / kTileK, kk = e % kTileK;
       const int64_t token = tokens[row], k = k0 + kk;
-      x_tile[row][kk] = (token >= 0 && k < kdim)
+      x_tile[row][kk] = (token >= 0 && k < k_end)
                             ? load_as<Acc>(args.x, token * args.x_stride_t + k * args.x_stride_k, args.x_dtype)
                             : Acc(0);
     }
     for (int e = tid; e < kTileCols * kTileK; e += kThreads) {
       const int c = e / kTileK, kk = e % kTileK;
       const int64_t col = c0 + c, k = k0 + kk;
-      w_tile[c][kk] = (col < cols && k < kdim)
+      w_tile[c][kk] = (col < cols && k < k_end)
                           ? load_as<Acc>(args.w, w_slot + col * args.w_stride_c + k * args.w_stride_k, args.w_dtype)
                           : Acc(0);
     }
@@ -164,7 +184,8 @@ __global__ void __launch_bounds__(kThreads) sgmv_kernel(const SgmvArgs args) {
     for (int j = 0; j < 2; ++j) {
       const int64_t col = c0 + tx + 16 * j;
       if (token >= 0 && col < cols) {
-        const int64_t idx = token * args.out_stride_t + (args.col_offset + col) * args.out_stride_c;
+        const int64_t idx =
+            split * args.out_stride_split + token * args.out_stride_t + (args.col_offset + col) * args.out_stride_c;
         if (kShrink) {
           store_as<Acc>(args.out, idx, args.out_dtype, scale * acc[i][j]);
         } else {
@@ -177,16 +198,39 @@ __global__ void __launch_bounds__(kThreads) sgmv_kernel(const SgmvArgs args) {
   }
 }
 
+struct ShrinkSplit {
+  int64_t splits, k_per_split;
+};
+
+// The shrink's K-split, from the shapes and the SM count only (never the metadata values: no host sync). About
+// kBlocksPerSm ACTIVE blocks per SM: the nominal grid over-counts, since a slot's token tiles past its count exit at
+// once; at most min(token_tiles * L, token_tiles + L) (slot, token tile) pairs hold tokens (every tile on every slot,
+// or each full tile once plus one partial tile per slot). No split once they fill the GPU (prefill). Each split is
+// at least one K tile. The partials are zero-filled, written and read once: capped at half of x's elements, but at
+// least kMinShrinkPartials. grid.x = splits * col_tiles stays at most max(col_tiles, kBlocksPerSm * SMs).
+ShrinkSplit shrink_k_split(int64_t num_tokens, int64_t num_slots, int64_t max_rank, int64_t k, int device) {
+  const int64_t token_tiles = ceil_div(num_tokens, kTileTokens), col_tiles = ceil_div(max_rank, kTileCols);
+  const int64_t active_pairs = std::min(token_tiles * num_slots, token_tiles + num_slots);
+  const int64_t active_blocks = std::max<int64_t>(active_pairs * col_tiles, 1);
+  const int64_t k_tiles = std::max<int64_t>(ceil_div(k, kTileK), 1);
+  const int64_t partial_budget = std::max(num_tokens * k / 2, kMinShrinkPartials);
+  const int64_t max_for_budget = partial_budget / std::max<int64_t>(num_tokens * max_rank, 1);
+  int64_t splits = int64_t(kBlocksPerSm) * sm_count(device) / active_blocks;  // 0 when the GPU is already full
+  splits = std::max<int64_t>(std::min({splits, kMaxShrinkSplits, k_tiles, max_for_budget}), 1);
+  // Whole K tiles per split; recounting leaves no split empty (e.g. 5 tiles over 4 splits: 2 + 2 + 1, so 3 splits).
+  const int64_t k_per_split = ceil_div(k_tiles, splits) * kTileK;
+  return {std::max<int64_t>(ceil_div(k, k_per_split), 1), k_per_split};
+}
+
 // The grid's y and z dimensions (token tiles, slots) were checked against kSgmvMaxGridYZ by register_cuda.cpp.
 template <bool kShrink>
-void launch_sgmv(const SgmvArgs& args, int64_t num_slots, int64_t max_cols) {
-  const int64_t token_tiles = (args.num_tokens + kTileTokens - 1) / kTileTokens;
-  const int64_t col_tiles = (max_cols + kTileCols - 1) / kTileCols;
-  if (token_tiles == 0 || col_tiles == 0 || num_slots == 0) {
+void launch_sgmv(const SgmvArgs& args, int64_t num_slots, int64_t splits) {
+  const int64_t token_tiles = ceil_div(args.num_tokens, kTileTokens);
+  if (token_tiles == 0 || args.col_tiles == 0 || num_slots == 0) {
     return;
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const dim3 grid(col_tiles, token_tiles, num_slots);
+  const dim3 grid(splits * args.col_tiles, token_tiles, num_slots);
   if (args.x_dtype == kF64 || args.w_dtype == kF64 || args.out_dtype == kF64) {
     sgmv_kernel<kShrink, double><<<grid, kThreads, 0, stream>>>(args);
   } else {
@@ -203,8 +247,7 @@ at::Tensor sgmv_shrink_cuda_launch(const at::Tensor& x, const at::Tensor& lora_a
                                    const at::Tensor& slot_starts, const at::Tensor& slot_counts,
                                    const at::Tensor& scalings, const at::Tensor& ranks) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t num_tokens = x.size(0), max_rank = lora_a.size(1);
-  at::Tensor out = at::zeros({num_tokens, max_rank}, x.options().dtype(at::kFloat));
+  const int64_t num_tokens = x.size(0), max_rank = lora_a.size(1), num_slots = lora_a.size(0);
   // The metadata vectors and scalings are contiguous (check_sgmv_shrink): read as plain arrays.
   const at::Tensor &ids = sorted_token_ids, &starts = slot_starts, &counts = slot_counts, &rank_values = ranks;
   const at::Tensor& scale_values = scalings;
@@ -218,10 +261,16 @@ at::Tensor sgmv_shrink_cuda_launch(const at::Tensor& x, const at::Tensor& lora_a
   args.w_stride_slot = lora_a.stride(0);
   args.w_stride_c = lora_a.stride(1);
   args.w_stride_k = lora_a.stride(2);
-  args.out = out.data_ptr();
-  args.out_dtype = kF32;
-  args.out_stride_t = out.stride(0);
-  args.out_stride_c = out.stride(1);
+  // The partials hold the accumulation type (launch_sgmv's choice), so a float64 sum is rounded to float32 once.
+  const bool acc_fp64 = args.x_dtype == kF64 || args.w_dtype == kF64;
+  const ShrinkSplit k_split = shrink_k_split(num_tokens, num_slots, max_rank, x.size(1), x.get_device());
+  at::Tensor partials = at::zeros({k_split.splits, num_tokens, max_rank},
+                                  x.options().dtype(acc_fp64 ? at::kDouble : at::kFloat));
+  args.out = partials.data_ptr();
+  args.out_dtype = acc_fp64 ? kF64 : kF32;
+  args.out_stride_split = partials.stride(0);
+  args.out_stride_t = partials.stride(1);
+  args.out_stride_c = partials.stride(2);
   args.col_offset = 0;
   args.sorted_token_ids = ids.data_ptr<int32_t>();
   args.slot_starts = starts.data_ptr<int32_t>();
@@ -232,8 +281,12 @@ at::Tensor sgmv_shrink_cuda_launch(const at::Tensor& x, const at::Tensor& lora_a
   args.max_rank = max_rank;
   args.k_full = x.size(1);
   args.cols_full = 0;
-  launch_sgmv<true>(args, lora_a.size(0), max_rank);
-  return out;
+  args.col_tiles = ceil_div(max_rank, kTileCols);
+  args.k_per_split = k_split.k_per_split;
+  launch_sgmv<true>(args, num_slots, k_split.splits);
+  // Fixed-order sum over the splits: deterministic, unlike atomics. float32 for every input dtype, as on CPU.
+  const at::Tensor out = k_split.splits == 1 ? partials.select(0, 0) : partials.sum(0);
+  return out.to(at::kFloat);
 }
 
 void sgmv_expand_cuda_launch(const at::Tensor& t, const at::Tensor& lora_b, const at::Tensor& sorted_token_ids,
@@ -254,6 +307,7 @@ void sgmv_expand_cuda_launch(const at::Tensor& t, const at::Tensor& lora_b, cons
   args.w_stride_k = lora_b.stride(2);
   args.out = out.data_ptr();
   args.out_dtype = dtype_code(out);
+  args.out_stride_split = 0;
   args.out_stride_t = out.stride(0);
   args.out_stride_c = out.stride(1);
   args.col_offset = slice_offset;
@@ -266,7 +320,9 @@ void sgmv_expand_cuda_launch(const at::Tensor& t, const at::Tensor& lora_b, cons
   args.max_rank = lora_b.size(2);
   args.k_full = 0;
   args.cols_full = lora_b.size(1);
-  launch_sgmv<false>(args, lora_b.size(0), lora_b.size(1));
+  args.col_tiles = ceil_div(lora_b.size(1), kTileCols);
+  args.k_per_split = 0;  // unused: the expand's one split covers every k < the slot's rank
+  launch_sgmv<false>(args, lora_b.size(0), 1);
 }
 
 }  // namespace lora_kernels
