@@ -996,6 +996,63 @@ def test_cuda_matches_cpu_extension(cuda_device):
     assert_close(results["cuda"][1], results["cpu"][1], torch.bfloat16, "expand cuda vs cpu")
 
 
+def _check_split_shrink(m, num_slots, k, max_rank, dtype, device):
+    """sgmv_shrink with integer-valued x and A, and power-of-two scalings: every product, partial and sum is exact
+    (below 2**24), so the result equals the float64 reference bit for bit whatever the split, and a K position that no
+    split covers, or two do, changes it. Heterogeneous ranks with NaN past each (slot 0 one below the max), a slot of
+    rank 0, tokens of -1 (token 0 on an adapter), and with 16 slots at m = 1 and 16, slots without tokens."""
+    ids = ((torch.arange(m) * 7 + 3) % (num_slots + 1) - 1).to(device=device, dtype=torch.int32)
+    ranks = torch.tensor([max_rank - 1, 1, max_rank // 2, 3, 0, max_rank] * 3, dtype=torch.int32)[:num_slots]
+    ranks = ranks.to(device)
+    scalings = (2.0 ** (torch.arange(num_slots) % 5 - 2)).to(device)
+    x = _integers(m, k, bound=8, dtype=dtype, device=device)
+    lora_a = _integers(num_slots, max_rank, k, bound=8, dtype=dtype, device=device)
+    for slot, rank in enumerate(ranks.tolist()):
+        lora_a[slot, rank:] = float("nan")
+    batch = LoRABatch.from_adapter_ids(ids, num_slots, validate=True)
+    out = ops.sgmv_shrink(x, lora_a, batch.sorted_token_ids, batch.slot_starts, batch.slot_counts, scalings, ranks)
+    expected = reference.lora_shrink(x.cpu(), lora_a.cpu(), ids.cpu(), scalings.cpu(), ranks.cpu()).float()
+    _assert_equal(out.cpu(), expected, f"sgmv_shrink m={m} slots={num_slots} K={k} R={max_rank} {dtype}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("max_rank", [16, 64])
+@pytest.mark.parametrize("k", [20, 1000, 4096, 4100])
+@pytest.mark.parametrize("num_slots", [1, 16])
+@pytest.mark.parametrize("m", [1, 16, 64])
+def test_cuda_sgmv_shrink_split_k(m, num_slots, k, max_rank, cuda_device):
+    """Few tokens: the CUDA shrink splits K into partials summed in a fixed order (on an H200's 132 SMs: 32 splits
+    for 1 or 16 tokens on one adapter, 13 for 64 tokens on 16 slots at K = 4096, R = 16). K = 20 is one tile (no
+    split); the odd K leave a partial last tile; K = 1000 for one token on one adapter splits into 32 single tiles.
+    R = 64 takes two column tiles, and slot 0's rank 63 ends the second one a column early."""
+    _check_split_shrink(m, num_slots, k, max_rank, torch.bfloat16, cuda_device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_cuda_sgmv_shrink_split_k_dtypes(dtype, cuda_device):
+    """Every input dtype through the split path; float64 accumulates (and keeps its partials) in float64."""
+    _check_split_shrink(16, 16, 4100, 64, dtype, cuda_device)
+
+
+@pytest.mark.gpu
+def test_cuda_sgmv_shrink_split_k_is_deterministic(cuda_device):
+    """Repeats at split shapes are bit-identical: no atomics, the partials are summed in a fixed order. Random
+    (non-integer) values, so a sum whose order varied would differ in its last bits."""
+    k, max_rank = 4096, 16
+    for m, num_slots in ((16, 1), (64, 16)):
+        ids = _adapter_ids("mixed_base", m, num_slots, cuda_device)
+        ranks = torch.full((num_slots,), max_rank, dtype=torch.int32, device=cuda_device)
+        scalings = torch.linspace(0.5, 2.0, num_slots, device=cuda_device)
+        x = randn(m, k, dtype=torch.bfloat16, device=cuda_device)
+        lora_a = randn(num_slots, max_rank, k, dtype=torch.bfloat16, device=cuda_device, scale=k ** -0.5)
+        batch = LoRABatch.from_adapter_ids(ids, num_slots, validate=True)
+        args = (x, lora_a, batch.sorted_token_ids, batch.slot_starts, batch.slot_counts, scalings, ranks)
+        first = ops.sgmv_shrink(*args)
+        for _ in range(3):
+            assert torch.equal(ops.sgmv_shrink(*args), first), f"m={m} slots={num_slots}: repeats differ"
+
+
 @pytest.mark.gpu
 def test_cuda_sgmv_graph_capture(cuda_device):
     """No host sync: metadata build, shrink and expand capture into a CUDA graph and replay with new ids."""
