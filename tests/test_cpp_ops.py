@@ -221,10 +221,12 @@ def _expected_zero_mask(ids, ranks, max_rank):
     return torch.arange(max_rank)[None, :] >= token_rank[:, None]
 
 
+@pytest.mark.parametrize("k", [67, 72])
 @pytest.mark.parametrize("distribution", DISTRIBUTIONS)
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-def test_sgmv_shrink_matches_reference(dtype, distribution, device):
-    m, k, max_rank = 37, 67, 16
+def test_sgmv_shrink_matches_reference(dtype, distribution, k, device):
+    """K = 72 (a multiple of 8) takes the CUDA tensor-core shrink for fp16/bf16, K = 67 the CUDA-core one."""
+    m, max_rank = 37, 16
     ids = _adapter_ids(distribution, m, NUM_SLOTS, device)
     ranks = _hetero_ranks(max_rank, device)
     lora_a, _ = _stacked_lora(NUM_SLOTS, max_rank, k, 8, dtype, device, ranks)
@@ -881,6 +883,28 @@ def test_cuda_decode_takes_the_tensor_core_kernel_where_it_can(dtype, k, kernel,
         torch.cuda.synchronize(cuda_device)
     names = [event.name for event in prof.events()]
     # demangled (`...kernel<c10::BFloat16, false>`) or mangled (`...kernelIN3c10...`): not the other kernel's prefix
+    assert any(re.search(kernel + "[<I]", name) for name in names), names
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,k,strided,kernel", [
+    (torch.bfloat16, 4096, False, "sgmv_shrink_mma_kernel"), (torch.float16, 72, False, "sgmv_shrink_mma_kernel"),
+    (torch.bfloat16, 4100, False, "sgmv_kernel"), (torch.float32, 4096, False, "sgmv_kernel"),
+    (torch.bfloat16, 4096, True, "sgmv_kernel")], ids=str)
+def test_cuda_sgmv_shrink_takes_the_tensor_core_kernel_where_it_can(dtype, k, strided, kernel, cuda_device):
+    """Which grouped shrink runs: the tensor-core one for x and lora_a of one 16-bit dtype in rows of whole 16-byte
+    loads, the CUDA-core one for fp32, K not a multiple of 8, or x strided along K. The other tests check the
+    numbers; this one that they checked the kernel meant."""
+    m, num_slots, max_rank = 64, 4, 16
+    x = randn(m, 2 * k if strided else k, dtype=dtype, device=cuda_device)[:, ::2 if strided else 1]
+    ranks = torch.full((num_slots,), max_rank, dtype=torch.int32, device=cuda_device)
+    lora_a = randn(num_slots, max_rank, k, dtype=dtype, device=cuda_device, scale=k ** -0.5)
+    batch = LoRABatch.from_adapter_ids(_adapter_ids("uniform", m, num_slots, cuda_device), num_slots, validate=True)
+    scalings = torch.ones(num_slots, device=cuda_device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        ops.sgmv_shrink(x, lora_a, batch.sorted_token_ids, batch.slot_starts, batch.slot_counts, scalings, ranks)
+        torch.cuda.synchronize(cuda_device)
+    names = [event.name for event in prof.events()]
     assert any(re.search(kernel + "[<I]", name) for name in names), names
 
 

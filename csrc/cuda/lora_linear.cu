@@ -26,6 +26,7 @@
 
 #include "grid_sizing.h"
 #include "launchers.h"
+#include "tensor_core.h"
 
 namespace lora_kernels {
 namespace {
@@ -48,8 +49,6 @@ constexpr int kPartialBudget = 2048;   // floats of S partials (splits * M * r) 
 constexpr int kBwdThreads = 256;
 constexpr int kBwdItems = 8;         // (column, rank) accumulators per thread: tile * r <= 256 * 8
 constexpr int kBwdMaxRank = 64;      // above: 2r fp32 FMAs per dy element make this kernel slower than cuBLAS
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // 16-byte vector of T, converted to fp32. W is streamed once (__ldcs: evict-first, keeps x resident in L1);
 // x is re-read by every warp (__ldg: read-only cache).
@@ -246,52 +245,15 @@ __global__ void __launch_bounds__(kDecodeWarps* kWarpSize)
 constexpr int kMmaWarps = 8;          // the warps of a block split K between them
 constexpr int kMmaTiles = 2;          // n8 MMA tiles per block: kMmaRowsPerBlock rows of W
 constexpr int kMmaRowsPerBlock = 8 * kMmaTiles;
-constexpr int kMmaChunk = 32;         // K elements per MMA pair: 4 lanes x 8 consecutive elements (16 bytes)
+constexpr int kMmaChunk = 32;         // K elements per mma_k32: 4 lanes x 8 consecutive elements (16 bytes)
 constexpr int kMmaUnroll = 4;         // chunks per warp step, all loaded before the first MMA
 constexpr int64_t kMmaWarpStep = int64_t(kMmaChunk) * kMmaUnroll;
 static_assert(kMmaWarps * kWarpSize == kDecodeMaxM * kMmaRowsPerBlock, "the epilogue maps one thread per output");
 
-__device__ __forceinline__ uint4 load16_or_zero(const void* p, bool valid, bool stream) {
-  if (!valid) {
-    return make_uint4(0u, 0u, 0u, 0u);
-  }
-  const uint4* q = reinterpret_cast<const uint4*>(p);
-  return stream ? __ldcs(q) : __ldg(q);  // W streamed once (evict-first); x re-read by every block
-}
-
-// d += a · b for one m16n8k16 tile, fp32 accumulators; fragment layouts in the PTX ISA ("Matrix Fragments for
-// mma.m16n8k16 with floating point type"). Each register holds two consecutive elements, the lower one in the low half.
-template <typename T>
-__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                             uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  } else {
-    static_assert(std::is_same_v<T, c10::Half>, "mma_m16n8k16 takes fp16 or bf16");
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  }
-#else
-  __trap();  // unreachable: the launcher takes this kernel only on devices of compute capability 8.0 and above
-#endif
-}
-
 // grid (ceil(N / kMmaRowsPerBlock)), kMmaWarps warps, dynamic shared memory M * r floats. The same y as
 // lora_fwd_decode_kernel. Needs K, ldx and ldw multiples of 8 and x, W 16-byte aligned (every 16-byte load whole).
-// kUpperRows: M > 8, so the MMA tile's rows 8..15 hold rows of x (else they are zeros, not loaded).
-//
-// MMA operands: A = x rows [16, k16], B = W rows as columns [k16, n8]. A lane (group g = lane / 4, t = lane % 4)
-// holds A's rows g and g + 8 and B's column g, each at the k-slots {2t, 2t + 1} (first register) and {2t + 8, 2t + 9}
-// (second register) of an MMA. The k-slots of the MMA are a permutation of K: any one works if A and B share it,
-// and both depend on t only. Here lane t loads the 8 consecutive elements k0 + 8t .. k0 + 8t + 7 of its rows of x
-// and W (one 16-byte load each, 4 lanes cover 64 contiguous bytes of a row) and feeds elements 0-3 to one MMA
-// (slots 2t, 2t + 1 <- elements 0, 1; slots 2t + 8, 2t + 9 <- elements 2, 3) and elements 4-7 to a second one.
+// kUpperRows: M > 8, so the MMA tile's rows 8..15 hold rows of x (else they are zeros, not loaded). MMA operands
+// (csrc/cuda/tensor_core.h): A = x's rows [16, k], B = W's rows as columns [k, n8], two n8 tiles per block.
 //
 // __launch_bounds__'s minimum of 1 block per SM lets ptxas keep a whole step's loads in registers (108-122 of them):
 // with its default it kept 64 and issued each chunk's loads just before that chunk's MMAs, one DRAM round trip per
@@ -338,13 +300,10 @@ __global__ void __launch_bounds__(kMmaWarps* kWarpSize, 1)
 #pragma unroll
     for (int u = 0; u < kMmaUnroll; ++u) {
 #pragma unroll
-      for (int tile = 0; tile < kMmaTiles; ++tile) {
-        mma_m16n8k16<T>(acc[tile], xl[u].x, xh[u].x, xl[u].y, xh[u].y, w[u][tile].x, w[u][tile].y);
-        mma_m16n8k16<T>(acc[tile], xl[u].z, xh[u].z, xl[u].w, xh[u].w, w[u][tile].z, w[u][tile].w);
-      }
+      for (int tile = 0; tile < kMmaTiles; ++tile) mma_k32<T>(acc[tile], xl[u], xh[u], w[u][tile]);
     }
   }
-  // Accumulator layout: acc[tile][i] is row (m) g + 8 * (i / 2), column (n) 8 * tile + 2t + i % 2.
+  // acc[tile][i] is row (m) g + 8 * (i / 2), column (n) 8 * tile + 2t + i % 2 (tensor_core.h)
 #pragma unroll
   for (int tile = 0; tile < kMmaTiles; ++tile) {
 #pragma unroll

@@ -1,6 +1,7 @@
 // CUDA implementations of the grouped ops sgmv_shrink and sgmv_expand (schemas in csrc/ops.cpp).
 //
-// One kernel serves both: a gathered "x · Wᵀ" per adapter slot,
+// One kernel (sgmv_kernel) serves both, and a tensor-core one the shrink of 16-bit inputs (sgmv_shrink_mma_kernel):
+// a gathered "x · Wᵀ" per adapter slot,
 //   shrink: out[tok, c]           = scalings[i] · Σ_{k<K}        x[tok, k] · A[i, c, k]   for c < ranks[i]
 //   expand: out[tok, offset + c] +=               Σ_{k<ranks[i]} t[tok, k] · B[i, c, k]   for c < N
 // over a fixed grid (K-splits x output column tiles, token tiles, slots): a block whose token tile starts past
@@ -20,10 +21,10 @@
 // csrc/cuda/register_cuda.cpp, which also holds the registrations: nothing here throws for user input.
 //
 // Accumulation is fp32, or fp64 when any operand (x / lora_a, lora_b, out) is float64, like the CPU implementation.
-// Simple and correct: shared-memory tiles and fp32 FMAs, operand dtypes read at run time (one kernel for every
-// dtype combination instead of a template per pair: compile time). A tensor-core version would stage bf16/fp16
-// tiles with cp.async and use mma.sync (rank padded to 16), and handle decode (one token per slot) with a
-// per-token warp kernel instead of a 32-row tile that is mostly empty.
+// sgmv_kernel is simple and correct: shared-memory tiles and fp32 FMAs, operand dtypes read at run time (one kernel
+// for every dtype combination instead of a template per pair: compile time). The tensor-core shrink (fp16/bf16 x
+// and lora_a of one dtype, 16-byte aligned rows, sm_80+) is below it. Not done: a tensor-core expand, and a decode
+// kernel (one token per slot) that does not run a 32-row tile that is mostly empty.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -36,6 +37,7 @@
 
 #include "grid_sizing.h"
 #include "launchers.h"
+#include "tensor_core.h"
 
 namespace lora_kernels {
 namespace {
@@ -198,6 +200,92 @@ __global__ void __launch_bounds__(kThreads) sgmv_kernel(const SgmvArgs args) {
   }
 }
 
+// ---- shrink on tensor cores (fp16/bf16 x and lora_a of one dtype, 16-byte aligned rows, sm_80+) ---------------
+// sgmv_kernel<true> loads x and A one element at a time through a run-time dtype switch, with two barriers per
+// 32-wide K tile: on the H200 one block took ~2.5 µs per K tile (~320 µs to walk K = 4096 for 16 tokens on one
+// adapter, and ~590 µs of grouped LoRA term for 4096 tokens on one adapter, over a base GEMM of ~180 µs). Here each
+// warp multiplies 16 of the block's 32 tokens by its 32 rank columns on tensor cores (tensor_core.h: the tokens are
+// the MMA's rows, A's rank rows its columns), with 16-byte loads, kShrinkUnroll K chunks loaded before their MMAs.
+// The same grid, K-split and partials as sgmv_kernel<true>; rank rows past ranks[slot] are never read.
+constexpr int kShrinkWarps = kTileTokens / 16;  // 16 tokens (one MMA tile of rows) per warp
+constexpr int kShrinkTiles = kTileCols / 8;     // the block's 32 rank columns as n8 MMA tiles
+constexpr int kShrinkUnroll = 2;                // 32-wide K chunks per step: 2 x (2 + 4) 16-byte loads in flight
+static_assert(kTileK == 32, "one K tile is one mma_k32");
+
+template <typename T>
+__global__ void __launch_bounds__(kShrinkWarps * 32, 1) sgmv_shrink_mma_kernel(const SgmvArgs args) {
+  const int slot = blockIdx.z;
+  int64_t start = args.slot_starts[slot], count = args.slot_counts[slot];
+  start = start < 0 ? 0 : (start > args.num_tokens ? args.num_tokens : start);
+  count = count < 0 ? 0 : (count > args.num_tokens - start ? args.num_tokens - start : count);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, group = lane / 4, t = lane % 4;
+  const int64_t t0 = int64_t(blockIdx.y) * kTileTokens + 16 * warp;  // this warp's first token of the slot
+  if (t0 >= count) {
+    return;  // fixed grid: no token of the slot here (no barrier below: each warp is on its own)
+  }
+  int64_t rank = args.ranks[slot];
+  rank = rank < 0 ? 0 : (rank > args.max_rank ? args.max_rank : rank);
+  const int64_t split = blockIdx.x / args.col_tiles;
+  const int64_t c0 = (blockIdx.x % args.col_tiles) * kTileCols;
+  const int64_t k_begin = split * args.k_per_split;
+  const int64_t k_end = k_begin + args.k_per_split < args.k_full ? k_begin + args.k_per_split : args.k_full;
+  if (c0 >= rank || k_begin >= k_end) {
+    return;  // columns past the rank stay zero in the partials
+  }
+  // The tokens of MMA rows `group` and `group + 8` (-1: none, read as zeros and not stored).
+  int64_t tokens[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t i = t0 + group + 8 * h;
+    int64_t token = i < count ? int64_t(args.sorted_token_ids[start + i]) : -1;
+    tokens[h] = token >= 0 && token < args.num_tokens ? token : -1;
+  }
+  const T* x = static_cast<const T*>(args.x);
+  const T* x_lo = x + (tokens[0] >= 0 ? tokens[0] : 0) * args.x_stride_t + 8 * t;
+  const T* x_hi = x + (tokens[1] >= 0 ? tokens[1] : 0) * args.x_stride_t + 8 * t;
+  const T* a_rows[kShrinkTiles];
+  bool a_ok[kShrinkTiles];
+#pragma unroll
+  for (int tile = 0; tile < kShrinkTiles; ++tile) {
+    const int64_t c = c0 + 8 * tile + group;
+    a_ok[tile] = c < rank;
+    a_rows[tile] = static_cast<const T*>(args.w) + int64_t(slot) * args.w_stride_slot +
+                   (a_ok[tile] ? c : 0) * args.w_stride_c + 8 * t;
+  }
+
+  float acc[kShrinkTiles][4] = {};
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += int64_t(kShrinkUnroll) * kTileK) {
+    uint4 lo[kShrinkUnroll], hi[kShrinkUnroll], a[kShrinkUnroll][kShrinkTiles];
+#pragma unroll
+    for (int u = 0; u < kShrinkUnroll; ++u) {
+      const int64_t k = k0 + u * kTileK;
+      const bool in_k = k + 8 * t < k_end;  // K and the split bounds are multiples of 8: a load is wholly in or out
+      lo[u] = load16_or_zero(x_lo + k, in_k && tokens[0] >= 0, false);
+      hi[u] = load16_or_zero(x_hi + k, in_k && tokens[1] >= 0, false);
+#pragma unroll
+      for (int tile = 0; tile < kShrinkTiles; ++tile) a[u][tile] = load16_or_zero(a_rows[tile] + k, in_k && a_ok[tile], false);
+    }
+#pragma unroll
+    for (int u = 0; u < kShrinkUnroll; ++u) {
+#pragma unroll
+      for (int tile = 0; tile < kShrinkTiles; ++tile) mma_k32<T>(acc[tile], lo[u], hi[u], a[u][tile]);
+    }
+  }
+  // acc[tile][i] is token row group + 8 * (i / 2), rank column 8 * tile + 2t + i % 2 (tensor_core.h)
+  const float scale = args.scalings[slot];
+  float* out = static_cast<float*>(args.out) + split * args.out_stride_split;
+#pragma unroll
+  for (int tile = 0; tile < kShrinkTiles; ++tile) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t token = tokens[i / 2], col = c0 + 8 * tile + 2 * t + i % 2;
+      if (token >= 0 && col < rank) {
+        out[token * args.out_stride_t + col * args.out_stride_c] = scale * acc[tile][i];
+      }
+    }
+  }
+}
+
 struct ShrinkSplit {
   int64_t splits, k_per_split;
 };
@@ -223,15 +311,22 @@ ShrinkSplit shrink_k_split(int64_t num_tokens, int64_t num_slots, int64_t max_ra
 }
 
 // The grid's y and z dimensions (token tiles, slots) were checked against kSgmvMaxGridYZ by register_cuda.cpp.
+// tensor_cores (shrink only): sgmv_shrink_mma_kernel, whose conditions the caller checked.
 template <bool kShrink>
-void launch_sgmv(const SgmvArgs& args, int64_t num_slots, int64_t splits) {
+void launch_sgmv(const SgmvArgs& args, int64_t num_slots, int64_t splits, bool tensor_cores = false) {
   const int64_t token_tiles = ceil_div(args.num_tokens, kTileTokens);
   if (token_tiles == 0 || args.col_tiles == 0 || num_slots == 0) {
     return;
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const dim3 grid(splits * args.col_tiles, token_tiles, num_slots);
-  if (args.x_dtype == kF64 || args.w_dtype == kF64 || args.out_dtype == kF64) {
+  if (kShrink && tensor_cores) {
+    if (args.x_dtype == kBF16) {
+      sgmv_shrink_mma_kernel<c10::BFloat16><<<grid, kShrinkWarps * 32, 0, stream>>>(args);
+    } else {
+      sgmv_shrink_mma_kernel<c10::Half><<<grid, kShrinkWarps * 32, 0, stream>>>(args);
+    }
+  } else if (args.x_dtype == kF64 || args.w_dtype == kF64 || args.out_dtype == kF64) {
     sgmv_kernel<kShrink, double><<<grid, kThreads, 0, stream>>>(args);
   } else {
     sgmv_kernel<kShrink, float><<<grid, kThreads, 0, stream>>>(args);
@@ -283,7 +378,14 @@ at::Tensor sgmv_shrink_cuda_launch(const at::Tensor& x, const at::Tensor& lora_a
   args.cols_full = 0;
   args.col_tiles = ceil_div(max_rank, kTileCols);
   args.k_per_split = k_split.k_per_split;
-  launch_sgmv<true>(args, num_slots, k_split.splits);
+  // Tensor cores for x and lora_a of one 16-bit dtype whose rows are whole 16-byte loads, on sm_80+.
+  const int64_t k = x.size(1);
+  const bool tensor_cores =
+      (args.x_dtype == kF16 || args.x_dtype == kBF16) && args.w_dtype == args.x_dtype && args.x_stride_k == 1 &&
+      args.w_stride_k == 1 && k % 8 == 0 && args.x_stride_t % 8 == 0 && args.w_stride_c % 8 == 0 &&
+      args.w_stride_slot % 8 == 0 && aligned16(args.x) && aligned16(args.w) &&
+      device_attribute<cudaDevAttrComputeCapabilityMajor>(x.get_device()) >= 8;
+  launch_sgmv<true>(args, num_slots, k_split.splits, tensor_cores);
   // Fixed-order sum over the splits: deterministic, unlike atomics. float32 for every input dtype, as on CPU.
   const at::Tensor out = k_split.splits == 1 ? partials.select(0, 0) : partials.sum(0);
   return out.to(at::kFloat);
