@@ -285,8 +285,8 @@ def run_bench_command(args):
     config = bench.BenchConfig(
         device=args.device, dtype=args.dtype, quick=args.quick, backends=args.backends, hidden=args.hidden,
         rank=args.rank, ranks=args.ranks, ms=args.ms, train_m=args.train_m, reps=args.reps, warmup=args.warmup,
-        prefill_tokens=args.prefill_tokens, copy_mb=args.copy_mb, threads=args.threads, sections=args.sections, sweep_tokens=args.sweep_tokens, sweep_adapters=args.sweep_adapters,
-        progress=not args.no_progress)
+        prefill_tokens=args.prefill_tokens, copy_mb=args.copy_mb, threads=args.threads, sections=args.sections,
+        sweep_tokens=args.sweep_tokens, sweep_adapters=args.sweep_adapters, progress=not args.no_progress)
     try:
         config = config.resolved()
     except ValueError as exc:
