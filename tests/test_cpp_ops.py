@@ -909,6 +909,26 @@ def test_cuda_sgmv_shrink_takes_the_tensor_core_kernel_where_it_can(dtype, k, st
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("b_dtype,out_dtype,kernel", [
+    (torch.bfloat16, torch.bfloat16, "sgmv_expand_mma_kernel"),
+    (torch.float16, torch.float32, "sgmv_expand_mma_kernel"),
+    (torch.float32, torch.float32, "sgmv_kernel"), (torch.bfloat16, torch.float64, "sgmv_kernel")], ids=str)
+def test_cuda_sgmv_expand_takes_the_tensor_core_kernel_where_it_can(b_dtype, out_dtype, kernel, cuda_device):
+    """Which grouped expand runs: the tensor-core one (tf32 MMAs) for a 16-bit lora_b into a 16-bit or float32 out,
+    the CUDA-core one for an fp32 lora_b or a float64 out (float64 accumulation)."""
+    m, n, num_slots, max_rank = 64, 256, 4, 16
+    ranks = torch.full((num_slots,), max_rank, dtype=torch.int32, device=cuda_device)
+    lora_b = randn(num_slots, n, max_rank, dtype=b_dtype, device=cuda_device)
+    batch = LoRABatch.from_adapter_ids(_adapter_ids("uniform", m, num_slots, cuda_device), num_slots, validate=True)
+    t, out = randn(m, max_rank, device=cuda_device), randn(m, n, dtype=out_dtype, device=cuda_device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        ops.sgmv_expand(t, lora_b, batch.sorted_token_ids, batch.slot_starts, batch.slot_counts, ranks, out, 0)
+        torch.cuda.synchronize(cuda_device)
+    names = [event.name for event in prof.events()]
+    assert any(re.search(kernel + "[<I]", name) for name in names), names
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cuda_decode_kernel_misaligned_and_strided(dtype, cuda_device):
     """Misaligned base pointers and row strides that are not a multiple of the vector width take the scalar path;

@@ -1,7 +1,7 @@
 // CUDA implementations of the grouped ops sgmv_shrink and sgmv_expand (schemas in csrc/ops.cpp).
 //
-// One kernel (sgmv_kernel) serves both, and a tensor-core one the shrink of 16-bit inputs (sgmv_shrink_mma_kernel):
-// a gathered "x · Wᵀ" per adapter slot,
+// One kernel (sgmv_kernel) serves both, and tensor-core ones 16-bit inputs (sgmv_shrink_mma_kernel,
+// sgmv_expand_mma_kernel): a gathered "x · Wᵀ" per adapter slot,
 //   shrink: out[tok, c]           = scalings[i] · Σ_{k<K}        x[tok, k] · A[i, c, k]   for c < ranks[i]
 //   expand: out[tok, offset + c] +=               Σ_{k<ranks[i]} t[tok, k] · B[i, c, k]   for c < N
 // over a fixed grid (K-splits x output column tiles, token tiles, slots): a block whose token tile starts past
@@ -23,8 +23,8 @@
 // Accumulation is fp32, or fp64 when any operand (x / lora_a, lora_b, out) is float64, like the CPU implementation.
 // sgmv_kernel is simple and correct: shared-memory tiles and fp32 FMAs, operand dtypes read at run time (one kernel
 // for every dtype combination instead of a template per pair: compile time). The tensor-core shrink (fp16/bf16 x
-// and lora_a of one dtype, 16-byte aligned rows, sm_80+) is below it. Not done: a tensor-core expand, and a decode
-// kernel (one token per slot) that does not run a 32-row tile that is mostly empty.
+// and lora_a of one dtype, 16-byte aligned rows, sm_80+) and expand (16-bit lora_b, tf32 MMAs) are below it. Not
+// done: a decode kernel (one token per slot) that does not run a 16-row MMA tile that is mostly empty.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -286,6 +286,84 @@ __global__ void __launch_bounds__(kShrinkWarps * 32, 1) sgmv_shrink_mma_kernel(c
   }
 }
 
+// ---- expand on tensor cores (fp16/bf16 lora_b, sm_80+) -----------------------------------------------------------
+// Each warp adds the products of 16 of the block's 32 tokens with kExpandCols output columns (tf32 m16n8k8 MMAs:
+// the tokens are the MMA's rows, B's rows its columns, the rank its K). t is fp32 and rounded to the nearest tf32
+// (as the Triton expand does for fp16 B), so an fp16 B does not round s·S to fp16 (it may pass 65504 where y does
+// not); B's 16-bit values convert to tf32 exactly. Elements of t and B past the slot's rank are never read. A block
+// covers kExpandCols columns (4 x 32) instead of sgmv_kernel's 32: a quarter of the blocks, each reusing its token
+// ids and its rows of t (from L1) four times.
+constexpr int kExpandCols = 4 * kTileCols;
+
+template <typename T>
+__global__ void __launch_bounds__(kShrinkWarps * 32) sgmv_expand_mma_kernel(const SgmvArgs args) {
+  const int slot = blockIdx.z;
+  int64_t start = args.slot_starts[slot], count = args.slot_counts[slot];
+  start = start < 0 ? 0 : (start > args.num_tokens ? args.num_tokens : start);
+  count = count < 0 ? 0 : (count > args.num_tokens - start ? args.num_tokens - start : count);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, group = lane / 4, t = lane % 4;
+  const int64_t t0 = int64_t(blockIdx.y) * kTileTokens + 16 * warp;
+  if (t0 >= count) {
+    return;
+  }
+  int64_t rank = args.ranks[slot];
+  rank = rank < 0 ? 0 : (rank > args.max_rank ? args.max_rank : rank);
+  const int64_t block_c0 = int64_t(blockIdx.x) * kExpandCols;
+  if (rank == 0 || block_c0 >= args.cols_full) {
+    return;  // adds nothing
+  }
+  int64_t tokens[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t i = t0 + group + 8 * h;
+    int64_t token = i < count ? int64_t(args.sorted_token_ids[start + i]) : -1;
+    tokens[h] = token >= 0 && token < args.num_tokens ? token : -1;
+  }
+  const float* t_rows = static_cast<const float*>(args.x);
+  const T* b = static_cast<const T*>(args.w) + int64_t(slot) * args.w_stride_slot;
+  for (int64_t c0 = block_c0; c0 < block_c0 + kExpandCols && c0 < args.cols_full; c0 += kTileCols) {
+    float acc[kShrinkTiles][4] = {};
+    for (int64_t j0 = 0; j0 < rank; j0 += 8) {
+      // k-slot t <- rank index j0 + 2t, slot t + 4 <- j0 + 2t + 1 (the same for t and B: see tensor_core.h)
+      uint32_t a[2][2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int64_t j = j0 + 2 * t + e;
+          a[h][e] = tokens[h] >= 0 && j < rank
+                        ? to_tf32(t_rows[tokens[h] * args.x_stride_t + j * args.x_stride_k]) : 0u;
+        }
+      }
+#pragma unroll
+      for (int tile = 0; tile < kShrinkTiles; ++tile) {
+        const int64_t n = c0 + 8 * tile + group;
+        uint32_t w[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int64_t j = j0 + 2 * t + e;
+          w[e] = n < args.cols_full && j < rank
+                     ? __float_as_uint(static_cast<float>(b[n * args.w_stride_c + j * args.w_stride_k])) : 0u;
+        }
+        mma_m16n8k8_tf32(acc[tile], a[0][0], a[1][0], a[0][1], a[1][1], w[0], w[1]);
+      }
+    }
+    // acc[tile][i] is token row group + 8 * (i / 2), column c0 + 8 * tile + 2t + i % 2: added into out in fp32,
+    // rounded once (LoRABatch's sorted_token_ids is a permutation: one writer per element, as in sgmv_kernel)
+#pragma unroll
+    for (int tile = 0; tile < kShrinkTiles; ++tile) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int64_t token = tokens[i / 2], col = c0 + 8 * tile + 2 * t + i % 2;
+        if (token >= 0 && col < args.cols_full) {
+          const int64_t idx = token * args.out_stride_t + (args.col_offset + col) * args.out_stride_c;
+          store_as<float>(args.out, idx, args.out_dtype, load_as<float>(args.out, idx, args.out_dtype) + acc[tile][i]);
+        }
+      }
+    }
+  }
+}
+
 struct ShrinkSplit {
   int64_t splits, k_per_split;
 };
@@ -311,7 +389,8 @@ ShrinkSplit shrink_k_split(int64_t num_tokens, int64_t num_slots, int64_t max_ra
 }
 
 // The grid's y and z dimensions (token tiles, slots) were checked against kSgmvMaxGridYZ by register_cuda.cpp.
-// tensor_cores (shrink only): sgmv_shrink_mma_kernel, whose conditions the caller checked.
+// tensor_cores: sgmv_shrink_mma_kernel / sgmv_expand_mma_kernel, whose conditions the caller checked (and, for the
+// expand, whose column tiles of kExpandCols it counted in args.col_tiles).
 template <bool kShrink>
 void launch_sgmv(const SgmvArgs& args, int64_t num_slots, int64_t splits, bool tensor_cores = false) {
   const int64_t token_tiles = ceil_div(args.num_tokens, kTileTokens);
@@ -325,6 +404,12 @@ void launch_sgmv(const SgmvArgs& args, int64_t num_slots, int64_t splits, bool t
       sgmv_shrink_mma_kernel<c10::BFloat16><<<grid, kShrinkWarps * 32, 0, stream>>>(args);
     } else {
       sgmv_shrink_mma_kernel<c10::Half><<<grid, kShrinkWarps * 32, 0, stream>>>(args);
+    }
+  } else if (!kShrink && tensor_cores) {
+    if (args.w_dtype == kBF16) {
+      sgmv_expand_mma_kernel<c10::BFloat16><<<grid, kShrinkWarps * 32, 0, stream>>>(args);
+    } else {
+      sgmv_expand_mma_kernel<c10::Half><<<grid, kShrinkWarps * 32, 0, stream>>>(args);
     }
   } else if (args.x_dtype == kF64 || args.w_dtype == kF64 || args.out_dtype == kF64) {
     sgmv_kernel<kShrink, double><<<grid, kThreads, 0, stream>>>(args);
@@ -422,9 +507,12 @@ void sgmv_expand_cuda_launch(const at::Tensor& t, const at::Tensor& lora_b, cons
   args.max_rank = lora_b.size(2);
   args.k_full = 0;
   args.cols_full = lora_b.size(1);
-  args.col_tiles = ceil_div(lora_b.size(1), kTileCols);
   args.k_per_split = 0;  // unused: the expand's one split covers every k < the slot's rank
-  launch_sgmv<false>(args, lora_b.size(0), 1);
+  // Tensor cores for a 16-bit lora_b into a 16-bit or float32 out (float64 keeps float64 accumulation), on sm_80+.
+  const bool tensor_cores = (args.w_dtype == kF16 || args.w_dtype == kBF16) && args.out_dtype != kF64 &&
+                            device_attribute<cudaDevAttrComputeCapabilityMajor>(t.get_device()) >= 8;
+  args.col_tiles = ceil_div(lora_b.size(1), tensor_cores ? kExpandCols : kTileCols);
+  launch_sgmv<false>(args, lora_b.size(0), 1, tensor_cores);
 }
 
 }  // namespace lora_kernels

@@ -61,4 +61,30 @@ __device__ __forceinline__ void mma_k32(float (&d)[4], const uint4& lo, const ui
   mma_m16n8k16<T>(d, lo.z, hi.z, lo.w, hi.w, b.z, b.w);
 }
 
+// d += a · b for one m16n8k8 tile of tf32 operands (fp32 bits; the tensor cores ignore the low 13 mantissa bits),
+// fp32 accumulators. A lane (g, t) holds A's rows g and g + 8 and B's column g at the k-slots t (a0, a1, b0) and
+// t + 4 (a2, a3, b1); the accumulators as for m16n8k16.
+__device__ __forceinline__ void mma_m16n8k8_tf32(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                 uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+  __trap();  // unreachable, as in mma_m16n8k16
+#endif
+}
+
+// v rounded to the nearest tf32 (ties away from zero), as fp32 bits: the tensor cores would truncate it.
+__device__ __forceinline__ uint32_t to_tf32(float v) {
+  uint32_t bits = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(bits) : "f"(v));
+#else
+  __trap();
+#endif
+  return bits;
+}
+
 }  // namespace lora_kernels
