@@ -278,12 +278,7 @@ __global__ void __launch_bounds__(kMmaWarps* kWarpSize, 1)
   const T* x_hi = x + (x_hi_ok ? int64_t(group) + 8 : 0) * ldx + 8 * t;
   const T* w_rows[kMmaTiles];
   bool w_ok[kMmaTiles];
-#pragma unroll
-  for (int tile = 0; tile < kMmaTiles; ++tile) {
-    const int64_t n = n0 + 8 * tile + group;
-    w_ok[tile] = n < N;
-    w_rows[tile] = weight + (w_ok[tile] ? n : 0) * ldw + 8 * t;
-  }
+  mma_b_rows(weight, n0, N, ldw, group, t, w_rows, w_ok);
 
   float acc[kMmaTiles][4] = {};
   for (int64_t k0 = int64_t(warp) * kMmaWarpStep; k0 < K; k0 += int64_t(kMmaWarps) * kMmaWarpStep) {

@@ -109,18 +109,45 @@ struct SgmvArgs {
   int64_t k_per_split;  // shrink: a multiple of kTileK
 };
 
-template <bool kShrink, typename Acc>
-__global__ void __launch_bounds__(kThreads) sgmv_kernel(const SgmvArgs args) {
-  const int slot = blockIdx.z;
+// The slot's range in sorted_token_ids, clamped into [0, M) (bad metadata never reads out of bounds).
+struct SlotRange {
+  int64_t start, count;
+};
+
+__device__ __forceinline__ SlotRange slot_range(const SgmvArgs& args, int slot) {
   int64_t start = args.slot_starts[slot], count = args.slot_counts[slot];
   start = start < 0 ? 0 : (start > args.num_tokens ? args.num_tokens : start);
   count = count < 0 ? 0 : (count > args.num_tokens - start ? args.num_tokens - start : count);
+  return {start, count};
+}
+
+// The slot's rank, clamped into [0, R].
+__device__ __forceinline__ int64_t slot_rank(const SgmvArgs& args, int slot) {
+  const int64_t rank = args.ranks[slot];
+  return rank < 0 ? 0 : (rank > args.max_rank ? args.max_rank : rank);
+}
+
+// The token ids of a warp's MMA rows `group` and `group + 8` (tensor_core.h), whose first row is the slot's token
+// t0: -1 where there is none (past the slot's count, or an id outside [0, M), which is skipped).
+__device__ __forceinline__ void mma_row_tokens(const SgmvArgs& args, SlotRange slot, int64_t t0, int group,
+                                               int64_t (&tokens)[2]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t i = t0 + group + 8 * h;
+    const int64_t token = i < slot.count ? int64_t(args.sorted_token_ids[slot.start + i]) : -1;
+    tokens[h] = token >= 0 && token < args.num_tokens ? token : -1;
+  }
+}
+
+template <bool kShrink, typename Acc>
+__global__ void __launch_bounds__(kThreads) sgmv_kernel(const SgmvArgs args) {
+  const int slot = blockIdx.z;
+  const auto [start, count] = slot_range(args, slot);
   const int64_t t0 = int64_t(blockIdx.y) * kTileTokens;
   if (t0 >= count) {
     return;  // fixed grid: this token tile is past the slot's tokens
   }
-  int64_t rank = args.ranks[slot];
-  rank = rank < 0 ? 0 : (rank > args.max_rank ? args.max_rank : rank);
+  const int64_t rank = slot_rank(args, slot);
   const int64_t cols = kShrink ? rank : args.cols_full;
   const int64_t kdim = kShrink ? args.k_full : rank;
   // grid.x = splits * col_tiles, split-major. The expand's one split is fixed at compile time: deriving it from the
@@ -215,16 +242,13 @@ static_assert(kTileK == 32, "one K tile is one mma_k32");
 template <typename T>
 __global__ void __launch_bounds__(kShrinkWarps * 32, 1) sgmv_shrink_mma_kernel(const SgmvArgs args) {
   const int slot = blockIdx.z;
-  int64_t start = args.slot_starts[slot], count = args.slot_counts[slot];
-  start = start < 0 ? 0 : (start > args.num_tokens ? args.num_tokens : start);
-  count = count < 0 ? 0 : (count > args.num_tokens - start ? args.num_tokens - start : count);
+  const SlotRange range = slot_range(args, slot);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, group = lane / 4, t = lane % 4;
   const int64_t t0 = int64_t(blockIdx.y) * kTileTokens + 16 * warp;  // this warp's first token of the slot
-  if (t0 >= count) {
+  if (t0 >= range.count) {
     return;  // fixed grid: no token of the slot here (no barrier below: each warp is on its own)
   }
-  int64_t rank = args.ranks[slot];
-  rank = rank < 0 ? 0 : (rank > args.max_rank ? args.max_rank : rank);
+  const int64_t rank = slot_rank(args, slot);
   const int64_t split = blockIdx.x / args.col_tiles;
   const int64_t c0 = (blockIdx.x % args.col_tiles) * kTileCols;
   const int64_t k_begin = split * args.k_per_split;
@@ -232,26 +256,15 @@ __global__ void __launch_bounds__(kShrinkWarps * 32, 1) sgmv_shrink_mma_kernel(c
   if (c0 >= rank || k_begin >= k_end) {
     return;  // columns past the rank stay zero in the partials
   }
-  // The tokens of MMA rows `group` and `group + 8` (-1: none, read as zeros and not stored).
-  int64_t tokens[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int64_t i = t0 + group + 8 * h;
-    int64_t token = i < count ? int64_t(args.sorted_token_ids[start + i]) : -1;
-    tokens[h] = token >= 0 && token < args.num_tokens ? token : -1;
-  }
+  int64_t tokens[2];  // -1: read as zeros, not stored
+  mma_row_tokens(args, range, t0, group, tokens);
   const T* x = static_cast<const T*>(args.x);
   const T* x_lo = x + (tokens[0] >= 0 ? tokens[0] : 0) * args.x_stride_t + 8 * t;
   const T* x_hi = x + (tokens[1] >= 0 ? tokens[1] : 0) * args.x_stride_t + 8 * t;
-  const T* a_rows[kShrinkTiles];
+  const T* a_rows[kShrinkTiles];  // A's rank rows past the slot's rank: never read
   bool a_ok[kShrinkTiles];
-#pragma unroll
-  for (int tile = 0; tile < kShrinkTiles; ++tile) {
-    const int64_t c = c0 + 8 * tile + group;
-    a_ok[tile] = c < rank;
-    a_rows[tile] = static_cast<const T*>(args.w) + int64_t(slot) * args.w_stride_slot +
-                   (a_ok[tile] ? c : 0) * args.w_stride_c + 8 * t;
-  }
+  mma_b_rows(static_cast<const T*>(args.w) + int64_t(slot) * args.w_stride_slot, c0, rank, args.w_stride_c, group, t,
+             a_rows, a_ok);
 
   float acc[kShrinkTiles][4] = {};
   for (int64_t k0 = k_begin; k0 < k_end; k0 += int64_t(kShrinkUnroll) * kTileK) {
@@ -298,27 +311,19 @@ constexpr int kExpandCols = 4 * kTileCols;
 template <typename T>
 __global__ void __launch_bounds__(kShrinkWarps * 32) sgmv_expand_mma_kernel(const SgmvArgs args) {
   const int slot = blockIdx.z;
-  int64_t start = args.slot_starts[slot], count = args.slot_counts[slot];
-  start = start < 0 ? 0 : (start > args.num_tokens ? args.num_tokens : start);
-  count = count < 0 ? 0 : (count > args.num_tokens - start ? args.num_tokens - start : count);
+  const SlotRange range = slot_range(args, slot);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, group = lane / 4, t = lane % 4;
   const int64_t t0 = int64_t(blockIdx.y) * kTileTokens + 16 * warp;
-  if (t0 >= count) {
+  if (t0 >= range.count) {
     return;
   }
-  int64_t rank = args.ranks[slot];
-  rank = rank < 0 ? 0 : (rank > args.max_rank ? args.max_rank : rank);
+  const int64_t rank = slot_rank(args, slot);
   const int64_t block_c0 = int64_t(blockIdx.x) * kExpandCols;
   if (rank == 0 || block_c0 >= args.cols_full) {
     return;  // adds nothing
   }
   int64_t tokens[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int64_t i = t0 + group + 8 * h;
-    int64_t token = i < count ? int64_t(args.sorted_token_ids[start + i]) : -1;
-    tokens[h] = token >= 0 && token < args.num_tokens ? token : -1;
-  }
+  mma_row_tokens(args, range, t0, group, tokens);
   const float* t_rows = static_cast<const float*>(args.x);
   const T* b = static_cast<const T*>(args.w) + int64_t(slot) * args.w_stride_slot;
   for (int64_t c0 = block_c0; c0 < block_c0 + kExpandCols && c0 < args.cols_full; c0 += kTileCols) {

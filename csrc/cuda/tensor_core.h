@@ -30,6 +30,20 @@ __device__ __forceinline__ uint4 load16_or_zero(const void* p, bool valid, bool 
   return stream ? __ldcs(q) : __ldg(q);
 }
 
+// The lane's pointers into kTiles n8 tiles of B's columns, stored as rows of `base` (row stride `stride`) from row
+// `first`: lane group g takes row first + 8 * tile + g, at its 8-element offset 8t. Rows at or past `limit` are not
+// ok: their pointer stays at row 0 and is never read.
+template <typename T, int kTiles>
+__device__ __forceinline__ void mma_b_rows(const T* base, int64_t first, int64_t limit, int64_t stride, int group,
+                                           int t, const T* (&rows)[kTiles], bool (&ok)[kTiles]) {
+#pragma unroll
+  for (int tile = 0; tile < kTiles; ++tile) {
+    const int64_t row = first + 8 * tile + group;
+    ok[tile] = row < limit;
+    rows[tile] = base + (ok[tile] ? row : 0) * stride + 8 * t;
+  }
+}
+
 // d += a · b for one m16n8k16 tile, fp32 accumulators; fragment layouts in the PTX ISA ("Matrix Fragments for
 // mma.m16n8k16 with floating point type"). Each register holds two consecutive elements, the lower one in the low half.
 template <typename T>
