@@ -288,7 +288,9 @@ __global__ void __launch_bounds__(kMmaWarps* kWarpSize, 1)
       const int64_t k = k0 + u * kMmaChunk;
       const bool in_k = k + 8 * t < K;  // K is a multiple of 8: a 16-byte load is wholly inside K or outside
 #pragma unroll
-      for (int tile = 0; tile < kMmaTiles; ++tile) w[u][tile] = load16_or_zero(w_rows[tile] + k, in_k && w_ok[tile], true);
+      for (int tile = 0; tile < kMmaTiles; ++tile) {
+        w[u][tile] = load16_or_zero(w_rows[tile] + k, in_k && w_ok[tile], true);
+      }
       xl[u] = load16_or_zero(x_lo + k, in_k && x_lo_ok, false);
       xh[u] = load16_or_zero(x_hi + k, in_k && x_hi_ok, false);
     }
@@ -302,7 +304,9 @@ __global__ void __launch_bounds__(kMmaWarps* kWarpSize, 1)
 #pragma unroll
   for (int tile = 0; tile < kMmaTiles; ++tile) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) warp_sums[warp][group + 8 * (i / 2)][8 * tile + 2 * t + i % 2] = acc[tile][i];
+    for (int i = 0; i < 4; ++i) {
+      warp_sums[warp][group + 8 * (i / 2)][8 * tile + 2 * t + i % 2] = acc[tile][i];
+    }
   }
   __syncthreads();
 
@@ -314,7 +318,9 @@ __global__ void __launch_bounds__(kMmaWarps* kWarpSize, 1)
 #pragma unroll
     for (int w = 0; w < kMmaWarps; ++w) base += warp_sums[w][m][col];
     float lora = 0.f;
-    for (int j = 0; j < r; ++j) lora = fmaf(s_shared[m * r + j], static_cast<float>(lora_b[n * ldb_n + j * ldb_r]), lora);
+    for (int j = 0; j < r; ++j) {
+      lora = fmaf(s_shared[m * r + j], static_cast<float>(lora_b[n * ldb_n + j * ldb_r]), lora);
+    }
     const float b = bias != nullptr ? static_cast<float>(bias[n * bias_stride]) : 0.f;
     y[m * ldy + n] = static_cast<T>(base + scaling * lora + b);
   }

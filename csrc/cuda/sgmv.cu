@@ -276,7 +276,9 @@ __global__ void __launch_bounds__(kShrinkWarps * 32, 1) sgmv_shrink_mma_kernel(c
       lo[u] = load16_or_zero(x_lo + k, in_k && tokens[0] >= 0, false);
       hi[u] = load16_or_zero(x_hi + k, in_k && tokens[1] >= 0, false);
 #pragma unroll
-      for (int tile = 0; tile < kShrinkTiles; ++tile) a[u][tile] = load16_or_zero(a_rows[tile] + k, in_k && a_ok[tile], false);
+      for (int tile = 0; tile < kShrinkTiles; ++tile) {
+        a[u][tile] = load16_or_zero(a_rows[tile] + k, in_k && a_ok[tile], false);
+      }
     }
 #pragma unroll
     for (int u = 0; u < kShrinkUnroll; ++u) {
