@@ -1,6 +1,7 @@
-"""Which kernels take the time: torch.profiler tables of one lora_linear fwd+bwd and of grouped forwards (decode
-and prefill) for every available backend, at design.md §8's shapes on a GPU (bf16, K = N = 4096, r = 16), and of one
-layer of `compare`'s model (full fine-tuning's and each backend's LoRA fwd+bwd: host time against kernel time).
+"""Which kernels take the time: torch.profiler tables of one lora_linear fwd+bwd, of its forward at decode sizes, and
+of grouped forwards (decode and prefill) for every available backend, at design.md §8's shapes on a GPU (bf16,
+K = N = 4096, r = 16), and of one layer of `compare`'s model (full fine-tuning's and each backend's LoRA fwd+bwd:
+host time against kernel time).
 
 The bench gives ratios; this gives the per-kernel breakdown behind them (the first H100 run had only the ratios, and
 the causes had to be read from the code).
@@ -27,6 +28,8 @@ SHAPES = {  # (training M, hidden, rank, decode tokens, prefill tokens, adapters
 # step looked host-bound on the H200 (a LoRA step 0.95x full fine-tuning's, the fused column unsteady); the tables'
 # "Self CPU time total" against "Self CUDA time total" say whether a layer's host path outlasts its kernels.
 COMPARE_LAYER = {"gpu": (4096, 2048), "quick": (32, 32)}
+# design.md §8's decode sizes: the forward alone (the cuda backend's decode kernels, the Triton decode configs)
+DECODE_M = (1, 16)
 ROW_LIMIT = 12  # kernels shown per table
 
 
@@ -77,6 +80,14 @@ def main(argv=None):
         tables.append((f"lora_linear fwd+bwd, backend {name}, M={m}",
                        lambda name=name: torch.autograd.grad(lora_linear(x, weight, lora_a, lora_b, 2.0,
                                                                          backend=name), (x, lora_a, lora_b), dy)))
+    for tokens in DECODE_M:
+        xd = torch.randn(tokens, hidden, **factory)
+        tables.append((f"F.linear forward, M={tokens}: the floor",
+                       lambda xd=xd: torch.nn.functional.linear(xd, weight)))
+        for name in names:
+            tables.append((f"lora_linear forward, backend {name}, M={tokens}",
+                           lambda name=name, xd=xd: lora_linear(xd, weight, lora_a.detach(), lora_b.detach(), 2.0,
+                                                                backend=name)))
     layer_m, layer_hidden = COMPARE_LAYER["quick" if args.quick else "gpu"]
     lx = torch.randn(layer_m, layer_hidden, **factory, requires_grad=True)
     lw = (torch.randn(layer_hidden, layer_hidden, **factory) / math.sqrt(layer_hidden)).requires_grad_(True)
