@@ -275,6 +275,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert "=== lora_linear fwd+bwd, backend torch" in profile
     assert "=== full fine-tuning layer fwd+bwd (F.linear, dX and dW), M=32, K=N=32" in profile
     assert "=== lora_linear fwd+bwd, backend cpu, M=32, K=N=32 (compare's layer)" in profile
+    assert "=== F.linear forward, M=16: the floor" in profile and "=== lora_linear forward, backend cpu, M=1" in profile
     assert "\nERROR: " not in profile  # the script's own failure line (the profiler may log "ERROR:<date>" lines)
 
 
