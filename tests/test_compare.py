@@ -611,33 +611,115 @@ def test_saved_activations_count_each_storage_once_and_casts_of_activations():
     assert count["cast"] == count["product"]
 
 
-@pytest.mark.skipif(not compare.MemoryProbe(torch.device("cpu")).resettable, reason="needs /proc/self/clear_refs")
+def test_saved_activations_are_what_backward_keeps_beyond_the_weights():
+    """A frozen weight that backward keeps (for the input's gradient) is weight memory, like a trainable one; an
+    activation is counted whatever made it, a trainable embedding included; and the loss's own saved tensors (the
+    cross-entropy's log-probabilities) are part of a training forward's activations."""
+    tokens, vocab, hidden = 6, 8, 4
+
+    class Net(torch.nn.Module):
+        def __init__(self, variant):
+            super().__init__()
+            self.variant = variant
+            self.embed_tokens = torch.nn.Embedding(vocab, hidden)  # trainable: its output has a grad_fn
+            self.lm_head = torch.nn.Linear(hidden, vocab, bias=False)
+            self.lm_head.weight.requires_grad_(variant == "trainable head")
+            self.scale = torch.nn.Parameter(torch.ones(vocab), requires_grad=False)
+
+        def forward(self, ids):  # ids 1-D: the head's matmul keeps the embedding output itself, not a view of it
+            logits = self.lm_head(self.embed_tokens(ids))
+            # mul keeps the frozen scale (for the gradient of logits) and nothing else; a Python float, nothing
+            return logits * self.scale if self.variant == "frozen scale" else logits * 1.0
+
+    class Logits(torch.nn.Module):  # keeps nothing itself: what is counted is the loss's
+        def __init__(self):
+            super().__init__()
+            self.logits = torch.nn.Parameter(torch.randn(tokens, vocab))
+
+        def forward(self, ids):
+            return self.logits * 1.0
+
+    ids, targets = torch.randint(0, vocab, (tokens,)), torch.randint(0, vocab, (tokens,))
+    count = {variant: compare.saved_activation_bytes(Net(variant), ids, targets)
+             for variant in ("frozen head", "frozen scale", "trainable head")}
+    assert count["frozen scale"] == count["frozen head"]
+    # the head's weight gradient needs its input, the embedding output: 96 bytes more (the weight has 128)
+    assert count["trainable head"] - count["frozen head"] == tokens * hidden * FLOAT32_BYTES
+    assert compare.saved_activation_bytes(Logits(), ids, targets) >= tokens * vocab * FLOAT32_BYTES
+
+
+def _can_reset_the_high_water_mark():
+    """Whether this kernel lets a process reset its VmHWM (Linux >= 4.0), asked here rather than of MemoryProbe, so
+    that a probe that wrongly thinks it cannot reset is a failure, not a skipped test."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _can_reset_the_high_water_mark(), reason="needs /proc/self/clear_refs")
 def test_cpu_memory_probe_measures_each_region_above_the_baseline():
     """The CPU peak of a region is what the region allocated: not the process's whole resident set, not an earlier
-    region's peak (the high-water mark is reset per region), and not hidden by freed heap memory that is still
-    resident (the heap is trimmed first). Sizes are MiB-scale so that allocator noise cannot pass for them."""
+    region's peak (the high-water mark is reset per region), not hidden by freed heap memory that is still
+    resident (the heap is trimmed first), and a peak: memory freed before the reading still counts. Sizes are
+    MiB-scale so that allocator noise cannot pass for them."""
     mib = 2 ** 20
     probe = compare.MemoryProbe(torch.device("cpu"))
+    assert probe.resettable
     assert probe.method.startswith("peak resident set per step (VmHWM, reset via /proc/self/clear_refs")
     probe.baseline()
     probe.start()
     idle = probe.peak()
-    assert abs(idle) < 32 * mib  # nothing allocated: near 0, not the resident set of a process that imported torch
+    # nothing allocated: near 0, not the resident set of a process that imported torch (nor 2.4% of it, a baseline
+    # read in kB of 1000 bytes)
+    assert abs(idle) < 4 * mib
     big = torch.ones(64 * mib // 4)  # touched, so resident
     grown = probe.peak() - idle
     assert 64 * mib <= grown < 96 * mib
     del big
+    assert probe.peak() - idle > 48 * mib  # freed, but it was the region's peak
     probe.start()
     assert probe.peak() - idle < 32 * mib  # the 64 MiB peak above belonged to the previous region
-    # freed heap-sized pieces (below glibc's mmap threshold) stay resident unless trimmed, and new ones reuse them
-    # without raising the resident set
+    # Freed heap-sized pieces (below glibc's mmap threshold) stay resident unless trimmed, and new ones reuse them
+    # without raising the resident set. A live allocation above them keeps glibc from returning them by itself
+    # (it returns only a free top of the heap), as a training step's surviving tensors do.
     pieces = [torch.ones(100 * 1024 // 4) for _ in range(640)]
+    above = torch.ones(100 * 1024 // 4)
     del pieces
-    probe.baseline()
+    probe.baseline()  # trimmed first: the freed pieces are not part of the baseline
     probe.start()
     idle = probe.peak()
+    assert abs(idle) < 4 * mib
     pieces = [torch.ones(100 * 1024 // 4) for _ in range(640)]
-    assert probe.peak() - idle >= 0.5 * sum(piece.nbytes for piece in pieces)  # untrimmed: under 1%
+    size = sum(piece.nbytes for piece in pieces)
+    assert probe.peak() - idle >= 0.5 * size  # untrimmed: under 1%
+    del pieces
+    probe.start()  # trimmed again: what an earlier region freed is not reused unseen by the next one
+    idle = probe.peak()
+    pieces = [torch.ones(100 * 1024 // 4) for _ in range(640)]
+    assert probe.peak() - idle >= 0.5 * size
+    del pieces, above
+
+
+@pytest.mark.parametrize("status", [None, "Name:\tpython\nVmRSS:\t  620000 kB\n"], ids=["no file", "no VmHWM"])
+def test_a_cpu_without_a_readable_peak_reports_none(monkeypatch, status):
+    """Where /proc/self/status is missing or has no VmHWM (some sandboxes), the probe says the memory is unavailable
+    and its peak is None (printed n/a), not a number made of a missing reading."""
+    def fake_open(path, *args, **kwargs):
+        if path != "/proc/self/status":
+            return open(path, *args, **kwargs)
+        if status is None:
+            raise FileNotFoundError(2, "No such file or directory", path)
+        return io.StringIO(status)
+
+    monkeypatch.setattr(compare, "open", fake_open, raising=False)
+    probe = compare.MemoryProbe(torch.device("cpu"))
+    assert probe.method == "unavailable (no /proc/self/status)"
+    probe.baseline()
+    probe.start()
+    assert probe.peak() is None and compare.fmt_bytes(probe.peak()) == "n/a"
 
 
 @pytest.fixture(scope="module")
@@ -785,6 +867,7 @@ def test_checkpoints_are_peft_adapter_files_and_full_state_dicts(tmp_path):
     path = tmp_path / "full" / "model.safetensors"
     with safe_open(str(path), "pt") as f:
         assert set(f.keys()) == set(init_state)
+    assert set(torch.load(tmp_path / "full" / "model.pt")) == set(init_state)  # the state dict, not the module
     assert sizes == {"full_safetensors_bytes": path.stat().st_size, "checkpoint_bytes": path.stat().st_size,
                      "full_torch_save_bytes": (tmp_path / "full" / "model.pt").stat().st_size,
                      "checkpoint_kind": "full model (safetensors)"}
@@ -814,6 +897,52 @@ def test_peak_memory_is_the_largest_of_the_probed_steps(monkeypatch):
                                              targets=("q_proj",)))
     assert compare.MEMORY_STEPS == 2
     assert [result["methods"][m]["peak_step_bytes"] for m in compare.METHODS] == [7000, 8000, 9000]
+
+
+def test_each_probed_peak_covers_one_step_and_an_unreadable_one_prints_na(monkeypatch):
+    """The probe is started before each probed training step and read after it (a stand-in probe counts the steps
+    in between); a probe that cannot read the memory (None) gives a peak of None, printed n/a, not 0. Each method
+    also runs one untimed step first, before any measured run, so that lazily created library state is not
+    measured as the first method's."""
+    steps = []
+    train_step = compare._train_step
+    monkeypatch.setattr(compare, "_train_step", lambda *args: steps.append(1) or train_step(*args))
+    covered = []
+
+    class Probe:
+        method = "stand-in"
+
+        def __init__(self, device):
+            pass
+
+        def baseline(self):
+            pass
+
+        def start(self):
+            self.steps_at_start = len(steps)
+
+        def peak(self):
+            covered.append(len(steps) - self.steps_at_start)
+            return None  # unreadable, as without /proc/self/status
+
+    monkeypatch.setattr(compare, "MemoryProbe", Probe)
+    result = run_compare(dataclasses.replace(TINY, steps=2, warmup=1, infer_reps=1, batch_size=2, seq_len=8,
+                                             targets=("q_proj",)))
+    assert covered == [1] * (len(compare.METHODS) * compare.MEMORY_STEPS)
+    assert len(steps) == len(compare.METHODS) * (1 + 2 + compare.MEMORY_STEPS)  # untimed, --steps 2, probed
+    assert [result["methods"][m]["peak_step_bytes"] for m in compare.METHODS] == [None] * 3
+    line = next(line for line in compare.format_compare(result).splitlines() if line.startswith("peak memory"))
+    assert re.split(r"\s{2,}", line.strip()) == ["peak memory / step [1]", "n/a", "n/a", "n/a"]
+
+
+def test_the_eval_loss_before_and_after_training_is_taken_on_the_same_held_out_batch():
+    """With learning rates too small to move a float32 weight (or a LoRA B factor's product with A, next to the base
+    output), training changes nothing: each method's eval loss after training is then the one before it, which it
+    is only when both are taken on the held-out batch (not on a training batch)."""
+    still = run_compare(dataclasses.replace(TINY, steps=2, warmup=1, infer_reps=1, batch_size=2, seq_len=8,
+                                            targets=("q_proj",), lr=1e-30, lora_lr=1e-30))
+    for name, run in still["methods"].items():
+        assert run["eval_loss"] == pytest.approx(still["task"]["initial_eval_loss"], rel=1e-6), name
 
 
 def test_the_result_says_what_ran(result):
