@@ -7,6 +7,7 @@ import json
 import math
 import re
 import statistics
+import types
 
 import pytest
 import torch
@@ -848,6 +849,47 @@ def test_inference_times_each_path_as_its_label_says(monkeypatch):
     assert result["merged_vs_unmerged_rel_diff"] < 1e-5 and result["fused_vs_unfused_rel_diff"] < 1e-4
 
 
+def test_the_inference_differences_are_against_the_unfused_logits(monkeypatch):
+    """merged_vs_unmerged_rel_diff is ||merged - unfused|| / ||unfused|| and fused_vs_unfused_rel_diff
+    ||fused - unfused|| / ||unfused||, the logits recomputed here (the reference backend stands for the fused one: it
+    rounds differently from the torch composition, so the two differences cannot come out the same by chance)."""
+    import copy
+    cfg = _tiny_cfg(infer_reps=1)
+    model = compare._build("lora_torch", cfg, _init_state(cfg), "torch")
+    for layer in compare._lora_layers(model):
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.02)
+    model.eval()
+    inputs = torch.randint(0, cfg.vocab, (2, 5))
+    with torch.no_grad():
+        unfused = model(inputs)
+        fused_model, merged_model = copy.deepcopy(model), copy.deepcopy(model)
+        for layer in compare._lora_layers(fused_model):
+            layer.backend = "reference"
+        for layer in compare._lora_layers(merged_model):
+            layer.merge()
+        fused, merged = fused_model(inputs), merged_model(inputs)
+    monkeypatch.setattr(compare, "_time_forward", lambda *args, **kwargs: 1.0)
+    result = compare._inference(model, cfg, inputs, "reference", compare.ProgressBar(1, enabled=False))
+    norm = unfused.norm().item()
+    assert result["fused_vs_unfused_rel_diff"] == pytest.approx((fused - unfused).norm().item() / norm, rel=1e-4)
+    assert result["merged_vs_unmerged_rel_diff"] == pytest.approx((merged - unfused).norm().item() / norm, rel=1e-4)
+    assert result["fused_vs_unfused_rel_diff"] > 0
+
+
+def test_inference_latency_is_the_median_of_the_timed_passes_after_two_warmup_passes(monkeypatch):
+    """On a stand-in clock that each forward pass advances by its own duration: the two warm-up passes (slow here)
+    are not timed, the timed passes give their median, in milliseconds."""
+    clock = [0.0]
+    monkeypatch.setattr(compare, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    durations = iter([9.0, 9.0, 0.004, 0.001, 0.002])  # seconds
+
+    def forward(inputs):
+        clock[0] += next(durations)
+
+    assert compare._time_forward(forward, None, 3, torch.device("cpu")) == pytest.approx(2.0)
+    assert next(durations, None) is None  # five passes in all
+
+
 def test_checkpoints_are_peft_adapter_files_and_full_state_dicts(tmp_path):
     from safetensors import safe_open
     cfg = _tiny_cfg()
@@ -969,6 +1011,9 @@ def test_the_result_says_what_ran(result):
         f"median wall time of steps {TINY.warmup + 1}..{TINY.steps} (device synchronised), first {TINY.warmup} ")
     assert (result["inference"]["tokens"], result["inference"]["reps"]) == (TINY.batch_size * TINY.seq_len,
                                                                             TINY.infer_reps)
+    # _time_forward's two warm-up passes (test_inference_latency_is_the_median_of_the_timed_passes_after_...)
+    assert result["measurement"]["inference"] == \
+        f"median of {TINY.infer_reps} forward passes after 2 warm-up passes, eval mode, no grad"
 
 
 def test_without_a_fused_backend_the_note_says_why_each_is_missing(monkeypatch):
