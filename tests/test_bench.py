@@ -298,6 +298,38 @@ def test_summary_of_a_compare_json_with_a_diverged_run():
     assert rows["step ms, first -> last third"] == ("n/a", "n/a", "43.8 -> 62.5")
 
 
+def test_summary_of_a_compare_json_puts_each_column_over_full_fine_tuning():
+    """Each ratio row of the gpu_check summary is that LoRA column's value over full fine-tuning's (inference: over
+    the merged latency), not the inverse nor the other LoRA column's; a reading missing from full fine-tuning (a CPU
+    peak that could not be read) gives n/a, and a loss of 0 is a loss, not "not finite"."""
+    spec = importlib.util.spec_from_file_location("table", Path(__file__).parents[1] / "benchmarks" / "table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    full = {"trainable_percent": 100.0, "optimizer_state_bytes": 1000, "peak_step_bytes": 2000, "step_ms_median": 40.0,
+            "tokens_per_s": 100.0, "checkpoint_bytes": 4000, "eval_loss": 0.0}
+    torch_lora = {"trainable_percent": 1.5, "optimizer_state_bytes": 10, "peak_step_bytes": 1000,
+                  "step_ms_median": 50.0, "tokens_per_s": 80.0, "checkpoint_bytes": 40, "eval_loss": 0.25}
+    fused = {**torch_lora, "optimizer_state_bytes": 20, "peak_step_bytes": 500, "step_ms_median": 20.0,
+             "tokens_per_s": 200.0, "checkpoint_bytes": 80, "eval_loss": 0.125}
+    compare = {"methods": {"full": full, "lora_torch": torch_lora, "lora_fused": fused},
+               "inference": {"merged_ms": 2.0, "unmerged_unfused_ms": 3.0, "unmerged_fused_ms": 5.0}}
+    rows = {row[0]: row[1:] for row in table.summary_compare_rows(compare)}
+    assert rows == {
+        "trainable params %": ("100.00", "1.500", "1.500"),
+        "optimizer state / full FT": ("1", "0.010", "0.020"),
+        "peak memory per step / full FT": ("1", "0.500", "0.250"),
+        "step time / full FT": ("1", "1.250", "0.500"),
+        "step ms, first -> last third": ("n/a", "n/a", "n/a"),
+        "tokens / s": ("100", "80", "200"),
+        "checkpoint / full FT": ("1", "0.010", "0.020"),
+        "eval loss after training": ("0.000", "0.250", "0.125"),
+        "inference latency / merged": ("1 (merged)", "1.500", "2.500"),
+    }
+    full["peak_step_bytes"] = None
+    rows = {row[0]: row[1:] for row in table.summary_compare_rows(compare)}
+    assert rows["peak memory per step / full FT"] == ("1", "n/a", "n/a")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 def test_graph_replay_timing_on_gpu(backend):

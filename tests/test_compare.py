@@ -180,6 +180,49 @@ def test_each_table_row_shows_its_own_measurement(result):
                                                                for name in compare.METHODS], label
 
 
+def test_the_lines_around_the_table_print_the_results_own_values(result):
+    """format_compare prints the result it is given (a saved one too): its environment, seed and LoRA layer count in
+    the header; the inference latencies each over the merged one, the fused line naming the backend that ran; the
+    eval loss before training, torch.save's size and the run's wall time under the table; a note for the fused
+    backend and for dropout only when there is one."""
+    import copy
+    shown = copy.deepcopy(result)
+    shown["environment"]["torch"] = "2.99.0"
+    shown["config"]["seed"] = 7
+    shown["methods"]["lora_torch"]["lora_layers"] = 99
+    for run in shown["methods"].values():
+        run["step_ms_all"] = [40.0] * 8  # steady: no drift note
+    shown["inference"].update(merged_ms=2.0, unmerged_unfused_ms=3.0, unmerged_fused_ms=5.0,
+                              merged_vs_unmerged_rel_diff=3.5e-6)
+    shown["task"]["initial_eval_loss"] = 4.321
+    shown["methods"]["full"]["full_torch_save_bytes"] = 2_500_000
+    shown["wall_s"] = 12.34
+    shown["backends"]["fused_note"] = None
+    fused = shown["backends"]["fused"]
+    lines = compare.format_compare(shown).splitlines()
+    assert ", torch 2.99.0, " in lines[0] and lines[1].endswith("random init (seed 7)") and "(99 layers)" in lines[3]
+    assert not [line for line in lines if "note:" in line]
+    assert f"(eval loss before training: 4.321; ln(vocab) = {math.log(128):.3f}; ratios in parentheses are against " \
+           f"full fine-tuning)" in lines
+    start = lines.index("inference latency of the trained LoRA model, 128 tokens per forward (median of 3, eval mode, "
+                        "no grad):")
+    assert [re.split(r"\s{2,}", line.strip()) for line in lines[start + 1:start + 4]] == [
+        ["merged (W + s·B·A folded into W)", "2.00 ms", "1.00× merged"],
+        ["unmerged, torch (unfused)", "3.00 ms", "1.50× merged"],
+        [f"unmerged, {fused} (fused)", "5.00 ms", "2.50× merged"]]
+    assert lines[start + 4] == "  (merged vs unmerged logits: relative difference 3.5e-06)"
+    assert lines[-3:] == [
+        f"[1] {shown['measurement']['memory']}.",
+        "[2] full fine-tuning stores the whole model; LoRA stores the adapter (adapter_model.safetensors, PEFT keys); "
+        "torch.save of the full model: 2.50 MB.",
+        f"step time: {shown['measurement']['step_time']}. Total run 12.3 s."]
+    shown["backends"]["fused_note"] = "a note on the fused backend"
+    shown["config"]["dropout"] = 0.1
+    notes = [line for line in compare.format_compare(shown).splitlines() if "note:" in line]
+    assert notes[0] == "  note: a note on the fused backend" and len(notes) == 2
+    assert notes[1].startswith("  note: with dropout, both LoRA columns redraw the dropout mask")
+
+
 def test_parameter_bytes_and_printed_ratios_follow_the_runs(result):
     """The byte counts of the result follow the parameter counts (trainable bytes count trainable parameters only),
     and each ratio printed in the table is that column's value over full fine-tuning's, not the inverse."""
@@ -218,6 +261,10 @@ def test_a_column_whose_steps_drift_is_named(result):
     assert "went from 61.0 ms" in compare.format_compare(drifting)
     assert compare.step_time_drift([40.0, 40.0, 40.0, 40.0, 44.1, 44.1]) == (40.0, 44.1)
     assert compare.step_time_drift([40.0, 40.0, 40.0, 40.0, 43.9, 43.9]) is None
+    # "more than" 10% of the first third's median, either way: exactly 10% is within the limit, a fall too
+    assert compare.step_time_drift([40.0, 40.0, 40.0, 40.0, 44.0, 44.0]) is None
+    assert compare.step_time_drift([40.0, 40.0, 40.0, 40.0, 36.0, 36.0]) is None
+    assert compare.step_time_drift([40.0, 40.0, 40.0, 40.0, 35.9, 35.9]) == (40.0, 35.9)
     assert compare.step_time_drift([10.0, 10.0, 90.0, 90.0, 90.0]) is None  # under 6 steps: no thirds to compare
 
 
@@ -236,6 +283,9 @@ def test_a_diverged_run_is_named_and_its_json_stays_standard(result):
     assert [line for line in text.splitlines() if "not finite" in line] == [
         next(line for line in text.splitlines() if line.startswith("  note: full fine-tuning: the training loss"))]
     assert "not finite" not in compare.format_compare(result)
+    diverged["config"]["dtype"] = "bfloat16"  # the float16 explanation is for float16 only
+    assert "  note: full fine-tuning: the training loss is not finite from step 2 on; its column measures a " \
+           "diverged run" in compare.format_compare(diverged).splitlines()
 
     def refuse(constant):
         raise ValueError(constant)
@@ -243,6 +293,7 @@ def test_a_diverged_run_is_named_and_its_json_stays_standard(result):
     loaded = json.loads(compare.to_json(diverged), parse_constant=refuse)
     assert loaded["methods"]["full"]["eval_loss"] is None and loaded["methods"]["full"]["train_losses"][1] is None
     assert loaded["methods"]["full"]["train_losses"][0] == full["train_losses"][0]
+    assert compare.json_safe({"a": (1.0, math.inf), "b": [-math.inf, "x"]}) == {"a": [1.0, None], "b": [None, "x"]}
 
 
 def test_small_ratios_keep_two_significant_digits():
@@ -251,6 +302,8 @@ def test_small_ratios_keep_two_significant_digits():
     assert compare._ratio(9.86, 468.22) == " (0.021×)"
     assert compare._ratio(34, 100) == " (0.34×)" and compare._ratio(1, 1) == " (1.00×)"
     assert compare._ratio(0, 1) == " (0.00×)" and compare._ratio(5, 0) == ""
+    assert compare._ratio(612, 10000) == " (0.061×)"  # not "0.06×": one significant digit
+    assert compare._ratio(97, 1000) == " (0.10×)"  # from 0.095 up, two decimals show two significant digits
 
 
 def test_counts_and_bytes_print_with_decimal_units():
