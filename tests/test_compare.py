@@ -380,6 +380,10 @@ def test_task_is_deterministic_and_follows_the_permutation():
     ({"batch_size": 0}, "--batch-size expected an int >= 1, got 0"),
     ({"layers": True}, "--layers expected an int >= 1, got True"),
     ({"targets": ("proj",)}, "--targets 'proj' matched no nn.Linear"),  # a name matches whole, as in PEFT
+    ({"warmup": -1}, r"--warmup expected an int in \[0, steps=10\), got -1"),  # the CLI's --warmup takes any int
+    ({"task_vocab": 0}, "--task-vocab expected an int >= 1, got 0"),
+    ({"lr": 0.0}, "--lr expected a number > 0, got 0.0"),
+    ({"dropout": 1.0}, r"--dropout expected a number in \[0, 1\), got 1.0"),  # every LoRA input dropped
 ])
 def test_bad_config_names_the_option(change, message):
     with pytest.raises(ValueError, match=message):
@@ -457,10 +461,11 @@ def test_explicit_hidden_derives_heads_and_mlp_width():
     assert cfg.intermediate % 16 == 0 and cfg.intermediate >= 8 * 128 // 3
 
 
-@pytest.mark.parametrize("hidden, heads", [(100, 5), (96, 6), (48, 3), (64, 4), (4, 1)])
+@pytest.mark.parametrize("hidden, heads", [(100, 5), (96, 6), (48, 3), (64, 4), (4, 1), (60, 3)])
 def test_explicit_hidden_gets_a_head_count_that_fits(hidden, heads):
     # "heads and MLP width follow unless given": --hidden 100 on tiny (head dim 16) had derived 100 // 16 = 6 heads,
-    # then refused them ("expected a multiple of the 6 heads of --model-size tiny", which has 4)
+    # then refused them ("expected a multiple of the 6 heads of --model-size tiny", which has 4). 60: head dims 20
+    # (3 heads) and 12 (5 heads) are equally near tiny's 16, and the tie goes to fewer heads
     cfg = CompareConfig(model_size="tiny", hidden=hidden, device="cpu").resolved()
     assert cfg.heads == heads and hidden % heads == 0 and (hidden // heads) % 2 == 0
 
@@ -595,6 +600,7 @@ def test_the_documented_default_runs():
     assert (cfg.model_size, cfg.hidden, cfg.layers, cfg.dtype, cfg.batch_size, cfg.seq_len, cfg.steps) == \
         ("small", 256, 4, "float32", 4, 128, 20)
     assert (cfg.rank, cfg.alpha, cfg.targets) == (16, 32.0, compare.DEFAULT_TARGETS)
+    assert (cfg.warmup, cfg.infer_reps) == (3, 10)  # BENCHMARKS.md's CPU run: "(3 warm-up", "(median of 10"
 
     def parameters(model_cfg):
         with torch.device("meta"):
@@ -605,6 +611,7 @@ def test_the_documented_default_runs():
     gpu, medium = compare.DEVICE_DEFAULTS["cuda"], compare.MODEL_SIZES["medium"]
     assert (gpu["model_size"], gpu["dtype"], gpu["batch_size"], gpu["seq_len"], gpu["steps"]) == \
         ("medium", "bfloat16", 8, 512, 30)
+    assert (gpu["warmup"], gpu["infer_reps"]) == (5, 20)
     assert (medium["hidden"], medium["layers"], medium["vocab"]) == (2048, 8, 32000)
     assert compare.fmt_count(parameters(ModelConfig(**medium))) == "542.15 M"
 
