@@ -738,7 +738,9 @@ def test_cpu_memory_probe_measures_each_region_above_the_baseline():
     assert abs(idle) < 4 * mib
     big = torch.ones(64 * mib // 4)  # touched, so resident
     grown = probe.peak() - idle
-    assert 64 * mib <= grown < 96 * mib
+    # a few pages short at times: the kernel's resident-set counters are per-CPU approximations (read 63.97 MiB
+    # for these 64 MiB in 9 of 35 runs on a busy machine)
+    assert 63 * mib <= grown < 96 * mib
     del big
     assert probe.peak() - idle > 48 * mib  # freed, but it was the region's peak
     probe.start()
