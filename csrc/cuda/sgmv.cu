@@ -229,8 +229,8 @@ __global__ void __launch_bounds__(kThreads) sgmv_kernel(const SgmvArgs args) {
 
 // ---- shrink on tensor cores (fp16/bf16 x and lora_a of one dtype, 16-byte aligned rows, sm_80+) ---------------
 // sgmv_kernel<true> loads x and A one element at a time through a run-time dtype switch, with two barriers per
-// 32-wide K tile: on the H200 one block took ~2.5 µs per K tile (~320 µs to walk K = 4096 for 16 tokens on one
-// adapter, and ~590 µs of grouped LoRA term for 4096 tokens on one adapter, over a base GEMM of ~180 µs). Here each
+// 32-wide K tile: the H200 profile had it at 263 µs per call for 64 tokens on 16 adapters (the expand 20 µs), and
+// the sweep 774 µs for the whole op at 4096 tokens on one adapter, over a base GEMM of ~180 µs. Here each
 // warp multiplies 16 of the block's 32 tokens by its 32 rank columns on tensor cores (tensor_core.h: the tokens are
 // the MMA's rows, A's rank rows its columns), with 16-byte loads, kShrinkUnroll K chunks loaded before their MMAs.
 // The same grid, K-split and partials as sgmv_kernel<true>; rank rows past ranks[slot] are never read.
