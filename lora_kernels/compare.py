@@ -907,6 +907,11 @@ def step_time_drift(step_ms):
     return thirds if thirds is not None and abs(thirds[1] - thirds[0]) > STEP_DRIFT_LIMIT * thirds[0] else None
 
 
+def _loss_text(loss):
+    """A loss for the table; None is a non-finite loss of a result read back from JSON (json_safe wrote it as null)."""
+    return "n/a" if loss is None else f"{loss:.3f}"
+
+
 def format_compare(result):
     """The side-by-side table of full FT vs LoRA (unfused torch) vs LoRA (fused), with ratios against full FT."""
     cfg, env, model, task = result["config"], result["environment"], result["model"], result["task"]
@@ -958,16 +963,17 @@ def format_compare(result):
         row("tokens / s", lambda r, m: f"{r['tokens_per_s']:,.0f}"),
         row("checkpoint on disk [2]", lambda r, m: fmt_bytes(r["checkpoint_bytes"])
             + ("" if m == "full" else _ratio(r["checkpoint_bytes"], full["checkpoint_bytes"]))),
-        row("loss: first step -> last", lambda r, m: f"{r['train_losses'][0]:.3f} -> {r['train_losses'][-1]:.3f}"),
-        row("eval loss after training", lambda r, m: f"{r['eval_loss']:.3f}"),
+        row("loss: first step -> last", lambda r, m: f"{_loss_text(r['train_losses'][0])} -> "
+            f"{_loss_text(r['train_losses'][-1])}"),
+        row("eval loss after training", lambda r, m: _loss_text(r["eval_loss"])),
     ]
     widths = [max(len(str(line[i])) for line in [headers] + rows) for i in range(len(headers))]
     lines.append("")
     lines.append("  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths))))
     for line in rows:
         lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
-    lines.append(f"(eval loss before training: {task['initial_eval_loss']:.3f}; ln(vocab) = {task['uniform_loss']:.3f};"
-                 f" ratios in parentheses are against full fine-tuning)")
+    lines.append(f"(eval loss before training: {_loss_text(task['initial_eval_loss'])}; "
+                 f"ln(vocab) = {task['uniform_loss']:.3f}; ratios in parentheses are against full fine-tuning)")
     for method, name in zip(METHODS, headers[1:]):
         drift = step_time_drift(methods[method]["step_ms_all"])
         if drift is not None:

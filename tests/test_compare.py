@@ -294,6 +294,14 @@ def test_a_diverged_run_is_named_and_its_json_stays_standard(result):
     assert loaded["methods"]["full"]["eval_loss"] is None and loaded["methods"]["full"]["train_losses"][1] is None
     assert loaded["methods"]["full"]["train_losses"][0] == full["train_losses"][0]
     assert compare.json_safe({"a": (1.0, math.inf), "b": [-math.inf, "x"]}) == {"a": [1.0, None], "b": [None, "x"]}
+    # The saved result prints too (it raised TypeError formatting the null losses), with the same note.
+    saved_lines = compare.format_compare(loaded).splitlines()
+    full_loss_row = next(line for line in saved_lines if line.startswith("loss: first step -> last"))
+    full_eval_row = next(line for line in saved_lines if line.startswith("eval loss after training"))
+    assert re.split(r"\s{2,}", full_loss_row)[1] == f"{full['train_losses'][0]:.3f} -> n/a"
+    assert re.split(r"\s{2,}", full_eval_row)[1] == "n/a"
+    assert "  note: full fine-tuning: the training loss is not finite from step 2 on; its column measures a " \
+           "diverged run" in saved_lines
 
 
 def test_small_ratios_keep_two_significant_digits():
