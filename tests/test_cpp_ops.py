@@ -221,12 +221,15 @@ def _expected_zero_mask(ids, ranks, max_rank):
     return torch.arange(max_rank)[None, :] >= token_rank[:, None]
 
 
+@pytest.mark.parametrize("m", [37, 150])
 @pytest.mark.parametrize("k", [67, 72])
 @pytest.mark.parametrize("distribution", DISTRIBUTIONS)
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-def test_sgmv_shrink_matches_reference(dtype, distribution, k, device):
-    """K = 72 (a multiple of 8) takes the CUDA tensor-core shrink for fp16/bf16, K = 67 the CUDA-core one."""
-    m, max_rank = 37, 16
+def test_sgmv_shrink_matches_reference(dtype, distribution, k, m, device):
+    """On CUDA: 37 tokens on 6 slots take the decode kernel where the rows are whole 16-byte loads (K = 72, and
+    fp32 too), 150 the token-tile kernels, on tensor cores for fp16/bf16 at K = 72; K = 67 and float64 take the
+    CUDA-core token-tile kernel at either size."""
+    max_rank = 16
     ids = _adapter_ids(distribution, m, NUM_SLOTS, device)
     ranks = _hetero_ranks(max_rank, device)
     lora_a, _ = _stacked_lora(NUM_SLOTS, max_rank, k, 8, dtype, device, ranks)
@@ -242,10 +245,13 @@ def test_sgmv_shrink_matches_reference(dtype, distribution, k, device):
     assert_close(out, ref, _tol_dtype(dtype), "shrink")
 
 
+@pytest.mark.parametrize("m", [37, 150])
 @pytest.mark.parametrize("distribution", DISTRIBUTIONS)
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-def test_sgmv_expand_matches_reference(dtype, distribution, device):
-    m, n, max_rank, n_total, offset = 37, 45, 16, 100, 30
+def test_sgmv_expand_matches_reference(dtype, distribution, m, device):
+    """On CUDA: 37 tokens on 6 slots take the decode kernel (float64 the CUDA-core token-tile one), 150 the
+    token-tile kernels."""
+    n, max_rank, n_total, offset = 45, 16, 100, 30
     ids = _adapter_ids(distribution, m, NUM_SLOTS, device)
     ranks = _hetero_ranks(max_rank, device)
     _, lora_b = _stacked_lora(NUM_SLOTS, max_rank, 8, n, dtype, device, ranks)
@@ -887,15 +893,20 @@ def test_cuda_decode_takes_the_tensor_core_kernel_where_it_can(dtype, k, kernel,
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,k,strided,kernel", [
-    (torch.bfloat16, 4096, False, "sgmv_shrink_mma_kernel"), (torch.float16, 72, False, "sgmv_shrink_mma_kernel"),
-    (torch.bfloat16, 4100, False, "sgmv_kernel"), (torch.float32, 4096, False, "sgmv_kernel"),
-    (torch.bfloat16, 4096, True, "sgmv_kernel")], ids=str)
-def test_cuda_sgmv_shrink_takes_the_tensor_core_kernel_where_it_can(dtype, k, strided, kernel, cuda_device):
-    """Which grouped shrink runs: the tensor-core one for x and lora_a of one 16-bit dtype in rows of whole 16-byte
-    loads, the CUDA-core one for fp32, K not a multiple of 8, or x strided along K. The other tests check the
+@pytest.mark.parametrize("m,dtype,k,strided,kernel", [
+    (256, torch.bfloat16, 4096, False, "sgmv_shrink_mma_kernel"), (256, torch.float16, 72, False,
+                                                                   "sgmv_shrink_mma_kernel"),
+    (256, torch.bfloat16, 4100, False, "sgmv_kernel"), (256, torch.float32, 4096, False, "sgmv_kernel"),
+    (256, torch.bfloat16, 4096, True, "sgmv_kernel"),
+    (64, torch.bfloat16, 4096, False, "bgmv_shrink_kernel"), (17, torch.float32, 4096, False, "bgmv_shrink_kernel"),
+    (64, torch.bfloat16, 4100, False, "sgmv_kernel"), (64, torch.bfloat16, 4096, True, "sgmv_kernel")], ids=str)
+def test_cuda_sgmv_shrink_takes_the_tensor_core_kernel_where_it_can(m, dtype, k, strided, kernel, cuda_device):
+    """Which grouped shrink runs. 256 tokens on 4 slots (more than 64, and more than 4 per slot): the token-tile
+    kernels, on tensor cores for x and lora_a of one 16-bit dtype in rows of whole 16-byte loads, CUDA-core for fp32,
+    K not a multiple of 8, or x strided along K. 64 or 17 tokens: the decode kernel (one token per block) for rows of
+    whole 16-byte loads of any dtype but float64, else the CUDA-core token-tile one. The other tests check the
     numbers; this one that they checked the kernel meant."""
-    m, num_slots, max_rank = 64, 4, 16
+    num_slots, max_rank = 4, 16
     x = randn(m, 2 * k if strided else k, dtype=dtype, device=cuda_device)[:, ::2 if strided else 1]
     ranks = torch.full((num_slots,), max_rank, dtype=torch.int32, device=cuda_device)
     lora_a = randn(num_slots, max_rank, k, dtype=dtype, device=cuda_device, scale=k ** -0.5)
@@ -909,14 +920,18 @@ def test_cuda_sgmv_shrink_takes_the_tensor_core_kernel_where_it_can(dtype, k, st
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("b_dtype,out_dtype,kernel", [
-    (torch.bfloat16, torch.bfloat16, "sgmv_expand_mma_kernel"),
-    (torch.float16, torch.float32, "sgmv_expand_mma_kernel"),
-    (torch.float32, torch.float32, "sgmv_kernel"), (torch.bfloat16, torch.float64, "sgmv_kernel")], ids=str)
-def test_cuda_sgmv_expand_takes_the_tensor_core_kernel_where_it_can(b_dtype, out_dtype, kernel, cuda_device):
-    """Which grouped expand runs: the tensor-core one (tf32 MMAs) for a 16-bit lora_b into a 16-bit or float32 out,
-    the CUDA-core one for an fp32 lora_b or a float64 out (float64 accumulation)."""
-    m, n, num_slots, max_rank = 64, 256, 4, 16
+@pytest.mark.parametrize("m,b_dtype,out_dtype,kernel", [
+    (256, torch.bfloat16, torch.bfloat16, "sgmv_expand_mma_kernel"),
+    (256, torch.float16, torch.float32, "sgmv_expand_mma_kernel"),
+    (256, torch.float32, torch.float32, "sgmv_kernel"), (256, torch.bfloat16, torch.float64, "sgmv_kernel"),
+    (64, torch.bfloat16, torch.bfloat16, "bgmv_expand_kernel"), (16, torch.float32, torch.float32,
+                                                                 "bgmv_expand_kernel"),
+    (64, torch.bfloat16, torch.float64, "sgmv_kernel")], ids=str)
+def test_cuda_sgmv_expand_takes_the_tensor_core_kernel_where_it_can(m, b_dtype, out_dtype, kernel, cuda_device):
+    """Which grouped expand runs. 256 tokens on 4 slots: the tensor-core one (tf32 MMAs) for a 16-bit lora_b into a
+    16-bit or float32 out, the CUDA-core one for an fp32 lora_b or a float64 out (float64 accumulation). 64 or 16
+    tokens: the decode kernel, but for a float64 out."""
+    n, num_slots, max_rank = 256, 4, 16
     ranks = torch.full((num_slots,), max_rank, dtype=torch.int32, device=cuda_device)
     lora_b = randn(num_slots, n, max_rank, dtype=b_dtype, device=cuda_device)
     batch = LoRABatch.from_adapter_ids(_adapter_ids("uniform", m, num_slots, cuda_device), num_slots, validate=True)
@@ -1046,7 +1061,7 @@ def _check_split_shrink(m, num_slots, k, max_rank, dtype, device):
     split covers, or two do, changes it. Heterogeneous ranks with NaN past each (slot 0 one below the max), a slot of
     rank 0, tokens of -1 (token 0 on an adapter), and with 16 slots at m = 1 and 16, slots without tokens."""
     ids = ((torch.arange(m) * 7 + 3) % (num_slots + 1) - 1).to(device=device, dtype=torch.int32)
-    ranks = torch.tensor([max_rank - 1, 1, max_rank // 2, 3, 0, max_rank] * 3, dtype=torch.int32)[:num_slots]
+    ranks = torch.tensor([max_rank - 1, 1, max_rank // 2, 3, 0, max_rank] * 50, dtype=torch.int32)[:num_slots]
     ranks = ranks.to(device)
     scalings = (2.0 ** (torch.arange(num_slots) % 5 - 2)).to(device)
     x = _integers(m, k, bound=8, dtype=dtype, device=device)
@@ -1062,13 +1077,16 @@ def _check_split_shrink(m, num_slots, k, max_rank, dtype, device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("max_rank", [16, 64])
 @pytest.mark.parametrize("k", [20, 1000, 4096, 4100])
-@pytest.mark.parametrize("num_slots", [1, 16])
-@pytest.mark.parametrize("m", [1, 16, 64])
+@pytest.mark.parametrize("num_slots", [1, 16, 300])
+@pytest.mark.parametrize("m", [1, 16, 64, 200])
 def test_cuda_sgmv_shrink_split_k(m, num_slots, k, max_rank, cuda_device):
-    """Few tokens: the CUDA shrink splits K into partials summed in a fixed order (on an H200's 132 SMs: 32 splits
-    for 1 or 16 tokens on one adapter, 13 for 64 tokens on 16 slots at K = 4096, R = 16). K = 20 is one tile (no
-    split); the odd K leave a partial last tile; K = 1000 for one token on one adapter splits into 32 single tiles.
-    R = 64 takes two column tiles, and slot 0's rank 63 ends the second one a column early."""
+    """Few tokens: the CUDA shrink splits K into partials summed in a fixed order. K = 1000 and 4096 (rows of whole
+    16-byte loads) take the decode kernel at up to 64 tokens, and at 200 on 300 slots (more slots than the 256
+    threads of a decode block scan at once): a split is 256 to 1024 of K (K = 1000 at up to 64 tokens: 4 splits of
+    256, the last 232). The odd K, and 200 tokens on 1 or 16 slots, take the token-tile kernels (on an H200's 132
+    SMs, K = 4100: 26 splits for 1 or 16 tokens on one adapter, 13 for 64 tokens on 16 slots at R = 16; K = 20 is
+    one tile, no split; the odd K leave a partial last tile); there R = 64 takes two column tiles, and slot 0's rank
+    63 ends the second one a column early."""
     _check_split_shrink(m, num_slots, k, max_rank, torch.bfloat16, cuda_device)
 
 
@@ -1084,7 +1102,7 @@ def test_cuda_sgmv_shrink_split_k_is_deterministic(cuda_device):
     """Repeats at split shapes are bit-identical: no atomics, the partials are summed in a fixed order. Random
     (non-integer) values, so a sum whose order varied would differ in its last bits."""
     k, max_rank = 4096, 16
-    for m, num_slots in ((16, 1), (64, 16)):
+    for m, num_slots in ((16, 1), (64, 16), (200, 4)):  # decode kernel, then the tensor-core token-tile one
         ids = _adapter_ids("mixed_base", m, num_slots, cuda_device)
         ranks = torch.full((num_slots,), max_rank, dtype=torch.int32, device=cuda_device)
         scalings = torch.linspace(0.5, 2.0, num_slots, device=cuda_device)
@@ -1098,9 +1116,11 @@ def test_cuda_sgmv_shrink_split_k_is_deterministic(cuda_device):
 
 
 @pytest.mark.gpu
-def test_cuda_sgmv_graph_capture(cuda_device):
-    """No host sync: metadata build, shrink and expand capture into a CUDA graph and replay with new ids."""
-    m, k, n, max_rank = 64, 256, 128, 16
+@pytest.mark.parametrize("m", [64, 200])
+def test_cuda_sgmv_graph_capture(m, cuda_device):
+    """No host sync: metadata build, shrink and expand capture into a CUDA graph and replay with new ids (64
+    tokens: the decode kernels; 200: the token-tile ones)."""
+    k, n, max_rank = 256, 128, 16
     ranks = _hetero_ranks(max_rank, cuda_device)
     lora_a, lora_b = _stacked_lora(NUM_SLOTS, max_rank, k, n, torch.bfloat16, cuda_device, ranks)
     scalings = torch.linspace(0.5, 2.0, NUM_SLOTS, device=cuda_device)

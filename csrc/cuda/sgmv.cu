@@ -23,8 +23,8 @@
 // Accumulation is fp32, or fp64 when any operand (x / lora_a, lora_b, out) is float64, like the CPU implementation.
 // sgmv_kernel is simple and correct: shared-memory tiles and fp32 FMAs, operand dtypes read at run time (one kernel
 // for every dtype combination instead of a template per pair: compile time). The tensor-core shrink (fp16/bf16 x
-// and lora_a of one dtype, 16-byte aligned rows, sm_80+) and expand (16-bit lora_b, tf32 MMAs) are below it. Not
-// done: a decode kernel (one token per slot) that does not run a 16-row MMA tile that is mostly empty.
+// and lora_a of one dtype, 16-byte aligned rows, sm_80+) and expand (16-bit lora_b, tf32 MMAs) are below it, and
+// below them the decode kernels (bgmv_*: one token per block, for batches of few tokens per slot).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -102,7 +102,7 @@ struct SgmvArgs {
   const int32_t* slot_counts;
   const int32_t* ranks;
   const float* scalings;  // shrink only
-  int64_t num_tokens, max_rank;
+  int64_t num_tokens, max_rank, num_slots;
   int64_t k_full;     // shrink: K (expand: the slot's rank)
   int64_t cols_full;  // expand: N (shrink: the slot's rank)
   int64_t col_tiles;    // grid.x = splits * col_tiles, split-major
@@ -371,6 +371,163 @@ __global__ void __launch_bounds__(kShrinkWarps * 32) sgmv_expand_mma_kernel(cons
   }
 }
 
+// ---- decode: one token per block (BGMV-like) ------------------------------------------------------------------
+// With a token or two per slot (decode: each request its own adapter) the kernels above put one token in a 16-row
+// MMA tile (or a 32-token shared-memory tile), so most of each tile's products are wasted and, worse for an op that
+// is memory-bound there, each warp has few loads in flight. Here a block is one position of sorted_token_ids
+// (grid.x = M): it finds its slot by scanning the slot ranges (decode_slot), so the metadata is the same as the
+// other kernels'; a position no range holds (a -1 token's) exits. The launchers take this path from the shapes only,
+// by the rule of the Triton kernels (choose_path in lora_kernels/triton/sgmv.py, the same two bounds, unmeasured
+// starting points there too): at most kDecodeMaxTokens tokens, or at most kDecodeMaxTokensPerSlot per slot on
+// average. fp16/bf16/fp32 rows of whole 16-byte loads, fp32 FMAs; other layouts and float64 take sgmv_kernel.
+constexpr int64_t kDecodeMaxTokens = 64;
+constexpr int64_t kDecodeMaxTokensPerSlot = 4;
+constexpr int kDecodeThreads = 256;
+constexpr int kDecodeWarps = kDecodeThreads / 32;
+constexpr int kDecodeRows = 2;           // shrink: rank rows per warp step, all their loads issued before the FMAs
+constexpr int kDecodeChunks = 4;         // shrink: 16-byte chunks of K per lane per split (x held in registers)
+constexpr int kDecodeColsPerThread = 4;  // expand: output columns per thread, their loads of B issued together
+constexpr int64_t kDecodeExpandCols = int64_t(kDecodeThreads) * kDecodeColsPerThread;
+
+bool decode_path(int64_t num_tokens, int64_t num_slots) {
+  return num_tokens <= kDecodeMaxTokens || num_tokens <= kDecodeMaxTokensPerSlot * num_slots;
+}
+
+// The slot whose range holds sorted position `pos`, or -1 (a -1 token's position). LoRABatch's ranges are disjoint;
+// overlapping ones (bad metadata) give the highest such slot. Every thread of the block gets the answer.
+__device__ __forceinline__ int decode_slot(const SgmvArgs& args, int64_t pos) {
+  __shared__ int found;
+  if (threadIdx.x == 0) {
+    found = -1;
+  }
+  __syncthreads();
+  for (int64_t slot = threadIdx.x; slot < args.num_slots; slot += blockDim.x) {
+    const SlotRange range = slot_range(args, static_cast<int>(slot));
+    if (pos >= range.start && pos < range.start + range.count) {
+      atomicMax(&found, static_cast<int>(slot));
+    }
+  }
+  __syncthreads();
+  return found;
+}
+
+template <typename T>
+__device__ __forceinline__ float dot16(const uint4& a, const uint4& b) {
+  const T* u = reinterpret_cast<const T*>(&a);
+  const T* v = reinterpret_cast<const T*>(&b);
+  float acc = 0.f;
+#pragma unroll
+  for (int i = 0; i < int(16 / sizeof(T)); ++i) acc = fmaf(static_cast<float>(u[i]), static_cast<float>(v[i]), acc);
+  return acc;
+}
+
+// Shrink: grid (M, splits). Each warp takes kDecodeRows rank rows at a time; its lanes stride the split's K range in
+// 16-byte chunks (the token's x chunks loaded once, in registers), then a butterfly sum gives each row's dot product.
+// Rows at or past the slot's rank are never read, and their partials stay zero.
+template <typename T>
+__global__ void __launch_bounds__(kDecodeThreads) bgmv_shrink_kernel(const SgmvArgs args) {
+  constexpr int kVec = 16 / sizeof(T);
+  const int slot = decode_slot(args, blockIdx.x);
+  const int64_t token = slot >= 0 ? int64_t(args.sorted_token_ids[blockIdx.x]) : -1;
+  const int64_t rank = slot >= 0 ? slot_rank(args, slot) : 0;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t k_begin = int64_t(blockIdx.y) * args.k_per_split;
+  const int64_t k_end = k_begin + args.k_per_split < args.k_full ? k_begin + args.k_per_split : args.k_full;
+  if (token < 0 || token >= args.num_tokens || int64_t(warp) * kDecodeRows >= rank || k_begin >= k_end) {
+    return;  // no barrier below: each warp is on its own
+  }
+  const T* x_row = static_cast<const T*>(args.x) + token * args.x_stride_t;
+  uint4 xv[kDecodeChunks];
+#pragma unroll
+  for (int i = 0; i < kDecodeChunks; ++i) {
+    const int64_t k = k_begin + int64_t(lane + 32 * i) * kVec;  // K and k_per_split are multiples of kVec
+    xv[i] = load16_or_zero(x_row + (k < k_end ? k : 0), k < k_end, false);
+  }
+  const T* a = static_cast<const T*>(args.w) + int64_t(slot) * args.w_stride_slot;
+  const float scale = args.scalings[slot];
+  float* out = static_cast<float*>(args.out) + int64_t(blockIdx.y) * args.out_stride_split + token * args.out_stride_t;
+  for (int64_t c0 = int64_t(warp) * kDecodeRows; c0 < rank; c0 += int64_t(kDecodeWarps) * kDecodeRows) {
+    uint4 av[kDecodeRows][kDecodeChunks];
+#pragma unroll
+    for (int r = 0; r < kDecodeRows; ++r) {
+#pragma unroll
+      for (int i = 0; i < kDecodeChunks; ++i) {
+        const int64_t c = c0 + r, k = k_begin + int64_t(lane + 32 * i) * kVec;
+        const bool ok = c < rank && k < k_end;
+        av[r][i] = load16_or_zero(a + (ok ? c * args.w_stride_c + k : 0), ok, false);
+      }
+    }
+    float acc[kDecodeRows];
+#pragma unroll
+    for (int r = 0; r < kDecodeRows; ++r) {
+      acc[r] = 0.f;
+#pragma unroll
+      for (int i = 0; i < kDecodeChunks; ++i) acc[r] += dot16<T>(xv[i], av[r][i]);
+#pragma unroll
+      for (int offset = 16; offset > 0; offset /= 2) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], offset);
+    }
+    if (lane == 0) {
+#pragma unroll
+      for (int r = 0; r < kDecodeRows; ++r) {
+        if (c0 + r < rank) out[(c0 + r) * args.out_stride_c] = scale * acc[r];
+      }
+    }
+  }
+}
+
+// Expand: grid (M, column blocks of kDecodeExpandCols). Each thread adds kDecodeColsPerThread output columns, a
+// 16-byte load of B's row per column and rank chunk. A chunk that ends within R is loaded whole and its elements at or
+// past the slot's rank skipped (not multiplied: they may hold NaN); one past R (R not a multiple of the vector
+// width) element by element. t (fp32) is read only below the rank, by every thread at once (one broadcast load).
+template <typename T>
+__global__ void __launch_bounds__(kDecodeThreads) bgmv_expand_kernel(const SgmvArgs args) {
+  constexpr int kVec = 16 / sizeof(T);
+  const int slot = decode_slot(args, blockIdx.x);
+  const int64_t token = slot >= 0 ? int64_t(args.sorted_token_ids[blockIdx.x]) : -1;
+  const int64_t rank = slot >= 0 ? slot_rank(args, slot) : 0;
+  if (token < 0 || token >= args.num_tokens || rank == 0) {
+    return;  // adds nothing
+  }
+  const float* t_row = static_cast<const float*>(args.x) + token * args.x_stride_t;
+  const T* b = static_cast<const T*>(args.w) + int64_t(slot) * args.w_stride_slot;
+  const int64_t n0 = int64_t(blockIdx.y) * kDecodeExpandCols + threadIdx.x;
+  float acc[kDecodeColsPerThread] = {};
+  for (int64_t j0 = 0; j0 < rank; j0 += kVec) {
+    float tv[kVec];
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) tv[e] = j0 + e < rank ? t_row[(j0 + e) * args.x_stride_k] : 0.f;
+    const bool whole = j0 + kVec <= args.max_rank;
+    uint4 raw[kDecodeColsPerThread];
+#pragma unroll
+    for (int c = 0; c < kDecodeColsPerThread; ++c) {
+      const int64_t n = n0 + int64_t(c) * kDecodeThreads;
+      const bool ok = whole && n < args.cols_full;
+      raw[c] = load16_or_zero(b + (ok ? n * args.w_stride_c + j0 : 0), ok, false);
+    }
+#pragma unroll
+    for (int c = 0; c < kDecodeColsPerThread; ++c) {
+      const int64_t n = n0 + int64_t(c) * kDecodeThreads;
+      const T* elems = reinterpret_cast<const T*>(&raw[c]);
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        if (j0 + e < rank && n < args.cols_full) {
+          const float w = whole ? static_cast<float>(elems[e]) : static_cast<float>(b[n * args.w_stride_c + j0 + e]);
+          acc[c] = fmaf(tv[e], w, acc[c]);
+        }
+      }
+    }
+  }
+  // LoRABatch's sorted_token_ids is a permutation: one writer per element, as in sgmv_kernel.
+#pragma unroll
+  for (int c = 0; c < kDecodeColsPerThread; ++c) {
+    const int64_t n = n0 + int64_t(c) * kDecodeThreads;
+    if (n < args.cols_full) {
+      const int64_t idx = token * args.out_stride_t + (args.col_offset + n) * args.out_stride_c;
+      store_as<float>(args.out, idx, args.out_dtype, load_as<float>(args.out, idx, args.out_dtype) + acc[c]);
+    }
+  }
+}
+
 struct ShrinkSplit {
   int64_t splits, k_per_split;
 };
@@ -393,6 +550,69 @@ ShrinkSplit shrink_k_split(int64_t num_tokens, int64_t num_slots, int64_t max_ra
   // Whole K tiles per split; recounting leaves no split empty (e.g. 5 tiles over 4 splits: 2 + 2 + 1, so 3 splits).
   const int64_t k_per_split = ceil_div(k_tiles, splits) * kTileK;
   return {std::max<int64_t>(ceil_div(k, k_per_split), 1), k_per_split};
+}
+
+// The decode shrink's K-split, from the shapes and the SM count only: at least enough splits that a lane's
+// kDecodeChunks chunks cover one (x stays in registers); more while the blocks (one per token and split) number
+// under kBlocksPerSm per SM, up to kMaxShrinkSplits, each split at least one chunk per lane. `vec`: elements per
+// 16 bytes.
+ShrinkSplit decode_k_split(int64_t num_tokens, int64_t k, int64_t vec, int device) {
+  const int64_t lane_span = 32 * vec;  // K elements that one chunk per lane covers
+  const int64_t fewest = std::max<int64_t>(ceil_div(k, lane_span * kDecodeChunks), 1);
+  const int64_t most = std::max<int64_t>(ceil_div(k, lane_span), 1);
+  const int64_t fill = ceil_div(int64_t(kBlocksPerSm) * sm_count(device), std::max<int64_t>(num_tokens, 1));
+  const int64_t splits = std::max(fewest, std::min({fill, most, kMaxShrinkSplits}));
+  const int64_t k_per_split = std::max<int64_t>(ceil_div(ceil_div(k, splits), lane_span), 1) * lane_span;
+  return {std::max<int64_t>(ceil_div(k, k_per_split), 1), k_per_split};
+}
+
+// x and lora_a of one dtype (fp16, bf16 or fp32) in rows that 16-byte loads read whole: unit stride along K, K and
+// the row strides multiples of the vector width, 16-byte aligned base pointers.
+bool shrink_rows_of_16_bytes(const SgmvArgs& args) {
+  if (args.x_dtype != args.w_dtype || args.x_dtype == kF64) {
+    return false;
+  }
+  const int64_t vec = args.x_dtype == kF32 ? 4 : 8;
+  return args.x_stride_k == 1 && args.w_stride_k == 1 && args.k_full % vec == 0 && args.x_stride_t % vec == 0 &&
+         args.w_stride_c % vec == 0 && args.w_stride_slot % vec == 0 && aligned16(args.x) && aligned16(args.w);
+}
+
+// lora_b (fp16, bf16 or fp32) in rows of the rank that 16-byte loads read from a multiple of the vector width on.
+bool expand_rows_of_16_bytes(const SgmvArgs& args) {
+  if (args.w_dtype == kF64) {
+    return false;
+  }
+  const int64_t vec = args.w_dtype == kF32 ? 4 : 8;
+  return args.w_stride_k == 1 && args.w_stride_c % vec == 0 && args.w_stride_slot % vec == 0 && aligned16(args.w);
+}
+
+// grid (M, grid_y): grid_y the shrink's K-splits or the expand's column blocks.
+template <bool kShrink>
+void launch_bgmv(const SgmvArgs& args, int64_t grid_y) {
+  if (args.num_tokens == 0 || grid_y == 0) {
+    return;
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 grid(args.num_tokens, grid_y);
+  const int dtype = kShrink ? args.x_dtype : args.w_dtype;
+  if constexpr (kShrink) {
+    if (dtype == kBF16) {
+      bgmv_shrink_kernel<c10::BFloat16><<<grid, kDecodeThreads, 0, stream>>>(args);
+    } else if (dtype == kF16) {
+      bgmv_shrink_kernel<c10::Half><<<grid, kDecodeThreads, 0, stream>>>(args);
+    } else {
+      bgmv_shrink_kernel<float><<<grid, kDecodeThreads, 0, stream>>>(args);
+    }
+  } else {
+    if (dtype == kBF16) {
+      bgmv_expand_kernel<c10::BFloat16><<<grid, kDecodeThreads, 0, stream>>>(args);
+    } else if (dtype == kF16) {
+      bgmv_expand_kernel<c10::Half><<<grid, kDecodeThreads, 0, stream>>>(args);
+    } else {
+      bgmv_expand_kernel<float><<<grid, kDecodeThreads, 0, stream>>>(args);
+    }
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // The grid's y and z dimensions (token tiles, slots) were checked against kSgmvMaxGridYZ by register_cuda.cpp.
@@ -448,9 +668,14 @@ at::Tensor sgmv_shrink_cuda_launch(const at::Tensor& x, const at::Tensor& lora_a
   args.w_stride_slot = lora_a.stride(0);
   args.w_stride_c = lora_a.stride(1);
   args.w_stride_k = lora_a.stride(2);
+  args.k_full = x.size(1);
+  const bool rows_of_16_bytes = shrink_rows_of_16_bytes(args);
+  const bool decode = rows_of_16_bytes && decode_path(num_tokens, num_slots);
   // The partials hold the accumulation type (launch_sgmv's choice), so a float64 sum is rounded to float32 once.
   const bool acc_fp64 = args.x_dtype == kF64 || args.w_dtype == kF64;
-  const ShrinkSplit k_split = shrink_k_split(num_tokens, num_slots, max_rank, x.size(1), x.get_device());
+  const ShrinkSplit k_split =
+      decode ? decode_k_split(num_tokens, args.k_full, args.x_dtype == kF32 ? 4 : 8, x.get_device())
+             : shrink_k_split(num_tokens, num_slots, max_rank, args.k_full, x.get_device());
   at::Tensor partials = at::zeros({k_split.splits, num_tokens, max_rank},
                                   x.options().dtype(acc_fp64 ? at::kDouble : at::kFloat));
   args.out = partials.data_ptr();
@@ -466,18 +691,18 @@ at::Tensor sgmv_shrink_cuda_launch(const at::Tensor& x, const at::Tensor& lora_a
   args.scalings = scale_values.data_ptr<float>();
   args.num_tokens = num_tokens;
   args.max_rank = max_rank;
-  args.k_full = x.size(1);
+  args.num_slots = num_slots;
   args.cols_full = 0;
   args.col_tiles = ceil_div(max_rank, kTileCols);
   args.k_per_split = k_split.k_per_split;
-  // Tensor cores for x and lora_a of one 16-bit dtype whose rows are whole 16-byte loads, on sm_80+.
-  const int64_t k = x.size(1);
-  const bool tensor_cores =
-      (args.x_dtype == kF16 || args.x_dtype == kBF16) && args.w_dtype == args.x_dtype && args.x_stride_k == 1 &&
-      args.w_stride_k == 1 && k % 8 == 0 && args.x_stride_t % 8 == 0 && args.w_stride_c % 8 == 0 &&
-      args.w_stride_slot % 8 == 0 && aligned16(args.x) && aligned16(args.w) &&
-      device_attribute<cudaDevAttrComputeCapabilityMajor>(x.get_device()) >= 8;
-  launch_sgmv<true>(args, num_slots, k_split.splits, tensor_cores);
+  if (decode) {
+    launch_bgmv<true>(args, k_split.splits);
+  } else {
+    // Tensor cores for x and lora_a of one 16-bit dtype whose rows are whole 16-byte loads, on sm_80+.
+    const bool tensor_cores = rows_of_16_bytes && args.x_dtype != kF32 &&
+                              device_attribute<cudaDevAttrComputeCapabilityMajor>(x.get_device()) >= 8;
+    launch_sgmv<true>(args, num_slots, k_split.splits, tensor_cores);
+  }
   // Fixed-order sum over the splits: deterministic, unlike atomics. float32 for every input dtype, as on CPU.
   const at::Tensor out = k_split.splits == 1 ? partials.select(0, 0) : partials.sum(0);
   return out.to(at::kFloat);
@@ -512,14 +737,22 @@ void sgmv_expand_cuda_launch(const at::Tensor& t, const at::Tensor& lora_b, cons
   args.scalings = nullptr;
   args.num_tokens = t.size(0);
   args.max_rank = lora_b.size(2);
+  args.num_slots = lora_b.size(0);
   args.k_full = 0;
   args.cols_full = lora_b.size(1);
   args.k_per_split = 0;  // unused: the expand's one split covers every k < the slot's rank
-  // Tensor cores for a 16-bit lora_b into a 16-bit or float32 out (float64 keeps float64 accumulation), on sm_80+.
+  // float64 out keeps float64 accumulation (sgmv_kernel). The decode grid's column blocks are its y dimension.
+  const int64_t decode_col_blocks = ceil_div(args.cols_full, kDecodeExpandCols);
+  if (args.out_dtype != kF64 && expand_rows_of_16_bytes(args) && decode_path(args.num_tokens, args.num_slots) &&
+      decode_col_blocks <= kSgmvMaxGridYZ) {
+    launch_bgmv<false>(args, decode_col_blocks);
+    return;
+  }
+  // Tensor cores for a 16-bit lora_b into a 16-bit or float32 out, on sm_80+.
   const bool tensor_cores = (args.w_dtype == kF16 || args.w_dtype == kBF16) && args.out_dtype != kF64 &&
                             device_attribute<cudaDevAttrComputeCapabilityMajor>(t.get_device()) >= 8;
-  args.col_tiles = ceil_div(lora_b.size(1), tensor_cores ? kExpandCols : kTileCols);
-  launch_sgmv<false>(args, lora_b.size(0), 1, tensor_cores);
+  args.col_tiles = ceil_div(args.cols_full, tensor_cores ? kExpandCols : kTileCols);
+  launch_sgmv<false>(args, args.num_slots, 1, tensor_cores);
 }
 
 }  // namespace lora_kernels
