@@ -6,9 +6,6 @@
 // a rank that ends inside a 16-byte chunk and one whose row ends inside one, more slots than a block has threads.
 // Prints "N cases, F failures"; exits 1 on a failure. `quick`: one distribution and SM count.
 #include "emu.h"
-#include <cstdio>
-#include <random>
-#include <string>
 
 namespace lora_kernels {
 namespace {
@@ -17,48 +14,7 @@ namespace {
 }  // namespace lora_kernels
 using namespace lora_kernels;
 
-template <typename T> int code();
-template <> int code<float>() { return kF32; }
-template <> int code<c10::Half>() { return kF16; }
-template <> int code<c10::BFloat16>() { return kBF16; }
-
-struct Meta {
-  std::vector<int32_t> ids, sorted, starts, counts;
-};
-Meta make_meta(int M, int L, std::mt19937& rng, const std::string& dist) {
-  Meta m;
-  m.ids.resize(M);
-  for (int i = 0; i < M; ++i) {
-    if (dist == "distinct") m.ids[i] = i % L;
-    else if (dist == "mixed_base") m.ids[i] = int(rng() % (L + 1)) - 1;
-    else if (dist == "all_base") m.ids[i] = -1;
-    else m.ids[i] = int(rng() % std::min(2, L));  // "two": everything on slots 0 and 1
-  }
-  m.counts.assign(L, 0); m.starts.assign(L, 0);
-  for (int i = 0; i < M; ++i) if (m.ids[i] >= 0) m.counts[m.ids[i]]++;
-  int acc = 0;
-  for (int s = 0; s < L; ++s) { m.starts[s] = acc; acc += m.counts[s]; }
-  for (int s = 0; s < L; ++s) for (int i = 0; i < M; ++i) if (m.ids[i] == s) m.sorted.push_back(i);
-  for (int i = 0; i < M; ++i) if (m.ids[i] < 0) m.sorted.push_back(i);
-  return m;
-}
-
-int failures = 0;
-#define EXPECT(cond, ...)                 \
-  do {                                    \
-    if (!(cond) && failures++ < 20) {     \
-      std::printf("FAIL: " __VA_ARGS__);  \
-      std::printf("\n");                  \
-    }                                     \
-  } while (0)
-
-// n elements of storage from a 16-byte boundary on (the kernels take 16-byte loads only from aligned rows).
-template <typename T>
-T* aligned16_in(std::vector<T>& storage, size_t n) {
-  storage.assign(n + 16, T(0));
-  const uintptr_t p = reinterpret_cast<uintptr_t>(storage.data());
-  return reinterpret_cast<T*>((p + 15) / 16 * 16);
-}
+#include "harness.h"
 
 template <typename T>
 void run_case(int M, int L, int K, int R, int row_pad, const std::string& dist, int sms, uint32_t seed) {
@@ -100,7 +56,7 @@ void run_case(int M, int L, int K, int R, int row_pad, const std::string& dist, 
   args.sorted_token_ids = meta.sorted.data(); args.slot_starts = meta.starts.data();
   args.slot_counts = meta.counts.data(); args.ranks = ranks.data(); args.scalings = scal.data();
   args.num_tokens = M; args.max_rank = R; args.num_slots = L; args.k_per_split = split.k_per_split;
-  emulate_launch(bgmv_shrink_kernel<T>, args, M, split.splits, kDecodeThreads);
+  emulate_launch(bgmv_shrink_kernel<T>, args, M, split.splits, 1, kDecodeThreads);
   std::vector<float> shrunk(size_t(M) * R, 0.f);
   for (int64_t sp = 0; sp < split.splits; ++sp) for (int i = 0; i < M * R; ++i) shrunk[i] += partials[sp * M * R + i];
   for (int tok = 0; tok < M; ++tok) {
@@ -139,7 +95,7 @@ void run_case(int M, int L, int K, int R, int row_pad, const std::string& dist, 
   e.sorted_token_ids = meta.sorted.data(); e.slot_starts = meta.starts.data(); e.slot_counts = meta.counts.data();
   e.ranks = ranks.data(); e.num_tokens = M; e.max_rank = R; e.num_slots = L; e.cols_full = N;
   EXPECT(expand_rows_of_16_bytes(e), "expand rows not vectorized");
-  emulate_launch(bgmv_expand_kernel<T>, e, M, ceil_div(N, kDecodeExpandCols), kDecodeThreads);
+  emulate_launch(bgmv_expand_kernel<T>, e, M, ceil_div(N, kDecodeExpandCols), 1, kDecodeThreads);
   for (int tok = 0; tok < M; ++tok) {
     const int s = meta.ids[tok];
     for (int col = 0; col < n_total; ++col) {

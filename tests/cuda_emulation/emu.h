@@ -1,8 +1,11 @@
-// CPU stand-ins for the CUDA built-ins that csrc/cuda/sgmv.cu's decode kernels use, so that those kernels (extracted
-// from the .cu file verbatim by tests/test_cuda_emulation.py) run on a machine without a GPU: one std::thread per
-// CUDA thread, blocks one after another; __syncthreads is a block barrier, __shfl_xor_sync exchanges through a
-// per-warp buffer between two warp barriers, __shared__ variables are statics (one block runs at a time).
-// Only what those kernels use; the memory model, timing and inline PTX are not emulated.
+// CPU stand-ins for the CUDA built-ins that the kernels of csrc/cuda/sgmv.cu use, so that those kernels (cut out of
+// the .cu file, and the non-PTX helpers out of tensor_core.h, verbatim by tests/test_cuda_emulation.py) run on a
+// machine without a GPU: one std::thread per CUDA thread, blocks one after another; __syncthreads is a block
+// barrier; __shfl_xor_sync and the warp-wide MMAs exchange through per-warp buffers between two warp barriers;
+// __shared__ variables are statics (one block runs at a time). The MMAs (mma.sync m16n8k16 fp16/bf16 and m16n8k8
+// tf32, in inline PTX in tensor_core.h) are computed from the fragment layouts of the PTX ISA as restated below: the
+// kernels' use of them (which lane loads what, and where each accumulator goes) is checked against that statement,
+// not the statement itself (the GPU tests check that). Not emulated: the memory model, timing, the compiler's code.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -13,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -41,6 +45,16 @@ std::unique_ptr<std::barrier<>> g_block_barrier;
 std::vector<std::unique_ptr<std::barrier<>>> g_warp_barriers;
 float g_warp_exchange[kMaxWarps][32];
 std::mutex g_atomic_mutex;
+struct MmaFragment {
+  uint32_t a[4], b[2];
+};
+MmaFragment g_mma_exchange[kMaxWarps][32];
+
+inline uint32_t __float_as_uint(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return bits;
+}
 
 inline void __syncthreads() { g_block_barrier->arrive_and_wait(); }
 
@@ -65,7 +79,7 @@ T __ldg(const T* p) { return *p; }
 template <typename T>
 T __ldcs(const T* p) { return *p; }
 
-// What sgmv.cu takes from grid_sizing.h, launchers.h and tensor_core.h.
+// What sgmv.cu takes from grid_sizing.h and launchers.h, and the PTX of tensor_core.h.
 namespace lora_kernels {
 constexpr int kBlocksPerSm = 2;
 inline int g_sm_count = 132;  // the H200's; the harness varies it
@@ -73,21 +87,80 @@ inline int sm_count(int) { return g_sm_count; }
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 constexpr int64_t kSgmvTileTokens = 32;
 constexpr int64_t kSgmvMaxGridYZ = 65535;
-inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-inline uint4 load16_or_zero(const void* p, bool valid, bool stream) {
-  if (!valid) return make_uint4(0u, 0u, 0u, 0u);
-  const uint4* q = reinterpret_cast<const uint4*>(p);
-  return stream ? __ldcs(q) : __ldg(q);
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: d (16 x 8, fp32) += a (16 x 16) · b (16 x 8). Lane = 4 g + t
+// holds a's rows g and g + 8 at columns {2t, 2t + 1} (registers a0, a1) and {2t + 8, 2t + 9} (a2, a3), b's column g
+// at rows {2t, 2t + 1} (b0) and {2t + 8, 2t + 9} (b1), the lower index in the lower 16 bits; d[i] is row
+// g + 8 * (i / 2), column 2t + i % 2.
+template <typename T>
+float fp16_bits_to_float(uint32_t reg, int upper) {
+  const uint16_t bits = static_cast<uint16_t>(upper ? reg >> 16 : reg & 0xffffu);
+  T value;
+  std::memcpy(&value, &bits, sizeof(bits));
+  return static_cast<float>(value);
+}
+
+template <typename T>
+void mma_m16n8k16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  g_mma_exchange[warp][lane] = {{a0, a1, a2, a3}, {b0, b1}};
+  g_warp_barriers[warp]->arrive_and_wait();
+  const auto a = [&](int row, int k) {
+    const MmaFragment& f = g_mma_exchange[warp][4 * (row % 8) + (k % 8) / 2];
+    return fp16_bits_to_float<T>(f.a[(k < 8 ? 0 : 2) + row / 8], k % 2);
+  };
+  const auto b = [&](int k, int col) {
+    return fp16_bits_to_float<T>(g_mma_exchange[warp][4 * col + (k % 8) / 2].b[k / 8], k % 2);
+  };
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + 8 * (i / 2), col = 2 * t + i % 2;
+    for (int k = 0; k < 16; ++k) d[i] = std::fma(a(row, k), b(k, col), d[i]);
+  }
+  g_warp_barriers[warp]->arrive_and_wait();
+}
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32: lane 4 g + t holds a's rows g (a0) and g + 8 (a1) at column t,
+// the same rows at column t + 4 (a2, a3), b's column g at rows t (b0) and t + 4 (b1); d as above. The tensor cores
+// use the operands' upper 19 bits (the low 13 mantissa bits are ignored).
+inline float tf32_operand(uint32_t bits) {
+  bits &= ~0x1fffu;
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
+inline void mma_m16n8k8_tf32(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                             uint32_t b1) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  g_mma_exchange[warp][lane] = {{a0, a1, a2, a3}, {b0, b1}};
+  g_warp_barriers[warp]->arrive_and_wait();
+  const auto a = [&](int row, int k) {
+    return tf32_operand(g_mma_exchange[warp][4 * (row % 8) + k % 4].a[(k < 4 ? 0 : 2) + row / 8]);
+  };
+  const auto b = [&](int k, int col) { return tf32_operand(g_mma_exchange[warp][4 * col + k % 4].b[k / 4]); };
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + 8 * (i / 2), col = 2 * t + i % 2;
+    for (int k = 0; k < 8; ++k) d[i] = std::fma(a(row, k), b(k, col), d[i]);
+  }
+  g_warp_barriers[warp]->arrive_and_wait();
+}
+
+// cvt.rna.tf32.f32: to the nearest tf32, ties away from zero (finite values).
+inline uint32_t to_tf32(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return (bits + 0x1000u) & ~0x1fffu;
 }
 }  // namespace lora_kernels
 
-// kernel(args) over the grid (grid_x, grid_y) with `threads` threads per block. The same threads run every block
-// and meet at a barrier after each: the kernels' own barriers all come before any early return, so every thread
-// passes the same number of them.
+// kernel(args) over the grid (grid_x, grid_y, grid_z) with `threads` threads per block. The same threads run every
+// block and meet at a barrier after each: the kernels' own barriers all come before any early return of a thread,
+// and a warp returns as a whole before its warp-wide operations, so every thread passes the same number of them.
 template <typename Kernel, typename Args>
-void emulate_launch(Kernel kernel, const Args& args, unsigned grid_x, unsigned grid_y, unsigned threads) {
+void emulate_launch(Kernel kernel, const Args& args, unsigned grid_x, unsigned grid_y, unsigned grid_z,
+                    unsigned threads) {
   blockDim = {threads, 1, 1};
-  gridDim = {grid_x, grid_y, 1};
+  gridDim = {grid_x, grid_y, grid_z};
   g_block_barrier = std::make_unique<std::barrier<>>(threads);
   g_warp_barriers.clear();
   for (unsigned w = 0; w < threads / 32; ++w) g_warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
@@ -95,11 +168,13 @@ void emulate_launch(Kernel kernel, const Args& args, unsigned grid_x, unsigned g
   for (unsigned t = 0; t < threads; ++t) {
     pool.emplace_back([&, t] {
       threadIdx = {t, 0, 0};
-      for (unsigned by = 0; by < grid_y; ++by) {
-        for (unsigned bx = 0; bx < grid_x; ++bx) {
-          blockIdx = {bx, by, 0};
-          kernel(args);
-          g_block_barrier->arrive_and_wait();
+      for (unsigned bz = 0; bz < grid_z; ++bz) {
+        for (unsigned by = 0; by < grid_y; ++by) {
+          for (unsigned bx = 0; bx < grid_x; ++bx) {
+            blockIdx = {bx, by, bz};
+            kernel(args);
+            g_block_barrier->arrive_and_wait();
+          }
         }
       }
     });

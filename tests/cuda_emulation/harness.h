@@ -1,0 +1,51 @@
+// What the harnesses share: dtype codes, LoRABatch-like metadata, aligned storage, failure counting.
+#pragma once
+
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+template <typename T> int code();
+template <> int code<float>() { return kF32; }
+template <> int code<c10::Half>() { return kF16; }
+template <> int code<c10::BFloat16>() { return kBF16; }
+
+struct Meta {
+  std::vector<int32_t> ids, sorted, starts, counts;
+};
+Meta make_meta(int M, int L, std::mt19937& rng, const std::string& dist) {
+  Meta m;
+  m.ids.resize(M);
+  for (int i = 0; i < M; ++i) {
+    if (dist == "distinct") m.ids[i] = i % L;
+    else if (dist == "mixed_base") m.ids[i] = int(rng() % (L + 1)) - 1;
+    else if (dist == "all_base") m.ids[i] = -1;
+    else m.ids[i] = int(rng() % std::min(2, L));  // "two": everything on slots 0 and 1
+  }
+  m.counts.assign(L, 0); m.starts.assign(L, 0);
+  for (int i = 0; i < M; ++i) if (m.ids[i] >= 0) m.counts[m.ids[i]]++;
+  int acc = 0;
+  for (int s = 0; s < L; ++s) { m.starts[s] = acc; acc += m.counts[s]; }
+  for (int s = 0; s < L; ++s) for (int i = 0; i < M; ++i) if (m.ids[i] == s) m.sorted.push_back(i);
+  for (int i = 0; i < M; ++i) if (m.ids[i] < 0) m.sorted.push_back(i);
+  return m;
+}
+
+int failures = 0;
+#define EXPECT(cond, ...)                 \
+  do {                                    \
+    if (!(cond) && failures++ < 20) {     \
+      std::printf("FAIL: " __VA_ARGS__);  \
+      std::printf("\n");                  \
+    }                                     \
+  } while (0)
+
+// n elements of storage from a 16-byte boundary on (the kernels take 16-byte loads only from aligned rows).
+template <typename T>
+T* aligned16_in(std::vector<T>& storage, size_t n) {
+  storage.assign(n + 16, T(0));
+  const uintptr_t p = reinterpret_cast<uintptr_t>(storage.data());
+  return reinterpret_cast<T*>((p + 15) / 16 * 16);
+}
+
