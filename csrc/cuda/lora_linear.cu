@@ -326,6 +326,24 @@ __global__ void __launch_bounds__(kMmaWarps* kWarpSize, 1)
   }
 }
 
+struct DecodeShrinkSplit {
+  int64_t splits, k_per_split;
+};
+
+// The decode shrink's K-split: enough splits that its blocks (ceil(r / kRowsPerBlock) per split) cover the GPU, in
+// chunks of one warp-wide vector load (V elements per lane), within the partial budget. From the shapes and the SM
+// count only.
+DecodeShrinkSplit decode_shrink_split(int64_t M, int64_t r, int64_t K, int64_t V, int device) {
+  const int64_t chunk = int64_t(kWarpSize) * V;
+  const int64_t chunks = std::max<int64_t>(ceil_div(K, chunk), 1);
+  const int64_t row_blocks = ceil_div(r, kRowsPerBlock);
+  int64_t splits = ceil_div(int64_t(kBlocksPerSm) * sm_count(device), row_blocks);
+  splits = std::min<int64_t>({splits, kMaxSplitK, chunks, std::max<int64_t>(kPartialBudget / (M * r), 1)});
+  splits = std::max<int64_t>(splits, 1);
+  const int64_t k_per_split = ceil_div(chunks, splits) * chunk;
+  return {std::max<int64_t>(ceil_div(K, k_per_split), 1), k_per_split};
+}
+
 #define LK_DISPATCH_FLOAT_HALF_BF16(TYPE, NAME, ...)                   \
   AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
                                      AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
@@ -350,21 +368,14 @@ void launch_decode(const at::Tensor& x, const at::Tensor& x_lora, const at::Tens
   const bool vec_fwd = K % V == 0 && ldx % V == 0 && ldw % V == 0 && aligned16(x_ptr) && aligned16(w_ptr);
   const bool vec_shrink = K % V == 0 && ldxl % V == 0 && lda % V == 0 && aligned16(xl_ptr) && aligned16(a_ptr);
 
-  // Split K so the shrink covers the GPU, in chunks of one warp-wide vector load, within the partial budget.
   const int device = x.get_device();
-  const int64_t chunk = int64_t(kWarpSize) * V;
-  const int64_t chunks = std::max<int64_t>(ceil_div(K, chunk), 1);
-  const int64_t row_blocks = ceil_div(r, kRowsPerBlock);
-  int64_t splits = ceil_div(int64_t(kBlocksPerSm) * sm_count(device), row_blocks);
-  splits = std::min<int64_t>({splits, kMaxSplitK, chunks, std::max<int64_t>(kPartialBudget / (int64_t(M) * r), 1)});
-  splits = std::max<int64_t>(splits, 1);
-  const int64_t k_per_split = ceil_div(chunks, splits) * chunk;
-  splits = std::max<int64_t>(ceil_div(K, k_per_split), 1);
-
+  const DecodeShrinkSplit split = decode_shrink_split(M, r, K, V, device);
+  const int64_t splits = split.splits;
   at::Tensor partials = at::empty({splits, M, r}, x.options().dtype(at::kFloat));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
-  lora_shrink_splitk_kernel<T, kMaxM><<<dim3(row_blocks, splits), kDecodeWarps * kWarpSize, 0, stream>>>(
-      xl_ptr, ldxl, M, a_ptr, lda, r, K, k_per_split, vec_shrink, partials.data_ptr<float>());
+  lora_shrink_splitk_kernel<T, kMaxM>
+      <<<dim3(ceil_div(r, kRowsPerBlock), splits), kDecodeWarps * kWarpSize, 0, stream>>>(
+          xl_ptr, ldxl, M, a_ptr, lda, r, K, split.k_per_split, vec_shrink, partials.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   const T* bias_ptr = bias.has_value() ? bias->data_ptr<T>() : nullptr;
