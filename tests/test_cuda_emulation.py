@@ -1,9 +1,11 @@
-"""The CUDA kernels of the grouped ops (csrc/cuda/sgmv.cu) run on the CPU: their source, and the loads and fragment
-helpers of csrc/cuda/tensor_core.h, are cut out of the files verbatim and compiled as C++ with stand-ins for the
-CUDA built-ins they use (tests/cuda_emulation/emu.h: a thread per CUDA thread, barriers for __syncthreads, warp
-shuffles and the warp-wide MMAs, whose fragment layouts emu.h restates from the PTX ISA). Two harnesses run whole
-launches on integer-valued data against a float64 reference, bit for bit: decode_kernels.cpp the one-token-per-block
-decode kernels, sgmv_mma.cpp the tensor-core shrink and expand of a prefill batch.
+"""The CUDA kernels written without a GPU run on the CPU: the grouped ops' kernels (csrc/cuda/sgmv.cu) and the
+decode forward (csrc/cuda/lora_linear.cu), with the loads and fragment helpers of csrc/cuda/tensor_core.h, are cut
+out of the files verbatim and compiled as C++ with stand-ins for the CUDA built-ins they use
+(tests/cuda_emulation/emu.h: a thread per CUDA thread, barriers for __syncthreads, warp shuffles and the warp-wide
+MMAs, whose fragment layouts emu.h restates from the PTX ISA). Three harnesses run whole launches on integer-valued
+data against a float64 reference, bit for bit: decode_kernels.cpp the grouped one-token-per-block decode kernels,
+sgmv_mma.cpp the grouped tensor-core shrink and expand of a prefill batch, lora_fwd_decode.cpp lora_fwd's decode
+shrink and its tensor-core and CUDA-core forward kernels.
 
 This checks the kernels' index arithmetic, masking and split/grid logic on every CI run, without a GPU; not their
 speed, the GPU memory model, the compiler's code for the GPU or the PTX layouts themselves (the GPU tests in
@@ -20,42 +22,49 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC_CUDA = os.path.join(HERE, os.pardir, "csrc", "cuda")
 
 # What the kernels need, as (file, where a section starts, the text that ends it): tensor_core.h's alignment check,
-# loads and fragment helpers, without the inline PTX (emu.h has stand-ins); sgmv.cu's anonymous namespace up to
-# the decode launcher, without dtype_code (it takes an at::Tensor). The CUDA launches stay out (the harnesses
-# restate the grids).
-SECTIONS = [
+# loads and fragment helpers, without the inline PTX (emu.h has stand-ins); sgmv.cu's anonymous namespace up to the
+# decode launcher, without dtype_code (it takes an at::Tensor); lora_linear.cu's decode kernels and split, up to the
+# dispatch macro. The CUDA launches stay out (the harnesses restate the grids).
+TENSOR_CORE = [
     ("tensor_core.h", "inline bool aligned16", "// d += a · b for one m16n8k16 tile"),
     ("tensor_core.h", "// d += the products over one 32-wide chunk", "// d += a · b for one m16n8k8 tile"),
-    ("sgmv.cu", "constexpr int kTileTokens", "// grid (M, grid_y)"),
 ]
+SECTIONS = {
+    "sgmv.cu": TENSOR_CORE + [("sgmv.cu", "constexpr int kTileTokens", "// grid (M, grid_y)")],
+    "lora_linear.cu": TENSOR_CORE + [("lora_linear.cu", "constexpr int kWarpSize", "#define LK_DISPATCH_FLOAT")],
+}
+HARNESS_SOURCE = {"decode_kernels": "sgmv.cu", "sgmv_mma": "sgmv.cu", "lora_fwd_decode": "lora_linear.cu"}
 
 
 def read_sources():
     sources = {}
-    for name in ("tensor_core.h", "sgmv.cu"):
+    for name in ("tensor_core.h", "sgmv.cu", "lora_linear.cu"):
         with open(os.path.join(CSRC_CUDA, name)) as f:
             sources[name] = f.read()
     return sources
 
 
-def extract_kernels(sources):
+def extract_kernels(sources, cu_file):
     parts = []
-    for name, start, end in SECTIONS:
+    for name, start, end in SECTIONS[cu_file]:
         source = sources[name]
         assert source.count(start) == 1, f"{name}: expected one {start!r} (has the file been reorganised?)"
         begin = source.index(start)
         assert end in source[begin:], f"{name}: no {end!r} after {start!r}"
         parts.append(source[begin:source.index(end, begin)])
-    parts[-1], removed = re.subn(r"// The dtypes were validated.*?\n}\n", "", parts[-1], flags=re.S)
-    assert removed == 1, "sgmv.cu: dtype_code not found where expected"
-    return "".join(parts)
+    code = "".join(parts)
+    if cu_file == "sgmv.cu":
+        code, removed = re.subn(r"// The dtypes were validated.*?\n}\n", "", code, flags=re.S)
+        assert removed == 1, "sgmv.cu: dtype_code not found where expected"
+    # dynamic shared memory: a static buffer of emu.h's (one block runs at a time)
+    return re.sub(r"extern __shared__ float (\w+)\[\];", r"float* \1 = g_dynamic_shared;", code)
 
 
 def build_and_run(tmp_path, harness, sources, *args):
     compiler = shutil.which(os.environ.get("CXX", "c++"))
     if compiler is None:
         pytest.skip("no C++ compiler")
-    (tmp_path / "extracted.h").write_text(extract_kernels(sources))
+    (tmp_path / "extracted.h").write_text(extract_kernels(sources, HARNESS_SOURCE[harness]))
     torch_lib = torch.utils.cpp_extension.TORCH_LIB_PATH
     binary = tmp_path / harness
     includes = [f"-I{path}" for path in torch.utils.cpp_extension.include_paths()]
@@ -68,8 +77,8 @@ def build_and_run(tmp_path, harness, sources, *args):
     return run.returncode, run.stdout
 
 
-@pytest.mark.parametrize("harness,cases", [("decode_kernels", 48), ("sgmv_mma", 18)])
-def test_cuda_grouped_kernels_match_the_reference_on_the_cpu(tmp_path, harness, cases):
+@pytest.mark.parametrize("harness,cases", [("decode_kernels", 48), ("sgmv_mma", 18), ("lora_fwd_decode", 15)])
+def test_cuda_kernels_match_the_reference_on_the_cpu(tmp_path, harness, cases):
     returncode, output = build_and_run(tmp_path, harness, read_sources())
     assert returncode == 0 and output.splitlines()[-1] == f"{cases} cases, 0 failures", output[-3000:]
 
@@ -86,12 +95,16 @@ def test_cuda_grouped_kernels_match_the_reference_on_the_cpu(tmp_path, harness, 
      "2 * t + 1 - i % 2;\n      if (token >= 0 && col < rank)"),
     # the tensor-core expand: t's rank index and B's out of step
     ("sgmv_mma", 3, "2 * t + e;\n          w[e]", "2 * t + 1 - e;\n          w[e]"),
-], ids=["decode-shrink-chunks", "decode-expand-columns", "mma-shrink-columns", "mma-expand-rank"])
+    # the tensor-core decode forward: the accumulators' columns (rows of W) swapped in pairs
+    ("lora_fwd_decode", 2, "[8 * tile + 2 * t + i % 2] = acc[tile][i];",
+     "[8 * tile + 2 * t + 1 - i % 2] = acc[tile][i];"),
+], ids=["decode-shrink-chunks", "decode-expand-columns", "mma-shrink-columns", "mma-expand-rank", "mma-decode-forward"])
 def test_the_emulation_fails_a_broken_kernel(tmp_path, harness, cases, old, new):
     """The harnesses are not vacuous: one wrong index in any of the kernels fails them."""
     sources = read_sources()
-    assert sources["sgmv.cu"].count(old) == 1, old
-    sources["sgmv.cu"] = sources["sgmv.cu"].replace(old, new)
+    cu_file = HARNESS_SOURCE[harness]
+    assert sources[cu_file].count(old) == 1, old
+    sources[cu_file] = sources[cu_file].replace(old, new)
     returncode, output = build_and_run(tmp_path, harness, sources, "quick")
     assert returncode == 1 and re.search(rf"^{cases} cases, [1-9]\d* failures$", output, re.M), output[-3000:]
 

@@ -1,11 +1,12 @@
-// CPU stand-ins for the CUDA built-ins that the kernels of csrc/cuda/sgmv.cu use, so that those kernels (cut out of
-// the .cu file, and the non-PTX helpers out of tensor_core.h, verbatim by tests/test_cuda_emulation.py) run on a
-// machine without a GPU: one std::thread per CUDA thread, blocks one after another; __syncthreads is a block
-// barrier; __shfl_xor_sync and the warp-wide MMAs exchange through per-warp buffers between two warp barriers;
-// __shared__ variables are statics (one block runs at a time). The MMAs (mma.sync m16n8k16 fp16/bf16 and m16n8k8
-// tf32, in inline PTX in tensor_core.h) are computed from the fragment layouts of the PTX ISA as restated below: the
-// kernels' use of them (which lane loads what, and where each accumulator goes) is checked against that statement,
-// not the statement itself (the GPU tests check that). Not emulated: the memory model, timing, the compiler's code.
+// CPU stand-ins for the CUDA built-ins that the grouped kernels of csrc/cuda/sgmv.cu and the decode forward of
+// csrc/cuda/lora_linear.cu use, so that those kernels (cut out of the .cu files, and the non-PTX helpers out of
+// tensor_core.h, verbatim by tests/test_cuda_emulation.py) run on a machine without a GPU: one std::thread per CUDA
+// thread, blocks one after another; __syncthreads is a block barrier; __shfl_xor_sync and the warp-wide MMAs
+// exchange through per-warp buffers between two warp barriers; __shared__ variables are statics (one block runs at
+// a time). The MMAs (mma.sync m16n8k16 fp16/bf16 and m16n8k8 tf32, in inline PTX in tensor_core.h) are computed from
+// the fragment layouts of the PTX ISA as restated below: the kernels' use of them (which lane loads what, and where
+// each accumulator goes) is checked against that statement, not the statement itself (the GPU tests check that).
+// Not emulated: the memory model, timing, the compiler's code.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -49,6 +50,8 @@ struct MmaFragment {
   uint32_t a[4], b[2];
 };
 MmaFragment g_mma_exchange[kMaxWarps][32];
+// `extern __shared__` (dynamic shared memory) arrays point here: the extraction rewrites their declarations.
+float g_dynamic_shared[16 * 1024];
 
 inline uint32_t __float_as_uint(float value) {
   uint32_t bits;
@@ -79,7 +82,7 @@ T __ldg(const T* p) { return *p; }
 template <typename T>
 T __ldcs(const T* p) { return *p; }
 
-// What sgmv.cu takes from grid_sizing.h and launchers.h, and the PTX of tensor_core.h.
+// What the .cu files take from grid_sizing.h and launchers.h, and the PTX of tensor_core.h.
 namespace lora_kernels {
 constexpr int kBlocksPerSm = 2;
 inline int g_sm_count = 132;  // the H200's; the harness varies it

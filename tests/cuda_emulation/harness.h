@@ -1,4 +1,4 @@
-// What the harnesses share: dtype codes, LoRABatch-like metadata, aligned storage, failure counting.
+// What the harnesses share: LoRABatch-like metadata, aligned storage, failure counting.
 #pragma once
 
 #include <cstdio>
@@ -6,10 +6,6 @@
 #include <string>
 #include <vector>
 
-template <typename T> int code();
-template <> int code<float>() { return kF32; }
-template <> int code<c10::Half>() { return kF16; }
-template <> int code<c10::BFloat16>() { return kBF16; }
 
 struct Meta {
   std::vector<int32_t> ids, sorted, starts, counts;

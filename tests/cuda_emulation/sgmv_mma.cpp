@@ -17,6 +17,12 @@ using namespace lora_kernels;
 
 #include "harness.h"
 
+// sgmv.cu's run-time dtype codes of the kernels' operands
+template <typename T> int code();
+template <> int code<float>() { return kF32; }
+template <> int code<c10::Half>() { return kF16; }
+template <> int code<c10::BFloat16>() { return kBF16; }
+
 template <typename T, typename Out>
 void run_case(int M, int L, int K, int R, int row_pad, const std::string& dist, int sms, uint32_t seed) {
   std::mt19937 rng(seed);
