@@ -131,13 +131,14 @@ run_stage info 60 info.log "$PY" -m lora_kernels info
 # process (a segfault in a kernel) fails alone instead of ending the run (seen on the first H100 run: one segfault
 # hid every later result). LORA_KERNELS_AUTOTUNE=0: one config per Triton kernel, so many test shapes do not spend
 # minutes autotuning (the H200 run: 1259 tests in 122 s with 14 workers). "not gpu_check": test_cli's
-# tests of this script match "gpu" by name but run on the CPU (the dry run took 19 s of CPU on 2 cores).
+# tests of this script match "gpu" by name but run on the CPU (the dry run took 19 s of CPU on 2 cores); "not
+# emulation": test_cuda_emulation.py matches "cuda" but runs the CUDA sources on the CPU (80 s of CPU on 2 cores).
 XDIST=()
 "$PY" -c "import xdist" > /dev/null 2>&1 && XDIST=(-n 14)
 # -v: each result is logged as it happens, so a stage killed by its time limit still names what passed and failed
 # (-q prints names and counts only at the end).
 TESTS=(env LORA_KERNELS_AUTOTUNE=0 "$PY" -m pytest -v --tb=short -p no:cacheprovider
-       -k "(cuda or gpu) and not gpu_check" -rfE)
+       -k "(cuda or gpu) and not gpu_check and not emulation" -rfE)
 # The tests marked gpu_memory (tens of GB each, past-2^31-element operands) run later in a stage of their own, one
 # at a time: several at once on one GPU would run out of memory (18 tests, 20 s on the H200). They come after
 # compare: edge cases of sizes few users reach, where the §8 rows decide more. 170 s for the rest: 122 s on the H200,
