@@ -985,22 +985,28 @@ def test_checkpoints_are_peft_adapter_files_and_full_state_dicts(tmp_path):
                      "checkpoint_kind": "full model (safetensors)"}
 
 
+class StandInProbe:
+    """compare.MemoryProbe's interface, reading nothing: tests override what they observe."""
+    method = "stand-in"
+
+    def __init__(self, device):
+        pass
+
+    def baseline(self):
+        pass
+
+    def start(self):
+        pass
+
+    def peak(self):
+        return None
+
+
 def test_peak_memory_is_the_largest_of_the_probed_steps(monkeypatch):
     """Each run's peak is the larger of its MEMORY_STEPS probed steps (a stand-in probe gives the readings)."""
     readings = iter([7000, 1000, 8000, 2000, 9000, 3000])  # two steps per run, the first one's the larger
 
-    class Probe:
-        method = "stand-in"
-
-        def __init__(self, device):
-            pass
-
-        def baseline(self):
-            pass
-
-        def start(self):
-            pass
-
+    class Probe(StandInProbe):
         def peak(self):
             return next(readings)
 
@@ -1021,15 +1027,7 @@ def test_each_probed_peak_covers_one_step_and_an_unreadable_one_prints_na(monkey
     monkeypatch.setattr(compare, "_train_step", lambda *args: steps.append(1) or train_step(*args))
     covered = []
 
-    class Probe:
-        method = "stand-in"
-
-        def __init__(self, device):
-            pass
-
-        def baseline(self):
-            pass
-
+    class Probe(StandInProbe):
         def start(self):
             self.steps_at_start = len(steps)
 
