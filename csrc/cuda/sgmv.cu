@@ -411,6 +411,21 @@ __device__ __forceinline__ int decode_slot(const SgmvArgs& args, int64_t pos) {
   return found;
 }
 
+// This block's token (-1: none, a -1 token's position, or an id outside [0, M)), its slot and the slot's rank.
+struct DecodeToken {
+  int slot;
+  int64_t token, rank;
+};
+
+__device__ __forceinline__ DecodeToken decode_token(const SgmvArgs& args) {
+  const int slot = decode_slot(args, blockIdx.x);
+  const int64_t token = slot >= 0 ? int64_t(args.sorted_token_ids[blockIdx.x]) : -1;
+  if (token < 0 || token >= args.num_tokens) {
+    return {0, -1, 0};
+  }
+  return {slot, token, slot_rank(args, slot)};
+}
+
 template <typename T>
 __device__ __forceinline__ float dot16(const uint4& a, const uint4& b) {
   const T* u = reinterpret_cast<const T*>(&a);
@@ -427,13 +442,11 @@ __device__ __forceinline__ float dot16(const uint4& a, const uint4& b) {
 template <typename T>
 __global__ void __launch_bounds__(kDecodeThreads) bgmv_shrink_kernel(const SgmvArgs args) {
   constexpr int kVec = 16 / sizeof(T);
-  const int slot = decode_slot(args, blockIdx.x);
-  const int64_t token = slot >= 0 ? int64_t(args.sorted_token_ids[blockIdx.x]) : -1;
-  const int64_t rank = slot >= 0 ? slot_rank(args, slot) : 0;
+  const auto [slot, token, rank] = decode_token(args);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t k_begin = int64_t(blockIdx.y) * args.k_per_split;
   const int64_t k_end = k_begin + args.k_per_split < args.k_full ? k_begin + args.k_per_split : args.k_full;
-  if (token < 0 || token >= args.num_tokens || int64_t(warp) * kDecodeRows >= rank || k_begin >= k_end) {
+  if (token < 0 || int64_t(warp) * kDecodeRows >= rank || k_begin >= k_end) {
     return;  // no barrier below: each warp is on its own
   }
   const T* x_row = static_cast<const T*>(args.x) + token * args.x_stride_t;
@@ -482,10 +495,8 @@ __global__ void __launch_bounds__(kDecodeThreads) bgmv_shrink_kernel(const SgmvA
 template <typename T>
 __global__ void __launch_bounds__(kDecodeThreads) bgmv_expand_kernel(const SgmvArgs args) {
   constexpr int kVec = 16 / sizeof(T);
-  const int slot = decode_slot(args, blockIdx.x);
-  const int64_t token = slot >= 0 ? int64_t(args.sorted_token_ids[blockIdx.x]) : -1;
-  const int64_t rank = slot >= 0 ? slot_rank(args, slot) : 0;
-  if (token < 0 || token >= args.num_tokens || rank == 0) {
+  const auto [slot, token, rank] = decode_token(args);
+  if (token < 0 || rank == 0) {
     return;  // adds nothing
   }
   const float* t_row = static_cast<const float*>(args.x) + token * args.x_stride_t;
