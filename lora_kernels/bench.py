@@ -650,8 +650,9 @@ def training_rows(rows, cfg, device, dtype, timing, on_gpu, step):
 
 
 def cuda_bwd_dy_row(rows, inputs, shape, timing, on_gpu):
-    """The C++/CUDA dY-once kernel (dB and dS from one read of dY, fp32 FMA) against the two cuBLAS GEMMs it
-    replaces, which read dY twice: whether reading dY once pays for the kernel's CUDA-core arithmetic."""
+    """The C++/CUDA dY-once kernel (dB and dS from one read of dY: on tensor cores for fp16/bf16 up to r = 32, fp32
+    FMAs otherwise) against the two cuBLAS GEMMs it replaces, which read dY twice: whether reading dY once pays for
+    the kernel's arithmetic and partial sums, and so where functional.CUDA_BWD_DY_KERNEL_MAX_WORK should lie."""
     section = "CUDA backward: dY-once kernel (lora_bwd_dy) / two cuBLAS GEMMs (dYᵀ·S, dY·B)"
     with torch.no_grad():
         saved = [(st["dy"], (st["x"] @ st["a"].detach().T).float(), st["b"].detach()) for st in inputs.sets]

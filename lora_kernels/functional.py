@@ -273,15 +273,16 @@ def apply_dropout(t, keep, p, *, inplace=False):
 
 # ------------------------------------------------------------------------------------------- single-adapter autograd
 
-# The cuda backend's dY-once kernel (csrc/cuda/lora_linear.cu) multiplies on CUDA cores out of shared memory. On the
+# The cuda backend's dY-once kernel (csrc/cuda/lora_linear.cu) multiplied on CUDA cores out of shared memory. On the
 # H100 (BENCHMARKS.md, first run) the cuda backend's fwd+bwd at M = 8192 took 1.58 ms at r = 16 and 3.37 ms at
 # r = 64, against 1.28 and 1.07 ms for the torch composition, whose backward reads dY twice in two cuBLAS GEMMs on
 # tensor cores, while the cuda forward was the faster one. By its arithmetic the kernel moves ~16·r bytes of shared
 # memory per dY element where the two GEMMs read 4 bytes of HBM, so it can only win where the GEMMs' fixed launch
 # cost dominates: it runs up to M·r = CUDA_BWD_DY_KERNEL_MAX_WORK (M = 256 at r = 16), cuBLAS above. The bench's
-# "CUDA backward" rows time the kernel against the two GEMMs directly, at M = 8192 only: on the H200 it took 6.5x
+# "CUDA backward" rows time the kernel against the two GEMMs directly, at M = 8192: on the H200 it took 6.5x
 # (r = 8) to 19x (r = 64) their time, 2-4 TFLOP/s. At that rate it would lose from M·r of about 2000 at N = 4096;
-# the bound itself is still unmeasured.
+# the bound itself is still unmeasured. Since then fp16/bf16 up to r = 32 run a tensor-core kernel (one read of dY
+# from memory, partials written once), not yet run on a GPU: the bound stays until those rows are measured.
 CUDA_BWD_DY_KERNEL_MAX_WORK = 4096
 
 

@@ -1019,14 +1019,39 @@ def test_cuda_gemm_path(dtype, m, cuda_device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("m,n,r", [(1, 4096, 16), (16, 4099, 8), (4096, 1024, 16), (1000, 333, 64), (77, 5000, 1)])
+@pytest.mark.parametrize("m,n,r", [(1, 4096, 16), (16, 4099, 8), (4096, 1024, 16), (1000, 333, 64), (77, 5000, 1),
+                                   (300, 136, 20), (2048, 4096, 32), (8192, 512, 16)])
 def test_cuda_bwd_dy_kernel(dtype, m, n, r, cuda_device):
+    """fp16/bf16 with N a multiple of 8 and r <= 32 run the tensor-core kernel (partial strips and pieces at
+    300 x 136, two rank tiles at r = 20 and 32, many row blocks at M = 8192), the others the CUDA-core one."""
     dy = randn(m, n, dtype=dtype, device=cuda_device)
     s = randn(m, r, device=cuda_device)
     lora_b = randn(n, r, dtype=dtype, device=cuda_device, scale=r ** -0.5)
     first = _check_bwd(dy, s, lora_b, 2.0)
     second = ops.lora_bwd_dy(dy, s, lora_b, 2.0)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])  # deterministic
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,n,r,transposed,kernel", [
+    (torch.bfloat16, 4096, 16, False, "lora_bwd_dy_mma_kernel"), (torch.float16, 136, 32, False,
+                                                                  "lora_bwd_dy_mma_kernel"),
+    (torch.bfloat16, 4099, 16, False, "lora_bwd_dy_kernel"), (torch.float32, 4096, 16, False, "lora_bwd_dy_kernel"),
+    (torch.bfloat16, 4096, 33, False, "lora_bwd_dy_kernel"), (torch.bfloat16, 4096, 16, True, "lora_bwd_dy_kernel")],
+    ids=str)
+def test_cuda_bwd_dy_takes_the_tensor_core_kernel_where_it_can(dtype, n, r, transposed, kernel, cuda_device):
+    """Which lora_bwd_dy kernel runs: the tensor-core one for fp16/bf16 dy in rows of whole 16-byte loads (N a
+    multiple of 8, unit column stride) and r <= 32, the CUDA-core one otherwise. The other tests check the numbers;
+    this one that they checked the kernel meant."""
+    m = 64
+    dy = randn(n, m, dtype=dtype, device=cuda_device).T if transposed else randn(m, n, dtype=dtype, device=cuda_device)
+    s = randn(m, r, device=cuda_device)
+    lora_b = randn(n, r, dtype=dtype, device=cuda_device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        ops.lora_bwd_dy(dy, s, lora_b, 2.0)
+        torch.cuda.synchronize(cuda_device)
+    names = [event.name for event in prof.events()]
+    assert any(re.search(kernel + "[<I]", name) for name in names), names
 
 
 @pytest.mark.gpu

@@ -1,11 +1,12 @@
-"""The CUDA kernels written without a GPU run on the CPU: the grouped ops' kernels (csrc/cuda/sgmv.cu) and the
-decode forward (csrc/cuda/lora_linear.cu), with the loads and fragment helpers of csrc/cuda/tensor_core.h, are cut
-out of the files verbatim and compiled as C++ with stand-ins for the CUDA built-ins they use
-(tests/cuda_emulation/emu.h: a thread per CUDA thread, barriers for __syncthreads, warp shuffles and the warp-wide
-MMAs, whose fragment layouts emu.h restates from the PTX ISA). Three harnesses run whole launches on integer-valued
-data against a float64 reference, bit for bit: decode_kernels.cpp the grouped one-token-per-block decode kernels,
-sgmv_mma.cpp the grouped tensor-core shrink and expand of a prefill batch, lora_fwd_decode.cpp lora_fwd's decode
-shrink and its tensor-core and CUDA-core forward kernels.
+"""The CUDA kernels written without a GPU run on the CPU: the grouped ops' kernels (csrc/cuda/sgmv.cu), the
+decode forward and the tensor-core backward (csrc/cuda/lora_linear.cu), with the loads and fragment helpers of
+csrc/cuda/tensor_core.h, are cut out of the files verbatim and compiled as C++ with stand-ins for the CUDA built-ins
+they use (tests/cuda_emulation/emu.h: a thread per CUDA thread, barriers for __syncthreads and __syncwarp, warp
+shuffles and the warp-wide MMAs, whose fragment layouts emu.h restates from the PTX ISA). Four harnesses run whole
+launches on integer-valued data against a float64 reference, bit for bit: decode_kernels.cpp the grouped
+one-token-per-block decode kernels, sgmv_mma.cpp the grouped tensor-core shrink and expand of a prefill batch,
+lora_fwd_decode.cpp lora_fwd's decode shrink and its tensor-core and CUDA-core forward kernels, lora_bwd_dy.cpp
+lora_bwd_dy's tensor-core kernel.
 
 This checks the kernels' index arithmetic, masking and split/grid logic on every CI run, without a GPU; not their
 speed, the GPU memory model, the compiler's code for the GPU or the PTX layouts themselves (the GPU tests in
@@ -21,19 +22,25 @@ import torch.utils.cpp_extension
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC_CUDA = os.path.join(HERE, os.pardir, "csrc", "cuda")
 
-# What the kernels need, as (file, where a section starts, the text that ends it): tensor_core.h's alignment check,
-# loads and fragment helpers, without the inline PTX (emu.h has stand-ins); sgmv.cu's anonymous namespace up to the
-# decode launcher, without dtype_code (it takes an at::Tensor); lora_linear.cu's decode kernels and split, up to the
-# dispatch macro. The CUDA launches stay out (the harnesses restate the grids).
+# What each harness's kernels need, as (file, where a section starts, the text that ends it): tensor_core.h's
+# alignment check, loads and fragment helpers, without the inline PTX (emu.h has stand-ins); sgmv.cu's anonymous
+# namespace up to the decode launcher, without dtype_code (it takes an at::Tensor); lora_linear.cu's decode kernels
+# and split, up to the dispatch macro; its tensor-core backward kernel and grid, up to the partial sums. The CUDA
+# launches stay out (the harnesses restate the grids).
 TENSOR_CORE = [
     ("tensor_core.h", "inline bool aligned16", "// d += a · b for one m16n8k16 tile"),
     ("tensor_core.h", "// d += the products over one 32-wide chunk", "// d += a · b for one m16n8k8 tile"),
 ]
+SGMV = TENSOR_CORE + [("sgmv.cu", "constexpr int kTileTokens", "// grid (M, grid_y)")]
 SECTIONS = {
-    "sgmv.cu": TENSOR_CORE + [("sgmv.cu", "constexpr int kTileTokens", "// grid (M, grid_y)")],
-    "lora_linear.cu": TENSOR_CORE + [("lora_linear.cu", "constexpr int kWarpSize", "#define LK_DISPATCH_FLOAT")],
+    "decode_kernels": SGMV,
+    "sgmv_mma": SGMV,
+    "lora_fwd_decode": TENSOR_CORE + [("lora_linear.cu", "constexpr int kWarpSize", "#define LK_DISPATCH_FLOAT")],
+    "lora_bwd_dy": TENSOR_CORE + [("lora_linear.cu", "// ---- lora_bwd_dy on tensor cores",
+                                   "// (dB, dS) from the kernels' block partials")],
 }
-HARNESS_SOURCE = {"decode_kernels": "sgmv.cu", "sgmv_mma": "sgmv.cu", "lora_fwd_decode": "lora_linear.cu"}
+HARNESS_SOURCE = {"decode_kernels": "sgmv.cu", "sgmv_mma": "sgmv.cu", "lora_fwd_decode": "lora_linear.cu",
+                  "lora_bwd_dy": "lora_linear.cu"}
 
 
 def read_sources():
@@ -44,16 +51,16 @@ def read_sources():
     return sources
 
 
-def extract_kernels(sources, cu_file):
+def extract_kernels(sources, harness):
     parts = []
-    for name, start, end in SECTIONS[cu_file]:
+    for name, start, end in SECTIONS[harness]:
         source = sources[name]
         assert source.count(start) == 1, f"{name}: expected one {start!r} (has the file been reorganised?)"
         begin = source.index(start)
         assert end in source[begin:], f"{name}: no {end!r} after {start!r}"
         parts.append(source[begin:source.index(end, begin)])
     code = "".join(parts)
-    if cu_file == "sgmv.cu":
+    if HARNESS_SOURCE[harness] == "sgmv.cu":
         code, removed = re.subn(r"// The dtypes were validated.*?\n}\n", "", code, flags=re.S)
         assert removed == 1, "sgmv.cu: dtype_code not found where expected"
     # dynamic shared memory: a static buffer of emu.h's (one block runs at a time)
@@ -64,7 +71,7 @@ def build_and_run(tmp_path, harness, sources, *args):
     compiler = shutil.which(os.environ.get("CXX", "c++"))
     if compiler is None:
         pytest.skip("no C++ compiler")
-    (tmp_path / "extracted.h").write_text(extract_kernels(sources, HARNESS_SOURCE[harness]))
+    (tmp_path / "extracted.h").write_text(extract_kernels(sources, harness))
     torch_lib = torch.utils.cpp_extension.TORCH_LIB_PATH
     binary = tmp_path / harness
     includes = [f"-I{path}" for path in torch.utils.cpp_extension.include_paths()]
@@ -77,7 +84,8 @@ def build_and_run(tmp_path, harness, sources, *args):
     return run.returncode, run.stdout
 
 
-@pytest.mark.parametrize("harness,cases", [("decode_kernels", 48), ("sgmv_mma", 18), ("lora_fwd_decode", 15)])
+@pytest.mark.parametrize("harness,cases", [("decode_kernels", 48), ("sgmv_mma", 18), ("lora_fwd_decode", 15),
+                                           ("lora_bwd_dy", 8)])
 def test_cuda_kernels_match_the_reference_on_the_cpu(tmp_path, harness, cases):
     returncode, output = build_and_run(tmp_path, harness, read_sources())
     assert returncode == 0 and output.splitlines()[-1] == f"{cases} cases, 0 failures", output[-3000:]
@@ -98,7 +106,11 @@ def test_cuda_kernels_match_the_reference_on_the_cpu(tmp_path, harness, cases):
     # the tensor-core decode forward: the accumulators' columns (rows of W) swapped in pairs
     ("lora_fwd_decode", 2, "[8 * tile + 2 * t + i % 2] = acc[tile][i];",
      "[8 * tile + 2 * t + 1 - i % 2] = acc[tile][i];"),
-], ids=["decode-shrink-chunks", "decode-expand-columns", "mma-shrink-columns", "mma-expand-rank", "mma-decode-forward"])
+    # the tensor-core backward: dy's transposed tile read at the same row for both k-slots of a lane
+    ("lora_bwd_dy", 2, "transposed[warp][8 * ks + t + 4][8 * ct + group]",
+     "transposed[warp][8 * ks + t][8 * ct + group]"),
+], ids=["decode-shrink-chunks", "decode-expand-columns", "mma-shrink-columns", "mma-expand-rank", "mma-decode-forward",
+        "mma-bwd-dy-transpose"])
 def test_the_emulation_fails_a_broken_kernel(tmp_path, harness, cases, old, new):
     """The harnesses are not vacuous: one wrong index in any of the kernels fails them."""
     sources = read_sources()

@@ -10,7 +10,8 @@
 //      lora_fwd_decode_kernel, fp32 FMAs on CUDA cores.
 // lora_fwd, M > 16: ATen GEMMs with in-place epilogues (see lora_fwd_gemm).
 // lora_bwd_dy: one kernel reads each element of dy once and produces both ds = scaling·dy·B and
-//   dB = scaling·dyᵀ·S as deterministic fp32 partials, summed afterwards in a fixed order.
+//   dB = scaling·dyᵀ·S as deterministic fp32 partials, summed afterwards in a fixed order: on tensor cores for
+//   fp16/bf16 up to r = 32 (lora_bwd_dy_mma_kernel), on CUDA cores otherwise (lora_bwd_dy_kernel).
 //
 // Only c10/cuda headers: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers a bare toolkit may lack.
 #include <ATen/ATen.h>
@@ -558,6 +559,205 @@ __global__ void __launch_bounds__(kBwdThreads)
   }
 }
 
+// ---- lora_bwd_dy on tensor cores (fp16/bf16, r <= 32, sm_80+) --------------------------------------------------
+// lora_bwd_dy_kernel multiplies out of shared memory on CUDA cores, ~16·r bytes of shared-memory traffic per dy
+// element: on the H200 it took 6.5x (r = 8) to 19x (r = 64) the time of the two cuBLAS GEMMs at M = 8192 (2-4
+// TFLOP/s), so lora_linear's backward runs it only up to M·r = 4096 (functional.py). Here both products run on
+// tensor cores, and dy is still read from memory once:
+//   dS = dy · B: m16n8k16 with A = dy's rows (16-byte loads, as they lie in memory) and B = Bᵀ's rows (the launcher
+//     makes Bᵀ [r, N] contiguous: r·N elements, so a column of B is one 16-byte load).
+//   dBᵀ = Sᵀ · dy: the reduction runs over dy's rows, so dy's tile goes through a per-warp shared-memory buffer to be
+//     read transposed; m16n8k8 in tf32, because S is fp32 (|S| may pass 65504 where dS does not), rounded to the
+//     nearest tf32 as the Triton kernels round their fp32 operands; dy's 16-bit values are exact in tf32.
+// A block of kBwdMmaWarps warps owns bwd_mma_strips(kRankTiles) strips of 16 rows per warp for all of its columns,
+// which it walks in pieces of kBwdMmaCols: each warp keeps its rows' dS in registers over every piece, and the
+// warps' dB of a piece are summed in a fixed warp order in shared memory; each partial element is written once.
+// Not yet run on a GPU.
+constexpr int kBwdMmaWarps = 4;
+constexpr int kBwdMmaMaxRank = 32;
+constexpr int kBwdMmaChunks = 2;                          // 32-column chunks per piece (mma_k32 each)
+constexpr int kBwdMmaCols = 32 * kBwdMmaChunks;           // columns per piece
+constexpr int kBwdMmaPitch = kBwdMmaCols + 8;             // transposed reads of a warp hit 16 distinct banks
+constexpr int kBwdMmaColTiles = kBwdMmaCols / 8;          // n8 tiles of dBᵀ per piece
+
+// 16-row strips per warp: dS of kStrips strips (kStrips * 2 * kRankTiles * 4 floats) stays in registers.
+constexpr int bwd_mma_strips(int rank_tiles) { return 4 / rank_tiles; }
+constexpr int64_t bwd_mma_rows_per_block(int rank_tiles) {
+  return int64_t(kBwdMmaWarps) * 16 * bwd_mma_strips(rank_tiles);
+}
+
+struct BwdDyMmaGrid {
+  int64_t row_blocks, col_blocks, cols_per_block;
+};
+
+// Rows per block are fixed by the rank (dS registers); columns are split so the grid covers kBlocksPerSm blocks per
+// SM, in whole pieces, within the partial budget of lora_bwd_dy_kernel (half of dy's elements, at least 1 Mi floats).
+BwdDyMmaGrid bwd_dy_mma_grid(int64_t M, int64_t N, int64_t r, int device) {
+  const int rank_tiles = r <= 16 ? 1 : 2;
+  const int64_t row_blocks = ceil_div(M, bwd_mma_rows_per_block(rank_tiles));
+  const int64_t pieces = ceil_div(N, kBwdMmaCols);
+  int64_t col_blocks = std::clamp<int64_t>(ceil_div(int64_t(kBlocksPerSm) * sm_count(device), row_blocks), 1, pieces);
+  const int64_t budget = std::max<int64_t>(M * N / 2, int64_t(1) << 20);
+  while (col_blocks > 1 && r * (row_blocks * N + col_blocks * M) > budget) col_blocks = (col_blocks + 1) / 2;
+  const int64_t cols_per_block = ceil_div(pieces, col_blocks) * kBwdMmaCols;
+  return {row_blocks, ceil_div(N, cols_per_block), cols_per_block};
+}
+
+// grid (col_blocks, row_blocks), kBwdMmaWarps warps. ds_partials[blockIdx.x, m, j] = scaling · Σ_{n in the block's
+// columns} dy[m, n] · B[n, j]; db_partials[blockIdx.y, n, j] = scaling · Σ_{m in the block's rows} dy[m, n] · S[m, j].
+// Needs dy's rows unit-stride, 16-byte aligned and N a multiple of 8 (every 16-byte load whole); bt = Bᵀ [r, N]
+// contiguous. kRankTiles = ceil(r / 16): the rank rows of dBᵀ's MMA tiles; rank columns of dS in n8 tiles.
+template <typename T, int kRankTiles>
+__global__ void __launch_bounds__(kBwdMmaWarps* 32)
+    lora_bwd_dy_mma_kernel(const T* __restrict__ dy, int64_t ld_dy, const float* __restrict__ s, int64_t s_sm,
+                           int64_t s_sr, const T* __restrict__ bt, int64_t M, int64_t N, int r, float scaling,
+                           int64_t cols_per_block, float* __restrict__ db_partials, float* __restrict__ ds_partials) {
+  constexpr int kStrips = bwd_mma_strips(kRankTiles);
+  constexpr int kRankN8 = 2 * kRankTiles;  // n8 tiles of dS's rank columns
+  __shared__ __align__(16) T transposed[kBwdMmaWarps][16][kBwdMmaPitch];
+  __shared__ float db_sum[16 * kRankTiles][kBwdMmaCols];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, group = lane / 4, t = lane % 4;
+  const int64_t m_block = int64_t(blockIdx.y) * bwd_mma_rows_per_block(kRankTiles);
+  const int64_t n_begin = int64_t(blockIdx.x) * cols_per_block;
+  const int64_t n_end = n_begin + cols_per_block < N ? n_begin + cols_per_block : N;
+
+  // The warp's strips: rows m_block + 16 * (warp + kBwdMmaWarps * i). S's fragments of dBᵀ's A operand (Sᵀ: rank
+  // rows g and g + 8 of each rank tile, S's rows t and t + 4 of each k-step of 8) are loaded once, as tf32.
+  int64_t strip_row[kStrips];
+  uint32_t s_frag[kStrips][kRankTiles][2][4];
+#pragma unroll
+  for (int i = 0; i < kStrips; ++i) {
+    strip_row[i] = m_block + 16 * (warp + int64_t(kBwdMmaWarps) * i);
+#pragma unroll
+    for (int rt = 0; rt < kRankTiles; ++rt) {
+#pragma unroll
+      for (int ks = 0; ks < 2; ++ks) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int64_t m = strip_row[i] + 8 * ks + t + 4 * (e / 2);
+          const int j = 16 * rt + group + 8 * (e % 2);
+          s_frag[i][rt][ks][e] = m < M && j < r ? to_tf32(s[m * s_sm + j * s_sr]) : 0u;
+        }
+      }
+    }
+  }
+
+  float ds_acc[kStrips][kRankN8][4] = {};
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kBwdMmaCols) {
+    // B's columns j = 8 * jt + g of this piece (Bᵀ's rows; past r: zeros, not loaded)
+    uint4 b_frag[kBwdMmaChunks][kRankN8];
+#pragma unroll
+    for (int c = 0; c < kBwdMmaChunks; ++c) {
+      const int64_t n = n0 + 32 * c + 8 * t;  // N is a multiple of 8: a 16-byte load is wholly inside or outside
+#pragma unroll
+      for (int jt = 0; jt < kRankN8; ++jt) {
+        const int j = 8 * jt + group;
+        b_frag[c][jt] = load16_or_zero(bt + (j < r && n < n_end ? j * N + n : 0), j < r && n < n_end, false);
+      }
+    }
+    float db_acc[kRankTiles][kBwdMmaColTiles][4] = {};
+#pragma unroll
+    for (int i = 0; i < kStrips; ++i) {
+      uint4 lo[kBwdMmaChunks], hi[kBwdMmaChunks];
+#pragma unroll
+      for (int c = 0; c < kBwdMmaChunks; ++c) {
+        const int64_t n = n0 + 32 * c + 8 * t, m_lo = strip_row[i] + group, m_hi = m_lo + 8;
+        const bool in_n = n < n_end;
+        lo[c] = load16_or_zero(dy + (in_n && m_lo < M ? m_lo * ld_dy + n : 0), in_n && m_lo < M, true);
+        hi[c] = load16_or_zero(dy + (in_n && m_hi < M ? m_hi * ld_dy + n : 0), in_n && m_hi < M, true);
+      }
+#pragma unroll
+      for (int c = 0; c < kBwdMmaChunks; ++c) {
+#pragma unroll
+        for (int jt = 0; jt < kRankN8; ++jt) mma_k32<T>(ds_acc[i][jt], lo[c], hi[c], b_frag[c][jt]);
+        *reinterpret_cast<uint4*>(&transposed[warp][group][32 * c + 8 * t]) = lo[c];
+        *reinterpret_cast<uint4*>(&transposed[warp][group + 8][32 * c + 8 * t]) = hi[c];
+      }
+      __syncwarp();
+      // dBᵀ's B operand: column g of each n8 tile (the piece's column 8 * ct + g) at the strip's rows t and t + 4 of
+      // each k-step.
+#pragma unroll
+      for (int ct = 0; ct < kBwdMmaColTiles; ++ct) {
+#pragma unroll
+        for (int ks = 0; ks < 2; ++ks) {
+          const uint32_t b0 = __float_as_uint(static_cast<float>(transposed[warp][8 * ks + t][8 * ct + group]));
+          const uint32_t b1 = __float_as_uint(static_cast<float>(transposed[warp][8 * ks + t + 4][8 * ct + group]));
+#pragma unroll
+          for (int rt = 0; rt < kRankTiles; ++rt) {
+            const uint32_t(&a)[4] = s_frag[i][rt][ks];
+            mma_m16n8k8_tf32(db_acc[rt][ct], a[0], a[1], a[2], a[3], b0, b1);
+          }
+        }
+      }
+      __syncwarp();  // every lane's reads are done before the next strip overwrites the buffer
+    }
+    // The piece's dBᵀ: the warps' sums added in warp order (deterministic), then written as [n, j] partials.
+    // db_acc[rt][ct][e] is rank row 16 * rt + g + 8 * (e / 2), column 8 * ct + 2t + e % 2 of the piece.
+    for (int w = 0; w < kBwdMmaWarps; ++w) {
+      if (warp == w) {
+#pragma unroll
+        for (int rt = 0; rt < kRankTiles; ++rt) {
+#pragma unroll
+          for (int ct = 0; ct < kBwdMmaColTiles; ++ct) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              float& dst = db_sum[16 * rt + group + 8 * (e / 2)][8 * ct + 2 * t + e % 2];
+              dst = w == 0 ? db_acc[rt][ct][e] : dst + db_acc[rt][ct][e];
+            }
+          }
+        }
+      }
+      __syncthreads();
+    }
+    float* db_out = db_partials + int64_t(blockIdx.y) * N * r;
+    for (int e = threadIdx.x; e < kBwdMmaCols * 16 * kRankTiles; e += kBwdMmaWarps * 32) {
+      const int j = e % (16 * kRankTiles), col = e / (16 * kRankTiles);
+      if (j < r && n0 + col < n_end) {
+        db_out[(n0 + col) * r + j] = scaling * db_sum[j][col];
+      }
+    }
+    __syncthreads();  // db_sum is read before the next piece's warp 0 overwrites it
+  }
+
+  // ds_acc[i][jt][e] is row strip_row[i] + g + 8 * (e / 2), rank column 8 * jt + 2t + e % 2.
+  float* ds_out = ds_partials + int64_t(blockIdx.x) * M * r;
+#pragma unroll
+  for (int i = 0; i < kStrips; ++i) {
+#pragma unroll
+    for (int jt = 0; jt < kRankN8; ++jt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t m = strip_row[i] + group + 8 * (e / 2);
+        const int j = 8 * jt + 2 * t + e % 2;
+        if (m < M && j < r) {
+          ds_out[m * r + j] = scaling * ds_acc[i][jt][e];
+        }
+      }
+    }
+  }
+}
+
+// (dB, dS) from the kernels' block partials [row_blocks, N, r] and [col_blocks, M, r]: fixed-order sums,
+// deterministic, unlike fp32 atomics.
+std::tuple<at::Tensor, at::Tensor> summed_partials(const at::Tensor& db_partials, const at::Tensor& ds_partials) {
+  return {db_partials.size(0) == 1 ? db_partials.select(0, 0) : db_partials.sum(0),
+          ds_partials.size(0) == 1 ? ds_partials.select(0, 0) : ds_partials.sum(0)};
+}
+
+// Launches lora_bwd_dy_mma_kernel (the caller checked its conditions: see lora_bwd_dy_cuda_launch).
+template <typename T>
+void launch_bwd_dy_mma(const at::Tensor& dy, const at::Tensor& s, const at::Tensor& bt, double scaling,
+                       const BwdDyMmaGrid& grid, at::Tensor& db_partials, at::Tensor& ds_partials) {
+  const int64_t M = dy.size(0), N = dy.size(1), r = bt.size(0);
+  auto kernel = r <= 16 ? lora_bwd_dy_mma_kernel<T, 1> : lora_bwd_dy_mma_kernel<T, 2>;
+  kernel<<<dim3(grid.col_blocks, grid.row_blocks), kBwdMmaWarps * 32, 0,
+           c10::cuda::getCurrentCUDAStream(dy.get_device())>>>(
+      dy.data_ptr<T>(), dy.stride(0), s.data_ptr<float>(), s.stride(0), s.stride(1), bt.data_ptr<T>(), M, N,
+      static_cast<int>(r), static_cast<float>(scaling), grid.cols_per_block, db_partials.data_ptr<float>(),
+      ds_partials.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> lora_bwd_dy_cuda_launch(const at::Tensor& dy, const at::Tensor& s,
@@ -575,6 +775,23 @@ std::tuple<at::Tensor, at::Tensor> lora_bwd_dy_cuda_launch(const at::Tensor& dy,
     at::Tensor d_lora_b = mm_float(dy.t(), s.to(dy.scalar_type())).mul_(scaling);
     at::Tensor ds = mm_float(dy, lora_b).mul_(scaling);
     return {d_lora_b, ds};
+  }
+  const bool half_type = dy.scalar_type() == at::kHalf || dy.scalar_type() == at::kBFloat16;
+  if (half_type && r <= kBwdMmaMaxRank && dy.stride(1) == 1 && dy.stride(0) % 8 == 0 && N % 8 == 0 &&
+      aligned16(dy.data_ptr()) && device_attribute<cudaDevAttrComputeCapabilityMajor>(dy.get_device()) >= 8) {
+    const BwdDyMmaGrid grid = bwd_dy_mma_grid(M, N, r, dy.get_device());
+    constexpr int64_t kMaxGridY = 65535;  // CUDA's limit: past 16 Mi rows, the CUDA-core kernel below
+    if (grid.row_blocks <= kMaxGridY) {
+      const at::Tensor bt = lora_b.t().contiguous();  // [r, N]: a column of B is one 16-byte load
+      at::Tensor db_partials = at::empty({grid.row_blocks, N, r}, fp32);
+      at::Tensor ds_partials = at::empty({grid.col_blocks, M, r}, fp32);
+      if (dy.scalar_type() == at::kHalf) {
+        launch_bwd_dy_mma<c10::Half>(dy, s, bt, scaling, grid, db_partials, ds_partials);
+      } else {
+        launch_bwd_dy_mma<c10::BFloat16>(dy, s, bt, scaling, grid, db_partials, ds_partials);
+      }
+      return summed_partials(db_partials, ds_partials);
+    }
   }
   const int tile = r <= 32 ? 64 : 32;  // tile * r <= kBwdThreads * kBwdItems
   // Grid: about kBlocksPerSm blocks per SM, split between rows and columns to keep the partials
@@ -612,10 +829,7 @@ std::tuple<at::Tensor, at::Tensor> lora_bwd_dy_cuda_launch(const at::Tensor& dy,
         ds_partials.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  // Fixed-order sums over the block partials: deterministic, unlike fp32 atomics.
-  at::Tensor d_lora_b = row_blocks == 1 ? db_partials.select(0, 0) : db_partials.sum(0);
-  at::Tensor ds = col_blocks == 1 ? ds_partials.select(0, 0) : ds_partials.sum(0);
-  return {d_lora_b, ds};
+  return summed_partials(db_partials, ds_partials);
 }
 
 }  // namespace lora_kernels

@@ -1,11 +1,12 @@
-// CPU stand-ins for the CUDA built-ins that the grouped kernels of csrc/cuda/sgmv.cu and the decode forward of
-// csrc/cuda/lora_linear.cu use, so that those kernels (cut out of the .cu files, and the non-PTX helpers out of
-// tensor_core.h, verbatim by tests/test_cuda_emulation.py) run on a machine without a GPU: one std::thread per CUDA
-// thread, blocks one after another; __syncthreads is a block barrier; __shfl_xor_sync and the warp-wide MMAs
-// exchange through per-warp buffers between two warp barriers; __shared__ variables are statics (one block runs at
-// a time). The MMAs (mma.sync m16n8k16 fp16/bf16 and m16n8k8 tf32, in inline PTX in tensor_core.h) are computed from
-// the fragment layouts of the PTX ISA as restated below: the kernels' use of them (which lane loads what, and where
-// each accumulator goes) is checked against that statement, not the statement itself (the GPU tests check that).
+// CPU stand-ins for the CUDA built-ins that the grouped kernels of csrc/cuda/sgmv.cu and the decode forward and
+// tensor-core backward of csrc/cuda/lora_linear.cu use, so that those kernels (cut out of the .cu files, and the
+// non-PTX helpers out of tensor_core.h, verbatim by tests/test_cuda_emulation.py) run on a machine without a GPU: one
+// std::thread per CUDA thread, blocks one after another; __syncthreads is a block barrier, __syncwarp a warp barrier;
+// __shfl_xor_sync and the warp-wide MMAs exchange through per-warp buffers between two warp barriers; __shared__
+// variables are statics (one block runs at a time). The MMAs (mma.sync m16n8k16 fp16/bf16 and m16n8k8 tf32, in
+// inline PTX in tensor_core.h) are computed from the fragment layouts of the PTX ISA as restated below: the kernels'
+// use of them (which lane loads what, and where each accumulator goes) is checked against that statement, not the
+// statement itself (the GPU tests check that).
 // Not emulated: the memory model, timing, the compiler's code.
 #pragma once
 
@@ -28,6 +29,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
 #define C10_CUDA_KERNEL_LAUNCH_CHECK()
 
 struct uint4 {
@@ -60,6 +62,7 @@ inline uint32_t __float_as_uint(float value) {
 }
 
 inline void __syncthreads() { g_block_barrier->arrive_and_wait(); }
+inline void __syncwarp() { g_warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
 
 inline float __shfl_xor_sync(unsigned, float value, int lane_mask) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
