@@ -773,11 +773,14 @@ def _check_multi_lora_args(op, x, weight, lora_a, lora_b, bias):
     for name, t, ndim in (("x", x, None), ("weight", weight, 2), ("lora_a", lora_a, 3), ("lora_b", lora_b, 3)):
         _check_tensor(op, name, t, ndim=ndim, optional=name.startswith("lora_") and lora_a is None)
     _check_tensor(op, "bias", bias, ndim=1, optional=True)
-    in_features, out_features = (weight.shape[1] if lora_a is None else lora_a.shape[2]), weight.shape[0]
-    if x.dim() < 1 or x.shape[-1] != in_features or weight.shape[1] != in_features:
-        of_a = "" if lora_a is None else f" (lora_a is {tuple(lora_a.shape)} = [L, R, K])"
-        raise ValueError(f"{op}: x [..., K] and weight [N, K] expected K = {in_features}{of_a}, got x "
-                         f"{tuple(x.shape)} and weight {tuple(weight.shape)}")
+    # K is weight's, as lora_linear takes it: a wrong x or lora_a is named, not the two that agree
+    out_features, in_features = weight.shape
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"{op}: x expected shape [..., {in_features}] (K of weight {tuple(weight.shape)} = [N, K]), "
+                         f"got {tuple(x.shape)}")
+    if lora_a is not None and lora_a.shape[2] != in_features:
+        raise ValueError(f"{op}: lora_a expected shape [L, R, {in_features}] (K of weight {tuple(weight.shape)}), "
+                         f"got {tuple(lora_a.shape)}")
     if lora_a is not None and tuple(lora_b.shape) != (lora_a.shape[0], out_features, lora_a.shape[1]):
         raise ValueError(f"{op}: lora_b expected shape [{lora_a.shape[0]}, {out_features}, {lora_a.shape[1]}] "
                          f"([L, N, R]), got {tuple(lora_b.shape)}")

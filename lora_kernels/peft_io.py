@@ -237,6 +237,18 @@ def _check_path(op, path):
         raise TypeError(f"{op}: path expected a directory path (str or os.PathLike), got {type(path).__name__}")
 
 
+def _check_directory_to_create(op, path):
+    """save_peft_adapter's path is a directory it may create: one that names a file, or lies under one, is refused
+    before any work (os.makedirs raised a bare FileExistsError / NotADirectoryError after the checks)."""
+    existing = os.path.abspath(os.fspath(path))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "which" if existing == os.path.abspath(os.fspath(path)) else f"under {existing!r}, which"
+        raise ValueError(f"{op}: path expected a directory (created if missing), got {os.fspath(path)!r}, {where} "
+                         f"is a file")
+
+
 def _check_adapter_name(op, adapter_name):
     """None (the LoRALinear adapter) or the name of a MultiLoRALinear slot: a non-empty str other than "__base__",
     which names the base model in a mixed batch."""
@@ -955,6 +967,7 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
     op = "save_peft_adapter"
     model = unwrap_model(model, op)
     _check_path(op, path)
+    _check_directory_to_create(op, path)
     _check_adapter_name(op, adapter_name)
     if task_type is not None and not isinstance(task_type, str):  # written to the config as is
         raise TypeError(f"{op}: task_type expected None or a str such as 'CAUSAL_LM', got {task_type!r}")

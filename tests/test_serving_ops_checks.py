@@ -388,8 +388,8 @@ def test_add_lora_checks_host_ranks_against_every_slice_rank():
     x, y = torch.empty(4, 8, device="meta"), torch.empty(4, 10, device="meta")
     lora_a = [torch.empty(2, rank, 8, device="meta") for rank in (3, 2)]
     lora_b = [torch.empty(2, 5, rank, device="meta") for rank in (3, 2)]
-    with pytest.raises(ValueError, match=re.escape("add_lora: ranks expected values in [0, 2] (R of the LoRA weights), "
-                                                   "got 3")):
+    with pytest.raises(ValueError, match=re.escape("add_lora: ranks expected values in [0, 2] (R of lora_a_slices[1] "
+                                                   "(2, 2, 8)), got 3")):
         lk.ops.add_lora(y, x, lora_a, lora_b, LoRABatch.from_adapter_ids(ids, 2), [1.0, 0.5], [3, 1], [5, 5],
                         backend="torch")
 

@@ -1,6 +1,7 @@
 """The validation matrix: every public entry point × each kind of wrong argument raises ValueError/TypeError whose
 message names the argument and the expected and actual values, before any work. Adding an op adds rows, not code."""
 
+import os
 import tempfile
 
 import pytest
@@ -143,6 +144,11 @@ MATRIX = [
     (call_multi_lora_linear, _grouped, "lora_b", lambda a: a["lora_b"][:, :5], ValueError,
      ["lora_b expected shape [3, 6, 2]", "(3, 5, 2)"]),
     (call_multi_lora_linear, _grouped, "lora_a", lambda a: a["lora_a"][0], ValueError, ["lora_a expected a 3-D tensor"]),
+    # K is weight's: the one of x and lora_a that disagrees with it is named
+    (call_multi_lora_linear, _grouped, "lora_a", lambda a: torch.randn(L, R, K + 1), ValueError,
+     ["lora_a expected shape [L, R, 8] (K of weight (6, 8))", "(3, 2, 9)"]),
+    (call_multi_lora_linear, _grouped, "x", lambda a: torch.randn(M, K + 1), ValueError,
+     ["x expected shape [..., 8] (K of weight (6, 8) = [N, K])", "(4, 9)"]),
     (call_multi_lora_linear, _grouped, "adapter_ids", lambda a: [0, 1, 2, -1], TypeError,
      ["adapter_ids expected a torch.Tensor or LoRABatch, got list"]),
     (call_multi_lora_linear, _grouped, "ranks", lambda a: [1.5, 2, 2], TypeError,
@@ -206,6 +212,13 @@ MATRIX = [
     (call_expand, _grouped, "slice_offset", lambda a: 3, ValueError, ["out expected at least 9 columns", "(4, 8)"]),
     (call_expand, _grouped, "slice_offset", lambda a: -1, ValueError, ["slice_offset expected an int >= 0, got -1"]),
     (call_expand, _grouped, "t", lambda a: torch.zeros(M, R + 1), ValueError, ["t expected shape [4, 2]", "(4, 3)"]),
+    # out, not t, disagrees with the batch's token count: out is named
+    (call_expand, _grouped, "out", lambda a: torch.zeros(M + 1, N + 2), ValueError,
+     ["batch was built for 4 tokens, but out has 5 rows"]),
+    (call_expand, _grouped, "ranks", lambda a: [2, 3, 1], ValueError,
+     ["ranks expected values in [0, 2] (R of lora_b (3, 6, 2))", "got 3"]),
+    (call_add_lora, _grouped, "ranks", lambda a: [2, 3, 1], ValueError,
+     ["ranks expected values in [0, 2] (R of lora_a_slices[0] (3, 2, 8))", "got 3"]),
     (call_expand, _grouped, "out", lambda a: torch.zeros(M, N + 2, dtype=torch.float16), TypeError,
      ["lora_b expected dtype torch.float16 (same as out), got torch.float32"]),
     (call_add_lora, _grouped, "output_slices", lambda a: (N, 2), ValueError,
@@ -278,6 +291,11 @@ MATRIX = [
                                                              "NoneType"]),
     (call_save, _adapter_dir, "path", lambda a: 5, TypeError, ["save_peft_adapter: path expected a directory path",
                                                                 "int"]),
+    # a file, or a path under one: refused by name before any work (os.makedirs raised a bare FileExistsError)
+    (call_save, _adapter_dir, "path", lambda a: os.path.join(a["path"], "adapter_config.json"), ValueError,
+     ["save_peft_adapter: path expected a directory (created if missing)", "adapter_config.json', which is a file"]),
+    (call_save, _adapter_dir, "path", lambda a: os.path.join(a["path"], "adapter_config.json", "sub"), ValueError,
+     ["save_peft_adapter: path expected a directory", "sub', under ", "adapter_config.json', which is a file"]),
     (call_load, _adapter_dir, "path", lambda a: None, TypeError, ["load_peft_adapter: path expected a directory",
                                                                    "NoneType"]),
     (call_load, _adapter_dir, "backend", lambda a: "fast", ValueError, ["load_peft_adapter: backend expected one of",
