@@ -1216,7 +1216,8 @@ def inject_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_
     of names/suffixes, as PEFT) with a LoRALinear sharing its weights, freezes every parameter but the adapter's,
     returns model. All targets are found and validated before the model is changed; a failure leaves it as it was.
     A second call adds to the adapter: the LoRA layers, modules_to_save and bias mode of earlier calls stay trained
-    and are saved together (the broader bias mode of the two holds).
+    and are saved together (the broader bias mode of the two holds); one with another lora_dropout or use_rslora
+    warns that save_peft_adapter will refuse the mix (PEFT's config holds one of each).
 
     PEFT's LoraConfig options, same meaning: exclude_modules, layers_to_transform (+ layers_pattern) for list
     targets, rank_pattern / alpha_pattern ({name regex: r or alpha}), fan_in_fan_out (transformers' Conv1D, GPT-2's
@@ -1286,7 +1287,20 @@ def inject_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_
     _record_modules_to_save(model, modules_to_save)
     _record_bias(model, bias)
     enable_input_grads_for_checkpointing(model)
+    _warn_mixed_adapter_options(op, model)
     return wrapper
+
+
+def _warn_mixed_adapter_options(op, model):
+    """A second inject_lora call with another lora_dropout or use_rslora trains, but save_peft_adapter refuses the
+    adapter (PEFT's config holds one of each): said here, before the training, instead of only at the save."""
+    layers = [module for module in model.modules() if isinstance(module, LoRALinear)]
+    for option in ("lora_dropout", "use_rslora"):
+        values = sorted({getattr(layer, option) for layer in layers})
+        if len(values) > 1:
+            warnings.warn(f"{op}: the model's LoRA layers now have different {option} values {values}: they train, "
+                          f"but save_peft_adapter refuses them (PEFT's adapter_config.json holds one {option})",
+                          stacklevel=3)
 
 
 # --------------------------------------------------------------------------------- several named adapters, mixed batch

@@ -239,6 +239,23 @@ def test_a_second_inject_lora_adds_to_the_adapter(tmp_path):
     assert all(("lora_" in n) == p.requires_grad for n, p in model.named_parameters())
 
 
+@pytest.mark.parametrize("option,first,second", [("lora_dropout", 0.1, 0.05), ("use_rslora", False, True)])
+def test_a_second_inject_lora_with_another_option_warns_before_training(tmp_path, option, first, second):
+    """A second call with another lora_dropout or use_rslora is one adapter that save_peft_adapter refuses (PEFT's
+    config holds one of each): the inject says so when it happens, not only the save after the training. The same
+    value again does not warn."""
+    model = lk.inject_lora(_base(), ["q_proj"], **{option: first}, backend=BACKEND)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lk.inject_lora(model, ["o_proj"], **{option: first}, backend=BACKEND)
+    with pytest.warns(UserWarning, match=rf"inject_lora: the model's LoRA layers now have different {option} values "
+                                         rf"\[{min(first, second)}, {max(first, second)}\]: they train, but "
+                                         r"save_peft_adapter refuses them"):
+        lk.inject_lora(model, ["v_proj"], **{option: second}, backend=BACKEND)
+    with pytest.raises(ValueError, match=f"save_peft_adapter: the LoRA layers have different {option} values"):
+        lk.save_peft_adapter(model, tmp_path)
+
+
 def test_checkpointing_model_without_input_embeddings_gets_a_warning_not_a_half_applied_inject():
     """transformers 4's enable_input_require_grads raises NotImplementedError for a model without token
     embeddings; the inject is complete by then, so it warns instead of raising out of a changed model."""
