@@ -46,10 +46,10 @@ class LoRABatch:
         """adapter_ids: integer tensor of any shape (flattened to [M]) with values in [-1, num_adapters).
 
         validate: check the id values and raise ValueError on one out of range. Checking values costs a host sync,
-        so the default (None) checks CPU tensors outside torch.compile tracing only; CUDA tensors are checked with
-        validate=True (not inside a CUDA-graph capture: the check syncs), traced ones never (it would break the graph),
-        nor any inside torch.func transforms (vmap over the ids cannot read their values on the host).
-        Unchecked out-of-range ids are never read out of bounds: they are treated as -1 (base model only)."""
+        so the default (None) checks CPU tensors only; CUDA tensors are checked with validate=True (not inside a
+        CUDA-graph capture: the check syncs). Traced ids are never checked, validate=True too (reading them would
+        break the graph), nor any inside torch.func transforms (vmap over the ids cannot read their values on the
+        host). Unchecked out-of-range ids are never read out of bounds: they are treated as -1 (base model only)."""
         if not isinstance(adapter_ids, torch.Tensor):
             raise TypeError(f"LoRABatch.from_adapter_ids: adapter_ids expected a torch.Tensor, "
                             f"got {type(adapter_ids).__name__}")
@@ -62,17 +62,8 @@ class LoRABatch:
         if isinstance(num_adapters, bool) or not isinstance(num_adapters, int) or num_adapters < 1:
             raise ValueError(f"LoRABatch.from_adapter_ids: num_adapters expected an int >= 1, got {num_adapters!r}")
         ids = adapter_ids.reshape(-1)
-        if validate is None:
-            # vmap over the ids (also inside a nested grad, which hides them in its own wrapper): reading them raised
-            # torch's ".item() on a Tensor" error, where the rest of the batch is built with batched torch ops
-            validate = (ids.device.type == "cpu" and not torch.compiler.is_compiling()
-                        and not torch._C._are_functorch_transforms_active())
-        if validate and ids.numel() > 0:
-            low, high = (int(v) for v in torch.aminmax(ids))
-            if low < -1 or high >= num_adapters:
-                bad = low if low < -1 else high
-                raise ValueError(f"LoRABatch.from_adapter_ids: adapter_ids expected values in [-1, {num_adapters}), "
-                                 f"got {bad}")
+        if validate is None or validate:
+            _check_id_values(ids, num_adapters, "LoRABatch.from_adapter_ids", asked=validate is not None)
         device = ids.device
         # int32 throughout (what the kernels read), in few ops: each op is a kernel launch on a GPU. Narrow and
         # unsigned dtypes are widened first, or comparing them with -1 would wrap.
@@ -106,9 +97,9 @@ class LoRABatch:
         if adapter_ids.numel() != self.num_tokens:
             raise ValueError(f"LoRABatch.refill_: adapter_ids expected {self.num_tokens} ids (the batch's num_tokens), "
                              f"got shape {tuple(adapter_ids.shape)}")
-        if validate is None:  # as from_adapter_ids would decide for the ids where the caller has them
-            validate = adapter_ids.device.type == "cpu" and not torch.compiler.is_compiling()
-        fresh = LoRABatch.from_adapter_ids(adapter_ids.to(self.device), self.num_adapters, validate=validate)
+        if validate is None or validate:  # as from_adapter_ids would decide, for the ids where the caller has them
+            _check_id_values(adapter_ids.reshape(-1), self.num_adapters, "LoRABatch.refill_", asked=validate is not None)
+        fresh = LoRABatch.from_adapter_ids(adapter_ids.to(self.device), self.num_adapters, validate=False)
         for name in BUFFER_FIELDS:
             getattr(self, name).copy_(getattr(fresh, name))
         return self
@@ -117,6 +108,20 @@ class LoRABatch:
         if num_tokens != self.num_tokens:
             raise ValueError(f"{op_name}: batch was built for {self.num_tokens} tokens, but {arg_name} has "
                              f"{num_tokens} rows")
+
+
+def _check_id_values(ids, num_adapters, op, asked):
+    """ValueError for an id of ids [M] outside [-1, num_adapters). Reads the values on the host: a CPU tensor's
+    always, another device's (a sync) only when `asked` (validate=True). Never while torch.compile traces (a
+    fullgraph=True compile failed on the data-dependent read, validate=True too) or inside torch.func transforms (vmap
+    over the ids, also inside a nested grad that hides them in its own wrapper: reading them raised torch's ".item()
+    on a Tensor" error, where the rest of the batch is built with batched torch ops)."""
+    if (ids.numel() == 0 or (ids.device.type != "cpu" and not asked) or torch.compiler.is_compiling()
+            or torch._C._are_functorch_transforms_active()):
+        return
+    low, high = (int(v) for v in torch.aminmax(ids))
+    if low < -1 or high >= num_adapters:
+        raise ValueError(f"{op}: adapter_ids expected values in [-1, {num_adapters}), got {low if low < -1 else high}")
 
 
 # The tensor fields of a LoRABatch: its device buffers (the rest are sizes).

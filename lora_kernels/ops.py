@@ -550,6 +550,9 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
     # the shrink results rounded to float32 between.
     if backend == "reference" and not torch.compiler.is_compiling():
         from lora_kernels import reference
+        if buffer is not None:  # the shrink results, as every other backend leaves them there
+            for j in range(len(widths)):
+                run_shrink(backend, x, lora_a_slices[j], batch, scalings, slice_ranks[j], out=buffer[j])
         return y.copy_(reference.add_lora(y, x, lora_a_slices, lora_b_slices, batch.adapter_ids, scalings,
                                           slice_ranks, widths))
     for j in range(len(widths)):
