@@ -631,15 +631,17 @@ class MultiLoRALinear(nn.Module):
         return weight.T if self.fan_in_fan_out else weight
 
     def _check_slot(self, op, slot):
-        if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.max_adapters:
+        """slot as a Python int; numpy's integers too (numbers.Integral), as lk.ops takes them, not bools."""
+        if isinstance(slot, bool) or not isinstance(slot, numbers.Integral) or not 0 <= slot < self.max_adapters:
             raise ValueError(f"{op}: slot expected an int in [0, {self.max_adapters}), got {slot!r}")
+        return int(slot)
 
     @torch.no_grad()
     def set_adapter(self, slot, lora_a, lora_b, scaling):
         """Loads one adapter (lora_a [r, K], lora_b [N, r], any r <= max_rank) into `slot`. Everything is checked
         and the padded slot rows are built before the slot is written, so a failure leaves the slot as it was."""
         op = "MultiLoRALinear.set_adapter"
-        self._check_slot(op, slot)
+        slot = self._check_slot(op, slot)
         for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):
             if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point or t.dim() != 2:
                 desc = (f"{t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor)
@@ -657,8 +659,13 @@ class MultiLoRALinear(nn.Module):
             scaling = float(scaling)  # a number, or a one-element tensor
         except (TypeError, ValueError, RuntimeError):
             raise TypeError(f"{op}: scaling expected a number, got {scaling!r}") from None
+        except OverflowError:  # an int past float's range (10**400)
+            scaling = math.inf
         if not math.isfinite(scaling):
             raise ValueError(f"{op}: scaling expected a finite number, got {scaling!r}")
+        for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):  # failed in the copy below, naming neither
+            if t.is_meta and not self.lora_a.is_meta:
+                raise ValueError(f"{op}: {name} expected a tensor holding values, got one on the meta device")
         padded_a = torch.zeros_like(self.lora_a[slot])
         padded_a[:rank] = lora_a.to(padded_a)
         padded_b = torch.zeros_like(self.lora_b[slot])
@@ -693,7 +700,7 @@ class MultiLoRALinear(nn.Module):
     @torch.no_grad()
     def clear_adapter(self, slot):
         """Empties a slot (rank 0, zero factors): its tokens get the base output until set_adapter fills it."""
-        self._check_slot("MultiLoRALinear.clear_adapter", slot)
+        slot = self._check_slot("MultiLoRALinear.clear_adapter", slot)
         with _SLOT_LOCK:
             self.ranks[slot] = 0
             self.scalings[slot] = 0.0

@@ -160,7 +160,10 @@ def _exact_int(value):
 def _number(value):
     if isinstance(value, (str, bytes)):  # float("2") would take a string
         raise TypeError
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int past float's range (10**400): infinite, which the value checks then name
+        return math.inf if value > 0 else -math.inf
 
 
 def _host_tensor(op, name, values, dtype, what):

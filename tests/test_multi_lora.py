@@ -121,6 +121,21 @@ def test_lora_batch_refill_in_place(device):
     assert all(torch.equal(t, snapshot[name]) for name, t in buffers.items())
 
 
+def test_set_and_clear_adapter_take_numpy_slot_indices():
+    """A slot from numpy (np.int64, as an index array's element) names the slot as a Python int would; the lk.ops
+    take numpy integers too. It was refused with "slot expected an int in [0, 2), got np.int64(1)"."""
+    np = pytest.importorskip("numpy")
+    layer = lk.MultiLoRALinear(nn.Linear(8, 6), max_adapters=2, max_rank=4)
+    lora_a, lora_b = torch.randn(3, 8), torch.randn(6, 3)
+    layer.set_adapter(np.int64(1), lora_a, lora_b, 2.0)
+    assert layer.ranks.tolist() == [0, 3] and layer.scalings.tolist() == [0.0, 2.0]
+    assert torch.equal(layer.lora_a[1, :3], lora_a) and torch.equal(layer.lora_b[1, :, :3], lora_b)
+    layer.clear_adapter(np.int32(1))
+    assert layer.ranks.tolist() == [0, 0] and not layer.lora_a.any()
+    with pytest.raises(ValueError, match=r"slot expected an int in \[0, 2\), got np.True_|got True"):
+        layer.clear_adapter(np.bool_(True))
+
+
 def test_validate_true_is_skipped_while_tracing():
     """validate=True (what a CUDA serving step passes) reads the id values on the host: under torch.compile with
     fullgraph=True that failed on a data-dependent expression, in from_adapter_ids and in refill_. Traced ids are not

@@ -263,6 +263,12 @@ MATRIX = [
     (call_set_adapter, dict, "a", lambda a: torch.randn(R + 1, K), ValueError, ["1 <= r <= 2", "(3, 8)"]),
     (call_set_adapter, dict, "b", lambda a: torch.randn(N + 1, R), ValueError, ["lora_b expected shape [6, 2]", "(7, 2)"]),
     (call_set_adapter, dict, "a", lambda a: [[1.0]], TypeError, ["lora_a expected a 2-D floating tensor, got list"]),
+    # a meta tensor failed in the copy (NotImplementedError), an int past float's range in float() (OverflowError)
+    (call_set_adapter, dict, "a", lambda a: torch.randn(R, K, device="meta"), ValueError,
+     ["set_adapter: lora_a expected a tensor holding values, got one on the meta device"]),
+    (call_set_adapter, dict, "scaling", lambda a: 10**400, ValueError, ["scaling expected a finite number, got inf"]),
+    (call_shrink, _grouped, "scalings", lambda a: [1.0, 10**400, 0.5], ValueError,
+     ["lora_shrink: scalings expected finite numbers, got inf"]),
     (call_multi_module, dict, "max_rank", lambda a: 0, ValueError, ["max_rank expected an int >= 1, got 0"]),
     (call_multi_module, dict, "max_adapters", lambda a: True, ValueError,
      ["max_adapters expected an int >= 1, got True"]),
