@@ -98,7 +98,8 @@ class LoRABatch:
             raise ValueError(f"LoRABatch.refill_: adapter_ids expected {self.num_tokens} ids (the batch's num_tokens), "
                              f"got shape {tuple(adapter_ids.shape)}")
         if validate is None or validate:  # as from_adapter_ids would decide, for the ids where the caller has them
-            _check_id_values(adapter_ids.reshape(-1), self.num_adapters, "LoRABatch.refill_", asked=validate is not None)
+            _check_id_values(adapter_ids.reshape(-1), self.num_adapters, "LoRABatch.refill_",
+                             asked=validate is not None)
         fresh = LoRABatch.from_adapter_ids(adapter_ids.to(self.device), self.num_adapters, validate=False)
         for name in BUFFER_FIELDS:
             getattr(self, name).copy_(getattr(fresh, name))
