@@ -214,10 +214,11 @@ def as_scalings(op, scalings, num_slots, device, dtype=torch.float32):
     return scalings.to(device=device, dtype=dtype).contiguous()
 
 
-def as_ranks(op, ranks, num_slots, max_rank, device, weights="the LoRA weights"):
+def as_ranks(op, ranks, num_slots, max_rank, device, weights_name, weights):
     """ranks (None: every slot at max_rank) as an int32 tensor [L] on device. Values are checked when they are on
     the host (a list, or a CPU tensor, outside torch.compile tracing); checking CUDA values would need a host sync.
-    weights: what max_rank is the R of, for the message."""
+    weights_name, weights: the tensor whose R max_rank is, named in the message (formatted only then: this runs on
+    every grouped call)."""
     if ranks is None:
         return torch.full((num_slots,), max_rank, dtype=torch.int32, device=device)
     if not isinstance(ranks, torch.Tensor):  # int64 first: the range check below names a value past int32
@@ -232,7 +233,8 @@ def as_ranks(op, ranks, num_slots, max_rank, device, weights="the LoRA weights")
         if values:
             low, high = min(values), max(values)
             if low < 0 or high > max_rank:
-                raise ValueError(f"{op}: ranks expected values in [0, {max_rank}] (R of {weights}), "
+                raise ValueError(f"{op}: ranks expected values in [0, {max_rank}] (R of {weights_name} "
+                                 f"{tuple(weights.shape)}), "
                                  f"got {low if low < 0 else high}")
     elif ranks.dtype == torch.int64:  # unchecked values past int32 would wrap to a wrong rank in the cast
         ranks = ranks.clamp(0, max_rank)
@@ -251,7 +253,7 @@ def check_shrink_args(op, x, lora_a, batch, scalings, ranks, lora_a_name="lora_a
     _check_device(op, lora_a_name, lora_a, x.device)
     _check_batch(op, batch, x.shape[0], num_slots, x.device, "x", lora_a_name)
     return (as_scalings(op, scalings, num_slots, x.device, scalings_dtype),
-            as_ranks(op, ranks, num_slots, max_rank, x.device, f"{lora_a_name} {tuple(lora_a.shape)}"))
+            as_ranks(op, ranks, num_slots, max_rank, x.device, lora_a_name, lora_a))
 
 
 def check_expand_args(op, t, lora_b, batch, out, slice_offset, ranks, lora_b_name="lora_b", out_name="out"):
@@ -278,7 +280,7 @@ def check_expand_args(op, t, lora_b, batch, out, slice_offset, ranks, lora_b_nam
     if t is not None and tuple(t.shape) != (out.shape[0], max_rank):  # after the batch has vouched for out's M
         raise ValueError(f"{op}: t expected shape [{out.shape[0]}, {max_rank}] ([M, R] for out {tuple(out.shape)} and "
                          f"lora_b {tuple(lora_b.shape)} = [L, N, R]), got {tuple(t.shape)}")
-    ranks = as_ranks(op, ranks, num_slots, max_rank, out.device, f"{lora_b_name} {tuple(lora_b.shape)}")
+    ranks = as_ranks(op, ranks, num_slots, max_rank, out.device, lora_b_name, lora_b)
     if t is not None:  # add_lora checks its y once, against all of its inputs
         check_output(op, "out", out, (("t", t), (lora_b_name, lora_b)))
     return ranks
@@ -520,7 +522,7 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
                                               lora_a_name=f"lora_a_slices[{j}]")
         if converted_ranks is not None and ranks_on_host:
             as_ranks(op, ranks, batch.num_adapters, lora_a_slices[j].shape[1], torch.device("cpu"),
-                     f"lora_a_slices[{j}] {tuple(lora_a_slices[j].shape)}")
+                     f"lora_a_slices[{j}]", lora_a_slices[j])
         if ranks is not None:
             converted_ranks = ranks_j
         if lora_b.shape[2] != lora_a_slices[j].shape[1]:  # before the expand's checks, which would blame ranks
