@@ -7,7 +7,6 @@ S = drop(x) @ lora_a.T; the dropout mask is regenerated from a seed, never store
 """
 
 import contextlib
-import math
 import numbers
 
 import torch
@@ -67,7 +66,7 @@ def _lora_linear_args_ok(x, weight, lora_a, lora_b, bias, scaling, dropout_p):
     if bias is not None and not (isinstance(bias, tensor) and bias.dtype == dtype and bias.device == device
                                  and bias.dim() == 1 and bias.shape[0] == out_features and bias.layout == strided):
         return False
-    return (type(scaling) in (float, int) and (torch.compiler.is_compiling() or math.isfinite(scaling))
+    return (type(scaling) in (float, int) and (torch.compiler.is_compiling() or ops.is_finite_number(scaling))
             and type(dropout_p) in (float, int) and 0.0 <= dropout_p < 1.0)
 
 
@@ -111,7 +110,7 @@ def check_lora_linear_args(op, x, weight, lora_a, lora_b, bias, scaling, dropout
     _check_bias_and_like_x(op, x, weight, lora_a, lora_b, bias, out_features)
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
         raise TypeError(f"{op}: scaling expected a real number, got {type(scaling).__name__}")
-    if not torch.compiler.is_compiling() and not math.isfinite(scaling):  # see _lora_linear_args_ok
+    if not torch.compiler.is_compiling() and not ops.is_finite_number(scaling):  # see _lora_linear_args_ok
         raise ValueError(f"{op}: scaling expected a finite number, got {scaling!r}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{op}: dropout_p expected a number in [0, 1), got {dropout_p!r}")

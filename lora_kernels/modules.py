@@ -20,7 +20,7 @@ from lora_kernels.backends import check_backend_name
 from lora_kernels.functional import (MULTI_SUBCLASS_WEIGHT_USE, SUBCLASS_WEIGHT_USE, describe_subclass,
                                      is_subclass_weight, lora_linear, multi_lora_base_linear, multi_lora_linear,
                                      refuse_subclass_weight_backend)
-from lora_kernels.ops import FLOAT_DTYPES, check_flag
+from lora_kernels.ops import FLOAT_DTYPES, check_flag, is_finite_number
 
 
 class LoRAFactor(nn.Module):
@@ -265,7 +265,7 @@ class LoRALinear(nn.Module):
             raise ValueError(f"{op}: r expected an int >= 1, got {r!r}")
         if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real):
             raise TypeError(f"{op}: lora_alpha expected a number, got {lora_alpha!r}")
-        if not math.isfinite(lora_alpha):
+        if not is_finite_number(lora_alpha):
             raise ValueError(f"{op}: lora_alpha expected a finite number, got {lora_alpha!r}")
         if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real) or not 0 <= lora_dropout < 1:
             raise ValueError(f"{op}: lora_dropout expected a number in [0, 1), got {lora_dropout!r}")

@@ -121,6 +121,9 @@ MATRIX = [
     (call_lora_linear, _single, "weight", lambda a: "W", TypeError, ["weight expected a torch.Tensor, got str"]),
     (call_lora_linear, _single, "bias", lambda a: a["bias"][:3], ValueError, ["bias expected shape [6]", "(3,)"]),
     (call_lora_linear, _single, "scaling", lambda a: "2", TypeError, ["scaling expected a real number, got str"]),
+    # an int past float's range raised OverflowError in math.isfinite
+    (call_lora_linear, _single, "scaling", lambda a: 10**400, ValueError,
+     ["scaling expected a finite number, got 1000"]),
     (call_lora_linear, _single, "dropout_p", lambda a: -0.1, ValueError, ["dropout_p expected a number in [0, 1)", "-0.1"]),
     (call_lora_linear, _single, "backend", lambda a: "fast", ValueError, ["backend 'fast' is not available"]),
     (call_lora_linear, _single, "weight", lambda a: a["weight"].to_sparse_csr(), TypeError,
@@ -248,6 +251,8 @@ MATRIX = [
     (call_lora_linear_module, dict, "lora_alpha", lambda a: True, TypeError,
      ["lora_alpha expected a number, got True"]),
     (call_lora_linear_module, dict, "lora_alpha", lambda a: 2j, TypeError, ["lora_alpha expected a number, got 2j"]),
+    (call_lora_linear_module, dict, "lora_alpha", lambda a: -10**400, ValueError,
+     ["lora_alpha expected a finite number, got -1000"]),
     (call_lora_linear_module, dict, "lora_dropout", lambda a: 1, ValueError,
      ["lora_dropout expected a number in [0, 1), got 1"]),
     (call_lora_linear_module, dict, "lora_dropout", lambda a: -0.1, ValueError, ["in [0, 1), got -0.1"]),
