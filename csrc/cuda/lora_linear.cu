@@ -655,23 +655,28 @@ __global__ void __launch_bounds__(kBwdMmaWarps* 32)
         b_frag[c][jt] = load16_or_zero(bt + (j < r && n < n_end ? j * N + n : 0), j < r && n < n_end, false);
       }
     }
-    float db_acc[kRankTiles][kBwdMmaColTiles][4] = {};
+    // The piece's dy for all of the warp's strips is loaded before any of it is used: kStrips x 4 16-byte loads in
+    // flight per lane instead of 4 (ptxas interleaved one strip's loads with the previous strip's MMAs otherwise).
+    uint4 lo[kStrips][kBwdMmaChunks], hi[kStrips][kBwdMmaChunks];
 #pragma unroll
     for (int i = 0; i < kStrips; ++i) {
-      uint4 lo[kBwdMmaChunks], hi[kBwdMmaChunks];
 #pragma unroll
       for (int c = 0; c < kBwdMmaChunks; ++c) {
         const int64_t n = n0 + 32 * c + 8 * t, m_lo = strip_row[i] + group, m_hi = m_lo + 8;
         const bool in_n = n < n_end;
-        lo[c] = load16_or_zero(dy + (in_n && m_lo < M ? m_lo * ld_dy + n : 0), in_n && m_lo < M, true);
-        hi[c] = load16_or_zero(dy + (in_n && m_hi < M ? m_hi * ld_dy + n : 0), in_n && m_hi < M, true);
+        lo[i][c] = load16_or_zero(dy + (in_n && m_lo < M ? m_lo * ld_dy + n : 0), in_n && m_lo < M, true);
+        hi[i][c] = load16_or_zero(dy + (in_n && m_hi < M ? m_hi * ld_dy + n : 0), in_n && m_hi < M, true);
       }
+    }
+    float db_acc[kRankTiles][kBwdMmaColTiles][4] = {};
+#pragma unroll
+    for (int i = 0; i < kStrips; ++i) {
 #pragma unroll
       for (int c = 0; c < kBwdMmaChunks; ++c) {
 #pragma unroll
-        for (int jt = 0; jt < kRankN8; ++jt) mma_k32<T>(ds_acc[i][jt], lo[c], hi[c], b_frag[c][jt]);
-        *reinterpret_cast<uint4*>(&transposed[warp][group][32 * c + 8 * t]) = lo[c];
-        *reinterpret_cast<uint4*>(&transposed[warp][group + 8][32 * c + 8 * t]) = hi[c];
+        for (int jt = 0; jt < kRankN8; ++jt) mma_k32<T>(ds_acc[i][jt], lo[i][c], hi[i][c], b_frag[c][jt]);
+        *reinterpret_cast<uint4*>(&transposed[warp][group][32 * c + 8 * t]) = lo[i][c];
+        *reinterpret_cast<uint4*>(&transposed[warp][group + 8][32 * c + 8 * t]) = hi[i][c];
       }
       __syncwarp();
       // dBᵀ's B operand: column g of each n8 tile (the piece's column 8 * ct + g) at the strip's rows t and t + 4 of
