@@ -1123,12 +1123,13 @@ def check_no_accelerate_hook(op, name, module, why="that a LoRA wrapper would dr
                          f"device and no offloading first")
 
 
-def unwrap_model(model, op, *, adds_parameters=False):
+def unwrap_model(model, op, *, adds_parameters=False, ddp_hint=None):
     """The model inside torch.compile's and DistributedDataParallel/DataParallel's wrappers, whose module names are
     the model's own (the wrappers prefix them with `_orig_mod.` / `module.`): the model utilities and the adapter
     files use those names, as PEFT does for a compiled or DDP-wrapped model. Anything but an nn.Module is a
     TypeError naming `op`. An op that adds or replaces parameters (adds_parameters) refuses DDP: DDP took its
-    parameter list when it was built, so new LoRA weights would train unsynchronised on each rank."""
+    parameter list when it was built, so new LoRA weights would train unsynchronised on each rank; ddp_hint: what
+    to do instead, for the message (default: call op before wrapping)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{op}: model expected a torch.nn.Module, got {type(model).__name__}")
     while True:
@@ -1138,8 +1139,8 @@ def unwrap_model(model, op, *, adds_parameters=False):
             model = model._orig_mod
         elif isinstance(model, nn.parallel.DistributedDataParallel) and adds_parameters:
             raise ValueError(f"{op}: model is wrapped in DistributedDataParallel, which fixed its parameters when it "
-                             f"was built (new LoRA weights would not be synchronised across ranks); call {op} on the "
-                             f"model first, then wrap it")
+                             f"was built (new or replaced layers would not be synchronised across ranks); "
+                             f"{ddp_hint or f'call {op} on the model first, then wrap it'}")
         elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
         else:
@@ -1540,7 +1541,9 @@ def merge_and_unload(model):
     """Replaces every LoRALinear by a plain nn.Linear (or Conv1D) with the adapter merged into its weight, frozen
     as the base weight was; returns model. A model with MultiLoRALinear layers (several named adapters) is refused
     before any change: which adapter to merge is not defined."""
-    wrapper, model = model, unwrap_model(model, "merge_and_unload", adds_parameters=True)
+    wrapper, model = model, unwrap_model(model, "merge_and_unload", adds_parameters=True,
+                                         ddp_hint="call merge_and_unload on the model inside (ddp.module) once "
+                                                  "training is done, and wrap the result again to train it further")
     multi = [name for name, module in model.named_modules() if isinstance(module, MultiLoRALinear)]
     if multi:
         raise ValueError(f"merge_and_unload: the model has MultiLoRALinear layers ({multi[:3]}"
@@ -1554,8 +1557,8 @@ def merge_and_unload(model):
     sharded = [name for name, module in layers if is_dtensor(module.weight)]
     if sharded:  # to_linear would refuse them, after earlier layers were replaced
         raise TypeError(f"merge_and_unload: layers {sharded[:3]}{' ...' if len(sharded) > 3 else ''} have DTensor base "
-                        f"weights (tensor parallelism) and would become plain nn.Linear layers; merge() them in "
-                        f"place, or save the adapter (save_peft_adapter, on every rank) and merge it into an "
+                        f"weights (tensor parallelism or FSDP2) and would become plain nn.Linear layers; merge() them "
+                        f"in place, or save the adapter (save_peft_adapter, on every rank) and merge it into an "
                         f"unsharded model; the model is unchanged")
     quantized = [(name, module.weight) for name, module in layers if is_subclass_weight(module.weight)]
     if quantized:  # to_linear would refuse them, after earlier layers were replaced

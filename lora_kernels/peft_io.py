@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lora_kernels._dtensor import is_dtensor, tensor_parallel_hooks
 from lora_kernels.backends import check_backend_name
 from lora_kernels.modules import (_PEFT_ONLY_HINT, BASE_ADAPTER, BIAS_ATTR, BIAS_MODES, LORA_WRAPPERS,
                                   MODULES_TO_SAVE_ATTR, PEFT_ONLY_LAYERS, TASK_TYPE_ATTR, LoRALinear, MultiLoRALinear,
@@ -671,12 +672,24 @@ def _put_back(replaced):
         setattr(module, name, old)
 
 
+def is_tensor_parallel(module):
+    """Whether module's weight is a DTensor that parallelize_module laid out (its layout hooks are on the module):
+    tensor parallelism, not an FSDP2 shard, which forwards plain tensors."""
+    pre_hooks, hooks = tensor_parallel_hooks(module)
+    return is_dtensor(module.weight) and bool(pre_hooks) and bool(hooks)
+
+
 def _commit_single(model, config, plan, grouped, heads, biases, base_tensors, backend,
                    autocast_adapter_dtype):
     op = "load_peft_adapter"
     # Everything that can fail on the inputs is checked; build the new layers before touching the model.
     prepared = []
     for name, module, r, alpha in plan:
+        if config.lora_dropout > 0 and is_tensor_parallel(module):
+            # as inject_lora refuses it; an injected layer took the value and failed at its first training forward
+            raise ValueError(f"{op}: module {name!r}: the adapter's lora_dropout is {config.lora_dropout!r}, but "
+                             f"the layer is tensor-parallel (a DTensor weight from parallelize_module), where dropout "
+                             f"is refused: each process would draw its own mask; the model is unchanged")
         # on the layer's device, in the file's dtype: copy_ rounds once, into the factors' own dtype
         lora_a = grouped[name]["lora_A"].to(device=module.weight.device)
         lora_b = grouped[name]["lora_B"].to(device=module.weight.device)

@@ -5,7 +5,9 @@ wrapped model (FSDP2: sharded weights gathered by every rank, rank 0 writes) loa
 Both run in one pair of spawned processes (process start-up dominates the cost). A second pair runs the serving ops
 under tensor parallelism (below)."""
 
+import json
 import os
+import shutil
 import socket
 import sys
 import time
@@ -180,6 +182,9 @@ def test_ddp_and_fsdp2_lora_gradients_equal_one_process_and_saved_adapters_load(
     assert sorted(refusals) == ["inject_lora", "load_peft_adapter", "merge_and_unload", "prepare_multi_adapter"]
     for op, message in refusals.items():
         assert message.startswith(f"{op}: model is wrapped in DistributedDataParallel"), message
+        # merge_and_unload comes after training: its way out is the model inside, not calling it before wrapping
+        hint = "on the model inside (ddp.module)" if op == "merge_and_unload" else "on the model first, then wrap it"
+        assert hint in message, message
 
 
 # ---------------------------------------------------------------------------------------------- tensor parallelism
@@ -389,6 +394,20 @@ def _tp_lora_worker(rank, port, out_dir):
             model = lk.load_peft_adapter(parallel_base(), os.path.join(out_dir, "tp_adapter"))
             return _read(model(x))
         results["c/load"] = _outcome(loaded)
+        # an adapter trained with dropout (Hub adapters often have lora_dropout 0.05-0.1): refused by name before
+        # any change, into the parallelized base model and into an injected one (which took the value and failed at
+        # its first training forward)
+        dropout_adapter = os.path.join(out_dir, f"tp_adapter_dropout{rank}")
+        shutil.copytree(os.path.join(out_dir, "tp_adapter"), dropout_adapter)
+        config_path = os.path.join(dropout_adapter, "adapter_config.json")
+        with open(config_path) as f:
+            config = json.load(f)
+        with open(config_path, "w") as f:
+            json.dump({**config, "lora_dropout": 0.1}, f)
+        results["c/load_dropout"] = refused(lambda model: lk.load_peft_adapter(model, dropout_adapter))
+        model = _tp_lora_inject(parallel_base(), backend="torch")
+        results["c/load_dropout_injected"] = (_outcome(lambda: lk.load_peft_adapter(model, dropout_adapter) and None),
+                                              [model[i].lora_dropout for i in (0, 2)])
 
         # the functional op, called directly: a DTensor weight with a plain x (a layer without parallelize_module's
         # input hook), and DTensors for a kernel backend
@@ -471,6 +490,11 @@ def test_lora_layers_under_dtensor_tensor_parallelism_equal_one_process_or_are_r
     assert status == "ok", results["c/load"]
     assert not caught, caught
     assert_close(y, expected_y, torch.float32, "TP output after load_peft_adapter")
+    (status, kind, message), unchanged = results["c/load_dropout"]
+    assert (status, kind, unchanged) == ("error", "ValueError", True), results["c/load_dropout"]
+    assert message.startswith("load_peft_adapter: module '0': the adapter's lora_dropout is 0.1"), message
+    (status, kind, message), dropouts = results["c/load_dropout_injected"]
+    assert (status, kind, dropouts) == ("error", "ValueError", [0.0, 0.0]), results["c/load_dropout_injected"]
     # the functional op
     (status, kind, message), unchanged = results["b/no_hooks"]
     assert (status, kind, unchanged) == ("error", "TypeError", True), results["b/no_hooks"]
