@@ -33,3 +33,10 @@ def tensor_parallel_hooks(module):
     """(forward pre-hooks, forward hooks) that distribute_module registered on `module`, in registration order."""
     return ([h for h in module._forward_pre_hooks.values() if is_tensor_parallel_hook(h)],
             [h for h in module._forward_hooks.values() if is_tensor_parallel_hook(h)])
+
+
+def is_tensor_parallel(module):
+    """Whether module's weight is a DTensor that parallelize_module laid out (its layout hooks are on the module):
+    tensor parallelism, not an FSDP2 shard, which forwards plain tensors."""
+    pre_hooks, hooks = tensor_parallel_hooks(module)
+    return is_dtensor(module.weight) and bool(pre_hooks) and bool(hooks)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lora_kernels._dtensor import is_dtensor, tensor_parallel_hooks
+from lora_kernels._dtensor import is_tensor_parallel
 from lora_kernels.backends import check_backend_name
 from lora_kernels.modules import (_PEFT_ONLY_HINT, BASE_ADAPTER, BIAS_ATTR, BIAS_MODES, LORA_WRAPPERS,
                                   MODULES_TO_SAVE_ATTR, PEFT_ONLY_LAYERS, TASK_TYPE_ATTR, LoRALinear, MultiLoRALinear,
@@ -670,13 +670,6 @@ def _materialise_meta(module, names, device):
 def _put_back(replaced):
     for module, name, old in reversed(replaced):
         setattr(module, name, old)
-
-
-def is_tensor_parallel(module):
-    """Whether module's weight is a DTensor that parallelize_module laid out (its layout hooks are on the module):
-    tensor parallelism, not an FSDP2 shard, which forwards plain tensors."""
-    pre_hooks, hooks = tensor_parallel_hooks(module)
-    return is_dtensor(module.weight) and bool(pre_hooks) and bool(hooks)
 
 
 def _commit_single(model, config, plan, grouped, heads, biases, base_tensors, backend,
