@@ -43,16 +43,10 @@ void run_case(int M, int L, int K, int R, int row_pad, const std::string& dist, 
 }
 
 int main(int argc, char** argv) {
-  const bool quick = argc > 1 && std::string(argv[1]) == "quick";
-  std::vector<std::string> dists = {"mixed_base"};
-  std::vector<int> sm_counts = {132};
-  if (!quick) {
-    dists = {"distinct", "mixed_base", "two", "all_base"};
-    sm_counts = {132, 4};  // 4 SMs: the fewest splits
-  }
+  const CaseGrid grid = case_grid(argc, argv, {"distinct", "mixed_base", "two", "all_base"});
   int cases = 0;
-  for (const std::string& dist : dists) {
-    for (int sms : sm_counts) {
+  for (const std::string& dist : grid.dists) {
+    for (int sms : grid.sm_counts) {
       run_case<c10::BFloat16>(9, 6, 1000, 16, 0, dist, sms, 1 + cases++);
       run_case<c10::Half>(5, 3, 4104, 20, 4, dist, sms, 1 + cases++);      // R 20 in rows of 24: a partial chunk
       run_case<float>(12, 5, 68, 8, 0, dist, sms, 1 + cases++);

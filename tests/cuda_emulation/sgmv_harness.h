@@ -125,3 +125,16 @@ struct GroupedCase {
     }
   }
 };
+
+// The case grid of a grouped harness: `quick` (argv[1]) one mixed batch on the H200's 132 SMs; otherwise every
+// segment distribution in `full`, on 132 SMs and on 4 (few or no K-splits).
+struct CaseGrid {
+  std::vector<std::string> dists;
+  std::vector<int> sm_counts;
+};
+inline CaseGrid case_grid(int argc, char** argv, std::vector<std::string> full) {
+  if (argc > 1 && std::string(argv[1]) == "quick") {
+    return {{"mixed_base"}, {132}};
+  }
+  return {std::move(full), {132, 4}};
+}

@@ -42,16 +42,10 @@ void run_case(int M, int L, int K, int R, int row_pad, const std::string& dist, 
 }
 
 int main(int argc, char** argv) {
-  const bool quick = argc > 1 && std::string(argv[1]) == "quick";
-  std::vector<std::string> dists = {"mixed_base"};
-  std::vector<int> sm_counts = {132};
-  if (!quick) {
-    dists = {"distinct", "mixed_base", "two"};
-    sm_counts = {132, 4};  // 4 SMs: no split at these sizes
-  }
+  const CaseGrid grid = case_grid(argc, argv, {"distinct", "mixed_base", "two"});
   int cases = 0;
-  for (const std::string& dist : dists) {
-    for (int sms : sm_counts) {
+  for (const std::string& dist : grid.dists) {
+    for (int sms : grid.sm_counts) {
       run_case<c10::BFloat16, float>(150, 6, 72, 16, 8, dist, sms, 1 + cases++);
       run_case<c10::Half, c10::Half>(100, 3, 1000, 64, 0, dist, sms, 1 + cases++);  // two column tiles of rank
       run_case<c10::BFloat16, c10::BFloat16>(70, 2, 264, 20, 0, dist, sms, 1 + cases++);
