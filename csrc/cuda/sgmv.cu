@@ -597,7 +597,18 @@ bool expand_rows_of_16_bytes(const SgmvArgs& args) {
   return args.w_stride_k == 1 && args.w_stride_c % vec == 0 && args.w_stride_slot % vec == 0 && aligned16(args.w);
 }
 
-// grid (M, grid_y): grid_y the shrink's K-splits or the expand's column blocks.
+// ---- launches -----------------------------------------------------------------------------------------------
+template <bool kShrink, typename T>
+void launch_bgmv_as(const SgmvArgs& args, dim3 grid, cudaStream_t stream) {
+  if constexpr (kShrink) {
+    bgmv_shrink_kernel<T><<<grid, kDecodeThreads, 0, stream>>>(args);
+  } else {
+    bgmv_expand_kernel<T><<<grid, kDecodeThreads, 0, stream>>>(args);
+  }
+}
+
+// grid (M, grid_y): grid_y the shrink's K-splits or the expand's column blocks. The kernel's T is x's dtype for the
+// shrink, lora_b's for the expand (fp16, bf16 or fp32: the callers checked).
 template <bool kShrink>
 void launch_bgmv(const SgmvArgs& args, int64_t grid_y) {
   if (args.num_tokens == 0 || grid_y == 0) {
@@ -606,22 +617,12 @@ void launch_bgmv(const SgmvArgs& args, int64_t grid_y) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const dim3 grid(args.num_tokens, grid_y);
   const int dtype = kShrink ? args.x_dtype : args.w_dtype;
-  if constexpr (kShrink) {
-    if (dtype == kBF16) {
-      bgmv_shrink_kernel<c10::BFloat16><<<grid, kDecodeThreads, 0, stream>>>(args);
-    } else if (dtype == kF16) {
-      bgmv_shrink_kernel<c10::Half><<<grid, kDecodeThreads, 0, stream>>>(args);
-    } else {
-      bgmv_shrink_kernel<float><<<grid, kDecodeThreads, 0, stream>>>(args);
-    }
+  if (dtype == kBF16) {
+    launch_bgmv_as<kShrink, c10::BFloat16>(args, grid, stream);
+  } else if (dtype == kF16) {
+    launch_bgmv_as<kShrink, c10::Half>(args, grid, stream);
   } else {
-    if (dtype == kBF16) {
-      bgmv_expand_kernel<c10::BFloat16><<<grid, kDecodeThreads, 0, stream>>>(args);
-    } else if (dtype == kF16) {
-      bgmv_expand_kernel<c10::Half><<<grid, kDecodeThreads, 0, stream>>>(args);
-    } else {
-      bgmv_expand_kernel<float><<<grid, kDecodeThreads, 0, stream>>>(args);
-    }
+    launch_bgmv_as<kShrink, float>(args, grid, stream);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
