@@ -50,20 +50,23 @@ class LoRABatch:
         CUDA-graph capture: the check syncs). Traced ids are never checked, validate=True too (reading them would
         break the graph), nor any inside torch.func transforms (vmap over the ids cannot read their values on the
         host). Unchecked out-of-range ids are never read out of bounds: they are treated as -1 (base model only)."""
+        return cls._for_op("LoRABatch.from_adapter_ids", adapter_ids, num_adapters, validate=validate)
+
+    @classmethod
+    def _for_op(cls, op, adapter_ids, num_adapters, *, validate=None):
+        """from_adapter_ids for a function that takes adapter ids itself (multi_lora_linear): its errors name op,
+        the function the user called."""
         if not isinstance(adapter_ids, torch.Tensor):
-            raise TypeError(f"LoRABatch.from_adapter_ids: adapter_ids expected a torch.Tensor, "
-                            f"got {type(adapter_ids).__name__}")
+            raise TypeError(f"{op}: adapter_ids expected a torch.Tensor, got {type(adapter_ids).__name__}")
         if adapter_ids.dtype.is_floating_point or adapter_ids.dtype.is_complex or adapter_ids.dtype == torch.bool:
-            raise TypeError(f"LoRABatch.from_adapter_ids: adapter_ids expected an integer dtype, "
-                            f"got {adapter_ids.dtype}")
+            raise TypeError(f"{op}: adapter_ids expected an integer dtype, got {adapter_ids.dtype}")
         if adapter_ids.layout != torch.strided:  # failed in reshape, naming nothing
-            raise TypeError(f"LoRABatch.from_adapter_ids: adapter_ids expected a dense (strided) tensor, "
-                            f"got layout {adapter_ids.layout}")
+            raise TypeError(f"{op}: adapter_ids expected a dense (strided) tensor, got layout {adapter_ids.layout}")
         if isinstance(num_adapters, bool) or not isinstance(num_adapters, int) or num_adapters < 1:
-            raise ValueError(f"LoRABatch.from_adapter_ids: num_adapters expected an int >= 1, got {num_adapters!r}")
+            raise ValueError(f"{op}: num_adapters expected an int >= 1, got {num_adapters!r}")
         ids = adapter_ids.reshape(-1)
         if validate is None or validate:
-            _check_id_values(ids, num_adapters, "LoRABatch.from_adapter_ids", asked=validate is not None)
+            _check_id_values(ids, num_adapters, op, asked=validate is not None)
         device = ids.device
         # int32 throughout (what the kernels read), in few ops: each op is a kernel launch on a GPU. Narrow and
         # unsigned dtypes are widened first, or comparing them with -1 would wrap.

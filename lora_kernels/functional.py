@@ -841,7 +841,7 @@ def multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias=Non
                              f"got {tuple(adapter_ids.shape)}")
         if adapter_ids.device != x.device:
             raise ValueError(f"{op}: adapter_ids expected device {x.device} (same as x), got {adapter_ids.device}")
-        batch = LoRABatch.from_adapter_ids(adapter_ids, num_slots)
+        batch = LoRABatch._for_op(op, adapter_ids, num_slots)
     backend = resolve_backend(backend, x.device, op, x.dtype)
     subclass_weight = is_subclass_weight(weight)
     if backend == "reference" and subclass_weight:

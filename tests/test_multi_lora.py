@@ -872,6 +872,20 @@ def test_grouped_bad_input():
         lk.ops.add_lora(torch.zeros(4, 5), x, [lora_a], [lora_b], batch, [1.0, 1.0], None, None)
 
 
+def test_multi_lora_linear_id_errors_name_it():
+    """Bad adapter ids given to multi_lora_linear (or MultiLoRALinear.forward, which calls it) are named as that
+    function's argument, not as LoRABatch.from_adapter_ids', which the user did not call."""
+    layer = lk.MultiLoRALinear(nn.Linear(6, 5), max_adapters=2, max_rank=3)
+    x = torch.randn(3, 6)
+    for call in (lambda ids: layer(x, ids),
+                 lambda ids: lk.multi_lora_linear(x, torch.randn(5, 6), torch.randn(2, 3, 6), torch.randn(2, 5, 3),
+                                                  ids, [1.0, 1.0])):
+        with pytest.raises(ValueError, match=r"^multi_lora_linear: adapter_ids expected values in \[-1, 2\), got 2"):
+            call(torch.tensor([0, 2, -1]))
+        with pytest.raises(TypeError, match=r"^multi_lora_linear: adapter_ids expected an integer dtype"):
+            call(torch.tensor([0.0, 1.0, 1.0]))
+
+
 def test_add_lora_errors_name_its_output_y():
     """add_lora's output argument is y; its expand checks, shared with lora_expand, named it "out", an argument
     add_lora does not have (a 16-bit y with float32 lora_b read "expected dtype torch.bfloat16 (same as out)")."""
