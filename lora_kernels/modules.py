@@ -20,7 +20,7 @@ from lora_kernels.backends import check_backend_name
 from lora_kernels.functional import (MULTI_SUBCLASS_WEIGHT_USE, SUBCLASS_WEIGHT_USE, describe_subclass,
                                      is_subclass_weight, lora_linear, multi_lora_base_linear, multi_lora_linear,
                                      refuse_subclass_weight_backend)
-from lora_kernels.ops import FLOAT_DTYPES, check_flag, is_finite_number
+from lora_kernels.ops import FLOAT_DTYPES, autocast_off, check_flag, is_finite_number
 
 
 class LoRAFactor(nn.Module):
@@ -404,7 +404,8 @@ class LoRALinear(nn.Module):
         (added in that dtype, rounded once; transposed first with fan_in_fan_out)."""
         self._check_factor_devices("LoRALinear.delta_weight")
         dtype = self._merge_dtype()
-        return self.scaling * (self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype))
+        with autocast_off(self.lora_B.weight.device):  # autocast would round the product (and so merge) to 16 bits
+            return self.scaling * (self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype))
 
     def _stored_delta(self):
         delta = self.delta_weight()

@@ -1138,6 +1138,25 @@ def test_multi_lora_meta_to_empty_reset_parameters_clears_every_slot():
     assert layer.ranks.tolist() == [0, 0, 0] and torch.isfinite(layer.base_layer.weight).all()
 
 
+def test_merge_inside_autocast_adds_the_float32_delta():
+    """delta_weight, merge and merge_and_unload inside torch.autocast: autocast rounded B @ A to bfloat16 (the merged
+    fp32 weight off by 3e-3, and an unmerge outside autocast then left it 1.5e-2 off the original)."""
+    torch.manual_seed(0)
+    layer = _trained(LoRALinear(64, 48, r=8, lora_alpha=16))
+    w0 = layer.weight.detach().clone()
+    exact = w0.double() + layer.scaling * (layer.lora_B.weight.double() @ layer.lora_A.weight.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer.delta_weight().dtype == torch.float32
+        layer.merge()
+    assert ((layer.weight.double() - exact).norm() / exact.norm()).item() <= 1e-6
+    layer.unmerge()
+    assert ((layer.weight - w0).norm() / w0.norm()).item() <= 1e-6
+    model = nn.Sequential(layer)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        merged = merge_and_unload(model)
+    assert ((merged[0].weight.double() - exact).norm() / exact.norm()).item() <= 1e-6
+
+
 def test_float64_merge_unmerge_delta_and_to_linear_stay_in_float64():
     """A float64 layer merges in float64 (it rounded through float32: merge + unmerge moved the weight by ~1e-8 for
     good, and delta_weight() was float32). PEFT's drift there is 0; here it is within float64 rounding."""
