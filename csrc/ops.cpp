@@ -2,6 +2,9 @@
 // csrc/cpu and csrc/cuda (TORCH_LIBRARY_IMPL blocks); fake (meta) implementations are registered from Python
 // (lora_kernels/_ext.py) so torch.compile can trace through the ops.
 #include <Python.h>
+#include <ATen/core/grad_mode.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 extern "C" {
@@ -40,4 +43,39 @@ TORCH_LIBRARY(lora_kernels, m) {
   //   out[t, slice_offset : slice_offset + N] += lora_b[i, :, :ranks[i]] @ t[t, :ranks[i]]   for i = slot of t.
   m.def("sgmv_expand(Tensor t, Tensor lora_b, Tensor sorted_token_ids, Tensor slot_starts, Tensor slot_counts, "
         "Tensor ranks, Tensor(a!) out, int slice_offset) -> ()");
+}
+
+// The ops are not differentiable themselves: lora_linear's and multi_lora_linear's autograd Functions call them with
+// grad mode off and give the gradients. A torch.export'ed program calls them directly (export keeps the ops, not the
+// Functions); there, torch's default fallback gave no error: the backward left out the LoRA terms (lora_a.grad None),
+// or on CPU followed the kernel's own ATen calls. Now an output computed from inputs that require grad gets a grad_fn
+// whose backward raises "derivative for lora_kernels::... is not implemented".
+//
+// sgmv_expand returns nothing (it adds into out), so that fallback sees no output to attach the error to: it refuses
+// a t or lora_b that requires grad (in grad mode) before any work, and bumps out's version counter, so autograd
+// knows out changed.
+void sgmv_expand_autograd(c10::DispatchKeySet keys, const at::Tensor& t, const at::Tensor& lora_b,
+                          const at::Tensor& sorted_token_ids, const at::Tensor& slot_starts,
+                          const at::Tensor& slot_counts, const at::Tensor& ranks, const at::Tensor& out,
+                          int64_t slice_offset) {
+  TORCH_CHECK(!at::GradMode::is_enabled() || !(t.requires_grad() || lora_b.requires_grad()),
+              "lora_kernels::sgmv_expand is not differentiable, but ", t.requires_grad() ? "t" : "lora_b",
+              " requires grad: call lora_kernels.multi_lora_linear (autograd) or this op under torch.no_grad()");
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("lora_kernels::sgmv_expand", "")
+                               .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>();
+    op.redispatch(keys & c10::after_ADInplaceOrView_keyset, t, lora_b, sorted_token_ids, slot_starts, slot_counts,
+                  ranks, out, slice_offset);
+  }
+  torch::autograd::impl::bump_version(out);
+}
+
+TORCH_LIBRARY_IMPL(lora_kernels, Autograd, m) {
+  for (const char* op : {"lora_fwd", "lora_bwd_dy", "sgmv_shrink"}) {
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());
+  }
+  m.impl("sgmv_expand", TORCH_FN(sgmv_expand_autograd));
 }

@@ -7,6 +7,7 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
 import torch
 from torch import nn
 
@@ -70,6 +71,7 @@ class _Deployed(nn.Module):
 # imported nothing but torch and lora_kernels (argv: the package, the saved program, the inputs, where to write).
 _LOAD_AND_RUN = """
 import sys
+import pytest
 import torch
 import lora_kernels  # what a deployment imports before loading: it registers the ops and the LoRABatch node
 
@@ -92,6 +94,7 @@ torch.save({"compiled": (*compiled[:-1], compiled_out), "exported": (*exported[:
 # The package loaded without `import lora_kernels`: prints the error.
 _LOAD_WITHOUT_IMPORT = """
 import sys
+import pytest
 import torch
 
 try:
@@ -179,6 +182,7 @@ print(json.dumps([sorted(after_import), sorted(ours() - after_import)]))
 # Loads a saved program in a process that does not import lora_kernels, and runs it (argv: the program, its input).
 _LOAD_SAVED_PROGRAM_WITHOUT_IMPORT = """
 import sys
+import pytest
 import torch
 
 try:
@@ -211,3 +215,38 @@ def test_a_saved_program_loaded_without_import_lora_kernels_fails_unless_its_inp
     assert stdout.startswith("RuntimeError: "), stdout
     assert "We failed to resolve torch.ops.lora_kernels.lora_fwd.default" in stderr, stderr[-3000:]
     assert outputs["multi"][0].strip() == "loaded True torch.Size([5, 12])", outputs["multi"]
+
+
+def test_backward_through_an_exported_program_raises_instead_of_dropping_the_lora_gradients():
+    """torch.export keeps the C++ kernel ops but not the autograd Functions around them. Training through the
+    exported program lost the LoRA terms without a word (lora_a.grad None, x.grad off by 100%) or, on CPU, followed
+    the kernel's ATen calls by chance; now the single-adapter ops' backward raises, and sgmv_expand (in place, no
+    output to raise from) refuses a t that requires grad. Without grad the exported programs still compute."""
+    torch.manual_seed(0)
+    single = lk.LoRALinear(16, 12, r=4, backend="cpu")
+    nn.init.normal_(single.lora_B.weight)
+    multi = lk.MultiLoRALinear(nn.Linear(16, 12), max_adapters=2, max_rank=4, backend="cpu")
+    multi.set_adapter(0, torch.randn(4, 16), torch.randn(12, 4), 1.0)
+    multi.lora_a.requires_grad_(True)
+    x, ids = torch.randn(5, 16, requires_grad=True), torch.tensor([0, 0, -1, 0, 0])
+    exported_single = torch.export.export(single, (x,)).module()
+    exported_multi = torch.export.export(multi, (x, ids)).module()
+    with torch.no_grad():
+        torch.testing.assert_close(exported_single(x), single(x))
+        torch.testing.assert_close(exported_multi(x, ids), multi(x, ids))
+    loss = exported_single(x).sum()
+    with pytest.raises(RuntimeError, match="derivative for lora_kernels::lora_fwd is not implemented"):
+        loss.backward()
+    with pytest.raises(RuntimeError, match="lora_kernels::sgmv_expand is not differentiable, but t requires grad"):
+        exported_multi(x, ids)
+
+
+def test_the_raw_expand_bumps_the_version_of_the_output_it_adds_into():
+    """sgmv_expand writes into out: its version counter moves, so autograd refuses a backward that saved out before
+    (torch's default kernel for custom ops left the counter alone)."""
+    batch = lk.LoRABatch.from_adapter_ids(torch.tensor([0, 1, -1]), 2)
+    out = torch.zeros(3, 5)
+    torch.ops.lora_kernels.sgmv_expand(torch.randn(3, 4), torch.randn(2, 5, 4), batch.sorted_token_ids,
+                                       batch.slot_starts, batch.slot_counts, torch.full((2,), 4, dtype=torch.int32),
+                                       out, 0)
+    assert out._version == 1
