@@ -2,6 +2,7 @@
 inject_lora / merge_and_unload, prepare_multi_adapter / set_batch_adapters, PEFT's target-module matching.
 No maths here: the forwards are lora_kernels.functional.lora_linear and multi_lora_linear."""
 
+import collections
 import contextlib
 import math
 import numbers
@@ -514,6 +515,15 @@ class LoRALinear(nn.Module):
 # GPUs too when both threads use the same stream (the default).
 _SLOT_LOCK = threading.RLock()
 
+# Activation checkpointing reruns a forward during the backward, and a forward without adapter ids reads the names
+# set_batch_adapters has in effect then, not those of the forward it recomputes (it cannot know them). The slot ids
+# of the recent forwards let a recompute under names no forward ran with (a backward called under another `with`)
+# fail instead of computing the gradients of other adapters; names that some other recent forward ran with still pass.
+_FORWARD_SLOT_IDS = collections.deque(maxlen=64)
+_RECOMPUTE = "the backward recomputes this layer's forward (activation checkpointing)"
+_RECOMPUTE_UNDER_THE_SAME_NAMES = ("call backward inside the `with lora_kernels.set_batch_adapters(...)` that ran the "
+                                   "forward, or pass adapter ids to the forward")
+
 
 # One lock for the name -> slot tables of every model (model.lora_adapter_slots): a load by name
 # (load_peft_adapter(..., adapter_name=...)) and delete_adapter take turns, from choosing a slot to recording the name.
@@ -713,10 +723,22 @@ class MultiLoRALinear(nn.Module):
         None takes the per-row slots of set_batch_adapters (one LoRABatch per input shape, shared by all layers)."""
         if adapter_ids is None:
             state = self.batch_adapters
+            compiling = torch.compiler.is_compiling()  # traced code keeps no Python state (the ids are an input)
+            recomputing = not compiling and torch._C._current_graph_task_id() != -1
             if state is None:
+                if recomputing:
+                    raise RuntimeError(f"MultiLoRALinear: {_RECOMPUTE} with no set_batch_adapters in effect; "
+                                       f"{_RECOMPUTE_UNDER_THE_SAME_NAMES}")
                 raise RuntimeError("MultiLoRALinear: forward(x) without adapter_ids needs the per-row adapters set "
                                    "first: `with lora_kernels.set_batch_adapters(model, adapter_names): model(...)`")
             rows = state.rows  # read once: a load or delete by name in another thread replaces it whole
+            if not compiling:
+                with _SLOT_LOCK:  # the record is shared by every model and thread
+                    if recomputing and rows.slot_ids not in _FORWARD_SLOT_IDS:
+                        raise RuntimeError(f"MultiLoRALinear: {_RECOMPUTE} under adapter names {state.names!r}, "
+                                           f"which no recent forward ran with; {_RECOMPUTE_UNDER_THE_SAME_NAMES}")
+                    if not recomputing and (not _FORWARD_SLOT_IDS or _FORWARD_SLOT_IDS[-1] != rows.slot_ids):
+                        _FORWARD_SLOT_IDS.append(rows.slot_ids)
             state.check_rows(tuple(x.shape[:-1]))
             if not rows.any_adapter and not (torch.is_grad_enabled() and (self.lora_a.requires_grad
                                                                           or self.lora_b.requires_grad)):
