@@ -2,6 +2,7 @@
 // csrc/cpu and csrc/cuda (TORCH_LIBRARY_IMPL blocks); fake (meta) implementations are registered from Python
 // (lora_kernels/_ext.py) so torch.compile can trace through the ops.
 #include <Python.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/csrc/autograd/variable.h>
