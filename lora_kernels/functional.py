@@ -578,8 +578,8 @@ def lora_linear(x, weight, lora_a, lora_b, scaling=1.0, bias=None, *, dropout_p=
         if seed is not None:
             _check_one_seed_for_the_batch()
         mask = None if seed is None else torch_dropout_keep(seed, x, dropout_p).double() / (1.0 - dropout_p)
-        return reference.lora_linear(x, weight, lora_a, lora_b, scaling, bias, mask).to(x.dtype)
-    x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
+        return reference.lora_linear(x, weight, lora_a, lora_b, float(scaling), bias, mask).to(x.dtype)
+    x2 = ops.as_rows(x)
     args = (x2, weight, lora_a, lora_b, bias, float(scaling), float(dropout_p), seed, backend)
     if subclass_weight or _functorch_transforms_active():
         # torch.func transforms need an autograd.Function with setup_context and a vmap rule, and the kernels and
@@ -801,7 +801,7 @@ def multi_lora_base_linear(x, weight, bias=None, *, backend="auto"):
         refuse_subclass_weight_backend(op, backend, weight, MULTI_SUBCLASS_WEIGHT_USE)
     if backend == "triton":
         ops.check_triton_args(op, x.dtype, 1)
-    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    x2 = ops.as_rows(x)
     if backend == "reference":
         y = torch.nn.functional.linear(x2.double(), weight.double(), None if bias is None else bias.double())
         y = y.to(x.dtype)
@@ -846,7 +846,7 @@ def multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias=Non
     subclass_weight = is_subclass_weight(weight)
     if backend == "reference" and subclass_weight:
         refuse_subclass_weight_backend(op, backend, weight, MULTI_SUBCLASS_WEIGHT_USE)
-    x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
+    x2 = ops.as_rows(x)
     # float64 runs torch compositions (below) that read the scalings in float64: rounded to float32, as the
     # kernels read them, they left float64 outputs and gradients 3e-8 off for a scaling such as 1/3 or 16/3.
     scalings_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -308,6 +308,13 @@ def autocast_dtype(device):
     return torch.get_autocast_dtype(device_type)
 
 
+def as_rows(x):
+    """x [..., K] as [M, K], a view where the strides allow (reshape(-1, K) cannot infer M when K is 0)."""
+    if x.dim() == 2:
+        return x
+    return x.unsqueeze(0) if x.dim() == 1 else x.flatten(0, -2)
+
+
 def autocast_off(device):
     """A region where torch ops run in the dtypes they are given even inside torch.autocast: the fallbacks below
     accumulate in float32 on purpose, and autocast would round their matmuls to its 16-bit dtype."""

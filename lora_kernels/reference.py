@@ -94,7 +94,7 @@ def multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias=Non
     """y[t] = x[t] @ W.T + bias + scalings[i] * B[i, :, :r_i] @ (A[i, :r_i] @ x[t]) for i = adapter_ids[t] >= 0.
     x [..., K] with adapter_ids shaped like x.shape[:-1]; ranks default to R for every slot."""
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.flatten(0, -2) if x.dim() > 1 else x[None]  # reshape(-1, K) cannot infer M when K is 0
     ids = adapter_ids.reshape(-1)
     if ranks is None:
         ranks = torch.full((lora_a.shape[0],), lora_a.shape[1])
@@ -110,7 +110,7 @@ def multi_lora_linear_autograd(x, weight, lora_a, lora_b, adapter_ids, scalings,
     """Differentiable version of `multi_lora_linear` in the inputs' dtype (use float64 leaves): the oracle for the
     gradients of x and of every slot's A and B. Only entries within each slot's rank get gradient."""
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.flatten(0, -2) if x.dim() > 1 else x[None]  # reshape(-1, K) cannot infer M when K is 0
     ids = adapter_ids.reshape(-1)
     num_slots, max_rank = lora_a.shape[0], lora_a.shape[1]
     if ranks is None:

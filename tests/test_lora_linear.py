@@ -108,6 +108,36 @@ def test_empty_batch(backend, device):
     assert x.grad.shape == (0, 16)
 
 
+@pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
+@pytest.mark.parametrize("lead", [(2, 3), (), (4,)], ids=["3-D", "1-D", "2-D"])
+def test_zero_in_features_give_the_bias(backend, lead, device):
+    """K = 0 (an empty feature dim): y is the bias, dB zero, on lora_linear and multi_lora_linear. x [..., 0] with
+    leading dims other than one failed in x.reshape(-1, 0), which cannot infer M ("cannot reshape tensor of 0
+    elements")."""
+    backend_or_skip(backend, device)
+    bias = randn(5, device=device)
+    weight = torch.empty(5, 0, device=device)
+    x = torch.empty(*lead, 0, device=device, requires_grad=True)
+    lora_a, lora_b = torch.empty(2, 0, device=device), randn(5, 2, device=device).requires_grad_(True)
+    y = lora_linear(x, weight, lora_a, lora_b, 0.5, bias, backend=backend)
+    y.sum().backward()
+    torch.testing.assert_close(y, bias.expand(*lead, 5))
+    assert x.grad.shape == x.shape and torch.equal(lora_b.grad, torch.zeros_like(lora_b))
+    ids = torch.zeros(lead, dtype=torch.long, device=device)
+    y = functional.multi_lora_linear(x, weight, lora_a[None], lora_b.detach()[None], ids, [1.0], bias,
+                                     backend=backend)
+    torch.testing.assert_close(y, bias.expand(*lead, 5))
+
+
+def test_a_fraction_scaling_is_taken_by_the_reference_backend_too():
+    """A numbers.Real scaling that is not a float (fractions.Fraction) passes the checks; the other backends took it
+    as float(scaling), the reference one failed on Fraction * Tensor."""
+    import fractions
+    x, weight, lora_a, lora_b, bias = lora_inputs(3, 5, 4, 2, torch.float32, "cpu")
+    got = lora_linear(x, weight, lora_a, lora_b, fractions.Fraction(1, 2), bias, backend="reference")
+    torch.testing.assert_close(got, lora_linear(x, weight, lora_a, lora_b, 0.5, bias, backend="reference"))
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpu", "cuda"])
 def test_float64_keeps_float64_precision(backend, device):
     """float64 in, float64 precision out, gradients included: the C++ ops keep s, dB and dS in float64 for float64
