@@ -4,6 +4,7 @@ Every buffer has a size fixed by (num_tokens, num_adapters), never by the ids' v
 in a CUDA graph and one LoRABatch serves every layer of a step.
 """
 
+import numbers
 from dataclasses import dataclass, fields
 
 import torch
@@ -62,9 +63,11 @@ class LoRABatch:
             raise TypeError(f"{op}: adapter_ids expected an integer dtype, got {adapter_ids.dtype}")
         if adapter_ids.layout != torch.strided:  # failed in reshape, naming nothing
             raise TypeError(f"{op}: adapter_ids expected a dense (strided) tensor, got layout {adapter_ids.layout}")
-        if isinstance(num_adapters, bool) or not isinstance(num_adapters, int) or num_adapters < 1:
+        if isinstance(num_adapters, bool) or not isinstance(num_adapters, numbers.Integral) or num_adapters < 1:
             raise ValueError(f"{op}: num_adapters expected an int >= 1, got {num_adapters!r}")
+        num_adapters = int(num_adapters)  # a numpy integer too, as the slots of set_adapter
         ids = adapter_ids.reshape(-1)
+        validate = _check_validate(op, validate)
         if validate is None or validate:
             _check_id_values(ids, num_adapters, op, asked=validate is not None)
         device = ids.device
@@ -100,6 +103,7 @@ class LoRABatch:
         if adapter_ids.numel() != self.num_tokens:
             raise ValueError(f"LoRABatch.refill_: adapter_ids expected {self.num_tokens} ids (the batch's num_tokens), "
                              f"got shape {tuple(adapter_ids.shape)}")
+        validate = _check_validate("LoRABatch.refill_", validate)
         if validate is None or validate:  # as from_adapter_ids would decide, for the ids where the caller has them
             _check_id_values(adapter_ids.reshape(-1), self.num_adapters, "LoRABatch.refill_",
                              asked=validate is not None)
@@ -112,6 +116,12 @@ class LoRABatch:
         if num_tokens != self.num_tokens:
             raise ValueError(f"{op_name}: batch was built for {self.num_tokens} tokens, but {arg_name} has "
                              f"{num_tokens} rows")
+
+
+def _check_validate(op, validate):
+    """validate: None or a bool (a string such as "no" is a TypeError, not a truthy True)."""
+    from lora_kernels.ops import check_flag  # ops imports this module
+    return None if validate is None else check_flag(op, "validate", validate)
 
 
 def _check_id_values(ids, num_adapters, op, asked):

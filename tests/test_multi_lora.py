@@ -136,6 +136,21 @@ def test_set_and_clear_adapter_take_numpy_slot_indices():
         layer.clear_adapter(np.bool_(True))
 
 
+def test_validate_takes_a_bool_or_none_and_num_adapters_a_numpy_integer():
+    """validate="no" read as truthy and checked the ids (a string is a TypeError now, as deterministic's); a numpy
+    integer num_adapters was a ValueError that read like a bad value."""
+    np = pytest.importorskip("numpy")
+    ids = torch.tensor([0, 1, -1])
+    for call in (lambda v: LoRABatch.from_adapter_ids(ids, 2, validate=v),
+                 lambda v: LoRABatch.from_adapter_ids(ids, 2).refill_(ids, validate=v)):
+        with pytest.raises(TypeError, match=r"validate expected a bool, got 'no'"):
+            call("no")
+        call(np.bool_(False))
+    batch = LoRABatch.from_adapter_ids(ids, np.int64(2))
+    assert batch.num_adapters == 2 and type(batch.num_adapters) is int
+    assert torch.equal(batch.slot_counts, LoRABatch.from_adapter_ids(ids, 2).slot_counts)
+
+
 def test_validate_true_is_skipped_while_tracing():
     """validate=True (what a CUDA serving step passes) reads the id values on the host: under torch.compile with
     fullgraph=True that failed on a data-dependent expression, in from_adapter_ids and in refill_. Traced ids are not
