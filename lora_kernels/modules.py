@@ -636,6 +636,16 @@ class MultiLoRALinear(nn.Module):
     def out_features(self):
         return self._out_features
 
+    @property
+    def weight(self):
+        """The base layer's weight as it stores it, for model code that reads `<layer>.weight` (T5's feed-forward
+        casts to `wo.weight.dtype`), as PEFT's layers expose it."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
     def base_weight(self):
         """The base weight as [out, in] (a transposed view of a Conv1D's [in, out] weight)."""
         weight = self.base_layer.weight
@@ -943,6 +953,9 @@ def find_target_linears(model, target_modules, exclude_modules=None, op="inject_
                                              modules_to_save=modules_to_save):
         if isinstance(module, LORA_WRAPPERS):
             raise ValueError(f"{op}: module {name!r} already has a LoRA adapter ({type(module).__name__})")
+        if type(module).__module__.startswith("peft."):
+            raise TypeError(f"{op}: module {name!r} is a PEFT layer ({type(module).__name__}); pass the base model, "
+                            f"not a PeftModel")
         if not (isinstance(module, nn.Linear) or is_conv1d(module)):
             raise TypeError(f"{op}: module {name!r} matches target_modules but is a {type(module).__name__}; "
                             f"only nn.Linear and transformers' Conv1D (GPT-2's linear layer) can be wrapped"

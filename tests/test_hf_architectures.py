@@ -361,6 +361,36 @@ def test_encoder_decoder_beam_search_over_a_mixed_batch(tmp_path):
     assert not any(torch.equal(outputs[x], outputs[y]) for x, y in (("a", "b"), ("a", "__base__"), ("b", "__base__")))
 
 
+def test_t5_feed_forward_output_in_a_prepared_model(tmp_path):
+    """T5's feed-forward casts to `wo.weight.dtype` before calling wo: a prepared wo (MultiLoRALinear) had no
+    `.weight` and the forward failed with an AttributeError (inject_lora's LoRALinear, and PEFT's layers, have one).
+    With wo prepared, "__base__" rows give the base logits and an adapter's rows its own."""
+    base, inputs = _base("t5"), ARCHS["t5"][1](batch=2)
+    _peft("t5", r=4, lora_alpha=8, target_modules=["wo"]).save_pretrained(tmp_path / "a")
+    ours = lk.prepare_multi_adapter(copy.deepcopy(base), ["wo"], max_adapters=1, max_rank=4).eval()
+    lk.load_peft_adapter(ours, tmp_path / "a", adapter_name="a")
+    alone = lk.load_peft_adapter(copy.deepcopy(base), tmp_path / "a").eval()
+    with torch.no_grad(), lk.set_batch_adapters(ours, ["__base__", "a"]):
+        mixed = ours(**inputs).logits
+        assert_close(mixed[:1], base(**{k: v[:1] for k, v in inputs.items()}).logits, F32, "__base__ row")
+        assert_close(mixed[1:], alone(**{k: v[1:] for k, v in inputs.items()}).logits, F32, "adapter row")
+
+
+def test_a_peft_model_is_named_as_one_by_inject_lora_and_prepare_multi_adapter(tmp_path):
+    """inject_lora / prepare_multi_adapter on a PeftModel said its PEFT layer "matches target_modules but is a
+    Linear; only nn.Linear ... can be wrapped"; now they say what load_peft_adapter says."""
+    base = _base("qwen2")
+    _peft("qwen2", r=2, target_modules=["q_proj"]).save_pretrained(tmp_path / "a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a")
+    for wrap in (lambda m: lk.inject_lora(m, ["q_proj"], r=2),
+                 lambda m: lk.prepare_multi_adapter(m, ["q_proj"], max_adapters=2, max_rank=4)):
+        with pytest.raises(TypeError, match=r"module '.*q_proj' is a PEFT layer \(Linear\); pass the base model, "
+                                            r"not a PeftModel"):
+            wrap(theirs)
+
+
 @PEFT_KEEPS_LORA_OUT_OF_HEADS
 def test_seq_cls_all_linear_file_from_peft_task_type(tmp_path):
     """PEFT's task_type="SEQ_CLS" with "all-linear" and no modules_to_save leaves the head out of the LoRA targets
