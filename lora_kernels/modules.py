@@ -1497,7 +1497,8 @@ class set_batch_adapters:
         with lk.set_batch_adapters(model, ["fr", "__base__", "de"]):
             logits = model(input_ids).logits     # row 0 with adapter "fr", row 1 base only, row 2 with "de"
 
-    Every layer input must have the batch dimension first ([B, ...]); slot ids broadcast over the other dims. A batch
+    Every layer input must have the batch dimension first ([B, ...]; not the per-expert linears of a mixture of
+    experts, whose rows are the tokens routed to them); slot ids broadcast over the other dims. A batch
     dimension k times as long as the list (generate with num_beams=k or num_return_sequences=k) gives each name k
     consecutive rows. Names are looked up again whenever load_peft_adapter(..., adapter_name=...) or delete_adapter
     change the model's name -> slot table: a name deleted since computes the base model for its rows. Under
