@@ -2,7 +2,6 @@
 inject_lora / merge_and_unload, prepare_multi_adapter / set_batch_adapters, PEFT's target-module matching.
 No maths here: the forwards are lora_kernels.functional.lora_linear and multi_lora_linear."""
 
-import collections
 import contextlib
 import math
 import numbers
@@ -516,10 +515,10 @@ class LoRALinear(nn.Module):
 _SLOT_LOCK = threading.RLock()
 
 # Activation checkpointing reruns a forward during the backward, and a forward without adapter ids reads the names
-# set_batch_adapters has in effect then, not those of the forward it recomputes (it cannot know them). The slot ids
-# of the recent forwards let a recompute under names no forward ran with (a backward called under another `with`)
-# fail instead of computing the gradients of other adapters; names that some other recent forward ran with still pass.
-_FORWARD_SLOT_IDS = collections.deque(maxlen=64)
+# set_batch_adapters has in effect then, not those of the forward it recomputes (it cannot know them). Each layer keeps
+# the slot ids of its last few forwards, so a recompute under names none of them ran with (a backward called under
+# another `with`) fails instead of computing the gradients of other adapters; names of another recent forward pass.
+_RECENT_FORWARDS = 8
 _RECOMPUTE = "the backward recomputes this layer's forward (activation checkpointing)"
 _RECOMPUTE_UNDER_THE_SAME_NAMES = ("call backward inside the `with lora_kernels.set_batch_adapters(...)` that ran the "
                                    "forward, or pass adapter ids to the forward")
@@ -605,6 +604,7 @@ class MultiLoRALinear(nn.Module):
         self.max_adapters, self.max_rank, self.backend = max_adapters, max_rank, backend
         self._in_features, self._out_features = in_features, out_features
         self.batch_adapters = None  # a BatchAdapterIds while set_batch_adapters is in effect
+        self.recent_forward_slot_ids = ()  # of the forwards that read batch_adapters (see _RECENT_FORWARDS)
         weight = base_linear.weight
         factory = {"device": weight.device, "dtype": adapter_dtype or weight.dtype}
         self.lora_a = nn.Parameter(torch.zeros(max_adapters, max_rank, in_features, **factory), requires_grad=False)
@@ -743,12 +743,12 @@ class MultiLoRALinear(nn.Module):
                                    "first: `with lora_kernels.set_batch_adapters(model, adapter_names): model(...)`")
             rows = state.rows  # read once: a load or delete by name in another thread replaces it whole
             if not compiling:
-                with _SLOT_LOCK:  # the record is shared by every model and thread
-                    if recomputing and rows.slot_ids not in _FORWARD_SLOT_IDS:
-                        raise RuntimeError(f"MultiLoRALinear: {_RECOMPUTE} under adapter names {state.names!r}, "
-                                           f"which no recent forward ran with; {_RECOMPUTE_UNDER_THE_SAME_NAMES}")
-                    if not recomputing and (not _FORWARD_SLOT_IDS or _FORWARD_SLOT_IDS[-1] != rows.slot_ids):
-                        _FORWARD_SLOT_IDS.append(rows.slot_ids)
+                recent = self.recent_forward_slot_ids  # a tuple, replaced whole: other threads read it whole
+                if recomputing and rows.slot_ids not in recent:
+                    raise RuntimeError(f"MultiLoRALinear: {_RECOMPUTE} under adapter names {state.names!r}, which no "
+                                       f"recent forward ran with; {_RECOMPUTE_UNDER_THE_SAME_NAMES}")
+                if not recomputing and (not recent or recent[-1] != rows.slot_ids):
+                    self.recent_forward_slot_ids = (*recent[1 - _RECENT_FORWARDS:], rows.slot_ids)
             state.check_rows(tuple(x.shape[:-1]))
             if not rows.any_adapter and not (torch.is_grad_enabled() and (self.lora_a.requires_grad
                                                                           or self.lora_b.requires_grad)):
