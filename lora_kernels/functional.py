@@ -573,7 +573,7 @@ def lora_linear(x, weight, lora_a, lora_b, scaling=1.0, bias=None, *, dropout_p=
             raise RuntimeError(f"{op}: dropout_p = {dropout_p} inside a CUDA-graph capture would replay one dropout "
                                "mask forever; capture with dropout_p = 0 (eval mode) or run the step eagerly")
         seed = new_seed()
-    lead_shape, in_features = x.shape[:-1], x.shape[-1]
+    lead_shape = x.shape[:-1]
     if backend == "reference":
         if seed is not None:
             _check_one_seed_for_the_batch()
