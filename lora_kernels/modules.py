@@ -604,7 +604,7 @@ class MultiLoRALinear(nn.Module):
         self.max_adapters, self.max_rank, self.backend = max_adapters, max_rank, backend
         self._in_features, self._out_features = in_features, out_features
         self.batch_adapters = None  # a BatchAdapterIds while set_batch_adapters is in effect
-        self.recent_forward_slot_ids = ()  # of the forwards that read batch_adapters (see _RECENT_FORWARDS)
+        self._recent_forward_slot_ids = ()  # of the forwards that read batch_adapters (see _RECENT_FORWARDS)
         weight = base_linear.weight
         factory = {"device": weight.device, "dtype": adapter_dtype or weight.dtype}
         self.lora_a = nn.Parameter(torch.zeros(max_adapters, max_rank, in_features, **factory), requires_grad=False)
@@ -743,12 +743,12 @@ class MultiLoRALinear(nn.Module):
                                    "first: `with lora_kernels.set_batch_adapters(model, adapter_names): model(...)`")
             rows = state.rows  # read once: a load or delete by name in another thread replaces it whole
             if not compiling:
-                recent = self.recent_forward_slot_ids  # a tuple, replaced whole: other threads read it whole
+                recent = self._recent_forward_slot_ids  # a tuple, replaced whole: other threads read it whole
                 if recomputing and rows.slot_ids not in recent:
                     raise RuntimeError(f"MultiLoRALinear: {_RECOMPUTE} under adapter names {state.names!r}, which no "
                                        f"recent forward ran with; {_RECOMPUTE_UNDER_THE_SAME_NAMES}")
                 if not recomputing and (not recent or recent[-1] != rows.slot_ids):
-                    self.recent_forward_slot_ids = (*recent[1 - _RECENT_FORWARDS:], rows.slot_ids)
+                    self._recent_forward_slot_ids = (*recent[1 - _RECENT_FORWARDS:], rows.slot_ids)
             state.check_rows(tuple(x.shape[:-1]))
             if not rows.any_adapter and not (torch.is_grad_enabled() and (self.lora_a.requires_grad
                                                                           or self.lora_b.requires_grad)):
