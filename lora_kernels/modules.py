@@ -684,6 +684,9 @@ class MultiLoRALinear(nn.Module):
             scaling = math.inf
         if not math.isfinite(scaling):
             raise ValueError(f"{op}: scaling expected a finite number, got {scaling!r}")
+        if abs(scaling) > torch.finfo(self.scalings.dtype).max:  # the slot's store below would fail half-way
+            raise ValueError(f"{op}: scaling expected a finite number in the range of the slots' "
+                             f"{self.scalings.dtype}, got {scaling!r}")
         for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):  # failed in the copy below, naming neither
             if t.is_meta and not self.lora_a.is_meta:
                 raise ValueError(f"{op}: {name} expected a tensor holding values, got one on the meta device")

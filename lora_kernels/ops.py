@@ -215,9 +215,12 @@ def as_scalings(op, scalings, num_slots, device, dtype=torch.float32):
     # for a layer's few dozen slots cheaper than tensor ops (this function: 5.6 µs with isfinite().all(), 1.7 µs
     # so, for 4 slots on this project's CPU), paid by every grouped call on CPU tensors.
     if scalings.device.type == "cpu" and not torch.compiler.is_compiling():
-        bad = next((v for v in scalings.tolist() if not math.isfinite(v)), None)
+        # Finite in dtype, which they are cast to below (float64 1e39 is infinite in float32); NaN fails too.
+        limit = torch.finfo(dtype).max
+        bad = next((v for v in scalings.tolist() if not abs(v) <= limit), None)
         if bad is not None:
-            raise ValueError(f"{op}: scalings expected finite numbers, got {bad}")
+            in_range = f" in {dtype}'s range" if math.isfinite(bad) else ""
+            raise ValueError(f"{op}: scalings expected finite numbers{in_range}, got {bad}")
     # contiguous: the cpu, cuda and triton kernels index it as a plain array (a strided view read other entries)
     return scalings.to(device=device, dtype=dtype).contiguous()
 

@@ -814,6 +814,9 @@ def test_set_adapter_is_atomic_and_checks_input():
         ((0, torch.randn(2, 8), torch.randn(6, 2), "big"), TypeError, "scaling expected a number, got 'big'"),
         ((0, torch.randn(2, 8), torch.randn(6, 2), float("inf")), ValueError, "scaling expected a finite number"),
         ((0, torch.randn(2, 8), torch.randn(6, 2), float("nan")), ValueError, "scaling expected a finite number"),
+        # finite, but not in the slots' float32: the factors were written before the scaling's store failed
+        ((0, torch.randn(2, 8), torch.randn(6, 2), 1e39), ValueError,
+         r"scaling expected a finite number in the range of the slots' torch.float32, got 1e\+39"),
         ((True, torch.randn(2, 8), torch.randn(6, 2), 1.0), ValueError, r"slot expected an int in \[0, 2\), got True"),
         ((-1, torch.randn(2, 8), torch.randn(6, 2), 1.0), ValueError, r"slot expected an int in \[0, 2\), got -1"),
         ((0, torch.randn(8), torch.randn(6, 2), 1.0), TypeError, r"lora_a expected a 2-D floating tensor, got "
@@ -901,6 +904,10 @@ def test_grouped_bad_input():
     with pytest.raises(ValueError, match=r"multi_lora_linear: scalings expected finite numbers, got inf"):
         lk.multi_lora_linear(x, torch.randn(5, 6), lora_a, lora_b, torch.tensor([0, 1, -1, 0]),
                              torch.tensor([float("inf"), 1.0]))
+    # float64 1e39 is finite, and infinite in the float32 the kernels read (a list is cast before its check)
+    with pytest.raises(ValueError, match=r"lora_shrink: scalings expected finite numbers in torch.float32's range, "
+                                         r"got 1e\+39"):
+        lk.ops.lora_shrink(x, lora_a, batch, torch.tensor([1.0, 1e39], dtype=torch.float64))
     with pytest.raises(ValueError, match=r"ranks expected values in \[0, 3\]"):
         lk.ops.lora_shrink(x, lora_a, batch, [1.0, 1.0], [3, 4])
     with pytest.raises(ValueError, match="batch was built for 4 tokens, but x has 3 rows"):
