@@ -41,7 +41,7 @@ from lora_kernels.modules import (_PEFT_ONLY_HINT, BASE_ADAPTER, BIAS_ATTR, BIAS
                                   lora_scaling, named_modules_to_save, named_target_modules, pattern_value,
                                   resolve_batch_adapters, target_module_matches, trained_biases, unwrap_model,
                                   warn_conv1d_fan_in_fan_out, warn_dropped_hooks)
-from lora_kernels.ops import check_flag
+from lora_kernels.ops import check_flag, is_finite_number
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -138,6 +138,10 @@ def _check_names(file, field, value, *, allow_none):
     raise _bad(file, field, "a regex string or a non-empty list of module names", value)
 
 
+def _is_finite_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and is_finite_number(value)
+
+
 def _check_pattern(file, field, value, kind):
     if value is None:
         return {}
@@ -149,9 +153,9 @@ def _check_pattern(file, field, value, kind):
         except re.error as exc:
             raise ValueError(f"{file}: field {field!r} has an invalid regex key {key!r} ({exc})") from None
         ok = (kind == "rank" and isinstance(v, int) and not isinstance(v, bool) and v >= 1) or (
-            kind == "alpha" and isinstance(v, (int, float)) and not isinstance(v, bool))
+            kind == "alpha" and _is_finite_number(v))
         if not ok:
-            raise _bad(file, f"{field}[{key!r}]", "an int >= 1" if kind == "rank" else "a number", v)
+            raise _bad(file, f"{field}[{key!r}]", "an int >= 1" if kind == "rank" else "a finite number", v)
     return dict(value)
 
 
@@ -180,8 +184,8 @@ def parse_adapter_config(raw, file=CONFIG_NAME):
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise _bad(file, "r", "an int >= 1", r)
     lora_alpha = raw.get("lora_alpha", 8)
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)):
-        raise _bad(file, "lora_alpha", "a number", lora_alpha)
+    if not _is_finite_number(lora_alpha):  # json.load takes NaN and Infinity: a NaN scaling NaN'd merged weights
+        raise _bad(file, "lora_alpha", "a finite number", lora_alpha)
     lora_dropout = raw.get("lora_dropout", 0.0)
     if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0 <= lora_dropout < 1:
         raise _bad(file, "lora_dropout", "a number in [0, 1)", lora_dropout)

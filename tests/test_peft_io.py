@@ -1017,7 +1017,12 @@ def _raw_config(**changes):
 @pytest.mark.parametrize("changes, message", [
     ({"peft_type": None}, r"field 'peft_type' expected \"LORA\" \(only LoRA adapters are supported\), got None"),
     ({"r": True}, r"field 'r' expected an int >= 1, got True"),
-    ({"lora_alpha": True}, r"field 'lora_alpha' expected a number, got True"),
+    ({"lora_alpha": True}, r"field 'lora_alpha' expected a finite number, got True"),
+    # json.load takes NaN and Infinity; a NaN alpha loaded into an injected model NaN'd the weights merge() wrote
+    ({"lora_alpha": float("nan")}, r"field 'lora_alpha' expected a finite number, got nan"),
+    ({"lora_alpha": float("-inf")}, r"field 'lora_alpha' expected a finite number, got -inf"),
+    ({"alpha_pattern": {"q_proj": float("inf")}}, r"field \"alpha_pattern\['q_proj'\]\" expected a finite number, "
+                                                  r"got inf"),
     ({"lora_dropout": 1}, r"field 'lora_dropout' expected a number in \[0, 1\), got 1$"),
     ({"lora_dropout": False}, r"field 'lora_dropout' expected a number in \[0, 1\), got False"),
     ({"use_rslora": "true"}, r"field 'use_rslora' expected true or false, got 'true'"),
@@ -1032,7 +1037,7 @@ def _raw_config(**changes):
     ({"rank_pattern": {"q_proj": 0}}, r"field \"rank_pattern\['q_proj'\]\" expected an int >= 1, got 0"),
     ({"rank_pattern": {"q_proj": True}}, r"field \"rank_pattern\['q_proj'\]\" expected an int >= 1, got True"),
     ({"rank_pattern": {"q_proj": 4.0}}, r"field \"rank_pattern\['q_proj'\]\" expected an int >= 1, got 4\.0"),
-    ({"alpha_pattern": {"q_proj": True}}, r"field \"alpha_pattern\['q_proj'\]\" expected a number, got True"),
+    ({"alpha_pattern": {"q_proj": True}}, r"field \"alpha_pattern\['q_proj'\]\" expected a finite number, got True"),
     ({"layers_to_transform": [0, -1]}, r"field 'layers_to_transform' expected an int or a list of ints >= 0"),
     ({"layers_to_transform": [0], "target_modules": r".*\.q_proj"},
      r"field 'layers_to_transform' cannot be used with a regex target_modules"),
