@@ -1033,6 +1033,20 @@ def test_cuda_bwd_dy_kernel(dtype, m, n, r, cuda_device):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("r", [1, 16])
+def test_cuda_bwd_dy_kernel_takes_a_misaligned_transposed_lora_b(r, cuda_device):
+    """lora_b as the .t() of a [r, N] view one element into its buffer: its transpose is contiguous already, so
+    the launcher's contiguous() kept the 2-byte offset, which the tensor-core kernel's 16-byte loads cannot take."""
+    m, n = 64, 4096
+    dy = randn(m, n, dtype=torch.bfloat16, device=cuda_device)
+    s = randn(m, r, device=cuda_device)
+    buffer = randn(r * n + 1, dtype=torch.bfloat16, device=cuda_device, scale=r ** -0.5)
+    lora_b = buffer[1:].view(r, n).t()
+    assert lora_b.t().is_contiguous() and lora_b.data_ptr() % 16 != 0
+    _check_bwd(dy, s, lora_b, 2.0)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype,n,r,transposed,kernel", [
     (torch.bfloat16, 4096, 16, False, "lora_bwd_dy_mma_kernel"), (torch.float16, 136, 32, False,
                                                                   "lora_bwd_dy_mma_kernel"),

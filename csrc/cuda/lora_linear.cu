@@ -787,7 +787,10 @@ std::tuple<at::Tensor, at::Tensor> lora_bwd_dy_cuda_launch(const at::Tensor& dy,
     const BwdDyMmaGrid grid = bwd_dy_mma_grid(M, N, r, dy.get_device());
     constexpr int64_t kMaxGridY = 65535;  // CUDA's limit: past 16 Mi rows, the CUDA-core kernel below
     if (grid.row_blocks <= kMaxGridY) {
-      const at::Tensor bt = lora_b.t().contiguous();  // [r, N]: a column of B is one 16-byte load
+      // [r, N]: a column of B is one 16-byte load. contiguous() returns an already contiguous view as it is,
+      // storage offset included (lora_b the .t() of a view into a buffer), and a misaligned 16-byte load faults.
+      at::Tensor bt = lora_b.t().contiguous();
+      if (!aligned16(bt.data_ptr())) bt = bt.clone();
       at::Tensor db_partials = at::empty({grid.row_blocks, N, r}, fp32);
       at::Tensor ds_partials = at::empty({grid.col_blocks, M, r}, fp32);
       if (dy.scalar_type() == at::kHalf) {
