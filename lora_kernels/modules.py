@@ -313,7 +313,11 @@ class LoRALinear(nn.Module):
     def reset_lora_parameters(self, init_lora_weights=True):
         """PEFT's initialisations: True (A kaiming-uniform a=sqrt(5), B zeros), "gaussian" (A ~ N(0, std 1/r), B zeros),
         False (both random: the layer no longer starts as the identity; for tests). The choice is kept for
-        reset_parameters()."""
+        reset_parameters(). Refused while merged: unmerge() subtracts the delta of the factors it finds."""
+        if self.merged:
+            raise RuntimeError("LoRALinear.reset_lora_parameters: the adapter is merged into the base weight, and "
+                               "unmerge() would subtract the new factors' delta instead of the merged one; call "
+                               "unmerge() first")
         schemes = next((v for k, v in _INIT_SCHEMES
                         if type(k) is type(init_lora_weights) and k == init_lora_weights), None)  # 1 is not True
         if schemes is None:
@@ -332,8 +336,8 @@ class LoRALinear(nn.Module):
         refuse_subclass_reset("LoRALinear.reset_parameters", self.weight,
                               "reset_lora_parameters() to re-initialise the adapter alone")
         self._reset_base_parameters()
+        self.merged = False  # the base weight is new: nothing is merged into it
         self.reset_lora_parameters(getattr(self, "init_lora_weights", True))  # a layer pickled before it was kept
-        self.merged = False
 
     @classmethod
     def from_linear(cls, linear, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False, *, init_lora_weights=True,

@@ -1093,6 +1093,26 @@ def test_reset_parameters_of_a_trained_layer_gives_a_fresh_adapter():
     assert torch.count_nonzero(layer.lora_B.weight) == 0
 
 
+def test_reset_lora_parameters_of_a_merged_layer_is_refused_and_reset_parameters_unmerges():
+    """The adapter of a merged layer cannot be re-drawn: unmerge() would subtract the new factors' delta, leaving
+    the merged one in the base weight for good (0.39 off). reset_parameters() re-initialises the base weight too,
+    so it may: the layer is then a fresh, unmerged one."""
+    layer = _trained(LoRALinear(12, 6, r=2))
+    base = layer.weight.detach().clone()
+    layer.merge()
+    factors = [layer.lora_A.weight.detach().clone(), layer.lora_B.weight.detach().clone()]
+    with pytest.raises(RuntimeError, match=r"reset_lora_parameters: the adapter is merged .* call unmerge\(\) first"):
+        layer.reset_lora_parameters()
+    assert layer.merged and torch.equal(layer.lora_A.weight, factors[0]) and torch.equal(layer.lora_B.weight, factors[1])
+    layer.unmerge()
+    torch.testing.assert_close(layer.weight, base)
+    layer.merge()
+    layer.reset_parameters()
+    assert not layer.merged and torch.count_nonzero(layer.lora_B.weight) == 0
+    x = torch.randn(4, 12)
+    torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+
+
 def test_a_lora_factor_on_its_own_resets_by_its_init_scheme():
     """LoRAFactor.reset_parameters() (what a meta-device init loop calls on every module holding parameters) follows
     the init_scheme it was built with or given: zeros, PEFT's gaussian (std 1/r over its rows) or kaiming-uniform
