@@ -827,21 +827,28 @@ def _write_slot(layers, slot, plan, grouped, config):
 
 # -------------------------------------------------------------------------------------------------------------- save
 
-def _atomic_write(directory, name, write):
-    """Calls write(temp_path) for a temporary file in `directory`, fsyncs it and renames it to `name`: a crash leaves
-    either the old file or the new one, never a truncated one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
+def _atomic_write(directory, files):
+    """Writes each (name, write) of `files` by calling write(temp_path) for a temporary file in `directory` and
+    fsyncing it, then, all written, renames them to their names one after another: a failed or interrupted write
+    leaves the old files, never a truncated one nor new weights beside the old config (which loaded with the old
+    alpha). Only a crash between the renames, microseconds apart, can still pair them wrongly."""
+    temps = []
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(directory, name))
+        for name, write in files:
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+            os.close(fd)
+            temps.append(tmp)
+            write(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        for (name, _), tmp in zip(files, temps):
+            os.replace(tmp, os.path.join(directory, name))
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for tmp in temps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         raise
-    try:  # make the rename itself durable where the platform allows it
+    try:  # make the renames themselves durable where the platform allows it
         dir_fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
@@ -1056,11 +1063,11 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
         return
     os.makedirs(path, exist_ok=True)
     from safetensors.torch import save_file
-    _atomic_write(path, SAFETENSORS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
     def write_json(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
 
-    _atomic_write(path, CONFIG_NAME, write_json)
+    _atomic_write(path, [(SAFETENSORS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})),
+                         (CONFIG_NAME, write_json)])

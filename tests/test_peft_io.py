@@ -1488,6 +1488,22 @@ def test_save_is_atomic_a_crash_keeps_the_old_file(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
+def test_a_save_whose_config_write_fails_keeps_the_old_weights_too(tmp_path, monkeypatch):
+    """Both files are written before either replaces the old one: the weights were renamed into place first, and a
+    config write that then failed (disk full) left new factors beside the old config, which loaded with its alpha."""
+    lk.save_peft_adapter(_trained(), tmp_path)
+    old = {name: (tmp_path / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")}
+
+    def disk_full(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(peft_io.json, "dump", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        lk.save_peft_adapter(_trained(("q_proj",), lora_alpha=4), tmp_path)  # another alpha, other targets
+    assert {name: (tmp_path / name).read_bytes() for name in old} == old
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
 def test_save_refuses_what_one_peft_config_cannot_hold(tmp_path):
     with pytest.raises(ValueError, match="no LoRALinear layers"):
         lk.save_peft_adapter(_base(), tmp_path)
