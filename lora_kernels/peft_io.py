@@ -557,7 +557,8 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
     its [in, out] weight) holding the adapter, in the train/eval mode of the layer it replaces, with float32 factors
     for 16-bit layers unless autocast_adapter_dtype=False (PEFT's default and option); modules that are LoRALinear
     already (inject_lora) get the weights when their rank matches (alpha, rsLoRA and dropout are taken from the
-    file). Every non-LoRA parameter is frozen
+    file) and keep their backend and factor dtype: backend and autocast_adapter_dtype set up the layers this call
+    creates (with adapter_name, none: the prepared layers keep theirs). Every non-LoRA parameter is frozen
     and lora_A/lora_B train, like inject_lora. Modules that the config's modules_to_save selects (a classification
     head) get their saved state and train whole; unlike PEFT, which keeps the originals beside a trained copy, their
     state is replaced in place (load into a fresh base model to keep it). With the config's bias "all" or
