@@ -57,12 +57,7 @@ class LoRABatch:
     def _for_op(cls, op, adapter_ids, num_adapters, *, validate=None):
         """from_adapter_ids for a function that takes adapter ids itself (multi_lora_linear): its errors name op,
         the function the user called."""
-        if not isinstance(adapter_ids, torch.Tensor):
-            raise TypeError(f"{op}: adapter_ids expected a torch.Tensor, got {type(adapter_ids).__name__}")
-        if adapter_ids.dtype.is_floating_point or adapter_ids.dtype.is_complex or adapter_ids.dtype == torch.bool:
-            raise TypeError(f"{op}: adapter_ids expected an integer dtype, got {adapter_ids.dtype}")
-        if adapter_ids.layout != torch.strided:  # failed in reshape, naming nothing
-            raise TypeError(f"{op}: adapter_ids expected a dense (strided) tensor, got layout {adapter_ids.layout}")
+        _check_ids_tensor(op, adapter_ids)
         if isinstance(num_adapters, bool) or not isinstance(num_adapters, numbers.Integral) or num_adapters < 1:
             raise ValueError(f"{op}: num_adapters expected an int >= 1, got {num_adapters!r}")
         num_adapters = int(num_adapters)  # a numpy integer too, as the slots of set_adapter
@@ -98,16 +93,15 @@ class LoRABatch:
         refilled batch (autograd's error about a tensor modified in place) rather than use the new ids; not under
         activation checkpointing, whose backward recomputes the forward with the batch as it is then: refill only
         after the backward there. Returns self."""
-        if not isinstance(adapter_ids, torch.Tensor):
-            raise TypeError(f"LoRABatch.refill_: adapter_ids expected a torch.Tensor, got {type(adapter_ids).__name__}")
+        op = "LoRABatch.refill_"
+        _check_ids_tensor(op, adapter_ids)
         if adapter_ids.numel() != self.num_tokens:
-            raise ValueError(f"LoRABatch.refill_: adapter_ids expected {self.num_tokens} ids (the batch's num_tokens), "
+            raise ValueError(f"{op}: adapter_ids expected {self.num_tokens} ids (the batch's num_tokens), "
                              f"got shape {tuple(adapter_ids.shape)}")
-        validate = _check_validate("LoRABatch.refill_", validate)
+        validate = _check_validate(op, validate)
         if validate is None or validate:  # as from_adapter_ids would decide, for the ids where the caller has them
-            _check_id_values(adapter_ids.reshape(-1), self.num_adapters, "LoRABatch.refill_",
-                             asked=validate is not None)
-        fresh = LoRABatch.from_adapter_ids(adapter_ids.to(self.device), self.num_adapters, validate=False)
+            _check_id_values(adapter_ids.reshape(-1), self.num_adapters, op, asked=validate is not None)
+        fresh = LoRABatch._for_op(op, adapter_ids.to(self.device), self.num_adapters, validate=False)
         for name in BUFFER_FIELDS:
             getattr(self, name).copy_(getattr(fresh, name))
         return self
@@ -116,6 +110,16 @@ class LoRABatch:
         if num_tokens != self.num_tokens:
             raise ValueError(f"{op_name}: batch was built for {self.num_tokens} tokens, but {arg_name} has "
                              f"{num_tokens} rows")
+
+
+def _check_ids_tensor(op, adapter_ids):
+    """TypeError naming op unless adapter_ids is a dense integer tensor."""
+    if not isinstance(adapter_ids, torch.Tensor):
+        raise TypeError(f"{op}: adapter_ids expected a torch.Tensor, got {type(adapter_ids).__name__}")
+    if adapter_ids.dtype.is_floating_point or adapter_ids.dtype.is_complex or adapter_ids.dtype == torch.bool:
+        raise TypeError(f"{op}: adapter_ids expected an integer dtype, got {adapter_ids.dtype}")
+    if adapter_ids.layout != torch.strided:  # failed in reshape, naming nothing
+        raise TypeError(f"{op}: adapter_ids expected a dense (strided) tensor, got layout {adapter_ids.layout}")
 
 
 def _check_validate(op, validate):

@@ -20,7 +20,7 @@ from lora_kernels.backends import check_backend_name
 from lora_kernels.functional import (MULTI_SUBCLASS_WEIGHT_USE, SUBCLASS_WEIGHT_USE, describe_subclass,
                                      is_subclass_weight, lora_linear, multi_lora_base_linear, multi_lora_linear,
                                      refuse_subclass_weight_backend)
-from lora_kernels.ops import FLOAT_DTYPES, autocast_off, check_flag, is_finite_number
+from lora_kernels.ops import FLOAT_DTYPES, autocast_off, check_dense, check_flag, is_finite_number
 
 
 class LoRAFactor(nn.Module):
@@ -102,6 +102,13 @@ def _factor_placements(op, weight, fan_in_fan_out, backend, lora_dropout):
         return (Shard(1),), (Replicate(),)
     raise TypeError(f"{op}: {where}; expected Shard or Replicate placements (a partial weight holds no value "
                     f"of its own to adapt)")
+
+
+def positive_int(op, name, value):
+    """value as an int >= 1 (a numpy integer too, as slots and num_adapters are taken); else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{op}: {name} expected an int >= 1, got {value!r}")
+    return int(value)
 
 
 def lora_scaling(r, lora_alpha, use_rslora):
@@ -242,11 +249,11 @@ class LoRALinear(nn.Module):
                  device=None, dtype=None, *, init_lora_weights=True, backend="auto", fan_in_fan_out=False,
                  autocast_adapter_dtype=True):
         super().__init__()
-        for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"LoRALinear: {name} expected an int >= 1, got {value!r}")
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"LoRALinear: dtype expected a floating dtype, got {dtype!r}")
+        in_features = positive_int("LoRALinear", "in_features", in_features)
+        out_features = positive_int("LoRALinear", "out_features", out_features)
+        if dtype is not None and dtype not in FLOAT_DTYPES:  # float8 failed in nn.init, naming nothing
+            raise TypeError(f"LoRALinear: dtype expected a floating dtype (float32/float16/bfloat16/float64), got "
+                            f"{dtype!r}")
         # flags, not truthy values: PEFT's bias="none" made a bias, fan_in_fan_out="false" a transposed weight
         bias = check_flag("LoRALinear", "bias", bias)
         self.in_features, self.out_features = in_features, out_features
@@ -261,8 +268,8 @@ class LoRALinear(nn.Module):
 
     @staticmethod
     def _check_lora_args(op, r, lora_alpha, lora_dropout, backend):
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"{op}: r expected an int >= 1, got {r!r}")
+        """Raises for a bad argument; returns r as an int."""
+        r = positive_int(op, "r", r)
         if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real):
             raise TypeError(f"{op}: lora_alpha expected a number, got {lora_alpha!r}")
         if not is_finite_number(lora_alpha):
@@ -270,11 +277,12 @@ class LoRALinear(nn.Module):
         if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real) or not 0 <= lora_dropout < 1:
             raise ValueError(f"{op}: lora_dropout expected a number in [0, 1), got {lora_dropout!r}")
         check_backend_name(op, backend)
+        return r
 
     def _init_lora(self, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, backend, autocast_adapter_dtype,
                    op):
         """The adapter half of construction, shared by __init__ and from_linear (the base weight exists already)."""
-        self._check_lora_args(op, r, lora_alpha, lora_dropout, backend)
+        r = self._check_lora_args(op, r, lora_alpha, lora_dropout, backend)
         use_rslora = check_flag(op, "use_rslora", use_rslora)  # a truthy string such as "no" switched rsLoRA on
         autocast_adapter_dtype = check_flag(op, "autocast_adapter_dtype", autocast_adapter_dtype)
         self.r, self.lora_alpha, self.use_rslora, self.lora_dropout = r, lora_alpha, use_rslora, float(lora_dropout)
@@ -588,18 +596,16 @@ class MultiLoRALinear(nn.Module):
                             f"adapters in one batch are not supported on DTensor layers: use a LoRALinear per adapter "
                             f"(inject_lora / load_peft_adapter after parallelize_module), or the serving ops lk.ops.* "
                             f"on each rank's plain shards")
-        for name, value in (("max_adapters", max_adapters), ("max_rank", max_rank)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"MultiLoRALinear: {name} expected an int >= 1, got {value!r}")
+        max_adapters = positive_int("MultiLoRALinear", "max_adapters", max_adapters)
+        max_rank = positive_int("MultiLoRALinear", "max_rank", max_rank)
         check_backend_name("MultiLoRALinear", backend)
         if backend == "reference" and is_subclass_weight(base_linear.weight):  # refused now, not at the forward
             refuse_subclass_weight_backend("MultiLoRALinear" if _name is None else
                                            f"prepare_multi_adapter: module {_name!r}", backend, base_linear.weight,
                                            MULTI_SUBCLASS_WEIGHT_USE)
-        if adapter_dtype is not None and (not isinstance(adapter_dtype, torch.dtype)
-                                          or not adapter_dtype.is_floating_point):
-            raise TypeError(f"MultiLoRALinear: adapter_dtype expected None or a floating torch.dtype, got "
-                            f"{adapter_dtype!r}")
+        if adapter_dtype is not None and adapter_dtype not in FLOAT_DTYPES:
+            raise TypeError(f"MultiLoRALinear: adapter_dtype expected None or a floating torch.dtype "
+                            f"(float32/float16/bfloat16/float64), got {adapter_dtype!r}")
         op, what = ("prepare_multi_adapter", f"module {_name!r}") if _name is not None else ("MultiLoRALinear",
                                                                                              "base_linear")
         warn_dropped_hooks(op, what, base_linear, "MultiLoRALinear keeps it as base_layer but reads its weight and "
@@ -672,6 +678,7 @@ class MultiLoRALinear(nn.Module):
                 desc = (f"{t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor)
                         else type(t).__name__)
                 raise TypeError(f"{op}: {name} expected a 2-D floating tensor, got {desc}")
+            check_dense(op, name, t)  # failed in the copy below, naming neither
         rank = lora_a.shape[0]
         if not 1 <= rank <= self.max_rank or lora_a.shape[1] != self.in_features:
             raise ValueError(f"{op}: lora_a expected shape [r, {self.in_features}] with 1 <= r <= {self.max_rank}, "

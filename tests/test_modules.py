@@ -1326,9 +1326,10 @@ def test_multi_lora_float32_slots_train_the_adapters_of_a_16bit_model():
     assert (grad16, grad32) == (torch.bfloat16, torch.float32)
     assert changed32 == 1.0 and changed16 < 0.01
     assert "adapter_dtype=torch.float32" in repr(MultiLoRALinear(base, 2, 8, adapter_dtype=torch.float32))
-    with pytest.raises(TypeError, match="MultiLoRALinear: adapter_dtype expected None or a floating torch.dtype, "
-                                        "got torch.int32"):
-        MultiLoRALinear(base, 2, 8, adapter_dtype=torch.int32)
+    for dtype in (torch.int32, torch.float8_e4m3fn):  # float8 failed in the slots' set_adapter copies
+        with pytest.raises(TypeError, match=r"MultiLoRALinear: adapter_dtype expected None or a floating torch.dtype "
+                                            rf"\(float32/float16/bfloat16/float64\), got {dtype}"):
+            MultiLoRALinear(base, 2, 8, adapter_dtype=dtype)
     model = prepare_multi_adapter(nn.Sequential(nn.Linear(8, 8).to(torch.bfloat16)), ["0"], 2, 4,
                                   adapter_dtype=torch.float32)
     assert model[0].lora_a.dtype == model[0].lora_b.dtype == torch.float32

@@ -118,6 +118,11 @@ def test_lora_batch_refill_in_place(device):
         batch.refill_(torch.tensor([0, 1, 2, 3, 4, 0, 0]))  # CPU ids are checked, wherever the batch lives
     with pytest.raises(TypeError, match="adapter_ids expected a torch.Tensor, got list"):
         batch.refill_([0] * 7)
+    # named as refill_'s, before any value is read (a float 9.0 was an out-of-range id; sparse failed in reshape)
+    with pytest.raises(TypeError, match=r"LoRABatch.refill_: adapter_ids expected an integer dtype, got torch.float32"):
+        batch.refill_(torch.tensor([9.0, 1, 2, 3, 0, 0, 0]))
+    with pytest.raises(TypeError, match=r"LoRABatch.refill_: adapter_ids expected a dense \(strided\) tensor"):
+        batch.refill_(new_ids.to_sparse())
     assert all(torch.equal(t, snapshot[name]) for name, t in buffers.items())
 
 
@@ -134,6 +139,22 @@ def test_set_and_clear_adapter_take_numpy_slot_indices():
     assert layer.ranks.tolist() == [0, 0] and not layer.lora_a.any()
     with pytest.raises(ValueError, match=r"slot expected an int in \[0, 2\), got np.True_|got True"):
         layer.clear_adapter(np.bool_(True))
+
+
+def test_layer_sizes_and_ranks_take_numpy_integers_as_python_ints():
+    """in_features, out_features, r, max_adapters and max_rank from numpy (a sweep's grid) were refused with
+    "expected an int >= 1, got np.int64(4)", unlike slots and num_adapters; they are stored as Python ints (json
+    writes the saved adapter's r)."""
+    np = pytest.importorskip("numpy")
+    layer = lk.LoRALinear(np.int64(8), np.int32(6), r=np.int64(2))
+    assert (layer.in_features, layer.out_features, layer.r) == (8, 6, 2)
+    assert all(type(v) is int for v in (layer.in_features, layer.out_features, layer.r))
+    assert type(lk.LoRALinear.from_linear(nn.Linear(8, 6), r=np.int16(3)).r) is int
+    multi = lk.MultiLoRALinear(nn.Linear(8, 6), max_adapters=np.int64(2), max_rank=np.int64(4))
+    assert type(multi.max_adapters) is type(multi.max_rank) is int and multi.lora_a.shape == (2, 4, 8)
+    for bad in (np.int64(0), np.bool_(True), 2.0):
+        with pytest.raises(ValueError, match=r"LoRALinear: r expected an int >= 1"):
+            lk.LoRALinear(8, 6, r=bad)
 
 
 def test_validate_takes_a_bool_or_none_and_num_adapters_a_numpy_integer():
@@ -814,6 +835,8 @@ def test_set_adapter_is_atomic_and_checks_input():
         ((0, torch.randn(2, 8), torch.randn(6, 2), "big"), TypeError, "scaling expected a number, got 'big'"),
         ((0, torch.randn(2, 8), torch.randn(6, 2), float("inf")), ValueError, "scaling expected a finite number"),
         ((0, torch.randn(2, 8), torch.randn(6, 2), float("nan")), ValueError, "scaling expected a finite number"),
+        ((0, torch.randn(2, 8).to_sparse(), torch.randn(6, 2), 1.0), TypeError,
+         r"lora_a expected a dense \(strided\) tensor, got layout torch.sparse_coo"),
         # finite, but not in the slots' float32: the factors were written before the scaling's store failed
         ((0, torch.randn(2, 8), torch.randn(6, 2), 1e39), ValueError,
          r"scaling expected a finite number in the range of the slots' torch.float32, got 1e\+39"),

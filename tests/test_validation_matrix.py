@@ -260,7 +260,9 @@ MATRIX = [
     (call_lora_linear_module, dict, "init", lambda a: "pissa", ValueError, ["init_lora_weights expected", "'pissa'"]),
     (call_lora_linear_module, dict, "use_rslora", lambda a: "no", TypeError, ["use_rslora expected a bool, got 'no'"]),
     (call_lora_linear_module, dict, "dtype", lambda a: torch.int64, TypeError,
-     ["dtype expected a floating dtype, got torch.int64"]),
+     ["dtype expected a floating dtype (float32/float16/bfloat16/float64), got torch.int64"]),
+    (call_lora_linear_module, dict, "dtype", lambda a: torch.float8_e4m3fn, TypeError,  # failed in nn.init
+     ["dtype expected a floating dtype", "got torch.float8_e4m3fn"]),
     (call_merge, dict, "safe_merge", lambda a: "x", TypeError, ["safe_merge expected a bool, got 'x'"]),
     (call_set_adapter, dict, "scaling", lambda a: "2.0", TypeError, ["scaling expected a number, got '2.0'"]),
     (call_set_adapter, dict, "slot", lambda a: L, ValueError, ["slot expected an int in [0, 3), got 3"]),
