@@ -998,6 +998,13 @@ def find_target_linears(model, target_modules, exclude_modules=None, op="inject_
                 and any(name.endswith("." + target_modules) for name, _ in model.named_modules())):
             hint = (f"; a str is a regex over the whole module name (PEFT's rule): for the layers named "
                     f"{target_modules!r} pass a list, [{target_modules!r}]")
+        if modules_to_save:  # PEFT's rule too: the targets in a head that trains whole get no LoRA, unannounced
+            in_heads = [name for name, _ in named_target_modules(
+                model, target_modules, exclude_modules, op=op, layers_to_transform=layers_to_transform,
+                layers_pattern=layers_pattern) if in_modules_to_save(name, modules_to_save)]
+            if in_heads:
+                hint += (f"; {in_heads[:3]!r} would match, but are (inside) modules_to_save {modules_to_save!r}, "
+                         f"which train whole and get no LoRA, as in PEFT")
         raise ValueError(f"{op}: target_modules {target_modules!r} matched no nn.Linear in the model"
                          f"{' it can wrap' if skipped else ''}{hint}")
     _warn_partial_targets(op, model, target_modules)

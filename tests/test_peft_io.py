@@ -468,6 +468,12 @@ def test_no_lora_inside_modules_to_save_as_peft(tmp_path):
     injected = lk.inject_lora(copy.deepcopy(base), ["dense"], modules_to_save=["classifier"], backend=BACKEND)
     assert [n for n, m in injected.named_modules() if isinstance(m, LoRALinear)] == ["dense"]
     assert injected.classifier.dense.weight.requires_grad and not injected.dense.weight.requires_grad
+    # a target inside the head alone: nothing to wrap, and the error says why ("matched no nn.Linear" only, though
+    # classifier.dense is one)
+    with pytest.raises(ValueError, match=r"inject_lora: target_modules \['classifier.dense'\] matched no nn.Linear "
+                                         r"in the model; \['classifier.dense'\] would match, but are \(inside\) "
+                                         r"modules_to_save \['classifier'\], which train whole and get no LoRA"):
+        lk.inject_lora(copy.deepcopy(base), ["classifier.dense"], modules_to_save=["classifier"])
     lk.save_peft_adapter(ours, tmp_path / "ours")
     back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
     torch.testing.assert_close(back(x), ours(x), rtol=1e-6, atol=1e-6)
