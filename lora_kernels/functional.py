@@ -816,7 +816,7 @@ def multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias=Non
 
     x: [..., K]; weight: [N, K]; lora_a: [L, R, K]; lora_b: [L, N, R]; adapter_ids: integer tensor shaped like
     x.shape[:-1], or a LoRABatch already built for these tokens (reuse one per step across layers); scalings: [L];
-    bias: [N] or None. Differentiable in x, lora_a and lora_b (several adapters trained in one batch), and in weight
+    bias: [N] or None; ranks: [L] ints or None (every slot at R). Differentiable in x, lora_a and lora_b (several adapters trained in one batch), and in weight
     and bias when they require grad. Under
     torch.autocast, computed in the autocast dtype, like F.linear (scalings stay float32). float64 runs a torch
     composition, float64 throughout but slot by slot (L·M·R·(K+N) work): the kernels' shrink results are float32.

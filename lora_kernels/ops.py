@@ -475,9 +475,11 @@ def lora_shrink(x, lora_a, batch, scalings, ranks=None, *, backend="auto", deter
 
 
 def lora_expand(t, lora_b, batch, out, slice_offset=0, ranks=None, *, backend="auto"):
-    """out[t, slice_offset : slice_offset + N] += lora_b[i, :, :ranks[i]] @ t[t, :ranks[i]] for i = slot of t, in place.
+    """out[m, slice_offset : slice_offset + N] += lora_b[i, :, :ranks[i]] @ t[m, :ranks[i]] for i = slot of token
+    m, in place (the scalings were applied by lora_shrink).
 
-    t: [M, R] (float32 from lora_shrink); lora_b: [L, N, R]; out: [M, N_total]; returns out.
+    t: [M, R] (float32 from lora_shrink); lora_b: [L, N, R]; out: [M, N_total]; slice_offset: int, the first output
+    column; ranks: [L] or None (all R). Returns out.
     """
     op = "lora_expand"
     if isinstance(slice_offset, numbers.Integral) and not isinstance(slice_offset, bool):
@@ -491,8 +493,10 @@ def lora_expand(t, lora_b, batch, out, slice_offset=0, ranks=None, *, backend="a
 
 def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_slices, *, backend="auto",
              deterministic=False, buffer=None):
-    """For each slice j: y[:, o_j : o_j + n_j] += expand(shrink(x, lora_a_slices[j]), lora_b_slices[j]), with
-    o_j = sum(output_slices[:j]) — e.g. a fused QKV projection with q, k, v widths (n_q, n_kv, n_kv).
+    """For each slice j: y[m, o_j : o_j + n_j] += scalings[i] * B_j[i, :, :r] @ (A_j[i, :r] @ x[m]), i = slot of
+    token m, r = ranks[i], A_j = lora_a_slices[j], B_j = lora_b_slices[j], o_j = sum(output_slices[:j]) — that is,
+    lora_expand(lora_shrink(x, A_j, batch, scalings, ranks), B_j, batch, y, o_j, ranks); e.g. a fused QKV projection
+    with q, k, v widths (n_q, n_kv, n_kv).
 
     y: [M, sum(output_slices)]; x: [M, K]; lora_a_slices: S tensors [L, R_j, K], or one [S, L, R, K];
     lora_b_slices: S tensors [L, n_j, R_j], or one [S, L, n, R] when the widths are equal; scalings: [L]; ranks: [L]
