@@ -127,6 +127,15 @@ def _choose(backend, device_type, op_name, dtype):
                       f"Available here: {', '.join(available_backends(device))} (or 'auto').")
 
 
+def log_auto_choice_by_kind(op_name, chosen, kind):
+    """The debug line of an auto choice that the kind of the arguments made (DTensors, a tensor-subclass weight: the
+    torch composition), not their device: once per (op, kind), as resolve_backend's."""
+    key = (op_name, kind)
+    if not torch.compiler.is_compiling() and key not in _LOGGED and logger.isEnabledFor(logging.DEBUG):
+        _LOGGED.add(key)
+        logger.debug("%s: backend='auto' chose %r for %s", op_name, chosen, kind)
+
+
 def resolve_backend(backend, device, op_name, dtype=None):
     """The backend to run `op_name` with: `backend` itself when it can run here, the auto choice for "auto" (for
     tensors of `dtype`). Raises ValueError naming the reason and the available backends otherwise."""

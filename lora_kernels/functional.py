@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass_type
 from lora_kernels import ops, reference
 from lora_kernels._dtensor import describe, dtensor_class, is_dtensor
 from lora_kernels._ext import accumulate_dtype, scaled_mm
-from lora_kernels.backends import resolve_backend
+from lora_kernels.backends import log_auto_choice_by_kind, resolve_backend
 from lora_kernels.batch import BUFFER_FIELDS, LoRABatch
 
 
@@ -156,6 +156,8 @@ def resolve_dtensor_backend(op, backend, named, dropout_p):
             raise ValueError(f"{op}: {name} expected a DTensor on {first.device_mesh} (as {first_name}), got "
                              f"{describe(t)}")
     chosen = resolve_backend("torch" if backend == "auto" else backend, first.device, op)
+    if backend == "auto":
+        log_auto_choice_by_kind(op, chosen, "DTensors (tensor parallelism)")
     if chosen not in DTENSOR_BACKENDS:
         raise TypeError(f"{op}: backend {backend!r} runs plain tensors, got {first_name} as {describe(first)} "
                         f"(tensor parallelism); use backend='torch' (or 'auto', which picks it for DTensors): its "
@@ -555,6 +557,8 @@ def lora_linear(x, weight, lora_a, lora_b, scaling=1.0, bias=None, *, dropout_p=
         subclass_weight = True
         if resolve_backend("torch" if backend == "auto" else backend, x.device, op) != "torch":
             refuse_subclass_weight_backend(op, backend, weight, SUBCLASS_WEIGHT_USE)
+        if backend == "auto":
+            log_auto_choice_by_kind(op, "torch", "a tensor-subclass weight (is_subclass_weight)")
         backend = "torch"
     else:
         backend = resolve_backend(backend, x.device, op)

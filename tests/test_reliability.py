@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lora_kernels as lk
-from conftest import TOLERANCE, rel_error
+from conftest import TOLERANCE, quantized_linear, rel_error
 from lora_kernels import backends, reference
 from lora_kernels.batch import LoRABatch
 
@@ -530,6 +530,19 @@ def test_auto_choice_is_logged_when_debug_is_switched_on_after_the_first_call(ca
         lk.lora_linear(x, w, a, b)
     lines = [r.getMessage() for r in caplog.records if "backend='auto' chose" in r.getMessage()]
     assert lines == [f"lora_linear: backend='auto' chose {backends.auto_backend('cpu')!r} for cpu tensors"]
+
+
+def test_auto_choice_for_a_tensor_subclass_weight_is_logged(caplog, monkeypatch):
+    """A quantized (tensor-subclass) weight makes "auto" run the torch composition whatever the device: that choice
+    is logged too (it bypassed resolve_backend's auto path, and its line)."""
+    monkeypatch.setattr(backends, "_LOGGED", set())
+    quantized, _ = quantized_linear(8, 4)
+    x, a, b = torch.randn(2, 8), torch.randn(2, 8), torch.randn(4, 2)
+    with caplog.at_level(logging.DEBUG, logger="lora_kernels"):
+        lk.lora_linear(x, quantized.weight, a, b)
+        lk.lora_linear(x, quantized.weight, a, b)
+    lines = [r.getMessage() for r in caplog.records if "backend='auto' chose" in r.getMessage()]
+    assert lines == ["lora_linear: backend='auto' chose 'torch' for a tensor-subclass weight (is_subclass_weight)"]
 
 
 # ------------------------------------------------------------ tensor lifetimes, reference cycles, unbounded caches
