@@ -55,7 +55,8 @@ DECODE_TOKENS = 64
 # Host overhead rows: a shape so small that the kernels take a few µs, so the time per call is what the Python and
 # C++ host path costs (argument checks, dispatch, autograd, launches); against F.linear at the same shape.
 HOST_SHAPE = {"m": 1, "k": 64, "n": 64, "r": 8, "slots": 8}
-HOST_CALLS, HOST_REPEATS = 100, 5  # the best of HOST_REPEATS runs of HOST_CALLS calls (a shared CPU is noisy)
+# the best of HOST_REPEATS runs of HOST_CALLS calls (a shared CPU is noisy), after HOST_WARMUP calls
+HOST_CALLS, HOST_REPEATS, HOST_WARMUP = 100, 5, 10
 DROPOUT = 0.1  # the dropout of the "unfused layer vs ours" row (PEFT's common lora_dropout)
 ROUNDS = 2  # the candidates of a row are timed alternately in this many rounds, so clock drift hits both alike
 # Rotating input sets: enough sets that their bytes exceed this many times the last-level cache.
@@ -234,10 +235,16 @@ def _time_calls(fns, device, reps, backlog=False):
     return times
 
 
+def forward_kind(m):
+    """The design.md §8 forward target a token count M falls under: decode (M <= 16), prefill (M >= 256), or none
+    in between."""
+    return "fwd_decode" if m <= 16 else "fwd_prefill" if m >= 256 else None
+
+
 def host_time_ms(fn, device, calls=HOST_CALLS):
     """Wall time per call of `calls` back-to-back calls, the device synchronised only after the last, best of
-    HOST_REPEATS runs: the host cost of a call wherever the device keeps up (tiny shapes)."""
-    for _ in range(10):
+    HOST_REPEATS runs after HOST_WARMUP calls: the host cost of a call wherever the device keeps up (tiny shapes)."""
+    for _ in range(HOST_WARMUP):
         fn()
     best = math.inf
     for _ in range(HOST_REPEATS):
@@ -425,11 +432,11 @@ def triton_configs():
     return chosen
 
 
-def _assemble(cfg, device, rows, copy_gbs, started, partial):
+def _assemble(cfg, device, env, rows, copy_gbs, started, partial):
     on_gpu = device.type == "cuda"
     return {
         "config": dataclasses.asdict(cfg),
-        "environment": environment(device),
+        "environment": env,
         "timing": ("CUDA events around each call after warm-up, median" if on_gpu else
                    "time.perf_counter around each call after warm-up, median")
                   + f"; {ROUNDS * max(1, math.ceil(cfg.reps / ROUNDS))} calls after {cfg.warmup} warm-up, in "
@@ -450,6 +457,7 @@ def _run_bench(cfg, progress_stream, on_update):
     device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
     on_gpu = device.type == "cuda"
     torch.manual_seed(cfg.seed)
+    env = environment(device)  # now: the load average before the run's own load, the date it started
     started = time.perf_counter()
     progress = ProgressBar(_count_units(cfg), enabled=cfg.progress, stream=progress_stream)
     rows = []
@@ -459,7 +467,7 @@ def _run_bench(cfg, progress_stream, on_update):
     def step(label):
         progress.update(label)
         if on_update is not None:
-            on_update(_assemble(cfg, device, rows, copy["gbs"], started, partial=True))
+            on_update(_assemble(cfg, device, env, rows, copy["gbs"], started, partial=True))
 
     args = (rows, cfg, device, dtype, timing, on_gpu, step)
     if "host" in cfg.sections:
@@ -478,7 +486,7 @@ def _run_bench(cfg, progress_stream, on_update):
     if "sweep" in cfg.sections:
         sweep_rows(*args, copy["gbs"])
     progress.close()
-    return _assemble(cfg, device, rows, copy["gbs"], started, partial=False)
+    return _assemble(cfg, device, env, rows, copy["gbs"], started, partial=False)
 
 
 def forward_rows(rows, cfg, device, dtype, timing, on_gpu, step):
@@ -491,7 +499,7 @@ def forward_rows(rows, cfg, device, dtype, timing, on_gpu, step):
     section = "forward / base F.linear"
     for m in cfg.ms:
         inputs = InputSets(device, dtype, m, k, n, r)
-        kind = "fwd_decode" if m <= 16 else "fwd_prefill" if m >= 256 else None
+        kind = forward_kind(m)
         shape = f"M={m} K={k} N={n} r={r}"
         for backend in cfg.backends:
             candidates = {"base": inputs.fns(lambda x, w, a, b: F.linear(x, w)),
@@ -541,14 +549,14 @@ def training_rows(rows, cfg, device, dtype, timing, on_gpu, step):
     for rank in cfg.ranks:
         inputs = InputSets(device, dtype, m, k, n, rank, grad=True)
         # design.md §8's targets are for r = cfg.rank (16); the other ranks' rows are reported without one
-        kind_of = (lambda kind, rank=rank: kind if rank == cfg.rank else f"{kind}_other_rank")
+        kind_of = (lambda kind, rank=rank: kind if kind is None or rank == cfg.rank else f"{kind}_other_rank")
         for backend in cfg.backends:
             shape = f"M={m} K={k} N={n} r={rank}"
             with _guard(rows, "forward / base F.linear, rank sweep", backend, shape, on_gpu), torch.no_grad():
                 t = measure({"base": inputs.fns(lambda x, w, a, b, **_: F.linear(x, w)),
                              "ours": inputs.fns(lambda x, w, a, b, be=backend, **_: lora_linear(
                                  x, w, a, b, 2.0, backend=be))}, **timing)
-                _row(rows, "forward / base F.linear, rank sweep", kind_of("fwd_prefill"), backend, shape,
+                _row(rows, "forward / base F.linear, rank sweep", kind_of(forward_kind(m)), backend, shape,
                      "lora_linear forward", "F.linear(x, W)", t["ours"] / t["base"], t["ours"], t["base"], "ms",
                      on_gpu)
             step(f"rank {rank} forward {backend}")
@@ -734,7 +742,9 @@ def host_overhead_rows(rows, cfg, device, dtype, on_gpu, step):
         section = f"host time per call at a tiny shape: {ours} / {baseline}"
         _row(rows, section, "host_overhead", backend, shape + (f", {slots} slots" if grouped else ""), ours,
              baseline, ours_ms / base_ms, ours_ms, base_ms, "ms", on_gpu,
-             note="wall time of back-to-back calls: the host path (checks, dispatch, autograd, launches)")
+             note=f"wall time per call, best of {HOST_REPEATS} runs of {HOST_CALLS} back-to-back calls after "
+                  f"{HOST_WARMUP} warm-up (not --reps/--warmup): the host path (checks, dispatch, autograd, "
+                  f"launches)")
 
     with torch.no_grad():
         linear_ms = host_time_ms(lambda: F.linear(x, weight), device)
@@ -985,7 +995,7 @@ def format_bench(result):
     threads = env["cpu_threads"]
     where = env["gpu"] if on_gpu else f"{env['cpu']}, {threads} thread{'s' if threads != 1 else ''}"
     if not on_gpu and env.get("load_average"):
-        where += f", load average {env['load_average'][0]:.2f}"
+        where += f", load average {env['load_average'][0]:.2f} at start"
     lines = [f"lora-kernels bench: {env['device']} ({where}), {cfg['dtype']}, K=N={cfg['hidden']}, r={cfg['rank']}, "
              f"torch {env['torch']}, triton {env['triton'] or '-'}, {env['date']}",
              f"backends: {', '.join(cfg['backends'])}; timing: {result['timing']}",
@@ -994,7 +1004,7 @@ def format_bench(result):
     if result.get("partial"):
         lines.append("PARTIAL: the sweep did not finish; these are the rows measured so far")
     if not on_gpu:
-        lines.append("targets are design.md §8's GPU targets, shown for reference: CPU ratios are not judged by them")
+        lines.append("targets are GPU targets (BENCHMARKS.md), shown for reference: CPU ratios are not judged by them")
         if "triton" in cfg["backends"]:
             lines.append("note: triton on CPU tensors is the Triton interpreter (TRITON_INTERPRET=1, for tests): its "
                          "rows time the interpreter, not a compiled kernel")

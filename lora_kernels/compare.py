@@ -776,6 +776,7 @@ def _run_compare(cfg, progress_stream):
     device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
     fused_backend, fused_note = fused_backend_for(cfg)
     model_cfg = cfg.model_config()
+    env = environment(device)  # now: the load average before the run's own load, the date it started
     started = time.perf_counter()
     progress = ProgressBar(3 * cfg.steps + 3 + 3 + 1, enabled=cfg.progress, stream=progress_stream)
 
@@ -826,7 +827,7 @@ def _run_compare(cfg, progress_stream):
 
     return {
         "config": dataclasses.asdict(cfg),
-        "environment": environment(device),
+        "environment": env,
         "model": {"name": f"Llama-style decoder ({cfg.model_size})", **dataclasses.asdict(model_cfg),
                   "total_params": methods["full"]["total_params"],
                   "expected_lora_params": expected_lora_params(model_cfg, cfg.targets, cfg.rank)},
@@ -878,6 +879,11 @@ def _ratio(value, reference):
     ratio = value / reference
     # two significant digits under 0.1: a 976 B adapter against a 268 kB model is 0.0036×, not "0.00×"
     return f" ({ratio:.2g}×)" if 0 < abs(ratio) < 0.095 else f" ({ratio:.2f}×)"
+
+
+def _percent(value):
+    # two significant digits under 0.1%: the seed's "0.01% of a 70B model" is not "0.00%"
+    return f"{value:.2g}%" if 0 < value < 0.095 else f"{value:.2f}%"
 
 
 def _scaling_text(cfg):
@@ -948,7 +954,7 @@ def format_compare(result):
         return [label] + [fn(methods[m], m) for m in METHODS]
 
     rows = [
-        row("trainable params", lambda r, m: f"{fmt_count(r['trainable_params'])} ({r['trainable_percent']:.2f}%)"),
+        row("trainable params", lambda r, m: f"{fmt_count(r['trainable_params'])} ({_percent(r['trainable_percent'])})"),
         row("weights (all params)", lambda r, m: fmt_bytes(r["param_bytes"])),
         row("gradients (.grad)", lambda r, m: fmt_bytes(r["grad_bytes"]) + _ratio(r["grad_bytes"], full["grad_bytes"])),
         row("optimizer state (AdamW)", lambda r, m: fmt_bytes(r["optimizer_state_bytes"])

@@ -3,6 +3,7 @@ the host-overhead timer, the CUDA dY-once comparison row (its C++ op also has a 
 as CUDA-graph replays. Structure and arithmetic only: no timing is asserted."""
 
 import importlib.util
+import os
 import re
 from pathlib import Path
 
@@ -193,6 +194,32 @@ def test_sweep_section_rows():
     assert "grouped sweep: mixed ranks 8/16/32/64" in bench.format_bench(result)
 
 
+def test_rank_sweep_forward_rows_carry_the_target_of_their_token_count():
+    """The rank sweep's forward row took the M >= 256 target (<= 1.05) at any --train-m; design.md §8 sets none
+    between 16 and 256 tokens, as the forward rows do."""
+    assert [bench.forward_kind(m) for m in (1, 16, 17, 255, 256, 8192)] == [
+        "fwd_decode", "fwd_decode", None, None, "fwd_prefill", "fwd_prefill"]
+    rows = bench.run_bench(_tiny(sections=("train",), train_m=64, ranks=(4, 8), rank=4))["rows"]
+    sweep = [row for row in rows if row["section"] == "forward / base F.linear, rank sweep"]
+    assert len(sweep) == 2 and all(row["kind"] is None and row["target"] is None for row in sweep), sweep
+
+
+def test_the_environment_is_read_before_the_rows(monkeypatch):
+    """The load average printed "at start" (and the date) were read when the result was assembled, at the end,
+    counting the bench's own load."""
+    loads = iter([(0.5, 0.5, 0.5)] + [(9.0, 9.0, 9.0)] * 100)
+    monkeypatch.setattr(os, "getloadavg", lambda: next(loads))
+    measure = bench.measure
+
+    def measure_after_the_first_read(*args, **kwargs):
+        next(loads)
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "measure", measure_after_the_first_read)
+    result = bench.run_bench(_tiny(sections=("forward",), ms=(2,)))
+    assert "load average 0.50 at start" in bench.format_bench(result)
+
+
 def test_moved_bytes_counts_weight_adapters_and_activations():
     # W 4x4, two adapters of rank 2 (A 2x4 and B 4x2 each), 3 tokens of x (4) and y (4), bf16
     assert bench._moved_bytes(3, 4, 4, 2, 2, torch.bfloat16) == (16 + 2 * 2 * 8 + 3 * 8) * 2
@@ -205,6 +232,9 @@ def test_host_overhead_rows_cover_every_backend():
     assert [row["backend"] for row in rows][0] == "-"  # LoRABatch first, then 3 rows per backend
     assert len(rows) == 1 + 3 * len(cfg.backends)
     assert all(row["kind"] == "host_overhead" and row["ours_value"] > 0 for row in rows)
+    # its own method, said in each row: --reps and --warmup (the run's "timing" line) do not apply to it
+    assert all(row["note"].startswith("wall time per call, best of 5 runs of 100 back-to-back calls after 10 "
+                                      "warm-up (not --reps/--warmup)") for row in rows)
 
 
 @pytest.mark.skipif(not HAS_EXTENSION, reason="needs the C++ extension")

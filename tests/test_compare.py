@@ -145,6 +145,28 @@ def test_the_table_header_describes_the_run(result):
     ]
 
 
+def test_a_trainable_share_under_a_tenth_of_a_percent_keeps_two_significant_digits():
+    """The seed's "0.01% of a 70B model" printed as "0.00%" (a 1e-3 % share of a large vocabulary's model)."""
+    assert [compare._percent(v) for v in (0.000996, 0.0123, 0.5, 12.345, 100.0, 0.0)] == [
+        "0.001%", "0.012%", "0.50%", "12.35%", "100.00%", "0.00%"]
+
+
+def test_the_load_average_and_date_are_read_before_the_runs(monkeypatch):
+    """"load average ... at start" was read after the three runs, counting the compare's own load."""
+    loads = iter([(0.5, 0.5, 0.5)] + [(9.0, 9.0, 9.0)] * 100)
+    monkeypatch.setattr(compare.os, "getloadavg", lambda: next(loads))
+    build = compare._build
+
+    def build_after_the_first_read(*args, **kwargs):
+        next(loads)  # the runs themselves raise the load
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(compare, "_build", build_after_the_first_read)
+    small = dataclasses.replace(TINY, batch_size=1, seq_len=8, steps=2, warmup=1, infer_reps=1)
+    text = compare.format_compare(run_compare(small))
+    assert "load average 0.50 at start" in text
+
+
 def test_each_table_row_shows_its_own_measurement(result):
     """Every row's cells are that measurement of each run, in the column order of the header, with the ratio to
     full fine-tuning (value / full's) where the row has one."""
@@ -156,7 +178,7 @@ def test_each_table_row_shows_its_own_measurement(result):
 
     expected = {
         "trainable params": lambda run, name: f"{compare.fmt_count(run['trainable_params'])} "
-                                              f"({run['trainable_percent']:.2f}%)",
+                                              f"({compare._percent(run['trainable_percent'])})",
         "weights (all params)": lambda run, name: fmt_bytes(run["param_bytes"]),
         "gradients (.grad)": with_ratio("grad_bytes"),
         "optimizer state (AdamW)": with_ratio("optimizer_state_bytes"),
