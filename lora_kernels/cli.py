@@ -1,5 +1,5 @@
 """Command line: `lora-kernels info` (versions, device, backends and why some are missing), `lora-kernels compare`
-(full fine-tuning vs LoRA, unfused and fused, measured here) and `lora-kernels bench` (the design.md §8 ratios)."""
+(full fine-tuning vs LoRA, unfused and fused, measured here) and `lora-kernels bench` (kernel ratios against the GPU targets listed in BENCHMARKS.md)."""
 
 import argparse
 import json
@@ -163,7 +163,7 @@ def _add_bench_parser(sub):
     from lora_kernels.bench import PRESETS
     from lora_kernels.compare import DTYPES
     p = sub.add_parser(
-        "bench", help="microbenchmark ratios of design.md §8 for the available backends",
+        "bench", help="microbenchmark ratios against the GPU targets (BENCHMARKS.md) for the available backends",
         description="Times the fused LoRA ops against named baselines in one run (base F.linear, the two base "
                     "GEMMs, PEFT's unfused layer with dropout, full fine-tuning, one adapter, the per-adapter loop, "
                     "a copy) and prints the ratios. GPU: bf16, K=N=4096; CPU: fp32, scaled down.")
