@@ -241,6 +241,40 @@ def test_backward_through_an_exported_program_raises_instead_of_dropping_the_lor
         exported_multi(x, ids)
 
 
+def test_the_grouped_triton_ops_of_an_exported_program_refuse_inputs_that_require_grad():
+    """The grouped Triton ops write into an output and return nothing: through an exported program, whose graph keeps
+    them without multi_lora_linear's autograd Function, x and the slots that required grad got no LoRA gradient and
+    no error. Now each refuses such inputs in grad mode; without grad the program computes, and torch.compile (which
+    keeps the Function) still trains."""
+    from lora_kernels.triton import HAS_TRITON, INTERPRET
+    if not (HAS_TRITON and INTERPRET):
+        pytest.skip("the triton backend on CPU tensors needs the Triton interpreter")
+    torch.manual_seed(0)
+    multi = lk.MultiLoRALinear(nn.Linear(16, 12), max_adapters=2, max_rank=4, backend="triton")
+    multi.set_adapter(0, torch.randn(4, 16), torch.randn(12, 4), 1.0)
+    multi.lora_a.requires_grad_(True)
+    x, ids = torch.randn(5, 16, requires_grad=True), torch.tensor([0, 0, -1, 0, 0])
+    exported = torch.export.export(multi, (x, ids)).module()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x, ids), multi(x, ids))
+    with pytest.raises(RuntimeError, match="lora_kernels_triton::sgmv_shrink is not differentiable, but x requires "
+                                           "grad"):
+        exported(x, ids)
+    with pytest.raises(RuntimeError, match="sgmv_shrink is not differentiable, but lora_a requires grad"):
+        exported(x.detach(), ids)
+    batch = lk.LoRABatch.from_adapter_ids(ids, 2)
+    meta = (batch.adapter_ids, batch.sorted_token_ids, batch.slot_counts, batch.slot_starts)
+    t = torch.randn(5, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="sgmv_expand is not differentiable, but t requires grad"):
+        torch.ops.lora_kernels_triton.sgmv_expand(t, torch.randn(2, 12, 4), *meta,
+                                                  torch.full((2,), 4, dtype=torch.int32), torch.zeros(5, 12), 0, "auto")
+    with pytest.raises(RuntimeError, match="segment_outer is not differentiable, but left requires grad"):
+        torch.ops.lora_kernels_triton.segment_outer(t, x.detach(), *meta[1:], torch.zeros(2, 4, 16))
+    compiled = torch.compile(multi, fullgraph=True)
+    compiled(x, ids).sum().backward()
+    assert multi.lora_a.grad is not None and multi.lora_a.grad[0].abs().sum() > 0
+
+
 def test_the_raw_expand_bumps_the_version_of_the_output_it_adds_into():
     """sgmv_expand writes into out: its version counter moves, so autograd refuses a backward that saved out before
     (torch's default kernel for custom ops left the counter alone)."""

@@ -563,6 +563,36 @@ def _(left, right, sorted_token_ids, slot_counts, slot_starts, out):
     return None
 
 
+# Autograd kernels of the three ops. They write into `out` and return nothing, so custom_op's own Autograd kernel has
+# no output to hang a gradient (or its absence) on: an exported program (which keeps these ops, not the autograd
+# Functions around them) trained without the LoRA term, silently. In grad mode they refuse inputs that require grad,
+# as the C++ sgmv_expand does; multi_lora_linear's Functions call them with grad mode off.
+_AUTOGRAD = torch.library.Library("lora_kernels_triton", "FRAGMENT")
+
+
+def _refuse_grad_inputs(op_name, inputs):
+    op = getattr(torch.ops.lora_kernels_triton, op_name).default
+    names = [argument.name for argument in op._schema.arguments]
+
+    def kernel(keyset, *args, **kwargs):
+        if torch.is_grad_enabled():
+            values = {**dict(zip(names, args)), **kwargs}
+            needing = next((name for name in inputs if values[name].requires_grad), None)
+            if needing is not None:
+                raise RuntimeError(f"lora_kernels_triton::{op_name} is not differentiable, but {needing} requires "
+                                   f"grad: call lora_kernels.multi_lora_linear (autograd) or this op under "
+                                   f"torch.no_grad()")
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & torch._C._after_autograd_keyset, *args, **kwargs)
+
+    _AUTOGRAD.impl(op_name, kernel, "Autograd", with_keyset=True, allow_override=True)  # custom_op's own
+
+
+_refuse_grad_inputs("sgmv_shrink", ("x", "lora_a", "scalings"))
+_refuse_grad_inputs("sgmv_expand", ("t", "lora_b"))
+_refuse_grad_inputs("segment_outer", ("left", "right"))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Public launchers
 
