@@ -1,5 +1,6 @@
 """Command line: `lora-kernels info` (versions, device, backends and why some are missing), `lora-kernels compare`
-(full fine-tuning vs LoRA, unfused and fused, measured here) and `lora-kernels bench` (kernel ratios against the GPU targets listed in BENCHMARKS.md)."""
+(full fine-tuning vs LoRA, unfused and fused, measured here) and `lora-kernels bench` (kernel ratios against the
+GPU targets listed in BENCHMARKS.md)."""
 
 import argparse
 import json

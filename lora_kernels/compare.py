@@ -954,7 +954,8 @@ def format_compare(result):
         return [label] + [fn(methods[m], m) for m in METHODS]
 
     rows = [
-        row("trainable params", lambda r, m: f"{fmt_count(r['trainable_params'])} ({_percent(r['trainable_percent'])})"),
+        row("trainable params",
+            lambda r, m: f"{fmt_count(r['trainable_params'])} ({_percent(r['trainable_percent'])})"),
         row("weights (all params)", lambda r, m: fmt_bytes(r["param_bytes"])),
         row("gradients (.grad)", lambda r, m: fmt_bytes(r["grad_bytes"]) + _ratio(r["grad_bytes"], full["grad_bytes"])),
         row("optimizer state (AdamW)", lambda r, m: fmt_bytes(r["optimizer_state_bytes"])

@@ -1103,7 +1103,8 @@ def test_reset_lora_parameters_of_a_merged_layer_is_refused_and_reset_parameters
     factors = [layer.lora_A.weight.detach().clone(), layer.lora_B.weight.detach().clone()]
     with pytest.raises(RuntimeError, match=r"reset_lora_parameters: the adapter is merged .* call unmerge\(\) first"):
         layer.reset_lora_parameters()
-    assert layer.merged and torch.equal(layer.lora_A.weight, factors[0]) and torch.equal(layer.lora_B.weight, factors[1])
+    assert layer.merged
+    assert torch.equal(layer.lora_A.weight, factors[0]) and torch.equal(layer.lora_B.weight, factors[1])
     layer.unmerge()
     torch.testing.assert_close(layer.weight, base)
     layer.merge()
