@@ -1253,14 +1253,20 @@ def _parameter_names(model):
     return names
 
 
-def _warn_tied_targets(op, model, targets):
+_TIED_LORA_LINEAR = ("the adapter trains as usual, but LoRALinear.merge() would change both (merge_and_unload "
+                     "unties them), as PEFT warns")
+# transformers re-ties by assigning `lm_head.weight`, which a MultiLoRALinear holds as base_layer.weight
+_TIED_MULTI_LORA = ("the slots serve and train as usual, but transformers' tie_weights() and save_pretrained() fail "
+                    "on the wrapped layer (its weight is <name>.base_layer.weight there); save adapters with "
+                    "save_peft_adapter")
+
+
+def _warn_tied_targets(op, model, targets, consequence=_TIED_LORA_LINEAR):
     names = _parameter_names(model)
     for name, module in targets:
         tied = [n for n in names.get(id(module.weight), []) if n != f"{name}.weight"]
         if tied:
-            warnings.warn(f"{op}: the weight of target {name!r} is tied to {tied[0]!r}; the adapter trains as usual, "
-                          f"but LoRALinear.merge() would change both (merge_and_unload unties them), as PEFT warns",
-                          stacklevel=3)
+            warnings.warn(f"{op}: the weight of target {name!r} is tied to {tied[0]!r}; {consequence}", stacklevel=3)
 
 
 def _warn_linear_fan_in_fan_out(op, name):
@@ -1389,6 +1395,7 @@ def prepare_multi_adapter(model, target_modules, max_adapters, max_rank, *, excl
         raise ValueError(f"{op}: the model is prepared already (it has lora_adapter_slots)")
     targets = find_target_linears(model, target_modules, exclude_modules, op, layers_to_transform=layers_to_transform,
                                   layers_pattern=layers_pattern)
+    _warn_tied_targets(op, model, targets, _TIED_MULTI_LORA)
     with _rollback_on_error(model) as replaced:
         layers = []
         for name, module in targets:

@@ -275,6 +275,15 @@ def test_a_tied_target_gets_peft_warning():
     model.layers[1].o_proj.weight = model.layers[0].o_proj.weight
     with pytest.warns(UserWarning, match=r"target 'layers.0.o_proj' is tied to 'layers.1.o_proj.weight'"):
         lk.inject_lora(model, ["layers.0.o_proj"], backend=BACKEND)
+    # prepare_multi_adapter warns too, with what fails there: transformers re-ties (tie_weights) by assigning
+    # `lm_head.weight`, a property of the wrapper (KeyError "attribute 'weight' already exists"), and save_pretrained
+    # refuses the shared tensor under its base_layer name
+    model = _base()
+    model.layers[1].o_proj.weight = model.layers[0].o_proj.weight
+    with pytest.warns(UserWarning, match=r"prepare_multi_adapter: the weight of target 'layers.0.o_proj' is tied to "
+                                         r"'layers.1.o_proj.weight'; the slots serve and train as usual, but "
+                                         r"transformers' tie_weights\(\) and save_pretrained\(\) fail"):
+        lk.prepare_multi_adapter(model, ["layers.0.o_proj"], max_adapters=2, max_rank=4)
 
 
 def test_disable_adapter_warns_that_trained_heads_stay():
