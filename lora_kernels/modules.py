@@ -512,6 +512,22 @@ class LoRALinear(nn.Module):
             linear.bias.requires_grad_(self.bias is not None and self.bias.requires_grad)
         return linear.train(self.training)
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # `merged` is not in the state dict (nor in PEFT's): a base weight loaded into a merged layer lost the delta
+        # the forward skips and unmerge() subtracts, and new factors differ from the delta in the weight. Refused
+        # as torch reports a shape mismatch: an error after the load, this layer's keys left out of it.
+        own = [key for key in state_dict if key.startswith(prefix)
+               and key[len(prefix):] in ("weight", "bias", "lora_A.weight", "lora_B.weight")]
+        if self.merged and own:
+            error_msgs.append(f"LoRALinear{f' {prefix[:-1]!r}' if prefix else ''} is merged, and the merged state is "
+                              f"not part of a state dict: unmerge() it before loading; {own} not loaded")
+            for key in own:  # the children's keys too, which load after this returns
+                del state_dict[key]
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout}"

@@ -1093,6 +1093,31 @@ def test_reset_parameters_of_a_trained_layer_gives_a_fresh_adapter():
     assert torch.count_nonzero(layer.lora_B.weight) == 0
 
 
+def test_a_state_dict_is_not_loaded_into_a_merged_layer():
+    """`merged` is not in the state dict (nor in PEFT's): loaded into a merged layer, the base weight lost the merged
+    delta, which the forward skipped and unmerge() then subtracted from a weight that never held it. Refused as torch
+    reports a mismatch (after the load, which leaves that layer's keys out); unmerged, the same load goes in."""
+    model = inject_lora(nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4)), ["0", "1"], r=4,
+                           init_lora_weights=False)
+    saved = {key: value.clone() for key, value in model.state_dict().items()}
+    with torch.no_grad():
+        model[0].lora_B.weight.add_(1.0)
+    model[0].merge()
+    before = {key: value.clone() for key, value in model[0].state_dict().items()}
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match=r"LoRALinear '0' is merged, and the merged state is not part of a "
+                                               r"state dict: unmerge\(\) it before loading; \['0.weight', '0.bias', "
+                                               r"'0.lora_A.weight', '0.lora_B.weight'\] not loaded"):
+            model.load_state_dict(saved, strict=strict)
+        assert model[0].merged and all(torch.equal(value, before[key]) for key, value in model[0].state_dict().items())
+    model[0].unmerge()
+    model.load_state_dict(saved)
+    x = torch.randn(3, 16)
+    reference = inject_lora(nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4)), ["0", "1"], r=4)
+    reference.load_state_dict(saved)
+    torch.testing.assert_close(model(x), reference(x))
+
+
 def test_reset_lora_parameters_of_a_merged_layer_is_refused_and_reset_parameters_unmerges():
     """The adapter of a merged layer cannot be re-drawn: unmerge() would subtract the new factors' delta, leaving
     the merged one in the base weight for good (0.39 off). reset_parameters() re-initialises the base weight too,
