@@ -29,8 +29,10 @@ try:
     import torch  # noqa: F401
 except ImportError:
     _fail(
-        "PyTorch is not installed. Install torch first (pip install 'torch>=2.11'), then build this package "
-        "with --no-build-isolation so the extension is compiled against that torch (scripts/install.sh does both)."
+        "torch is not importable here. An isolated build (pip's default, and python -m build's) does not see the "
+        "torch you installed: build with pip install --no-build-isolation (python -m build --no-isolation), so the "
+        "extension is compiled against that torch; without torch, install it first (pip install 'torch>=2.11'). "
+        "scripts/install.sh does both."
     )
 
 
@@ -99,6 +101,15 @@ if build_cuda_env == "1":
         _fail(f"LORA_KERNELS_BUILD_CUDA=1 but {mismatch_reason}; install a matching toolkit or torch build.")
 build_cuda = build_cuda_env != "0" and torch_has_cuda and cuda_home is not None and not version_mismatch
 
+# What the binary was built against, which lora_kernels._ext checks at import: a wheel pip cached from another
+# machine's build (its cache is keyed by the download, not by torch) may hold another torch's ABI or no CUDA.
+# Integers: a string macro's quotes would not survive the ninja build's shell.
+TORCH_MAJOR, TORCH_MINOR = (int(part) for part in torch.__version__.split(".")[:2])
+CUDA_SKIPPED = {"": 0, "LORA_KERNELS_BUILD_CUDA=0": 1, "torch is a CPU-only build": 2, "no CUDA toolkit found": 3,
+                "mismatch": 4}  # lora_kernels/_ext.py CUDA_SKIPPED_REASONS holds the same codes
+build_macros = [("LORA_KERNELS_BUILT_TORCH_MAJOR", str(TORCH_MAJOR)),
+                ("LORA_KERNELS_BUILT_TORCH_MINOR", str(TORCH_MINOR))]
+
 cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
 cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
 # No -std flag: torch.utils.cpp_extension adds the standard its headers need (torch 2.14 requires C++20;
@@ -112,7 +123,7 @@ if build_cuda:
     extension = CUDAExtension(
         "lora_kernels._C",
         cpu_sources + cuda_sources,
-        define_macros=[("LORA_KERNELS_WITH_CUDA", "1")],
+        define_macros=[("LORA_KERNELS_WITH_CUDA", "1")] + build_macros,
         extra_compile_args={
             "cxx": cxx_flags,
             "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
@@ -123,7 +134,9 @@ else:
               else "torch is a CPU-only build" if not torch_has_cuda
               else "no CUDA toolkit found" if cuda_home is None else mismatch_reason)
     print(f"lora_kernels: building CPU sources only ({reason})")
-    extension = CppExtension("lora_kernels._C", cpu_sources, extra_compile_args={"cxx": cxx_flags})
+    skipped = CUDA_SKIPPED.get(reason, CUDA_SKIPPED["mismatch"])
+    extension = CppExtension("lora_kernels._C", cpu_sources, extra_compile_args={"cxx": cxx_flags},
+                             define_macros=build_macros + [("LORA_KERNELS_CUDA_SKIPPED", str(skipped))])
 
 # PEP 639's license expression where setuptools has it (77+), the old free-text field before: one pyproject.toml
 # for every setuptools from 68 on (a GPU image's system Python may carry an old one, and have no network to upgrade).

@@ -6,18 +6,43 @@ import importlib.util
 
 import torch
 
+_REBUILD = ("rebuild it against this torch: pip install --no-build-isolation --no-cache-dir --force-reinstall "
+            "lora_kernels (from a checkout: bash scripts/install.sh, or pip install --no-build-isolation -e .)")
+# Why a build left its CUDA sources out: the codes of setup.py's CUDA_SKIPPED
+CUDA_SKIPPED_REASONS = {1: "LORA_KERNELS_BUILD_CUDA=0", 2: "torch was a CPU-only build",
+                        3: "no CUDA toolkit was found (set CUDA_HOME)",
+                        4: "the CUDA toolkit's major version was not torch's"}
+
+
+def built_torch_mismatch(module, torch_version):
+    """None, or why `module` (lora_kernels._C) cannot be used with torch `torch_version`: it records the torch
+    minor version it was built against (a build before it did not, and is taken as it is)."""
+    built = (getattr(module, "BUILT_TORCH_MAJOR", None), getattr(module, "BUILT_TORCH_MINOR", None))
+    running = tuple(int(part) for part in torch_version.split(".")[:2])
+    if None in built or built == running:
+        return None
+    return (f"built against torch {built[0]}.{built[1]} but this is torch {torch_version} (a wheel that pip cached "
+            f"from another build?); its C++ ABI is another torch's: {_REBUILD}")
+
+
 _C = None
 EXTENSION_ERROR = None
 if importlib.util.find_spec("lora_kernels._C") is None:
-    EXTENSION_ERROR = "not built (pip install --no-build-isolation -e . builds it)"
+    EXTENSION_ERROR = f"not built: {_REBUILD}"
 else:
     try:
         _C = importlib.import_module("lora_kernels._C")  # loading the library registers the ops
     except ImportError as exc:  # e.g. built against another torch
-        EXTENSION_ERROR = f"failed to load: {type(exc).__name__}: {exc}"
+        EXTENSION_ERROR = f"failed to load: {type(exc).__name__}: {exc}; {_REBUILD}"
+    else:
+        EXTENSION_ERROR = built_torch_mismatch(_C, torch.__version__)
+        if EXTENSION_ERROR is not None:  # its ops stay registered, unused: no backend and no fake impl takes them
+            _C = None
 
 HAS_EXTENSION = _C is not None
 EXTENSION_WITH_CUDA = bool(getattr(_C, "WITH_CUDA", 0))
+# Why a loaded extension has no CUDA kernels, or None (built with them, or a build that did not record it)
+EXTENSION_CUDA_SKIPPED = CUDA_SKIPPED_REASONS.get(getattr(_C, "CUDA_SKIPPED", 0))
 
 
 def accumulate_dtype(dtype):

@@ -35,7 +35,8 @@ def unavailable_reason(backend, device):
             return f"the C++ extension lora_kernels._C is {_ext.EXTENSION_ERROR}"
         if backend == "cuda":
             if not _ext.EXTENSION_WITH_CUDA:
-                return "extension built without CUDA"
+                skipped = _ext.EXTENSION_CUDA_SKIPPED
+                return "extension built without CUDA" + (f" ({skipped} when it was built)" if skipped else "")
             if device.type != "cuda":
                 return f"the cuda backend runs CUDA tensors, got {device.type} tensors"
             return None if torch.cuda.is_available() else "no CUDA device"

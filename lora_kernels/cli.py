@@ -33,7 +33,7 @@ def info_dict():
         "triton": triton_version,
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "extension": {"loaded": _ext.HAS_EXTENSION, "with_cuda": _ext.EXTENSION_WITH_CUDA,
-                      "error": _ext.EXTENSION_ERROR},
+                      "cuda_skipped": _ext.EXTENSION_CUDA_SKIPPED, "error": _ext.EXTENSION_ERROR},
         "triton_interpreter": triton_pkg.INTERPRET,
         "triton_tma": triton_tma,
         "backends": {device: {name: backends.unavailable_reason(name, device) or "available"
@@ -54,7 +54,8 @@ def print_info(as_json=False):
     print("Triton TMA forward/dX kernels (sm_90+, not yet measured): "
           + ("on" if info["triton_tma"] else "off (LORA_KERNELS_TRITON_TMA=1 turns them on)"))
     ext = info["extension"]
-    print("C++ extension: " + ("loaded, built " + ("with" if ext["with_cuda"] else "without") + " CUDA"
+    skipped = f" ({ext['cuda_skipped']} when it was built)" if ext.get("cuda_skipped") else ""
+    print("C++ extension: " + ("loaded, built " + ("with" if ext["with_cuda"] else "without") + " CUDA" + skipped
                                if ext["loaded"] else f"not loaded ({ext['error']})"))
     for device, table in info["backends"].items():
         auto = info["auto"][device]

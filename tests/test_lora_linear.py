@@ -411,7 +411,11 @@ def test_unavailable_reason_names_each_missing_piece(monkeypatch):
     assert backends.unavailable_reason("triton", "cpu") == "triton is not importable (ImportError: no triton)"
     monkeypatch.setattr(_ext, "HAS_EXTENSION", True)
     monkeypatch.setattr(_ext, "EXTENSION_WITH_CUDA", False)
+    monkeypatch.setattr(_ext, "EXTENSION_CUDA_SKIPPED", None)
     assert backends.unavailable_reason("cuda", "cuda") == "extension built without CUDA"
+    monkeypatch.setattr(_ext, "EXTENSION_CUDA_SKIPPED", "no CUDA toolkit was found (set CUDA_HOME)")
+    assert backends.unavailable_reason("cuda", "cuda") == ("extension built without CUDA (no CUDA toolkit was found "
+                                                           "(set CUDA_HOME) when it was built)")
     monkeypatch.setattr(_ext, "EXTENSION_WITH_CUDA", True)
     assert backends.unavailable_reason("cuda", "cuda") == cuda_reason
     assert backends.unavailable_reason("cuda", "cpu") == "the cuda backend runs CUDA tensors, got cpu tensors"

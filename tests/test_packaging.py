@@ -9,6 +9,7 @@ import sys
 import tarfile
 
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # What setup.py and the build read; the copy keeps the checkout's own egg-info and build folders out of the test.
@@ -97,12 +98,54 @@ def test_package_works_without_the_extension_and_triton():
     assert "triton     triton is not importable" in proc.stdout
 
 
+# An extension built against another torch minor version, as a wheel pip cached from another machine's build would
+# hold (pip's cache is keyed by the download, not by torch): loaded, but not used, and `info` says why and what to do.
+ANOTHER_TORCHS_EXTENSION = r"""
+import importlib.machinery, sys, types
+built = types.ModuleType("lora_kernels._C")
+built.__spec__ = importlib.machinery.ModuleSpec("lora_kernels._C", None)
+built.WITH_CUDA, built.BUILT_TORCH_MAJOR, built.BUILT_TORCH_MINOR = 0, 2, 0
+sys.modules["lora_kernels._C"] = built
+import torch
+import lora_kernels as lk
+from lora_kernels import _ext, backends, cli
+assert not _ext.HAS_EXTENSION and "cpu" not in backends.available_backends("cpu")
+x, w, a, b = torch.randn(3, 8), torch.randn(4, 8), torch.randn(2, 8), torch.randn(4, 2)
+torch.testing.assert_close(lk.lora_linear(x, w, a, b), lk.lora_linear(x, w, a, b, backend="reference"))
+cli.main(["info"])
+"""
+
+
+def test_an_extension_built_against_another_torch_is_not_used():
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", ANOTHER_TORCHS_EXTENSION], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (f"not loaded (built against torch 2.0 but this is torch {torch.__version__} (a wheel that pip cached "
+            f"from another build?); its C++ ABI is another torch's: rebuild it against this torch: pip install "
+            f"--no-build-isolation --no-cache-dir --force-reinstall lora_kernels") in proc.stdout, proc.stdout
+
+
+def test_the_built_torch_check_compares_minor_versions():
+    from lora_kernels._ext import built_torch_mismatch
+
+    class Built:
+        BUILT_TORCH_MAJOR, BUILT_TORCH_MINOR = 2, 14
+
+    assert built_torch_mismatch(Built, "2.14.1+cu130") is None and built_torch_mismatch(Built, "2.14.0") is None
+    assert built_torch_mismatch(Built, "2.13.0+cpu").startswith("built against torch 2.14 but this is torch 2.13.0")
+    assert built_torch_mismatch(object(), "2.13.0") is None  # a build that did not record it is taken as it is
+
+
 # Bad input to the extension's ops, as the user sees it: every piece of the message, numbers included.
 STATIC_LIBSTDCXX_MESSAGES = r"""
 import torch
 import lora_kernels
 from lora_kernels import _ext
 assert _ext.HAS_EXTENSION, "the copy's extension did not load"
+# what the binary records of its build: this torch's minor version, and why its CUDA sources were left out
+assert (_ext._C.BUILT_TORCH_MAJOR, _ext._C.BUILT_TORCH_MINOR) == tuple(int(p) for p in torch.__version__.split(".")[:2])
+assert _ext.EXTENSION_CUDA_SKIPPED == "LORA_KERNELS_BUILD_CUDA=0", _ext.EXTENSION_CUDA_SKIPPED
 x, w, a, b = torch.randn(3, 16), torch.randn(12, 16), torch.randn(4, 16), torch.randn(12, 4)
 calls = [
     (x, w[:, :15], a, b, 1.0),  # a size: an int64 and a shape
