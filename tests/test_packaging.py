@@ -12,8 +12,10 @@ import pytest
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-# What setup.py and the build read; the copy keeps the checkout's own egg-info and build folders out of the test.
-BUILD_INPUTS = ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "csrc", "lora_kernels")
+# What setup.py and the build read, and what the sdist carries besides; the copy keeps the checkout's own egg-info
+# and build folders out of the test.
+BUILD_INPUTS = ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "csrc", "lora_kernels", "tests", "benchmarks",
+                "scripts", "BENCHMARKS.md", "LICENSE")
 
 
 def _copy_build_inputs(tmp_path):
@@ -41,8 +43,15 @@ def test_sdist_holds_every_extension_source_and_header(tmp_path):
                   for name in tar.getnames() if len(pathlib.PurePosixPath(name).parts) > 1}
     needed = {path.relative_to(ROOT).as_posix() for path in (ROOT / "csrc").rglob("*") if path.is_file()}
     assert any(name.endswith(".h") for name in needed) and any(name.endswith(".cu") for name in needed)
+    # the tests with what they import and read (conftest.py, the CUDA emulation, benchmarks/table.py): only
+    # tests/test_*.py were packed, which could not run
+    needed |= {path.relative_to(ROOT).as_posix() for folder in ("tests", "benchmarks", "scripts")
+               for path in (ROOT / folder).rglob("*") if path.is_file() and "__pycache__" not in path.parts}
+    assert {"tests/conftest.py", "tests/cuda_emulation/emu.h", "benchmarks/table.py"} <= needed
     assert not needed - packed, f"missing from the sdist: {sorted(needed - packed)}"
-    assert {"setup.py", "pyproject.toml", "lora_kernels/__init__.py", "lora_kernels/triton/__init__.py"} <= packed
+    assert {"setup.py", "pyproject.toml", "lora_kernels/__init__.py", "lora_kernels/triton/__init__.py", "LICENSE",
+            "BENCHMARKS.md"} <= packed
+    assert not any(name.endswith((".so", ".pyc")) for name in packed), sorted(packed)
     # setup.py supplies the license in the field this setuptools knows (License-Expression from 77 on)
     with tarfile.open(archive) as tar:
         (pkg_info,) = [name for name in tar.getnames() if name.count("/") == 1 and name.endswith("/PKG-INFO")]
