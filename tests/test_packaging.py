@@ -97,14 +97,20 @@ cli.main(["info"])
 """
 
 
-def test_package_works_without_the_extension_and_triton():
+def _run_from_the_checkout(script):
+    """stdout of `script` run by a fresh interpreter that imports this checkout's lora_kernels; fails on an error."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", WITHOUT_EXTENSION_OR_TRITON], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "auto -> lora_linear: torch, grouped ops: torch" in proc.stdout
-    assert "cpu        the C++ extension lora_kernels._C is not built" in proc.stdout
-    assert "triton     triton is not importable" in proc.stdout
+    return proc.stdout
+
+
+def test_package_works_without_the_extension_and_triton():
+    stdout = _run_from_the_checkout(WITHOUT_EXTENSION_OR_TRITON)
+    assert "auto -> lora_linear: torch, grouped ops: torch" in stdout
+    assert "cpu        the C++ extension lora_kernels._C is not built" in stdout
+    assert "triton     triton is not importable" in stdout
 
 
 # An extension built against another torch minor version, as a wheel pip cached from another machine's build would
@@ -126,13 +132,10 @@ cli.main(["info"])
 
 
 def test_an_extension_built_against_another_torch_is_not_used():
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", ANOTHER_TORCHS_EXTENSION], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    stdout = _run_from_the_checkout(ANOTHER_TORCHS_EXTENSION)
     assert (f"not loaded (built against torch 2.0 but this is torch {torch.__version__} (a wheel that pip cached "
             f"from another build?); its C++ ABI is another torch's: rebuild it against this torch: pip install "
-            f"--no-build-isolation --no-cache-dir --force-reinstall lora_kernels") in proc.stdout, proc.stdout
+            f"--no-build-isolation --no-cache-dir --force-reinstall lora_kernels") in stdout, stdout
 
 
 def test_the_built_torch_check_compares_minor_versions():
