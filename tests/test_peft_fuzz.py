@@ -315,7 +315,7 @@ def _same_layers(ours, theirs, what):
 # Refusals of ours for configs PEFT accepts, each one README lists: (what, our message regex, README's words).
 DOCUMENTED_REFUSALS = [
     ("a target that modules_to_save also selects", r"is a LoRA target and (is|lies inside) the modules_to_save",
-     "A target that is also, or lies inside, a `modules_to_save` module"),
+     "A target that `modules_to_save` selects by its name-suffix rule alone"),
     ("LoRA on an embedding layer", r"a Embedding; .*PEFT's LoRA on convolution and embedding layers is not "
                                    r"supported here",
      "Targets that are neither `nn.Linear` nor transformers' `Conv1D`: PEFT's LoRA on `nn.Embedding`"),
