@@ -5,8 +5,11 @@
 // - a slot with many tokens is one gather + BLAS GEMM at its real rank (prefill: the BLAS is far faster per FLOP,
 //   and its ~10 ATen calls per slot are spread over many rows);
 // - the other slots (decode: one or a few tokens each) are computed here token by token, all of them in one
-//   parallel loop. Through the GEMM path each would cost those ~10 ATen calls for a few thousand multiply-adds,
-//   which made decode over many adapters no faster than a Python loop over adapters.
+//   at::parallel_for loop. Through the GEMM path each would cost those ~10 ATen calls for a few thousand
+//   multiply-adds, which made decode over many adapters no faster than a Python loop over adapters.
+// The extension is compiled without OpenMP, and ATen's header-only parallel_for then runs the loop on the calling
+// thread (the measurements in BENCHMARKS.md are single-threaded). The loop is written for threads all the same:
+// each position writes its own output row.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
