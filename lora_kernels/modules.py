@@ -1021,10 +1021,27 @@ def find_target_linears(model, target_modules, exclude_modules=None, op="inject_
             if in_heads:
                 hint += (f"; {in_heads[:3]!r} would match, but are (inside) modules_to_save {modules_to_save!r}, "
                          f"which train whole and get no LoRA, as in PEFT")
+        if isinstance(target_modules, (list, tuple)):
+            hint += _alias_hint(model, list(target_modules))
         raise ValueError(f"{op}: target_modules {target_modules!r} matched no nn.Linear in the model"
                          f"{' it can wrap' if skipped else ''}{hint}")
     _warn_partial_targets(op, model, target_modules)
+    _warn_aliased_targets(op, model, found)
     return found
+
+
+def _warn_aliased_targets(op, model, targets):
+    """Warns about a target that is also reachable under other names (one module assigned to two attributes):
+    named_modules() lists it once, so it is replaced under that name only, and a forward through the others
+    computes without the adapter, as in PEFT."""
+    wanted = {id(module): name for name, module in targets}
+    aliases = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if id(module) in wanted and name != wanted[id(module)]:
+            aliases.setdefault(wanted[id(module)], []).append(name)
+    for name, others in aliases.items():
+        warnings.warn(f"{op}: target {name!r} is the same module as {others}; it is replaced under {name!r} only, so "
+                      f"a forward through {others[0]!r} computes without the adapter (as in PEFT)", stacklevel=4)
 
 
 def _fused_expert_parameters(model):
@@ -1059,7 +1076,20 @@ def _warn_partial_targets(op, model, target_modules):
         hint = (f"; the model's experts are fused 3-D Parameters ({fused[0]!r} ...), which hold no per-expert "
                 f"layers to target (PEFT's target_parameters, unsupported here)" if fused else "")
         warnings.warn(f"{op}: target_modules entries {missing} match no module of the model (the others do), so they "
-                      f"add no LoRA layer{hint}", stacklevel=4)
+                      f"add no LoRA layer{hint}{_alias_hint(model, missing)}", stacklevel=4)
+
+
+def _alias_hint(model, entries):
+    """For entries that name a module only under a second name (one module assigned to two attributes, which
+    named_modules() and so PEFT's matching list once, under the first): its first name, to target instead."""
+    first = {id(module): name for name, module in model.named_modules()}
+    found = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        entry = next((e for e in entries if name == e or name.endswith("." + e)), None)
+        if entry is not None and first[id(module)] != name:
+            found.setdefault(entry, first[id(module)])
+    return "".join(f"; {entry!r} is a second name of module {name!r}: target that name"
+                   for entry, name in found.items())
 
 
 MODULES_TO_SAVE_ATTR = "lora_modules_to_save"  # on the model: the modules_to_save names its adapter trains and saves
@@ -1280,7 +1310,8 @@ _TIED_MULTI_LORA = ("the slots serve and train as usual, but transformers' tie_w
 def _warn_tied_targets(op, model, targets, consequence=_TIED_LORA_LINEAR):
     names = _parameter_names(model)
     for name, module in targets:
-        tied = [n for n in names.get(id(module.weight), []) if n != f"{name}.weight"]
+        tied = [n for n in names.get(id(module.weight), []) if n != f"{name}.weight"
+                and model.get_submodule(n.rpartition(".")[0]) is not module]  # an alias: _warn_aliased_targets
         if tied:
             warnings.warn(f"{op}: the weight of target {name!r} is tied to {tied[0]!r}; {consequence}", stacklevel=3)
 

@@ -1118,6 +1118,34 @@ def test_a_state_dict_is_not_loaded_into_a_merged_layer():
     torch.testing.assert_close(model(x), reference(x))
 
 
+class _Aliased(nn.Module):
+    """One nn.Linear under two attribute names (named_modules() lists it once, as `a`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = self.a
+        self.c = nn.Linear(4, 4)
+
+
+def test_a_target_reachable_under_two_names_is_named_in_warnings_and_errors():
+    """A module assigned to two attributes is replaced under its first name only, as in PEFT: a forward through the
+    second computes without the adapter, which now warns; targeting the second name alone "matched no nn.Linear"
+    (though it is one) or was "no module of the model", and now says which name to target."""
+    with pytest.warns(UserWarning) as caught:
+        model = inject_lora(_Aliased(), ["a", "c"])
+    messages = [str(w.message) for w in caught]
+    assert messages == ["inject_lora: target 'a' is the same module as ['b']; it is replaced under 'a' only, so a "
+                        "forward through 'b' computes without the adapter (as in PEFT)"], messages
+    assert isinstance(model.a, LoRALinear) and type(model.b) is nn.Linear
+    with pytest.warns(UserWarning, match=r"entries \['b'\] match no module of the model .*; 'b' is a second name of "
+                                         r"module 'a': target that name"):
+        inject_lora(_Aliased(), ["b", "c"])
+    with pytest.raises(ValueError, match=r"target_modules \['b'\] matched no nn.Linear in the model; 'b' is a "
+                                         r"second name of module 'a': target that name"):
+        inject_lora(_Aliased(), ["b"])
+
+
 def test_reset_lora_parameters_of_a_merged_layer_is_refused_and_reset_parameters_unmerges():
     """The adapter of a merged layer cannot be re-drawn: unmerge() would subtract the new factors' delta, leaving
     the merged one in the base weight for good (0.39 off). reset_parameters() re-initialises the base weight too,
