@@ -4,7 +4,6 @@ Every buffer has a size fixed by (num_tokens, num_adapters), never by the ids' v
 in a CUDA graph and one LoRABatch serves every layer of a step.
 """
 
-import numbers
 from dataclasses import dataclass, fields
 
 import torch
@@ -57,10 +56,9 @@ class LoRABatch:
     def _for_op(cls, op, adapter_ids, num_adapters, *, validate=None):
         """from_adapter_ids for a function that takes adapter ids itself (multi_lora_linear): its errors name op,
         the function the user called."""
+        from lora_kernels.ops import positive_int  # ops imports this module
         _check_ids_tensor(op, adapter_ids)
-        if isinstance(num_adapters, bool) or not isinstance(num_adapters, numbers.Integral) or num_adapters < 1:
-            raise ValueError(f"{op}: num_adapters expected an int >= 1, got {num_adapters!r}")
-        num_adapters = int(num_adapters)  # a numpy integer too, as the slots of set_adapter
+        num_adapters = positive_int(op, "num_adapters", num_adapters)  # a numpy integer too, as set_adapter's slots
         ids = adapter_ids.reshape(-1)
         validate = _check_validate(op, validate)
         if validate is None or validate:

@@ -20,7 +20,7 @@ from lora_kernels.backends import check_backend_name
 from lora_kernels.functional import (MULTI_SUBCLASS_WEIGHT_USE, SUBCLASS_WEIGHT_USE, describe_subclass,
                                      is_subclass_weight, lora_linear, multi_lora_base_linear, multi_lora_linear,
                                      refuse_subclass_weight_backend)
-from lora_kernels.ops import FLOAT_DTYPES, autocast_off, check_dense, check_flag, is_finite_number
+from lora_kernels.ops import FLOAT_DTYPES, autocast_off, check_dense, check_flag, is_finite_number, positive_int
 
 
 class LoRAFactor(nn.Module):
@@ -102,13 +102,6 @@ def _factor_placements(op, weight, fan_in_fan_out, backend, lora_dropout):
         return (Shard(1),), (Replicate(),)
     raise TypeError(f"{op}: {where}; expected Shard or Replicate placements (a partial weight holds no value "
                     f"of its own to adapt)")
-
-
-def positive_int(op, name, value):
-    """value as an int >= 1 (a numpy integer too, as slots and num_adapters are taken); else a ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{op}: {name} expected an int >= 1, got {value!r}")
-    return int(value)
 
 
 def lora_scaling(r, lora_alpha, use_rslora):
@@ -518,8 +511,8 @@ class LoRALinear(nn.Module):
         # the forward skips and unmerge() subtracts, and new factors differ from the delta in the weight. Refused
         # as torch reports a shape mismatch: an error after the load, this layer's keys left out of it.
         own = [key for key in state_dict if key.startswith(prefix)
-               and key[len(prefix):] in ("weight", "bias", "lora_A.weight", "lora_B.weight")]
-        if self.merged and own:
+               and key[len(prefix):] in ("weight", "bias", "lora_A.weight", "lora_B.weight")] if self.merged else []
+        if own:
             error_msgs.append(f"LoRALinear{f' {prefix[:-1]!r}' if prefix else ''} is merged, and the merged state is "
                               f"not part of a state dict: unmerge() it before loading; {own} not loaded")
             for key in own:  # the children's keys too, which load after this returns
@@ -1030,18 +1023,25 @@ def find_target_linears(model, target_modules, exclude_modules=None, op="inject_
     return found
 
 
-def _warn_aliased_targets(op, model, targets):
-    """Warns about a target that is also reachable under other names (one module assigned to two attributes):
-    named_modules() lists it once, so it is replaced under that name only, and a forward through the others
-    computes without the adapter, as in PEFT."""
-    wanted = {id(module): name for name, module in targets}
-    aliases = {}
+def _module_names(model):
+    """{id(module): every name it is reachable under, the one named_modules() lists (and PEFT matches) first}: one
+    module assigned to two attributes has two names."""
+    names = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        if id(module) in wanted and name != wanted[id(module)]:
-            aliases.setdefault(wanted[id(module)], []).append(name)
-    for name, others in aliases.items():
-        warnings.warn(f"{op}: target {name!r} is the same module as {others}; it is replaced under {name!r} only, so "
-                      f"a forward through {others[0]!r} computes without the adapter (as in PEFT)", stacklevel=4)
+        names.setdefault(id(module), []).append(name)
+    return names
+
+
+def _warn_aliased_targets(op, model, targets):
+    """Warns about a target that is also reachable under other names: it is replaced under the name named_modules()
+    lists only, and a forward through the others computes without the adapter, as in PEFT."""
+    names = _module_names(model)
+    for name, module in targets:
+        others = names[id(module)][1:]
+        if others:
+            warnings.warn(f"{op}: target {name!r} is the same module as {others}; it is replaced under {name!r} "
+                          f"only, so a forward through {others[0]!r} computes without the adapter (as in PEFT)",
+                          stacklevel=4)
 
 
 def _fused_expert_parameters(model):
@@ -1080,14 +1080,14 @@ def _warn_partial_targets(op, model, target_modules):
 
 
 def _alias_hint(model, entries):
-    """For entries that name a module only under a second name (one module assigned to two attributes, which
-    named_modules() and so PEFT's matching list once, under the first): its first name, to target instead."""
-    first = {id(module): name for name, module in model.named_modules()}
+    """For entries that name a module only under a second name (_module_names): its first name, to target
+    instead."""
     found = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        entry = next((e for e in entries if name == e or name.endswith("." + e)), None)
-        if entry is not None and first[id(module)] != name:
-            found.setdefault(entry, first[id(module)])
+    for first, *others in _module_names(model).values():
+        for name in others:
+            entry = next((e for e in entries if name == e or name.endswith("." + e)), None)
+            if entry is not None:
+                found.setdefault(entry, first)
     return "".join(f"; {entry!r} is a second name of module {name!r}: target that name"
                    for entry, name in found.items())
 

@@ -191,6 +191,13 @@ def check_flag(op, name, value):
     return bool(value)
 
 
+def positive_int(op, name, value):
+    """value as an int >= 1 (a numpy integer too); anything else (a bool, a float) a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{op}: {name} expected an int >= 1, got {value!r}")
+    return int(value)
+
+
 def _check_host_or_device(op, name, t, device):
     """scalings and ranks may be CPU tensors (copied over, like a list) or on the tensors' device; any other device
     is refused like a mismatched device of the other arguments (a meta tensor failed in the copy, naming nothing),
