@@ -13,7 +13,9 @@
 # and the grouped sweep also write OUTDIR/train.json, bench.json, grouped.json, compare.json, sweep.json and
 # compare_compiled.json. The key numbers and a table of the stages come last (also in OUTDIR/summary.txt). Exit
 # status: 0 when every stage ran and passed (a stage skipped because the budget is spent counts as not ok).
-# Environment: PYTHON (default: python, else python3), MAX_JOBS (default 16), GPU_CHECK_BUDGET.
+# Environment: PYTHON (default: python, else python3), MAX_JOBS (default 16), GPU_CHECK_BUDGET, GPU_CHECK_STAGES
+# (the stages to run after env, build and info, by their names in the stage table, space- or comma-separated; default
+# all: a lease too short for the whole check can split it over two calls, each paying the ~45 s build).
 # Through this workplace's device tool, which returns at most 8 files from $OUT, pack the logs into one:
 #   bash scripts/gpu_check.sh /tmp/gc; tar czf "$OUT/gc.tgz" -C /tmp gc
 set -uo pipefail
@@ -24,7 +26,7 @@ OUTDIR="" DRY_RUN=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     -*) usage ;;
     *) [ -z "$OUTDIR" ] || usage; OUTDIR=$arg ;;
   esac
@@ -36,6 +38,19 @@ OUTDIR=$(cd "$OUTDIR" && pwd)
 PY=${PYTHON:-$(command -v python || command -v python3)}
 [ -n "$PY" ] || { echo "gpu_check: no python found (set PYTHON)" >&2; exit 2; }
 BUDGET=${GPU_CHECK_BUDGET:-500}
+OPTIONAL_STAGES="tests train grouped bench compare tests-memory profile sweep compare_compiled"
+SELECTED=${GPU_CHECK_STAGES:-$OPTIONAL_STAGES}
+SELECTED=" ${SELECTED//,/ } "
+for stage in $SELECTED; do
+  [[ " $OPTIONAL_STAGES " == *" $stage "* ]] || {
+    echo "gpu_check: unknown stage '$stage' in GPU_CHECK_STAGES (known: $OPTIONAL_STAGES)" >&2; exit 2; }
+done
+# not_selected NAME: true (and recorded) when GPU_CHECK_STAGES leaves out that optional stage
+not_selected() {
+  [[ " $OPTIONAL_STAGES " == *" $1 "* && "$SELECTED" != *" $1 "* ]] || return 1
+  echo "== $1: not selected (GPU_CHECK_STAGES)"
+  record "$1" "not selected" 0 "-"
+}
 export MAX_JOBS=${MAX_JOBS:-16}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the checkout itself, also after build_ext --inplace
 export PYTHONUNBUFFERED=1
@@ -57,6 +72,7 @@ machine_state() {
 run_stage() {
   local name=$1 limit=$2 log=$3
   shift 3
+  not_selected "$name" && return 0
   local left
   left=$(remaining)
   if (( left < 20 )); then
@@ -87,6 +103,7 @@ run_stage() {
 dry_stage() {
   local name=$1
   shift
+  not_selected "$name" && return 0
   echo "== $name (dry run, not run): $*"
   record "$name" "dry run: not run" 0 "-"
 }
@@ -208,7 +225,7 @@ fi
   failed=0
   for i in "${!STAGES[@]}"; do
     printf '%-16s %-22s %6s  %s\n' "${STAGES[$i]}" "${STATUSES[$i]}" "${SECONDS_TAKEN[$i]}" "${LOGS[$i]}"
-    case "${STATUSES[$i]}" in ok|dry\ run*) ;; *) failed=$((failed + 1)) ;; esac
+    case "${STATUSES[$i]}" in ok|dry\ run*|not\ selected) ;; *) failed=$((failed + 1)) ;; esac
   done
   echo "gpu_check: $failed stage(s) not ok; total $(( $(date +%s) - START ))s; logs in $OUTDIR"
   echo "$failed" > "$OUTDIR/.failed"

@@ -247,6 +247,26 @@ def test_gpu_check_script_syntax():
     assert proc.returncode == 0, proc.stderr
 
 
+def test_gpu_check_runs_only_the_selected_stages(tmp_path):
+    # a lease too short for the whole check splits it over two calls: GPU_CHECK_STAGES names each call's stages
+    env = _env()
+    env["PYTHON"] = sys.executable
+    script = str(ROOT / "scripts" / "gpu_check.sh")
+    env["GPU_CHECK_STAGES"] = "tests,bogus"
+    proc = subprocess.run(["bash", script, str(tmp_path), "--dry-run"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown stage 'bogus'" in proc.stderr, proc.stderr
+    env["GPU_CHECK_STAGES"] = "tests"
+    proc = subprocess.run(["bash", script, str(tmp_path), "--dry-run"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "== tests (dry run, not run)" in proc.stdout and "== info (limit" in proc.stdout
+    for stage in ("train", "grouped", "bench", "compare", "tests-memory", "profile", "sweep", "compare_compiled"):
+        assert f"== {stage}: not selected (GPU_CHECK_STAGES)" in proc.stdout, stage
+        assert not (tmp_path / f"{stage}.log").exists(), stage
+    assert "0 stage(s) not ok" in proc.stdout
+
+
 @pytest.mark.slow
 def test_gpu_check_dry_run(tmp_path):
     env = _env()
