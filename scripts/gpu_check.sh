@@ -3,15 +3,15 @@
 # (>= 2.11), triton (>= 3.6), pytest, pytest-benchmark, peft, transformers and ninja (hypothesis is optional: the
 # property tests, CPU-only anyway, are skipped without it):
 #
-#   bash scripts/gpu_check.sh OUTDIR            # build with CUDA, GPU tests, bench, compare, profile, sweep,
-#                                               # compare --compile
+#   bash scripts/gpu_check.sh OUTDIR            # build with CUDA, GPU tests, bench, compare, profile,
+#                                               # crossovers, sweep, compare --compile
 #   bash scripts/gpu_check.sh OUTDIR --dry-run  # any machine: checks the steps (bench --quick and compare tiny on
 #                                               # CPU), prints the build and test commands instead of running them
 #
 # Every stage runs under `timeout` inside one time budget (GPU_CHECK_BUDGET seconds, default 500, so the whole run
 # ends within 9 minutes on an H100); each stage's output goes to OUTDIR/<stage>.log; the bench parts, both compares
-# and the grouped sweep also write OUTDIR/train.json, bench.json, grouped.json, compare.json, sweep.json and
-# compare_compiled.json. The key numbers and a table of the stages come last (also in OUTDIR/summary.txt). Exit
+# the grouped sweep and the crossovers also write OUTDIR/train.json, bench.json, grouped.json, compare.json,
+# sweep.json, crossovers.json and compare_compiled.json. The key numbers and a table of the stages come last (also in OUTDIR/summary.txt). Exit
 # status: 0 when every stage ran and passed (a stage skipped because the budget is spent counts as not ok).
 # Environment: PYTHON (default: python, else python3), MAX_JOBS (default 16), GPU_CHECK_BUDGET, GPU_CHECK_STAGES
 # (the stages to run after env, build and info, by their names in the stage table, space- or comma-separated; default
@@ -38,7 +38,7 @@ OUTDIR=$(cd "$OUTDIR" && pwd)
 PY=${PYTHON:-$(command -v python || command -v python3)}
 [ -n "$PY" ] || { echo "gpu_check: no python found (set PYTHON)" >&2; exit 2; }
 BUDGET=${GPU_CHECK_BUDGET:-500}
-OPTIONAL_STAGES="tests train grouped bench compare tests-memory profile sweep compare_compiled"
+OPTIONAL_STAGES="tests train grouped bench compare tests-memory profile crossovers sweep compare_compiled"
 SELECTED=${GPU_CHECK_STAGES:-$OPTIONAL_STAGES}
 SELECTED=" ${SELECTED//,/ } "
 for stage in $SELECTED; do
@@ -182,6 +182,8 @@ if (( DRY_RUN )); then
     --seq-len 32 --infer-reps 3 --threads 1 --no-progress --save "$OUTDIR/compare.json" "${PLOT[@]}"
   dry_stage tests-memory "${MEMORY_TESTS[@]}"
   run_stage profile 120 profile.log "$PY" benchmarks/profile_kernels.py --device cpu --quick
+  run_stage crossovers 120 crossovers.log "$PY" benchmarks/cuda_crossovers.py --device cpu --quick \
+    --save "$OUTDIR/crossovers.json"
   run_stage sweep 120 sweep.log "$PY" -m lora_kernels bench --quick --device cpu --threads 1 --sections sweep \
     --no-progress --save "$OUTDIR/sweep.json"
   run_stage compare_compiled 120 compare-compiled.log "$PY" -m lora_kernels compare --compile --model-size tiny \
@@ -209,6 +211,9 @@ else
   # kernel time; 12 s on the H200 before that layer's tables, whose Triton autotuning is new), then, last, the lowest
   # priority: the grouped grid (token counts x adapters, mixed ranks), CUDA-graph timed
   run_stage profile 60 profile.log "$PY" benchmarks/profile_kernels.py
+  # where the cuda backend's own kernels beat cuBLAS (decode forward over M = 1..16, dY-once backward over M x r):
+  # the data for its dispatch bounds (kDecodeMaxM, CUDA_BWD_DY_KERNEL_MAX_WORK); CUDA-graph replays, ~1 minute
+  run_stage crossovers 90 crossovers.log "$PY" benchmarks/cuda_crossovers.py --save "$OUTDIR/crossovers.json"
   run_stage sweep 90 sweep.log "$PY" -m lora_kernels bench --sections sweep --no-progress --save "$OUTDIR/sweep.json"
   # last, with what the budget leaves: the same comparison with every decoder layer compiled (no Python host time
   # per op, which an eager step of this model is largely made of); its compile time here is unmeasured

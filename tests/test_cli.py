@@ -261,7 +261,8 @@ def test_gpu_check_runs_only_the_selected_stages(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "== tests (dry run, not run)" in proc.stdout and "== info (limit" in proc.stdout
-    for stage in ("train", "grouped", "bench", "compare", "tests-memory", "profile", "sweep", "compare_compiled"):
+    for stage in ("train", "grouped", "bench", "compare", "tests-memory", "profile", "crossovers", "sweep",
+                  "compare_compiled"):
         assert f"== {stage}: not selected (GPU_CHECK_STAGES)" in proc.stdout, stage
         assert not (tmp_path / f"{stage}.log").exists(), stage
     assert "0 stage(s) not ok" in proc.stdout
@@ -279,7 +280,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert "== tests (dry run, not run)" in out and "cuda or gpu" in out
     for log in ("env.log", "info.log", "train.log", "bench.log", "grouped.log", "profile.log", "sweep.log",
                 "compare.log", "train.json", "bench.json", "grouped.json", "sweep.json", "compare.json", "summary.txt",
-                "compare-compiled.log", "compare_compiled.json"):
+                "compare-compiled.log", "compare_compiled.json", "crossovers.log", "crossovers.json"):
         assert (tmp_path / log).exists(), log
     # the short table comes last: the key numbers, then the stages
     tail = out[out.index("what (worst case)"):]
@@ -297,6 +298,10 @@ def test_gpu_check_dry_run(tmp_path):
     assert "=== lora_linear fwd+bwd, backend cpu, M=32, K=N=32 (compare's layer)" in profile
     assert "=== F.linear forward, M=16: the floor" in profile and "=== lora_linear forward, backend cpu, M=1" in profile
     assert "\nERROR: " not in profile  # the script's own failure line (the profiler may log "ERROR:<date>" lines)
+    crossovers = json.loads((tmp_path / "crossovers.json").read_text())
+    sections = {row["section"] for row in crossovers["rows"]}
+    assert sections == {"decode forward", "dY-once backward"}, sections
+    assert all(row[key] > 0 for row in crossovers["rows"] for key in row if key.endswith("_ms")), crossovers
 
 
 def test_a_failed_json_write_leaves_no_temporary_file(tmp_path):
