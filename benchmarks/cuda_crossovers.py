@@ -87,9 +87,9 @@ def main(argv=None):
     rows = decode_rows(device, dtype, hidden, r, decode_ms, timing, backend)
     print("\ndecode forward: lora_linear (decode kernels) / the same op's GEMM path (column-major W), and / F.linear")
     for row in rows:
-        print(f"  {row['shape']:<26} kernel {1e3 * row['kernel_ms']:8.1f} µs  GEMM path {1e3 * row['gemm_path_ms']:8.1f} "
-              f"µs  F.linear {1e3 * row['base_ms']:8.1f} µs  kernel/GEMM path {row['kernel_vs_gemm_path']:.3f}  "
-              f"kernel/F.linear {row['kernel_vs_base']:.3f}")
+        print(f"  {row['shape']:<26} kernel {1e3 * row['kernel_ms']:8.1f} µs  "
+              f"GEMM path {1e3 * row['gemm_path_ms']:8.1f} µs  F.linear {1e3 * row['base_ms']:8.1f} µs  "
+              f"kernel/GEMM path {row['kernel_vs_gemm_path']:.3f}  kernel/F.linear {row['kernel_vs_base']:.3f}")
     bwd = bwd_dy_rows(device, dtype, hidden, bwd_ms, bwd_ranks, timing)
     print("\ndY-once backward: lora_bwd_dy / two cuBLAS GEMMs (dYᵀ·S, dY·B)")
     for row in bwd:

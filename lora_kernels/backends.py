@@ -85,13 +85,18 @@ GROUPED_OPS = ("multi_lora_linear", "lora_shrink", "lora_expand", "add_lora")
 
 def auto_backend(device, op_name="lora_linear", dtype=None):
     """The fastest available backend for `op_name` on `device`, by measurement (BENCHMARKS.md, bf16, K = N = 4096):
-    - grouped ops on GPUs: the Triton kernels (H200: 0.03-0.22x the per-adapter loop, the C++ CUDA ones 0.37-1.04x);
+    - grouped ops on GPUs: the Triton kernels (H200, 2026-11-30, 64 adapters at 64 and 4096 tokens: 0.03-0.23x the
+      per-adapter loop, the C++ CUDA ones 0.04-0.33x; per call at 4096 tokens on 16 adapters Triton's shrink and
+      expand took 19 and 37 µs, the CUDA ones 57 and 90 µs);
     - lora_linear on GPUs: the unfused torch composition, because a training step with the fused kernels measured
-      slower (`compare`'s model, H200: torch 37.2 ms, cuda 50.5 ms, but the cuda steps slowed from 38 to 62 ms during
-      that run while the others held: to be measured again; H100: torch 38.8 ms, triton 99.9 ms), though one layer's
-      fwd+bwd at M=8192 came within 10% (H200: torch 1.07 ms, cuda 0.99 ms, triton 1.09 ms); the eager host path of a
-      fwd+bwd at a tiny shape took 453 µs with torch and 551 µs with cuda there; ask for "triton" or "cuda"
-      explicitly;
+      slower on the first runs (`compare`'s model, H100: torch 38.8 ms, triton 99.9 ms; H200 2026-11-29: torch
+      37.2 ms, cuda 50.5 ms, the cuda steps slowing from 38 to 62 ms during that run). The H200 run of 2026-11-30
+      has `cuda` ahead in most rows: a step of that model 38.9 ms against 44.0 ms (torch's steps unsteady, 44 -> 38
+      ms), one layer's fwd+bwd at M = 8192 0.94 ms against 1.06 ms (triton 1.06 ms), its peak memory 0.67x PEFT's
+      against 1.11x, the forward at M = 1 17 µs against 28 µs; but the unmerged inference of that model took 15.9 ms
+      with `cuda` against 13.9 ms (12.4 against 13.8 ms in the run before) and the forward at M = 16 33 µs against
+      29 µs (its shrink kernel, since changed). The choice stays until a GPU run explains the inference row; ask for
+      "cuda" or "triton" explicitly;
     - on CPU: the C++ CPU kernels. The Triton interpreter is for tests and never chosen automatically.
     float64 (dtype) skips Triton, whose kernels run 32- and 16-bit floats only. DTensor arguments (tensor
     parallelism) never come here: lora_linear picks "torch" for them (functional.resolve_dtensor_backend)."""

@@ -721,7 +721,7 @@ FUSED_BACKENDS = ("cuda", "triton", "cpu")
 
 def fused_backend_for(cfg):
     """(backend name, note) of the 'fused' LoRA run: `cfg.backend` resolved. "auto" takes what backend="auto"
-    picks for lora_linear, unless that is the unfused torch composition (on GPUs, where it measured faster): the
+    picks for lora_linear, unless that is the unfused torch composition (on GPUs: backends.auto_backend says why): the
     run would then repeat the unfused column, so it shows the fastest available fused backend instead (by the H100
     measurement, FUSED_BACKENDS), and says so."""
     device = torch.device(cfg.device)
@@ -730,8 +730,9 @@ def fused_backend_for(cfg):
         fused = _fused_available(device)
         if chosen in ("torch", "reference") and fused:
             return fused[0], (f"backend='auto' runs lora_linear on {device.type} with the unfused {chosen!r} "
-                              f"composition (it measured faster than the fused kernels, BENCHMARKS.md); this column "
-                              f"shows the fastest fused kernels, {fused[0]!r}, instead (--backend picks another)")
+                              f"composition (auto's choice by measurement: backends.auto_backend, BENCHMARKS.md); "
+                              f"this column shows the fastest fused kernels, {fused[0]!r}, instead (--backend picks "
+                              "another)")
     else:
         reason = backends.unavailable_reason(cfg.backend, device)
         if reason is not None:

@@ -515,7 +515,7 @@ def test_progress_bar_prints_to_its_stream_only_after_the_delay():
 
 
 def test_auto_never_repeats_the_unfused_column_when_a_fused_backend_exists(monkeypatch):
-    # On GPUs backend="auto" picks the torch composition for lora_linear (measured faster); compare then shows the
+    # On GPUs backend="auto" picks the torch composition for lora_linear (see auto_backend); compare then shows the
     # fastest available fused backend in its 'fused' column and says why. Here the choice is forced to torch on CPU,
     # where Triton (the interpreter, under the tests) is never the one measured.
     cfg = CompareConfig(model_size="tiny", device="cpu").resolved()

@@ -55,9 +55,10 @@ GPU_CONFIG = {
     "shrink_decode": {"BLOCK_R": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 2},
     "expand_prefill": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_R": 16, "num_warps": 4, "num_stages": 2},
     "expand_decode": {"BLOCK_N": 128, "BLOCK_R": 16, "num_warps": 4, "num_stages": 2},
-    # Not yet run on a GPU: a GEMM [P, tokens] x [tokens, Q] per slot with P = the rank, so a short P tile (16 or
-    # 64) against a wide Q tile. Chosen without spills: ptxas -v for sm_90a gave 90-214 registers and none spilled
-    # for bf16/fp32 at P 16/64 with 8 warps and 32 tokens per step; 4 warps and 64 tokens spilled 168-456 bytes.
+    # Untuned (its tests pass on the H200; the grouped training row, 1.05x one adapter, includes it): a GEMM
+    # [P, tokens] x [tokens, Q] per slot with P = the rank, so a short P tile (16 or 64) against a wide Q tile.
+    # Chosen without spills: ptxas -v for sm_90a gave 90-214 registers and none spilled for bf16/fp32 at P 16/64
+    # with 8 warps and 32 tokens per step; 4 warps and 64 tokens spilled 168-456 bytes.
     "segment_outer": {"BLOCK_T": 32, "BLOCK_Q": 128, "num_warps": 8, "num_stages": 3},
     # fp32 x (tf32x3 dots, three MMAs per product) with the bf16 tile spilled at R = 64: 6.8 KB per thread on sm_80,
     # 1.7 KB on sm_90a (ptxas -v). Half the K tile over twice the warps spills none on either, at R 16 and 64.
