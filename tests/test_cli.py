@@ -270,6 +270,49 @@ def test_gpu_check_runs_only_the_selected_stages(tmp_path):
 
 
 @pytest.mark.slow
+def test_gpu_check_reuses_an_extension_built_from_the_same_inputs(tmp_path):
+    # A second call of a lease on a warm machine found the extension built and rebuilt it whole (~50 s on the H200).
+    # Here a stand-in python answers the CUDA check and pip (so nothing is built); the rest runs for real.
+    stub = tmp_path / "python"
+    stub.write_text(f"""#!/bin/sh
+case "$*" in
+  *"-m pip install"*) echo "stand-in build"; exit 0 ;;
+  *torch.cuda.is_available*) exit 0 ;;
+esac
+exec {sys.executable} "$@"
+""")
+    stub.chmod(0o755)
+    stamp = ROOT / "build" / "gpu_check_extension.stamp"
+    saved = stamp.read_text() if stamp.exists() else None
+    env = _env()
+    env.update(PYTHON=str(stub), GPU_CHECK_STAGES="crossovers")
+    from lora_kernels import _ext
+    reusable = _ext.EXTENSION_WITH_CUDA and _ext.EXTENSION_ERROR is None
+
+    def run():
+        proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(tmp_path / "out")], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout
+    try:
+        if stamp.exists():
+            stamp.unlink()
+        assert "== build (limit" in run() and stamp.exists()  # no stamp: built, and the inputs recorded
+        second = run()
+        if reusable:  # the extension in place has CUDA: reused
+            assert "== build: skipped" in second and "ok (reused)" in second, second
+        else:  # nothing with CUDA to reuse: built again
+            assert "== build (limit" in second, second
+        stamp.write_text("other inputs\n")
+        assert "== build (limit" in run()  # the inputs changed: built again
+    finally:
+        if saved is None:
+            stamp.unlink(missing_ok=True)
+        else:
+            stamp.write_text(saved)
+
+
+@pytest.mark.slow
 def test_gpu_check_dry_run(tmp_path):
     env = _env()
     env["PYTHON"] = sys.executable
