@@ -3,7 +3,8 @@
 - decode forward: `lora_linear` at M = 1..16 (the decode kernels) against the same op on its GEMM path (a
   column-major W takes that path at any M) and against F.linear alone, CUDA-graph replays (the kernels alone);
 - dY-once backward: `lora_kernels::lora_bwd_dy` against the two cuBLAS GEMMs it replaces (dYᵀ·S, dY·B), over
-  M x r, CUDA-graph replays; functional.CUDA_BWD_DY_KERNEL_MAX_WORK bounds where the backward calls it.
+  M x r, CUDA-graph replays; functional.CUDA_BWD_DY_KERNEL_MAX_WORK bounds where the backward calls it. In bf16 (the
+  tensor-core kernel up to r = 32), and in fp32 (the CUDA-core kernel) at the sizes below that bound.
 
     python benchmarks/cuda_crossovers.py [--save FILE]          # GPU shapes (bf16, K = N = 4096)
     python benchmarks/cuda_crossovers.py --device cpu --quick   # tiny shapes on the cpu backend (the plumbing)
@@ -19,9 +20,9 @@ import torch.nn.functional as F
 from lora_kernels import bench
 from lora_kernels.functional import lora_linear
 
-SHAPES = {  # hidden, decode rank, decode M, backward M, backward ranks
-    "gpu": (4096, 16, (1, 2, 4, 6, 8, 12, 16), (64, 256, 1024, 2048, 4096, 8192), (8, 16, 32, 64)),
-    "quick": (64, 8, (1, 4, 16), (16, 64), (8, 16)),
+SHAPES = {  # hidden, decode rank, decode M, backward M, backward ranks, fp32 backward M
+    "gpu": (4096, 16, (1, 2, 4, 6, 8, 12, 16), (64, 256, 1024, 2048, 4096, 8192), (8, 16, 32, 64), (64, 256)),
+    "quick": (64, 8, (1, 4, 16), (16, 64), (8, 16), (16,)),
 }
 
 
@@ -57,7 +58,8 @@ def bwd_dy_rows(device, dtype, hidden, ms, ranks, timing):
                     "gemms": [lambda dy=dy, s=s, b=b: (2.0 * (dy.T @ s.to(dy.dtype)), 2.0 * (dy @ b))
                               for dy, s, b in saved],
                 }, graph=True, **timing)
-            rows.append({"section": "dY-once backward", "shape": f"M={m} K={hidden} N={hidden} r={r}", "m": m,
+            rows.append({"section": f"dY-once backward, {str(dtype).removeprefix('torch.')}",
+                         "shape": f"M={m} K={hidden} N={hidden} r={r}", "m": m,
                          "r": r, "kernel_ms": t["kernel"], "gemms_ms": t["gemms"],
                          "kernel_vs_gemms": t["kernel"] / t["gemms"]})
             del inputs, saved
@@ -76,7 +78,7 @@ def main(argv=None):
     on_gpu = device.type == "cuda"
     backend = "cuda" if on_gpu else "cpu"
     dtype = torch.bfloat16 if on_gpu else torch.float32
-    hidden, r, decode_ms, bwd_ms, bwd_ranks = SHAPES["quick" if args.quick or not on_gpu else "gpu"]
+    hidden, r, decode_ms, bwd_ms, bwd_ranks, fp32_bwd_ms = SHAPES["quick" if args.quick or not on_gpu else "gpu"]
     if on_gpu:
         torch.cuda.set_device(device)
     timing = {"device": device, "reps": args.reps, "warmup": args.warmup}
@@ -91,10 +93,13 @@ def main(argv=None):
               f"GEMM path {1e3 * row['gemm_path_ms']:8.1f} µs  F.linear {1e3 * row['base_ms']:8.1f} µs  "
               f"kernel/GEMM path {row['kernel_vs_gemm_path']:.3f}  kernel/F.linear {row['kernel_vs_base']:.3f}")
     bwd = bwd_dy_rows(device, dtype, hidden, bwd_ms, bwd_ranks, timing)
+    if on_gpu:  # fp32 dy takes the CUDA-core kernel: where lora_linear runs it, M·r <= CUDA_BWD_DY_KERNEL_MAX_WORK
+        bwd += bwd_dy_rows(device, torch.float32, hidden, fp32_bwd_ms, bwd_ranks, timing)
     print("\ndY-once backward: lora_bwd_dy / two cuBLAS GEMMs (dYᵀ·S, dY·B)")
     for row in bwd:
-        print(f"  {row['shape']:<28} kernel {1e3 * row['kernel_ms']:9.1f} µs  GEMMs {1e3 * row['gemms_ms']:9.1f} µs  "
-              f"ratio {row['kernel_vs_gemms']:.3f}")
+        dtype_name = row["section"].split(", ")[-1]
+        print(f"  {dtype_name:<9} {row['shape']:<28} kernel {1e3 * row['kernel_ms']:9.1f} µs  "
+              f"GEMMs {1e3 * row['gemms_ms']:9.1f} µs  ratio {row['kernel_vs_gemms']:.3f}")
     if args.save:
         with open(args.save, "w") as f:
             json.dump({"device": name, "dtype": str(dtype), "torch": torch.__version__, "rows": rows + bwd}, f,

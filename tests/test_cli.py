@@ -344,7 +344,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert "\nERROR: " not in profile  # the script's own failure line (the profiler may log "ERROR:<date>" lines)
     crossovers = json.loads((tmp_path / "crossovers.json").read_text())
     sections = {row["section"] for row in crossovers["rows"]}
-    assert sections == {"decode forward", "dY-once backward"}, sections
+    assert sections == {"decode forward", "dY-once backward, float32"}, sections
     assert all(row[key] > 0 for row in crossovers["rows"] for key in row if key.endswith("_ms")), crossovers
 
 
