@@ -233,7 +233,8 @@ __global__ void __launch_bounds__(kThreads) sgmv_kernel(const SgmvArgs args) {
 // the sweep 774 µs for the whole op at 4096 tokens on one adapter, over a base GEMM of ~180 µs. Here each
 // warp multiplies 16 of the block's 32 tokens by its 32 rank columns on tensor cores (tensor_core.h: the tokens are
 // the MMA's rows, A's rank rows its columns), with 16-byte loads, kShrinkUnroll K chunks loaded before their MMAs.
-// The same grid, K-split and partials as sgmv_kernel<true>; rank rows past ranks[slot] are never read.
+// The same grid and partials as sgmv_kernel<true>, the K-split counted for its 2-warp blocks (shrink_k_split);
+// rank rows past ranks[slot] are never read.
 constexpr int kShrinkWarps = kTileTokens / 16;  // 16 tokens (one MMA tile of rows) per warp
 constexpr int kShrinkTiles = kTileCols / 8;     // the block's 32 rank columns as n8 MMA tiles
 constexpr int kShrinkUnroll = 2;                // 32-wide K chunks per step: 2 x (2 + 4) 16-byte loads in flight
@@ -544,19 +545,26 @@ struct ShrinkSplit {
 };
 
 // The shrink's K-split, from the shapes and the SM count only (never the metadata values: no host sync). About
-// kBlocksPerSm ACTIVE blocks per SM: the nominal grid over-counts, since a slot's token tiles past its count exit at
-// once; at most min(token_tiles * L, token_tiles + L) (slot, token tile) pairs hold tokens (every tile on every slot,
-// or each full tile once plus one partial tile per slot). No split once they fill the GPU (prefill). Each split is
-// at least one K tile. The partials are zero-filled, written and read once: capped at half of x's elements, but at
-// least kMinShrinkPartials. grid.x = splits * col_tiles stays at most max(col_tiles, kBlocksPerSm * SMs).
-ShrinkSplit shrink_k_split(int64_t num_tokens, int64_t num_slots, int64_t max_rank, int64_t k, int device) {
+// kShrinkWarpsPerSm warps of ACTIVE blocks per SM (kBlocksPerSm blocks of sgmv_kernel's 8 warps; four times as many
+// of sgmv_shrink_mma_kernel's 2-warp blocks): the nominal grid over-counts, since a slot's token tiles past its count
+// exit at once; at most min(token_tiles * L, token_tiles + L) (slot, token tile) pairs hold tokens (every tile on
+// every slot, or each full tile once plus one partial tile per slot). No split once they fill the GPU (prefill). Each
+// split is at least one K tile. The partials are zero-filled, written and read once: capped at half of x's elements,
+// but at least kMinShrinkPartials. grid.x = splits * col_tiles stays at most max(col_tiles, kShrinkWarpsPerSm * SMs).
+// Counted in warps because each warp walks its split of K one step (a DRAM round trip) at a time: with the MMA
+// kernel's blocks counted as 8-warp ones, 4096 tokens on 16 adapters (K = 4096, r = 16) got no split, 4 warps per
+// SM, and the H200 measured 57 µs per call, ~64 steps of one round trip each (Triton's shrink: 19 µs).
+constexpr int64_t kShrinkWarpsPerSm = int64_t(kBlocksPerSm) * (kThreads / 32);
+
+ShrinkSplit shrink_k_split(int64_t num_tokens, int64_t num_slots, int64_t max_rank, int64_t k, int64_t block_warps,
+                           int device) {
   const int64_t token_tiles = ceil_div(num_tokens, kTileTokens), col_tiles = ceil_div(max_rank, kTileCols);
   const int64_t active_pairs = std::min(token_tiles * num_slots, token_tiles + num_slots);
-  const int64_t active_blocks = std::max<int64_t>(active_pairs * col_tiles, 1);
+  const int64_t active_warps = std::max<int64_t>(active_pairs * col_tiles * block_warps, 1);
   const int64_t k_tiles = std::max<int64_t>(ceil_div(k, kTileK), 1);
   const int64_t partial_budget = std::max(num_tokens * k / 2, kMinShrinkPartials);
   const int64_t max_for_budget = partial_budget / std::max<int64_t>(num_tokens * max_rank, 1);
-  int64_t splits = int64_t(kBlocksPerSm) * sm_count(device) / active_blocks;  // 0 when the GPU is already full
+  int64_t splits = kShrinkWarpsPerSm * sm_count(device) / active_warps;  // 0 when the GPU is already full
   splits = std::max<int64_t>(std::min({splits, kMaxShrinkSplits, k_tiles, max_for_budget}), 1);
   // Whole K tiles per split; recounting leaves no split empty (e.g. 5 tiles over 4 splits: 2 + 2 + 1, so 3 splits).
   const int64_t k_per_split = ceil_div(k_tiles, splits) * kTileK;
@@ -683,11 +691,15 @@ at::Tensor sgmv_shrink_cuda_launch(const at::Tensor& x, const at::Tensor& lora_a
   args.k_full = x.size(1);
   const bool rows_of_16_bytes = shrink_rows_of_16_bytes(args);
   const bool decode = rows_of_16_bytes && decode_path(num_tokens, num_slots);
+  // Tensor cores for x and lora_a of one 16-bit dtype whose rows are whole 16-byte loads, on sm_80+.
+  const bool tensor_cores = !decode && rows_of_16_bytes && args.x_dtype != kF32 &&
+                            device_attribute<cudaDevAttrComputeCapabilityMajor>(x.get_device()) >= 8;
   // The partials hold the accumulation type (launch_sgmv's choice), so a float64 sum is rounded to float32 once.
   const bool acc_fp64 = args.x_dtype == kF64 || args.w_dtype == kF64;
   const ShrinkSplit k_split =
       decode ? decode_k_split(num_tokens, args.k_full, args.x_dtype == kF32 ? 4 : 8, x.get_device())
-             : shrink_k_split(num_tokens, num_slots, max_rank, args.k_full, x.get_device());
+             : shrink_k_split(num_tokens, num_slots, max_rank, args.k_full, tensor_cores ? kShrinkWarps : kThreads / 32,
+                              x.get_device());
   at::Tensor partials = at::zeros({k_split.splits, num_tokens, max_rank},
                                   x.options().dtype(acc_fp64 ? at::kDouble : at::kFloat));
   args.out = partials.data_ptr();
@@ -710,9 +722,6 @@ at::Tensor sgmv_shrink_cuda_launch(const at::Tensor& x, const at::Tensor& lora_a
   if (decode) {
     launch_bgmv<true>(args, k_split.splits);
   } else {
-    // Tensor cores for x and lora_a of one 16-bit dtype whose rows are whole 16-byte loads, on sm_80+.
-    const bool tensor_cores = rows_of_16_bytes && args.x_dtype != kF32 &&
-                              device_attribute<cudaDevAttrComputeCapabilityMajor>(x.get_device()) >= 8;
     launch_sgmv<true>(args, num_slots, k_split.splits, tensor_cores);
   }
   // Fixed-order sum over the splits: deterministic, unlike atomics. float32 for every input dtype, as on CPU.

@@ -25,7 +25,7 @@ void run_case(int M, int L, int K, int R, int row_pad, const std::string& dist, 
   GroupedCase<T, Out> batch(M, L, K, R, K + row_pad, R, 300, dist, seed);  // N: two blocks of 128 and a part
 
   std::vector<float> partials;
-  const ShrinkSplit split = shrink_k_split(M, L, R, K, 0);
+  const ShrinkSplit split = shrink_k_split(M, L, R, K, kShrinkWarps, 0);
   SgmvArgs args = batch.shrink_args(partials, split.splits, split.k_per_split);
   EXPECT(shrink_rows_of_16_bytes(args), "shrink rows not whole 16-byte loads (K=%d pad=%d)", K, row_pad);
   EXPECT(!decode_path(M, L), "a decode shape M=%d L=%d", M, L);
