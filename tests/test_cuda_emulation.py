@@ -84,7 +84,7 @@ def build_and_run(tmp_path, harness, sources, *args):
     return run.returncode, run.stdout
 
 
-@pytest.mark.parametrize("harness,cases", [("decode_kernels", 48), ("sgmv_mma", 18), ("lora_fwd_decode", 15),
+@pytest.mark.parametrize("harness,cases", [("decode_kernels", 48), ("sgmv_mma", 36), ("lora_fwd_decode", 15),
                                            ("lora_bwd_dy", 8)])
 def test_cuda_kernels_match_the_reference_on_the_cpu(tmp_path, harness, cases):
     returncode, output = build_and_run(tmp_path, harness, read_sources())
@@ -99,18 +99,22 @@ def test_cuda_kernels_match_the_reference_on_the_cpu(tmp_path, harness, cases):
     ("decode_kernels", 6, "const int64_t n = n0 + int64_t(c) * kDecodeThreads;\n      const bool ok",
      "const int64_t n = n0 + int64_t(c) * kDecodeThreads + 1;\n      const bool ok"),
     # the tensor-core shrink: the accumulators' rank columns swapped in pairs
-    ("sgmv_mma", 3, "2 * t + i % 2;\n      if (token >= 0 && col < rank)",
+    ("sgmv_mma", 6, "2 * t + i % 2;\n      if (token >= 0 && col < rank)",
      "2 * t + 1 - i % 2;\n      if (token >= 0 && col < rank)"),
     # the tensor-core expand: t's rank index and B's out of step
-    ("sgmv_mma", 3, "2 * t + e;\n          w[e]", "2 * t + 1 - e;\n          w[e]"),
+    ("sgmv_mma", 6, "2 * t + e;\n          w[e]", "2 * t + 1 - e;\n          w[e]"),
+    # the expand's staged epilogue: the accumulators' columns swapped in pairs on their way into shared memory
+    ("sgmv_mma", 6, "[8 * tile + 2 * t + i % 2] = acc[tile][i];", "[8 * tile + 2 * t + 1 - i % 2] = acc[tile][i];"),
+    # ... and a lane adding the other half-row's 16 columns
+    ("sgmv_mma", 6, "&staged[warp][row][16 * half + chunk]", "&staged[warp][row][16 * (1 - half) + chunk]"),
     # the tensor-core decode forward: the accumulators' columns (rows of W) swapped in pairs
     ("lora_fwd_decode", 2, "[8 * tile + 2 * t + i % 2] = acc[tile][i];",
      "[8 * tile + 2 * t + 1 - i % 2] = acc[tile][i];"),
     # the tensor-core backward: dy's transposed tile read at the same row for both k-slots of a lane
     ("lora_bwd_dy", 2, "transposed[warp][8 * ks + t + 4][8 * ct + group]",
      "transposed[warp][8 * ks + t][8 * ct + group]"),
-], ids=["decode-shrink-chunks", "decode-expand-columns", "mma-shrink-columns", "mma-expand-rank", "mma-decode-forward",
-        "mma-bwd-dy-transpose"])
+], ids=["decode-shrink-chunks", "decode-expand-columns", "mma-shrink-columns", "mma-expand-rank",
+        "mma-expand-staged-columns", "mma-expand-staged-half", "mma-decode-forward", "mma-bwd-dy-transpose"])
 def test_the_emulation_fails_a_broken_kernel(tmp_path, harness, cases, old, new):
     """The harnesses are not vacuous: one wrong index in any of the kernels fails them."""
     sources = read_sources()

@@ -11,7 +11,8 @@ template <> int code<c10::Half>() { return kF16; }
 template <> int code<c10::BFloat16>() { return kBF16; }
 
 // x [M, K] and A [L, R, K] in rows of shrink_ld elements; B [L, N, R] in rank rows of b_ld elements; t [M, R] fp32;
-// out [M, n_total] of Out, the expand adding at columns offset .. offset + N. T: x, A and B.
+// out [M, n_total] of Out, the expand adding at columns offset .. offset + N. T: x, A and B. aligned_out: offset and
+// n_total multiples of 8 elements (out's rows and the slice start 16-byte aligned, as the staged expand needs).
 template <typename T, typename Out>
 struct GroupedCase {
   int M, L, K, R, N, offset, n_total;
@@ -25,9 +26,9 @@ struct GroupedCase {
   std::vector<Out> out, before;
 
   GroupedCase(int M_, int L_, int K_, int R_, int64_t shrink_ld_, int64_t b_ld_, int N_, const std::string& dist_,
-              uint32_t seed)
-      : M(M_), L(L_), K(K_), R(R_), N(N_), offset(5), n_total(N_ + 9), shrink_ld(shrink_ld_), b_ld(b_ld_),
-        dist(dist_) {
+              uint32_t seed, bool aligned_out = false)
+      : M(M_), L(L_), K(K_), R(R_), N(N_), offset(aligned_out ? 8 : 5),
+        n_total(aligned_out ? (N_ + 8 + 7) / 8 * 8 + 8 : N_ + 9), shrink_ld(shrink_ld_), b_ld(b_ld_), dist(dist_) {
     std::mt19937 rng(seed);
     auto ival = [&](int bound) { return float(int(rng() % (2 * bound + 1)) - bound); };
     const float nan = std::nanf("");
