@@ -325,7 +325,6 @@ __global__ void __launch_bounds__(kShrinkWarps * 32, 1) sgmv_shrink_mma_kernel(c
 // ids and its rows of t (from L1) four times.
 constexpr int kExpandCols = 4 * kTileCols;
 
-//
 // The accumulators go into out through shared memory when out's rows allow 16-byte accesses (unit column stride,
 // 16-byte aligned rows and slice start): each lane then adds 16 consecutive columns of one token's row with 16-byte
 // loads and stores. Added from the MMA fragments directly, each lane touched 2-byte elements two columns apart on 8
