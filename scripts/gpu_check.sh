@@ -11,11 +11,13 @@
 # Every stage runs under `timeout` inside one time budget (GPU_CHECK_BUDGET seconds, default 500, so the whole run
 # ends within 9 minutes on an H100); each stage's output goes to OUTDIR/<stage>.log; the bench parts, both compares
 # the grouped sweep and the crossovers also write OUTDIR/train.json, bench.json, grouped.json, compare.json,
-# sweep.json, crossovers.json and compare_compiled.json. The key numbers and a table of the stages come last (also in OUTDIR/summary.txt). Exit
-# status: 0 when every stage ran and passed (a stage skipped because the budget is spent counts as not ok).
+# sweep.json, crossovers.json and compare_compiled.json. The key numbers and a table of the stages come last (also in
+# OUTDIR/summary.txt). Exit status: 0 when every stage ran and passed (a stage skipped because the budget is spent
+# counts as not ok).
 # Environment: PYTHON (default: python, else python3), MAX_JOBS (default 16), GPU_CHECK_BUDGET, GPU_CHECK_STAGES
 # (the stages to run after env, build and info, by their names in the stage table, space- or comma-separated; default
-# all: a lease too short for the whole check can split it over two calls, each paying the ~45 s build).
+# all: a lease too short for the whole check can split it over two calls; a second call on the still-warm machine
+# reuses the first one's build).
 # Through this workplace's device tool, which returns at most 8 files from $OUT, pack the logs into one:
 #   bash scripts/gpu_check.sh /tmp/gc; tar czf "$OUT/gc.tgz" -C /tmp gc
 set -uo pipefail
@@ -26,7 +28,7 @@ OUTDIR="" DRY_RUN=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     -*) usage ;;
     *) [ -z "$OUTDIR" ] || usage; OUTDIR=$arg ;;
   esac
@@ -224,7 +226,7 @@ else
   # priority: the grouped grid (token counts x adapters, mixed ranks), CUDA-graph timed
   run_stage profile 60 profile.log "$PY" benchmarks/profile_kernels.py
   # where the cuda backend's own kernels beat cuBLAS (decode forward over M = 1..16, dY-once backward over M x r):
-  # the data for its dispatch bounds (kDecodeMaxM, CUDA_BWD_DY_KERNEL_MAX_WORK); CUDA-graph replays, ~1 minute
+  # the data for its dispatch bounds (kDecodeMaxM, CUDA_BWD_DY_KERNEL_MAX_WORK); CUDA-graph replays, not yet timed
   run_stage crossovers 90 crossovers.log "$PY" benchmarks/cuda_crossovers.py --save "$OUTDIR/crossovers.json"
   run_stage sweep 90 sweep.log "$PY" -m lora_kernels bench --sections sweep --no-progress --save "$OUTDIR/sweep.json"
   # last, with what the budget leaves: the same comparison with every decoder layer compiled (no Python host time
