@@ -3,7 +3,7 @@ group's baseline), and the short summary of `lora-kernels bench --save` / `lora-
 scripts/gpu_check.sh prints last.
 
     python benchmarks/table.py results.json           # pytest-benchmark JSON: ratios against each group's baseline
-    python benchmarks/table.py --summary OUTDIR       # bench/grouped/sweep/compare.json of a gpu_check run
+    python benchmarks/table.py --summary OUTDIR       # bench/grouped/sweep/crossovers/compare.json of a gpu_check run
 """
 
 import argparse
@@ -156,6 +156,26 @@ def summary_compare_rows(compare):
     return rows
 
 
+def summary_crossover_lines(crossovers):
+    """benchmarks/cuda_crossovers.py's rows as ratio lines (below 1: the hand-written kernel wins): the decode
+    forward against its GEMM path per M, and the dY-once backward against two GEMMs, one line per dtype and rank."""
+    rows = crossovers["rows"]
+    decode = [row for row in rows if row["section"] == "decode forward"]
+    lines = []
+    if decode:
+        lines.append("decode forward / its GEMM path: " + "  ".join(
+            f"{row['shape'].split()[0]} {row['kernel_vs_gemm_path']:.2f}" for row in decode))
+    backward = {}
+    for row in rows:
+        if row["section"].startswith("dY-once backward"):
+            key = (row["section"].split(", ")[-1], row["r"])
+            backward.setdefault(key, []).append(row)
+    for (dtype, rank), group in backward.items():
+        lines.append(f"dY-once / 2 GEMMs, {dtype} r={rank}: " + "  ".join(
+            f"M={row['m']} {row['kernel_vs_gemms']:.2f}" for row in group))
+    return lines
+
+
 def print_summary(outdir, out=sys.stdout):
     """The key numbers of a gpu_check run (bench: the worst case of each ratio); missing files are reported."""
     compare_path = os.path.join(outdir, "compare.json")
@@ -188,6 +208,11 @@ def print_summary(outdir, out=sys.stdout):
         for row in sweep["rows"]:
             if row["kind"] == "error":
                 out.write(f"ERROR {row['backend']} in '{row['section']}' ({row['shape']}): {row['note']}\n")
+    crossovers_path = os.path.join(outdir, "crossovers.json")
+    if os.path.exists(crossovers_path):
+        crossovers = _load(crossovers_path)
+        out.write(f"\ncuda crossovers ({crossovers['device']}; ratio below 1: the hand-written kernel wins):\n")
+        out.writelines(f"  {line}\n" for line in summary_crossover_lines(crossovers))
     if os.path.exists(compare_path):
         _print_compare(_load(compare_path), out)
     else:

@@ -312,6 +312,27 @@ def test_pytest_benchmark_table_ratios():
     assert rows[("dropout", "ours")] == (1.5, True, None)  # PEFT / ours
 
 
+def test_summary_of_the_crossovers_groups_the_backward_by_dtype_and_rank():
+    """gpu_check's summary shows cuda_crossovers.py's ratios: the decode forward per M, the dY-once backward on one
+    line per (dtype, rank), in the order measured."""
+    spec = importlib.util.spec_from_file_location("table", Path(__file__).parents[1] / "benchmarks" / "table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+
+    def backward(dtype, m, r, ratio):
+        return {"section": f"dY-once backward, {dtype}", "shape": f"M={m} K=8 N=8 r={r}", "m": m, "r": r,
+                "kernel_vs_gemms": ratio}
+    rows = [{"section": "decode forward", "shape": "M=1 K=8 N=8 r=4", "kernel_vs_gemm_path": 0.631},
+            {"section": "decode forward", "shape": "M=16 K=8 N=8 r=4", "kernel_vs_gemm_path": 1.189},
+            backward("bfloat16", 64, 8, 0.5), backward("bfloat16", 256, 8, 0.6), backward("bfloat16", 64, 16, 0.7),
+            backward("float32", 64, 8, 2.25)]
+    assert table.summary_crossover_lines({"device": "x", "rows": rows}) == [
+        "decode forward / its GEMM path: M=1 0.63  M=16 1.19",
+        "dY-once / 2 GEMMs, bfloat16 r=8: M=64 0.50  M=256 0.60",
+        "dY-once / 2 GEMMs, bfloat16 r=16: M=64 0.70",
+        "dY-once / 2 GEMMs, float32 r=8: M=64 2.25"]
+
+
 def test_summary_of_a_compare_json_with_a_diverged_run():
     """compare writes a non-finite loss as null (standard JSON): the gpu_check summary prints it, not a TypeError."""
     spec = importlib.util.spec_from_file_location("table", Path(__file__).parents[1] / "benchmarks" / "table.py")

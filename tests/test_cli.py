@@ -329,6 +329,7 @@ def test_gpu_check_dry_run(tmp_path):
     # the short table comes last: the key numbers, then the stages
     tail = out[out.index("what (worst case)"):]
     assert "compare (" in tail and "stage" in tail and "0 stage(s) not ok" in tail
+    assert "cuda crossovers (cpu" in tail and "decode forward / its GEMM path: M=1 " in tail
     assert "steps, every decoder layer compiled):" in tail  # the compiled compare's summary, after the eager one
     assert json.loads((tmp_path / "compare.json").read_text())["config"]["model_size"] == "tiny"
     # each stage's log says what else the machine was doing when it started
