@@ -52,17 +52,12 @@ def bwd_dy_rows(device, dtype, hidden, ms, ranks, timing):
         for m in ms:
             inputs = bench.InputSets(device, dtype, m, hidden, hidden, r, grad=True)
             with torch.no_grad():
-                saved = [(s["dy"], (s["x"] @ s["a"].T).float(), s["b"].detach()) for s in inputs.sets]
-                t = bench.measure({
-                    "kernel": [lambda args=args: torch.ops.lora_kernels.lora_bwd_dy(*args, 2.0) for args in saved],
-                    "gemms": [lambda dy=dy, s=s, b=b: (2.0 * (dy.T @ s.to(dy.dtype)), 2.0 * (dy @ b))
-                              for dy, s, b in saved],
-                }, graph=True, **timing)
+                t = bench.measure(bench.bwd_dy_candidates(inputs), graph=True, **timing)
             rows.append({"section": f"dY-once backward, {str(dtype).removeprefix('torch.')}",
                          "shape": f"M={m} K={hidden} N={hidden} r={r}", "m": m,
                          "r": r, "kernel_ms": t["kernel"], "gemms_ms": t["gemms"],
                          "kernel_vs_gemms": t["kernel"] / t["gemms"]})
-            del inputs, saved
+            del inputs
     return rows
 
 

@@ -662,19 +662,19 @@ def cuda_bwd_dy_row(rows, inputs, shape, timing, on_gpu):
     FMAs otherwise) against the two cuBLAS GEMMs it replaces, which read dY twice: whether reading dY once pays for
     the kernel's arithmetic and partial sums, and so where functional.CUDA_BWD_DY_KERNEL_MAX_WORK should lie."""
     section = "CUDA backward: dY-once kernel (lora_bwd_dy) / two cuBLAS GEMMs (dYᵀ·S, dY·B)"
-    with torch.no_grad():
-        saved = [(st["dy"], (st["x"] @ st["a"].detach().T).float(), st["b"].detach()) for st in inputs.sets]
-
-    def kernel(dy, s, b):
-        return torch.ops.lora_kernels.lora_bwd_dy(dy, s, b, 2.0)
-
-    def gemms(dy, s, b):
-        return 2.0 * (dy.T @ s.to(dy.dtype)), 2.0 * (dy @ b)
     with _guard(rows, section, "cuda", shape, on_gpu), torch.no_grad():
-        t = measure({"gemms": [lambda args=args: gemms(*args) for args in saved],
-                     "kernel": [lambda args=args: kernel(*args) for args in saved]}, **timing)
+        t = measure(bwd_dy_candidates(inputs), **timing)
         _row(rows, section, "cuda_bwd_dy", "cuda", shape, "lora_kernels::lora_bwd_dy", "dYᵀ·S and dY·B (ATen)",
              t["kernel"] / t["gemms"], t["kernel"], t["gemms"], "ms", on_gpu)
+
+
+def bwd_dy_candidates(inputs):
+    """{"kernel": lora_kernels::lora_bwd_dy, "gemms": the two GEMMs it replaces (dYᵀ·S, dY·B)} over the input sets'
+    dY, fp32 S = x·Aᵀ and B, scaling 2 (also benchmarks/cuda_crossovers.py's)."""
+    with torch.no_grad():
+        saved = [(st["dy"], (st["x"] @ st["a"].detach().T).float(), st["b"].detach()) for st in inputs.sets]
+    return {"gemms": [lambda dy=dy, s=s, b=b: (2.0 * (dy.T @ s.to(dy.dtype)), 2.0 * (dy @ b)) for dy, s, b in saved],
+            "kernel": [lambda args=args: torch.ops.lora_kernels.lora_bwd_dy(*args, 2.0) for args in saved]}
 
 
 def cuda_decode_row(rows, inputs, m, timing, graph, on_gpu, backend="cuda"):
