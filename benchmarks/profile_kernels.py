@@ -1,7 +1,8 @@
 """Which kernels take the time: torch.profiler tables of one lora_linear fwd+bwd, of its forward at decode sizes, and
 of grouped forwards (decode and prefill) for every available backend, at design.md §8's shapes on a GPU (bf16,
-K = N = 4096, r = 16), and of one layer of `compare`'s model (full fine-tuning's and each backend's LoRA fwd+bwd:
-host time against kernel time).
+K = N = 4096, r = 16), of one layer of `compare`'s model (full fine-tuning's and each backend's LoRA fwd+bwd:
+host time against kernel time), and of the no-grad forwards of its inference at its three layer shapes, each with a
+count of the output elements that follow one rounding or the other (COMPARE_INFERENCE).
 
 The bench gives ratios; this gives the per-kernel breakdown behind them (the first H100 run had only the ratios, and
 the causes had to be read from the code).
@@ -28,6 +29,12 @@ SHAPES = {  # (training M, hidden, rank, decode tokens, prefill tokens, adapters
 # step looked host-bound on the H200 (a LoRA step 0.95x full fine-tuning's, the fused column unsteady); the tables'
 # "Self CPU time total" against "Self CUDA time total" say whether a layer's host path outlasts its kernels.
 COMPARE_LAYER = {"gpu": (4096, 2048), "quick": (32, 32)}
+# The inference forwards of compare's default GPU model, (M, K, N) of its three layer shapes (q/k/v/o, gate/up,
+# down): the H200 run of 2026-11-30 measured its unmerged `cuda` inference at 1.50x the merged model (torch 1.31x)
+# although the bench's forward rows had `cuda` ahead of torch, and with logits equal to the torch composition's bit
+# for bit. These tables and the bit counts below them are the per-layer evidence for both.
+COMPARE_INFERENCE = {"gpu": ((4096, 2048, 2048), (4096, 2048, 5632), (4096, 5632, 2048)),
+                     "quick": ((32, 32, 32), (32, 32, 88), (32, 88, 32))}
 # design.md §8's decode sizes: the forward alone (the cuda backend's decode kernels, the Triton decode configs)
 DECODE_M = (1, 16)
 ROW_LIMIT = 12  # kernels shown per table
@@ -48,6 +55,22 @@ def _profile(fn, device, iterations):
             torch.cuda.synchronize(device)
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=sort_by, row_limit=ROW_LIMIT, max_name_column_width=70)
+
+
+def _print_rounding_counts(shape, names, x, weight, lora_a, lora_b):
+    """Which rounding each backend's no-grad forward follows, counted in output elements: the base product rounded
+    to x's dtype before the LoRA term is added (the torch composition's order), or the base product's fp32 sum with
+    the LoRA term rounded once (what lora_fwd_gemm's beta = 1 GEMM is expected to give). Both models take the same
+    LoRA term, rounded as the torch composition rounds it (S, then S·Bᵀ, then the scaling of 2, exact)."""
+    with torch.no_grad():
+        outputs = {name: lora_linear(x, weight, lora_a, lora_b, 2.0, backend=name) for name in names}
+        lora_term = 2.0 * ((x @ lora_a.T) @ lora_b.T)
+        base = x.float() @ weight.float().T
+        models = {"base rounded first": (base.to(x.dtype).float() + lora_term.float()).to(x.dtype),
+                  "rounded once": (base + lora_term.float()).to(x.dtype)}
+    for name, out in outputs.items():
+        counts = ", ".join(f"{(out != model).sum().item()} from {label}" for label, model in models.items())
+        print(f"forward {shape}, backend {name}: of {out.numel()} elements, {counts}")
 
 
 def main(argv=None):
@@ -100,6 +123,18 @@ def main(argv=None):
         tables.append((f"lora_linear fwd+bwd, backend {name}, M={layer_m}, K=N={layer_hidden} (compare's layer)",
                        lambda name=name: torch.autograd.grad(lora_linear(lx, lw.detach(), la, lb, 2.0, backend=name),
                                                              (lx, la, lb), ldy)))
+    for im, ik, inn in COMPARE_INFERENCE["quick" if args.quick else "gpu"]:
+        ix = torch.randn(im, ik, **factory)
+        iw = torch.randn(inn, ik, **factory) / math.sqrt(ik)
+        ia = torch.randn(r, ik, **factory) / math.sqrt(ik)
+        ib = torch.randn(inn, r, **factory) / math.sqrt(r)
+        _print_rounding_counts(f"M={im}, K={ik}, N={inn}", names, ix, iw, ia, ib)
+        tables.append((f"F.linear forward, M={im}, K={ik}, N={inn} (compare's inference): the floor",
+                       lambda ix=ix, iw=iw: torch.nn.functional.linear(ix, iw)))
+        for name in names:
+            tables.append((f"lora_linear forward, no grad, backend {name}, M={im}, K={ik}, N={inn} (compare's "
+                           f"inference)", lambda name=name, ix=ix, iw=iw, ia=ia, ib=ib:
+                           lora_linear(ix, iw, ia, ib, 2.0, backend=name)))
     stacked_a = torch.randn(adapters, r, hidden, **factory) / math.sqrt(hidden)
     stacked_b = torch.randn(adapters, hidden, r, **factory) / math.sqrt(r)
     scalings = torch.full((adapters,), 2.0, device=device)

@@ -342,6 +342,10 @@ def test_gpu_check_dry_run(tmp_path):
     assert "=== full fine-tuning layer fwd+bwd (F.linear, dX and dW), M=32, K=N=32" in profile
     assert "=== lora_linear fwd+bwd, backend cpu, M=32, K=N=32 (compare's layer)" in profile
     assert "=== F.linear forward, M=16: the floor" in profile and "=== lora_linear forward, backend cpu, M=1" in profile
+    assert "=== lora_linear forward, no grad, backend cpu, M=32, K=88, N=32 (compare's inference)" in profile
+    # the rounding counts: the torch composition is the "base rounded first" model itself
+    assert re.search(r"forward M=32, K=32, N=88, backend torch: of 2816 elements, 0 from base rounded first, \d+ from "
+                     r"rounded once", profile), profile[:2000]
     assert "\nERROR: " not in profile  # the script's own failure line (the profiler may log "ERROR:<date>" lines)
     crossovers = json.loads((tmp_path / "crossovers.json").read_text())
     sections = {row["section"] for row in crossovers["rows"]}
