@@ -398,8 +398,8 @@ void launch_decode(const at::Tensor& x, const at::Tensor& x_lora, const at::Tens
   const int64_t bias_stride = bias.has_value() ? bias->stride(0) : 0;
   const size_t shared_bytes = size_t(M) * r * sizeof(float);
   if constexpr (!std::is_same_v<T, float>) {
-    if (vec_fwd && device_attribute<cudaDevAttrComputeCapabilityMajor>(device) >= 8) {
-      auto kernel = M > 8 ? lora_fwd_decode_mma_kernel<T, true> : lora_fwd_decode_mma_kernel<T, false>;
+    auto kernel = M > 8 ? lora_fwd_decode_mma_kernel<T, true> : lora_fwd_decode_mma_kernel<T, false>;
+    if (vec_fwd && tensor_core_code_runs(reinterpret_cast<const void*>(kernel), device)) {
       kernel<<<ceil_div(N, kMmaRowsPerBlock), kMmaWarps * kWarpSize, shared_bytes, stream>>>(
           x_ptr, ldx, M, w_ptr, ldw, N, K, partials.data_ptr<float>(), static_cast<int>(splits), r,
           lora_b.data_ptr<T>(), lora_b.stride(0), lora_b.stride(1), static_cast<float>(scaling), bias_ptr,
@@ -799,7 +799,8 @@ std::tuple<at::Tensor, at::Tensor> lora_bwd_dy_cuda_launch(const at::Tensor& dy,
   }
   const bool half_type = dy.scalar_type() == at::kHalf || dy.scalar_type() == at::kBFloat16;
   if (half_type && r <= kBwdMmaMaxRank && dy.stride(1) == 1 && dy.stride(0) % 8 == 0 && N % 8 == 0 &&
-      aligned16(dy.data_ptr()) && device_attribute<cudaDevAttrComputeCapabilityMajor>(dy.get_device()) >= 8) {
+      aligned16(dy.data_ptr()) &&
+      tensor_core_code_runs(reinterpret_cast<const void*>(lora_bwd_dy_mma_kernel<c10::Half, 1>), dy.get_device())) {
     const BwdDyMmaGrid grid = bwd_dy_mma_grid(M, N, r, dy.get_device());
     constexpr int64_t kMaxGridY = 65535;  // CUDA's limit: past 16 Mi rows, the CUDA-core kernel below
     if (grid.row_blocks <= kMaxGridY) {

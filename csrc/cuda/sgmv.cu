@@ -752,8 +752,9 @@ at::Tensor sgmv_shrink_cuda_launch(const at::Tensor& x, const at::Tensor& lora_a
   const bool rows_of_16_bytes = shrink_rows_of_16_bytes(args);
   const bool decode = rows_of_16_bytes && decode_path(num_tokens, num_slots);
   // Tensor cores for x and lora_a of one 16-bit dtype whose rows are whole 16-byte loads, on sm_80+.
-  const bool tensor_cores = !decode && rows_of_16_bytes && args.x_dtype != kF32 &&
-                            device_attribute<cudaDevAttrComputeCapabilityMajor>(x.get_device()) >= 8;
+  const bool tensor_cores =
+      !decode && rows_of_16_bytes && args.x_dtype != kF32 &&
+      tensor_core_code_runs(reinterpret_cast<const void*>(sgmv_shrink_mma_kernel<c10::Half>), x.get_device());
   // The partials hold the accumulation type (launch_sgmv's choice), so a float64 sum is rounded to float32 once.
   const bool acc_fp64 = args.x_dtype == kF64 || args.w_dtype == kF64;
   const ShrinkSplit k_split =
@@ -830,8 +831,9 @@ void sgmv_expand_cuda_launch(const at::Tensor& t, const at::Tensor& lora_b, cons
     return;
   }
   // Tensor cores for a 16-bit lora_b into a 16-bit or float32 out, on sm_80+.
-  const bool tensor_cores = (args.w_dtype == kF16 || args.w_dtype == kBF16) && args.out_dtype != kF64 &&
-                            device_attribute<cudaDevAttrComputeCapabilityMajor>(t.get_device()) >= 8;
+  const bool tensor_cores =
+      (args.w_dtype == kF16 || args.w_dtype == kBF16) && args.out_dtype != kF64 &&
+      tensor_core_code_runs(reinterpret_cast<const void*>(sgmv_expand_mma_kernel<c10::Half>), t.get_device());
   args.col_tiles = ceil_div(args.cols_full, tensor_cores ? kExpandCols : kTileCols);
   launch_sgmv<false>(args, args.num_slots, 1, tensor_cores);
 }

@@ -63,7 +63,7 @@ __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], uint32_t a0, uint32_
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
   }
 #else
-  __trap();  // unreachable: the launchers take the tensor-core kernels only on devices of compute capability >= 8.0
+  __trap();  // unreachable: the launchers take the tensor-core kernels only where this code is sm_80+ (grid_sizing.h)
 #endif
 }
 
