@@ -876,6 +876,43 @@ def test_cuda_decode_kernel(dtype, m, k, r, cuda_device):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cuda_decode_forward_waits_for_a_slow_shrink(dtype, cuda_device):
+    """On sm_90 the tensor-core forward starts while the shrink runs (programmatic dependent launch) and waits for it
+    only before it reads S. Here the shrink has far more work than the forward (M = 16 rows of x against r = 256 rows
+    of A, one K split at the partial budget, against one block for N = 16 rows of W), so a forward that read S
+    without waiting would read it before the shrink wrote it. A new x each time: a stale S of the same shape left in
+    the reused buffer would be the previous call's, not this one's."""
+    _, weight, lora_a, lora_b, bias = lora_inputs(16, 16384, 16, 256, dtype, cuda_device)
+    for _ in range(3):
+        x = randn(16, 16384, dtype=dtype, device=cuda_device)
+        _check_fwd(x, None, weight, lora_a, lora_b, 2.0, bias)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16])
+def test_cuda_decode_forward_replays_in_a_cuda_graph(m, cuda_device):
+    """The decode forward's two kernels (the forward a programmatic dependent of the shrink on sm_90) captured in a
+    CUDA graph, replayed on new values of x."""
+    x, weight, lora_a, lora_b, bias = lora_inputs(m, 4096, 256, 16, torch.bfloat16, cuda_device)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        ops.lora_fwd(x, None, weight, lora_a, lora_b, 2.0, bias)  # warm-up outside the graph
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y, s = ops.lora_fwd(x, None, weight, lora_a, lora_b, 2.0, bias)
+    for _ in range(2):
+        x.copy_(randn(m, 4096, dtype=torch.bfloat16, device=cuda_device))
+        graph.replay()
+        torch.cuda.synchronize(cuda_device)
+        y_ref = reference.lora_linear(x.cpu(), weight.cpu(), lora_a.cpu(), lora_b.cpu(), 2.0, bias.cpu(), None)
+        assert_close(y, y_ref, torch.bfloat16, "graph replay y")
+        assert_close(s, x.cpu().double() @ lora_a.cpu().double().T, torch.bfloat16, "graph replay s")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype,k,kernel", [
     (torch.bfloat16, 4096, "lora_fwd_decode_mma_kernel"), (torch.float16, 64, "lora_fwd_decode_mma_kernel"),
     (torch.bfloat16, 4100, "lora_fwd_decode_kernel"), (torch.float32, 4096, "lora_fwd_decode_kernel")], ids=str)

@@ -39,35 +39,39 @@ inline int device_attribute(int device) {
 
 inline int sm_count(int device) { return std::max(device_attribute<cudaDevAttrMultiProcessorCount>(device), 1); }
 
-// Whether the image of `kernel` the CUDA runtime runs on `device` (the current device: the launchers' CUDAGuard) was
-// compiled for sm_80 or later, where tensor_core.h's mma/cvt helpers are instructions and not __trap(). The device's
-// compute capability alone does not say: a build whose newest architecture is older than the GPU's major version
-// (TORCH_CUDA_ARCH_LIST="7.5+PTX" on an sm_80 or sm_90 GPU, or "7.0+PTX;8.0" on sm_90) runs PTX compiled for that
-// older architecture, JIT-compiled at load. ptxVersion is that PTX's virtual architecture (80 for compute_80, as
-// CUB's PtxVersion reads it), also for a SASS-only image. Any kernel answers for the whole extension: setup.py
-// compiles every .cu file with the same -gencode flags. When the runtime has no image for the device at all, the
-// answer is no, and the error is cleared: the CUDA-core kernel the caller launches instead reports it.
-inline bool tensor_core_code_runs(const void* kernel, int device) {
-  static std::atomic<int> cache[kMaxCachedDevices] = {};  // 0: not asked yet, 1: no, 2: yes
+// The architecture the image of `kernel` the CUDA runtime runs on `device` (the current device: the launchers'
+// CUDAGuard) was compiled for, as 10 * major + minor of its PTX virtual architecture (80 for compute_80; CUB's
+// PtxVersion reads it the same way), also for a SASS-only image; 0 when the runtime has no image for the device (the
+// error is cleared: the kernel the caller launches instead reports it). The device's compute capability alone does
+// not say what runs: a build whose newest architecture is older than the GPU's major version
+// (TORCH_CUDA_ARCH_LIST="7.5+PTX" on an sm_80 GPU, "7.0+PTX;8.0" on sm_90) runs PTX compiled for that older
+// architecture, JIT-compiled at load, in which tensor_core.h's mma/cvt helpers are __trap() (they need 80) and the
+// grid dependency instructions nothing (they need 90). Any kernel answers for the whole extension: setup.py compiles
+// every .cu file with the same -gencode flags.
+inline int compiled_arch(const void* kernel, int device) {
+  static std::atomic<int> cache[kMaxCachedDevices] = {};  // the answer + 1: 0 is "not asked yet"
   const bool cacheable = device >= 0 && device < kMaxCachedDevices;
   if (cacheable) {
     const int cached = cache[device].load(std::memory_order_relaxed);
     if (cached != 0) {
-      return cached == 2;
+      return cached - 1;
     }
   }
   cudaFuncAttributes attributes{};
-  bool runs = false;
+  int arch = 0;
   if (cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess) {
-    runs = attributes.ptxVersion >= 80;
+    arch = attributes.ptxVersion;
   } else {
     (void)cudaGetLastError();  // not left for the next launch check to report as its own
   }
   if (cacheable) {
-    cache[device].store(runs ? 2 : 1, std::memory_order_relaxed);
+    cache[device].store(arch + 1, std::memory_order_relaxed);
   }
-  return runs;
+  return arch;
 }
+
+// Whether the tensor-core kernels' code (mma.sync, sm_80+) is what runs on `device` (see compiled_arch).
+inline bool tensor_core_code_runs(const void* kernel, int device) { return compiled_arch(kernel, device) >= 80; }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

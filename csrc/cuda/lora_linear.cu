@@ -7,7 +7,9 @@
 //      stores S as the `s` output), streams its rows of W once with 16-byte loads, adds scaling·dot(S_m, B_n) and the
 //      bias in fp32 and stores y in x.dtype. W is read exactly once. fp16/bf16 on sm_80+ with 16-byte aligned rows:
 //      lora_fwd_decode_mma_kernel, the base product on tensor cores (x's rows are one MMA tile); otherwise
-//      lora_fwd_decode_kernel, fp32 FMAs on CUDA cores.
+//      lora_fwd_decode_kernel, fp32 FMAs on CUDA cores. Where its image is compiled for sm_90+, the tensor-core
+//      kernel is launched as a programmatic dependent of the shrink: it streams W while the shrink runs and reads
+//      the partials only after waiting for it (wait_for_prerequisite_grids).
 // lora_fwd, M > 16: ATen GEMMs with in-place epilogues (see lora_fwd_gemm).
 // lora_bwd_dy: one kernel reads each element of dy once and produces both ds = scaling·dy·B and
 //   dB = scaling·dyᵀ·S as deterministic fp32 partials, summed afterwards in a fixed order: on tensor cores for
@@ -149,6 +151,25 @@ __device__ __forceinline__ void warp_reduce(int M, float (&acc)[kRowsPerWarp][kM
   }
 }
 
+// Programmatic dependent launch (PDL, sm_90+): the tensor-core forward kernel is launched as a dependent of the
+// shrink before it, so it starts while the shrink runs, streams W, and only then waits for the shrink's partials
+// (on the H200 the shrink took 2.2 of the forward's 17.3 µs at M = 1, and the kernels ran one after the other).
+// Where a kernel was not launched as a dependent, the wait returns at once (it started after the shrink ended), and
+// the trigger does nothing. An image compiled for an older architecture has neither instruction; the launcher never
+// launches such a kernel as a dependent (compiled_arch, grid_sizing.h).
+__device__ __forceinline__ void let_dependent_grid_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// Waits until the grids this one depends on (the shrink) have finished and their writes are visible.
+__device__ __forceinline__ void wait_for_prerequisite_grids() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 // grid (ceil(r / kRowsPerBlock), splits). partials[split, m, j] = Σ_{k in split} x_lora[m, k] · A[j, k].
 // __launch_bounds__'s minimum of 1 block per SM: with its default, ptxas issued 8 of a step's 20 loads (kMaxM = 16,
 // bf16) before the first FMA, with it 11 (188 registers, no spills; sm_90a SASS read with cuobjdump). The grid is at
@@ -158,6 +179,7 @@ __global__ void __launch_bounds__(kDecodeWarps* kWarpSize, 1)
     lora_shrink_splitk_kernel(const T* __restrict__ x_lora, int64_t ldx, int M, const T* __restrict__ lora_a,
                               int64_t lda, int r, int64_t K, int64_t k_per_split, bool vec,
                               float* __restrict__ partials) {
+  let_dependent_grid_launch();  // at once: the forward's blocks fit beside this grid's (at most 512 blocks of 128)
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int64_t row0 = int64_t(blockIdx.x) * kRowsPerBlock + int64_t(warp) * kRowsPerWarp;
   if (row0 >= r) {
@@ -283,8 +305,6 @@ __global__ void __launch_bounds__(kMmaWarps* kWarpSize, 1)
                                float* __restrict__ s_out) {
   extern __shared__ float s_shared[];  // [M, r]
   __shared__ float warp_sums[kMmaWarps][kDecodeMaxM][kMmaRowsPerBlock];
-  sum_shrink_partials(partials, splits, int64_t(M) * r, s_shared, s_out);
-
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int group = lane / 4, t = lane % 4;
   const int64_t n0 = int64_t(blockIdx.x) * kMmaRowsPerBlock;
@@ -324,7 +344,10 @@ __global__ void __launch_bounds__(kMmaWarps* kWarpSize, 1)
       warp_sums[warp][group + 8 * (i / 2)][8 * tile + 2 * t + i % 2] = acc[tile][i];
     }
   }
-  __syncthreads();
+  // The base product is done without S; the shrink's partials are read only now (PDL, above). The barrier at the end
+  // of sum_shrink_partials also makes warp_sums whole for the epilogue.
+  wait_for_prerequisite_grids();
+  sum_shrink_partials(partials, splits, int64_t(M) * r, s_shared, s_out);
 
   // One thread per output: the warps' K slices summed in a fixed order, then the LoRA term and the bias in fp32.
   const int m = threadIdx.x / kMmaRowsPerBlock, col = threadIdx.x % kMmaRowsPerBlock;
@@ -399,12 +422,24 @@ void launch_decode(const at::Tensor& x, const at::Tensor& x_lora, const at::Tens
   const size_t shared_bytes = size_t(M) * r * sizeof(float);
   if constexpr (!std::is_same_v<T, float>) {
     auto kernel = M > 8 ? lora_fwd_decode_mma_kernel<T, true> : lora_fwd_decode_mma_kernel<T, false>;
-    if (vec_fwd && tensor_core_code_runs(reinterpret_cast<const void*>(kernel), device)) {
-      kernel<<<ceil_div(N, kMmaRowsPerBlock), kMmaWarps * kWarpSize, shared_bytes, stream>>>(
-          x_ptr, ldx, M, w_ptr, ldw, N, K, partials.data_ptr<float>(), static_cast<int>(splits), r,
-          lora_b.data_ptr<T>(), lora_b.stride(0), lora_b.stride(1), static_cast<float>(scaling), bias_ptr,
-          bias_stride, y.data_ptr<T>(), y.stride(0), s.data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int arch = compiled_arch(reinterpret_cast<const void*>(kernel), device);
+    if (vec_fwd && arch >= 80) {
+      // As a dependent of the shrink only where its image has the wait (sm_90+): without it, it would read the
+      // partials before the shrink wrote them.
+      cudaLaunchConfig_t config = {};
+      config.gridDim = dim3(ceil_div(N, kMmaRowsPerBlock));
+      config.blockDim = dim3(kMmaWarps * kWarpSize);
+      config.dynamicSmemBytes = shared_bytes;
+      config.stream = stream;
+      cudaLaunchAttribute dependent = {};
+      dependent.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      dependent.val.programmaticStreamSerializationAllowed = 1;
+      config.attrs = &dependent;
+      config.numAttrs = arch >= 90 ? 1 : 0;
+      C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, x_ptr, ldx, M, w_ptr, ldw, N, K, partials.data_ptr<float>(),
+                                        static_cast<int>(splits), r, lora_b.data_ptr<T>(), lora_b.stride(0),
+                                        lora_b.stride(1), static_cast<float>(scaling), bias_ptr, bias_stride,
+                                        y.data_ptr<T>(), y.stride(0), s.data_ptr<float>()));
       return;
     }
   }
