@@ -2,7 +2,8 @@
 of grouped forwards (decode and prefill) for every available backend, at design.md §8's shapes on a GPU (bf16,
 K = N = 4096, r = 16), of one layer of `compare`'s model (full fine-tuning's and each backend's LoRA fwd+bwd:
 host time against kernel time), and of the no-grad forwards of its inference at its three layer shapes, each with a
-count of the output elements that follow one rounding or the other (COMPARE_INFERENCE).
+count of the output elements that follow one rounding or the other, and the `cuda` GEMM path's two orders of ATen
+calls at those shapes (COMPARE_INFERENCE).
 
 The bench gives ratios; this gives the per-kernel breakdown behind them (the first H100 run had only the ratios, and
 the causes had to be read from the code).
@@ -55,6 +56,12 @@ def _profile(fn, device, iterations):
             torch.cuda.synchronize(device)
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=sort_by, row_limit=ROW_LIMIT, max_name_column_width=70)
+
+
+def _lora_term_first(x, weight, lora_b, s):
+    y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    y.addmm_(s, lora_b.T, beta=0.0, alpha=2.0)
+    return y.addmm_(x, weight.T)
 
 
 def _print_rounding_counts(shape, names, x, weight, lora_a, lora_b):
@@ -123,18 +130,29 @@ def main(argv=None):
         tables.append((f"lora_linear fwd+bwd, backend {name}, M={layer_m}, K=N={layer_hidden} (compare's layer)",
                        lambda name=name: torch.autograd.grad(lora_linear(lx, lw.detach(), la, lb, 2.0, backend=name),
                                                              (lx, la, lb), ldy)))
+    # not Triton: its forward autotunes for every new (K, N) (tens of seconds of gpu_check's profile stage), and
+    # the question is the `cuda` path against the torch composition
+    inference_names = [name for name in names if name != "triton"]
     for im, ik, inn in COMPARE_INFERENCE["quick" if args.quick else "gpu"]:
         ix = torch.randn(im, ik, **factory)
         iw = torch.randn(inn, ik, **factory) / math.sqrt(ik)
         ia = torch.randn(r, ik, **factory) / math.sqrt(ik)
         ib = torch.randn(inn, r, **factory) / math.sqrt(r)
-        _print_rounding_counts(f"M={im}, K={ik}, N={inn}", names, ix, iw, ia, ib)
+        _print_rounding_counts(f"M={im}, K={ik}, N={inn}", inference_names, ix, iw, ia, ib)
         tables.append((f"F.linear forward, M={im}, K={ik}, N={inn} (compare's inference): the floor",
                        lambda ix=ix, iw=iw: torch.nn.functional.linear(ix, iw)))
-        for name in names:
+        for name in inference_names:
             tables.append((f"lora_linear forward, no grad, backend {name}, M={im}, K={ik}, N={inn} (compare's "
                            f"inference)", lambda name=name, ix=ix, iw=iw, ia=ia, ib=ib:
                            lora_linear(ix, iw, ia, ib, 2.0, backend=name)))
+        # The two orders of the `cuda` GEMM path's ATen calls, S given: the LoRA term first and the base GEMM adding
+        # into it with beta = 1 (what lora_fwd_gemm does), or the base GEMM first and the rank-r GEMM adding into it
+        # (its comment's alternative): whether cuBLAS's beta = 1 base GEMM is what the inference row pays for.
+        i_s = (ix @ ia.T).contiguous()
+        tables.append((f"ATen, LoRA term first, base GEMM with beta = 1 (lora_fwd_gemm's order), M={im}, K={ik}, "
+                       f"N={inn}", lambda ix=ix, iw=iw, ib=ib, i_s=i_s: _lora_term_first(ix, iw, ib, i_s)))
+        tables.append((f"ATen, base GEMM first, LoRA term added with beta = 1, M={im}, K={ik}, N={inn}",
+                       lambda ix=ix, iw=iw, ib=ib, i_s=i_s: (ix @ iw.T).addmm_(i_s, ib.T, alpha=2.0)))
     stacked_a = torch.randn(adapters, r, hidden, **factory) / math.sqrt(hidden)
     stacked_b = torch.randn(adapters, hidden, r, **factory) / math.sqrt(r)
     scalings = torch.full((adapters,), 2.0, device=device)

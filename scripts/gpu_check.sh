@@ -222,9 +222,10 @@ else
   fi
   run_stage tests-memory 90 tests-memory.log "${MEMORY_TESTS[@]}"
   # per-kernel GPU time of the key calls (which kernel takes the time; with compare's layer, host time against
-  # kernel time; 12 s on the H200 before that layer's tables, whose Triton autotuning is new), then, last, the lowest
-  # priority: the grouped grid (token counts x adapters, mixed ranks), CUDA-graph timed
-  run_stage profile 60 profile.log "$PY" benchmarks/profile_kernels.py
+  # kernel time; 12 s on the H200 before that layer's tables, whose Triton autotuning is new; since session 27 also
+  # compare's three inference shapes, without Triton), then, last, the lowest priority: the grouped grid (token
+  # counts x adapters, mixed ranks), CUDA-graph timed
+  run_stage profile 80 profile.log "$PY" benchmarks/profile_kernels.py
   # where the cuda backend's own kernels beat cuBLAS (decode forward over M = 1..16, dY-once backward over M x r):
   # the data for its dispatch bounds (kDecodeMaxM, CUDA_BWD_DY_KERNEL_MAX_WORK); CUDA-graph replays, not yet timed
   run_stage crossovers 90 crossovers.log "$PY" benchmarks/cuda_crossovers.py --save "$OUTDIR/crossovers.json"

@@ -343,6 +343,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert "=== lora_linear fwd+bwd, backend cpu, M=32, K=N=32 (compare's layer)" in profile
     assert "=== F.linear forward, M=16: the floor" in profile and "=== lora_linear forward, backend cpu, M=1" in profile
     assert "=== lora_linear forward, no grad, backend cpu, M=32, K=88, N=32 (compare's inference)" in profile
+    assert "=== ATen, LoRA term first, base GEMM with beta = 1 (lora_fwd_gemm's order), M=32, K=88, N=32" in profile
     # the rounding counts: the torch composition is the "base rounded first" model itself
     assert re.search(r"forward M=32, K=32, N=88, backend torch: of 2816 elements, 0 from base rounded first, \d+ from "
                      r"rounded once", profile), profile[:2000]
