@@ -890,6 +890,30 @@ def test_cuda_decode_forward_waits_for_a_slow_shrink(dtype, cuda_device):
 
 
 @pytest.mark.gpu
+def test_cuda_decode_forward_overlaps_the_shrink_on_sm_90(cuda_device):
+    """That the dependent launch is taken: on sm_90 (the extension's sm_90a image) the tensor-core forward starts
+    while the shrink runs. With the slow shrink of the test above (tens of µs against the forward's W stream), the
+    profiler's trace must show the forward's kernel starting before the shrink's ends; launched one after the other
+    (an image without the wait, or no dependent launch), it starts after."""
+    if torch.cuda.get_device_capability(cuda_device) < (9, 0):
+        pytest.skip("programmatic dependent launch needs sm_90")
+    x, weight, lora_a, lora_b, bias = lora_inputs(16, 16384, 16, 256, torch.bfloat16, cuda_device)
+    ops.lora_fwd(x, None, weight, lora_a, lora_b, 2.0, bias)  # warm-up: lazy loading out of the trace
+    torch.cuda.synchronize(cuda_device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        ops.lora_fwd(x, None, weight, lora_a, lora_b, 2.0, bias)
+        torch.cuda.synchronize(cuda_device)
+    kernels = {name: [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                      and re.search(name + "[<I]", e.name)]
+               for name in ("lora_shrink_splitk_kernel", "lora_fwd_decode_mma_kernel")}
+    assert all(len(events) == 1 for events in kernels.values()), [e.name for e in prof.events()]
+    shrink, forward = kernels["lora_shrink_splitk_kernel"][0], kernels["lora_fwd_decode_mma_kernel"][0]
+    assert forward.time_range.start < shrink.time_range.end, (
+        f"forward {forward.time_range.start}-{forward.time_range.end} µs, shrink {shrink.time_range.start}-"
+        f"{shrink.time_range.end} µs")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 16])
 def test_cuda_decode_forward_replays_in_a_cuda_graph(m, cuda_device):
     """The decode forward's two kernels (the forward a programmatic dependent of the shrink on sm_90) captured in a

@@ -41,8 +41,9 @@ inline int sm_count(int device) { return std::max(device_attribute<cudaDevAttrMu
 
 // The architecture the image of `kernel` the CUDA runtime runs on `device` (the current device: the launchers'
 // CUDAGuard) was compiled for, as 10 * major + minor of its PTX virtual architecture (80 for compute_80; CUB's
-// PtxVersion reads it the same way), also for a SASS-only image; 0 when the runtime has no image for the device (the
-// error is cleared: the kernel the caller launches instead reports it). The device's compute capability alone does
+// PtxVersion reads it the same way), also for a SASS-only image; 0 when the runtime has no image for the device (that
+// error is cleared: the kernel the caller launches instead reports it). Any other error (cudaFuncGetAttributes may
+// return one of an earlier asynchronous launch) is raised, not cached. The device's compute capability alone does
 // not say what runs: a build whose newest architecture is older than the GPU's major version
 // (TORCH_CUDA_ARCH_LIST="7.5+PTX" on an sm_80 GPU, "7.0+PTX;8.0" on sm_90) runs PTX compiled for that older
 // architecture, JIT-compiled at load, in which tensor_core.h's mma/cvt helpers are __trap() (they need 80) and the
@@ -58,11 +59,14 @@ inline int compiled_arch(const void* kernel, int device) {
     }
   }
   cudaFuncAttributes attributes{};
+  const cudaError_t status = cudaFuncGetAttributes(&attributes, kernel);
   int arch = 0;
-  if (cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess) {
+  if (status == cudaSuccess) {
     arch = attributes.ptxVersion;
-  } else {
+  } else if (status == cudaErrorNoKernelImageForDevice || status == cudaErrorInvalidDeviceFunction) {
     (void)cudaGetLastError();  // not left for the next launch check to report as its own
+  } else {
+    C10_CUDA_CHECK(status);
   }
   if (cacheable) {
     cache[device].store(arch + 1, std::memory_order_relaxed);

@@ -179,7 +179,7 @@ __global__ void __launch_bounds__(kDecodeWarps* kWarpSize, 1)
     lora_shrink_splitk_kernel(const T* __restrict__ x_lora, int64_t ldx, int M, const T* __restrict__ lora_a,
                               int64_t lda, int r, int64_t K, int64_t k_per_split, bool vec,
                               float* __restrict__ partials) {
-  let_dependent_grid_launch();  // at once: the forward's blocks fit beside this grid's (at most 512 blocks of 128)
+  let_dependent_grid_launch();  // at once: the forward's blocks fit beside this grid's (a few hundred of 128 threads)
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int64_t row0 = int64_t(blockIdx.x) * kRowsPerBlock + int64_t(warp) * kRowsPerWarp;
   if (row0 >= r) {
@@ -208,12 +208,14 @@ __global__ void __launch_bounds__(kDecodeWarps* kWarpSize, 1)
 }
 
 // S = Σ_split partials[split] ([M, r], mr elements) into shared memory, in a fixed order (deterministic); block 0
-// also stores it as the op's `s` output. Ends with a barrier: S is ready for every thread of the block.
-__device__ __forceinline__ void sum_shrink_partials(const float* __restrict__ partials, int splits, int64_t mr,
-                                                    float* s_shared, float* __restrict__ s_out) {
+// also stores it as the op's `s` output. Ends with a barrier: S is ready for every thread of the block. The partials
+// are read from L2 (__ldcg), not through the read-only cache that `const __restrict__` would allow: under PDL the
+// shrink writes them while this kernel runs (wait_for_prerequisite_grids orders the reads after those writes).
+__device__ __forceinline__ void sum_shrink_partials(const float* partials, int splits, int64_t mr, float* s_shared,
+                                                    float* __restrict__ s_out) {
   for (int64_t i = threadIdx.x; i < mr; i += blockDim.x) {
     float total = 0.f;
-    for (int split = 0; split < splits; ++split) total += partials[split * mr + i];
+    for (int split = 0; split < splits; ++split) total += __ldcg(partials + split * mr + i);
     s_shared[i] = total;
     if (blockIdx.x == 0) {
       s_out[i] = total;
@@ -227,7 +229,7 @@ __device__ __forceinline__ void sum_shrink_partials(const float* __restrict__ pa
 template <typename T, int kMaxM>
 __global__ void __launch_bounds__(kDecodeWarps* kWarpSize)
     lora_fwd_decode_kernel(const T* __restrict__ x, int64_t ldx, int M, const T* __restrict__ weight, int64_t ldw,
-                           int64_t N, int64_t K, bool vec, const float* __restrict__ partials, int splits, int r,
+                           int64_t N, int64_t K, bool vec, const float* partials, int splits, int r,
                            const T* __restrict__ lora_b, int64_t ldb_n, int64_t ldb_r, float scaling,
                            const T* __restrict__ bias, int64_t bias_stride, T* __restrict__ y, int64_t ldy,
                            float* __restrict__ s_out) {
@@ -299,7 +301,7 @@ static_assert(kMmaWarps * kWarpSize == kDecodeMaxM * kMmaRowsPerBlock, "the epil
 template <typename T, bool kUpperRows>
 __global__ void __launch_bounds__(kMmaWarps* kWarpSize, 1)
     lora_fwd_decode_mma_kernel(const T* __restrict__ x, int64_t ldx, int M, const T* __restrict__ weight,
-                               int64_t ldw, int64_t N, int64_t K, const float* __restrict__ partials, int splits,
+                               int64_t ldw, int64_t N, int64_t K, const float* partials, int splits,
                                int r, const T* __restrict__ lora_b, int64_t ldb_n, int64_t ldb_r, float scaling,
                                const T* __restrict__ bias, int64_t bias_stride, T* __restrict__ y, int64_t ldy,
                                float* __restrict__ s_out) {

@@ -84,6 +84,8 @@ template <typename T>
 T __ldg(const T* p) { return *p; }
 template <typename T>
 T __ldcs(const T* p) { return *p; }
+template <typename T>
+T __ldcg(const T* p) { return *p; }
 
 // What the .cu files take from grid_sizing.h and launchers.h, and the PTX of tensor_core.h.
 namespace lora_kernels {
