@@ -251,16 +251,22 @@ def test_sgmv_shrink_matches_reference(dtype, distribution, k, m, device):
 def test_sgmv_expand_matches_reference(dtype, distribution, m, device):
     """On CUDA: 37 tokens on 6 slots take the decode kernel (float64 the CUDA-core token-tile one), 150 the
     token-tile kernels."""
-    n, max_rank, n_total, offset = 45, 16, 100, 30
+    out = randn(m, 100, dtype=dtype, device=device)
+    _check_sgmv_expand(dtype, distribution, out, 30, device)
+
+
+def _check_sgmv_expand(lora_b_dtype, distribution, out, offset, device, n=45, max_rank=16):
+    """sgmv_expand of a slice of n columns at `offset` into `out` [M, n_total] against the reference: inside the
+    slice, and bit for bit outside it and in rows that add nothing."""
+    m, dtype = out.shape[0], out.dtype
     ids = _adapter_ids(distribution, m, NUM_SLOTS, device)
     ranks = _hetero_ranks(max_rank, device)
-    _, lora_b = _stacked_lora(NUM_SLOTS, max_rank, 8, n, dtype, device, ranks)
+    _, lora_b = _stacked_lora(NUM_SLOTS, max_rank, 8, n, lora_b_dtype, device, ranks)
     t = randn(m, max_rank, device=device)
     ranks_cpu, ids_cpu = ranks.cpu().long(), ids.cpu().long()
     for token in range(m):  # t past the token's rank is garbage too: it must not be read
         rank = int(ranks_cpu[ids_cpu[token]]) if ids_cpu[token] >= 0 else 0
         t[token, rank:] = float("nan")
-    out = randn(m, n_total, dtype=dtype, device=device)
     before = out.clone()
     batch = LoRABatch.from_adapter_ids(ids, NUM_SLOTS, validate=True)
     result = ops.sgmv_expand(t, lora_b, batch.sorted_token_ids, batch.slot_starts, batch.slot_counts, ranks, out,
@@ -276,6 +282,24 @@ def test_sgmv_expand_matches_reference(dtype, distribution, m, device):
     assert_close(out[:, sl], ref[:, sl], dtype, "expand slice")
     assert_close((out[:, sl].double() - before[:, sl].double()).cpu(), ref[:, sl] - before[:, sl].cpu().double(),
                  dtype, "expand delta", scale=4.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("distribution", ["uniform", "mixed_base"])
+@pytest.mark.parametrize("lora_b_dtype,out_dtype,n_total,offset,shift", [
+    (torch.bfloat16, torch.bfloat16, 104, 32, 0), (torch.float16, torch.float16, 104, 32, 8),
+    (torch.float16, torch.float32, 100, 28, 0), (torch.bfloat16, torch.float32, 100, 28, 4),
+    (torch.bfloat16, torch.bfloat16, 104, 33, 0)], ids=str)
+def test_cuda_sgmv_expand_tensor_cores_into_aligned_outputs(lora_b_dtype, out_dtype, n_total, offset, shift,
+                                                            distribution, cuda_device):
+    """The tensor-core expand (150 tokens, a 16-bit lora_b) into outputs whose rows and slice start are whole 16-byte
+    units, which take its staged epilogue (16-byte loads and stores per lane; 45 columns, not a whole number of such
+    units, end in a short tail): out at the start of its storage or 16 bytes into it (shift, in elements); offset 33 is the unaligned
+    case beside them, the fragment-order epilogue. test_sgmv_expand_matches_reference's rows of 200 bytes never
+    take the staged one."""
+    storage = randn(150 * n_total + shift, dtype=out_dtype, device=cuda_device)
+    out = storage[shift:].view(150, n_total)
+    _check_sgmv_expand(lora_b_dtype, distribution, out, offset, cuda_device)
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)

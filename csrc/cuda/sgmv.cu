@@ -350,9 +350,12 @@ __global__ void __launch_bounds__(kShrinkWarps * 32) sgmv_expand_mma_kernel(cons
   int64_t tokens[2];
   mma_row_tokens(args, range, t0, group, tokens);
   // Staged epilogue: lane adds row `row` of the warp's 16 (its token row_token, -1: none), columns 16 * half + 0..15.
-  const int per16 = args.out_dtype == kF32 ? 4 : 8;  // elements per 16 bytes (out is fp32, fp16 or bf16 here)
-  const bool staged_out = args.out_stride_c == 1 && args.out_stride_t % per16 == 0 && args.col_offset % per16 == 0 &&
-                          reinterpret_cast<uintptr_t>(args.out) % 16 == 0;
+  // elements per 16 bytes (out is fp32, fp16 or bf16 here): a power of two, so `& (per16 - 1)` is the remainder of
+  // the non-negative stride and offset (a 64-bit `%` by a run-time value compiled to a division routine whose
+  // registers spilled on sm_80)
+  const int per16 = args.out_dtype == kF32 ? 4 : 8;
+  const bool staged_out = args.out_stride_c == 1 && (args.out_stride_t & (per16 - 1)) == 0 &&
+                          (args.col_offset & (per16 - 1)) == 0 && reinterpret_cast<uintptr_t>(args.out) % 16 == 0;
   const int row = lane / 2, half = lane % 2;
   int64_t row_token = t0 + row < range.count ? int64_t(args.sorted_token_ids[range.start + t0 + row]) : -1;
   row_token = row_token >= 0 && row_token < args.num_tokens ? row_token : -1;
