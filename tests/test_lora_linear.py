@@ -184,6 +184,26 @@ def test_lora_gradients_equal_full_finetuning(backend, device):
     assert frozen[1].grad is None  # dW is never formed for a frozen weight
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["reference"])
+@pytest.mark.parametrize("trained", ["x", "weight", "lora_a", "lora_b", "bias"])
+def test_each_gradient_when_only_its_input_needs_one(backend, trained, device):
+    """One input requiring grad at a time (the base weight or bias fine-tuned with the adapter frozen, the factors
+    alone, x alone): that input gets full fine-tuning's gradient and the others none."""
+    backend_or_skip(backend, device)
+    names = ("x", "weight", "lora_a", "lora_b", "bias")
+    inputs = dict(zip(names, lora_inputs(11, 24, 18, 8, torch.float32, device)))
+    dy = randn(11, 18, device=device)
+    full = {name: t.double().requires_grad_(name == trained) for name, t in inputs.items()}
+    reference.full_finetune_linear(*(full[name] for name in names[:4]), -0.5, full["bias"]).backward(dy.double())
+    leaves = {name: t.clone().requires_grad_(name == trained) for name, t in inputs.items()}
+    lora_linear(*(leaves[name] for name in names[:4]), -0.5, leaves["bias"], backend=backend).backward(dy)
+    for name, leaf in leaves.items():
+        if name == trained:
+            assert_close(leaf.grad, full[name].grad, torch.float32, f"d{name}")
+        else:
+            assert leaf.grad is None, name
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_dropout(backend, device):
     backend_or_skip(backend, device)

@@ -457,6 +457,35 @@ def test_multi_lora_linear_forward_and_gradients(backend, dtype, lead, device): 
         assert torch.count_nonzero(leaves[2].grad[slot, rank:]) == 0
 
 
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS + ["reference"])
+@pytest.mark.parametrize("trained", ["x", "weight", "lora_a", "lora_b", "bias"])
+def test_multi_lora_linear_gives_each_gradient_when_only_its_input_needs_one(backend, trained, device):
+    """One input requiring grad at a time (a frozen-LoRA fine-tune of the base weight or bias alone, an adapter's
+    factors alone, x alone): that input gets its gradient, equal to the reference's, and the others none. With a
+    negative scaling among the slots, whose sign dA and dB must keep."""
+    backend_or_skip(backend, device)
+    num_slots, max_rank, k, n, ranks = 3, 8, 20, 12, [8, 2, 5]
+    lora_a, lora_b = _adapters(num_slots, max_rank, k, n, ranks, torch.float32, device)
+    lora_a, lora_b = lora_a.nan_to_num(0.0), lora_b.nan_to_num(0.0)
+    inputs = {"x": randn(10, k, device=device), "weight": randn(n, k, device=device, scale=k ** -0.5),
+              "lora_a": lora_a, "lora_b": lora_b, "bias": randn(n, device=device)}
+    ids = segment_ids("mixed_base", 10, num_slots).to(device)
+    scalings = torch.tensor([0.5, -1.5, 2.0])
+    dy = randn(10, n, device=device)
+    order = ("x", "weight", "lora_a", "lora_b")
+    ref_leaves = {name: t.double().requires_grad_(name == trained) for name, t in inputs.items()}
+    reference.multi_lora_linear_autograd(*(ref_leaves[name] for name in order), ids.cpu(), scalings,
+                                         ref_leaves["bias"], torch.tensor(ranks)).backward(dy.double())
+    leaves = {name: t.clone().requires_grad_(name == trained) for name, t in inputs.items()}
+    lk.multi_lora_linear(*(leaves[name] for name in order), ids, scalings, leaves["bias"], ranks=ranks,
+                         backend=backend).backward(dy)
+    for name, leaf in leaves.items():
+        if name == trained:
+            assert_close(leaf.grad, ref_leaves[name].grad, torch.float32, f"d{name}", scale=2.0)
+        else:
+            assert leaf.grad is None, name
+
+
 def test_auto_runs_float64_where_triton_cannot(device, monkeypatch):
     """The Triton kernels run 32- and 16-bit floats only: "auto" picks another backend for float64 (on a GPU it
     picked Triton and raised)."""
