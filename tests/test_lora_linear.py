@@ -779,6 +779,50 @@ def test_fp16_torch_func_on_the_torch_backend_rounds_as_its_own_forward(device):
     assert torch.equal(got.isinf(), own.isinf())
 
 
+@pytest.mark.parametrize("backend", ["cpu", "cuda", "triton"])
+def test_fp16_torch_func_adds_the_lora_term_before_rounding(backend, device):
+    """The fused backends' torch.func path adds the fp32 LoRA term to the base product before rounding to fp16, as
+    their forward does: base -60000 plus a LoRA term of +70000 is 10000, where the term rounded to fp16 first is
+    inf (and so the sum)."""
+    backend_or_skip(backend, device)
+    from torch.func import vmap
+    dtype = torch.float16
+    x = torch.ones(4, 1, dtype=dtype, device=device)
+    weight = torch.full((1, 1), -60000.0, dtype=dtype, device=device)
+    lora_a = torch.ones(1, 1, dtype=dtype, device=device)
+    lora_b = torch.full((1, 1), 35000.0, dtype=dtype, device=device)
+    own = lora_linear(x, weight, lora_a, lora_b, 2.0, backend=backend)
+    got = vmap(lambda row: lora_linear(row, weight, lora_a, lora_b, 2.0, backend=backend))(x[:, None, :])[:, 0]
+    assert torch.isfinite(own).all() and torch.equal(got, own), (own, got)
+
+
+def test_reference_dropout_matches_the_torch_backend(device):
+    """The reference backend's dropout is the torch backend's mask (torch_dropout_keep of the same seed) and the same
+    1/(1-p) scale: under one torch.manual_seed the two agree."""
+    x, weight, lora_a, lora_b, bias = lora_inputs(12, 16, 10, 4, torch.float32, device)
+    outputs = []
+    for backend in ("reference", "torch"):
+        torch.manual_seed(7)
+        outputs.append(lora_linear(x, weight, lora_a, lora_b, 2.0, bias, dropout_p=0.5, backend=backend))
+    assert_close(outputs[0], outputs[1], torch.float32, "reference vs torch, p = 0.5")
+    assert not torch.equal(outputs[1], lora_linear(x, weight, lora_a, lora_b, 2.0, bias, backend="torch"))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_create_graph_bias_gradient_is_differentiable(backend, device):
+    """With create_graph=True the bias gradient (dY summed over rows) is a function of dY that autograd follows, so
+    a penalty on it reaches the factors: d(sum of dbias)/d(dY) is all ones."""
+    backend_or_skip(backend, device)
+    x, weight, lora_a, lora_b, bias = lora_inputs(5, 8, 6, 2, torch.float32, device)
+    lora_a, lora_b, bias = (t.requires_grad_(True) for t in (lora_a, lora_b, bias))
+    dy = randn(5, 6, device=device).requires_grad_(True)
+    y = lora_linear(x, weight, lora_a, lora_b, 0.7, bias, backend=backend)
+    d_bias, = torch.autograd.grad(y, bias, dy, create_graph=True)
+    assert d_bias.requires_grad
+    d_dy, = torch.autograd.grad(d_bias.sum(), dy)
+    assert torch.equal(d_dy, torch.ones_like(dy))
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_torch_func_applies_the_dropout_mask_of_the_autograd_path(backend, device):
     """lora_linear with dropout_p > 0 under torch.func (the torch composition) draws the mask the backend's own

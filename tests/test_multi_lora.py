@@ -12,7 +12,7 @@ from torch import nn
 import lora_kernels as lk
 from conftest import (DTYPES, assert_close, assert_same_non_finite, backend_or_skip, quantized_linear, randn,
                       rel_error)
-from lora_kernels import backends, reference
+from lora_kernels import backends, functional, reference
 from lora_kernels.batch import LoRABatch
 
 GROUPED_BACKENDS = ["torch", "cpu", "cuda", "triton"]
@@ -1492,6 +1492,63 @@ def test_fp16_lora_b_gradient_is_built_from_the_unscaled_shrink(backend, device)
     leaf = lora_b.clone().requires_grad_(True)
     lk.multi_lora_linear(x, weight, lora_a, leaf, ids, scalings, ranks=ranks, backend=backend).backward(dy)
     assert_close(leaf.grad, ref_leaves[1].grad, dtype, "dlora_b", scale=2.0)
+
+
+@pytest.mark.parametrize("path", ["device_slot_loop", "float64_composition"])
+def test_a_non_finite_token_stays_in_its_slots_gradients(path, device, monkeypatch):
+    """A NaN in one token's x reaches only its own slot's dA and dB: in the per-slot masked GEMMs GPUs run for the
+    torch and cuda backends (here on CPU tensors) both operands of every slot's product are masked, and so is x in
+    the float64 torch composition; an unmasked operand gave 0·NaN = NaN in every slot."""
+    from lora_kernels import ops
+    dtype, backend = torch.float32, "torch"
+    if path == "device_slot_loop":
+        monkeypatch.setattr(ops, "slots_on_host", lambda device: False)
+    else:
+        dtype, backend = torch.float64, "cpu"
+    backend_or_skip(backend, device)
+    num_slots, max_rank, k, n, ranks = 3, 4, 24, 10, [4, 3, 2]
+    lora_a = randn(num_slots, max_rank, k, dtype=dtype, device=device, scale=k ** -0.5)
+    lora_b = randn(num_slots, n, max_rank, dtype=dtype, device=device)
+    weight = randn(n, k, dtype=dtype, device=device, scale=k ** -0.5)
+    x = randn(9, k, dtype=dtype, device=device)
+    ids = torch.tensor([0, 2, -1, 1, 0, 2, 2, -1, 1], device=device)
+    x[0, 3] = float("nan")  # a token of slot 0
+    leaves = [t.clone().requires_grad_(True) for t in (lora_a, lora_b)]
+    lk.multi_lora_linear(x, weight, *leaves, ids, [2.0, 1.0, 0.5], ranks=ranks, backend=backend).sum().backward()
+    ref = [t.double().cpu().requires_grad_(True) for t in (lora_a, lora_b)]
+    reference.multi_lora_linear_autograd(x.double().cpu(), weight.double().cpu(), *ref, ids.cpu(),
+                                         torch.tensor([2.0, 1.0, 0.5]), None, torch.tensor(ranks)).sum().backward()
+    for name, leaf, ref_leaf in zip(("lora_a", "lora_b"), leaves, ref):
+        assert leaf.grad[0].isnan().any() and torch.isfinite(leaf.grad[1:]).all(), name
+        assert_same_non_finite(leaf.grad, ref_leaf.grad.to(dtype), dtype, f"d{name}", scale=2.0)
+
+
+def test_multi_lora_base_linear_returns_the_input_dtype_with_the_reference_backend(device):
+    x, weight, bias = randn(3, 4, 8, device=device), randn(5, 8, device=device), randn(5, device=device)
+    y = functional.multi_lora_base_linear(x, weight, bias, backend="reference")
+    assert y.dtype == torch.float32 and y.shape == (3, 4, 5)
+    assert_close(y, torch.nn.functional.linear(x.double(), weight.double(), bias.double()), torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda", "triton"])
+def test_bf16_torch_func_keeps_the_scalings_unrounded(backend, device):
+    """Under torch.func (the torch composition) the scalings multiply in fp32, as the kernels read them: 1/3 and
+    16/3 rounded to bf16 first moved the LoRA term by ~0.2%."""
+    backend_or_skip(backend, device)
+    from torch.func import vmap
+    dtype, num_slots, max_rank, k, n, m = torch.bfloat16, 2, 4, 32, 64, 64
+    lora_a = randn(num_slots, max_rank, k, dtype=dtype, device=device)
+    lora_b = randn(num_slots, n, max_rank, dtype=dtype, device=device)
+    weight, x = torch.zeros(n, k, dtype=dtype, device=device), randn(m, k, dtype=dtype, device=device)
+    ids, scalings = (torch.arange(m) % num_slots).to(device), [1 / 3, 16 / 3]
+
+    def layer(rows):
+        return lk.multi_lora_linear(rows, weight, lora_a, lora_b, ids, scalings, backend=backend)
+    expected = reference.multi_lora_linear_autograd(x.double().cpu(), weight.double().cpu(), lora_a.double().cpu(),
+                                                    lora_b.double().cpu(), ids.cpu(), torch.tensor(scalings).double())
+    got = vmap(layer)(x[None])[0]
+    ratio = (got.double().cpu() / expected).mean().item()
+    assert abs(ratio - 1.0) < 5e-4, ratio
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the Triton interpreter's numpy

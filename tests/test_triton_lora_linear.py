@@ -862,3 +862,20 @@ def test_host_cdiv_and_next_power_of_2_match_triton():
             assert tk._cdiv(n, d) == triton.cdiv(n, d), (n, d)
     for n in (2 ** 31 - 1, 2 ** 31, 2 ** 31 + 1, 2 ** 40 + 3):
         assert tk._next_power_of_2(n) == triton.next_power_of_2(n) and tk._cdiv(n, 64) == triton.cdiv(n, 64)
+
+
+def test_the_largest_rank_the_triton_backend_takes(dev):
+    """r = MAX_RANK runs (one more is refused: test_validation_matrix), forward and gradients against the reference."""
+    from lora_kernels.triton.lora_linear import MAX_RANK
+    x, weight, lora_a, lora_b, bias = lora_inputs(3, 8, 5, MAX_RANK, torch.float32, dev)
+    leaves = [t.clone().requires_grad_(True) for t in (x, lora_a, lora_b)]
+    y = lora_linear(leaves[0], weight, *leaves[1:], SCALING, bias, backend="triton")
+    ref_leaves = [t.double().cpu().requires_grad_(True) for t in (x, lora_a, lora_b)]
+    expected = reference.lora_linear(ref_leaves[0], weight.double().cpu(), *ref_leaves[1:], SCALING,
+                                     bias.double().cpu())
+    assert_close(y, expected, torch.float32, "y")
+    dy = randn(3, 5, device=dev)
+    y.backward(dy)
+    expected.backward(dy.double().cpu())
+    for name, leaf, ref_leaf in zip(("x", "lora_a", "lora_b"), leaves, ref_leaves):
+        assert_close(leaf.grad, ref_leaf.grad, torch.float32, f"d{name}")
