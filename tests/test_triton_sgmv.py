@@ -511,3 +511,60 @@ def test_cuda_graph_replay_with_new_adapter_ids(path):
         torch.cuda.synchronize()
         expected = reference.add_lora(*cpu(base, x), [A.cpu()], [B.cpu()], ids.cpu(), *cpu(scalings, ranks_t), [N])
         assert_close(y, expected, dtype, f"graph replay ({dist})")
+
+
+def test_decode_shrink_covers_a_rank_that_is_not_a_whole_number_of_rank_tiles(device):
+    """The decode shrink's grid counts rank tiles rounding up: R = 24 (one 16-wide tile and part of another), flat
+    and stacked A, every column of an out full of NaN written."""
+    ids = torch.tensor([0, 1, -1, 1, 0], dtype=torch.int32, device=device)
+    batch = LoRABatch.from_adapter_ids(ids, 2)
+    x, lora_a = randn(5, 40, device=device), randn(2, 24, 40, device=device)
+    ranks, scalings = torch.tensor([24, 20], dtype=torch.int32, device=device), torch.tensor([1.0, 0.5], device=device)
+    expected = reference.lora_shrink(x.cpu(), lora_a.cpu(), ids.cpu(), scalings.cpu(), ranks.cpu())
+    for stacked in (False, True):
+        weights = torch.stack([lora_a, lora_a.flip(0)]) if stacked else lora_a
+        out = torch.full((2, 5, 24) if stacked else (5, 24), float("nan"), device=device)
+        sgmv.shrink(x, weights, batch, scalings, ranks, out=out, path="decode")
+        assert_close(out[0] if stacked else out, expected, torch.float32, f"stacked={stacked}")
+
+
+def test_segment_outer_sum_takes_column_major_operands(device):
+    """Both operands of segment_outer_sum with a row stride of 1 (transposed views): each slot's sum of outer
+    products against float64 per-slot GEMMs."""
+    ids = torch.tensor([0, 1, 2, -1, 0, 1, 2] * 3, dtype=torch.int32, device=device)
+    batch = LoRABatch.from_adapter_ids(ids, 3)
+    left, right = randn(5, 21, device=device).T, randn(19, 21, device=device).T
+    assert right.stride() == (1, 21)
+    out = sgmv.segment_outer_sum(left, right, batch)
+    expected = torch.stack([left[ids == i].double().T @ right[ids == i].double() for i in range(3)])
+    assert_close(out, expected, torch.float32, "segment outer sums")
+
+
+def test_decode_path_bounds_are_inclusive():
+    """At most DECODE_MAX_TOKENS tokens, or at most DECODE_MAX_TOKENS_PER_SLOT per slot on average, take the decode
+    kernels; one token more, the prefill ones."""
+    per_slot = sgmv.DECODE_MAX_TOKENS_PER_SLOT
+    assert sgmv.choose_path(sgmv.DECODE_MAX_TOKENS, 1) == "decode"
+    assert sgmv.choose_path(sgmv.DECODE_MAX_TOKENS + 1, 1) == "prefill"
+    slots = sgmv.DECODE_MAX_TOKENS // per_slot + 4  # past DECODE_MAX_TOKENS tokens at exactly per_slot per slot
+    assert sgmv.choose_path(per_slot * slots, slots) == "decode"
+    assert sgmv.choose_path(per_slot * slots + 1, slots) == "prefill"
+
+
+@pytest.mark.parametrize("op,argument", [("sgmv_shrink", "scalings"), ("sgmv_expand", "lora_b")])
+def test_the_grouped_triton_ops_refuse_every_input_that_requires_grad(op, argument, device):
+    """Called directly (or from an exported program) in grad mode, the ops refuse the weights that require grad too,
+    not only the activations: they have no derivative, and the weights would silently get none."""
+    batch = LoRABatch.from_adapter_ids(torch.tensor([0, 1, -1], dtype=torch.int32, device=device), 2)
+    meta = (batch.adapter_ids, batch.sorted_token_ids, batch.slot_counts, batch.slot_starts)
+    ranks = torch.tensor([4, 4], dtype=torch.int32, device=device)
+    with pytest.raises(RuntimeError, match=f"{argument} requires grad"):
+        if op == "sgmv_shrink":
+            scalings = torch.ones(2, device=device, requires_grad=True)
+            torch.ops.lora_kernels_triton.sgmv_shrink(randn(3, 8, device=device), randn(2, 4, 8, device=device),
+                                                      *meta, scalings, ranks, torch.zeros(3, 4, device=device),
+                                                      False, "auto")
+        else:
+            lora_b = randn(2, 6, 4, device=device).requires_grad_(True)
+            torch.ops.lora_kernels_triton.sgmv_expand(randn(3, 4, device=device), lora_b, *meta, ranks,
+                                                      torch.zeros(3, 6, device=device), 0, "auto")
