@@ -294,9 +294,9 @@ def test_cuda_sgmv_expand_tensor_cores_into_aligned_outputs(lora_b_dtype, out_dt
                                                             distribution, cuda_device):
     """The tensor-core expand (150 tokens, a 16-bit lora_b) into outputs whose rows and slice start are whole 16-byte
     units, which take its staged epilogue (16-byte loads and stores per lane; 45 columns, not a whole number of such
-    units, end in a short tail): out at the start of its storage or 16 bytes into it (shift, in elements); offset 33 is the unaligned
-    case beside them, the fragment-order epilogue. test_sgmv_expand_matches_reference's rows of 200 bytes never
-    take the staged one."""
+    units, end in a short tail): out at the start of its storage or 16 bytes into it (shift, in elements); offset
+    33 is the unaligned case beside them, the fragment-order epilogue. test_sgmv_expand_matches_reference's rows of
+    200 bytes never take the staged one."""
     storage = randn(150 * n_total + shift, dtype=out_dtype, device=cuda_device)
     out = storage[shift:].view(150, n_total)
     _check_sgmv_expand(lora_b_dtype, distribution, out, offset, cuda_device)
