@@ -148,7 +148,7 @@ def main(argv=None):
         # The two orders of the `cuda` GEMM path's ATen calls, S given: the LoRA term first and the base GEMM adding
         # into it with beta = 1 (what lora_fwd_gemm does), or the base GEMM first and the rank-r GEMM adding into it
         # (its comment's alternative): whether cuBLAS's beta = 1 base GEMM is what the inference row pays for.
-        i_s = (ix @ ia.T).contiguous()
+        i_s = ix @ ia.T
         tables.append((f"ATen, LoRA term first, base GEMM with beta = 1 (lora_fwd_gemm's order), M={im}, K={ik}, "
                        f"N={inn}", lambda ix=ix, iw=iw, ib=ib, i_s=i_s: _lora_term_first(ix, iw, ib, i_s)))
         tables.append((f"ATen, base GEMM first, LoRA term added with beta = 1, M={im}, K={ik}, N={inn}",
