@@ -1044,7 +1044,9 @@ def test_torch_compile_fullgraph_multi_adapter_training(backend):
     compiled_grads = [layer.lora_a.grad.clone(), layer.lora_b.grad.clone()]
     layer.lora_a.grad = layer.lora_b.grad = None
     layer(x, ids).square().sum().backward()
-    torch.testing.assert_close(compiled_grads, [layer.lora_a.grad, layer.lora_b.grad])
+    # float32 sums in another order: traced, the torch backend masks every slot over all tokens (it cannot read the
+    # slots on the host); eager, it gathers each slot's tokens (2.4e-6 relative apart on an Intel Xeon)
+    torch.testing.assert_close(compiled_grads, [layer.lora_a.grad, layer.lora_b.grad], rtol=1e-5, atol=1e-5)
 
 
 def test_torch_compile_dynamic_token_count_across_the_cpu_decode_bound_compiles_once():
