@@ -55,9 +55,10 @@ def scaled_mm(a, b, scaling, out_dtype=None):
     """scaling · (a @ b) for the backward's GEMM fallbacks (a = dY with b = B, or dYᵀ with b = S: b has r columns),
     with b cast to a's dtype.
 
-    out_dtype given and wider than a's 16-bit dtype (the Triton fallback's fp32 dB and dS): the product is never
-    rounded to 16 bits: cuBLAS writes it in out_dtype (mm.dtype, CUDA-only), other devices (the Triton interpreter's
-    tests) multiply fp32 copies, and the scaling is applied after, in out_dtype.
+    out_dtype given and wider than a's 16-bit dtype (the Triton fallback's fp32 dB and dS, the cuda fallback's dB of
+    float32 factors): the product is never rounded to 16 bits: cuBLAS writes it in out_dtype (mm.dtype, CUDA-only),
+    other devices (the Triton interpreter's tests) multiply fp32 copies, and the scaling is applied after, in
+    out_dtype.
 
     Otherwise the product is in a's dtype, and the scaling goes where no rounded intermediate exceeds both the
     operands and the result: into b before the GEMM when |scaling| <= 1 (b is small, and b · scaling is rounded

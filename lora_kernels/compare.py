@@ -222,19 +222,26 @@ def gradient_bytes(model):
 
 def _is_parameter_cast(t, parameters):
     """t is a dtype cast of a trainable parameter (a float32 LoRA factor cast to the 16-bit model dtype): weight
-    memory of a size fixed by the model, not an activation."""
+    memory of a size fixed by the model, not an activation. Cast by autograd (a ToCopy node from the parameter), or
+    inside an autograd Function's forward (LoRALinearFunction saves its casts of float32 factors), which leaves no
+    node: then a parameter of t's shape whose cast to t's dtype equals t."""
     grad_fn = t.grad_fn
-    if grad_fn is None or type(grad_fn).__name__ != "ToCopyBackward0":
+    if grad_fn is None:
+        return any(p.dtype != t.dtype and torch.equal(p.detach().to(t.dtype), t) for p in parameters.get(t.shape, ()))
+    if type(grad_fn).__name__ != "ToCopyBackward0":
         return False
     source = grad_fn.next_functions[0][0]
-    return source is not None and id(getattr(source, "variable", None)) in parameters
+    return source is not None and any(getattr(source, "variable", None) is p for p in parameters.get(t.shape, ()))
 
 
 def saved_activation_bytes(model, inputs, targets):
     """Bytes autograd keeps for backward in one training forward (each storage once; parameters and their dtype
     casts excluded): the activation memory a step holds when backward starts. Exact and the same on every device."""
     param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    parameters = {id(p) for p in model.parameters()}
+    parameters = {}  # shape -> the trainable parameters of that shape
+    for p in model.parameters():
+        if p.requires_grad:
+            parameters.setdefault(p.shape, []).append(p)
     saved = {}
 
     def pack(t):

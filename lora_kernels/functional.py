@@ -41,7 +41,7 @@ def _check_same(op, name, t, ref_name, ref, *, dtype=True):
         raise ValueError(f"{op}: {name} expected device {ref.device} (same as {ref_name}), got {t.device}")
 
 
-def _lora_linear_args_ok(x, weight, lora_a, lora_b, bias, scaling, dropout_p):
+def _lora_linear_args_ok(x, weight, lora_a, lora_b, bias, scaling, dropout_p, factor_dtype):
     """True only when every check of check_lora_linear_args passes, tested in few Python operations: the checks run
     on every call of every layer, and the full version cost ~8 µs of host time per call. False means "look closer":
     the full checks then run and name the problem. While tracing, scaling's value is not checked (an inf scaling
@@ -52,7 +52,9 @@ def _lora_linear_args_ok(x, weight, lora_a, lora_b, bias, scaling, dropout_p):
             and isinstance(lora_b, tensor)):
         return False
     dtype, device = x.dtype, x.device
-    if (dtype not in ops.FLOAT_DTYPES or weight.dtype != dtype or lora_a.dtype != dtype or lora_b.dtype != dtype
+    factor_dtype = factor_dtype or dtype
+    if (dtype not in ops.FLOAT_DTYPES or weight.dtype != dtype or lora_a.dtype != factor_dtype
+            or lora_b.dtype != factor_dtype
             or weight.device != device or lora_a.device != device or lora_b.device != device
             or x.dim() < 1 or weight.dim() != 2 or lora_a.dim() != 2 or lora_b.dim() != 2
             or x.layout != strided or weight.layout != strided or lora_a.layout != strided
@@ -70,8 +72,9 @@ def _lora_linear_args_ok(x, weight, lora_a, lora_b, bias, scaling, dropout_p):
             and type(dropout_p) in (float, int) and 0.0 <= dropout_p < 1.0)
 
 
-def _check_bias_and_like_x(op, x, weight, lora_a, lora_b, bias, out_features):
-    """bias [N] (or None), and every given tensor on x's device and dtype: the tail of both ops' argument checks."""
+def _check_bias_and_like_x(op, x, weight, lora_a, lora_b, bias, out_features, factor_dtype=None):
+    """bias [N] (or None), and every given tensor on x's device and dtype (the factors' dtype factor_dtype where
+    given): the tail of both ops' argument checks."""
     if bias is not None and tuple(bias.shape) != (out_features,):
         raise ValueError(f"{op}: bias expected shape [{out_features}], got {tuple(bias.shape)}")
     # A subclass weight's dtype is its own F.linear's to judge, as in nn.Linear: torchao's Int8Tensor computes in x's
@@ -80,12 +83,16 @@ def _check_bias_and_like_x(op, x, weight, lora_a, lora_b, bias, out_features):
     subclass_weight = is_subclass_weight(weight)
     for name, t in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("bias", bias)):
         if t is not None:
-            _check_same(op, name, t, "x", x, dtype=not (name == "weight" and subclass_weight))
+            factor = name in ("lora_a", "lora_b") and factor_dtype is not None
+            _check_same(op, name, t, "x", x, dtype=not (name == "weight" and subclass_weight or factor))
+            if factor and t.dtype != factor_dtype:
+                raise TypeError(f"{op}: {name} expected dtype {factor_dtype}, got {t.dtype}")
 
 
-def check_lora_linear_args(op, x, weight, lora_a, lora_b, bias, scaling, dropout_p):
-    """Raises ValueError/TypeError naming the argument, the expected and the actual shape/dtype/device."""
-    if _lora_linear_args_ok(x, weight, lora_a, lora_b, bias, scaling, dropout_p):
+def check_lora_linear_args(op, x, weight, lora_a, lora_b, bias, scaling, dropout_p, factor_dtype=None):
+    """Raises ValueError/TypeError naming the argument, the expected and the actual shape/dtype/device.
+    factor_dtype: the dtype lora_a and lora_b must have, when not x's (see lora_linear_float32_factors)."""
+    if _lora_linear_args_ok(x, weight, lora_a, lora_b, bias, scaling, dropout_p, factor_dtype):
         return
     _check_tensor(op, "x", x)
     _check_tensor(op, "weight", weight, ndim=2)
@@ -107,7 +114,7 @@ def check_lora_linear_args(op, x, weight, lora_a, lora_b, bias, scaling, dropout
     if tuple(lora_b.shape) != (out_features, rank):
         raise ValueError(f"{op}: lora_b expected shape [{out_features}, {rank}] ([N, r] for weight "
                          f"{tuple(weight.shape)} and lora_a {tuple(lora_a.shape)}), got {tuple(lora_b.shape)}")
-    _check_bias_and_like_x(op, x, weight, lora_a, lora_b, bias, out_features)
+    _check_bias_and_like_x(op, x, weight, lora_a, lora_b, bias, out_features, factor_dtype)
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
         raise TypeError(f"{op}: scaling expected a real number, got {type(scaling).__name__}")
     if not torch.compiler.is_compiling() and not ops.is_finite_number(scaling):  # see _lora_linear_args_ok
@@ -354,29 +361,44 @@ def _lora_linear_forward(x2, weight, lora_a, lora_b, bias, scaling, dropout_p, s
 
 
 class LoRALinearFunction(torch.autograd.Function):
-    """Autograd of the fused LoRA linear for one backend. x2 is [M, K]; returns y [M, N]."""
+    """Autograd of the fused LoRA linear for one backend. x2 is [M, K]; returns y [M, N].
+
+    lora_a and lora_b may be float32 where x2 is 16-bit (lora_linear_float32_factors): they are cast to x2's dtype
+    here, for the same kernels, and their gradients are returned in float32 as the backward computes them, where a
+    cast outside this Function returned them rounded to 16 bits first (and cast back by autograd: two more kernels
+    and autograd nodes per layer and step)."""
 
     @staticmethod
     def forward(ctx, x2, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend):
+        factors = (lora_a, lora_b)
+        lora_a, lora_b = _in_dtype(lora_a, x2.dtype), _in_dtype(lora_b, x2.dtype)
         y, s = _lora_linear_forward(x2, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend)
         # W is read only for dX. Not saving it otherwise matters under autocast, where it is a 16-bit copy [N, K]
-        # (the first layer's projections, whose input needs no gradient).
-        ctx.save_for_backward(x2, s, weight if ctx.needs_input_grad[0] else None, lora_a, lora_b, seed)
+        # (the first layer's projections, whose input needs no gradient). The float32 factors too, where they were
+        # cast: create_graph's backward differentiates through them.
+        ctx.save_for_backward(x2, s, weight if ctx.needs_input_grad[0] else None, lora_a, lora_b, seed,
+                              *(factors if lora_a is not factors[0] else ()))
         ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
         ctx.has_bias, ctx.weight_dtype = bias is not None, weight.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x2, s, weight, lora_a, lora_b, seed = ctx.saved_tensors
+        x2, s, weight, lora_a, lora_b, seed, *factors = ctx.saved_tensors
         scaling, dropout_p, backend = ctx.scaling, ctx.dropout_p, ctx.backend
         need_x, need_w, need_a, _, need_bias = ctx.needs_input_grad[:5]  # dB comes with dS anyway
+        # The factors' gradients in their own dtype (float32 factors of a 16-bit x2: see the class docstring)
+        grad_a_like, grad_b_like = factors or (lora_a, lora_b)
         if torch.is_grad_enabled():
             # create_graph=True (a gradient penalty, second-order meta-learning): the gradients must be
             # differentiable themselves. The Triton kernels and the C++ ops have no derivatives (triton failed at the
             # second grad, the C++ ops warned "autograd kernel was not registered"), and the saved S is detached
-            # from lora_a and x, so dB would miss their terms: the torch composition, on an S recomputed here.
-            return _lora_linear_backward_differentiable(ctx, dy, x2, weight, lora_a, lora_b, seed)
+            # from lora_a and x, so dB would miss their terms: the torch composition, on an S recomputed here
+            # (from float32 factors cast again, differentiably: the forward's casts are not in the graph).
+            if factors:
+                lora_a, lora_b = (factor.to(x2.dtype) for factor in factors)
+            return _lora_linear_backward_differentiable(ctx, dy, x2, weight, lora_a, lora_b, seed, grad_a_like,
+                                                        grad_b_like)
         dy = dy.contiguous()
         dx = d_weight = d_lora_a = d_lora_b = d_bias = None
         widen = _cpu_widens(backend, dy)  # dX = dY·W and dW = dYᵀ·X in fp32 (see _cpu_widens)
@@ -392,8 +414,9 @@ class LoRALinearFunction(torch.autograd.Function):
             if backend == "cuda" and not _at_most(dy.shape[0] * lora_b.shape[1], CUDA_BWD_DY_KERNEL_MAX_WORK):
                 # cuBLAS GEMMs in the input dtype, S rounded to it as PEFT rounds it (scaled first when that keeps
                 # it smaller: see scaled_mm). Using the fp32 S and dS would take fp32 copies of dy [M, N] and
-                # x [M, K] (a GEMM takes one input dtype): a cost at large M no GPU has measured yet.
-                d_lora_b = scaled_mm(dy.T, s, scaling)
+                # x [M, K] (a GEMM takes one input dtype): a cost at large M no GPU has measured yet. A float32
+                # factor's gradient is written in float32 by cuBLAS, not rounded to 16 bits (dA below likewise).
+                d_lora_b = scaled_mm(dy.T, s, scaling, out_dtype=grad_b_like.dtype)
                 ds = scaled_mm(dy, lora_b, scaling)
             elif backend in ("cpu", "cuda"):
                 # dS stays in fp32 (fp64 for fp64): |s·dY·B| may pass 65504 in fp16 where dA and the LoRA term of
@@ -412,7 +435,10 @@ class LoRALinearFunction(torch.autograd.Function):
                     x_lora = _in_dtype(x2, ds.dtype)
                     if keep is not None:
                         x_lora = apply_dropout(x_lora, keep, dropout_p, inplace=x_lora is not x2)
-                    d_lora_a = ds.T @ x_lora
+                    if backend == "cuda" and ds.dtype != grad_a_like.dtype == torch.float32:  # see d_lora_b above
+                        d_lora_a = torch.mm(ds.T, x_lora, out_dtype=torch.float32)
+                    else:
+                        d_lora_a = ds.T @ x_lora
                     del x_lora
                 if need_x:
                     dx_lora = ds @ _in_dtype(lora_a, ds.dtype)
@@ -431,7 +457,7 @@ class LoRALinearFunction(torch.autograd.Function):
             d_weight = _fp32_mm(dy.T, x2) if widen else dy.T @ x2
         if need_bias and ctx.has_bias:
             d_bias = dy.sum(0)
-        return _cast_grads(ctx, (dx, d_weight, d_lora_a, d_lora_b, d_bias), x2, lora_a, lora_b)
+        return _cast_grads(ctx, (dx, d_weight, d_lora_a, d_lora_b, d_bias), x2, grad_a_like, grad_b_like)
 
 
 def _in_dtype(t, dtype):
@@ -512,9 +538,10 @@ def _lora_linear_composition(x2, weight, lora_a, lora_b, bias, scaling, dropout_
         return (base.to(term.dtype) + term).to(x2.dtype)
 
 
-def _lora_linear_backward_differentiable(ctx, dy, x2, weight, lora_a, lora_b, seed):
+def _lora_linear_backward_differentiable(ctx, dy, x2, weight, lora_a, lora_b, seed, grad_a_like, grad_b_like):
     """The A/B-only backward of design.md §2 in differentiable torch ops (any backend, for create_graph=True):
-    S is recomputed from x and lora_a so that dB, too, carries their derivatives."""
+    S is recomputed from x and lora_a so that dB, too, carries their derivatives. grad_a_like, grad_b_like: the
+    Function's factor inputs, whose dtypes the gradients take."""
     scaling, dropout_p = ctx.scaling, ctx.dropout_p
     need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
     drop = None if dropout_p == 0.0 else _dropout_as_function(ctx.backend, seed, x2, dropout_p)  # the forward's mask
@@ -530,7 +557,7 @@ def _lora_linear_backward_differentiable(ctx, dy, x2, weight, lora_a, lora_b, se
             dx = dy @ weight + (dx_lora if drop is None else drop(dx_lora))
     d_weight = dy.T @ x2 if need_w else None
     d_bias = dy.sum(0) if need_bias and ctx.has_bias else None
-    return _cast_grads(ctx, (dx, d_weight, d_lora_a, d_lora_b, d_bias), x2, lora_a, lora_b)
+    return _cast_grads(ctx, (dx, d_weight, d_lora_a, d_lora_b, d_bias), x2, grad_a_like, grad_b_like)
 
 
 def lora_linear(x, weight, lora_a, lora_b, scaling=1.0, bias=None, *, dropout_p=0.0, backend="auto"):
@@ -547,13 +574,30 @@ def lora_linear(x, weight, lora_a, lora_b, scaling=1.0, bias=None, *, dropout_p=
     torchao's quantized weights): "torch" only, which "auto" picks, in torch ops that autograd differentiates (the
     subclass's F.linear gives dX).
     """
+    return _lora_linear(x, weight, lora_a, lora_b, scaling, bias, dropout_p, backend, float32_factors=False)
+
+
+def lora_linear_float32_factors(x, weight, lora_a, lora_b, scaling, bias, dropout_p, backend):
+    """lora_linear for LoRALinear, whose factors are float32 where its layer is 16-bit (autocast_adapter_dtype): they
+    are cast to x's dtype for the same kernels, but inside the autograd Function, which returns their gradients in
+    float32 as it computes them (LoRALinearFunction) rather than rounded to 16 bits (and costs no autograd node
+    per cast). Factors of x's dtype, and every call that does not take the Function, are lora_linear's."""
+    return _lora_linear(x, weight, lora_a, lora_b, scaling, bias, dropout_p, backend, float32_factors=True)
+
+
+def _lora_linear(x, weight, lora_a, lora_b, scaling, bias, dropout_p, backend, float32_factors):
     op = "lora_linear"
     autocast_dtype = _autocast_dtype(x)
     if autocast_dtype is not None:
         x, weight, lora_a, lora_b, bias = _cast_for_autocast(autocast_dtype, (x, weight, lora_a, lora_b, bias))
-    check_lora_linear_args(op, x, weight, lora_a, lora_b, bias, scaling, dropout_p)
+    factor_dtype = None  # float32 factors of a 16-bit x, kept so until the Function (None: x's dtype)
+    if (float32_factors and isinstance(x, torch.Tensor) and x.dtype in (torch.float16, torch.bfloat16)
+            and isinstance(lora_a, torch.Tensor) and lora_a.dtype == torch.float32):
+        factor_dtype = torch.float32
+    check_lora_linear_args(op, x, weight, lora_a, lora_b, bias, scaling, dropout_p, factor_dtype)
     subclass_weight = False
-    if _has_dtensor((x, weight, lora_a, lora_b, bias)):  # tensor parallelism: the torch composition
+    dtensor = _has_dtensor((x, weight, lora_a, lora_b, bias))
+    if dtensor:  # tensor parallelism: the torch composition
         backend = resolve_dtensor_backend(op, backend, (("x", x), ("weight", weight), ("lora_a", lora_a),
                                                         ("lora_b", lora_b), ("bias", bias)), dropout_p)
     elif is_subclass_weight(weight):
@@ -581,6 +625,16 @@ def lora_linear(x, weight, lora_a, lora_b, scaling=1.0, bias=None, *, dropout_p=
                                "mask forever; capture with dropout_p = 0 (eval mode) or run the step eagerly")
         seed = new_seed()
     lead_shape = x.shape[:-1]
+    # torch.func transforms need an autograd.Function with setup_context and a vmap rule, and the kernels and C++ ops
+    # have neither derivatives nor batching rules ("must override the setup_context staticmethod"): the torch
+    # composition, outside the Function, which the transforms differentiate and batch themselves. A subclass weight
+    # implements F.linear and its derivative, not the dY @ W of the Function's backward.
+    composition = subclass_weight or _functorch_transforms_active()
+    through_function = not composition and torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or lora_a.requires_grad or lora_b.requires_grad
+        or (bias is not None and bias.requires_grad))
+    if factor_dtype is not None and (not through_function or backend == "reference" or dtensor):
+        lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)  # differentiable, as LoRALinear cast them before
     if backend == "reference":
         if seed is not None:
             _check_one_seed_for_the_batch()
@@ -588,14 +642,9 @@ def lora_linear(x, weight, lora_a, lora_b, scaling=1.0, bias=None, *, dropout_p=
         return reference.lora_linear(x, weight, lora_a, lora_b, float(scaling), bias, mask).to(x.dtype)
     x2 = ops.as_rows(x)
     args = (x2, weight, lora_a, lora_b, bias, float(scaling), float(dropout_p), seed, backend)
-    if subclass_weight or _functorch_transforms_active():
-        # torch.func transforms need an autograd.Function with setup_context and a vmap rule, and the kernels and
-        # C++ ops have neither derivatives nor batching rules ("must override the setup_context staticmethod"): the
-        # torch composition, outside the Function, which the transforms differentiate and batch themselves. A
-        # subclass weight implements F.linear and its derivative, not the dY @ W of the Function's backward.
+    if composition:
         y = _lora_linear_composition(*args)
-    elif torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_a.requires_grad
-                                      or lora_b.requires_grad or (bias is not None and bias.requires_grad)):
+    elif through_function:
         y = LoRALinearFunction.apply(*args)
     else:  # nothing to differentiate (inference, no_grad): the autograd Function's bookkeeping costs ~13 µs a call
         y = _lora_linear_forward(*args)[0]

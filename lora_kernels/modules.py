@@ -18,8 +18,8 @@ from torch import nn
 from lora_kernels._dtensor import describe, is_dtensor, is_tensor_parallel_hook, tensor_parallel_hooks
 from lora_kernels.backends import check_backend_name
 from lora_kernels.functional import (MULTI_SUBCLASS_WEIGHT_USE, SUBCLASS_WEIGHT_USE, describe_subclass,
-                                     is_subclass_weight, lora_linear, multi_lora_base_linear, multi_lora_linear,
-                                     refuse_subclass_weight_backend)
+                                     is_subclass_weight, lora_linear_float32_factors, multi_lora_base_linear,
+                                     multi_lora_linear, refuse_subclass_weight_backend)
 from lora_kernels.ops import FLOAT_DTYPES, autocast_off, check_dense, check_flag, is_finite_number, positive_int
 
 
@@ -233,10 +233,11 @@ class LoRALinear(nn.Module):
 
     autocast_adapter_dtype=True (PEFT's default of the same name): the factors of a float16/bfloat16 layer are
     float32, so the optimizer updates them in float32 (in bfloat16, AdamW steps below ~1/256 of a weight round
-    away). The forward casts them to the input's dtype, the layer's, and runs the same 16-bit kernels, so their
-    gradients are 16-bit values (PEFT computes its LoRA branch in float32); a quantized (tensor-subclass) weight
-    whose own F.linear takes float32 inputs runs the branch in float32 on them. False: the factors take the layer's
-    dtype."""
+    away). The forward casts them to the input's dtype, the layer's, and runs the same 16-bit kernels; their
+    gradients come back in float32 from the backward's float32 sums, not rounded to 16 bits (but with the `torch`
+    backend, PEFT's unfused composition in the input dtype, whose products are 16-bit; PEFT itself runs its LoRA
+    branch in float32). A quantized (tensor-subclass) weight whose own F.linear takes float32 inputs runs the branch
+    in float32 on them. False: the factors take the layer's dtype."""
 
     def __init__(self, in_features, out_features, r=8, lora_alpha=8, lora_dropout=0.0, bias=True, use_rslora=False,
                  device=None, dtype=None, *, init_lora_weights=True, backend="auto", fan_in_fan_out=False,
@@ -392,12 +393,14 @@ class LoRALinear(nn.Module):
             return nn.functional.linear(x, self.base_weight(), self.bias)
         dropout_p = self.lora_dropout if self.training else 0.0
         weight, lora_a, lora_b = self.base_weight(), self.lora_A.weight, self.lora_B.weight
-        # float32 factors of a 16-bit layer (autocast_adapter_dtype), cast to x's dtype, which is the layer's but for
-        # a quantized (subclass) weight, whose own F.linear may take another: the LoRA branch then runs in x's dtype
-        if isinstance(x, torch.Tensor) and x.dtype.is_floating_point and lora_a.dtype != x.dtype:
+        # The LoRA branch runs in x's dtype, which is the layer's but for a quantized (subclass) weight, whose own
+        # F.linear may take another. float32 factors of a 16-bit x (autocast_adapter_dtype) are cast to it inside
+        # lora_linear_float32_factors, which gives their gradients in float32; other dtypes here.
+        if (isinstance(x, torch.Tensor) and x.dtype.is_floating_point and lora_a.dtype != x.dtype
+                and not (x.dtype in (torch.float16, torch.bfloat16) and lora_a.dtype == lora_b.dtype == torch.float32)):
             lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-        return lora_linear(x, weight, lora_a, lora_b, self.scaling, self.bias, dropout_p=dropout_p,
-                           backend=self.backend)
+        return lora_linear_float32_factors(x, weight, lora_a, lora_b, self.scaling, self.bias, dropout_p,
+                                           self.backend)
 
     def _merge_dtype(self):
         # float32 at least (a 16-bit weight takes the delta rounded once, not B @ A rounded first), and float64 for a

@@ -635,6 +635,88 @@ def test_16_bit_layers_get_float32_factors_as_peft(dtype):
             assert changed > 0.99, f"{name}: only {changed:.0%} of the entries changed"
 
 
+def _float32_factor_grads(backend, device, dtype, m, k=32, n=24, r=8):
+    """(layer, x, dy) after one backward of a 16-bit LoRALinear with float32 factors (autocast_adapter_dtype), and
+    the float64 gradients of its factors from the operands the forward used: x, dy and the factors rounded to
+    dtype."""
+    torch.manual_seed(0)
+    layer = LoRALinear(k, n, r=r, lora_alpha=2 * r, dtype=dtype, device=device, backend=backend,
+                       init_lora_weights=False)
+    x = torch.randn(m, k, dtype=dtype, device=device, requires_grad=True)
+    dy = torch.randn(m, n, dtype=dtype, device=device)
+    layer(x).backward(dy)
+    a, b = (f.weight.detach().to(dtype).double() for f in (layer.lora_A, layer.lora_B))
+    x64, dy64 = x.detach().double(), dy.double()
+    expected_b = layer.scaling * dy64.T @ (x64 @ a.T)
+    expected_a = (layer.scaling * dy64 @ b).T @ x64
+    return layer, expected_a, expected_b
+
+
+@pytest.mark.parametrize("m", [6, 600], ids=["m6", "m600"])  # cuda: its dY-once kernel, and cuBLAS past M·r = 4096
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
+def test_float32_factors_of_a_16_bit_layer_get_float32_gradients(backend, device, m):
+    """autocast_adapter_dtype's float32 factors get the backward's float32 sums as their gradients, not values
+    rounded to bfloat16 first (the factors were cast to the layer's dtype outside the autograd Function, whose
+    gradients autograd then cast back: every entry a bfloat16 number). Within the tolerance of the reference."""
+    from conftest import backend_or_skip
+    backend_or_skip(backend, device)
+    layer, expected_a, expected_b = _float32_factor_grads(backend, device, torch.bfloat16, m)
+    for factor, expected in ((layer.lora_A, expected_a), (layer.lora_B, expected_b)):
+        grad = factor.weight.grad
+        assert grad.dtype == torch.float32
+        assert (grad != grad.to(torch.bfloat16).float()).any(), "every entry of the gradient is a bfloat16 number"
+        assert_close(grad, expected, torch.bfloat16, "factor gradient")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_float32_factor_gradients_of_the_cpu_backend_are_float32_sums(dtype):
+    """The cpu backend sums the factors' gradients in float32 from the 16-bit operands (S kept in float32): they
+    equal the float64 gradients to float32's precision, where rounding them to 16 bits cost ~1e-3 (bfloat16)."""
+    layer, expected_a, expected_b = _float32_factor_grads("cpu", "cpu", dtype, 6)
+    for factor, expected in ((layer.lora_A, expected_a), (layer.lora_B, expected_b)):
+        assert_close(factor.weight.grad, expected, torch.float32, "factor gradient", scale=1e-2)  # 1e-5
+
+
+def test_the_torch_backend_keeps_peft_s_unfused_16_bit_products():
+    """The torch backend is PEFT's unfused composition in the layer's dtype: its factors' gradients are the 16-bit
+    products, cast to float32 (README, Backends)."""
+    layer, _, _ = _float32_factor_grads("torch", "cpu", torch.bfloat16, 6)
+    for factor in (layer.lora_A, layer.lora_B):
+        grad = factor.weight.grad
+        assert grad.dtype == torch.float32 and torch.equal(grad, grad.to(torch.bfloat16).float())
+
+
+def test_float32_factors_are_cast_inside_the_autograd_function():
+    """A 16-bit layer's float32 factors go into the fused autograd Function as they are: no cast node between them
+    and it (two kernels and two autograd nodes per layer and step fewer on a GPU, where a small model's step is host
+    time)."""
+    layer = LoRALinear(16, 8, r=4, dtype=torch.bfloat16, backend="cpu", init_lora_weights=False)
+    node = layer(torch.randn(3, 16, dtype=torch.bfloat16, requires_grad=True)).grad_fn
+    assert type(node).__name__ == "LoRALinearFunctionBackward"
+    factor_nodes = [next_node for next_node, _ in node.next_functions[2:4]]
+    assert [getattr(f, "variable", None) for f in factor_nodes] == [layer.lora_A.weight, layer.lora_B.weight]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_second_order_gradients_reach_float32_factors(backend):
+    """create_graph=True through a 16-bit layer with float32 factors: the gradients' own derivatives reach the
+    factors (the Function's differentiable backward casts them again, in the graph), as the reference backend's,
+    which autograd differentiates through its casts."""
+    results = []
+    for run_backend in (backend, "reference"):
+        torch.manual_seed(0)
+        layer = LoRALinear(16, 8, r=4, lora_alpha=8, dtype=torch.bfloat16, backend=run_backend,
+                           init_lora_weights=False)
+        x = torch.randn(5, 16, dtype=torch.bfloat16, requires_grad=True)
+        (grad_a,) = torch.autograd.grad(layer(x).float().square().sum(), layer.lora_A.weight, create_graph=True)
+        grad_a.square().sum().backward()
+        assert grad_a.dtype == torch.float32
+        results.append((layer.lora_B.weight.grad, x.grad))
+    for got, expected in zip(*results):
+        assert got is not None and got.abs().sum() > 0
+        assert_close(got, expected, torch.bfloat16, "second-order gradient", scale=2)
+
+
 def test_model_level_disable_adapter_context():
     model = inject_lora(_model(), ["q_proj", "v_proj"], r=4, init_lora_weights=False)
     base = _model()

@@ -576,10 +576,12 @@ def test_a_training_step_saves_x_and_s_only_and_they_die_at_the_backward(backend
     layer = lk.LoRALinear(k, n, r=r, lora_dropout=p, dtype=torch.bfloat16, init_lora_weights=False, backend=backend)
     y, saved = _saved_by(layer, x)
     s_dtype = x.dtype if backend == "torch" else torch.float32  # the fused kernels keep S in fp32 (PEFT: x's dtype)
-    # x, S, W (for dX), A and B cast from their fp32 Parameters, the dropout seed
+    # x, S, W (for dX), A and B cast from their fp32 Parameters, the dropout seed, and the fp32 Parameters themselves
+    # (no memory of their own; the backward's create_graph path differentiates through them)
     assert [(shape, dtype) for shape, dtype, _, _ in saved] == [
         ((m, k), x.dtype), ((m, r), s_dtype), ((n, k), x.dtype), ((r, k), x.dtype), ((n, r), x.dtype),
-        ((), torch.int64)]
+        ((), torch.int64), ((r, k), torch.float32), ((n, r), torch.float32)]
+    assert saved[6][3]() is layer.lora_A.weight and saved[7][3]() is layer.lora_B.weight
     y.float().sum().backward()
     assert saved[1][3]() is None, "S outlived the backward"
 
