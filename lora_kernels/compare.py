@@ -537,6 +537,8 @@ def environment(device):
 # ------------------------------------------------------------------------------------------------ the three runs
 
 METHODS = ("full", "lora_torch", "lora_fused")
+# A step whose GPU work is less than this fraction of its median wall time gets a note: it waited on the host.
+HOST_BOUND_BUSY = 0.5
 
 
 def _compile_layers(model):
@@ -574,6 +576,27 @@ def _eval_loss(model, batch):
     return loss
 
 
+def device_time_ms(events):
+    """Milliseconds of GPU work in torch.profiler's events (a profile's key_averages()): the device time of every
+    kernel, copy and memset, summed as its table's "Self CUDA time total" sums it (CPU-side events and the device
+    side of record_function ranges left out, so nothing counts twice)."""
+    from torch.autograd import DeviceType
+    return 1e-3 * sum(event.self_device_time_total for event in events
+                      if event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False))
+
+
+def gpu_busy_ms(step, device):
+    """How long the GPU worked during one call of `step` (device_time_ms of a torch.profiler run of it; one stream,
+    so its kernels do not overlap), or None off CUDA, where the ops run on the host that issues them."""
+    if device.type != "cuda":
+        return None
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profile:
+        step()
+        synchronize(device)
+    return device_time_ms(profile.key_averages())
+
+
 def _train_step(model, optimizer, inputs, targets):
     optimizer.zero_grad(set_to_none=True)
     loss = lm_loss(model(inputs), targets)
@@ -608,6 +631,9 @@ def _train(method, model, cfg, batches, eval_batch, probe, progress):
             step_seconds.append(elapsed)
         progress.update(f"{method}: step {step + 1}/{len(batches)}")
     eval_loss = _eval_loss(model, eval_batch)
+    # One more step, profiled (CUDA only), not timed: how much of a step the GPU works (a step far longer waited on
+    # the host: Python and kernel launches, which the LoRA columns have more of, per layer, than full fine-tuning)
+    busy_ms = gpu_busy_ms(lambda: _train_step(model, optimizer, *batches[0]), device)
     for inputs, targets in batches[:MEMORY_STEPS]:
         probe.start()
         _train_step(model, optimizer, inputs, targets)
@@ -629,6 +655,7 @@ def _train(method, model, cfg, batches, eval_batch, probe, progress):
         "saved_activation_bytes": saved_activation_bytes(model, *batches[0]),
         "step_ms_median": 1e3 * median,
         "step_ms_all": [1e3 * s for s in step_seconds],
+        "gpu_busy_ms": busy_ms,
         "tokens_per_s": tokens / median,
         "train_losses": losses,
         "eval_loss": eval_loss,
@@ -957,6 +984,7 @@ def format_compare(result):
                      "(`lora-kernels bench --sections train` times and measures PEFT's layer with dropout 0.1)")
     headers = ["", "full fine-tuning", "LoRA, torch (unfused)", f"LoRA, {fused} (fused)"]
     full = methods["full"]
+    gpu_busy = all(methods[m].get("gpu_busy_ms") is not None for m in METHODS)  # CUDA runs (not saved results of old)
 
     def row(label, fn):
         return [label] + [fn(methods[m], m) for m in METHODS]
@@ -975,6 +1003,8 @@ def format_compare(result):
         row("step time (median)", lambda r, m: f"{r['step_ms_median']:.1f} ms"
             + _ratio(r["step_ms_median"], full["step_ms_median"])),
         row("step time (min - max)", lambda r, m: f"{min(r['step_ms_all']):.1f} - {max(r['step_ms_all']):.1f} ms"),
+        *([row("GPU busy / step [3]", lambda r, m: f"{r['gpu_busy_ms']:.1f} ms"
+               + _ratio(r["gpu_busy_ms"], full["gpu_busy_ms"]))] if gpu_busy else []),
         row("tokens / s", lambda r, m: f"{r['tokens_per_s']:,.0f}"),
         row("checkpoint on disk [2]", lambda r, m: fmt_bytes(r["checkpoint_bytes"])
             + ("" if m == "full" else _ratio(r["checkpoint_bytes"], full["checkpoint_bytes"]))),
@@ -996,6 +1026,14 @@ def format_compare(result):
                          f"timed steps) to {drift[1]:.1f} ms (the last third): the run was not steady (other work on "
                          f"the machine, or too few --warmup steps?), so its step-time ratio is not a steady-state "
                          f"measurement")
+    compile_hint = "" if cfg.get("compile") else "; --compile compiles the layers to cut the host time"
+    for method, name in zip(METHODS, headers[1:]):
+        busy = methods[method].get("gpu_busy_ms") if gpu_busy else None
+        if busy is not None and busy < HOST_BOUND_BUSY * methods[method]["step_ms_median"]:
+            lines.append(f"  note: {name}: the GPU worked {busy / methods[method]['step_ms_median']:.0%} of the "
+                         f"median step and waited on the host the rest (Python and kernel launches): its step-time "
+                         f"ratio measures host time more than GPU work, which the GPU busy row compares"
+                         f"{compile_hint}")
     for method, name in zip(METHODS, headers[1:]):
         losses = methods[method]["train_losses"]
         bad = next((i for i, loss in enumerate(losses) if loss is None or not math.isfinite(loss)), None)
@@ -1022,6 +1060,9 @@ def format_compare(result):
     lines.append(f"[2] full fine-tuning stores the whole model; LoRA stores the adapter "
                  f"(adapter_model.safetensors, PEFT keys); torch.save of the full model: "
                  f"{fmt_bytes(full['full_torch_save_bytes'])}.")
+    if gpu_busy:
+        lines.append("[3] the GPU's own time in one more step (its kernels, copies and memsets, by torch.profiler), "
+                     "not timed; a step longer than it waited on the host.")
     lines.append(f"step time: {m['step_time']}. Total run {result['wall_s']:.1f} s.")
     return "\n".join(lines)
 

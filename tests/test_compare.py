@@ -245,6 +245,49 @@ def test_the_lines_around_the_table_print_the_results_own_values(result):
     assert notes[1].startswith("  note: with dropout, both LoRA columns redraw the dropout mask")
 
 
+def test_gpu_busy_time_is_measured_on_cuda_only(result):
+    """The profiled extra step (gpu_busy_ms) runs where a GPU works apart from the host; on CPU the step is not run
+    and the table has no GPU busy row."""
+    assert all(run["gpu_busy_ms"] is None for run in result["methods"].values())
+    assert compare.gpu_busy_ms(lambda: pytest.fail("the step ran"), torch.device("cpu")) is None
+    assert "GPU busy" not in compare.format_compare(result)
+
+
+def test_device_time_sums_the_gpu_s_own_events_once():
+    """device_time_ms adds the self device time of the CUDA events of a profile (kernels, copies, memsets), as
+    torch.profiler's "Self CUDA time total": not the CPU-side events (whose self device time is their kernels'
+    again), nor the device side of record_function ranges, which span kernels already counted."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+    events = [SimpleNamespace(device_type=DeviceType.CUDA, is_user_annotation=False, self_device_time_total=1500),
+              SimpleNamespace(device_type=DeviceType.CUDA, is_user_annotation=False, self_device_time_total=250),
+              SimpleNamespace(device_type=DeviceType.CPU, is_user_annotation=False, self_device_time_total=1750),
+              SimpleNamespace(device_type=DeviceType.CUDA, is_user_annotation=True, self_device_time_total=1750)]
+    assert compare.device_time_ms(events) == pytest.approx(1.75)
+
+
+def test_gpu_busy_row_and_the_host_bound_note(result):
+    """A CUDA run's table has a GPU busy row (ratios against full fine-tuning) and footnote [3], and a note for each
+    column whose GPU worked less than half its median step: that step waited on the host."""
+    import copy
+    shown = copy.deepcopy(result)
+    for name, (step_ms, busy_ms) in zip(compare.METHODS, ((40.0, 36.0), (44.0, 20.0), (39.0, 12.0))):
+        shown["methods"][name].update(step_ms_median=step_ms, step_ms_all=[step_ms] * 8, gpu_busy_ms=busy_ms)
+    lines = compare.format_compare(shown).splitlines()
+    row = next(line for line in lines if line.startswith("GPU busy / step [3]"))
+    assert re.split(r"\s{2,}", row.strip()) == ["GPU busy / step [3]", "36.0 ms (1.00×)", "20.0 ms (0.56×)",
+                                                "12.0 ms (0.33×)"]
+    notes = [line for line in lines if "note:" in line and "waited on the host" in line]
+    assert len(notes) == 2 and notes[0].startswith("  note: LoRA, torch (unfused): the GPU worked 45% of the median")
+    assert notes[1].startswith(f"  note: LoRA, {shown['backends']['fused']} (fused): the GPU worked 31% of the median")
+    assert lines[-2].startswith("[3] the GPU's own time in one more step")
+    assert notes[0].endswith("; --compile compiles the layers to cut the host time")
+    shown["config"]["compile"] = True  # compiled already: no hint
+    assert [line for line in compare.format_compare(shown).splitlines() if "waited on the host" in line][0].endswith(
+        "which the GPU busy row compares")
+
+
 def test_parameter_bytes_and_printed_ratios_follow_the_runs(result):
     """The byte counts of the result follow the parameter counts (trainable bytes count trainable parameters only),
     and each ratio printed in the table is that column's value over full fine-tuning's, not the inverse."""
