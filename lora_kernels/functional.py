@@ -754,10 +754,13 @@ def _multi_lora_term(x2, lora_a, lora_b, adapter_ids, scalings, ranks):
 
 class MultiLoRAFunction(torch.autograd.Function):
     """y = x2 @ W.T + bias + grouped LoRA; gradients for x2, every slot's A and B, and W and bias when they require
-    it (full fine-tuning of the base; never the scalings)."""
+    it (full fine-tuning of the base; never the scalings). float32 slots of a 16-bit x2
+    (multi_lora_linear_float32_factors) are cast here and get their gradients in float32, as in LoRALinearFunction."""
 
     @staticmethod
     def forward(ctx, x2, weight, bias, lora_a, lora_b, batch, scalings, ranks, backend):
+        factors = (lora_a, lora_b)
+        lora_a, lora_b = _in_dtype(lora_a, x2.dtype), _in_dtype(lora_b, x2.dtype)
         # S is kept unscaled: dB = s·dYᵀ·S may reduce S rounded to the input dtype (bf16 on GPUs; fp16 stays fp32
         # there, see _segment_outer_sum), and the scaled s·S overflows fp16 where S does not (PEFT rounds S unscaled).
         y, s = _multi_lora_forward(x2, weight, bias, lora_a, lora_b, batch, scalings, ranks, backend, unscaled=True)
@@ -771,8 +774,9 @@ class MultiLoRAFunction(torch.autograd.Function):
         if not torch.compiler.is_compiling() and any(t.is_inference() for t in batch_buffers):
             batch_buffers = [t.clone() for t in batch_buffers]
         # W only for dX, as in LoRALinearFunction: under autocast it is a 16-bit copy [N, K].
+        # The float32 slots too, where they were cast (create_graph's backward differentiates through them).
         ctx.save_for_backward(x2, weight if ctx.needs_input_grad[0] else None, lora_a, lora_b, s, scalings, ranks,
-                              *batch_buffers)
+                              *(factors if lora_a is not factors[0] else (None, None)), *batch_buffers)
         # Sizes only outside save_for_backward: a LoRABatch here kept its buffers alive past the backward for as long
         # as the graph lived (a loss held for logging until the next step's forward).
         ctx.num_adapters, ctx.backend = batch.num_adapters, backend
@@ -780,15 +784,20 @@ class MultiLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, lora_a, lora_b, s, scalings, ranks, *batch_buffers = ctx.saved_tensors
+        x2, weight, lora_a, lora_b, s, scalings, ranks, factor_a, factor_b, *batch_buffers = ctx.saved_tensors
         batch = LoRABatch(**dict(zip(BUFFER_FIELDS, batch_buffers)), num_adapters=ctx.num_adapters)
         backend = ctx.backend
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        # The slots' gradients in their own dtype (float32 slots of a 16-bit x2: see the class docstring)
+        grad_a_like, grad_b_like = (lora_a, lora_b) if factor_a is None else (factor_a, factor_b)
         if torch.is_grad_enabled():
             # create_graph=True: differentiable gradients, which the kernels and C++ ops do not give (see
-            # LoRALinearFunction.backward). The LoRA term's are autograd's own, of its torch composition.
-            wanted = ((x2, need_x), (lora_a, need_a), (lora_b, need_b))
-            term = _multi_lora_term(x2, lora_a, lora_b, batch.adapter_ids, scalings, ranks)
+            # LoRALinearFunction.backward). The LoRA term's are autograd's own, of its torch composition, on the
+            # float32 slots cast again in the graph where the forward cast them.
+            lora_a_term, lora_b_term = ((lora_a, lora_b) if factor_a is None
+                                        else (factor_a.to(x2.dtype), factor_b.to(x2.dtype)))
+            term = _multi_lora_term(x2, lora_a_term, lora_b_term, batch.adapter_ids, scalings, ranks)
+            wanted = ((x2, need_x), (grad_a_like, need_a), (grad_b_like, need_b))
             inputs = [t for t, need in wanted if need]
             grads = iter(torch.autograd.grad(term, inputs, dy, create_graph=True, allow_unused=True,
                                              materialize_grads=True) if inputs else ())
@@ -807,9 +816,10 @@ class MultiLoRAFunction(torch.autograd.Function):
                 dx = _fp32_mm(dy, weight).to(dy.dtype) if widen else dy @ weight
                 ops.run_expand(backend, u, lora_a.transpose(1, 2), batch, ranks, dx)
             if need_a:
-                d_lora_a = _segment_outer_sum(batch, ranks, backend, u, x2).to(lora_a.dtype)
+                d_lora_a = _segment_outer_sum(batch, ranks, backend, u, x2).to(grad_a_like.dtype)
         if need_b:
-            d_lora_b = _segment_outer_sum(batch, ranks, backend, s, dy, scalings).transpose(1, 2).to(lora_b.dtype)
+            d_lora_b = _segment_outer_sum(batch, ranks, backend, s, dy, scalings).transpose(1, 2).to(
+                grad_b_like.dtype)
         if need_w:
             d_weight = _fp32_mm(dy.T, x2).to(dy.dtype) if widen else dy.T @ x2
         if need_bias:
@@ -822,9 +832,9 @@ class MultiLoRAFunction(torch.autograd.Function):
 MULTI_SUBCLASS_WEIGHT_USE = "another backend (or 'auto')"
 
 
-def _check_multi_lora_args(op, x, weight, lora_a, lora_b, bias):
+def _check_multi_lora_args(op, x, weight, lora_a, lora_b, bias, factor_dtype=None):
     """multi_lora_linear's checks of its tensors (after autocast's casts); lora_a and lora_b None: x, weight and
-    bias only (multi_lora_base_linear)."""
+    bias only (multi_lora_base_linear). factor_dtype: the factors' dtype, when not x's."""
     for name, t, ndim in (("x", x, None), ("weight", weight, 2), ("lora_a", lora_a, 3), ("lora_b", lora_b, 3)):
         _check_tensor(op, name, t, ndim=ndim, optional=name.startswith("lora_") and lora_a is None)
     _check_tensor(op, "bias", bias, ndim=1, optional=True)
@@ -839,7 +849,7 @@ def _check_multi_lora_args(op, x, weight, lora_a, lora_b, bias):
     if lora_a is not None and tuple(lora_b.shape) != (lora_a.shape[0], out_features, lora_a.shape[1]):
         raise ValueError(f"{op}: lora_b expected shape [{lora_a.shape[0]}, {out_features}, {lora_a.shape[1]}] "
                          f"([L, N, R]), got {tuple(lora_b.shape)}")
-    _check_bias_and_like_x(op, x, weight, lora_a, lora_b, bias, out_features)
+    _check_bias_and_like_x(op, x, weight, lora_a, lora_b, bias, out_features, factor_dtype)
 
 
 def multi_lora_base_linear(x, weight, bias=None, *, backend="auto"):
@@ -879,11 +889,27 @@ def multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias=Non
     A weight that is a tensor subclass (is_subclass_weight: torchao's quantized weights) computes its own F.linear,
     on every backend but "reference"; with gradients, in that slot-by-slot composition (its dX is the subclass's).
     """
+    return _multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias, ranks, backend,
+                              float32_factors=False)
+
+
+def multi_lora_linear_float32_factors(x, weight, lora_a, lora_b, adapter_ids, scalings, bias, ranks, backend):
+    """multi_lora_linear for MultiLoRALinear, whose slots may be float32 where x is 16-bit (adapter_dtype): as
+    lora_linear_float32_factors, cast inside the autograd Function, which returns their gradients in float32."""
+    return _multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias, ranks, backend,
+                              float32_factors=True)
+
+
+def _multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias, ranks, backend, float32_factors):
     op = "multi_lora_linear"
     autocast_dtype = _autocast_dtype(x)
     if autocast_dtype is not None:
         x, weight, lora_a, lora_b, bias = _cast_for_autocast(autocast_dtype, (x, weight, lora_a, lora_b, bias))
-    _check_multi_lora_args(op, x, weight, lora_a, lora_b, bias)
+    factor_dtype = None  # float32 slots of a 16-bit x, kept so until the Function (None: x's dtype)
+    if (float32_factors and isinstance(x, torch.Tensor) and x.dtype in (torch.float16, torch.bfloat16)
+            and isinstance(lora_a, torch.Tensor) and lora_a.dtype == torch.float32):
+        factor_dtype = torch.float32
+    _check_multi_lora_args(op, x, weight, lora_a, lora_b, bias, factor_dtype)
     num_slots, _, in_features = lora_a.shape
     out_features = weight.shape[0]
     lead_shape = x.shape[:-1]
@@ -906,9 +932,15 @@ def multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias=Non
     # float64 runs torch compositions (below) that read the scalings in float64: rounded to float32, as the
     # kernels read them, they left float64 outputs and gradients 3e-8 off for a scaling such as 1/3 or 16/3.
     scalings_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    scalings, ranks = ops.check_shrink_args(op, x2, lora_a, batch, scalings, ranks, scalings_dtype=scalings_dtype)
+    scalings, ranks = ops.check_shrink_args(op, x2, lora_a, batch, scalings, ranks, scalings_dtype=scalings_dtype,
+                                            lora_a_dtype=factor_dtype)
     if backend == "triton":
         ops.check_triton_args(op, x.dtype, num_slots)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad
+                                              or weight.requires_grad or (bias is not None and bias.requires_grad))
+    composition = _functorch_transforms_active() or x.dtype == torch.float64 or (needs_grad and subclass_weight)
+    if factor_dtype is not None and (backend == "reference" or composition or not needs_grad):
+        lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)  # differentiable, as MultiLoRALinear cast them before
     if backend == "reference":
         x64, weight64, bias64 = x2.double(), weight.double(), None if bias is None else bias.double()
         if torch.compiler.is_compiling() or _functorch_transforms_active():
@@ -921,9 +953,7 @@ def multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias=Non
             y = reference.multi_lora_linear_autograd(x64, weight64, lora_a.double(), lora_b.double(),
                                                      batch.adapter_ids, scalings, bias64, ranks.cpu())
         return y.to(x.dtype).reshape(*lead_shape, out_features)
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad
-                                              or weight.requires_grad or (bias is not None and bias.requires_grad))
-    if _functorch_transforms_active() or x.dtype == torch.float64 or (needs_grad and subclass_weight):
+    if composition:
         # torch.func: see lora_linear. float64: the grouped ops' shrink results are float32 (lora_shrink's contract),
         # which left float64 outputs and gradients float32-accurate (gradcheck failed); this composition, which
         # autograd differentiates, keeps them float64 (and the scalings, as given). A subclass weight: see

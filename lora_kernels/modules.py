@@ -19,7 +19,7 @@ from lora_kernels._dtensor import describe, is_dtensor, is_tensor_parallel_hook,
 from lora_kernels.backends import check_backend_name
 from lora_kernels.functional import (MULTI_SUBCLASS_WEIGHT_USE, SUBCLASS_WEIGHT_USE, describe_subclass,
                                      is_subclass_weight, lora_linear_float32_factors, multi_lora_base_linear,
-                                     multi_lora_linear, refuse_subclass_weight_backend)
+                                     multi_lora_linear_float32_factors, refuse_subclass_weight_backend)
 from lora_kernels.ops import FLOAT_DTYPES, autocast_off, check_dense, check_flag, is_finite_number, positive_int
 
 
@@ -584,7 +584,8 @@ class MultiLoRALinear(nn.Module):
     adapter_dtype: the dtype of the slots' factors; None (default) is the base weight's, as serving stacks keep them
     (set_adapter casts float32 factors down). torch.float32 on a 16-bit model trains several adapters in one batch
     the way LoRALinear trains one (PEFT's autocast_adapter_dtype): optimizer updates below the 16-bit spacing still
-    land, and each forward casts the factors (L·R·(K+N) elements) to x's dtype for the kernels.
+    land, each forward casts the factors (L·R·(K+N) elements) to x's dtype for the kernels, and their gradients
+    come back in float32 as the backward sums them (in 16 bits on GPUs but with the triton backend).
 
     Thread safety: set_adapter / clear_adapter may run in another thread while forwards run; each forward of this
     layer uses either the old or the new weights of a slot, never a mix (per layer: a model forward that runs while
@@ -790,11 +791,13 @@ class MultiLoRALinear(nn.Module):
 
     def _forward(self, x, adapter_ids):
         lora_a, lora_b = self.lora_a, self.lora_b
-        # adapter_dtype slots: cast for the kernels
-        if isinstance(x, torch.Tensor) and x.dtype.is_floating_point and lora_a.dtype != x.dtype:
+        # adapter_dtype slots: cast for the kernels; float32 slots of a 16-bit x inside multi_lora_linear_float32_
+        # factors, which gives their gradients in float32
+        if (isinstance(x, torch.Tensor) and x.dtype.is_floating_point and lora_a.dtype != x.dtype
+                and not (x.dtype in (torch.float16, torch.bfloat16) and lora_a.dtype == lora_b.dtype == torch.float32)):
             lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-        return multi_lora_linear(x, self.base_weight(), lora_a, lora_b, adapter_ids, self.scalings,
-                                 self.base_layer.bias, ranks=self.ranks, backend=self.backend)
+        return multi_lora_linear_float32_factors(x, self.base_weight(), lora_a, lora_b, adapter_ids, self.scalings,
+                                                 self.base_layer.bias, ranks=self.ranks, backend=self.backend)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, max_adapters={self.max_adapters}, "

@@ -259,14 +259,19 @@ def as_ranks(op, ranks, num_slots, max_rank, device, weights_name, weights):
     return ranks.to(device=device, dtype=torch.int32).contiguous()  # indexed as a plain array, as scalings
 
 
-def check_shrink_args(op, x, lora_a, batch, scalings, ranks, lora_a_name="lora_a", scalings_dtype=torch.float32):
+def check_shrink_args(op, x, lora_a, batch, scalings, ranks, lora_a_name="lora_a", scalings_dtype=torch.float32,
+                      lora_a_dtype=None):
+    """lora_a_dtype: the dtype lora_a must have, when not x's (multi_lora_linear's float32 slots of a 16-bit x)."""
     _check_float(op, "x", x, 2)
     _check_float(op, lora_a_name, lora_a, 3)
     num_slots, max_rank, in_features = lora_a.shape
     if x.shape[1] != in_features:
         raise ValueError(f"{op}: x expected shape [M, {in_features}] (K of {lora_a_name} {tuple(lora_a.shape)} = "
                          f"[L, R, K]), got {tuple(x.shape)}")
-    if lora_a.dtype != x.dtype:
+    if lora_a_dtype is not None:
+        if lora_a.dtype != lora_a_dtype:
+            raise TypeError(f"{op}: {lora_a_name} expected dtype {lora_a_dtype}, got {lora_a.dtype}")
+    elif lora_a.dtype != x.dtype:
         raise TypeError(f"{op}: {lora_a_name} expected dtype {x.dtype} (same as x), got {lora_a.dtype}")
     _check_device(op, lora_a_name, lora_a, x.device)
     _check_batch(op, batch, x.shape[0], num_slots, x.device, "x", lora_a_name)

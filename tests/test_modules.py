@@ -1471,6 +1471,68 @@ def test_multi_lora_float32_slots_train_the_adapters_of_a_16bit_model():
     assert model[0].lora_a.dtype == model[0].lora_b.dtype == torch.float32
 
 
+def _float32_slot_grads(backend, device, tokens=7, k=32, n=24, r=8):
+    """(layer, expected dA, expected dB) after one backward of a bfloat16 MultiLoRALinear with float32 slots
+    (adapter_dtype), the expected ones in float64 from the operands its forward used (the slots rounded to
+    bfloat16)."""
+    from lora_kernels import MultiLoRALinear
+    torch.manual_seed(0)
+    layer = MultiLoRALinear(nn.Linear(k, n, device=device).to(torch.bfloat16), 3, r, backend=backend,
+                            adapter_dtype=torch.float32)
+    for slot in range(3):
+        layer.set_adapter(slot, torch.randn(r, k), torch.randn(n, r), scaling=0.5 + slot)
+    layer.lora_a.requires_grad_(True)
+    layer.lora_b.requires_grad_(True)
+    x = torch.randn(tokens, k, dtype=torch.bfloat16, device=device)
+    ids = torch.arange(tokens, device=device) % 4 - 1  # -1, 0, 1, 2, -1, ...
+    dy = torch.randn(tokens, n, dtype=torch.bfloat16, device=device)
+    layer(x, ids).backward(dy)
+    a, b = (t.detach().to(torch.bfloat16).double() for t in (layer.lora_a, layer.lora_b))
+    x64, dy64 = x.double(), dy.double()
+    expected_a, expected_b = torch.zeros_like(a), torch.zeros_like(b)
+    for slot in range(3):
+        rows = ids == slot
+        scaling = layer.scalings[slot].item()
+        expected_b[slot] = scaling * dy64[rows].T @ (x64[rows] @ a[slot].T)
+        expected_a[slot] = (scaling * dy64[rows] @ b[slot]).T @ x64[rows]
+    return layer, expected_a, expected_b
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
+def test_multi_lora_float32_slots_get_float32_gradients(backend, device):
+    """adapter_dtype=torch.float32 slots of a bfloat16 layer get the backward's float32 sums as gradients, not values
+    rounded to bfloat16 first (cast outside the autograd Function, every entry was a bfloat16 number; on GPUs the
+    cuda and torch backends' per-slot GEMMs still sum in bfloat16), within the tolerance of the reference."""
+    from conftest import backend_or_skip
+    backend_or_skip(backend, device)
+    layer, expected_a, expected_b = _float32_slot_grads(backend, device)
+    for grad, expected in ((layer.lora_a.grad, expected_a), (layer.lora_b.grad, expected_b)):
+        assert grad.dtype == torch.float32
+        if backend == "triton" or device.type == "cpu":
+            assert (grad != grad.to(torch.bfloat16).float()).any(), "every entry is a bfloat16 number"
+        assert_close(grad, expected, torch.bfloat16, "slot gradient")
+
+
+def test_multi_lora_float32_slots_are_cast_inside_the_autograd_function():
+    """No cast node between a MultiLoRALinear's float32 slots and its autograd Function (the slots' gradients,
+    L·R·(K+N) elements, cast back by autograd every step before); its create_graph backward reaches them, as the
+    reference backend's does through its casts."""
+    layer, _, _ = _float32_slot_grads("cpu", "cpu")
+    x, ids = torch.randn(5, 32, dtype=torch.bfloat16, requires_grad=True), torch.tensor([0, 1, 2, -1, 1])
+    node = layer(x, ids).grad_fn
+    assert type(node).__name__ == "MultiLoRAFunctionBackward"
+    assert [getattr(f, "variable", None) for f, _ in node.next_functions[3:5]] == [layer.lora_a, layer.lora_b]
+    second_order = []
+    for backend in ("cpu", "reference"):
+        layer.backend = backend
+        layer.lora_a.grad = layer.lora_b.grad = None
+        (grad_a,) = torch.autograd.grad(layer(x, ids).float().square().sum(), layer.lora_a, create_graph=True)
+        grad_a.square().sum().backward()
+        second_order.append(layer.lora_b.grad)
+    assert second_order[0] is not None and second_order[0].abs().sum() > 0
+    assert_close(second_order[0], second_order[1], torch.bfloat16, "second-order gradient", scale=2)
+
+
 @pytest.mark.parametrize("convert", ["half", "bfloat16", "to_bfloat16", "double"])
 def test_multi_lora_scalings_stay_float32_across_dtype_conversions(convert):
     """Module dtype conversions cast floating buffers: a scaling of 16/24 became 0.66797 under .bfloat16(). The

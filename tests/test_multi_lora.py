@@ -1810,8 +1810,9 @@ def test_a_batch_without_adapters_skips_the_grouped_ops_unless_slots_train(monke
                                      backend="reference")
     layer, x = model[0], torch.randn(2, 8)
     grouped, base_backends = [], []
-    multi_lora_linear, multi_lora_base_linear = modules.multi_lora_linear, modules.multi_lora_base_linear
-    monkeypatch.setattr(modules, "multi_lora_linear",
+    multi_lora_linear, multi_lora_base_linear = (modules.multi_lora_linear_float32_factors,
+                                                 modules.multi_lora_base_linear)
+    monkeypatch.setattr(modules, "multi_lora_linear_float32_factors",
                         lambda *a, **k: grouped.append(k["backend"]) or multi_lora_linear(*a, **k))
     monkeypatch.setattr(modules, "multi_lora_base_linear",
                         lambda *a, **k: base_backends.append(k["backend"]) or multi_lora_base_linear(*a, **k))

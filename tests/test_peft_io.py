@@ -1711,7 +1711,7 @@ def test_batch_with_no_active_adapter_skips_the_lora_ops(tmp_path, monkeypatch):
     with lk.set_batch_adapters(model, ["a", "__base__", "a"]):
         mixed = model(x)
     calls = []
-    monkeypatch.setattr(modules, "multi_lora_linear", lambda *args, **kwargs: calls.append(1))
+    monkeypatch.setattr(modules, "multi_lora_linear_float32_factors", lambda *args, **kwargs: calls.append(1))
     expected = _base()(x)
     for names in ("__base__", ["__base__"] * 3):
         with lk.set_batch_adapters(model, names):
@@ -1732,7 +1732,7 @@ def test_batch_with_no_active_adapter_skips_the_lora_ops(tmp_path, monkeypatch):
     with lk.set_batch_adapters(model, "__base__"):
         model(x).sum().backward()
     assert layer.lora_b.grad is not None and torch.count_nonzero(layer.lora_b.grad) == 0
-    monkeypatch.setattr(modules, "multi_lora_linear", lambda *args, **kwargs: calls.append(1))
+    monkeypatch.setattr(modules, "multi_lora_linear_float32_factors", lambda *args, **kwargs: calls.append(1))
     with torch.no_grad(), lk.set_batch_adapters(model, "__base__"):  # evaluation while a slot trains: the shortcut
         torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
     assert calls == []

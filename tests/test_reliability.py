@@ -309,7 +309,8 @@ def test_a_process_forked_while_another_thread_holds_a_lock_can_use_the_model(he
         return stopped
 
     if held_in == "forward":
-        monkeypatch.setattr(modules, "multi_lora_linear", stop_in(modules.multi_lora_linear))
+        monkeypatch.setattr(modules, "multi_lora_linear_float32_factors",
+                            stop_in(modules.multi_lora_linear_float32_factors))
         holder = threading.Thread(target=lambda: model[0](x, ids))
     else:
         monkeypatch.setattr(modules.MultiLoRALinear, "set_adapter", stop_in(modules.MultiLoRALinear.set_adapter))
