@@ -55,22 +55,24 @@ def scaled_mm(a, b, scaling, out_dtype=None):
     """scaling · (a @ b) for the backward's GEMM fallbacks (a = dY with b = B, or dYᵀ with b = S: b has r columns),
     with b cast to a's dtype.
 
-    out_dtype given and wider than a's 16-bit dtype (the Triton fallback's fp32 dB and dS, the cuda fallback's dB of
-    float32 factors): the product is never rounded to 16 bits: cuBLAS writes it in out_dtype (mm.dtype, CUDA-only),
-    other devices (the Triton interpreter's tests) multiply fp32 copies, and the scaling is applied after, in
-    out_dtype.
+    The product is in a's dtype unless out_dtype is given and wider than a's 16-bit dtype (the Triton fallback's
+    fp32 dB and dS, the cuda fallback's dB of float32 factors): cuBLAS then writes it in out_dtype (mm.dtype,
+    CUDA-only); other devices (the Triton interpreter's tests) multiply float32 copies of the same 16-bit operands.
 
-    Otherwise the product is in a's dtype, and the scaling goes where no rounded intermediate exceeds both the
-    operands and the result: into b before the GEMM when |scaling| <= 1 (b is small, and b · scaling is rounded
-    once), onto the product after it otherwise. Scaling afterwards at a scaling below 1 rounded dY·B to fp16 first:
-    inf where it passed 65504 while the result did not, where PEFT, which scales dY first, stays finite."""
-    if out_dtype is not None and out_dtype != a.dtype:
-        if a.is_cuda:
-            return torch.mm(a, b.to(a.dtype), out_dtype=out_dtype).mul_(scaling)
-        return torch.mm(a.to(out_dtype), b.to(out_dtype)).mul_(scaling)
-    if abs(scaling) <= 1.0:
-        return a @ (b * scaling).to(a.dtype)
-    return (a @ b.to(a.dtype)).mul_(scaling)
+    The scaling goes where no rounded intermediate exceeds both the operands and the result: into b before it is
+    rounded to a's dtype when |scaling| <= 1 and something is rounded (the 16-bit product, or b itself: a float32
+    S), onto the product after it otherwise. Scaling afterwards at a scaling below 1 rounded dY·B to fp16 first: inf
+    where it passed 65504 while the result did not, where PEFT, which scales dY first, stays finite; likewise a
+    float32 S past 65504 rounded to fp16 unscaled. A float32 product of b already in a's dtype is exact unscaled
+    (folded, a small s·B was rounded into fp16's subnormals)."""
+    wide_out = out_dtype is not None and out_dtype != a.dtype
+    scale_b = abs(scaling) <= 1.0 and not (wide_out and b.dtype == a.dtype)
+    b = (b * scaling if scale_b else b).to(a.dtype)
+    if wide_out:
+        product = torch.mm(a, b, out_dtype=out_dtype) if a.is_cuda else torch.mm(a.to(out_dtype), b.to(out_dtype))
+    else:
+        product = a @ b
+    return product if scale_b else product.mul_(scaling)
 
 
 def _check_devices(op, ref_name, ref, **tensors):

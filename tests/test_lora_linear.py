@@ -929,6 +929,33 @@ def test_scaled_mm_applies_a_scaling_above_one_in_magnitude_after_the_product():
         torch.testing.assert_close(out.float(), torch.full((2, 3), scaling * 4 * 1e-3 * 1000), rtol=1e-2, atol=0)
 
 
+@pytest.mark.parametrize("scaling", [0.5, -0.25])
+def test_scaled_mm_scales_a_float32_operand_before_rounding_it_to_float16(scaling):
+    """dB = s·dYᵀ·S with a float32 output (the cuda fallback's dB of float32 factors, the Triton fallback's dB): S
+    past fp16's 65504 whose scaled value is not is scaled before it is rounded to dY's fp16, as for a 16-bit output:
+    rounded first it was inf, and dB with it, where the result is finite."""
+    from lora_kernels._ext import scaled_mm
+    a = torch.full((2, 3), 1e-2, dtype=torch.float16)
+    b = torch.full((3, 4), 80000.0)
+    for out_dtype in (None, torch.float32):
+        out = scaled_mm(a, b, scaling, out_dtype=out_dtype)
+        assert out.dtype == (out_dtype or torch.float16)
+        expected = torch.full((2, 4), scaling * 3 * a[0, 0].item() * 80000.0)
+        torch.testing.assert_close(out.float(), expected, rtol=2e-3, atol=0)
+
+
+def test_scaled_mm_keeps_a_16_bit_operand_unscaled_for_a_float32_product():
+    """dS = s·dY·B with a float32 output (the Triton fallback): B is fp16 already, so nothing needs the scaling
+    first, and B·s folded in (1.3e-3 · 0.01) would fall into fp16's subnormals (0.3% steps): scaled after, in
+    float32, the product keeps float32's precision."""
+    from lora_kernels._ext import scaled_mm
+    a = (1.0 + torch.rand(4, 8)).to(torch.float16)
+    b = (1e-3 * (1.0 + torch.rand(8, 3))).to(torch.float16)
+    out = scaled_mm(a, b, 0.01, out_dtype=torch.float32)
+    assert out.dtype == torch.float32
+    assert_close(out, 0.01 * a.double() @ b.double(), torch.float32, "product", scale=1e-2)  # 1e-5
+
+
 def _penalty_gradients(fn, leaves, dy):
     """Second derivatives through a gradient penalty: the first-order gradients of <fn(leaves), dy> are taken with
     create_graph=True, and the gradients of the sum of their squares with respect to every leaf are returned."""

@@ -943,8 +943,8 @@ def _lora_bwd_dy_impl(dy: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, s
                 torch.empty((M, r), device=dy.device, dtype=torch.float32))
     num_parts = _cdiv(M, DY_BLOCK_M)
     if num_parts * N * r * 4 > DY_PARTIALS_BUDGET:
-        # Two GEMMs with 16-bit operands (S rounded to dy's dtype, as PEFT rounds it) and fp32 products, dy read
-        # twice: no [M, r] or [N, r] product is rounded to 16 bits (see scaled_mm).
+        # Two GEMMs with 16-bit operands (S rounded to dy's dtype, as PEFT rounds it, scaled first at |scaling| <= 1)
+        # and fp32 products, dy read twice: no [M, r] or [N, r] product is rounded to 16 bits (see scaled_mm).
         return (scaled_mm(dy.T, s, scaling, out_dtype=torch.float32),
                 scaled_mm(dy, lora_b, scaling, out_dtype=torch.float32))
     block_r = _dy_block_r(r, dy.dtype)
