@@ -587,14 +587,15 @@ def device_time_ms(events):
 
 def gpu_busy_ms(step, device):
     """How long the GPU worked during one call of `step` (device_time_ms of a torch.profiler run of it; one stream,
-    so its kernels do not overlap), or None off CUDA, where the ops run on the host that issues them."""
+    so its kernels do not overlap), or None off CUDA, where the ops run on the host that issues them, and where the
+    profiler recorded no GPU work at all (no CUDA activity tracing: a step always launches kernels)."""
     if device.type != "cuda":
         return None
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as profile:
         step()
         synchronize(device)
-    return device_time_ms(profile.key_averages())
+    return device_time_ms(profile.key_averages()) or None
 
 
 def _train_step(model, optimizer, inputs, targets):
