@@ -1,6 +1,7 @@
 """LoRALinear (a drop-in for nn.Linear or transformers' Conv1D), MultiLoRALinear, and the model utilities:
 inject_lora / merge_and_unload, prepare_multi_adapter / set_batch_adapters, PEFT's target-module matching.
-No maths here: the forwards are lora_kernels.functional.lora_linear and multi_lora_linear."""
+No maths here: the forwards are lora_kernels.functional.lora_linear and multi_lora_linear (through their
+entry points for float32 factors of a 16-bit model, lora_linear_float32_factors and its grouped twin)."""
 
 import contextlib
 import math
@@ -585,7 +586,7 @@ class MultiLoRALinear(nn.Module):
     (set_adapter casts float32 factors down). torch.float32 on a 16-bit model trains several adapters in one batch
     the way LoRALinear trains one (PEFT's autocast_adapter_dtype): optimizer updates below the 16-bit spacing still
     land, each forward casts the factors (L·R·(K+N) elements) to x's dtype for the kernels, and their gradients
-    come back in float32 as the backward sums them (in 16 bits on GPUs but with the triton backend).
+    come back in float32 as the backward sums them (on GPUs the cuda and torch backends sum them in 16 bits).
 
     Thread safety: set_adapter / clear_adapter may run in another thread while forwards run; each forward of this
     layer uses either the old or the new weights of a slot, never a mix (per layer: a model forward that runs while
