@@ -686,6 +686,17 @@ def test_the_torch_backend_keeps_peft_s_unfused_16_bit_products():
         assert grad.dtype == torch.float32 and torch.equal(grad, grad.to(torch.bfloat16).float())
 
 
+def _leaves_fed_by(node, inputs):
+    """The leaf tensors whose gradients the autograd node of a custom Function passes on directly, at the positions
+    `inputs` of its forward's arguments (None for another node there); skips where torch (2.11) hides a custom
+    Function node's edges ("a legacy access pattern that is no longer supported")."""
+    try:
+        edges = node.next_functions
+    except RuntimeError as error:
+        pytest.skip(f"this torch hides a custom Function node's edges: {error}")
+    return [getattr(edge, "variable", None) for edge, _ in edges[inputs]]
+
+
 def test_float32_factors_are_cast_inside_the_autograd_function():
     """A 16-bit layer's float32 factors go into the fused autograd Function as they are: no cast node between them
     and it (two kernels and two autograd nodes per layer and step fewer on a GPU, where a small model's step is host
@@ -693,8 +704,7 @@ def test_float32_factors_are_cast_inside_the_autograd_function():
     layer = LoRALinear(16, 8, r=4, dtype=torch.bfloat16, backend="cpu", init_lora_weights=False)
     node = layer(torch.randn(3, 16, dtype=torch.bfloat16, requires_grad=True)).grad_fn
     assert type(node).__name__ == "LoRALinearFunctionBackward"
-    factor_nodes = [next_node for next_node, _ in node.next_functions[2:4]]
-    assert [getattr(f, "variable", None) for f in factor_nodes] == [layer.lora_A.weight, layer.lora_B.weight]
+    assert _leaves_fed_by(node, slice(2, 4)) == [layer.lora_A.weight, layer.lora_B.weight]
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
@@ -1513,15 +1523,11 @@ def test_multi_lora_float32_slots_get_float32_gradients(backend, device):
         assert_close(grad, expected, torch.bfloat16, "slot gradient")
 
 
-def test_multi_lora_float32_slots_are_cast_inside_the_autograd_function():
-    """No cast node between a MultiLoRALinear's float32 slots and its autograd Function (the slots' gradients,
-    L·R·(K+N) elements, cast back by autograd every step before); its create_graph backward reaches them, as the
-    reference backend's does through its casts."""
+def test_multi_lora_float32_slots_reach_second_order_gradients():
+    """A MultiLoRALinear's float32 slots, cast inside its autograd Function: its create_graph backward reaches them,
+    as the reference backend's does through its casts."""
     layer, _, _ = _float32_slot_grads("cpu", "cpu")
     x, ids = torch.randn(5, 32, dtype=torch.bfloat16, requires_grad=True), torch.tensor([0, 1, 2, -1, 1])
-    node = layer(x, ids).grad_fn
-    assert type(node).__name__ == "MultiLoRAFunctionBackward"
-    assert [getattr(f, "variable", None) for f, _ in node.next_functions[3:5]] == [layer.lora_a, layer.lora_b]
     second_order = []
     for backend in ("cpu", "reference"):
         layer.backend = backend
@@ -1531,6 +1537,16 @@ def test_multi_lora_float32_slots_are_cast_inside_the_autograd_function():
         second_order.append(layer.lora_b.grad)
     assert second_order[0] is not None and second_order[0].abs().sum() > 0
     assert_close(second_order[0], second_order[1], torch.bfloat16, "second-order gradient", scale=2)
+
+
+def test_multi_lora_float32_slots_are_cast_inside_the_autograd_function():
+    """No cast node between a MultiLoRALinear's float32 slots and its autograd Function (the slots' gradients,
+    L·R·(K+N) elements, cast back by autograd every step before)."""
+    layer, _, _ = _float32_slot_grads("cpu", "cpu")
+    x, ids = torch.randn(5, 32, dtype=torch.bfloat16, requires_grad=True), torch.tensor([0, 1, 2, -1, 1])
+    node = layer(x, ids).grad_fn
+    assert type(node).__name__ == "MultiLoRAFunctionBackward"
+    assert _leaves_fed_by(node, slice(3, 5)) == [layer.lora_a, layer.lora_b]
 
 
 @pytest.mark.parametrize("convert", ["half", "bfloat16", "to_bfloat16", "double"])
