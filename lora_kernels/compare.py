@@ -983,6 +983,11 @@ def format_compare(result):
         lines.append("  note: with dropout, both LoRA columns redraw the dropout mask from a seed in backward; PEFT's "
                      "own layer saves it, so its activation and peak memory are higher than the torch column's "
                      "(`lora-kernels bench --sections train` times and measures PEFT's layer with dropout 0.1)")
+    if cfg["dtype"] in ("bfloat16", "float16"):
+        lines.append("  note: in a 16-bit model both LoRA columns keep float32 factors (PEFT's autocast_adapter_dtype) "
+                     "and run the LoRA branch in the model's dtype; PEFT's own layer runs it in float32, on a float32 "
+                     "copy of each layer's input, which it also saves for backward: more activation memory than the "
+                     "torch column's")
     headers = ["", "full fine-tuning", "LoRA, torch (unfused)", f"LoRA, {fused} (fused)"]
     full = methods["full"]
     gpu_busy = all(methods[m].get("gpu_busy_ms") is not None for m in METHODS)  # CUDA runs (not saved results of old)

@@ -288,6 +288,19 @@ def test_gpu_busy_row_and_the_host_bound_note(result):
         "which the GPU busy row compares")
 
 
+def test_a_16_bit_run_notes_that_peft_runs_its_lora_branch_in_float32(result):
+    """PEFT casts each LoRA layer's input to its float32 factors' dtype; the torch column runs the branch in the
+    model's dtype: a 16-bit run says so (a float32 run has nothing to say)."""
+    import copy
+    shown = copy.deepcopy(result)
+    assert not [line for line in compare.format_compare(shown).splitlines() if "float32 copy" in line]
+    for dtype in ("bfloat16", "float16"):
+        shown["config"]["dtype"] = dtype
+        notes = [line for line in compare.format_compare(shown).splitlines() if "float32 copy" in line]
+        assert len(notes) == 1 and notes[0].startswith("  note: in a 16-bit model both LoRA columns keep float32 "
+                                                       "factors (PEFT's autocast_adapter_dtype)")
+
+
 def test_parameter_bytes_and_printed_ratios_follow_the_runs(result):
     """The byte counts of the result follow the parameter counts (trainable bytes count trainable parameters only),
     and each ratio printed in the table is that column's value over full fine-tuning's, not the inverse."""
