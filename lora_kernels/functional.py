@@ -578,22 +578,42 @@ def lora_linear(x, weight, lora_a, lora_b, scaling=1.0, bias=None, *, dropout_p=
 
 
 def lora_linear_float32_factors(x, weight, lora_a, lora_b, scaling, bias, dropout_p, backend):
-    """lora_linear for LoRALinear, whose factors are float32 where its layer is 16-bit (autocast_adapter_dtype): they
-    are cast to x's dtype for the same kernels, but inside the autograd Function, which returns their gradients in
-    float32 as it computes them (LoRALinearFunction) rather than rounded to 16 bits (and costs no autograd node
-    per cast). Factors of x's dtype, and every call that does not take the Function, are lora_linear's."""
+    """lora_linear for a layer's own factors (LoRALinear), which may be of another dtype than x: float32 factors of a
+    16-bit x (autocast_adapter_dtype) are cast to x's dtype for the same kernels, but inside the autograd Function,
+    which returns their gradients in float32 as it computes them (LoRALinearFunction) rather than rounded to 16
+    bits (and costs no autograd node per cast); factors of any other dtype, and every call that does not take the
+    Function, are cast to x's dtype up front (_layer_factors)."""
     return _lora_linear(x, weight, lora_a, lora_b, scaling, bias, dropout_p, backend, float32_factors=True)
+
+
+def _float32_factor_dtype(x, lora_a, lora_b):
+    """torch.float32 where lora_a and lora_b are float32 factors of a 16-bit x, which the autograd Functions take as
+    they are (see lora_linear_float32_factors); None otherwise (the factors then have x's dtype)."""
+    if (isinstance(x, torch.Tensor) and x.dtype in (torch.float16, torch.bfloat16) and isinstance(lora_a, torch.Tensor)
+            and isinstance(lora_b, torch.Tensor) and lora_a.dtype == lora_b.dtype == torch.float32):
+        return torch.float32
+    return None
+
+
+def _layer_factors(x, lora_a, lora_b):
+    """A layer's factors (or slots) for its input x: float32 ones of a 16-bit x as they are (_float32_factor_dtype),
+    others in x's dtype, which is the layer's but for a quantized (subclass) weight, whose own F.linear may take
+    another: the LoRA branch runs in x's dtype."""
+    if (isinstance(x, torch.Tensor) and x.dtype.is_floating_point and lora_a.dtype != x.dtype
+            and _float32_factor_dtype(x, lora_a, lora_b) is None):
+        return lora_a.to(x.dtype), lora_b.to(x.dtype)
+    return lora_a, lora_b
 
 
 def _lora_linear(x, weight, lora_a, lora_b, scaling, bias, dropout_p, backend, float32_factors):
     op = "lora_linear"
+    if float32_factors:
+        lora_a, lora_b = _layer_factors(x, lora_a, lora_b)
     autocast_dtype = _autocast_dtype(x)
     if autocast_dtype is not None:
         x, weight, lora_a, lora_b, bias = _cast_for_autocast(autocast_dtype, (x, weight, lora_a, lora_b, bias))
-    factor_dtype = None  # float32 factors of a 16-bit x, kept so until the Function (None: x's dtype)
-    if (float32_factors and isinstance(x, torch.Tensor) and x.dtype in (torch.float16, torch.bfloat16)
-            and isinstance(lora_a, torch.Tensor) and lora_a.dtype == torch.float32):
-        factor_dtype = torch.float32
+    # float32 factors of a 16-bit x, kept so until the Function (None: x's dtype)
+    factor_dtype = _float32_factor_dtype(x, lora_a, lora_b) if float32_factors else None
     check_lora_linear_args(op, x, weight, lora_a, lora_b, bias, scaling, dropout_p, factor_dtype)
     subclass_weight = False
     dtensor = _has_dtensor((x, weight, lora_a, lora_b, bias))
@@ -894,21 +914,22 @@ def multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias=Non
 
 
 def multi_lora_linear_float32_factors(x, weight, lora_a, lora_b, adapter_ids, scalings, bias, ranks, backend):
-    """multi_lora_linear for MultiLoRALinear, whose slots may be float32 where x is 16-bit (adapter_dtype): as
-    lora_linear_float32_factors, cast inside the autograd Function, which returns their gradients in float32."""
+    """multi_lora_linear for a layer's own slots (MultiLoRALinear's adapter_dtype), as lora_linear_float32_factors:
+    float32 slots of a 16-bit x are cast inside the autograd Function, which returns their gradients in float32;
+    slots of another dtype are cast to x's up front."""
     return _multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias, ranks, backend,
                               float32_factors=True)
 
 
 def _multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias, ranks, backend, float32_factors):
     op = "multi_lora_linear"
+    if float32_factors:
+        lora_a, lora_b = _layer_factors(x, lora_a, lora_b)
     autocast_dtype = _autocast_dtype(x)
     if autocast_dtype is not None:
         x, weight, lora_a, lora_b, bias = _cast_for_autocast(autocast_dtype, (x, weight, lora_a, lora_b, bias))
-    factor_dtype = None  # float32 slots of a 16-bit x, kept so until the Function (None: x's dtype)
-    if (float32_factors and isinstance(x, torch.Tensor) and x.dtype in (torch.float16, torch.bfloat16)
-            and isinstance(lora_a, torch.Tensor) and lora_a.dtype == torch.float32):
-        factor_dtype = torch.float32
+    # float32 slots of a 16-bit x, kept so until the Function (None: x's dtype)
+    factor_dtype = _float32_factor_dtype(x, lora_a, lora_b) if float32_factors else None
     _check_multi_lora_args(op, x, weight, lora_a, lora_b, bias, factor_dtype)
     num_slots, _, in_features = lora_a.shape
     out_features = weight.shape[0]

@@ -393,15 +393,10 @@ class LoRALinear(nn.Module):
                 raise RuntimeError("LoRALinear: cannot disable the adapter of a merged layer; call unmerge() first")
             return nn.functional.linear(x, self.base_weight(), self.bias)
         dropout_p = self.lora_dropout if self.training else 0.0
-        weight, lora_a, lora_b = self.base_weight(), self.lora_A.weight, self.lora_B.weight
-        # The LoRA branch runs in x's dtype, which is the layer's but for a quantized (subclass) weight, whose own
-        # F.linear may take another. float32 factors of a 16-bit x (autocast_adapter_dtype) are cast to it inside
-        # lora_linear_float32_factors, which gives their gradients in float32; other dtypes here.
-        if (isinstance(x, torch.Tensor) and x.dtype.is_floating_point and lora_a.dtype != x.dtype
-                and not (x.dtype in (torch.float16, torch.bfloat16) and lora_a.dtype == lora_b.dtype == torch.float32)):
-            lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-        return lora_linear_float32_factors(x, weight, lora_a, lora_b, self.scaling, self.bias, dropout_p,
-                                           self.backend)
+        # The factors in their own dtype: lora_linear_float32_factors casts them to x's (float32 ones of a 16-bit
+        # layer inside the autograd Function, which gives their gradients in float32)
+        return lora_linear_float32_factors(x, self.base_weight(), self.lora_A.weight, self.lora_B.weight,
+                                           self.scaling, self.bias, dropout_p, self.backend)
 
     def _merge_dtype(self):
         # float32 at least (a 16-bit weight takes the delta rounded once, not B @ A rounded first), and float64 for a
@@ -791,14 +786,10 @@ class MultiLoRALinear(nn.Module):
             return self._forward(x, adapter_ids)
 
     def _forward(self, x, adapter_ids):
-        lora_a, lora_b = self.lora_a, self.lora_b
-        # adapter_dtype slots: cast for the kernels; float32 slots of a 16-bit x inside multi_lora_linear_float32_
-        # factors, which gives their gradients in float32
-        if (isinstance(x, torch.Tensor) and x.dtype.is_floating_point and lora_a.dtype != x.dtype
-                and not (x.dtype in (torch.float16, torch.bfloat16) and lora_a.dtype == lora_b.dtype == torch.float32)):
-            lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-        return multi_lora_linear_float32_factors(x, self.base_weight(), lora_a, lora_b, adapter_ids, self.scalings,
-                                                 self.base_layer.bias, ranks=self.ranks, backend=self.backend)
+        # adapter_dtype slots in their own dtype: multi_lora_linear_float32_factors casts them for the kernels
+        return multi_lora_linear_float32_factors(x, self.base_weight(), self.lora_a, self.lora_b, adapter_ids,
+                                                 self.scalings, self.base_layer.bias, ranks=self.ranks,
+                                                 backend=self.backend)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, max_adapters={self.max_adapters}, "
