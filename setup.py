@@ -115,6 +115,14 @@ cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp")
 # No -std flag: torch.utils.cpp_extension adds the standard its headers need (torch 2.14 requires C++20;
 # an explicit -std=c++17 breaks the build against torch 2.14 headers).
 cxx_flags = ["-O3"]
+link_flags = []
+if sys.platform.startswith("linux"):
+    # OpenMP turns ATen's header-only at::parallel_for (the cpu backend's grouped decode loop) into threads; without
+    # it the loop runs on the calling thread. torch's Linux wheels use OpenMP themselves and load their libgomp.so.1
+    # first, so the extension shares that runtime and its thread count (torch.set_num_threads). Linux only: Apple's
+    # clang has no -fopenmp.
+    cxx_flags.append("-fopenmp")
+    link_flags.append("-fopenmp")
 
 if build_cuda:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
@@ -128,6 +136,7 @@ if build_cuda:
             "cxx": cxx_flags,
             "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
         },
+        extra_link_args=link_flags,
     )
 else:
     reason = ("LORA_KERNELS_BUILD_CUDA=0" if build_cuda_env == "0"
@@ -136,6 +145,7 @@ else:
     print(f"lora_kernels: building CPU sources only ({reason})")
     skipped = CUDA_SKIPPED.get(reason, CUDA_SKIPPED["mismatch"])
     extension = CppExtension("lora_kernels._C", cpu_sources, extra_compile_args={"cxx": cxx_flags},
+                             extra_link_args=link_flags,
                              define_macros=build_macros + [("LORA_KERNELS_CUDA_SKIPPED", str(skipped))])
 
 # PEP 639's license expression where setuptools has it (77+), the old free-text field before: one pyproject.toml

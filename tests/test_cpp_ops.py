@@ -3,7 +3,9 @@ lora_bwd_dy, sgmv_shrink, sgmv_expand on every dtype, odd shapes, ranks 1..256, 
 past each rank, bad input, opcheck. The `device` fixture runs them on CPU (and CUDA when present); the gpu-marked
 tests cover what only the CUDA kernels have (the decode kernel's vector/scalar paths, split-K, determinism, graphs)."""
 
+import pathlib
 import re
+import sys
 
 import pytest
 import torch
@@ -330,6 +332,43 @@ def test_sgmv_large_and_small_slots_in_one_batch(dtype, device):
     assert torch.equal(y[:, :7], before[:, :7])
     assert_close((y[:, 7:].double() - before[:, 7:].double()).cpu(), ref[:, 7:] - before[:, 7:].cpu().double(),
                  dtype, "expand delta", scale=4.0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="setup.py builds with OpenMP on Linux only")
+def test_the_extension_is_built_with_openmp_on_linux():
+    """The cpu backend's grouped direct loop is an at::parallel_for, which runs on the calling thread unless the
+    extension was compiled with OpenMP: the binary then calls the OpenMP runtime (GCC's GOMP_parallel, LLVM's
+    __kmpc_fork_call)."""
+    binary = pathlib.Path(_ext._C.__file__).read_bytes()
+    assert b"GOMP_parallel" in binary or b"__kmpc_fork_call" in binary
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_direct_loop_gives_the_same_bits_on_any_thread_count(dtype):
+    """The direct loop's positions are split over threads (OpenMP); each writes its own output row, so one thread and
+    several give the same bits. 48 one-token slots of 520 features: far more positions than one task's grain."""
+    k = n = 520
+    ids = torch.arange(48, dtype=torch.int32)
+    ranks = torch.tensor([16, 1, 8, 3] * 12, dtype=torch.int32)
+    lora_a, lora_b = _stacked_lora(48, 16, k, n, dtype, "cpu", ranks)
+    x = randn(48, k, dtype=dtype)
+    y = randn(48, n, dtype=dtype)
+    scalings = torch.linspace(0.5, 2.0, 48)
+    batch = LoRABatch.from_adapter_ids(ids, 48, validate=True)
+    meta = (batch.sorted_token_ids, batch.slot_starts, batch.slot_counts)
+    results, threads_before = [], torch.get_num_threads()
+    try:
+        for threads in (1, 4):
+            torch.set_num_threads(threads)
+            shrunk = ops.sgmv_shrink(x, lora_a, *meta, scalings, ranks)
+            expanded = y.clone()
+            ops.sgmv_expand(shrunk, lora_b, *meta, ranks, expanded, 0)
+            results.append((shrunk, expanded))
+    finally:
+        torch.set_num_threads(threads_before)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    ref = reference.lora_shrink(x, lora_a, ids, scalings, ranks)
+    assert_close(results[1][0], ref, _tol_dtype(dtype), "shrink")
 
 
 @pytest.mark.parametrize("r", RANKS)

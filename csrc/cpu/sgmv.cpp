@@ -7,9 +7,9 @@
 // - the other slots (decode: one or a few tokens each) are computed here token by token, all of them in one
 //   at::parallel_for loop. Through the GEMM path each would cost those ~10 ATen calls for a few thousand
 //   multiply-adds, which made decode over many adapters no faster than a Python loop over adapters.
-// The extension is compiled without OpenMP, and ATen's header-only parallel_for then runs the loop on the calling
-// thread (the measurements in BENCHMARKS.md are single-threaded). The loop is written for threads all the same:
-// each position writes its own output row.
+// On Linux the extension is compiled with OpenMP (setup.py), so that loop is split over torch's intra-op threads;
+// elsewhere ATen's header-only parallel_for runs it on the calling thread. Each position writes its own output row:
+// any thread count gives the same bits.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
