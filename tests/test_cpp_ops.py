@@ -341,6 +341,12 @@ def test_the_extension_is_built_with_openmp_on_linux():
     __kmpc_fork_call)."""
     binary = pathlib.Path(_ext._C.__file__).read_bytes()
     assert b"GOMP_parallel" in binary or b"__kmpc_fork_call" in binary
+    # ... and shares torch's OpenMP runtime (its thread count, torch.set_num_threads): torch's wheels carry
+    # libgomp.so.1, which the extension's dependency of that name resolves to; a second runtime would keep a thread
+    # pool of its own, sized by the core count.
+    mapped = {line.split()[-1] for line in pathlib.Path("/proc/self/maps").read_text().splitlines()}
+    runtimes = {path for path in mapped if re.search(r"/lib(g|i)?omp[^/]*\.so", path)}
+    assert len(runtimes) == 1, runtimes
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
