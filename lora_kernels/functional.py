@@ -330,6 +330,15 @@ def _functorch_transforms_active():
     return torch._C._are_functorch_transforms_active()
 
 
+def _forward_ad_active():
+    """Whether eager forward-mode AD is on (inside torch.autograd.forward_ad.dual_level). The kernels have no
+    forward derivatives: a Triton launch dropped the tangents silently (lora_linear's output had none, that is zero;
+    multi_lora_linear's only the base layer's), the C++ ops and the autograd Functions raised. The torch
+    composition, which autograd differentiates in both modes, runs there instead, as under torch.func.jvp. Read
+    from the module that keeps the level (torch 2.11 and 2.14 alike); nothing else makes dual tensors."""
+    return torch.autograd.forward_ad._current_level >= 0
+
+
 def _triton_lora_linear():
     from lora_kernels.triton import lora_linear as triton_lora_linear
     return triton_lora_linear
@@ -649,7 +658,7 @@ def _lora_linear(x, weight, lora_a, lora_b, scaling, bias, dropout_p, backend, f
     # have neither derivatives nor batching rules ("must override the setup_context staticmethod"): the torch
     # composition, outside the Function, which the transforms differentiate and batch themselves. A subclass weight
     # implements F.linear and its derivative, not the dY @ W of the Function's backward.
-    composition = subclass_weight or _functorch_transforms_active()
+    composition = subclass_weight or _functorch_transforms_active() or _forward_ad_active()
     through_function = not composition and torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or lora_a.requires_grad or lora_b.requires_grad
         or (bias is not None and bias.requires_grad))
@@ -959,7 +968,8 @@ def _multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias, r
         ops.check_triton_args(op, x.dtype, num_slots)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad
                                               or weight.requires_grad or (bias is not None and bias.requires_grad))
-    composition = _functorch_transforms_active() or x.dtype == torch.float64 or (needs_grad and subclass_weight)
+    composition = (_functorch_transforms_active() or _forward_ad_active() or x.dtype == torch.float64
+                   or (needs_grad and subclass_weight))
     if factor_dtype is not None and (backend == "reference" or composition or not needs_grad):
         lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)  # differentiable, as MultiLoRALinear cast them before
     if backend == "reference":

@@ -1034,6 +1034,31 @@ def test_torch_func_transforms_match_the_reference(backend, device):
     assert_close(jacobian, expected_jacobian, torch.float32, "jacrev")
 
 
+@pytest.mark.parametrize("factor_requires_grad", [False, True], ids=["plain", "factor_requires_grad"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["reference"])
+def test_eager_forward_ad_gives_the_jvp_of_the_reference(backend, factor_requires_grad, device):
+    """torch.autograd.forward_ad (eager forward-mode AD) through lora_linear: the tangent of y is the reference's JVP
+    on every backend, tangents on x and lora_a at once, bias included. The kernels have no forward derivatives:
+    Triton returned y without a tangent (zero, silently), the C++ ops raised, and so did the autograd Function
+    once a factor required grad; the torch composition runs there now."""
+    backend_or_skip(backend, device)
+    import torch.autograd.forward_ad as fwad
+    x, weight, lora_a, lora_b, bias = lora_inputs(5, 12, 7, 3, device=device)
+    tx, ta = torch.randn_like(x), torch.randn_like(lora_a)
+    lora_b.requires_grad_(factor_requires_grad)
+
+    def run(x, a, name):
+        return lora_linear(x, weight, a, lora_b, 0.7, bias, backend=name)
+
+    _, expected = torch.func.jvp(lambda x, a: run(x, a, "reference"), (x, lora_a), (tx, ta))
+    with fwad.dual_level():
+        y = run(fwad.make_dual(x, tx), fwad.make_dual(lora_a, ta), backend)
+        primal, tangent = fwad.unpack_dual(y)
+    assert tangent is not None, "y lost its tangent"
+    assert_close(primal, run(x, lora_a, "reference"), torch.float32, "y")
+    assert_close(tangent, expected, torch.float32, "tangent")
+
+
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_quantized_weight_subclass_runs_the_torch_composition(backend):
     """A weight that is a tensor subclass (torchao's quantized weights; here conftest's QuantizedWeight): only its own
