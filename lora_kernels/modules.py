@@ -1690,6 +1690,12 @@ def merge_and_unload(model):
 
 def count_parameters(model):
     """(trainable, total) parameter counts."""
+    return _count_parameters("count_parameters", model)
+
+
+def _count_parameters(op, model):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{op}: model expected a torch.nn.Module, got {type(model).__name__}")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
@@ -1697,6 +1703,6 @@ def count_parameters(model):
 
 def trainable_parameters_summary(model):
     """PEFT's print_trainable_parameters line, as a string: trainable and total parameter counts and the share."""
-    trainable, total = count_parameters(model)
+    trainable, total = _count_parameters("trainable_parameters_summary", model)
     return (f"trainable params: {trainable:,} || all params: {total:,} || "
             f"trainable%: {100 * trainable / max(total, 1):.4f}")

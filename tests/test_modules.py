@@ -313,6 +313,15 @@ def test_inject_lora_by_names_freezes_the_rest_and_counts_parameters():
     assert "0.q_proj.lora_A.weight" in model.state_dict() and "0.q_proj.weight" in model.state_dict()
 
 
+@pytest.mark.parametrize("utility", ["count_parameters", "trainable_parameters_summary"])
+def test_parameter_counts_refuse_what_is_not_a_module(utility):
+    """A TypeError naming the function and the type it got (it was AttributeError: 'str' object has no attribute
+    'parameters')."""
+    import lora_kernels as lk
+    with pytest.raises(TypeError, match=f"^{utility}: model expected a torch.nn.Module, got str$"):
+        getattr(lk, utility)("model.safetensors")
+
+
 def test_inject_lora_by_regex_and_exclude():
     model = inject_lora(_model(), r"1\.(q|o)_proj", r=2)
     assert isinstance(model[1].q_proj, LoRALinear) and isinstance(model[1].o_proj, LoRALinear)
