@@ -583,9 +583,10 @@ class MultiLoRALinear(nn.Module):
     land, each forward casts the factors (L·R·(K+N) elements) to x's dtype for the kernels, and their gradients
     come back in float32 as the backward sums them (on GPUs the cuda and torch backends sum them in 16 bits).
 
-    Thread safety: set_adapter / clear_adapter may run in another thread while forwards run; each forward of this
-    layer uses either the old or the new weights of a slot, never a mix (per layer: a model forward that runs while
-    a loop updates its layers one by one can see some layers updated and others not)."""
+    Thread safety: set_adapter / clear_adapter may run in another thread while eager forwards run; each forward of
+    this layer uses either the old or the new weights of a slot, never a mix (per layer: a model forward that runs
+    while a loop updates its layers one by one can see some layers updated and others not). A compiled forward takes
+    no lock (a traced graph cannot hold one): update slots between compiled calls."""
 
     def __init__(self, base_linear, max_adapters, max_rank, *, backend="auto", adapter_dtype=None, _name=None):
         super().__init__()  # _name: the base layer's name in its model, for prepare_multi_adapter's messages
