@@ -1761,6 +1761,26 @@ def test_multi_lora_vmap_over_the_adapter_ids(backend, device):
 
 
 @pytest.mark.parametrize("backend", GROUPED_BACKENDS)
+def test_multi_lora_vmap_over_the_adapter_ids_counts_out_of_range_ids_as_base_only(backend, device):
+    """Under vmap the ids' range cannot be checked on the host (README, "Higher-order gradients and torch.func"): an
+    id out of range, above or below, counts as -1, as the kernels treat unchecked ids, never as another slot."""
+    backend_or_skip(backend, device)
+    from torch.func import vmap
+    x, weight, lora_a, lora_b, ids, scalings, ranks = _grouped_inputs(device)
+    bad = ids.clone()
+    bad[[1, 4, 6]] = torch.tensor([3, -2, 1000], device=device)  # 3 slots: 3 and 1000 above, -2 below
+    expected = bad.clone()
+    expected[[1, 4, 6]] = -1
+    ys = vmap(lambda ids: lk.multi_lora_linear(x, weight, lora_a, lora_b, ids, scalings, ranks=ranks,
+                                               backend=backend))(torch.stack([bad, ids]))
+    want = reference.multi_lora_linear(x.double().cpu(), weight.double().cpu(), lora_a.double().cpu(),
+                                       lora_b.double().cpu(), expected.cpu(), scalings, None, torch.tensor(ranks))
+    assert_close(ys[0], want, torch.float32, "y with out-of-range ids")
+    assert_close(ys[1], lk.multi_lora_linear(x, weight, lora_a, lora_b, ids, scalings, ranks=ranks,
+                                             backend="reference"), torch.float32, "y of the valid ids")
+
+
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS)
 def test_multi_lora_torch_func_under_autocast_keeps_the_lora_term_in_fp32(backend):
     """Under torch.func (the torch composition) inside torch.autocast the LoRA term accumulates in fp32, as the
     kernels' paths and lora_linear's composition do: the same as without autocast on the inputs autocast casts to.
