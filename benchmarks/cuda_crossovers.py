@@ -12,6 +12,7 @@
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -81,25 +82,46 @@ def main(argv=None):
     print(f"cuda_crossovers: {name}, {dtype}, backend {backend}, torch {torch.__version__}; "
           f"{'CUDA-graph replays' if on_gpu else 'eager calls'}, "
           f"median of {args.reps} after {args.warmup} warm-up")
-    rows = decode_rows(device, dtype, hidden, r, decode_ms, timing, backend)
-    print("\ndecode forward: lora_linear (decode kernels) / the same op's GEMM path (column-major W), and / F.linear")
-    for row in rows:
+    rows, failed = [], 0
+
+    def save():  # after every section: an error or a time limit later must not cost what was measured
+        if args.save:
+            with open(args.save + ".tmp", "w") as f:
+                json.dump({"device": name, "dtype": str(dtype), "torch": torch.__version__, "rows": rows}, f,
+                          indent=1)
+            os.replace(args.save + ".tmp", args.save)
+
+    def section(title, measure):
+        nonlocal failed
+        try:
+            new_rows = measure()
+        except Exception as exc:  # noqa: BLE001  (one failing section must not hide the others)
+            failed += 1
+            print(f"\n{title}\nERROR: {type(exc).__name__}: {exc}")
+            return []
+        rows.extend(new_rows)
+        save()
+        return new_rows
+
+    decode = section("decode forward", lambda: decode_rows(device, dtype, hidden, r, decode_ms, timing, backend))
+    if decode:
+        print("\ndecode forward: lora_linear (decode kernels) / the same op's GEMM path (column-major W), and / "
+              "F.linear")
+    for row in decode:
         print(f"  {row['shape']:<26} kernel {1e3 * row['kernel_ms']:8.1f} µs  "
               f"GEMM path {1e3 * row['gemm_path_ms']:8.1f} µs  F.linear {1e3 * row['base_ms']:8.1f} µs  "
               f"kernel/GEMM path {row['kernel_vs_gemm_path']:.3f}  kernel/F.linear {row['kernel_vs_base']:.3f}")
-    bwd = bwd_dy_rows(device, dtype, hidden, bwd_ms, bwd_ranks, timing)
+    bwd = section(f"dY-once backward, {dtype}", lambda: bwd_dy_rows(device, dtype, hidden, bwd_ms, bwd_ranks, timing))
     if on_gpu:  # fp32 dy takes the CUDA-core kernel: where lora_linear runs it, M·r <= CUDA_BWD_DY_KERNEL_MAX_WORK
-        bwd += bwd_dy_rows(device, torch.float32, hidden, fp32_bwd_ms, bwd_ranks, timing)
-    print("\ndY-once backward: lora_bwd_dy / two cuBLAS GEMMs (dYᵀ·S, dY·B)")
+        bwd += section("dY-once backward, float32", lambda: bwd_dy_rows(device, torch.float32, hidden, fp32_bwd_ms,
+                                                                        bwd_ranks, timing))
+    if bwd:
+        print("\ndY-once backward: lora_bwd_dy / two cuBLAS GEMMs (dYᵀ·S, dY·B)")
     for row in bwd:
         dtype_name = row["section"].split(", ")[-1]
         print(f"  {dtype_name:<9} {row['shape']:<28} kernel {1e3 * row['kernel_ms']:9.1f} µs  "
               f"GEMMs {1e3 * row['gemms_ms']:9.1f} µs  ratio {row['kernel_vs_gemms']:.3f}")
-    if args.save:
-        with open(args.save, "w") as f:
-            json.dump({"device": name, "dtype": str(dtype), "torch": torch.__version__, "rows": rows + bwd}, f,
-                      indent=1)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -133,12 +133,17 @@ def main(argv=None):
     # not Triton: its forward autotunes for every new (K, N) (tens of seconds of gpu_check's profile stage), and
     # the question is the `cuda` path against the torch composition
     inference_names = [name for name in names if name != "triton"]
+    failures = []
     for im, ik, inn in COMPARE_INFERENCE["quick" if args.quick else "gpu"]:
         ix = torch.randn(im, ik, **factory)
         iw = torch.randn(inn, ik, **factory) / math.sqrt(ik)
         ia = torch.randn(r, ik, **factory) / math.sqrt(ik)
         ib = torch.randn(inn, r, **factory) / math.sqrt(r)
-        _print_rounding_counts(f"M={im}, K={ik}, N={inn}", inference_names, ix, iw, ia, ib)
+        try:  # printed now, the tables after: an error here must not cost them
+            _print_rounding_counts(f"M={im}, K={ik}, N={inn}", inference_names, ix, iw, ia, ib)
+        except Exception as exc:  # noqa: BLE001
+            failures.append(exc)
+            print(f"ERROR (rounding counts, M={im}, K={ik}, N={inn}): {type(exc).__name__}: {exc}")
         tables.append((f"F.linear forward, M={im}, K={ik}, N={inn} (compare's inference): the floor",
                        lambda ix=ix, iw=iw: torch.nn.functional.linear(ix, iw)))
         for name in inference_names:
@@ -165,7 +170,7 @@ def main(argv=None):
                     return multi_lora_linear(xs, weight, stacked_a, stacked_b, batch, scalings, backend=name)
             tables.append((f"multi_lora_linear forward, backend {name}, {tokens} tokens on {adapters} adapters",
                            grouped))
-    failed = 0
+    failed = len(failures)
     for title, fn in tables:
         print(f"\n=== {title}")
         try:

@@ -3,6 +3,7 @@ the host-overhead timer, the CUDA dY-once comparison row (its C++ op also has a 
 as CUDA-graph replays. Structure and arithmetic only: no timing is asserted."""
 
 import importlib.util
+import json
 import os
 import re
 from pathlib import Path
@@ -331,6 +332,41 @@ def test_summary_of_the_crossovers_groups_the_backward_by_dtype_and_rank():
         "dY-once / 2 GEMMs, bfloat16 r=8: M=64 0.50  M=256 0.60",
         "dY-once / 2 GEMMs, bfloat16 r=16: M=64 0.70",
         "dY-once / 2 GEMMs, float32 r=8: M=64 2.25"]
+
+
+def _benchmark_script(name):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_crossovers_keep_the_sections_measured_before_one_fails(tmp_path, monkeypatch, capsys):
+    """A GPU lease is rare: a section of cuda_crossovers.py that raises is reported and the others still run, and
+    the JSON holds what was measured (it was written only at the end, so one error lost every row)."""
+    crossovers = _benchmark_script("cuda_crossovers")
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("decode kernel failed")
+    monkeypatch.setattr(crossovers, "decode_rows", fail)
+    saved = tmp_path / "crossovers.json"
+    assert crossovers.main(["--device", "cpu", "--quick", "--reps", "2", "--warmup", "1", "--save", str(saved)]) == 1
+    assert "ERROR: RuntimeError: decode kernel failed" in capsys.readouterr().out
+    rows = json.loads(saved.read_text())["rows"]
+    assert rows and all(row["section"].startswith("dY-once backward") for row in rows)
+
+
+def test_profile_tables_survive_a_failing_rounding_count(monkeypatch, capsys):
+    """profile_kernels.py prints its tables at the end: an error in the rounding counts it prints first is reported
+    (exit status 1) and the tables still come (it ended the run before)."""
+    profile = _benchmark_script("profile_kernels")
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("rounding count failed")
+    monkeypatch.setattr(profile, "_print_rounding_counts", fail)
+    assert profile.main(["--device", "cpu", "--quick", "--iterations", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "ERROR (rounding counts" in out and "=== the two base GEMMs" in out
 
 
 def test_summary_of_a_compare_json_with_a_diverged_run():
