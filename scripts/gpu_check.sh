@@ -15,11 +15,13 @@
 # OUTDIR/summary.txt). Exit status: 0 when every stage ran and passed (a stage skipped because the budget is spent
 # counts as not ok).
 # Environment: PYTHON (default: python, else python3), MAX_JOBS (default 16), GPU_CHECK_BUDGET, GPU_CHECK_STAGES
-# (the stages to run after env, build and info, by their names in the stage table, space- or comma-separated; default
-# all: a lease too short for the whole check can split it over two calls; a second call on the still-warm machine
-# reuses the first one's build).
-# Through this workplace's device tool, which returns at most 8 files from $OUT, pack the logs into one:
-#   bash scripts/gpu_check.sh /tmp/gc; tar czf "$OUT/gc.tgz" -C /tmp gc
+# (the stages to run after env, build, info and extension, by their names in the stage table, space- or
+# comma-separated; default all: a lease too short for the whole check can split it over two calls; a second call on
+# the still-warm machine reuses the first one's build).
+# GPU_CHECK_ARCHIVE=FILE.tgz packs OUTDIR into that archive after every stage, so a call cut short at its time
+# limit still leaves what had run. Through this workplace's device tool, which returns few files from $OUT (and,
+# from a call cut short, only what is already there):
+#   GPU_CHECK_ARCHIVE="$OUT/gc.tgz" bash scripts/gpu_check.sh /tmp/gc
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,7 +30,7 @@ OUTDIR="" DRY_RUN=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     -*) usage ;;
     *) [ -z "$OUTDIR" ] || usage; OUTDIR=$arg ;;
   esac
@@ -36,6 +38,11 @@ done
 [ -n "$OUTDIR" ] || usage
 mkdir -p "$OUTDIR" || exit 2
 OUTDIR=$(cd "$OUTDIR" && pwd)
+ARCHIVE=${GPU_CHECK_ARCHIVE:-}
+if [ -n "$ARCHIVE" ]; then
+  mkdir -p "$(dirname "$ARCHIVE")" && ARCHIVE="$(cd "$(dirname "$ARCHIVE")" && pwd)/$(basename "$ARCHIVE")" || exit 2
+  [[ "$ARCHIVE" != "$OUTDIR"/* ]] || { echo "gpu_check: GPU_CHECK_ARCHIVE must lie outside OUTDIR" >&2; exit 2; }
+fi
 
 PY=${PYTHON:-$(command -v python || command -v python3)}
 [ -n "$PY" ] || { echo "gpu_check: no python found (set PYTHON)" >&2; exit 2; }
@@ -59,7 +66,12 @@ export PYTHONUNBUFFERED=1
 START=$(date +%s)
 
 STAGES=() STATUSES=() SECONDS_TAKEN=() LOGS=()
-record() { STAGES+=("$1"); STATUSES+=("$2"); SECONDS_TAKEN+=("$3"); LOGS+=("$4"); }
+record() { STAGES+=("$1"); STATUSES+=("$2"); SECONDS_TAKEN+=("$3"); LOGS+=("$4"); pack; }
+# pack: OUTDIR into GPU_CHECK_ARCHIVE (when set), replaced whole (a reader never sees half an archive)
+pack() {
+  [ -n "$ARCHIVE" ] || return 0
+  tar czf "$ARCHIVE.tmp" -C "$(dirname "$OUTDIR")" "$(basename "$OUTDIR")" 2> /dev/null && mv -f "$ARCHIVE.tmp" "$ARCHIVE"
+}
 remaining() { echo $(( BUDGET - ($(date +%s) - START) )); }
 
 # What else the machine is doing, at the head of each stage's log: the H200 run's compare had one column's steps
@@ -154,8 +166,14 @@ sys.exit(0 if e.EXTENSION_WITH_CUDA and e.EXTENSION_ERROR is None else 1)" 2> /d
   fi
 fi
 
-# 3. what the package sees
+# 3. what the package sees; on a GPU run, whether the extension with its CUDA kernels loads: without it every cuda
+# test skips (the tests stage then passes) and the timings hold no cuda kernel, so say so as a failed stage
 run_stage info 60 info.log "$PY" -m lora_kernels info
+if (( ! DRY_RUN )); then
+  run_stage extension 60 extension.log "$PY" -c "import sys, lora_kernels._ext as e
+print('extension with CUDA:', e.EXTENSION_WITH_CUDA, '| error:', e.EXTENSION_ERROR)
+sys.exit(0 if e.EXTENSION_WITH_CUDA and e.EXTENSION_ERROR is None else 1)"
+fi
 
 # 4. tests: every CUDA case, before the timings (correctness first): the gpu-marked tests and the
 # normal suite's cuda-device cases ("-k" matches marker names too). With pytest-xdist a test that crashes its
@@ -166,19 +184,21 @@ run_stage info 60 info.log "$PY" -m lora_kernels info
 # emulation": test_cuda_emulation.py matches "cuda" but runs the CUDA sources on the CPU (80 s of CPU on 2 cores).
 XDIST=()
 "$PY" -c "import xdist" > /dev/null 2>&1 && XDIST=(-n 14)
+# a test that hangs (a kernel that never ends) fails alone after 120 s instead of holding the stage to its limit
+"$PY" -c "import pytest_timeout" > /dev/null 2>&1 && XDIST+=(--timeout 120)
 # -v: each result is logged as it happens, so a stage killed by its time limit still names what passed and failed
 # (-q prints names and counts only at the end).
 TESTS=(env LORA_KERNELS_AUTOTUNE=0 "$PY" -m pytest -v --tb=short -p no:cacheprovider
        -k "(cuda or gpu) and not gpu_check and not emulation" -rfE)
 # The tests marked gpu_memory (tens of GB each, past-2^31-element operands) run later in a stage of their own, one
 # at a time: several at once on one GPU would run out of memory (18 tests, 20 s on the H200). They come after
-# compare: edge cases of sizes few users reach, where the §8 rows decide more. 170 s for the rest: 122 s on the H200,
-# where a first pass ran out of time replacing the workers that bad-input tests had crashed (fixed since).
+# compare: edge cases of sizes few users reach, where the §8 rows decide more. 220 s for the rest: 152 s on the H200
+# (2026-11-30) for 1707 tests, 1819 since (helper 115's count with a stand-in CUDA device).
 MEMORY_TESTS=("${TESTS[@]}" -m gpu_memory)
 if (( DRY_RUN )); then
   dry_stage tests "${TESTS[@]}" "${XDIST[@]}" -m "not gpu_memory"
 else
-  run_stage tests 170 tests.log "${TESTS[@]}" "${XDIST[@]}" -m "not gpu_memory"
+  run_stage tests 220 tests.log "${TESTS[@]}" "${XDIST[@]}" -m "not gpu_memory"
 fi
 
 # 5. benchmarks and the main comparison (GPU sizes; CPU sizes in a dry run)
@@ -252,4 +272,5 @@ fi
 } | tee "$OUTDIR/summary.txt"
 failed=$(cat "$OUTDIR/.failed")
 rm -f "$OUTDIR/.failed"
+pack
 (( failed == 0 ))

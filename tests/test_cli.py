@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 
 import pytest
 
@@ -258,26 +259,37 @@ def test_gpu_check_runs_only_the_selected_stages(tmp_path):
                           text=True, timeout=60)
     assert proc.returncode == 2 and "unknown stage 'bogus'" in proc.stderr, proc.stderr
     env["GPU_CHECK_STAGES"] = "tests"
-    proc = subprocess.run(["bash", script, str(tmp_path), "--dry-run"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    env["GPU_CHECK_ARCHIVE"] = str(tmp_path / "out" / "gc.tgz")
+    proc = subprocess.run(["bash", script, str(tmp_path / "out"), "--dry-run"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "GPU_CHECK_ARCHIVE must lie outside OUTDIR" in proc.stderr, proc.stderr
+    # the archive, packed after every stage (a call cut short keeps what ran): here after the last one
+    env["GPU_CHECK_ARCHIVE"] = str(tmp_path / "gc.tgz")
+    proc = subprocess.run(["bash", script, str(tmp_path / "gc"), "--dry-run"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "== tests (dry run, not run)" in proc.stdout and "== info (limit" in proc.stdout
     for stage in ("train", "grouped", "bench", "compare", "tests-memory", "profile", "crossovers", "sweep",
                   "compare_compiled"):
         assert f"== {stage}: not selected (GPU_CHECK_STAGES)" in proc.stdout, stage
-        assert not (tmp_path / f"{stage}.log").exists(), stage
+        assert not (tmp_path / "gc" / f"{stage}.log").exists(), stage
     assert "0 stage(s) not ok" in proc.stdout
+    with tarfile.open(tmp_path / "gc.tgz") as archive:
+        assert {"gc/env.log", "gc/info.log", "gc/summary.txt"} <= set(archive.getnames()), archive.getnames()
+    assert not (tmp_path / "gc.tgz.tmp").exists()
 
 
 @pytest.mark.slow
 def test_gpu_check_reuses_an_extension_built_from_the_same_inputs(tmp_path):
     # A second call of a lease on a warm machine found the extension built and rebuilt it whole (~50 s on the H200).
-    # Here a stand-in python answers the CUDA check and pip (so nothing is built); the rest runs for real.
+    # Here a stand-in python answers the CUDA check, pip (so nothing is built) and the extension check; the rest runs
+    # for real.
     stub = tmp_path / "python"
     stub.write_text(f"""#!/bin/sh
 case "$*" in
   *"-m pip install"*) echo "stand-in build"; exit 0 ;;
   *torch.cuda.is_available*) exit 0 ;;
+  *"extension with CUDA"*) echo "stand-in: the extension with CUDA loads"; exit 0 ;;
 esac
 exec {sys.executable} "$@"
 """)
