@@ -954,6 +954,17 @@ def named_target_modules(model, target_modules, exclude_modules=None, *, layers_
 
 
 _LEAVE_OUT_HINT = "; or leave it out of the targets (exclude_modules)"
+
+
+def refuse_peft_model(op, model):
+    """TypeError when `model` is or holds a PEFT module (a PeftModel, its LoRA layers). Only a matched PEFT layer was
+    refused before: "all-linear" then put LoRALinears inside PEFT's layers (on their base_layer and lora_A/lora_B),
+    and other targets froze PEFT's adapter with the rest of the model, silently (helper 118)."""
+    for name, module in model.named_modules():
+        if type(module).__module__.startswith("peft."):
+            where = f"module {name!r} is" if name else "the model is"
+            raise TypeError(f"{op}: {where} a PEFT module ({type(module).__name__}); pass the base model, not a "
+                            f"PeftModel (PEFT's merge_and_unload() gives it back with its adapter merged)")
 # layers PEFT puts a LoRA on (Whisper's and ViT's convolutions, embeddings) that a LoRALinear cannot stand in for
 PEFT_ONLY_LAYERS = (nn.modules.conv._ConvNd, nn.Embedding)
 _PEFT_ONLY_HINT = " (PEFT's LoRA on convolution and embedding layers is not supported here)"
@@ -968,6 +979,7 @@ def find_target_linears(model, target_modules, exclude_modules=None, op="inject_
     "out_proj" entry), and under "all-linear" the layers check_wrappable_linear refuses when named (nn.Linear
     subclasses with a forward of their own, such as MoE routers that return scores and indices or fake-quant
     layers; parametrized weights; weights of another dtype or a sparse layout; a Conv1D's quantized weight)."""
+    refuse_peft_model(op, model)
     all_linear = isinstance(target_modules, str) and target_modules.lower() == "all-linear"
     found, skipped = [], []
     for name, module in named_target_modules(model, target_modules, exclude_modules, op=op,
@@ -975,9 +987,6 @@ def find_target_linears(model, target_modules, exclude_modules=None, op="inject_
                                              modules_to_save=modules_to_save):
         if isinstance(module, LORA_WRAPPERS):
             raise ValueError(f"{op}: module {name!r} already has a LoRA adapter ({type(module).__name__})")
-        if type(module).__module__.startswith("peft."):
-            raise TypeError(f"{op}: module {name!r} is a PEFT layer ({type(module).__name__}); pass the base model, "
-                            f"not a PeftModel")
         if not (isinstance(module, nn.Linear) or is_conv1d(module)):
             raise TypeError(f"{op}: module {name!r} matches target_modules but is a {type(module).__name__}; "
                             f"only nn.Linear and transformers' Conv1D (GPT-2's linear layer) can be wrapped"
@@ -1651,7 +1660,8 @@ def disable_adapter(model):
 def merge_and_unload(model):
     """Replaces every LoRALinear by a plain nn.Linear (or Conv1D) with the adapter merged into its weight, frozen
     as the base weight was; returns model. A model with MultiLoRALinear layers (several named adapters) is refused
-    before any change: which adapter to merge is not defined."""
+    before any change: which adapter to merge is not defined; so are a model without LoRALinear layers and a PEFT
+    model (PEFT's own merge_and_unload merges its layers)."""
     wrapper, model = model, unwrap_model(model, "merge_and_unload", adds_parameters=True,
                                          ddp_hint="call merge_and_unload on the model inside (ddp.module) once "
                                                   "training is done, and wrap the result again to train it further")
@@ -1660,7 +1670,11 @@ def merge_and_unload(model):
         raise ValueError(f"merge_and_unload: the model has MultiLoRALinear layers ({multi[:3]}"
                          f"{' ...' if len(multi) > 3 else ''}), which hold several adapters; load the one adapter to "
                          f"merge into the base model (load_peft_adapter without adapter_name) and merge that")
+    refuse_peft_model("merge_and_unload", model)
     layers = [(name, module) for name, module in model.named_modules() if isinstance(module, LoRALinear)]
+    if not layers:  # returning the model unchanged read as success (a PeftModel's layers are PEFT's, not these)
+        raise ValueError("merge_and_unload: the model has no LoRALinear layers (inject_lora or load_peft_adapter "
+                         "puts them in); the model is unchanged")
     fan_in_fan_out = [name for name, module in layers if module.fan_in_fan_out]
     if fan_in_fan_out and conv1d_class() is None:  # to_linear would fail there, after earlier layers were replaced
         raise RuntimeError(f"merge_and_unload: layers {fan_in_fan_out[:3]} have fan_in_fan_out=True and unwrap to "

@@ -376,19 +376,33 @@ def test_t5_feed_forward_output_in_a_prepared_model(tmp_path):
         assert_close(mixed[1:], alone(**{k: v[1:] for k, v in inputs.items()}).logits, F32, "adapter row")
 
 
-def test_a_peft_model_is_named_as_one_by_inject_lora_and_prepare_multi_adapter(tmp_path):
+@pytest.mark.parametrize("targets", [["q_proj"], ["v_proj"], "all-linear"], ids=str)
+def test_a_peft_model_is_named_as_one_by_inject_lora_and_prepare_multi_adapter(tmp_path, targets):
     """inject_lora / prepare_multi_adapter on a PeftModel said its PEFT layer "matches target_modules but is a
-    Linear; only nn.Linear ... can be wrapped"; now they say what load_peft_adapter says."""
+    Linear; only nn.Linear ... can be wrapped"; now they say what load_peft_adapter says, also where the targets
+    miss PEFT's layers (["v_proj"]: PEFT's adapter was frozen with the rest of the model) or reach inside them
+    ("all-linear": LoRALinears on PEFT's base_layer, lora_A and lora_B), silently before (helper 118). A model
+    holding a PeftModel as a submodule likewise, and our merge_and_unload of one (which returned it unchanged, as
+    if merged); nothing is changed."""
     base = _base("qwen2")
     _peft("qwen2", r=2, target_modules=["q_proj"]).save_pretrained(tmp_path / "a")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a")
-    for wrap in (lambda m: lk.inject_lora(m, ["q_proj"], r=2),
-                 lambda m: lk.prepare_multi_adapter(m, ["q_proj"], max_adapters=2, max_rank=4)):
-        with pytest.raises(TypeError, match=r"module '.*q_proj' is a PEFT layer \(Linear\); pass the base model, "
-                                            r"not a PeftModel"):
+        theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a", is_trainable=True)
+    before = {name: (p.requires_grad, type(module)) for name, p in theirs.named_parameters()
+              for module in [theirs.get_submodule(name.rpartition(".")[0])]}
+    for wrap in (lambda m: lk.inject_lora(m, targets, r=2),
+                 lambda m: lk.prepare_multi_adapter(m, targets, max_adapters=2, max_rank=4),
+                 lk.merge_and_unload):  # returned a PeftModel unchanged, as if merged
+        with pytest.raises(TypeError, match=r"^(inject_lora|prepare_multi_adapter|merge_and_unload): the model is a "
+                                            r"PEFT module "
+                                            r"\(PeftModelForCausalLM\); pass the base model, not a PeftModel"):
             wrap(theirs)
+        holder = torch.nn.ModuleDict({"peft": theirs})
+        with pytest.raises(TypeError, match=r"module 'peft' is a PEFT module \(PeftModelForCausalLM\)"):
+            wrap(holder)
+    assert before == {name: (p.requires_grad, type(module)) for name, p in theirs.named_parameters()
+                      for module in [theirs.get_submodule(name.rpartition(".")[0])]}
 
 
 @PEFT_KEEPS_LORA_OUT_OF_HEADS

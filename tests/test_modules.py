@@ -531,6 +531,15 @@ def test_merge_and_unload_gives_plain_linears_with_the_same_output():
     assert not any(p.requires_grad for p in model.parameters())
 
 
+def test_merge_and_unload_of_a_model_without_lora_layers_is_an_error():
+    """It returned such a model unchanged, silently: a second merge_and_unload, or a PeftModel passed to ours (whose
+    LoRA layers are PEFT's), read as merged (helper 118)."""
+    model = merge_and_unload(inject_lora(_model(), ["q_proj"], r=2))
+    with pytest.raises(ValueError, match=r"^merge_and_unload: the model has no LoRALinear layers \(inject_lora or "
+                                         r"load_peft_adapter puts them in\); the model is unchanged$"):
+        merge_and_unload(model)
+
+
 def test_merge_and_unload_that_cannot_finish_changes_nothing(monkeypatch):
     """A fan_in_fan_out LoRALinear unwraps to transformers' Conv1D, which needs transformers imported. That failed
     in to_linear after the layers before it had been replaced: a half-merged model. Now refused before any change."""
