@@ -56,6 +56,11 @@ class LoRAFactor(nn.Module):
         if weight is not self.weight:
             self.weight.copy_(distribute_like(weight, self.weight))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        if self.__dict__.pop("_skip_next_load", False):  # its merged LoRALinear refused this load (and says so)
+            return
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def extra_repr(self):
         return f"shape={tuple(self.weight.shape)}"
 
@@ -514,8 +519,13 @@ class LoRALinear(nn.Module):
         if own:
             error_msgs.append(f"LoRALinear{f' {prefix[:-1]!r}' if prefix else ''} is merged, and the merged state is "
                               f"not part of a state dict: unmerge() it before loading; {own} not loaded")
-            for key in own:  # the children's keys too, which load after this returns
+            for key in own:
                 del state_dict[key]
+            # The factors load after this returns, and reported their keys, deleted here, as missing: the error
+            # then began "Missing key(s)" for keys that were there. Each factor whose key was refused skips its load.
+            for name in ("lora_A", "lora_B"):
+                if f"{prefix}{name}.weight" in own:
+                    getattr(self, name)._skip_next_load = True
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
