@@ -78,6 +78,33 @@ def test_cuda_backward_either_side_of_the_kernel_bound(dtype, m, r, device):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_bf16_rows_padded_with_nan_in_memory(backend, device):
+    """x a column block of a wider bf16 buffer whose other columns hold NaN and Inf (a workspace from torch.empty):
+    the output and gradients are the reference's, all finite. torch 2.14's oneDNN bf16 matmul on CPUs with
+    AMX/AVX512-BF16 read the gap between such rows (M >= 17, K not a multiple of 16): the torch backend's forward,
+    F.linear's, gave 128 of 136 outputs NaN (helper 117); multi_lora_linear's base GEMM too."""
+    backend_or_skip(backend, device)
+    dtype, m, k = torch.bfloat16, 17, 33
+    workspace = torch.full((m, 40), float("nan"), dtype=dtype, device=device)
+    workspace[:, 36:] = float("inf")
+    _, weight, lora_a, lora_b, bias = lora_inputs(m, k, 8, 4, dtype, device)
+    workspace[:, :k] = randn(m, k, dtype=dtype, device=device)
+    x = workspace.requires_grad_(True)[:, :k]  # the view itself, as the layer gets it (a clone would be dense)
+    lora_a.requires_grad_(True)
+    lora_b.requires_grad_(True)
+    dy = randn(m, 8, dtype=dtype, device=device)
+    y = lora_linear(x, weight, lora_a, lora_b, 0.5, bias, backend=backend)
+    grads = dict(zip(("x", "lora_a", "lora_b"), torch.autograd.grad(y, (x, lora_a, lora_b), dy)))
+    assert_close(y, reference.lora_linear(x, weight, lora_a, lora_b, 0.5, bias), dtype, "y")
+    expected = reference.lora_linear_backward(dy, x.detach(), weight, lora_a.detach(), lora_b.detach(), 0.5)
+    for name in ("x", "lora_a", "lora_b"):
+        assert_close(grads[name], expected[name], dtype, f"d{name}", scale=2.0)
+    ids = torch.zeros(m, dtype=torch.long, device=device)
+    multi = functional.multi_lora_linear(x, weight, lora_a[None], lora_b[None], ids, [0.5], bias, backend=backend)
+    assert_close(multi, reference.lora_linear(x, weight, lora_a, lora_b, 0.5, bias), dtype, "multi_lora_linear y")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_leading_dims_and_non_contiguous_input(backend, device):
     backend_or_skip(backend, device)
     dtype = torch.float32
