@@ -88,16 +88,29 @@ def _row_blocks(t):
     return t.stride(0) * size, t.storage_offset() * size, t.shape[1] * size
 
 
+def _dense_meets_rows(dense, rows):
+    """Whether any row of the 2-D row-block view `rows` intersects the byte span of `dense`, which it fills."""
+    (start, end), (pitch, first, width) = _byte_span(dense), _row_blocks(rows)
+    i = max(0, (start - first - width) // pitch + 1)  # the first row that ends past `start`
+    return i < rows.shape[0] and first + i * pitch < end
+
+
 def _shares_memory(a, b):
-    """Whether a and b (non-empty views of one storage) provably share an element: both dense, or both 2-D views
-    with one row pitch, with intersecting memory. Other layouts are let through, as torch's own in-place checks let
-    through what they cannot decide (at::get_overlap_status's TooHard)."""
+    """Whether a and b (non-empty views of one storage) provably share an element: both dense, a dense one and a 2-D
+    view of row blocks (any pitch: the dense one fills its span), or both 2-D views with one row pitch, with
+    intersecting memory. Other layouts are let through, as torch's own in-place checks let through what they cannot
+    decide (at::get_overlap_status's TooHard)."""
     (a_start, a_end), (b_start, b_end) = _byte_span(a), _byte_span(b)
     if not (a_start < b_end and b_start < a_end):
         return False
-    if _is_dense(a) and _is_dense(b):
+    a_dense, b_dense = _is_dense(a), _is_dense(b)
+    if a_dense and b_dense:
         return True
     a_layout, b_layout = _row_blocks(a), _row_blocks(b)
+    if a_dense and b_layout is not None:  # add_lora's y a column block overlapping a dense x of another pitch
+        return _dense_meets_rows(a, b)
+    if b_dense and a_layout is not None:
+        return _dense_meets_rows(b, a)
     if a_layout is None or b_layout is None or a_layout[0] != b_layout[0]:
         return False
     (pitch, a_first, a_width), (_, b_first, b_width) = a_layout, b_layout

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import lora_kernels as lk
+from conftest import backend_or_skip
 from lora_kernels import ops
 from lora_kernels.batch import LoRABatch
 
@@ -64,7 +65,8 @@ def _decided(view):
 def test_overlap_check_matches_the_elements_views_really_share():
     """check_output against brute force over random pairs of views of one storage: refused only where the two
     share an element (a valid out is never refused: touching, interleaved and wrapped views included), and refused
-    wherever they do when both are dense or both are 2-D row blocks of one pitch (a workspace's column slices)."""
+    wherever they do when both are dense, both are 2-D row blocks of one pitch (a workspace's column slices), or one
+    is dense and the other 2-D row blocks of any pitch (let through before: helper 117's add_lora y over x)."""
     g = torch.Generator().manual_seed(0)
     storage = torch.zeros(64)
     decided_overlaps = 0
@@ -80,7 +82,9 @@ def test_overlap_check_matches_the_elements_views_really_share():
             assert "out expected memory of its own, got a view that overlaps t" in str(error)
             refused = True
         layouts = _decided(out), _decided(t)
-        decided = layouts == ("dense", "dense") or (layouts[0] == layouts[1] and layouts[0] is not None)
+        decided = (layouts == ("dense", "dense") or (layouts[0] == layouts[1] and layouts[0] is not None)
+                   or ("dense" in layouts and None not in layouts  # dense against row blocks of any pitch
+                       and all(layout == "dense" or layout[1] >= 1 for layout in layouts)))
         assert refused <= shared, f"refused views that share no element: {out.stride()}+{out.storage_offset()}, " \
                                   f"{t.stride()}+{t.storage_offset()}"
         if decided:
@@ -199,6 +203,23 @@ def test_serving_ops_run_on_meta_tensors():
     y = torch.empty(4, 10, device="meta")
     assert lk.ops.add_lora(y, x, [lora_a, lora_a], [lora_b, lora_b], batch, [1.0, 0.5], None, [5, 5],
                            backend="torch") is y
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_add_lora_refuses_a_y_whose_rows_fall_in_a_dense_x_of_another_pitch(backend):
+    """y a column block of a 10-wide workspace, x a dense [4, 5] at its start: y's rows 0 and 1 hold x's elements
+    0-2 and 10-12. The overlap check decided only views of one row pitch, so this passed, and the torch and cpu
+    backends read x after writing into it (error 2.2 against x as it was; helper 117)."""
+    backend_or_skip(backend, torch.device("cpu"))
+    workspace = torch.zeros(100)
+    x = workspace[:20].view(4, 5)
+    x.copy_(torch.randn(4, 5))
+    y = workspace.view(10, 10)[:4, :6]
+    batch = LoRABatch.from_adapter_ids(torch.tensor([0, 1, -1, 1]), 2)
+    lora_a, lora_b = torch.randn(2, 3, 5), torch.randn(2, 3, 3)
+    with pytest.raises(ValueError, match="y expected memory of its own, got a view that overlaps x"):
+        lk.ops.add_lora(y, x, [lora_a, lora_a], [lora_b, lora_b], batch, [1.0, 1.0], None, [3, 3], backend=backend)
+    assert torch.equal(workspace[20:], torch.zeros(80))  # nothing written
 
 
 def test_an_empty_out_within_an_input_is_its_own_memory():
