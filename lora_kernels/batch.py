@@ -31,6 +31,28 @@ class LoRABatch:
     num_active: torch.Tensor
     num_adapters: int
 
+    def __post_init__(self):
+        # A batch built by hand (the constructor, dataclasses.replace): the kernels read these buffers as plain
+        # int32 arrays of fixed lengths. A strided one gave silently wrong results with Triton (helper 117: errors
+        # up to 10) and, on a GPU, token indices from outside the buffer; a short one, reads past it. Not while
+        # tracing or under torch.func (a batch from_adapter_ids made there, or checked before, as the graph's input).
+        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+            return
+        # Only plain tensors and an int: torch.export's machinery rebuilds batches of other leaves (an _IntWrapper).
+        buffers = [getattr(self, name) for name in BUFFER_FIELDS]
+        if type(self.num_adapters) is not int or not all(isinstance(t, torch.Tensor) for t in buffers):
+            return
+        ids = self.adapter_ids
+        num_tokens, num_slots, device = ids.shape[0] if ids.dim() else 1, self.num_adapters, ids.device
+        lengths = (num_tokens, num_tokens, num_slots, num_slots, num_slots, 1)
+        for name, t, length in zip(BUFFER_FIELDS, buffers, lengths):
+            if (t.dtype != torch.int32 or t.dim() != 1 or t.shape[0] != length or t.device != device
+                    or (length > 1 and t.stride(0) != 1)):
+                raise (TypeError if t.dtype != torch.int32 else ValueError)(
+                    f"LoRABatch: {name} expected a contiguous int32 tensor of shape ({length},) on {device} (as "
+                    f"from_adapter_ids builds it), got {t.dtype}, shape {tuple(t.shape)}, stride {t.stride()} on "
+                    f"{t.device}")
+
     @property
     def device(self):
         return self.adapter_ids.device

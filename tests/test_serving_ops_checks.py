@@ -122,6 +122,32 @@ def test_lora_batch_refuses_ids_and_slot_counts_of_the_wrong_type(ids, num_adapt
         LoRABatch.from_adapter_ids(ids, num_adapters)
 
 
+def _strided(t):
+    storage = torch.full((2 * t.numel(),), 7, dtype=t.dtype)
+    storage[::2] = t
+    return storage[::2]
+
+
+@pytest.mark.parametrize("field,bad,error,words", [
+    ("adapter_ids", _strided, ValueError, "adapter_ids expected a contiguous int32 tensor of shape (6,)"),
+    ("sorted_token_ids", _strided, ValueError, "sorted_token_ids expected a contiguous int32 tensor of shape (6,)"),
+    ("slot_starts", _strided, ValueError, "slot_starts expected a contiguous int32 tensor of shape (3,)"),
+    ("slot_counts", lambda t: t[:2], ValueError, "slot_counts expected a contiguous int32 tensor of shape (3,) on cpu "
+                                                 "(as from_adapter_ids builds it), got torch.int32, shape (2,)"),
+    ("active_slots", lambda t: t.long(), TypeError, "active_slots expected a contiguous int32 tensor of shape (3,)"),
+    ("num_active", lambda t: t.reshape(()), ValueError, "num_active expected a contiguous int32 tensor of shape (1,)"),
+])
+def test_lora_batch_built_by_hand_is_refused_unless_laid_out_as_the_kernels_read_it(field, bad, error, words):
+    """The kernels read a batch's buffers as int32 arrays of fixed lengths: a strided buffer put in with
+    dataclasses.replace (the dataclass is public) gave Triton errors up to 10 (helper 117), and a short one would
+    read past it. Refused when the batch is built."""
+    import dataclasses
+    batch = LoRABatch.from_adapter_ids(torch.tensor([0, 1, 2, -1, 2, 1]), 3)
+    with pytest.raises(error, match=re.escape(f"LoRABatch: {words}")):
+        dataclasses.replace(batch, **{field: bad(getattr(batch, field))})
+    assert dataclasses.replace(batch, adapter_ids=batch.adapter_ids.clone()).num_tokens == 6  # a valid one passes
+
+
 def test_lora_batch_reads_device_ids_on_the_host_only_when_asked():
     """Ids on a device (meta here: no values to read) are not validated by default, building or refilling: the
     check is a host sync, which a CUDA-graph capture refuses."""
