@@ -872,8 +872,8 @@ def _check_multi_lora_args(op, x, weight, lora_a, lora_b, bias, factor_dtype=Non
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(f"{op}: x expected shape [..., {in_features}] (K of weight {tuple(weight.shape)} = [N, K]), "
                          f"got {tuple(x.shape)}")
-    if lora_a is not None and lora_a.shape[2] != in_features:
-        raise ValueError(f"{op}: lora_a expected shape [L, R, {in_features}] (K of weight {tuple(weight.shape)}), "
+    if lora_a is not None and (lora_a.shape[2] != in_features or lora_a.shape[0] == 0):
+        raise ValueError(f"{op}: lora_a expected shape [L >= 1, R, {in_features}] (K of weight {tuple(weight.shape)}), "
                          f"got {tuple(lora_a.shape)}")
     if lora_a is not None and tuple(lora_b.shape) != (lora_a.shape[0], out_features, lora_a.shape[1]):
         raise ValueError(f"{op}: lora_b expected shape [{lora_a.shape[0]}, {out_features}, {lora_a.shape[1]}] "

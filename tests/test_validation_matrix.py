@@ -149,7 +149,10 @@ MATRIX = [
     (call_multi_lora_linear, _grouped, "lora_a", lambda a: a["lora_a"][0], ValueError, ["lora_a expected a 3-D tensor"]),
     # K is weight's: the one of x and lora_a that disagrees with it is named
     (call_multi_lora_linear, _grouped, "lora_a", lambda a: torch.randn(L, R, K + 1), ValueError,
-     ["lora_a expected shape [L, R, 8] (K of weight (6, 8))", "(3, 2, 9)"]),
+     ["lora_a expected shape [L >= 1, R, 8] (K of weight (6, 8))", "(3, 2, 9)"]),
+    # no slot at all: named lora_a (it said "num_adapters expected an int >= 1, got 0", an argument not taken here)
+    (call_multi_lora_linear, _grouped, "lora_a", lambda a: torch.randn(0, R, K), ValueError,
+     ["lora_a expected shape [L >= 1, R, 8] (K of weight (6, 8))", "(0, 2, 8)"]),
     (call_multi_lora_linear, _grouped, "x", lambda a: torch.randn(M, K + 1), ValueError,
      ["x expected shape [..., 8] (K of weight (6, 8) = [N, K])", "(4, 9)"]),
     (call_multi_lora_linear, _grouped, "adapter_ids", lambda a: [0, 1, 2, -1], TypeError,
