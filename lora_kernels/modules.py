@@ -975,6 +975,8 @@ def refuse_peft_model(op, model):
             where = f"module {name!r} is" if name else "the model is"
             raise TypeError(f"{op}: {where} a PEFT module ({type(module).__name__}); pass the base model, not a "
                             f"PeftModel (PEFT's merge_and_unload() gives it back with its adapter merged)")
+
+
 # layers PEFT puts a LoRA on (Whisper's and ViT's convolutions, embeddings) that a LoRALinear cannot stand in for
 PEFT_ONLY_LAYERS = (nn.modules.conv._ConvNd, nn.Embedding)
 _PEFT_ONLY_HINT = " (PEFT's LoRA on convolution and embedding layers is not supported here)"

@@ -340,8 +340,8 @@ def as_rows(x):
     """x [..., K] as [M, K], a view where the strides allow (reshape(-1, K) cannot infer M when K is 0), but for a
     bfloat16 CPU x whose rows are padded in memory (a column block of a wider buffer), which is copied: torch 2.14's
     oneDNN bf16 matmul on CPUs with AMX/AVX512-BF16 reads the gap between such rows and multiplies it by zero, so
-    NaN or Inf there (a workspace from torch.empty) made 128 of 136 outputs NaN at M = 17, K = 33 (helper 117;
-    F.linear itself, torch 2.11 not)."""
+    NaN or Inf there (a workspace from torch.empty) made 128 of 136 outputs NaN at M = 17, K = 33 (helper 117:
+    F.linear itself does it; torch 2.11's did not)."""
     rows = x if x.dim() == 2 else x.unsqueeze(0) if x.dim() == 1 else x.flatten(0, -2)
     if (rows.dtype == torch.bfloat16 and rows.device.type == "cpu" and rows.shape[0] > 1
             and rows.stride(1) == 1 and rows.stride(0) > rows.shape[1]):
