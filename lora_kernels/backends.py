@@ -52,7 +52,9 @@ def parse_device(op, value):
     if value is None:
         value = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        device = torch.device(value)
+        # an int by its type: torch.device(0) of a CPU-only torch 2.13 raised "Cannot access accelerator device"
+        cuda_index = isinstance(value, int) and not isinstance(value, bool)
+        device = torch.device("cuda", value) if cuda_index else torch.device(value)
     except (RuntimeError, TypeError):
         raise ValueError(f"{op}: --device expected cpu or cuda, got {value!r}") from None
     if device.type not in ("cpu", "cuda"):
