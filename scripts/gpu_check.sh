@@ -182,10 +182,10 @@ fi
 # minutes autotuning (the H200 run: 1259 tests in 122 s with 14 workers). "not gpu_check": test_cli's
 # tests of this script match "gpu" by name but run on the CPU (the dry run took 19 s of CPU on 2 cores); "not
 # emulation": test_cuda_emulation.py matches "cuda" but runs the CUDA sources on the CPU (80 s of CPU on 2 cores).
-XDIST=()
-"$PY" -c "import xdist" > /dev/null 2>&1 && XDIST=(-n 14)
+PYTEST_OPTIONS=()
+"$PY" -c "import xdist" > /dev/null 2>&1 && PYTEST_OPTIONS=(-n 14)
 # a test that hangs (a kernel that never ends) fails alone after 120 s instead of holding the stage to its limit
-"$PY" -c "import pytest_timeout" > /dev/null 2>&1 && XDIST+=(--timeout 120)
+"$PY" -c "import pytest_timeout" > /dev/null 2>&1 && PYTEST_OPTIONS+=(--timeout 120)
 # -v: each result is logged as it happens, so a stage killed by its time limit still names what passed and failed
 # (-q prints names and counts only at the end).
 TESTS=(env LORA_KERNELS_AUTOTUNE=0 "$PY" -m pytest -v --tb=short -p no:cacheprovider
@@ -196,9 +196,9 @@ TESTS=(env LORA_KERNELS_AUTOTUNE=0 "$PY" -m pytest -v --tb=short -p no:cacheprov
 # (2026-11-30) for 1707 tests, 1819 since (helper 115's count with a stand-in CUDA device).
 MEMORY_TESTS=("${TESTS[@]}" -m gpu_memory)
 if (( DRY_RUN )); then
-  dry_stage tests "${TESTS[@]}" "${XDIST[@]}" -m "not gpu_memory"
+  dry_stage tests "${TESTS[@]}" "${PYTEST_OPTIONS[@]}" -m "not gpu_memory"
 else
-  run_stage tests 220 tests.log "${TESTS[@]}" "${XDIST[@]}" -m "not gpu_memory"
+  run_stage tests 220 tests.log "${TESTS[@]}" "${PYTEST_OPTIONS[@]}" -m "not gpu_memory"
 fi
 
 # 5. benchmarks and the main comparison (GPU sizes; CPU sizes in a dry run)

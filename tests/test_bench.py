@@ -25,6 +25,14 @@ def _tiny(**overrides):
     return bench.BenchConfig(**settings)
 
 
+def _benchmark_script(name):
+    """benchmarks/<name>.py as a module (the folder is no package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_a_gpu_bench_runs_with_its_device_current(monkeypatch):
     """CUDA events, torch.cuda._sleep and graph capture use the current device's stream: --device cuda:1 must make
     cuda:1 current for the whole run (with cuda:0 current it timed an idle stream). Checked with stand-ins for the
@@ -294,9 +302,7 @@ def test_with_triton_setting_sets_and_restores_it():
 def test_pytest_benchmark_table_ratios():
     """benchmarks/table.py: each ratio against the group's baseline, inverted where design.md §8 states the row as
     baseline / ours (PEFT's layer with dropout), and a second column against full fine-tuning."""
-    spec = importlib.util.spec_from_file_location("table", Path(__file__).parents[1] / "benchmarks" / "table.py")
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
+    table = _benchmark_script("table")
 
     def entry(group, name, median, **info):
         return {"group": group, "name": name, "stats": {"median": median}, "extra_info": info}
@@ -316,9 +322,7 @@ def test_pytest_benchmark_table_ratios():
 def test_summary_of_the_crossovers_groups_the_backward_by_dtype_and_rank():
     """gpu_check's summary shows cuda_crossovers.py's ratios: the decode forward per M, the dY-once backward on one
     line per (dtype, rank), in the order measured."""
-    spec = importlib.util.spec_from_file_location("table", Path(__file__).parents[1] / "benchmarks" / "table.py")
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
+    table = _benchmark_script("table")
 
     def backward(dtype, m, r, ratio):
         return {"section": f"dY-once backward, {dtype}", "shape": f"M={m} K=8 N=8 r={r}", "m": m, "r": r,
@@ -332,13 +336,6 @@ def test_summary_of_the_crossovers_groups_the_backward_by_dtype_and_rank():
         "dY-once / 2 GEMMs, bfloat16 r=8: M=64 0.50  M=256 0.60",
         "dY-once / 2 GEMMs, bfloat16 r=16: M=64 0.70",
         "dY-once / 2 GEMMs, float32 r=8: M=64 2.25"]
-
-
-def _benchmark_script(name):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_crossovers_keep_the_sections_measured_before_one_fails(tmp_path, monkeypatch, capsys):
@@ -371,9 +368,7 @@ def test_profile_tables_survive_a_failing_rounding_count(monkeypatch, capsys):
 
 def test_summary_of_a_compare_json_with_a_diverged_run():
     """compare writes a non-finite loss as null (standard JSON): the gpu_check summary prints it, not a TypeError."""
-    spec = importlib.util.spec_from_file_location("table", Path(__file__).parents[1] / "benchmarks" / "table.py")
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
+    table = _benchmark_script("table")
     run = {"trainable_percent": 1.0, "optimizer_state_bytes": 8, "peak_step_bytes": None, "step_ms_median": 2.0,
            "tokens_per_s": 10.0, "checkpoint_bytes": 4, "eval_loss": 0.5}
     compare = {"methods": {"full": {**run, "eval_loss": None}, "lora_torch": run, "lora_fused": run}, "inference": None}
@@ -389,9 +384,7 @@ def test_summary_of_a_compare_json_puts_each_column_over_full_fine_tuning():
     """Each ratio row of the gpu_check summary is that LoRA column's value over full fine-tuning's (inference: over
     the merged latency), not the inverse nor the other LoRA column's; a reading missing from full fine-tuning (a CPU
     peak that could not be read) gives n/a, and a loss of 0 is a loss, not "not finite"."""
-    spec = importlib.util.spec_from_file_location("table", Path(__file__).parents[1] / "benchmarks" / "table.py")
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
+    table = _benchmark_script("table")
     full = {"trainable_percent": 100.0, "optimizer_state_bytes": 1000, "peak_step_bytes": 2000, "step_ms_median": 40.0,
             "tokens_per_s": 100.0, "checkpoint_bytes": 4000, "eval_loss": 0.0}
     torch_lora = {"trainable_percent": 1.5, "optimizer_state_bytes": 10, "peak_step_bytes": 1000,
