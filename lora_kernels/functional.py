@@ -912,7 +912,8 @@ def multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias=Non
     x: [..., K]; weight: [N, K]; lora_a: [L, R, K]; lora_b: [L, N, R]; adapter_ids: integer tensor shaped like
     x.shape[:-1], or a LoRABatch already built for these tokens (reuse one per step across layers); scalings: [L];
     bias: [N] or None; ranks: [L] ints or None (every slot at R). Differentiable in x, lora_a and lora_b (several
-    adapters trained in one batch), and in weight and bias when they require grad. Under torch.autocast, computed
+    adapters trained in one batch), and in weight and bias when they require grad; not in scalings (refused when
+    they require grad). Under torch.autocast, computed
     in the autocast dtype, like F.linear (scalings stay float32). float64 runs a torch composition, float64
     throughout but slot by slot (L·M·R·(K+N) work): the kernels' shrink results are float32.
     A weight that is a tensor subclass (is_subclass_weight: torchao's quantized weights) computes its own F.linear,
@@ -958,6 +959,11 @@ def _multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias, r
     subclass_weight = is_subclass_weight(weight)
     if backend == "reference" and subclass_weight:
         refuse_subclass_weight_backend(op, backend, weight, MULTI_SUBCLASS_WEIGHT_USE)
+    if isinstance(scalings, torch.Tensor) and scalings.requires_grad and torch.is_grad_enabled():
+        # Constants, as MultiLoRALinear's buffers: the kernels' Function and the reference returned no gradient for
+        # them (silently None) while the float64 composition returned one.
+        raise ValueError(f"{op}: scalings expected a tensor that does not require grad (they are not "
+                         f"differentiable), got one that does; pass scalings.detach()")
     x2 = ops.as_rows(x)
     # float64 runs torch compositions (below) that read the scalings in float64: rounded to float32, as the
     # kernels read them, they left float64 outputs and gradients 3e-8 off for a scaling such as 1/3 or 16/3.

@@ -1665,6 +1665,27 @@ def _grouped_inputs(device, dtype=torch.float32):
     return x, weight, lora_a, lora_b, ids, torch.tensor([0.5, 2.0, 1.5]), ranks
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS + ["reference"])
+def test_multi_lora_refuses_scalings_that_require_grad(backend, dtype, device):
+    """scalings are constants (docstring, README): a tensor of them that requires grad is refused before any work,
+    on every backend and dtype, and accepted under no_grad. Before, the kernels' Function and the reference left its
+    gradient None without a word while the float64 composition differentiated it."""
+    if dtype == torch.float64 and backend == "triton":
+        pytest.skip("the triton backend runs 16-bit and float32 only")
+    backend_or_skip(backend, device)
+    x, weight, lora_a, lora_b, ids, scalings, ranks = _grouped_inputs(device, dtype)
+    lora_a.requires_grad_(True)
+    learnable = scalings.clone().requires_grad_(True)
+    with pytest.raises(ValueError, match=r"multi_lora_linear: scalings expected a tensor that does not require grad"):
+        lk.multi_lora_linear(x, weight, lora_a, lora_b, ids, learnable, ranks=ranks, backend=backend)
+    with torch.no_grad():
+        y = lk.multi_lora_linear(x, weight, lora_a, lora_b, ids, learnable, ranks=ranks, backend=backend)
+    expected = reference.multi_lora_linear(x.double().cpu(), weight.double().cpu(), lora_a.detach().double().cpu(),
+                                           lora_b.double().cpu(), ids.cpu(), scalings, None, torch.tensor(ranks))
+    assert_close(y, expected, dtype, "y under no_grad")
+
+
 @pytest.mark.parametrize("factor_requires_grad", [False, True], ids=["plain", "factor_requires_grad"])
 @pytest.mark.parametrize("backend", GROUPED_BACKENDS + ["reference"])
 def test_multi_lora_eager_forward_ad_gives_the_jvp_of_the_reference(backend, factor_requires_grad, device):
