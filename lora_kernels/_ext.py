@@ -3,6 +3,7 @@ of its ops so torch.compile can trace through them. Importing this never fails: 
 
 import importlib
 import importlib.util
+import os
 
 import torch
 
@@ -25,10 +26,38 @@ def built_torch_mismatch(module, torch_version):
             f"from another build?); its C++ ABI is another torch's: {_REBUILD}")
 
 
+def shadowed_installed_extension(package_dir):
+    """The directory of an installed lora_kernels whose files include a built extension, when it is not
+    package_dir (the package imported here, which has none): a checkout first on sys.path (the current directory of
+    `python -m pytest` in it) hides a regular install. None otherwise (an editable install's files are the
+    checkout's own, listed by no record)."""
+    import importlib.metadata  # here: only a missing extension pays for it
+    try:
+        files = importlib.metadata.distribution("lora_kernels").files or ()
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for file in files:
+        if file.parts[0] == "lora_kernels" and len(file.parts) == 2 and file.name.startswith("_C."):
+            located = os.path.dirname(os.path.abspath(file.locate()))
+            if located != os.path.abspath(package_dir) and os.path.exists(file.locate()):
+                return located
+    return None
+
+
+def _not_built_reason():
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    installed = shadowed_installed_extension(package_dir)
+    if installed is None:
+        return f"not built: {_REBUILD}"
+    return (f"not built in the lora_kernels imported here ({package_dir}), which hides the installed one in "
+            f"{installed} (a checkout ahead of it on sys.path, e.g. the current directory): run from another "
+            f"directory, or build the checkout: pip install --no-build-isolation -e .")
+
+
 _C = None
 EXTENSION_ERROR = None
 if importlib.util.find_spec("lora_kernels._C") is None:
-    EXTENSION_ERROR = f"not built: {_REBUILD}"
+    EXTENSION_ERROR = _not_built_reason()
 else:
     try:
         _C = importlib.import_module("lora_kernels._C")  # loading the library registers the ops

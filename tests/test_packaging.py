@@ -113,6 +113,41 @@ def test_package_works_without_the_extension_and_triton():
     assert "triton     triton is not importable" in stdout
 
 
+# A regular install (its RECORD lists the built extension) behind a checkout without one, earlier on sys.path: the
+# reason names both directories instead of asking for a rebuild that the install does not need.
+CHECKOUT_HIDES_AN_INSTALL = r"""
+import sys
+sys.modules["lora_kernels._C"] = None  # the checkout's package has no extension
+from lora_kernels import _ext, backends
+print(backends.unavailable_reason("cpu", "cpu"))
+"""
+
+
+def test_a_checkout_hiding_an_installed_extension_says_so(tmp_path):
+    site = tmp_path / "site"
+    (site / "lora_kernels").mkdir(parents=True)
+    extension = "lora_kernels/_C.cpython-311-x86_64-linux-gnu.so"
+    (site / extension).write_bytes(b"")
+    dist_info = site / "lora_kernels-0.1.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: lora_kernels\nVersion: 0.1.0\n")
+    (dist_info / "RECORD").write_text(f"{extension},,\nlora_kernels-0.1.0.dist-info/METADATA,,\n")
+    # site first for importlib.metadata; the checkout's regular package still wins the import over site's
+    # directory without an __init__.py
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", CHECKOUT_HIDES_AN_INSTALL], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"not built in the lora_kernels imported here ({ROOT / 'lora_kernels'}), which hides the installed one in " \
+           f"{site / 'lora_kernels'}" in proc.stdout, proc.stdout
+    # without the install: the plain reason
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", CHECKOUT_HIDES_AN_INSTALL], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "lora_kernels._C is not built: rebuild it against this torch" in proc.stdout, proc.stdout
+
+
 # An extension built against another torch minor version, as a wheel pip cached from another machine's build would
 # hold (pip's cache is keyed by the download, not by torch): loaded, but not used, and `info` says why and what to do.
 ANOTHER_TORCHS_EXTENSION = r"""
