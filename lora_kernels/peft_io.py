@@ -517,6 +517,38 @@ def _split_base_layers(targets, tensors, file, adapter_name, op):
     return found, rest
 
 
+def _split_embedding_layers(model, targets, heads, tensors, file, adapter_name, op):
+    """([(state-dict key, model tensor, file tensor)] for the input and output embedding layers (embed_tokens,
+    lm_head) that the file holds whole, the remaining tensors). PEFT saves them under their plain keys
+    (`<layer>.weight`) when the vocabulary was resized (save_embedding_layers="auto" compares the base model's
+    vocab_size; True saves them always) and loads them over the model's: so do we, frozen. A LoRA target's own
+    tensors are `<layer>.base_layer.*` (_split_base_layers); a modules_to_save module's are taken out before."""
+    found, rest = [], dict(tensors)
+    skip = {name for name, _ in targets} | {name for name, *_ in heads}
+    layers = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            layer = getattr(model, getter)() if callable(getattr(model, getter, None)) else None
+        except (NotImplementedError, AttributeError):
+            layer = None
+        if isinstance(layer, nn.Module) and all(layer is not other for other in layers):
+            layers.append(layer)
+    for name, module in model.named_modules():
+        if not name or all(module is not layer for layer in layers) or name in skip:
+            continue
+        for leaf, current in module.state_dict(keep_vars=True).items():
+            file_key = f"{KEY_PREFIX}{name}.{leaf}"
+            if file_key not in rest:
+                continue
+            tensor = _pop_state_tensor(op, file, rest, file_key, current, f"embedding layer {name!r}'s {leaf}", "")
+            if adapter_name is not None and not torch.equal(tensor.to(current.dtype), current.detach().cpu()):
+                raise ValueError(f"{op}: {file} holds {file_key!r}, the embedding layer's {leaf} (PEFT saves it for "
+                                 f"a resized vocabulary), and it differs from the model's; MultiLoRALinear slots "
+                                 f"share the base model with every adapter, so it cannot load by adapter_name")
+            found.append((f"{name}.{leaf}", current, tensor))
+    return found, rest
+
+
 def _check_pair(op, file, name, factors, r, in_features, out_features):
     for factor, shape in (("lora_A", (r, in_features)), ("lora_B", (out_features, r))):
         tensor = factors.get(factor)
@@ -598,6 +630,8 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
     for name, module in targets:  # before the tensors: a Conv layer's 3-D/4-D factors would be refused by shape
         _check_target_type(op, name, module)
     base_tensors, tensors = _split_base_layers(targets, tensors, file, adapter_name, op)
+    embedding_tensors, tensors = _split_embedding_layers(model, targets, heads, tensors, file, adapter_name, op)
+    base_tensors += embedding_tensors
     grouped = group_adapter_weights(tensors, file, config.modules_to_save)
     plan = []
     for name, module in targets:
@@ -945,7 +979,15 @@ def _full_name_pattern(values):
     characters other than the dots escaped (a name with "+" or "(" matched other names, or none), in order of
     decreasing components, so that each name meets its own key before any shorter key it ends with. The dots stay
     as they are: peft < 0.14 looks a name up as a plain key when no key matches it as a regex."""
-    keyed = [(re.escape(name).replace(r"\.", "."), value) for name, value in values]
+    names = [name for name, _ in values]
+
+    def key(name):
+        escaped = re.escape(name).replace(r"\.", ".")
+        # a name that ends another one ("proj", "x.proj") is anchored: "^proj" matches "proj" alone under PEFT's
+        # (.*\.)?(key)$, so the keys hold in any order (the file's keys are sorted, and PEFT sorts them too)
+        return "^" + escaped if any(other.endswith("." + name) for other in names) else escaped
+
+    keyed = [(key(name), value) for name, value in values]
     return dict(sorted(keyed, key=lambda item: -item[0].count(".")))
 
 
@@ -961,9 +1003,14 @@ def _target_modules_for(model, names, op, modules_to_save=None):
     if selected(short) == names:
         return short
     full = sorted(names)
-    if selected(full) != names:
+    if selected(full) == names:
+        return full
+    # a full name that ends another module's name ("attn.q" and "vision.attn.q") selects that module too: a regex
+    # (PEFT matches a str against the whole name) names exactly these
+    regex = "|".join(re.escape(name) for name in full)
+    if selected(regex) != names:
         raise ValueError(f"{op}: cannot express the LoRA layers {full[:5]} as PEFT target_modules")
-    return full
+    return regex
 
 
 def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_model_name_or_path=None):
@@ -1038,13 +1085,13 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
         "inference_mode": True,
     }
     # The config must select exactly these layers with these ranks when read back (PEFT's rules, our parser).
-    parsed = parse_adapter_config(json.loads(json.dumps(config)))
+    parsed = parse_adapter_config(json.loads(json.dumps(config, sort_keys=True)))  # as written
     if any(parsed.rank_and_alpha(rec[0]) != (rec[3], rec[4]) for rec in records):
         # a key also matched a longer name it should not ("proj" matches "block.proj"): every layer by its full
         # name, the names with more components first (PEFT takes the first key that matches)
         config["rank_pattern"] = _full_name_pattern([(rec[0], rec[3]) for rec in records])
         config["alpha_pattern"] = _full_name_pattern([(rec[0], rec[4]) for rec in records])
-        parsed = parse_adapter_config(json.loads(json.dumps(config)))
+        parsed = parse_adapter_config(json.loads(json.dumps(config, sort_keys=True)))  # as written
         for name, _, _, rank, alpha, *_ in records:
             if parsed.rank_and_alpha(name) != (rank, alpha):
                 raise ValueError(f"{op}: internal error: rank/alpha patterns do not reproduce module {name!r}")

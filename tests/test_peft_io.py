@@ -1680,7 +1680,7 @@ def test_save_writes_patterns_for_a_name_that_ends_another_and_for_regex_charact
     assert ranks == {"proj": 2, "block.proj": 4, "other.proj": 4, "heads.a+b": 6, "heads.aab": 4}
     lk.save_peft_adapter(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert list(config["rank_pattern"])[-1] == "proj" and config["rank_pattern"]["heads.a\\+b"] == 6
+    assert config["rank_pattern"]["^proj"] == 2 and config["rank_pattern"]["heads.a\\+b"] == 6
     fresh = build()
     fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" not in k}, strict=False)
     lk.load_peft_adapter(fresh, tmp_path, backend=BACKEND)
@@ -1695,6 +1695,107 @@ def test_save_writes_patterns_for_a_name_that_ends_another_and_for_regex_charact
         assert config["rank_pattern"].get(get_pattern_key(config["rank_pattern"].keys(), name), config["r"]) == rank
         assert config["alpha_pattern"].get(get_pattern_key(config["alpha_pattern"].keys(), name),
                                            config["lora_alpha"]) == alpha
+
+
+@pytest.mark.parametrize("order", ["short_first", "long_first"])
+def test_saved_patterns_hold_in_the_sorted_order_the_file_has(tmp_path, order):
+    """The config is written with sorted keys (rank_pattern's too, as PEFT writes it): patterns checked in the order
+    built ({"x.proj": 6, "proj": 2}, or a fallback's longer names first) were written as {"proj": .., "x.proj": ..},
+    where "proj" matches "x.proj" first, so neither our loader nor PEFT could read the file (size mismatch)."""
+    def build():
+        torch.manual_seed(0)
+        model = nn.Module()
+        names = ["proj", "x", "y"] if order == "short_first" else ["x", "y", "proj"]
+        for name in names:
+            if name == "proj":
+                model.proj = nn.Linear(16, 16)
+            else:
+                setattr(model, name, nn.Module())
+                getattr(model, name).proj = nn.Linear(16, 16)
+        return model
+
+    model = build()
+    lk.inject_lora(model, ["proj"], r=4, lora_alpha=8, init_lora_weights=False, backend=BACKEND,
+                   rank_pattern={"^proj": 2, "^x.proj": 6}, alpha_pattern={"^proj": 3})
+    expected = {"proj": (2, 3), "x.proj": (6, 8), "y.proj": (4, 8)}
+    assert {n: (m.r, m.lora_alpha) for n, m in model.named_modules() if isinstance(m, LoRALinear)} == expected
+    lk.save_peft_adapter(model, tmp_path)
+    loaded = lk.load_peft_adapter(build(), tmp_path, backend=BACKEND)
+    assert {n: (m.r, m.lora_alpha) for n, m in loaded.named_modules() if isinstance(m, LoRALinear)} == expected
+    x = torch.randn(3, 16)
+    for name in expected:
+        torch.testing.assert_close(loaded.get_submodule(name)(x), model.get_submodule(name)(x), rtol=0, atol=0)
+    peft = pytest.importorskip("peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(build(), tmp_path)
+    ranks = {n.removeprefix("base_model.model."): m.r["default"] for n, m in back.named_modules()
+             if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert ranks == {name: r for name, (r, _) in expected.items()}
+
+
+def test_embedding_layers_peft_saves_for_a_resized_vocabulary_load_as_peft_loads_them(tmp_path):
+    """PEFT's flow for new tokens (resize_token_embeddings, LoRA, save_pretrained) saves the embedding layers whole,
+    `<layer>.weight` beside the LoRA factors (save_embedding_layers="auto" when the vocabulary was resized, or True),
+    and loads them over the model's. They were refused as unexpected keys, so such an adapter could not load."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from conftest import tiny_llama_config
+
+    def base(vocab=104):
+        torch.manual_seed(0)
+        return transformers.LlamaForCausalLM(tiny_llama_config(vocab_size=vocab, tie_word_embeddings=False)).eval()
+
+    theirs = peft.get_peft_model(base(), peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=4,
+                                                         init_lora_weights=False)).eval()
+    with torch.no_grad():  # the new tokens' rows, trained (or initialised at the resize: random)
+        theirs.base_model.model.model.embed_tokens.weight[100:] += 1.0
+        theirs.base_model.model.lm_head.weight[100:] -= 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.save_pretrained(tmp_path, save_embedding_layers=True)
+    assert {"base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"} <= set(
+        load_file(tmp_path / "adapter_model.safetensors"))
+    ids = torch.tensor([[1, 5, 101, 102]])
+    with torch.no_grad():
+        expected = theirs(input_ids=ids).logits
+    ours = lk.load_peft_adapter(base(), tmp_path, backend=BACKEND)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, expected)
+    assert not ours.model.embed_tokens.weight.requires_grad and not ours.lm_head.weight.requires_grad
+    other = base(vocab=100)  # not resized: refused by key and shapes, the model unchanged
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match=r"embed_tokens\.weight.*expected shape \[100, 64\].*got shape \[104, 64\]"):
+        lk.load_peft_adapter(other, tmp_path, backend=BACKEND)
+    assert not any(isinstance(m, LoRALinear) for m in other.modules())
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+
+
+def test_a_lora_layer_whose_name_ends_another_modules_saves_with_a_regex_target(tmp_path):
+    """LoRA on "attn.q" only, where "vision.attn.q" (no LoRA) ends with that name: neither ["q"] nor ["attn.q"]
+    selects it alone under PEFT's list rule, so save raised "cannot express"; PEFT writes a regex for such an
+    adapter, which selects exactly the layer, for our loader and PEFT's."""
+    def build():
+        torch.manual_seed(0)
+        model = nn.Module()
+        model.attn, model.vision = nn.Module(), nn.Module()
+        model.attn.q, model.vision.attn = nn.Linear(8, 8), nn.Module()
+        model.vision.attn.q = nn.Linear(8, 8)
+        return model
+
+    model = lk.inject_lora(build(), r"attn\.q", r=2, init_lora_weights=False, backend=BACKEND)
+    lk.save_peft_adapter(model, tmp_path)
+    x = torch.randn(3, 8)
+    loaded = lk.load_peft_adapter(build(), tmp_path, backend=BACKEND)
+    assert [n for n, m in loaded.named_modules() if isinstance(m, LoRALinear)] == ["attn.q"]
+    torch.testing.assert_close(loaded.attn.q(x), model.attn.q(x), rtol=0, atol=0)
+    peft = pytest.importorskip("peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(build(), tmp_path)
+    assert [n for n, m in back.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)] == [
+        "base_model.model.attn.q"]
+    torch.testing.assert_close(back.base_model.model.attn.q(x), model.attn.q(x))
 
 
 # ---------------------------------------------------------------------------------------- several named adapters
