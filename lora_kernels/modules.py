@@ -904,10 +904,32 @@ def _check_names(op, name, value):
                         f"{bad!r} in {value!r}")
 
 
+# Components that wrappers insert into module names and that their state_dict hooks take out of the keys again:
+# torch's activation-checkpoint wrapper (checkpoint_wrapper / offload_wrapper, as apply_activation_checkpointing puts
+# them in: the FSDP recipes of torchtitan and accelerate) and FullyShardedDataParallel (FSDP1). PEFT names its keys
+# after the state dict, so target matching and the adapter files use the names without them.
+WRAPPED_MODULE_COMPONENTS = ("_checkpoint_wrapped_module", "_fsdp_wrapped_module")
+
+
+def state_dict_name(name):
+    """A module's name as the model's state dict (and PEFT's adapter files) spell it: the wrappers' components
+    removed ("layers.0._checkpoint_wrapped_module.q" is "layers.0.q")."""
+    if "_wrapped_module" not in name:  # the common case, cheaply
+        return name
+    return ".".join(part for part in name.split(".") if part not in WRAPPED_MODULE_COMPONENTS)
+
+
+def is_name_wrapper(module):
+    """Whether module is such a wrapper: the module inside it has its name in the state dict, and is the one that
+    target matching selects and a LoRA layer replaces."""
+    return any(component in module._modules for component in WRAPPED_MODULE_COMPONENTS)
+
+
 def named_target_modules(model, target_modules, exclude_modules=None, *, layers_to_transform=None,
                          layers_pattern=None, modules_to_save=None, op="inject_lora"):
     """[(name, module)] of every module whose full name PEFT would target, in model order. Does not look inside
-    LoRALinear/MultiLoRALinear (their factors and base layer are not targets; the wrapper itself is).
+    LoRALinear/MultiLoRALinear (their factors and base layer are not targets; the wrapper itself is). Names are
+    matched as the state dict spells them (state_dict_name) and returned as the model's.
     target_modules="all-linear" takes every nn.Linear/Conv1D but the model's output layer, as PEFT."""
     if not isinstance(target_modules, (str, list, tuple, set)) or not target_modules:
         raise ValueError(f"{op}: target_modules expected a regex string or a non-empty list of names, "
@@ -950,14 +972,17 @@ def named_target_modules(model, target_modules, exclude_modules=None, *, layers_
             continue
         if isinstance(module, LORA_WRAPPERS):
             wrapper_prefixes.append(name + ".")
+        key_name = state_dict_name(name)
+        if is_name_wrapper(module) or not key_name:
+            continue
         if all_linear:
             linear_like = isinstance(module, (nn.Linear, *LORA_WRAPPERS)) or is_conv1d(module)
             hit = (linear_like and module is not output_layer
-                   and not (exclude_modules and _matches(name, exclude_modules))
-                   and not in_modules_to_save(name, modules_to_save))
+                   and not (exclude_modules and _matches(key_name, exclude_modules))
+                   and not in_modules_to_save(key_name, modules_to_save))
         else:
-            hit = target_module_matches(name, target_modules, exclude_modules, layers_to_transform, layers_pattern,
-                                        modules_to_save)
+            hit = target_module_matches(key_name, target_modules, exclude_modules, layers_to_transform,
+                                        layers_pattern, modules_to_save)
         if hit:
             found.append((name, module))
     return found
@@ -1116,19 +1141,21 @@ MODULES_TO_SAVE_ATTR = "lora_modules_to_save"  # on the model: the modules_to_sa
 
 
 def named_modules_to_save(model, modules_to_save, op):
-    """[(name, module)] that PEFT's modules_to_save selects: modules whose full name ends with an entry (PEFT's plain
-    suffix test), the outermost of nested matches, none inside a LoRA wrapper. Such a module is trained and saved
-    whole beside the adapter (PEFT adds the classification head of SEQ_CLS models this way); LoRA targets never lie
-    inside one (in_modules_to_save). A module that holds a LoRA layer already, shares a parameter with the rest of
-    the model (tied weights: changing it would change both) or carries an accelerate hook is a ValueError."""
+    """[(name, module)] that PEFT's modules_to_save selects: modules whose full name (as the state dict spells it)
+    ends with an entry (PEFT's plain suffix test), the outermost of nested matches, none inside a LoRA wrapper. Such
+    a module is trained and saved whole beside the adapter (PEFT adds the classification head of SEQ_CLS models this
+    way); LoRA targets never lie inside one (in_modules_to_save). A module that holds a LoRA layer already, shares a
+    parameter with the rest of the model (tied weights: changing it would change both) or carries an accelerate hook
+    is a ValueError."""
     if (not isinstance(modules_to_save, (list, tuple)) or not modules_to_save
             or not all(isinstance(n, str) and n for n in modules_to_save)):
         raise ValueError(f"{op}: modules_to_save expected a non-empty list of module names, got {modules_to_save!r}")
     found, skip_prefixes = [], []
     for name, module in model.named_modules():
-        if not name or any(name.startswith(prefix) for prefix in skip_prefixes):
+        if not name or any(name.startswith(prefix) for prefix in skip_prefixes) or is_name_wrapper(module):
             continue
-        selected = any(name.endswith(entry) for entry in modules_to_save)
+        key_name = state_dict_name(name)
+        selected = bool(key_name) and any(key_name.endswith(entry) for entry in modules_to_save)
         if selected:
             found.append((name, module))
         if selected or isinstance(module, LORA_WRAPPERS):
@@ -1202,9 +1229,11 @@ def trained_biases(model, bias, lora_names, skip=()):
     """[(state-dict key, tensor, LoRA layer name or None)] of the biases that PEFT's bias mode trains and saves:
     "all" every state-dict entry called bias (PEFT's name test, LayerNorm biases included), "lora_only" those of
     the LoRA layers named in `lora_names`, "none" none. Entries inside the modules named in `skip` are left out:
-    modules_to_save modules train and save whole anyway."""
+    modules_to_save modules train and save whole anyway. The names are the model's; the keys the state dict's."""
     if bias == "none":
         return []
+    lora_names = {state_dict_name(name) for name in lora_names}
+    skip = [state_dict_name(name) for name in skip]
     found = []
     for key, tensor in model.state_dict(keep_vars=True).items():
         module, _, leaf = key.rpartition(".")

@@ -39,8 +39,8 @@ from lora_kernels.modules import (_PEFT_ONLY_HINT, BASE_ADAPTER, BIAS_ATTR, BIAS
                                   check_no_accelerate_hook, check_targets_outside_heads, check_wrappable_linear,
                                   copy_into, enable_input_grads_for_checkpointing, is_conv1d, is_layer_index,
                                   lora_scaling, named_modules_to_save, named_target_modules, pattern_value,
-                                  resolve_batch_adapters, target_module_matches, trained_biases, unwrap_model,
-                                  warn_conv1d_fan_in_fan_out, warn_dropped_hooks)
+                                  resolve_batch_adapters, state_dict_name, target_module_matches, trained_biases,
+                                  unwrap_model, warn_conv1d_fan_in_fan_out, warn_dropped_hooks)
 from lora_kernels.ops import check_flag, is_finite_number
 
 CONFIG_NAME = "adapter_config.json"
@@ -438,7 +438,7 @@ def _split_modules_to_save(model, config, tensors, file, adapter_name, op):
                          f"adapter); MultiLoRALinear slots hold LoRA factors only, so it cannot load by adapter_name")
     rest, heads = dict(tensors), []
     for name, module in named_modules_to_save(model, config.modules_to_save, op):
-        loaded = {key: _pop_state_tensor(op, file, rest, f"{KEY_PREFIX}{name}.{key}", current,
+        loaded = {key: _pop_state_tensor(op, file, rest, f"{KEY_PREFIX}{state_dict_name(name)}.{key}", current,
                                          f"{key!r} of module {name!r} (modules_to_save)",
                                          f"modules_to_save {config.modules_to_save} selects module {name!r}")
                   for key, current in module.state_dict().items()}
@@ -467,7 +467,7 @@ def _split_biases(model, config, tensors, file, adapter_name, op, lora_names, he
         # PEFT's "all" also saves the biases of a modules_to_save module under its wrapper's names: the trained copy
         # (`<module>.modules_to_save...`; PEFT loads the module's own `<module>.<key>` over it) and the original
         # (`<module>.original_module...`; not kept here, where the module is replaced in place)
-        wrapper_names = tuple(f"{KEY_PREFIX}{name}.{part}." for name, *_ in heads
+        wrapper_names = tuple(f"{KEY_PREFIX}{state_dict_name(name)}.{part}." for name, *_ in heads
                               for part in ("modules_to_save", "original_module"))
         rest = {k: v for k, v in rest.items() if not (k.startswith(wrapper_names) and k.endswith(".bias"))}
     expected = _bias_file_keys(model, config.bias, lora_names, [name for name, *_ in heads])
@@ -502,8 +502,9 @@ def _split_base_layers(targets, tensors, file, adapter_name, op):
     found, rest = [], dict(tensors)
     for name, module in targets:
         base = module.base_layer if isinstance(module, MultiLoRALinear) else module
+        key_name = state_dict_name(name)
         for leaf in ("weight", "bias"):
-            file_key = f"{KEY_PREFIX}{name}.base_layer.{leaf}"
+            file_key = f"{KEY_PREFIX}{key_name}.base_layer.{leaf}"
             current = getattr(base, leaf, None)
             if file_key not in rest or not isinstance(current, torch.Tensor):
                 continue  # a bias key of a layer without bias stays in rest, refused as unexpected
@@ -513,7 +514,7 @@ def _split_base_layers(targets, tensors, file, adapter_name, op):
                                  f"target_modules names an embedding layer), and it differs from the model's; "
                                  f"MultiLoRALinear slots share the base layer with every adapter, so it cannot load "
                                  f"by adapter_name")
-            found.append((f"{name}.{leaf}", current, tensor))
+            found.append((f"{key_name}.{leaf}", current, tensor))
     return found, rest
 
 
@@ -536,8 +537,9 @@ def _split_embedding_layers(model, targets, heads, tensors, file, adapter_name, 
     for name, module in model.named_modules():
         if not name or all(module is not layer for layer in layers) or name in skip:
             continue
+        key_name = state_dict_name(name)
         for leaf, current in module.state_dict(keep_vars=True).items():
-            file_key = f"{KEY_PREFIX}{name}.{leaf}"
+            file_key = f"{KEY_PREFIX}{key_name}.{leaf}"
             if file_key not in rest:
                 continue
             tensor = _pop_state_tensor(op, file, rest, file_key, current, f"embedding layer {name!r}'s {leaf}", "")
@@ -545,7 +547,7 @@ def _split_embedding_layers(model, targets, heads, tensors, file, adapter_name, 
                 raise ValueError(f"{op}: {file} holds {file_key!r}, the embedding layer's {leaf} (PEFT saves it for "
                                  f"a resized vocabulary), and it differs from the model's; MultiLoRALinear slots "
                                  f"share the base model with every adapter, so it cannot load by adapter_name")
-            found.append((f"{name}.{leaf}", current, tensor))
+            found.append((f"{key_name}.{leaf}", current, tensor))
     return found, rest
 
 
@@ -633,9 +635,12 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
     embedding_tensors, tensors = _split_embedding_layers(model, targets, heads, tensors, file, adapter_name, op)
     base_tensors += embedding_tensors
     grouped = group_adapter_weights(tensors, file, config.modules_to_save)
+    # The file's names are the state dict's, the targets' the model's: they differ inside wrappers (state_dict_name)
+    model_names = {state_dict_name(name): name for name, _ in targets}
+    grouped = {model_names.get(key_name, key_name): factors for key_name, factors in grouped.items()}
     plan = []
     for name, module in targets:
-        r, alpha = config.rank_and_alpha(name)
+        r, alpha = config.rank_and_alpha(state_dict_name(name))
         if isinstance(module, MultiLoRALinear):
             if adapter_name is None:
                 raise ValueError(f"{op}: module {name!r} is a MultiLoRALinear; pass adapter_name=... to load the "
@@ -668,7 +673,7 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
         if weight.is_meta:  # the adapter would be copied into meta tensors, which hold nothing
             raise ValueError(f"{op}: module {name!r} has its weight on the meta device; load the adapter into a model "
                              f"whose weights are materialised")
-        _check_pair(op, file, name, grouped.get(name, {}), r, in_features, out_features)
+        _check_pair(op, file, state_dict_name(name), grouped.get(name, {}), r, in_features, out_features)
         plan.append((name, module, r, alpha))
     target_names = {name for name, *_ in plan}
     extra = sorted(set(grouped) - target_names)
@@ -919,14 +924,27 @@ def _clean_number(value):
     return int(rounded) if abs(value - rounded) <= 1e-6 * max(1.0, abs(value)) else float(value)
 
 
+def _check_not_flattened(op, name, what, tensor, shape):
+    """FullyShardedDataParallel (FSDP1) holds a layer's parameters as views of its flat local shard outside
+    summon_full_params (1-D, often empty): saved, they were pieces of the adapter under the layer's keys."""
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"{op}: module {name!r}'s {what} has shape {list(tensor.shape)}, expected {list(shape)} (a "
+                         f"FullyShardedDataParallel (FSDP1) model's flattened shard?): call save_peft_adapter on "
+                         f"every rank inside `with FullyShardedDataParallel.summon_full_params(model):`, or shard "
+                         f"with fully_shard (FSDP2); nothing was written")
+
+
 def _collect_layers(model, adapter_name, op):
-    """[(name, lora_a, lora_b, r, alpha, use_rslora, dropout, fan_in_fan_out)] of the adapter to save."""
+    """[(name, lora_a, lora_b, r, alpha, use_rslora, dropout, fan_in_fan_out)] of the adapter to save, the names
+    the model's."""
     records = []
     if adapter_name is None:
         for name, m in model.named_modules():
             if isinstance(m, LoRALinear):
                 if m.merged:
                     raise ValueError(f"{op}: module {name!r} has its adapter merged; unmerge() it before saving")
+                _check_not_flattened(op, name, "lora_A.weight", m.lora_A.weight, (m.r, m.in_features))
+                _check_not_flattened(op, name, "lora_B.weight", m.lora_B.weight, (m.out_features, m.r))
                 records.append((name, m.lora_A.weight, m.lora_B.weight, m.r, m.lora_alpha, m.use_rslora,
                                 m.lora_dropout, m.fan_in_fan_out))
         if not records:
@@ -940,6 +958,9 @@ def _collect_layers(model, adapter_name, op):
         if isinstance(m, MultiLoRALinear):
             for buffer in ("ranks", "scalings"):  # read just below (int(), float()): refused by name first
                 _refuse_meta(op, f"{buffer} of module {name!r}", getattr(m, buffer))
+                _check_not_flattened(op, name, buffer, getattr(m, buffer), (m.max_adapters,))
+            _check_not_flattened(op, name, "lora_a", m.lora_a, (m.max_adapters, m.max_rank, m.in_features))
+            _check_not_flattened(op, name, "lora_b", m.lora_b, (m.max_adapters, m.out_features, m.max_rank))
             r = int(m.ranks[slot])
             if r == 0:
                 continue  # this layer is not targeted by the adapter
@@ -992,17 +1013,18 @@ def _full_name_pattern(values):
 
 
 def _target_modules_for(model, names, op, modules_to_save=None):
-    """The shortest target_modules list that selects exactly the modules `names` under PEFT's matching (which skips
-    modules_to_save modules): their last name components when those pick no other module, else the full names."""
+    """The shortest target_modules list that selects exactly the modules `names` (the model's) under PEFT's matching
+    (which skips modules_to_save modules): their last name components when those pick no other module, else the
+    full names (as the state dict spells them), else a regex of them."""
     names = set(names)
 
     def selected(targets):
         return {n for n, _ in named_target_modules(model, targets, modules_to_save=modules_to_save, op=op)}
 
-    short = sorted({n.rsplit(".", 1)[-1] for n in names})
+    short = sorted({state_dict_name(n).rsplit(".", 1)[-1] for n in names})
     if selected(short) == names:
         return short
-    full = sorted(names)
+    full = sorted(state_dict_name(n) for n in names)
     if selected(full) == names:
         return full
     # a full name that ends another module's name ("attn.q" and "vision.attn.q") selects that module too: a regex
@@ -1044,6 +1066,8 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
         raise TypeError(f"{op}: base_model_name_or_path expected None, a str or a path, got "
                         f"{base_model_name_or_path!r}")
     records = _collect_layers(model, adapter_name, op)
+    module_names = [rec[0] for rec in records]  # to match targets; the file has the state dict's names:
+    records = [(state_dict_name(rec[0]), *rec[1:]) for rec in records]
     modules_to_save = getattr(model, MODULES_TO_SAVE_ATTR, None) if adapter_name is None else None
     bias = getattr(model, BIAS_ATTR, "none") if adapter_name is None else "none"
     heads = named_modules_to_save(model, modules_to_save, op) if modules_to_save else []
@@ -1058,7 +1082,7 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
     lora_alpha = _most_common([rec[4] for rec in records])
     rank_pattern = _pattern([(rec[0], rec[3]) for rec in records], r)
     alpha_pattern = _pattern([(rec[0], rec[4]) for rec in records], lora_alpha)
-    target_modules = _target_modules_for(model, [rec[0] for rec in records], op, modules_to_save if heads else None)
+    target_modules = _target_modules_for(model, module_names, op, modules_to_save if heads else None)
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(model, "name_or_path", None) or getattr(
             getattr(model, "config", None), "_name_or_path", None) or None
@@ -1102,8 +1126,8 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
         tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = _to_saved(op, f"{factor_names[1]} of module {name!r}", lora_b)
     for name, module in heads:
         for key, tensor in module.state_dict().items():
-            tensors[f"{KEY_PREFIX}{name}.{key}"] = _to_saved(op, f"{key!r} of module {name!r} (modules_to_save)",
-                                                             tensor)
+            tensors[f"{KEY_PREFIX}{state_dict_name(name)}.{key}"] = _to_saved(
+                op, f"{key!r} of module {name!r} (modules_to_save)", tensor)
     for file_key, (key, tensor) in _bias_file_keys(model, bias, {rec[0] for rec in records},
                                                    [name for name, _ in heads]).items():
         tensors[file_key] = _to_saved(op, f"the model's {key!r} (bias={bias!r})", tensor)

@@ -550,3 +550,47 @@ def test_factor_placements_follow_the_weights_split_in_either_layout():
         placements(Shard(0), mesh_dims=2)
     with pytest.raises(TypeError, match="expected Shard or Replicate placements"):
         placements(Partial())
+
+
+def _fsdp1_worker(rank, port, out_dir):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        x, target = (t.chunk(WORLD)[rank] for t in _batch())
+        model = FSDP(_model(), device_id=torch.device("cpu"), use_orig_params=True)  # mixed requires_grad: orig params
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _loss(model, x, target).backward()
+        try:  # outside summon_full_params the factors are views of the flat local shard
+            lk.save_peft_adapter(model, os.path.join(out_dir, "fsdp1_sharded"))
+            outside = "accepted"
+        except ValueError as exc:
+            outside = str(exc)
+        with FSDP.summon_full_params(model, writeback=False):
+            lk.save_peft_adapter(model, os.path.join(out_dir, "fsdp1_adapter"))
+        if rank == 0:
+            torch.save(outside, os.path.join(out_dir, "fsdp1_outside.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    _exit_without_teardown()
+
+
+def test_fsdp1_save_refuses_flat_shards_and_saves_the_gathered_adapter(tmp_path):
+    """FullyShardedDataParallel (FSDP1, use_orig_params=True: the frozen base and the trainable factors in one unit)
+    holds the factors as views of each rank's flat shard outside summon_full_params: saving them wrote 1-D pieces
+    under `_fsdp_wrapped_module.` keys. Refused by name; inside summon_full_params the adapter is the whole one, under
+    the model's own names."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    _run_workers(_fsdp1_worker, WORLD, tmp_path)
+    outside = torch.load(tmp_path / "fsdp1_outside.pt")
+    assert "FSDP1" in outside and "summon_full_params" in outside, outside
+    assert not (tmp_path / "fsdp1_sharded").exists()
+    model = _model()
+    saved = load_file(tmp_path / "fsdp1_adapter" / "adapter_model.safetensors")
+    assert sorted(saved) == sorted(f"base_model.model.{i}.lora_{f}.weight" for i in (0, 2, 4) for f in "AB")
+    x, _ = _batch()
+    torch.testing.assert_close(lk.load_peft_adapter(_base(), tmp_path / "fsdp1_adapter")(x), model(x), rtol=0, atol=0)

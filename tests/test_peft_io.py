@@ -214,6 +214,76 @@ def test_wrapped_models_save_and_load_under_the_model_names(tmp_path, wrap):
     assert lk.delete_adapter(multi, "a") is multi
 
 
+class _Blocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.GELU()) for _ in range(2))
+        self.head = nn.Sequential(nn.Linear(16, 4))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("wrapped", ["blocks", "linears"])
+@pytest.mark.parametrize("order", ["wrap_after_inject", "inject_after_wrap"])
+def test_checkpoint_wrapped_models_save_and_load_under_the_state_dict_names(tmp_path, wrapped, order):
+    """torch's activation-checkpoint wrapper (apply_activation_checkpointing: torchtitan's and accelerate's FSDP
+    recipes) puts `_checkpoint_wrapped_module.` into the module names and its state_dict hooks take it out again.
+    PEFT's keys follow the state dict: the file of a wrapped model is the plain model's (factors, lora_only biases
+    and a modules_to_save head alike), which PEFT and we load, and a plain file loads into a wrapped model
+    (resuming), whose wrappers stay. The wrapper's name in the keys had made PEFT load the file as a fresh adapter
+    (a warning only), and a plain file did not load into a wrapped model. Whole blocks wrapped, or each linear."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (CheckpointWrapper,
+                                                                             apply_activation_checkpointing)
+
+    def wrap(model):
+        inside_lora = {id(m) for layer in model.modules() if isinstance(layer, LoRALinear) for m in layer.modules()}
+        check = ((lambda m: isinstance(m, nn.Sequential)) if wrapped == "blocks"  # or the outermost linear layers
+                 else (lambda m: isinstance(m, (LoRALinear, nn.Linear)) and (isinstance(m, LoRALinear)
+                                                                              or id(m) not in inside_lora)))
+        apply_activation_checkpointing(model, check_fn=check)
+        return model
+
+    def base():
+        torch.manual_seed(0)
+        return _Blocks()
+
+    def inject(model):
+        return lk.inject_lora(model, r"layers\.\d\.0", r=4, init_lora_weights=False, bias="lora_only",
+                              modules_to_save=["head"], backend=BACKEND)
+
+    plain = inject(base())
+    with torch.no_grad():  # trained biases and head
+        for name, tensor in plain.named_parameters():
+            if name.endswith("bias") or name.startswith("head"):
+                tensor.add_(0.25)
+    model = wrap(inject(base())) if order == "wrap_after_inject" else inject(wrap(base()))
+    assert any(isinstance(m, CheckpointWrapper) for m in model.modules())
+    model.load_state_dict(plain.state_dict())  # the wrapper's hooks: the plain model's keys
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
+    lk.save_peft_adapter(plain, tmp_path / "plain")
+    lk.save_peft_adapter(model, tmp_path / "wrapped")
+    files = [load_file(tmp_path / d / "adapter_model.safetensors") for d in ("plain", "wrapped")]
+    assert sorted(files[1]) == sorted(files[0]) and all(torch.equal(files[1][k], files[0][k]) for k in files[0])
+    assert "base_model.model.layers.0.0.base_layer.bias" in files[0] and "base_model.model.head.0.weight" in files[0]
+    configs = [json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("plain", "wrapped")]
+    assert configs[1] == configs[0]
+    torch.testing.assert_close(lk.load_peft_adapter(base(), tmp_path / "wrapped", backend=BACKEND)(x), plain(x),
+                               rtol=0, atol=0)
+    resumed = lk.load_peft_adapter(wrap(base()), tmp_path / "plain", backend=BACKEND)
+    assert any(isinstance(m, CheckpointWrapper) for m in resumed.modules())
+    assert sum(isinstance(m, LoRALinear) for m in resumed.modules()) == 2
+    torch.testing.assert_close(resumed(x), plain(x), rtol=0, atol=0)
+    peft = pytest.importorskip("peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(base(), tmp_path / "wrapped")
+    torch.testing.assert_close(theirs(x), plain(x))
+
+
 def test_a_second_inject_lora_adds_to_the_adapter(tmp_path):
     """inject_lora twice (say q_proj, then v_proj with another rank) is one adapter: the first call's LoRA layers,
     modules_to_save and bias mode stay trained and saved. The second call froze the first call's factors and dropped
