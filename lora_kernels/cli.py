@@ -202,13 +202,27 @@ def _add_bench_parser(sub):
     return p
 
 
+def _is_stream(path):
+    """PATH names something that exists and is neither a regular file nor a folder (a device such as /dev/null or
+    /dev/stdout, a FIFO, a process substitution's /dev/fd/N), following links."""
+    return os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path)
+
+
 def _write_json(result, path):
-    """Written to a temporary file and renamed, so a run killed mid-write never leaves a truncated file."""
+    """Written to a temporary file and renamed, so a run killed mid-write never leaves a truncated file. The rename
+    goes to the file a link points at (the link stays), and a device or FIFO is written in place: renaming over it
+    had replaced /dev/null (as root) or a link with a regular file."""
     from lora_kernels.compare import to_json
+    text = to_json(result) + "\n"
+    if _is_stream(path):
+        with open(path, "w") as f:
+            f.write(text)
+        return
+    path = os.path.realpath(path)
     tmp = f"{path}.tmp"
     try:
         with open(tmp, "w") as f:
-            f.write(to_json(result) + "\n")
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         if os.path.isfile(tmp):  # no half-written file left next to the target
@@ -223,11 +237,13 @@ def _output_paths_ok(command, args):
         path = getattr(args, option, None)
         if path is None:
             continue
-        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        folder = os.path.dirname(os.path.realpath(path)) if path else None
         if not path:
             problem = "expected a file path, got ''"
         elif os.path.isdir(path):
             problem = "is a folder, expected a file path"
+        elif _is_stream(path):  # /dev/stdout, a FIFO: written in place, its folder need not be writable
+            problem = None if os.access(path, os.W_OK) else "cannot be written"
         elif not os.path.isdir(folder):
             problem = f"the folder {folder} does not exist"
         else:
@@ -291,7 +307,8 @@ def run_bench_command(args):
     except ValueError as exc:
         print(f"lora-kernels {exc}", file=sys.stderr)
         return 2
-    on_update = (lambda partial: _write_json(partial, args.save)) if args.save else None
+    # a stream (/dev/stdout, a FIFO) gets the whole result once, not a document per measurement
+    on_update = (lambda partial: _write_json(partial, args.save)) if args.save and not _is_stream(args.save) else None
     result = bench.run_bench(config, on_update=on_update)
     if args.save:
         _write_json(result, args.save)

@@ -1,14 +1,18 @@
 """The command line: `lora-kernels info | compare | bench` (in-process and as subprocesses) and scripts/gpu_check.sh
 (syntax, and its --dry-run on CPU). Structure only: no timing is asserted."""
 
+import argparse
 import json
 import os
 import pathlib
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
+import tempfile
+import threading
 
 import pytest
 
@@ -498,3 +502,45 @@ def test_bench_save_holds_the_rows_so_far_then_the_whole_result(monkeypatch, tmp
     monkeypatch.setattr(bench, "run_bench", finishing)
     assert cli.main(QUICK_BENCH + ["--save", str(saved), "--json"]) == 0
     assert json.loads(saved.read_text()) == {"rows": [1, 2], "partial": False}
+
+
+def test_save_through_a_link_writes_the_file_it_points_at(tmp_path):
+    # _write_json renamed its temporary file over PATH: a link (latest.json -> runs/42.json) became a regular file and
+    # the file it pointed at kept its old content
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "42.json").write_text("old")
+    link = tmp_path / "latest.json"
+    link.symlink_to("runs/42.json")
+    cli._write_json({"a": 1}, str(link))
+    assert link.is_symlink()
+    assert json.loads((tmp_path / "runs" / "42.json").read_text()) == {"a": 1}
+    assert sorted(os.listdir(tmp_path / "runs")) == ["42.json"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_save_to_a_fifo_or_device_writes_into_it_and_leaves_it_one(tmp_path):
+    # --save /dev/stdout, --save >(jq .), --save /dev/null: the rename had replaced the FIFO or device (as root:
+    # /dev/null itself) with a regular file, and a reader of the FIFO got nothing
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(open(fifo).read()), daemon=True)
+    reader.start()
+    cli._write_json({"a": 1}, str(fifo))
+    reader.join(timeout=10)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert got and json.loads(got[0]) == {"a": 1}
+    assert not (tmp_path / "pipe.tmp").exists()
+
+
+def test_a_writable_stream_in_a_folder_that_cannot_be_written_is_accepted(tmp_path, monkeypatch):
+    # --save /dev/stdout as a normal user: /dev is not writable, /dev/stdout is; it had been refused with
+    # "cannot write in the folder /dev"
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+
+    def unwritable(*args, dir=None, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", unwritable)
+    assert cli._output_paths_ok("compare", argparse.Namespace(save=str(fifo), plot=None))
