@@ -568,3 +568,28 @@ def test_the_grouped_triton_ops_refuse_every_input_that_requires_grad(op, argume
             lora_b = randn(2, 6, 4, device=device).requires_grad_(True)
             torch.ops.lora_kernels_triton.sgmv_expand(randn(3, 4, device=device), lora_b, *meta, ranks,
                                                       torch.zeros(3, 6, device=device), 0, "auto")
+
+
+@pytest.mark.parametrize("call", ["expand", "shrink_out", "add_lora"])
+def test_eager_launches_bump_the_version_of_the_output_they_write(call, device):
+    """The eager Triton path launches without the dispatcher, which bumps the version of a custom op's mutated
+    argument: the launchers bump it themselves, so autograd refuses a backward that saved the output before it was
+    overwritten, as it does on the torch, cpu and reference backends (before, w.grad silently took the new values)."""
+    from lora_kernels import ops as lk_ops
+    ids = make_ids("mixed_neg", 6, 2, device)
+    batch = LoRABatch.from_adapter_ids(ids, 2)
+    (A,), (B,), ranks, scalings = make_weights(2, [4, 3], 8, [5], torch.float32, device)
+    x = randn(6, 8, device=device)
+    out = torch.ones(6, 4 if call == "shrink_out" else 5, device=device)
+    w = torch.ones_like(out, requires_grad=True)
+    loss = (w * out).sum()  # saves out for w's gradient
+    with torch.no_grad():
+        if call == "expand":
+            t = lk_ops.lora_shrink(x, A, batch, scalings, ranks, backend="triton")
+            lk_ops.lora_expand(t, B, batch, out, 0, ranks, backend="triton")
+        elif call == "shrink_out":
+            lk_ops.lora_shrink(x, A, batch, scalings, ranks, backend="triton", out=out)
+        else:
+            lk_ops.add_lora(out, x, [A], [B], batch, scalings, ranks, [5], backend="triton")
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
