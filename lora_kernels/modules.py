@@ -268,7 +268,8 @@ class LoRALinear(nn.Module):
 
     @staticmethod
     def _check_lora_args(op, r, lora_alpha, lora_dropout, backend):
-        """Raises for a bad argument; returns r as an int."""
+        """Raises for a bad argument; returns r and lora_alpha as Python numbers (numpy's from a sweep's grid: a numpy
+        scaling broke torch.compile(fullgraph=True), which traces it as an ndarray, and json in save_peft_adapter)."""
         r = positive_int(op, "r", r)
         if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real):
             raise TypeError(f"{op}: lora_alpha expected a number, got {lora_alpha!r}")
@@ -277,12 +278,12 @@ class LoRALinear(nn.Module):
         if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real) or not 0 <= lora_dropout < 1:
             raise ValueError(f"{op}: lora_dropout expected a number in [0, 1), got {lora_dropout!r}")
         check_backend_name(op, backend)
-        return r
+        return r, (int(lora_alpha) if isinstance(lora_alpha, numbers.Integral) else float(lora_alpha))
 
     def _init_lora(self, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, backend, autocast_adapter_dtype,
                    op):
         """The adapter half of construction, shared by __init__ and from_linear (the base weight exists already)."""
-        r = self._check_lora_args(op, r, lora_alpha, lora_dropout, backend)
+        r, lora_alpha = self._check_lora_args(op, r, lora_alpha, lora_dropout, backend)
         use_rslora = check_flag(op, "use_rslora", use_rslora)  # a truthy string such as "no" switched rsLoRA on
         autocast_adapter_dtype = check_flag(op, "autocast_adapter_dtype", autocast_adapter_dtype)
         self.r, self.lora_alpha, self.use_rslora, self.lora_dropout = r, lora_alpha, use_rslora, float(lora_dropout)
@@ -1668,8 +1669,9 @@ class set_batch_adapters:
 def disable_adapter(model):
     """Within this context every LoRALinear of `model` computes its base layer only (PEFT's
     `with model.disable_adapter():`, e.g. the reference model of DPO without a second copy); on exit each layer is
-    as it was. A merged layer cannot be disabled: RuntimeError before any layer changes. MultiLoRALinear layers
-    select adapters per row: use set_batch_adapters(model, "__base__") there. modules_to_save heads and trained
+    as it was. A merged layer cannot be disabled: RuntimeError before any layer changes. MultiLoRALinear layers beside
+    them compute the base model too (unless a forward passes them adapter ids); a model with MultiLoRALinear layers
+    only is refused: use set_batch_adapters(model, "__base__") there. modules_to_save heads and trained
     biases are not switched off (they hold the trained values in place; a warning says so for heads)."""
     wrapper, model = model, unwrap_model(model, "disable_adapter")
     layers = [module for module in model.modules() if isinstance(module, LoRALinear)]
@@ -1688,11 +1690,15 @@ def disable_adapter(model):
     if merged:
         raise RuntimeError(f"disable_adapter: layers {merged[:3]}{' ...' if len(merged) > 3 else ''} are merged; "
                            f"unmerge() them first")
+    multi = any(isinstance(module, MultiLoRALinear) for module in model.modules())
     previous = [layer.disable_adapters for layer in layers]
     for layer in layers:
         layer.disable_adapters = True
     try:
-        yield wrapper
+        # MultiLoRALinear layers beside them (inject_lora on modules that prepare_multi_adapter left out) compute the
+        # base model too: they added the adapter set_batch_adapters named (adapter ids a forward is given still win)
+        with set_batch_adapters(model, BASE_ADAPTER) if multi else contextlib.nullcontext():
+            yield wrapper
     finally:
         for layer, flag in zip(layers, previous):
             layer.disable_adapters = flag

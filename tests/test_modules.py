@@ -1631,3 +1631,44 @@ def test_hooks_on_a_replaced_or_wrapped_layer_get_a_warning(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         merge_and_unload(inject_lora(nn.Sequential(nn.Linear(8, 8)), ["0"]))
+
+
+def test_a_numpy_lora_alpha_is_kept_as_a_python_number(tmp_path):
+    """lora_alpha from numpy (a sweep's grid, as r already is: test_layer_sizes_and_ranks_take_numpy_integers_...)
+    was stored as given: its numpy scaling made torch.compile(fullgraph=True) fail ("scaling expected a real number,
+    got ndarray": dynamo traces numpy scalars as arrays) and save_peft_adapter fail after training ("Object of type
+    float32 is not JSON serializable")."""
+    np = pytest.importorskip("numpy")
+    import json
+    x = torch.randn(3, 8)
+    for alpha, expected in ((np.float32(16), 16.0), (np.int64(16), 16), (np.float64(12.5), 12.5)):
+        layer = LoRALinear(8, 6, r=4, lora_alpha=alpha, init_lora_weights=False)
+        assert type(layer.lora_alpha) is type(expected) and layer.lora_alpha == expected
+        assert type(layer.scaling) is float and layer.scaling == expected / 4
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(layer, fullgraph=True, backend="eager")(x), layer(x))
+        model = inject_lora(nn.Sequential(nn.Linear(8, 6)), ["0"], r=4, lora_alpha=alpha)
+        save_peft_adapter(model, tmp_path)
+        assert json.loads((tmp_path / "adapter_config.json").read_text())["lora_alpha"] == expected
+
+
+def test_disable_adapter_computes_the_base_model_beside_multi_lora_layers():
+    """inject_lora layers may sit beside prepared ones (README: they apply to every row); lk.disable_adapter switched
+    off the LoRALinear layers only, and the MultiLoRALinear layers kept adding the adapter set_batch_adapters named:
+    not the base model, without a word. On exit the names in effect before are back."""
+    import copy
+    import warnings
+    import lora_kernels as lk
+    base = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    model = lk.prepare_multi_adapter(copy.deepcopy(base), ["0"], 2, 4)
+    model[0].set_adapter(0, torch.randn(2, 8), torch.randn(8, 2), 1.0)
+    model.lora_adapter_slots["a"] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lk.inject_lora(model, ["2"], r=2, init_lora_weights=False)
+    x = torch.randn(3, 8)
+    with lk.set_batch_adapters(model, "a"):
+        adapted = model(x)
+        with lk.disable_adapter(model):
+            assert torch.allclose(model(x), base(x), atol=1e-6)
+        assert torch.equal(model(x), adapted)
