@@ -518,6 +518,27 @@ def _split_base_layers(targets, tensors, file, adapter_name, op):
     return found, rest
 
 
+# On the model: the state-dict names of the embedding layers whose whole state the adapter file that
+# load_peft_adapter read held (PEFT's save_embedding_layers), which save_peft_adapter writes again by default
+EMBEDDING_LAYERS_ATTR = "lora_embedding_layers"
+
+
+def _embedding_layers(model, skip):
+    """[(name, module)] of the model's input and output embedding layers (transformers' get_input_embeddings /
+    get_output_embeddings: embed_tokens, lm_head) but the modules named in `skip` (LoRA targets, whose base layer
+    PEFT saves as `<layer>.base_layer.*`, and modules_to_save modules, saved whole anyway)."""
+    layers = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            layer = getattr(model, getter)() if callable(getattr(model, getter, None)) else None
+        except (NotImplementedError, AttributeError):
+            layer = None
+        if isinstance(layer, nn.Module):
+            layers.append(layer)
+    return [(name, module) for name, module in model.named_modules()
+            if name and name not in skip and any(module is layer for layer in layers)]
+
+
 def _split_embedding_layers(model, targets, heads, tensors, file, adapter_name, op):
     """([(state-dict key, model tensor, file tensor)] for the input and output embedding layers (embed_tokens,
     lm_head) that the file holds whole, the remaining tensors). PEFT saves them under their plain keys
@@ -526,17 +547,7 @@ def _split_embedding_layers(model, targets, heads, tensors, file, adapter_name, 
     tensors are `<layer>.base_layer.*` (_split_base_layers); a modules_to_save module's are taken out before."""
     found, rest = [], dict(tensors)
     skip = {name for name, _ in targets} | {name for name, *_ in heads}
-    layers = []
-    for getter in ("get_input_embeddings", "get_output_embeddings"):
-        try:
-            layer = getattr(model, getter)() if callable(getattr(model, getter, None)) else None
-        except (NotImplementedError, AttributeError):
-            layer = None
-        if isinstance(layer, nn.Module) and all(layer is not other for other in layers):
-            layers.append(layer)
-    for name, module in model.named_modules():
-        if not name or all(module is not layer for layer in layers) or name in skip:
-            continue
+    for name, module in _embedding_layers(model, skip):
         key_name = state_dict_name(name)
         for leaf, current in module.state_dict(keep_vars=True).items():
             file_key = f"{KEY_PREFIX}{key_name}.{leaf}"
@@ -688,6 +699,11 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
                              f"{' ...' if len(stale) > 5 else ''}); they would keep other weights. Load into the base "
                              f"model or a model injected with the adapter's target_modules")
         _commit_single(model, config, plan, grouped, heads, biases, base_tensors, backend, autocast_adapter_dtype)
+        embedding_layers = sorted({key.rpartition(".")[0] for key, *_ in embedding_tensors})
+        if embedding_layers:
+            setattr(model, EMBEDDING_LAYERS_ATTR, embedding_layers)
+        elif hasattr(model, EMBEDDING_LAYERS_ATTR):
+            delattr(model, EMBEDDING_LAYERS_ATTR)
         _record_task_type(model, config.task_type)
         enable_input_grads_for_checkpointing(model)
     else:
@@ -1035,7 +1051,8 @@ def _target_modules_for(model, names, op, modules_to_save=None):
     return regex
 
 
-def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_model_name_or_path=None):
+def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_model_name_or_path=None,
+                      save_embedding_layers="auto"):
     """Writes the LoRA adapter of `model` to directory `path` (created if needed) in PEFT's format:
     adapter_config.json and adapter_model.safetensors, which `peft.PeftModel.from_pretrained(base, path)` loads.
 
@@ -1050,9 +1067,15 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
 
     task_type: PEFT's task type for the config, e.g. "CAUSAL_LM", which AutoPeftModelForCausalLM needs (None:
     the task type of the file load_peft_adapter read, if any, else none, as PEFT's default). base_model_name_or_path:
-    None takes the model's own (from_pretrained's path)."""
+    None takes the model's own (from_pretrained's path). save_embedding_layers (PEFT's option): True also writes the
+    whole state of the model's input and output embedding layers (those of a resized vocabulary: the new tokens'
+    rows), as PEFT does, under their own keys, which load_peft_adapter and PEFT load over the model's; "auto" those
+    that the adapter file load_peft_adapter read held (PEFT's "auto" looks the base model's vocabulary size up);
+    False none. LoRA layers and modules_to_save modules are saved as such, never as embedding layers."""
     op = "save_peft_adapter"
     model = unwrap_model(model, op)
+    if not (save_embedding_layers is True or save_embedding_layers is False or save_embedding_layers == "auto"):
+        raise ValueError(f"{op}: save_embedding_layers expected True, False or 'auto', got {save_embedding_layers!r}")
     _check_path(op, path)
     _check_directory_to_create(op, path)
     _check_adapter_name(op, adapter_name)
@@ -1131,6 +1154,17 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
     for file_key, (key, tensor) in _bias_file_keys(model, bias, {rec[0] for rec in records},
                                                    [name for name, _ in heads]).items():
         tensors[file_key] = _to_saved(op, f"the model's {key!r} (bias={bias!r})", tensor)
+    embedding_layers = _embedding_layers(model, {*module_names, *(name for name, _ in heads)})
+    if save_embedding_layers == "auto":
+        loaded = getattr(model, EMBEDDING_LAYERS_ATTR, ()) if adapter_name is None else ()
+        embedding_layers = [(name, module) for name, module in embedding_layers if state_dict_name(name) in loaded]
+    elif save_embedding_layers and not embedding_layers:
+        raise ValueError(f"{op}: save_embedding_layers=True, but the model has no input or output embedding layer "
+                         f"(get_input_embeddings / get_output_embeddings) but its LoRA layers and modules_to_save")
+    for name, module in embedding_layers if save_embedding_layers else ():
+        for key, tensor in module.state_dict().items():
+            tensors[f"{KEY_PREFIX}{state_dict_name(name)}.{key}"] = _to_saved(
+                op, f"{key!r} of embedding layer {name!r}", tensor)
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
     os.makedirs(path, exist_ok=True)

@@ -1833,12 +1833,59 @@ def test_embedding_layers_peft_saves_for_a_resized_vocabulary_load_as_peft_loads
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=ids).logits, expected)
     assert not ours.model.embed_tokens.weight.requires_grad and not ours.lm_head.weight.requires_grad
+    # saved again (save_embedding_layers="auto": those the file held), they come back for PEFT too
+    lk.save_peft_adapter(ours, tmp_path / "again")
+    again = load_file(tmp_path / "again" / "adapter_model.safetensors")
+    theirs_file = load_file(tmp_path / "adapter_model.safetensors")
+    for key in ("base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"):
+        assert torch.equal(again[key], theirs_file[key]), key
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(base(), tmp_path / "again")
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, expected)
     other = base(vocab=100)  # not resized: refused by key and shapes, the model unchanged
     before = {k: v.clone() for k, v in other.state_dict().items()}
     with pytest.raises(ValueError, match=r"embed_tokens\.weight.*expected shape \[100, 64\].*got shape \[104, 64\]"):
         lk.load_peft_adapter(other, tmp_path, backend=BACKEND)
     assert not any(isinstance(m, LoRALinear) for m in other.modules())
     assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+
+
+def test_save_embedding_layers_writes_a_resized_vocabulary_as_peft_does(tmp_path):
+    """New tokens (resize_token_embeddings, their rows trained or initialised at the resize) live in the embedding
+    layers, which the LoRA factors do not hold: save_embedding_layers=True writes them under their own keys, as PEFT's
+    option does, and they load over a resized base model's; the default ("auto": none that a loaded file did not
+    hold) and False write none; anything else is refused by name before a file is written."""
+    transformers = pytest.importorskip("transformers")
+    from conftest import tiny_llama_config
+
+    def base():
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(tiny_llama_config(vocab_size=100, tie_word_embeddings=False)).eval()
+        model.resize_token_embeddings(104)
+        return model
+
+    model = lk.inject_lora(base(), ["q_proj", "v_proj"], r=4, init_lora_weights=False, backend=BACKEND)
+    with torch.no_grad():  # the new tokens' rows, as trained
+        model.model.embed_tokens.weight[100:] += 1.0
+        model.lm_head.weight[100:] -= 1.0
+    embedding_keys = {"base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"}
+    for option in ("auto", False):
+        lk.save_peft_adapter(model, tmp_path / str(option), save_embedding_layers=option)
+        assert not embedding_keys & set(load_file(tmp_path / str(option) / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=r"save_embedding_layers expected True, False or 'auto', got 'yes'"):
+        lk.save_peft_adapter(model, tmp_path / "bad", save_embedding_layers="yes")
+    assert not (tmp_path / "bad").exists()
+    lk.save_peft_adapter(model, tmp_path / "with", save_embedding_layers=True)
+    assert embedding_keys <= set(load_file(tmp_path / "with" / "adapter_model.safetensors"))
+    ids = torch.tensor([[1, 5, 101, 102]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        loaded = lk.load_peft_adapter(base(), tmp_path / "with", backend=BACKEND)
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=0, atol=0)
+        without = lk.load_peft_adapter(base(), tmp_path / "auto", backend=BACKEND)
+        assert not torch.equal(without(input_ids=ids).logits, expected)  # the new tokens' rows are the resize's
 
 
 def test_a_lora_layer_whose_name_ends_another_modules_saves_with_a_regex_target(tmp_path):
