@@ -67,7 +67,7 @@ def test_forward(dev, dtype, M, K, N, r, bias, poisoned_empty):
     assert y.dtype == dtype and y.shape == (M, N)
     assert s.dtype == torch.float32 and s.shape == (M, r)
     assert_close(y, reference.lora_linear(x, weight, lora_a, lora_b, SCALING, b), dtype, "y")
-    assert_close(s, ref_s(x, lora_a), torch.float32, "s")  # fp32 accumulation of exact products
+    assert_close(s, ref_s(x, lora_a), torch.float32, "s", tf32=True)  # fp32 accumulation of exact products
 
 
 @pytest.mark.parametrize("M,K,N,r", CASES)
@@ -81,14 +81,14 @@ def test_backward(dev, dtype, M, K, N, r, poisoned_empty):
     assert d_lora_b.dtype == ds.dtype == torch.float32
     assert d_lora_b.shape == (N, r) and ds.shape == (M, r)
     # s, ds are fp32 results of rounded-precision inputs: the fp32 tolerance covers them.
-    assert_close(d_lora_b, ref["lora_b"], torch.float32, "d_lora_b")
-    assert_close(ds, SCALING * dy.double() @ lora_b.double(), torch.float32, "ds")
+    assert_close(d_lora_b, ref["lora_b"], torch.float32, "d_lora_b", tf32=True)
+    assert_close(ds, SCALING * dy.double() @ lora_b.double(), torch.float32, "ds", tf32=True)
     dx = tk.lora_bwd_dx(dy, ds, weight, lora_a)
     assert dx.dtype == dtype and dx.shape == (M, K)
     assert_close(dx, ref["x"], dtype, "dx")
     d_lora_a = tk.lora_bwd_da(ds, x)
     assert d_lora_a.dtype == torch.float32 and d_lora_a.shape == (r, K)
-    assert_close(d_lora_a, ref["lora_a"], torch.float32, "d_lora_a")
+    assert_close(d_lora_a, ref["lora_a"], torch.float32, "d_lora_a", tf32=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -107,9 +107,9 @@ def test_non_contiguous_inputs(dev, dtype, poisoned_empty):
     ref = reference.lora_linear_backward(dy, x, weight, lora_a, lora_b, SCALING)
     s_t = s.T.contiguous().T  # an fp32 s with column-major strides
     d_lora_b, ds = tk.lora_bwd_dy(dy, s_t, lora_b, SCALING)
-    assert_close(d_lora_b, ref["lora_b"], torch.float32, "d_lora_b")
+    assert_close(d_lora_b, ref["lora_b"], torch.float32, "d_lora_b", tf32=True)
     assert_close(tk.lora_bwd_dx(dy, ds, weight, lora_a), ref["x"], dtype, "dx")
-    assert_close(tk.lora_bwd_da(ds, x), ref["lora_a"], torch.float32, "d_lora_a")
+    assert_close(tk.lora_bwd_da(ds, x), ref["lora_a"], torch.float32, "d_lora_a", tf32=True)
 
 
 # Operands whose element span passes 2**31 with strides below it (Triton passes those as int32): views with a huge
@@ -214,8 +214,8 @@ def test_launcher_operands_spanning_past_2_to_the_31_elements(dev, launcher, mon
     if launcher == "lora_bwd_dy":
         s = randn(M, r, device=dev)
         d_lora_b, ds = tk.lora_bwd_dy(_huge_span_copy(dy, (1, HUGE)), s, lora_b, SCALING)
-        assert_close(d_lora_b, SCALING * dy.double().T @ s.double(), torch.float32, "d_lora_b")
-        assert_close(ds, SCALING * dy.double() @ lora_b.double(), torch.float32, "ds")
+        assert_close(d_lora_b, SCALING * dy.double().T @ s.double(), torch.float32, "d_lora_b", tf32=True)
+        assert_close(ds, SCALING * dy.double() @ lora_b.double(), torch.float32, "ds", tf32=True)
     else:
         ds = randn(M, r, device=dev)
         dx = tk.lora_bwd_dx(_huge_span_copy(dy, (1, HUGE)), _huge_span_copy(ds, (1, HUGE_RANK)), weight, lora_a)
@@ -362,10 +362,10 @@ def test_backward_split_paths(dev, dtype, split, dropout_p, monkeypatch, poisone
         ref = reference.lora_linear_backward(dy, x, weight, lora_a, lora_b, SCALING, dropout_mask=mask)
         _, s = tk.lora_fwd(x, weight, lora_a, lora_b, SCALING, dropout_p=dropout_p, seed=seed)
         d_lora_b, ds = tk.lora_bwd_dy(dy, s, lora_b, SCALING)
-        assert_close(d_lora_b, ref["lora_b"], torch.float32, "d_lora_b")
-        assert_close(ds, SCALING * dy.double() @ lora_b.double(), torch.float32, "ds")
+        assert_close(d_lora_b, ref["lora_b"], torch.float32, "d_lora_b", tf32=True)
+        assert_close(ds, SCALING * dy.double() @ lora_b.double(), torch.float32, "ds", tf32=True)
         d_lora_a = tk.lora_bwd_da(ds, x, dropout_p=dropout_p, seed=seed)
-        assert_close(d_lora_a, ref["lora_a"], torch.float32, "d_lora_a")
+        assert_close(d_lora_a, ref["lora_a"], torch.float32, "d_lora_a", tf32=True)
         again = tk.lora_bwd_dy(dy, s, lora_b, SCALING)
         assert torch.equal(again[0], d_lora_b) and torch.equal(again[1], ds)
         assert torch.equal(tk.lora_bwd_da(ds, x, dropout_p=dropout_p, seed=seed), d_lora_a)
@@ -414,7 +414,7 @@ def test_shrink_split_paths(dev, dtype, split, dropout_p, monkeypatch, poisoned_
         mask = tk.dropout_mask(seed, M, K, dropout_p, dev)
         y, s = tk.lora_fwd(x, weight, lora_a, lora_b, SCALING, b, dropout_p=dropout_p, seed=seed)
         assert s.shape == (M, r) and s.dtype == torch.float32
-        assert_close(s, ref_s(x, lora_a, mask), torch.float32, "s")
+        assert_close(s, ref_s(x, lora_a, mask), torch.float32, "s", tf32=True)
         assert_close(y, reference.lora_linear(x, weight, lora_a, lora_b, SCALING, b, dropout_mask=mask), dtype, "y")
         again = tk.lora_fwd(x, weight, lora_a, lora_b, SCALING, b, dropout_p=dropout_p, seed=seed)
         assert torch.equal(again[0], y) and torch.equal(again[1], s)
@@ -459,13 +459,13 @@ def test_dropout_forward_and_backward_share_the_mask(dev, dtype, poisoned_empty)
         mask = tk.dropout_mask(seed, M, K, p, dev)
         y, s = tk.lora_fwd(x, weight, lora_a, lora_b, SCALING, b, dropout_p=p, seed=seed)
         assert_close(y, reference.lora_linear(x, weight, lora_a, lora_b, SCALING, b, dropout_mask=mask), dtype, "y")
-        assert_close(s, ref_s(x, lora_a, mask), torch.float32, "s")
+        assert_close(s, ref_s(x, lora_a, mask), torch.float32, "s", tf32=True)
         dy = randn(M, N, dtype=dtype, device=dev)
         ref = reference.lora_linear_backward(dy, x, weight, lora_a, lora_b, SCALING, dropout_mask=mask)
         d_lora_b, ds = tk.lora_bwd_dy(dy, s, lora_b, SCALING)
-        assert_close(d_lora_b, ref["lora_b"], torch.float32, "d_lora_b")
+        assert_close(d_lora_b, ref["lora_b"], torch.float32, "d_lora_b", tf32=True)
         assert_close(tk.lora_bwd_dx(dy, ds, weight, lora_a, dropout_p=p, seed=seed), ref["x"], dtype, "dx")
-        assert_close(tk.lora_bwd_da(ds, x, dropout_p=p, seed=seed), ref["lora_a"], torch.float32, "d_lora_a")
+        assert_close(tk.lora_bwd_da(ds, x, dropout_p=p, seed=seed), ref["lora_a"], torch.float32, "d_lora_a", tf32=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -498,7 +498,7 @@ def test_dropout_seeds_change_the_result_and_p1_drops_everything(dev):
     assert not torch.equal(s1, s2)
     y, s = tk.lora_fwd(x, weight, lora_a, lora_b, SCALING, dropout_p=1.0, seed=1)
     assert torch.all(s == 0)
-    assert_close(y, x.double() @ weight.double().T, torch.float32, "y with everything dropped")
+    assert_close(y, x.double() @ weight.double().T, torch.float32, "y with everything dropped", tf32=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -701,8 +701,8 @@ def test_fp32_dy_launch_takes_rank_chunks_of_16(dev, monkeypatch):
         s = randn(M, r, device=dev)
         d_lora_b, ds = tk.lora_bwd_dy(dy, s, lora_b, SCALING)
         assert [(grid[1], chunk) for grid, chunk in launches] == [(r // block_r, block_r)], (dtype, launches)
-        assert_close(d_lora_b, SCALING * dy.double().T @ s.double(), torch.float32, "d_lora_b")
-        assert_close(ds, SCALING * dy.double() @ lora_b.double(), torch.float32, "ds")
+        assert_close(d_lora_b, SCALING * dy.double().T @ s.double(), torch.float32, "d_lora_b", tf32=True)
+        assert_close(ds, SCALING * dy.double() @ lora_b.double(), torch.float32, "ds", tf32=True)
 
 # (M, K, N, r) for the TMA forward: rows past DECODE_MAX_M, K a multiple of 8 (16-byte rows, which a descriptor
 # needs) but not of the interpreter's 32-wide K blocks in the second case (the descriptor zero-fills the tail),
@@ -730,7 +730,7 @@ def test_tma_forward(dev, dtype, M, K, N, r, bias, monkeypatch, poisoned_empty):
     assert tk._use_tma(x, weight)
     y, s = tk.lora_fwd(x, weight, lora_a, lora_b, SCALING, b)
     assert_close(y, reference.lora_linear(x, weight, lora_a, lora_b, SCALING, b), dtype, "y")
-    assert_close(s, ref_s(x, lora_a), torch.float32, "s")
+    assert_close(s, ref_s(x, lora_a), torch.float32, "s", tf32=True)
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25], ids=["nodrop", "drop"])
@@ -790,7 +790,7 @@ def test_tma_leaves_empty_operands_to_the_pointer_kernels(dev, monkeypatch):
     assert not tk._use_tma(x, weight)
     y, s = tk.lora_fwd(x, weight, lora_a, lora_b, SCALING)
     assert y.shape == (M, 0) and s.shape == (M, r)
-    assert_close(s, ref_s(x, lora_a), torch.float32, "s")
+    assert_close(s, ref_s(x, lora_a), torch.float32, "s", tf32=True)
     dy = randn(M, 0, dtype=dtype, device=dev)
     assert not tk._use_tma(dy, weight)
     dx = tk.lora_bwd_dx(dy, s, weight, lora_a)
@@ -873,7 +873,7 @@ def test_the_largest_rank_the_triton_backend_takes(dev):
     ref_leaves = [t.double().cpu().requires_grad_(True) for t in (x, lora_a, lora_b)]
     expected = reference.lora_linear(ref_leaves[0], weight.double().cpu(), *ref_leaves[1:], SCALING,
                                      bias.double().cpu())
-    assert_close(y, expected, torch.float32, "y")
+    assert_close(y, expected, torch.float32, "y", tf32=True)
     dy = randn(3, 5, device=dev)
     y.backward(dy)
     expected.backward(dy.double().cpu())
