@@ -259,6 +259,35 @@ def test_dropout(backend, device):
     assert not torch.equal(y1, y3), "another seed must give another mask"
 
 
+def _kept(backend, device, m, k, p, seed):
+    torch.manual_seed(seed)
+    return _dropout_mask(backend, functional.new_seed(), torch.empty(m, k, device=device), p) > 0
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_dropout_drops_a_fraction_p(backend, device):
+    """The dropped fraction is p within 5 standard deviations (8192 draws): test_dropout's bounds (0.1 to 0.4 at
+    p = 0.25) let a keep probability of 1 - p/2 through (helper 127's mutant)."""
+    backend_or_skip(backend, device)
+    for p in (0.1, 0.25, 0.5):
+        dropped = 1.0 - _kept(backend, device, 64, 128, p, 5).double().mean().item()
+        assert abs(dropped - p) < 0.025, f"dropped fraction {dropped} for p={p}"
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_dropout_masks_of_different_tokens_are_independent(backend, device):
+    """No token's mask is a neighbour's shifted by s < K (a random-offset layout m*B + k with B < K makes token m+1's
+    mask token m's shifted by B, exactly: the rate and the values stay right, so no other test saw it; B = 0 gives
+    every token one mask). Independent Bernoulli draws agree on p² + (1-p)² = 58% of the elements here."""
+    backend_or_skip(backend, device)
+    m, k, p = 64, 96, 0.3
+    kept = _kept(backend, device, m, k, p, 11).cpu()
+    for shift in range(k):
+        for later, earlier in ((kept[1:, shift:], kept[:-1, :k - shift]), (kept[1:, :k - shift], kept[:-1, shift:])):
+            agree = (later == earlier).double().mean().item()
+            assert agree < 0.9, f"token m+1's mask is token m's shifted by ±{shift} ({agree:.2f} of it agrees)"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_dropout_scale_is_rounded_once(dtype, device):
     """The non-Triton backends scale kept elements by 1/(1-p) in float math, rounding once, as torch's fused dropout

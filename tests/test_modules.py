@@ -571,9 +571,10 @@ def test_new_layers_keep_the_train_eval_mode_of_what_they_replace():
 
 def test_a_refused_from_linear_leaves_the_linear_as_it_was():
     linear = nn.Linear(8, 8)
-    for kwargs, error in [(dict(r=0), ValueError), (dict(lora_alpha="x"), TypeError),
-                          (dict(backend="nope"), ValueError)]:
-        with pytest.raises(error):
+    for kwargs, error, message in [(dict(r=0), ValueError, "r expected an int >= 1, got 0"),
+                                   (dict(lora_alpha="x"), TypeError, "lora_alpha expected a number, got 'x'"),
+                                   (dict(backend="nope"), ValueError, "backend expected one of .*, got .nope.")]:
+        with pytest.raises(error, match=message):
             LoRALinear.from_linear(linear, **kwargs)
         assert linear.weight.requires_grad and linear.bias.requires_grad, kwargs
 

@@ -1665,6 +1665,34 @@ def _grouped_inputs(device, dtype=torch.float32):
     return x, weight, lora_a, lora_b, ids, torch.tensor([0.5, 2.0, 1.5]), ranks
 
 
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS + ["reference"])
+def test_multi_lora_gradients_with_finite_garbage_past_each_rank(backend, device):
+    """The padding past each rank holds finite garbage (the other tests' is NaN, zeroed for the gradient checks): a
+    backward that read A or B past the ranks (at R) passed them. The gradients are the reference's and both
+    factors' padding gets exactly zero. float32 (float64 runs the autograd composition)."""
+    backend_or_skip(backend, device)
+    num_slots, max_rank, k, n, m = 3, 8, 20, 12, 10
+    ranks = [8, 2, 5]
+    x = randn(m, k, dtype=torch.float64)
+    weight = randn(n, k, dtype=torch.float64, scale=k ** -0.5)
+    lora_a = randn(num_slots, max_rank, k, dtype=torch.float64, scale=k ** -0.5)
+    lora_b = randn(num_slots, n, max_rank, dtype=torch.float64, scale=max_rank ** -0.5)
+    ids = torch.tensor([0, 1, 2, -1, 1, 0, 2, 2, 1, 0])
+    scalings = torch.tensor([0.5, 1.0, 2.0])
+    dy = randn(m, n, dtype=torch.float64)
+    ref = [t.clone().requires_grad_(True) for t in (x, lora_a, lora_b)]
+    reference.multi_lora_linear_autograd(ref[0], weight, ref[1], ref[2], ids, scalings, None,
+                                         torch.tensor(ranks)).backward(dy)
+    leaves = [t.float().to(device).requires_grad_(True) for t in (x, lora_a, lora_b)]
+    lk.multi_lora_linear(leaves[0], weight.float().to(device), leaves[1], leaves[2], ids.to(device), scalings,
+                         ranks=ranks, backend=backend).backward(dy.float().to(device))
+    for name, leaf, expected in zip(("x", "lora_a", "lora_b"), leaves, ref):
+        assert_close(leaf.grad, expected.grad, torch.float32, f"d{name}")
+    for slot, rank in enumerate(ranks):
+        assert torch.count_nonzero(leaves[1].grad[slot, rank:]) == 0, f"dA padding of slot {slot}"
+        assert torch.count_nonzero(leaves[2].grad[slot, :, rank:]) == 0, f"dB padding of slot {slot}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("backend", GROUPED_BACKENDS + ["reference"])
 def test_multi_lora_refuses_scalings_that_require_grad(backend, dtype, device):

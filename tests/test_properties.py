@@ -22,7 +22,9 @@ DTYPE_STRATEGY = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
 
 
 @PROPERTY_SETTINGS
-@given(backend=st.sampled_from(CPU_BACKENDS), dtype=DTYPE_STRATEGY, m=st.integers(0, 9), k=st.integers(1, 40),
+# m >= 1: hypothesis shrinks towards m = 0, which spent a third of the examples on an empty result (M = 0 has tests
+# of its own)
+@given(backend=st.sampled_from(CPU_BACKENDS), dtype=DTYPE_STRATEGY, m=st.integers(1, 9), k=st.integers(1, 40),
        n=st.integers(1, 40), r=st.integers(1, 20), transpose_x=st.booleans(), has_bias=st.booleans(),
        seed=st.integers(0, 2**16))
 def test_lora_linear_property(backend, dtype, m, k, n, r, transpose_x, has_bias, seed):
@@ -36,17 +38,16 @@ def test_lora_linear_property(backend, dtype, m, k, n, r, transpose_x, has_bias,
     y = lk.lora_linear(x, weight, lora_a, lora_b, 0.75, bias, backend=backend)
     expected = reference.lora_linear(x, weight, lora_a, lora_b, 0.75, bias)
     assert y.shape == (m, n) and y.dtype == dtype
-    if m:
-        # Error against the size of what was summed, not of the result: PEFT's composition (the torch backend) rounds
-        # the base output and the LoRA term apart in 16 bits, so where they cancel (m = n = 1: one element, 0.0057
-        # from terms ~30x larger, found with 2500 examples) ‖y − ref‖ / ‖ref‖ is large for a correct sum. Dropping or
-        # misplacing any term is still an error of the order of the scale. The dtype's error grows with sqrt(k) at
-        # most a few-fold here.
-        x64, a64, b64 = (t.double().abs() for t in (x, lora_a, lora_b))
-        scale = x64 @ weight.double().abs().T + 0.75 * (x64 @ a64.T) @ b64.T
-        scale = scale + (bias.double().abs() if has_bias else 0.0)
-        assert torch.isfinite(y).all()
-        assert (y.double() - expected).norm() / scale.norm() <= 2 * TOLERANCE[dtype]
+    # Error against the size of what was summed, not of the result: PEFT's composition (the torch backend) rounds
+    # the base output and the LoRA term apart in 16 bits, so where they cancel (m = n = 1: one element, 0.0057
+    # from terms ~30x larger, found with 2500 examples) ‖y − ref‖ / ‖ref‖ is large for a correct sum. Dropping or
+    # misplacing any term is still an error of the order of the scale. The dtype's error grows with sqrt(k) at
+    # most a few-fold here.
+    x64, a64, b64 = (t.double().abs() for t in (x, lora_a, lora_b))
+    scale = x64 @ weight.double().abs().T + 0.75 * (x64 @ a64.T) @ b64.T
+    scale = scale + (bias.double().abs() if has_bias else 0.0)
+    assert torch.isfinite(y).all()
+    assert (y.double() - expected).norm() / scale.norm() <= 2 * TOLERANCE[dtype]
 
 
 @PROPERTY_SETTINGS
