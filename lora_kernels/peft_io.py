@@ -612,7 +612,8 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
     "lora_only" file without any bias, as PEFT before 0.21 saved them, loads with a warning, keeping the model's
     biases (trainable), as PEFT does. A target's own weight in the file (`<layer>.base_layer.weight`, which PEFT saves
     when target_modules names "lm_head" or "embed_tokens") is copied into the layer's base weight, frozen, as PEFT
-    loads it.
+    loads it; so are the input and output embedding layers that the file holds whole (PEFT's save_embedding_layers,
+    for a resized vocabulary), which save_peft_adapter writes again.
 
     adapter_name="name": the model was prepared with prepare_multi_adapter; the adapter goes into a slot of every
     MultiLoRALinear (the one already named so, else the first free one) and `model.lora_adapter_slots[name]` records
