@@ -913,9 +913,9 @@ def multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias=Non
     x.shape[:-1], or a LoRABatch already built for these tokens (reuse one per step across layers); scalings: [L];
     bias: [N] or None; ranks: [L] ints or None (every slot at R). Differentiable in x, lora_a and lora_b (several
     adapters trained in one batch), and in weight and bias when they require grad; not in scalings (refused when
-    they require grad). Under torch.autocast, computed
-    in the autocast dtype, like F.linear (scalings stay float32). float64 runs a torch composition, float64
-    throughout but slot by slot (L·M·R·(K+N) work): the kernels' shrink results are float32.
+    they require grad). Under torch.autocast, computed in the autocast dtype, like F.linear (scalings stay
+    float32). float64 runs a torch composition, float64 throughout but slot by slot (L·M·R·(K+N) work): the
+    kernels' shrink results are float32.
     A weight that is a tensor subclass (is_subclass_weight: torchao's quantized weights) computes its own F.linear,
     on every backend but "reference"; with gradients, in that slot-by-slot composition (its dX is the subclass's).
     """
