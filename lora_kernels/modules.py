@@ -719,6 +719,11 @@ class MultiLoRALinear(nn.Module):
         if abs(scaling) > torch.finfo(self.scalings.dtype).max:  # the slot's store below would fail half-way
             raise ValueError(f"{op}: scaling expected a finite number in the range of the slots' "
                              f"{self.scalings.dtype}, got {scaling!r}")
+        if is_dtensor(self.lora_a) or is_dtensor(self.lora_b):
+            # fully_shard (FSDP2) splits the stacked slots over the ranks: the copy below failed in torch ("mixed
+            # torch.Tensor and DTensor"), naming nothing
+            raise TypeError(f"{op}: the layer's slots are {describe(self.lora_a)} (sharded by fully_shard); set or "
+                            f"load adapters before sharding the model")
         for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):  # failed in the copy below, naming neither
             if t.is_meta and not self.lora_a.is_meta:
                 raise ValueError(f"{op}: {name} expected a tensor holding values, got one on the meta device")

@@ -112,6 +112,18 @@ def _worker(rank, port, out_dir):
                 _loss(model, x, target).backward()
             results["fsdp2"] = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
             lk.save_peft_adapter(model, os.path.join(out_dir, "fsdp2_adapter"))  # every rank: gathers the shards
+            # a named adapter loaded into sharded slots: refused by name, the slots as they were
+            multi = lk.prepare_multi_adapter(_base(), ["0", "2", "4"], max_adapters=2, max_rank=4)
+            for layer in multi:
+                if isinstance(layer, lk.MultiLoRALinear):
+                    fully_shard(layer)
+            try:
+                lk.load_peft_adapter(multi, os.path.join(out_dir, "fsdp2_adapter"), adapter_name="a")
+                results["fsdp2_multi_load"] = "accepted"
+            except TypeError as exc:
+                results["fsdp2_multi_load"] = str(exc)
+            results["fsdp2_multi_slots"] = (multi.lora_adapter_slots,  # FSDP2 shards parameters, not buffers
+                                            [int(m.ranks.sum()) for m in multi if isinstance(m, lk.MultiLoRALinear)])
             # README: float32 factors and trained 16-bit biases in one fully_shard group fail FSDP2's one-dtype
             # check; autocast_adapter_dtype=False (16-bit factors) passes it
             for float32_factors in (True, False):
@@ -165,6 +177,10 @@ def test_ddp_and_fsdp2_lora_gradients_equal_one_process_and_saved_adapters_load(
         mixed, uniform = results.pop("fsdp2_bias_all/True"), results.pop("fsdp2_bias_all/False")
         assert "uniform" in mixed and "dtype" in mixed, mixed
         assert uniform == "ok", uniform
+        refused = results.pop("fsdp2_multi_load")
+        assert "MultiLoRALinear.set_adapter: the layer's slots are a DTensor" in refused, refused
+        assert "set or load adapters before sharding the model" in refused, refused
+        assert results.pop("fsdp2_multi_slots") == ({}, [0, 0, 0])  # nothing half-applied
     assert sorted(results) == kinds
     x, _ = _batch()
     for kind in kinds:
