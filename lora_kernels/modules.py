@@ -877,8 +877,10 @@ def pattern_value(pattern, name, default):
     return default
 
 
-def _output_layer(model):
-    get = getattr(model, "get_output_embeddings", None)
+def embedding_layer(model, getter):
+    """model.<getter>() (transformers' get_input_embeddings / get_output_embeddings), or None where the model has
+    none (another nn.Module, or a transformers model without one, which raises)."""
+    get = getattr(model, getter, None)
     try:
         return get() if callable(get) else None
     except (NotImplementedError, AttributeError):
@@ -971,7 +973,7 @@ def named_target_modules(model, target_modules, exclude_modules=None, *, layers_
     if layers_pattern and layers_to_transform is None:
         raise ValueError(f"{op}: layers_pattern {layers_pattern!r} needs layers_to_transform (as in PEFT)")
     all_linear = isinstance(target_modules, str) and target_modules.lower() == "all-linear"
-    output_layer = _output_layer(model) if all_linear else None
+    output_layer = embedding_layer(model, "get_output_embeddings") if all_linear else None
     found, wrapper_prefixes = [], []
     for name, module in model.named_modules():
         if not name or any(name.startswith(prefix) for prefix in wrapper_prefixes):

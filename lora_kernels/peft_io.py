@@ -37,10 +37,10 @@ from lora_kernels.modules import (_PEFT_ONLY_HINT, BASE_ADAPTER, BIAS_ATTR, BIAS
                                   _record_bias, _record_modules_to_save, _record_task_type, _rollback_on_error,
                                   _set_submodule, _train_biases, _warn_linear_fan_in_fan_out, adapter_table_lock,
                                   check_no_accelerate_hook, check_targets_outside_heads, check_wrappable_linear,
-                                  copy_into, enable_input_grads_for_checkpointing, is_conv1d, is_layer_index,
-                                  lora_scaling, named_modules_to_save, named_target_modules, pattern_value,
-                                  resolve_batch_adapters, state_dict_name, target_module_matches, trained_biases,
-                                  unwrap_model, warn_conv1d_fan_in_fan_out, warn_dropped_hooks)
+                                  copy_into, embedding_layer, enable_input_grads_for_checkpointing, is_conv1d,
+                                  is_layer_index, lora_scaling, named_modules_to_save, named_target_modules,
+                                  pattern_value, resolve_batch_adapters, state_dict_name, target_module_matches,
+                                  trained_biases, unwrap_model, warn_conv1d_fan_in_fan_out, warn_dropped_hooks)
 from lora_kernels.ops import check_flag, is_finite_number
 
 CONFIG_NAME = "adapter_config.json"
@@ -527,14 +527,7 @@ def _embedding_layers(model, skip):
     """[(name, module)] of the model's input and output embedding layers (transformers' get_input_embeddings /
     get_output_embeddings: embed_tokens, lm_head) but the modules named in `skip` (LoRA targets, whose base layer
     PEFT saves as `<layer>.base_layer.*`, and modules_to_save modules, saved whole anyway)."""
-    layers = []
-    for getter in ("get_input_embeddings", "get_output_embeddings"):
-        try:
-            layer = getattr(model, getter)() if callable(getattr(model, getter, None)) else None
-        except (NotImplementedError, AttributeError):
-            layer = None
-        if isinstance(layer, nn.Module):
-            layers.append(layer)
+    layers = [embedding_layer(model, getter) for getter in ("get_input_embeddings", "get_output_embeddings")]
     return [(name, module) for name, module in model.named_modules()
             if name and name not in skip and any(module is layer for layer in layers)]
 
@@ -975,7 +968,6 @@ def _collect_layers(model, adapter_name, op):
         if isinstance(m, MultiLoRALinear):
             for buffer in ("ranks", "scalings"):  # read just below (int(), float()): refused by name first
                 _refuse_meta(op, f"{buffer} of module {name!r}", getattr(m, buffer))
-                _check_not_flattened(op, name, buffer, getattr(m, buffer), (m.max_adapters,))
             _check_not_flattened(op, name, "lora_a", m.lora_a, (m.max_adapters, m.max_rank, m.in_features))
             _check_not_flattened(op, name, "lora_b", m.lora_b, (m.max_adapters, m.out_features, m.max_rank))
             r = int(m.ranks[slot])
@@ -1155,14 +1147,16 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
     for file_key, (key, tensor) in _bias_file_keys(model, bias, {rec[0] for rec in records},
                                                    [name for name, _ in heads]).items():
         tensors[file_key] = _to_saved(op, f"the model's {key!r} (bias={bias!r})", tensor)
-    embedding_layers = _embedding_layers(model, {*module_names, *(name for name, _ in heads)})
+    embedding_layers = []
+    if save_embedding_layers:  # True or "auto"
+        embedding_layers = _embedding_layers(model, {*module_names, *(name for name, _ in heads)})
     if save_embedding_layers == "auto":
         loaded = getattr(model, EMBEDDING_LAYERS_ATTR, ()) if adapter_name is None else ()
         embedding_layers = [(name, module) for name, module in embedding_layers if state_dict_name(name) in loaded]
     elif save_embedding_layers and not embedding_layers:
         raise ValueError(f"{op}: save_embedding_layers=True, but the model has no input or output embedding layer "
                          f"(get_input_embeddings / get_output_embeddings) but its LoRA layers and modules_to_save")
-    for name, module in embedding_layers if save_embedding_layers else ():
+    for name, module in embedding_layers:
         for key, tensor in module.state_dict().items():
             tensors[f"{KEY_PREFIX}{state_dict_name(name)}.{key}"] = _to_saved(
                 op, f"{key!r} of embedding layer {name!r}", tensor)
