@@ -616,15 +616,13 @@ def shrink(x, lora_a, batch, scalings, ranks, *, deterministic=False, out=None, 
     than the launch)."""
     if out is None:
         out = torch.empty((*lora_a.shape[:-3], x.shape[0], lora_a.shape[-2]), dtype=torch.float32, device=x.device)
-    if _through_op(x):
-        torch.ops.lora_kernels_triton.sgmv_shrink(x, lora_a, batch.adapter_ids, batch.sorted_token_ids,
-                                                  batch.slot_counts, batch.slot_starts, scalings, ranks, out,
-                                                  bool(deterministic), path)
-        return out
-    _launch_shrink(x, lora_a, batch.adapter_ids, batch.sorted_token_ids, batch.slot_counts, batch.slot_starts,
-                   scalings, ranks, out, bool(deterministic), path)
+    through_op = _through_op(x)
+    run = torch.ops.lora_kernels_triton.sgmv_shrink if through_op else _launch_shrink
+    run(x, lora_a, batch.adapter_ids, batch.sorted_token_ids, batch.slot_counts, batch.slot_starts, scalings, ranks,
+        out, bool(deterministic), path)
     # The dispatcher bumps a custom op's mutated argument; a direct launch must, or autograd would not see the write
-    torch.autograd.graph.increment_version(out)
+    if not through_op:
+        torch.autograd.graph.increment_version(out)
     return out
 
 
@@ -635,14 +633,12 @@ def expand(t, lora_b, batch, ranks, out, slice_offset=0, *, path="auto"):
     of those dtypes, N_total >= slice_offset + N. With t [S, M, R] and lora_b [S, L, N, R], slice s goes to columns
     slice_offset + s*N (equal widths, one launch). The sum is accumulated in fp32; out is read once and written
     once. Returns out. Arguments are not checked (see shrink)."""
-    if _through_op(t):
-        torch.ops.lora_kernels_triton.sgmv_expand(t, lora_b, batch.adapter_ids, batch.sorted_token_ids,
-                                                  batch.slot_counts, batch.slot_starts, ranks, out, slice_offset,
-                                                  path)
-        return out
-    _launch_expand(t, lora_b, batch.adapter_ids, batch.sorted_token_ids, batch.slot_counts, batch.slot_starts, ranks,
-                   out, slice_offset, path)
-    torch.autograd.graph.increment_version(out)  # see shrink
+    through_op = _through_op(t)
+    run = torch.ops.lora_kernels_triton.sgmv_expand if through_op else _launch_expand
+    run(t, lora_b, batch.adapter_ids, batch.sorted_token_ids, batch.slot_counts, batch.slot_starts, ranks, out,
+        slice_offset, path)
+    if not through_op:
+        torch.autograd.graph.increment_version(out)  # see shrink
     return out
 
 
