@@ -54,10 +54,29 @@ def _not_built_reason():
             f"directory, or build the checkout: pip install --no-build-isolation -e .")
 
 
+def _another_copys_extension(spec):
+    """The directory of the extension `spec` names when it is not in the package imported here: setuptools' editable
+    finder maps the name lora_kernels._C to the checkout it installed, so a second copy of the package without a
+    built extension (another checkout using the same environment) would load that checkout's compiled ops, built
+    from other sources, silently. None when the extension is the package's own (or has no file)."""
+    if spec.origin is None:
+        return None
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    found_dir = os.path.dirname(os.path.abspath(spec.origin))
+    if found_dir == package_dir or os.path.realpath(found_dir) == os.path.realpath(package_dir):
+        return None
+    return found_dir
+
+
 _C = None
 EXTENSION_ERROR = None
-if importlib.util.find_spec("lora_kernels._C") is None:
+_spec = importlib.util.find_spec("lora_kernels._C")
+if _spec is None:
     EXTENSION_ERROR = _not_built_reason()
+elif (_foreign_dir := _another_copys_extension(_spec)) is not None:
+    EXTENSION_ERROR = (f"not built in the lora_kernels imported here ({os.path.dirname(os.path.abspath(__file__))}); "
+                       f"the one found is another copy's, in {_foreign_dir} (an editable install of another checkout), "
+                       f"built from its sources: build this checkout: pip install --no-build-isolation -e .")
 else:
     try:
         _C = importlib.import_module("lora_kernels._C")  # loading the library registers the ops

@@ -148,6 +148,37 @@ def test_a_checkout_hiding_an_installed_extension_says_so(tmp_path):
     assert "lora_kernels._C is not built: rebuild it against this torch" in proc.stdout, proc.stdout
 
 
+# A copy of the package without an extension (another checkout) in an environment where a checkout with one is
+# installed editable: setuptools' editable finder maps lora_kernels._C to that checkout's file, which must not run
+# in place of this copy's own, unbuilt, sources.
+COPY_WITHOUT_EXTENSION = r"""
+import importlib.util
+import lora_kernels
+from lora_kernels import _ext, backends
+spec = importlib.util.find_spec("lora_kernels._C")
+print(spec.origin if spec is not None else None)
+print(_ext.HAS_EXTENSION)
+print(backends.unavailable_reason("cpu", "cpu"))
+"""
+
+
+def test_a_copy_without_the_extension_does_not_load_another_checkouts(tmp_path):
+    shutil.copytree(ROOT / "lora_kernels", tmp_path / "lora_kernels",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.pyd"))
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", COPY_WITHOUT_EXTENSION], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    origin, has_extension, reason = proc.stdout.splitlines()
+    if origin == "None":
+        pytest.skip("no editable install of a checkout with a built extension in this environment")
+    found_dir = os.path.dirname(origin)
+    assert found_dir != str(tmp_path / "lora_kernels")
+    assert has_extension == "False"
+    assert (f"not built in the lora_kernels imported here ({tmp_path / 'lora_kernels'}); the one found is another "
+            f"copy's, in {found_dir}") in reason, reason
+
+
 # An extension built against another torch minor version, as a wheel pip cached from another machine's build would
 # hold (pip's cache is keyed by the download, not by torch): loaded, but not used, and `info` says why and what to do.
 ANOTHER_TORCHS_EXTENSION = r"""
