@@ -932,6 +932,9 @@ def _scaling_text(cfg):
 # then describes a machine that changed under the run. The H200 run of 2026-11-29 printed the fused column at 1.28x
 # full fine-tuning's step time while its steps rose from 37.7 to 61.5 ms (full fine-tuning's stayed at 39-40 ms).
 STEP_DRIFT_LIMIT = 0.10
+# The largest relative difference between the fused and the unfused column's logits (the same trained model, eval
+# mode) that is rounding: twice design.md §7's per-op tolerance of the dtype, for a whole model's depth.
+LOGITS_TOLERANCE = {"float32": 2e-3, "float16": 1e-2, "bfloat16": 4e-2}
 
 
 def step_time_thirds(step_ms):
@@ -1060,6 +1063,15 @@ def format_compare(result):
             lines.append(f"  {label:36s} {inference[key]:9.2f} ms  {inference[key] / merged:5.2f}× merged")
         rel_diff = inference["merged_vs_unmerged_rel_diff"]
         lines.append(f"  (merged vs unmerged logits: relative difference {rel_diff:.1e})")
+        fused_diff = inference.get("fused_vs_unfused_rel_diff")  # absent from results saved before it was printed
+        if fused_diff is not None:
+            lines.append(f"  (fused vs unfused logits: relative difference {fused_diff:.1e})")
+            tolerance = LOGITS_TOLERANCE.get(cfg["dtype"])
+            if tolerance is not None and not fused_diff <= tolerance:
+                lines.append(f"  note: LoRA, {fused} (fused): its logits differ from the torch column's by "
+                             f"{fused_diff:.1e} (relative), above {tolerance:g} for {cfg['dtype']}, on the same "
+                             f"trained model: the fused backend computes another function, so its column does not "
+                             f"measure the same LoRA")
     m = result["measurement"]
     lines.append("")
     lines.append(f"[1] {m['memory']}.")
