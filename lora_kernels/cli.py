@@ -177,7 +177,8 @@ def _add_bench_parser(sub):
                                                        "reference, and no Triton interpreter on CPU)")
     p.add_argument("--hidden", type=_positive_int, help="K = N of the layer (default 4096 GPU, 512 CPU)")
     p.add_argument("--rank", type=_positive_int, help="rank of the main rows (default 16)")
-    p.add_argument("--ranks", type=_int_list, help="ranks of the rank sweep (default 8,16,64)")
+    p.add_argument("--ranks", type=_int_list, help="ranks of the rank sweep (default 8,16,64; --rank is always "
+                                                      "swept too)")
     p.add_argument("--ms", type=_int_list, help="token counts M of the forward rows")
     p.add_argument("--train-m", type=_positive_int, help="M of the fwd+bwd rows (default 8192 GPU, 1024 CPU)")
     p.add_argument("--reps", type=_positive_int, help="timed calls per candidate (median)")

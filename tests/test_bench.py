@@ -203,6 +203,17 @@ def test_sweep_section_rows():
     assert "grouped sweep: mixed ranks 8/16/32/64" in bench.format_bench(result)
 
 
+def test_the_main_rank_gets_its_fwd_bwd_vs_gemms_row_outside_the_rank_sweep():
+    """--rank names the rank of design.md §8's rows: with --ranks 16 and --rank 8, "LoRA fwd+bwd / the two base
+    GEMMs" (measured in the rank sweep) was measured at r = 16 alone, without its target (helper 129)."""
+    cfg = bench.BenchConfig(device="cpu", quick=True, threads=1, reps=2, warmup=0, hidden=32, backends=("torch",),
+                            sections=("train",), train_m=32, rank=8, ranks=(16,))
+    rows = bench.run_bench(cfg)["rows"]
+    main = [row for row in rows if row["kind"] == "fwd_bwd_vs_gemms"]
+    assert len(main) == 1 and main[0]["shape"].endswith("r=8") and main[0]["target"] == "<= 1.08", main
+    assert [row["shape"][-4:] for row in rows if row["kind"] == "fwd_bwd_vs_gemms_other_rank"] == ["r=16"]
+
+
 def test_rank_sweep_forward_rows_carry_the_target_of_their_token_count():
     """The rank sweep's forward row took the M >= 256 target (<= 1.05) at any --train-m; design.md §8 sets none
     between 16 and 256 tokens, as the forward rows do."""
