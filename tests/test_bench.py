@@ -92,6 +92,11 @@ def test_a_repeated_name_or_value_is_measured_once():
     ({"rank": 0}, "bench: --rank expected an int >= 1, got 0"),
     ({"train_m": 0}, "bench: --train-m expected an int >= 1, got 0"),
     ({"prefill_tokens": -1}, "bench: --prefill-tokens expected an int >= 1, got -1"),
+    # fewer tokens than the rows' adapters had measured fewer distinct adapters than the rows named
+    ({"prefill_tokens": 63, "sections": ("grouped",)},
+     "bench: --prefill-tokens expected at least 64 with the grouped section (its rows spread the tokens over 64 "
+     "distinct adapters), got 63"),
+    ({"prefill_tokens": 15, "sections": ("sweep",)}, "bench: --prefill-tokens expected at least 16 with the sweep"),
     ({"reps": "2"}, "bench: --reps expected an int >= 1, got '2'"),
     ({"copy_mb": 1.5}, "bench: --copy-mb expected an int >= 1, got 1.5"),
     ({"dtype": "float64"}, "bench: --dtype expected one of float32, fp32, bfloat16, bf16, float16, fp16, "
