@@ -13,8 +13,9 @@ Inside a CUDA-graph capture pass scalings and ranks as tensors on the device (Mu
 a Python list or a CPU tensor is copied to the device on every call, which synchronises with the host. Under
 torch.compile, too: a Python list's values are baked into the graph, so new values recompile it.
 
-These ops compute forward only (a serving stack's LoRA backend): they are not differentiable, and only the torch and
-reference backends happen to record gradients. multi_lora_linear is the differentiable grouped op.
+These ops compute forward only (a serving stack's LoRA backend): they are not differentiable, and in grad mode every
+backend refuses inputs that require grad, by name (check_no_grad_inputs). multi_lora_linear is the differentiable
+grouped op.
 """
 
 import contextlib
@@ -149,6 +150,20 @@ def check_output(op, name, out, inputs):
                              f"the op reads ({name}: shape {tuple(out.shape)}, strides {out.stride()}, offset "
                              f"{out.storage_offset()}; {input_name}: shape {tuple(t.shape)}, strides {t.stride()}, "
                              f"offset {t.storage_offset()}); pass a separate tensor")
+
+
+def check_no_grad_inputs(op, inputs):
+    """ValueError naming the first (name, tensor) input that requires grad while grad mode is on: these ops are not
+    differentiable, and the backends disagreed about such inputs (the cpu kernels raised a RuntimeError naming their
+    internal shrink result `t`, the torch and reference paths made the output a graph node that the next call on it
+    refused, the eager triton path ignored them). Not while tracing, as check_output."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return
+    for name, t in inputs:
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            raise ValueError(f"{op}: {name} expected a tensor that does not require grad (the op is not "
+                             f"differentiable; lora_kernels.multi_lora_linear is), got one that does; call under "
+                             f"torch.no_grad() or pass {name}.detach()")
 
 
 def _check_batch(op, batch, num_tokens, num_slots, device, tokens_name, weights_name):
@@ -491,6 +506,7 @@ def lora_shrink(x, lora_a, batch, scalings, ranks=None, *, backend="auto", deter
     """
     op = "lora_shrink"
     deterministic = check_flag(op, "deterministic", deterministic)
+    check_no_grad_inputs(op, (("x", x), ("lora_a", lora_a), ("scalings", scalings)))
     scalings, ranks = check_shrink_args(op, x, lora_a, batch, scalings, ranks)
     backend = resolve_backend(backend, x.device, op, x.dtype)
     if backend == "triton":
@@ -516,6 +532,7 @@ def lora_expand(t, lora_b, batch, out, slice_offset=0, ranks=None, *, backend="a
     if isinstance(slice_offset, numbers.Integral) and not isinstance(slice_offset, bool):
         slice_offset = int(slice_offset)  # a numpy integer, say
     ranks = check_expand_args(op, t, lora_b, batch, out, slice_offset, ranks)
+    check_no_grad_inputs(op, (("t", t), ("lora_b", lora_b)))
     backend = resolve_backend(backend, out.device, op, out.dtype)
     if backend == "triton":
         check_triton_args(op, out.dtype, lora_b.shape[0])
@@ -598,6 +615,7 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
     if buffer is not None:
         check_output(op, "buffer", buffer, inputs + [("y", y)])
     check_output(op, "y", y, inputs)
+    check_no_grad_inputs(op, inputs + [("scalings", scalings)])
     if backend == "triton":
         check_triton_args(op, x.dtype, batch.num_adapters)
         check_triton_args(op, y.dtype, batch.num_adapters)

@@ -499,3 +499,44 @@ def test_add_lora_triton_takes_a_stacked_lora_b_after_listed_lora_a_slices():
     want = lk.ops.add_lora(y.clone(), x, lora_a, lora_b, batch, scalings, None, [5, 5], backend="torch")
     got = lk.ops.add_lora(y, x, lora_a, torch.stack(lora_b), batch, scalings, None, [5, 5], backend="triton")
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch", "reference", "triton"])
+@pytest.mark.parametrize("which", ["x", "lora_a", "lora_b", "scalings"])
+def test_serving_ops_refuse_inputs_that_require_grad_by_name(backend, which):
+    """An adapter stack kept as an nn.Parameter, run without torch.no_grad: the backends disagreed (cpu raised a
+    RuntimeError naming its internal shrink result t, torch and reference made y a graph node that the next call on
+    the same buffer refused, blaming y, triton dropped the requirement); each refuses now, naming the input, before y
+    is written (helper 128)."""
+    backend_or_skip(backend, "cpu")
+    num_slots, rank, k, n = 2, 4, 8, 6
+    batch = LoRABatch.from_adapter_ids(torch.tensor([0, 1, -1]), num_slots)
+    args = {"x": torch.randn(3, k), "lora_a": torch.randn(num_slots, rank, k), "lora_b": torch.randn(num_slots, n, rank),
+            "scalings": torch.ones(num_slots)}
+    args[which] = torch.nn.Parameter(args[which])
+    name = {"lora_a": "lora_a_slices[0]", "lora_b": "lora_b_slices[0]"}.get(which, which)
+    y = torch.randn(3, n)
+    before = y.clone()
+
+    def add_lora():
+        return lk.ops.add_lora(y, args["x"], [args["lora_a"]], [args["lora_b"]], batch, args["scalings"], None, [n],
+                               backend=backend)
+    with pytest.raises(ValueError, match=re.escape(f"add_lora: {name} expected a tensor that does not require grad "
+                                                   f"(the op is not differentiable; lora_kernels.multi_lora_linear "
+                                                   f"is), got one that does; call under torch.no_grad() or pass "
+                                                   f"{name}.detach()")):
+        add_lora()
+    assert torch.equal(y, before) and not y.requires_grad
+    with torch.no_grad():
+        add_lora()
+    assert not torch.equal(y, before) and not y.requires_grad
+    if which == "lora_b":
+        with torch.no_grad():
+            t = lk.ops.lora_shrink(args["x"], args["lora_a"], batch, args["scalings"], backend=backend)
+        before = y.clone()
+        with pytest.raises(ValueError, match=r"lora_expand: lora_b expected a tensor that does not require grad"):
+            lk.ops.lora_expand(t, args["lora_b"], batch, y, backend=backend)
+        assert torch.equal(y, before)
+    else:
+        with pytest.raises(ValueError, match=rf"lora_shrink: {which} expected a tensor that does not require grad"):
+            lk.ops.lora_shrink(args["x"], args["lora_a"], batch, args["scalings"], backend=backend)
