@@ -162,8 +162,9 @@ class BenchConfig:
         cfg.sections = tuple(name for name in SECTIONS if name in sections)
         for section, adapters in (("grouped", LOOP_ADAPTERS), ("sweep", PREFILL_ADAPTERS)):
             if section in cfg.sections and cfg.prefill_tokens < adapters:  # fewer tokens: fewer adapters than named
-                raise ValueError(f"bench: --prefill-tokens expected at least {adapters} with the {section} section (its "
-                                 f"rows spread the tokens over {adapters} distinct adapters), got {cfg.prefill_tokens}")
+                raise ValueError(f"bench: --prefill-tokens expected at least {adapters} with the {section} section "
+                                 f"(its rows spread the tokens over {adapters} distinct adapters), got "
+                                 f"{cfg.prefill_tokens}")
         if "sweep" in cfg.sections and not _sweep_points(cfg):
             raise ValueError(f"bench: --sweep-adapters {','.join(map(str, cfg.sweep_adapters))} expected a count <= "
                              f"one of --sweep-tokens {','.join(map(str, cfg.sweep_tokens))} (the sweep skips points "

@@ -511,8 +511,8 @@ def test_serving_ops_refuse_inputs_that_require_grad_by_name(backend, which):
     backend_or_skip(backend, "cpu")
     num_slots, rank, k, n = 2, 4, 8, 6
     batch = LoRABatch.from_adapter_ids(torch.tensor([0, 1, -1]), num_slots)
-    args = {"x": torch.randn(3, k), "lora_a": torch.randn(num_slots, rank, k), "lora_b": torch.randn(num_slots, n, rank),
-            "scalings": torch.ones(num_slots)}
+    args = {"x": torch.randn(3, k), "lora_a": torch.randn(num_slots, rank, k),
+            "lora_b": torch.randn(num_slots, n, rank), "scalings": torch.ones(num_slots)}
     args[which] = torch.nn.Parameter(args[which])
     name = {"lora_a": "lora_a_slices[0]", "lora_b": "lora_b_slices[0]"}.get(which, which)
     y = torch.randn(3, n)
