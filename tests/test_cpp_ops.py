@@ -1285,6 +1285,27 @@ def test_cuda_sgmv_shrink_split_k_is_deterministic(cuda_device):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("extra_k, kernel", [(0, "bgmv_shrink_kernel"), (512, "sgmv_kernel")])
+def test_cuda_grouped_decode_shrink_leaves_more_splits_than_the_grid_holds_to_sgmv(extra_k, kernel, cuda_device):
+    """The decode shrink's K-splits are its grid's y dimension, at most 65535, and a split is at least 512 float32
+    elements of K: K = 65535 · 512 still fits, one split more would not (CUDA refuses the launch), so the sgmv
+    kernel, whose splits are the x dimension, takes it. One token, one slot, rank 1 (x and lora_a 134 MB each);
+    values of ±1, whose partial sums are exact in float32."""
+    k = 65535 * 512 + extra_k
+    x = torch.randint(0, 2, (1, k), device=cuda_device).float() * 2 - 1
+    lora_a = (torch.randint(0, 2, (1, 1, k), device=cuda_device).float() * 2 - 1)
+    batch = LoRABatch.from_adapter_ids(torch.zeros(1, dtype=torch.int32, device=cuda_device), 1, validate=True)
+    ones = torch.ones(1, device=cuda_device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = ops.sgmv_shrink(x, lora_a, batch.sorted_token_ids, batch.slot_starts, batch.slot_counts, ones,
+                              torch.ones(1, dtype=torch.int32, device=cuda_device))
+        torch.cuda.synchronize(cuda_device)
+    names = [event.name for event in prof.events()]
+    assert any(re.search(kernel + "[<I]", name) for name in names), names
+    assert out.item() == (x.double() * lora_a[0].double()).sum().item()
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("m", [64, 200])
 def test_cuda_sgmv_graph_capture(m, cuda_device):
     """No host sync: metadata build, shrink and expand capture into a CUDA graph and replay with new ids (64
