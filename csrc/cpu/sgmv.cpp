@@ -61,9 +61,11 @@ inline acc_t dot(const acc_t* row, const acc_t* vec, int64_t n) {
 template <typename a_t, typename b_t>
 using accumulate_t = std::conditional_t<std::is_same_v<a_t, double> || std::is_same_v<b_t, double>, double, float>;
 
-// Rows of a matrix as acc_t with unit column stride: the rows themselves when the type already is acc_t, otherwise
-// `rows` x `cols` converted into `buffer` (only the first `cols` columns, so a slot's padding past its rank is
-// never read).
+// Rows of a matrix as acc_t with unit column stride: the rows themselves when the type already is acc_t and the
+// columns are unit-strided, otherwise `rows` x `cols` converted (gathered) into `buffer` (only the first `cols`
+// columns, so a slot's padding past its rank is never read). A column stride other than 1 (the transposed stacks
+// multi_lora_linear's backward passes) is gathered here, slot by slot, rather than copying the whole [L, ., .]
+// stack with .contiguous() on every call.
 template <typename acc_t>
 struct AccRows {
   const acc_t* data;
@@ -72,19 +74,20 @@ struct AccRows {
 };
 
 template <typename acc_t, typename scalar_t>
-AccRows<acc_t> as_acc_rows(const scalar_t* src, int64_t rows, int64_t cols, int64_t stride,
+AccRows<acc_t> as_acc_rows(const scalar_t* src, int64_t rows, int64_t cols, int64_t stride, int64_t col_stride,
                            std::vector<acc_t>& buffer) {
   if constexpr (std::is_same_v<acc_t, scalar_t>) {
-    return {src, stride};
-  } else {
-    buffer.resize(rows * cols);
-    for (int64_t row = 0; row < rows; ++row) {
-      for (int64_t col = 0; col < cols; ++col) {
-        buffer[row * cols + col] = static_cast<acc_t>(src[row * stride + col]);
-      }
+    if (col_stride == 1 || cols <= 1) {
+      return {src, stride};
     }
-    return {buffer.data(), cols};
   }
+  buffer.resize(rows * cols);
+  for (int64_t row = 0; row < rows; ++row) {
+    for (int64_t col = 0; col < cols; ++col) {
+      buffer[row * cols + col] = static_cast<acc_t>(src[row * stride + col * col_stride]);
+    }
+  }
+  return {buffer.data(), cols};
 }
 
 // The sorted positions of the slots that do not use the GEMM path, with their slot, in slot order (so consecutive
@@ -124,7 +127,8 @@ void shrink_small_slots(const at::Tensor& x, const at::Tensor& lora_a, const int
                         const at::Tensor& out) {
   using acc_t = accumulate_t<scalar_t, scalar_t>;
   const int64_t k = x.size(1), max_rank = lora_a.size(1);
-  const int64_t x_stride = x.stride(0), a_slot_stride = lora_a.stride(0), a_row_stride = lora_a.stride(1);
+  const int64_t x_stride = x.stride(0), x_col_stride = x.stride(1);
+  const int64_t a_slot_stride = lora_a.stride(0), a_row_stride = lora_a.stride(1), a_col_stride = lora_a.stride(2);
   const scalar_t* x_data = x.const_data_ptr<scalar_t>();
   const scalar_t* a_data = lora_a.const_data_ptr<scalar_t>();
   float* out_data = out.data_ptr<float>();
@@ -137,11 +141,11 @@ void shrink_small_slots(const at::Tensor& x, const at::Tensor& lora_a, const int
       const int32_t slot = work.slots[item];
       const int64_t rank = rank_values[slot];
       if (slot != converted_slot) {  // consecutive items mostly share a slot: convert its A once
-        a_rows = as_acc_rows<acc_t>(a_data + slot * a_slot_stride, rank, k, a_row_stride, a_buffer);
+        a_rows = as_acc_rows<acc_t>(a_data + slot * a_slot_stride, rank, k, a_row_stride, a_col_stride, a_buffer);
         converted_slot = slot;
       }
       const int64_t token = token_ids[work.positions[item]];
-      const acc_t* x_row = as_acc_rows<acc_t>(x_data + token * x_stride, 1, k, k, x_buffer).data;
+      const acc_t* x_row = as_acc_rows<acc_t>(x_data + token * x_stride, 1, k, k, x_col_stride, x_buffer).data;
       const acc_t scale = static_cast<acc_t>(scale_values[slot]);
       float* out_row = out_data + token * max_rank;
       for (int64_t j = 0; j < rank; ++j) {
@@ -157,7 +161,7 @@ void expand_small_slots(const at::Tensor& t, const at::Tensor& lora_b, const int
                         int64_t slice_offset) {
   using acc_t = accumulate_t<lora_t, out_t>;
   const int64_t width = lora_b.size(1), max_rank = lora_b.size(2);
-  const int64_t b_slot_stride = lora_b.stride(0), b_row_stride = lora_b.stride(1);
+  const int64_t b_slot_stride = lora_b.stride(0), b_row_stride = lora_b.stride(1), b_col_stride = lora_b.stride(2);
   const int64_t out_row_stride = out.stride(0), out_col_stride = out.stride(1);
   const float* t_data = t.const_data_ptr<float>();
   const lora_t* b_data = lora_b.const_data_ptr<lora_t>();
@@ -171,11 +175,11 @@ void expand_small_slots(const at::Tensor& t, const at::Tensor& lora_b, const int
       const int32_t slot = work.slots[item];
       const int64_t rank = rank_values[slot];
       if (slot != converted_slot) {  // B[slot, :, :rank] as [width, rank] rows
-        b_rows = as_acc_rows<acc_t>(b_data + slot * b_slot_stride, width, rank, b_row_stride, b_buffer);
+        b_rows = as_acc_rows<acc_t>(b_data + slot * b_slot_stride, width, rank, b_row_stride, b_col_stride, b_buffer);
         converted_slot = slot;
       }
       const int64_t token = token_ids[work.positions[item]];
-      const acc_t* t_row = as_acc_rows<acc_t>(t_data + token * max_rank, 1, rank, max_rank, t_buffer).data;
+      const acc_t* t_row = as_acc_rows<acc_t>(t_data + token * max_rank, 1, rank, max_rank, 1, t_buffer).data;
       out_t* out_row = out_data + token * out_row_stride + slice_offset * out_col_stride;
       for (int64_t col = 0; col < width; ++col) {
         // Add in the accumulation type and round once on the way back, as the GEMM path does.
@@ -194,9 +198,11 @@ at::Tensor sgmv_shrink_cpu(const at::Tensor& x_in, const at::Tensor& lora_a_in, 
   const int64_t num_tokens = x_in.size(0), max_rank = lora_a_in.size(1);
   check_sgmv_metadata_values_cpu("sgmv_shrink", num_tokens, max_rank, sorted_token_ids, slot_starts, slot_counts,
                                  ranks);
-  // The direct loops index rows by stride and need unit column strides; a copy is rare (transposed inputs).
-  const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
-  const at::Tensor lora_a = lora_a_in.stride(2) == 1 ? lora_a_in : lora_a_in.contiguous();
+  // Any strides: the direct loop gathers a non-unit column stride per slot and per token (as_acc_rows), and the GEMM
+  // path's ATen calls take views. Copying the whole stack here cost multi_lora_linear's backward, which passes the
+  // transposed stacks, a copy of all L slots (used or not) per call: 3.0 ms against 0.04 ms at L = 64, N = 2048.
+  const at::Tensor& x = x_in;
+  const at::Tensor& lora_a = lora_a_in;
   at::Tensor out = at::zeros({num_tokens, max_rank}, x.options().dtype(at::kFloat));
   const at::ScalarType acc = accumulate_type(x.scalar_type(), x.scalar_type());
   const auto starts = slot_starts.accessor<int32_t, 1>();
@@ -240,7 +246,7 @@ void sgmv_expand_cpu(const at::Tensor& t_in, const at::Tensor& lora_b_in, const 
   check_sgmv_metadata_values_cpu("sgmv_expand", num_tokens, max_rank, sorted_token_ids, slot_starts, slot_counts,
                                  ranks);
   const at::Tensor t = t_in.contiguous();  // [M, R] fp32: small
-  const at::Tensor lora_b = lora_b_in.stride(2) == 1 ? lora_b_in : lora_b_in.contiguous();
+  const at::Tensor& lora_b = lora_b_in;  // any strides (see sgmv_shrink_cpu)
   const at::ScalarType acc = accumulate_type(lora_b.scalar_type(), out.scalar_type());
   at::Tensor out_slice = out.narrow(1, slice_offset, width);
   const auto starts = slot_starts.accessor<int32_t, 1>();
