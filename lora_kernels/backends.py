@@ -85,6 +85,28 @@ def available_backends(device):
 GROUPED_OPS = ("multi_lora_linear", "lora_shrink", "lora_expand", "add_lora")
 
 
+def _detect_cpu_bf16_gemm_units():
+    """Whether this CPU computes bfloat16 GEMMs on its own bf16 units (AVX512-BF16 or AMX), which ATen reaches through
+    oneDNN (torch's private CPU-feature checks; False where they are missing, or where oneDNN is unavailable or
+    switched off, so that ATen's own slow bf16 GEMMs would run)."""
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# Read once, at import: dynamo cannot trace torch's feature checks, and resolve_backend asks auto_backend while
+# tracing (and caches its choices otherwise), so a later torch.backends.mkldnn switch would not be seen anyway.
+_CPU_BF16_GEMM_UNITS = _detect_cpu_bf16_gemm_units()
+
+
+def cpu_has_bf16_gemm_units():
+    """Whether this CPU computes bfloat16 GEMMs on its own units (_detect_cpu_bf16_gemm_units, at import)."""
+    return _CPU_BF16_GEMM_UNITS
+
+
 def auto_backend(device, op_name="lora_linear", dtype=None):
     """The fastest available backend for `op_name` on `device`, by measurement (BENCHMARKS.md, bf16, K = N = 4096):
     - grouped ops on GPUs: the Triton kernels (H200, 2026-11-30, 64 adapters at 64 and 4096 tokens: 0.03-0.23x the
@@ -99,7 +121,14 @@ def auto_backend(device, op_name="lora_linear", dtype=None):
       with `cuda` against 13.9 ms (12.4 against 13.8 ms in the run before) and the forward at M = 16 33 µs against
       29 µs (its shrink kernel, since changed). The choice stays until a GPU run explains the inference row; ask for
       "cuda" or "triton" explicitly;
-    - on CPU: the C++ CPU kernels. The Triton interpreter is for tests and never chosen automatically.
+    - on CPU: the C++ CPU kernels; but for lora_linear in bf16 the torch composition where the CPU has bf16 GEMM
+      units (cpu_has_bf16_gemm_units): the C++ kernels run its base GEMMs on float32 copies, which a CPU without
+      them needs (its bf16 GEMMs took 6-60x as long: functional._cpu_widens) and one with them pays for. On a Xeon
+      with AMX, 1 thread, K = N = 1024, r = 16, the cpu backend's fwd+bwd took 2.4-7.2x the torch composition's at
+      M = 16 to 1024 in bf16 over two runs (BENCHMARKS.md, session 31). In fp16 (AVX512-FP16) it took 1.0-2.2x:
+      the C++ kernels stay, whose float32 S and dS do not overflow where PEFT's fp16 composition does. So do their
+      grouped ops, ahead at decode sizes (0.7-0.9x the torch fallback's multi-adapter fwd+bwd at 16 and 64 tokens in
+      bf16), behind at 1024 tokens (1.7-2.0x). The Triton interpreter is for tests and never chosen automatically.
     float64 (dtype) skips Triton, whose kernels run 32- and 16-bit floats only. DTensor arguments (tensor
     parallelism) never come here: lora_linear picks "torch" for them (functional.resolve_dtensor_backend)."""
     device = torch.device(device)
@@ -108,7 +137,8 @@ def auto_backend(device, op_name="lora_linear", dtype=None):
         if dtype == torch.float64:
             order = tuple(name for name in order if name != "triton")
     elif device.type == "cpu":
-        order = ("cpu", "torch")
+        bf16_units = op_name == "lora_linear" and dtype == torch.bfloat16 and cpu_has_bf16_gemm_units()
+        order = ("torch",) if bf16_units else ("cpu", "torch")
     else:
         order = ("torch",)
     for name in order:

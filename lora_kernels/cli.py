@@ -39,7 +39,9 @@ def info_dict():
         "backends": {device: {name: backends.unavailable_reason(name, device) or "available"
                               for name in backends.BACKENDS} for device in devices},
         "auto": {device: {"lora_linear": backends.auto_backend(device, "lora_linear"),
-                          "grouped": backends.auto_backend(device, "multi_lora_linear")} for device in devices},
+                          "grouped": backends.auto_backend(device, "multi_lora_linear"),
+                          "lora_linear_bfloat16": backends.auto_backend(device, "lora_linear", torch.bfloat16)}
+                 for device in devices},
     }
 
 
@@ -59,7 +61,10 @@ def print_info(as_json=False):
                                if ext["loaded"] else f"not loaded ({ext['error']})"))
     for device, table in info["backends"].items():
         auto = info["auto"][device]
-        print(f"backends for {device} tensors (auto -> lora_linear: {auto['lora_linear']}, "
+        # a bf16 lora_linear on a CPU with bf16 GEMM units: the torch composition (backends.auto_backend)
+        bf16 = auto.get("lora_linear_bfloat16", auto["lora_linear"])
+        by_dtype = f" (bfloat16: {bf16})" if bf16 != auto["lora_linear"] else ""
+        print(f"backends for {device} tensors (auto -> lora_linear: {auto['lora_linear']}{by_dtype}, "
               f"grouped ops: {auto['grouped']}):")
         for name, status in table.items():
             if name == "triton" and device == "cpu" and status == "available":

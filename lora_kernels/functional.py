@@ -310,7 +310,8 @@ def _cpu_widens(backend, t):
     M = 16 and 5.0 s at M = 512 against 1.3 and 78 ms through fp32 copies, fp16 1.2 s against 16 ms at M = 128; a
     bf16 LoRA fwd+bwd of one layer went from 0.8-1.2x to 0.01-0.32x PEFT's unfused layer at M >= 16 (BENCHMARKS.md,
     "CPU: the backends against PEFT's unfused layer", session 9; `lora-kernels bench --device cpu --dtype bf16
-    --sections train` shows it). CPUs with bf16 matrix units (AMX) may be faster in 16 bits: not measured."""
+    --sections train` shows it). On a CPU with bf16 units (AMX) the copies cost more than they save: auto runs a bf16
+    lora_linear on the torch composition there (backends.auto_backend; BENCHMARKS.md, session 31)."""
     return backend == "cpu" and t.dtype in (torch.bfloat16, torch.float16)
 
 
@@ -637,7 +638,7 @@ def _lora_linear(x, weight, lora_a, lora_b, scaling, bias, dropout_p, backend, f
             log_auto_choice_by_kind(op, "torch", "a tensor-subclass weight (is_subclass_weight)")
         backend = "torch"
     else:
-        backend = resolve_backend(backend, x.device, op)
+        backend = resolve_backend(backend, x.device, op, x.dtype)
     if backend == "triton":  # the kernels' limits, named for this op and before the dropout seed is drawn
         kernels = _triton_lora_linear()
         if x.dtype not in kernels.SUPPORTED_DTYPES:

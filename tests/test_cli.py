@@ -66,6 +66,17 @@ def test_info_says_triton_on_cpu_is_the_interpreter():
     assert re.search(r"^  triton +available \(the Triton interpreter, TRITON_INTERPRET=1", proc.stdout, re.MULTILINE)
 
 
+@pytest.mark.parametrize("units", [False, True])
+def test_info_names_the_bf16_lora_linear_choice_where_it_differs(units, monkeypatch, capsys):
+    from lora_kernels import backends
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device: None if name in ("cpu", "torch") else "-")
+    monkeypatch.setattr(backends, "cpu_has_bf16_gemm_units", lambda: units)
+    cli.print_info()
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("backends for cpu"))
+    assert line == "backends for cpu tensors (auto -> lora_linear: cpu" + (" (bfloat16: torch)" if units else "") \
+        + ", grouped ops: cpu):"
+
+
 def test_console_script_info():
     script = shutil.which("lora-kernels", path=os.path.dirname(sys.executable)) or shutil.which("lora-kernels")
     if script is None:

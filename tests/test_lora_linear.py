@@ -652,14 +652,18 @@ def test_autocast_saves_no_weight_copy_when_x_needs_no_gradient(backend):
 def test_auto_picks_by_device_and_op_as_the_readme_says(monkeypatch):
     """README, Backends: with every backend available, "auto" takes on GPUs the Triton kernels for the grouped ops and
     the torch composition for lora_linear (the fused single-adapter kernels measured slower), on CPU the C++ kernels
-    for every op; the Triton interpreter is never chosen, and torch is the last fallback."""
+    for every op but lora_linear in bf16 on a CPU with bf16 GEMM units (the torch composition); the Triton
+    interpreter is never chosen, and torch is the last fallback."""
     monkeypatch.setattr(backends, "unavailable_reason", lambda name, device: None)
-    for dtype in (None, torch.float32, torch.float16, torch.bfloat16):
-        assert backends.auto_backend("cuda", "lora_linear", dtype) == "torch"
-        for op in backends.GROUPED_OPS:
-            assert backends.auto_backend("cuda", op, dtype) == "triton"
-            assert backends.auto_backend("cpu", op, dtype) == "cpu"
-        assert backends.auto_backend("cpu", "lora_linear", dtype) == "cpu"
+    for units in (False, True):  # a CPU with bf16 GEMM units: lora_linear in bf16 on the torch composition
+        monkeypatch.setattr(backends, "cpu_has_bf16_gemm_units", lambda units=units: units)
+        for dtype in (None, torch.float32, torch.float16, torch.bfloat16):
+            assert backends.auto_backend("cuda", "lora_linear", dtype) == "torch"
+            for op in backends.GROUPED_OPS:
+                assert backends.auto_backend("cuda", op, dtype) == "triton"
+                assert backends.auto_backend("cpu", op, dtype) == "cpu"
+            expected = "torch" if units and dtype == torch.bfloat16 else "cpu"
+            assert backends.auto_backend("cpu", "lora_linear", dtype) == expected
     monkeypatch.setattr(backends, "unavailable_reason", lambda name, device: None if name == "torch" else "absent")
     assert backends.auto_backend("cpu") == backends.auto_backend("cuda", "lora_shrink") == "torch"
 
