@@ -702,10 +702,12 @@ def _segment_outer_sum(batch, ranks, backend, left, right, scalings=None):
             for slot, rows, _ in ops.host_slot_rows(batch, ranks):
                 torch.mm(left.index_select(0, rows).T, right.index_select(0, rows).to(acc), out=sums[slot])
     else:
-        if right.dtype == torch.float16:
+        if right.dtype == torch.float16 or right.device.type == "cpu":
             # fp32 GEMMs: u = s·dY·B (left) passes fp16's 65504 where dA does not (the Triton kernel multiplies in
-            # tf32 for the same reason), and rounding it gave dA = inf
-            right = right.float()
+            # tf32 for the same reason), and rounding it gave dA = inf. CPU tensors reach here only while
+            # torch.compile traces: fp32 as the eager CPU path above (rounding the fp32 u and S to bf16 here put
+            # compiled slot gradients ~2e-3 off eager's)
+            left, right = left.to(acc), right.to(acc)
         else:
             left = left.to(right.dtype)  # tensor-core GEMMs in the input dtype, as PEFT's
         ids, num_slots = batch.adapter_ids, batch.num_adapters

@@ -1049,6 +1049,31 @@ def test_torch_compile_fullgraph_multi_adapter_training(backend):
     torch.testing.assert_close(compiled_grads, [layer.lora_a.grad, layer.lora_b.grad], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_compiled_bf16_slot_gradients_sum_in_float32_on_cpu_as_eager(backend):
+    """Float32 slots of a bf16 layer trained compiled on CPU: traced, the CPU tensors took the GPU branch of
+    _segment_outer_sum, which rounds the float32 u = s·dY·B and S to bf16 before its GEMMs: slot gradients ~2e-3
+    (relative) off eager's float32 sums, where README promises float32 sums off GPUs (helper 132)."""
+    backend_or_skip(backend, torch.device("cpu"))
+    torch._dynamo.reset()
+    eager = lk.MultiLoRALinear(nn.Linear(32, 24).to(torch.bfloat16), 2, 4, backend=backend,
+                               adapter_dtype=torch.float32)
+    eager.set_adapter(0, randn(4, 32), randn(24, 4), 2.0)
+    eager.set_adapter(1, randn(3, 32), randn(24, 3), 0.5)
+    eager.lora_a.requires_grad_(True)
+    eager.lora_b.requires_grad_(True)
+    traced = copy.deepcopy(eager)
+    x, dy = randn(6, 32, dtype=torch.bfloat16), randn(6, 24, dtype=torch.bfloat16)
+    ids = torch.tensor([0, 1, 1, -1, 0, 1])
+    eager(x, ids).backward(dy)
+    torch.compile(traced, backend="aot_eager", fullgraph=True)(x, ids).backward(dy)
+    for name in ("lora_a", "lora_b"):
+        want, got = getattr(eager, name).grad, getattr(traced, name).grad
+        assert got.dtype == want.dtype == torch.float32
+        relative = float((got - want).norm() / want.norm())
+        assert relative <= 1e-5, f"{name}: compiled gradient {relative:.2e} (relative) off eager's"
+
+
 def test_torch_compile_dynamic_token_count_across_the_cpu_decode_bound_compiles_once():
     """The cpu backend runs a 16-bit forward's base GEMM in 16 bits up to CPU_DECODE_MAX_M rows and on fp32 copies
     above. The choice was a Python comparison of the traced token count, on which dynamo guarded: with dynamic=True
