@@ -587,6 +587,11 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
         if lora_b.dim() != 3 or lora_b.shape[1] != width:
             raise ValueError(f"{op}: lora_b_slices[{j}] expected shape [L, {width}, R] (output_slices[{j}] = {width}), "
                              f"got {tuple(lora_b.shape)}")
+        lora_a = lora_a_slices[j]
+        if j > 0 and isinstance(lora_a, torch.Tensor) and lora_a.dim() == 3 and lora_a.shape[2] != x.shape[1]:
+            # x matched slice 0: this slice is the odd one out, not x
+            raise ValueError(f"{op}: lora_a_slices[{j}] expected shape [L, R, {x.shape[1]}] (K of x {tuple(x.shape)} "
+                             f"and of lora_a_slices[0]), got {tuple(lora_a.shape)}")
         scalings, ranks_j = check_shrink_args(op, x, lora_a_slices[j], batch, scalings,
                                               ranks if converted_ranks is None else converted_ranks,
                                               lora_a_name=f"lora_a_slices[{j}]")

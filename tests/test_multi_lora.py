@@ -362,12 +362,13 @@ def test_add_lora_checks_every_slice_before_touching_y(backend, device):
     batch = LoRABatch.from_adapter_ids(segment_ids("mixed_base", m, num_slots).to(device), num_slots)
     x, y = randn(m, k, device=device), randn(m, sum(widths), device=device)
     before = y.clone()
-    with pytest.raises(ValueError, match=r"add_lora: x expected shape \[M, 15\]"):
+    with pytest.raises(ValueError, match=r"add_lora: lora_a_slices\[1\] expected shape \[L, R, 16\]"):
         lk.ops.add_lora(y, x, [a0, a1[:, :, :15]], [b0, b1], batch, [1.0, 1.0], ranks, widths, backend=backend)
     with pytest.raises(TypeError, match=r"lora_b_slices\[1\] expected dtype torch.float32"):
         lk.ops.add_lora(y, x, [a0, a1], [b0, b1.double()], batch, [1.0, 1.0], ranks, widths, backend=backend)
     # errors about a later slice's weights name that slice
-    with pytest.raises(ValueError, match=r"x expected shape \[M, 15\] \(K of lora_a_slices\[1\]"):
+    with pytest.raises(ValueError, match=r"lora_a_slices\[1\] expected shape \[L, R, 16\] \(K of x \(6, 16\) and of "
+                                         r"lora_a_slices\[0\]\), got \(2, 4, 15\)"):
         lk.ops.add_lora(y, x, [a0, a1[:, :, :15]], [b0, b1], batch, [1.0, 1.0], ranks, widths, backend=backend)
     with pytest.raises(ValueError, match=r"batch was built for 2 adapter slots, but lora_a_slices\[1\] has 1"):
         lk.ops.add_lora(y, x, [a0, a1[:1]], [b0, b1], batch, [1.0, 1.0], ranks, widths, backend=backend)

@@ -427,6 +427,18 @@ def test_add_lora_names_a_lora_b_slice_that_is_not_a_3d_tensor(lora_b, error, wo
         lk.ops.add_lora(torch.zeros(4, 5), x, [lora_a], [lora_b], batch, scalings, None, [5], backend="torch")
 
 
+def test_add_lora_names_the_slice_whose_k_differs_from_x_and_slice_0():
+    """x matched lora_a_slices[0]; a later slice of another K was reported as "x expected shape [M, 9] (K of
+    lora_a_slices[1] ...)", blaming x."""
+    x, lora_a, batch, scalings = _serving_args()
+    odd = torch.randn(lora_a.shape[0], lora_a.shape[1], x.shape[1] + 1)
+    words = (f"add_lora: lora_a_slices[1] expected shape [L, R, {x.shape[1]}] (K of x {tuple(x.shape)} and of "
+             f"lora_a_slices[0]), got {tuple(odd.shape)}")
+    with pytest.raises(ValueError, match=re.escape(words)):
+        lk.ops.add_lora(torch.zeros(4, 10), x, [lora_a, odd], [torch.randn(2, 5, 3)] * 2, batch, scalings, None,
+                        [5, 5], backend="torch")
+
+
 def test_add_lora_checks_host_ranks_against_every_slice_rank():
     """Ranks given as a list are checked against each slice's R, also when x is on a device: converted once for the
     first slice (R 3), the later slice (R 2) got a device tensor, whose values are not read, and a rank of 3 passed
