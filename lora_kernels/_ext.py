@@ -44,12 +44,14 @@ def shadowed_installed_extension(package_dir):
     return None
 
 
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))  # the lora_kernels imported here
+
+
 def _not_built_reason():
-    package_dir = os.path.dirname(os.path.abspath(__file__))
-    installed = shadowed_installed_extension(package_dir)
+    installed = shadowed_installed_extension(PACKAGE_DIR)
     if installed is None:
         return f"not built: {_REBUILD}"
-    return (f"not built in the lora_kernels imported here ({package_dir}), which hides the installed one in "
+    return (f"not built in the lora_kernels imported here ({PACKAGE_DIR}), which hides the installed one in "
             f"{installed} (a checkout ahead of it on sys.path, e.g. the current directory): run from another "
             f"directory, or build the checkout: pip install --no-build-isolation -e .")
 
@@ -61,9 +63,8 @@ def _another_copys_extension(spec):
     from other sources, silently. None when the extension is the package's own (or has no file)."""
     if spec.origin is None:
         return None
-    package_dir = os.path.dirname(os.path.abspath(__file__))
     found_dir = os.path.dirname(os.path.abspath(spec.origin))
-    if found_dir == package_dir or os.path.realpath(found_dir) == os.path.realpath(package_dir):
+    if found_dir == PACKAGE_DIR or os.path.realpath(found_dir) == os.path.realpath(PACKAGE_DIR):
         return None
     return found_dir
 
@@ -74,7 +75,7 @@ _spec = importlib.util.find_spec("lora_kernels._C")
 if _spec is None:
     EXTENSION_ERROR = _not_built_reason()
 elif (_foreign_dir := _another_copys_extension(_spec)) is not None:
-    EXTENSION_ERROR = (f"not built in the lora_kernels imported here ({os.path.dirname(os.path.abspath(__file__))}); "
+    EXTENSION_ERROR = (f"not built in the lora_kernels imported here ({PACKAGE_DIR}); "
                        f"the one found is another copy's, in {_foreign_dir} (an editable install of another checkout), "
                        f"built from its sources: build this checkout: pip install --no-build-isolation -e .")
 else:

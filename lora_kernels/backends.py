@@ -85,7 +85,7 @@ def available_backends(device):
 GROUPED_OPS = ("multi_lora_linear", "lora_shrink", "lora_expand", "add_lora")
 
 
-def _detect_cpu_bf16_gemm_units():
+def detect_cpu_bf16_gemm_units():
     """Whether this CPU computes bfloat16 GEMMs on its own bf16 units (AVX512-BF16 or AMX), which ATen reaches through
     oneDNN (torch's private CPU-feature checks; False where they are missing, or where oneDNN is unavailable or
     switched off, so that ATen's own slow bf16 GEMMs would run)."""
@@ -99,12 +99,7 @@ def _detect_cpu_bf16_gemm_units():
 
 # Read once, at import: dynamo cannot trace torch's feature checks, and resolve_backend asks auto_backend while
 # tracing (and caches its choices otherwise), so a later torch.backends.mkldnn switch would not be seen anyway.
-_CPU_BF16_GEMM_UNITS = _detect_cpu_bf16_gemm_units()
-
-
-def cpu_has_bf16_gemm_units():
-    """Whether this CPU computes bfloat16 GEMMs on its own units (_detect_cpu_bf16_gemm_units, at import)."""
-    return _CPU_BF16_GEMM_UNITS
+CPU_HAS_BF16_GEMM_UNITS = detect_cpu_bf16_gemm_units()
 
 
 def auto_backend(device, op_name="lora_linear", dtype=None):
@@ -122,7 +117,7 @@ def auto_backend(device, op_name="lora_linear", dtype=None):
       29 µs (its shrink kernel, since changed). The choice stays until a GPU run explains the inference row; ask for
       "cuda" or "triton" explicitly;
     - on CPU: the C++ CPU kernels; but for lora_linear in bf16 the torch composition where the CPU has bf16 GEMM
-      units (cpu_has_bf16_gemm_units): the C++ kernels run its base GEMMs on float32 copies, which a CPU without
+      units (CPU_HAS_BF16_GEMM_UNITS): the C++ kernels run its base GEMMs on float32 copies, which a CPU without
       them needs (its bf16 GEMMs took 6-60x as long: functional._cpu_widens) and one with them pays for. On a Xeon
       with AMX, 1 thread, K = N = 1024, r = 16, the cpu backend's fwd+bwd took 2.4-7.2x the torch composition's at
       M = 16 to 1024 in bf16 over two runs (BENCHMARKS.md, session 31). In fp16 (AVX512-FP16) it took 1.0-2.2x:
@@ -137,7 +132,7 @@ def auto_backend(device, op_name="lora_linear", dtype=None):
         if dtype == torch.float64:
             order = tuple(name for name in order if name != "triton")
     elif device.type == "cpu":
-        bf16_units = op_name == "lora_linear" and dtype == torch.bfloat16 and cpu_has_bf16_gemm_units()
+        bf16_units = op_name == "lora_linear" and dtype == torch.bfloat16 and CPU_HAS_BF16_GEMM_UNITS
         order = ("torch",) if bf16_units else ("cpu", "torch")
     else:
         order = ("torch",)

@@ -62,7 +62,7 @@ def print_info(as_json=False):
     for device, table in info["backends"].items():
         auto = info["auto"][device]
         # a bf16 lora_linear on a CPU with bf16 GEMM units: the torch composition (backends.auto_backend)
-        bf16 = auto.get("lora_linear_bfloat16", auto["lora_linear"])
+        bf16 = auto["lora_linear_bfloat16"]
         by_dtype = f" (bfloat16: {bf16})" if bf16 != auto["lora_linear"] else ""
         print(f"backends for {device} tensors (auto -> lora_linear: {auto['lora_linear']}{by_dtype}, "
               f"grouped ops: {auto['grouped']}):")

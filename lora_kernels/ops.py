@@ -130,14 +130,11 @@ def check_output(op, name, out, inputs):
     shared with the (name, tensor) inputs it reads (the cpu kernels read rows they had already overwritten; see
     _shares_memory for the layouts decided). A few µs of host time in the common case (separate storages). Not
     while tracing, nor for meta and fake tensors, which have no memory to compare. A tensor that requires grad is
-    refused while grad mode is on: these ops are not differentiable, so autograd would not see the write (torch's
-    in-place ops raised on a leaf only after computing; the cpu and triton kernels wrote into it, or into a view
-    of it)."""
+    refused while grad mode is on (check_no_grad_inputs): torch's in-place ops raised on a leaf only after
+    computing, the cpu and triton kernels wrote into it, or into a view of it."""
     if torch.compiler.is_compiling() or out.is_meta or isinstance(out, FakeTensor):
         return
-    if out.requires_grad and torch.is_grad_enabled():
-        raise ValueError(f"{op}: {name} expected a tensor that does not require grad (the op is not differentiable), "
-                         f"got one that does; call under torch.no_grad() or pass {name}.detach()")
+    check_no_grad_inputs(op, ((name, out),))
     if 0 in out.stride() and any(stride == 0 and size > 1 for size, stride in zip(out.shape, out.stride())):
         raise ValueError(f"{op}: {name} expected a tensor whose elements do not overlap in memory, got shape "
                          f"{tuple(out.shape)} with strides {out.stride()} (an expanded view); pass a new tensor")
@@ -153,10 +150,11 @@ def check_output(op, name, out, inputs):
 
 
 def check_no_grad_inputs(op, inputs):
-    """ValueError naming the first (name, tensor) input that requires grad while grad mode is on: these ops are not
-    differentiable, and the backends disagreed about such inputs (the cpu kernels raised a RuntimeError naming their
-    internal shrink result `t`, the torch and reference paths made the output a graph node that the next call on it
-    refused, the eager triton path ignored them). Not while tracing, as check_output."""
+    """ValueError naming the first (name, tensor) that requires grad while grad mode is on: these ops are not
+    differentiable, so autograd would not see a write into such an output, and the backends disagreed about such
+    inputs (the cpu kernels raised a RuntimeError naming their internal shrink result `t`, the torch and reference
+    paths made the output a graph node that the next call on it refused, the eager triton path ignored them). Not
+    while tracing, as check_output."""
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return
     for name, t in inputs:

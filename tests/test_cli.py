@@ -70,7 +70,7 @@ def test_info_says_triton_on_cpu_is_the_interpreter():
 def test_info_names_the_bf16_lora_linear_choice_where_it_differs(units, monkeypatch, capsys):
     from lora_kernels import backends
     monkeypatch.setattr(backends, "unavailable_reason", lambda name, device: None if name in ("cpu", "torch") else "-")
-    monkeypatch.setattr(backends, "cpu_has_bf16_gemm_units", lambda: units)
+    monkeypatch.setattr(backends, "CPU_HAS_BF16_GEMM_UNITS", units)
     cli.print_info()
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("backends for cpu"))
     assert line == "backends for cpu tensors (auto -> lora_linear: cpu" + (" (bfloat16: torch)" if units else "") \

@@ -656,7 +656,7 @@ def test_auto_picks_by_device_and_op_as_the_readme_says(monkeypatch):
     interpreter is never chosen, and torch is the last fallback."""
     monkeypatch.setattr(backends, "unavailable_reason", lambda name, device: None)
     for units in (False, True):  # a CPU with bf16 GEMM units: lora_linear in bf16 on the torch composition
-        monkeypatch.setattr(backends, "cpu_has_bf16_gemm_units", lambda units=units: units)
+        monkeypatch.setattr(backends, "CPU_HAS_BF16_GEMM_UNITS", units)
         for dtype in (None, torch.float32, torch.float16, torch.bfloat16):
             assert backends.auto_backend("cuda", "lora_linear", dtype) == "torch"
             for op in backends.GROUPED_OPS:

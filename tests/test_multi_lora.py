@@ -1346,7 +1346,8 @@ def test_outputs_that_overlap_an_input_or_themselves_are_refused(backend, device
     # the cpu and triton kernels wrote into it; the ops are not differentiable, so autograd would miss the write
     leaf = torch.zeros(m, 2 * rank, device=device, requires_grad=True)
     refused(lambda: lk.ops.lora_expand(t, lora_b, batch, leaf[:, :rank], backend=backend), leaf,
-            r"lora_expand: out expected a tensor that does not require grad \(the op is not differentiable\)")
+            r"lora_expand: out expected a tensor that does not require grad \(the op is not differentiable; "
+            r"lora_kernels.multi_lora_linear is\)")
     refused(lambda: lk.ops.lora_shrink(x, lora_a, batch, scalings, backend=backend, out=leaf[:, rank:]), leaf,
             r"lora_shrink: out expected a tensor that does not require grad")
     with torch.no_grad():

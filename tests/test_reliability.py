@@ -540,7 +540,7 @@ def test_auto_runs_a_bf16_lora_linear_on_the_torch_composition_on_a_cpu_with_bf1
     GEMMs run on them, where the C++ kernels' float32 copies measured 2.4-7.2x its fwd+bwd (backends.auto_backend)."""
     monkeypatch.setattr(backends, "_LOGGED", set())
     monkeypatch.setattr(backends, "_CHOICES", {})
-    monkeypatch.setattr(backends, "cpu_has_bf16_gemm_units", lambda: units)
+    monkeypatch.setattr(backends, "CPU_HAS_BF16_GEMM_UNITS", units)
     x, w, a, b = (torch.randn(*shape, dtype=torch.bfloat16) for shape in ((2, 8), (4, 8), (2, 8), (4, 2)))
     expected = "torch" if units else backends.auto_backend("cpu")
     with caplog.at_level(logging.DEBUG, logger="lora_kernels"):
@@ -552,14 +552,14 @@ def test_auto_runs_a_bf16_lora_linear_on_the_torch_composition_on_a_cpu_with_bf1
 
 def test_bf16_gemm_units_count_only_with_onednn_on(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
-    assert backends._detect_cpu_bf16_gemm_units() == torch.backends.mkldnn.is_available()
+    assert backends.detect_cpu_bf16_gemm_units() == torch.backends.mkldnn.is_available()
     with torch.backends.mkldnn.flags(enabled=False):  # ATen's own bf16 GEMMs then, slow without oneDNN
-        assert not backends._detect_cpu_bf16_gemm_units()
+        assert not backends.detect_cpu_bf16_gemm_units()
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert not backends._detect_cpu_bf16_gemm_units()
+    assert not backends.detect_cpu_bf16_gemm_units()
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # a torch without the private check: as without units
-    assert not backends._detect_cpu_bf16_gemm_units()
+    assert not backends.detect_cpu_bf16_gemm_units()
 
 
 def test_auto_choice_for_a_tensor_subclass_weight_is_logged(caplog, monkeypatch):

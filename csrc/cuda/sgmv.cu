@@ -753,11 +753,12 @@ at::Tensor sgmv_shrink_cuda_launch(const at::Tensor& x, const at::Tensor& lora_a
   args.w_stride_k = lora_a.stride(2);
   args.k_full = x.size(1);
   const bool rows_of_16_bytes = shrink_rows_of_16_bytes(args);
-  const int64_t vec = args.x_dtype == kF32 ? 4 : 8;
+  const ShrinkSplit decode_split =
+      decode_k_split(num_tokens, args.k_full, args.x_dtype == kF32 ? 4 : 8, x.get_device());
   // The decode grid's K-splits are its y dimension, at most kSgmvMaxGridYZ: past that (K above about 2^25 in float32,
   // 2^26 in 16 bits) the sgmv kernels, whose splits are the x dimension, take it.
-  const bool decode = rows_of_16_bytes && decode_path(num_tokens, num_slots) &&
-                      decode_k_split(num_tokens, args.k_full, vec, x.get_device()).splits <= kSgmvMaxGridYZ;
+  const bool decode =
+      rows_of_16_bytes && decode_path(num_tokens, num_slots) && decode_split.splits <= kSgmvMaxGridYZ;
   // Tensor cores for x and lora_a of one 16-bit dtype whose rows are whole 16-byte loads, on sm_80+.
   const bool tensor_cores =
       !decode && rows_of_16_bytes && args.x_dtype != kF32 &&
@@ -765,7 +766,7 @@ at::Tensor sgmv_shrink_cuda_launch(const at::Tensor& x, const at::Tensor& lora_a
   // The partials hold the accumulation type (launch_sgmv's choice), so a float64 sum is rounded to float32 once.
   const bool acc_fp64 = args.x_dtype == kF64 || args.w_dtype == kF64;
   const ShrinkSplit k_split =
-      decode ? decode_k_split(num_tokens, args.k_full, vec, x.get_device())
+      decode ? decode_split
              : shrink_k_split(num_tokens, num_slots, max_rank, args.k_full, tensor_cores ? kShrinkWarps : kThreads / 32,
                               x.get_device());
   at::Tensor partials = at::zeros({k_split.splits, num_tokens, max_rank},
