@@ -219,3 +219,41 @@ def test_every_launch_passes_the_fp_fusion_setting():
                 launches[f"{path.name}:{node.lineno} {ast.unparse(node.func.value)}"] = passed
     assert len(launches) >= 13, sorted(launches)  # the launch sites of lora_linear.py and sgmv.py
     assert {site for site, passed in launches.items() if passed != "FP_FUSION"} == set(), launches
+
+
+def test_dropout_seed_selects_no_compiled_variant():
+    """Every training step draws a new dropout seed (functional.new_seed). Triton specialises an int argument on its
+    value (1: a constexpr; a multiple of 16: a divisibility attribute), each a binary of its own, so a specialised
+    seed compiled every dropout kernel again, on a GPU, at the first step whose seed was a multiple of 16 (about 2 s
+    per kernel and layer shape). Checked on the binder whose specialisation a launch's cache key is made of, in a
+    TRITON_INTERPRET=0 subprocess (like the gate)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+        from triton.runtime.jit import create_function_from_signature
+        from lora_kernels.triton import aot, lora_linear as ll
+        backend = make_backend(GPUTarget("cuda", 90, 32))
+        kernels = {}
+        for spec in ll.aot_specs():
+            fn = aot._jit_function(spec["kernel"])
+            if "seed" in fn.arg_names:
+                kernels[fn.fn.__name__] = fn
+        assert len(kernels) == 5, sorted(kernels)
+        for name, fn in kernels.items():
+            binder = create_function_from_signature(fn.signature, fn.params, backend)
+            keys = {str(binder(**{arg: 48 for arg in fn.arg_names if arg != "seed"}, seed=seed)[1])
+                    for seed in (1234567, 1234560, 1)}
+            assert len(keys) == 1, (name, keys)
+        print("SEED-OK")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    repo_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "SEED-OK" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+

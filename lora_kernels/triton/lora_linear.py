@@ -292,7 +292,8 @@ def _gemm_loop(a_ptrs, b_ptrs, acc, offs_red, size_red, step_a, step_b, FP32_INP
 @triton.jit
 def _keep_mask(seed, offs_m, offs_k, K, p):
     """Dropout keep-decision of elements (offs_m, offs_k) of x [M, K]: tl.rand(seed, m * K + k) >= p.
-    offs_m is int64, so m * K cannot overflow."""
+    offs_m is int64, so m * K cannot overflow. The kernels taking `seed` leave it unspecialised
+    (do_not_specialize): a new seed every step must not select another compiled binary (a multiple of 16 did)."""
     rand_offsets = offs_m[:, None] * K + offs_k[None, :]
     return tl.rand(seed, rand_offsets) >= p
 
@@ -309,7 +310,7 @@ def _grouped_pid(pid, num_m, num_n, GROUP: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.jit(do_not_specialize=["m_bucket"])
+@triton.jit(do_not_specialize=["m_bucket", "seed"])
 def _lora_shrink_kernel(
     x_ptr, a_ptr, sp_ptr,
     M, K, R, split_k, m_bucket,
@@ -489,7 +490,7 @@ def _lora_bwd_dy_kernel(
     tl.store(dsp_ptrs, ds * scaling, mask=mask_m[:, None] & mask_r[None, :])
 
 
-@triton.jit(do_not_specialize=["m_bucket"])
+@triton.jit(do_not_specialize=["m_bucket", "seed"])
 def _lora_bwd_dx_kernel(
     dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr,
     M, N, K, R, m_bucket,
@@ -519,7 +520,7 @@ def _lora_bwd_dx_kernel(
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_k < K)[None, :])
 
 
-@triton.jit(do_not_specialize=["m_bucket"])
+@triton.jit(do_not_specialize=["m_bucket", "seed"])
 def _lora_bwd_dx_tma_kernel(
     dy_desc, w_desc, ds_ptr, a_ptr, dx_ptr,
     M, N, K, R, m_bucket,
@@ -567,7 +568,7 @@ def _dx_lora_term(ds_ptr, a_ptr, offs_m, offs_k, M, K, R, stride_dsm, stride_dsr
     return acc
 
 
-@triton.jit(do_not_specialize=["m_bucket"])
+@triton.jit(do_not_specialize=["m_bucket", "seed"])
 def _lora_bwd_da_kernel(
     ds_ptr, x_ptr, dap_ptr,
     M, K, R, split_m, m_bucket,
@@ -611,7 +612,7 @@ def _lora_bwd_da_kernel(
     tl.store(dap_ptrs, acc, mask=mask_r[:, None] & mask_k[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed every step: one binary for all (see _keep_mask)
 def _dropout_mask_kernel(
     out_ptr,
     M, K,
