@@ -257,3 +257,49 @@ def test_dropout_seed_selects_no_compiled_variant():
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert "SEED-OK" in proc.stdout, proc.stdout + proc.stderr[-3000:]
 
+
+def test_gate_compiles_every_config_the_prune_launches():
+    """Each autotune config that the shared-memory prune lets a kernel launch with, for fp32 and bf16 at every rank
+    chunk, is compiled by the gate at that chunk or a larger one (whose operands are larger). The fp32 prune keeps
+    more configs at chunks 16 and 32 (every fp32 rank up to 32) than at 64, where the gate looked: the shrink's and
+    dA's 128-row tiles ran there uncompiled (they fit, spilling 0.7-3.7 KB per thread). Specs are listed in a
+    TRITON_INTERPRET=0 subprocess, where the module holds its GPU config lists."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import torch
+        from lora_kernels.triton import lora_linear as ll
+        compiled = {}
+        for spec in ll.aot_specs():
+            name, tag, launch = spec["name"].split("[", 1)[1].rstrip("]").split("; ")
+            kwargs = dict(item.split("=") for item in tag.split(","))
+            compiled.setdefault((spec["kernel"].__name__, name, launch), []).append(kwargs)
+        kernels = {"_lora_shrink_kernel": (ll.SHRINK_CONFIGS, "x_ptr", {}),
+                   "_lora_fwd_kernel": (ll.GEMM_CONFIGS, "x_ptr", {}),
+                   "_lora_bwd_dy_kernel": (ll.DY_CONFIGS, "dy_ptr", {"BLOCK_M": ll.DY_BLOCK_M}),
+                   "_lora_bwd_dx_kernel": (ll.DX_CONFIGS, "dy_ptr", {}),
+                   "_lora_bwd_da_kernel": (ll.DA_CONFIGS, "x_ptr", {})}
+        missing = []
+        for kernel, (configs, pointer, fixed) in kernels.items():
+            for dtype in (torch.float32, torch.bfloat16):
+                for r in (1, 17, 33, 1024):
+                    chunk = ll._dy_block_r(r, dtype) if kernel == "_lora_bwd_dy_kernel" else ll._block_r(r)
+                    for cfg in ll._PRUNE[kernel](configs, {pointer: torch.empty(0, dtype=dtype)}, **fixed,
+                                                 BLOCK_R=chunk):
+                        key = (kernel, ll.TRITON_DTYPE_NAMES[dtype], f"w{cfg.num_warps} s{cfg.num_stages}")
+                        if not any(int(kw["BLOCK_R"]) >= chunk and all(kw.get(k) == str(v) for k, v in
+                                                                      cfg.kwargs.items())
+                                   for kw in compiled.get(key, [])):
+                            missing.append(f"{kernel}[{key[1]}; {cfg.kwargs}, BLOCK_R={chunk}; {key[2]}]")
+        print("MISSING:" + repr(sorted(set(missing))))
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    repo_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "MISSING:" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    missing = proc.stdout.split("MISSING:", 1)[1].strip()
+    assert missing == "[]", f"launched but never compiled by the gate: {missing}"

@@ -1309,12 +1309,17 @@ def aot_specs():
         add(fn, torch.bfloat16, configs[0], **off, **fixed, BLOCK_R=MIN_DOT_DIM)
         add(fn, torch.bfloat16, configs[0], **on, **fixed, BLOCK_R=32)
         add(fn, torch.float16, configs[0], **on, **fixed, BLOCK_R=MAX_BLOCK_R)
-        # fp32: every config the shared-memory prune lets it launch with at its largest rank chunk.
+        # fp32: every config the shared-memory prune lets it launch with, at the largest rank chunk it launches at
+        # (the prune of the shrink and dA keeps more configs at chunks 16 and 32 than at 64).
         element_ptr = "dy_ptr" if "dy_ptr" in fn.arg_names else "x_ptr"
         prune = _PRUNE[fn.__name__]
         fp32_block_r = DY_MAX_BLOCK_R_FP32 if fn is _lora_bwd_dy_kernel else MAX_BLOCK_R
-        for cfg in prune(configs, {element_ptr: torch.empty(0)}, **fixed, BLOCK_R=fp32_block_r):
-            add(fn, torch.float32, cfg, **on, **fixed, BLOCK_R=fp32_block_r)
+        fp32_compiled = set()
+        for chunk in (c for c in (MAX_BLOCK_R, 32, MIN_DOT_DIM) if c <= fp32_block_r):
+            for cfg in prune(configs, {element_ptr: torch.empty(0)}, **fixed, BLOCK_R=chunk):
+                if id(cfg) not in fp32_compiled:
+                    fp32_compiled.add(id(cfg))
+                    add(fn, torch.float32, cfg, **on, **fixed, BLOCK_R=chunk)
         add(fn, torch.float32, configs[0], **off, **fixed, BLOCK_R=MIN_DOT_DIM)
     add(_dropout_mask_kernel, torch.float32, triton.Config({"BLOCK": DROPOUT_BLOCK}, num_warps=4, num_stages=1))
     for configs, fn, on, _, fixed in kernels:
