@@ -1208,9 +1208,10 @@ _INNER_STRIDES = {  # unit strides of contiguous operands: Triton specialises th
     "_dropout_mask_kernel": ("stride_ok",),
 }
 _FP32_POINTERS = {"s_ptr", "sp_ptr", "ds_ptr", "dsp_ptr", "dbp_ptr", "dap_ptr", "out_ptr"}
-# Split counts (the launchers' N / M / K splits) and the autotune bucket: run-time ints that are not sizes, so not
-# marked 16-divisible (Triton does not specialise m_bucket at all).
-_NOT_SIZE_ARGS = {"split_n", "split_m", "split_k", "m_bucket"}
+# Split counts (the launchers' N / M / K splits), the autotune bucket and the dropout seed: run-time ints that are not
+# sizes, so not marked 16-divisible (Triton does not specialise m_bucket and seed at all). The seed is compiled as the
+# i32 that functional.new_seed's draws (< 2**31) launch as; an explicit seed past that gets an i64 binary.
+_NOT_SIZE_ARGS = {"split_n", "split_m", "split_k", "m_bucket", "seed"}
 _FLOAT_SCALARS = {"scaling", "p", "dropout_scale"}
 
 
@@ -1226,8 +1227,6 @@ def _signature(fn, dtype, constexprs):
             sig[name] = "*fp32" if name in _FP32_POINTERS else "*" + TRITON_DTYPE_NAMES[dtype]
         elif name in _FLOAT_SCALARS:
             sig[name] = "fp32"
-        elif name == "seed":
-            sig[name] = "i64"
         else:
             sig[name] = "i32"
     return sig
