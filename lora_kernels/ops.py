@@ -135,6 +135,7 @@ def check_output(op, name, out, inputs):
     if torch.compiler.is_compiling() or out.is_meta or isinstance(out, FakeTensor):
         return
     check_no_grad_inputs(op, ((name, out),))
+    check_writable_outside_inference_mode(op, name, out)
     if 0 in out.stride() and any(stride == 0 and size > 1 for size, stride in zip(out.shape, out.stride())):
         raise ValueError(f"{op}: {name} expected a tensor whose elements do not overlap in memory, got shape "
                          f"{tuple(out.shape)} with strides {out.stride()} (an expanded view); pass a new tensor")
@@ -147,6 +148,17 @@ def check_output(op, name, out, inputs):
                              f"the op reads ({name}: shape {tuple(out.shape)}, strides {out.stride()}, offset "
                              f"{out.storage_offset()}; {input_name}: shape {tuple(t.shape)}, strides {t.stride()}, "
                              f"offset {t.storage_offset()}); pass a separate tensor")
+
+
+def check_writable_outside_inference_mode(op, name, t):
+    """ValueError for an inference tensor (made under torch.inference_mode) that would be written in place outside
+    inference mode: torch raises there only after the write (its version-counter bump follows the kernel), so the
+    torch, cpu and reference backends wrote y (add_lora: some of its slices) and then raised, and the eager Triton
+    launches, which bump no such counter, wrote it without an error. Not while tracing, as check_output."""
+    if t.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError(f"{op}: {name} is an inference tensor (created under torch.inference_mode), which cannot be "
+                         f"updated in place outside inference mode; call the op inside torch.inference_mode() or pass "
+                         f"{name}.clone()")
 
 
 def check_no_grad_inputs(op, inputs):

@@ -552,3 +552,41 @@ def test_serving_ops_refuse_inputs_that_require_grad_by_name(backend, which):
     else:
         with pytest.raises(ValueError, match=rf"lora_shrink: {which} expected a tensor that does not require grad"):
             lk.ops.lora_shrink(args["x"], args["lora_a"], batch, args["scalings"], backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton", "reference"])
+def test_serving_ops_refuse_an_inference_tensor_output_outside_inference_mode_before_writing(backend):
+    """An output made under torch.inference_mode, written outside it: torch raises only after its in-place write (the
+    version bump follows the kernel), so add_lora wrote some slices and raised (torch, cpu, reference), and the
+    eager Triton launches wrote without an error. Refused by name before anything is written, on every backend."""
+    backend_or_skip(backend, "cpu")
+    L, R, K, M = 2, 4, 8, 3
+    x, scalings, ranks = torch.randn(M, K), torch.ones(L), torch.full((L,), R, dtype=torch.int32)
+    lora_a, lora_b = [torch.randn(L, R, K) for _ in range(2)], [torch.randn(L, 5, R) for _ in range(2)]
+    batch = LoRABatch.from_adapter_ids(torch.tensor([0, 1, 0]), L)
+    with torch.inference_mode():
+        y, out = torch.zeros(M, 10), torch.zeros(M, R)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="add_lora: y is an inference tensor"):
+            lk.ops.add_lora(y, x, lora_a, lora_b, batch, scalings, ranks, [5, 5], backend=backend)
+        with pytest.raises(ValueError, match="lora_expand: out is an inference tensor"):
+            lk.ops.lora_expand(torch.randn(M, R), lora_b[0], batch, y, 0, ranks, backend=backend)
+        with pytest.raises(ValueError, match="lora_shrink: out is an inference tensor"):
+            lk.ops.lora_shrink(x, lora_a[0], batch, scalings, ranks, backend=backend, out=out)
+    assert not y.any() and not out.any()
+    with torch.inference_mode():  # inside inference mode they are ordinary outputs
+        lk.ops.add_lora(y, x, lora_a, lora_b, batch, scalings, ranks, [5, 5], backend=backend)
+    assert y.any()
+
+
+def test_lora_batch_built_under_inference_mode_refuses_a_refill_outside_it_before_writing():
+    """refill_ outside inference mode of a batch built inside it raised after writing adapter_ids alone: the sorted
+    metadata stayed stale, so the Triton decode kernels (which read adapter_ids) and the others disagreed."""
+    with torch.inference_mode():
+        batch = LoRABatch.from_adapter_ids(torch.full((4,), -1), 2)
+    with pytest.raises(ValueError, match="built under torch.inference_mode"):
+        batch.refill_(torch.tensor([1, 0, 1, -1]))
+    assert batch.adapter_ids.tolist() == [-1] * 4 and batch.slot_counts.tolist() == [0, 0]
+    with torch.inference_mode():
+        batch.refill_(torch.tensor([1, 0, 1, -1]))
+    assert batch.slot_counts.tolist() == [1, 2]
