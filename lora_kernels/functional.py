@@ -432,9 +432,9 @@ class LoRALinearFunction(torch.autograd.Function):
                 # dS stays in fp32 (fp64 for fp64): |s·dY·B| may pass 65504 in fp16 where dA and the LoRA term of
                 # dX do not, as the Triton backward keeps it (rounding it first gave dx = inf there, as PEFT does).
                 d_lora_b, ds = torch.ops.lora_kernels.lora_bwd_dy(dy, s, lora_b, float(scaling))
-            else:
-                d_lora_b = scaling * (dy.T @ s)
-                ds = scaling * (dy @ lora_b)
+            else:  # torch: PEFT's GEMMs in the input dtype, its scaling where no product overflows first
+                d_lora_b = scaled_mm(dy.T, s, scaling)
+                ds = scaled_mm(dy, lora_b, scaling)
             # ds's dtype: the other operands of the dS products are widened to it (a no-op but for the cpu and
             # small-M cuda paths in 16 bits), and autocast must not round them back.
             with ops.autocast_off(dy.device):
@@ -559,8 +559,8 @@ def _lora_linear_backward_differentiable(ctx, dy, x2, weight, lora_a, lora_b, se
     with ops.autocast_off(dy.device):  # the LoRA branch's dtype, not autocast's (as in the first-order backward)
         dy_l, x_l, a_l, b_l = _differentiable_lora_operands(ctx.backend, dy, x2, lora_a, lora_b)
         x_l = x_l if drop is None else drop(x_l)  # after the widening, as in _lora_linear_composition
-        ds = scaling * (dy_l @ b_l)
-        d_lora_b = scaling * (dy_l.T @ (x_l @ a_l.T)) if need_b else None
+        ds = scaled_mm(dy_l, b_l, scaling)  # differentiable; the scaling where no 16-bit product overflows first
+        d_lora_b = scaled_mm(dy_l.T, x_l @ a_l.T, scaling) if need_b else None
         d_lora_a = ds.T @ x_l if need_a else None
         if need_x:
             dx_lora = ds @ a_l
@@ -843,7 +843,17 @@ class MultiLoRAFunction(torch.autograd.Function):
         widen = _cpu_widens(backend, dy)  # the base GEMMs in fp32 (see _cpu_widens)
         if need_x or need_a:
             # u[t] = scalings[i] * B_i[:, :r]^T dy[t]: the shrink with B^T as the "A" of each slot.
-            u = ops.run_shrink(backend, dy, lora_b.transpose(1, 2), batch, scalings, ranks)
+            if backend == "torch":
+                # Its shrink rounds the 16-bit product dY·B before scaling it: inf where that passes 65504 and
+                # s·dY·B does not (PEFT, scaling dY first, stays finite). A slot's scaling of at most 1 goes into
+                # its B first, as _ext.scaled_mm orders them (computed in fp32, rounded once).
+                scale_first = scalings.abs() <= 1.0
+                scaled_b = torch.mul(lora_b, torch.where(scale_first, scalings, 1.0)[:, None, None],
+                                     out=torch.empty_like(lora_b))
+                u = ops.run_shrink(backend, dy, scaled_b.transpose(1, 2), batch,
+                                   torch.where(scale_first, 1.0, scalings), ranks)
+            else:
+                u = ops.run_shrink(backend, dy, lora_b.transpose(1, 2), batch, scalings, ranks)
             if need_x:
                 dx = _fp32_mm(dy, weight).to(dy.dtype) if widen else dy @ weight
                 ops.run_expand(backend, u, lora_a.transpose(1, 2), batch, ranks, dx)

@@ -942,19 +942,21 @@ def test_triton_gemm_fallback_keeps_fp32_products(magnitude, device, monkeypatch
     assert_close(d_lora_b, scaling * dy.double().cpu().T @ s16, torch.float32, "d_lora_b", tf32=True)
 
 
-@pytest.mark.parametrize("path", ["cuda_above_the_kernel_bound", "triton_past_the_partials_budget"])
+@pytest.mark.parametrize("path", ["cuda_above_the_kernel_bound", "triton_past_the_partials_budget", "torch",
+                                  "torch_create_graph"])
 @pytest.mark.parametrize("scaling", [0.01, 4.0])
 def test_fp16_gemm_fallbacks_stay_finite_where_only_the_unscaled_dy_b_overflows(path, scaling, monkeypatch):
-    """The two backward paths that take two GEMMs in the input dtype (the cuda backend above
+    """The backward paths that take two GEMMs in the input dtype (the cuda backend above
     CUDA_BWD_DY_KERNEL_MAX_WORK, here on CPU tensors, whose fused forward the C++ CPU op runs; the Triton backward
-    past DY_PARTIALS_BUDGET) fold a scaling below 1 into B and S before the GEMM: they rounded dY·B to fp16 and
-    scaled it afterwards, so dX and dA were inf where dY·B passed 65504 while dS, dX and dA did not (PEFT, scaling dY
-    first, stays finite). A scaling above 1 is applied after the GEMM, where the product is the smaller value."""
-    backend = "cuda" if path.startswith("cuda") else "triton"
-    backend_or_skip("cpu" if backend == "cuda" else "triton", "cpu")
+    past DY_PARTIALS_BUDGET; the torch backend, also its create_graph backward) fold a scaling below 1 into B and S
+    before the GEMM: they rounded dY·B to fp16 and scaled it afterwards, so dX and dA were inf where dY·B passed
+    65504 while dS, dX and dA did not (PEFT, scaling dY first, stays finite). A scaling above 1 is applied after the
+    GEMM, where the product is the smaller value."""
+    backend = path.split("_")[0]
+    backend_or_skip({"cuda": "cpu"}.get(backend, backend), "cpu")
     if backend == "cuda":
         monkeypatch.setattr(functional, "CUDA_BWD_DY_KERNEL_MAX_WORK", 0)
-    else:
+    elif backend == "triton":
         from lora_kernels.triton import lora_linear as triton_lora_linear
         monkeypatch.setattr(triton_lora_linear, "DY_PARTIALS_BUDGET", 0)
     dtype, m, k, n, r = torch.float16, 8, 32, 16, 4
@@ -969,12 +971,12 @@ def test_fp16_gemm_fallbacks_stay_finite_where_only_the_unscaled_dy_b_overflows(
         assert (dy.double() @ lora_b.double()).abs().min() > torch.finfo(dtype).max  # dY·B overflows fp16
     assert (scaling * dy.double() @ lora_b.double()).abs().max() < 1e4  # dS does not
     leaves = [t.clone().requires_grad_(True) for t in (x, lora_a, lora_b)]
-    functional.LoRALinearFunction.apply(leaves[0], weight, leaves[1], leaves[2], None, scaling, 0.0, None,
-                                        backend).backward(dy)
-    for name, leaf in zip(("x", "lora_a"), leaves):  # dB is ~1e-6 at scaling 0.01, subnormal in fp16 everywhere
-        assert_close(leaf.grad, expected[name], dtype, f"d{name}", scale=2.0)
+    y = functional.LoRALinearFunction.apply(leaves[0], weight, leaves[1], leaves[2], None, scaling, 0.0, None, backend)
+    grads = torch.autograd.grad(y, leaves, dy, create_graph=path.endswith("create_graph"))
+    for name, grad in zip(("x", "lora_a"), grads):  # dB is ~1e-6 at scaling 0.01, subnormal in fp16 everywhere
+        assert_close(grad, expected[name], dtype, f"d{name}", scale=2.0)
     if scaling > 1:
-        assert_close(leaves[2].grad, expected["lora_b"], dtype, "dlora_b", scale=2.0)
+        assert_close(grads[2], expected["lora_b"], dtype, "dlora_b", scale=2.0)
 
 
 def test_scaled_mm_applies_a_scaling_above_one_in_magnitude_after_the_product():

@@ -1448,12 +1448,16 @@ def test_fp16_output_stays_finite_where_only_the_scaled_shrink_overflows(backend
 @pytest.mark.parametrize("backend", GROUPED_BACKENDS)
 @pytest.mark.parametrize("num_tokens", [12, 80], ids=["decode", "prefill"])
 @pytest.mark.parametrize("slot_loop", [False, True], ids=["own_path", "device_slot_loop"])
+@pytest.mark.parametrize("overflowing", ["scaled", "unscaled"])
 def test_fp16_x_and_lora_a_gradients_stay_finite_where_only_the_scaled_dy_b_overflows(backend, num_tokens, slot_loop,
-                                                                                        device, monkeypatch):
-    """u = s·dY·B above fp16's 65504 while dX and dA are in range: every backend keeps u in fp32 up to the products
-    that use it, as the single-adapter backward keeps dS (the Triton dA kernel and the GPU slot loop rounded u to
-    fp16: dA = inf; PEFT's dS overflows here too). device_slot_loop: the per-slot GEMMs that the cuda and torch
-    backends run on GPUs, here on CPU tensors."""
+                                                                                        overflowing, device,
+                                                                                        monkeypatch):
+    """scaled: u = s·dY·B above fp16's 65504 while dX and dA are in range: every backend keeps u in fp32 up to the
+    products that use it, as the single-adapter backward keeps dS (the Triton dA kernel and the GPU slot loop rounded
+    u to fp16: dA = inf; PEFT's dS overflows here too). unscaled: scalings below 1 and dY·B above 65504 where u is in
+    range (the torch backend rounded dY·B to fp16 before scaling it: dX = dA = inf; PEFT, scaling dY first, stays
+    finite). device_slot_loop: the per-slot GEMMs that the cuda and torch backends run on GPUs, here on CPU
+    tensors."""
     backend_or_skip(backend, device)
     if slot_loop:
         if backend == "triton":
@@ -1461,9 +1465,11 @@ def test_fp16_x_and_lora_a_gradients_stay_finite_where_only_the_scaled_dy_b_over
         from lora_kernels import ops
         monkeypatch.setattr(ops, "slots_on_host", lambda device: False)
     dtype, num_slots, max_rank, k, n = torch.float16, 2, 4, 32, 16
-    ranks, scalings = [4, 3], torch.tensor([200.0, 150.0])
+    ranks = [4, 3]
+    scalings, b_scale = (torch.tensor([200.0, 150.0]), 100.0) if overflowing == "scaled" else (
+        torch.tensor([0.01, -0.02]), 5000.0)
     lora_a = randn(num_slots, max_rank, k, dtype=dtype, device=device, scale=1e-3)
-    lora_b = (100.0 * (1.0 + torch.rand(num_slots, n, max_rank))).to(dtype).to(device)  # one sign: no cancelling
+    lora_b = (b_scale * (1.0 + torch.rand(num_slots, n, max_rank))).to(dtype).to(device)  # one sign: no cancelling
     # x this small keeps dA ~ u·x (40 tokens a slot) far inside fp16 on any draw: at 1e-3 its largest entry was
     # above 1e4 on about half the seeds (12689 on the H200, whose random stream differs from the CPU's).
     x = randn(num_tokens, k, dtype=dtype, device=device, scale=3e-4)
@@ -1473,7 +1479,8 @@ def test_fp16_x_and_lora_a_gradients_stay_finite_where_only_the_scaled_dy_b_over
     leaves = [t.double().cpu().requires_grad_(True) for t in (x, lora_a, lora_b)]
     reference.multi_lora_linear_autograd(leaves[0], weight.double().cpu(), *leaves[1:], ids.cpu(), scalings, None,
                                          torch.tensor(ranks)).backward(dy.double().cpu())
-    assert (scalings.min() * dy.double().min() * 100.0 * n) > torch.finfo(dtype).max  # every in-rank u overflows
+    overflowing_factor = scalings.abs().min() if overflowing == "scaled" else 1.0
+    assert overflowing_factor * dy.double().min() * b_scale * n > torch.finfo(dtype).max  # every in-rank one overflows
     in_range = torch.finfo(dtype).max / 4
     assert leaves[0].grad.abs().max() < in_range and leaves[1].grad.abs().max() < in_range  # dX and dA do not
     got = [t.clone().requires_grad_(True) for t in (x, lora_a)]
