@@ -295,26 +295,38 @@ def test_gpu_check_runs_only_the_selected_stages(tmp_path):
     assert not (tmp_path / "gc.tgz.tmp").exists()
 
 
+def _stand_in_python(tmp_path, cases):
+    """A python for gpu_check that answers the shell `case` patterns in `cases` itself and runs the rest for real."""
+    stub = tmp_path / "python"
+    stub.write_text(f"""#!/bin/sh
+case "$*" in
+{cases}
+esac
+exec {sys.executable} "$@"
+""")
+    stub.chmod(0o755)
+    return str(stub)
+
+
+def _gpu_check_dry_run(tmp_path, **env_vars):
+    env = _env()
+    env.update(env_vars)
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(tmp_path / "out"), "--dry-run"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 def test_gpu_check_keeps_to_the_selected_stages_when_the_archive_cannot_be_written(tmp_path):
     # record() packs the archive, and not_selected() returned record's status: an archive that could not be written
     # (here its temporary file is a folder; a full disk, or tar's "file changed as we read it") made every stage
     # that GPU_CHECK_STAGES left out run after all, on a lease split over calls. A stand-in python makes each stage
     # instant; the rest runs for real.
-    stub = tmp_path / "python"
-    stub.write_text(f"""#!/bin/sh
-case "$*" in
-  *benchmarks/table.py*) exec {sys.executable} "$@" ;;
-  *"-m lora_kernels"*|*benchmarks/*) echo "stand-in $*"; exit 0 ;;
-esac
-exec {sys.executable} "$@"
-""")
-    stub.chmod(0o755)
+    python = _stand_in_python(tmp_path, f"""  *benchmarks/table.py*) exec {sys.executable} "$@" ;;
+  *"-m lora_kernels"*|*benchmarks/*) echo "stand-in $*"; exit 0 ;;""")
     (tmp_path / "gc.tgz.tmp").mkdir()  # tar cannot write the archive
-    env = _env()
-    env.update(PYTHON=str(stub), GPU_CHECK_STAGES="tests", GPU_CHECK_ARCHIVE=str(tmp_path / "gc.tgz"))
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(tmp_path / "out"), "--dry-run"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = _gpu_check_dry_run(tmp_path, PYTHON=python, GPU_CHECK_STAGES="tests",
+                              GPU_CHECK_ARCHIVE=str(tmp_path / "gc.tgz"))
     for stage in ("train", "grouped", "bench", "compare", "profile", "crossovers", "sweep", "compare_compiled"):
         assert f"== {stage}: not selected (GPU_CHECK_STAGES)" in proc.stdout, stage
         assert f"== {stage} (limit" not in proc.stdout, f"{stage} ran although not selected"
@@ -325,19 +337,8 @@ def test_gpu_check_times_out_a_test_blocked_in_the_driver(tmp_path):
     # pytest-timeout's default method (SIGALRM) fails a test only once its thread returns to Python: a test waiting
     # in the CUDA driver for a kernel that never ends held the tests stage to its limit, unnamed. The thread method
     # ends the worker (xdist replaces it and names the test). A stand-in python has xdist and pytest-timeout.
-    stub = tmp_path / "python"
-    stub.write_text(f"""#!/bin/sh
-case "$*" in
-  *"import xdist"*|*"import pytest_timeout"*) exit 0 ;;
-esac
-exec {sys.executable} "$@"
-""")
-    stub.chmod(0o755)
-    env = _env()
-    env.update(PYTHON=str(stub), GPU_CHECK_STAGES="tests")
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(tmp_path / "out"), "--dry-run"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    python = _stand_in_python(tmp_path, """  *"import xdist"*|*"import pytest_timeout"*) exit 0 ;;""")
+    proc = _gpu_check_dry_run(tmp_path, PYTHON=python, GPU_CHECK_STAGES="tests")
     line = next(line for line in proc.stdout.splitlines() if line.startswith("== tests (dry run"))
     assert "-n 14 --timeout 120 --timeout-method thread -m not gpu_memory" in line, line
 
@@ -347,20 +348,13 @@ def test_gpu_check_reuses_an_extension_built_from_the_same_inputs(tmp_path):
     # A second call of a lease on a warm machine found the extension built and rebuilt it whole (~50 s on the H200).
     # Here a stand-in python answers the CUDA check, pip (so nothing is built) and the extension check; the rest runs
     # for real.
-    stub = tmp_path / "python"
-    stub.write_text(f"""#!/bin/sh
-case "$*" in
-  *"-m pip install"*) echo "stand-in build"; exit 0 ;;
+    python = _stand_in_python(tmp_path, """  *"-m pip install"*) echo "stand-in build"; exit 0 ;;
   *torch.cuda.is_available*) exit 0 ;;
-  *"extension with CUDA"*) echo "stand-in: the extension with CUDA loads"; exit 0 ;;
-esac
-exec {sys.executable} "$@"
-""")
-    stub.chmod(0o755)
+  *"extension with CUDA"*) echo "stand-in: the extension with CUDA loads"; exit 0 ;;""")
     stamp = ROOT / "build" / "gpu_check_extension.stamp"
     saved = stamp.read_text() if stamp.exists() else None
     env = _env()
-    env.update(PYTHON=str(stub), GPU_CHECK_STAGES="crossovers")
+    env.update(PYTHON=python, GPU_CHECK_STAGES="crossovers")
     from lora_kernels import _ext
     reusable = _ext.EXTENSION_WITH_CUDA and _ext.EXTENSION_ERROR is None
 
