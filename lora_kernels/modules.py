@@ -1511,6 +1511,9 @@ def prepare_multi_adapter(model, target_modules, max_adapters, max_rank, *, excl
             _set_submodule(model, name, layer)
             replaced.append((name, old))
     model.lora_adapter_slots = {}
+    # Slots trained in one batch (requires_grad_(True)) under reentrant checkpointing switched on before this call
+    # get gradients only when the input embeddings' output requires grad, as inject_lora marks it
+    enable_input_grads_for_checkpointing(model)
     return wrapper
 
 

@@ -2131,3 +2131,49 @@ def test_serving_ops_refuse_a_sparse_tensor_in_any_argument(backend, device):
                                                 r"got layout torch.sparse_coo"):
                 call(sparse)
             assert all(torch.equal(dense[key], value) for key, value in before.items()), (op, argument)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers 5's gradient_checkpointing_enable rename
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "reentrant checkpointing"])
+def test_slots_trained_under_reentrant_checkpointing_switched_on_before_prepare_get_gradients(checkpointing,
+                                                                                              tmp_path):
+    """A model whose main input is not input_ids (ViT), whose checkpointing transformers does not mark: switched on
+    before prepare_multi_adapter (as README says for inject_lora), every trained slot gets the gradients it gets
+    without checkpointing. Unmarked, reentrant checkpointing back-propagated into no checkpointed layer: the slots
+    of every encoder layer had grad None (torch's "None of the inputs have requires_grad=True" warning only) while
+    the classifier's trained on."""
+    transformers = pytest.importorskip("transformers")
+
+    def vit():
+        torch.manual_seed(0)
+        return transformers.ViTForImageClassification(transformers.ViTConfig(
+            hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24, image_size=8,
+            patch_size=4, num_labels=3))
+
+    torch.manual_seed(1)
+    lk.save_peft_adapter(lk.inject_lora(vit(), ["q_proj", "v_proj", "classifier"], r=2, init_lora_weights=False),
+                         tmp_path / "a")
+    pixels = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+
+    def slot_grads(checkpointed):
+        model = vit()
+        if checkpointed:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        lk.prepare_multi_adapter(model, ["q_proj", "v_proj", "classifier"], max_adapters=2, max_rank=2)
+        lk.load_peft_adapter(model, tmp_path / "a", adapter_name="a")
+        for module in model.modules():
+            if isinstance(module, lk.MultiLoRALinear):
+                module.lora_a.requires_grad_(True)
+                module.lora_b.requires_grad_(True)
+        model.train()
+        with lk.set_batch_adapters(model, ["a", "a"]):
+            model(pixel_values=pixels).logits.square().sum().backward()
+        return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+    expected = slot_grads(False)
+    grads = slot_grads(checkpointing)
+    assert sorted(grads) == sorted(expected) and len(grads) == 10
+    missing = [name for name, grad in grads.items() if grad is None]
+    assert not missing, f"no gradient for {missing}"
+    for name, grad in grads.items():
+        assert_close(grad, expected[name], torch.float32, name)
