@@ -604,7 +604,11 @@ def training_rows(rows, cfg, device, dtype, timing, on_gpu, step):
 
     s0 = inputs.sets[0]
     layer_tensors = (s0["x"], s0["w"], s0["a"], s0["b"])
-    peft_saved = saved_bytes(lambda: peft_lora_forward(*layer_tensors, 2.0, DROPOUT), exclude=layer_tensors)
+    # The weights are left out, x is not: a layer that keeps x for its backward (ours: drop(x) is redrawn from a
+    # seed) holds it as activation memory where PEFT's layer with dropout holds drop(x) and the mask instead, not x
+    # (design.md §8 counts x: "x and S only"). Leaving x out of both had reported ours at S alone (0.003-0.005).
+    weights = layer_tensors[1:]
+    peft_saved = saved_bytes(lambda: peft_lora_forward(*layer_tensors, 2.0, DROPOUT), exclude=weights)
     peft_peak = peak_memory(lambda: peft_fwd_bwd(**s0), device)
     for backend in cfg.backends:
         def ours_dropout(x, w, a, b, dy, be=backend, **_):
@@ -630,10 +634,10 @@ def training_rows(rows, cfg, device, dtype, timing, on_gpu, step):
         section = f"activation memory saved for backward / PEFT's (dropout {DROPOUT})"
         with _guard(rows, section, backend, shape, on_gpu):
             ours_saved = saved_bytes(lambda be=backend: lora_linear(*layer_tensors, 2.0, dropout_p=DROPOUT,
-                                                                    backend=be), exclude=layer_tensors)
+                                                                    backend=be), exclude=weights)
             _row(rows, section, "memory_vs_unfused", backend, shape, "lora_linear", "PEFT's unfused forward",
                  ours_saved / peft_saved, ours_saved, peft_saved, "bytes", on_gpu,
-                 note="storages autograd keeps (saved_tensors_hooks), inputs and weights excluded")
+                 note="storages autograd keeps (saved_tensors_hooks), weights excluded, x counted where kept")
         section = f"peak memory of fwd+bwd / PEFT's (dropout {DROPOUT})"
         with _guard(rows, section, backend, shape, on_gpu):
             ours_peak = peak_memory(lambda be=backend: ours_dropout(**s0, be=be), device)
@@ -674,9 +678,12 @@ def cuda_bwd_dy_row(rows, inputs, shape, timing, on_gpu):
     the kernel's arithmetic and partial sums, and so where functional.CUDA_BWD_DY_KERNEL_MAX_WORK should lie."""
     section = "CUDA backward: dY-once kernel (lora_bwd_dy) / two cuBLAS GEMMs (dYᵀ·S, dY·B)"
     with _guard(rows, section, "cuda", shape, on_gpu), torch.no_grad():
-        t = measure(bwd_dy_candidates(inputs), **timing)
+        # CUDA-graph replays, as benchmarks/cuda_crossovers.py times them: at the kernel's bound (M = 256, r = 16:
+        # 2 MB of dY, a few µs of GPU work) eager calls timed the host path, one op call against five ATen calls
+        # (the H200's 53.9 against 104.4 µs), not the kernels the row is about.
+        t = measure(bwd_dy_candidates(inputs), graph=True, **timing)
         _row(rows, section, "cuda_bwd_dy", "cuda", shape, "lora_kernels::lora_bwd_dy", "dYᵀ·S and dY·B (ATen)",
-             t["kernel"] / t["gemms"], t["kernel"], t["gemms"], "ms", on_gpu)
+             t["kernel"] / t["gemms"], t["kernel"], t["gemms"], "ms", on_gpu, note=_graph_note(on_gpu))
 
 
 def bwd_dy_candidates(inputs):
@@ -684,6 +691,13 @@ def bwd_dy_candidates(inputs):
     dY, fp32 S = x·Aᵀ and B, scaling 2 (also benchmarks/cuda_crossovers.py's)."""
     with torch.no_grad():
         saved = [(st["dy"], (st["x"] @ st["a"].detach().T).float(), st["b"].detach()) for st in inputs.sets]
+        # The input sets were counted by their bytes, W's 33.5 MB included, which these ops never read: at
+        # M = 1024-2048 (K = N = 4096, bf16) 2-3 sets of dY fit in the L2 together. Count the sets by what the ops
+        # touch (dY, S, B and the fp32 dB, dS they write), with copies of dY, S and B beyond the input sets.
+        dy, s, b = saved[0]
+        touched = dy.nbytes + 2 * s.nbytes + b.nbytes + b.numel() * 4
+        count = max(len(saved), num_sets(dy.device, touched))
+        saved += [tuple(t.clone() for t in saved[i % len(saved)]) for i in range(len(saved), count)]
     return {"gemms": [lambda dy=dy, s=s, b=b: (2.0 * (dy.T @ s.to(dy.dtype)), 2.0 * (dy @ b)) for dy, s, b in saved],
             "kernel": [lambda args=args: torch.ops.lora_kernels.lora_bwd_dy(*args, 2.0) for args in saved]}
 

@@ -291,9 +291,10 @@ def apply_dropout(t, keep, p, *, inplace=False):
 # (r = 8) to 19x (r = 64) their time, 2-4 TFLOP/s. At that rate it would lose from M·r of about 2000 at N = 4096;
 # the bound itself is still unmeasured. Since then fp16/bf16 up to r = 32 run a tensor-core kernel (one read of dY
 # from memory, partials written once): on the H200 (2026-11-30, bf16, N = 4096) 0.52x the two GEMMs at M = 256,
-# r = 16 (the bound), 0.63x at M = 8192, r = 8, but 1.16x at M = 8192, r = 16. Where between those the kernel stops
-# winning (and whether fp32 or misaligned rows, which take the CUDA-core kernel, lose already at the bound) is not
-# measured: benchmarks/cuda_crossovers.py measures it over M x r; the bound stays until it has run.
+# r = 16 (the bound; timed eager, so mostly host time there), 0.63x at M = 8192, r = 8, but 1.16x at M = 8192,
+# r = 16. Where between those the kernel stops winning (and whether fp32 or misaligned rows, which take the
+# CUDA-core kernel, lose already at the bound) is not measured: benchmarks/cuda_crossovers.py measures it over
+# M x r; the bound stays until it has run.
 CUDA_BWD_DY_KERNEL_MAX_WORK = 4096
 
 

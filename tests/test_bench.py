@@ -449,3 +449,63 @@ def test_graph_replay_timing_on_gpu(backend):
         torch.testing.assert_close(out["single"], lora_linear(x, w, a, b, 2.0, backend=backend))
         torch.testing.assert_close(out["grouped"], multi_lora_linear(x, w, lora_a, lora_b, batch, scalings,
                                                                      backend=backend))
+
+
+def _saved_storages(forward):
+    """A tensor of each storage autograd saves in forward()."""
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    del out
+    return list(saved.values())
+
+
+def test_activation_memory_row_counts_the_input_the_layer_keeps():
+    # design.md §8: a LoRA layer's activation memory is "x and S only", against PEFT's. Ours keeps x (drop(x) is
+    # redrawn from a seed in backward); PEFT's layer with dropout keeps drop(x) and its mask, and not x (its frozen
+    # base GEMM saves only W). The row had left x out of both sides, so ours was reported as S alone.
+    rows = bench.run_bench(_tiny(sections=("train",), train_m=64))["rows"]
+    (row,) = [r for r in rows if r["kind"] == "memory_vs_unfused"]
+    x = torch.randn(64, 32, requires_grad=True)
+    w = torch.randn(32, 32)
+    a, b = torch.randn(16, 32, requires_grad=True), torch.randn(32, 16, requires_grad=True)
+    kept = _saved_storages(lambda: lora_linear(x, w, a, b, 2.0, dropout_p=bench.DROPOUT, backend="torch"))
+    assert any(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in kept)  # ours keeps x
+    assert row["ours_value"] >= x.numel() * x.element_size(), row
+    assert row["ratio"] > 0.3, row  # x against drop(x) + mask: about 0.5-0.7, not S against them (0.03)
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="needs the C++ extension")
+def test_the_dy_once_row_times_graph_replays_on_gpus(monkeypatch):
+    # At the kernel's bound (M·r = 4096: 2 MB of dY at K = N = 4096) its GPU work is a few µs, less than the host
+    # time of one call: eager CUDA events there measure the host path (bench._time_calls' docstring), which the
+    # H200 row "0.52x at its bound, 53.9 against 104.4 µs, eager" did. The GPU branch must replay CUDA graphs.
+    graph_flags = []
+    real_measure = bench.measure
+
+    def spy(candidates, device, reps, warmup, graph=False):
+        graph_flags.append(graph)
+        return real_measure(candidates, device, reps, warmup, graph=graph)
+    monkeypatch.setattr(bench, "measure", spy)
+    inputs = bench.InputSets(torch.device("cpu"), torch.float32, 16, 8, 12, 4, grad=True, count=2)
+    rows = []
+    bench.cuda_bwd_dy_row(rows, inputs, "tiny", {"device": torch.device("cpu"), "reps": 2, "warmup": 1}, False)
+    assert rows[0]["kind"] == "cuda_bwd_dy" and graph_flags == [True], (rows, graph_flags)
+
+
+def test_the_dy_once_candidates_rotate_by_the_bytes_they_touch(monkeypatch):
+    # InputSets counts its sets by x, W, A, B, dY and y; the dY-once candidates read only dY, S and B. Counted by
+    # W's bytes, the rotation of dY stayed inside the cache (H200, K = N = 4096, bf16: 25-37 MiB of 50 at
+    # M = 1024-2048, where cuda_crossovers looks for the kernel's crossover), so both columns read dY from L2.
+    cache = 1 << 20
+    monkeypatch.setattr(bench, "_cache_bytes", lambda device: cache)
+    inputs = bench.InputSets(torch.device("cpu"), torch.float32, 64, 512, 512, 4, grad=True)
+    candidates = bench.bwd_dy_candidates(inputs)
+    dys = {fn.__defaults__[0].untyped_storage().data_ptr(): fn.__defaults__[0] for fn in candidates["gemms"]}
+    assert len(dys) == len(candidates["gemms"]) == len(candidates["kernel"])  # one distinct dY per set
+    rotated = sum(dy.nbytes for dy in dys.values())
+    assert len(dys) == bench.MAX_SETS or rotated >= bench.CACHE_MULTIPLE * cache, (len(dys), rotated)
