@@ -434,8 +434,7 @@ class LoRALinearFunction(torch.autograd.Function):
                 # dX do not, as the Triton backward keeps it (rounding it first gave dx = inf there, as PEFT does).
                 d_lora_b, ds = torch.ops.lora_kernels.lora_bwd_dy(dy, s, lora_b, float(scaling))
             else:  # torch: PEFT's GEMMs in the input dtype, its scaling where no product overflows first
-                d_lora_b = scaled_mm(dy.T, s, scaling)
-                ds = scaled_mm(dy, lora_b, scaling)
+                d_lora_b, ds = _scaled_dy_products(dy, s, lora_b, scaling)
             # ds's dtype: the other operands of the dS products are widened to it (a no-op but for the cpu and
             # small-M cuda paths in 16 bits), and autocast must not round them back.
             with ops.autocast_off(dy.device):
@@ -549,6 +548,18 @@ def _lora_linear_composition(x2, weight, lora_a, lora_b, bias, scaling, dropout_
         return (base.to(term.dtype) + term).to(x2.dtype)
 
 
+def _scaled_dy_products(dy, s, lora_b, scaling):
+    """(s·dYᵀ·S, s·dY·B) of the torch backend's backwards (S None: dB not wanted), in PEFT's order: a scaling of at
+    most 1 scales dY first (rounded once to its dtype, as PEFT's backward of `lora_B(...) * scaling` does), so
+    neither product is rounded unscaled (dY·B past 65504 gave inf where PEFT is finite) and no small factor is
+    rounded into fp16's subnormals (s·B, folded into B, put dA 4-5x further from float64 than PEFT's early in
+    training, B ~ 1e-4); a larger one scales the products afterwards, where they are the smaller values."""
+    if abs(scaling) <= 1.0:
+        dy = dy * scaling
+        return (None if s is None else dy.T @ s.to(dy.dtype)), dy @ lora_b.to(dy.dtype)
+    return (None if s is None else scaling * (dy.T @ s.to(dy.dtype))), scaling * (dy @ lora_b.to(dy.dtype))
+
+
 def _lora_linear_backward_differentiable(ctx, dy, x2, weight, lora_a, lora_b, seed, grad_a_like, grad_b_like):
     """The A/B-only backward of design.md §2 in differentiable torch ops (any backend, for create_graph=True):
     S is recomputed from x and lora_a so that dB, too, carries their derivatives. grad_a_like, grad_b_like: the
@@ -560,8 +571,8 @@ def _lora_linear_backward_differentiable(ctx, dy, x2, weight, lora_a, lora_b, se
     with ops.autocast_off(dy.device):  # the LoRA branch's dtype, not autocast's (as in the first-order backward)
         dy_l, x_l, a_l, b_l = _differentiable_lora_operands(ctx.backend, dy, x2, lora_a, lora_b)
         x_l = x_l if drop is None else drop(x_l)  # after the widening, as in _lora_linear_composition
-        ds = scaled_mm(dy_l, b_l, scaling)  # differentiable; the scaling where no 16-bit product overflows first
-        d_lora_b = scaled_mm(dy_l.T, x_l @ a_l.T, scaling) if need_b else None
+        # differentiable; the scaling where no 16-bit product overflows first
+        d_lora_b, ds = _scaled_dy_products(dy_l, x_l @ a_l.T if need_b else None, b_l, scaling)
         d_lora_a = ds.T @ x_l if need_a else None
         if need_x:
             dx_lora = ds @ a_l
@@ -846,12 +857,12 @@ class MultiLoRAFunction(torch.autograd.Function):
             # u[t] = scalings[i] * B_i[:, :r]^T dy[t]: the shrink with B^T as the "A" of each slot.
             if backend == "torch":
                 # Its shrink rounds the 16-bit product dY·B before scaling it: inf where that passes 65504 and
-                # s·dY·B does not (PEFT, scaling dY first, stays finite). A slot's scaling of at most 1 goes into
-                # its B first, as _ext.scaled_mm orders them (computed in fp32, rounded once).
+                # s·dY·B does not. PEFT's order instead (see _scaled_dy_products): a token's dY scaled first by its
+                # slot's scaling of at most 1 (computed in fp32, rounded once), larger ones after the product.
                 scale_first = scalings.abs() <= 1.0
-                scaled_b = torch.mul(lora_b, torch.where(scale_first, scalings, 1.0)[:, None, None],
-                                     out=torch.empty_like(lora_b))
-                u = ops.run_shrink(backend, dy, scaled_b.transpose(1, 2), batch,
+                token_first = torch.where(scale_first, scalings, 1.0).index_select(0, batch.adapter_ids.clamp(min=0))
+                scaled_dy = torch.mul(dy, token_first[:, None], out=torch.empty_like(dy))
+                u = ops.run_shrink(backend, scaled_dy, lora_b.transpose(1, 2), batch,
                                    torch.where(scale_first, 1.0, scalings), ranks)
             else:
                 u = ops.run_shrink(backend, dy, lora_b.transpose(1, 2), batch, scalings, ranks)

@@ -1170,3 +1170,23 @@ def test_quantized_weight_subclass_under_autocast_runs_its_own_linear_uncast():
     assert results[0][0].dtype == torch.bfloat16 and results[0][1].dtype == torch.float32
     for name, got, expected in zip(("y", "dx", "d_lora_a", "d_lora_b"), *results):
         assert_close(got, expected, torch.bfloat16, name)
+
+
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_torch_backend_fp16_backward_is_as_close_as_peft_for_a_small_scaled_lora_b(create_graph):
+    """The torch backend's backward folded a scaling of at most 1 into the fp16 B before its GEMM: s·B ~ 1e-5
+    (early training: B ~ 1e-4, s = 1/8) lands in fp16's subnormals, and dA came out ~4.7x further from float64
+    than PEFT's (which scales dY first, as _scaled_dy_products now does)."""
+    torch.manual_seed(0)
+    m, k, n, r, scaling = 64, 256, 256, 16, 0.125
+    x, w = torch.randn(m, k).half(), (0.02 * torch.randn(n, k)).half()
+    a, b, dy = (0.02 * torch.randn(r, k)).half(), (1e-4 * torch.randn(n, r)).half(), torch.randn(m, n).half()
+    a64 = a.double().requires_grad_(True)
+    (x.double() @ w.double().T + scaling * (x.double() @ a64.T) @ b.double().T).backward(dy.double())
+    peft_a = a.clone().requires_grad_(True)
+    (x @ w.T + ((x @ peft_a.T) @ b.T) * scaling).backward(dy)
+    ours_a = a.clone().requires_grad_(True)
+    y = functional.LoRALinearFunction.apply(x, w, ours_a, b, None, scaling, 0.0, None, "torch")
+    (grad,) = torch.autograd.grad(y, ours_a, dy, create_graph=create_graph)
+    error = lambda g: float((g.double() - a64.grad).norm() / a64.grad.norm())
+    assert error(grad) <= 1.5 * error(peft_a.grad), (error(grad), error(peft_a.grad))
