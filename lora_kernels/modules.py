@@ -65,6 +65,20 @@ class LoRAFactor(nn.Module):
         return f"shape={tuple(self.weight.shape)}"
 
 
+def refuse_inference_tensor_writes(op, tensors):
+    """ValueError naming the first (name, tensor) that is an inference tensor (the module was built or loaded under
+    torch.inference_mode) while inference mode is off, before `op` writes any of them in place: torch raises there
+    only after the write, which left set_adapter's slot with the new lora_a beside the old lora_b, scaling and rank,
+    and merge's weight merged with `merged` still False (the delta then added twice)."""
+    if torch.is_inference_mode_enabled():
+        return
+    for name, t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_inference():
+            raise ValueError(f"{op}: {name} was created under torch.inference_mode (an inference tensor, which cannot "
+                             f"be updated in place outside it); call it inside torch.inference_mode(), or build the "
+                             f"model outside it")
+
+
 def distribute_like(tensor, dtensor):
     """`tensor` (whole, the same on every rank) as a DTensor laid out like `dtensor`: rank 0's copy is scattered or
     broadcast (a collective, as parallelize_module distributes weights)."""
@@ -433,6 +447,7 @@ class LoRALinear(nn.Module):
                              "on the meta device, which holds none (load the weights first); the layer is unchanged")
         if self.merged:
             raise RuntimeError("LoRALinear.merge: the adapter is already merged; call unmerge() first")
+        refuse_inference_tensor_writes("LoRALinear.merge", [("the base weight", self.weight)])
         merged_weight = (self.weight.to(self._merge_dtype()) + self._stored_delta()).to(self.weight.dtype)
         if safe_merge and not torch.isfinite(merged_weight).all():
             raise ValueError("LoRALinear.merge: safe_merge found NaN/Inf in the merged weight; the layer is unchanged")
@@ -445,6 +460,7 @@ class LoRALinear(nn.Module):
         if not self.merged:
             raise RuntimeError("LoRALinear.unmerge: the adapter is not merged")
         self._check_factor_devices("LoRALinear.unmerge")
+        refuse_inference_tensor_writes("LoRALinear.unmerge", [("the base weight", self.weight)])
         self.weight.copy_((self.weight.to(self._merge_dtype()) - self._stored_delta()).to(self.weight.dtype))
         self.merged = False
 
@@ -688,6 +704,9 @@ class MultiLoRALinear(nn.Module):
             raise ValueError(f"{op}: slot expected an int in [0, {self.max_adapters}), got {slot!r}")
         return int(slot)
 
+    def _slot_tensors(self):
+        return [(name, getattr(self, name)) for name in ("lora_a", "lora_b", "scalings", "ranks")]
+
     @torch.no_grad()
     def set_adapter(self, slot, lora_a, lora_b, scaling):
         """Loads one adapter (lora_a [r, K], lora_b [N, r], any r <= max_rank) into `slot`. Everything is checked
@@ -727,6 +746,7 @@ class MultiLoRALinear(nn.Module):
         for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):  # failed in the copy below, naming neither
             if t.is_meta and not self.lora_a.is_meta:
                 raise ValueError(f"{op}: {name} expected a tensor holding values, got one on the meta device")
+        refuse_inference_tensor_writes(op, self._slot_tensors())
         padded_a = torch.zeros_like(self.lora_a[slot])
         padded_a[:rank] = lora_a.to(padded_a)
         padded_b = torch.zeros_like(self.lora_b[slot])
@@ -746,6 +766,8 @@ class MultiLoRALinear(nn.Module):
         load the adapters again. Refused for a tensor-subclass (quantized) base weight."""
         base = self.base_layer
         refuse_subclass_reset("MultiLoRALinear.reset_parameters", base.weight, "clear_adapter(slot) to clear a slot")
+        refuse_inference_tensor_writes("MultiLoRALinear.reset_parameters",
+                                       [("weight", base.weight), *self._slot_tensors()])
         if callable(getattr(base, "reset_parameters", None)):
             base.reset_parameters()
         else:
@@ -762,6 +784,7 @@ class MultiLoRALinear(nn.Module):
     def clear_adapter(self, slot):
         """Empties a slot (rank 0, zero factors): its tokens get the base output until set_adapter fills it."""
         slot = self._check_slot("MultiLoRALinear.clear_adapter", slot)
+        refuse_inference_tensor_writes("MultiLoRALinear.clear_adapter", self._slot_tensors())
         with _SLOT_LOCK:
             self.ranks[slot] = 0
             self.scalings[slot] = 0.0

@@ -39,8 +39,9 @@ from lora_kernels.modules import (_PEFT_ONLY_HINT, BASE_ADAPTER, BIAS_ATTR, BIAS
                                   check_no_accelerate_hook, check_targets_outside_heads, check_wrappable_linear,
                                   copy_into, embedding_layer, enable_input_grads_for_checkpointing, is_conv1d,
                                   is_layer_index, lora_scaling, named_modules_to_save, named_target_modules,
-                                  pattern_value, resolve_batch_adapters, state_dict_name, target_module_matches,
-                                  trained_biases, unwrap_model, warn_conv1d_fan_in_fan_out, warn_dropped_hooks)
+                                  pattern_value, refuse_inference_tensor_writes, resolve_batch_adapters,
+                                  state_dict_name, target_module_matches, trained_biases, unwrap_model,
+                                  warn_conv1d_fan_in_fan_out, warn_dropped_hooks)
 from lora_kernels.ops import check_flag, is_finite_number
 
 CONFIG_NAME = "adapter_config.json"
@@ -741,6 +742,10 @@ def _commit_single(model, config, plan, grouped, heads, biases, base_tensors, ba
         lora_a = grouped[name]["lora_A"].to(device=module.weight.device)
         lora_b = grouped[name]["lora_B"].to(device=module.weight.device)
         prepared.append((name, module, r, alpha, lora_a, lora_b))
+    for _, m, *_ in plan:  # before any factor is written (see refuse_inference_tensor_writes)
+        if isinstance(m, LoRALinear):
+            refuse_inference_tensor_writes("load_peft_adapter", [("lora_A", m.lora_A.weight),
+                                                                 ("lora_B", m.lora_B.weight)])
     snapshots = [(m, m.lora_A.weight.detach().clone(), m.lora_B.weight.detach().clone(),
                   (m.lora_alpha, m.use_rslora, m.scaling, m.lora_dropout))
                  for _, m, *_ in plan if isinstance(m, LoRALinear)]
@@ -850,6 +855,8 @@ def _slot_for(op, adapter_name, slots, capacity):
 def _write_slot(layers, slot, plan, grouped, config):
     """The adapter into `slot` of every MultiLoRALinear (cleared where it has no weights); all slots as they were
     on an error."""
+    for _, module in layers:  # before any slot is written (the restore below would write them too)
+        refuse_inference_tensor_writes("load_peft_adapter", module._slot_tensors())
     loaded = {name: (r, alpha) for name, _, r, alpha in plan}
     snapshots = [(m, m.lora_a[slot].detach().clone(), m.lora_b[slot].detach().clone(), m.scalings[slot].clone(),
                   m.ranks[slot].clone()) for _, m in layers]

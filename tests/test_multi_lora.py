@@ -2179,6 +2179,37 @@ def test_slots_trained_under_reentrant_checkpointing_switched_on_before_prepare_
         assert_close(grad, expected[name], torch.float32, name)
 
 
+def test_layers_built_under_inference_mode_refuse_writes_outside_it_before_writing(tmp_path):
+    """A serving model built (and its first adapters loaded) under torch.inference_mode holds inference tensors;
+    written outside inference mode, torch raises only after the in-place write. set_adapter then left the new
+    lora_a beside the old lora_b, scaling and rank (the slot served a hybrid of two adapters) and merge left the
+    weight merged with merged = False (the delta then added twice), against README's "Nothing half-applied"."""
+    torch.manual_seed(0)
+    lk.save_peft_adapter(lk.inject_lora(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), ["0", "1"], r=2,
+                                        init_lora_weights=False), tmp_path / "a")
+    with torch.inference_mode():
+        multi = lk.prepare_multi_adapter(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), ["0", "1"], 2, 2)
+        lk.load_peft_adapter(multi, tmp_path / "a", adapter_name="a")
+        single = lk.inject_lora(nn.Sequential(nn.Linear(8, 8)), ["0"], r=2, init_lora_weights=False)
+    layer, x = multi[0], torch.randn(3, 8)
+    before = {name: t.clone() for name, t in layer.state_dict().items()}
+    calls = {"MultiLoRALinear.set_adapter": lambda: layer.set_adapter(0, torch.randn(2, 8), torch.randn(8, 2), 0.5),
+             "MultiLoRALinear.clear_adapter": lambda: layer.clear_adapter(0),
+             "load_peft_adapter": lambda: lk.load_peft_adapter(multi, tmp_path / "a", adapter_name="a")}
+    for op, call in calls.items():
+        with pytest.raises(ValueError, match=f"{op}: .* was created under torch.inference_mode"):
+            call()
+        assert all(torch.equal(t, before[name]) for name, t in layer.state_dict().items()), op
+    with torch.no_grad():
+        y = single(x)
+        with pytest.raises(ValueError, match="LoRALinear.merge: .* was created under torch.inference_mode"):
+            single[0].merge()
+        assert not single[0].merged and torch.equal(single(x), y)
+    with torch.inference_mode():  # inside it they are ordinary writes
+        layer.set_adapter(0, torch.randn(2, 8), torch.randn(8, 2), 0.5)
+        single[0].merge()
+
+
 def test_torch_backend_fp16_slot_gradients_are_as_close_as_peft_for_a_small_scaled_lora_b():
     """The grouped torch backward folded a slot's scaling of at most 1 into its fp16 B (s·B ~ 1e-5: fp16
     subnormals): dA ~4-5x further from float64 than PEFT's per-adapter composition, which scales dY first."""
