@@ -242,18 +242,23 @@ def saved_activation_bytes(model, inputs, targets):
     for p in model.parameters():
         if p.requires_grad:
             parameters.setdefault(p.shape, []).append(p)
-    saved = {}
+    saved, kept = {}, []
 
     def pack(t):
         storage = t.untyped_storage()
-        # saved tensors stay alive, so a pointer is never reused here
+        # kept alive until the forward ends, so a pointer is never reused here
         if storage.data_ptr() not in param_storages and not _is_parameter_cast(t, parameters):
             saved[storage.data_ptr()] = storage.nbytes()
-        return t
+        kept.append(t)
+        # Not t itself: a saved output would then hold its own autograd node, a cycle through C++ that Python's
+        # collector cannot see (with compiled layers the whole model stayed allocated through the next methods'
+        # runs and counted in their memory baselines). No backward runs on this forward.
+        return None
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda packed: packed):
         loss = lm_loss(model(inputs), targets)
     del loss
+    kept.clear()
     return sum(saved.values())
 
 

@@ -804,6 +804,22 @@ def test_saved_activations_are_what_backward_keeps_beyond_the_weights():
     assert compare.saved_activation_bytes(Logits(), ids, targets) >= tokens * vocab * FLOAT32_BYTES
 
 
+def test_counting_saved_activations_leaves_no_reference_to_the_model():
+    """The saved-tensor hook returned the tensor itself: a saved output then held its own autograd node, a cycle
+    through C++ that Python's collector cannot see, so the full fine-tuning model stayed allocated through the LoRA
+    runs (in their memory baselines; with --compile until dynamo's caches were cleared)."""
+    import gc
+    import weakref
+
+    model = DecoderLM(ModelConfig(vocab=64, hidden=32, layers=2, heads=4, intermediate=48))
+    ids = torch.randint(0, 64, (2, 8))
+    assert compare.saved_activation_bytes(model, ids, ids) > 0
+    weight = weakref.ref(model.embed_tokens.weight)
+    del model
+    gc.collect()
+    assert weight() is None
+
+
 def _can_reset_the_high_water_mark():
     """Whether this kernel lets a process reset its VmHWM (Linux >= 4.0), asked here rather than of MemoryProbe, so
     that a probe that wrongly thinks it cannot reset is a failure, not a skipped test."""
