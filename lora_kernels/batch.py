@@ -118,13 +118,8 @@ class LoRABatch:
         if adapter_ids.numel() != self.num_tokens:
             raise ValueError(f"{op}: adapter_ids expected {self.num_tokens} ids (the batch's num_tokens), "
                              f"got shape {tuple(adapter_ids.shape)}")
-        if (not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled()
-                and any(getattr(self, name).is_inference() for name in BUFFER_FIELDS)):
-            # before any buffer is written: torch raises only after the write, which left adapter_ids refilled and
-            # the sorted metadata stale (the Triton decode kernels and the others then disagreed)
-            raise ValueError(f"{op}: the batch was built under torch.inference_mode (its buffers are inference "
-                             f"tensors, which cannot be updated in place outside it): refill it inside "
-                             f"torch.inference_mode(), or build it outside")
+        from lora_kernels.ops import refuse_inference_tensor_writes  # ops imports this module
+        refuse_inference_tensor_writes(op, [(f"the batch's {name}", getattr(self, name)) for name in BUFFER_FIELDS])
         validate = _check_validate(op, validate)
         if validate is None or validate:  # as from_adapter_ids would decide, for the ids where the caller has them
             _check_id_values(adapter_ids.reshape(-1), self.num_adapters, op, asked=validate is not None)

@@ -21,7 +21,8 @@ from lora_kernels.backends import check_backend_name
 from lora_kernels.functional import (MULTI_SUBCLASS_WEIGHT_USE, SUBCLASS_WEIGHT_USE, describe_subclass,
                                      is_subclass_weight, lora_linear_float32_factors, multi_lora_base_linear,
                                      multi_lora_linear_float32_factors, refuse_subclass_weight_backend)
-from lora_kernels.ops import FLOAT_DTYPES, autocast_off, check_dense, check_flag, is_finite_number, positive_int
+from lora_kernels.ops import (FLOAT_DTYPES, autocast_off, check_dense, check_flag, is_finite_number, positive_int,
+                              refuse_inference_tensor_writes)
 
 
 class LoRAFactor(nn.Module):
@@ -63,20 +64,6 @@ class LoRAFactor(nn.Module):
 
     def extra_repr(self):
         return f"shape={tuple(self.weight.shape)}"
-
-
-def refuse_inference_tensor_writes(op, tensors):
-    """ValueError naming the first (name, tensor) that is an inference tensor (the module was built or loaded under
-    torch.inference_mode) while inference mode is off, before `op` writes any of them in place: torch raises there
-    only after the write, which left set_adapter's slot with the new lora_a beside the old lora_b, scaling and rank,
-    and merge's weight merged with `merged` still False (the delta then added twice)."""
-    if torch.is_inference_mode_enabled():
-        return
-    for name, t in tensors:
-        if isinstance(t, torch.Tensor) and t.is_inference():
-            raise ValueError(f"{op}: {name} was created under torch.inference_mode (an inference tensor, which cannot "
-                             f"be updated in place outside it); call it inside torch.inference_mode(), or build the "
-                             f"model outside it")
 
 
 def distribute_like(tensor, dtensor):

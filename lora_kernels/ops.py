@@ -135,7 +135,7 @@ def check_output(op, name, out, inputs):
     if torch.compiler.is_compiling() or out.is_meta or isinstance(out, FakeTensor):
         return
     check_no_grad_inputs(op, ((name, out),))
-    check_writable_outside_inference_mode(op, name, out)
+    refuse_inference_tensor_writes(op, ((name, out),))
     if 0 in out.stride() and any(stride == 0 and size > 1 for size, stride in zip(out.shape, out.stride())):
         raise ValueError(f"{op}: {name} expected a tensor whose elements do not overlap in memory, got shape "
                          f"{tuple(out.shape)} with strides {out.stride()} (an expanded view); pass a new tensor")
@@ -150,15 +150,20 @@ def check_output(op, name, out, inputs):
                              f"offset {t.storage_offset()}); pass a separate tensor")
 
 
-def check_writable_outside_inference_mode(op, name, t):
-    """ValueError for an inference tensor (made under torch.inference_mode) that would be written in place outside
-    inference mode: torch raises there only after the write (its version-counter bump follows the kernel), so the
-    torch, cpu and reference backends wrote y (add_lora: some of its slices) and then raised, and the eager Triton
-    launches, which bump no such counter, wrote it without an error. Not while tracing, as check_output."""
-    if t.is_inference() and not torch.is_inference_mode_enabled():
-        raise ValueError(f"{op}: {name} is an inference tensor (created under torch.inference_mode), which cannot be "
-                         f"updated in place outside inference mode; call the op inside torch.inference_mode() or pass "
-                         f"{name}.clone()")
+def refuse_inference_tensor_writes(op, tensors):
+    """ValueError naming the first (name, tensor) that is an inference tensor (made under torch.inference_mode) while
+    inference mode is off, before `op` writes any of them in place: torch raises there only after the write (its
+    version-counter bump follows the kernel). add_lora had written some slices of y, LoRABatch.refill_ adapter_ids
+    beside stale sorted metadata, set_adapter a slot's new lora_a beside the old lora_b, merge the merged weight
+    with `merged` still False; the eager Triton launches, which bump no such counter, wrote without an error. Not
+    while tracing (no inference tensors there)."""
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+        return
+    for name, t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_inference():
+            raise ValueError(f"{op}: {name} is an inference tensor (created under torch.inference_mode), which cannot "
+                             f"be updated in place outside inference mode; call {op} inside torch.inference_mode(), "
+                             f"or create {name} outside it")
 
 
 def check_no_grad_inputs(op, inputs):

@@ -39,10 +39,9 @@ from lora_kernels.modules import (_PEFT_ONLY_HINT, BASE_ADAPTER, BIAS_ATTR, BIAS
                                   check_no_accelerate_hook, check_targets_outside_heads, check_wrappable_linear,
                                   copy_into, embedding_layer, enable_input_grads_for_checkpointing, is_conv1d,
                                   is_layer_index, lora_scaling, named_modules_to_save, named_target_modules,
-                                  pattern_value, refuse_inference_tensor_writes, resolve_batch_adapters,
-                                  state_dict_name, target_module_matches, trained_biases, unwrap_model,
-                                  warn_conv1d_fan_in_fan_out, warn_dropped_hooks)
-from lora_kernels.ops import check_flag, is_finite_number
+                                  pattern_value, resolve_batch_adapters, state_dict_name, target_module_matches,
+                                  trained_biases, unwrap_model, warn_conv1d_fan_in_fan_out, warn_dropped_hooks)
+from lora_kernels.ops import check_flag, is_finite_number, refuse_inference_tensor_writes
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"

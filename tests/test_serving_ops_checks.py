@@ -584,7 +584,7 @@ def test_lora_batch_built_under_inference_mode_refuses_a_refill_outside_it_befor
     metadata stayed stale, so the Triton decode kernels (which read adapter_ids) and the others disagreed."""
     with torch.inference_mode():
         batch = LoRABatch.from_adapter_ids(torch.full((4,), -1), 2)
-    with pytest.raises(ValueError, match="built under torch.inference_mode"):
+    with pytest.raises(ValueError, match="LoRABatch.refill_: the batch's adapter_ids is an inference tensor"):
         batch.refill_(torch.tensor([1, 0, 1, -1]))
     assert batch.adapter_ids.tolist() == [-1] * 4 and batch.slot_counts.tolist() == [0, 0]
     with torch.inference_mode():
