@@ -549,12 +549,13 @@ def _lora_linear_composition(x2, weight, lora_a, lora_b, bias, scaling, dropout_
 
 
 def _scaled_dy_products(dy, s, lora_b, scaling):
-    """(s·dYᵀ·S, s·dY·B) of the torch backend's backwards (S None: dB not wanted), in PEFT's order: a scaling of at
-    most 1 scales dY first (rounded once to its dtype, as PEFT's backward of `lora_B(...) * scaling` does), so
+    """(s·dYᵀ·S, s·dY·B) of the torch backend's backwards (S None: dB not wanted). In fp16, PEFT's order: a scaling
+    of at most 1 scales dY first (rounded once to fp16, as PEFT's backward of `lora_B(...) * scaling` does), so
     neither product is rounded unscaled (dY·B past 65504 gave inf where PEFT is finite) and no small factor is
     rounded into fp16's subnormals (s·B, folded into B, put dA 4-5x further from float64 than PEFT's early in
-    training, B ~ 1e-4); a larger one scales the products afterwards, where they are the smaller values."""
-    if abs(scaling) <= 1.0:
+    training, B ~ 1e-4). A larger scaling, and every scaling in bf16 and wider dtypes (fp32's range: nothing
+    overflows), scales the [., r] products afterwards, without a pass over dY [M, N]."""
+    if dy.dtype == torch.float16 and abs(scaling) <= 1.0:
         dy = dy * scaling
         return (None if s is None else dy.T @ s.to(dy.dtype)), dy @ lora_b.to(dy.dtype)
     return (None if s is None else scaling * (dy.T @ s.to(dy.dtype))), scaling * (dy @ lora_b.to(dy.dtype))
@@ -855,10 +856,10 @@ class MultiLoRAFunction(torch.autograd.Function):
         widen = _cpu_widens(backend, dy)  # the base GEMMs in fp32 (see _cpu_widens)
         if need_x or need_a:
             # u[t] = scalings[i] * B_i[:, :r]^T dy[t]: the shrink with B^T as the "A" of each slot.
-            if backend == "torch":
-                # Its shrink rounds the 16-bit product dY·B before scaling it: inf where that passes 65504 and
-                # s·dY·B does not. PEFT's order instead (see _scaled_dy_products): a token's dY scaled first by its
-                # slot's scaling of at most 1 (computed in fp32, rounded once), larger ones after the product.
+            if backend == "torch" and dy.dtype == torch.float16:
+                # Its shrink rounds the fp16 product dY·B before scaling it: inf where that passes 65504 and s·dY·B
+                # does not. PEFT's order instead (see _scaled_dy_products): a token's dY scaled first by its slot's
+                # scaling of at most 1 (computed in fp32, rounded once), larger ones after the product.
                 scale_first = scalings.abs() <= 1.0
                 token_first = torch.where(scale_first, scalings, 1.0).index_select(0, batch.adapter_ids.clamp(min=0))
                 scaled_dy = torch.mul(dy, token_first[:, None], out=torch.empty_like(dy))
