@@ -382,6 +382,24 @@ def test_profile_tables_survive_a_failing_rounding_count(monkeypatch, capsys):
     assert "ERROR (rounding counts" in out and "=== the two base GEMMs" in out
 
 
+def test_profile_decode_tables_rotate_weights_past_the_cache(monkeypatch):
+    """The decode and grouped tables called one kernel on the same weights again and again: a 33.5 MB W stays in an
+    H200's 50 MB L2, so their kernel times were the cache's, beside bench rows that rotate their inputs. Each call
+    now takes the next of copies that pass the cache together."""
+    profile = _benchmark_script("profile_kernels")
+    cache = 1 << 20
+    monkeypatch.setattr(bench, "_cache_bytes", lambda device: cache)
+    weight = torch.randn(256, 256)
+    copies = profile._copies(torch.device("cpu"), weight)
+    assert len(copies) == bench.MAX_SETS or len(copies) * weight.nbytes >= bench.CACHE_MULTIPLE * cache
+    assert all(torch.equal(w, weight) for (w,) in copies)
+    seen = []
+    call = profile._rotating(lambda w: seen.append(w.data_ptr()), copies)
+    for _ in range(2 * len(copies)):
+        call()
+    assert len(set(seen)) == len(copies) and seen[:len(copies)] == seen[len(copies):]
+
+
 def test_summary_of_a_compare_json_with_a_diverged_run():
     """compare writes a non-finite loss as null (standard JSON): the gpu_check summary prints it, not a TypeError."""
     table = _benchmark_script("table")
