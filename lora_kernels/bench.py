@@ -306,21 +306,23 @@ def peak_memory(fn, device):
 
 
 def saved_bytes(forward, exclude=()):
-    """Bytes autograd saves for backward in `forward()`, each storage once, the storages of `exclude` (the layer's
-    input and weights, which exist anyway) left out: the activation memory a layer adds between forward and
-    backward. Works on every device."""
+    """Bytes autograd saves for backward in `forward()`, each storage once, the storages of `exclude` (tensors that
+    exist anyway: the layer's weights) left out: the activation memory a layer adds between forward and backward.
+    Works on every device."""
     excluded = {t.untyped_storage().data_ptr() for t in exclude}
-    saved = {}
+    saved, kept = {}, []
 
     def pack(t):
         storage = t.untyped_storage()
-        if storage.data_ptr() not in excluded:  # saved tensors stay alive, so no pointer is reused meanwhile
+        if storage.data_ptr() not in excluded:  # kept alive until forward() ends, so no pointer is reused meanwhile
             saved[storage.data_ptr()] = storage.nbytes()
-        return t
+        kept.append(t)
+        return None  # not t: a saved output would hold its own autograd node, a cycle gc cannot collect (no backward)
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda packed: packed):
         out = forward()
     del out
+    kept.clear()
     return sum(saved.values())
 
 

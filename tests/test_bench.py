@@ -382,6 +382,25 @@ def test_profile_tables_survive_a_failing_rounding_count(monkeypatch, capsys):
     assert "ERROR (rounding counts" in out and "=== the two base GEMMs" in out
 
 
+def test_counting_saved_bytes_keeps_nothing_alive():
+    """saved_bytes' hook returned the tensor itself: an op that saves its own output (sigmoid, softmax, SiLU's
+    compositions) then held its autograd node through it, a cycle through C++ that gc cannot collect, so the
+    measured forward's activations stayed allocated."""
+    import gc
+    import weakref
+
+    x, w = torch.randn(64, 32, requires_grad=True), torch.randn(48, 32)
+    outputs = []
+
+    def forward():
+        y = torch.sigmoid(x @ w.T)  # saves y for its backward
+        outputs.append(weakref.ref(y))
+        return y
+    assert bench.saved_bytes(forward, exclude=(w,)) == 64 * 48 * 4  # y: the GEMM keeps w alone (w needs no grad)
+    gc.collect()
+    assert outputs[0]() is None
+
+
 def test_profile_decode_tables_rotate_weights_past_the_cache(monkeypatch):
     """The decode and grouped tables called one kernel on the same weights again and again: a 33.5 MB W stays in an
     H200's 50 MB L2, so their kernel times were the cache's, beside bench rows that rotate their inputs. Each call
