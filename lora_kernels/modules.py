@@ -781,6 +781,14 @@ class MultiLoRALinear(nn.Module):
     def forward(self, x, adapter_ids=None):
         """x: [..., K]; adapter_ids: integer tensor shaped like x.shape[:-1], or a LoRABatch built for x's tokens;
         None takes the per-row slots of set_batch_adapters (one LoRABatch per input shape, shared by all layers)."""
+        if torch.compiler.is_compiling():  # a traced graph cannot hold a Python lock
+            return self._resolve_and_forward(x, adapter_ids)
+        # set_batch_adapters' slot ids are read under the lock too: read before it, a delete of their name and a load
+        # of another adapter into the freed slot in between made the rows of the deleted name compute the new adapter
+        with _SLOT_LOCK:
+            return self._resolve_and_forward(x, adapter_ids)
+
+    def _resolve_and_forward(self, x, adapter_ids):
         if adapter_ids is None:
             state = self.batch_adapters
             compiling = torch.compiler.is_compiling()  # traced code keeps no Python state (the ids are an input)
@@ -807,10 +815,7 @@ class MultiLoRALinear(nn.Module):
                 # stack's "no LoRA" flag). Slots being trained still get their zero gradients below.
                 return multi_lora_base_linear(x, self.base_weight(), self.base_layer.bias, backend=self.backend)
             adapter_ids = state.batch_for(x, self.max_adapters, rows)
-        if torch.compiler.is_compiling():  # a traced graph cannot hold a Python lock
-            return self._forward(x, adapter_ids)
-        with _SLOT_LOCK:
-            return self._forward(x, adapter_ids)
+        return self._forward(x, adapter_ids)
 
     def _forward(self, x, adapter_ids):
         # adapter_dtype slots in their own dtype: multi_lora_linear_float32_factors casts them for the kernels

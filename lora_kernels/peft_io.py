@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lora_kernels import modules as _modules
 from lora_kernels._dtensor import is_tensor_parallel
 from lora_kernels.backends import check_backend_name
 from lora_kernels.modules import (_PEFT_ONLY_HINT, BASE_ADAPTER, BIAS_ATTR, BIAS_MODES, LORA_WRAPPERS,
@@ -652,6 +653,12 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
                                  f"adapter into a slot")
             if r > module.max_rank:
                 raise ValueError(f"{op}: module {name!r} holds ranks up to {module.max_rank}, the adapter has r={r}")
+            scaling = lora_scaling(r, alpha, config.use_rslora)
+            if abs(scaling) > torch.finfo(module.scalings.dtype).max:  # set_adapter refused it half-way through
+                rule = "lora_alpha / sqrt(r)" if config.use_rslora else "lora_alpha / r"
+                raise ValueError(f"{op}: module {name!r}: the adapter's scaling {scaling!r} ({rule}, lora_alpha "
+                                 f"{alpha!r}, r={r}) is past the range of the slots' {module.scalings.dtype}; the model "
+                                 f"is unchanged")
             in_features, out_features = module.in_features, module.out_features
         elif adapter_name is not None:
             fix = ("prepare_multi_adapter refuses LoRALinear layers: prepare a fresh base model (save this model's "
@@ -872,7 +879,8 @@ def _write_slot(layers, slot, plan, grouped, config):
                 module.clear_adapter(slot)
     except BaseException:
         _put_back(materialised)
-        with torch.no_grad():
+        # under the slot lock, as set_adapter writes: a forward in another thread never sees a half-restored slot
+        with torch.no_grad(), _modules._SLOT_LOCK:
             for module, a, b, scaling, rank in snapshots:
                 module.lora_a[slot].copy_(a)
                 module.lora_b[slot].copy_(b)

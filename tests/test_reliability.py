@@ -2,15 +2,17 @@
 property tests and fuzzers are in test_properties.py."""
 
 import gc
+import json
 import logging
 import os
+import threading
 
 import pytest
 import torch
 
 import lora_kernels as lk
 from conftest import TOLERANCE, quantized_linear, rel_error
-from lora_kernels import backends, reference
+from lora_kernels import backends, modules, reference
 from lora_kernels.batch import LoRABatch
 
 CPU_BACKENDS = [b for b in ("torch", "cpu", "triton") if backends.unavailable_reason(b, "cpu") is None]
@@ -123,8 +125,6 @@ def test_repeated_training_steps_do_not_grow_memory(backend):
 def test_set_adapter_from_another_thread_never_mixes_weights_within_a_forward():
     """One thread swaps slot 0 between two adapters of different ranks while the main thread runs forwards: every
     output row equals the output of one adapter or the other, never a mix of old and new weights."""
-    import threading
-
     torch.manual_seed(3)
     base = torch.nn.Linear(32, 24)
     layer = lk.MultiLoRALinear(base, max_adapters=2, max_rank=8, backend="torch")
@@ -167,7 +167,7 @@ def test_two_threads_loading_new_adapters_by_name_get_a_slot_each(tmp_path, monk
     import contextlib
     import threading
 
-    from lora_kernels import modules, peft_io
+    from lora_kernels import peft_io
 
     torch.manual_seed(6)
     sources = {}
@@ -228,7 +228,6 @@ def test_two_threads_deleting_one_adapter_at_once_one_is_told_it_is_gone(tmp_pat
     it)."""
     import threading
 
-    from lora_kernels import modules
 
     lk.save_peft_adapter(lk.inject_lora(torch.nn.Sequential(torch.nn.Linear(16, 12)), ["0"], r=4), tmp_path)
     model = lk.prepare_multi_adapter(torch.nn.Sequential(torch.nn.Linear(16, 12)), ["0"], max_adapters=2, max_rank=4,
@@ -286,7 +285,6 @@ def test_a_process_forked_while_another_thread_holds_a_lock_can_use_the_model(he
     import threading
     import warnings
 
-    from lora_kernels import modules
 
     torch.manual_seed(4)
     source = lk.inject_lora(torch.nn.Sequential(torch.nn.Linear(16, 12)), ["0"], r=4)
@@ -758,3 +756,167 @@ def test_serving_with_a_new_token_count_every_call_keeps_no_tensors(backend, mon
         for tokens in range(cache_size + 1, 3 * cache_size + 1):
             serve(tokens)
         assert _live_tensors() <= before
+
+def _save_two_layer_adapter(path, seed, alpha_pattern=None):
+    torch.manual_seed(seed)
+    src = lk.inject_lora(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)), ["0", "1"], r=4)
+    for layer in src:
+        torch.nn.init.normal_(layer.lora_B.weight)
+    lk.save_peft_adapter(src, path)
+    if alpha_pattern:
+        config = json.loads((path / "adapter_config.json").read_text())
+        config["alpha_pattern"] = alpha_pattern
+        (path / "adapter_config.json").write_text(json.dumps(config))
+
+
+def _two_prepared_layers():
+    return lk.prepare_multi_adapter(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)), ["0", "1"],
+                                    max_adapters=2, max_rank=4, backend="torch")
+
+
+def test_a_scaling_past_float32_is_refused_before_any_slot_is_written(tmp_path, monkeypatch):
+    """A reload of a served name whose second layer's scaling (alpha_pattern) passes float32 was refused only by
+    set_adapter of that layer, after the first layer's slot held the new adapter: forwards in other threads computed
+    an adapter that the load then refused. It must fail before any write, naming the module."""
+    _save_two_layer_adapter(tmp_path / "old", 1)
+    _save_two_layer_adapter(tmp_path / "bad", 2, {"1": 1e300})
+    model = _two_prepared_layers()
+    lk.load_peft_adapter(model, tmp_path / "old", adapter_name="a")
+    writes = []
+    set_adapter = modules.MultiLoRALinear.set_adapter
+
+    def spy(self, *args, **kwargs):
+        writes.append(self)
+        return set_adapter(self, *args, **kwargs)
+
+    monkeypatch.setattr(modules.MultiLoRALinear, "set_adapter", spy)
+    try:
+        lk.load_peft_adapter(model, tmp_path / "bad", adapter_name="a")
+    except ValueError as error:
+        message = str(error)
+    else:
+        raise AssertionError("the load was not refused")
+    assert writes == [], "a slot was written before the load was refused"
+    assert message.startswith("load_peft_adapter: module '1'"), message
+
+
+def test_a_failed_load_restores_the_slots_under_the_slot_lock(tmp_path, monkeypatch):
+    """A load by name that fails after writing some layers restores them; that restore must take the slot lock as
+    set_adapter does, or a forward in another thread sees a slot half restored (old lora_a with new lora_b: 40 of
+    ~5000 forwards mixed in a stress run). Forced: the load fails in layer 1 while another thread, standing for a
+    running forward, holds the slot lock; the restore must wait for it, not write layer 0 meanwhile."""
+    _save_two_layer_adapter(tmp_path / "old", 1)
+    _save_two_layer_adapter(tmp_path / "new", 2)
+    model = _two_prepared_layers()
+    lk.load_peft_adapter(model, tmp_path / "old", adapter_name="a")
+    old_b = model[0].lora_b[0].clone()
+    layer0_written, holder_has_lock, restore_waits = threading.Event(), threading.Event(), threading.Event()
+    set_adapter = modules.MultiLoRALinear.set_adapter
+
+    def fail_in_layer_1(self, *args, **kwargs):
+        if self is model[1]:
+            layer0_written.set()
+            holder_has_lock.wait(10)
+            raise MemoryError("forced failure in layer 1")
+        return set_adapter(self, *args, **kwargs)
+
+    real_lock = modules._SLOT_LOCK
+
+    class AnnouncingLock:
+        def __enter__(self):
+            if holder_has_lock.is_set() and threading.current_thread().name == "loader":
+                restore_waits.set()
+            return real_lock.__enter__()
+
+        def __exit__(self, *exc):
+            return real_lock.__exit__(*exc)
+
+    monkeypatch.setattr(modules.MultiLoRALinear, "set_adapter", fail_in_layer_1)
+    monkeypatch.setattr(modules, "_SLOT_LOCK", AnnouncingLock())
+    errors = []
+
+    def load():
+        try:
+            lk.load_peft_adapter(model, tmp_path / "new", adapter_name="a")
+        except MemoryError as error:
+            errors.append(error)
+
+    loader = threading.Thread(target=load, name="loader")
+    loader.start()
+    assert layer0_written.wait(10)
+    with real_lock:
+        holder_has_lock.set()
+        new_b = model[0].lora_b[0].clone()
+        while not restore_waits.is_set() and loader.is_alive():
+            restore_waits.wait(0.01)
+        # the holder (a forward) still sees layer 0 whole: the new adapter, not partly restored
+        assert torch.equal(model[0].lora_b[0], new_b), "the restore wrote a slot while a forward held the lock"
+        assert restore_waits.is_set(), "the restore did not take the slot lock"
+    loader.join(10)
+    assert errors and torch.equal(model[0].lora_b[0], old_b)
+
+
+def test_rows_of_a_deleted_name_never_compute_the_adapter_that_took_its_slot(tmp_path, monkeypatch):
+    """README: names are looked up again on every load/delete, "so a deleted one computes the base model, also once
+    another adapter took its slot". A forward read set_batch_adapters' slot ids before taking the slot lock: a delete
+    of "a" and a load of "b" into a's slot in between made rows named "a" compute "b". Forced: the forward stops
+    right after it reads the ids until the writer has finished, or is about to take the slot lock (it announces)."""
+    for name, seed in (("a", 1), ("b", 2)):
+        _save_two_layer_adapter(tmp_path / name, seed)
+    model = _two_prepared_layers()
+    lk.load_peft_adapter(model, tmp_path / "a", adapter_name="a")
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        base = model[0].base_layer(x)
+        a_out = model[0](x, torch.zeros(2, dtype=torch.int64))
+    read_ids, writer_waits_or_done = threading.Event(), threading.Event()
+    batch_for = modules.BatchAdapterIds.batch_for
+    real_lock = modules._SLOT_LOCK
+
+    def stopping_batch_for(self, *args, **kwargs):
+        if threading.current_thread().name == "reader" and not read_ids.is_set():
+            read_ids.set()
+            writer_waits_or_done.wait(10)
+        return batch_for(self, *args, **kwargs)
+
+    class AnnouncingLock:
+        def __enter__(self):
+            if real_lock.acquire(blocking=False):
+                return self
+            if threading.current_thread().name == "writer":
+                writer_waits_or_done.set()  # held by the reader: the writer waits for it
+            real_lock.acquire()
+            return self
+
+        def __exit__(self, *exc):
+            real_lock.release()
+            return False
+
+    monkeypatch.setattr(modules.BatchAdapterIds, "batch_for", stopping_batch_for)
+    monkeypatch.setattr(modules, "_SLOT_LOCK", AnnouncingLock())
+    out = {}
+
+    def reader():
+        with torch.no_grad():
+            out["y"] = model[0](x)
+
+    def writer():
+        try:
+            lk.delete_adapter(model, "a")
+            lk.load_peft_adapter(model, tmp_path / "b", adapter_name="b")
+        finally:
+            writer_waits_or_done.set()
+
+    with lk.set_batch_adapters(model, ["a", "a"]):
+        threads = [threading.Thread(target=reader, name="reader"), threading.Thread(target=writer, name="writer")]
+        threads[0].start()
+        assert read_ids.wait(10)
+        threads[1].start()
+        for t in threads:
+            t.join(20)
+    assert model.lora_adapter_slots == {"b": 0}
+    with torch.no_grad():
+        b_out = model[0](x, torch.zeros(2, dtype=torch.int64))
+    assert not torch.allclose(out["y"], b_out), "rows named 'a' (deleted) computed adapter 'b', which took its slot"
+    # ordered before the delete (a's output) or after it (the base model's)
+    assert torch.allclose(out["y"], a_out, atol=1e-5) or torch.allclose(out["y"], base, atol=1e-5)
