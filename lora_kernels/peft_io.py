@@ -657,8 +657,8 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
             if abs(scaling) > torch.finfo(module.scalings.dtype).max:  # set_adapter refused it half-way through
                 rule = "lora_alpha / sqrt(r)" if config.use_rslora else "lora_alpha / r"
                 raise ValueError(f"{op}: module {name!r}: the adapter's scaling {scaling!r} ({rule}, lora_alpha "
-                                 f"{alpha!r}, r={r}) is past the range of the slots' {module.scalings.dtype}; the model "
-                                 f"is unchanged")
+                                 f"{alpha!r}, r={r}) is past the range of the slots' {module.scalings.dtype}; the "
+                                 f"model is unchanged")
             in_features, out_features = module.in_features, module.out_features
         elif adapter_name is not None:
             fix = ("prepare_multi_adapter refuses LoRALinear layers: prepare a fresh base model (save this model's "
