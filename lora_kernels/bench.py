@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from lora_kernels import backends
 from lora_kernels.batch import LoRABatch
-from lora_kernels.compare import DTYPES, ProgressBar, environment, synchronize
+from lora_kernels.compare import DTYPES, ProgressBar, environment, saved_storage_bytes, synchronize
 from lora_kernels.functional import CUDA_BWD_DY_KERNEL_MAX_WORK, lora_linear, multi_lora_linear
 from lora_kernels.ops import check_flag
 
@@ -310,20 +310,7 @@ def saved_bytes(forward, exclude=()):
     exist anyway: the layer's weights) left out: the activation memory a layer adds between forward and backward.
     Works on every device."""
     excluded = {t.untyped_storage().data_ptr() for t in exclude}
-    saved, kept = {}, []
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in excluded:  # kept alive until forward() ends, so no pointer is reused meanwhile
-            saved[storage.data_ptr()] = storage.nbytes()
-        kept.append(t)
-        return None  # not t: a saved output would hold its own autograd node, a cycle gc cannot collect (no backward)
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda packed: packed):
-        out = forward()
-    del out
-    kept.clear()
-    return sum(saved.values())
+    return saved_storage_bytes(forward, skip=lambda t: t.untyped_storage().data_ptr() in excluded)
 
 
 # ------------------------------------------------------------------------------------------------ the layers

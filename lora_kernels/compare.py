@@ -234,32 +234,38 @@ def _is_parameter_cast(t, parameters):
     return source is not None and any(getattr(source, "variable", None) is p for p in parameters.get(t.shape, ()))
 
 
+def saved_storage_bytes(forward, skip=lambda t: False):
+    """Bytes autograd keeps for backward in `forward()` (each storage once; a tensor for which skip(t) is true left
+    out), no backward run. Exact and the same on every device; also the bench's per-layer row (bench.saved_bytes)."""
+    saved, kept = {}, []
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if not skip(t):  # the tensors are kept alive until forward() ends, so a pointer is never reused here
+            saved[storage.data_ptr()] = storage.nbytes()
+        kept.append(t)
+        # Not t itself: a saved output would then hold its own autograd node, a cycle through C++ that Python's
+        # collector cannot see (compare's full fine-tuning model stayed allocated through the LoRA runs).
+        return None
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda packed: packed):
+        out = forward()
+    del out
+    kept.clear()
+    return sum(saved.values())
+
+
 def saved_activation_bytes(model, inputs, targets):
     """Bytes autograd keeps for backward in one training forward (each storage once; parameters and their dtype
-    casts excluded): the activation memory a step holds when backward starts. Exact and the same on every device."""
+    casts excluded): the activation memory a step holds when backward starts."""
     param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     parameters = {}  # shape -> the trainable parameters of that shape
     for p in model.parameters():
         if p.requires_grad:
             parameters.setdefault(p.shape, []).append(p)
-    saved, kept = {}, []
-
-    def pack(t):
-        storage = t.untyped_storage()
-        # kept alive until the forward ends, so a pointer is never reused here
-        if storage.data_ptr() not in param_storages and not _is_parameter_cast(t, parameters):
-            saved[storage.data_ptr()] = storage.nbytes()
-        kept.append(t)
-        # Not t itself: a saved output would then hold its own autograd node, a cycle through C++ that Python's
-        # collector cannot see (with compiled layers the whole model stayed allocated through the next methods'
-        # runs and counted in their memory baselines). No backward runs on this forward.
-        return None
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda packed: packed):
-        loss = lm_loss(model(inputs), targets)
-    del loss
-    kept.clear()
-    return sum(saved.values())
+    return saved_storage_bytes(
+        lambda: lm_loss(model(inputs), targets),
+        skip=lambda t: t.untyped_storage().data_ptr() in param_storages or _is_parameter_cast(t, parameters))
 
 
 def _proc_status_kib(field):
