@@ -1665,28 +1665,33 @@ class set_batch_adapters:
         if not layers:
             raise ValueError(f"{op}: the model has no MultiLoRALinear layers; call prepare_multi_adapter first")
         device = layers[0].ranks.device  # a layer on another device copies the ids over
-        if adapter_names is None:
-            state = None
-        elif isinstance(adapter_names, str):
-            state = BatchAdapterIds(_check_adapter_names(model, [adapter_names], op), adapter_names, device)
-        else:
+        if not (adapter_names is None or isinstance(adapter_names, str)):
             names = list(adapter_names) if isinstance(adapter_names, (list, tuple)) else []
             if not names or not all(isinstance(n, str) for n in names):
                 raise TypeError(f"{op}: adapter_names expected a non-empty list of str, a str or None, "
                                 f"got {adapter_names!r}")
-            state = BatchAdapterIds(_check_adapter_names(model, names, op), tuple(names), device)
-        self._previous = [(layer, layer.batch_adapters) for layer in layers]
-        for layer in layers:
-            layer.batch_adapters = state
+            adapter_names = tuple(names)
+        # Looked up and put in place in one turn with loads and deletes by name: one in between resolved the settings
+        # in place then, not this one, which kept slot ids of the table before it (a deleted name's rows computed
+        # whichever adapter was loaded into its slot next)
+        with adapter_table_lock():
+            state = None
+            if adapter_names is not None:
+                names = [adapter_names] if isinstance(adapter_names, str) else adapter_names
+                state = BatchAdapterIds(_check_adapter_names(model, names, op), adapter_names, device)
+            self._previous = [(layer, layer.batch_adapters) for layer in layers]
+            for layer in layers:
+                layer.batch_adapters = state
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc_info):
-        for layer, previous in self._previous:
-            layer.batch_adapters = previous
-        for previous in {id(previous): previous for _, previous in self._previous if previous is not None}.values():
-            previous.resolve()  # the slot table may have changed while it was set aside
+        with adapter_table_lock():  # as in __init__
+            for layer, previous in self._previous:
+                layer.batch_adapters = previous
+            for previous in {id(p): p for _, p in self._previous if p is not None}.values():
+                previous.resolve()  # the slot table may have changed while it was set aside
         return False
 
 

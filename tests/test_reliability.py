@@ -920,3 +920,53 @@ def test_rows_of_a_deleted_name_never_compute_the_adapter_that_took_its_slot(tmp
     assert not torch.allclose(out["y"], b_out), "rows named 'a' (deleted) computed adapter 'b', which took its slot"
     # ordered before the delete (a's output) or after it (the base model's)
     assert torch.allclose(out["y"], a_out, atol=1e-5) or torch.allclose(out["y"], base, atol=1e-5)
+
+
+def test_a_name_deleted_while_set_batch_adapters_looks_it_up_computes_the_base_model(tmp_path, monkeypatch):
+    """set_batch_adapters looked names up, then put the setting in place, outside the turns that loads and deletes
+    by name take: a delete in between resolved the settings then in place, not the new one, which kept the deleted
+    name's slot (its rows computed whichever adapter was loaded there next). Forced: the setter stops once it has
+    looked the names up until the delete has finished, or is about to take the table lock (it announces)."""
+    _save_two_layer_adapter(tmp_path / "a", 1)
+    model = _two_prepared_layers()
+    lk.load_peft_adapter(model, tmp_path / "a", adapter_name="a")
+    looked_up, deleter_waits_or_done = threading.Event(), threading.Event()
+    batch_adapter_ids_init, table_lock = modules.BatchAdapterIds.__init__, modules.adapter_table_lock
+
+    def stopping_init(self, *args, **kwargs):
+        batch_adapter_ids_init(self, *args, **kwargs)
+        if threading.current_thread().name == "setter":
+            looked_up.set()
+            deleter_waits_or_done.wait(10)
+
+    class AnnouncingLock:
+        def __enter__(self):
+            if table_lock().acquire(blocking=False):
+                return self
+            if threading.current_thread().name == "deleter":
+                deleter_waits_or_done.set()  # held by the setter: the delete waits for it
+            table_lock().acquire()
+            return self
+
+        def __exit__(self, *exc):
+            table_lock().release()
+            return False
+
+    monkeypatch.setattr(modules.BatchAdapterIds, "__init__", stopping_init)
+    monkeypatch.setattr(modules, "adapter_table_lock", AnnouncingLock)
+
+    def delete():
+        try:
+            lk.delete_adapter(model, "a")
+        finally:
+            deleter_waits_or_done.set()
+
+    setter = threading.Thread(target=lk.set_batch_adapters, args=(model, ["a", "a"]), name="setter")
+    setter.start()
+    assert looked_up.wait(10)
+    deleter = threading.Thread(target=delete, name="deleter")
+    deleter.start()
+    setter.join(20)
+    deleter.join(20)
+    assert model.lora_adapter_slots == {}
+    assert model[0].batch_adapters.rows.slot_ids == (-1, -1), "the setting kept the deleted name's slot"
