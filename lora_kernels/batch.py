@@ -7,6 +7,7 @@ in a CUDA graph and one LoRABatch serves every layer of a step.
 from dataclasses import dataclass, fields
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 
 @dataclass(frozen=True)
@@ -129,9 +130,13 @@ class LoRABatch:
         return self
 
     def check_tokens(self, num_tokens, op_name, arg_name="x"):
-        if num_tokens != self.num_tokens:
+        # Unbacked token counts (mark_unbacked) cannot be compared while compiling: asserted when the graph runs
+        if guard_or_false(num_tokens != self.num_tokens):
             raise ValueError(f"{op_name}: batch was built for {self.num_tokens} tokens, but {arg_name} has "
                              f"{num_tokens} rows")
+        if torch.compiler.is_compiling():
+            torch._check(num_tokens == self.num_tokens,
+                         lambda: f"{op_name}: batch was built for another number of tokens than {arg_name} has rows")
 
 
 def _check_ids_tensor(op, adapter_ids):
@@ -156,8 +161,8 @@ def _check_id_values(ids, num_adapters, op, asked):
     fullgraph=True compile failed on the data-dependent read, validate=True too) or inside torch.func transforms (vmap
     over the ids, also inside a nested grad that hides them in its own wrapper: reading them raised torch's ".item()
     on a Tensor" error, where the rest of the batch is built with batched torch ops)."""
-    if (ids.numel() == 0 or (ids.device.type != "cpu" and not asked) or torch.compiler.is_compiling()
-            or torch._C._are_functorch_transforms_active()):
+    if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or ids.numel() == 0
+            or (ids.device.type != "cpu" and not asked)):
         return
     low, high = (int(v) for v in torch.aminmax(ids))
     if low < -1 or high >= num_adapters:

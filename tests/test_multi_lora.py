@@ -1162,6 +1162,38 @@ def test_torch_compile_fullgraph_reference_backend_of_the_grouped_ops():
                 assert rel_error(got, want) <= 1e-6, name
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_an_unbacked_token_count_compiles_one_graph_for_every_count(backend):
+    """A serving stack may mark the token dimension unbacked (torch._dynamo.mark_unbacked: no guard on its value,
+    0 and 1 included): the batch's token-count check compared it with the ids' count, which torch cannot decide
+    while tracing ("Could not guard on data-dependent expression"), so nothing compiled. The counts are now asserted
+    equal when the graph runs."""
+    backend_or_skip(backend, torch.device("cpu"))
+    layer = lk.MultiLoRALinear(nn.Linear(16, 10), max_adapters=3, max_rank=4, backend=backend).eval()
+    for slot in range(3):
+        layer.set_adapter(slot, randn(4, 16), randn(10, 4), scaling=0.5)
+
+    def step(x, ids):
+        batch = LoRABatch.from_adapter_ids(ids, 3)
+        y = torch.zeros(x.shape[0], 10)
+        lk.ops.add_lora(y, x, [layer.lora_a], [layer.lora_b], batch, layer.scalings, layer.ranks, [10],
+                        backend=backend)
+        return layer(x, ids), y
+
+    graphs = []
+    compiled = torch.compile(step, fullgraph=True,
+                             backend=lambda gm, example_inputs: graphs.append(gm) or gm.forward)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for tokens in (7, 3, 1):
+            x = torch.randn(tokens, 16, generator=generator)
+            ids = torch.randint(-1, 3, (tokens,), generator=generator)
+            torch._dynamo.decorators.mark_unbacked(x, 0)
+            torch._dynamo.decorators.mark_unbacked(ids, 0)
+            torch.testing.assert_close(compiled(x, ids), step(x, ids))
+    assert len(graphs) == 1, f"{len(graphs)} graphs"
+
+
 def test_a_batch_from_outside_the_compiled_region_keeps_the_token_count_dynamic():
     """A LoRABatch built once per step outside the compiled model and read by every layer: its token count was a
     stored int, which torch.compile treated as a constant (one graph per count, eager after 8) and
