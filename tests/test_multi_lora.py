@@ -1185,7 +1185,7 @@ def test_an_unbacked_token_count_compiles_one_graph_for_every_count(backend):
                              backend=lambda gm, example_inputs: graphs.append(gm) or gm.forward)
     generator = torch.Generator().manual_seed(5)
     with torch.no_grad():
-        for tokens in (7, 3, 1):
+        for tokens in (7, 3, 1, 0):
             x = torch.randn(tokens, 16, generator=generator)
             ids = torch.randint(-1, 3, (tokens,), generator=generator)
             torch._dynamo.decorators.mark_unbacked(x, 0)
