@@ -772,7 +772,7 @@ def fused_backend_for(cfg):
     measurement, FUSED_BACKENDS), and says so."""
     device = torch.device(cfg.device)
     if cfg.backend == "auto":
-        chosen = backends.auto_backend(device)
+        chosen = backends.auto_backend(device, "lora_linear", DTYPES[cfg.dtype])
         fused = _fused_available(device)
         if chosen in ("torch", "reference") and fused:
             return fused[0], (f"backend='auto' runs lora_linear on {device.type} with the unfused {chosen!r} "

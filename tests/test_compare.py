@@ -586,7 +586,7 @@ def test_auto_never_repeats_the_unfused_column_when_a_fused_backend_exists(monke
     cfg = CompareConfig(model_size="tiny", device="cpu").resolved()
     fused = [name for name in compare.FUSED_BACKENDS
              if compare.backends.unavailable_reason(name, "cpu") is None and name != "triton"]
-    monkeypatch.setattr(compare.backends, "auto_backend", lambda device, op_name="lora_linear": "torch")
+    monkeypatch.setattr(compare.backends, "auto_backend", lambda device, op_name="lora_linear", dtype=None: "torch")
     chosen, note = compare.fused_backend_for(cfg)
     assert compare.FUSED_BACKENDS.index("cuda") < compare.FUSED_BACKENDS.index("triton")  # measured faster
     if fused:
@@ -1187,8 +1187,18 @@ def test_the_result_says_what_ran(result):
         f"median of {TINY.infer_reps} forward passes after 2 warm-up passes, eval mode, no grad"
 
 
+@pytest.mark.skipif(compare.backends.unavailable_reason("cpu", "cpu") is not None, reason="needs the C++ extension")
+def test_auto_in_bf16_on_a_cpu_with_bf16_gemm_units_says_the_fused_column_is_not_autos_choice(monkeypatch):
+    """backend="auto" runs a bf16 lora_linear on the torch composition on a CPU with bf16 GEMM units; the fused
+    column asked auto without the run's dtype, got the C++ kernels, and showed them as auto's choice, unnoted."""
+    monkeypatch.setattr(compare.backends, "CPU_HAS_BF16_GEMM_UNITS", True)
+    chosen, note = compare.fused_backend_for(CompareConfig(model_size="tiny", device="cpu", dtype="bf16").resolved())
+    assert chosen == "cpu"
+    assert note is not None and "backend='auto' runs lora_linear on cpu with the unfused 'torch'" in note, note
+
+
 def test_without_a_fused_backend_the_note_says_why_each_is_missing(monkeypatch):
-    monkeypatch.setattr(compare.backends, "auto_backend", lambda device, op_name="lora_linear": "torch")
+    monkeypatch.setattr(compare.backends, "auto_backend", lambda device, op_name="lora_linear", dtype=None: "torch")
     monkeypatch.setattr(compare.backends, "unavailable_reason",
                         lambda name, device: None if name in ("torch", "reference") else f"no {name} here")
     chosen, note = compare.fused_backend_for(CompareConfig(model_size="tiny", device="cpu").resolved())
