@@ -14,14 +14,13 @@ several rotating input sets.
 
 import itertools
 import os
-import platform
 
 import pytest
 import torch
 
 from lora_kernels import backends
 from lora_kernels.bench import PRESETS
-from lora_kernels.compare import DTYPES, cpu_model
+from lora_kernels.compare import DTYPES, environment
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if os.environ.get("LORA_KERNELS_BENCH_THREADS"):  # e.g. 1 on a CPU shared with other jobs
@@ -54,16 +53,11 @@ def pytest_collection_modifyitems(items):
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    triton_version = None
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        pass
+    env = environment(DEVICE)
     machine_info["lora_kernels"] = {
-        "device": DEVICE.type, "device_name": torch.cuda.get_device_name(0) if DEVICE.type == "cuda" else cpu_model(),
-        "torch": torch.__version__, "triton": triton_version, "dtype": SHAPES["dtype"], "backends": BACKENDS,
-        "python": platform.python_version(), "quick": QUICK,
+        "device": DEVICE.type, "device_name": env["gpu"] or env["cpu"], "torch": env["torch"],
+        "triton": env["triton"], "dtype": SHAPES["dtype"], "backends": BACKENDS, "python": env["python"],
+        "quick": QUICK,
     }
 
 

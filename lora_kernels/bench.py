@@ -21,7 +21,7 @@ from lora_kernels import backends
 from lora_kernels.batch import LoRABatch
 from lora_kernels.compare import DTYPES, ProgressBar, environment, saved_storage_bytes, synchronize
 from lora_kernels.functional import CUDA_BWD_DY_KERNEL_MAX_WORK, lora_linear, multi_lora_linear
-from lora_kernels.ops import check_flag
+from lora_kernels.ops import check_flag, positive_int
 
 # Shapes (design.md §8 on GPUs; scaled down on CPU so the whole sweep takes about two minutes on 2 cores).
 PRESETS = {
@@ -130,16 +130,12 @@ class BenchConfig:
             if reason is not None:
                 raise ValueError(f"bench: --backends {name!r} is not available for {device.type}: {reason}")
         for name in ("hidden", "rank", "train_m", "prefill_tokens", "reps", "copy_mb"):
-            value = getattr(cfg, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"bench: {_option(name)} expected an int >= 1, got {value!r}")
+            setattr(cfg, name, positive_int("bench", _option(name), getattr(cfg, name)))
         # a negative warm-up had run none, and a bool where an int belongs had passed as 0 or 1
         if isinstance(cfg.warmup, bool) or not isinstance(cfg.warmup, int) or cfg.warmup < 0:
             raise ValueError(f"bench: --warmup expected an int >= 0, got {cfg.warmup!r}")
-        # threads 0 had kept torch's thread count, as None does
-        if cfg.threads is not None and (isinstance(cfg.threads, bool) or not isinstance(cfg.threads, int)
-                                        or cfg.threads < 1):
-            raise ValueError(f"bench: --threads expected an int >= 1, got {cfg.threads!r}")
+        if cfg.threads is not None:  # 0 would keep torch's thread count, as None does
+            cfg.threads = positive_int("bench", "--threads", cfg.threads)
         if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not -2 ** 63 <= cfg.seed < 2 ** 64:
             raise ValueError(f"bench: --seed expected an int in [-2**63, 2**64 - 1] (torch's seeds are 64-bit), got "
                              f"{cfg.seed!r}")

@@ -25,7 +25,7 @@ from torch import nn
 import lora_kernels
 from lora_kernels import backends
 from lora_kernels.modules import LoRALinear, count_parameters, inject_lora, lora_scaling
-from lora_kernels.ops import check_flag
+from lora_kernels.ops import check_flag, positive_int
 
 # ------------------------------------------------------------------------------------------------ the toy model
 
@@ -450,12 +450,9 @@ class CompareConfig:
             raise ValueError(f"compare: --dtype expected one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
         for name in ("hidden", "layers", "heads", "intermediate", "vocab", "rank", "batch_size", "seq_len", "steps",
                      "infer_reps", "task_vocab"):
-            value = getattr(cfg, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"compare: --{name.replace('_', '-')} expected an int >= 1, got {value!r}")
-        if cfg.threads is not None and (isinstance(cfg.threads, bool) or not isinstance(cfg.threads, int)
-                                        or cfg.threads < 1):
-            raise ValueError(f"compare: --threads expected an int >= 1, got {cfg.threads!r}")
+            setattr(cfg, name, positive_int("compare", f"--{name.replace('_', '-')}", getattr(cfg, name)))
+        if cfg.threads is not None:
+            cfg.threads = positive_int("compare", "--threads", cfg.threads)
         # torch's seeds are 64-bit, and the run seeds torch with seed .. seed + 4
         if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not -2 ** 63 <= cfg.seed <= 2 ** 64 - 5:
             raise ValueError(f"compare: --seed expected an int in [-2**63, 2**64 - 5], got {cfg.seed!r}")
