@@ -733,6 +733,12 @@ class MultiLoRALinear(nn.Module):
         for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):  # failed in the copy below, naming neither
             if t.is_meta and not self.lora_a.is_meta:
                 raise ValueError(f"{op}: {name} expected a tensor holding values, got one on the meta device")
+        if self.lora_a.is_meta and not (lora_a.is_meta and lora_b.is_meta):
+            # the copy into a meta slot is a no-op: the adapter was dropped without a word (load_peft_adapter
+            # refuses such a layer by name)
+            raise ValueError(f"{op}: the layer's slots are on the meta device (the model was built there), which "
+                             f"holds no values, so the adapter would be dropped; materialise the layer first "
+                             f"(to_empty(), then load the base weights)")
         refuse_inference_tensor_writes(op, self._slot_tensors())
         padded_a = torch.zeros_like(self.lora_a[slot])
         padded_a[:rank] = lora_a.to(padded_a)
@@ -1082,11 +1088,14 @@ def find_target_linears(model, target_modules, exclude_modules=None, op="inject_
             if in_heads:
                 hint += (f"; {in_heads[:3]!r} would match, but are (inside) modules_to_save {modules_to_save!r}, "
                          f"which train whole and get no LoRA, as in PEFT")
+        hint += _left_out_hint(model, target_modules, exclude_modules, layers_to_transform, layers_pattern,
+                               modules_to_save, op)
         if isinstance(target_modules, (list, tuple)):
             hint += _alias_hint(model, list(target_modules))
         raise ValueError(f"{op}: target_modules {target_modules!r} matched no nn.Linear in the model"
                          f"{' it can wrap' if skipped else ''}{hint}")
     _warn_partial_targets(op, model, target_modules)
+    _warn_unused_exclude(op, model, exclude_modules)
     _warn_aliased_targets(op, model, found)
     return found
 
@@ -1118,6 +1127,39 @@ def _fused_expert_parameters(model):
     return [f"{name}.{pname}" for name, module in model.named_modules()
             if name.rpartition(".")[2] == "experts" or type(module).__name__.endswith("Experts")
             for pname, parameter in module.named_parameters(recurse=False) if parameter.dim() == 3]
+
+
+def _left_out_hint(model, target_modules, exclude_modules, layers_to_transform, layers_pattern, modules_to_save, op):
+    """Why targets that exist were all left out, for the error when nothing is wrapped: the error said the
+    targets "matched no nn.Linear" where exclude_modules or layers_to_transform had removed every match (PEFT
+    says "No modules were targeted ... mismatched target modules and excluded modules", and names
+    layers_to_transform)."""
+    hint = ""
+    if exclude_modules:
+        excluded = [name for name, _ in named_target_modules(
+            model, target_modules, None, op=op, layers_to_transform=layers_to_transform,
+            layers_pattern=layers_pattern, modules_to_save=modules_to_save)]
+        if excluded:
+            hint += (f"; {excluded[:3]!r}{' ...' if len(excluded) > 3 else ''} would match, but exclude_modules "
+                     f"{exclude_modules!r} leaves them out")
+    if layers_to_transform is not None:
+        other_layers = [name for name, _ in named_target_modules(
+            model, target_modules, exclude_modules, op=op, modules_to_save=modules_to_save)]
+        if other_layers:
+            hint += (f"; {other_layers[:3]!r}{' ...' if len(other_layers) > 3 else ''} would match, but not in "
+                     f"layers_to_transform {layers_to_transform!r} (layers_pattern {layers_pattern!r})")
+    return hint
+
+
+def _warn_unused_exclude(op, model, exclude_modules):
+    """Warns, as PEFT does ("You have passed exclude_modules=... but no modules were excluded"), when
+    exclude_modules names no module of the model: a typo there silently put LoRA layers on the modules it was
+    meant to leave out."""
+    if not exclude_modules:
+        return
+    if not any(_matches(state_dict_name(name), exclude_modules) for name, _ in model.named_modules() if name):
+        warnings.warn(f"{op}: exclude_modules {exclude_modules!r} matches no module of the model, so it excludes "
+                      f"nothing; check the names", stacklevel=4)
 
 
 def _warn_partial_targets(op, model, target_modules):

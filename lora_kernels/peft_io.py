@@ -1058,6 +1058,10 @@ def _target_modules_for(model, names, op, modules_to_save=None):
     return regex
 
 
+# peft.TaskType's values (PEFT 0.13 to 0.21): PeftConfig.__post_init__ raises ValueError for any other task_type
+PEFT_TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+
+
 def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_model_name_or_path=None,
                       save_embedding_layers="auto"):
     """Writes the LoRA adapter of `model` to directory `path` (created if needed) in PEFT's format:
@@ -1088,6 +1092,10 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
     _check_adapter_name(op, adapter_name)
     if task_type is not None and not isinstance(task_type, str):  # written to the config as is
         raise TypeError(f"{op}: task_type expected None or a str such as 'CAUSAL_LM', got {task_type!r}")
+    if task_type is not None and task_type not in PEFT_TASK_TYPES:
+        # PEFT's PeftConfig refuses any other value ("Invalid task type"), so the file would not load there
+        raise ValueError(f"{op}: task_type expected None or one of PEFT's task types {list(PEFT_TASK_TYPES)}, "
+                         f"got {task_type!r}")
     if task_type is None and adapter_name is None:  # the loaded file's, as PEFT saves what it loaded
         task_type = getattr(model, TASK_TYPE_ATTR, None)
     if isinstance(base_model_name_or_path, os.PathLike):

@@ -2,12 +2,14 @@
 
 import math
 import re
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
 from conftest import assert_close
+import lora_kernels as lk
 from lora_kernels import (LoRALinear, count_parameters, inject_lora, load_peft_adapter, merge_and_unload, reference,
                           save_peft_adapter)
 
@@ -317,7 +319,6 @@ def test_inject_lora_by_names_freezes_the_rest_and_counts_parameters():
 def test_parameter_counts_refuse_what_is_not_a_module(utility):
     """A TypeError naming the function and the type it got (it was AttributeError: 'str' object has no attribute
     'parameters')."""
-    import lora_kernels as lk
     with pytest.raises(TypeError, match=f"^{utility}: model expected a torch.nn.Module, got str$"):
         getattr(lk, utility)("model.safetensors")
 
@@ -1376,7 +1377,6 @@ def test_multihead_attention_out_proj_is_left_out_with_a_warning(wrap):
     """nn.MultiheadAttention reads out_proj.weight itself and never calls out_proj: a LoRA there would be ignored.
     Matched by "all-linear" or a CLIP-style "out_proj" entry (SigLIP's pooling head), it is left out with a warning;
     alone, nothing is left to wrap."""
-    import lora_kernels as lk
 
     def wrapped(targets):
         layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True)
@@ -1418,7 +1418,6 @@ def test_fused_expert_weights_left_out_are_named_at_the_callers_line(wrap):
     """"all-linear" (and a list entry matching nothing) on a model with fused 3-D expert weights warns at the
     caller's line, naming the first two of them (found by a module called "experts" or a class named "...Experts")
     and "..." when there are more."""
-    import lora_kernels as lk
 
     def warned(model, targets):
         with pytest.warns(UserWarning) as caught:
@@ -1659,7 +1658,6 @@ def test_disable_adapter_computes_the_base_model_beside_multi_lora_layers():
     not the base model, without a word. On exit the names in effect before are back."""
     import copy
     import warnings
-    import lora_kernels as lk
     base = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
     model = lk.prepare_multi_adapter(copy.deepcopy(base), ["0"], 2, 4)
     model[0].set_adapter(0, torch.randn(2, 8), torch.randn(8, 2), 1.0)
@@ -1673,3 +1671,41 @@ def test_disable_adapter_computes_the_base_model_beside_multi_lora_layers():
         with lk.disable_adapter(model):
             assert torch.allclose(model(x), base(x), atol=1e-6)
         assert torch.equal(model(x), adapted)
+
+
+def _three_projections():
+    torch.manual_seed(0)
+    return nn.ModuleDict({"q_proj": nn.Linear(8, 8), "v_proj": nn.Linear(8, 8), "o_proj": nn.Linear(8, 8)})
+
+
+@pytest.mark.parametrize("op", ["inject_lora", "prepare_multi_adapter"])
+def test_an_exclude_modules_entry_that_excludes_nothing_warns(op):
+    """exclude_modules=["o_prj"] (a typo) excluded nothing without a word, so o_proj got a LoRA layer it was meant not
+    to get; PEFT warns there ("You have passed exclude_modules=... but no modules were excluded")."""
+    call = ((lambda m, **kw: lk.inject_lora(m, ".*proj", r=2, **kw)) if op == "inject_lora" else
+            (lambda m, **kw: lk.prepare_multi_adapter(m, ".*proj", 2, 2, **kw)))
+    with pytest.warns(UserWarning, match=rf"{op}: exclude_modules \['o_prj'\] matches no module of the model"):
+        call(_three_projections(), exclude_modules=["o_prj"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = call(_three_projections(), exclude_modules=["o_proj"])  # one that excludes: no warning
+    assert type(model["o_proj"]) is nn.Linear
+
+
+@pytest.mark.parametrize("option,words", [
+    (dict(exclude_modules=["q_proj"]), r"\['q_proj'\] would match, but exclude_modules \['q_proj'\] leaves them out"),
+    (dict(layers_to_transform=[5]), r"\['layers\.0\.q_proj', 'layers\.1\.q_proj'\] would match, but not in "
+                                     r"layers_to_transform \[5\]"),
+])
+def test_targets_left_out_by_the_options_are_not_called_unmatched(option, words):
+    """When exclude_modules or layers_to_transform left out every module target_modules matched, the error said
+    only "target_modules ['q_proj'] matched no nn.Linear in the model", which sends the user to check names that
+    are right. It now says which modules matched and which option left them out (as PEFT names those options)."""
+    model = nn.Sequential() if "layers_to_transform" in option else _three_projections()
+    if "layers_to_transform" in option:
+        model.layers = nn.ModuleList([nn.ModuleDict({"q_proj": nn.Linear(8, 8)}) for _ in range(2)])
+    tree = [name for name, _ in model.named_modules()]
+    with pytest.raises(ValueError, match=r"inject_lora: target_modules \['q_proj'\] matched no nn\.Linear in the "
+                                         r"model; " + words):
+        lk.inject_lora(model, ["q_proj"], r=2, **option)
+    assert [name for name, _ in model.named_modules()] == tree

@@ -2264,3 +2264,15 @@ def test_torch_backend_fp16_slot_gradients_are_as_close_as_peft_for_a_small_scal
     for slot in range(num_slots):
         error = lambda g: float((g[slot].double() - a64.grad[slot]).norm() / a64.grad[slot].norm())
         assert error(ours.grad) <= 1.5 * error(peft.grad), (slot, error(ours.grad), error(peft.grad))
+
+
+def test_set_adapter_refuses_real_values_into_meta_slots():
+    """A layer prepared on the meta device took set_adapter's real lora_a / lora_b without a word and dropped them
+    (a copy into a meta tensor is a no-op), where load_peft_adapter refuses such a layer by name. Refused before any
+    change; meta factors into meta slots still pass (a shape-only flow)."""
+    with torch.device("meta"):
+        layer = lk.MultiLoRALinear(torch.nn.Linear(8, 6), max_adapters=2, max_rank=2)
+    with pytest.raises(ValueError, match=r"MultiLoRALinear.set_adapter: the layer's slots are on the meta device "
+                                         r"\(the model was built there\), which holds no values"):
+        layer.set_adapter(0, torch.randn(2, 8), torch.randn(6, 2), 2.0)
+    layer.set_adapter(0, torch.randn(2, 8, device="meta"), torch.randn(6, 2, device="meta"), 2.0)

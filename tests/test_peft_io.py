@@ -1636,6 +1636,22 @@ def test_save_checks_the_config_fields_it_is_given(tmp_path):
             assert json.load(f)["base_model_name_or_path"] == saved
 
 
+def test_save_refuses_a_task_type_peft_does_not_know(tmp_path):
+    """Any str was written as task_type: a typo ("causal_lm", "CAUSAL") gave a file that PEFT refuses to load
+    (PeftConfig: "Invalid task type"). Refused by name before any file, as PEFT's LoraConfig refuses it."""
+    peft = pytest.importorskip("peft")
+    for bad in ("causal_lm", "CAUSAL"):
+        with pytest.raises(ValueError, match=r"save_peft_adapter: task_type expected None or one of PEFT's task "
+                                             r"types \['SEQ_CLS', .*\], got '" + bad + "'"):
+            lk.save_peft_adapter(_trained(), tmp_path, task_type=bad)
+        with pytest.raises(ValueError, match="Invalid task type"):
+            peft.LoraConfig(task_type=bad)
+    assert not os.listdir(tmp_path)
+    for good in list(peft.TaskType):  # every task type PEFT knows, as str and as its enum
+        lk.save_peft_adapter(_trained(), tmp_path, task_type=good)
+        assert peft.PeftConfig.from_pretrained(str(tmp_path)).task_type == good
+
+
 def test_a_loaded_task_type_is_saved_again(tmp_path):
     """PEFT keeps a loaded adapter's task_type when it saves it again; here a PEFT file with task_type "CAUSAL_LM",
     loaded, trained and saved, came back with task_type null, which AutoPeftModelForCausalLM.from_pretrained refuses
