@@ -10,7 +10,7 @@ import contextlib
 import numbers
 
 import torch
-from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.fx.experimental.symbolic_shapes import guard_or_false, statically_known_true
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass_type
 
 from lora_kernels import ops, reference
@@ -975,9 +975,15 @@ def _multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias, r
     else:
         if not isinstance(adapter_ids, torch.Tensor):
             raise TypeError(f"{op}: adapter_ids expected a torch.Tensor or LoRABatch, got {type(adapter_ids).__name__}")
-        if tuple(adapter_ids.shape) != tuple(lead_shape):
+        # unbacked sizes (mark_unbacked on x and the ids) cannot be compared while compiling: asserted when the
+        # graph runs, as LoRABatch.check_tokens does
+        if adapter_ids.dim() != len(lead_shape) or any(guard_or_false(a != b)
+                                                       for a, b in zip(adapter_ids.shape, lead_shape)):
             raise ValueError(f"{op}: adapter_ids expected shape {tuple(lead_shape)} (x.shape[:-1]), "
                              f"got {tuple(adapter_ids.shape)}")
+        if torch.compiler.is_compiling():
+            for a, b in zip(adapter_ids.shape, lead_shape):
+                torch._check(a == b, lambda: f"{op}: adapter_ids expected the shape x.shape[:-1]")
         if adapter_ids.device != x.device:
             raise ValueError(f"{op}: adapter_ids expected device {x.device} (same as x), got {adapter_ids.device}")
         batch = LoRABatch._for_op(op, adapter_ids, num_slots)

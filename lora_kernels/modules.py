@@ -735,10 +735,12 @@ class MultiLoRALinear(nn.Module):
                 raise ValueError(f"{op}: {name} expected a tensor holding values, got one on the meta device")
         if self.lora_a.is_meta and not (lora_a.is_meta and lora_b.is_meta):
             # the copy into a meta slot is a no-op: the adapter was dropped without a word (load_peft_adapter
-            # refuses such a layer by name)
+            # makes the slots on the base weight's device first). to_empty() alone leaves every slot's rank and
+            # scaling uninitialised: reset_parameters() clears them (and re-initialises the base layer)
             raise ValueError(f"{op}: the layer's slots are on the meta device (the model was built there), which "
                              f"holds no values, so the adapter would be dropped; materialise the layer first "
-                             f"(to_empty(), then load the base weights)")
+                             f"(to_empty(), then reset_parameters() to clear every slot, then load the base "
+                             f"weights), or load the adapter with load_peft_adapter")
         refuse_inference_tensor_writes(op, self._slot_tensors())
         padded_a = torch.zeros_like(self.lora_a[slot])
         padded_a[:rank] = lora_a.to(padded_a)

@@ -1194,6 +1194,33 @@ def test_an_unbacked_token_count_compiles_one_graph_for_every_count(backend):
     assert len(graphs) == 1, f"{len(graphs)} graphs"
 
 
+@pytest.mark.parametrize("shape", [(None,), (2, None)])
+def test_an_unbacked_token_count_compiles_a_multi_lora_layer_called_alone(shape):
+    """MultiLoRALinear(x, ids) with the token dimension of x and of the ids marked unbacked, and nothing before it
+    that relates the two (the test above calls add_lora first, whose check_tokens asserts them equal):
+    multi_lora_linear compared adapter_ids.shape with x.shape[:-1] in Python ("Could not guard on data-dependent
+    expression Eq(u0, u1)"), so the layer did not compile; training under aot_eager included."""
+    layer = lk.MultiLoRALinear(nn.Linear(16, 10), max_adapters=3, max_rank=4, backend="torch")
+    for slot in range(3):
+        layer.set_adapter(slot, randn(4, 16), randn(10, 4), scaling=0.5)
+    layer.lora_a.requires_grad_(True)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    generator = torch.Generator().manual_seed(5)
+    dim = shape.index(None)
+    for tokens in (7, 3, 1, 0):
+        size = tuple(tokens if s is None else s for s in shape)
+        x = torch.randn(*size, 16, generator=generator)
+        ids = torch.randint(-1, 3, size, generator=generator)
+        torch._dynamo.decorators.mark_unbacked(x, dim)
+        torch._dynamo.decorators.mark_unbacked(ids, dim)
+        got = compiled(x, ids)
+        (grad,) = torch.autograd.grad(got.sum(), [layer.lora_a])
+        want = layer(x, ids)
+        (want_grad,) = torch.autograd.grad(want.sum(), [layer.lora_a])
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(grad, want_grad)
+
+
 def test_a_batch_from_outside_the_compiled_region_keeps_the_token_count_dynamic():
     """A LoRABatch built once per step outside the compiled model and read by every layer: its token count was a
     stored int, which torch.compile treated as a constant (one graph per count, eager after 8) and
@@ -2273,6 +2300,7 @@ def test_set_adapter_refuses_real_values_into_meta_slots():
     with torch.device("meta"):
         layer = lk.MultiLoRALinear(torch.nn.Linear(8, 6), max_adapters=2, max_rank=2)
     with pytest.raises(ValueError, match=r"MultiLoRALinear.set_adapter: the layer's slots are on the meta device "
-                                         r"\(the model was built there\), which holds no values"):
+                                         r"\(the model was built there\), which holds no values.*"
+                                         r"reset_parameters\(\) to clear every slot"):
         layer.set_adapter(0, torch.randn(2, 8), torch.randn(6, 2), 2.0)
     layer.set_adapter(0, torch.randn(2, 8, device="meta"), torch.randn(6, 2, device="meta"), 2.0)
