@@ -974,22 +974,26 @@ def _collect_layers(model, adapter_name, op):
         if not records:
             raise ValueError(f"{op}: the model has no LoRALinear layers (for MultiLoRALinear slots pass adapter_name)")
         return records
-    slots = getattr(model, "lora_adapter_slots", None) or {}
-    if adapter_name not in slots:
-        raise ValueError(f"{op}: unknown adapter_name {adapter_name!r}; loaded: {sorted(slots)}")
-    slot = slots[adapter_name]
-    for name, m in model.named_modules():
-        if isinstance(m, MultiLoRALinear):
-            for buffer in ("ranks", "scalings"):  # read just below (int(), float()): refused by name first
-                _refuse_meta(op, f"{buffer} of module {name!r}", getattr(m, buffer))
-            _check_not_flattened(op, name, "lora_a", m.lora_a, (m.max_adapters, m.max_rank, m.in_features))
-            _check_not_flattened(op, name, "lora_b", m.lora_b, (m.max_adapters, m.out_features, m.max_rank))
-            r = int(m.ranks[slot])
-            if r == 0:
-                continue  # this layer is not targeted by the adapter
-            # MultiLoRALinear keeps the scaling, not alpha: alpha = scaling * r reproduces it (use_rslora off).
-            alpha = _clean_number(float(m.scalings[slot]) * r)
-            records.append((name, m.lora_a[slot, :r], m.lora_b[slot, :, :r], r, alpha, False, 0.0, m.fan_in_fan_out))
+    # Read in one turn with loads and deletes by name, and copied: a delete and a load into the freed slot while the
+    # file was written saved another adapter (or layers of both) under this name
+    with adapter_table_lock():
+        slots = getattr(model, "lora_adapter_slots", None) or {}
+        if adapter_name not in slots:
+            raise ValueError(f"{op}: unknown adapter_name {adapter_name!r}; loaded: {sorted(slots)}")
+        slot = slots[adapter_name]
+        for name, m in model.named_modules():
+            if isinstance(m, MultiLoRALinear):
+                for buffer in ("ranks", "scalings"):  # read just below (int(), float()): refused by name first
+                    _refuse_meta(op, f"{buffer} of module {name!r}", getattr(m, buffer))
+                _check_not_flattened(op, name, "lora_a", m.lora_a, (m.max_adapters, m.max_rank, m.in_features))
+                _check_not_flattened(op, name, "lora_b", m.lora_b, (m.max_adapters, m.out_features, m.max_rank))
+                r = int(m.ranks[slot])
+                if r == 0:
+                    continue  # this layer is not targeted by the adapter
+                # MultiLoRALinear keeps the scaling, not alpha: alpha = scaling * r reproduces it (use_rslora off).
+                alpha = _clean_number(float(m.scalings[slot]) * r)
+                records.append((name, m.lora_a[slot, :r].clone(), m.lora_b[slot, :, :r].clone(), r, alpha, False,
+                                0.0, m.fan_in_fan_out))
     if not records:
         raise ValueError(f"{op}: adapter {adapter_name!r} has no layer with a non-empty slot")
     return records

@@ -9,10 +9,11 @@ import threading
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import lora_kernels as lk
 from conftest import TOLERANCE, quantized_linear, rel_error
-from lora_kernels import backends, modules, reference
+from lora_kernels import backends, modules, peft_io, reference
 from lora_kernels.batch import LoRABatch
 
 CPU_BACKENDS = [b for b in ("torch", "cpu", "triton") if backends.unavailable_reason(b, "cpu") is None]
@@ -970,3 +971,61 @@ def test_a_name_deleted_while_set_batch_adapters_looks_it_up_computes_the_base_m
     deleter.join(20)
     assert model.lora_adapter_slots == {}
     assert model[0].batch_adapters.rows.slot_ids == (-1, -1), "the setting kept the deleted name's slot"
+
+
+def test_saving_an_adapter_by_name_while_it_is_replaced_saves_it_whole(tmp_path, monkeypatch):
+    """save_peft_adapter(adapter_name=...) read the slots outside the turns loads and deletes by name take, and kept
+    views of them until the file was written: a delete of "a" and a load of "b" into its slot meanwhile saved "b"
+    (or layers of both) as "a". Forced: the save stops after reading its first layer until the writer has finished,
+    or is about to take the table lock (it announces)."""
+    from lora_kernels import peft_io
+    for name, seed in (("a", 1), ("b", 2)):
+        _save_two_layer_adapter(tmp_path / name, seed)
+    model = _two_prepared_layers()
+    lk.load_peft_adapter(model, tmp_path / "a", adapter_name="a")
+    first_read, writer_waits_or_done = threading.Event(), threading.Event()
+    clean_number, table_lock = peft_io._clean_number, modules.adapter_table_lock()
+
+    def stopping_clean_number(value):
+        if threading.current_thread().name == "saver" and not first_read.is_set():
+            first_read.set()
+            writer_waits_or_done.wait(10)
+        return clean_number(value)
+
+    class AnnouncingLock:
+        def __enter__(self):
+            if table_lock.acquire(blocking=False):
+                return self
+            if threading.current_thread().name == "writer":
+                writer_waits_or_done.set()  # held by the saver: the writer waits for it
+            table_lock.acquire()
+            return self
+
+        def __exit__(self, *exc):
+            table_lock.release()
+            return False
+
+    monkeypatch.setattr(peft_io, "_clean_number", stopping_clean_number)
+    monkeypatch.setattr(peft_io, "adapter_table_lock", AnnouncingLock)
+    monkeypatch.setattr(modules, "adapter_table_lock", AnnouncingLock)
+
+    def writer():
+        try:
+            lk.delete_adapter(model, "a")
+            lk.load_peft_adapter(model, tmp_path / "b", adapter_name="b")
+        finally:
+            writer_waits_or_done.set()
+
+    saver = threading.Thread(target=lk.save_peft_adapter, args=(model, tmp_path / "saved"),
+                             kwargs={"adapter_name": "a"}, name="saver")
+    saver.start()
+    assert first_read.wait(10)
+    writer_thread = threading.Thread(target=writer, name="writer")
+    writer_thread.start()
+    saver.join(20)
+    writer_thread.join(20)
+    assert model.lora_adapter_slots == {"b": 0}
+    saved, original = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("saved", "a"))
+    assert saved.keys() == original.keys()
+    for key in original:
+        assert torch.equal(saved[key], original[key]), f"{key} is not adapter 'a''s"
