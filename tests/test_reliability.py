@@ -166,9 +166,6 @@ def test_two_threads_loading_new_adapters_by_name_get_a_slot_each(tmp_path, monk
     until load "b" has finished, or is about to take the table lock that "a" holds (the hook announces it); once out
     of the lock, "a" waits for "b" to finish (so "a" must have recorded its name inside)."""
     import contextlib
-    import threading
-
-    from lora_kernels import peft_io
 
     torch.manual_seed(6)
     sources = {}
@@ -227,9 +224,6 @@ def test_two_threads_deleting_one_adapter_at_once_one_is_told_it_is_gone(tmp_pat
     did not take turns, and the second to finish failed on a bare KeyError. Forced here: the first delete stops in
     its first clear_adapter until the second has finished, or is about to take the table lock (the hook announces
     it)."""
-    import threading
-
-
     lk.save_peft_adapter(lk.inject_lora(torch.nn.Sequential(torch.nn.Linear(16, 12)), ["0"], r=4), tmp_path)
     model = lk.prepare_multi_adapter(torch.nn.Sequential(torch.nn.Linear(16, 12)), ["0"], max_adapters=2, max_rank=4,
                                      backend="torch")
@@ -978,7 +972,6 @@ def test_saving_an_adapter_by_name_while_it_is_replaced_saves_it_whole(tmp_path,
     views of them until the file was written: a delete of "a" and a load of "b" into its slot meanwhile saved "b"
     (or layers of both) as "a". Forced: the save stops after reading its first layer until the writer has finished,
     or is about to take the table lock (it announces)."""
-    from lora_kernels import peft_io
     for name, seed in (("a", 1), ("b", 2)):
         _save_two_layer_adapter(tmp_path / name, seed)
     model = _two_prepared_layers()
