@@ -715,42 +715,63 @@ def _checkpoint_sizes(model, method, directory):
 
 
 @torch.no_grad()
-def _time_forward(model, inputs, reps, device, warmup=2):
+def _time_forwards(variants, inputs, reps, device, warmup=2):
+    """Median forward time (ms) of each of `variants` ({name: (prepare, model)}: prepare() puts the model into the
+    variant's state, untimed), timed in rounds that run every variant once: a machine whose load changes during the
+    measurement (other jobs on a shared CPU) slows every variant alike, where timing one variant's passes after the
+    other's gave it alone the slow spell (a 2-core run printed the merged model at 6x the unmerged fused one's
+    latency, which does strictly more work)."""
     for _ in range(warmup):
-        model(inputs)
-    times = []
+        for prepare, model in variants.values():
+            prepare()
+            model(inputs)
+    times = {name: [] for name in variants}
     for _ in range(reps):
-        synchronize(device)
-        t0 = time.perf_counter()
-        model(inputs)
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+        for name, (prepare, model) in variants.items():
+            prepare()
+            synchronize(device)
+            t0 = time.perf_counter()
+            model(inputs)
+            synchronize(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 @torch.no_grad()
 def _inference(model, cfg, inputs, fused_backend, progress):
     """Forward latency of the trained LoRA model: unmerged with the unfused torch layer, unmerged with the fused
-    backend, then merged (W + s·B·A folded into W, a plain F.linear)."""
+    backend, and merged (W + s·B·A folded into W, a plain F.linear), timed in interleaved rounds (_time_forwards).
+    The merged weights are made once by LoRALinear.merge and swapped in and out (a merge + unmerge per round would
+    round a 16-bit weight anew each time); the model is left merged."""
     device = torch.device(cfg.device)
     model.eval()
     layers = _lora_layers(model)
-    result = {}
-    logits = {}
-    for key, backend in (("unmerged_unfused", "torch"), ("unmerged_fused", fused_backend)):
-        for layer in layers:
-            layer.backend = backend
-        result[f"{key}_ms"] = _time_forward(model, inputs, cfg.infer_reps, device)
-        logits[key] = model(inputs).float()
-        progress.update(f"inference: {key}")
+    unmerged = [layer.weight.detach().clone() for layer in layers]
     for layer in layers:
         layer.merge()
-    result["merged_ms"] = _time_forward(model, inputs, cfg.infer_reps, device)
-    merged = model(inputs).float()
-    progress.update("inference: merged")
+    weights = {False: unmerged, True: [layer.weight.detach() for layer in layers]}
+
+    def state(merged, backend=None):
+        def prepare():
+            for layer, weight in zip(layers, weights[merged]):
+                layer.weight.data = weight
+                layer.merged = merged
+                if backend is not None:
+                    layer.backend = backend
+        return prepare
+
+    variants = {"unmerged_unfused": (state(False, "torch"), model),
+                "unmerged_fused": (state(False, fused_backend), model),
+                "merged": (state(True), model)}
+    result = {f"{key}_ms": ms for key, ms in _time_forwards(variants, inputs, cfg.infer_reps, device).items()}
+    logits = {}
+    for key, (prepare, _) in variants.items():
+        prepare()
+        logits[key] = model(inputs).float()
+        progress.update(f"inference: {key}")
     reference = logits["unmerged_unfused"]
     denom = reference.norm().item() or 1.0
-    result["merged_vs_unmerged_rel_diff"] = (merged - reference).norm().item() / denom
+    result["merged_vs_unmerged_rel_diff"] = (logits["merged"] - reference).norm().item() / denom
     result["fused_vs_unfused_rel_diff"] = (logits["unmerged_fused"] - reference).norm().item() / denom
     result["tokens"] = inputs.numel()
     result["reps"] = cfg.infer_reps
@@ -893,7 +914,8 @@ def _run_compare(cfg, progress_stream):
                                                             "training graphs in the first step)" if cfg.compile
                                                             else ""),
             "checkpoint": "real file sizes written to a temporary directory",
-            "inference": f"median of {cfg.infer_reps} forward passes after 2 warm-up passes, eval mode, no grad",
+            "inference": f"median of {cfg.infer_reps} forward passes after 2 warm-up passes, eval mode, no grad, "
+                         f"the three paths in alternating rounds",
         },
         "wall_s": time.perf_counter() - started,
     }
@@ -952,6 +974,22 @@ def step_time_thirds(step_ms):
     if third < 2:
         return None
     return statistics.median(step_ms[:third]), statistics.median(step_ms[-third:])
+
+
+# A column whose timed steps' interquartile range passes this fraction of their median is flagged: its median then
+# describes the load of its own stretch of the run (the three columns run one after another), not the method. A
+# 2-core run under other jobs printed LoRA at 0.10x (torch) and 1.30x (fused) full fine-tuning's step time, with
+# steps of 438-1328, 1695-11714 and 1027-13828 ms; the same methods timed in alternation measured 0.93x and 0.87x.
+STEP_SPREAD_LIMIT = 0.25
+
+
+def step_time_spread(step_ms):
+    """(first quartile, third quartile) of a run's timed steps when they are more than STEP_SPREAD_LIMIT of the
+    median apart, else None (and None for fewer than 4 steps)."""
+    if len(step_ms) < 4:
+        return None
+    q1, _, q3 = statistics.quantiles(step_ms, n=4)
+    return (q1, q3) if q3 - q1 > STEP_SPREAD_LIMIT * statistics.median(step_ms) else None
 
 
 def step_time_drift(step_ms):
@@ -1043,6 +1081,11 @@ def format_compare(result):
                          f"timed steps) to {drift[1]:.1f} ms (the last third): the run was not steady (other work on "
                          f"the machine, or too few --warmup steps?), so its step-time ratio is not a steady-state "
                          f"measurement")
+        elif (spread := step_time_spread(methods[method]["step_ms_all"])) is not None:
+            lines.append(f"  note: {name}: its timed steps spread from {spread[0]:.1f} to {spread[1]:.1f} ms (first "
+                         f"to third quartile) around the median: the machine's load changed during the run (other "
+                         f"work on it; on a shared CPU --threads 1 steadies it), so its step-time ratio is not a "
+                         f"steady-state measurement")
     compile_hint = "" if cfg.get("compile") else "; --compile compiles the layers to cut the host time"
     for method, name in zip(METHODS, headers[1:]):
         busy = methods[method].get("gpu_busy_ms") if gpu_busy else None

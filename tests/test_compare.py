@@ -355,6 +355,23 @@ def test_a_column_whose_steps_drift_is_named(result):
     assert compare.step_time_drift([10.0, 10.0, 90.0, 90.0, 90.0]) is None  # under 6 steps: no thirds to compare
 
 
+def test_a_column_whose_steps_spread_is_named(result):
+    """A column whose timed steps scatter without a trend (a 2-core run under other jobs: LoRA fused 1027-13828 ms
+    around a median of 8796 ms, printed as 1.30x full fine-tuning's with no word) gets a note with its quartiles;
+    steady columns get none, and a drifting one keeps the drift note alone."""
+    import copy
+    noisy = copy.deepcopy(result)
+    steady = [40.0, 43.0, 39.0, 41.0, 38.0, 42.0, 40.5, 39.5, 43.5]
+    scattered = [9032, 8860, 8796, 4254, 1027, 1611, 1542, 6402, 9520, 9080, 8076, 8940, 8829, 9743, 8064, 13828, 2900]
+    noisy["methods"]["full"]["step_ms_all"] = steady
+    noisy["methods"]["lora_torch"]["step_ms_all"] = [2 * ms for ms in steady]
+    noisy["methods"]["lora_fused"]["step_ms_all"] = scattered
+    notes = [line for line in compare.format_compare(noisy).splitlines() if "timed steps spread" in line]
+    assert len(notes) == 1 and notes[0].startswith(f"  note: LoRA, {noisy['backends']['fused']} (fused): ")
+    noisy["methods"]["lora_fused"]["step_ms_all"] = steady
+    assert "timed steps spread" not in compare.format_compare(noisy)
+
+
 def test_a_diverged_run_is_named_and_its_json_stays_standard(result):
     """Pure float16 full fine-tuning goes to nan after one AdamW step (its float16 state rounds eps and small squared
     gradients to 0): the table had printed "5.178 -> nan" with no word, and --json / --save wrote bare NaN, which
@@ -1008,18 +1025,42 @@ def test_inference_times_each_path_as_its_label_says(monkeypatch):
     model.train()
     timed = []
 
-    def record(model, inputs, reps, device, warmup=2):
-        layers = compare._lora_layers(model)
-        timed.append(({layer.backend for layer in layers}, {layer.merged for layer in layers}, model.training, reps))
-        return 1.0
+    def record(variants, inputs, reps, device, warmup=2):
+        for prepare, model in variants.values():
+            prepare()
+            layers = compare._lora_layers(model)
+            timed.append(({layer.backend for layer in layers}, {layer.merged for layer in layers}, model.training,
+                          reps))
+        return {name: 1.0 for name in variants}
 
-    monkeypatch.setattr(compare, "_time_forward", record)
+    monkeypatch.setattr(compare, "_time_forwards", record)
     inputs = torch.randint(0, cfg.vocab, (3, 5))
     result = compare._inference(model, cfg, inputs, fused, compare.ProgressBar(1, enabled=False))
     merged_backend = timed[2][0]
     assert timed == [({"torch"}, {False}, False, 3), ({fused}, {False}, False, 3), (merged_backend, {True}, False, 3)]
     assert (result["tokens"], result["reps"]) == (15, 3)
     assert result["merged_vs_unmerged_rel_diff"] < 1e-5 and result["fused_vs_unfused_rel_diff"] < 1e-4
+
+
+def test_inference_latencies_are_timed_in_rounds_so_a_slow_spell_falls_on_every_path(monkeypatch):
+    """A shared machine that gets slower during the measurement (another job starts) must not make one inference
+    path look slower than the others: on a stand-in clock, every forward pass takes 1 s until the 25th and 10 s from
+    then on. Timed one path after another, the merged model (timed last) got the whole slow spell and printed at 10x
+    the unmerged ones; timed in rounds, each path gets 3 of its 9 passes in it, and every median is 1 s."""
+    cfg = _tiny_cfg(infer_reps=9)
+    model = compare._build("lora_torch", cfg, _init_state(cfg), "torch")
+    clock, calls = [0.0], [0]
+
+    def advance(module, args):
+        calls[0] += 1
+        clock[0] += 10.0 if calls[0] >= 25 else 1.0
+
+    model.register_forward_pre_hook(advance)
+    monkeypatch.setattr(compare, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    inputs = torch.randint(0, cfg.vocab, (2, 5))
+    result = compare._inference(model, cfg, inputs, "cpu" if "cpu" in compare._fused_available(torch.device("cpu"))
+                                else "torch", compare.ProgressBar(1, enabled=False))
+    assert (result["unmerged_unfused_ms"], result["unmerged_fused_ms"], result["merged_ms"]) == (1000.0,) * 3
 
 
 def test_the_inference_differences_are_against_the_unfused_logits(monkeypatch):
@@ -1041,7 +1082,7 @@ def test_the_inference_differences_are_against_the_unfused_logits(monkeypatch):
         for layer in compare._lora_layers(merged_model):
             layer.merge()
         fused, merged = fused_model(inputs), merged_model(inputs)
-    monkeypatch.setattr(compare, "_time_forward", lambda *args, **kwargs: 1.0)
+    monkeypatch.setattr(compare, "_time_forwards", lambda variants, *args, **kwargs: dict.fromkeys(variants, 1.0))
     result = compare._inference(model, cfg, inputs, "reference", compare.ProgressBar(1, enabled=False))
     norm = unfused.norm().item()
     assert result["fused_vs_unfused_rel_diff"] == pytest.approx((fused - unfused).norm().item() / norm, rel=1e-4)
@@ -1059,7 +1100,8 @@ def test_inference_latency_is_the_median_of_the_timed_passes_after_two_warmup_pa
     def forward(inputs):
         clock[0] += next(durations)
 
-    assert compare._time_forward(forward, None, 3, torch.device("cpu")) == pytest.approx(2.0)
+    times = compare._time_forwards({"model": (lambda: None, forward)}, None, 3, torch.device("cpu"))
+    assert times == {"model": pytest.approx(2.0)}
     assert next(durations, None) is None  # five passes in all
 
 
@@ -1182,9 +1224,9 @@ def test_the_result_says_what_ran(result):
         f"median wall time of steps {TINY.warmup + 1}..{TINY.steps} (device synchronised), first {TINY.warmup} ")
     assert (result["inference"]["tokens"], result["inference"]["reps"]) == (TINY.batch_size * TINY.seq_len,
                                                                             TINY.infer_reps)
-    # _time_forward's two warm-up passes (test_inference_latency_is_the_median_of_the_timed_passes_after_...)
-    assert result["measurement"]["inference"] == \
-        f"median of {TINY.infer_reps} forward passes after 2 warm-up passes, eval mode, no grad"
+    # _time_forwards' two warm-up rounds (test_inference_latency_is_the_median_of_the_timed_passes_after_...)
+    assert result["measurement"]["inference"] == (f"median of {TINY.infer_reps} forward passes after 2 warm-up "
+                                                  f"passes, eval mode, no grad, the three paths in alternating rounds")
 
 
 @pytest.mark.skipif(compare.backends.unavailable_reason("cpu", "cpu") is not None, reason="needs the C++ extension")
