@@ -131,12 +131,12 @@ class LoRABatch:
 
     def check_tokens(self, num_tokens, op_name, arg_name="x"):
         # Unbacked token counts (mark_unbacked) cannot be compared while compiling: asserted when the graph runs
+        # (torch 2.11's dynamo takes no message that reads a variable)
         if guard_or_false(num_tokens != self.num_tokens):
             raise ValueError(f"{op_name}: batch was built for {self.num_tokens} tokens, but {arg_name} has "
                              f"{num_tokens} rows")
         if torch.compiler.is_compiling():
-            torch._check(num_tokens == self.num_tokens,
-                         lambda: f"{op_name}: batch was built for another number of tokens than {arg_name} has rows")
+            torch._check(num_tokens == self.num_tokens, lambda: "the LoRABatch was built for another token count")
 
 
 def _check_ids_tensor(op, adapter_ids):

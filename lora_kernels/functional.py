@@ -983,7 +983,7 @@ def _multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias, r
                              f"got {tuple(adapter_ids.shape)}")
         if torch.compiler.is_compiling():
             for a, b in zip(adapter_ids.shape, lead_shape):
-                torch._check(a == b, lambda: f"{op}: adapter_ids expected the shape x.shape[:-1]")
+                torch._check(a == b, lambda: "adapter_ids expected the shape x.shape[:-1]")
         if adapter_ids.device != x.device:
             raise ValueError(f"{op}: adapter_ids expected device {x.device} (same as x), got {adapter_ids.device}")
         batch = LoRABatch._for_op(op, adapter_ids, num_slots)
