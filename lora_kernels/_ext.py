@@ -7,8 +7,12 @@ import os
 
 import torch
 
+# --no-deps: --force-reinstall alone reinstalls torch from the index too, after building against the torch it replaces
+# (a CPU-only torch became PyPI's CUDA build, and the new extension was refused in turn). lora_kernels is not on PyPI:
+# its bare name installs nothing, so the source is the user's to name.
 _REBUILD = ("rebuild it against this torch: pip install --no-build-isolation --no-cache-dir --force-reinstall "
-            "lora_kernels (from a checkout: bash scripts/install.sh, or pip install --no-build-isolation -e .)")
+            "--no-deps <the checkout, sdist or git URL it was installed from> (from a checkout: bash "
+            "scripts/install.sh, or pip install --no-build-isolation -e .)")
 # Why a build left its CUDA sources out: the codes of setup.py's CUDA_SKIPPED
 CUDA_SKIPPED_REASONS = {1: "LORA_KERNELS_BUILD_CUDA=0", 2: "torch was a CPU-only build",
                         3: "no CUDA toolkit was found (set CUDA_HOME)",
@@ -32,10 +36,9 @@ def shadowed_installed_extension(package_dir):
     `python -m pytest` in it) hides a regular install. None otherwise (an editable install's files are the
     checkout's own, listed by no record)."""
     import importlib.metadata  # here: only a missing extension pays for it
-    try:
-        files = importlib.metadata.distribution("lora_kernels").files or ()
-    except importlib.metadata.PackageNotFoundError:
-        return None
+    # every lora_kernels on sys.path, not the first only: a checkout's lora_kernels.egg-info (python -m build --sdist
+    # leaves one) comes first from the checkout's directory and lists no built extension
+    files = [file for dist in importlib.metadata.distributions(name="lora_kernels") for file in dist.files or ()]
     for file in files:
         if file.parts[0] == "lora_kernels" and len(file.parts) == 2 and file.name.startswith("_C."):
             located = os.path.dirname(os.path.abspath(file.locate()))

@@ -18,7 +18,7 @@ logger = logging.getLogger("lora_kernels")
 def unavailable_reason(backend, device):
     """None when `backend` can run tensors on `device` here, else a sentence saying why not."""
     device = torch.device(device)
-    if backend in ("reference", "torch"):
+    if backend in ("reference", "torch", "auto"):  # auto falls back to torch where nothing else runs
         return None
     if backend == "triton":
         if not _triton_pkg.HAS_TRITON:

@@ -719,7 +719,7 @@ CASES = draw_cases(int(os.environ.get("COMPILE_FUZZ_SEED", "20261201")))
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id() for c in CASES])
 def test_compiled_matches_eager(case):
-    backend_or_skip(case.backend if case.backend != "auto" else "torch", "cpu")
+    backend_or_skip(case.backend, "cpu")
     torch._dynamo.reset()  # dynamo remembers dims that went dynamic in earlier cases, which would hide a recompile
     torch._dynamo.utils.counters["graph_break"].clear()  # counted since the process started (reset keeps them)
     gen = torch.Generator().manual_seed(zlib.crc32(case.id().encode()))

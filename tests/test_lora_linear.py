@@ -476,6 +476,9 @@ def test_unavailable_reason_names_each_missing_piece(monkeypatch):
     cuda_reason = None if torch.cuda.is_available() else "no CUDA device"
     assert backends.unavailable_reason("reference", "meta") is None
     assert backends.unavailable_reason("foo", "cpu").startswith("unknown backend 'foo'")
+    # 'auto' runs wherever torch does (its fallback): its reason had been "unknown backend
+    # 'auto'; expected one of ... or 'auto'"
+    assert backends.unavailable_reason("auto", "cpu") is None and backends.unavailable_reason("auto", "meta") is None
     assert backends.unavailable_reason("cpu", "meta") == "the cpu backend runs CPU tensors, got meta tensors"
     if triton_pkg.HAS_TRITON:
         assert backends.unavailable_reason("triton", "cuda") == cuda_reason

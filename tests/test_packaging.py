@@ -148,6 +148,32 @@ def test_a_checkout_hiding_an_installed_extension_says_so(tmp_path):
     assert "lora_kernels._C is not built: rebuild it against this torch" in proc.stdout, proc.stdout
 
 
+def test_a_checkout_with_an_egg_info_hiding_an_installed_extension_says_so(tmp_path):
+    # `python -m build --sdist` (README) leaves lora_kernels.egg-info in the checkout, which importlib.metadata finds
+    # first from there: it lists no extension, and the reason was the plain "not built: rebuild it", not the hiding
+    site = tmp_path / "site"
+    (site / "lora_kernels").mkdir(parents=True)
+    extension = "lora_kernels/_C.cpython-311-x86_64-linux-gnu.so"
+    (site / extension).write_bytes(b"")
+    (site / "lora_kernels-0.1.0.dist-info").mkdir()
+    (site / "lora_kernels-0.1.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: lora_kernels\nVersion: 0.1.0\n")
+    (site / "lora_kernels-0.1.0.dist-info" / "RECORD").write_text(f"{extension},,\n")
+    checkout = tmp_path / "checkout"
+    shutil.copytree(ROOT / "lora_kernels", checkout / "lora_kernels",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    (checkout / "lora_kernels.egg-info").mkdir()
+    (checkout / "lora_kernels.egg-info" / "PKG-INFO").write_text(
+        "Metadata-Version: 2.1\nName: lora_kernels\nVersion: 0.1.0\n")
+    (checkout / "lora_kernels.egg-info" / "SOURCES.txt").write_text("lora_kernels/__init__.py\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", CHECKOUT_HIDES_AN_INSTALL], cwd=checkout, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"not built in the lora_kernels imported here ({checkout / 'lora_kernels'}), which hides the installed " \
+           f"one in {site / 'lora_kernels'}" in proc.stdout, proc.stdout
+
+
 # A copy of the package without an extension (another checkout) in an environment where a checkout with one is
 # installed editable: setuptools' editable finder maps lora_kernels._C to that checkout's file, which must not run
 # in place of this copy's own, unbuilt, sources.
@@ -201,7 +227,8 @@ def test_an_extension_built_against_another_torch_is_not_used():
     stdout = _run_from_the_checkout(ANOTHER_TORCHS_EXTENSION)
     assert (f"not loaded (built against torch 2.0 but this is torch {torch.__version__} (a wheel that pip cached "
             f"from another build?); its C++ ABI is another torch's: rebuild it against this torch: pip install "
-            f"--no-build-isolation --no-cache-dir --force-reinstall lora_kernels") in stdout, stdout
+            f"--no-build-isolation --no-cache-dir --force-reinstall --no-deps <the checkout, sdist or git URL it was "
+            f"installed from>") in stdout, stdout  # not torch too, nor a bare name PyPI does not have
 
 
 def test_the_built_torch_check_compares_minor_versions():
