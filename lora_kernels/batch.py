@@ -130,8 +130,9 @@ class LoRABatch:
         return self
 
     def check_tokens(self, num_tokens, op_name, arg_name="x"):
-        # Unbacked token counts (mark_unbacked) cannot be compared while compiling: asserted when the graph runs
-        # (torch 2.11's dynamo takes no message that reads a variable)
+        # Unbacked token counts (mark_unbacked) cannot be compared while compiling: torch._check records their
+        # equality, which dynamo checks before the graph runs (a mismatch fails there with torch's own AssertionError,
+        # not this message; torch 2.11's dynamo takes no message that reads a variable)
         if guard_or_false(num_tokens != self.num_tokens):
             raise ValueError(f"{op_name}: batch was built for {self.num_tokens} tokens, but {arg_name} has "
                              f"{num_tokens} rows")

@@ -975,8 +975,8 @@ def _multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias, r
     else:
         if not isinstance(adapter_ids, torch.Tensor):
             raise TypeError(f"{op}: adapter_ids expected a torch.Tensor or LoRABatch, got {type(adapter_ids).__name__}")
-        # unbacked sizes (mark_unbacked on x and the ids) cannot be compared while compiling: asserted when the
-        # graph runs, as LoRABatch.check_tokens does
+        # unbacked sizes (mark_unbacked on x and the ids) cannot be compared while compiling: recorded as equal,
+        # as LoRABatch.check_tokens does
         if adapter_ids.dim() != len(lead_shape) or any(guard_or_false(a != b)
                                                        for a, b in zip(adapter_ids.shape, lead_shape)):
             raise ValueError(f"{op}: adapter_ids expected shape {tuple(lead_shape)} (x.shape[:-1]), "
