@@ -752,6 +752,25 @@ def test_serving_with_a_new_token_count_every_call_keeps_no_tensors(backend, mon
             serve(tokens)
         assert _live_tensors() <= before
 
+class AnnouncingLock:
+    """`lock` for tests that force an interleaving: the thread named `waiter` sets `event` when it finds the lock held
+    and is about to wait for it (the other thread, stopped inside, then goes on)."""
+
+    def __init__(self, lock, waiter, event):
+        self.lock, self.waiter, self.event = lock, waiter, event
+
+    def __enter__(self):
+        if not self.lock.acquire(blocking=False):
+            if threading.current_thread().name == self.waiter:
+                self.event.set()
+            self.lock.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.lock.release()
+        return False
+
+
 def _save_two_layer_adapter(path, seed, alpha_pattern=None):
     torch.manual_seed(seed)
     src = lk.inject_lora(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)), ["0", "1"], r=4)
@@ -817,7 +836,7 @@ def test_a_failed_load_restores_the_slots_under_the_slot_lock(tmp_path, monkeypa
 
     real_lock = modules._SLOT_LOCK
 
-    class AnnouncingLock:
+    class RestoreAnnouncingLock:
         def __enter__(self):
             if holder_has_lock.is_set() and threading.current_thread().name == "loader":
                 restore_waits.set()
@@ -827,7 +846,7 @@ def test_a_failed_load_restores_the_slots_under_the_slot_lock(tmp_path, monkeypa
             return real_lock.__exit__(*exc)
 
     monkeypatch.setattr(modules.MultiLoRALinear, "set_adapter", fail_in_layer_1)
-    monkeypatch.setattr(modules, "_SLOT_LOCK", AnnouncingLock())
+    monkeypatch.setattr(modules, "_SLOT_LOCK", RestoreAnnouncingLock())
     errors = []
 
     def load():
@@ -874,21 +893,9 @@ def test_rows_of_a_deleted_name_never_compute_the_adapter_that_took_its_slot(tmp
             writer_waits_or_done.wait(10)
         return batch_for(self, *args, **kwargs)
 
-    class AnnouncingLock:
-        def __enter__(self):
-            if real_lock.acquire(blocking=False):
-                return self
-            if threading.current_thread().name == "writer":
-                writer_waits_or_done.set()  # held by the reader: the writer waits for it
-            real_lock.acquire()
-            return self
-
-        def __exit__(self, *exc):
-            real_lock.release()
-            return False
-
     monkeypatch.setattr(modules.BatchAdapterIds, "batch_for", stopping_batch_for)
-    monkeypatch.setattr(modules, "_SLOT_LOCK", AnnouncingLock())
+    # held by the reader: the writer announces that it waits for it
+    monkeypatch.setattr(modules, "_SLOT_LOCK", AnnouncingLock(real_lock, "writer", writer_waits_or_done))
     out = {}
 
     def reader():
@@ -926,7 +933,7 @@ def test_a_name_deleted_while_set_batch_adapters_looks_it_up_computes_the_base_m
     model = _two_prepared_layers()
     lk.load_peft_adapter(model, tmp_path / "a", adapter_name="a")
     looked_up, deleter_waits_or_done = threading.Event(), threading.Event()
-    batch_adapter_ids_init, table_lock = modules.BatchAdapterIds.__init__, modules.adapter_table_lock
+    batch_adapter_ids_init = modules.BatchAdapterIds.__init__
 
     def stopping_init(self, *args, **kwargs):
         batch_adapter_ids_init(self, *args, **kwargs)
@@ -934,21 +941,10 @@ def test_a_name_deleted_while_set_batch_adapters_looks_it_up_computes_the_base_m
             looked_up.set()
             deleter_waits_or_done.wait(10)
 
-    class AnnouncingLock:
-        def __enter__(self):
-            if table_lock().acquire(blocking=False):
-                return self
-            if threading.current_thread().name == "deleter":
-                deleter_waits_or_done.set()  # held by the setter: the delete waits for it
-            table_lock().acquire()
-            return self
-
-        def __exit__(self, *exc):
-            table_lock().release()
-            return False
-
+    # held by the setter: the delete announces that it waits for it
+    table_lock = AnnouncingLock(modules.adapter_table_lock(), "deleter", deleter_waits_or_done)
     monkeypatch.setattr(modules.BatchAdapterIds, "__init__", stopping_init)
-    monkeypatch.setattr(modules, "adapter_table_lock", AnnouncingLock)
+    monkeypatch.setattr(modules, "adapter_table_lock", lambda: table_lock)
 
     def delete():
         try:
@@ -977,7 +973,7 @@ def test_saving_an_adapter_by_name_while_it_is_replaced_saves_it_whole(tmp_path,
     model = _two_prepared_layers()
     lk.load_peft_adapter(model, tmp_path / "a", adapter_name="a")
     first_read, writer_waits_or_done = threading.Event(), threading.Event()
-    clean_number, table_lock = peft_io._clean_number, modules.adapter_table_lock()
+    clean_number = peft_io._clean_number
 
     def stopping_clean_number(value):
         if threading.current_thread().name == "saver" and not first_read.is_set():
@@ -985,22 +981,11 @@ def test_saving_an_adapter_by_name_while_it_is_replaced_saves_it_whole(tmp_path,
             writer_waits_or_done.wait(10)
         return clean_number(value)
 
-    class AnnouncingLock:
-        def __enter__(self):
-            if table_lock.acquire(blocking=False):
-                return self
-            if threading.current_thread().name == "writer":
-                writer_waits_or_done.set()  # held by the saver: the writer waits for it
-            table_lock.acquire()
-            return self
-
-        def __exit__(self, *exc):
-            table_lock.release()
-            return False
-
+    # held by the saver: the writer announces that it waits for it
+    table_lock = AnnouncingLock(modules.adapter_table_lock(), "writer", writer_waits_or_done)
     monkeypatch.setattr(peft_io, "_clean_number", stopping_clean_number)
-    monkeypatch.setattr(peft_io, "adapter_table_lock", AnnouncingLock)
-    monkeypatch.setattr(modules, "adapter_table_lock", AnnouncingLock)
+    monkeypatch.setattr(peft_io, "adapter_table_lock", lambda: table_lock)
+    monkeypatch.setattr(modules, "adapter_table_lock", lambda: table_lock)
 
     def writer():
         try:
