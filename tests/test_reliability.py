@@ -771,6 +771,24 @@ class AnnouncingLock:
         return False
 
 
+def _second_once_the_first_stops(first, stopped, second):
+    """Starts thread `first`, then `second` once `first` has set the event `stopped`; waits for both."""
+    first.start()
+    assert stopped.wait(10)
+    second.start()
+    first.join(20)
+    second.join(20)
+
+
+def _replace_a_by_b(model, tmp_path, done):
+    """Deletes adapter "a" and loads "b" (from tmp_path / "b", into the freed slot), then sets the event `done`."""
+    try:
+        lk.delete_adapter(model, "a")
+        lk.load_peft_adapter(model, tmp_path / "b", adapter_name="b")
+    finally:
+        done.set()
+
+
 def _save_two_layer_adapter(path, seed, alpha_pattern=None):
     torch.manual_seed(seed)
     src = lk.inject_lora(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)), ["0", "1"], r=4)
@@ -902,20 +920,10 @@ def test_rows_of_a_deleted_name_never_compute_the_adapter_that_took_its_slot(tmp
         with torch.no_grad():
             out["y"] = model[0](x)
 
-    def writer():
-        try:
-            lk.delete_adapter(model, "a")
-            lk.load_peft_adapter(model, tmp_path / "b", adapter_name="b")
-        finally:
-            writer_waits_or_done.set()
-
     with lk.set_batch_adapters(model, ["a", "a"]):
-        threads = [threading.Thread(target=reader, name="reader"), threading.Thread(target=writer, name="writer")]
-        threads[0].start()
-        assert read_ids.wait(10)
-        threads[1].start()
-        for t in threads:
-            t.join(20)
+        _second_once_the_first_stops(threading.Thread(target=reader, name="reader"), read_ids,
+                                     threading.Thread(target=_replace_a_by_b, name="writer",
+                                                      args=(model, tmp_path, writer_waits_or_done)))
     assert model.lora_adapter_slots == {"b": 0}
     with torch.no_grad():
         b_out = model[0](x, torch.zeros(2, dtype=torch.int64))
@@ -952,13 +960,9 @@ def test_a_name_deleted_while_set_batch_adapters_looks_it_up_computes_the_base_m
         finally:
             deleter_waits_or_done.set()
 
-    setter = threading.Thread(target=lk.set_batch_adapters, args=(model, ["a", "a"]), name="setter")
-    setter.start()
-    assert looked_up.wait(10)
-    deleter = threading.Thread(target=delete, name="deleter")
-    deleter.start()
-    setter.join(20)
-    deleter.join(20)
+    _second_once_the_first_stops(threading.Thread(target=lk.set_batch_adapters, args=(model, ["a", "a"]),
+                                                  name="setter"),
+                                 looked_up, threading.Thread(target=delete, name="deleter"))
     assert model.lora_adapter_slots == {}
     assert model[0].batch_adapters.rows.slot_ids == (-1, -1), "the setting kept the deleted name's slot"
 
@@ -987,21 +991,10 @@ def test_saving_an_adapter_by_name_while_it_is_replaced_saves_it_whole(tmp_path,
     monkeypatch.setattr(peft_io, "adapter_table_lock", lambda: table_lock)
     monkeypatch.setattr(modules, "adapter_table_lock", lambda: table_lock)
 
-    def writer():
-        try:
-            lk.delete_adapter(model, "a")
-            lk.load_peft_adapter(model, tmp_path / "b", adapter_name="b")
-        finally:
-            writer_waits_or_done.set()
-
-    saver = threading.Thread(target=lk.save_peft_adapter, args=(model, tmp_path / "saved"),
-                             kwargs={"adapter_name": "a"}, name="saver")
-    saver.start()
-    assert first_read.wait(10)
-    writer_thread = threading.Thread(target=writer, name="writer")
-    writer_thread.start()
-    saver.join(20)
-    writer_thread.join(20)
+    _second_once_the_first_stops(threading.Thread(target=lk.save_peft_adapter, args=(model, tmp_path / "saved"),
+                                                  kwargs={"adapter_name": "a"}, name="saver"),
+                                 first_read, threading.Thread(target=_replace_a_by_b, name="writer",
+                                                              args=(model, tmp_path, writer_waits_or_done)))
     assert model.lora_adapter_slots == {"b": 0}
     saved, original = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("saved", "a"))
     assert saved.keys() == original.keys()
