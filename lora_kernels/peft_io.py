@@ -1062,7 +1062,8 @@ def _target_modules_for(model, names, op, modules_to_save=None):
     return regex
 
 
-# peft.TaskType's values (PEFT 0.13 to 0.21): PeftConfig.__post_init__ raises ValueError for any other task_type
+# peft.TaskType's values (the same six in PEFT 0.13 and 0.21): PEFT 0.21's PeftConfig raises ValueError for any other
+# task_type (0.13 took it and loaded a plain PeftModel, not the task's class)
 PEFT_TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
 
@@ -1097,7 +1098,7 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
     if task_type is not None and not isinstance(task_type, str):  # written to the config as is
         raise TypeError(f"{op}: task_type expected None or a str such as 'CAUSAL_LM', got {task_type!r}")
     if task_type is not None and task_type not in PEFT_TASK_TYPES:
-        # PEFT's PeftConfig refuses any other value ("Invalid task type"), so the file would not load there
+        # PEFT 0.21's PeftConfig refuses any other value ("Invalid task type"), so the file would not load there
         raise ValueError(f"{op}: task_type expected None or one of PEFT's task types {list(PEFT_TASK_TYPES)}, "
                          f"got {task_type!r}")
     if task_type is None and adapter_name is None:  # the loaded file's, as PEFT saves what it loaded
