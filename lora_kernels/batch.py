@@ -121,6 +121,9 @@ class LoRABatch:
                              f"got shape {tuple(adapter_ids.shape)}")
         from lora_kernels.ops import refuse_inference_tensor_writes  # ops imports this module
         refuse_inference_tensor_writes(op, [(f"the batch's {name}", getattr(self, name)) for name in BUFFER_FIELDS])
+        if adapter_ids.is_meta and self.device.type != "meta":  # the copy into the buffers failed, naming nothing
+            raise ValueError(f"{op}: adapter_ids expected values to copy into the batch's buffers on {self.device}, "
+                             f"got a tensor on the meta device (no values)")
         validate = _check_validate(op, validate)
         if validate is None or validate:  # as from_adapter_ids would decide, for the ids where the caller has them
             _check_id_values(adapter_ids.reshape(-1), self.num_adapters, op, asked=validate is not None)
@@ -165,6 +168,9 @@ def _check_id_values(ids, num_adapters, op, asked):
     if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or ids.numel() == 0
             or (ids.device.type != "cpu" and not asked)):
         return
+    if ids.is_meta:  # reading them raised torch's bare "item() cannot be called on meta tensors"
+        raise ValueError(f"{op}: validate=True expected adapter_ids with values to check, got a tensor on the meta "
+                         f"device (build the batch with validate=False there)")
     low, high = (int(v) for v in torch.aminmax(ids))
     if low < -1 or high >= num_adapters:
         raise ValueError(f"{op}: adapter_ids expected values in [-1, {num_adapters}), got {low if low < -1 else high}")

@@ -9,7 +9,7 @@ import torch
 import lora_kernels as lk
 from conftest import backend_or_skip
 from lora_kernels import ops
-from lora_kernels.batch import LoRABatch
+from lora_kernels.batch import BUFFER_FIELDS, LoRABatch
 
 
 def _element_indices(view):
@@ -155,6 +155,20 @@ def test_lora_batch_reads_device_ids_on_the_host_only_when_asked():
     batch = LoRABatch.from_adapter_ids(ids, 2)
     assert batch.slot_counts.shape == (2,) and batch.device.type == "meta"
     batch.refill_(ids)
+
+
+def test_lora_batch_refuses_meta_ids_it_cannot_read_or_copy_by_name():
+    """validate=True on meta ids, and meta ids refilled into a batch with values, raised torch's bare errors (item()
+    on a meta tensor; "Cannot copy out of meta tensor"); the batch is left as it was."""
+    ids = torch.tensor([0, 1, 1, -1], device="meta")
+    with pytest.raises(ValueError, match=r"from_adapter_ids: validate=True expected adapter_ids with values.*meta"):
+        LoRABatch.from_adapter_ids(ids, 2, validate=True)
+    batch = LoRABatch.from_adapter_ids(torch.tensor([0, 0, 1, -1]), 2)
+    before = {name: getattr(batch, name).clone() for name in BUFFER_FIELDS}
+    with pytest.raises(ValueError, match=r"refill_: adapter_ids expected values to copy into the batch's buffers "
+                                         r"on cpu, got a tensor on the meta device"):
+        batch.refill_(ids)
+    assert all(torch.equal(getattr(batch, name), value) for name, value in before.items())
 
 
 def test_lora_batch_refills_inside_torch_compile():
