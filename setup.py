@@ -58,6 +58,11 @@ def _find_cuda_home():
     versioned = glob.glob("/usr/local/cuda-*")  # newest first: cuda-13.0 before cuda-9.2 (not a text sort)
     candidates += ["/usr/local/cuda"] + sorted(versioned, key=lambda p: [int(n) for n in re.findall(r"\d+", p)],
                                                reverse=True)
+    for variable in ("CUDA_HOME", "CUDA_PATH"):
+        named = os.environ.get(variable)
+        if named and not _is_toolkit_root(named):  # a typo there would otherwise pick another toolkit unannounced
+            print(f"lora_kernels: {variable}={named} is not a CUDA toolkit root (no bin/nvcc or "
+                  f"include/cuda_runtime.h there); looking elsewhere", file=sys.stderr)
     for candidate in candidates:
         if _is_toolkit_root(candidate):
             return str(Path(candidate).resolve())

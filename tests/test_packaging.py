@@ -287,3 +287,13 @@ def test_extension_messages_survive_a_statically_linked_libstdcxx(tmp_path):
         "lora_fwd: lora_b expected dtype Float (same as x), got Double",
         "lora_fwd: scaling expected a finite float, got inf",
     ]
+
+
+def test_setup_says_when_cuda_home_names_no_toolkit(tmp_path):
+    """A CUDA_HOME that is not a toolkit root (a typo) was passed over for the next toolkit found, unannounced."""
+    env = {**os.environ, "CUDA_HOME": str(tmp_path / "no-such-toolkit"), "LORA_KERNELS_BUILD_CUDA": ""}
+    proc = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (f"lora_kernels: CUDA_HOME={tmp_path / 'no-such-toolkit'} is not a CUDA toolkit root (no bin/nvcc or "
+            f"include/cuda_runtime.h there); looking elsewhere") in proc.stderr
