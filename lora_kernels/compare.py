@@ -551,12 +551,15 @@ HOST_BOUND_BUSY = 0.5
 
 def _compile_layers(model):
     """torch.compile each decoder layer in place. The layers share their code, so dynamo compiles it once for all of
-    them (a layer's parameters are graph inputs): the compile time of one layer, not of the model. Dynamo's caches
-    are cleared first, so each method compiles its own graphs: the three methods' variants of one layer's code
-    (backends, LoRA or not, training or eval, merged) would pass its recompile limit, beyond which it runs eagerly."""
-    torch._dynamo.reset()
+    them (a layer's parameters are graph inputs): the compile time of one layer, not of the model."""
     for layer in model.layers:
         layer.compile()
+
+
+# The three methods' variants of one layer's code (LoRA or not, the backend, training or eval, merged) are each
+# compiled graphs of that code, all alive while the steps alternate (19 on CPU with torch 2.14), past dynamo's
+# default limit of 8 per code object, beyond which it runs the code eagerly. Each method's variants fit in 8.
+COMPILE_RECOMPILE_LIMIT = 8 * len(METHODS)
 
 
 def _build(method, cfg, init_state, fused_backend):
@@ -614,59 +617,105 @@ def _train_step(model, optimizer, inputs, targets):
     return loss
 
 
-# Steps run after the timed ones (and after the eval loss) only to measure peak memory. On CPU the probe trims the
-# heap before a step, and the step then faults that memory back in: 18-28% of a step's time on this project's
-# 2-core machine, by method, so a probed step is never a timed one.
+class _MethodRun:
+    """One method's training, stepped by its caller: the model, its AdamW and its own random streams. Every run's
+    streams start from the same seed, so the two LoRA runs draw the same dropout masks however the three runs'
+    steps interleave."""
+
+    def __init__(self, method, model, cfg):
+        self.method, self.model, self.cfg = method, model, cfg
+        self.device = torch.device(cfg.device)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.lr = cfg.lr if method == "full" else cfg.lora_lr
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.lr, weight_decay=0.0)
+        with self._rng_devices():
+            torch.manual_seed(cfg.seed + 2)
+            self._rng = self._rng_state()
+        self.losses, self.step_seconds = [], []
+        model.train()
+
+    def _rng_devices(self):
+        # fork_rng restores the caller's streams on exit, so the runs never draw from each other's
+        return torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
+
+    def _rng_state(self):
+        return torch.get_rng_state(), (torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
+
+    def step(self, inputs, targets, timed=False):
+        """One training step on its own random streams; its wall time (device synchronised) is kept when `timed`."""
+        with self._rng_devices():
+            torch.set_rng_state(self._rng[0])
+            if self._rng[1] is not None:
+                torch.cuda.set_rng_state(self._rng[1], self.device)
+            synchronize(self.device)
+            t0 = time.perf_counter()
+            loss = _train_step(self.model, self.optimizer, inputs, targets)
+            synchronize(self.device)
+            elapsed = time.perf_counter() - t0
+            self._rng = self._rng_state()
+        self.losses.append(loss.item())
+        if timed:
+            self.step_seconds.append(elapsed)
+
+
+def _train_alternated(runs, cfg, batches, progress):
+    """Trains every run on `batches` (one per step) in rounds of one step each, the order reversed every round: a
+    change of the machine's load (other jobs on a shared CPU, a laptop's clock falling as it heats, a GPU's clocks)
+    then falls on every method alike, where training one method after another gave it to one column alone (a 2-core
+    run under other jobs printed LoRA at 0.10x and 1.30x full fine-tuning's step time; the same methods alternated
+    measured 0.93x and 0.87x), and no method always runs right after the same other one."""
+    for step, (inputs, targets) in enumerate(batches):
+        for run in (runs if step % 2 == 0 else runs[::-1]):
+            run.step(inputs, targets, timed=step >= cfg.warmup)
+            progress.update(f"{run.method}: step {step + 1}/{len(batches)}")
+
+
+# Steps run only to measure peak memory, on a model of their own after an untimed first step (AdamW's state,
+# compilation). On CPU the probe trims the heap before a step, and the step then faults that memory back in: 18-28%
+# of a step's time on this project's 2-core machine, by method, so a probed step is never a timed one.
 MEMORY_STEPS = 2
 
 
-def _train(method, model, cfg, batches, eval_batch, probe, progress):
-    """Trains `model` on `batches` (one per step) with AdamW; returns the measurements of design.md §1's table."""
-    device = torch.device(cfg.device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    lr = cfg.lr if method == "full" else cfg.lora_lr
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    torch.manual_seed(cfg.seed + 2)  # the same dropout draws for every run
-    model.train()
-    losses, step_seconds, peaks = [], [], []
-    for step, (inputs, targets) in enumerate(batches):
-        synchronize(device)
-        t0 = time.perf_counter()
-        loss = _train_step(model, optimizer, inputs, targets)
-        synchronize(device)
-        elapsed = time.perf_counter() - t0
-        losses.append(loss.item())
-        if step >= cfg.warmup:
-            step_seconds.append(elapsed)
-        progress.update(f"{method}: step {step + 1}/{len(batches)}")
+def _peak_step_bytes(method, cfg, init_state, fused_backend, batches, probe):
+    """The largest of MEMORY_STEPS training steps' peak memory above what was allocated before the model was built
+    (None when unreadable), measured with this method's model alone in memory: while training, all three are."""
+    probe.baseline()
+    run = _MethodRun(method, _build(method, cfg, init_state, fused_backend), cfg)
+    run.step(*batches[0])
+    peaks = []
+    for inputs, targets in batches[:MEMORY_STEPS]:
+        probe.start()
+        run.step(inputs, targets)
+        peaks.append(probe.peak())
+    peak_values = [p for p in peaks if p is not None]
+    return max(peak_values) if peak_values else None
+
+
+def _results(run, cfg, batches, eval_batch):
+    """The measurements of design.md §1's table for a trained run (peak memory aside: _peak_step_bytes)."""
+    model, optimizer = run.model, run.optimizer
     eval_loss = _eval_loss(model, eval_batch)
     # One more step, profiled (CUDA only), not timed: how much of a step the GPU works (a step far longer waited on
     # the host: Python and kernel launches, which the LoRA columns have more of, per layer, than full fine-tuning)
-    busy_ms = gpu_busy_ms(lambda: _train_step(model, optimizer, *batches[0]), device)
-    for inputs, targets in batches[:MEMORY_STEPS]:
-        probe.start()
-        _train_step(model, optimizer, inputs, targets)
-        peaks.append(probe.peak())
+    busy_ms = gpu_busy_ms(lambda: run.step(*batches[0]), run.device)
     trainable, total = count_parameters(model)
     tokens = cfg.batch_size * cfg.seq_len
-    median = statistics.median(step_seconds)
-    peak_values = [p for p in peaks if p is not None]
+    median = statistics.median(run.step_seconds)
     return {
-        "lr": lr,
+        "lr": run.lr,
         "trainable_params": trainable,
         "total_params": total,
         "trainable_percent": 100.0 * trainable / total,
         "param_bytes": tensor_bytes(model.parameters()),
-        "trainable_param_bytes": tensor_bytes(params),
+        "trainable_param_bytes": tensor_bytes(run.params),
         "grad_bytes": gradient_bytes(model),  # the .grad tensors after the last step (before any zero_grad)
         "optimizer_state_bytes": optimizer_state_bytes(optimizer),
-        "peak_step_bytes": max(peak_values) if peak_values else None,
         "saved_activation_bytes": saved_activation_bytes(model, *batches[0]),
         "step_ms_median": 1e3 * median,
-        "step_ms_all": [1e3 * s for s in step_seconds],
+        "step_ms_all": [1e3 * s for s in run.step_seconds],
         "gpu_busy_ms": busy_ms,
         "tokens_per_s": tokens / median,
-        "train_losses": losses,
+        "train_losses": run.losses[:len(batches)],
         "eval_loss": eval_loss,
     }
 
@@ -825,14 +874,20 @@ def _fused_available(device):
 
 
 def run_compare(config=None, progress_stream=None):
-    """Runs full fine-tuning, LoRA (torch backend) and LoRA (fused backend) from one init on the same batches and
-    returns every measurement as a JSON-serialisable dict (see format_compare for what each one means)."""
+    """Runs full fine-tuning, LoRA (torch backend) and LoRA (fused backend) from one init on the same batches, their
+    steps alternated, and returns every measurement as a JSON-serialisable dict (see format_compare for what each one
+    means)."""
     cfg = (config or CompareConfig()).resolved()
     previous_threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _run_compare(cfg, progress_stream)
+        if not cfg.compile:
+            return _run_compare(cfg, progress_stream)
+        torch._dynamo.reset()  # graphs of an earlier run would count against the limit below
+        limit = max(torch._dynamo.config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
+        with torch._dynamo.config.patch(recompile_limit=limit):
+            return _run_compare(cfg, progress_stream)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -843,7 +898,7 @@ def _run_compare(cfg, progress_stream):
     model_cfg = cfg.model_config()
     env = environment(device)  # now: the load average before the run's own load, the date it started
     started = time.perf_counter()
-    progress = ProgressBar(3 * cfg.steps + 3 + 3 + 1, enabled=cfg.progress, stream=progress_stream)
+    progress = ProgressBar(1 + 3 + 3 * cfg.steps + 3 + 3, enabled=cfg.progress, stream=progress_stream)
 
     torch.manual_seed(cfg.seed)
     with torch.device(device):
@@ -860,9 +915,7 @@ def _run_compare(cfg, progress_stream):
                                                         torch.Generator().manual_seed(cfg.seed + 4)))
 
     # One untimed step of each method first: lazily created library state (thread pools, kernel caches, Triton
-    # compilation, with --compile the compiler's own state) would otherwise land in the first measured run's memory
-    # and time. With --compile each method compiles again in its run (_compile_layers clears dynamo's caches), mostly
-    # from inductor's cache of compiled code.
+    # compilation, with --compile the compiler's own state) would otherwise land in the first method's memory.
     for method in METHODS:
         model = _build(method, cfg, init_state, fused_backend)
         _train_step(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0), *batches[0])
@@ -870,15 +923,21 @@ def _run_compare(cfg, progress_stream):
     progress.update("warm-up")
 
     probe = MemoryProbe(device)
+    peaks = {}
+    for method in METHODS:
+        peaks[method] = _peak_step_bytes(method, cfg, init_state, fused_backend, batches, probe)
+        progress.update(f"{method}: memory")
+
+    runs = [_MethodRun(method, _build(method, cfg, init_state, fused_backend), cfg) for method in METHODS]
+    init_eval_loss = _eval_loss(runs[0].model, eval_batch)
+    _train_alternated(runs, cfg, batches, progress)
     methods, inference = {}, None
-    init_eval_loss = None
     with tempfile.TemporaryDirectory(prefix="lora_kernels_compare_") as tmp:
-        for method in METHODS:
-            probe.baseline()
-            model = _build(method, cfg, init_state, fused_backend)
-            if init_eval_loss is None:
-                init_eval_loss = _eval_loss(model, eval_batch)
-            result = _train(method, model, cfg, batches, eval_batch, probe, progress)
+        while runs:
+            run = runs.pop(0)
+            method, model = run.method, run.model
+            result = _results(run, cfg, batches, eval_batch)
+            result["peak_step_bytes"] = peaks[method]
             result.update(_checkpoint_sizes(model, method, os.path.join(tmp, method)))
             result["backend"] = {"full": None, "lora_torch": "torch", "lora_fused": fused_backend}[method]
             if method != "full":
@@ -887,7 +946,7 @@ def _run_compare(cfg, progress_stream):
             if method == "lora_fused":
                 inference = _inference(model, cfg, eval_batch[0], fused_backend, progress)
             methods[method] = result
-            del model
+            del run, model  # the next method's measurements run without this model in memory
     progress.close()
 
     return {
@@ -910,9 +969,9 @@ def _run_compare(cfg, progress_stream):
             "activations": "storages autograd saves for backward in one training forward (saved_tensors_hooks), "
                            "parameters and their dtype casts (float32 LoRA factors in a 16-bit model) excluded",
             "step_time": f"median wall time of steps {cfg.warmup + 1}..{cfg.steps} (device synchronised), "
-                         f"first {cfg.warmup} not timed" + (", every decoder layer compiled with torch.compile (the "
-                                                            "training graphs in the first step)" if cfg.compile
-                                                            else ""),
+                         f"first {cfg.warmup} not timed, the three methods' steps in alternating rounds"
+                         + (", every decoder layer compiled with torch.compile (before the timed steps)"
+                            if cfg.compile else ""),
             "checkpoint": "real file sizes written to a temporary directory",
             "inference": f"median of {cfg.infer_reps} forward passes after 2 warm-up passes, eval mode, no grad, "
                          f"the three paths in alternating rounds",
@@ -977,9 +1036,9 @@ def step_time_thirds(step_ms):
 
 
 # A column whose timed steps' interquartile range passes this fraction of their median is flagged: its median then
-# describes the load of its own stretch of the run (the three columns run one after another), not the method. A
-# 2-core run under other jobs printed LoRA at 0.10x (torch) and 1.30x (fused) full fine-tuning's step time, with
-# steps of 438-1328, 1695-11714 and 1027-13828 ms; the same methods timed in alternation measured 0.93x and 0.87x.
+# describes a load that changed during the run more than the method. Alternated steps share a changing load, but a
+# median taken over a wide spread still moves with how the spikes fell (a 2-core run under other jobs, the methods
+# then trained one after another, had steps of 438-1328, 1695-11714 and 1027-13828 ms).
 STEP_SPREAD_LIMIT = 0.25
 
 

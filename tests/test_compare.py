@@ -1184,10 +1184,76 @@ def test_each_probed_peak_covers_one_step_and_an_unreadable_one_prints_na(monkey
     result = run_compare(dataclasses.replace(TINY, steps=2, warmup=1, infer_reps=1, batch_size=2, seq_len=8,
                                              targets=("q_proj",)))
     assert covered == [1] * (len(compare.METHODS) * compare.MEMORY_STEPS)
-    assert len(steps) == len(compare.METHODS) * (1 + 2 + compare.MEMORY_STEPS)  # untimed, --steps 2, probed
+    # per method: the untimed first step, the memory model's untimed and probed steps, --steps 2
+    assert len(steps) == len(compare.METHODS) * (1 + 1 + compare.MEMORY_STEPS + 2)
     assert [result["methods"][m]["peak_step_bytes"] for m in compare.METHODS] == [None] * 3
     line = next(line for line in compare.format_compare(result).splitlines() if line.startswith("peak memory"))
     assert re.split(r"\s{2,}", line.strip()) == ["peak memory / step [1]", "n/a", "n/a", "n/a"]
+
+
+def test_peak_memory_is_measured_with_one_model_in_memory(monkeypatch):
+    """The three models train together (their steps alternate), but each probed step runs with its own method's
+    model alone in memory: the others' weights, gradients and AdamW state would count in its peak."""
+    import gc
+    alive = []
+
+    class Probe(StandInProbe):
+        def start(self):
+            gc.collect()
+            alive.append(sum(type(o) is DecoderLM for o in gc.get_objects()))
+
+    monkeypatch.setattr(compare, "MemoryProbe", Probe)
+    run_compare(dataclasses.replace(TINY, steps=2, warmup=1, infer_reps=1, batch_size=2, seq_len=8,
+                                    targets=("q_proj",)))
+    assert alive == [1] * (len(compare.METHODS) * compare.MEMORY_STEPS)
+
+
+def _stand_in_runs(monkeypatch, draws):
+    """A _MethodRun per method over a one-parameter model each, whose training step draws a number from the global
+    random stream (as LoRA dropout does) and records it with the method's name in `draws`."""
+    def train_step(model, optimizer, inputs, targets):
+        draws.append((model.method, torch.rand(()).item()))
+        return torch.zeros(())
+
+    monkeypatch.setattr(compare, "_train_step", train_step)
+    cfg = _tiny_cfg(steps=4, warmup=1)
+    runs = []
+    for method in compare.METHODS:
+        model = torch.nn.Linear(1, 1)
+        model.method = method
+        runs.append(compare._MethodRun(method, model, cfg))
+    return cfg, runs
+
+
+def test_training_steps_alternate_between_the_methods_in_rounds_of_reversed_order(monkeypatch):
+    """One step of each method per round, the order reversed every round, so a change of the machine's load falls
+    on every column alike (trained one after another, a 2-core run under load printed LoRA at 0.10x and 1.30x full
+    fine-tuning's step time); the warm-up steps are trained but not timed."""
+    draws = []
+    cfg, runs = _stand_in_runs(monkeypatch, draws)
+    batches = [(None, None)] * cfg.steps
+    compare._train_alternated(runs, cfg, batches, compare.ProgressBar(1, enabled=False))
+    forward, backward = list(compare.METHODS), list(reversed(compare.METHODS))
+    assert [method for method, _ in draws] == forward + backward + forward + backward
+    assert [len(run.step_seconds) for run in runs] == [cfg.steps - cfg.warmup] * 3
+    assert [len(run.losses) for run in runs] == [cfg.steps] * 3
+
+
+def test_each_method_draws_from_its_own_random_streams(monkeypatch):
+    """The runs' steps interleave, yet each run's n-th step draws what every other run's n-th step draws (the LoRA
+    columns then train with the same dropout masks, as when they ran one after another from one seed), and stepping
+    a run leaves the caller's random stream as it was."""
+    draws = []
+    cfg, runs = _stand_in_runs(monkeypatch, draws)
+    torch.manual_seed(1234)
+    outside = torch.get_rng_state()
+    compare._train_alternated(runs, cfg, [(None, None)] * cfg.steps, compare.ProgressBar(1, enabled=False))
+    assert torch.equal(torch.get_rng_state(), outside)
+    by_method = {method: [value for m, value in draws if m == method] for method in compare.METHODS}
+    assert by_method["full"] == by_method["lora_torch"] == by_method["lora_fused"]
+    assert len(set(by_method["full"])) == cfg.steps  # the stream moves on from step to step
+    torch.manual_seed(cfg.seed + 2)
+    assert by_method["full"] == [torch.rand(()).item() for _ in range(cfg.steps)]
 
 
 def test_the_eval_loss_before_and_after_training_is_taken_on_the_same_held_out_batch():
