@@ -818,10 +818,13 @@ class MultiLoRAFunction(torch.autograd.Function):
         batch_buffers = [getattr(batch, name) for name in BUFFER_FIELDS]
         if not torch.compiler.is_compiling() and any(t.is_inference() for t in batch_buffers):
             batch_buffers = [t.clone() for t in batch_buffers]
-        # W only for dX, as in LoRALinearFunction: under autocast it is a 16-bit copy [N, K].
-        # The float32 slots too, where they were cast (create_graph's backward differentiates through them).
-        ctx.save_for_backward(x2, weight if ctx.needs_input_grad[0] else None, lora_a, lora_b, s, scalings, ranks,
-                              *(factors if lora_a is not factors[0] else (None, None)), *batch_buffers)
+        # W only for dX, as in LoRALinearFunction: under autocast it is a 16-bit copy [N, K]. Float32 slots cast here
+        # are saved as they are (parameters: no memory of their own) and cast again in backward, not their casts: the
+        # copies of every slot, L·R·(K+N) elements whatever the token count, were saved activation memory of the
+        # order of x's (64 slots of rank 16 at K = N = 4096: 16.8 MB per layer, x 33.5 MB at 4096 tokens in bf16).
+        cast = lora_a is not factors[0]
+        ctx.save_for_backward(x2, weight if ctx.needs_input_grad[0] else None, *((None, None) if cast else factors),
+                              s, scalings, ranks, *(factors if cast else (None, None)), *batch_buffers)
         # Sizes only outside save_for_backward: a LoRABatch here kept its buffers alive past the backward for as long
         # as the graph lived (a loss held for logging until the next step's forward).
         ctx.num_adapters, ctx.backend = batch.num_adapters, backend
@@ -835,13 +838,13 @@ class MultiLoRAFunction(torch.autograd.Function):
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         # The slots' gradients in their own dtype (float32 slots of a 16-bit x2: see the class docstring)
         grad_a_like, grad_b_like = (lora_a, lora_b) if factor_a is None else (factor_a, factor_b)
+        if factor_a is not None:  # the forward's casts again (see forward); in the graph under create_graph
+            lora_a, lora_b = factor_a.to(x2.dtype), factor_b.to(x2.dtype)
         if torch.is_grad_enabled():
             # create_graph=True: differentiable gradients, which the kernels and C++ ops do not give (see
             # LoRALinearFunction.backward). The LoRA term's are autograd's own, of its torch composition, on the
             # float32 slots cast again in the graph where the forward cast them.
-            lora_a_term, lora_b_term = ((lora_a, lora_b) if factor_a is None
-                                        else (factor_a.to(x2.dtype), factor_b.to(x2.dtype)))
-            term = _multi_lora_term(x2, lora_a_term, lora_b_term, batch.adapter_ids, scalings, ranks)
+            term = _multi_lora_term(x2, lora_a, lora_b, batch.adapter_ids, scalings, ranks)
             wanted = ((x2, need_x), (grad_a_like, need_a), (grad_b_like, need_b))
             inputs = [t for t, need in wanted if need]
             grads = iter(torch.autograd.grad(term, inputs, dy, create_graph=True, allow_unused=True,

@@ -1563,6 +1563,30 @@ def test_multi_lora_float32_slots_reach_second_order_gradients():
     assert_close(second_order[0], second_order[1], torch.bfloat16, "second-order gradient", scale=2)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])
+def test_multi_lora_float32_slots_save_no_16_bit_copies_for_backward(backend):
+    """The 16-bit casts of a MultiLoRALinear's float32 slots are made again in backward, not saved for it: the casts
+    of every slot, L·R·(K+N) elements whatever the batch's token count, were saved activation memory of the order of
+    x's (found by counting saved storages: 32 slots of rank 16 at K = N = 1024 saved 2 MiB per layer beside x's
+    0.5 MiB at 256 tokens). The float32 slots themselves are saved (parameters: no memory of their own)."""
+    from conftest import backend_or_skip
+    backend_or_skip(backend, "cpu")
+    layer, _, _ = _float32_slot_grads(backend, "cpu")
+    x, ids = torch.randn(5, 32, dtype=torch.bfloat16, requires_grad=True), torch.tensor([0, 1, 2, -1, 1])
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x, ids)
+    slot_shapes = {layer.lora_a.shape, layer.lora_b.shape}
+    assert [t.dtype for t in saved if t.shape in slot_shapes] == [torch.float32] * 2
+    del saved
+    layer.lora_a.grad = layer.lora_b.grad = None
+    y.float().square().sum().backward()
+    grads = [layer.lora_a.grad.clone(), layer.lora_b.grad.clone(), x.grad.clone()]
+    x.grad = layer.lora_a.grad = layer.lora_b.grad = None
+    layer(x, ids).float().square().sum().backward()
+    assert all(torch.equal(a, b) for a, b in zip(grads, [layer.lora_a.grad, layer.lora_b.grad, x.grad]))
+
+
 def test_multi_lora_float32_slots_are_cast_inside_the_autograd_function():
     """No cast node between a MultiLoRALinear's float32 slots and its autograd Function (the slots' gradients,
     L·R·(K+N) elements, cast back by autograd every step before)."""
