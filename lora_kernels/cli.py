@@ -180,27 +180,34 @@ def _add_bench_parser(sub):
                                                            f"{PRESETS['cuda']['dtype']} on CUDA")
     p.add_argument("--backends", type=_name_list, help="comma-separated backends (default: all available but "
                                                        "reference, and no Triton interpreter on CPU)")
-    p.add_argument("--hidden", type=_positive_int, help="K = N of the layer (default 4096 GPU, 512 CPU)")
-    p.add_argument("--rank", type=_positive_int, help="rank of the main rows (default 16)")
-    p.add_argument("--ranks", type=_int_list, help="ranks of the rank sweep (default 8,16,64; --rank is always "
+    def default(name):
+        """The presets' value of `name`, as the run takes it: --quick has its own, smaller ones."""
+        def text(value):
+            return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+        return (f"default {text(PRESETS['cuda'][name])} GPU, {text(PRESETS['cpu'][name])} CPU; with --quick "
+                f"{text(PRESETS['cuda_quick'][name])} GPU, {text(PRESETS['cpu_quick'][name])} CPU")
+
+    p.add_argument("--hidden", type=_positive_int, help=f"K = N of the layer ({default('hidden')})")
+    p.add_argument("--rank", type=_positive_int, help=f"rank of the main rows ({default('rank')})")
+    p.add_argument("--ranks", type=_int_list, help=f"ranks of the rank sweep ({default('ranks')}; --rank is always "
                                                       "swept too)")
-    p.add_argument("--ms", type=_int_list, help="token counts M of the forward rows")
-    p.add_argument("--train-m", type=_positive_int, help="M of the fwd+bwd rows (default 8192 GPU, 1024 CPU)")
-    p.add_argument("--reps", type=_positive_int, help="timed calls per candidate (median)")
-    gpu, cpu = PRESETS["cuda"], PRESETS["cpu"]  # --quick's presets have smaller ones
+    p.add_argument("--ms", type=_int_list, help=f"token counts M of the forward rows ({default('ms')})")
+    p.add_argument("--train-m", type=_positive_int, help=f"M of the fwd+bwd rows ({default('train_m')})")
+    p.add_argument("--reps", type=_positive_int, help=f"timed calls per candidate, median ({default('reps')})")
     p.add_argument("--warmup", type=_non_negative_int, help="untimed calls per candidate before the timed ones "
-                                                            f"(default {gpu['warmup']} GPU, {cpu['warmup']} CPU)")
+                                                            f"({default('warmup')})")
     p.add_argument("--prefill-tokens", type=_positive_int,
-                   help=f"tokens of the grouped prefill rows (default {gpu['prefill_tokens']} GPU, "
-                        f"{cpu['prefill_tokens']} CPU)")
-    p.add_argument("--copy-mb", type=_positive_int, help="MiB copied to measure the bandwidth baseline (default "
-                                                         f"{gpu['copy_mb']} GPU, {cpu['copy_mb']} CPU)")
+                   help=f"tokens of the grouped prefill rows ({default('prefill_tokens')})")
+    p.add_argument("--copy-mb", type=_positive_int, help="MiB copied to measure the bandwidth baseline "
+                                                         f"({default('copy_mb')})")
     p.add_argument("--sections", type=_name_list,
                    help="comma-separated parts of the sweep: host, forward, train, grouped, decode, sweep (the grouped "
                         "grid of token counts x adapters and mixed ranks), or all (default: all but sweep)")
-    p.add_argument("--sweep-tokens", type=_int_list, help="token counts of the grouped sweep")
+    p.add_argument("--sweep-tokens", type=_int_list,
+                   help=f"token counts of the grouped sweep ({default('sweep_tokens')})")
     p.add_argument("--sweep-adapters", type=_int_list, help="distinct adapter counts of the grouped sweep (a point "
-                                                            "with more adapters than tokens is skipped)")
+                                                            "with more adapters than tokens is skipped; "
+                                                            f"{default('sweep_adapters')})")
     p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", action="store_true", help="print the measurements as JSON instead of the table")
     p.add_argument("--save", metavar="PATH", help="also write the JSON to PATH")
@@ -275,6 +282,22 @@ def run_compare_command(args):
             print("lora-kernels compare: --plot needs matplotlib, which is not installed "
                   "(pip install matplotlib, or pip install 'lora_kernels[bench]')", file=sys.stderr)
             return 2
+        # matplotlib picks the format by the extension: an unknown one had ended the run in a traceback after the
+        # measurements (and savefig without one writes PATH.png: plot_compare writes PNG to PATH itself)
+        extension = os.path.splitext(args.plot)[1][1:].lower()
+        try:
+            from matplotlib.backend_bases import FigureCanvasBase
+            formats = FigureCanvasBase.get_supported_filetypes()
+        except (ImportError, AttributeError):  # no list to check against: savefig says it, after the run
+            formats = None
+        if extension and formats is not None and extension not in formats:
+            print(f"lora-kernels compare: --plot {args.plot}: expected a file name ending in one of "
+                  f"{', '.join('.' + f for f in sorted(formats))}, got .{extension}", file=sys.stderr)
+            return 2
+        if args.save and os.path.realpath(args.save) == os.path.realpath(args.plot) and not _is_stream(args.save):
+            print(f"lora-kernels compare: --save and --plot name the same file {args.plot}: the figure would "
+                  f"overwrite the JSON", file=sys.stderr)
+            return 2
     config = compare.CompareConfig(
         model_size=args.model_size, hidden=args.hidden, layers=args.layers, heads=args.heads,
         intermediate=args.intermediate, vocab=args.vocab, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
@@ -323,6 +346,24 @@ def run_bench_command(args):
 
 
 def main(argv=None):
+    """The console script's and `python -m lora_kernels`' entry: Ctrl-C ends a run with one line and status 130, and
+    a reader that closes stdout early (`| head -1`) ends it quietly, as for any Unix filter."""
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not as "Exception ignored" at interpreter exit
+        return status
+    except KeyboardInterrupt:
+        print("\nlora-kernels: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        try:  # the interpreter's own flush at exit would raise again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor (a test's capture)
+            pass
+        return 141  # 128 + SIGPIPE, what the shell reports for a filter stopped by its reader
+
+
+def _main(argv=None):
     parser = argparse.ArgumentParser(prog="lora-kernels", description="Fused LoRA kernels: info, benchmarks, compare.")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="versions, device and available backends")

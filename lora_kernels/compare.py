@@ -477,6 +477,9 @@ class CompareConfig:
         cfg.use_rslora = check_flag("compare", "--rslora", cfg.use_rslora)
         cfg.compile = check_flag("compare", "--compile", cfg.compile)
         if cfg.compile and cfg.warmup < 1:
+            if self.warmup is None:  # the default warm-up was cut to steps - 1 = 0: --warmup 1 alone would not fit
+                raise ValueError(f"compare: --compile expected --steps >= 2 (the first step compiles, and is not "
+                                 f"timed), got --steps {cfg.steps}")
             raise ValueError(f"compare: --compile expected --warmup >= 1 (the first steps compile, and are not timed), "
                              f"got --warmup {cfg.warmup}")
         if isinstance(cfg.targets, str):  # tuple() had split it into letters, each "matching no nn.Linear"
@@ -1096,7 +1099,9 @@ def format_compare(result):
                      "and run the LoRA branch in the model's dtype; PEFT's own layer runs it in float32, on a float32 "
                      "copy of each layer's input, which it also saves for backward: more activation memory than the "
                      "torch column's")
-    headers = ["", "full fine-tuning", "LoRA, torch (unfused)", f"LoRA, {fused} (fused)"]
+    # --backend torch / reference: the third column is no fused run, and its note says so; "(fused)" had said it was
+    kind = "unfused" if fused in ("torch", "reference") else "fused"
+    headers = ["", "full fine-tuning", "LoRA, torch (unfused)", f"LoRA, {fused} ({kind})"]
     full = methods["full"]
     gpu_busy = all(methods[m].get("gpu_busy_ms") is not None for m in METHODS)  # CUDA runs (not saved results of old)
 
@@ -1169,7 +1174,7 @@ def format_compare(result):
                      f"(median of {inference['reps']}, eval mode, no grad):")
         for key, label in (("merged_ms", "merged (W + s·B·A folded into W)"),
                            ("unmerged_unfused_ms", "unmerged, torch (unfused)"),
-                           ("unmerged_fused_ms", f"unmerged, {fused} (fused)")):
+                           ("unmerged_fused_ms", f"unmerged, {fused} ({kind})")):
             lines.append(f"  {label:36s} {inference[key]:9.2f} ms  {inference[key] / merged:5.2f}× merged")
         rel_diff = inference["merged_vs_unmerged_rel_diff"]
         lines.append(f"  (merged vs unmerged logits: relative difference {rel_diff:.1e})")
@@ -1178,7 +1183,7 @@ def format_compare(result):
             lines.append(f"  (fused vs unfused logits: relative difference {fused_diff:.1e})")
             tolerance = LOGITS_TOLERANCE.get(cfg["dtype"])
             if tolerance is not None and not fused_diff <= tolerance:
-                lines.append(f"  note: LoRA, {fused} (fused): its logits differ from the torch column's by "
+                lines.append(f"  note: LoRA, {fused} ({kind}): its logits differ from the torch column's by "
                              f"{fused_diff:.1e} (relative), above {tolerance:g} for {cfg['dtype']}, on the same "
                              f"trained model: the fused backend computes another function, so its column does not "
                              f"measure the same LoRA")
@@ -1247,7 +1252,8 @@ def plot_compare(result, path):
     fig.suptitle(f"lora-kernels compare: {env['gpu'] or env['cpu']}, {result['config']['dtype']}, "
                  f"r={result['config']['rank']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    # the format by PATH's extension, PNG without one (savefig had written PATH.png then)
+    fig.savefig(path, dpi=100, format=None if os.path.splitext(path)[1] else "png")
     plt.close(fig)
     return path
 

@@ -543,8 +543,7 @@ def test_bench_save_holds_the_rows_so_far_then_the_whole_result(monkeypatch, tmp
         raise KeyboardInterrupt
 
     monkeypatch.setattr(bench, "run_bench", stopping)
-    with pytest.raises(KeyboardInterrupt):
-        cli.main(QUICK_BENCH + ["--save", str(saved)])
+    assert cli.main(QUICK_BENCH + ["--save", str(saved)]) == 130  # Ctrl-C: one line, status 130
     assert json.loads(saved.read_text()) == {"rows": [1], "partial": True}
 
     def finishing(config, on_update=None, **kwargs):
@@ -596,3 +595,97 @@ def test_a_writable_stream_in_a_folder_that_cannot_be_written_is_accepted(tmp_pa
 
     monkeypatch.setattr(tempfile, "NamedTemporaryFile", unwritable)
     assert cli._output_paths_ok("compare", argparse.Namespace(save=str(fifo), plot=None))
+
+
+def _no_run(*args, **kwargs):
+    pytest.fail("the run started")
+
+
+def test_ctrl_c_is_one_line_and_status_130(capsys, monkeypatch):
+    """Ctrl-C during a run ended it in a traceback of 24-36 lines (status 130 already)."""
+    from lora_kernels import compare
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare, "run_compare", interrupted)
+    try:
+        status = cli.main(TINY_COMPARE)
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped main(): the user sees a traceback")
+    assert status == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_reader_that_closes_stdout_gets_no_traceback():
+    """`lora-kernels info | head -0`: a BrokenPipeError traceback and status 1 before."""
+    proc = subprocess.Popen([sys.executable, "-m", "lora_kernels", "info"], cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # `| head -0`: the reader is gone before the first write
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert proc.returncode == 141
+
+
+@pytest.fixture
+def matplotlib_here():
+    return pytest.importorskip("matplotlib")
+
+
+def test_plot_with_an_unknown_format_is_refused_before_the_run(capsys, monkeypatch, tmp_path, matplotlib_here):
+    """matplotlib picks the format by the extension: --plot out.txt ended the run in a traceback after it."""
+    from lora_kernels import compare
+    monkeypatch.setattr(compare, "run_compare", _no_run)
+    assert cli.main(TINY_COMPARE + ["--plot", str(tmp_path / "c.txt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lora-kernels compare: --plot ") and ".png" in err and len(err.splitlines()) == 1, err
+
+
+def test_save_and_plot_on_one_file_are_refused_before_the_run(capsys, monkeypatch, tmp_path, matplotlib_here):
+    """The figure had overwritten the JSON without a word."""
+    from lora_kernels import compare
+    monkeypatch.setattr(compare, "run_compare", _no_run)
+    same = str(tmp_path / "r.png")
+    assert cli.main(TINY_COMPARE + ["--save", same, "--plot", same]) == 2
+    assert "--save and --plot name the same file" in capsys.readouterr().err
+
+
+def test_plot_without_an_extension_writes_the_named_file(capsys, tmp_path, matplotlib_here):
+    """savefig wrote PATH.png for a PATH without an extension, while the CLI printed "figure: PATH"."""
+    figure = tmp_path / "fig"
+    assert cli.main(TINY_COMPARE + ["--targets", "q_proj", "--plot", str(figure)]) == 0
+    assert capsys.readouterr().out.endswith(f"\nfigure: {figure}\n")
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not (tmp_path / "fig.png").exists()
+
+
+def test_compile_with_one_step_names_steps_not_an_untyped_warmup(capsys, monkeypatch):
+    """--steps 1 cuts the default warm-up to 0, which --compile then refused as if --warmup 0 had been given (and
+    --warmup 1 does not fit one step either)."""
+    from lora_kernels import compare
+    monkeypatch.setattr(compare, "run_compare", _no_run)
+    options = ["compare", "--model-size", "tiny", "--device", "cpu", "--steps", "1", "--threads", "1", "--no-progress"]
+    assert cli.main(options + ["--compile"]) == 2
+    err = capsys.readouterr().err
+    assert "--steps" in err and "--warmup 0" not in err, err
+
+
+def test_bench_help_gives_the_quick_defaults(capsys):
+    """--quick (README's everyday CPU bench) has smaller presets than the help said."""
+    from lora_kernels.bench import PRESETS
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    quick = PRESETS["cpu_quick"]
+    for option, name in (("--hidden", "hidden"), ("--train-m", "train_m"), ("--warmup", "warmup"),
+                         ("--reps", "reps")):
+        described = text.split(f"{option} {name.upper()} ", 1)[1]
+        assert f"{quick[name]} CPU)" in described[:described.index(")") + 1], option
+
+
+def test_a_non_fused_backend_column_is_not_labelled_fused(capsys):
+    """--backend torch ran the torch composition in a column labelled "(fused)"."""
+    assert cli.main(TINY_COMPARE + ["--targets", "q_proj", "--backend", "torch"]) == 0
+    out = capsys.readouterr().out
+    assert "LoRA, torch (unfused)" in out and "(fused)" not in out, out
