@@ -223,6 +223,18 @@ def _cast_for_autocast(dtype, tensors):
             and t.dtype not in (dtype, torch.float64) and not is_subclass_weight(t) else t for t in tensors]
 
 
+def _cast_for_autocast_but_layer_factors(dtype, x, weight, lora_a, lora_b, bias, float32_factors):
+    """_cast_for_autocast of every operand, except a layer's float32 factors (or slots) where x becomes 16-bit: they
+    are then the float32 factors of a 16-bit x that the autograd Functions cast themselves, as for a 16-bit layer
+    (lora_linear_float32_factors). Cast here, each cast was an autograd node per factor and step, their gradients
+    rounded to 16 bits before autograd cast them back, and MultiLoRALinear's Function saved the casts of every
+    slot for backward."""
+    x, weight, bias = _cast_for_autocast(dtype, (x, weight, bias))
+    if not (float32_factors and _float32_factor_dtype(x, lora_a, lora_b)):
+        lora_a, lora_b = _cast_for_autocast(dtype, (lora_a, lora_b))
+    return x, weight, lora_a, lora_b, bias
+
+
 # ------------------------------------------------------------------------------------------------- dropout (torch)
 
 def new_seed():
@@ -634,7 +646,8 @@ def _lora_linear(x, weight, lora_a, lora_b, scaling, bias, dropout_p, backend, f
         lora_a, lora_b = _layer_factors(x, lora_a, lora_b)
     autocast_dtype = _autocast_dtype(x)
     if autocast_dtype is not None:
-        x, weight, lora_a, lora_b, bias = _cast_for_autocast(autocast_dtype, (x, weight, lora_a, lora_b, bias))
+        x, weight, lora_a, lora_b, bias = _cast_for_autocast_but_layer_factors(
+            autocast_dtype, x, weight, lora_a, lora_b, bias, float32_factors)
     # float32 factors of a 16-bit x, kept so until the Function (None: x's dtype)
     factor_dtype = _float32_factor_dtype(x, lora_a, lora_b) if float32_factors else None
     check_lora_linear_args(op, x, weight, lora_a, lora_b, bias, scaling, dropout_p, factor_dtype)
@@ -966,7 +979,8 @@ def _multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias, r
         lora_a, lora_b = _layer_factors(x, lora_a, lora_b)
     autocast_dtype = _autocast_dtype(x)
     if autocast_dtype is not None:
-        x, weight, lora_a, lora_b, bias = _cast_for_autocast(autocast_dtype, (x, weight, lora_a, lora_b, bias))
+        x, weight, lora_a, lora_b, bias = _cast_for_autocast_but_layer_factors(
+            autocast_dtype, x, weight, lora_a, lora_b, bias, float32_factors)
     # float32 slots of a 16-bit x, kept so until the Function (None: x's dtype)
     factor_dtype = _float32_factor_dtype(x, lora_a, lora_b) if float32_factors else None
     _check_multi_lora_args(op, x, weight, lora_a, lora_b, bias, factor_dtype)

@@ -655,18 +655,21 @@ def test_16_bit_layers_get_float32_factors_as_peft(dtype):
             assert changed > 0.99, f"{name}: only {changed:.0%} of the entries changed"
 
 
-def _float32_factor_grads(backend, device, dtype, m, k=32, n=24, r=8):
-    """(layer, x, dy) after one backward of a 16-bit LoRALinear with float32 factors (autocast_adapter_dtype), and
-    the float64 gradients of its factors from the operands the forward used: x, dy and the factors rounded to
-    dtype."""
+def _float32_factor_grads(backend, device, dtype, m, k=32, n=24, r=8, autocast=False):
+    """(layer, x, dy) after one backward of a 16-bit LoRALinear with float32 factors (autocast_adapter_dtype), or
+    of a float32 one under torch.autocast to dtype, and the float64 gradients of its factors from the operands the
+    forward used: x, dy and the factors rounded to dtype."""
     torch.manual_seed(0)
-    layer = LoRALinear(k, n, r=r, lora_alpha=2 * r, dtype=dtype, device=device, backend=backend,
-                       init_lora_weights=False)
-    x = torch.randn(m, k, dtype=dtype, device=device, requires_grad=True)
+    device = torch.device(device)
+    layer = LoRALinear(k, n, r=r, lora_alpha=2 * r, dtype=None if autocast else dtype, device=device,
+                       backend=backend, init_lora_weights=False)
+    x = torch.randn(m, k, dtype=None if autocast else dtype, device=device, requires_grad=True)
     dy = torch.randn(m, n, dtype=dtype, device=device)
-    layer(x).backward(dy)
+    with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+        y = layer(x)
+    y.backward(dy)
     a, b = (f.weight.detach().to(dtype).double() for f in (layer.lora_A, layer.lora_B))
-    x64, dy64 = x.detach().double(), dy.double()
+    x64, dy64 = x.detach().to(dtype).double(), dy.double()
     expected_b = layer.scaling * dy64.T @ (x64 @ a.T)
     expected_a = (layer.scaling * dy64 @ b).T @ x64
     return layer, expected_a, expected_b
@@ -674,13 +677,16 @@ def _float32_factor_grads(backend, device, dtype, m, k=32, n=24, r=8):
 
 @pytest.mark.parametrize("m", [6, 600], ids=["m6", "m600"])  # cuda: its dY-once kernel, and cuBLAS past M·r = 4096
 @pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
-def test_float32_factors_of_a_16_bit_layer_get_float32_gradients(backend, device, m):
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16_layer", "fp32_layer_under_autocast"])
+def test_float32_factors_of_a_16_bit_layer_get_float32_gradients(backend, device, m, autocast):
     """autocast_adapter_dtype's float32 factors get the backward's float32 sums as their gradients, not values
     rounded to bfloat16 first (the factors were cast to the layer's dtype outside the autograd Function, whose
-    gradients autograd then cast back: every entry a bfloat16 number). Within the tolerance of the reference."""
+    gradients autograd then cast back: every entry a bfloat16 number). Within the tolerance of the reference. So do
+    a float32 layer's factors under torch.autocast (the usual mixed-precision recipe), which autocast's casts
+    outside the Function had rounded likewise."""
     from conftest import backend_or_skip
     backend_or_skip(backend, device)
-    layer, expected_a, expected_b = _float32_factor_grads(backend, device, torch.bfloat16, m)
+    layer, expected_a, expected_b = _float32_factor_grads(backend, device, torch.bfloat16, m, autocast=autocast)
     for factor, expected in ((layer.lora_A, expected_a), (layer.lora_B, expected_b)):
         grad = factor.weight.grad
         assert grad.dtype == torch.float32
@@ -717,12 +723,15 @@ def _leaves_fed_by(node, inputs):
     return [getattr(edge, "variable", None) for edge, _ in edges[inputs]]
 
 
-def test_float32_factors_are_cast_inside_the_autograd_function():
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16_layer", "fp32_layer_under_autocast"])
+def test_float32_factors_are_cast_inside_the_autograd_function(autocast):
     """A 16-bit layer's float32 factors go into the fused autograd Function as they are: no cast node between them
     and it (two kernels and two autograd nodes per layer and step fewer on a GPU, where a small model's step is host
-    time)."""
-    layer = LoRALinear(16, 8, r=4, dtype=torch.bfloat16, backend="cpu", init_lora_weights=False)
-    node = layer(torch.randn(3, 16, dtype=torch.bfloat16, requires_grad=True)).grad_fn
+    time). Likewise a float32 layer's under torch.autocast, which cast them outside before."""
+    layer = LoRALinear(16, 8, r=4, dtype=None if autocast else torch.bfloat16, backend="cpu", init_lora_weights=False)
+    x = torch.randn(3, 16, dtype=None if autocast else torch.bfloat16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        node = layer(x).grad_fn
     assert type(node).__name__ == "LoRALinearFunctionBackward"
     assert _leaves_fed_by(node, slice(2, 4)) == [layer.lora_A.weight, layer.lora_B.weight]
 
@@ -1587,13 +1596,21 @@ def test_multi_lora_float32_slots_save_no_16_bit_copies_for_backward(backend):
     assert all(torch.equal(a, b) for a, b in zip(grads, [layer.lora_a.grad, layer.lora_b.grad, x.grad]))
 
 
-def test_multi_lora_float32_slots_are_cast_inside_the_autograd_function():
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16_layer", "fp32_layer_under_autocast"])
+def test_multi_lora_float32_slots_are_cast_inside_the_autograd_function(autocast):
     """No cast node between a MultiLoRALinear's float32 slots and its autograd Function (the slots' gradients,
-    L·R·(K+N) elements, cast back by autograd every step before)."""
+    L·R·(K+N) elements, cast back by autograd every step before), in a bfloat16 layer and in a float32 one under
+    torch.autocast, where the Function saved autocast's casts of every slot for backward too."""
     layer, _, _ = _float32_slot_grads("cpu", "cpu")
-    x, ids = torch.randn(5, 32, dtype=torch.bfloat16, requires_grad=True), torch.tensor([0, 1, 2, -1, 1])
-    node = layer(x, ids).grad_fn
+    if autocast:
+        layer.float()  # the slots are float32 already
+    x = torch.randn(5, 32, dtype=torch.float32 if autocast else torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
+            torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        node = layer(x, torch.tensor([0, 1, 2, -1, 1])).grad_fn
     assert type(node).__name__ == "MultiLoRAFunctionBackward"
+    assert [t.dtype for t in saved if t.shape in (layer.lora_a.shape, layer.lora_b.shape)] == [torch.float32] * 2
     assert _leaves_fed_by(node, slice(3, 5)) == [layer.lora_a, layer.lora_b]
 
 
