@@ -560,7 +560,7 @@ def _compile_layers(model):
 
 
 # The three methods' variants of one layer's code (LoRA or not, the backend, training or eval, merged) are each
-# compiled graphs of that code, all alive while the steps alternate (19 on CPU with torch 2.14), past dynamo's
+# compiled graphs of that code, all alive while the steps alternate (9 on CPU with torch 2.11 and 2.14), past dynamo's
 # default limit of 8 per code object, beyond which it runs the code eagerly. Each method's variants fit in 8.
 COMPILE_RECOMPILE_LIMIT = 8 * len(METHODS)
 
@@ -1099,7 +1099,8 @@ def format_compare(result):
                      "and run the LoRA branch in the model's dtype; PEFT's own layer runs it in float32, on a float32 "
                      "copy of each layer's input, which it also saves for backward: more activation memory than the "
                      "torch column's")
-    # --backend torch / reference: the third column is no fused run, and its note says so; "(fused)" had said it was
+    # the torch / reference compositions (--backend torch, or no fused backend here, as without the C++ extension on
+    # CPU: a note says so) are no fused run; "(fused)" had said they were
     kind = "unfused" if fused in ("torch", "reference") else "fused"
     headers = ["", "full fine-tuning", "LoRA, torch (unfused)", f"LoRA, {fused} ({kind})"]
     full = methods["full"]
@@ -1253,7 +1254,7 @@ def plot_compare(result, path):
                  f"r={result['config']['rank']}")
     fig.tight_layout()
     # the format by PATH's extension, PNG without one (savefig had written PATH.png then)
-    fig.savefig(path, dpi=100, format=None if os.path.splitext(path)[1] else "png")
+    fig.savefig(path, dpi=100, format=None if os.path.splitext(path)[1][1:] else "png")  # "fig." has none either
     plt.close(fig)
     return path
 

@@ -118,11 +118,21 @@ def test_merged_model_matches_unmerged(result):
     assert result["inference"]["fused_vs_unfused_rel_diff"] < 1e-3
 
 
+def _fused_kind(fused):
+    """The third column's kind: the torch composition (no C++ extension here) is no fused run."""
+    return "unfused" if fused in ("torch", "reference") else "fused"
+
+
+def _fused_label(result):
+    fused = result["backends"]["fused"]
+    return f"LoRA, {fused} ({_fused_kind(fused)})"
+
+
 def test_printed_table_names_every_measurement(result):
     text = compare.format_compare(result)
     for label in ("trainable params", "gradients", "optimizer state", "activations saved", "peak memory / step",
                   "step time", "tokens / s", "checkpoint on disk", "eval loss", "merged", "unmerged, torch",
-                  f"LoRA, {result['backends']['fused']} (fused)", result["measurement"]["memory"]):
+                  _fused_label(result), result["measurement"]["memory"]):
         assert label in text, label
 
 
@@ -195,7 +205,7 @@ def test_each_table_row_shows_its_own_measurement(result):
     lines = compare.format_compare(result).splitlines()
     header = next(line for line in lines if line.lstrip().startswith("full fine-tuning"))
     assert re.split(r"\s{2,}", header.strip()) == ["full fine-tuning", "LoRA, torch (unfused)",
-                                                   f"LoRA, {result['backends']['fused']} (fused)"]
+                                                   _fused_label(result)]
     for label, cell in expected.items():
         line = next(line for line in lines if line.startswith(label))
         assert re.split(r"\s{2,}", line.strip()) == [label] + [cell(result["methods"][name], name)
@@ -231,7 +241,7 @@ def test_the_lines_around_the_table_print_the_results_own_values(result):
     assert [re.split(r"\s{2,}", line.strip()) for line in lines[start + 1:start + 4]] == [
         ["merged (W + s·B·A folded into W)", "2.00 ms", "1.00× merged"],
         ["unmerged, torch (unfused)", "3.00 ms", "1.50× merged"],
-        [f"unmerged, {fused} (fused)", "5.00 ms", "2.50× merged"]]
+        [f"unmerged, {fused} ({_fused_kind(fused)})", "5.00 ms", "2.50× merged"]]
     assert lines[start + 4:start + 6] == ["  (merged vs unmerged logits: relative difference 3.5e-06)",
                                           "  (fused vs unfused logits: relative difference 2.5e-07)"]
     assert lines[-3:] == [
@@ -249,7 +259,7 @@ def test_the_lines_around_the_table_print_the_results_own_values(result):
     shown["inference"]["fused_vs_unfused_rel_diff"] = 0.27
     notes = [line for line in compare.format_compare(shown).splitlines() if "note:" in line]
     assert len(notes) == 3 and notes[2] == (
-        f"  note: LoRA, {fused} (fused): its logits differ from the torch column's by 2.7e-01 (relative), above 0.002 "
+        f"  note: {_fused_label(shown)}: its logits differ from the torch column's by 2.7e-01 (relative), above 0.002 "
         f"for float32, on the same trained model: the fused backend computes another function, so its column does "
         f"not measure the same LoRA"), notes
 
@@ -289,7 +299,7 @@ def test_gpu_busy_row_and_the_host_bound_note(result):
                                                 "12.0 ms (0.33×)"]
     notes = [line for line in lines if "note:" in line and "waited on the host" in line]
     assert len(notes) == 2 and notes[0].startswith("  note: LoRA, torch (unfused): the GPU worked 45% of the median")
-    assert notes[1].startswith(f"  note: LoRA, {shown['backends']['fused']} (fused): the GPU worked 31% of the median")
+    assert notes[1].startswith(f"  note: {_fused_label(shown)}: the GPU worked 31% of the median")
     assert lines[-2].startswith("[3] the GPU's own time in one more step")
     assert notes[0].endswith("; --compile compiles the layers to cut the host time")
     shown["config"]["compile"] = True  # compiled already: no hint
@@ -340,8 +350,7 @@ def test_a_column_whose_steps_drift_is_named(result):
     drifting["methods"]["lora_torch"]["step_ms_all"] = [2 * ms for ms in steady]
     drifting["methods"]["lora_fused"]["step_ms_all"] = rising
     notes = [line for line in compare.format_compare(drifting).splitlines() if "step time went from" in line]
-    fused = drifting["backends"]["fused"]
-    assert notes == [f"  note: LoRA, {fused} (fused): the step time went from 40.0 ms (median of the first third of "
+    assert notes == [f"  note: {_fused_label(drifting)}: the step time went from 40.0 ms (median of the first third of "
                      "the timed steps) to 61.0 ms (the last third): the run was not steady (other work on the machine, "
                      "or too few --warmup steps?), so its step-time ratio is not a steady-state measurement"]
     drifting["methods"]["lora_fused"]["step_ms_all"] = rising[::-1]  # faster towards the end: named too
@@ -367,7 +376,7 @@ def test_a_column_whose_steps_spread_is_named(result):
     noisy["methods"]["lora_torch"]["step_ms_all"] = [2 * ms for ms in steady]
     noisy["methods"]["lora_fused"]["step_ms_all"] = scattered
     notes = [line for line in compare.format_compare(noisy).splitlines() if "timed steps spread" in line]
-    assert len(notes) == 1 and notes[0].startswith(f"  note: LoRA, {noisy['backends']['fused']} (fused): ")
+    assert len(notes) == 1 and notes[0].startswith(f"  note: {_fused_label(noisy)}: ")
     noisy["methods"]["lora_fused"]["step_ms_all"] = steady
     assert "timed steps spread" not in compare.format_compare(noisy)
 
@@ -431,6 +440,16 @@ def test_plot_writes_a_png(result, tmp_path):
     path = compare.plot_compare(result, str(tmp_path / "compare.png"))
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("name", ["compare", "compare."])
+def test_plot_without_an_extension_writes_png_to_the_named_file(result, tmp_path, name):
+    """A name ending in a bare dot has no extension either: savefig had written compare.png for "compare." while
+    the CLI printed "figure: compare."."""
+    pytest.importorskip("matplotlib")
+    assert compare.plot_compare(result, str(tmp_path / name)) == str(tmp_path / name)
+    assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
 
 
 def test_model_is_causal_and_uses_llama_names():
@@ -662,7 +681,7 @@ def test_saved_activations_count_neither_parameters_nor_their_casts():
     class Head(torch.nn.Module):
         def __init__(self, float32_factors):
             super().__init__()
-            self.proj = LoRALinear(16, 8, r=4, dtype=torch.bfloat16, backend="cpu",
+            self.proj = LoRALinear(16, 8, r=4, dtype=torch.bfloat16, backend="torch",
                                    autocast_adapter_dtype=float32_factors)
 
         def forward(self, x):
