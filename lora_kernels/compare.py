@@ -1139,8 +1139,20 @@ def format_compare(result):
         lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
     lines.append(f"(eval loss before training: {_loss_text(task['initial_eval_loss'])}; "
                  f"ln(vocab) = {task['uniform_loss']:.3f}; ratios in parentheses are against full fine-tuning)")
-    for method, name in zip(METHODS, headers[1:]):
-        drift = step_time_drift(methods[method]["step_ms_all"])
+    drifts = {method: step_time_drift(methods[method]["step_ms_all"]) for method in METHODS}
+    # saved results of older versions, whose methods trained one after another, say no "alternating rounds"
+    alternated = "alternating rounds" in result.get("measurement", {}).get("step_time", "")
+    together = alternated and all(d is not None and (d[1] > d[0]) == (drifts["full"][1] > drifts["full"][0])
+                                  for d in drifts.values())
+    if together:  # one change of the machine's load under every column: the alternated steps shared it
+        went = ", ".join(f"{name.split(' (')[0]} {drifts[method][0]:.1f} -> {drifts[method][1]:.1f} ms"
+                         for method, name in zip(METHODS, headers[1:]))
+        lines.append(f"  note: every column's step time {'rose' if drifts['full'][1] > drifts['full'][0] else 'fell'} "
+                     f"during the run ({went}: medians of the first and last thirds of the timed steps): the "
+                     f"machine's load changed; the methods' steps alternated, so the ratios compare them under the "
+                     f"same load, but no median is a steady-state time")
+    for method, name in zip(METHODS, () if together else headers[1:]):
+        drift = drifts[method]
         if drift is not None:
             lines.append(f"  note: {name}: the step time went from {drift[0]:.1f} ms (median of the first third of the "
                          f"timed steps) to {drift[1]:.1f} ms (the last third): the run was not steady (other work on "

@@ -364,6 +364,35 @@ def test_a_column_whose_steps_drift_is_named(result):
     assert compare.step_time_drift([10.0, 10.0, 90.0, 90.0, 90.0]) is None  # under 6 steps: no thirds to compare
 
 
+def test_every_column_drifting_the_same_way_gets_one_note(result):
+    """Alternated steps share a change of the machine's load: when every column's step time rose (or fell) one note
+    says so, and that the ratios compare the methods under the same load, instead of a note per column calling each
+    ratio unsteady. Columns drifting apart, or a saved result of a version that trained them one after another, keep
+    the notes per column."""
+    import copy
+    shown = copy.deepcopy(result)
+    rising = [40.0, 41.0, 39.0, 44.0, 46.0, 45.0, 60.0, 62.0, 61.0]  # thirds' medians 40 and 61
+    for method, factor in zip(compare.METHODS, (1.0, 0.5, 0.25)):
+        shown["methods"][method]["step_ms_all"] = [factor * ms for ms in rising]
+    notes = [line for line in compare.format_compare(shown).splitlines() if "note:" in line and " ms" in line]
+    assert notes == [f"  note: every column's step time rose during the run (full fine-tuning 40.0 -> 61.0 ms, LoRA, "
+                     f"torch 20.0 -> 30.5 ms, LoRA, {shown['backends']['fused']} 10.0 -> 15.2 ms: medians of the first "
+                     f"and last thirds of the timed steps): the machine's load changed; the methods' steps alternated, "
+                     f"so the ratios compare them under the same load, but no median is a steady-state time"]
+    falling = copy.deepcopy(shown)
+    for run in falling["methods"].values():
+        run["step_ms_all"] = run["step_ms_all"][::-1]
+    assert "every column's step time fell during the run" in compare.format_compare(falling)
+    shown["methods"]["lora_fused"]["step_ms_all"] = rising[::-1]  # one column the other way: named one by one
+    text = compare.format_compare(shown)
+    assert "every column" not in text and text.count("the step time went from") == 3
+    for run in shown["methods"].values():
+        run["step_ms_all"] = rising
+    shown["measurement"]["step_time"] = "median wall time of steps 3..10 (device synchronised), first 2 not timed"
+    text = compare.format_compare(shown)
+    assert "every column" not in text and text.count("the step time went from") == 3
+
+
 def test_a_column_whose_steps_spread_is_named(result):
     """A column whose timed steps scatter without a trend (a 2-core run under other jobs: LoRA fused 1027-13828 ms
     around a median of 8796 ms, printed as 1.30x full fine-tuning's with no word) gets a note with its quartiles;
