@@ -22,6 +22,7 @@ sharded like the weights they adapt); save on every rank.
 import json
 import os
 import re
+import sys
 import tempfile
 import warnings
 from collections import Counter
@@ -328,19 +329,68 @@ def read_adapter_config(path):
 
 # ----------------------------------------------------------------------------------------------------------- weights
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def _read_safetensors(file):
+    """{name: tensor} of a safetensors file, its data read once into one bytearray that the tensors view (disjoint
+    ranges; the loader copies them into the model). Not safetensors' load_file (0.8.0), which keeps ~56 bytes per
+    tensor per call for good (25 KB per load of a 448-tensor adapter: a server loading adapters for days piles it
+    up), nor its load() of the file's bytes, which copies every tensor out of them: 2x the file's size at peak, GBs
+    for an adapter with modules_to_save heads (embed_tokens, lm_head). A dtype not listed above (F8_E8M0, F4, ...)
+    goes to load_file, as before."""
+    with open(file, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ValueError("header too small")
+        header_size = int.from_bytes(prefix, "little")
+        if header_size > min(size - 8, 100_000_000):
+            raise ValueError("header too large" if header_size > 100_000_000 else "invalid header length")
+        header = json.loads(f.read(header_size))
+        entries = {k: v for k, v in header.items() if k != "__metadata__"} if isinstance(header, dict) else None
+        if entries is None or not all(isinstance(v, dict) for v in entries.values()):
+            raise ValueError("the header is not a JSON object of tensor entries")
+        if any(v.get("dtype") not in _SAFETENSORS_DTYPES for v in entries.values()):
+            from safetensors.torch import load_file
+            return load_file(file, device="cpu")
+        data = bytearray(size - 8 - header_size)
+        if f.readinto(data) != len(data):
+            raise ValueError("the file shrank while it was read")
+    tensors, end = {}, 0
+    for name, entry in sorted(entries.items(), key=lambda item: item[1].get("data_offsets", [None])[0] or 0):
+        dtype, shape, offsets = _SAFETENSORS_DTYPES[entry["dtype"]], entry.get("shape"), entry.get("data_offsets")
+        if (not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)
+                or not isinstance(offsets, list) or len(offsets) != 2 or offsets[0] != end
+                or not all(type(o) is int for o in offsets)):
+            raise ValueError(f"invalid entry for {name!r} (shape {shape!r}, data_offsets {offsets!r})")
+        count = 1
+        for d in shape:
+            count *= d
+        end = offsets[1]
+        if end - offsets[0] != count * dtype.itemsize or end > len(data):
+            raise ValueError(f"{name!r}: data_offsets {offsets} do not hold shape {shape} of {entry['dtype']}")
+        tensor = (torch.frombuffer(data, dtype=dtype, count=count, offset=offsets[0]) if count
+                  else torch.empty(0, dtype=dtype))
+        tensors[name] = tensor.reshape(shape)
+    if end != len(data):
+        raise ValueError("incomplete metadata, file not fully covered")
+    if sys.byteorder == "big":  # safetensors stores little-endian
+        tensors = {k: t.view(torch.uint8).reshape(-1, t.element_size()).flip(-1).contiguous().view(t.dtype)
+                   .reshape(t.shape) if t.element_size() > 1 and t.numel() else t for k, t in tensors.items()}
+    return tensors
+
+
 def read_adapter_weights(path):
     """{key: tensor} on CPU from adapter_model.safetensors (preferred, as PEFT) or adapter_model.bin
     (torch.load with weights_only=True). Unreadable or truncated files raise ValueError naming the file."""
     file = os.path.join(path, SAFETENSORS_NAME)
     if os.path.isfile(file):
-        from safetensors.torch import load
         try:
-            # Read whole, then parsed: safetensors' load_file (0.8.0) keeps ~56 bytes per tensor per call that are
-            # never freed (25 KB per load of a 448-tensor adapter), which a server loading adapters for days piles
-            # up; load() of the bytes does not. Adapter files are small, so reading them whole costs nothing.
-            with open(file, "rb") as f:
-                tensors = load(f.read())
-        except Exception as exc:  # safetensors raises its own SafetensorError (header/size checks) or OSError
+            tensors = _read_safetensors(file)
+        except Exception as exc:  # our header checks, safetensors' SafetensorError (header/size checks) or OSError
             raise ValueError(f"{file}: not a readable safetensors file (truncated or corrupt?): {exc}") from None
     else:
         file = os.path.join(path, BIN_NAME)

@@ -2601,3 +2601,17 @@ def test_a_saved_head_is_copied_into_the_models_head_keeping_no_original(tmp_pat
     loaded = lk.load_peft_adapter(model, tmp_path, backend=BACKEND)
     assert loaded.head is head and loaded.head.weight is weight and torch.equal(weight, trained.head.weight)
     assert [name for name, module in loaded.named_modules() if not name.startswith("layers")] == modules_before
+
+
+def test_read_adapter_weights_reads_every_dtype_safetensors_writes(tmp_path):
+    """A valid safetensors file is read whatever its dtypes: safetensors.torch.load (236b3fe) raised KeyError
+    'F8_E8M0' for one, reported as "truncated or corrupt?", where load_file reads it."""
+    from safetensors.torch import save_file
+
+    from lora_kernels.peft_io import read_adapter_weights
+    saved = {"scales": torch.ones(3, 4).to(torch.float8_e8m0fnu), "w": torch.randn(2, 3).bfloat16()}
+    save_file(saved, str(tmp_path / "adapter_model.safetensors"))
+    tensors, _ = read_adapter_weights(str(tmp_path))
+    for key, tensor in saved.items():
+        assert tensors[key].dtype == tensor.dtype and torch.equal(tensors[key].view(torch.uint8),
+                                                                  tensor.view(torch.uint8))

@@ -1033,3 +1033,23 @@ def test_loading_adapters_by_name_does_not_grow_python_memory(tmp_path):
         tracemalloc.stop()
     # 64 tensors x 100 loads x ~56 B leaked = ~350 KB; what a cycle keeps legitimately is bounded and far below that
     assert grown < 64 * 1024, f"100 load/delete cycles kept {grown} bytes"
+
+
+def test_reading_an_adapter_file_holds_it_in_memory_once(tmp_path):
+    """An adapter with modules_to_save heads (embed_tokens, lm_head) is GBs: read_adapter_weights must not hold the
+    file's bytes and a copy of every tensor at once (safetensors.torch.load of f.read(): 2x the file at peak)."""
+    import tracemalloc
+    from safetensors.torch import save_file
+
+    from lora_kernels.peft_io import read_adapter_weights
+    save_file({"base_model.model.lm_head.modules_to_save.weight": torch.randn(1024, 1024)},
+              str(tmp_path / "adapter_model.safetensors"))  # 4 MiB
+    size = (tmp_path / "adapter_model.safetensors").stat().st_size
+    tracemalloc.start()
+    try:
+        tensors, _ = read_adapter_weights(str(tmp_path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert tensors["base_model.model.lm_head.modules_to_save.weight"].shape == (1024, 1024)
+    assert peak < 1.3 * size, f"reading a {size}-byte file peaked at {peak} bytes of Python memory"
