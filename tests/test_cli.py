@@ -16,13 +16,16 @@ import threading
 
 import pytest
 
-from lora_kernels import cli
+from lora_kernels import backends, cli
 from lora_kernels import triton as triton_pkg
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY_COMPARE = ["compare", "--model-size", "tiny", "--device", "cpu", "--batch-size", "2", "--seq-len", "16",
                 "--steps", "4", "--warmup", "1", "--infer-reps", "2", "--threads", "1", "--no-progress"]
 QUICK_BENCH = ["bench", "--quick", "--device", "cpu", "--threads", "1", "--reps", "2", "--no-progress"]
+# gpu_check's stages on CPU (the crossovers' stand-in rows) run the cpu backend, absent from a checkout not built
+needs_cpu_backend = pytest.mark.skipif(backends.unavailable_reason("cpu", "cpu") is not None,
+                                       reason=f"needs the cpu backend: {backends.unavailable_reason('cpu', 'cpu')}")
 
 
 def _env():
@@ -344,6 +347,7 @@ def test_gpu_check_times_out_a_test_blocked_in_the_driver(tmp_path):
 
 
 @pytest.mark.slow
+@needs_cpu_backend
 def test_gpu_check_reuses_an_extension_built_from_the_same_inputs(tmp_path):
     # A second call of a lease on a warm machine found the extension built and rebuilt it whole (~50 s on the H200).
     # Here a stand-in python answers the CUDA check, pip (so nothing is built) and the extension check; the rest runs
@@ -382,6 +386,7 @@ def test_gpu_check_reuses_an_extension_built_from_the_same_inputs(tmp_path):
 
 
 @pytest.mark.slow
+@needs_cpu_backend
 def test_gpu_check_dry_run(tmp_path):
     env = _env()
     env["PYTHON"] = sys.executable

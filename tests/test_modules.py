@@ -698,6 +698,8 @@ def test_float32_factors_of_a_16_bit_layer_get_float32_gradients(backend, device
 def test_float32_factor_gradients_of_the_cpu_backend_are_float32_sums(dtype):
     """The cpu backend sums the factors' gradients in float32 from the 16-bit operands (S kept in float32): they
     equal the float64 gradients to float32's precision, where rounding them to 16 bits cost ~1e-3 (bfloat16)."""
+    from conftest import backend_or_skip
+    backend_or_skip("cpu", "cpu")
     layer, expected_a, expected_b = _float32_factor_grads("cpu", "cpu", dtype, 6)
     for factor, expected in ((layer.lora_A, expected_a), (layer.lora_B, expected_b)):
         assert_close(factor.weight.grad, expected, torch.float32, "factor gradient", scale=1e-2)  # 1e-5
@@ -728,7 +730,7 @@ def test_float32_factors_are_cast_inside_the_autograd_function(autocast):
     """A 16-bit layer's float32 factors go into the fused autograd Function as they are: no cast node between them
     and it (two kernels and two autograd nodes per layer and step fewer on a GPU, where a small model's step is host
     time). Likewise a float32 layer's under torch.autocast, which cast them outside before."""
-    layer = LoRALinear(16, 8, r=4, dtype=None if autocast else torch.bfloat16, backend="cpu", init_lora_weights=False)
+    layer = LoRALinear(16, 8, r=4, dtype=None if autocast else torch.bfloat16, backend="torch", init_lora_weights=False)
     x = torch.randn(3, 16, dtype=None if autocast else torch.bfloat16, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         node = layer(x).grad_fn
@@ -741,6 +743,8 @@ def test_second_order_gradients_reach_float32_factors(backend):
     """create_graph=True through a 16-bit layer with float32 factors: the gradients' own derivatives reach the
     factors (the Function's differentiable backward casts them again, in the graph), as the reference backend's,
     which autograd differentiates through its casts."""
+    from conftest import backend_or_skip
+    backend_or_skip(backend, "cpu")
     results = []
     for run_backend in (backend, "reference"):
         torch.manual_seed(0)
@@ -1559,6 +1563,8 @@ def test_multi_lora_float32_slots_get_float32_gradients(backend, device):
 def test_multi_lora_float32_slots_reach_second_order_gradients():
     """A MultiLoRALinear's float32 slots, cast inside its autograd Function: its create_graph backward reaches them,
     as the reference backend's does through its casts."""
+    from conftest import backend_or_skip
+    backend_or_skip("cpu", "cpu")
     layer, _, _ = _float32_slot_grads("cpu", "cpu")
     x, ids = torch.randn(5, 32, dtype=torch.bfloat16, requires_grad=True), torch.tensor([0, 1, 2, -1, 1])
     second_order = []
@@ -1601,7 +1607,7 @@ def test_multi_lora_float32_slots_are_cast_inside_the_autograd_function(autocast
     """No cast node between a MultiLoRALinear's float32 slots and its autograd Function (the slots' gradients,
     L·R·(K+N) elements, cast back by autograd every step before), in a bfloat16 layer and in a float32 one under
     torch.autocast, where the Function saved autocast's casts of every slot for backward too."""
-    layer, _, _ = _float32_slot_grads("cpu", "cpu")
+    layer, _, _ = _float32_slot_grads("torch", "cpu")
     if autocast:
         layer.float()  # the slots are float32 already
     x = torch.randn(5, 32, dtype=torch.float32 if autocast else torch.bfloat16, requires_grad=True)
