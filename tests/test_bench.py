@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import backend_or_skip
 from lora_kernels import bench
 from lora_kernels.batch import LoRABatch
 from lora_kernels.functional import lora_linear, multi_lora_linear
@@ -357,6 +358,7 @@ def test_summary_of_the_crossovers_groups_the_backward_by_dtype_and_rank():
 def test_crossovers_keep_the_sections_measured_before_one_fails(tmp_path, monkeypatch, capsys):
     """A GPU lease is rare: a section of cuda_crossovers.py that raises is reported and the others still run, and
     the JSON holds what was measured (it was written only at the end, so one error lost every row)."""
+    backend_or_skip("cpu", "cpu")  # its rows on CPU run the cpu backend
     crossovers = _benchmark_script("cuda_crossovers")
 
     def fail(*args, **kwargs):

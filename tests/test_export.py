@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import lora_kernels as lk
-from conftest import rel_error
+from conftest import backend_or_skip, rel_error
 from lora_kernels.batch import BUFFER_FIELDS
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -110,6 +110,7 @@ def test_an_aoti_package_and_a_saved_program_run_in_a_fresh_process_after_import
     model computes, once that process imports lora_kernels; without the import, loading the package names the
     missing op. The package draws a new dropout mask per call (the seed is drawn in the graph), reproducible under
     torch.manual_seed. ~25 s on 2 CPU cores, most of it Inductor's C++ compile."""
+    backend_or_skip("cpu", "cpu")  # the C++ extension's ops
     model = _Deployed()
     tokens = torch.export.Dim("tokens", min=2, max=64)
     batch_shapes = [{0: tokens} if name in ("adapter_ids", "sorted_token_ids") else None for name in BUFFER_FIELDS]
@@ -157,6 +158,7 @@ def test_importing_lora_kernels_registers_every_custom_op_a_traced_call_can_reco
     Triton kernels' ops were registered only when their module was first used: a package exported with the triton
     backend (the auto choice for the grouped ops on GPUs) failed to load after `import lora_kernels` ("Could not
     find schema for lora_kernels_triton::sgmv_shrink")."""
+    backend_or_skip("cpu", "cpu")  # the C++ extension's ops
     script = """
 import importlib, json, pkgutil, torch
 
@@ -199,6 +201,7 @@ def test_a_saved_program_loaded_without_import_lora_kernels_fails_unless_its_inp
     """README, Serving stacks: without `import lora_kernels`, torch.export.load logs "We failed to resolve
     torch.ops.lora_kernels.lora_fwd.default" and fails; a program whose example inputs hold a LoRABatch loads,
     because unpickling them imports the package. ~8 s, two fresh processes importing torch."""
+    backend_or_skip("cpu", "cpu")  # the C++ extension's ops
     single = lk.LoRALinear.from_linear(nn.Linear(16, 12), r=4, backend="cpu").eval()
     multi = lk.MultiLoRALinear(nn.Linear(16, 12), max_adapters=2, max_rank=4, backend="cpu").eval()
     x = torch.randn(5, 16)
@@ -222,6 +225,7 @@ def test_backward_through_an_exported_program_raises_instead_of_dropping_the_lor
     exported program lost the LoRA terms without a word (lora_a.grad None, x.grad off by 100%) or, on CPU, followed
     the kernel's ATen calls by chance; now the single-adapter ops' backward raises, and sgmv_expand (in place, no
     output to raise from) refuses a t that requires grad. Without grad the exported programs still compute."""
+    backend_or_skip("cpu", "cpu")  # the C++ extension's ops
     torch.manual_seed(0)
     single = lk.LoRALinear(16, 12, r=4, backend="cpu")
     nn.init.normal_(single.lora_B.weight)
@@ -278,6 +282,7 @@ def test_the_grouped_triton_ops_of_an_exported_program_refuse_inputs_that_requir
 def test_the_raw_expand_bumps_the_version_of_the_output_it_adds_into():
     """sgmv_expand writes into out: its version counter moves, so autograd refuses a backward that saved out before
     (torch's default kernel for custom ops left the counter alone)."""
+    backend_or_skip("cpu", "cpu")  # the C++ extension's ops
     batch = lk.LoRABatch.from_adapter_ids(torch.tensor([0, 1, -1]), 2)
     out = torch.zeros(3, 5)
     torch.ops.lora_kernels.sgmv_expand(torch.randn(3, 4), torch.randn(2, 5, 4), batch.sorted_token_ids,

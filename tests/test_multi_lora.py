@@ -1433,6 +1433,7 @@ def test_outputs_that_overlap_an_input_or_themselves_are_refused(backend, device
 def test_lora_expand_runs_on_fake_tensors():
     """Under FakeTensorMode (shape and memory estimates outside torch.compile) every storage's data pointer is 0:
     the output check must not take that for shared memory (it refused every call)."""
+    backend_or_skip("cpu", "cpu")  # the C++ extension's ops
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils._pytree import tree_map
     num_slots, rank, m, n = 2, 4, 6, 5
@@ -2060,6 +2061,7 @@ def test_quantized_weight_subclass_under_autocast_runs_its_own_linear_uncast(bac
     """Under torch.autocast a subclass weight is left uncast, as nn.Linear leaves it (its own F.linear runs under
     autocast), serving and training: as the dequantized weight under autocast. Before, the cast of the weight failed
     ("unimplemented operator aten._to_copy"; torchao 0.18's Int8Tensor stays float32, which the checks refused)."""
+    backend_or_skip(backend, "cpu")
     quantized, plain = quantized_linear(24, 16)
     num_slots, rank, m = 3, 4, 40
     x = randn(m, 24)
@@ -2086,6 +2088,7 @@ def test_quantized_16_bit_base_weight_takes_a_float32_input_as_its_own_linear_do
     torchao-quantized bfloat16 model, see test_modules): its own F.linear takes them (torchao's Int8Tensor computes
     in the input's dtype), so serving and training compute as on the dequantized weight in float32. Before, the
     call was refused ("multi_lora_linear: weight expected dtype torch.float32 (same as x), got torch.bfloat16")."""
+    backend_or_skip(backend, "cpu")
     quantized, _ = quantized_linear(24, 16, dtype=torch.bfloat16)
     bias = quantized.bias.detach().float()
     plain_weight = quantized.weight.dequantize(torch.float32)
