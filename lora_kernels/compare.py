@@ -626,7 +626,7 @@ class _MethodRun:
     steps interleave."""
 
     def __init__(self, method, model, cfg):
-        self.method, self.model, self.cfg = method, model, cfg
+        self.method, self.model = method, model
         self.device = torch.device(cfg.device)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.lr = cfg.lr if method == "full" else cfg.lora_lr
