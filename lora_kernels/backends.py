@@ -61,6 +61,14 @@ def parse_device(op, value):
         raise ValueError(f"{op}: --device expected cpu or cuda, got {value!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{op}: --device cuda but torch sees no CUDA device")
+    # an index torch accepts but the run would not honour: cpu:3 ran on the one CPU device as cpu does, and
+    # cuda:5 on a one-GPU machine failed in the middle of the run with torch's "invalid device ordinal"
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise ValueError(f"{op}: --device expected cpu or cpu:0 (torch has one CPU device), got {value!r}")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ValueError(f"{op}: --device {value!r} but torch sees {count} CUDA device{'s' if count != 1 else ''} "
+                         f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})")
     return device
 
 

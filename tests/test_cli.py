@@ -145,6 +145,12 @@ def test_compare_save_and_json_write_standard_json(monkeypatch, capsys, tmp_path
     assert json.loads(capsys.readouterr().out, parse_constant=refuse)["methods"]["full"]["eval_loss"] is None
 
 
+def test_compare_help_lists_the_backends(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "--help"])
+    assert "reference, torch, triton, cuda, cpu or auto" in " ".join(capsys.readouterr().out.split())
+
+
 def test_compare_bad_option_is_a_clear_error(capsys):
     assert cli.main(TINY_COMPARE + ["--targets", "no_such_layer"]) == 2
     assert "--targets" in capsys.readouterr().err
@@ -519,6 +525,7 @@ def test_malformed_option_values_are_refused_by_the_parser(capsys, command, mess
 
 @pytest.mark.parametrize("options, message", [
     (["--device", "gpu"], "bench: --device expected cpu or cuda, got 'gpu'"),
+    (["--device", "cpu:1"], "bench: --device expected cpu or cpu:0 (torch has one CPU device), got 'cpu:1'"),
     (["--sections", "fast"], "bench: --sections expected names from host, forward, train, grouped, decode, sweep (or "
                              "all alone), got fast (unknown: fast)"),
     (["--sections", "all,host"], "got all,host (all goes alone)"),

@@ -577,6 +577,19 @@ def test_only_a_missing_device_takes_the_default():
     assert dataclasses.replace(TINY, device=None).resolved().device == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def test_a_device_index_the_run_would_not_honour_is_refused():
+    # cpu:3 had run on the one CPU device as plain cpu does; cuda:N past the GPU count failed mid-run in torch
+    with pytest.raises(ValueError, match=r"compare: --device expected cpu or cpu:0 \(torch has one CPU device\), "
+                                         r"got 'cpu:3'"):
+        dataclasses.replace(TINY, device="cpu:3").resolved()
+    assert dataclasses.replace(TINY, device="cpu:0").resolved().device == "cpu:0"
+    count = torch.cuda.device_count()
+    if count:
+        with pytest.raises(ValueError, match=rf"compare: --device 'cuda:{count}' but torch sees {count} CUDA device"):
+            dataclasses.replace(TINY, device=f"cuda:{count}").resolved()
+        assert dataclasses.replace(TINY, device=f"cuda:{count - 1}").resolved().device == f"cuda:{count - 1}"
+
+
 def test_compile_is_a_flag_and_needs_a_warmup_step():
     with pytest.raises(TypeError, match="compare: --compile expected a bool, got 'yes'"):
         dataclasses.replace(TINY, compile="yes").resolved()
