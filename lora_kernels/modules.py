@@ -427,6 +427,7 @@ class LoRALinear(nn.Module):
         """Adds scaling * B @ A into the base weight. safe_merge computes the result first and refuses (ValueError,
         weight untouched) when it holds NaN or Inf."""
         safe_merge = check_flag("LoRALinear.merge", "safe_merge", safe_merge)
+        self._refuse_computed_weight("LoRALinear.merge")
         self._refuse_subclass_weight("LoRALinear.merge")
         self._check_factor_devices("LoRALinear.merge")
         if safe_merge and self.weight.is_meta:  # no values to check: torch failed in .item(), naming no tensor
@@ -446,6 +447,7 @@ class LoRALinear(nn.Module):
         """Subtracts the merged delta again (exact up to the weight dtype's rounding)."""
         if not self.merged:
             raise RuntimeError("LoRALinear.unmerge: the adapter is not merged")
+        self._refuse_computed_weight("LoRALinear.unmerge")
         self._check_factor_devices("LoRALinear.unmerge")
         refuse_inference_tensor_writes("LoRALinear.unmerge", [("the base weight", self.weight)])
         self.weight.copy_((self.weight.to(self._merge_dtype()) - self._stored_delta()).to(self.weight.dtype))
@@ -460,6 +462,20 @@ class LoRALinear(nn.Module):
             yield self
         finally:
             self.disable_adapters = previous
+
+    def _refuse_computed_weight(self, op):
+        """TypeError when `weight` is no longer the layer's own Parameter but computed from others on each access or
+        forward (torch.nn.utils.parametrize: parametrizations.weight_norm / spectral_norm / orthogonal; the deprecated
+        weight_norm / spectral_norm hooks; torch.nn.utils.prune): merge()/unmerge() wrote the delta into that computed
+        tensor, which the next access or forward computes anew, so `merged` was set while the adapter was gone from
+        the output (check_wrappable_linear refuses such weights when wrapping; this is one parametrized since)."""
+        if "weight" not in self._parameters:
+            raise TypeError(f"{op}: the base weight is computed from other parameters on each access or forward "
+                            f"(torch.nn.utils.parametrize, weight_norm, spectral_norm or prune, applied after the "
+                            f"layer was made), so a delta written into it would be lost; the layer is unchanged. "
+                            f"Remove that first (parametrize.remove_parametrizations(layer, 'weight'), "
+                            f"remove_weight_norm, prune.remove), or use to_linear() / merge_and_unload(), which "
+                            f"read the computed weight")
 
     def _refuse_subclass_weight(self, op):
         """TypeError for a merge into a subclass weight (is_subclass_weight): merging into a quantized weight means

@@ -1756,3 +1756,32 @@ def test_targets_left_out_by_the_options_are_not_called_unmatched(option, words)
                                          r"model; " + words):
         lk.inject_lora(model, ["q_proj"], r=2, **option)
     assert [name for name, _ in model.named_modules()] == tree
+
+
+@pytest.mark.parametrize("compute_weight", ["parametrize_weight_norm", "old_weight_norm", "prune"])
+def test_merge_of_a_weight_computed_since_wrapping_is_refused_not_dropped(compute_weight):
+    # A weight parametrized (or pruned, or weight-normed) after the layer was made is computed on each access or
+    # forward: merge() wrote the delta into that temporary, set merged=True, and the adapter vanished from the output
+    layer = _trained(LoRALinear(16, 12, r=4, backend="torch"))
+    if compute_weight == "parametrize_weight_norm":
+        nn.utils.parametrizations.weight_norm(layer, "weight")
+    elif compute_weight == "old_weight_norm":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            nn.utils.weight_norm(layer, "weight")
+    else:
+        from torch.nn.utils import prune
+        prune.l1_unstructured(layer, "weight", 0.3)
+    x = torch.randn(5, 16)
+    expected = layer(x)
+    with pytest.raises(TypeError, match="computed from other parameters"):
+        layer.merge()
+    assert not layer.merged
+    torch.testing.assert_close(layer(x), expected)
+    torch.testing.assert_close(layer.to_linear()(x), expected)  # the supported way to fold it in
+    merged = _trained(LoRALinear(16, 12, r=4, backend="torch"))
+    merged.merge()
+    nn.utils.parametrizations.weight_norm(merged, "weight")
+    with pytest.raises(TypeError, match="LoRALinear.unmerge: the base weight is computed"):
+        merged.unmerge()
+    assert merged.merged
