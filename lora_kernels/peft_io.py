@@ -37,7 +37,8 @@ from lora_kernels.backends import check_backend_name
 from lora_kernels.modules import (_PEFT_ONLY_HINT, BASE_ADAPTER, BIAS_ATTR, BIAS_MODES, LORA_WRAPPERS,
                                   MODULES_TO_SAVE_ATTR, PEFT_ONLY_LAYERS, TASK_TYPE_ATTR, LoRALinear, MultiLoRALinear,
                                   _record_bias, _record_modules_to_save, _record_task_type, _rollback_on_error,
-                                  _set_submodule, _train_biases, _warn_linear_fan_in_fan_out, adapter_table_lock,
+                                  _set_submodule, _train_biases, _warn_linear_fan_in_fan_out, _warn_tied_targets,
+                                  adapter_table_lock,
                                   check_no_accelerate_hook, check_targets_outside_heads, check_wrappable_linear,
                                   copy_into, embedding_layer, enable_input_grads_for_checkpointing, is_conv1d,
                                   is_layer_index, lora_scaling, named_modules_to_save, named_target_modules,
@@ -753,6 +754,18 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
             raise ValueError(f"{op}: the model has LoRA layers the adapter does not target ({stale[:5]}"
                              f"{' ...' if len(stale) > 5 else ''}); they would keep other weights. Load into the base "
                              f"model or a model injected with the adapter's target_modules")
+        # modules_to_save heads of the adapter loaded (or injected) before hold its trained state in place (no
+        # original is kept): an adapter without them would run beside them and drop them from the next save
+        recorded = getattr(model, MODULES_TO_SAVE_ATTR, None)
+        loading = {name for name, *_ in heads}
+        stale_heads = [n for n, _ in (named_modules_to_save(model, recorded, op) if recorded else [])
+                       if n not in loading]
+        if stale_heads:
+            raise ValueError(f"{op}: the model has modules_to_save {stale_heads[:5]} trained in place by the adapter "
+                             f"loaded or injected before ({recorded}), which this adapter does not hold; they would "
+                             f"keep that adapter's weights. Load into the base model")
+        # as inject_lora (and PEFT's from_pretrained) warn: merge() of a tied target would change both
+        _warn_tied_targets(op, model, [(n, m) for n, m, *_ in plan if not isinstance(m, LORA_WRAPPERS)])
         _commit_single(model, config, plan, grouped, heads, biases, base_tensors, backend, autocast_adapter_dtype)
         embedding_layers = sorted({key.rpartition(".")[0] for key, *_ in embedding_tensors})
         if embedding_layers:

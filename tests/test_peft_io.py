@@ -417,10 +417,11 @@ def test_modules_to_save_train_whole_and_round_trip(tmp_path):
     x = torch.randn(3, 16)
     torch.testing.assert_close(loaded(x), trained(x), rtol=0, atol=0)
     assert loaded.lora_modules_to_save == ["head"] and loaded.head.weight.requires_grad
-    # an adapter without modules_to_save loaded over it freezes the head again and forgets it
+    # an adapter without modules_to_save loaded over it would run beside this head's trained weights: refused
     lk.save_peft_adapter(_trained(), tmp_path / "plain")
-    lk.load_peft_adapter(loaded, tmp_path / "plain")
-    assert not hasattr(loaded, "lora_modules_to_save") and not loaded.head.weight.requires_grad
+    with pytest.raises(ValueError, match=r"which this adapter does not hold"):
+        lk.load_peft_adapter(loaded, tmp_path / "plain")
+    assert loaded.lora_modules_to_save == ["head"] and loaded.head.weight.requires_grad
     # PEFT's suffix rule ("norm" selects layers.0.norm and layers.1.norm), buffers and all
     both = _trained(modules_to_save=["head", "norm"])
     lk.save_peft_adapter(both, tmp_path / "both")
@@ -2615,3 +2616,32 @@ def test_read_adapter_weights_reads_every_dtype_safetensors_writes(tmp_path):
     for key, tensor in saved.items():
         assert tensors[key].dtype == tensor.dtype and torch.equal(tensors[key].view(torch.uint8),
                                                                   tensor.view(torch.uint8))
+
+
+def test_an_adapter_without_the_heads_of_the_one_loaded_before_is_refused_untouched(tmp_path):
+    """Adapter A (with a modules_to_save head) then adapter B (without one) into the same model: A's head was copied
+    into the model's head in place, so B ran beside A's trained head (PEFT's load_adapter + set_adapter computes B
+    with the original head) and a save dropped it; refused like LoRA layers B does not target (helper 158)."""
+    with_head = _trained(modules_to_save=["head"])
+    with torch.no_grad():
+        with_head.head.weight.add_(1.0)
+    lk.save_peft_adapter(with_head, tmp_path / "a")
+    lk.save_peft_adapter(_trained(), tmp_path / "b")
+    model = lk.load_peft_adapter(_base(), tmp_path / "a")
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"modules_to_save \['head'\] .* which this adapter does not hold"):
+        lk.load_peft_adapter(model, tmp_path / "b")
+    _assert_same(model, before)
+    # an adapter that holds the same head loads over it
+    lk.load_peft_adapter(model, tmp_path / "a")
+
+
+def test_loading_into_a_tied_target_gets_the_warning_inject_lora_gives(tmp_path):
+    """A target whose weight is tied (a tied lm_head): inject_lora warns, as PEFT's from_pretrained does, that
+    LoRALinear.merge() would change both; load_peft_adapter, which makes the same layers, said nothing (helper 158)."""
+    lk.save_peft_adapter(_trained(["layers.0.o_proj"]), tmp_path)
+    model = _base()
+    model.layers[1].o_proj.weight = model.layers[0].o_proj.weight
+    with pytest.warns(UserWarning, match=r"load_peft_adapter: the weight of target 'layers.0.o_proj' is tied to "
+                                         r"'layers.1.o_proj.weight'; .*merge\(\) would change both"):
+        lk.load_peft_adapter(model, tmp_path, backend=BACKEND)
