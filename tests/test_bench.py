@@ -42,6 +42,7 @@ def test_a_gpu_bench_runs_with_its_device_current(monkeypatch):
 
     current = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext(current.append(d)))
     monkeypatch.setattr(bench, "_run_bench", lambda cfg, progress_stream, on_update: list(current))
     assert bench.run_bench(_tiny(device="cuda:1")) == [torch.device("cuda", 1)]
