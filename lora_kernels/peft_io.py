@@ -819,6 +819,11 @@ def _commit_single(model, config, plan, grouped, heads, biases, base_tensors, ba
         if isinstance(m, LoRALinear):
             refuse_inference_tensor_writes("load_peft_adapter", [("lora_A", m.lora_A.weight),
                                                                  ("lora_B", m.lora_B.weight)])
+    # the model's own tensors that the file overwrites (trained biases, base-layer and embedding tensors, heads):
+    # torch refuses them only after writing, and the rollback's requires_grad_(True) then failed on every parameter
+    refuse_inference_tensor_writes("load_peft_adapter", [(key, current) for key, current, _ in biases + base_tensors]
+                                   + [(f"{name}.{key}", t) for name, module, _ in heads
+                                      for key, t in module.state_dict(keep_vars=True).items()])
     snapshots = [(m, m.lora_A.weight.detach().clone(), m.lora_B.weight.detach().clone(),
                   (m.lora_alpha, m.use_rslora, m.scaling, m.lora_dropout))
                  for _, m, *_ in plan if isinstance(m, LoRALinear)]
@@ -1164,12 +1169,14 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
     _check_adapter_name(op, adapter_name)
     if task_type is not None and not isinstance(task_type, str):  # written to the config as is
         raise TypeError(f"{op}: task_type expected None or a str such as 'CAUSAL_LM', got {task_type!r}")
+    loaded = ""
+    if task_type is None and adapter_name is None:  # the loaded file's, as PEFT saves what it loaded
+        task_type = getattr(model, TASK_TYPE_ATTR, None)
+        loaded = " (the task type of the adapter file load_peft_adapter read; pass task_type= to replace it)"
     if task_type is not None and task_type not in PEFT_TASK_TYPES:
         # PEFT 0.21's PeftConfig refuses any other value ("Invalid task type"), so the file would not load there
         raise ValueError(f"{op}: task_type expected None or one of PEFT's task types {list(PEFT_TASK_TYPES)}, "
-                         f"got {task_type!r}")
-    if task_type is None and adapter_name is None:  # the loaded file's, as PEFT saves what it loaded
-        task_type = getattr(model, TASK_TYPE_ATTR, None)
+                         f"got {task_type!r}{loaded}")
     if isinstance(base_model_name_or_path, os.PathLike):
         base_model_name_or_path = os.fspath(base_model_name_or_path)  # a Path was not JSON serializable
     if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):

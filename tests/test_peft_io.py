@@ -2645,3 +2645,50 @@ def test_loading_into_a_tied_target_gets_the_warning_inject_lora_gives(tmp_path)
     with pytest.warns(UserWarning, match=r"load_peft_adapter: the weight of target 'layers.0.o_proj' is tied to "
                                          r"'layers.1.o_proj.weight'; .*merge\(\) would change both"):
         lk.load_peft_adapter(model, tmp_path, backend=BACKEND)
+
+
+@pytest.mark.parametrize("kind", ["head", "bias"])
+def test_load_into_a_model_made_under_inference_mode_is_refused_by_name_before_any_write(kind, tmp_path):
+    """A base model built under torch.inference_mode, loaded outside it with an adapter that writes the model's own
+    tensors (a modules_to_save head, biases trained by bias="all"): torch refused the write only after it, the
+    rollback's requires_grad_(True) then failed too, and every parameter of the model was left frozen."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.head = nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.q_proj(x))
+
+    source = Net()
+    options = {"modules_to_save": ["head"]} if kind == "head" else {"bias": "all"}
+    lk.inject_lora(source, ["q_proj"], r=2, init_lora_weights=False, **options)
+    lk.save_peft_adapter(source, tmp_path)
+    with torch.inference_mode():
+        model = Net()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="inference tensor"):
+        lk.load_peft_adapter(model, tmp_path)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def test_a_loaded_task_type_peft_does_not_know_is_refused_before_any_file_is_written(tmp_path):
+    """README: "a task type PEFT does not know is refused before any file is written". One read from an adapter
+    file (which PEFT itself refuses to load: "Invalid task type") was written to the new file unchecked."""
+    source = nn.Sequential(nn.Linear(8, 8))
+    lk.inject_lora(source, ["0"], r=2)
+    lk.save_peft_adapter(source, tmp_path / "a")
+    config_path = tmp_path / "a" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["task_type"] = "NOT_A_TASK"
+    config_path.write_text(json.dumps(config))
+    model = nn.Sequential(nn.Linear(8, 8))
+    lk.load_peft_adapter(model, tmp_path / "a")
+    with pytest.raises(ValueError, match="NOT_A_TASK"):
+        lk.save_peft_adapter(model, tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+    lk.save_peft_adapter(model, tmp_path / "c", task_type="CAUSAL_LM")  # replaced by name
+    assert json.loads((tmp_path / "c" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
