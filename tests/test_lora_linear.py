@@ -262,7 +262,7 @@ def test_a_frozen_weight_gets_no_weight_gradient_computed(backend, create_graph,
         grads = torch.autograd.grad(y, leaves, randn(m, n, device=device), create_graph=create_graph)
     assert [tuple(g.shape) for g in grads] == [(m, k), (r, k), (n, r)]
     assert (n, k) not in products.shapes, products.shapes
-    assert products.shapes or backend == "triton"  # the mode sees the backward's products (Triton's: kernels of its own)
+    assert products.shapes or backend == "triton"  # the mode saw the products (Triton: its own kernels)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["reference"])
