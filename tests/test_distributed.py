@@ -112,6 +112,7 @@ def _worker(rank, port, out_dir):
                 _loss(model, x, target).backward()
             results["fsdp2"] = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
             lk.save_peft_adapter(model, os.path.join(out_dir, "fsdp2_adapter"))  # every rank: gathers the shards
+            dist.barrier()  # rank 0 writes the file that every rank loads below (rank 1 had looked before it existed)
             # a named adapter loaded into sharded slots: refused by name, the slots as they were
             multi = lk.prepare_multi_adapter(_base(), ["0", "2", "4"], max_adapters=2, max_rank=4)
             for layer in multi:
