@@ -469,13 +469,22 @@ class LoRALinear(nn.Module):
         weight_norm / spectral_norm hooks; torch.nn.utils.prune): merge()/unmerge() wrote the delta into that computed
         tensor, which the next access or forward computes anew, so `merged` was set while the adapter was gone from
         the output (check_wrappable_linear refuses such weights when wrapping; this is one parametrized since)."""
-        if "weight" not in self._parameters:
-            raise TypeError(f"{op}: the base weight is computed from other parameters on each access or forward "
-                            f"(torch.nn.utils.parametrize, weight_norm, spectral_norm or prune, applied after the "
-                            f"layer was made), so a delta written into it would be lost; the layer is unchanged. "
-                            f"Remove that first (parametrize.remove_parametrizations(layer, 'weight'), "
-                            f"remove_weight_norm, prune.remove), or use to_linear() / merge_and_unload(), which "
-                            f"read the computed weight")
+        if "weight" in self._parameters:
+            return
+        computed = (nn.utils.parametrize.is_parametrized(self, "weight")
+                    or any(f"weight{suffix}" in self._parameters for suffix in ("_orig", "_g", "_v")))
+        if not computed:  # a plain tensor attribute: FSDP1 (use_orig_params=False) holds views of its flat parameter
+            raise TypeError(f"{op}: the base weight is a {type(self.weight).__name__}, not the layer's Parameter (a "
+                            f"view of FullyShardedDataParallel's flat parameter, use_orig_params=False?); the layer "
+                            f"is unchanged. Call {op.rpartition('.')[2]}() on every rank inside `with "
+                            f"FullyShardedDataParallel.summon_full_params(model, writeback=True):`, or register the "
+                            f"weight as a Parameter again")
+        raise TypeError(f"{op}: the base weight is computed from other parameters on each access or forward "
+                        f"(torch.nn.utils.parametrize, weight_norm, spectral_norm or prune, applied after the "
+                        f"layer was made), so a delta written into it would be lost; the layer is unchanged. "
+                        f"Remove that first (parametrize.remove_parametrizations(layer, 'weight'), "
+                        f"remove_weight_norm, prune.remove), or use to_linear() / merge_and_unload(), which "
+                        f"read the computed weight")
 
     def _refuse_subclass_weight(self, op):
         """TypeError for a merge into a subclass weight (is_subclass_weight): merging into a quantized weight means

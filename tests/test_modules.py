@@ -1794,3 +1794,19 @@ def test_merge_of_a_weight_computed_since_wrapping_is_refused_not_dropped(comput
     with pytest.raises(TypeError, match="LoRALinear.unmerge: the base weight is computed"):
         merged.unmerge()
     assert merged.merged
+
+
+def test_merge_of_a_plain_tensor_weight_names_fsdp1_not_a_parametrization():
+    # FullyShardedDataParallel (use_orig_params=False) holds `weight` as a plain tensor view of its flat parameter
+    # outside summon_full_params: not in _parameters, yet nothing parametrizes or prunes it; the refusal named those
+    layer = _trained(LoRALinear(16, 12, r=4, backend="torch"))
+    view = layer.weight.detach()
+    del layer.weight
+    layer.weight = view  # what FSDP1's _use_unsharded_views(as_params=False) does
+    before = view.clone()
+    for op in ("merge", "unmerge"):
+        layer.merged = op == "unmerge"
+        with pytest.raises(TypeError, match=rf"LoRALinear.{op}: the base weight is a Tensor, not the layer's "
+                                            rf"Parameter .*summon_full_params"):
+            getattr(layer, op)()
+    torch.testing.assert_close(layer.weight, before, rtol=0, atol=0)
