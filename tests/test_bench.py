@@ -549,3 +549,44 @@ def test_the_dy_once_candidates_rotate_by_the_bytes_they_touch(monkeypatch):
     assert len(dys) == len(candidates["gemms"]) == len(candidates["kernel"])  # one distinct dY per set
     rotated = sum(dy.nbytes for dy in dys.values())
     assert len(dys) == bench.MAX_SETS or rotated >= bench.CACHE_MULTIPLE * cache, (len(dys), rotated)
+
+
+def test_every_rows_ratio_is_its_ours_value_over_its_baseline_value():
+    """Each row's ratio is the value in its "ours" column over the one in its "baseline" column (the one row that
+    design.md §8 states as baseline / ours, PEFT's layer with dropout, inverted and said so in its note), in every
+    section: a ratio inverted or divided by another row's value had printed, e.g., LoRA at 0.5x full fine-tuning's
+    fwd+bwd time where it took 2x, or our activation memory at 1.6x PEFT's where it was 0.6x."""
+    backends = ("torch", "cpu") if HAS_EXTENSION else ("torch",)
+    rows = bench.run_bench(_tiny(sections=("all",), backends=backends, ms=(2,), train_m=32, sweep_tokens=(4,),
+                                 sweep_adapters=(2,)))["rows"]
+    assert not [row for row in rows if row["kind"] == "error"]
+    kinds = {row["kind"] for row in rows if row["ratio"] is not None}
+    assert {"unfused_vs_ours", "lora_vs_full", "memory_vs_unfused", "fwd_bwd_vs_gemms", "decode_bandwidth",
+            "grouped_vs_loop", "sweep_bandwidth", "host_overhead"} <= kinds
+    for row in rows:
+        if row["ratio"] is None:
+            continue
+        if row["kind"] == "unfused_vs_ours":
+            assert row["note"].startswith("ratio = baseline / ours"), row
+            assert row["ratio"] == pytest.approx(row["baseline_value"] / row["ours_value"]), row
+        else:
+            assert row["ratio"] == pytest.approx(row["ours_value"] / row["baseline_value"]), row
+
+
+def test_copy_bandwidth_counts_the_bytes_read_and_written(monkeypatch):
+    """The decode bandwidth rows' baseline: a copy of n float32 elements reads 4n bytes and writes 4n, so 1 MiB
+    copied in 1 ms is 2 x 4 MiB / 1 ms (counting one of the two had doubled every bandwidth ratio)."""
+    monkeypatch.setattr(bench, "measure", lambda candidates, **timing: dict.fromkeys(candidates, 1.0))
+    timing = {"device": torch.device("cpu"), "reps": 1, "warmup": 0}
+    assert bench.copy_bandwidth(1 << 20, timing) == pytest.approx(2 * 4 * (1 << 20) / 1e6)
+
+
+def test_every_candidate_is_warmed_up_before_the_first_is_timed(monkeypatch):
+    """measure warms every candidate (each of its input sets in turn) before timing any: warming the first one alone
+    left the others' first timed calls cold (allocator, caches, lazily built kernels)."""
+    calls = []
+    candidates = {name: [lambda name=name, i=i: calls.append((name, i)) for i in range(2)] for name in ("a", "b")}
+    bench.measure(candidates, torch.device("cpu"), reps=2, warmup=3)
+    warm = [("a", 0), ("a", 1), ("a", 0), ("b", 0), ("b", 1), ("b", 0)]
+    assert calls[:6] == warm
+    assert len(calls) == 6 + bench.ROUNDS * len(candidates) * max(1, -(-2 // bench.ROUNDS))

@@ -1166,6 +1166,17 @@ def test_inference_latency_is_the_median_of_the_timed_passes_after_two_warmup_pa
     assert next(durations, None) is None  # five passes in all
 
 
+def test_each_inference_path_is_warmed_up_in_its_own_state():
+    """The warm-up passes put each path into its state first, as the timed ones do: run in whatever state the model
+    was left in, they warmed one path (its kernels, caches, allocations) and left the others' first timed passes
+    cold."""
+    state, ran = [None], []
+    variants = {name: (lambda name=name: state.__setitem__(0, name), lambda inputs: ran.append(state[0]))
+                for name in ("unmerged_unfused", "unmerged_fused", "merged")}
+    compare._time_forwards(variants, None, 1, torch.device("cpu"))
+    assert ran == list(variants) * 3  # two warm-up rounds, then one timed round
+
+
 def test_checkpoints_are_peft_adapter_files_and_full_state_dicts(tmp_path):
     from safetensors import safe_open
     cfg = _tiny_cfg()
@@ -1267,6 +1278,27 @@ def test_peak_memory_is_measured_with_one_model_in_memory(monkeypatch):
     run_compare(dataclasses.replace(TINY, steps=2, warmup=1, infer_reps=1, batch_size=2, seq_len=8,
                                     targets=("q_proj",)))
     assert alive == [1] * (len(compare.METHODS) * compare.MEMORY_STEPS)
+
+
+def test_each_columns_peak_memory_is_measured_on_that_methods_model(monkeypatch):
+    """The model alone in memory during a probed step is the column's own: no LoRA layer for full fine-tuning
+    (every weight trained), the torch backend's LoRA layers for the torch column, the fused backend's for the fused
+    one. A peak measured on another method's model (full fine-tuning's for all three) printed one method's memory
+    in every column, and its ratios 1.00x."""
+    import gc
+    models = []
+
+    class Probe(StandInProbe):
+        def start(self):
+            gc.collect()
+            model, = [o for o in gc.get_objects() if type(o) is DecoderLM]
+            models.append(sorted({layer.backend for layer in compare._lora_layers(model)}))
+
+    monkeypatch.setattr(compare, "MemoryProbe", Probe)
+    result = run_compare(dataclasses.replace(TINY, steps=2, warmup=1, infer_reps=1, batch_size=2, seq_len=8,
+                                             targets=("q_proj",)))
+    expected = [[], ["torch"], [result["backends"]["fused"]]]
+    assert models == [backends for backends in expected for _ in range(compare.MEMORY_STEPS)]
 
 
 def _stand_in_runs(monkeypatch, draws):

@@ -603,11 +603,14 @@ def test_lora_fwd_rank_zero_and_device_mismatch(device):
     args["lora_a"], args["lora_b"] = args["lora_a"][:0], args["lora_b"][:, :0]
     with pytest.raises(ValueError, match="lora_a.shape"):
         ops.lora_fwd(**args)
-    if device.type == "cuda":
-        args = _good_fwd(device)
-        args["bias"] = args["bias"].cpu()
-        with pytest.raises(ValueError, match="bias expected device"):
-            ops.lora_fwd(**args)
+    if device.type == "cuda":  # each argument's own check (on CPU a meta argument reaches the fakes' check instead)
+        for arg in ("weight", "lora_a", "lora_b", "bias", "x_lora"):
+            args = _good_fwd(device)
+            args["x_lora"] = args["x"].clone()
+            args[arg] = args[arg].cpu()
+            message = rf"lora_fwd: {arg} expected device {device} \(same as x\), got cpu"
+            with pytest.raises(ValueError, match=message):
+                ops.lora_fwd(**args)
 
 
 def test_lora_bwd_dy_bad_input(device):
@@ -837,9 +840,10 @@ def test_sgmv_metadata_value_checks_reach_the_last_slot_and_token():
         _expand(over_first)
 
 
-@pytest.mark.parametrize("call, arg", [("fwd", "bias"), ("fwd", "x_lora"), ("bwd_dy", "lora_b"), ("shrink", "ranks"),
-                                       ("shrink", "scalings"), ("expand", "ranks"), ("expand", "lora_b"),
-                                       ("expand", "out")])
+@pytest.mark.parametrize("call, arg", [("fwd", "weight"), ("fwd", "lora_a"), ("fwd", "lora_b"), ("fwd", "bias"),
+                                       ("fwd", "x_lora"), ("bwd_dy", "s"), ("bwd_dy", "lora_b"),
+                                       ("shrink", "lora_a"), ("shrink", "ranks"), ("shrink", "scalings"),
+                                       ("expand", "ranks"), ("expand", "lora_b"), ("expand", "out")])
 def test_a_meta_argument_among_cpu_tensors_is_a_device_error(call, arg):
     """One meta tensor among CPU ones sends the call to the fake (meta) implementation, which took any devices: it
     returned uninitialised CPU tensors (lora_fwd, sgmv_shrink) or did nothing (sgmv_expand), with no error. The
@@ -853,7 +857,9 @@ def test_a_meta_argument_among_cpu_tensors_is_a_device_error(call, arg):
         ref = "x"
     elif call == "bwd_dy":
         dy, s, lora_b = randn(3, 12), randn(3, 4), randn(12, 4)
-        run = lambda: ops.lora_bwd_dy(dy, s, lora_b.to("meta"), 1.0)
+        meta = {"s": s, "lora_b": lora_b}
+        meta[arg] = meta[arg].to("meta")
+        run = lambda: ops.lora_bwd_dy(dy, meta["s"], meta["lora_b"], 1.0)
         ref = "dy"
     else:
         args = _good_sgmv(cpu)

@@ -2233,10 +2233,13 @@ def test_a_file_with_dropout_loads_into_slots_with_a_warning_that_slots_apply_no
 def test_a_slot_saves_the_config_it_was_loaded_from(tmp_path):
     """MultiLoRALinear keeps scalings, not alphas: a slot's alpha is scaling * r, an int again where it was one
     (10 / 3 * 3 is not 10 in float32), the others as close as float32 holds them; layers the adapter does not
-    target (rank 0 in its slot) are not in the file."""
+    target (rank 0 in its slot) are not in the file. Another adapter in the next slot, of a larger rank and on
+    another layer too, changes none of it: each layer's rank is the slot's own, not the layer's largest."""
     trained = _trained(r=3, lora_alpha=10, rank_pattern={"v_proj": 6}, alpha_pattern={"v_proj": 7.05})
     lk.save_peft_adapter(trained, tmp_path / "a")
+    lk.save_peft_adapter(_trained(targets=("q_proj", "v_proj", "o_proj"), r=8), tmp_path / "b")
     model = lk.prepare_multi_adapter(_base(), ["q_proj", "v_proj", "o_proj"], max_adapters=2, max_rank=8)
+    lk.load_peft_adapter(model, tmp_path / "b", adapter_name="b")
     lk.load_peft_adapter(model, tmp_path / "a", adapter_name="a")
     lk.save_peft_adapter(model, tmp_path / "slot", adapter_name="a")
     config = json.loads((tmp_path / "slot" / "adapter_config.json").read_text())
