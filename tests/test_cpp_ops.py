@@ -608,7 +608,8 @@ def test_lora_fwd_rank_zero_and_device_mismatch(device):
             args = _good_fwd(device)
             args["x_lora"] = args["x"].clone()
             args[arg] = args[arg].cpu()
-            message = rf"lora_fwd: {arg} expected device {device} \(same as x\), got cpu"
+            # x's device as the C++ check prints it: cuda:0, where the fixture's device is "cuda"
+            message = rf"lora_fwd: {arg} expected device {args['x'].device} \(same as x\), got cpu"
             with pytest.raises(ValueError, match=message):
                 ops.lora_fwd(**args)
 
