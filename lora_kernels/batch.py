@@ -84,14 +84,18 @@ class LoRABatch:
         num_adapters = positive_int(op, "num_adapters", num_adapters)  # a numpy integer too, as set_adapter's slots
         ids = adapter_ids.reshape(-1)
         validate = _check_validate(op, validate)
-        if validate is None or validate:
-            _check_id_values(ids, num_adapters, op, asked=validate is not None)
+        checked = (validate is None or validate) and _check_id_values(ids, num_adapters, op,
+                                                                      asked=validate is not None)
         device = ids.device
         # int32 throughout (what the kernels read), in few ops: each op is a kernel launch on a GPU. Narrow and
-        # unsigned dtypes are widened first, or comparing them with -1 would wrap.
-        if ids.dtype not in (torch.int32, torch.int64):
-            ids = ids.to(torch.int64)
-        ids = torch.where((ids >= -1) & (ids < num_adapters), ids, -1).to(torch.int32)
+        # unsigned dtypes are widened first, or comparing them with -1 would wrap. Ids whose values were just read
+        # in range (checked) need no clamp: four ops fewer (17 of 110 µs per CPU batch build, helper 163's timing).
+        if checked:  # a copy always: the batch owns its buffers (refill_ writes them; the caller's ids may change)
+            ids = ids.to(torch.int32, copy=True)
+        else:
+            if ids.dtype not in (torch.int32, torch.int64):
+                ids = ids.to(torch.int64)
+            ids = torch.where((ids >= -1) & (ids < num_adapters), ids, -1).to(torch.int32)
         sorted_ids, order = torch.sort(ids, stable=True)
         sorted_token_ids = order.to(torch.int32)
         # Slot i's tokens are sorted_ids[starts[i] : starts[i + 1]]: binary search for 0..L in the sorted ids.
@@ -160,20 +164,22 @@ def _check_validate(op, validate):
 
 
 def _check_id_values(ids, num_adapters, op, asked):
-    """ValueError for an id of ids [M] outside [-1, num_adapters). Reads the values on the host: a CPU tensor's
+    """ValueError for an id of ids [M] outside [-1, num_adapters); True where the values were read (all in range),
+    False where they were not checked. Reads the values on the host: a CPU tensor's
     always, another device's (a sync) only when `asked` (validate=True). Never while torch.compile traces (a
     fullgraph=True compile failed on the data-dependent read, validate=True too) or inside torch.func transforms (vmap
     over the ids, also inside a nested grad that hides them in its own wrapper: reading them raised torch's ".item()
     on a Tensor" error, where the rest of the batch is built with batched torch ops)."""
     if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or ids.numel() == 0
             or (ids.device.type != "cpu" and not asked)):
-        return
+        return False
     if ids.is_meta:  # reading them raised torch's bare "item() cannot be called on meta tensors"
         raise ValueError(f"{op}: validate=True expected adapter_ids with values to check, got a tensor on the meta "
                          f"device (build the batch with validate=False there)")
     low, high = (int(v) for v in torch.aminmax(ids))
     if low < -1 or high >= num_adapters:
         raise ValueError(f"{op}: adapter_ids expected values in [-1, {num_adapters}), got {low if low < -1 else high}")
+    return True  # every value read, and in range
 
 
 # The tensor fields of a LoRABatch: its device buffers (the rest are sizes).

@@ -100,6 +100,21 @@ def test_lora_batch_sort_is_stable_on_many_tokens(device, num_tokens):
     assert batch.num_active.cpu().tolist() == [len(active)]
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint8, torch.int16], ids=str)
+@pytest.mark.parametrize("validate", [None, True, False])
+def test_lora_batch_owns_its_buffers(dtype, validate):
+    # int32 ids checked in range need no clamp, and a plain .to(int32) of them would be the caller's own tensor:
+    # refill_ would write the caller's ids, and the caller's later edits would desync the sorted metadata
+    ids = torch.tensor([2, 0, 1, 0], dtype=dtype)
+    batch = LoRABatch.from_adapter_ids(ids, 3, validate=validate)
+    assert batch.adapter_ids.dtype == torch.int32
+    assert batch.adapter_ids.untyped_storage().data_ptr() != ids.untyped_storage().data_ptr()
+    ids[0] = 1
+    assert batch.adapter_ids.tolist() == [2, 0, 1, 0]
+    batch.refill_(torch.tensor([1, 1, 1, 1]))
+    assert ids.tolist() == [1, 0, 1, 0]
+
+
 def test_lora_batch_refill_in_place(device):
     """refill_ (a captured CUDA graph's next step): the same buffers, holding what a fresh build holds; a bad id or
     count raises before anything is written."""
