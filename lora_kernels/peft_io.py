@@ -38,12 +38,12 @@ from lora_kernels.modules import (_PEFT_ONLY_HINT, BASE_ADAPTER, BIAS_ATTR, BIAS
                                   MODULES_TO_SAVE_ATTR, PEFT_ONLY_LAYERS, TASK_TYPE_ATTR, LoRALinear, MultiLoRALinear,
                                   _record_bias, _record_modules_to_save, _record_task_type, _rollback_on_error,
                                   _set_submodule, _train_biases, _warn_linear_fan_in_fan_out, _warn_tied_targets,
-                                  adapter_table_lock,
-                                  check_no_accelerate_hook, check_targets_outside_heads, check_wrappable_linear,
-                                  copy_into, embedding_layer, enable_input_grads_for_checkpointing, is_conv1d,
-                                  is_layer_index, lora_scaling, named_modules_to_save, named_target_modules,
-                                  pattern_value, resolve_batch_adapters, state_dict_name, target_module_matches,
-                                  trained_biases, unwrap_model, warn_conv1d_fan_in_fan_out, warn_dropped_hooks)
+                                  adapter_table_lock, check_no_accelerate_hook, check_targets_outside_heads,
+                                  check_wrappable_linear, copy_into, embedding_layer,
+                                  enable_input_grads_for_checkpointing, is_conv1d, is_layer_index, lora_scaling,
+                                  named_modules_to_save, named_target_modules, pattern_value, resolve_batch_adapters,
+                                  state_dict_name, target_module_matches, trained_biases, unwrap_model,
+                                  warn_conv1d_fan_in_fan_out, warn_dropped_hooks)
 from lora_kernels.ops import check_flag, is_finite_number, refuse_inference_tensor_writes
 
 CONFIG_NAME = "adapter_config.json"
