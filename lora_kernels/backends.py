@@ -65,8 +65,8 @@ def parse_device(op, value):
     # cuda:5 on a one-GPU machine failed in the middle of the run with torch's "invalid device ordinal"
     if device.type == "cpu" and device.index not in (None, 0):
         raise ValueError(f"{op}: --device expected cpu or cpu:0 (torch has one CPU device), got {value!r}")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        count = torch.cuda.device_count()
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and device.index is not None and device.index >= count:
         raise ValueError(f"{op}: --device {value!r} but torch sees {count} CUDA device{'s' if count != 1 else ''} "
                          f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})")
     return device

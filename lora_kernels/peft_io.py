@@ -815,15 +815,15 @@ def _commit_single(model, config, plan, grouped, heads, biases, base_tensors, ba
         lora_a = grouped[name]["lora_A"].to(device=module.weight.device)
         lora_b = grouped[name]["lora_B"].to(device=module.weight.device)
         prepared.append((name, module, r, alpha, lora_a, lora_b))
-    for _, m, *_ in plan:  # before any factor is written (see refuse_inference_tensor_writes)
-        if isinstance(m, LoRALinear):
-            refuse_inference_tensor_writes("load_peft_adapter", [("lora_A", m.lora_A.weight),
-                                                                 ("lora_B", m.lora_B.weight)])
-    # the model's own tensors that the file overwrites (trained biases, base-layer and embedding tensors, heads):
-    # torch refuses them only after writing, and the rollback's requires_grad_(True) then failed on every parameter
-    refuse_inference_tensor_writes("load_peft_adapter", [(key, current) for key, current, _ in biases + base_tensors]
-                                   + [(f"{name}.{key}", t) for name, module, _ in heads
-                                      for key, t in module.state_dict(keep_vars=True).items()])
+    # Everything the file overwrites in place, before any write (see refuse_inference_tensor_writes): the factors of
+    # existing LoRA layers, trained biases, base-layer and embedding tensors, heads. Torch refuses an inference
+    # tensor only after writing it, and the rollback's requires_grad_(True) then failed on every parameter.
+    written = [(f"{name}.lora_{f}", getattr(m, f"lora_{f}").weight) for name, m, *_ in plan
+               if isinstance(m, LoRALinear) for f in "AB"]
+    written += [(key, current) for key, current, _ in biases + base_tensors]
+    written += [(f"{name}.{key}", t) for name, module, _ in heads
+                for key, t in module.state_dict(keep_vars=True).items()]
+    refuse_inference_tensor_writes("load_peft_adapter", written)
     snapshots = [(m, m.lora_A.weight.detach().clone(), m.lora_B.weight.detach().clone(),
                   (m.lora_alpha, m.use_rslora, m.scaling, m.lora_dropout))
                  for _, m, *_ in plan if isinstance(m, LoRALinear)]

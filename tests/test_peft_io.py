@@ -2650,11 +2650,12 @@ def test_loading_into_a_tied_target_gets_the_warning_inject_lora_gives(tmp_path)
         lk.load_peft_adapter(model, tmp_path, backend=BACKEND)
 
 
-@pytest.mark.parametrize("kind", ["head", "bias"])
+@pytest.mark.parametrize("kind", ["head", "bias", "factors"])
 def test_load_into_a_model_made_under_inference_mode_is_refused_by_name_before_any_write(kind, tmp_path):
     """A base model built under torch.inference_mode, loaded outside it with an adapter that writes the model's own
     tensors (a modules_to_save head, biases trained by bias="all"): torch refused the write only after it, the
-    rollback's requires_grad_(True) then failed too, and every parameter of the model was left frozen."""
+    rollback's requires_grad_(True) then failed too, and every parameter of the model was left frozen. The factors
+    of a model injected under inference mode are refused the same way, naming the layer."""
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -2664,18 +2665,21 @@ def test_load_into_a_model_made_under_inference_mode_is_refused_by_name_before_a
             return self.head(self.q_proj(x))
 
     source = Net()
-    options = {"modules_to_save": ["head"]} if kind == "head" else {"bias": "all"}
+    options = {"head": {"modules_to_save": ["head"]}, "bias": {"bias": "all"}, "factors": {}}[kind]
     lk.inject_lora(source, ["q_proj"], r=2, init_lora_weights=False, **options)
     lk.save_peft_adapter(source, tmp_path)
     with torch.inference_mode():
         model = Net()
+        if kind == "factors":
+            lk.inject_lora(model, ["q_proj"], r=2)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    with pytest.raises(ValueError, match="inference tensor"):
+    message = "q_proj.lora_A is an inference tensor" if kind == "factors" else "is an inference tensor"
+    with pytest.raises(ValueError, match=message):
         lk.load_peft_adapter(model, tmp_path)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert isinstance(model.q_proj, LoRALinear) == (kind == "factors")
 
 
 def test_a_loaded_task_type_peft_does_not_know_is_refused_before_any_file_is_written(tmp_path):
