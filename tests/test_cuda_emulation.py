@@ -1,12 +1,13 @@
 """The CUDA kernels written without a GPU run on the CPU: the grouped ops' kernels (csrc/cuda/sgmv.cu), the
-decode forward and the tensor-core backward (csrc/cuda/lora_linear.cu), with the loads and fragment helpers of
+decode forward and the dY-once backward (csrc/cuda/lora_linear.cu), with the loads and fragment helpers of
 csrc/cuda/tensor_core.h, are cut out of the files verbatim and compiled as C++ with stand-ins for the CUDA built-ins
 they use (tests/cuda_emulation/emu.h: a thread per CUDA thread, barriers for __syncthreads and __syncwarp, warp
-shuffles and the warp-wide MMAs, whose fragment layouts emu.h restates from the PTX ISA). Four harnesses run whole
+shuffles and the warp-wide MMAs, whose fragment layouts emu.h restates from the PTX ISA). Five harnesses run whole
 launches on integer-valued data against a float64 reference, bit for bit: decode_kernels.cpp the grouped
 one-token-per-block decode kernels, sgmv_mma.cpp the grouped tensor-core shrink and expand of a prefill batch,
+sgmv_cuda_core.cpp the grouped CUDA-core kernel (float32, float64 and rows 16-byte loads cannot read whole),
 lora_fwd_decode.cpp lora_fwd's decode shrink and its tensor-core and CUDA-core forward kernels, lora_bwd_dy.cpp
-lora_bwd_dy's tensor-core kernel.
+lora_bwd_dy's tensor-core and CUDA-core kernels.
 
 This checks the kernels' index arithmetic, masking and split/grid logic on every CI run, without a GPU; not their
 speed, the GPU memory model, the compiler's code for the GPU or the PTX layouts themselves (the GPU tests in
@@ -35,12 +36,14 @@ SGMV = TENSOR_CORE + [("sgmv.cu", "constexpr int kTileTokens", "// ---- launches
 SECTIONS = {
     "decode_kernels": SGMV,
     "sgmv_mma": SGMV,
+    "sgmv_cuda_core": SGMV,
     "lora_fwd_decode": TENSOR_CORE + [("lora_linear.cu", "constexpr int kWarpSize", "#define LK_DISPATCH_FLOAT")],
-    "lora_bwd_dy": TENSOR_CORE + [("lora_linear.cu", "// ---- lora_bwd_dy on tensor cores",
+    "lora_bwd_dy": TENSOR_CORE + [("lora_linear.cu", "// ---- backward ---", "// 16-byte vector of T"),
+                                  ("lora_linear.cu", "// ---- lora_bwd_dy ---",
                                    "// (dB, dS) from the kernels' block partials")],
 }
-HARNESS_SOURCE = {"decode_kernels": "sgmv.cu", "sgmv_mma": "sgmv.cu", "lora_fwd_decode": "lora_linear.cu",
-                  "lora_bwd_dy": "lora_linear.cu"}
+HARNESS_SOURCE = {"decode_kernels": "sgmv.cu", "sgmv_mma": "sgmv.cu", "sgmv_cuda_core": "sgmv.cu",
+                  "lora_fwd_decode": "lora_linear.cu", "lora_bwd_dy": "lora_linear.cu"}
 
 
 def read_sources():
@@ -86,8 +89,8 @@ def build_and_run(tmp_path, harness, sources, *args):
     return run.returncode, run.stdout, run.stderr
 
 
-@pytest.mark.parametrize("harness,cases", [("decode_kernels", 48), ("sgmv_mma", 36), ("lora_fwd_decode", 15),
-                                           ("lora_bwd_dy", 8)])
+@pytest.mark.parametrize("harness,cases", [("decode_kernels", 48), ("sgmv_mma", 36), ("sgmv_cuda_core", 30),
+                                           ("lora_fwd_decode", 15), ("lora_bwd_dy", 15)])
 def test_cuda_kernels_match_the_reference_on_the_cpu(tmp_path, harness, cases):
     returncode, output, _ = build_and_run(tmp_path, harness, read_sources())
     assert returncode == 0 and output.splitlines()[-1] == f"{cases} cases, 0 failures", output[-3000:]
@@ -113,10 +116,19 @@ def test_cuda_kernels_match_the_reference_on_the_cpu(tmp_path, harness, cases):
     ("lora_fwd_decode", 2, "[8 * tile + 2 * t + i % 2] = acc[tile][i];",
      "[8 * tile + 2 * t + 1 - i % 2] = acc[tile][i];"),
     # the tensor-core backward: dy's transposed tile read at the same row for both k-slots of a lane
-    ("lora_bwd_dy", 2, "transposed[warp][8 * ks + t + 4][8 * ct + group]",
+    ("lora_bwd_dy", 3, "transposed[warp][8 * ks + t + 4][8 * ct + group]",
      "transposed[warp][8 * ks + t][8 * ct + group]"),
+    # the grouped CUDA-core shrink: A's rank rows past ranks[slot] (NaN) read and written
+    ("sgmv_cuda_core", 5, "const int64_t cols = kShrink ? rank : args.cols_full;",
+     "const int64_t cols = kShrink ? args.max_rank : args.cols_full;"),
+    # ... and every K split summing all of K
+    ("sgmv_cuda_core", 5, "(kShrink && k_begin + args.k_per_split < kdim) ? k_begin + args.k_per_split : kdim",
+     "kdim"),
+    # the CUDA-core backward: dS of a block's later column pieces overwriting the earlier ones instead of adding
+    ("lora_bwd_dy", 3, "*dst = n0 == n_begin ? scaling * sum : *dst + scaling * sum;", "*dst = scaling * sum;"),
 ], ids=["decode-shrink-chunks", "decode-expand-columns", "mma-shrink-columns", "mma-expand-rank",
-        "mma-expand-staged-columns", "mma-expand-staged-half", "mma-decode-forward", "mma-bwd-dy-transpose"])
+        "mma-expand-staged-columns", "mma-expand-staged-half", "mma-decode-forward", "mma-bwd-dy-transpose",
+        "sgmv-shrink-rank-padding", "sgmv-shrink-splits", "bwd-dy-column-pieces"])
 def test_the_emulation_fails_a_broken_kernel(tmp_path, harness, cases, old, new):
     """The harnesses are not vacuous: one wrong index in any of the kernels fails them."""
     sources = read_sources()
@@ -145,3 +157,19 @@ def test_the_cuda_decode_path_rule_is_the_triton_one():
     bounds = dict(re.findall(r"constexpr int64_t (kDecodeMaxTokens(?:PerSlot)?) = (\d+);", read_sources()["sgmv.cu"]))
     assert bounds == {"kDecodeMaxTokens": str(triton_sgmv.DECODE_MAX_TOKENS),
                       "kDecodeMaxTokensPerSlot": str(triton_sgmv.DECODE_MAX_TOKENS_PER_SLOT)}
+
+
+def test_the_emulation_restates_the_launch_constants_as_the_sources_define_them():
+    """emu.h restates what the kernels take from grid_sizing.h and launchers.h (which include CUDA headers): a
+    changed value there must change the emulated grids too."""
+    def constants(text):
+        return dict(re.findall(r"constexpr (?:int|int64_t) (k\w+) = (\d+);", text))
+
+    restated = constants(open(os.path.join(HERE, "cuda_emulation", "emu.h")).read())
+    defined = {}
+    for name in ("grid_sizing.h", "launchers.h"):
+        with open(os.path.join(CSRC_CUDA, name)) as f:
+            defined.update(constants(f.read()))
+    shared = {"kBlocksPerSm", "kSgmvTileTokens", "kSgmvMaxGridYZ"}
+    assert shared <= restated.keys() and shared <= defined.keys()
+    assert {k: restated[k] for k in shared} == {k: defined[k] for k in shared}

@@ -611,6 +611,37 @@ __global__ void __launch_bounds__(kBwdThreads)
   }
 }
 
+struct BwdDyGrid {
+  int tile;  // the block's square pieces of dy: tile * r <= kBwdThreads * kBwdItems
+  int64_t rows_per_block, cols_per_block, row_blocks, col_blocks;
+};
+
+// About kBlocksPerSm blocks per SM, split between rows and columns to keep the partials
+// (r · (row_blocks · N + col_blocks · M) floats) small; the larger side halved until they fit the budget. Blocks own
+// whole pieces of rows and columns.
+BwdDyGrid bwd_dy_grid(int64_t M, int64_t N, int64_t r, int device) {
+  const int tile = r <= 32 ? 64 : 32;
+  const int64_t target = int64_t(kBlocksPerSm) * sm_count(device);
+  const int64_t max_row_blocks = ceil_div(M, tile), max_col_blocks = ceil_div(N, tile);
+  int64_t row_blocks = std::llround(std::sqrt(double(target) * double(M) / double(N)));
+  row_blocks = std::clamp<int64_t>(row_blocks, 1, std::min(max_row_blocks, target));
+  int64_t col_blocks = std::clamp<int64_t>(target / row_blocks, 1, max_col_blocks);
+  // The partials are written once and read once: capped at half of dy's elements (so at most half as much extra
+  // traffic as reading dy) but at least 1 Mi floats (4 MB, which stays in L2 on sm_80/sm_90), so small shapes are not
+  // starved of blocks. A starting point, not measured on a GPU yet.
+  const int64_t budget = std::max<int64_t>(M * N / 2, int64_t(1) << 20);
+  while (r * (row_blocks * N + col_blocks * M) > budget && (row_blocks > 1 || col_blocks > 1)) {
+    if ((row_blocks * N >= col_blocks * M && row_blocks > 1) || col_blocks == 1) {
+      row_blocks = (row_blocks + 1) / 2;
+    } else {
+      col_blocks = (col_blocks + 1) / 2;
+    }
+  }
+  const int64_t rows_per_block = ceil_div(ceil_div(M, row_blocks), tile) * tile;
+  const int64_t cols_per_block = ceil_div(ceil_div(N, col_blocks), tile) * tile;
+  return {tile, rows_per_block, cols_per_block, ceil_div(M, rows_per_block), ceil_div(N, cols_per_block)};
+}
+
 // ---- lora_bwd_dy on tensor cores (fp16/bf16, r <= 32, sm_80+) --------------------------------------------------
 // lora_bwd_dy_kernel multiplies out of shared memory on CUDA cores, ~16·r bytes of shared-memory traffic per dy
 // element: on the H200 it took 6.5x (r = 8) to 19x (r = 64) the time of the two cuBLAS GEMMs at M = 8192 (2-4
@@ -855,40 +886,17 @@ std::tuple<at::Tensor, at::Tensor> lora_bwd_dy_cuda_launch(const at::Tensor& dy,
       return summed_partials(db_partials, ds_partials);
     }
   }
-  const int tile = r <= 32 ? 64 : 32;  // tile * r <= kBwdThreads * kBwdItems
-  // Grid: about kBlocksPerSm blocks per SM, split between rows and columns to keep the partials
-  // (r · (row_blocks · N + col_blocks · M) floats) small; halve the larger side until they fit the budget.
-  const int64_t target = int64_t(kBlocksPerSm) * sm_count(dy.get_device());
-  const int64_t max_row_blocks = ceil_div(M, tile), max_col_blocks = ceil_div(N, tile);
-  int64_t row_blocks = std::llround(std::sqrt(double(target) * double(M) / double(N)));
-  row_blocks = std::clamp<int64_t>(row_blocks, 1, std::min(max_row_blocks, target));
-  int64_t col_blocks = std::clamp<int64_t>(target / row_blocks, 1, max_col_blocks);
-  // The partials are written once and read once: capped at half of dy's elements (so at most half as much extra
-  // traffic as reading dy) but at least 1 Mi floats (4 MB, which stays in L2 on sm_80/sm_90), so small shapes are not
-  // starved of blocks. A starting point, not measured on a GPU yet.
-  const int64_t budget = std::max<int64_t>(M * N / 2, int64_t(1) << 20);
-  while (r * (row_blocks * N + col_blocks * M) > budget && (row_blocks > 1 || col_blocks > 1)) {
-    if ((row_blocks * N >= col_blocks * M && row_blocks > 1) || col_blocks == 1) {
-      row_blocks = (row_blocks + 1) / 2;
-    } else {
-      col_blocks = (col_blocks + 1) / 2;
-    }
-  }
-  const int64_t rows_per_block = ceil_div(ceil_div(M, row_blocks), tile) * tile;
-  const int64_t cols_per_block = ceil_div(ceil_div(N, col_blocks), tile) * tile;
-  row_blocks = ceil_div(M, rows_per_block);
-  col_blocks = ceil_div(N, cols_per_block);
-
-  at::Tensor db_partials = at::empty({row_blocks, N, r}, fp32);
-  at::Tensor ds_partials = at::empty({col_blocks, M, r}, fp32);
-  const size_t shared_bytes = size_t(tile * (tile + 1) + 2 * tile * r) * sizeof(float);  // <= 33 KiB
+  const BwdDyGrid grid = bwd_dy_grid(M, N, r, dy.get_device());
+  at::Tensor db_partials = at::empty({grid.row_blocks, N, r}, fp32);
+  at::Tensor ds_partials = at::empty({grid.col_blocks, M, r}, fp32);
+  const size_t shared_bytes = size_t(grid.tile * (grid.tile + 1) + 2 * grid.tile * r) * sizeof(float);  // <= 33 KiB
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dy.get_device());
   LK_DISPATCH_FLOAT_HALF_BF16(dy.scalar_type(), "lora_bwd_dy_cuda", [&] {
-    lora_bwd_dy_kernel<scalar_t><<<dim3(col_blocks, row_blocks), kBwdThreads, shared_bytes, stream>>>(
+    lora_bwd_dy_kernel<scalar_t><<<dim3(grid.col_blocks, grid.row_blocks), kBwdThreads, shared_bytes, stream>>>(
         dy.data_ptr<scalar_t>(), dy.stride(0), dy.stride(1), s.data_ptr<float>(), s.stride(0), s.stride(1),
         lora_b.data_ptr<scalar_t>(), lora_b.stride(0), lora_b.stride(1), M, N, static_cast<int>(r),
-        static_cast<float>(scaling), tile, rows_per_block, cols_per_block, db_partials.data_ptr<float>(),
-        ds_partials.data_ptr<float>());
+        static_cast<float>(scaling), grid.tile, grid.rows_per_block, grid.cols_per_block,
+        db_partials.data_ptr<float>(), ds_partials.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return summed_partials(db_partials, ds_partials);

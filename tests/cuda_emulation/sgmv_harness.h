@@ -9,6 +9,7 @@ template <typename T> int code();
 template <> int code<float>() { return kF32; }
 template <> int code<c10::Half>() { return kF16; }
 template <> int code<c10::BFloat16>() { return kBF16; }
+template <> int code<double>() { return kF64; }
 
 // x [M, K] and A [L, R, K] in rows of shrink_ld elements; B [L, N, R] in rank rows of b_ld elements; t [M, R] fp32;
 // out [M, n_total] of Out, the expand adding at columns offset .. offset + N. T: x, A and B. aligned_out: offset and
@@ -68,14 +69,16 @@ struct GroupedCase {
     args.num_tokens = M; args.max_rank = R; args.num_slots = L;
   }
 
-  // The shrink's arguments into zero-filled partials [splits, M, R] (the launcher's at::zeros).
-  SgmvArgs shrink_args(std::vector<float>& partials, int64_t splits, int64_t k_per_split) const {
+  // The shrink's arguments into zero-filled partials [splits, M, R] (the launcher's at::zeros) of P: float32, or
+  // float64 where x is (the accumulation type).
+  template <typename P>
+  SgmvArgs shrink_args(std::vector<P>& partials, int64_t splits, int64_t k_per_split) const {
     SgmvArgs args{};
     args.x = x; args.x_dtype = code<T>(); args.x_stride_t = shrink_ld; args.x_stride_k = 1;
     args.w = a; args.w_dtype = code<T>(); args.w_stride_slot = R * shrink_ld; args.w_stride_c = shrink_ld;
     args.w_stride_k = 1; args.k_full = K;
-    partials.assign(size_t(splits) * M * R, 0.f);
-    args.out = partials.data(); args.out_dtype = kF32;
+    partials.assign(size_t(splits) * M * R, P(0));
+    args.out = partials.data(); args.out_dtype = code<P>();
     args.out_stride_split = int64_t(M) * R; args.out_stride_t = R; args.out_stride_c = 1;
     args.k_per_split = k_per_split;
     set_metadata(args);
@@ -92,13 +95,16 @@ struct GroupedCase {
     return args;
   }
 
-  // The partials summed over the splits in order (the launcher's partials.sum(0)) against the reference.
-  void check_shrink(const std::vector<float>& partials, int64_t splits) const {
+  // The partials summed over the splits in order (the launcher's partials.sum(0)), as float32 (its .to(kFloat)),
+  // against the reference.
+  template <typename P>
+  void check_shrink(const std::vector<P>& partials, int64_t splits) const {
     for (int tok = 0; tok < M; ++tok) {
       const int s = meta.ids[tok];
       for (int c = 0; c < R; ++c) {
-        float got = 0.f;
-        for (int64_t split = 0; split < splits; ++split) got += partials[(split * M + tok) * R + c];
+        P sum = 0;
+        for (int64_t split = 0; split < splits; ++split) sum += partials[(split * M + tok) * R + c];
+        const float got = float(sum);
         double ref = 0;
         for (int64_t k = 0; c < token_rank(tok) && k < K; ++k) {
           ref += double(float(x[tok * shrink_ld + k])) * double(float(a[(int64_t(s) * R + c) * shrink_ld + k]));

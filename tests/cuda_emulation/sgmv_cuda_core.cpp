@@ -1,0 +1,61 @@
+// Runs the CUDA-core kernel of the grouped ops (csrc/cuda/sgmv.cu: sgmv_kernel, the shrink and the expand; extracted
+// verbatim into extracted.h by tests/test_cuda_emulation.py) on the CPU over whole launches of a prefill batch, with
+// the launchers' split choice (the extracted shrink_k_split, counted in sgmv_kernel's 8-warp blocks) and grids
+// (restated here), against a float64 reference on integer-valued data (exact, so a dropped, doubled or misplaced
+// product changes the result). The cases are the batches the launchers give this kernel on an sm_80+ GPU: a float32
+// shrink; a 16-bit shrink whose rows 16-byte loads cannot read whole (K or the row stride not a multiple of 8); a
+// float64 shrink with float64 partials; a float32 or float64 lora_b's expand into float32, 16-bit or float64 outputs.
+// Heterogeneous ranks with NaN past each, -1 tokens, two column tiles of rank, partial token and column tiles, K
+// splits with a short last one. Prints "N cases, F failures"; exits 1 on a failure. `quick`: one distribution and
+// SM count.
+#include "emu.h"
+
+namespace lora_kernels {
+namespace {
+#include "extracted.h"
+}
+}  // namespace lora_kernels
+using namespace lora_kernels;
+
+#include "sgmv_harness.h"
+
+// row_pad: elements past K in the rows of x and A; b_pad: past R in the rows of B. Out: the expand's output dtype.
+// Acc: sgmv_kernel's accumulation type (float64 where any operand is, as launch_sgmv picks).
+template <typename T, typename Out>
+void run_case(int M, int L, int K, int R, int row_pad, int b_pad, const std::string& dist, int sms, uint32_t seed) {
+  using Acc = std::conditional_t<std::is_same_v<T, double> || std::is_same_v<Out, double>, double, float>;
+  g_sm_count = sms;
+  GroupedCase<T, Out> batch(M, L, K, R, K + row_pad, R + b_pad, 150, dist, seed);  // N: 4 column tiles, a part
+  EXPECT(!decode_path(M, L), "a decode shape M=%d L=%d", M, L);
+
+  std::vector<Acc> partials;
+  const ShrinkSplit split = shrink_k_split(M, L, R, K, kThreads / 32, 0);
+  SgmvArgs args = batch.shrink_args(partials, split.splits, split.k_per_split);
+  // the launcher's tensor-core condition, false here: float32 or float64 x, or rows not whole 16-byte loads
+  EXPECT(!shrink_rows_of_16_bytes(args) || args.x_dtype == kF32 || args.x_dtype == kF64,
+         "a tensor-core shrink (K=%d pad=%d)", K, row_pad);
+  args.col_tiles = ceil_div(R, kTileCols);
+  emulate_launch(sgmv_kernel<true, Acc>, args, split.splits * args.col_tiles, ceil_div(M, kTileTokens), L, kThreads);
+  batch.check_shrink(partials, split.splits);
+
+  SgmvArgs expand = batch.expand_args();
+  expand.col_tiles = ceil_div(batch.N, kTileCols);
+  emulate_launch(sgmv_kernel<false, Acc>, expand, expand.col_tiles, ceil_div(M, kTileTokens), L, kThreads);
+  batch.check_expand();
+}
+
+int main(int argc, char** argv) {
+  const CaseGrid grid = case_grid(argc, argv, {"distinct", "mixed_base", "two"});
+  int cases = 0;
+  for (const std::string& dist : grid.dists) {
+    for (int sms : grid.sm_counts) {
+      run_case<float, float>(150, 6, 72, 16, 0, 0, dist, sms, 1 + cases++);
+      run_case<float, c10::BFloat16>(100, 3, 1000, 64, 4, 3, dist, sms, 1 + cases++);  // two column tiles of rank
+      run_case<c10::Half, c10::Half>(70, 2, 261, 20, 0, 1, dist, sms, 1 + cases++);     // K not a multiple of 8
+      run_case<c10::BFloat16, float>(90, 4, 264, 9, 3, 0, dist, sms, 1 + cases++);      // rows of 267 elements
+      run_case<double, double>(70, 3, 300, 40, 1, 2, dist, sms, 1 + cases++);
+    }
+  }
+  std::printf("%d cases, %d failures\n", cases, failures);
+  return failures != 0;
+}
