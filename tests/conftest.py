@@ -69,14 +69,19 @@ def rel_error(out, ref):
 CPU_FP32_TOLERANCE = 1e-5
 
 
-def assert_close(out, ref, dtype, what="output", scale=1.0, tf32=False):
-    """Relative error against the float64 reference within the dtype's tolerance (times `scale` for results that
-    pass through more roundings, e.g. gradients built from a rounded intermediate). fp32 on a machine without CUDA:
-    CPU_FP32_TOLERANCE, unless tf32=True (a product the code rounds to tf32 on purpose, e.g. of 16-bit operands)."""
-    err = rel_error(out, ref)
-    tol = TOLERANCE[dtype] * scale
+def tolerance(dtype, tf32=False):
+    """The relative tolerance of dtype's results: design.md §7's; fp32 on a machine without CUDA CPU_FP32_TOLERANCE,
+    unless tf32=True (a product the code rounds to tf32 on purpose, e.g. of 16-bit operands)."""
     if dtype == torch.float32 and not tf32 and not HAS_CUDA:
-        tol = CPU_FP32_TOLERANCE * scale
+        return CPU_FP32_TOLERANCE
+    return TOLERANCE[dtype]
+
+
+def assert_close(out, ref, dtype, what="output", scale=1.0, tf32=False):
+    """Relative error against the float64 reference within tolerance(dtype, tf32), times `scale` for results that
+    pass through more roundings (e.g. gradients built from a rounded intermediate)."""
+    err = rel_error(out, ref)
+    tol = tolerance(dtype, tf32) * scale
     assert err <= tol, f"{what}: relative error {err:.3e} > tolerance {tol:.1e} ({dtype})"
 
 
