@@ -178,6 +178,7 @@ def test_config_values_at_their_bounds_are_accepted_and_normalised():
     assert bench.BenchConfig(device="cpu", quick=1).resolved().ms == bench.PRESETS["cpu_quick"]["ms"]
 
 
+@pytest.mark.cuda_branch
 def test_defaults_name_the_device_and_leave_out_reference_and_the_interpreter():
     # the run, the table and the JSON get the device's name (None had been kept); the default backends are those that
     # run here but the reference oracle and, on CPU, the Triton interpreter (minutes per row under TRITON_INTERPRET=1)

@@ -2,6 +2,7 @@
 (syntax, and its --dry-run on CPU). Structure only: no timing is asserted."""
 
 import argparse
+import ast
 import json
 import os
 import pathlib
@@ -701,3 +702,23 @@ def test_a_non_fused_backend_column_is_not_labelled_fused(capsys):
     assert cli.main(TINY_COMPARE + ["--targets", "q_proj", "--backend", "torch"]) == 0
     out = capsys.readouterr().out
     assert "LoRA, torch (unfused)" in out and "(fused)" not in out, out
+
+
+def test_gpu_check_selects_every_test_with_a_cuda_branch():
+    """gpu_check's tests stage selects by -k "cuda or gpu" (names, parameter ids and markers): a test whose CUDA
+    assertions sit behind torch.cuda.is_available() / device_count() in its body, with neither word in its name, its
+    decorators or a device fixture, ran on the GPU machine nowhere (its CUDA branch was reached by no run at all).
+    Such tests carry @pytest.mark.cuda_branch."""
+    missed = []
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        text = path.read_text()
+        for node in ast.parse(text).body:
+            if not (isinstance(node, ast.FunctionDef) and node.name.startswith("test_")):
+                continue
+            decorators = " ".join(ast.get_source_segment(text, d) for d in node.decorator_list)
+            fixtures = {arg.arg for arg in node.args.args}
+            if (re.search(r"torch\.cuda\.(is_available|device_count)\(\)", ast.get_source_segment(text, node))
+                    and not re.search(r"cuda|gpu", node.name + " " + decorators, re.IGNORECASE)
+                    and not fixtures & {"device", "cuda_device"}):
+                missed.append(f"{path.name}::{node.name}")
+    assert not missed, f"CUDA branches gpu_check's -k expression does not select: {missed}"

@@ -565,6 +565,7 @@ def test_a_config_value_of_the_wrong_type_names_the_option(change, error, messag
         dataclasses.replace(TINY, **change).resolved()
 
 
+@pytest.mark.cuda_branch
 def test_only_a_missing_device_takes_the_default():
     # "" and 0 had been taken for "no device given" (`value or default`): "" is refused, 0 is cuda:0 as torch reads it
     with pytest.raises(ValueError, match="compare: --device expected cpu or cuda, got ''"):
@@ -577,6 +578,7 @@ def test_only_a_missing_device_takes_the_default():
     assert dataclasses.replace(TINY, device=None).resolved().device == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@pytest.mark.cuda_branch
 def test_a_device_index_the_run_would_not_honour_is_refused():
     # cpu:3 had run on the one CPU device as plain cpu does; cuda:N past the GPU count failed mid-run in torch
     with pytest.raises(ValueError, match=r"compare: --device expected cpu or cpu:0 \(torch has one CPU device\), "

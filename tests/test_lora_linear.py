@@ -524,6 +524,7 @@ def test_unavailable_backend_says_why_and_what_is_available():
         lora_linear(x, weight, lora_a, lora_b, backend="cuda")
 
 
+@pytest.mark.cuda_branch
 def test_unavailable_reason_names_each_missing_piece(monkeypatch):
     backend_or_skip("cpu", "cpu")  # it reads the reasons of a build with the extension
     from lora_kernels import _ext

@@ -455,6 +455,7 @@ def test_triton_launches_from_several_threads():
 
 
 @pytest.mark.skipif(backends.unavailable_reason("triton", "cpu") is not None, reason="Triton backend not available")
+@pytest.mark.cuda_branch
 def test_every_triton_launch_holds_the_launch_lock(monkeypatch):
     """Every Triton kernel runs holding the launch lock, on the eager paths and through the custom ops a compiled
     graph calls (called here directly, as its compiled code does), the grouped kernels included. The ops' path ran
