@@ -1206,6 +1206,30 @@ def test_cuda_bwd_dy_takes_the_tensor_core_kernel_where_it_can(dtype, n, r, tran
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)  # the tensor-core and CUDA-core kernels
+def test_cuda_bwd_dy_replays_in_a_cuda_graph(dtype, cuda_device):
+    """lora_bwd_dy captured in a CUDA graph (the bench's "CUDA backward" rows time it so), replayed on new values of
+    dy: the results of eager calls, bit for bit (fixed-order partial sums)."""
+    m, n, r = 256, 4096, 16
+    dy = randn(m, n, dtype=dtype, device=cuda_device)
+    s = randn(m, r, device=cuda_device)
+    lora_b = randn(n, r, dtype=dtype, device=cuda_device, scale=r ** -0.5)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        ops.lora_bwd_dy(dy, s, lora_b, 2.0)  # warm-up outside the graph
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        d_lora_b, ds = ops.lora_bwd_dy(dy, s, lora_b, 2.0)
+    for _ in range(2):
+        dy.copy_(randn(m, n, dtype=dtype, device=cuda_device))
+        graph.replay()
+        eager_d_lora_b, eager_ds = _check_bwd(dy, s, lora_b, 2.0)
+        assert torch.equal(d_lora_b, eager_d_lora_b) and torch.equal(ds, eager_ds)
+
+
+@pytest.mark.gpu
 def test_cuda_matches_cpu_extension(cuda_device):
     """Larger grouped shapes: the CUDA kernels agree with the CPU implementation."""
     m, k, n, max_rank, num_slots = 700, 1000, 300, 64, 16
