@@ -89,8 +89,8 @@ def build_and_run(tmp_path, harness, sources, *args):
     return run.returncode, run.stdout, run.stderr
 
 
-@pytest.mark.parametrize("harness,cases", [("decode_kernels", 48), ("sgmv_mma", 36), ("sgmv_cuda_core", 30),
-                                           ("lora_fwd_decode", 15), ("lora_bwd_dy", 15)])
+@pytest.mark.parametrize("harness,cases", [("decode_kernels", 48), ("sgmv_mma", 36), ("sgmv_cuda_core", 31),
+                                           ("lora_fwd_decode", 16), ("lora_bwd_dy", 15)])
 def test_cuda_kernels_match_the_reference_on_the_cpu(tmp_path, harness, cases):
     returncode, output, _ = build_and_run(tmp_path, harness, read_sources())
     assert returncode == 0 and output.splitlines()[-1] == f"{cases} cases, 0 failures", output[-3000:]

@@ -1,6 +1,8 @@
 // What the harnesses share: LoRABatch-like metadata, aligned storage, failure counting.
 #pragma once
 
+#include <algorithm>
+#include <cstdint>
 #include <cstdio>
 #include <random>
 #include <string>
@@ -45,3 +47,10 @@ T* aligned16_in(std::vector<T>& storage, size_t n) {
   return reinterpret_cast<T*>((p + 15) / 16 * 16);
 }
 
+
+// A split of k elements into `splits` ranges of `per` (the last one shorter), `per` a multiple of `unit`: every
+// element in one range, no range empty (k = 0: one range), at most max_splits ranges.
+inline bool split_covers(int64_t k, int64_t splits, int64_t per, int64_t unit, int64_t max_splits) {
+  return splits >= 1 && splits <= max_splits && per > 0 && per % unit == 0 && splits * per >= k &&
+         (splits - 1) * per < std::max<int64_t>(k, 1);
+}

@@ -6,7 +6,7 @@
 // of pieces, partial last pieces and strips, r = 1 to 32 (one and two rank tiles), padded dy rows, S in either layout,
 // grids of one to many column blocks (the SM count varied). CUDA cores (the launcher's path for float32, r past 32,
 // and dy rows that 16-byte loads cannot read whole): both tiles (r <= 32 and past), partial tiles, dy, S and B in
-// either layout, several row and column blocks; and bwd_dy_grid's blocks over a sweep of shapes (every row and column
+// either layout, several row and column blocks; and both kernels' grids over a sweep of shapes (every row and column
 // owned once, whole tiles, the partial budget kept). Prints "N cases, F failures"; exits 1 on a failure. `quick`: one
 // case of each tensor-core rank-tile variant and one of the CUDA-core kernel.
 #include "emu.h"
@@ -122,9 +122,10 @@ void run_cuda_core_case(int64_t M, int64_t N, int r, int64_t row_pad, bool dy_co
   c.check("cuda-core", scaling, db_partials, grid.row_blocks, ds_partials, grid.col_blocks);
 }
 
-// bwd_dy_grid without launching: blocks of whole tiles that own every row and column once, within the tile's work
-// items, the partials within the budget unless one block per side already (then the budget cannot be kept).
-void check_cuda_core_grids() {
+// Both kernels' grids without launching, over a sweep of shapes and SM counts: blocks of whole tiles (pieces) that
+// own every row and column once; bwd_dy_grid's within the tile's work items and kBlocksPerSm blocks per SM; the
+// partials within the budget unless the side that the budget shrinks is one block already.
+void check_grids() {
   for (int64_t M : {1, 63, 64, 65, 1000, 8192, 100000}) {
     for (int64_t N : {1, 64, 200, 4096, 16384}) {
       for (int64_t r : {1, 16, 32, 33, 64}) {
@@ -142,6 +143,15 @@ void check_cuda_core_grids() {
           EXPECT(ok, "bwd_dy_grid M=%lld N=%lld r=%lld sms=%d: tile %d, %lld x %lld rows, %lld x %lld cols",
                  (long long)M, (long long)N, (long long)r, sms, g.tile, (long long)g.row_blocks,
                  (long long)g.rows_per_block, (long long)g.col_blocks, (long long)g.cols_per_block);
+          if (r > kBwdMmaMaxRank) continue;
+          const BwdDyMmaGrid mma = bwd_dy_mma_grid(M, N, r, 0);
+          const bool mma_ok =
+              mma.row_blocks == ceil_div(M, bwd_mma_rows_per_block(r <= 16 ? 1 : 2)) &&
+              split_covers(N, mma.col_blocks, mma.cols_per_block, kBwdMmaCols, ceil_div(N, kBwdMmaCols)) &&
+              (mma.col_blocks == 1 || r * (mma.row_blocks * N + mma.col_blocks * M) <= budget);
+          EXPECT(mma_ok, "bwd_dy_mma_grid M=%lld N=%lld r=%lld sms=%d: %lld row blocks, %lld x %lld cols",
+                 (long long)M, (long long)N, (long long)r, sms, (long long)mma.row_blocks, (long long)mma.col_blocks,
+                 (long long)mma.cols_per_block);
         }
       }
     }
@@ -171,7 +181,7 @@ int main(int argc, char** argv) {
   run_cuda_core_case<c10::Half>(100, 77, 40, 0, true, false, false, 3, 1 + cases++);   // dy column-major, r past 32
   run_cuda_core_case<c10::BFloat16>(70, 300, 5, 1, false, true, true, 8, 1 + cases++); // odd rows, many col blocks
   run_cuda_core_case<float>(300, 40, 33, 0, false, false, true, 1, 1 + cases++);       // one block: several tiles
-  check_cuda_core_grids();
+  check_grids();
   ++cases;
   std::printf("%d cases, %d failures\n", cases, failures);
   return failures != 0;

@@ -5,7 +5,8 @@
 // integer-valued data: exact, so a dropped, doubled or misplaced product changes y or s. M on either side of the MMA
 // tile's upper rows, K less than one warp's step and with a partial last step, r = 1 to 256, N not a multiple of the
 // block's rows, a separate x_lora, a column-major lora_b, bias on and off, and the CUDA-core kernel's vector and
-// scalar paths. Prints "N cases, F failures"; exits 1 on a failure. `quick`: two cases of the MMA kernel.
+// scalar paths; and decode_shrink_split over a sweep of shapes. Prints "N cases, F failures"; exits 1 on a failure.
+// `quick`: two cases of the MMA kernel.
 #include "emu.h"
 
 namespace lora_kernels {
@@ -106,6 +107,27 @@ void run_case(int M, int64_t K, int r, int row_pad, bool separate_lora_input, bo
   }
 }
 
+// decode_shrink_split over a sweep of shapes and SM counts, without launching: splits that cover K in whole chunks
+// of one warp's 16-byte loads, none empty, at most kMaxSplitK, within the partials a forward block sums. One case.
+void check_splits() {
+  for (int sms : {1, 4, 132}) {
+    g_sm_count = sms;
+    for (int64_t M : {1, 4, 16}) {
+      for (int64_t r : {1, 16, 64, 256}) {
+        for (int64_t K : {int64_t(1), int64_t(31), int64_t(256), int64_t(4096), int64_t(4100), int64_t(1) << 20}) {
+          for (int64_t V : {4, 8}) {
+            const DecodeShrinkSplit s = decode_shrink_split(M, r, K, V, 0);
+            EXPECT(split_covers(K, s.splits, s.k_per_split, kWarpSize * V, kMaxSplitK) &&
+                   (s.splits == 1 || s.splits * M * r <= kPartialBudget),
+                   "decode_shrink_split M=%lld r=%lld K=%lld V=%lld sms=%d: %lld x %lld", (long long)M, (long long)r,
+                   (long long)K, (long long)V, sms, (long long)s.splits, (long long)s.k_per_split);
+          }
+        }
+      }
+    }
+  }
+}
+
 int main(int argc, char** argv) {
   g_sm_count = 4;  // 8 shrink splits at most: each one's warp shuffles are emulated with barriers, slow on a CPU
   int cases = 0;
@@ -125,6 +147,8 @@ int main(int argc, char** argv) {
   run_case<float>(4, 4100, 8, 0, false, false, true, false, 1 + cases++);          // fp32: 16-byte loads of 4
   run_case<c10::BFloat16>(3, 4100, 16, 0, true, false, true, false, 1 + cases++);  // K % 8 != 0: scalar loads
   run_case<c10::BFloat16>(16, 260, 64, 3, false, true, true, false, 1 + cases++);  // rows of 263: scalar loads
+  check_splits();
+  ++cases;
   std::printf("%d cases, %d failures\n", cases, failures);
   return failures != 0;
 }

@@ -6,8 +6,8 @@
 // shrink; a 16-bit shrink whose rows 16-byte loads cannot read whole (K or the row stride not a multiple of 8); a
 // float64 shrink with float64 partials; a float32 or float64 lora_b's expand into float32, 16-bit or float64 outputs.
 // Heterogeneous ranks with NaN past each, -1 tokens, two column tiles of rank, partial token and column tiles, K
-// splits with a short last one. Prints "N cases, F failures"; exits 1 on a failure. `quick`: one distribution and
-// SM count.
+// splits with a short last one; and the grouped shrink's K-splits (prefill and decode) over a sweep of shapes. Prints
+// "N cases, F failures"; exits 1 on a failure. `quick`: one distribution and SM count.
 #include "emu.h"
 
 namespace lora_kernels {
@@ -44,6 +44,40 @@ void run_case(int M, int L, int K, int R, int row_pad, int b_pad, const std::str
   batch.check_expand();
 }
 
+// shrink_k_split and decode_k_split over a sweep of shapes and SM counts, without launching: splits that cover K in
+// whole tiles (decode: whole chunks of 32 lanes' 16-byte loads), none empty, within their bounds and the shrink's
+// partial budget. Counted as one case.
+void check_splits() {
+  for (int sms : {1, 4, 132}) {
+    g_sm_count = sms;
+    for (int64_t k : {int64_t(0), int64_t(1), int64_t(31), int64_t(33), int64_t(4096), int64_t(4100), int64_t(14336),
+                      int64_t(1) << 26}) {
+      for (int64_t tokens : {1, 7, 64, 65, 4096, 100000}) {
+        for (int64_t slots : {1, 16}) {
+          for (int64_t rank : {1, 16, 64}) {
+            for (int64_t warps : {int64_t(kShrinkWarps), int64_t(kThreads / 32)}) {
+              const ShrinkSplit s = shrink_k_split(tokens, slots, rank, k, warps, 0);
+              const int64_t budget = std::max(tokens * k / 2, kMinShrinkPartials);
+              EXPECT(split_covers(k, s.splits, s.k_per_split, kTileK, kMaxShrinkSplits) &&
+                     (s.splits == 1 || s.splits * tokens * rank <= budget),
+                     "shrink_k_split tokens=%lld slots=%lld rank=%lld k=%lld warps=%lld sms=%d: %lld x %lld",
+                     (long long)tokens, (long long)slots, (long long)rank, (long long)k, (long long)warps, sms,
+                     (long long)s.splits, (long long)s.k_per_split);
+            }
+          }
+        }
+        for (int64_t vec : {4, 8}) {
+          const ShrinkSplit s = decode_k_split(tokens, k, vec, 0);
+          const int64_t fewest = ceil_div(k, 32 * vec * kDecodeChunks);  // x held in registers
+          EXPECT(split_covers(k, s.splits, s.k_per_split, 32 * vec, std::max(kMaxShrinkSplits, fewest)),
+                 "decode_k_split tokens=%lld k=%lld vec=%lld sms=%d: %lld x %lld", (long long)tokens, (long long)k,
+                 (long long)vec, sms, (long long)s.splits, (long long)s.k_per_split);
+        }
+      }
+    }
+  }
+}
+
 int main(int argc, char** argv) {
   const CaseGrid grid = case_grid(argc, argv, {"distinct", "mixed_base", "two"});
   int cases = 0;
@@ -56,6 +90,8 @@ int main(int argc, char** argv) {
       run_case<double, double>(70, 3, 300, 40, 1, 2, dist, sms, 1 + cases++);
     }
   }
+  check_splits();
+  ++cases;
   std::printf("%d cases, %d failures\n", cases, failures);
   return failures != 0;
 }
