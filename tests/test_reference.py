@@ -83,3 +83,42 @@ def test_add_lora_slices_fill_their_column_ranges():
         assert rel_error(out[:, offset:offset + width] - y[:, offset:offset + width], expected) < 1e-12
         offset += width
     assert torch.equal(out[2], y[2])  # the -1 token is untouched
+
+
+def test_grouped_references_add_the_bias_and_their_shrink_expand_follow_the_rules_alone():
+    """The grouped oracles checked against the single-adapter one with a bias (no kernel test passed
+    multi_lora_linear one), and lora_shrink / lora_expand each against their documented rules, not only composed
+    (where shrink's zero rows and columns hid expand's, and the reverse)."""
+    m, k, n, slots, max_rank = 6, 5, 4, 3, 4
+    ranks, scalings = torch.tensor([4, 1, 2]), torch.tensor([0.5, 2.0, -1.0])
+    x, weight = torch.randn(m, k, dtype=torch.float64), torch.randn(n, k, dtype=torch.float64)
+    bias = torch.randn(n, dtype=torch.float64)
+    lora_a = torch.randn(slots, max_rank, k, dtype=torch.float64)
+    lora_b = torch.randn(slots, n, max_rank, dtype=torch.float64)
+    ids = torch.tensor([2, -1, 0, 1, -1, 0])
+    for oracle in (reference.multi_lora_linear, reference.multi_lora_linear_autograd):
+        y = oracle(x, weight, lora_a, lora_b, ids, scalings, bias, ranks)
+        for t in range(m):
+            slot, rank = int(ids[t]), int(ranks[max(int(ids[t]), 0)])
+            expected = x[t] @ weight.T + bias if slot < 0 else reference.lora_linear(
+                x[t:t + 1], weight, lora_a[slot, :rank], lora_b[slot, :, :rank], float(scalings[slot]), bias)[0]
+            assert rel_error(y[t], expected) < 1e-12, (oracle.__name__, t)
+    shrunk = reference.lora_shrink(x, lora_a, ids, scalings, ranks)
+    for t in range(m):
+        slot = int(ids[t])
+        if slot < 0:
+            assert torch.equal(shrunk[t], torch.zeros(max_rank, dtype=torch.float64)), t  # not slot 0's
+            continue
+        rank = int(ranks[slot])
+        assert rel_error(shrunk[t, :rank], float(scalings[slot]) * (lora_a[slot, :rank] @ x[t])) < 1e-12, t
+        assert torch.equal(shrunk[t, rank:], torch.zeros(max_rank - rank, dtype=torch.float64)), t  # past the rank
+    t_in = torch.randn(m, max_rank, dtype=torch.float64)  # every entry set: -1 rows and past-rank columns too
+    out = torch.randn(m, n + 3, dtype=torch.float64)
+    expanded = reference.lora_expand(t_in, lora_b, ids, out, 2, ranks)
+    for t in range(m):
+        slot = int(ids[t])
+        expected = out[t].clone()
+        if slot >= 0:
+            rank = int(ranks[slot])
+            expected[2:2 + n] += lora_b[slot, :, :rank] @ t_in[t, :rank]
+        assert rel_error(expanded[t], expected) < 1e-12, t
