@@ -9,8 +9,19 @@ sgmv_cuda_core.cpp the grouped CUDA-core kernel (float32, float64 and rows 16-by
 lora_fwd_decode.cpp lora_fwd's decode shrink and its tensor-core and CUDA-core forward kernels, lora_bwd_dy.cpp
 lora_bwd_dy's tensor-core and CUDA-core kernels.
 
-This checks the kernels' index arithmetic, masking and split/grid logic on every CI run, without a GPU; not their
-speed, the GPU memory model, the compiler's code for the GPU or the PTX layouts themselves (the GPU tests in
+Two more harnesses run the launchers themselves (launchers_lora_linear.cpp, launchers_sgmv.cpp): the whole of
+lora_linear.cu or sgmv.cu compiled as host C++ against the CPU libtorch, its launches rewritten into emulated ones
+(launcher_sources) and its CUDA runtime calls answered by tests/cuda_emulation/host_stubs/ (the SM count, the
+architecture the kernels' image was compiled for, programmatic dependent launches, CUDA's launch-configuration
+limits). Each case calls a launcher on CPU tensors and checks which kernels it launched and its outputs against a
+float64 reference, exactly: the dispatch (decode or GEMM path, tensor or CUDA cores, bgmv or sgmv, float64), what
+the launchers build (contiguous copies, the re-aligned transposed lora_b, partials and their sums) and pass, and
+their ATen compositions, with cuBLAS's GEMMs stood in for (launchers_lora_linear.cpp: fp32 accumulation, and BLAS's
+alpha = 0 / beta = 0 rules).
+
+This checks the kernels' index arithmetic, masking and split/grid logic, and the launchers' host code, on every CI
+run, without a GPU; not their speed, the GPU memory model (launches run one after another: a programmatic dependent
+launch's overlap is not emulated), the compiler's code for the GPU or the PTX layouts themselves (the GPU tests in
 test_cpp_ops.py check those on a GPU)."""
 import os
 import re
@@ -54,15 +65,19 @@ def read_sources():
     return sources
 
 
-def extract_kernels(sources, harness):
+def cut_sections(sources, sections):
     parts = []
-    for name, start, end in SECTIONS[harness]:
+    for name, start, end in sections:
         source = sources[name]
         assert source.count(start) == 1, f"{name}: expected one {start!r} (has the file been reorganised?)"
         begin = source.index(start)
         assert end in source[begin:], f"{name}: no {end!r} after {start!r}"
         parts.append(source[begin:source.index(end, begin)])
-    code = "".join(parts)
+    return "".join(parts)
+
+
+def extract_kernels(sources, harness):
+    code = cut_sections(sources, SECTIONS[harness])
     if HARNESS_SOURCE[harness] == "sgmv.cu":
         code, removed = re.subn(r"// The dtypes were validated.*?\n}\n", "", code, flags=re.S)
         assert removed == 1, "sgmv.cu: dtype_code not found where expected"
@@ -70,19 +85,53 @@ def extract_kernels(sources, harness):
     return re.sub(r"extern __shared__ float (\w+)\[\];", r"float* \1 = g_dynamic_shared;", code)
 
 
+# The launcher harnesses compile the whole of a .cu file as host C++, each against its launchers' harness:
+# launchers_lora_linear.cpp, launchers_sgmv.cpp (tests/cuda_emulation/host_stubs/ answers the CUDA runtime calls).
+LAUNCHER_HARNESSES = {"launchers_lora_linear": "lora_linear.cu", "launchers_sgmv": "sgmv.cu"}
+# kernel<<<grid, block, shared, stream>>>(args): the kernel a name, a template instance or a variable.
+LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)\s*<<<(.*?)>>>\(", re.S)
+
+
+def launcher_sources(sources):
+    """The files a launcher harness includes: both .cu files with every `kernel<<<config>>>(args)` rewritten into
+    `emulated_launch("kernel", kernel, config)(args)` (recorded and run by emu.h's emulation) and their dynamic shared
+    memory pointed at emu.h's buffer, and a tensor_core.h of the loads and fragment helpers without the inline PTX
+    (emu.h has stand-ins), which the .cu files' #include "tensor_core.h" finds beside them. Nothing else changes."""
+    files = {"tensor_core.h": "#pragma once\n#include <c10/util/BFloat16.h>\n#include <c10/util/Half.h>\n"
+                              "namespace lora_kernels {\n" + cut_sections(sources, TENSOR_CORE) + "}\n"}
+    for name in LAUNCHER_HARNESSES.values():
+        code = sources[name]
+        code, launches = LAUNCH.subn(r'emulated_launch("\1", \1, \2)(', code)
+        assert launches == sources[name].count("<<<") and launches > 0 and "<<<" not in code, name
+        code, shared = re.subn(r"extern __shared__ float (\w+)\[\];", r"float* \1 = g_dynamic_shared;", code)
+        assert shared == sources[name].count("extern __shared__"), name
+        files[name] = code
+    return files
+
+
 def build_and_run(tmp_path, harness, sources, *args):
     compiler = shutil.which(os.environ.get("CXX", "c++"))
     if compiler is None:
         pytest.skip("no C++ compiler")
-    (tmp_path / "extracted.h").write_text(extract_kernels(sources, harness))
+    launchers = harness in LAUNCHER_HARNESSES
+    if launchers:
+        for name, text in launcher_sources(sources).items():
+            (tmp_path / name).write_text(text)
+    else:
+        (tmp_path / "extracted.h").write_text(extract_kernels(sources, harness))
     torch_lib = torch.utils.cpp_extension.TORCH_LIB_PATH
     binary = tmp_path / harness
     includes = [f"-I{path}" for path in torch.utils.cpp_extension.include_paths()]
+    # The launcher harnesses: the CUDA stand-ins first (they shadow c10/cuda's headers), the rewritten .cu files and
+    # tensor_core.h, then grid_sizing.h and launchers.h as they are; linked against libtorch_cpu (ATen).
+    stubs = [f"-I{HERE}/cuda_emulation/host_stubs"] if launchers else []
+    sources_dir = [f"-I{CSRC_CUDA}"] if launchers else []
+    libraries = ["-ltorch_cpu", "-lc10"] if launchers else ["-lc10"]
     # -fsanitize=alignment: a misaligned 16-byte access (a fault on a GPU) stops the run (emu.h's uint4)
     build = subprocess.run([compiler, "-std=c++20", "-O1", "-pthread", "-fsanitize=alignment",
-                            "-fno-sanitize-recover=alignment", f"-I{tmp_path}", f"-I{HERE}/cuda_emulation",
-                            *includes, os.path.join(HERE, "cuda_emulation", f"{harness}.cpp"), "-o", str(binary),
-                            f"-L{torch_lib}", "-lc10", f"-Wl,-rpath,{torch_lib}"],
+                            "-fno-sanitize-recover=alignment", *stubs, f"-I{tmp_path}", f"-I{HERE}/cuda_emulation",
+                            *sources_dir, *includes, os.path.join(HERE, "cuda_emulation", f"{harness}.cpp"), "-o",
+                            str(binary), f"-L{torch_lib}", *libraries, f"-Wl,-rpath,{torch_lib}"],
                            capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-3000:]
     run = subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=600)
@@ -94,6 +143,38 @@ def build_and_run(tmp_path, harness, sources, *args):
 def test_cuda_kernels_match_the_reference_on_the_cpu(tmp_path, harness, cases):
     returncode, output, _ = build_and_run(tmp_path, harness, read_sources())
     assert returncode == 0 and output.splitlines()[-1] == f"{cases} cases, 0 failures", output[-3000:]
+
+
+@pytest.mark.parametrize("harness,cases", [("launchers_lora_linear", 41), ("launchers_sgmv", 31)])
+def test_cuda_launchers_dispatch_and_match_the_reference_on_the_cpu(tmp_path, harness, cases):
+    """The launchers themselves (lora_fwd_cuda_launch, lora_bwd_dy_cuda_launch, sgmv_shrink_cuda_launch,
+    sgmv_expand_cuda_launch), the whole .cu file compiled as host C++ on CPU tensors: which kernels they launch for
+    each dtype, layout, size and compiled architecture, what they build and pass them, and the ATen paths."""
+    returncode, output, _ = build_and_run(tmp_path, harness, read_sources())
+    assert returncode == 0 and output.splitlines()[-1] == f"{cases} cases, 0 failures", output[-3000:]
+
+
+@pytest.mark.parametrize("harness,args,old,new,failure", [
+    # lora_bwd_dy: the transposed lora_b used as it is when its .t().contiguous() is a misaligned view (a GPU faults
+    # on its 16-byte loads: the bug a GPU run found)
+    ("launchers_lora_linear", ["quick"], "      if (!aligned16(bt.data_ptr())) bt = bt.clone();\n", "",
+     "misaligned address"),
+    # sgmv_expand: a float64 out on the decode kernel, which accumulates and adds in float32
+    ("launchers_sgmv", [], "if (args.out_dtype != kF64 && expand_rows_of_16_bytes(args)",
+     "if (expand_rows_of_16_bytes(args)", "expand bf16 decode to fp64: launched [bgmv_expand_kernel<BF>]"),
+    # lora_fwd's GEMM path passing BLAS an alpha of 0 at scaling 0, which drops a NaN/Inf of the LoRA term
+    ("launchers_lora_linear", [], "const bool zero_scaling = scaling == 0.0;", "const bool zero_scaling = false;",
+     "fwd gemm scaling 0 Inf: y:"),
+], ids=["bwd-dy-misaligned-bt", "expand-fp64-decode", "gemm-zero-scaling"])
+def test_the_launcher_emulation_fails_a_broken_launcher(tmp_path, harness, args, old, new, failure):
+    """The launcher harnesses are not vacuous: a dropped alignment fix-up, dispatch condition or composition step
+    in a launcher fails them."""
+    sources = read_sources()
+    cu_file = LAUNCHER_HARNESSES[harness]
+    assert sources[cu_file].count(old) == 1, old
+    sources[cu_file] = sources[cu_file].replace(old, new)
+    returncode, output, errors = build_and_run(tmp_path, harness, sources, *args)
+    assert returncode != 0 and failure in output + errors, (output[-2000:], errors[-2000:])
 
 
 @pytest.mark.parametrize("harness,cases,old,new", [
@@ -119,10 +200,10 @@ def test_cuda_kernels_match_the_reference_on_the_cpu(tmp_path, harness, cases):
     ("lora_bwd_dy", 3, "transposed[warp][8 * ks + t + 4][8 * ct + group]",
      "transposed[warp][8 * ks + t][8 * ct + group]"),
     # the grouped CUDA-core shrink: A's rank rows past ranks[slot] (NaN) read and written
-    ("sgmv_cuda_core", 5, "const int64_t cols = kShrink ? rank : args.cols_full;",
+    ("sgmv_cuda_core", 6, "const int64_t cols = kShrink ? rank : args.cols_full;",
      "const int64_t cols = kShrink ? args.max_rank : args.cols_full;"),
     # ... and every K split summing all of K
-    ("sgmv_cuda_core", 5, "(kShrink && k_begin + args.k_per_split < kdim) ? k_begin + args.k_per_split : kdim",
+    ("sgmv_cuda_core", 6, "(kShrink && k_begin + args.k_per_split < kdim) ? k_begin + args.k_per_split : kdim",
      "kdim"),
     # the CUDA-core backward: dS of a block's later column pieces overwriting the earlier ones instead of adding
     ("lora_bwd_dy", 3, "*dst = n0 == n_begin ? scaling * sum : *dst + scaling * sum;", "*dst = scaling * sum;"),

@@ -30,7 +30,7 @@
 #define __launch_bounds__(...)
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
-#define C10_CUDA_KERNEL_LAUNCH_CHECK()
+#define C10_CUDA_KERNEL_LAUNCH_CHECK()  // the launcher harnesses: the launch's error (host_stubs/c10/cuda)
 
 // 16-byte aligned, as CUDA's: with the harnesses' -fsanitize=alignment a 16-byte load or store from an address that
 // is not a multiple of 16 stops the run (on a GPU it faults; x86 would take it).
@@ -89,14 +89,18 @@ T __ldcs(const T* p) { return *p; }
 template <typename T>
 T __ldcg(const T* p) { return *p; }
 
-// What the .cu files take from grid_sizing.h and launchers.h, and the PTX of tensor_core.h.
+// What the .cu files take from grid_sizing.h and launchers.h, and the PTX of tensor_core.h. The launcher harnesses
+// (LK_EMU_LAUNCHERS) compile the real grid_sizing.h and launchers.h instead, whose sm_count asks the stand-in of
+// cudaDeviceGetAttribute (host_stubs/cuda_runtime_api.h) for g_sm_count.
 namespace lora_kernels {
-constexpr int kBlocksPerSm = 2;
 inline int g_sm_count = 132;  // the H200's; the harness varies it
+#ifndef LK_EMU_LAUNCHERS
+constexpr int kBlocksPerSm = 2;
 inline int sm_count(int) { return g_sm_count; }
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 constexpr int64_t kSgmvTileTokens = 32;
 constexpr int64_t kSgmvMaxGridYZ = 65535;
+#endif
 
 // mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: d (16 x 8, fp32) += a (16 x 16) · b (16 x 8). Lane = 4 g + t
 // holds a's rows g and g + 8 at columns {2t, 2t + 1} (registers a0, a1) and {2t + 8, 2t + 9} (a2, a3), b's column g
