@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import lora_kernels
-from lora_kernels import compare
+from lora_kernels import backends, compare
 from lora_kernels.compare import CompareConfig, DecoderLM, ModelConfig, run_compare
 
 TINY = CompareConfig(model_size="tiny", device="cpu", batch_size=4, seq_len=32, steps=10, warmup=2, infer_reps=3,
@@ -590,6 +590,17 @@ def test_a_device_index_the_run_would_not_honour_is_refused():
         with pytest.raises(ValueError, match=rf"compare: --device 'cuda:{count}' but torch sees {count} CUDA device"):
             dataclasses.replace(TINY, device=f"cuda:{count}").resolved()
         assert dataclasses.replace(TINY, device=f"cuda:{count - 1}").resolved().device == f"cuda:{count - 1}"
+
+
+def test_a_cuda_index_past_the_gpu_count_is_refused_on_a_stand_in_two_gpu_machine(monkeypatch):
+    # the test above reaches its cuda:N check only on a GPU machine (helper 168: `index > count` passed on a CPU)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert backends.parse_device("compare", "cuda:1") == torch.device("cuda", 1)
+    assert backends.parse_device("compare", 1) == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match=r"compare: --device 'cuda:2' but torch sees 2 CUDA devices "
+                                         r"\(cuda:0 to cuda:1\)"):
+        backends.parse_device("compare", "cuda:2")
 
 
 def test_compile_is_a_flag_and_needs_a_warmup_step():

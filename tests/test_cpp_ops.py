@@ -906,7 +906,8 @@ def test_ops_compute_as_written_under_autocast(device):
 
 
 def test_opcheck_lora_fwd(device):
-    for dtype in (torch.float32, torch.bfloat16):
+    # float64 too: s is accumulate_dtype(x.dtype), float64 there (a fake saying float32 passed the other dtypes)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
         x, weight, lora_a, lora_b, bias = lora_inputs(5, 24, 20, 4, dtype, device)
         torch.library.opcheck(ops.lora_fwd.default, (x, None, weight, lora_a, lora_b, 2.0, bias))
         torch.library.opcheck(ops.lora_fwd.default, (x, x * 2, weight, lora_a, lora_b, 0.5, None))
@@ -923,6 +924,10 @@ def test_opcheck_sgmv(device):
     torch.library.opcheck(ops.sgmv_shrink.default, (args["x"], args["lora_a"], args["sorted_token_ids"],
                                                      args["slot_starts"], args["slot_counts"], args["scalings"],
                                                      args["ranks"]))
+    for dtype in (torch.bfloat16, torch.float64):  # the shrink's result is float32 whatever x's dtype
+        torch.library.opcheck(ops.sgmv_shrink.default, (args["x"].to(dtype), args["lora_a"].to(dtype),
+                                                         args["sorted_token_ids"], args["slot_starts"],
+                                                         args["slot_counts"], args["scalings"], args["ranks"]))
     torch.library.opcheck(ops.sgmv_expand.default, (args["t"], args["lora_b"], args["sorted_token_ids"],
                                                      args["slot_starts"], args["slot_counts"], args["ranks"],
                                                      args["out"], args["slice_offset"]))

@@ -661,6 +661,15 @@ def test_torch_compile_fullgraph_under_autocast(backend):
     assert layer.lora_A.weight.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_opcheck_dropout_keep(dtype):
+    """The dropout mask op's fake against its real output: the mask is drawn in x's dtype (a fake saying float32
+    passed every compile test, all of which run dropout in float32)."""
+    x = randn(6, 10).to(dtype)
+    torch.library.opcheck(torch.ops.lora_kernels.torch_dropout_keep.default, (torch.tensor(7), x, 0.3),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_torch_compile_fullgraph_with_dropout(backend, device):
     """Training with dropout compiles without graph breaks: the seed is drawn in the graph (a tensor, not a Python

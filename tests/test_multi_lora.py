@@ -1687,6 +1687,21 @@ def test_multi_lora_base_linear_returns_the_input_dtype_with_the_reference_backe
     assert_close(y, torch.nn.functional.linear(x.double(), weight.double(), bias.double()), torch.float32)
 
 
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS + ["reference"])
+@pytest.mark.parametrize("lead", [(), (3,), (2, 3)], ids=["1-D", "2-D", "3-D"])
+def test_multi_lora_base_linear_equals_multi_lora_linear_without_adapter_rows(backend, lead, device):
+    """MultiLoRALinear's shortcut for a batch without adapter rows gives what multi_lora_linear gives with every id
+    -1, shape included: a 1-D x [K] gives [N] (x.dim() <= 2 returning the [1, N] rows passed every other test)."""
+    backend_or_skip(backend, device)
+    x, weight, bias = randn(*lead, 8, device=device), randn(5, 8, device=device), randn(5, device=device)
+    lora_a, lora_b = randn(2, 4, 8, device=device), randn(2, 5, 4, device=device)
+    ids = torch.full(lead, -1, dtype=torch.long, device=device)
+    y = functional.multi_lora_base_linear(x, weight, bias, backend=backend)
+    expected = lk.multi_lora_linear(x, weight, lora_a, lora_b, ids, [1.0, 1.0], bias, backend=backend)
+    assert y.shape == expected.shape == (*lead, 5)
+    assert_close(y, expected, torch.float32)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "cuda", "triton"])
 def test_bf16_torch_func_keeps_the_scalings_unrounded(backend, device):
     """Under torch.func (the torch composition) the scalings multiply in fp32, as the kernels read them: 1/3 and

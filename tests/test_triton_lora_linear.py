@@ -629,6 +629,25 @@ def test_opcheck_forward(dev):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_opcheck_backward(dev, dtype):
+    """The fake impls of the three backward ops against their real outputs: shapes (N != K, so dx [M, K] is not
+    [M, N]) and dtypes (dA, dB and dS float32 whatever x's dtype, dX in dy's). torch.compile trusts the fakes: a
+    float16 fake dA (the real one float32) passed every aot_eager compile test, whose graphs cast it anyway."""
+    M, K, N, r = 5, 40, 20, 8
+    x, weight, lora_a, lora_b, _ = lora_inputs(M, K, N, r, dtype, dev)
+    dy = randn(M, N, device=dev).to(dtype)
+    s = randn(M, r, device=dev)
+    ds = randn(M, r, device=dev)
+    utils = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.lora_kernels.triton_lora_bwd_dy.default, (dy, s, lora_b, SCALING),
+                          test_utils=utils)
+    torch.library.opcheck(torch.ops.lora_kernels.triton_lora_bwd_dx.default,
+                          (dy, ds, weight, lora_a, 0.1, torch.tensor(7)), test_utils=utils)
+    torch.library.opcheck(torch.ops.lora_kernels.triton_lora_bwd_da.default, (ds, x, 0.1, torch.tensor(7)),
+                          test_utils=utils)
+
+
 def test_torch_compile_fullgraph(dev):
     """torch.compile(fullgraph=True) traces the launchers (checks included) and the ops without graph breaks."""
     torch._dynamo.reset()
