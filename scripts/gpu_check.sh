@@ -200,8 +200,8 @@ TESTS=(env LORA_KERNELS_AUTOTUNE=0 "$PY" -m pytest -v --tb=short -p no:cacheprov
 # The tests marked gpu_memory (tens of GB each, past-2^31-element operands) run later in a stage of their own, one
 # at a time: several at once on one GPU would run out of memory (18 tests, 20 s on the H200). They come after
 # compare: edge cases of sizes few users reach, where the §8 rows decide more. 220 s for the rest: 152 s on the H200
-# (2026-11-30) for 1707 tests; 1970 in session 36 (collected with torch.cuda.is_available() stood in, which gives
-# 1707 at that run's commit): ~176 s at the same rate.
+# (2026-11-30) for 1707 tests; 1993 in session 36 (collected with torch.cuda.is_available() stood in, which gives
+# 1707 at that run's commit): ~178 s at the same rate.
 MEMORY_TESTS=("${TESTS[@]}" -m gpu_memory)
 if (( DRY_RUN )); then
   dry_stage tests "${TESTS[@]}" "${PYTEST_OPTIONS[@]}" -m "not gpu_memory"
