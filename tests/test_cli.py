@@ -715,10 +715,18 @@ def test_gpu_check_selects_every_test_with_a_cuda_branch():
         for node in ast.parse(text).body:
             if not (isinstance(node, ast.FunctionDef) and node.name.startswith("test_")):
                 continue
-            decorators = " ".join(ast.get_source_segment(text, d) for d in node.decorator_list)
+            decorators = [ast.get_source_segment(text, d) for d in node.decorator_list]
             fixtures = {arg.arg for arg in node.args.args}
-            if (re.search(r"torch\.cuda\.(is_available|device_count)\(\)", ast.get_source_segment(text, node))
-                    and not re.search(r"cuda|gpu", node.name + " " + decorators, re.IGNORECASE)
-                    and not fixtures & {"device", "cuda_device"}):
+            markers = [m for d in decorators for m in re.findall(r"pytest\.mark\.(\w+)", d)]
+            parametrize = [d for d in decorators if d.startswith("pytest.mark.parametrize")]
+            # -k sees the module's and the test's names, its markers' names (not their arguments: a skipif reason
+            # saying "cuda" selects nothing) and its parameter ids (a parametrize naming "cuda" stands for them);
+            # gpu_check's -k then drops "gpu_check" and "emulation"
+            keywords = " ".join([path.stem, node.name, *markers, *parametrize])
+            excluded = re.search(r"gpu_check|emulation", " ".join([path.stem, node.name, *markers]), re.IGNORECASE)
+            selected = ((re.search(r"cuda|gpu", keywords, re.IGNORECASE) or fixtures & {"device", "cuda_device"})
+                        and not excluded)
+            calls = {ast.unparse(c.func) for c in ast.walk(node) if isinstance(c, ast.Call)}  # calls, not strings
+            if calls & {"torch.cuda.is_available", "torch.cuda.device_count"} and not selected:
                 missed.append(f"{path.name}::{node.name}")
     assert not missed, f"CUDA branches gpu_check's -k expression does not select: {missed}"

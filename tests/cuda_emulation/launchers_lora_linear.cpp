@@ -65,6 +65,26 @@ void name_kernels() {
 #undef LK_NAME
 }
 
+// No image of the extension for the device (g_compiled_arch 0): compiled_arch answers 0 and clears its error, the
+// launcher falls back to a CUDA-core kernel, whose launch fails as every launch does there, and
+// C10_CUDA_KERNEL_LAUNCH_CHECK raises "no kernel image" (nothing runs, no output is returned).
+void run_no_image(const std::string& what, const std::function<void()>& body,
+                  const std::vector<const void*>& kernels) {
+  g_compiled_arch = 0;
+  call(what, [&] {
+    std::string error;
+    try {
+      body();
+    } catch (const c10::Error& e) {
+      error = e.what();
+    }
+    expect_launches(what, kernels);
+    EXPECT(error.find("no kernel image is available") != std::string::npos, "%s: expected the launch's error, got '%s'",
+           what.c_str(), error.substr(0, 200).c_str());
+  });
+  g_compiled_arch = 90;
+}
+
 // ---- lora_fwd ----------------------------------------------------------------------------------------------------
 // The inputs of one call, integer-valued, and their layout: x (rows padded to ld_x, or one element into its buffer:
 // not 16-byte aligned), a separate x_lora, lora_a [r, K] column-major, lora_b [N, r] column-major or as the .t() of a
@@ -164,8 +184,11 @@ void fwd_cases(bool quick) {
   // A build whose newest architecture is older than the GPU's (PTX of sm_75: no tensor-core code), or no image.
   run_fwd("fwd bf16 M=4 sm_75 PTX", bf16, 4, 264, 40, 16, 0.5, {}, 75,
           {address(lora_shrink_splitk_kernel<BF, 4>), address(lora_fwd_decode_kernel<BF, 4>)});
-  run_fwd("fwd bf16 M=1 no image", bf16, 1, 264, 40, 16, 0.5, {}, 0,
-          {address(lora_shrink_splitk_kernel<BF, 1>), address(lora_fwd_decode_kernel<BF, 1>)});
+  run_no_image("fwd bf16 M=1 no image", [] {
+    const at::Tensor x = ints({1, 264}, 2, at::kBFloat16, 1), w = ints({40, 264}, 2, at::kBFloat16, 2);
+    const at::Tensor a = ints({16, 264}, 2, at::kBFloat16, 3), b = ints({40, 16}, 2, at::kBFloat16, 4);
+    (void)lora_fwd_cuda_launch(x, std::nullopt, w, a, b, 0.5, std::nullopt);
+  }, {address(lora_shrink_splitk_kernel<BF, 1>)});
   // r = 256: S fills the forward's shared memory (16 KiB at M = 16).
   run_fwd("fwd fp16 M=16 r=256", at::kHalf, 16, 72, 24, 256, 0.5, {.bias = false}, 80,
           {address(lora_shrink_splitk_kernel<c10::Half, 16>), address(lora_fwd_decode_mma_kernel<c10::Half, true>)});
@@ -242,6 +265,10 @@ void bwd_cases(bool quick) {
   run_bwd("bwd fp16 rows of 76", at::kHalf, 40, 72, 8, {.ld_dy = 76}, 90, {address(lora_bwd_dy_kernel<c10::Half>)});
   run_bwd("bwd bf16 dy misaligned", bf16, 40, 72, 8, {.dy_misaligned = true}, 90, {address(lora_bwd_dy_kernel<BF>)});
   run_bwd("bwd bf16 sm_75 PTX", bf16, 40, 72, 8, {}, 75, {address(lora_bwd_dy_kernel<BF>)});
+  run_no_image("bwd bf16 no image", [] {
+    const at::Tensor dy = ints({40, 72}, 3, at::kBFloat16, 1), s = ints({40, 8}, 8, at::kFloat, 2);
+    (void)lora_bwd_dy_cuda_launch(dy, s, ints({72, 8}, 3, at::kBFloat16, 3), 0.5);
+  }, {address(lora_bwd_dy_kernel<BF>)});
   // Two cuBLAS GEMMs: r > 64 (16-bit S rounded to dy's dtype: the data keeps it exact), float64.
   run_bwd("bwd bf16 r=65 gemm", bf16, 40, 72, 65, {}, 90, {});
   run_bwd("bwd fp64 gemm", at::kDouble, 40, 72, 8, {}, 90, {});

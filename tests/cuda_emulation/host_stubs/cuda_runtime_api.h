@@ -4,7 +4,8 @@
 // shadows c10/cuda's CUDAException.h, CUDAGuard.h and CUDAStream.h, which need a CUDA toolkit.
 //   - cudaDeviceGetAttribute: the SM count is emu.h's g_sm_count (the harness varies it);
 //   - cudaFuncGetAttributes: ptxVersion is g_compiled_arch, which the harness sets: 90 (sm_90 image), 80, 75 (a
-//     build whose newest architecture is older than the GPU's: PTX JIT-compiled, no tensor-core code), 0 (no image);
+//     build whose newest architecture is older than the GPU's: PTX JIT-compiled, no tensor-core code), 0 (no image:
+//     every launch then fails with cudaErrorNoKernelImageForDevice, as on a GPU);
 //   - kernel<<<grid, block, shared, stream>>>(args) is rewritten by the test into
 //     emulated_launch("kernel", kernel, grid, block, shared, stream)(args), and cudaLaunchKernelEx launches the same
 //     way: each launch is recorded (g_launches) and run on the CPU after CUDA's launch-configuration checks.
@@ -105,6 +106,10 @@ cudaError_t emulate_kernel_launch(const char* name, void (*kernel)(Params...), d
   if (!valid) {
     g_last_error = cudaErrorInvalidConfiguration;
     return cudaErrorInvalidConfiguration;
+  }
+  if (g_compiled_arch == 0) {  // no image for the device: no kernel of the extension launches (as the runtime)
+    g_last_error = cudaErrorNoKernelImageForDevice;
+    return cudaErrorNoKernelImageForDevice;
   }
   if (block.y != 1 || block.z != 1 || block.x % 32 != 0) throw std::logic_error("emulation: block not whole warps");
   emulate_launch([&](int) { kernel(args...); }, 0, grid.x, grid.y, grid.z, block.x);
