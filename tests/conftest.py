@@ -87,9 +87,9 @@ def assert_close(out, ref, dtype, what="output", scale=1.0, tf32=False):
 
 # A 16-bit result's summed magnitude against the float64 reference's: each element's rounding averages out in the
 # sum, a systematic error such as a scaling rounded to 16 bits does not (16/3 rounded to bf16 is 1.95e-3 off, to fp16
-# 2.44e-4; a 1/(1-p) of 0.9 stored in bf16 1.6e-3). At the tests' shapes, over 600 seeds of the single-adapter check
-# and 200 of the grouped one, the torch backend came within 4.4e-4 (bf16) and 6.4e-5 (fp16), the cpu one within
-# 2.0e-4 and 3.0e-5 (helper 169).
+# 2.44e-4; dropout's 1/(1-p) at p = 0.1 stored in bf16 1.6e-3). At the tests' shapes, over 600 seeds of the
+# single-adapter check and 200 of the grouped one, the torch backend came within 4.4e-4 (bf16) and 6.4e-5 (fp16), the
+# cpu one within 2.0e-4 and 3.0e-5 (helper 169).
 SUMMED_MAGNITUDE_TOLERANCE = {torch.bfloat16: 1e-3, torch.float16: 1.5e-4}
 
 

@@ -7,6 +7,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <functional>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -105,6 +106,19 @@ inline void fill_empty_with_nan() {
   at::globalContext().setDeterministicAlgorithms(true, /*warn_only=*/true);
   at::globalContext().setDeterministicFillUninitializedMemory(true);
   EXPECT(at::empty({64}).isnan().all().item<bool>(), "at::empty is not filled with NaN");
+}
+
+// A launcher harness's main: names the kernels for messages, fills at::empty with NaN, runs its groups of cases on
+// few SMs (each emulated barrier costs a CPU thread switch), `quick` (argv[1]) for the mutant tests. Prints "N cases,
+// F failures"; returns 1 on a failure.
+inline int run_harness(int argc, char** argv, void (*name_kernels)(), std::initializer_list<void (*)(bool)> groups) {
+  const bool quick = argc > 1 && std::string(argv[1]) == "quick";
+  fill_empty_with_nan();
+  name_kernels();
+  lora_kernels::g_sm_count = 4;
+  for (auto cases : groups) cases(quick);
+  std::printf("%d cases, %d failures\n", g_cases, failures);
+  return failures != 0;
 }
 
 }  // namespace lk_test

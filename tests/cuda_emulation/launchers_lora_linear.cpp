@@ -277,13 +277,4 @@ void bwd_cases(bool quick) {
   run_bwd("bwd fp64 N=0", at::kDouble, 40, 0, 8, {}, 90, {});
 }
 
-int main(int argc, char** argv) {
-  const bool quick = argc > 1 && std::string(argv[1]) == "quick";
-  fill_empty_with_nan();
-  name_kernels();
-  g_sm_count = 4;  // few K-splits and blocks: each emulated barrier costs a CPU thread switch
-  fwd_cases(quick);
-  bwd_cases(quick);
-  std::printf("%d cases, %d failures\n", g_cases, failures);
-  return failures != 0;
-}
+int main(int argc, char** argv) { return run_harness(argc, argv, name_kernels, {fwd_cases, bwd_cases}); }

@@ -207,13 +207,4 @@ void expand_cases(bool quick) {
   run_expand("expand bf16 decode N=0", bf16, bf16, 6, 3, 16, 0, "distinct", {}, 90, {});
 }
 
-int main(int argc, char** argv) {
-  const bool quick = argc > 1 && std::string(argv[1]) == "quick";
-  fill_empty_with_nan();
-  name_kernels();
-  g_sm_count = 4;  // few K-splits and blocks: each emulated barrier costs a CPU thread switch
-  shrink_cases(quick);
-  expand_cases(quick);
-  std::printf("%d cases, %d failures\n", g_cases, failures);
-  return failures != 0;
-}
+int main(int argc, char** argv) { return run_harness(argc, argv, name_kernels, {shrink_cases, expand_cases}); }
