@@ -1088,8 +1088,9 @@ def test_cuda_sgmv_expand_takes_the_tensor_core_kernel_where_it_can(m, b_dtype, 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cuda_decode_kernel_misaligned_and_strided(dtype, cuda_device):
-    """Misaligned base pointers and row strides that are not a multiple of the vector width take the scalar path;
-    x_lora given; no bias; a column-major lora_b."""
+    """W's rows of k + 3 elements (not a multiple of the vector width) take the CUDA-core path; x one element into
+    its buffer is copied into an aligned one (tests/cuda_emulation/launchers_lora_linear.cpp checks which kernels
+    run); x_lora given; no bias; a column-major lora_b."""
     m, k, n, r = 3, 256, 77, 8
     buf = randn(m * k + 1, dtype=dtype, device=cuda_device)
     x = buf[1:].view(m, k)  # 2 or 4 bytes past a 16-byte boundary

@@ -145,7 +145,7 @@ def test_cuda_kernels_match_the_reference_on_the_cpu(tmp_path, harness, cases):
     assert returncode == 0 and output.splitlines()[-1] == f"{cases} cases, 0 failures", output[-3000:]
 
 
-@pytest.mark.parametrize("harness,cases", [("launchers_lora_linear", 42), ("launchers_sgmv", 31)])
+@pytest.mark.parametrize("harness,cases", [("launchers_lora_linear", 43), ("launchers_sgmv", 31)])
 def test_cuda_launchers_dispatch_and_match_the_reference_on_the_cpu(tmp_path, harness, cases):
     """The launchers themselves (lora_fwd_cuda_launch, lora_bwd_dy_cuda_launch, sgmv_shrink_cuda_launch,
     sgmv_expand_cuda_launch), the whole .cu file compiled as host C++ on CPU tensors: which kernels they launch for
@@ -165,7 +165,11 @@ def test_cuda_launchers_dispatch_and_match_the_reference_on_the_cpu(tmp_path, ha
     # lora_fwd's GEMM path passing BLAS an alpha of 0 at scaling 0, which drops a NaN/Inf of the LoRA term
     ("launchers_lora_linear", [], "const bool zero_scaling = scaling == 0.0;", "const bool zero_scaling = false;",
      "fwd gemm scaling 0 Inf: y:"),
-], ids=["bwd-dy-misaligned-bt", "expand-fp64-decode", "gemm-zero-scaling"])
+    # lora_fwd's decode path keeping a contiguous x one element into its buffer, which takes the CUDA-core forward
+    ("launchers_lora_linear", [], "  return aligned16(c.data_ptr()) ? c : c.clone();", "  return c;",
+     "fwd bf16 M=4 x misaligned: launched [lora_shrink_splitk_kernel<c10::BFloat16, 4>, "
+     "lora_fwd_decode_kernel<c10::BFloat16, 4>]"),
+], ids=["bwd-dy-misaligned-bt", "expand-fp64-decode", "gemm-zero-scaling", "decode-misaligned-x"])
 def test_the_launcher_emulation_fails_a_broken_launcher(tmp_path, harness, args, old, new, failure):
     """The launcher harnesses are not vacuous: a dropped alignment fix-up, dispatch condition or composition step
     in a launcher fails them."""

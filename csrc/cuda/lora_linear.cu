@@ -5,11 +5,11 @@
 //      splitting K a handful of blocks would read it). Partials [splits, M, r] fp32, no atomics.
 //   2. the forward: every block sums the partials into S in shared memory (fixed order: deterministic; block 0 also
 //      stores S as the `s` output), streams its rows of W once with 16-byte loads, adds scaling·dot(S_m, B_n) and the
-//      bias in fp32 and stores y in x.dtype. W is read exactly once. fp16/bf16 on sm_80+ with 16-byte aligned rows:
-//      lora_fwd_decode_mma_kernel, the base product on tensor cores (x's rows are one MMA tile); otherwise
-//      lora_fwd_decode_kernel, fp32 FMAs on CUDA cores. Where its image is compiled for sm_90+, the tensor-core
-//      kernel is launched as a programmatic dependent of the shrink: it streams W while the shrink runs and reads
-//      the partials only after waiting for it (wait_for_prerequisite_grids).
+//      bias in fp32 and stores y in x.dtype. W is read exactly once. fp16/bf16 on sm_80+ with 16-byte aligned rows
+//      (x is copied into such rows; W is not copied): lora_fwd_decode_mma_kernel, the base product on tensor cores
+//      (x's rows are one MMA tile); otherwise lora_fwd_decode_kernel, fp32 FMAs on CUDA cores. Where its image is
+//      compiled for sm_90+, the tensor-core kernel is launched as a programmatic dependent of the shrink: it streams
+//      W while the shrink runs and reads the partials only after waiting for it (wait_for_prerequisite_grids).
 // lora_fwd, M > 16: ATen GEMMs with in-place epilogues (see lora_fwd_gemm).
 // lora_bwd_dy: one kernel reads each element of dy once and produces both ds = scaling·dy·B and
 //   dB = scaling·dyᵀ·S as deterministic fp32 partials, summed afterwards in a fixed order: on tensor cores for
@@ -393,6 +393,14 @@ DecodeShrinkSplit decode_shrink_split(int64_t M, int64_t r, int64_t K, int64_t V
 // (GPT-2's Conv1D, fan_in_fan_out) takes the GEMM path, since copying it would triple the bytes decode exists to save.
 at::Tensor unit_stride_rows(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
 
+// x is at most 16 rows: copying it is cheap and gives the kernels contiguous rows their 16-byte loads read whole.
+// contiguous() returns an already contiguous view as it is, one element into its buffer included, which would take
+// the CUDA-core forward; a fresh allocation is 16-byte aligned.
+at::Tensor contiguous_aligned16(const at::Tensor& t) {
+  const at::Tensor c = t.contiguous();
+  return aligned16(c.data_ptr()) ? c : c.clone();
+}
+
 template <typename T, int kMaxM>
 void launch_decode(const at::Tensor& x, const at::Tensor& x_lora, const at::Tensor& weight, const at::Tensor& lora_a,
                    const at::Tensor& lora_b, double scaling, const std::optional<at::Tensor>& bias, at::Tensor& y,
@@ -510,9 +518,8 @@ std::tuple<at::Tensor, at::Tensor> lora_fwd_cuda_launch(const at::Tensor& x,
   if (!decode) {
     return lora_fwd_gemm(x, x_lora, weight, lora_a, lora_b, scaling, bias);
   }
-  // x is at most 16 rows: making it contiguous is cheap and gives the kernels unit-stride rows.
-  const at::Tensor xc = x.contiguous();
-  const at::Tensor xlc = x_lora_opt.has_value() ? x_lora_opt->contiguous() : xc;
+  const at::Tensor xc = contiguous_aligned16(x);
+  const at::Tensor xlc = x_lora_opt.has_value() ? contiguous_aligned16(*x_lora_opt) : xc;
   const at::Tensor ac = unit_stride_rows(lora_a);
   at::Tensor y = at::empty({M, N}, x.options());
   at::Tensor s = at::empty({M, r}, x.options().dtype(at::kFloat));

@@ -86,9 +86,9 @@ void run_no_image(const std::string& what, const std::function<void()>& body,
 }
 
 // ---- lora_fwd ----------------------------------------------------------------------------------------------------
-// The inputs of one call, integer-valued, and their layout: x (rows padded to ld_x, or one element into its buffer:
-// not 16-byte aligned), a separate x_lora, lora_a [r, K] column-major, lora_b [N, r] column-major or as the .t() of a
-// [r, N] view one element into its buffer, W transposed (GPT-2's Conv1D), bias strided.
+// The inputs of one call, integer-valued, and their layout: x (rows padded to ld_x), x and x_lora one element into
+// their buffers (not 16-byte aligned), a separate x_lora, lora_a [r, K] column-major, lora_b [N, r] column-major or
+// as the .t() of a [r, N] view one element into its buffer, W transposed (GPT-2's Conv1D), bias strided.
 struct FwdLayout {
   int64_t ld_x = 0, ld_w = 0;  // rows padded to that many elements
   bool x_misaligned = false, separate_x_lora = false, a_column_major = false, b_column_major = false;
@@ -114,7 +114,7 @@ void run_fwd(const std::string& what, at::ScalarType dtype, int64_t M, int64_t K
          what.c_str());
 
   if (layout.ld_x) x = padded_rows(x, layout.ld_x);
-  if (layout.x_misaligned) x = offset_view(x, 1);
+  if (layout.x_misaligned) x = offset_view(x, 1), xl = offset_view(xl, 1);
   if (layout.ld_w) w = padded_rows(w, layout.ld_w);
   if (layout.a_column_major) a = column_major(a);
   if (layout.b_column_major) b = column_major(b);
@@ -168,12 +168,15 @@ void fwd_cases(bool quick) {
           {false, true});
   run_fwd("fwd bf16 M=9 K % 8 != 0", bf16, 9, 260, 40, 16, 0.5, {}, 90,
           {address(lora_shrink_splitk_kernel<BF, 16>), address(lora_fwd_decode_kernel<BF, 16>)});
-  // x is made contiguous (at most 16 rows): rows of 270 are copied into rows of 264, which 16-byte loads read whole;
-  // a contiguous x one element into its buffer is not copied, and takes the CUDA-core kernel.
+  // x is copied (at most 16 rows) into contiguous rows 16-byte loads read whole: rows of 270 into rows of 264, and a
+  // contiguous x one element into its buffer (and a separate x_lora so) into an aligned one: both take tensor cores.
   run_fwd("fwd bf16 M=4 rows of 270", bf16, 4, 264, 40, 16, 0.5, {.ld_x = 270}, 90,
           {address(lora_shrink_splitk_kernel<BF, 4>), address(lora_fwd_decode_mma_kernel<BF, false>)}, {false, true});
   run_fwd("fwd bf16 M=4 x misaligned", bf16, 4, 264, 40, 16, 0.5, {.x_misaligned = true}, 90,
-          {address(lora_shrink_splitk_kernel<BF, 4>), address(lora_fwd_decode_kernel<BF, 4>)});
+          {address(lora_shrink_splitk_kernel<BF, 4>), address(lora_fwd_decode_mma_kernel<BF, false>)}, {false, true});
+  run_fwd("fwd bf16 M=4 x, x_lora misaligned", bf16, 4, 264, 40, 16, 0.5,
+          {.x_misaligned = true, .separate_x_lora = true}, 90,
+          {address(lora_shrink_splitk_kernel<BF, 4>), address(lora_fwd_decode_mma_kernel<BF, false>)}, {false, true});
   // W is never copied: rows of 267 take the CUDA-core forward (the shrink still reads A with 16-byte loads).
   run_fwd("fwd bf16 M=4 W rows of 267", bf16, 4, 264, 40, 16, 0.5, {.ld_w = 267}, 90,
           {address(lora_shrink_splitk_kernel<BF, 4>), address(lora_fwd_decode_kernel<BF, 4>)});
