@@ -397,11 +397,22 @@ def slots_on_host(device):
 
 
 def host_slot_rows(batch, ranks):
-    """(slot, token rows, rank) of every slot with tokens and a rank above 0, read on the host."""
+    """(slot, token rows, rank) of every slot with tokens and a rank above 0, read on the host. Metadata values out
+    of range (a LoRABatch built by hand) are a ValueError before any work, as the cpu kernels' checks: sliced as
+    they were, a range past M lost its tokens silently and an id past M raised a bare IndexError."""
+    num_tokens = batch.num_tokens
     order = batch.sorted_token_ids.long()
-    bounds = zip(batch.slot_starts.tolist(), batch.slot_counts.tolist(), ranks.tolist())
-    return [(slot, order[start:start + count], rank) for slot, (start, count, rank) in enumerate(bounds)
-            if count and rank]
+    starts, counts = batch.slot_starts.tolist(), batch.slot_counts.tolist()
+    for slot, (start, count) in enumerate(zip(starts, counts)):
+        if start < 0 or count < 0 or start + count > num_tokens:
+            raise ValueError(f"LoRABatch: slot_starts/slot_counts expected token ranges inside [0, {num_tokens}), "
+                             f"got slot {slot} starting at {start} with {count} tokens (from_adapter_ids builds "
+                             "consistent metadata)")
+    if num_tokens and not bool(((order >= 0) & (order < num_tokens)).all()):
+        bad = order[(order < 0) | (order >= num_tokens)][0].item()
+        raise ValueError(f"LoRABatch: sorted_token_ids expected values in [0, {num_tokens}), got {bad}")
+    return [(slot, order[start:start + count], rank) for slot, (start, count, rank)
+            in enumerate(zip(starts, counts, ranks.tolist())) if count and rank]
 
 
 def _torch_shrink(x, lora_a, batch, scalings, ranks):

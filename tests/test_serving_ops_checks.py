@@ -1,6 +1,7 @@
 """The checks of the serving-stack API (lk.ops.*, LoRABatch) that mutation testing of ops.py and batch.py found
 untested: each test fails when the check it names is deleted or weakened."""
 
+import dataclasses
 import re
 
 import pytest
@@ -605,3 +606,66 @@ def test_lora_batch_built_under_inference_mode_refuses_a_refill_outside_it_befor
     with torch.inference_mode():
         batch.refill_(torch.tensor([1, 0, 1, -1]))
     assert batch.slot_counts.tolist() == [1, 2]
+
+
+def _hand_built_batches(m, num_slots, device):
+    """A consistent batch of m tokens over num_slots slots, and copies whose metadata a hand-built LoRABatch could
+    get wrong: a sorted token id past M (just past, and far past), one below 0, a slot range running past M, one
+    starting below 0."""
+    good = LoRABatch.from_adapter_ids(torch.arange(m, device=device) % num_slots, num_slots)
+
+    def changed(field, position, value):
+        values = getattr(good, field).clone()
+        values[position] = value
+        return dataclasses.replace(good, **{field: values})
+
+    return good, {"token past M": changed("sorted_token_ids", -1, m + 2),
+                  "token far past M": changed("sorted_token_ids", 3, 10 ** 6),
+                  "token below 0": changed("sorted_token_ids", 0, -5),
+                  "range past M": changed("slot_counts", num_slots - 1, int(good.slot_counts[-1]) + 5),
+                  "range below 0": changed("slot_starts", 0, -3)}
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_a_hand_built_batch_out_of_range_never_reaches_past_the_tensors(device, backend):
+    """Device metadata is clamped, not checked (reading it would sync): a LoRABatch built by hand with values out of
+    range must not make the prefill kernels (80 tokens on 3 slots) read rows of x past M, write rows of out or y past
+    M, or read them in the backward (helper 171: Triton's read and wrote there, and crashed on an id far past M).
+    x, out and y are views of buffers whose rows past M hold NaN or a marker."""
+    backend_or_skip(backend, device)
+    m, k, n, r, num_slots = 80, 8, 6, 4, 3
+    _, bad_batches = _hand_built_batches(m, num_slots, device)
+    x_buffer = torch.full((m + 8, k), float("nan"), device=device)
+    x_buffer[:m] = torch.randn(m, k, device=device)
+    x = x_buffer[:m]
+    lora_a, lora_b = torch.randn(num_slots, r, k, device=device), torch.randn(num_slots, n, r, device=device)
+    weight, scalings = torch.randn(n, k, device=device), torch.ones(num_slots, device=device)
+    for what, batch in bad_batches.items():
+        out_buffer = torch.full((m + 8, r), 7.0, device=device)
+        lk.ops.lora_shrink(x, lora_a, batch, scalings, backend=backend, out=out_buffer[:m])
+        y_buffer = torch.full((m + 8, n), 7.0, device=device)
+        lk.ops.lora_expand(out_buffer[:m], lora_b, batch, y_buffer[:m], backend=backend)
+        for name, buffer in (("lora_shrink's out", out_buffer), ("lora_expand's out", y_buffer)):
+            assert torch.isfinite(buffer[:m]).all(), f"{what}: {name} read a row of x past M"
+            assert (buffer[m:] == 7.0).all(), f"{what}: {name} written past M"
+        a, b = lora_a.clone().requires_grad_(), lora_b.clone().requires_grad_()
+        lk.multi_lora_linear(x, weight, a, b, batch, scalings, backend=backend).sum().backward()
+        assert torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all(), f"{what}: the backward read past M"
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_a_hand_built_batch_out_of_range_is_refused_on_the_host(backend):
+    """CPU metadata is read on the host anyway: values out of range are a ValueError naming the field, before any
+    write (the torch backend had dropped a range's tokens past M silently and raised a bare IndexError for an id)."""
+    backend_or_skip(backend, torch.device("cpu"))
+    m, k, n, r, num_slots = 80, 8, 6, 4, 3
+    _, bad_batches = _hand_built_batches(m, num_slots, "cpu")
+    x, lora_a, lora_b = torch.randn(m, k), torch.randn(num_slots, r, k), torch.randn(num_slots, n, r)
+    for what, batch in bad_batches.items():
+        field = "sorted_token_ids" if what.startswith("token") else "slot_starts/slot_counts"
+        with pytest.raises(ValueError, match=re.escape(field)):
+            lk.ops.lora_shrink(x, lora_a, batch, torch.ones(num_slots), backend=backend)
+        y = torch.zeros(m, n)
+        with pytest.raises(ValueError, match=re.escape(field)):
+            lk.ops.lora_expand(torch.ones(m, r), lora_b, batch, y, backend=backend)
+        assert (y == 0).all(), what

@@ -5,7 +5,9 @@
 with i = batch.adapter_ids[t] >= 0 and r_i = ranks[i]; entries of A/B past r_i are never used (the expand kernels
 load B and t up to min(r_i rounded up to 8, R), 16 bytes at a time when R is a multiple of 16, and select the
 entries past r_i away). The launchers do not check their arguments: lora_kernels.ops (lora_shrink, lora_expand,
-add_lora) is the checked API over them.
+add_lora) is the checked API over them. Metadata values are clamped on the device rather than checked (as the cuda
+kernels do): ids and ranks into range, each slot's token range into [0, M), sorted token ids outside [0, M)
+skipped, so a LoRABatch built by hand with bad values never reads or writes outside the tensors.
 
 Kernels (all launch a grid fixed by shapes and exit early on the device, so they are CUDA-graph safe):
 - prefill (`_sgmv_shrink_kernel`, `_sgmv_expand_kernel`): grid (token tiles, slices x rank-or-N tiles [x split-K],
@@ -120,10 +122,28 @@ if HAS_TRITON:
         return tl.minimum((rank + 7) // 8 * 8, R)
 
     @triton.jit
+    def _slot_range(slot_starts_ptr, slot_counts_ptr, slot, num_tokens):
+        """(start, count) of the slot's tokens in sorted_token_ids, clamped into [0, num_tokens) as the cuda kernels
+        clamp them: the metadata of a LoRABatch built by hand is not checked on a GPU (reading it would sync), and
+        must never make a kernel read or write outside its tensors (from_adapter_ids' is always in range)."""
+        start = tl.minimum(tl.maximum(tl.load(slot_starts_ptr + slot), 0), num_tokens)
+        count = tl.minimum(tl.maximum(tl.load(slot_counts_ptr + slot), 0), num_tokens - start)
+        return start, count
+
+    @triton.jit
+    def _slot_tokens(sorted_ids_ptr, start, count, positions, num_tokens):
+        """The token ids at `positions` of a slot's range (int64, 0 where masked) and their mask: positions past
+        count, and ids outside [0, num_tokens), are skipped (see _slot_range)."""
+        in_range = positions < count
+        tok = tl.load(sorted_ids_ptr + start + positions, mask=in_range, other=0).to(tl.int64)
+        valid = in_range & (tok >= 0) & (tok < num_tokens)
+        return tl.where(valid, tok, 0), valid
+
+    @triton.jit(do_not_specialize=["num_tokens"])
     def _sgmv_shrink_kernel(
         x_ptr, a_ptr, out_ptr,
         sorted_ids_ptr, slot_counts_ptr, slot_starts_ptr, scalings_ptr, ranks_ptr,
-        K, R,
+        num_tokens, K, R,
         stride_xm, stride_xk,
         stride_as, stride_al, stride_ar, stride_ak,
         stride_os, stride_om, stride_or,
@@ -135,7 +155,7 @@ if HAS_TRITON:
         pid_m = tl.program_id(0)
         pid_1 = tl.program_id(1)
         slot = tl.program_id(2)
-        count = tl.load(slot_counts_ptr + slot)
+        start, count = _slot_range(slot_starts_ptr, slot_counts_ptr, slot, num_tokens)
         if pid_m * BLOCK_M >= count:
             return
         pid_split = pid_1 % split_k
@@ -144,10 +164,7 @@ if HAS_TRITON:
         rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + slot), 0), R)
         if pid_r * BLOCK_R >= rank:
             return
-        start = tl.load(slot_starts_ptr + slot)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < count
-        tok = tl.load(sorted_ids_ptr + start + offs_m, mask=mask_m, other=0).to(tl.int64)
+        tok, mask_m = _slot_tokens(sorted_ids_ptr, start, count, pid_m * BLOCK_M + tl.arange(0, BLOCK_M), num_tokens)
         offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         mask_r = offs_r < rank
         offs_k = tl.arange(0, BLOCK_K)
@@ -220,11 +237,11 @@ if HAS_TRITON:
             # zeros past the rank, not the sums of 0·x there: NaN for a NaN or Inf in the token's row of x
             tl.store(out_ptrs, tl.where(mask_r, res, 0.0), mask=offs_r < R)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_tokens"])
     def _sgmv_expand_kernel(
         t_ptr, b_ptr, out_ptr,
         sorted_ids_ptr, slot_counts_ptr, slot_starts_ptr, ranks_ptr,
-        N, R, slice_offset,
+        num_tokens, N, R, slice_offset,
         stride_ts, stride_tm, stride_tr,
         stride_bs, stride_bl, stride_bn, stride_br,
         stride_om, stride_on,
@@ -236,7 +253,7 @@ if HAS_TRITON:
         pid_m = tl.program_id(0)
         pid_1 = tl.program_id(1)
         slot = tl.program_id(2)
-        count = tl.load(slot_counts_ptr + slot)
+        start, count = _slot_range(slot_starts_ptr, slot_counts_ptr, slot, num_tokens)
         if pid_m * BLOCK_M >= count:
             return
         pid_n = pid_1 % num_n_tiles
@@ -244,10 +261,7 @@ if HAS_TRITON:
         rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + slot), 0), R)
         if rank == 0:
             return
-        start = tl.load(slot_starts_ptr + slot)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < count
-        tok = tl.load(sorted_ids_ptr + start + offs_m, mask=mask_m, other=0).to(tl.int64)
+        tok, mask_m = _slot_tokens(sorted_ids_ptr, start, count, pid_m * BLOCK_M + tl.arange(0, BLOCK_M), num_tokens)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         offs_r = tl.arange(0, BLOCK_R)
@@ -322,11 +336,11 @@ if HAS_TRITON:
         tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_tokens"])
     def _segment_outer_kernel(
         left_ptr, right_ptr, out_ptr,
         sorted_ids_ptr, slot_counts_ptr, slot_starts_ptr,
-        P, Q,
+        num_tokens, P, Q,
         stride_lm, stride_lp, stride_rm, stride_rq, stride_ol, stride_op, stride_oq,
         BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
     ):
@@ -338,8 +352,7 @@ if HAS_TRITON:
         pid_p = tl.program_id(0)
         pid_q = tl.program_id(1)
         slot = tl.program_id(2)
-        count = tl.load(slot_counts_ptr + slot)
-        start = tl.load(slot_starts_ptr + slot)
+        start, count = _slot_range(slot_starts_ptr, slot_counts_ptr, slot, num_tokens)
         offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
         offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
         offs_t = tl.arange(0, BLOCK_T)
@@ -347,8 +360,7 @@ if HAS_TRITON:
         mask_q = offs_q < Q
         acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
         for t0 in range(0, count, BLOCK_T):
-            mask_t = (t0 + offs_t) < count
-            tok = tl.load(sorted_ids_ptr + start + t0 + offs_t, mask=mask_t, other=0).to(tl.int64)
+            tok, mask_t = _slot_tokens(sorted_ids_ptr, start, count, t0 + offs_t, num_tokens)
             lt = tl.load(left_ptr + tok[None, :] * stride_lm + offs_p[:, None].to(tl.int64) * stride_lp,
                          mask=mask_p[:, None] & mask_t[None, :], other=0.0)  # leftᵀ tile [BLOCK_P, BLOCK_T]
             rt = tl.load(right_ptr + tok[:, None] * stride_rm + offs_q[None, :].to(tl.int64) * stride_rq,
@@ -459,7 +471,7 @@ def _launch_shrink(x, lora_a, adapter_ids, sorted_token_ids, slot_counts, slot_s
     out3.zero_()  # rows of -1 tokens, columns past a rank, and the atomics' start
     _sgmv_shrink_kernel[(num_m_tiles, S * num_r_tiles * split_k, L)](
         x, a4, out3, sorted_token_ids, slot_counts, slot_starts, scalings, ranks,
-        K, R,
+        M, K, R,
         x.stride(0), x.stride(1),
         a4.stride(0), a4.stride(1), a4.stride(2), a4.stride(3),
         out3.stride(0), out3.stride(1), out3.stride(2),
@@ -497,7 +509,7 @@ def _launch_expand(t, lora_b, adapter_ids, sorted_token_ids, slot_counts, slot_s
     num_n_tiles = _cdiv(N, cfg["BLOCK_N"])
     _sgmv_expand_kernel[(_cdiv(M, cfg["BLOCK_M"]), S * num_n_tiles, L)](
         t3, b4, out, sorted_token_ids, slot_counts, slot_starts, ranks,
-        N, R, slice_offset,
+        M, N, R, slice_offset,
         t3.stride(0), t3.stride(1), t3.stride(2),
         b4.stride(0), b4.stride(1), b4.stride(2), b4.stride(3),
         out.stride(0), out.stride(1),
@@ -545,7 +557,7 @@ def _launch_segment_outer(left, right, sorted_token_ids, slot_counts, slot_start
                else SEGMENT_OUTER_BLOCK_P[1])
     _segment_outer_kernel[(_cdiv(P, block_p), _cdiv(Q, cfg["BLOCK_Q"]), L)](
         left, right, out, sorted_token_ids, slot_counts, slot_starts,
-        P, Q,
+        left.shape[0], P, Q,
         left.stride(0), left.stride(1), right.stride(0), right.stride(1), out.stride(0), out.stride(1),
         out.stride(2),
         BLOCK_T=cfg["BLOCK_T"], BLOCK_P=block_p, BLOCK_Q=cfg["BLOCK_Q"],
@@ -681,7 +693,7 @@ _INNER_STRIDES = {
     "_segment_outer_kernel": ("stride_lp", "stride_rq", "stride_oq"),
 }
 # Tile and split counts: not sizes, so not marked 16-divisible (num_r_tiles and split_k are often 1, then constexpr).
-_NOT_SIZE_ARGS = {"num_r_tiles", "num_n_tiles", "split_k"}
+_NOT_SIZE_ARGS = {"num_r_tiles", "num_n_tiles", "split_k", "num_tokens"}  # num_tokens: do_not_specialize
 
 
 def _spec(name, kernel, pointer_types, config, contiguous=True, **constexprs):
