@@ -113,11 +113,11 @@ class LoRABatch:
     def refill_(self, adapter_ids, *, validate=None):
         """Rebuilds this batch in place for new adapter ids, as many as before (any shape): every buffer keeps its
         address, so a CUDA graph captured with this batch replays with the new ids. Build one batch per token count
-        once, refill it before each replay. On the device with no host sync; validate as in from_adapter_ids (a
-        bad id raises before anything is written). A multi_lora_linear whose backward has not run yet refuses a
-        refilled batch (autograd's error about a tensor modified in place) rather than use the new ids; not under
-        activation checkpointing, whose backward recomputes the forward with the batch as it is then: refill only
-        after the backward there. Returns self."""
+        once, refill it before each replay. On the device with no host sync (ids from the host too, as a
+        scheduler's usually are); validate as in from_adapter_ids (a bad id raises before anything is written). A
+        multi_lora_linear whose backward has not run yet refuses a refilled batch (autograd's error about a tensor
+        modified in place) rather than use the new ids; not under activation checkpointing, whose backward
+        recomputes the forward with the batch as it is then: refill only after the backward there. Returns self."""
         op = "LoRABatch.refill_"
         _check_ids_tensor(op, adapter_ids)
         if adapter_ids.numel() != self.num_tokens:
@@ -131,7 +131,8 @@ class LoRABatch:
         validate = _check_validate(op, validate)
         if validate is None or validate:  # as from_adapter_ids would decide, for the ids where the caller has them
             _check_id_values(adapter_ids.reshape(-1), self.num_adapters, op, asked=validate is not None)
-        fresh = LoRABatch._for_op(op, adapter_ids.to(self.device), self.num_adapters, validate=False)
+        fresh = LoRABatch._for_op(op, _to_device_without_sync(adapter_ids, self.device), self.num_adapters,
+                                  validate=False)
         for name in BUFFER_FIELDS:
             getattr(self, name).copy_(getattr(fresh, name))
         return self
@@ -145,6 +146,16 @@ class LoRABatch:
                              f"{num_tokens} rows")
         if torch.compiler.is_compiling():
             torch._check(num_tokens == self.num_tokens, lambda: "the LoRABatch was built for another token count")
+
+
+def _to_device_without_sync(ids, device):
+    """ids on device. A blocking copy from the host to a GPU waits for the GPU's queued work (a stream sync), every
+    step of a serving loop whose scheduler hands over host ids. From pageable memory an asynchronous copy stages the
+    ids before it returns, so the caller may change them at once; ids in pinned memory are copied to pageable memory
+    first, or a caller rewriting them after refill_ returned would race the transfer."""
+    if ids.device.type != "cpu" or device.type != "cuda" or torch.compiler.is_compiling():
+        return ids.to(device)
+    return (ids.clone() if ids.is_pinned() else ids).to(device, non_blocking=True)
 
 
 def _check_ids_tensor(op, adapter_ids):

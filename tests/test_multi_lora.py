@@ -144,6 +144,30 @@ def test_lora_batch_refill_in_place(device):
     assert all(torch.equal(t, snapshot[name]) for name, t in buffers.items())
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("pinned", [False, True], ids=["pageable", "pinned"])
+def test_cuda_lora_batch_refills_from_host_ids_without_a_sync(pinned):
+    """A scheduler's ids come from the host every step: refill_ copies them to the GPU without a stream sync (a
+    blocking copy waited for the GPU's queued work; helper 171), and ids the caller rewrites as soon as refill_
+    returns, while the GPU is still busy, do not reach the batch (pinned ones are copied to pageable memory first)."""
+    device = torch.device("cuda")
+    batch = LoRABatch.from_adapter_ids(torch.zeros(64, dtype=torch.int32, device=device), 4)
+    ids = torch.randint(-1, 4, (64,), dtype=torch.int32)
+    expected = LoRABatch.from_adapter_ids(ids.clone(), 4)
+    if pinned:
+        ids = ids.pin_memory()
+    torch.cuda._sleep(50_000_000)  # tens of ms of queued GPU work, which a sync would wait for
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        batch.refill_(ids)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ids.fill_(3)  # the caller's next step
+    torch.cuda.synchronize(device)
+    for name in ("adapter_ids", "sorted_token_ids", "slot_counts", "slot_starts", "active_slots", "num_active"):
+        assert torch.equal(getattr(batch, name).cpu(), getattr(expected, name)), name
+
+
 def test_set_and_clear_adapter_take_numpy_slot_indices():
     """A slot from numpy (np.int64, as an index array's element) names the slot as a Python int would; the lk.ops
     take numpy integers too. It was refused with "slot expected an int in [0, 2), got np.int64(1)"."""
