@@ -221,41 +221,53 @@ def test_every_launch_passes_the_fp_fusion_setting():
     assert {site for site, passed in launches.items() if passed != "FP_FUSION"} == set(), launches
 
 
-def test_dropout_seed_selects_no_compiled_variant():
-    """Every training step draws a new dropout seed (functional.new_seed). Triton specialises an int argument on its
-    value (1: a constexpr; a multiple of 16: a divisibility attribute), each a binary of its own, so a specialised
-    seed compiled every dropout kernel again, on a GPU, at the first step whose seed was a multiple of 16 (about 2 s
-    per kernel and layer shape). Checked on the binder whose specialisation a launch's cache key is made of, in a
-    TRITON_INTERPRET=0 subprocess (like the gate)."""
+def _argument_selects_no_compiled_variant(module, argument, kernel_count):
+    """Whether `argument` of every kernel in module.aot_specs() that takes it leaves the launch's cache key alone
+    (kernel_count of them): Triton specialises an int argument on its value (1: a constexpr; a multiple of 16: a
+    divisibility attribute), each a binary of its own. Checked on the binder whose specialisation a launch's cache
+    key is made of, in a TRITON_INTERPRET=0 subprocess (like the gate)."""
     import os
     import subprocess
     import sys
     import textwrap
 
-    code = textwrap.dedent("""
+    code = textwrap.dedent(f"""
         from triton.backends.compiler import GPUTarget
         from triton.compiler import make_backend
         from triton.runtime.jit import create_function_from_signature
-        from lora_kernels.triton import aot, lora_linear as ll
+        from lora_kernels.triton import aot, {module} as module
         backend = make_backend(GPUTarget("cuda", 90, 32))
-        kernels = {}
-        for spec in ll.aot_specs():
+        kernels = {{}}
+        for spec in module.aot_specs():
             fn = aot._jit_function(spec["kernel"])
-            if "seed" in fn.arg_names:
+            if "{argument}" in fn.arg_names:
                 kernels[fn.fn.__name__] = fn
-        assert len(kernels) == 5, sorted(kernels)
+        assert len(kernels) == {kernel_count}, sorted(kernels)
         for name, fn in kernels.items():
             binder = create_function_from_signature(fn.signature, fn.params, backend)
-            keys = {str(binder(**{arg: 48 for arg in fn.arg_names if arg != "seed"}, seed=seed)[1])
-                    for seed in (1234567, 1234560, 1)}
+            keys = {{str(binder(**{{arg: 48 for arg in fn.arg_names if arg != "{argument}"}}, {argument}=value)[1])
+                    for value in (1234567, 1234560, 1)}}
             assert len(keys) == 1, (name, keys)
-        print("SEED-OK")
+        print("UNSPECIALISED-OK")
     """)
     env = dict(os.environ, TRITON_INTERPRET="0")
     repo_root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH", "")) if p)
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert "SEED-OK" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    assert "UNSPECIALISED-OK" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+
+
+def test_dropout_seed_selects_no_compiled_variant():
+    """Every training step draws a new dropout seed (functional.new_seed): a specialised seed compiled every dropout
+    kernel again, on a GPU, at the first step whose seed was a multiple of 16 (about 2 s per kernel and layer
+    shape)."""
+    _argument_selects_no_compiled_variant("lora_linear", "seed", 5)
+
+
+def test_grouped_token_count_selects_no_compiled_variant():
+    """The grouped prefill kernels take the token count M only to clamp a hand-built batch's metadata, and M changes
+    every serving step: specialised, every M a multiple of 16 (and M = 1) would compile each kernel again."""
+    _argument_selects_no_compiled_variant("sgmv", "num_tokens", 3)
 
 
 def test_gate_compiles_every_config_the_prune_launches():
