@@ -150,12 +150,15 @@ class LoRABatch:
 
 def _to_device_without_sync(ids, device):
     """ids on device. A blocking copy from the host to a GPU waits for the GPU's queued work (a stream sync), every
-    step of a serving loop whose scheduler hands over host ids. From pageable memory an asynchronous copy stages the
-    ids before it returns, so the caller may change them at once; ids in pinned memory are copied to pageable memory
-    first, or a caller rewriting them after refill_ returned would race the transfer."""
+    step of a serving loop whose scheduler hands over host ids. CUDA promises an asynchronous copy only from pinned
+    memory (from pageable memory the driver may wait for the stream), so the ids are staged in a pinned buffer of
+    torch's caching host allocator first: the caller may rewrite its ids at once, and the allocator does not hand
+    the buffer out again before the copy has run (it records an event on it)."""
     if ids.device.type != "cpu" or device.type != "cuda" or torch.compiler.is_compiling():
         return ids.to(device)
-    return (ids.clone() if ids.is_pinned() else ids).to(device, non_blocking=True)
+    staged = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+    staged.copy_(ids)
+    return staged.to(device, non_blocking=True)
 
 
 def _check_ids_tensor(op, adapter_ids):

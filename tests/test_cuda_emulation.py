@@ -169,7 +169,11 @@ def test_cuda_launchers_dispatch_and_match_the_reference_on_the_cpu(tmp_path, ha
     ("launchers_lora_linear", [], "  return aligned16(c.data_ptr()) ? c : c.clone();", "  return c;",
      "fwd bf16 M=4 x misaligned: launched [lora_shrink_splitk_kernel<c10::BFloat16, 4>, "
      "lora_fwd_decode_kernel<c10::BFloat16, 4>]"),
-], ids=["bwd-dy-misaligned-bt", "expand-fp64-decode", "gemm-zero-scaling", "decode-misaligned-x"])
+    # ... and a separate x_lora so, which the shrink then reads element by element (same kernels, same results)
+    ("launchers_lora_linear", [], "contiguous_aligned16(*x_lora_opt)", "x_lora_opt->contiguous()",
+     "fwd bf16 M=4 x, x_lora misaligned: bool arguments [false][], expected [true][]"),
+], ids=["bwd-dy-misaligned-bt", "expand-fp64-decode", "gemm-zero-scaling", "decode-misaligned-x",
+        "decode-misaligned-x-lora"])
 def test_the_launcher_emulation_fails_a_broken_launcher(tmp_path, harness, args, old, new, failure):
     """The launcher harnesses are not vacuous: a dropped alignment fix-up, dispatch condition or composition step
     in a launcher fails them."""

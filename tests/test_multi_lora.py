@@ -147,21 +147,24 @@ def test_lora_batch_refill_in_place(device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("pinned", [False, True], ids=["pageable", "pinned"])
 def test_cuda_lora_batch_refills_from_host_ids_without_a_sync(pinned):
-    """A scheduler's ids come from the host every step: refill_ copies them to the GPU without a stream sync (a
-    blocking copy waited for the GPU's queued work; helper 171), and ids the caller rewrites as soon as refill_
-    returns, while the GPU is still busy, do not reach the batch (pinned ones are copied to pageable memory first)."""
+    """A scheduler's ids come from the host every step: refill_ copies them to the GPU without waiting for the GPU's
+    queued work (a blocking copy synchronised the stream; helper 171), and ids the caller rewrites as soon as
+    refill_ returns, while the GPU is still busy, do not reach the batch (they are staged in a pinned buffer)."""
     device = torch.device("cuda")
     batch = LoRABatch.from_adapter_ids(torch.zeros(64, dtype=torch.int32, device=device), 4)
     ids = torch.randint(-1, 4, (64,), dtype=torch.int32)
     expected = LoRABatch.from_adapter_ids(ids.clone(), 4)
     if pinned:
         ids = ids.pin_memory()
+    batch.refill_(ids)  # the first staging buffer comes from cudaHostAlloc; the allocator keeps it for reuse
+    torch.cuda.synchronize(device)
     torch.cuda._sleep(50_000_000)  # tens of ms of queued GPU work, which a sync would wait for
-    torch.cuda.set_sync_debug_mode("error")
+    torch.cuda.set_sync_debug_mode("error")  # torch's own syncs (a blocking copy's cudaStreamSynchronize)
     try:
         batch.refill_(ids)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    assert not torch.cuda.current_stream(device).query(), "refill_ waited for the queued GPU work"  # the driver's
     ids.fill_(3)  # the caller's next step
     torch.cuda.synchronize(device)
     for name in ("adapter_ids", "sorted_token_ids", "slot_counts", "slot_starts", "active_slots", "num_active"):

@@ -610,8 +610,8 @@ def test_lora_batch_built_under_inference_mode_refuses_a_refill_outside_it_befor
 
 def _hand_built_batches(m, num_slots, device):
     """A consistent batch of m tokens over num_slots slots, and copies whose metadata a hand-built LoRABatch could
-    get wrong: a sorted token id past M (just past, and far past), one below 0, a slot range running past M, one
-    starting below 0."""
+    get wrong: a sorted token id at M, past it and far past it, one below 0; a slot range running one past M, five
+    past it, one starting below 0."""
     good = LoRABatch.from_adapter_ids(torch.arange(m, device=device) % num_slots, num_slots)
 
     def changed(field, position, value):
@@ -619,9 +619,11 @@ def _hand_built_batches(m, num_slots, device):
         values[position] = value
         return dataclasses.replace(good, **{field: values})
 
-    return good, {"token past M": changed("sorted_token_ids", -1, m + 2),
+    return good, {"token at M": changed("sorted_token_ids", -1, m),
+                  "token past M": changed("sorted_token_ids", -1, m + 2),
                   "token far past M": changed("sorted_token_ids", 3, 10 ** 6),
                   "token below 0": changed("sorted_token_ids", 0, -5),
+                  "range one past M": changed("slot_counts", num_slots - 1, int(good.slot_counts[-1]) + 1),
                   "range past M": changed("slot_counts", num_slots - 1, int(good.slot_counts[-1]) + 5),
                   "range below 0": changed("slot_starts", 0, -3)}
 

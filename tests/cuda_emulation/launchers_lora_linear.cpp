@@ -168,18 +168,22 @@ void fwd_cases(bool quick) {
           {false, true});
   run_fwd("fwd bf16 M=9 K % 8 != 0", bf16, 9, 260, 40, 16, 0.5, {}, 90,
           {address(lora_shrink_splitk_kernel<BF, 16>), address(lora_fwd_decode_kernel<BF, 16>)});
+  expect_flags("fwd bf16 M=9 K % 8 != 0", {{false}, {false}});
   // x is copied (at most 16 rows) into contiguous rows 16-byte loads read whole: rows of 270 into rows of 264, and a
   // contiguous x one element into its buffer (and a separate x_lora so) into an aligned one: both take tensor cores.
   run_fwd("fwd bf16 M=4 rows of 270", bf16, 4, 264, 40, 16, 0.5, {.ld_x = 270}, 90,
           {address(lora_shrink_splitk_kernel<BF, 4>), address(lora_fwd_decode_mma_kernel<BF, false>)}, {false, true});
   run_fwd("fwd bf16 M=4 x misaligned", bf16, 4, 264, 40, 16, 0.5, {.x_misaligned = true}, 90,
           {address(lora_shrink_splitk_kernel<BF, 4>), address(lora_fwd_decode_mma_kernel<BF, false>)}, {false, true});
+  expect_flags("fwd bf16 M=4 x misaligned", {{true}, {}});  // the shrink's 16-byte loads of x
   run_fwd("fwd bf16 M=4 x, x_lora misaligned", bf16, 4, 264, 40, 16, 0.5,
           {.x_misaligned = true, .separate_x_lora = true}, 90,
           {address(lora_shrink_splitk_kernel<BF, 4>), address(lora_fwd_decode_mma_kernel<BF, false>)}, {false, true});
+  expect_flags("fwd bf16 M=4 x, x_lora misaligned", {{true}, {}});  // ... of x_lora
   // W is never copied: rows of 267 take the CUDA-core forward (the shrink still reads A with 16-byte loads).
   run_fwd("fwd bf16 M=4 W rows of 267", bf16, 4, 264, 40, 16, 0.5, {.ld_w = 267}, 90,
           {address(lora_shrink_splitk_kernel<BF, 4>), address(lora_fwd_decode_kernel<BF, 4>)});
+  expect_flags("fwd bf16 M=4 W rows of 267", {{true}, {false}});
   run_fwd("fwd fp32 M=4", at::kFloat, 4, 260, 40, 16, 0.5, {.b_column_major = true}, 90,
           {address(lora_shrink_splitk_kernel<float, 4>), address(lora_fwd_decode_kernel<float, 4>)});
   run_fwd("fwd fp32 M=16", at::kFloat, 16, 130, 24, 3, 0.5, {.ld_x = 131, .bias = false}, 90,

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "emu.h"
@@ -88,8 +89,14 @@ struct Launch {
   dim3 grid, block;
   size_t shared_bytes;
   bool dependent;
+  std::vector<bool> flags;  // the kernel's bool arguments in order: which loads it may take 16 bytes at a time
 };
 inline std::vector<Launch> g_launches;
+
+template <typename Param, typename Arg>
+void add_flag(std::vector<bool>& flags, const Arg& arg) {
+  if constexpr (std::is_same_v<Param, bool>) flags.push_back(static_cast<bool>(arg));
+}
 
 // CUDA's launch-configuration limits (any GPU since sm_30): grid.x < 2^31, grid.y and grid.z <= 65535, at most 1024
 // threads per block; dynamic shared memory at most 48 KiB without cudaFuncSetAttribute, which these files never call,
@@ -99,7 +106,9 @@ inline std::vector<Launch> g_launches;
 template <typename... Params, typename... Args>
 cudaError_t emulate_kernel_launch(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block,
                                   size_t shared_bytes, bool dependent, Args&&... args) {
-  g_launches.push_back({reinterpret_cast<const void*>(kernel), name, grid, block, shared_bytes, dependent});
+  std::vector<bool> flags;
+  (add_flag<Params>(flags, args), ...);
+  g_launches.push_back({reinterpret_cast<const void*>(kernel), name, grid, block, shared_bytes, dependent, flags});
   const bool valid = grid.x >= 1 && grid.x <= 0x7fffffffu && grid.y >= 1 && grid.y <= 65535 && grid.z >= 1 &&
                      grid.z <= 65535 && block.x >= 1 && block.x * block.y * block.z <= 1024 &&
                      shared_bytes <= 48 * 1024 && shared_bytes <= sizeof(g_dynamic_shared);
