@@ -1297,6 +1297,19 @@ def _record_modules_to_save(model, modules_to_save):
         delattr(model, MODULES_TO_SAVE_ATTR)
 
 
+# On the model: the state-dict names of the embedding layers whose whole state the adapter file that
+# load_peft_adapter read held (PEFT's save_embedding_layers), which save_peft_adapter writes again by default
+EMBEDDING_LAYERS_ATTR = "lora_embedding_layers"
+
+
+def _record_embedding_layers(model, names):
+    """Remembers the embedding layers the loaded adapter file held, for save_peft_adapter (empty: none)."""
+    if names:
+        setattr(model, EMBEDDING_LAYERS_ATTR, list(names))
+    elif hasattr(model, EMBEDDING_LAYERS_ATTR):
+        delattr(model, EMBEDDING_LAYERS_ATTR)
+
+
 TASK_TYPE_ATTR = "lora_task_type"  # on the model: the task_type of the adapter file load_peft_adapter read
 
 
@@ -1846,6 +1859,7 @@ def merge_and_unload(model):
     _record_modules_to_save(model, None)  # the adapter is gone: a later inject_lora starts a new one
     _record_bias(model, "none")
     _record_task_type(model, None)
+    _record_embedding_layers(model, None)  # the merged model's own now, as its base layers
     return wrapper
 
 

@@ -34,16 +34,16 @@ from torch import nn
 from lora_kernels import modules as _modules
 from lora_kernels._dtensor import is_tensor_parallel
 from lora_kernels.backends import check_backend_name
-from lora_kernels.modules import (_PEFT_ONLY_HINT, BASE_ADAPTER, BIAS_ATTR, BIAS_MODES, LORA_WRAPPERS,
-                                  MODULES_TO_SAVE_ATTR, PEFT_ONLY_LAYERS, TASK_TYPE_ATTR, LoRALinear, MultiLoRALinear,
-                                  _record_bias, _record_modules_to_save, _record_task_type, _rollback_on_error,
-                                  _set_submodule, _train_biases, _warn_linear_fan_in_fan_out, _warn_tied_targets,
-                                  adapter_table_lock, check_no_accelerate_hook, check_targets_outside_heads,
-                                  check_wrappable_linear, copy_into, embedding_layer,
-                                  enable_input_grads_for_checkpointing, is_conv1d, is_layer_index, lora_scaling,
-                                  named_modules_to_save, named_target_modules, pattern_value, resolve_batch_adapters,
-                                  state_dict_name, target_module_matches, trained_biases, unwrap_model,
-                                  warn_conv1d_fan_in_fan_out, warn_dropped_hooks)
+from lora_kernels.modules import (_PEFT_ONLY_HINT, BASE_ADAPTER, BIAS_ATTR, BIAS_MODES, EMBEDDING_LAYERS_ATTR,
+                                  LORA_WRAPPERS, MODULES_TO_SAVE_ATTR, PEFT_ONLY_LAYERS, TASK_TYPE_ATTR, LoRALinear,
+                                  MultiLoRALinear, _record_bias, _record_embedding_layers, _record_modules_to_save,
+                                  _record_task_type, _rollback_on_error, _set_submodule, _train_biases,
+                                  _warn_linear_fan_in_fan_out, _warn_tied_targets, adapter_table_lock,
+                                  check_no_accelerate_hook, check_targets_outside_heads, check_wrappable_linear,
+                                  copy_into, embedding_layer, enable_input_grads_for_checkpointing, is_conv1d,
+                                  is_layer_index, lora_scaling, named_modules_to_save, named_target_modules,
+                                  pattern_value, resolve_batch_adapters, state_dict_name, target_module_matches,
+                                  trained_biases, unwrap_model, warn_conv1d_fan_in_fan_out, warn_dropped_hooks)
 from lora_kernels.ops import check_flag, is_finite_number, refuse_inference_tensor_writes
 
 CONFIG_NAME = "adapter_config.json"
@@ -574,11 +574,6 @@ def _split_base_layers(targets, tensors, file, adapter_name, op):
     return found, rest
 
 
-# On the model: the state-dict names of the embedding layers whose whole state the adapter file that
-# load_peft_adapter read held (PEFT's save_embedding_layers), which save_peft_adapter writes again by default
-EMBEDDING_LAYERS_ATTR = "lora_embedding_layers"
-
-
 def _embedding_layers(model, skip):
     """[(name, module)] of the model's input and output embedding layers (transformers' get_input_embeddings /
     get_output_embeddings: embed_tokens, lm_head) but the modules named in `skip` (LoRA targets, whose base layer
@@ -767,11 +762,7 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
         # as inject_lora (and PEFT's from_pretrained) warn: merge() of a tied target would change both
         _warn_tied_targets(op, model, [(n, m) for n, m, *_ in plan if not isinstance(m, LORA_WRAPPERS)])
         _commit_single(model, config, plan, grouped, heads, biases, base_tensors, backend, autocast_adapter_dtype)
-        embedding_layers = sorted({key.rpartition(".")[0] for key, *_ in embedding_tensors})
-        if embedding_layers:
-            setattr(model, EMBEDDING_LAYERS_ATTR, embedding_layers)
-        elif hasattr(model, EMBEDDING_LAYERS_ATTR):
-            delattr(model, EMBEDDING_LAYERS_ATTR)
+        _record_embedding_layers(model, sorted({key.rpartition(".")[0] for key, *_ in embedding_tensors}))
         _record_task_type(model, config.task_type)
         enable_input_grads_for_checkpointing(model)
     else:

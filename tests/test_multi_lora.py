@@ -12,7 +12,7 @@ from torch import nn
 import lora_kernels as lk
 from conftest import (DTYPES, assert_close, assert_same_non_finite, assert_summed_magnitude, backend_or_skip,
                       quantized_linear, randn, rel_error)
-from lora_kernels import backends, functional, reference
+from lora_kernels import backends, functional, modules, reference
 from lora_kernels.batch import LoRABatch
 
 GROUPED_BACKENDS = ["torch", "cpu", "cuda", "triton"]
@@ -807,6 +807,26 @@ def test_activation_checkpointing_recomputes_under_the_forwards_adapter_names_or
     with lk.set_batch_adapters(model, ["a", "b"]):
         loss.backward()
     torch.testing.assert_close(model[0].lora_a.grad, want)
+    # forwards under other names between a forward and its backward (evaluation or logging passes, here of 1, 2, ...
+    # rows): the layers remember the names of their last _RECENT_FORWARDS forwards, so the recompute still finds
+    # the training one; after that many it is forgotten, and refused rather than guessed
+    def other_forwards(count):
+        with torch.no_grad():
+            for rows in range(1, count + 1):
+                with lk.set_batch_adapters(model, ["b"] * rows):
+                    model(torch.randn(rows, 8))
+
+    for count in (1, modules._RECENT_FORWARDS - 1):
+        loss = loss_under(["a", "b"], checkpointed=True)
+        other_forwards(count)
+        model.zero_grad()
+        with lk.set_batch_adapters(model, ["a", "b"]):
+            loss.backward()
+        torch.testing.assert_close(model[0].lora_a.grad, want)
+    loss = loss_under(["a", "b"], checkpointed=True)
+    other_forwards(modules._RECENT_FORWARDS)
+    with lk.set_batch_adapters(model, ["a", "b"]), pytest.raises(RuntimeError, match="which no recent forward ran"):
+        loss.backward()
     loss = loss_under(["a", "b"], checkpointed=True)
     with lk.set_batch_adapters(model, ["b", "a"]), pytest.raises(
             RuntimeError, match=r"recomputes this layer's forward \(activation checkpointing\) under adapter names "

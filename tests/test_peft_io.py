@@ -1861,6 +1861,17 @@ def test_embedding_layers_peft_saves_for_a_resized_vocabulary_load_as_peft_loads
         back = peft.PeftModel.from_pretrained(base(), tmp_path / "again")
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids=ids).logits, expected)
+    # the record goes with the adapter: after loading a file without embedding layers into the same model, or after
+    # merge_and_unload and a new inject_lora, "auto" saves the LoRA factors alone (whole embedding matrices had been
+    # written into the next adapter's file, which a load then copies over the base's)
+    plain = tmp_path / "plain"
+    lk.save_peft_adapter(lk.inject_lora(base(), ["q_proj", "v_proj"], r=4), plain)
+    lk.load_peft_adapter(ours, plain, backend=BACKEND)
+    merged = lk.merge_and_unload(lk.load_peft_adapter(base(), tmp_path, backend=BACKEND))
+    for name, model in (("second load", ours), ("merged", lk.inject_lora(merged, ["o_proj"], r=2))):
+        lk.save_peft_adapter(model, tmp_path / name)
+        keys = load_file(tmp_path / name / "adapter_model.safetensors")
+        assert keys and all(".lora_" in key for key in keys), (name, sorted(keys))
     other = base(vocab=100)  # not resized: refused by key and shapes, the model unchanged
     before = {k: v.clone() for k, v in other.state_dict().items()}
     with pytest.raises(ValueError, match=r"embed_tokens\.weight.*expected shape \[100, 64\].*got shape \[104, 64\]"):
