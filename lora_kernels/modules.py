@@ -1738,7 +1738,10 @@ class set_batch_adapters:
     graph (generate(): no recompile per mix); another number of names, or a list with no adapter (every layer then
     skips the grouped ops), compiles one more. The setting belongs to the model, not to a thread: threads sharing a
     model that set names at once see each other's (a forward reads, layer by layer, whichever names were set last);
-    such threads pass adapter ids or a LoRABatch to each forward."""
+    such threads pass adapter ids or a LoRABatch to each forward. Under activation checkpointing the backward
+    recomputes each layer under the names in effect when it runs: call it inside the forward's `with` (it raises
+    under names no recent forward ran with, or none), and backward each micro-batch's loss inside its own `with`:
+    losses of several summed under different names would all recompute under the last names, without an error."""
 
     def __init__(self, model, adapter_names):
         op = "set_batch_adapters"
