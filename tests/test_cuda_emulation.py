@@ -228,6 +228,19 @@ def test_the_emulation_fails_a_broken_kernel(tmp_path, harness, cases, old, new)
     assert returncode == 1 and re.search(rf"^{cases} cases, [1-9]\d* failures$", output, re.M), output[-3000:]
 
 
+def test_the_emulation_fails_a_missing_barrier_before_shared_memory_is_overwritten(tmp_path):
+    """emu.h runs warp 0 ahead after every block barrier, so a barrier missing before warp 0 overwrites what the other
+    warps still read shows: lora_bwd_dy_mma_kernel without the one after dB's shared sum (its next column piece's
+    sums overwrite it) passed every case under a fair schedule (helper 175). The full run: its blocks of several
+    column pieces."""
+    sources = read_sources()
+    old = "    __syncthreads();  // db_sum is read before the next piece's warp 0 overwrites it\n"
+    assert sources["lora_linear.cu"].count(old) == 1
+    sources["lora_linear.cu"] = sources["lora_linear.cu"].replace(old, "")
+    returncode, output, _ = build_and_run(tmp_path, "lora_bwd_dy", sources)
+    assert returncode == 1 and re.search(r"^15 cases, [1-9]\d* failures$", output, re.M), output[-3000:]
+
+
 def test_the_emulation_stops_a_misaligned_16_byte_access(tmp_path):
     """emu.h's uint4 is 16-byte aligned and the harnesses are built with -fsanitize=alignment, so a 16-byte access a
     GPU would fault on stops the run (x86 alone takes it): the expand's staged epilogue without its row-stride and

@@ -1,7 +1,8 @@
 // CPU stand-ins for the CUDA built-ins that the grouped kernels of csrc/cuda/sgmv.cu and the decode forward and
 // tensor-core backward of csrc/cuda/lora_linear.cu use, so that those kernels (cut out of the .cu files, and the
 // non-PTX helpers out of tensor_core.h, verbatim by tests/test_cuda_emulation.py) run on a machine without a GPU: one
-// std::thread per CUDA thread, blocks one after another; __syncthreads is a block barrier, __syncwarp a warp barrier;
+// std::thread per CUDA thread, blocks one after another; __syncthreads is a block barrier (after which warp 0 runs
+// ahead to the next one: see block_barrier), __syncwarp a warp barrier;
 // __shfl_xor_sync and the warp-wide MMAs exchange through per-warp buffers between two warp barriers; __shared__
 // variables are statics (one block runs at a time). The MMAs (mma.sync m16n8k16 fp16/bf16 and m16n8k8 tf32, in
 // inline PTX in tensor_core.h) are computed from the fragment layouts of the PTX ISA as restated below: the kernels'
@@ -16,6 +17,7 @@
 #include <algorithm>
 #include <barrier>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -63,7 +65,33 @@ inline uint32_t __float_as_uint(float value) {
   return bits;
 }
 
-inline void __syncthreads() { g_block_barrier->arrive_and_wait(); }
+// Warp 0 runs ahead: after each of a kernel's block barriers the other warps wait until all of warp 0 has reached
+// the next one (its next __syncthreads, or the end of the block), so warp 0's writes of the next phase land before
+// the other warps read what the last phase left in shared memory. A fair schedule let the other warps finish their
+// reads first, which hid a missing barrier before shared memory is overwritten (helper 175: the one after dB's
+// shared sum in lora_bwd_dy_mma_kernel). Counted per launch: every thread passes the same barriers.
+std::mutex g_warp0_mutex;
+std::condition_variable g_warp0_arrived;
+unsigned g_warp0_arrivals = 0;  // block barriers reached by warp 0's threads, summed over its 32 lanes
+thread_local unsigned t_barriers_passed = 0;
+
+inline void block_barrier(bool kernel_barrier) {
+  if (threadIdx.x < 32) {
+    {
+      const std::lock_guard<std::mutex> lock(g_warp0_mutex);
+      ++g_warp0_arrivals;
+    }
+    g_warp0_arrived.notify_all();
+  }
+  g_block_barrier->arrive_and_wait();
+  ++t_barriers_passed;
+  if (kernel_barrier && threadIdx.x >= 32) {  // a kernel's barrier: the end of the block (or another) comes next
+    std::unique_lock<std::mutex> lock(g_warp0_mutex);
+    g_warp0_arrived.wait(lock, [] { return g_warp0_arrivals >= 32 * (t_barriers_passed + 1); });
+  }
+}
+
+inline void __syncthreads() { block_barrier(true); }
 inline void __syncwarp() { g_warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
 
 inline float __shfl_xor_sync(unsigned, float value, int lane_mask) {
@@ -176,18 +204,20 @@ void emulate_launch(Kernel kernel, const Args& args, unsigned grid_x, unsigned g
   blockDim = {threads, 1, 1};
   gridDim = {grid_x, grid_y, grid_z};
   g_block_barrier = std::make_unique<std::barrier<>>(threads);
+  g_warp0_arrivals = 0;
   g_warp_barriers.clear();
   for (unsigned w = 0; w < threads / 32; ++w) g_warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
   std::vector<std::thread> pool;
   for (unsigned t = 0; t < threads; ++t) {
     pool.emplace_back([&, t] {
       threadIdx = {t, 0, 0};
+      t_barriers_passed = 0;
       for (unsigned bz = 0; bz < grid_z; ++bz) {
         for (unsigned by = 0; by < grid_y; ++by) {
           for (unsigned bx = 0; bx < grid_x; ++bx) {
             blockIdx = {bx, by, bz};
             kernel(args);
-            g_block_barrier->arrive_and_wait();
+            block_barrier(false);
           }
         }
       }
