@@ -782,8 +782,9 @@ def _multi_lora_forward(x2, weight, bias, lora_a, lora_b, batch, scalings, ranks
         ops.run_expand(backend, shrunk, lora_b, batch, ranks, y)
         return y, shrunk
     s = ops.run_shrink(backend, x2, lora_a, batch, torch.ones_like(scalings), ranks)
-    # Rows of -1 tokens are zero in s, and the expand never reads them: any slot's scaling will do there.
-    token_scalings = scalings.index_select(0, batch.adapter_ids.clamp(min=0))
+    # Rows of -1 tokens are zero in s, and the expand never reads them: any slot's scaling will do there. Ids past the
+    # slots (a hand-built batch's; the kernels treat them as -1) too: clamped, not read past the scalings.
+    token_scalings = scalings.index_select(0, batch.adapter_ids.clamp(0, scalings.shape[0] - 1))
     ops.run_expand(backend, s * token_scalings[:, None], lora_b, batch, ranks, y)
     return y, s
 
@@ -879,7 +880,8 @@ class MultiLoRAFunction(torch.autograd.Function):
                 # does not. PEFT's order instead (see _scaled_dy_products): a token's dY scaled first by its slot's
                 # scaling of at most 1 (computed in fp32, rounded once), larger ones after the product.
                 scale_first = scalings.abs() <= 1.0
-                token_first = torch.where(scale_first, scalings, 1.0).index_select(0, batch.adapter_ids.clamp(min=0))
+                token_first = torch.where(scale_first, scalings, 1.0).index_select(
+                    0, batch.adapter_ids.clamp(0, scalings.shape[0] - 1))  # as in _multi_lora_forward
                 scaled_dy = torch.mul(dy, token_first[:, None], out=torch.empty_like(dy))
                 u = ops.run_shrink(backend, scaled_dy, lora_b.transpose(1, 2), batch,
                                    torch.where(scale_first, 1.0, scalings), ranks)

@@ -610,8 +610,9 @@ def test_lora_batch_built_under_inference_mode_refuses_a_refill_outside_it_befor
 
 def _hand_built_batches(m, num_slots, device):
     """A consistent batch of m tokens over num_slots slots, and copies whose metadata a hand-built LoRABatch could
-    get wrong: a sorted token id at M, past it and far past it, one below 0; a slot range running one past M, five
-    past it, one starting below 0."""
+    get wrong: an adapter id at L or below -1 (what the decode kernels read; unchecked on a GPU by default); a sorted
+    token id at M, past it and far past it, one below 0; a slot range running one past M, five past it, one starting
+    below 0 (what the prefill kernels read)."""
     good = LoRABatch.from_adapter_ids(torch.arange(m, device=device) % num_slots, num_slots)
 
     def changed(field, position, value):
@@ -619,7 +620,9 @@ def _hand_built_batches(m, num_slots, device):
         values[position] = value
         return dataclasses.replace(good, **{field: values})
 
-    return good, {"token at M": changed("sorted_token_ids", -1, m),
+    return good, {"id at L": changed("adapter_ids", 1, num_slots),
+                  "id below -1": changed("adapter_ids", 1, -2),
+                  "token at M": changed("sorted_token_ids", -1, m),
                   "token past M": changed("sorted_token_ids", -1, m + 2),
                   "token far past M": changed("sorted_token_ids", 3, 10 ** 6),
                   "token below 0": changed("sorted_token_ids", 0, -5),
@@ -628,14 +631,16 @@ def _hand_built_batches(m, num_slots, device):
                   "range below 0": changed("slot_starts", 0, -3)}
 
 
+@pytest.mark.parametrize("m", [8, 80], ids=["decode", "prefill"])
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_a_hand_built_batch_out_of_range_never_reaches_past_the_tensors(device, backend):
+def test_a_hand_built_batch_out_of_range_never_reaches_past_the_tensors(device, backend, m):
     """Device metadata is clamped, not checked (reading it would sync): a LoRABatch built by hand with values out of
-    range must not make the prefill kernels (80 tokens on 3 slots) read rows of x past M, write rows of out or y past
-    M, or read them in the backward (helper 171: Triton's read and wrote there, and crashed on an id far past M).
-    x, out and y are views of buffers whose rows past M hold NaN or a marker."""
+    range must not make the decode (8 tokens on 3 slots) or prefill kernels (80) read rows of x past M, write rows
+    of out or y past M, read past the slots, or read past M in the backward (helper 171: Triton's prefill kernels
+    read and wrote there, and crashed on an id far past M). x, out and y are views of buffers whose rows past M hold
+    NaN or a marker."""
     backend_or_skip(backend, device)
-    m, k, n, r, num_slots = 80, 8, 6, 4, 3
+    k, n, r, num_slots = 8, 6, 4, 3
     _, bad_batches = _hand_built_batches(m, num_slots, device)
     x_buffer = torch.full((m + 8, k), float("nan"), device=device)
     x_buffer[:m] = torch.randn(m, k, device=device)
@@ -664,6 +669,8 @@ def test_a_hand_built_batch_out_of_range_is_refused_on_the_host(backend):
     _, bad_batches = _hand_built_batches(m, num_slots, "cpu")
     x, lora_a, lora_b = torch.randn(m, k), torch.randn(num_slots, r, k), torch.randn(num_slots, n, r)
     for what, batch in bad_batches.items():
+        if what.startswith("id"):
+            continue  # the host paths read the sorted metadata, not adapter_ids
         field = "sorted_token_ids" if what.startswith("token") else "slot_starts/slot_counts"
         with pytest.raises(ValueError, match=re.escape(field)):
             lk.ops.lora_shrink(x, lora_a, batch, torch.ones(num_slots), backend=backend)

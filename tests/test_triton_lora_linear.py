@@ -789,6 +789,7 @@ def test_tma_forward_only_where_a_descriptor_can_run(dev, monkeypatch):
         (odd_k[0], odd_k[1]),
         (randn(64, 24, dtype=torch.bfloat16, device=dev).T, weight),  # inner stride 24
         (randn(1, 64, dtype=torch.bfloat16, device=dev).expand(24, 64), weight),  # row stride 0
+        (randn(24 * 64 + 1, dtype=torch.bfloat16, device=dev)[1:].view(24, 64), weight),  # base 2 bytes off 16
     ]
     for xs, ws in pointer_only:
         assert not tk._use_tma(xs, ws), (xs.shape, xs.stride(), xs.dtype)
