@@ -773,6 +773,13 @@ def _multi_lora_base(x2, weight, bias, backend):
     return torch.nn.functional.linear(x2, weight, bias)
 
 
+def per_token(per_slot, batch):
+    """per_slot [L] gathered for each token [M] by its slot. Tokens of no slot (-1, and ids past the slots, which a
+    hand-built batch may hold and the kernels treat as -1) get some slot's value, never read past per_slot: the
+    grouped ops skip those tokens, so nothing scaled by it is added anywhere."""
+    return per_slot.index_select(0, batch.adapter_ids.clamp(0, per_slot.shape[0] - 1))
+
+
 def _multi_lora_forward(x2, weight, bias, lora_a, lora_b, batch, scalings, ranks, backend, unscaled=False):
     """(y, shrunk): the base GEMM, then the grouped shrink and expand added into its output. unscaled: shrunk is
     returned without the scalings (S = x·Aᵀ per slot, fp32), what the backward's dB is built from."""
@@ -782,9 +789,7 @@ def _multi_lora_forward(x2, weight, bias, lora_a, lora_b, batch, scalings, ranks
         ops.run_expand(backend, shrunk, lora_b, batch, ranks, y)
         return y, shrunk
     s = ops.run_shrink(backend, x2, lora_a, batch, torch.ones_like(scalings), ranks)
-    # Rows of -1 tokens are zero in s, and the expand never reads them: any slot's scaling will do there. Ids past the
-    # slots (a hand-built batch's; the kernels treat them as -1) too: clamped, not read past the scalings.
-    token_scalings = scalings.index_select(0, batch.adapter_ids.clamp(0, scalings.shape[0] - 1))
+    token_scalings = per_token(scalings, batch)
     ops.run_expand(backend, s * token_scalings[:, None], lora_b, batch, ranks, y)
     return y, s
 
@@ -880,8 +885,7 @@ class MultiLoRAFunction(torch.autograd.Function):
                 # does not. PEFT's order instead (see _scaled_dy_products): a token's dY scaled first by its slot's
                 # scaling of at most 1 (computed in fp32, rounded once), larger ones after the product.
                 scale_first = scalings.abs() <= 1.0
-                token_first = torch.where(scale_first, scalings, 1.0).index_select(
-                    0, batch.adapter_ids.clamp(0, scalings.shape[0] - 1))  # as in _multi_lora_forward
+                token_first = per_token(torch.where(scale_first, scalings, 1.0), batch)
                 scaled_dy = torch.mul(dy, token_first[:, None], out=torch.empty_like(dy))
                 u = ops.run_shrink(backend, scaled_dy, lora_b.transpose(1, 2), batch,
                                    torch.where(scale_first, 1.0, scalings), ranks)

@@ -89,7 +89,6 @@ inline void expect_equal(const std::string& what, const at::Tensor& got, const a
   }
 }
 
-// Runs one launcher call (a case): clears the launch record and counts a thrown error as a failure.
 // The bool arguments of each launch of the last call (their 16-byte-load switches) are `want`, launch by launch:
 // a launcher that stops handing a kernel aligned operands keeps its kernels and results, and loses only these.
 inline void expect_flags(const std::string& what, const std::vector<std::vector<bool>>& want) {
@@ -107,6 +106,7 @@ inline void expect_flags(const std::string& what, const std::vector<std::vector<
   EXPECT(got == want, "%s: bool arguments %s, expected %s", what.c_str(), text(got).c_str(), text(want).c_str());
 }
 
+// Runs one launcher call (a case): clears the launch record and counts a thrown error as a failure.
 inline int g_cases = 0;
 inline void call(const std::string& what, const std::function<void()>& body) {
   ++g_cases;
