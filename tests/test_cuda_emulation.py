@@ -2,7 +2,9 @@
 decode forward and the dY-once backward (csrc/cuda/lora_linear.cu), with the loads and fragment helpers of
 csrc/cuda/tensor_core.h, are cut out of the files verbatim and compiled as C++ with stand-ins for the CUDA built-ins
 they use (tests/cuda_emulation/emu.h: a thread per CUDA thread, barriers for __syncthreads and __syncwarp, warp
-shuffles and the warp-wide MMAs, whose fragment layouts emu.h restates from the PTX ISA). Five harnesses run whole
+shuffles and the warp-wide MMAs, whose fragment layouts emu.h restates from the PTX ISA; after each block barrier
+warp 0 runs ahead to the next before the other warps go on, so a missing barrier before shared memory is
+overwritten shows). Five harnesses run whole
 launches on integer-valued data against a float64 reference, bit for bit: decode_kernels.cpp the grouped
 one-token-per-block decode kernels, sgmv_mma.cpp the grouped tensor-core shrink and expand of a prefill batch,
 sgmv_cuda_core.cpp the grouped CUDA-core kernel (float32, float64 and rows 16-byte loads cannot read whole),
@@ -13,7 +15,8 @@ Two more harnesses run the launchers themselves (launchers_lora_linear.cpp, laun
 lora_linear.cu or sgmv.cu compiled as host C++ against the CPU libtorch, its launches rewritten into emulated ones
 (launcher_sources) and its CUDA runtime calls answered by tests/cuda_emulation/host_stubs/ (the SM count, the
 architecture the kernels' image was compiled for, programmatic dependent launches, CUDA's launch-configuration
-limits). Each case calls a launcher on CPU tensors and checks which kernels it launched and its outputs against a
+limits). Each case calls a launcher on CPU tensors and checks which kernels it launched (with their bool arguments: the
+16-byte load switches) and its outputs against a
 float64 reference, exactly: the dispatch (decode or GEMM path, tensor or CUDA cores, bgmv or sgmv, float64), what
 the launchers build (contiguous copies, the re-aligned transposed lora_b, partials and their sums) and pass, and
 their ATen compositions, with cuBLAS's GEMMs stood in for (launchers_lora_linear.cpp: fp32 accumulation, and BLAS's

@@ -285,16 +285,56 @@ def test_m_bucket_is_a_power_of_two_that_keeps_decode_apart():
         assert (bucket <= tk.DECODE_MAX_M) == (M <= tk.DECODE_MAX_M), M
 
 
-def test_splits_are_the_same_for_every_token_count_of_a_bucket(monkeypatch):
+@pytest.mark.parametrize("gpu_blocks", [False, True], ids=["interpreter_blocks", "gpu_blocks"])
+def test_splits_are_the_same_for_every_token_count_of_a_bucket(gpu_blocks, monkeypatch):
     """The split counts are part of their kernels' autotune keys: taken from M itself they changed within a bucket
-    (8 values for the shrink over M = 4097..8192 on 132 SMs), and each new value was timed again."""
+    (8 values for the shrink over M = 4097..8192 on 132 SMs), and each new value was timed again. With the
+    interpreter's small blocks dA's split never reaches M's block count, so M could not vary it: the GPU's block
+    maxima are checked too."""
     monkeypatch.setattr(tk, "_device_sm_count", lambda device: 132)
+    if gpu_blocks:
+        configs = tk.kernel_configs(gpu=True)
+        for name, kernel, block in [("_SHRINK_MAX_BLOCK_M", "_lora_shrink_kernel", "BLOCK_M"),
+                                    ("_SHRINK_MAX_BLOCK_K", "_lora_shrink_kernel", "BLOCK_K"),
+                                    ("_DY_MAX_BLOCK_N", "_lora_bwd_dy_kernel", "BLOCK_N"),
+                                    ("_DA_MAX_BLOCK_M", "_lora_bwd_da_kernel", "BLOCK_M"),
+                                    ("_DA_MAX_BLOCK_K", "_lora_bwd_da_kernel", "BLOCK_K")]:
+            monkeypatch.setattr(tk, name, tk.max_block(configs[kernel], block))
+        monkeypatch.setattr(tk, "DY_BLOCK_M", tk.GPU_DY_BLOCK_M)
     for low in (17, 300, 1025, 4097):
         tokens = range(low, tk._m_bucket(low) + 1, 7)
         for split in (lambda M: tk._shrink_split(M, 4096, 16, None),
                       lambda M: tk._bwd_dy_split(M, 4096, 16, None, torch.bfloat16),
                       lambda M: tk._bwd_da_split(M, 4096, 16, None)):
             assert len({split(M) for M in tokens}) == 1, (low, [split(M) for M in tokens])
+
+
+# The tiles each kernel pipelines through shared memory, as its math reads them: (row block, column block) of
+# each operand tile along the reduction block, and the reduction block.
+_PIPELINED_TILES = {
+    "_lora_shrink_kernel": (("BLOCK_M", "BLOCK_R"), "BLOCK_K", "x_ptr"),  # x [M, K], A [R, K]
+    "_lora_fwd_kernel": (("BLOCK_M", "BLOCK_N"), "BLOCK_K", "x_ptr"),  # x [M, K], W [N, K]
+    "_lora_bwd_dy_kernel": (("BLOCK_M", "BLOCK_R"), "BLOCK_N", "dy_ptr"),  # dY [M, N], B [N, R]
+    "_lora_bwd_dx_kernel": (("BLOCK_M", "BLOCK_K"), "BLOCK_N", "dy_ptr"),  # dY [M, N], W [N, K]
+    "_lora_bwd_da_kernel": (("BLOCK_R", "BLOCK_K"), "BLOCK_M", "x_ptr"),  # dS [M, R], x [M, K]
+}
+
+
+@pytest.mark.parametrize("kernel", sorted(_PIPELINED_TILES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_shared_memory_prune_sizes_the_tiles_each_kernel_pipelines(kernel, dtype):
+    """The prune keeps a GPU config exactly when its pipelined operand tiles fit SMEM_BUDGET. Its block names are
+    positional: dA's reduction block (BLOCK_M) swapped with its rank block let two fp32 configs near sm_80's limit
+    through, and no other test looked."""
+    (rows, cols), inner, pointer = _PIPELINED_TILES[kernel]
+    configs = tk.kernel_configs(gpu=True)[kernel]
+    fixed = {"BLOCK_M": tk.GPU_DY_BLOCK_M} if kernel == "_lora_bwd_dy_kernel" else {}
+    for chunk in (16, 32, 64):
+        blocks = lambda cfg: {**fixed, "BLOCK_R": chunk, **cfg.kwargs}
+        fits = [cfg for cfg in configs if cfg.num_stages * (blocks(cfg)[rows] + blocks(cfg)[cols]) *
+                blocks(cfg)[inner] * dtype.itemsize <= tk.SMEM_BUDGET]
+        kept = tk._PRUNE[kernel](configs, {pointer: torch.empty(0, dtype=dtype)}, **fixed, BLOCK_R=chunk)
+        assert kept == (fits or configs[:1]), (chunk, [cfg.kwargs for cfg in kept])
 
 
 @pytest.mark.parametrize("tma", [False, True], ids=["pointer", "tma"])

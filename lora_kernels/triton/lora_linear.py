@@ -116,7 +116,7 @@ GPU_GEMM_TILES = [
 ]
 # Forward at decode sizes (M <= DECODE_MAX_M): bound by reading W once, so it wants many programs in flight.
 # At K = N = 4096 a 16 x 32 tile gives 128 column blocks (an H100 has 132 SMs) where 64 x 64 gives 64 and
-# 128 x 128 gives 32; 16 rows is tl.dot's minimum. Chosen from those counts, not measured on a GPU yet.
+# 128 x 128 gives 32; 16 rows hold every decode M in one row block. Chosen from those counts, not measured on a GPU yet.
 GPU_DECODE_TILES = [
     (16, 32, 128, 4, 4),
     (16, 64, 128, 4, 4),

@@ -187,8 +187,10 @@ inline void mma_m16n8k8_tf32(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a
   g_warp_barriers[warp]->arrive_and_wait();
 }
 
-// cvt.rna.tf32.f32: to the nearest tf32, ties away from zero (finite values).
+// cvt.rna.tf32.f32: to the nearest tf32, ties away from zero. A NaN stays a NaN (the canonical one): the rounding
+// add would carry a payload with its top mantissa bits set into the sign bit, a -0.0 that hid the NaN.
 inline uint32_t to_tf32(float value) {
+  if (std::isnan(value)) return 0x7fffffffu;
   uint32_t bits;
   std::memcpy(&bits, &value, sizeof(bits));
   return (bits + 0x1000u) & ~0x1fffu;
