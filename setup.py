@@ -110,8 +110,6 @@ build_cuda = build_cuda_env != "0" and torch_has_cuda and cuda_home is not None 
 # machine's build (its cache is keyed by the download, not by torch) may hold another torch's ABI or no CUDA.
 # Integers: a string macro's quotes would not survive the ninja build's shell.
 TORCH_MAJOR, TORCH_MINOR = (int(part) for part in torch.__version__.split(".")[:2])
-CUDA_SKIPPED = {"": 0, "LORA_KERNELS_BUILD_CUDA=0": 1, "torch is a CPU-only build": 2, "no CUDA toolkit found": 3,
-                "mismatch": 4}  # lora_kernels/_ext.py CUDA_SKIPPED_REASONS holds the same codes
 build_macros = [("LORA_KERNELS_BUILT_TORCH_MAJOR", str(TORCH_MAJOR)),
                 ("LORA_KERNELS_BUILT_TORCH_MINOR", str(TORCH_MINOR))]
 
@@ -144,11 +142,11 @@ if build_cuda:
         extra_link_args=link_flags,
     )
 else:
-    reason = ("LORA_KERNELS_BUILD_CUDA=0" if build_cuda_env == "0"
-              else "torch is a CPU-only build" if not torch_has_cuda
-              else "no CUDA toolkit found" if cuda_home is None else mismatch_reason)
+    # The code and its text chosen together; lora_kernels/_ext.py CUDA_SKIPPED_REASONS holds the same codes.
+    skipped, reason = ((1, "LORA_KERNELS_BUILD_CUDA=0") if build_cuda_env == "0"
+                       else (2, "torch is a CPU-only build") if not torch_has_cuda
+                       else (3, "no CUDA toolkit found") if cuda_home is None else (4, mismatch_reason))
     print(f"lora_kernels: building CPU sources only ({reason})")
-    skipped = CUDA_SKIPPED.get(reason, CUDA_SKIPPED["mismatch"])
     extension = CppExtension("lora_kernels._C", cpu_sources, extra_compile_args={"cxx": cxx_flags},
                              extra_link_args=link_flags,
                              define_macros=build_macros + [("LORA_KERNELS_CUDA_SKIPPED", str(skipped))])

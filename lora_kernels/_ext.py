@@ -3,6 +3,7 @@ of its ops so torch.compile can trace through them. Importing this never fails: 
 
 import importlib
 import importlib.util
+import math
 import os
 
 import torch
@@ -13,7 +14,7 @@ import torch
 _REBUILD = ("rebuild it against this torch: pip install --no-build-isolation --no-cache-dir --force-reinstall "
             "--no-deps <the checkout, sdist or git URL it was installed from> (from a checkout: bash "
             "scripts/install.sh, or pip install --no-build-isolation -e .)")
-# Why a build left its CUDA sources out: the codes of setup.py's CUDA_SKIPPED
+# Why a build left its CUDA sources out: the codes setup.py records (LORA_KERNELS_CUDA_SKIPPED)
 CUDA_SKIPPED_REASONS = {1: "LORA_KERNELS_BUILD_CUDA=0", 2: "torch was a CPU-only build",
                         3: "no CUDA toolkit was found (set CUDA_HOME)",
                         4: "the CUDA toolkit's major version was not torch's"}
@@ -95,6 +96,20 @@ HAS_EXTENSION = _C is not None
 EXTENSION_WITH_CUDA = bool(getattr(_C, "WITH_CUDA", 0))
 # Why a loaded extension has no CUDA kernels, or None (built with them, or a build that did not record it)
 EXTENSION_CUDA_SKIPPED = CUDA_SKIPPED_REASONS.get(getattr(_C, "CUDA_SKIPPED", 0))
+
+
+def is_finite_number(value):
+    """math.isfinite for a real number, False (not OverflowError) for an int past float's range (10**400)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+# Dropout under torch.func.vmap draws one mask for the batch: a seed per sample (randomness="different") is refused,
+# by the torch backend's mask (functional.py) and the Triton one's alike.
+VMAP_DROPOUT_NEEDS_ONE_SEED = ("dropout under torch.func.vmap needs randomness='same' (one seed for the batch), got "
+                               "randomness='different' (one seed per sample)")
 
 
 def accumulate_dtype(dtype):

@@ -24,6 +24,7 @@ from torch import nn
 
 import lora_kernels
 from lora_kernels import backends
+from lora_kernels._ext import is_finite_number
 from lora_kernels.modules import LoRALinear, count_parameters, inject_lora, lora_scaling
 from lora_kernels.ops import check_flag, positive_int
 
@@ -471,7 +472,7 @@ class CompareConfig:
                 raise ValueError(f"compare: --{name.replace('_', '-')} expected a number > 0, got {value!r}")
         if isinstance(cfg.dropout, bool) or not isinstance(cfg.dropout, (int, float)) or not 0.0 <= cfg.dropout < 1.0:
             raise ValueError(f"compare: --dropout expected a number in [0, 1), got {cfg.dropout!r}")
-        if isinstance(cfg.alpha, bool) or not isinstance(cfg.alpha, (int, float)) or not math.isfinite(cfg.alpha):
+        if isinstance(cfg.alpha, bool) or not isinstance(cfg.alpha, (int, float)) or not is_finite_number(cfg.alpha):
             raise ValueError(f"compare: --alpha expected a finite number, got {cfg.alpha!r}")
         # a truthy string such as "no" had passed here, to be refused by inject_lora once the model was built
         cfg.use_rslora = check_flag("compare", "--rslora", cfg.use_rslora)

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass_type
 
 from lora_kernels import ops, reference
 from lora_kernels._dtensor import describe, dtensor_class, is_dtensor
-from lora_kernels._ext import accumulate_dtype, scaled_mm
+from lora_kernels._ext import VMAP_DROPOUT_NEEDS_ONE_SEED, accumulate_dtype, is_finite_number, scaled_mm
 from lora_kernels.backends import log_auto_choice_by_kind, resolve_backend
 from lora_kernels.batch import BUFFER_FIELDS, LoRABatch
 
@@ -68,7 +68,7 @@ def _lora_linear_args_ok(x, weight, lora_a, lora_b, bias, scaling, dropout_p, fa
     if bias is not None and not (isinstance(bias, tensor) and bias.dtype == dtype and bias.device == device
                                  and bias.dim() == 1 and bias.shape[0] == out_features and bias.layout == strided):
         return False
-    return (type(scaling) in (float, int) and (torch.compiler.is_compiling() or ops.is_finite_number(scaling))
+    return (type(scaling) in (float, int) and (torch.compiler.is_compiling() or is_finite_number(scaling))
             and type(dropout_p) in (float, int) and 0.0 <= dropout_p < 1.0)
 
 
@@ -117,7 +117,7 @@ def check_lora_linear_args(op, x, weight, lora_a, lora_b, bias, scaling, dropout
     _check_bias_and_like_x(op, x, weight, lora_a, lora_b, bias, out_features, factor_dtype)
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
         raise TypeError(f"{op}: scaling expected a real number, got {type(scaling).__name__}")
-    if not torch.compiler.is_compiling() and not ops.is_finite_number(scaling):  # see _lora_linear_args_ok
+    if not torch.compiler.is_compiling() and not is_finite_number(scaling):  # see _lora_linear_args_ok
         raise ValueError(f"{op}: scaling expected a finite number, got {scaling!r}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{op}: dropout_p expected a number in [0, 1), got {dropout_p!r}")
@@ -257,11 +257,6 @@ def _dropout_keep_impl(seed: torch.Tensor, like: torch.Tensor, p: float) -> torc
 # An opaque op for torch.compile: a seeded torch.Generator cannot be traced.
 _dropout_keep_op = torch.library.custom_op("lora_kernels::torch_dropout_keep", _dropout_keep_impl, mutates_args=())
 _dropout_keep_op.register_fake(lambda seed, like, p: like.new_empty(like.shape))
-
-
-# Dropout under torch.func.vmap draws one mask for the batch: a seed per sample (randomness="different") is refused.
-VMAP_DROPOUT_NEEDS_ONE_SEED = ("dropout under torch.func.vmap needs randomness='same' (one seed for the batch), got "
-                               "randomness='different' (one seed per sample)")
 
 
 @_dropout_keep_op.register_vmap

@@ -17,11 +17,12 @@ import torch
 from torch import nn
 
 from lora_kernels._dtensor import describe, is_dtensor, is_tensor_parallel_hook, tensor_parallel_hooks
+from lora_kernels._ext import is_finite_number
 from lora_kernels.backends import check_backend_name
 from lora_kernels.functional import (MULTI_SUBCLASS_WEIGHT_USE, SUBCLASS_WEIGHT_USE, describe_subclass,
                                      is_subclass_weight, lora_linear_float32_factors, multi_lora_base_linear,
                                      multi_lora_linear_float32_factors, refuse_subclass_weight_backend)
-from lora_kernels.ops import (FLOAT_DTYPES, autocast_off, check_dense, check_flag, is_finite_number, positive_int,
+from lora_kernels.ops import (FLOAT_DTYPES, autocast_off, check_dense, check_flag, positive_int,
                               refuse_inference_tensor_writes)
 
 

@@ -200,14 +200,6 @@ def _exact_int(value):
     return converted
 
 
-def is_finite_number(value):
-    """math.isfinite for a real number, False (not OverflowError) for an int past float's range (10**400)."""
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
-
-
 def _number(value):
     if isinstance(value, (str, bytes)):  # float("2") would take a string
         raise TypeError

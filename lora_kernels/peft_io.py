@@ -33,6 +33,7 @@ from torch import nn
 
 from lora_kernels import modules as _modules
 from lora_kernels._dtensor import is_tensor_parallel
+from lora_kernels._ext import is_finite_number
 from lora_kernels.backends import check_backend_name
 from lora_kernels.modules import (_PEFT_ONLY_HINT, BASE_ADAPTER, BIAS_ATTR, BIAS_MODES, EMBEDDING_LAYERS_ATTR,
                                   LORA_WRAPPERS, MODULES_TO_SAVE_ATTR, PEFT_ONLY_LAYERS, TASK_TYPE_ATTR, LoRALinear,
@@ -44,7 +45,7 @@ from lora_kernels.modules import (_PEFT_ONLY_HINT, BASE_ADAPTER, BIAS_ATTR, BIAS
                                   is_layer_index, lora_scaling, named_modules_to_save, named_target_modules,
                                   pattern_value, resolve_batch_adapters, state_dict_name, target_module_matches,
                                   trained_biases, unwrap_model, warn_conv1d_fan_in_fan_out, warn_dropped_hooks)
-from lora_kernels.ops import check_flag, is_finite_number, refuse_inference_tensor_writes
+from lora_kernels.ops import check_flag, refuse_inference_tensor_writes
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"

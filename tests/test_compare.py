@@ -544,6 +544,7 @@ def test_task_is_deterministic_and_follows_the_permutation():
     ({"task_vocab": 0}, "--task-vocab expected an int >= 1, got 0"),
     ({"lr": 0.0}, "--lr expected a number > 0, got 0.0"),
     ({"dropout": 1.0}, r"--dropout expected a number in \[0, 1\), got 1.0"),  # every LoRA input dropped
+    ({"alpha": 10**400}, "--alpha expected a finite number, got 1000"),  # math.isfinite raised OverflowError
 ])
 def test_bad_config_names_the_option(change, message):
     with pytest.raises(ValueError, match=message):

@@ -569,6 +569,8 @@ def test_forward_rejects_bad_inputs(dev):
         (ValueError, "seed", lambda: fwd(x, weight, lora_a, lora_b, 1.0, dropout_p=0.1, seed=-1)),
         (TypeError, "scaling", lambda: fwd(x, weight, lora_a, lora_b, torch.tensor(1.0))),
         (ValueError, "scaling", lambda: fwd(x, weight, lora_a, lora_b, float("inf"))),
+        # an int past float's range: math.isfinite raised OverflowError, naming nothing
+        (ValueError, "scaling", lambda: fwd(x, weight, lora_a, lora_b, 10**400)),
     ]
     for error, name, call in cases:
         with pytest.raises(error, match=rf"lora_fwd: {name} expected"):
@@ -919,9 +921,9 @@ def test_host_cdiv_and_next_power_of_2_match_triton():
     for n in range(0, 300):
         assert tk._next_power_of_2(n) == triton.next_power_of_2(n), n
         for d in (1, 2, 3, 16, 64, 128):
-            assert tk._cdiv(n, d) == triton.cdiv(n, d), (n, d)
+            assert tk.cdiv(n, d) == triton.cdiv(n, d), (n, d)
     for n in (2 ** 31 - 1, 2 ** 31, 2 ** 31 + 1, 2 ** 40 + 3):
-        assert tk._next_power_of_2(n) == triton.next_power_of_2(n) and tk._cdiv(n, 64) == triton.cdiv(n, 64)
+        assert tk._next_power_of_2(n) == triton.next_power_of_2(n) and tk.cdiv(n, 64) == triton.cdiv(n, 64)
 
 
 def test_the_largest_rank_the_triton_backend_takes(dev):

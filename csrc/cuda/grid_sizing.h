@@ -1,6 +1,5 @@
 // Grid sizing shared by the .cu launchers whose kernels split work (K, rows, columns) to fill the GPU: the device's
-// SM count (and other attributes), cached, and the block target per SM; whether the tensor-core code runs. Host code
-// only.
+// SM count, cached, and the block target per SM; whether the tensor-core code runs. Host code only.
 #pragma once
 
 #include <c10/cuda/CUDAException.h>

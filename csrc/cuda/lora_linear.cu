@@ -56,14 +56,13 @@ constexpr int kBwdThreads = 256;
 constexpr int kBwdItems = 8;         // (column, rank) accumulators per thread: tile * r <= 256 * 8
 constexpr int kBwdMaxRank = 64;      // above: 2r fp32 FMAs per dy element make this kernel slower than cuBLAS
 
-// 16-byte vector of T, converted to fp32. W is streamed once (__ldcs: evict-first, keeps x resident in L1);
-// x is re-read by every warp (__ldg: read-only cache).
+// Elements of T in one 16-byte vector.
 template <typename T>
 struct Vec16 {
   static constexpr int kSize = 16 / sizeof(T);
 };
 
-// The 16-byte vector `raw` as V floats.
+// The 16-byte vector `raw` as Vec16<T>::kSize floats.
 template <typename T>
 __device__ __forceinline__ void vec16_to_float(const uint4& raw, float (&out)[Vec16<T>::kSize]) {
   const T* elems = reinterpret_cast<const T*>(&raw);

@@ -48,6 +48,13 @@ if HAS_TRITON:
         return tl.where(special, bits, rounded).to(tl.float32, bitcast=True)
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the launchers' grid and split arithmetic. Not triton.cdiv (nor triton.next_power_of_2):
+    since triton 3.6 they are constexpr functions, whose calls from Python took about a third of the package's own
+    host time per Triton lora_linear call (BENCHMARKS.md, session 19)."""
+    return -(-a // b)
+
+
 @functools.cache
 def _sm_count_of(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count

@@ -14,7 +14,6 @@ Dropout is never stored: element (m, k) of x is kept when tl.rand(seed, m * K + 
 """
 
 import functools
-import math
 import numbers
 import os
 
@@ -22,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lora_kernels._ext import scaled_mm
-from lora_kernels.triton import (FP_FUSION, INTERPRET, SUPPORTED_DTYPES, TRITON_DTYPE_NAMES, UPCAST_DOT_OPERANDS,
+from lora_kernels._ext import VMAP_DROPOUT_NEEDS_ONE_SEED, is_finite_number, scaled_mm
+from lora_kernels.triton import (FP_FUSION, INTERPRET, SUPPORTED_DTYPES, TRITON_DTYPE_NAMES, UPCAST_DOT_OPERANDS, cdiv,
                                  on_tensor_device, one_launch_at_a_time, round_to_tf32, sm_count)
 
 from triton.tools.tensor_descriptor import TensorDescriptor  # host-side TMA descriptors
@@ -227,9 +226,9 @@ def _prune_by_smem(row_block, col_block, inner_block, element_ptr):
 # times stride_ar = K) once r * K passed 2**31. Program ids are widened to int64 before they become offsets, always.
 # The lane, step and rank products are int64 in the INT64 variant only, which a launch takes when one of the
 # strides they multiply is INT64_STRIDE or more (_int64_offsets). Always in int64, they cost the contiguous path,
-# where stride_wn and stride_ar are K (not a constexpr 1): ptxas -v register counts changed for 39 of the 126
+# where stride_wn and stride_ar are K (not a constexpr 1): ptxas -v register counts changed for 39 of the then 126
 # compile-gate kernels, and two dX tiles that spill already spilled 24 and 84 bytes more. The int32 variant compiles
-# to the registers, spills and load widths it had before the flag (all 126 compile-gate kernels, ptxas -v).
+# to the registers, spills and load widths it had before the flag (all 126 then, ptxas -v).
 
 
 @triton.jit
@@ -555,7 +554,7 @@ def _dx_lora_term(ds_ptr, a_ptr, offs_m, offs_k, M, K, R, stride_dsm, stride_dsr
     mask_k = offs_k < K
     offs_r = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for r0 in tl.range(0, R, BLOCK_R, num_stages=1):  # not pipelined: see _lora_fwd_kernel
+    for r0 in tl.range(0, R, BLOCK_R, num_stages=1):  # not pipelined: see _expand_bias_store
         mask_r = offs_r < R - r0
         rank_offs = _idx(offs_r + r0, INT64)
         ds = tl.load(ds_ptr + offs_m[:, None] * stride_dsm + rank_offs[None, :] * stride_dsr,
@@ -742,19 +741,12 @@ def _check_scaling(op, scaling):
         raise TypeError(f"{op}: scaling expected a float, got {type(scaling).__name__}")
     # Not while tracing: torch.compile(dynamic=True) traces a float as a symbolic one, which math.isfinite cannot
     # take (a graph break per launcher, an error under fullgraph=True), as lora_linear's own check skips it there.
-    if not torch.compiler.is_compiling() and not math.isfinite(scaling):
+    if not torch.compiler.is_compiling() and not is_finite_number(scaling):
         raise ValueError(f"{op}: scaling expected a finite float, got {scaling!r}")
 
 
-def _cdiv(a: int, b: int) -> int:
-    """ceil(a / b) for the host's grid and split arithmetic. Not triton.cdiv, nor triton.next_power_of_2 below:
-    since triton 3.6 they are constexpr functions, whose calls from Python took about a third of the package's own
-    host time per Triton lora_linear call (BENCHMARKS.md, session 19)."""
-    return -(-a // b)
-
-
 def _next_power_of_2(n: int) -> int:
-    """The smallest power of two >= n (0 for 0), as triton.next_power_of_2."""
+    """The smallest power of two >= n (0 for 0), as triton.next_power_of_2 (not called: see cdiv)."""
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
@@ -777,7 +769,7 @@ def _split_count(programs: int, blocks: int, sm_count: int | None) -> int:
     elif sm_count is None:
         split = INTERPRET_SPLIT
     else:
-        split = min(_cdiv(SPLIT_PROGRAMS_PER_SM * sm_count, max(programs, 1)), MAX_SPLIT)
+        split = min(cdiv(SPLIT_PROGRAMS_PER_SM * sm_count, max(programs, 1)), MAX_SPLIT)
     return max(1, min(split, blocks))
 
 
@@ -802,21 +794,21 @@ def _device_sm_count(device: torch.device) -> int | None:
 def _shrink_split(M: int, K: int, r: int, device: torch.device) -> int:
     """K-split of _lora_shrink_kernel: its grid is (M / BLOCK_M) x (rank chunks) without it (one program at
     decode sizes)."""
-    programs = _cdiv(_m_bucket(M), _SHRINK_MAX_BLOCK_M) * _cdiv(r, _block_r(r))
-    return _split_count(programs, _cdiv(K, _SHRINK_MAX_BLOCK_K), _device_sm_count(device))
+    programs = cdiv(_m_bucket(M), _SHRINK_MAX_BLOCK_M) * cdiv(r, _block_r(r))
+    return _split_count(programs, cdiv(K, _SHRINK_MAX_BLOCK_K), _device_sm_count(device))
 
 
 def _bwd_dy_split(M: int, N: int, r: int, device: torch.device, dtype: torch.dtype) -> int:
     """N-split of _lora_bwd_dy_kernel: its grid is (M / DY_BLOCK_M) x (rank chunks) without it."""
-    programs = _cdiv(_m_bucket(M), DY_BLOCK_M) * _cdiv(r, _dy_block_r(r, dtype))
-    return _split_count(programs, _cdiv(N, _DY_MAX_BLOCK_N), _device_sm_count(device))
+    programs = cdiv(_m_bucket(M), DY_BLOCK_M) * cdiv(r, _dy_block_r(r, dtype))
+    return _split_count(programs, cdiv(N, _DY_MAX_BLOCK_N), _device_sm_count(device))
 
 
 def _bwd_da_split(M: int, K: int, r: int, device: torch.device) -> int:
     """M-split of _lora_bwd_da_kernel: its grid is (K / BLOCK_K) x (rank chunks) without it. Capped by the blocks
     of M's bucket, so below the bucket's top up to half the splits are empty (they store zeros)."""
-    programs = _cdiv(K, _DA_MAX_BLOCK_K) * _cdiv(r, _block_r(r))
-    return _split_count(programs, _cdiv(_m_bucket(M), _DA_MAX_BLOCK_M), _device_sm_count(device))
+    programs = cdiv(K, _DA_MAX_BLOCK_K) * cdiv(r, _block_r(r))
+    return _split_count(programs, cdiv(_m_bucket(M), _DA_MAX_BLOCK_M), _device_sm_count(device))
 
 
 # The TMA forward and dX kernels are opt-in until a GPU run has measured them against the pointer kernels (bench
@@ -897,7 +889,7 @@ def _lora_fwd_impl(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, 
     block_r = _block_r(r)
     split = _shrink_split(M, K, r, x.device)
     s_partials = torch.empty((split, M, r), device=x.device, dtype=torch.float32)
-    _shrink[lambda meta: (_cdiv(M, meta["BLOCK_M"]), _cdiv(r, block_r), split)](
+    _shrink[lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(r, block_r), split)](
         x, lora_a, s_partials,
         M, K, r, split, _m_bucket(M),
         x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1),
@@ -910,7 +902,7 @@ def _lora_fwd_impl(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, 
     has_bias = bias is not None
     bias_arg = bias if has_bias else y  # never read when HAS_BIAS is False
     int64 = _int64_offsets(x.stride(1), weight.stride(1), s.stride(1), lora_b.stride(1))
-    grid = lambda meta: (_cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     if _use_tma(x, weight):
         _fwd_tma[grid](
             _descriptor(x, TMA_CONFIGS, "x_desc"), _descriptor(weight, TMA_CONFIGS, "w_desc"),
@@ -942,7 +934,7 @@ def _lora_bwd_dy_impl(dy: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, s
     if M == 0:
         return (torch.zeros((N, r), device=dy.device, dtype=torch.float32),
                 torch.empty((M, r), device=dy.device, dtype=torch.float32))
-    num_parts = _cdiv(M, DY_BLOCK_M)
+    num_parts = cdiv(M, DY_BLOCK_M)
     if num_parts * N * r * 4 > DY_PARTIALS_BUDGET:
         # Two GEMMs with 16-bit operands (S rounded to dy's dtype, as PEFT rounds it, scaled first at |scaling| <= 1)
         # and fp32 products, dy read twice: no [M, r] or [N, r] product is rounded to 16 bits (see scaled_mm).
@@ -952,7 +944,7 @@ def _lora_bwd_dy_impl(dy: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, s
     split = _bwd_dy_split(M, N, r, dy.device, dy.dtype)
     partials = torch.empty((num_parts, N, r), device=dy.device, dtype=torch.float32)
     ds_partials = torch.empty((split, M, r), device=dy.device, dtype=torch.float32)
-    _bwd_dy[(num_parts, _cdiv(r, block_r), split)](
+    _bwd_dy[(num_parts, cdiv(r, block_r), split)](
         dy, s, lora_b, ds_partials, partials,
         M, N, r, split, _m_bucket(M),
         dy.stride(0), dy.stride(1), s.stride(0), s.stride(1), lora_b.stride(0), lora_b.stride(1),
@@ -978,7 +970,7 @@ def _lora_bwd_dx_impl(dy: torch.Tensor, ds: torch.Tensor, weight: torch.Tensor, 
     dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
     if M == 0:
         return dx
-    grid = lambda meta: (_cdiv(M, meta["BLOCK_M"]) * _cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
     int64 = _int64_offsets(dy.stride(1), weight.stride(0), ds.stride(1), lora_a.stride(0))
     if _use_tma(dy, weight):
         _bwd_dx_tma[grid](
@@ -1013,7 +1005,7 @@ def _lora_bwd_da_impl(ds: torch.Tensor, x: torch.Tensor, dropout_p: float, seed:
     block_r = _block_r(r)
     split = _bwd_da_split(M, K, r, x.device)
     partials = torch.empty((split, r, K), device=x.device, dtype=torch.float32)
-    _bwd_da[lambda meta: (_cdiv(K, meta["BLOCK_K"]), _cdiv(r, block_r), split)](
+    _bwd_da[lambda meta: (cdiv(K, meta["BLOCK_K"]), cdiv(r, block_r), split)](
         ds, x, partials,
         M, K, r, split, _m_bucket(M),
         ds.stride(0), ds.stride(1), x.stride(0), x.stride(1),
@@ -1179,15 +1171,14 @@ _dropout_mask_op = _register("triton_dropout_mask", _dropout_mask_impl,
 def _dropout_mask_vmap(info, in_dims, seed, M, K, p, device):
     # Reached only with a seed per sample (the one tensor argument): vmap's randomness="different", which the eager
     # path refuses too (it reads the seed as an int), as the torch backend's mask does (functional.py).
-    raise ValueError("dropout under torch.func.vmap needs randomness='same' (one seed for the batch), got one seed "
-                     "per sample")
+    raise ValueError(VMAP_DROPOUT_NEEDS_ONE_SEED)
 
 
 @one_launch_at_a_time
 @on_tensor_device
 def _launch_dropout_mask(out, p, scale, seed):
     M, K = out.shape
-    _dropout_mask_kernel[(_cdiv(M, DROPOUT_BLOCK), _cdiv(K, DROPOUT_BLOCK))](
+    _dropout_mask_kernel[(cdiv(M, DROPOUT_BLOCK), cdiv(K, DROPOUT_BLOCK))](
         out, M, K, out.stride(0), out.stride(1), p, scale, seed, BLOCK=DROPOUT_BLOCK,
         enable_fp_fusion=FP_FUSION)
 

@@ -28,7 +28,7 @@ import inspect
 
 import torch
 
-from lora_kernels.triton import (FP_FUSION, HAS_TRITON, INTERPRET, SUPPORTED_DTYPES, TRITON_DTYPE_NAMES,
+from lora_kernels.triton import (FP_FUSION, HAS_TRITON, INTERPRET, SUPPORTED_DTYPES, TRITON_DTYPE_NAMES, cdiv,
                                  on_tensor_device, one_launch_at_a_time, sm_count)
 
 if HAS_TRITON:
@@ -388,10 +388,6 @@ def _config(name, dtype=None):
     return table[name]
 
 
-def _cdiv(a, b):
-    return -(-a // b)
-
-
 def _shrink_prefill_block_r(max_rank):
     if not USE_GPU_CONFIG:
         return INTERP_CONFIG["shrink_prefill"]["BLOCK_R"]
@@ -403,9 +399,9 @@ def _split_k(device, num_tiles, K, block_k, deterministic):
     call or globally by torch.use_deterministic_algorithms(True) (the only way through multi_lora_linear)."""
     if deterministic or torch.are_deterministic_algorithms_enabled():
         return 1
-    max_useful = max(1, _cdiv(K, block_k * MIN_K_BLOCKS_PER_SPLIT))
+    max_useful = max(1, cdiv(K, block_k * MIN_K_BLOCKS_PER_SPLIT))
     if INTERPRET or device.type != "cuda":
-        return min(INTERP_SPLIT_K, max(1, _cdiv(K, block_k)))
+        return min(INTERP_SPLIT_K, max(1, cdiv(K, block_k)))
     want = max(1, (SPLIT_K_PROGRAMS_PER_SM * sm_count(device)) // max(1, num_tiles))
     return max(1, min(want, MAX_SPLIT_K, max_useful))
 
@@ -441,10 +437,10 @@ def _launch_shrink(x, lora_a, adapter_ids, sorted_token_ids, slot_counts, slot_s
     if choose_path(M, L, path) == "decode":
         cfg = _config("shrink_decode")
         block_r, block_k = cfg["BLOCK_R"], cfg["BLOCK_K"]
-        num_r_tiles = _cdiv(R, block_r)
+        num_r_tiles = cdiv(R, block_r)
         split_k = _split_k(x.device, M * S * num_r_tiles, K, block_k, deterministic)
-        k_per_split = _cdiv(_cdiv(K, split_k), block_k) * block_k
-        split_k = _cdiv(K, k_per_split)
+        k_per_split = cdiv(cdiv(K, split_k), block_k) * block_k
+        split_k = cdiv(K, k_per_split)
         if split_k > 1:
             out3.zero_()
         _bgmv_shrink_kernel[(M, S * num_r_tiles, split_k)](
@@ -461,13 +457,13 @@ def _launch_shrink(x, lora_a, adapter_ids, sorted_token_ids, slot_counts, slot_s
     cfg = _config("shrink_prefill", x.dtype)
     block_m, block_k = cfg["BLOCK_M"], cfg["BLOCK_K"]
     block_r = _shrink_prefill_block_r(R)
-    num_r_tiles = _cdiv(R, block_r)
-    num_m_tiles = _cdiv(M, block_m)
+    num_r_tiles = cdiv(R, block_r)
+    num_m_tiles = cdiv(M, block_m)
     # Token tiles that can be active: each slot's partial last tile adds at most one to M / BLOCK_M.
     active_tiles = (num_m_tiles + min(L, M)) * S * num_r_tiles
     split_k = _split_k(x.device, active_tiles, K, block_k, deterministic)
-    k_per_split = _cdiv(_cdiv(K, split_k), block_k) * block_k
-    split_k = _cdiv(K, k_per_split)
+    k_per_split = cdiv(cdiv(K, split_k), block_k) * block_k
+    split_k = cdiv(K, k_per_split)
     out3.zero_()  # rows of -1 tokens, columns past a rank, and the atomics' start
     _sgmv_shrink_kernel[(num_m_tiles, S * num_r_tiles * split_k, L)](
         x, a4, out3, sorted_token_ids, slot_counts, slot_starts, scalings, ranks,
@@ -493,7 +489,7 @@ def _launch_expand(t, lora_b, adapter_ids, sorted_token_ids, slot_counts, slot_s
         return
     if choose_path(M, L, path) == "decode":
         cfg = _config("expand_decode")
-        num_n_tiles = _cdiv(N, cfg["BLOCK_N"])
+        num_n_tiles = cdiv(N, cfg["BLOCK_N"])
         _bgmv_expand_kernel[(M, S * num_n_tiles)](
             t3, b4, out, adapter_ids, ranks,
             N, R, L, slice_offset,
@@ -506,8 +502,8 @@ def _launch_expand(t, lora_b, adapter_ids, sorted_token_ids, slot_counts, slot_s
         )
         return
     cfg = _config("expand_prefill")
-    num_n_tiles = _cdiv(N, cfg["BLOCK_N"])
-    _sgmv_expand_kernel[(_cdiv(M, cfg["BLOCK_M"]), S * num_n_tiles, L)](
+    num_n_tiles = cdiv(N, cfg["BLOCK_N"])
+    _sgmv_expand_kernel[(cdiv(M, cfg["BLOCK_M"]), S * num_n_tiles, L)](
         t3, b4, out, sorted_token_ids, slot_counts, slot_starts, ranks,
         M, N, R, slice_offset,
         t3.stride(0), t3.stride(1), t3.stride(2),
@@ -555,7 +551,7 @@ def _launch_segment_outer(left, right, sorted_token_ids, slot_counts, slot_start
     cfg = _config("segment_outer")
     block_p = (SEGMENT_OUTER_BLOCK_P[0] if P <= SEGMENT_OUTER_BLOCK_P[0] or not USE_GPU_CONFIG
                else SEGMENT_OUTER_BLOCK_P[1])
-    _segment_outer_kernel[(_cdiv(P, block_p), _cdiv(Q, cfg["BLOCK_Q"]), L)](
+    _segment_outer_kernel[(cdiv(P, block_p), cdiv(Q, cfg["BLOCK_Q"]), L)](
         left, right, out, sorted_token_ids, slot_counts, slot_starts,
         left.shape[0], P, Q,
         left.stride(0), left.stride(1), right.stride(0), right.stride(1), out.stride(0), out.stride(1),
