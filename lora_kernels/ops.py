@@ -185,10 +185,14 @@ def _check_batch(op, batch, num_tokens, num_slots, device, tokens_name, weights_
     if not isinstance(batch, LoRABatch):
         raise TypeError(f"{op}: batch expected a LoRABatch, got {type(batch).__name__}")
     batch.check_tokens(num_tokens, op, tokens_name)
+    _check_batch_slots(op, batch, num_slots, weights_name)
+    _check_device(op, "batch", batch.adapter_ids, device)
+
+
+def _check_batch_slots(op, batch, num_slots, weights_name):
     if batch.num_adapters != num_slots:
         raise ValueError(f"{op}: batch was built for {batch.num_adapters} adapter slots, but {weights_name} has "
                          f"{num_slots} (L)")
-    _check_device(op, "batch", batch.adapter_ids, device)
 
 
 def _exact_int(value):
@@ -294,10 +298,30 @@ def as_ranks(op, ranks, num_slots, max_rank, device, weights_name, weights):
     return ranks.to(device=device, dtype=torch.int32).contiguous()  # indexed as a plain array, as scalings
 
 
+def _host_max(ranks):
+    """The largest of ranks' values where they are on the host (a sequence, or a CPU tensor outside torch.compile
+    tracing), after as_ranks has accepted them; else None (no values to check without a sync)."""
+    if ranks is None or torch.compiler.is_compiling():
+        return None
+    if isinstance(ranks, torch.Tensor):
+        if ranks.device.type != "cpu":
+            return None
+        ranks = ranks.tolist()
+    return max((int(value) for value in ranks), default=0)
+
+
 def check_shrink_args(op, x, lora_a, batch, scalings, ranks, lora_a_name="lora_a", scalings_dtype=torch.float32,
                       lora_a_dtype=None):
     """lora_a_dtype: the dtype lora_a must have, when not x's (multi_lora_linear's float32 slots of a 16-bit x)."""
     _check_float(op, "x", x, 2)
+    num_slots, max_rank = _check_lora_a(op, x, lora_a, lora_a_name, lora_a_dtype)
+    _check_batch(op, batch, x.shape[0], num_slots, x.device, "x", lora_a_name)
+    return (as_scalings(op, scalings, num_slots, x.device, scalings_dtype),
+            as_ranks(op, ranks, num_slots, max_rank, x.device, lora_a_name, lora_a))
+
+
+def _check_lora_a(op, x, lora_a, lora_a_name, lora_a_dtype=None):
+    """lora_a [L, R, K] against a checked x; returns (L, R)."""
     _check_float(op, lora_a_name, lora_a, 3)
     num_slots, max_rank, in_features = lora_a.shape
     if x.shape[1] != in_features:
@@ -309,14 +333,12 @@ def check_shrink_args(op, x, lora_a, batch, scalings, ranks, lora_a_name="lora_a
     elif lora_a.dtype != x.dtype:
         raise TypeError(f"{op}: {lora_a_name} expected dtype {x.dtype} (same as x), got {lora_a.dtype}")
     _check_device(op, lora_a_name, lora_a, x.device)
-    _check_batch(op, batch, x.shape[0], num_slots, x.device, "x", lora_a_name)
-    return (as_scalings(op, scalings, num_slots, x.device, scalings_dtype),
-            as_ranks(op, ranks, num_slots, max_rank, x.device, lora_a_name, lora_a))
+    return num_slots, max_rank
 
 
 def check_expand_args(op, t, lora_b, batch, out, slice_offset, ranks, lora_b_name="lora_b", out_name="out"):
-    """Checks of lora_expand; t=None checks everything but t (add_lora, whose t is its own shrink's output, and
-    whose out is called y)."""
+    """Checks of lora_expand; t=None checks everything but t and ranks (add_lora, whose t is its own shrink's output,
+    whose ranks were checked against that shrink's lora_a of the same R, and whose out is called y)."""
     if t is not None:
         _check_float(op, "t", t, 2)
         if t.dtype != torch.float32:  # what lora_shrink returns, and what every backend's expand reads
@@ -338,9 +360,10 @@ def check_expand_args(op, t, lora_b, batch, out, slice_offset, ranks, lora_b_nam
     if t is not None and tuple(t.shape) != (out.shape[0], max_rank):  # after the batch has vouched for out's M
         raise ValueError(f"{op}: t expected shape [{out.shape[0]}, {max_rank}] ([M, R] for out {tuple(out.shape)} and "
                          f"lora_b {tuple(lora_b.shape)} = [L, N, R]), got {tuple(t.shape)}")
+    if t is None:  # add_lora checks its y once, against all of its inputs
+        return ranks
     ranks = as_ranks(op, ranks, num_slots, max_rank, out.device, lora_b_name, lora_b)
-    if t is not None:  # add_lora checks its y once, against all of its inputs
-        check_output(op, "out", out, (("t", t), (lora_b_name, lora_b)))
+    check_output(op, "out", out, (("t", t), (lora_b_name, lora_b)))
     return ranks
 
 
@@ -592,12 +615,12 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
                          f"got shape {tuple(y.shape)}")
     backend = resolve_backend(backend, y.device, op, y.dtype)
     offsets = [sum(widths[:j]) for j in range(len(widths))]
-    # Per slice: ranks=None means every slot at that slice's own R_j. Given ranks are converted once (a list becomes a
-    # device tensor, one copy) and their values checked on the host against every slice's R_j: checking the converted
-    # tensor for later slices let [3, 1] through slices of R 3 and 2 on CUDA (the kernels clamped it to 2).
-    ranks_on_host = ranks is not None and x.device.type != "cpu" and (
-        not isinstance(ranks, torch.Tensor) or ranks.device.type == "cpu")
-    converted_ranks, slice_ranks = None, []
+    # Per slice: ranks=None means every slot at that slice's own R_j. Given ranks are converted and checked once, with
+    # slice 0 (a list becomes a device tensor, one copy), and their largest host value against every later slice's
+    # R_j: checking only the converted tensor for later slices let [3, 1] through slices of R 3 and 2 on CUDA (the
+    # kernels clamped it to 2). x, the batch and scalings, the same for every slice, are checked once too (each
+    # slice's own checks of them made up a third of a 3-slice call's host time).
+    slice_ranks = []
     for j, width in enumerate(widths):  # every slice checked before any work: nothing half-applied
         lora_b = lora_b_slices[j]
         if not isinstance(lora_b, torch.Tensor):
@@ -610,14 +633,19 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
             # x matched slice 0: this slice is the odd one out, not x
             raise ValueError(f"{op}: lora_a_slices[{j}] expected shape [L, R, {x.shape[1]}] (K of x {tuple(x.shape)} "
                              f"and of lora_a_slices[0]), got {tuple(lora_a.shape)}")
-        scalings, ranks_j = check_shrink_args(op, x, lora_a_slices[j], batch, scalings,
-                                              ranks if converted_ranks is None else converted_ranks,
-                                              lora_a_name=f"lora_a_slices[{j}]")
-        if converted_ranks is not None and ranks_on_host:
-            as_ranks(op, ranks, batch.num_adapters, lora_a_slices[j].shape[1], torch.device("cpu"),
-                     f"lora_a_slices[{j}]", lora_a_slices[j])
-        if ranks is not None:
-            converted_ranks = ranks_j
+        if j == 0:
+            scalings, ranks_j = check_shrink_args(op, x, lora_a, batch, scalings, ranks, lora_a_name="lora_a_slices[0]")
+            highest_rank = _host_max(ranks)
+        else:
+            num_slots, max_rank = _check_lora_a(op, x, lora_a, f"lora_a_slices[{j}]")
+            _check_batch_slots(op, batch, num_slots, f"lora_a_slices[{j}]")
+            if ranks is None:
+                ranks_j = as_ranks(op, None, num_slots, max_rank, x.device, f"lora_a_slices[{j}]", lora_a)
+            else:
+                ranks_j = slice_ranks[0]
+                if highest_rank is not None and highest_rank > max_rank:
+                    raise ValueError(f"{op}: ranks expected values in [0, {max_rank}] (R of lora_a_slices[{j}] "
+                                     f"{tuple(lora_a.shape)}), got {highest_rank}")
         if lora_b.shape[2] != lora_a_slices[j].shape[1]:  # before the expand's checks, which would blame ranks
             raise ValueError(f"{op}: lora_b_slices[{j}] expected R = {lora_a_slices[j].shape[1]} (lora_a_slices[{j}] "
                              f"is {tuple(lora_a_slices[j].shape)}), got {tuple(lora_b.shape)}")

@@ -1,6 +1,7 @@
 """The checks of the serving-stack API (lk.ops.*, LoRABatch) that mutation testing of ops.py and batch.py found
 untested: each test fails when the check it names is deleted or weakened."""
 
+import collections
 import dataclasses
 import re
 
@@ -455,18 +456,47 @@ def test_add_lora_names_the_slice_whose_k_differs_from_x_and_slice_0():
                         [5, 5], backend="torch")
 
 
-def test_add_lora_checks_host_ranks_against_every_slice_rank():
-    """Ranks given as a list are checked against each slice's R, also when x is on a device: converted once for the
-    first slice (R 3), the later slice (R 2) got a device tensor, whose values are not read, and a rank of 3 passed
-    (meta stands in for CUDA)."""
-    ids = torch.tensor([0, 1, -1, 1], device="meta")
-    x, y = torch.empty(4, 8, device="meta"), torch.empty(4, 10, device="meta")
-    lora_a = [torch.empty(2, rank, 8, device="meta") for rank in (3, 2)]
-    lora_b = [torch.empty(2, 5, rank, device="meta") for rank in (3, 2)]
+@pytest.mark.parametrize("device", ["meta", "cpu"])
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["list", "cpu_tensor"])
+def test_add_lora_checks_host_ranks_against_every_slice_rank(device, as_tensor):
+    """Ranks given on the host are checked against each slice's R, also when x is on a device: converted once for
+    the first slice (R 3), the later slice (R 2) got a device tensor, whose values are not read, and a rank of 3
+    passed (meta stands in for CUDA). y is left untouched."""
+    ids = torch.tensor([0, 1, -1, 1], device=device)
+    x, y = torch.zeros(4, 8, device=device), torch.zeros(4, 10, device=device)
+    lora_a = [torch.ones(2, rank, 8, device=device) for rank in (3, 2)]
+    lora_b = [torch.ones(2, 5, rank, device=device) for rank in (3, 2)]
+    ranks = torch.tensor([3, 1]) if as_tensor else [3, 1]
     with pytest.raises(ValueError, match=re.escape("add_lora: ranks expected values in [0, 2] (R of lora_a_slices[1] "
                                                    "(2, 2, 8)), got 3")):
-        lk.ops.add_lora(y, x, lora_a, lora_b, LoRABatch.from_adapter_ids(ids, 2), [1.0, 0.5], [3, 1], [5, 5],
+        lk.ops.add_lora(y, x + 1, lora_a, lora_b, LoRABatch.from_adapter_ids(ids, 2), [1.0, 0.5], ranks, [5, 5],
                         backend="torch")
+    if device == "cpu":
+        assert y.eq(0).all()
+
+
+@pytest.mark.parametrize("ranks", [[3, 1], None], ids=["ranks", "no_ranks"])
+def test_add_lora_converts_scalings_and_ranks_once_per_call(ranks, monkeypatch):
+    """scalings, ranks and the batch are the same for every slice: checked per slice they made up a third of a
+    3-slice call's host time (helper 177: as_ranks ran 6 times, as_scalings 3). ranks=None still makes one full
+    ranks per slice (each slice's own R). The result is the slices' lora_shrink and lora_expand."""
+    x, _, batch, scalings = _serving_args()
+    lora_a = [torch.randn(2, rank, 8) for rank in (3, 4, 5)]
+    lora_b = [torch.randn(2, width, rank) for width, rank in ((5, 3), (2, 4), (3, 5))]
+    calls = collections.Counter()
+    for name in ("as_ranks", "as_scalings"):
+        def counted(*args, _real=getattr(ops, name), _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(ops, name, counted)
+    y = lk.ops.add_lora(torch.zeros(4, 10), x, lora_a, lora_b, batch, scalings, ranks, [5, 2, 3], backend="torch")
+    assert calls == {"as_scalings": 1, "as_ranks": 1 if ranks else 3}
+    monkeypatch.undo()
+    expected = torch.zeros(4, 10)
+    for a, b, offset in zip(lora_a, lora_b, (0, 5, 7)):
+        t = lk.ops.lora_shrink(x, a, batch, scalings, ranks, backend="torch")
+        lk.ops.lora_expand(t, b, batch, expected, offset, ranks, backend="torch")
+    assert torch.equal(y, expected)
 
 
 def _add_lora_args(ranks=(3, 3)):
