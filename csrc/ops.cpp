@@ -19,7 +19,8 @@ PyObject* PyInit__C(void) {
   PyModule_AddIntConstant(module, "WITH_CUDA", 0);
 #endif
   // What it was built against (setup.py), checked by lora_kernels/_ext.py: the torch minor version, and why the
-  // CUDA sources were left out (a code of setup.py's CUDA_SKIPPED; 0 when they were built).
+  // CUDA sources were left out (setup.py's LORA_KERNELS_CUDA_SKIPPED code, as _ext.CUDA_SKIPPED_REASONS reads it;
+  // 0 when they were built).
 #ifdef LORA_KERNELS_BUILT_TORCH_MAJOR
   PyModule_AddIntConstant(module, "BUILT_TORCH_MAJOR", LORA_KERNELS_BUILT_TORCH_MAJOR);
   PyModule_AddIntConstant(module, "BUILT_TORCH_MINOR", LORA_KERNELS_BUILT_TORCH_MINOR);

@@ -18,6 +18,7 @@ backend refuses inputs that require grad, by name (check_no_grad_inputs). multi_
 grouped op.
 """
 
+import collections.abc
 import contextlib
 import math
 import numbers
@@ -620,6 +621,8 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
     # R_j: checking only the converted tensor for later slices let [3, 1] through slices of R 3 and 2 on CUDA (the
     # kernels clamped it to 2). x, the batch and scalings, the same for every slice, are checked once too (each
     # slice's own checks of them made up a third of a 3-slice call's host time).
+    if isinstance(ranks, collections.abc.Iterator):  # slice 0's conversion reads it; the later slices' check too
+        ranks = list(ranks)
     slice_ranks = []
     for j, width in enumerate(widths):  # every slice checked before any work: nothing half-applied
         lora_b = lora_b_slices[j]

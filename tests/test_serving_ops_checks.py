@@ -475,6 +475,43 @@ def test_add_lora_checks_host_ranks_against_every_slice_rank(device, as_tensor):
         assert y.eq(0).all()
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_add_lora_checks_ranks_given_as_an_iterator_against_every_slice(backend):
+    """An iterator of ranks is read up by slice 0's conversion: a later slice's check then saw no values, and the
+    cpu backend refused the rank only after slice 0 was added into y (the torch backend clamped it silently)."""
+    backend_or_skip(backend, "cpu")
+    ids, y = torch.tensor([0, 1, -1, 1]), torch.zeros(4, 10)
+    lora_a = [torch.ones(2, rank, 8) for rank in (3, 2)]
+    lora_b = [torch.ones(2, 5, rank) for rank in (3, 2)]
+    with pytest.raises(ValueError, match=re.escape("add_lora: ranks expected values in [0, 2] (R of lora_a_slices[1] "
+                                                   "(2, 2, 8)), got 3")):
+        lk.ops.add_lora(y, torch.ones(4, 8), lora_a, lora_b, LoRABatch.from_adapter_ids(ids, 2), [1.0, 0.5],
+                        iter([3, 1]), [5, 5], backend=backend)
+    assert y.eq(0).all()
+
+
+@pytest.mark.parametrize("bad, error, words", [
+    (lambda a: a.double(), TypeError, "add_lora: lora_a_slices[1] expected dtype torch.float32 (same as x), got "
+                                      "torch.float64"),
+    (lambda a: a.to("meta"), ValueError, "add_lora: lora_a_slices[1] expected device cpu, got meta"),
+    (lambda a: a.tolist(), TypeError, "add_lora: lora_a_slices[1] expected a torch.Tensor, got list"),
+    (lambda a: a[0], ValueError, "add_lora: lora_a_slices[1] expected a 3-D tensor, got shape (2, 8)"),
+    (lambda a: a[:1], ValueError, "add_lora: batch was built for 2 adapter slots, but lora_a_slices[1] has 1 (L)"),
+])
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_add_lora_checks_a_later_slice_lora_a_before_touching_y(backend, bad, error, words):
+    """Slices after the first skip the checks of x, the batch and scalings, not their own lora_a's: a bad one is
+    refused by name before slice 0 is added into y."""
+    backend_or_skip(backend, "cpu")
+    ids, y = torch.tensor([0, 1, -1, 1]), torch.zeros(4, 10)
+    lora_a = [torch.ones(2, 2, 8), bad(torch.ones(2, 2, 8))]
+    lora_b = [torch.ones(2, 5, 2) for _ in range(2)]
+    with pytest.raises(error, match=re.escape(words)):
+        lk.ops.add_lora(y, torch.ones(4, 8), lora_a, lora_b, LoRABatch.from_adapter_ids(ids, 2), [1.0, 0.5],
+                        None, [5, 5], backend=backend)
+    assert y.eq(0).all()
+
+
 @pytest.mark.parametrize("ranks", [[3, 1], None], ids=["ranks", "no_ranks"])
 def test_add_lora_converts_scalings_and_ranks_once_per_call(ranks, monkeypatch):
     """scalings, ranks and the batch are the same for every slice: checked per slice they made up a third of a

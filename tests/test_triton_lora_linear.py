@@ -317,6 +317,8 @@ _PIPELINED_TILES = {
     "_lora_bwd_dy_kernel": (("BLOCK_M", "BLOCK_R"), "BLOCK_N", "dy_ptr"),  # dY [M, N], B [N, R]
     "_lora_bwd_dx_kernel": (("BLOCK_M", "BLOCK_K"), "BLOCK_N", "dy_ptr"),  # dY [M, N], W [N, K]
     "_lora_bwd_da_kernel": (("BLOCK_R", "BLOCK_K"), "BLOCK_M", "x_ptr"),  # dS [M, R], x [M, K]
+    "_lora_fwd_tma_kernel": (("BLOCK_M", "BLOCK_N"), "BLOCK_K", "y_ptr"),  # as _lora_fwd_kernel
+    "_lora_bwd_dx_tma_kernel": (("BLOCK_M", "BLOCK_K"), "BLOCK_N", "dx_ptr"),  # as _lora_bwd_dx_kernel
 }
 
 
