@@ -78,15 +78,18 @@ void check_lora_bwd_dy(const at::Tensor& dy, const at::Tensor& s, const at::Tens
 // One int32 vector of the metadata: 1-D, int32, contiguous, on ref's device, `size` entries. A macro so the messages
 // name the argument (the checks stringize it). Contiguous: the kernels index it as a plain array, so a strided view
 // read other entries (out of bounds for sorted_token_ids).
-#define LK_CHECK_METADATA_VECTOR(op, t, ref, size, what) \
-  LK_CHECK_DIM(op, t, 1);                                 \
-  LK_CHECK_DTYPE(op, t, at::kInt);                        \
-  LK_CHECK_CONTIGUOUS(op, t);                             \
-  LK_CHECK_SAME_DEVICE(op, t, ref);                       \
+// ref_name: the argument ref is (LK_CHECK_SAME_DEVICE would name the parameter, "ref").
+#define LK_CHECK_METADATA_VECTOR(op, t, ref, size, what)                                                    \
+  LK_CHECK_DIM(op, t, 1);                                                                                    \
+  LK_CHECK_DTYPE(op, t, at::kInt);                                                                           \
+  LK_CHECK_CONTIGUOUS(op, t);                                                                                \
+  TORCH_CHECK_VALUE((t).device() == (ref).device(),                                                          \
+                    ::lora_kernels::message(op, ": " #t " expected device ", (ref).device(), " (same as ",    \
+                                            ref_name, "), got ", (t).device()));                             \
   LK_CHECK_SIZE(op, t, 0, size, what)
 
-void check_sgmv_metadata(const char* op, const at::Tensor& ref, int64_t num_tokens, int64_t num_slots,
-                                const at::Tensor& sorted_token_ids, const at::Tensor& slot_starts,
+void check_sgmv_metadata(const char* op, const at::Tensor& ref, const char* ref_name, int64_t num_tokens,
+                                int64_t num_slots, const at::Tensor& sorted_token_ids, const at::Tensor& slot_starts,
                                 const at::Tensor& slot_counts, const at::Tensor& ranks) {
   LK_CHECK_METADATA_VECTOR(op, sorted_token_ids, ref, num_tokens, "tokens");
   LK_CHECK_METADATA_VECTOR(op, slot_starts, ref, num_slots, "adapter slots");
@@ -105,7 +108,7 @@ void check_sgmv_shrink(const at::Tensor& x, const at::Tensor& lora_a, const at::
   LK_CHECK_SAME_DEVICE(op, lora_a, x);
   LK_CHECK_SIZE(op, lora_a, 2, x.size(1), "in_features = x.shape[1]");
   const int64_t num_slots = lora_a.size(0);
-  check_sgmv_metadata(op, x, x.size(0), num_slots, sorted_token_ids, slot_starts, slot_counts, ranks);
+  check_sgmv_metadata(op, x, "x", x.size(0), num_slots, sorted_token_ids, slot_starts, slot_counts, ranks);
   LK_CHECK_DIM(op, scalings, 1);
   LK_CHECK_DTYPE(op, scalings, at::kFloat);
   LK_CHECK_CONTIGUOUS(op, scalings);
@@ -133,7 +136,7 @@ void check_sgmv_expand(const at::Tensor& t, const at::Tensor& lora_b, const at::
   LK_CHECK_VALUE(slice_offset >= 0 && slice_offset <= out.size(1) - width, op,
                  ": slice_offset expected in [0, out.shape[1] - lora_b.shape[1]] = [0, ", out.size(1) - width,
                  "], got ", slice_offset, " (out shape ", shape_str(out), ", lora_b shape ", shape_str(lora_b), ")");
-  check_sgmv_metadata(op, t, t.size(0), lora_b.size(0), sorted_token_ids, slot_starts, slot_counts, ranks);
+  check_sgmv_metadata(op, t, "t", t.size(0), lora_b.size(0), sorted_token_ids, slot_starts, slot_counts, ranks);
   // out is written in place: an element reached twice (an expanded view) was raced, and memory shared with t or
   // lora_b was read after the kernel had overwritten it. Layouts too hard to decide (TooHard) are let through.
   LK_CHECK_VALUE(at::has_internal_overlap(out) != at::MemOverlap::Yes, op,

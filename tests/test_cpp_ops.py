@@ -401,7 +401,8 @@ def test_sgmv_ranks_and_shrink_expand_roundtrip(r, device):
 
 
 def test_sgmv_mixed_dtypes_and_strided_out(device):
-    """out may have another float dtype than lora_b, and any strides."""
+    """out may have another float dtype than lora_b, and any strides: column-major, or a column block of a wider
+    buffer (whose overlap check torch answers "too hard", not "no": refusing that had passed this file)."""
     m, n, max_rank = 13, 20, 8
     ids = _adapter_ids("uniform", m, NUM_SLOTS, device)
     ranks = _hetero_ranks(max_rank, device)
@@ -410,11 +411,12 @@ def test_sgmv_mixed_dtypes_and_strided_out(device):
     batch = LoRABatch.from_adapter_ids(ids, NUM_SLOTS, validate=True)
     meta = (batch.sorted_token_ids, batch.slot_starts, batch.slot_counts)
     for out_dtype in (torch.float32, torch.float16):
-        out = randn(2 * n + 3, m, dtype=out_dtype, device=device).T  # [m, 2n+3], column-major
-        before = out.clone()
-        ops.sgmv_expand(t, lora_b, *meta, ranks, out, n + 3)
-        ref = reference.lora_expand(t.cpu(), lora_b.cpu(), ids.cpu(), before.cpu(), n + 3, ranks.cpu())
-        assert_close(out, ref, out_dtype, f"expand into {out_dtype}")
+        for out in (randn(2 * n + 3, m, dtype=out_dtype, device=device).T,  # [m, 2n+3], column-major
+                    randn(m, 3 * n + 5, dtype=out_dtype, device=device)[:, 2:2 * n + 5]):  # a column block
+            before = out.clone()
+            ops.sgmv_expand(t, lora_b, *meta, ranks, out, n + 3)
+            ref = reference.lora_expand(t.cpu(), lora_b.cpu(), ids.cpu(), before.cpu(), n + 3, ranks.cpu())
+            assert_close(out, ref, out_dtype, f"expand into {out_dtype} {out.stride()}")
 
 
 def test_sgmv_empty_batch(device):
@@ -717,6 +719,32 @@ def test_sgmv_bad_input(call, arg, make, error, match, device):
     op = "sgmv_shrink" if call is _shrink else "sgmv_expand"
     with pytest.raises(error, match=f"{op}: {match}"):
         call(args)
+
+
+def test_grouped_and_bwd_dy_ops_refuse_an_argument_on_another_device(device):
+    """Each argument's own device check, which only a CUDA call reaches (on CPU a meta argument reaches the fakes'
+    check instead): a CPU argument among CUDA ones would be a host pointer read by the kernel. Deleting the checks of
+    lora_bwd_dy's s or of a metadata vector passed every CPU test (helper 176)."""
+    if device.type != "cuda":
+        pytest.skip("needs a CUDA device: a CPU argument among CUDA ones")
+    for call, op, ref, names in (
+            (_shrink, "sgmv_shrink", "x", ("lora_a", "scalings", "sorted_token_ids", "slot_starts", "slot_counts",
+                                           "ranks")),
+            (_expand, "sgmv_expand", "t", ("lora_b", "out", "sorted_token_ids", "slot_starts", "slot_counts",
+                                           "ranks"))):
+        for name in names:
+            args = _good_sgmv(device)
+            args[name] = args[name].cpu()
+            with pytest.raises(ValueError, match=rf"{op}: {name} expected device {args[ref].device} \(same as "
+                                                 rf"{ref}\), got cpu"):
+                call(args)
+    dy, s, lora_b = randn(5, 12, device=device), randn(5, 4, device=device), randn(12, 4, device=device)
+    for name in ("s", "lora_b"):
+        args = dict(dy=dy, s=s, lora_b=lora_b)
+        args[name] = args[name].cpu()
+        with pytest.raises(ValueError, match=rf"lora_bwd_dy: {name} expected device {dy.device} \(same as dy\), "
+                                             rf"got cpu"):
+            ops.lora_bwd_dy(args["dy"], args["s"], args["lora_b"], 1.0)
 
 
 @pytest.mark.parametrize("call", [_shrink, _expand], ids=["shrink", "expand"])

@@ -245,6 +245,35 @@ def test_backward_through_an_exported_program_raises_instead_of_dropping_the_lor
         exported_multi(x, ids)
 
 
+def test_the_raw_cpp_ops_refuse_or_raise_for_every_input_that_requires_grad():
+    """Called directly (an exported program's graph calls them so), each C++ op with an input that requires grad
+    either raises in backward (lora_fwd, lora_bwd_dy, sgmv_shrink: autograd's not-implemented fallback) or refuses
+    it at once (sgmv_expand, in place: no output to raise from), for lora_b alone too. Without the fallback
+    sgmv_shrink's x got no gradient and lora_bwd_dy's dy one from the kernel's own ATen calls, with a warning only;
+    an expand refusing only t let a LoRA-FA layer (A frozen, B trained) train without B's gradient (helper 176)."""
+    backend_or_skip("cpu", "cpu")
+    ops = torch.ops.lora_kernels
+    ids = torch.tensor([0, 1, -1])
+    batch = lk.LoRABatch.from_adapter_ids(ids, 2)
+    meta = (batch.sorted_token_ids, batch.slot_starts, batch.slot_counts)
+    ranks = torch.full((2,), 4, dtype=torch.int32)
+    x = torch.randn(3, 8, requires_grad=True)
+    shrunk = ops.sgmv_shrink(x, torch.randn(2, 4, 8), *meta, torch.ones(2), ranks)
+    with pytest.raises(RuntimeError, match="derivative for lora_kernels::sgmv_shrink is not implemented"):
+        shrunk.sum().backward()
+    dy = torch.randn(3, 5, requires_grad=True)
+    _, ds = ops.lora_bwd_dy(dy, torch.randn(3, 4), torch.randn(5, 4), 1.0)
+    with pytest.raises(RuntimeError, match="derivative for lora_kernels::lora_bwd_dy is not implemented"):
+        ds.sum().backward()
+    for t, lora_b, name in ((torch.randn(3, 4, requires_grad=True), torch.randn(2, 5, 4), "t"),
+                            (torch.randn(3, 4), torch.randn(2, 5, 4, requires_grad=True), "lora_b")):
+        with pytest.raises(RuntimeError, match=f"sgmv_expand is not differentiable, but {name} requires grad"):
+            ops.sgmv_expand(t, lora_b, *meta, ranks, torch.zeros(3, 5), 0)
+    with torch.no_grad():  # what an exported program computes without grad
+        ops.sgmv_expand(torch.randn(3, 4), torch.randn(2, 5, 4, requires_grad=True), *meta, ranks,
+                        torch.zeros(3, 5), 0)
+
+
 def test_the_grouped_triton_ops_of_an_exported_program_refuse_inputs_that_require_grad():
     """The grouped Triton ops write into an output and return nothing: through an exported program, whose graph keeps
     them without multi_lora_linear's autograd Function, x and the slots that required grad got no LoRA gradient and
