@@ -52,7 +52,7 @@ SECTIONS = {
     "sgmv_mma": SGMV,
     "sgmv_cuda_core": SGMV,
     "lora_fwd_decode": TENSOR_CORE + [("lora_linear.cu", "constexpr int kWarpSize", "#define LK_DISPATCH_FLOAT")],
-    "lora_bwd_dy": TENSOR_CORE + [("lora_linear.cu", "// ---- backward ---", "// 16-byte vector of T"),
+    "lora_bwd_dy": TENSOR_CORE + [("lora_linear.cu", "// ---- backward ---", "// Elements of T in one 16-byte vector"),
                                   ("lora_linear.cu", "// ---- lora_bwd_dy ---",
                                    "// (dB, dS) from the kernels' block partials")],
 }
