@@ -15,8 +15,8 @@ import sys
 # other than design.md §8's r = 16 have a kind of their own, without a target, and are not summarised).
 SUMMARY_KINDS = ("fwd_decode", "fwd_prefill", "fwd_bwd_vs_gemms", "unfused_vs_ours", "lora_vs_full",
                  "memory_vs_unfused", "peak_memory_vs_unfused", "grouped_distinct", "grouped_train", "grouped_vs_loop",
-                 "decode_bandwidth", "triton_split", "triton_tma", "triton_tma_forward", "cuda_bwd_dy",
-                 "cuda_decode")
+                 "sliced_launches", "decode_bandwidth", "triton_split", "triton_tma", "triton_tma_forward",
+                 "cuda_bwd_dy", "cuda_decode")
 # the bench JSON files of a gpu_check run (train, forward and grouped sections run as separate stages), and the rows
 # of `lora-kernels bench --sections sweep` (sweep.json)
 BENCH_FILES = ("train.json", "bench.json", "grouped.json")

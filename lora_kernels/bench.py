@@ -21,7 +21,7 @@ from lora_kernels import backends
 from lora_kernels.batch import LoRABatch
 from lora_kernels.compare import DTYPES, ProgressBar, environment, saved_storage_bytes, synchronize
 from lora_kernels.functional import CUDA_BWD_DY_KERNEL_MAX_WORK, lora_linear, multi_lora_linear
-from lora_kernels.ops import check_flag, positive_int
+from lora_kernels.ops import add_lora, check_flag, lora_expand, lora_shrink, positive_int
 
 # Shapes (design.md §8 on GPUs; scaled down on CPU so the whole sweep takes about two minutes on 2 cores).
 PRESETS = {
@@ -389,7 +389,7 @@ def _sweep_ranks(cfg):
 
 def _count_units(cfg):
     """Progress-bar steps of the sections asked for."""
-    per_backend = {"host": 1, "forward": len(cfg.ms), "train": 2 * len(_sweep_ranks(cfg)) + 3, "grouped": 3,
+    per_backend = {"host": 1, "forward": len(cfg.ms), "train": 2 * len(_sweep_ranks(cfg)) + 3, "grouped": 4,
                    "decode": 1, "sweep": len(_sweep_points(cfg)) + 2}
     units = sum(per_backend[name] for name in cfg.sections) * len(cfg.backends)
     return units + ("host" in cfg.sections) + ("decode" in cfg.sections or "sweep" in cfg.sections)
@@ -886,6 +886,42 @@ def grouped_rows(rows, cfg, device, dtype, timing, on_gpu, step):
                      t["loop"], "ms", on_gpu, note=_graph_note(on_gpu))
             step(f"grouped vs loop {tokens} {backend}")
         del inputs
+    sliced_rows(rows, cfg, device, dtype, timing, on_gpu, step)
+
+
+def sliced_rows(rows, cfg, device, dtype, timing, on_gpu, step):
+    """add_lora over the three slices of a fused QKV projection (widths N, N/4, N/4, as grouped-query attention has
+    them), given as lists, against the same work as one lora_shrink and one lora_expand call per slice: with the
+    triton backend one launch of each kernel against three (a decode step of DECODE_TOKENS tokens on LOOP_ADAPTERS
+    adapters, CUDA-graph replays on GPUs); the other backends go slice by slice either way."""
+    k = n = cfg.hidden
+    r = cfg.rank
+    widths = (n, max(1, n // 4), max(1, n // 4))
+    offsets = [sum(widths[:j]) for j in range(len(widths))]
+    slots, tokens = LOOP_ADAPTERS, DECODE_TOKENS
+    adapters = [stacked_adapters(device, dtype, slots, k, width, r) for width in widths]
+    lora_as, lora_bs, scalings = [a for a, _, _ in adapters], [b for _, b, _ in adapters], adapters[0][2]
+    ranks = torch.full((slots,), r, dtype=torch.int32, device=device)
+    x = torch.randn(tokens, k, device=device, dtype=dtype)
+    y = torch.zeros(tokens, sum(widths), device=device, dtype=dtype)
+    buffer = torch.empty(len(widths), tokens, r, device=device)
+    batch = LoRABatch.from_adapter_ids(torch.arange(tokens, device=device) % slots, slots)
+    section = "add_lora: a fused QKV projection's 3 slices in lists / one lora_shrink + lora_expand call per slice"
+    shape = f"{tokens} tokens on {slots} adapters K={k} N={'+'.join(map(str, widths))} r={r}"
+    for backend in cfg.backends:
+        def listed(backend=backend):
+            add_lora(y, x, lora_as, lora_bs, batch, scalings, ranks, widths, backend=backend, buffer=buffer)
+
+        def per_slice(backend=backend):
+            for j in range(len(widths)):
+                shrunk = lora_shrink(x, lora_as[j], batch, scalings, ranks, backend=backend, out=buffer[j])
+                lora_expand(shrunk, lora_bs[j], batch, y, offsets[j], ranks, backend=backend)
+        with _guard(rows, section, backend, shape, on_gpu), torch.no_grad():
+            t = measure({"per_slice": [per_slice], "listed": [listed]}, graph=True, **timing)
+            _row(rows, section, "sliced_launches", backend, shape, "add_lora, slices in lists",
+                 "lora_shrink + lora_expand per slice", t["listed"] / t["per_slice"], t["listed"], t["per_slice"],
+                 "ms", on_gpu, note=_graph_note(on_gpu))
+        step(f"fused QKV slices {backend}")
 
 
 def _moved_bytes(tokens, k, n, r, adapters, dtype):

@@ -590,11 +590,13 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
 
     y: [M, sum(output_slices)]; x: [M, K]; lora_a_slices: S tensors [L, R_j, K], or one [S, L, R, K];
     lora_b_slices: S tensors [L, n_j, R_j], or one [S, L, n, R] when the widths are equal; scalings: [L]; ranks: [L]
-    (every slice) or None (every slot at each slice's own R_j). With the triton backend a
-    stacked lora_a is one shrink launch and a stacked lora_b, with a stacked lora_a, one expand launch (else one
-    launch per slice).
+    (every slice: a slice an adapter does not train must hold zeros up to its rank) or None (every slot at each
+    slice's own R_j). With the triton backend up to 3 slices (a fused
+    QKV projection's), stacked or in lists, of equal or unequal widths, are one shrink and one expand launch, where
+    they have one R and each lora_a one layout (as contiguous tensors have); else one of each per slice.
     buffer: optional [S, M, R] float32 for the shrink results (every slice of rank R), so a captured CUDA graph
-    allocates nothing (triton backend, with scalings and ranks given as tensors: ranks=None makes one per slice).
+    allocates nothing (triton backend, with scalings and ranks given as tensors: ranks=None makes one per
+    distinct R).
     Every slice is checked before y is touched. Returns y.
     """
     op = "add_lora"
@@ -643,7 +645,10 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
             num_slots, max_rank = _check_lora_a(op, x, lora_a, f"lora_a_slices[{j}]")
             _check_batch_slots(op, batch, num_slots, f"lora_a_slices[{j}]")
             if ranks is None:
-                ranks_j = as_ranks(op, None, num_slots, max_rank, x.device, f"lora_a_slices[{j}]", lora_a)
+                # every slot at R: one tensor per R, so slices of one R also share one triton launch
+                ranks_j = next((r for r, a in zip(slice_ranks, lora_a_slices) if a.shape[1] == max_rank), None)
+                if ranks_j is None:
+                    ranks_j = as_ranks(op, None, num_slots, max_rank, x.device, f"lora_a_slices[{j}]", lora_a)
             else:
                 ranks_j = slice_ranks[0]
                 if highest_rank is not None and highest_rank > max_rank:
@@ -694,18 +699,22 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
 
 def _triton_add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, slice_ranks, widths, offsets,
                      deterministic, buffer):
-    """add_lora's launches with the triton backend: one shrink for a stacked [S, L, R, K] lora_a, one expand for a
-    stacked [S, L, n, R] lora_b (equal widths) after a stacked lora_a, else one per slice. Stacked slices share
-    one R, so one ranks."""
+    """add_lora's launches with the triton backend: one shrink and one expand for every SLICES_PER_LAUNCH (3)
+    slices, stacked or in lists, of any widths, where the slices share one ranks tensor (given ranks, or ranks=None
+    with one R), their lora_a one layout (shape and strides) and their lora_b one dtype, L, R and strides along N and
+    R (lora_b of different widths, each contiguous, do). Else one shrink and one expand per slice."""
     sgmv = triton_sgmv()
-    if isinstance(lora_a_slices, torch.Tensor):  # [S, L, R, K]
-        shrunk = sgmv.shrink(x, lora_a_slices, batch, scalings, slice_ranks[0], deterministic=deterministic,
-                             out=buffer)
-    else:
-        shrunk = [sgmv.shrink(x, lora_a, batch, scalings, slice_ranks[j], deterministic=deterministic,
-                              out=None if buffer is None else buffer[j]) for j, lora_a in enumerate(lora_a_slices)]
-    if isinstance(lora_b_slices, torch.Tensor) and isinstance(shrunk, torch.Tensor):
-        sgmv.expand(shrunk, lora_b_slices, batch, slice_ranks[0], y, 0)  # slice s at columns s * n (equal widths)
-    else:
-        for j in range(len(widths)):
-            sgmv.expand(shrunk[j], lora_b_slices[j], batch, slice_ranks[j], y, offsets[j])
+    a_slices, b_slices = sgmv._as_slices(lora_a_slices), sgmv._as_slices(lora_b_slices)
+    first_a, first_b = a_slices[0], b_slices[0]
+    if (all(ranks is slice_ranks[0] for ranks in slice_ranks)
+            and all(a.dtype == first_a.dtype and a.shape == first_a.shape and a.stride() == first_a.stride()
+                    for a in a_slices)
+            and all(b.dtype == first_b.dtype and (b.shape[0], b.shape[2]) == (first_b.shape[0], first_b.shape[2])
+                    and b.stride()[1:] == first_b.stride()[1:] for b in b_slices)):
+        shrunk = sgmv.shrink(x, a_slices, batch, scalings, slice_ranks[0], deterministic=deterministic, out=buffer)
+        sgmv.expand(shrunk, b_slices, batch, slice_ranks[0], y, 0)  # slice j at offsets[j], after slice j - 1
+        return
+    for j in range(len(widths)):
+        shrunk = sgmv.shrink(x, a_slices[j], batch, scalings, slice_ranks[j], deterministic=deterministic,
+                             out=None if buffer is None else buffer[j])
+        sgmv.expand(shrunk, b_slices[j], batch, slice_ranks[j], y, offsets[j])

@@ -234,7 +234,7 @@ if (( DRY_RUN )); then
 else
   # the bench in three parts with their own limits, the most §8 rows first, so a slow part (autotuning on a cold
   # Triton cache) cannot cost the others: train (4 rows: fwd+bwd vs the GEMMs, vs PEFT, vs full FT, memory), then
-  # grouped (3 rows; fixed tiles, no autotuning; the host rows time launches, not tiles), then forward (2 rows; it
+  # grouped (4 rows; fixed tiles, no autotuning; the host rows time launches, not tiles), then forward (2 rows; it
   # also autotunes per power-of-two M bucket and times the opt-in TMA kernels and the split against the default ones).
   run_stage train 100 train.log "$PY" -m lora_kernels bench --sections train --no-progress \
     --save "$OUTDIR/train.json"

@@ -563,7 +563,7 @@ def test_every_rows_ratio_is_its_ours_value_over_its_baseline_value():
     assert not [row for row in rows if row["kind"] == "error"]
     kinds = {row["kind"] for row in rows if row["ratio"] is not None}
     assert {"unfused_vs_ours", "lora_vs_full", "memory_vs_unfused", "fwd_bwd_vs_gemms", "decode_bandwidth",
-            "grouped_vs_loop", "sweep_bandwidth", "host_overhead"} <= kinds
+            "grouped_vs_loop", "sliced_launches", "sweep_bandwidth", "host_overhead"} <= kinds
     for row in rows:
         if row["ratio"] is None:
             continue

@@ -299,8 +299,9 @@ def test_the_grouped_triton_ops_of_an_exported_program_refuse_inputs_that_requir
     meta = (batch.adapter_ids, batch.sorted_token_ids, batch.slot_counts, batch.slot_starts)
     t = torch.randn(5, 4, requires_grad=True)
     with pytest.raises(RuntimeError, match="sgmv_expand is not differentiable, but t requires grad"):
-        torch.ops.lora_kernels_triton.sgmv_expand(t, torch.randn(2, 12, 4), *meta,
-                                                  torch.full((2,), 4, dtype=torch.int32), torch.zeros(5, 12), 0, "auto")
+        torch.ops.lora_kernels_triton.sgmv_expand(t, [torch.randn(2, 12, 4)], *meta,
+                                                  torch.full((2,), 4, dtype=torch.int32), torch.zeros(5, 12), [0],
+                                                  "auto")
     with pytest.raises(RuntimeError, match="segment_outer is not differentiable, but left requires grad"):
         torch.ops.lora_kernels_triton.segment_outer(t, x.detach(), *meta[1:], torch.zeros(2, 4, 16))
     compiled = torch.compile(multi, fullgraph=True)

@@ -370,29 +370,68 @@ def test_add_lora_stacked_slices(backend, stack_b, device):
                         buffer=buffer[:, :5])
 
 
-@pytest.mark.parametrize("stack", ["none", "a", "a_and_b"])
-def test_add_lora_stacked_slices_are_one_launch_each_with_triton(stack, monkeypatch):
-    """README: with the triton backend a stacked lora_a is one shrink launch, and a stacked lora_b (with a stacked
-    lora_a) one expand launch; lists take one launch per slice."""
+def _column_major(weights):
+    """The same values, laid out with the last dimension slowest (other strides than a contiguous tensor's)."""
+    return weights.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+# layout -> (widths, each slice's R, launches of each kernel): up to 3 slices laid out alike are one shrink and one
+# expand launch, of any widths; more take several, and slices of other R or layouts one each.
+_SLICE_LAUNCH_CASES = {
+    "qkv lists": ((8, 4, 4), (4, 4, 4), 1),
+    "stacked a and b": ((4, 4, 4), (4, 4, 4), 1),
+    "stacked a, listed b": ((8, 4, 4), (4, 4, 4), 1),
+    "b views of one buffer": ((8, 4, 4), (4, 4, 4), 1),  # slot strides of the buffer, not of each slice
+    "ranks=None, one R": ((8, 4, 4), (4, 4, 4), 1),
+    "four slices": ((8, 4, 4, 6), (4, 4, 4, 4), 2),
+    "ranks=None, two R": ((8, 4, 4), (4, 2, 4), 3),
+    "a column-major lora_a": ((8, 4, 4), (4, 4, 4), 3),
+    "a column-major lora_b": ((8, 4, 4), (4, 4, 4), 3),
+}
+
+
+@pytest.mark.parametrize("m", [5, 80], ids=["decode", "prefill"])
+@pytest.mark.parametrize("layout", list(_SLICE_LAUNCH_CASES))
+def test_add_lora_launches_once_for_up_to_three_slices_with_triton(layout, m, monkeypatch):
+    """README, Serving stacks: with Triton up to 3 slices (a fused QKV projection's: unequal widths, in lists) are
+    one shrink and one expand launch, where they have one R and are laid out alike; else one of each per slice. The
+    kernels really run (under the interpreter): each slice's result lands in its own columns."""
     backend_or_skip("triton", torch.device("cpu"))
-    from lora_kernels.triton import sgmv
-    calls = []
-    for name in ("shrink", "expand"):
-        original = getattr(sgmv, name)
-        monkeypatch.setattr(sgmv, name, lambda *args, _f=original, _n=name, **kwargs: calls.append(_n) or _f(
-            *args, **kwargs))
-    widths, m, k = (4, 4, 4), 5, 8
-    lora_as, lora_bs = zip(*[_adapters(2, 2, k, w, [2, 1], torch.float32, "cpu") for w in widths])
-    x, y = randn(m, k), torch.zeros(m, sum(widths))
-    batch = LoRABatch.from_adapter_ids(torch.tensor([0, 1, -1, 0, 1]), 2)
-    lora_a = torch.stack(lora_as) if stack != "none" else list(lora_as)
-    lora_b = torch.stack(lora_bs) if stack == "a_and_b" else list(lora_bs)
-    lk.ops.add_lora(y, x, lora_a, lora_b, batch, [1.0, 2.0], [2, 1], widths, backend="triton")
-    expected = {"none": ["shrink"] * 3 + ["expand"] * 3, "a": ["shrink"] + ["expand"] * 3,
-                "a_and_b": ["shrink", "expand"]}[stack]
-    assert calls == expected
-    assert_close(y, reference.add_lora(torch.zeros(m, 12), x, lora_as, lora_bs, batch.adapter_ids,
-                                       torch.tensor([1.0, 2.0]), torch.tensor([2, 1]), widths), torch.float32)
+    import triton
+    launches = []
+    run = triton.runtime.interpreter.InterpretedFunction.run
+    monkeypatch.setattr(triton.runtime.interpreter.InterpretedFunction, "run",
+                        lambda self, *args, **kwargs: launches.append(self.fn.__name__) or run(self, *args, **kwargs))
+    widths, slice_ranks, launches_each = _SLICE_LAUNCH_CASES[layout]
+    num_slots, k = 2, 8
+    given_ranks = not layout.startswith("ranks=None")  # else every slot at its slice's R: no NaN padding to skip
+    slot_ranks = [[r, r // 2 if given_ranks else r] for r in slice_ranks]
+    lora_as, lora_bs = zip(*[_adapters(num_slots, r, k, w, ranks, torch.float32, "cpu")
+                             for r, w, ranks in zip(slice_ranks, widths, slot_ranks)])
+    lora_a, lora_b = list(lora_as), list(lora_bs)
+    ranks = torch.tensor(slot_ranks[0], dtype=torch.int32) if given_ranks else None
+    if layout.startswith("stacked"):
+        lora_a = torch.stack(lora_as)
+        if layout == "stacked a and b":
+            lora_b = torch.stack(lora_bs)
+    elif layout == "b views of one buffer":
+        lora_b = list(torch.cat(lora_bs, dim=1).split(widths, dim=1))
+    elif layout == "a column-major lora_a":
+        lora_a[1] = _column_major(lora_a[1])
+    elif layout == "a column-major lora_b":
+        lora_b[1] = _column_major(lora_b[1])
+    x, y = randn(m, k), randn(m, sum(widths))
+    batch = LoRABatch.from_adapter_ids(torch.arange(m) % (num_slots + 1) - 1, num_slots)
+    expected = y.double()
+    for j in range(len(widths)):
+        slot_ranks_j = torch.tensor(slot_ranks[0 if given_ranks else j])
+        shrunk = reference.lora_shrink(x, lora_as[j], batch.adapter_ids, torch.tensor([1.0, 2.0]), slot_ranks_j)
+        expected = reference.lora_expand(shrunk, lora_bs[j], batch.adapter_ids, expected, sum(widths[:j]),
+                                         slot_ranks_j)
+    lk.ops.add_lora(y, x, lora_a, lora_b, batch, [1.0, 2.0], ranks, widths, backend="triton")
+    assert_close(y, expected, torch.float32, f"add_lora, {layout}")
+    kind = "bgmv" if m == 5 else "sgmv"
+    assert sorted(launches) == [f"_{kind}_expand_kernel"] * launches_each + [f"_{kind}_shrink_kernel"] * launches_each
 
 
 @pytest.mark.parametrize("backend", GROUPED_BACKENDS)
@@ -2251,9 +2290,9 @@ def test_multi_lora_torch_func_compiled_whole_matches_eager(backend, device):
 @pytest.mark.parametrize("m", [6, 64], ids=["decode", "prefill"])
 def test_add_lora_with_triton_allocates_nothing_given_buffer_scalings_and_ranks_tensors(m, deterministic, monkeypatch):
     """README, Serving stacks: for CUDA graphs, add_lora given its buffer, scalings and ranks as tensors allocates
-    nothing on the Triton path; ranks=None makes a ranks tensor per slice on every call, and without a buffer the
-    shrink results are allocated. The kernels are stubbed out (the interpreter copies every argument), so what is
-    counted is every CPU allocation made on the way to them, torch.tensor of a list included."""
+    nothing on the Triton path; ranks=None makes a ranks tensor (one per distinct R) on every call, and without a
+    buffer the shrink results are allocated. The kernels are stubbed out (the interpreter copies every argument), so
+    what is counted is every CPU allocation made on the way to them, torch.tensor of a list included."""
     backend_or_skip("triton", torch.device("cpu"))
     import triton
     from torch.profiler import ProfilerActivity, profile
@@ -2275,8 +2314,8 @@ def test_add_lora_with_triton_allocates_nothing_given_buffer_scalings_and_ranks_
         return [(event.name, event.cpu_memory_usage) for event in profiled.events() if event.cpu_memory_usage > 0]
 
     assert allocations() == []
-    assert len(launches) == 2 * len(widths)  # every shrink and expand reached its kernel
-    assert len(allocations(ranks=None)) >= len(widths)
+    assert len(launches) == 2  # the shrink and the expand of every slice reached their kernel, one launch each
+    assert allocations(ranks=None)
     assert allocations(scalings=[1.0, 0.5, 2.0])  # a list becomes a tensor on every call
     assert allocations(buffer=None)
 

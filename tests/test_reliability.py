@@ -501,8 +501,8 @@ def test_every_triton_launch_holds_the_launch_lock(monkeypatch):
     ops.triton_dropout_mask(seed, 6, 24, 0.2, torch.device(device))
     metadata = (batch.adapter_ids, batch.sorted_token_ids, batch.slot_counts, batch.slot_starts)
     shrunk = torch.empty(6, 4, device=device)
-    grouped.sgmv_shrink(x, stacked_a, *metadata, scalings, ranks, shrunk, False, "auto")
-    grouped.sgmv_expand(shrunk, stacked_b, *metadata, ranks, torch.zeros(6, 16, device=device), 0, "auto")
+    grouped.sgmv_shrink(x, [stacked_a], *metadata, scalings, ranks, shrunk, False, "auto")
+    grouped.sgmv_expand(shrunk, [stacked_b], *metadata, ranks, torch.zeros(6, 16, device=device), [0], "auto")
     grouped.segment_outer(shrunk, x, *metadata[1:], torch.empty(3, 4, 24, device=device))
 
     for each_path in ("eager", "custom op"):  # every kernel ran on both paths

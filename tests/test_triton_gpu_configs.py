@@ -228,6 +228,28 @@ def test_grouped_shrink_expand_gpu_config(path, M, dtype, ranks, sgmv_gpu_config
     assert_close(y, expected, dtype, "expand")
 
 
+@pytest.mark.parametrize("path, M", [("prefill", 150), ("decode", 40)])
+def test_grouped_slices_gpu_config(path, M, sgmv_gpu_config):
+    """Five slices in lists, as add_lora passes them: two launches of each kernel (3 slices, then 2), each slice its
+    own pointer, width (past the widest N tile, none, narrower than a tile: its programs past it exit) and columns
+    after the one before, from slice_offset 3; B's slot strides differ by width."""
+    K, L, ranks, widths = 2 * 128 + 5, 4, [8, 1, 16, 5], [2 * 128 + 9, 0, 5, 130, 64]
+    ids = make_ids("mixed_neg", M, L)
+    batch = LoRABatch.from_adapter_ids(ids, L)
+    a_list, b_list, ranks_t, scalings = make_weights(L, ranks, K, widths, torch.bfloat16, "cpu")
+    x = randn(M, K, dtype=torch.bfloat16)
+    out = torch.full((len(widths), M, max(ranks)), float("nan"))
+    sgmv.shrink(x, a_list, batch, scalings, ranks_t, out=out, path=path)
+    y = randn(M, 3 + sum(widths) + 7, dtype=torch.bfloat16)
+    expected = y.double()
+    for j, (lora_a, lora_b) in enumerate(zip(a_list, b_list)):
+        assert_close(out[j], reference.lora_shrink(x, lora_a, ids, scalings, ranks_t), torch.bfloat16,
+                     f"shrink, slice {j}")
+        expected = reference.lora_expand(out[j], lora_b, ids, expected, 3 + sum(widths[:j]), ranks_t)
+    sgmv.expand(out, b_list, batch, ranks_t, y, 3, path=path)
+    assert_close(y, expected, torch.bfloat16, "expand")
+
+
 @pytest.mark.parametrize("P", [16, 70])
 def test_segment_outer_gpu_config(P, sgmv_gpu_config):
     """Per-slot sums of outer products with the GPU tiles (32 tokens per step, Q tile 128, P tile 16 or 64)."""

@@ -187,7 +187,8 @@ def test_add_lora_slices(device, widths, stacked, M, dtype):
 @pytest.mark.parametrize("stacked", [False, True], ids=["listed", "stacked"])
 def test_add_lora_with_a_buffer_and_tensor_ranks_allocates_nothing(monkeypatch, stacked):
     """add_lora's docstring: with buffer, scalings and ranks as tensors, the triton path creates no tensor on the
-    host side (only views), so a captured CUDA graph allocates nothing; ranks=None makes a ranks tensor per slice.
+    host side (only views), so a captured CUDA graph allocates nothing; ranks=None makes a ranks tensor per distinct
+    R.
     The launchers are stubbed out: what is checked is the Python around them, every ATen op it dispatches."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -421,9 +422,10 @@ def test_custom_ops_opcheck(device):
     x = randn(M, K, device=device)
     out = torch.zeros(M, 4, device=device)
     torch.library.opcheck(torch.ops.lora_kernels_triton.sgmv_shrink,
-                          (x, A, *fields, scalings, ranks_t, out, True, "prefill"))
+                          (x, [A], *fields, scalings, ranks_t, out, True, "prefill"))
     torch.library.opcheck(torch.ops.lora_kernels_triton.sgmv_expand,
-                          (randn(M, 4, device=device), B, *fields, ranks_t, randn(M, N, device=device), 0, "decode"))
+                          (randn(M, 4, device=device), [B], *fields, ranks_t, randn(M, N, device=device), [0],
+                           "decode"))
 
 
 def test_torch_compile_fullgraph(device):
@@ -563,13 +565,13 @@ def test_the_grouped_triton_ops_refuse_every_input_that_requires_grad(op, argume
     with pytest.raises(RuntimeError, match=f"{argument} requires grad"):
         if op == "sgmv_shrink":
             scalings = torch.ones(2, device=device, requires_grad=True)
-            torch.ops.lora_kernels_triton.sgmv_shrink(randn(3, 8, device=device), randn(2, 4, 8, device=device),
+            torch.ops.lora_kernels_triton.sgmv_shrink(randn(3, 8, device=device), [randn(2, 4, 8, device=device)],
                                                       *meta, scalings, ranks, torch.zeros(3, 4, device=device),
                                                       False, "auto")
         else:
             lora_b = randn(2, 6, 4, device=device).requires_grad_(True)
-            torch.ops.lora_kernels_triton.sgmv_expand(randn(3, 4, device=device), lora_b, *meta, ranks,
-                                                      torch.zeros(3, 6, device=device), 0, "auto")
+            torch.ops.lora_kernels_triton.sgmv_expand(randn(3, 4, device=device), [lora_b], *meta, ranks,
+                                                      torch.zeros(3, 6, device=device), [0], "auto")
 
 
 @pytest.mark.parametrize("call", ["expand", "shrink_out", "add_lora"])

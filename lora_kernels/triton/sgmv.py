@@ -88,6 +88,9 @@ SPLIT_K_PROGRAMS_PER_SM = 4
 MAX_SPLIT_K = 16
 MIN_K_BLOCKS_PER_SPLIT = 2
 MAX_GRID_YZ = 65535  # CUDA's limit on grid dimensions y and z
+# Output slices of add_lora one shrink and one expand launch take (a fused QKV projection's three): each slice's
+# pointer, width and first output column are kernel arguments (see _of_slice); more slices take several launches.
+SLICES_PER_LAUNCH = 3
 
 
 if HAS_TRITON:
@@ -139,19 +142,33 @@ if HAS_TRITON:
         valid = in_range & (tok >= 0) & (tok < num_tokens)
         return tl.where(valid, tok, 0), valid
 
+    @triton.jit
+    def _of_slice(pid_s, v0, v1, v2):
+        """The value of slice pid_s (0, 1 or 2; see SLICES_PER_LAUNCH): a slice's own pointer, width, first output
+        column or slot stride, passed as a kernel argument rather than read from a table in device memory, so a
+        launch needs no host-to-device copy and a captured CUDA graph replays with the arguments it was captured
+        with. v0..v2 must have one type: strides are cast to int64 first (one may be past 2^31, an i64 argument)."""
+        v = v0
+        if pid_s == 1:
+            v = v1
+        if pid_s == 2:
+            v = v2
+        return v
+
     @triton.jit(do_not_specialize=["num_tokens"])
     def _sgmv_shrink_kernel(
-        x_ptr, a_ptr, out_ptr,
+        x_ptr, a0_ptr, a1_ptr, a2_ptr, out_ptr,
         sorted_ids_ptr, slot_counts_ptr, slot_starts_ptr, scalings_ptr, ranks_ptr,
         num_tokens, K, R,
         stride_xm, stride_xk,
-        stride_as, stride_al, stride_ar, stride_ak,
+        stride_al, stride_ar, stride_ak,
         stride_os, stride_om, stride_or,
         num_r_tiles, split_k, k_per_split,
         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, USE_ATOMIC: tl.constexpr,
     ):
-        """Prefill shrink. Grid (cdiv(M, BLOCK_M), S * num_r_tiles * split_k, L). out must be zero where no program
-        writes (rows of -1 tokens, columns past a slot's rank) and, with USE_ATOMIC, everywhere."""
+        """Prefill shrink. Grid (cdiv(M, BLOCK_M), S * num_r_tiles * split_k, L); slice s (s < S <= 3) reads A at
+        a{s}_ptr. out must be zero where no program writes (rows of -1 tokens, columns past a slot's rank) and, with
+        USE_ATOMIC, everywhere."""
         pid_m = tl.program_id(0)
         pid_1 = tl.program_id(1)
         slot = tl.program_id(2)
@@ -169,7 +186,7 @@ if HAS_TRITON:
         mask_r = offs_r < rank
         offs_k = tl.arange(0, BLOCK_K)
         x_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
-        a_ptrs = (a_ptr + pid_s.to(tl.int64) * stride_as + slot.to(tl.int64) * stride_al
+        a_ptrs = (_of_slice(pid_s, a0_ptr, a1_ptr, a2_ptr) + slot.to(tl.int64) * stride_al
                   + offs_r[None, :].to(tl.int64) * stride_ar + offs_k[:, None].to(tl.int64) * stride_ak)
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         k_lo = pid_split * k_per_split
@@ -190,17 +207,18 @@ if HAS_TRITON:
 
     @triton.jit
     def _bgmv_shrink_kernel(
-        x_ptr, a_ptr, out_ptr,
+        x_ptr, a0_ptr, a1_ptr, a2_ptr, out_ptr,
         adapter_ids_ptr, scalings_ptr, ranks_ptr,
         K, R, L,
         stride_xm, stride_xk,
-        stride_as, stride_al, stride_ar, stride_ak,
+        stride_al, stride_ar, stride_ak,
         stride_os, stride_om, stride_or,
         num_r_tiles, k_per_split,
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, USE_ATOMIC: tl.constexpr,
     ):
-        """Decode shrink. Grid (M, S * num_r_tiles, split_k). Without USE_ATOMIC (split_k == 1) every entry of out
-        is written (zeros for -1 tokens and past the rank); with it, out must be zero first."""
+        """Decode shrink. Grid (M, S * num_r_tiles, split_k); slice s (s < S <= 3) reads A at a{s}_ptr. Without
+        USE_ATOMIC (split_k == 1) every entry of out is written (zeros for -1 tokens and past the rank); with it, out
+        must be zero first."""
         tok = tl.program_id(0).to(tl.int64)
         pid_1 = tl.program_id(1)
         pid_split = tl.program_id(2)
@@ -220,7 +238,7 @@ if HAS_TRITON:
         mask_r = offs_r < rank
         offs_k = tl.arange(0, BLOCK_K)
         x_ptrs = x_ptr + tok * stride_xm + offs_k.to(tl.int64) * stride_xk
-        a_ptrs = (a_ptr + pid_s.to(tl.int64) * stride_as + slot.to(tl.int64) * stride_al
+        a_ptrs = (_of_slice(pid_s, a0_ptr, a1_ptr, a2_ptr) + slot.to(tl.int64) * stride_al
                   + offs_r[:, None].to(tl.int64) * stride_ar + offs_k[None, :].to(tl.int64) * stride_ak)
         acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
         k_lo = pid_split * k_per_split
@@ -239,17 +257,19 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["num_tokens"])
     def _sgmv_expand_kernel(
-        t_ptr, b_ptr, out_ptr,
+        t_ptr, b0_ptr, b1_ptr, b2_ptr, out_ptr,
         sorted_ids_ptr, slot_counts_ptr, slot_starts_ptr, ranks_ptr,
-        num_tokens, N, R, slice_offset,
+        num_tokens, R,
+        N0, N1, N2, col0, col1, col2,
         stride_ts, stride_tm, stride_tr,
-        stride_bs, stride_bl, stride_bn, stride_br,
+        stride_bl0, stride_bl1, stride_bl2, stride_bn, stride_br,
         stride_om, stride_on,
         num_n_tiles,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
-        """Prefill expand, adding into out. Grid (cdiv(M, BLOCK_M), S * num_n_tiles, L); slice s covers columns
-        slice_offset + s*N ... + N. Rows of -1 tokens are not touched."""
+        """Prefill expand, adding into out. Grid (cdiv(M, BLOCK_M), S * num_n_tiles, L); slice s (s < S <= 3) reads
+        B at b{s}_ptr (slot stride stride_bl{s}) and adds into columns col{s} ... col{s} + N{s} - 1 of out. Rows of
+        -1 tokens are not touched."""
         pid_m = tl.program_id(0)
         pid_1 = tl.program_id(1)
         slot = tl.program_id(2)
@@ -258,6 +278,9 @@ if HAS_TRITON:
             return
         pid_n = pid_1 % num_n_tiles
         pid_s = pid_1 // num_n_tiles
+        N = _of_slice(pid_s, N0, N1, N2)
+        if pid_n * BLOCK_N >= N:  # a slice narrower than the widest
+            return
         rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + slot), 0), R)
         if rank == 0:
             return
@@ -267,7 +290,9 @@ if HAS_TRITON:
         offs_r = tl.arange(0, BLOCK_R)
         t_ptrs = (t_ptr + pid_s.to(tl.int64) * stride_ts + tok[:, None] * stride_tm
                   + offs_r[None, :].to(tl.int64) * stride_tr)
-        b_ptrs = (b_ptr + pid_s.to(tl.int64) * stride_bs + slot.to(tl.int64) * stride_bl
+        b_ptrs = (_of_slice(pid_s, b0_ptr, b1_ptr, b2_ptr)
+                  + slot.to(tl.int64) * _of_slice(pid_s, tl.cast(stride_bl0, tl.int64), tl.cast(stride_bl1, tl.int64),
+                                                  tl.cast(stride_bl2, tl.int64))
                   + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None].to(tl.int64) * stride_br)
         r_hi = _rank_load_bound(rank, R)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -287,7 +312,7 @@ if HAS_TRITON:
                 # bf16 B: t rounded to bf16 for the tensor cores (as vLLM does), bf16 having fp32's exponent range;
                 # fp32 B: tf32x3 (see _mma).
                 acc = _mma(tt.to(bt.dtype), bt, acc)
-        cols = (slice_offset + pid_s * N + offs_n).to(tl.int64)
+        cols = (_of_slice(pid_s, col0, col1, col2) + offs_n).to(tl.int64)
         out_ptrs = out_ptr + tok[:, None] * stride_om + cols[None, :] * stride_on
         mask_out = mask_m[:, None] & mask_n[None, :]
         acc += tl.load(out_ptrs, mask=mask_out, other=0.0).to(tl.float32)
@@ -295,20 +320,25 @@ if HAS_TRITON:
 
     @triton.jit
     def _bgmv_expand_kernel(
-        t_ptr, b_ptr, out_ptr,
+        t_ptr, b0_ptr, b1_ptr, b2_ptr, out_ptr,
         adapter_ids_ptr, ranks_ptr,
-        N, R, L, slice_offset,
+        R, L,
+        N0, N1, N2, col0, col1, col2,
         stride_ts, stride_tm, stride_tr,
-        stride_bs, stride_bl, stride_bn, stride_br,
+        stride_bl0, stride_bl1, stride_bl2, stride_bn, stride_br,
         stride_om, stride_on,
         num_n_tiles,
         BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
-        """Decode expand, adding into out. Grid (M, S * num_n_tiles); -1 tokens are not touched."""
+        """Decode expand, adding into out. Grid (M, S * num_n_tiles), slices as in _sgmv_expand_kernel; -1 tokens
+        are not touched."""
         tok = tl.program_id(0).to(tl.int64)
         pid_1 = tl.program_id(1)
         pid_n = pid_1 % num_n_tiles
         pid_s = pid_1 // num_n_tiles
+        N = _of_slice(pid_s, N0, N1, N2)
+        if pid_n * BLOCK_N >= N:  # a slice narrower than the widest
+            return
         slot = tl.load(adapter_ids_ptr + tok)
         valid = (slot >= 0) & (slot < L)
         slot = tl.where(valid, slot, 0)
@@ -320,7 +350,9 @@ if HAS_TRITON:
         mask_n = offs_n < N
         offs_r = tl.arange(0, BLOCK_R)
         t_ptrs = t_ptr + pid_s.to(tl.int64) * stride_ts + tok * stride_tm + offs_r.to(tl.int64) * stride_tr
-        b_ptrs = (b_ptr + pid_s.to(tl.int64) * stride_bs + slot.to(tl.int64) * stride_bl
+        b_ptrs = (_of_slice(pid_s, b0_ptr, b1_ptr, b2_ptr)
+                  + slot.to(tl.int64) * _of_slice(pid_s, tl.cast(stride_bl0, tl.int64), tl.cast(stride_bl1, tl.int64),
+                                                  tl.cast(stride_bl2, tl.int64))
                   + offs_n[:, None].to(tl.int64) * stride_bn + offs_r[None, :].to(tl.int64) * stride_br)
         r_hi = _rank_load_bound(rank, R)
         acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
@@ -331,7 +363,7 @@ if HAS_TRITON:
             bt = tl.load(b_ptrs + tl.cast(r0, tl.int64) * stride_br, mask=mask_n[:, None] & load_r[None, :], other=0.0)
             acc += tl.where(mask_r[None, :], bt.to(tl.float32) * tt[None, :], 0.0)
         res = tl.sum(acc, axis=1)
-        out_ptrs = out_ptr + tok * stride_om + (slice_offset + pid_s * N + offs_n).to(tl.int64) * stride_on
+        out_ptrs = out_ptr + tok * stride_om + (_of_slice(pid_s, col0, col1, col2) + offs_n).to(tl.int64) * stride_on
         res += tl.load(out_ptrs, mask=mask_n, other=0.0).to(tl.float32)
         tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=mask_n)
 
@@ -421,102 +453,122 @@ def choose_path(num_tokens, num_slots, path="auto"):
 # Launch (inside the custom ops: inputs already checked)
 
 
+def _slice_groups(num_slices):
+    """The slices of one launch each: SLICES_PER_LAUNCH at a time."""
+    return [range(first, min(first + SLICES_PER_LAUNCH, num_slices))
+            for first in range(0, num_slices, SLICES_PER_LAUNCH)]
+
+
+def _per_slice(values, group):
+    """The kernel arguments of a group's slices, the first repeated into the unused places (never read)."""
+    chosen = [values[j] for j in group]
+    return chosen + chosen[:1] * (SLICES_PER_LAUNCH - len(chosen))
+
+
 @one_launch_at_a_time
 @on_tensor_device
 def _launch_shrink(x, lora_a, adapter_ids, sorted_token_ids, slot_counts, slot_starts, scalings, ranks, out,
                    deterministic, path):
-    a4 = lora_a if lora_a.dim() == 4 else lora_a.unsqueeze(0)
+    """lora_a: S tensors [L, R, K] of one dtype and one layout (shape and strides); out: [S, M, R], or [M, R] for
+    S = 1."""
     out3 = out if out.dim() == 3 else out.unsqueeze(0)
-    S, L, R, K = a4.shape
+    L, R, K = lora_a[0].shape
     M = x.shape[0]
     if M == 0 or R == 0:
         return
     if K == 0:
         out3.zero_()
         return
-    if choose_path(M, L, path) == "decode":
-        cfg = _config("shrink_decode")
-        block_r, block_k = cfg["BLOCK_R"], cfg["BLOCK_K"]
-        num_r_tiles = cdiv(R, block_r)
-        split_k = _split_k(x.device, M * S * num_r_tiles, K, block_k, deterministic)
+    stride_al, stride_ar, stride_ak = lora_a[0].stride()
+    decode = choose_path(M, L, path) == "decode"
+    cfg = _config("shrink_decode") if decode else _config("shrink_prefill", x.dtype)
+    block_k = cfg["BLOCK_K"]
+    block_r = cfg["BLOCK_R"] if decode else _shrink_prefill_block_r(R)
+    num_r_tiles = cdiv(R, block_r)
+    if not decode:
+        out3.zero_()  # rows of -1 tokens, columns past a rank, and the atomics' start
+    for group in _slice_groups(len(lora_a)):
+        slices = len(group)
+        out_group = out3[group.start:group.stop]
+        if decode:
+            split_k = _split_k(x.device, M * slices * num_r_tiles, K, block_k, deterministic)
+            k_per_split = cdiv(cdiv(K, split_k), block_k) * block_k
+            split_k = cdiv(K, k_per_split)
+            if split_k > 1:
+                out_group.zero_()
+            _bgmv_shrink_kernel[(M, slices * num_r_tiles, split_k)](
+                x, *_per_slice(lora_a, group), out_group, adapter_ids, scalings, ranks,
+                K, R, L,
+                x.stride(0), x.stride(1),
+                stride_al, stride_ar, stride_ak,
+                out_group.stride(0), out_group.stride(1), out_group.stride(2),
+                num_r_tiles, k_per_split,
+                BLOCK_R=block_r, BLOCK_K=block_k, USE_ATOMIC=split_k > 1,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
+            )
+            continue
+        block_m = cfg["BLOCK_M"]
+        num_m_tiles = cdiv(M, block_m)
+        # Token tiles that can be active: each slot's partial last tile adds at most one to M / BLOCK_M.
+        active_tiles = (num_m_tiles + min(L, M)) * slices * num_r_tiles
+        split_k = _split_k(x.device, active_tiles, K, block_k, deterministic)
         k_per_split = cdiv(cdiv(K, split_k), block_k) * block_k
         split_k = cdiv(K, k_per_split)
-        if split_k > 1:
-            out3.zero_()
-        _bgmv_shrink_kernel[(M, S * num_r_tiles, split_k)](
-            x, a4, out3, adapter_ids, scalings, ranks,
-            K, R, L,
+        _sgmv_shrink_kernel[(num_m_tiles, slices * num_r_tiles * split_k, L)](
+            x, *_per_slice(lora_a, group), out_group, sorted_token_ids, slot_counts, slot_starts, scalings, ranks,
+            M, K, R,
             x.stride(0), x.stride(1),
-            a4.stride(0), a4.stride(1), a4.stride(2), a4.stride(3),
-            out3.stride(0), out3.stride(1), out3.stride(2),
-            num_r_tiles, k_per_split,
-            BLOCK_R=block_r, BLOCK_K=block_k, USE_ATOMIC=split_k > 1,
+            stride_al, stride_ar, stride_ak,
+            out_group.stride(0), out_group.stride(1), out_group.stride(2),
+            num_r_tiles, split_k, k_per_split,
+            BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, USE_ATOMIC=split_k > 1,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
         )
-        return
-    cfg = _config("shrink_prefill", x.dtype)
-    block_m, block_k = cfg["BLOCK_M"], cfg["BLOCK_K"]
-    block_r = _shrink_prefill_block_r(R)
-    num_r_tiles = cdiv(R, block_r)
-    num_m_tiles = cdiv(M, block_m)
-    # Token tiles that can be active: each slot's partial last tile adds at most one to M / BLOCK_M.
-    active_tiles = (num_m_tiles + min(L, M)) * S * num_r_tiles
-    split_k = _split_k(x.device, active_tiles, K, block_k, deterministic)
-    k_per_split = cdiv(cdiv(K, split_k), block_k) * block_k
-    split_k = cdiv(K, k_per_split)
-    out3.zero_()  # rows of -1 tokens, columns past a rank, and the atomics' start
-    _sgmv_shrink_kernel[(num_m_tiles, S * num_r_tiles * split_k, L)](
-        x, a4, out3, sorted_token_ids, slot_counts, slot_starts, scalings, ranks,
-        M, K, R,
-        x.stride(0), x.stride(1),
-        a4.stride(0), a4.stride(1), a4.stride(2), a4.stride(3),
-        out3.stride(0), out3.stride(1), out3.stride(2),
-        num_r_tiles, split_k, k_per_split,
-        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, USE_ATOMIC=split_k > 1,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
-    )
 
 
 @one_launch_at_a_time
 @on_tensor_device
-def _launch_expand(t, lora_b, adapter_ids, sorted_token_ids, slot_counts, slot_starts, ranks, out, slice_offset,
+def _launch_expand(t, lora_b, adapter_ids, sorted_token_ids, slot_counts, slot_starts, ranks, out, first_columns,
                    path):
-    b4 = lora_b if lora_b.dim() == 4 else lora_b.unsqueeze(0)
+    """lora_b: S tensors [L, N_s, R] of one dtype, one stride along N and one along R, slice s added into columns
+    first_columns[s] ... + N_s - 1 of out; t: [S, M, R], or [M, R] for S = 1."""
     t3 = t if t.dim() == 3 else t.unsqueeze(0)
-    S, L, N, R = b4.shape
+    L, _, R = lora_b[0].shape
     M = t3.shape[1]
-    if M == 0 or N == 0:
+    widths = [b.shape[1] for b in lora_b]
+    if M == 0 or max(widths) == 0:
         return
-    if choose_path(M, L, path) == "decode":
-        cfg = _config("expand_decode")
-        num_n_tiles = cdiv(N, cfg["BLOCK_N"])
-        _bgmv_expand_kernel[(M, S * num_n_tiles)](
-            t3, b4, out, adapter_ids, ranks,
-            N, R, L, slice_offset,
-            t3.stride(0), t3.stride(1), t3.stride(2),
-            b4.stride(0), b4.stride(1), b4.stride(2), b4.stride(3),
+    stride_bn, stride_br = lora_b[0].stride()[1:]
+    slot_strides = [b.stride(0) for b in lora_b]
+    decode = choose_path(M, L, path) == "decode"
+    cfg = _config("expand_decode" if decode else "expand_prefill")
+    for group in _slice_groups(len(lora_b)):
+        slices = len(group)
+        t_group = t3[group.start:group.stop]
+        num_n_tiles = cdiv(max(widths[j] for j in group), cfg["BLOCK_N"])
+        if num_n_tiles == 0:
+            continue
+        grid = (M, slices * num_n_tiles) if decode else (cdiv(M, cfg["BLOCK_M"]), slices * num_n_tiles, L)
+        kernel = _bgmv_expand_kernel if decode else _sgmv_expand_kernel
+        sizes = (R, L) if decode else (M, R)
+        metadata = (adapter_ids, ranks) if decode else (sorted_token_ids, slot_counts, slot_starts, ranks)
+        blocks = dict(BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"])
+        if not decode:
+            blocks["BLOCK_M"] = cfg["BLOCK_M"]
+        kernel[grid](
+            t_group, *_per_slice(lora_b, group), out, *metadata,
+            *sizes,
+            *_per_slice(widths, group), *_per_slice(first_columns, group),
+            t_group.stride(0), t_group.stride(1), t_group.stride(2),
+            *_per_slice(slot_strides, group), stride_bn, stride_br,
             out.stride(0), out.stride(1),
             num_n_tiles,
-            BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
+            **blocks, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
         )
-        return
-    cfg = _config("expand_prefill")
-    num_n_tiles = cdiv(N, cfg["BLOCK_N"])
-    _sgmv_expand_kernel[(cdiv(M, cfg["BLOCK_M"]), S * num_n_tiles, L)](
-        t3, b4, out, sorted_token_ids, slot_counts, slot_starts, ranks,
-        M, N, R, slice_offset,
-        t3.stride(0), t3.stride(1), t3.stride(2),
-        b4.stride(0), b4.stride(1), b4.stride(2), b4.stride(3),
-        out.stride(0), out.stride(1),
-        num_n_tiles,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
-    )
 
 
 @torch.library.custom_op("lora_kernels_triton::sgmv_shrink", mutates_args=("out",))
-def _sgmv_shrink_op(x: torch.Tensor, lora_a: torch.Tensor, adapter_ids: torch.Tensor,
+def _sgmv_shrink_op(x: torch.Tensor, lora_a: list[torch.Tensor], adapter_ids: torch.Tensor,
                     sorted_token_ids: torch.Tensor, slot_counts: torch.Tensor, slot_starts: torch.Tensor,
                     scalings: torch.Tensor, ranks: torch.Tensor, out: torch.Tensor, deterministic: bool,
                     path: str) -> None:
@@ -530,15 +582,15 @@ def _(x, lora_a, adapter_ids, sorted_token_ids, slot_counts, slot_starts, scalin
 
 
 @torch.library.custom_op("lora_kernels_triton::sgmv_expand", mutates_args=("out",))
-def _sgmv_expand_op(t: torch.Tensor, lora_b: torch.Tensor, adapter_ids: torch.Tensor,
+def _sgmv_expand_op(t: torch.Tensor, lora_b: list[torch.Tensor], adapter_ids: torch.Tensor,
                     sorted_token_ids: torch.Tensor, slot_counts: torch.Tensor, slot_starts: torch.Tensor,
-                    ranks: torch.Tensor, out: torch.Tensor, slice_offset: int, path: str) -> None:
-    _launch_expand(t, lora_b, adapter_ids, sorted_token_ids, slot_counts, slot_starts, ranks, out, slice_offset,
+                    ranks: torch.Tensor, out: torch.Tensor, first_columns: list[int], path: str) -> None:
+    _launch_expand(t, lora_b, adapter_ids, sorted_token_ids, slot_counts, slot_starts, ranks, out, first_columns,
                    path)
 
 
 @_sgmv_expand_op.register_fake
-def _(t, lora_b, adapter_ids, sorted_token_ids, slot_counts, slot_starts, ranks, out, slice_offset, path):
+def _(t, lora_b, adapter_ids, sorted_token_ids, slot_counts, slot_starts, ranks, out, first_columns, path):
     return None
 
 
@@ -586,7 +638,8 @@ def _refuse_grad_inputs(op_name, inputs):
     def kernel(keyset, *args, **kwargs):
         if torch.is_grad_enabled():
             values = {**dict(zip(names, args)), **kwargs}
-            needing = next((name for name in inputs if values[name].requires_grad), None)
+            needing = next((name for name in inputs if any(  # lora_a and lora_b are lists of tensors
+                t.requires_grad for t in (values[name] if isinstance(values[name], list) else [values[name]]))), None)
             if needing is not None:
                 raise RuntimeError(f"lora_kernels_triton::{op_name} is not differentiable, but {needing} requires "
                                    f"grad: call lora_kernels.multi_lora_linear (autograd) or this op under "
@@ -613,20 +666,30 @@ def _through_op(tensor):
     return torch.compiler.is_compiling() or type(tensor) is not torch.Tensor
 
 
+def _as_slices(weights):
+    """[L, a, b] -> [it]; [S, L, a, b] or a list of [L, a, b] -> a list of S."""
+    if isinstance(weights, torch.Tensor):
+        return [weights] if weights.dim() == 3 else list(weights.unbind(0))
+    return list(weights)
+
+
 def shrink(x, lora_a, batch, scalings, ranks, *, deterministic=False, out=None, path="auto"):
     """out[t, :ranks[i]] = scalings[i] * lora_a[i, :ranks[i]] @ x[t] for i = batch.adapter_ids[t] >= 0; 0 elsewhere.
 
-    x: [M, K] (fp32/fp16/bf16, any strides); lora_a: [L, R, K] of x's dtype (any strides), or [S, L, R, K] for S
-    slices in one launch; batch: LoRABatch of M tokens over L slots; scalings: [L] fp32; ranks: [L] int32, in [0, R].
-    out: optional [M, R] ([S, M, R]) fp32 to write into (no allocation). Returns out (fp32).
+    x: [M, K] (fp32/fp16/bf16, any strides); lora_a: [L, R, K] of x's dtype (any strides), or S slices of it as one
+    [S, L, R, K] or a list of S [L, R, K] of one layout (shape and strides), SLICES_PER_LAUNCH per launch; batch:
+    LoRABatch of M tokens over L slots; scalings: [L] fp32; ranks: [L] int32, in [0, R]. out: optional [M, R]
+    ([S, M, R]) fp32 to write into (no allocation). Returns out (fp32).
     deterministic: no split-K atomics, so repeats are bit-identical. path: 'auto' | 'prefill' | 'decode'.
-    Arguments are not checked: lora_kernels.ops.lora_shrink / add_lora check them (the checks cost more host time
+    Arguments are not checked: lora_kernels.ops (lora_shrink, add_lora) checks them (the checks cost more host time
     than the launch)."""
+    slices = _as_slices(lora_a)
     if out is None:
-        out = torch.empty((*lora_a.shape[:-3], x.shape[0], lora_a.shape[-2]), dtype=torch.float32, device=x.device)
+        leading = () if isinstance(lora_a, torch.Tensor) and lora_a.dim() == 3 else (len(slices),)
+        out = torch.empty((*leading, x.shape[0], slices[0].shape[1]), dtype=torch.float32, device=x.device)
     through_op = _through_op(x)
     run = torch.ops.lora_kernels_triton.sgmv_shrink if through_op else _launch_shrink
-    run(x, lora_a, batch.adapter_ids, batch.sorted_token_ids, batch.slot_counts, batch.slot_starts, scalings, ranks,
+    run(x, slices, batch.adapter_ids, batch.sorted_token_ids, batch.slot_counts, batch.slot_starts, scalings, ranks,
         out, bool(deterministic), path)
     # The dispatcher bumps a custom op's mutated argument; a direct launch must, or autograd would not see the write
     if not through_op:
@@ -638,13 +701,18 @@ def expand(t, lora_b, batch, ranks, out, slice_offset=0, *, path="auto"):
     """out[t, off:off+N] += lora_b[i, :, :ranks[i]] @ t[t, :ranks[i]] for i = batch.adapter_ids[t] >= 0, in place.
 
     t: [M, R] fp32 (the shrink output); lora_b: [L, N, R] (fp32/fp16/bf16, any strides); out: [M, N_total] of any
-    of those dtypes, N_total >= slice_offset + N. With t [S, M, R] and lora_b [S, L, N, R], slice s goes to columns
-    slice_offset + s*N (equal widths, one launch). The sum is accumulated in fp32; out is read once and written
-    once. Returns out. Arguments are not checked (see shrink)."""
+    of those dtypes, N_total >= slice_offset + N. With t [S, M, R] and S slices of B, as one [S, L, N, R] or a list
+    of S [L, N_s, R] (any widths; one dtype, one stride along N and one along R), slice s goes to the columns after
+    slice s - 1's (slice 0's from slice_offset), SLICES_PER_LAUNCH slices per launch. The sum is accumulated in fp32;
+    out is read once and written once. Returns out. Arguments are not checked (see shrink)."""
+    slices = _as_slices(lora_b)
+    first_columns = [slice_offset]
+    for weights in slices[:-1]:
+        first_columns.append(first_columns[-1] + weights.shape[1])
     through_op = _through_op(t)
     run = torch.ops.lora_kernels_triton.sgmv_expand if through_op else _launch_expand
-    run(t, lora_b, batch.adapter_ids, batch.sorted_token_ids, batch.slot_counts, batch.slot_starts, ranks, out,
-        slice_offset, path)
+    run(t, slices, batch.adapter_ids, batch.sorted_token_ids, batch.slot_counts, batch.slot_starts, ranks, out,
+        first_columns, path)
     if not through_op:
         torch.autograd.graph.increment_version(out)  # see shrink
     return out
@@ -721,7 +789,8 @@ def aot_specs():
             "adapter_ids_ptr": "*i32", "scalings_ptr": "*fp32"}
     for dtype in SUPPORTED_DTYPES:
         name = TRITON_DTYPE_NAMES[dtype]
-        shrink_ptrs = {"x_ptr": "*" + name, "a_ptr": "*" + name, "out_ptr": "*fp32", **ints}
+        shrink_ptrs = {"x_ptr": "*" + name, **{f"a{s}_ptr": "*" + name for s in range(SLICES_PER_LAUNCH)},
+                       "out_ptr": "*fp32", **ints}
         for use_atomic in (False, True):
             prefill = "shrink_prefill_fp32" if dtype == torch.float32 else "shrink_prefill"
             for block_r in SHRINK_PREFILL_BLOCK_R:
@@ -737,14 +806,14 @@ def aot_specs():
     # Expand: B in each dtype with out of B's dtype, plus fp32 out for 16-bit B (fp32 accumulators, gradients).
     for b_dtype in SUPPORTED_DTYPES:
         for out_dtype in dict.fromkeys((b_dtype, torch.float32)):
-            ptrs = {"t_ptr": "*fp32", "b_ptr": "*" + TRITON_DTYPE_NAMES[b_dtype],
-                    "out_ptr": "*" + TRITON_DTYPE_NAMES[out_dtype], **ints}
+            b_ptrs = {f"b{s}_ptr": "*" + TRITON_DTYPE_NAMES[b_dtype] for s in range(SLICES_PER_LAUNCH)}
+            ptrs = {"t_ptr": "*fp32", **b_ptrs, "out_ptr": "*" + TRITON_DTYPE_NAMES[out_dtype], **ints}
             tag = f"{TRITON_DTYPE_NAMES[b_dtype]}->{TRITON_DTYPE_NAMES[out_dtype]}"
             specs.append(_spec(f"_sgmv_expand_kernel[{tag}]", _sgmv_expand_kernel, ptrs, "expand_prefill"))
             specs.append(_spec(f"_bgmv_expand_kernel[{tag}]", _bgmv_expand_kernel, ptrs, "expand_decode"))
     # The general variant of each kernel (strided operands, sizes not multiples of 16), in bf16.
-    bf16_ptrs = {"x_ptr": "*bf16", "a_ptr": "*bf16", "out_ptr": "*fp32", "left_ptr": "*fp32", "right_ptr": "*bf16",
-                 "t_ptr": "*fp32", "b_ptr": "*bf16", **ints}
+    bf16_ptrs = {"x_ptr": "*bf16", "out_ptr": "*fp32", "left_ptr": "*fp32", "right_ptr": "*bf16", "t_ptr": "*fp32",
+                 **{f"{ab}{s}_ptr": "*bf16" for ab in "ab" for s in range(SLICES_PER_LAUNCH)}, **ints}
     for kernel, config, flags in ((_sgmv_shrink_kernel, "shrink_prefill", dict(BLOCK_R=SHRINK_PREFILL_BLOCK_R[0],
                                                                                 USE_ATOMIC=True)),
                                   (_bgmv_shrink_kernel, "shrink_decode", dict(USE_ATOMIC=True)),
