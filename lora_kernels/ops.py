@@ -326,8 +326,10 @@ def _check_lora_a(op, x, lora_a, lora_a_name, lora_a_dtype=None):
     _check_float(op, lora_a_name, lora_a, 3)
     num_slots, max_rank, in_features = lora_a.shape
     if x.shape[1] != in_features:
+        transposed = (f"; {lora_a_name} looks laid out [L, K, R], expected [L, R, K]" if x.shape[1] == max_rank
+                      else "")
         raise ValueError(f"{op}: x expected shape [M, {in_features}] (K of {lora_a_name} {tuple(lora_a.shape)} = "
-                         f"[L, R, K]), got {tuple(x.shape)}")
+                         f"[L, R, K]{transposed}), got {tuple(x.shape)}")
     if lora_a_dtype is not None:
         if lora_a.dtype != lora_a_dtype:
             raise TypeError(f"{op}: {lora_a_name} expected dtype {lora_a_dtype}, got {lora_a.dtype}")
@@ -359,8 +361,10 @@ def check_expand_args(op, t, lora_b, batch, out, slice_offset, ranks, lora_b_nam
             _check_device(op, name, tensor, out.device)
     _check_batch(op, batch, out.shape[0], num_slots, out.device, out_name, lora_b_name)
     if t is not None and tuple(t.shape) != (out.shape[0], max_rank):  # after the batch has vouched for out's M
+        transposed = (f"; {lora_b_name} looks laid out [L, R, N], expected [L, N, R]"
+                      if t.dim() == 2 and t.shape[1] == width else "")
         raise ValueError(f"{op}: t expected shape [{out.shape[0]}, {max_rank}] ([M, R] for out {tuple(out.shape)} and "
-                         f"lora_b {tuple(lora_b.shape)} = [L, N, R]), got {tuple(t.shape)}")
+                         f"{lora_b_name} {tuple(lora_b.shape)} = [L, N, R]{transposed}), got {tuple(t.shape)}")
     if t is None:  # add_lora checks its y once, against all of its inputs
         return ranks
     ranks = as_ranks(op, ranks, num_slots, max_rank, out.device, lora_b_name, lora_b)

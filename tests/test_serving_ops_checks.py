@@ -293,6 +293,17 @@ def test_lora_expand_refuses_t_of_another_token_count():
         lk.ops.lora_expand(t, torch.randn(2, 5, 3), batch, torch.zeros(4, 5), backend="torch")
 
 
+def test_a_transposed_lora_a_or_lora_b_is_named_as_such():
+    """A lora_a laid out [L, K, R] (or a lora_b [L, R, N]) was blamed on x (or t) alone, whose shape was right
+    (helper 180)."""
+    x, lora_a, batch, scalings = _serving_args()
+    with pytest.raises(ValueError, match=re.escape("lora_a looks laid out [L, K, R], expected [L, R, K]), got (4, 8)")):
+        lk.ops.lora_shrink(x, lora_a.transpose(1, 2), batch, scalings, backend="torch")
+    t = lk.ops.lora_shrink(x, lora_a, batch, scalings, backend="torch")
+    with pytest.raises(ValueError, match=re.escape("lora_b looks laid out [L, R, N], expected [L, N, R]), got (4, 3)")):
+        lk.ops.lora_expand(t, torch.randn(2, 3, 5), batch, torch.zeros(4, 5), backend="torch")
+
+
 @pytest.mark.parametrize("bad,words", [
     (lambda t, lora_b, out: (t.to("meta"), lora_b, out), "lora_expand: t expected device cpu, got meta"),
     (lambda t, lora_b, out: (t, lora_b.to("meta"), out), "lora_expand: lora_b expected device cpu, got meta"),
