@@ -543,27 +543,27 @@ def _launch_expand(t, lora_b, adapter_ids, sorted_token_ids, slot_counts, slot_s
     decode = choose_path(M, L, path) == "decode"
     cfg = _config("expand_decode" if decode else "expand_prefill")
     for group in _slice_groups(len(lora_b)):
-        slices = len(group)
         t_group = t3[group.start:group.stop]
         num_n_tiles = cdiv(max(widths[j] for j in group), cfg["BLOCK_N"])
         if num_n_tiles == 0:
             continue
-        grid = (M, slices * num_n_tiles) if decode else (cdiv(M, cfg["BLOCK_M"]), slices * num_n_tiles, L)
-        kernel = _bgmv_expand_kernel if decode else _sgmv_expand_kernel
-        sizes = (R, L) if decode else (M, R)
-        metadata = (adapter_ids, ranks) if decode else (sorted_token_ids, slot_counts, slot_starts, ranks)
-        blocks = dict(BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"])
-        if not decode:
-            blocks["BLOCK_M"] = cfg["BLOCK_M"]
-        kernel[grid](
-            t_group, *_per_slice(lora_b, group), out, *metadata,
-            *sizes,
-            *_per_slice(widths, group), *_per_slice(first_columns, group),
-            t_group.stride(0), t_group.stride(1), t_group.stride(2),
-            *_per_slice(slot_strides, group), stride_bn, stride_br,
-            out.stride(0), out.stride(1),
-            num_n_tiles,
-            **blocks, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
+        widths_and_columns = (*_per_slice(widths, group), *_per_slice(first_columns, group))
+        strides = (t_group.stride(0), t_group.stride(1), t_group.stride(2),
+                   *_per_slice(slot_strides, group), stride_bn, stride_br,
+                   out.stride(0), out.stride(1))
+        if decode:
+            _bgmv_expand_kernel[(M, len(group) * num_n_tiles)](
+                t_group, *_per_slice(lora_b, group), out, adapter_ids, ranks,
+                R, L, *widths_and_columns, *strides, num_n_tiles,
+                BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
+            )
+            continue
+        _sgmv_expand_kernel[(cdiv(M, cfg["BLOCK_M"]), len(group) * num_n_tiles, L)](
+            t_group, *_per_slice(lora_b, group), out, sorted_token_ids, slot_counts, slot_starts, ranks,
+            M, R, *widths_and_columns, *strides, num_n_tiles,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
         )
 
 
