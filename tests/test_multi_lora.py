@@ -375,18 +375,26 @@ def _column_major(weights):
     return weights.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
-# layout -> (widths, each slice's R, launches of each kernel): up to 3 slices laid out alike are one shrink and one
-# expand launch, of any widths; more take several, and slices of other R or layouts one each.
+# layout -> (widths, each slice's R, shrink launches, expand launches): up to 3 slices of one R, laid out alike, are
+# one launch of each kernel, of any widths that are multiples of 16 (the interpreter's N tile is 32); a slice of an
+# odd width has an expand launch of its own (Triton would make every slice's accesses narrow); more slices take
+# several, and slices of other R or layouts one of each per slice.
 _SLICE_LAUNCH_CASES = {
-    "qkv lists": ((8, 4, 4), (4, 4, 4), 1),
-    "stacked a and b": ((4, 4, 4), (4, 4, 4), 1),
-    "stacked a, listed b": ((8, 4, 4), (4, 4, 4), 1),
-    "b views of one buffer": ((8, 4, 4), (4, 4, 4), 1),  # slot strides of the buffer, not of each slice
-    "ranks=None, one R": ((8, 4, 4), (4, 4, 4), 1),
-    "four slices": ((8, 4, 4, 6), (4, 4, 4, 4), 2),
-    "ranks=None, two R": ((8, 4, 4), (4, 2, 4), 3),
-    "a column-major lora_a": ((8, 4, 4), (4, 4, 4), 3),
-    "a column-major lora_b": ((8, 4, 4), (4, 4, 4), 3),
+    "qkv lists": ((32, 16, 16), (4, 4, 4), 1, 1),
+    "stacked a and b": ((16, 16, 16), (4, 4, 4), 1, 1),
+    "stacked a, listed b": ((32, 16, 16), (4, 4, 4), 1, 1),
+    "b views of one buffer": ((32, 16, 16), (4, 4, 4), 1, 1),  # slot strides of the buffer, not of each slice
+    "ranks=None, one R": ((32, 16, 16), (4, 4, 4), 1, 1),
+    "widest not first": ((16, 48, 32), (4, 4, 4), 1, 1),  # N tiles for the widest, not the first
+    "first width 0": ((0, 16, 32), (4, 4, 4), 1, 1),
+    "four slices": ((32, 16, 16, 48), (4, 4, 4, 4), 2, 2),
+    "an odd width": ((32, 16, 8), (4, 4, 4), 1, 2),
+    "ranks=None, two R": ((32, 16, 16), (4, 2, 4), 3, 3),
+    "ranks=None, rising R": ((32, 16, 16), (2, 4, 4), 3, 3),
+    "a column-major lora_a": ((32, 16, 16), (4, 4, 4), 3, 3),
+    "a column-major lora_b": ((32, 16, 16), (4, 4, 4), 3, 3),
+    "every lora_b column-major": ((32, 16, 16), (4, 4, 4), 3, 3),  # one stride along N, R strides by width
+    "a lora_b cut from a wider R": ((32, 16, 16), (4, 4, 4), 3, 3),  # one stride along R, another along N
 }
 
 
@@ -394,15 +402,15 @@ _SLICE_LAUNCH_CASES = {
 @pytest.mark.parametrize("layout", list(_SLICE_LAUNCH_CASES))
 def test_add_lora_launches_once_for_up_to_three_slices_with_triton(layout, m, monkeypatch):
     """README, Serving stacks: with Triton up to 3 slices (a fused QKV projection's: unequal widths, in lists) are
-    one shrink and one expand launch, where they have one R and are laid out alike; else one of each per slice. The
-    kernels really run (under the interpreter): each slice's result lands in its own columns."""
+    one shrink and one expand launch, where they have one R, are laid out alike and their widths are multiples of
+    16; else more. The kernels really run (under the interpreter): each slice's result lands in its own columns."""
     backend_or_skip("triton", torch.device("cpu"))
     import triton
     launches = []
     run = triton.runtime.interpreter.InterpretedFunction.run
     monkeypatch.setattr(triton.runtime.interpreter.InterpretedFunction, "run",
                         lambda self, *args, **kwargs: launches.append(self.fn.__name__) or run(self, *args, **kwargs))
-    widths, slice_ranks, launches_each = _SLICE_LAUNCH_CASES[layout]
+    widths, slice_ranks, shrinks, expands = _SLICE_LAUNCH_CASES[layout]
     num_slots, k = 2, 8
     given_ranks = not layout.startswith("ranks=None")  # else every slot at its slice's R: no NaN padding to skip
     slot_ranks = [[r, r // 2 if given_ranks else r] for r in slice_ranks]
@@ -420,6 +428,10 @@ def test_add_lora_launches_once_for_up_to_three_slices_with_triton(layout, m, mo
         lora_a[1] = _column_major(lora_a[1])
     elif layout == "a column-major lora_b":
         lora_b[1] = _column_major(lora_b[1])
+    elif layout == "every lora_b column-major":
+        lora_b = [_column_major(b) for b in lora_b]
+    elif layout == "a lora_b cut from a wider R":
+        lora_b[1] = torch.cat([lora_b[1], torch.full_like(lora_b[1], float("nan"))], dim=2)[:, :, :slice_ranks[1]]
     x, y = randn(m, k), randn(m, sum(widths))
     batch = LoRABatch.from_adapter_ids(torch.arange(m) % (num_slots + 1) - 1, num_slots)
     expected = y.double()
@@ -431,7 +443,7 @@ def test_add_lora_launches_once_for_up_to_three_slices_with_triton(layout, m, mo
     lk.ops.add_lora(y, x, lora_a, lora_b, batch, [1.0, 2.0], ranks, widths, backend="triton")
     assert_close(y, expected, torch.float32, f"add_lora, {layout}")
     kind = "bgmv" if m == 5 else "sgmv"
-    assert sorted(launches) == [f"_{kind}_expand_kernel"] * launches_each + [f"_{kind}_shrink_kernel"] * launches_each
+    assert sorted(launches) == [f"_{kind}_expand_kernel"] * expands + [f"_{kind}_shrink_kernel"] * shrinks
 
 
 @pytest.mark.parametrize("backend", GROUPED_BACKENDS)
@@ -2299,7 +2311,7 @@ def test_add_lora_with_triton_allocates_nothing_given_buffer_scalings_and_ranks_
     launches = []
     monkeypatch.setattr(triton.runtime.interpreter.InterpretedFunction, "run",
                         lambda self, *args, **kwargs: launches.append(self.fn.__name__))
-    widths, num_slots, rank, k = (16, 8, 8), 3, 8, 32
+    widths, num_slots, rank, k = (32, 16, 16), 3, 8, 32  # multiples of 16: one launch for the three (see sgmv)
     lora_as, lora_bs = zip(*[_adapters(num_slots, rank, k, w, [8, 4, 2], torch.float32, "cpu") for w in widths])
     x, y = randn(m, k), torch.zeros(m, sum(widths))
     batch = LoRABatch.from_adapter_ids(torch.arange(m) % (num_slots + 1) - 1, num_slots)

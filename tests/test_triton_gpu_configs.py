@@ -230,10 +230,11 @@ def test_grouped_shrink_expand_gpu_config(path, M, dtype, ranks, sgmv_gpu_config
 
 @pytest.mark.parametrize("path, M", [("prefill", 150), ("decode", 40)])
 def test_grouped_slices_gpu_config(path, M, sgmv_gpu_config):
-    """Five slices in lists, as add_lora passes them: two launches of each kernel (3 slices, then 2), each slice its
-    own pointer, width (past the widest N tile, none, narrower than a tile: its programs past it exit) and columns
-    after the one before, from slice_offset 3; B's slot strides differ by width."""
-    K, L, ranks, widths = 2 * 128 + 5, 4, [8, 1, 16, 5], [2 * 128 + 9, 0, 5, 130, 64]
+    """Six slices in lists, as add_lora passes them: expand launches of 3, 2 and 1 slices (the last of an odd width,
+    its launch apart), shrink launches of 3 and 3; each slice its own pointer, width (narrower than a tile, past the
+    widest N tile, none: programs past a slice's width exit) and columns after the one before, from slice_offset 3;
+    B's slot strides differ by width."""
+    K, L, ranks, widths = 2 * 128 + 5, 4, [8, 1, 16, 5], [16, 2 * 128 + 16, 0, 144, 64, 5]
     ids = make_ids("mixed_neg", M, L)
     batch = LoRABatch.from_adapter_ids(ids, L)
     a_list, b_list, ranks_t, scalings = make_weights(L, ranks, K, widths, torch.bfloat16, "cpu")

@@ -461,9 +461,9 @@ def test_aot_specs_cover_kernels():
         # Compiled as Triton specialises a contiguous launch: the unit inner strides constexpr 1 (the variant with
         # vectorised loads), the other strides and sizes 16-divisible, the tile and split counts neither, nor the
         # token count (do_not_specialize: it changes every step and only bounds the metadata). The "strided"
-        # specs: the general variant, every int plain.
+        # specs: the general variant, every int plain (and, for the expand kernels, one with an i64 slot stride).
         inner = {k for k in spec["signature"] if k.startswith("stride_") and spec["constexprs"].get(k) == 1}
-        if spec["name"].endswith("[bf16,strided]"):
+        if spec["name"].endswith(("[bf16,strided]", "[bf16,i64 slot stride]")):
             assert not inner and spec["divisible_by_16"] == [], spec["name"]
             continue
         assert len(inner) == 3, (spec["name"], inner)
@@ -471,6 +471,8 @@ def test_aot_specs_cover_kernels():
                                                 if v == "i32" and k not in ("num_r_tiles", "num_n_tiles", "split_k",
                                                                             "num_tokens")}
     assert {spec["kernel"].__name__ for spec in specs if spec["name"].endswith(",strided]")} == names
+    assert {spec["kernel"].__name__ for spec in specs if spec["signature"].get("stride_bl1") == "i64"} == {
+        "_sgmv_expand_kernel", "_bgmv_expand_kernel"}
     for dtype in ("fp32", "fp16", "bf16"):
         assert any(spec["signature"]["x_ptr"] == "*" + dtype for spec in specs if "x_ptr" in spec["signature"])
 

@@ -453,10 +453,24 @@ def choose_path(num_tokens, num_slots, path="auto"):
 # Launch (inside the custom ops: inputs already checked)
 
 
-def _slice_groups(num_slices):
-    """The slices of one launch each: SLICES_PER_LAUNCH at a time."""
-    return [range(first, min(first + SLICES_PER_LAUNCH, num_slices))
-            for first in range(0, num_slices, SLICES_PER_LAUNCH)]
+def _slice_groups(alignments):
+    """The slices of each launch: runs of consecutive slices of one alignment, SLICES_PER_LAUNCH at most.
+    alignments[s]: which of slice s's per-slice kernel arguments are multiples of 16 (pointers: addresses).
+    Triton specialises each argument on that (it lets a kernel access memory 16 bytes at a time), and a value chosen
+    at run time (_of_slice) keeps only what every slice of its launch has: one odd width among multiples of 16 would
+    make every slice's accesses narrow, where a launch of its own keeps the others wide."""
+    groups, first = [], 0
+    for end in range(1, len(alignments) + 1):
+        if (end == len(alignments) or alignments[end] != alignments[first]
+                or end - first == SLICES_PER_LAUNCH):
+            groups.append(range(first, end))
+            first = end
+    return groups
+
+
+def _aligned(*values):
+    """Whether each value (an int, or a tensor's address) is a multiple of 16, as Triton specialises on it."""
+    return tuple((v.data_ptr() if isinstance(v, torch.Tensor) else v) % 16 == 0 for v in values)
 
 
 def _per_slice(values, group):
@@ -487,7 +501,7 @@ def _launch_shrink(x, lora_a, adapter_ids, sorted_token_ids, slot_counts, slot_s
     num_r_tiles = cdiv(R, block_r)
     if not decode:
         out3.zero_()  # rows of -1 tokens, columns past a rank, and the atomics' start
-    for group in _slice_groups(len(lora_a)):
+    for group in _slice_groups([_aligned(a) for a in lora_a]):
         slices = len(group)
         out_group = out3[group.start:group.stop]
         if decode:
@@ -542,7 +556,8 @@ def _launch_expand(t, lora_b, adapter_ids, sorted_token_ids, slot_counts, slot_s
     slot_strides = [b.stride(0) for b in lora_b]
     decode = choose_path(M, L, path) == "decode"
     cfg = _config("expand_decode" if decode else "expand_prefill")
-    for group in _slice_groups(len(lora_b)):
+    for group in _slice_groups([_aligned(b, width, column, stride) for b, width, column, stride
+                                in zip(lora_b, widths, first_columns, slot_strides)]):
         t_group = t3[group.start:group.stop]
         num_n_tiles = cdiv(max(widths[j] for j in group), cfg["BLOCK_N"])
         if num_n_tiles == 0:
@@ -823,4 +838,10 @@ def aot_specs():
         params = inspect.signature(kernel.fn).parameters
         ptrs = {arg: kind for arg, kind in bf16_ptrs.items() if arg in params}
         specs.append(_spec(f"{kernel.fn.__name__}[bf16,strided]", kernel, ptrs, config, contiguous=False, **flags))
+        if "stride_bl1" in params:
+            # a slot stride past 2^31 is an i64 argument among i32 ones; _of_slice needs one type (the interpreter,
+            # which does not type its values, ran such a kernel that a GPU would have failed to compile)
+            wide = _spec(f"{kernel.fn.__name__}[bf16,i64 slot stride]", kernel, ptrs, config, contiguous=False)
+            wide["signature"]["stride_bl1"] = "i64"
+            specs.append(wide)
     return specs
