@@ -334,6 +334,9 @@ class LoRALinear(nn.Module):
         if schemes is None:
             raise ValueError(f"LoRALinear: init_lora_weights expected True, False or 'gaussian', "
                              f"got {init_lora_weights!r}")
+        # torch refused the second factor's write only after the first was drawn anew (helper 183)
+        refuse_inference_tensor_writes("LoRALinear.reset_lora_parameters",
+                                       [("lora_A.weight", self.lora_A.weight), ("lora_B.weight", self.lora_B.weight)])
         self.init_lora_weights = init_lora_weights
         for factor, scheme in zip((self.lora_A, self.lora_B), schemes):
             factor.init_scheme = scheme
@@ -346,6 +349,9 @@ class LoRALinear(nn.Module):
         as nn.Linear.reset_parameters() would. Refused for a tensor-subclass (quantized) base weight."""
         refuse_subclass_reset("LoRALinear.reset_parameters", self.weight,
                               "reset_lora_parameters() to re-initialise the adapter alone")
+        refuse_inference_tensor_writes("LoRALinear.reset_parameters", [
+            ("weight", self.weight), ("bias", self.bias), ("lora_A.weight", self.lora_A.weight),
+            ("lora_B.weight", self.lora_B.weight)])
         self._reset_base_parameters()
         self.merged = False  # the base weight is new: nothing is merged into it
         self.reset_lora_parameters(getattr(self, "init_lora_weights", True))  # a layer pickled before it was kept

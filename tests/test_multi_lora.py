@@ -2438,9 +2438,18 @@ def test_layers_built_under_inference_mode_refuse_writes_outside_it_before_writi
         with pytest.raises(ValueError, match="LoRALinear.merge: the base weight is an inference tensor"):
             single[0].merge()
         assert not single[0].merged and torch.equal(single(x), y)
+    # helper 183: reset_lora_parameters drew lora_A anew, then torch refused lora_B; reset_parameters the base too
+    single_before = {name: t.clone() for name, t in single.state_dict().items()}
+    for op, call in (("LoRALinear.reset_lora_parameters", single[0].reset_lora_parameters),
+                     ("LoRALinear.reset_parameters", single[0].reset_parameters)):
+        with pytest.raises(ValueError, match=f"{op}: .* is an inference tensor"):
+            call()
+        assert all(torch.equal(t, single_before[name]) for name, t in single.state_dict().items()), op
     with torch.inference_mode():  # inside it they are ordinary writes
         layer.set_adapter(0, torch.randn(2, 8), torch.randn(8, 2), 0.5)
         single[0].merge()
+        single[0].unmerge()
+        single[0].reset_lora_parameters()
 
 
 def test_torch_backend_fp16_slot_gradients_are_as_close_as_peft_for_a_small_scaled_lora_b():
