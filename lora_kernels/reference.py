@@ -3,7 +3,8 @@ backend is tested against, and `full_finetune_linear` is the full fine-tuning or
 the A/B-only backward with.
 
 Shapes (PEFT layout): x [M, K], weight [N, K], bias [N], lora_a [r, K], lora_b [N, r]; grouped ops stack L slots:
-lora_a [L, R, K], lora_b [L, N, R], scalings [L], ranks [L], adapter_ids [M] in [-1, L).
+lora_a [L, R, K], lora_b [L, N, R], scalings [L], ranks [L], adapter_ids [M] in [-1, L) (an id outside counts as
+-1, base model only, as every backend treats an unchecked one).
 `dropout_mask` is the multiplier applied to the LoRA branch input: 0 for dropped elements, 1/(1-p) elsewhere.
 """
 
@@ -12,6 +13,13 @@ import torch
 
 def _as(t, dtype):
     return None if t is None else t.to(dtype)
+
+
+def _slot(adapter_ids, token, num_slots):
+    """Token's slot, -1 for an id outside [0, num_slots) (a LoRABatch built by hand is not checked on every backend:
+    an IndexError here, where the others add nothing)."""
+    slot = int(adapter_ids[token])
+    return slot if 0 <= slot < num_slots else -1
 
 
 def lora_linear(x, weight, lora_a, lora_b, scaling=1.0, bias=None, dropout_mask=None, dtype=torch.float64):
@@ -50,7 +58,7 @@ def lora_shrink(x, lora_a, adapter_ids, scalings, ranks, dtype=torch.float64):
     num_tokens, max_rank = x.shape[0], lora_a.shape[1]
     out = torch.zeros(num_tokens, max_rank, dtype=dtype, device=x.device)
     for t in range(num_tokens):
-        slot = int(adapter_ids[t])
+        slot = _slot(adapter_ids, t, lora_a.shape[0])
         if slot < 0:
             continue
         rank = int(ranks[slot])
@@ -64,7 +72,7 @@ def lora_expand(t, lora_b, adapter_ids, out, slice_offset, ranks, dtype=torch.fl
     out = out.to(dtype).clone()
     width = lora_b.shape[1]
     for token in range(t.shape[0]):
-        slot = int(adapter_ids[token])
+        slot = _slot(adapter_ids, token, lora_b.shape[0])
         if slot < 0:
             continue
         rank = int(ranks[slot])
@@ -120,7 +128,7 @@ def multi_lora_linear_autograd(x, weight, lora_a, lora_b, adapter_ids, scalings,
         y = y + bias
     rows = []
     for t in range(x2.shape[0]):
-        slot = int(ids[t])
+        slot = _slot(ids, t, num_slots)
         # A token without an adapter adds a rank-0 product: zeros that read no entry of A or B, but keep them in the
         # graph (zeros_like did not: with no adapter token in the batch, A and B got no gradient, and backward
         # raised "does not require grad" when only they required it, where every other backend gives zeros).

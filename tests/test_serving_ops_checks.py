@@ -738,6 +738,30 @@ def test_a_hand_built_batch_out_of_range_never_reaches_past_the_tensors(device, 
         assert torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all(), f"{what}: the backward read past M"
 
 
+def test_the_reference_counts_a_hand_built_batchs_id_out_of_range_as_base_only():
+    """The reference backend reads adapter_ids alone, and as every other backend an id outside [-1, L) counts as -1
+    (base model only): an id at L raised a bare IndexError there (helper 183)."""
+    m, k, n, r, num_slots = 8, 8, 6, 4, 3
+    _, bad_batches = _hand_built_batches(m, num_slots, "cpu")
+    x, lora_a, lora_b = torch.randn(m, k), torch.randn(num_slots, r, k), torch.randn(num_slots, n, r)
+    weight, scalings = torch.randn(n, k), torch.ones(num_slots)
+    for what in ("id at L", "id below -1"):
+        batch = bad_batches[what]
+        in_range = (batch.adapter_ids >= 0) & (batch.adapter_ids < num_slots)
+        as_base = dataclasses.replace(batch, adapter_ids=torch.where(in_range, batch.adapter_ids, -1))
+        assert not in_range.all()
+        for name, call in (
+                ("lora_shrink", lambda b: lk.ops.lora_shrink(x, lora_a, b, scalings, backend="reference")),
+                ("lora_expand", lambda b: lk.ops.lora_expand(torch.ones(m, r), lora_b, b, torch.zeros(m, n),
+                                                             backend="reference")),
+                ("multi_lora_linear", lambda b: lk.multi_lora_linear(x, weight, lora_a, lora_b, b, scalings,
+                                                                     backend="reference"))):
+            assert torch.equal(call(batch), call(as_base)), (what, name)
+        a, b = lora_a.clone().requires_grad_(), lora_b.clone().requires_grad_()
+        lk.multi_lora_linear(x, weight, a, b, batch, scalings, backend="reference").sum().backward()
+        assert torch.isfinite(a.grad).all(), what
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_a_hand_built_batch_out_of_range_is_refused_on_the_host(backend):
     """CPU metadata is read on the host anyway: values out of range are a ValueError naming the field, before any
