@@ -2452,6 +2452,44 @@ def test_layers_built_under_inference_mode_refuse_writes_outside_it_before_writi
         single[0].reset_lora_parameters()
 
 
+@pytest.mark.parametrize("bad_scaling", [float("nan"), float("inf"), "big", 1e39, None])
+def test_set_adapter_with_a_bad_scaling_keeps_the_slots_rank(bad_scaling):
+    """Helper 182: writing the rank before the scaling checks passed every test: the atomicity test's bad scalings all
+    come with the rank the slot already holds (2), so a half-applied rank write is invisible."""
+    layer = lk.MultiLoRALinear(nn.Linear(8, 6), max_adapters=2, max_rank=4)
+    layer.set_adapter(0, torch.randn(2, 8), torch.randn(6, 2), 1.0)
+    before = {name: t.clone() for name, t in layer.state_dict().items()}
+    with pytest.raises((TypeError, ValueError), match="scaling expected"):
+        layer.set_adapter(0, torch.randn(3, 8), torch.randn(6, 3), bad_scaling)
+    with pytest.raises((TypeError, ValueError), match="scaling expected"):
+        layer.set_adapter(1, torch.randn(4, 8), torch.randn(6, 4), bad_scaling)
+    assert all(torch.equal(t, before[name]) for name, t in layer.state_dict().items())
+
+
+def test_reset_parameters_refuses_inference_slots_before_touching_the_base():
+    """Helper 182: reset_parameters' inference-tensor check dropped (or its slot tensors left out) passed every
+    test: the slots made under inference_mode failed only at their zero_(), after the base layer had been
+    re-initialised."""
+    base = nn.Linear(8, 6)
+    with torch.inference_mode():
+        layer = lk.MultiLoRALinear(base, max_adapters=2, max_rank=4)
+    weight, bias = base.weight.detach().clone(), base.bias.detach().clone()
+    with pytest.raises(ValueError, match=r"MultiLoRALinear.reset_parameters: lora_a is an inference tensor"):
+        layer.reset_parameters()
+    assert torch.equal(base.weight, weight) and torch.equal(base.bias, bias)
+
+
+def test_reset_parameters_refuses_an_inference_base_weight_by_name():
+    """Helper 182: the base weight left out of reset_parameters' inference-tensor check passed every test."""
+    with torch.inference_mode():
+        base = nn.Linear(8, 6)
+    layer = lk.MultiLoRALinear(base, max_adapters=2, max_rank=4)
+    layer.set_adapter(0, torch.randn(2, 8), torch.randn(6, 2), 1.0)
+    with pytest.raises(ValueError, match=r"MultiLoRALinear.reset_parameters: weight is an inference tensor"):
+        layer.reset_parameters()
+    assert layer.ranks.tolist() == [2, 0]
+
+
 def test_torch_backend_fp16_slot_gradients_are_as_close_as_peft_for_a_small_scaled_lora_b():
     """The grouped torch backward folded a slot's scaling of at most 1 into its fp16 B (s·B ~ 1e-5: fp16
     subnormals): dA ~4-5x further from float64 than PEFT's per-adapter composition, which scales dY first."""

@@ -150,6 +150,60 @@ def test_lora_batch_built_by_hand_is_refused_unless_laid_out_as_the_kernels_read
     assert dataclasses.replace(batch, adapter_ids=batch.adapter_ids.clone()).num_tokens == 6  # a valid one passes
 
 
+def _six_token_batch():
+    return LoRABatch.from_adapter_ids(torch.tensor([0, 1, 2, -1, 2, 1]), 3)
+
+
+@pytest.mark.parametrize("field,bad,length", [
+    ("sorted_token_ids", lambda t: torch.cat([t, t]), 6),
+    ("slot_counts", lambda t: torch.cat([t, t]), 3),
+    ("active_slots", lambda t: torch.cat([t, t]), 3),
+    ("num_active", lambda t: torch.cat([t, t]), 1),
+])
+def test_hand_built_batch_refuses_a_buffer_longer_than_its_length(field, bad, length):
+    """Helper 182: refusing only short buffers (`<` for `!=`) passed every test."""
+    with pytest.raises(ValueError, match=re.escape(f"LoRABatch: {field} expected a contiguous int32 tensor of shape "
+                                                   f"({length},)")):
+        dataclasses.replace(_six_token_batch(), **{field: bad(getattr(_six_token_batch(), field))})
+
+
+@pytest.mark.parametrize("field", ["sorted_token_ids", "slot_counts", "slot_starts", "active_slots", "num_active"])
+def test_hand_built_batch_refuses_a_buffer_on_another_device(field):
+    """Helper 182: dropping the device check passed every test (a CPU buffer in a CUDA batch is a host pointer to the
+    kernels). meta stands in for the other device on a CPU-only machine."""
+    batch = _six_token_batch()
+    with pytest.raises(ValueError, match=re.escape(f"LoRABatch: {field} expected a contiguous int32 tensor")
+                       + ".* on cpu"):
+        dataclasses.replace(batch, **{field: getattr(batch, field).to("meta")})
+
+
+def test_hand_built_batch_takes_a_one_element_buffer_of_any_stride():
+    """Helper 182: applying the stride check to one-element buffers too passed every test: a [1] view with stride 2
+    holds its one element where the kernels read it."""
+    batch = LoRABatch.from_adapter_ids(torch.tensor([1]), 3)
+    strided = torch.tensor([[1, 5]], dtype=torch.int32)[:, 0]  # shape (1,), stride (2,)
+    assert strided.stride() == (2,)
+    num_active = torch.tensor([[1, 5]], dtype=torch.int32)[:, 0]
+    rebuilt = dataclasses.replace(batch, adapter_ids=strided, num_active=num_active)
+    x, lora_a, lora_b = torch.randn(1, 8), torch.randn(3, 2, 8), torch.randn(3, 6, 2)
+    for backend in ("torch", "cpu"):
+        y = torch.zeros(1, 6)
+        t = lk.ops.lora_shrink(x, lora_a, rebuilt, [1.0, 1.0, 1.0], backend=backend)
+        lk.ops.lora_expand(t, lora_b, rebuilt, y, backend=backend)
+        torch.testing.assert_close(y[0], lora_b[1] @ (lora_a[1] @ x[0]))
+
+
+def test_refill_with_validate_true_reads_device_ids():
+    """Helper 182: refill_ passing asked=False passed every test (validate=True ignored for non-CPU ids: a CUDA
+    serving step's bad ids silently become base-only). meta ids have no values, so validate=True on them must say
+    so, as from_adapter_ids(validate=True) does."""
+    ids = torch.tensor([0, 1, 1, -1], device="meta")
+    batch = LoRABatch.from_adapter_ids(ids, 2)
+    batch.refill_(ids)  # not asked: not read
+    with pytest.raises(ValueError, match=r"LoRABatch.refill_: validate=True expected adapter_ids with values"):
+        batch.refill_(ids, validate=True)
+
+
 def test_lora_batch_reads_device_ids_on_the_host_only_when_asked():
     """Ids on a device (meta here: no values to read) are not validated by default, building or refilling: the
     check is a host sync, which a CUDA-graph capture refuses."""
