@@ -595,9 +595,9 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
     y: [M, sum(output_slices)]; x: [M, K]; lora_a_slices: S tensors [L, R_j, K], or one [S, L, R, K];
     lora_b_slices: S tensors [L, n_j, R_j], or one [S, L, n, R] when the widths are equal; scalings: [L]; ranks: [L]
     (every slice: a slice an adapter does not train must hold zeros up to its rank) or None (every slot at each
-    slice's own R_j). With the triton backend up to 3 slices (a fused QKV projection's), stacked or in lists, of
-    equal or unequal widths, are one shrink and one expand launch where they have one R, one layout (as contiguous
-    tensors have) and widths that are multiples of 16; else more launches (see _triton_add_lora).
+    slice's own R_j). With the triton backend up to 3 slices (a fused QKV projection's) of one R, stacked or in
+    lists, of equal or unequal widths, are one shrink and one expand launch where they are laid out alike (as
+    contiguous tensors are) and their widths are multiples of 16; else more launches (see _triton_add_lora).
     buffer: optional [S, M, R] float32 for the shrink results (every slice of rank R), so a captured CUDA graph
     allocates nothing (triton backend, with scalings and ranks given as tensors: ranks=None makes one per
     distinct R).
@@ -703,20 +703,14 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
 
 def _triton_add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, slice_ranks, widths, offsets,
                      deterministic, buffer):
-    """add_lora's launches with the triton backend: one shrink and one expand for every SLICES_PER_LAUNCH (3)
-    slices, stacked or in lists, where the slices share one ranks tensor (given ranks, or ranks=None with one R),
-    their lora_a one layout (shape and strides) and their lora_b one dtype, L, R and strides along N and R (lora_b of
-    different widths, each contiguous, do); the launchers split them further where one slice's width, output column
-    or address is a multiple of 16 and another's is not (sgmv._slice_groups). Else one shrink and one expand per
-    slice."""
+    """add_lora's launches with the triton backend. Slices of one R (then one ranks tensor serves them: given ranks,
+    or ranks=None's every slot at R) go to the launchers together, stacked or in lists, their shrink results in one
+    [S, M, R]; the launchers take up to SLICES_PER_LAUNCH (3) per launch, a slice whose strides or 16-divisibility
+    differ from its neighbours' in a launch of its own (sgmv._slice_groups). Slices of several R: one shrink and
+    one expand per slice."""
     sgmv = triton_sgmv()
-    a_slices, b_slices = sgmv._as_slices(lora_a_slices), sgmv._as_slices(lora_b_slices)
-    first_a, first_b = a_slices[0], b_slices[0]
-    if (all(ranks is slice_ranks[0] for ranks in slice_ranks)
-            and all(a.dtype == first_a.dtype and a.shape == first_a.shape and a.stride() == first_a.stride()
-                    for a in a_slices)
-            and all(b.dtype == first_b.dtype and (b.shape[0], b.shape[2]) == (first_b.shape[0], first_b.shape[2])
-                    and b.stride()[1:] == first_b.stride()[1:] for b in b_slices)):
+    a_slices, b_slices = sgmv.as_slices(lora_a_slices), sgmv.as_slices(lora_b_slices)
+    if all(a.shape == a_slices[0].shape for a in a_slices):
         shrunk = sgmv.shrink(x, a_slices, batch, scalings, slice_ranks[0], deterministic=deterministic, out=buffer)
         sgmv.expand(shrunk, b_slices, batch, slice_ranks[0], y, 0)  # slice j at offsets[j], after slice j - 1
         return

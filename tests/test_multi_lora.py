@@ -377,8 +377,8 @@ def _column_major(weights):
 
 # layout -> (widths, each slice's R, shrink launches, expand launches): up to 3 slices of one R, laid out alike, are
 # one launch of each kernel, of any widths that are multiples of 16 (the interpreter's N tile is 32); a slice of an
-# odd width has an expand launch of its own (Triton would make every slice's accesses narrow); more slices take
-# several, and slices of other R or layouts one of each per slice.
+# odd width or other strides takes launches of its own of the kernel that reads it (Triton would make every slice's
+# accesses narrow; a launch shares its strides); more slices take several, and slices of other R one of each.
 _SLICE_LAUNCH_CASES = {
     "qkv lists": ((32, 16, 16), (4, 4, 4), 1, 1),
     "stacked a and b": ((16, 16, 16), (4, 4, 4), 1, 1),
@@ -391,10 +391,10 @@ _SLICE_LAUNCH_CASES = {
     "an odd width": ((32, 16, 8), (4, 4, 4), 1, 2),
     "ranks=None, two R": ((32, 16, 16), (4, 2, 4), 3, 3),
     "ranks=None, rising R": ((32, 16, 16), (2, 4, 4), 3, 3),
-    "a column-major lora_a": ((32, 16, 16), (4, 4, 4), 3, 3),
-    "a column-major lora_b": ((32, 16, 16), (4, 4, 4), 3, 3),
-    "every lora_b column-major": ((32, 16, 16), (4, 4, 4), 3, 3),  # one stride along N, R strides by width
-    "a lora_b cut from a wider R": ((32, 16, 16), (4, 4, 4), 3, 3),  # one stride along R, another along N
+    "a column-major lora_a": ((32, 16, 16), (4, 4, 4), 3, 1),  # the middle one: launches before, it, after
+    "a column-major lora_b": ((32, 16, 16), (4, 4, 4), 1, 3),
+    "every lora_b column-major": ((32, 16, 16), (4, 4, 4), 1, 2),  # one stride along N, along R the width
+    "a lora_b cut from a wider R": ((32, 16, 16), (4, 4, 4), 1, 3),  # one stride along R, another along N
 }
 
 

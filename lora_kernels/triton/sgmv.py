@@ -453,16 +453,16 @@ def choose_path(num_tokens, num_slots, path="auto"):
 # Launch (inside the custom ops: inputs already checked)
 
 
-def _slice_groups(alignments):
-    """The slices of each launch: runs of consecutive slices of one alignment, SLICES_PER_LAUNCH at most.
-    alignments[s]: which of slice s's per-slice kernel arguments are multiples of 16 (pointers: addresses).
-    Triton specialises each argument on that (it lets a kernel access memory 16 bytes at a time), and a value chosen
-    at run time (_of_slice) keeps only what every slice of its launch has: one odd width among multiples of 16 would
-    make every slice's accesses narrow, where a launch of its own keeps the others wide."""
+def _slice_groups(keys):
+    """The slices of each launch: runs of consecutive slices of one key, SLICES_PER_LAUNCH at most. keys[s]: slice
+    s's strides that a launch shares (one per kernel argument), and which of its own arguments are multiples of 16
+    (pointers: addresses). Triton specialises each argument on that (it lets a kernel access memory 16 bytes at a
+    time), and a value chosen at run time (_of_slice) keeps only what every slice of its launch has: one odd width
+    among multiples of 16 would make every slice's accesses narrow, where a launch of its own keeps the others
+    wide."""
     groups, first = [], 0
-    for end in range(1, len(alignments) + 1):
-        if (end == len(alignments) or alignments[end] != alignments[first]
-                or end - first == SLICES_PER_LAUNCH):
+    for end in range(1, len(keys) + 1):
+        if end == len(keys) or keys[end] != keys[first] or end - first == SLICES_PER_LAUNCH:
             groups.append(range(first, end))
             first = end
     return groups
@@ -483,8 +483,7 @@ def _per_slice(values, group):
 @on_tensor_device
 def _launch_shrink(x, lora_a, adapter_ids, sorted_token_ids, slot_counts, slot_starts, scalings, ranks, out,
                    deterministic, path):
-    """lora_a: S tensors [L, R, K] of one dtype and one layout (shape and strides); out: [S, M, R], or [M, R] for
-    S = 1."""
+    """lora_a: S tensors [L, R, K] of one dtype (any strides); out: [S, M, R], or [M, R] for S = 1."""
     out3 = out if out.dim() == 3 else out.unsqueeze(0)
     L, R, K = lora_a[0].shape
     M = x.shape[0]
@@ -493,7 +492,6 @@ def _launch_shrink(x, lora_a, adapter_ids, sorted_token_ids, slot_counts, slot_s
     if K == 0:
         out3.zero_()
         return
-    stride_al, stride_ar, stride_ak = lora_a[0].stride()
     decode = choose_path(M, L, path) == "decode"
     cfg = _config("shrink_decode") if decode else _config("shrink_prefill", x.dtype)
     block_k = cfg["BLOCK_K"]
@@ -501,9 +499,10 @@ def _launch_shrink(x, lora_a, adapter_ids, sorted_token_ids, slot_counts, slot_s
     num_r_tiles = cdiv(R, block_r)
     if not decode:
         out3.zero_()  # rows of -1 tokens, columns past a rank, and the atomics' start
-    for group in _slice_groups([_aligned(a) for a in lora_a]):
+    for group in _slice_groups([(a.stride(), _aligned(a)) for a in lora_a]):
         slices = len(group)
         out_group = out3[group.start:group.stop]
+        stride_al, stride_ar, stride_ak = lora_a[group.start].stride()
         if decode:
             split_k = _split_k(x.device, M * slices * num_r_tiles, K, block_k, deterministic)
             k_per_split = cdiv(cdiv(K, split_k), block_k) * block_k
@@ -544,21 +543,21 @@ def _launch_shrink(x, lora_a, adapter_ids, sorted_token_ids, slot_counts, slot_s
 @on_tensor_device
 def _launch_expand(t, lora_b, adapter_ids, sorted_token_ids, slot_counts, slot_starts, ranks, out, first_columns,
                    path):
-    """lora_b: S tensors [L, N_s, R] of one dtype, one stride along N and one along R, slice s added into columns
-    first_columns[s] ... + N_s - 1 of out; t: [S, M, R], or [M, R] for S = 1."""
+    """lora_b: S tensors [L, N_s, R] of one dtype (any strides), slice s added into columns first_columns[s] ...
+    + N_s - 1 of out; t: [S, M, R], or [M, R] for S = 1."""
     t3 = t if t.dim() == 3 else t.unsqueeze(0)
     L, _, R = lora_b[0].shape
     M = t3.shape[1]
     widths = [b.shape[1] for b in lora_b]
     if M == 0 or max(widths) == 0:
         return
-    stride_bn, stride_br = lora_b[0].stride()[1:]
     slot_strides = [b.stride(0) for b in lora_b]
     decode = choose_path(M, L, path) == "decode"
     cfg = _config("expand_decode" if decode else "expand_prefill")
-    for group in _slice_groups([_aligned(b, width, column, stride) for b, width, column, stride
-                                in zip(lora_b, widths, first_columns, slot_strides)]):
+    for group in _slice_groups([(b.stride()[1:], _aligned(b, width, column, slot_stride)) for b, width, column,
+                                slot_stride in zip(lora_b, widths, first_columns, slot_strides)]):
         t_group = t3[group.start:group.stop]
+        stride_bn, stride_br = lora_b[group.start].stride()[1:]
         num_n_tiles = cdiv(max(widths[j] for j in group), cfg["BLOCK_N"])
         if num_n_tiles == 0:
             continue
@@ -681,7 +680,7 @@ def _through_op(tensor):
     return torch.compiler.is_compiling() or type(tensor) is not torch.Tensor
 
 
-def _as_slices(weights):
+def as_slices(weights):
     """[L, a, b] -> [it]; [S, L, a, b] or a list of [L, a, b] -> a list of S."""
     if isinstance(weights, torch.Tensor):
         return [weights] if weights.dim() == 3 else list(weights.unbind(0))
@@ -692,13 +691,13 @@ def shrink(x, lora_a, batch, scalings, ranks, *, deterministic=False, out=None, 
     """out[t, :ranks[i]] = scalings[i] * lora_a[i, :ranks[i]] @ x[t] for i = batch.adapter_ids[t] >= 0; 0 elsewhere.
 
     x: [M, K] (fp32/fp16/bf16, any strides); lora_a: [L, R, K] of x's dtype (any strides), or S slices of it as one
-    [S, L, R, K] or a list of S [L, R, K] of one layout (shape and strides), SLICES_PER_LAUNCH per launch; batch:
+    [S, L, R, K] or a list of S [L, R, K] (any strides), up to SLICES_PER_LAUNCH per launch; batch:
     LoRABatch of M tokens over L slots; scalings: [L] fp32; ranks: [L] int32, in [0, R]. out: optional [M, R]
     ([S, M, R]) fp32 to write into (no allocation). Returns out (fp32).
     deterministic: no split-K atomics, so repeats are bit-identical. path: 'auto' | 'prefill' | 'decode'.
     Arguments are not checked: lora_kernels.ops (lora_shrink, add_lora) checks them (the checks cost more host time
     than the launch)."""
-    slices = _as_slices(lora_a)
+    slices = as_slices(lora_a)
     if out is None:
         leading = () if isinstance(lora_a, torch.Tensor) and lora_a.dim() == 3 else (len(slices),)
         out = torch.empty((*leading, x.shape[0], slices[0].shape[1]), dtype=torch.float32, device=x.device)
@@ -717,10 +716,10 @@ def expand(t, lora_b, batch, ranks, out, slice_offset=0, *, path="auto"):
 
     t: [M, R] fp32 (the shrink output); lora_b: [L, N, R] (fp32/fp16/bf16, any strides); out: [M, N_total] of any
     of those dtypes, N_total >= slice_offset + N. With t [S, M, R] and S slices of B, as one [S, L, N, R] or a list
-    of S [L, N_s, R] (any widths; one dtype, one stride along N and one along R), slice s goes to the columns after
-    slice s - 1's (slice 0's from slice_offset), SLICES_PER_LAUNCH slices per launch. The sum is accumulated in fp32;
+    of S [L, N_s, R] (any widths and strides, one dtype), slice s goes to the columns after slice s - 1's (slice 0's
+    from slice_offset), up to SLICES_PER_LAUNCH slices per launch (see _slice_groups). The sum is accumulated in fp32;
     out is read once and written once. Returns out. Arguments are not checked (see shrink)."""
-    slices = _as_slices(lora_b)
+    slices = as_slices(lora_b)
     first_columns = [slice_offset]
     for weights in slices[:-1]:
         first_columns.append(first_columns[-1] + weights.shape[1])
