@@ -443,11 +443,17 @@ class LoRALinear(nn.Module):
         if self.merged:
             raise RuntimeError("LoRALinear.merge: the adapter is already merged; call unmerge() first")
         refuse_inference_tensor_writes("LoRALinear.merge", [("the base weight", self.weight)])
-        merged_weight = (self.weight.to(self._merge_dtype()) + self._stored_delta()).to(self.weight.dtype)
+        merged_weight = self._merged_weight()
         if safe_merge and not torch.isfinite(merged_weight).all():
             raise ValueError("LoRALinear.merge: safe_merge found NaN/Inf in the merged weight; the layer is unchanged")
         self.weight.copy_(merged_weight)
         self.merged = True
+
+    def _merged_weight(self):
+        """The base weight with the adapter merged, in the weight's dtype: the weight itself once merged."""
+        if self.merged:
+            return self.weight
+        return (self.weight.to(self._merge_dtype()) + self._stored_delta()).to(self.weight.dtype)
 
     @torch.no_grad()
     def unmerge(self):
@@ -536,8 +542,7 @@ class LoRALinear(nn.Module):
             linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                                device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
-            merged = self.weight if self.merged else self.weight.to(self._merge_dtype()) + self._stored_delta()
-            linear.weight.copy_(merged)
+            linear.weight.copy_(self._merged_weight())
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
         linear.weight.requires_grad_(self.weight.requires_grad)
@@ -1477,14 +1482,22 @@ def _warn_tied_targets(op, model, targets, consequence=_TIED_LORA_LINEAR):
             warnings.warn(f"{op}: the weight of target {name!r} is tied to {tied[0]!r}; {consequence}", stacklevel=3)
 
 
-def _warn_linear_fan_in_fan_out(op, name):
-    warnings.warn(f"{op}: fan_in_fan_out=True but {name!r} is an nn.Linear (weight [out, in]); wrapping it with "
-                  f"fan_in_fan_out=False, as PEFT does", stacklevel=3)
+def warn_fan_in_fan_out_corrections(op, linear_names, conv1d_names):
+    """One warning per call for the targets whose fan_in_fan_out flag was corrected, as PEFT's one per model (a
+    warning per layer, each naming its layer, was 48 for a GPT-2's "all-linear")."""
+    def listed(names):
+        return ", ".join(map(repr, names[:3])) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
-
-def warn_conv1d_fan_in_fan_out(op, name):
-    warnings.warn(f"{op}: {name!r} is a transformers Conv1D (weight [in, out]) but fan_in_fan_out is False; "
-                  f"wrapping it with fan_in_fan_out=True, as PEFT does", stacklevel=3)
+    if linear_names:
+        one = len(linear_names) == 1
+        warnings.warn(f"{op}: fan_in_fan_out=True but {listed(linear_names)} "
+                      f"{'is an nn.Linear' if one else 'are nn.Linear layers'} (weight [out, in]); wrapping "
+                      f"{'it' if one else 'them'} with fan_in_fan_out=False, as PEFT does", stacklevel=3)
+    if conv1d_names:
+        one = len(conv1d_names) == 1
+        warnings.warn(f"{op}: {listed(conv1d_names)} {'is a transformers Conv1D' if one else 'are transformers Conv1D'}"
+                      f" (weight [in, out]) but fan_in_fan_out is False; wrapping {'it' if one else 'them'} with "
+                      f"fan_in_fan_out=True, as PEFT does", stacklevel=3)
 
 
 def inject_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False, *,
@@ -1533,12 +1546,11 @@ def inject_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_
     _warn_tied_targets(op, model, targets)
     with _rollback_on_error(model) as replaced:
         layers = []
+        conv1d_names = [name for name, module in targets if is_conv1d(module)]
+        warn_fan_in_fan_out_corrections(op, [name for name, _ in targets if name not in conv1d_names]
+                                        if fan_in_fan_out else [], [] if fan_in_fan_out else conv1d_names)
         for name, module in targets:
             conv = is_conv1d(module)
-            if fan_in_fan_out and not conv:
-                _warn_linear_fan_in_fan_out(op, name)
-            elif conv and not fan_in_fan_out:
-                warn_conv1d_fan_in_fan_out(op, name)
             warn_dropped_hooks(op, f"module {name!r}", module, "the LoRALinear that replaces it never calls it",
                                stacklevel=2)
             try:
@@ -1826,11 +1838,14 @@ def disable_adapter(model):
             layer.disable_adapters = flag
 
 
-def merge_and_unload(model):
+def merge_and_unload(model, *, safe_merge=False):
     """Replaces every LoRALinear by a plain nn.Linear (or Conv1D) with the adapter merged into its weight, frozen
     as the base weight was; returns model. A model with MultiLoRALinear layers (several named adapters) is refused
     before any change: which adapter to merge is not defined; so are a model without LoRALinear layers and a PEFT
-    model (PEFT's own merge_and_unload merges its layers)."""
+    model (PEFT's own merge_and_unload merges its layers). safe_merge (PEFT's option): every layer's merged weight
+    is computed and checked first, and NaN or Inf in any of them refuses the merge (ValueError naming the layers)
+    before a layer is replaced."""
+    safe_merge = check_flag("merge_and_unload", "safe_merge", safe_merge)
     wrapper, model = model, unwrap_model(model, "merge_and_unload", adds_parameters=True,
                                          ddp_hint="call merge_and_unload on the model inside (ddp.module) once "
                                                   "training is done, and wrap the result again to train it further")
@@ -1862,6 +1877,18 @@ def merge_and_unload(model):
                         f"{_KEEP_THE_ADAPTER_SEPARATE}")
     for name, module in layers:  # to_linear would refuse them, after earlier layers were replaced
         module._check_factor_devices(f"merge_and_unload: module {name!r}", unchanged="the model")
+    if safe_merge:
+        # one layer at a time, as the replacement below: all merged copies at once would double the model's memory
+        meta = [name for name, module in layers if module.weight.is_meta]
+        if meta:
+            raise ValueError(f"merge_and_unload: safe_merge checks the merged weights' values, but layers {meta[:3]}"
+                             f"{' ...' if len(meta) > 3 else ''} have base weights on the meta device, which hold "
+                             f"none (load the weights first); the model is unchanged")
+        with torch.no_grad():
+            broken = [name for name, module in layers if not torch.isfinite(module._merged_weight()).all()]
+        if broken:
+            raise ValueError(f"merge_and_unload: safe_merge found NaN/Inf in the merged weights of layers "
+                             f"{broken[:3]}{' ...' if len(broken) > 3 else ''}; the model is unchanged")
     for name, module in layers:
         warn_dropped_hooks("merge_and_unload", f"module {name!r}", module, "it is replaced by a new layer holding "
                            "the merged weight", stacklevel=2)

@@ -39,12 +39,13 @@ from lora_kernels.modules import (_PEFT_ONLY_HINT, BASE_ADAPTER, BIAS_ATTR, BIAS
                                   LORA_WRAPPERS, MODULES_TO_SAVE_ATTR, PEFT_ONLY_LAYERS, TASK_TYPE_ATTR, LoRALinear,
                                   MultiLoRALinear, _record_bias, _record_embedding_layers, _record_modules_to_save,
                                   _record_task_type, _rollback_on_error, _set_submodule, _train_biases,
-                                  _warn_linear_fan_in_fan_out, _warn_tied_targets, adapter_table_lock,
+                                  _warn_tied_targets, adapter_table_lock,
                                   check_no_accelerate_hook, check_targets_outside_heads, check_wrappable_linear,
                                   copy_into, embedding_layer, enable_input_grads_for_checkpointing, is_conv1d,
                                   is_layer_index, lora_scaling, named_modules_to_save, named_target_modules,
                                   pattern_value, resolve_batch_adapters, state_dict_name, target_module_matches,
-                                  trained_biases, unwrap_model, warn_conv1d_fan_in_fan_out, warn_dropped_hooks)
+                                  trained_biases, unwrap_model, warn_dropped_hooks,
+                                  warn_fan_in_fan_out_corrections)
 from lora_kernels.ops import check_flag, refuse_inference_tensor_writes
 
 CONFIG_NAME = "adapter_config.json"
@@ -827,6 +828,10 @@ def _commit_single(model, config, plan, grouped, heads, biases, base_tensors, ba
     try:
         with _rollback_on_error(model) as replaced:
             layers = []
+            created = [(name, is_conv1d(module)) for name, module, *_ in prepared if not isinstance(module, LoRALinear)]
+            warn_fan_in_fan_out_corrections(
+                op, [name for name, conv in created if not conv] if config.fan_in_fan_out else [],
+                [] if config.fan_in_fan_out else [name for name, conv in created if conv])
             for name, module, r, alpha, lora_a, lora_b in prepared:
                 if isinstance(module, LoRALinear):
                     layer = module
@@ -837,10 +842,6 @@ def _commit_single(model, config, plan, grouped, heads, biases, base_tensors, ba
                     layer.lora_dropout = config.lora_dropout
                 else:
                     conv = is_conv1d(module)
-                    if conv and not config.fan_in_fan_out:
-                        warn_conv1d_fan_in_fan_out(op, name)
-                    elif config.fan_in_fan_out and not conv:
-                        _warn_linear_fan_in_fan_out(op, name)
                     warn_dropped_hooks(op, f"module {name!r}", module, "the LoRALinear that replaces it never calls "
                                        "it", stacklevel=3)
                     layer = LoRALinear.from_linear(module, r, alpha, config.lora_dropout, config.use_rslora,
@@ -1028,9 +1029,7 @@ def _collect_layers(model, adapter_name, op):
     records = []
     if adapter_name is None:
         for name, m in model.named_modules():
-            if isinstance(m, LoRALinear):
-                if m.merged:
-                    raise ValueError(f"{op}: module {name!r} has its adapter merged; unmerge() it before saving")
+            if isinstance(m, LoRALinear):  # merged or not: merging leaves the factors as they are (PEFT saves both)
                 _check_not_flattened(op, name, "lora_A.weight", m.lora_A.weight, (m.r, m.in_features))
                 _check_not_flattened(op, name, "lora_B.weight", m.lora_B.weight, (m.out_features, m.r))
                 records.append((name, m.lora_A.weight, m.lora_B.weight, m.r, m.lora_alpha, m.use_rslora,
@@ -1151,7 +1150,8 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
     whole state of the model's input and output embedding layers (those of a resized vocabulary: the new tokens'
     rows), as PEFT does, under their own keys, which load_peft_adapter and PEFT load over the model's; "auto" those
     that the adapter file load_peft_adapter read held (PEFT's "auto" looks the base model's vocabulary size up);
-    False none. LoRA layers and modules_to_save modules are saved as such, never as embedding layers."""
+    False none. LoRA layers and modules_to_save modules are saved as such, never as embedding layers. A merged
+    LoRALinear saves its factors, the same file as unmerged (as PEFT saves a merged model)."""
     op = "save_peft_adapter"
     model = unwrap_model(model, op)
     if not (save_embedding_layers is True or save_embedding_layers is False or save_embedding_layers == "auto"):

@@ -110,7 +110,7 @@ SHIPPED = {
         "model, path, adapter_name=None, *backend='auto', *autocast_adapter_dtype=True, *revision=None, "
         '*subfolder=None'),
     'lk.lora_linear': "x, weight, lora_a, lora_b, scaling=1.0, bias=None, *dropout_p=0.0, *backend='auto'",
-    'lk.merge_and_unload': 'model',
+    'lk.merge_and_unload': 'model, *safe_merge=False',
     'lk.multi_lora_linear': "x, weight, lora_a, lora_b, adapter_ids, scalings, bias=None, *ranks=None, *backend='auto'",
         'lk.prepare_multi_adapter': (
         'model, target_modules, max_adapters, max_rank, *exclude_modules=None, *layers_to_transform=None, '

@@ -566,6 +566,35 @@ def test_merge_and_unload_that_cannot_finish_changes_nothing(monkeypatch):
         model[1].to_linear()
 
 
+def test_merge_and_unload_safe_merge_refuses_a_broken_adapter_before_any_change():
+    """PEFT's merge_and_unload(safe_merge=True), a call users copy: a layer whose merged weight would hold NaN or Inf
+    (here one B entry NaN, and one large enough that the fp16 weight overflows) refuses the whole merge, naming the
+    layers, before any layer is replaced."""
+    model = nn.Sequential(_trained(LoRALinear(8, 6)), _trained(LoRALinear(6, 6)),
+                          _trained(LoRALinear(6, 4, dtype=torch.float16)))  # float32 factors, a float16 weight
+    with torch.no_grad():
+        model[0].lora_B.weight[1, 0] = float("nan")
+        model[2].lora_B.weight.fill_(1e6)
+    layers, weights = list(model), [p.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"^merge_and_unload: safe_merge found NaN/Inf in the merged weights of layers "
+                                         r"\['0', '2'\]; the model is unchanged$"):
+        merge_and_unload(model, safe_merge=True)
+    assert list(model) == layers
+    for now, before in zip(model.parameters(), weights):
+        torch.testing.assert_close(now, before, rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(TypeError, match="merge_and_unload: safe_merge expected a bool, got 'yes'"):
+        merge_and_unload(model, safe_merge="yes")
+    with torch.no_grad():
+        model[0].lora_B.weight[1, 0] = 0.0
+        model[2].lora_B.weight.fill_(0.01)
+    x = torch.randn(2, 8)
+    before = model[1](model[0](x))
+    merge_and_unload(model, safe_merge=True)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    torch.testing.assert_close(model[1](model[0](x)), before, rtol=1e-5, atol=1e-5)
+    assert model[2].weight.dtype == torch.float16 and model[2].weight.isfinite().all()
+
+
 def test_new_layers_keep_the_train_eval_mode_of_what_they_replace():
     """A model in eval mode (as from_pretrained returns it) stays in eval mode after inject_lora / from_linear: no
     dropout at inference. The new layers had started in train mode, and dropout ran at inference."""

@@ -1183,9 +1183,13 @@ def test_a_file_with_fan_in_fan_out_loads_into_linear_layers_with_peft_s_warning
     trained = _trained()
     lk.save_peft_adapter(trained, tmp_path)
     _write_config(tmp_path, fan_in_fan_out=True)
-    with pytest.warns(UserWarning, match=r"fan_in_fan_out=True but 'layers\.[01]\.[qv]_proj' is an nn\.Linear \(weight "
-                                         r"\[out, in\]\); wrapping it with fan_in_fan_out=False, as PEFT does"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         model = lk.load_peft_adapter(_base(), tmp_path, backend=BACKEND)
+    # one warning for the call, as PEFT's one per model (it was one per layer)
+    assert [str(w.message) for w in caught] == [
+        "load_peft_adapter: fan_in_fan_out=True but 'layers.0.q_proj', 'layers.0.v_proj', 'layers.1.q_proj' and 1 "
+        "more are nn.Linear layers (weight [out, in]); wrapping them with fan_in_fan_out=False, as PEFT does"]
     x = torch.randn(3, 16)
     torch.testing.assert_close(model(x), trained(x), rtol=0, atol=0)
 
@@ -1498,9 +1502,9 @@ def test_conv1d_layers_that_cannot_be_wrapped_are_refused_by_name_untouched(tmp_
     torch.nn.utils.parametrizations.weight_norm(parametrized.c_fc)
     # a file that says fan_in_fan_out=False for them loads with PEFT's warning
     _write_config(tmp_path, fan_in_fan_out=False)
-    with pytest.warns(UserWarning, match=r"'c_(fc|proj)' is a transformers Conv1D \(weight \[in, out\]\) but "
-                                         r"fan_in_fan_out is False; wrapping it with fan_in_fan_out=True, as PEFT "
-                                         r"does"):
+    with pytest.warns(UserWarning, match=r"^load_peft_adapter: 'c_fc', 'c_proj' are transformers Conv1D \(weight "
+                                         r"\[in, out\]\) but fan_in_fan_out is False; wrapping them with "
+                                         r"fan_in_fan_out=True, as PEFT does$"):
         lk.load_peft_adapter(gpt2_like(), tmp_path, backend=BACKEND)
     for model, error, message in [
         (hooked, ValueError, r"load_peft_adapter: module 'c_proj' carries an accelerate hook"),
@@ -1605,11 +1609,22 @@ def test_save_refuses_what_one_peft_config_cannot_hold(tmp_path):
     del model.head  # the module trained whole is gone: its state cannot be saved
     with pytest.raises(ValueError, match=r"model\.lora_modules_to_save = \['head'\] matches no module of the model"):
         lk.save_peft_adapter(model, tmp_path)
-    model = _trained()
-    model.layers[0].q_proj.merge()
-    with pytest.raises(ValueError, match="merged"):
-        lk.save_peft_adapter(model, tmp_path)
     assert not os.listdir(tmp_path)
+
+
+def test_a_merged_layer_saves_the_file_an_unmerged_one_does(tmp_path):
+    """PEFT saves a merged model's factors (merge for a quick evaluation, then a checkpoint): so does
+    save_peft_adapter, byte for byte the file of the unmerged model, which loads back to the same outputs."""
+    model = _trained()
+    lk.save_peft_adapter(model, tmp_path / "unmerged")
+    model.layers[0].q_proj.merge()
+    lk.save_peft_adapter(model, tmp_path / "merged")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / "merged" / name).read_bytes() == (tmp_path / "unmerged" / name).read_bytes()
+    assert model.layers[0].q_proj.merged  # saving leaves the layer as it was
+    x = torch.randn(3, 16)
+    loaded = lk.load_peft_adapter(_base(), tmp_path / "merged", backend=BACKEND).eval()
+    torch.testing.assert_close(loaded(x), model.eval()(x))
 
 
 def test_save_checks_the_config_fields_it_is_given(tmp_path):
