@@ -135,9 +135,10 @@ def _add_compare_parser(sub):
     lora.add_argument("--targets", type=_name_list, default=DEFAULT_TARGETS,
                       help=f"comma-separated module names to adapt (default {','.join(DEFAULT_TARGETS)})")
     lora.add_argument("--backend", default="auto",
-                      help=f"backend of the fused LoRA run: {', '.join(backends.BACKENDS)} or auto (default auto: on "
-                           "CPU what backend='auto' picks, on GPUs the fastest fused backend, cuda then triton, even "
-                           "where auto runs the torch composition)")
+                      help=f"backend of the fused LoRA run: {', '.join(backends.BACKENDS)} or auto (default auto: "
+                           "what backend='auto' picks, except where that is the unfused torch composition and a fused "
+                           "backend is available (GPUs; bf16 on CPUs with bf16 GEMM units): then the fastest fused "
+                           "one, on GPUs cuda then triton)")
     run = p.add_argument_group("run")
     run.add_argument("--steps", type=_positive_int,
                      help=f"training steps, warm-up included (default {cpu['steps']} CPU / {gpu['steps']} CUDA)")

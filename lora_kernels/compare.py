@@ -464,8 +464,10 @@ class CompareConfig:
                              f"heads, must be even)")
         if cfg.hidden % cfg.heads or (cfg.hidden // cfg.heads) % 2:
             heads = f"--heads {cfg.heads}" if heads_given else f"the {cfg.heads} heads of --model-size {cfg.model_size}"
+            got = (f"{cfg.hidden} / {cfg.heads} is not a whole number" if cfg.hidden % cfg.heads
+                   else f"the head dim {cfg.hidden} / {cfg.heads} = {cfg.hidden // cfg.heads} is odd")
             raise ValueError(f"compare: --hidden {cfg.hidden} expected a multiple of {heads} with an even head dim "
-                             f"(set --heads to fit)")
+                             f"(the rotary embedding rotates pairs), but {got}; set --heads to fit")
         for name in ("lr", "lora_lr"):
             value = getattr(cfg, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
@@ -741,7 +743,9 @@ def expected_lora_params(model_cfg, targets, rank):
 
 def _checkpoint_sizes(model, method, directory):
     """Writes what each method has to store and returns the file sizes: the full state dict (safetensors and
-    torch.save) for full fine-tuning; the adapter alone (PEFT's adapter_model.safetensors layout) for LoRA."""
+    torch.save) for full fine-tuning; the adapter alone for LoRA, as save_peft_adapter writes it (PEFT's
+    adapter_model.safetensors, and its adapter_config.json beside it: PeftModel.from_pretrained loads the
+    directory)."""
     from safetensors.torch import save_file
     os.makedirs(directory, exist_ok=True)
     sizes = {}
@@ -756,12 +760,13 @@ def _checkpoint_sizes(model, method, directory):
         sizes["checkpoint_bytes"] = sizes["full_safetensors_bytes"]
         sizes["checkpoint_kind"] = "full model (safetensors)"
     else:
-        state = {f"base_model.model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()
-                 if ".lora_A." in k or ".lora_B." in k}
+        from lora_kernels.peft_io import save_peft_adapter  # imported by compare runs only
+        save_peft_adapter(model, directory)
         path = os.path.join(directory, "adapter_model.safetensors")
-        save_file(state, path)
         sizes["adapter_safetensors_bytes"] = os.path.getsize(path)
-        sizes["adapter_tensor_bytes"] = tensor_bytes(state.values())
+        sizes["adapter_config_bytes"] = os.path.getsize(os.path.join(directory, "adapter_config.json"))
+        sizes["adapter_tensor_bytes"] = tensor_bytes(p for name, p in model.named_parameters()
+                                                     if ".lora_A." in name or ".lora_B." in name)
         sizes["checkpoint_bytes"] = sizes["adapter_safetensors_bytes"]
         sizes["checkpoint_kind"] = "adapter only (safetensors)"
     return sizes
@@ -1061,6 +1066,11 @@ def step_time_drift(step_ms):
     return thirds if thirds is not None and abs(thirds[1] - thirds[0]) > STEP_DRIFT_LIMIT * thirds[0] else None
 
 
+def _count_of(count, noun):
+    """'1 layer', '4 layers'."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _loss_text(loss):
     """A loss for the table; None is a non-finite loss of a result read back from JSON (json_safe wrote it as null)."""
     return "n/a" if loss is None else f"{loss:.3f}"
@@ -1077,14 +1087,15 @@ def format_compare(result):
     lines = [
         f"lora-kernels compare: {env['device']} ({where}), {cfg['dtype']}, torch {env['torch']}, "
         f"triton {env['triton'] or '-'}, {env['date']}",
-        f"model: {model['name']}: hidden {model['hidden']}, {model['layers']} layers, {model['heads']} heads, "
+        f"model: {model['name']}: hidden {model['hidden']}, {_count_of(model['layers'], 'layer')}, "
+        f"{_count_of(model['heads'], 'head')}, "
         f"MLP {model['intermediate']}, vocab {model['vocab']}; {fmt_count(model['total_params'])} parameters, "
         f"random init (seed {cfg['seed']})",
         f"task: {task['kind']} over {task['task_vocab']} tokens; batch {cfg['batch_size']} x seq {cfg['seq_len']} = "
         f"{task['tokens_per_step']} tokens/step; {cfg['steps']} AdamW steps ({cfg['warmup']} warm-up, not timed)"
         + ("; every decoder layer compiled (torch.compile)" if cfg.get("compile") else ""),
         f"LoRA: r={cfg['rank']}, alpha={cfg['alpha']:g}, scaling {_scaling_text(cfg)}, dropout {cfg['dropout']:g} on "
-        f"{','.join(cfg['targets'])} ({methods['lora_torch']['lora_layers']} layers); "
+        f"{','.join(cfg['targets'])} ({_count_of(methods['lora_torch']['lora_layers'], 'layer')}); "
         f"lr {cfg['lr']:g} (full) / {cfg['lora_lr']:g} (LoRA)",
         f"backends available: {', '.join(result['backends']['available'])}; fused run: "
         f"backend={cfg['backend']!r} -> {fused}",
@@ -1099,7 +1110,9 @@ def format_compare(result):
         lines.append("  note: in a 16-bit model both LoRA columns keep float32 factors (PEFT's autocast_adapter_dtype) "
                      "and run the LoRA branch in the model's dtype; PEFT's own layer runs it in float32, on a float32 "
                      "copy of each layer's input, which it also saves for backward: more activation memory than the "
-                     "torch column's")
+                     "torch column's. Full fine-tuning trains the 16-bit weights themselves, their gradients and "
+                     "AdamW moments 16-bit too (8 bytes per parameter; mixed-precision training's float32 master "
+                     "weights and moments take about 16)")
     # the torch / reference compositions (--backend torch, or no fused backend here, as without the C++ extension on
     # CPU: a note says so) are no fused run; "(fused)" had said they were
     kind = "unfused" if fused in ("torch", "reference") else "fused"
@@ -1164,6 +1177,10 @@ def format_compare(result):
                          f"to third quartile) around the median: the machine's load changed during the run (other "
                          f"work on it; on a shared CPU --threads 1 steadies it), so its step-time ratio is not a "
                          f"steady-state measurement")
+    timed_steps = len(full["step_ms_all"])
+    if timed_steps < 4:  # step_time_spread / step_time_drift need 4 and 6: no note could say the run was unsteady
+        lines.append(f"  note: {_count_of(timed_steps, 'timed step')} per column: too few to tell whether the step "
+                     f"times are steady, so the step-time ratios may be noise (more --steps)")
     compile_hint = "" if cfg.get("compile") else "; --compile compiles the layers to cut the host time"
     for method, name in zip(METHODS, headers[1:]):
         busy = methods[method].get("gpu_busy_ms") if gpu_busy else None
@@ -1190,6 +1207,14 @@ def format_compare(result):
                            ("unmerged_unfused_ms", "unmerged, torch (unfused)"),
                            ("unmerged_fused_ms", f"unmerged, {fused} ({kind})")):
             lines.append(f"  {label:36s} {inference[key]:9.2f} ms  {inference[key] / merged:5.2f}× merged")
+        slower = [label for key, label in (("unmerged_unfused_ms", "torch"), ("unmerged_fused_ms", fused))
+                  if inference[key] < merged]
+        if slower:  # merged is one F.linear per layer, the unmerged paths that and the LoRA branch
+            lines.append(f"  note: the merged model does strictly less work than the unmerged one, yet measured "
+                         f"slower than the unmerged {' and '.join(dict.fromkeys(slower))} path: the machine's load "
+                         f"changed during these {inference['reps']} passes, so the latencies are not steady-state "
+                         f"measurements (more --infer-reps"
+                         f"{'; on a shared CPU --threads 1 steadies it' if env['device'] == 'cpu' else ''})")
         rel_diff = inference["merged_vs_unmerged_rel_diff"]
         lines.append(f"  (merged vs unmerged logits: relative difference {rel_diff:.1e})")
         fused_diff = inference.get("fused_vs_unfused_rel_diff")  # absent from results saved before it was printed
@@ -1204,9 +1229,11 @@ def format_compare(result):
     m = result["measurement"]
     lines.append("")
     lines.append(f"[1] {m['memory']}.")
-    lines.append(f"[2] full fine-tuning stores the whole model; LoRA stores the adapter "
-                 f"(adapter_model.safetensors, PEFT keys); torch.save of the full model: "
-                 f"{fmt_bytes(full['full_torch_save_bytes'])}.")
+    config_bytes = methods["lora_torch"].get("adapter_config_bytes")  # absent from results saved before
+    config_text = f", beside its {fmt_bytes(config_bytes)} adapter_config.json" if config_bytes else ""
+    lines.append(f"[2] full fine-tuning stores the whole model (model.safetensors); LoRA stores the adapter, as "
+                 f"save_peft_adapter writes it (adapter_model.safetensors{config_text}: PEFT's format); torch.save of "
+                 f"the full model: {fmt_bytes(full['full_torch_save_bytes'])}.")
     if gpu_busy:
         lines.append("[3] the GPU's own time in one more step (its kernels, copies and memsets, by torch.profiler), "
                      "not timed; a step longer than it waited on the host.")

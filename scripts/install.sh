@@ -2,7 +2,8 @@
 # Sets up ./.venv with torch, triton and lora_kernels, building the C++/CUDA extension against that torch.
 #   bash scripts/install.sh          # the package
 #   bash scripts/install.sh --test   # plus the test dependencies (pytest, hypothesis, transformers, peft)
-# The CUDA sources are built whenever a CUDA toolkit is found (LORA_KERNELS_BUILD_CUDA=0/1 forces off/on).
+# The CUDA sources are built when torch is a CUDA build and a CUDA toolkit of its major version is found
+# (setup.py; LORA_KERNELS_BUILD_CUDA=0/1 forces off/on).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

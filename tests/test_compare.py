@@ -244,11 +244,18 @@ def test_the_lines_around_the_table_print_the_results_own_values(result):
         [f"unmerged, {fused} ({_fused_kind(fused)})", "5.00 ms", "2.50× merged"]]
     assert lines[start + 4:start + 6] == ["  (merged vs unmerged logits: relative difference 3.5e-06)",
                                           "  (fused vs unfused logits: relative difference 2.5e-07)"]
+    shown["methods"]["lora_torch"]["adapter_config_bytes"] = 612
+    lines = compare.format_compare(shown).splitlines()
     assert lines[-3:] == [
         f"[1] {shown['measurement']['memory']}.",
-        "[2] full fine-tuning stores the whole model; LoRA stores the adapter (adapter_model.safetensors, PEFT keys); "
-        "torch.save of the full model: 2.50 MB.",
+        "[2] full fine-tuning stores the whole model (model.safetensors); LoRA stores the adapter, as save_peft_adapter "
+        "writes it (adapter_model.safetensors, beside its 612 B adapter_config.json: PEFT's format); torch.save of the "
+        "full model: 2.50 MB.",
         f"step time: {shown['measurement']['step_time']}. Total run 12.3 s."]
+    del shown["methods"]["lora_torch"]["adapter_config_bytes"]  # a result saved before it was recorded
+    assert compare.format_compare(shown).splitlines()[-2].startswith(
+        "[2] full fine-tuning stores the whole model (model.safetensors); LoRA stores the adapter, as save_peft_adapter "
+        "writes it (adapter_model.safetensors: PEFT's format); ")
     shown["backends"]["fused_note"] = "a note on the fused backend"
     shown["config"]["dropout"] = 0.1
     notes = [line for line in compare.format_compare(shown).splitlines() if "note:" in line]
@@ -318,6 +325,10 @@ def test_a_16_bit_run_notes_that_peft_runs_its_lora_branch_in_float32(result):
         notes = [line for line in compare.format_compare(shown).splitlines() if "float32 copy" in line]
         assert len(notes) == 1 and notes[0].startswith("  note: in a 16-bit model both LoRA columns keep float32 "
                                                        "factors (PEFT's autocast_adapter_dtype)")
+        # the full fine-tuning column's 16-bit AdamW state (helper 185: it measured 2 bytes per moment, unsaid)
+        assert notes[0].endswith("Full fine-tuning trains the 16-bit weights themselves, their gradients and AdamW "
+                                 "moments 16-bit too (8 bytes per parameter; mixed-precision training's float32 "
+                                 "master weights and moments take about 16)")
 
 
 def test_parameter_bytes_and_printed_ratios_follow_the_runs(result):
@@ -1202,9 +1213,12 @@ def test_checkpoints_are_peft_adapter_files_and_full_state_dicts(tmp_path):
         keys = set(f.keys())
     assert keys == {f"base_model.model.layers.{i}.{module}.lora_{ab}.weight" for i in range(cfg.layers)
                     for module in ("self_attn.q_proj", "mlp.down_proj") for ab in "AB"}  # PEFT's key names
+    config = tmp_path / "lora" / "adapter_config.json"
     assert sizes == {"adapter_safetensors_bytes": path.stat().st_size, "checkpoint_bytes": path.stat().st_size,
+                     "adapter_config_bytes": config.stat().st_size,
                      "adapter_tensor_bytes": FLOAT32_BYTES * _trainable_count(lora),
                      "checkpoint_kind": "adapter only (safetensors)"}
+    assert json.loads(config.read_text())["r"] == cfg.rank
     full = compare._build("full", cfg, init_state, "torch")
     sizes = compare._checkpoint_sizes(full, "full", str(tmp_path / "full"))
     path = tmp_path / "full" / "model.safetensors"
@@ -1214,6 +1228,91 @@ def test_checkpoints_are_peft_adapter_files_and_full_state_dicts(tmp_path):
     assert sizes == {"full_safetensors_bytes": path.stat().st_size, "checkpoint_bytes": path.stat().st_size,
                      "full_torch_save_bytes": (tmp_path / "full" / "model.pt").stat().st_size,
                      "checkpoint_kind": "full model (safetensors)"}
+
+
+def test_the_lora_checkpoint_is_an_adapter_peft_loads_to_the_trained_models_logits(tmp_path):
+    """The LoRA column's checkpoint is a PEFT adapter directory (helper 185: it held only the safetensors file, which
+    PeftModel.from_pretrained cannot load, and no test read the stored values: writing every factor transposed
+    passed). Loaded by PEFT into the base model, it gives the LoRA model's logits."""
+    peft = pytest.importorskip("peft")
+    cfg = _tiny_cfg()
+    init_state = _init_state(cfg)
+    lora = compare._build("lora_torch", cfg, init_state, "torch")
+    torch.manual_seed(5)
+    with torch.no_grad():  # a trained adapter: B no longer zero
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    compare._checkpoint_sizes(lora, "lora_torch", str(tmp_path))
+    base = DecoderLM(cfg.model_config())
+    base.load_state_dict(init_state)
+    loaded = peft.PeftModel.from_pretrained(base, str(tmp_path)).eval()
+    ids = torch.randint(0, cfg.vocab, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), lora.eval()(ids))
+
+
+def test_each_peak_is_read_against_a_baseline_taken_before_its_model_is_built(monkeypatch):
+    """Footnote [1]: a column's peak is its resident set minus the one before its model was built. A baseline taken
+    after the build dropped the model's weights out of every peak, with every test green (helper 185's mutant)."""
+    import gc
+    events = []
+
+    class Probe(StandInProbe):
+        def baseline(self):
+            gc.collect()
+            events.append(("baseline", sum(type(o) is DecoderLM for o in gc.get_objects())))
+
+        def start(self):
+            events.append(("start", None))
+
+    monkeypatch.setattr(compare, "MemoryProbe", Probe)
+    run_compare(dataclasses.replace(TINY, steps=2, warmup=1, infer_reps=1, batch_size=2, seq_len=8,
+                                    targets=("q_proj",)))
+    assert events == ([("baseline", 0)] + [("start", None)] * compare.MEMORY_STEPS) * len(compare.METHODS)
+
+
+def test_a_merged_model_timed_slower_than_an_unmerged_one_is_called_noise(result):
+    """The merged model runs one F.linear per layer, the unmerged paths that and the LoRA branch: a merged median
+    above an unmerged one is the machine's load (helper 185: 104 against 12.7 ms under other jobs, no note)."""
+    import copy
+    shown = copy.deepcopy(result)
+    fused = shown["backends"]["fused"]
+    shown["inference"].update(merged_ms=2.0, unmerged_unfused_ms=3.0, unmerged_fused_ms=5.0)
+    assert "strictly less work" not in compare.format_compare(shown)
+    shown["inference"].update(merged_ms=4.0)
+    notes = [line for line in compare.format_compare(shown).splitlines() if "strictly less work" in line]
+    assert notes == [f"  note: the merged model does strictly less work than the unmerged one, yet measured slower "
+                     f"than the unmerged torch path: the machine's load changed during these 3 passes, so the "
+                     f"latencies are not steady-state measurements (more --infer-reps; on a shared CPU --threads 1 "
+                     f"steadies it)"]
+    shown["inference"].update(merged_ms=6.0)
+    both = "torch" if fused == "torch" else f"torch and {fused}"  # no fused backend: the torch composition twice
+    assert f"slower than the unmerged {both} path:" in compare.format_compare(shown)
+
+
+def test_too_few_timed_steps_to_judge_their_spread_get_a_note(result):
+    """The spread and drift notes need 4 and 6 timed steps: with fewer, a noisy ratio (--steps 1: 29.68x) went
+    without a word."""
+    import copy
+    shown = copy.deepcopy(result)
+    for steps in (1, 3, 4):
+        for run in shown["methods"].values():
+            run["step_ms_all"] = [40.0] * steps
+        notes = [line for line in compare.format_compare(shown).splitlines() if "too few" in line]
+        assert notes == ([f"  note: {steps} timed step{'s' if steps > 1 else ''} per column: too few to tell whether "
+                          f"the step times are steady, so the step-time ratios may be noise (more --steps)"]
+                         if steps < 4 else []), steps
+
+
+def test_counts_of_one_are_singular(result):
+    import copy
+    shown = copy.deepcopy(result)
+    shown["model"].update(layers=1, heads=1)
+    shown["methods"]["lora_torch"]["lora_layers"] = 1
+    lines = compare.format_compare(shown).splitlines()
+    assert ": hidden 64, 1 layer, 1 head, MLP 176," in lines[1] and lines[3].endswith(
+        "(1 layer); lr 0.001 (full) / 0.003 (LoRA)")
 
 
 class StandInProbe:
