@@ -1878,13 +1878,12 @@ def merge_and_unload(model, *, safe_merge=False):
     for name, module in layers:  # to_linear would refuse them, after earlier layers were replaced
         module._check_factor_devices(f"merge_and_unload: module {name!r}", unchanged="the model")
     if safe_merge:
-        # one layer at a time, as the replacement below: all merged copies at once would double the model's memory
         meta = [name for name, module in layers if module.weight.is_meta]
         if meta:
             raise ValueError(f"merge_and_unload: safe_merge checks the merged weights' values, but layers {meta[:3]}"
                              f"{' ...' if len(meta) > 3 else ''} have base weights on the meta device, which hold "
                              f"none (load the weights first); the model is unchanged")
-        with torch.no_grad():
+        with torch.no_grad():  # one merged weight at a time, computed again below: all at once doubled the memory
             broken = [name for name, module in layers if not torch.isfinite(module._merged_weight()).all()]
         if broken:
             raise ValueError(f"merge_and_unload: safe_merge found NaN/Inf in the merged weights of layers "
