@@ -584,6 +584,12 @@ def test_merge_and_unload_safe_merge_refuses_a_broken_adapter_before_any_change(
         torch.testing.assert_close(now, before, rtol=0, atol=0, equal_nan=True)
     with pytest.raises(TypeError, match="merge_and_unload: safe_merge expected a bool, got 'yes'"):
         merge_and_unload(model, safe_merge="yes")
+    with torch.device("meta"):  # no values to check: refused as merge(safe_merge=True) refuses it
+        on_meta = nn.Sequential(LoRALinear(4, 4))
+    with pytest.raises(ValueError, match=r"safe_merge checks the merged weights' values, but layers \['0'\] have base "
+                                         r"weights on the meta device.*; the model is unchanged$"):
+        merge_and_unload(on_meta, safe_merge=True)
+    assert isinstance(on_meta[0], LoRALinear)
     with torch.no_grad():
         model[0].lora_B.weight[1, 0] = 0.0
         model[2].lora_B.weight.fill_(0.01)
