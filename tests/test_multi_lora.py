@@ -2525,3 +2525,81 @@ def test_set_adapter_refuses_real_values_into_meta_slots():
                                          r"reset_parameters\(\) to clear every slot"):
         layer.set_adapter(0, torch.randn(2, 8), torch.randn(6, 2), 2.0)
     layer.set_adapter(0, torch.randn(2, 8, device="meta"), torch.randn(6, 2, device="meta"), 2.0)
+
+
+def _other_slot_stride(weights):
+    """The same values, slots spaced further apart (cut from a buffer twice as long along dim 1, NaN-padded):
+    strides along dims 1 and 2 as a contiguous tensor's, the slot stride 2·a·b."""
+    return torch.cat([weights, torch.full_like(weights, float("nan"))], dim=1)[:, :weights.shape[1]]
+
+
+def _odd_address(weights):
+    """The same values and strides at an address 4 bytes past a multiple of 16 (Triton specialises on it)."""
+    storage = torch.empty(weights.numel() + 1, dtype=weights.dtype, device=weights.device)[1:]
+    return storage.view(weights.shape).copy_(weights)
+
+
+def _odd_slot_stride(weights):
+    """The same values and strides along dims 1 and 2, the slot stride one element longer (not a multiple of 16)."""
+    num_slots, a, b = weights.shape
+    storage = torch.empty(num_slots, a * b + 1, dtype=weights.dtype, device=weights.device)
+    return storage[:, :a * b].view(num_slots, a, b).copy_(weights)
+
+
+# layout -> (widths, which lora_a / lora_b is changed and how, shrink launches, expand launches)
+_SLICE_KEY_CASES = {
+    "a lora_a of another slot stride": ((16, 16, 16), ("a", 1, _other_slot_stride), 3, 1),
+    "a lora_a at an odd address": ((16, 16, 16), ("a", 1, _odd_address), 3, 1),
+    "a lora_b at an odd address": ((16, 16, 16), ("b", 1, _odd_address), 1, 3),
+    "a lora_b of an odd slot stride": ((16, 16, 16), ("b", 1, _odd_slot_stride), 1, 3),
+    "an odd first column": ((8, 8, 16), None, 1, 3),  # slice 1 starts at column 8: a launch of its own
+}
+
+
+@pytest.mark.parametrize("m", [5, 80], ids=["decode", "prefill"])
+@pytest.mark.parametrize("layout", list(_SLICE_KEY_CASES))
+def test_add_lora_with_triton_launches_apart_each_slice_whose_launch_key_differs(layout, m, monkeypatch):
+    """sgmv._slice_groups' keys: the shrink kernel takes one slot stride per launch (a lora_a whose slots are spaced
+    otherwise is read at its neighbours' stride unless launched apart: wrong results), and a slice whose address,
+    slot stride or first output column is 16-divisible where a neighbour's is not takes launches of its own (else
+    every slice of the launch loses its 16-byte accesses). Results against the reference."""
+    backend_or_skip("triton", torch.device("cpu"))
+    import triton
+    launches = []
+    run = triton.runtime.interpreter.InterpretedFunction.run
+    monkeypatch.setattr(triton.runtime.interpreter.InterpretedFunction, "run",
+                        lambda self, *args, **kwargs: launches.append(self.fn.__name__) or run(self, *args, **kwargs))
+    widths, change, shrinks, expands = _SLICE_KEY_CASES[layout]
+    num_slots, r, k, slot_ranks = 3, 4, 16, [4, 2, 3]
+    lora_as, lora_bs = zip(*[_adapters(num_slots, r, k, w, slot_ranks, torch.float32, "cpu") for w in widths])
+    lora_a, lora_b = list(lora_as), list(lora_bs)
+    if change is not None:
+        which, j, relayout = change
+        weights = lora_a if which == "a" else lora_b
+        weights[j] = relayout(weights[j])
+    x, y = randn(m, k), randn(m, sum(widths))
+    batch = LoRABatch.from_adapter_ids(torch.arange(m) % (num_slots + 1) - 1, num_slots)
+    scalings, ranks = [1.0, 2.0, 0.5], torch.tensor(slot_ranks, dtype=torch.int32)
+    expected = reference.add_lora(y, x, lora_as, lora_bs, batch.adapter_ids, torch.tensor(scalings), ranks, widths)
+    lk.ops.add_lora(y, x, lora_a, lora_b, batch, scalings, ranks, widths, backend="triton")
+    assert_close(y, expected, torch.float32, f"add_lora, {layout}")
+    kind = "bgmv" if m == 5 else "sgmv"
+    assert sorted(launches) == [f"_{kind}_expand_kernel"] * expands + [f"_{kind}_shrink_kernel"] * shrinks
+
+
+def test_add_lora_ranks_none_makes_one_ranks_tensor_per_distinct_r(monkeypatch):
+    """add_lora's docstring: ranks=None makes one ranks tensor per distinct R (slices of one R share it, and with it
+    the triton launches), not one per slice."""
+    made = []
+    as_ranks = lk.ops.as_ranks
+    monkeypatch.setattr(lk.ops, "as_ranks", lambda op, ranks, *args: made.append(ranks is None) or as_ranks(
+        op, ranks, *args))
+    num_slots, k, m = 2, 8, 5
+    for rs, distinct in (((4, 4, 4), 1), ((4, 2, 4), 2), ((2, 4, 4, 2), 2)):
+        weights = [_adapters(num_slots, r, k, 8, [r] * num_slots, torch.float32, "cpu") for r in rs]
+        lora_as, lora_bs = zip(*weights)
+        batch = LoRABatch.from_adapter_ids(torch.tensor([0, 1, -1, 1, 0]), num_slots)
+        made.clear()
+        lk.ops.add_lora(torch.zeros(m, 8 * len(rs)), randn(m, k), list(lora_as), list(lora_bs), batch,
+                        [1.0, 1.0], None, (8,) * len(rs), backend="torch")
+        assert made.count(True) == distinct, (rs, made)

@@ -599,3 +599,22 @@ def test_eager_launches_bump_the_version_of_the_output_they_write(call, device):
             lk_ops.add_lora(out, x, [A], [B], batch, scalings, ranks, [5], backend="triton")
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+@pytest.mark.parametrize("op", ["sgmv_shrink", "sgmv_expand"])
+def test_the_grouped_triton_ops_refuse_a_later_slice_that_requires_grad(op, device):
+    """lora_a and lora_b are lists of slices: a slice after the first that requires grad is refused too (it would
+    silently get no gradient)."""
+    batch = LoRABatch.from_adapter_ids(torch.tensor([0, 1, -1], dtype=torch.int32, device=device), 2)
+    meta = (batch.adapter_ids, batch.sorted_token_ids, batch.slot_counts, batch.slot_starts)
+    ranks = torch.tensor([4, 4], dtype=torch.int32, device=device)
+    with pytest.raises(RuntimeError, match=f"{'lora_a' if op == 'sgmv_shrink' else 'lora_b'} requires grad"):
+        if op == "sgmv_shrink":
+            slices = [randn(2, 4, 8, device=device), randn(2, 4, 8, device=device).requires_grad_(True)]
+            torch.ops.lora_kernels_triton.sgmv_shrink(randn(3, 8, device=device), slices, *meta,
+                                                      torch.ones(2, device=device), ranks,
+                                                      torch.zeros(2, 3, 4, device=device), False, "auto")
+        else:
+            slices = [randn(2, 6, 4, device=device), randn(2, 2, 4, device=device).requires_grad_(True)]
+            torch.ops.lora_kernels_triton.sgmv_expand(torch.zeros(2, 3, 4, device=device), slices, *meta, ranks,
+                                                      torch.zeros(3, 8, device=device), [0, 6], "auto")
