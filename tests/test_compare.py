@@ -248,14 +248,14 @@ def test_the_lines_around_the_table_print_the_results_own_values(result):
     lines = compare.format_compare(shown).splitlines()
     assert lines[-3:] == [
         f"[1] {shown['measurement']['memory']}.",
-        "[2] full fine-tuning stores the whole model (model.safetensors); LoRA stores the adapter, as save_peft_adapter "
-        "writes it (adapter_model.safetensors, beside its 612 B adapter_config.json: PEFT's format); torch.save of the "
-        "full model: 2.50 MB.",
+        "[2] full fine-tuning stores the whole model (model.safetensors); LoRA stores the adapter, as "
+        "save_peft_adapter writes it (adapter_model.safetensors, beside its 612 B adapter_config.json: PEFT's "
+        "format); torch.save of the full model: 2.50 MB.",
         f"step time: {shown['measurement']['step_time']}. Total run 12.3 s."]
     del shown["methods"]["lora_torch"]["adapter_config_bytes"]  # a result saved before it was recorded
     assert compare.format_compare(shown).splitlines()[-2].startswith(
-        "[2] full fine-tuning stores the whole model (model.safetensors); LoRA stores the adapter, as save_peft_adapter "
-        "writes it (adapter_model.safetensors: PEFT's format); ")
+        "[2] full fine-tuning stores the whole model (model.safetensors); LoRA stores the adapter, as "
+        "save_peft_adapter writes it (adapter_model.safetensors: PEFT's format); ")
     shown["backends"]["fused_note"] = "a note on the fused backend"
     shown["config"]["dropout"] = 0.1
     notes = [line for line in compare.format_compare(shown).splitlines() if "note:" in line]
@@ -1282,10 +1282,10 @@ def test_a_merged_model_timed_slower_than_an_unmerged_one_is_called_noise(result
     assert "strictly less work" not in compare.format_compare(shown)
     shown["inference"].update(merged_ms=4.0)
     notes = [line for line in compare.format_compare(shown).splitlines() if "strictly less work" in line]
-    assert notes == [f"  note: the merged model does strictly less work than the unmerged one, yet measured slower "
-                     f"than the unmerged torch path: the machine's load changed during these 3 passes, so the "
-                     f"latencies are not steady-state measurements (more --infer-reps; on a shared CPU --threads 1 "
-                     f"steadies it)"]
+    assert notes == ["  note: the merged model does strictly less work than the unmerged one, yet measured slower "
+                     "than the unmerged torch path: the machine's load changed during these 3 passes, so the "
+                     "latencies are not steady-state measurements (more --infer-reps; on a shared CPU --threads 1 "
+                     "steadies it)"]
     shown["inference"].update(merged_ms=6.0)
     both = "torch" if fused == "torch" else f"torch and {fused}"  # no fused backend: the torch composition twice
     assert f"slower than the unmerged {both} path:" in compare.format_compare(shown)

@@ -398,18 +398,24 @@ _SLICE_LAUNCH_CASES = {
 }
 
 
-@pytest.mark.parametrize("m", [5, 80], ids=["decode", "prefill"])
-@pytest.mark.parametrize("layout", list(_SLICE_LAUNCH_CASES))
-def test_add_lora_launches_once_for_up_to_three_slices_with_triton(layout, m, monkeypatch):
-    """README, Serving stacks: with Triton up to 3 slices (a fused QKV projection's: unequal widths, in lists) are
-    one shrink and one expand launch, where they have one R, are laid out alike and their widths are multiples of
-    16; else more. The kernels really run (under the interpreter): each slice's result lands in its own columns."""
+def _interpreted_launches(monkeypatch):
+    """The names of the Triton kernels launched from now on, in order (the interpreter's launches: CPU only)."""
     backend_or_skip("triton", torch.device("cpu"))
     import triton
     launches = []
     run = triton.runtime.interpreter.InterpretedFunction.run
     monkeypatch.setattr(triton.runtime.interpreter.InterpretedFunction, "run",
                         lambda self, *args, **kwargs: launches.append(self.fn.__name__) or run(self, *args, **kwargs))
+    return launches
+
+
+@pytest.mark.parametrize("m", [5, 80], ids=["decode", "prefill"])
+@pytest.mark.parametrize("layout", list(_SLICE_LAUNCH_CASES))
+def test_add_lora_launches_once_for_up_to_three_slices_with_triton(layout, m, monkeypatch):
+    """README, Serving stacks: with Triton up to 3 slices (a fused QKV projection's: unequal widths, in lists) are
+    one shrink and one expand launch, where they have one R, are laid out alike and their widths are multiples of
+    16; else more. The kernels really run (under the interpreter): each slice's result lands in its own columns."""
+    launches = _interpreted_launches(monkeypatch)
     widths, slice_ranks, shrinks, expands = _SLICE_LAUNCH_CASES[layout]
     num_slots, k = 2, 8
     given_ranks = not layout.startswith("ranks=None")  # else every slot at its slice's R: no NaN padding to skip
@@ -2563,12 +2569,7 @@ def test_add_lora_with_triton_launches_apart_each_slice_whose_launch_key_differs
     otherwise is read at its neighbours' stride unless launched apart: wrong results), and a slice whose address,
     slot stride or first output column is 16-divisible where a neighbour's is not takes launches of its own (else
     every slice of the launch loses its 16-byte accesses). Results against the reference."""
-    backend_or_skip("triton", torch.device("cpu"))
-    import triton
-    launches = []
-    run = triton.runtime.interpreter.InterpretedFunction.run
-    monkeypatch.setattr(triton.runtime.interpreter.InterpretedFunction, "run",
-                        lambda self, *args, **kwargs: launches.append(self.fn.__name__) or run(self, *args, **kwargs))
+    launches = _interpreted_launches(monkeypatch)
     widths, change, shrinks, expands = _SLICE_KEY_CASES[layout]
     num_slots, r, k, slot_ranks = 3, 4, 16, [4, 2, 3]
     lora_as, lora_bs = zip(*[_adapters(num_slots, r, k, w, slot_ranks, torch.float32, "cpu") for w in widths])
