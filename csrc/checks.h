@@ -71,8 +71,8 @@ inline std::string shape_str(const at::Tensor& t) { return message(t.sizes()); }
 
 #define LK_CHECK_SIZE(op, t, d, expected, what)                                                        \
   TORCH_CHECK_VALUE((t).size(d) == (expected),                                                         \
-                    ::lora_kernels::message(op, ": " #t ".shape[" #d "] expected ", (expected),        \
-                                            " (" what "), got shape ", ::lora_kernels::shape_str(t)))
+                    ::lora_kernels::message(op, ": " #t ".shape[" #d "] expected ", (expected), " (",  \
+                                            what, "), got shape ", ::lora_kernels::shape_str(t)))
 
 #define LK_CHECK_SAME_DTYPE(op, t, ref)                                                                \
   TORCH_CHECK_TYPE((t).scalar_type() == (ref).scalar_type(),                                          \

@@ -756,7 +756,8 @@ def test_sgmv_checks_each_metadata_vector(call, name, device):
     args = _good_sgmv(device)
     vector = args[name]
     n = vector.numel()
-    what = "tokens" if name == "sorted_token_ids" else "adapter slots"
+    what = (rf"tokens = {'x' if call is _shrink else 't'}.shape\[0\]" if name == "sorted_token_ids"
+            else rf"adapter slots = {'lora_a' if call is _shrink else 'lora_b'}.shape\[0\]")
     for bad, error, match in [
         (vector[None], ValueError, rf"{name} expected a 1-D tensor, got shape \[1, {n}\]"),
         (vector.long(), TypeError, rf"{name} expected dtype Int, got Long"),
@@ -821,11 +822,13 @@ def test_sgmv_bad_metadata_values_cpu():
     negative_id = dict(args, sorted_token_ids=args["sorted_token_ids"].clone())
     assert int(starts.min()) > 0  # position 0 holds a token of no slot (-1 tokens sort first), outside every range
     negative_id["sorted_token_ids"][0] = -1
-    with pytest.raises(ValueError, match=r"sgmv_expand: sorted_token_ids expected values in \[0, 10\), got -1"):
+    with pytest.raises(ValueError, match=r"sgmv_expand: sorted_token_ids expected values in \[0, 10\), got "
+                                         r"sorted_token_ids\[0\] = -1"):
         _expand(negative_id)
     one_past = dict(args, sorted_token_ids=args["sorted_token_ids"].clone())
     one_past["sorted_token_ids"][0] = 10  # M: one row past the last token
-    with pytest.raises(ValueError, match=r"sgmv_shrink: sorted_token_ids expected values in \[0, 10\), got 10"):
+    with pytest.raises(ValueError, match=r"sgmv_shrink: sorted_token_ids expected values in \[0, 10\), got "
+                                         r"sorted_token_ids\[0\] = 10"):
         _shrink(one_past)
     # Two slots over one token would have two threads write its row: overlapping ranges and repeated tokens fail.
     overlapping = dict(args, slot_starts=torch.zeros(NUM_SLOTS, dtype=torch.int32),
@@ -839,6 +842,24 @@ def test_sgmv_bad_metadata_values_cpu():
     with pytest.raises(ValueError, match="sgmv_expand: sorted_token_ids expected each token at most once within the "
                                          "slots' ranges, got token 0 twice"):
         _expand(repeated)
+
+
+def test_sgmv_metadata_size_errors_say_where_the_expected_size_comes_from():
+    """A wrong x / t or lora_a / lora_b is as likely as wrong metadata: the size errors name the argument the expected
+    size was read from (helper 188: "expected 3 (tokens)" blamed sorted_token_ids for an x of the wrong rows)."""
+    args = _good_sgmv(torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"sgmv_shrink: sorted_token_ids.shape\[0\] expected 9 \(tokens = "
+                                         r"x.shape\[0\]\), got shape \[10\]"):
+        _shrink(dict(args, x=args["x"][:9]))
+    with pytest.raises(ValueError, match=r"sgmv_expand: sorted_token_ids.shape\[0\] expected 9 \(tokens = "
+                                         r"t.shape\[0\]\), got shape \[10\]"):
+        _expand(dict(args, t=args["t"][:9], out=args["out"][:9]))
+    with pytest.raises(ValueError, match=rf"sgmv_shrink: slot_starts.shape\[0\] expected {NUM_SLOTS - 1} \(adapter "
+                                         rf"slots = lora_a.shape\[0\]\), got shape \[{NUM_SLOTS}\]"):
+        _shrink(dict(args, lora_a=args["lora_a"][1:]))
+    with pytest.raises(ValueError, match=rf"sgmv_expand: slot_starts.shape\[0\] expected {NUM_SLOTS - 1} \(adapter "
+                                         rf"slots = lora_b.shape\[0\]\), got shape \[{NUM_SLOTS}\]"):
+        _expand(dict(args, lora_b=args["lora_b"][1:]))
 
 
 def test_sgmv_metadata_value_checks_reach_the_last_slot_and_token():
@@ -859,7 +880,8 @@ def test_sgmv_metadata_value_checks_reach_the_last_slot_and_token():
         _expand(dict(args, slot_counts=counts))
     token_ids = args["sorted_token_ids"].clone()
     token_ids[-1] = 10
-    with pytest.raises(ValueError, match=r"sgmv_shrink: sorted_token_ids expected values in \[0, 10\), got 10"):
+    with pytest.raises(ValueError, match=r"sgmv_shrink: sorted_token_ids expected values in \[0, 10\), got "
+                                         r"sorted_token_ids\[9\] = 10"):
         _shrink(dict(args, sorted_token_ids=token_ids))
     over_first = dict(args, sorted_token_ids=torch.arange(10, dtype=torch.int32),
                       slot_starts=torch.tensor([0, 2, 4, 6, 8, 0], dtype=torch.int32),

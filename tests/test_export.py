@@ -269,9 +269,23 @@ def test_the_raw_cpp_ops_refuse_or_raise_for_every_input_that_requires_grad():
                             (torch.randn(3, 4), torch.randn(2, 5, 4, requires_grad=True), "lora_b")):
         with pytest.raises(RuntimeError, match=f"sgmv_expand is not differentiable, but {name} requires grad"):
             ops.sgmv_expand(t, lora_b, *meta, ranks, torch.zeros(3, 5), 0)
+    # a leaf out that requires grad (helper 188): it was written, where torch's own in-place ops refuse it
+    out = torch.zeros(3, 5, requires_grad=True)
+    with pytest.raises(RuntimeError, match="sgmv_expand: out is a leaf tensor that requires grad, which an in-place "
+                                           "op cannot write"):
+        ops.sgmv_expand(torch.randn(3, 4), torch.randn(2, 5, 4), *meta, ranks, out, 0)
+    assert torch.equal(out.detach(), torch.zeros(3, 5))
+    # a graph node (an exported program's y = F.linear(x, W) of a trained W) is added into, its gradient unchanged
+    weight = torch.ones((), requires_grad=True)
+    node = weight * torch.ones(3, 5)
+    ops.sgmv_expand(torch.randn(3, 4), torch.randn(2, 5, 4), *meta, ranks, node, 0)
+    node.sum().backward()
+    assert weight.grad == 15 and not torch.equal(node.detach(), torch.ones(3, 5))
     with torch.no_grad():  # what an exported program computes without grad
         ops.sgmv_expand(torch.randn(3, 4), torch.randn(2, 5, 4, requires_grad=True), *meta, ranks,
                         torch.zeros(3, 5), 0)
+        ops.sgmv_expand(torch.randn(3, 4), torch.randn(2, 5, 4), *meta, ranks, out, 0)
+    assert out.detach().abs().sum() > 0
 
 
 def test_the_grouped_triton_ops_of_an_exported_program_refuse_inputs_that_require_grad():

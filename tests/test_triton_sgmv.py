@@ -576,6 +576,46 @@ def test_the_grouped_triton_ops_refuse_every_input_that_requires_grad(op, argume
                                                       torch.zeros(3, 6, device=device), [0], "auto")
 
 
+@pytest.mark.parametrize("op", ["sgmv_shrink", "sgmv_expand", "segment_outer"])
+def test_the_grouped_triton_ops_refuse_an_out_that_requires_grad(op, device):
+    """Called directly in grad mode, a leaf out that requires grad is refused before it is written (helper 188: it
+    was written, where torch's own in-place ops refuse it); so is a graph node that the shrink and segment_outer
+    overwrite (its gradient would still flow to what it was computed from). sgmv_expand adds into a graph node, as
+    torch's add_ would: its gradient stays right."""
+    batch = LoRABatch.from_adapter_ids(torch.tensor([0, 1, -1], dtype=torch.int32, device=device), 2)
+    meta = (batch.adapter_ids, batch.sorted_token_ids, batch.slot_counts, batch.slot_starts)
+    ranks = torch.tensor([4, 4], dtype=torch.int32, device=device)
+    grouped = torch.ops.lora_kernels_triton
+    shapes = {"sgmv_shrink": (3, 4), "sgmv_expand": (3, 6), "segment_outer": (2, 4, 8)}
+    out = torch.zeros(shapes[op], device=device, requires_grad=True)
+    calls = {
+        "sgmv_shrink": lambda: grouped.sgmv_shrink(randn(3, 8, device=device), [randn(2, 4, 8, device=device)], *meta,
+                                                   torch.ones(2, device=device), ranks, out, False, "auto"),
+        "sgmv_expand": lambda: grouped.sgmv_expand(randn(3, 4, device=device), [randn(2, 6, 4, device=device)], *meta,
+                                                   ranks, out, [0], "auto"),
+        "segment_outer": lambda: grouped.segment_outer(randn(3, 4, device=device), randn(3, 8, device=device),
+                                                       *meta[1:], out),
+    }
+    how = "adds into" if op == "sgmv_expand" else "overwrites"
+    with pytest.raises(RuntimeError, match=f"lora_kernels_triton::{op}: out is a leaf tensor that requires grad, "
+                                           f"which this op {how} in place"):
+        calls[op]()
+    assert torch.equal(out.detach(), torch.zeros_like(out))
+    with torch.no_grad():  # outside grad mode the op writes it, as torch's in-place ops do
+        calls[op]()
+    assert out.detach().abs().sum() > 0
+    weight = torch.ones((), device=device, requires_grad=True)
+    out = weight * torch.ones(shapes[op], device=device)  # a graph node
+    if op != "sgmv_expand":
+        with pytest.raises(RuntimeError, match=f"{op}: out is a tensor that requires grad, which this op overwrites"):
+            calls[op]()
+        return
+    before = out.detach().clone()
+    calls[op]()
+    out.sum().backward()  # d(sum(out))/d(weight) = out's element count: the added term is a constant to it
+    assert weight.grad == out.numel() and not torch.equal(out.detach(), before)
+
+
 @pytest.mark.parametrize("call", ["expand", "shrink_out", "add_lora"])
 def test_eager_launches_bump_the_version_of_the_output_they_write(call, device):
     """The eager Triton path launches without the dispatcher, which bumps the version of a custom op's mutated

@@ -645,7 +645,7 @@ def _(left, right, sorted_token_ids, slot_counts, slot_starts, out):
 _AUTOGRAD = torch.library.Library("lora_kernels_triton", "FRAGMENT")
 
 
-def _refuse_grad_inputs(op_name, inputs):
+def _refuse_grad_inputs(op_name, inputs, adds_into_out):
     op = getattr(torch.ops.lora_kernels_triton, op_name).default
     names = [argument.name for argument in op._schema.arguments]
 
@@ -658,15 +658,23 @@ def _refuse_grad_inputs(op_name, inputs):
                 raise RuntimeError(f"lora_kernels_triton::{op_name} is not differentiable, but {needing} requires "
                                    f"grad: call lora_kernels.multi_lora_linear (autograd) or this op under "
                                    f"torch.no_grad()")
+            # out: a leaf that requires grad was written (torch's own in-place ops refuse it). A graph node keeps
+            # its gradient where the op adds a constant (to autograd) into it, not where it overwrites it.
+            out = values["out"]
+            if out.requires_grad and (out.is_leaf or not adds_into_out):
+                raise RuntimeError(f"lora_kernels_triton::{op_name}: out is a {'leaf ' if out.is_leaf else ''}tensor "
+                                   f"that requires grad, which this op {'adds into' if adds_into_out else 'overwrites'}"
+                                   f" in place without a derivative: pass one that does not require grad, or call "
+                                   f"this op under torch.no_grad()")
         with torch._C._AutoDispatchBelowAutograd():
             return op.redispatch(keyset & torch._C._after_autograd_keyset, *args, **kwargs)
 
     _AUTOGRAD.impl(op_name, kernel, "Autograd", with_keyset=True, allow_override=True)  # custom_op's own
 
 
-_refuse_grad_inputs("sgmv_shrink", ("x", "lora_a", "scalings"))
-_refuse_grad_inputs("sgmv_expand", ("t", "lora_b"))
-_refuse_grad_inputs("segment_outer", ("left", "right"))
+_refuse_grad_inputs("sgmv_shrink", ("x", "lora_a", "scalings"), adds_into_out=False)
+_refuse_grad_inputs("sgmv_expand", ("t", "lora_b"), adds_into_out=True)
+_refuse_grad_inputs("segment_outer", ("left", "right"), adds_into_out=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
