@@ -4,12 +4,14 @@ csrc/cuda/tensor_core.h, are cut out of the files verbatim and compiled as C++ w
 they use (tests/cuda_emulation/emu.h: a thread per CUDA thread, barriers for __syncthreads and __syncwarp, warp
 shuffles and the warp-wide MMAs, whose fragment layouts emu.h restates from the PTX ISA; after each block barrier
 warp 0 runs ahead to the next before the other warps go on, so a missing barrier before shared memory is
-overwritten shows). Five harnesses run whole
-launches on integer-valued data against a float64 reference, bit for bit: decode_kernels.cpp the grouped
+overwritten shows). Six harnesses run whole
+launches on integer-valued data against a float64 reference, bit for bit (the expands' output columns outside
+their slice too, which hold -0.0: an added zero shows): decode_kernels.cpp the grouped
 one-token-per-block decode kernels, sgmv_mma.cpp the grouped tensor-core shrink and expand of a prefill batch,
 sgmv_cuda_core.cpp the grouped CUDA-core kernel (float32, float64 and rows 16-byte loads cannot read whole),
-lora_fwd_decode.cpp lora_fwd's decode shrink and its tensor-core and CUDA-core forward kernels, lora_bwd_dy.cpp
-lora_bwd_dy's tensor-core and CUDA-core kernels.
+bad_metadata.cpp the grouped kernels on out-of-range ranks and slot ranges that their clamps make mean a valid
+batch's, lora_fwd_decode.cpp lora_fwd's decode shrink and its tensor-core and CUDA-core forward kernels,
+lora_bwd_dy.cpp lora_bwd_dy's tensor-core and CUDA-core kernels.
 
 Two more harnesses run the launchers themselves (launchers_lora_linear.cpp, launchers_sgmv.cpp): the whole of
 lora_linear.cu or sgmv.cu compiled as host C++ against the CPU libtorch, its launches rewritten into emulated ones
@@ -51,13 +53,14 @@ SECTIONS = {
     "decode_kernels": SGMV,
     "sgmv_mma": SGMV,
     "sgmv_cuda_core": SGMV,
+    "bad_metadata": SGMV,
     "lora_fwd_decode": TENSOR_CORE + [("lora_linear.cu", "constexpr int kWarpSize", "#define LK_DISPATCH_FLOAT")],
     "lora_bwd_dy": TENSOR_CORE + [("lora_linear.cu", "// ---- backward ---", "// Elements of T in one 16-byte vector"),
                                   ("lora_linear.cu", "// ---- lora_bwd_dy ---",
                                    "// (dB, dS) from the kernels' block partials")],
 }
 HARNESS_SOURCE = {"decode_kernels": "sgmv.cu", "sgmv_mma": "sgmv.cu", "sgmv_cuda_core": "sgmv.cu",
-                  "lora_fwd_decode": "lora_linear.cu", "lora_bwd_dy": "lora_linear.cu"}
+                  "bad_metadata": "sgmv.cu", "lora_fwd_decode": "lora_linear.cu", "lora_bwd_dy": "lora_linear.cu"}
 
 
 def read_sources():
@@ -148,7 +151,7 @@ def test_cuda_kernels_match_the_reference_on_the_cpu(tmp_path, harness, cases):
     assert returncode == 0 and output.splitlines()[-1] == f"{cases} cases, 0 failures", output[-3000:]
 
 
-@pytest.mark.parametrize("harness,cases", [("launchers_lora_linear", 43), ("launchers_sgmv", 31)])
+@pytest.mark.parametrize("harness,cases", [("launchers_lora_linear", 44), ("launchers_sgmv", 35)])
 def test_cuda_launchers_dispatch_and_match_the_reference_on_the_cpu(tmp_path, harness, cases):
     """The launchers themselves (lora_fwd_cuda_launch, lora_bwd_dy_cuda_launch, sgmv_shrink_cuda_launch,
     sgmv_expand_cuda_launch), the whole .cu file compiled as host C++ on CPU tensors: which kernels they launch for
@@ -278,3 +281,10 @@ def test_the_emulation_restates_the_launch_constants_as_the_sources_define_them(
     shared = {"kBlocksPerSm", "kSgmvTileTokens", "kSgmvMaxGridYZ"}
     assert shared <= restated.keys() and shared <= defined.keys()
     assert {k: restated[k] for k in shared} == {k: defined[k] for k in shared}
+
+
+def test_the_grouped_kernels_clamp_out_of_range_metadata(tmp_path):
+    """sgmv.cu's clamps (ranks to [0, R], slot ranges to [0, M)): a rank past R or below 0 and a slot count past M
+    give the valid batch's results, in every grouped kernel (bad_metadata.cpp)."""
+    returncode, output, _ = build_and_run(tmp_path, "bad_metadata", read_sources())
+    assert returncode == 0 and output.splitlines()[-1] == "3 cases, 0 failures", output[-3000:]

@@ -166,6 +166,9 @@ void fwd_cases(bool quick) {
   run_fwd("fwd fp16 M=3 lora_a column-major", at::kHalf, 3, 256, 24, 5, 0.5, {.a_column_major = true, .bias = false},
           90, {address(lora_shrink_splitk_kernel<c10::Half, 4>), address(lora_fwd_decode_mma_kernel<c10::Half, false>)},
           {false, true});
+  // M = 9..15: the tensor-core forward with its MMA tile's upper rows (M = 16 alone does not tell M > 8 from M > 15).
+  run_fwd("fwd bf16 M=9", bf16, 9, 264, 40, 16, 0.5, {}, 90,
+          {address(lora_shrink_splitk_kernel<BF, 16>), address(lora_fwd_decode_mma_kernel<BF, true>)}, {false, true});
   run_fwd("fwd bf16 M=9 K % 8 != 0", bf16, 9, 260, 40, 16, 0.5, {}, 90,
           {address(lora_shrink_splitk_kernel<BF, 16>), address(lora_fwd_decode_kernel<BF, 16>)});
   expect_flags("fwd bf16 M=9 K % 8 != 0", {{false}, {false}});

@@ -102,7 +102,7 @@ void run_shrink(const std::string& what, at::ScalarType dtype, int64_t M, int64_
 // token's rank), column-major if t_column_major.
 struct ExpandLayout {
   int64_t offset = 8, n_total = 0;  // n_total 0: N + 16
-  bool t_column_major = false;
+  bool t_column_major = false, out_misaligned = false;  // out_misaligned: out one element into its buffer
 };
 
 void run_expand(const std::string& what, at::ScalarType dtype, at::ScalarType out_dtype, int64_t M, int64_t L,
@@ -123,6 +123,7 @@ void run_expand(const std::string& what, at::ScalarType dtype, at::ScalarType ou
     want[tok].narrow(0, layout.offset, N).add_(at::mv(bd[s].narrow(1, 0, rank), td[tok].narrow(0, 0, rank)));
   }
   if (layout.t_column_major) t = column_major(t);
+  if (layout.out_misaligned) out = offset_view(out, 1);
   call(what, [&] {
     sgmv_expand_cuda_launch(t, b, batch.ids, batch.starts, batch.counts, batch.ranks, out, layout.offset);
     expect_launches(what, kernels);
@@ -154,6 +155,11 @@ void shrink_cases(bool quick) {
              {address(sgmv_kernel<true, float>)});
   run_shrink("shrink bf16 decode K=130", bf16, 6, 3, 130, 16, "mixed_base", {}, 90,
              {address(sgmv_kernel<true, float>)});
+  // K not a multiple of 8 in rows that are (NaN-padded): a 16-byte load would read past K.
+  run_shrink("shrink bf16 decode K=130 rows of 136", bf16, 6, 3, 130, 16, "mixed_base", {.ld = 136}, 90,
+             {address(sgmv_kernel<true, float>)});
+  run_shrink("shrink bf16 prefill K=130 rows of 136", bf16, 70, 2, 130, 16, "mixed_base", {.ld = 136}, 90,
+             {address(sgmv_kernel<true, float>)});
   run_shrink("shrink bf16 prefill rows of 139", bf16, 70, 2, 136, 16, "mixed_base", {.ld = 139}, 90,
              {address(sgmv_kernel<true, float>)});
   run_shrink("shrink bf16 decode x misaligned", bf16, 6, 3, 264, 16, "mixed_base", {.x_misaligned = true}, 90,
@@ -181,6 +187,12 @@ void expand_cases(bool quick) {
   if (quick) return;
   run_expand("expand bf16 prefill offset 5", bf16, bf16, 70, 2, 24, 300, "mixed_base", {.offset = 5}, 90,
              {address(sgmv_expand_mma_kernel<BF>)});
+  // Rows of 320 (16-byte aligned) but the slice at column 4, or out one element into its buffer: not the staged
+  // 16-byte epilogue (each of its conditions alone; a misaligned 16-byte access stops the run).
+  run_expand("expand bf16 prefill offset 4 rows of 320", bf16, bf16, 70, 2, 16, 300, "mixed_base",
+             {.offset = 4, .n_total = 320}, 90, {address(sgmv_expand_mma_kernel<BF>)});
+  run_expand("expand bf16 prefill out misaligned", bf16, bf16, 70, 2, 16, 300, "mixed_base",
+             {.n_total = 320, .out_misaligned = true}, 90, {address(sgmv_expand_mma_kernel<BF>)});
   run_expand("expand fp16 prefill to fp32", at::kHalf, at::kFloat, 70, 2, 16, 300, "two", {.t_column_major = true},
              90, {address(sgmv_expand_mma_kernel<c10::Half>)});
   run_expand("expand fp16 decode to fp16 N=1100", at::kHalf, at::kHalf, 5, 2, 8, 1100, "mixed_base", {}, 90,
