@@ -1258,15 +1258,19 @@ def test_each_peak_is_read_against_a_baseline_taken_before_its_model_is_built(mo
     import gc
     events = []
 
+    def models_alive():
+        gc.collect()
+        return sum(type(o) is DecoderLM for o in gc.get_objects())
+
     class Probe(StandInProbe):
         def baseline(self):
-            gc.collect()
-            events.append(("baseline", sum(type(o) is DecoderLM for o in gc.get_objects())))
+            events.append(("baseline", models_alive() - before))
 
         def start(self):
             events.append(("start", None))
 
     monkeypatch.setattr(compare, "MemoryProbe", Probe)
+    before = models_alive()  # whatever earlier tests left alive
     run_compare(dataclasses.replace(TINY, steps=2, warmup=1, infer_reps=1, batch_size=2, seq_len=8,
                                     targets=("q_proj",)))
     assert events == ([("baseline", 0)] + [("start", None)] * compare.MEMORY_STEPS) * len(compare.METHODS)
