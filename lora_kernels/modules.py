@@ -1482,12 +1482,15 @@ def _warn_tied_targets(op, model, targets, consequence=_TIED_LORA_LINEAR):
             warnings.warn(f"{op}: the weight of target {name!r} is tied to {tied[0]!r}; {consequence}", stacklevel=3)
 
 
-def warn_fan_in_fan_out_corrections(op, linear_names, conv1d_names):
+def warn_fan_in_fan_out_corrections(op, fan_in_fan_out, conv1d_by_name):
     """One warning per call for the targets whose fan_in_fan_out flag was corrected, as PEFT's one per model (a
-    warning per layer, each naming its layer, was 48 for a GPT-2's "all-linear")."""
+    warning per layer, each naming its layer, was 48 for a GPT-2's "all-linear"). conv1d_by_name: {target name:
+    whether it is a transformers Conv1D}."""
     def listed(names):
         return ", ".join(map(repr, names[:3])) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
+    linear_names = [name for name, conv in conv1d_by_name.items() if not conv] if fan_in_fan_out else []
+    conv1d_names = [] if fan_in_fan_out else [name for name, conv in conv1d_by_name.items() if conv]
     if linear_names:
         one = len(linear_names) == 1
         warnings.warn(f"{op}: fan_in_fan_out=True but {listed(linear_names)} "
@@ -1546,11 +1549,10 @@ def inject_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_
     _warn_tied_targets(op, model, targets)
     with _rollback_on_error(model) as replaced:
         layers = []
-        conv1d_names = [name for name, module in targets if is_conv1d(module)]
-        warn_fan_in_fan_out_corrections(op, [name for name, _ in targets if name not in conv1d_names]
-                                        if fan_in_fan_out else [], [] if fan_in_fan_out else conv1d_names)
+        conv1d = {name: is_conv1d(module) for name, module in targets}
+        warn_fan_in_fan_out_corrections(op, fan_in_fan_out, conv1d)
         for name, module in targets:
-            conv = is_conv1d(module)
+            conv = conv1d[name]
             warn_dropped_hooks(op, f"module {name!r}", module, "the LoRALinear that replaces it never calls it",
                                stacklevel=2)
             try:

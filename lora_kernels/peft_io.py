@@ -828,10 +828,8 @@ def _commit_single(model, config, plan, grouped, heads, biases, base_tensors, ba
     try:
         with _rollback_on_error(model) as replaced:
             layers = []
-            created = [(name, is_conv1d(module)) for name, module, *_ in prepared if not isinstance(module, LoRALinear)]
-            warn_fan_in_fan_out_corrections(
-                op, [name for name, conv in created if not conv] if config.fan_in_fan_out else [],
-                [] if config.fan_in_fan_out else [name for name, conv in created if conv])
+            conv1d = {name: is_conv1d(module) for name, module, *_ in prepared if not isinstance(module, LoRALinear)}
+            warn_fan_in_fan_out_corrections(op, config.fan_in_fan_out, conv1d)
             for name, module, r, alpha, lora_a, lora_b in prepared:
                 if isinstance(module, LoRALinear):
                     layer = module
@@ -841,7 +839,7 @@ def _commit_single(model, config, plan, grouped, heads, biases, base_tensors, ba
                     layer.scaling = lora_scaling(r, alpha, config.use_rslora)
                     layer.lora_dropout = config.lora_dropout
                 else:
-                    conv = is_conv1d(module)
+                    conv = conv1d[name]
                     warn_dropped_hooks(op, f"module {name!r}", module, "the LoRALinear that replaces it never calls "
                                        "it", stacklevel=3)
                     layer = LoRALinear.from_linear(module, r, alpha, config.lora_dropout, config.use_rslora,
