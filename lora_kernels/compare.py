@@ -774,8 +774,8 @@ def _checkpoint_sizes(model, method, directory):
 
 @torch.no_grad()
 def _time_forwards(variants, inputs, reps, device, warmup=2):
-    """Median forward time (ms) of each of `variants` ({name: (prepare, model)}: prepare() puts the model into the
-    variant's state, untimed), timed in rounds that run every variant once: a machine whose load changes during the
+    """The timed forward passes (ms, in order) of each of `variants` ({name: (prepare, model)}: prepare() puts the
+    model into the variant's state, untimed), timed in rounds that run every variant once: a machine whose load changes during the
     measurement (other jobs on a shared CPU) slows every variant alike, where timing one variant's passes after the
     other's gave it alone the slow spell (a 2-core run printed the merged model at 6x the unmerged fused one's
     latency, which does strictly more work)."""
@@ -792,13 +792,14 @@ def _time_forwards(variants, inputs, reps, device, warmup=2):
             model(inputs)
             synchronize(device)
             times[name].append(time.perf_counter() - t0)
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    return {name: [1e3 * seconds for seconds in t] for name, t in times.items()}
 
 
 @torch.no_grad()
 def _inference(model, cfg, inputs, fused_backend, progress):
     """Forward latency of the trained LoRA model: unmerged with the unfused torch layer, unmerged with the fused
-    backend, and merged (W + s·B·A folded into W, a plain F.linear), timed in interleaved rounds (_time_forwards).
+    backend, and merged (W + s·B·A folded into W, a plain F.linear), timed in interleaved rounds (_time_forwards):
+    each path's median, and its timed passes under `<path>_ms_all`.
     The merged weights are made once by LoRALinear.merge and swapped in and out (a merge + unmerge per round would
     round a 16-bit weight anew each time); the model is left merged."""
     device = torch.device(cfg.device)
@@ -821,7 +822,10 @@ def _inference(model, cfg, inputs, fused_backend, progress):
     variants = {"unmerged_unfused": (state(False, "torch"), model),
                 "unmerged_fused": (state(False, fused_backend), model),
                 "merged": (state(True), model)}
-    result = {f"{key}_ms": ms for key, ms in _time_forwards(variants, inputs, cfg.infer_reps, device).items()}
+    result = {}
+    for key, passes_ms in _time_forwards(variants, inputs, cfg.infer_reps, device).items():
+        result[f"{key}_ms"] = statistics.median(passes_ms)
+        result[f"{key}_ms_all"] = passes_ms  # every timed pass, as step_ms_all: the spread behind the median
     logits = {}
     for key, (prepare, _) in variants.items():
         prepare()
@@ -1206,7 +1210,9 @@ def format_compare(result):
         for key, label in (("merged_ms", "merged (W + s·B·A folded into W)"),
                            ("unmerged_unfused_ms", "unmerged, torch (unfused)"),
                            ("unmerged_fused_ms", f"unmerged, {fused} ({kind})")):
-            lines.append(f"  {label:36s} {inference[key]:9.2f} ms  {inference[key] / merged:5.2f}× merged")
+            passes = inference.get(f"{key}_all")  # absent from results saved before the passes were kept
+            spread = f"  (min - max {min(passes):.2f} - {max(passes):.2f} ms)" if passes else ""
+            lines.append(f"  {label:36s} {inference[key]:9.2f} ms  {inference[key] / merged:5.2f}× merged{spread}")
         slower = [label for key, label in (("unmerged_unfused_ms", "torch"), ("unmerged_fused_ms", fused))
                   if inference[key] < merged]
         if slower:  # merged is one F.linear per layer, the unmerged paths that and the LoRA branch

@@ -49,6 +49,8 @@ def test_result_structure(result):
     assert result["backends"]["fused"] in result["backends"]["available"]
     for key in ("merged_ms", "unmerged_unfused_ms", "unmerged_fused_ms"):
         assert result["inference"][key] > 0
+        assert len(result["inference"][f"{key}_all"]) == TINY.infer_reps
+        assert result["inference"][key] == statistics.median(result["inference"][f"{key}_all"])
     for key in ("memory", "optimizer_state", "gradients", "step_time", "checkpoint", "inference"):
         assert result["measurement"][key]
     assert json.loads(compare.to_json(result)) == json.loads(json.dumps(result))
@@ -225,6 +227,8 @@ def test_the_lines_around_the_table_print_the_results_own_values(result):
     for run in shown["methods"].values():
         run["step_ms_all"] = [40.0] * 8  # steady: no drift note
     shown["inference"].update(merged_ms=2.0, unmerged_unfused_ms=3.0, unmerged_fused_ms=5.0,
+                              merged_ms_all=[2.0, 1.5, 2.25], unmerged_unfused_ms_all=[3.0, 3.0, 3.0],
+                              unmerged_fused_ms_all=[9.0, 5.0, 4.5],
                               merged_vs_unmerged_rel_diff=3.5e-6, fused_vs_unfused_rel_diff=2.5e-7)
     shown["task"]["initial_eval_loss"] = 4.321
     shown["methods"]["full"]["full_torch_save_bytes"] = 2_500_000
@@ -239,6 +243,14 @@ def test_the_lines_around_the_table_print_the_results_own_values(result):
     start = lines.index("inference latency of the trained LoRA model, 128 tokens per forward (median of 3, eval mode, "
                         "no grad):")
     assert [re.split(r"\s{2,}", line.strip()) for line in lines[start + 1:start + 4]] == [
+        ["merged (W + s·B·A folded into W)", "2.00 ms", "1.00× merged", "(min - max 1.50 - 2.25 ms)"],
+        ["unmerged, torch (unfused)", "3.00 ms", "1.50× merged", "(min - max 3.00 - 3.00 ms)"],
+        [f"unmerged, {fused} ({_fused_kind(fused)})", "5.00 ms", "2.50× merged", "(min - max 4.50 - 9.00 ms)"]]
+    saved_before = copy.deepcopy(shown)  # a result saved before the passes were kept prints the medians alone
+    for key in ("merged_ms_all", "unmerged_unfused_ms_all", "unmerged_fused_ms_all"):
+        del saved_before["inference"][key]
+    assert [re.split(r"\s{2,}", line.strip()) for line in
+            compare.format_compare(saved_before).splitlines()[start + 1:start + 4]] == [
         ["merged (W + s·B·A folded into W)", "2.00 ms", "1.00× merged"],
         ["unmerged, torch (unfused)", "3.00 ms", "1.50× merged"],
         [f"unmerged, {fused} ({_fused_kind(fused)})", "5.00 ms", "2.50× merged"]]
@@ -1117,7 +1129,7 @@ def test_inference_times_each_path_as_its_label_says(monkeypatch):
             layers = compare._lora_layers(model)
             timed.append(({layer.backend for layer in layers}, {layer.merged for layer in layers}, model.training,
                           reps))
-        return {name: 1.0 for name in variants}
+        return {name: [1.0] for name in variants}
 
     monkeypatch.setattr(compare, "_time_forwards", record)
     inputs = torch.randint(0, cfg.vocab, (3, 5))
@@ -1147,6 +1159,8 @@ def test_inference_latencies_are_timed_in_rounds_so_a_slow_spell_falls_on_every_
     result = compare._inference(model, cfg, inputs, "cpu" if "cpu" in compare._fused_available(torch.device("cpu"))
                                 else "torch", compare.ProgressBar(1, enabled=False))
     assert (result["unmerged_unfused_ms"], result["unmerged_fused_ms"], result["merged_ms"]) == (1000.0,) * 3
+    for key in ("unmerged_unfused", "unmerged_fused", "merged"):  # every path's passes, each 1 s or 10 s
+        assert sorted(result[f"{key}_ms_all"]) == [1000.0] * 6 + [10000.0] * 3
 
 
 def test_the_inference_differences_are_against_the_unfused_logits(monkeypatch):
@@ -1168,7 +1182,7 @@ def test_the_inference_differences_are_against_the_unfused_logits(monkeypatch):
         for layer in compare._lora_layers(merged_model):
             layer.merge()
         fused, merged = fused_model(inputs), merged_model(inputs)
-    monkeypatch.setattr(compare, "_time_forwards", lambda variants, *args, **kwargs: dict.fromkeys(variants, 1.0))
+    monkeypatch.setattr(compare, "_time_forwards", lambda variants, *args, **kwargs: {name: [1.0] for name in variants})
     result = compare._inference(model, cfg, inputs, "reference", compare.ProgressBar(1, enabled=False))
     norm = unfused.norm().item()
     assert result["fused_vs_unfused_rel_diff"] == pytest.approx((fused - unfused).norm().item() / norm, rel=1e-4)
@@ -1176,9 +1190,9 @@ def test_the_inference_differences_are_against_the_unfused_logits(monkeypatch):
     assert result["fused_vs_unfused_rel_diff"] > 0
 
 
-def test_inference_latency_is_the_median_of_the_timed_passes_after_two_warmup_passes(monkeypatch):
+def test_inference_passes_are_timed_in_ms_after_two_warmup_passes(monkeypatch):
     """On a stand-in clock that each forward pass advances by its own duration: the two warm-up passes (slow here)
-    are not timed, the timed passes give their median, in milliseconds."""
+    are not timed, the timed passes are returned in order, in milliseconds (_inference takes their median)."""
     clock = [0.0]
     monkeypatch.setattr(compare, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     durations = iter([9.0, 9.0, 0.004, 0.001, 0.002])  # seconds
@@ -1187,7 +1201,7 @@ def test_inference_latency_is_the_median_of_the_timed_passes_after_two_warmup_pa
         clock[0] += next(durations)
 
     times = compare._time_forwards({"model": (lambda: None, forward)}, None, 3, torch.device("cpu"))
-    assert times == {"model": pytest.approx(2.0)}
+    assert times == {"model": pytest.approx([4.0, 1.0, 2.0])}
     assert next(durations, None) is None  # five passes in all
 
 
@@ -1500,7 +1514,7 @@ def test_the_result_says_what_ran(result):
         f"median wall time of steps {TINY.warmup + 1}..{TINY.steps} (device synchronised), first {TINY.warmup} ")
     assert (result["inference"]["tokens"], result["inference"]["reps"]) == (TINY.batch_size * TINY.seq_len,
                                                                             TINY.infer_reps)
-    # _time_forwards' two warm-up rounds (test_inference_latency_is_the_median_of_the_timed_passes_after_...)
+    # _time_forwards' two warm-up rounds (test_inference_passes_are_timed_in_ms_after_two_warmup_passes)
     assert result["measurement"]["inference"] == (f"median of {TINY.infer_reps} forward passes after 2 warm-up "
                                                   f"passes, eval mode, no grad, the three paths in alternating rounds")
 
