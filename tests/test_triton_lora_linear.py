@@ -943,3 +943,113 @@ def test_the_largest_rank_the_triton_backend_takes(dev):
     expected.backward(dy.double().cpu())
     for name, leaf, ref_leaf in zip(("x", "lora_a", "lora_b"), leaves, ref_leaves):
         assert_close(leaf.grad, ref_leaf.grad, torch.float32, f"d{name}")
+
+
+# From helper 191's mutation round of this file's kernels and launchers (87 mutants, no code bug): each test below
+# fails on a mutant that every other test passed.
+if HAS_TRITON:
+    @triton.jit(do_not_specialize=["seed"])
+    def _rand_kernel(out_ptr, seed, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK).to(tl.int64)  # int64 offsets, as _keep_mask's (int64 offs_m) are
+        tl.store(out_ptr + offs, tl.rand(seed, offs), mask=offs < n)
+
+
+def test_dropout_mask_is_rand_of_m_times_K_plus_k_at_least_p(dev):
+    """The documented mask: element (m, k) is kept when tl.rand(seed, m * K + k) >= p, drawn here by a kernel of
+    its own. p is one of the draws, so the boundary (a draw equal to p: kept) is exercised too."""
+    seed, M, K = 11, 5, 7
+    rand = torch.empty(M * K, device=dev, dtype=torch.float32)
+    _rand_kernel[(1,)](rand, seed, M * K, BLOCK=64)
+    rand = rand.view(M, K)
+    p = rand[1, 2].item()  # an fp32 value: the kernels see exactly this p
+    assert 0.0 < p < 1.0
+    mask = tk.dropout_mask(seed, M, K, p, dev)
+    scale = torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)
+    expected = torch.where(rand >= p, scale, torch.tensor(0.0))
+    assert mask[1, 2] == scale, "a draw equal to p is kept"
+    assert torch.equal(mask, expected)
+
+
+def test_autotune_keys_hold_every_size_but_M_and_every_flag():
+    """A config tuned for one weight shape, rank or flag setting must not be reused for another: each autotuned
+    kernel's key holds its size arguments other than M (N, K, R, as the kernel takes them) and its boolean flags
+    (HAS_*, INT64). The autotuner gives no warning when one is missing."""
+    tuned = {name: kernel for name, kernel in vars(tk).items() if isinstance(kernel, triton.runtime.Autotuner)}
+    assert tuned
+    for name, kernel in tuned.items():
+        wanted = {a for a in kernel.arg_names if a in ("N", "K", "R") or a.startswith("HAS_") or a == "INT64"}
+        assert wanted <= set(kernel.keys), (name, sorted(wanted - set(kernel.keys)))
+
+
+@pytest.mark.parametrize("r", [0, "max+1"])
+def test_backward_launchers_refuse_ranks_outside_1_to_max_rank(dev, r):
+    """Each backward launcher checks the rank it is given (lora_fwd's check is covered by the forward test):
+    a rank of 0 or past MAX_RANK raises ValueError naming the operand, before any launch."""
+    r = tk.MAX_RANK + 1 if r == "max+1" else r
+    M, K, N = 4, 32, 16
+    dy, x, weight = randn(M, N, device=dev), randn(M, K, device=dev), randn(N, K, device=dev)
+    s, lora_a, lora_b = randn(M, r, device=dev), randn(r, K, device=dev), randn(N, r, device=dev)
+    with pytest.raises(ValueError, match="lora_bwd_dy: lora_b expected a rank"):
+        tk.lora_bwd_dy(dy, s, lora_b, 1.0)
+    with pytest.raises(ValueError, match="lora_bwd_dx: lora_a expected a rank"):
+        tk.lora_bwd_dx(dy, s, weight, lora_a)
+    with pytest.raises(ValueError, match="lora_bwd_da: ds expected a rank"):
+        tk.lora_bwd_da(s, x)
+
+
+def test_seed_range_ends_below_2_to_the_63(dev):
+    """A seed is an int in [0, 2**63) (what a 0-d int64 tensor holds): 2**63 - 1 is taken, 2**63 refused."""
+    tk.dropout_mask(2**63 - 1, 2, 3, 0.5, dev)
+    for bad in (-1, 2**63):
+        with pytest.raises(ValueError, match="seed expected an int in"):
+            tk.dropout_mask(bad, 2, 3, 0.5, dev)
+
+
+def test_splits_are_sized_by_the_largest_block_of_any_config():
+    """The launchers count the blocks of a split dimension before the autotuner picks a config, with max_block: so
+    a split never exceeds the blocks of the dimension under whichever GPU config runs (no empty K / N splits)."""
+    gpu = tk.kernel_configs(gpu=True)
+    for kernel, block in (("_lora_shrink_kernel", "BLOCK_K"), ("_lora_bwd_dy_kernel", "BLOCK_N"),
+                          ("_lora_bwd_da_kernel", "BLOCK_K"), ("_lora_bwd_da_kernel", "BLOCK_M")):
+        configs = gpu[kernel]
+        largest = tk.max_block(configs, block)
+        assert all(cfg.kwargs[block] <= largest for cfg in configs), (kernel, block)
+        assert any(cfg.kwargs[block] == largest for cfg in configs), (kernel, block)
+        for size in (1, 100, 200, 4096, 5000):
+            split = tk._split_count(1, -(-size // largest), 132)
+            assert all(split <= -(-size // cfg.kwargs[block]) for cfg in configs), (kernel, block, size, split)
+
+
+def test_empty_batch_outputs_have_the_documented_dtypes(dev):
+    """M = 0: y in x.dtype, s float32 (lora_bwd_dy checks s is float32), dB and ds float32, dA float32."""
+    x, weight, lora_a, lora_b, b = lora_inputs(0, 40, 24, 8, torch.bfloat16, dev)
+    y, s = tk.lora_fwd(x, weight, lora_a, lora_b, 0.5, b)
+    assert y.dtype == torch.bfloat16 and s.dtype == torch.float32
+    d_lora_b, ds = tk.lora_bwd_dy(randn(0, 24, dtype=torch.bfloat16, device=dev), s, lora_b, 0.5)
+    assert d_lora_b.dtype == ds.dtype == torch.float32
+    assert tk.lora_bwd_da(ds, x).dtype == torch.float32
+
+
+def test_specs_mark_only_sizes_and_strides_divisible_by_16_and_demand_wgmma_from_64_rows():
+    """The compile gate builds what runs: split counts, m_bucket and the seed are not sizes (never marked
+    16-divisible, or the gate would compile a variant no launch selects), and every 16-bit forward / dX base-GEMM
+    tile of 64 rows or more must be warp-group MMA on sm_90 (a 64-row warp group: 64 rows included)."""
+    specs = tk.aot_specs()
+    for spec in specs:
+        assert not set(spec["divisible_by_16"]) & tk._NOT_SIZE_ARGS, spec["name"]
+    for rows, wgmma in ((16, False), (64, True), (128, True)):
+        blocks = dict(BLOCK_M=rows, BLOCK_N=64, BLOCK_K=64)
+        for fn, flags in ((tk._lora_fwd_kernel, dict(HAS_BIAS=True, EVEN_K=True)),
+                          (tk._lora_bwd_dx_kernel, dict(HAS_DROPOUT=True, EVEN_N=True))):
+            for dtype in (torch.bfloat16, torch.float16):
+                spec = tk._spec(fn, dtype, blocks, 4, 3, GROUP=tk.GROUP_M, BLOCK_R=16, **flags)
+                assert spec["wgmma"] is wgmma, spec["name"]
+            assert tk._spec(fn, torch.float32, blocks, 4, 3, GROUP=tk.GROUP_M, BLOCK_R=16, **flags)["wgmma"] is False
+
+
+def test_gate_compiles_the_int64_variant_of_every_kernel_that_has_one():
+    """Each kernel with an INT64 flag has at least one INT64 spec (the variant large strides launch)."""
+    specs = tk.aot_specs()
+    for fn in {spec["kernel"] for spec in specs}:
+        if "INT64" in fn.arg_names:
+            assert any(s["kernel"] is fn and s["constexprs"]["INT64"] for s in specs), fn.__name__
