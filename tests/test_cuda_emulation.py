@@ -4,7 +4,9 @@ csrc/cuda/tensor_core.h, are cut out of the files verbatim and compiled as C++ w
 they use (tests/cuda_emulation/emu.h: a thread per CUDA thread, barriers for __syncthreads and __syncwarp, warp
 shuffles and the warp-wide MMAs, whose fragment layouts emu.h restates from the PTX ISA; after each block barrier
 warp 0 runs ahead to the next before the other warps go on, so a missing barrier before shared memory is
-overwritten shows). Six harnesses run whole
+overwritten shows). The race check builds the kernel harnesses with ThreadSanitizer, which orders the threads'
+accesses as CUDA does (__syncthreads and __syncwarp order them, the shuffles and MMAs do not), so a missing
+__syncwarp shows too, where the MMAs (which wait for every lane) kept a run's results right. Six harnesses run whole
 launches on integer-valued data against a float64 reference, bit for bit (the expands' output columns outside
 their slice too, which hold -0.0: an added zero shows): decode_kernels.cpp the grouped
 one-token-per-block decode kernels, sgmv_mma.cpp the grouped tensor-core shrink and expand of a prefill batch,
@@ -24,9 +26,9 @@ the launchers build (contiguous copies, the re-aligned transposed lora_b, partia
 their ATen compositions, with cuBLAS's GEMMs stood in for (launchers_lora_linear.cpp: fp32 accumulation, and BLAS's
 alpha = 0 / beta = 0 rules).
 
-This checks the kernels' index arithmetic, masking and split/grid logic, and the launchers' host code, on every CI
-run, without a GPU; not their speed, the GPU memory model (launches run one after another: a programmatic dependent
-launch's overlap is not emulated), the compiler's code for the GPU or the PTX layouts themselves (the GPU tests in
+This checks the kernels' index arithmetic, masking and split/grid logic, their barriers, and the launchers' host
+code, on every CI run, without a GPU; not their speed, the rest of the GPU memory model (launches run one after
+another: a programmatic dependent launch's overlap is not emulated), the compiler's code for the GPU or the PTX layouts themselves (the GPU tests in
 test_cpp_ops.py check those on a GPU)."""
 import os
 import re
@@ -115,7 +117,7 @@ def launcher_sources(sources):
     return files
 
 
-def build_and_run(tmp_path, harness, sources, *args):
+def build_and_run(tmp_path, harness, sources, *args, race_check=False):
     compiler = shutil.which(os.environ.get("CXX", "c++"))
     if compiler is None:
         pytest.skip("no C++ compiler")
@@ -134,14 +136,26 @@ def build_and_run(tmp_path, harness, sources, *args):
     sources_dir = [f"-I{CSRC_CUDA}"] if launchers else []
     libraries = ["-ltorch_cpu", "-lc10"] if launchers else ["-lc10"]
     # -fsanitize=alignment: a misaligned 16-byte access (a fault on a GPU) stops the run (emu.h's uint4)
+    # race_check: built with ThreadSanitizer (the race check: see emu.h's Unordered), -g for its reports' lines
+    race = ["-fsanitize=thread", "-g"] if race_check else []
     build = subprocess.run([compiler, "-std=c++20", "-O1", "-pthread", "-fsanitize=alignment",
-                            "-fno-sanitize-recover=alignment", *stubs, f"-I{tmp_path}", f"-I{HERE}/cuda_emulation",
-                            *sources_dir, *includes, os.path.join(HERE, "cuda_emulation", f"{harness}.cpp"), "-o",
-                            str(binary), f"-L{torch_lib}", *libraries, f"-Wl,-rpath,{torch_lib}"],
+                            "-fno-sanitize-recover=alignment", *race, *stubs, f"-I{tmp_path}",
+                            f"-I{HERE}/cuda_emulation", *sources_dir, *includes,
+                            os.path.join(HERE, "cuda_emulation", f"{harness}.cpp"), "-o", str(binary),
+                            f"-L{torch_lib}", *libraries, f"-Wl,-rpath,{torch_lib}"],
                            capture_output=True, text=True, timeout=300)
+    if race_check and build.returncode != 0 and "tsan" in build.stderr:
+        pytest.skip(f"the compiler cannot link ThreadSanitizer: {build.stderr[-300:]}")
     assert build.returncode == 0, build.stderr[-3000:]
-    run = subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=600)
+    # the race check: the first race stops the run, with exit code RACE_EXIT and its report on stderr
+    env = dict(os.environ, TSAN_OPTIONS=f"halt_on_error=1 exitcode={RACE_EXIT}") if race_check else None
+    run = subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=600, env=env)
+    if race_check and "FATAL: ThreadSanitizer" in run.stderr:  # e.g. a kernel's address-space layout it cannot map
+        pytest.skip(f"ThreadSanitizer cannot run here: {run.stderr[-300:]}")
     return run.returncode, run.stdout, run.stderr
+
+
+RACE_EXIT = 66
 
 
 @pytest.mark.parametrize("harness,cases", [("decode_kernels", 48), ("sgmv_mma", 36), ("sgmv_cuda_core", 31),
@@ -245,6 +259,42 @@ def test_the_emulation_fails_a_missing_barrier_before_shared_memory_is_overwritt
     sources["lora_linear.cu"] = sources["lora_linear.cu"].replace(old, "")
     returncode, output, _ = build_and_run(tmp_path, "lora_bwd_dy", sources)
     assert returncode == 1 and re.search(r"^15 cases, [1-9]\d* failures$", output, re.M), output[-3000:]
+
+
+@pytest.mark.parametrize("harness,cases", [("decode_kernels", 6), ("sgmv_mma", 6), ("sgmv_cuda_core", 6),
+                                           ("lora_fwd_decode", 2), ("lora_bwd_dy", 3)])
+def test_the_cuda_kernels_have_no_data_race(tmp_path, harness, cases):
+    """The race check: each harness's quick cases built with ThreadSanitizer, which orders the threads' accesses as
+    CUDA does (emu.h's Unordered: __syncthreads and __syncwarp order shared memory, the shuffles and MMAs do not):
+    no shared-memory write races another thread's read or write. (bad_metadata runs the kernels of
+    decode_kernels, sgmv_mma and sgmv_cuda_core.)"""
+    returncode, output, errors = build_and_run(tmp_path, harness, read_sources(), "quick", race_check=True)
+    assert returncode == 0 and output.splitlines()[-1] == f"{cases} cases, 0 failures", errors[-4000:]
+
+
+@pytest.mark.parametrize("harness,old,new,shared", [
+    # sgmv_expand_mma_kernel's staged epilogue: a lane adds the columns other lanes staged
+    ("sgmv_mma", "      __syncwarp();\n      if (row_token >= 0) {", "      if (row_token >= 0) {", "staged"),
+    # ... and the next column tile's accumulators overwrite what other lanes still add
+    ("sgmv_mma", "      __syncwarp();  // the next column tile overwrites staged\n", "", "staged"),
+    # lora_bwd_dy_mma_kernel: a lane reads the dy tile other lanes transposed
+    ("lora_bwd_dy", "      __syncwarp();\n      // dBᵀ's B operand", "      // dBᵀ's B operand", "transposed"),
+    # ... and the next strip's tile overwrites what other lanes still read
+    ("lora_bwd_dy", "      __syncwarp();  // every lane's reads are done before the next strip overwrites the buffer\n",
+     "", "transposed"),
+], ids=["expand-staged-written", "expand-staged-read", "bwd-dy-transposed-written", "bwd-dy-transposed-read"])
+def test_the_race_check_fails_a_missing_syncwarp(tmp_path, harness, old, new, shared):
+    """The race check is not vacuous: without any one of the kernels' __syncwarp calls a lane's shared-memory write
+    races another lane's access of it. A run's results do not show three of the four: the MMAs between the write
+    and the other lane's read (or between the read and the next write) wait for every lane of the warp, which orders
+    a run's accesses but not the GPU's (an MMA exchanges registers, not memory)."""
+    sources = read_sources()
+    cu_file = HARNESS_SOURCE[harness]
+    assert sources[cu_file].count(old) == 1, old
+    sources[cu_file] = sources[cu_file].replace(old, new)
+    returncode, output, errors = build_and_run(tmp_path, harness, sources, "quick", race_check=True)
+    assert returncode == RACE_EXIT and "ThreadSanitizer: data race" in errors and f"::{shared}' " in errors, (
+        output[-2000:], errors[-4000:])
 
 
 def test_the_emulation_stops_a_misaligned_16_byte_access(tmp_path):

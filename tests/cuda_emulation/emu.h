@@ -7,8 +7,9 @@
 // variables are statics (one block runs at a time). The MMAs (mma.sync m16n8k16 fp16/bf16 and m16n8k8 tf32, in
 // inline PTX in tensor_core.h) are computed from the fragment layouts of the PTX ISA as restated below: the kernels'
 // use of them (which lane loads what, and where each accumulator goes) is checked against that statement, not the
-// statement itself (the GPU tests check that).
-// Not emulated: the memory model, timing, the compiler's code.
+// statement itself (the GPU tests check that). Built with -fsanitize=thread (the race check), ThreadSanitizer
+// reports the accesses that CUDA's barriers leave unordered (see Unordered).
+// Not emulated: the rest of the memory model, timing, the compiler's code.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -59,6 +60,41 @@ MmaFragment g_mma_exchange[kMaxWarps][32];
 // `extern __shared__` (dynamic shared memory) arrays point here: the extraction rewrites their declarations.
 float g_dynamic_shared[16 * 1024];
 
+// The race check (tests/test_cuda_emulation.py builds a harness with -fsanitize=thread): ThreadSanitizer reports two
+// accesses to the same memory, one a write, by threads that nothing orders, and orders them as CUDA's memory model
+// does: __syncthreads and __syncwarp (and a launch's end) order every access before them before every access after
+// them; the warp shuffles and the MMAs order nothing (they exchange registers: a lane's shared-memory write before
+// one and another lane's read after it still race). Their stand-ins exchange through emu.h's buffers, between warp
+// barriers: inside one, Unordered keeps ThreadSanitizer from taking those barriers as ordering and from checking the
+// buffers' accesses. So a missing __syncwarp between a shared-memory write and another lane's read or write of it
+// shows even where the lanes' MMAs (which wait for every lane of the warp) kept the order of a run.
+#if defined(__SANITIZE_THREAD__)
+extern "C" {
+void AnnotateIgnoreSyncBegin(const char* file, int line);
+void AnnotateIgnoreSyncEnd(const char* file, int line);
+void AnnotateIgnoreReadsBegin(const char* file, int line);
+void AnnotateIgnoreReadsEnd(const char* file, int line);
+void AnnotateIgnoreWritesBegin(const char* file, int line);
+void AnnotateIgnoreWritesEnd(const char* file, int line);
+}
+struct Unordered {
+  Unordered() {
+    AnnotateIgnoreSyncBegin(__FILE__, __LINE__);
+    AnnotateIgnoreReadsBegin(__FILE__, __LINE__);
+    AnnotateIgnoreWritesBegin(__FILE__, __LINE__);
+  }
+  ~Unordered() {
+    AnnotateIgnoreWritesEnd(__FILE__, __LINE__);
+    AnnotateIgnoreReadsEnd(__FILE__, __LINE__);
+    AnnotateIgnoreSyncEnd(__FILE__, __LINE__);
+  }
+  Unordered(const Unordered&) = delete;
+  Unordered& operator=(const Unordered&) = delete;
+};
+#else
+struct Unordered {};
+#endif
+
 inline uint32_t __float_as_uint(float value) {
   uint32_t bits;
   std::memcpy(&bits, &value, sizeof(bits));
@@ -75,8 +111,11 @@ std::condition_variable g_warp0_arrived;
 unsigned g_warp0_arrivals = 0;  // block barriers reached by warp 0's threads, summed over its 32 lanes
 thread_local unsigned t_barriers_passed = 0;
 
+// The run-ahead only schedules: it orders nothing for the race check (Unordered), which so also reports warp 0's
+// writes of the next phase racing the other warps' reads of the last.
 inline void block_barrier(bool kernel_barrier) {
   if (threadIdx.x < 32) {
+    const Unordered unordered;
     {
       const std::lock_guard<std::mutex> lock(g_warp0_mutex);
       ++g_warp0_arrivals;
@@ -86,6 +125,7 @@ inline void block_barrier(bool kernel_barrier) {
   g_block_barrier->arrive_and_wait();
   ++t_barriers_passed;
   if (kernel_barrier && threadIdx.x >= 32) {  // a kernel's barrier: the end of the block (or another) comes next
+    const Unordered unordered;
     std::unique_lock<std::mutex> lock(g_warp0_mutex);
     g_warp0_arrived.wait(lock, [] { return g_warp0_arrivals >= 32 * (t_barriers_passed + 1); });
   }
@@ -95,6 +135,7 @@ inline void __syncthreads() { block_barrier(true); }
 inline void __syncwarp() { g_warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
 
 inline float __shfl_xor_sync(unsigned, float value, int lane_mask) {
+  const Unordered unordered;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   g_warp_exchange[warp][lane] = value;
   g_warp_barriers[warp]->arrive_and_wait();
@@ -144,6 +185,7 @@ float fp16_bits_to_float(uint32_t reg, int upper) {
 
 template <typename T>
 void mma_m16n8k16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+  const Unordered unordered;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   g_mma_exchange[warp][lane] = {{a0, a1, a2, a3}, {b0, b1}};
   g_warp_barriers[warp]->arrive_and_wait();
@@ -173,6 +215,7 @@ inline float tf32_operand(uint32_t bits) {
 
 inline void mma_m16n8k8_tf32(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
                              uint32_t b1) {
+  const Unordered unordered;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   g_mma_exchange[warp][lane] = {{a0, a1, a2, a3}, {b0, b1}};
   g_warp_barriers[warp]->arrive_and_wait();
