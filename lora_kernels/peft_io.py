@@ -1152,6 +1152,10 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
     LoRALinear saves its factors, the same file as unmerged (as PEFT saves a merged model)."""
     op = "save_peft_adapter"
     model = unwrap_model(model, op)
+    if isinstance(model, (LoRALinear, MultiLoRALinear)):  # PEFT's keys and target_modules name layers by their path
+        raise TypeError(f"{op}: model expected a module that holds LoRA layers, got a {type(model).__name__} itself "
+                        f"(it has no module name for PEFT's file to key it by): save the model it is part of, e.g. "
+                        f"nn.Sequential(layer)")
     if not (save_embedding_layers is True or save_embedding_layers is False or save_embedding_layers == "auto"):
         raise ValueError(f"{op}: save_embedding_layers expected True, False or 'auto', got {save_embedding_layers!r}")
     _check_path(op, path)

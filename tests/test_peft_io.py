@@ -1668,6 +1668,19 @@ def test_save_refuses_a_task_type_peft_does_not_know(tmp_path):
         assert peft.PeftConfig.from_pretrained(str(tmp_path)).task_type == good
 
 
+def test_save_refuses_a_lora_layer_that_is_the_whole_model(tmp_path):
+    """A LoRALinear or MultiLoRALinear saved on its own has no module name for PEFT's keys and target_modules: it was
+    refused for a target_modules entry '' that the caller never passed (helper 192). Refused naming the model, no
+    file written; inside a module it saves."""
+    for model, adapter_name in ((LoRALinear(4, 4, r=2), None), (MultiLoRALinear(nn.Linear(4, 4), 2, 2), "a")):
+        with pytest.raises(TypeError, match=f"save_peft_adapter: model expected a module that holds LoRA layers, got "
+                                            f"a {type(model).__name__} itself"):
+            lk.save_peft_adapter(model, tmp_path, adapter_name)
+    assert not os.listdir(tmp_path)
+    lk.save_peft_adapter(nn.Sequential(LoRALinear(4, 4, r=2)), tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == ["0"]
+
+
 def test_a_loaded_task_type_is_saved_again(tmp_path):
     """PEFT keeps a loaded adapter's task_type when it saves it again; here a PEFT file with task_type "CAUSAL_LM",
     loaded, trained and saved, came back with task_type null, which AutoPeftModelForCausalLM.from_pretrained refuses
