@@ -775,10 +775,10 @@ def _checkpoint_sizes(model, method, directory):
 @torch.no_grad()
 def _time_forwards(variants, inputs, reps, device, warmup=2):
     """The timed forward passes (ms, in order) of each of `variants` ({name: (prepare, model)}: prepare() puts the
-    model into the variant's state, untimed), timed in rounds that run every variant once: a machine whose load changes during the
-    measurement (other jobs on a shared CPU) slows every variant alike, where timing one variant's passes after the
-    other's gave it alone the slow spell (a 2-core run printed the merged model at 6x the unmerged fused one's
-    latency, which does strictly more work)."""
+    model into the variant's state, untimed), timed in rounds that run every variant once: a machine whose load
+    changes during the measurement (other jobs on a shared CPU) slows every variant alike, where timing one variant's
+    passes after the other's gave it alone the slow spell (a 2-core run printed the merged model at 6x the unmerged
+    fused one's latency, which does strictly more work)."""
     for _ in range(warmup):
         for prepare, model in variants.values():
             prepare()

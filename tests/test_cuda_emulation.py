@@ -28,8 +28,8 @@ alpha = 0 / beta = 0 rules).
 
 This checks the kernels' index arithmetic, masking and split/grid logic, their barriers, and the launchers' host
 code, on every CI run, without a GPU; not their speed, the rest of the GPU memory model (launches run one after
-another: a programmatic dependent launch's overlap is not emulated), the compiler's code for the GPU or the PTX layouts themselves (the GPU tests in
-test_cpp_ops.py check those on a GPU)."""
+another: a programmatic dependent launch's overlap is not emulated), the compiler's code for the GPU or the PTX
+layouts themselves (the GPU tests in test_cpp_ops.py check those on a GPU)."""
 import os
 import re
 import shutil
