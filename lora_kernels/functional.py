@@ -73,8 +73,9 @@ def _lora_linear_args_ok(x, weight, lora_a, lora_b, bias, scaling, dropout_p, fa
 
 
 def _check_bias_and_like_x(op, x, weight, lora_a, lora_b, bias, out_features, factor_dtype=None):
-    """bias [N] (or None), and every given tensor on x's device and dtype (the factors' dtype factor_dtype where
-    given): the tail of both ops' argument checks."""
+    """bias [N] (or None), and every given tensor on x's device and dtype: the tail of both ops' argument checks.
+    factor_dtype not None: lora_a and lora_b are a layer's float32 factors of a 16-bit x (_float32_factor_dtype read
+    that dtype from them), exempt from x's dtype."""
     if bias is not None and tuple(bias.shape) != (out_features,):
         raise ValueError(f"{op}: bias expected shape [{out_features}], got {tuple(bias.shape)}")
     # A subclass weight's dtype is its own F.linear's to judge, as in nn.Linear: torchao's Int8Tensor computes in x's
@@ -85,13 +86,12 @@ def _check_bias_and_like_x(op, x, weight, lora_a, lora_b, bias, out_features, fa
         if t is not None:
             factor = name in ("lora_a", "lora_b") and factor_dtype is not None
             _check_same(op, name, t, "x", x, dtype=not (name == "weight" and subclass_weight or factor))
-            if factor and t.dtype != factor_dtype:
-                raise TypeError(f"{op}: {name} expected dtype {factor_dtype}, got {t.dtype}")
 
 
 def check_lora_linear_args(op, x, weight, lora_a, lora_b, bias, scaling, dropout_p, factor_dtype=None):
     """Raises ValueError/TypeError naming the argument, the expected and the actual shape/dtype/device.
-    factor_dtype: the dtype lora_a and lora_b must have, when not x's (see lora_linear_float32_factors)."""
+    factor_dtype: float32 where lora_a and lora_b are float32 factors of a 16-bit x (_float32_factor_dtype), which
+    are not held to x's dtype (see lora_linear_float32_factors)."""
     if _lora_linear_args_ok(x, weight, lora_a, lora_b, bias, scaling, dropout_p, factor_dtype):
         return
     _check_tensor(op, "x", x)
@@ -908,7 +908,7 @@ MULTI_SUBCLASS_WEIGHT_USE = "another backend (or 'auto')"
 
 def _check_multi_lora_args(op, x, weight, lora_a, lora_b, bias, factor_dtype=None):
     """multi_lora_linear's checks of its tensors (after autocast's casts); lora_a and lora_b None: x, weight and
-    bias only (multi_lora_base_linear). factor_dtype: the factors' dtype, when not x's."""
+    bias only (multi_lora_base_linear). factor_dtype: as check_lora_linear_args'."""
     for name, t, ndim in (("x", x, None), ("weight", weight, 2), ("lora_a", lora_a, 3), ("lora_b", lora_b, 3)):
         _check_tensor(op, name, t, ndim=ndim, optional=name.startswith("lora_") and lora_a is None)
     _check_tensor(op, "bias", bias, ndim=1, optional=True)

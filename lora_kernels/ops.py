@@ -313,7 +313,8 @@ def _host_max(ranks):
 
 def check_shrink_args(op, x, lora_a, batch, scalings, ranks, lora_a_name="lora_a", scalings_dtype=torch.float32,
                       lora_a_dtype=None):
-    """lora_a_dtype: the dtype lora_a must have, when not x's (multi_lora_linear's float32 slots of a 16-bit x)."""
+    """lora_a_dtype: not None where lora_a holds multi_lora_linear's float32 slots of a 16-bit x (the dtype read
+    from lora_a itself), which are not held to x's dtype."""
     _check_float(op, "x", x, 2)
     num_slots, max_rank = _check_lora_a(op, x, lora_a, lora_a_name, lora_a_dtype)
     _check_batch(op, batch, x.shape[0], num_slots, x.device, "x", lora_a_name)
@@ -330,10 +331,7 @@ def _check_lora_a(op, x, lora_a, lora_a_name, lora_a_dtype=None):
                       else "")
         raise ValueError(f"{op}: x expected shape [M, {in_features}] (K of {lora_a_name} {tuple(lora_a.shape)} = "
                          f"[L, R, K]{transposed}), got {tuple(x.shape)}")
-    if lora_a_dtype is not None:
-        if lora_a.dtype != lora_a_dtype:
-            raise TypeError(f"{op}: {lora_a_name} expected dtype {lora_a_dtype}, got {lora_a.dtype}")
-    elif lora_a.dtype != x.dtype:
+    if lora_a_dtype is None and lora_a.dtype != x.dtype:  # else float32 slots, the dtype read from lora_a itself
         raise TypeError(f"{op}: {lora_a_name} expected dtype {x.dtype} (same as x), got {lora_a.dtype}")
     _check_device(op, lora_a_name, lora_a, x.device)
     return num_slots, max_rank
