@@ -429,19 +429,7 @@ class LoRALinearFunction(torch.autograd.Function):
                 d_lora_a = kernels.lora_bwd_da(ds, x2, dropout_p, _or_zero(seed))
         else:
             keep = torch_dropout_keep(seed, x2, dropout_p) if dropout_p > 0.0 else None
-            if backend == "cuda" and not _at_most(dy.shape[0] * lora_b.shape[1], CUDA_BWD_DY_KERNEL_MAX_WORK):
-                # cuBLAS GEMMs in the input dtype, S rounded to it as PEFT rounds it (scaled first when that keeps
-                # it smaller: see scaled_mm). Using the fp32 S and dS would take fp32 copies of dy [M, N] and
-                # x [M, K] (a GEMM takes one input dtype): a cost at large M no GPU has measured yet. A float32
-                # factor's gradient is written in float32 by cuBLAS, not rounded to 16 bits (dA below likewise).
-                d_lora_b = scaled_mm(dy.T, s, scaling, out_dtype=grad_b_like.dtype)
-                ds = scaled_mm(dy, lora_b, scaling)
-            elif backend in ("cpu", "cuda"):
-                # dS stays in fp32 (fp64 for fp64): |s·dY·B| may pass 65504 in fp16 where dA and the LoRA term of
-                # dX do not, as the Triton backward keeps it (rounding it first gave dx = inf there, as PEFT does).
-                d_lora_b, ds = torch.ops.lora_kernels.lora_bwd_dy(dy, s, lora_b, float(scaling))
-            else:  # torch: PEFT's GEMMs in the input dtype, its scaling where no product overflows first
-                d_lora_b, ds = _scaled_dy_products(dy, s, lora_b, scaling)
+            d_lora_b, ds = _dy_products(backend, dy, s, lora_b, scaling, grad_b_like.dtype)
             # ds's dtype: the other operands of the dS products are widened to it (a no-op but for the cpu and
             # small-M cuda paths in 16 bits), and autocast must not round them back.
             with ops.autocast_off(dy.device):
@@ -452,7 +440,7 @@ class LoRALinearFunction(torch.autograd.Function):
                     x_lora = _in_dtype(x2, ds.dtype)
                     if keep is not None:
                         x_lora = apply_dropout(x_lora, keep, dropout_p, inplace=x_lora is not x2)
-                    if backend == "cuda" and ds.dtype != grad_a_like.dtype == torch.float32:  # see d_lora_b above
+                    if backend == "cuda" and ds.dtype != grad_a_like.dtype == torch.float32:  # see _dy_products
                         d_lora_a = torch.mm(ds.T, x_lora, out_dtype=torch.float32)
                     else:
                         d_lora_a = ds.T @ x_lora
@@ -475,6 +463,23 @@ class LoRALinearFunction(torch.autograd.Function):
         if need_bias and ctx.has_bias:
             d_bias = dy.sum(0)
         return _cast_grads(ctx, (dx, d_weight, d_lora_a, d_lora_b, d_bias), x2, grad_a_like, grad_b_like)
+
+
+def _dy_products(backend, dy, s, lora_b, scaling, grad_b_dtype):
+    """(dB = s·dYᵀ·S, dS = s·dY·B) of LoRALinearFunction's backward on the cpu, cuda and torch backends (the Triton
+    kernels compute their own); grad_b_dtype: the dtype of lora_b's gradient (float32 for float32 factors)."""
+    if backend == "cuda" and not _at_most(dy.shape[0] * lora_b.shape[1], CUDA_BWD_DY_KERNEL_MAX_WORK):
+        # cuBLAS GEMMs in the input dtype, S rounded to it as PEFT rounds it (scaled first when that keeps it
+        # smaller: see scaled_mm). Using the fp32 S and dS would take fp32 copies of dy [M, N] and x [M, K] (a GEMM
+        # takes one input dtype): a cost at large M no GPU has measured yet. A float32 factor's gradient is written
+        # in float32 by cuBLAS, not rounded to 16 bits (the backward's dA likewise).
+        return scaled_mm(dy.T, s, scaling, out_dtype=grad_b_dtype), scaled_mm(dy, lora_b, scaling)
+    if backend in ("cpu", "cuda"):
+        # dS stays in fp32 (fp64 for fp64): |s·dY·B| may pass 65504 in fp16 where dA and the LoRA term of dX do not,
+        # as the Triton backward keeps it (rounding it first gave dx = inf there, as PEFT does).
+        return torch.ops.lora_kernels.lora_bwd_dy(dy, s, lora_b, float(scaling))
+    # torch: PEFT's GEMMs in the input dtype, its scaling where no product overflows first
+    return _scaled_dy_products(dy, s, lora_b, scaling)
 
 
 def _in_dtype(t, dtype):
