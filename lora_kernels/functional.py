@@ -640,16 +640,30 @@ def _layer_factors(x, lora_a, lora_b):
     return lora_a, lora_b
 
 
-def _lora_linear(x, weight, lora_a, lora_b, scaling, bias, dropout_p, backend, float32_factors):
-    op = "lora_linear"
+def _operands_after_casts(x, weight, lora_a, lora_b, bias, float32_factors):
+    """(x, weight, lora_a, lora_b, bias, factor_dtype) as lora_linear and multi_lora_linear compute with them: a
+    layer's factors (or slots) for x (_layer_factors), then autocast's casts; factor_dtype is float32 where a layer's
+    float32 factors of a 16-bit x stay so until the autograd Function (None: x's dtype)."""
     if float32_factors:
         lora_a, lora_b = _layer_factors(x, lora_a, lora_b)
     autocast_dtype = _autocast_dtype(x)
     if autocast_dtype is not None:
         x, weight, lora_a, lora_b, bias = _cast_for_autocast_but_layer_factors(
             autocast_dtype, x, weight, lora_a, lora_b, bias, float32_factors)
-    # float32 factors of a 16-bit x, kept so until the Function (None: x's dtype)
     factor_dtype = _float32_factor_dtype(x, lora_a, lora_b) if float32_factors else None
+    return x, weight, lora_a, lora_b, bias, factor_dtype
+
+
+def _needs_grad(x, weight, lora_a, lora_b, bias):
+    """Whether autograd differentiates this call."""
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_a.requires_grad
+                                        or lora_b.requires_grad or (bias is not None and bias.requires_grad))
+
+
+def _lora_linear(x, weight, lora_a, lora_b, scaling, bias, dropout_p, backend, float32_factors):
+    op = "lora_linear"
+    x, weight, lora_a, lora_b, bias, factor_dtype = _operands_after_casts(x, weight, lora_a, lora_b, bias,
+                                                                          float32_factors)
     check_lora_linear_args(op, x, weight, lora_a, lora_b, bias, scaling, dropout_p, factor_dtype)
     subclass_weight = False
     dtensor = _has_dtensor((x, weight, lora_a, lora_b, bias))
@@ -686,9 +700,7 @@ def _lora_linear(x, weight, lora_a, lora_b, scaling, bias, dropout_p, backend, f
     # composition, outside the Function, which the transforms differentiate and batch themselves. A subclass weight
     # implements F.linear and its derivative, not the dY @ W of the Function's backward.
     composition = subclass_weight or _functorch_transforms_active() or _forward_ad_active()
-    through_function = not composition and torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad or lora_a.requires_grad or lora_b.requires_grad
-        or (bias is not None and bias.requires_grad))
+    through_function = not composition and _needs_grad(x, weight, lora_a, lora_b, bias)
     if factor_dtype is not None and (not through_function or backend == "reference" or dtensor):
         lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)  # differentiable, as LoRALinear cast them before
     if backend == "reference":
@@ -983,14 +995,8 @@ def multi_lora_linear_float32_factors(x, weight, lora_a, lora_b, adapter_ids, sc
 
 def _multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias, ranks, backend, float32_factors):
     op = "multi_lora_linear"
-    if float32_factors:
-        lora_a, lora_b = _layer_factors(x, lora_a, lora_b)
-    autocast_dtype = _autocast_dtype(x)
-    if autocast_dtype is not None:
-        x, weight, lora_a, lora_b, bias = _cast_for_autocast_but_layer_factors(
-            autocast_dtype, x, weight, lora_a, lora_b, bias, float32_factors)
-    # float32 slots of a 16-bit x, kept so until the Function (None: x's dtype)
-    factor_dtype = _float32_factor_dtype(x, lora_a, lora_b) if float32_factors else None
+    x, weight, lora_a, lora_b, bias, factor_dtype = _operands_after_casts(x, weight, lora_a, lora_b, bias,
+                                                                          float32_factors)
     _check_multi_lora_args(op, x, weight, lora_a, lora_b, bias, factor_dtype)
     num_slots, _, in_features = lora_a.shape
     out_features = weight.shape[0]
@@ -1029,8 +1035,7 @@ def _multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias, r
                                             lora_a_dtype=factor_dtype)
     if backend == "triton":
         ops.check_triton_args(op, x.dtype, num_slots)
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad
-                                              or weight.requires_grad or (bias is not None and bias.requires_grad))
+    needs_grad = _needs_grad(x, weight, lora_a, lora_b, bias)
     composition = (_functorch_transforms_active() or _forward_ad_active() or x.dtype == torch.float64
                    or (needs_grad and subclass_weight))
     if factor_dtype is not None and (backend == "reference" or composition or not needs_grad):
