@@ -1301,12 +1301,13 @@ def check_targets_outside_heads(op, targets, heads, modules_to_save):
                                  f"whole, as PEFT would) or use modules_to_save entries it does not end with")
 
 
-def _record_modules_to_save(model, modules_to_save):
-    """Remembers on the model which modules_to_save its adapter has, for save_peft_adapter (None: none)."""
-    if modules_to_save:
-        setattr(model, MODULES_TO_SAVE_ATTR, list(modules_to_save))
-    elif hasattr(model, MODULES_TO_SAVE_ATTR):
-        delattr(model, MODULES_TO_SAVE_ATTR)
+def _record(model, attr, value):
+    """Remembers `value` on the model as `attr` (one of the *_ATTR names), for save_peft_adapter; None forgets it:
+    save_peft_adapter reads an absent attribute as the adapter having none (no modules_to_save, bias "none", ...)."""
+    if value is not None:
+        setattr(model, attr, value)
+    elif hasattr(model, attr):
+        delattr(model, attr)
 
 
 # On the model: the state-dict names of the embedding layers whose whole state the adapter file that
@@ -1314,23 +1315,7 @@ def _record_modules_to_save(model, modules_to_save):
 EMBEDDING_LAYERS_ATTR = "lora_embedding_layers"
 
 
-def _record_embedding_layers(model, names):
-    """Remembers the embedding layers the loaded adapter file held, for save_peft_adapter (empty: none)."""
-    if names:
-        setattr(model, EMBEDDING_LAYERS_ATTR, list(names))
-    elif hasattr(model, EMBEDDING_LAYERS_ATTR):
-        delattr(model, EMBEDDING_LAYERS_ATTR)
-
-
 TASK_TYPE_ATTR = "lora_task_type"  # on the model: the task_type of the adapter file load_peft_adapter read
-
-
-def _record_task_type(model, task_type):
-    """Remembers the loaded adapter's PEFT task_type, for save_peft_adapter (None: none)."""
-    if task_type is not None:
-        setattr(model, TASK_TYPE_ATTR, task_type)
-    elif hasattr(model, TASK_TYPE_ATTR):
-        delattr(model, TASK_TYPE_ATTR)
 
 
 BIAS_MODES = ("none", "lora_only", "all")  # PEFT's LoraConfig.bias, from fewest biases trained to most
@@ -1368,14 +1353,6 @@ def _train_biases(tensors):
     for tensor in tensors:
         if isinstance(tensor, nn.Parameter):
             tensor.requires_grad_(True)
-
-
-def _record_bias(model, bias):
-    """Remembers on the model the bias mode of its adapter, for save_peft_adapter ("none": nothing recorded)."""
-    if bias != "none":
-        setattr(model, BIAS_ATTR, bias)
-    elif hasattr(model, BIAS_ATTR):
-        delattr(model, BIAS_ATTR)
 
 
 def check_no_accelerate_hook(op, name, module, why="that a LoRA wrapper would drop"):
@@ -1577,8 +1554,8 @@ def inject_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_
         _train_biases(tensor for _, tensor, _ in trained_biases(model, bias, lora_names, [name for name, _ in heads]))
         for _, head in heads:
             head.requires_grad_(True)
-    _record_modules_to_save(model, modules_to_save)
-    _record_bias(model, bias)
+    _record(model, MODULES_TO_SAVE_ATTR, list(modules_to_save) or None)
+    _record(model, BIAS_ATTR, None if bias == "none" else bias)
     enable_input_grads_for_checkpointing(model)
     _warn_mixed_adapter_options(op, model)
     return wrapper
@@ -1894,10 +1871,9 @@ def merge_and_unload(model, *, safe_merge=False):
         warn_dropped_hooks("merge_and_unload", f"module {name!r}", module, "it is replaced by a new layer holding "
                            "the merged weight", stacklevel=2)
         _set_submodule(model, name, module.to_linear())
-    _record_modules_to_save(model, None)  # the adapter is gone: a later inject_lora starts a new one
-    _record_bias(model, "none")
-    _record_task_type(model, None)
-    _record_embedding_layers(model, None)  # the merged model's own now, as its base layers
+    # the adapter is gone: a later inject_lora starts a new one; the embedding layers are the merged model's own now
+    for attr in (MODULES_TO_SAVE_ATTR, BIAS_ATTR, TASK_TYPE_ATTR, EMBEDDING_LAYERS_ATTR):
+        _record(model, attr, None)
     return wrapper
 
 

@@ -37,8 +37,7 @@ from lora_kernels._ext import is_finite_number
 from lora_kernels.backends import check_backend_name
 from lora_kernels.modules import (_PEFT_ONLY_HINT, BASE_ADAPTER, BIAS_ATTR, BIAS_MODES, EMBEDDING_LAYERS_ATTR,
                                   LORA_WRAPPERS, MODULES_TO_SAVE_ATTR, PEFT_ONLY_LAYERS, TASK_TYPE_ATTR, LoRALinear,
-                                  MultiLoRALinear, _record_bias, _record_embedding_layers, _record_modules_to_save,
-                                  _record_task_type, _rollback_on_error, _set_submodule, _train_biases,
+                                  MultiLoRALinear, _record, _rollback_on_error, _set_submodule, _train_biases,
                                   _warn_tied_targets, adapter_table_lock,
                                   check_no_accelerate_hook, check_targets_outside_heads, check_wrappable_linear,
                                   copy_into, embedding_layer, enable_input_grads_for_checkpointing, is_conv1d,
@@ -764,8 +763,8 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
         # as inject_lora (and PEFT's from_pretrained) warn: merge() of a tied target would change both
         _warn_tied_targets(op, model, [(n, m) for n, m, *_ in plan if not isinstance(m, LORA_WRAPPERS)])
         _commit_single(model, config, plan, grouped, heads, biases, base_tensors, backend, autocast_adapter_dtype)
-        _record_embedding_layers(model, sorted({key.rpartition(".")[0] for key, *_ in embedding_tensors}))
-        _record_task_type(model, config.task_type)
+        _record(model, EMBEDDING_LAYERS_ATTR, sorted({key.rpartition(".")[0] for key, *_ in embedding_tensors}) or None)
+        _record(model, TASK_TYPE_ATTR, config.task_type)
         enable_input_grads_for_checkpointing(model)
     else:
         _commit_multi(model, op, adapter_name, plan, grouped, config)
@@ -877,8 +876,8 @@ def _commit_single(model, config, plan, grouped, heads, biases, base_tensors, ba
         for module, state in head_snapshots:
             _copy_state(module, state)
         raise
-    _record_modules_to_save(model, config.modules_to_save if heads else None)
-    _record_bias(model, config.bias)
+    _record(model, MODULES_TO_SAVE_ATTR, list(config.modules_to_save) if heads else None)
+    _record(model, BIAS_ATTR, None if config.bias == "none" else config.bias)
 
 
 def _copy_state(module, state):
