@@ -128,6 +128,11 @@ def is_conv1d(module):
     return cls is not None and isinstance(module, cls)
 
 
+def in_out_features(linear):
+    """(in_features, out_features) of an nn.Linear, or of a transformers Conv1D, whose weight is stored [in, out]."""
+    return tuple(linear.weight.shape) if is_conv1d(linear) else (linear.in_features, linear.out_features)
+
+
 # nn.Linear subclasses whose own forward computes exactly F.linear(x, weight, bias): wrapped like nn.Linear.
 # transformers' FalconLinear (every Falcon projection) is `input @ weight.T (+ bias)`.
 LINEAR_EQUIVALENTS = frozenset({"transformers.models.falcon.modeling_falcon.FalconLinear"})
@@ -640,20 +645,19 @@ class MultiLoRALinear(nn.Module):
     no lock (a traced graph cannot hold one): update slots between compiled calls."""
 
     def __init__(self, base_linear, max_adapters, max_rank, *, backend="auto", adapter_dtype=None, _name=None):
-        super().__init__()  # _name: the base layer's name in its model, for prepare_multi_adapter's messages
-        if is_conv1d(base_linear):
-            self.fan_in_fan_out = True  # Conv1D stores weight [in, out]; the forward passes weight.T
-            in_features, out_features = base_linear.weight.shape
-        elif isinstance(base_linear, nn.Linear):
-            self.fan_in_fan_out = False
-            in_features, out_features = base_linear.in_features, base_linear.out_features
-        else:
+        super().__init__()
+        # _name: the base layer's name in its model, which prepare_multi_adapter's messages name
+        op, what = (("MultiLoRALinear", "base_linear") if _name is None
+                    else ("prepare_multi_adapter", f"module {_name!r}"))
+        owner = op if _name is None else f"{op}: {what}"
+        if not (isinstance(base_linear, nn.Linear) or is_conv1d(base_linear)):
             raise TypeError(f"MultiLoRALinear: base_linear expected an nn.Linear or a transformers Conv1D, "
                             f"got {type(base_linear).__name__}")
+        self.fan_in_fan_out = is_conv1d(base_linear)  # Conv1D stores weight [in, out]; the forward passes weight.T
+        in_features, out_features = in_out_features(base_linear)
         check_wrappable_linear("MultiLoRALinear", "base_linear", base_linear)
         if is_dtensor(base_linear.weight):  # the grouped kernels take plain tensors, and the layout hooks never fire
-            raise TypeError(f"{'MultiLoRALinear' if _name is None else f'prepare_multi_adapter: module {_name!r}'}: "
-                            f"the base weight is {describe(base_linear.weight)} (tensor parallelism); several "
+            raise TypeError(f"{owner}: the base weight is {describe(base_linear.weight)} (tensor parallelism); several "
                             f"adapters in one batch are not supported on DTensor layers: use a LoRALinear per adapter "
                             f"(inject_lora / load_peft_adapter after parallelize_module), or the serving ops lk.ops.* "
                             f"on each rank's plain shards")
@@ -661,14 +665,10 @@ class MultiLoRALinear(nn.Module):
         max_rank = positive_int("MultiLoRALinear", "max_rank", max_rank)
         check_backend_name("MultiLoRALinear", backend)
         if backend == "reference" and is_subclass_weight(base_linear.weight):  # refused now, not at the forward
-            refuse_subclass_weight_backend("MultiLoRALinear" if _name is None else
-                                           f"prepare_multi_adapter: module {_name!r}", backend, base_linear.weight,
-                                           MULTI_SUBCLASS_WEIGHT_USE)
+            refuse_subclass_weight_backend(owner, backend, base_linear.weight, MULTI_SUBCLASS_WEIGHT_USE)
         if adapter_dtype is not None and adapter_dtype not in FLOAT_DTYPES:
             raise TypeError(f"MultiLoRALinear: adapter_dtype expected None or a floating torch.dtype "
                             f"(float32/float16/bfloat16/float64), got {adapter_dtype!r}")
-        op, what = ("prepare_multi_adapter", f"module {_name!r}") if _name is not None else ("MultiLoRALinear",
-                                                                                             "base_linear")
         warn_dropped_hooks(op, what, base_linear, "MultiLoRALinear keeps it as base_layer but reads its weight and "
                            "never calls it", stacklevel=2 if _name is None else 3)
         self.base_layer = base_linear
@@ -1108,7 +1108,8 @@ def find_target_linears(model, target_modules, exclude_modules=None, op="inject_
                                f"weight of another dtype or layout, or a quantized Conv1D weight)")
                 continue
         check_no_accelerate_hook(op, name, module)
-        check_wrappable_linear(op, f"module {name!r}", module, _LEAVE_OUT_HINT)
+        if not all_linear:  # under "all-linear" checked above, where a refusal leaves the layer out
+            check_wrappable_linear(op, f"module {name!r}", module, _LEAVE_OUT_HINT)
         found.append((name, module))
     if skipped:
         shown = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
