@@ -38,13 +38,12 @@ from lora_kernels.backends import check_backend_name
 from lora_kernels.modules import (_PEFT_ONLY_HINT, BASE_ADAPTER, BIAS_ATTR, BIAS_MODES, EMBEDDING_LAYERS_ATTR,
                                   LORA_WRAPPERS, MODULES_TO_SAVE_ATTR, PEFT_ONLY_LAYERS, TASK_TYPE_ATTR, LoRALinear,
                                   MultiLoRALinear, _record, _rollback_on_error, _set_submodule, _train_biases,
-                                  _warn_tied_targets, adapter_table_lock,
-                                  check_no_accelerate_hook, check_targets_outside_heads, check_wrappable_linear,
-                                  copy_into, embedding_layer, enable_input_grads_for_checkpointing, is_conv1d,
-                                  is_layer_index, lora_scaling, named_modules_to_save, named_target_modules,
-                                  pattern_value, resolve_batch_adapters, state_dict_name, target_module_matches,
-                                  trained_biases, unwrap_model, warn_dropped_hooks,
-                                  warn_fan_in_fan_out_corrections)
+                                  _warn_tied_targets, adapter_table_lock, check_no_accelerate_hook,
+                                  check_targets_outside_heads, check_wrappable_linear, copy_into, embedding_layer,
+                                  enable_input_grads_for_checkpointing, in_out_features, is_conv1d, is_layer_index,
+                                  lora_scaling, named_modules_to_save, named_target_modules, pattern_value,
+                                  resolve_batch_adapters, state_dict_name, target_module_matches, trained_biases,
+                                  unwrap_model, warn_dropped_hooks, warn_fan_in_fan_out_corrections)
 from lora_kernels.ops import check_flag, refuse_inference_tensor_writes
 
 CONFIG_NAME = "adapter_config.json"
@@ -550,6 +549,18 @@ def _split_biases(model, config, tensors, file, adapter_name, op, lora_names, he
     return biases, rest
 
 
+def _pop_base_model_tensor(op, file, rest, file_key, current, owner, what, adapter_name):
+    """_pop_state_tensor for a tensor of the base model that the file holds whole (`what`, for the message), which
+    is loaded over the model's. With adapter_name only one equal to the model's loads: MultiLoRALinear slots share
+    the base model with every adapter."""
+    tensor = _pop_state_tensor(op, file, rest, file_key, current, owner, "")
+    if adapter_name is not None and not torch.equal(tensor.to(current.dtype), current.detach().cpu()):
+        raise ValueError(f"{op}: {file} holds {file_key!r}, {what}, and it differs from the model's; MultiLoRALinear "
+                         f"slots share the base layers and embeddings with every adapter, so it cannot load by "
+                         f"adapter_name")
+    return tensor
+
+
 def _split_base_layers(targets, tensors, file, adapter_name, op):
     """([(state-dict key, model tensor, file tensor)] for each base-layer tensor of a LoRA target that the file holds,
     the remaining tensors). PEFT saves the whole layer a LoRA wraps when target_modules names an embedding layer
@@ -565,12 +576,9 @@ def _split_base_layers(targets, tensors, file, adapter_name, op):
             current = getattr(base, leaf, None)
             if file_key not in rest or not isinstance(current, torch.Tensor):
                 continue  # a bias key of a layer without bias stays in rest, refused as unexpected
-            tensor = _pop_state_tensor(op, file, rest, file_key, current, f"module {name!r}'s {leaf}", "")
-            if adapter_name is not None and not torch.equal(tensor.to(current.dtype), current.detach().cpu()):
-                raise ValueError(f"{op}: {file} holds {file_key!r}, the base layer's own {leaf} (PEFT saves it when "
-                                 f"target_modules names an embedding layer), and it differs from the model's; "
-                                 f"MultiLoRALinear slots share the base layer with every adapter, so it cannot load "
-                                 f"by adapter_name")
+            tensor = _pop_base_model_tensor(
+                op, file, rest, file_key, current, f"module {name!r}'s {leaf}", f"the base layer's own {leaf} (PEFT "
+                f"saves it when target_modules names an embedding layer)", adapter_name)
             found.append((f"{key_name}.{leaf}", current, tensor))
     return found, rest
 
@@ -598,11 +606,9 @@ def _split_embedding_layers(model, targets, heads, tensors, file, adapter_name, 
             file_key = f"{KEY_PREFIX}{key_name}.{leaf}"
             if file_key not in rest:
                 continue
-            tensor = _pop_state_tensor(op, file, rest, file_key, current, f"embedding layer {name!r}'s {leaf}", "")
-            if adapter_name is not None and not torch.equal(tensor.to(current.dtype), current.detach().cpu()):
-                raise ValueError(f"{op}: {file} holds {file_key!r}, the embedding layer's {leaf} (PEFT saves it for "
-                                 f"a resized vocabulary), and it differs from the model's; MultiLoRALinear slots "
-                                 f"share the base model with every adapter, so it cannot load by adapter_name")
+            tensor = _pop_base_model_tensor(
+                op, file, rest, file_key, current, f"embedding layer {name!r}'s {leaf}", f"the embedding layer's "
+                f"{leaf} (PEFT saves it for a resized vocabulary)", adapter_name)
             found.append((f"{key_name}.{leaf}", current, tensor))
     return found, rest
 
@@ -630,6 +636,52 @@ def _check_target_type(op, name, module):
     raise ValueError(f"{op}: the adapter targets module {name!r}, a {type(module).__name__}; only nn.Linear and "
                      f"transformers' Conv1D (GPT-2's linear layer) are supported"
                      f"{_PEFT_ONLY_HINT if isinstance(module, PEFT_ONLY_LAYERS) else ''}")
+
+
+def _plan_layers(op, file, config, targets, grouped, adapter_name):
+    """[(name, module, r, alpha)] for each target: checked that it can take the adapter (a MultiLoRALinear by
+    adapter_name and within its max_rank, an unmerged LoRALinear of the same rank, a wrappable nn.Linear / Conv1D)
+    and that the file holds its factors in the shapes its r and features call for."""
+    plan = []
+    for name, module in targets:
+        r, alpha = config.rank_and_alpha(state_dict_name(name))
+        if isinstance(module, MultiLoRALinear):
+            if adapter_name is None:
+                raise ValueError(f"{op}: module {name!r} is a MultiLoRALinear; pass adapter_name=... to load the "
+                                 f"adapter into a slot")
+            if r > module.max_rank:
+                raise ValueError(f"{op}: module {name!r} holds ranks up to {module.max_rank}, the adapter has r={r}")
+            scaling = lora_scaling(r, alpha, config.use_rslora)
+            if abs(scaling) > torch.finfo(module.scalings.dtype).max:  # set_adapter refused it half-way through
+                rule = "lora_alpha / sqrt(r)" if config.use_rslora else "lora_alpha / r"
+                raise ValueError(f"{op}: module {name!r}: the adapter's scaling {scaling!r} ({rule}, lora_alpha "
+                                 f"{alpha!r}, r={r}) is past the range of the slots' {module.scalings.dtype}; the "
+                                 f"model is unchanged")
+            in_features, out_features = module.in_features, module.out_features
+        elif adapter_name is not None:
+            fix = ("prepare_multi_adapter refuses LoRALinear layers: prepare a fresh base model (save this model's "
+                   "adapter with save_peft_adapter to load it there by name too)" if isinstance(module, LoRALinear) else
+                   "call prepare_multi_adapter with target_modules covering it first")
+            raise ValueError(f"{op}: adapter_name={adapter_name!r} loads into MultiLoRALinear slots, but module "
+                             f"{name!r} is a {type(module).__name__}; {fix}")
+        elif isinstance(module, LoRALinear):
+            if module.merged:
+                raise ValueError(f"{op}: module {name!r} has a merged adapter; unmerge() it first")
+            if module.r != r:
+                raise ValueError(f"{op}: module {name!r} is a LoRALinear of r={module.r}, the adapter has r={r} there; "
+                                 f"load into the base model or a model injected with the adapter's ranks")
+            in_features, out_features = module.in_features, module.out_features
+        else:  # nn.Linear or transformers Conv1D: _check_target_type let nothing else through
+            check_no_accelerate_hook(op, name, module)
+            check_wrappable_linear(op, f"module {name!r}", module)
+            in_features, out_features = in_out_features(module)
+        weight = module.base_weight() if isinstance(module, LORA_WRAPPERS) else module.weight
+        if weight.is_meta:  # the adapter would be copied into meta tensors, which hold nothing
+            raise ValueError(f"{op}: module {name!r} has its weight on the meta device; load the adapter into a model "
+                             f"whose weights are materialised")
+        _check_pair(op, file, state_dict_name(name), grouped.get(name, {}), r, in_features, out_features)
+        plan.append((name, module, r, alpha))
+    return plan
 
 
 def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocast_adapter_dtype=True, revision=None,
@@ -695,49 +747,7 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
     # The file's names are the state dict's, the targets' the model's: they differ inside wrappers (state_dict_name)
     model_names = {state_dict_name(name): name for name, _ in targets}
     grouped = {model_names.get(key_name, key_name): factors for key_name, factors in grouped.items()}
-    plan = []
-    for name, module in targets:
-        r, alpha = config.rank_and_alpha(state_dict_name(name))
-        if isinstance(module, MultiLoRALinear):
-            if adapter_name is None:
-                raise ValueError(f"{op}: module {name!r} is a MultiLoRALinear; pass adapter_name=... to load the "
-                                 f"adapter into a slot")
-            if r > module.max_rank:
-                raise ValueError(f"{op}: module {name!r} holds ranks up to {module.max_rank}, the adapter has r={r}")
-            scaling = lora_scaling(r, alpha, config.use_rslora)
-            if abs(scaling) > torch.finfo(module.scalings.dtype).max:  # set_adapter refused it half-way through
-                rule = "lora_alpha / sqrt(r)" if config.use_rslora else "lora_alpha / r"
-                raise ValueError(f"{op}: module {name!r}: the adapter's scaling {scaling!r} ({rule}, lora_alpha "
-                                 f"{alpha!r}, r={r}) is past the range of the slots' {module.scalings.dtype}; the "
-                                 f"model is unchanged")
-            in_features, out_features = module.in_features, module.out_features
-        elif adapter_name is not None:
-            fix = ("prepare_multi_adapter refuses LoRALinear layers: prepare a fresh base model (save this model's "
-                   "adapter with save_peft_adapter to load it there by name too)" if isinstance(module, LoRALinear) else
-                   "call prepare_multi_adapter with target_modules covering it first")
-            raise ValueError(f"{op}: adapter_name={adapter_name!r} loads into MultiLoRALinear slots, but module "
-                             f"{name!r} is a {type(module).__name__}; {fix}")
-        elif isinstance(module, LoRALinear):
-            if module.merged:
-                raise ValueError(f"{op}: module {name!r} has a merged adapter; unmerge() it first")
-            if module.r != r:
-                raise ValueError(f"{op}: module {name!r} is a LoRALinear of r={module.r}, the adapter has r={r} there; "
-                                 f"load into the base model or a model injected with the adapter's ranks")
-            in_features, out_features = module.in_features, module.out_features
-        elif is_conv1d(module):
-            check_no_accelerate_hook(op, name, module)
-            check_wrappable_linear(op, f"module {name!r}", module)
-            in_features, out_features = module.weight.shape
-        else:  # nn.Linear: _check_target_type let nothing else through
-            check_no_accelerate_hook(op, name, module)
-            check_wrappable_linear(op, f"module {name!r}", module)
-            in_features, out_features = module.in_features, module.out_features
-        weight = module.base_weight() if isinstance(module, LORA_WRAPPERS) else module.weight
-        if weight.is_meta:  # the adapter would be copied into meta tensors, which hold nothing
-            raise ValueError(f"{op}: module {name!r} has its weight on the meta device; load the adapter into a model "
-                             f"whose weights are materialised")
-        _check_pair(op, file, state_dict_name(name), grouped.get(name, {}), r, in_features, out_features)
-        plan.append((name, module, r, alpha))
+    plan = _plan_layers(op, file, config, targets, grouped, adapter_name)
     target_names = {name for name, *_ in plan}
     extra = sorted(set(grouped) - target_names)
     if extra:

@@ -1900,6 +1900,20 @@ def test_embedding_layers_peft_saves_for_a_resized_vocabulary_load_as_peft_loads
         lk.save_peft_adapter(model, tmp_path / name)
         keys = load_file(tmp_path / name / "adapter_model.safetensors")
         assert keys and all(".lora_" in key for key in keys), (name, sorted(keys))
+    # named adapters share the embedding layers: only a file whose embedding layers are the model's own loads by name
+    multi = lk.prepare_multi_adapter(base(), ["q_proj", "v_proj"], max_adapters=2, max_rank=4)
+    before = {k: v.clone() for k, v in multi.state_dict().items()}
+    with pytest.raises(ValueError, match=r"holds 'base_model\.model\.model\.embed_tokens\.weight', the embedding "
+                                         r"layer's weight .*differs from the model's; MultiLoRALinear slots share"):
+        lk.load_peft_adapter(multi, tmp_path, adapter_name="a")
+    assert all(torch.equal(v, before[k]) for k, v in multi.state_dict().items())
+    _edit_weights(tmp_path, lambda t: t.update({"base_model.model.model.embed_tokens.weight":
+                                                 base().model.embed_tokens.weight.detach().clone(),
+                                                 "base_model.model.lm_head.weight": base().lm_head.weight.detach()}))
+    lk.load_peft_adapter(multi, tmp_path, adapter_name="a")
+    with lk.set_batch_adapters(multi, "a"), torch.no_grad():
+        torch.testing.assert_close(multi(input_ids=ids).logits,
+                                   lk.load_peft_adapter(base(), tmp_path, backend=BACKEND)(input_ids=ids).logits)
     other = base(vocab=100)  # not resized: refused by key and shapes, the model unchanged
     before = {k: v.clone() for k, v in other.state_dict().items()}
     with pytest.raises(ValueError, match=r"embed_tokens\.weight.*expected shape \[100, 64\].*got shape \[104, 64\]"):
