@@ -27,6 +27,7 @@ import tempfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -1030,17 +1031,28 @@ def _check_not_flattened(op, name, what, tensor, shape):
                          f"with fully_shard (FSDP2); nothing was written")
 
 
+class _SavedLayer(NamedTuple):
+    """One LoRA layer of the adapter save_peft_adapter writes."""
+    name: str  # the model's name (_collect_layers), then the state dict's (save_peft_adapter)
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    r: int
+    alpha: float
+    use_rslora: bool
+    dropout: float
+    fan_in_fan_out: bool
+
+
 def _collect_layers(model, adapter_name, op):
-    """[(name, lora_a, lora_b, r, alpha, use_rslora, dropout, fan_in_fan_out)] of the adapter to save, the names
-    the model's."""
+    """[_SavedLayer] of the adapter to save, the names the model's."""
     records = []
     if adapter_name is None:
         for name, m in model.named_modules():
             if isinstance(m, LoRALinear):  # merged or not: merging leaves the factors as they are (PEFT saves both)
                 _check_not_flattened(op, name, "lora_A.weight", m.lora_A.weight, (m.r, m.in_features))
                 _check_not_flattened(op, name, "lora_B.weight", m.lora_B.weight, (m.out_features, m.r))
-                records.append((name, m.lora_A.weight, m.lora_B.weight, m.r, m.lora_alpha, m.use_rslora,
-                                m.lora_dropout, m.fan_in_fan_out))
+                records.append(_SavedLayer(name, m.lora_A.weight, m.lora_B.weight, m.r, m.lora_alpha, m.use_rslora,
+                                           m.lora_dropout, m.fan_in_fan_out))
         if not records:
             raise ValueError(f"{op}: the model has no LoRALinear layers (for MultiLoRALinear slots pass adapter_name)")
         return records
@@ -1062,8 +1074,8 @@ def _collect_layers(model, adapter_name, op):
                     continue  # this layer is not targeted by the adapter
                 # MultiLoRALinear keeps the scaling, not alpha: alpha = scaling * r reproduces it (use_rslora off).
                 alpha = _clean_number(float(m.scalings[slot]) * r)
-                records.append((name, m.lora_a[slot, :r].clone(), m.lora_b[slot, :, :r].clone(), r, alpha, False,
-                                0.0, m.fan_in_fan_out))
+                records.append(_SavedLayer(name, m.lora_a[slot, :r].clone(), m.lora_b[slot, :, :r].clone(), r, alpha,
+                                           False, 0.0, m.fan_in_fan_out))
     if not records:
         raise ValueError(f"{op}: adapter {adapter_name!r} has no layer with a non-empty slot")
     return records
@@ -1132,6 +1144,92 @@ def _target_modules_for(model, names, op, modules_to_save=None):
     return regex
 
 
+def _adapter_config(op, model, records, module_names, modules_to_save, bias, task_type, base_model_name_or_path):
+    """save_peft_adapter's adapter_config.json, as a dict: the most common r and alpha, the others in rank_pattern /
+    alpha_pattern, checked to read back as `records` (module_names: the model's names of the records' layers;
+    modules_to_save: the entries that select the heads saved, or None)."""
+    for field, attr in (("use_rslora", "use_rslora"), ("lora_dropout", "dropout")):
+        values = {getattr(rec, attr) for rec in records}
+        if len(values) > 1:
+            raise ValueError(f"{op}: the LoRA layers have different {field} values {sorted(values)}; PEFT's config "
+                             f"holds one")
+    r = _most_common([rec.r for rec in records])
+    lora_alpha = _most_common([rec.alpha for rec in records])
+    rank_pattern = _pattern([(rec.name, rec.r) for rec in records], r)
+    alpha_pattern = _pattern([(rec.name, rec.alpha) for rec in records], lora_alpha)
+    target_modules = _target_modules_for(model, module_names, op, modules_to_save)
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(model, "name_or_path", None) or getattr(
+            getattr(model, "config", None), "_name_or_path", None) or None
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "target_modules": target_modules,
+        # no "exclude_modules" (always null here): peft < 0.14's LoraConfig has no such field, and its
+        # PeftModel.from_pretrained raises TypeError on a key it does not know
+        "lora_dropout": records[0].dropout,
+        "use_rslora": records[0].use_rslora,
+        "bias": bias,
+        "fan_in_fan_out": any(rec.fan_in_fan_out for rec in records),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "modules_to_save": list(modules_to_save) if modules_to_save else None,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    # The config must select exactly these layers with these ranks when read back (PEFT's rules, our parser).
+    parsed = parse_adapter_config(json.loads(json.dumps(config, sort_keys=True)))  # as written
+    if any(parsed.rank_and_alpha(rec.name) != (rec.r, rec.alpha) for rec in records):
+        # a key also matched a longer name it should not ("proj" matches "block.proj"): every layer by its full
+        # name, the names with more components first (PEFT takes the first key that matches)
+        config["rank_pattern"] = _full_name_pattern([(rec.name, rec.r) for rec in records])
+        config["alpha_pattern"] = _full_name_pattern([(rec.name, rec.alpha) for rec in records])
+        parsed = parse_adapter_config(json.loads(json.dumps(config, sort_keys=True)))  # as written
+        for rec in records:
+            if parsed.rank_and_alpha(rec.name) != (rec.r, rec.alpha):
+                raise ValueError(f"{op}: internal error: rank/alpha patterns do not reproduce module {rec.name!r}")
+    return config
+
+
+def _adapter_tensors(op, model, records, module_names, heads, bias, adapter_name, save_embedding_layers):
+    """save_peft_adapter's {file key: contiguous CPU tensor}: the LoRA factors, the modules_to_save heads' state,
+    the trained biases and the embedding layers save_embedding_layers selects."""
+    tensors = {}
+    factor_names = ("lora_a", "lora_b") if adapter_name is not None else ("lora_A.weight", "lora_B.weight")
+    for rec in records:
+        tensors[f"{KEY_PREFIX}{rec.name}.lora_A.weight"] = _to_saved(op, f"{factor_names[0]} of module {rec.name!r}",
+                                                                     rec.lora_a)
+        tensors[f"{KEY_PREFIX}{rec.name}.lora_B.weight"] = _to_saved(op, f"{factor_names[1]} of module {rec.name!r}",
+                                                                     rec.lora_b)
+    for name, module in heads:
+        for key, tensor in module.state_dict().items():
+            tensors[f"{KEY_PREFIX}{state_dict_name(name)}.{key}"] = _to_saved(
+                op, f"{key!r} of module {name!r} (modules_to_save)", tensor)
+    for file_key, (key, tensor) in _bias_file_keys(model, bias, {rec.name for rec in records},
+                                                   [name for name, _ in heads]).items():
+        tensors[file_key] = _to_saved(op, f"the model's {key!r} (bias={bias!r})", tensor)
+    embedding_layers = []
+    if save_embedding_layers:  # True or "auto"
+        embedding_layers = _embedding_layers(model, {*module_names, *(name for name, _ in heads)})
+    if save_embedding_layers == "auto":
+        held = getattr(model, EMBEDDING_LAYERS_ATTR, ()) if adapter_name is None else ()  # by the file loaded
+        embedding_layers = [(name, module) for name, module in embedding_layers if state_dict_name(name) in held]
+    elif save_embedding_layers and not embedding_layers:
+        raise ValueError(f"{op}: save_embedding_layers=True, but the model has no input or output embedding layer "
+                         f"(get_input_embeddings / get_output_embeddings) but its LoRA layers and modules_to_save")
+    for name, module in embedding_layers:
+        for key, tensor in module.state_dict().items():
+            tensors[f"{KEY_PREFIX}{state_dict_name(name)}.{key}"] = _to_saved(
+                op, f"{key!r} of embedding layer {name!r}", tensor)
+    return tensors
+
+
 # peft.TaskType's values (the same six in PEFT 0.13 and 0.21): PEFT 0.21's PeftConfig raises ValueError for any other
 # task_type (0.13 took it and loaded a plain PeftModel, not the task's class)
 PEFT_TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
@@ -1172,98 +1270,30 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
     _check_adapter_name(op, adapter_name)
     if task_type is not None and not isinstance(task_type, str):  # written to the config as is
         raise TypeError(f"{op}: task_type expected None or a str such as 'CAUSAL_LM', got {task_type!r}")
-    loaded = ""
+    task_type_origin = ""
     if task_type is None and adapter_name is None:  # the loaded file's, as PEFT saves what it loaded
         task_type = getattr(model, TASK_TYPE_ATTR, None)
-        loaded = " (the task type of the adapter file load_peft_adapter read; pass task_type= to replace it)"
+        task_type_origin = " (the task type of the adapter file load_peft_adapter read; pass task_type= to replace it)"
     if task_type is not None and task_type not in PEFT_TASK_TYPES:
         # PEFT 0.21's PeftConfig refuses any other value ("Invalid task type"), so the file would not load there
         raise ValueError(f"{op}: task_type expected None or one of PEFT's task types {list(PEFT_TASK_TYPES)}, "
-                         f"got {task_type!r}{loaded}")
+                         f"got {task_type!r}{task_type_origin}")
     if isinstance(base_model_name_or_path, os.PathLike):
         base_model_name_or_path = os.fspath(base_model_name_or_path)  # a Path was not JSON serializable
     if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
         raise TypeError(f"{op}: base_model_name_or_path expected None, a str or a path, got "
                         f"{base_model_name_or_path!r}")
     records = _collect_layers(model, adapter_name, op)
-    module_names = [rec[0] for rec in records]  # to match targets; the file has the state dict's names:
-    records = [(state_dict_name(rec[0]), *rec[1:]) for rec in records]
+    module_names = [rec.name for rec in records]  # to match targets; the file has the state dict's names:
+    records = [rec._replace(name=state_dict_name(rec.name)) for rec in records]
     modules_to_save = getattr(model, MODULES_TO_SAVE_ATTR, None) if adapter_name is None else None
     bias = getattr(model, BIAS_ATTR, "none") if adapter_name is None else "none"
     heads = named_modules_to_save(model, modules_to_save, op) if modules_to_save else []
     if modules_to_save and not heads:
         raise ValueError(f"{op}: model.{MODULES_TO_SAVE_ATTR} = {modules_to_save!r} matches no module of the model")
-    for field, index in (("use_rslora", 5), ("lora_dropout", 6)):
-        values = {rec[index] for rec in records}
-        if len(values) > 1:
-            raise ValueError(f"{op}: the LoRA layers have different {field} values {sorted(values)}; PEFT's config "
-                             f"holds one")
-    r = _most_common([rec[3] for rec in records])
-    lora_alpha = _most_common([rec[4] for rec in records])
-    rank_pattern = _pattern([(rec[0], rec[3]) for rec in records], r)
-    alpha_pattern = _pattern([(rec[0], rec[4]) for rec in records], lora_alpha)
-    target_modules = _target_modules_for(model, module_names, op, modules_to_save if heads else None)
-    if base_model_name_or_path is None:
-        base_model_name_or_path = getattr(model, "name_or_path", None) or getattr(
-            getattr(model, "config", None), "_name_or_path", None) or None
-    config = {
-        "peft_type": "LORA",
-        "task_type": task_type,
-        "base_model_name_or_path": base_model_name_or_path,
-        "r": r,
-        "lora_alpha": lora_alpha,
-        "target_modules": target_modules,
-        # no "exclude_modules" (always null here): peft < 0.14's LoraConfig has no such field, and its
-        # PeftModel.from_pretrained raises TypeError on a key it does not know
-        "lora_dropout": records[0][6],
-        "use_rslora": records[0][5],
-        "bias": bias,
-        "fan_in_fan_out": any(rec[7] for rec in records),
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "modules_to_save": list(modules_to_save) if heads else None,
-        "use_dora": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-    }
-    # The config must select exactly these layers with these ranks when read back (PEFT's rules, our parser).
-    parsed = parse_adapter_config(json.loads(json.dumps(config, sort_keys=True)))  # as written
-    if any(parsed.rank_and_alpha(rec[0]) != (rec[3], rec[4]) for rec in records):
-        # a key also matched a longer name it should not ("proj" matches "block.proj"): every layer by its full
-        # name, the names with more components first (PEFT takes the first key that matches)
-        config["rank_pattern"] = _full_name_pattern([(rec[0], rec[3]) for rec in records])
-        config["alpha_pattern"] = _full_name_pattern([(rec[0], rec[4]) for rec in records])
-        parsed = parse_adapter_config(json.loads(json.dumps(config, sort_keys=True)))  # as written
-        for name, _, _, rank, alpha, *_ in records:
-            if parsed.rank_and_alpha(name) != (rank, alpha):
-                raise ValueError(f"{op}: internal error: rank/alpha patterns do not reproduce module {name!r}")
-    tensors = {}
-    factor_names = ("lora_a", "lora_b") if adapter_name is not None else ("lora_A.weight", "lora_B.weight")
-    for name, lora_a, lora_b, *_ in records:
-        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = _to_saved(op, f"{factor_names[0]} of module {name!r}", lora_a)
-        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = _to_saved(op, f"{factor_names[1]} of module {name!r}", lora_b)
-    for name, module in heads:
-        for key, tensor in module.state_dict().items():
-            tensors[f"{KEY_PREFIX}{state_dict_name(name)}.{key}"] = _to_saved(
-                op, f"{key!r} of module {name!r} (modules_to_save)", tensor)
-    for file_key, (key, tensor) in _bias_file_keys(model, bias, {rec[0] for rec in records},
-                                                   [name for name, _ in heads]).items():
-        tensors[file_key] = _to_saved(op, f"the model's {key!r} (bias={bias!r})", tensor)
-    embedding_layers = []
-    if save_embedding_layers:  # True or "auto"
-        embedding_layers = _embedding_layers(model, {*module_names, *(name for name, _ in heads)})
-    if save_embedding_layers == "auto":
-        loaded = getattr(model, EMBEDDING_LAYERS_ATTR, ()) if adapter_name is None else ()
-        embedding_layers = [(name, module) for name, module in embedding_layers if state_dict_name(name) in loaded]
-    elif save_embedding_layers and not embedding_layers:
-        raise ValueError(f"{op}: save_embedding_layers=True, but the model has no input or output embedding layer "
-                         f"(get_input_embeddings / get_output_embeddings) but its LoRA layers and modules_to_save")
-    for name, module in embedding_layers:
-        for key, tensor in module.state_dict().items():
-            tensors[f"{KEY_PREFIX}{state_dict_name(name)}.{key}"] = _to_saved(
-                op, f"{key!r} of embedding layer {name!r}", tensor)
+    config = _adapter_config(op, model, records, module_names, modules_to_save if heads else None, bias, task_type,
+                             base_model_name_or_path)
+    tensors = _adapter_tensors(op, model, records, module_names, heads, bias, adapter_name, save_embedding_layers)
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
     os.makedirs(path, exist_ok=True)
