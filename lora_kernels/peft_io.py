@@ -4,7 +4,9 @@ module that `modules_to_save` names (`base_model.model.<module>.<param>`, e.g. a
 bias="all" / "lora_only" the trained biases (`base_model.model.<layer>.base_layer.bias` for a LoRA layer, whose
 bias is our `<layer>.bias`; `base_model.model.<module>.bias` for any other), plus, when target_modules names
 "lm_head" or "embed_tokens", the base weight of that LoRA layer (`base_model.model.lm_head.base_layer.weight`: PEFT
-saves it for a resized vocabulary, and loads it over the model's; read and loaded here too, never written).
+saves it for a resized vocabulary, and loads it over the model's; read and loaded here too, never written), plus the
+whole state of the input and output embedding layers that are no LoRA target (`base_model.model.<layer>.<param>`,
+PEFT's save_embedding_layers: read, loaded and written again).
 
 Loading is atomic: the config, every tensor, every target module, key and shape are checked before the model is
 touched, and a failure while changing it is rolled back; a config field that would change what the adapter computes
@@ -43,8 +45,8 @@ from lora_kernels.modules import (_PEFT_ONLY_HINT, BASE_ADAPTER, BIAS_ATTR, BIAS
                                   check_targets_outside_heads, check_wrappable_linear, copy_into, embedding_layer,
                                   enable_input_grads_for_checkpointing, in_out_features, is_conv1d, is_layer_index,
                                   lora_scaling, named_modules_to_save, named_target_modules, pattern_value,
-                                  resolve_batch_adapters, state_dict_name, target_module_matches, trained_biases,
-                                  unwrap_model, warn_dropped_hooks, warn_fan_in_fan_out_corrections)
+                                  resolve_batch_adapters, state_dict_name, trained_biases, unwrap_model,
+                                  warn_dropped_hooks, warn_fan_in_fan_out_corrections)
 from lora_kernels.ops import check_flag, refuse_inference_tensor_writes
 
 CONFIG_NAME = "adapter_config.json"
@@ -110,10 +112,6 @@ class AdapterConfig:
         """(r, lora_alpha) of the module called `name`, with PEFT's rank_pattern / alpha_pattern lookup."""
         return (pattern_value(self.rank_pattern, name, self.r),
                 pattern_value(self.alpha_pattern, name, self.lora_alpha))
-
-    def matches(self, name):
-        return target_module_matches(name, self.target_modules, self.exclude_modules, self.layers_to_transform,
-                                     self.layers_pattern, self.modules_to_save)
 
 
 def _is_unset(value):
@@ -386,7 +384,7 @@ def _read_safetensors(file):
 
 
 def read_adapter_weights(path):
-    """{key: tensor} on CPU from adapter_model.safetensors (preferred, as PEFT) or adapter_model.bin
+    """({key: tensor} on CPU, the file read) from adapter_model.safetensors (preferred, as PEFT) or adapter_model.bin
     (torch.load with weights_only=True). Unreadable or truncated files raise ValueError naming the file."""
     file = os.path.join(path, SAFETENSORS_NAME)
     if os.path.isfile(file):

@@ -22,7 +22,7 @@ from torch import nn
 
 import lora_kernels as lk
 from lora_kernels import peft_io
-from lora_kernels.modules import LoRALinear, MultiLoRALinear, target_module_matches
+from lora_kernels.modules import LoRALinear, MultiLoRALinear, named_target_modules, target_module_matches
 
 BACKEND = "torch"
 PEFT = installed_version("peft")  # None without peft: its tests skip through importorskip
@@ -1066,7 +1066,6 @@ def test_save_refuses_meta_tensors_by_name_before_writing(tmp_path):
 def test_target_modules_regex_exclude_and_layers_to_transform(tmp_path):
     lk.save_peft_adapter(_trained(("q_proj", "v_proj", "o_proj")), tmp_path)
     model = _base()
-    names = [n for n, _ in model.named_modules()]
     raw = json.loads((tmp_path / "adapter_config.json").read_text())
     for changes, expected in [
         ({"target_modules": r"layers\.\d\.(q|o)_proj"}, {"layers.0.q_proj", "layers.0.o_proj", "layers.1.q_proj",
@@ -1083,7 +1082,10 @@ def test_target_modules_regex_exclude_and_layers_to_transform(tmp_path):
         ({"modules_to_save": ["o_proj"]}, {"layers.0.q_proj", "layers.1.q_proj", "layers.0.v_proj", "layers.1.v_proj"}),
     ]:
         config = peft_io.parse_adapter_config({**raw, **changes})
-        assert {n for n in names if config.matches(n)} == expected, changes
+        selected = named_target_modules(model, config.target_modules, config.exclude_modules,
+                                        layers_to_transform=config.layers_to_transform,
+                                        layers_pattern=config.layers_pattern, modules_to_save=config.modules_to_save)
+        assert {n for n, _ in selected} == expected, changes
     # the loader honours exclude_modules too: the file holds no o_proj factors
     _write_config(tmp_path, target_modules=r".*_proj", exclude_modules=["layers.0.o_proj", "layers.1.o_proj"])
     _edit_weights(tmp_path, lambda t: [t.pop(k) for k in [k for k in t if ".o_proj." in k]])
@@ -1158,7 +1160,7 @@ def test_config_defaults_and_unset_fields_are_peft_s():
     config = peft_io.parse_adapter_config({"peft_type": "LORA", "target_modules": ["q_proj"], "r": 4})
     assert config.rank_and_alpha("layers.0.q_proj") == (4, 8)  # lora_alpha's default is 8, not r
     config = peft_io.parse_adapter_config({"peft_type": "LORA", "target_modules": ["q_proj"], "exclude_modules": ""})
-    assert config.exclude_modules is None and config.matches("layers.0.q_proj")  # PEFT: "" excludes nothing
+    assert config.exclude_modules is None  # PEFT: "" excludes nothing
 
 
 @pytest.mark.parametrize("init, warns", [("pissa", True), ("pissa_niter_16", True), ("olora", True), ("corda", True),
