@@ -262,7 +262,7 @@ def test_the_emulation_fails_a_missing_barrier_before_shared_memory_is_overwritt
 
 
 @pytest.mark.parametrize("harness,cases", [("decode_kernels", 6), ("sgmv_mma", 6), ("sgmv_cuda_core", 6),
-                                           ("lora_fwd_decode", 2), ("lora_bwd_dy", 3)])
+                                           ("lora_fwd_decode", 2), ("lora_bwd_dy", 4)])
 def test_the_cuda_kernels_have_no_data_race(tmp_path, harness, cases):
     """The race check: each harness's quick cases built with ThreadSanitizer, which orders the threads' accesses as
     CUDA does (emu.h's Unordered: __syncthreads and __syncwarp order shared memory, the shuffles and MMAs do not):
@@ -282,12 +282,17 @@ def test_the_cuda_kernels_have_no_data_race(tmp_path, harness, cases):
     # ... and the next strip's tile overwrites what other lanes still read
     ("lora_bwd_dy", "      __syncwarp();  // every lane's reads are done before the next strip overwrites the buffer\n",
      "", "transposed"),
-], ids=["expand-staged-written", "expand-staged-read", "bwd-dy-transposed-written", "bwd-dy-transposed-read"])
-def test_the_race_check_fails_a_missing_syncwarp(tmp_path, harness, old, new, shared):
+    # lora_bwd_dy_mma_kernel: warp 0 sums the next piece's dB into db_sum while other warps still write it out
+    ("lora_bwd_dy", "    __syncthreads();  // db_sum is read before the next piece's warp 0 overwrites it\n", "",
+     "db_sum"),
+], ids=["expand-staged-written", "expand-staged-read", "bwd-dy-transposed-written", "bwd-dy-transposed-read",
+        "bwd-dy-db-sum-reused"])
+def test_the_race_check_fails_a_missing_barrier(tmp_path, harness, old, new, shared):
     """The race check is not vacuous: without any one of the kernels' __syncwarp calls a lane's shared-memory write
-    races another lane's access of it. A run's results do not show three of the four: the MMAs between the write
-    and the other lane's read (or between the read and the next write) wait for every lane of the warp, which orders
-    a run's accesses but not the GPU's (an MMA exchanges registers, not memory)."""
+    races another lane's access of it, and without the __syncthreads before db_sum's reuse a warp's. A run's results
+    do not show three of the four __syncwarp: the MMAs between the write and the other lane's read (or between the
+    read and the next write) wait for every lane of the warp, which orders a run's accesses but not the GPU's (an MMA
+    exchanges registers, not memory)."""
     sources = read_sources()
     cu_file = HARNESS_SOURCE[harness]
     assert sources[cu_file].count(old) == 1, old

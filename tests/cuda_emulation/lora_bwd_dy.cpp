@@ -8,7 +8,7 @@
 // and dy rows that 16-byte loads cannot read whole): both tiles (r <= 32 and past), partial tiles, dy, S and B in
 // either layout, several row and column blocks; and both kernels' grids over a sweep of shapes (every row and column
 // owned once, whole tiles, the partial budget kept). Prints "N cases, F failures"; exits 1 on a failure. `quick`: one
-// case of each tensor-core rank-tile variant and one of the CUDA-core kernel.
+// case of each tensor-core rank-tile variant, one of several pieces per column block and one of the CUDA-core kernel.
 #include "emu.h"
 
 namespace lora_kernels {
@@ -163,6 +163,7 @@ int main(int argc, char** argv) {
   if (argc > 1 && std::string(argv[1]) == "quick") {
     run_mma_case<c10::BFloat16>(77, 200, 16, 0, false, 2, 1 + cases++);
     run_mma_case<c10::Half>(40, 72, 20, 8, false, 2, 1 + cases++);
+    run_mma_case<c10::BFloat16>(16, 2048, 16, 0, false, 4, 1 + cases++);  // db_sum reused by the next piece
     run_cuda_core_case<float>(130, 150, 8, 3, false, false, false, 2, 1 + cases++);
     std::printf("%d cases, %d failures\n", cases, failures);
     return failures != 0;
