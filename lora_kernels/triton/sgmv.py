@@ -134,6 +134,20 @@ if HAS_TRITON:
         return start, count
 
     @triton.jit
+    def _slot_rank(ranks_ptr, slot, R):
+        """The slot's rank clamped into [0, R], as the cuda kernels clamp it (see _slot_range)."""
+        return tl.minimum(tl.maximum(tl.load(ranks_ptr + slot), 0), R)
+
+    @triton.jit
+    def _token_slot_rank(adapter_ids_ptr, ranks_ptr, tok, L, R):
+        """(slot, rank) of token tok for the decode kernels: an id outside [0, L) (-1, or an unchecked one) reads
+        slot 0's entries with rank 0, so nothing of that slot is used."""
+        slot = tl.load(adapter_ids_ptr + tok)
+        valid = (slot >= 0) & (slot < L)
+        slot = tl.where(valid, slot, 0)
+        return slot, tl.where(valid, _slot_rank(ranks_ptr, slot, R), 0)
+
+    @triton.jit
     def _slot_tokens(sorted_ids_ptr, start, count, positions, num_tokens):
         """The token ids at `positions` of a slot's range (int64, 0 where masked) and their mask: positions past
         count, and ids outside [0, num_tokens), are skipped (see _slot_range)."""
@@ -178,7 +192,7 @@ if HAS_TRITON:
         pid_split = pid_1 % split_k
         pid_r = (pid_1 // split_k) % num_r_tiles
         pid_s = pid_1 // (split_k * num_r_tiles)
-        rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + slot), 0), R)
+        rank = _slot_rank(ranks_ptr, slot, R)
         if pid_r * BLOCK_R >= rank:
             return
         tok, mask_m = _slot_tokens(sorted_ids_ptr, start, count, pid_m * BLOCK_M + tl.arange(0, BLOCK_M), num_tokens)
@@ -224,11 +238,7 @@ if HAS_TRITON:
         pid_split = tl.program_id(2)
         pid_r = pid_1 % num_r_tiles
         pid_s = pid_1 // num_r_tiles
-        slot = tl.load(adapter_ids_ptr + tok)
-        valid = (slot >= 0) & (slot < L)
-        slot = tl.where(valid, slot, 0)
-        rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + slot), 0), R)
-        rank = tl.where(valid, rank, 0)
+        slot, rank = _token_slot_rank(adapter_ids_ptr, ranks_ptr, tok, L, R)
         offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         out_ptrs = out_ptr + pid_s.to(tl.int64) * stride_os + tok * stride_om + offs_r.to(tl.int64) * stride_or
         if pid_r * BLOCK_R >= rank:
@@ -281,7 +291,7 @@ if HAS_TRITON:
         N = _of_slice(pid_s, N0, N1, N2)
         if pid_n * BLOCK_N >= N:  # a slice narrower than the widest
             return
-        rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + slot), 0), R)
+        rank = _slot_rank(ranks_ptr, slot, R)
         if rank == 0:
             return
         tok, mask_m = _slot_tokens(sorted_ids_ptr, start, count, pid_m * BLOCK_M + tl.arange(0, BLOCK_M), num_tokens)
@@ -339,11 +349,7 @@ if HAS_TRITON:
         N = _of_slice(pid_s, N0, N1, N2)
         if pid_n * BLOCK_N >= N:  # a slice narrower than the widest
             return
-        slot = tl.load(adapter_ids_ptr + tok)
-        valid = (slot >= 0) & (slot < L)
-        slot = tl.where(valid, slot, 0)
-        rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + slot), 0), R)
-        rank = tl.where(valid, rank, 0)
+        slot, rank = _token_slot_rank(adapter_ids_ptr, ranks_ptr, tok, L, R)
         if rank == 0:
             return
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
