@@ -444,6 +444,14 @@ def _split_k(device, num_tiles, K, block_k, deterministic):
     return max(1, min(want, MAX_SPLIT_K, max_useful))
 
 
+def _k_splits(device, num_tiles, K, block_k, deterministic):
+    """(split_k, k_per_split): _split_k's count of K splits, each split whole BLOCK_K blocks, recounted so that none
+    is empty."""
+    split_k = _split_k(device, num_tiles, K, block_k, deterministic)
+    k_per_split = cdiv(cdiv(K, split_k), block_k) * block_k
+    return cdiv(K, k_per_split), k_per_split
+
+
 def choose_path(num_tokens, num_slots, path="auto"):
     """'decode' or 'prefill' for a batch of num_tokens tokens over num_slots slots (from shapes only: no sync)."""
     if path not in ("auto", "prefill", "decode"):
@@ -510,9 +518,7 @@ def _launch_shrink(x, lora_a, adapter_ids, sorted_token_ids, slot_counts, slot_s
         out_group = out3[group.start:group.stop]
         stride_al, stride_ar, stride_ak = lora_a[group.start].stride()
         if decode:
-            split_k = _split_k(x.device, M * slices * num_r_tiles, K, block_k, deterministic)
-            k_per_split = cdiv(cdiv(K, split_k), block_k) * block_k
-            split_k = cdiv(K, k_per_split)
+            split_k, k_per_split = _k_splits(x.device, M * slices * num_r_tiles, K, block_k, deterministic)
             if split_k > 1:
                 out_group.zero_()
             _bgmv_shrink_kernel[(M, slices * num_r_tiles, split_k)](
@@ -530,9 +536,7 @@ def _launch_shrink(x, lora_a, adapter_ids, sorted_token_ids, slot_counts, slot_s
         num_m_tiles = cdiv(M, block_m)
         # Token tiles that can be active: each slot's partial last tile adds at most one to M / BLOCK_M.
         active_tiles = (num_m_tiles + min(L, M)) * slices * num_r_tiles
-        split_k = _split_k(x.device, active_tiles, K, block_k, deterministic)
-        k_per_split = cdiv(cdiv(K, split_k), block_k) * block_k
-        split_k = cdiv(K, k_per_split)
+        split_k, k_per_split = _k_splits(x.device, active_tiles, K, block_k, deterministic)
         _sgmv_shrink_kernel[(num_m_tiles, slices * num_r_tiles * split_k, L)](
             x, *_per_slice(lora_a, group), out_group, sorted_token_ids, slot_counts, slot_starts, scalings, ranks,
             M, K, R,
