@@ -66,12 +66,12 @@ GPU_CONFIG = {
     # 1.7 KB on sm_90a (ptxas -v). Half the K tile over twice the warps spills none on either, at R 16 and 64.
     "shrink_prefill_fp32": {"BLOCK_M": 32, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
 }
-SHRINK_PREFILL_BLOCK_R = (16, 64)
+SHRINK_PREFILL_BLOCK_R = (16, 64)  # the R (rank) tile: 16 up to rank 16, else 64 (ranks above 64 take several)
 SEGMENT_OUTER_BLOCK_P = (16, 64)  # the P (rank) tile: 16 up to rank 16, else 64 (ranks above 64 take several)
 # Under the interpreter (tests on CPU): one small config so tiny shapes still span several tiles, and a fixed
 # split-K of 2 so the atomic path is exercised.
 INTERP_CONFIG = {
-    "shrink_prefill": {"BLOCK_M": 16, "BLOCK_R": 16, "BLOCK_K": 32, "num_warps": 1, "num_stages": 1},
+    "shrink_prefill": {"BLOCK_M": 16, "BLOCK_K": 32, "num_warps": 1, "num_stages": 1},
     "shrink_decode": {"BLOCK_R": 16, "BLOCK_K": 32, "num_warps": 1, "num_stages": 1},
     "expand_prefill": {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_R": 16, "num_warps": 1, "num_stages": 1},
     "expand_decode": {"BLOCK_N": 32, "BLOCK_R": 16, "num_warps": 1, "num_stages": 1},
@@ -426,10 +426,10 @@ def _config(name, dtype=None):
     return table[name]
 
 
-def _shrink_prefill_block_r(max_rank):
-    if not USE_GPU_CONFIG:
-        return INTERP_CONFIG["shrink_prefill"]["BLOCK_R"]
-    return SHRINK_PREFILL_BLOCK_R[0] if max_rank <= SHRINK_PREFILL_BLOCK_R[0] else SHRINK_PREFILL_BLOCK_R[1]
+def _rank_tile(rank, tiles):
+    """The rank tile of the shrink prefill (SHRINK_PREFILL_BLOCK_R) and segment-outer (SEGMENT_OUTER_BLOCK_P)
+    kernels: tiles[0] up to that rank, else tiles[1]; always tiles[0] under the interpreter's small configs."""
+    return tiles[0] if rank <= tiles[0] or not USE_GPU_CONFIG else tiles[1]
 
 
 def _split_k(device, num_tiles, K, block_k, deterministic):
@@ -509,7 +509,7 @@ def _launch_shrink(x, lora_a, adapter_ids, sorted_token_ids, slot_counts, slot_s
     decode = choose_path(M, L, path) == "decode"
     cfg = _config("shrink_decode") if decode else _config("shrink_prefill", x.dtype)
     block_k = cfg["BLOCK_K"]
-    block_r = cfg["BLOCK_R"] if decode else _shrink_prefill_block_r(R)
+    block_r = cfg["BLOCK_R"] if decode else _rank_tile(R, SHRINK_PREFILL_BLOCK_R)
     num_r_tiles = cdiv(R, block_r)
     if not decode:
         out3.zero_()  # rows of -1 tokens, columns past a rank, and the atomics' start
@@ -625,8 +625,7 @@ def _launch_segment_outer(left, right, sorted_token_ids, slot_counts, slot_start
     if out.numel() == 0:
         return
     cfg = _config("segment_outer")
-    block_p = (SEGMENT_OUTER_BLOCK_P[0] if P <= SEGMENT_OUTER_BLOCK_P[0] or not USE_GPU_CONFIG
-               else SEGMENT_OUTER_BLOCK_P[1])
+    block_p = _rank_tile(P, SEGMENT_OUTER_BLOCK_P)
     _segment_outer_kernel[(cdiv(P, block_p), cdiv(Q, cfg["BLOCK_Q"]), L)](
         left, right, out, sorted_token_ids, slot_counts, slot_starts,
         left.shape[0], P, Q,
