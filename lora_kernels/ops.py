@@ -583,43 +583,10 @@ def lora_expand(t, lora_b, batch, out, slice_offset=0, ranks=None, *, backend="a
     return run_expand(backend, t, lora_b, batch, ranks, out, slice_offset)
 
 
-def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_slices, *, backend="auto",
-             deterministic=False, buffer=None):
-    """For each slice j: y[m, o_j : o_j + n_j] += scalings[i] * B_j[i, :, :r] @ (A_j[i, :r] @ x[m]), i = slot of
-    token m, r = ranks[i], A_j = lora_a_slices[j], B_j = lora_b_slices[j], o_j = sum(output_slices[:j]) — that is,
-    lora_expand(lora_shrink(x, A_j, batch, scalings, ranks), B_j, batch, y, o_j, ranks); e.g. a fused QKV projection
-    with q, k, v widths (n_q, n_kv, n_kv).
-
-    y: [M, sum(output_slices)]; x: [M, K]; lora_a_slices: S tensors [L, R_j, K], or one [S, L, R, K];
-    lora_b_slices: S tensors [L, n_j, R_j], or one [S, L, n, R] when the widths are equal; scalings: [L]; ranks: [L]
-    (every slice: a slice an adapter does not train must hold zeros up to its rank) or None (every slot at each
-    slice's own R_j). With the triton backend up to 3 slices (a fused QKV projection's) of one R, stacked or in
-    lists, of equal or unequal widths, are one shrink and one expand launch where they are laid out alike (as
-    contiguous tensors are) and their widths are multiples of 16; else more launches (see _triton_add_lora).
-    buffer: optional [S, M, R] float32 for the shrink results (every slice of rank R), so a captured CUDA graph
-    allocates nothing (triton backend, with scalings and ranks given as tensors: ranks=None makes one per
-    distinct R).
-    Every slice is checked before y is touched. Returns y.
-    """
-    op = "add_lora"
-    deterministic = check_flag(op, "deterministic", deterministic)
-    for name, value in (("lora_a_slices", lora_a_slices), ("lora_b_slices", lora_b_slices)):
-        if not isinstance(value, (list, tuple, torch.Tensor)):
-            raise TypeError(f"{op}: {name} expected a list of tensors or one stacked tensor, "
-                            f"got {type(value).__name__}")
-    if not isinstance(output_slices, (list, tuple)) or not all(
-            isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= 0 for w in output_slices):
-        raise TypeError(f"{op}: output_slices expected a sequence of ints >= 0, got {output_slices!r}")
-    widths = tuple(int(w) for w in output_slices)  # numpy integers too
-    if not (len(lora_a_slices) == len(lora_b_slices) == len(widths)) or not widths:
-        raise ValueError(f"{op}: lora_a_slices, lora_b_slices and output_slices expected the same non-zero length, "
-                         f"got {len(lora_a_slices)}, {len(lora_b_slices)}, {len(widths)}")
-    _check_float(op, "y", y, 2)
-    if sum(widths) != y.shape[1]:
-        raise ValueError(f"{op}: y expected {sum(widths)} columns (sum of output_slices {widths}), "
-                         f"got shape {tuple(y.shape)}")
-    backend = resolve_backend(backend, y.device, op, y.dtype)
-    offsets = [sum(widths[:j]) for j in range(len(widths))]
+def _check_slices(op, y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, widths, offsets):
+    """add_lora's checks of x, the batch, scalings, ranks and every slice's lora_a and lora_b (widths: output_slices,
+    offsets: each slice's first column of y), before any work: nothing half-applied. Returns (scalings, slice_ranks)
+    as the launchers take them: slice_ranks[j] the [L] int32 ranks tensor of slice j."""
     # Per slice: ranks=None means every slot at that slice's own R_j. Given ranks are converted and checked once, with
     # slice 0 (a list becomes a device tensor, one copy), and their largest host value against every later slice's
     # R_j: checking only the converted tensor for later slices let [3, 1] through slices of R 3 and 2 on CUDA (the
@@ -662,6 +629,48 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
         check_expand_args(op, None, lora_b, batch, y, offsets[j], ranks_j, lora_b_name=f"lora_b_slices[{j}]",
                           out_name="y")
         slice_ranks.append(ranks_j)
+    return scalings, slice_ranks
+
+
+def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_slices, *, backend="auto",
+             deterministic=False, buffer=None):
+    """For each slice j: y[m, o_j : o_j + n_j] += scalings[i] * B_j[i, :, :r] @ (A_j[i, :r] @ x[m]), i = slot of
+    token m, r = ranks[i], A_j = lora_a_slices[j], B_j = lora_b_slices[j], o_j = sum(output_slices[:j]) — that is,
+    lora_expand(lora_shrink(x, A_j, batch, scalings, ranks), B_j, batch, y, o_j, ranks); e.g. a fused QKV projection
+    with q, k, v widths (n_q, n_kv, n_kv).
+
+    y: [M, sum(output_slices)]; x: [M, K]; lora_a_slices: S tensors [L, R_j, K], or one [S, L, R, K];
+    lora_b_slices: S tensors [L, n_j, R_j], or one [S, L, n, R] when the widths are equal; scalings: [L]; ranks: [L]
+    (every slice: a slice an adapter does not train must hold zeros up to its rank) or None (every slot at each
+    slice's own R_j). With the triton backend up to 3 slices (a fused QKV projection's) of one R, stacked or in
+    lists, of equal or unequal widths, are one shrink and one expand launch where they are laid out alike (as
+    contiguous tensors are) and their widths are multiples of 16; else more launches (see _triton_add_lora).
+    buffer: optional [S, M, R] float32 for the shrink results (every slice of rank R), so a captured CUDA graph
+    allocates nothing (triton backend, with scalings and ranks given as tensors: ranks=None makes one per
+    distinct R).
+    Every slice is checked before y is touched. Returns y.
+    """
+    op = "add_lora"
+    deterministic = check_flag(op, "deterministic", deterministic)
+    for name, value in (("lora_a_slices", lora_a_slices), ("lora_b_slices", lora_b_slices)):
+        if not isinstance(value, (list, tuple, torch.Tensor)):
+            raise TypeError(f"{op}: {name} expected a list of tensors or one stacked tensor, "
+                            f"got {type(value).__name__}")
+    if not isinstance(output_slices, (list, tuple)) or not all(
+            isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= 0 for w in output_slices):
+        raise TypeError(f"{op}: output_slices expected a sequence of ints >= 0, got {output_slices!r}")
+    widths = tuple(int(w) for w in output_slices)  # numpy integers too
+    if not (len(lora_a_slices) == len(lora_b_slices) == len(widths)) or not widths:
+        raise ValueError(f"{op}: lora_a_slices, lora_b_slices and output_slices expected the same non-zero length, "
+                         f"got {len(lora_a_slices)}, {len(lora_b_slices)}, {len(widths)}")
+    _check_float(op, "y", y, 2)
+    if sum(widths) != y.shape[1]:
+        raise ValueError(f"{op}: y expected {sum(widths)} columns (sum of output_slices {widths}), "
+                         f"got shape {tuple(y.shape)}")
+    backend = resolve_backend(backend, y.device, op, y.dtype)
+    offsets = [sum(widths[:j]) for j in range(len(widths))]
+    scalings, slice_ranks = _check_slices(op, y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, widths,
+                                          offsets)
     if buffer is not None:
         expected = (len(widths), x.shape[0], lora_a_slices[0].shape[1])
         _check_float(op, "buffer", buffer, 3)
