@@ -464,7 +464,7 @@ def choose_path(num_tokens, num_slots, path="auto"):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Launch (inside the custom ops: inputs already checked)
+# Launch (inputs already checked): through the custom ops below when traced, called directly when eager (_through_op)
 
 
 def _slice_groups(keys):
@@ -763,9 +763,9 @@ def segment_outer_sum(left, right, batch):
 # Ahead-of-time compile gate (lora_kernels/triton/aot.py compiles these for sm_80 and sm_90)
 
 
-def _sig(kernel, pointer_types, int_type="i32"):
+def _sig(kernel, pointer_types):
     """Signature dict of `kernel`: pointers from pointer_types, constexprs marked, every other argument (sizes,
-    strides) int_type."""
+    strides) i32."""
     sig = {}
     # From the Python signature: works for a JITFunction and for the interpreter's InterpretedFunction alike.
     for name, param in inspect.signature(kernel.fn).parameters.items():
@@ -774,7 +774,7 @@ def _sig(kernel, pointer_types, int_type="i32"):
         elif param.annotation is tl.constexpr or "constexpr" in str(param.annotation):
             sig[name] = "constexpr"
         else:
-            sig[name] = int_type
+            sig[name] = "i32"
     return sig
 
 
