@@ -1,5 +1,8 @@
 """Loads the C++/CUDA extension `lora_kernels._C` when it was built, and registers the fake (meta) implementations
-of its ops so torch.compile can trace through them. Importing this never fails: a missing extension is recorded."""
+of its ops so torch.compile can trace through them. Importing this never fails: a missing extension is recorded.
+It also holds what functional, ops and the Triton launchers share (accumulate_dtype, scaled_mm, is_finite_number,
+VMAP_DROPOUT_NEEDS_ONE_SEED): it imports none of the package's modules, and the launchers cannot import functional
+(functional -> ops -> backends -> lora_kernels.triton -> the launchers: a cycle)."""
 
 import importlib
 import importlib.util

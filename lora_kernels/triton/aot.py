@@ -163,7 +163,8 @@ class TensorCoreError(RuntimeError):
 
 
 def compile_spec(spec, cc, registers=False, loads=False):
-    """Compile one aot_specs() entry for sm_<cc>; returns {"shared": bytes of shared memory, "mma": mma_kind}.
+    """Compile one aot_specs() entry for sm_<cc>; returns {"shared": bytes of shared memory, "mma": mma_kind, "tma":
+    uses_tma}.
     Raises SharedMemoryError when the shared memory exceeds the target's limit, TensorCoreError when the spec asks
     for tensor cores ("tensor_cores": True; on sm_90 "wgmma": True asks for warp-group MMA) and the PTX has none,
     TmaError when it asks for TMA loads on sm_90 ("tma": True) and the PTX has none, and whatever Triton raises when
@@ -250,7 +251,7 @@ def _compile_one(job):
 
 def compile_all(specs, targets=TARGETS, jobs=None, registers=False, loads=False):
     """Compile every spec for every target, `jobs` processes at a time; returns one record per (spec, target):
-    name, module, cc, ok, shared, limit, mma, seconds, error when it failed, with registers=True the
+    name, module, cc, ok, shared, limit, mma, tma, seconds, error when it failed, with registers=True the
     registers and spill bytes of ptxas -v, and with loads=True its global memory instructions ("memory")."""
     global _WORKER_SPECS, _WORKER_REGISTERS, _WORKER_LOADS
     _WORKER_SPECS, _WORKER_REGISTERS, _WORKER_LOADS = specs, registers, loads

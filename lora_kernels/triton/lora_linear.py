@@ -1230,8 +1230,9 @@ def _spec(fn, dtype, config, num_warps, num_stages, int64=False, **flags):
     constexprs = dict(config)
     constexprs.update(flags)
     constexprs.update({name: 1 for name in _INNER_STRIDES[fn.__name__]})
-    if "INT64" in fn.arg_names:  # named only when on: the int32 specs keep the names they had before the flag
+    if "INT64" in fn.arg_names:
         constexprs["INT64"] = int64
+    # INT64 is in the name only when on: the int32 specs keep the names they had before the flag
     tagged = {**config, **flags, **({"INT64": True} if int64 else {})}
     tag = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in sorted(tagged.items()))
     signature = _signature(fn, dtype, constexprs)
