@@ -96,6 +96,26 @@ def test_lora_linear_specs_cover_every_kernel():
                for spec in tma_specs)
 
 
+def test_the_dropout_mask_launch_is_the_one_the_gate_compiles(monkeypatch):
+    """The dropout mask kernel launches with the warps and stages of its spec (an untuned launch, not autotuned): the
+    gate compiled num_stages=1 while the launch left Triton's default of 3, so it did not compile what runs."""
+    import torch
+
+    from lora_kernels.triton import lora_linear
+
+    (spec,) = [spec for spec in lora_linear.aot_specs() if spec["kernel"] is lora_linear._dropout_mask_kernel]
+    launched = {}
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.update(kwargs)
+
+    monkeypatch.setattr(lora_linear, "_dropout_mask_kernel", Recorder())
+    lora_linear._launch_dropout_mask(torch.empty(3, 5), 0.5, 2.0, 7)
+    assert (launched.get("num_warps"), launched.get("num_stages")) == (spec["num_warps"], spec["num_stages"])
+    assert launched["BLOCK"] == spec["constexprs"]["BLOCK"]
+
+
 @pytest.mark.skipif(not INTERPRET, reason="only the interpreter's kernels are refused")
 def test_interpreted_kernel_is_refused_with_a_clear_error():
     from lora_kernels.triton import lora_linear

@@ -61,6 +61,8 @@ SMEM_BUDGET = 160 * 1024
 # (M = 16384, N = 4096, r = 64: 128 MiB).
 DY_PARTIALS_BUDGET = 256 * 2**20
 DROPOUT_BLOCK = 32  # tile of the dropout_mask utility kernel (a test helper; performance does not matter)
+# its launch parameters, as the compile gate compiles it: Triton's default warps, one stage (no loop to pipeline)
+DROPOUT_NUM_WARPS, DROPOUT_NUM_STAGES = 4, 1
 # Split-K-style parallelism of the three skinny reductions whose natural grids are small: _lora_bwd_dy_kernel has one
 # program per DY_BLOCK_M row block (64 at M = 8192), _lora_bwd_da_kernel one per BLOCK_K column block (64 at
 # K = 4096), and _lora_shrink_kernel one per row block (1 at decode sizes, 4 at M = 256), against 132 SMs on an
@@ -1179,8 +1181,8 @@ def _dropout_mask_vmap(info, in_dims, seed, M, K, p, device):
 def _launch_dropout_mask(out, p, scale, seed):
     M, K = out.shape
     _dropout_mask_kernel[(cdiv(M, DROPOUT_BLOCK), cdiv(K, DROPOUT_BLOCK))](
-        out, M, K, out.stride(0), out.stride(1), p, scale, seed, BLOCK=DROPOUT_BLOCK,
-        enable_fp_fusion=FP_FUSION)
+        out, M, K, out.stride(0), out.stride(1), p, scale, seed, BLOCK=DROPOUT_BLOCK, num_warps=DROPOUT_NUM_WARPS,
+        num_stages=DROPOUT_NUM_STAGES, enable_fp_fusion=FP_FUSION)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1312,7 +1314,8 @@ def aot_specs():
                     fp32_compiled.add(id(cfg))
                     add(fn, torch.float32, cfg, **on, **fixed, BLOCK_R=chunk)
         add(fn, torch.float32, configs[0], **off, **fixed, BLOCK_R=MIN_DOT_DIM)
-    add(_dropout_mask_kernel, torch.float32, triton.Config({"BLOCK": DROPOUT_BLOCK}, num_warps=4, num_stages=1))
+    add(_dropout_mask_kernel, torch.float32, triton.Config({"BLOCK": DROPOUT_BLOCK}, num_warps=DROPOUT_NUM_WARPS,
+                                                           num_stages=DROPOUT_NUM_STAGES))
     for configs, fn, on, _, fixed in kernels:
         add(fn, torch.bfloat16, configs[0], int64=True, **on, **fixed, BLOCK_R=MAX_BLOCK_R)
     return specs
