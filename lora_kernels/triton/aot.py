@@ -8,7 +8,7 @@ objects with no compilable IR. `run_gate` therefore compiles in a subprocess sta
 one per module (its specs are spread over a small process pool there):
 
     python -m lora_kernels.triton.aot [--module lora_linear] [--cc 80 90] [--jobs N] [--json out.json]
-                                      [--match _lora_fwd_kernel[bf16] [--registers]   # + ptxas -v usage
+                                      [--match _lora_fwd_kernel[bf16]] [--registers]   # + ptxas -v usage
                                       [--loads]   # + global loads/stores by width and source line
 """
 

@@ -1,5 +1,6 @@
 """Fused single-adapter LoRA linear in Triton (design.md §2): the forward and the three A/B-only backward kernels,
-their launchers (check, allocate, launch) registered as torch custom ops, and the AOT compile-gate specs.
+their launchers (check, then run the kernels: eagerly directly, under torch.compile through the opaque custom ops
+lora_kernels::triton_lora_* registered on the same bodies), and the AOT compile-gate specs.
 
     s  = drop(x) · Aᵀ                         _lora_shrink_kernel   (dropout fused, s stored fp32, unscaled)
     y  = x · Wᵀ + scaling · s · Bᵀ + bias     _lora_fwd_kernel      (base GEMM and expand in one accumulator;
