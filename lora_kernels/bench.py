@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from lora_kernels import backends
 from lora_kernels.batch import LoRABatch
-from lora_kernels.compare import DTYPES, ProgressBar, environment, saved_storage_bytes, synchronize
+from lora_kernels.compare import DTYPES, ProgressBar, dtype_name, environment, saved_storage_bytes, synchronize
 from lora_kernels.functional import CUDA_BWD_DY_KERNEL_MAX_WORK, lora_linear, multi_lora_linear
 from lora_kernels.ops import add_lora, check_flag, lora_expand, lora_shrink, positive_int
 
@@ -113,9 +113,7 @@ class BenchConfig:
             if getattr(cfg, name) is None:
                 setattr(cfg, name, value)
         cfg.progress = check_flag("bench", "progress", cfg.progress)
-        if not isinstance(cfg.dtype, str) or cfg.dtype not in DTYPES:
-            raise ValueError(f"bench: --dtype expected one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
-        cfg.dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(cfg.dtype, cfg.dtype)
+        cfg.dtype = dtype_name("bench", cfg.dtype)
         if cfg.backends is None:
             cfg.backends = tuple(b for b in backends.available_backends(device)
                                  if b != "reference" and not (b == "triton" and device.type == "cpu"))

@@ -309,7 +309,6 @@ def run_compare_command(args):
         compile=args.compile, progress=not args.no_progress)
     try:
         config = config.resolved()
-        compare.fused_backend_for(config)
     except ValueError as exc:  # bad option values: the message names the option
         print(f"lora-kernels {exc}", file=sys.stderr)  # the message starts with "compare: <option>"
         return 2

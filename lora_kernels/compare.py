@@ -56,6 +56,14 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
+def dtype_name(command, value):
+    """--dtype of compare and bench as its full name (fp32 -> float32); anything not in DTYPES a ValueError naming
+    the option."""
+    if not isinstance(value, str) or value not in DTYPES:
+        raise ValueError(f"{command}: --dtype expected one of {', '.join(DTYPES)}, got {value!r}")
+    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(value, value)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     vocab: int
@@ -447,8 +455,7 @@ class CompareConfig:
         for name in size:
             if getattr(cfg, name) is None:
                 setattr(cfg, name, size[name])
-        if cfg.dtype not in DTYPES:
-            raise ValueError(f"compare: --dtype expected one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+        cfg.dtype = dtype_name("compare", cfg.dtype)
         for name in ("hidden", "layers", "heads", "intermediate", "vocab", "rank", "batch_size", "seq_len", "steps",
                      "infer_reps", "task_vocab"):
             setattr(cfg, name, positive_int("compare", f"--{name.replace('_', '-')}", getattr(cfg, name)))
@@ -457,7 +464,7 @@ class CompareConfig:
         # torch's seeds are 64-bit, and the run seeds torch with seed .. seed + 4
         if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not -2 ** 63 <= cfg.seed <= 2 ** 64 - 5:
             raise ValueError(f"compare: --seed expected an int in [-2**63, 2**64 - 5], got {cfg.seed!r}")
-        if not isinstance(cfg.warmup, int) or not 0 <= cfg.warmup < cfg.steps:
+        if isinstance(cfg.warmup, bool) or not isinstance(cfg.warmup, int) or not 0 <= cfg.warmup < cfg.steps:
             raise ValueError(f"compare: --warmup expected an int in [0, steps={cfg.steps}), got {cfg.warmup!r}")
         if cfg.hidden % 2:
             raise ValueError(f"compare: --hidden {cfg.hidden} expected an even number (the rotary head dim, hidden / "
@@ -495,7 +502,9 @@ class CompareConfig:
         if not cfg.targets or unmatched:
             raise ValueError(f"compare: --targets {','.join(unmatched or cfg.targets)!r} matched no nn.Linear of the "
                              f"model; its layers are {', '.join(DEFAULT_TARGETS)} and lm_head")
-        cfg.dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(cfg.dtype, cfg.dtype)
+        reason = None if cfg.backend == "auto" else backends.unavailable_reason(cfg.backend, device)
+        if reason is not None:
+            raise ValueError(f"compare: --backend {cfg.backend!r} is not available for {device.type}: {reason}")
         return cfg
 
     def model_config(self):
@@ -859,10 +868,7 @@ def fused_backend_for(cfg):
                               f"composition (auto's choice by measurement: backends.auto_backend, BENCHMARKS.md); "
                               f"this column shows the fastest fused kernels, {fused[0]!r}, instead (--backend picks "
                               "another)")
-    else:
-        reason = backends.unavailable_reason(cfg.backend, device)
-        if reason is not None:
-            raise ValueError(f"compare: --backend {cfg.backend!r} is not available for {device.type}: {reason}")
+    else:  # resolved() refused a backend that cannot run here
         chosen = cfg.backend
     note = None
     if chosen in ("torch", "reference") and cfg.backend != "auto":

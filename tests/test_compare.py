@@ -568,6 +568,11 @@ def test_task_is_deterministic_and_follows_the_permutation():
     ({"lr": 0.0}, "--lr expected a number > 0, got 0.0"),
     ({"dropout": 1.0}, r"--dropout expected a number in \[0, 1\), got 1.0"),  # every LoRA input dropped
     ({"alpha": 10**400}, "--alpha expected a finite number, got 1000"),  # math.isfinite raised OverflowError
+    ({"steps": 3, "warmup": True}, r"--warmup expected an int in \[0, steps=3\), got True"),  # had been taken as 1
+    ({"dtype": ["float32"]}, "--dtype expected one of"),  # had raised "unhashable type: 'list'", naming nothing
+    # resolved() checks every value, as its docstring says: the backend had been checked only when the run began
+    ({"backend": "nope"}, "--backend 'nope' is not available for cpu: unknown backend 'nope'"),
+    ({"backend": "cuda"}, "--backend 'cuda' is not available for cpu"),
 ])
 def test_bad_config_names_the_option(change, message):
     with pytest.raises(ValueError, match=message):
@@ -720,7 +725,7 @@ def test_a_backend_named_on_the_command_line_is_run_as_asked():
         assert compare.fused_backend_for(CompareConfig(model_size="tiny", device="cpu", backend="cpu").resolved()) \
             == ("cpu", None)
     with pytest.raises(ValueError, match="compare: --backend 'cuda' is not available for cpu"):
-        compare.fused_backend_for(CompareConfig(model_size="tiny", device="cpu", backend="cuda").resolved())
+        CompareConfig(model_size="tiny", device="cpu", backend="cuda").resolved()
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])
