@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from lora_kernels import backends
 from lora_kernels.batch import LoRABatch
-from lora_kernels.compare import DTYPES, ProgressBar, dtype_name, environment, saved_storage_bytes, synchronize
+from lora_kernels.compare import (DTYPES, ProgressBar, dtype_name, environment, machine_text, saved_storage_bytes,
+                                  synchronize)
 from lora_kernels.functional import CUDA_BWD_DY_KERNEL_MAX_WORK, lora_linear, multi_lora_linear
 from lora_kernels.ops import add_lora, check_flag, lora_expand, lora_shrink, positive_int
 
@@ -1036,12 +1037,8 @@ def _table_row(row):
 def format_bench(result):
     cfg, env = result["config"], result["environment"]
     on_gpu = env["device"] == "cuda"
-    threads = env["cpu_threads"]
-    where = env["gpu"] if on_gpu else f"{env['cpu']}, {threads} thread{'s' if threads != 1 else ''}"
-    if not on_gpu and env.get("load_average"):
-        where += f", load average {env['load_average'][0]:.2f} at start"
-    lines = [f"lora-kernels bench: {env['device']} ({where}), {cfg['dtype']}, K=N={cfg['hidden']}, r={cfg['rank']}, "
-             f"torch {env['torch']}, triton {env['triton'] or '-'}, {env['date']}",
+    lines = [f"lora-kernels bench: {env['device']} ({machine_text(env)}), {cfg['dtype']}, K=N={cfg['hidden']}, "
+             f"r={cfg['rank']}, torch {env['torch']}, triton {env['triton'] or '-'}, {env['date']}",
              f"backends: {', '.join(cfg['backends'])}; timing: {result['timing']}",
              "measured copy bandwidth: " + ("not measured" if result["copy_bandwidth_gbs"] is None
                                             else f"{result['copy_bandwidth_gbs']:.1f} GB/s (read + write)")]

@@ -1081,6 +1081,15 @@ def _count_of(count, noun):
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
+def machine_text(env):
+    """Where a result was measured, for the first line of compare's and bench's tables: the GPU, or the CPU and its
+    threads; then the load average when the run started (other jobs distort the timings)."""
+    where = env["gpu"] if env["device"] == "cuda" else f"{env['cpu']}, {_count_of(env['cpu_threads'], 'thread')}"
+    if env.get("load_average"):
+        where += f", load average {env['load_average'][0]:.2f} at start"
+    return where
+
+
 def _loss_text(loss):
     """A loss for the table; None is a non-finite loss of a result read back from JSON (json_safe wrote it as null)."""
     return "n/a" if loss is None else f"{loss:.3f}"
@@ -1090,12 +1099,8 @@ def format_compare(result):
     """The side-by-side table of full FT vs LoRA (unfused torch) vs LoRA (fused), with ratios against full FT."""
     cfg, env, model, task = result["config"], result["environment"], result["model"], result["task"]
     methods, inference, fused = result["methods"], result["inference"], result["backends"]["fused"]
-    threads = env["cpu_threads"]
-    where = env["gpu"] if env["device"] == "cuda" else f"{env['cpu']}, {threads} thread{'s' if threads != 1 else ''}"
-    if env.get("load_average"):
-        where += f", load average {env['load_average'][0]:.2f} at start"
     lines = [
-        f"lora-kernels compare: {env['device']} ({where}), {cfg['dtype']}, torch {env['torch']}, "
+        f"lora-kernels compare: {env['device']} ({machine_text(env)}), {cfg['dtype']}, torch {env['torch']}, "
         f"triton {env['triton'] or '-'}, {env['date']}",
         f"model: {model['name']}: hidden {model['hidden']}, {_count_of(model['layers'], 'layer')}, "
         f"{_count_of(model['heads'], 'head')}, "

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import backend_or_skip
-from lora_kernels import bench
+from lora_kernels import bench, compare
 from lora_kernels.batch import LoRABatch
 from lora_kernels.functional import lora_linear, multi_lora_linear
 
@@ -246,6 +246,17 @@ def test_the_environment_is_read_before_the_rows(monkeypatch):
     monkeypatch.setattr(bench, "measure", measure_after_the_first_read)
     result = bench.run_bench(_tiny(sections=("forward",), ms=(2,)))
     assert "load average 0.50 at start" in bench.format_bench(result)
+
+
+def test_the_bench_table_names_the_machine_as_compare_does():
+    """One machine line for both tables: bench's own copy left the load average out on GPUs, where other jobs on
+    the host distort the launch-bound rows' timings too."""
+    result = {"config": {"dtype": "bfloat16", "hidden": 8, "rank": 2, "backends": ["cuda"]},
+              "environment": {"device": "cuda", "gpu": "G", "cpu": "x", "cpu_threads": 1, "torch": "t",
+                              "triton": None, "date": "d", "load_average": (1.5, 1.0, 1.0)},
+              "timing": "t", "copy_bandwidth_gbs": None, "rows": [], "wall_s": 1.0}
+    assert "(G, load average 1.50 at start)" in bench.format_bench(result).splitlines()[0]
+    assert compare.machine_text(result["environment"]) == "G, load average 1.50 at start"
 
 
 def test_moved_bytes_counts_weight_adapters_and_activations():
