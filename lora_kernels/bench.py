@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from lora_kernels import backends
 from lora_kernels.batch import LoRABatch
 from lora_kernels.compare import (DTYPES, ProgressBar, dtype_name, environment, machine_text, saved_storage_bytes,
-                                  synchronize)
+                                  synchronize, torch_threads)
 from lora_kernels.functional import CUDA_BWD_DY_KERNEL_MAX_WORK, lora_linear, multi_lora_linear
 from lora_kernels.ops import add_lora, check_flag, lora_expand, lora_shrink, positive_int
 
@@ -273,6 +273,11 @@ def graphed(fn, device):
     return graph.replay
 
 
+def _calls_per_round(reps):
+    """measure's timed calls per candidate in each of its ROUNDS rounds: at least `reps` in all."""
+    return max(1, math.ceil(reps / ROUNDS))
+
+
 def measure(candidates, device, reps, warmup, graph=False):
     """{name: median ms} for {name: [callables]}, timed alternately in ROUNDS rounds (warm-up before the first).
     graph: on CUDA, time replays of a CUDA graph of each callable instead of eager calls (the kernels alone)."""
@@ -281,7 +286,7 @@ def measure(candidates, device, reps, warmup, graph=False):
     for fns in candidates.values():  # every candidate warm before the first is timed (clocks, caches, allocator)
         _warm_up(fns, warmup)
     times = {name: [] for name in candidates}
-    per_round = max(1, math.ceil(reps / ROUNDS))
+    per_round = _calls_per_round(reps)
     for _ in range(ROUNDS):
         for name, fns in candidates.items():
             times[name] += _time_calls(fns, device, per_round, backlog=graph)
@@ -399,18 +404,12 @@ def run_bench(config=None, progress_stream=None, on_update=None):
     "partial": False}. on_update(result) is called after every measurement with the rows so far ("partial": True),
     so a run stopped by a timeout still leaves what it measured (the CLI's --save writes each update)."""
     cfg = (config or BenchConfig()).resolved()
-    previous_threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
     # CUDA events, torch.cuda._sleep and graph capture work on the current device's stream: with --device cuda:1
     # while cuda:0 was current they timed an idle stream of GPU 0 and captured none of the kernels.
     on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    try:
-        with on_device:
-            return _run_bench(cfg, progress_stream, on_update)
-    finally:
-        torch.set_num_threads(previous_threads)
+    with torch_threads(cfg.threads), on_device:
+        return _run_bench(cfg, progress_stream, on_update)
 
 
 def triton_configs():
@@ -434,7 +433,7 @@ def _assemble(cfg, device, env, rows, copy_gbs, started, partial):
         "environment": env,
         "timing": ("CUDA events around each call after warm-up, median" if on_gpu else
                    "time.perf_counter around each call after warm-up, median")
-                  + f"; {ROUNDS * max(1, math.ceil(cfg.reps / ROUNDS))} calls after {cfg.warmup} warm-up, in "
+                  + f"; {ROUNDS * _calls_per_round(cfg.reps)} calls after {cfg.warmup} warm-up, in "
                     f"{ROUNDS} alternating rounds per row; up to {MAX_SETS} rotating input sets per row, aiming at "
                     f"{CACHE_MULTIPLE}× the "
                   + ("L2 cache" if on_gpu else f"assumed {CPU_CACHE_BYTES >> 20} MB cache")

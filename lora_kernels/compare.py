@@ -5,6 +5,7 @@ document's claims (trainable parameters, memory, speed, storage, inference laten
 `run_compare(CompareConfig(...)) -> dict` measures; `format_compare(result) -> str` prints; the CLI wraps both.
 """
 
+import contextlib
 import ctypes
 import dataclasses
 import datetime
@@ -897,18 +898,26 @@ def run_compare(config=None, progress_stream=None):
     steps alternated, and returns every measurement as a JSON-serialisable dict (see format_compare for what each one
     means)."""
     cfg = (config or CompareConfig()).resolved()
-    previous_threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    try:
+    with torch_threads(cfg.threads):
         if not cfg.compile:
             return _run_compare(cfg, progress_stream)
         torch._dynamo.reset()  # graphs of an earlier run would count against the limit below
         limit = max(torch._dynamo.config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
         with torch._dynamo.config.patch(recompile_limit=limit):
             return _run_compare(cfg, progress_stream)
+
+
+@contextlib.contextmanager
+def torch_threads(threads):
+    """torch's CPU thread count set to `threads` (None: torch's own) inside the block, the caller's restored after
+    it (compare's and bench's --threads)."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
     finally:
-        torch.set_num_threads(previous_threads)
+        torch.set_num_threads(previous)
 
 
 def _run_compare(cfg, progress_stream):
