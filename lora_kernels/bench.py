@@ -241,8 +241,8 @@ def forward_kind(m):
     return "fwd_decode" if m <= 16 else "fwd_prefill" if m >= 256 else None
 
 
-def host_time_ms(fn, device, calls=HOST_CALLS):
-    """Wall time per call of `calls` back-to-back calls, the device synchronised only after the last, best of
+def host_time_ms(fn, device):
+    """Wall time per call of HOST_CALLS back-to-back calls, the device synchronised only after the last, best of
     HOST_REPEATS runs after HOST_WARMUP calls: the host cost of a call wherever the device keeps up (tiny shapes)."""
     for _ in range(HOST_WARMUP):
         fn()
@@ -250,10 +250,10 @@ def host_time_ms(fn, device, calls=HOST_CALLS):
     for _ in range(HOST_REPEATS):
         synchronize(device)
         t0 = time.perf_counter()
-        for _ in range(calls):
+        for _ in range(HOST_CALLS):
             fn()
         synchronize(device)
-        best = min(best, 1e3 * (time.perf_counter() - t0) / calls)
+        best = min(best, 1e3 * (time.perf_counter() - t0) / HOST_CALLS)
     return best
 
 
@@ -796,6 +796,14 @@ def segment_ids(tokens, slots, device):
     return torch.arange(tokens, device=device) * slots // tokens
 
 
+def _sweep_ids(tokens, adapters, device):
+    """The sweep's slot ids: a decode batch (up to GRAPH_MAX_TOKENS tokens) interleaves the adapters token by token,
+    a prefill batch gives each adapter a contiguous segment."""
+    if tokens <= GRAPH_MAX_TOKENS:
+        return torch.arange(tokens, device=device) % adapters
+    return segment_ids(tokens, adapters, device)
+
+
 class GroupedSets:
     """Rotating sets of grouped-call operands (x [tokens, K], W [N, K], A [L, R, K], B [L, N, R], scalings [L]),
     enough that their bytes exceed CACHE_MULTIPLE x the cache: at K = N = 4096, bf16, W alone (33.5 MB) fits in an
@@ -964,8 +972,7 @@ def sweep_rows(rows, cfg, device, dtype, timing, on_gpu, step, copy_gbs):
     for tokens, adapters in _sweep_points(cfg):
         decode = tokens <= GRAPH_MAX_TOKENS
         inputs = GroupedSets(device, dtype, tokens, k, n, r, adapters)
-        arange = torch.arange(tokens, device=device)
-        ids = arange % adapters if decode else segment_ids(tokens, adapters, device)
+        ids = _sweep_ids(tokens, adapters, device)
         batch = LoRABatch.from_adapter_ids(ids, adapters)
         one = LoRABatch.from_adapter_ids(torch.zeros_like(ids), adapters)
         shape = f"{tokens} tokens, {adapters} adapter{'s' if adapters > 1 else ''}, K={k} N={n} r={r}"
@@ -996,8 +1003,7 @@ def sweep_rows(rows, cfg, device, dtype, timing, on_gpu, step, copy_gbs):
     max_rank = max(MIXED_RANKS)
     for tokens, adapters in ((DECODE_TOKENS, LOOP_ADAPTERS), (cfg.prefill_tokens, PREFILL_ADAPTERS)):
         inputs = GroupedSets(device, dtype, tokens, k, n, max_rank, adapters)
-        ids = torch.arange(tokens, device=device) % adapters if tokens <= GRAPH_MAX_TOKENS \
-            else segment_ids(tokens, adapters, device)
+        ids = _sweep_ids(tokens, adapters, device)
         batch = LoRABatch.from_adapter_ids(ids, adapters)
         ranks = torch.tensor([MIXED_RANKS[i % len(MIXED_RANKS)] for i in range(adapters)], dtype=torch.int32,
                              device=device)

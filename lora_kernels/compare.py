@@ -373,8 +373,8 @@ class ProgressBar:
         self._last_decile = -1
         self._drawn = False
 
-    def update(self, label, n=1):
-        self.done = min(self.done + n, self.total)
+    def update(self, label):
+        self.done = min(self.done + 1, self.total)
         if not self.enabled or time.perf_counter() - self.start < self.delay:
             return
         fraction = self.done / self.total
