@@ -708,7 +708,8 @@ def _peak_step_bytes(method, cfg, init_state, fused_backend, batches, probe):
 
 
 def _results(run, cfg, batches, eval_batch):
-    """The measurements of design.md §1's table for a trained run (peak memory aside: _peak_step_bytes)."""
+    """A trained run's column of the table: parameters, memory, step time, losses (peak memory aside:
+    _peak_step_bytes; checkpoint sizes: _checkpoint_sizes)."""
     model, optimizer = run.model, run.optimizer
     eval_loss = _eval_loss(model, eval_batch)
     # One more step, profiled (CUDA only), not timed: how much of a step the GPU works (a step far longer waited on
@@ -782,14 +783,18 @@ def _checkpoint_sizes(model, method, directory):
     return sizes
 
 
+# Untimed rounds of forward passes before the timed ones (first-call allocations, caches, kernel selection).
+INFERENCE_WARMUP = 2
+
+
 @torch.no_grad()
-def _time_forwards(variants, inputs, reps, device, warmup=2):
+def _time_forwards(variants, inputs, reps, device):
     """The timed forward passes (ms, in order) of each of `variants` ({name: (prepare, model)}: prepare() puts the
     model into the variant's state, untimed), timed in rounds that run every variant once: a machine whose load
     changes during the measurement (other jobs on a shared CPU) slows every variant alike, where timing one variant's
     passes after the other's gave it alone the slow spell (a 2-core run printed the merged model at 6x the unmerged
     fused one's latency, which does strictly more work)."""
-    for _ in range(warmup):
+    for _ in range(INFERENCE_WARMUP):
         for prepare, model in variants.values():
             prepare()
             model(inputs)
@@ -1001,8 +1006,8 @@ def _run_compare(cfg, progress_stream):
                          + (", every decoder layer compiled with torch.compile (before the timed steps)"
                             if cfg.compile else ""),
             "checkpoint": "real file sizes written to a temporary directory",
-            "inference": f"median of {cfg.infer_reps} forward passes after 2 warm-up passes, eval mode, no grad, "
-                         f"the three paths in alternating rounds",
+            "inference": f"median of {cfg.infer_reps} forward passes after {INFERENCE_WARMUP} warm-up passes, eval "
+                         f"mode, no grad, the three paths in alternating rounds",
         },
         "wall_s": time.perf_counter() - started,
     }
