@@ -858,6 +858,7 @@ def _inference(model, cfg, inputs, fused_backend, progress):
 # The fused backends in the order they measured on an H100 (fwd+bwd at M = 8192: cuda 1.58 ms, triton 2.77 ms;
 # backends.auto_backend). Triton on CPU tensors is the test interpreter, never a measurement.
 FUSED_BACKENDS = ("cuda", "triton", "cpu")
+UNFUSED_BACKENDS = ("torch", "reference")  # compositions of torch ops: the 'fused' column then runs no fused kernel
 
 
 def fused_backend_for(cfg):
@@ -869,7 +870,7 @@ def fused_backend_for(cfg):
     if cfg.backend == "auto":
         chosen = backends.auto_backend(device, "lora_linear", DTYPES[cfg.dtype])
         fused = _fused_available(device)
-        if chosen in ("torch", "reference") and fused:
+        if chosen in UNFUSED_BACKENDS and fused:
             return fused[0], (f"backend='auto' runs lora_linear on {device.type} with the unfused {chosen!r} "
                               f"composition (auto's choice by measurement: backends.auto_backend, BENCHMARKS.md); "
                               f"this column shows the fastest fused kernels, {fused[0]!r}, instead (--backend picks "
@@ -877,11 +878,11 @@ def fused_backend_for(cfg):
     else:  # resolved() refused a backend that cannot run here
         chosen = cfg.backend
     note = None
-    if chosen in ("torch", "reference") and cfg.backend != "auto":
+    if chosen in UNFUSED_BACKENDS and cfg.backend != "auto":
         # asked for by name: a fused backend may well be available, the user chose not to run it
         note = (f"--backend {chosen!r} is not a fused backend: the 'fused' column runs the {chosen!r} composition "
                 f"(fused backends available here: {', '.join(_fused_available(device)) or 'none'})")
-    elif chosen in ("torch", "reference"):
+    elif chosen in UNFUSED_BACKENDS:
         missing = {name: backends.unavailable_reason(name, device) for name in ("triton", "cuda", "cpu")}
         why = "; ".join(f"{name}: {reason}" for name, reason in missing.items() if reason)
         note = (f"no fused backend is available for {device.type} tensors here, so the 'fused' run uses the "
@@ -1144,7 +1145,7 @@ def format_compare(result):
                      "weights and moments take about 16)")
     # the torch / reference compositions (--backend torch, or no fused backend here, as without the C++ extension on
     # CPU: a note says so) are no fused run; "(fused)" had said they were
-    kind = "unfused" if fused in ("torch", "reference") else "fused"
+    kind = "unfused" if fused in UNFUSED_BACKENDS else "fused"
     headers = ["", "full fine-tuning", "LoRA, torch (unfused)", f"LoRA, {fused} ({kind})"]
     full = methods["full"]
     gpu_busy = all(methods[m].get("gpu_busy_ms") is not None for m in METHODS)  # CUDA runs (not saved results of old)
