@@ -1110,6 +1110,42 @@ def _loss_text(loss):
     return "n/a" if loss is None else f"{loss:.3f}"
 
 
+def _step_time_notes(result, names):
+    """The notes on whether the step times were steady: a load change under every column, a column whose steps
+    drifted or spread on its own, too few timed steps to tell. `names`: the three columns' headers."""
+    methods = result["methods"]
+    notes = []
+    drifts = {method: step_time_drift(methods[method]["step_ms_all"]) for method in METHODS}
+    # saved results of older versions, whose methods trained one after another, say no "alternating rounds"
+    alternated = "alternating rounds" in result.get("measurement", {}).get("step_time", "")
+    together = alternated and all(d is not None and (d[1] > d[0]) == (drifts["full"][1] > drifts["full"][0])
+                                  for d in drifts.values())
+    if together:  # one change of the machine's load under every column: the alternated steps shared it
+        went = ", ".join(f"{name.split(' (')[0]} {drifts[method][0]:.1f} -> {drifts[method][1]:.1f} ms"
+                         for method, name in zip(METHODS, names))
+        notes.append(f"  note: every column's step time {'rose' if drifts['full'][1] > drifts['full'][0] else 'fell'} "
+                     f"during the run ({went}: medians of the first and last thirds of the timed steps): the "
+                     f"machine's load changed; the methods' steps alternated, so the ratios compare them under the "
+                     f"same load, but no median is a steady-state time")
+    for method, name in zip(METHODS, () if together else names):
+        drift = drifts[method]
+        if drift is not None:
+            notes.append(f"  note: {name}: the step time went from {drift[0]:.1f} ms (median of the first third of the "
+                         f"timed steps) to {drift[1]:.1f} ms (the last third): the run was not steady (other work on "
+                         f"the machine, or too few --warmup steps?), so its step-time ratio is not a steady-state "
+                         f"measurement")
+        elif (spread := step_time_spread(methods[method]["step_ms_all"])) is not None:
+            notes.append(f"  note: {name}: its timed steps spread from {spread[0]:.1f} to {spread[1]:.1f} ms (first "
+                         f"to third quartile) around the median: the machine's load changed during the run (other "
+                         f"work on it; on a shared CPU --threads 1 steadies it), so its step-time ratio is not a "
+                         f"steady-state measurement")
+    timed_steps = len(methods["full"]["step_ms_all"])
+    if timed_steps < 4:  # step_time_spread / step_time_drift need 4 and 6: no note could say the run was unsteady
+        notes.append(f"  note: {_count_of(timed_steps, 'timed step')} per column: too few to tell whether the step "
+                     f"times are steady, so the step-time ratios may be noise (more --steps)")
+    return notes
+
+
 def format_compare(result):
     """The side-by-side table of full FT vs LoRA (unfused torch) vs LoRA (fused), with ratios against full FT."""
     cfg, env, model, task = result["config"], result["environment"], result["model"], result["task"]
@@ -1183,34 +1219,7 @@ def format_compare(result):
         lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
     lines.append(f"(eval loss before training: {_loss_text(task['initial_eval_loss'])}; "
                  f"ln(vocab) = {task['uniform_loss']:.3f}; ratios in parentheses are against full fine-tuning)")
-    drifts = {method: step_time_drift(methods[method]["step_ms_all"]) for method in METHODS}
-    # saved results of older versions, whose methods trained one after another, say no "alternating rounds"
-    alternated = "alternating rounds" in result.get("measurement", {}).get("step_time", "")
-    together = alternated and all(d is not None and (d[1] > d[0]) == (drifts["full"][1] > drifts["full"][0])
-                                  for d in drifts.values())
-    if together:  # one change of the machine's load under every column: the alternated steps shared it
-        went = ", ".join(f"{name.split(' (')[0]} {drifts[method][0]:.1f} -> {drifts[method][1]:.1f} ms"
-                         for method, name in zip(METHODS, headers[1:]))
-        lines.append(f"  note: every column's step time {'rose' if drifts['full'][1] > drifts['full'][0] else 'fell'} "
-                     f"during the run ({went}: medians of the first and last thirds of the timed steps): the "
-                     f"machine's load changed; the methods' steps alternated, so the ratios compare them under the "
-                     f"same load, but no median is a steady-state time")
-    for method, name in zip(METHODS, () if together else headers[1:]):
-        drift = drifts[method]
-        if drift is not None:
-            lines.append(f"  note: {name}: the step time went from {drift[0]:.1f} ms (median of the first third of the "
-                         f"timed steps) to {drift[1]:.1f} ms (the last third): the run was not steady (other work on "
-                         f"the machine, or too few --warmup steps?), so its step-time ratio is not a steady-state "
-                         f"measurement")
-        elif (spread := step_time_spread(methods[method]["step_ms_all"])) is not None:
-            lines.append(f"  note: {name}: its timed steps spread from {spread[0]:.1f} to {spread[1]:.1f} ms (first "
-                         f"to third quartile) around the median: the machine's load changed during the run (other "
-                         f"work on it; on a shared CPU --threads 1 steadies it), so its step-time ratio is not a "
-                         f"steady-state measurement")
-    timed_steps = len(full["step_ms_all"])
-    if timed_steps < 4:  # step_time_spread / step_time_drift need 4 and 6: no note could say the run was unsteady
-        lines.append(f"  note: {_count_of(timed_steps, 'timed step')} per column: too few to tell whether the step "
-                     f"times are steady, so the step-time ratios may be noise (more --steps)")
+    lines += _step_time_notes(result, headers[1:])
     compile_hint = "" if cfg.get("compile") else "; --compile compiles the layers to cut the host time"
     for method, name in zip(METHODS, headers[1:]):
         busy = methods[method].get("gpu_busy_ms") if gpu_busy else None
@@ -1229,35 +1238,7 @@ def format_compare(result):
         lines.append(f"  note: {name}: the training loss is not finite from step {bad + 1} on{why}; its column "
                      f"measures a diverged run")
     if inference:
-        merged = inference["merged_ms"]
-        lines.append("")
-        lines.append(f"inference latency of the trained LoRA model, {inference['tokens']} tokens per forward "
-                     f"(median of {inference['reps']}, eval mode, no grad):")
-        for key, label in (("merged_ms", "merged (W + s·B·A folded into W)"),
-                           ("unmerged_unfused_ms", "unmerged, torch (unfused)"),
-                           ("unmerged_fused_ms", f"unmerged, {fused} ({kind})")):
-            passes = inference.get(f"{key}_all")  # absent from results saved before the passes were kept
-            spread = f"  (min - max {min(passes):.2f} - {max(passes):.2f} ms)" if passes else ""
-            lines.append(f"  {label:36s} {inference[key]:9.2f} ms  {inference[key] / merged:5.2f}× merged{spread}")
-        slower = [label for key, label in (("unmerged_unfused_ms", "torch"), ("unmerged_fused_ms", fused))
-                  if inference[key] < merged]
-        if slower:  # merged is one F.linear per layer, the unmerged paths that and the LoRA branch
-            lines.append(f"  note: the merged model does strictly less work than the unmerged one, yet measured "
-                         f"slower than the unmerged {' and '.join(dict.fromkeys(slower))} path: the machine's load "
-                         f"changed during these {inference['reps']} passes, so the latencies are not steady-state "
-                         f"measurements (more --infer-reps"
-                         f"{'; on a shared CPU --threads 1 steadies it' if env['device'] == 'cpu' else ''})")
-        rel_diff = inference["merged_vs_unmerged_rel_diff"]
-        lines.append(f"  (merged vs unmerged logits: relative difference {rel_diff:.1e})")
-        fused_diff = inference.get("fused_vs_unfused_rel_diff")  # absent from results saved before it was printed
-        if fused_diff is not None:
-            lines.append(f"  (fused vs unfused logits: relative difference {fused_diff:.1e})")
-            tolerance = LOGITS_TOLERANCE.get(cfg["dtype"])
-            if tolerance is not None and not fused_diff <= tolerance:
-                lines.append(f"  note: LoRA, {fused} ({kind}): its logits differ from the torch column's by "
-                             f"{fused_diff:.1e} (relative), above {tolerance:g} for {cfg['dtype']}, on the same "
-                             f"trained model: the fused backend computes another function, so its column does not "
-                             f"measure the same LoRA")
+        lines += _inference_lines(inference, fused, kind, cfg, env)
     m = result["measurement"]
     lines.append("")
     lines.append(f"[1] {m['memory']}.")
@@ -1271,6 +1252,42 @@ def format_compare(result):
                      "not timed; a step longer than it waited on the host.")
     lines.append(f"step time: {m['step_time']}. Total run {result['wall_s']:.1f} s.")
     return "\n".join(lines)
+
+
+def _inference_lines(inference, fused, kind, cfg, env):
+    """The inference latency block: each path's median against the merged model's, its range, and notes on a
+    merged model measured slower than an unmerged one and on fused logits that differ beyond rounding."""
+    lines = []
+    merged = inference["merged_ms"]
+    lines.append("")
+    lines.append(f"inference latency of the trained LoRA model, {inference['tokens']} tokens per forward "
+                 f"(median of {inference['reps']}, eval mode, no grad):")
+    for key, label in (("merged_ms", "merged (W + s·B·A folded into W)"),
+                       ("unmerged_unfused_ms", "unmerged, torch (unfused)"),
+                       ("unmerged_fused_ms", f"unmerged, {fused} ({kind})")):
+        passes = inference.get(f"{key}_all")  # absent from results saved before the passes were kept
+        spread = f"  (min - max {min(passes):.2f} - {max(passes):.2f} ms)" if passes else ""
+        lines.append(f"  {label:36s} {inference[key]:9.2f} ms  {inference[key] / merged:5.2f}× merged{spread}")
+    slower = [label for key, label in (("unmerged_unfused_ms", "torch"), ("unmerged_fused_ms", fused))
+              if inference[key] < merged]
+    if slower:  # merged is one F.linear per layer, the unmerged paths that and the LoRA branch
+        lines.append(f"  note: the merged model does strictly less work than the unmerged one, yet measured "
+                     f"slower than the unmerged {' and '.join(dict.fromkeys(slower))} path: the machine's load "
+                     f"changed during these {inference['reps']} passes, so the latencies are not steady-state "
+                     f"measurements (more --infer-reps"
+                     f"{'; on a shared CPU --threads 1 steadies it' if env['device'] == 'cpu' else ''})")
+    rel_diff = inference["merged_vs_unmerged_rel_diff"]
+    lines.append(f"  (merged vs unmerged logits: relative difference {rel_diff:.1e})")
+    fused_diff = inference.get("fused_vs_unfused_rel_diff")  # absent from results saved before it was printed
+    if fused_diff is not None:
+        lines.append(f"  (fused vs unfused logits: relative difference {fused_diff:.1e})")
+        tolerance = LOGITS_TOLERANCE.get(cfg["dtype"])
+        if tolerance is not None and not fused_diff <= tolerance:
+            lines.append(f"  note: LoRA, {fused} ({kind}): its logits differ from the torch column's by "
+                         f"{fused_diff:.1e} (relative), above {tolerance:g} for {cfg['dtype']}, on the same "
+                         f"trained model: the fused backend computes another function, so its column does not "
+                         f"measure the same LoRA")
+    return lines
 
 
 def plot_compare(result, path):
