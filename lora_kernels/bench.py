@@ -533,10 +533,8 @@ def forward_rows(rows, cfg, device, dtype, timing, on_gpu, step):
         del inputs
 
 
-def training_rows(rows, cfg, device, dtype, timing, on_gpu, step):
-    """At the training M: the rank sweep (forward / base, fwd+bwd / the two base GEMMs), then fwd+bwd against
-    PEFT's unfused layer with dropout and against full fine-tuning, activation and peak memory, and (Triton) the
-    backward's split reductions against no split and, on sm_90+, the TMA kernels against the pointer kernels;
+def rank_sweep_rows(rows, cfg, device, dtype, timing, on_gpu, step):
+    """At the training M, for every rank of _sweep_ranks: forward / base F.linear and fwd+bwd / the two base GEMMs;
     the cuda dY-once kernel against two GEMMs at the training M and at its bound (CUDA_BWD_DY_KERNEL_MAX_WORK)."""
     k = n = cfg.hidden
     m, r = cfg.train_m, cfg.rank
@@ -576,6 +574,14 @@ def training_rows(rows, cfg, device, dtype, timing, on_gpu, step):
         cuda_bwd_dy_row(rows, inputs, f"M={bound_m} K={k} N={n} r={r}", timing, on_gpu)
         del inputs
 
+
+def training_rows(rows, cfg, device, dtype, timing, on_gpu, step):
+    """At the training M: the rank sweep (rank_sweep_rows), then fwd+bwd against PEFT's unfused layer with dropout
+    and against full fine-tuning, activation and peak memory, and (Triton) the backward's split reductions against
+    no split and, on sm_90+, the TMA kernels against the pointer kernels."""
+    rank_sweep_rows(rows, cfg, device, dtype, timing, on_gpu, step)
+    k = n = cfg.hidden
+    m, r = cfg.train_m, cfg.rank
     inputs = InputSets(device, dtype, m, k, n, r, grad=True)
     shape = f"M={m} K={k} N={n} r={r}"
 
@@ -850,8 +856,9 @@ def _graph_note(on_gpu):
 
 
 def grouped_rows(rows, cfg, device, dtype, timing, on_gpu, step):
-    """design.md §8's grouped rows: prefill over PREFILL_ADAPTERS distinct adapters / one adapter, and the grouped
-    op / the per-adapter loop at LOOP_ADAPTERS adapters (decode and prefill size); CUDA-graph replays on GPUs."""
+    """design.md §8's grouped rows: prefill over PREFILL_ADAPTERS distinct adapters / one adapter, forward
+    (CUDA-graph replays on GPUs) and training fwd+bwd (eager calls), and the grouped op / the per-adapter loop at
+    LOOP_ADAPTERS adapters (decode and prefill size, graph replays); then the fused QKV slices (sliced_rows)."""
     k = n = cfg.hidden
     r = cfg.rank
     tokens = cfg.prefill_tokens
