@@ -273,33 +273,40 @@ def _output_paths_ok(command, args):
     return True
 
 
+def _plot_option_ok(args):
+    """compare --plot can be written once the run is over: matplotlib importable, a format it knows, not the
+    file --save writes (each refused with one line on stderr, before a run of minutes)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("lora-kernels compare: --plot needs matplotlib, which is not installed "
+              "(pip install matplotlib, or pip install 'lora_kernels[bench]')", file=sys.stderr)
+        return False
+    # matplotlib picks the format by the extension: an unknown one had ended the run in a traceback after the
+    # measurements (and savefig without one writes PATH.png: plot_compare writes PNG to PATH itself)
+    extension = os.path.splitext(args.plot)[1][1:].lower()
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+        formats = FigureCanvasBase.get_supported_filetypes()
+    except (ImportError, AttributeError):  # no list to check against: savefig says it, after the run
+        formats = None
+    if extension and formats is not None and extension not in formats:
+        print(f"lora-kernels compare: --plot {args.plot}: expected a file name ending in one of "
+              f"{', '.join('.' + f for f in sorted(formats))}, got .{extension}", file=sys.stderr)
+        return False
+    if args.save and os.path.realpath(args.save) == os.path.realpath(args.plot) and not _is_stream(args.save):
+        print(f"lora-kernels compare: --save and --plot name the same file {args.plot}: the figure would "
+              f"overwrite the JSON", file=sys.stderr)
+        return False
+    return True
+
+
 def run_compare_command(args):
     from lora_kernels import compare
     if not _output_paths_ok("compare", args):
         return 2
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            print("lora-kernels compare: --plot needs matplotlib, which is not installed "
-                  "(pip install matplotlib, or pip install 'lora_kernels[bench]')", file=sys.stderr)
-            return 2
-        # matplotlib picks the format by the extension: an unknown one had ended the run in a traceback after the
-        # measurements (and savefig without one writes PATH.png: plot_compare writes PNG to PATH itself)
-        extension = os.path.splitext(args.plot)[1][1:].lower()
-        try:
-            from matplotlib.backend_bases import FigureCanvasBase
-            formats = FigureCanvasBase.get_supported_filetypes()
-        except (ImportError, AttributeError):  # no list to check against: savefig says it, after the run
-            formats = None
-        if extension and formats is not None and extension not in formats:
-            print(f"lora-kernels compare: --plot {args.plot}: expected a file name ending in one of "
-                  f"{', '.join('.' + f for f in sorted(formats))}, got .{extension}", file=sys.stderr)
-            return 2
-        if args.save and os.path.realpath(args.save) == os.path.realpath(args.plot) and not _is_stream(args.save):
-            print(f"lora-kernels compare: --save and --plot name the same file {args.plot}: the figure would "
-                  f"overwrite the JSON", file=sys.stderr)
-            return 2
+    if args.plot and not _plot_option_ok(args):
+        return 2
     config = compare.CompareConfig(
         model_size=args.model_size, hidden=args.hidden, layers=args.layers, heads=args.heads,
         intermediate=args.intermediate, vocab=args.vocab, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
