@@ -644,13 +644,13 @@ class _MethodRun:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.lr = cfg.lr if method == "full" else cfg.lora_lr
         self.optimizer = torch.optim.AdamW(self.params, lr=self.lr, weight_decay=0.0)
-        with self._rng_devices():
+        with self._forked_rng():
             torch.manual_seed(cfg.seed + 2)
             self._rng = self._rng_state()
         self.losses, self.step_seconds = [], []
         model.train()
 
-    def _rng_devices(self):
+    def _forked_rng(self):
         # fork_rng restores the caller's streams on exit, so the runs never draw from each other's
         return torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
 
@@ -659,7 +659,7 @@ class _MethodRun:
 
     def step(self, inputs, targets, timed=False):
         """One training step on its own random streams; its wall time (device synchronised) is kept when `timed`."""
-        with self._rng_devices():
+        with self._forked_rng():
             torch.set_rng_state(self._rng[0])
             if self._rng[1] is not None:
                 torch.cuda.set_rng_state(self._rng[1], self.device)
