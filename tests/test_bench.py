@@ -259,6 +259,30 @@ def test_the_bench_table_names_the_machine_as_compare_does():
     assert compare.machine_text(result["environment"]) == "G, load average 1.50 at start"
 
 
+def test_a_failing_measurement_is_an_error_row_and_the_run_goes_on(monkeypatch):
+    """A backend that raises gets an error row (its first line of message, in the table and on an ERROR line) and
+    the other rows are still measured; the updates a run sends while it goes on print as PARTIAL."""
+    measure, calls = bench.measure, []
+
+    def failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("kernel failed\nsecond line")
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "measure", failing_once)
+    updates = []
+    result = bench.run_bench(_tiny(sections=("forward",), ms=(2, 4)), on_update=updates.append)
+    errors = [row for row in result["rows"] if row["kind"] == "error"]
+    assert len(errors) == 1 and errors[0]["note"] == "error: RuntimeError: kernel failed", errors
+    assert any(row["kind"] != "error" and row["ratio"] is not None for row in result["rows"]), result["rows"]
+    text = bench.format_bench(result)
+    assert f"ERROR torch ({errors[0]['section']}, {errors[0]['shape']}): error: RuntimeError: kernel failed" in text
+    assert any(line.rstrip().endswith("ERROR") for line in text.splitlines() if line.startswith("  torch")), text
+    assert "PARTIAL" not in text and not result["partial"]
+    assert updates and updates[0]["partial"] and "PARTIAL: the sweep did not finish" in bench.format_bench(updates[0])
+
+
 def test_moved_bytes_counts_weight_adapters_and_activations():
     # W 4x4, two adapters of rank 2 (A 2x4 and B 4x2 each), 3 tokens of x (4) and y (4), bf16
     assert bench._moved_bytes(3, 4, 4, 2, 2, torch.bfloat16) == (16 + 2 * 2 * 8 + 3 * 8) * 2
