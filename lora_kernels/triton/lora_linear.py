@@ -11,7 +11,7 @@ lora_kernels::triton_lora_* registered on the same bodies), and the AOT compile-
     dA = dsᵀ · drop(x)                        _lora_bwd_da_kernel
 
 Dropout is never stored: element (m, k) of x is kept when tl.rand(seed, m * K + k) >= p, and every kernel (and
-`dropout_mask`, for tests) regenerates the same decision from (seed, m * K + k).
+`dropout_mask`, for tests and the torch.func path) regenerates the same decision from (seed, m * K + k).
 """
 
 import functools
@@ -61,8 +61,10 @@ SMEM_BUDGET = 160 * 1024
 # N = 16384, r = 64 they took 2 GiB, as much as dY itself in bf16. 256 MiB leaves every bench shape on the kernel
 # (M = 16384, N = 4096, r = 64: 128 MiB).
 DY_PARTIALS_BUDGET = 256 * 2**20
-DROPOUT_BLOCK = 32  # tile of the dropout_mask utility kernel (a test helper; performance does not matter)
-# its launch parameters, as the compile gate compiles it: Triton's default warps, one stage (no loop to pipeline)
+# The dropout_mask utility kernel (the tests' mask, and the torch.func path's: functional._dropout_as_function, no
+# fast path): its tile, untuned, and its launch parameters as the compile gate compiles it (Triton's default warps;
+# one stage: the kernel has no loop to pipeline).
+DROPOUT_BLOCK = 32
 DROPOUT_NUM_WARPS, DROPOUT_NUM_STAGES = 4, 1
 # Split-K-style parallelism of the three skinny reductions whose natural grids are small: _lora_bwd_dy_kernel has one
 # program per DY_BLOCK_M row block (64 at M = 8192), _lora_bwd_da_kernel one per BLOCK_K column block (64 at
