@@ -156,6 +156,8 @@ def build_and_run(tmp_path, harness, sources, *args, race_check=False):
 
 
 RACE_EXIT = 66
+# The kernel harnesses' `quick` case counts (their main()s), which the race check and the broken-kernel tests run
+QUICK_CASES = {"decode_kernels": 6, "sgmv_mma": 6, "sgmv_cuda_core": 6, "lora_fwd_decode": 2, "lora_bwd_dy": 4}
 
 
 @pytest.mark.parametrize("harness,cases", [("decode_kernels", 48), ("sgmv_mma", 36), ("sgmv_cuda_core", 31),
@@ -205,47 +207,48 @@ def test_the_launcher_emulation_fails_a_broken_launcher(tmp_path, harness, args,
     assert returncode != 0 and failure in output + errors, (output[-2000:], errors[-2000:])
 
 
-@pytest.mark.parametrize("harness,cases,old,new", [
+@pytest.mark.parametrize("harness,old,new", [
     # the decode shrink: a lane's K chunks strided by 1 instead of by the 32 lanes (x and A chunks no longer match)
-    ("decode_kernels", 6, "const int64_t k = k_begin + int64_t(lane + 32 * i) * kVec;",
+    ("decode_kernels", "const int64_t k = k_begin + int64_t(lane + 32 * i) * kVec;",
      "const int64_t k = k_begin + int64_t(lane * kDecodeChunks + i) * kVec;"),
     # the decode expand: every column one to the right
-    ("decode_kernels", 6, "const int64_t n = n0 + int64_t(c) * kDecodeThreads;\n      const bool ok",
+    ("decode_kernels", "const int64_t n = n0 + int64_t(c) * kDecodeThreads;\n      const bool ok",
      "const int64_t n = n0 + int64_t(c) * kDecodeThreads + 1;\n      const bool ok"),
     # the tensor-core shrink: the accumulators' rank columns swapped in pairs
-    ("sgmv_mma", 6, "2 * t + i % 2;\n      if (token >= 0 && col < rank)",
+    ("sgmv_mma", "2 * t + i % 2;\n      if (token >= 0 && col < rank)",
      "2 * t + 1 - i % 2;\n      if (token >= 0 && col < rank)"),
     # the tensor-core expand: t's rank index and B's out of step
-    ("sgmv_mma", 6, "2 * t + e;\n          w[e]", "2 * t + 1 - e;\n          w[e]"),
+    ("sgmv_mma", "2 * t + e;\n          w[e]", "2 * t + 1 - e;\n          w[e]"),
     # the expand's staged epilogue: the accumulators' columns swapped in pairs on their way into shared memory
-    ("sgmv_mma", 6, "[8 * tile + 2 * t + i % 2] = acc[tile][i];", "[8 * tile + 2 * t + 1 - i % 2] = acc[tile][i];"),
+    ("sgmv_mma", "[8 * tile + 2 * t + i % 2] = acc[tile][i];", "[8 * tile + 2 * t + 1 - i % 2] = acc[tile][i];"),
     # ... and a lane adding the other half-row's 16 columns
-    ("sgmv_mma", 6, "&staged[warp][row][16 * half + chunk]", "&staged[warp][row][16 * (1 - half) + chunk]"),
+    ("sgmv_mma", "&staged[warp][row][16 * half + chunk]", "&staged[warp][row][16 * (1 - half) + chunk]"),
     # the tensor-core decode forward: the accumulators' columns (rows of W) swapped in pairs
-    ("lora_fwd_decode", 2, "[8 * tile + 2 * t + i % 2] = acc[tile][i];",
+    ("lora_fwd_decode", "[8 * tile + 2 * t + i % 2] = acc[tile][i];",
      "[8 * tile + 2 * t + 1 - i % 2] = acc[tile][i];"),
     # the tensor-core backward: dy's transposed tile read at the same row for both k-slots of a lane
-    ("lora_bwd_dy", 3, "transposed[warp][8 * ks + t + 4][8 * ct + group]",
+    ("lora_bwd_dy", "transposed[warp][8 * ks + t + 4][8 * ct + group]",
      "transposed[warp][8 * ks + t][8 * ct + group]"),
     # the grouped CUDA-core shrink: A's rank rows past ranks[slot] (NaN) read and written
-    ("sgmv_cuda_core", 6, "const int64_t cols = kShrink ? rank : args.cols_full;",
+    ("sgmv_cuda_core", "const int64_t cols = kShrink ? rank : args.cols_full;",
      "const int64_t cols = kShrink ? args.max_rank : args.cols_full;"),
     # ... and every K split summing all of K
-    ("sgmv_cuda_core", 6, "(kShrink && k_begin + args.k_per_split < kdim) ? k_begin + args.k_per_split : kdim",
+    ("sgmv_cuda_core", "(kShrink && k_begin + args.k_per_split < kdim) ? k_begin + args.k_per_split : kdim",
      "kdim"),
     # the CUDA-core backward: dS of a block's later column pieces overwriting the earlier ones instead of adding
-    ("lora_bwd_dy", 3, "*dst = n0 == n_begin ? scaling * sum : *dst + scaling * sum;", "*dst = scaling * sum;"),
+    ("lora_bwd_dy", "*dst = n0 == n_begin ? scaling * sum : *dst + scaling * sum;", "*dst = scaling * sum;"),
 ], ids=["decode-shrink-chunks", "decode-expand-columns", "mma-shrink-columns", "mma-expand-rank",
         "mma-expand-staged-columns", "mma-expand-staged-half", "mma-decode-forward", "mma-bwd-dy-transpose",
         "sgmv-shrink-rank-padding", "sgmv-shrink-splits", "bwd-dy-column-pieces"])
-def test_the_emulation_fails_a_broken_kernel(tmp_path, harness, cases, old, new):
+def test_the_emulation_fails_a_broken_kernel(tmp_path, harness, old, new):
     """The harnesses are not vacuous: one wrong index in any of the kernels fails them."""
     sources = read_sources()
     cu_file = HARNESS_SOURCE[harness]
     assert sources[cu_file].count(old) == 1, old
     sources[cu_file] = sources[cu_file].replace(old, new)
     returncode, output, _ = build_and_run(tmp_path, harness, sources, "quick")
-    assert returncode == 1 and re.search(rf"^{cases} cases, [1-9]\d* failures$", output, re.M), output[-3000:]
+    assert returncode == 1 and re.search(rf"^{QUICK_CASES[harness]} cases, [1-9]\d* failures$", output, re.M), (
+        output[-3000:])
 
 
 def test_the_emulation_fails_a_missing_barrier_before_shared_memory_is_overwritten(tmp_path):
@@ -261,8 +264,7 @@ def test_the_emulation_fails_a_missing_barrier_before_shared_memory_is_overwritt
     assert returncode == 1 and re.search(r"^15 cases, [1-9]\d* failures$", output, re.M), output[-3000:]
 
 
-@pytest.mark.parametrize("harness,cases", [("decode_kernels", 6), ("sgmv_mma", 6), ("sgmv_cuda_core", 6),
-                                           ("lora_fwd_decode", 2), ("lora_bwd_dy", 4)])
+@pytest.mark.parametrize("harness,cases", QUICK_CASES.items())
 def test_the_cuda_kernels_have_no_data_race(tmp_path, harness, cases):
     """The race check: each harness's quick cases built with ThreadSanitizer, which orders the threads' accesses as
     CUDA does (emu.h's Unordered: __syncthreads and __syncwarp order shared memory, the shuffles and MMAs do not):
