@@ -3,8 +3,8 @@
 // (csrc/lora_checks.h) and holds the TORCH_LIBRARY_IMPL(lora_kernels, CUDA) registrations.
 //
 // Contract: the arguments are already validated; a launcher never throws for user input (only CUDA launch or
-// runtime errors, e.g. C10_CUDA_KERNEL_LAUNCH_CHECK). An exception thrown from nvcc-compiled code for a bad
-// argument crashed the Python process instead of raising ValueError/TypeError, so checks must not move back here.
+// runtime errors, e.g. C10_CUDA_KERNEL_LAUNCH_CHECK). The checks live in one host-compiled file so each op checks its
+// arguments once, with the messages of csrc/checks.h (whose header says why they avoid std::ostream).
 #pragma once
 
 #include <ATen/core/Tensor.h>
