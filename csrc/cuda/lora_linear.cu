@@ -11,9 +11,10 @@
 //      compiled for sm_90+, the tensor-core kernel is launched as a programmatic dependent of the shrink: it streams
 //      W while the shrink runs and reads the partials only after waiting for it (wait_for_prerequisite_grids).
 // lora_fwd, M > 16: ATen GEMMs with in-place epilogues (see lora_fwd_gemm).
-// lora_bwd_dy: one kernel reads each element of dy once and produces both ds = scaling·dy·B and
-//   dB = scaling·dyᵀ·S as deterministic fp32 partials, summed afterwards in a fixed order: on tensor cores for
-//   fp16/bf16 up to r = 32 (lora_bwd_dy_mma_kernel), on CUDA cores otherwise (lora_bwd_dy_kernel).
+// lora_bwd_dy, r <= 64 and not float64: one kernel reads each element of dy once and produces both
+//   ds = scaling·dy·B and dB = scaling·dyᵀ·S as deterministic fp32 partials, summed afterwards in a fixed order: on
+//   tensor cores for fp16/bf16 up to r = 32 with 16-byte rows (lora_bwd_dy_mma_kernel), on CUDA cores otherwise
+//   (lora_bwd_dy_kernel). r > 64 and float64: two cuBLAS GEMMs (see lora_bwd_dy_cuda_launch).
 //
 // Only c10/cuda headers: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers a bare toolkit may lack.
 #include <ATen/ATen.h>
