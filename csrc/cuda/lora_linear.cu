@@ -618,6 +618,11 @@ __global__ void __launch_bounds__(kBwdThreads)
   }
 }
 
+// lora_bwd_dy_kernel's threads hold a piece's tile * r (column, rank) items, kBwdItems each; items past that would
+// be dropped silently. bwd_dy_grid's tiles, 64 up to r = 32 and 32 up to kBwdMaxRank, fit.
+static_assert(64 * 32 <= kBwdThreads * kBwdItems && 32 * kBwdMaxRank <= kBwdThreads * kBwdItems,
+              "bwd_dy_grid: tile * r must fit kBwdThreads * kBwdItems");
+
 struct BwdDyGrid {
   int tile;  // the block's square pieces of dy: tile * r <= kBwdThreads * kBwdItems
   int64_t rows_per_block, cols_per_block, row_blocks, col_blocks;
