@@ -702,13 +702,13 @@ void launch_bgmv(const SgmvArgs& args, int64_t grid_y) {
 // tensor_cores: sgmv_shrink_mma_kernel / sgmv_expand_mma_kernel, whose conditions the caller checked (and, for the
 // expand, whose column tiles of kExpandCols it counted in args.col_tiles).
 template <bool kShrink>
-void launch_sgmv(const SgmvArgs& args, int64_t num_slots, int64_t splits, bool tensor_cores = false) {
+void launch_sgmv(const SgmvArgs& args, int64_t splits, bool tensor_cores) {
   const int64_t token_tiles = ceil_div(args.num_tokens, kTileTokens);
-  if (token_tiles == 0 || args.col_tiles == 0 || num_slots == 0) {
+  if (token_tiles == 0 || args.col_tiles == 0 || args.num_slots == 0) {
     return;
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const dim3 grid(splits * args.col_tiles, token_tiles, num_slots);
+  const dim3 grid(splits * args.col_tiles, token_tiles, args.num_slots);
   if (kShrink && tensor_cores) {
     if (args.x_dtype == kBF16) {
       sgmv_shrink_mma_kernel<c10::BFloat16><<<grid, kShrinkWarps * 32, 0, stream>>>(args);
@@ -729,6 +729,29 @@ void launch_sgmv(const SgmvArgs& args, int64_t num_slots, int64_t splits, bool t
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// What both ops' SgmvArgs share: x (the shrink's x, the expand's t [M, R]) and w (lora_a, lora_b) with their strides,
+// and the metadata, whose vectors are contiguous (check_sgmv_metadata): read as plain arrays.
+SgmvArgs operand_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sorted_token_ids,
+                      const at::Tensor& slot_starts, const at::Tensor& slot_counts, const at::Tensor& ranks) {
+  SgmvArgs args{};
+  args.x = x.data_ptr();
+  args.x_dtype = dtype_code(x);
+  args.x_stride_t = x.stride(0);
+  args.x_stride_k = x.stride(1);
+  args.w = w.data_ptr();
+  args.w_dtype = dtype_code(w);
+  args.w_stride_slot = w.stride(0);
+  args.w_stride_c = w.stride(1);
+  args.w_stride_k = w.stride(2);
+  args.sorted_token_ids = sorted_token_ids.data_ptr<int32_t>();
+  args.slot_starts = slot_starts.data_ptr<int32_t>();
+  args.slot_counts = slot_counts.data_ptr<int32_t>();
+  args.ranks = ranks.data_ptr<int32_t>();
+  args.num_tokens = x.size(0);
+  args.num_slots = w.size(0);
+  return args;
+}
+
 }  // namespace
 
 // Launchers (csrc/cuda/launchers.h): the arguments were validated by csrc/cuda/register_cuda.cpp, which also holds
@@ -737,21 +760,12 @@ at::Tensor sgmv_shrink_cuda_launch(const at::Tensor& x, const at::Tensor& lora_a
                                    const at::Tensor& slot_starts, const at::Tensor& slot_counts,
                                    const at::Tensor& scalings, const at::Tensor& ranks) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t num_tokens = x.size(0), max_rank = lora_a.size(1), num_slots = lora_a.size(0);
-  // The metadata vectors and scalings are contiguous (check_sgmv_shrink): read as plain arrays.
-  const at::Tensor &ids = sorted_token_ids, &starts = slot_starts, &counts = slot_counts, &rank_values = ranks;
-  const at::Tensor& scale_values = scalings;
-  SgmvArgs args{};
-  args.x = x.data_ptr();
-  args.x_dtype = dtype_code(x);
-  args.x_stride_t = x.stride(0);
-  args.x_stride_k = x.stride(1);
-  args.w = lora_a.data_ptr();
-  args.w_dtype = dtype_code(lora_a);
-  args.w_stride_slot = lora_a.stride(0);
-  args.w_stride_c = lora_a.stride(1);
-  args.w_stride_k = lora_a.stride(2);
+  SgmvArgs args = operand_args(x, lora_a, sorted_token_ids, slot_starts, slot_counts, ranks);
+  const int64_t num_tokens = args.num_tokens, num_slots = args.num_slots, max_rank = lora_a.size(1);
+  args.max_rank = max_rank;
   args.k_full = x.size(1);
+  args.scalings = scalings.data_ptr<float>();  // contiguous (check_sgmv_shrink)
+  args.col_tiles = ceil_div(max_rank, kTileCols);
   const bool rows_of_16_bytes = shrink_rows_of_16_bytes(args);
   const ShrinkSplit decode_split =
       decode_k_split(num_tokens, args.k_full, args.x_dtype == kF32 ? 4 : 8, x.get_device());
@@ -776,22 +790,11 @@ at::Tensor sgmv_shrink_cuda_launch(const at::Tensor& x, const at::Tensor& lora_a
   args.out_stride_split = partials.stride(0);
   args.out_stride_t = partials.stride(1);
   args.out_stride_c = partials.stride(2);
-  args.col_offset = 0;
-  args.sorted_token_ids = ids.data_ptr<int32_t>();
-  args.slot_starts = starts.data_ptr<int32_t>();
-  args.slot_counts = counts.data_ptr<int32_t>();
-  args.ranks = rank_values.data_ptr<int32_t>();
-  args.scalings = scale_values.data_ptr<float>();
-  args.num_tokens = num_tokens;
-  args.max_rank = max_rank;
-  args.num_slots = num_slots;
-  args.cols_full = 0;
-  args.col_tiles = ceil_div(max_rank, kTileCols);
   args.k_per_split = k_split.k_per_split;
   if (decode) {
     launch_bgmv<true>(args, k_split.splits);
   } else {
-    launch_sgmv<true>(args, num_slots, k_split.splits, tensor_cores);
+    launch_sgmv<true>(args, k_split.splits, tensor_cores);
   }
   // Fixed-order sum over the splits: deterministic, unlike atomics. float32 for every input dtype, as on CPU.
   const at::Tensor out = k_split.splits == 1 ? partials.select(0, 0) : partials.sum(0);
@@ -802,35 +805,15 @@ void sgmv_expand_cuda_launch(const at::Tensor& t, const at::Tensor& lora_b, cons
                              const at::Tensor& slot_starts, const at::Tensor& slot_counts, const at::Tensor& ranks,
                              const at::Tensor& out, int64_t slice_offset) {
   const c10::cuda::CUDAGuard guard(t.device());
-  // The metadata vectors are contiguous (check_sgmv_expand): read as plain arrays.
-  const at::Tensor &ids = sorted_token_ids, &starts = slot_starts, &counts = slot_counts, &rank_values = ranks;
-  SgmvArgs args{};
-  args.x = t.data_ptr();
-  args.x_dtype = kF32;
-  args.x_stride_t = t.stride(0);
-  args.x_stride_k = t.stride(1);
-  args.w = lora_b.data_ptr();
-  args.w_dtype = dtype_code(lora_b);
-  args.w_stride_slot = lora_b.stride(0);
-  args.w_stride_c = lora_b.stride(1);
-  args.w_stride_k = lora_b.stride(2);
+  SgmvArgs args = operand_args(t, lora_b, sorted_token_ids, slot_starts, slot_counts, ranks);
   args.out = out.data_ptr();
   args.out_dtype = dtype_code(out);
-  args.out_stride_split = 0;
   args.out_stride_t = out.stride(0);
   args.out_stride_c = out.stride(1);
   args.col_offset = slice_offset;
-  args.sorted_token_ids = ids.data_ptr<int32_t>();
-  args.slot_starts = starts.data_ptr<int32_t>();
-  args.slot_counts = counts.data_ptr<int32_t>();
-  args.ranks = rank_values.data_ptr<int32_t>();
-  args.scalings = nullptr;
-  args.num_tokens = t.size(0);
   args.max_rank = lora_b.size(2);
-  args.num_slots = lora_b.size(0);
-  args.k_full = 0;
   args.cols_full = lora_b.size(1);
-  args.k_per_split = 0;  // unused: the expand's one split covers every k < the slot's rank
+  // k_full and k_per_split stay 0, unused: the expand's one split covers every k < the slot's rank
   // float64 out keeps float64 accumulation (sgmv_kernel). The decode grid's column blocks are its y dimension.
   const int64_t decode_col_blocks = ceil_div(args.cols_full, kDecodeExpandCols);
   if (args.out_dtype != kF64 && expand_rows_of_16_bytes(args) && decode_path(args.num_tokens, args.num_slots) &&
@@ -843,7 +826,7 @@ void sgmv_expand_cuda_launch(const at::Tensor& t, const at::Tensor& lora_b, cons
       (args.w_dtype == kF16 || args.w_dtype == kBF16) && args.out_dtype != kF64 &&
       tensor_core_code_runs(reinterpret_cast<const void*>(sgmv_expand_mma_kernel<c10::Half>), t.get_device());
   args.col_tiles = ceil_div(args.cols_full, tensor_cores ? kExpandCols : kTileCols);
-  launch_sgmv<false>(args, args.num_slots, 1, tensor_cores);
+  launch_sgmv<false>(args, 1, tensor_cores);
 }
 
 }  // namespace lora_kernels
