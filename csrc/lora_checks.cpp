@@ -88,17 +88,23 @@ void check_lora_bwd_dy(const at::Tensor& dy, const at::Tensor& s, const at::Tens
                                             ref_name, "), got ", (t).device()));                             \
   LK_CHECK_SIZE(op, t, 0, size, what)
 
-void check_sgmv_metadata(const char* op, const at::Tensor& ref, const char* ref_name, int64_t num_tokens,
-                                int64_t num_slots, const char* slots_name, const at::Tensor& sorted_token_ids,
-                                const at::Tensor& slot_starts, const at::Tensor& slot_counts, const at::Tensor& ranks) {
+namespace {
+
+// The metadata of the M tokens of `ref` (the argument named ref_name: x or t) and num_slots slots (slots_name's
+// shape[0]: lora_a or lora_b).
+void check_sgmv_metadata(const char* op, const at::Tensor& ref, const char* ref_name, int64_t num_slots,
+                         const char* slots_name, const at::Tensor& sorted_token_ids, const at::Tensor& slot_starts,
+                         const at::Tensor& slot_counts, const at::Tensor& ranks) {
   // where the expected sizes come from: a wrong x / lora_a is as likely as wrong metadata
   const std::string tokens = std::string("tokens = ") + ref_name + ".shape[0]";
   const std::string slots = std::string("adapter slots = ") + slots_name + ".shape[0]";
-  LK_CHECK_METADATA_VECTOR(op, sorted_token_ids, ref, num_tokens, tokens);
+  LK_CHECK_METADATA_VECTOR(op, sorted_token_ids, ref, ref.size(0), tokens);
   LK_CHECK_METADATA_VECTOR(op, slot_starts, ref, num_slots, slots);
   LK_CHECK_METADATA_VECTOR(op, slot_counts, ref, num_slots, slots);
   LK_CHECK_METADATA_VECTOR(op, ranks, ref, num_slots, slots);
 }
+
+}  // namespace
 
 void check_sgmv_shrink(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& sorted_token_ids,
                               const at::Tensor& slot_starts, const at::Tensor& slot_counts,
@@ -111,7 +117,7 @@ void check_sgmv_shrink(const at::Tensor& x, const at::Tensor& lora_a, const at::
   LK_CHECK_SAME_DEVICE(op, lora_a, x);
   LK_CHECK_SIZE(op, lora_a, 2, x.size(1), "in_features = x.shape[1]");
   const int64_t num_slots = lora_a.size(0);
-  check_sgmv_metadata(op, x, "x", x.size(0), num_slots, "lora_a", sorted_token_ids, slot_starts, slot_counts, ranks);
+  check_sgmv_metadata(op, x, "x", num_slots, "lora_a", sorted_token_ids, slot_starts, slot_counts, ranks);
   LK_CHECK_DIM(op, scalings, 1);
   LK_CHECK_DTYPE(op, scalings, at::kFloat);
   LK_CHECK_CONTIGUOUS(op, scalings);
@@ -139,8 +145,7 @@ void check_sgmv_expand(const at::Tensor& t, const at::Tensor& lora_b, const at::
   LK_CHECK_VALUE(slice_offset >= 0 && slice_offset <= out.size(1) - width, op,
                  ": slice_offset expected in [0, out.shape[1] - lora_b.shape[1]] = [0, ", out.size(1) - width,
                  "], got ", slice_offset, " (out shape ", shape_str(out), ", lora_b shape ", shape_str(lora_b), ")");
-  check_sgmv_metadata(op, t, "t", t.size(0), lora_b.size(0), "lora_b", sorted_token_ids, slot_starts, slot_counts,
-                      ranks);
+  check_sgmv_metadata(op, t, "t", lora_b.size(0), "lora_b", sorted_token_ids, slot_starts, slot_counts, ranks);
   // out is written in place: an element reached twice (an expanded view) was raced, and memory shared with t or
   // lora_b was read after the kernel had overwritten it. Layouts too hard to decide (TooHard) are let through.
   LK_CHECK_VALUE(at::has_internal_overlap(out) != at::MemOverlap::Yes, op,

@@ -22,13 +22,10 @@ void check_lora_fwd(const at::Tensor& x, const std::optional<at::Tensor>& x_lora
 // dy: [M, N], s: [M, r] float32 (float64 for float64 dy), lora_b: [N, r].
 void check_lora_bwd_dy(const at::Tensor& dy, const at::Tensor& s, const at::Tensor& lora_b, double scaling);
 
-// The LoRABatch metadata of M tokens and L slots: sorted_token_ids [M], slot_starts [L], slot_counts [L], ranks [L],
-// all int32 on the device of `ref` (the argument named ref_name, whose shape[0] is M; L is slots_name's shape[0]).
-void check_sgmv_metadata(const char* op, const at::Tensor& ref, const char* ref_name, int64_t num_tokens,
-                         int64_t num_slots, const char* slots_name, const at::Tensor& sorted_token_ids,
-                         const at::Tensor& slot_starts, const at::Tensor& slot_counts, const at::Tensor& ranks);
+// The grouped ops' LoRABatch metadata of M tokens and L slots: sorted_token_ids [M], slot_starts [L], slot_counts [L],
+// ranks [L], all int32, contiguous, on the device of x / t.
 
-// x: [M, K], lora_a: [L, R, K], metadata as above, scalings: [L] float32.
+// x: [M, K], lora_a: [L, R, K], the metadata, scalings: [L] float32.
 void check_sgmv_shrink(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& sorted_token_ids,
                        const at::Tensor& slot_starts, const at::Tensor& slot_counts, const at::Tensor& scalings,
                        const at::Tensor& ranks);
