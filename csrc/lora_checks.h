@@ -37,7 +37,8 @@ void check_sgmv_expand(const at::Tensor& t, const at::Tensor& lora_b, const at::
 
 // Value checks of the metadata, for CPU tensors only (on CUDA they would cost a host sync; the kernels clamp
 // instead, so bad values never read out of bounds). ranks in [0, R], every slot's token range inside [0, M),
-// token ids in [0, M).
+// token ids in [0, M), the slots' ranges disjoint and no token twice in them (the CPU kernels write a token's row
+// from one thread).
 void check_sgmv_metadata_values_cpu(const char* op, int64_t num_tokens, int64_t max_rank,
                                     const at::Tensor& sorted_token_ids, const at::Tensor& slot_starts,
                                     const at::Tensor& slot_counts, const at::Tensor& ranks);
