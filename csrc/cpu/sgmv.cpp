@@ -190,21 +190,20 @@ void expand_small_slots(const at::Tensor& t, const at::Tensor& lora_b, const int
   });
 }
 
-at::Tensor sgmv_shrink_cpu(const at::Tensor& x_in, const at::Tensor& lora_a_in, const at::Tensor& sorted_token_ids,
+at::Tensor sgmv_shrink_cpu(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& sorted_token_ids,
                            const at::Tensor& slot_starts, const at::Tensor& slot_counts, const at::Tensor& scalings,
                            const at::Tensor& ranks) {
   const AutocastOff autocast_off;
-  check_sgmv_shrink(x_in, lora_a_in, sorted_token_ids, slot_starts, slot_counts, scalings, ranks);
-  const int64_t num_tokens = x_in.size(0), max_rank = lora_a_in.size(1);
+  check_sgmv_shrink(x, lora_a, sorted_token_ids, slot_starts, slot_counts, scalings, ranks);
+  const int64_t num_tokens = x.size(0), max_rank = lora_a.size(1);
   check_sgmv_metadata_values_cpu("sgmv_shrink", num_tokens, max_rank, sorted_token_ids, slot_starts, slot_counts,
                                  ranks);
-  // Any strides: the direct loop gathers a non-unit column stride per slot and per token (as_acc_rows), and the GEMM
-  // path's ATen calls take views. Copying the whole stack here cost multi_lora_linear's backward, which passes the
-  // transposed stacks, a copy of all L slots (used or not) per call: 3.0 ms against 0.04 ms at L = 64, N = 2048.
-  const at::Tensor& x = x_in;
-  const at::Tensor& lora_a = lora_a_in;
+  // x and lora_a in any strides: the direct loop gathers a non-unit column stride per slot and per token
+  // (as_acc_rows), and the GEMM path's ATen calls take views. Copying the whole stack here cost multi_lora_linear's
+  // backward, which passes the transposed stacks, a copy of all L slots (used or not) per call: 3.0 ms against
+  // 0.04 ms at L = 64, N = 2048.
   at::Tensor out = at::zeros({num_tokens, max_rank}, x.options().dtype(at::kFloat));
-  const at::ScalarType acc = accumulate_type(x.scalar_type(), x.scalar_type());
+  const at::ScalarType acc = accumulate_type(x.scalar_type(), lora_a.scalar_type());
   const auto starts = slot_starts.accessor<int32_t, 1>();
   const auto counts = slot_counts.accessor<int32_t, 1>();
   const auto rank_values = ranks.accessor<int32_t, 1>();
@@ -237,27 +236,26 @@ at::Tensor sgmv_shrink_cpu(const at::Tensor& x_in, const at::Tensor& lora_a_in, 
   return out;
 }
 
-void sgmv_expand_cpu(const at::Tensor& t_in, const at::Tensor& lora_b_in, const at::Tensor& sorted_token_ids,
+void sgmv_expand_cpu(const at::Tensor& t_in, const at::Tensor& lora_b, const at::Tensor& sorted_token_ids,
                      const at::Tensor& slot_starts, const at::Tensor& slot_counts, const at::Tensor& ranks,
                      const at::Tensor& out, int64_t slice_offset) {
   const AutocastOff autocast_off;
-  check_sgmv_expand(t_in, lora_b_in, sorted_token_ids, slot_starts, slot_counts, ranks, out, slice_offset);
-  const int64_t num_tokens = t_in.size(0), max_rank = lora_b_in.size(2), width = lora_b_in.size(1);
+  check_sgmv_expand(t_in, lora_b, sorted_token_ids, slot_starts, slot_counts, ranks, out, slice_offset);
+  const int64_t num_tokens = t_in.size(0), max_rank = lora_b.size(2), width = lora_b.size(1);
   check_sgmv_metadata_values_cpu("sgmv_expand", num_tokens, max_rank, sorted_token_ids, slot_starts, slot_counts,
                                  ranks);
-  const at::Tensor t = t_in.contiguous();  // [M, R] fp32: small
-  const at::Tensor& lora_b = lora_b_in;  // any strides (see sgmv_shrink_cpu)
+  const at::Tensor t = t_in.contiguous();  // [M, R] fp32: small; lora_b in any strides (see sgmv_shrink_cpu)
   const at::ScalarType acc = accumulate_type(lora_b.scalar_type(), out.scalar_type());
   at::Tensor out_slice = out.narrow(1, slice_offset, width);
   const auto starts = slot_starts.accessor<int32_t, 1>();
   const auto counts = slot_counts.accessor<int32_t, 1>();
   const auto rank_values = ranks.accessor<int32_t, 1>();
-  const int64_t num_slots = lora_b.size(0), features = width;
+  const int64_t num_slots = lora_b.size(0);
 
   at::Tensor token_ids;  // int64 ids for index_select, made only when a slot takes the GEMM path
   for (int64_t slot = 0; slot < num_slots; ++slot) {
     const int64_t count = counts[slot], rank = rank_values[slot];
-    if (rank == 0 || !slot_uses_gemm(count, features)) {
+    if (rank == 0 || !slot_uses_gemm(count, width)) {
       continue;
     }
     if (!token_ids.defined()) {
@@ -272,7 +270,7 @@ void sgmv_expand_cpu(const at::Tensor& t_in, const at::Tensor& lora_b_in, const 
     out_slice.index_copy_(0, tokens, rows.to(out.scalar_type()));
   }
 
-  const SmallSlotWork work = small_slot_work(starts, counts, rank_values, num_slots, features);
+  const SmallSlotWork work = small_slot_work(starts, counts, rank_values, num_slots, width);
   if (work.positions.empty()) {
     return;
   }
