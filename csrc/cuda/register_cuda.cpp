@@ -13,11 +13,13 @@
 namespace lora_kernels {
 namespace {
 
-// The sgmv grid's y and z dimensions are limited to 65535 (token tiles and slots).
-void check_sgmv_grid(const char* op, const char* lora_arg, int64_t num_tokens, int64_t num_slots) {
-  LK_CHECK_VALUE((num_tokens + kSgmvTileTokens - 1) / kSgmvTileTokens <= kSgmvMaxGridYZ, op,
-                 ": the tokens (rows of x / t) expected at most ", kSgmvMaxGridYZ * kSgmvTileTokens,
-                 " (CUDA grid limit), got ", num_tokens);
+// The sgmv grid's y and z dimensions (token tiles of tokens_arg's rows, slots of lora_arg's) are at most
+// kSgmvMaxGridYZ.
+void check_sgmv_grid(const char* op, const char* tokens_arg, int64_t num_tokens, const char* lora_arg,
+                     int64_t num_slots) {
+  LK_CHECK_VALUE((num_tokens + kSgmvTileTokens - 1) / kSgmvTileTokens <= kSgmvMaxGridYZ, op, ": ", tokens_arg,
+                 ".shape[0] expected at most ", kSgmvMaxGridYZ * kSgmvTileTokens, " tokens (CUDA grid limit: ",
+                 kSgmvMaxGridYZ, " tiles of ", kSgmvTileTokens, "), got ", num_tokens);
   LK_CHECK_VALUE(num_slots <= kSgmvMaxGridYZ, op, ": ", lora_arg, ".shape[0] expected at most ", kSgmvMaxGridYZ,
                  " adapter slots (CUDA grid limit), got ", num_slots);
 }
@@ -43,7 +45,7 @@ at::Tensor sgmv_shrink_cuda(const at::Tensor& x, const at::Tensor& lora_a, const
                             const at::Tensor& ranks) {
   const AutocastOff autocast_off;
   check_sgmv_shrink(x, lora_a, sorted_token_ids, slot_starts, slot_counts, scalings, ranks);
-  check_sgmv_grid("sgmv_shrink", "lora_a", x.size(0), lora_a.size(0));
+  check_sgmv_grid("sgmv_shrink", "x", x.size(0), "lora_a", lora_a.size(0));
   return sgmv_shrink_cuda_launch(x, lora_a, sorted_token_ids, slot_starts, slot_counts, scalings, ranks);
 }
 
@@ -52,7 +54,7 @@ void sgmv_expand_cuda(const at::Tensor& t, const at::Tensor& lora_b, const at::T
                       const at::Tensor& out, int64_t slice_offset) {
   const AutocastOff autocast_off;
   check_sgmv_expand(t, lora_b, sorted_token_ids, slot_starts, slot_counts, ranks, out, slice_offset);
-  check_sgmv_grid("sgmv_expand", "lora_b", t.size(0), lora_b.size(0));
+  check_sgmv_grid("sgmv_expand", "t", t.size(0), "lora_b", lora_b.size(0));
   sgmv_expand_cuda_launch(t, lora_b, sorted_token_ids, slot_starts, slot_counts, ranks, out, slice_offset);
 }
 
