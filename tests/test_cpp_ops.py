@@ -1460,3 +1460,19 @@ def test_cpu_sgmv_ops_do_not_copy_a_transposed_stack():
     ref = reference.lora_expand(shrunk, lora_b, ids, y, 0, ranks)
     assert torch.isfinite(out).all()
     assert_close(out.double() - y.double(), ref - y.double(), torch.float32, "expand delta", scale=4.0)
+
+
+def test_the_python_decode_bounds_restate_the_cpp_ones():
+    """Python restates the C++ ops' decode bounds: functional.CPU_DECODE_MAX_M is csrc/cpu/lora_linear.cpp's
+    kDecodeMaxM (multi_lora_linear's forward rounds as lora_fwd_cpu does only with the same bound), and
+    bench.CUDA_DECODE_MAX_M csrc/cuda/lora_linear.cu's (the bench times the decode kernel up to it), which that file
+    says is the Triton forward's DECODE_MAX_M. A changed value on one side must change the other."""
+    from lora_kernels import bench, functional
+    from lora_kernels.triton import lora_linear as triton_lora_linear
+
+    def bound(name):
+        source = (pathlib.Path(__file__).resolve().parents[1] / "csrc" / name).read_text()
+        return [int(value) for value in re.findall(r"constexpr (?:int|int64_t) kDecodeMaxM = (\d+);", source)]
+
+    assert bound("cpu/lora_linear.cpp") == [functional.CPU_DECODE_MAX_M]
+    assert bound("cuda/lora_linear.cu") == [bench.CUDA_DECODE_MAX_M] == [triton_lora_linear.DECODE_MAX_M]
