@@ -179,7 +179,7 @@ def test_cuda_launchers_dispatch_and_match_the_reference_on_the_cpu(tmp_path, ha
 @pytest.mark.parametrize("harness,args,old,new,failure", [
     # lora_bwd_dy: the transposed lora_b used as it is when its .t().contiguous() is a misaligned view (a GPU faults
     # on its 16-byte loads: the bug a GPU run found)
-    ("launchers_lora_linear", ["quick"], "      if (!aligned16(bt.data_ptr())) bt = bt.clone();\n", "",
+    ("launchers_lora_linear", ["quick"], "  if (!aligned16(bt.data_ptr())) bt = bt.clone();\n", "",
      "misaligned address"),
     # sgmv_expand: a float64 out on the decode kernel, which accumulates and adds in float32
     ("launchers_sgmv", [], "if (args.out_dtype != kF64 && expand_rows_of_16_bytes(args)",

@@ -845,11 +845,28 @@ std::tuple<at::Tensor, at::Tensor> summed_partials(const at::Tensor& db_partials
           ds_partials.size(0) == 1 ? ds_partials.select(0, 0) : ds_partials.sum(0)};
 }
 
-// Launches lora_bwd_dy_mma_kernel (the caller checked its conditions: see lora_bwd_dy_cuda_launch).
+// Whether lora_bwd_dy_mma_kernel takes dy: fp16/bf16 up to kBwdMmaMaxRank, dy's rows whole 16-byte loads (unit
+// stride, 16-byte aligned, N a multiple of 8), and the image that runs has the tensor-core code.
+bool bwd_dy_mma_applies(const at::Tensor& dy, int64_t r) {
+  const bool half_type = dy.scalar_type() == at::kHalf || dy.scalar_type() == at::kBFloat16;
+  return half_type && r <= kBwdMmaMaxRank && dy.stride(1) == 1 && dy.stride(0) % 8 == 0 && dy.size(1) % 8 == 0 &&
+         aligned16(dy.data_ptr()) &&
+         tensor_core_code_runs(reinterpret_cast<const void*>(lora_bwd_dy_mma_kernel<c10::Half, 1>), dy.get_device());
+}
+
+// lora_bwd_dy_mma_kernel on `grid` (the caller checked bwd_dy_mma_applies), its partials summed.
 template <typename T>
-void launch_bwd_dy_mma(const at::Tensor& dy, const at::Tensor& s, const at::Tensor& bt, double scaling,
-                       const BwdDyMmaGrid& grid, at::Tensor& db_partials, at::Tensor& ds_partials) {
-  const int64_t M = dy.size(0), N = dy.size(1), r = bt.size(0);
+std::tuple<at::Tensor, at::Tensor> bwd_dy_on_tensor_cores(const at::Tensor& dy, const at::Tensor& s,
+                                                          const at::Tensor& lora_b, double scaling,
+                                                          const BwdDyMmaGrid& grid) {
+  const int64_t M = dy.size(0), N = dy.size(1), r = lora_b.size(1);
+  // [r, N]: a column of B is one 16-byte load. contiguous() returns an already contiguous view as it is, storage
+  // offset included (lora_b the .t() of a view into a buffer), and a misaligned 16-byte load faults.
+  at::Tensor bt = lora_b.t().contiguous();
+  if (!aligned16(bt.data_ptr())) bt = bt.clone();
+  const auto fp32 = dy.options().dtype(at::kFloat);
+  at::Tensor db_partials = at::empty({grid.row_blocks, N, r}, fp32);
+  at::Tensor ds_partials = at::empty({grid.col_blocks, M, r}, fp32);
   auto kernel = r <= 16 ? lora_bwd_dy_mma_kernel<T, 1> : lora_bwd_dy_mma_kernel<T, 2>;
   kernel<<<dim3(grid.col_blocks, grid.row_blocks), kBwdMmaWarps * 32, 0,
            c10::cuda::getCurrentCUDAStream(dy.get_device())>>>(
@@ -857,48 +874,15 @@ void launch_bwd_dy_mma(const at::Tensor& dy, const at::Tensor& s, const at::Tens
       static_cast<int>(r), static_cast<float>(scaling), grid.cols_per_block, db_partials.data_ptr<float>(),
       ds_partials.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return summed_partials(db_partials, ds_partials);
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> lora_bwd_dy_cuda_launch(const at::Tensor& dy, const at::Tensor& s,
-                                                           const at::Tensor& lora_b, double scaling) {
-  const c10::cuda::CUDAGuard guard(dy.device());
+// lora_bwd_dy_kernel (fp32/fp16/bf16, r <= kBwdMaxRank, any strides), its partials summed.
+std::tuple<at::Tensor, at::Tensor> bwd_dy_on_cuda_cores(const at::Tensor& dy, const at::Tensor& s,
+                                                        const at::Tensor& lora_b, double scaling) {
   const int64_t M = dy.size(0), N = dy.size(1), r = lora_b.size(1);
-  const auto fp32 = dy.options().dtype(at::kFloat);
-  if (M == 0 || N == 0 || r == 0) {
-    const auto acc = dy.scalar_type() == at::kDouble ? dy.options() : fp32;
-    return {at::zeros({N, r}, acc), at::zeros({M, r}, acc)};
-  }
-  if (r > kBwdMaxRank || dy.scalar_type() == at::kDouble) {
-    // Two cuBLAS GEMMs read dy twice but run on tensor cores; at large r that beats 2r fp32 FMAs per element.
-    // float64 stays float64 throughout (mm_float), so float64 gradients keep float64 precision.
-    at::Tensor d_lora_b = mm_float(dy.t(), s.to(dy.scalar_type())).mul_(scaling);
-    at::Tensor ds = mm_float(dy, lora_b).mul_(scaling);
-    return {d_lora_b, ds};
-  }
-  const bool half_type = dy.scalar_type() == at::kHalf || dy.scalar_type() == at::kBFloat16;
-  if (half_type && r <= kBwdMmaMaxRank && dy.stride(1) == 1 && dy.stride(0) % 8 == 0 && N % 8 == 0 &&
-      aligned16(dy.data_ptr()) &&
-      tensor_core_code_runs(reinterpret_cast<const void*>(lora_bwd_dy_mma_kernel<c10::Half, 1>), dy.get_device())) {
-    const BwdDyMmaGrid grid = bwd_dy_mma_grid(M, N, r, dy.get_device());
-    constexpr int64_t kMaxGridY = 65535;  // CUDA's limit: past 16 Mi rows, the CUDA-core kernel below
-    if (grid.row_blocks <= kMaxGridY) {
-      // [r, N]: a column of B is one 16-byte load. contiguous() returns an already contiguous view as it is,
-      // storage offset included (lora_b the .t() of a view into a buffer), and a misaligned 16-byte load faults.
-      at::Tensor bt = lora_b.t().contiguous();
-      if (!aligned16(bt.data_ptr())) bt = bt.clone();
-      at::Tensor db_partials = at::empty({grid.row_blocks, N, r}, fp32);
-      at::Tensor ds_partials = at::empty({grid.col_blocks, M, r}, fp32);
-      if (dy.scalar_type() == at::kHalf) {
-        launch_bwd_dy_mma<c10::Half>(dy, s, bt, scaling, grid, db_partials, ds_partials);
-      } else {
-        launch_bwd_dy_mma<c10::BFloat16>(dy, s, bt, scaling, grid, db_partials, ds_partials);
-      }
-      return summed_partials(db_partials, ds_partials);
-    }
-  }
   const BwdDyGrid grid = bwd_dy_grid(M, N, r, dy.get_device());
+  const auto fp32 = dy.options().dtype(at::kFloat);
   at::Tensor db_partials = at::empty({grid.row_blocks, N, r}, fp32);
   at::Tensor ds_partials = at::empty({grid.col_blocks, M, r}, fp32);
   const size_t shared_bytes = size_t(grid.tile * (grid.tile + 1) + 2 * grid.tile * r) * sizeof(float);  // <= 33 KiB
@@ -912,6 +896,34 @@ std::tuple<at::Tensor, at::Tensor> lora_bwd_dy_cuda_launch(const at::Tensor& dy,
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return summed_partials(db_partials, ds_partials);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> lora_bwd_dy_cuda_launch(const at::Tensor& dy, const at::Tensor& s,
+                                                           const at::Tensor& lora_b, double scaling) {
+  const c10::cuda::CUDAGuard guard(dy.device());
+  const int64_t M = dy.size(0), N = dy.size(1), r = lora_b.size(1);
+  if (M == 0 || N == 0 || r == 0) {
+    const auto acc = dy.scalar_type() == at::kDouble ? dy.options() : dy.options().dtype(at::kFloat);
+    return {at::zeros({N, r}, acc), at::zeros({M, r}, acc)};
+  }
+  if (r > kBwdMaxRank || dy.scalar_type() == at::kDouble) {
+    // Two cuBLAS GEMMs read dy twice but run on tensor cores; at large r that beats 2r fp32 FMAs per element.
+    // float64 stays float64 throughout (mm_float), so float64 gradients keep float64 precision.
+    at::Tensor d_lora_b = mm_float(dy.t(), s.to(dy.scalar_type())).mul_(scaling);
+    at::Tensor ds = mm_float(dy, lora_b).mul_(scaling);
+    return {d_lora_b, ds};
+  }
+  if (bwd_dy_mma_applies(dy, r)) {
+    const BwdDyMmaGrid grid = bwd_dy_mma_grid(M, N, r, dy.get_device());
+    constexpr int64_t kMaxGridY = 65535;  // CUDA's limit: past 16 Mi rows, the CUDA-core kernel below
+    if (grid.row_blocks <= kMaxGridY) {
+      return dy.scalar_type() == at::kHalf ? bwd_dy_on_tensor_cores<c10::Half>(dy, s, lora_b, scaling, grid)
+                                           : bwd_dy_on_tensor_cores<c10::BFloat16>(dy, s, lora_b, scaling, grid);
+    }
+  }
+  return bwd_dy_on_cuda_cores(dy, s, lora_b, scaling);
 }
 
 }  // namespace lora_kernels
