@@ -18,7 +18,7 @@ PyObject* PyInit__C(void) {
 #else
   PyModule_AddIntConstant(module, "WITH_CUDA", 0);
 #endif
-  // What it was built against (setup.py), checked by lora_kernels/_ext.py: the torch minor version, and why the
+  // What it was built against (setup.py), checked by lora_kernels/_ext.py: the torch major.minor version, and why the
   // CUDA sources were left out (setup.py's LORA_KERNELS_CUDA_SKIPPED code, as _ext.CUDA_SKIPPED_REASONS reads it;
   // 0 when they were built).
 #ifdef LORA_KERNELS_BUILT_TORCH_MAJOR
@@ -51,7 +51,7 @@ TORCH_LIBRARY(lora_kernels, m) {
   m.def("sgmv_shrink(Tensor x, Tensor lora_a, Tensor sorted_token_ids, Tensor slot_starts, Tensor slot_counts, "
         "Tensor scalings, Tensor ranks) -> Tensor");
   // Grouped expand, adding in place. t: [M, R] float32, lora_b: [L, N, R], out: [M, N_total];
-  //   out[t, slice_offset : slice_offset + N] += lora_b[i, :, :ranks[i]] @ t[t, :ranks[i]]   for i = slot of t.
+  //   out[m, slice_offset : slice_offset + N] += lora_b[i, :, :ranks[i]] @ t[m, :ranks[i]]   for i = slot of m.
   m.def("sgmv_expand(Tensor t, Tensor lora_b, Tensor sorted_token_ids, Tensor slot_starts, Tensor slot_counts, "
         "Tensor ranks, Tensor(a!) out, int slice_offset) -> ()");
 }

@@ -50,7 +50,9 @@ constexpr int kDecodeWarps = 4;      // 128 threads per block
 constexpr int kRowsPerWarp = 4;      // rows of W per warp: each x vector loaded serves 4 rows (L1 traffic / 4)
 constexpr int kRowsPerBlock = kDecodeWarps * kRowsPerWarp;
 constexpr int kMaxSplitK = 32;         // bounds the partial-sum work of the second kernel
-constexpr int kPartialBudget = 2048;   // floats of S partials (splits * M * r) each forward block sums from L2
+// Floats of S partials (splits * M * r) each forward block sums from L2 (8 KiB): caps the splits as M·r grows (8 at
+// M = r = 16, one past M·r = 1024). A round number, not measured.
+constexpr int kPartialBudget = 2048;
 
 // ---- backward ------------------------------------------------------------------------------------------------
 constexpr int kBwdThreads = 256;

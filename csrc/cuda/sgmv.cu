@@ -117,8 +117,8 @@ struct SgmvArgs {
   const int32_t* ranks;
   const float* scalings;  // shrink only
   int64_t num_tokens, max_rank, num_slots;
-  int64_t k_full;     // shrink: K (expand: the slot's rank)
-  int64_t cols_full;  // expand: N (shrink: the slot's rank)
+  int64_t k_full;     // shrink: K (unused by the expand, whose K is the slot's rank)
+  int64_t cols_full;  // expand: N (unused by the shrink, whose columns are the slot's rank)
   int64_t col_tiles;    // grid.x = splits * col_tiles, split-major
   int64_t k_per_split;  // shrink: a multiple of kTileK
 };
