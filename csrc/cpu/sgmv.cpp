@@ -190,6 +190,25 @@ void expand_small_slots(const at::Tensor& t, const at::Tensor& lora_b, const int
   });
 }
 
+// Calls gemm_slot(slot, tokens, rank) for each slot that takes the GEMM path (slot_uses_gemm; rank > 0), in slot
+// order: tokens its int64 token ids [count], for index_select / index_copy_.
+template <typename GemmSlot>
+void for_each_gemm_slot(const at::Tensor& sorted_token_ids, const at::TensorAccessor<int32_t, 1>& starts,
+                        const at::TensorAccessor<int32_t, 1>& counts, const at::TensorAccessor<int32_t, 1>& ranks,
+                        int64_t num_slots, int64_t features, const GemmSlot& gemm_slot) {
+  at::Tensor token_ids;  // made only when a slot takes the GEMM path
+  for (int64_t slot = 0; slot < num_slots; ++slot) {
+    const int64_t count = counts[slot], rank = ranks[slot];
+    if (rank == 0 || !slot_uses_gemm(count, features)) {
+      continue;
+    }
+    if (!token_ids.defined()) {
+      token_ids = sorted_token_ids.to(at::kLong);
+    }
+    gemm_slot(slot, token_ids.narrow(0, starts[slot], count), rank);
+  }
+}
+
 at::Tensor sgmv_shrink_cpu(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& sorted_token_ids,
                            const at::Tensor& slot_starts, const at::Tensor& slot_counts, const at::Tensor& scalings,
                            const at::Tensor& ranks) {
@@ -210,21 +229,13 @@ at::Tensor sgmv_shrink_cpu(const at::Tensor& x, const at::Tensor& lora_a, const 
   const auto scale_values = scalings.accessor<float, 1>();
   const int64_t num_slots = lora_a.size(0), features = x.size(1);
 
-  at::Tensor token_ids;  // int64 ids for index_select, made only when a slot takes the GEMM path
-  for (int64_t slot = 0; slot < num_slots; ++slot) {
-    const int64_t count = counts[slot], rank = rank_values[slot];
-    if (rank == 0 || !slot_uses_gemm(count, features)) {
-      continue;
-    }
-    if (!token_ids.defined()) {
-      token_ids = sorted_token_ids.to(at::kLong);
-    }
-    const at::Tensor tokens = token_ids.narrow(0, starts[slot], count);
-    const at::Tensor xs = x.index_select(0, tokens).to(acc);               // [count, K]
-    const at::Tensor a = lora_a.select(0, slot).narrow(0, 0, rank).to(acc);  // [rank, K]
-    const at::Tensor shrunk = at::mm(xs, a.t()).mul_(static_cast<double>(scale_values[slot]));
-    out.narrow(1, 0, rank).index_copy_(0, tokens, shrunk.to(at::kFloat));
-  }
+  for_each_gemm_slot(sorted_token_ids, starts, counts, rank_values, num_slots, features,
+                     [&](int64_t slot, const at::Tensor& tokens, int64_t rank) {
+                       const at::Tensor xs = x.index_select(0, tokens).to(acc);               // [count, K]
+                       const at::Tensor a = lora_a.select(0, slot).narrow(0, 0, rank).to(acc);  // [rank, K]
+                       const at::Tensor shrunk = at::mm(xs, a.t()).mul_(static_cast<double>(scale_values[slot]));
+                       out.narrow(1, 0, rank).index_copy_(0, tokens, shrunk.to(at::kFloat));
+                     });
 
   const SmallSlotWork work = small_slot_work(starts, counts, rank_values, num_slots, features);
   if (!work.positions.empty()) {
@@ -252,23 +263,15 @@ void sgmv_expand_cpu(const at::Tensor& t_in, const at::Tensor& lora_b, const at:
   const auto rank_values = ranks.accessor<int32_t, 1>();
   const int64_t num_slots = lora_b.size(0);
 
-  at::Tensor token_ids;  // int64 ids for index_select, made only when a slot takes the GEMM path
-  for (int64_t slot = 0; slot < num_slots; ++slot) {
-    const int64_t count = counts[slot], rank = rank_values[slot];
-    if (rank == 0 || !slot_uses_gemm(count, width)) {
-      continue;
-    }
-    if (!token_ids.defined()) {
-      token_ids = sorted_token_ids.to(at::kLong);
-    }
-    const at::Tensor tokens = token_ids.narrow(0, starts[slot], count);
-    const at::Tensor ts = t.index_select(0, tokens).narrow(1, 0, rank).to(acc);  // [count, rank]
-    const at::Tensor b = lora_b.select(0, slot).narrow(1, 0, rank).to(acc);      // [N, rank]
-    // Read the output rows, add in the accumulation type, round once on the way back.
-    at::Tensor rows = out_slice.index_select(0, tokens).to(acc);
-    rows.addmm_(ts, b.t());
-    out_slice.index_copy_(0, tokens, rows.to(out.scalar_type()));
-  }
+  for_each_gemm_slot(sorted_token_ids, starts, counts, rank_values, num_slots, width,
+                     [&](int64_t slot, const at::Tensor& tokens, int64_t rank) {
+                       const at::Tensor ts = t.index_select(0, tokens).narrow(1, 0, rank).to(acc);  // [count, rank]
+                       const at::Tensor b = lora_b.select(0, slot).narrow(1, 0, rank).to(acc);      // [N, rank]
+                       // Read the output rows, add in the accumulation type, round once on the way back.
+                       at::Tensor rows = out_slice.index_select(0, tokens).to(acc);
+                       rows.addmm_(ts, b.t());
+                       out_slice.index_copy_(0, tokens, rows.to(out.scalar_type()));
+                     });
 
   const SmallSlotWork work = small_slot_work(starts, counts, rank_values, num_slots, width);
   if (work.positions.empty()) {
