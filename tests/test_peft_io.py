@@ -7,6 +7,7 @@ import json
 import os
 import pathlib
 import re
+import struct
 import subprocess
 import sys
 import types
@@ -1112,6 +1113,7 @@ def _raw_config(**changes):
     ({"alpha_pattern": {"q_proj": float("inf")}}, r"field \"alpha_pattern\['q_proj'\]\" expected a finite number, "
                                                   r"got inf"),
     ({"lora_dropout": 1}, r"field 'lora_dropout' expected a number in \[0, 1\), got 1$"),
+    ({"lora_dropout": -0.1}, r"field 'lora_dropout' expected a number in \[0, 1\), got -0\.1$"),
     ({"lora_dropout": False}, r"field 'lora_dropout' expected a number in \[0, 1\), got False"),
     ({"use_rslora": "true"}, r"field 'use_rslora' expected true or false, got 'true'"),
     ({"fan_in_fan_out": 1}, r"field 'fan_in_fan_out' expected true or false, got 1"),
@@ -2754,3 +2756,119 @@ def test_a_loaded_task_type_peft_does_not_know_is_refused_before_any_file_is_wri
     assert not (tmp_path / "b").exists()
     lk.save_peft_adapter(model, tmp_path / "c", task_type="CAUSAL_LM")  # replaced by name
     assert json.loads((tmp_path / "c" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+
+
+def _safetensors_bytes(entries, data):
+    """A safetensors file by hand: entries {name: (dtype, shape, [begin, end])}, data the bytes after the header."""
+    header = json.dumps({name: {"dtype": d, "shape": s, "data_offsets": o} for name, (d, s, o) in entries.items()})
+    header = header.encode() + b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header + data
+
+
+@pytest.mark.parametrize("entries, data, what", [
+    # two tensors over the same bytes (safetensors refuses overlapping entries)
+    ({"a": ("F32", [2], [0, 8]), "b": ("F32", [2], [0, 8])}, bytes(8), "overlap"),
+    # a gap between two tensors
+    ({"a": ("F32", [2], [0, 8]), "b": ("F32", [2], [16, 24])}, bytes(24), "gap"),
+    # bytes after the last tensor
+    ({"a": ("F32", [2], [0, 8])}, bytes(16), "trailing"),
+    # the last tensor runs past the file's end
+    ({"a": ("F32", [4], [0, 16])}, bytes(8), "past the end"),
+])
+def test_safetensors_whose_offsets_do_not_tile_the_data_are_refused(tmp_path, entries, data, what):
+    """A safetensors file whose entries overlap, leave gaps or do not cover the data exactly is refused as
+    safetensors refuses it, never read as aliasing or partial tensors."""
+    (tmp_path / "adapter_model.safetensors").write_bytes(_safetensors_bytes(entries, data))
+    with pytest.raises(ValueError, match=r"not a readable safetensors file"):
+        peft_io.read_adapter_weights(str(tmp_path))
+
+
+def test_a_slot_scaling_past_float32_is_refused_by_module_before_any_slot_is_written(tmp_path, monkeypatch):
+    """lora_alpha=1e40 (finite as JSON, 1.25e39 / r past float32): refused in the checks, naming the module and the
+    rule, before any set_adapter call (not by set_adapter half-way through, whose message names no module)."""
+    lk.save_peft_adapter(_trained(("q_proj", "v_proj"), r=4), tmp_path)
+    with open(tmp_path / "adapter_config.json") as f:
+        config = json.load(f)
+    config["lora_alpha"] = 1e40
+    with open(tmp_path / "adapter_config.json", "w") as f:
+        json.dump(config, f)
+    model = lk.prepare_multi_adapter(_base(), ["q_proj", "v_proj"], max_adapters=2, max_rank=8)
+    before = _snapshot(model)
+    calls = []
+    original = MultiLoRALinear.set_adapter
+    monkeypatch.setattr(MultiLoRALinear, "set_adapter", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    with pytest.raises(ValueError, match=r"^load_peft_adapter: module 'layers\.0\.q_proj': the adapter's scaling "
+                                         r"2\.5e\+39 \(lora_alpha / r, lora_alpha 1e\+40, r=4\) is past the range"):
+        lk.load_peft_adapter(model, tmp_path, adapter_name="a")
+    assert calls == []
+    _assert_same(model, before)
+    assert model.lora_adapter_slots == {}
+
+
+def test_rank_pattern_by_full_name_loads_into_a_checkpoint_wrapped_model(tmp_path):
+    """rank_pattern keyed by full module names ("layers.1.0") is looked up under the state dict's name of each
+    target, so it holds in a model whose blocks carry apply_activation_checkpointing's wrapper
+    (`layers.1._checkpoint_wrapped_module.0`): looked up under the model's name it fell back to r and the factors'
+    shapes were refused."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    def base():
+        torch.manual_seed(0)
+        return _Blocks()
+
+    plain = lk.inject_lora(base(), [r"layers.0.0"], r=4, init_lora_weights=False, backend=BACKEND)
+    plain = lk.inject_lora(plain, [r"layers.1.0"], r=2, lora_alpha=3, init_lora_weights=False, backend=BACKEND)
+    lk.save_peft_adapter(plain, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert any("layers" in key for key in config["rank_pattern"]), config["rank_pattern"]  # full-name keys
+    wrapped = base()
+    apply_activation_checkpointing(wrapped, check_fn=lambda m: isinstance(m, nn.Sequential) and m is not wrapped.head)
+    assert any("_checkpoint_wrapped_module" in n for n, _ in wrapped.named_modules())
+    lk.load_peft_adapter(wrapped, tmp_path, backend=BACKEND)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(wrapped(x), plain(x), rtol=0, atol=0)
+
+
+def test_an_empty_modules_to_save_parses_as_none():
+    assert peft_io.parse_adapter_config(_raw_config(modules_to_save=[])).modules_to_save is None
+
+
+def test_save_embedding_layers_true_without_embedding_layers_is_refused_before_writing(tmp_path):
+    with pytest.raises(ValueError, match=r"save_peft_adapter: save_embedding_layers=True, but the model has no input "
+                                         r"or output embedding layer"):
+        lk.save_peft_adapter(_trained(), tmp_path / "out", save_embedding_layers=True)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["file", "under a file"])
+def test_save_into_a_path_that_is_or_lies_under_a_file_is_a_value_error_naming_it(tmp_path, where):
+    (tmp_path / "f").write_text("x")
+    path = tmp_path / "f" if where == "file" else tmp_path / "f" / "sub"
+    with pytest.raises(ValueError, match=r"save_peft_adapter: path expected a directory \(created if missing\), got "):
+        lk.save_peft_adapter(_trained(), path)
+    assert (tmp_path / "f").read_text() == "x"
+
+
+def test_a_flattened_lora_a_alone_is_refused_by_name_before_writing(tmp_path):
+    """A lora_A held as a 1-D view (FSDP1's flat shard) is refused naming lora_A, even where lora_B has its shape:
+    saved, the file held a [0] tensor under the layer's key."""
+    model = _trained()
+    layer = model.layers[0].q_proj
+    layer.lora_A.weight = nn.Parameter(torch.zeros(0))
+    with pytest.raises(ValueError, match=r"module 'layers\.0\.q_proj'\'s lora_A\.weight has shape \[0\], expected "
+                                         r"\[8, 16\]"):
+        lk.save_peft_adapter(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_contiguous_factors_and_heads_are_saved(tmp_path):
+    """A factor or head parameter with a dense but transposed layout (w.t().contiguous().t()) is saved: safetensors
+    refuses non-contiguous tensors, and a CPU copy keeps a dense layout as it is."""
+    model = _trained(modules_to_save=["head"])
+    layer = model.layers[0].q_proj
+    layer.lora_A.weight.data = layer.lora_A.weight.detach().t().contiguous().t()
+    model.head.weight.data = model.head.weight.detach().t().contiguous().t()
+    assert not layer.lora_A.weight.is_contiguous() and not model.head.weight.is_contiguous()
+    lk.save_peft_adapter(model, tmp_path)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(lk.load_peft_adapter(_base(), tmp_path)(x), model(x))  # layouts round differently
