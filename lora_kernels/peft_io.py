@@ -1093,9 +1093,8 @@ def _pattern(values, default):
     for name, value in values:
         suffix = name.rsplit(".", 1)[-1]
         if value == default:
-            if len(by_suffix[suffix]) > 1:
-                continue  # full-name keys of the other layers cover this suffix
-        elif len(by_suffix[suffix]) == 1:
+            continue  # r / lora_alpha covers it; the other layers of its suffix, if they differ, get full-name keys
+        if len(by_suffix[suffix]) == 1:
             pattern[suffix] = value
         else:
             pattern[name] = value
