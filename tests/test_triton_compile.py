@@ -116,6 +116,33 @@ def test_the_dropout_mask_launch_is_the_one_the_gate_compiles(monkeypatch):
     assert launched["BLOCK"] == spec["constexprs"]["BLOCK"]
 
 
+def test_interpret_reads_the_environment_as_triton_does():
+    """INTERPRET is what Triton itself makes of TRITON_INTERPRET: it read only "1", so with TRITON_INTERPRET=true
+    Triton ran the interpreter while the launchers chose the compiled kernels' configs and dot operands. Checked
+    in a subprocess, where reloading the package cannot change this one's kernels."""
+    import subprocess
+    import sys
+
+    values = ["1", "0", "", "true", "TRUE", "on", "Yes", "y", "2", "off", " 1"]
+    script = (
+        "import importlib, os, sys, triton\n"
+        "import lora_kernels.triton as package\n"
+        "for value in sys.argv[1:]:\n"
+        "    os.environ['TRITON_INTERPRET'] = value\n"
+        "    importlib.reload(package)\n"
+        "    print(repr(value), package.INTERPRET, bool(triton.knobs.runtime.interpret))\n")
+    proc = subprocess.run([sys.executable, "-c", script, *values], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == len(values), proc.stdout
+    interpreted = {}
+    for value, line in zip(values, lines):
+        ours, triton_reading = line.rsplit(" ", 2)[1:]
+        assert ours == triton_reading, f"TRITON_INTERPRET={value!r}: INTERPRET {ours}, Triton {triton_reading}"
+        interpreted[value] = ours == "True"
+    assert interpreted["true"] and interpreted["1"] and not interpreted["0"] and not interpreted[""]
+
+
 @pytest.mark.skipif(not INTERPRET, reason="only the interpreter's kernels are refused")
 def test_interpreted_kernel_is_refused_with_a_clear_error():
     from lora_kernels.triton import lora_linear

@@ -6,8 +6,10 @@ import threading
 
 import torch
 
-# Read once: the interpreter must be switched on before triton compiles anything, so tests set it first.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Read once: the interpreter must be switched on before triton compiles anything, so tests set it first. Read as
+# Triton reads it (getenv_bool, triton 3.6 to 3.8: "1", "true", "on", "yes", "y" in any case): with only "1" here,
+# TRITON_INTERPRET=true ran the interpreter while the package chose compiled kernels' configs and dot operands.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")
 
 TRITON_ERROR = None
 try:
