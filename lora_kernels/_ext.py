@@ -89,7 +89,7 @@ else:
     try:
         _C = importlib.import_module("lora_kernels._C")  # loading the library registers the ops
     except ImportError as exc:  # e.g. built against another torch
-        EXTENSION_ERROR = f"failed to load: {type(exc).__name__}: {exc}; {_REBUILD}"
+        EXTENSION_ERROR = f"unloadable: {type(exc).__name__}: {exc}; {_REBUILD}"
     else:
         EXTENSION_ERROR = built_torch_mismatch(_C, torch.__version__)
         if EXTENSION_ERROR is not None:  # its ops stay registered, unused: no backend and no fake impl takes them

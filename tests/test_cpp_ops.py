@@ -15,7 +15,7 @@ from lora_kernels import _ext, reference
 from lora_kernels.batch import LoRABatch
 
 if not _ext.HAS_EXTENSION:
-    pytest.skip(f"lora_kernels._C is not built ({_ext.EXTENSION_ERROR})", allow_module_level=True)
+    pytest.skip(f"lora_kernels._C cannot be used here: {_ext.EXTENSION_ERROR}", allow_module_level=True)
 
 ops = torch.ops.lora_kernels
 ALL_DTYPES = DTYPES + [torch.float64]

@@ -205,6 +205,32 @@ def test_a_copy_without_the_extension_does_not_load_another_checkouts(tmp_path):
             f"copy's, in {found_dir}") in reason, reason
 
 
+# An extension whose library does not load (built against another torch's symbols, a missing CUDA runtime): the
+# package still imports and runs on the torch backend, and says why and what to do.
+EXTENSION_THAT_FAILS_TO_LOAD = r"""
+import torch
+import lora_kernels as lk
+from lora_kernels import _ext, backends
+assert not _ext.HAS_EXTENSION and "cpu" not in backends.available_backends("cpu")
+x, w, a, b = torch.randn(3, 8), torch.randn(4, 8), torch.randn(2, 8), torch.randn(4, 2)
+torch.testing.assert_close(lk.lora_linear(x, w, a, b), lk.lora_linear(x, w, a, b, backend="reference"))
+print(backends.unavailable_reason("cpu", "cpu"))
+"""
+
+
+def test_an_extension_that_fails_to_load_leaves_the_package_working(tmp_path):
+    shutil.copytree(ROOT / "lora_kernels", tmp_path / "lora_kernels",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.pyd"))
+    # as the dynamic loader reports a library built against another torch
+    (tmp_path / "lora_kernels" / "_C.py").write_text('raise ImportError("undefined symbol: _ZN3c106detail")\n')
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", EXTENSION_THAT_FAILS_TO_LOAD], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("the C++ extension lora_kernels._C is unloadable: ImportError: undefined symbol: "
+                                  "_ZN3c106detail; rebuild it against this torch"), proc.stdout
+
+
 # An extension built against another torch minor version, as a wheel pip cached from another machine's build would
 # hold (pip's cache is keyed by the download, not by torch): loaded, but not used, and `info` says why and what to do.
 ANOTHER_TORCHS_EXTENSION = r"""
