@@ -144,10 +144,8 @@ def auto_backend(device, op_name="lora_linear", dtype=None):
         order = ("torch",) if bf16_units else ("cpu", "torch")
     else:
         order = ("torch",)
-    for name in order:
-        if unavailable_reason(name, device) is None:
-            return name
-    return "torch"
+    # every order ends with torch, which runs wherever torch does
+    return next(name for name in order if unavailable_reason(name, device) is None)
 
 
 # (backend, device type, op) -> the backend to run, or the ValueError to raise. Availability is fixed once the

@@ -1,6 +1,7 @@
 """lora_linear on every backend available here against the float64 reference: forward, every gradient, dtypes,
 odd shapes, ranks 1..512, bias, leading dims, non-contiguous input, dropout, bad input, torch.compile."""
 
+import re
 import warnings
 
 import pytest
@@ -741,6 +742,49 @@ def test_available_backends_names_a_bad_device():
     assert "torch" in backends.available_backends("cpu")
     with pytest.raises(ValueError, match=r"available_backends: device expected .*got 'gpu'"):
         backends.available_backends("gpu")
+    for bad in (None, 1.5, [0]):  # torch.device's TypeErrors, as ValueErrors naming the argument
+        with pytest.raises(ValueError, match=rf"available_backends: device expected .*got {re.escape(repr(bad))}"):
+            backends.available_backends(bad)
+
+
+def test_parse_device_takes_cpu_and_cuda_only(monkeypatch):
+    assert backends.parse_device("compare", "cpu") == torch.device("cpu")
+    for bad in ("meta", "gpu", "", 1.5, [0]):
+        with pytest.raises(ValueError, match=rf"compare: --device expected cpu or cuda, got {re.escape(repr(bad))}"):
+            backends.parse_device("compare", bad)
+    assert backends.parse_device("compare", None) == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a stand-in GPU machine: no device given is cuda
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert backends.parse_device("compare", None) == torch.device("cuda")
+
+
+def test_a_refused_backend_lists_what_is_available_here(monkeypatch):
+    monkeypatch.setattr(backends, "_CHOICES", {})
+    with pytest.raises(TypeError, match="lora_linear: backend expected a str, got int"):
+        backends.resolve_backend(1, torch.device("cpu"), "lora_linear")
+    unavailable = [name for name in backends.BACKENDS if backends.unavailable_reason(name, "cpu") is not None]
+    assert "cuda" in unavailable  # CUDA tensors only
+    for name in unavailable:
+        with pytest.raises(ValueError) as refused:
+            backends.resolve_backend(name, torch.device("cpu"), "lora_linear")
+        available = ", ".join(backends.available_backends("cpu"))
+        assert str(refused.value) == (f"lora_linear: backend {name!r} is not available for cpu tensors: "
+                                      f"{backends.unavailable_reason(name, 'cpu')}. Available here: {available} "
+                                      f"(or 'auto').")
+        assert name not in available.split(", ")
+
+
+def test_the_cached_auto_choice_is_per_dtype(monkeypatch):
+    """resolve_backend caches its choices: keyed without the dtype, a bf16 call on a CPU with bf16 GEMM units would
+    hand its torch choice to every later float32 call (or the C++ kernels to bf16 after a float32 call)."""
+    monkeypatch.setattr(backends, "_CHOICES", {})
+    monkeypatch.setattr(backends, "CPU_HAS_BF16_GEMM_UNITS", True)
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device: None)
+    cpu = torch.device("cpu")
+    for _ in range(2):  # the second round from the cache
+        assert backends.resolve_backend("auto", cpu, "lora_linear", torch.bfloat16) == "torch"
+        assert backends.resolve_backend("auto", cpu, "lora_linear", torch.float32) == "cpu"
+        assert backends.resolve_backend("auto", cpu, "lora_shrink", torch.bfloat16) == "cpu"
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
