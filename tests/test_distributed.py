@@ -569,6 +569,41 @@ def test_factor_placements_follow_the_weights_split_in_either_layout():
         placements(Partial())
 
 
+def test_tensor_parallel_needs_a_dtensor_weight_and_both_layout_hooks(monkeypatch):
+    """is_tensor_parallel, checked without processes: parallelize_module's layout is a DTensor weight with
+    distribute_module's input and output hooks both on the layer; a DTensor weight with either alone (an FSDP2
+    shard has none), or the hooks on a plain weight, is not. The hooks are known by distribute_module's module and
+    qualified name, not by their name alone (a user's lambda of the same name is not one)."""
+    from lora_kernels import _dtensor
+
+    def hook(module_name, qualname):
+        def fn(*args):
+            return None
+        fn.__module__, fn.__qualname__ = module_name, qualname
+        return fn
+
+    theirs = ("torch.distributed.tensor._api", "distribute_module.<locals>.<lambda>")
+    assert _dtensor.is_tensor_parallel_hook(hook(*theirs))
+    assert not _dtensor.is_tensor_parallel_hook(hook("user_code", theirs[1]))
+    assert not _dtensor.is_tensor_parallel_hook(hook(theirs[0], "shard_tensor.<locals>.<lambda>"))
+
+    def layer(pre_hook, post_hook):
+        linear = nn.Linear(4, 3)
+        if pre_hook:
+            linear.register_forward_pre_hook(hook(*theirs))
+        if post_hook:
+            linear.register_forward_hook(hook(*theirs))
+        linear.register_forward_hook(hook("user_code", "logger"))  # not a layout hook
+        return linear
+
+    assert not _dtensor.is_tensor_parallel(layer(True, True))  # plain weight
+    monkeypatch.setattr(_dtensor, "dtensor_class", lambda: nn.Parameter)  # every weight a stand-in DTensor
+    assert _dtensor.is_tensor_parallel(layer(True, True))
+    assert not _dtensor.is_tensor_parallel(layer(True, False))
+    assert not _dtensor.is_tensor_parallel(layer(False, True))
+    assert [len(found) for found in _dtensor.tensor_parallel_hooks(layer(True, True))] == [1, 1]
+
+
 def _fsdp1_worker(rank, port, out_dir):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
