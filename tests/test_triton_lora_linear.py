@@ -654,6 +654,28 @@ def test_every_launcher_runs_on_its_tensors_device(monkeypatch):
     assert entered == [torch.device("cuda", 1)]
     on_tensor_device(lambda t: t)(torch.zeros(1))  # CPU tensors (the interpreter): nothing to switch
     assert len(entered) == 1
+    # with cuda:1 current, a tensor on cuda:1 runs where it is
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert on_tensor_device(lambda t: t.device)(OnSecondGpu()) == torch.device("cuda", 1) and len(entered) == 1
+
+
+def test_sm_count_of_an_index_less_cuda_device_is_the_current_devices(monkeypatch):
+    """The launchers size their grids by sm_count(x.device); a "cuda" device without an index is the current device
+    (checked on a stand-in machine of two GPUs with different SM counts; the count is cached per index)."""
+    from types import SimpleNamespace
+
+    from lora_kernels import triton as triton_pkg
+    counts = {0: 132, 1: 78}
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index: SimpleNamespace(multi_processor_count=counts[index]))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    triton_pkg._sm_count_of.cache_clear()
+    try:
+        assert triton_pkg.sm_count(torch.device("cuda")) == 78
+        assert triton_pkg.sm_count(torch.device("cuda", 0)) == 132
+        assert triton_pkg.sm_count(torch.device("cuda", 1)) == 78
+    finally:
+        triton_pkg._sm_count_of.cache_clear()  # the stand-in counts must not outlive the test
 
 
 @pytest.mark.gpu
