@@ -921,6 +921,17 @@ def test_a_meta_argument_among_cpu_tensors_is_a_device_error(call, arg):
         run()
 
 
+def test_the_fakes_device_check_tells_one_gpu_from_another():
+    """The fakes compare whole devices, not their types: under torch.compile a factor on cuda:1 with x on cuda:0
+    must be refused at trace time as the kernels refuse it (checked with stand-in tensors: no GPU here)."""
+    from types import SimpleNamespace
+
+    on = {index: SimpleNamespace(device=torch.device("cuda", index)) for index in (0, 1)}
+    _ext._check_devices("lora_fwd", "x", on[0], weight=on[0], bias=None)  # same device, no bias: fine
+    with pytest.raises(ValueError, match=r"lora_fwd: lora_a expected device cuda:0 \(same as x\), got cuda:1"):
+        _ext._check_devices("lora_fwd", "x", on[0], weight=on[0], lora_a=on[1])
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # opcheck: schema, fake (meta) impls, and that the registrations agree with them.
 

@@ -231,6 +231,58 @@ def test_an_extension_that_fails_to_load_leaves_the_package_working(tmp_path):
                                   "_ZN3c106detail; rebuild it against this torch"), proc.stdout
 
 
+def test_the_shadowed_install_is_a_recorded_extension_file_that_exists_in_another_directory(tmp_path, monkeypatch):
+    """shadowed_installed_extension, in-process over a stand-in site directory: only a built extension that an
+    install's RECORD lists directly in its lora_kernels folder counts, only while the file is there, and only when
+    that folder is not the package imported (an editable install's files are the checkout's own)."""
+    import importlib.metadata
+
+    from lora_kernels import _ext
+
+    site = tmp_path / "site"
+    (site / "lora_kernels" / "nested").mkdir(parents=True)
+    dist_info = site / "lora_kernels-0.1.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: lora_kernels\nVersion: 0.1.0\n")
+    distributions = importlib.metadata.distributions
+    monkeypatch.setattr(importlib.metadata, "distributions",
+                        lambda name: distributions(name=name, path=[str(site)]))
+    checkout = str(tmp_path / "checkout" / "lora_kernels")
+
+    def shadowed(*recorded):
+        (dist_info / "RECORD").write_text("".join(f"{path},,\n" for path in recorded))
+        for path in recorded:
+            (site / path).write_bytes(b"")
+        return _ext.shadowed_installed_extension(checkout)
+
+    extension = "lora_kernels/_C.cpython-311-x86_64-linux-gnu.so"
+    assert shadowed("lora_kernels/__init__.py", extension) == str(site / "lora_kernels")
+    assert _ext.shadowed_installed_extension(str(site / "lora_kernels")) is None  # the install imported itself
+    (site / extension).unlink()
+    assert _ext.shadowed_installed_extension(checkout) is None  # recorded, since deleted
+    assert shadowed("lora_kernels/nested/_C.cpython-311-x86_64-linux-gnu.so") is None  # not the package's extension
+    assert shadowed("lora_kernels/_Cache.py", "lora_kernels/__init__.py") is None
+
+
+def test_the_package_own_extension_is_not_another_copys(tmp_path):
+    """_another_copys_extension: the extension found in the package's own folder, also through a symlink to it, is
+    the package's; one in any other folder (an editable finder's checkout) is named."""
+    import importlib.machinery
+
+    from lora_kernels import _ext
+
+    def found(origin):
+        return _ext._another_copys_extension(importlib.machinery.ModuleSpec("lora_kernels._C", None, origin=origin))
+
+    name = "_C.cpython-311-x86_64-linux-gnu.so"
+    assert found(None) is None
+    assert found(os.path.join(_ext.PACKAGE_DIR, name)) is None
+    (tmp_path / "linked").symlink_to(_ext.PACKAGE_DIR, target_is_directory=True)
+    assert found(str(tmp_path / "linked" / name)) is None
+    other = tmp_path / "other_checkout" / "lora_kernels"
+    assert found(str(other / name)) == str(other)
+
+
 # An extension built against another torch minor version, as a wheel pip cached from another machine's build would
 # hold (pip's cache is keyed by the download, not by torch): loaded, but not used, and `info` says why and what to do.
 ANOTHER_TORCHS_EXTENSION = r"""
