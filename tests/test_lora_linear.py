@@ -734,6 +734,8 @@ def test_auto_picks_by_device_and_op_as_the_readme_says(monkeypatch):
             assert backends.auto_backend("cpu", "lora_linear", dtype) == expected
     for op in backends.GROUPED_OPS:  # float64: the cuda kernels, Triton's taking 32- and 16-bit floats only
         assert backends.auto_backend("cuda", op, torch.float64) == "cuda"
+    for op in ("lora_linear", *backends.GROUPED_OPS):  # other devices: the torch composition, whatever else says
+        assert backends.auto_backend("meta", op) == "torch"
     monkeypatch.setattr(backends, "unavailable_reason", lambda name, device: None if name == "torch" else "absent")
     assert backends.auto_backend("cpu") == backends.auto_backend("cuda", "lora_shrink") == "torch"
 
