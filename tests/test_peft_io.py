@@ -1582,6 +1582,18 @@ def test_save_is_atomic_a_crash_keeps_the_old_file(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
+def test_under_a_process_group_only_rank_0_writes(tmp_path, monkeypatch):
+    """Every rank may call save_peft_adapter (under FSDP2 they must: gathering the shards is a collective), and only
+    rank 0 writes: others writing the same files at once could interleave (checked on a stand-in process group;
+    test_distributed.py saves from real ranks)."""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    for rank in (1, 0):
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda rank=rank: rank)
+        lk.save_peft_adapter(_trained(), tmp_path / f"rank{rank}")
+    assert not (tmp_path / "rank1").exists()
+    assert sorted(os.listdir(tmp_path / "rank0")) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
 def test_a_save_whose_config_write_fails_keeps_the_old_weights_too(tmp_path, monkeypatch):
     """Both files are written before either replaces the old one: the weights were renamed into place first, and a
     config write that then failed (disk full) left new factors beside the old config, which loaded with its alpha."""
