@@ -5,8 +5,11 @@ The compilation runs in a TRITON_INTERPRET=0 subprocess per module (the interpre
 a module that does not exist yet is skipped, one that exists and fails to import fails the gate.
 """
 
+import importlib
 import importlib.util
+import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -362,3 +365,352 @@ def test_gate_compiles_every_config_the_prune_launches():
     assert "MISSING:" in proc.stdout, proc.stdout + proc.stderr[-3000:]
     missing = proc.stdout.split("MISSING:", 1)[1].strip()
     assert missing == "[]", f"launched but never compiled by the gate: {missing}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The gate's decisions, with stand-ins for Triton's compiler: each check runs in milliseconds, in this process (whose
+# kernels are interpreted and cannot be compiled), on PTX and shared memory sizes chosen to sit on each boundary.
+# ----------------------------------------------------------------------------------------------------------------
+
+# Real PTX spellings (Triton 3.x output and the PTX ISA) of the instructions the gate looks for.
+WGMMA_PTX = "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%f1, %f2}, %rd1, %rd2, p, 1, 1, 0, 1;"
+MMA_PTX = ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 { %f1, %f2, %f3, %f4 }, { %r1, %r2, %r3, %r4 }, "
+           "{ %r5, %r6 }, { %f1, %f2, %f3, %f4 };")
+FMA_PTX = "fma.rn.f32 %f1, %f2, %f3, %f4;"
+TMA_PTX = ("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%r1], [%rd1, {%r2, %r3}], "
+           "[%r4];")
+
+
+def _stand_in_compiler(monkeypatch, ptx=MMA_PTX, shared=0, arg_names=("x_ptr", "n", "stride", "BLOCK")):
+    """Replaces what compile_spec uses of Triton (the jit function it unwraps, ASTSource, triton.compile) with
+    recorders; triton.compile returns a kernel with this `shared` memory and `ptx`. Returns the list of
+    (source, target, options) that triton.compile received. GPUTarget stays Triton's own (a plain dataclass)."""
+    import triton
+    import triton.compiler
+
+    fn = SimpleNamespace(arg_names=list(arg_names))
+    compiled = []
+
+    class Source:
+        def __init__(self, fn, signature, constexprs, attrs):
+            self.fn, self.signature, self.constexprs, self.attrs = fn, signature, constexprs, attrs
+
+    def compile(src, target, options):
+        compiled.append((src, target, options))
+        return SimpleNamespace(metadata=SimpleNamespace(shared=shared), asm={"ptx": ptx})
+
+    monkeypatch.setattr(aot, "_jit_function", lambda kernel: fn)
+    monkeypatch.setattr(triton.compiler, "ASTSource", Source)
+    monkeypatch.setattr(triton, "compile", compile)
+    return compiled
+
+
+def _spec(**overrides):
+    """A compile-gate spec of the stand-in kernel (x_ptr, n, stride, BLOCK)."""
+    spec = {"name": "_k_kernel[bf16]", "kernel": object(), "signature": {"x_ptr": "*bf16", "n": "i32", "stride": "i32"},
+            "constexprs": {"BLOCK": 64}, "num_warps": 8, "num_stages": 3}
+    return {**spec, **overrides}
+
+
+@pytest.mark.parametrize("cc", sorted(set(aot.TARGETS)) if HAS_TRITON else [])
+def test_shared_memory_at_the_limit_passes_and_one_byte_over_fails(monkeypatch, cc):
+    """The limit is the target's own (sm_90 allows 64 KiB more than sm_80) and inclusive: a kernel may use all of
+    it. Both targets' limits differ, so a lookup of the wrong target's limit fails one side here."""
+    limit = aot.SHARED_MEMORY_LIMIT[cc]
+    _stand_in_compiler(monkeypatch, shared=limit)
+    assert aot.compile_spec(_spec(), cc)["shared"] == limit
+    _stand_in_compiler(monkeypatch, shared=limit + 1)
+    with pytest.raises(aot.SharedMemoryError, match=f"needs {limit + 1} bytes of shared memory on sm_{cc}, "
+                                                    f"the limit is {limit} bytes"):
+        aot.compile_spec(_spec(), cc)
+
+
+def test_compile_spec_compiles_what_the_spec_says(monkeypatch):
+    """What reaches triton.compile is what launches: the spec's warps and stages, the launchers' FP_FUSION, a
+    32-thread-warp CUDA target of the requested capability, constexprs marked in the signature, and the 16-divisible
+    attributes Triton would specialise at run time (every pointer, plus the ints the spec lists; never a
+    constexpr, which has no runtime value to align)."""
+    from triton.backends.compiler import GPUTarget
+
+    from lora_kernels.triton import FP_FUSION
+
+    compiled = _stand_in_compiler(monkeypatch)
+    aot.compile_spec(_spec(divisible_by_16=["n", "BLOCK"]), 90)
+    ((src, target, options),) = compiled
+    assert options == {"num_warps": 8, "num_stages": 3, "enable_fp_fusion": FP_FUSION}
+    assert target == GPUTarget("cuda", 90, 32)
+    assert src.signature == {"x_ptr": "*bf16", "n": "i32", "stride": "i32", "BLOCK": "constexpr"}
+    assert src.constexprs == {"BLOCK": 64}
+    # (index,) of x_ptr (a pointer) and n (listed); stride is an unlisted int, BLOCK a constexpr
+    assert src.attrs == {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]}
+    compiled.clear()
+    aot.compile_spec(_spec(num_warps=4, num_stages=1), 80)
+    ((src, target, options),) = compiled
+    assert (options["num_warps"], options["num_stages"], target) == (4, 1, GPUTarget("cuda", 80, 32))
+    assert src.attrs == {(0,): [["tt.divisibility", 16]]}  # no divisible_by_16: the pointer only
+
+
+def test_a_signature_missing_an_argument_is_refused_by_name(monkeypatch):
+    """A spec whose signature lacks a kernel argument (one added to the kernel, not to its spec) is refused before
+    Triton sees it, naming the argument; a constexpr counts as present."""
+    compiled = _stand_in_compiler(monkeypatch)
+    with pytest.raises(ValueError, match=r"_k_kernel\[bf16\]: signature lacks arguments \['stride'\]"):
+        aot.compile_spec(_spec(signature={"x_ptr": "*bf16", "n": "i32"}), 80)
+    assert compiled == []
+
+
+@pytest.mark.parametrize("flags, ptx, refused", [
+    # Hopper's base GEMMs must use warp-group MMA; mma.sync there is the Ampere path (about half the throughput).
+    ({"wgmma": True}, MMA_PTX, {90: "TensorCoreError"}),
+    ({"wgmma": True}, WGMMA_PTX, {}),
+    # sm_80 has no TMA: the flag binds sm_90 only.
+    ({"tma": True}, MMA_PTX, {90: "TmaError"}),
+    ({"tma": True}, TMA_PTX + "\n" + MMA_PTX, {}),
+    # tensor cores on every target: FMA-only dots are a silent ~10x slowdown.
+    ({"tensor_cores": True}, FMA_PTX, {80: "TensorCoreError", 90: "TensorCoreError"}),
+    ({"tensor_cores": True}, MMA_PTX, {}),
+    ({}, FMA_PTX, {}),  # no flag, no requirement: fp32 and dot-free kernels compile to FMAs by design
+], ids=["wgmma-mma", "wgmma-ok", "tma-missing", "tma-ok", "tensor-cores-fma", "tensor-cores-ok", "no-flags"])
+def test_spec_flags_refuse_the_instructions_they_rule_out(monkeypatch, flags, ptx, refused):
+    _stand_in_compiler(monkeypatch, ptx=ptx)
+    for cc in aot.TARGETS:
+        if cc in refused:
+            with pytest.raises(getattr(aot, refused[cc]), match=f"sm_{cc}"):
+                aot.compile_spec(_spec(**flags), cc)
+        else:
+            result = aot.compile_spec(_spec(**flags), cc)
+            assert (result["mma"], result["tma"]) == (aot.mma_kind(ptx), aot.uses_tma(ptx))
+
+
+def test_mma_kind_prefers_wgmma_and_counts_tf32_mma():
+    """A Hopper kernel can hold both (wgmma for its main loop, mma.sync for a small epilogue dot): it is a wgmma
+    kernel. fp32 dots run as tf32 mma.sync (m16n8k8), tensor-core instructions as much as the 16-bit ones."""
+    assert aot.mma_kind(WGMMA_PTX + "\n" + MMA_PTX) == "wgmma"
+    assert aot.mma_kind(MMA_PTX + "\n" + WGMMA_PTX) == "wgmma"
+    tf32 = ("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 { %f5, %f6, %f7, %f8 }, { %r7, %r8, %r9, %r10 }, "
+            "{ %r11, %r12 }, { %f5, %f6, %f7, %f8 };")
+    assert aot.mma_kind(FMA_PTX + "\n" + tf32) == "mma"
+    # wgmma's fences and waits alone are no MMA
+    assert aot.mma_kind("wgmma.fence.sync.aligned;\nwgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned 0;"
+                        "\n" + FMA_PTX) == "none"
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3, 4, 5])
+def test_uses_tma_sees_bulk_tensor_copies_of_every_rank(rank):
+    coords = ", ".join(f"%r{i + 10}" for i in range(rank))
+    ptx = f"@%p1 cp.async.bulk.tensor.{rank}d.shared::cluster.global.mbarrier::complete_tx::bytes [%r1], [%rd1, " \
+          f"{{{coords}}}], [%r2];"
+    assert aot.uses_tma(ptx)
+
+
+def test_uses_tma_ignores_plain_bulk_copies():
+    """cp.async.bulk without .tensor is a 1-D bulk copy from a plain address (no tensor descriptor), and cp.async
+    is Ampere's per-thread async copy: neither is a tensor-descriptor (TMA) load."""
+    assert not aot.uses_tma("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%r1], [%rd1], 256, "
+                            "[%r2];")
+    assert not aot.uses_tma("cp.async.cg.shared.global [ %r53 + 0 ], [ %rd29 + 0 ], 0x10, %r54;\n" + MMA_PTX)
+
+
+def _recording_compile_spec(monkeypatch, fail=()):
+    """Replaces compile_spec: records (name, cc, registers, loads) and raises ValueError for the specs named in
+    `fail`. Returns the list of calls."""
+    calls = []
+
+    def compile_spec(spec, cc, registers=False, loads=False):
+        calls.append((spec["name"], cc, registers, loads))
+        if spec["name"] in fail:
+            raise ValueError(f"{spec['name']} does not fit")
+        return {"shared": 1024, "mma": "mma", "tma": False}
+
+    monkeypatch.setattr(aot, "compile_spec", compile_spec)
+    return calls
+
+
+def test_compile_all_reports_a_failing_spec_and_compiles_the_rest(monkeypatch):
+    """One spec failing to compile neither stops the gate nor hides the others: each (spec, target) gets a record,
+    the failing one with the exception's type and message."""
+    specs = [{"name": name, "module": "m"} for name in ("a", "b", "c")]
+    calls = _recording_compile_spec(monkeypatch, fail={"b"})
+    records = aot.compile_all(specs, targets=(80, 90), jobs=1, registers=True, loads=True)
+    assert [(r["name"], r["cc"]) for r in records] == [(n, cc) for n in "abc" for cc in (80, 90)]
+    assert sorted(calls) == [(n, cc, True, True) for n in "abc" for cc in (80, 90)]
+    for r in records:
+        assert r["module"] == "m" and r["limit"] == aot.SHARED_MEMORY_LIMIT[r["cc"]]
+        if r["name"] == "b":
+            assert r["ok"] is False and r["error"] == "ValueError: b does not fit", r
+        else:
+            assert r["ok"] is True and r["shared"] == 1024 and "error" not in r, r
+
+
+def _main_with_stand_ins(monkeypatch, fail=()):
+    """main() in this process: INTERPRET off (main refuses the interpreter), two modules' specs, compile_spec
+    recording. Returns the compile_spec calls and the modules all_specs was asked for."""
+    import lora_kernels.triton as package
+
+    monkeypatch.setattr(package, "INTERPRET", False)
+    asked = []
+
+    def all_specs(modules=aot.SPEC_MODULES):
+        asked.append(list(modules))
+        return [{"name": name, "module": "m"} for name in ("_x_kernel[bf16]", "_x_kernel[fp32]", "_y_kernel[bf16]")]
+
+    monkeypatch.setattr(aot, "all_specs", all_specs)
+    return _recording_compile_spec(monkeypatch, fail), asked
+
+
+def test_main_exit_status_is_the_gates_verdict(monkeypatch, capsys):
+    calls, asked = _main_with_stand_ins(monkeypatch)
+    assert aot.main(["--jobs", "1"]) == 0
+    assert asked == [list(aot.SPEC_MODULES)] and len(calls) == 3 * len(aot.TARGETS)
+    calls, _ = _main_with_stand_ins(monkeypatch, fail={"_y_kernel[bf16]"})
+    assert aot.main(["--jobs", "1", "--cc", "90"]) == 1
+    assert "FAIL sm_90 _y_kernel[bf16]: ValueError: _y_kernel[bf16] does not fit" in capsys.readouterr().out
+
+
+def test_main_match_keeps_only_the_specs_named(monkeypatch, capsys):
+    """--match selects by any substring of the spec name, not only a prefix (the CLI's way to recompile one kernel),
+    and --json - prints the records on the marker line run_gate reads."""
+    import json
+
+    calls, asked = _main_with_stand_ins(monkeypatch)
+    assert aot.main(["--module", "sgmv", "--match", "x_kernel[", "--json", "-", "--jobs", "1"]) == 0
+    assert asked == [["sgmv"]]
+    assert sorted({name for name, *_ in calls}) == ["_x_kernel[bf16]", "_x_kernel[fp32]"]
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("AOT-GATE-JSON:")]
+    records = json.loads(line[len("AOT-GATE-JSON:"):])
+    assert sorted((r["name"], r["cc"]) for r in records) == sorted(
+        (name, cc) for name in ("_x_kernel[bf16]", "_x_kernel[fp32]") for cc in aot.TARGETS)
+
+
+def test_main_refuses_the_interpreter(monkeypatch):
+    import lora_kernels.triton as package
+
+    monkeypatch.setattr(package, "INTERPRET", True)
+    calls = _recording_compile_spec(monkeypatch)
+    with pytest.raises(SystemExit):
+        aot.main(["--jobs", "1"])
+    assert calls == []
+
+
+def test_run_gate_compiles_in_a_subprocess_without_the_interpreter(monkeypatch):
+    """The subprocess must not inherit TRITON_INTERPRET=1 (its kernels could not be compiled) and must be asked for
+    the JSON marker line and the targets; its records are what run_gate returns."""
+    import json
+    import subprocess
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    records = [{"name": "_k_kernel[bf16]", "cc": 80, "ok": True}]
+    runs = []
+
+    def run(cmd, env=None, **kwargs):
+        runs.append((cmd, env))
+        return subprocess.CompletedProcess(cmd, 0, stdout="ok   sm_80 ...\nAOT-GATE-JSON:" + json.dumps(records) + "\n",
+                                           stderr="")
+
+    monkeypatch.setattr(subprocess, "run", run)
+    assert aot.run_gate("sgmv", targets=(80, 90)) == records
+    ((cmd, env),) = runs
+    assert env["TRITON_INTERPRET"] == "0"
+    assert cmd[1:3] == ["-m", "lora_kernels.triton.aot"]
+    assert cmd[cmd.index("--module") + 1] == "sgmv" and cmd[cmd.index("--json") + 1] == "-"
+    assert cmd[cmd.index("--cc") + 1:][:2] == ["80", "90"]
+    # the checkout under test, ahead of any other copy on the caller's PYTHONPATH, is what the subprocess imports
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(Path(aot.__file__).resolve().parents[2]), "/elsewhere"]
+
+
+def test_run_gate_without_records_raises_with_the_output(monkeypatch):
+    """A subprocess that dies before printing its records (an import error, say) fails the gate with what it
+    printed, rather than passing with no records."""
+    import subprocess
+
+    def run(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, 1, stdout="importing sgmv\n",
+                                           stderr="ImportError: cannot import name '_sgmv_kernel'\n")
+
+    monkeypatch.setattr(subprocess, "run", run)
+    with pytest.raises(RuntimeError, match=r"(?s)exit 1.*importing sgmv.*cannot import name '_sgmv_kernel'"):
+        aot.run_gate("sgmv")
+
+
+def _kernel_names(module):
+    return {name for name in dir(module) if name.startswith("_") and name.endswith("_kernel")}
+
+
+def test_every_kernel_module_is_gated():
+    """A new kernel module must be listed in SPEC_MODULES, or the gate never compiles its kernels."""
+    import pkgutil
+
+    import lora_kernels.triton as package
+
+    with_kernels = {info.name for info in pkgutil.iter_modules(package.__path__)
+                    if _kernel_names(importlib.import_module(f"lora_kernels.triton.{info.name}"))}
+    assert with_kernels and with_kernels <= set(aot.SPEC_MODULES), (with_kernels, aot.SPEC_MODULES)
+    assert aot.TARGETS == (80, 90)
+
+
+@pytest.mark.parametrize("module", aot.SPEC_MODULES if HAS_TRITON else [])
+def test_specs_cover_every_kernel_of_the_module(module):
+    """Every `_*_kernel` of a gated module has at least one spec, every signature names exactly the kernel's
+    arguments, and constexprs are marked so (checked in-process: building the specs needs no compiler)."""
+    mod = importlib.import_module(f"lora_kernels.triton.{module}")
+    specs = mod.aot_specs()
+    assert {spec["kernel"].__name__ for spec in specs} == _kernel_names(mod)
+    for spec in specs:
+        assert set(spec["signature"]) == set(spec["kernel"].arg_names), spec["name"]
+        for name in spec["constexprs"]:
+            assert spec["signature"][name] == "constexpr", (spec["name"], name)
+    names = [spec["name"] for spec in specs]
+    assert len(names) == len(set(names)), "duplicate specs"
+
+
+def test_all_specs_records_each_specs_module():
+    """The gate's records name the module of each kernel (the module whose specs listed it), so a failure points at
+    the file to fix."""
+    specs = aot.all_specs()
+    assert {spec["module"] for spec in specs} == set(aot.SPEC_MODULES)
+    for spec in specs:
+        module = importlib.import_module(f"lora_kernels.triton.{spec['module']}")
+        assert spec["kernel"].__name__ in _kernel_names(module), (spec["name"], spec["module"])
+    assert len(specs) == sum(len(aot.module_specs(name)) for name in aot.SPEC_MODULES)
+
+
+FAKE_PTXAS = """#!/bin/sh
+# ptxas as Triton and register_usage call it: --version (Triton's check of the binary), then -arch=... -v in -o out
+if [ "$1" = "--version" ]; then echo "Cuda compilation tools, release 12.9, V12.9.86"; exit 0; fi
+echo "$@" >> "$(dirname "$0")/calls"
+cp "$3" "$(dirname "$0")/input.ptx"
+cat >&2 <<'REPORT'
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_k_kernel' for 'sm_90a'
+ptxas info    : Function properties for _k_kernel
+    24 bytes stack frame, 16 bytes spill stores, 20 bytes spill loads
+ptxas info    : Used 168 registers, used 1 barriers, 400 bytes cmem[0]
+REPORT
+"""
+
+
+def test_register_usage_reads_ptxas_report(monkeypatch, tmp_path):
+    """register_usage runs the ptxas Triton would (TRITON_PTXAS_PATH points Triton's knob at a stand-in that prints
+    ptxas -v's report), for sm_90a on Hopper (wgmma and TMA need the 'a' target), and reads registers and both
+    spill counts from the report."""
+    ptxas = tmp_path / "ptxas"
+    ptxas.write_text(FAKE_PTXAS)
+    ptxas.chmod(0o755)
+    monkeypatch.setenv("TRITON_PTXAS_PATH", str(ptxas))
+    assert aot.ptxas_path(90) == str(ptxas)
+    assert aot.register_usage(".version 8.7\n.target sm_90a\n" + WGMMA_PTX, 90) == (168, 16, 20)
+    assert aot.register_usage(".version 8.7\n.target sm_80\n", 80) == (168, 16, 20)
+    calls = [line.split() for line in (tmp_path / "calls").read_text().splitlines()]
+    assert [(call[0], call[1]) for call in calls] == [("-arch=sm_90a", "-v"), ("-arch=sm_80", "-v")]
+    assert (tmp_path / "input.ptx").read_text() == ".version 8.7\n.target sm_80\n"  # the PTX, as given
+
+
+def test_register_usage_fails_without_a_report(monkeypatch, tmp_path):
+    """ptxas refusing the PTX (so printing no usage) is an error that shows its message, not zero registers."""
+    ptxas = tmp_path / "ptxas"
+    ptxas.write_text("#!/bin/sh\necho 'ptxas fatal   : Unresolved extern function' >&2\nexit 255\n")
+    ptxas.chmod(0o755)
+    monkeypatch.setattr(aot, "ptxas_path", lambda cc: str(ptxas))
+    with pytest.raises(RuntimeError, match="exit 255.*Unresolved extern function"):
+        aot.register_usage(".version 8.7\n", 80)
