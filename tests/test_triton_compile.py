@@ -714,3 +714,14 @@ def test_register_usage_fails_without_a_report(monkeypatch, tmp_path):
     monkeypatch.setattr(aot, "ptxas_path", lambda cc: str(ptxas))
     with pytest.raises(RuntimeError, match="exit 255.*Unresolved extern function"):
         aot.register_usage(".version 8.7\n", 80)
+
+
+def test_main_refuses_a_selection_it_cannot_gate(monkeypatch):
+    """A --match that selects nothing, or a capability without a known shared memory limit, is a usage error:
+    the first exited 0 having compiled nothing, the second with a KeyError traceback."""
+    calls, _ = _main_with_stand_ins(monkeypatch)
+    for argv in (["--match", "no-such-kernel"], ["--cc", "100"]):
+        with pytest.raises(SystemExit) as exit_info:
+            aot.main([*argv, "--jobs", "1"])
+        assert exit_info.value.code == 2, argv
+    assert calls == []

@@ -303,7 +303,8 @@ def format_records(records):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--module", action="append", help="module of lora_kernels.triton (default: all)")
-    parser.add_argument("--cc", type=int, nargs="+", default=list(TARGETS))
+    # only the capabilities whose shared memory limit is known: any other failed with a KeyError traceback
+    parser.add_argument("--cc", type=int, nargs="+", default=list(TARGETS), choices=sorted(SHARED_MEMORY_LIMIT))
     parser.add_argument("--jobs", type=int, default=None)
     parser.add_argument("--json", default=None, help="write the records as JSON to this file ('-': stdout line)")
     parser.add_argument("--registers", action="store_true",
@@ -319,6 +320,8 @@ def main(argv=None):
     specs = all_specs(args.module or SPEC_MODULES)
     if args.match:
         specs = [spec for spec in specs if args.match in spec["name"]]
+    if not specs:  # a --match typo compiled nothing and passed
+        parser.error(f"no spec selected (--module {args.module or 'all'}, --match {args.match!r})")
     records = compile_all(specs, args.cc, args.jobs, registers=args.registers, loads=args.loads)
     print(format_records(records), flush=True)
     if args.json == "-":
