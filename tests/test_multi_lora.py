@@ -73,8 +73,8 @@ def test_lora_batch_metadata():
         LoRABatch.from_adapter_ids(torch.tensor([-2]), 4)
     with pytest.raises(TypeError, match="integer dtype"):
         LoRABatch.from_adapter_ids(torch.tensor([0.0]), 4)
-    unchecked = LoRABatch.from_adapter_ids(torch.tensor([7, 1]), 4, validate=False)
-    assert unchecked.adapter_ids.tolist() == [-1, 1]  # out of range is treated as base-only, never read
+    unchecked = LoRABatch.from_adapter_ids(torch.tensor([7, 1, -5]), 4, validate=False)
+    assert unchecked.adapter_ids.tolist() == [-1, 1, -1]  # out of range either way is treated as base-only, never read
     at_bound = LoRABatch.from_adapter_ids(torch.tensor([4, 1, 4]), 4, validate=False)  # L itself is out of range
     assert at_bound.adapter_ids.tolist() == [-1, 1, -1] and at_bound.slot_counts.tolist() == [0, 1, 0, 0]
     assert all(t.dtype == torch.int32 and t.is_contiguous() for t in (batch.slot_starts, batch.active_slots))
