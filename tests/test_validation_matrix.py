@@ -279,6 +279,8 @@ MATRIX = [
     (call_set_adapter, dict, "scaling", lambda a: 10**400, ValueError, ["scaling expected a finite number, got inf"]),
     (call_shrink, _grouped, "scalings", lambda a: [1.0, 10**400, 0.5], ValueError,
      ["lora_shrink: scalings expected finite numbers, got inf"]),
+    (call_shrink, _grouped, "scalings", lambda a: [1.0, -10**400, 0.5], ValueError,
+     ["lora_shrink: scalings expected finite numbers, got -inf"]),
     (call_multi_module, dict, "max_rank", lambda a: 0, ValueError, ["max_rank expected an int >= 1, got 0"]),
     (call_multi_module, dict, "max_adapters", lambda a: True, ValueError,
      ["max_adapters expected an int >= 1, got True"]),
