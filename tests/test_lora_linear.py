@@ -185,6 +185,33 @@ def test_a_fraction_scaling_is_taken_by_the_reference_backend_too():
     torch.testing.assert_close(got, lora_linear(x, weight, lora_a, lora_b, 0.5, bias, backend="reference"))
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["training", "no_grad"])
+@pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
+def test_float32_factors_of_a_bf16_layer_are_rounded_to_bf16_on_every_backend(backend, training, device):
+    """A bf16 LoRALinear's float32 factors (autocast_adapter_dtype) are rounded to bf16 for the forward (README: "the
+    forward casts them and runs the 16-bit kernels"), and the reference backend, the spec, computes with the same
+    rounded factors, in float64. Its float64 product of the unrounded float32 factors is another result: here
+    y = 256·A − 256 is 0 with A = 1 + 2⁻¹⁰ rounded to bf16 (1) and 0.25 with it unrounded. Training matters: the
+    factors that require grad keep float32 up to the autograd Function, past which the reference backend's branch
+    would see them."""
+    backend_or_skip(backend, device)
+    from lora_kernels.modules import LoRALinear
+    layer = LoRALinear(1, 1, r=1, lora_alpha=1, bias=False, dtype=torch.bfloat16, device=device, backend=backend)
+    assert layer.lora_A.weight.dtype == torch.float32 and layer.scaling == 1.0
+    with torch.no_grad():
+        layer.weight.fill_(-256.0)
+        layer.lora_A.weight.fill_(1 + 2 ** -10)  # bf16 keeps 8 significant bits: rounds to 1
+        layer.lora_B.weight.fill_(256.0)
+    with torch.set_grad_enabled(training):
+        y = layer(torch.ones(1, 1, dtype=torch.bfloat16, device=device))
+    assert y.requires_grad == training
+    assert y.dtype == torch.bfloat16 and y.item() == 0.0, f"y = {y.item()}: the float32 factors were not rounded"
+    if training:  # the rounded factors' gradients, in float32: dA = B·x = 256, dB = A·x = 1
+        y.sum().backward()
+        assert layer.lora_A.weight.grad.dtype == torch.float32
+        assert (layer.lora_A.weight.grad.item(), layer.lora_B.weight.grad.item()) == (256.0, 1.0)
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpu", "cuda"])
 def test_float64_keeps_float64_precision(backend, device):
     """float64 in, float64 precision out, gradients included: the C++ ops keep s, dB and dS in float64 for float64
@@ -264,6 +291,33 @@ def test_a_frozen_weight_gets_no_weight_gradient_computed(backend, create_graph,
     assert [tuple(g.shape) for g in grads] == [(m, k), (r, k), (n, r)]
     assert (n, k) not in products.shapes, products.shapes
     assert products.shapes or backend == "triton"  # the mode saw the products (Triton: its own kernels)
+
+
+class _SumShapes(_ProductShapes):
+    """Records the output shape of every aten.sum run inside it (d(bias) is dY summed over the tokens)."""
+
+    PRODUCTS = {torch.ops.aten.sum}
+
+
+@pytest.mark.parametrize("create_graph", [False, True])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_a_frozen_bias_gets_no_bias_gradient_computed(backend, create_graph, device):
+    """design.md §2: d(bias) only when bias.requires_grad, as dW. LoRA fine-tuning freezes the base layer's bias, and
+    a backward that summed dY over the tokens for it anyway (an [M, N] pass each layer and step) passed every
+    gradient check: autograd drops a gradient returned for an input that needs none. Here the backward of a frozen
+    bias runs no [N]-shaped sum, and that of a trained one does (so the mode sees the sum where it is made)."""
+    backend_or_skip(backend, device)
+    m, k, n, r = 11, 24, 18, 8  # all distinct: an [N] sum is the bias gradient
+    x, weight, lora_a, lora_b, bias = lora_inputs(m, k, n, r, torch.float32, device)
+    dy = randn(m, n, device=device)
+    for bias_trained in (False, True):
+        leaves = [t.clone().requires_grad_(True) for t in (x, lora_a, lora_b)]
+        bias_leaf = bias.clone().requires_grad_(bias_trained)
+        y = lora_linear(leaves[0], weight, leaves[1], leaves[2], 0.5, bias_leaf, backend=backend)
+        with _SumShapes() as sums:
+            grads = torch.autograd.grad(y, leaves + [bias_leaf] * bias_trained, dy, create_graph=create_graph)
+        assert len(grads) == 3 + bias_trained
+        assert ((n,) in sums.shapes) == bias_trained, f"bias trained: {bias_trained}, sums: {sums.shapes}"
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["reference"])
@@ -503,6 +557,13 @@ BAD_INPUTS = [
     ("dropout", lambda a: {**a, "dropout_p": 1.0}, ValueError, "dropout_p expected a number in [0, 1)"),
     ("backend", lambda a: {**a, "backend": "nope"}, ValueError, "backend 'nope' is not available"),
     ("scaling", lambda a: {**a, "scaling": float("nan")}, ValueError, "lora_linear: scaling expected a finite number"),
+    # bool is an int subclass: a flag passed in the scaling's or dropout's place would run as 1 or 0 without a word
+    # (the fast path's type() check and the full checks' isinstance(..., bool) both refuse it). dropout_p False, not
+    # True: True (1) is out of [0, 1) anyway, so only False tells the bool check from the range check.
+    ("scaling_bool", lambda a: {**a, "scaling": True}, TypeError,
+     "lora_linear: scaling expected a real number, got bool"),
+    ("dropout_bool", lambda a: {**a, "dropout_p": False}, ValueError,
+     "lora_linear: dropout_p expected a number in [0, 1), got False"),
 ]
 
 
@@ -1166,6 +1227,33 @@ def test_double_backward_matches_the_reference(backend, dropout_p, device):
     expected = _penalty_gradients(lambda *t: reference.lora_linear(*t, 1.5, bias, mask), ref_leaves, dy.double())
     for name, g, e in zip(("x", "weight", "lora_a", "lora_b"), got, expected):
         assert_close(g, e, dtype, f"d(penalty)/d{name}")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("trained", ["lora_a", "lora_b"])
+def test_double_backward_of_one_factor_alone_matches_the_reference(backend, trained, device):
+    """create_graph=True with one factor alone requiring grad (x, weight and the other factor frozen, as in a
+    gradient penalty on one adapter matrix): its gradient, and that gradient's derivative with respect to dY, are the
+    reference's. The differentiable backward builds S = x·Aᵀ only for dB and dA only where lora_a needs it, by
+    ctx.needs_input_grad; test_double_backward_matches_the_reference trains every input at once, where a flag read
+    for the wrong input (need_a for need_b) gave the same result. dY requires grad: neither factor's gradient
+    depends on that factor itself, so its derivative in dY is the one there is."""
+    backend_or_skip(backend, device)
+    x, weight, lora_a, lora_b, bias = lora_inputs(6, 16, 12, 4, torch.float32, device)
+    dy = randn(6, 12, device=device)
+    results = []
+    for fn, dtype in ((lambda *t: lora_linear(*t, 1.5, bias, backend=backend), torch.float32),
+                      (lambda *t: reference.lora_linear(*t, 1.5, bias), torch.float64)):
+        inputs = {name: t.to(dtype) for name, t in (("x", x), ("weight", weight), ("lora_a", lora_a),
+                                                    ("lora_b", lora_b))}
+        inputs[trained].requires_grad_(True)
+        dy_leaf = dy.to(dtype).requires_grad_(True)
+        first, = torch.autograd.grad(fn(*inputs.values()), inputs[trained], dy_leaf, create_graph=True)
+        second, = torch.autograd.grad(first.square().sum(), dy_leaf)
+        results.append((first, second))
+    (first, second), (expected_first, expected_second) = results
+    assert_close(first, expected_first, torch.float32, f"d{trained}")
+    assert_close(second, expected_second, torch.float32, f"d(|d{trained}|²)/d(dy)")
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
