@@ -1166,6 +1166,34 @@ def test_multi_lora_linear_id_errors_name_it():
             call(torch.tensor([0.0, 1.0, 1.0]))
 
 
+@pytest.mark.parametrize("case", ["no_slots", "0-D_x", "ids_shaped_like_a_prefix", "base_linear_float64_triton"])
+def test_multi_lora_linear_bad_input_names_the_argument(case):
+    """multi_lora_linear's own checks, each of which a later error hid (or nothing did): zero slots ([L >= 1] of
+    lora_a), a 0-D x (x.shape[-1] was an IndexError), adapter ids shaped like a prefix of x.shape[:-1] (zip compared
+    their common dims only: the ids' dim count is checked too) and multi_lora_base_linear's float64 on the triton
+    backend (refused as multi_lora_linear refuses it; the base GEMM alone would have run it, so a layer of a batch
+    without adapters took float64 where the next batch raised)."""
+    x, weight, lora_a, lora_b = torch.randn(3, 4), torch.randn(5, 4), torch.randn(2, 3, 4), torch.randn(2, 5, 3)
+    ids, scalings = torch.tensor([0, 1, -1]), [1.0, 1.0]
+    if case == "no_slots":
+        lora_a, lora_b, scalings = lora_a[:0], lora_b[:0], torch.ones(0)
+        error, message = ValueError, "multi_lora_linear: lora_a expected shape [L >= 1, R, 4]"
+    elif case == "0-D_x":
+        x, ids = torch.tensor(1.0), torch.tensor(0)
+        error, message = ValueError, "multi_lora_linear: x expected shape [..., 4]"
+    elif case == "ids_shaped_like_a_prefix":
+        x, ids = torch.randn(2, 3, 4), torch.tensor([0, 1])
+        error, message = ValueError, "multi_lora_linear: adapter_ids expected shape (2, 3) (x.shape[:-1]), got (2,)"
+    else:
+        backend_or_skip("triton", "cpu")
+        with pytest.raises(TypeError, match=r"multi_lora_linear: the triton backend runs float32/float16/bfloat16, "
+                                            r"got torch\.float64"):
+            functional.multi_lora_base_linear(x.double(), weight.double(), backend="triton")
+        return
+    with pytest.raises(error, match=re.escape(message)):
+        lk.multi_lora_linear(x, weight, lora_a, lora_b, ids, scalings, backend="torch")
+
+
 def test_add_lora_errors_name_its_output_y():
     """add_lora's output argument is y; its expand checks, shared with lora_expand, named it "out", an argument
     add_lora does not have (a 16-bit y with float32 lora_b read "expected dtype torch.bfloat16 (same as out)")."""
@@ -1235,6 +1263,35 @@ def test_compiled_bf16_slot_gradients_sum_in_float32_on_cpu_as_eager(backend):
         assert got.dtype == want.dtype == torch.float32
         relative = float((got - want).norm() / want.norm())
         assert relative <= 1e-5, f"{name}: compiled gradient {relative:.2e} (relative) off eager's"
+
+
+@pytest.mark.parametrize("offset", [0, 1], ids=["at_the_bound", "past_it"])
+def test_cpu_16_bit_base_gemm_widens_past_the_decode_bound_only(offset):
+    """The cpu backend's 16-bit multi_lora_linear runs its base GEMM in 16 bits up to CPU_DECODE_MAX_M rows (decode,
+    as lora_fwd_cpu's kDecodeMaxM) and on fp32 copies past it (ATen's 16-bit GEMMs without bf16 units ran 12-64x
+    slower: functional._cpu_widens). Either GEMM gives the reference's y within bf16's tolerance, so the output
+    checks passed with the choice inverted or the bound moved by one; here the dtype of the [M, N] product is."""
+    backend_or_skip("cpu", "cpu")
+    from torch.utils._python_dispatch import TorchDispatchMode
+    m, k, n = functional.CPU_DECODE_MAX_M + offset, 8, 6
+
+    class BaseProductDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.linear) \
+                    and tuple(out.shape) == (m, n):
+                self.dtypes.append(out.dtype)
+            return out
+
+    lora_a, lora_b = _adapters(2, 3, k, n, [3, 2], torch.bfloat16, "cpu")
+    x, weight = randn(m, k, dtype=torch.bfloat16), randn(n, k, dtype=torch.bfloat16)
+    with BaseProductDtypes() as products:
+        lk.multi_lora_linear(x, weight, lora_a, lora_b, torch.arange(m) % 3 - 1, [1.0, 2.0], backend="cpu")
+    assert products.dtypes == [torch.float32 if offset else torch.bfloat16], products.dtypes
 
 
 def test_torch_compile_dynamic_token_count_across_the_cpu_decode_bound_compiles_once():
@@ -2035,6 +2092,90 @@ def test_multi_lora_double_backward_matches_the_reference(backend, device):
         assert_close(g, e, torch.float32, f"d(penalty)/d{name}")
 
 
+def _gradient_and_its_dy_derivative(fn, inputs, trained, dy):
+    """create_graph=True: the gradient of <fn(*inputs), dy> with respect to inputs[trained], and the derivative of
+    the sum of its squares with respect to dy (dy requires grad: a gradient need not depend on its own input)."""
+    dy = dy.detach().requires_grad_(True)
+    first, = torch.autograd.grad(fn(*inputs), inputs[trained], dy, create_graph=True)
+    second, = torch.autograd.grad(first.square().sum(), dy)
+    return first, second
+
+
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS)
+def test_multi_lora_double_backward_of_the_weight_alone_matches_the_reference(backend, device):
+    """create_graph=True with the base weight alone requiring grad (the adapters and x frozen: a gradient penalty in
+    a base fine-tune): dW and its derivative in dY are the reference's. With no LoRA input to differentiate, the
+    differentiable backward must ask autograd for no gradient of its LoRA term (torch.autograd.grad of no inputs
+    raises); test_multi_lora_double_backward_matches_the_reference trains every input at once."""
+    backend_or_skip(backend, device)
+    x, weight, lora_a, lora_b, ids, scalings, ranks = _grouped_inputs(device)
+    dy = randn(9, 6, device=device)
+    weight.requires_grad_(True)
+    got = _gradient_and_its_dy_derivative(
+        lambda *t: lk.multi_lora_linear(*t, ids, scalings, ranks=ranks, backend=backend), [x, weight, lora_a, lora_b],
+        1, dy)
+    ref_inputs = [t.detach().double().cpu().nan_to_num(0.0) for t in (x, weight, lora_a, lora_b)]
+    ref_inputs[1].requires_grad_(True)
+    expected = _gradient_and_its_dy_derivative(
+        lambda *t: reference.multi_lora_linear_autograd(*t, ids.cpu(), scalings, None, torch.tensor(ranks)),
+        ref_inputs, 1, dy.double().cpu())
+    for name, g, e in zip(("dweight", "d(|dweight|²)/d(dy)"), got, expected):
+        assert_close(g, e, torch.float32, name)
+
+
+@pytest.mark.parametrize("trained", ["lora_a", "lora_b"])
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS)
+def test_multi_lora_double_backward_of_float32_slots_without_an_input_gradient(backend, trained, device):
+    """create_graph=True through a bf16 layer's float32 slots (MultiLoRALinear's adapter_dtype) with x frozen: the
+    Function's backward casts the slots to bf16 again, in the graph, for autograd's LoRA term, which needs both
+    slots whatever x needs (the first-order backward casts lora_a only for dX and lora_b only for dX and dA). The
+    trained slot's float32 gradient and its derivative in dY are the reference's, on the slots rounded to bf16 as
+    the forward rounds them."""
+    backend_or_skip(backend, device)
+    dtype = torch.bfloat16
+    x, weight, lora_a, lora_b, ids, scalings, ranks = _grouped_inputs(device)
+    x, weight = x.to(dtype), weight.to(dtype)
+    lora_a, lora_b = lora_a.nan_to_num(0.0), lora_b.nan_to_num(0.0)
+    position = {"lora_a": 2, "lora_b": 3}[trained]
+    dy = randn(9, 6, dtype=dtype, device=device)
+    inputs = [x, weight, lora_a, lora_b]
+    inputs[position].requires_grad_(True)
+    got = _gradient_and_its_dy_derivative(
+        lambda *t: functional.multi_lora_linear_float32_factors(*t, ids, scalings, None, ranks, backend), inputs,
+        position, dy)
+    assert got[0].dtype == torch.float32
+    ref_inputs = [t.detach().to(dtype).double().cpu() for t in inputs]
+    ref_inputs[position].requires_grad_(True)
+    expected = _gradient_and_its_dy_derivative(
+        lambda *t: reference.multi_lora_linear_autograd(*t, ids.cpu(), scalings, None, torch.tensor(ranks)),
+        ref_inputs, position, dy.double().cpu())
+    for name, g, e in zip((f"d{trained}", f"d(|d{trained}|²)/d(dy)"), got, expected):
+        assert_close(g, e, dtype, name)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training", "no_grad"])
+@pytest.mark.parametrize("backend", ["reference", *GROUPED_BACKENDS])
+def test_float32_slots_of_a_bf16_layer_are_rounded_to_bf16_on_every_backend(backend, training, device):
+    """A bf16 layer's float32 slots (MultiLoRALinear's adapter_dtype) are rounded to bf16 for the forward on every
+    backend, the reference (the spec, in float64) included, as lora_linear's float32 factors are: y = 256·A − 256
+    is 0 with A = 1 + 2⁻¹⁰ rounded to bf16 (1) and 0.25 with it unrounded. With gradients the kernel backends cast
+    inside the autograd Function and the reference up front; without, every backend casts up front (the grouped
+    kernels read one dtype)."""
+    backend_or_skip(backend, device)
+    x = torch.ones(1, 1, dtype=torch.bfloat16, device=device)
+    weight = torch.full((1, 1), -256.0, dtype=torch.bfloat16, device=device)
+    lora_a = torch.full((1, 1, 1), 1 + 2 ** -10, device=device, requires_grad=training)  # bf16 rounds it to 1
+    lora_b = torch.full((1, 1, 1), 256.0, device=device, requires_grad=training)
+    with torch.set_grad_enabled(training):
+        y = functional.multi_lora_linear_float32_factors(x, weight, lora_a, lora_b, torch.tensor([0], device=device),
+                                                         torch.tensor([1.0]), None, None, backend)
+    assert y.dtype == torch.bfloat16 and y.item() == 0.0, f"y = {y.item()}: the float32 slots were not rounded"
+    if training:  # the rounded slots' gradients, in float32: dA = B·x = 256, dB = A·x = 1
+        y.sum().backward()
+        assert lora_a.grad.dtype == torch.float32
+        assert (lora_a.grad.item(), lora_b.grad.item()) == (256.0, 1.0)
+
+
 @pytest.mark.parametrize("backend", GROUPED_BACKENDS)
 def test_multi_lora_under_torch_func_grad(backend, device):
     """torch.func.grad of a loss of multi_lora_linear in the stacked adapters: the reference's gradients (the
@@ -2098,6 +2239,36 @@ def test_multi_lora_vmap_over_the_adapter_ids_counts_out_of_range_ids_as_base_on
     assert_close(ys[0], want, torch.float32, "y with out-of-range ids")
     assert_close(ys[1], lk.multi_lora_linear(x, weight, lora_a, lora_b, ids, scalings, ranks=ranks,
                                              backend="reference"), torch.float32, "y of the valid ids")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)  # fp16: the torch backward's per_token
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS)
+def test_a_hand_built_batch_with_ids_past_the_slots_trains_them_as_base_only(backend, dtype, device):
+    """A LoRABatch built by hand (dataclasses.replace, the constructor) may hold ids outside [-1, L), which every
+    backend counts as -1 (base only), as the reference does (from_adapter_ids maps them to -1 itself, so only such a
+    batch reaches the ops with them). Training reads each token's scaling (functional.per_token: the forward's, and
+    the torch backend's fp16 backward's): a gather that did not clamp the ids into [0, L) read scalings[-1], [3] or
+    [1000] (an IndexError on a CPU, another tensor's memory on a GPU). Output and gradients are the reference's."""
+    backend_or_skip(backend, device)
+    import dataclasses
+    x, weight, lora_a, lora_b, ids, scalings, ranks = _grouped_inputs(device, dtype)
+    lora_a, lora_b = lora_a.nan_to_num(0.0), lora_b.nan_to_num(0.0)
+    base_only = ids.clone()
+    base_only[[1, 4, 6]] = -1
+    hand_ids = base_only.clone()
+    hand_ids[[1, 4, 6]] = torch.tensor([3, -2, 1000], device=device)  # 3 slots: 3 (= L) and 1000 above, -2 below
+    batch = dataclasses.replace(LoRABatch.from_adapter_ids(base_only, 3), adapter_ids=hand_ids.to(torch.int32))
+    dy = randn(9, 6, dtype=dtype, device=device)
+    leaves = [t.clone().requires_grad_(True) for t in (x, lora_a, lora_b)]
+    y = lk.multi_lora_linear(leaves[0], weight, leaves[1], leaves[2], batch, scalings, ranks=ranks, backend=backend)
+    y.backward(dy)
+    ref_leaves = [t.double().cpu().requires_grad_(True) for t in (x, lora_a, lora_b)]
+    expected = reference.multi_lora_linear_autograd(ref_leaves[0], weight.double().cpu(), *ref_leaves[1:],
+                                                    base_only.cpu(), scalings, None, torch.tensor(ranks))
+    expected.backward(dy.double().cpu())
+    assert_close(y, expected, dtype, "y")
+    for name, leaf, ref_leaf in zip(("x", "lora_a", "lora_b"), leaves, ref_leaves):
+        assert_close(leaf.grad, ref_leaf.grad, dtype, f"d{name}", scale=2.0)
 
 
 @pytest.mark.parametrize("backend", GROUPED_BACKENDS)
