@@ -877,11 +877,13 @@ class MultiLoRAFunction(torch.autograd.Function):
             # create_graph=True: differentiable gradients, which the kernels and C++ ops do not give (see
             # LoRALinearFunction.backward). The LoRA term's are autograd's own, of its torch composition, on the
             # float32 slots cast again in the graph where the forward cast them.
-            term = _multi_lora_term(x2, lora_a, lora_b, batch.adapter_ids, scalings, ranks)
             wanted = ((x2, need_x), (grad_a_like, need_a), (grad_b_like, need_b))
             inputs = [t for t, need in wanted if need]
-            grads = iter(torch.autograd.grad(term, inputs, dy, create_graph=True, allow_unused=True,
-                                             materialize_grads=True) if inputs else ())
+            grads = iter(())
+            if inputs:  # the term (L·M·R·(K+N) work) only for gradients of it: not for the weight or bias alone
+                term = _multi_lora_term(x2, lora_a, lora_b, batch.adapter_ids, scalings, ranks)
+                grads = iter(torch.autograd.grad(term, inputs, dy, create_graph=True, allow_unused=True,
+                                                 materialize_grads=True))
             dx, d_lora_a, d_lora_b = (next(grads) if need else None for _, need in wanted)
             if need_x:
                 dx = dy @ weight + dx

@@ -2102,15 +2102,21 @@ def _gradient_and_its_dy_derivative(fn, inputs, trained, dy):
 
 
 @pytest.mark.parametrize("backend", GROUPED_BACKENDS)
-def test_multi_lora_double_backward_of_the_weight_alone_matches_the_reference(backend, device):
+def test_multi_lora_double_backward_of_the_weight_alone_matches_the_reference(backend, device, monkeypatch):
     """create_graph=True with the base weight alone requiring grad (the adapters and x frozen: a gradient penalty in
     a base fine-tune): dW and its derivative in dY are the reference's. With no LoRA input to differentiate, the
     differentiable backward must ask autograd for no gradient of its LoRA term (torch.autograd.grad of no inputs
-    raises); test_multi_lora_double_backward_matches_the_reference trains every input at once."""
+    raises), nor build that term (L·M·R·(K+N) work for nothing);
+    test_multi_lora_double_backward_matches_the_reference trains every input at once."""
     backend_or_skip(backend, device)
     x, weight, lora_a, lora_b, ids, scalings, ranks = _grouped_inputs(device)
     dy = randn(9, 6, device=device)
     weight.requires_grad_(True)
+
+    def unwanted_term(*args):
+        raise AssertionError("the LoRA term was built for a backward that differentiates none of its inputs")
+
+    monkeypatch.setattr(functional, "_multi_lora_term", unwanted_term)
     got = _gradient_and_its_dy_derivative(
         lambda *t: lk.multi_lora_linear(*t, ids, scalings, ranks=ranks, backend=backend), [x, weight, lora_a, lora_b],
         1, dy)
