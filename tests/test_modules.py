@@ -224,6 +224,14 @@ def test_to_linear_keeps_the_bias_the_merged_state_and_the_device():
     torch.testing.assert_close(layer.to_linear()(x), expected)
     layer.merge()
     torch.testing.assert_close(layer.to_linear()(x), expected)
+    # a base trained with the adapter (inject_lora's bias="lora_only" / "all", or a weight unfrozen by hand) stays
+    # trainable once unwrapped: the new layer had frozen it, and further training left it unchanged, silently
+    layer = LoRALinear(8, 6, r=2)
+    layer.bias.requires_grad_(True)
+    unwrapped = layer.to_linear()
+    assert unwrapped.bias.requires_grad and not unwrapped.weight.requires_grad
+    layer.weight.requires_grad_(True)
+    assert layer.to_linear().weight.requires_grad
     for fan_in_fan_out in (False, True):
         with torch.device("meta"):
             layer = LoRALinear(8, 6, fan_in_fan_out=fan_in_fan_out, dtype=torch.bfloat16)
@@ -283,14 +291,29 @@ def test_nested_disable_adapter_restores_the_outer_state():
     assert not torch.allclose(layer(x), base)
 
 
+def test_an_error_inside_a_layers_disable_adapter_puts_the_adapter_back():
+    """A reference pass that raises inside `with layer.disable_adapter():` (an out-of-memory error that a training
+    loop catches and retries) leaves the adapter on: a context that restored the flag on a normal exit only left the
+    layer computing the base model for the rest of training, silently. (The model-level context's error path:
+    test_peft_io.py::test_an_error_inside_the_adapter_contexts_propagates_and_the_setting_is_restored.)"""
+    layer = _trained(LoRALinear(16, 8, r=2))
+    x = torch.randn(3, 16)
+    adapted = layer(x)
+    with pytest.raises(KeyError, match="a failed reference pass"), layer.disable_adapter():
+        raise KeyError("a failed reference pass")
+    assert not layer.disable_adapters
+    torch.testing.assert_close(layer(x), adapted)
+
+
 def test_disabling_a_merged_layer_is_an_error_not_the_merged_output():
     """A merged layer's weight holds the adapter, so 'disabled' cannot be computed from it: the forward raises
     instead of silently returning the adapted output."""
     layer = _trained(LoRALinear(16, 8, r=2))
     x = torch.randn(3, 16)
     layer.merge()
-    with layer.disable_adapter(), pytest.raises(RuntimeError, match="cannot disable the adapter of a merged layer"):
-        layer(x)
+    for training in (True, False):  # a reference pass in eval mode (DPO's reference model) is refused alike
+        with layer.train(training).disable_adapter(), pytest.raises(RuntimeError, match="cannot disable the adapter"):
+            layer(x)
     layer.unmerge()
     with layer.disable_adapter():
         torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
