@@ -870,9 +870,11 @@ class MultiLoRAFunction(torch.autograd.Function):
         # The slots' gradients in their own dtype (float32 slots of a 16-bit x2: see the class docstring)
         grad_a_like, grad_b_like = (lora_a, lora_b) if factor_a is None else (factor_a, factor_b)
         if factor_a is not None:  # the forward's casts again (see forward), those this backward reads
-            create_graph = torch.is_grad_enabled()  # the cast then in the graph
-            lora_a = factor_a.to(x2.dtype) if need_x or create_graph else None  # the expand of dX
-            lora_b = factor_b.to(x2.dtype) if need_x or need_a or create_graph else None  # the shrink of dY
+            # create_graph=True: both, in the graph, for the LoRA term, built only where one of its inputs needs a
+            # gradient (below)
+            lora_term = torch.is_grad_enabled() and (need_x or need_a or need_b)
+            lora_a = factor_a.to(x2.dtype) if need_x or lora_term else None  # the expand of dX
+            lora_b = factor_b.to(x2.dtype) if need_x or need_a or lora_term else None  # the shrink of dY
         if torch.is_grad_enabled():
             # create_graph=True: differentiable gradients, which the kernels and C++ ops do not give (see
             # LoRALinearFunction.backward). The LoRA term's are autograd's own, of its torch composition, on the
