@@ -404,7 +404,9 @@ class LoRALinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x2, s, weight, lora_a, lora_b, seed, *factors = ctx.saved_tensors
         scaling, dropout_p, backend = ctx.scaling, ctx.dropout_p, ctx.backend
-        need_x, need_w, need_a, _, need_bias = ctx.needs_input_grad[:5]  # dB comes with dS anyway
+        need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
+        # the base weight or bias alone (a base fine-tune with the adapter frozen) needs no dS nor dB
+        lora_wanted = need_x or need_a or need_b
         # The factors' gradients in their own dtype (float32 factors of a 16-bit x2: see the class docstring)
         grad_a_like, grad_b_like = factors or (lora_a, lora_b)
         if torch.is_grad_enabled():
@@ -413,14 +415,16 @@ class LoRALinearFunction(torch.autograd.Function):
             # second grad, the C++ ops warned "autograd kernel was not registered"), and the saved S is detached
             # from lora_a and x, so dB would miss their terms: the torch composition, on an S recomputed here
             # (from float32 factors cast again, differentiably: the forward's casts are not in the graph).
-            if factors:
+            if factors and lora_wanted:
                 lora_a, lora_b = (factor.to(x2.dtype) for factor in factors)
             return _lora_linear_backward_differentiable(ctx, dy, x2, weight, lora_a, lora_b, seed, grad_a_like,
-                                                        grad_b_like)
+                                                        grad_b_like, lora_wanted)
         dy = dy.contiguous()
         dx = d_weight = d_lora_a = d_lora_b = d_bias = None
         widen = _cpu_widens(backend, dy)  # dX = dY·W and dW = dYᵀ·X in fp32 (see _cpu_widens)
-        if backend == "triton":
+        if not lora_wanted:
+            pass
+        elif backend == "triton":  # dB comes with dS: the kernel reads dY once for both
             kernels = _triton_lora_linear()
             d_lora_b, ds = kernels.lora_bwd_dy(dy, s, lora_b, scaling)
             if need_x:
@@ -573,23 +577,26 @@ def _scaled_dy_products(dy, s, lora_b, scaling):
     return (None if s is None else scaling * (dy.T @ s.to(dy.dtype))), scaling * (dy @ lora_b.to(dy.dtype))
 
 
-def _lora_linear_backward_differentiable(ctx, dy, x2, weight, lora_a, lora_b, seed, grad_a_like, grad_b_like):
+def _lora_linear_backward_differentiable(ctx, dy, x2, weight, lora_a, lora_b, seed, grad_a_like, grad_b_like,
+                                        lora_wanted):
     """The A/B-only backward of design.md §2 in differentiable torch ops (any backend, for create_graph=True):
     S is recomputed from x and lora_a so that dB, too, carries their derivatives. grad_a_like, grad_b_like: the
-    Function's factor inputs, whose dtypes the gradients take."""
+    Function's factor inputs, whose dtypes the gradients take; lora_wanted: whether x or a factor needs a gradient
+    (else the LoRA branch, its float32 copies of dY and x included, is not differentiated at all)."""
     scaling, dropout_p = ctx.scaling, ctx.dropout_p
     need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
-    drop = None if dropout_p == 0.0 else _dropout_as_function(ctx.backend, seed, x2, dropout_p)  # the forward's mask
-    dx = None
-    with ops.autocast_off(dy.device):  # the LoRA branch's dtype, not autocast's (as in the first-order backward)
-        dy_l, x_l, a_l, b_l = _differentiable_lora_operands(ctx.backend, dy, x2, lora_a, lora_b)
-        x_l = x_l if drop is None else drop(x_l)  # after the widening, as in _lora_linear_composition
-        # differentiable; the scaling where no 16-bit product overflows first
-        d_lora_b, ds = _scaled_dy_products(dy_l, x_l @ a_l.T if need_b else None, b_l, scaling)
-        d_lora_a = ds.T @ x_l if need_a else None
-        if need_x:
-            dx_lora = ds @ a_l
-            dx = dy @ weight + (dx_lora if drop is None else drop(dx_lora))
+    dx = d_lora_a = d_lora_b = None
+    if lora_wanted:
+        drop = None if dropout_p == 0.0 else _dropout_as_function(ctx.backend, seed, x2, dropout_p)  # forward's mask
+        with ops.autocast_off(dy.device):  # the LoRA branch's dtype, not autocast's (as in the first-order backward)
+            dy_l, x_l, a_l, b_l = _differentiable_lora_operands(ctx.backend, dy, x2, lora_a, lora_b)
+            x_l = x_l if drop is None else drop(x_l)  # after the widening, as in _lora_linear_composition
+            # differentiable; the scaling where no 16-bit product overflows first
+            d_lora_b, ds = _scaled_dy_products(dy_l, x_l @ a_l.T if need_b else None, b_l, scaling)
+            d_lora_a = ds.T @ x_l if need_a else None
+            if need_x:
+                dx_lora = ds @ a_l
+                dx = dy @ weight + (dx_lora if drop is None else drop(dx_lora))
     d_weight = dy.T @ x2 if need_w else None
     d_bias = dy.sum(0) if need_bias and ctx.has_bias else None
     return _cast_grads(ctx, (dx, d_weight, d_lora_a, d_lora_b, d_bias), x2, grad_a_like, grad_b_like)

@@ -257,7 +257,7 @@ def test_lora_gradients_equal_full_finetuning(backend, device):
 
 class _ProductShapes(TorchDispatchMode):
     """Records the output shape of every matrix product run inside it (not copies: the Triton interpreter copies the
-    weight, an [N, K] tensor that is no gradient)."""
+    weight, an [N, K] tensor that is no gradient); PRODUCTS None: of every op."""
 
     PRODUCTS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm,
                 torch.ops.aten.matmul, torch.ops.aten.linear}
@@ -268,7 +268,7 @@ class _ProductShapes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func.overloadpacket in self.PRODUCTS:
+        if self.PRODUCTS is None or func.overloadpacket in self.PRODUCTS:
             self.shapes += [tuple(t.shape) for t in (out if isinstance(out, (tuple, list)) else (out,))
                             if isinstance(t, torch.Tensor)]
         return out
@@ -318,6 +318,39 @@ def test_a_frozen_bias_gets_no_bias_gradient_computed(backend, create_graph, dev
             grads = torch.autograd.grad(y, leaves + [bias_leaf] * bias_trained, dy, create_graph=create_graph)
         assert len(grads) == 3 + bias_trained
         assert ((n,) in sums.shapes) == bias_trained, f"bias trained: {bias_trained}, sums: {sums.shapes}"
+
+
+class _OutputShapes(_ProductShapes):
+    """Records the output shape of every op run inside it, allocations and the C++ ops included."""
+
+    PRODUCTS = None
+
+
+@pytest.mark.parametrize("create_graph", [False, True])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("trained", ["weight", "bias"])
+def test_a_frozen_adapter_gets_no_lora_gradient_computed(backend, trained, create_graph, device):
+    """The base weight or bias trained with x and the adapter frozen (a base fine-tune beside a frozen adapter, or a
+    gradient penalty on the base): the backward forms neither dS = s·dY·B [M, r] nor dB [N, r], a read of dY [M, N]
+    and 2·M·N·r of work for gradients autograd would drop (every gradient check passed with them). With lora_b
+    trained as well, dB is formed (so the mode sees it where it is made). M, K, N, r all distinct."""
+    backend_or_skip(backend, device)
+    m, k, n, r = 11, 24, 18, 8
+    x, weight, lora_a, lora_b, bias = lora_inputs(m, k, n, r, torch.float32, device)
+    dy = randn(m, n, device=device)
+    for lora_b_trained in (False, True):
+        base = {"weight": weight, "bias": bias}
+        base[trained] = base[trained].clone().requires_grad_(True)
+        b_leaf = lora_b.clone().requires_grad_(lora_b_trained)
+        y = lora_linear(x, base["weight"], lora_a, b_leaf, 0.5, base["bias"], backend=backend)
+        with _OutputShapes() as outputs:
+            grads = torch.autograd.grad(y, [base[trained]] + [b_leaf] * lora_b_trained, dy,
+                                        create_graph=create_graph)
+        assert [tuple(g.shape) for g in grads] == [tuple(base[trained].shape)] + [(n, r)] * lora_b_trained
+        if lora_b_trained:
+            assert (n, r) in outputs.shapes, outputs.shapes
+        else:
+            assert not {(n, r), (m, r)} & set(outputs.shapes), outputs.shapes
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["reference"])
