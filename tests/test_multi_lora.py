@@ -1413,6 +1413,37 @@ def test_an_unbacked_token_count_compiles_one_graph_for_every_count(backend):
     assert len(graphs) == 1, f"{len(graphs)} graphs"
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_an_unbacked_token_count_unlike_the_batchs_is_refused_when_the_graph_runs(backend):
+    """With the token dimensions of x and of the ids both marked unbacked, check_tokens cannot compare them while
+    tracing; it records their equality (torch._check) instead, which the graph checks before it runs. Without that
+    record the Triton backend ran 5 rows of x against a batch of 3 tokens and returned a result (the other backends'
+    own checks refused it later); a matching count still runs (LoRABatch.check_tokens)."""
+    backend_or_skip(backend, torch.device("cpu"))
+    lora_a, lora_b = randn(3, 4, 16), randn(3, 10, 4)
+    scalings, ranks = torch.full((3,), 0.5), torch.full((3,), 4, dtype=torch.int32)
+
+    def step(x, ids):
+        y = torch.zeros(x.shape[0], 10)
+        lk.ops.add_lora(y, x, [lora_a], [lora_b], LoRABatch.from_adapter_ids(ids, 3), scalings, ranks, [10],
+                        backend=backend)
+        return y
+
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    generator = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for tokens, id_count in ((7, 7), (5, 3), (3, 5)):
+            x = torch.randn(tokens, 16, generator=generator)
+            ids = torch.randint(0, 3, (id_count,), generator=generator)
+            torch._dynamo.decorators.mark_unbacked(x, 0)
+            torch._dynamo.decorators.mark_unbacked(ids, 0)
+            if tokens == id_count:
+                torch.testing.assert_close(compiled(x, ids), step(x, ids))
+            else:
+                with pytest.raises(AssertionError):  # torch's own: dynamo takes no message for torch._check here
+                    compiled(x, ids)
+
+
 @pytest.mark.parametrize("shape", [(None,), (2, None)])
 def test_an_unbacked_token_count_compiles_a_multi_lora_layer_called_alone(shape):
     """MultiLoRALinear(x, ids) with the token dimension of x and of the ids marked unbacked, and nothing before it
