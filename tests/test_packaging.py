@@ -320,6 +320,32 @@ def test_the_built_torch_check_compares_minor_versions():
     assert built_torch_mismatch(object(), "2.13.0") is None  # a build that did not record it is taken as it is
 
 
+def test_setup_records_the_cuda_skipped_codes_the_package_reads():
+    """setup.py records why a build left the CUDA sources out as a number (LORA_KERNELS_CUDA_SKIPPED), which
+    _ext.CUDA_SKIPPED_REASONS turns back into words for `lora-kernels info`: the two tables are written apart, and a
+    code added or renumbered on one side only would be reported as no reason, or as another one. Each code setup.py
+    can record is the package's, for the same cause (the build of code 1 alone is checked end to end, by
+    test_extension_messages_survive_a_statically_linked_libstdcxx)."""
+    import ast
+
+    from lora_kernels._ext import CUDA_SKIPPED_REASONS
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    (assignment,) = [node for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                     and ast.unparse(node.targets[0]) == "(skipped, reason)"]
+    recorded = {}
+    for pair in ast.walk(assignment.value):
+        if isinstance(pair, ast.Tuple) and len(pair.elts) == 2 and isinstance(pair.elts[0], ast.Constant):
+            reason = pair.elts[1]
+            recorded[pair.elts[0].value] = reason.value if isinstance(reason, ast.Constant) else ast.unparse(reason)
+    assert set(recorded) == set(CUDA_SKIPPED_REASONS), recorded
+    causes = {1: "LORA_KERNELS_BUILD_CUDA=0", 2: "CPU-only", 3: "CUDA toolkit", 4: "mismatch"}
+    for code, cause in causes.items():
+        assert cause.lower() in recorded[code].lower(), (code, recorded[code])
+    assert "major version" in CUDA_SKIPPED_REASONS[4]
+    for code in (1, 2, 3):
+        assert causes[code] in CUDA_SKIPPED_REASONS[code], (code, CUDA_SKIPPED_REASONS[code])
+
+
 # Bad input to the extension's ops, as the user sees it: every piece of the message, numbers included.
 STATIC_LIBSTDCXX_MESSAGES = r"""
 import torch
