@@ -15,10 +15,11 @@
 
 namespace lora_kernels {
 
-// sgmv kernels: the grid's y and z dimensions (token tiles of kSgmvTileTokens, adapter slots) are limited to
-// kSgmvMaxGridYZ; register_cuda.cpp checks that before launching.
+// CUDA's limit on a grid's y and z dimensions. The sgmv kernels' (token tiles of kSgmvTileTokens, adapter slots):
+// register_cuda.cpp checks them against it before launching; lora_linear.cu's tensor-core lora_bwd_dy falls back to
+// its CUDA-core kernel past it.
 constexpr int64_t kSgmvTileTokens = 32;
-constexpr int64_t kSgmvMaxGridYZ = 65535;
+constexpr int64_t kMaxGridYZ = 65535;
 
 // csrc/cuda/lora_linear.cu
 std::tuple<at::Tensor, at::Tensor> lora_fwd_cuda_launch(const at::Tensor& x,

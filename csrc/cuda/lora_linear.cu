@@ -919,8 +919,7 @@ std::tuple<at::Tensor, at::Tensor> lora_bwd_dy_cuda_launch(const at::Tensor& dy,
   }
   if (bwd_dy_mma_applies(dy, r)) {
     const BwdDyMmaGrid grid = bwd_dy_mma_grid(M, N, r, dy.get_device());
-    constexpr int64_t kMaxGridY = 65535;  // CUDA's limit: past 16 Mi rows, the CUDA-core kernel below
-    if (grid.row_blocks <= kMaxGridY) {
+    if (grid.row_blocks <= kMaxGridYZ) {  // past 16 Mi rows, the CUDA-core kernel below
       return dy.scalar_type() == at::kHalf ? bwd_dy_on_tensor_cores<c10::Half>(dy, s, lora_b, scaling, grid)
                                            : bwd_dy_on_tensor_cores<c10::BFloat16>(dy, s, lora_b, scaling, grid);
     }

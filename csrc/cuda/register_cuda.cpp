@@ -14,13 +14,13 @@ namespace lora_kernels {
 namespace {
 
 // The sgmv grid's y and z dimensions (token tiles of tokens_arg's rows, slots of lora_arg's) are at most
-// kSgmvMaxGridYZ.
+// kMaxGridYZ.
 void check_sgmv_grid(const char* op, const char* tokens_arg, int64_t num_tokens, const char* lora_arg,
                      int64_t num_slots) {
-  LK_CHECK_VALUE((num_tokens + kSgmvTileTokens - 1) / kSgmvTileTokens <= kSgmvMaxGridYZ, op, ": ", tokens_arg,
-                 ".shape[0] expected at most ", kSgmvMaxGridYZ * kSgmvTileTokens, " tokens (CUDA grid limit: ",
-                 kSgmvMaxGridYZ, " tiles of ", kSgmvTileTokens, "), got ", num_tokens);
-  LK_CHECK_VALUE(num_slots <= kSgmvMaxGridYZ, op, ": ", lora_arg, ".shape[0] expected at most ", kSgmvMaxGridYZ,
+  LK_CHECK_VALUE((num_tokens + kSgmvTileTokens - 1) / kSgmvTileTokens <= kMaxGridYZ, op, ": ", tokens_arg,
+                 ".shape[0] expected at most ", kMaxGridYZ * kSgmvTileTokens, " tokens (CUDA grid limit: ",
+                 kMaxGridYZ, " tiles of ", kSgmvTileTokens, "), got ", num_tokens);
+  LK_CHECK_VALUE(num_slots <= kMaxGridYZ, op, ": ", lora_arg, ".shape[0] expected at most ", kMaxGridYZ,
                  " adapter slots (CUDA grid limit), got ", num_slots);
 }
 

@@ -249,13 +249,14 @@ __global__ void __launch_bounds__(kThreads) sgmv_kernel(const SgmvArgs args) {
 // the MMA's rows, A's rank rows its columns), with 16-byte loads, kShrinkUnroll K chunks loaded before their MMAs.
 // The same grid and partials as sgmv_kernel<true>, the K-split counted for its 2-warp blocks (shrink_k_split);
 // rank rows past ranks[slot] are never read.
-constexpr int kShrinkWarps = kTileTokens / 16;  // 16 tokens (one MMA tile of rows) per warp
-constexpr int kShrinkTiles = kTileCols / 8;     // the block's 32 rank columns as n8 MMA tiles
-constexpr int kShrinkUnroll = 2;                // 32-wide K chunks per step: 2 x (2 + 4) 16-byte loads in flight
+// The MMA shrink's and expand's blocks (sgmv_expand_mma_kernel below takes the same shape):
+constexpr int kSgmvMmaWarps = kTileTokens / 16;    // 16 tokens (one MMA tile of rows) per warp
+constexpr int kSgmvMmaColTiles = kTileCols / 8;    // the block's 32 rank (or output) columns as n8 MMA tiles
+constexpr int kShrinkUnroll = 2;                   // 32-wide K chunks per step: 2 x (2 + 4) 16-byte loads in flight
 static_assert(kTileK == 32, "one K tile is one mma_k32");
 
 template <typename T>
-__global__ void __launch_bounds__(kShrinkWarps * 32, 1) sgmv_shrink_mma_kernel(const SgmvArgs args) {
+__global__ void __launch_bounds__(kSgmvMmaWarps * 32, 1) sgmv_shrink_mma_kernel(const SgmvArgs args) {
   const int slot = blockIdx.z;
   const SlotRange range = slot_range(args, slot);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, group = lane / 4, t = lane % 4;
@@ -276,14 +277,14 @@ __global__ void __launch_bounds__(kShrinkWarps * 32, 1) sgmv_shrink_mma_kernel(c
   const T* x = static_cast<const T*>(args.x);
   const T* x_lo = x + (tokens[0] >= 0 ? tokens[0] : 0) * args.x_stride_t + 8 * t;
   const T* x_hi = x + (tokens[1] >= 0 ? tokens[1] : 0) * args.x_stride_t + 8 * t;
-  const T* a_rows[kShrinkTiles];  // A's rank rows past the slot's rank: never read
-  bool a_ok[kShrinkTiles];
+  const T* a_rows[kSgmvMmaColTiles];  // A's rank rows past the slot's rank: never read
+  bool a_ok[kSgmvMmaColTiles];
   mma_b_rows(static_cast<const T*>(args.w) + int64_t(slot) * args.w_stride_slot, c0, rank, args.w_stride_c, group, t,
              a_rows, a_ok);
 
-  float acc[kShrinkTiles][4] = {};
+  float acc[kSgmvMmaColTiles][4] = {};
   for (int64_t k0 = k_begin; k0 < k_end; k0 += int64_t(kShrinkUnroll) * kTileK) {
-    uint4 lo[kShrinkUnroll], hi[kShrinkUnroll], a[kShrinkUnroll][kShrinkTiles];
+    uint4 lo[kShrinkUnroll], hi[kShrinkUnroll], a[kShrinkUnroll][kSgmvMmaColTiles];
 #pragma unroll
     for (int u = 0; u < kShrinkUnroll; ++u) {
       const int64_t k = k0 + u * kTileK;
@@ -291,21 +292,21 @@ __global__ void __launch_bounds__(kShrinkWarps * 32, 1) sgmv_shrink_mma_kernel(c
       lo[u] = load16_or_zero(x_lo + k, in_k && tokens[0] >= 0, false);
       hi[u] = load16_or_zero(x_hi + k, in_k && tokens[1] >= 0, false);
 #pragma unroll
-      for (int tile = 0; tile < kShrinkTiles; ++tile) {
+      for (int tile = 0; tile < kSgmvMmaColTiles; ++tile) {
         a[u][tile] = load16_or_zero(a_rows[tile] + k, in_k && a_ok[tile], false);
       }
     }
 #pragma unroll
     for (int u = 0; u < kShrinkUnroll; ++u) {
 #pragma unroll
-      for (int tile = 0; tile < kShrinkTiles; ++tile) mma_k32<T>(acc[tile], lo[u], hi[u], a[u][tile]);
+      for (int tile = 0; tile < kSgmvMmaColTiles; ++tile) mma_k32<T>(acc[tile], lo[u], hi[u], a[u][tile]);
     }
   }
   // acc[tile][i] is token row group + 8 * (i / 2), rank column 8 * tile + 2t + i % 2 (tensor_core.h)
   const float scale = args.scalings[slot];
   float* out = static_cast<float*>(args.out) + split * args.out_stride_split;
 #pragma unroll
-  for (int tile = 0; tile < kShrinkTiles; ++tile) {
+  for (int tile = 0; tile < kSgmvMmaColTiles; ++tile) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int64_t token = tokens[i / 2], col = c0 + 8 * tile + 2 * t + i % 2;
@@ -333,8 +334,8 @@ constexpr int kExpandCols = 4 * kTileCols;
 constexpr int kStagedPitch = kTileCols + 4;  // floats per staged row: a lane's 16 columns start 16-byte aligned
 
 template <typename T>
-__global__ void __launch_bounds__(kShrinkWarps * 32) sgmv_expand_mma_kernel(const SgmvArgs args) {
-  __shared__ float staged[kShrinkWarps][16][kStagedPitch];  // a warp's 16 tokens x 32 columns of one column tile
+__global__ void __launch_bounds__(kSgmvMmaWarps * 32) sgmv_expand_mma_kernel(const SgmvArgs args) {
+  __shared__ float staged[kSgmvMmaWarps][16][kStagedPitch];  // a warp's 16 tokens x 32 columns of one column tile
   const int slot = blockIdx.z;
   const SlotRange range = slot_range(args, slot);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, group = lane / 4, t = lane % 4;
@@ -362,7 +363,7 @@ __global__ void __launch_bounds__(kShrinkWarps * 32) sgmv_expand_mma_kernel(cons
   const float* t_rows = static_cast<const float*>(args.x);
   const T* b = static_cast<const T*>(args.w) + int64_t(slot) * args.w_stride_slot;
   for (int64_t c0 = block_c0; c0 < block_c0 + kExpandCols && c0 < args.cols_full; c0 += kTileCols) {
-    float acc[kShrinkTiles][4] = {};
+    float acc[kSgmvMmaColTiles][4] = {};
     for (int64_t j0 = 0; j0 < rank; j0 += 8) {
       // k-slot t <- rank index j0 + 2t, slot t + 4 <- j0 + 2t + 1 (the same for t and B: see tensor_core.h)
       uint32_t a[2][2];
@@ -376,7 +377,7 @@ __global__ void __launch_bounds__(kShrinkWarps * 32) sgmv_expand_mma_kernel(cons
         }
       }
 #pragma unroll
-      for (int tile = 0; tile < kShrinkTiles; ++tile) {
+      for (int tile = 0; tile < kSgmvMmaColTiles; ++tile) {
         const int64_t n = c0 + 8 * tile + group;
         uint32_t w[2];
 #pragma unroll
@@ -392,7 +393,7 @@ __global__ void __launch_bounds__(kShrinkWarps * 32) sgmv_expand_mma_kernel(cons
     // rounded once (LoRABatch's sorted_token_ids is a permutation: one writer per element, as in sgmv_kernel)
     if (staged_out) {
 #pragma unroll
-      for (int tile = 0; tile < kShrinkTiles; ++tile) {
+      for (int tile = 0; tile < kSgmvMmaColTiles; ++tile) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) staged[warp][group + 8 * (i / 2)][8 * tile + 2 * t + i % 2] = acc[tile][i];
       }
@@ -422,7 +423,7 @@ __global__ void __launch_bounds__(kShrinkWarps * 32) sgmv_expand_mma_kernel(cons
       continue;
     }
 #pragma unroll
-    for (int tile = 0; tile < kShrinkTiles; ++tile) {
+    for (int tile = 0; tile < kSgmvMmaColTiles; ++tile) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int64_t token = tokens[i / 2], col = c0 + 8 * tile + 2 * t + i % 2;
@@ -698,7 +699,7 @@ void launch_bgmv(const SgmvArgs& args, int64_t grid_y) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The grid's y and z dimensions (token tiles, slots) were checked against kSgmvMaxGridYZ by register_cuda.cpp.
+// The grid's y and z dimensions (token tiles, slots) were checked against kMaxGridYZ by register_cuda.cpp.
 // tensor_cores: sgmv_shrink_mma_kernel / sgmv_expand_mma_kernel, whose conditions the caller checked (and, for the
 // expand, whose column tiles of kExpandCols it counted in args.col_tiles).
 template <bool kShrink>
@@ -711,15 +712,15 @@ void launch_sgmv(const SgmvArgs& args, int64_t splits, bool tensor_cores) {
   const dim3 grid(splits * args.col_tiles, token_tiles, args.num_slots);
   if (kShrink && tensor_cores) {
     if (args.x_dtype == kBF16) {
-      sgmv_shrink_mma_kernel<c10::BFloat16><<<grid, kShrinkWarps * 32, 0, stream>>>(args);
+      sgmv_shrink_mma_kernel<c10::BFloat16><<<grid, kSgmvMmaWarps * 32, 0, stream>>>(args);
     } else {
-      sgmv_shrink_mma_kernel<c10::Half><<<grid, kShrinkWarps * 32, 0, stream>>>(args);
+      sgmv_shrink_mma_kernel<c10::Half><<<grid, kSgmvMmaWarps * 32, 0, stream>>>(args);
     }
   } else if (!kShrink && tensor_cores) {
     if (args.w_dtype == kBF16) {
-      sgmv_expand_mma_kernel<c10::BFloat16><<<grid, kShrinkWarps * 32, 0, stream>>>(args);
+      sgmv_expand_mma_kernel<c10::BFloat16><<<grid, kSgmvMmaWarps * 32, 0, stream>>>(args);
     } else {
-      sgmv_expand_mma_kernel<c10::Half><<<grid, kShrinkWarps * 32, 0, stream>>>(args);
+      sgmv_expand_mma_kernel<c10::Half><<<grid, kSgmvMmaWarps * 32, 0, stream>>>(args);
     }
   } else if (args.x_dtype == kF64 || args.w_dtype == kF64 || args.out_dtype == kF64) {
     sgmv_kernel<kShrink, double><<<grid, kThreads, 0, stream>>>(args);
@@ -769,10 +770,10 @@ at::Tensor sgmv_shrink_cuda_launch(const at::Tensor& x, const at::Tensor& lora_a
   const bool rows_of_16_bytes = shrink_rows_of_16_bytes(args);
   const ShrinkSplit decode_split =
       decode_k_split(num_tokens, args.k_full, args.x_dtype == kF32 ? 4 : 8, x.get_device());
-  // The decode grid's K-splits are its y dimension, at most kSgmvMaxGridYZ: past that (K above about 2^25 in float32,
+  // The decode grid's K-splits are its y dimension, at most kMaxGridYZ: past that (K above about 2^25 in float32,
   // 2^26 in 16 bits) the sgmv kernels, whose splits are the x dimension, take it.
   const bool decode =
-      rows_of_16_bytes && decode_path(num_tokens, num_slots) && decode_split.splits <= kSgmvMaxGridYZ;
+      rows_of_16_bytes && decode_path(num_tokens, num_slots) && decode_split.splits <= kMaxGridYZ;
   // Tensor cores for x and lora_a of one 16-bit dtype whose rows are whole 16-byte loads, on sm_80+.
   const bool tensor_cores =
       !decode && rows_of_16_bytes && args.x_dtype != kF32 &&
@@ -781,7 +782,7 @@ at::Tensor sgmv_shrink_cuda_launch(const at::Tensor& x, const at::Tensor& lora_a
   const bool acc_fp64 = args.x_dtype == kF64 || args.w_dtype == kF64;
   const ShrinkSplit k_split =
       decode ? decode_split
-             : shrink_k_split(num_tokens, num_slots, max_rank, args.k_full, tensor_cores ? kShrinkWarps : kThreads / 32,
+             : shrink_k_split(num_tokens, num_slots, max_rank, args.k_full, tensor_cores ? kSgmvMmaWarps : kThreads / 32,
                               x.get_device());
   at::Tensor partials = at::zeros({k_split.splits, num_tokens, max_rank},
                                   x.options().dtype(acc_fp64 ? at::kDouble : at::kFloat));
@@ -817,7 +818,7 @@ void sgmv_expand_cuda_launch(const at::Tensor& t, const at::Tensor& lora_b, cons
   // float64 out keeps float64 accumulation (sgmv_kernel). The decode grid's column blocks are its y dimension.
   const int64_t decode_col_blocks = ceil_div(args.cols_full, kDecodeExpandCols);
   if (args.out_dtype != kF64 && expand_rows_of_16_bytes(args) && decode_path(args.num_tokens, args.num_slots) &&
-      decode_col_blocks <= kSgmvMaxGridYZ) {
+      decode_col_blocks <= kMaxGridYZ) {
     launch_bgmv<false>(args, decode_col_blocks);
     return;
   }

@@ -57,13 +57,13 @@ void run_case(Kernels kernels, uint32_t seed) {
     return;
   }
   const bool mma = kernels == Kernels::kTensorCores;
-  const ShrinkSplit split = shrink_k_split(batch.M, batch.L, batch.R, batch.K, mma ? kShrinkWarps : kThreads / 32, 0);
+  const ShrinkSplit split = shrink_k_split(batch.M, batch.L, batch.R, batch.K, mma ? kSgmvMmaWarps : kThreads / 32, 0);
   SgmvArgs args = batch.shrink_args(partials, split.splits, split.k_per_split);
   bad.apply(args);
   args.col_tiles = ceil_div(batch.R, kTileCols);
   const unsigned grid_x = split.splits * args.col_tiles, grid_y = ceil_div(batch.M, kTileTokens);
   if (mma) {
-    emulate_launch(sgmv_shrink_mma_kernel<T>, args, grid_x, grid_y, batch.L, kShrinkWarps * 32);
+    emulate_launch(sgmv_shrink_mma_kernel<T>, args, grid_x, grid_y, batch.L, kSgmvMmaWarps * 32);
   } else {
     emulate_launch(sgmv_kernel<true, float>, args, grid_x, grid_y, batch.L, kThreads);
   }
@@ -72,7 +72,7 @@ void run_case(Kernels kernels, uint32_t seed) {
   bad.apply(expand);
   expand.col_tiles = ceil_div(batch.N, mma ? kExpandCols : kTileCols);
   if (mma) {
-    emulate_launch(sgmv_expand_mma_kernel<T>, expand, expand.col_tiles, grid_y, batch.L, kShrinkWarps * 32);
+    emulate_launch(sgmv_expand_mma_kernel<T>, expand, expand.col_tiles, grid_y, batch.L, kSgmvMmaWarps * 32);
   } else {
     emulate_launch(sgmv_kernel<false, float>, expand, expand.col_tiles, grid_y, batch.L, kThreads);
   }

@@ -168,7 +168,7 @@ constexpr int kBlocksPerSm = 2;
 inline int sm_count(int) { return g_sm_count; }
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 constexpr int64_t kSgmvTileTokens = 32;
-constexpr int64_t kSgmvMaxGridYZ = 65535;
+constexpr int64_t kMaxGridYZ = 65535;
 #endif
 
 // mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: d (16 x 8, fp32) += a (16 x 16) · b (16 x 8). Lane = 4 g + t

@@ -55,7 +55,7 @@ void check_splits() {
       for (int64_t tokens : {1, 7, 64, 65, 4096, 100000}) {
         for (int64_t slots : {1, 16}) {
           for (int64_t rank : {1, 16, 64}) {
-            for (int64_t warps : {int64_t(kShrinkWarps), int64_t(kThreads / 32)}) {
+            for (int64_t warps : {int64_t(kSgmvMmaWarps), int64_t(kThreads / 32)}) {
               const ShrinkSplit s = shrink_k_split(tokens, slots, rank, k, warps, 0);
               const int64_t budget = std::max(tokens * k / 2, kMinShrinkPartials);
               EXPECT(split_covers(k, s.splits, s.k_per_split, kTileK, kMaxShrinkSplits) &&

@@ -24,12 +24,12 @@ template <typename T, typename Out>
 void run_case(int M, int L, int K, int R, int row_pad, const std::string& dist, int sms, uint32_t seed,
               bool aligned_out = false) {
   g_sm_count = sms;
-  const int threads = kShrinkWarps * 32;
+  const int threads = kSgmvMmaWarps * 32;
   GroupedCase<T, Out> batch(M, L, K, R, K + row_pad, R, 300, dist, seed, aligned_out);  // N: 2 blocks of 128, a part
   EXPECT(!aligned_out || reinterpret_cast<uintptr_t>(batch.out.data()) % 16 == 0, "out not 16-byte aligned");
 
   std::vector<float> partials;
-  const ShrinkSplit split = shrink_k_split(M, L, R, K, kShrinkWarps, 0);
+  const ShrinkSplit split = shrink_k_split(M, L, R, K, kSgmvMmaWarps, 0);
   SgmvArgs args = batch.shrink_args(partials, split.splits, split.k_per_split);
   EXPECT(shrink_rows_of_16_bytes(args), "shrink rows not whole 16-byte loads (K=%d pad=%d)", K, row_pad);
   EXPECT(!decode_path(M, L), "a decode shape M=%d L=%d", M, L);
