@@ -6,6 +6,8 @@ import importlib.util
 import json
 import os
 import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -626,3 +628,475 @@ def test_every_candidate_is_warmed_up_before_the_first_is_timed(monkeypatch):
     warm = [("a", 0), ("a", 1), ("a", 0), ("b", 0), ("b", 1), ("b", 0)]
     assert calls[:6] == warm
     assert len(calls) == 6 + bench.ROUNDS * len(candidates) * max(1, -(-2 // bench.ROUNDS))
+
+
+# ------------------------------------------------------------------------------------------------ mutation round
+# Survivors of bench.py's mutation round (helper 204): the timers' arithmetic, the rotation counts, each row's
+# candidates and values, the table's notes. Stand-in clocks, devices and timings: no timing is asserted.
+
+def test_num_sets_aims_at_the_cache_multiple_within_the_caps(monkeypatch):
+    """Rotating sets: enough that together they exceed CACHE_MULTIPLE x the cache (rounded up: rounded down, the sets
+    fit in it and the rows time cache hits), at most MAX_SETS, at most what this device's MAX_ROTATION_BYTES holds
+    (not the GPU's 8 GiB on a CPU), and never fewer than two."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(bench, "_cache_bytes", lambda device: 1000)
+    assert bench.num_sets(cpu, 700) == 5  # 3 x 1000 / 700 = 4.3
+    assert bench.num_sets(cpu, 1000) == 3
+    assert bench.num_sets(cpu, 1) == bench.MAX_SETS
+    assert bench.num_sets(cpu, 10 ** 6) == 2  # one set is past the cache already: still two
+    monkeypatch.setattr(bench, "_cache_bytes", lambda device: 1 << 40)
+    assert bench.num_sets(cpu, bench.MAX_ROTATION_BYTES["cpu"] // 5) == 5  # the memory allowed caps it
+
+
+def test_input_sets_are_counted_by_the_bytes_a_call_touches(monkeypatch):
+    """InputSets and GroupedSets count their sets by one set's bytes: x, W, A, B (and dY for training) and the
+    output y, at the dtype's element size. Undercounted, the rotation stays inside the cache it is there to pass."""
+    counted = []
+    monkeypatch.setattr(bench, "num_sets", lambda device, set_bytes: counted.append(set_bytes) or 2)
+    cpu, y_bytes = torch.device("cpu"), 4 * 12 * 2  # y: 4 tokens x N = 12 in bfloat16
+    for grad in (False, True):
+        s = bench.InputSets(cpu, torch.bfloat16, 4, 8, 12, 3, grad=grad).sets[0]
+        operands = ("x", "w", "a", "b") + (("dy",) if grad else ())
+        assert counted[-1] == sum(s[name].nbytes for name in operands) + y_bytes, grad
+    grouped = bench.GroupedSets(cpu, torch.bfloat16, 4, 8, 12, 3, 5)
+    s = grouped.sets[0]
+    assert counted[-1] == grouped.bytes_per_set == sum(s[name].nbytes for name in ("x", "w", "a", "b")) + y_bytes
+
+
+def test_cpu_call_times_are_milliseconds_of_each_call_in_turn(monkeypatch):
+    """_time_calls: one time per rep in ms (the unit of every "ms" column and of _fmt_value), cycling through the
+    input sets, the device drained before the first call (work queued earlier is not the first call's). A stand-in
+    clock."""
+    now, events = [0.0], []
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(bench, "synchronize", lambda device: events.append("sync"))
+
+    def call(i, seconds):
+        events.append(i)
+        now[0] += seconds
+    fns = [lambda: call(0, 0.001), lambda: call(1, 0.003)]
+    assert bench._time_calls(fns, torch.device("cpu"), 3) == pytest.approx([1.0, 3.0, 1.0])
+    assert events == ["sync", 0, 1, 0]
+
+
+def test_gpu_call_times_are_each_calls_events_and_the_backlog_only_when_asked(monkeypatch):
+    """On CUDA each call is timed by its own start and end events (start.elapsed_time(end), positive), and the GPU
+    spin that makes graph replays time the kernels alone is queued only when asked (backlog=True): before eager calls
+    it hid the host path that their rows are there to include. Stand-ins for the CUDA calls; no GPU here."""
+    now, slept = [0.0], []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.at = None
+
+        def record(self):
+            self.at = now[0]
+
+        def elapsed_time(self, end):
+            return end.at - self.at
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "_sleep", slept.append)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(bench, "synchronize", lambda device: None)
+
+    def call(ms):
+        now[0] += ms
+    fns, cuda = [lambda: call(2.0), lambda: call(5.0)], torch.device("cuda")
+    assert bench._time_calls(fns, cuda, 3) == [2.0, 5.0, 2.0] and slept == []
+    assert bench._time_calls(fns, cuda, 2, backlog=True) == [2.0, 5.0] and slept == [bench.BACKLOG_SLEEP_CYCLES]
+
+
+def test_host_time_is_the_best_runs_ms_per_call_from_a_drained_device_to_a_drained_one(monkeypatch):
+    """host_time_ms: HOST_WARMUP calls, then HOST_REPEATS runs of HOST_CALLS calls, each from a drained device to a
+    drained device, and the best run's ms per call: neither the warm-up's queued work nor a run's own work still
+    queued at its end (an asynchronous device) may move the number, nor a slower run (a noisy host). Stand-ins for
+    the clock and the device's queue: a call queues its work, synchronising runs it."""
+    now, queued, calls = [0.0], [0.0], []
+    runs = (1e-3, 3e-3, 2e-3, 5e-3, 4e-3)  # seconds per call in each run; the first is the best
+    assert len(runs) == bench.HOST_REPEATS
+    per_call = [0.5] * bench.HOST_WARMUP + [s for s in runs for _ in range(bench.HOST_CALLS)]
+
+    def fn():
+        queued[0] += per_call[len(calls)]
+        calls.append(1)
+
+    def synchronize(device):
+        now[0] += queued[0]
+        queued[0] = 0.0
+    monkeypatch.setattr(bench, "synchronize", synchronize)
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    assert bench.host_time_ms(fn, torch.device("cpu")) == pytest.approx(1.0)
+    assert len(calls) == len(per_call)
+
+
+def test_measure_takes_the_median_of_every_round_with_at_least_reps_calls(monkeypatch):
+    """measure: the candidates alternate in ROUNDS rounds of ceil(reps / ROUNDS) calls (at least --reps calls in
+    all, an odd count too), graph rows ask _time_calls for the backlog, and a candidate's number is the median of
+    all its calls: not the best call, nor the mean (one outlier moves it), nor one round's."""
+    assert bench.ROUNDS == 2  # the stand-in timings below give a list per round
+    script = {"a": iter([[1.0, 2.0], [9.0, 3.0]]), "b": iter([[4.0, 5.0], [6.0, 100.0]])}
+    log = []
+
+    def time_calls(fns, device, reps, backlog=False):
+        name = fns[0]()
+        log.append((name, reps, backlog))
+        return next(script[name])
+    monkeypatch.setattr(bench, "_time_calls", time_calls)
+    candidates = {name: [lambda name=name: name] for name in ("a", "b")}
+    assert bench.measure(candidates, torch.device("cpu"), reps=3, warmup=0, graph=True) == {"a": 2.5, "b": 5.5}
+    assert log == [("a", 2, True), ("b", 2, True)] * 2
+
+
+def test_peak_memory_is_the_calls_peak_above_what_was_allocated_before(monkeypatch):
+    """peak_memory: the allocator's peak is reset before the call (an earlier, higher peak of the run is not this
+    call's) and what was allocated before it (the inputs) is taken off. Stand-ins for the CUDA allocator."""
+    state = {"allocated": 300, "peak": 5000}
+    monkeypatch.setattr(bench, "synchronize", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: state["allocated"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
+                        lambda device=None: state.update(peak=state["allocated"]))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: state["peak"])
+
+    def fn():
+        state["peak"] = max(state["peak"], state["allocated"] + 200)
+    assert bench.peak_memory(fn, torch.device("cuda")) == 200
+    assert bench.peak_memory(fn, torch.device("cpu")) is None
+
+
+def test_a_gpu_row_is_judged_in_its_targets_direction():
+    """On GPUs a row meets its target at or below a "<=" value and at or above a ">=" one (the unfused layer's
+    speed-up), marked ok or MISS, with its floor; CPU rows are not judged."""
+    rows = []
+    for kind, ratio in (("fwd_decode", 1.05), ("fwd_decode", 1.2), ("unfused_vs_ours", 1.5), ("unfused_vs_ours", 1.1)):
+        bench._row(rows, "s", kind, "torch", "M=1", "ours", "base", ratio, ratio, 1.0, "ms", True)
+    bench._row(rows, "s", "fwd_decode", "torch", "M=1", "ours", "base", 1.05, 1.05, 1.0, "ms", False)
+    assert [row["meets_target"] for row in rows] == [True, False, True, False, None]
+    assert [bench._table_row(row)[1][-1] for row in rows] == ["ok", "MISS", "ok", "MISS", ""]
+    assert (rows[0]["target"], rows[0]["floor"]) == ("<= 1.1", 1.01)
+    assert (rows[2]["target"], rows[2]["floor"]) == (">= 1.3", None)
+
+
+def test_prefill_tokens_as_many_as_the_rows_adapters_are_enough():
+    """--prefill-tokens 64 spreads the grouped rows over their 64 adapters, one token each (and 16 the sweep's 16):
+    only fewer are refused."""
+    assert _tiny(sections=("grouped",), prefill_tokens=bench.LOOP_ADAPTERS).resolved().prefill_tokens == 64
+    assert _tiny(sections=("sweep",), prefill_tokens=bench.PREFILL_ADAPTERS, sweep_tokens=(4,),
+                 sweep_adapters=(2,)).resolved().prefill_tokens == 16
+
+
+def test_each_host_row_is_over_the_f_linear_call_of_its_own_kind(monkeypatch):
+    """Host rows: the fwd+bwd row over F.linear's fwd+bwd, the forward rows and the LoRABatch row over F.linear's
+    forward (a wrong or swapped baseline had printed, e.g., the autograd path's overhead against a plain forward).
+    A stand-in host_time_ms gives each kind of call its own time."""
+    def host_time_ms(fn, device):
+        names = fn.__code__.co_names
+        if "multi_lora_linear" in names:
+            return 6.0
+        if "lora_linear" in names:
+            return 5.0 if "grad" in names else 4.0
+        if "from_adapter_ids" in names:
+            return 3.0
+        return 2.0 if "grad" in names else 1.0
+    monkeypatch.setattr(bench, "host_time_ms", host_time_ms)
+    rows = []
+    bench.host_overhead_rows(rows, _tiny().resolved(), torch.device("cpu"), torch.float32, False, lambda label: None)
+    assert [(row["ours"], row["ours_value"], row["baseline_value"], row["ratio"]) for row in rows] == [
+        ("LoRABatch.from_adapter_ids", 3.0, 1.0, 3.0), ("lora_linear forward, no grad", 4.0, 1.0, 4.0),
+        ("lora_linear fwd+bwd (dX, dA, dB)", 5.0, 2.0, 2.5), ("multi_lora_linear forward, no grad", 6.0, 1.0, 6.0)]
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="needs the C++ extension")
+def test_cuda_decode_row_times_the_kernel_at_m_and_the_gemm_path_one_row_past(monkeypatch):
+    """The decode kernel's row: "kernel" runs the op at M, "gemm" at CUDA_DECODE_MAX_M + 1, where the op leaves the
+    decode kernel for its GEMMs (at the bound itself both columns had timed the decode kernel)."""
+    seen = {}
+
+    def measure(candidates, graph=False, **timing):
+        seen.update({name: {fn.__defaults__[0]["x"].shape[0] for fn in fns} for name, fns in candidates.items()})
+        return dict.fromkeys(candidates, 1.0)
+    monkeypatch.setattr(bench, "measure", measure)
+    inputs = bench.InputSets(torch.device("cpu"), torch.float32, 4, 8, 12, 3, count=2)
+    bench.cuda_decode_row([], inputs, 4, {"device": torch.device("cpu"), "reps": 1, "warmup": 0}, False, False,
+                          backend="cpu")
+    assert seen == {"kernel": {4}, "gemm": {bench.CUDA_DECODE_MAX_M + 1}}
+
+
+def test_the_dy_once_kernel_is_also_timed_at_its_bound(monkeypatch):
+    """With the cuda backend the rank sweep times the dY-once kernel at the training M and again at its bound,
+    M·r = CUDA_BWD_DY_KERNEL_MAX_WORK (where functional.py still picks it). Stand-ins for the timing; no GPU here."""
+    shapes = []
+    monkeypatch.setattr(bench, "measure", lambda candidates, graph=False, **timing: dict.fromkeys(candidates, 1.0))
+    monkeypatch.setattr(bench, "cuda_bwd_dy_row", lambda rows, inputs, shape, timing, on_gpu: shapes.append(
+        (shape, inputs.sets[0]["dy"].shape[0])))
+    cfg = types.SimpleNamespace(hidden=8, rank=16, ranks=(16,), train_m=8, backends=("cuda",))
+    bench.rank_sweep_rows([], cfg, torch.device("cpu"), torch.float32, {}, False, lambda label: None)
+    bound = bench.CUDA_BWD_DY_KERNEL_MAX_WORK // 16
+    assert shapes == [("M=8 K=8 N=8 r=16", 8), (f"M={bound} K=8 N=8 r=16", bound)]
+
+
+def test_gpu_forward_rows_replay_graphs_up_to_their_bound(monkeypatch):
+    """On GPUs the forward rows up to GRAPH_MAX_TOKENS tokens time CUDA-graph replays and then eager calls, those past
+    it eager calls alone; the cuda decode kernel's row comes up to CUDA_DECODE_MAX_M. Stand-ins for the timing."""
+    graphs, decode = [], []
+    monkeypatch.setattr(bench, "measure", lambda candidates, graph=False, **timing: graphs.append(graph)
+                        or dict.fromkeys(candidates, 1.0))
+    monkeypatch.setattr(bench, "cuda_decode_row", lambda rows, inputs, m, timing, graph, on_gpu: decode.append(m))
+    cfg = _tiny(ms=(16, 17, 256, 257)).resolved()
+    cfg.backends = ("cuda",)  # refused by resolved() here; the rows' selection is what is checked
+    rows = []
+    bench.forward_rows(rows, cfg, torch.device("cpu"), torch.float32, {"device": torch.device("cpu"), "reps": 1,
+                                                                       "warmup": 0}, True, lambda label: None)
+    assert graphs == [True, False, True, False, True, False, False] and decode == [16]
+    assert [row["kind"] for row in rows] == ["fwd_decode", "fwd_eager", None, "fwd_eager", "fwd_prefill", "fwd_eager",
+                                             "fwd_prefill"]
+
+
+def test_the_loop_and_peft_baselines_compute_what_ours_compute():
+    """The per-adapter loop row compares the same work: GroupedSets.loop (PEFT's mixed batch: every adapter's tokens
+    gathered, its scaled LoRA output added to the base output) gives multi_lora_linear's output; PEFT's layer gives
+    lora_linear's without dropout and drops inputs with it (else the "unfused" row times a layer without dropout)."""
+    torch.manual_seed(0)
+    cpu = torch.device("cpu")
+    sets = bench.GroupedSets(cpu, torch.float32, 12, 8, 6, 2, 5)  # 5 adapters of rank 2
+    ids = torch.arange(12) % 5
+    batch = LoRABatch.from_adapter_ids(ids, 5)
+    for loop, grouped in zip(sets.loop(ids), sets.grouped(batch, "torch")):
+        torch.testing.assert_close(loop(), grouped())
+    x, w, a, b = torch.randn(16, 8), torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2)
+    plain = bench.peft_lora_forward(x, w, a, b, 2.0, 0.0)
+    torch.testing.assert_close(plain, lora_linear(x, w, a, b, 2.0, backend="torch"))
+    assert not torch.allclose(bench.peft_lora_forward(x, w, a, b, 2.0, 0.5), plain)
+
+
+def test_the_seed_fixes_the_inputs(monkeypatch):
+    """--seed: two runs with the same seed time the same inputs, whatever the random state before them."""
+    drawn = []
+
+    def measure(candidates, graph=False, **timing):
+        drawn.append(candidates["base"][0].__defaults__[0]["x"].clone())
+        return dict.fromkeys(candidates, 1.0)
+    monkeypatch.setattr(bench, "measure", measure)
+    for seed in (3, 3, 4):
+        torch.manual_seed(100 + len(drawn))
+        bench.run_bench(_tiny(sections=("forward",), ms=(2,), seed=seed))
+    assert torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[0], drawn[2])
+
+
+STAND_IN_MS = {"base": 2.0, "ours": 3.0, "gemms": 5.0, "peft": 7.0, "full": 11.0, "one": 13.0, "distinct": 17.0,
+               "loop": 19.0, "grouped": 23.0, "per_slice": 29.0, "listed": 31.0, "padded": 37.0, "mixed": 41.0,
+               "copy": 0.25}
+
+
+def _stand_in_run(monkeypatch, **overrides):
+    """run_bench over every section with measure replaced: each candidate's first callable runs once, with the calls
+    of lora_linear, multi_lora_linear, peft_lora_forward and per_adapter_loop it makes recorded, and
+    STAND_IN_MS[name] is its time. Returns (resolved config, result, [{candidate: [(function, args, kwargs)]}]
+    per measure call, the number of progress steps)."""
+    calls, current = [], {"events": []}
+    for name in ("lora_linear", "multi_lora_linear", "peft_lora_forward", "per_adapter_loop"):
+        def spy(*args, _name=name, _real=getattr(bench, name), **kwargs):
+            current["events"].append((_name, args, kwargs))
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(bench, name, spy)
+
+    def measure(candidates, device, reps, warmup, graph=False):
+        called = {}
+        for name, fns in candidates.items():
+            current["events"] = called.setdefault(name, [])
+            fns[0]()
+        current["events"] = []
+        calls.append(called)
+        return {name: STAND_IN_MS[name] for name in candidates}
+    monkeypatch.setattr(bench, "measure", measure)
+    settings = {"sections": ("all",), "backends": ("torch", "cpu") if HAS_EXTENSION else ("torch",), "ms": (2,),
+                "train_m": 32, "prefill_tokens": 80, "sweep_tokens": (4, 64, 256, 257), "sweep_adapters": (2, 64)}
+    settings.update(overrides)
+    steps = []
+    result = bench.run_bench(_tiny(**settings), on_update=steps.append)
+    return _tiny(**settings).resolved(), result, calls, len(steps)
+
+
+def test_every_row_reports_the_times_of_the_candidates_it_names(monkeypatch):
+    """Each timed row's ours and baseline columns hold the times of the candidates its labels name (a ratio and its
+    two values inverted together, or another candidate's time, had passed the ratio = ours / baseline check), the
+    bandwidth rows GB/s of all bytes moved over the time against the copy's read + write; the grouped op / loop rows
+    come at the decode and the prefill size, the sweep's at 64 adapters carry that row's target, and its bandwidth
+    rows come up to GRAPH_MAX_TOKENS tokens."""
+    cfg, result, _, _ = _stand_in_run(monkeypatch)
+    t, k, r = STAND_IN_MS, cfg.hidden, cfg.rank
+    copy_gbs = 2 * (cfg.copy_mb << 20) / t["copy"] / 1e6
+    assert result["copy_bandwidth_gbs"] == pytest.approx(copy_gbs)
+    named = {None: ("ours", "base"), "fwd_decode": ("ours", "base"), "fwd_bwd_vs_gemms": ("ours", "gemms"),
+             "unfused_vs_ours": ("ours", "peft"), "lora_vs_full": ("ours", "full"),
+             "grouped_distinct": ("distinct", "one"), "grouped_train": ("distinct", "one"),
+             "sliced_launches": ("listed", "per_slice"), "sweep_vs_one": ("ours", "one"),
+             "sweep_vs_loop": ("ours", "loop"), "mixed_vs_padded": ("mixed", "padded")}
+    rows = [row for row in result["rows"] if row["unit"] != "bytes" and row["kind"] != "host_overhead"]
+    assert not [row for row in rows if row["kind"] == "error"]
+    for row in rows:
+        if row["unit"] == "GB/s":
+            tokens, adapters = bench.DECODE_TOKENS, bench.LOOP_ADAPTERS
+            if row["kind"] == "sweep_bandwidth":
+                tokens, adapters = map(int, re.match(r"(\d+) tokens, (\d+) adapter", row["shape"]).groups())
+            gbs = bench._moved_bytes(tokens, k, k, r, adapters, torch.float32) / t["ours"] / 1e6
+            assert (row["ours_value"], row["baseline_value"]) == pytest.approx((gbs, copy_gbs)), row
+            continue
+        ours, baseline = named.get(row["kind"]) or ("grouped" if row["section"].startswith("grouped op") else "ours",
+                                                    "loop")
+        assert (row["ours_value"], row["baseline_value"]) == (t[ours], t[baseline]), row
+    loop_rows = [row["shape"].split(" tokens")[0] for row in rows if row["section"].startswith("grouped op")]
+    assert loop_rows == ["64"] * len(cfg.backends) + ["80"] * len(cfg.backends)  # decode, then prefill size
+    sweep_loop = {row["shape"].split(", K")[0]: row["kind"] for row in rows if "per-adapter loop" in row["section"]
+                  and row["section"].startswith("grouped sweep")}
+    assert sweep_loop["64 tokens, 64 adapters"] == sweep_loop["256 tokens, 64 adapters"] == "grouped_vs_loop"
+    assert sweep_loop["64 tokens, 2 adapters"] == "sweep_vs_loop"
+    assert {int(row["shape"].split()[0]) for row in rows if row["kind"] == "sweep_bandwidth"} == {4, 64, 256}
+    # the fused QKV slices as grouped-query attention has them: N, N/4, N/4
+    assert {row["shape"] for row in rows if row["kind"] == "sliced_launches"} == {
+        f"{bench.DECODE_TOKENS} tokens on {bench.LOOP_ADAPTERS} adapters K={k} N={k}+{k // 4}+{k // 4} r={r}"}
+
+
+def test_each_rows_candidates_do_the_work_its_labels_name(monkeypatch):
+    """Behind the labels: PEFT's layer and ours both with dropout in the "unfused" row, ours without it against full
+    fine-tuning; "one adapter" baselines with every token on slot 0 against distinct adapters (interleaved token by
+    token up to GRAPH_MAX_TOKENS tokens, contiguous segments past it); mixed ranks against every slot at
+    max(MIXED_RANKS); the per-adapter loop visiting every token once."""
+    _, _, calls, _ = _stand_in_run(monkeypatch)
+
+    def ids(events):
+        (batch,) = {id(args[4]): args[4] for name, args, _ in events if name == "multi_lora_linear"}.values()
+        return batch.adapter_ids.long(), batch.num_adapters
+
+    def contiguous(ids_, adapters):
+        return torch.equal(ids_, ids_.sort().values) and ids_.unique().numel() == adapters
+    checked = dict.fromkeys(("dropout", "full", "one", "sweep", "mixed", "loop"), 0)
+    for called in calls:
+        names = set(called)
+        if names == {"peft", "ours"}:
+            assert [args[5] for name, args, _ in called["peft"] if name == "peft_lora_forward"] == [bench.DROPOUT]
+            assert [kw.get("dropout_p", 0.0) for name, _, kw in called["ours"] if name == "lora_linear"] == [
+                bench.DROPOUT]
+            checked["dropout"] += 1
+        if names == {"full", "ours"}:
+            assert [kw.get("dropout_p", 0.0) for name, _, kw in called["ours"] if name == "lora_linear"] == [0.0]
+            checked["full"] += 1
+        if names == {"one", "distinct"}:
+            (one, slots), (distinct, _) = ids(called["one"]), ids(called["distinct"])
+            assert slots == bench.PREFILL_ADAPTERS and not one.any() and contiguous(distinct, slots)
+            checked["one"] += 1
+        if "loop" in names and "ours" in names:
+            ours, adapters = ids(called["ours"])
+            tokens = ours.numel()
+            if tokens <= bench.GRAPH_MAX_TOKENS:
+                assert torch.equal(ours, torch.arange(tokens) % adapters), (tokens, adapters)
+            else:
+                assert contiguous(ours, adapters), (tokens, adapters)
+            if adapters > 1:
+                assert not ids(called["one"])[0].any()
+            checked["sweep"] += 1
+        if names == {"padded", "mixed"}:
+            (_, padded_args, padded_kw), = [e for e in called["padded"] if e[0] == "multi_lora_linear"]
+            (_, _, mixed_kw), = [e for e in called["mixed"] if e[0] == "multi_lora_linear"]
+            slots = padded_args[2].shape[0]
+            assert padded_kw["ranks"] is None and padded_args[2].shape[1] == max(bench.MIXED_RANKS)
+            assert mixed_kw["ranks"].tolist() == [bench.MIXED_RANKS[i % len(bench.MIXED_RANKS)] for i in range(slots)]
+            checked["mixed"] += 1
+        for name, args, _ in called.get("loop", []):
+            if name == "per_adapter_loop":
+                visited = torch.cat(args[5]).sort().values
+                assert torch.equal(visited, torch.arange(args[0].shape[0])), len(args[5])
+                checked["loop"] += 1
+    assert all(checked.values()), checked
+
+
+def test_a_run_counts_its_progress_steps_and_says_how_it_timed(monkeypatch):
+    """The progress bar's total is the number of steps the run takes (a wrong count stopped the bar short of 100% or
+    pinned it there early); the copy behind the bandwidth rows is --copy-mb MiB of float32; the timing line says how
+    many calls measure makes (ROUNDS x ceil(reps / ROUNDS), not --reps) and the CPU's assumed cache."""
+    numels = []
+    copy_bandwidth = bench.copy_bandwidth
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda numel, timing: numels.append(numel) or copy_bandwidth(
+        numel, timing))
+    cfg, result, _, steps = _stand_in_run(monkeypatch, reps=3, copy_mb=2)
+    assert steps == bench._count_units(cfg)
+    for sections in (("train",), ("grouped",), ("sweep",), ("decode",)):
+        cfg, _, _, steps = _stand_in_run(monkeypatch, sections=sections, backends=("torch",))
+        assert steps == bench._count_units(cfg), sections
+    assert numels[0] == (2 << 20) // 4
+    assert "; 4 calls after 1 warm-up, in 2 alternating rounds" in result["timing"]
+    assert f"assumed {bench.CPU_CACHE_BYTES >> 20} MB cache" in result["timing"] and "32 MB" in result["timing"]
+    assert result["graph_max_tokens"] is None  # no graph replays on CPU
+
+
+def test_values_print_in_their_units():
+    """ms under 1 print as µs, bytes as MB (10^6, as the rows' labels), other units as they are."""
+    assert bench._fmt_value(0.5, "ms") == "500.0 µs" and bench._fmt_value(1.0, "ms") == "1.00 ms"
+    assert bench._fmt_value(2_500_000, "bytes") == "2.50 MB" and bench._fmt_value(12.34, "GB/s") == "12.3 GB/s"
+    assert bench._fmt_value(None, "ms") == "n/a"
+
+
+def test_the_table_shows_the_notes_that_qualify_a_section_and_aligns_its_columns():
+    """A section's line carries the note that changes how its numbers read (host rows: wall time per call; graph
+    rows: kernels only), not the others; backend and shape are left-aligned, numbers right-aligned; the copy line
+    says it counts read + write; the CPU note on targets shows on CPU alone; each Triton autotune choice is listed."""
+    rows = []
+    bench._row(rows, "host s", "host_overhead", "torch", "M=1", "o", "b", 2.0, 0.002, 0.001, "ms", False, note="wall")
+    bench._row(rows, "graph s", "grouped_vs_loop", "torch", "64 tokens", "o", "b", 0.5, 1.5, 3.0, "ms", False,
+               note=bench._graph_note(True))
+    bench._row(rows, "plain s", "lora_vs_full", "torch", "M=1", "o", "b", 0.5, 1.5, 3.0, "ms", False, note="hidden")
+    env = {"device": "cpu", "cpu": "x", "cpu_threads": 1, "gpu": None, "torch": "t", "triton": None, "date": "d"}
+    result = {"config": {"dtype": "float32", "hidden": 8, "rank": 2, "backends": ["torch"]}, "environment": env,
+              "timing": "t", "copy_bandwidth_gbs": 12.5, "rows": rows, "wall_s": 1.0,
+              "triton_configs": {"fwd": {"(16, 32)": "BLOCK_M: 64"}}}
+    lines = bench.format_bench(result).splitlines()
+    assert "host s  [ours: o; baseline: b; wall]" in lines
+    assert f"graph s  [ours: o; baseline: b; {bench._graph_note(True)}]" in lines
+    assert "plain s  [ours: o; baseline: b]" in lines
+    assert "  torch    M=1        2.000   2.0 µs    1.0 µs" in lines
+    assert "measured copy bandwidth: 12.5 GB/s (read + write)" in lines
+    assert "triton autotune: fwd (16, 32) -> BLOCK_M: 64" in lines
+    assert any(line.startswith("targets are GPU targets") for line in lines)
+    result["environment"] = {**env, "device": "cuda", "gpu": "G"}
+    assert not any(line.startswith("targets are GPU targets") for line in bench.format_bench(result).splitlines())
+
+
+def test_triton_configs_name_each_kernel_as_the_table_does(monkeypatch):
+    """triton_configs reads each Triton kernel's autotune cache, named without its leading underscore; kernels not
+    run yet (an empty cache) are left out."""
+    fake = types.SimpleNamespace(_fwd=types.SimpleNamespace(cache={(16, 32): "BLOCK_M: 64"}),
+                                 _shrink=types.SimpleNamespace(cache={}))
+    monkeypatch.setitem(sys.modules, "lora_kernels.triton.lora_linear", fake)
+    assert bench.triton_configs() == {"fwd": {"(16, 32)": "BLOCK_M: 64"}}
+
+
+def test_activation_memory_row_holds_each_layers_saved_bytes_with_dropout(monkeypatch):
+    """The activation memory row: ours is what lora_linear with dropout saves, PEFT's what its layer with dropout
+    saves (drop(x), the mask and S: more than x and S, which its layer without dropout would keep), both with the
+    weights left out, in their own columns (inverted together, they had passed the ratio check)."""
+    monkeypatch.setattr(bench, "measure", lambda candidates, graph=False, **timing: dict.fromkeys(candidates, 1.0))
+    rows = bench.run_bench(_tiny(sections=("train",), train_m=64))["rows"]
+    (row,) = [r for r in rows if r["kind"] == "memory_vs_unfused"]
+    x, w = torch.randn(64, 32, requires_grad=True), torch.randn(32, 32)
+    a, b = torch.randn(16, 32, requires_grad=True), torch.randn(32, 16, requires_grad=True)
+    ours = bench.saved_bytes(lambda: lora_linear(x, w, a, b, 2.0, dropout_p=bench.DROPOUT, backend="torch"),
+                             exclude=(w, a, b))
+    peft = bench.saved_bytes(lambda: bench.peft_lora_forward(x, w, a, b, 2.0, bench.DROPOUT), exclude=(w, a, b))
+    assert (row["ours_value"], row["baseline_value"]) == (ours, peft), row
+    assert peft > x.nbytes + 64 * 16 * 4, peft  # x and S (64 x r = 16, float32)
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="needs the C++ extension")
+def test_the_dy_once_candidates_compute_the_same_and_rotate_by_what_they_touch(monkeypatch):
+    """The dY-once row's two candidates give the same dB and dS (the GEMMs with the scaling the kernel applies: without
+    it the baseline does less work), and their sets are counted by the bytes they touch: dY, S and B read, dB and dS
+    written in float32."""
+    counted = []
+    monkeypatch.setattr(bench, "num_sets", lambda device, set_bytes: counted.append(set_bytes) or 2)
+    inputs = bench.InputSets(torch.device("cpu"), torch.float32, 16, 8, 12, 4, grad=True, count=2)
+    candidates = bench.bwd_dy_candidates(inputs)
+    for gemms, kernel in zip(candidates["gemms"], candidates["kernel"]):
+        for got, want in zip(kernel(), gemms()):
+            torch.testing.assert_close(got, want)
+    st = inputs.sets[0]
+    dy, b, s_numel = st["dy"], st["b"], 16 * 4  # S: M x r in float32
+    assert counted[-1] == dy.nbytes + b.nbytes + 2 * 4 * s_numel + 4 * b.numel()
