@@ -730,3 +730,99 @@ def test_gpu_check_selects_every_test_with_a_cuda_branch():
             if calls & {"torch.cuda.is_available", "torch.cuda.device_count"} and not selected:
                 missed.append(f"{path.name}::{node.name}")
     assert not missed, f"CUDA branches gpu_check's -k expression does not select: {missed}"
+
+
+def test_compare_warmup_0_reaches_the_run(monkeypatch):
+    """--warmup 0 (every step timed) is a valid choice the run takes; --steps' parser type (>= 1) would refuse it."""
+    from lora_kernels import compare
+    assert _config_of(TINY_COMPARE + ["--warmup", "0"], monkeypatch, compare, "run_compare").warmup == 0
+
+
+def test_a_stream_that_cannot_be_written_is_refused_before_the_run(capsys, monkeypatch, tmp_path):
+    """--save to a FIFO or device this process may not write (a read-only one) is refused up front, as an unwritable
+    folder is, not after the run's minutes."""
+    fifo = str(tmp_path / "pipe")
+    os.mkfifo(fifo)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if path == fifo else access(path, mode, **kw))
+    assert not cli._output_paths_ok("compare", argparse.Namespace(save=fifo, plot=None))
+    assert f"--save {fifo}: cannot be written" in capsys.readouterr().err
+
+
+def test_plot_with_an_upper_case_extension_is_accepted(monkeypatch, tmp_path, matplotlib_here):
+    """matplotlib reads fig.PNG's extension whatever its case: the up-front format check must not refuse it."""
+    from lora_kernels import compare
+    plot = str(tmp_path / "fig.PNG")
+    assert _config_of(TINY_COMPARE + ["--plot", plot], monkeypatch, compare, "run_compare")
+
+
+def test_save_and_plot_naming_one_file_two_ways_are_refused(capsys, monkeypatch, tmp_path, matplotlib_here):
+    """r.png and ./r.png (or a link to it) are one file: the figure would overwrite the JSON all the same."""
+    from lora_kernels import compare
+    monkeypatch.setattr(compare, "run_compare", _no_run)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(TINY_COMPARE + ["--save", "r.png", "--plot", "./r.png"]) == 2
+    assert "--save and --plot name the same file" in capsys.readouterr().err
+
+
+def test_save_and_plot_to_one_stream_are_accepted(monkeypatch, matplotlib_here):
+    """/dev/null for both (or a FIFO) is written in place, nothing overwritten: not refused as one file."""
+    from lora_kernels import compare
+    assert _config_of(TINY_COMPARE + ["--save", os.devnull, "--plot", os.devnull], monkeypatch, compare,
+                      "run_compare")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_bench_save_to_a_stream_gets_the_whole_result_once(monkeypatch, tmp_path):
+    """A regular --save file is rewritten after each measurement; a stream (a FIFO, /dev/stdout) cannot be rewritten:
+    its reader would get a JSON document per measurement, one after another. It gets the finished result alone."""
+    from lora_kernels import bench
+    fifo = str(tmp_path / "pipe")
+    os.mkfifo(fifo)
+    written = []
+    monkeypatch.setattr(cli, "_write_json", lambda result, path: written.append((result, path)))
+
+    def run(config, on_update=None, **kwargs):
+        if on_update is not None:
+            on_update({"rows": [1], "partial": True})
+        return {"rows": [1, 2], "partial": False}
+
+    monkeypatch.setattr(bench, "run_bench", run)
+    assert cli.main(QUICK_BENCH + ["--save", fifo, "--json"]) == 0
+    assert written == [({"rows": [1, 2], "partial": False}, fifo)]
+
+
+def test_a_json_write_interrupted_by_ctrl_c_leaves_no_temporary_file(monkeypatch, tmp_path):
+    """Ctrl-C (KeyboardInterrupt, not an Exception) during the write: PATH.tmp is removed as after any failure."""
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cli._write_json({"a": 1}, str(tmp_path / "out.json"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_closed_stdout_still_buffering_the_output_ends_with_status_141(monkeypatch):
+    """Output still in stdout's buffer when the command ends meets the closed pipe at main's flush, where it is
+    handled (status 141): left to the interpreter's flush at exit, it printed "Exception ignored ... BrokenPipeError"
+    and exited with 120."""
+    import io
+
+    class Pipe(io.RawIOBase):
+        reader_gone = True
+
+        def writable(self):
+            return True
+
+        def write(self, data):
+            if self.reader_gone:
+                raise BrokenPipeError(32, "Broken pipe")
+            return len(data)
+
+    pipe = Pipe()
+    stdout = io.TextIOWrapper(io.BufferedWriter(pipe, buffer_size=1 << 20))
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert cli.main(["info"]) == 141
+    pipe.reader_gone = False  # what is left in the buffer goes nowhere when the test's stand-in is closed
+    stdout.close()

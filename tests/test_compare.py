@@ -566,6 +566,8 @@ def test_task_is_deterministic_and_follows_the_permutation():
     ({"warmup": -1}, r"--warmup expected an int in \[0, steps=10\), got -1"),  # the CLI's --warmup takes any int
     ({"task_vocab": 0}, "--task-vocab expected an int >= 1, got 0"),
     ({"lr": 0.0}, "--lr expected a number > 0, got 0.0"),
+    ({"lora_lr": math.inf}, "--lora-lr expected a number > 0, got inf"),  # every LoRA step's update would be inf
+    ({"targets": ()}, "--targets '' matched no nn.Linear"),  # no LoRA layer: the two LoRA columns would train nothing
     ({"dropout": 1.0}, r"--dropout expected a number in \[0, 1\), got 1.0"),  # every LoRA input dropped
     ({"alpha": 10**400}, "--alpha expected a finite number, got 1000"),  # math.isfinite raised OverflowError
     ({"steps": 3, "warmup": True}, r"--warmup expected an int in \[0, steps=3\), got True"),  # had been taken as 1
@@ -676,11 +678,13 @@ def test_explicit_hidden_derives_heads_and_mlp_width():
     assert cfg.intermediate % 16 == 0 and cfg.intermediate >= 8 * 128 // 3
 
 
-@pytest.mark.parametrize("hidden, heads", [(100, 5), (96, 6), (48, 3), (64, 4), (4, 1), (60, 3)])
+@pytest.mark.parametrize("hidden, heads", [(100, 5), (96, 6), (48, 3), (64, 4), (4, 1), (60, 3), (256, 16)])
 def test_explicit_hidden_gets_a_head_count_that_fits(hidden, heads):
     # "heads and MLP width follow unless given": --hidden 100 on tiny (head dim 16) had derived 100 // 16 = 6 heads,
     # then refused them ("expected a multiple of the 6 heads of --model-size tiny", which has 4). 60: head dims 20
     # (3 heads) and 12 (5 heads) are equally near tiny's 16, and the tie goes to fewer heads
+    # 256: the preset's own head dim, 16 = sqrt(256), is the divisor pair (16, 16) that a search stopping short of
+    # isqrt(hidden) misses (it had then picked 32 heads of 8)
     cfg = CompareConfig(model_size="tiny", hidden=hidden, device="cpu").resolved()
     assert cfg.heads == heads and hidden % heads == 0 and (hidden // heads) % 2 == 0
 
@@ -1553,3 +1557,169 @@ def test_the_cpu_is_named_by_its_model_name():
     if not names:
         pytest.skip("no model name in /proc/cpuinfo")
     assert compare.cpu_model() == names[0]
+
+
+# ------------------------------------------------------------------------------------------------ mutation round 2
+
+def test_the_extreme_seeds_torch_takes_are_accepted():
+    """--seed's range is torch's [-2**63, 2**64 - 1] less the 4 seeds the run adds: both ends run, the next ones out
+    are refused (test_bad_config_names_the_option)."""
+    for seed in (-2 ** 63, 2 ** 64 - 5):
+        assert dataclasses.replace(TINY, seed=seed).resolved().seed == seed
+        torch.Generator().manual_seed(seed + 4)  # the largest seed the run gives torch
+
+
+def test_auto_choosing_a_fused_backend_runs_it_without_a_note(monkeypatch):
+    """Where backend="auto" already picks a fused backend for lora_linear (the C++ kernels on a CPU, fp32), the fused
+    column runs auto's choice and says nothing: the note that auto's choice was replaced is for the unfused one."""
+    monkeypatch.setattr(compare.backends, "unavailable_reason", lambda name, device: None)
+    monkeypatch.setattr(compare.backends, "auto_backend", lambda device, op_name="lora_linear", dtype=None: "cpu")
+    assert compare.fused_backend_for(CompareConfig(model_size="tiny", device="cpu").resolved()) == ("cpu", None)
+
+
+def test_the_eval_loss_is_taken_on_a_batch_no_step_trained_on(monkeypatch):
+    """"eval loss after training" is a held-out loss: its batch is drawn from its own seed, none of the training
+    batches (drawn from the seed before it, it had been the first training batch, which every method fits best)."""
+    trained, evaluated = [], []
+    train_step, eval_loss = compare._train_step, compare._eval_loss
+    monkeypatch.setattr(compare, "_train_step",
+                        lambda model, optimizer, inputs, targets: trained.append(inputs)
+                        or train_step(model, optimizer, inputs, targets))
+    monkeypatch.setattr(compare, "_eval_loss",
+                        lambda model, batch: evaluated.append(batch[0]) or eval_loss(model, batch))
+    run_compare(dataclasses.replace(TINY, steps=3, warmup=1, infer_reps=1, batch_size=2, seq_len=8,
+                                    targets=("q_proj",)))
+    assert trained and len(evaluated) == 1 + len(compare.METHODS)  # before training, then after it per method
+    assert all(torch.equal(batch, evaluated[0]) for batch in evaluated)
+    assert not any(torch.equal(batch, evaluated[0]) for batch in trained)
+
+
+def test_the_training_losses_are_the_steps_the_table_counts(monkeypatch):
+    """On CUDA one more step runs, profiled, after training (gpu_busy_ms): its loss is not one of the --steps steps
+    the table's "first step -> last" and the plot's curve show (a stand-in profiler runs it here)."""
+    def busy(step, device):
+        step()
+        return 5.0
+
+    monkeypatch.setattr(compare, "gpu_busy_ms", busy)
+    shown = run_compare(dataclasses.replace(TINY, steps=3, warmup=1, infer_reps=1, batch_size=2, seq_len=8,
+                                            targets=("q_proj",)))
+    for name, run in shown["methods"].items():
+        assert len(run["train_losses"]) == 3 and run["gpu_busy_ms"] == 5.0, name
+    assert "GPU busy / step [3]" in compare.format_compare(shown)
+
+
+def test_a_step_with_zero_gradients_leaves_the_weights_as_they_were(monkeypatch):
+    """The runs train with AdamW without weight decay (its default 0.01 pulls every trained weight towards 0 each
+    step: all of full fine-tuning's, only the factors of LoRA's), so that the columns differ by what they train."""
+    cfg = _tiny_cfg(lr=1.0, lora_lr=1.0)
+    monkeypatch.setattr(compare, "lm_loss", lambda logits, targets: (logits * 0).sum())
+    inputs, targets = compare.make_batch(compare.make_task(cfg.vocab, cfg.task_vocab, 0), 2, 8,
+                                         torch.Generator().manual_seed(0))
+    for method in ("full", "lora_torch"):
+        run = compare._MethodRun(method, compare._build(method, cfg, _init_state(cfg), "torch"), cfg)
+        before = [p.detach().clone() for p in run.params]
+        run.step(inputs, targets)
+        assert all(torch.equal(p, q) for p, q in zip(run.params, before)), method
+
+
+def test_each_training_step_starts_from_fresh_gradients():
+    """A step's gradients are its own batch's: kept from the step before, they would add up (a second step on the
+    same batch had twice the first one's gradients)."""
+    cfg = _tiny_cfg()
+    model = compare._build("full", cfg, _init_state(cfg), "torch")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
+    batch = compare.make_batch(compare.make_task(cfg.vocab, cfg.task_vocab, 0), 2, 8, torch.Generator().manual_seed(0))
+    compare._train_step(model, optimizer, *batch)
+    first = [p.grad.clone() for p in model.parameters()]
+    compare._train_step(model, optimizer, *batch)
+    for p, grad in zip(model.parameters(), first):
+        torch.testing.assert_close(p.grad, grad)
+
+
+def test_the_progress_bar_reaches_its_end_with_the_run(monkeypatch):
+    """The bar's total is the run's number of updates: fewer, and it said 100% while the inference latencies were
+    still being measured."""
+    bars = []
+
+    class Bar(compare.ProgressBar):
+        def __init__(self, total, **kwargs):
+            super().__init__(total, **kwargs)
+            self.updates = 0
+            bars.append(self)
+
+        def update(self, label):
+            self.updates += 1
+            super().update(label)
+
+    monkeypatch.setattr(compare, "ProgressBar", Bar)
+    run_compare(dataclasses.replace(TINY, steps=3, warmup=1, infer_reps=1, batch_size=2, seq_len=8,
+                                    targets=("q_proj",)))
+    assert len(bars) == 1 and bars[0].updates == bars[0].total
+
+
+def test_step_time_spread_needs_four_steps_and_more_than_its_limit():
+    """step_time_spread's quartiles: None for fewer than 4 steps (3 have quartiles, too few to call a spread) and for
+    an interquartile range of exactly STEP_SPREAD_LIMIT of the median ("more than", as the drift's limit)."""
+    assert compare.STEP_SPREAD_LIMIT == 0.25
+    assert compare.step_time_spread([10.0, 40.0, 90.0]) is None
+    assert compare.step_time_spread([36.0, 36.0, 40.0, 46.0, 46.0]) is None  # quartiles 36 and 46: 10 = 0.25 * 40
+    assert compare.step_time_spread([32.0, 36.0, 40.0, 44.0, 48.0]) == (34.0, 46.0)
+
+
+def test_a_drifting_column_gets_the_drift_note_alone(result):
+    """A column whose steps rose steadily also spreads wide around its median: it gets the drift note, which says
+    more, and not the spread note as well."""
+    import copy
+    shown = copy.deepcopy(result)
+    steady = [40.0, 43.0, 39.0, 41.0, 38.0, 42.0, 40.5, 39.5, 43.5]
+    rising = [40.0, 41.0, 39.0, 44.0, 46.0, 45.0, 60.0, 62.0, 61.0]
+    assert compare.step_time_spread(rising) is not None
+    shown["methods"]["full"]["step_ms_all"] = steady
+    shown["methods"]["lora_torch"]["step_ms_all"] = steady
+    shown["methods"]["lora_fused"]["step_ms_all"] = rising
+    notes = [line for line in compare.format_compare(shown).splitlines() if "note:" in line and " ms" in line]
+    assert len(notes) == 1 and "the step time went from 40.0 ms" in notes[0], notes
+
+
+def test_inference_notes_at_their_boundaries(result):
+    """A merged median equal to an unmerged one is not "measured slower"; a fused-vs-unfused difference that is not
+    a number (NaN logits) is not within the tolerance, and is named."""
+    import copy
+    shown = copy.deepcopy(result)
+    shown["backends"]["fused_note"] = None
+    for run in shown["methods"].values():
+        run["step_ms_all"] = [40.0] * 8  # steady: no step-time note
+    shown["inference"].update(merged_ms=3.0, unmerged_unfused_ms=3.0, unmerged_fused_ms=3.0,
+                              fused_vs_unfused_rel_diff=1e-6)
+    assert not [line for line in compare.format_compare(shown).splitlines() if "note:" in line]
+    shown["inference"]["fused_vs_unfused_rel_diff"] = math.nan
+    notes = [line for line in compare.format_compare(shown).splitlines() if "note:" in line]
+    assert len(notes) == 1 and "its logits differ from the torch column's by nan (relative)" in notes[0], notes
+
+
+def test_gpu_busy_at_half_the_step_or_missing_for_a_column(result):
+    """The host-bound note is for a GPU that worked less than half the median step: exactly half gets none. A column
+    whose profile recorded no GPU work (None) leaves the GPU busy row out, rather than failing to print None."""
+    import copy
+    shown = copy.deepcopy(result)
+    for name in compare.METHODS:
+        shown["methods"][name].update(step_ms_median=40.0, step_ms_all=[40.0] * 8, gpu_busy_ms=20.0)
+    text = compare.format_compare(shown)
+    assert "GPU busy / step [3]" in text and not [line for line in text.splitlines() if "waited on the host" in line
+                                                  and "note:" in line]
+    shown["methods"]["lora_fused"]["gpu_busy_ms"] = None
+    text = compare.format_compare(shown)
+    assert "GPU busy" not in text and "[3]" not in text
+
+
+def test_a_share_just_under_a_tenth_of_a_percent_prints_two_decimals():
+    """From 0.095% up two decimals show two significant digits, as _ratio's (0.0996% is "0.10%", not "0.1%")."""
+    assert [compare._percent(v) for v in (0.0949, 0.0996, 0.1)] == ["0.095%", "0.10%", "0.10%"]
+
+
+def test_plot_writes_the_format_its_extension_names(result, tmp_path):
+    """--plot fig.svg (a format the CLI accepts) writes SVG, not PNG bytes under an .svg name."""
+    pytest.importorskip("matplotlib")
+    path = compare.plot_compare(result, str(tmp_path / "compare.svg"))
+    assert b"<svg" in (tmp_path / "compare.svg").read_bytes()[:1000] and path == str(tmp_path / "compare.svg")
