@@ -418,7 +418,7 @@ class LoRALinearFunction(torch.autograd.Function):
             if factors and lora_wanted:
                 lora_a, lora_b = (factor.to(x2.dtype) for factor in factors)
             return _lora_linear_backward_differentiable(ctx, dy, x2, weight, lora_a, lora_b, seed, grad_a_like,
-                                                        grad_b_like, lora_wanted)
+                                                        grad_b_like)
         dy = dy.contiguous()
         dx = d_weight = d_lora_a = d_lora_b = d_bias = None
         widen = _cpu_widens(backend, dy)  # dX = dY·W and dW = dYᵀ·X in fp32 (see _cpu_widens)
@@ -577,16 +577,15 @@ def _scaled_dy_products(dy, s, lora_b, scaling):
     return (None if s is None else scaling * (dy.T @ s.to(dy.dtype))), scaling * (dy @ lora_b.to(dy.dtype))
 
 
-def _lora_linear_backward_differentiable(ctx, dy, x2, weight, lora_a, lora_b, seed, grad_a_like, grad_b_like,
-                                        lora_wanted):
+def _lora_linear_backward_differentiable(ctx, dy, x2, weight, lora_a, lora_b, seed, grad_a_like, grad_b_like):
     """The A/B-only backward of design.md §2 in differentiable torch ops (any backend, for create_graph=True):
     S is recomputed from x and lora_a so that dB, too, carries their derivatives. grad_a_like, grad_b_like: the
-    Function's factor inputs, whose dtypes the gradients take; lora_wanted: whether x or a factor needs a gradient
-    (else the LoRA branch, its float32 copies of dY and x included, is not differentiated at all)."""
+    Function's factor inputs, whose dtypes the gradients take. The LoRA branch (its float32 copies of dY and x
+    included) is differentiated only when x or a factor needs a gradient."""
     scaling, dropout_p = ctx.scaling, ctx.dropout_p
     need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
     dx = d_lora_a = d_lora_b = None
-    if lora_wanted:
+    if need_x or need_a or need_b:
         drop = None if dropout_p == 0.0 else _dropout_as_function(ctx.backend, seed, x2, dropout_p)  # forward's mask
         with ops.autocast_off(dy.device):  # the LoRA branch's dtype, not autocast's (as in the first-order backward)
             dy_l, x_l, a_l, b_l = _differentiable_lora_operands(ctx.backend, dy, x2, lora_a, lora_b)
