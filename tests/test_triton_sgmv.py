@@ -5,6 +5,7 @@ same tests run on CUDA through the device fixture.
 """
 
 import math
+import re
 
 import pytest
 import torch
@@ -574,6 +575,117 @@ def test_the_grouped_triton_ops_refuse_every_input_that_requires_grad(op, argume
             lora_b = randn(2, 6, 4, device=device).requires_grad_(True)
             torch.ops.lora_kernels_triton.sgmv_expand(randn(3, 4, device=device), [lora_b], *meta, ranks,
                                                       torch.zeros(3, 6, device=device), [0], "auto")
+
+
+def _grouped_op_arguments(op, device):
+    """Keyword arguments of a valid call of lora_kernels_triton::op: 3 tokens over 2 slots, K = 8, R = 4, N = 6."""
+    batch = LoRABatch.from_adapter_ids(torch.tensor([0, 1, -1], dtype=torch.int32, device=device), 2)
+    meta = dict(sorted_token_ids=batch.sorted_token_ids, slot_counts=batch.slot_counts, slot_starts=batch.slot_starts)
+    ranks = torch.tensor([4, 3], dtype=torch.int32, device=device)
+    if op == "sgmv_shrink":
+        return dict(x=randn(3, 8, device=device), lora_a=[randn(2, 4, 8, device=device)], adapter_ids=batch.adapter_ids,
+                    **meta, scalings=torch.ones(2, device=device), ranks=ranks, out=torch.zeros(3, 4, device=device),
+                    deterministic=False, path="auto")
+    if op == "sgmv_expand":
+        return dict(t=randn(3, 4, device=device), lora_b=[randn(2, 6, 4, device=device)], adapter_ids=batch.adapter_ids,
+                    **meta, ranks=ranks, out=torch.zeros(3, 6, device=device), first_columns=[0], path="auto")
+    return dict(left=randn(3, 4, device=device), right=randn(3, 8, device=device), **meta,
+                out=torch.zeros(2, 4, 8, device=device))
+
+
+def _short_batch(device):
+    return LoRABatch.from_adapter_ids(torch.tensor([0, 1], dtype=torch.int32, device=device), 2)
+
+
+# (op, the change to a valid call's arguments, the error, its message after "lora_kernels_triton::op: ")
+_GROUPED_OP_BAD_ARGUMENTS = {
+    "shrink: a batch of fewer tokens": ("sgmv_shrink", lambda a, d: a.update(
+        sorted_token_ids=_short_batch(d).sorted_token_ids), ValueError,
+        "sorted_token_ids expected shape [3] (tokens = x.shape[0]), got [2]"),
+    "shrink: adapter ids of fewer tokens": ("sgmv_shrink", lambda a, d: a.update(
+        adapter_ids=_short_batch(d).adapter_ids), ValueError,
+        "adapter_ids expected shape [3] (tokens = x.shape[0]), got [2]"),
+    "shrink: int64 slot counts": ("sgmv_shrink", lambda a, d: a.update(slot_counts=a["slot_counts"].long()),
+                                  TypeError, "slot_counts expected dtype torch.int32, got torch.int64"),
+    "shrink: strided ranks": ("sgmv_shrink", lambda a, d: a.update(ranks=a["ranks"].repeat_interleave(2)[::2]),
+                              ValueError, "ranks expected a contiguous tensor, got strides (2,)"),
+    "shrink: scalings of another length": ("sgmv_shrink", lambda a, d: a.update(scalings=a["scalings"][:1]),
+                                           ValueError, "scalings expected shape [2] (adapter slots = "
+                                                       "lora_a[0].shape[0]), got [1]"),
+    "shrink: float64 scalings": ("sgmv_shrink", lambda a, d: a.update(scalings=a["scalings"].double()), TypeError,
+                                 "scalings expected dtype torch.float32, got torch.float64"),
+    "shrink: float64 x": ("sgmv_shrink", lambda a, d: a.update(x=a["x"].double()), TypeError,
+                          "x expected dtype torch.float32 or torch.float16 or torch.bfloat16, got torch.float64"),
+    "shrink: lora_a of another K": ("sgmv_shrink", lambda a, d: a.update(lora_a=[randn(2, 4, 7, device=d)]),
+                                    ValueError, "lora_a[0] expected shape [*, *, 8], got [2, 4, 7]"),
+    "shrink: lora_a of another dtype": ("sgmv_shrink", lambda a, d: a.update(lora_a=[a["lora_a"][0].half()]),
+                                        TypeError, "lora_a[0] expected dtype torch.float32, got torch.float16"),
+    "shrink: a second slice of another rank": ("sgmv_shrink", lambda a, d: a.update(
+        lora_a=[*a["lora_a"], randn(2, 5, 8, device=d)], out=torch.zeros(2, 3, 4, device=d)), ValueError,
+        "lora_a[1] expected shape [2, 4, 8], got [2, 5, 8]"),
+    "shrink: no slices": ("sgmv_shrink", lambda a, d: a.update(lora_a=[]), ValueError,
+                          "lora_a expected at least one tensor, got an empty list"),
+    "shrink: out of another rank": ("sgmv_shrink", lambda a, d: a.update(out=torch.zeros(3, 5, device=d)),
+                                    ValueError, "out expected shape [3, 4], got [3, 5]"),
+    "shrink: out of one slice for two": ("sgmv_shrink", lambda a, d: a.update(lora_a=a["lora_a"] * 2), ValueError,
+                                         "out expected shape [2, 3, 4], got [3, 4]"),
+    "expand: a first column past out's last": ("sgmv_expand", lambda a, d: a.update(first_columns=[1]), ValueError,
+                                               "first_columns[0] expected in [0, out.shape[1] - lora_b[0].shape[1]] "
+                                               "= [0, 0], got 1"),
+    "expand: a negative first column": ("sgmv_expand", lambda a, d: a.update(first_columns=[-1]), ValueError,
+                                        "first_columns[0] expected in"),
+    "expand: first columns of two slices for one": ("sgmv_expand", lambda a, d: a.update(first_columns=[0, 0]),
+                                                    ValueError, "first_columns expected 1 entries (one per lora_b "
+                                                                "slice), got 2"),
+    "expand: t of another rank": ("sgmv_expand", lambda a, d: a.update(t=randn(3, 5, device=d)), ValueError,
+                                  "t expected shape [*, 4], got [3, 5]"),
+    "expand: t of one slice for two": ("sgmv_expand", lambda a, d: a.update(
+        lora_b=[*a["lora_b"], randn(2, 2, 4, device=d)], first_columns=[0, 0],
+        out=torch.zeros(3, 8, device=d)), ValueError, "t expected shape [2, *, 4], got [3, 4]"),
+    "expand: a second slice of other slots": ("sgmv_expand", lambda a, d: a.update(
+        lora_b=[*a["lora_b"], randn(3, 2, 4, device=d)], t=torch.zeros(2, 3, 4, device=d), first_columns=[0, 0]),
+        ValueError, "lora_b[1] expected shape [2, *, 4], got [3, 2, 4]"),
+    "expand: out of fewer tokens": ("sgmv_expand", lambda a, d: a.update(out=torch.zeros(2, 6, device=d)),
+                                    ValueError, "out expected shape [3, *], got [2, 6]"),
+    "expand: a batch of fewer tokens": ("sgmv_expand", lambda a, d: a.update(
+        sorted_token_ids=_short_batch(d).sorted_token_ids), ValueError,
+        "sorted_token_ids expected shape [3] (tokens = t.shape[-2]), got [2]"),
+    "expand: ranks of another length": ("sgmv_expand", lambda a, d: a.update(ranks=a["ranks"][:1]), ValueError,
+                                        "ranks expected shape [2] (adapter slots = lora_b[0].shape[0]), got [1]"),
+    "expand: float16 t": ("sgmv_expand", lambda a, d: a.update(t=a["t"].half()), TypeError,
+                          "t expected dtype torch.float32, got torch.float16"),
+    "segment_outer: right of fewer tokens": ("segment_outer", lambda a, d: a.update(right=randn(2, 8, device=d)),
+                                             ValueError, "right expected shape [3, *], got [2, 8]"),
+    "segment_outer: out of other columns": ("segment_outer", lambda a, d: a.update(out=torch.zeros(2, 4, 9, device=d)),
+                                            ValueError, "out expected shape [*, 4, 8], got [2, 4, 9]"),
+    "segment_outer: slot counts of more slots": ("segment_outer", lambda a, d: a.update(
+        slot_counts=torch.zeros(3, dtype=torch.int32, device=d)), ValueError,
+        "slot_counts expected shape [2] (adapter slots = out.shape[0]), got [3]"),
+    "segment_outer: a batch of fewer tokens": ("segment_outer", lambda a, d: a.update(
+        sorted_token_ids=_short_batch(d).sorted_token_ids), ValueError,
+        "sorted_token_ids expected shape [3] (tokens = left.shape[0]), got [2]"),
+    "segment_outer: bfloat16 left": ("segment_outer", lambda a, d: a.update(left=a["left"].bfloat16()), TypeError,
+                                     "left expected dtype torch.float32, got torch.bfloat16"),
+}
+
+
+@pytest.mark.parametrize("case", list(_GROUPED_OP_BAD_ARGUMENTS))
+def test_the_grouped_triton_ops_refuse_what_their_kernels_would_index_out_of_bounds(case, device):
+    """The custom ops (what compiled graphs and exported programs run, and what a caller of
+    torch.ops.lora_kernels_triton reaches) check what their kernels index as plain arrays, naming the argument, the
+    expected and the actual: unchecked, a batch of fewer tokens was read past its end and a first column past out's
+    written past it. Nothing is written before the error; the valid call runs."""
+    op, change, error, message = _GROUPED_OP_BAD_ARGUMENTS[case]
+    run = getattr(torch.ops.lora_kernels_triton, op)
+    valid = _grouped_op_arguments(op, device)
+    run(**valid)
+    assert valid["out"].abs().sum() > 0
+    arguments = _grouped_op_arguments(op, device)
+    change(arguments, device)
+    before = arguments["out"].clone()
+    with pytest.raises(error, match=re.escape(f"lora_kernels_triton::{op}: {message}")):
+        run(**arguments)
+    assert torch.equal(arguments["out"], before)
 
 
 @pytest.mark.parametrize("op", ["sgmv_shrink", "sgmv_expand", "segment_outer"])

@@ -5,9 +5,11 @@
 with i = batch.adapter_ids[t] >= 0 and r_i = ranks[i]; entries of A/B past r_i are never used (the expand kernels
 load B and t up to min(r_i rounded up to 8, R), 16 bytes at a time when R is a multiple of 16, and select the
 entries past r_i away). The launchers do not check their arguments: lora_kernels.ops (lora_shrink, lora_expand,
-add_lora) is the checked API over them. Metadata values are clamped on the device rather than checked (as the cuda
-kernels do): ids and ranks into range, each slot's token range into [0, M), sorted token ids outside [0, M)
-skipped, so a LoRABatch built by hand with bad values never reads or writes outside the tensors.
+add_lora) is the checked API over them; the custom ops below (what compiled graphs, exported programs and direct
+callers run) check the shapes, dtypes and devices their kernels index by. Metadata values are clamped on the device
+rather than checked (as the cuda kernels do): ids and ranks into range, each slot's token range into [0, M), sorted
+token ids outside [0, M) skipped, so a LoRABatch built by hand with bad values never reads or writes outside the
+tensors.
 
 Kernels (all launch a grid fixed by shapes and exit early on the device, so they are CUDA-graph safe):
 - prefill (`_sgmv_shrink_kernel`, `_sgmv_expand_kernel`): grid (token tiles, slices x rank-or-N tiles [x split-K],
@@ -591,11 +593,113 @@ def _launch_expand(t, lora_b, adapter_ids, sorted_token_ids, slot_counts, slot_s
         )
 
 
+# Checks of the custom ops' arguments. Eager calls through lora_kernels.ops launch directly after its checks; the
+# custom ops run in compiled graphs and exported programs (whose lk.ops checks compare symbolic sizes) and for callers
+# of torch.ops.lora_kernels_triton.*. There the kernels, which index the metadata vectors as plain arrays, would read
+# a sorted_token_ids shorter than the tokens, or write columns past out's, out of bounds: these checks refuse what
+# would (shapes, dtypes, devices, contiguity), before the launch. Values are not checked (they are clamped on the
+# device, see the module docstring); neither is memory shared between out and an input (lk.ops refuses that).
+
+
+def _refuse(op, error, message):
+    raise error(f"lora_kernels_triton::{op}: {message}")
+
+
+def _check_vector(op, name, vector, length, what, device, dtype=torch.int32):
+    if vector.dim() != 1 or vector.shape[0] != length:
+        _refuse(op, ValueError, f"{name} expected shape [{length}] ({what}), got {list(vector.shape)}")
+    if vector.dtype != dtype:
+        _refuse(op, TypeError, f"{name} expected dtype {dtype}, got {vector.dtype}")
+    if vector.device != device:
+        _refuse(op, ValueError, f"{name} expected device {device}, got {vector.device}")
+    if not vector.is_contiguous():
+        _refuse(op, ValueError, f"{name} expected a contiguous tensor, got strides {vector.stride()}")
+
+
+def _check_tensor(op, name, tensor, shape, dtypes, device):
+    """shape: the expected sizes, None where any size goes."""
+    if tensor.dim() != len(shape) or any(want is not None and got != want for got, want in zip(tensor.shape, shape)):
+        expected = ", ".join("*" if want is None else str(want) for want in shape)
+        _refuse(op, ValueError, f"{name} expected shape [{expected}], got {list(tensor.shape)}")
+    if tensor.dtype not in dtypes:
+        _refuse(op, TypeError, f"{name} expected dtype {' or '.join(map(str, dtypes))}, got {tensor.dtype}")
+    if tensor.device != device:
+        _refuse(op, ValueError, f"{name} expected device {device}, got {tensor.device}")
+
+
+def _check_metadata(op, device, num_tokens, tokens, num_slots, slots, sorted_token_ids, slot_counts, slot_starts,
+                    ranks=None, adapter_ids=None):
+    """tokens and slots: where num_tokens and num_slots come from, for the messages."""
+    _check_vector(op, "sorted_token_ids", sorted_token_ids, num_tokens, tokens, device)
+    _check_vector(op, "slot_counts", slot_counts, num_slots, slots, device)
+    _check_vector(op, "slot_starts", slot_starts, num_slots, slots, device)
+    if ranks is not None:
+        _check_vector(op, "ranks", ranks, num_slots, slots, device)
+    if adapter_ids is not None:
+        _check_vector(op, "adapter_ids", adapter_ids, num_tokens, tokens, device)
+
+
+def _check_slices(op, name, slices, first_shape, dtypes, device, width_dim):
+    """slices: a list of 3-D weights, the first of first_shape (None: any size), the others of its dtype and its
+    shape but in width_dim (None: no dim may differ)."""
+    if not slices:
+        _refuse(op, ValueError, f"{name} expected at least one tensor, got an empty list")
+    _check_tensor(op, f"{name}[0]", slices[0], first_shape, dtypes, device)
+    shape = list(slices[0].shape)
+    if width_dim is not None:
+        shape[width_dim] = None
+    for index, weights in enumerate(slices[1:], 1):
+        _check_tensor(op, f"{name}[{index}]", weights, shape, (slices[0].dtype,), device)
+
+
+def _check_shrink(x, lora_a, adapter_ids, sorted_token_ids, slot_counts, slot_starts, scalings, ranks, out):
+    op = "sgmv_shrink"
+    _check_tensor(op, "x", x, (None, None), SUPPORTED_DTYPES, x.device)
+    M, K = x.shape
+    _check_slices(op, "lora_a", lora_a, (None, None, K), (x.dtype,), x.device, width_dim=None)
+    L, R = lora_a[0].shape[:2]
+    _check_tensor(op, "out", out, (M, R) if len(lora_a) == 1 and out.dim() == 2 else (len(lora_a), M, R),
+                  (torch.float32,), x.device)
+    slots = "adapter slots = lora_a[0].shape[0]"
+    _check_metadata(op, x.device, M, "tokens = x.shape[0]", L, slots, sorted_token_ids, slot_counts, slot_starts,
+                    ranks, adapter_ids)
+    _check_vector(op, "scalings", scalings, L, slots, x.device, torch.float32)
+
+
+def _check_expand(t, lora_b, adapter_ids, sorted_token_ids, slot_counts, slot_starts, ranks, out, first_columns):
+    op = "sgmv_expand"
+    _check_slices(op, "lora_b", lora_b, (None, None, None), SUPPORTED_DTYPES, t.device, width_dim=1)
+    slices, R = len(lora_b), lora_b[0].shape[2]
+    _check_tensor(op, "t", t, (None, R) if slices == 1 and t.dim() == 2 else (slices, None, R), (torch.float32,),
+                  t.device)
+    M = t.shape[-2]
+    _check_tensor(op, "out", out, (M, None), SUPPORTED_DTYPES, t.device)
+    if len(first_columns) != slices:
+        _refuse(op, ValueError, f"first_columns expected {slices} entries (one per lora_b slice), got "
+                                f"{len(first_columns)}")
+    for index, (column, weights) in enumerate(zip(first_columns, lora_b)):
+        if not 0 <= column <= out.shape[1] - weights.shape[1]:
+            _refuse(op, ValueError, f"first_columns[{index}] expected in [0, out.shape[1] - lora_b[{index}].shape[1]]"
+                                    f" = [0, {out.shape[1] - weights.shape[1]}], got {column}")
+    _check_metadata(op, t.device, M, "tokens = t.shape[-2]", lora_b[0].shape[0], "adapter slots = lora_b[0].shape[0]",
+                    sorted_token_ids, slot_counts, slot_starts, ranks, adapter_ids)
+
+
+def _check_segment_outer(left, right, sorted_token_ids, slot_counts, slot_starts, out):
+    op = "segment_outer"
+    _check_tensor(op, "left", left, (None, None), (torch.float32,), left.device)
+    _check_tensor(op, "right", right, (left.shape[0], None), SUPPORTED_DTYPES, left.device)
+    _check_tensor(op, "out", out, (None, left.shape[1], right.shape[1]), (torch.float32,), left.device)
+    _check_metadata(op, left.device, left.shape[0], "tokens = left.shape[0]", out.shape[0],
+                    "adapter slots = out.shape[0]", sorted_token_ids, slot_counts, slot_starts)
+
+
 @torch.library.custom_op("lora_kernels_triton::sgmv_shrink", mutates_args=("out",))
 def _sgmv_shrink_op(x: torch.Tensor, lora_a: list[torch.Tensor], adapter_ids: torch.Tensor,
                     sorted_token_ids: torch.Tensor, slot_counts: torch.Tensor, slot_starts: torch.Tensor,
                     scalings: torch.Tensor, ranks: torch.Tensor, out: torch.Tensor, deterministic: bool,
                     path: str) -> None:
+    _check_shrink(x, lora_a, adapter_ids, sorted_token_ids, slot_counts, slot_starts, scalings, ranks, out)
     _launch_shrink(x, lora_a, adapter_ids, sorted_token_ids, slot_counts, slot_starts, scalings, ranks, out,
                    deterministic, path)
 
@@ -609,6 +713,7 @@ def _(x, lora_a, adapter_ids, sorted_token_ids, slot_counts, slot_starts, scalin
 def _sgmv_expand_op(t: torch.Tensor, lora_b: list[torch.Tensor], adapter_ids: torch.Tensor,
                     sorted_token_ids: torch.Tensor, slot_counts: torch.Tensor, slot_starts: torch.Tensor,
                     ranks: torch.Tensor, out: torch.Tensor, first_columns: list[int], path: str) -> None:
+    _check_expand(t, lora_b, adapter_ids, sorted_token_ids, slot_counts, slot_starts, ranks, out, first_columns)
     _launch_expand(t, lora_b, adapter_ids, sorted_token_ids, slot_counts, slot_starts, ranks, out, first_columns,
                    path)
 
@@ -639,6 +744,7 @@ def _launch_segment_outer(left, right, sorted_token_ids, slot_counts, slot_start
 @torch.library.custom_op("lora_kernels_triton::segment_outer", mutates_args=("out",))
 def _segment_outer_op(left: torch.Tensor, right: torch.Tensor, sorted_token_ids: torch.Tensor,
                       slot_counts: torch.Tensor, slot_starts: torch.Tensor, out: torch.Tensor) -> None:
+    _check_segment_outer(left, right, sorted_token_ids, slot_counts, slot_starts, out)
     _launch_segment_outer(left, right, sorted_token_ids, slot_counts, slot_starts, out)
 
 
