@@ -2,6 +2,8 @@
 float64: forward y and s, each backward kernel, dropout, edge cases and input checks. On CPU they run under the
 Triton interpreter (tests/conftest.py switches it on), so the shapes stay tiny."""
 
+import re
+
 import pytest
 import torch
 
@@ -712,6 +714,59 @@ def test_opcheck_backward(dev, dtype):
                           (dy, ds, weight, lora_a, 0.1, torch.tensor(7)), test_utils=utils)
     torch.library.opcheck(torch.ops.lora_kernels.triton_lora_bwd_da.default, (ds, x, 0.1, torch.tensor(7)),
                           test_utils=utils)
+
+
+# (op, its valid arguments changed by `change`, the error's message) for the raw ops called directly
+_RAW_OP_BAD_ARGUMENTS = {
+    "fwd: lora_b of another rank": ("triton_lora_fwd", lambda a, d: a.update(lora_b=randn(20, 7, device=d)),
+                                    "lora_fwd: lora_b expected shape [20, 8], got [20, 7]"),
+    "fwd: weight of another K": ("triton_lora_fwd", lambda a, d: a.update(weight=randn(20, 41, device=d)),
+                                 "lora_fwd: weight expected shape [*, 40], got [20, 41]"),
+    "fwd: bias of another N": ("triton_lora_fwd", lambda a, d: a.update(bias=randn(19, device=d)),
+                               "lora_fwd: bias expected shape [20], got [19]"),
+    "fwd: dropout past 1": ("triton_lora_fwd", lambda a, d: a.update(dropout_p=1.5),
+                            "lora_fwd: dropout_p expected a float in [0, 1], got 1.5"),
+    "bwd_dy: s of fewer tokens": ("triton_lora_bwd_dy", lambda a, d: a.update(s=randn(4, 8, device=d)),
+                                  "lora_bwd_dy: s expected shape [5, 8], got [4, 8]"),
+    "bwd_dy: lora_b of another N": ("triton_lora_bwd_dy", lambda a, d: a.update(lora_b=randn(21, 8, device=d)),
+                                    "lora_bwd_dy: lora_b expected shape [20, *], got [21, 8]"),
+    "bwd_dx: ds of fewer tokens": ("triton_lora_bwd_dx", lambda a, d: a.update(ds=randn(4, 8, device=d)),
+                                   "lora_bwd_dx: ds expected shape [5, 8], got [4, 8]"),
+    "bwd_dx: lora_a of another K": ("triton_lora_bwd_dx", lambda a, d: a.update(lora_a=randn(8, 39, device=d)),
+                                    "lora_bwd_dx: lora_a expected shape [*, 40], got [8, 39]"),
+    "bwd_da: x of fewer tokens": ("triton_lora_bwd_da", lambda a, d: a.update(x=randn(4, 40, device=d)),
+                                  "lora_bwd_da: ds expected shape [4, *], got [5, 8]"),
+    "bwd_da: a float seed": ("triton_lora_bwd_da", lambda a, d: a.update(seed=torch.tensor(7.0)),
+                             "lora_bwd_da: seed expected an int or a 0-d int64 CPU tensor, got a torch.float32"),
+    "dropout_mask: dropout past 1": ("triton_dropout_mask", lambda a, d: a.update(p=1.5),
+                                     "dropout_mask: dropout_p expected a float in [0, 1], got 1.5"),
+}
+
+
+def _raw_op_arguments(op, device):
+    """Keyword arguments of a valid call of lora_kernels::op: M = 5, K = 40, N = 20, r = 8, float32."""
+    x, weight, lora_a, lora_b, bias = lora_inputs(5, 40, 20, 8, torch.float32, device)
+    dy, s = randn(5, 20, device=device), randn(5, 8, device=device)
+    seed = torch.tensor(7)
+    return {"triton_lora_fwd": dict(x=x, weight=weight, lora_a=lora_a, lora_b=lora_b, scaling=SCALING, bias=bias,
+                                    dropout_p=0.1, seed=seed),
+            "triton_lora_bwd_dy": dict(dy=dy, s=s, lora_b=lora_b, scaling=SCALING),
+            "triton_lora_bwd_dx": dict(dy=dy, ds=s, weight=weight, lora_a=lora_a, dropout_p=0.1, seed=seed),
+            "triton_lora_bwd_da": dict(ds=s, x=x, dropout_p=0.1, seed=seed),
+            "triton_dropout_mask": dict(seed=seed, M=5, K=40, p=0.1, device=device)}[op]
+
+
+@pytest.mark.parametrize("case", list(_RAW_OP_BAD_ARGUMENTS))
+def test_the_raw_ops_check_their_arguments_as_the_launchers_do(case, dev):
+    """torch.ops.lora_kernels.triton_lora_* called directly (or by an exported program) run the launchers' checks
+    before their kernels: unchecked, the kernels indexed by the shapes given. The valid call runs."""
+    op_name, change, message = _RAW_OP_BAD_ARGUMENTS[case]
+    op = getattr(torch.ops.lora_kernels, op_name)
+    assert op(**_raw_op_arguments(op_name, dev)) is not None
+    arguments = _raw_op_arguments(op_name, dev)
+    change(arguments, dev)
+    with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+        op(**arguments)
 
 
 def test_torch_compile_fullgraph(dev):

@@ -1,6 +1,6 @@
 """Fused single-adapter LoRA linear in Triton (design.md §2): the forward and the three A/B-only backward kernels,
 their launchers (check, then run the kernels: eagerly directly, under torch.compile through the opaque custom ops
-lora_kernels::triton_lora_* registered on the same bodies), and the AOT compile-gate specs.
+lora_kernels::triton_lora_* registered on the same checks and bodies), and the AOT compile-gate specs.
 
     s  = drop(x) · Aᵀ                         _lora_shrink_kernel   (dropout fused, s stored fp32, unscaled)
     y  = x · Wᵀ + scaling · s · Bᵀ + bias     _lora_fwd_kernel      (base GEMM and expand in one accumulator;
@@ -1040,12 +1040,20 @@ def _fake_lora_bwd_da(ds, x, dropout_p, seed):
     return x.new_empty((ds.shape[1], x.shape[1]), dtype=torch.float32)
 
 
-def _register(name, impl, fake):
+def _register(name, impl, fake, check):
     """An opaque custom op with a fake implementation: torch.compile(fullgraph=True) traces through it and calls the
     launcher as it is. Not a triton_op: that hands the kernels to Inductor, which failed to compile the fused forward
     on an H100 (torch 2.11, triton 3.6: CompilationError at its rank loop), and under the interpreter it would run
-    the body on fake tensors."""
-    op = torch.library.custom_op(f"lora_kernels::{name}", impl, mutates_args=())
+    the body on fake tensors. The op runs the launcher's checks (`check`, taking the op's arguments) before impl: a
+    compiled graph checked them on symbolic shapes when traced, but a direct caller of torch.ops.lora_kernels.<name>
+    or an exported program had the kernels index by unchecked shapes."""
+
+    @functools.wraps(impl)  # custom_op reads the schema from impl's annotated signature
+    def checked(*args, **kwargs):
+        check(*args, **kwargs)
+        return impl(*args, **kwargs)
+
+    op = torch.library.custom_op(f"lora_kernels::{name}", checked, mutates_args=())
     op.register_fake(fake)
     return op
 
@@ -1056,24 +1064,13 @@ def _call(op, impl, *args):
     return op(*args) if torch.compiler.is_compiling() else impl(*args)
 
 
-_fwd_op = _register("triton_lora_fwd", _lora_fwd_impl, _fake_lora_fwd)
-_bwd_dy_op = _register("triton_lora_bwd_dy", _lora_bwd_dy_impl, _fake_lora_bwd_dy)
-_bwd_dx_op = _register("triton_lora_bwd_dx", _lora_bwd_dx_impl, _fake_lora_bwd_dx)
-_bwd_da_op = _register("triton_lora_bwd_da", _lora_bwd_da_impl, _fake_lora_bwd_da)
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Launchers: check, then call the op.
+# Launchers: check, then call the op (which checks again: see _register). Each check takes the op's arguments and
+# returns the seed as the op takes it.
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def lora_fwd(x, weight, lora_a, lora_b, scaling, bias=None, dropout_p=0.0, seed=0):
-    """y, s = x @ W.T + scaling * (s := drop(x) @ A.T) @ B.T + bias, s.float()
-
-    x: [M, K] (any strides), weight: [N, K], lora_a: [r, K], lora_b: [N, r], bias: [N] or None, all one float
-    dtype and device. Returns y [M, N] in x.dtype and s [M, r] float32 (unscaled, saved for the backward).
-    Dropout (p = dropout_p) applies to the LoRA branch input; its mask comes from (seed, m * K + k), see
-    `dropout_mask`."""
+def _check_fwd(x, weight, lora_a, lora_b, scaling, bias, dropout_p, seed):
     op = "lora_fwd"
     _check_tensor(op, "x", x, 2)
     M, K = x.shape
@@ -1087,15 +1084,10 @@ def lora_fwd(x, weight, lora_a, lora_b, scaling, bias=None, dropout_p=0.0, seed=
     if bias is not None:
         _check_tensor(op, "bias", bias, 1, dtype, device, (N,))
     _check_scaling(op, scaling)
-    seed = _check_dropout(op, dropout_p, seed)
-    return _call(_fwd_op, _lora_fwd_impl, x, weight, lora_a, lora_b, float(scaling), bias, float(dropout_p), seed)
+    return _check_dropout(op, dropout_p, seed)
 
 
-def lora_bwd_dy(dy, s, lora_b, scaling):
-    """d_lora_b, ds = scaling * dy.T @ s, scaling * dy @ B   (both float32, from one read of dy)
-
-    dy: [M, N], s: [M, r] float32 (from lora_fwd), lora_b: [N, r] in dy.dtype.
-    Returns d_lora_b [N, r] and ds [M, r], float32."""
+def _check_bwd_dy(dy, s, lora_b, scaling):
     op = "lora_bwd_dy"
     _check_tensor(op, "dy", dy, 2)
     M, N = dy.shape
@@ -1104,13 +1096,9 @@ def lora_bwd_dy(dy, s, lora_b, scaling):
     _check_rank(op, "lora_b", r)
     _check_tensor(op, "s", s, 2, torch.float32, dy.device, (M, r))
     _check_scaling(op, scaling)
-    return _call(_bwd_dy_op, _lora_bwd_dy_impl, dy, s, lora_b, float(scaling))
 
 
-def lora_bwd_dx(dy, ds, weight, lora_a, dropout_p=0.0, seed=0):
-    """dx = dy @ W + mask * (ds @ A)   (mask: the forward's dropout multiplier for (seed, dropout_p))
-
-    dy: [M, N], ds: [M, r] float32, weight: [N, K], lora_a: [r, K] in dy.dtype. Returns dx [M, K] in dy.dtype."""
+def _check_bwd_dx(dy, ds, weight, lora_a, dropout_p, seed):
     op = "lora_bwd_dx"
     _check_tensor(op, "dy", dy, 2)
     M, N = dy.shape
@@ -1120,7 +1108,49 @@ def lora_bwd_dx(dy, ds, weight, lora_a, dropout_p=0.0, seed=0):
     r = lora_a.shape[0]
     _check_rank(op, "lora_a", r)
     _check_tensor(op, "ds", ds, 2, torch.float32, dy.device, (M, r))
-    seed = _check_dropout(op, dropout_p, seed)
+    return _check_dropout(op, dropout_p, seed)
+
+
+def _check_bwd_da(ds, x, dropout_p, seed):
+    op = "lora_bwd_da"
+    _check_tensor(op, "x", x, 2)
+    M, K = x.shape
+    _check_tensor(op, "ds", ds, 2, torch.float32, x.device, (M, None))
+    _check_rank(op, "ds", ds.shape[1])
+    return _check_dropout(op, dropout_p, seed)
+
+
+_fwd_op = _register("triton_lora_fwd", _lora_fwd_impl, _fake_lora_fwd, _check_fwd)
+_bwd_dy_op = _register("triton_lora_bwd_dy", _lora_bwd_dy_impl, _fake_lora_bwd_dy, _check_bwd_dy)
+_bwd_dx_op = _register("triton_lora_bwd_dx", _lora_bwd_dx_impl, _fake_lora_bwd_dx, _check_bwd_dx)
+_bwd_da_op = _register("triton_lora_bwd_da", _lora_bwd_da_impl, _fake_lora_bwd_da, _check_bwd_da)
+
+
+def lora_fwd(x, weight, lora_a, lora_b, scaling, bias=None, dropout_p=0.0, seed=0):
+    """y, s = x @ W.T + scaling * (s := drop(x) @ A.T) @ B.T + bias, s.float()
+
+    x: [M, K] (any strides), weight: [N, K], lora_a: [r, K], lora_b: [N, r], bias: [N] or None, all one float
+    dtype and device. Returns y [M, N] in x.dtype and s [M, r] float32 (unscaled, saved for the backward).
+    Dropout (p = dropout_p) applies to the LoRA branch input; its mask comes from (seed, m * K + k), see
+    `dropout_mask`."""
+    seed = _check_fwd(x, weight, lora_a, lora_b, scaling, bias, dropout_p, seed)
+    return _call(_fwd_op, _lora_fwd_impl, x, weight, lora_a, lora_b, float(scaling), bias, float(dropout_p), seed)
+
+
+def lora_bwd_dy(dy, s, lora_b, scaling):
+    """d_lora_b, ds = scaling * dy.T @ s, scaling * dy @ B   (both float32, from one read of dy)
+
+    dy: [M, N], s: [M, r] float32 (from lora_fwd), lora_b: [N, r] in dy.dtype.
+    Returns d_lora_b [N, r] and ds [M, r], float32."""
+    _check_bwd_dy(dy, s, lora_b, scaling)
+    return _call(_bwd_dy_op, _lora_bwd_dy_impl, dy, s, lora_b, float(scaling))
+
+
+def lora_bwd_dx(dy, ds, weight, lora_a, dropout_p=0.0, seed=0):
+    """dx = dy @ W + mask * (ds @ A)   (mask: the forward's dropout multiplier for (seed, dropout_p))
+
+    dy: [M, N], ds: [M, r] float32, weight: [N, K], lora_a: [r, K] in dy.dtype. Returns dx [M, K] in dy.dtype."""
+    seed = _check_bwd_dx(dy, ds, weight, lora_a, dropout_p, seed)
     return _call(_bwd_dx_op, _lora_bwd_dx_impl, dy, ds, weight, lora_a, float(dropout_p), seed)
 
 
@@ -1128,12 +1158,7 @@ def lora_bwd_da(ds, x, dropout_p=0.0, seed=0):
     """d_lora_a = ds.T @ (x * mask)   (float32; mask as in lora_fwd for the same seed and dropout_p)
 
     ds: [M, r] float32, x: [M, K] (any strides). Returns d_lora_a [r, K] float32."""
-    op = "lora_bwd_da"
-    _check_tensor(op, "x", x, 2)
-    M, K = x.shape
-    _check_tensor(op, "ds", ds, 2, torch.float32, x.device, (M, None))
-    _check_rank(op, "ds", ds.shape[1])
-    seed = _check_dropout(op, dropout_p, seed)
+    seed = _check_bwd_da(ds, x, dropout_p, seed)
     return _call(_bwd_da_op, _lora_bwd_da_impl, ds, x, float(dropout_p), seed)
 
 
@@ -1169,7 +1194,8 @@ def _dropout_mask_impl(seed: torch.Tensor, M: int, K: int, p: float, device: tor
 # Traced (lora_linear's torch.func path under torch.compile), an opaque op: the launch cannot run on fake tensors.
 # It takes the sizes, not a tensor shaped like x, which vmap would batch (torch's fallback then launches per sample).
 _dropout_mask_op = _register("triton_dropout_mask", _dropout_mask_impl,
-                             lambda seed, M, K, p, device: torch.empty((M, K), device=device, dtype=torch.float32))
+                             lambda seed, M, K, p, device: torch.empty((M, K), device=device, dtype=torch.float32),
+                             lambda seed, M, K, p, device: _check_dropout("dropout_mask", p, seed))
 
 
 @_dropout_mask_op.register_vmap
