@@ -623,6 +623,11 @@ _GROUPED_OP_BAD_ARGUMENTS = {
     "shrink: a second slice of another rank": ("sgmv_shrink", lambda a, d: a.update(
         lora_a=[*a["lora_a"], randn(2, 5, 8, device=d)], out=torch.zeros(2, 3, 4, device=d)), ValueError,
         "lora_a[1] expected shape [2, 4, 8], got [2, 5, 8]"),
+    "shrink: a second slice of another dtype": ("sgmv_shrink", lambda a, d: a.update(
+        lora_a=[*a["lora_a"], randn(2, 4, 8, device=d).half()], out=torch.zeros(2, 3, 4, device=d)), TypeError,
+        "lora_a[1] expected dtype torch.float32, got torch.float16"),
+    "shrink: a 3-D x": ("sgmv_shrink", lambda a, d: a.update(x=a["x"].unsqueeze(-1)), ValueError,
+                        "x expected shape [*, *], got [3, 8, 1]"),
     "shrink: no slices": ("sgmv_shrink", lambda a, d: a.update(lora_a=[]), ValueError,
                           "lora_a expected at least one tensor, got an empty list"),
     "shrink: out of another rank": ("sgmv_shrink", lambda a, d: a.update(out=torch.zeros(3, 5, device=d)),
@@ -652,6 +657,11 @@ _GROUPED_OP_BAD_ARGUMENTS = {
         "sorted_token_ids expected shape [3] (tokens = t.shape[-2]), got [2]"),
     "expand: ranks of another length": ("sgmv_expand", lambda a, d: a.update(ranks=a["ranks"][:1]), ValueError,
                                         "ranks expected shape [2] (adapter slots = lora_b[0].shape[0]), got [1]"),
+    "expand: a second slice of another dtype": ("sgmv_expand", lambda a, d: a.update(
+        lora_b=[*a["lora_b"], randn(2, 2, 4, device=d).bfloat16()], t=torch.zeros(2, 3, 4, device=d),
+        first_columns=[0, 0]), TypeError, "lora_b[1] expected dtype torch.float32, got torch.bfloat16"),
+    "expand: float64 out": ("sgmv_expand", lambda a, d: a.update(out=a["out"].double()), TypeError,
+                            "out expected dtype torch.float32 or torch.float16 or torch.bfloat16, got torch.float64"),
     "expand: float16 t": ("sgmv_expand", lambda a, d: a.update(t=a["t"].half()), TypeError,
                           "t expected dtype torch.float32, got torch.float16"),
     "segment_outer: right of fewer tokens": ("segment_outer", lambda a, d: a.update(right=randn(2, 8, device=d)),
@@ -664,6 +674,9 @@ _GROUPED_OP_BAD_ARGUMENTS = {
     "segment_outer: a batch of fewer tokens": ("segment_outer", lambda a, d: a.update(
         sorted_token_ids=_short_batch(d).sorted_token_ids), ValueError,
         "sorted_token_ids expected shape [3] (tokens = left.shape[0]), got [2]"),
+    "segment_outer: float64 right": ("segment_outer", lambda a, d: a.update(right=a["right"].double()), TypeError,
+                                     "right expected dtype torch.float32 or torch.float16 or torch.bfloat16, got "
+                                     "torch.float64"),
     "segment_outer: bfloat16 left": ("segment_outer", lambda a, d: a.update(left=a["left"].bfloat16()), TypeError,
                                      "left expected dtype torch.float32, got torch.bfloat16"),
 }
