@@ -682,6 +682,30 @@ _GROUPED_OP_BAD_ARGUMENTS = {
 }
 
 
+@pytest.mark.parametrize("path", ["prefill", "decode"])
+def test_the_grouped_triton_ops_take_slices_of_unequal_widths_as_the_launchers_do(path, device):
+    """What the checks must let through: three slices (lora_b of unequal widths, t and out of the shrink [S, M, R]),
+    each into its own columns of a wider out after a first column of 2, give through the ops what the eager
+    launchers give, bit for bit."""
+    M, K, L, widths = 7, 16, 3, (8, 4, 6)
+    batch = LoRABatch.from_adapter_ids(make_ids("mixed_neg", M, L, device), L)
+    a_list, b_list, ranks, scalings = make_weights(L, [4, 2, 3], K, widths, torch.float32, device)
+    meta = (batch.adapter_ids, batch.sorted_token_ids, batch.slot_counts, batch.slot_starts)
+    x = randn(M, K, device=device)
+    columns = [2, 10, 14]
+    outputs = []
+    for shrink, expand in ((torch.ops.lora_kernels_triton.sgmv_shrink, torch.ops.lora_kernels_triton.sgmv_expand),
+                           (sgmv._launch_shrink, sgmv._launch_expand)):
+        t = torch.zeros(3, M, 4, device=device)
+        shrink(x, a_list, *meta, scalings, ranks, t, True, path)
+        out = torch.zeros(M, 22, device=device)
+        expand(t, b_list, *meta, ranks, out, columns, path)
+        outputs.append((t, out))
+    (t_op, out_op), (t_launch, out_launch) = outputs
+    assert torch.equal(t_op, t_launch) and torch.equal(out_op, out_launch)
+    assert out_op[batch.adapter_ids >= 0, 2:].abs().sum() > 0 and not out_op[:, :2].any()
+
+
 @pytest.mark.parametrize("case", list(_GROUPED_OP_BAD_ARGUMENTS))
 def test_the_grouped_triton_ops_refuse_what_their_kernels_would_index_out_of_bounds(case, device):
     """The custom ops (what compiled graphs and exported programs run, and what a caller of
