@@ -6,7 +6,9 @@ shuffles and the warp-wide MMAs, whose fragment layouts emu.h restates from the 
 warp 0 runs ahead to the next before the other warps go on, so a missing barrier before shared memory is
 overwritten shows). The race check builds the kernel harnesses with ThreadSanitizer, which orders the threads'
 accesses as CUDA does (__syncthreads and __syncwarp order them, the shuffles and MMAs do not), so a missing
-__syncwarp shows too, where the MMAs (which wait for every lane) kept a run's results right. Six harnesses run whole
+__syncwarp shows too, where the MMAs (which wait for every lane) kept a run's results right. The address check
+builds the harnesses' full runs with AddressSanitizer, so a read or write outside a buffer stops them as a GPU's
+illegal address would, also where no output takes the value read (a row past M). Six harnesses run whole
 launches on integer-valued data against a float64 reference, bit for bit (the expands' output columns outside
 their slice too, which hold -0.0: an added zero shows): decode_kernels.cpp the grouped
 one-token-per-block decode kernels, sgmv_mma.cpp the grouped tensor-core shrink and expand of a prefill batch,
@@ -26,14 +28,15 @@ the launchers build (contiguous copies, the re-aligned transposed lora_b, partia
 their ATen compositions, with cuBLAS's GEMMs stood in for (launchers_lora_linear.cpp: fp32 accumulation, and BLAS's
 alpha = 0 / beta = 0 rules).
 
-This checks the kernels' index arithmetic, masking and split/grid logic, their barriers, and the launchers' host
-code, on every CI run, without a GPU; not their speed, the rest of the GPU memory model (launches run one after
-another: a programmatic dependent launch's overlap is not emulated), the compiler's code for the GPU or the PTX
-layouts themselves (the GPU tests in test_cpp_ops.py check those on a GPU)."""
+This checks the kernels' index arithmetic, masking and split/grid logic, their bounds, their barriers, and the
+launchers' host code, on every CI run, without a GPU; not their speed, the rest of the GPU memory model (launches
+run one after another: a programmatic dependent launch's overlap is not emulated), the compiler's code for the GPU
+or the PTX layouts themselves (the GPU tests in test_cpp_ops.py check those on a GPU)."""
 import os
 import re
 import shutil
 import subprocess
+import warnings
 
 import pytest
 import torch.utils.cpp_extension
@@ -117,7 +120,13 @@ def launcher_sources(sources):
     return files
 
 
-def build_and_run(tmp_path, harness, sources, *args, race_check=False):
+def build_and_run(tmp_path, harness, sources, *args, race_check=False, address_check=False):
+    """Build the harness and run it: (exit code, stdout, stderr). race_check: with ThreadSanitizer (see RACE_EXIT).
+    address_check: with AddressSanitizer, which stops the run (exit code ADDRESS_EXIT) at the first access outside
+    a buffer (harness.h poisons its aligned storages' slack), as a GPU stops at an illegal address: the results alone
+    do not show a read past a buffer whose values no output takes (a row past M, a column past N). Where the compiler
+    cannot link AddressSanitizer the run goes on without it, with a warning."""
+    assert not (race_check and address_check), "ThreadSanitizer and AddressSanitizer do not combine"
     compiler = shutil.which(os.environ.get("CXX", "c++"))
     if compiler is None:
         pytest.skip("no C++ compiler")
@@ -138,17 +147,31 @@ def build_and_run(tmp_path, harness, sources, *args, race_check=False):
     # -fsanitize=alignment: a misaligned 16-byte access (a fault on a GPU) stops the run (emu.h's uint4)
     # race_check: built with ThreadSanitizer (the race check: see emu.h's Unordered), -g for its reports' lines
     race = ["-fsanitize=thread", "-g"] if race_check else []
-    build = subprocess.run([compiler, "-std=c++20", "-O1", "-pthread", "-fsanitize=alignment",
-                            "-fno-sanitize-recover=alignment", *race, *stubs, f"-I{tmp_path}",
-                            f"-I{HERE}/cuda_emulation", *sources_dir, *includes,
-                            os.path.join(HERE, "cuda_emulation", f"{harness}.cpp"), "-o", str(binary),
-                            f"-L{torch_lib}", *libraries, f"-Wl,-rpath,{torch_lib}"],
-                           capture_output=True, text=True, timeout=300)
-    if race_check and build.returncode != 0 and "tsan" in build.stderr:
-        pytest.skip(f"the compiler cannot link ThreadSanitizer: {build.stderr[-300:]}")
-    assert build.returncode == 0, build.stderr[-3000:]
-    # the race check: the first race stops the run, with exit code RACE_EXIT and its report on stderr
-    env = dict(os.environ, TSAN_OPTIONS=f"halt_on_error=1 exitcode={RACE_EXIT}") if race_check else None
+    address = ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"] if address_check else []
+
+    def build(sanitizers):
+        return subprocess.run([compiler, "-std=c++20", "-O1", "-pthread", "-fsanitize=alignment",
+                               "-fno-sanitize-recover=alignment", *sanitizers, *stubs, f"-I{tmp_path}",
+                               f"-I{HERE}/cuda_emulation", *sources_dir, *includes,
+                               os.path.join(HERE, "cuda_emulation", f"{harness}.cpp"), "-o", str(binary),
+                               f"-L{torch_lib}", *libraries, f"-Wl,-rpath,{torch_lib}"],
+                              capture_output=True, text=True, timeout=300)
+
+    built = build(race + address)
+    if race_check and built.returncode != 0 and "tsan" in built.stderr:
+        pytest.skip(f"the compiler cannot link ThreadSanitizer: {built.stderr[-300:]}")
+    if address_check and built.returncode != 0 and "asan" in built.stderr:
+        warnings.warn(f"{harness} built without the address check: the compiler cannot link AddressSanitizer "
+                      f"({built.stderr[-300:]})")
+        address, built = [], build(race)
+    assert built.returncode == 0, built.stderr[-3000:]
+    # the race check: the first race stops the run, with exit code RACE_EXIT and its report on stderr; the address
+    # check likewise with ADDRESS_EXIT (no leak report: libtorch keeps its registries to the end)
+    env = None
+    if race_check:
+        env = dict(os.environ, TSAN_OPTIONS=f"halt_on_error=1 exitcode={RACE_EXIT}")
+    elif address:
+        env = dict(os.environ, ASAN_OPTIONS=f"halt_on_error=1:detect_leaks=0:exitcode={ADDRESS_EXIT}")
     run = subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=600, env=env)
     if race_check and "FATAL: ThreadSanitizer" in run.stderr:  # e.g. a kernel's address-space layout it cannot map
         pytest.skip(f"ThreadSanitizer cannot run here: {run.stderr[-300:]}")
@@ -156,6 +179,7 @@ def build_and_run(tmp_path, harness, sources, *args, race_check=False):
 
 
 RACE_EXIT = 66
+ADDRESS_EXIT = 67
 # The kernel harnesses' `quick` case counts (their main()s), which the race check and the broken-kernel tests run
 QUICK_CASES = {"decode_kernels": 6, "sgmv_mma": 6, "sgmv_cuda_core": 6, "lora_fwd_decode": 2, "lora_bwd_dy": 4}
 
@@ -163,17 +187,21 @@ QUICK_CASES = {"decode_kernels": 6, "sgmv_mma": 6, "sgmv_cuda_core": 6, "lora_fw
 @pytest.mark.parametrize("harness,cases", [("decode_kernels", 48), ("sgmv_mma", 36), ("sgmv_cuda_core", 31),
                                            ("lora_fwd_decode", 16), ("lora_bwd_dy", 15)])
 def test_cuda_kernels_match_the_reference_on_the_cpu(tmp_path, harness, cases):
-    returncode, output, _ = build_and_run(tmp_path, harness, read_sources())
-    assert returncode == 0 and output.splitlines()[-1] == f"{cases} cases, 0 failures", output[-3000:]
+    """Every case's results, and every access inside its buffers (the address check)."""
+    returncode, output, errors = build_and_run(tmp_path, harness, read_sources(), address_check=True)
+    assert returncode == 0 and output.splitlines()[-1] == f"{cases} cases, 0 failures", (output[-3000:],
+                                                                                          errors[-3000:])
 
 
 @pytest.mark.parametrize("harness,cases", [("launchers_lora_linear", 44), ("launchers_sgmv", 35)])
 def test_cuda_launchers_dispatch_and_match_the_reference_on_the_cpu(tmp_path, harness, cases):
     """The launchers themselves (lora_fwd_cuda_launch, lora_bwd_dy_cuda_launch, sgmv_shrink_cuda_launch,
     sgmv_expand_cuda_launch), the whole .cu file compiled as host C++ on CPU tensors: which kernels they launch for
-    each dtype, layout, size and compiled architecture, what they build and pass them, and the ATen paths."""
-    returncode, output, _ = build_and_run(tmp_path, harness, read_sources())
-    assert returncode == 0 and output.splitlines()[-1] == f"{cases} cases, 0 failures", output[-3000:]
+    each dtype, layout, size and compiled architecture, what they build and pass them, and the ATen paths; every
+    access inside the tensors (the address check)."""
+    returncode, output, errors = build_and_run(tmp_path, harness, read_sources(), address_check=True)
+    assert returncode == 0 and output.splitlines()[-1] == f"{cases} cases, 0 failures", (output[-3000:],
+                                                                                          errors[-3000:])
 
 
 @pytest.mark.parametrize("harness,args,old,new,failure", [
@@ -304,6 +332,27 @@ def test_the_race_check_fails_a_missing_barrier(tmp_path, harness, old, new, sha
         output[-2000:], errors[-4000:])
 
 
+@pytest.mark.parametrize("args,old,new", [
+    # the decode forward's rows of x past M: read again from the last valid row, as the kernels' comment promises
+    (["quick"], "return x + int64_t(m < M ? m : M - 1) * ldx;", "return x + int64_t(m) * ldx;"),
+    # ... and its rows of W past N (the full run: N not a multiple of the rows a warp takes)
+    ([], "w_rows[rr] = w + (row0 + rr < num_rows ? row0 + rr : num_rows - 1) * ldw;",
+     "w_rows[rr] = w + (row0 + rr) * ldw;"),
+], ids=["x-rows-past-m", "w-rows-past-n"])
+def test_the_address_check_stops_a_read_past_a_buffer(tmp_path, args, old, new):
+    """The address check is not vacuous: without the clamps that keep the decode forward's loads of rows past M (x)
+    or past N (W) inside the buffers, its results stay right (those rows' sums are never stored: the emulation
+    without the check passed both), and the run stops at the first such read."""
+    sources = read_sources()
+    assert sources["lora_linear.cu"].count(old) == 1, old
+    sources["lora_linear.cu"] = sources["lora_linear.cu"].replace(old, new)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a build without the check would pass vacuously
+        returncode, output, errors = build_and_run(tmp_path, "lora_fwd_decode", sources, *args, address_check=True)
+    assert returncode == ADDRESS_EXIT and "ERROR: AddressSanitizer" in errors and "READ of size" in errors, (
+        output[-2000:], errors[-3000:])
+
+
 def test_the_emulation_stops_a_misaligned_16_byte_access(tmp_path):
     """emu.h's uint4 is 16-byte aligned and the harnesses are built with -fsanitize=alignment, so a 16-byte access a
     GPU would fault on stops the run (x86 alone takes it): the expand's staged epilogue without its row-stride and
@@ -342,6 +391,7 @@ def test_the_emulation_restates_the_launch_constants_as_the_sources_define_them(
 
 def test_the_grouped_kernels_clamp_out_of_range_metadata(tmp_path):
     """sgmv.cu's clamps (ranks to [0, R], slot ranges to [0, M)): a rank past R or below 0 and a slot count past M
-    give the valid batch's results, in every grouped kernel (bad_metadata.cpp)."""
-    returncode, output, _ = build_and_run(tmp_path, "bad_metadata", read_sources())
-    assert returncode == 0 and output.splitlines()[-1] == "3 cases, 0 failures", output[-3000:]
+    give the valid batch's results, in every grouped kernel (bad_metadata.cpp), with every access inside the buffers
+    (the address check)."""
+    returncode, output, errors = build_and_run(tmp_path, "bad_metadata", read_sources(), address_check=True)
+    assert returncode == 0 and output.splitlines()[-1] == "3 cases, 0 failures", (output[-3000:], errors[-3000:])

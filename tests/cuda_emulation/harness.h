@@ -8,6 +8,19 @@
 #include <string>
 #include <vector>
 
+// The address check (test_cuda_emulation.py builds the harnesses with AddressSanitizer too): the slack of the aligned
+// storages below is poisoned, so that an access past a buffer's n elements stops the run as a GPU's illegal address
+// would, instead of reading the storage's zeros.
+#if defined(__SANITIZE_ADDRESS__)
+#define LK_ADDRESS_CHECK 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define LK_ADDRESS_CHECK 1
+#endif
+#endif
+#ifdef LK_ADDRESS_CHECK
+#include <sanitizer/asan_interface.h>
+#endif
 
 struct Meta {
   std::vector<int32_t> ids, sorted, starts, counts;
@@ -27,6 +40,7 @@ Meta make_meta(int M, int L, std::mt19937& rng, const std::string& dist) {
   for (int s = 0; s < L; ++s) { m.starts[s] = acc; acc += m.counts[s]; }
   for (int s = 0; s < L; ++s) for (int i = 0; i < M; ++i) if (m.ids[i] == s) m.sorted.push_back(i);
   for (int i = 0; i < M; ++i) if (m.ids[i] < 0) m.sorted.push_back(i);
+  m.sorted.shrink_to_fit();  // no capacity past the M ids, where a read past them would go unseen
   return m;
 }
 
@@ -39,12 +53,21 @@ int failures = 0;
     }                                     \
   } while (0)
 
-// n elements of storage from a 16-byte boundary on (the kernels take 16-byte loads only from aligned rows).
+// n elements of storage from a 16-byte boundary on (the kernels take 16-byte loads only from aligned rows); under
+// the address check the storage around them is poisoned.
 template <typename T>
 T* aligned16_in(std::vector<T>& storage, size_t n) {
+#ifdef LK_ADDRESS_CHECK
+  ASAN_UNPOISON_MEMORY_REGION(storage.data(), storage.size() * sizeof(T));  // reused: assign writes all of it
+#endif
   storage.assign(n + 16, T(0));
   const uintptr_t p = reinterpret_cast<uintptr_t>(storage.data());
-  return reinterpret_cast<T*>((p + 15) / 16 * 16);
+  T* const aligned = reinterpret_cast<T*>((p + 15) / 16 * 16);
+#ifdef LK_ADDRESS_CHECK
+  ASAN_POISON_MEMORY_REGION(storage.data(), size_t(aligned - storage.data()) * sizeof(T));
+  ASAN_POISON_MEMORY_REGION(aligned + n, size_t(storage.data() + storage.size() - (aligned + n)) * sizeof(T));
+#endif
+  return aligned;
 }
 
 
