@@ -6,8 +6,9 @@ rank tiles past ranks[i] (within the tile that holds it the cuda and Triton kern
 fallback's masked loop, on GPUs and under torch.compile, works over all of R and selects or zeroes what lies past
 ranks[i]). The Triton expand loads B and t up to min(ranks[i] rounded up to 8, R), 16 bytes at a time when R is a
 multiple of 16, and selects the entries past ranks[i] away.
-Checks run here, once, before any backend launches; the Triton launchers are then called unchecked (the C++ ops
-check again, since they are callable directly as torch.ops.lora_kernels.*).
+Checks run here, once, before any backend launches; eager calls then launch the Triton kernels unchecked (the C++
+ops, callable directly as torch.ops.lora_kernels.*, check again, and so do the Triton custom ops that compiled
+graphs and exported programs run, torch.ops.lora_kernels_triton.*).
 
 Inside a CUDA-graph capture pass scalings and ranks as tensors on the device (MultiLoRALinear keeps them as buffers):
 a Python list or a CPU tensor is copied to the device on every call, which synchronises with the host. Under
