@@ -13,8 +13,8 @@ launches on integer-valued data against a float64 reference, bit for bit (the ex
 their slice too, which hold -0.0: an added zero shows): decode_kernels.cpp the grouped
 one-token-per-block decode kernels, sgmv_mma.cpp the grouped tensor-core shrink and expand of a prefill batch,
 sgmv_cuda_core.cpp the grouped CUDA-core kernel (float32, float64 and rows 16-byte loads cannot read whole),
-bad_metadata.cpp the grouped kernels on out-of-range ranks and slot ranges that their clamps make mean a valid
-batch's, lora_fwd_decode.cpp lora_fwd's decode shrink and its tensor-core and CUDA-core forward kernels,
+bad_metadata.cpp the grouped kernels on out-of-range ranks, slot ranges and token ids that their clamps make mean a
+valid batch's, lora_fwd_decode.cpp lora_fwd's decode shrink and its tensor-core and CUDA-core forward kernels,
 lora_bwd_dy.cpp lora_bwd_dy's tensor-core and CUDA-core kernels.
 
 Two more harnesses run the launchers themselves (launchers_lora_linear.cpp, launchers_sgmv.cpp): the whole of
@@ -332,23 +332,31 @@ def test_the_race_check_fails_a_missing_barrier(tmp_path, harness, old, new, sha
         output[-2000:], errors[-4000:])
 
 
-@pytest.mark.parametrize("args,old,new", [
+@pytest.mark.parametrize("harness,args,old,new", [
     # the decode forward's rows of x past M: read again from the last valid row, as the kernels' comment promises
-    (["quick"], "return x + int64_t(m < M ? m : M - 1) * ldx;", "return x + int64_t(m) * ldx;"),
+    ("lora_fwd_decode", ["quick"], "return x + int64_t(m < M ? m : M - 1) * ldx;", "return x + int64_t(m) * ldx;"),
     # ... and its rows of W past N (the full run: N not a multiple of the rows a warp takes)
-    ([], "w_rows[rr] = w + (row0 + rr < num_rows ? row0 + rr : num_rows - 1) * ldw;",
+    ("lora_fwd_decode", [], "w_rows[rr] = w + (row0 + rr < num_rows ? row0 + rr : num_rows - 1) * ldw;",
      "w_rows[rr] = w + (row0 + rr) * ldw;"),
-], ids=["x-rows-past-m", "w-rows-past-n"])
-def test_the_address_check_stops_a_read_past_a_buffer(tmp_path, args, old, new):
+    # the grouped tensor-core kernels' token ids at or past M in a slot's range (bad_metadata's bad ids): used as rows
+    ("bad_metadata", [], "tokens[h] = token >= 0 && token < args.num_tokens ? token : -1;",
+     "tokens[h] = token >= 0 ? token : -1;"),
+    # ... and a slot start below 0, unclamped: the slot's range starts before sorted_token_ids
+    ("bad_metadata", [], "start = start < 0 ? 0 : (start > args.num_tokens ? args.num_tokens : start);",
+     "start = start > args.num_tokens ? args.num_tokens : start;"),
+], ids=["x-rows-past-m", "w-rows-past-n", "grouped-token-ids-past-m", "grouped-slot-start-below-0"])
+def test_the_address_check_stops_a_read_past_a_buffer(tmp_path, harness, args, old, new):
     """The address check is not vacuous: without the clamps that keep the decode forward's loads of rows past M (x)
     or past N (W) inside the buffers, its results stay right (those rows' sums are never stored: the emulation
-    without the check passed both), and the run stops at the first such read."""
+    without the check passed both), and the run stops at the first such read; so it does where the grouped kernels
+    take bad metadata (a token id past M, a slot start below 0) unclamped, whose results bad_metadata compares too."""
     sources = read_sources()
-    assert sources["lora_linear.cu"].count(old) == 1, old
-    sources["lora_linear.cu"] = sources["lora_linear.cu"].replace(old, new)
+    cu_file = HARNESS_SOURCE[harness]
+    assert sources[cu_file].count(old) == 1, old
+    sources[cu_file] = sources[cu_file].replace(old, new)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a build without the check would pass vacuously
-        returncode, output, errors = build_and_run(tmp_path, "lora_fwd_decode", sources, *args, address_check=True)
+        returncode, output, errors = build_and_run(tmp_path, harness, sources, *args, address_check=True)
     assert returncode == ADDRESS_EXIT and "ERROR: AddressSanitizer" in errors and "READ of size" in errors, (
         output[-2000:], errors[-3000:])
 
@@ -390,8 +398,9 @@ def test_the_emulation_restates_the_launch_constants_as_the_sources_define_them(
 
 
 def test_the_grouped_kernels_clamp_out_of_range_metadata(tmp_path):
-    """sgmv.cu's clamps (ranks to [0, R], slot ranges to [0, M)): a rank past R or below 0 and a slot count past M
-    give the valid batch's results, in every grouped kernel (bad_metadata.cpp), with every access inside the buffers
-    (the address check)."""
+    """sgmv.cu's clamps (ranks to [0, R], slot ranges to [0, M), token ids outside [0, M) skipped): a rank past R or
+    below 0, a slot count past M, a slot start below 0 and token ids -1, -2, M and M + 1 in a slot's range give the
+    valid batch's results, in every grouped kernel (bad_metadata.cpp), with every access inside the buffers (the
+    address check)."""
     returncode, output, errors = build_and_run(tmp_path, "bad_metadata", read_sources(), address_check=True)
-    assert returncode == 0 and output.splitlines()[-1] == "3 cases, 0 failures", (output[-3000:], errors[-3000:])
+    assert returncode == 0 and output.splitlines()[-1] == "6 cases, 0 failures", (output[-3000:], errors[-3000:])
