@@ -51,7 +51,8 @@ int main(int argc, char** argv) {
       run_case<c10::Half>(5, 3, 4104, 20, 4, dist, sms, 1 + cases++);      // R 20 in rows of 24: a partial chunk
       run_case<float>(12, 5, 68, 8, 0, dist, sms, 1 + cases++);
       run_case<c10::BFloat16>(1, 1, 64, 64, 8, dist, sms, 1 + cases++);
-      run_case<c10::BFloat16>(40, 12, 256, 3, 5, dist, sms, 1 + cases++);   // rank rows of 3 in strides of 8
+      // rank rows of 3 in strides of 8; the last slot's rank 3 (its warp of rows 2 and 3 ends at A's end)
+      run_case<c10::BFloat16>(40, 13, 256, 3, 5, dist, sms, 1 + cases++);
       run_case<c10::Half>(70, 300, 64, 8, 0, dist, sms, 1 + cases++);       // more slots than threads
     }
   }

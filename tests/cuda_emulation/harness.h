@@ -70,6 +70,19 @@ T* aligned16_in(std::vector<T>& storage, size_t n) {
   return aligned;
 }
 
+// Under the address check, the elements of `rows` rows of `ld` elements at `base` past their first `used`: a view's
+// padding, which is no element of it (a kernel that reads there would read past the tensor's last row's end too). The
+// bytes of a granule (8) that also holds the next row's first elements stay addressable.
+template <typename T>
+void poison_row_padding(const T* base, int64_t rows, int64_t ld, int64_t used) {
+#ifdef LK_ADDRESS_CHECK
+  for (int64_t row = 0; used < ld && row < rows; ++row) {
+    ASAN_POISON_MEMORY_REGION(base + row * ld + used, size_t(ld - used) * sizeof(T));
+  }
+#else
+  (void)base, (void)rows, (void)ld, (void)used;
+#endif
+}
 
 // A split of k elements into `splits` ranges of `per` (the last one shorter), `per` a multiple of `unit`: every
 // element in one range, no range empty (k = 0: one range), at most max_splits ranges.
