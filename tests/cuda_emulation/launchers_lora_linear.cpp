@@ -87,11 +87,13 @@ void run_no_image(const std::string& what, const std::function<void()>& body,
 
 // ---- lora_fwd ----------------------------------------------------------------------------------------------------
 // The inputs of one call, integer-valued, and their layout: x (rows padded to ld_x), x and x_lora one element into
-// their buffers (not 16-byte aligned), a separate x_lora, lora_a [r, K] column-major, lora_b [N, r] column-major or
-// as the .t() of a [r, N] view one element into its buffer, W transposed (GPT-2's Conv1D), bias strided.
+// their buffers (not 16-byte aligned), a separate x_lora, lora_a [r, K] column-major, in rows padded to ld_a or one
+// element into its buffer, lora_b [N, r] column-major or as the .t() of a [r, N] view one element into its buffer, W
+// transposed (GPT-2's Conv1D) or one element into its buffer, bias strided.
 struct FwdLayout {
-  int64_t ld_x = 0, ld_w = 0;  // rows padded to that many elements
+  int64_t ld_x = 0, ld_w = 0, ld_a = 0;  // rows padded to that many elements
   bool x_misaligned = false, separate_x_lora = false, a_column_major = false, b_column_major = false;
+  bool a_misaligned = false, w_misaligned = false;
   bool w_transposed = false, bias = true, bias_strided = false;
 };
 
@@ -117,6 +119,9 @@ void run_fwd(const std::string& what, at::ScalarType dtype, int64_t M, int64_t K
   if (layout.x_misaligned) x = offset_view(x, 1), xl = offset_view(xl, 1);
   if (layout.ld_w) w = padded_rows(w, layout.ld_w);
   if (layout.a_column_major) a = column_major(a);
+  if (layout.ld_a) a = padded_rows(a, layout.ld_a);
+  if (layout.a_misaligned) a = offset_view(a, 1);
+  if (layout.w_misaligned) w = offset_view(w, 1);
   if (layout.b_column_major) b = column_major(b);
   if (layout.w_transposed) w = w.t().contiguous().t();
   if (layout.bias_strided) bias = at::stack({bias, bias}, 1).select(1, 0);
@@ -187,6 +192,18 @@ void fwd_cases(bool quick) {
   run_fwd("fwd bf16 M=4 W rows of 267", bf16, 4, 264, 40, 16, 0.5, {.ld_w = 267}, 90,
           {address(lora_shrink_splitk_kernel<BF, 4>), address(lora_fwd_decode_kernel<BF, 4>)});
   expect_flags("fwd bf16 M=4 W rows of 267", {{true}, {false}});
+  // ... nor is a W one element into its buffer (rows of 264: only its base pointer stops 16-byte loads)
+  run_fwd("fwd bf16 M=4 W misaligned", bf16, 4, 264, 40, 16, 0.5, {.w_misaligned = true}, 90,
+          {address(lora_shrink_splitk_kernel<BF, 4>), address(lora_fwd_decode_kernel<BF, 4>)});
+  expect_flags("fwd bf16 M=4 W misaligned", {{true}, {false}});
+  // lora_a's unit-stride rows are not copied: rows of 268, or one element into its buffer, take the shrink's scalar
+  // loads (the forward's 16-byte loads stay)
+  run_fwd("fwd bf16 M=4 lora_a rows of 268", bf16, 4, 264, 40, 16, 0.5, {.ld_a = 268}, 90,
+          {address(lora_shrink_splitk_kernel<BF, 4>), address(lora_fwd_decode_mma_kernel<BF, false>)}, {false, true});
+  expect_flags("fwd bf16 M=4 lora_a rows of 268", {{false}, {}});
+  run_fwd("fwd bf16 M=4 lora_a misaligned", bf16, 4, 264, 40, 16, 0.5, {.a_misaligned = true}, 90,
+          {address(lora_shrink_splitk_kernel<BF, 4>), address(lora_fwd_decode_mma_kernel<BF, false>)}, {false, true});
+  expect_flags("fwd bf16 M=4 lora_a misaligned", {{false}, {}});
   run_fwd("fwd fp32 M=4", at::kFloat, 4, 260, 40, 16, 0.5, {.b_column_major = true}, 90,
           {address(lora_shrink_splitk_kernel<float, 4>), address(lora_fwd_decode_kernel<float, 4>)});
   run_fwd("fwd fp32 M=16", at::kFloat, 16, 130, 24, 3, 0.5, {.ld_x = 131, .bias = false}, 90,

@@ -66,9 +66,29 @@ at::Tensor adapter_weights(const Batch& batch, int64_t C, int64_t K, bool rank_i
   return w.to(dtype);
 }
 
+// `t` [L, C, K] with its slots `gap` elements further apart than C * K (a view into a buffer of its own).
+at::Tensor slots_apart(const at::Tensor& t, int64_t gap) {
+  const int64_t L = t.size(0), C = t.size(1), K = t.size(2);
+  at::Tensor buffer = at::full({L * (C * K + gap)}, std::nan(""), t.options());
+  at::Tensor view = buffer.as_strided({L, C, K}, {C * K + gap, K, 1});
+  view.copy_(t);
+  return view;
+}
+
+// `t` with its last dimension every other element of a buffer of its own (unit stride nowhere).
+at::Tensor every_other(const at::Tensor& t) {
+  std::vector<int64_t> shape = t.sizes().vec();
+  shape.back() *= 2;
+  at::Tensor view = at::full(shape, std::nan(""), t.options()).slice(-1, 0, shape.back(), 2);
+  view.copy_(t);
+  return view;
+}
+
 struct ShrinkLayout {
-  int64_t ld = 0;  // x's and A's rows padded to ld elements
-  bool x_misaligned = false;
+  int64_t ld = 0;    // x's and A's rows padded to ld elements
+  int64_t a_ld = 0;  // A's alone
+  int64_t a_slot_gap = 0;  // A's slots that many elements further apart than R * K
+  bool x_misaligned = false, a_misaligned = false, x_every_other = false, a_every_other = false;
 };
 
 void run_shrink(const std::string& what, at::ScalarType dtype, int64_t M, int64_t L, int64_t K, int64_t R,
@@ -90,6 +110,11 @@ void run_shrink(const std::string& what, at::ScalarType dtype, int64_t M, int64_
     a = padded_rows(a.reshape({L * R, K}), layout.ld).view({L, R, K});
   }
   if (layout.x_misaligned) x = offset_view(x, 1);
+  if (layout.a_ld) a = padded_rows(a.reshape({L * R, K}), layout.a_ld).view({L, R, K});
+  if (layout.a_slot_gap) a = slots_apart(a, layout.a_slot_gap);
+  if (layout.a_misaligned) a = offset_view(a, 1);
+  if (layout.x_every_other) x = every_other(x);
+  if (layout.a_every_other) a = every_other(a);
   call(what, [&] {
     const at::Tensor out = sgmv_shrink_cuda_launch(x, a, batch.ids, batch.starts, batch.counts, batch.scalings,
                                                    batch.ranks);
@@ -103,6 +128,8 @@ void run_shrink(const std::string& what, at::ScalarType dtype, int64_t M, int64_
 struct ExpandLayout {
   int64_t offset = 8, n_total = 0;  // n_total 0: N + 16
   bool t_column_major = false, out_misaligned = false;  // out_misaligned: out one element into its buffer
+  int64_t b_slot_gap = 0;  // B's slots that many elements further apart than N * R
+  bool b_misaligned = false, b_every_other = false;  // B one element into its buffer; its rank every other element
 };
 
 void run_expand(const std::string& what, at::ScalarType dtype, at::ScalarType out_dtype, int64_t M, int64_t L,
@@ -124,6 +151,9 @@ void run_expand(const std::string& what, at::ScalarType dtype, at::ScalarType ou
   }
   if (layout.t_column_major) t = column_major(t);
   if (layout.out_misaligned) out = offset_view(out, 1);
+  if (layout.b_slot_gap) b = slots_apart(b, layout.b_slot_gap);
+  if (layout.b_misaligned) b = offset_view(b, 1);
+  if (layout.b_every_other) b = every_other(b);
   call(what, [&] {
     sgmv_expand_cuda_launch(t, b, batch.ids, batch.starts, batch.counts, batch.ranks, out, layout.offset);
     expect_launches(what, kernels);
@@ -163,6 +193,18 @@ void shrink_cases(bool quick) {
   run_shrink("shrink bf16 prefill rows of 139", bf16, 70, 2, 136, 16, "mixed_base", {.ld = 139}, 90,
              {address(sgmv_kernel<true, float>)});
   run_shrink("shrink bf16 decode x misaligned", bf16, 6, 3, 264, 16, "mixed_base", {.x_misaligned = true}, 90,
+             {address(sgmv_kernel<true, float>)});
+  // ... and each of lora_a's own conditions alone (x's rows whole 16-byte loads): rows of 268, slots 4 elements
+  // further apart, one element into its buffer; and x's or lora_a's K every other element (strides of 2)
+  run_shrink("shrink bf16 decode lora_a rows of 268", bf16, 6, 3, 264, 16, "mixed_base", {.a_ld = 268}, 90,
+             {address(sgmv_kernel<true, float>)});
+  run_shrink("shrink bf16 decode lora_a slots apart", bf16, 6, 3, 264, 16, "mixed_base", {.a_slot_gap = 4}, 90,
+             {address(sgmv_kernel<true, float>)});
+  run_shrink("shrink bf16 decode lora_a misaligned", bf16, 6, 3, 264, 16, "mixed_base", {.a_misaligned = true}, 90,
+             {address(sgmv_kernel<true, float>)});
+  run_shrink("shrink bf16 decode x every other", bf16, 6, 3, 264, 16, "mixed_base", {.x_every_other = true}, 90,
+             {address(sgmv_kernel<true, float>)});
+  run_shrink("shrink bf16 decode lora_a every other", bf16, 6, 3, 264, 16, "mixed_base", {.a_every_other = true}, 90,
              {address(sgmv_kernel<true, float>)});
   // float64: sgmv_kernel<double>, at decode and prefill sizes.
   run_shrink("shrink fp64 decode", at::kDouble, 6, 3, 40, 16, "mixed_base", {}, 90,
@@ -205,6 +247,14 @@ void expand_cases(bool quick) {
              {address(sgmv_expand_mma_kernel<BF>)});
   run_expand("expand fp32 decode R=13", at::kFloat, at::kFloat, 6, 3, 13, 300, "mixed_base", {}, 90,
              {address(sgmv_kernel<false, float>)});
+  // ... and each of B's other conditions alone: slots 4 elements further apart, one element into its buffer, the rank
+  // every other element
+  run_expand("expand bf16 decode lora_b slots apart", bf16, at::kFloat, 6, 3, 16, 300, "mixed_base",
+             {.b_slot_gap = 4}, 90, {address(sgmv_expand_mma_kernel<BF>)});
+  run_expand("expand bf16 decode lora_b misaligned", bf16, at::kFloat, 6, 3, 16, 300, "mixed_base",
+             {.b_misaligned = true}, 90, {address(sgmv_expand_mma_kernel<BF>)});
+  run_expand("expand bf16 decode lora_b every other", bf16, at::kFloat, 6, 3, 16, 300, "mixed_base",
+             {.b_every_other = true}, 90, {address(sgmv_expand_mma_kernel<BF>)});
   // The CUDA-core kernel: PTX of sm_75, fp32 B at prefill.
   run_expand("expand bf16 prefill sm_75 PTX", bf16, bf16, 70, 2, 16, 300, "mixed_base", {}, 75,
              {address(sgmv_kernel<false, float>)});
