@@ -18,6 +18,23 @@ using namespace lora_kernels;
 
 #include "harness.h"
 
+// A forward launch's dynamic shared memory: M * r floats (launch_decode's shared_bytes). Under the address check the
+// rest of emu.h's buffer is poisoned while it runs, as a GPU faults on a shared-memory access past a block's
+// allocation (S's rows past M: the shared buffer alone would hold them).
+struct DynamicSharedMemory {
+  explicit DynamicSharedMemory(size_t floats) : floats(floats) {
+#ifdef LK_ADDRESS_CHECK
+    ASAN_POISON_MEMORY_REGION(g_dynamic_shared + floats, (std::size(g_dynamic_shared) - floats) * sizeof(float));
+#endif
+  }
+  ~DynamicSharedMemory() {
+#ifdef LK_ADDRESS_CHECK
+    ASAN_UNPOISON_MEMORY_REGION(g_dynamic_shared + floats, (std::size(g_dynamic_shared) - floats) * sizeof(float));
+#endif
+  }
+  size_t floats;
+};
+
 template <typename T, int kMaxM>
 void launch(const T* x, int64_t ldx, const T* x_lora, int64_t ldxl, int M, const T* w, int64_t ldw, int64_t N,
             int64_t K, const T* a, int64_t lda, int r, const T* b, int64_t ldb_n, int64_t ldb_r, float scaling,
@@ -30,6 +47,7 @@ void launch(const T* x, int64_t ldx, const T* x_lora, int64_t ldxl, int M, const
                                         partials.data());
   }, 0, ceil_div(r, kRowsPerBlock), split.splits, 1, kDecodeWarps * kWarpSize);
   *took_mma = !std::is_same_v<T, float> && vec_fwd;
+  const DynamicSharedMemory shared(size_t(M) * r);
   if constexpr (!std::is_same_v<T, float>) {
     if (vec_fwd) {
       emulate_launch([&](int) {
