@@ -18,6 +18,7 @@ from lora_kernels._dtensor import describe, dtensor_class, is_dtensor
 from lora_kernels._ext import VMAP_DROPOUT_NEEDS_ONE_SEED, accumulate_dtype, is_finite_number, scaled_mm
 from lora_kernels.backends import log_auto_choice_by_kind, resolve_backend
 from lora_kernels.batch import BUFFER_FIELDS, LoRABatch
+from lora_kernels.triton import SUPPORTED_DTYPES as TRITON_DTYPES
 
 
 # ----------------------------------------------------------------------------------------------------------- checks
@@ -687,7 +688,7 @@ def _lora_linear(x, weight, lora_a, lora_b, scaling, bias, dropout_p, backend, f
         backend = resolve_backend(backend, x.device, op, x.dtype)
     if backend == "triton":  # the kernels' limits, named for this op and before the dropout seed is drawn
         kernels = _triton_lora_linear()
-        if x.dtype not in kernels.SUPPORTED_DTYPES:
+        if x.dtype not in TRITON_DTYPES:
             raise TypeError(f"{op}: the triton backend runs float32/float16/bfloat16, got {x.dtype} (use backend="
                             "'cuda', 'cpu' or 'torch' for float64)")
         if lora_a.shape[0] > kernels.MAX_RANK:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import DTYPES, assert_close, lora_inputs, randn
+import lora_kernels.triton
 from lora_kernels import bench, reference
 from lora_kernels.functional import lora_linear
 from lora_kernels.triton import HAS_TRITON, INTERPRET, TRITON_ERROR
@@ -617,7 +618,8 @@ def test_launchers_refuse_other_devices_bad_seed_tensors_and_mask_sizes(dev, mon
     with pytest.raises(ValueError, match="dropout_mask: K expected a non-negative int, got -1"):
         tk.dropout_mask(0, 4, -1, 0.1, dev)
     if dev.type == "cpu":  # without the interpreter CPU tensors are refused by name, not handed to a GPU kernel
-        monkeypatch.setattr(tk, "INTERPRET", False)
+        monkeypatch.setattr(tk, "INTERPRET", False)  # read by dropout_mask's check
+        monkeypatch.setattr(lora_kernels.triton, "INTERPRET", False)  # read by check_tensor
         with pytest.raises(ValueError, match="lora_fwd: x is on cpu; the Triton kernels need CUDA tensors"):
             tk.lora_fwd(x, weight, lora_a, lora_b, 1.0)
         with pytest.raises(ValueError, match="dropout_mask: device is cpu; the Triton kernels need CUDA"):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import HAS_CUDA, assert_close, randn
+import lora_kernels.triton
 from lora_kernels import ops, reference
 from lora_kernels.batch import LoRABatch
 from lora_kernels.triton import HAS_TRITON, INTERPRET
@@ -704,6 +705,18 @@ def test_the_grouped_triton_ops_take_slices_of_unequal_widths_as_the_launchers_d
     (t_op, out_op), (t_launch, out_launch) = outputs
     assert torch.equal(t_op, t_launch) and torch.equal(out_op, out_launch)
     assert out_op[batch.adapter_ids >= 0, 2:].abs().sum() > 0 and not out_op[:, :2].any()
+
+
+@pytest.mark.parametrize("op,first_checked", [("sgmv_shrink", "x"), ("sgmv_expand", r"lora_b\[0\]"),
+                                              ("segment_outer", "left")])
+def test_the_grouped_triton_ops_refuse_cpu_tensors_outside_the_interpreter(op, first_checked, monkeypatch):
+    """A CPU tensor's address handed to a GPU kernel is refused by name, as the single-adapter ops refuse it."""
+    arguments = _grouped_op_arguments(op, torch.device("cpu"))
+    monkeypatch.setattr(lora_kernels.triton, "INTERPRET", False)
+    with pytest.raises(ValueError, match=rf"lora_kernels_triton::{op}: {first_checked} is on cpu; the Triton kernels "
+                                         "need CUDA tensors"):
+        getattr(torch.ops.lora_kernels_triton, op)(**arguments)
+    assert not arguments["out"].any()
 
 
 @pytest.mark.parametrize("case", list(_GROUPED_OP_BAD_ARGUMENTS))

@@ -50,6 +50,24 @@ if HAS_TRITON:
         return tl.where(special, bits, rounded).to(tl.float32, bitcast=True)
 
 
+def check_tensor(op, name, tensor, shape, dtypes=SUPPORTED_DTYPES, device=None):
+    """Raises a TypeError/ValueError starting "{op}: {name} expected" unless `tensor` is a tensor of `shape` (sizes,
+    None where any size goes) with a dtype in `dtypes`, on `device` (None: any) and, outside the interpreter, on a
+    CUDA device: what the Triton launchers and custom ops check before their kernels index by these shapes."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{op}: {name} expected a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dim() != len(shape) or any(want is not None and got != want for got, want in zip(tensor.shape, shape)):
+        expected = ", ".join("*" if want is None else str(want) for want in shape)
+        raise ValueError(f"{op}: {name} expected shape [{expected}], got {list(tensor.shape)}")
+    if tensor.dtype not in dtypes:
+        raise TypeError(f"{op}: {name} expected dtype {' or '.join(map(str, dtypes))}, got {tensor.dtype}")
+    if device is not None and tensor.device != device:
+        raise ValueError(f"{op}: {name} expected device {device}, got {tensor.device}")
+    if tensor.device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"{op}: {name} is on {tensor.device}; the Triton kernels need CUDA tensors "
+                         "(CPU tensors only under TRITON_INTERPRET=1)")
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for the launchers' grid and split arithmetic. Not triton.cdiv (nor triton.next_power_of_2):
     since triton 3.6 they are constexpr functions, whose calls from Python took about a third of the package's own

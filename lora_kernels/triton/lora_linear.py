@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from lora_kernels._ext import VMAP_DROPOUT_NEEDS_ONE_SEED, is_finite_number, scaled_mm
-from lora_kernels.triton import (FP_FUSION, INTERPRET, SUPPORTED_DTYPES, TRITON_DTYPE_NAMES, UPCAST_DOT_OPERANDS, cdiv,
+from lora_kernels.triton import (FP_FUSION, INTERPRET, TRITON_DTYPE_NAMES, UPCAST_DOT_OPERANDS, cdiv, check_tensor,
                                  on_tensor_device, one_launch_at_a_time, round_to_tf32, sm_count)
 
 from triton.tools.tensor_descriptor import TensorDescriptor  # host-side TMA descriptors
@@ -690,27 +690,6 @@ _bwd_da = _autotune(DA_CONFIGS, ["m_bucket", "K", "R", "split_m", "HAS_DROPOUT",
 # Checks
 # ----------------------------------------------------------------------------------------------------------------
 
-def _check_tensor(op, name, t, ndim, dtype=None, device=None, shape=None):
-    """Raise TypeError/ValueError naming `name` unless t is a `ndim`-D float tensor of `dtype` on `device` whose
-    shape matches `shape` (None entries match anything)."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{op}: {name} expected a float32/float16/bfloat16 tensor, got {t.dtype}")
-    if dtype is not None and t.dtype != dtype:
-        raise TypeError(f"{op}: {name} expected dtype {dtype}, got {t.dtype}")
-    if t.dim() != ndim:
-        raise ValueError(f"{op}: {name} expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
-    if shape is not None and any(want is not None and want != got for want, got in zip(shape, t.shape)):
-        expected = "[" + ", ".join("*" if w is None else str(w) for w in shape) + "]"
-        raise ValueError(f"{op}: {name} expected shape {expected}, got {list(t.shape)}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{op}: {name} expected device {device}, got {t.device}")
-    if t.device.type != "cuda" and not INTERPRET:
-        raise ValueError(f"{op}: {name} is on {t.device}; the Triton kernels need CUDA tensors "
-                         "(CPU tensors only under TRITON_INTERPRET=1)")
-
-
 def _check_rank(op, name, r):
     if not 1 <= r <= MAX_RANK:
         raise ValueError(f"{op}: {name} expected a rank between 1 and {MAX_RANK}, got {r}")
@@ -1072,50 +1051,50 @@ def _call(op, impl, *args):
 
 def _check_fwd(x, weight, lora_a, lora_b, scaling, bias, dropout_p, seed):
     op = "lora_fwd"
-    _check_tensor(op, "x", x, 2)
+    check_tensor(op, "x", x, (None, None))
     M, K = x.shape
     dtype, device = x.dtype, x.device
-    _check_tensor(op, "weight", weight, 2, dtype, device, (None, K))
+    check_tensor(op, "weight", weight, (None, K), (dtype,), device)
     N = weight.shape[0]
-    _check_tensor(op, "lora_a", lora_a, 2, dtype, device, (None, K))
+    check_tensor(op, "lora_a", lora_a, (None, K), (dtype,), device)
     r = lora_a.shape[0]
     _check_rank(op, "lora_a", r)
-    _check_tensor(op, "lora_b", lora_b, 2, dtype, device, (N, r))
+    check_tensor(op, "lora_b", lora_b, (N, r), (dtype,), device)
     if bias is not None:
-        _check_tensor(op, "bias", bias, 1, dtype, device, (N,))
+        check_tensor(op, "bias", bias, (N,), (dtype,), device)
     _check_scaling(op, scaling)
     return _check_dropout(op, dropout_p, seed)
 
 
 def _check_bwd_dy(dy, s, lora_b, scaling):
     op = "lora_bwd_dy"
-    _check_tensor(op, "dy", dy, 2)
+    check_tensor(op, "dy", dy, (None, None))
     M, N = dy.shape
-    _check_tensor(op, "lora_b", lora_b, 2, dy.dtype, dy.device, (N, None))
+    check_tensor(op, "lora_b", lora_b, (N, None), (dy.dtype,), dy.device)
     r = lora_b.shape[1]
     _check_rank(op, "lora_b", r)
-    _check_tensor(op, "s", s, 2, torch.float32, dy.device, (M, r))
+    check_tensor(op, "s", s, (M, r), (torch.float32,), dy.device)
     _check_scaling(op, scaling)
 
 
 def _check_bwd_dx(dy, ds, weight, lora_a, dropout_p, seed):
     op = "lora_bwd_dx"
-    _check_tensor(op, "dy", dy, 2)
+    check_tensor(op, "dy", dy, (None, None))
     M, N = dy.shape
-    _check_tensor(op, "weight", weight, 2, dy.dtype, dy.device, (N, None))
+    check_tensor(op, "weight", weight, (N, None), (dy.dtype,), dy.device)
     K = weight.shape[1]
-    _check_tensor(op, "lora_a", lora_a, 2, dy.dtype, dy.device, (None, K))
+    check_tensor(op, "lora_a", lora_a, (None, K), (dy.dtype,), dy.device)
     r = lora_a.shape[0]
     _check_rank(op, "lora_a", r)
-    _check_tensor(op, "ds", ds, 2, torch.float32, dy.device, (M, r))
+    check_tensor(op, "ds", ds, (M, r), (torch.float32,), dy.device)
     return _check_dropout(op, dropout_p, seed)
 
 
 def _check_bwd_da(ds, x, dropout_p, seed):
     op = "lora_bwd_da"
-    _check_tensor(op, "x", x, 2)
+    check_tensor(op, "x", x, (None, None))
     M, K = x.shape
-    _check_tensor(op, "ds", ds, 2, torch.float32, x.device, (M, None))
+    check_tensor(op, "ds", ds, (M, None), (torch.float32,), x.device)
     _check_rank(op, "ds", ds.shape[1])
     return _check_dropout(op, dropout_p, seed)
 

@@ -31,7 +31,7 @@ import inspect
 import torch
 
 from lora_kernels.triton import (FP_FUSION, HAS_TRITON, INTERPRET, SUPPORTED_DTYPES, TRITON_DTYPE_NAMES, cdiv,
-                                 on_tensor_device, one_launch_at_a_time, sm_count)
+                                 check_tensor, on_tensor_device, one_launch_at_a_time, sm_count)
 
 if HAS_TRITON:
     import triton
@@ -604,7 +604,7 @@ def _launch_expand(t, lora_b, adapter_ids, sorted_token_ids, slot_counts, slot_s
 
 
 def _refuse(op, error, message):
-    raise error(f"lora_kernels_triton::{op}: {message}")
+    raise error(f"{op}: {message}")
 
 
 def _check_vector(op, name, vector, length, what, device, dtype=torch.int32):
@@ -616,17 +616,6 @@ def _check_vector(op, name, vector, length, what, device, dtype=torch.int32):
         _refuse(op, ValueError, f"{name} expected device {device}, got {vector.device}")
     if not vector.is_contiguous():
         _refuse(op, ValueError, f"{name} expected a contiguous tensor, got strides {vector.stride()}")
-
-
-def _check_tensor(op, name, tensor, shape, dtypes, device):
-    """shape: the expected sizes, None where any size goes."""
-    if tensor.dim() != len(shape) or any(want is not None and got != want for got, want in zip(tensor.shape, shape)):
-        expected = ", ".join("*" if want is None else str(want) for want in shape)
-        _refuse(op, ValueError, f"{name} expected shape [{expected}], got {list(tensor.shape)}")
-    if tensor.dtype not in dtypes:
-        _refuse(op, TypeError, f"{name} expected dtype {' or '.join(map(str, dtypes))}, got {tensor.dtype}")
-    if tensor.device != device:
-        _refuse(op, ValueError, f"{name} expected device {device}, got {tensor.device}")
 
 
 def _check_metadata(op, device, num_tokens, tokens, num_slots, slots, sorted_token_ids, slot_counts, slot_starts,
@@ -646,21 +635,21 @@ def _check_slices(op, name, slices, first_shape, dtypes, device, width_dim):
     shape but in width_dim (None: no dim may differ)."""
     if not slices:
         _refuse(op, ValueError, f"{name} expected at least one tensor, got an empty list")
-    _check_tensor(op, f"{name}[0]", slices[0], first_shape, dtypes, device)
+    check_tensor(op, f"{name}[0]", slices[0], first_shape, dtypes, device)
     shape = list(slices[0].shape)
     if width_dim is not None:
         shape[width_dim] = None
     for index, weights in enumerate(slices[1:], 1):
-        _check_tensor(op, f"{name}[{index}]", weights, shape, (slices[0].dtype,), device)
+        check_tensor(op, f"{name}[{index}]", weights, shape, (slices[0].dtype,), device)
 
 
 def _check_shrink(x, lora_a, adapter_ids, sorted_token_ids, slot_counts, slot_starts, scalings, ranks, out):
-    op = "sgmv_shrink"
-    _check_tensor(op, "x", x, (None, None), SUPPORTED_DTYPES, x.device)
+    op = "lora_kernels_triton::sgmv_shrink"
+    check_tensor(op, "x", x, (None, None), SUPPORTED_DTYPES, x.device)
     M, K = x.shape
     _check_slices(op, "lora_a", lora_a, (None, None, K), (x.dtype,), x.device, width_dim=None)
     L, R = lora_a[0].shape[:2]
-    _check_tensor(op, "out", out, (M, R) if len(lora_a) == 1 and out.dim() == 2 else (len(lora_a), M, R),
+    check_tensor(op, "out", out, (M, R) if len(lora_a) == 1 and out.dim() == 2 else (len(lora_a), M, R),
                   (torch.float32,), x.device)
     slots = "adapter slots = lora_a[0].shape[0]"
     _check_metadata(op, x.device, M, "tokens = x.shape[0]", L, slots, sorted_token_ids, slot_counts, slot_starts,
@@ -669,13 +658,13 @@ def _check_shrink(x, lora_a, adapter_ids, sorted_token_ids, slot_counts, slot_st
 
 
 def _check_expand(t, lora_b, adapter_ids, sorted_token_ids, slot_counts, slot_starts, ranks, out, first_columns):
-    op = "sgmv_expand"
+    op = "lora_kernels_triton::sgmv_expand"
     _check_slices(op, "lora_b", lora_b, (None, None, None), SUPPORTED_DTYPES, t.device, width_dim=1)
     slices, R = len(lora_b), lora_b[0].shape[2]
-    _check_tensor(op, "t", t, (None, R) if slices == 1 and t.dim() == 2 else (slices, None, R), (torch.float32,),
+    check_tensor(op, "t", t, (None, R) if slices == 1 and t.dim() == 2 else (slices, None, R), (torch.float32,),
                   t.device)
     M = t.shape[-2]
-    _check_tensor(op, "out", out, (M, None), SUPPORTED_DTYPES, t.device)
+    check_tensor(op, "out", out, (M, None), SUPPORTED_DTYPES, t.device)
     if len(first_columns) != slices:
         _refuse(op, ValueError, f"first_columns expected {slices} entries (one per lora_b slice), got "
                                 f"{len(first_columns)}")
@@ -688,10 +677,10 @@ def _check_expand(t, lora_b, adapter_ids, sorted_token_ids, slot_counts, slot_st
 
 
 def _check_segment_outer(left, right, sorted_token_ids, slot_counts, slot_starts, out):
-    op = "segment_outer"
-    _check_tensor(op, "left", left, (None, None), (torch.float32,), left.device)
-    _check_tensor(op, "right", right, (left.shape[0], None), SUPPORTED_DTYPES, left.device)
-    _check_tensor(op, "out", out, (None, left.shape[1], right.shape[1]), (torch.float32,), left.device)
+    op = "lora_kernels_triton::segment_outer"
+    check_tensor(op, "left", left, (None, None), (torch.float32,), left.device)
+    check_tensor(op, "right", right, (left.shape[0], None), SUPPORTED_DTYPES, left.device)
+    check_tensor(op, "out", out, (None, left.shape[1], right.shape[1]), (torch.float32,), left.device)
     _check_metadata(op, left.device, left.shape[0], "tokens = left.shape[0]", out.shape[0],
                     "adapter slots = out.shape[0]", sorted_token_ids, slot_counts, slot_starts)
 
