@@ -45,7 +45,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC_CUDA = os.path.join(HERE, os.pardir, "csrc", "cuda")
 
 # What each harness's kernels need, as (file, where a section starts, the text that ends it): tensor_core.h's
-# alignment check, loads and fragment helpers, without the inline PTX (emu.h has stand-ins); sgmv.cu's anonymous
+# alignment check, loads and fragment helpers, without the inline PTX (emu.h has stand-ins); grid_sizing.h's
+# ceil_div and K-split tiling; sgmv.cu's anonymous
 # namespace up to its launches, without dtype_code (it takes an at::Tensor); lora_linear.cu's decode kernels
 # and split, up to the dispatch macro; its tensor-core backward kernel and grid, up to the partial sums. The CUDA
 # launches stay out (the harnesses restate the grids).
@@ -53,16 +54,19 @@ TENSOR_CORE = [
     ("tensor_core.h", "inline bool aligned16", "// d += a · b for one m16n8k16 tile"),
     ("tensor_core.h", "// d += the products over one 32-wide chunk", "// d += a · b for one m16n8k8 tile"),
 ]
-SGMV = TENSOR_CORE + [("sgmv.cu", "constexpr int kTileTokens", "// ---- launches ---")]
+# grid_sizing.h's arithmetic (ceil_div, the K-splits' tiling) from its end: the rest of it asks the CUDA runtime.
+GRID_SIZING = [("grid_sizing.h", "inline int64_t ceil_div", "}  // namespace lora_kernels")]
+COMMON = TENSOR_CORE + GRID_SIZING
+SGMV = COMMON + [("sgmv.cu", "constexpr int kTileTokens", "// ---- launches ---")]
 SECTIONS = {
     "decode_kernels": SGMV,
     "sgmv_mma": SGMV,
     "sgmv_cuda_core": SGMV,
     "bad_metadata": SGMV,
-    "lora_fwd_decode": TENSOR_CORE + [("lora_linear.cu", "constexpr int kWarpSize", "#define LK_DISPATCH_FLOAT")],
-    "lora_bwd_dy": TENSOR_CORE + [("lora_linear.cu", "// ---- backward ---", "// Elements of T in one 16-byte vector"),
-                                  ("lora_linear.cu", "// ---- lora_bwd_dy ---",
-                                   "// (dB, dS) from the kernels' block partials")],
+    "lora_fwd_decode": COMMON + [("lora_linear.cu", "constexpr int kWarpSize", "#define LK_DISPATCH_FLOAT")],
+    "lora_bwd_dy": COMMON + [("lora_linear.cu", "// ---- backward ---", "// Elements of T in one 16-byte vector"),
+                             ("lora_linear.cu", "// ---- lora_bwd_dy ---",
+                              "// (dB, dS) from the kernels' block partials")],
 }
 HARNESS_SOURCE = {"decode_kernels": "sgmv.cu", "sgmv_mma": "sgmv.cu", "sgmv_cuda_core": "sgmv.cu",
                   "bad_metadata": "sgmv.cu", "lora_fwd_decode": "lora_linear.cu", "lora_bwd_dy": "lora_linear.cu"}
@@ -70,7 +74,7 @@ HARNESS_SOURCE = {"decode_kernels": "sgmv.cu", "sgmv_mma": "sgmv.cu", "sgmv_cuda
 
 def read_sources():
     sources = {}
-    for name in ("tensor_core.h", "sgmv.cu", "lora_linear.cu"):
+    for name in ("tensor_core.h", "grid_sizing.h", "sgmv.cu", "lora_linear.cu"):
         with open(os.path.join(CSRC_CUDA, name)) as f:
             sources[name] = f.read()
     return sources

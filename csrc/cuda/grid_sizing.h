@@ -1,5 +1,6 @@
 // Grid sizing shared by the .cu launchers whose kernels split work (K, rows, columns) to fill the GPU: the device's
-// SM count, cached, and the block target per SM; whether the tensor-core code runs. Host code only.
+// SM count, cached, and the block target per SM; whether the tensor-core code runs; K-splits of whole tiles. Host
+// code only.
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -77,5 +78,18 @@ inline int compiled_arch(const void* kernel, int device) {
 inline bool tensor_core_code_runs(const void* kernel, int device) { return compiled_arch(kernel, device) >= 80; }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// How a K-split kernel divides K: `splits` parts of k_per_split elements (the last one shorter), a whole number of
+// `tile`s each. The kernels pick about `wanted` splits; recounting leaves none empty (5 tiles wanted in 4 splits:
+// 2 + 2 + 1, so 3 splits). At least one split of one tile, K = 0 too.
+struct KSplit {
+  int64_t splits, k_per_split;
+};
+
+inline KSplit split_k_in_tiles(int64_t k, int64_t tile, int64_t wanted) {
+  const int64_t tiles = std::max<int64_t>(ceil_div(k, tile), 1);
+  const int64_t k_per_split = ceil_div(tiles, std::max<int64_t>(wanted, 1)) * tile;
+  return {std::max<int64_t>(ceil_div(k, k_per_split), 1), k_per_split};
+}
 
 }  // namespace lora_kernels

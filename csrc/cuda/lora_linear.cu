@@ -369,22 +369,16 @@ __global__ void __launch_bounds__(kMmaWarps* kWarpSize, 1)
   }
 }
 
-struct DecodeShrinkSplit {
-  int64_t splits, k_per_split;
-};
-
 // The decode shrink's K-split: enough splits that its blocks (ceil(r / kRowsPerBlock) per split) cover the GPU, in
 // chunks of one warp-wide vector load (V elements per lane), within the partial budget. From the shapes and the SM
 // count only.
-DecodeShrinkSplit decode_shrink_split(int64_t M, int64_t r, int64_t K, int64_t V, int device) {
+KSplit decode_shrink_split(int64_t M, int64_t r, int64_t K, int64_t V, int device) {
   const int64_t chunk = int64_t(kWarpSize) * V;
   const int64_t chunks = std::max<int64_t>(ceil_div(K, chunk), 1);
   const int64_t row_blocks = ceil_div(r, kRowsPerBlock);
-  int64_t splits = ceil_div(int64_t(kBlocksPerSm) * sm_count(device), row_blocks);
-  splits = std::min<int64_t>({splits, kMaxSplitK, chunks, std::max<int64_t>(kPartialBudget / (M * r), 1)});
-  splits = std::max<int64_t>(splits, 1);
-  const int64_t k_per_split = ceil_div(chunks, splits) * chunk;
-  return {std::max<int64_t>(ceil_div(K, k_per_split), 1), k_per_split};
+  const int64_t fill = ceil_div(int64_t(kBlocksPerSm) * sm_count(device), row_blocks);
+  const int64_t within_budget = std::max<int64_t>(kPartialBudget / (M * r), 1);
+  return split_k_in_tiles(K, chunk, std::min<int64_t>({fill, kMaxSplitK, chunks, within_budget}));
 }
 
 #define LK_DISPATCH_FLOAT_HALF_BF16(TYPE, NAME, ...)                   \
@@ -420,7 +414,7 @@ void launch_decode(const at::Tensor& x, const at::Tensor& x_lora, const at::Tens
   const bool vec_shrink = K % V == 0 && ldxl % V == 0 && lda % V == 0 && aligned16(xl_ptr) && aligned16(a_ptr);
 
   const int device = x.get_device();
-  const DecodeShrinkSplit split = decode_shrink_split(M, r, K, V, device);
+  const KSplit split = decode_shrink_split(M, r, K, V, device);
   const int64_t splits = split.splits;
   at::Tensor partials = at::empty({splits, M, r}, x.options().dtype(at::kFloat));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);

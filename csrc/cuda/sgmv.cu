@@ -604,10 +604,6 @@ __global__ void __launch_bounds__(kDecodeThreads) bgmv_expand_kernel(const SgmvA
   }
 }
 
-struct ShrinkSplit {
-  int64_t splits, k_per_split;
-};
-
 // The shrink's K-split, from the shapes and the SM count only (never the metadata values: no host sync). About
 // kShrinkWarpsPerSm warps of ACTIVE blocks per SM (kBlocksPerSm blocks of sgmv_kernel's 8 warps; four times as many
 // of sgmv_shrink_mma_kernel's 2-warp blocks): the nominal grid over-counts, since a slot's token tiles past its count
@@ -620,8 +616,8 @@ struct ShrinkSplit {
 // SM, and the H200 measured 57 µs per call, ~64 steps of one round trip each (Triton's shrink: 19 µs).
 constexpr int64_t kShrinkWarpsPerSm = int64_t(kBlocksPerSm) * (kThreads / 32);
 
-ShrinkSplit shrink_k_split(int64_t num_tokens, int64_t num_slots, int64_t max_rank, int64_t k, int64_t block_warps,
-                           int device) {
+KSplit shrink_k_split(int64_t num_tokens, int64_t num_slots, int64_t max_rank, int64_t k, int64_t block_warps,
+                      int device) {
   const int64_t token_tiles = ceil_div(num_tokens, kTileTokens), col_tiles = ceil_div(max_rank, kTileCols);
   const int64_t active_pairs = std::min(token_tiles * num_slots, token_tiles + num_slots);
   const int64_t active_warps = std::max<int64_t>(active_pairs * col_tiles * block_warps, 1);
@@ -629,24 +625,19 @@ ShrinkSplit shrink_k_split(int64_t num_tokens, int64_t num_slots, int64_t max_ra
   const int64_t partial_budget = std::max(num_tokens * k / 2, kMinShrinkPartials);
   const int64_t max_for_budget = partial_budget / std::max<int64_t>(num_tokens * max_rank, 1);
   int64_t splits = kShrinkWarpsPerSm * sm_count(device) / active_warps;  // 0 when the GPU is already full
-  splits = std::max<int64_t>(std::min({splits, kMaxShrinkSplits, k_tiles, max_for_budget}), 1);
-  // Whole K tiles per split; recounting leaves no split empty (e.g. 5 tiles over 4 splits: 2 + 2 + 1, so 3 splits).
-  const int64_t k_per_split = ceil_div(k_tiles, splits) * kTileK;
-  return {std::max<int64_t>(ceil_div(k, k_per_split), 1), k_per_split};
+  return split_k_in_tiles(k, kTileK, std::min({splits, kMaxShrinkSplits, k_tiles, max_for_budget}));
 }
 
 // The decode shrink's K-split, from the shapes and the SM count only: at least enough splits that a lane's
 // kDecodeChunks chunks cover one (x stays in registers); more while the blocks (one per token and split) number
 // under kBlocksPerSm per SM, up to kMaxShrinkSplits, each split at least one chunk per lane. `vec`: elements per
 // 16 bytes.
-ShrinkSplit decode_k_split(int64_t num_tokens, int64_t k, int64_t vec, int device) {
+KSplit decode_k_split(int64_t num_tokens, int64_t k, int64_t vec, int device) {
   const int64_t lane_span = 32 * vec;  // K elements that one chunk per lane covers
   const int64_t fewest = std::max<int64_t>(ceil_div(k, lane_span * kDecodeChunks), 1);
   const int64_t most = std::max<int64_t>(ceil_div(k, lane_span), 1);
   const int64_t fill = ceil_div(int64_t(kBlocksPerSm) * sm_count(device), std::max<int64_t>(num_tokens, 1));
-  const int64_t splits = std::max(fewest, std::min({fill, most, kMaxShrinkSplits}));
-  const int64_t k_per_split = std::max<int64_t>(ceil_div(ceil_div(k, splits), lane_span), 1) * lane_span;
-  return {std::max<int64_t>(ceil_div(k, k_per_split), 1), k_per_split};
+  return split_k_in_tiles(k, lane_span, std::max(fewest, std::min({fill, most, kMaxShrinkSplits})));
 }
 
 // x and lora_a of one dtype (fp16, bf16 or fp32) in rows that 16-byte loads read whole: unit stride along K, K and
@@ -768,8 +759,7 @@ at::Tensor sgmv_shrink_cuda_launch(const at::Tensor& x, const at::Tensor& lora_a
   args.scalings = scalings.data_ptr<float>();  // contiguous (check_sgmv_shrink)
   args.col_tiles = ceil_div(max_rank, kTileCols);
   const bool rows_of_16_bytes = shrink_rows_of_16_bytes(args);
-  const ShrinkSplit decode_split =
-      decode_k_split(num_tokens, args.k_full, args.x_dtype == kF32 ? 4 : 8, x.get_device());
+  const KSplit decode_split = decode_k_split(num_tokens, args.k_full, args.x_dtype == kF32 ? 4 : 8, x.get_device());
   // The decode grid's K-splits are its y dimension, at most kMaxGridYZ: past that (K above about 2^25 in float32,
   // 2^26 in 16 bits) the sgmv kernels, whose splits are the x dimension, take it.
   const bool decode =
@@ -780,7 +770,7 @@ at::Tensor sgmv_shrink_cuda_launch(const at::Tensor& x, const at::Tensor& lora_a
       tensor_core_code_runs(reinterpret_cast<const void*>(sgmv_shrink_mma_kernel<c10::Half>), x.get_device());
   // The partials hold the accumulation type (launch_sgmv's choice), so a float64 sum is rounded to float32 once.
   const bool acc_fp64 = args.x_dtype == kF64 || args.w_dtype == kF64;
-  const ShrinkSplit k_split =
+  const KSplit k_split =
       decode ? decode_split
              : shrink_k_split(num_tokens, num_slots, max_rank, args.k_full, tensor_cores ? kSgmvMmaWarps : kThreads / 32,
                               x.get_device());

@@ -62,7 +62,7 @@ void run_case(Kernels kernels, bool bad_ids, uint32_t seed) {
   const BadMetadata bad(batch, bad_ids);
   std::vector<float> partials;
   if (kernels == Kernels::kDecode) {
-    const ShrinkSplit split = decode_k_split(batch.M, batch.K, 16 / sizeof(T), 0);
+    const KSplit split = decode_k_split(batch.M, batch.K, 16 / sizeof(T), 0);
     SgmvArgs args = batch.shrink_args(partials, split.splits, split.k_per_split);
     bad.apply(args);
     emulate_launch(bgmv_shrink_kernel<T>, args, batch.M, split.splits, 1, kDecodeThreads);
@@ -74,7 +74,7 @@ void run_case(Kernels kernels, bool bad_ids, uint32_t seed) {
     return;
   }
   const bool mma = kernels == Kernels::kTensorCores;
-  const ShrinkSplit split = shrink_k_split(batch.M, batch.L, batch.R, batch.K, mma ? kSgmvMmaWarps : kThreads / 32, 0);
+  const KSplit split = shrink_k_split(batch.M, batch.L, batch.R, batch.K, mma ? kSgmvMmaWarps : kThreads / 32, 0);
   SgmvArgs args = batch.shrink_args(partials, split.splits, split.k_per_split);
   bad.apply(args);
   args.col_tiles = ceil_div(batch.R, kTileCols);

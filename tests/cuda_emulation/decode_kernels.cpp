@@ -26,7 +26,7 @@ void run_case(int M, int L, int K, int R, int row_pad, const std::string& dist, 
   GroupedCase<T, T> batch(M, L, K, R, shrink_ld, R + row_pad, 1100 + row_pad, dist, seed);  // N: 2 blocks and a part
 
   std::vector<float> partials;
-  const ShrinkSplit split = decode_k_split(M, K, kVec, 0);
+  const KSplit split = decode_k_split(M, K, kVec, 0);
   SgmvArgs args = batch.shrink_args(partials, split.splits, split.k_per_split);
   EXPECT(shrink_rows_of_16_bytes(args), "shrink rows not whole 16-byte loads (K=%d pad=%d)", K, row_pad);
   EXPECT(decode_path(M, L), "not a decode shape M=%d L=%d", M, L);

@@ -158,15 +158,15 @@ T __ldcs(const T* p) { return *p; }
 template <typename T>
 T __ldcg(const T* p) { return *p; }
 
-// What the .cu files take from grid_sizing.h and launchers.h, and the PTX of tensor_core.h. The launcher harnesses
-// (LK_EMU_LAUNCHERS) compile the real grid_sizing.h and launchers.h instead, whose sm_count asks the stand-in of
-// cudaDeviceGetAttribute (host_stubs/cuda_runtime_api.h) for g_sm_count.
+// What the .cu files take from grid_sizing.h (but its arithmetic, which test_cuda_emulation.py extracts with the
+// kernels) and launchers.h, and the PTX of tensor_core.h. The launcher harnesses (LK_EMU_LAUNCHERS) compile the real
+// grid_sizing.h and launchers.h instead, whose sm_count asks the stand-in of cudaDeviceGetAttribute
+// (host_stubs/cuda_runtime_api.h) for g_sm_count.
 namespace lora_kernels {
 inline int g_sm_count = 132;  // the H200's; the harness varies it
 #ifndef LK_EMU_LAUNCHERS
 constexpr int kBlocksPerSm = 2;
 inline int sm_count(int) { return g_sm_count; }
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 constexpr int64_t kSgmvTileTokens = 32;
 constexpr int64_t kMaxGridYZ = 65535;
 #endif

@@ -40,7 +40,7 @@ void launch(const T* x, int64_t ldx, const T* x_lora, int64_t ldxl, int M, const
             int64_t K, const T* a, int64_t lda, int r, const T* b, int64_t ldb_n, int64_t ldb_r, float scaling,
             const T* bias, T* y, float* s, bool vec_fwd, bool vec_shrink, bool* took_mma) {
   constexpr int V = Vec16<T>::kSize;
-  const DecodeShrinkSplit split = decode_shrink_split(M, r, K, V, 0);
+  const KSplit split = decode_shrink_split(M, r, K, V, 0);
   std::vector<float> partials(size_t(split.splits) * M * r, std::nanf(""));  // at::empty: garbage until written
   emulate_launch([&](int) {
     lora_shrink_splitk_kernel<T, kMaxM>(x_lora, ldxl, M, a, lda, r, K, split.k_per_split, vec_shrink,
@@ -134,7 +134,7 @@ void check_splits() {
       for (int64_t r : {1, 16, 64, 256}) {
         for (int64_t K : {int64_t(1), int64_t(31), int64_t(256), int64_t(4096), int64_t(4100), int64_t(1) << 20}) {
           for (int64_t V : {4, 8}) {
-            const DecodeShrinkSplit s = decode_shrink_split(M, r, K, V, 0);
+            const KSplit s = decode_shrink_split(M, r, K, V, 0);
             EXPECT(split_covers(K, s.splits, s.k_per_split, kWarpSize * V, kMaxSplitK) &&
                    (s.splits == 1 || s.splits * M * r <= kPartialBudget),
                    "decode_shrink_split M=%lld r=%lld K=%lld V=%lld sms=%d: %lld x %lld", (long long)M, (long long)r,

@@ -29,7 +29,7 @@ void run_case(int M, int L, int K, int R, int row_pad, int b_pad, const std::str
   EXPECT(!decode_path(M, L), "a decode shape M=%d L=%d", M, L);
 
   std::vector<Acc> partials;
-  const ShrinkSplit split = shrink_k_split(M, L, R, K, kThreads / 32, 0);
+  const KSplit split = shrink_k_split(M, L, R, K, kThreads / 32, 0);
   SgmvArgs args = batch.shrink_args(partials, split.splits, split.k_per_split);
   // the launcher's tensor-core condition, false here: float32 or float64 x, or rows not whole 16-byte loads
   EXPECT(!shrink_rows_of_16_bytes(args) || args.x_dtype == kF32 || args.x_dtype == kF64,
@@ -56,7 +56,7 @@ void check_splits() {
         for (int64_t slots : {1, 16}) {
           for (int64_t rank : {1, 16, 64}) {
             for (int64_t warps : {int64_t(kSgmvMmaWarps), int64_t(kThreads / 32)}) {
-              const ShrinkSplit s = shrink_k_split(tokens, slots, rank, k, warps, 0);
+              const KSplit s = shrink_k_split(tokens, slots, rank, k, warps, 0);
               const int64_t budget = std::max(tokens * k / 2, kMinShrinkPartials);
               EXPECT(split_covers(k, s.splits, s.k_per_split, kTileK, kMaxShrinkSplits) &&
                      (s.splits == 1 || s.splits * tokens * rank <= budget),
@@ -67,7 +67,7 @@ void check_splits() {
           }
         }
         for (int64_t vec : {4, 8}) {
-          const ShrinkSplit s = decode_k_split(tokens, k, vec, 0);
+          const KSplit s = decode_k_split(tokens, k, vec, 0);
           const int64_t fewest = ceil_div(k, 32 * vec * kDecodeChunks);  // x held in registers
           EXPECT(split_covers(k, s.splits, s.k_per_split, 32 * vec, std::max(kMaxShrinkSplits, fewest)),
                  "decode_k_split tokens=%lld k=%lld vec=%lld sms=%d: %lld x %lld", (long long)tokens, (long long)k,

@@ -29,7 +29,7 @@ void run_case(int M, int L, int K, int R, int row_pad, const std::string& dist, 
   EXPECT(!aligned_out || reinterpret_cast<uintptr_t>(batch.out.data()) % 16 == 0, "out not 16-byte aligned");
 
   std::vector<float> partials;
-  const ShrinkSplit split = shrink_k_split(M, L, R, K, kSgmvMmaWarps, 0);
+  const KSplit split = shrink_k_split(M, L, R, K, kSgmvMmaWarps, 0);
   SgmvArgs args = batch.shrink_args(partials, split.splits, split.k_per_split);
   EXPECT(shrink_rows_of_16_bytes(args), "shrink rows not whole 16-byte loads (K=%d pad=%d)", K, row_pad);
   EXPECT(!decode_path(M, L), "a decode shape M=%d L=%d", M, L);
