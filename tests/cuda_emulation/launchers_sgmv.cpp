@@ -179,33 +179,27 @@ void shrink_cases(bool quick) {
              {address(sgmv_shrink_mma_kernel<c10::Half>)});
   // The CUDA-core kernel: prefill on PTX of sm_75, fp32 prefill; rows 16-byte loads cannot read whole (K % 8 != 0,
   // rows of 139, x one element into its buffer) at decode and prefill sizes.
-  run_shrink("shrink bf16 prefill sm_75 PTX", bf16, 70, 2, 136, 40, "mixed_base", {}, 75,
-             {address(sgmv_kernel<true, float>)});
-  run_shrink("shrink fp32 prefill", at::kFloat, 70, 2, 132, 16, "mixed_base", {}, 90,
-             {address(sgmv_kernel<true, float>)});
-  run_shrink("shrink bf16 decode K=130", bf16, 6, 3, 130, 16, "mixed_base", {}, 90,
-             {address(sgmv_kernel<true, float>)});
+  const std::vector<const void*> cuda_core = {address(sgmv_kernel<true, float>)};
+  run_shrink("shrink bf16 prefill sm_75 PTX", bf16, 70, 2, 136, 40, "mixed_base", {}, 75, cuda_core);
+  run_shrink("shrink fp32 prefill", at::kFloat, 70, 2, 132, 16, "mixed_base", {}, 90, cuda_core);
+  run_shrink("shrink bf16 decode K=130", bf16, 6, 3, 130, 16, "mixed_base", {}, 90, cuda_core);
   // K not a multiple of 8 in rows that are (NaN-padded): a 16-byte load would read past K.
-  run_shrink("shrink bf16 decode K=130 rows of 136", bf16, 6, 3, 130, 16, "mixed_base", {.ld = 136}, 90,
-             {address(sgmv_kernel<true, float>)});
-  run_shrink("shrink bf16 prefill K=130 rows of 136", bf16, 70, 2, 130, 16, "mixed_base", {.ld = 136}, 90,
-             {address(sgmv_kernel<true, float>)});
-  run_shrink("shrink bf16 prefill rows of 139", bf16, 70, 2, 136, 16, "mixed_base", {.ld = 139}, 90,
-             {address(sgmv_kernel<true, float>)});
+  run_shrink("shrink bf16 decode K=130 rows of 136", bf16, 6, 3, 130, 16, "mixed_base", {.ld = 136}, 90, cuda_core);
+  run_shrink("shrink bf16 prefill K=130 rows of 136", bf16, 70, 2, 130, 16, "mixed_base", {.ld = 136}, 90, cuda_core);
+  run_shrink("shrink bf16 prefill rows of 139", bf16, 70, 2, 136, 16, "mixed_base", {.ld = 139}, 90, cuda_core);
   run_shrink("shrink bf16 decode x misaligned", bf16, 6, 3, 264, 16, "mixed_base", {.x_misaligned = true}, 90,
-             {address(sgmv_kernel<true, float>)});
+             cuda_core);
   // ... and each of lora_a's own conditions alone (x's rows whole 16-byte loads): rows of 268, slots 4 elements
   // further apart, one element into its buffer; and x's or lora_a's K every other element (strides of 2)
-  run_shrink("shrink bf16 decode lora_a rows of 268", bf16, 6, 3, 264, 16, "mixed_base", {.a_ld = 268}, 90,
-             {address(sgmv_kernel<true, float>)});
+  run_shrink("shrink bf16 decode lora_a rows of 268", bf16, 6, 3, 264, 16, "mixed_base", {.a_ld = 268}, 90, cuda_core);
   run_shrink("shrink bf16 decode lora_a slots apart", bf16, 6, 3, 264, 16, "mixed_base", {.a_slot_gap = 4}, 90,
-             {address(sgmv_kernel<true, float>)});
+             cuda_core);
   run_shrink("shrink bf16 decode lora_a misaligned", bf16, 6, 3, 264, 16, "mixed_base", {.a_misaligned = true}, 90,
-             {address(sgmv_kernel<true, float>)});
+             cuda_core);
   run_shrink("shrink bf16 decode x every other", bf16, 6, 3, 264, 16, "mixed_base", {.x_every_other = true}, 90,
-             {address(sgmv_kernel<true, float>)});
+             cuda_core);
   run_shrink("shrink bf16 decode lora_a every other", bf16, 6, 3, 264, 16, "mixed_base", {.a_every_other = true}, 90,
-             {address(sgmv_kernel<true, float>)});
+             cuda_core);
   // float64: sgmv_kernel<double>, at decode and prefill sizes.
   run_shrink("shrink fp64 decode", at::kDouble, 6, 3, 40, 16, "mixed_base", {}, 90,
              {address(sgmv_kernel<true, double>)});
@@ -214,8 +208,8 @@ void shrink_cases(bool quick) {
   // No tokens: nothing launched, an empty output. K = 0: zeros (torch gives empty rows a stride of 1, which is not
   // 16-byte loads: the CUDA-core kernel, its K-range empty).
   run_shrink("shrink bf16 M=0", bf16, 0, 3, 264, 16, "distinct", {}, 90, {});
-  run_shrink("shrink bf16 decode K=0", bf16, 6, 3, 0, 16, "distinct", {}, 90, {address(sgmv_kernel<true, float>)});
-  run_shrink("shrink bf16 prefill K=0", bf16, 70, 2, 0, 16, "two", {}, 90, {address(sgmv_kernel<true, float>)});
+  run_shrink("shrink bf16 decode K=0", bf16, 6, 3, 0, 16, "distinct", {}, 90, cuda_core);
+  run_shrink("shrink bf16 prefill K=0", bf16, 70, 2, 0, 16, "two", {}, 90, cuda_core);
 }
 
 void expand_cases(bool quick) {
