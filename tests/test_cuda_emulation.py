@@ -46,10 +46,9 @@ CSRC_CUDA = os.path.join(HERE, os.pardir, "csrc", "cuda")
 
 # What each harness's kernels need, as (file, where a section starts, the text that ends it): tensor_core.h's
 # alignment check, loads and fragment helpers, without the inline PTX (emu.h has stand-ins); grid_sizing.h's
-# ceil_div and K-split tiling; sgmv.cu's anonymous
-# namespace up to its launches, without dtype_code (it takes an at::Tensor); lora_linear.cu's decode kernels
-# and split, up to the dispatch macro; its tensor-core backward kernel and grid, up to the partial sums. The CUDA
-# launches stay out (the harnesses restate the grids).
+# ceil_div and K-split tiling; sgmv.cu's anonymous namespace up to its launches, without dtype_code (it takes an
+# at::Tensor); lora_linear.cu's decode kernels and split, up to the dispatch macro; its tensor-core backward kernel
+# and grid, up to the partial sums. The CUDA launches stay out (the harnesses restate the grids).
 TENSOR_CORE = [
     ("tensor_core.h", "inline bool aligned16", "// d += a · b for one m16n8k16 tile"),
     ("tensor_core.h", "// d += the products over one 32-wide chunk", "// d += a · b for one m16n8k8 tile"),
