@@ -373,9 +373,12 @@ def _lora_linear_forward(x2, weight, lora_a, lora_b, bias, scaling, dropout_p, s
         keep_scale = 1.0 / (1.0 - dropout_p)
         y, s = torch.ops.lora_kernels.lora_fwd(x2, x2 * keep, weight, lora_a, lora_b, scaling * keep_scale, bias)
         return y, s.mul_(keep_scale)
-    # "torch": the unfused composition PEFT runs, in the input dtype
-    x_lora = x2 if keep is None else apply_dropout(x2, keep, dropout_p)
-    s = x_lora @ lora_a.T
+    # "torch": the unfused composition PEFT runs, in the input dtype. The dropped x and its mask ([M, K] each) are
+    # released before the [M, N] products are made: alive together, they put this forward's peak memory at 5
+    # tensors of x's size, where PEFT's is 4.5 on a GPU (its mask is bool), which the H200 measured as 1.11x
+    # PEFT's fwd+bwd peak (BENCHMARKS.md, 2026-11-30); now 3. Same ops on the same values: the same bits.
+    s = (x2 if keep is None else apply_dropout(x2, keep, dropout_p)) @ lora_a.T
+    del keep
     return torch.nn.functional.linear(x2, weight, bias) + scaling * (s @ lora_b.T), s
 
 
