@@ -812,16 +812,11 @@ def test_autocast_saves_no_weight_copy_when_x_needs_no_gradient(backend):
 
 
 def _allocation_peak(fn, device):
-    """The peak of the bytes allocated during fn() above those before it. CUDA: the caching allocator's statistics.
-    CPU: the running sum of the profiler's memory events (every allocation and free through torch's CPU allocator,
-    in the order they happened)."""
+    """The peak of the bytes allocated during fn() above those before it. CUDA: the caching allocator's statistics
+    (bench.peak_memory, which has none for CPU). CPU: the running sum of the profiler's memory events (every
+    allocation and free through torch's CPU allocator, in the order they happened)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
+        return bench.peak_memory(fn, device)
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiled:
         fn()
