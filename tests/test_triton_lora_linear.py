@@ -1084,6 +1084,27 @@ def test_seed_range_ends_below_2_to_the_63(dev):
             tk.dropout_mask(bad, 2, 3, 0.5, dev)
 
 
+def test_a_negative_seed_tensor_is_refused_as_a_negative_int_is(dev):
+    """A 0-d int64 seed tensor holding a negative value: refused by every launcher that takes a seed and by the custom
+    op (what compiled graphs and exported programs call), as the int -1 is, before any launch."""
+    M, K, N, r = 4, 32, 16, 8
+    x, weight, lora_a, lora_b, _ = lora_inputs(M, K, N, r, torch.float32, dev)
+    dy, ds = randn(M, N, device=dev), randn(M, r, device=dev)
+    negative = torch.tensor(-5, dtype=torch.int64)
+    calls = {"lora_fwd": lambda seed: tk.lora_fwd(x, weight, lora_a, lora_b, 1.0, None, 0.1, seed),
+             "lora_bwd_dx": lambda seed: tk.lora_bwd_dx(dy, ds, weight, lora_a, 0.1, seed),
+             "lora_bwd_da": lambda seed: tk.lora_bwd_da(ds, x, 0.1, seed),
+             "dropout_mask": lambda seed: tk.dropout_mask(seed, M, K, 0.1, dev),
+             "triton_lora_fwd": lambda seed: torch.ops.lora_kernels.triton_lora_fwd(x, weight, lora_a, lora_b, 1.0,
+                                                                                     None, 0.1, seed)}
+    for op, call in calls.items():
+        call(torch.tensor(5, dtype=torch.int64))  # a non-negative one runs
+        name = "lora_fwd" if op == "triton_lora_fwd" else op  # the op runs the launcher's check
+        with pytest.raises(ValueError, match=rf"{name}: seed expected an int in \[0, 2\*\*63\), got a tensor "
+                                             r"holding -5"):
+            call(negative)
+
+
 def test_splits_are_sized_by_the_largest_block_of_any_config():
     """The launchers count the blocks of a split dimension before the autotuner picks a config, with max_block: so
     a split never exceeds the blocks of the dimension under whichever GPU config runs (no empty K / N splits)."""
