@@ -21,7 +21,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import is_fake
 
 from lora_kernels._ext import VMAP_DROPOUT_NEEDS_ONE_SEED, is_finite_number, scaled_mm
 from lora_kernels.triton import (FP_FUSION, INTERPRET, TRITON_DTYPE_NAMES, UPCAST_DOT_OPERANDS, cdiv, check_tensor,
@@ -706,10 +705,10 @@ def _check_dropout(op, dropout_p, seed):
         if seed.dtype != torch.int64 or seed.dim() != 0 or seed.device.type != "cpu":
             raise TypeError(f"{op}: seed expected an int or a 0-d int64 CPU tensor, got a {seed.dtype} tensor of "
                             f"shape {tuple(seed.shape)} on {seed.device}")
-        # Held to the int's range where it has a value: a traced graph's seed has none until it runs, and the op's
-        # own check (_register) reads it then. int64 holds no value past 2**63 - 1.
-        if not (torch.compiler.is_compiling() or is_fake(seed)) and int(seed) < 0:
-            raise ValueError(f"{op}: seed expected an int in [0, 2**63), got a tensor holding {int(seed)}")
+        # Held to the int's range where it has a value: a traced seed has none until the graph runs, when the op's
+        # own check (_register) reads it. int64 holds nothing past 2**63 - 1.
+        if not torch.compiler.is_compiling() and seed.item() < 0:
+            raise ValueError(f"{op}: seed expected an int in [0, 2**63), got a tensor holding {seed.item()}")
         return seed
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"{op}: seed expected an int in [0, 2**63), got {type(seed).__name__}")
