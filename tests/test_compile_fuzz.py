@@ -71,6 +71,13 @@ def check(what, got, want, dtype):
         assert got is None and want is None, f"{what}: one of compiled/eager is None"
         return
     assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != eager {want.dtype}"
+    overflowed = ~torch.isfinite(want)
+    if overflowed.any():
+        # Where the eager run overflows (float16 second derivatives of a gradient penalty pass 65504, COMPILE_FUZZ_SEED
+        # 5150), the compiled one must too, with the same values at the same places; the rest is compared as usual.
+        torch.testing.assert_close(got[overflowed], want[overflowed], rtol=0, atol=0, equal_nan=True,
+                                   msg=f"{what}: compiled differs from eager where eager is not finite")
+        got, want = got[~overflowed], want[~overflowed]
     err = rel_error(got, want)
     tol = FP32_TOLERANCE if dtype in (torch.float32, torch.float64) else TOLERANCE[dtype]
     assert err <= tol, f"{what}: compiled vs eager relative error {err:.3e} > {tol:.0e}"
