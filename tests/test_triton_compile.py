@@ -691,13 +691,15 @@ REPORT
 
 
 def test_register_usage_reads_ptxas_report(monkeypatch, tmp_path):
-    """register_usage runs the ptxas Triton would (TRITON_PTXAS_PATH points Triton's knob at a stand-in that prints
-    ptxas -v's report), for sm_90a on Hopper (wgmma and TMA need the 'a' target), and reads registers and both
-    spill counts from the report."""
+    """register_usage runs the ptxas Triton would (Triton's knobs pointed at a stand-in that prints ptxas -v's
+    report), for sm_90a on Hopper (wgmma and TMA need the 'a' target), and reads registers and both spill counts
+    from the report. Both knobs: from triton 3.9 on, sm_90 compiles with ptxas-blackwell
+    (TRITON_PTXAS_BLACKWELL_PATH), before it with ptxas (TRITON_PTXAS_PATH)."""
     ptxas = tmp_path / "ptxas"
     ptxas.write_text(FAKE_PTXAS)
     ptxas.chmod(0o755)
     monkeypatch.setenv("TRITON_PTXAS_PATH", str(ptxas))
+    monkeypatch.setenv("TRITON_PTXAS_BLACKWELL_PATH", str(ptxas))
     assert aot.ptxas_path(90) == str(ptxas)
     assert aot.register_usage(".version 8.7\n.target sm_90a\n" + WGMMA_PTX, 90) == (168, 16, 20)
     assert aot.register_usage(".version 8.7\n.target sm_80\n", 80) == (168, 16, 20)
