@@ -29,9 +29,10 @@ their ATen compositions, with cuBLAS's GEMMs stood in for (launchers_lora_linear
 alpha = 0 / beta = 0 rules).
 
 This checks the kernels' index arithmetic, masking and split/grid logic, their bounds, their barriers, and the
-launchers' host code, on every CI run, without a GPU; not their speed, the rest of the GPU memory model (launches
-run one after another: a programmatic dependent launch's overlap is not emulated), the compiler's code for the GPU
-or the PTX layouts themselves (the GPU tests in test_cpp_ops.py check those on a GPU)."""
+launchers' host code, on every CI run, without a GPU, and that grid_sizing.h's K-split tiling gives each split the
+fewest tiles that keep within the splits asked for (one tile more gives the same results on fewer SMs); not their
+speed, the rest of the GPU memory model (launches run one after another: a programmatic dependent launch's overlap
+is not emulated), the compiler's code for the GPU or the PTX layouts themselves (the GPU tests in test_cpp_ops.py check those on a GPU)."""
 import os
 import re
 import shutil
@@ -398,6 +399,80 @@ def test_the_emulation_restates_the_launch_constants_as_the_sources_define_them(
     shared = {"kBlocksPerSm", "kSgmvTileTokens", "kMaxGridYZ"}
     assert shared <= restated.keys() and shared <= defined.keys()
     assert {k: restated[k] for k in shared} == {k: defined[k] for k in shared}
+
+
+# Prints split_k_in_tiles(k, tile, wanted) over a sweep, one "k tile wanted splits k_per_split" line each.
+K_SPLIT_SWEEP = r"""
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+namespace lora_kernels {
+%s
+}  // namespace lora_kernels
+int main() {
+  for (long long k = 0; k <= 600; ++k)
+    for (long long tile : {1, 8, 32, 256})
+      for (long long wanted = 0; wanted <= 40; ++wanted) {
+        const lora_kernels::KSplit s = lora_kernels::split_k_in_tiles(k, tile, wanted);
+        std::printf("%%lld %%lld %%lld %%lld %%lld\n", k, tile, wanted, (long long)s.splits, (long long)s.k_per_split);
+      }
+}
+"""
+
+
+def k_split_sweep(tmp_path, grid_sizing):
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    source = tmp_path / "k_split_sweep.cpp"
+    source.write_text(K_SPLIT_SWEEP % cut_sections({"grid_sizing.h": grid_sizing}, GRID_SIZING))
+    binary = tmp_path / "k_split_sweep"
+    built = subprocess.run([compiler, "-std=c++20", "-O1", str(source), "-o", str(binary)], capture_output=True,
+                           text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-3000:]
+    run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=300, check=True)
+    return [tuple(map(int, line.split())) for line in run.stdout.splitlines()]
+
+
+def k_split_faults(rows):
+    """The rows of a split_k_in_tiles sweep that break its contract, each with what it breaks. Beyond covering K in
+    whole tiles with no empty split (which the harnesses' results check), the kernels' speed rests on the split being
+    as wide as `wanted` allows: each split takes the fewest tiles with which at most `wanted` splits cover K (a split
+    of one tile more leaves SMs idle, and the results stay right)."""
+    faults = []
+    for k, tile, wanted, splits, per_split in rows:
+        wanted_splits = max(wanted, 1)
+        tiles_per_split, rest = divmod(per_split, tile)
+        if rest or tiles_per_split < 1:
+            faults.append((k, tile, wanted, splits, per_split, "not a whole number of tiles"))
+        elif splits != max(-(-k // per_split), 1):
+            faults.append((k, tile, wanted, splits, per_split, "not ceil(K / k_per_split) splits (an empty one?)"))
+        elif splits > wanted_splits:
+            faults.append((k, tile, wanted, splits, per_split, "more splits than wanted"))
+        elif tiles_per_split > 1 and -(-k // (per_split - tile)) <= wanted_splits:
+            faults.append((k, tile, wanted, splits, per_split, "one tile fewer per split would do"))
+    return faults
+
+
+def test_the_k_split_takes_the_fewest_tiles_per_split_within_the_wanted_count(tmp_path):
+    rows = k_split_sweep(tmp_path, read_sources()["grid_sizing.h"])
+    assert len(rows) == 601 * 4 * 41
+    assert k_split_faults(rows) == []
+
+
+@pytest.mark.parametrize("old,new,fault", [
+    # a tile more per split wherever the tiles divide evenly among the wanted splits (correct results, fewer splits)
+    ("ceil_div(tiles, std::max<int64_t>(wanted, 1))", "(tiles / std::max<int64_t>(wanted, 1) + 1)",
+     "one tile fewer per split would do"),
+    # the wanted count kept without recounting: empty splits past the end of K
+    ("std::max<int64_t>(ceil_div(k, k_per_split), 1)", "std::max<int64_t>(wanted, 1)",
+     "not ceil(K / k_per_split) splits (an empty one?)"),
+], ids=["a-tile-more", "no-recount"])
+def test_the_k_split_check_fails_a_broken_tiling(tmp_path, old, new, fault):
+    grid_sizing = read_sources()["grid_sizing.h"]
+    assert grid_sizing.count(old) == 1, old
+    faults = k_split_faults(k_split_sweep(tmp_path, grid_sizing.replace(old, new)))
+    assert faults and {row[-1] for row in faults} == {fault}, faults[:5]
 
 
 def test_the_grouped_kernels_clamp_out_of_range_metadata(tmp_path):
