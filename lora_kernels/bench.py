@@ -739,7 +739,8 @@ def _triton_tma_available(device):
 
 def host_overhead_rows(rows, cfg, device, dtype, on_gpu, step):
     """Host time per call at HOST_SHAPE against F.linear's: lora_linear forward (no grad) and fwd+bwd,
-    multi_lora_linear over a prebuilt LoRABatch, and building the LoRABatch itself."""
+    multi_lora_linear over a prebuilt LoRABatch, and building the LoRABatch itself; lora_linear's fwd+bwd also
+    against PEFT's unfused layer (no dropout), whose autograd ops are the host cost a LoRA layer competes with."""
     m, k, n, r, slots = (HOST_SHAPE[name] for name in ("m", "k", "n", "r", "slots"))
     factory = {"device": device, "dtype": dtype}
     x = torch.randn(m, k, **factory)
@@ -763,6 +764,8 @@ def host_overhead_rows(rows, cfg, device, dtype, on_gpu, step):
     with torch.no_grad():
         linear_ms = host_time_ms(lambda: F.linear(x, weight), device)
     linear_grad_ms = host_time_ms(lambda: torch.autograd.grad(F.linear(x_grad, weight), (x_grad,), dy), device)
+    peft_grad_ms = host_time_ms(lambda: torch.autograd.grad(
+        peft_lora_forward(x_grad, weight, a_grad, b_grad, 2.0, 0.0), (x_grad, a_grad, b_grad), dy), device)
     batch_ms = host_time_ms(lambda: LoRABatch.from_adapter_ids(ids, slots), device)
     add("-", "LoRABatch.from_adapter_ids", "F.linear forward", batch_ms, linear_ms, grouped=True)
     step("host overhead: LoRABatch")
@@ -775,6 +778,8 @@ def host_overhead_rows(rows, cfg, device, dtype, on_gpu, step):
                 lora_linear(x_grad, weight, a_grad, b_grad, 2.0, backend=backend), (x_grad, a_grad, b_grad), dy),
                 device)
             add(backend, "lora_linear fwd+bwd (dX, dA, dB)", "F.linear fwd+bwd (dX)", ours, linear_grad_ms)
+            add(backend, "lora_linear fwd+bwd (dX, dA, dB)", "PEFT's unfused fwd+bwd (dX, dA, dB)", ours,
+                peft_grad_ms)
             with torch.no_grad():
                 ours = host_time_ms(lambda: multi_lora_linear(x, weight, stacked_a, stacked_b, batch, scalings,
                                                               backend=backend), device)

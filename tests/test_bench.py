@@ -294,8 +294,8 @@ def test_host_overhead_rows_cover_every_backend():
     cfg = _tiny(backends=("torch", "cpu") if HAS_EXTENSION else ("torch",)).resolved()
     rows = []
     bench.host_overhead_rows(rows, cfg, torch.device("cpu"), torch.float32, False, lambda label: None)
-    assert [row["backend"] for row in rows][0] == "-"  # LoRABatch first, then 3 rows per backend
-    assert len(rows) == 1 + 3 * len(cfg.backends)
+    assert [row["backend"] for row in rows][0] == "-"  # LoRABatch first, then 4 rows per backend
+    assert len(rows) == 1 + 4 * len(cfg.backends)
     assert all(row["kind"] == "host_overhead" and row["ours_value"] > 0 for row in rows)
     # its own method, said in each row: --reps and --warmup (the run's "timing" line) do not apply to it
     assert all(row["note"].startswith("wall time per call, best of 5 runs of 100 back-to-back calls after 10 "
@@ -785,11 +785,13 @@ def test_prefill_tokens_as_many_as_the_rows_adapters_are_enough():
 
 
 def test_each_host_row_is_over_the_f_linear_call_of_its_own_kind(monkeypatch):
-    """Host rows: the fwd+bwd row over F.linear's fwd+bwd, the forward rows and the LoRABatch row over F.linear's
-    forward (a wrong or swapped baseline had printed, e.g., the autograd path's overhead against a plain forward).
-    A stand-in host_time_ms gives each kind of call its own time."""
+    """Host rows: the fwd+bwd rows over F.linear's fwd+bwd and over PEFT's unfused fwd+bwd, the forward rows and the
+    LoRABatch row over F.linear's forward (a wrong or swapped baseline had printed, e.g., the autograd path's overhead
+    against a plain forward). A stand-in host_time_ms gives each kind of call its own time."""
     def host_time_ms(fn, device):
         names = fn.__code__.co_names
+        if "peft_lora_forward" in names:
+            return 8.0
         if "multi_lora_linear" in names:
             return 6.0
         if "lora_linear" in names:
@@ -802,7 +804,8 @@ def test_each_host_row_is_over_the_f_linear_call_of_its_own_kind(monkeypatch):
     bench.host_overhead_rows(rows, _tiny().resolved(), torch.device("cpu"), torch.float32, False, lambda label: None)
     assert [(row["ours"], row["ours_value"], row["baseline_value"], row["ratio"]) for row in rows] == [
         ("LoRABatch.from_adapter_ids", 3.0, 1.0, 3.0), ("lora_linear forward, no grad", 4.0, 1.0, 4.0),
-        ("lora_linear fwd+bwd (dX, dA, dB)", 5.0, 2.0, 2.5), ("multi_lora_linear forward, no grad", 6.0, 1.0, 6.0)]
+        ("lora_linear fwd+bwd (dX, dA, dB)", 5.0, 2.0, 2.5), ("lora_linear fwd+bwd (dX, dA, dB)", 5.0, 8.0, 0.625),
+        ("multi_lora_linear forward, no grad", 6.0, 1.0, 6.0)]
 
 
 @pytest.mark.skipif(not HAS_EXTENSION, reason="needs the C++ extension")
