@@ -784,7 +784,7 @@ def test_prefill_tokens_as_many_as_the_rows_adapters_are_enough():
                  sweep_adapters=(2,)).resolved().prefill_tokens == 16
 
 
-def test_each_host_row_is_over_the_f_linear_call_of_its_own_kind(monkeypatch):
+def test_each_host_row_is_over_the_baseline_call_of_its_own_kind(monkeypatch):
     """Host rows: the fwd+bwd rows over F.linear's fwd+bwd and over PEFT's unfused fwd+bwd, the forward rows and the
     LoRABatch row over F.linear's forward (a wrong or swapped baseline had printed, e.g., the autograd path's overhead
     against a plain forward). A stand-in host_time_ms gives each kind of call its own time."""
