@@ -930,11 +930,13 @@ def target_module_matches(name, target_modules, exclude_modules=None, layers_to_
 
 def pattern_value(pattern, name, default):
     r"""PEFT's rank_pattern / alpha_pattern lookup: the value of the first key (in dict order) such that
-    re.match(rf"(.*\.)?({key})$", name) matches; `default` when none does."""
-    for key, value in (pattern or {}).items():
+    re.match(rf"(.*\.)?({key})$", name) matches; else the value of the key equal to `name` (PEFT's get_pattern_key
+    falls back to the name itself: a module name such as "blocks.a+b" is no regex of itself), else `default`."""
+    pattern = pattern or {}
+    for key, value in pattern.items():
         if re.match(rf"(.*\.)?({key})$", name):
             return value
-    return default
+    return pattern.get(name, default)
 
 
 def embedding_layer(model, getter):

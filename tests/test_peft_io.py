@@ -1789,6 +1789,11 @@ def test_target_matching_and_patterns_agree_with_peft_on_near_miss_names():
                     {"down_proj|q_proj": 9}]:  # an alternation is one group: it matches whole components only
         name = "model.layers.0.self_attn.q_proj"
         assert pattern_value(pattern, name, 8) == pattern.get(get_pattern_key(pattern.keys(), name), 8), pattern
+    # a key that is a module's own name but no regex of it ("a+b" matches "aab", not "a+b"): PEFT's lookup falls back
+    # to the name itself (found by a review: such a layer got the default alpha here, PEFT's pattern's in PEFT)
+    for pattern, name in [({"heads.a+b": 5}, "heads.a+b"), ({"heads.a+b": 5}, "heads.aab"), ({"a+b": 5}, "heads.a+b")]:
+        assert pattern_value(pattern, name, 8) == pattern.get(get_pattern_key(pattern.keys(), name), 8), (pattern, name)
+    assert pattern_value({"heads.a+b": 5}, "heads.a+b", 8) == 5
 
 
 def test_save_writes_patterns_for_a_name_that_ends_another_and_for_regex_characters(tmp_path):
