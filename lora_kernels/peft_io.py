@@ -274,17 +274,17 @@ _REPO_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def resolve_adapter_dir(op, path, *, revision=None, subfolder=None):
-    """The local directory that holds the adapter files: `path` (joined with `subfolder`) when it is a local directory
-    or cannot be a Hub repo id, else the files of the Hub repo `path` at `revision`, downloaded by huggingface_hub
-    (its cache, token and HF_HUB_OFFLINE apply): adapter_config.json and adapter_model.safetensors, or
-    adapter_model.bin where the repo has no safetensors file, as PEFT fetches them."""
+    """The local directory that holds the adapter files: `path` (joined with `subfolder`) when it exists locally (a
+    file is refused by name later) or cannot be a Hub repo id, else the files of the Hub repo `path` at `revision`,
+    downloaded by huggingface_hub (its cache, token and HF_HUB_OFFLINE apply): adapter_config.json and
+    adapter_model.safetensors, or adapter_model.bin where the repo has no safetensors file, as PEFT fetches them."""
     _check_path(op, path)
     for name, value in (("revision", revision), ("subfolder", subfolder)):
         if value is not None and not (isinstance(value, str) and value.strip("/")):
             raise TypeError(f"{op}: {name} expected a non-empty str or None, got {value!r}")
     subfolder = subfolder.strip("/") if subfolder else None  # "/sub" must not join to the root directory
     local = os.fspath(path)
-    if os.path.isdir(local) or not (isinstance(path, str) and _REPO_ID_RE.fullmatch(path)):
+    if os.path.exists(local) or not (isinstance(path, str) and _REPO_ID_RE.fullmatch(path)):
         if revision is not None:
             raise ValueError(f"{op}: revision={revision!r} selects a version of a Hugging Face Hub repo, but {local!r} "
                              f"is a local path")

@@ -2547,14 +2547,17 @@ def test_a_folder_of_named_adapters_gets_a_hint(tmp_path):
     assert isinstance(model.layers[0].q_proj, LoRALinear)
 
 
-def test_the_path_of_an_adapter_file_gets_a_hint(tmp_path):
+def test_the_path_of_an_adapter_file_gets_a_hint(tmp_path, monkeypatch):
     """The weights (or config) file given instead of its directory: the error read ".../adapter_model.safetensors/
-    adapter_config.json not found"; it now says to pass the directory that holds the files."""
+    adapter_config.json not found"; it now says to pass the directory that holds the files. So does a relative path,
+    "a/adapter_config.json", which has a Hub repo id's form and was looked up on the Hub."""
     lk.save_peft_adapter(_trained(), tmp_path / "a")
+    monkeypatch.chdir(tmp_path)
     for name in ("adapter_model.safetensors", "adapter_config.json"):
-        with pytest.raises(FileNotFoundError, match=rf"{name} is a file: pass the directory that holds "
-                                                    rf"adapter_config.json and the weights \(.*a\)"):
-            lk.load_peft_adapter(_base(), tmp_path / "a" / name)
+        for path in (tmp_path / "a" / name, f"a/{name}"):
+            with pytest.raises(FileNotFoundError, match=rf"{name} is a file: pass the directory that holds "
+                                                        rf"adapter_config.json and the weights \(.*a\)"):
+                lk.load_peft_adapter(_base(), path)
     with pytest.raises(FileNotFoundError, match=r"adapter_config.json not found$"):
         lk.load_peft_adapter(_base(), tmp_path / "missing")
 
