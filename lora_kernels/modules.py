@@ -1221,7 +1221,7 @@ def _warn_partial_targets(op, model, target_modules):
                           f"than PEFT's", stacklevel=4)
         return
     entries = list(dict.fromkeys(target_modules))
-    names = [name for name, _ in model.named_modules() if name]
+    names = [state_dict_name(name) for name, _ in model.named_modules() if name]  # the names targets are matched by
     missing = [entry for entry in entries if not any(n == entry or n.endswith("." + entry) for n in names)]
     if missing:
         fused = _fused_expert_parameters(model)
@@ -1536,8 +1536,9 @@ def inject_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_
             warn_dropped_hooks(op, f"module {name!r}", module, "the LoRALinear that replaces it never calls it",
                                stacklevel=2)
             try:
+                key = state_dict_name(name)  # as the targets are matched: a checkpoint wrapper's name is no key
                 layer = LoRALinear.from_linear(
-                    module, pattern_value(rank_pattern, name, r), pattern_value(alpha_pattern, name, lora_alpha),
+                    module, pattern_value(rank_pattern, key, r), pattern_value(alpha_pattern, key, lora_alpha),
                     lora_dropout, use_rslora, init_lora_weights=init_lora_weights, backend=backend,
                     fan_in_fan_out=conv, autocast_adapter_dtype=autocast_adapter_dtype)
             except (TypeError, ValueError) as exc:  # name the module: its r or alpha may come from a pattern

@@ -23,7 +23,8 @@ from torch import nn
 
 import lora_kernels as lk
 from lora_kernels import peft_io
-from lora_kernels.modules import LoRALinear, MultiLoRALinear, named_target_modules, target_module_matches
+from lora_kernels.modules import (LoRALinear, MultiLoRALinear, named_target_modules, state_dict_name,
+                                  target_module_matches)
 
 BACKEND = "torch"
 PEFT = installed_version("peft")  # None without peft: its tests skip through importorskip
@@ -2852,6 +2853,25 @@ def test_rank_pattern_by_full_name_loads_into_a_checkpoint_wrapped_model(tmp_pat
     lk.load_peft_adapter(wrapped, tmp_path, backend=BACKEND)
     x = torch.randn(3, 16)
     torch.testing.assert_close(wrapped(x), plain(x), rtol=0, atol=0)
+
+
+def test_inject_lora_reads_patterns_and_names_targets_by_state_dict_names_in_a_checkpoint_wrapped_model():
+    """inject_lora's rank_pattern / alpha_pattern and its warning for list entries that match no module go by the
+    state dict's names, as its targets do (found by a review: in a wrapped model every layer got the default r and
+    alpha, and the entry "layers.0.0", which it adapted, was reported as matching no module)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    def inject(model):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a warning that no entry should get
+            lk.inject_lora(model, ["layers.0.0", "head.0"], r=4, lora_alpha=8, backend=BACKEND,
+                           rank_pattern={"layers.0.0": 2}, alpha_pattern={"head.0": 3})
+        return {state_dict_name(n): (m.r, m.lora_alpha) for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+    wrapped = _Blocks()
+    apply_activation_checkpointing(wrapped, check_fn=lambda m: isinstance(m, nn.Sequential))
+    assert any("_checkpoint_wrapped_module" in n for n, _ in wrapped.named_modules())
+    assert inject(wrapped) == inject(_Blocks()) == {"layers.0.0": (2, 8), "head.0": (4, 3)}
 
 
 def test_an_empty_modules_to_save_parses_as_none():
