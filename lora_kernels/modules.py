@@ -1823,7 +1823,7 @@ def disable_adapter(model):
 
 def merge_and_unload(model, *, safe_merge=False):
     """Replaces every LoRALinear by a plain nn.Linear (or Conv1D) with the adapter merged into its weight, frozen
-    as the base weight was; returns model. A model with MultiLoRALinear layers (several named adapters) is refused
+    as the base weight was; returns model (given a LoRALinear itself: the merged layer). A model with MultiLoRALinear layers (several named adapters) is refused
     before any change: which adapter to merge is not defined; so are a model without LoRALinear layers and a PEFT
     model (PEFT's own merge_and_unload merges its layers). safe_merge (PEFT's option): every layer's merged weight
     is computed and checked first, and NaN or Inf in any of them refuses the merge (ValueError naming the layers)
@@ -1871,10 +1871,22 @@ def merge_and_unload(model, *, safe_merge=False):
         if broken:
             raise ValueError(f"merge_and_unload: safe_merge found NaN/Inf in the merged weights of layers "
                              f"{broken[:3]}{' ...' if len(broken) > 3 else ''}; the model is unchanged")
-    for name, module in layers:
-        warn_dropped_hooks("merge_and_unload", f"module {name!r}", module, "it is replaced by a new layer holding "
-                           "the merged weight", stacklevel=2)
-        _set_submodule(model, name, module.to_linear())
+    if isinstance(model, LoRALinear):  # no parent to put the merged layer in: it is the result
+        if wrapper is not model:
+            raise ValueError(f"merge_and_unload: the model is a LoRALinear inside {type(wrapper).__name__}, which "
+                             f"cannot be given the merged layer in its place; call it on the LoRALinear itself; the "
+                             f"model is unchanged")
+        warn_dropped_hooks("merge_and_unload", "the LoRALinear", model, "the merged nn.Linear returned in its place "
+                           "is a new layer", stacklevel=2)
+        return model.to_linear()
+    merged = {}  # by layer: one LoRALinear held under two names (a layer applied twice) becomes one merged layer
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, LoRALinear):
+            if id(module) not in merged:
+                warn_dropped_hooks("merge_and_unload", f"module {name!r}", module, "it is replaced by a new layer "
+                                   "holding the merged weight", stacklevel=2)
+                merged[id(module)] = module.to_linear()
+            _set_submodule(model, name, merged[id(module)])
     # the adapter is gone: a later inject_lora starts a new one; the embedding layers are the merged model's own now
     for attr in (MODULES_TO_SAVE_ATTR, BIAS_ATTR, TASK_TYPE_ATTR, EMBEDDING_LAYERS_ATTR):
         _record(model, attr, None)

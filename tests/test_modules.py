@@ -564,6 +564,33 @@ def test_merge_and_unload_gives_plain_linears_with_the_same_output():
     assert not any(p.requires_grad for p in model.parameters())
 
 
+def test_merge_and_unload_of_a_lora_layer_itself_returns_the_merged_linear():
+    """Given a LoRALinear, it returned that layer unmerged, with the merged nn.Linear set as a child named "" (found
+    by a review); it now returns the merged layer and leaves the LoRALinear as it was."""
+    layer = _trained(LoRALinear(8, 6))
+    x = torch.randn(3, 8)
+    before, state = layer(x), {k: v.clone() for k, v in layer.state_dict().items()}
+    merged = merge_and_unload(layer)
+    assert type(merged) is nn.Linear and not merged.weight.requires_grad
+    torch.testing.assert_close(merged(x), before, rtol=1e-5, atol=1e-5)
+    assert list(layer._modules) == ["lora_A", "lora_B"] and not layer.merged
+    assert layer.state_dict().keys() == state.keys()
+    assert all(torch.equal(layer.state_dict()[k], v) for k, v in state.items())
+
+
+def test_merge_and_unload_gives_a_layer_held_under_two_names_one_merged_layer():
+    """A LoRALinear held by its parent under two names (a layer applied twice) was replaced under its first name
+    only: a LoRALinear stayed under the other (found by a review). Both names now hold the one merged layer."""
+    model = nn.Sequential(_trained(LoRALinear(8, 8)))
+    model.add_module("again", model[0])
+    x = torch.randn(3, 8)
+    before = model(x)
+    merge_and_unload(model)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules(remove_duplicate=False))
+    assert type(model[0]) is nn.Linear and model.again is model[0]
+    torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+
+
 def test_merge_and_unload_of_a_model_without_lora_layers_is_an_error():
     """It returned such a model unchanged, silently: a second merge_and_unload, or a PeftModel passed to ours (whose
     LoRA layers are PEFT's), read as merged (helper 118)."""
