@@ -1823,11 +1823,11 @@ def disable_adapter(model):
 
 def merge_and_unload(model, *, safe_merge=False):
     """Replaces every LoRALinear by a plain nn.Linear (or Conv1D) with the adapter merged into its weight, frozen
-    as the base weight was; returns model (given a LoRALinear itself: the merged layer). A model with MultiLoRALinear layers (several named adapters) is refused
-    before any change: which adapter to merge is not defined; so are a model without LoRALinear layers and a PEFT
-    model (PEFT's own merge_and_unload merges its layers). safe_merge (PEFT's option): every layer's merged weight
-    is computed and checked first, and NaN or Inf in any of them refuses the merge (ValueError naming the layers)
-    before a layer is replaced."""
+    as the base weight was; returns model (given a LoRALinear itself: the merged layer). A model with
+    MultiLoRALinear layers (several named adapters) is refused before any change: which adapter to merge is not
+    defined; so are a model without LoRALinear layers and a PEFT model (PEFT's own merge_and_unload merges its
+    layers). safe_merge (PEFT's option): every layer's merged weight is computed and checked first, and NaN or Inf in
+    any of them refuses the merge (ValueError naming the layers) before a layer is replaced."""
     safe_merge = check_flag("merge_and_unload", "safe_merge", safe_merge)
     wrapper, model = model, unwrap_model(model, "merge_and_unload", adds_parameters=True,
                                          ddp_hint="call merge_and_unload on the model inside (ddp.module) once "
