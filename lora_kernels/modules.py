@@ -1314,7 +1314,8 @@ def _record(model, attr, value):
 
 
 # On the model: the state-dict names of the embedding layers whose whole state the adapter file that
-# load_peft_adapter read held (PEFT's save_embedding_layers), which save_peft_adapter writes again by default
+# load_peft_adapter read held (PEFT's save_embedding_layers), which save_peft_adapter writes again by default, and of
+# the LoRA targets whose base layer it held (not written again), which a later load must overwrite as well
 EMBEDDING_LAYERS_ATTR = "lora_embedding_layers"
 
 

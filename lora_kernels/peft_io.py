@@ -709,7 +709,10 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
     biases (trainable), as PEFT does. A target's own weight in the file (`<layer>.base_layer.weight`, which PEFT saves
     when target_modules names "lm_head" or "embed_tokens") is copied into the layer's base weight, frozen, as PEFT
     loads it; so are the input and output embedding layers that the file holds whole (PEFT's save_embedding_layers,
-    for a resized vocabulary), which save_peft_adapter writes again.
+    for a resized vocabulary), which save_peft_adapter writes again. Like modules_to_save modules, these keep no
+    original: into a model holding the biases, base weights or embedding layers that an adapter loaded (or injected)
+    before trained or wrote, a file that does not overwrite them all is refused (ValueError; load into a fresh base
+    model), as one without that adapter's modules_to_save is.
 
     adapter_name="name": the model was prepared with prepare_multi_adapter; the adapter goes into a slot of every
     MultiLoRALinear (the one already named so, else the first free one) and `model.lora_adapter_slots[name]` records
@@ -769,15 +772,34 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
             raise ValueError(f"{op}: the model has modules_to_save {stale_heads[:5]} trained in place by the adapter "
                              f"loaded or injected before ({recorded}), which this adapter does not hold; they would "
                              f"keep that adapter's weights. Load into the base model")
+        _refuse_stale_base_state(op, model, config.bias, {key.rpartition(".")[0] for key, *_ in base_tensors}
+                                 | {state_dict_name(name) for name, *_ in heads})
         # as inject_lora (and PEFT's from_pretrained) warn: merge() of a tied target would change both
         _warn_tied_targets(op, model, [(n, m) for n, m, *_ in plan if not isinstance(m, LORA_WRAPPERS)])
         _commit_single(model, config, plan, grouped, heads, biases, base_tensors, backend, autocast_adapter_dtype)
-        _record(model, EMBEDDING_LAYERS_ATTR, sorted({key.rpartition(".")[0] for key, *_ in embedding_tensors}) or None)
+        _record(model, EMBEDDING_LAYERS_ATTR, sorted({key.rpartition(".")[0] for key, *_ in base_tensors}) or None)
         _record(model, TASK_TYPE_ATTR, config.task_type)
         enable_input_grads_for_checkpointing(model)
     else:
         _commit_multi(model, op, adapter_name, plan, grouped, config)
     return wrapper
+
+
+def _refuse_stale_base_state(op, model, bias, layers_loaded):
+    """Refuses a file that leaves base tensors which the adapter loaded (or injected) before wrote or trained in
+    place: biases its bias mode trained, embedding layers and targets' base layers its file held (PEFT's
+    save_embedding_layers); `layers_loaded`, the state-dict names of the layers this file writes whole. They keep
+    no original, so the new adapter would run on the earlier one's values (and the next save drop them)."""
+    before = getattr(model, BIAS_ATTR, "none")
+    if BIAS_MODES.index(bias) < BIAS_MODES.index(before):
+        raise ValueError(f"{op}: the model's biases were trained in place by the adapter loaded or injected before "
+                         f"(bias={before!r}), and this adapter (bias={bias!r}) does not hold them all; they would "
+                         f"keep that adapter's values. Load into the base model")
+    stale = [name for name in getattr(model, EMBEDDING_LAYERS_ATTR, None) or () if name not in layers_loaded]
+    if stale:
+        raise ValueError(f"{op}: the model's layers {stale[:5]}{' ...' if len(stale) > 5 else ''} hold the whole "
+                         f"state that the adapter file loaded before held (PEFT's save_embedding_layers), and this "
+                         f"file does not; they would keep that adapter's values. Load into the base model")
 
 
 def _materialise_meta(module, names, device):

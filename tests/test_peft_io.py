@@ -761,10 +761,20 @@ def test_bias_modes_round_trip_under_peft_keys(tmp_path, bias):
     x = torch.randn(3, 16)
     torch.testing.assert_close(loaded(x), trained(x), rtol=0, atol=0)
     assert loaded.lora_bias_mode == bias and _trainable(loaded) == _trainable(trained)
-    # an adapter without biases loaded over it freezes them again and forgets the mode
+    # an adapter without biases (or with fewer) is refused over it, the model unchanged: the trained biases keep no
+    # original, and that adapter ran on them (it had been loaded, differing from PEFT's load into the base model)
     lk.save_peft_adapter(_trained(("q_proj",)), tmp_path / "plain")
-    lk.load_peft_adapter(loaded, tmp_path / "plain")
-    assert not hasattr(loaded, "lora_bias_mode") and not loaded.layers[0].q_proj.bias.requires_grad
+    lk.save_peft_adapter(_trained(("q_proj",), bias="lora_only"), tmp_path / "lora_only")
+    before = _snapshot(loaded)
+    for fewer in ["plain"] + (["lora_only"] if bias == "all" else []):
+        with pytest.raises(ValueError, match=rf"^load_peft_adapter: the model's biases were trained in place by the "
+                                             rf"adapter loaded or injected before \(bias='{bias}'\), and this adapter "
+                                             rf"\(bias='(none|lora_only)'\) does not hold them all"):
+            lk.load_peft_adapter(loaded, tmp_path / fewer)
+        _assert_same(loaded, before)
+    assert loaded.lora_bias_mode == bias
+    fresh = lk.load_peft_adapter(_base(), tmp_path / "plain", backend=BACKEND)  # into the base model it loads
+    assert not hasattr(fresh, "lora_bias_mode") and not fresh.layers[0].q_proj.bias.requires_grad
     # MultiLoRALinear slots hold LoRA factors only
     multi = lk.prepare_multi_adapter(_base(), ["q_proj"], max_adapters=2, max_rank=8)
     before = _snapshot(multi)
@@ -902,6 +912,16 @@ def test_a_targeted_lm_head_that_peft_saved_whole_loads_as_peft_loads_it(tmp_pat
         torch.testing.assert_close(loaded(ids), expected, rtol=1e-6, atol=1e-6)
         assert torch.equal(loaded.lm_head.weight, theirs.base_model.model.lm_head.base_layer.weight)
         assert not loaded.lm_head.weight.requires_grad  # the base weight stays frozen
+    # a file without that weight is refused over it, the model unchanged: the loaded weight keeps no original, and
+    # that adapter ran on it (found by a review); the same file again overwrites it, and loads
+    theirs.save_pretrained(tmp_path / "without_base", save_embedding_layers=False)
+    assert not any(".base_layer." in key for key in load_file(tmp_path / "without_base" / "adapter_model.safetensors"))
+    before = _snapshot(loaded)
+    with pytest.raises(ValueError, match=r"^load_peft_adapter: the model's layers \['lm_head'\] hold the whole state "
+                                         r"that the adapter file loaded before held"):
+        lk.load_peft_adapter(loaded, tmp_path / "without_base")
+    _assert_same(loaded, before)
+    torch.testing.assert_close(lk.load_peft_adapter(loaded, tmp_path)(ids), expected, rtol=1e-6, atol=1e-6)
 
     # named adapters share the base layer: only a file whose base weight is the model's own loads by name
     multi = lk.prepare_multi_adapter(_language_model(), ["q_proj", "lm_head"], max_adapters=2, max_rank=2)
@@ -1911,17 +1931,21 @@ def test_embedding_layers_peft_saves_for_a_resized_vocabulary_load_as_peft_loads
         back = peft.PeftModel.from_pretrained(base(), tmp_path / "again")
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids=ids).logits, expected)
-    # the record goes with the adapter: after loading a file without embedding layers into the same model, or after
-    # merge_and_unload and a new inject_lora, "auto" saves the LoRA factors alone (whole embedding matrices had been
-    # written into the next adapter's file, which a load then copies over the base's)
+    # a file without embedding layers is refused over it, the model unchanged: the loaded embeddings keep no original,
+    # and that adapter ran on them (found by a review); after merge_and_unload and a new inject_lora, "auto" saves
+    # the LoRA factors alone (whole embedding matrices had been written into the next adapter's file)
     plain = tmp_path / "plain"
     lk.save_peft_adapter(lk.inject_lora(base(), ["q_proj", "v_proj"], r=4), plain)
-    lk.load_peft_adapter(ours, plain, backend=BACKEND)
+    before, held = _snapshot(ours), ours.lora_embedding_layers
+    with pytest.raises(ValueError, match=r"^load_peft_adapter: the model's layers \['lm_head', 'model\.embed_tokens'\] "
+                                         r"hold the whole state that the adapter file loaded before held"):
+        lk.load_peft_adapter(ours, plain, backend=BACKEND)
+    _assert_same(ours, before)
+    assert ours.lora_embedding_layers == held == ["lm_head", "model.embed_tokens"]
     merged = lk.merge_and_unload(lk.load_peft_adapter(base(), tmp_path, backend=BACKEND))
-    for name, model in (("second load", ours), ("merged", lk.inject_lora(merged, ["o_proj"], r=2))):
-        lk.save_peft_adapter(model, tmp_path / name)
-        keys = load_file(tmp_path / name / "adapter_model.safetensors")
-        assert keys and all(".lora_" in key for key in keys), (name, sorted(keys))
+    lk.save_peft_adapter(lk.inject_lora(merged, ["o_proj"], r=2), tmp_path / "merged")
+    keys = load_file(tmp_path / "merged" / "adapter_model.safetensors")
+    assert keys and all(".lora_" in key for key in keys), sorted(keys)
     # named adapters share the embedding layers: only a file whose embedding layers are the model's own loads by name
     multi = lk.prepare_multi_adapter(base(), ["q_proj", "v_proj"], max_adapters=2, max_rank=4)
     before = {k: v.clone() for k, v in multi.state_dict().items()}
