@@ -1153,10 +1153,16 @@ def _module_names(model):
 
 def _warn_aliased_targets(op, model, targets):
     """Warns about a target that is also reachable under other names: it is replaced under the name named_modules()
-    lists only, and a forward through the others computes without the adapter, as in PEFT."""
+    lists only, and a forward through the others computes without the adapter, as in PEFT. A name through a shared
+    parent (a block listed twice) is no other: the replacement is made in that parent, which both names reach."""
     names = _module_names(model)
+
+    def slot(name):  # the (parent, attribute) a replacement under `name` is set in
+        parent, _, child = name.rpartition(".")
+        return id(model.get_submodule(parent) if parent else model), child
+
     for name, module in targets:
-        others = names[id(module)][1:]
+        others = [other for other in names[id(module)] if slot(other) != slot(name)]
         if others:
             warnings.warn(f"{op}: target {name!r} is the same module as {others}; it is replaced under {name!r} "
                           f"only, so a forward through {others[0]!r} computes without the adapter (as in PEFT)",

@@ -1371,6 +1371,17 @@ def test_a_target_reachable_under_two_names_is_named_in_warnings_and_errors():
         inject_lora(_Aliased(), ["b"])
 
 
+def test_a_target_inside_a_block_listed_twice_gets_no_alias_warning():
+    """A block listed twice (weights shared across depth) reaches its target as "0.q" and "1.q": the replacement is
+    made in the block, so both compute the adapter; the warning said "1.q" computed without it (found by a review)."""
+    block = nn.Sequential()
+    block.add_module("q", nn.Linear(4, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = inject_lora(nn.Sequential(block, block), ["q"])
+    assert isinstance(model[1].q, LoRALinear) and model[1].q is model[0].q
+
+
 def test_reset_lora_parameters_of_a_merged_layer_is_refused_and_reset_parameters_unmerges():
     """The adapter of a merged layer cannot be re-drawn: unmerge() would subtract the new factors' delta, leaving
     the merged one in the base weight for good (0.39 off). reset_parameters() re-initialises the base weight too,
