@@ -167,6 +167,9 @@ def _check_ids_tensor(op, adapter_ids):
         raise TypeError(f"{op}: adapter_ids expected a torch.Tensor, got {type(adapter_ids).__name__}")
     if adapter_ids.dtype.is_floating_point or adapter_ids.dtype.is_complex or adapter_ids.dtype == torch.bool:
         raise TypeError(f"{op}: adapter_ids expected an integer dtype, got {adapter_ids.dtype}")
+    if adapter_ids.dtype == torch.uint64:  # widened to int64 (ids are compared with -1), 2**64 - 1 would read as -1
+        raise TypeError(f"{op}: adapter_ids expected a signed integer dtype (int64, int32, ...) or uint8/16/32, got "
+                        f"torch.uint64")
     if adapter_ids.layout != torch.strided:  # failed in reshape, naming nothing
         raise TypeError(f"{op}: adapter_ids expected a dense (strided) tensor, got layout {adapter_ids.layout}")
 
@@ -190,7 +193,9 @@ def _check_id_values(ids, num_adapters, op, asked):
     if ids.is_meta:  # reading them raised torch's bare "item() cannot be called on meta tensors"
         raise ValueError(f"{op}: validate=True expected adapter_ids with values to check, got a tensor on the meta "
                          f"device (build the batch with validate=False there)")
-    low, high = (int(v) for v in torch.aminmax(ids))
+    # torch has no aminmax for uint16/uint32 (a bare NotImplementedError): widened, as the unchecked path does
+    low, high = (int(v) for v in torch.aminmax(ids if ids.dtype not in (torch.uint16, torch.uint32)
+                                               else ids.to(torch.int64)))
     if low < -1 or high >= num_adapters:
         raise ValueError(f"{op}: adapter_ids expected values in [-1, {num_adapters}), got {low if low < -1 else high}")
     return True  # every value read, and in range

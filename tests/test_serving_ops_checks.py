@@ -115,6 +115,9 @@ def test_overlap_check_sees_rows_that_run_past_the_pitch_grid():
 @pytest.mark.parametrize("ids,num_adapters,error,words", [
     (torch.tensor([0j, 1j]), 2, TypeError, "adapter_ids expected an integer dtype, got torch.complex64"),
     (torch.tensor([True, False]), 2, TypeError, "adapter_ids expected an integer dtype, got torch.bool"),
+    # widened to int64 for the checks, its values past 2**63 would wrap (2**64 - 1 to -1: base only)
+    (torch.tensor([0, 1], dtype=torch.uint64), 2, TypeError, r"adapter_ids expected a signed integer dtype \(int64, "
+                                                              r"int32, ...\) or uint8/16/32, got torch.uint64"),
     (torch.tensor([0, 1]), True, ValueError, "num_adapters expected an int >= 1, got True"),
     (torch.tensor([0, 1]), 2.0, ValueError, "num_adapters expected an int >= 1, got 2.0"),
 ])
