@@ -833,7 +833,11 @@ def _multi_lora_term(x2, lora_a, lora_b, adapter_ids, scalings, ranks):
         total = torch.zeros(x2.shape[0], lora_b.shape[1], dtype=acc, device=x2.device)
         for slot in range(num_slots):
             rows = (adapter_ids == slot)[:, None]
-            term = (torch.where(rows, x_acc, zero) @ a[slot].T * scalings[slot].to(acc)) @ b[slot].T
+            # a slot no row uses gets zero gradients, as from the kernels' path, even where its factors hold NaN/Inf
+            # (an unloaded slot): 0·NaN in their products' gradients had been NaN. Masked on the device: no sync.
+            used = rows.any()
+            a_slot, b_slot = torch.where(used, a[slot], zero), torch.where(used, b[slot], zero)
+            term = (torch.where(rows, x_acc, zero) @ a_slot.T * scalings[slot].to(acc)) @ b_slot.T
             total = total + torch.where(rows, term, zero)
         return total.to(x2.dtype)
 

@@ -839,6 +839,27 @@ def test_slots_absent_from_the_batch_get_zero_gradient():
     assert torch.count_nonzero(lora_a.grad[0]) > 0 and torch.count_nonzero(lora_b.grad[2]) > 0
 
 
+@pytest.mark.parametrize("path", ["float64", "create_graph", "reference"])
+@pytest.mark.parametrize("factor", ["lora_a", "lora_b"])
+def test_a_slot_absent_from_the_batch_gets_zero_gradient_with_nan_in_its_rank(path, factor):
+    """An unused slot holding NaN/Inf within its rank (an unloaded slot): the autograd composition that float64,
+    create_graph=True and the reference backend differentiate gave it NaN gradients (0·NaN), which clip_grad_norm_
+    then spread over every slot; the kernels' path gave zeros (found by a review)."""
+    dtype = torch.float64 if path == "float64" else torch.float32
+    factors = {"lora_a": torch.randn(3, 4, 6, dtype=dtype), "lora_b": torch.randn(3, 5, 4, dtype=dtype)}
+    factors[factor][1] = float("nan")
+    factors[factor][1, 0, 0] = float("inf")
+    lora_a, lora_b = (factors[name].requires_grad_() for name in ("lora_a", "lora_b"))
+    y = lk.multi_lora_linear(torch.randn(4, 6, dtype=dtype), torch.randn(5, 6, dtype=dtype), lora_a, lora_b,
+                             torch.tensor([0, 2, 2, -1]), [1.0, 1.0, 1.0],
+                             backend="reference" if path == "reference" else "torch")
+    grads = torch.autograd.grad(y.sum(), (lora_a, lora_b), create_graph=path == "create_graph")
+    assert torch.isfinite(y).all()
+    for grad in grads:
+        assert torch.count_nonzero(grad[1]) == 0
+        assert torch.isfinite(grad).all()
+
+
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_activation_checkpointing_recomputes_under_the_forwards_adapter_names_or_raises(use_reentrant, tmp_path):
     """set_batch_adapters + activation checkpointing: the backward reruns the forward with the names in effect then.
