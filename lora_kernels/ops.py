@@ -328,8 +328,9 @@ def _check_lora_a(op, x, lora_a, lora_a_name, lora_a_dtype=None):
     _check_float(op, lora_a_name, lora_a, 3)
     num_slots, max_rank, in_features = lora_a.shape
     if x.shape[1] != in_features:
-        transposed = (f"; {lora_a_name} looks laid out [L, K, R], expected [L, R, K]" if x.shape[1] == max_rank
-                      else "")
+        # a rank larger than K is no LoRA's: then the layout, not x, is the likely mistake
+        transposed = (f"; {lora_a_name} looks laid out [L, K, R], expected [L, R, K]"
+                      if x.shape[1] == max_rank > in_features else "")
         raise ValueError(f"{op}: x expected shape [M, {in_features}] (K of {lora_a_name} {tuple(lora_a.shape)} = "
                          f"[L, R, K]{transposed}), got {tuple(x.shape)}")
     if lora_a_dtype is None and lora_a.dtype != x.dtype:  # else float32 slots, the dtype read from lora_a itself
@@ -360,8 +361,9 @@ def check_expand_args(op, t, lora_b, batch, out, slice_offset, ranks, lora_b_nam
             _check_device(op, name, tensor, out.device)
     _check_batch(op, batch, out.shape[0], num_slots, out.device, out_name, lora_b_name)
     if t is not None and tuple(t.shape) != (out.shape[0], max_rank):  # after the batch has vouched for out's M
+        # as for lora_a: a rank larger than N (and an N that out would hold) points at the layout, not t
         transposed = (f"; {lora_b_name} looks laid out [L, R, N], expected [L, N, R]"
-                      if t.dim() == 2 and t.shape[1] == width else "")
+                      if t.dim() == 2 and t.shape[1] == width < max_rank <= out.shape[1] - slice_offset else "")
         raise ValueError(f"{op}: t expected shape [{out.shape[0]}, {max_rank}] ([M, R] for out {tuple(out.shape)} and "
                          f"{lora_b_name} {tuple(lora_b.shape)} = [L, N, R]{transposed}), got {tuple(t.shape)}")
     if t is None:  # add_lora checks its y once, against all of its inputs

@@ -359,6 +359,13 @@ def test_a_transposed_lora_a_or_lora_b_is_named_as_such():
     t = lk.ops.lora_shrink(x, lora_a, batch, scalings, backend="torch")
     with pytest.raises(ValueError, match=re.escape("lora_b looks laid out [L, R, N], expected [L, N, R]), got (4, 3)")):
         lk.ops.lora_expand(t, torch.randn(2, 3, 5), batch, torch.zeros(4, 5), backend="torch")
+    # right layouts with an x or t of the wrong width that equals R (or N): no layout hint, which misled (a review)
+    with pytest.raises(ValueError, match=re.escape("lora_shrink: x expected shape [M, 8] (K of lora_a (2, 3, 8) = "
+                                                   "[L, R, K]), got (4, 3)")):
+        lk.ops.lora_shrink(x[:, :3], lora_a, batch, scalings, backend="torch")
+    with pytest.raises(ValueError, match=re.escape("lora_expand: t expected shape [4, 3] ([M, R] for out (4, 5) and "
+                                                   "lora_b (2, 5, 3) = [L, N, R]), got (4, 5)")):
+        lk.ops.lora_expand(torch.zeros(4, 5), torch.randn(2, 5, 3), batch, torch.zeros(4, 5), backend="torch")
 
 
 @pytest.mark.parametrize("bad,words", [
