@@ -448,8 +448,10 @@ def group_adapter_weights(tensors, file, modules_to_save=None):
         raise ValueError(f"{file}: unexpected keys {shown}{more}; expected only "
                          f"'{KEY_PREFIX}<module>.lora_A.weight' / '.lora_B.weight'{heads}")
     if len(adapter_names) > 1:
-        raise ValueError(f"{file}: the keys carry several adapter names {sorted(map(str, adapter_names))}; "
-                         f"expected one adapter per file")
+        named = sorted(name for name in adapter_names if name is not None)
+        unnamed = " and keys without one" if None in adapter_names else ""
+        raise ValueError(f"{file}: the keys carry several adapter names ({named}{unnamed}); expected one adapter "
+                         f"per file")
     if not grouped:
         raise ValueError(f"{file}: holds no LoRA tensors")
     return grouped

@@ -1443,9 +1443,9 @@ def _lora_key(module, factor="A", adapter=None):
     ([f"base_model.model.m{i}.weight" for i in range(6)],
      "unexpected keys " + ", ".join(rf"'base_model\.model\.m{i}\.weight'" for i in range(5)) + " and 1 more; expected"),
     ([_lora_key("q", "A", "x"), _lora_key("q", "B", "y"), _lora_key("v", "A", "z")],
-     r"the keys carry several adapter names \['x', 'y', 'z'\]"),
-    ([_lora_key("q", "A"), _lora_key("q", "B", "default")],
-     r"the keys carry several adapter names \['None', 'default'\]"),
+     r"the keys carry several adapter names \(\['x', 'y', 'z'\]\)"),
+    ([_lora_key("q", "A"), _lora_key("q", "B", "default")],  # 'None' had been listed as a name
+     r"the keys carry several adapter names \(\['default'\] and keys without one\); expected one adapter per file"),
     ([], r"holds no LoRA tensors"),
 ])
 def test_keys_that_name_no_lora_factor_of_one_adapter_are_refused(keys, message):
