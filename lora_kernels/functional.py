@@ -69,7 +69,7 @@ def _lora_linear_args_ok(x, weight, lora_a, lora_b, bias, scaling, dropout_p, fa
     if bias is not None and not (isinstance(bias, tensor) and bias.dtype == dtype and bias.device == device
                                  and bias.dim() == 1 and bias.shape[0] == out_features and bias.layout == strided):
         return False
-    return (type(scaling) in (float, int) and (torch.compiler.is_compiling() or is_finite_number(scaling))
+    return (type(scaling) in (float, int) and (torch.compiler.is_compiling() or _scaling_fits(scaling, dtype))
             and type(dropout_p) in (float, int) and 0.0 <= dropout_p < 1.0)
 
 
@@ -78,7 +78,8 @@ def _check_bias_and_like_x(op, x, weight, lora_a, lora_b, bias, out_features, fa
     factor_dtype not None: lora_a and lora_b are a layer's float32 factors of a 16-bit x (_float32_factor_dtype read
     that dtype from them), exempt from x's dtype."""
     if bias is not None and tuple(bias.shape) != (out_features,):
-        raise ValueError(f"{op}: bias expected shape [{out_features}], got {tuple(bias.shape)}")
+        raise ValueError(f"{op}: bias expected shape [{out_features}] (N of weight {tuple(weight.shape)}), got "
+                         f"{tuple(bias.shape)}")
     # A subclass weight's dtype is its own F.linear's to judge, as in nn.Linear: torchao's Int8Tensor computes in x's
     # dtype, so a bfloat16 one takes the float32 inputs of peft.prepare_model_for_kbit_training's float32 norms and a
     # float32 one autocast's (it is left uncast, see _cast_for_autocast); others raise their own dtype error.
@@ -120,8 +121,22 @@ def check_lora_linear_args(op, x, weight, lora_a, lora_b, bias, scaling, dropout
         raise TypeError(f"{op}: scaling expected a real number, got {type(scaling).__name__}")
     if not torch.compiler.is_compiling() and not is_finite_number(scaling):  # see _lora_linear_args_ok
         raise ValueError(f"{op}: scaling expected a finite number, got {scaling!r}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
+    if not torch.compiler.is_compiling() and not _scaling_fits(scaling, x.dtype):
+        raise ValueError(f"{op}: scaling expected a number within float32's range (±{FLOAT32_MAX:.4g}: the kernels "
+                         f"apply it in float32 to {x.dtype} inputs, where it would be inf), got {scaling!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"{op}: dropout_p expected a real number in [0, 1), got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{op}: dropout_p expected a number in [0, 1), got {dropout_p!r}")
+
+
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def _scaling_fits(scaling, dtype):
+    """A finite scaling, within float32's range for inputs narrower than float64: the kernels apply it in float32,
+    where a larger one is inf (NaN in rows of x·Aᵀ that are zero, inf elsewhere, where the exact result is finite)."""
+    return is_finite_number(scaling) and (dtype == torch.float64 or abs(scaling) <= FLOAT32_MAX)
 
 
 # DTensor (tensor parallelism) is run by the backends that compose torch ops, whose DTensor rules shard the maths:

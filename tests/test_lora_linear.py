@@ -595,8 +595,15 @@ BAD_INPUTS = [
     # True: True (1) is out of [0, 1) anyway, so only False tells the bool check from the range check.
     ("scaling_bool", lambda a: {**a, "scaling": True}, TypeError,
      "lora_linear: scaling expected a real number, got bool"),
-    ("dropout_bool", lambda a: {**a, "dropout_p": False}, ValueError,
-     "lora_linear: dropout_p expected a number in [0, 1), got False"),
+    ("dropout_bool", lambda a: {**a, "dropout_p": False}, TypeError,
+     "lora_linear: dropout_p expected a real number in [0, 1), got bool"),
+    # a 0-d tensor was told it is not "a number in [0, 1)" (its value was); the type is the problem (a review)
+    ("dropout_tensor", lambda a: {**a, "dropout_p": torch.tensor(0.1)}, TypeError,
+     "lora_linear: dropout_p expected a real number in [0, 1), got Tensor"),
+    # applied in float32, where 1e39 is inf: cpu and torch gave NaN for zero rows of x·Aᵀ (a review); float64 takes it
+    ("scaling_range", lambda a: {**a, "scaling": 1e39}, ValueError,
+     "lora_linear: scaling expected a number within float32's range (±3.403e+38: the kernels apply it in float32 to "
+     "torch.float32 inputs, where it would be inf), got 1e+39"),
 ]
 
 
@@ -605,7 +612,7 @@ def test_bad_input_is_a_clear_error(name, mutate, error, message):
     x, weight, lora_a, lora_b, bias = lora_inputs(4, 8, 6, 2, torch.float32, "cpu")
     args = mutate({"x": x, "weight": weight, "lora_a": lora_a, "lora_b": lora_b, "bias": bias,
                    "dropout_p": 0.0, "backend": "torch", "scaling": 1.0})
-    with pytest.raises(error, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(error, match=re.escape(message)):
         lora_linear(args["x"], args["weight"], args["lora_a"], args["lora_b"], args["scaling"], args["bias"],
                     dropout_p=args["dropout_p"], backend=args["backend"])
 
