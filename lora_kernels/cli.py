@@ -108,7 +108,7 @@ def _add_compare_parser(sub):
     from lora_kernels.compare import DEFAULT_TARGETS, DEVICE_DEFAULTS, DTYPES, MODEL_SIZES
     cpu, gpu = DEVICE_DEFAULTS["cpu"], DEVICE_DEFAULTS["cuda"]
     p = sub.add_parser(
-        "compare", help="full fine-tuning vs LoRA (unfused torch layer) vs LoRA (fused kernels), measured here",
+        "compare", allow_abbrev=False, help="full fine-tuning vs LoRA (unfused torch layer) vs LoRA (fused kernels), measured here",
         description="Trains a Llama-style decoder (built in code, random init, no downloads) on a synthetic "
                     "next-token task for a few steps with full fine-tuning, LoRA with the unfused torch layer "
                     "(PEFT's composition; with --dropout it redraws the mask in backward where PEFT saves it) and "
@@ -172,7 +172,7 @@ def _add_bench_parser(sub):
     from lora_kernels.bench import PRESETS
     from lora_kernels.compare import DTYPES
     p = sub.add_parser(
-        "bench", help="microbenchmark ratios against the GPU targets (BENCHMARKS.md) for the available backends",
+        "bench", allow_abbrev=False, help="microbenchmark ratios against the GPU targets (BENCHMARKS.md) for the available backends",
         description="Times the fused LoRA ops against named baselines in one run (base F.linear, the two base "
                     "GEMMs, PEFT's unfused layer with dropout, full fine-tuning, one adapter, the per-adapter loop, "
                     "a copy) and prints the ratios. GPU: bf16, K=N=4096; CPU: fp32, scaled down.")
@@ -372,9 +372,12 @@ def main(argv=None):
 
 
 def _main(argv=None):
-    parser = argparse.ArgumentParser(prog="lora-kernels", description="Fused LoRA kernels: info, benchmarks, compare.")
+    # no abbreviated options: "--model foo" read as --model-size and failed as "invalid choice", and an option added
+    # later would change what an abbreviation in a script means
+    parser = argparse.ArgumentParser(prog="lora-kernels", description="Fused LoRA kernels: info, benchmarks, compare.",
+                                     allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="versions, device and available backends")
+    info = sub.add_parser("info", allow_abbrev=False, help="versions, device and available backends")
     info.add_argument("--json", action="store_true", help="print JSON")
     _add_compare_parser(sub)
     _add_bench_parser(sub)

@@ -517,6 +517,9 @@ def test_bench_passes_every_option_to_the_run(monkeypatch):
     (QUICK_BENCH + ["--sections", ""], "argument --sections: expected a comma-separated list of names, got ''"),
     (TINY_COMPARE + ["--targets", ","], "argument --targets: expected a comma-separated list of names, got ','"),
     (TINY_COMPARE + ["--steps", "0"], "argument --steps: expected an integer >= 1, got 0"),
+    # no abbreviations: "--model" (no such option) had been read as --model-size ("invalid choice: 'x.bin'")
+    (["compare", "--model", "x.bin"], "unrecognized arguments: --model x.bin"),
+    (["info", "--js"], "unrecognized arguments: --js"),
 ])
 def test_malformed_option_values_are_refused_by_the_parser(capsys, command, message):
     with pytest.raises(SystemExit) as exit_info:
