@@ -1173,10 +1173,12 @@ def format_compare(result):
                      "own layer saves it, so its activation and peak memory are higher than the torch column's "
                      "(`lora-kernels bench --sections train` times and measures PEFT's layer with dropout 0.1)")
     if cfg["dtype"] in ("bfloat16", "float16"):
+        # "both run the branch in the model's dtype" was untrue of the cpu kernels, which save x·Aᵀ in float32
         lines.append("  note: in a 16-bit model both LoRA columns keep float32 factors (PEFT's autocast_adapter_dtype) "
-                     "and run the LoRA branch in the model's dtype; PEFT's own layer runs it in float32, on a float32 "
-                     "copy of each layer's input, which it also saves for backward: more activation memory than the "
-                     "torch column's. Full fine-tuning trains the 16-bit weights themselves, their gradients and "
+                     "and take each layer's 16-bit input as it is (the torch column runs the LoRA branch in the "
+                     "model's dtype; a fused kernel may keep x·Aᵀ, r values per token, in float32); PEFT's own layer "
+                     "runs it in float32, on a float32 copy of each layer's input, which it also saves for backward: "
+                     "more activation memory than the torch column's. Full fine-tuning trains the 16-bit weights themselves, their gradients and "
                      "AdamW moments 16-bit too (8 bytes per parameter; mixed-precision training's float32 master "
                      "weights and moments take about 16)")
     # the torch / reference compositions (--backend torch, or no fused backend here, as without the C++ extension on
