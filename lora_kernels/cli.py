@@ -314,12 +314,16 @@ def run_compare_command(args):
         batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype, device=args.device, backend=args.backend,
         lr=args.lr, lora_lr=args.lora_lr, infer_reps=args.infer_reps, seed=args.seed, threads=args.threads,
         compile=args.compile, progress=not args.no_progress)
-    try:
-        config = config.resolved()
+    try:  # resolving builds the model on the meta device, where sizes past torch's addressing already fail
+        config = _run_sized("compare", config.resolved, _sizes(args, COMPARE_SIZES))
     except ValueError as exc:  # bad option values: the message names the option
         print(f"lora-kernels {exc}", file=sys.stderr)  # the message starts with "compare: <option>"
         return 2
-    result = compare.run_compare(config)
+    if config is None:
+        return 2
+    result = _run_sized("compare", lambda: compare.run_compare(config), _sizes(config, COMPARE_SIZES))
+    if result is None:
+        return 1
     if args.save:
         _write_json(result, args.save)
     if args.plot:
@@ -346,11 +350,42 @@ def run_bench_command(args):
         return 2
     # a stream (/dev/stdout, a FIFO) gets the whole result once, not a document per measurement
     on_update = (lambda partial: _write_json(partial, args.save)) if args.save and not _is_stream(args.save) else None
-    result = bench.run_bench(config, on_update=on_update)
+    result = _run_sized("bench", lambda: bench.run_bench(config, on_update=on_update), _sizes(config, BENCH_SIZES))
+    if result is None:
+        return 1
     if args.save:
         _write_json(result, args.save)
     print(compare.to_json(result) if args.json else bench.format_bench(result))
     return 0
+
+
+# What torch says when a size cannot be allocated (CPU), or not even computed: OutOfMemoryError is CUDA's
+_ALLOCATION_FAILURES = ("can't allocate memory", "Storage size calculation overflowed")
+
+
+COMPARE_SIZES = ("hidden", "layers", "intermediate", "vocab", "batch_size", "seq_len", "rank")
+BENCH_SIZES = ("hidden", "rank", "train_m", "prefill_tokens", "copy_mb")
+
+
+def _sizes(source, names):
+    """"--hidden 64, --layers 2, ...": the size options set in `source` (parsed args or a resolved config)."""
+    return ", ".join(f"--{name.replace('_', '-')} {getattr(source, name)}" for name in names
+                     if getattr(source, name) is not None)
+
+
+def _run_sized(command, run, sizes):
+    """run(); an allocation failure (sizes this machine cannot hold) is one line naming the sizes in effect, and
+    None, where it was a traceback from deep inside torch."""
+    try:
+        return run()
+    except (MemoryError, RuntimeError) as exc:
+        if not (isinstance(exc, (MemoryError, torch.OutOfMemoryError))
+                or any(words in str(exc) for words in _ALLOCATION_FAILURES)):
+            raise
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"lora-kernels {command}: cannot allocate the tensors for {sizes} ({reason}); choose smaller sizes",
+              file=sys.stderr)
+        return None
 
 
 def main(argv=None):

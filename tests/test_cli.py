@@ -494,6 +494,19 @@ def test_bench_passes_every_option_to_the_run(monkeypatch):
     assert _config_of(["bench", "--device", "cpu"], monkeypatch, bench, "run_bench") == default
 
 
+@pytest.mark.parametrize("options, status, where", [
+    (["--vocab", "1000000000000"], 1, "--vocab 1000000000000, --batch-size 2"),  # fails building the model
+    (["--hidden", "1000000000000", "--heads", "1"], 2, "--hidden 1000000000000"),  # fails resolving, on meta
+])
+def test_sizes_this_machine_cannot_allocate_are_one_line_naming_them(capsys, options, status, where):
+    """They ended in torch's traceback ("DefaultCPUAllocator: can't allocate memory", "Storage size calculation
+    overflowed"), found by a review."""
+    assert cli.main(TINY_COMPARE + options) == status
+    err = capsys.readouterr().err
+    assert err.startswith("lora-kernels compare: cannot allocate the tensors for ") and where in err
+    assert err.rstrip().endswith("; choose smaller sizes") and "Traceback" not in err and len(err.splitlines()) == 1
+
+
 @pytest.mark.parametrize("command, message", [
     (QUICK_BENCH + ["--ms", "1,0"], "argument --ms: expected an integer >= 1, got 0"),
     (QUICK_BENCH + ["--ranks", "8,x"], "argument --ranks: expected an integer, got 'x'"),
