@@ -499,10 +499,14 @@ class CompareConfig:
         cfg.targets = tuple(cfg.targets)
         # the model's layer names are fixed: an entry that matches none is a typo, not a name of another model's
         # layer (it had only warned, from inject_lora, and the run went on with fewer LoRA layers)
-        unmatched = [t for t in cfg.targets if not expected_lora_params(cfg.model_config(), (t,), cfg.rank)]
+        # every layer has the same names, so a one-layer model tells (the whole model on the meta device, once per
+        # target, took minutes at --layers 20000)
+        one_layer = dataclasses.replace(cfg.model_config(), layers=1)
+        unmatched = [t for t in cfg.targets if not expected_lora_params(one_layer, (t,), cfg.rank)]
         if not cfg.targets or unmatched:
             raise ValueError(f"compare: --targets {','.join(unmatched or cfg.targets)!r} matched no nn.Linear of the "
                              f"model; its layers are {', '.join(DEFAULT_TARGETS)} and lm_head")
+        _check_full_fine_tuning_fits(cfg, device)
         reason = None if cfg.backend == "auto" else backends.unavailable_reason(cfg.backend, device)
         if reason is not None:
             raise ValueError(f"compare: --backend {cfg.backend!r} is not available for {device.type}: {reason}")
@@ -739,6 +743,41 @@ def _results(run, cfg, batches, eval_batch):
 
 def _lora_layers(model):
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def parameter_count(model_cfg):
+    """DecoderLM's parameter count, from models of one and two layers on the meta device (its layers are alike)."""
+    counts = []
+    for layers in (1, 2):
+        with torch.device("meta"):
+            model = DecoderLM(dataclasses.replace(model_cfg, layers=layers))
+        counts.append(sum(p.numel() for p in model.parameters()))
+    return counts[0] + (model_cfg.layers - 1) * (counts[1] - counts[0])
+
+
+def device_memory_bytes(device):
+    """The device's total memory (a CUDA GPU's, or this machine's RAM), None where it cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows) or no such name
+        return None
+
+
+def _check_full_fine_tuning_fits(cfg, device):
+    """ValueError, before anything is allocated, for a model whose full fine-tuning state (weights, gradients and
+    AdamW's two moments, in --dtype) alone exceeds the device's memory: it had run into an allocation failure, or
+    the kernel's OOM killer, after minutes of building. A lower bound (the run also holds the LoRA models and
+    activations), so no run that fits is refused."""
+    memory = device_memory_bytes(device)
+    params = parameter_count(cfg.model_config())
+    state = 4 * params * getattr(torch, cfg.dtype).itemsize
+    if memory is not None and state > memory:
+        raise ValueError(f"compare: the model of --hidden {cfg.hidden}, --layers {cfg.layers}, --intermediate "
+                         f"{cfg.intermediate}, --vocab {cfg.vocab} has {params:,} parameters: full fine-tuning's "
+                         f"weights, gradients and AdamW moments alone take {state / 1e9:.3g} GB in {cfg.dtype}, more "
+                         f"than the {memory / 1e9:.3g} GB of this {device.type} device; choose smaller sizes")
 
 
 def expected_lora_params(model_cfg, targets, rank):

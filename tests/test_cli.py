@@ -495,7 +495,7 @@ def test_bench_passes_every_option_to_the_run(monkeypatch):
 
 
 @pytest.mark.parametrize("options, status, where", [
-    (["--vocab", "1000000000000"], 1, "--vocab 1000000000000, --batch-size 2"),  # fails building the model
+    (["--batch-size", "1000000000000"], 1, "--vocab 128, --batch-size 1000000000000"),  # fails in the run
     (["--hidden", "1000000000000", "--heads", "1"], 2, "--hidden 1000000000000"),  # fails resolving, on meta
 ])
 def test_sizes_this_machine_cannot_allocate_are_one_line_naming_them(capsys, options, status, where):
@@ -505,6 +505,18 @@ def test_sizes_this_machine_cannot_allocate_are_one_line_naming_them(capsys, opt
     err = capsys.readouterr().err
     assert err.startswith("lora-kernels compare: cannot allocate the tensors for ") and where in err
     assert err.rstrip().endswith("; choose smaller sizes") and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("option", ["--vocab", "--layers"])
+def test_a_model_whose_full_fine_tuning_cannot_fit_is_refused_before_it_is_built(capsys, option):
+    """Its weights, gradients and AdamW moments alone past the machine's memory: an allocation failure after the
+    build, or (--layers 10**12) minutes in the option checks, which built the model on the meta device per target
+    (a review). Refused now while resolving, from one- and two-layer models."""
+    assert cli.main(TINY_COMPARE + [option, "1000000000000"]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"lora-kernels compare: the model of --hidden 64, .*{option} 1000000000000.* has [\d,]+ "
+                        r"parameters: full fine-tuning's weights, gradients and AdamW moments alone take \S+ GB in "
+                        r"float32, more than the \S+ GB of this cpu device; choose smaller sizes\n", err), err
 
 
 @pytest.mark.parametrize("command, message", [

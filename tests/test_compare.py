@@ -1723,3 +1723,27 @@ def test_plot_writes_the_format_its_extension_names(result, tmp_path):
     pytest.importorskip("matplotlib")
     path = compare.plot_compare(result, str(tmp_path / "compare.svg"))
     assert b"<svg" in (tmp_path / "compare.svg").read_bytes()[:1000] and path == str(tmp_path / "compare.svg")
+
+
+@pytest.mark.parametrize("layers", [1, 2, 5])
+def test_the_parameter_count_that_the_memory_check_reads_is_the_models(layers):
+    """parameter_count extrapolates from one- and two-layer models (resolved() never builds a huge one)."""
+    model_cfg = ModelConfig(vocab=50, hidden=24, layers=layers, heads=3, intermediate=40)
+    with torch.device("meta"):
+        model = DecoderLM(model_cfg)
+    assert compare.parameter_count(model_cfg) == sum(p.numel() for p in model.parameters())
+
+
+def test_the_memory_check_refuses_only_what_cannot_fit(monkeypatch):
+    """Full fine-tuning's weights, gradients and AdamW moments (4 copies in --dtype) against the device's memory."""
+    cfg = CompareConfig(model_size="tiny", device="cpu").resolved()
+    state = 4 * 4 * compare.parameter_count(cfg.model_config())
+    monkeypatch.setattr(compare, "device_memory_bytes", lambda device: state)
+    CompareConfig(model_size="tiny", device="cpu").resolved()  # exactly fits
+    monkeypatch.setattr(compare, "device_memory_bytes", lambda device: state - 1)
+    with pytest.raises(ValueError, match=r"^compare: the model of --hidden 64, --layers 2, --intermediate 176, --vocab "
+                                         r"128 has 117,056 parameters: .* take 0\.00187 GB in float32, more than the "
+                                         r"0\.00187 GB of this cpu device; choose smaller sizes$"):
+        CompareConfig(model_size="tiny", device="cpu").resolved()
+    monkeypatch.setattr(compare, "device_memory_bytes", lambda device: None)  # unknown: not checked
+    CompareConfig(model_size="tiny", device="cpu").resolved()
