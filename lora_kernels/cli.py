@@ -108,7 +108,8 @@ def _add_compare_parser(sub):
     from lora_kernels.compare import DEFAULT_TARGETS, DEVICE_DEFAULTS, DTYPES, MODEL_SIZES
     cpu, gpu = DEVICE_DEFAULTS["cpu"], DEVICE_DEFAULTS["cuda"]
     p = sub.add_parser(
-        "compare", allow_abbrev=False, help="full fine-tuning vs LoRA (unfused torch layer) vs LoRA (fused kernels), measured here",
+        "compare", allow_abbrev=False,
+        help="full fine-tuning vs LoRA (unfused torch layer) vs LoRA (fused kernels), measured here",
         description="Trains a Llama-style decoder (built in code, random init, no downloads) on a synthetic "
                     "next-token task for a few steps with full fine-tuning, LoRA with the unfused torch layer "
                     "(PEFT's composition; with --dropout it redraws the mask in backward where PEFT saves it) and "
@@ -172,7 +173,8 @@ def _add_bench_parser(sub):
     from lora_kernels.bench import PRESETS
     from lora_kernels.compare import DTYPES
     p = sub.add_parser(
-        "bench", allow_abbrev=False, help="microbenchmark ratios against the GPU targets (BENCHMARKS.md) for the available backends",
+        "bench", allow_abbrev=False,
+        help="microbenchmark ratios against the GPU targets (BENCHMARKS.md) for the available backends",
         description="Times the fused LoRA ops against named baselines in one run (base F.linear, the two base "
                     "GEMMs, PEFT's unfused layer with dropout, full fine-tuning, one adapter, the per-adapter loop, "
                     "a copy) and prints the ratios. GPU: bf16, K=N=4096; CPU: fp32, scaled down.")

@@ -1217,9 +1217,9 @@ def format_compare(result):
                      "and take each layer's 16-bit input as it is (the torch column runs the LoRA branch in the "
                      "model's dtype; a fused kernel may keep x·Aᵀ, r values per token, in float32); PEFT's own layer "
                      "runs it in float32, on a float32 copy of each layer's input, which it also saves for backward: "
-                     "more activation memory than the torch column's. Full fine-tuning trains the 16-bit weights themselves, their gradients and "
-                     "AdamW moments 16-bit too (8 bytes per parameter; mixed-precision training's float32 master "
-                     "weights and moments take about 16)")
+                     "more activation memory than the torch column's. Full fine-tuning trains the 16-bit weights "
+                     "themselves, their gradients and AdamW moments 16-bit too (8 bytes per parameter; "
+                     "mixed-precision training's float32 master weights and moments take about 16)")
     # the torch / reference compositions (--backend torch, or no fused backend here, as without the C++ extension on
     # CPU: a note says so) are no fused run; "(fused)" had said they were
     kind = "unfused" if fused in UNFUSED_BACKENDS else "fused"
