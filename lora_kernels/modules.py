@@ -1887,7 +1887,7 @@ def merge_and_unload(model, *, safe_merge=False):
                            "is a new layer", stacklevel=2)
         return model.to_linear()
     merged = {}  # by layer: one LoRALinear held under two names (a layer applied twice) becomes one merged layer
-    for name, module in model.named_modules(remove_duplicate=False):
+    for name, module in list(model.named_modules(remove_duplicate=False)):  # listed first: the loop replaces them
         if isinstance(module, LoRALinear):
             if id(module) not in merged:
                 warn_dropped_hooks("merge_and_unload", f"module {name!r}", module, "it is replaced by a new layer "
