@@ -514,9 +514,9 @@ class LoRALinear(nn.Module):
                             f"the layer is unchanged. {_KEEP_THE_ADAPTER_SEPARATE}")
 
     def _check_factor_devices(self, op, unchanged="the layer"):
-        """ValueError naming the factor that is not on the base weight's device, before B @ A is computed: a layer
-        wrapped on the meta device whose base checkpoint was loaded since (load_state_dict(assign=True)) holds meta
-        factors. Torch's CPU matmul takes a meta operand and returns uninitialised memory (a lora_A left on meta
+        """ValueError naming the factor that is not on the base weight's device, or the tensor whose shape is not the
+        layer's, before B @ A is computed. A layer wrapped on the meta device whose base checkpoint was loaded since
+        (load_state_dict(assign=True)) holds meta factors. Torch's CPU matmul takes a meta operand and returns uninitialised memory (a lora_A left on meta
         merged garbage, silently); with both factors meta the merge failed in torch's add ("Tensor on device meta is
         not on the expected device cpu!"), naming no tensor, after merge_and_unload had replaced earlier layers."""
         for name, factor in (("lora_A.weight", self.lora_A.weight), ("lora_B.weight", self.lora_B.weight)):
@@ -524,6 +524,18 @@ class LoRALinear(nn.Module):
                 hint = " (never loaded: load the adapter first, e.g. with load_peft_adapter)" if factor.is_meta else ""
                 raise ValueError(f"{op}: {name} expected device {self.weight.device} (the base weight's), got "
                                  f"{factor.device}{hint}; {unchanged} is unchanged")
+        # FSDP1 (use_orig_params=True) holds the parameters as 1-D views of each rank's flat shard outside
+        # summon_full_params, often empty: B @ A of empty shards is 0, so merge() had set `merged` and added nothing
+        weight_shape = (self.in_features, self.out_features) if self.fan_in_fan_out else (self.out_features,
+                                                                                          self.in_features)
+        for name, tensor, shape in (("weight", self.weight, weight_shape),
+                                    ("lora_A.weight", self.lora_A.weight, (self.r, self.in_features)),
+                                    ("lora_B.weight", self.lora_B.weight, (self.out_features, self.r))):
+            if tuple(tensor.shape) != shape:
+                raise ValueError(f"{op}: {name} has shape {list(tensor.shape)}, expected {list(shape)} (a "
+                                 f"FullyShardedDataParallel (FSDP1) model's flattened shard?); {unchanged} is "
+                                 f"unchanged. Call it on every rank inside `with FullyShardedDataParallel."
+                                 f"summon_full_params(model, writeback=True):`, or shard with fully_shard (FSDP2)")
 
     def to_linear(self):
         """A plain nn.Linear holding the merged weights (the adapter folded in); a transformers Conv1D with

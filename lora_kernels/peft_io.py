@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from lora_kernels import modules as _modules
-from lora_kernels._dtensor import is_tensor_parallel
+from lora_kernels._dtensor import is_dtensor, is_tensor_parallel
 from lora_kernels._ext import is_finite_number
 from lora_kernels.backends import check_backend_name
 from lora_kernels.modules import (_PEFT_ONLY_HINT, BASE_ADAPTER, BIAS_ATTR, BIAS_MODES, EMBEDDING_LAYERS_ATTR,
@@ -1045,12 +1045,21 @@ def _clean_number(value):
 
 def _check_not_flattened(op, name, what, tensor, shape):
     """FullyShardedDataParallel (FSDP1) holds a layer's parameters as views of its flat local shard outside
-    summon_full_params (1-D, often empty): saved, they were pieces of the adapter under the layer's keys."""
+    summon_full_params (1-D, often empty): saved, they were pieces of the adapter under the layer's keys. With
+    use_orig_params=False they keep their shapes but view the gathered flat parameter, whose storage FSDP1 frees
+    after the backward: reading them crashed the process (SIGSEGV)."""
+    hint = (f"(a FullyShardedDataParallel (FSDP1) model's flattened shard?): call save_peft_adapter on every rank "
+            f"inside `with FullyShardedDataParallel.summon_full_params(model):`, or shard with fully_shard (FSDP2); "
+            f"nothing was written")
     if tuple(tensor.shape) != tuple(shape):
-        raise ValueError(f"{op}: module {name!r}'s {what} has shape {list(tensor.shape)}, expected {list(shape)} (a "
-                         f"FullyShardedDataParallel (FSDP1) model's flattened shard?): call save_peft_adapter on "
-                         f"every rank inside `with FullyShardedDataParallel.summon_full_params(model):`, or shard "
-                         f"with fully_shard (FSDP2); nothing was written")
+        raise ValueError(f"{op}: module {name!r}'s {what} has shape {list(tensor.shape)}, expected {list(shape)} "
+                         f"{hint}")
+    if tensor.numel() and not is_dtensor(tensor) and not tensor.is_meta:
+        extent = tensor.storage_offset() + sum((size - 1) * stride for size, stride in zip(tensor.shape,
+                                                                                             tensor.stride())) + 1
+        if tensor.untyped_storage().nbytes() < extent * tensor.element_size():
+            raise ValueError(f"{op}: module {name!r}'s {what} views {tensor.untyped_storage().nbytes()} bytes of "
+                             f"storage, fewer than its shape {list(tensor.shape)} needs {hint}")
 
 
 class _SavedLayer(NamedTuple):

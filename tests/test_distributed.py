@@ -622,8 +622,34 @@ def _fsdp1_worker(rank, port, out_dir):
             outside = str(exc)
         with FSDP.summon_full_params(model, writeback=False):
             lk.save_peft_adapter(model, os.path.join(out_dir, "fsdp1_adapter"))
+        refusals = []
+        for index in (0, 2, 4):  # outside summon_full_params: B @ A of empty shards was 0 and set `merged`
+            try:
+                model.module[index].merge()
+                refusals.append("merged")
+            except ValueError as exc:
+                refusals.append(str(exc))
+        merged = [model.module[index].merged for index in (0, 2, 4)]
+        try:
+            lk.merge_and_unload(model)
+            refusals.append("merged")
+        except ValueError as exc:
+            refusals.append(str(exc))
+        unchanged = [type(layer).__name__ for layer in model.module] == ["LoRALinear", "GELU"] * 2 + ["LoRALinear"]
+        # use_orig_params=False: the factors keep their shapes but view the flat parameter FSDP1 frees after the
+        # backward (saving them crashed the process)
+        flat = FSDP(_model().requires_grad_(True), device_id=torch.device("cpu"), use_orig_params=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _loss(flat, x, target).backward()
+        try:
+            lk.save_peft_adapter(flat, os.path.join(out_dir, "fsdp1_freed"))
+            refusals.append("saved")
+        except ValueError as exc:
+            refusals.append(str(exc))
         if rank == 0:
             torch.save(outside, os.path.join(out_dir, "fsdp1_outside.pt"))
+        torch.save((refusals, merged, unchanged), os.path.join(out_dir, f"fsdp1_refusals_{rank}.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -634,13 +660,22 @@ def test_fsdp1_save_refuses_flat_shards_and_saves_the_gathered_adapter(tmp_path)
     """FullyShardedDataParallel (FSDP1, use_orig_params=True: the frozen base and the trainable factors in one unit)
     holds the factors as views of each rank's flat shard outside summon_full_params: saving them wrote 1-D pieces
     under `_fsdp_wrapped_module.` keys. Refused by name; inside summon_full_params the adapter is the whole one, under
-    the model's own names."""
+    the model's own names. merge() / merge_and_unload there are refused too (a merge of empty shards had added
+    nothing and set `merged`, silently dropping the adapter from the output), and so is saving the factors of a
+    use_orig_params=False model after the backward freed the flat parameter they view (a SIGSEGV)."""
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     _run_workers(_fsdp1_worker, WORLD, tmp_path)
     outside = torch.load(tmp_path / "fsdp1_outside.pt")
     assert "FSDP1" in outside and "summon_full_params" in outside, outside
     assert not (tmp_path / "fsdp1_sharded").exists()
+    for rank in range(WORLD):
+        refusals, merged, unchanged = torch.load(tmp_path / f"fsdp1_refusals_{rank}.pt")
+        assert len(refusals) == 5
+        for message in refusals:
+            assert "FSDP1" in message and "summon_full_params" in message, (rank, message)
+        assert merged == [False] * 3 and unchanged, (rank, merged, unchanged)
+    assert not (tmp_path / "fsdp1_freed").exists()
     model = _model()
     saved = load_file(tmp_path / "fsdp1_adapter" / "adapter_model.safetensors")
     assert sorted(saved) == sorted(f"base_model.model.{i}.lora_{f}.weight" for i in (0, 2, 4) for f in "AB")
