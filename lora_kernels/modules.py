@@ -774,11 +774,7 @@ class MultiLoRALinear(nn.Module):
         if abs(scaling) > torch.finfo(self.scalings.dtype).max:  # the slot's store below would fail half-way
             raise ValueError(f"{op}: scaling expected a finite number in the range of the slots' "
                              f"{self.scalings.dtype}, got {scaling!r}")
-        if is_dtensor(self.lora_a) or is_dtensor(self.lora_b):
-            # fully_shard (FSDP2) splits the stacked slots over the ranks: the copy below failed in torch ("mixed
-            # torch.Tensor and DTensor"), naming nothing
-            raise TypeError(f"{op}: the layer's slots are {describe(self.lora_a)} (sharded by fully_shard); set or "
-                            f"load adapters before sharding the model")
+        self._refuse_sharded_slots(op)
         for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):  # failed in the copy below, naming neither
             if t.is_meta and not self.lora_a.is_meta:
                 raise ValueError(f"{op}: {name} expected a tensor holding values, got one on the meta device")
@@ -800,6 +796,14 @@ class MultiLoRALinear(nn.Module):
             self.lora_b[slot].copy_(padded_b)
             self.scalings[slot] = scaling
             self.ranks[slot] = rank
+
+    def _refuse_sharded_slots(self, op):
+        """TypeError when fully_shard (FSDP2) split the stacked slots over the ranks: `lora_a[slot]` is then a gathered
+        copy, so writing one slot failed in torch ("mixed torch.Tensor and DTensor"), naming nothing, or (zero_())
+        changed only the copy."""
+        if is_dtensor(self.lora_a) or is_dtensor(self.lora_b):
+            raise TypeError(f"{op}: the layer's slots are {describe(self.lora_a)} (sharded by fully_shard); set, "
+                            f"load, clear or delete adapters before sharding the model")
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -828,6 +832,7 @@ class MultiLoRALinear(nn.Module):
     def clear_adapter(self, slot):
         """Empties a slot (rank 0, zero factors): its tokens get the base output until set_adapter fills it."""
         slot = self._check_slot("MultiLoRALinear.clear_adapter", slot)
+        self._refuse_sharded_slots("MultiLoRALinear.clear_adapter")
         refuse_inference_tensor_writes("MultiLoRALinear.clear_adapter", self._slot_tensors())
         with _SLOT_LOCK:
             self.ranks[slot] = 0
@@ -1648,9 +1653,12 @@ def delete_adapter(model, adapter_name):
         if not isinstance(adapter_name, str) or adapter_name not in slots:
             raise ValueError(f"{op}: unknown adapter name {adapter_name!r}; loaded: {sorted(slots)}")
         slot = slots[adapter_name]
-        for module in model.modules():
-            if isinstance(module, MultiLoRALinear):
-                module.clear_adapter(slot)
+        layers = [module for module in model.modules() if isinstance(module, MultiLoRALinear)]
+        for module in layers:  # before any slot is cleared
+            module._refuse_sharded_slots(op)
+            refuse_inference_tensor_writes(op, module._slot_tensors())
+        for module in layers:
+            module.clear_adapter(slot)
         del slots[adapter_name]
         resolve_batch_adapters(model)
     return wrapper

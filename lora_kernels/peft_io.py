@@ -956,7 +956,9 @@ def _slot_for(op, adapter_name, slots, capacity):
 def _write_slot(layers, slot, plan, grouped, config):
     """The adapter into `slot` of every MultiLoRALinear (cleared where it has no weights); all slots as they were
     on an error."""
-    for _, module in layers:  # before any slot is written (the restore below would write them too)
+    for _, module in layers:  # before any slot is written (the restore below would write them too, and cannot
+        # write one slot of a sharded stack)
+        module._refuse_sharded_slots("load_peft_adapter")
         refuse_inference_tensor_writes("load_peft_adapter", module._slot_tensors())
     loaded = {name: (r, alpha) for name, _, r, alpha in plan}
     snapshots = [(m, m.lora_a[slot].detach().clone(), m.lora_b[slot].detach().clone(), m.scalings[slot].clone(),

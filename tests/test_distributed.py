@@ -113,18 +113,25 @@ def _worker(rank, port, out_dir):
             results["fsdp2"] = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
             lk.save_peft_adapter(model, os.path.join(out_dir, "fsdp2_adapter"))  # every rank: gathers the shards
             dist.barrier()  # rank 0 writes the file that every rank loads below (rank 1 had looked before it existed)
-            # a named adapter loaded into sharded slots: refused by name, the slots as they were
+            # a named adapter loaded into, deleted from or cleared in sharded slots: refused by name, the slots as
+            # they were (lora_a[slot] of a sharded stack is a gathered copy: clearing it had zeroed only the copy)
             multi = lk.prepare_multi_adapter(_base(), ["0", "2", "4"], max_adapters=2, max_rank=4)
-            for layer in multi:
-                if isinstance(layer, lk.MultiLoRALinear):
-                    fully_shard(layer)
-            try:
-                lk.load_peft_adapter(multi, os.path.join(out_dir, "fsdp2_adapter"), adapter_name="a")
-                results["fsdp2_multi_load"] = "accepted"
-            except TypeError as exc:
-                results["fsdp2_multi_load"] = str(exc)
+            lk.load_peft_adapter(multi, os.path.join(out_dir, "fsdp2_adapter"), adapter_name="a")
+            layers = [layer for layer in multi if isinstance(layer, lk.MultiLoRALinear)]
+            for layer in layers:
+                fully_shard(layer)
+            refusals = []
+            for call in (lambda: lk.load_peft_adapter(multi, os.path.join(out_dir, "fsdp2_adapter"), adapter_name="b"),
+                         lambda: lk.delete_adapter(multi, "a"), lambda: layers[0].clear_adapter(0)):
+                try:
+                    call()
+                    refusals.append("accepted")
+                except TypeError as exc:
+                    refusals.append(str(exc))
+            results["fsdp2_multi_refusals"] = refusals
             results["fsdp2_multi_slots"] = (multi.lora_adapter_slots,  # FSDP2 shards parameters, not buffers
-                                            [int(m.ranks.sum()) for m in multi if isinstance(m, lk.MultiLoRALinear)])
+                                            [m.ranks.tolist() for m in layers],
+                                            [m.lora_a.full_tensor()[0].count_nonzero().item() > 0 for m in layers])
             # README: float32 factors and trained 16-bit biases in one fully_shard group fail FSDP2's one-dtype
             # check; autocast_adapter_dtype=False (16-bit factors) passes it
             for float32_factors in (True, False):
@@ -178,10 +185,12 @@ def test_ddp_and_fsdp2_lora_gradients_equal_one_process_and_saved_adapters_load(
         mixed, uniform = results.pop("fsdp2_bias_all/True"), results.pop("fsdp2_bias_all/False")
         assert "uniform" in mixed and "dtype" in mixed, mixed
         assert uniform == "ok", uniform
-        refused = results.pop("fsdp2_multi_load")
-        assert "MultiLoRALinear.set_adapter: the layer's slots are a DTensor" in refused, refused
-        assert "set or load adapters before sharding the model" in refused, refused
-        assert results.pop("fsdp2_multi_slots") == ({}, [0, 0, 0])  # nothing half-applied
+        for op, refused in zip(("load_peft_adapter", "delete_adapter", "MultiLoRALinear.clear_adapter"),
+                               results.pop("fsdp2_multi_refusals")):
+            assert f"{op}: the layer's slots are a DTensor" in refused, refused
+            assert "clear or delete adapters before sharding the model" in refused, refused
+        # nothing half-applied: adapter "a" in slot 0 of every layer, its factors there
+        assert results.pop("fsdp2_multi_slots") == ({"a": 0}, [[4, 0]] * 3, [True] * 3)
     assert sorted(results) == kinds
     x, _ = _batch()
     for kind in kinds:
