@@ -962,6 +962,8 @@ def _check_multi_lora_args(op, x, weight, lora_a, lora_b, bias, factor_dtype=Non
     for name, t, ndim in (("x", x, None), ("weight", weight, 2), ("lora_a", lora_a, 3), ("lora_b", lora_b, 3)):
         _check_tensor(op, name, t, ndim=ndim, optional=name.startswith("lora_") and lora_a is None)
     _check_tensor(op, "bias", bias, ndim=1, optional=True)
+    for name, t in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("bias", bias)):
+        ops.refuse_dtensor(op, name, t)  # lora_linear takes DTensors; the grouped ops' token indexing does not
     # K is weight's, as lora_linear takes it: a wrong x or lora_a is named, not the two that agree
     out_features, in_features = weight.shape
     if x.dim() < 1 or x.shape[-1] != in_features:

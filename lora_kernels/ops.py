@@ -27,6 +27,7 @@ import numbers
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
+from lora_kernels._dtensor import describe, is_dtensor
 from lora_kernels._ext import accumulate_dtype
 from lora_kernels.backends import resolve_backend
 from lora_kernels.batch import LoRABatch
@@ -51,9 +52,20 @@ def check_dense(op, name, t):
                         f"{name}.to_dense()")
 
 
+def refuse_dtensor(op, name, t):
+    """TypeError for a DTensor (tensor parallelism): the grouped ops index tokens and slots in plain tensors, and a
+    DTensor failed inside torch ("aten.searchsorted.Tensor got mixed torch.Tensor and DTensor"), naming nothing."""
+    if is_dtensor(t):
+        raise TypeError(f"{op}: {name} expected a plain torch.Tensor, got {describe(t)} (tensor parallelism); the "
+                        f"grouped ops take each rank's own shards: call them with {name}.to_local() on every rank "
+                        f"(a column-parallel layer's lora_b and output slices, a row-parallel layer's x and lora_a "
+                        f"with an all_reduce of the shrink's result)")
+
+
 def _check_float(op, name, t, ndim):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} expected a torch.Tensor, got {type(t).__name__}")
+    refuse_dtensor(op, name, t)
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: {name} expected a floating dtype, got {t.dtype}")
     check_dense(op, name, t)

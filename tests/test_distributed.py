@@ -275,8 +275,27 @@ def _tp_worker(rank, port, out_dir):
             lk.ops.lora_expand(t, lora_b, batch, y, 0, ranks, backend=backend)
             dist.all_reduce(y)
             results[f"trap/{backend}"] = y
+        # DTensor arguments: refused by name (they failed inside torch's token indexing, "mixed torch.Tensor and
+        # DTensor"); the ops take each rank's shards, as above
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+        mesh = init_device_mesh("cpu", (TP_WORLD,))
+        weight_dt = distribute_tensor(weight, mesh, [Shard(0)])
+        x_dt = distribute_tensor(x, mesh, [Shard(1)])
+        refusals = {}
+        for name, call in (
+                ("weight", lambda: lk.multi_lora_linear(x, weight_dt, lora_a, lora_b, ids, scalings, ranks=ranks)),
+                ("x", lambda: lk.ops.lora_shrink(x_dt, lora_a, batch, scalings, ranks)),
+                ("out", lambda: lk.ops.lora_expand(torch.zeros(x.shape[0], lora_a.shape[1]), lora_b, batch,
+                                                   distribute_tensor(x @ weight.T, mesh, [Shard(1)]), 0, ranks))):
+            try:
+                call()
+                refusals[name] = "accepted"
+            except TypeError as exc:
+                refusals[name] = str(exc)
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "tp.pt"))
+            torch.save(refusals, os.path.join(out_dir, "tp_refusals.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -299,6 +318,9 @@ def test_serving_ops_under_tensor_parallelism_equal_the_unsharded_layer(tmp_path
             assert_close(got, base + TP_WORLD * (expected - base), torch.float32, name)
         else:
             assert_close(got, expected, torch.float32, name)
+    for name, refused in torch.load(tmp_path / "tp_refusals.pt").items():
+        assert f"{name} expected a plain torch.Tensor, got a DTensor" in refused, refused
+        assert f"{name}.to_local()" in refused, refused
 
 
 # --------------------------------------------------------------------------- LoRA layers under DTensor tensor parallelism
