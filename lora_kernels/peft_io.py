@@ -1229,6 +1229,24 @@ def _adapter_config(op, model, records, module_names, modules_to_save, bias, tas
     return config
 
 
+def _refuse_records_below(op, model):
+    """ValueError for what inject_lora or load_peft_adapter called on a submodule recorded there (a bias mode,
+    modules_to_save, embedding layers a file held): this save reads the model's own records, so the trained biases
+    or heads were silently left out of the file. The model inside a wrapper whose component the state dict leaves
+    out (FSDP1's root `_fsdp_wrapped_module`) is the model itself: the wrapper forwards the records' attributes."""
+    for name, module in model.named_modules():
+        if not state_dict_name(name):
+            continue
+        recorded = [f"{what}={getattr(module, attr)!r}" for attr, what in (
+            (BIAS_ATTR, "bias"), (MODULES_TO_SAVE_ATTR, "modules_to_save"),
+            (EMBEDDING_LAYERS_ATTR, "embedding layers a loaded file held")) if getattr(module, attr, None)]
+        if recorded:
+            raise ValueError(f"{op}: module {name!r} records {', '.join(recorded)} from an inject_lora or "
+                             f"load_peft_adapter call on that submodule, which a file of the whole model would leave "
+                             f"out; call inject_lora / load_peft_adapter on the whole model (target_modules select "
+                             f"layers by name anywhere in it), or save that submodule; nothing was written")
+
+
 def _adapter_tensors(op, model, records, module_names, heads, bias, adapter_name, save_embedding_layers):
     """save_peft_adapter's {file key: contiguous CPU tensor}: the LoRA factors, the modules_to_save heads' state,
     the trained biases and the embedding layers save_embedding_layers selects."""
@@ -1316,6 +1334,8 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
         raise TypeError(f"{op}: base_model_name_or_path expected None, a str or a path, got "
                         f"{base_model_name_or_path!r}")
     records = _collect_layers(model, adapter_name, op)
+    if adapter_name is None:
+        _refuse_records_below(op, model)
     module_names = [rec.name for rec in records]  # to match targets; the file has the state dict's names:
     records = [rec._replace(name=state_dict_name(rec.name)) for rec in records]
     modules_to_save = getattr(model, MODULES_TO_SAVE_ATTR, None) if adapter_name is None else None

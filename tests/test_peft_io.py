@@ -732,6 +732,26 @@ def test_bias_modes_train_and_save_what_peft_does_beside_heads_attention_and_buf
     assert ("base_model.model.shift.bias" in saved) == (bias == "all")
 
 
+@pytest.mark.parametrize("recorded", ["bias", "modules_to_save"])
+def test_save_refuses_a_bias_mode_or_heads_recorded_on_a_submodule(tmp_path, recorded):
+    """inject_lora called on a submodule records its bias mode and modules_to_save there; saving the whole model
+    read only the model's own records, so the trained biases (or heads) were silently left out of the file, which
+    then loaded as another model. Refused, nothing written; the submodule itself saves them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(body=nn.Sequential(OrderedDict(q=nn.Linear(6, 6), head=nn.Linear(6, 6))),
+                                      out=nn.Linear(6, 3)))
+    kwargs = {"bias": "all"} if recorded == "bias" else {"modules_to_save": ["head"]}
+    lk.inject_lora(model.body, ["q"], r=2, **kwargs)
+    with pytest.raises(ValueError, match=rf"module 'body' records {recorded}=.* on that submodule.*nothing was "
+                                         rf"written"):
+        lk.save_peft_adapter(model, tmp_path / "whole")
+    assert not (tmp_path / "whole").exists()
+    lk.save_peft_adapter(model.body, tmp_path / "body")
+    saved = load_file(tmp_path / "body" / "adapter_model.safetensors")
+    expected = "base_model.model.q.base_layer.bias" if recorded == "bias" else "base_model.model.head.weight"
+    assert expected in saved, sorted(saved)
+
+
 def test_inject_lora_refuses_an_unknown_bias_mode_untouched():
     model = _base()
     before = _snapshot(model)
