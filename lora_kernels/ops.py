@@ -26,6 +26,7 @@ import numbers
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.fx.experimental.symbolic_shapes import guard_or_true
 
 from lora_kernels._dtensor import describe, is_dtensor
 from lora_kernels._ext import accumulate_dtype
@@ -404,10 +405,12 @@ def as_rows(x):
     bfloat16 CPU x whose rows are padded in memory (a column block of a wider buffer), which is copied: torch 2.14's
     oneDNN bf16 matmul on CPUs with AMX/AVX512-BF16 reads the gap between such rows and multiplies it by zero, so
     NaN or Inf there (a workspace from torch.empty) made 128 of 136 outputs NaN at M = 17, K = 33 (helper 117:
-    F.linear itself does it; torch 2.11's did not)."""
+    F.linear itself does it; torch 2.11's did not). The row count is tested last and, when torch.compile cannot
+    know it (a token dimension marked unbacked), taken as more than one: a Python `M > 1` there failed the
+    compile ("Could not guard on data-dependent expression"); copying one padded row is harmless."""
     rows = x if x.dim() == 2 else x.unsqueeze(0) if x.dim() == 1 else x.flatten(0, -2)
-    if (rows.dtype == torch.bfloat16 and rows.device.type == "cpu" and rows.shape[0] > 1
-            and rows.stride(1) == 1 and rows.stride(0) > rows.shape[1]):
+    if (rows.dtype == torch.bfloat16 and rows.device.type == "cpu" and rows.stride(1) == 1
+            and rows.stride(0) > rows.shape[1] and guard_or_true(rows.shape[0] > 1)):
         return rows.contiguous()
     return rows
 
