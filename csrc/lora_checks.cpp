@@ -5,6 +5,7 @@
 #include <ATen/MemoryOverlap.h>
 
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -14,6 +15,16 @@
 #include "checks.h"
 
 namespace lora_kernels {
+
+// The kernels apply scaling in float32 to inputs narrower than float64: past float32's range it is inf there, and
+// rows of x·Aᵀ that are zero came out NaN where the exact result is finite (lora_linear refuses it in Python; a direct
+// call to the op, an exported program's among them, did not).
+static void check_scaling(const char* op, double scaling, const at::Tensor& x) {
+  LK_CHECK_VALUE(std::isfinite(scaling), op, ": scaling expected a finite float, got ", scaling);
+  LK_CHECK_VALUE(x.scalar_type() == at::kDouble || std::fabs(scaling) <= std::numeric_limits<float>::max(), op,
+                 ": scaling expected a number within float32's range for ", x.scalar_type(),
+                 " inputs (the kernels apply it in float32), got ", scaling);
+}
 
 void check_lora_fwd(const at::Tensor& x, const std::optional<at::Tensor>& x_lora_opt,
                            const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
@@ -51,7 +62,7 @@ void check_lora_fwd(const at::Tensor& x, const std::optional<at::Tensor>& x_lora
     LK_CHECK_SAME_DEVICE(op, bias, x);
     LK_CHECK_SIZE(op, bias, 0, N, "out_features = weight.shape[0]");
   }
-  LK_CHECK_VALUE(std::isfinite(scaling), op, ": scaling expected a finite float, got ", scaling);
+  check_scaling(op, scaling, x);
 }
 
 void check_lora_bwd_dy(const at::Tensor& dy, const at::Tensor& s, const at::Tensor& lora_b, double scaling) {
@@ -67,7 +78,7 @@ void check_lora_bwd_dy(const at::Tensor& dy, const at::Tensor& s, const at::Tens
   LK_CHECK_SIZE(op, s, 0, dy.size(0), "tokens = dy.shape[0]");
   LK_CHECK_SIZE(op, lora_b, 0, dy.size(1), "out_features = dy.shape[1]");
   LK_CHECK_SIZE(op, lora_b, 1, s.size(1), "rank = s.shape[1]");
-  LK_CHECK_VALUE(std::isfinite(scaling), op, ": scaling expected a finite float, got ", scaling);
+  check_scaling(op, scaling, dy);
 }
 
 // The kernels read these as plain arrays (no strides): metadata vectors and scalings.

@@ -589,6 +589,8 @@ FWD_BAD = [
     ("x_lora", lambda a: a["x"][None], ValueError, "x_lora expected a 2-D"),
     ("x_lora", lambda a: torch.cat([a["x"], a["x"][:, :1]], dim=1), ValueError, r"x_lora.shape\[1\] expected 16"),
     ("scaling", lambda a: float("nan"), ValueError, "scaling expected a finite"),
+    # applied in float32 there: inf, and NaN in rows of x·Aᵀ that are zero (a direct call skipped lora_linear's check)
+    ("scaling", lambda a: -1e39, ValueError, r"scaling expected a number within float32's range for Float inputs"),
 ]
 
 
@@ -638,8 +640,23 @@ def test_lora_bwd_dy_bad_input(device):
         ops.lora_bwd_dy(dy, s, lora_b[None], 1.0)
     with pytest.raises(TypeError, match="lora_bwd_dy: dy expected a float32"):
         ops.lora_bwd_dy(dy.to(torch.int32), s, lora_b.to(torch.int32), 1.0)
+    with pytest.raises(ValueError, match="lora_bwd_dy: scaling expected a number within float32's range for Float"):
+        ops.lora_bwd_dy(dy, s, lora_b, 1e39)
     with pytest.raises(ValueError, match="lora_bwd_dy: scaling expected a finite float"):
         ops.lora_bwd_dy(dy, s, lora_b, float("inf"))
+
+
+def test_a_scaling_past_float32s_range_runs_in_float64(device):
+    """float64 inputs are computed in float64, where such a scaling is finite: the range check leaves them alone."""
+    args = {name: t.double() if isinstance(t, torch.Tensor) else t for name, t in _good_fwd(device).items()}
+    args["scaling"] = 1e39
+    y, s = ops.lora_fwd(**args)
+    expected = args["x"] @ args["weight"].T + 1e39 * (args["x"] @ args["lora_a"].T) @ args["lora_b"].T
+    if args.get("bias") is not None:
+        expected = expected + args["bias"]
+    torch.testing.assert_close(y, expected)
+    d_lora_b, _ = ops.lora_bwd_dy(torch.ones_like(y), s, args["lora_b"], 1e39)
+    assert torch.isfinite(d_lora_b).all()
 
 
 def _good_sgmv(device):

@@ -41,7 +41,8 @@ std::tuple<at::Tensor, at::Tensor> lora_fwd_cpu(const at::Tensor& x, const std::
   }
   // Scaling S (M·r multiplies) rather than passing it as addmm's alpha: BLAS skips the product when alpha is 0, so
   // at scaling 0 a NaN/Inf in lora_b or S vanished here while the reference, the other backends and PEFT return
-  // NaN (0·NaN). S is fp32 (fp64), so scaling it first cannot overflow where the product would not.
+  // NaN (0·NaN). S is fp32 (fp64); scaling it first overflows only where |scaling·S| passes float32's range, which a
+  // scaling near float32's largest value (~1e38) with tiny lora_b could reach while the product stays finite.
   y.addmm_(s.mul(scaling), lora_b.to(acc).t());
   return {y.to(x.scalar_type()), s};  // s in the accumulate type: float32, or float64 for float64
 }
