@@ -454,6 +454,13 @@ class LoRALinear(nn.Module):
         self.weight.copy_(merged_weight)
         self.merged = True
 
+    def _unmerged_weight(self):
+        """The stored base weight without the adapter: the weight itself, or once merged what unmerge() would leave."""
+        if not self.merged:
+            return self.weight
+        self._check_factor_devices("save_peft_adapter")
+        return (self.weight.to(self._merge_dtype()) - self._stored_delta()).to(self.weight.dtype)
+
     def _merged_weight(self):
         """The base weight with the adapter merged, in the weight's dtype: the weight itself once merged."""
         if self.merged:
@@ -1338,7 +1345,7 @@ def _record(model, attr, value):
 
 # On the model: the state-dict names of the embedding layers whose whole state the adapter file that
 # load_peft_adapter read held (PEFT's save_embedding_layers), which save_peft_adapter writes again by default, and of
-# the LoRA targets whose base layer it held (not written again), which a later load must overwrite as well
+# the LoRA targets whose base layer it held, which a later load must overwrite as well
 EMBEDDING_LAYERS_ATTR = "lora_embedding_layers"
 
 

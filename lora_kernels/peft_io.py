@@ -4,9 +4,9 @@ module that `modules_to_save` names (`base_model.model.<module>.<param>`, e.g. a
 bias="all" / "lora_only" the trained biases (`base_model.model.<layer>.base_layer.bias` for a LoRA layer, whose
 bias is our `<layer>.bias`; `base_model.model.<module>.bias` for any other), plus, when target_modules names
 "lm_head" or "embed_tokens", the base weight of that LoRA layer (`base_model.model.lm_head.base_layer.weight`: PEFT
-saves it for a resized vocabulary, and loads it over the model's; read and loaded here too, never written), plus the
-whole state of the input and output embedding layers that are no LoRA target (`base_model.model.<layer>.<param>`,
-PEFT's save_embedding_layers: read, loaded and written again).
+saves it for a resized vocabulary, and loads it over the model's; so do we), plus the whole state of the input and
+output embedding layers that are no LoRA target (`base_model.model.<layer>.<param>`, PEFT's save_embedding_layers:
+read, loaded and written again).
 
 Loading is atomic: the config, every tensor, every target module, key and shape are checked before the model is
 touched, and a failure while changing it is rolled back; a config field that would change what the adapter computes
@@ -588,9 +588,13 @@ def _embedding_layers(model, skip):
     """[(name, module)] of the model's input and output embedding layers (transformers' get_input_embeddings /
     get_output_embeddings: embed_tokens, lm_head) but the modules named in `skip` (LoRA targets, whose base layer
     PEFT saves as `<layer>.base_layer.*`, and modules_to_save modules, saved whole anyway)."""
-    layers = [embedding_layer(model, getter) for getter in ("get_input_embeddings", "get_output_embeddings")]
+    layers = _embedding_layer_modules(model)
     return [(name, module) for name, module in model.named_modules()
             if name and name not in skip and any(module is layer for layer in layers)]
+
+
+def _embedding_layer_modules(model):
+    return [embedding_layer(model, getter) for getter in ("get_input_embeddings", "get_output_embeddings")]
 
 
 def _split_embedding_layers(model, targets, heads, tensors, file, adapter_name, op):
@@ -1247,9 +1251,10 @@ def _refuse_records_below(op, model):
                              f"layers by name anywhere in it), or save that submodule; nothing was written")
 
 
-def _adapter_tensors(op, model, records, module_names, heads, bias, adapter_name, save_embedding_layers):
+def _adapter_tensors(op, model, records, module_names, heads, bias, adapter_name, save_embedding_layers,
+                     target_modules):
     """save_peft_adapter's {file key: contiguous CPU tensor}: the LoRA factors, the modules_to_save heads' state,
-    the trained biases and the embedding layers save_embedding_layers selects."""
+    the trained biases and the embedding layers save_embedding_layers selects (target_modules: the config's)."""
     tensors = {}
     factor_names = ("lora_a", "lora_b") if adapter_name is not None else ("lora_A.weight", "lora_B.weight")
     for rec in records:
@@ -1264,20 +1269,61 @@ def _adapter_tensors(op, model, records, module_names, heads, bias, adapter_name
     for file_key, (key, tensor) in _bias_file_keys(model, bias, {rec.name for rec in records},
                                                    [name for name, _ in heads]).items():
         tensors[file_key] = _to_saved(op, f"the model's {key!r} (bias={bias!r})", tensor)
-    embedding_layers = []
+    embedding_layers, targeted = [], []
     if save_embedding_layers:  # True or "auto"
         embedding_layers = _embedding_layers(model, {*module_names, *(name for name, _ in heads)})
+        if adapter_name is None:  # slots share their base layer with every adapter: a file by name holds none
+            targeted = _targeted_embedding_layers(model, module_names)
     if save_embedding_layers == "auto":
         held = getattr(model, EMBEDDING_LAYERS_ATTR, ()) if adapter_name is None else ()  # by the file loaded
         embedding_layers = [(name, module) for name, module in embedding_layers if state_dict_name(name) in held]
-    elif save_embedding_layers and not embedding_layers:
+        if not _names_an_embedding_layer(model, target_modules):
+            targeted = []
+        elif targeted:  # as PEFT warns: the file grows by the whole layer
+            warnings.warn(f"{op}: target_modules names an embedding layer, so the base weight of "
+                          f"{[name for name, _ in targeted]} is saved whole beside its factors, as PEFT saves it "
+                          f"(save_embedding_layers='auto': a resized vocabulary's new rows); pass "
+                          f"save_embedding_layers=False to leave it out", UserWarning, stacklevel=3)
+    elif save_embedding_layers and not (embedding_layers or targeted):
         raise ValueError(f"{op}: save_embedding_layers=True, but the model has no input or output embedding layer "
-                         f"(get_input_embeddings / get_output_embeddings) but its LoRA layers and modules_to_save")
+                         f"(get_input_embeddings / get_output_embeddings) but its modules_to_save")
     for name, module in embedding_layers:
         for key, tensor in module.state_dict().items():
             tensors[f"{KEY_PREFIX}{state_dict_name(name)}.{key}"] = _to_saved(
                 op, f"{key!r} of embedding layer {name!r}", tensor)
+    for name, module in targeted:
+        for leaf, tensor in (("weight", module._unmerged_weight()), ("bias", module.bias)):
+            if tensor is not None:
+                tensors[f"{KEY_PREFIX}{state_dict_name(name)}.base_layer.{leaf}"] = _to_saved(
+                    op, f"the base {leaf} of embedding layer {name!r}", tensor)
     return tensors
+
+
+def _targeted_embedding_layers(model, module_names):
+    """[(name, LoRALinear)] of the input and output embedding layers (get_input_embeddings /
+    get_output_embeddings: an lm_head) that are LoRA targets: PEFT saves their base layer whole, as
+    `<layer>.base_layer.weight` (and `.bias`), with save_embedding_layers (a resized vocabulary's new rows)."""
+    layers = _embedding_layer_modules(model)
+    names = set(module_names)
+    return [(name, module) for name, module in model.named_modules()
+            if name in names and isinstance(module, LoRALinear) and any(module is layer for layer in layers)]
+
+
+PEFT_EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # peft.utils.constants.EMBEDDING_LAYER_NAMES
+
+
+def _names_an_embedding_layer(model, target_modules):
+    """Whether the config's target_modules names an embedding layer as PEFT's save_embedding_layers="auto" decides
+    it (then true, with a warning, in PEFT): a list holding "embed_tokens" or "lm_head", or a regex that matches a
+    module whose name ends with one of them."""
+    if isinstance(target_modules, str):
+        return any(re.fullmatch(target_modules, name) for name in _module_state_dict_names(model)
+                   if re.match(rf"(.*\.)?({'|'.join(PEFT_EMBEDDING_LAYER_NAMES)})$", name))
+    return any(name in target_modules for name in PEFT_EMBEDDING_LAYER_NAMES)
+
+
+def _module_state_dict_names(model):
+    return [state_dict_name(name) for name, _ in model.named_modules() if name]
 
 
 # peft.TaskType's values (the same six in PEFT 0.13 and 0.21): PEFT 0.21's PeftConfig raises ValueError for any other
@@ -1303,10 +1349,13 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
     the task type of the file load_peft_adapter read, if any, else none, as PEFT's default). base_model_name_or_path:
     None takes the model's own (from_pretrained's path). save_embedding_layers (PEFT's option): True also writes the
     whole state of the model's input and output embedding layers (those of a resized vocabulary: the new tokens'
-    rows), as PEFT does, under their own keys, which load_peft_adapter and PEFT load over the model's; "auto" those
-    that the adapter file load_peft_adapter read held (PEFT's "auto" looks the base model's vocabulary size up);
-    False none. LoRA layers and modules_to_save modules are saved as such, never as embedding layers. A merged
-    LoRALinear saves its factors, the same file as unmerged (as PEFT saves a merged model)."""
+    rows), as PEFT does, under their own keys, which load_peft_adapter and PEFT load over the model's, and for one
+    that is a LoRA target (lm_head) its base weight and bias, as `<layer>.base_layer.weight`; "auto" those that the
+    adapter file load_peft_adapter read held (PEFT's "auto" looks the base model's vocabulary size up), and the
+    targeted ones' base layers when target_modules names "lm_head" or "embed_tokens" (PEFT's rule, with its
+    warning); False none. modules_to_save modules are saved as such, never as embedding layers. A merged LoRALinear
+    saves its factors (and a targeted embedding layer the base weight unmerge() would leave), the same file as
+    unmerged (PEFT saves a merged model's merged base weight)."""
     op = "save_peft_adapter"
     model = unwrap_model(model, op)
     if isinstance(model, (LoRALinear, MultiLoRALinear)):  # PEFT's keys and target_modules name layers by their path
@@ -1345,7 +1394,8 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
         raise ValueError(f"{op}: model.{MODULES_TO_SAVE_ATTR} = {modules_to_save!r} matches no module of the model")
     config = _adapter_config(op, model, records, module_names, modules_to_save if heads else None, bias, task_type,
                              base_model_name_or_path)
-    tensors = _adapter_tensors(op, model, records, module_names, heads, bias, adapter_name, save_embedding_layers)
+    tensors = _adapter_tensors(op, model, records, module_names, heads, bias, adapter_name, save_embedding_layers,
+                               config["target_modules"])
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
     os.makedirs(path, exist_ok=True)

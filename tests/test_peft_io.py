@@ -914,6 +914,58 @@ def _language_model():
     return _LanguageModel()
 
 
+def test_a_targeted_lm_head_is_saved_with_its_base_weight_as_peft_saves_it(tmp_path):
+    """A targeted lm_head's base weight (a resized vocabulary's new rows) was never written: loaded into a fresh base
+    model, the file computed other logits, where PEFT's file (which holds `lm_head.base_layer.weight` whenever
+    target_modules names lm_head) computes the trained model's. "auto" now writes it as PEFT's does, with a warning;
+    True too; False leaves it out; a merged layer writes the weight unmerge() would leave; a PEFT file loaded and
+    saved again keeps it."""
+    peft = pytest.importorskip("peft")
+    model = lk.inject_lora(_language_model(), ["q_proj", "lm_head"], r=2, init_lora_weights=False)
+    with torch.no_grad():  # a base weight the fresh model lacks, as after resizing the vocabulary here
+        model.lm_head.weight.add_(0.5)
+    weight = model.lm_head.weight.detach().clone()
+    ids = torch.randint(0, 11, (2, 5))
+    expected = model(ids)
+    theirs = peft.get_peft_model(_language_model(), peft.LoraConfig(target_modules=["q_proj", "lm_head"], r=2))
+    with torch.no_grad():
+        theirs.base_model.model.lm_head.base_layer.weight.copy_(weight)
+        for name, parameter in theirs.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(model.get_parameter(name.removeprefix("base_model.model.").replace(".default", "")))
+    with pytest.warns(UserWarning, match="save_embedding_layers"):
+        theirs.save_pretrained(tmp_path / "peft")
+    with pytest.warns(UserWarning, match=r"save_peft_adapter: target_modules names an embedding layer, so the base "
+                                         r"weight of \['lm_head'\] is saved whole"):
+        lk.save_peft_adapter(model, tmp_path / "auto")
+    ours = load_file(tmp_path / "auto" / "adapter_model.safetensors")
+    assert sorted(ours) == sorted(load_file(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert torch.equal(ours["base_model.model.lm_head.base_layer.weight"], weight)
+    for path in ("auto", "peft"):
+        torch.testing.assert_close(lk.load_peft_adapter(_language_model(), tmp_path / path)(ids), expected,
+                                   rtol=1e-6, atol=1e-6)
+        with torch.no_grad():
+            torch.testing.assert_close(peft.PeftModel.from_pretrained(_language_model(), tmp_path / path)(ids),
+                                       expected, rtol=1e-6, atol=1e-6)
+    lk.save_peft_adapter(model, tmp_path / "true", save_embedding_layers=True)  # the untargeted embeddings too
+    assert torch.equal(load_file(tmp_path / "true" / "adapter_model.safetensors")[
+        "base_model.model.lm_head.base_layer.weight"], weight)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lk.save_peft_adapter(model, tmp_path / "false", save_embedding_layers=False)
+    assert not any(".base_layer." in key for key in load_file(tmp_path / "false" / "adapter_model.safetensors"))
+    model.lm_head.merge()
+    with pytest.warns(UserWarning, match="save_embedding_layers"):
+        lk.save_peft_adapter(model, tmp_path / "merged")
+    torch.testing.assert_close(load_file(tmp_path / "merged" / "adapter_model.safetensors")[
+        "base_model.model.lm_head.base_layer.weight"], weight, rtol=0, atol=1e-6)
+    loaded = lk.load_peft_adapter(_language_model(), tmp_path / "peft")
+    with pytest.warns(UserWarning, match="save_embedding_layers"):
+        lk.save_peft_adapter(loaded, tmp_path / "again")
+    torch.testing.assert_close(lk.load_peft_adapter(_language_model(), tmp_path / "again")(ids), expected,
+                               rtol=1e-6, atol=1e-6)
+
+
 def test_a_targeted_lm_head_that_peft_saved_whole_loads_as_peft_loads_it(tmp_path, monkeypatch):
     """PEFT saves `lm_head.base_layer.weight` beside the factors when target_modules names "lm_head", and loads it
     over the model's weight (found by fuzzing against PEFT: such files were refused as having unexpected keys)."""
