@@ -1054,9 +1054,9 @@ def _check_not_flattened(op, name, what, tensor, shape):
     summon_full_params (1-D, often empty): saved, they were pieces of the adapter under the layer's keys. With
     use_orig_params=False they keep their shapes but view the gathered flat parameter, whose storage FSDP1 frees
     after the backward: reading them crashed the process (SIGSEGV)."""
-    hint = (f"(a FullyShardedDataParallel (FSDP1) model's flattened shard?): call save_peft_adapter on every rank "
-            f"inside `with FullyShardedDataParallel.summon_full_params(model):`, or shard with fully_shard (FSDP2); "
-            f"nothing was written")
+    hint = ("(a FullyShardedDataParallel (FSDP1) model's flattened shard?): call save_peft_adapter on every rank "
+            "inside `with FullyShardedDataParallel.summon_full_params(model):`, or shard with fully_shard (FSDP2); "
+            "nothing was written")
     if tuple(tensor.shape) != tuple(shape):
         raise ValueError(f"{op}: module {name!r}'s {what} has shape {list(tensor.shape)}, expected {list(shape)} "
                          f"{hint}")
