@@ -523,9 +523,10 @@ class LoRALinear(nn.Module):
     def _check_factor_devices(self, op, unchanged="the layer"):
         """ValueError naming the factor that is not on the base weight's device, or the tensor whose shape is not the
         layer's, before B @ A is computed. A layer wrapped on the meta device whose base checkpoint was loaded since
-        (load_state_dict(assign=True)) holds meta factors. Torch's CPU matmul takes a meta operand and returns uninitialised memory (a lora_A left on meta
-        merged garbage, silently); with both factors meta the merge failed in torch's add ("Tensor on device meta is
-        not on the expected device cpu!"), naming no tensor, after merge_and_unload had replaced earlier layers."""
+        (load_state_dict(assign=True)) holds meta factors. Torch's CPU matmul takes a meta operand and returns
+        uninitialised memory (a lora_A left on meta merged garbage, silently); with both factors meta the merge failed
+        in torch's add ("Tensor on device meta is not on the expected device cpu!"), naming no tensor, after
+        merge_and_unload had replaced earlier layers."""
         for name, factor in (("lora_A.weight", self.lora_A.weight), ("lora_B.weight", self.lora_B.weight)):
             if factor.device != self.weight.device:
                 hint = " (never loaded: load the adapter first, e.g. with load_peft_adapter)" if factor.is_meta else ""
