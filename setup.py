@@ -40,9 +40,11 @@ def _is_toolkit_root(path):
     return path is not None and (Path(path) / "bin" / "nvcc").exists() and (Path(path) / "include" / "cuda_runtime.h").exists()
 
 
-def _find_cuda_home():
-    """The toolkit root, or None. torch guesses it from the nvcc on PATH, which may be a link or a wrapper script
-    outside the toolkit (e.g. /usr/local/bin/nvcc -> guessed root /usr/local, which has no CUDA headers)."""
+def _find_cuda_home(torch_cuda_major=None):
+    """The toolkit root, or None: CUDA_HOME, CUDA_PATH, the nvcc on PATH, else under /usr/local the first toolkit of
+    torch's CUDA major version (cuda, then cuda-* newest first), else the first of those. torch guesses it from the
+    nvcc on PATH, which may be a link or a wrapper script outside the toolkit (e.g. /usr/local/bin/nvcc -> guessed
+    root /usr/local, which has no CUDA headers)."""
     candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
     nvcc = shutil.which("nvcc")
     if nvcc:
@@ -56,8 +58,11 @@ def _find_cuda_home():
         except OSError:
             pass
     versioned = glob.glob("/usr/local/cuda-*")  # newest first: cuda-13.0 before cuda-9.2 (not a text sort)
-    candidates += ["/usr/local/cuda"] + sorted(versioned, key=lambda p: [int(n) for n in re.findall(r"\d+", p)],
-                                               reverse=True)
+    installed = ["/usr/local/cuda"] + sorted(versioned, key=lambda p: [int(n) for n in re.findall(r"\d+", p)],
+                                             reverse=True)
+    # /usr/local/cuda linking another major version than torch's (cuda -> cuda-12.4 beside cuda-13.0 with a cu130
+    # torch) made the build drop the CUDA sources although a matching toolkit was installed
+    candidates += sorted(installed, key=lambda path: _toolkit_major(path) != torch_cuda_major)
     for variable in ("CUDA_HOME", "CUDA_PATH"):
         named = os.environ.get(variable)
         if named and not _is_toolkit_root(named):  # a typo there would otherwise pick another toolkit unannounced
@@ -83,7 +88,8 @@ build_cuda_env = os.environ.get("LORA_KERNELS_BUILD_CUDA", "").strip()
 if build_cuda_env not in ("", "0", "1"):
     _fail(f"LORA_KERNELS_BUILD_CUDA must be 0 or 1, got {build_cuda_env!r}")
 
-cuda_home = _find_cuda_home() if build_cuda_env != "0" else None
+torch_cuda_major = int(torch.version.cuda.split(".")[0]) if torch.version.cuda else None
+cuda_home = _find_cuda_home(torch_cuda_major) if build_cuda_env != "0" else None
 if cuda_home:
     # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME once, at import.
     os.environ["CUDA_HOME"] = cuda_home
@@ -93,8 +99,7 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 torch_has_cuda = torch.version.cuda is not None
 # torch.utils.cpp_extension refuses a toolkit whose CUDA major version differs from torch's build.
 toolkit_major = _toolkit_major(cuda_home) if cuda_home else None
-version_mismatch = (torch_has_cuda and toolkit_major is not None
-                    and toolkit_major != int(torch.version.cuda.split(".")[0]))
+version_mismatch = torch_has_cuda and toolkit_major is not None and toolkit_major != torch_cuda_major
 mismatch_reason = (f"the CUDA toolkit at {cuda_home} is CUDA {toolkit_major}, torch {torch.__version__} was built "
                    f"with CUDA {torch.version.cuda}")
 if build_cuda_env == "1":

@@ -1,8 +1,11 @@
 """What a source distribution carries: an sdist (and a wheel that `python -m build` builds from it) must hold every
 file the extension's build reads."""
 
+import ast
+import glob
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -391,6 +394,35 @@ def test_extension_messages_survive_a_statically_linked_libstdcxx(tmp_path):
         "lora_fwd: lora_b expected dtype Float (same as x), got Double",
         "lora_fwd: scaling expected a finite float, got inf",
     ]
+
+
+def test_setup_prefers_an_installed_toolkit_of_torchs_cuda_major(tmp_path, monkeypatch):
+    """Without CUDA_HOME or an nvcc on PATH, /usr/local/cuda linking CUDA 12.4 beside a CUDA 13.0 toolkit was taken
+    for a cu130 torch, and the build dropped the CUDA sources for the version mismatch."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    wanted = ("_is_toolkit_root", "_toolkit_major", "_find_cuda_home")
+    code = ast.unparse(ast.Module(body=[node for node in tree.body if isinstance(node, ast.FunctionDef)
+                                        and node.name in wanted], type_ignores=[]))
+    local = tmp_path / "usr-local"
+    for version, number in (("12.4", 12040), ("13.0", 13000)):
+        toolkit = local / f"cuda-{version}"
+        (toolkit / "bin").mkdir(parents=True)
+        (toolkit / "include").mkdir()
+        (toolkit / "bin" / "nvcc").touch()
+        (toolkit / "include" / "cuda_runtime.h").touch()
+        (toolkit / "include" / "cuda.h").write_text(f"#define CUDA_VERSION {number}\n")
+    (local / "cuda").symlink_to(local / "cuda-12.4")
+    assert code.count("'/usr/local/cuda") == 2
+    code = code.replace("'/usr/local/cuda", repr(str(local / "cuda"))[:-1])
+    namespace = {"os": os, "glob": glob, "shutil": shutil, "re": re, "sys": sys, "Path": pathlib.Path}
+    exec(code, namespace)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # no nvcc
+    find = namespace["_find_cuda_home"]
+    assert find(13) == str(local / "cuda-13.0")
+    assert find(12) == str(local / "cuda-12.4")  # /usr/local/cuda, resolved
+    assert find(None) == str(local / "cuda-12.4")  # a CPU torch: the first found, as before
 
 
 def test_setup_says_when_cuda_home_names_no_toolkit(tmp_path):
