@@ -112,9 +112,9 @@ CPU_HAS_BF16_GEMM_UNITS = detect_cpu_bf16_gemm_units()
 
 def auto_backend(device, op_name="lora_linear", dtype=None):
     """The fastest available backend for `op_name` on `device`, by measurement (BENCHMARKS.md, bf16, K = N = 4096):
-    - grouped ops on GPUs: the Triton kernels (H200, 2026-11-30, 64 adapters at 64 and 4096 tokens: 0.03-0.23x the
-      per-adapter loop, the C++ CUDA ones 0.04-0.33x; per call at 4096 tokens on 16 adapters Triton's shrink and
-      expand took 19 and 37 µs, the CUDA ones 57 and 90 µs);
+    - grouped ops on GPUs: the Triton kernels (H200, 64 adapters: 0.03x the per-adapter loop at 64 tokens on
+      2026-11-29, 0.23x at 4096 tokens on 2026-11-30, where the C++ CUDA ones took 0.33x; per call at 4096 tokens on
+      16 adapters Triton's shrink and expand took 19 and 37 µs, the CUDA ones 57 and 90 µs);
     - lora_linear on GPUs: the unfused torch composition, because a training step with the fused kernels measured
       slower on the first runs (`compare`'s model, H100: torch 38.8 ms, triton 99.9 ms; H200 2026-11-29: torch
       37.2 ms, cuda 50.5 ms, the cuda steps slowing from 38 to 62 ms during that run). The H200 run of 2026-11-30
