@@ -209,8 +209,8 @@ def _warm_up(fns, warmup):
         fns[i % len(fns)]()
 
 
-def _time_calls(fns, device, reps, backlog=False):
-    """Milliseconds of each of `reps` calls, cycling through `fns` (one callable per input set).
+def _time_calls(fns, device, reps, backlog=False, first=0):
+    """Milliseconds of each of `reps` calls, cycling through `fns` (one callable per input set) from fns[first].
 
     backlog: on CUDA, queue BACKLOG_SLEEP_CYCLES of GPU spinning before the calls, so each call's start event waits
     behind the previous call's work and times the kernels alone. Without it, a call shorter than the host's time
@@ -223,14 +223,14 @@ def _time_calls(fns, device, reps, backlog=False):
             torch.cuda._sleep(BACKLOG_SLEEP_CYCLES)
         for i, (start, end) in enumerate(events):
             start.record()
-            fns[i % len(fns)]()
+            fns[(first + i) % len(fns)]()
             end.record()
         torch.cuda.synchronize(device)
         return [start.elapsed_time(end) for start, end in events]
     times = []
     for i in range(reps):
         t0 = time.perf_counter()
-        fns[i % len(fns)]()
+        fns[(first + i) % len(fns)]()
         times.append(1e3 * (time.perf_counter() - t0))
     return times
 
@@ -287,9 +287,11 @@ def measure(candidates, device, reps, warmup, graph=False):
         _warm_up(fns, warmup)
     times = {name: [] for name in candidates}
     per_round = _calls_per_round(reps)
-    for _ in range(ROUNDS):
+    for round_index in range(ROUNDS):
         for name, fns in candidates.items():
-            times[name] += _time_calls(fns, device, per_round, backlog=graph)
+            # each round goes on through the input sets where the last one stopped: restarting at set 0 had timed
+            # only the first few sets (in the cache) when a round has fewer calls than there are sets
+            times[name] += _time_calls(fns, device, per_round, backlog=graph, first=round_index * per_round)
     return {name: statistics.median(values) for name, values in times.items()}
 
 

@@ -679,6 +679,17 @@ def test_cpu_call_times_are_milliseconds_of_each_call_in_turn(monkeypatch):
     assert events == ["sync", 0, 1, 0]
 
 
+def test_measure_rounds_go_on_through_the_input_sets(monkeypatch):
+    """Each of measure's rounds restarted at input set 0, so with fewer calls per round than sets (cpu_quick's 5
+    reps: 3 calls per round, 8 sets) the timed calls touched sets 0-2 only, operands the cache held, where the sets
+    are there to keep the next call's operands out of it."""
+    monkeypatch.setattr(bench, "_warm_up", lambda fns, warmup: None)
+    called = {"a": [], "b": []}
+    candidates = {name: [lambda name=name, i=i: called[name].append(i) for i in range(8)] for name in called}
+    bench.measure(candidates, torch.device("cpu"), reps=5, warmup=0)
+    assert called == {"a": [0, 1, 2, 3, 4, 5], "b": [0, 1, 2, 3, 4, 5]}
+
+
 def test_gpu_call_times_are_each_calls_events_and_the_backlog_only_when_asked(monkeypatch):
     """On CUDA each call is timed by its own start and end events (start.elapsed_time(end), positive), and the GPU
     spin that makes graph replays time the kernels alone is queued only when asked (backlog=True): before eager calls
