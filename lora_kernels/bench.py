@@ -546,13 +546,16 @@ def rank_sweep_rows(rows, cfg, device, dtype, timing, on_gpu, step):
         kind_of = (lambda kind, rank=rank: kind if kind is None or rank == cfg.rank else f"{kind}_other_rank")
         for backend in cfg.backends:
             shape = f"M={m} K={k} N={n} r={rank}"
-            with _guard(rows, "forward / base F.linear, rank sweep", backend, shape, on_gpu), torch.no_grad():
+            # as forward_rows: the forward targets are for the kernels, so a GPU row at M <= GRAPH_MAX_TOKENS is timed
+            # as CUDA-graph replays (eager, its host path had been judged against them)
+            graph = on_gpu and m <= GRAPH_MAX_TOKENS
+            section = "forward / base F.linear, rank sweep" + (", CUDA-graph replay" if graph else "")
+            with _guard(rows, section, backend, shape, on_gpu), torch.no_grad():
                 t = measure({"base": inputs.fns(lambda x, w, a, b, **_: F.linear(x, w)),
                              "ours": inputs.fns(lambda x, w, a, b, be=backend, **_: lora_linear(
-                                 x, w, a, b, 2.0, backend=be))}, **timing)
-                _row(rows, "forward / base F.linear, rank sweep", kind_of(forward_kind(m)), backend, shape,
-                     "lora_linear forward", "F.linear(x, W)", t["ours"] / t["base"], t["ours"], t["base"], "ms",
-                     on_gpu)
+                                 x, w, a, b, 2.0, backend=be))}, graph=graph, **timing)
+                _row(rows, section, kind_of(forward_kind(m)), backend, shape, "lora_linear forward", "F.linear(x, W)",
+                     t["ours"] / t["base"], t["ours"], t["base"], "ms", on_gpu)
             step(f"rank {rank} forward {backend}")
 
             def ours(x, w, a, b, dy, be=backend, **_):

@@ -234,6 +234,26 @@ def test_rank_sweep_forward_rows_carry_the_target_of_their_token_count():
     assert len(sweep) == 2 and all(row["kind"] is None and row["target"] is None for row in sweep), sweep
 
 
+def test_a_gpu_rank_sweep_forward_row_under_graph_size_is_timed_as_graph_replays(monkeypatch):
+    """On GPUs the forward targets judge CUDA-graph replays (the kernels); the rank sweep's forward row at a
+    --train-m <= GRAPH_MAX_TOKENS was timed eagerly (the host path) and still judged against fwd_decode's target.
+    Stand-ins: on_gpu=True and a measure that records its graph flag; nothing is timed."""
+    graphs = []
+
+    def measure(candidates, device, reps, warmup, graph=False):
+        graphs.append(graph)
+        return {name: 1.0 for name in candidates}
+    monkeypatch.setattr(bench, "measure", measure)
+    cfg = bench.BenchConfig(device="cpu", quick=True, hidden=32, rank=4, ranks=(4,), train_m=16,
+                            backends=("torch",)).resolved()
+    rows = []
+    timing = {"device": torch.device("cpu"), "reps": 1, "warmup": 0}
+    bench.rank_sweep_rows(rows, cfg, torch.device("cpu"), torch.float32, timing, True, lambda label: None)
+    (forward,) = [row for row in rows if row["section"].startswith("forward / base F.linear, rank sweep")]
+    assert forward["section"].endswith(", CUDA-graph replay") and forward["kind"] == "fwd_decode"
+    assert graphs[rows.index(forward)] is True
+
+
 def test_the_environment_is_read_before_the_rows(monkeypatch):
     """The load average printed "at start" (and the date) were read when the result was assembled, at the end,
     counting the bench's own load."""
@@ -748,14 +768,14 @@ def test_measure_takes_the_median_of_every_round_with_at_least_reps_calls(monkey
     script = {"a": iter([[1.0, 2.0], [9.0, 3.0]]), "b": iter([[4.0, 5.0], [6.0, 100.0]])}
     log = []
 
-    def time_calls(fns, device, reps, backlog=False):
+    def time_calls(fns, device, reps, backlog=False, first=0):
         name = fns[0]()
-        log.append((name, reps, backlog))
+        log.append((name, reps, backlog, first))
         return next(script[name])
     monkeypatch.setattr(bench, "_time_calls", time_calls)
     candidates = {name: [lambda name=name: name] for name in ("a", "b")}
     assert bench.measure(candidates, torch.device("cpu"), reps=3, warmup=0, graph=True) == {"a": 2.5, "b": 5.5}
-    assert log == [("a", 2, True), ("b", 2, True)] * 2
+    assert log == [("a", 2, True, 0), ("b", 2, True, 0), ("a", 2, True, 2), ("b", 2, True, 2)]
 
 
 def test_peak_memory_is_the_calls_peak_above_what_was_allocated_before(monkeypatch):
