@@ -517,8 +517,7 @@ def _split_biases(model, config, tensors, file, adapter_name, op, lora_names, he
     if config.bias == "none":
         return [], tensors
     if adapter_name is not None:
-        raise ValueError(f"{op}: {file} holds base biases (bias={config.bias!r}); MultiLoRALinear slots hold LoRA "
-                         f"factors only, so it cannot load by adapter_name")
+        return [], _check_shared_biases(model, config, tensors, file, op, adapter_name)
     rest, biases = dict(tensors), []
     if config.bias == "all":
         # PEFT's "all" also saves the biases of a modules_to_save module under its wrapper's names: the trained copy
@@ -548,6 +547,21 @@ def _split_biases(model, config, tensors, file, adapter_name, op, lora_names, he
                       f"{next(iter(expected))!r}): PEFT before 0.21 saved none, so the biases trained with it are "
                       f"lost; the model's own biases are kept and train, as in PEFT", stacklevel=3)
     return biases, rest
+
+
+def _check_shared_biases(model, config, tensors, file, op, adapter_name):
+    """The tensors but the biases, for a load by adapter_name: MultiLoRALinear slots share the base layers' biases
+    with every adapter, so each bias the file holds must equal the model's (a MultiLoRALinear's state-dict key is
+    PEFT's `<layer>.base_layer.bias`); a file whose bias mode found no bias (a Llama's) holds none, and loads, as in
+    PEFT. One that trained them is refused; a key of no bias of the model stays, refused as unexpected."""
+    rest = dict(tensors)
+    state = model.state_dict(keep_vars=True)
+    for file_key in [key for key in tensors if key.endswith(".bias")]:
+        key = file_key[len(KEY_PREFIX):] if file_key.startswith(KEY_PREFIX) else None
+        if key in state:
+            _pop_base_model_tensor(op, file, rest, file_key, state[key], f"the model's {key!r}",
+                                   f"a base bias (bias={config.bias!r})", adapter_name)
+    return rest
 
 
 def _pop_base_model_tensor(op, file, rest, file_key, current, owner, what, adapter_name):

@@ -798,9 +798,32 @@ def test_bias_modes_round_trip_under_peft_keys(tmp_path, bias):
     # MultiLoRALinear slots hold LoRA factors only
     multi = lk.prepare_multi_adapter(_base(), ["q_proj"], max_adapters=2, max_rank=8)
     before = _snapshot(multi)
-    with pytest.raises(ValueError, match=rf"holds base biases \(bias='{bias}'\).*cannot load by adapter_name"):
+    with pytest.raises(ValueError, match=rf"holds '[^']+', a base bias \(bias='{bias}'\), and it differs from the "
+                                         rf"model's.*cannot load by adapter_name"):
         lk.load_peft_adapter(multi, tmp_path, adapter_name="a")
     _assert_same(multi, before)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_a_bias_mode_that_trained_no_bias_of_the_model_loads_by_name(tmp_path, bias):
+    """A file saved with bias="all"/"lora_only" for a model whose layers have no bias (Llama's) holds no bias, and
+    PEFT loads it by name and serves it in a mixed batch; a named load refused it, saying the file held base biases.
+    So does a file whose biases equal the model's. One that trained them stays refused (above)."""
+    def base(with_bias):
+        torch.manual_seed(0)
+        return nn.Sequential(OrderedDict(q=nn.Linear(6, 6, bias=with_bias), o=nn.Linear(6, 3, bias=with_bias)))
+    x = torch.randn(2, 6)
+    for with_bias in (False, True):
+        torch.manual_seed(1)
+        lk.save_peft_adapter(lk.inject_lora(base(with_bias), ["q"], r=2, bias=bias, init_lora_weights=False),
+                             tmp_path / str(with_bias))
+        expected = lk.load_peft_adapter(base(with_bias), tmp_path / str(with_bias))(x)
+        multi = lk.prepare_multi_adapter(base(with_bias), ["q"], max_adapters=2, max_rank=4)
+        lk.load_peft_adapter(multi, tmp_path / str(with_bias), adapter_name="a")
+        with lk.set_batch_adapters(multi, ["a", "__base__"]):
+            got = multi(x)
+        torch.testing.assert_close(got[0], expected[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got[1], base(with_bias)(x)[1], rtol=1e-6, atol=1e-6)
 
 
 def test_lora_only_file_without_biases_loads_as_peft_before_0_21_saved_it(tmp_path):

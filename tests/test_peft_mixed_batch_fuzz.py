@@ -301,7 +301,8 @@ DOCUMENTED_REFUSALS = [
      "an adapter targeting a module the model was not prepared with"),
     ("modules_to_save", r"has modules_to_save .* MultiLoRALinear slots hold LoRA factors only",
      "an adapter with `modules_to_save` or a trained bias"),
-    ("a trained bias", r"holds base biases \(bias='(all|lora_only)'\); MultiLoRALinear slots hold LoRA factors only",
+    ("a trained bias", r"holds '[^']+', a base bias \(bias='(all|lora_only)'\), and it differs from the model's; "
+     r"MultiLoRALinear slots share the base layers",
      "an adapter with `modules_to_save` or a trained bias"),
     *[refusal for refusal in SINGLE_ADAPTER_REFUSALS if refusal[0] == "LoRA on an embedding layer"],
 ]
@@ -365,8 +366,8 @@ def _refused_config(ch, arch, kind, targets, lora_layers, max_rank):
         config["modules_to_save"] = [ch.choice(_free_linears(arch, lora_layers))]
     elif kind == "embedding":
         config["target_modules"].append("embed_tokens" if arch == "llama" else "wte")
-    else:
-        config["bias"] = ch.choice(["all", "lora_only"])
+    else:  # a bias trained: "lora_only" where every target has one (GPT-2's Conv1D), else "all"
+        config["bias"] = ch.choice(["all", "lora_only"]) if arch == "gpt2" else "all"
     return config
 
 
@@ -435,7 +436,9 @@ def check_case(seed, tmp):
 
     # one more adapter that we refuse and PEFT loads: a rank above max_rank, modules_to_save or a trained bias
     lora_layers = set(_peft_ranks(theirs, []))  # also those whose adapters were deleted: PEFT keeps them
-    kind = ch.choice(["rank", "bias"] + (["modules_to_save"] if _free_linears(arch, lora_layers) else [])
+    # a bias mode trains no bias of a model without any (llama): PEFT's file holds none and loads by name here too
+    kind = ch.choice(["rank"] + (["bias"] if arch != "llama" else [])
+                     + (["modules_to_save"] if _free_linears(arch, lora_layers) else [])
                      + (["embedding"] if arch != "net" else []))
     config, path = refused_adapter(ch, arch, kind, targets, lora_layers, _max_rank(ours),
                                    os.path.join(tmp, f"refused-{kind}"), seed)
@@ -450,7 +453,7 @@ def check_case(seed, tmp):
 
 
 # 30 seeds, 10 per arch: ~20 s on 2 CPU cores. Between them they load 2, 3 and 4 adapters 11, 9 and 10 times, reload
-# into a freed slot 14 times, and refuse each kind (rank above max_rank 9, bias 11, embedding 8, modules_to_save 3,
+# into a freed slot 14 times, and refuse each kind (rank above max_rank 9, bias 7, embedding 11, modules_to_save 3,
 # module not prepared 3). Seeds 100-399 (the __main__ below) found no divergence when this was written: at most
 # 7e-15 apart in float64, 7e-6 in float32.
 SEEDS = list(range(30))
