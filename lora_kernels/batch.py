@@ -4,6 +4,7 @@ Every buffer has a size fixed by (num_tokens, num_adapters), never by the ids' v
 in a CUDA graph and one LoRABatch serves every layer of a step.
 """
 
+import numbers
 from dataclasses import dataclass, fields
 
 import torch
@@ -39,6 +40,13 @@ class LoRABatch:
         # tracing or under torch.func (a batch from_adapter_ids made there, or checked before, as the graph's input).
         if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
             return
+        # A numpy integer is taken as its int (as from_adapter_ids and the ops take one); it had skipped the checks
+        # below, and the torch backend then dropped the tokens of a too-short slot_counts silently. A float or bool
+        # is no slot count.
+        if isinstance(self.num_adapters, (bool, float, str)):
+            raise TypeError(f"LoRABatch: num_adapters expected an int, got {self.num_adapters!r}")
+        if isinstance(self.num_adapters, numbers.Integral) and type(self.num_adapters) is not int:
+            object.__setattr__(self, "num_adapters", int(self.num_adapters))
         # Only plain tensors and an int: torch.export's machinery rebuilds batches of other leaves (an _IntWrapper).
         buffers = [getattr(self, name) for name in BUFFER_FIELDS]
         if type(self.num_adapters) is not int or not all(isinstance(t, torch.Tensor) for t in buffers):

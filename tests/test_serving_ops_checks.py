@@ -153,6 +153,22 @@ def test_lora_batch_built_by_hand_is_refused_unless_laid_out_as_the_kernels_read
     assert dataclasses.replace(batch, adapter_ids=batch.adapter_ids.clone()).num_tokens == 6  # a valid one passes
 
 
+def test_a_hand_built_batch_with_a_numpy_slot_count_is_checked_as_with_an_int():
+    """num_adapters=np.int64(3) skipped every buffer check (only an int was checked, for torch.export's own leaves),
+    and the torch backend then left the tokens of a short slot_counts without their LoRA term, silently. A numpy
+    integer is taken as its int; a float or bool is refused."""
+    np = pytest.importorskip("numpy")
+    batch = _six_token_batch()
+    with pytest.raises(ValueError, match=re.escape("LoRABatch: slot_counts expected a contiguous int32 tensor of "
+                                                   "shape (3,)")):
+        dataclasses.replace(batch, num_adapters=np.int64(3), slot_counts=batch.slot_counts[:1])
+    same = dataclasses.replace(batch, num_adapters=np.int64(3))
+    assert type(same.num_adapters) is int and same.num_adapters == 3
+    for bad in (3.0, True):
+        with pytest.raises(TypeError, match=rf"LoRABatch: num_adapters expected an int, got {bad!r}"):
+            dataclasses.replace(batch, num_adapters=bad)
+
+
 def _six_token_batch():
     return LoRABatch.from_adapter_ids(torch.tensor([0, 1, 2, -1, 2, 1]), 3)
 
