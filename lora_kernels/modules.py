@@ -1922,9 +1922,11 @@ def merge_and_unload(model, *, safe_merge=False):
                                    "holding the merged weight", stacklevel=2)
                 merged[id(module)] = module.to_linear()
             _set_submodule(model, name, merged[id(module)])
-    # the adapter is gone: a later inject_lora starts a new one; the embedding layers are the merged model's own now
-    for attr in (MODULES_TO_SAVE_ATTR, BIAS_ATTR, TASK_TYPE_ATTR, EMBEDDING_LAYERS_ATTR):
-        _record(model, attr, None)
+    # the adapter is gone: a later inject_lora starts a new one; the embedding layers are the merged model's own now.
+    # Also what an inject_lora or load on a submodule recorded there: kept, it outlived every LoRA layer
+    for module in model.modules():
+        for attr in (MODULES_TO_SAVE_ATTR, BIAS_ATTR, TASK_TYPE_ATTR, EMBEDDING_LAYERS_ATTR):
+            _record(module, attr, None)
     return wrapper
 
 

@@ -1252,12 +1252,22 @@ def _refuse_records_below(op, model):
     modules_to_save, embedding layers a file held): this save reads the model's own records, so the trained biases
     or heads were silently left out of the file. The model inside a wrapper whose component the state dict leaves
     out (FSDP1's root `_fsdp_wrapped_module`) is the model itself: the wrapper forwards the records' attributes."""
+    root_bias = BIAS_MODES.index(getattr(model, BIAS_ATTR, None) or "none")
+    root_heads = set(getattr(model, MODULES_TO_SAVE_ATTR, None) or ())
+    root_layers = set(getattr(model, EMBEDDING_LAYERS_ATTR, None) or ())
     for name, module in model.named_modules():
-        if not state_dict_name(name):
+        prefix = state_dict_name(name)
+        if not prefix:
             continue
-        recorded = [f"{what}={getattr(module, attr)!r}" for attr, what in (
-            (BIAS_ATTR, "bias"), (MODULES_TO_SAVE_ATTR, "modules_to_save"),
-            (EMBEDDING_LAYERS_ATTR, "embedding layers a loaded file held")) if getattr(module, attr, None)]
+        # what the model's own records already save (its bias mode covers the submodule's layers too; its
+        # modules_to_save entries select by suffix anywhere) is not lost
+        lost = [(attr, what) for attr, what, covered in (
+            (BIAS_ATTR, "bias", lambda mode: BIAS_MODES.index(mode) <= root_bias),
+            (MODULES_TO_SAVE_ATTR, "modules_to_save", lambda entries: set(entries) <= root_heads),
+            (EMBEDDING_LAYERS_ATTR, "embedding layers a loaded file held",
+             lambda layers: {f"{prefix}.{layer}" for layer in layers} <= root_layers))
+            if getattr(module, attr, None) and not covered(getattr(module, attr))]
+        recorded = [f"{what}={getattr(module, attr)!r}" for attr, what in lost]
         if recorded:
             raise ValueError(f"{op}: module {name!r} records {', '.join(recorded)} from an inject_lora or "
                              f"load_peft_adapter call on that submodule, which a file of the whole model would leave "

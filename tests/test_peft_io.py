@@ -750,6 +750,15 @@ def test_save_refuses_a_bias_mode_or_heads_recorded_on_a_submodule(tmp_path, rec
     saved = load_file(tmp_path / "body" / "adapter_model.safetensors")
     expected = "base_model.model.q.base_layer.bias" if recorded == "bias" else "base_model.model.head.weight"
     assert expected in saved, sorted(saved)
+    # the whole model's own records covering the submodule's: nothing is lost, the whole model saves
+    lk.inject_lora(model, ["out"], r=2, **kwargs)
+    lk.save_peft_adapter(model, tmp_path / "covered")
+    assert f"base_model.model.body.{expected.removeprefix('base_model.model.')}" in load_file(
+        tmp_path / "covered" / "adapter_model.safetensors")
+    # merged away, the adapter leaves no record behind, on the submodule either: a new adapter saves
+    merged = lk.merge_and_unload(model)
+    lk.inject_lora(merged, ["out"], r=2)
+    lk.save_peft_adapter(merged, tmp_path / "after_merge")
 
 
 def test_inject_lora_refuses_an_unknown_bias_mode_untouched():
