@@ -43,10 +43,12 @@ class LoRABatch:
         # A numpy integer is taken as its int (as from_adapter_ids and the ops take one); it had skipped the checks
         # below, and the torch backend then dropped the tokens of a too-short slot_counts silently. A float or bool
         # is no slot count.
-        if isinstance(self.num_adapters, (bool, float, str)):
-            raise TypeError(f"LoRABatch: num_adapters expected an int, got {self.num_adapters!r}")
-        if isinstance(self.num_adapters, numbers.Integral) and type(self.num_adapters) is not int:
-            object.__setattr__(self, "num_adapters", int(self.num_adapters))
+        count = self.num_adapters
+        if (isinstance(count, (bool, str, torch.Tensor)) or type(count).__name__ in ("bool", "bool_")  # numpy's
+                or (isinstance(count, numbers.Number) and not isinstance(count, numbers.Integral))):
+            raise TypeError(f"LoRABatch: num_adapters expected an int, got {type(count).__name__} {count!r}")
+        if isinstance(count, numbers.Integral) and type(count) is not int:
+            object.__setattr__(self, "num_adapters", int(count))
         # Only plain tensors and an int: torch.export's machinery rebuilds batches of other leaves (an _IntWrapper).
         buffers = [getattr(self, name) for name in BUFFER_FIELDS]
         if type(self.num_adapters) is not int or not all(isinstance(t, torch.Tensor) for t in buffers):

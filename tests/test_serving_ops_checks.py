@@ -164,9 +164,9 @@ def test_a_hand_built_batch_with_a_numpy_slot_count_is_checked_as_with_an_int():
         dataclasses.replace(batch, num_adapters=np.int64(3), slot_counts=batch.slot_counts[:1])
     same = dataclasses.replace(batch, num_adapters=np.int64(3))
     assert type(same.num_adapters) is int and same.num_adapters == 3
-    for bad in (3.0, True):
-        with pytest.raises(TypeError, match=rf"LoRABatch: num_adapters expected an int, got {bad!r}"):
-            dataclasses.replace(batch, num_adapters=bad)
+    for bad in (3.0, True, np.float32(3), np.bool_(True), torch.tensor(3), "3"):
+        with pytest.raises(TypeError, match=rf"LoRABatch: num_adapters expected an int, got {type(bad).__name__} "):
+            dataclasses.replace(batch, num_adapters=bad, slot_counts=batch.slot_counts[:1])
 
 
 def _six_token_batch():
