@@ -1041,6 +1041,7 @@ def _multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias, r
     else:
         if not isinstance(adapter_ids, torch.Tensor):
             raise TypeError(f"{op}: adapter_ids expected a torch.Tensor or LoRABatch, got {type(adapter_ids).__name__}")
+        ops.refuse_dtensor(op, "adapter_ids", adapter_ids)
         # unbacked sizes (mark_unbacked on x and the ids) cannot be compared while compiling: recorded as equal,
         # as LoRABatch.check_tokens does
         if adapter_ids.dim() != len(lead_shape) or any(guard_or_false(a != b)

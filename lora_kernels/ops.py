@@ -28,10 +28,10 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.symbolic_shapes import guard_or_true
 
-from lora_kernels._dtensor import describe, is_dtensor
+from lora_kernels._dtensor import describe, dtensor_class, is_dtensor
 from lora_kernels._ext import accumulate_dtype
 from lora_kernels.backends import resolve_backend
-from lora_kernels.batch import LoRABatch
+from lora_kernels.batch import BUFFER_FIELDS, LoRABatch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -199,6 +199,9 @@ def check_no_grad_inputs(op, inputs):
 def _check_batch(op, batch, num_tokens, num_slots, device, tokens_name, weights_name):
     if not isinstance(batch, LoRABatch):
         raise TypeError(f"{op}: batch expected a LoRABatch, got {type(batch).__name__}")
+    if dtensor_class() is not None:  # none exists before torch.distributed.tensor is imported
+        for field in BUFFER_FIELDS:
+            refuse_dtensor(op, f"batch.{field}", getattr(batch, field))
     batch.check_tokens(num_tokens, op, tokens_name)
     _check_batch_slots(op, batch, num_slots, weights_name)
     _check_device(op, "batch", batch.adapter_ids, device)
@@ -267,6 +270,7 @@ def as_scalings(op, scalings, num_slots, device, dtype=torch.float32):
     dtype=torch.float64 for multi_lora_linear's float64 composition, which must not round them to float32."""
     if not isinstance(scalings, torch.Tensor):
         scalings = _host_tensor(op, "scalings", scalings, dtype, "a float tensor [L] or a sequence of numbers")
+    refuse_dtensor(op, "scalings", scalings)
     if scalings.dim() != 1 or scalings.shape[0] != num_slots:
         raise ValueError(f"{op}: scalings expected shape [{num_slots}] (one per slot), got {tuple(scalings.shape)}")
     if not scalings.dtype.is_floating_point:
@@ -295,6 +299,7 @@ def as_ranks(op, ranks, num_slots, max_rank, device, weights_name, weights):
         return torch.full((num_slots,), max_rank, dtype=torch.int32, device=device)
     if not isinstance(ranks, torch.Tensor):  # int64 first: the range check below names a value past int32
         ranks = _host_tensor(op, "ranks", ranks, torch.int64, "an integer tensor [L] or a sequence of ints")
+    refuse_dtensor(op, "ranks", ranks)
     if ranks.dim() != 1 or ranks.shape[0] != num_slots:
         raise ValueError(f"{op}: ranks expected shape [{num_slots}] (one per slot), got {tuple(ranks.shape)}")
     if ranks.dtype.is_floating_point or ranks.dtype == torch.bool:

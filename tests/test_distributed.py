@@ -5,6 +5,7 @@ wrapped model (FSDP2: sharded weights gathered by every rank, rank 0 writes) loa
 Both run in one pair of spawned processes (process start-up dominates the cost). A second pair runs the serving ops
 under tensor parallelism (below)."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -278,13 +279,19 @@ def _tp_worker(rank, port, out_dir):
         # DTensor arguments: refused by name (they failed inside torch's token indexing, "mixed torch.Tensor and
         # DTensor"); the ops take each rank's shards, as above
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor import Shard, distribute_tensor
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
         mesh = init_device_mesh("cpu", (TP_WORLD,))
         weight_dt = distribute_tensor(weight, mesh, [Shard(0)])
         x_dt = distribute_tensor(x, mesh, [Shard(1)])
+        replicated = lambda t: distribute_tensor(t, mesh, [Replicate()])  # noqa: E731
+        dt_batch = dataclasses.replace(batch, adapter_ids=replicated(batch.adapter_ids))
         refusals = {}
         for name, call in (
                 ("weight", lambda: lk.multi_lora_linear(x, weight_dt, lora_a, lora_b, ids, scalings, ranks=ranks)),
+                ("adapter_ids", lambda: lk.multi_lora_linear(x, weight, lora_a, lora_b, replicated(ids), scalings)),
+                ("scalings", lambda: lk.multi_lora_linear(x, weight, lora_a, lora_b, ids, replicated(scalings))),
+                ("ranks", lambda: lk.ops.lora_shrink(x, lora_a, batch, scalings, replicated(ranks))),
+                ("batch.adapter_ids", lambda: lk.ops.lora_shrink(x, lora_a, dt_batch, scalings, ranks)),
                 ("x", lambda: lk.ops.lora_shrink(x_dt, lora_a, batch, scalings, ranks)),
                 ("out", lambda: lk.ops.lora_expand(torch.zeros(x.shape[0], lora_a.shape[1]), lora_b, batch,
                                                    distribute_tensor(x @ weight.T, mesh, [Shard(1)]), 0, ranks))):
