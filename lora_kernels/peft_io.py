@@ -1369,17 +1369,18 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
     old one, so a crash never leaves a truncated file. With torch.distributed initialised only rank 0 writes (FSDP2:
     call it on every rank, the sharded weights are gathered).
 
-    task_type: PEFT's task type for the config, e.g. "CAUSAL_LM", which AutoPeftModelForCausalLM needs (None:
-    the task type of the file load_peft_adapter read, if any, else none, as PEFT's default). base_model_name_or_path:
+    task_type: PEFT's task type for the config, e.g. "CAUSAL_LM", which AutoPeftModelForCausalLM needs (None: the
+    task type of the file load_peft_adapter read, if any, else none, as PEFT's default). base_model_name_or_path:
     None takes the model's own (from_pretrained's path). save_embedding_layers (PEFT's option): True also writes the
     whole state of the model's input and output embedding layers (those of a resized vocabulary: the new tokens'
     rows), as PEFT does, under their own keys, which load_peft_adapter and PEFT load over the model's, and for one
-    that is a LoRA target (lm_head) its base weight and bias, as `<layer>.base_layer.weight`; "auto" those that the
-    adapter file load_peft_adapter read held (PEFT's "auto" looks the base model's vocabulary size up), and the
-    targeted ones' base layers when target_modules names "lm_head" or "embed_tokens" (PEFT's rule, with its
-    warning); False none. modules_to_save modules are saved as such, never as embedding layers. A merged LoRALinear
-    saves its factors (and a targeted embedding layer the base weight unmerge() would leave), the same file as
-    unmerged (PEFT saves a merged model's merged base weight)."""
+    that is a LoRA target (lm_head) its base weight and bias, as `<layer>.base_layer.weight` (PEFT's True then
+    leaves the untargeted ones out; written here, they load in PEFT too); "auto" those that the adapter file
+    load_peft_adapter read held (PEFT's "auto" looks the base model's vocabulary size up), and the targeted ones'
+    base layers when target_modules names "lm_head" or "embed_tokens" (PEFT's rule, with its warning); False none.
+    modules_to_save modules are saved as such, never as embedding layers. A merged LoRALinear saves its factors (and
+    a targeted embedding layer the base weight unmerge() would leave), the same file as unmerged (PEFT saves a
+    merged model's merged base weight)."""
     op = "save_peft_adapter"
     model = unwrap_model(model, op)
     if isinstance(model, (LoRALinear, MultiLoRALinear)):  # PEFT's keys and target_modules name layers by their path
