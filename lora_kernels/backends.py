@@ -131,13 +131,14 @@ def auto_backend(device, op_name="lora_linear", dtype=None):
       M = 16 to 1024 in bf16 over two runs (BENCHMARKS.md, session 31). In fp16 (AVX512-FP16) it took 1.0-2.2x:
       the C++ kernels stay, whose float32 S and dS do not overflow where PEFT's fp16 composition does. So do their
       grouped ops, ahead at decode sizes (0.7-0.9x the torch fallback's multi-adapter fwd+bwd at 16 and 64 tokens in
-      bf16), behind at 1024 tokens (1.7-2.0x). The Triton interpreter is for tests and never chosen automatically.
+      bf16), behind at 1024 tokens (1.7-2.0x). The Triton interpreter is for tests and never chosen automatically
+      (with TRITON_INTERPRET=1 on a GPU machine the grouped ops take the C++ CUDA kernels).
     float64 (dtype) skips Triton, whose kernels run 32- and 16-bit floats only. DTensor arguments (tensor
     parallelism) never come here: lora_linear picks "torch" for them (functional.resolve_dtensor_backend)."""
     device = torch.device(device)
     if device.type == "cuda":
         order = ("triton", "cuda", "torch") if op_name in GROUPED_OPS else ("torch",)
-        if dtype == torch.float64:
+        if dtype == torch.float64 or _triton_pkg.INTERPRET:  # TRITON_INTERPRET=1 would run CUDA tensors interpreted
             order = tuple(name for name in order if name != "triton")
     elif device.type == "cpu":
         bf16_units = op_name == "lora_linear" and dtype == torch.bfloat16 and CPU_HAS_BF16_GEMM_UNITS

@@ -525,6 +525,14 @@ def check_triton_args(op, dtype, num_slots):
                          f"got L = {num_slots}")
 
 
+def without_triton_past_its_grid(requested, backend, num_slots):
+    """The resolved `backend`, but torch where "auto" picked Triton (on GPUs) for more adapter slots than its grid
+    dimension holds, a call check_triton_args refuses (and the CUDA kernels' grid too, past decode size)."""
+    if requested == "auto" and backend == "triton" and num_slots > triton_sgmv().MAX_GRID_YZ:
+        return "torch"
+    return backend
+
+
 def run_shrink(backend, x, lora_a, batch, scalings, ranks, deterministic=False, out=None):
     """lora_shrink for arguments already checked (scalings and ranks as check_shrink_args returns them) and a
     resolved backend: multi_lora_linear checks once and calls this for forward and backward."""
@@ -575,7 +583,7 @@ def lora_shrink(x, lora_a, batch, scalings, ranks=None, *, backend="auto", deter
     deterministic = check_flag(op, "deterministic", deterministic)
     check_no_grad_inputs(op, (("x", x), ("lora_a", lora_a), ("scalings", scalings)))
     scalings, ranks = check_shrink_args(op, x, lora_a, batch, scalings, ranks)
-    backend = resolve_backend(backend, x.device, op, x.dtype)
+    backend = without_triton_past_its_grid(backend, resolve_backend(backend, x.device, op, x.dtype), lora_a.shape[0])
     if backend == "triton":
         check_triton_args(op, x.dtype, lora_a.shape[0])
     if out is not None:
@@ -600,7 +608,8 @@ def lora_expand(t, lora_b, batch, out, slice_offset=0, ranks=None, *, backend="a
         slice_offset = int(slice_offset)  # a numpy integer, say
     ranks = check_expand_args(op, t, lora_b, batch, out, slice_offset, ranks)
     check_no_grad_inputs(op, (("t", t), ("lora_b", lora_b)))
-    backend = resolve_backend(backend, out.device, op, out.dtype)
+    backend = without_triton_past_its_grid(backend, resolve_backend(backend, out.device, op, out.dtype),
+                                           lora_b.shape[0])
     if backend == "triton":
         check_triton_args(op, out.dtype, lora_b.shape[0])
     return run_expand(backend, t, lora_b, batch, ranks, out, slice_offset)
@@ -690,10 +699,13 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
     if sum(widths) != y.shape[1]:
         raise ValueError(f"{op}: y expected {sum(widths)} columns (sum of output_slices {widths}), "
                          f"got shape {tuple(y.shape)}")
-    backend = resolve_backend(backend, y.device, op, y.dtype)
+    # a float64 x (into a float32 y) is no call for the Triton kernels, which "auto" picks on GPUs by y's dtype
+    x_float64 = isinstance(x, torch.Tensor) and x.dtype == torch.float64
+    requested, backend = backend, resolve_backend(backend, y.device, op, torch.float64 if x_float64 else y.dtype)
     offsets = [sum(widths[:j]) for j in range(len(widths))]
     scalings, slice_ranks = _check_slices(op, y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, widths,
                                           offsets)
+    backend = without_triton_past_its_grid(requested, backend, batch.num_adapters)
     if buffer is not None:
         expected = (len(widths), x.shape[0], lora_a_slices[0].shape[1])
         _check_float(op, "buffer", buffer, 3)

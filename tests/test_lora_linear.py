@@ -867,6 +867,7 @@ def test_auto_picks_by_device_and_op_as_the_readme_says(monkeypatch):
     for every op but lora_linear in bf16 on a CPU with bf16 GEMM units (the torch composition); the Triton
     interpreter is never chosen, and torch is the last fallback."""
     monkeypatch.setattr(backends, "unavailable_reason", lambda name, device: None)
+    monkeypatch.setattr(backends._triton_pkg, "INTERPRET", False)  # compiled Triton kernels, as on a GPU
     for units in (False, True):  # a CPU with bf16 GEMM units: lora_linear in bf16 on the torch composition
         monkeypatch.setattr(backends, "CPU_HAS_BF16_GEMM_UNITS", units)
         for dtype in (None, torch.float32, torch.float16, torch.bfloat16):
@@ -878,6 +879,9 @@ def test_auto_picks_by_device_and_op_as_the_readme_says(monkeypatch):
             assert backends.auto_backend("cpu", "lora_linear", dtype) == expected
     for op in backends.GROUPED_OPS:  # float64: the cuda kernels, Triton's taking 32- and 16-bit floats only
         assert backends.auto_backend("cuda", op, torch.float64) == "cuda"
+    monkeypatch.setattr(backends._triton_pkg, "INTERPRET", True)  # TRITON_INTERPRET=1 on a GPU machine
+    for op in backends.GROUPED_OPS:
+        assert backends.auto_backend("cuda", op) == "cuda"
     for op in ("lora_linear", *backends.GROUPED_OPS):  # other devices: the torch composition, whatever else says
         assert backends.auto_backend("meta", op) == "torch"
     monkeypatch.setattr(backends, "unavailable_reason", lambda name, device: None if name == "torch" else "absent")

@@ -860,3 +860,39 @@ def test_a_hand_built_batch_out_of_range_is_refused_on_the_host(backend):
         with pytest.raises(ValueError, match=re.escape(field)):
             lk.ops.lora_expand(torch.ones(m, r), lora_b, batch, y, backend=backend)
         assert (y == 0).all(), what
+
+
+def test_auto_leaves_out_the_triton_kernels_where_they_cannot_run(monkeypatch):
+    """On GPUs "auto" picks the Triton kernels for the grouped ops by op and dtype alone: a float64 x into a float32 y
+    (add_lora, resolved by y's dtype) and more adapter slots than Triton's grid holds were then refused by the Triton
+    checks, where other backends run them; with TRITON_INTERPRET=1 CUDA tensors would run interpreted. Stand-ins: a
+    resolve_backend that gives "auto" the GPU choice (triton, but for float64), and a CUDA device for auto_backend."""
+    from lora_kernels import backends, functional, ops
+
+    real = backends.resolve_backend
+
+    def gpu_like(backend, device, op, dtype=None):
+        return ("triton" if dtype != torch.float64 else "torch") if backend == "auto" else real(backend, device, op,
+                                                                                               dtype)
+    monkeypatch.setattr(ops, "resolve_backend", gpu_like)
+    monkeypatch.setattr(functional, "resolve_backend", gpu_like)
+    slots = ops.triton_sgmv().MAX_GRID_YZ + 1
+    x, lora_a, lora_b = torch.randn(2, 2), torch.randn(slots, 1, 2), torch.randn(slots, 3, 1)
+    ids, scalings = torch.tensor([0, slots - 1]), torch.ones(slots)
+    batch = LoRABatch.from_adapter_ids(ids, slots)
+    torch.testing.assert_close(lk.ops.lora_shrink(x, lora_a, batch, scalings, backend="auto"),
+                               lk.ops.lora_shrink(x, lora_a, batch, scalings, backend="torch"))
+    weight = torch.randn(3, 2)
+    torch.testing.assert_close(lk.multi_lora_linear(x, weight, lora_a, lora_b, ids, scalings),
+                               lk.multi_lora_linear(x, weight, lora_a, lora_b, ids, scalings, backend="torch"))
+    small = LoRABatch.from_adapter_ids(torch.tensor([0, 1, -1]), 2)
+    y, expected = torch.zeros(3, 4), torch.zeros(3, 4)
+    x64, a, b = torch.randn(3, 5, dtype=torch.float64), torch.randn(2, 2, 5, dtype=torch.float64), torch.randn(2, 4, 2)
+    lk.ops.add_lora(y, x64, [a], [b], small, torch.ones(2), None, [4])
+    lk.ops.add_lora(expected, x64, [a], [b], small, torch.ones(2), None, [4], backend="torch")
+    torch.testing.assert_close(y, expected)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(backends._triton_pkg, "INTERPRET", True)
+    assert backends.auto_backend(torch.device("cuda"), "multi_lora_linear", torch.float32) != "triton"
+
