@@ -54,7 +54,8 @@ def print_info(as_json=False):
           f"(CUDA {info['torch_cuda'] or 'none'})  triton {info['triton'] or 'not installed'}")
     print(f"CUDA device: {info['cuda_device'] or 'none'}")
     print("Triton TMA forward/dX kernels (sm_90+; fwd+bwd 1.11-1.12x the pointer kernels' time on the H200): "
-          + ("on" if info["triton_tma"] else "off (LORA_KERNELS_TRITON_TMA=1 turns them on)"))
+          + ("on" if info["triton_tma"] else "off (LORA_KERNELS_TRITON_TMA=1 turns them on)" if info["triton"]
+             else "unavailable (triton is not importable)"))
     ext = info["extension"]
     skipped = f" ({ext['cuda_skipped']} when it was built)" if ext.get("cuda_skipped") else ""
     print("C++ extension: " + ("loaded, built " + ("with" if ext["with_cuda"] else "without") + " CUDA" + skipped
@@ -67,7 +68,7 @@ def print_info(as_json=False):
         print(f"backends for {device} tensors (auto -> lora_linear: {auto['lora_linear']}{by_dtype}, "
               f"grouped ops: {auto['grouped']}):")
         for name, status in table.items():
-            if name == "triton" and device == "cpu" and status == "available":
+            if name == "triton" and status == "available" and info["triton_interpreter"]:
                 status += " (the Triton interpreter, TRITON_INTERPRET=1: for tests, not a compiled kernel)"
             print(f"  {name:10s} {status}")
 

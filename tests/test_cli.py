@@ -70,6 +70,14 @@ def test_info_says_triton_on_cpu_is_the_interpreter():
     assert re.search(r"^  triton +available \(the Triton interpreter, TRITON_INTERPRET=1", proc.stdout, re.MULTILINE)
 
 
+def test_info_says_the_tma_kernels_are_unavailable_without_triton(monkeypatch, capsys):
+    """Without triton, info told the user to set LORA_KERNELS_TRITON_TMA=1, which cannot turn them on."""
+    info = cli.info_dict()
+    monkeypatch.setattr(cli, "info_dict", lambda: {**info, "triton": None, "triton_tma": False})
+    cli.print_info()
+    assert "pointer kernels' time on the H200): unavailable (triton is not importable)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("units", [False, True])
 def test_info_names_the_bf16_lora_linear_choice_where_it_differs(units, monkeypatch, capsys):
     from lora_kernels import backends
