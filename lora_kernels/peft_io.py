@@ -82,6 +82,10 @@ _REFUSED_FIELDS = {
     "use_bdlora": "block-diagonal LoRA",
     "arrow_config": "Arrow routing",
 }
+# The variants PEFT's LoraConfig turns from a dict into its sub-config object (_get_lora_subconfig): {} too, whose
+# defaults then switch the variant on (a "kasa_config": {} file ran KaSA in PEFT, 0.44 apart from the plain LoRA
+# loaded here), so any dict asks for it.
+_SUBCONFIG_FIELDS = ("velora_config", "monteclora_config", "kasa_config", "use_bdlora", "arrow_config")
 # init_lora_weights values whose adapters were trained against a base model PEFT modified (residual weights):
 # loaded as they are, with a warning, since only the caller knows which base they pass.
 _BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
@@ -170,7 +174,7 @@ def parse_adapter_config(raw, file=CONFIG_NAME):
     if peft_type != "LORA":
         raise _bad(file, "peft_type", '"LORA" (only LoRA adapters are supported)', peft_type)
     for field, what in _REFUSED_FIELDS.items():
-        if field in raw and not _is_unset(raw[field]):
+        if field in raw and (not _is_unset(raw[field]) or field in _SUBCONFIG_FIELDS and isinstance(raw[field], dict)):
             raise ValueError(f"{file}: field {field!r} = {raw[field]!r} asks for {what}, which lora_kernels does not "
                              f"implement; refusing to load a partial adapter")
     bias = raw.get("bias", "none")

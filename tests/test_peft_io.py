@@ -3,6 +3,7 @@ loads (bad files leave the model untouched) and atomic saves, several named adap
 Interop with PEFT itself on Hugging Face models is in test_hf_models.py."""
 
 import copy
+import dataclasses
 import json
 import os
 import pathlib
@@ -1266,6 +1267,19 @@ def test_config_fields_are_checked_by_name(changes, message):
     missing peft_type, r=true, a rank of 4.0 in rank_pattern, a dropout of 1 were each accepted by some variant)."""
     with pytest.raises(ValueError, match=rf"^adapter_config\.json: .*{message}"):
         peft_io.parse_adapter_config(_raw_config(**changes))
+
+
+@pytest.mark.parametrize("field", ["kasa_config", "velora_config", "monteclora_config", "use_bdlora", "arrow_config"])
+def test_an_empty_variant_config_is_refused_as_peft_turns_the_variant_on(field):
+    """PEFT's LoraConfig makes its sub-config object of any dict, {} included, whose defaults switch the variant on
+    (a "kasa_config": {} file ran KaSA in PEFT, 0.44 apart from the plain LoRA this loaded silently, as "unset").
+    null still means off."""
+    with pytest.raises(ValueError, match=rf"^adapter_config\.json: field '{field}' = \{{\}} asks for "):
+        peft_io.parse_adapter_config(_raw_config(**{field: {}}))
+    assert peft_io.parse_adapter_config(_raw_config(**{field: None})).r == _raw_config()["r"]
+    peft = pytest.importorskip("peft")
+    if field in {f.name for f in dataclasses.fields(peft.LoraConfig)}:  # PEFT 0.21's fields; an older one lacks some
+        assert getattr(peft.LoraConfig(target_modules=["q_proj"], **{field: {}}), field)  # truthy: the variant is on
 
 
 def test_a_config_that_is_not_an_object_is_refused():
