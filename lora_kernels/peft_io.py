@@ -44,8 +44,8 @@ from lora_kernels.modules import (_PEFT_ONLY_HINT, BASE_ADAPTER, BIAS_ATTR, BIAS
                                   _warn_tied_targets, adapter_table_lock, check_no_accelerate_hook,
                                   check_targets_outside_heads, check_wrappable_linear, copy_into, embedding_layer,
                                   enable_input_grads_for_checkpointing, in_out_features, is_conv1d, is_layer_index,
-                                  lora_scaling, named_modules_to_save, named_target_modules, pattern_value,
-                                  resolve_batch_adapters, state_dict_name, trained_biases, unwrap_model,
+                                  is_name_wrapper, lora_scaling, named_modules_to_save, named_target_modules,
+                                  pattern_value, resolve_batch_adapters, state_dict_name, trained_biases, unwrap_model,
                                   warn_dropped_hooks, warn_fan_in_fan_out_corrections)
 from lora_kernels.ops import check_flag, refuse_inference_tensor_writes
 
@@ -1251,6 +1251,40 @@ def _adapter_config(op, model, records, module_names, modules_to_save, bias, tas
     return config
 
 
+# PEFT's task model classes add their head to modules_to_save when they load a file with these task types
+# (PeftModelForSequenceClassification and ...ForTokenClassification "classifier" and "score", ...ForQuestionAnswering
+# "qa_outputs"; selected by PEFT's suffix test), then require its weights in the file and never put a LoRA on it.
+_TASK_TYPE_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+                    "QUESTION_ANS": ("qa_outputs",)}
+
+
+def _refuse_task_heads_left_out(op, model, task_type, heads):
+    """ValueError where `task_type` makes PEFT train and load one of the model's modules whole (_TASK_TYPE_HEADS)
+    that this file would not hold as such: PeftModel.from_pretrained failed with a KeyError on its weights, and a
+    LoRA on it PEFT would drop. heads: the modules_to_save this save writes."""
+    implied = _TASK_TYPE_HEADS.get(task_type, ())
+    saved = {id(module) for _, module in heads}
+    matched = []
+    for name, module in model.named_modules():
+        key = state_dict_name(name)
+        if (not key or is_name_wrapper(module) or not key.endswith(implied)
+                or any(name.startswith(prefix) for prefix in matched)):
+            continue
+        matched.append(name + ".")  # PEFT wraps the outermost match
+        lora = [f"{key}.{n}".rstrip(".") for n, m in module.named_modules() if isinstance(m, LORA_WRAPPERS)]
+        why = (f"{op}: task_type={task_type!r} makes PEFT add {list(implied)} to modules_to_save when it loads the "
+               f"file: it trains and loads the model's {key!r} whole")
+        if lora:
+            raise ValueError(f"{why} and puts no LoRA on it, but it holds the LoRA layer {lora[0]!r}, which PEFT "
+                             f"would drop; save with task_type=None, or train that head whole (inject_lora "
+                             f"modules_to_save) instead of with a LoRA; nothing was written")
+        if id(module) not in saved:
+            raise ValueError(f"{why} and requires its weights in the file, which this one would not hold (it is not "
+                             f"among the model's modules_to_save): inject_lora(..., modules_to_save=["
+                             f"{key.rsplit('.', 1)[-1]!r}]) trains and saves it, or save with task_type=None; nothing "
+                             f"was written")
+
+
 def _refuse_records_below(op, model):
     """ValueError for what inject_lora or load_peft_adapter called on a submodule recorded there (a bias mode,
     modules_to_save, embedding layers a file held): this save reads the model's own records, so the trained biases
@@ -1421,6 +1455,7 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
     heads = named_modules_to_save(model, modules_to_save, op) if modules_to_save else []
     if modules_to_save and not heads:
         raise ValueError(f"{op}: model.{MODULES_TO_SAVE_ATTR} = {modules_to_save!r} matches no module of the model")
+    _refuse_task_heads_left_out(op, model, task_type, heads)
     config = _adapter_config(op, model, records, module_names, modules_to_save if heads else None, bias, task_type,
                              base_model_name_or_path)
     tensors = _adapter_tensors(op, model, records, module_names, heads, bias, adapter_name, save_embedding_layers,

@@ -261,6 +261,50 @@ def test_sequence_classification_head_in_modules_to_save_both_ways(tmp_path):
     assert (logits - base(input_ids=ids).logits).abs().max() > 1e-2  # the head and the adapter do something
 
 
+@pytest.mark.parametrize("task_type, model_class, head", [
+    ("SEQ_CLS", "LlamaForSequenceClassification", "score"),
+    ("TOKEN_CLS", "LlamaForTokenClassification", "score"),
+    ("QUESTION_ANS", "LlamaForQuestionAnswering", "qa_outputs")])
+def test_save_refuses_a_task_type_whose_head_the_file_would_leave_out(tmp_path, task_type, model_class, head):
+    """PEFT's task classes add the task's head to modules_to_save when they load a file of that task type, then
+    require its weights in the file: a file saved here with task_type="SEQ_CLS" and the head neither in
+    modules_to_save nor anywhere failed in PeftModel.from_pretrained with a KeyError, and one with a LoRA on the head
+    would load without that LoRA (PEFT targets no modules_to_save module). Both refused by name, nothing written;
+    with the head in modules_to_save the file loads in PEFT and computes the same."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=VOCAB, num_labels=3, pad_token_id=0)
+    base = getattr(transformers, model_class)(config).eval()
+    left_out = lk.inject_lora(copy.deepcopy(base), ["q_proj", "v_proj"], r=4, init_lora_weights="gaussian")
+    with pytest.raises(ValueError, match=rf"save_peft_adapter: task_type='{task_type}' makes PEFT add .* the model's "
+                                         rf"'{head}' whole and requires its weights in the file, .* "
+                                         rf"modules_to_save=\['{head}'\]"):
+        lk.save_peft_adapter(left_out, tmp_path / "refused", task_type=task_type)
+    lora_on_head = lk.inject_lora(copy.deepcopy(base), ["q_proj", head], r=4)
+    with pytest.raises(ValueError, match=rf"task_type='{task_type}' .* it holds the LoRA layer '{head}', which PEFT "
+                                         r"would drop"):
+        lk.save_peft_adapter(lora_on_head, tmp_path / "refused", task_type=task_type)
+    assert not (tmp_path / "refused").exists()
+    # the refusal is PEFT's: the first file, written without a task type and given it afterwards, does not load
+    lk.save_peft_adapter(left_out, tmp_path / "edited")
+    config_file = tmp_path / "edited" / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "task_type": task_type}))
+    with pytest.raises(KeyError, match=head):
+        PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "edited")
+    ours = lk.inject_lora(copy.deepcopy(base), ["q_proj", "v_proj"], r=4, init_lora_weights="gaussian",
+                          modules_to_save=[head])
+    with torch.no_grad():
+        getattr(ours, head).weight.add_(0.5)  # as if trained
+    lk.save_peft_adapter(ours, tmp_path / "ours", task_type=task_type)
+    theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    assert type(theirs).__name__ != "PeftModel"  # the task's class
+    ids = _ids()
+    for name in ("logits", "start_logits"):
+        ours_out, theirs_out = getattr(ours(input_ids=ids), name, None), getattr(theirs(input_ids=ids), name, None)
+        if ours_out is not None:
+            assert_close(ours_out.detach(), theirs_out.detach(), torch.float32, name)
+
+
 def test_distilbert_pre_classifier_as_target_and_head_is_refused_untouched():
     """DistilBERT's pre_classifier ends with "classifier": modules_to_save=["classifier"] selects it (PEFT's suffix
     rule), and "all-linear" targets it too. PEFT refuses that at get_peft_model; so does inject_lora, before any
