@@ -556,20 +556,25 @@ class LoRALinear(nn.Module):
             raise TypeError(f"LoRALinear.to_linear: the base weight is {describe(self.weight)} (tensor parallelism) "
                             f"and the new layer would be a plain one; merge() in place, or save the adapter "
                             f"(save_peft_adapter, on every rank) and merge it into an unsharded model")
-        if self.fan_in_fan_out:
-            conv1d = conv1d_class()
-            if conv1d is None:
-                raise RuntimeError("LoRALinear.to_linear: fan_in_fan_out layers unwrap to transformers' Conv1D, but "
-                                   "transformers is not imported")
-            # Conv1D always has a bias (zeros when this layer has none: same output).
-            linear = conv1d(self.out_features, self.in_features).to(device=self.weight.device, dtype=self.weight.dtype)
-        else:
-            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                               device=self.weight.device, dtype=self.weight.dtype)
+        # Built on the meta device: its random initialisation, overwritten below anyway, moved the global RNG (a
+        # sampling after merge_and_unload differed from PEFT's, which merges in place), and Conv1D's ran on a
+        # float32 CPU copy of the whole weight first.
+        with torch.device("meta"):
+            if self.fan_in_fan_out:
+                conv1d = conv1d_class()
+                if conv1d is None:
+                    raise RuntimeError("LoRALinear.to_linear: fan_in_fan_out layers unwrap to transformers' Conv1D, "
+                                       "but transformers is not imported")
+                linear = conv1d(self.out_features, self.in_features)  # always with a bias: zeros where none
+            else:
+                linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        linear = linear.to(dtype=self.weight.dtype).to_empty(device=self.weight.device)
         with torch.no_grad():
             linear.weight.copy_(self._merged_weight())
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
+            elif linear.bias is not None:
+                linear.bias.zero_()
         linear.weight.requires_grad_(self.weight.requires_grad)
         if linear.bias is not None:
             linear.bias.requires_grad_(self.bias is not None and self.bias.requires_grad)

@@ -564,6 +564,27 @@ def test_merge_and_unload_gives_plain_linears_with_the_same_output():
     assert not any(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.parametrize("fan_in_fan_out", [False, True], ids=["linear", "conv1d"])
+def test_merge_and_unload_leaves_the_random_state_as_it_was(fan_in_fan_out):
+    """PEFT's merge_and_unload merges in place; here each unwrapped layer was built with its random initialisation
+    (then overwritten), which moved the global RNG: a sampling or shuffle after it differed from the same script with
+    PEFT. A Conv1D without a bias of its own unwraps with a zero bias (not an uninitialised one)."""
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D  # noqa: F401  (fan_in_fan_out layers unwrap to it)
+    model = nn.Sequential(_trained(LoRALinear(8, 6, r=2, bias=False, fan_in_fan_out=fan_in_fan_out)), nn.ReLU(),
+                          _trained(LoRALinear(6, 4, r=2, fan_in_fan_out=fan_in_fan_out)))
+    x = torch.randn(3, 8)
+    expected = model(x)
+    torch.manual_seed(11)
+    merge_and_unload(model)
+    after = torch.rand(4)
+    torch.manual_seed(11)
+    assert torch.equal(after, torch.rand(4))
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    if fan_in_fan_out:
+        assert torch.equal(model[0].bias, torch.zeros(6))
+
+
 def test_merge_and_unload_of_a_lora_layer_itself_returns_the_merged_linear():
     """Given a LoRALinear, it returned that layer unmerged, with the merged nn.Linear set as a child named "" (found
     by a review); it now returns the merged layer and leaves the LoRALinear as it was."""
