@@ -410,13 +410,16 @@ class LoRALinearFunction(torch.autograd.Function):
         factors = (lora_a, lora_b)
         lora_a, lora_b = _in_dtype(lora_a, x2.dtype), _in_dtype(lora_b, x2.dtype)
         y, s = _lora_linear_forward(x2, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend)
-        # W is read only for dX. Not saving it otherwise matters under autocast, where it is a 16-bit copy [N, K]
-        # (the first layer's projections, whose input needs no gradient). The float32 factors too, where they were
-        # cast: create_graph's backward differentiates through them.
-        ctx.save_for_backward(x2, s, weight if ctx.needs_input_grad[0] else None, lora_a, lora_b, seed,
+        need_x, need_w, need_a = ctx.needs_input_grad[:3]
+        # x [M, K] is read only by dA = dSᵀ·drop(x) and dW = dYᵀ·x: with lora_a and the weight frozen (LoRA-FA, or
+        # an adapter frozen while the layers below train) dB needs only S and dX only dY, as PEFT's unfused layer
+        # then keeps only S. W is read only for dX: not saving it otherwise matters under autocast, where it is a
+        # 16-bit copy [N, K] (the first layer's projections, whose input needs no gradient). The float32 factors
+        # too, where they were cast: create_graph's backward differentiates through them.
+        ctx.save_for_backward(x2 if need_a or need_w else None, s, weight if need_x else None, lora_a, lora_b, seed,
                               *(factors if lora_a is not factors[0] else ()))
         ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
-        ctx.has_bias, ctx.weight_dtype = bias is not None, weight.dtype
+        ctx.has_bias, ctx.weight_dtype, ctx.x_dtype = bias is not None, weight.dtype, x2.dtype
         return y
 
     @staticmethod
@@ -435,8 +438,8 @@ class LoRALinearFunction(torch.autograd.Function):
             # from lora_a and x, so dB would miss their terms: the torch composition, on an S recomputed here
             # (from float32 factors cast again, differentiably: the forward's casts are not in the graph).
             if factors and lora_wanted:
-                lora_a, lora_b = (factor.to(x2.dtype) for factor in factors)
-            return _lora_linear_backward_differentiable(ctx, dy, x2, weight, lora_a, lora_b, seed, grad_a_like,
+                lora_a, lora_b = (factor.to(ctx.x_dtype) for factor in factors)
+            return _lora_linear_backward_differentiable(ctx, dy, x2, s, weight, lora_a, lora_b, seed, grad_a_like,
                                                         grad_b_like)
         dy = dy.contiguous()
         dx = d_weight = d_lora_a = d_lora_b = d_bias = None
@@ -451,7 +454,7 @@ class LoRALinearFunction(torch.autograd.Function):
             if need_a:
                 d_lora_a = kernels.lora_bwd_da(ds, x2, dropout_p, _or_zero(seed))
         else:
-            keep = torch_dropout_keep(seed, x2, dropout_p) if dropout_p > 0.0 else None
+            keep = torch_dropout_keep(seed, _like_x(ctx, dy, lora_a), dropout_p) if dropout_p > 0.0 else None
             d_lora_b, ds = _dy_products(backend, dy, s, lora_b, scaling, grad_b_like.dtype)
             # ds's dtype: the other operands of the dS products are widened to it (a no-op but for the cpu and
             # small-M cuda paths in 16 bits), and autocast must not round them back.
@@ -485,7 +488,13 @@ class LoRALinearFunction(torch.autograd.Function):
             d_weight = _fp32_mm(dy.T, x2) if widen else dy.T @ x2
         if need_bias and ctx.has_bias:
             d_bias = dy.sum(0)
-        return _cast_grads(ctx, (dx, d_weight, d_lora_a, d_lora_b, d_bias), x2, grad_a_like, grad_b_like)
+        return _cast_grads(ctx, (dx, d_weight, d_lora_a, d_lora_b, d_bias), grad_a_like, grad_b_like)
+
+
+def _like_x(ctx, dy, lora_a):
+    """A tensor with x2's shape [M, K], dtype and device and no memory of its own: what the dropout mask is drawn
+    like in backward, where x2 itself is saved only for dA and dW (LoRALinearFunction.forward)."""
+    return dy.new_empty((), dtype=ctx.x_dtype).expand(dy.shape[0], lora_a.shape[1])
 
 
 def _dy_products(backend, dy, s, lora_b, scaling, grad_b_dtype):
@@ -511,7 +520,7 @@ def _in_dtype(t, dtype):
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _cast_grads(ctx, grads, x2, lora_a, lora_b):
+def _cast_grads(ctx, grads, lora_a, lora_b):
     """LoRALinearFunction.backward's return: each gradient in its input's dtype (None where not needed)."""
     dx, d_weight, d_lora_a, d_lora_b, d_bias = grads
     if _has_dtensor((lora_a,)):
@@ -522,7 +531,7 @@ def _cast_grads(ctx, grads, x2, lora_a, lora_b):
                               else g.redistribute(t.device_mesh, t.placements)
                               for g, t in ((d_lora_a, lora_a), (d_lora_b, lora_b)))
     cast = (lambda g, dtype: None if g is None else _in_dtype(g, dtype))
-    return (cast(dx, x2.dtype), cast(d_weight, ctx.weight_dtype), cast(d_lora_a, lora_a.dtype),
+    return (cast(dx, ctx.x_dtype), cast(d_weight, ctx.weight_dtype), cast(d_lora_a, lora_a.dtype),
             cast(d_lora_b, lora_b.dtype) if ctx.needs_input_grad[3] else None, cast(d_bias, ctx.weight_dtype),
             None, None, None, None)
 
@@ -596,28 +605,40 @@ def _scaled_dy_products(dy, s, lora_b, scaling):
     return (None if s is None else scaling * (dy.T @ s.to(dy.dtype))), scaling * (dy @ lora_b.to(dy.dtype))
 
 
-def _lora_linear_backward_differentiable(ctx, dy, x2, weight, lora_a, lora_b, seed, grad_a_like, grad_b_like):
+def _lora_linear_backward_differentiable(ctx, dy, x2, s, weight, lora_a, lora_b, seed, grad_a_like, grad_b_like):
     """The A/B-only backward of design.md §2 in differentiable torch ops (any backend, for create_graph=True):
-    S is recomputed from x and lora_a so that dB, too, carries their derivatives. grad_a_like, grad_b_like: the
-    Function's factor inputs, whose dtypes the gradients take. The LoRA branch (its float32 copies of dY and x
-    included) is differentiated only when x or a factor needs a gradient."""
+    S is recomputed from x and lora_a so that dB, too, carries their derivatives (the saved S where neither needs a
+    gradient: x2 is then None, see LoRALinearFunction.forward). grad_a_like, grad_b_like: the Function's factor
+    inputs, whose dtypes the gradients take. The LoRA branch (its float32 copies of dY and x included) is
+    differentiated only when x or a factor needs a gradient."""
     scaling, dropout_p = ctx.scaling, ctx.dropout_p
     need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
+    if x2 is None and need_x and need_b:
+        raise RuntimeError(
+            "lora_linear: a create_graph=True backward with lora_b and x requiring gradients but lora_a and the "
+            "weight frozen needs x to differentiate dB = s·dYᵀ·(x·Aᵀ) with respect to x, and the forward did not "
+            "keep x (it keeps x [M, K] only for the gradients of lora_a and the weight, as PEFT's layer does with "
+            "lora_A frozen); run that forward with lora_a.requires_grad_(True) (and leave its gradient unused)")
     dx = d_lora_a = d_lora_b = None
     if need_x or need_a or need_b:
-        drop = None if dropout_p == 0.0 else _dropout_as_function(ctx.backend, seed, x2, dropout_p)  # forward's mask
+        # the forward's mask
+        drop = None if dropout_p == 0.0 else _dropout_as_function(ctx.backend, seed, _like_x(ctx, dy, lora_a),
+                                                                  dropout_p)
         with ops.autocast_off(dy.device):  # the LoRA branch's dtype, not autocast's (as in the first-order backward)
-            dy_l, x_l, a_l, b_l = _differentiable_lora_operands(ctx.backend, dy, x2, lora_a, lora_b)
-            x_l = x_l if drop is None else drop(x_l)  # after the widening, as in _lora_linear_composition
+            dy_l, a_l, b_l = _differentiable_lora_operands(ctx.backend, dy, lora_a, lora_b)
+            if x2 is not None:
+                x_l, = _differentiable_lora_operands(ctx.backend, x2)
+                x_l = x_l if drop is None else drop(x_l)  # after the widening, as in _lora_linear_composition
+            s_l = None if not need_b else (x_l @ a_l.T if x2 is not None else s.to(dy_l.dtype))
             # differentiable; the scaling where no 16-bit product overflows first
-            d_lora_b, ds = _scaled_dy_products(dy_l, x_l @ a_l.T if need_b else None, b_l, scaling)
+            d_lora_b, ds = _scaled_dy_products(dy_l, s_l, b_l, scaling)
             d_lora_a = ds.T @ x_l if need_a else None
             if need_x:
                 dx_lora = ds @ a_l
                 dx = dy @ weight + (dx_lora if drop is None else drop(dx_lora))
     d_weight = dy.T @ x2 if need_w else None
     d_bias = dy.sum(0) if need_bias and ctx.has_bias else None
-    return _cast_grads(ctx, (dx, d_weight, d_lora_a, d_lora_b, d_bias), x2, grad_a_like, grad_b_like)
+    return _cast_grads(ctx, (dx, d_weight, d_lora_a, d_lora_b, d_bias), grad_a_like, grad_b_like)
 
 
 def lora_linear(x, weight, lora_a, lora_b, scaling=1.0, bias=None, *, dropout_p=0.0, backend="auto"):

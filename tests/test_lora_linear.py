@@ -373,6 +373,87 @@ def test_each_gradient_when_only_its_input_needs_one(backend, trained, device):
             assert leaf.grad is None, name
 
 
+def _saved_sizes(fn):
+    """The shapes of the tensors autograd saves for backward while fn() runs (parameters included)."""
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return shapes
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25], ids=["no_dropout", "dropout"])
+def test_x_is_saved_only_for_the_gradients_that_read_it(backend, dropout_p, device):
+    """x [M, K] is read only by dA and dW: with lora_a and the weight frozen (PEFT's LoRA-FA freezes lora_A; an
+    adapter frozen while the layers below train) the backward needs S for dB and dY for dX, and PEFT's unfused
+    layer then keeps only S. x was saved for every backward (an [M, K] activation per layer PEFT does not keep, and
+    an x made under torch.inference_mode could not be saved at all). The gradients are the reference's, with the
+    forward's dropout mask regenerated without x. M, K, N, r all distinct."""
+    backend_or_skip(backend, device)
+    m, k, n, r = 11, 24, 18, 8
+    x, weight, lora_a, lora_b, bias = lora_inputs(m, k, n, r, torch.float32, device)
+    dy = randn(m, n, device=device)
+    for trained in (("x", "lora_b"), ("lora_b",), ("x",), ("x", "lora_a", "lora_b"), ("lora_b", "weight")):
+        leaves = {name: t.clone().requires_grad_(name in trained)
+                  for name, t in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b))}
+        torch.manual_seed(5)
+        seed = functional.new_seed()
+        torch.manual_seed(5)
+        outputs = []
+        saved = _saved_sizes(lambda: outputs.append(
+            lora_linear(*leaves.values(), 0.5, bias, dropout_p=dropout_p, backend=backend)))
+        x_read = "lora_a" in trained or "weight" in trained
+        assert ((m, k) in saved) == x_read, (trained, saved)
+        grads = torch.autograd.grad(outputs[0], [leaves[name] for name in trained], dy)
+        mask = _dropout_mask(backend, seed, x, dropout_p) if dropout_p else None
+        full = {name: t.double().requires_grad_(name in trained)
+                for name, t in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b))}
+        expected = torch.autograd.grad(reference.lora_linear(*full.values(), 0.5, bias, mask),
+                                       [full[name] for name in trained], dy.double())
+        for name, got, want in zip(trained, grads, expected):
+            assert_close(got, want, torch.float32, f"d{name} (trained: {trained})")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_an_inference_mode_input_trains_a_frozen_a_adapter(backend, device):
+    """Features computed under torch.inference_mode (a frozen backbone) into a layer whose lora_b alone trains: PEFT's
+    layer trains it, and lora_linear failed with "Inference tensors cannot be saved for backward" (it saved x)."""
+    backend_or_skip(backend, device)
+    x, weight, lora_a, lora_b, bias = lora_inputs(7, 24, 18, 8, torch.float32, device)
+    with torch.inference_mode():
+        features = x.clone()
+    b_leaf = lora_b.clone().requires_grad_(True)
+    dy = randn(7, 18, device=device)
+    d_lora_b, = torch.autograd.grad(lora_linear(features, weight, lora_a, b_leaf, 0.5, bias, backend=backend), b_leaf,
+                                    dy)
+    b_ref = lora_b.double().requires_grad_(True)
+    expected, = torch.autograd.grad(reference.lora_linear(x.double(), weight, lora_a, b_ref, 0.5, bias), b_ref,
+                                    dy.double())
+    assert_close(d_lora_b, expected, torch.float32, "dlora_b")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_double_backward_through_x_with_lora_a_frozen_is_refused(backend, device):
+    """create_graph=True with x and lora_b trained and lora_a frozen: dB = s·dYᵀ·(x·Aᵀ) must be differentiated with
+    respect to x, which the forward no longer keeps there (test_x_is_saved_only_for_the_gradients_that_read_it): a
+    RuntimeError naming the way out, not a dB whose derivative in x is silently missing. With lora_a trained it runs."""
+    backend_or_skip(backend, device)
+    x, weight, lora_a, lora_b, bias = lora_inputs(6, 16, 12, 4, torch.float32, device)
+    x_leaf, b_leaf = x.clone().requires_grad_(True), lora_b.clone().requires_grad_(True)
+    y = lora_linear(x_leaf, weight, lora_a, b_leaf, 1.5, bias, backend=backend)
+    with pytest.raises(RuntimeError, match=r"create_graph=True .* lora_a\.requires_grad_\(True\)"):
+        torch.autograd.grad(y, [x_leaf, b_leaf], torch.ones_like(y), create_graph=True)
+    a_leaf = lora_a.clone().requires_grad_(True)
+    y = lora_linear(x_leaf, weight, a_leaf, b_leaf, 1.5, bias, backend=backend)
+    grads = torch.autograd.grad(y, [x_leaf, b_leaf], torch.ones_like(y), create_graph=True)
+    assert all(g.requires_grad for g in grads)
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_dropout(backend, device):
     backend_or_skip(backend, device)
