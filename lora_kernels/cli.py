@@ -13,6 +13,7 @@ import torch
 
 import lora_kernels
 from lora_kernels import _ext, backends
+from lora_kernels._files import create_temp_file
 from lora_kernels import triton as triton_pkg
 
 
@@ -165,7 +166,8 @@ def _add_compare_parser(sub):
     out = p.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print the measurements as JSON instead of the table")
     out.add_argument("--save", metavar="PATH", help="also write the JSON to PATH")
-    out.add_argument("--plot", metavar="PATH", help="write a figure (PNG) to PATH; needs matplotlib")
+    out.add_argument("--plot", metavar="PATH", help="write a figure to PATH, in the format its extension names (PNG "
+                                                          "without one); needs matplotlib")
     out.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p
 
@@ -237,7 +239,7 @@ def _write_json(result, path):
             f.write(text)
         return
     path = os.path.realpath(path)
-    tmp = f"{path}.tmp"
+    tmp = create_temp_file(os.path.dirname(path), f".{os.path.basename(path)}.")
     try:
         with open(tmp, "w") as f:
             f.write(text)
@@ -327,14 +329,29 @@ def run_compare_command(args):
     result = _run_sized("compare", lambda: compare.run_compare(config), _sizes(config, COMPARE_SIZES))
     if result is None:
         return 1
-    if args.save:
-        _write_json(result, args.save)
-    if args.plot:
-        compare.plot_compare(result, args.plot)
     print(compare.to_json(result) if args.json else compare.format_compare(result))
-    if args.plot and not args.json:
+    failed = _write_outputs("compare", [("--save", args.save, lambda: _write_json(result, args.save)),
+                                        ("--plot", args.plot, lambda: compare.plot_compare(result, args.plot))])
+    if args.plot and "--plot" not in failed and not args.json:
         print(f"figure: {args.plot}")
-    return 0
+    return 1 if failed else 0
+
+
+def _write_outputs(command, outputs):
+    """Calls write() for each (option, path, write) whose path is set, after the results were printed: a failure
+    there (a full disk, a path that changed since _output_paths_ok) had ended a run of minutes in a traceback before
+    anything was printed. Each failure is one line on stderr; returns the options that failed."""
+    failed = []
+    for option, path, write in outputs:
+        if not path:
+            continue
+        try:
+            write()
+        except OSError as exc:
+            print(f"lora-kernels {command}: could not write {option} {path} ({exc}); the results are printed above",
+                  file=sys.stderr)
+            failed.append(option)
+    return failed
 
 
 def run_bench_command(args):
@@ -356,10 +373,8 @@ def run_bench_command(args):
     result = _run_sized("bench", lambda: bench.run_bench(config, on_update=on_update), _sizes(config, BENCH_SIZES))
     if result is None:
         return 1
-    if args.save:
-        _write_json(result, args.save)
     print(compare.to_json(result) if args.json else bench.format_bench(result))
-    return 0
+    return 1 if _write_outputs("bench", [("--save", args.save, lambda: _write_json(result, args.save))]) else 0
 
 
 # What torch says when a size cannot be allocated (CPU), or not even computed: OutOfMemoryError is CUDA's

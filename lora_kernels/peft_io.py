@@ -25,7 +25,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from torch import nn
 from lora_kernels import modules as _modules
 from lora_kernels._dtensor import is_dtensor, is_tensor_parallel
 from lora_kernels._ext import is_finite_number
+from lora_kernels._files import create_temp_file
 from lora_kernels.backends import check_backend_name
 from lora_kernels.modules import (_PEFT_ONLY_HINT, BASE_ADAPTER, BIAS_ATTR, BIAS_MODES, EMBEDDING_LAYERS_ATTR,
                                   LORA_WRAPPERS, MODULES_TO_SAVE_ATTR, PEFT_ONLY_LAYERS, TASK_TYPE_ATTR, LoRALinear,
@@ -1018,10 +1018,13 @@ def _atomic_write(directory, files):
     temps = []
     try:
         for name, write in files:
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-            os.close(fd)
+            tmp = create_temp_file(directory, f".{name}.")
             temps.append(tmp)
+            mode = os.stat(tmp).st_mode & 0o777
             write(tmp)
+            # safetensors 0.8's save_file makes the file anew, 0600 (its issue #782: a server running as another
+            # user, vLLM's, could not read the adapter); 0666 less the umask, as a plain open() and PEFT's config
+            os.chmod(tmp, mode)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         for (name, _), tmp in zip(files, temps):

@@ -444,13 +444,61 @@ def test_gpu_check_dry_run(tmp_path):
 
 
 def test_a_failed_json_write_leaves_no_temporary_file(tmp_path):
-    # _write_json writes PATH.tmp and renames it; a rename that failed (PATH a folder) had left PATH.tmp behind
+    # _write_json writes a temporary file beside PATH and renames it; a rename that failed (PATH a folder) had left
+    # the temporary file behind
     target = tmp_path / "out"
     target.mkdir()
     with pytest.raises(OSError):
         cli._write_json({"a": 1}, str(target))
-    assert not (tmp_path / "out.tmp").exists()
+    assert os.listdir(tmp_path) == ["out"]
 
+
+def test_saved_files_get_the_permissions_of_a_plain_open(tmp_path):
+    """The atomic writes created their temporary files with tempfile.mkstemp, 0600, which the rename kept, and
+    safetensors 0.8's save_file makes its file 0600 too (safetensors issue #782: vLLM running as another user could
+    not load a fine-tuned adapter): an adapter saved for a serving container, or a --save JSON in a shared folder,
+    could not be read there. Now they get what a plain open() gives, 0666 less the umask, as PEFT's
+    adapter_config.json does. A leftover PATH.tmp of another run no longer stops a write (each writer has a name of
+    its own)."""
+    import torch.nn as nn
+
+    import lora_kernels as lk
+    umask = os.umask(0)
+    os.umask(umask)
+    expected = 0o666 & ~umask
+    (tmp_path / "out.json.tmp").mkdir()  # a fixed temporary name had failed here with IsADirectoryError
+    cli._write_json({"a": 1}, str(tmp_path / "out.json"))
+    model = lk.inject_lora(nn.Sequential(nn.Linear(4, 4)), ["0"], r=2)
+    lk.save_peft_adapter(model, tmp_path / "adapter")
+    written = [tmp_path / "out.json"] + sorted((tmp_path / "adapter").iterdir())
+    assert [p.name for p in written] == ["out.json", "adapter_config.json", "adapter_model.safetensors"]
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {p.name: oct(expected) for p in written}
+    assert json.loads((tmp_path / "out.json").read_text()) == {"a": 1}
+
+
+@pytest.mark.parametrize("command", ["compare", "bench"])
+def test_a_save_that_fails_after_the_run_still_prints_the_results(capsys, monkeypatch, tmp_path, command):
+    """--save (and --plot) were written before the results were printed: a failure there (a full disk, a path
+    changed since the check before the run) ended a run of minutes in a traceback with nothing printed. The results
+    are printed first; a failed write is one line on stderr and status 1."""
+    from lora_kernels import bench, compare
+    result = {"stand-in": True}
+    monkeypatch.setattr(compare, "run_compare", lambda config: result)
+    monkeypatch.setattr(bench, "run_bench", lambda config, on_update=None: result)
+    monkeypatch.setattr(compare, "format_compare", lambda r: "the compare table")
+    monkeypatch.setattr(bench, "format_bench", lambda r: "the bench table")
+
+    def disk_full(result, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli, "_write_json", disk_full)
+    base = TINY_COMPARE if command == "compare" else QUICK_BENCH
+    saved = str(tmp_path / "r.json")
+    assert cli.main(base + ["--save", saved]) == 1
+    out, err = capsys.readouterr()
+    assert out == f"the {command} table\n"
+    assert err == (f"lora-kernels {command}: could not write --save {saved} ([Errno 28] No space left on device); the "
+                   f"results are printed above\n")
 
 class _Captured(Exception):
     """Raised by a stand-in run: the test has the config the command built, and nothing was measured."""
