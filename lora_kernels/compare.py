@@ -500,9 +500,10 @@ class CompareConfig:
         # the model's layer names are fixed: an entry that matches none is a typo, not a name of another model's
         # layer (it had only warned, from inject_lora, and the run went on with fewer LoRA layers)
         # every layer has the same names, so a one-layer model tells (the whole model on the meta device, once per
-        # target, took minutes at --layers 20000)
+        # target, took minutes at --layers 20000), with a path into layer i as it names layer 0's module
         one_layer = dataclasses.replace(cfg.model_config(), layers=1)
-        unmatched = [t for t in cfg.targets if not expected_lora_params(one_layer, (t,), cfg.rank)]
+        unmatched = [t for t in cfg.targets
+                     if not expected_lora_params(one_layer, (_as_in_layer_zero(t, cfg.layers),), cfg.rank)]
         if not cfg.targets or unmatched:
             raise ValueError(f"compare: --targets {','.join(unmatched or cfg.targets)!r} matched no nn.Linear of the "
                              f"model; its layers are {', '.join(DEFAULT_TARGETS)} and lm_head")
@@ -514,6 +515,16 @@ class CompareConfig:
 
     def model_config(self):
         return ModelConfig(self.vocab, self.hidden, self.layers, self.heads, self.intermediate)
+
+
+def _as_in_layer_zero(target, layers):
+    """`target` naming layer 0's module where it names layer i < layers ("layers.1.self_attn.q_proj", or
+    "1.self_attn.q_proj"), so a one-layer model can tell whether it matches: such a path into any layer but the first
+    had been refused as matching no nn.Linear. Other targets as they are."""
+    match = re.fullmatch(r"((?:layers\.)?)(\d+)(\..+)", target)
+    if match and int(match.group(2)) < layers:
+        return f"{match.group(1)}0{match.group(3)}"
+    return target
 
 
 def _fitting_heads(hidden, head_dim):

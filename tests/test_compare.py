@@ -563,6 +563,7 @@ def test_task_is_deterministic_and_follows_the_permutation():
     ({"batch_size": 0}, "--batch-size expected an int >= 1, got 0"),
     ({"layers": True}, "--layers expected an int >= 1, got True"),
     ({"targets": ("proj",)}, "--targets 'proj' matched no nn.Linear"),  # a name matches whole, as in PEFT
+    ({"targets": ("layers.2.self_attn.q_proj",)}, "--targets 'layers.2.self_attn.q_proj' matched no"),  # 2 layers
     ({"warmup": -1}, r"--warmup expected an int in \[0, steps=10\), got -1"),  # the CLI's --warmup takes any int
     ({"task_vocab": 0}, "--task-vocab expected an int >= 1, got 0"),
     ({"lr": 0.0}, "--lr expected a number > 0, got 0.0"),
@@ -580,6 +581,17 @@ def test_bad_config_names_the_option(change, message):
     with pytest.raises(ValueError, match=message):
         dataclasses.replace(TINY, **change).resolved()
 
+
+
+def test_targets_may_name_a_layer_of_any_index():
+    """The targets are checked on a one-layer model (fast at any --layers), where a path into layer 1 matched nothing:
+    "layers.1.self_attn.q_proj" was refused as matching no nn.Linear, though inject_lora takes it. A path into a
+    layer past the model's is still refused (test_bad_config_names_the_option)."""
+    layers = TINY.resolved().layers
+    assert layers >= 2
+    for target in (f"layers.{layers - 1}.self_attn.q_proj", f"{layers - 1}.mlp.down_proj", "layers.0.self_attn.k_proj"):
+        config = dataclasses.replace(TINY, targets=(target,)).resolved()
+        assert compare.expected_lora_params(config.model_config(), config.targets, config.rank) > 0, target
 
 @pytest.mark.parametrize("change, error, message", [
     # these had ended in "'<=' not supported between instances of 'float' and 'NoneType'", naming no option
