@@ -1320,14 +1320,28 @@ def _inference_lines(inference, fused, kind, cfg, env):
         passes = inference.get(f"{key}_all")  # absent from results saved before the passes were kept
         spread = f"  (min - max {min(passes):.2f} - {max(passes):.2f} ms)" if passes else ""
         lines.append(f"  {label:36s} {inference[key]:9.2f} ms  {inference[key] / merged:5.2f}× merged{spread}")
-    slower = [label for key, label in (("unmerged_unfused_ms", "torch"), ("unmerged_fused_ms", fused))
-              if inference[key] < merged]
-    if slower:  # merged is one F.linear per layer, the unmerged paths that and the LoRA branch
+    # merged is one F.linear per layer, the unmerged paths that and the LoRA branch: faster by a load change during
+    # the passes, unless every pass was (the ranges apart): then the path runs its GEMMs another way
+    slower, apart = [], []
+    for key, label in (("unmerged_unfused_ms", "torch"), ("unmerged_fused_ms", fused)):
+        if inference[key] < merged:
+            passes, merged_passes = inference.get(f"{key}_all"), inference.get("merged_ms_all")
+            systematic = passes and merged_passes and max(passes) < min(merged_passes)
+            (apart if systematic else slower).append(label)
+    if slower:
         lines.append(f"  note: the merged model does strictly less work than the unmerged one, yet measured "
                      f"slower than the unmerged {' and '.join(dict.fromkeys(slower))} path: the machine's load "
                      f"changed during these {inference['reps']} passes, so the latencies are not steady-state "
                      f"measurements (more --infer-reps"
                      f"{'; on a shared CPU --threads 1 steadies it' if env['device'] == 'cpu' else ''})")
+    for label in dict.fromkeys(apart):
+        why = ""
+        if label == "cpu" and env["device"] == "cpu" and cfg["dtype"] in ("float16", "bfloat16"):
+            why = (f": the C++ CPU kernels run {cfg['dtype']} GEMMs on float32 copies, which on a CPU without "
+                   f"{cfg['dtype']} matrix units is faster than torch's {cfg['dtype']} GEMM of the merged model")
+        lines.append(f"  note: every pass of the unmerged {label} path was faster than every pass of the merged "
+                     f"model, which does strictly less work: not the machine's load, but GEMMs run another way"
+                     f"{why}")
     rel_diff = inference["merged_vs_unmerged_rel_diff"]
     lines.append(f"  (merged vs unmerged logits: relative difference {rel_diff:.1e})")
     fused_diff = inference.get("fused_vs_unfused_rel_diff")  # absent from results saved before it was printed

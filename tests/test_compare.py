@@ -1317,7 +1317,9 @@ def test_a_merged_model_timed_slower_than_an_unmerged_one_is_called_noise(result
     import copy
     shown = copy.deepcopy(result)
     fused = shown["backends"]["fused"]
-    shown["inference"].update(merged_ms=2.0, unmerged_unfused_ms=3.0, unmerged_fused_ms=5.0)
+    shown["inference"].update(merged_ms=2.0, unmerged_unfused_ms=3.0, unmerged_fused_ms=5.0,
+                              merged_ms_all=[2.0, 7.0, 1.0], unmerged_unfused_ms_all=[3.0, 3.0, 2.5],
+                              unmerged_fused_ms_all=[5.0, 5.5, 2.5])  # every range overlaps the merged one
     assert "strictly less work" not in compare.format_compare(shown)
     shown["inference"].update(merged_ms=4.0)
     notes = [line for line in compare.format_compare(shown).splitlines() if "strictly less work" in line]
@@ -1329,6 +1331,32 @@ def test_a_merged_model_timed_slower_than_an_unmerged_one_is_called_noise(result
     both = "torch" if fused == "torch" else f"torch and {fused}"  # no fused backend: the torch composition twice
     assert f"slower than the unmerged {both} path:" in compare.format_compare(shown)
 
+
+
+@pytest.mark.parametrize("device, dtype, explained", [("cpu", "float16", True), ("cpu", "bfloat16", True),
+                                                      ("cpu", "float32", False), ("cuda", "float16", False)])
+def test_an_unmerged_path_faster_in_every_pass_is_not_called_noise(result, device, dtype, explained):
+    """A fp16 run on a CPU without fp16 matrix units timed the merged model at 20.0 ms (19.6-22.4) and the cpu
+    backend's unmerged one at 8.6 ms (8.2-10.5), in every run, and the note blamed the machine's load and advised
+    --threads 1, which was set: torch's fp16 GEMM is slow there, and the C++ kernels run float32 copies
+    (functional._cpu_widens). Ranges that do not overlap get a note saying the difference is systematic; the
+    load note stays for the torch path, whose range overlaps."""
+    import copy
+    shown = copy.deepcopy(result)
+    shown["environment"].update(device=device, gpu="a GPU")
+    shown["config"]["dtype"] = dtype
+    shown["backends"]["fused"] = "cpu"
+    shown["inference"].update(merged_ms=20.0, unmerged_unfused_ms=19.0, unmerged_fused_ms=8.6,
+                              merged_ms_all=[19.6, 20.0, 22.4], unmerged_unfused_ms_all=[18.0, 19.0, 21.0],
+                              unmerged_fused_ms_all=[8.2, 8.6, 10.5])
+    notes = [line for line in compare.format_compare(shown).splitlines() if "strictly less work" in line]
+    assert len(notes) == 2, notes
+    assert "than the unmerged torch path: the machine's load changed" in notes[0]
+    systematic = ("  note: every pass of the unmerged cpu path was faster than every pass of the merged model, which "
+                  "does strictly less work: not the machine's load, but GEMMs run another way")
+    because = (f": the C++ CPU kernels run {dtype} GEMMs on float32 copies, which on a CPU without {dtype} matrix "
+               f"units is faster than torch's {dtype} GEMM of the merged model")
+    assert notes[1] == systematic + (because if explained else "")
 
 def test_too_few_timed_steps_to_judge_their_spread_get_a_note(result):
     """The spread and drift notes need 4 and 6 timed steps: with fewer, a noisy ratio (--steps 1: 29.68x) went
