@@ -414,8 +414,12 @@ class LoRALinear(nn.Module):
         dropout_p = self.lora_dropout if self.training else 0.0
         # The factors in their own dtype: lora_linear_float32_factors casts them to x's (float32 ones of a 16-bit
         # layer inside the autograd Function, which gives their gradients in float32)
-        return lora_linear_float32_factors(x, self.base_weight(), self.lora_A.weight, self.lora_B.weight,
-                                           self.scaling, self.bias, dropout_p, self.backend)
+        try:
+            return lora_linear_float32_factors(x, self.base_weight(), self.lora_A.weight, self.lora_B.weight,
+                                               self.scaling, self.bias, dropout_p, self.backend)
+        except ValueError:  # a factor's device refused: say why where accelerate's offloading is the cause
+            self.refuse_offloaded("LoRALinear.forward")
+            raise
 
     def _merge_dtype(self):
         # float32 at least (a 16-bit weight takes the delta rounded once, not B @ A rounded first), and float64 for a
@@ -520,6 +524,19 @@ class LoRALinear(nn.Module):
             raise TypeError(f"{op}: the base weight is {describe_subclass(self.weight)}, {_NO_MERGE_INTO_SUBCLASS}; "
                             f"the layer is unchanged. {_KEEP_THE_ADAPTER_SEPARATE}")
 
+    def refuse_offloaded(self, op):
+        """ValueError where accelerate offloaded this layer after it was made (cpu_offload, a device_map with
+        "cpu"/"disk" entries): its hooks move in the weights of the modules they wrap for their forward, and the
+        factors' modules are never called, so the factors stay on the meta device (the forward, merge and save had
+        said they were never loaded, and load_peft_adapter, which that advised, refused the model)."""
+        factors = (self.lora_A.weight, self.lora_B.weight)
+        if (any(factor.is_meta for factor in factors)
+                and any(getattr(m, "_hf_hook", None) is not None for m in (self, self.lora_A, self.lora_B))):
+            raise ValueError(f"{op}: this LoRALinear is offloaded by accelerate (cpu_offload, or a device_map with "
+                             f"\"cpu\"/\"disk\" entries, applied after the LoRA layers were made), whose hooks never "
+                             f"move its LoRA factors in from the meta device; dispatch the model without cpu/disk "
+                             f"offloading, or merge_and_unload() it before offloading")
+
     def _check_factor_devices(self, op, unchanged="the layer"):
         """ValueError naming the factor that is not on the base weight's device, or the tensor whose shape is not the
         layer's, before B @ A is computed. A layer wrapped on the meta device whose base checkpoint was loaded since
@@ -527,6 +544,7 @@ class LoRALinear(nn.Module):
         uninitialised memory (a lora_A left on meta merged garbage, silently); with both factors meta the merge failed
         in torch's add ("Tensor on device meta is not on the expected device cpu!"), naming no tensor, after
         merge_and_unload had replaced earlier layers."""
+        self.refuse_offloaded(op)
         for name, factor in (("lora_A.weight", self.lora_A.weight), ("lora_B.weight", self.lora_B.weight)):
             if factor.device != self.weight.device:
                 hint = " (never loaded: load the adapter first, e.g. with load_peft_adapter)" if factor.is_meta else ""
@@ -1140,6 +1158,7 @@ def find_target_linears(model, target_modules, exclude_modules=None, op="inject_
                                f"weight of another dtype or layout, or a quantized Conv1D weight)")
                 continue
         check_no_accelerate_hook(op, name, module)
+        check_no_offloading_ancestor(op, model, name)
         if not all_linear:  # under "all-linear" checked above, where a refusal leaves the layer out
             check_wrappable_linear(op, f"module {name!r}", module, _LEAVE_OUT_HINT)
         found.append((name, module))
@@ -1393,6 +1412,28 @@ def _train_biases(tensors):
     for tensor in tensors:
         if isinstance(tensor, nn.Parameter):
             tensor.requires_grad_(True)
+
+
+def _offloads(hook):
+    """Whether an accelerate hook (a SequentialHook's parts included) offloads the weights under it."""
+    return bool(getattr(hook, "offload", False)) or any(_offloads(part) for part in getattr(hook, "hooks", ()))
+
+
+def check_no_offloading_ancestor(op, model, name):
+    """Refuses a layer inside a block that accelerate offloads as a whole (cpu_offload or a device_map with "disk" and
+    preload_module_classes: the hook sits on the decoder layer, not on the linear): the block's hook loads every
+    tensor under it from its offloaded copies by name, and a LoRA layer's factors are not among them (the first
+    forward failed inside accelerate with a KeyError)."""
+    parts = name.split(".")
+    for depth in range(len(parts)):
+        prefix = ".".join(parts[:depth])
+        hook = getattr(model.get_submodule(prefix), "_hf_hook", None)
+        if hook is not None and _offloads(hook):
+            raise ValueError(f"{op}: module {name!r} lies inside {prefix or 'the model'!r}, which an accelerate hook "
+                             f"({type(hook).__name__}, from cpu_offload or a device_map with \"cpu\"/\"disk\" "
+                             f"entries) offloads as a whole, loading its tensors by name for each forward; the LoRA "
+                             f"factors would not be among them. Load the model with every weight on a real device and "
+                             f"no offloading first")
 
 
 def check_no_accelerate_hook(op, name, module, why="that a LoRA wrapper would drop"):

@@ -42,11 +42,11 @@ from lora_kernels.modules import (_PEFT_ONLY_HINT, BASE_ADAPTER, BIAS_ATTR, BIAS
                                   LORA_WRAPPERS, MODULES_TO_SAVE_ATTR, PEFT_ONLY_LAYERS, TASK_TYPE_ATTR, LoRALinear,
                                   MultiLoRALinear, _record, _rollback_on_error, _set_submodule, _train_biases,
                                   _warn_tied_targets, adapter_table_lock, check_no_accelerate_hook,
-                                  check_targets_outside_heads, check_wrappable_linear, copy_into, embedding_layer,
-                                  enable_input_grads_for_checkpointing, in_out_features, is_conv1d, is_layer_index,
-                                  is_name_wrapper, lora_scaling, named_modules_to_save, named_target_modules,
-                                  pattern_value, resolve_batch_adapters, state_dict_name, trained_biases, unwrap_model,
-                                  warn_dropped_hooks, warn_fan_in_fan_out_corrections)
+                                  check_no_offloading_ancestor, check_targets_outside_heads, check_wrappable_linear,
+                                  copy_into, embedding_layer, enable_input_grads_for_checkpointing, in_out_features,
+                                  is_conv1d, is_layer_index, is_name_wrapper, lora_scaling, named_modules_to_save,
+                                  named_target_modules, pattern_value, resolve_batch_adapters, state_dict_name,
+                                  trained_biases, unwrap_model, warn_dropped_hooks, warn_fan_in_fan_out_corrections)
 from lora_kernels.ops import check_flag, refuse_inference_tensor_writes
 
 CONFIG_NAME = "adapter_config.json"
@@ -661,7 +661,7 @@ def _check_target_type(op, name, module):
                      f"{_PEFT_ONLY_HINT if isinstance(module, PEFT_ONLY_LAYERS) else ''}")
 
 
-def _plan_layers(op, file, config, targets, grouped, adapter_name):
+def _plan_layers(op, model, file, config, targets, grouped, adapter_name):
     """[(name, module, r, alpha)] for each target: checked that it can take the adapter (a MultiLoRALinear by
     adapter_name and within its max_rank, an unmerged LoRALinear of the same rank, a wrappable nn.Linear / Conv1D)
     and that the file holds its factors in the shapes its r and features call for."""
@@ -688,6 +688,7 @@ def _plan_layers(op, file, config, targets, grouped, adapter_name):
             raise ValueError(f"{op}: adapter_name={adapter_name!r} loads into MultiLoRALinear slots, but module "
                              f"{name!r} is a {type(module).__name__}; {fix}")
         elif isinstance(module, LoRALinear):
+            module.refuse_offloaded(op)
             if module.merged:
                 raise ValueError(f"{op}: module {name!r} has a merged adapter; unmerge() it first")
             if module.r != r:
@@ -696,6 +697,7 @@ def _plan_layers(op, file, config, targets, grouped, adapter_name):
             in_features, out_features = module.in_features, module.out_features
         else:  # nn.Linear or transformers Conv1D: _check_target_type let nothing else through
             check_no_accelerate_hook(op, name, module)
+            check_no_offloading_ancestor(op, model, name)
             check_wrappable_linear(op, f"module {name!r}", module)
             in_features, out_features = in_out_features(module)
         weight = module.base_weight() if isinstance(module, LORA_WRAPPERS) else module.weight
@@ -773,7 +775,7 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
     # The file's names are the state dict's, the targets' the model's: they differ inside wrappers (state_dict_name)
     model_names = {state_dict_name(name): name for name, _ in targets}
     grouped = {model_names.get(key_name, key_name): factors for key_name, factors in grouped.items()}
-    plan = _plan_layers(op, file, config, targets, grouped, adapter_name)
+    plan = _plan_layers(op, model, file, config, targets, grouped, adapter_name)
     target_names = {name for name, *_ in plan}
     extra = sorted(set(grouped) - target_names)
     if extra:
@@ -1107,6 +1109,7 @@ def _collect_layers(model, adapter_name, op):
     if adapter_name is None:
         for name, m in model.named_modules():
             if isinstance(m, LoRALinear):  # merged or not: merging leaves the factors as they are (PEFT saves both)
+                m.refuse_offloaded(f"{op} (module {name!r})")
                 _check_not_flattened(op, name, "lora_A.weight", m.lora_A.weight, (m.r, m.in_features))
                 _check_not_flattened(op, name, "lora_B.weight", m.lora_B.weight, (m.out_features, m.r))
                 records.append(_SavedLayer(name, m.lora_A.weight, m.lora_B.weight, m.r, m.lora_alpha, m.use_rslora,

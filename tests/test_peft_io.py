@@ -1626,6 +1626,52 @@ def test_layers_with_accelerate_hooks_are_refused_untouched(tmp_path):
     _assert_same(model, before)
 
 
+def test_layers_inside_a_block_accelerate_offloads_are_refused_untouched(tmp_path):
+    """cpu_offload (or a device_map with "disk") with preload_module_classes puts the offloading hook on the block,
+    not on its linear layers, whose weights sit on the meta device: inject_lora and prepare_multi_adapter wrapped
+    them, and the first forward failed inside accelerate with a KeyError on the LoRA factors' names (the block's hook
+    loads every tensor under it from its offloaded copies by name). Refused naming the layer and the block; a block
+    whose hook only moves inputs (a dispatched model's) takes its LoRA layers."""
+    accelerate = pytest.importorskip("accelerate")
+    lk.save_peft_adapter(_trained(), tmp_path)
+    offloaded = accelerate.cpu_offload(_base(), execution_device="cpu", preload_module_classes=["Block"])
+    assert getattr(offloaded.layers[0].q_proj, "_hf_hook", None) is None and offloaded.layers[0].q_proj.weight.is_meta
+    before = [(n, type(m)) for n, m in offloaded.named_modules()]
+    for call in (lambda m: lk.inject_lora(m, ["q_proj", "v_proj"]), lambda m: lk.load_peft_adapter(m, tmp_path),
+                 lambda m: lk.prepare_multi_adapter(m, ["q_proj"], max_adapters=2, max_rank=8)):
+        with pytest.raises(ValueError, match=r"module 'layers\.0\.q_proj' lies inside 'layers\.0', which an "
+                                             r"accelerate hook \(AlignDevicesHook, .*\) offloads as a whole"):
+            call(offloaded)
+        assert [(n, type(m)) for n, m in offloaded.named_modules()] == before
+    model = _base()
+    accelerate.hooks.add_hook_to_module(model.layers[0], accelerate.hooks.AlignDevicesHook("cpu", io_same_device=True))
+    lk.inject_lora(model, ["q_proj"], init_lora_weights=False, backend=BACKEND)
+    x = torch.randn(3, 16)
+    expected = _trained(["q_proj"])(x)  # the same seeds: the same base and factors
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_a_lora_model_offloaded_by_accelerate_is_refused_by_name(tmp_path):
+    """A LoRA model offloaded afterwards (cpu_offload, dispatch_model with "cpu"/"disk" entries): accelerate's hooks
+    move in the weights of the modules they wrap for their forward, and the LoRA factors' modules are never called,
+    so they stay on the meta device. The forward, save_peft_adapter and merge_and_unload said the factors were never
+    loaded and advised load_peft_adapter, which then refused the model for its meta weight; each now names the
+    offloading and what to do instead."""
+    accelerate = pytest.importorskip("accelerate")
+    model = accelerate.cpu_offload(_trained(), execution_device="cpu")
+    offloaded = r"this LoRALinear is offloaded by accelerate .* merge_and_unload\(\) it before offloading"
+    calls = {"LoRALinear.forward": lambda: model(torch.randn(3, 16)),
+             "save_peft_adapter": lambda: lk.save_peft_adapter(model, tmp_path / "saved"),
+             "merge_and_unload": lambda: lk.merge_and_unload(model),
+             "load_peft_adapter": lambda: lk.load_peft_adapter(model, tmp_path / "file")}
+    lk.save_peft_adapter(_trained(), tmp_path / "file")
+    for op, call in calls.items():
+        with pytest.raises(ValueError, match=rf"^{re.escape(op)}.*{offloaded}"):
+            call()
+    assert not (tmp_path / "saved").exists()
+    assert isinstance(model.layers[0].q_proj, LoRALinear)
+
+
 def test_conv1d_layers_that_cannot_be_wrapped_are_refused_by_name_untouched(tmp_path):
     """The loader's checks of an nn.Linear target hold for transformers' Conv1D (GPT-2's linear layer) too: an
     accelerate hook, which the LoRA layer would drop, and a weight computed by a parametrization."""
