@@ -899,13 +899,17 @@ class MultiLoRAFunction(torch.autograd.Function):
         batch_buffers = [getattr(batch, name) for name in BUFFER_FIELDS]
         if not torch.compiler.is_compiling() and any(t.is_inference() for t in batch_buffers):
             batch_buffers = [t.clone() for t in batch_buffers]
+        if not torch.compiler.is_compiling():  # a serving stack's scalings and ranks tables likewise
+            scalings, ranks = (t.clone() if t.is_inference() else t for t in (scalings, ranks))
         # W only for dX, as in LoRALinearFunction: under autocast it is a 16-bit copy [N, K]. Float32 slots cast here
         # are saved as they are (parameters: no memory of their own) and cast again in backward, not their casts: the
         # copies of every slot, L·R·(K+N) elements whatever the token count, were saved activation memory of the
         # order of x's (64 slots of rank 16 at K = N = 4096: 16.8 MB per layer, x 33.5 MB at 4096 tokens in bf16).
         cast = lora_a is not factors[0]
+        # S [M, R] (float32) only for dB: not while the slots' B train no more (a layer below trains)
         ctx.save_for_backward(x2, weight if ctx.needs_input_grad[0] else None, *((None, None) if cast else factors),
-                              s, scalings, ranks, *(factors if cast else (None, None)), *batch_buffers)
+                              s if ctx.needs_input_grad[4] else None, scalings, ranks,
+                              *(factors if cast else (None, None)), *batch_buffers)
         # Sizes only outside save_for_backward: a LoRABatch here kept its buffers alive past the backward for as long
         # as the graph lived (a loss held for logging until the next step's forward).
         ctx.num_adapters, ctx.backend = batch.num_adapters, backend

@@ -637,6 +637,38 @@ def test_multi_lora_linear_gives_each_gradient_when_only_its_input_needs_one(bac
             assert leaf.grad is None, name
 
 
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS)
+def test_multi_lora_linear_saves_s_only_while_lora_b_trains(backend, device):
+    """S [M, R] (float32) is read by the backward only for dB: with the slots' B frozen (the adapters frozen while a
+    layer below trains, or lora_a alone trained) it was saved all the same, where PEFT's layer keeps no S. The
+    gradients stay the reference's. M, K, N, R all distinct."""
+    backend_or_skip(backend, device)
+    m, k, n, max_rank, ranks = 10, 20, 12, 8, [8, 2, 5]
+    lora_a, lora_b = (t.nan_to_num(0.0) for t in _adapters(3, max_rank, k, n, ranks, torch.float32, device))
+    x, weight = randn(m, k, device=device), randn(n, k, device=device, scale=k ** -0.5)
+    ids, scalings, dy = segment_ids("mixed_base", m, 3).to(device), torch.tensor([0.5, -1.5, 2.0]), randn(m, n,
+                                                                                                       device=device)
+    for trained in (("x",), ("x", "lora_a"), ("lora_b",), ("x", "lora_a", "lora_b")):
+        inputs = {"x": x, "weight": weight, "lora_a": lora_a, "lora_b": lora_b}
+        leaves = {name: t.clone().requires_grad_(name in trained) for name, t in inputs.items()}
+        shapes, outputs = [], []
+
+        def pack(t):
+            shapes.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            outputs.append(lk.multi_lora_linear(*leaves.values(), ids, scalings, ranks=ranks, backend=backend))
+        assert ((m, max_rank) in shapes) == ("lora_b" in trained), (trained, shapes)
+        grads = torch.autograd.grad(outputs[0], [leaves[name] for name in trained], dy)
+        ref = {name: t.double().requires_grad_(name in trained) for name, t in inputs.items()}
+        expected = torch.autograd.grad(reference.multi_lora_linear_autograd(*ref.values(), ids.cpu(), scalings, None,
+                                                                            torch.tensor(ranks)),
+                                       [ref[name] for name in trained], dy.double())
+        for name, got, want in zip(trained, grads, expected):
+            assert_close(got, want, torch.float32, f"d{name} (trained: {trained})", scale=2.0)
+
+
 def test_auto_runs_float64_where_triton_cannot(device, monkeypatch):
     """The Triton kernels run 32- and 16-bit floats only: "auto" picks another backend for float64 (on a GPU it
     picked Triton and raised)."""
@@ -1595,6 +1627,27 @@ def test_a_batch_built_under_inference_mode_trains():
     lk.multi_lora_linear(x, weight, *leaves, batch.adapter_ids.clone(), [1.0] * 4,
                          backend="torch").square().sum().backward()
     assert torch.equal(lora_a.grad, leaves[0].grad) and torch.equal(lora_b.grad, leaves[1].grad)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_scalings_and_ranks_made_under_inference_mode_train(backend):
+    """A serving stack's scalings (float32) and ranks (int32) tables made under torch.inference_mode and reused for a
+    training step: they were saved for backward as given, which torch refuses for inference tensors ("Inference
+    tensors cannot be saved for backward"), while a batch made there is copied. The gradients are those of plain
+    tensors."""
+    backend_or_skip(backend, torch.device("cpu"))
+    with torch.inference_mode():
+        scalings, ranks = torch.tensor([1.0, 0.5, 2.0]), torch.tensor([4, 2, 3], dtype=torch.int32)
+    lora_a, lora_b = (t.nan_to_num(0.0) for t in _adapters(3, 4, 8, 6, [4, 2, 3], torch.float32, "cpu"))
+    x, weight, ids = randn(6, 8), randn(6, 8), torch.tensor([0, 0, 1, 2, -1, 2])
+    grads = []
+    for scaling_table, rank_table in ((scalings, ranks), (scalings.clone(), ranks.clone())):
+        leaves = [t.clone().requires_grad_(True) for t in (x, lora_a, lora_b)]
+        y = lk.multi_lora_linear(leaves[0], weight, leaves[1], leaves[2], ids, scaling_table, ranks=rank_table,
+                                 backend=backend)
+        grads.append(torch.autograd.grad(y.square().sum(), leaves))
+    for name, got, want in zip(("x", "lora_a", "lora_b"), *grads):
+        assert torch.equal(got, want), name
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
