@@ -1264,10 +1264,11 @@ _TASK_TYPE_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifie
                     "QUESTION_ANS": ("qa_outputs",)}
 
 
-def _refuse_task_heads_left_out(op, model, task_type, heads):
-    """ValueError where `task_type` makes PEFT train and load one of the model's modules whole (_TASK_TYPE_HEADS)
-    that this file would not hold as such: PeftModel.from_pretrained failed with a KeyError on its weights, and a
-    LoRA on it PEFT would drop. heads: the modules_to_save this save writes."""
+def _task_heads_problem(op, model, task_type, heads):
+    """What stops PEFT from loading a file of `task_type` as this model (None: nothing): a module the task type makes
+    PEFT train and load whole (_TASK_TYPE_HEADS) that the file would not hold as such: PeftModel.from_pretrained
+    failed with a KeyError on its weights, and a LoRA on it PEFT would drop. heads: the modules_to_save this save
+    writes."""
     implied = _TASK_TYPE_HEADS.get(task_type, ())
     saved = {id(module) for _, module in heads}
     matched = []
@@ -1278,17 +1279,16 @@ def _refuse_task_heads_left_out(op, model, task_type, heads):
             continue
         matched.append(name + ".")  # PEFT wraps the outermost match
         lora = [f"{key}.{n}".rstrip(".") for n, m in module.named_modules() if isinstance(m, LORA_WRAPPERS)]
-        why = (f"{op}: task_type={task_type!r} makes PEFT add {list(implied)} to modules_to_save when it loads the "
-               f"file: it trains and loads the model's {key!r} whole")
+        why = (f"task_type={task_type!r} makes PEFT add {list(implied)} to modules_to_save when it loads the file: "
+               f"it trains and loads the model's {key!r} whole")
         if lora:
-            raise ValueError(f"{why} and puts no LoRA on it, but it holds the LoRA layer {lora[0]!r}, which PEFT "
-                             f"would drop; save with task_type=None, or train that head whole (inject_lora "
-                             f"modules_to_save) instead of with a LoRA; nothing was written")
+            return (f"{why} and puts no LoRA on it, but it holds the LoRA layer {lora[0]!r}, which PEFT would drop "
+                    f"(train that head whole, inject_lora modules_to_save, instead of with a LoRA)")
         if id(module) not in saved:
-            raise ValueError(f"{why} and requires its weights in the file, which this one would not hold (it is not "
-                             f"among the model's modules_to_save): inject_lora(..., modules_to_save=["
-                             f"{key.rsplit('.', 1)[-1]!r}]) trains and saves it, or save with task_type=None; nothing "
-                             f"was written")
+            return (f"{why} and requires its weights in the file, which this one would not hold (it is not among the "
+                    f"model's modules_to_save: inject_lora(..., modules_to_save=[{key.rsplit('.', 1)[-1]!r}]) trains "
+                    f"and saves it)")
+    return None
 
 
 def _refuse_records_below(op, model):
@@ -1461,7 +1461,13 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
     heads = named_modules_to_save(model, modules_to_save, op) if modules_to_save else []
     if modules_to_save and not heads:
         raise ValueError(f"{op}: model.{MODULES_TO_SAVE_ATTR} = {modules_to_save!r} matches no module of the model")
-    _refuse_task_heads_left_out(op, model, task_type, heads)
+    problem = _task_heads_problem(op, model, task_type, heads)
+    if problem and task_type_origin:  # not the caller's: the file it loaded had it, and passing None inherits it
+        warnings.warn(f"{op}: the task type of the adapter file load_peft_adapter read is not written: {problem}; the "
+                      f"file's task_type is null (pass task_type= to set one)", stacklevel=2)
+        task_type = None
+    elif problem:
+        raise ValueError(f"{op}: {problem}; or save with task_type=None; nothing was written")
     config = _adapter_config(op, model, records, module_names, modules_to_save if heads else None, bias, task_type,
                              base_model_name_or_path)
     tensors = _adapter_tensors(op, model, records, module_names, heads, bias, adapter_name, save_embedding_layers,

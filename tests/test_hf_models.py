@@ -291,6 +291,14 @@ def test_save_refuses_a_task_type_whose_head_the_file_would_leave_out(tmp_path, 
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "task_type": task_type}))
     with pytest.raises(KeyError, match=head):
         PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "edited")
+    # such a file loaded here (an older lora_kernels wrote them) gives its task type to the next save, which
+    # task_type=None cannot undo (None takes the loaded one): written as null instead, with a warning
+    loaded = lk.load_peft_adapter(copy.deepcopy(base), tmp_path / "edited")
+    with pytest.warns(UserWarning, match=rf"the task type of the adapter file load_peft_adapter read is not written: "
+                                         rf"task_type='{task_type}' makes PEFT .* the file's task_type is null"):
+        lk.save_peft_adapter(loaded, tmp_path / "resaved")
+    assert json.loads((tmp_path / "resaved" / "adapter_config.json").read_text())["task_type"] is None
+    PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "resaved")
     ours = lk.inject_lora(copy.deepcopy(base), ["q_proj", "v_proj"], r=4, init_lora_weights="gaussian",
                           modules_to_save=[head])
     with torch.no_grad():
