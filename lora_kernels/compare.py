@@ -26,6 +26,7 @@ from torch import nn
 import lora_kernels
 from lora_kernels import backends
 from lora_kernels._ext import is_finite_number
+from lora_kernels.functional import CPU_DECODE_MAX_M
 from lora_kernels.modules import LoRALinear, count_parameters, inject_lora, lora_scaling
 from lora_kernels.ops import check_flag, positive_int
 
@@ -521,7 +522,7 @@ def _as_in_layer_zero(target, layers):
     """`target` naming layer 0's module where it names layer i < layers ("layers.1.self_attn.q_proj", or
     "1.self_attn.q_proj"), so a one-layer model can tell whether it matches: such a path into any layer but the first
     had been refused as matching no nn.Linear. Other targets as they are."""
-    match = re.fullmatch(r"((?:layers\.)?)(\d+)(\..+)", target)
+    match = re.fullmatch(r"((?:layers\.)?)(0|[1-9]\d*)(\..+)", target)  # "01" names no layer
     if match and int(match.group(2)) < layers:
         return f"{match.group(1)}0{match.group(3)}"
     return target
@@ -1163,7 +1164,7 @@ def _loss_text(loss):
 def _step_time_notes(result, names):
     """The notes on whether the step times were steady: a load change under every column, a column whose steps
     drifted or spread on its own, too few timed steps to tell. `names`: the three columns' headers."""
-    methods = result["methods"]
+    methods, env = result["methods"], result["environment"]
     notes = []
     drifts = {method: step_time_drift(methods[method]["step_ms_all"]) for method in METHODS}
     # saved results of older versions, whose methods trained one after another, say no "alternating rounds"
@@ -1187,8 +1188,8 @@ def _step_time_notes(result, names):
         elif (spread := step_time_spread(methods[method]["step_ms_all"])) is not None:
             notes.append(f"  note: {name}: its timed steps spread from {spread[0]:.1f} to {spread[1]:.1f} ms (first "
                          f"to third quartile) around the median: the machine's load changed during the run (other "
-                         f"work on it; on a shared CPU --threads 1 steadies it), so its step-time ratio is not a "
-                         f"steady-state measurement")
+                         f"work on it{_threads_advice(env)}), so its step-time ratio is not a steady-state "
+                         f"measurement")
     timed_steps = len(methods["full"]["step_ms_all"])
     if timed_steps < 4:  # step_time_spread / step_time_drift need 4 and 6: no note could say the run was unsteady
         notes.append(f"  note: {_count_of(timed_steps, 'timed step')} per column: too few to tell whether the step "
@@ -1306,6 +1307,11 @@ def format_compare(result):
     return "\n".join(lines)
 
 
+def _threads_advice(env):
+    """The advice for an unsteady CPU measurement, unless the run had one thread already."""
+    return "; on a shared CPU --threads 1 steadies it" if env["device"] == "cpu" and env["cpu_threads"] != 1 else ""
+
+
 def _inference_lines(inference, fused, kind, cfg, env):
     """The inference latency block: each path's median against the merged model's, its range, and notes on a
     merged model measured slower than an unmerged one and on fused logits that differ beyond rounding."""
@@ -1332,11 +1338,12 @@ def _inference_lines(inference, fused, kind, cfg, env):
         lines.append(f"  note: the merged model does strictly less work than the unmerged one, yet measured "
                      f"slower than the unmerged {' and '.join(dict.fromkeys(slower))} path: the machine's load "
                      f"changed during these {inference['reps']} passes, so the latencies are not steady-state "
-                     f"measurements (more --infer-reps"
-                     f"{'; on a shared CPU --threads 1 steadies it' if env['device'] == 'cpu' else ''})")
+                     f"measurements (more --infer-reps{_threads_advice(env)})")
     for label in dict.fromkeys(apart):
         why = ""
-        if label == "cpu" and env["device"] == "cpu" and cfg["dtype"] in ("float16", "bfloat16"):
+        # up to CPU_DECODE_MAX_M tokens the C++ forward keeps its base GEMM in 16 bits
+        if (label == "cpu" and env["device"] == "cpu" and cfg["dtype"] in ("float16", "bfloat16")
+                and inference["tokens"] > CPU_DECODE_MAX_M):
             why = (f": the C++ CPU kernels run {cfg['dtype']} GEMMs on float32 copies, which on a CPU without "
                    f"{cfg['dtype']} matrix units is faster than torch's {cfg['dtype']} GEMM of the merged model")
         lines.append(f"  note: every pass of the unmerged {label} path was faster than every pass of the merged "

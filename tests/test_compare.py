@@ -564,6 +564,7 @@ def test_task_is_deterministic_and_follows_the_permutation():
     ({"layers": True}, "--layers expected an int >= 1, got True"),
     ({"targets": ("proj",)}, "--targets 'proj' matched no nn.Linear"),  # a name matches whole, as in PEFT
     ({"targets": ("layers.2.self_attn.q_proj",)}, "--targets 'layers.2.self_attn.q_proj' matched no"),  # 2 layers
+    ({"targets": ("layers.01.self_attn.q_proj",)}, "--targets 'layers.01.self_attn.q_proj' matched no"),
     ({"warmup": -1}, r"--warmup expected an int in \[0, steps=10\), got -1"),  # the CLI's --warmup takes any int
     ({"task_vocab": 0}, "--task-vocab expected an int >= 1, got 0"),
     ({"lr": 0.0}, "--lr expected a number > 0, got 0.0"),
@@ -1322,11 +1323,15 @@ def test_a_merged_model_timed_slower_than_an_unmerged_one_is_called_noise(result
                               unmerged_fused_ms_all=[5.0, 5.5, 2.5])  # every range overlaps the merged one
     assert "strictly less work" not in compare.format_compare(shown)
     shown["inference"].update(merged_ms=4.0)
+    shown["environment"]["cpu_threads"] = 2
     notes = [line for line in compare.format_compare(shown).splitlines() if "strictly less work" in line]
     assert notes == ["  note: the merged model does strictly less work than the unmerged one, yet measured slower "
                      "than the unmerged torch path: the machine's load changed during these 3 passes, so the "
                      "latencies are not steady-state measurements (more --infer-reps; on a shared CPU --threads 1 "
                      "steadies it)"]
+    shown["environment"]["cpu_threads"] = 1  # advised where it was set already: not again
+    assert [line for line in compare.format_compare(shown).splitlines() if "strictly less work" in line] == [
+        notes[0].replace("; on a shared CPU --threads 1 steadies it", "")]
     shown["inference"].update(merged_ms=6.0)
     both = "torch" if fused == "torch" else f"torch and {fused}"  # no fused backend: the torch composition twice
     assert f"slower than the unmerged {both} path:" in compare.format_compare(shown)
@@ -1357,6 +1362,10 @@ def test_an_unmerged_path_faster_in_every_pass_is_not_called_noise(result, devic
     because = (f": the C++ CPU kernels run {dtype} GEMMs on float32 copies, which on a CPU without {dtype} matrix "
                f"units is faster than torch's {dtype} GEMM of the merged model")
     assert notes[1] == systematic + (because if explained else "")
+    # up to 16 tokens the C++ forward keeps its base GEMM in 16 bits (kDecodeMaxM): no such reason then
+    shown["inference"]["tokens"] = 16
+    notes = [line for line in compare.format_compare(shown).splitlines() if "strictly less work" in line]
+    assert notes[1] == systematic
 
 def test_too_few_timed_steps_to_judge_their_spread_get_a_note(result):
     """The spread and drift notes need 4 and 6 timed steps: with fewer, a noisy ratio (--steps 1: 29.68x) went
