@@ -622,8 +622,9 @@ def _lora_linear_backward_differentiable(ctx, dy, x2, s, weight, lora_a, lora_b,
     dx = d_lora_a = d_lora_b = None
     if need_x or need_a or need_b:
         # the forward's mask
-        drop = None if dropout_p == 0.0 else _dropout_as_function(ctx.backend, seed, _like_x(ctx, dy, lora_a),
-                                                                  dropout_p)
+        # (dB from the saved S alone, where x2 is None and dX is not wanted, needs no mask)
+        drop = (None if dropout_p == 0.0 or (x2 is None and not need_x)
+                else _dropout_as_function(ctx.backend, seed, _like_x(ctx, dy, lora_a), dropout_p))
         with ops.autocast_off(dy.device):  # the LoRA branch's dtype, not autocast's (as in the first-order backward)
             dy_l, a_l, b_l = _differentiable_lora_operands(ctx.backend, dy, lora_a, lora_b)
             if x2 is not None:
