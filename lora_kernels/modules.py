@@ -418,7 +418,9 @@ class LoRALinear(nn.Module):
             return lora_linear_float32_factors(x, self.base_weight(), self.lora_A.weight, self.lora_B.weight,
                                                self.scaling, self.bias, dropout_p, self.backend)
         except ValueError:  # a factor's device refused: say why where accelerate's offloading is the cause
-            self.refuse_offloaded("LoRALinear.forward")
+            offloaded = self._offloaded_error("LoRALinear.forward")
+            if offloaded is not None:
+                raise offloaded from None
             raise
 
     def _merge_dtype(self):
@@ -529,13 +531,19 @@ class LoRALinear(nn.Module):
         "cpu"/"disk" entries): its hooks move in the weights of the modules they wrap for their forward, and the
         factors' modules are never called, so the factors stay on the meta device (the forward, merge and save had
         said they were never loaded, and load_peft_adapter, which that advised, refused the model)."""
+        error = self._offloaded_error(op)
+        if error is not None:
+            raise error
+
+    def _offloaded_error(self, op):
         factors = (self.lora_A.weight, self.lora_B.weight)
         if (any(factor.is_meta for factor in factors)
                 and any(getattr(m, "_hf_hook", None) is not None for m in (self, self.lora_A, self.lora_B))):
-            raise ValueError(f"{op}: this LoRALinear is offloaded by accelerate (cpu_offload, or a device_map with "
-                             f"\"cpu\"/\"disk\" entries, applied after the LoRA layers were made), whose hooks never "
-                             f"move its LoRA factors in from the meta device; dispatch the model without cpu/disk "
-                             f"offloading, or merge_and_unload() it before offloading")
+            return ValueError(f"{op}: this LoRALinear is offloaded by accelerate (cpu_offload, or a device_map with "
+                              f"\"cpu\"/\"disk\" entries, applied after the LoRA layers were made), whose hooks "
+                              f"never move its LoRA factors in from the meta device; dispatch the model without "
+                              f"cpu/disk offloading, or merge_and_unload() it before offloading")
+        return None
 
     def _check_factor_devices(self, op, unchanged="the layer"):
         """ValueError naming the factor that is not on the base weight's device, or the tensor whose shape is not the
