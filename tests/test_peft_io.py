@@ -1595,6 +1595,17 @@ def test_injected_model_mismatches_are_refused_untouched(tmp_path):
         lk.load_peft_adapter(merged, tmp_path)
 
 
+def _every_entry_point_refuses(model, adapter_dir, message):
+    """inject_lora, load_peft_adapter (of the adapter in adapter_dir) and prepare_multi_adapter each raise a
+    ValueError matching `message` and leave the model's modules as they were."""
+    modules = [(n, type(m)) for n, m in model.named_modules()]
+    for call in (lambda m: lk.inject_lora(m, ["q_proj", "v_proj"]), lambda m: lk.load_peft_adapter(m, adapter_dir),
+                 lambda m: lk.prepare_multi_adapter(m, ["q_proj"], max_adapters=2, max_rank=8)):
+        with pytest.raises(ValueError, match=message):
+            call(model)
+        assert [(n, type(m)) for n, m in model.named_modules()] == modules
+        assert not hasattr(model, "lora_adapter_slots")
+
 def test_layers_with_accelerate_hooks_are_refused_untouched(tmp_path):
     """Offloading (device_map "cpu"/"disk", cpu_offload) keeps a layer's weight on "meta" behind a hook on that layer:
     wrapping it would drop the hook. Refused by name before anything changes, by every entry point."""
@@ -1602,14 +1613,8 @@ def test_layers_with_accelerate_hooks_are_refused_untouched(tmp_path):
     lk.save_peft_adapter(_trained(), tmp_path)
     offloaded = accelerate.cpu_offload(_base(), execution_device="cpu")
     assert offloaded.layers[0].q_proj.weight.is_meta
-    modules = [(n, type(m)) for n, m in offloaded.named_modules()]
-    for call in (lambda m: lk.inject_lora(m, ["q_proj", "v_proj"]), lambda m: lk.load_peft_adapter(m, tmp_path),
-                 lambda m: lk.prepare_multi_adapter(m, ["q_proj"], max_adapters=2, max_rank=8)):
-        with pytest.raises(ValueError, match=r"module 'layers\.0\.q_proj' carries an accelerate hook "
-                                             r"\(AlignDevicesHook.*drop; its weight is on the meta device"):
-            call(offloaded)
-        assert [(n, type(m)) for n, m in offloaded.named_modules()] == modules
-        assert not hasattr(offloaded, "lora_adapter_slots")
+    _every_entry_point_refuses(offloaded, tmp_path, r"module 'layers\.0\.q_proj' carries an accelerate hook "
+                                                    r"\(AlignDevicesHook.*drop; its weight is on the meta device")
     # an offloaded head (modules_to_save) is refused too: the saved state would go into meta tensors
     lk.save_peft_adapter(_trained(modules_to_save=["head"]), tmp_path / "head")
     model = _base()
@@ -1636,13 +1641,8 @@ def test_layers_inside_a_block_accelerate_offloads_are_refused_untouched(tmp_pat
     lk.save_peft_adapter(_trained(), tmp_path)
     offloaded = accelerate.cpu_offload(_base(), execution_device="cpu", preload_module_classes=["Block"])
     assert getattr(offloaded.layers[0].q_proj, "_hf_hook", None) is None and offloaded.layers[0].q_proj.weight.is_meta
-    before = [(n, type(m)) for n, m in offloaded.named_modules()]
-    for call in (lambda m: lk.inject_lora(m, ["q_proj", "v_proj"]), lambda m: lk.load_peft_adapter(m, tmp_path),
-                 lambda m: lk.prepare_multi_adapter(m, ["q_proj"], max_adapters=2, max_rank=8)):
-        with pytest.raises(ValueError, match=r"module 'layers\.0\.q_proj' lies inside 'layers\.0', which an "
-                                             r"accelerate hook \(AlignDevicesHook, .*\) offloads as a whole"):
-            call(offloaded)
-        assert [(n, type(m)) for n, m in offloaded.named_modules()] == before
+    _every_entry_point_refuses(offloaded, tmp_path, r"module 'layers\.0\.q_proj' lies inside 'layers\.0', which an "
+                                                    r"accelerate hook \(AlignDevicesHook, .*\) offloads as a whole")
     model = _base()
     accelerate.hooks.add_hook_to_module(model.layers[0], accelerate.hooks.AlignDevicesHook("cpu", io_same_device=True))
     lk.inject_lora(model, ["q_proj"], init_lora_weights=False, backend=BACKEND)
