@@ -110,7 +110,7 @@ def detect_cpu_bf16_gemm_units():
 CPU_HAS_BF16_GEMM_UNITS = detect_cpu_bf16_gemm_units()
 
 
-def auto_backend(device, op_name="lora_linear", dtype=None):
+def auto_backend(device, op_name="lora_linear", dtype=None, num_slots=0):
     """The fastest available backend for `op_name` on `device`, by measurement (BENCHMARKS.md, bf16, K = N = 4096):
     - grouped ops on GPUs: the Triton kernels (H200, 64 adapters: 0.03x the per-adapter loop at 64 tokens on
       2026-11-29, 0.23x at 4096 tokens on 2026-11-30, where the C++ CUDA ones took 0.33x; per call at 4096 tokens on
@@ -133,12 +133,14 @@ def auto_backend(device, op_name="lora_linear", dtype=None):
       grouped ops, ahead at decode sizes (0.7-0.9x the torch fallback's multi-adapter fwd+bwd at 16 and 64 tokens in
       bf16), behind at 1024 tokens (1.7-2.0x). The Triton interpreter is for tests and never chosen automatically
       (with TRITON_INTERPRET=1 on a GPU machine the grouped ops take the C++ CUDA kernels).
-    float64 (dtype) skips Triton, whose kernels run 32- and 16-bit floats only. DTensor arguments (tensor
-    parallelism) never come here: lora_linear picks "torch" for them (functional.resolve_dtensor_backend)."""
+    float64 (dtype) skips Triton, whose kernels run 32- and 16-bit floats only, and so do more adapter slots
+    (num_slots) than its grid's slot axis holds (MAX_GRID_YZ). DTensor arguments (tensor parallelism) never come
+    here: lora_linear picks "torch" for them (functional.resolve_dtensor_backend)."""
     device = torch.device(device)
     if device.type == "cuda":
         order = ("triton", "cuda", "torch") if op_name in GROUPED_OPS else ("torch",)
-        if dtype == torch.float64 or _triton_pkg.INTERPRET:  # TRITON_INTERPRET=1 would run CUDA tensors interpreted
+        # TRITON_INTERPRET=1 would run CUDA tensors interpreted
+        if dtype == torch.float64 or num_slots > _triton_pkg.MAX_GRID_YZ or _triton_pkg.INTERPRET:
             order = tuple(name for name in order if name != "triton")
     elif device.type == "cpu":
         bf16_units = op_name == "lora_linear" and dtype == torch.bfloat16 and CPU_HAS_BF16_GEMM_UNITS
@@ -156,10 +158,10 @@ _CHOICES = {}
 _LOGGED = set()  # the auto choices already logged at DEBUG level
 
 
-def _choose(backend, device_type, op_name, dtype):
+def _choose(backend, device_type, op_name, dtype, num_slots):
     device = torch.device(device_type)
     if backend == "auto":
-        return auto_backend(device, op_name, dtype)
+        return auto_backend(device, op_name, dtype, num_slots)
     reason = unavailable_reason(backend, device)
     if reason is None:
         return backend
@@ -176,21 +178,25 @@ def log_auto_choice_by_kind(op_name, chosen, kind):
         logger.debug("%s: backend='auto' chose %r for %s", op_name, chosen, kind)
 
 
-def resolve_backend(backend, device, op_name, dtype=None):
+def resolve_backend(backend, device, op_name, dtype=None, num_slots=0):
     """The backend to run `op_name` with: `backend` itself when it can run here, the auto choice for "auto" (for
-    tensors of `dtype`). Raises ValueError naming the reason and the available backends otherwise."""
+    tensors of `dtype`, and a grouped op's `num_slots` adapter slots). Raises ValueError naming the reason and the
+    available backends otherwise."""
+    # only whether the slots fit Triton's grid changes a choice: one cache entry for all counts that fit, one for
+    # all that do not
+    num_slots = 0 if num_slots <= _triton_pkg.MAX_GRID_YZ else _triton_pkg.MAX_GRID_YZ + 1
     if not isinstance(backend, str):
         raise TypeError(f"{op_name}: backend expected a str, got {type(backend).__name__}")
     device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
     if torch.compiler.is_compiling():
         # Traced: no cache. A lookup would make dynamo guard on the dict's contents, and the first compiled call
         # filling it would then fail that guard: one recompile of every graph.
-        chosen = _choose(backend, device_type, op_name, dtype)
+        chosen = _choose(backend, device_type, op_name, dtype, num_slots)
     else:
-        key = (backend, device_type, op_name, dtype)
+        key = (backend, device_type, op_name, dtype, num_slots)
         chosen = _CHOICES.get(key)
         if chosen is None:
-            chosen = _CHOICES[key] = _choose(backend, device_type, op_name, dtype)
+            chosen = _CHOICES[key] = _choose(backend, device_type, op_name, dtype, num_slots)
         # The auto choice, once per (op, device, dtype) while DEBUG is on, whenever it was switched on (the choice
         # itself is cached from the first call). Not while tracing: dynamo cannot trace Logger calls.
         if backend == "auto" and key not in _LOGGED and logger.isEnabledFor(logging.DEBUG):

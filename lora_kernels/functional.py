@@ -1080,7 +1080,7 @@ def _multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias, r
         if adapter_ids.device != x.device:
             raise ValueError(f"{op}: adapter_ids expected device {x.device} (same as x), got {adapter_ids.device}")
         batch = LoRABatch._for_op(op, adapter_ids, num_slots)
-    backend = ops.without_triton_past_its_grid(backend, resolve_backend(backend, x.device, op, x.dtype), num_slots)
+    backend = resolve_backend(backend, x.device, op, x.dtype, num_slots)
     subclass_weight = is_subclass_weight(weight)
     if backend == "reference" and subclass_weight:
         refuse_subclass_weight_backend(op, backend, weight, MULTI_SUBCLASS_WEIGHT_USE)

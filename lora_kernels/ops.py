@@ -28,6 +28,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.symbolic_shapes import guard_or_true
 
+from lora_kernels import triton as triton_pkg
 from lora_kernels._dtensor import describe, dtensor_class, is_dtensor
 from lora_kernels._ext import accumulate_dtype
 from lora_kernels.backends import resolve_backend
@@ -520,17 +521,9 @@ def check_triton_args(op, dtype, num_slots):
     if dtype not in sgmv.SUPPORTED_DTYPES:
         raise TypeError(f"{op}: the triton backend runs float32/float16/bfloat16, got {dtype} (use backend='cuda', "
                         "'cpu' or 'torch' for float64)")
-    if num_slots > sgmv.MAX_GRID_YZ:
-        raise ValueError(f"{op}: the triton backend takes at most {sgmv.MAX_GRID_YZ} adapter slots, "
+    if num_slots > triton_pkg.MAX_GRID_YZ:
+        raise ValueError(f"{op}: the triton backend takes at most {triton_pkg.MAX_GRID_YZ} adapter slots, "
                          f"got L = {num_slots}")
-
-
-def without_triton_past_its_grid(requested, backend, num_slots):
-    """The resolved `backend`, but torch where "auto" picked Triton (on GPUs) for more adapter slots than its grid
-    dimension holds, a call check_triton_args refuses (and the CUDA kernels' grid too, past decode size)."""
-    if requested == "auto" and backend == "triton" and num_slots > triton_sgmv().MAX_GRID_YZ:
-        return "torch"
-    return backend
 
 
 def run_shrink(backend, x, lora_a, batch, scalings, ranks, deterministic=False, out=None):
@@ -583,7 +576,7 @@ def lora_shrink(x, lora_a, batch, scalings, ranks=None, *, backend="auto", deter
     deterministic = check_flag(op, "deterministic", deterministic)
     check_no_grad_inputs(op, (("x", x), ("lora_a", lora_a), ("scalings", scalings)))
     scalings, ranks = check_shrink_args(op, x, lora_a, batch, scalings, ranks)
-    backend = without_triton_past_its_grid(backend, resolve_backend(backend, x.device, op, x.dtype), lora_a.shape[0])
+    backend = resolve_backend(backend, x.device, op, x.dtype, lora_a.shape[0])
     if backend == "triton":
         check_triton_args(op, x.dtype, lora_a.shape[0])
     if out is not None:
@@ -608,8 +601,7 @@ def lora_expand(t, lora_b, batch, out, slice_offset=0, ranks=None, *, backend="a
         slice_offset = int(slice_offset)  # a numpy integer, say
     ranks = check_expand_args(op, t, lora_b, batch, out, slice_offset, ranks)
     check_no_grad_inputs(op, (("t", t), ("lora_b", lora_b)))
-    backend = without_triton_past_its_grid(backend, resolve_backend(backend, out.device, op, out.dtype),
-                                           lora_b.shape[0])
+    backend = resolve_backend(backend, out.device, op, out.dtype, lora_b.shape[0])
     if backend == "triton":
         check_triton_args(op, out.dtype, lora_b.shape[0])
     return run_expand(backend, t, lora_b, batch, ranks, out, slice_offset)
@@ -699,13 +691,14 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
     if sum(widths) != y.shape[1]:
         raise ValueError(f"{op}: y expected {sum(widths)} columns (sum of output_slices {widths}), "
                          f"got shape {tuple(y.shape)}")
-    # a float64 x (into a float32 y) is no call for the Triton kernels, which "auto" picks on GPUs by y's dtype
+    # a float64 x (into a float32 y) is no call for the Triton kernels, which "auto" picks on GPUs by y's dtype;
+    # the slot count is the batch's, checked below (a LoRABatch's num_adapters is an int)
     x_float64 = isinstance(x, torch.Tensor) and x.dtype == torch.float64
-    requested, backend = backend, resolve_backend(backend, y.device, op, torch.float64 if x_float64 else y.dtype)
+    backend = resolve_backend(backend, y.device, op, torch.float64 if x_float64 else y.dtype,
+                              batch.num_adapters if isinstance(batch, LoRABatch) else 0)
     offsets = [sum(widths[:j]) for j in range(len(widths))]
     scalings, slice_ranks = _check_slices(op, y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, widths,
                                           offsets)
-    backend = without_triton_past_its_grid(requested, backend, batch.num_adapters)
     if buffer is not None:
         expected = (len(widths), x.shape[0], lora_a_slices[0].shape[1])
         _check_float(op, "buffer", buffer, 3)

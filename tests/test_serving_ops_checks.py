@@ -11,6 +11,7 @@ import torch
 import lora_kernels as lk
 from conftest import backend_or_skip
 from lora_kernels import ops
+from lora_kernels import triton as triton_pkg
 from lora_kernels.batch import BUFFER_FIELDS, LoRABatch
 
 
@@ -429,11 +430,11 @@ def test_lora_expand_rounds_once_into_a_16_bit_out(backend):
 
 def test_triton_slot_limit_is_inclusive():
     """L up to a grid dimension's limit runs on the triton backend; one more slot is refused."""
-    sgmv = ops.triton_sgmv()
-    ops.check_triton_args("lora_shrink", torch.float32, sgmv.MAX_GRID_YZ)
-    with pytest.raises(ValueError, match=f"lora_shrink: the triton backend takes at most {sgmv.MAX_GRID_YZ} adapter "
-                                         f"slots, got L = {sgmv.MAX_GRID_YZ + 1}"):
-        ops.check_triton_args("lora_shrink", torch.float32, sgmv.MAX_GRID_YZ + 1)
+    limit = triton_pkg.MAX_GRID_YZ
+    ops.check_triton_args("lora_shrink", torch.float32, limit)
+    with pytest.raises(ValueError, match=f"lora_shrink: the triton backend takes at most {limit} adapter slots, got "
+                                         f"L = {limit + 1}"):
+        ops.check_triton_args("lora_shrink", torch.float32, limit + 1)
 
 
 def test_reference_backend_traced_keeps_its_float64_math():
@@ -866,17 +867,23 @@ def test_auto_leaves_out_the_triton_kernels_where_they_cannot_run(monkeypatch):
     """On GPUs "auto" picks the Triton kernels for the grouped ops by op and dtype alone: a float64 x into a float32 y
     (add_lora, resolved by y's dtype) and more adapter slots than Triton's grid holds were then refused by the Triton
     checks, where other backends run them; with TRITON_INTERPRET=1 CUDA tensors would run interpreted. Stand-ins: a
-    resolve_backend that gives "auto" the GPU choice (triton, but for float64), and a CUDA device for auto_backend."""
+    resolve_backend that gives "auto" auto_backend's choice for a GPU with every backend available (its CUDA kernels
+    standing in as torch for these CPU tensors), and a CUDA device for auto_backend."""
     from lora_kernels import backends, functional, ops
 
     real = backends.resolve_backend
 
-    def gpu_like(backend, device, op, dtype=None):
-        return ("triton" if dtype != torch.float64 else "torch") if backend == "auto" else real(backend, device, op,
-                                                                                               dtype)
+    def gpu_like(backend, device, op, dtype=None, num_slots=0):
+        if backend != "auto":
+            return real(backend, device, op, dtype, num_slots)
+        chosen = backends.auto_backend(torch.device("cuda"), op, dtype, num_slots)
+        return "torch" if chosen == "cuda" else chosen
+
+    monkeypatch.setattr(backends, "unavailable_reason", lambda backend, device: None)
+    monkeypatch.setattr(backends._triton_pkg, "INTERPRET", False)  # the tests' own setting would leave Triton out
     monkeypatch.setattr(ops, "resolve_backend", gpu_like)
     monkeypatch.setattr(functional, "resolve_backend", gpu_like)
-    slots = ops.triton_sgmv().MAX_GRID_YZ + 1
+    slots = triton_pkg.MAX_GRID_YZ + 1
     x, lora_a, lora_b = torch.randn(2, 2), torch.randn(slots, 1, 2), torch.randn(slots, 3, 1)
     ids, scalings = torch.tensor([0, slots - 1]), torch.ones(slots)
     batch = LoRABatch.from_adapter_ids(ids, slots)
@@ -892,6 +899,9 @@ def test_auto_leaves_out_the_triton_kernels_where_they_cannot_run(monkeypatch):
     lk.ops.add_lora(expected, x64, [a], [b], small, torch.ones(2), None, [4], backend="torch")
     torch.testing.assert_close(y, expected)
 
+    cuda = torch.device("cuda")
+    assert backends.auto_backend(cuda, "lora_shrink", torch.float32, slots - 1) == "triton"  # the grid holds them
+    assert backends.auto_backend(cuda, "lora_shrink", torch.float32, slots) == "cuda"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(backends._triton_pkg, "INTERPRET", True)
     assert backends.auto_backend(torch.device("cuda"), "multi_lora_linear", torch.float32) != "triton"

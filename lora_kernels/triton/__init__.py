@@ -23,6 +23,8 @@ HAS_TRITON = TRITON_ERROR is None
 # Triton's names of the dtypes the kernels take (the compile gate's signatures).
 TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 SUPPORTED_DTYPES = tuple(TRITON_DTYPE_NAMES)  # what every Triton kernel here takes
+# CUDA's limit on grid dimensions y and z, the grouped kernels' slot axis: "auto" does not pick them past it
+MAX_GRID_YZ = 65535
 
 # Every launch (and the compile gate) passes enable_fp_fusion=FP_FUSION: FMA contraction on, as Triton 3.6 to 3.9
 # default to and as the tolerances and BENCHMARKS.md were measured. Triton 3.9 warns (UserWarning, once per process)

@@ -89,7 +89,6 @@ USE_GPU_CONFIG = not INTERPRET
 SPLIT_K_PROGRAMS_PER_SM = 4
 MAX_SPLIT_K = 16
 MIN_K_BLOCKS_PER_SPLIT = 2
-MAX_GRID_YZ = 65535  # CUDA's limit on grid dimensions y and z
 # Output slices of add_lora one shrink and one expand launch take (a fused QKV projection's three): each slice's
 # pointer, width and first output column are kernel arguments (see _of_slice); more slices take several launches.
 SLICES_PER_LAUNCH = 3
