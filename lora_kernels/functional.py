@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass_type
 
 from lora_kernels import ops, reference
 from lora_kernels._dtensor import describe, dtensor_class, is_dtensor
-from lora_kernels._ext import VMAP_DROPOUT_NEEDS_ONE_SEED, accumulate_dtype, is_finite_number, scaled_mm
+from lora_kernels._ext import VMAP_DROPOUT_NEEDS_ONE_SEED, accumulate_dtype, is_finite_number, scaled_mm, through_op
 from lora_kernels.backends import log_auto_choice_by_kind, resolve_backend
 from lora_kernels.batch import BUFFER_FIELDS, LoRABatch
 from lora_kernels.triton import SUPPORTED_DTYPES as TRITON_DTYPES
@@ -290,7 +290,7 @@ def torch_dropout_keep(seed, like, p):
     """The dropout keep-mask (1 kept, 0 dropped, each kept with probability 1 - p) of the non-Triton backends,
     shaped like `like` and in its dtype and device: drawn from a generator seeded with `seed` (from new_seed), so
     backward regenerates exactly the forward's mask instead of storing it."""
-    if torch.compiler.is_compiling():
+    if through_op(like):  # traced, or fake tensors: a generator seeded from a traced or fake seed cannot run
         return _dropout_keep_op(seed, like.detach(), p)
     return _dropout_keep_impl(seed, like, p)
 

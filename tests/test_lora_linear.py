@@ -1168,6 +1168,33 @@ def test_tensor_subclasses_are_not_taken_for_dtensors():
     assert_close(y, reference.lora_linear(x, weight, lora_a, lora_b, 2.0), torch.float32)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_training_step_under_fake_tensor_mode_gives_the_real_steps_shapes(backend, dropout_p, dtype):
+    """Under FakeTensorMode (a memory estimator's forward and backward, outside torch.compile) every backend gives
+    the outputs and gradients of a real step in shape, dtype and device: the Triton launchers and the dropout mask
+    ran their kernels or a generator seeded from a fake seed on fake tensors and raised."""
+    backend_or_skip(backend, "cpu")
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from lora_kernels.modules import LoRALinear
+
+    def step():
+        torch.manual_seed(0)
+        layer = LoRALinear(16, 12, r=4, lora_dropout=dropout_p, dtype=dtype, backend=backend)
+        x = torch.randn(2, 5, 16, dtype=dtype, requires_grad=True)
+        y = layer(x)
+        y.float().sum().backward()
+        return [y, x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad]
+
+    real = step()
+    with FakeTensorMode():
+        fake = step()
+    for got, want in zip(fake, real):
+        assert isinstance(got, FakeTensor)
+        assert (got.shape, got.dtype, got.device) == (want.shape, want.dtype, want.device)
+
+
 def test_fp16_torch_func_on_the_torch_backend_rounds_as_its_own_forward(device):
     """The torch backend's torch.func path is its own (PEFT's) composition in the input dtype, not the fused
     backends' fp32 branch: where S·Bᵀ passes fp16's 65504 both give inf at the same places."""

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lora_kernels._ext import VMAP_DROPOUT_NEEDS_ONE_SEED, is_finite_number, scaled_mm
+from lora_kernels._ext import VMAP_DROPOUT_NEEDS_ONE_SEED, is_finite_number, scaled_mm, through_op
 from lora_kernels.triton import (FP_FUSION, INTERPRET, TRITON_DTYPE_NAMES, UPCAST_DOT_OPERANDS, cdiv, check_tensor,
                                  on_tensor_device, one_launch_at_a_time, round_to_tf32, sm_count)
 
@@ -695,8 +695,9 @@ def _check_rank(op, name, r):
         raise ValueError(f"{op}: {name} expected a rank between 1 and {MAX_RANK}, got {r}")
 
 
-def _check_dropout(op, dropout_p, seed):
-    """Checks dropout_p and seed; returns the seed as the ops take it (see _seed_value)."""
+def _check_dropout(op, dropout_p, seed, traced):
+    """Checks dropout_p and seed; returns the seed as the ops take it (see _seed_value): a tensor where the call goes
+    through the op (`traced`: see through_op)."""
     if not isinstance(dropout_p, numbers.Real) or isinstance(dropout_p, bool):
         raise TypeError(f"{op}: dropout_p expected a float in [0, 1], got {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p <= 1.0:  # 1 drops everything, as torch's dropout does (lora_linear refuses it)
@@ -705,9 +706,9 @@ def _check_dropout(op, dropout_p, seed):
         if seed.dtype != torch.int64 or seed.dim() != 0 or seed.device.type != "cpu":
             raise TypeError(f"{op}: seed expected an int or a 0-d int64 CPU tensor, got a {seed.dtype} tensor of "
                             f"shape {tuple(seed.shape)} on {seed.device}")
-        # Held to the int's range where it has a value: a traced seed has none until the graph runs, when the op's
-        # own check (_register) reads it. int64 holds nothing past 2**63 - 1.
-        if not torch.compiler.is_compiling() and seed.item() < 0:
+        # Held to the int's range where it has a value: a traced or fake seed has none until the graph runs, when the
+        # op's own check (_register) reads it. int64 holds nothing past 2**63 - 1.
+        if not through_op(seed) and seed.item() < 0:
             raise ValueError(f"{op}: seed expected an int in [0, 2**63), got a tensor holding {seed.item()}")
         return seed
     if not isinstance(seed, int) or isinstance(seed, bool):
@@ -715,7 +716,7 @@ def _check_dropout(op, dropout_p, seed):
     if not 0 <= seed < 2**63:
         raise ValueError(f"{op}: seed expected an int in [0, 2**63), got {seed!r}")
     # Traced calls go through the custom op, whose schema takes the seed as a tensor (a graph input, not a constant).
-    return torch.tensor(seed, dtype=torch.int64, device="cpu") if torch.compiler.is_compiling() else seed
+    return torch.tensor(seed, dtype=torch.int64, device="cpu") if traced else seed
 
 
 def _seed_value(seed):
@@ -1042,9 +1043,9 @@ def _register(name, impl, fake, check):
 
 
 def _call(op, impl, *args):
-    # Eager calls skip the dispatcher (tens of microseconds of host time per call); traced calls need the op. Both
-    # run impl, which takes the launch lock (one_launch_at_a_time).
-    return op(*args) if torch.compiler.is_compiling() else impl(*args)
+    # Eager calls on plain tensors skip the dispatcher (tens of microseconds of host time per call); traced calls and
+    # fake tensors need the op (through_op). Both run impl, which takes the launch lock (one_launch_at_a_time).
+    return op(*args) if through_op(args[0]) else impl(*args)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1067,7 +1068,7 @@ def _check_fwd(x, weight, lora_a, lora_b, scaling, bias, dropout_p, seed):
     if bias is not None:
         check_tensor(op, "bias", bias, (N,), (dtype,), device)
     _check_scaling(op, scaling)
-    return _check_dropout(op, dropout_p, seed)
+    return _check_dropout(op, dropout_p, seed, through_op(x))
 
 
 def _check_bwd_dy(dy, s, lora_b, scaling):
@@ -1091,7 +1092,7 @@ def _check_bwd_dx(dy, ds, weight, lora_a, dropout_p, seed):
     r = lora_a.shape[0]
     _check_rank(op, "lora_a", r)
     check_tensor(op, "ds", ds, (M, r), (torch.float32,), dy.device)
-    return _check_dropout(op, dropout_p, seed)
+    return _check_dropout(op, dropout_p, seed, through_op(dy))
 
 
 def _check_bwd_da(ds, x, dropout_p, seed):
@@ -1100,7 +1101,7 @@ def _check_bwd_da(ds, x, dropout_p, seed):
     M, K = x.shape
     check_tensor(op, "ds", ds, (M, None), (torch.float32,), x.device)
     _check_rank(op, "ds", ds.shape[1])
-    return _check_dropout(op, dropout_p, seed)
+    return _check_dropout(op, dropout_p, seed, through_op(ds))
 
 
 _fwd_op = _register("triton_lora_fwd", _lora_fwd_impl, _fake_lora_fwd, _check_fwd)
@@ -1150,7 +1151,7 @@ def dropout_mask(seed, M, K, p, device):
     For tests (feed it to lora_kernels.reference) and lora_linear's torch.func path; the kernels regenerate it and
     never store it."""
     op = "dropout_mask"
-    seed = _check_dropout(op, p, seed)
+    seed = _check_dropout(op, p, seed, torch.compiler.is_compiling())
     if torch.compiler.is_compiling():  # M and K may be symbols: unchecked, as lora_linear checks no values there
         return _dropout_mask_op(seed, M, K, float(p), torch.device(device))
     return _dropout_mask_impl(seed, M, K, p, device)
@@ -1178,7 +1179,7 @@ def _dropout_mask_impl(seed: torch.Tensor, M: int, K: int, p: float, device: tor
 # It takes the sizes, not a tensor shaped like x, which vmap would batch (torch's fallback then launches per sample).
 _dropout_mask_op = _register("triton_dropout_mask", _dropout_mask_impl,
                              lambda seed, M, K, p, device: torch.empty((M, K), device=device, dtype=torch.float32),
-                             lambda seed, M, K, p, device: _check_dropout("dropout_mask", p, seed))
+                             lambda seed, M, K, p, device: _check_dropout("dropout_mask", p, seed, False))
 
 
 @_dropout_mask_op.register_vmap

@@ -23,13 +23,14 @@ Kernels (all launch a grid fixed by shapes and exit early on the device, so they
 Traced calls (torch.compile, fake tensors) go through the custom ops `lora_kernels_triton::sgmv_shrink`,
 `::sgmv_expand` and `::segment_outer` (torch.library.custom_op with fake impls, so torch.compile(fullgraph=True)
 traces through; triton_op/wrap_triton cannot trace a kernel running under the Triton interpreter, so the opaque
-custom op is used everywhere); plain eager calls launch directly (_through_op: the dispatcher's host time).
+custom op is used everywhere); plain eager calls launch directly (through_op: the dispatcher's host time).
 """
 
 import inspect
 
 import torch
 
+from lora_kernels._ext import through_op
 from lora_kernels.triton import (FP_FUSION, HAS_TRITON, INTERPRET, SUPPORTED_DTYPES, TRITON_DTYPE_NAMES, cdiv,
                                  check_tensor, on_tensor_device, one_launch_at_a_time, sm_count)
 
@@ -465,7 +466,7 @@ def choose_path(num_tokens, num_slots, path="auto"):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Launch (inputs already checked): through the custom ops below when traced, called directly when eager (_through_op)
+# Launch (inputs already checked): through the custom ops below when traced, called directly when eager (through_op)
 
 
 def _slice_groups(keys):
@@ -786,13 +787,6 @@ _refuse_grad_inputs("segment_outer", ("left", "right"), adds_into_out=False)
 # Public launchers
 
 
-def _through_op(tensor):
-    """Go through the custom op when tracing (torch.compile, export, fake or other tensor subclasses). Plain eager
-    calls launch directly: the custom-op dispatcher costs ~30 us of host time per call (measured on this project's
-    CPU machine), which a decode step outside a CUDA graph would pay for every shrink and expand."""
-    return torch.compiler.is_compiling() or type(tensor) is not torch.Tensor
-
-
 def as_slices(weights):
     """[L, a, b] -> [it]; [S, L, a, b] or a list of [L, a, b] -> a list of S."""
     if isinstance(weights, torch.Tensor):
@@ -814,12 +808,12 @@ def shrink(x, lora_a, batch, scalings, ranks, *, deterministic=False, out=None, 
     if out is None:
         leading = () if isinstance(lora_a, torch.Tensor) and lora_a.dim() == 3 else (len(slices),)
         out = torch.empty((*leading, x.shape[0], slices[0].shape[1]), dtype=torch.float32, device=x.device)
-    through_op = _through_op(x)
-    run = torch.ops.lora_kernels_triton.sgmv_shrink if through_op else _launch_shrink
+    traced = through_op(x)
+    run = torch.ops.lora_kernels_triton.sgmv_shrink if traced else _launch_shrink
     run(x, slices, batch.adapter_ids, batch.sorted_token_ids, batch.slot_counts, batch.slot_starts, scalings, ranks,
         out, bool(deterministic), path)
     # The dispatcher bumps a custom op's mutated argument; a direct launch must, or autograd would not see the write
-    if not through_op:
+    if not traced:
         torch.autograd.graph.increment_version(out)
     return out
 
@@ -836,11 +830,11 @@ def expand(t, lora_b, batch, ranks, out, slice_offset=0, *, path="auto"):
     first_columns = [slice_offset]
     for weights in slices[:-1]:
         first_columns.append(first_columns[-1] + weights.shape[1])
-    through_op = _through_op(t)
-    run = torch.ops.lora_kernels_triton.sgmv_expand if through_op else _launch_expand
+    traced = through_op(t)
+    run = torch.ops.lora_kernels_triton.sgmv_expand if traced else _launch_expand
     run(t, slices, batch.adapter_ids, batch.sorted_token_ids, batch.slot_counts, batch.slot_starts, ranks, out,
         first_columns, path)
-    if not through_op:
+    if not traced:
         torch.autograd.graph.increment_version(out)  # see shrink
     return out
 
@@ -850,7 +844,7 @@ def segment_outer_sum(left, right, batch):
     gradients of the grouped backward (left [M, P] fp32, right [M, Q] fp32/fp16/bf16, batch: LoRABatch of the M
     tokens over L slots; -1 tokens count nowhere). Arguments are not checked (multi_lora_linear's backward)."""
     out = torch.empty((batch.num_adapters, left.shape[1], right.shape[1]), dtype=torch.float32, device=right.device)
-    run = torch.ops.lora_kernels_triton.segment_outer if _through_op(right) else _launch_segment_outer
+    run = torch.ops.lora_kernels_triton.segment_outer if through_op(right) else _launch_segment_outer
     run(left, right, batch.sorted_token_ids, batch.slot_counts, batch.slot_starts, out)
     return out
 
