@@ -1,8 +1,9 @@
-"""Builds the C++/CUDA extension `lora_kernels._C`; the metadata lives in pyproject.toml, but for the license.
+"""Builds the C++/CUDA extension `lora_kernels._C`; the metadata lives in pyproject.toml, but for the license and the
+dependencies (a build requires the torch minor version it was compiled against).
 
 CPU sources are always built. CUDA sources are built when torch is a CUDA build and a toolkit is found;
 LORA_KERNELS_BUILD_CUDA=1 forces them (and fails loudly when impossible), =0 skips them.
-TORCH_CUDA_ARCH_LIST overrides the default targets (sm_80 and sm_90a).
+TORCH_CUDA_ARCH_LIST overrides the default targets (sm_80 and sm_90a); set but empty, it is taken as unset.
 """
 
 import glob
@@ -115,6 +116,9 @@ build_cuda = build_cuda_env != "0" and torch_has_cuda and cuda_home is not None 
 # machine's build (its cache is keyed by the download, not by torch) may hold another torch's ABI or no CUDA.
 # Integers: a string macro's quotes would not survive the ninja build's shell.
 TORCH_MAJOR, TORCH_MINOR = (int(part) for part in torch.__version__.split(".")[:2])
+if (TORCH_MAJOR, TORCH_MINOR) < (2, 11):
+    _fail(f"lora_kernels needs torch >= 2.11 (the oldest it is tested with), this is torch {torch.__version__}: "
+          f"install a newer one first (pip install 'torch>=2.11'), then build again.")
 build_macros = [("LORA_KERNELS_BUILT_TORCH_MAJOR", str(TORCH_MAJOR)),
                 ("LORA_KERNELS_BUILT_TORCH_MINOR", str(TORCH_MINOR))]
 
@@ -133,7 +137,9 @@ if sys.platform.startswith("linux"):
     link_flags.append("-fopenmp")
 
 if build_cuda:
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip():  # set but empty (TORCH_CUDA_ARCH_LIST=) as unset:
+        # torch reads an empty list as "the visible GPUs'" and failed with an IndexError on a machine without one
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
     print(f"lora_kernels: building CPU + CUDA sources (CUDA_HOME={cuda_home}, "
           f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})")
     extension = CUDAExtension(
@@ -162,4 +168,9 @@ if int(setuptools.__version__.split(".")[0]) >= 77:
     license_metadata = {"license_expression": "Apache-2.0"}
 else:
     license_metadata = {"license": "Apache-2.0"}
-setup(ext_modules=[extension], cmdclass={"build_ext": BuildExtension}, **license_metadata)
+# The extension runs with no other torch minor version than the one it was compiled against (lora_kernels._ext
+# refuses it), so a wheel built here requires that one: with a bare torch >= 2.11, pip installed a wheel built on
+# torch 2.13 beside the newest torch and its extension was unusable. Local labels (+cpu, +cu130) are not matched.
+install_requires = [f"torch=={TORCH_MAJOR}.{TORCH_MINOR}.*", "numpy", "safetensors"]
+setup(ext_modules=[extension], cmdclass={"build_ext": BuildExtension}, install_requires=install_requires,
+      **license_metadata)

@@ -433,3 +433,38 @@ def test_setup_says_when_cuda_home_names_no_toolkit(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (f"lora_kernels: CUDA_HOME={tmp_path / 'no-such-toolkit'} is not a CUDA toolkit root (no bin/nvcc or "
             f"include/cuda_runtime.h there); looking elsewhere") in proc.stderr
+
+
+def test_a_build_requires_the_torch_minor_version_it_compiled_against(tmp_path):
+    """The extension is refused under another torch minor version (_ext.built_torch_mismatch), so a built wheel must
+    not let pip install it beside one: with a bare torch >= 2.11, a wheel built on torch 2.13 came with the newest
+    torch and an unusable extension."""
+    env = dict(os.environ, LORA_KERNELS_BUILD_CUDA="0")
+    proc = subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "-e", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    major, minor = torch.__version__.split(".")[:2]
+    requires = (tmp_path / "lora_kernels.egg-info" / "requires.txt").read_text().split("\n\n")[0].split()
+    assert requires == [f"torch=={major}.{minor}.*", "numpy", "safetensors"], requires
+
+
+def test_setup_refuses_a_torch_older_than_the_floor():
+    script = ("import sys, runpy, torch; torch.__version__ = '2.10.0+cu128'; sys.argv = ['setup.py', '--name']; "
+              "runpy.run_path('setup.py', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=dict(os.environ, LORA_KERNELS_BUILD_CUDA="0"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert ("lora_kernels build error: lora_kernels needs torch >= 2.11 (the oldest it is tested with), this is torch "
+            "2.10.0+cu128") in proc.stderr, proc.stderr
+
+
+def test_an_empty_cuda_arch_list_builds_the_default_targets():
+    """TORCH_CUDA_ARCH_LIST= (set but empty) is taken as unset: torch reads an empty list as the visible GPUs' and
+    failed with an IndexError where there is none."""
+    env = dict(os.environ, TORCH_CUDA_ARCH_LIST="", LORA_KERNELS_BUILD_CUDA="")
+    proc = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    if "building CPU + CUDA sources" not in proc.stdout:
+        pytest.skip(f"setup.py builds no CUDA sources here: {proc.stdout.strip()}")
+    assert "TORCH_CUDA_ARCH_LIST=8.0;9.0a)" in proc.stdout, proc.stdout
