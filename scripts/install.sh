@@ -15,7 +15,31 @@ case "${1:-}" in
 esac
 
 # Always ./.venv, even inside another active virtualenv: the README's commands run .venv/bin/...
-[ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
+# Its Python checked first: on 3.9 pip's only complaint was that no torch >= 2.11 exists.
+too_old() {  # prints "X.Y" and succeeds when the interpreter $1 is older than 3.10
+  "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2]); sys.exit(sys.version_info >= (3, 10))'
+}
+if [ -e .venv/bin/python ] || [ -L .venv/bin/python ]; then
+  if ! .venv/bin/python -c "" 2>/dev/null; then
+    echo "lora_kernels: ./.venv exists but .venv/bin/python does not run (its interpreter was removed or moved?): remove it (rm -rf .venv) and run this again" >&2
+    exit 1
+  fi
+  if version=$(too_old .venv/bin/python); then
+    echo "lora_kernels: ./.venv is Python $version; lora_kernels needs Python >= 3.10: remove it (rm -rf .venv) and run this again (PYTHON=python3.X picks the interpreter)" >&2
+    exit 1
+  fi
+else
+  base="${PYTHON:-python3}"
+  if ! command -v "$base" > /dev/null; then
+    echo "lora_kernels: $base not found: install Python >= 3.10 or name one with PYTHON=python3.X" >&2
+    exit 1
+  fi
+  if version=$(too_old "$base"); then
+    echo "lora_kernels: $base is Python $version; lora_kernels needs Python >= 3.10: name a newer one with PYTHON=python3.X" >&2
+    exit 1
+  fi
+  "$base" -m venv .venv
+fi
 python=.venv/bin/python
 export PATH="$PWD/.venv/bin:$PATH"  # ninja and the console scripts of this environment
 

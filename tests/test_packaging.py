@@ -468,3 +468,36 @@ def test_an_empty_cuda_arch_list_builds_the_default_targets():
     if "building CPU + CUDA sources" not in proc.stdout:
         pytest.skip(f"setup.py builds no CUDA sources here: {proc.stdout.strip()}")
     assert "TORCH_CUDA_ARCH_LIST=8.0;9.0a)" in proc.stdout, proc.stdout
+
+
+# A Python 3.9 stand-in for install.sh's checks: runs the code it is given (-c) in this Python, with 3.9's version
+OLD_PYTHON = """#!/bin/sh
+[ "$1" = "-c" ] || exit 99
+exec "{python}" -c 'import sys; sys.version_info = (3, 9, 18, "final", 0); exec(sys.argv[1])' "$2"
+"""
+
+
+@pytest.mark.parametrize("where", ["venv", "PYTHON", "broken venv"])
+def test_install_sh_refuses_a_python_older_than_3_10_before_installing(tmp_path, where):
+    """On Python 3.9 pip's only complaint was that no torch >= 2.11 exists; an existing .venv was reused whatever
+    its Python, and one whose interpreter was removed failed in `python -m venv` over it."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy2(ROOT / "scripts" / "install.sh", tmp_path / "scripts" / "install.sh")
+    old_python = tmp_path / "python3.9"
+    old_python.write_text(OLD_PYTHON.format(python=sys.executable))
+    old_python.chmod(0o755)
+    env = dict(os.environ)
+    if where == "PYTHON":
+        env["PYTHON"] = str(old_python)
+    else:
+        (tmp_path / ".venv" / "bin").mkdir(parents=True)
+        target = old_python if where == "venv" else tmp_path / "removed" / "python3.9"
+        (tmp_path / ".venv" / "bin" / "python").symlink_to(target)
+    proc = subprocess.run(["bash", str(tmp_path / "scripts" / "install.sh")], cwd="/", env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    expected = {"venv": "lora_kernels: ./.venv is Python 3.9; lora_kernels needs Python >= 3.10: remove it",
+                "PYTHON": f"lora_kernels: {old_python} is Python 3.9; lora_kernels needs Python >= 3.10: name a newer",
+                "broken venv": "lora_kernels: ./.venv exists but .venv/bin/python does not run"}[where]
+    assert proc.stderr.startswith(expected), proc.stderr
+    assert not (tmp_path / "build").exists() and (where != "PYTHON" or not (tmp_path / ".venv").exists())
