@@ -242,9 +242,11 @@ def _host_tensor(op, name, values, dtype, what):
 
 
 def check_flag(op, name, value):
-    """value as a bool: True/False, 0/1 or a numpy bool; anything else (a truthy string such as "no", None) is a
-    TypeError naming the argument."""
-    if isinstance(value, (str, bytes)) or value is None or not (value is True or value is False or value in (0, 1)):
+    """value as a bool: True/False, an int 0/1 (numpy's too) or a numpy bool; anything else (a truthy string such
+    as "no", None, a float, a tensor or array: `in (0, 1)` compared those elementwise, letting 1.0 through and raising
+    an unnamed error for several elements) is a TypeError naming the argument."""
+    numpy_bool = type(value).__name__ in ("bool", "bool_") and type(value).__module__ == "numpy"
+    if not (numpy_bool or isinstance(value, numbers.Integral) and value in (0, 1)):
         raise TypeError(f"{op}: {name} expected a bool, got {value!r}")
     return bool(value)
 

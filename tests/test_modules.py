@@ -721,6 +721,22 @@ def test_flags_given_as_strings_are_refused(flag, tmp_path):
         assert not any(isinstance(m, LoRALinear) for m in model.modules())
 
 
+def test_flags_take_bools_ints_0_and_1_and_numpy_bools_only():
+    """ops.check_flag (every bool argument): `value in (0, 1)` let 1.0 and a one-element tensor through and raised
+    torch's and numpy's unnamed "ambiguous" errors for several elements."""
+    numpy = pytest.importorskip("numpy")
+    from lora_kernels.ops import check_flag
+    for value, expected in [(True, True), (False, False), (1, True), (0, False), (numpy.True_, True),
+                            (numpy.bool_(False), False), (numpy.int64(1), True)]:
+        assert check_flag("op", "flag", value) is expected, value
+    for value in [1.0, 0.0, numpy.float32(1), torch.tensor(1), torch.tensor([1, 0]), numpy.array([1, 0]), 2, None,
+                  "no"]:
+        with pytest.raises(TypeError, match=r"^op: flag expected a bool, got "):
+            check_flag("op", "flag", value)
+    with pytest.raises(TypeError, match=r"LoRALinear: bias expected a bool, got tensor\(\[1, 0\]\)"):
+        LoRALinear(8, 8, bias=torch.tensor([1, 0]))
+
+
 def test_bad_backend_names_and_non_finite_scalings_are_refused_at_construction():
     with pytest.raises(ValueError, match=r"LoRALinear: backend expected one of reference, torch, triton, cuda, cpu or "
                                          r"'auto', got 'nope'"):
