@@ -486,7 +486,11 @@ class LoRALinear(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self):
-        """Within this context the layer computes the base linear only."""
+        """Within this context the layer computes the base linear only. A merged layer cannot be disabled: a
+        RuntimeError on entering (its forward inside the context raised it, past the `with` line); unmerge() first."""
+        if self.merged:
+            raise RuntimeError("LoRALinear.disable_adapter: cannot disable the adapter of a merged layer; call "
+                               "unmerge() first")
         previous = self.disable_adapters
         self.disable_adapters = True
         try:

@@ -306,15 +306,23 @@ def test_an_error_inside_a_layers_disable_adapter_puts_the_adapter_back():
 
 
 def test_disabling_a_merged_layer_is_an_error_not_the_merged_output():
-    """A merged layer's weight holds the adapter, so 'disabled' cannot be computed from it: the forward raises
+    """A merged layer's weight holds the adapter, so 'disabled' cannot be computed from it: the context refuses it
+    on entry (its forward had raised, past the `with` line), and a forward raises for a layer merged inside it,
     instead of silently returning the adapted output."""
     layer = _trained(LoRALinear(16, 8, r=2))
     x = torch.randn(3, 16)
     layer.merge()
     for training in (True, False):  # a reference pass in eval mode (DPO's reference model) is refused alike
-        with layer.train(training).disable_adapter(), pytest.raises(RuntimeError, match="cannot disable the adapter"):
-            layer(x)
+        with pytest.raises(RuntimeError, match="LoRALinear.disable_adapter: cannot disable the adapter of a merged "
+                                               "layer; call unmerge"):
+            layer.train(training).disable_adapter().__enter__()
+        assert not layer.disable_adapters
     layer.unmerge()
+    with layer.disable_adapter():
+        layer.merge()
+        with pytest.raises(RuntimeError, match="LoRALinear: cannot disable the adapter of a merged layer"):
+            layer(x)
+        layer.unmerge()
     with layer.disable_adapter():
         torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
 
