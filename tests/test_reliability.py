@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import lora_kernels as lk
-from conftest import TOLERANCE, quantized_linear, rel_error
+from conftest import TOLERANCE, backend_or_skip, quantized_linear, rel_error
 from lora_kernels import backends, modules, peft_io, reference
 from lora_kernels.batch import LoRABatch
 
@@ -327,6 +327,55 @@ def test_a_process_forked_while_another_thread_holds_a_lock_can_use_the_model(he
     finally:
         leave.set()
         holder.join()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_process_forked_during_a_triton_launch_can_launch():
+    """The Triton launch lock (one_launch_at_a_time), held by another thread while it launches (under the
+    interpreter: for the kernel's whole run), was inherited held by a forked process (a DataLoader worker), whose
+    first launch waited forever; the slot and adapter table locks were already new in the child."""
+    import multiprocessing
+    import warnings
+
+    from lora_kernels import triton as triton_pkg
+    backend_or_skip("triton", "cpu")
+    torch.manual_seed(4)
+    layer = lk.MultiLoRALinear(torch.nn.Linear(16, 12), max_adapters=2, max_rank=4, backend="triton")
+    layer.set_adapter(0, torch.randn(4, 16), torch.randn(12, 4), 0.5)
+    x, ids = torch.randn(5, 16), torch.tensor([0, -1, 0, 1, 0])
+    with torch.no_grad():
+        expected = layer(x, ids)
+    inside, leave = threading.Event(), threading.Event()
+
+    def launching():  # a launch in progress in another thread, as the lock sees it
+        with triton_pkg._LAUNCH_LOCK:
+            inside.set()
+            leave.wait()
+
+    holder = threading.Thread(target=launching)
+    holder.start()
+    inside.wait()
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    try:
+        with warnings.catch_warnings():  # Python 3.12+: fork() of a multi-threaded process (the case tested here)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            child = context.Process(target=_forward, args=(layer, x, ids, results))
+            child.start()
+        child.join(60)  # a guard against the hang, not a timing: the child's work takes well under a second
+        hung = child.is_alive()
+        if hung:
+            child.kill()
+        assert not hung, "the forked process waited for the launch lock its parent's thread held"
+        torch.testing.assert_close(torch.tensor(results.get(timeout=60)), expected, rtol=0, atol=0)
+    finally:
+        leave.set()
+        holder.join()
+
+
+def _forward(layer, x, ids, results):
+    with torch.no_grad():
+        results.put(layer(x, ids).tolist())
 
 
 def _forward_and_delete(model, x, ids, results):

@@ -96,6 +96,17 @@ def sm_count(device: torch.device) -> int:
 _LAUNCH_LOCK = threading.Lock()
 
 
+def _new_launch_lock_in_child():
+    # A process forked while another thread was launching (a DataLoader worker forked during a forward under the
+    # interpreter) inherits the lock held by a thread that does not exist there: its first launch waited forever.
+    global _LAUNCH_LOCK
+    _LAUNCH_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX: the processes that fork
+    os.register_at_fork(after_in_child=_new_launch_lock_in_child)
+
+
 def one_launch_at_a_time(launcher):
     """Runs `launcher` (a function that launches Triton kernels) holding the launch lock."""
     @functools.wraps(launcher)
