@@ -125,9 +125,12 @@ class LoRABatch:
         address, so a CUDA graph captured with this batch replays with the new ids. Build one batch per token count
         once, refill it before each replay. On the device with no host sync (ids from the host too, as a
         scheduler's usually are); validate as in from_adapter_ids (a bad id raises before anything is written). A
-        multi_lora_linear whose backward has not run yet refuses a refilled batch (autograd's error about a tensor
-        modified in place) rather than use the new ids; not under activation checkpointing, whose backward
-        recomputes the forward with the batch as it is then: refill only after the backward there. Returns self."""
+        multi_lora_linear whose backward has not run yet never uses the new ids: the kernel backends' autograd
+        refuses a refilled batch (autograd's error about a tensor modified in place), and the reference backend and
+        the float64 and torch.func compositions, which keep what they read, compute the gradients of the ids they
+        ran with. Not so under activation checkpointing, whose backward recomputes the forward with the batch as it
+        is then: refill only after the backward there. Not while another thread uses this batch (no lock: it read
+        a mix of old and new buffers). Returns self."""
         op = "LoRABatch.refill_"
         _check_ids_tensor(op, adapter_ids)
         if adapter_ids.numel() != self.num_tokens:

@@ -252,6 +252,30 @@ def test_refilled_batch_before_backward_is_refused(backend, device):
         y.sum().backward()
 
 
+@pytest.mark.parametrize("backend, dtype", [("reference", torch.float32), ("torch", torch.float64),
+                                            ("cpu", torch.float64)])
+def test_refilled_batch_before_backward_keeps_the_gradients_of_the_ids_it_ran_with(backend, dtype, device):
+    """The paths that keep what they read (the reference backend, the float64 composition) raise nothing for a
+    batch refilled before the backward, and never use the new ids either (LoRABatch.refill_'s docstring)."""
+    backend_or_skip(backend, device)
+    ids = torch.tensor([0, 0, 1, 1, -1, 2], device=device)
+    grads = []
+    for refill in (False, True):
+        torch.manual_seed(0)  # the same inputs twice
+        lora_a, lora_b = [t.requires_grad_(True) for t in _adapters(4, 4, 8, 6, [4, 4, 4, 4], dtype, device)]
+        x = randn(6, 8, device=device, dtype=dtype).requires_grad_(True)
+        weight = randn(6, 8, device=device, dtype=dtype)
+        batch = LoRABatch.from_adapter_ids(ids, 4)
+        y = lk.multi_lora_linear(x, weight, lora_a, lora_b, batch, [1.0, 0.5, 2.0, 1.0], backend=backend)
+        if refill:
+            batch.refill_(torch.full((6,), 3, device=device))
+        y.sum().backward()
+        grads.append((x.grad, lora_a.grad, lora_b.grad))
+    for before, after in zip(*grads):
+        assert torch.equal(before, after)
+    assert not grads[1][1][3].any() and grads[1][1][0].any()  # slot 3 (the new ids') has no gradient
+
+
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16,
                                    torch.uint32])
 def test_lora_batch_takes_every_integer_dtype(dtype):
