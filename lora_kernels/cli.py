@@ -173,7 +173,7 @@ def _add_compare_parser(sub):
 
 
 def _add_bench_parser(sub):
-    from lora_kernels.bench import PRESETS
+    from lora_kernels.bench import PRESETS, ROUNDS
     from lora_kernels.compare import DTYPES
     p = sub.add_parser(
         "bench", allow_abbrev=False,
@@ -200,7 +200,9 @@ def _add_bench_parser(sub):
                                                       "swept too)")
     p.add_argument("--ms", type=_int_list, help=f"token counts M of the forward rows ({default('ms')})")
     p.add_argument("--train-m", type=_positive_int, help=f"M of the fwd+bwd rows ({default('train_m')})")
-    p.add_argument("--reps", type=_positive_int, help=f"timed calls per candidate, median ({default('reps')})")
+    p.add_argument("--reps", type=_positive_int, help=f"timed calls per candidate, median; at least REPS, in "
+                                                      f"{ROUNDS} alternating rounds of equal length "
+                                                      f"({default('reps')})")
     p.add_argument("--warmup", type=_non_negative_int, help="untimed calls per candidate before the timed ones "
                                                             f"({default('warmup')})")
     p.add_argument("--prefill-tokens", type=_positive_int,
