@@ -10,7 +10,6 @@ import os
 import re
 import sys
 import threading
-import warnings
 from typing import NamedTuple
 
 import torch
@@ -18,6 +17,7 @@ from torch import nn
 
 from lora_kernels._dtensor import describe, is_dtensor, is_tensor_parallel_hook, tensor_parallel_hooks
 from lora_kernels._ext import is_finite_number
+from lora_kernels._warnings import warn_at_caller
 from lora_kernels.backends import check_backend_name
 from lora_kernels.functional import (MULTI_SUBCLASS_WEIGHT_USE, SUBCLASS_WEIGHT_USE, describe_subclass,
                                      is_subclass_weight, lora_linear_float32_factors, multi_lora_base_linear,
@@ -217,7 +217,7 @@ _HOOK_KINDS = (("forward", "_forward_hooks"), ("forward pre", "_forward_pre_hook
                ("backward pre", "_backward_pre_hooks"))
 
 
-def warn_dropped_hooks(op, what, module, why, stacklevel):
+def warn_dropped_hooks(op, what, module, why):
     """Warns when `module` carries hooks that the LoRA wrapper replacing it (or wrapping it without calling it) will
     not fire: activation capture, steering or observers registered before the adapter went in would go silent. Not
     carried over: a forward hook would then see the LoRA output (PEFT's see the base layer's), and the handles the
@@ -226,9 +226,9 @@ def warn_dropped_hooks(op, what, module, why, stacklevel):
     kinds = [kind for kind, attr in _HOOK_KINDS
              if any(not is_tensor_parallel_hook(hook) for hook in (getattr(module, attr, None) or {}).values())]
     if kinds:
-        warnings.warn(f"{op}: {what} ({type(module).__name__}) has {' and '.join(kinds)} hooks, which are not carried "
-                      f"over: {why}, so they will not fire. Register them again on the new layer (they then see its "
-                      f"output, adapter included)", stacklevel=stacklevel + 1)
+        warn_at_caller(f"{op}: {what} ({type(module).__name__}) has {' and '.join(kinds)} hooks, which are not carried "
+                       f"over: {why}, so they will not fire. Register them again on the new layer (they then see its "
+                       f"output, adapter included)")
 
 
 # init_lora_weights -> (lora_A's, lora_B's) LoRAFactor.init_scheme
@@ -725,7 +725,7 @@ class MultiLoRALinear(nn.Module):
             raise TypeError(f"MultiLoRALinear: adapter_dtype expected None or a floating torch.dtype "
                             f"(float32/float16/bfloat16/float64), got {adapter_dtype!r}")
         warn_dropped_hooks(op, what, base_linear, "MultiLoRALinear keeps it as base_layer but reads its weight and "
-                           "never calls it", stacklevel=2 if _name is None else 3)
+                           "never calls it")
         self.base_layer = base_linear
         self.max_adapters, self.max_rank, self.backend = max_adapters, max_rank, backend
         self._in_features, self._out_features = in_features, out_features
@@ -1176,8 +1176,7 @@ def find_target_linears(model, target_modules, exclude_modules=None, op="inject_
         found.append((name, module))
     if skipped:
         shown = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
-        warnings.warn(f"{op}: left out {len(skipped)} matched layer(s) a LoRA layer cannot stand in for: {shown}",
-                      stacklevel=3)
+        warn_at_caller(f"{op}: left out {len(skipped)} matched layer(s) a LoRA layer cannot stand in for: {shown}")
     if not found:
         hint = ""
         if (isinstance(target_modules, str) and not all_linear
@@ -1225,9 +1224,8 @@ def _warn_aliased_targets(op, model, targets):
     for name, module in targets:
         others = [other for other in names[id(module)] if slot(other) != slot(name)]
         if others:
-            warnings.warn(f"{op}: target {name!r} is the same module as {others}; it is replaced under {name!r} "
-                          f"only, so a forward through {others[0]!r} computes without the adapter (as in PEFT)",
-                          stacklevel=4)
+            warn_at_caller(f"{op}: target {name!r} is the same module as {others}; it is replaced under {name!r} "
+                           f"only, so a forward through {others[0]!r} computes without the adapter (as in PEFT)")
 
 
 def _fused_expert_parameters(model):
@@ -1267,8 +1265,8 @@ def _warn_unused_exclude(op, model, exclude_modules):
     if not exclude_modules:
         return
     if not any(_matches(state_dict_name(name), exclude_modules) for name, _ in model.named_modules() if name):
-        warnings.warn(f"{op}: exclude_modules {exclude_modules!r} matches no module of the model, so it excludes "
-                      f"nothing; check the names", stacklevel=4)
+        warn_at_caller(f"{op}: exclude_modules {exclude_modules!r} matches no module of the model, so it excludes "
+                       f"nothing; check the names")
 
 
 def _warn_partial_targets(op, model, target_modules):
@@ -1281,11 +1279,11 @@ def _warn_partial_targets(op, model, target_modules):
             return
         fused = _fused_expert_parameters(model)
         if fused:
-            warnings.warn(f"{op}: target_modules='all-linear' adapts nn.Linear/Conv1D layers only; the model's fused "
-                          f"expert weights ({fused[:2]}{' ...' if len(fused) > 2 else ''}: 3-D Parameters, not "
-                          f"layers) get no LoRA. PEFT adapts them for some models (target_parameters, e.g. Mixtral "
-                          f"under transformers 5), which lora_kernels does not support, so this adapter is smaller "
-                          f"than PEFT's", stacklevel=4)
+            warn_at_caller(f"{op}: target_modules='all-linear' adapts nn.Linear/Conv1D layers only; the model's fused "
+                           f"expert weights ({fused[:2]}{' ...' if len(fused) > 2 else ''}: 3-D Parameters, not "
+                           f"layers) get no LoRA. PEFT adapts them for some models (target_parameters, e.g. Mixtral "
+                           f"under transformers 5), which lora_kernels does not support, so this adapter is smaller "
+                           f"than PEFT's")
         return
     entries = list(dict.fromkeys(target_modules))
     names = [state_dict_name(name) for name, _ in model.named_modules() if name]  # the names targets are matched by
@@ -1294,8 +1292,8 @@ def _warn_partial_targets(op, model, target_modules):
         fused = _fused_expert_parameters(model)
         hint = (f"; the model's experts are fused 3-D Parameters ({fused[0]!r} ...), which hold no per-expert "
                 f"layers to target (PEFT's target_parameters, unsupported here)" if fused else "")
-        warnings.warn(f"{op}: target_modules entries {missing} match no module of the model (the others do), so they "
-                      f"add no LoRA layer{hint}{_alias_hint(model, missing)}", stacklevel=4)
+        warn_at_caller(f"{op}: target_modules entries {missing} match no module of the model (the others do), so they "
+                       f"add no LoRA layer{hint}{_alias_hint(model, missing)}")
 
 
 def _alias_hint(model, entries):
@@ -1500,9 +1498,9 @@ def enable_input_grads_for_checkpointing(model):
         try:
             model.enable_input_require_grads()  # once: each call registers another hook
         except NotImplementedError:  # transformers 4's get_input_embeddings, on a model without token embeddings
-            warnings.warn(f"{type(model).__name__} has gradient checkpointing on but no input embeddings to mark as "
-                          f"requiring grad; with reentrant checkpointing its LoRA layers may get no gradients "
-                          f"(use use_reentrant=False)", stacklevel=3)
+            warn_at_caller(f"{type(model).__name__} has gradient checkpointing on but no input embeddings to mark as "
+                           f"requiring grad; with reentrant checkpointing its LoRA layers may get no gradients "
+                           f"(use use_reentrant=False)")
 
 
 def _set_submodule(model, name, module):
@@ -1549,7 +1547,7 @@ def _warn_tied_targets(op, model, targets, consequence=_TIED_LORA_LINEAR):
         tied = [n for n in names.get(id(module.weight), []) if n != f"{name}.weight"
                 and model.get_submodule(n.rpartition(".")[0]) is not module]  # an alias: _warn_aliased_targets
         if tied:
-            warnings.warn(f"{op}: the weight of target {name!r} is tied to {tied[0]!r}; {consequence}", stacklevel=3)
+            warn_at_caller(f"{op}: the weight of target {name!r} is tied to {tied[0]!r}; {consequence}")
 
 
 def warn_fan_in_fan_out_corrections(op, fan_in_fan_out, conv1d_by_name):
@@ -1563,14 +1561,14 @@ def warn_fan_in_fan_out_corrections(op, fan_in_fan_out, conv1d_by_name):
     conv1d_names = [] if fan_in_fan_out else [name for name, conv in conv1d_by_name.items() if conv]
     if linear_names:
         one = len(linear_names) == 1
-        warnings.warn(f"{op}: fan_in_fan_out=True but {listed(linear_names)} "
-                      f"{'is an nn.Linear' if one else 'are nn.Linear layers'} (weight [out, in]); wrapping "
-                      f"{'it' if one else 'them'} with fan_in_fan_out=False, as PEFT does", stacklevel=3)
+        warn_at_caller(f"{op}: fan_in_fan_out=True but {listed(linear_names)} "
+                       f"{'is an nn.Linear' if one else 'are nn.Linear layers'} (weight [out, in]); wrapping "
+                       f"{'it' if one else 'them'} with fan_in_fan_out=False, as PEFT does")
     if conv1d_names:
         one = len(conv1d_names) == 1
-        warnings.warn(f"{op}: {listed(conv1d_names)} {'is a transformers Conv1D' if one else 'are transformers Conv1D'}"
-                      f" (weight [in, out]) but fan_in_fan_out is False; wrapping {'it' if one else 'them'} with "
-                      f"fan_in_fan_out=True, as PEFT does", stacklevel=3)
+        warn_at_caller(f"{op}: {listed(conv1d_names)} {'is a transformers' if one else 'are transformers'} Conv1D"
+                       f" (weight [in, out]) but fan_in_fan_out is False; wrapping {'it' if one else 'them'} with "
+                       f"fan_in_fan_out=True, as PEFT does")
 
 
 def inject_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False, *,
@@ -1623,8 +1621,7 @@ def inject_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_
         warn_fan_in_fan_out_corrections(op, fan_in_fan_out, conv1d)
         for name, module in targets:
             conv = conv1d[name]
-            warn_dropped_hooks(op, f"module {name!r}", module, "the LoRALinear that replaces it never calls it",
-                               stacklevel=2)
+            warn_dropped_hooks(op, f"module {name!r}", module, "the LoRALinear that replaces it never calls it")
             try:
                 key = state_dict_name(name)  # as the targets are matched: a checkpoint wrapper's name is no key
                 layer = LoRALinear.from_linear(
@@ -1662,9 +1659,8 @@ def _warn_mixed_adapter_options(op, model):
     for option in ("lora_dropout", "use_rslora"):
         values = sorted({getattr(layer, option) for layer in layers})
         if len(values) > 1:
-            warnings.warn(f"{op}: the model's LoRA layers now have different {option} values {values}: they train, "
-                          f"but save_peft_adapter refuses them (PEFT's adapter_config.json holds one {option})",
-                          stacklevel=3)
+            warn_at_caller(f"{op}: the model's LoRA layers now have different {option} values {values}: they train, "
+                           f"but save_peft_adapter refuses them (PEFT's adapter_config.json holds one {option})")
 
 
 # --------------------------------------------------------------------------------- several named adapters, mixed batch
@@ -1893,9 +1889,9 @@ def disable_adapter(model):
         raise ValueError(f"disable_adapter: the model has no LoRALinear layers{hint}")
     heads = getattr(model, MODULES_TO_SAVE_ATTR, None)
     if heads:
-        warnings.warn(f"disable_adapter: the modules_to_save {heads} train in place and stay active in this "
-                      f"context, so the result is not the base model's once they have trained (PEFT keeps the "
-                      f"originals beside them)", stacklevel=3)
+        warn_at_caller(f"disable_adapter: the modules_to_save {heads} train in place and stay active in this "
+                       f"context, so the result is not the base model's once they have trained (PEFT keeps the "
+                       f"originals beside them)")
     merged = [name for name, module in model.named_modules() if isinstance(module, LoRALinear) and module.merged]
     if merged:
         raise RuntimeError(f"disable_adapter: layers {merged[:3]}{' ...' if len(merged) > 3 else ''} are merged; "
@@ -1970,14 +1966,14 @@ def merge_and_unload(model, *, safe_merge=False):
                              f"cannot be given the merged layer in its place; call it on the LoRALinear itself; the "
                              f"model is unchanged")
         warn_dropped_hooks("merge_and_unload", "the LoRALinear", model, "the merged nn.Linear returned in its place "
-                           "is a new layer", stacklevel=2)
+                           "is a new layer")
         return model.to_linear()
     merged = {}  # by layer: one LoRALinear held under two names (a layer applied twice) becomes one merged layer
     for name, module in list(model.named_modules(remove_duplicate=False)):  # listed first: the loop replaces them
         if isinstance(module, LoRALinear):
             if id(module) not in merged:
                 warn_dropped_hooks("merge_and_unload", f"module {name!r}", module, "it is replaced by a new layer "
-                                   "holding the merged weight", stacklevel=2)
+                                   "holding the merged weight")
                 merged[id(module)] = module.to_linear()
             _set_submodule(model, name, merged[id(module)])
     # the adapter is gone: a later inject_lora starts a new one; the embedding layers are the merged model's own now.

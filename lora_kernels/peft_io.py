@@ -25,7 +25,6 @@ import json
 import os
 import re
 import sys
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -37,6 +36,7 @@ from lora_kernels import modules as _modules
 from lora_kernels._dtensor import is_dtensor, is_tensor_parallel
 from lora_kernels._ext import is_finite_number
 from lora_kernels._files import create_temp_file
+from lora_kernels._warnings import warn_at_caller
 from lora_kernels.backends import check_backend_name
 from lora_kernels.modules import (_PEFT_ONLY_HINT, BASE_ADAPTER, BIAS_ATTR, BIAS_MODES, EMBEDDING_LAYERS_ATTR,
                                   LORA_WRAPPERS, MODULES_TO_SAVE_ATTR, PEFT_ONLY_LAYERS, TASK_TYPE_ATTR, LoRALinear,
@@ -230,9 +230,8 @@ def parse_adapter_config(raw, file=CONFIG_NAME):
         modules_to_save = modules_to_save or None
     init = raw.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_MODIFYING_INITS):
-        warnings.warn(f"{file}: init_lora_weights={init!r}: this adapter was trained on a base model that PEFT "
-                      f"modified (residual weights); it is loaded as is, so pass that modified base model",
-                      stacklevel=3)
+        warn_at_caller(f"{file}: init_lora_weights={init!r}: this adapter was trained on a base model that PEFT "
+                       f"modified (residual weights); it is loaded as is, so pass that modified base model")
     return AdapterConfig(r=r, lora_alpha=lora_alpha, lora_dropout=float(lora_dropout), use_rslora=flags["use_rslora"],
                          fan_in_fan_out=flags["fan_in_fan_out"], target_modules=target_modules,
                          exclude_modules=exclude_modules,
@@ -547,9 +546,9 @@ def _split_biases(model, config, tensors, file, adapter_name, op, lora_names, he
                          f"to no bias that bias={config.bias!r} trains in this model (expected {where} biases: "
                          f"{sorted(expected)[:3]}{' ...' if len(expected) > 3 else ''})")
     if saved_none:
-        warnings.warn(f"{op}: {file} has bias='lora_only' but holds no bias of its LoRA layers (e.g. "
-                      f"{next(iter(expected))!r}): PEFT before 0.21 saved none, so the biases trained with it are "
-                      f"lost; the model's own biases are kept and train, as in PEFT", stacklevel=3)
+        warn_at_caller(f"{op}: {file} has bias='lora_only' but holds no bias of its LoRA layers (e.g. "
+                       f"{next(iter(expected))!r}): PEFT before 0.21 saved none, so the biases trained with it are "
+                       f"lost; the model's own biases are kept and train, as in PEFT")
     return biases, rest
 
 
@@ -897,7 +896,7 @@ def _commit_single(model, config, plan, grouped, heads, biases, base_tensors, ba
                 else:
                     conv = conv1d[name]
                     warn_dropped_hooks(op, f"module {name!r}", module, "the LoRALinear that replaces it never calls "
-                                       "it", stacklevel=3)
+                                       "it")
                     layer = LoRALinear.from_linear(module, r, alpha, config.lora_dropout, config.use_rslora,
                                                    backend=backend, fan_in_fan_out=conv,
                                                    autocast_adapter_dtype=autocast_adapter_dtype)
@@ -959,8 +958,8 @@ def _commit_multi(model, op, adapter_name, plan, grouped, config):
     with adapter_table_lock():
         slot = _slot_for(op, adapter_name, slots, capacity)
         if config.lora_dropout > 0:
-            warnings.warn(f"{op}: lora_dropout={config.lora_dropout} is not applied by MultiLoRALinear slots "
-                          f"(inference; the same in eval mode)", stacklevel=3)
+            warn_at_caller(f"{op}: lora_dropout={config.lora_dropout} is not applied by MultiLoRALinear slots "
+                           f"(inference; the same in eval mode)")
         _write_slot(layers, slot, plan, grouped, config)
         slots[adapter_name] = slot
         resolve_batch_adapters(model)  # a name deleted and loaded again has a slot again
@@ -1348,10 +1347,10 @@ def _adapter_tensors(op, model, records, module_names, heads, bias, adapter_name
         if not _names_an_embedding_layer(model, target_modules):
             targeted = []
         elif targeted:  # as PEFT warns: the file grows by the whole layer
-            warnings.warn(f"{op}: target_modules names an embedding layer, so the base weight of "
-                          f"{[name for name, _ in targeted]} is saved whole beside its factors, as PEFT saves it "
-                          f"(save_embedding_layers='auto': a resized vocabulary's new rows); pass "
-                          f"save_embedding_layers=False to leave it out", UserWarning, stacklevel=3)
+            warn_at_caller(f"{op}: target_modules names an embedding layer, so the base weight of "
+                           f"{[name for name, _ in targeted]} is saved whole beside its factors, as PEFT saves it "
+                           f"(save_embedding_layers='auto': a resized vocabulary's new rows); pass "
+                           f"save_embedding_layers=False to leave it out", UserWarning)
     elif save_embedding_layers and not (embedding_layers or targeted):
         raise ValueError(f"{op}: save_embedding_layers=True, but the model has no input or output embedding layer "
                          f"(get_input_embeddings / get_output_embeddings) but its modules_to_save")
@@ -1463,8 +1462,8 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
         raise ValueError(f"{op}: model.{MODULES_TO_SAVE_ATTR} = {modules_to_save!r} matches no module of the model")
     problem = _task_heads_problem(op, model, task_type, heads)
     if problem and task_type_origin:  # not the caller's: the file it loaded had it, and passing None inherits it
-        warnings.warn(f"{op}: the task type of the adapter file load_peft_adapter read is not written: {problem}; the "
-                      f"file's task_type is null (pass task_type= to set one)", stacklevel=2)
+        warn_at_caller(f"{op}: the task type of the adapter file load_peft_adapter read is not written: {problem}; the "
+                       f"file's task_type is null (pass task_type= to set one)")
         task_type = None
     elif problem:
         raise ValueError(f"{op}: {problem}; or save with task_type=None; nothing was written")

@@ -359,11 +359,28 @@ def test_a_tied_target_gets_peft_warning():
         lk.prepare_multi_adapter(model, ["layers.0.o_proj"], max_adapters=2, max_rank=4)
 
 
-def test_disable_adapter_warns_that_trained_heads_stay():
+def test_disable_adapter_warns_that_trained_heads_stay_at_the_callers_line():
     model = _trained(modules_to_save=["head"])
-    with pytest.warns(UserWarning, match=r"modules_to_save \['head'\] train in place and stay active"), \
+    with pytest.warns(UserWarning, match=r"modules_to_save \['head'\] train in place and stay active") as caught, \
             lk.disable_adapter(model):
         pass
+    assert [w.filename for w in caught] == [__file__]  # past the context manager's frames
+
+
+def test_load_warnings_point_at_the_callers_line(tmp_path):
+    """Warnings of functions reached by several paths (the config's, three calls deep in load_peft_adapter; the
+    fan_in_fan_out correction, from inject_lora and from loads) named a line inside lora_kernels with a fixed
+    stacklevel; warn_at_caller finds the caller's."""
+    lk.save_peft_adapter(lk.inject_lora(nn.Sequential(nn.Linear(8, 8)), ["0"]), tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "init_lora_weights": "pissa",
+                                       "fan_in_fan_out": True}))
+    with pytest.warns(UserWarning) as caught:
+        lk.load_peft_adapter(nn.Sequential(nn.Linear(8, 8)), tmp_path)
+    messages = sorted(str(w.message) for w in caught)
+    assert len(messages) == 2 and "init_lora_weights='pissa'" in messages[0], messages
+    assert messages[1].startswith("load_peft_adapter: fan_in_fan_out=True but '0' is an nn.Linear"), messages
+    assert [w.filename for w in caught] == [__file__, __file__]
 
 
 def test_disable_adapter_on_a_multi_adapter_model_points_to_set_batch_adapters():
