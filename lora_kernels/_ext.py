@@ -1,8 +1,9 @@
 """Loads the C++/CUDA extension `lora_kernels._C` when it was built, and registers the fake (meta) implementations
 of its ops so torch.compile can trace through them. Importing this never fails: a missing extension is recorded.
 It also holds what functional, ops and the Triton launchers share (accumulate_dtype, scaled_mm, is_finite_number,
-through_op, VMAP_DROPOUT_NEEDS_ONE_SEED): it imports none of the package's modules, and the launchers cannot import
-functional (functional -> ops -> backends -> lora_kernels.triton -> the launchers: a cycle)."""
+through_op, has_host_values, VMAP_DROPOUT_NEEDS_ONE_SEED): it imports none of the package's modules, and the
+launchers cannot import functional (functional -> ops -> backends -> lora_kernels.triton -> the launchers: a
+cycle)."""
 
 import importlib
 import importlib.util
@@ -10,6 +11,7 @@ import math
 import os
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 # --no-deps: --force-reinstall alone reinstalls torch from the index too, after building against the torch it replaces
 # (a CPU-only torch became PyPI's CUDA build, and the new extension was refused in turn). lora_kernels is not on PyPI:
@@ -122,6 +124,12 @@ def through_op(tensor):
     custom-op dispatcher costs ~30 us of host time per call (measured on this project's CPU machine), which a decode
     step outside a CUDA graph would pay for every launch."""
     return torch.compiler.is_compiling() or type(tensor) is not torch.Tensor
+
+
+def has_host_values(tensor):
+    """Whether the host may read tensor's values now: not while tracing, nor for a fake tensor (a memory estimator's
+    FakeTensorMode, outside torch.compile), which has none (reading them raised DataDependentOutputException)."""
+    return not torch.compiler.is_compiling() and not isinstance(tensor, FakeTensor)
 
 
 def accumulate_dtype(dtype):

@@ -10,6 +10,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
+from lora_kernels._ext import has_host_values
+
 
 @dataclass(frozen=True)
 class LoRABatch:
@@ -195,12 +197,12 @@ def _check_validate(op, validate):
 
 def _check_id_values(ids, num_adapters, op, asked):
     """ValueError for an id of ids [M] outside [-1, num_adapters); True where the values were read (all in range),
-    False where they were not checked. Reads the values on the host: a CPU tensor's
-    always, another device's (a sync) only when `asked` (validate=True). Never while torch.compile traces (a
-    fullgraph=True compile failed on the data-dependent read, validate=True too) or inside torch.func transforms (vmap
-    over the ids, also inside a nested grad that hides them in its own wrapper: reading them raised torch's ".item()
-    on a Tensor" error, where the rest of the batch is built with batched torch ops)."""
-    if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or ids.numel() == 0
+    False where they were not checked. Reads the values on the host: a CPU tensor's always, another device's (a
+    sync) only when `asked` (validate=True). Never while torch.compile traces (a fullgraph=True compile failed on the
+    data-dependent read, validate=True too), for fake tensors (FakeTensorMode: none to read), or inside torch.func
+    transforms (vmap over the ids, also inside a nested grad that hides them in its own wrapper: reading them raised
+    torch's ".item() on a Tensor" error, where the rest of the batch is built with batched torch ops)."""
+    if (not has_host_values(ids) or torch._C._are_functorch_transforms_active() or ids.numel() == 0
             or (ids.device.type != "cpu" and not asked)):
         return False
     if ids.is_meta:  # reading them raised torch's bare "item() cannot be called on meta tensors"

@@ -25,12 +25,11 @@ import math
 import numbers
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.symbolic_shapes import guard_or_true
 
 from lora_kernels import triton as triton_pkg
 from lora_kernels._dtensor import describe, dtensor_class, is_dtensor
-from lora_kernels._ext import accumulate_dtype
+from lora_kernels._ext import accumulate_dtype, has_host_values
 from lora_kernels.backends import resolve_backend
 from lora_kernels.batch import BUFFER_FIELDS, LoRABatch
 
@@ -148,7 +147,7 @@ def check_output(op, name, out, inputs):
     while tracing, nor for meta and fake tensors, which have no memory to compare. A tensor that requires grad is
     refused while grad mode is on (check_no_grad_inputs): torch's in-place ops raised on a leaf only after
     computing, the cpu and triton kernels wrote into it, or into a view of it."""
-    if torch.compiler.is_compiling() or out.is_meta or isinstance(out, FakeTensor):
+    if not has_host_values(out) or out.is_meta:
         return
     check_no_grad_inputs(op, ((name, out),))
     refuse_inference_tensor_writes(op, ((name, out),))
@@ -282,7 +281,7 @@ def as_scalings(op, scalings, num_slots, device, dtype=torch.float32):
     # Values are checked on the host only (a CUDA tensor's would need a sync), as for ranks; through a Python list:
     # for a layer's few dozen slots cheaper than tensor ops (this function: 5.6 µs with isfinite().all(), 1.7 µs
     # so, for 4 slots on this project's CPU), paid by every grouped call on CPU tensors.
-    if scalings.device.type == "cpu" and not torch.compiler.is_compiling():
+    if scalings.device.type == "cpu" and has_host_values(scalings):
         # Finite in dtype, which they are cast to below (float64 1e39 is infinite in float32); NaN fails too.
         limit = torch.finfo(dtype).max
         bad = next((v for v in scalings.tolist() if not abs(v) <= limit), None)
@@ -308,7 +307,7 @@ def as_ranks(op, ranks, num_slots, max_rank, device, weights_name, weights):
     if ranks.dtype.is_floating_point or ranks.dtype == torch.bool:
         raise TypeError(f"{op}: ranks expected an integer dtype, got {ranks.dtype}")
     _check_host_or_device(op, "ranks", ranks, device)
-    if ranks.device.type == "cpu" and not torch.compiler.is_compiling():
+    if ranks.device.type == "cpu" and has_host_values(ranks):
         values = ranks.tolist()  # a list, as scalings' values (this function: 3.1 µs with min() and max(), 1.8 so)
         if values:
             low, high = min(values), max(values)
@@ -324,7 +323,7 @@ def as_ranks(op, ranks, num_slots, max_rank, device, weights_name, weights):
 def _host_max(ranks):
     """The largest of ranks' values where they are on the host (a sequence, or a CPU tensor outside torch.compile
     tracing), after as_ranks has accepted them; else None (no values to check without a sync)."""
-    if ranks is None or torch.compiler.is_compiling():
+    if ranks is None or not has_host_values(ranks):
         return None
     if isinstance(ranks, torch.Tensor):
         if ranks.device.type != "cpu":
@@ -431,13 +430,13 @@ def autocast_off(device):
     return contextlib.nullcontext()
 
 
-def slots_on_host(device):
+def slots_on_host(tensor):
     """Whether the torch paths of the grouped ops read the slot sizes on the host and touch each slot's own rows only
     (M·R·K work in all, like PEFT's per-adapter loop): for CPU tensors in eager mode, where reading them costs
-    nothing. Traced, or on a GPU, they take a masked loop over every row once per slot (L·M·R·K work, no host sync):
-    on this project's CPU that was 5.5-6.7x the per-adapter loop at 64 and 1024 tokens on 64 adapters
-    (BENCHMARKS.md)."""
-    return device.type == "cpu" and not torch.compiler.is_compiling()
+    nothing. Traced, on fake tensors or on a GPU, they take a masked loop over every row once per slot (L·M·R·K
+    work, no host sync): on this project's CPU that was 5.5-6.7x the per-adapter loop at 64 and 1024 tokens on 64
+    adapters (BENCHMARKS.md)."""
+    return tensor.device.type == "cpu" and has_host_values(tensor)
 
 
 def host_slot_rows(batch, ranks):
@@ -461,7 +460,7 @@ def host_slot_rows(batch, ranks):
 
 def _torch_shrink(x, lora_a, batch, scalings, ranks):
     with autocast_off(x.device):
-        shrink = _torch_shrink_by_slot if slots_on_host(x.device) else _torch_shrink_masked
+        shrink = _torch_shrink_by_slot if slots_on_host(x) else _torch_shrink_masked
         return shrink(x, lora_a, batch, scalings, ranks)
 
 
@@ -486,7 +485,7 @@ def _torch_shrink_masked(x, lora_a, batch, scalings, ranks):
 
 def _torch_expand(t, lora_b, batch, ranks, out, slice_offset):
     with autocast_off(out.device):
-        expand = _torch_expand_by_slot if slots_on_host(out.device) else _torch_expand_masked
+        expand = _torch_expand_by_slot if slots_on_host(out) else _torch_expand_masked
         total = expand(t, lora_b, batch, ranks)
     target = out[:, slice_offset:slice_offset + lora_b.shape[1]]
     target.copy_(target.to(total.dtype) + total)  # one rounding to out's dtype

@@ -1802,6 +1802,42 @@ def test_lora_expand_runs_on_fake_tensors():
     assert out.shape == (m, n)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_multi_adapter_step_under_fake_tensor_mode_gives_the_real_steps_shapes(backend, dtype):
+    """Under FakeTensorMode outside torch.compile (a memory estimator), a MultiLoRALinear training step and a serving
+    add_lora give the outputs and gradients of a real step in shape and dtype: the checks and the torch paths read
+    the ids, ranks, scalings and slot sizes of CPU tensors on the host, which fake tensors have none of
+    (DataDependentOutputException)."""
+    backend_or_skip(backend, "cpu")
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    def step():
+        torch.manual_seed(0)
+        layer = lk.MultiLoRALinear(torch.nn.Linear(16, 12, dtype=dtype), max_adapters=3, max_rank=4, backend=backend)
+        layer.set_adapter(0, torch.randn(4, 16), torch.randn(12, 4), 0.5)
+        layer.set_adapter(1, torch.randn(2, 16), torch.randn(12, 2), 2.0)
+        layer.lora_a.requires_grad_(True)
+        layer.lora_b.requires_grad_(True)
+        x = torch.randn(2, 5, 16, dtype=dtype, requires_grad=True)
+        ids = torch.tensor([[0, 1, -1, 0, 1], [2, 2, 0, 1, -1]])
+        y = layer(x, ids)
+        y.float().sum().backward()
+        served = torch.zeros(10, 12, dtype=dtype)
+        with torch.no_grad():
+            lk.ops.add_lora(served, x.reshape(10, 16), [layer.lora_a], [layer.lora_b],
+                            LoRABatch.from_adapter_ids(ids.flatten(), 3), layer.scalings, layer.ranks, [12],
+                            backend=backend)
+        return [y, x.grad, layer.lora_a.grad, layer.lora_b.grad, served]
+
+    real = step()
+    with FakeTensorMode():
+        fake = step()
+    for got, want in zip(fake, real):
+        assert isinstance(got, FakeTensor)
+        assert (got.shape, got.dtype, got.device) == (want.shape, want.dtype, want.device)
+
+
 def test_lora_expand_takes_a_numpy_integer_slice_offset():
     numpy = pytest.importorskip("numpy")
     _, lora_b = _adapters(2, 4, 8, 6, [4, 4], torch.float32, "cpu")
