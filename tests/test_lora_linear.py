@@ -1171,10 +1171,11 @@ def test_tensor_subclasses_are_not_taken_for_dtensors():
 @pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_training_step_under_fake_tensor_mode_gives_the_real_steps_shapes(backend, dropout_p, dtype):
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_a_training_step_under_fake_tensor_mode_gives_the_real_steps_shapes(backend, dropout_p, dtype, create_graph):
     """Under FakeTensorMode (a memory estimator's forward and backward, outside torch.compile) every backend gives
-    the outputs and gradients of a real step in shape, dtype and device: the Triton launchers and the dropout mask
-    ran their kernels or a generator seeded from a fake seed on fake tensors and raised."""
+    the outputs and gradients of a real step in shape, dtype and device, create_graph=True too: the Triton launchers
+    and the dropout masks ran their kernels or a generator seeded from a fake seed on fake tensors and raised."""
     backend_or_skip(backend, "cpu")
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
     from lora_kernels.modules import LoRALinear
@@ -1184,8 +1185,8 @@ def test_a_training_step_under_fake_tensor_mode_gives_the_real_steps_shapes(back
         layer = LoRALinear(16, 12, r=4, lora_dropout=dropout_p, dtype=dtype, backend=backend)
         x = torch.randn(2, 5, 16, dtype=dtype, requires_grad=True)
         y = layer(x)
-        y.float().sum().backward()
-        return [y, x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad]
+        inputs = [x, layer.lora_A.weight, layer.lora_B.weight]
+        return [y, *torch.autograd.grad(y.float().sum(), inputs, create_graph=create_graph)]
 
     real = step()
     with FakeTensorMode():

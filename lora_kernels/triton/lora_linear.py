@@ -1151,8 +1151,10 @@ def dropout_mask(seed, M, K, p, device):
     For tests (feed it to lora_kernels.reference) and lora_linear's torch.func path; the kernels regenerate it and
     never store it."""
     op = "dropout_mask"
-    seed = _check_dropout(op, p, seed, torch.compiler.is_compiling())
-    if torch.compiler.is_compiling():  # M and K may be symbols: unchecked, as lora_linear checks no values there
+    # traced, or a fake seed (FakeTensorMode: the create_graph and torch.func paths' mask), through the op
+    traced = torch.compiler.is_compiling() or isinstance(seed, torch.Tensor) and through_op(seed)
+    seed = _check_dropout(op, p, seed, traced)
+    if traced:  # M and K may be symbols: unchecked, as lora_linear checks no values there
         return _dropout_mask_op(seed, M, K, float(p), torch.device(device))
     return _dropout_mask_impl(seed, M, K, p, device)
 
