@@ -1,6 +1,7 @@
 """LoRALinear as a drop-in for nn.Linear, and inject_lora / merge_and_unload over a model."""
 
 import math
+import pathlib
 import re
 import warnings
 
@@ -1607,6 +1608,17 @@ def test_more_than_three_left_out_layers_are_summarised_at_the_callers_line():
                                          r"and 1 more$") as caught:
         inject_lora(model, "all-linear")
     assert [w.filename for w in caught] == [__file__]
+
+
+def test_warnings_name_a_pseudo_file_caller_run_from_inside_the_package(monkeypatch):
+    """A REPL's or exec'd code's frame ("<stdin>") is the caller even with the current directory inside the package:
+    told by file path, "<stdin>" resolved to a file there and was taken for the package's own."""
+    monkeypatch.chdir(pathlib.Path(lk.__file__).parent)
+    model = nn.Sequential(nn.Linear(8, 8))
+    code = compile("lk.inject_lora(model, ['0', 'no_such_layer'])", "<stdin>", "exec")
+    with pytest.warns(UserWarning, match="target_modules entries") as caught:
+        exec(code, {"lk": lk, "model": model})
+    assert [w.filename for w in caught] == ["<stdin>"]
 
 
 def test_all_linear_in_any_case_is_all_linear_as_in_peft():
