@@ -244,6 +244,8 @@ def check_flag(op, name, value):
     """value as a bool: True/False, an int 0/1 (numpy's too) or a numpy bool; anything else (a truthy string such
     as "no", None, a float, a tensor or array: `in (0, 1)` compared those elementwise, letting 1.0 through and raising
     an unnamed error for several elements) is a TypeError naming the argument."""
+    if value is True or value is False:  # first: every lk.ops call checks its `deterministic`
+        return value
     numpy_bool = type(value).__name__ in ("bool", "bool_") and type(value).__module__ == "numpy"
     if not (numpy_bool or isinstance(value, numbers.Integral) and value in (0, 1)):
         raise TypeError(f"{op}: {name} expected a bool, got {value!r}")
