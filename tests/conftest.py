@@ -146,6 +146,19 @@ def _triton_bounds_checked():
         yield
 
 
+def assert_fake_step_like_the_real_one(step):
+    """Runs step() (building its inputs, returning tensors) for real, then under FakeTensorMode (a memory estimator's
+    run): the same outputs, fake, of the same shapes, dtypes and devices."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    real = step()
+    with FakeTensorMode():
+        fake = step()
+    assert len(fake) == len(real)
+    for got, want in zip(fake, real):
+        assert isinstance(got, FakeTensor)
+        assert (got.shape, got.dtype, got.device) == (want.shape, want.dtype, want.device)
+
+
 def randn(*shape, dtype=torch.float32, device="cpu", scale=1.0):
     """Fresh random values (never zeros), generated in float32 then cast, so every dtype sees the same numbers."""
     return (torch.randn(*shape, device=device) * scale).to(dtype)

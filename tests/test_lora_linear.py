@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import (DTYPES, assert_close, assert_same_non_finite, assert_summed_magnitude, backend_or_skip,
-                      lora_inputs, quantized_linear, randn)
+from conftest import (DTYPES, assert_close, assert_fake_step_like_the_real_one, assert_same_non_finite,
+                      assert_summed_magnitude, backend_or_skip, lora_inputs, quantized_linear, randn)
 from lora_kernels import backends, bench, functional, reference
 from lora_kernels.functional import lora_linear
 
@@ -1177,7 +1177,6 @@ def test_a_training_step_under_fake_tensor_mode_gives_the_real_steps_shapes(back
     the outputs and gradients of a real step in shape, dtype and device, create_graph=True too: the Triton launchers
     and the dropout masks ran their kernels or a generator seeded from a fake seed on fake tensors and raised."""
     backend_or_skip(backend, "cpu")
-    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
     from lora_kernels.modules import LoRALinear
 
     def step():
@@ -1188,12 +1187,7 @@ def test_a_training_step_under_fake_tensor_mode_gives_the_real_steps_shapes(back
         inputs = [x, layer.lora_A.weight, layer.lora_B.weight]
         return [y, *torch.autograd.grad(y.float().sum(), inputs, create_graph=create_graph)]
 
-    real = step()
-    with FakeTensorMode():
-        fake = step()
-    for got, want in zip(fake, real):
-        assert isinstance(got, FakeTensor)
-        assert (got.shape, got.dtype, got.device) == (want.shape, want.dtype, want.device)
+    assert_fake_step_like_the_real_one(step)
 
 
 def test_fp16_torch_func_on_the_torch_backend_rounds_as_its_own_forward(device):

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import lora_kernels as lk
-from conftest import (DTYPES, assert_close, assert_same_non_finite, assert_summed_magnitude, backend_or_skip,
-                      quantized_linear, randn, rel_error)
+from conftest import (DTYPES, assert_close, assert_fake_step_like_the_real_one, assert_same_non_finite,
+                      assert_summed_magnitude, backend_or_skip, quantized_linear, randn, rel_error)
 from lora_kernels import backends, functional, modules, reference
 from lora_kernels.batch import LoRABatch
 
@@ -1810,7 +1810,6 @@ def test_a_multi_adapter_step_under_fake_tensor_mode_gives_the_real_steps_shapes
     the ids, ranks, scalings and slot sizes of CPU tensors on the host, which fake tensors have none of
     (DataDependentOutputException)."""
     backend_or_skip(backend, "cpu")
-    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
     def step():
         torch.manual_seed(0)
@@ -1830,12 +1829,7 @@ def test_a_multi_adapter_step_under_fake_tensor_mode_gives_the_real_steps_shapes
                             backend=backend)
         return [y, x.grad, layer.lora_a.grad, layer.lora_b.grad, served]
 
-    real = step()
-    with FakeTensorMode():
-        fake = step()
-    for got, want in zip(fake, real):
-        assert isinstance(got, FakeTensor)
-        assert (got.shape, got.dtype, got.device) == (want.shape, want.dtype, want.device)
+    assert_fake_step_like_the_real_one(step)
 
 
 def test_lora_expand_takes_a_numpy_integer_slice_offset():
