@@ -15,7 +15,8 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass_type
 
 from lora_kernels import ops, reference
 from lora_kernels._dtensor import describe, dtensor_class, is_dtensor
-from lora_kernels._ext import VMAP_DROPOUT_NEEDS_ONE_SEED, accumulate_dtype, is_finite_number, scaled_mm, through_op
+from lora_kernels._ext import (VMAP_DROPOUT_NEEDS_ONE_SEED, accumulate_dtype, has_host_values, is_finite_number,
+                               scaled_mm, through_op)
 from lora_kernels.backends import log_auto_choice_by_kind, resolve_backend
 from lora_kernels.batch import BUFFER_FIELDS, LoRABatch
 from lora_kernels.triton import SUPPORTED_DTYPES as TRITON_DTYPES
@@ -1104,10 +1105,10 @@ def _multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias, r
         lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)  # differentiable, as MultiLoRALinear cast them before
     if backend == "reference":
         x64, weight64, bias64 = x2.double(), weight.double(), None if bias is None else bias.double()
-        if torch.compiler.is_compiling() or _functorch_transforms_active():
+        if not has_host_values(x2) or _functorch_transforms_active():
             # The reference's loop reads each token's slot on the host, which a traced graph cannot (a data-dependent
-            # error under fullgraph=True), nor vmap over the ids (torch's ".item() on a Tensor" error): the same
-            # float64 math in slot-masked torch ops, differentiated by autograd.
+            # error under fullgraph=True), nor fake tensors, nor vmap over the ids (torch's ".item() on a Tensor"
+            # error): the same float64 math in slot-masked torch ops, differentiated by autograd.
             y = torch.nn.functional.linear(x64, weight64, bias64) + _multi_lora_term(
                 x64, lora_a.double(), lora_b.double(), batch.adapter_ids, scalings, ranks)
         else:

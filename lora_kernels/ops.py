@@ -537,9 +537,10 @@ def run_shrink(backend, x, lora_a, batch, scalings, ranks, deterministic=False, 
     if backend in ("cpu", "cuda"):
         result = torch.ops.lora_kernels.sgmv_shrink(x, lora_a, batch.sorted_token_ids, batch.slot_starts,
                                                     batch.slot_counts, scalings, ranks)
-    elif backend == "reference" and torch.compiler.is_compiling():
+    elif backend == "reference" and not has_host_values(x):
         # The reference's loops read each token's slot on the host, which a traced graph cannot (a data-dependent
-        # error under fullgraph=True, a graph break per token without): the same float64 products, slot-masked.
+        # error under fullgraph=True, a graph break per token without), nor fake tensors: the same float64
+        # products, slot-masked.
         result = _torch_shrink_masked(x.double(), lora_a.double(), batch, scalings.double(), ranks)
     elif backend == "reference":
         from lora_kernels import reference
@@ -558,7 +559,7 @@ def run_expand(backend, t, lora_b, batch, ranks, out, slice_offset=0):
     elif backend in ("cpu", "cuda"):
         torch.ops.lora_kernels.sgmv_expand(t, lora_b, batch.sorted_token_ids, batch.slot_starts, batch.slot_counts,
                                            ranks, out, slice_offset)
-    elif backend == "reference" and torch.compiler.is_compiling():  # see run_shrink: float64, slot-masked
+    elif backend == "reference" and not has_host_values(t):  # see run_shrink: float64, slot-masked
         _torch_expand(t, lora_b.double(), batch, ranks, out, slice_offset)
     elif backend == "reference":
         from lora_kernels import reference
@@ -723,9 +724,9 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
         _triton_add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, slice_ranks, widths, offsets,
                          deterministic, buffer)
         return y
-    # The oracle: float64 from x to y, one rounding to y's dtype. Traced: slice by slice below (see run_shrink),
-    # the shrink results rounded to float32 between.
-    if backend == "reference" and not torch.compiler.is_compiling():
+    # The oracle: float64 from x to y, one rounding to y's dtype. Traced or fake: slice by slice below (see
+    # run_shrink), the shrink results rounded to float32 between.
+    if backend == "reference" and has_host_values(x):
         from lora_kernels import reference
         if buffer is not None:  # the shrink results, as every other backend leaves them there
             for j in range(len(widths)):

@@ -1802,7 +1802,7 @@ def test_lora_expand_runs_on_fake_tensors():
     assert out.shape == (m, n)
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton", "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_multi_adapter_step_under_fake_tensor_mode_gives_the_real_steps_shapes(backend, dtype):
     """Under FakeTensorMode outside torch.compile (a memory estimator), a MultiLoRALinear training step and a serving

@@ -1151,7 +1151,8 @@ def dropout_mask(seed, M, K, p, device):
     For tests (feed it to lora_kernels.reference) and lora_linear's torch.func path; the kernels regenerate it and
     never store it."""
     op = "dropout_mask"
-    # traced, or a fake seed (FakeTensorMode: the create_graph and torch.func paths' mask), through the op
+    # traced, or a fake seed (FakeTensorMode: the create_graph path's mask), through the op. Not yet under torch.func
+    # in FakeTensorMode: the seed is then a functorch wrapper, of the plain tensor type
     traced = torch.compiler.is_compiling() or isinstance(seed, torch.Tensor) and through_op(seed)
     seed = _check_dropout(op, p, seed, traced)
     if traced:  # M and K may be symbols: unchecked, as lora_linear checks no values there
