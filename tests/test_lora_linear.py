@@ -1168,7 +1168,7 @@ def test_tensor_subclasses_are_not_taken_for_dtensors():
     assert_close(y, reference.lora_linear(x, weight, lora_a, lora_b, 2.0), torch.float32)
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton", "reference"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("create_graph", [False, True])
