@@ -854,30 +854,39 @@ def _multi_lora_forward(x2, weight, bias, lora_a, lora_b, batch, scalings, ranks
     return y, s
 
 
-def _multi_lora_term(x2, lora_a, lora_b, adapter_ids, scalings, ranks):
-    """The grouped LoRA term [M, N] (design.md §3) in differentiable torch ops, in x2's dtype (accumulated in fp32,
-    fp64 for fp64): what autograd differentiates where the kernels cannot be (create_graph=True, torch.func). Slot
-    by slot over all rows with `where`, so no other slot's NaN row and no NaN padding reaches a value or a gradient
-    (L·M·R·(K+N) work: these paths are not the fast ones). Autocast is off inside: it would run the fp32 matmuls
-    in its 16-bit dtype."""
-    acc = accumulate_dtype(x2.dtype)
-    num_slots, max_rank = lora_a.shape[:2]
-    with ops.autocast_off(x2.device):
-        zero = torch.zeros((), dtype=acc, device=x2.device)
-        in_rank = torch.arange(max_rank, device=x2.device) < ranks[:, None]
-        a = torch.where(in_rank[:, :, None], lora_a.to(acc), zero)
+def _multi_lora_term(x2, lora_a, lora_b, adapter_ids, scalings, ranks, shrunk=None):
+    """The grouped LoRA term [M, N] (design.md §3) in differentiable torch ops, in lora_b's dtype (x2's: the slots
+    are cast to it; accumulated in fp32, fp64 for fp64): what autograd differentiates where the kernels cannot be
+    (create_graph=True, torch.func). Slot by slot over all rows with `where`, so no other slot's NaN row and no NaN
+    padding reaches a value or a gradient (L·M·R·(K+N) work: these paths are not the fast ones). Autocast is off
+    inside: it would run the fp32 matmuls in its 16-bit dtype. shrunk: the forward's unscaled S = x2·Aᵀ [M, R] in
+    place of x2 and lora_a (both None), for dB where the forward kept no x (see MultiLoRAFunction.forward)."""
+    acc = accumulate_dtype(lora_b.dtype)
+    device = lora_b.device
+    num_slots, _, max_rank = lora_b.shape
+    with ops.autocast_off(device):
+        zero = torch.zeros((), dtype=acc, device=device)
+        in_rank = torch.arange(max_rank, device=device) < ranks[:, None]
         b = torch.where(in_rank[:, None, :], lora_b.to(acc), zero)
-        x_acc = x2.to(acc)
-        total = torch.zeros(x2.shape[0], lora_b.shape[1], dtype=acc, device=x2.device)
+        if shrunk is None:
+            a = torch.where(in_rank[:, :, None], lora_a.to(acc), zero)
+            x_acc = x2.to(acc)
+        else:
+            shrunk_acc = shrunk.to(acc)
+        total = torch.zeros(adapter_ids.shape[0], lora_b.shape[1], dtype=acc, device=device)
         for slot in range(num_slots):
             rows = (adapter_ids == slot)[:, None]
             # a slot no row uses gets zero gradients, as from the kernels' path, even where its factors hold NaN/Inf
             # (an unloaded slot): 0·NaN in their products' gradients had been NaN. Masked on the device: no sync.
             used = rows.any()
-            a_slot, b_slot = torch.where(used, a[slot], zero), torch.where(used, b[slot], zero)
-            term = (torch.where(rows, x_acc, zero) @ a_slot.T * scalings[slot].to(acc)) @ b_slot.T
+            b_slot = torch.where(used, b[slot], zero)
+            if shrunk is None:
+                s_slot = torch.where(rows, x_acc, zero) @ torch.where(used, a[slot], zero).T
+            else:  # S's columns past the slot's rank and other slots' rows are never read
+                s_slot = torch.where(rows & in_rank[slot], shrunk_acc, zero)
+            term = (s_slot * scalings[slot].to(acc)) @ b_slot.T
             total = total + torch.where(rows, term, zero)
-        return total.to(x2.dtype)
+        return total.to(lora_b.dtype)
 
 
 class MultiLoRAFunction(torch.autograd.Function):
@@ -908,13 +917,16 @@ class MultiLoRAFunction(torch.autograd.Function):
         # copies of every slot, L·R·(K+N) elements whatever the token count, were saved activation memory of the
         # order of x's (64 slots of rank 16 at K = N = 4096: 16.8 MB per layer, x 33.5 MB at 4096 tokens in bf16).
         cast = lora_a is not factors[0]
-        # S [M, R] (float32) only for dB: not while the slots' B train no more (a layer below trains)
-        ctx.save_for_backward(x2, weight if ctx.needs_input_grad[0] else None, *((None, None) if cast else factors),
+        # S [M, R] (float32) only for dB: not while the slots' B train no more (a layer below trains). x [M, K] only
+        # for dA and dW, as in LoRALinearFunction: with the slots' A and the weight frozen dB needs S and dX dY alone.
+        need_x_kept = ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
+        ctx.save_for_backward(x2 if need_x_kept else None, weight if ctx.needs_input_grad[0] else None,
+                              *((None, None) if cast else factors),
                               s if ctx.needs_input_grad[4] else None, scalings, ranks,
                               *(factors if cast else (None, None)), *batch_buffers)
         # Sizes only outside save_for_backward: a LoRABatch here kept its buffers alive past the backward for as long
         # as the graph lived (a loss held for logging until the next step's forward).
-        ctx.num_adapters, ctx.backend = batch.num_adapters, backend
+        ctx.num_adapters, ctx.backend, ctx.x_dtype = batch.num_adapters, backend, x2.dtype
         return y
 
     @staticmethod
@@ -929,17 +941,30 @@ class MultiLoRAFunction(torch.autograd.Function):
             # create_graph=True: both, in the graph, for the LoRA term, built only where one of its inputs needs a
             # gradient (below)
             lora_term = torch.is_grad_enabled() and (need_x or need_a or need_b)
-            lora_a = factor_a.to(x2.dtype) if need_x or lora_term else None  # the expand of dX
-            lora_b = factor_b.to(x2.dtype) if need_x or need_a or lora_term else None  # the shrink of dY
+            lora_a = factor_a.to(ctx.x_dtype) if need_x or lora_term else None  # the expand of dX
+            lora_b = factor_b.to(ctx.x_dtype) if need_x or need_a or lora_term else None  # the shrink of dY
         if torch.is_grad_enabled():
             # create_graph=True: differentiable gradients, which the kernels and C++ ops do not give (see
             # LoRALinearFunction.backward). The LoRA term's are autograd's own, of its torch composition, on the
             # float32 slots cast again in the graph where the forward cast them.
+            shrunk = None
+            if x2 is None and need_b:  # dB from the saved S (x not kept: see forward), as in the first order
+                if need_x:
+                    raise RuntimeError(
+                        "multi_lora_linear: a create_graph=True backward with lora_b and x requiring gradients but "
+                        "lora_a and the weight frozen needs x to differentiate dB = s·dYᵀ·(x·Aᵀ) with respect to x, "
+                        "and the forward did not keep x (it keeps x [M, K] only for the gradients of lora_a and the "
+                        "weight, as PEFT's layer does with lora_A frozen); run that forward with "
+                        "lora_a.requires_grad_(True) (and leave its gradient unused)")
+                lora_a, shrunk = None, s
+            elif x2 is None and need_x:
+                # dX of the term, linear in x: the same from any x (zeros), differentiable in dY and the slots
+                x2 = dy.new_zeros(dy.shape[0], lora_a.shape[2]).requires_grad_(True)
             wanted = ((x2, need_x), (grad_a_like, need_a), (grad_b_like, need_b))
             inputs = [t for t, need in wanted if need]
             grads = iter(())
             if inputs:  # the term (L·M·R·(K+N) work) only for gradients of it: not for the weight or bias alone
-                term = _multi_lora_term(x2, lora_a, lora_b, batch.adapter_ids, scalings, ranks)
+                term = _multi_lora_term(x2, lora_a, lora_b, batch.adapter_ids, scalings, ranks, shrunk)
                 grads = iter(torch.autograd.grad(term, inputs, dy, create_graph=True, allow_unused=True,
                                                  materialize_grads=True))
             dx, d_lora_a, d_lora_b = (next(grads) if need else None for _, need in wanted)

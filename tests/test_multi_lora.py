@@ -662,17 +662,18 @@ def test_multi_lora_linear_gives_each_gradient_when_only_its_input_needs_one(bac
 
 
 @pytest.mark.parametrize("backend", GROUPED_BACKENDS)
-def test_multi_lora_linear_saves_s_only_while_lora_b_trains(backend, device):
+def test_multi_lora_linear_saves_s_only_while_lora_b_trains_and_x_only_for_da_or_dw(backend, device):
     """S [M, R] (float32) is read by the backward only for dB: with the slots' B frozen (the adapters frozen while a
-    layer below trains, or lora_a alone trained) it was saved all the same, where PEFT's layer keeps no S. The
-    gradients stay the reference's. M, K, N, R all distinct."""
+    layer below trains, or lora_a alone trained) it was saved all the same, where PEFT's layer keeps no S. x [M, K]
+    only for dA and dW: with the slots' A frozen (LoRA-FA) it was saved all the same, where PEFT's layer keeps S
+    alone. The gradients stay the reference's. M, K, N, R all distinct."""
     backend_or_skip(backend, device)
     m, k, n, max_rank, ranks = 10, 20, 12, 8, [8, 2, 5]
     lora_a, lora_b = (t.nan_to_num(0.0) for t in _adapters(3, max_rank, k, n, ranks, torch.float32, device))
     x, weight = randn(m, k, device=device), randn(n, k, device=device, scale=k ** -0.5)
     ids, scalings, dy = segment_ids("mixed_base", m, 3).to(device), torch.tensor([0.5, -1.5, 2.0]), randn(m, n,
                                                                                                        device=device)
-    for trained in (("x",), ("x", "lora_a"), ("lora_b",), ("x", "lora_a", "lora_b")):
+    for trained in (("x",), ("x", "lora_a"), ("lora_b",), ("x", "lora_b"), ("x", "lora_a", "lora_b"), ("weight",)):
         inputs = {"x": x, "weight": weight, "lora_a": lora_a, "lora_b": lora_b}
         leaves = {name: t.clone().requires_grad_(name in trained) for name, t in inputs.items()}
         shapes, outputs = [], []
@@ -684,6 +685,7 @@ def test_multi_lora_linear_saves_s_only_while_lora_b_trains(backend, device):
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             outputs.append(lk.multi_lora_linear(*leaves.values(), ids, scalings, ranks=ranks, backend=backend))
         assert ((m, max_rank) in shapes) == ("lora_b" in trained), (trained, shapes)
+        assert ((m, k) in shapes) == ("lora_a" in trained or "weight" in trained), (trained, shapes)
         grads = torch.autograd.grad(outputs[0], [leaves[name] for name in trained], dy)
         ref = {name: t.double().requires_grad_(name in trained) for name, t in inputs.items()}
         expected = torch.autograd.grad(reference.multi_lora_linear_autograd(*ref.values(), ids.cpu(), scalings, None,
@@ -2295,6 +2297,34 @@ def test_multi_lora_double_backward_of_the_weight_alone_matches_the_reference(ba
         ref_inputs, 1, dy.double().cpu())
     for name, g, e in zip(("dweight", "d(|dweight|²)/d(dy)"), got, expected):
         assert_close(g, e, torch.float32, name)
+
+
+@pytest.mark.parametrize("trained", ["x", "lora_b"])
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS)
+def test_multi_lora_double_backward_without_x_kept(backend, trained, device):
+    """create_graph=True where the forward kept no x (the slots' A and the weight frozen): dX of the LoRA term,
+    linear in x, and dB from the saved S; each gradient and its derivative in dY are the reference's. x and lora_b
+    both trained there need x for dB's derivative in x: refused by name, as lora_linear does."""
+    backend_or_skip(backend, device)
+    x, weight, lora_a, lora_b, ids, scalings, ranks = _grouped_inputs(device)
+    dy = randn(9, 6, device=device)
+    position = {"x": 0, "lora_b": 3}[trained]
+    inputs = [x, weight, lora_a, lora_b]
+    inputs[position].requires_grad_(True)
+    got = _gradient_and_its_dy_derivative(
+        lambda *t: lk.multi_lora_linear(*t, ids, scalings, ranks=ranks, backend=backend), inputs, position, dy)
+    ref_inputs = [t.detach().double().cpu().nan_to_num(0.0) for t in inputs]
+    ref_inputs[position].requires_grad_(True)
+    expected = _gradient_and_its_dy_derivative(
+        lambda *t: reference.multi_lora_linear_autograd(*t, ids.cpu(), scalings, None, torch.tensor(ranks)),
+        ref_inputs, position, dy.double().cpu())
+    for name, g, e in zip((f"d{trained}", f"d(|d{trained}|²)/d(dy)"), got, expected):
+        assert_close(g, e, torch.float32, name)
+
+    both = [t.detach().requires_grad_(name in ("x", "lora_b")) for name, t in zip(("x", "weight", "lora_a", "lora_b"), inputs)]
+    y = lk.multi_lora_linear(*both, ids, scalings, ranks=ranks, backend=backend)
+    with pytest.raises(RuntimeError, match="lora_b and x requiring gradients but lora_a and the weight frozen"):
+        torch.autograd.grad(y, [both[0], both[3]], dy, create_graph=True)
 
 
 @pytest.mark.parametrize("trained", ["lora_a", "lora_b"])
