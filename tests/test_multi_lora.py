@@ -2321,7 +2321,8 @@ def test_multi_lora_double_backward_without_x_kept(backend, trained, device):
     for name, g, e in zip((f"d{trained}", f"d(|d{trained}|²)/d(dy)"), got, expected):
         assert_close(g, e, torch.float32, name)
 
-    both = [t.detach().requires_grad_(name in ("x", "lora_b")) for name, t in zip(("x", "weight", "lora_a", "lora_b"), inputs)]
+    both = [t.detach().requires_grad_(name in ("x", "lora_b"))
+            for name, t in zip(("x", "weight", "lora_a", "lora_b"), inputs)]
     y = lk.multi_lora_linear(*both, ids, scalings, ranks=ranks, backend=backend)
     with pytest.raises(RuntimeError, match="lora_b and x requiring gradients but lora_a and the weight frozen"):
         torch.autograd.grad(y, [both[0], both[3]], dy, create_graph=True)
