@@ -80,8 +80,9 @@ def _check_device(op, name, t, device):
 
 
 def _byte_span(t):
-    """[first, last + 1) byte of t's elements in its storage."""
-    start = t.storage_offset() * t.element_size()
+    """[first, last + 1) address of t's elements (addresses, not storage offsets: two storage objects may hold one
+    memory, e.g. torch.from_numpy of one array twice)."""
+    start = t.data_ptr()
     return start, start + (1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))) * t.element_size()
 
 
@@ -101,7 +102,7 @@ def _row_blocks(t):
     if t.dim() != 2 or t.shape[1] > 1 and t.stride(1) != 1 or t.stride(0) < 1:
         return None
     size = t.element_size()
-    return t.stride(0) * size, t.storage_offset() * size, t.shape[1] * size
+    return t.stride(0) * size, t.data_ptr(), t.shape[1] * size
 
 
 def _dense_meets_rows(dense, rows):
@@ -112,10 +113,11 @@ def _dense_meets_rows(dense, rows):
 
 
 def _shares_memory(a, b):
-    """Whether a and b (non-empty views of one storage) provably share an element: both dense, a dense one and a 2-D
-    view of row blocks (any pitch: the dense one fills its span), or both 2-D views with one row pitch, with
-    intersecting memory. Other layouts are let through, as torch's own in-place checks let through what they cannot
-    decide (at::get_overlap_status's TooHard)."""
+    """Whether a and b (non-empty tensors in one memory) share an element: decided (True or False) where their spans
+    do not intersect, both are dense, a dense one meets a 2-D view of row blocks (any pitch: the dense one fills its
+    span), or both are 2-D views with one row pitch; None (undecided) for other layouts whose spans intersect (views
+    of every other column of one buffer, say), as torch's own checks cannot decide them (at::get_overlap_status's
+    TooHard)."""
     (a_start, a_end), (b_start, b_end) = _byte_span(a), _byte_span(b)
     if not (a_start < b_end and b_start < a_end):
         return False
@@ -128,7 +130,7 @@ def _shares_memory(a, b):
     if b_dense and a_layout is not None:
         return _dense_meets_rows(b, a)
     if a_layout is None or b_layout is None or a_layout[0] != b_layout[0]:
-        return False
+        return None
     (pitch, a_first, a_width), (_, b_first, b_width) = a_layout, b_layout
     # Row i of a and row i + k of b intersect where -b_width < shift + k * pitch < a_width: try the least k with the
     # first (the spans' intersection puts it within the rows' range, or makes the rows at that range's end meet).
@@ -139,30 +141,70 @@ def _shares_memory(a, b):
     return shift + k * pitch < a_width
 
 
-def check_output(op, name, out, inputs):
-    """ValueError unless `out`, which the op writes in place, is a tensor of its own: no element written twice
-    through a stride-0 dimension (an expand()ed view: the kernels raced there, torch refused it), and no memory
-    shared with the (name, tensor) inputs it reads (the cpu kernels read rows they had already overwritten; see
-    _shares_memory for the layouts decided). A few µs of host time in the common case (separate storages). Not
-    while tracing, nor for meta and fake tensors, which have no memory to compare. A tensor that requires grad is
-    refused while grad mode is on (check_no_grad_inputs): torch's in-place ops raised on a leaf only after
-    computing, the cpu and triton kernels wrote into it, or into a view of it."""
+def _may_overlap_itself(t):
+    """Whether two of t's elements may share memory: unless its dimensions, by increasing stride, each step past the
+    span of those before (what every slice, transpose and column block of a dense tensor does). A stride-0
+    dimension (an expand()ed view) does not; nor do rare interleavings that share nothing (sizes (3, 2), strides
+    (2, 3)), which are refused with them."""
+    if t.is_contiguous():  # the common case, in a fraction of the loop's time (every grouped op checks its out)
+        return False
+    span = 1
+    for stride, size in sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size > 1):
+        if stride < span:
+            return True
+        span += stride * (size - 1)
+    return False
+
+
+_BATCH_INPUT_NAMES = tuple((f"batch.{field}", field) for field in BUFFER_FIELDS)
+
+
+def batch_inputs(batch):
+    """(name, buffer) of a LoRABatch's buffers, the inputs of check_output that every grouped op reads."""
+    return [(name, getattr(batch, field)) for name, field in _BATCH_INPUT_NAMES]
+
+
+def check_output(op, name, out, inputs, refuse_undecided=False):
+    """ValueError unless `out`, which the op writes in place, is a tensor of its own: no element written twice (an
+    expand()ed view or overlapping strides: the kernels raced there, the backends left different results), and no
+    memory shared with the (name, tensor) inputs it reads, the scalings, ranks and batch buffers included (the cpu
+    kernels read rows they had already overwritten, the triton ones scalings they had zeroed; see _shares_memory
+    for the layouts decided), also through another storage object over the same memory. Returns whether `out` may
+    share memory with an input in a layout this cannot decide (interleaved views of one buffer): the op then
+    computes into a new tensor and copies it into `out` (refuse_undecided: raises instead). A few µs of host time
+    in the common case (separate memory). Not while tracing, nor for meta and fake tensors, which have no memory to
+    compare. A tensor that requires grad is refused while grad mode is on (check_no_grad_inputs): torch's in-place
+    ops raised on a leaf only after computing, the cpu and triton kernels wrote into it, or into a view of it."""
     if not has_host_values(out) or out.is_meta:
-        return
+        return False
     check_no_grad_inputs(op, ((name, out),))
     refuse_inference_tensor_writes(op, ((name, out),))
-    if 0 in out.stride() and any(stride == 0 and size > 1 for size, stride in zip(out.shape, out.stride())):
+    if _may_overlap_itself(out):
+        expanded = any(stride == 0 and size > 1 for size, stride in zip(out.shape, out.stride()))
         raise ValueError(f"{op}: {name} expected a tensor whose elements do not overlap in memory, got shape "
-                         f"{tuple(out.shape)} with strides {out.stride()} (an expanded view); pass a new tensor")
-    storage = out.untyped_storage().data_ptr()
-    for input_name, t in inputs:
-        if t is None or t.untyped_storage().data_ptr() != storage or t.device != out.device:  # the common case first
+                         f"{tuple(out.shape)} with strides {out.stride()} "
+                         f"({'an expanded view' if expanded else 'strides under which elements may share memory'}); "
+                         f"pass a new tensor")
+    storage = out.untyped_storage()
+    low = storage.data_ptr()
+    high = low + storage.nbytes()
+    undecided = False
+    for input_name, t in inputs:  # the common case first: memory apart from out's (a µs or less per input)
+        if t is None:
             continue
-        if t.numel() and out.numel() and _shares_memory(out, t):
-            raise ValueError(f"{op}: {name} expected memory of its own, got a view that overlaps {input_name}, which "
-                             f"the op reads ({name}: shape {tuple(out.shape)}, strides {out.stride()}, offset "
+        t_storage = t.untyped_storage()
+        t_low = t_storage.data_ptr()
+        if t_low != low and (t_low >= high or low >= t_low + t_storage.nbytes()) or t.device != out.device:
+            continue
+        shared = _shares_memory(out, t) if t.numel() and out.numel() else False
+        undecided = undecided or shared is None
+        if shared or shared is None and refuse_undecided:
+            overlaps = "overlaps" if shared else "may overlap (in a layout whose overlap is not decided)"
+            raise ValueError(f"{op}: {name} expected memory of its own, got a view that {overlaps} {input_name}, "
+                             f"which the op reads ({name}: shape {tuple(out.shape)}, strides {out.stride()}, offset "
                              f"{out.storage_offset()}; {input_name}: shape {tuple(t.shape)}, strides {t.stride()}, "
                              f"offset {t.storage_offset()}); pass a separate tensor")
+    return undecided
 
 
 def refuse_inference_tensor_writes(op, tensors):
@@ -390,9 +432,7 @@ def check_expand_args(op, t, lora_b, batch, out, slice_offset, ranks, lora_b_nam
                          f"{lora_b_name} {tuple(lora_b.shape)} = [L, N, R]{transposed}), got {tuple(t.shape)}")
     if t is None:  # add_lora checks its y once, against all of its inputs
         return ranks
-    ranks = as_ranks(op, ranks, num_slots, max_rank, out.device, lora_b_name, lora_b)
-    check_output(op, "out", out, (("t", t), (lora_b_name, lora_b)))
-    return ranks
+    return as_ranks(op, ranks, num_slots, max_rank, out.device, lora_b_name, lora_b)
 
 
 # ------------------------------------------------------------------------------------------------ torch fallbacks
@@ -589,7 +629,9 @@ def lora_shrink(x, lora_a, batch, scalings, ranks=None, *, backend="auto", deter
             raise ValueError(f"{op}: out expected a float32 tensor of shape [{x.shape[0]}, {lora_a.shape[1]}] "
                              f"([M, R]), got {out.dtype} {tuple(out.shape)}")
         _check_device(op, "out", out, x.device)
-        check_output(op, "out", out, (("x", x), ("lora_a", lora_a)))
+        if check_output(op, "out", out, [("x", x), ("lora_a", lora_a), ("scalings", scalings), ("ranks", ranks)]
+                        + batch_inputs(batch)):  # see check_output: into a new tensor, then copied
+            return out.copy_(run_shrink(backend, x, lora_a, batch, scalings, ranks, deterministic))
     return run_shrink(backend, x, lora_a, batch, scalings, ranks, deterministic, out)
 
 
@@ -604,10 +646,13 @@ def lora_expand(t, lora_b, batch, out, slice_offset=0, ranks=None, *, backend="a
     if isinstance(slice_offset, numbers.Integral) and not isinstance(slice_offset, bool):
         slice_offset = int(slice_offset)  # a numpy integer, say
     ranks = check_expand_args(op, t, lora_b, batch, out, slice_offset, ranks)
+    undecided = check_output(op, "out", out, [("t", t), ("lora_b", lora_b), ("ranks", ranks)] + batch_inputs(batch))
     check_no_grad_inputs(op, (("t", t), ("lora_b", lora_b)))
     backend = resolve_backend(backend, out.device, op, out.dtype, lora_b.shape[0])
     if backend == "triton":
         check_triton_args(op, out.dtype, lora_b.shape[0])
+    if undecided:  # see check_output: the sum in a new tensor, which reads no input that changes under it
+        return out.copy_(run_expand(backend, t, lora_b, batch, ranks, out.clone(), slice_offset))
     return run_expand(backend, t, lora_b, batch, ranks, out, slice_offset)
 
 
@@ -714,16 +759,31 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
     inputs = [("x", x)] + [(f"lora_{ab}_slices[{j}]", slices[j]) for ab, slices in (("a", lora_a_slices),
                                                                                    ("b", lora_b_slices))
                            for j in range(len(widths))]
-    if buffer is not None:
-        check_output(op, "buffer", buffer, inputs + [("y", y)])
-    check_output(op, "y", y, inputs)
-    check_no_grad_inputs(op, inputs + [("scalings", scalings)])
+    # one ranks tensor usually serves every slice: checked once
+    inputs += [("scalings", scalings)] + [(f"ranks of slice {j}", r) for j, r in enumerate(slice_ranks)
+                                          if all(r is not other for other in slice_ranks[:j])]
+    inputs += batch_inputs(batch)
+    if buffer is not None:  # scratch space: one laid out undecidably over an input is refused, not copied
+        check_output(op, "buffer", buffer, inputs + [("y", y)], refuse_undecided=True)
+    copy_back = check_output(op, "y", y, inputs)
+    check_no_grad_inputs(op, inputs)
     if backend == "triton":
         check_triton_args(op, x.dtype, batch.num_adapters)
         check_triton_args(op, y.dtype, batch.num_adapters)
+    # see check_output: the sum in a new tensor, then copied into y
+    target = y.clone() if copy_back else y
+    _add_lora_into(backend, target, x, lora_a_slices, lora_b_slices, batch, scalings, slice_ranks, widths, offsets,
+                   deterministic, buffer)
+    return y.copy_(target) if copy_back else y
+
+
+def _add_lora_into(backend, y, x, lora_a_slices, lora_b_slices, batch, scalings, slice_ranks, widths, offsets,
+                   deterministic, buffer):
+    """add_lora's work, after its checks."""
+    if backend == "triton":
         _triton_add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, slice_ranks, widths, offsets,
                          deterministic, buffer)
-        return y
+        return
     # The oracle: float64 from x to y, one rounding to y's dtype. Traced or fake: slice by slice below (see
     # run_shrink), the shrink results rounded to float32 between.
     if backend == "reference" and has_host_values(x):
@@ -731,13 +791,13 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
         if buffer is not None:  # the shrink results, as every other backend leaves them there
             for j in range(len(widths)):
                 run_shrink(backend, x, lora_a_slices[j], batch, scalings, slice_ranks[j], out=buffer[j])
-        return y.copy_(reference.add_lora(y, x, lora_a_slices, lora_b_slices, batch.adapter_ids, scalings,
-                                          slice_ranks, widths))
+        y.copy_(reference.add_lora(y, x, lora_a_slices, lora_b_slices, batch.adapter_ids, scalings, slice_ranks,
+                                   widths))
+        return
     for j in range(len(widths)):
         shrunk = run_shrink(backend, x, lora_a_slices[j], batch, scalings, slice_ranks[j], deterministic,
                             None if buffer is None else buffer[j])
         run_expand(backend, shrunk, lora_b_slices[j], batch, slice_ranks[j], y, offsets[j])
-    return y
 
 
 def _triton_add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, slice_ranks, widths, offsets,
