@@ -411,6 +411,7 @@ class LoRALinear(nn.Module):
             if self.disable_adapters and self.merged:
                 raise RuntimeError("LoRALinear: cannot disable the adapter of a merged layer; call unmerge() first")
             return nn.functional.linear(x, self.base_weight(), self.bias)
+        self._refuse_hook_computed_factors("LoRALinear.forward")
         dropout_p = self.lora_dropout if self.training else 0.0
         # The factors in their own dtype: lora_linear_float32_factors casts them to x's (float32 ones of a 16-bit
         # layer inside the autograd Function, which gives their gradients in float32)
@@ -431,6 +432,7 @@ class LoRALinear(nn.Module):
     def delta_weight(self):
         """scaling * B @ A [out, in] in float32 (float64 for a float64 layer): what merge adds to the base weight
         (added in that dtype, rounded once; transposed first with fan_in_fan_out)."""
+        self._refuse_hook_computed_factors("LoRALinear.delta_weight")
         self._check_factor_devices("LoRALinear.delta_weight")
         dtype = self._merge_dtype()
         with autocast_off(self.lora_B.weight.device):  # autocast would round the product (and so merge) to 16 bits
@@ -497,6 +499,25 @@ class LoRALinear(nn.Module):
             yield self
         finally:
             self.disable_adapters = previous
+
+    def _refuse_hook_computed_factors(self, op):
+        """TypeError when a factor's weight is recomputed by a forward pre-hook of the factor (the deprecated
+        torch.nn.utils.weight_norm and spectral_norm, torch.nn.utils.prune): the factors are read, never called, so
+        the hook never ran and `weight` stayed the tensor computed when it was applied (spectral_norm's lora_A
+        silently never trained; pruned or weight-normed factors failed at the second backward). Parametrizations
+        (torch.nn.utils.parametrize) compute the weight on access, and work."""
+        for name in ("lora_A", "lora_B"):
+            factor = getattr(self, name)
+            if "weight" in factor._parameters:  # the common case: one dict lookup per factor and forward
+                continue
+            if any(f"weight{suffix}" in factor._parameters for suffix in ("_orig", "_g", "_v")):
+                raise TypeError(f"{op}: {name}.weight is recomputed by a forward pre-hook of {name} (the deprecated "
+                                f"torch.nn.utils.weight_norm or spectral_norm, or torch.nn.utils.prune), which never "
+                                f"runs: the factors are read by the kernels, never called, so {name} would not train "
+                                f"and a merge would add a stale delta. Use torch.nn.utils.parametrizations."
+                                f"weight_norm / spectral_norm (or a torch.nn.utils.parametrize parametrization for a "
+                                f"mask), which compute the weight on access, or remove it (remove_weight_norm, "
+                                f"remove_spectral_norm, prune.remove)")
 
     def _refuse_computed_weight(self, op):
         """TypeError when `weight` is no longer the layer's own Parameter but computed from others on each access or

@@ -1949,6 +1949,46 @@ def test_merge_of_a_weight_computed_since_wrapping_is_refused_not_dropped(comput
     assert merged.merged
 
 
+@pytest.mark.parametrize("factor", ["lora_A", "lora_B"])
+@pytest.mark.parametrize("compute_weight", ["old_weight_norm", "old_spectral_norm", "prune"])
+def test_a_factor_weight_recomputed_by_a_pre_hook_is_refused_by_name(compute_weight, factor):
+    """The deprecated weight_norm / spectral_norm and prune recompute a module's weight in a forward pre-hook; the
+    factors are read by the kernels, never called, so the hook never ran: spectral_norm's lora_A silently never
+    trained (its weight_orig got no gradient), pruned or weight-normed factors failed at the second backward with
+    torch's "backward through the graph a second time", and a merge added a stale delta. Refused by name, in the
+    forward and in merge, the layer unchanged; torch.nn.utils.parametrizations' versions compute the weight on
+    access and train."""
+    layer = _trained(LoRALinear(16, 12, r=4, backend="torch"))
+    module = getattr(layer, factor)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        if compute_weight == "old_weight_norm":
+            nn.utils.weight_norm(module, "weight")
+        elif compute_weight == "old_spectral_norm":
+            nn.utils.spectral_norm(module, "weight")
+        else:
+            from torch.nn.utils import prune
+            prune.l1_unstructured(module, "weight", 0.3)
+    weight_before = layer.weight.clone()
+    words = f"{factor}.weight is recomputed by a forward pre-hook of {factor}"
+    with pytest.raises(TypeError, match=f"LoRALinear.forward: {words}"):
+        layer(torch.randn(5, 16))
+    with pytest.raises(TypeError, match=f"LoRALinear.delta_weight: {words}"):
+        layer.merge()
+    assert not layer.merged and torch.equal(layer.weight, weight_before)
+
+    parametrized = _trained(LoRALinear(16, 12, r=4, backend="torch"))
+    nn.utils.parametrizations.spectral_norm(getattr(parametrized, factor), "weight")
+    original = getattr(parametrized, factor).parametrizations.weight.original
+    before = original.detach().clone()
+    optimizer = torch.optim.SGD(parametrized.parameters(), lr=0.1)
+    for _ in range(2):
+        optimizer.zero_grad()
+        parametrized(torch.randn(5, 16)).square().sum().backward()
+        optimizer.step()
+    assert not torch.equal(original, before)  # it trains
+
+
 def test_merge_of_a_plain_tensor_weight_names_fsdp1_not_a_parametrization():
     # FullyShardedDataParallel (use_orig_params=False) holds `weight` as a plain tensor view of its flat parameter
     # outside summon_full_params: not in _parameters, yet nothing parametrizes or prunes it; the refusal named those
