@@ -182,6 +182,9 @@ def print_summary(outdir, out=sys.stdout):
     # gpu_check runs the bench in parts (train, host/grouped/decode, forward), each with its own time limit
     parts = [_load(path) for path in (os.path.join(outdir, name) for name in BENCH_FILES) if os.path.exists(path)]
     bench_path = os.path.join(outdir, " + ".join(BENCH_FILES))
+    missing = [name for name in BENCH_FILES if not os.path.exists(os.path.join(outdir, name))]
+    if parts and missing:  # a part that did not run or failed before saving: its rows are absent, not passed
+        out.write(f"bench: no {', '.join(missing)} in {outdir} (that part did not run, or failed before saving)\n")
     if parts:
         bench = {**parts[0], "rows": [row for part in parts for row in part["rows"]],
                  "partial": any(part.get("partial") for part in parts),

@@ -480,6 +480,27 @@ def test_profile_decode_tables_rotate_weights_past_the_cache(monkeypatch):
     assert len(set(seen)) == len(copies) and seen[:len(copies)] == seen[len(copies):]
 
 
+def test_summary_names_the_bench_parts_that_left_no_results(tmp_path):
+    """gpu_check runs the bench in three parts; with only train.json saved the summary said nothing of the others,
+    and its forward rows came from the train part's rank sweep, as if the forward part had run."""
+    import io
+    import json
+
+    from lora_kernels.compare import to_json
+    table = _benchmark_script("table")
+    result = bench.run_bench(_tiny(sections=("train",), train_m=32, rank=4, ranks=(4,)))
+    (tmp_path / "train.json").write_text(to_json(result))
+    out = io.StringIO()
+    table.print_summary(str(tmp_path), out)
+    assert f"bench: no bench.json, grouped.json in {tmp_path} (that part did not run, or failed before saving)" \
+        in out.getvalue(), out.getvalue()
+    for name in ("bench.json", "grouped.json"):
+        (tmp_path / name).write_text(json.dumps({**json.loads(to_json(result)), "rows": []}))
+    out = io.StringIO()
+    table.print_summary(str(tmp_path), out)
+    assert "that part did not run" not in out.getvalue()
+
+
 def test_summary_of_a_compare_json_with_a_diverged_run():
     """compare writes a non-finite loss as null (standard JSON): the gpu_check summary prints it, not a TypeError."""
     table = _benchmark_script("table")

@@ -400,6 +400,44 @@ def test_gpu_check_reuses_an_extension_built_from_the_same_inputs(tmp_path):
             stamp.write_text(saved)
 
 
+@pytest.mark.parametrize("pip_failure", ["time-out", "compiler error", "pip itself"])
+def test_gpu_check_builds_in_place_again_only_when_pip_itself_failed(tmp_path, pip_failure):
+    """After pip's build failed, setup.py build_ext compiled everything again: after a time-out that took 200 s more
+    (every later stage got 38-48 s), after a compiler error it failed the same way. Only a failure of pip itself (an
+    old setuptools without editable installs) is worth it. A stand-in python answers the CUDA check, pip, build_ext,
+    the extension check and the stages; the crossovers stage fails, and the crossovers.json an earlier call left in
+    OUTDIR is gone (the summary showed it as this call's)."""
+    pip = {"time-out": "exit 124", "compiler error": 'echo "ninja: build stopped: subcommand failed."; exit 1',
+           "pip itself": "echo \"ERROR: build backend is missing the 'build_editable' hook\"; exit 1"}[pip_failure]
+    python = _stand_in_python(tmp_path, f"""  *"-m pip install"*) {pip} ;;
+  *build_ext*) echo "stand-in build_ext"; exit 0 ;;
+  *torch.cuda.is_available*) exit 0 ;;
+  *"extension with CUDA"*) exit 0 ;;
+  *benchmarks/table.py*) exec {sys.executable} "$@" ;;
+  *cuda_crossovers*) exit 1 ;;
+  *"-m lora_kernels"*|*benchmarks/*) echo "stand-in $*"; exit 0 ;;""")
+    stamp = ROOT / "build" / "gpu_check_extension.stamp"
+    saved = stamp.read_text() if stamp.exists() else None
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "crossovers.json").write_text("{}")
+    env = _env()
+    env.update(PYTHON=python, GPU_CHECK_STAGES="crossovers")
+    try:
+        stamp.unlink(missing_ok=True)
+        proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(tmp_path / "out")], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=300)
+        rebuilt = "== build_ext (limit" in proc.stdout
+        assert rebuilt == (pip_failure == "pip itself"), proc.stdout[-3000:]
+        assert stamp.exists() == rebuilt  # the stamp only for a build that succeeded
+        assert "== crossovers (limit" in proc.stdout and proc.returncode == 1, proc.stdout[-3000:]
+        assert not (tmp_path / "out" / "crossovers.json").exists()
+    finally:
+        if saved is None:
+            stamp.unlink(missing_ok=True)
+        else:
+            stamp.write_text(saved)
+
+
 @pytest.mark.slow
 @needs_cpu_backend
 def test_gpu_check_dry_run(tmp_path):
