@@ -416,10 +416,14 @@ class LoRALinearFunction(torch.autograd.Function):
         # an adapter frozen while the layers below train) dB needs only S and dX only dY, as PEFT's unfused layer
         # then keeps only S. W is read only for dX: not saving it otherwise matters under autocast, where it is a
         # 16-bit copy [N, K] (the first layer's projections, whose input needs no gradient). The float32 factors
-        # too, where they were cast: create_graph's backward differentiates through them.
-        ctx.save_for_backward(x2 if need_a or need_w else None, s, weight if need_x else None, lora_a, lora_b, seed,
-                              *(factors if lora_a is not factors[0] else ()))
+        # too, where they were cast: create_graph's backward differentiates through them (casting them again). Their
+        # 16-bit cast of lora_a is read only for dX: not kept beside the float32 factor otherwise (the first layer's
+        # projections, whose input needs no gradient: r·K elements per layer).
+        cast = lora_a is not factors[0]
+        ctx.save_for_backward(x2 if need_a or need_w else None, s, weight if need_x else None,
+                              lora_a if need_x or not cast else None, lora_b, seed, *(factors if cast else ()))
         ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
+        ctx.in_features = x2.shape[1]
         ctx.has_bias, ctx.weight_dtype, ctx.x_dtype = bias is not None, weight.dtype, x2.dtype
         return y
 
@@ -455,7 +459,7 @@ class LoRALinearFunction(torch.autograd.Function):
             if need_a:
                 d_lora_a = kernels.lora_bwd_da(ds, x2, dropout_p, _or_zero(seed))
         else:
-            keep = torch_dropout_keep(seed, _like_x(ctx, dy, lora_a), dropout_p) if dropout_p > 0.0 else None
+            keep = torch_dropout_keep(seed, _like_x(ctx, dy), dropout_p) if dropout_p > 0.0 else None
             d_lora_b, ds = _dy_products(backend, dy, s, lora_b, scaling, grad_b_like.dtype)
             # ds's dtype: the other operands of the dS products are widened to it (a no-op but for the cpu and
             # small-M cuda paths in 16 bits), and autocast must not round them back.
@@ -492,10 +496,10 @@ class LoRALinearFunction(torch.autograd.Function):
         return _cast_grads(ctx, (dx, d_weight, d_lora_a, d_lora_b, d_bias), grad_a_like, grad_b_like)
 
 
-def _like_x(ctx, dy, lora_a):
+def _like_x(ctx, dy):
     """A tensor with x2's shape [M, K], dtype and device and no memory of its own: what the dropout mask is drawn
     like in backward, where x2 itself is saved only for dA and dW (LoRALinearFunction.forward)."""
-    return dy.new_empty((), dtype=ctx.x_dtype).expand(dy.shape[0], lora_a.shape[1])
+    return dy.new_empty((), dtype=ctx.x_dtype).expand(dy.shape[0], ctx.in_features)
 
 
 def _dy_products(backend, dy, s, lora_b, scaling, grad_b_dtype):
@@ -625,7 +629,7 @@ def _lora_linear_backward_differentiable(ctx, dy, x2, s, weight, lora_a, lora_b,
         # the forward's mask
         # (dB from the saved S alone, where x2 is None and dX is not wanted, needs no mask)
         drop = (None if dropout_p == 0.0 or (x2 is None and not need_x)
-                else _dropout_as_function(ctx.backend, seed, _like_x(ctx, dy, lora_a), dropout_p))
+                else _dropout_as_function(ctx.backend, seed, _like_x(ctx, dy), dropout_p))
         with ops.autocast_off(dy.device):  # the LoRA branch's dtype, not autocast's (as in the first-order backward)
             dy_l, a_l, b_l = _differentiable_lora_operands(ctx.backend, dy, lora_a, lora_b)
             if x2 is not None:

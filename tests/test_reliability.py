@@ -666,6 +666,27 @@ def test_a_training_step_saves_x_and_s_only_and_they_die_at_the_backward(backend
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_the_16_bit_cast_of_a_float32_lora_a_is_kept_only_for_dx(backend):
+    """The 16-bit cast of lora_A's float32 Parameter is read by the backward only for dX: where x needs no gradient
+    (the first layer's projections) it was saved beside the Parameter all the same, r·K elements per layer over
+    PEFT's. The gradients, dropout's mask included (drawn like x [M, K] without x), are those of the layer with x
+    requiring grad."""
+    m, k, n, r, p = 16, 48, 40, 4, 0.1
+    layer = lk.LoRALinear(k, n, r=r, lora_dropout=p, dtype=torch.bfloat16, init_lora_weights=False, backend=backend)
+    x = torch.randn(m, k, dtype=torch.bfloat16)
+    grads = []
+    for x_grad in (False, True):
+        torch.manual_seed(0)  # the same dropout mask
+        y, saved = _saved_by(layer, x.clone().requires_grad_(x_grad))
+        assert (((r, k), torch.bfloat16) in [(shape, dtype) for shape, dtype, _, _ in saved]) == x_grad, saved
+        layer.zero_grad()
+        y.float().square().sum().backward()
+        grads.append([layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone()])
+    for without_x_grad, with_x_grad in zip(*grads):
+        assert torch.equal(without_x_grad, with_x_grad)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_multi_lora_backward_frees_what_the_forward_saved_while_the_graph_lives(backend):
     """After the backward nothing of a training step's MultiLoRAFunction stays alive through its graph (kept by a
     loss held for logging until the next step's forward): neither S nor the LoRABatch's buffers, which the
