@@ -367,6 +367,77 @@ def test_gate_compiles_every_config_the_prune_launches():
     assert missing == "[]", f"launched but never compiled by the gate: {missing}"
 
 
+def test_the_prune_leaves_a_config_that_fits_a_99_kib_gpu():
+    """sm_86 and sm_89 GPUs (A10, L4, L40S, RTX 30 and 40 series) have 99 KiB of shared memory per block, where the
+    prune's budget was sm_80's: every config it kept of the fp32 shrink at rank chunks 32 (with dropout) and 64
+    needed 114-164 KB there (its own fallback, the first config, 164 KB), so each launch raised OutOfResources.
+    With that GPU's budget, the config it launches first (the first one kept; the only one with
+    LORA_KERNELS_AUTOTUNE=0) compiles for sm_86 within 99 KiB, for every kernel, fp32 and bf16, rank chunk and flag
+    on. A TRITON_INTERPRET=0 subprocess, as the gate's."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import json, torch
+        from lora_kernels.triton import aot, lora_linear as ll
+        budget = ll.SMEM_BUDGET * aot.SHARED_MEMORY_LIMIT[86] // ll.SM80_SHARED_MEMORY
+        kernels = [(ll.SHRINK_CONFIGS, ll._lora_shrink_kernel, "x_ptr", dict(HAS_DROPOUT=True), {}),
+                   (ll.GEMM_CONFIGS, ll._lora_fwd_kernel, "x_ptr", dict(HAS_BIAS=True, EVEN_K=True),
+                    dict(GROUP=ll.GROUP_M)),
+                   (ll.DY_CONFIGS, ll._lora_bwd_dy_kernel, "dy_ptr", {}, dict(BLOCK_M=ll.DY_BLOCK_M)),
+                   (ll.DX_CONFIGS, ll._lora_bwd_dx_kernel, "dy_ptr", dict(HAS_DROPOUT=True, EVEN_N=True),
+                    dict(GROUP=ll.GROUP_M)),
+                   (ll.DA_CONFIGS, ll._lora_bwd_da_kernel, "x_ptr", dict(HAS_DROPOUT=True), {})]
+        specs, seen = [], set()
+        for configs, fn, pointer, flags, fixed in kernels:
+            for dtype in (torch.float32, torch.bfloat16):
+                top = ll.DY_MAX_BLOCK_R_FP32 if fn is ll._lora_bwd_dy_kernel and dtype == torch.float32 else 64
+                for chunk in (c for c in (16, 32, 64) if c <= top):
+                    for listed in (configs, configs[:1]):
+                        cfg = ll._PRUNE[fn.__name__](listed, {pointer: torch.empty(0, dtype=dtype)}, budget, **fixed,
+                                                    BLOCK_R=chunk)[0]
+                        spec = ll._spec(fn, dtype, cfg.kwargs, cfg.num_warps, cfg.num_stages, **flags, **fixed,
+                                        BLOCK_R=chunk)
+                        if spec["name"] not in seen:
+                            seen.add(spec["name"])
+                            specs.append(spec)
+        records = aot.compile_all(specs, targets=(86,))
+        print("RECORDS:" + json.dumps([(r["name"], r["ok"], r.get("shared"), r.get("error")) for r in records]))
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    repo_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert "RECORDS:" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    records = json.loads(proc.stdout.split("RECORDS:", 1)[1])
+    assert len(records) >= 20
+    failures = [(name, shared, error) for name, ok, shared, error in records if not ok]
+    assert not failures, failures
+    assert all(shared <= aot.SHARED_MEMORY_LIMIT[86] for _, _, shared, _ in records)
+
+
+def test_the_prune_fits_a_copy_of_the_least_config_where_none_fits_a_smaller_gpu():
+    """The fallback where a small GPU's budget prunes every config: a copy of the least one, with fewer stages and
+    then halved blocks (never below a dot's 16), within the budget; the configs themselves untouched. sm_80 and
+    sm_90 keep the first config as before (it fits their limits)."""
+    import torch
+
+    from lora_kernels.triton import lora_linear as ll
+    configs = [ll.triton.Config({"BLOCK_M": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
+               ll.triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4)]
+    prune = ll._prune_by_smem("BLOCK_M", "BLOCK_R", "BLOCK_K", "x_ptr")
+    fp32 = {"x_ptr": torch.empty(0)}
+    assert prune(configs, fp32, ll.SMEM_BUDGET, BLOCK_R=64) == configs[:1]  # nothing fits 160 KiB: the first
+    fitted, = prune(configs, fp32, 40 * 1024, BLOCK_R=64)
+    assert fitted not in configs and fitted.num_stages == 2 and fitted.num_warps == 4
+    assert fitted.num_stages * (fitted.kwargs["BLOCK_M"] + 64) * fitted.kwargs["BLOCK_K"] * 4 <= 40 * 1024
+    assert min(fitted.kwargs.values()) >= ll.MIN_DOT_DIM
+    assert configs[0].kwargs == {"BLOCK_M": 64, "BLOCK_K": 128} and configs[0].num_stages == 3
+    assert ll.smem_budget(torch.empty(0)) == ll.SMEM_BUDGET  # not a GPU: the measured budget
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The gate's decisions, with stand-ins for Triton's compiler: each check runs in milliseconds, in this process (whose
 # kernels are interpreted and cannot be compiled), on PTX and shared memory sizes chosen to sit on each boundary.

@@ -56,6 +56,12 @@ GROUP_M = 8
 # buffers, so it stays below the estimate and within its 163 KiB; sm_90 keeps num_stages buffers plus up to ~16 KiB
 # more, which its 227 KiB absorb (fp32 shrink at the limit: 163840 B on sm_80, 212992 B on sm_90).
 SMEM_BUDGET = 160 * 1024
+# GPUs with less shared memory per block than sm_80's (sm_86 and sm_89 — A10, L4, L40S, RTX 30 and 40 series — have
+# 99 KiB) take the budget scaled down to theirs (sm_90's, larger, keeps SMEM_BUDGET: the configs measured there), and
+# where it prunes every config of a list, a smaller copy of the least one (fewer stages, then smaller blocks) instead
+# of the first config: fp32 shrinks at rank chunks 32 and 64 needed 114-164 KB there, and every launch raised
+# OutOfResources. SM80_SHARED_MEMORY: sm_80's opt-in shared memory per block, in bytes (aot.SHARED_MEMORY_LIMIT).
+SM80_SHARED_MEMORY = 166912
 # Bytes of dB partials (one [N, r] fp32 partial per DY_BLOCK_M rows) above which the backward's dY part runs as two
 # GEMMs (dY read twice) instead of _lora_bwd_dy_kernel: the partials grow with M·N·r, and at M = 65536 rows,
 # N = 16384, r = 64 they took 2 GiB, as much as dY itself in bf16. 256 MiB leaves every bench shape on the kernel
@@ -202,21 +208,49 @@ _DA_MAX_BLOCK_M = max_block(DA_CONFIGS, "BLOCK_M")
 _DA_MAX_BLOCK_K = max_block(DA_CONFIGS, "BLOCK_K")
 
 
-def _prune_by_smem(row_block, col_block, inner_block, element_ptr):
-    """early_config_prune: drop configs whose pipelined operand tiles overflow SMEM_BUDGET for this dtype
-    (only fp32 with the biggest tiles); the first config always survives."""
+@functools.cache
+def _device_shared_memory(index):
+    return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
 
-    def prune(configs, named_args, **kwargs):
+
+def smem_budget(tensor):
+    """SMEM_BUDGET for the device of `tensor`: scaled down on a GPU with less shared memory per block than sm_80."""
+    if tensor.device.type != "cuda":
+        return SMEM_BUDGET
+    return min(SMEM_BUDGET, SMEM_BUDGET * _device_shared_memory(tensor.device.index) // SM80_SHARED_MEMORY)
+
+
+def _prune_by_smem(row_block, col_block, inner_block, element_ptr):
+    """early_config_prune: drop configs whose pipelined operand tiles overflow the device's budget (smem_budget) for
+    this dtype (only fp32 with the biggest tiles). Where none fits, the first config survives on sm_80 and sm_90
+    (it fits their limits: the compile gate), and a copy of the least config made to fit on smaller GPUs. _budget:
+    the budget itself, for the compile gate's checks of those GPUs."""
+
+    def prune(configs, named_args, _budget=None, **kwargs):
         size = named_args[element_ptr].element_size()
-        kept = []
-        for cfg in configs:
+        budget = smem_budget(named_args[element_ptr]) if _budget is None else _budget
+
+        def blocks(cfg):
             kw = cfg.kwargs
-            rows = kw.get(row_block, kwargs.get(row_block, 0))
-            cols = kw.get(col_block, kwargs.get(col_block, 0))
-            inner = kw.get(inner_block, kwargs.get(inner_block, 0))
-            if cfg.num_stages * (rows + cols) * inner * size <= SMEM_BUDGET:
-                kept.append(cfg)
-        return kept or configs[:1]
+            return [kw.get(name, kwargs.get(name, 0)) for name in (row_block, col_block, inner_block)]
+
+        def estimate(cfg):
+            rows, cols, inner = blocks(cfg)
+            return cfg.num_stages * (rows + cols) * inner * size
+
+        kept = [cfg for cfg in configs if estimate(cfg) <= budget]
+        if kept or budget >= SMEM_BUDGET:
+            return kept or configs[:1]
+        least = min(configs, key=estimate)
+        fitted = triton.Config(dict(least.kwargs), num_warps=least.num_warps, num_stages=least.num_stages,
+                               pre_hook=least.pre_hook)
+        # fewer pipeline stages first (the same tiles), then halve the tunable blocks, reduction first
+        while estimate(fitted) > budget and fitted.num_stages > 2:
+            fitted.num_stages -= 1
+        for name in (inner_block, row_block, col_block):
+            while estimate(fitted) > budget and fitted.kwargs.get(name, 0) > MIN_DOT_DIM:
+                fitted.kwargs[name] //= 2
+        return [fitted]
 
     return prune
 
@@ -633,12 +667,12 @@ def _dropout_mask_kernel(
              mask=(offs_m < M)[:, None] & (offs_k < K)[None, :])
 
 
-def _prune_fwd(configs, named_args, **kwargs):
+def _prune_fwd(configs, named_args, _budget=None, **kwargs):
     """The forward's configs for this M: after the shared-memory prune, the decode tiles when M <= DECODE_MAX_M and
     the others above it (each set, when it is empty here, falls back to whatever survived). Without an M (the
     compile gate's spec list) every config that fits is kept. Decided on the autotune key's m_bucket, not M, so
     the choice holds for every M of the bucket (DECODE_MAX_M is a power of two: a bucket boundary)."""
-    kept = _prune_by_smem("BLOCK_M", "BLOCK_N", "BLOCK_K", "x_ptr")(configs, named_args, **kwargs)
+    kept = _prune_by_smem("BLOCK_M", "BLOCK_N", "BLOCK_K", "x_ptr")(configs, named_args, _budget, **kwargs)
     if "m_bucket" not in named_args:
         return kept
     decode = named_args["m_bucket"] <= DECODE_MAX_M
