@@ -9,11 +9,11 @@
 #                                               # CPU), prints the build and test commands instead of running them
 #
 # Every stage runs under `timeout` inside one time budget (GPU_CHECK_BUDGET seconds, default 520: every stage ends
-# by then, and the summary and archive take ~5 s more, within a 540 s call); each stage's output goes to OUTDIR/<stage>.log; the bench parts, both compares
-# the grouped sweep and the crossovers also write OUTDIR/train.json, bench.json, grouped.json, compare.json,
-# sweep.json, crossovers.json and compare_compiled.json. The key numbers and a table of the stages come last (also in
-# OUTDIR/summary.txt). Exit status: 0 when every stage ran and passed (a stage skipped because the budget is spent
-# counts as not ok).
+# by then, and the summary and archive take ~5 s more, within a 540 s call); each stage's output goes to
+# OUTDIR/<stage>.log; the bench parts, both compares, the grouped sweep and the crossovers also write OUTDIR/train.json,
+# bench.json, grouped.json, compare.json, sweep.json, crossovers.json and compare_compiled.json. The key numbers and
+# a table of the stages come last (also in OUTDIR/summary.txt). Exit status: 0 when every stage ran and passed (a
+# stage skipped because the budget is spent counts as not ok).
 # Environment: PYTHON (default: python, else python3), MAX_JOBS (default 16), GPU_CHECK_BUDGET, GPU_CHECK_STAGES
 # (the stages to run after env, build, info and extension, by their names in the stage table, space- or
 # comma-separated; default all: a lease too short for the whole check can split it over two calls; a second call on
@@ -91,6 +91,10 @@ run_stage() {
   local name=$1 limit=$2 log=$3
   shift 3
   not_selected "$name" && return 0
+  # its results file (OUTDIR/<stage>.json, where it writes one) from an earlier call on a warm machine would pass for
+  # this run's in the summary if the stage is skipped or fails before saving (one not selected keeps its own: a
+  # lease split over two calls sums up both)
+  rm -f "$OUTDIR/$name.json"
   local left
   left=$(remaining)
   if (( left < 20 )); then
@@ -100,9 +104,6 @@ run_stage() {
   fi
   (( limit > left - 10 )) && limit=$(( left - 10 ))
   echo "== $name (limit ${limit}s): $*"
-  # its results file (OUTDIR/<stage>.json, where it writes one) from an earlier call on a warm machine would pass for
-  # this run's in the summary if the stage failed before saving
-  rm -f "$OUTDIR/$name.json"
   { echo "\$ $*"; machine_state; } > "$OUTDIR/$log"
   local t0 rc status
   t0=$(date +%s)
@@ -212,14 +213,14 @@ TESTS=(env LORA_KERNELS_AUTOTUNE=0 "$PY" -m pytest -v --tb=short -p no:cacheprov
        -k "(cuda or gpu) and not gpu_check and not emulation" -rfE)
 # The tests marked gpu_memory (tens of GB each, past-2^31-element operands) run later in a stage of their own, one
 # at a time: several at once on one GPU would run out of memory (18 tests, 20 s on the H200). They come after
-# compare: edge cases of sizes few users reach, where the §8 rows decide more. 250 s for the rest: 152 s on the H200
-# (2026-11-30) for 1707 tests; 2196 in session 60 (collected with torch.cuda.is_available() stood in, which gives
-# 1707 at that run's commit): ~197 s at the H200's rate, ~215 s at the H100's (606 tests in 69 s, 12 workers).
+# compare: edge cases of sizes few users reach, where the §8 rows decide more. 270 s for the rest: 152 s on the H200
+# (2026-11-30) for 1707 tests; 2222 in session 60 (collected with torch.cuda.is_available() stood in, which gives
+# 1707 at that run's commit): ~200 s at the H200's rate, ~253 s at the H100's (606 tests in 69 s, 12 workers).
 MEMORY_TESTS=("${TESTS[@]}" -m gpu_memory)
 if (( DRY_RUN )); then
   dry_stage tests "${TESTS[@]}" "${PYTEST_OPTIONS[@]}" -m "not gpu_memory"
 else
-  run_stage tests 250 tests.log "${TESTS[@]}" "${PYTEST_OPTIONS[@]}" -m "not gpu_memory"
+  run_stage tests 270 tests.log "${TESTS[@]}" "${PYTEST_OPTIONS[@]}" -m "not gpu_memory"
 fi
 
 # 5. benchmarks and the main comparison (GPU sizes; CPU sizes in a dry run)

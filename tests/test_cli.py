@@ -438,6 +438,21 @@ def test_gpu_check_builds_in_place_again_only_when_pip_itself_failed(tmp_path, p
             stamp.write_text(saved)
 
 
+def test_gpu_check_shows_no_results_of_an_earlier_call_for_a_stage_skipped_for_budget(tmp_path):
+    """A stage skipped because the budget is spent kept the crossovers.json an earlier call on the warm machine left
+    in OUTDIR, and the summary printed it as this call's (the stage table said "skipped (budget)")."""
+    python = _stand_in_python(tmp_path, f"""  *benchmarks/table.py*) exec {sys.executable} "$@" ;;
+  *"-m lora_kernels"*|*benchmarks/*) echo "stand-in $*"; exit 0 ;;""")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "crossovers.json").write_text('{"device": "STALE-FROM-AN-EARLIER-CALL", "rows": []}')
+    env = _env()
+    env.update(PYTHON=python, GPU_CHECK_BUDGET="5")
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(tmp_path / "out"), "--dry-run"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert "crossovers: skipped, the time budget (5s) is spent" in proc.stdout, proc.stdout[-3000:]
+    assert "STALE" not in proc.stdout and not (tmp_path / "out" / "crossovers.json").exists()
+
+
 @pytest.mark.slow
 @needs_cpu_backend
 def test_gpu_check_dry_run(tmp_path):
