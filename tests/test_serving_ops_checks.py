@@ -426,8 +426,9 @@ def test_overlap_through_two_storage_objects_over_one_memory_is_refused(backend)
 def test_an_out_interleaved_with_an_input_gets_the_sum_of_the_inputs_as_they_were(backend, op):
     """x every other column of a workspace and out a column block of it: a layout whose overlap the check cannot
     decide (nor can torch's), which it let through to the kernels, and the triton ones zeroed out before reading x
-    (0.07 to 0.41 off; add_lora's torch and cpu paths read x after slice 0's expand). Now the op computes into a
-    new tensor and copies it into out: every backend's result is that of the inputs as they were."""
+    (0.07 to 0.41 off; add_lora's torch and cpu paths read x after slice 0's expand; the cpu expand read rows of t
+    that earlier tokens' rows of out had overwritten, 0.65 off). Now the op computes into a new tensor and copies it
+    into out: every backend's result is that of the inputs as they were."""
     backend_or_skip(backend, torch.device("cpu"))
     from lora_kernels import reference
     for m, k in ((6, 64), (80, 8)):  # the decode (split-K) and prefill paths of the triton shrink
@@ -445,8 +446,9 @@ def test_an_out_interleaved_with_an_input_gets_the_sum_of_the_inputs_as_they_wer
             out = workspace[:, 1:1 + rank]
             expected = reference.lora_shrink(x_before, lora_a, ids, scalings, ranks)
             lk.ops.lora_shrink(x, lora_a, batch, scalings, ranks, backend=backend, out=out)
-        elif op == "lora_expand":  # t, the input, interleaved with out
-            t, out = workspace[:, :4 * rank:4], workspace[:, 4:6]  # t's column 1 is out's column 0
+        elif op == "lora_expand":  # t dense, out's rows (two elements 2 apart, 8 apart) through it
+            store = torch.randn(8 * m + 4 * rank, generator=g)
+            out, t = store.as_strided((m, 2), (8, 2)), store[16:16 + m * rank].view(m, rank)
             t_before, out_before = t.clone(), out.clone()
             expected = reference.lora_expand(t_before, lora_b, ids, out_before.double(), 0, ranks)
             lk.ops.lora_expand(t, lora_b, batch, out, 0, ranks, backend=backend)
