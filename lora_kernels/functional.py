@@ -660,6 +660,9 @@ def lora_linear(x, weight, lora_a, lora_b, scaling=1.0, bias=None, *, dropout_p=
     and "auto" picks "torch" (resolve_dtensor_backend). A weight that is a tensor subclass (is_subclass_weight:
     torchao's quantized weights): "torch" only, which "auto" picks, in torch ops that autograd differentiates (the
     subclass's F.linear gives dX).
+    Saves x for the backward only when lora_a or weight requires grad (PEFT's layer with lora_A frozen keeps none):
+    a create_graph=True backward with x and lora_b requiring grad but lora_a and weight frozen then raises (keep
+    lora_a requiring grad for it).
     """
     return _lora_linear(x, weight, lora_a, lora_b, scaling, bias, dropout_p, backend, float32_factors=False)
 
@@ -945,7 +948,8 @@ class MultiLoRAFunction(torch.autograd.Function):
             # create_graph=True: both, in the graph, for the LoRA term, built only where one of its inputs needs a
             # gradient (below)
             lora_term = torch.is_grad_enabled() and (need_x or need_a or need_b)
-            lora_a = factor_a.to(ctx.x_dtype) if need_x or lora_term else None  # the expand of dX
+            # the expand of dX; not for a term built on the saved S (x not kept: see the create_graph branch below)
+            lora_a = factor_a.to(ctx.x_dtype) if need_x or lora_term and x2 is not None else None
             lora_b = factor_b.to(ctx.x_dtype) if need_x or need_a or lora_term else None  # the shrink of dY
         if torch.is_grad_enabled():
             # create_graph=True: differentiable gradients, which the kernels and C++ ops do not give (see
@@ -1071,6 +1075,8 @@ def multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias=Non
     kernels' shrink results are float32.
     A weight that is a tensor subclass (is_subclass_weight: torchao's quantized weights) computes its own F.linear,
     on every backend but "reference"; with gradients, in that slot-by-slot composition (its dX is the subclass's).
+    Saves x for the backward only when lora_a or weight requires grad, as lora_linear does (and raises as it does
+    for a create_graph=True backward with x and lora_b requiring grad but lora_a and weight frozen).
     """
     return _multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias, ranks, backend,
                               float32_factors=False)

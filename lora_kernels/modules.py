@@ -507,8 +507,8 @@ class LoRALinear(nn.Module):
         silently never trained; pruned or weight-normed factors failed at the second backward). Parametrizations
         (torch.nn.utils.parametrize) compute the weight on access, and work."""
         for name in ("lora_A", "lora_B"):
-            factor = getattr(self, name)
-            if "weight" in factor._parameters:  # the common case: one dict lookup per factor and forward
+            factor = self._modules[name]  # not getattr: nn.Module.__getattr__ costs ~0.8 µs per forward and factor
+            if "weight" in factor._parameters:  # the common case
                 continue
             if any(f"weight{suffix}" in factor._parameters for suffix in ("_orig", "_g", "_v")):
                 raise TypeError(f"{op}: {name}.weight is recomputed by a forward pre-hook of {name} (the deprecated "
