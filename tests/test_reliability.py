@@ -427,6 +427,29 @@ def test_offsets_past_2_to_the_31_elements(backend):
     assert rel_error(shrunk[tail], 0.5 * (x[tail].double() @ lora_a.double().T)) <= TOLERANCE[torch.bfloat16]
 
 
+@pytest.mark.gpu
+@GPU_MEMORY_GROUP
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_grouped_expand_past_2_to_the_31_elements(backend):
+    """The grouped expand of a LoRA on an lm_head (a 152064-word vocabulary) over a long prefill: out [M, N] with
+    M·N > 2³¹ elements, and lora_b [64, N, 256], whose last slots start past 2³¹ elements. The last rows, which the
+    last slots write past 2³¹, are right (64-bit offsets): about 9.5 GB of GPU memory."""
+    if backends.unavailable_reason(backend, "cuda") is not None:
+        pytest.skip(backends.unavailable_reason(backend, "cuda"))
+    num_slots, n, r = 64, 152064, 256
+    m = 2**31 // n + 3
+    assert (num_slots - 1) * n * r > 2**31 and (m - 1) * n > 2**31
+    lora_b = torch.randn(num_slots, n, r, device="cuda", dtype=torch.bfloat16)
+    t = torch.randn(m, r, device="cuda") * r ** -0.5
+    ids = (torch.arange(m, device="cuda") - m) % num_slots  # the last token on the last slot
+    batch = LoRABatch.from_adapter_ids(ids, num_slots)
+    out = torch.zeros(m, n, device="cuda", dtype=torch.bfloat16)
+    lk.ops.lora_expand(t, lora_b, batch, out, backend=backend)
+    tail = range(m - 5, m)  # rows on both sides of element 2³¹ of out, on slots 59-63
+    expected = torch.stack([lora_b[ids[row]].float() @ t[row] for row in tail])
+    assert rel_error(out[m - 5:], expected) <= TOLERANCE[torch.bfloat16]
+
+
 # One operand a view whose element span passes 2**31 through a stride below 2**31, as a transposed x of 2**26 tokens,
 # a Conv1D's transposed W or a W with 2**26 input features has (operand, (M, K, N, r), strides). STRIDE: 32 times it
 # passes 2**31, so with int32 offsets every GPU block of 32 or more wrapped at its pointer step, and blocks of 64 or
