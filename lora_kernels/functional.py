@@ -348,6 +348,12 @@ def _fp32_mm(a, b):
         return a.float() @ b.float()
 
 
+def _float32_mm(a, b):
+    """a @ b of 16-bit operands, written in float32 rather than rounded to 16 bits: cuBLAS's float32 output on GPUs
+    (mm's out_dtype, CUDA-only), the product of float32 copies elsewhere."""
+    return torch.mm(a, b, out_dtype=torch.float32) if a.is_cuda else _fp32_mm(a, b)
+
+
 def _functorch_transforms_active():
     """Whether a torch.func transform (grad, vmap, jacrev, ...) is running this call. Its C function is the one
     torch's own autograd.Function.apply asks (torch 2.11 and 2.14 alike); dynamo answers it while tracing a
@@ -471,8 +477,9 @@ class LoRALinearFunction(torch.autograd.Function):
                     x_lora = _in_dtype(x2, ds.dtype)
                     if keep is not None:
                         x_lora = apply_dropout(x_lora, keep, dropout_p, inplace=x_lora is not x2)
-                    if backend == "cuda" and ds.dtype != grad_a_like.dtype == torch.float32:  # see _dy_products
-                        d_lora_a = torch.mm(ds.T, x_lora, out_dtype=torch.float32)
+                    if ds.dtype != grad_a_like.dtype == torch.float32 and (
+                            backend == "cuda" or backend == "torch" and ds.dtype == torch.float16):  # _dy_products
+                        d_lora_a = _float32_mm(ds.T, x_lora)
                     else:
                         d_lora_a = ds.T @ x_lora
                     del x_lora
@@ -516,6 +523,11 @@ def _dy_products(backend, dy, s, lora_b, scaling, grad_b_dtype):
         # as the Triton backward keeps it (rounding it first gave dx = inf there, as PEFT does).
         return torch.ops.lora_kernels.lora_bwd_dy(dy, s, lora_b, float(scaling))
     # torch: PEFT's GEMMs in the input dtype, its scaling where no product overflows first
+    if grad_b_dtype == torch.float32 and dy.dtype == torch.float16:
+        # float32 factors of an fp16 layer: dB sums M tokens' products, and rounded to fp16 it was inf where PEFT,
+        # which runs that branch in float32, was finite (a GradScaler's loss scale of 2^23 on an MSE of order 1, 4096
+        # tokens); written in float32 instead, dA too (LoRALinearFunction.backward). bf16 has float32's range.
+        return scaled_mm(dy.T, s, scaling, out_dtype=torch.float32), _scaled_dy_products(dy, None, lora_b, scaling)[1]
     return _scaled_dy_products(dy, s, lora_b, scaling)
 
 
