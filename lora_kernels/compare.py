@@ -26,7 +26,7 @@ from torch import nn
 import lora_kernels
 from lora_kernels import backends
 from lora_kernels._ext import is_finite_number
-from lora_kernels.functional import CPU_DECODE_MAX_M
+from lora_kernels.functional import CPU_DECODE_MAX_M, check_layer_scaling
 from lora_kernels.modules import LoRALinear, count_parameters, inject_lora, lora_scaling
 from lora_kernels.ops import check_flag, positive_int
 
@@ -487,6 +487,10 @@ class CompareConfig:
             raise ValueError(f"compare: --alpha expected a finite number, got {cfg.alpha!r}")
         # a truthy string such as "no" had passed here, to be refused by inject_lora once the model was built
         cfg.use_rslora = check_flag("compare", "--rslora", cfg.use_rslora)
+        # with the other arguments: inject_lora would refuse it only after the full fine-tuning run
+        check_layer_scaling("compare", lora_scaling(cfg.rank, cfg.alpha, cfg.use_rslora), DTYPES[cfg.dtype],
+                            f"--alpha {cfg.alpha!r} / {'sqrt(--rank)' if cfg.use_rslora else '--rank'} at --rank "
+                            f"{cfg.rank}")
         cfg.compile = check_flag("compare", "--compile", cfg.compile)
         if cfg.compile and cfg.warmup < 1:
             if self.warmup is None:  # the default warm-up was cut to steps - 1 = 0: --warmup 1 alone would not fit

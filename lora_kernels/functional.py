@@ -140,6 +140,16 @@ def _scaling_fits(scaling, dtype):
     return is_finite_number(scaling) and (dtype == torch.float64 or abs(scaling) <= FLOAT32_MAX)
 
 
+def check_layer_scaling(op, scaling, dtype, source):
+    """ValueError where a layer of `dtype` could not run `scaling` (_scaling_fits), naming `source`, what made it
+    (lora_alpha and r): refused where the layer is made or its adapter loaded, not first at its forward, and before
+    a merge, which computed inf·0 = NaN into the weight (B is zero at init) in float32."""
+    if not _scaling_fits(scaling, dtype):
+        raise ValueError(f"{op}: {source} gives the scaling {scaling!r}, past float32's range (±{FLOAT32_MAX:.4g}), in "
+                         f"which the kernels apply it to a {dtype} layer (only a float64 layer takes any finite "
+                         f"scaling)")
+
+
 # DTensor (tensor parallelism) is run by the backends that compose torch ops, whose DTensor rules shard the maths:
 # the kernels take plain tensors (a DTensor reached them as "lora_fwd.default does not have a sharding strategy
 # registered", or as torch's "got mixed torch.Tensor and DTensor" deep inside).

@@ -19,9 +19,10 @@ from lora_kernels._dtensor import describe, is_dtensor, is_tensor_parallel_hook,
 from lora_kernels._ext import is_finite_number
 from lora_kernels._warnings import warn_at_caller
 from lora_kernels.backends import check_backend_name
-from lora_kernels.functional import (MULTI_SUBCLASS_WEIGHT_USE, SUBCLASS_WEIGHT_USE, describe_subclass,
-                                     is_subclass_weight, lora_linear_float32_factors, multi_lora_base_linear,
-                                     multi_lora_linear_float32_factors, refuse_subclass_weight_backend)
+from lora_kernels.functional import (MULTI_SUBCLASS_WEIGHT_USE, SUBCLASS_WEIGHT_USE, check_layer_scaling,
+                                     describe_subclass, is_subclass_weight, lora_linear_float32_factors,
+                                     multi_lora_base_linear, multi_lora_linear_float32_factors,
+                                     refuse_subclass_weight_backend)
 from lora_kernels.ops import (FLOAT_DTYPES, autocast_off, check_dense, check_flag, positive_int,
                               refuse_inference_tensor_writes)
 
@@ -114,6 +115,11 @@ def _factor_placements(op, weight, fan_in_fan_out, backend, lora_dropout):
 
 def lora_scaling(r, lora_alpha, use_rslora):
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+def scaling_source(r, lora_alpha, use_rslora):
+    """What made lora_scaling's result, for an error message."""
+    return f"lora_alpha {lora_alpha!r} / {'sqrt(r)' if use_rslora else 'r'} at r = {r}"
 
 
 def conv1d_class():
@@ -249,8 +255,9 @@ class LoRALinear(nn.Module):
     away). The forward casts them to the input's dtype, the layer's, and runs the same 16-bit kernels; their
     gradients come back in float32 from the backward's float32 sums, not rounded to 16 bits (but with the `torch`
     backend, PEFT's unfused composition in the input dtype, whose products are bf16 in bf16, and float32 in fp16,
-    where 16-bit sums overflowed; PEFT itself runs its LoRA branch in float32). A quantized (tensor-subclass) weight whose own F.linear takes float32 inputs runs the branch
-    in float32 on them. False: the factors take the layer's dtype."""
+    where 16-bit sums overflowed; PEFT itself runs its LoRA branch in float32). A quantized (tensor-subclass) weight
+    whose own F.linear takes float32 inputs runs the branch in float32 on them. False: the factors take the layer's
+    dtype."""
 
     def __init__(self, in_features, out_features, r=8, lora_alpha=8, lora_dropout=0.0, bias=True, use_rslora=False,
                  device=None, dtype=None, *, init_lora_weights=True, backend="auto", fan_in_fan_out=False,
@@ -293,8 +300,10 @@ class LoRALinear(nn.Module):
         r, lora_alpha = self._check_lora_args(op, r, lora_alpha, lora_dropout, backend)
         use_rslora = check_flag(op, "use_rslora", use_rslora)  # a truthy string such as "no" switched rsLoRA on
         autocast_adapter_dtype = check_flag(op, "autocast_adapter_dtype", autocast_adapter_dtype)
+        scaling = lora_scaling(r, lora_alpha, use_rslora)
+        check_layer_scaling(op, scaling, self.weight.dtype, scaling_source(r, lora_alpha, use_rslora))
         self.r, self.lora_alpha, self.use_rslora, self.lora_dropout = r, lora_alpha, use_rslora, float(lora_dropout)
-        self.scaling = lora_scaling(r, lora_alpha, use_rslora)
+        self.scaling = scaling
         self.backend = backend
         factor_dtype = self.weight.dtype
         if autocast_adapter_dtype and factor_dtype in (torch.float16, torch.bfloat16):
@@ -435,6 +444,7 @@ class LoRALinear(nn.Module):
         self._refuse_hook_computed_factors("LoRALinear.delta_weight")
         self._check_factor_devices("LoRALinear.delta_weight")
         dtype = self._merge_dtype()
+        check_layer_scaling("LoRALinear.delta_weight", self.scaling, dtype, "the layer's scaling attribute")
         with autocast_off(self.lora_B.weight.device):  # autocast would round the product (and so merge) to 16 bits
             return self.scaling * (self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype))
 

@@ -38,6 +38,7 @@ from lora_kernels._ext import is_finite_number
 from lora_kernels._files import create_temp_file
 from lora_kernels._warnings import warn_at_caller
 from lora_kernels.backends import check_backend_name
+from lora_kernels.functional import check_layer_scaling
 from lora_kernels.modules import (_PEFT_ONLY_HINT, BASE_ADAPTER, BIAS_ATTR, BIAS_MODES, EMBEDDING_LAYERS_ATTR,
                                   LORA_WRAPPERS, MODULES_TO_SAVE_ATTR, PEFT_ONLY_LAYERS, TASK_TYPE_ATTR, LoRALinear,
                                   MultiLoRALinear, _record, _rollback_on_error, _set_submodule, _train_biases,
@@ -45,8 +46,9 @@ from lora_kernels.modules import (_PEFT_ONLY_HINT, BASE_ADAPTER, BIAS_ATTR, BIAS
                                   check_no_offloading_ancestor, check_targets_outside_heads, check_wrappable_linear,
                                   copy_into, embedding_layer, enable_input_grads_for_checkpointing, in_out_features,
                                   is_conv1d, is_layer_index, is_name_wrapper, lora_scaling, named_modules_to_save,
-                                  named_target_modules, pattern_value, resolve_batch_adapters, state_dict_name,
-                                  trained_biases, unwrap_model, warn_dropped_hooks, warn_fan_in_fan_out_corrections)
+                                  named_target_modules, pattern_value, resolve_batch_adapters, scaling_source,
+                                  state_dict_name, trained_biases, unwrap_model, warn_dropped_hooks,
+                                  warn_fan_in_fan_out_corrections)
 from lora_kernels.ops import check_flag, refuse_inference_tensor_writes
 
 CONFIG_NAME = "adapter_config.json"
@@ -703,6 +705,9 @@ def _plan_layers(op, model, file, config, targets, grouped, adapter_name):
         if weight.is_meta:  # the adapter would be copied into meta tensors, which hold nothing
             raise ValueError(f"{op}: module {name!r} has its weight on the meta device; load the adapter into a model "
                              f"whose weights are materialised")
+        if not isinstance(module, MultiLoRALinear):  # a LoRALinear's (or the one made for it) runs in the weight's
+            check_layer_scaling(f"{op}: module {name!r}", lora_scaling(r, alpha, config.use_rslora), weight.dtype,
+                                f"the adapter's {scaling_source(r, alpha, config.use_rslora)}")
         _check_pair(op, file, state_dict_name(name), grouped.get(name, {}), r, in_features, out_features)
         plan.append((name, module, r, alpha))
     return plan

@@ -572,6 +572,9 @@ def test_task_is_deterministic_and_follows_the_permutation():
     ({"targets": ()}, "--targets '' matched no nn.Linear"),  # no LoRA layer: the two LoRA columns would train nothing
     ({"dropout": 1.0}, r"--dropout expected a number in \[0, 1\), got 1.0"),  # every LoRA input dropped
     ({"alpha": 10**400}, "--alpha expected a finite number, got 1000"),  # math.isfinite raised OverflowError
+    # refused by inject_lora only after the full fine-tuning run had been measured
+    ({"alpha": 1e40, "rank": 4}, r"compare: --alpha 1e\+40 / --rank at --rank 4 gives the scaling 2.5e\+39, past "
+                                 r"float32's range"),
     ({"steps": 3, "warmup": True}, r"--warmup expected an int in \[0, steps=3\), got True"),  # had been taken as 1
     ({"dtype": ["float32"]}, "--dtype expected one of"),  # had raised "unhashable type: 'list'", naming nothing
     # resolved() checks every value, as its docstring says: the backend had been checked only when the run began

@@ -746,6 +746,34 @@ def test_flags_take_bools_ints_0_and_1_and_numpy_bools_only():
         LoRALinear(8, 8, bias=torch.tensor([1, 0]))
 
 
+def test_scalings_past_float32s_range_are_refused_where_the_layer_is_made():
+    """A scaling the kernels cannot apply in float32 is refused by the constructors, naming lora_alpha and r: it was
+    accepted, then every forward refused it and merge() wrote inf·0 = NaN into the weight (B is zero at init). A
+    float64 layer, which runs in float64, takes it; a scaling set on a made layer is refused by merge."""
+    with pytest.raises(ValueError, match=r"LoRALinear: lora_alpha 1e\+39 / r at r = 1 gives the scaling 1e\+39, past "
+                                         r"float32's range .* torch.float32 layer"):
+        LoRALinear(8, 8, r=1, lora_alpha=1e39)
+    with pytest.raises(ValueError, match=r"LoRALinear.from_linear: lora_alpha 1e\+39 / sqrt\(r\) at r = 4 gives the "
+                                         r"scaling 5e\+38"):
+        LoRALinear.from_linear(nn.Linear(8, 8, dtype=torch.bfloat16), r=4, lora_alpha=1e39, use_rslora=True)
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"inject_lora: module '0.q_proj': LoRALinear.from_linear: lora_alpha 1e\+39"):
+        inject_lora(model, ["q_proj"], r=1, lora_alpha=1e39)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    wide = LoRALinear(8, 8, r=1, lora_alpha=1e39, dtype=torch.float64)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    assert torch.equal(wide(x), nn.functional.linear(x, wide.weight, wide.bias))  # B = 0
+    layer = LoRALinear(8, 8, r=1)
+    layer.scaling = 1e39
+    weight = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"LoRALinear.delta_weight: the layer's scaling attribute gives the scaling "
+                                         r"1e\+39, past float32's range"):
+        layer.merge()
+    assert not layer.merged and torch.equal(layer.weight, weight)
+
+
 def test_bad_backend_names_and_non_finite_scalings_are_refused_at_construction():
     with pytest.raises(ValueError, match=r"LoRALinear: backend expected one of reference, torch, triton, cuda, cpu or "
                                          r"'auto', got 'nope'"):

@@ -460,6 +460,22 @@ def test_modules_to_save_that_select_no_module_load_and_save_without_them(tmp_pa
     assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["modules_to_save"] is None
 
 
+def test_a_scaling_past_float32s_range_is_refused_before_the_load(tmp_path):
+    """An adapter whose lora_alpha / r passes float32's range is refused before anything is loaded, into a base model
+    and into one injected with it, naming the module, lora_alpha and r: it was loaded, then every forward refused it
+    (and merge wrote NaN). A float64 model, which runs in float64, takes it."""
+    lk.save_peft_adapter(_trained(), tmp_path)
+    _write_config(tmp_path, lora_alpha=1e40)  # r = 8: the scaling 1.25e39
+    for model in (_base(), lk.inject_lora(_base(), ["q_proj", "v_proj"])):
+        before = _snapshot(model)
+        with pytest.raises(ValueError, match=r"load_peft_adapter: module 'layers.0.q_proj': the adapter's lora_alpha "
+                                             r"1e\+40 / r at r = 8 gives the scaling 1.25e\+39, past float32's range"):
+            lk.load_peft_adapter(model, tmp_path)
+        _assert_same(model, before)
+    wide = lk.load_peft_adapter(_base().double(), tmp_path)
+    assert {m.scaling for m in wide.modules() if isinstance(m, LoRALinear)} == {1.25e39}
+
+
 def test_modules_to_save_errors_leave_the_model_untouched(tmp_path, monkeypatch):
     for kwargs, error, message in [
         (dict(modules_to_save=["classifier"]), ValueError, r"modules_to_save \['classifier'\] matched no module"),
