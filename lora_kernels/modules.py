@@ -1815,9 +1815,15 @@ class BatchAdapterIds:
         """The LoRABatch of x's rows for `rows` (this object's rows, read once by the caller)."""
         from lora_kernels.batch import LoRABatch
         lead = tuple(x.shape[:-1])
-        compiling = torch.compiler.is_compiling()
-        key = None if compiling else (lead, num_adapters, x.device, rows.slot_ids)
-        batch = None if compiling else self._cache.get(key)
+        # Cached for plain eager forwards only. Traced, the batch is part of the graph; under a FakeTensorMode (a
+        # memory estimator's forward) or a torch.func transform (functionalize) its tensors would be fake or
+        # wrapped, and the next eager forward of that shape took them from the cache: the cpu ops then added no
+        # LoRA term (their fake impls ran), the other backends raised.
+        cached = not (torch.compiler.is_compiling() or type(x) is not torch.Tensor
+                      or torch._C._are_functorch_transforms_active()
+                      or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None)
+        key = (lead, num_adapters, x.device, rows.slot_ids) if cached else None
+        batch = self._cache.get(key) if cached else None
         if batch is None:
             ids = rows.tensor.to(x.device)
             if lead:
@@ -1828,7 +1834,7 @@ class BatchAdapterIds:
             else:  # a 1-D x: one token, under one name
                 ids = ids.reshape(())
             batch = LoRABatch.from_adapter_ids(ids, num_adapters)
-            if not compiling:
+            if cached:
                 if len(self._cache) >= self._MAX_CACHED:
                     self._cache.clear()
                 self._cache[key] = batch

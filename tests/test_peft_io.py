@@ -2336,6 +2336,39 @@ def test_batch_with_no_active_adapter_computes_what_the_grouped_path_gives_base_
                 model(torch.randn(3, 1024))
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])
+def test_a_fake_or_functionalized_forward_leaves_no_batch_for_the_next_forward(backend):
+    """A forward under FakeTensorMode (a memory estimator's, outside torch.compile) or torch.func.functionalize inside
+    set_batch_adapters caches no LoRABatch of its fake or wrapped tensors: the next eager forward of the same shape
+    took it from the cache, and the cpu backend then added no LoRA term (the base output, silently), the others
+    raised."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from conftest import assert_close, backend_or_skip
+    from lora_kernels import reference
+    backend_or_skip(backend, "cpu")
+
+    def fake_forward(model, x):
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            model(mode.from_tensor(x))
+
+    for first_forward in (fake_forward, lambda model, x: torch.func.functionalize(model)(x)):
+        torch.manual_seed(0)
+        model = lk.prepare_multi_adapter(nn.Sequential(nn.Linear(8, 6)), ["0"], max_adapters=2, max_rank=4,
+                                         backend=backend)
+        model[0].set_adapter(0, torch.randn(4, 8), torch.randn(6, 4), 1.0)
+        model.lora_adapter_slots["a"] = 0  # what load_peft_adapter(..., adapter_name="a") records
+        x = torch.randn(2, 3, 8)
+        with torch.no_grad(), lk.set_batch_adapters(model, ["a", "__base__"]):
+            first_forward(model, x)
+            y = model(x)
+        layer = model[0]
+        expected = reference.multi_lora_linear(x, layer.base_layer.weight, layer.lora_a, layer.lora_b,
+                                               torch.tensor([[0] * 3, [-1] * 3]), layer.scalings,
+                                               layer.base_layer.bias, layer.ranks)
+        assert_close(y, expected, torch.float32)
+
+
 def test_named_adapters_in_slots_and_mixed_batch(tmp_path):
     lk.save_peft_adapter(_trained(("q_proj", "v_proj"), r=4, lora_alpha=8), tmp_path / "a")
     lk.save_peft_adapter(_trained(("q_proj", "o_proj"), r=6, lora_alpha=3), tmp_path / "b")
