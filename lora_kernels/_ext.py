@@ -128,8 +128,11 @@ def through_op(tensor):
 
 def has_host_values(tensor):
     """Whether the host may read tensor's values now: not while tracing, nor for a fake tensor (a memory estimator's
-    FakeTensorMode, outside torch.compile), which has none (reading them raised DataDependentOutputException)."""
-    return not torch.compiler.is_compiling() and not isinstance(tensor, FakeTensor)
+    FakeTensorMode, outside torch.compile) or a meta one, which have none (reading them raised
+    DataDependentOutputException, or "Tensor.item() cannot be called on meta tensors" in the reference backend's
+    grouped ops, which then take their slot-masked torch ops, as for fake tensors)."""
+    return not (torch.compiler.is_compiling() or isinstance(tensor, FakeTensor)
+                or isinstance(tensor, torch.Tensor) and tensor.is_meta)
 
 
 def accumulate_dtype(dtype):

@@ -202,12 +202,16 @@ def _check_id_values(ids, num_adapters, op, asked):
     data-dependent read, validate=True too), for fake tensors (FakeTensorMode: none to read), or inside torch.func
     transforms (vmap over the ids, also inside a nested grad that hides them in its own wrapper: reading them raised
     torch's ".item() on a Tensor" error, where the rest of the batch is built with batched torch ops)."""
-    if (not has_host_values(ids) or torch._C._are_functorch_transforms_active() or ids.numel() == 0
-            or (ids.device.type != "cpu" and not asked)):
+    if torch.compiler.is_compiling():  # first: ids.numel() may be an unbacked symbol there
         return False
-    if ids.is_meta:  # reading them raised torch's bare "item() cannot be called on meta tensors"
+    unread = (torch._C._are_functorch_transforms_active() or ids.numel() == 0
+              or (ids.device.type != "cpu" and not asked))
+    if ids.is_meta and not unread:
+        # asked (meta is not cpu): reading them raised torch's bare "item() cannot be called on meta tensors"
         raise ValueError(f"{op}: validate=True expected adapter_ids with values to check, got a tensor on the meta "
                          f"device (build the batch with validate=False there)")
+    if unread or not has_host_values(ids):
+        return False
     # torch has no aminmax for uint16/uint32 (a bare NotImplementedError): widened, as the unchecked path does
     low, high = (int(v) for v in torch.aminmax(ids if ids.dtype not in (torch.uint16, torch.uint32)
                                                else ids.to(torch.int64)))

@@ -175,7 +175,7 @@ def check_output(op, name, out, inputs, refuse_undecided=False):
     in the common case (separate memory). Not while tracing, nor for meta and fake tensors, which have no memory to
     compare. A tensor that requires grad is refused while grad mode is on (check_no_grad_inputs): torch's in-place
     ops raised on a leaf only after computing, the cpu and triton kernels wrote into it, or into a view of it."""
-    if not has_host_values(out) or out.is_meta:
+    if not has_host_values(out):
         return False
     check_no_grad_inputs(op, ((name, out),))
     refuse_inference_tensor_writes(op, ((name, out),))

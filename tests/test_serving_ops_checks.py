@@ -258,6 +258,26 @@ def test_lora_batch_refuses_meta_ids_it_cannot_read_or_copy_by_name():
     assert all(torch.equal(getattr(batch, name), value) for name, value in before.items())
 
 
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_grouped_ops_on_meta_tensors_give_meta_results(backend):
+    """Meta inputs (a model built under torch.device("meta"), sized before it is materialised) through the backends
+    available_backends("meta") lists: results of the right shapes on the meta device. The reference backend's
+    grouped ops read the ids on the host and raised "Tensor.item() cannot be called on meta tensors" (the
+    multi_lora_linear: "Cannot copy out of meta tensor"), where the error message of the other backends names it."""
+    assert backend in lk.available_backends("meta")
+    m, k, n, r, slots = 5, 16, 12, 4, 3
+    with torch.device("meta"):
+        x, weight = torch.randn(m, k), torch.randn(n, k)
+        lora_a, lora_b, ids = torch.randn(slots, r, k), torch.randn(slots, n, r), torch.tensor([0, 1, -1, 2, 0])
+        t, out = torch.randn(m, r), torch.zeros(m, n)
+    batch = LoRABatch.from_adapter_ids(ids, slots)
+    results = [lk.ops.lora_shrink(x, lora_a, batch, [1.0] * slots, backend=backend),
+               lk.ops.lora_expand(t, lora_b, batch, out, backend=backend),
+               lk.ops.add_lora(out, x, [lora_a], [lora_b], batch, [1.0] * slots, None, [n], backend=backend),
+               lk.multi_lora_linear(x, weight, lora_a, lora_b, ids, [1.0] * slots, backend=backend)]
+    assert [(tuple(y.shape), y.device.type) for y in results] == [((m, r), "meta")] + [((m, n), "meta")] * 3
+
+
 def test_lora_batch_refills_inside_torch_compile():
     """refill_ traced whole (fullgraph): its CPU ids are not validated while tracing, which needs their values."""
     batch = LoRABatch.from_adapter_ids(torch.tensor([0, 1, 1, -1]), 3)
