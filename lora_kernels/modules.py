@@ -23,7 +23,7 @@ from lora_kernels.functional import (MULTI_SUBCLASS_WEIGHT_USE, SUBCLASS_WEIGHT_
                                      describe_subclass, is_subclass_weight, lora_linear_float32_factors,
                                      multi_lora_base_linear, multi_lora_linear_float32_factors,
                                      refuse_subclass_weight_backend)
-from lora_kernels.ops import (FLOAT_DTYPES, autocast_off, check_dense, check_flag, positive_int,
+from lora_kernels.ops import (FLOAT_DTYPES, autocast_off, check_dense, check_flag, is_boolean, positive_int,
                               refuse_inference_tensor_writes)
 
 
@@ -836,7 +836,7 @@ class MultiLoRALinear(nn.Module):
         if tuple(lora_b.shape) != (self.out_features, rank):
             raise ValueError(f"{op}: lora_b expected shape [{self.out_features}, {rank}], got {tuple(lora_b.shape)}")
         try:
-            if isinstance(scaling, (str, bytes, bool)):  # float("2.0") would take a string
+            if isinstance(scaling, (str, bytes)) or is_boolean(scaling):  # float("2.0") would take a string
                 raise TypeError
             scaling = float(scaling)  # a number, or a one-element tensor
         except (TypeError, ValueError, RuntimeError):

@@ -23,6 +23,7 @@ import collections.abc
 import contextlib
 import math
 import numbers
+import sys
 
 import torch
 from torch.fx.experimental.symbolic_shapes import guard_or_true
@@ -255,17 +256,25 @@ def _check_batch_slots(op, batch, num_slots, weights_name):
                          f"{num_slots} (L)")
 
 
+def is_boolean(value):
+    """Whether value is a bool: Python's, numpy's (not a Python bool: int() and float() take it) or a bool tensor."""
+    numpy = sys.modules.get("numpy")  # never imported here: a numpy bool comes from a program that imported numpy
+    return (isinstance(value, bool) or numpy is not None and isinstance(value, numpy.bool_)
+            or isinstance(value, torch.Tensor) and value.dtype == torch.bool)
+
+
 def _exact_int(value):
     """int(value) for a whole number (numpy ints and one-element tensors included); 1.5 or True is a TypeError
     rather than silently rank 1."""
     converted = int(value)
-    if isinstance(value, bool) or converted != value:
+    if is_boolean(value) or converted != value:
         raise TypeError
     return converted
 
 
 def _number(value):
-    if isinstance(value, (str, bytes)):  # float("2") would take a string
+    # float("2") would take a string, and float(True) a flag: a scaling of 1.0 (or 0.0) nobody wrote
+    if isinstance(value, (str, bytes)) or is_boolean(value):
         raise TypeError
     try:
         return float(value)

@@ -1130,6 +1130,9 @@ def test_set_adapter_is_atomic_and_checks_input():
         ((0, torch.randn(2, 6), torch.randn(6, 2), 1.0), ValueError, r"lora_a expected shape \[r, 8\]"),
         ((0, torch.randn(2, 8), torch.randn(5, 2), 1.0), ValueError, r"lora_b expected shape \[6, 2\]"),
         ((0, torch.randn(2, 8), torch.randn(6, 2), True), TypeError, "scaling expected a number, got True"),
+        ((0, torch.randn(2, 8), torch.randn(6, 2), torch.tensor(True)), TypeError, "scaling expected a number"),
+        ((0, torch.randn(2, 8), torch.randn(6, 2), pytest.importorskip("numpy").bool_(True)), TypeError,
+         "scaling expected a number, got"),
         ((0, torch.randn(2, 8), torch.randn(6, 2), "2.0"), TypeError, "scaling expected a number, got '2.0'"),
         ((0, torch.randn(2, 8), torch.randn(6, 2), None), TypeError, "scaling expected a number, got None"),
         ((0, torch.randn(2, 8), torch.randn(6, 2), torch.ones(2)), TypeError, "scaling expected a number"),
@@ -1229,6 +1232,13 @@ def test_grouped_bad_input():
     with pytest.raises(TypeError, match=r"ranks expected an integer tensor \[L\] or a sequence of ints, "
                                         r"got \['a', 2\]"):
         lk.ops.lora_shrink(x, lora_a, batch, [1.0, 1.0], ["a", 2])
+    # flags are not numbers (a list of bools had run as scalings 1.0 and 0.0), numpy's and tensors' too
+    numpy = pytest.importorskip("numpy")
+    for flags in ([True, False], [1.0, numpy.bool_(True)], [torch.tensor(True), 1.0]):
+        with pytest.raises(TypeError, match=r"scalings expected a float tensor \[L\] or a sequence of numbers"):
+            lk.ops.lora_shrink(x, lora_a, batch, flags)
+    with pytest.raises(TypeError, match=r"ranks expected an integer tensor \[L\] or a sequence of ints"):
+        lk.ops.lora_shrink(x, lora_a, batch, [1.0, 1.0], [numpy.bool_(True), 2])
     with pytest.raises(ValueError, match="batch was built for 4 tokens, but out has 3 rows"):
         lk.ops.lora_expand(torch.zeros(3, 3), lora_b, batch, torch.zeros(3, 5))
     with pytest.raises(TypeError, match="lora_a_slices expected a list of tensors or one stacked tensor, got int"):
