@@ -763,6 +763,9 @@ class MultiLoRALinear(nn.Module):
         self.batch_adapters = None  # a BatchAdapterIds while set_batch_adapters is in effect
         self._recent_forward_slot_ids = ()  # of the forwards that read batch_adapters (see _RECENT_FORWARDS)
         weight = base_linear.weight
+        # None follows the base weight: load_peft_adapter makes meta slots anew in the dtype of a base weight loaded
+        # since (load_state_dict(..., assign=True) keeps the checkpoint's dtype)
+        self._requested_adapter_dtype = adapter_dtype
         factory = {"device": weight.device, "dtype": adapter_dtype or weight.dtype}
         self.lora_a = nn.Parameter(torch.zeros(max_adapters, max_rank, in_features, **factory), requires_grad=False)
         self.lora_b = nn.Parameter(torch.zeros(max_adapters, out_features, max_rank, **factory), requires_grad=False)

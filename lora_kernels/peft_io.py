@@ -832,17 +832,17 @@ def _refuse_stale_base_state(op, model, bias, layers_loaded):
                          f"file does not; they would keep that adapter's values. Load into the base model")
 
 
-def _materialise_meta(module, names, device):
+def _materialise_meta(module, names, device, dtypes=None):
     """Replaces each of module's tensors (parameters or buffers) named in `names` that is on the meta device by zeros
-    on `device`, of its dtype and requires_grad; returns [(module, name, meta tensor)] for _put_back. A LoRA layer
-    built on the meta device whose base weight was loaded since (load_state_dict(..., assign=True) of a base
-    checkpoint) still holds meta adapter tensors: the adapter is loaded into real ones (copied into meta ones, it was
-    silently dropped), and a MultiLoRALinear's other slots start empty, as on a layer built on `device`."""
+    on `device`, of its dtype (or dtypes[name]) and requires_grad; returns [(module, name, meta tensor)] for _put_back.
+    A LoRA layer built on the meta device whose base weight was loaded since (load_state_dict(..., assign=True) of a
+    base checkpoint) still holds meta adapter tensors: the adapter is loaded into real ones (copied into meta ones, it
+    was silently dropped), and a MultiLoRALinear's other slots start empty, as on a layer built on `device`."""
     replaced = []
     for name in names:
         old = getattr(module, name)
         if old.is_meta:
-            new = torch.zeros_like(old, device=device)
+            new = torch.zeros_like(old, device=device, dtype=(dtypes or {}).get(name, old.dtype))
             setattr(module, name, nn.Parameter(new, old.requires_grad) if isinstance(old, nn.Parameter) else new)
             replaced.append((module, name, old))
     return replaced
@@ -994,8 +994,11 @@ def _write_slot(layers, slot, plan, grouped, config):
     materialised = []
     try:
         for name, module in layers:
-            materialised += _materialise_meta(module, ["lora_a", "lora_b", "scalings", "ranks"],
-                                              module.base_layer.weight.device)
+            weight = module.base_layer.weight
+            # slots of the base weight's dtype (adapter_dtype=None) take the loaded weight's, as if made after it
+            follow = {} if module._requested_adapter_dtype else {"lora_a": weight.dtype, "lora_b": weight.dtype}
+            materialised += _materialise_meta(module, ["lora_a", "lora_b", "scalings", "ranks"], weight.device,
+                                              follow)
             if name in loaded:
                 r, alpha = loaded[name]
                 module.set_adapter(slot, grouped[name]["lora_A"], grouped[name]["lora_B"],

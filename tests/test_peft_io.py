@@ -1125,13 +1125,14 @@ def test_loads_into_meta_weights_are_refused(tmp_path):
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
 
 
-def _meta_wrapped_then_base_assigned(wrap):
-    """Built on the meta device, wrapped (inject_lora / prepare_multi_adapter), then a base checkpoint loaded with
-    load_state_dict(assign=True, strict=False): real base weights, adapter tensors still meta (missing keys)."""
+def _meta_wrapped_then_base_assigned(wrap, base_dtype=torch.float32):
+    """Built on the meta device, wrapped (inject_lora / prepare_multi_adapter), then a base checkpoint (of
+    base_dtype) loaded with load_state_dict(assign=True, strict=False): real base weights, adapter tensors still meta
+    (missing keys)."""
     with torch.device("meta"):
         model = Tiny()
     wrap(model)
-    base = {k: v for k, v in _base().state_dict().items()}
+    base = {k: v.to(base_dtype) for k, v in _base().state_dict().items()}
     if any(isinstance(m, MultiLoRALinear) for m in model.modules()):  # its base layer is `<layer>.base_layer`
         base = {k.replace("q_proj.", "q_proj.base_layer.").replace("v_proj.", "v_proj.base_layer."): v
                 for k, v in base.items()}
@@ -1164,6 +1165,31 @@ def test_an_adapter_loads_into_the_meta_adapter_tensors_of_an_assigned_base(tmp_
     assert multi.layers[0].q_proj.ranks.tolist() == [8, 0] and multi.layers[0].q_proj.scalings.tolist() == [1.0, 0.0]
     with torch.no_grad(), lk.set_batch_adapters(multi, ["x", "__base__"]):
         torch.testing.assert_close(multi(torch.stack([x, x])), torch.stack([trained(x), _base()(x)]))
+
+
+def test_meta_slots_take_the_dtype_of_the_base_weight_assigned_since(tmp_path):
+    """A MultiLoRALinear built on the meta device in float32 whose bf16 base checkpoint was assigned since gets bf16
+    slots from load_peft_adapter, as one prepared on that base gets (adapter_dtype=None: the base weight's), and the
+    other way round: the slots were made in the meta model's dtype (a float32 adapter rounded to bf16 slots on a
+    float32 model). adapter_dtype given keeps its dtype."""
+    lk.save_peft_adapter(_trained(), tmp_path)
+    for base_dtype, adapter_dtype, expected in ((torch.bfloat16, None, torch.bfloat16),
+                                                (torch.bfloat16, torch.float32, torch.float32)):
+        multi = _meta_wrapped_then_base_assigned(
+            lambda m: lk.prepare_multi_adapter(m, ["q_proj", "v_proj"], max_adapters=2, max_rank=8, backend=BACKEND,
+                                               adapter_dtype=adapter_dtype), base_dtype)
+        lk.load_peft_adapter(multi, tmp_path, adapter_name="x")
+        layer = multi.layers[0].q_proj
+        assert (layer.base_layer.weight.dtype, layer.lora_a.dtype, layer.lora_b.dtype) == (base_dtype, expected,
+                                                                                            expected)
+    with torch.device("meta"):
+        model = Tiny().to(torch.bfloat16)
+    lk.prepare_multi_adapter(model, ["q_proj"], max_adapters=2, max_rank=8, backend=BACKEND)
+    base = {k.replace("q_proj.", "q_proj.base_layer."): v for k, v in _base().state_dict().items()}
+    model.load_state_dict(base, assign=True, strict=False)
+    lk.save_peft_adapter(_trained(("q_proj",)), tmp_path / "q")
+    lk.load_peft_adapter(model, tmp_path / "q", adapter_name="x")
+    assert model.layers[0].q_proj.lora_a.dtype == torch.float32  # the float32 checkpoint's, not bf16
 
 
 def test_a_failed_load_into_meta_adapter_tensors_puts_them_back(tmp_path, monkeypatch):
