@@ -75,9 +75,10 @@ def _check_float(op, name, t, ndim):
         raise ValueError(f"{op}: {name} expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
 
 
-def _check_device(op, name, t, device):
+def _check_device(op, name, t, device, same_as):
+    # same_as names the tensor `device` is read from: the odd one out may be that one (an out on another device)
     if t.device != device:
-        raise ValueError(f"{op}: {name} expected device {device}, got {t.device}")
+        raise ValueError(f"{op}: {name} expected device {device} (same as {same_as}), got {t.device}")
 
 
 def _byte_span(t):
@@ -247,7 +248,7 @@ def _check_batch(op, batch, num_tokens, num_slots, device, tokens_name, weights_
             refuse_dtensor(op, f"batch.{field}", getattr(batch, field))
     batch.check_tokens(num_tokens, op, tokens_name)
     _check_batch_slots(op, batch, num_slots, weights_name)
-    _check_device(op, "batch", batch.adapter_ids, device)
+    _check_device(op, "batch", batch.adapter_ids, device, tokens_name)
 
 
 def _check_batch_slots(op, batch, num_slots, weights_name):
@@ -408,7 +409,7 @@ def _check_lora_a(op, x, lora_a, lora_a_name, lora_a_dtype=None):
                          f"[L, R, K]{transposed}), got {tuple(x.shape)}")
     if lora_a_dtype is None and lora_a.dtype != x.dtype:  # else float32 slots, the dtype read from lora_a itself
         raise TypeError(f"{op}: {lora_a_name} expected dtype {x.dtype} (same as x), got {lora_a.dtype}")
-    _check_device(op, lora_a_name, lora_a, x.device)
+    _check_device(op, lora_a_name, lora_a, x.device, "x")
     return num_slots, max_rank
 
 
@@ -431,7 +432,7 @@ def check_expand_args(op, t, lora_b, batch, out, slice_offset, ranks, lora_b_nam
         raise TypeError(f"{op}: {lora_b_name} expected dtype {out.dtype} (same as {out_name}), got {lora_b.dtype}")
     for name, tensor in (("t", t), (lora_b_name, lora_b)):
         if tensor is not None:
-            _check_device(op, name, tensor, out.device)
+            _check_device(op, name, tensor, out.device, out_name)
     _check_batch(op, batch, out.shape[0], num_slots, out.device, out_name, lora_b_name)
     if t is not None and tuple(t.shape) != (out.shape[0], max_rank):  # after the batch has vouched for out's M
         # as for lora_a: a rank larger than N (and an N that out would hold) points at the layout, not t
@@ -637,7 +638,7 @@ def lora_shrink(x, lora_a, batch, scalings, ranks=None, *, backend="auto", deter
         if out.dtype != torch.float32 or tuple(out.shape) != (x.shape[0], lora_a.shape[1]):
             raise ValueError(f"{op}: out expected a float32 tensor of shape [{x.shape[0]}, {lora_a.shape[1]}] "
                              f"([M, R]), got {out.dtype} {tuple(out.shape)}")
-        _check_device(op, "out", out, x.device)
+        _check_device(op, "out", out, x.device, "x")
         if check_output(op, "out", out, [("x", x), ("lora_a", lora_a), ("scalings", scalings), ("ranks", ranks)]
                         + batch_inputs(batch)):  # see check_output: into a new tensor, then copied
             return out.copy_(run_shrink(backend, x, lora_a, batch, scalings, ranks, deterministic))
@@ -760,11 +761,15 @@ def add_lora(y, x, lora_a_slices, lora_b_slices, batch, scalings, ranks, output_
     if buffer is not None:
         expected = (len(widths), x.shape[0], lora_a_slices[0].shape[1])
         _check_float(op, "buffer", buffer, 3)
-        if (buffer.dtype != torch.float32 or tuple(buffer.shape) != expected
-                or any(lora_a_slices[j].shape[1] != expected[2] for j in range(len(widths)))):
+        unequal = [j for j in range(len(widths)) if lora_a_slices[j].shape[1] != expected[2]]
+        if unequal:  # the buffer may be right: the slices are not
+            raise ValueError(f"{op}: buffer takes slices of one rank R ([S, M, R]), but lora_a_slices[0] has R = "
+                             f"{expected[2]} and lora_a_slices[{unequal[0]}] R = {lora_a_slices[unequal[0]].shape[1]}; "
+                             f"call without buffer for slices of unequal ranks")
+        if buffer.dtype != torch.float32 or tuple(buffer.shape) != expected:
             raise ValueError(f"{op}: buffer expected a float32 tensor of shape [{', '.join(map(str, expected))}] "
-                             f"([S, M, R], every slice of rank R), got {buffer.dtype} {tuple(buffer.shape)}")
-        _check_device(op, "buffer", buffer, x.device)
+                             f"([S, M, R]), got {buffer.dtype} {tuple(buffer.shape)}")
+        _check_device(op, "buffer", buffer, x.device, "x")
     inputs = [("x", x)] + [(f"lora_{ab}_slices[{j}]", slices[j]) for ab, slices in (("a", lora_a_slices),
                                                                                    ("b", lora_b_slices))
                            for j in range(len(widths))]

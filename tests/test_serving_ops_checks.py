@@ -297,9 +297,10 @@ def _serving_args():
      "lora_shrink: x expected a floating dtype, got torch.int32"),
     (lambda x, a, batch: (x, a[0], batch), ValueError,
      r"lora_shrink: lora_a expected a 3-D tensor, got shape \(3, 8\)"),
-    (lambda x, a, batch: (x, a.to("meta"), batch), ValueError, "lora_shrink: lora_a expected device cpu, got meta"),
+    (lambda x, a, batch: (x, a.to("meta"), batch), ValueError,
+     r"lora_shrink: lora_a expected device cpu \(same as x\), got meta"),
     (lambda x, a, batch: (x, a, LoRABatch.from_adapter_ids(batch.adapter_ids.to("meta"), 2)), ValueError,
-     "lora_shrink: batch expected device cpu, got meta"),
+     "lora_shrink: batch expected device cpu \\(same as x\\), got meta"),
 ])
 def test_lora_shrink_names_a_wrong_argument(bad, error, words):
     x, lora_a, batch, scalings = _serving_args()
@@ -530,8 +531,13 @@ def test_a_transposed_lora_a_or_lora_b_is_named_as_such():
 
 
 @pytest.mark.parametrize("bad,words", [
-    (lambda t, lora_b, out: (t.to("meta"), lora_b, out), "lora_expand: t expected device cpu, got meta"),
-    (lambda t, lora_b, out: (t, lora_b.to("meta"), out), "lora_expand: lora_b expected device cpu, got meta"),
+    (lambda t, lora_b, out: (t.to("meta"), lora_b, out),
+     r"lora_expand: t expected device cpu \(same as out\), got meta"),
+    (lambda t, lora_b, out: (t, lora_b.to("meta"), out),
+     r"lora_expand: lora_b expected device cpu \(same as out\), got meta"),
+    # out the odd one: the message names it as where the expected device comes from (it had read as t's fault)
+    (lambda t, lora_b, out: (t, lora_b, out.to("meta")),
+     r"lora_expand: t expected device meta \(same as out\), got cpu"),
     (lambda t, lora_b, out: (t, lora_b, lora_b.view(-1)[:20].view(4, 5)),
      "lora_expand: out expected memory of its own, got a view that overlaps lora_b"),
 ])
@@ -607,7 +613,8 @@ def test_reference_lora_expand_adds_at_the_slice_offset():
 
 @pytest.mark.parametrize("bad_out,error,words", [
     (lambda lora_a: torch.zeros(4, 3).tolist(), TypeError, "lora_shrink: out expected a torch.Tensor, got list"),
-    (lambda lora_a: torch.zeros(4, 3, device="meta"), ValueError, "lora_shrink: out expected device cpu, got meta"),
+    (lambda lora_a: torch.zeros(4, 3, device="meta"), ValueError,
+     r"lora_shrink: out expected device cpu \(same as x\), got meta"),
     (lambda lora_a: lora_a.view(-1)[:12].view(4, 3), ValueError,
      "lora_shrink: out expected memory of its own, got a view that overlaps lora_a"),
 ])
@@ -729,7 +736,7 @@ def test_add_lora_checks_ranks_given_as_an_iterator_against_every_slice(backend)
 @pytest.mark.parametrize("bad, error, words", [
     (lambda a: a.double(), TypeError, "add_lora: lora_a_slices[1] expected dtype torch.float32 (same as x), got "
                                       "torch.float64"),
-    (lambda a: a.to("meta"), ValueError, "add_lora: lora_a_slices[1] expected device cpu, got meta"),
+    (lambda a: a.to("meta"), ValueError, "add_lora: lora_a_slices[1] expected device cpu (same as x), got meta"),
     (lambda a: a.tolist(), TypeError, "add_lora: lora_a_slices[1] expected a torch.Tensor, got list"),
     (lambda a: a[0], ValueError, "add_lora: lora_a_slices[1] expected a 3-D tensor, got shape (2, 8)"),
     (lambda a: a[:1], ValueError, "add_lora: batch was built for 2 adapter slots, but lora_a_slices[1] has 1 (L)"),
@@ -783,13 +790,15 @@ def _add_lora_args(ranks=(3, 3)):
 @pytest.mark.parametrize("ranks,bad_buffer,error,words", [
     ((3, 3), lambda y: torch.zeros(2, 4, 3).tolist(), TypeError, "add_lora: buffer expected a torch.Tensor, got list"),
     ((3, 3), lambda y: torch.zeros(2, 4, 3, dtype=torch.float16), ValueError,
-     "add_lora: buffer expected a float32 tensor of shape [2, 4, 3] ([S, M, R], every slice of rank R), "
+     "add_lora: buffer expected a float32 tensor of shape [2, 4, 3] ([S, M, R]), "
      "got torch.float16 (2, 4, 3)"),
+    # the buffer fits the first slice: the slices' ranks are what it cannot take (the message had named the buffer,
+    # expected and got alike)
     ((3, 2), lambda y: torch.zeros(2, 4, 3), ValueError,
-     "add_lora: buffer expected a float32 tensor of shape [2, 4, 3] ([S, M, R], every slice of rank R), "
-     "got torch.float32 (2, 4, 3)"),
+     "add_lora: buffer takes slices of one rank R ([S, M, R]), but lora_a_slices[0] has R = 3 and lora_a_slices[1] "
+     "R = 2; call without buffer for slices of unequal ranks"),
     ((3, 3), lambda y: torch.zeros(2, 4, 3, device="meta"), ValueError,
-     "add_lora: buffer expected device cpu, got meta"),
+     "add_lora: buffer expected device cpu (same as x), got meta"),
     ((3, 3), lambda y: y.view(-1)[:24].view(2, 4, 3), ValueError,
      "add_lora: buffer expected memory of its own, got a view that overlaps y"),
 ])
