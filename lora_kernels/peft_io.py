@@ -996,7 +996,8 @@ def _write_slot(layers, slot, plan, grouped, config):
         for name, module in layers:
             weight = module.base_layer.weight
             # slots of the base weight's dtype (adapter_dtype=None) take the loaded weight's, as if made after it
-            follow = {} if module._requested_adapter_dtype else {"lora_a": weight.dtype, "lora_b": weight.dtype}
+            follow = ({} if getattr(module, "_requested_adapter_dtype", None)  # None too in a pickle from before it
+                      else {"lora_a": weight.dtype, "lora_b": weight.dtype})
             materialised += _materialise_meta(module, ["lora_a", "lora_b", "scalings", "ranks"], weight.device,
                                               follow)
             if name in loaded:
