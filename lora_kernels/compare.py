@@ -491,6 +491,9 @@ class CompareConfig:
             raise ValueError(f"compare: --dropout expected a number in [0, 1), got {cfg.dropout!r}")
         if isinstance(cfg.alpha, bool) or not isinstance(cfg.alpha, (int, float)) or not is_finite_number(cfg.alpha):
             raise ValueError(f"compare: --alpha expected a finite number, got {cfg.alpha!r}")
+        if cfg.alpha == 0:  # scaling 0: the LoRA columns' factors get zero gradients and never train
+            raise ValueError("compare: --alpha expected a nonzero number (0 scales the adapter, and its gradients, "
+                             "to zero: the LoRA columns would train nothing), got 0")
         # a truthy string such as "no" had passed here, to be refused by inject_lora once the model was built
         cfg.use_rslora = check_flag("compare", "--rslora", cfg.use_rslora)
         # with the other arguments: inject_lora would refuse it only after the full fine-tuning run
@@ -1077,20 +1080,26 @@ def _run_compare(cfg, progress_stream):
 
 # ------------------------------------------------------------------------------------------------ printing
 
+def _fmt_scaled(n, units, unscaled):
+    """n in the largest of units (largest first) it reaches, two decimals; `unscaled` below them all."""
+    for i, (unit, scale) in enumerate(units):
+        if abs(n) >= scale:
+            text = f"{n / scale:.2f}"
+            if i > 0 and abs(float(text)) >= 1000:  # rounded up into the next unit: 999999 is "1.00 M"
+                unit, scale = units[i - 1]
+                text = f"{n / scale:.2f}"
+            return f"{text} {unit}"
+    return unscaled
+
+
 def fmt_count(n):
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return str(n)
+    return _fmt_scaled(n, (("G", 1e9), ("M", 1e6), ("k", 1e3)), str(n))
 
 
 def fmt_bytes(n):
     if n is None:
         return "n/a"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
+    return _fmt_scaled(n, (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)), f"{n} B")
 
 
 def _ratio(value, reference):

@@ -485,6 +485,9 @@ def test_counts_and_bytes_print_with_decimal_units():
     # a CPU peak is a difference of resident sets, and may come out negative
     assert [compare.fmt_bytes(n) for n in (None, 999, 1000, 13_710_000, 1_080_000_000, -2_500_000)] == \
         ["n/a", "999 B", "1.00 kB", "13.71 MB", "1.08 GB", "-2.50 MB"]
+    # the unit of the number as printed: 999999 rounds to 1.00 M (it printed "1000.00 k"; helper 249)
+    assert [compare.fmt_count(n) for n in (999_999, 999_994_999, 999_499)] == ["1.00 M", "999.99 M", "999.50 k"]
+    assert [compare.fmt_bytes(n) for n in (999_999, -999_999_999, 999_990)] == ["1.00 MB", "-1.00 GB", "999.99 kB"]
 
 
 def test_plot_writes_a_png(result, tmp_path):
@@ -572,6 +575,7 @@ def test_task_is_deterministic_and_follows_the_permutation():
     ({"targets": ()}, "--targets '' matched no nn.Linear"),  # no LoRA layer: the two LoRA columns would train nothing
     ({"dropout": 1.0}, r"--dropout expected a number in \[0, 1\), got 1.0"),  # every LoRA input dropped
     ({"alpha": 10**400}, "--alpha expected a finite number, got 1000"),  # math.isfinite raised OverflowError
+    ({"alpha": 0}, r"--alpha expected a nonzero number .*got 0"),  # ran, and the LoRA columns trained nothing
     # refused by inject_lora only after the full fine-tuning run had been measured
     ({"alpha": 1e40, "rank": 4}, r"compare: --alpha 1e\+40 / --rank at --rank 4 gives the scaling 2.5e\+39, past "
                                  r"float32's range"),
