@@ -1,10 +1,11 @@
 """Loads the C++/CUDA extension `lora_kernels._C` when it was built, and registers the fake (meta) implementations
 of its ops so torch.compile can trace through them. Importing this never fails: a missing extension is recorded.
-It also holds what functional, ops and the Triton launchers share (accumulate_dtype, scaled_mm, is_finite_number,
-through_op, has_host_values, VMAP_DROPOUT_NEEDS_ONE_SEED): it imports none of the package's modules, and the
-launchers cannot import functional (functional -> ops -> backends -> lora_kernels.triton -> the launchers: a
-cycle)."""
+It also holds what functional, ops and the Triton launchers share (accumulate_dtype, autocast_off, scaled_mm,
+wide_mm, is_finite_number, through_op, has_host_values, VMAP_DROPOUT_NEEDS_ONE_SEED): it imports none of the
+package's modules, and the launchers cannot import functional (functional -> ops -> backends -> lora_kernels.triton
+-> the launchers: a cycle)."""
 
+import contextlib
 import importlib
 import importlib.util
 import math
@@ -135,10 +136,40 @@ def has_host_values(tensor):
                 or isinstance(tensor, torch.Tensor) and tensor.is_meta)
 
 
+def autocast_dtype(device):
+    """The dtype torch.autocast runs matmuls in on this device, or None where autocast is off."""
+    device_type = device.type
+    # cpu and cuda always have autocast. Asking torch.amp.is_autocast_available about them broke
+    # torch.compile(fullgraph=True) on torch 2.11, whose dynamo cannot trace it (2.14's can).
+    if device_type not in ("cpu", "cuda") and not torch.amp.is_autocast_available(device_type):
+        return None
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def autocast_off(device):
+    """A region where torch ops run in the dtypes they are given even inside torch.autocast: the torch fallbacks
+    accumulate in float32 on purpose, and autocast would round their matmuls to its 16-bit dtype."""
+    if autocast_dtype(device) is not None:
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def accumulate_dtype(dtype):
     """The dtype the ops accumulate and keep intermediates in (the single-adapter ops' s, d_lora_b and ds; the torch
     grouped fallback's expand): float32 for 16- and 32-bit floats, float64 for float64."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def wide_mm(a, b, out_dtype=torch.float32):
+    """a @ b of 16-bit operands written in the wider out_dtype rather than rounded to 16 bits: cuBLAS's own output on
+    GPUs (mm's out_dtype, CUDA-only), the product of out_dtype copies elsewhere, with autocast off (it rounded that
+    product back to fp16 under a CPU fp16 autocast: dB = inf past 65504 again)."""
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=out_dtype)
+    with autocast_off(a.device):
+        return torch.mm(a.to(out_dtype), b.to(out_dtype))
 
 
 def scaled_mm(a, b, scaling, out_dtype=None):
@@ -159,7 +190,7 @@ def scaled_mm(a, b, scaling, out_dtype=None):
     scale_b = abs(scaling) <= 1.0 and not (wide_out and b.dtype == a.dtype)
     b = (b * scaling if scale_b else b).to(a.dtype)
     if wide_out:
-        product = torch.mm(a, b, out_dtype=out_dtype) if a.is_cuda else torch.mm(a.to(out_dtype), b.to(out_dtype))
+        product = wide_mm(a, b, out_dtype)
     else:
         product = a @ b
     return product if scale_b else product.mul_(scaling)

@@ -15,8 +15,8 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass_type
 
 from lora_kernels import ops, reference
 from lora_kernels._dtensor import describe, dtensor_class, is_dtensor
-from lora_kernels._ext import (VMAP_DROPOUT_NEEDS_ONE_SEED, accumulate_dtype, has_host_values, is_finite_number,
-                               scaled_mm, through_op)
+from lora_kernels._ext import (VMAP_DROPOUT_NEEDS_ONE_SEED, accumulate_dtype, autocast_dtype, has_host_values,
+                               is_finite_number, scaled_mm, through_op, wide_mm)
 from lora_kernels.backends import log_auto_choice_by_kind, resolve_backend
 from lora_kernels.batch import BUFFER_FIELDS, LoRABatch
 from lora_kernels.triton import SUPPORTED_DTYPES as TRITON_DTYPES
@@ -234,7 +234,7 @@ def refuse_subclass_weight_backend(op, backend, weight, use):
 def _autocast_dtype(x):
     """The dtype torch.autocast runs linear layers in on x's device, or None where autocast is off (or x is not a
     tensor: the checks then name the problem)."""
-    return ops.autocast_dtype(x.device) if isinstance(x, torch.Tensor) else None
+    return autocast_dtype(x.device) if isinstance(x, torch.Tensor) else None
 
 
 def _cast_for_autocast(dtype, tensors):
@@ -356,12 +356,6 @@ def _fp32_mm(a, b):
     backward at M = 256, K = N = 1024 in bf16, 1 thread, on this project's CPU)."""
     with ops.autocast_off(a.device):
         return a.float() @ b.float()
-
-
-def _float32_mm(a, b):
-    """a @ b of 16-bit operands, written in float32 rather than rounded to 16 bits: cuBLAS's float32 output on GPUs
-    (mm's out_dtype, CUDA-only), the product of float32 copies elsewhere."""
-    return torch.mm(a, b, out_dtype=torch.float32) if a.is_cuda else _fp32_mm(a, b)
 
 
 def _functorch_transforms_active():
@@ -489,7 +483,7 @@ class LoRALinearFunction(torch.autograd.Function):
                         x_lora = apply_dropout(x_lora, keep, dropout_p, inplace=x_lora is not x2)
                     if ds.dtype != grad_a_like.dtype == torch.float32 and (
                             backend == "cuda" or backend == "torch" and ds.dtype == torch.float16):  # _dy_products
-                        d_lora_a = _float32_mm(ds.T, x_lora)
+                        d_lora_a = wide_mm(ds.T, x_lora)
                     else:
                         d_lora_a = ds.T @ x_lora
                     del x_lora

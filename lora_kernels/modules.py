@@ -255,7 +255,7 @@ class LoRALinear(nn.Module):
     away). The forward casts them to the input's dtype, the layer's, and runs the same 16-bit kernels; their
     gradients come back in float32 from the backward's float32 sums, not rounded to 16 bits (but with the `torch`
     backend, PEFT's unfused composition in the input dtype, whose products are bf16 in bf16, and float32 in fp16,
-    where 16-bit sums overflowed; PEFT itself runs its LoRA branch in float32). A quantized (tensor-subclass) weight
+    where 16-bit sums overflowed, in the first-order backward; PEFT itself runs its LoRA branch in float32). A quantized (tensor-subclass) weight
     whose own F.linear takes float32 inputs runs the branch in float32 on them. False: the factors take the layer's
     dtype."""
 

@@ -20,7 +20,6 @@ grouped op.
 """
 
 import collections.abc
-import contextlib
 import math
 import numbers
 import sys
@@ -30,7 +29,7 @@ from torch.fx.experimental.symbolic_shapes import guard_or_true
 
 from lora_kernels import triton as triton_pkg
 from lora_kernels._dtensor import describe, dtensor_class, is_dtensor
-from lora_kernels._ext import accumulate_dtype, has_host_values
+from lora_kernels._ext import accumulate_dtype, autocast_off, has_host_values
 from lora_kernels.backends import resolve_backend
 from lora_kernels.batch import BUFFER_FIELDS, LoRABatch
 
@@ -447,18 +446,6 @@ def check_expand_args(op, t, lora_b, batch, out, slice_offset, ranks, lora_b_nam
 
 # ------------------------------------------------------------------------------------------------ torch fallbacks
 
-def autocast_dtype(device):
-    """The dtype torch.autocast runs matmuls in on this device, or None where autocast is off."""
-    device_type = device.type
-    # cpu and cuda always have autocast. Asking torch.amp.is_autocast_available about them broke
-    # torch.compile(fullgraph=True) on torch 2.11, whose dynamo cannot trace it (2.14's can).
-    if device_type not in ("cpu", "cuda") and not torch.amp.is_autocast_available(device_type):
-        return None
-    if not torch.is_autocast_enabled(device_type):
-        return None
-    return torch.get_autocast_dtype(device_type)
-
-
 def as_rows(x):
     """x [..., K] as [M, K], a view where the strides allow (reshape(-1, K) cannot infer M when K is 0), but for a
     bfloat16 CPU x whose rows are padded in memory (a column block of a wider buffer), which is copied: torch 2.14's
@@ -472,14 +459,6 @@ def as_rows(x):
             and rows.stride(0) > rows.shape[1] and guard_or_true(rows.shape[0] > 1)):
         return rows.contiguous()
     return rows
-
-
-def autocast_off(device):
-    """A region where torch ops run in the dtypes they are given even inside torch.autocast: the fallbacks below
-    accumulate in float32 on purpose, and autocast would round their matmuls to its 16-bit dtype."""
-    if autocast_dtype(device) is not None:
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def slots_on_host(tensor):

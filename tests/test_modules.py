@@ -875,31 +875,37 @@ def test_float32_factor_gradients_of_the_cpu_backend_are_float32_sums(dtype):
 
 def test_the_torch_backend_keeps_peft_s_unfused_16_bit_products():
     """The torch backend is PEFT's unfused composition in the layer's dtype: its factors' gradients in bf16 are the
-    bf16 products, cast to float32 (README; in fp16 they are written in float32: see the test above)."""
+    bf16 products, cast to float32 (README; in fp16 they are written in float32: see the test below)."""
     layer, _, _ = _float32_factor_grads("torch", "cpu", torch.bfloat16, 6)
     for factor in (layer.lora_A, layer.lora_B):
         grad = factor.weight.grad
         assert grad.dtype == torch.float32 and torch.equal(grad, grad.to(torch.bfloat16).float())
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp16_layer", "fp32_layer_under_fp16_autocast"])
 @pytest.mark.parametrize("backend", ["torch", "cpu", "triton", "cuda"])
-def test_float32_factor_gradients_of_an_fp16_layer_stay_finite_past_65504(backend, device):
+def test_float32_factor_gradients_of_an_fp16_layer_stay_finite_past_65504(backend, device, autocast):
     """An fp16 layer's float32 factors (autocast_adapter_dtype) get finite gradients where they pass fp16's 65504,
     as PEFT's, which runs the LoRA branch in float32: dB and dA sum M tokens' products, and a GradScaler raises the
-    loss scale until a gradient overflows. The torch backend (auto's on GPUs) rounded both to fp16 first: inf."""
+    loss scale until a gradient overflows. The torch backend (auto's on GPUs) rounded both to fp16 first: inf. So do
+    a float32 layer's factors under fp16 autocast (where autocast had rounded the float32 dB back to fp16 on CPU).
+    The first-order backward only: create_graph=True and torch.func keep the torch backend's fp16 products."""
     from conftest import backend_or_skip
     backend_or_skip(backend, device)
     g = torch.Generator().manual_seed(0)
     m, k, n, r = 256, 16, 16, 4
-    layer = LoRALinear(k, n, r=r, lora_alpha=r, dtype=torch.float16, device=device, backend=backend)
+    layer = LoRALinear(k, n, r=r, lora_alpha=r, dtype=None if autocast else torch.float16, device=device,
+                       backend=backend)
     with torch.no_grad():  # positive x and A: S and dS add up over the tokens instead of cancelling
         layer.lora_A.weight.copy_(torch.rand(r, k, generator=g) * 0.5)
         layer.lora_B.weight.copy_(torch.full((n, r), 0.05))
-    x = (1 + torch.rand(m, k, generator=g)).to(device, torch.float16)
+    x = (1 + torch.rand(m, k, generator=g)).to(device, None if autocast else torch.float16)
     dy = torch.full((m, n), 1000.0, dtype=torch.float16, device=device)
-    layer(x).backward(dy)
+    with torch.autocast(torch.device(device).type, dtype=torch.float16, enabled=autocast):
+        y = layer(x)
+        y.backward(dy)  # inside: the backward runs under the same autocast (an autocast-wrapped training step)
     a, b = (f.weight.detach().to(torch.float16).double() for f in (layer.lora_A, layer.lora_B))
-    x64, dy64 = x.double(), dy.double()
+    x64, dy64 = x.to(torch.float16).double(), dy.double()
     expected = {"lora_B": dy64.T @ (x64 @ a.T), "lora_A": (dy64 @ b).T @ x64}
     for name, factor in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
         assert expected[name].abs().min() > 65504, name  # past fp16's range, in every entry
