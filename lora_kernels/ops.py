@@ -257,10 +257,12 @@ def _check_batch_slots(op, batch, num_slots, weights_name):
 
 
 def is_boolean(value):
-    """Whether value is a bool: Python's, numpy's (not a Python bool: int() and float() take it) or a bool tensor."""
+    """Whether value is a bool: Python's, numpy's (not a Python bool: int() and float() take it, and a 0-d bool
+    array's value), or a bool tensor."""
     numpy = sys.modules.get("numpy")  # never imported here: a numpy bool comes from a program that imported numpy
-    return (isinstance(value, bool) or numpy is not None and isinstance(value, numpy.bool_)
-            or isinstance(value, torch.Tensor) and value.dtype == torch.bool)
+    return (isinstance(value, bool) or isinstance(value, torch.Tensor) and value.dtype == torch.bool
+            or numpy is not None and (isinstance(value, numpy.bool_)
+                                      or isinstance(value, numpy.ndarray) and value.dtype == numpy.bool_))
 
 
 def _exact_int(value):

@@ -1234,7 +1234,7 @@ def test_grouped_bad_input():
         lk.ops.lora_shrink(x, lora_a, batch, [1.0, 1.0], ["a", 2])
     # flags are not numbers (a list of bools had run as scalings 1.0 and 0.0), numpy's and tensors' too
     numpy = pytest.importorskip("numpy")
-    for flags in ([True, False], [1.0, numpy.bool_(True)], [torch.tensor(True), 1.0]):
+    for flags in ([True, False], [1.0, numpy.bool_(True)], [torch.tensor(True), 1.0], [numpy.array(True), 1.0]):
         with pytest.raises(TypeError, match=r"scalings expected a float tensor \[L\] or a sequence of numbers"):
             lk.ops.lora_shrink(x, lora_a, batch, flags)
     with pytest.raises(TypeError, match=r"ranks expected an integer tensor \[L\] or a sequence of ints"):
