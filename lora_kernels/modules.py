@@ -255,9 +255,9 @@ class LoRALinear(nn.Module):
     away). The forward casts them to the input's dtype, the layer's, and runs the same 16-bit kernels; their
     gradients come back in float32 from the backward's float32 sums, not rounded to 16 bits (but with the `torch`
     backend, PEFT's unfused composition in the input dtype, whose products are bf16 in bf16, and float32 in fp16,
-    where 16-bit sums overflowed, in the first-order backward; PEFT itself runs its LoRA branch in float32). A quantized (tensor-subclass) weight
-    whose own F.linear takes float32 inputs runs the branch in float32 on them. False: the factors take the layer's
-    dtype."""
+    where 16-bit sums overflowed, in the first-order backward; PEFT itself runs its LoRA branch in float32). A
+    quantized (tensor-subclass) weight whose own F.linear takes float32 inputs runs the branch in float32 on them.
+    False: the factors take the layer's dtype."""
 
     def __init__(self, in_features, out_features, r=8, lora_alpha=8, lora_dropout=0.0, bias=True, use_rslora=False,
                  device=None, dtype=None, *, init_lora_weights=True, backend="auto", fan_in_fan_out=False,
@@ -294,6 +294,13 @@ class LoRALinear(nn.Module):
         check_backend_name(op, backend)
         return r, (int(lora_alpha) if isinstance(lora_alpha, numbers.Integral) else float(lora_alpha))
 
+    def _factor_dtype_for(self, weight_dtype):
+        """The factors' dtype over a base weight of weight_dtype: float32 for a 16-bit one with
+        autocast_adapter_dtype (PEFT's default), else the weight's."""
+        if self._autocast_adapter_dtype and weight_dtype in (torch.float16, torch.bfloat16):
+            return torch.float32
+        return weight_dtype
+
     def _init_lora(self, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, backend, autocast_adapter_dtype,
                    op):
         """The adapter half of construction, shared by __init__ and from_linear (the base weight exists already)."""
@@ -305,9 +312,9 @@ class LoRALinear(nn.Module):
         self.r, self.lora_alpha, self.use_rslora, self.lora_dropout = r, lora_alpha, use_rslora, float(lora_dropout)
         self.scaling = scaling
         self.backend = backend
-        factor_dtype = self.weight.dtype
-        if autocast_adapter_dtype and factor_dtype in (torch.float16, torch.bfloat16):
-            factor_dtype = torch.float32
+        # kept for load_peft_adapter, which makes meta factors anew for a base weight loaded since in another dtype
+        self._autocast_adapter_dtype = autocast_adapter_dtype
+        factor_dtype = self._factor_dtype_for(self.weight.dtype)
         placements = (_factor_placements(op, self.weight, self.fan_in_fan_out, backend, lora_dropout)
                       if is_dtensor(self.weight) else None)
         if backend not in ("auto", "torch") and is_subclass_weight(self.weight):  # refused now, not at the forward

@@ -893,8 +893,13 @@ def _commit_single(model, config, plan, grouped, heads, biases, base_tensors, ba
             for name, module, r, alpha, lora_a, lora_b in prepared:
                 if isinstance(module, LoRALinear):
                     layer = module
+                    # in the dtype the layer would give them over its base weight now (one assigned since from a
+                    # checkpoint of another dtype), as inject_lora on that base gives; a layer pickled before that
+                    # setting was kept: the meta factors' own
+                    follow = ({"weight": layer._factor_dtype_for(layer.base_weight().dtype)}
+                              if hasattr(layer, "_autocast_adapter_dtype") else {})
                     for factor in (layer.lora_A, layer.lora_B):
-                        materialised += _materialise_meta(factor, ["weight"], lora_a.device)
+                        materialised += _materialise_meta(factor, ["weight"], lora_a.device, follow)
                     layer.lora_alpha, layer.use_rslora = alpha, config.use_rslora
                     layer.scaling = lora_scaling(r, alpha, config.use_rslora)
                     layer.lora_dropout = config.lora_dropout

@@ -1171,7 +1171,7 @@ def test_meta_slots_take_the_dtype_of_the_base_weight_assigned_since(tmp_path):
     """A MultiLoRALinear built on the meta device in float32 whose bf16 base checkpoint was assigned since gets bf16
     slots from load_peft_adapter, as one prepared on that base gets (adapter_dtype=None: the base weight's), and the
     other way round: the slots were made in the meta model's dtype (a float32 adapter rounded to bf16 slots on a
-    float32 model). adapter_dtype given keeps its dtype."""
+    float32 model). adapter_dtype given keeps its dtype. A LoRALinear's meta factors too, by autocast_adapter_dtype."""
     lk.save_peft_adapter(_trained(), tmp_path)
     for base_dtype, adapter_dtype, expected in ((torch.bfloat16, None, torch.bfloat16),
                                                 (torch.bfloat16, torch.float32, torch.float32)):
@@ -1182,14 +1182,37 @@ def test_meta_slots_take_the_dtype_of_the_base_weight_assigned_since(tmp_path):
         layer = multi.layers[0].q_proj
         assert (layer.base_layer.weight.dtype, layer.lora_a.dtype, layer.lora_b.dtype) == (base_dtype, expected,
                                                                                             expected)
-    with torch.device("meta"):
-        model = Tiny().to(torch.bfloat16)
-    lk.prepare_multi_adapter(model, ["q_proj"], max_adapters=2, max_rank=8, backend=BACKEND)
-    base = {k.replace("q_proj.", "q_proj.base_layer."): v for k, v in _base().state_dict().items()}
-    model.load_state_dict(base, assign=True, strict=False)
     lk.save_peft_adapter(_trained(("q_proj",)), tmp_path / "q")
-    lk.load_peft_adapter(model, tmp_path / "q", adapter_name="x")
-    assert model.layers[0].q_proj.lora_a.dtype == torch.float32  # the float32 checkpoint's, not bf16
+    for pickled_before_the_setting in (False, True):
+        with torch.device("meta"):
+            model = Tiny().to(torch.bfloat16)
+        lk.prepare_multi_adapter(model, ["q_proj"], max_adapters=2, max_rank=8, backend=BACKEND)
+        if pickled_before_the_setting:  # a layer unpickled from before _requested_adapter_dtype was kept
+            for layer in model.modules():
+                if isinstance(layer, MultiLoRALinear):
+                    del layer._requested_adapter_dtype
+        base = {k.replace("q_proj.", "q_proj.base_layer."): v for k, v in _base().state_dict().items()}
+        model.load_state_dict(base, assign=True, strict=False)
+        lk.load_peft_adapter(model, tmp_path / "q", adapter_name="x")
+        assert model.layers[0].q_proj.lora_a.dtype == torch.float32  # the float32 checkpoint's, not bf16
+    # LoRALinear factors likewise, where they take the weight's dtype (autocast_adapter_dtype=False): bf16 factors
+    # on a float32 base had rounded the adapter to bf16
+    for autocast_adapter_dtype, expected in ((False, torch.float32), (True, torch.float32)):
+        with torch.device("meta"):
+            model = Tiny().to(torch.bfloat16)
+        lk.inject_lora(model, ["q_proj"], backend=BACKEND, autocast_adapter_dtype=autocast_adapter_dtype)
+        model.load_state_dict(_base().state_dict(), assign=True, strict=False)
+        lk.load_peft_adapter(model, tmp_path / "q")
+        layer = model.layers[0].q_proj
+        assert (layer.weight.dtype, layer.lora_A.weight.dtype, layer.lora_B.weight.dtype) == (torch.float32,
+                                                                                            expected, expected)
+    with torch.device("meta"):
+        model = Tiny()
+    lk.inject_lora(model, ["q_proj"], backend=BACKEND, autocast_adapter_dtype=False)
+    model.load_state_dict({k: v.to(torch.bfloat16) for k, v in _base().state_dict().items()}, assign=True,
+                          strict=False)
+    lk.load_peft_adapter(model, tmp_path / "q")
+    assert model.layers[0].q_proj.lora_A.weight.dtype == torch.bfloat16  # the bf16 base's
 
 
 def test_a_failed_load_into_meta_adapter_tensors_puts_them_back(tmp_path, monkeypatch):
