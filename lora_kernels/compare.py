@@ -310,7 +310,8 @@ class MemoryProbe:
                           "the model was built"
         elif self.resettable:
             # glibc raises its mmap threshold after large frees, so a step's tensors come from a heap whose holes
-            # stay resident: helper 249 pinned the threshold (MALLOC_MMAP_THRESHOLD_) and the columns fell by ~30 MB
+            # stay resident: helper 249 pinned the threshold (MALLOC_MMAP_THRESHOLD_) and the LoRA columns fell by
+            # 41 and 27 MB
             self.method = "peak resident set per step (VmHWM, reset via /proc/self/clear_refs; glibc heap trimmed " \
                           "first) minus the resident set before the model was built. It counts glibc's heap, not " \
                           "only tensors: up to tens of MB, differing between methods (at --model-size small the " \
@@ -492,8 +493,8 @@ class CompareConfig:
         if isinstance(cfg.alpha, bool) or not isinstance(cfg.alpha, (int, float)) or not is_finite_number(cfg.alpha):
             raise ValueError(f"compare: --alpha expected a finite number, got {cfg.alpha!r}")
         if cfg.alpha == 0:  # scaling 0: the LoRA columns' factors get zero gradients and never train
-            raise ValueError("compare: --alpha expected a nonzero number (0 scales the adapter, and its gradients, "
-                             "to zero: the LoRA columns would train nothing), got 0")
+            raise ValueError(f"compare: --alpha expected a nonzero number (0 scales the adapter, and its gradients, "
+                             f"to zero: the LoRA columns would train nothing), got {cfg.alpha!r}")
         # a truthy string such as "no" had passed here, to be refused by inject_lora once the model was built
         cfg.use_rslora = check_flag("compare", "--rslora", cfg.use_rslora)
         # with the other arguments: inject_lora would refuse it only after the full fine-tuning run

@@ -451,7 +451,9 @@ class LoRALinear(nn.Module):
         self._refuse_hook_computed_factors("LoRALinear.delta_weight")
         self._check_factor_devices("LoRALinear.delta_weight")
         dtype = self._merge_dtype()
-        check_layer_scaling("LoRALinear.delta_weight", self.scaling, dtype, "the layer's scaling attribute")
+        check_layer_scaling("LoRALinear.delta_weight", self.scaling, dtype,
+                            f"the layer's scaling attribute (lora_alpha and r give "
+                            f"{lora_scaling(self.r, self.lora_alpha, self.use_rslora)!r})")
         with autocast_off(self.lora_B.weight.device):  # autocast would round the product (and so merge) to 16 bits
             return self.scaling * (self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype))
 

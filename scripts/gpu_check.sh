@@ -212,10 +212,11 @@ PYTEST_OPTIONS=()
 TESTS=(env LORA_KERNELS_AUTOTUNE=0 "$PY" -m pytest -v --tb=short -p no:cacheprovider
        -k "(cuda or gpu) and not gpu_check and not emulation" -rfE)
 # The tests marked gpu_memory (tens of GB each, past-2^31-element operands) run later in a stage of their own, one
-# at a time: several at once on one GPU would run out of memory (18 tests, 20 s on the H200; 20 since session 61).
-# They come after compare: edge cases of sizes few users reach, where the §8 rows decide more. 270 s for the rest: 152 s on the H200
-# (2026-11-30) for 1707 tests; 2222 in session 60 (collected with torch.cuda.is_available() stood in, which gives
-# 1707 at that run's commit): ~200 s at the H200's rate, ~253 s at the H100's (606 tests in 69 s, 12 workers).
+# at a time: several at once on one GPU would run out of memory (20 tests since session 61; the 18 before took 20 s
+# on the H200). They come after compare: edge cases of sizes few users reach, where the §8 rows decide more. 270 s
+# for the rest: 152 s on the H200 (2026-11-30) for 1707 tests; 2222 in session 60 (collected with
+# torch.cuda.is_available() stood in, which gives 1707 at that run's commit): ~200 s at the H200's rate, ~253 s at
+# the H100's (606 tests in 69 s, 12 workers).
 MEMORY_TESTS=("${TESTS[@]}" -m gpu_memory)
 if (( DRY_RUN )); then
   dry_stage tests "${TESTS[@]}" "${PYTEST_OPTIONS[@]}" -m "not gpu_memory"

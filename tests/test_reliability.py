@@ -433,7 +433,7 @@ def test_offsets_past_2_to_the_31_elements(backend):
 def test_grouped_expand_past_2_to_the_31_elements(backend):
     """The grouped expand of a LoRA on an lm_head (a 152064-word vocabulary) over a long prefill: out [M, N] with
     M·N > 2³¹ elements, and lora_b [64, N, 256], whose last slots start past 2³¹ elements. The last rows, which the
-    last slots write past 2³¹, are right (64-bit offsets): about 9.5 GB of GPU memory."""
+    last slots write past 2³¹, are right (64-bit offsets): about 9.3 GB of GPU memory."""
     if backends.unavailable_reason(backend, "cuda") is not None:
         pytest.skip(backends.unavailable_reason(backend, "cuda"))
     num_slots, n, r = 64, 152064, 256
