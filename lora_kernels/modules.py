@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lora_kernels._dtensor import describe, is_dtensor, is_tensor_parallel_hook, tensor_parallel_hooks
-from lora_kernels._ext import is_finite_number
+from lora_kernels._ext import is_finite_number, through_op
 from lora_kernels._warnings import warn_at_caller
 from lora_kernels.backends import check_backend_name
 from lora_kernels.functional import (MULTI_SUBCLASS_WEIGHT_USE, SUBCLASS_WEIGHT_USE, check_layer_scaling,
@@ -1831,8 +1831,7 @@ class BatchAdapterIds:
         # memory estimator's forward) or a torch.func transform (functionalize) its tensors would be fake or
         # wrapped, and the next eager forward of that shape took them from the cache: the cpu ops then added no
         # LoRA term (their fake impls ran), the other backends raised.
-        cached = not (torch.compiler.is_compiling() or type(x) is not torch.Tensor
-                      or torch._C._are_functorch_transforms_active()
+        cached = not (through_op(x) or torch._C._are_functorch_transforms_active()
                       or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None)
         key = (lead, num_adapters, x.device, rows.slot_ids) if cached else None
         batch = self._cache.get(key) if cached else None
