@@ -1000,7 +1000,7 @@ def _layer_index_matches(name, layers_to_transform, layers_pattern):
         patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
         match = None
         for pattern in patterns:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            match = re.match(layers_pattern_regex(pattern), name)
             if match is not None:
                 break
     if match is None:
@@ -1031,13 +1031,34 @@ def target_module_matches(name, target_modules, exclude_modules=None, layers_to_
     return not using_indices or _layer_index_matches(name, layers_to_transform, layers_pattern)
 
 
+def pattern_key_regex(key):
+    """The regex PEFT matches a rank_pattern / alpha_pattern key as (get_pattern_key)."""
+    return rf"(.*\.)?({key})$"
+
+
+def layers_pattern_regex(pattern):
+    """The regex PEFT finds the layer index after a layers_pattern with."""
+    return rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\."
+
+
+def regex_error(pattern, matched_as=None):
+    """None when `pattern` compiles, alone and inside the regex it is matched as (`matched_as(pattern)`); else why
+    not. A key with inline flags ("(?i)v_proj") compiles alone but not inside PEFT's lookup regex."""
+    for text in (pattern, matched_as(pattern)) if matched_as else (pattern,):
+        try:
+            re.compile(text)
+        except re.error as exc:
+            return str(exc) if text is pattern else f"{exc}, inside {text!r}, the regex it is matched as"
+    return None
+
+
 def pattern_value(pattern, name, default):
     r"""PEFT's rank_pattern / alpha_pattern lookup: the value of the first key (in dict order) such that
     re.match(rf"(.*\.)?({key})$", name) matches; else the value of the key equal to `name` (PEFT's get_pattern_key
     falls back to the name itself: a module name such as "blocks.a+b" is no regex of itself), else `default`."""
     pattern = pattern or {}
     for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", name):
+        if re.match(pattern_key_regex(key), name):
             return value
     return pattern.get(name, default)
 
@@ -1057,13 +1078,13 @@ def is_layer_index(value):
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
 
 
-def check_regex(op, name, pattern):
-    """ValueError naming the argument when `pattern` is not a valid regular expression (re.error, which is neither
-    a ValueError nor names the argument, came out of the matching otherwise)."""
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        raise ValueError(f"{op}: {name} {pattern!r} is not a valid regular expression ({exc})") from None
+def check_regex(op, name, pattern, matched_as=None):
+    """ValueError naming the argument when `pattern` is not a valid regular expression, alone or inside the regex it
+    is matched as (regex_error; re.error, which is neither a ValueError nor names the argument, came out of the
+    matching otherwise)."""
+    error = regex_error(pattern, matched_as)
+    if error is not None:
+        raise ValueError(f"{op}: {name} {pattern!r} is not a valid regular expression ({error})")
 
 
 def _check_names(op, name, value):
@@ -1129,7 +1150,7 @@ def named_target_modules(model, target_modules, exclude_modules=None, *, layers_
         if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
             raise TypeError(f"{op}: layers_pattern expected a str or a list of str, got {layers_pattern!r}")
         for pattern in patterns:
-            check_regex(op, "layers_pattern", pattern)
+            check_regex(op, "layers_pattern", pattern, layers_pattern_regex)
     # PEFT's LoraConfig refuses these pairs; its matcher would ignore the layer options, and so did this one.
     for option, value in (("layers_to_transform", layers_to_transform), ("layers_pattern", layers_pattern)):
         if value is not None and isinstance(target_modules, str):
@@ -1646,7 +1667,7 @@ def inject_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_
         for key in pattern or {}:
             if not isinstance(key, str):
                 raise TypeError(f"{op}: {name} expected module name regex keys (str), got the key {key!r}")
-            check_regex(op, f"{name} key", key)
+            check_regex(op, f"{name} key", key, pattern_key_regex)
     if modules_to_save and not named_modules_to_save(model, modules_to_save, op):  # None or [] (PEFT's default)
         raise ValueError(f"{op}: modules_to_save {modules_to_save!r} matched no module of the model")
     # an earlier call's adapter stays part of this one

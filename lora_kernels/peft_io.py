@@ -46,8 +46,9 @@ from lora_kernels.modules import (_PEFT_ONLY_HINT, BASE_ADAPTER, BIAS_ATTR, BIAS
                                   check_no_offloading_ancestor, check_targets_outside_heads, check_wrappable_linear,
                                   copy_into, embedding_layer, enable_input_grads_for_checkpointing, in_out_features,
                                   is_conv1d, is_layer_index, is_name_wrapper, lora_scaling, named_modules_to_save,
-                                  named_target_modules, pattern_value, resolve_batch_adapters, scaling_source,
-                                  state_dict_name, trained_biases, unwrap_model, warn_dropped_hooks,
+                                  layers_pattern_regex, named_target_modules, pattern_key_regex, pattern_value,
+                                  regex_error, resolve_batch_adapters, scaling_source, state_dict_name,
+                                  trained_biases, unwrap_model, warn_dropped_hooks,
                                   warn_fan_in_fan_out_corrections)
 from lora_kernels.ops import check_flag, refuse_inference_tensor_writes
 
@@ -156,10 +157,9 @@ def _check_pattern(file, field, value, kind):
     if not isinstance(value, dict):
         raise _bad(file, field, "an object {module-name regex: value}", value)
     for key, v in value.items():
-        try:
-            re.compile(key)
-        except re.error as exc:
-            raise ValueError(f"{file}: field {field!r} has an invalid regex key {key!r} ({exc})") from None
+        error = regex_error(key, pattern_key_regex)
+        if error is not None:
+            raise ValueError(f"{file}: field {field!r} has an invalid regex key {key!r} ({error})")
         ok = (kind == "rank" and isinstance(v, int) and not isinstance(v, bool) and v >= 1) or (
             kind == "alpha" and _is_finite_number(v))
         if not ok:
@@ -223,6 +223,10 @@ def parse_adapter_config(raw, file=CONFIG_NAME):
         if not (isinstance(layers_pattern, str) or (isinstance(layers_pattern, list)
                                                    and all(isinstance(v, str) for v in layers_pattern))):
             raise _bad(file, "layers_pattern", "a str or a list of str", layers_pattern)
+        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+            error = regex_error(pattern, layers_pattern_regex)
+            if error is not None:
+                raise ValueError(f"{file}: field 'layers_pattern' has an invalid regex {pattern!r} ({error})")
         if layers_pattern and layers_to_transform is None:
             raise ValueError(f"{file}: field 'layers_pattern' needs 'layers_to_transform' (as in PEFT)")
     modules_to_save = raw.get("modules_to_save")

@@ -496,6 +496,9 @@ def test_inject_lora_errors_leave_the_model_untouched():
         inject_lora(model, ["q_proj"], layers_to_transform=[1], layers_pattern=["layers", 0])
     with pytest.raises(ValueError, match=r"inject_lora: layers_pattern '\(' is not a valid regular expression"):
         inject_lora(model, ["q_proj"], layers_to_transform=[1], layers_pattern="(")
+    with pytest.raises(ValueError, match=r"inject_lora: layers_pattern '\(\?i\)LAYERS' is not a valid regular "
+                                         r"expression \(global flags not at the start .*, inside "):
+        inject_lora(model, ["q_proj"], layers_to_transform=[1], layers_pattern="(?i)LAYERS")  # alone it compiles
     with pytest.raises(TypeError, match=r"inject_lora: layers_to_transform expected an int or a list of ints >= 0, "
                                         r"got True"):  # a bool is no layer index (True would select layer 1)
         inject_lora(nn.Sequential(nn.Sequential(model)), ["q_proj"], layers_to_transform=True)

@@ -303,6 +303,9 @@ MATRIX = [
      ["inject_lora: exclude_modules '[' is not a valid regular expression"]),
     (call_inject, dict, "rank_pattern", lambda a: {"(": 4}, ValueError,
      ["inject_lora: rank_pattern key '(' is not a valid regular expression"]),
+    (call_inject, dict, "rank_pattern", lambda a: {"(?i)0": 4}, ValueError,  # fails inside the lookup regex only
+     ["inject_lora: rank_pattern key '(?i)0' is not a valid regular expression (global flags not at the start",
+      "the regex it is matched as"]),
     (call_inject, dict, "rank_pattern", lambda a: {0: 4}, TypeError,
      ["inject_lora: rank_pattern expected module name regex keys (str), got the key 0"]),
     (call_inject, dict, "model", lambda a: None, TypeError, ["inject_lora: model expected a torch.nn.Module",
