@@ -1372,10 +1372,14 @@ def _adapter_tensors(op, model, records, module_names, heads, bias, adapter_name
     elif save_embedding_layers and not (embedding_layers or targeted):
         raise ValueError(f"{op}: save_embedding_layers=True, but the model has no input or output embedding layer "
                          f"(get_input_embeddings / get_output_embeddings) but its modules_to_save")
+    # an embedding layer tied to a merged LoRA target (embed_tokens to a merged lm_head) holds the merged weight: it
+    # is saved as unmerge() would leave it, as the target's base weight is (the file held two values for one tensor)
+    merged_targets = [m for m in model.modules() if isinstance(m, LoRALinear) and m.merged]
     for name, module in embedding_layers:
-        for key, tensor in module.state_dict().items():
+        for key, tensor in module.state_dict(keep_vars=True).items():
+            tied = next((m for m in merged_targets if m.weight is tensor), None)
             tensors[f"{KEY_PREFIX}{state_dict_name(name)}.{key}"] = _to_saved(
-                op, f"{key!r} of embedding layer {name!r}", tensor)
+                op, f"{key!r} of embedding layer {name!r}", tensor if tied is None else tied._unmerged_weight())
     for name, module in targeted:
         for leaf, tensor in (("weight", module._unmerged_weight()), ("bias", module.bias)):
             if tensor is not None:

@@ -1915,6 +1915,32 @@ def test_a_merged_layer_saves_the_file_an_unmerged_one_does(tmp_path):
     torch.testing.assert_close(loaded(x), model.eval()(x))
 
 
+def test_an_embedding_layer_tied_to_a_merged_target_saves_its_unmerged_weight(tmp_path):
+    """embed_tokens tied to a targeted lm_head (tie_word_embeddings): once lm_head was merged, save_embedding_layers
+    wrote embed_tokens.weight merged beside the unmerged lm_head.base_layer.weight, two values for one tensor, and
+    the file loaded back 0.7 away from the model (helper 255). Both are now the weight unmerge() would leave."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    model = _language_model()
+    model.lm_head.weight = model.embed_tokens.weight
+    with pytest.warns(UserWarning, match=r"tied to 'embed_tokens\.weight'"):
+        model = lk.inject_lora(model, ["q_proj", "lm_head"], r=2, init_lora_weights=False)
+    with torch.no_grad():
+        model.lm_head.lora_B.weight.normal_()
+    ids = torch.randint(0, 11, (2, 5))
+    expected = model(ids)
+    model.lm_head.merge()
+    lk.save_peft_adapter(model, tmp_path, save_embedding_layers=True)
+    saved = safetensors_torch.load_file(str(tmp_path / "adapter_model.safetensors"))
+    torch.testing.assert_close(saved["base_model.model.embed_tokens.weight"],
+                               saved["base_model.model.lm_head.base_layer.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(saved["base_model.model.embed_tokens.weight"], model.lm_head._unmerged_weight())
+    fresh = _language_model()
+    fresh.lm_head.weight = fresh.embed_tokens.weight
+    with pytest.warns(UserWarning, match=r"tied to 'embed_tokens\.weight'"):
+        loaded = lk.load_peft_adapter(fresh, tmp_path, backend=BACKEND)
+    torch.testing.assert_close(loaded(ids), expected)
+
+
 def test_save_checks_the_config_fields_it_is_given(tmp_path):
     """task_type was written to the config whatever it was (task_type=5 made a config PEFT's TaskType does not
     know), and a pathlib.Path base_model_name_or_path failed in json with "Object of type PosixPath is not JSON
