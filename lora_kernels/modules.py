@@ -1376,16 +1376,8 @@ def _alias_hint(model, entries):
 MODULES_TO_SAVE_ATTR = "lora_modules_to_save"  # on the model: the modules_to_save names its adapter trains and saves
 
 
-def named_modules_to_save(model, modules_to_save, op):
-    """[(name, module)] that PEFT's modules_to_save selects: modules whose full name (as the state dict spells it)
-    ends with an entry (PEFT's plain suffix test), the outermost of nested matches, none inside a LoRA wrapper. Such
-    a module is trained and saved whole beside the adapter (PEFT adds the classification head of SEQ_CLS models this
-    way); LoRA targets never lie inside one (in_modules_to_save). A module that holds a LoRA layer already, shares a
-    parameter with the rest of the model (tied weights: changing it would change both) or carries an accelerate hook
-    is a ValueError."""
-    if (not isinstance(modules_to_save, (list, tuple)) or not modules_to_save
-            or not all(isinstance(n, str) and n for n in modules_to_save)):
-        raise ValueError(f"{op}: modules_to_save expected a non-empty list of module names, got {modules_to_save!r}")
+def selected_modules_to_save(model, modules_to_save):
+    """[(name, module)] that the modules_to_save entries select (named_modules_to_save's rule), unchecked."""
     found, skip_prefixes = [], []
     for name, module in model.named_modules():
         if not name or any(name.startswith(prefix) for prefix in skip_prefixes) or is_name_wrapper(module):
@@ -1396,6 +1388,20 @@ def named_modules_to_save(model, modules_to_save, op):
             found.append((name, module))
         if selected or isinstance(module, LORA_WRAPPERS):
             skip_prefixes.append(name + ".")  # nothing inside a selected module or a LoRA layer is selected again
+    return found
+
+
+def named_modules_to_save(model, modules_to_save, op):
+    """[(name, module)] that PEFT's modules_to_save selects: modules whose full name (as the state dict spells it)
+    ends with an entry (PEFT's plain suffix test), the outermost of nested matches, none inside a LoRA wrapper. Such
+    a module is trained and saved whole beside the adapter (PEFT adds the classification head of SEQ_CLS models this
+    way); LoRA targets never lie inside one (in_modules_to_save). A module that holds a LoRA layer already, shares a
+    parameter with the rest of the model (tied weights: changing it would change both) or carries an accelerate hook
+    is a ValueError."""
+    if (not isinstance(modules_to_save, (list, tuple)) or not modules_to_save
+            or not all(isinstance(n, str) and n for n in modules_to_save)):
+        raise ValueError(f"{op}: modules_to_save expected a non-empty list of module names, got {modules_to_save!r}")
+    found = selected_modules_to_save(model, modules_to_save)
     owners = _parameter_names(model)
     for name, module in found:
         inside = name + "."

@@ -45,10 +45,10 @@ from lora_kernels.modules import (_PEFT_ONLY_HINT, BASE_ADAPTER, BIAS_ATTR, BIAS
                                   _warn_tied_targets, adapter_table_lock, check_no_accelerate_hook,
                                   check_no_offloading_ancestor, check_targets_outside_heads, check_wrappable_linear,
                                   copy_into, embedding_layer, enable_input_grads_for_checkpointing, in_out_features,
-                                  is_conv1d, is_layer_index, is_name_wrapper, lora_scaling, named_modules_to_save,
-                                  layers_pattern_regex, named_target_modules, pattern_key_regex, pattern_value,
-                                  regex_error, resolve_batch_adapters, scaling_source, state_dict_name,
-                                  trained_biases, unwrap_model, warn_dropped_hooks,
+                                  is_conv1d, is_layer_index, is_name_wrapper, layers_pattern_regex, lora_scaling,
+                                  named_modules_to_save, named_target_modules, pattern_key_regex, pattern_value,
+                                  regex_error, resolve_batch_adapters, scaling_source, selected_modules_to_save,
+                                  state_dict_name, trained_biases, unwrap_model, warn_dropped_hooks,
                                   warn_fan_in_fan_out_corrections)
 from lora_kernels.ops import check_flag, refuse_inference_tensor_writes
 
@@ -500,8 +500,14 @@ def _split_modules_to_save(model, config, tensors, file, adapter_name, op):
     if not config.modules_to_save:
         return [], tensors
     if adapter_name is not None:
-        raise ValueError(f"{op}: {file} has modules_to_save {config.modules_to_save} (whole modules trained with the "
-                         f"adapter); MultiLoRALinear slots hold LoRA factors only, so it cannot load by adapter_name")
+        # entries that select no module of this model leave nothing trained whole (PEFT's load_adapter takes the file
+        # as another adapter); any keys of such a module left in the file are unexpected keys
+        selected = selected_modules_to_save(model, config.modules_to_save)
+        if not selected:
+            return [], tensors
+        raise ValueError(f"{op}: {file} has modules_to_save {config.modules_to_save}, which selects module "
+                         f"{selected[0][0]!r} (whole modules trained with the adapter); MultiLoRALinear slots hold "
+                         f"LoRA factors only, so it cannot load by adapter_name")
     rest, heads = dict(tensors), []
     for name, module in named_modules_to_save(model, config.modules_to_save, op):
         loaded = {key: _pop_state_tensor(op, file, rest, f"{KEY_PREFIX}{state_dict_name(name)}.{key}", current,

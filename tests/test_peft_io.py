@@ -530,9 +530,25 @@ def test_modules_to_save_errors_leave_the_model_untouched(tmp_path, monkeypatch)
 
     multi = lk.prepare_multi_adapter(_base(), ["q_proj", "v_proj"], max_adapters=2, max_rank=8)
     before = _snapshot(multi)
-    with pytest.raises(ValueError, match=r"modules_to_save \['head', 'norm'\].*cannot load by adapter_name"):
+    with pytest.raises(ValueError, match=r"modules_to_save \['head', 'norm'\], which selects module 'layers\.0\.norm' "
+                                         r"\(whole modules trained with the adapter\).*cannot load by adapter_name"):
         lk.load_peft_adapter(multi, tmp_path, adapter_name="a")
     _assert_same(multi, before)
+
+
+def test_slots_load_a_file_whose_modules_to_save_selects_no_module(tmp_path):
+    """modules_to_save entries that select no module of the model (a "classifier" of a task model the file was
+    not trained on) leave the file LoRA factors only: it loads by name as it loads without one, and as PEFT's
+    load_adapter takes it as another adapter. Slots refused it as if it held whole modules (helper 255)."""
+    lk.save_peft_adapter(_trained(["q_proj"]), tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "modules_to_save": ["classifier"]}))
+    x = torch.randn(3, 16)
+    expected = lk.load_peft_adapter(_base(), tmp_path, backend=BACKEND).eval()(x)
+    multi = lk.prepare_multi_adapter(_base(), ["q_proj"], max_adapters=2, max_rank=8, backend=BACKEND)
+    lk.load_peft_adapter(multi, tmp_path, adapter_name="a")
+    with lk.set_batch_adapters(multi, ["a"] * 3):
+        torch.testing.assert_close(multi.eval()(x), expected)
 
 
 class _Classifier(nn.Module):
