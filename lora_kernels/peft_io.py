@@ -415,7 +415,7 @@ def read_adapter_weights(path):
     return tensors, file
 
 
-def _key_hint(key):
+def _key_hint(key, bias):
     if "lora_magnitude_vector" in key:
         return " (DoRA magnitude: DoRA is not supported)"
     if "lora_embedding" in key:
@@ -424,16 +424,18 @@ def _key_hint(key):
         return (" (a wrapped layer's own tensor, which PEFT saves for a targeted embedding layer such as lm_head; "
                 "here that module is no target, or has no such tensor)")
     if key.endswith(".bias"):
+        if bias != "none":
+            return f" (a bias, as bias={bias!r} saves them, of no module of this model)"
         return " (a bias, which PEFT saves with bias='all' or 'lora_only'; the config has bias='none')"
     if ".modules_to_save." in key:
         return " (PEFT's in-memory name of a modules_to_save module; its files store it without that part)"
     return ""
 
 
-def group_adapter_weights(tensors, file, modules_to_save=None):
+def group_adapter_weights(tensors, file, modules_to_save=None, bias="none"):
     """{module name: {"lora_A": tensor, "lora_B": tensor}} from PEFT keys. Keys may still carry an adapter name
     (`.lora_A.default.weight`), one name for the whole file. Unknown keys and non-floating tensors raise ValueError
-    (modules_to_save: the config's names, for the message; their modules' keys are taken out before)."""
+    (modules_to_save, bias: the config's, for the message; their modules' and biases' keys are taken out before)."""
     grouped, adapter_names, unexpected = {}, set(), []
     for key, tensor in tensors.items():
         match = _KEY_RE.match(key[len(KEY_PREFIX):]) if key.startswith(KEY_PREFIX) else None
@@ -450,7 +452,7 @@ def group_adapter_weights(tensors, file, modules_to_save=None):
             raise ValueError(f"{file}: two tensors for {match.group('module')}.{match.group('factor')}")
         factors[match.group("factor")] = tensor
     if unexpected:
-        shown = ", ".join(f"{k!r}{_key_hint(k)}" for k in sorted(unexpected)[:5])
+        shown = ", ".join(f"{k!r}{_key_hint(k, bias)}" for k in sorted(unexpected)[:5])
         more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
         heads = (f", or the state of a module that modules_to_save {modules_to_save} selects in this model"
                  if modules_to_save else "")
@@ -567,12 +569,16 @@ def _split_biases(model, config, tensors, file, adapter_name, op, lora_names, he
 def _check_shared_biases(model, config, tensors, file, op, adapter_name):
     """The tensors but the biases, for a load by adapter_name: MultiLoRALinear slots share the base layers' biases
     with every adapter, so each bias the file holds must equal the model's (a MultiLoRALinear's state-dict key is
-    PEFT's `<layer>.base_layer.bias`); a file whose bias mode found no bias (a Llama's) holds none, and loads, as in
-    PEFT. One that trained them is refused; a key of no bias of the model stays, refused as unexpected."""
+    PEFT's `<layer>.base_layer.bias`; the file names a layer this adapter does not target `<layer>.bias`, which is
+    also `<layer>.base_layer.bias` here once the layer is prepared for another adapter); a file whose bias mode found
+    no bias (a Llama's) holds none, and loads, as in PEFT. One that trained them is refused; a key of no bias of the
+    model stays, refused as unexpected."""
     rest = dict(tensors)
     state = model.state_dict(keep_vars=True)
     for file_key in [key for key in tensors if key.endswith(".bias")]:
         key = file_key[len(KEY_PREFIX):] if file_key.startswith(KEY_PREFIX) else None
+        if key not in state and key is not None and ".base_layer." not in key:
+            key = f"{key.removesuffix('.bias')}.base_layer.bias"
         if key in state:
             _pop_base_model_tensor(op, file, rest, file_key, state[key], f"the model's {key!r}",
                                    f"a base bias (bias={config.bias!r})", adapter_name)
@@ -636,14 +642,17 @@ def _split_embedding_layers(model, targets, heads, tensors, file, adapter_name, 
     skip = {name for name, _ in targets} | {name for name, *_ in heads}
     for name, module in _embedding_layers(model, skip):
         key_name = state_dict_name(name)
-        for leaf, current in module.state_dict(keep_vars=True).items():
+        # one prepared for other adapters (slots) holds the layer as its base_layer; the file names the plain layer
+        base_name, base = ((f"{key_name}.base_layer", module.base_layer) if isinstance(module, MultiLoRALinear)
+                           else (key_name, module))
+        for leaf, current in base.state_dict(keep_vars=True).items():
             file_key = f"{KEY_PREFIX}{key_name}.{leaf}"
             if file_key not in rest:
                 continue
             tensor = _pop_base_model_tensor(
                 op, file, rest, file_key, current, f"embedding layer {name!r}'s {leaf}", f"the embedding layer's "
                 f"{leaf} (PEFT saves it for a resized vocabulary)", adapter_name)
-            found.append((f"{key_name}.{leaf}", current, tensor))
+            found.append((f"{base_name}.{leaf}", current, tensor))
     return found, rest
 
 
@@ -785,7 +794,7 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
     base_tensors, tensors = _split_base_layers(targets, tensors, file, adapter_name, op)
     embedding_tensors, tensors = _split_embedding_layers(model, targets, heads, tensors, file, adapter_name, op)
     base_tensors += embedding_tensors
-    grouped = group_adapter_weights(tensors, file, config.modules_to_save)
+    grouped = group_adapter_weights(tensors, file, config.modules_to_save, config.bias)
     # The file's names are the state dict's, the targets' the model's: they differ inside wrappers (state_dict_name)
     model_names = {state_dict_name(name): name for name, _ in targets}
     grouped = {model_names.get(key_name, key_name): factors for key_name, factors in grouped.items()}

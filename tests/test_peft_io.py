@@ -1931,6 +1931,42 @@ def test_a_merged_layer_saves_the_file_an_unmerged_one_does(tmp_path):
     torch.testing.assert_close(loaded(x), model.eval()(x))
 
 
+def test_slots_load_base_tensors_equal_to_the_model_s_of_layers_prepared_for_other_adapters(tmp_path):
+    """A file that holds base tensors equal to the model's (embed_tokens and lm_head from save_embedding_layers=True,
+    the biases of bias="all") loads by name, but was refused once the layer they belong to was a MultiLoRALinear
+    prepared for another adapter: the file's plain `lm_head.weight` / `o_proj.bias` were looked up under the
+    prepared layer's `base_layer.` keys, and the bias refusal said bias='none' of a bias='all' config (helper 255)."""
+    trained = lk.inject_lora(_language_model(), ["q_proj"], r=2, bias="all", init_lora_weights=False)
+    lk.save_peft_adapter(trained, tmp_path, save_embedding_layers=True)
+    ids = torch.randint(0, 11, (3, 5))
+    expected = lk.load_peft_adapter(_language_model(), tmp_path, backend=BACKEND).eval()(ids)
+    multi = lk.prepare_multi_adapter(_language_model(), ["q_proj", "o_proj", "lm_head"], max_adapters=2, max_rank=2,
+                                     backend=BACKEND)
+    lk.load_peft_adapter(multi, tmp_path, adapter_name="a")
+    with lk.set_batch_adapters(multi, ["a"] * 3):
+        torch.testing.assert_close(multi.eval()(ids), expected)
+    # a base tensor that differs from the model's is still refused by name, the slots unchanged
+    bias = multi.layers[0].o_proj.base_layer.bias
+    saved_bias = bias.detach().clone()
+    with torch.no_grad():
+        bias.add_(1.0)
+    before = _snapshot(multi)
+    with pytest.raises(ValueError, match=r"holds 'base_model\.model\.layers\.0\.o_proj\.bias', a base bias "
+                                         r"\(bias='all'\), and it differs from the model's"):
+        lk.load_peft_adapter(multi, tmp_path, adapter_name="b")
+    _assert_same(multi, before)
+    # a bias key of no module: unexpected, and the hint no longer says bias='none' of a bias='all' config
+    file = str(tmp_path / "adapter_model.safetensors")
+    save_file({**load_file(file), "base_model.model.layers.0.k_proj.bias": torch.zeros(16)}, file)
+    with torch.no_grad():
+        bias.copy_(saved_bias)
+    before = _snapshot(multi)
+    with pytest.raises(ValueError, match=r"unexpected keys 'base_model\.model\.layers\.0\.k_proj\.bias' \(a bias, as "
+                                         r"bias='all' saves them, of no module of this model\)"):
+        lk.load_peft_adapter(multi, tmp_path, adapter_name="c")
+    _assert_same(multi, before)
+
+
 def test_an_embedding_layer_tied_to_a_merged_target_saves_its_unmerged_weight(tmp_path):
     """embed_tokens tied to a targeted lm_head (tie_word_embeddings): once lm_head was merged, save_embedding_layers
     wrote embed_tokens.weight merged beside the unmerged lm_head.base_layer.weight, two values for one tensor, and
