@@ -427,8 +427,8 @@ def _key_hint(key, bias):
         if bias != "none":
             return f" (a bias, as bias={bias!r} saves them, of no module of this model)"
         return " (a bias, which PEFT saves with bias='all' or 'lora_only'; the config has bias='none')"
-    if ".modules_to_save." in key:
-        return " (PEFT's in-memory name of a modules_to_save module; its files store it without that part)"
+    if ".modules_to_save." in key or ".original_module." in key:
+        return " (PEFT's wrapper name of a modules_to_save module, of none that the config selects in this model)"
     return ""
 
 
@@ -512,10 +512,24 @@ def _split_modules_to_save(model, config, tensors, file, adapter_name, op):
                          f"LoRA factors only, so it cannot load by adapter_name")
     rest, heads = dict(tensors), []
     for name, module in named_modules_to_save(model, config.modules_to_save, op):
-        loaded = {key: _pop_state_tensor(op, file, rest, f"{KEY_PREFIX}{state_dict_name(name)}.{key}", current,
+        # PEFT's files may also hold a module's state under its wrapper's names: the trained copy
+        # (`<module>.modules_to_save.<key>`) and the original (`<module>.original_module.<key>`), both from its
+        # save_embedding_layers (a resized vocabulary) or bias="all" (their biases). PEFT loads `<module>.<key>`
+        # over the module and ignores them; so do we (the original is not kept here: the module is replaced in place),
+        # for the module's own keys and shapes (anything else stays, refused as unexpected). The trained copy's keys
+        # may carry the adapter name (`<module>.modules_to_save.default.<key>`, PEFT >= 0.18's bias="all").
+        state, prefix = module.state_dict(), f"{KEY_PREFIX}{state_dict_name(name)}."
+        wrapper_names = tuple(f"{prefix}{part}." for part in ("modules_to_save", "original_module"))
+        for file_key in [key for key in rest if key.startswith(wrapper_names)]:
+            part, _, key = file_key[len(prefix):].partition(".")
+            if part == "modules_to_save" and key not in state:
+                key = key.partition(".")[2]  # past the adapter name
+            if key in state and rest[file_key].shape == state[key].shape:
+                del rest[file_key]
+        loaded = {key: _pop_state_tensor(op, file, rest, f"{prefix}{key}", current,
                                          f"{key!r} of module {name!r} (modules_to_save)",
                                          f"modules_to_save {config.modules_to_save} selects module {name!r}")
-                  for key, current in module.state_dict().items()}
+                  for key, current in state.items()}
         heads.append((name, module, loaded))
     return heads, rest
 
@@ -536,13 +550,6 @@ def _split_biases(model, config, tensors, file, adapter_name, op, lora_names, he
     if adapter_name is not None:
         return [], _check_shared_biases(model, config, tensors, file, op, adapter_name)
     rest, biases = dict(tensors), []
-    if config.bias == "all":
-        # PEFT's "all" also saves the biases of a modules_to_save module under its wrapper's names: the trained copy
-        # (`<module>.modules_to_save...`; PEFT loads the module's own `<module>.<key>` over it) and the original
-        # (`<module>.original_module...`; not kept here, where the module is replaced in place)
-        wrapper_names = tuple(f"{KEY_PREFIX}{state_dict_name(name)}.{part}." for name, *_ in heads
-                              for part in ("modules_to_save", "original_module"))
-        rest = {k: v for k, v in rest.items() if not (k.startswith(wrapper_names) and k.endswith(".bias"))}
     expected = _bias_file_keys(model, config.bias, lora_names, [name for name, *_ in heads])
     # PEFT before 0.21 saved no bias with bias="lora_only" (it looked for `<layer>.bias`; a LoRA layer's is
     # `<layer>.base_layer.bias`), so its files hold none, and PEFT loads them over the base biases: the same here. A

@@ -931,7 +931,7 @@ def test_bias_all_with_modules_to_save_both_ways_with_peft(tmp_path):
     lk.save_peft_adapter(ours, tmp_path / "ours")
     back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
     torch.testing.assert_close(back(x), ours(x), rtol=1e-6, atol=1e-6)
-    # only the biases under the wrapper's names are passed over, not any other tensor there
+    # only the module's own tensors under the wrapper's names are passed over, not any other tensor there
     key = "base_model.model.classifier.original_module.out_proj.weight"
     _edit_weights(tmp_path / "peft", lambda t: t.update({key: torch.zeros(2, 2)}))
     with pytest.raises(ValueError, match=rf"unexpected keys '{re.escape(key)}'"):
@@ -1641,7 +1641,9 @@ def test_config_errors_name_the_file_they_come_from(tmp_path):
     ("embed.lora_embedding_A", "LoRA on an embedding: only linear layers are supported"),
     ("head.base_layer.weight", "a wrapped layer's own tensor, which PEFT saves for a targeted embedding layer"),
     ("head.bias", "a bias, which PEFT saves with bias='all' or 'lora_only'"),
-    ("head.modules_to_save.default.weight", "PEFT's in-memory name of a modules_to_save module"),
+    ("head.modules_to_save.default.weight", "PEFT's wrapper name of a modules_to_save module, of none that the "
+                                            "config selects in this model"),
+    ("head.original_module.weight", "PEFT's wrapper name of a modules_to_save module"),
     ("head.weight", None),
 ])
 def test_unexpected_keys_say_what_peft_saved_them_for(key, hint):
@@ -2295,6 +2297,45 @@ def test_embedding_layers_peft_saves_for_a_resized_vocabulary_load_as_peft_loads
         lk.load_peft_adapter(other, tmp_path, backend=BACKEND)
     assert not any(isinstance(m, LoRALinear) for m in other.modules())
     assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+
+
+def test_embedding_heads_peft_saves_under_wrapper_names_for_a_resized_vocabulary_load(tmp_path):
+    """The other recipe for new tokens: modules_to_save=["embed_tokens", "lm_head"]. PEFT's save_embedding_layers
+    (on a resized vocabulary) then also writes each head under its wrapper's names, `<layer>.modules_to_save.weight`
+    and `<layer>.original_module.weight`, beside `<layer>.weight`, and loads `<layer>.weight`: the file was refused
+    as unexpected keys, with a hint that PEFT's files hold no such names (helper 255)."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from conftest import tiny_llama_config
+
+    def base():
+        torch.manual_seed(0)
+        return transformers.LlamaForCausalLM(tiny_llama_config(vocab_size=104, tie_word_embeddings=False)).eval()
+
+    theirs = peft.get_peft_model(base(), peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=4,
+                                                         modules_to_save=["embed_tokens", "lm_head"],
+                                                         init_lora_weights=False)).eval()
+    with torch.no_grad():
+        for name, parameter in theirs.named_parameters():
+            if parameter.requires_grad and "modules_to_save" in name:
+                parameter.add_(0.5)  # the heads, trained
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.save_pretrained(tmp_path, save_embedding_layers=True)
+    saved = set(load_file(tmp_path / "adapter_model.safetensors"))
+    assert {f"base_model.model.{layer}.{part}weight" for layer in ("model.embed_tokens", "lm_head")
+            for part in ("", "modules_to_save.", "original_module.")} <= saved
+    ids = torch.tensor([[1, 5, 101, 102]])
+    with torch.no_grad():
+        expected = theirs(input_ids=ids).logits
+        ours = lk.load_peft_adapter(base(), tmp_path, backend=BACKEND)
+        torch.testing.assert_close(ours(input_ids=ids).logits, expected)
+    # a wrapper-named tensor of another shape is no copy of the head: refused as unexpected, with PEFT's name for it
+    key = "base_model.model.lm_head.original_module.weight"
+    _edit_weights(tmp_path, lambda t: t.update({key: torch.zeros(2, 2)}))
+    with pytest.raises(ValueError, match=rf"unexpected keys '{re.escape(key)}' \(PEFT's wrapper name of a "
+                                         rf"modules_to_save module"):
+        lk.load_peft_adapter(base(), tmp_path, backend=BACKEND)
 
 
 def test_save_embedding_layers_writes_a_resized_vocabulary_as_peft_does(tmp_path):
