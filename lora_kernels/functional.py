@@ -2,8 +2,9 @@
 
 Single adapter (design.md §2), x [..., K], weight [N, K], lora_a [r, K], lora_b [N, r]:
     y = x @ weight.T + scaling * (drop(x) @ lora_a.T) @ lora_b.T + bias
-Backward gives dX, dA, dB and d(bias); dW only when weight.requires_grad (full fine-tuning). Saved: x and
-S = drop(x) @ lora_a.T; the dropout mask is regenerated from a seed, never stored.
+Backward gives dX, dA, dB and d(bias); dW only when weight.requires_grad (full fine-tuning). Saved:
+S = drop(x) @ lora_a.T, and x where lora_a or the weight requires grad; the dropout mask is regenerated from a seed,
+never stored.
 """
 
 import contextlib
