@@ -29,7 +29,7 @@ from torch.fx.experimental.symbolic_shapes import guard_or_true
 
 from lora_kernels import triton as triton_pkg
 from lora_kernels._dtensor import describe, dtensor_class, is_dtensor
-from lora_kernels._ext import accumulate_dtype, autocast_off, has_host_values
+from lora_kernels._ext import accumulate_dtype, autocast_off, has_host_values, wide_mm
 from lora_kernels.backends import resolve_backend
 from lora_kernels.batch import BUFFER_FIELDS, LoRABatch
 
@@ -497,10 +497,21 @@ def _torch_shrink(x, lora_a, batch, scalings, ranks):
         return shrink(x, lora_a, batch, scalings, ranks)
 
 
+def _scaled_shrink(x, a, scaling):
+    """scaling · (x @ a.T) in float32 (the shrink's fp32 intermediate), the product kept wide until it is scaled:
+    rounded to x's dtype first, it overflowed fp16 past 65504 (and float64 past float32's range) where the reference
+    and the fused kernels, which accumulate wide, give the scaled result; bf16 kept 8 bits of it."""
+    if x.dtype == torch.float64:
+        return (x @ a.T * scaling).float()
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return wide_mm(x, a.T) * scaling
+    return (x @ a.T) * scaling
+
+
 def _torch_shrink_by_slot(x, lora_a, batch, scalings, ranks):
     out = torch.zeros(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
     for slot, rows, rank in host_slot_rows(batch, ranks):
-        out[rows, :rank] = (x.index_select(0, rows) @ lora_a[slot, :rank].T).float() * scalings[slot]
+        out[rows, :rank] = _scaled_shrink(x.index_select(0, rows), lora_a[slot, :rank], scalings[slot])
     return out
 
 
@@ -511,7 +522,7 @@ def _torch_shrink_masked(x, lora_a, batch, scalings, ranks):
     for slot in range(lora_a.shape[0]):
         # The columns past the slot's rank are selected away, not computed from A's rows zeroed: an Inf or NaN token
         # times those zeros gave NaN where the output is zero (and A's padding, which may hold NaN, only reaches them).
-        contribution = (x @ lora_a[slot].T).float() * scalings[slot]
+        contribution = _scaled_shrink(x, lora_a[slot], scalings[slot])
         out = torch.where((ids == slot)[:, None] & (columns < ranks[slot])[None, :], contribution, out)
     return out
 

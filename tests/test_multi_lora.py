@@ -1907,6 +1907,56 @@ def test_fp16_output_stays_finite_where_only_the_scaled_shrink_overflows(backend
 @pytest.mark.parametrize("backend", GROUPED_BACKENDS)
 @pytest.mark.parametrize("num_tokens", [12, 80], ids=["decode", "prefill"])
 @pytest.mark.parametrize("slot_loop", [False, True], ids=["own_path", "device_slot_loop"])
+def test_fp16_output_stays_finite_where_only_the_unscaled_shrink_overflows(backend, num_tokens, slot_loop, device,
+                                                                           monkeypatch):
+    """x·Aᵀ above fp16's 65504 with scalings below 1, where s·S and y are in range: the torch backend rounded x·Aᵀ to
+    fp16 before widening and scaling it (y = inf; lora_shrink's fp32 result inf where the reference's is finite);
+    the other backends accumulate in fp32 (helper 254). device_slot_loop: the GPU path, here on CPU tensors."""
+    backend_or_skip(backend, device)
+    if slot_loop:
+        if backend == "triton":
+            pytest.skip("the triton backend runs its own kernel")
+        from lora_kernels import ops
+        monkeypatch.setattr(ops, "slots_on_host", lambda device: False)
+    dtype, num_slots, max_rank, k, n = torch.float16, 2, 4, 32, 16
+    ranks, scalings = [4, 3], torch.tensor([0.004, -0.003])
+    lora_a = (40.0 * (1.0 + torch.rand(num_slots, max_rank, k))).to(dtype).to(device)  # one sign: no cancelling
+    x = (40.0 * (1.0 + torch.rand(num_tokens, k))).to(dtype).to(device)
+    lora_b = randn(num_slots, n, max_rank, dtype=dtype, device=device)
+    weight = randn(n, k, dtype=dtype, device=device, scale=k ** -0.5)
+    ids = segment_ids("mixed_base", num_tokens, num_slots).to(device)
+    shrunk = reference.lora_shrink(x.cpu(), lora_a.cpu(), ids.cpu(), torch.ones(num_slots), torch.tensor(ranks))
+    assert shrunk[ids.cpu() >= 0, :min(ranks)].abs().min() > torch.finfo(dtype).max  # every in-rank one overflows
+    expected = reference.multi_lora_linear(x.cpu(), weight.cpu(), lora_a.cpu(), lora_b.cpu(), ids.cpu(), scalings,
+                                           None, torch.tensor(ranks))
+    assert expected.abs().max() < torch.finfo(dtype).max / 4  # y does not
+    got = lk.multi_lora_linear(x, weight, lora_a, lora_b, ids, scalings, ranks=ranks, backend=backend)
+    assert torch.isfinite(got).all()
+    assert_close(got, expected, dtype, "y")
+    batch = LoRABatch.from_adapter_ids(ids, num_slots)
+    got_shrink = lk.ops.lora_shrink(x, lora_a, batch, scalings, ranks, backend=backend)
+    assert_close(got_shrink, reference.lora_shrink(x.cpu(), lora_a.cpu(), ids.cpu(), scalings, torch.tensor(ranks)),
+                 torch.float32, "shrink")
+
+
+@pytest.mark.parametrize("backend", [b for b in GROUPED_BACKENDS if b != "triton"])
+def test_float64_shrink_scales_a_product_past_float32_range_before_narrowing(backend, device):
+    """float64 x·Aᵀ past float32's range with a scaling that brings it back: the torch backend narrowed the product
+    to float32 before scaling it (inf; 0 · inf = NaN at scaling 0), where the reference and cpu give the scaled
+    float32 result (helper 254)."""
+    backend_or_skip(backend, device)
+    x = torch.full((3, 4), 1e20, dtype=torch.float64, device=device)
+    lora_a = torch.full((1, 2, 4), 1e20, dtype=torch.float64, device=device)  # x·Aᵀ = 4e40
+    batch = LoRABatch.from_adapter_ids(torch.tensor([0, -1, 0], device=device), 1)
+    for scaling in (1e-10, 0.0):
+        got = lk.ops.lora_shrink(x, lora_a, batch, torch.tensor([scaling], dtype=torch.float64), [2], backend=backend)
+        expected = torch.tensor([4e40 * scaling] * 2, dtype=torch.float32)
+        torch.testing.assert_close(got.cpu(), torch.stack([expected, torch.zeros(2), expected]), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS)
+@pytest.mark.parametrize("num_tokens", [12, 80], ids=["decode", "prefill"])
+@pytest.mark.parametrize("slot_loop", [False, True], ids=["own_path", "device_slot_loop"])
 @pytest.mark.parametrize("overflowing", ["scaled", "unscaled"])
 def test_fp16_x_and_lora_a_gradients_stay_finite_where_only_the_scaled_dy_b_overflows(backend, num_tokens, slot_loop,
                                                                                         overflowing, device,
