@@ -881,8 +881,8 @@ def _multi_lora_forward(x2, weight, bias, lora_a, lora_b, batch, scalings, ranks
 def _multi_lora_term(x2, lora_a, lora_b, adapter_ids, scalings, ranks, shrunk=None):
     """The grouped LoRA term [M, N] (design.md §3) in differentiable torch ops, in lora_b's dtype (x2's: the slots
     are cast to it; accumulated in fp32, fp64 for fp64): what autograd differentiates where the kernels cannot be
-    (create_graph=True, torch.func). Slot by slot over all rows with `where`, so no other slot's NaN row and no NaN
-    padding reaches a value or a gradient (L·M·R·(K+N) work: these paths are not the fast ones). Autocast is off
+    (create_graph=True, torch.func). Slot by slot over all rows with `where`, so no other slot's NaN or Inf row and
+    no NaN padding reaches a value or a gradient (L·M·R·(K+N) work: these paths are not the fast ones). Autocast is off
     inside: it would run the fp32 matmuls in its 16-bit dtype. shrunk: the forward's unscaled S = x2·Aᵀ [M, R] in
     place of x2 and lora_a (both None), for dB where the forward kept no x (see MultiLoRAFunction.forward)."""
     acc = accumulate_dtype(lora_b.dtype)
@@ -905,7 +905,10 @@ def _multi_lora_term(x2, lora_a, lora_b, adapter_ids, scalings, ranks, shrunk=No
             used = rows.any()
             b_slot = torch.where(used, b[slot], zero)
             if shrunk is None:
-                s_slot = torch.where(rows, x_acc, zero) @ torch.where(used, a[slot], zero).T
+                # the product's other rows and padding columns are selected away too: 0 times an Inf of A (other
+                # rows, whose x is zeroed) or of x (padding, whose A is zeroed) is NaN, in y or in dB = Sᵀ·dY
+                s_slot = torch.where(rows & in_rank[slot],
+                                     torch.where(rows, x_acc, zero) @ torch.where(used, a[slot], zero).T, zero)
             else:  # S's columns past the slot's rank and other slots' rows are never read
                 s_slot = torch.where(rows & in_rank[slot], shrunk_acc, zero)
             term = (s_slot * scalings[slot].to(acc)) @ b_slot.T

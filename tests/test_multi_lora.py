@@ -1889,6 +1889,51 @@ def _scaled_shrink_overflow_case(num_tokens, device):
 
 
 @pytest.mark.parametrize("backend", GROUPED_BACKENDS)
+@pytest.mark.parametrize("path", ["float64", "create_graph", "torch_func"])
+def test_an_inf_stays_inf_through_the_differentiable_grouped_composition(backend, path, device):
+    """The torch composition of the grouped term (float64 on the cpu and torch backends; create_graph=True and
+    torch.func on every backend) zeroed A's padding and other slots' rows of x, then multiplied: an Inf in x (a token
+    of a slot of rank < R), in dY, or in A (beside a base-only token) met those zeros and gave NaN in y, dX or dB,
+    where the reference gives Inf (helper 254). All values positive, so every Inf stays an Inf there."""
+    backend_or_skip(backend, device)
+    dtype = torch.float64 if path == "float64" else torch.float32
+    if dtype == torch.float64 and backend == "triton":
+        pytest.skip("the triton backend takes no float64")
+    k, n, max_rank = 3, 4, 2
+    g = torch.Generator().manual_seed(5)
+    weight = torch.ones(n, k, dtype=dtype)
+    lora_a = torch.rand(1, max_rank, k, generator=g, dtype=dtype) + 0.5
+    lora_b = torch.rand(1, n, max_rank, generator=g, dtype=dtype) + 0.5
+    x = torch.rand(2, k, generator=g, dtype=dtype) + 0.5
+    dy = torch.ones(2, n, dtype=dtype)
+    inf_x, inf_dy, inf_a = x.clone(), dy.clone(), lora_a.clone()
+    inf_x[0, 0] = inf_dy[0, 0] = inf_a[0, 0, 1] = float("inf")
+    cases = [("Inf in x, rank 1 < R", inf_x, lora_a, dy, [0, 0], [1]),
+             ("Inf in dY, rank 1 < R", x, lora_a, inf_dy, [0, 0], [1]),
+             ("Inf in A, a base-only token", x, inf_a, dy, [0, -1], [2])]
+    for what, x_case, a_case, dy_case, ids, ranks in cases:
+        ids = torch.tensor(ids)
+
+        def run(impl, inputs, backend_name):
+            return impl(inputs[0], weight.to(inputs[0]), inputs[1], inputs[2], ids.to(inputs[0].device),
+                        [1.0], ranks=ranks, backend=backend_name)
+
+        ref_leaves = [t.double().clone().requires_grad_(True) for t in (x_case, a_case, lora_b)]
+        expected = run(lk.multi_lora_linear, ref_leaves, "reference")
+        expected.backward(dy_case.double())
+        leaves = [t.to(device).clone().requires_grad_(True) for t in (x_case, a_case, lora_b)]
+        if path == "torch_func":
+            y, vjp = torch.func.vjp(lambda *ins: run(lk.multi_lora_linear, ins, backend), *leaves)
+            grads = vjp(dy_case.to(device))
+        else:
+            y = run(lk.multi_lora_linear, leaves, backend)
+            grads = torch.autograd.grad(y, leaves, dy_case.to(device), create_graph=path == "create_graph")
+        assert_same_non_finite(y, expected.to(dtype), dtype, f"y, {what}")
+        for name, grad, ref_leaf in zip(("x", "lora_a", "lora_b"), grads, ref_leaves):
+            assert_same_non_finite(grad, ref_leaf.grad.to(dtype), dtype, f"d{name}, {what}")
+
+
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS)
 @pytest.mark.parametrize("num_tokens", [12, 80], ids=["decode", "prefill"])
 def test_fp16_output_stays_finite_where_only_the_scaled_shrink_overflows(backend, num_tokens, device):
     """|s·S| above fp16's 65504 where S and y are in range: y is finite and accurate on both kernel paths (the
