@@ -40,3 +40,22 @@ def is_tensor_parallel(module):
     tensor parallelism, not an FSDP2 shard, which forwards plain tensors."""
     pre_hooks, hooks = tensor_parallel_hooks(module)
     return is_dtensor(module.weight) and bool(pre_hooks) and bool(hooks)
+
+
+def reshard_fsdp2_units(module):
+    """Reshards each fully_shard (FSDP2) unit that holds one of `module`'s parameters unsharded now. A root-only
+    fully_shard (or reshard_after_forward=False) leaves them unsharded after a forward, as plain tensors, and a write
+    into those (merge(), a loaded adapter, a slot) was dropped at the unit's next reshard, silently: the layer then
+    claimed merged and computed the base model. Resharded first, the write reaches the shards, or is refused where
+    sharded tensors are. FSDPModule.reshard is local (no collective) and leaves a sharded unit as it is. The units
+    come from torch's registry of composable module states (private: without it, nothing is resharded)."""
+    fsdp_module = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+    registry = getattr(sys.modules.get("torch.distributed._composable_state"), "_module_state_mapping", None)
+    if fsdp_module is None or not registry:
+        return
+    units = [unit for unit in list(registry.keys()) if isinstance(unit, fsdp_module)]
+    if units:
+        own = {id(parameter) for parameter in module.parameters()}
+        for unit in units:
+            if any(id(parameter) in own for parameter in unit.parameters()):
+                unit.reshard()

@@ -15,7 +15,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from lora_kernels._dtensor import describe, is_dtensor, is_tensor_parallel_hook, tensor_parallel_hooks
+from lora_kernels._dtensor import (describe, is_dtensor, is_tensor_parallel_hook, reshard_fsdp2_units,
+                                   tensor_parallel_hooks)
 from lora_kernels._ext import is_finite_number, through_op
 from lora_kernels._warnings import warn_at_caller
 from lora_kernels.backends import check_backend_name
@@ -466,6 +467,7 @@ class LoRALinear(nn.Module):
         """Adds scaling * B @ A into the base weight. safe_merge computes the result first and refuses (ValueError,
         weight untouched) when it holds NaN or Inf."""
         safe_merge = check_flag("LoRALinear.merge", "safe_merge", safe_merge)
+        reshard_fsdp2_units(self)
         self._refuse_computed_weight("LoRALinear.merge")
         self._refuse_subclass_weight("LoRALinear.merge")
         self._check_factor_devices("LoRALinear.merge")
@@ -499,6 +501,7 @@ class LoRALinear(nn.Module):
         """Subtracts the merged delta again (exact up to the weight dtype's rounding)."""
         if not self.merged:
             raise RuntimeError("LoRALinear.unmerge: the adapter is not merged")
+        reshard_fsdp2_units(self)
         self._refuse_computed_weight("LoRALinear.unmerge")
         self._check_factor_devices("LoRALinear.unmerge")
         refuse_inference_tensor_writes("LoRALinear.unmerge", [("the base weight", self.weight)])
@@ -886,7 +889,9 @@ class MultiLoRALinear(nn.Module):
     def _refuse_sharded_slots(self, op):
         """TypeError when fully_shard (FSDP2) split the stacked slots over the ranks: `lora_a[slot]` is then a gathered
         copy, so writing one slot failed in torch ("mixed torch.Tensor and DTensor"), naming nothing, or (zero_())
-        changed only the copy."""
+        changed only the copy. Slots that a unit holds unsharded after a forward are resharded first
+        (reshard_fsdp2_units)."""
+        reshard_fsdp2_units(self)
         if is_dtensor(self.lora_a) or is_dtensor(self.lora_b):
             raise TypeError(f"{op}: the layer's slots are {describe(self.lora_a)} (sharded by fully_shard); set, "
                             f"load, clear or delete adapters before sharding the model")
@@ -1534,7 +1539,8 @@ def unwrap_model(model, op, *, adds_parameters=False, ddp_hint=None):
     """The model inside torch.compile's and DistributedDataParallel/DataParallel's wrappers, whose module names are
     the model's own (the wrappers prefix them with `_orig_mod.` / `module.`): the model utilities and the adapter
     files use those names, as PEFT does for a compiled or DDP-wrapped model. Anything but an nn.Module is a
-    TypeError naming `op`. An op that adds or replaces parameters (adds_parameters) refuses DDP: DDP took its
+    TypeError naming `op`. An op that adds or replaces parameters (adds_parameters) reshards FSDP2 units first
+    (reshard_fsdp2_units) and refuses DDP: DDP took its
     parameter list when it was built, so new LoRA weights would train unsynchronised on each rank; ddp_hint: what
     to do instead, for the message (default: call op before wrapping)."""
     if not isinstance(model, nn.Module):
@@ -1551,6 +1557,8 @@ def unwrap_model(model, op, *, adds_parameters=False, ddp_hint=None):
         elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
         else:
+            if adds_parameters:  # it writes the model's tensors too: into the shards, not unsharded copies
+                reshard_fsdp2_units(model)
             return model
 
 

@@ -133,6 +133,30 @@ def _worker(rank, port, out_dir):
             results["fsdp2_multi_slots"] = (multi.lora_adapter_slots,  # FSDP2 shards parameters, not buffers
                                             [m.ranks.tolist() for m in layers],
                                             [m.lora_a.full_tensor()[0].count_nonzero().item() > 0 for m in layers])
+            # a root-only fully_shard keeps the parameters unsharded after a forward, as plain tensors: merge() and a
+            # load then wrote into those copies, dropped at the next reshard (the layer claimed merged and computed
+            # the base model; the loaded adapter gave way to the one before), silently (helper 257)
+            other = _model()
+            with torch.no_grad():
+                for layer in other:
+                    if isinstance(layer, lk.LoRALinear):
+                        layer.lora_B.weight.add_(0.5)
+                if rank == 0:
+                    lk.save_peft_adapter(other, os.path.join(out_dir, "other_adapter"))
+                dist.barrier()
+                unsharded = {}
+                for write in ("merge", "load"):
+                    root_only = fully_shard(_model())
+                    expected = root_only(x) if write == "merge" else other(x)
+                    if write == "merge":
+                        for layer in root_only:
+                            if isinstance(layer, lk.LoRALinear):
+                                layer.merge()
+                    else:
+                        lk.load_peft_adapter(root_only, os.path.join(out_dir, "other_adapter"))
+                    root_only.reshard()  # as the next backward does
+                    unsharded[write] = (root_only(x) - expected).abs().max().item()
+            results["fsdp2_unsharded_writes"] = unsharded
             # README: float32 factors and trained 16-bit biases in one fully_shard group fail FSDP2's one-dtype
             # check; autocast_adapter_dtype=False (16-bit factors) passes it
             for float32_factors in (True, False):
@@ -192,6 +216,9 @@ def test_ddp_and_fsdp2_lora_gradients_equal_one_process_and_saved_adapters_load(
             assert "clear or delete adapters before sharding the model" in refused, refused
         # nothing half-applied: adapter "a" in slot 0 of every layer, its factors there
         assert results.pop("fsdp2_multi_slots") == ({"a": 0}, [[4, 0]] * 3, [True] * 3)
+        # merged: the same outputs up to rounding; loaded: the other adapter's outputs
+        unsharded_writes = results.pop("fsdp2_unsharded_writes")
+        assert unsharded_writes["merge"] < 1e-5 and unsharded_writes["load"] < 1e-6, unsharded_writes
     assert sorted(results) == kinds
     x, _ = _batch()
     for kind in kinds:

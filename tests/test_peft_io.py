@@ -1349,8 +1349,9 @@ def _raw_config(**changes):
     ({"rank_pattern": [["q_proj", 4]]}, r"field 'rank_pattern' expected an object \{module-name regex: value\}"),
     ({"rank_pattern": {"(": 4}}, r"field 'rank_pattern' has an invalid regex key '\('"),
     # inline flags compile alone but not inside the lookup regex: re.error, naming neither file nor field, escaped
-    ({"alpha_pattern": {"(?i)V_PROJ": 2}}, r"field 'alpha_pattern' has an invalid regex key '\(\?i\)V_PROJ' "
-                                           r"\(global flags not at the start .*, inside .*, the regex it is matched as"),
+    ({"alpha_pattern": {"(?i)V_PROJ": 2}},
+     r"field 'alpha_pattern' has an invalid regex key '\(\?i\)V_PROJ' \(global flags not at the start .*, inside .*, "
+     r"the regex it is matched as"),
     ({"layers_to_transform": [0], "layers_pattern": ["layers", "(?i)LAYERS"]},
      r"field 'layers_pattern' has an invalid regex '\(\?i\)LAYERS' \(global flags not at the start .*, inside "),
     ({"rank_pattern": {"q_proj": 0}}, r"field \"rank_pattern\['q_proj'\]\" expected an int >= 1, got 0"),
