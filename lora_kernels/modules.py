@@ -605,8 +605,13 @@ class LoRALinear(nn.Module):
                 hint = " (never loaded: load the adapter first, e.g. with load_peft_adapter)" if factor.is_meta else ""
                 raise ValueError(f"{op}: {name} expected device {self.weight.device} (the base weight's), got "
                                  f"{factor.device}{hint}; {unchanged} is unchanged")
-        # FSDP1 (use_orig_params=True) holds the parameters as 1-D views of each rank's flat shard outside
-        # summon_full_params, often empty: B @ A of empty shards is 0, so merge() had set `merged` and added nothing
+        self._check_full_shapes(op, unchanged)
+
+    def _check_full_shapes(self, op, unchanged="the layer"):
+        """ValueError naming the tensor whose shape is not the layer's. FSDP1 (use_orig_params=True) holds the
+        parameters as 1-D views of each rank's flat shard outside summon_full_params, often empty: B @ A of empty
+        shards is 0, so merge() had set `merged` and added nothing, and a load failed in torch's copy ("The size of
+        tensor a (36) must match the size of tensor b (16)"), naming no tensor."""
         weight_shape = (self.in_features, self.out_features) if self.fan_in_fan_out else (self.out_features,
                                                                                           self.in_features)
         for name, tensor, shape in (("weight", self.weight, weight_shape),
@@ -1562,6 +1567,20 @@ def unwrap_model(model, op, *, adds_parameters=False, ddp_hint=None):
             return model
 
 
+def refuse_new_layers_under_fsdp1(op, model):
+    """ValueError when `model` is or holds a FullyShardedDataParallel (FSDP1) unit: FSDP1 flattened its parameters
+    when it was built, so a LoRA layer made now would hold a view of a flat shard as its weight (outside
+    summon_full_params: a 1-D one, which the first forward refused) and factors outside the flat parameter, neither
+    sharded nor synchronised. Made before wrapping, the layers are FSDP1's like any other."""
+    fsdp1 = getattr(sys.modules.get("torch.distributed.fsdp"), "FullyShardedDataParallel", None)
+    units = [] if fsdp1 is None else [name for name, module in model.named_modules() if isinstance(module, fsdp1)]
+    if units:
+        where = "is" if units[0] == "" else f"holds ({units[0]!r})"
+        raise ValueError(f"{op}: the model {where} a FullyShardedDataParallel (FSDP1) unit, which fixed its "
+                         f"parameters when it was built (new LoRA layers would be neither sharded nor synchronised); "
+                         f"call {op} on the model first, then wrap it")
+
+
 def enable_input_grads_for_checkpointing(model):
     """As PEFT when it wraps a model: a transformers model with gradient checkpointing on gets its input embeddings'
     output marked as requiring grad. Reentrant checkpointing recomputes (and back-propagates through) a segment only
@@ -1672,6 +1691,7 @@ def inject_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_
     module's (GPT-2's lm_head) gets PEFT's warning: LoRALinear.merge() would change both; merge_and_unload unties."""
     op = "inject_lora"
     wrapper, model = model, unwrap_model(model, op, adds_parameters=True)
+    refuse_new_layers_under_fsdp1(op, model)
     check_bias_mode(op, bias)
     fan_in_fan_out = check_flag(op, "fan_in_fan_out", fan_in_fan_out)
     autocast_adapter_dtype = check_flag(op, "autocast_adapter_dtype", autocast_adapter_dtype)
@@ -1758,6 +1778,7 @@ def prepare_multi_adapter(model, target_modules, max_adapters, max_rank, *, excl
     model."""
     op = "prepare_multi_adapter"
     wrapper, model = model, unwrap_model(model, op, adds_parameters=True)
+    refuse_new_layers_under_fsdp1(op, model)
     if getattr(model, "lora_adapter_slots", None) is not None:
         raise ValueError(f"{op}: the model is prepared already (it has lora_adapter_slots)")
     targets = find_target_linears(model, target_modules, exclude_modules, op, layers_to_transform=layers_to_transform,

@@ -47,9 +47,9 @@ from lora_kernels.modules import (_PEFT_ONLY_HINT, BASE_ADAPTER, BIAS_ATTR, BIAS
                                   copy_into, embedding_layer, enable_input_grads_for_checkpointing, in_out_features,
                                   is_conv1d, is_layer_index, is_name_wrapper, layers_pattern_regex, lora_scaling,
                                   named_modules_to_save, named_target_modules, pattern_key_regex, pattern_value,
-                                  regex_error, resolve_batch_adapters, scaling_source, selected_modules_to_save,
-                                  state_dict_name, trained_biases, unwrap_model, warn_dropped_hooks,
-                                  warn_fan_in_fan_out_corrections)
+                                  refuse_new_layers_under_fsdp1, regex_error, resolve_batch_adapters, scaling_source,
+                                  selected_modules_to_save, state_dict_name, trained_biases, unwrap_model,
+                                  warn_dropped_hooks, warn_fan_in_fan_out_corrections)
 from lora_kernels.ops import check_flag, refuse_inference_tensor_writes
 
 CONFIG_NAME = "adapter_config.json"
@@ -716,6 +716,7 @@ def _plan_layers(op, model, file, config, targets, grouped, adapter_name):
                              f"{name!r} is a {type(module).__name__}; {fix}")
         elif isinstance(module, LoRALinear):
             module.refuse_offloaded(op)
+            module._check_full_shapes(f"{op}: module {name!r}", "the model")
             if module.merged:
                 raise ValueError(f"{op}: module {name!r} has a merged adapter; unmerge() it first")
             if module.r != r:
@@ -723,6 +724,7 @@ def _plan_layers(op, model, file, config, targets, grouped, adapter_name):
                                  f"load into the base model or a model injected with the adapter's ranks")
             in_features, out_features = module.in_features, module.out_features
         else:  # nn.Linear or transformers Conv1D: _check_target_type let nothing else through
+            refuse_new_layers_under_fsdp1(op, model)
             check_no_accelerate_hook(op, name, module)
             check_no_offloading_ancestor(op, model, name)
             check_wrappable_linear(op, f"module {name!r}", module)

@@ -701,6 +701,27 @@ def _fsdp1_worker(rank, port, out_dir):
         except ValueError as exc:
             refusals.append(str(exc))
         unchanged = [type(layer).__name__ for layer in model.module] == ["LoRALinear", "GELU"] * 2 + ["LoRALinear"]
+        dist.barrier()  # both ranks wrote fsdp1_adapter
+        try:  # into the flat shards: torch's copy failed, naming no tensor ("The size of tensor a (36) must match")
+            lk.load_peft_adapter(model, os.path.join(out_dir, "fsdp1_adapter"))
+            refusals.append("loaded")
+        except ValueError as exc:
+            refusals.append(str(exc))
+        # LoRA layers made inside FSDP1 (its flat parameters fixed when it was built) held a flat shard as weight and
+        # factors outside the flat parameter: refused, the model unchanged, inside summon_full_params too
+        plain = FSDP(_base(), device_id=torch.device("cpu"), use_orig_params=True)
+        added = []
+        for op, call in (("inject_lora", lambda: lk.inject_lora(plain, ["0"])),
+                         ("prepare_multi_adapter", lambda: lk.prepare_multi_adapter(plain, ["0"], 2, 4)),
+                         ("load_peft_adapter", lambda: lk.load_peft_adapter(plain, os.path.join(out_dir,
+                                                                                                "fsdp1_adapter")))):
+            with FSDP.summon_full_params(plain, writeback=True):
+                try:
+                    call()
+                    added.append(f"{op}: accepted")
+                except ValueError as exc:
+                    added.append(str(exc))
+        added.append(not any(isinstance(m, lk.LoRALinear) for m in plain.modules()))
         # use_orig_params=False: the factors keep their shapes but view the flat parameter FSDP1 frees after the
         # backward (saving them crashed the process)
         flat = FSDP(_model().requires_grad_(True), device_id=torch.device("cpu"), use_orig_params=False)
@@ -714,7 +735,7 @@ def _fsdp1_worker(rank, port, out_dir):
             refusals.append(str(exc))
         if rank == 0:
             torch.save(outside, os.path.join(out_dir, "fsdp1_outside.pt"))
-        torch.save((refusals, merged, unchanged), os.path.join(out_dir, f"fsdp1_refusals_{rank}.pt"))
+        torch.save((refusals, merged, unchanged, added), os.path.join(out_dir, f"fsdp1_refusals_{rank}.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -727,7 +748,8 @@ def test_fsdp1_save_refuses_flat_shards_and_saves_the_gathered_adapter(tmp_path)
     under `_fsdp_wrapped_module.` keys. Refused by name; inside summon_full_params the adapter is the whole one, under
     the model's own names. merge() / merge_and_unload there are refused too (a merge of empty shards had added
     nothing and set `merged`, silently dropping the adapter from the output), and so is saving the factors of a
-    use_orig_params=False model after the backward freed the flat parameter they view (a SIGSEGV)."""
+    use_orig_params=False model after the backward freed the flat parameter they view (a SIGSEGV), and loading into
+    them. LoRA layers made inside an FSDP1 model are refused (helper 257)."""
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     _run_workers(_fsdp1_worker, WORLD, tmp_path)
@@ -735,11 +757,15 @@ def test_fsdp1_save_refuses_flat_shards_and_saves_the_gathered_adapter(tmp_path)
     assert "FSDP1" in outside and "summon_full_params" in outside, outside
     assert not (tmp_path / "fsdp1_sharded").exists()
     for rank in range(WORLD):
-        refusals, merged, unchanged = torch.load(tmp_path / f"fsdp1_refusals_{rank}.pt")
-        assert len(refusals) == 5
+        refusals, merged, unchanged, added = torch.load(tmp_path / f"fsdp1_refusals_{rank}.pt")
+        assert len(refusals) == 6
         for message in refusals:
             assert "FSDP1" in message and "summon_full_params" in message, (rank, message)
         assert merged == [False] * 3 and unchanged, (rank, merged, unchanged)
+        assert added.pop() is True, (rank, added)
+        for op, message in zip(("inject_lora", "prepare_multi_adapter", "load_peft_adapter"), added):
+            assert message.startswith(f"{op}: the model is a FullyShardedDataParallel (FSDP1) unit") and (
+                f"call {op} on the model first, then wrap it" in message), (rank, message)
     assert not (tmp_path / "fsdp1_freed").exists()
     model = _model()
     saved = load_file(tmp_path / "fsdp1_adapter" / "adapter_model.safetensors")
