@@ -1119,8 +1119,8 @@ def _check_not_flattened(op, name, what, tensor, shape):
     use_orig_params=False they keep their shapes but view the gathered flat parameter, whose storage FSDP1 frees
     after the backward: reading them crashed the process (SIGSEGV)."""
     hint = ("(a FullyShardedDataParallel (FSDP1) model's flattened shard?): call save_peft_adapter on every rank "
-            "inside `with FullyShardedDataParallel.summon_full_params(model):`, or shard with fully_shard (FSDP2); "
-            "nothing was written")
+            "inside `with FullyShardedDataParallel.summon_full_params(model):` (with rank0_only=True, on rank 0 only: "
+            "the other ranks keep their shards), or shard with fully_shard (FSDP2); nothing was written")
     if tuple(tensor.shape) != tuple(shape):
         raise ValueError(f"{op}: module {name!r}'s {what} has shape {list(tensor.shape)}, expected {list(shape)} "
                          f"{hint}")

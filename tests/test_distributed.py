@@ -755,6 +755,8 @@ def test_fsdp1_save_refuses_flat_shards_and_saves_the_gathered_adapter(tmp_path)
     _run_workers(_fsdp1_worker, WORLD, tmp_path)
     outside = torch.load(tmp_path / "fsdp1_outside.pt")
     assert "FSDP1" in outside and "summon_full_params" in outside, outside
+    # summon_full_params(rank0_only=True) leaves the other ranks their shards: saving there was told to do what it did
+    assert "(with rank0_only=True, on rank 0 only: the other ranks keep their shards)" in outside, outside
     assert not (tmp_path / "fsdp1_sharded").exists()
     for rank in range(WORLD):
         refusals, merged, unchanged, added = torch.load(tmp_path / f"fsdp1_refusals_{rank}.pt")
