@@ -23,9 +23,15 @@ from lora_kernels.bench import PRESETS
 from lora_kernels.compare import DTYPES, environment
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-if os.environ.get("LORA_KERNELS_BENCH_THREADS"):  # e.g. 1 on a CPU shared with other jobs
-    torch.set_num_threads(int(os.environ["LORA_KERNELS_BENCH_THREADS"]))
-QUICK = os.environ.get("LORA_KERNELS_BENCH_QUICK", "0") == "1"
+THREADS = os.environ.get("LORA_KERNELS_BENCH_THREADS", "")
+if THREADS:  # e.g. 1 on a CPU shared with other jobs
+    if not (THREADS.isdigit() and int(THREADS) >= 1):
+        raise pytest.UsageError(f"LORA_KERNELS_BENCH_THREADS expected an integer >= 1, got {THREADS!r}")
+    torch.set_num_threads(int(THREADS))
+QUICK_VALUE = os.environ.get("LORA_KERNELS_BENCH_QUICK", "0")
+if QUICK_VALUE not in ("0", "1", ""):  # "true" had run the full preset silently
+    raise pytest.UsageError(f"LORA_KERNELS_BENCH_QUICK expected 1 or 0, got {QUICK_VALUE!r}")
+QUICK = QUICK_VALUE == "1"
 SHAPES = PRESETS[DEVICE.type + ("_quick" if QUICK else "")]
 DTYPE = DTYPES[SHAPES["dtype"]]
 # Every available backend but the spec (float64) and the Triton interpreter (CPU tests only).
@@ -41,17 +47,16 @@ def pytest_collect_file(file_path, parent):
     return None
 
 
-def pytest_collection_modifyitems(items):
+def pytest_collection_modifyitems(config, items):
     if "benchmark" not in {name for item in items for name in getattr(item, "fixturenames", ())}:
         return
-    try:
-        import pytest_benchmark  # noqa: F401
-    except ImportError:
-        skip = pytest.mark.skip(reason="pytest-benchmark is not installed")
+    if not config.pluginmanager.hasplugin("benchmark"):  # not installed, or not loaded (-p no:benchmark)
+        skip = pytest.mark.skip(reason="the pytest-benchmark plugin is not installed or not loaded")
         for item in items:
             item.add_marker(skip)
 
 
+@pytest.hookimpl(optionalhook=True)  # without pytest-benchmark pytest refused the conftest before anything skipped
 def pytest_benchmark_update_machine_info(config, machine_info):
     env = environment(DEVICE)
     machine_info["lora_kernels"] = {

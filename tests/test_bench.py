@@ -36,6 +36,27 @@ def _benchmark_script(name):
     return module
 
 
+@pytest.mark.parametrize("environment, outcome", [
+    ({}, "skipped"),  # with pytest-benchmark not loaded
+    ({"LORA_KERNELS_BENCH_QUICK": "true"}, "LORA_KERNELS_BENCH_QUICK expected 1 or 0, got 'true'"),
+    ({"LORA_KERNELS_BENCH_THREADS": "abc"}, "LORA_KERNELS_BENCH_THREADS expected an integer >= 1, got 'abc'"),
+])
+def test_the_benchmark_suites_skip_without_the_plugin_and_name_a_bad_variable(environment, outcome):
+    """benchmarks/conftest.py implemented pytest-benchmark's hook without marking it optional: without the plugin
+    pytest refused the conftest (INTERNALERROR, unknown hook) before the suites could skip. A quick setting of
+    "true" ran the full shapes silently, and a bad thread count failed in int() naming no variable (helper 258)."""
+    import subprocess
+    env = {**os.environ, "LORA_KERNELS_BENCH_QUICK": "1", **environment}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:benchmark",
+                           str(Path(__file__).parents[1] / "benchmarks")], capture_output=True, text=True, env=env,
+                          timeout=300)
+    output = done.stdout + done.stderr
+    if outcome == "skipped":
+        assert done.returncode == 0 and re.search(r"\d+ skipped", output) and "passed" not in output, output
+    else:
+        assert done.returncode != 0 and outcome in output, output
+
+
 def test_a_gpu_bench_runs_with_its_device_current(monkeypatch):
     """CUDA events, torch.cuda._sleep and graph capture use the current device's stream: --device cuda:1 must make
     cuda:1 current for the whole run (with cuda:0 current it timed an idle stream). Checked with stand-ins for the
