@@ -651,6 +651,28 @@ def test_the_dy_once_candidates_rotate_by_the_bytes_they_touch(monkeypatch):
     assert len(dys) == bench.MAX_SETS or rotated >= bench.CACHE_MULTIPLE * cache, (len(dys), rotated)
 
 
+def test_the_fused_qkv_slices_row_rotates_its_operands(monkeypatch):
+    """The add_lora slices row timed one operand set per candidate, where every other grouped row rotates them past
+    CACHE_MULTIPLE x the cache: the GPU preset's adapters (38 MB in bf16) fit in an H100's 50 MB L2 (helper 258)."""
+    cache = 1 << 20
+    monkeypatch.setattr(bench, "_cache_bytes", lambda device: cache)
+    timed = {}
+
+    def measure(candidates, **kwargs):
+        timed.update(candidates)
+        return dict.fromkeys(candidates, 1.0)
+    monkeypatch.setattr(bench, "measure", measure)
+    cfg = bench.BenchConfig(device="cpu", quick=True, backends=("torch",)).resolved()
+    rows = []
+    bench.sliced_rows(rows, cfg, torch.device("cpu"), torch.float32, {"device": torch.device("cpu"), "reps": 1,
+                                                                      "warmup": 0}, False, lambda label: None)
+    assert [row["kind"] for row in rows] == ["sliced_launches"]
+    assert len(timed["listed"]) == len(timed["per_slice"]) >= 2
+    # each call reads its own x (and adapters): distinct storages
+    xs = {fn.__defaults__[0]["x"].data_ptr() for fn in timed["listed"]}
+    assert len(xs) == len(timed["listed"])
+
+
 def test_every_rows_ratio_is_its_ours_value_over_its_baseline_value():
     """Each row's ratio is the value in its "ours" column over the one in its "baseline" column (the one row that
     design.md §8 states as baseline / ours, PEFT's layer with dropout, inverted and said so in its note), in every
