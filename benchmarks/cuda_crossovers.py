@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_kernels import bench
+from lora_kernels.cli import _non_negative_int, _positive_int
 from lora_kernels.functional import lora_linear
 
 SHAPES = {  # hidden, decode rank, decode M, backward M, backward ranks, fp32 backward M
@@ -66,8 +67,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny shapes")
-    parser.add_argument("--reps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--reps", type=_positive_int, default=30, help="timed calls per candidate, at least")
+    parser.add_argument("--warmup", type=_non_negative_int, default=10)
     parser.add_argument("--save", help="write the rows as JSON to this file")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -81,7 +82,7 @@ def main(argv=None):
     name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
     print(f"cuda_crossovers: {name}, {dtype}, backend {backend}, torch {torch.__version__}; "
           f"{'CUDA-graph replays' if on_gpu else 'eager calls'}, "
-          f"median of {args.reps} after {args.warmup} warm-up")
+          f"median of {bench.timed_calls(args.reps)} after {args.warmup} warm-up")
     rows, failed = [], 0
 
     def save():  # after every section: an error or a time limit later must not cost what was measured

@@ -278,6 +278,11 @@ def _calls_per_round(reps):
     return max(1, math.ceil(reps / ROUNDS))
 
 
+def timed_calls(reps):
+    """How many calls measure times per candidate for `reps`: as many in each of its ROUNDS rounds, so at least reps."""
+    return ROUNDS * _calls_per_round(reps)
+
+
 def measure(candidates, device, reps, warmup, graph=False):
     """{name: median ms} for {name: [callables]}, timed alternately in ROUNDS rounds (warm-up before the first).
     graph: on CUDA, time replays of a CUDA graph of each callable instead of eager calls (the kernels alone)."""
@@ -435,7 +440,7 @@ def _assemble(cfg, device, env, rows, copy_gbs, started, partial):
         "environment": env,
         "timing": ("CUDA events around each call after warm-up, median" if on_gpu else
                    "time.perf_counter around each call after warm-up, median")
-                  + f"; {ROUNDS * _calls_per_round(cfg.reps)} calls after {cfg.warmup} warm-up, in "
+                  + f"; {timed_calls(cfg.reps)} calls after {cfg.warmup} warm-up, in "
                     f"{ROUNDS} alternating rounds per row; up to {MAX_SETS} rotating input sets per row, aiming at "
                     f"{CACHE_MULTIPLE}× the "
                   + ("L2 cache" if on_gpu else f"assumed {CPU_CACHE_BYTES >> 20} MB cache")

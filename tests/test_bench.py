@@ -435,6 +435,17 @@ def test_summary_of_the_crossovers_groups_the_backward_by_dtype_and_rank():
         "dY-once / 2 GEMMs, float32 r=8: M=64 2.25"]
 
 
+def test_crossovers_header_counts_the_calls_measure_times_and_refuses_bad_reps(capsys):
+    """The header said "median of {--reps}" where measure times a whole number of calls per round (--reps 5: 6), and
+    --reps 0 or -3 ran, printing "median of 0" (helper 258)."""
+    crossovers = _benchmark_script("cuda_crossovers")
+    for bad in ("0", "-3"):
+        with pytest.raises(SystemExit):
+            crossovers.main(["--device", "cpu", "--quick", "--reps", bad])
+        assert "argument --reps: expected an integer >= 1" in capsys.readouterr().err
+    assert bench.timed_calls(5) == 6 and bench.timed_calls(30) == 30
+
+
 def test_crossovers_keep_the_sections_measured_before_one_fails(tmp_path, monkeypatch, capsys):
     """A GPU lease is rare: a section of cuda_crossovers.py that raises is reported and the others still run, and
     the JSON holds what was measured (it was written only at the end, so one error lost every row)."""
