@@ -218,6 +218,7 @@ def _add_bench_parser(sub):
                                                             "with more adapters than tokens is skipped; "
                                                             f"{default('sweep_adapters')})")
     p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random operands (default 0; the JSON records it)")
     p.add_argument("--json", action="store_true", help="print the measurements as JSON instead of the table")
     p.add_argument("--save", metavar="PATH", help="also write the JSON to PATH")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -364,7 +365,8 @@ def run_bench_command(args):
         device=args.device, dtype=args.dtype, quick=args.quick, backends=args.backends, hidden=args.hidden,
         rank=args.rank, ranks=args.ranks, ms=args.ms, train_m=args.train_m, reps=args.reps, warmup=args.warmup,
         prefill_tokens=args.prefill_tokens, copy_mb=args.copy_mb, threads=args.threads, sections=args.sections,
-        sweep_tokens=args.sweep_tokens, sweep_adapters=args.sweep_adapters, progress=not args.no_progress)
+        sweep_tokens=args.sweep_tokens, sweep_adapters=args.sweep_adapters, seed=args.seed,
+        progress=not args.no_progress)
     try:
         config = config.resolved()
     except ValueError as exc:
