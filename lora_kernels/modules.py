@@ -1019,9 +1019,14 @@ def _layer_index_matches(name, layers_to_transform, layers_pattern):
     return index == layers_to_transform if isinstance(layers_to_transform, int) else index in layers_to_transform
 
 
+def modules_to_save_regex(entry):
+    """The regex PEFT matches a module name against a modules_to_save entry with, to leave that module LoRA-free."""
+    return rf"(^|.*\.){entry}($|\..*)"
+
+
 def in_modules_to_save(name, modules_to_save):
     """PEFT's rule: a module named by modules_to_save, or inside one (a whole name component), gets no LoRA."""
-    return bool(modules_to_save) and any(re.match(rf"(^|.*\.){entry}($|\..*)", name) for entry in modules_to_save)
+    return bool(modules_to_save) and any(re.match(modules_to_save_regex(entry), name) for entry in modules_to_save)
 
 
 def target_module_matches(name, target_modules, exclude_modules=None, layers_to_transform=None, layers_pattern=None,
@@ -1054,18 +1059,22 @@ def layers_pattern_regex(pattern):
 def regex_error(pattern, matched_as=None):
     """None when `pattern` compiles, alone and inside the regex it is matched as (`matched_as(pattern)`); else why
     not. A key with inline flags ("(?i)v_proj") compiles alone but not inside PEFT's lookup regex."""
-    for text in (pattern, matched_as(pattern)) if matched_as else (pattern,):
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        return str(exc)
+    if matched_as is not None:
         try:
-            re.compile(text)
+            re.compile(matched_as(pattern))
         except re.error as exc:
-            return str(exc) if text is pattern else f"{exc}, inside {text!r}, the regex it is matched as"
+            return f"{exc}, inside {matched_as(pattern)!r}, the regex it is matched as"
     return None
 
 
 def pattern_value(pattern, name, default):
-    r"""PEFT's rank_pattern / alpha_pattern lookup: the value of the first key (in dict order) such that
-    re.match(rf"(.*\.)?({key})$", name) matches; else the value of the key equal to `name` (PEFT's get_pattern_key
-    falls back to the name itself: a module name such as "blocks.a+b" is no regex of itself), else `default`."""
+    """PEFT's rank_pattern / alpha_pattern lookup: the value of the first key (in dict order) whose pattern_key_regex
+    matches `name`; else the value of the key equal to `name` (PEFT's get_pattern_key falls back to the name itself:
+    a module name such as "blocks.a+b" is no regex of itself), else `default`."""
     pattern = pattern or {}
     for key, value in pattern.items():
         if re.match(pattern_key_regex(key), name):
@@ -1545,9 +1554,9 @@ def unwrap_model(model, op, *, adds_parameters=False, ddp_hint=None):
     the model's own (the wrappers prefix them with `_orig_mod.` / `module.`): the model utilities and the adapter
     files use those names, as PEFT does for a compiled or DDP-wrapped model. Anything but an nn.Module is a
     TypeError naming `op`. An op that adds or replaces parameters (adds_parameters) reshards FSDP2 units first
-    (reshard_fsdp2_units) and refuses DDP: DDP took its
-    parameter list when it was built, so new LoRA weights would train unsynchronised on each rank; ddp_hint: what
-    to do instead, for the message (default: call op before wrapping)."""
+    (reshard_fsdp2_units) and refuses DDP: DDP took its parameter list when it was built, so new LoRA weights would
+    train unsynchronised on each rank; ddp_hint: what to do instead, for the message (default: call op before
+    wrapping)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{op}: model expected a torch.nn.Module, got {type(model).__name__}")
     while True:
@@ -1702,6 +1711,10 @@ def inject_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_
             if not isinstance(key, str):
                 raise TypeError(f"{op}: {name} expected module name regex keys (str), got the key {key!r}")
             check_regex(op, f"{name} key", key, pattern_key_regex)
+    if isinstance(modules_to_save, (list, tuple)):  # anything else is named_modules_to_save's to refuse
+        for entry in modules_to_save:
+            if isinstance(entry, str):
+                check_regex(op, "modules_to_save entry", entry, modules_to_save_regex)
     if modules_to_save and not named_modules_to_save(model, modules_to_save, op):  # None or [] (PEFT's default)
         raise ValueError(f"{op}: modules_to_save {modules_to_save!r} matched no module of the model")
     # an earlier call's adapter stays part of this one

@@ -46,10 +46,10 @@ from lora_kernels.modules import (_PEFT_ONLY_HINT, BASE_ADAPTER, BIAS_ATTR, BIAS
                                   check_no_offloading_ancestor, check_targets_outside_heads, check_wrappable_linear,
                                   copy_into, embedding_layer, enable_input_grads_for_checkpointing, in_out_features,
                                   is_conv1d, is_layer_index, is_name_wrapper, layers_pattern_regex, lora_scaling,
-                                  named_modules_to_save, named_target_modules, pattern_key_regex, pattern_value,
-                                  refuse_new_layers_under_fsdp1, regex_error, resolve_batch_adapters, scaling_source,
-                                  selected_modules_to_save, state_dict_name, trained_biases, unwrap_model,
-                                  warn_dropped_hooks, warn_fan_in_fan_out_corrections)
+                                  modules_to_save_regex, named_modules_to_save, named_target_modules, pattern_key_regex,
+                                  pattern_value, refuse_new_layers_under_fsdp1, regex_error, resolve_batch_adapters,
+                                  scaling_source, selected_modules_to_save, state_dict_name, trained_biases,
+                                  unwrap_model, warn_dropped_hooks, warn_fan_in_fan_out_corrections)
 from lora_kernels.ops import check_flag, refuse_inference_tensor_writes
 
 CONFIG_NAME = "adapter_config.json"
@@ -233,6 +233,10 @@ def parse_adapter_config(raw, file=CONFIG_NAME):
     if modules_to_save is not None:
         if not isinstance(modules_to_save, list) or not all(isinstance(v, str) and v for v in modules_to_save):
             raise _bad(file, "modules_to_save", "a list of module names", modules_to_save)
+        for entry in modules_to_save:
+            error = regex_error(entry, modules_to_save_regex)
+            if error is not None:
+                raise ValueError(f"{file}: field 'modules_to_save' has an invalid regex entry {entry!r} ({error})")
         modules_to_save = modules_to_save or None
     init = raw.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_MODIFYING_INITS):
@@ -428,7 +432,8 @@ def _key_hint(key, bias):
             return f" (a bias, as bias={bias!r} saves them, of no module of this model)"
         return " (a bias, which PEFT saves with bias='all' or 'lora_only'; the config has bias='none')"
     if ".modules_to_save." in key or ".original_module." in key:
-        return " (PEFT's wrapper name of a modules_to_save module, of none that the config selects in this model)"
+        return (" (PEFT's wrapper name of a modules_to_save module: read for a module the config selects, under "
+                "that module's own keys and shapes only)")
     return ""
 
 
@@ -576,8 +581,8 @@ def _split_biases(model, config, tensors, file, adapter_name, op, lora_names, he
 def _check_shared_biases(model, config, tensors, file, op, adapter_name):
     """The tensors but the biases, for a load by adapter_name: MultiLoRALinear slots share the base layers' biases
     with every adapter, so each bias the file holds must equal the model's (a MultiLoRALinear's state-dict key is
-    PEFT's `<layer>.base_layer.bias`; the file names a layer this adapter does not target `<layer>.bias`, which is
-    also `<layer>.base_layer.bias` here once the layer is prepared for another adapter); a file whose bias mode found
+    PEFT's `<layer>.base_layer.bias`; PEFT names the bias of a layer the adapter does not target `<layer>.bias`, which
+    is `<layer>.base_layer.bias` here too once that layer is prepared for another adapter); a file whose bias mode found
     no bias (a Llama's) holds none, and loads, as in PEFT. One that trained them is refused; a key of no bias of the
     model stays, refused as unexpected."""
     rest = dict(tensors)
@@ -650,8 +655,7 @@ def _split_embedding_layers(model, targets, heads, tensors, file, adapter_name, 
     for name, module in _embedding_layers(model, skip):
         key_name = state_dict_name(name)
         # one prepared for other adapters (slots) holds the layer as its base_layer; the file names the plain layer
-        base_name, base = ((f"{key_name}.base_layer", module.base_layer) if isinstance(module, MultiLoRALinear)
-                           else (key_name, module))
+        base = module.base_layer if isinstance(module, MultiLoRALinear) else module
         for leaf, current in base.state_dict(keep_vars=True).items():
             file_key = f"{KEY_PREFIX}{key_name}.{leaf}"
             if file_key not in rest:
@@ -659,7 +663,7 @@ def _split_embedding_layers(model, targets, heads, tensors, file, adapter_name, 
             tensor = _pop_base_model_tensor(
                 op, file, rest, file_key, current, f"embedding layer {name!r}'s {leaf}", f"the embedding layer's "
                 f"{leaf} (PEFT saves it for a resized vocabulary)", adapter_name)
-            found.append((f"{base_name}.{leaf}", current, tensor))
+            found.append((f"{key_name}.{leaf}", current, tensor))
     return found, rest
 
 

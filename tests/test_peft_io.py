@@ -1364,6 +1364,8 @@ def _raw_config(**changes):
     ({"layers_to_transform": [0], "layers_pattern": ["layers", 1]},
      r"field 'layers_pattern' expected a str or a list of str, got \['layers', 1\]"),
     ({"modules_to_save": ["head", ""]}, r"field 'modules_to_save' expected a list of module names"),
+    ({"modules_to_save": ["head", "(?i)norm"]},  # a bare re.error from PEFT's name match, naming no field
+     r"field 'modules_to_save' has an invalid regex entry '\(\?i\)norm' \(global flags not at the start .*, inside "),
     ({"trainable_token_indices": [3, 5]}, r"field 'trainable_token_indices' = \[3, 5\] asks for trainable tokens"),
 ], ids=lambda v: json.dumps(v) if isinstance(v, dict) else None)
 def test_config_fields_are_checked_by_name(changes, message):
@@ -1642,8 +1644,8 @@ def test_config_errors_name_the_file_they_come_from(tmp_path):
     ("embed.lora_embedding_A", "LoRA on an embedding: only linear layers are supported"),
     ("head.base_layer.weight", "a wrapped layer's own tensor, which PEFT saves for a targeted embedding layer"),
     ("head.bias", "a bias, which PEFT saves with bias='all' or 'lora_only'"),
-    ("head.modules_to_save.default.weight", "PEFT's wrapper name of a modules_to_save module, of none that the "
-                                            "config selects in this model"),
+    ("head.modules_to_save.default.weight", "PEFT's wrapper name of a modules_to_save module: read for a module the "
+                                            "config selects, under that module's own keys and shapes only"),
     ("head.original_module.weight", "PEFT's wrapper name of a modules_to_save module"),
     ("head.weight", None),
 ])
@@ -2335,7 +2337,8 @@ def test_embedding_heads_peft_saves_under_wrapper_names_for_a_resized_vocabulary
     key = "base_model.model.lm_head.original_module.weight"
     _edit_weights(tmp_path, lambda t: t.update({key: torch.zeros(2, 2)}))
     with pytest.raises(ValueError, match=rf"unexpected keys '{re.escape(key)}' \(PEFT's wrapper name of a "
-                                         rf"modules_to_save module"):
+                                         rf"modules_to_save module: read for a module the config selects, under that "
+                                         rf"module's own keys and shapes only\)"):
         lk.load_peft_adapter(base(), tmp_path, backend=BACKEND)
 
 

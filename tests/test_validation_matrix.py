@@ -86,7 +86,8 @@ def call_multi_module(a):
 def call_inject(a):
     model = a.get("model", nn.Sequential(nn.Linear(K, N), nn.ReLU(), nn.Linear(N, K)))
     return lk.inject_lora(model, a.get("target_modules", ["0"]), r=a.get("r", R),
-                          rank_pattern=a.get("rank_pattern"), exclude_modules=a.get("exclude_modules"))
+                          rank_pattern=a.get("rank_pattern"), exclude_modules=a.get("exclude_modules"),
+                          modules_to_save=a.get("modules_to_save"))
 
 
 def call_save(a):
@@ -303,6 +304,8 @@ MATRIX = [
      ["inject_lora: exclude_modules '[' is not a valid regular expression"]),
     (call_inject, dict, "rank_pattern", lambda a: {"(": 4}, ValueError,
      ["inject_lora: rank_pattern key '(' is not a valid regular expression"]),
+    (call_inject, dict, "modules_to_save", lambda a: ["2", "0("], ValueError,
+     ["inject_lora: modules_to_save entry '0(' is not a valid regular expression"]),
     (call_inject, dict, "rank_pattern", lambda a: {"(?i)0": 4}, ValueError,  # fails inside the lookup regex only
      ["inject_lora: rank_pattern key '(?i)0' is not a valid regular expression (global flags not at the start",
       "the regex it is matched as"]),
