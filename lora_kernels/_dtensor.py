@@ -55,7 +55,11 @@ def reshard_fsdp2_units(module):
         return
     units = [unit for unit in list(registry.keys()) if isinstance(unit, fsdp_module)]
     if units:
-        own = {id(parameter) for parameter in module.parameters()}
+        wanted = {id(parameter) for parameter in module.parameters()}
         for unit in units:
-            if any(id(parameter) in own for parameter in unit.parameters()):
+            # the unit's own parameters: those of units nested in it are theirs (resharding an outer unit for them
+            # would cost it an all-gather at its next forward)
+            nested = {id(parameter) for sub in unit.modules() if sub is not unit and isinstance(sub, fsdp_module)
+                      for parameter in sub.parameters()}
+            if any(id(parameter) in wanted and id(parameter) not in nested for parameter in unit.parameters()):
                 unit.reshard()

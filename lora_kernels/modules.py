@@ -347,6 +347,7 @@ class LoRALinear(nn.Module):
         """PEFT's initialisations: True (A kaiming-uniform a=sqrt(5), B zeros), "gaussian" (A ~ N(0, std 1/r), B zeros),
         False (both random: the layer no longer starts as the identity; for tests). The choice is kept for
         reset_parameters(). Refused while merged: unmerge() subtracts the delta of the factors it finds."""
+        reshard_fsdp2_units(self)
         if self.merged:
             raise RuntimeError("LoRALinear.reset_lora_parameters: the adapter is merged into the base weight, and "
                                "unmerge() would subtract the new factors' delta instead of the merged one; call "
@@ -369,6 +370,7 @@ class LoRALinear(nn.Module):
         layer's init_lora_weights (a fresh adapter: the identity, unless it is False), unmerged. What meta-device
         flows call after to_empty(); on a layer made by from_linear it re-initialises the shared base weight too,
         as nn.Linear.reset_parameters() would. Refused for a tensor-subclass (quantized) base weight."""
+        reshard_fsdp2_units(self)
         refuse_subclass_reset("LoRALinear.reset_parameters", self.weight,
                               "reset_lora_parameters() to re-initialise the adapter alone")
         refuse_inference_tensor_writes("LoRALinear.reset_parameters", [
@@ -908,6 +910,7 @@ class MultiLoRALinear(nn.Module):
         factors), as after construction: what meta-device flows call after to_empty(), which leaves the ranks and
         scalings buffers uninitialised. A name -> slot table the model holds (lora_adapter_slots) is not changed:
         load the adapters again. Refused for a tensor-subclass (quantized) base weight."""
+        reshard_fsdp2_units(self)
         base = self.base_layer
         refuse_subclass_reset("MultiLoRALinear.reset_parameters", base.weight, "clear_adapter(slot) to clear a slot")
         refuse_inference_tensor_writes("MultiLoRALinear.reset_parameters",

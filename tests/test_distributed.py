@@ -145,15 +145,26 @@ def _worker(rank, port, out_dir):
                     lk.save_peft_adapter(other, os.path.join(out_dir, "other_adapter"))
                 dist.barrier()
                 unsharded = {}
-                for write in ("merge", "load"):
+                for write in ("merge", "unmerge", "load", "reset"):
                     root_only = fully_shard(_model())
-                    expected = root_only(x) if write == "merge" else other(x)
+                    layers = [layer for layer in root_only if isinstance(layer, lk.LoRALinear)]
+                    if write == "unmerge":
+                        for layer in layers:
+                            layer.merge()
+                    expected = root_only(x)  # the forward that leaves the parameters unsharded
                     if write == "merge":
-                        for layer in root_only:
-                            if isinstance(layer, lk.LoRALinear):
-                                layer.merge()
-                    else:
+                        for layer in layers:
+                            layer.merge()
+                    elif write == "unmerge":
+                        for layer in layers:
+                            layer.unmerge()
+                    elif write == "load":
                         lk.load_peft_adapter(root_only, os.path.join(out_dir, "other_adapter"))
+                        expected = other(x)
+                    else:  # B zeros: the base model's outputs
+                        for layer in layers:
+                            layer.reset_lora_parameters()
+                        expected = _base()(x)
                     root_only.reshard()  # as the next backward does
                     unsharded[write] = (root_only(x) - expected).abs().max().item()
             results["fsdp2_unsharded_writes"] = unsharded
@@ -216,9 +227,9 @@ def test_ddp_and_fsdp2_lora_gradients_equal_one_process_and_saved_adapters_load(
             assert "clear or delete adapters before sharding the model" in refused, refused
         # nothing half-applied: adapter "a" in slot 0 of every layer, its factors there
         assert results.pop("fsdp2_multi_slots") == ({"a": 0}, [[4, 0]] * 3, [True] * 3)
-        # merged: the same outputs up to rounding; loaded: the other adapter's outputs
+        # merged or unmerged: the same outputs up to rounding; loaded: the other adapter's; reset: the base model's
         unsharded_writes = results.pop("fsdp2_unsharded_writes")
-        assert unsharded_writes["merge"] < 1e-5 and unsharded_writes["load"] < 1e-6, unsharded_writes
+        assert max(unsharded_writes.values()) < 1e-5, unsharded_writes
     assert sorted(results) == kinds
     x, _ = _batch()
     for kind in kinds:
