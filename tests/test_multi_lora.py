@@ -1873,6 +1873,16 @@ def test_serving_ops_ignore_autocast(backend):
         assert got.dtype == torch.float32 and torch.equal(got, expected)
 
 
+def _assert_a_finite_output_where_the_reference_has_one(x, weight, lora_a, lora_b, ids, scalings, ranks, backend):
+    """y finite and close to the reference's, which lies well inside x's dtype (only an intermediate overflows)."""
+    expected = reference.multi_lora_linear(x.cpu(), weight.cpu(), lora_a.cpu(), lora_b.cpu(), ids.cpu(), scalings,
+                                           None, torch.tensor(ranks))
+    assert expected.abs().max() < torch.finfo(x.dtype).max / 4  # y does not
+    got = lk.multi_lora_linear(x, weight, lora_a, lora_b, ids, scalings, ranks=ranks, backend=backend)
+    assert torch.isfinite(got).all()
+    assert_close(got, expected, x.dtype, "y")
+
+
 def _scaled_shrink_overflow_case(num_tokens, device):
     """fp16 inputs of 3 slots where s·S passes 65504 (S itself does not): x, weight, lora_a, lora_b, ids,
     scalings, ranks."""
@@ -1939,14 +1949,16 @@ def test_fp16_output_stays_finite_where_only_the_scaled_shrink_overflows(backend
     """|s·S| above fp16's 65504 where S and y are in range: y is finite and accurate on both kernel paths (the
     Triton prefill expand rounded s·S to fp16 for its tensor-core dot, so y was inf there)."""
     backend_or_skip(backend, device)
-    dtype = torch.float16
     x, weight, lora_a, lora_b, ids, scalings, ranks = _scaled_shrink_overflow_case(num_tokens, device)
-    expected = reference.multi_lora_linear(x.cpu(), weight.cpu(), lora_a.cpu(), lora_b.cpu(), ids.cpu(), scalings,
-                                           None, torch.tensor(ranks))
-    assert expected.abs().max() < torch.finfo(dtype).max / 4  # y does not
-    got = lk.multi_lora_linear(x, weight, lora_a, lora_b, ids, scalings, ranks=ranks, backend=backend)
-    assert torch.isfinite(got).all()
-    assert_close(got, expected, dtype, "y")
+    _assert_a_finite_output_where_the_reference_has_one(x, weight, lora_a, lora_b, ids, scalings, ranks, backend)
+
+
+def _run_the_device_slot_loop(backend, monkeypatch):
+    """The per-slot GEMMs that the cuda and torch backends run on GPUs (slots not on the host), on CPU tensors."""
+    if backend == "triton":
+        pytest.skip("the triton backend runs its own kernel")
+    from lora_kernels import ops
+    monkeypatch.setattr(ops, "slots_on_host", lambda device: False)
 
 
 @pytest.mark.parametrize("backend", GROUPED_BACKENDS)
@@ -1959,10 +1971,7 @@ def test_fp16_output_stays_finite_where_only_the_unscaled_shrink_overflows(backe
     the other backends accumulate in fp32 (helper 254). device_slot_loop: the GPU path, here on CPU tensors."""
     backend_or_skip(backend, device)
     if slot_loop:
-        if backend == "triton":
-            pytest.skip("the triton backend runs its own kernel")
-        from lora_kernels import ops
-        monkeypatch.setattr(ops, "slots_on_host", lambda device: False)
+        _run_the_device_slot_loop(backend, monkeypatch)
     dtype, num_slots, max_rank, k, n = torch.float16, 2, 4, 32, 16
     ranks, scalings = [4, 3], torch.tensor([0.004, -0.003])
     lora_a = (40.0 * (1.0 + torch.rand(num_slots, max_rank, k))).to(dtype).to(device)  # one sign: no cancelling
@@ -1972,12 +1981,7 @@ def test_fp16_output_stays_finite_where_only_the_unscaled_shrink_overflows(backe
     ids = segment_ids("mixed_base", num_tokens, num_slots).to(device)
     shrunk = reference.lora_shrink(x.cpu(), lora_a.cpu(), ids.cpu(), torch.ones(num_slots), torch.tensor(ranks))
     assert shrunk[ids.cpu() >= 0, :min(ranks)].abs().min() > torch.finfo(dtype).max  # every in-rank one overflows
-    expected = reference.multi_lora_linear(x.cpu(), weight.cpu(), lora_a.cpu(), lora_b.cpu(), ids.cpu(), scalings,
-                                           None, torch.tensor(ranks))
-    assert expected.abs().max() < torch.finfo(dtype).max / 4  # y does not
-    got = lk.multi_lora_linear(x, weight, lora_a, lora_b, ids, scalings, ranks=ranks, backend=backend)
-    assert torch.isfinite(got).all()
-    assert_close(got, expected, dtype, "y")
+    _assert_a_finite_output_where_the_reference_has_one(x, weight, lora_a, lora_b, ids, scalings, ranks, backend)
     batch = LoRABatch.from_adapter_ids(ids, num_slots)
     got_shrink = lk.ops.lora_shrink(x, lora_a, batch, scalings, ranks, backend=backend)
     assert_close(got_shrink, reference.lora_shrink(x.cpu(), lora_a.cpu(), ids.cpu(), scalings, torch.tensor(ranks)),
@@ -2014,10 +2018,7 @@ def test_fp16_x_and_lora_a_gradients_stay_finite_where_only_the_scaled_dy_b_over
     tensors."""
     backend_or_skip(backend, device)
     if slot_loop:
-        if backend == "triton":
-            pytest.skip("the triton backend runs its own kernel")
-        from lora_kernels import ops
-        monkeypatch.setattr(ops, "slots_on_host", lambda device: False)
+        _run_the_device_slot_loop(backend, monkeypatch)
     dtype, num_slots, max_rank, k, n = torch.float16, 2, 4, 32, 16
     ranks = [4, 3]
     scalings, b_scale = (torch.tensor([200.0, 150.0]), 100.0) if overflowing == "scaled" else (
