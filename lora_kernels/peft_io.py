@@ -1302,6 +1302,40 @@ def _adapter_config(op, model, records, module_names, modules_to_save, bias, tas
     return config
 
 
+# PEFT 0.21 with transformers 5 rewrites these target_modules names of the model types that transformers converts to
+# Mixtral's or Qwen2-MoE's fused-experts layout (qwen3_moe, qwen3_next, olmoe, deepseek_v3, ...: transformers'
+# conversion mapping) into target_parameters on the fused experts (peft.utils.transformers_weight_conversion)
+_PEFT_EXPERT_TARGET_NAMES = {"mixtral": ("gate", "w1", "w2", "w3"),
+                             "qwen2_moe": ("gate", "gate_proj", "up_proj", "down_proj")}
+
+
+def _peft_expert_target_names(model):
+    """The target_modules names PEFT reads as fused experts for this model (none for a model transformers does not
+    convert, or where its private conversion mapping is missing)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if not isinstance(model_type, str) or "transformers" not in sys.modules:
+        return ()
+    try:
+        from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN as layouts
+    except ImportError:
+        return ()
+    return _PEFT_EXPERT_TARGET_NAMES.get("mixtral" if model_type == "mixtral" else layouts.get(model_type), ())
+
+
+def _warn_if_peft_reads_targets_as_experts(op, model, target_modules):
+    """PeftModel.from_pretrained of a file whose target_modules names such a layer put new LoRAs on the model's
+    fused experts and dropped the file's factors of the dense or shared-expert layers of that name (logits 0.25-0.51
+    off on qwen3_next, qwen3_moe, deepseek_v3; helper 260), with only a missing-keys warning. load_peft_adapter reads
+    the file as written."""
+    named = sorted({target for target in target_modules for name in _peft_expert_target_names(model)
+                    if target == name or target.endswith(f".{name}")})
+    if named:
+        warn_at_caller(f"{op}: target_modules {named} name layers that PEFT (0.21, with transformers 5) reads as this "
+                       f"{model.config.model_type} model's fused experts (target_parameters), so "
+                       f"PeftModel.from_pretrained would put new LoRAs there and drop these factors; "
+                       f"load_peft_adapter reads the file as written", UserWarning)
+
+
 # PEFT's task model classes add their head to modules_to_save when they load a file with these task types
 # (PeftModelForSequenceClassification and ...ForTokenClassification "classifier" and "score", ...ForQuestionAnswering
 # "qa_outputs"; selected by PEFT's suffix test), then require its weights in the file and never put a LoRA on it.
@@ -1521,6 +1555,7 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
                              base_model_name_or_path)
     tensors = _adapter_tensors(op, model, records, module_names, heads, bias, adapter_name, save_embedding_layers,
                                config["target_modules"])
+    _warn_if_peft_reads_targets_as_experts(op, model, config["target_modules"])
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
     os.makedirs(path, exist_ok=True)

@@ -372,6 +372,46 @@ def test_a_smaller_adapter_than_asked_for_gets_a_warning(llama):
         lk.inject_lora(copy.deepcopy(llama), ["q_proj", "v_proj", "gate_proj"])
 
 
+@pytest.mark.skipif(TRANSFORMERS < (5, 0), reason="transformers 4 keeps the experts as nn.Linear modules")
+def test_saving_a_moe_model_s_dense_down_proj_warns_that_peft_reads_it_as_the_experts(tmp_path):
+    """Qwen3-MoE with a dense layer (mlp_only_layers) keeps nn.Linear down_proj layers beside the fused experts. PEFT
+    0.21 with transformers 5 rewrites a target_modules "down_proj" of such a model type into target_parameters on
+    the experts: PeftModel.from_pretrained of our file put new LoRAs there and dropped the factors, with only a
+    missing-keys warning (helper 260). save_peft_adapter warns; load_peft_adapter reads the file as written. Qwen2-MoE
+    itself, which PEFT reads as written, gets no warning."""
+    def qwen3_moe():
+        torch.manual_seed(0)
+        return transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            intermediate_size=48, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, mlp_only_layers=[0],
+            vocab_size=VOCAB)).eval()  # float32: the fused experts' grouped_mm takes no float64
+
+    ours = lk.inject_lora(qwen3_moe(), ["q_proj", "down_proj"], r=2, init_lora_weights=False).eval()
+    assert [n for n, m in ours.named_modules() if isinstance(m, LoRALinear) and n.endswith("down_proj")] == [
+        "model.layers.0.mlp.down_proj"]
+    with pytest.warns(UserWarning, match=r"^save_peft_adapter: target_modules \['down_proj'\] name layers that PEFT "
+                                         r"\(0\.21, with transformers 5\) reads as this qwen3_moe model's fused "
+                                         r"experts"):
+        lk.save_peft_adapter(ours, tmp_path)
+    ids = _ids()
+    with torch.no_grad():
+        expected = ours(input_ids=ids).logits
+        torch.testing.assert_close(lk.load_peft_adapter(qwen3_moe(), tmp_path).eval()(input_ids=ids).logits, expected)
+        if PEFT >= (0, 21):  # what the warning says
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                theirs = PeftModel.from_pretrained(qwen3_moe(), tmp_path).eval()
+            assert (theirs(input_ids=ids).logits - expected).abs().max() > 1e-3
+    torch.manual_seed(0)
+    qwen2_moe = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+        moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+        vocab_size=VOCAB))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lk.save_peft_adapter(lk.inject_lora(qwen2_moe, ["q_proj", "down_proj"], r=2), tmp_path / "qwen2_moe")
+
+
 def test_gpt2_conv1d_parity_and_round_trip_both_ways(gpt2, tmp_path):
     ids = _ids()
     theirs = _peft(gpt2, r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
