@@ -50,7 +50,10 @@ def pytest_collect_file(file_path, parent):
 def pytest_collection_modifyitems(config, items):
     if "benchmark" not in {name for item in items for name in getattr(item, "fixturenames", ())}:
         return
-    if not config.pluginmanager.hasplugin("benchmark"):  # not installed, or not loaded (-p no:benchmark)
+    # not installed, or not loaded (-p no:benchmark); loaded by module name (-p pytest_benchmark.plugin) it is
+    # registered under that name, not "benchmark"
+    loaded = {getattr(plugin, "__name__", None) for plugin in config.pluginmanager.get_plugins()}
+    if "pytest_benchmark.plugin" not in loaded:
         skip = pytest.mark.skip(reason="the pytest-benchmark plugin is not installed or not loaded")
         for item in items:
             item.add_marker(skip)

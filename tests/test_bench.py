@@ -36,23 +36,29 @@ def _benchmark_script(name):
     return module
 
 
-@pytest.mark.parametrize("environment, outcome", [
-    ({}, "skipped"),  # with pytest-benchmark not loaded
-    ({"LORA_KERNELS_BENCH_QUICK": "true"}, "LORA_KERNELS_BENCH_QUICK expected 1 or 0, got 'true'"),
-    ({"LORA_KERNELS_BENCH_THREADS": "abc"}, "LORA_KERNELS_BENCH_THREADS expected an integer >= 1, got 'abc'"),
+@pytest.mark.parametrize("environment, plugin, outcome", [
+    ({}, ["-p", "no:benchmark"], "skipped"),
+    # loaded by module name the plugin is registered under it, not as "benchmark": every benchmark had been skipped
+    ({"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}, ["-p", "pytest_benchmark.plugin", "--benchmark-disable"], "passed"),
+    ({"LORA_KERNELS_BENCH_QUICK": "true"}, ["-p", "no:benchmark"],
+     "LORA_KERNELS_BENCH_QUICK expected 1 or 0, got 'true'"),
+    ({"LORA_KERNELS_BENCH_THREADS": "abc"}, ["-p", "no:benchmark"],
+     "LORA_KERNELS_BENCH_THREADS expected an integer >= 1, got 'abc'"),
 ])
-def test_the_benchmark_suites_skip_without_the_plugin_and_name_a_bad_variable(environment, outcome):
+def test_the_benchmark_suites_skip_without_the_plugin_and_name_a_bad_variable(environment, plugin, outcome):
     """benchmarks/conftest.py implemented pytest-benchmark's hook without marking it optional: without the plugin
     pytest refused the conftest (INTERNALERROR, unknown hook) before the suites could skip. A quick setting of
     "true" ran the full shapes silently, and a bad thread count failed in int() naming no variable (helper 258)."""
     import subprocess
     env = {**os.environ, "LORA_KERNELS_BENCH_QUICK": "1", **environment}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:benchmark",
-                           str(Path(__file__).parents[1] / "benchmarks")], capture_output=True, text=True, env=env,
-                          timeout=300)
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *plugin, "-k", "forward",
+                           str(Path(__file__).parents[1] / "benchmarks" / "bench_lora_linear.py")],
+                          capture_output=True, text=True, env=env, timeout=300)
     output = done.stdout + done.stderr
     if outcome == "skipped":
         assert done.returncode == 0 and re.search(r"\d+ skipped", output) and "passed" not in output, output
+    elif outcome == "passed":
+        assert done.returncode == 0 and re.search(r"\d+ passed", output) and "skipped" not in output, output
     else:
         assert done.returncode != 0 and outcome in output, output
 
@@ -439,10 +445,10 @@ def test_crossovers_header_counts_the_calls_measure_times_and_refuses_bad_reps(c
     """The header said "median of {--reps}" where measure times a whole number of calls per round (--reps 5: 6), and
     --reps 0 or -3 ran, printing "median of 0" (helper 258)."""
     crossovers = _benchmark_script("cuda_crossovers")
-    for bad in ("0", "-3"):
+    for option, bad, expected in (("--reps", "0", ">= 1"), ("--reps", "-3", ">= 1"), ("--warmup", "-3", ">= 0")):
         with pytest.raises(SystemExit):
-            crossovers.main(["--device", "cpu", "--quick", "--reps", bad])
-        assert "argument --reps: expected an integer >= 1" in capsys.readouterr().err
+            crossovers.main(["--device", "cpu", "--quick", option, bad])
+        assert f"argument {option}: expected an integer {expected}" in capsys.readouterr().err
     assert bench.timed_calls(5) == 6 and bench.timed_calls(30) == 30
 
 
