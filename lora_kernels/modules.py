@@ -612,8 +612,7 @@ class LoRALinear(nn.Module):
     def _check_full_shapes(self, op, unchanged="the layer"):
         """ValueError naming the tensor whose shape is not the layer's. FSDP1 (use_orig_params=True) holds the
         parameters as 1-D views of each rank's flat shard outside summon_full_params, often empty: B @ A of empty
-        shards is 0, so merge() had set `merged` and added nothing, and a load failed in torch's copy ("The size of
-        tensor a (36) must match the size of tensor b (16)"), naming no tensor."""
+        shards is 0, so merge() had set `merged` and added nothing."""
         weight_shape = (self.in_features, self.out_features) if self.fan_in_fan_out else (self.out_features,
                                                                                           self.in_features)
         for name, tensor, shape in (("weight", self.weight, weight_shape),

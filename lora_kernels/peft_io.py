@@ -697,6 +697,8 @@ def _plan_layers(op, model, file, config, targets, grouped, adapter_name):
     adapter_name and within its max_rank, an unmerged LoRALinear of the same rank, a wrappable nn.Linear / Conv1D)
     and that the file holds its factors in the shapes its r and features call for."""
     plan = []
+    if not all(isinstance(module, LORA_WRAPPERS) for _, module in targets):
+        refuse_new_layers_under_fsdp1(op, model)
     for name, module in targets:
         r, alpha = config.rank_and_alpha(state_dict_name(name))
         if isinstance(module, MultiLoRALinear):
@@ -712,6 +714,10 @@ def _plan_layers(op, model, file, config, targets, grouped, adapter_name):
                                  f"{alpha!r}, r={r}) is past the range of the slots' {module.scalings.dtype}; the "
                                  f"model is unchanged")
             in_features, out_features = module.in_features, module.out_features
+            _check_not_flattened(op, name, "lora_a", module.lora_a, (module.max_adapters, module.max_rank,
+                                                                     in_features), _LOAD_UNDER_FSDP1)
+            _check_not_flattened(op, name, "lora_b", module.lora_b, (module.max_adapters, out_features,
+                                                                     module.max_rank), _LOAD_UNDER_FSDP1)
         elif adapter_name is not None:
             fix = ("prepare_multi_adapter refuses LoRALinear layers: prepare a fresh base model (save this model's "
                    "adapter with save_peft_adapter to load it there by name too)" if isinstance(module, LoRALinear) else
@@ -720,15 +726,16 @@ def _plan_layers(op, model, file, config, targets, grouped, adapter_name):
                              f"{name!r} is a {type(module).__name__}; {fix}")
         elif isinstance(module, LoRALinear):
             module.refuse_offloaded(op)
-            module._check_full_shapes(f"{op}: module {name!r}", "the model")
             if module.merged:
                 raise ValueError(f"{op}: module {name!r} has a merged adapter; unmerge() it first")
             if module.r != r:
                 raise ValueError(f"{op}: module {name!r} is a LoRALinear of r={module.r}, the adapter has r={r} there; "
                                  f"load into the base model or a model injected with the adapter's ranks")
             in_features, out_features = module.in_features, module.out_features
+            for what, factor, shape in (("lora_A.weight", module.lora_A.weight, (module.r, in_features)),
+                                        ("lora_B.weight", module.lora_B.weight, (out_features, module.r))):
+                _check_not_flattened(op, name, what, factor, shape, _LOAD_UNDER_FSDP1)
         else:  # nn.Linear or transformers Conv1D: _check_target_type let nothing else through
-            refuse_new_layers_under_fsdp1(op, model)
             check_no_accelerate_hook(op, name, module)
             check_no_offloading_ancestor(op, model, name)
             check_wrappable_linear(op, f"module {name!r}", module)
@@ -1117,14 +1124,20 @@ def _clean_number(value):
     return int(rounded) if abs(value - rounded) <= 1e-6 * max(1.0, abs(value)) else float(value)
 
 
-def _check_not_flattened(op, name, what, tensor, shape):
+_SAVE_UNDER_FSDP1 = ("call save_peft_adapter on every rank inside `with FullyShardedDataParallel.summon_full_params("
+                     "model):` (with writeback=False, rank0_only=True: on rank 0 only, the other ranks keep their "
+                     "shards), or shard with fully_shard (FSDP2); nothing was written")
+_LOAD_UNDER_FSDP1 = ("call load_peft_adapter on every rank inside `with FullyShardedDataParallel.summon_full_params("
+                     "model, writeback=True):`; the model is unchanged")
+
+
+def _check_not_flattened(op, name, what, tensor, shape, fix=_SAVE_UNDER_FSDP1):
     """FullyShardedDataParallel (FSDP1) holds a layer's parameters as views of its flat local shard outside
-    summon_full_params (1-D, often empty): saved, they were pieces of the adapter under the layer's keys. With
-    use_orig_params=False they keep their shapes but view the gathered flat parameter, whose storage FSDP1 frees
-    after the backward: reading them crashed the process (SIGSEGV)."""
-    hint = ("(a FullyShardedDataParallel (FSDP1) model's flattened shard?): call save_peft_adapter on every rank "
-            "inside `with FullyShardedDataParallel.summon_full_params(model):` (with rank0_only=True, on rank 0 only: "
-            "the other ranks keep their shards), or shard with fully_shard (FSDP2); nothing was written")
+    summon_full_params (1-D, often empty): saved, they were pieces of the adapter under the layer's keys; loaded
+    into, torch's copy failed naming no tensor (an IndexError for slots). With use_orig_params=False they keep their
+    shapes but view the gathered flat parameter, whose storage FSDP1 frees after the backward: reading or writing
+    them crashed the process (SIGSEGV). fix: what to do instead, for the message."""
+    hint = f"(a FullyShardedDataParallel (FSDP1) model's flattened shard?): {fix}"
     if tuple(tensor.shape) != tuple(shape):
         raise ValueError(f"{op}: module {name!r}'s {what} has shape {list(tensor.shape)}, expected {list(shape)} "
                          f"{hint}")
@@ -1302,9 +1315,10 @@ def _adapter_config(op, model, records, module_names, modules_to_save, bias, tas
     return config
 
 
-# PEFT 0.21 with transformers 5 rewrites these target_modules names of the model types that transformers converts to
-# Mixtral's or Qwen2-MoE's fused-experts layout (qwen3_moe, qwen3_next, olmoe, deepseek_v3, ...: transformers'
-# conversion mapping) into target_parameters on the fused experts (peft.utils.transformers_weight_conversion)
+# PEFT 0.21 with transformers 5 rewrites these target_modules names into target_parameters on the fused experts for
+# the model types in its conversion table: those transformers' conversion mapping gives Mixtral's or Qwen2-MoE's
+# layout (qwen3_moe, qwen3_next, olmoe, deepseek_v3, minimax, ...), and mixtral itself; not qwen2_moe, which PEFT
+# reads as written (peft.utils.transformers_weight_conversion)
 _PEFT_EXPERT_TARGET_NAMES = {"mixtral": ("gate", "w1", "w2", "w3"),
                              "qwen2_moe": ("gate", "gate_proj", "up_proj", "down_proj")}
 
@@ -1325,15 +1339,21 @@ def _peft_expert_target_names(model):
 def _warn_if_peft_reads_targets_as_experts(op, model, target_modules):
     """PeftModel.from_pretrained of a file whose target_modules names such a layer put new LoRAs on the model's
     fused experts and dropped the file's factors of the dense or shared-expert layers of that name (logits 0.25-0.51
-    off on qwen3_next, qwen3_moe, deepseek_v3; helper 260), with only a missing-keys warning. load_peft_adapter reads
-    the file as written."""
-    named = sorted({target for target in target_modules for name in _peft_expert_target_names(model)
+    off on qwen3_next, qwen3_moe, deepseek_v3; helper 260), with only a missing-keys warning, or refused the file
+    (gate_proj without up_proj). load_peft_adapter reads the file as written. A regex target_modules is read as the
+    names of the modules it selects, as PEFT resolves it."""
+    expert_names = _peft_expert_target_names(model)
+    if not expert_names:
+        return
+    if isinstance(target_modules, str):
+        target_modules = [name for name in _module_state_dict_names(model) if re.fullmatch(target_modules, name)]
+    named = sorted({target.rpartition(".")[2] for target in target_modules for name in expert_names
                     if target == name or target.endswith(f".{name}")})
     if named:
-        warn_at_caller(f"{op}: target_modules {named} name layers that PEFT (0.21, with transformers 5) reads as this "
-                       f"{model.config.model_type} model's fused experts (target_parameters), so "
-                       f"PeftModel.from_pretrained would put new LoRAs there and drop these factors; "
-                       f"load_peft_adapter reads the file as written", UserWarning)
+        warn_at_caller(f"{op}: target_modules names {named}, which PEFT (0.21, with transformers 5) reads as this "
+                       f"{model.config.model_type} model's fused experts (target_parameters): "
+                       f"PeftModel.from_pretrained would put new LoRAs there and drop these factors, or refuse the "
+                       f"file; load_peft_adapter reads it as written", UserWarning)
 
 
 # PEFT's task model classes add their head to modules_to_save when they load a file with these task types
@@ -1555,9 +1575,9 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
                              base_model_name_or_path)
     tensors = _adapter_tensors(op, model, records, module_names, heads, bias, adapter_name, save_embedding_layers,
                                config["target_modules"])
-    _warn_if_peft_reads_targets_as_experts(op, model, config["target_modules"])
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
+    _warn_if_peft_reads_targets_as_experts(op, model, config["target_modules"])  # once, on the rank that writes
     os.makedirs(path, exist_ok=True)
     from safetensors.torch import save_file
 

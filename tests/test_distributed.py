@@ -744,6 +744,19 @@ def _fsdp1_worker(rank, port, out_dir):
             refusals.append("saved")
         except ValueError as exc:
             refusals.append(str(exc))
+        try:  # written into, they crashed the process too
+            lk.load_peft_adapter(flat, os.path.join(out_dir, "fsdp1_adapter"))
+            refusals.append("loaded")
+        except ValueError as exc:
+            refusals.append(str(exc))
+        # slots as flat shards: a load by name failed in torch's indexing ("index 0 is out of bounds"), naming nothing
+        slots = FSDP(lk.prepare_multi_adapter(_base(), ["0", "2", "4"], max_adapters=2, max_rank=4),
+                     device_id=torch.device("cpu"), use_orig_params=True)
+        try:
+            lk.load_peft_adapter(slots, os.path.join(out_dir, "fsdp1_adapter"), adapter_name="a")
+            refusals.append("loaded")
+        except ValueError as exc:
+            refusals.append(str(exc))
         if rank == 0:
             torch.save(outside, os.path.join(out_dir, "fsdp1_outside.pt"))
         torch.save((refusals, merged, unchanged, added), os.path.join(out_dir, f"fsdp1_refusals_{rank}.pt"))
@@ -767,11 +780,12 @@ def test_fsdp1_save_refuses_flat_shards_and_saves_the_gathered_adapter(tmp_path)
     outside = torch.load(tmp_path / "fsdp1_outside.pt")
     assert "FSDP1" in outside and "summon_full_params" in outside, outside
     # summon_full_params(rank0_only=True) leaves the other ranks their shards: saving there was told to do what it did
-    assert "(with rank0_only=True, on rank 0 only: the other ranks keep their shards)" in outside, outside
+    assert "(with writeback=False, rank0_only=True: on rank 0 only, the other ranks keep their shards)" in outside, (
+        outside)
     assert not (tmp_path / "fsdp1_sharded").exists()
     for rank in range(WORLD):
         refusals, merged, unchanged, added = torch.load(tmp_path / f"fsdp1_refusals_{rank}.pt")
-        assert len(refusals) == 6
+        assert len(refusals) == 8
         for message in refusals:
             assert "FSDP1" in message and "summon_full_params" in message, (rank, message)
         assert merged == [False] * 3 and unchanged, (rank, merged, unchanged)

@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import lora_kernels as lk  # noqa: E402
+from lora_kernels import peft_io  # noqa: E402
 from lora_kernels.modules import LoRALinear, MultiLoRALinear  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
@@ -389,10 +390,13 @@ def test_saving_a_moe_model_s_dense_down_proj_warns_that_peft_reads_it_as_the_ex
     ours = lk.inject_lora(qwen3_moe(), ["q_proj", "down_proj"], r=2, init_lora_weights=False).eval()
     assert [n for n, m in ours.named_modules() if isinstance(m, LoRALinear) and n.endswith("down_proj")] == [
         "model.layers.0.mlp.down_proj"]
-    with pytest.warns(UserWarning, match=r"^save_peft_adapter: target_modules \['down_proj'\] name layers that PEFT "
+    with pytest.warns(UserWarning, match=r"^save_peft_adapter: target_modules names \['down_proj'\], which PEFT "
                                          r"\(0\.21, with transformers 5\) reads as this qwen3_moe model's fused "
                                          r"experts"):
         lk.save_peft_adapter(ours, tmp_path)
+    # a regex target_modules (written where names would select other modules too) is read by the modules it selects
+    with pytest.warns(UserWarning, match=r"target_modules names \['down_proj'\], which PEFT"):
+        peft_io._warn_if_peft_reads_targets_as_experts("save_peft_adapter", ours, r"model\.layers\.0\.mlp\.down_proj")
     ids = _ids()
     with torch.no_grad():
         expected = ours(input_ids=ids).logits
