@@ -300,10 +300,10 @@ DOCUMENTED_REFUSALS = [
     ("a module that prepare_multi_adapter did not wrap", r"loads into MultiLoRALinear slots, but module '[^']+' is a",
      "an adapter targeting a module the model was not prepared with"),
     ("modules_to_save", r"has modules_to_save .* MultiLoRALinear slots hold LoRA factors only",
-     "an adapter with `modules_to_save` or a trained bias"),
+     "an adapter with a trained bias or with `modules_to_save` that selects a module of the model"),
     ("a trained bias", r"holds '[^']+', a base bias \(bias='(all|lora_only)'\), and it differs from the model's; "
      r"MultiLoRALinear slots share the base layers",
-     "an adapter with `modules_to_save` or a trained bias"),
+     "an adapter with a trained bias or with `modules_to_save` that selects a module of the model"),
     *[refusal for refusal in SINGLE_ADAPTER_REFUSALS if refusal[0] == "LoRA on an embedding layer"],
 ]
 
