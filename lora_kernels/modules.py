@@ -787,24 +787,37 @@ class MultiLoRALinear(nn.Module):
         factory = {"device": weight.device, "dtype": adapter_dtype or weight.dtype}
         self.lora_a = nn.Parameter(torch.zeros(max_adapters, max_rank, in_features, **factory), requires_grad=False)
         self.lora_b = nn.Parameter(torch.zeros(max_adapters, out_features, max_rank, **factory), requires_grad=False)
-        self.register_buffer("scalings", torch.zeros(max_adapters, dtype=torch.float32, device=weight.device))
+        self.register_buffer("scalings", torch.zeros(max_adapters, dtype=self._scalings_dtype(), device=weight.device))
         self.register_buffer("ranks", torch.zeros(max_adapters, dtype=torch.int32, device=weight.device))
         self.train(base_linear.training)
         base_linear.requires_grad_(False)  # last: a failed allocation above leaves the base layer as it was
 
+    def _scalings_dtype(self):
+        """float64 where the layer computes in float64 (multi_lora_linear reads float64 scalings there: float32 ones
+        left outputs and gradients 3e-8 off for a scaling such as 3/sqrt(6), against design §7's 1e-10), float32
+        elsewhere, the array the kernels read as it is."""
+        wide = torch.float64 in (self.base_layer.weight.dtype, self.lora_a.dtype)
+        return torch.float64 if wide else torch.float32
+
     def _apply(self, fn, recurse=True):
         # .half() / .bfloat16() / .to(dtype) cast every floating buffer: scalings would round (16/24 -> 0.66797 in
         # bfloat16, +0.2% on every delta of that adapter) and the result would depend on whether the model was
-        # converted before or after prepare. Keep it float32, and let the conversion move it (device, to_empty).
+        # converted before or after prepare. Keep their dtype and let the conversion move them (device, to_empty);
+        # then widen or narrow them to what the converted layer computes in (a value stored in float32 before a
+        # .double() stays rounded to float32: set the adapters after the conversion).
         scalings = self._buffers.get("scalings")
 
-        def keep_scalings_float32(tensor):
+        def keep_scalings_dtype(tensor):
             result = fn(tensor)
-            if tensor is scalings and result.dtype != torch.float32:
+            if tensor is scalings and result.dtype != tensor.dtype:
                 result = tensor.to(device=result.device)
             return result
 
-        return super()._apply(keep_scalings_float32, recurse)
+        module = super()._apply(keep_scalings_dtype, recurse)
+        scalings = self._buffers.get("scalings")
+        if scalings is not None and scalings.dtype != self._scalings_dtype():
+            self._buffers["scalings"] = scalings.to(self._scalings_dtype())
+        return module
 
     @property
     def in_features(self):

@@ -1042,8 +1042,10 @@ def _write_slot(layers, slot, plan, grouped, config):
             # slots of the base weight's dtype (adapter_dtype=None) take the loaded weight's, as if made after it
             follow = ({} if getattr(module, "_requested_adapter_dtype", None)  # None too in a pickle from before it
                       else {"lora_a": weight.dtype, "lora_b": weight.dtype})
-            materialised += _materialise_meta(module, ["lora_a", "lora_b", "scalings", "ranks"], weight.device,
-                                              follow)
+            materialised += _materialise_meta(module, ["lora_a", "lora_b", "ranks"], weight.device, follow)
+            # float64 where the materialised layer computes in float64, as a layer made there keeps them
+            materialised += _materialise_meta(module, ["scalings"], weight.device,
+                                              {"scalings": module._scalings_dtype()})
             if name in loaded:
                 r, alpha = loaded[name]
                 module.set_adapter(slot, grouped[name]["lora_A"], grouped[name]["lora_B"],

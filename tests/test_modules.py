@@ -1844,14 +1844,14 @@ def test_multi_lora_float32_slots_are_cast_inside_the_autograd_function(autocast
     assert _leaves_fed_by(node, slice(3, 5)) == [layer.lora_a, layer.lora_b]
 
 
-@pytest.mark.parametrize("convert", ["half", "bfloat16", "to_bfloat16", "double"])
+@pytest.mark.parametrize("convert", ["half", "bfloat16", "to_bfloat16"])
 def test_multi_lora_scalings_stay_float32_across_dtype_conversions(convert):
     """Module dtype conversions cast floating buffers: a scaling of 16/24 became 0.66797 under .bfloat16(). The
     scalings buffer keeps its float32 values; the factors and base take the new dtype as usual."""
     from lora_kernels import MultiLoRALinear
     layer = MultiLoRALinear(nn.Linear(16, 8), max_adapters=2, max_rank=4)
     layer.set_adapter(0, torch.randn(4, 16), torch.randn(8, 4), scaling=16 / 24)
-    dtype = {"half": torch.float16, "double": torch.float64}.get(convert, torch.bfloat16)
+    dtype = torch.float16 if convert == "half" else torch.bfloat16
     layer = layer.to(dtype) if convert == "to_bfloat16" else getattr(layer, convert)()
     assert layer.scalings.dtype == torch.float32 and layer.scalings[0].item() == torch.tensor(16 / 24).item()
     assert layer.lora_a.dtype == layer.base_layer.weight.dtype == dtype
@@ -1861,6 +1861,54 @@ def test_multi_lora_scalings_stay_float32_across_dtype_conversions(convert):
     assert layer(x, torch.tensor([0, 1, -1])).dtype == dtype
     moved = layer.to("meta", torch.float16)  # a conversion that also moves it still moves it
     assert moved.scalings.is_meta and moved.scalings.dtype == torch.float32 and moved.lora_a.dtype == torch.float16
+
+
+def _float64_slot_error(layer, lora_a, lora_b, scaling):
+    x = torch.randn(5, layer.in_features, dtype=torch.float64)
+    expected_delta = scaling * (x @ lora_a.T) @ lora_b.T
+    y = layer(x, torch.zeros(5, dtype=torch.long))
+    return ((y - layer.base_layer(x) - expected_delta).norm() / expected_delta.norm()).item()
+
+
+@pytest.mark.parametrize("made", ["float64", "double", "meta_then_load"])
+def test_multi_lora_float64_layers_keep_float64_scalings(made, tmp_path):
+    """A float64 layer's scalings are float64 (design §7: 1e-10 for float64): kept in float32, an rsLoRA scaling
+    such as 8/sqrt(6) left every float64 output 3e-8 off. Made in float64, converted with .double() (the adapters
+    set after it), or built on the meta device and given float64 base weights before load_peft_adapter; .float()
+    narrows them back to the float32 array the kernels read."""
+    import json
+    from safetensors.torch import save_file
+    from lora_kernels import MultiLoRALinear, prepare_multi_adapter
+    torch.manual_seed(0)
+    scaling = 8 / math.sqrt(6)
+    lora_a, lora_b = torch.randn(6, 16, dtype=torch.float64), torch.randn(8, 6, dtype=torch.float64)
+    if made == "meta_then_load":
+        directory = tmp_path / "adapter"
+        directory.mkdir()
+        (directory / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "r": 6, "lora_alpha": 8, "use_rslora": True, "target_modules": ["0"]}))
+        save_file({"base_model.model.0.lora_A.weight": lora_a.float().contiguous(),
+                   "base_model.model.0.lora_B.weight": lora_b.float().contiguous()},
+                  str(directory / "adapter_model.safetensors"))
+        lora_a, lora_b = lora_a.float().double(), lora_b.float().double()
+        with torch.device("meta"):
+            model = nn.Sequential(nn.Linear(16, 8))
+            prepare_multi_adapter(model, ["0"], max_adapters=2, max_rank=8)
+        base = nn.Linear(16, 8).double()
+        model.load_state_dict({"0.base_layer.weight": base.weight, "0.base_layer.bias": base.bias}, strict=False,
+                              assign=True)
+        load_peft_adapter(model, str(directory), adapter_name="a")
+        layer = model[0]
+    else:
+        base = nn.Linear(16, 8).double() if made == "float64" else nn.Linear(16, 8)
+        layer = MultiLoRALinear(base, max_adapters=2, max_rank=8)
+        if made == "double":
+            layer = layer.double()
+        layer.set_adapter(0, lora_a, lora_b, scaling)
+    assert layer.scalings.dtype == torch.float64
+    assert _float64_slot_error(layer, lora_a, lora_b, scaling) < 1e-13
+    layer.float()
+    assert layer.scalings.dtype == torch.float32 and layer.scalings[0].item() == torch.tensor(scaling).float().item()
 
 
 def test_hooks_on_a_replaced_or_wrapped_layer_get_a_warning(tmp_path):
