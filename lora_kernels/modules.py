@@ -733,9 +733,9 @@ class MultiLoRALinear(nn.Module):
     (-1: base only). forward(x) without ids takes them from set_batch_adapters (one id per batch row).
 
     The base layer's weight and bias are frozen, as in LoRALinear. lora_a [L, R, K], lora_b [L, N, R] are Parameters
-    (frozen; requires_grad_(True) trains several adapters at once), scalings [L] and ranks [L] are buffers. A
-    cleared slot has rank 0 and contributes nothing. No dropout: the slots serve inference (and dropout-free
-    multi-adapter training).
+    (frozen; requires_grad_(True) trains several adapters at once), scalings [L] (float32; float64 in a float64
+    layer) and ranks [L] are buffers. A cleared slot has rank 0 and contributes nothing. No dropout: the slots serve
+    inference (and dropout-free multi-adapter training).
 
     adapter_dtype: the dtype of the slots' factors; None (default) is the base weight's, as serving stacks keep them
     (set_adapter casts float32 factors down). torch.float32 on a 16-bit model trains several adapters in one batch
