@@ -133,14 +133,16 @@ def auto_backend(device, op_name="lora_linear", dtype=None, num_slots=0):
       grouped ops, ahead at decode sizes (0.7-0.9x the torch fallback's multi-adapter fwd+bwd at 16 and 64 tokens in
       bf16), behind at 1024 tokens (1.7-2.0x). The Triton interpreter is for tests and never chosen automatically
       (with TRITON_INTERPRET=1 on a GPU machine the grouped ops take the C++ CUDA kernels).
-    float64 (dtype) skips Triton, whose kernels run 32- and 16-bit floats only, and so do more adapter slots
-    (num_slots) than its grid's slot axis holds (MAX_GRID_YZ). DTensor arguments (tensor parallelism) never come
+    float64 (dtype) skips Triton, whose kernels run 32- and 16-bit floats only; more adapter slots (num_slots) than
+    a grid's slot axis holds (MAX_GRID_YZ) skip both GPU kernels (the C++ CUDA ops refused them too). DTensor arguments (tensor parallelism) never come
     here: lora_linear picks "torch" for them (functional.resolve_dtensor_backend)."""
     device = torch.device(device)
     if device.type == "cuda":
         order = ("triton", "cuda", "torch") if op_name in GROUPED_OPS else ("torch",)
+        if num_slots > _triton_pkg.MAX_GRID_YZ:  # the CUDA ops' kMaxGridYZ is the same limit
+            order = ("torch",)
         # TRITON_INTERPRET=1 would run CUDA tensors interpreted
-        if dtype == torch.float64 or num_slots > _triton_pkg.MAX_GRID_YZ or _triton_pkg.INTERPRET:
+        if dtype == torch.float64 or _triton_pkg.INTERPRET:
             order = tuple(name for name in order if name != "triton")
     elif device.type == "cpu":
         bf16_units = op_name == "lora_linear" and dtype == torch.bfloat16 and CPU_HAS_BF16_GEMM_UNITS

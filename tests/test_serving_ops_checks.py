@@ -1019,7 +1019,8 @@ def test_a_hand_built_batch_out_of_range_is_refused_on_the_host(backend):
 def test_auto_leaves_out_the_triton_kernels_where_they_cannot_run(monkeypatch):
     """On GPUs "auto" picks the Triton kernels for the grouped ops by op and dtype alone: a float64 x into a float32 y
     (add_lora, resolved by y's dtype) and more adapter slots than Triton's grid holds were then refused by the Triton
-    checks, where other backends run them; with TRITON_INTERPRET=1 CUDA tensors would run interpreted. Stand-ins: a
+    checks, where other backends run them (the C++ CUDA ops refuse that many slots too, and the float64 ones picked
+    for them were); with TRITON_INTERPRET=1 CUDA tensors would run interpreted. Stand-ins: a
     resolve_backend that gives "auto" auto_backend's choice for a GPU with every backend available (its CUDA kernels
     standing in as torch for these CPU tensors), and a CUDA device for auto_backend."""
     from lora_kernels import backends, functional, ops
@@ -1054,7 +1055,9 @@ def test_auto_leaves_out_the_triton_kernels_where_they_cannot_run(monkeypatch):
 
     cuda = torch.device("cuda")
     assert backends.auto_backend(cuda, "lora_shrink", torch.float32, slots - 1) == "triton"  # the grid holds them
-    assert backends.auto_backend(cuda, "lora_shrink", torch.float32, slots) == "cuda"
+    # nor the CUDA kernels' (register_cuda.cpp's check_sgmv_grid refused them; the test's first calls cannot tell)
+    assert backends.auto_backend(cuda, "lora_shrink", torch.float32, slots) == "torch"
+    assert backends.auto_backend(cuda, "multi_lora_linear", torch.float64, slots) == "torch"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(backends._triton_pkg, "INTERPRET", True)
     assert backends.auto_backend(torch.device("cuda"), "multi_lora_linear", torch.float32) != "triton"
