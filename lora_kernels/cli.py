@@ -74,8 +74,16 @@ def print_info(as_json=False):
             print(f"  {name:10s} {status}")
 
 
-def _int_at_least(low):
-    """An argparse type: an integer >= low, refused naming both otherwise."""
+# The largest size or count an option takes: larger ones cannot be allocated anyway, and past 2**63 torch raised a
+# TypeError from C++ (a traceback, not the one-line allocation refusal), or the head search of --hidden 10**18 ran
+# for minutes before it.
+MAX_OPTION_INT = 2**31 - 1
+# torch.set_num_threads took 2**31 - 1 and OpenMP then asked for 463 GB; 3e9 was torch's "Overflow" ValueError
+MAX_THREADS = 1024
+
+
+def _int_in(low, high=MAX_OPTION_INT):
+    """An argparse type: an integer in [low, high], refused naming the bound it passes otherwise."""
     def parse(text):
         try:
             value = int(text)
@@ -83,12 +91,15 @@ def _int_at_least(low):
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"expected an integer <= {high}, got {value}")
         return value
     return parse
 
 
-_positive_int = _int_at_least(1)
-_non_negative_int = _int_at_least(0)
+_positive_int = _int_in(1)
+_non_negative_int = _int_in(0)
+_thread_count = _int_in(1, MAX_THREADS)
 
 
 def _comma_list(text, kind):
@@ -158,7 +169,7 @@ def _add_compare_parser(sub):
     run.add_argument("--infer-reps", type=_positive_int, help=f"forward passes per inference latency (median; "
                                                                f"default {cpu['infer_reps']} / {gpu['infer_reps']})")
     run.add_argument("--seed", type=int, default=0, help="seed of the init, the task and the data (default 0)")
-    run.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's)")
+    run.add_argument("--threads", type=_thread_count, help=f"torch CPU threads, at most {MAX_THREADS} (default: torch's)")
     run.add_argument("--compile", action="store_true",
                      help="torch.compile every decoder layer of the three models (compiled in the warm-up steps): "
                           "steps without Python's per-op host time, which a small model's eager step on a GPU is "
@@ -217,7 +228,7 @@ def _add_bench_parser(sub):
     p.add_argument("--sweep-adapters", type=_int_list, help="distinct adapter counts of the grouped sweep (a point "
                                                             "with more adapters than tokens is skipped; "
                                                             f"{default('sweep_adapters')})")
-    p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=_thread_count, help=f"torch CPU threads, at most {MAX_THREADS} (default: torch's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random operands (default 0; the JSON records it)")
     p.add_argument("--json", action="store_true", help="print the measurements as JSON instead of the table")
     p.add_argument("--save", metavar="PATH", help="also write the JSON to PATH")
