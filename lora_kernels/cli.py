@@ -3,9 +3,12 @@
 GPU targets listed in BENCHMARKS.md)."""
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 
@@ -313,6 +316,13 @@ def _plot_option_ok(args):
         print(f"lora-kernels compare: --plot {args.plot}: expected a file name ending in one of "
               f"{', '.join('.' + f for f in sorted(formats))}, got .{extension}", file=sys.stderr)
         return False
+    if extension == "pgf":  # matplotlib's PGF writer runs TeX: without it the figure failed after the run
+        import matplotlib as mpl
+        texsystem = mpl.rcParams["pgf.texsystem"]
+        if shutil.which(texsystem) is None:
+            print(f"lora-kernels compare: --plot {args.plot}: matplotlib writes .pgf with {texsystem}, which is not "
+                  f"installed; choose another format (.pdf, .svg, .png)", file=sys.stderr)
+            return False
     if args.save and os.path.realpath(args.save) == os.path.realpath(args.plot) and not _is_stream(args.save):
         print(f"lora-kernels compare: --save and --plot name the same file {args.plot}: the figure would "
               f"overwrite the JSON", file=sys.stderr)
@@ -343,29 +353,80 @@ def run_compare_command(args):
     result = _run_sized("compare", lambda: compare.run_compare(config), _sizes(config, COMPARE_SIZES))
     if result is None:
         return 1
-    print(compare.to_json(result) if args.json else compare.format_compare(result))
+    stdout_error = _print_results(compare.to_json(result) if args.json else compare.format_compare(result))
     failed = _write_outputs("compare", [("--save", args.save, lambda: _write_json(result, args.save)),
-                                        ("--plot", args.plot, lambda: compare.plot_compare(result, args.plot))])
-    if args.plot and "--plot" not in failed and not args.json:
+                                        ("--plot", args.plot, lambda: compare.plot_compare(result, args.plot))],
+                            stdout_error)
+    if stdout_error is None and args.plot and "--plot" not in failed and not args.json:
         print(f"figure: {args.plot}")
-    return 1 if failed else 0
+    return _finish("compare", failed, stdout_error)
 
 
-def _write_outputs(command, outputs):
+def _print_results(text):
+    """Prints the results; returns the OSError of a stdout that could not take them (a full disk behind a
+    redirect, a reader that closed the pipe), or None. The outputs are written either way: that error had ended the
+    run in a traceback (or quietly, for a closed pipe) before --save and --plot were written. What stdout still
+    holds goes to /dev/null, so that no later flush raises again."""
+    try:
+        print(text)
+        sys.stdout.flush()
+        return None
+    except OSError as exc:
+        _discard_stdout()
+        return exc
+
+
+def _discard_stdout():
+    try:  # the interpreter's own flush at exit would raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor (a test's capture)
+        pass
+
+
+def _finish(command, failed, stdout_error):
+    """The status of a run whose results were printed (or not: stdout_error) and whose outputs were written (or
+    not: failed). A closed pipe ends it as main ends any command's (status 141)."""
+    if isinstance(stdout_error, BrokenPipeError):
+        raise stdout_error
+    if stdout_error is not None:
+        print(f"lora-kernels {command}: could not print the results ({stdout_error})", file=sys.stderr)
+    return 1 if failed or stdout_error is not None else 0
+
+
+def _write_outputs(command, outputs, stdout_error=None):
     """Calls write() for each (option, path, write) whose path is set, after the results were printed: a failure
-    there (a full disk, a path that changed since _output_paths_ok) had ended a run of minutes in a traceback before
-    anything was printed. Each failure is one line on stderr; returns the options that failed."""
+    there (a full disk, a path that changed since _output_paths_ok, a figure format matplotlib could not write) had
+    ended a run of minutes in a traceback before anything was printed. Each failure is one line on stderr; returns
+    the options that failed."""
     failed = []
     for option, path, write in outputs:
         if not path:
             continue
         try:
             write()
-        except OSError as exc:
-            print(f"lora-kernels {command}: could not write {option} {path} ({exc}); the results are printed above",
-                  file=sys.stderr)
+        except (OSError, RuntimeError) as exc:
+            printed = "; the results are printed above" if stdout_error is None else ""
+            print(f"lora-kernels {command}: could not write {option} {path} ({exc}){printed}", file=sys.stderr)
             failed.append(option)
     return failed
+
+
+def _progress_writer(command, path):
+    """bench --save's write after each measurement: a failure there (the folder removed, a full disk) is one line on
+    stderr and ends the progress writes, not the run (it had ended it in a traceback with nothing printed); the
+    whole result is written once more at the end."""
+    failed = []
+
+    def write(partial):
+        if failed:
+            return
+        try:
+            _write_json(partial, path)
+        except OSError as exc:
+            failed.append(exc)
+            print(f"lora-kernels {command}: could not write --save {path} during the run ({exc}); the run goes on",
+                  file=sys.stderr)
+    return write
 
 
 def run_bench_command(args):
@@ -384,12 +445,13 @@ def run_bench_command(args):
         print(f"lora-kernels {exc}", file=sys.stderr)
         return 2
     # a stream (/dev/stdout, a FIFO) gets the whole result once, not a document per measurement
-    on_update = (lambda partial: _write_json(partial, args.save)) if args.save and not _is_stream(args.save) else None
+    on_update = _progress_writer("bench", args.save) if args.save and not _is_stream(args.save) else None
     result = _run_sized("bench", lambda: bench.run_bench(config, on_update=on_update), _sizes(config, BENCH_SIZES))
     if result is None:
         return 1
-    print(compare.to_json(result) if args.json else bench.format_bench(result))
-    return 1 if _write_outputs("bench", [("--save", args.save, lambda: _write_json(result, args.save))]) else 0
+    stdout_error = _print_results(compare.to_json(result) if args.json else bench.format_bench(result))
+    failed = _write_outputs("bench", [("--save", args.save, lambda: _write_json(result, args.save))], stdout_error)
+    return _finish("bench", failed, stdout_error)
 
 
 # What torch says when a size cannot be allocated (CPU), or not even computed: OutOfMemoryError is CUDA's
@@ -432,10 +494,7 @@ def main(argv=None):
         print("\nlora-kernels: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
-        try:  # the interpreter's own flush at exit would raise again
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor (a test's capture)
-            pass
+        _discard_stdout()
         return 141  # 128 + SIGPIPE, what the shell reports for a filter stopped by its reader
 
 
@@ -454,8 +513,9 @@ def _main(argv=None):
         return run_compare_command(args)
     if args.command == "bench":
         return run_bench_command(args)
-    print_info(args.json)
-    return 0
+    with contextlib.redirect_stdout(io.StringIO()) as text:
+        print_info(args.json)
+    return _finish("info", [], _print_results(text.getvalue().rstrip("\n")))
 
 
 if __name__ == "__main__":

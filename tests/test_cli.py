@@ -3,6 +3,7 @@
 
 import argparse
 import ast
+import io
 import json
 import os
 import pathlib
@@ -604,8 +605,8 @@ def test_bench_passes_every_option_to_the_run(monkeypatch):
 
 
 @pytest.mark.parametrize("options, status, where", [
-    (["--batch-size", "1000000000000"], 1, "--vocab 128, --batch-size 1000000000000"),  # fails in the run
-    (["--hidden", "1000000000000", "--heads", "1"], 2, "--hidden 1000000000000"),  # fails resolving, on meta
+    (["--batch-size", "2000000000"], 1, "--vocab 128, --batch-size 2000000000"),  # fails in the run
+    (["--hidden", "2000000000", "--heads", "1"], 2, "--hidden 2000000000"),  # fails resolving, on meta
 ])
 def test_sizes_this_machine_cannot_allocate_are_one_line_naming_them(capsys, options, status, where):
     """They ended in torch's traceback ("DefaultCPUAllocator: can't allocate memory", "Storage size calculation
@@ -800,6 +801,81 @@ def test_plot_with_an_unknown_format_is_refused_before_the_run(capsys, monkeypat
     assert cli.main(TINY_COMPARE + ["--plot", str(tmp_path / "c.txt")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("lora-kernels compare: --plot ") and ".png" in err and len(err.splitlines()) == 1, err
+
+
+def test_a_pgf_plot_without_its_tex_system_is_refused_before_the_run(capsys, monkeypatch, tmp_path, matplotlib_here):
+    """matplotlib writes .pgf by running TeX (xelatex by default): without it the figure failed after the run, in a
+    RuntimeError traceback, while the refusal of an unknown format offered .pgf."""
+    from lora_kernels import compare
+    monkeypatch.setattr(compare, "run_compare", _no_run)
+    monkeypatch.setattr(cli.shutil, "which", lambda name: None)
+    assert cli.main(TINY_COMPARE + ["--plot", str(tmp_path / "c.pgf")]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"lora-kernels compare: --plot \S+c\.pgf: matplotlib writes \.pgf with \w+, which is not "
+                        r"installed; choose another format \(\.pdf, \.svg, \.png\)\n", err), err
+
+
+class _FailingStdout(io.StringIO):
+    """A stdout that cannot take the results: a full disk behind a redirect, or a reader that closed the pipe."""
+
+    def __init__(self, error):
+        super().__init__()
+        self.error = error
+
+    def write(self, text):
+        raise self.error
+
+
+@pytest.mark.parametrize("command", ["compare", "bench"])
+@pytest.mark.parametrize("error, status", [(OSError(28, "No space left on device"), 1),
+                                           (BrokenPipeError(32, "Broken pipe"), 141)])
+def test_results_that_cannot_be_printed_are_still_saved(capsys, monkeypatch, tmp_path, command, error, status):
+    """`compare --save r.json > /dev/full` (or `| head -1`) printed the table before writing --save, and the error
+    of the print ended the run (a traceback, or quietly for a closed pipe): the measurements of minutes were lost.
+    --save is written either way; a full stdout is one line on stderr and status 1, a closed pipe status 141."""
+    from lora_kernels import bench, compare
+    result = {"stand-in": True}
+    monkeypatch.setattr(compare, "run_compare", lambda config: result)
+    monkeypatch.setattr(bench, "run_bench", lambda config, on_update=None: result)
+    monkeypatch.setattr(compare, "format_compare", lambda r: "the compare table")
+    monkeypatch.setattr(bench, "format_bench", lambda r: "the bench table")
+    saved = tmp_path / "r.json"
+    monkeypatch.setattr(sys, "stdout", _FailingStdout(error))
+    assert cli.main((TINY_COMPARE if command == "compare" else QUICK_BENCH) + ["--save", str(saved)]) == status
+    assert json.loads(saved.read_text()) == result
+    err = capsys.readouterr().err
+    assert err == ("" if status == 141 else
+                   f"lora-kernels {command}: could not print the results ([Errno 28] No space left on device)\n")
+
+
+def test_bench_progress_writes_that_fail_do_not_end_the_run(capsys, monkeypatch, tmp_path):
+    """bench --save writes the partial results after each measurement: a failure there (the folder removed during
+    the run, a full disk) ended the run in a traceback with nothing printed. One line on stderr, the run goes on, the
+    table is printed and the final write is tried again."""
+    from lora_kernels import bench
+    result = {"stand-in": True}
+
+    def run_bench(config, on_update=None):
+        for _ in range(3):
+            on_update({"partial": True})
+        return result
+
+    writes = []
+
+    def write_json(data, path):
+        writes.append(data)
+        if len(writes) == 1:
+            raise OSError(2, "No such file or directory")
+
+    monkeypatch.setattr(bench, "run_bench", run_bench)
+    monkeypatch.setattr(bench, "format_bench", lambda r: "the bench table")
+    monkeypatch.setattr(cli, "_write_json", write_json)
+    saved = str(tmp_path / "b.json")
+    assert cli.main(QUICK_BENCH + ["--save", saved]) == 0
+    out, err = capsys.readouterr()
+    assert out == "the bench table\n" and writes == [{"partial": True}, result]  # one failed progress write, no more
+    assert err == (f"lora-kernels bench: could not write --save {saved} during the run ([Errno 2] No such file or "
+                   f"directory); the run goes on\n")
 
 
 def test_save_and_plot_on_one_file_are_refused_before_the_run(capsys, monkeypatch, tmp_path, matplotlib_here):
