@@ -1335,6 +1335,8 @@ def _threads_advice(env):
 # The share of inference rounds an unmerged path must win for compare to call it faster than the merged model by
 # its GEMMs rather than by the machine's load
 SYSTEMATIC_ROUNDS = 0.9
+# Fewer rounds than this tell neither: one round faster in 1 of 1 had been called "not the machine's load"
+SYSTEMATIC_MIN_ROUNDS = 5
 
 
 def _inference_lines(inference, fused, kind, cfg, env):
@@ -1355,16 +1357,24 @@ def _inference_lines(inference, fused, kind, cfg, env):
     # the passes, unless faster in nearly every round (each times every path once, so a load change slows all of
     # a round's passes): then the path runs its GEMMs another way. Comparing the ranges instead called one slow
     # pass of 20 "the machine's load" (helper 249).
-    slower, apart = [], {}
+    slower, apart, too_few = [], {}, []
     for key, label in (("unmerged_unfused_ms", "torch"), ("unmerged_fused_ms", fused)):
         if inference[key] < merged:
             passes, merged_passes = inference.get(f"{key}_all"), inference.get("merged_ms_all")
             faster = (sum(p < m for p, m in zip(passes, merged_passes))
                       if passes and merged_passes and len(passes) == len(merged_passes) else 0)
             if faster and faster >= SYSTEMATIC_ROUNDS * len(passes):
-                apart.setdefault(label, (faster, len(passes)))
+                if len(passes) < SYSTEMATIC_MIN_ROUNDS:
+                    too_few.append((label, len(passes)))
+                else:
+                    apart.setdefault(label, (faster, len(passes)))
             else:
                 slower.append(label)
+    if too_few:
+        lines.append(f"  note: the merged model does strictly less work than the unmerged one, yet measured "
+                     f"slower than the unmerged {' and '.join(dict.fromkeys(label for label, _ in too_few))} path "
+                     f"in all of {_count_of(too_few[0][1], 'round')}: too few to tell the machine's load from GEMMs "
+                     f"run another way (more --infer-reps)")
     if slower:
         lines.append(f"  note: the merged model does strictly less work than the unmerged one, yet measured "
                      f"slower than the unmerged {' and '.join(dict.fromkeys(slower))} path: the machine's load "

@@ -1805,3 +1805,24 @@ def test_the_memory_check_refuses_only_what_cannot_fit(monkeypatch):
         CompareConfig(model_size="tiny", device="cpu").resolved()
     monkeypatch.setattr(compare, "device_memory_bytes", lambda device: None)  # unknown: not checked
     CompareConfig(model_size="tiny", device="cpu").resolved()
+
+
+def test_an_unmerged_path_faster_in_too_few_rounds_is_not_called_systematic(result):
+    """--infer-reps 1: the unmerged path faster than the merged model in its one round was "not the machine's load,
+    but GEMMs run another way", a conclusion from one timing (the step-time notes need 4 steps). Below
+    SYSTEMATIC_MIN_ROUNDS rounds the note says the rounds are too few to tell; from there the systematic note
+    returns."""
+    import copy
+    shown = copy.deepcopy(result)
+    shown["backends"]["fused"] = "cpu"
+    for rounds in (1, 4, compare.SYSTEMATIC_MIN_ROUNDS):
+        shown["inference"].update(reps=rounds, merged_ms=30.0, unmerged_unfused_ms=40.0, unmerged_fused_ms=29.0,
+                                  merged_ms_all=[30.0] * rounds, unmerged_unfused_ms_all=[40.0] * rounds,
+                                  unmerged_fused_ms_all=[29.0] * rounds)
+        notes = [line for line in compare.format_compare(shown).splitlines() if "strictly less work" in line]
+        if rounds < compare.SYSTEMATIC_MIN_ROUNDS:
+            assert notes == [f"  note: the merged model does strictly less work than the unmerged one, yet measured "
+                             f"slower than the unmerged cpu path in all of {rounds} round{'s' if rounds > 1 else ''}: "
+                             f"too few to tell the machine's load from GEMMs run another way (more --infer-reps)"]
+        else:
+            assert len(notes) == 1 and f"in {rounds} of {rounds} rounds" in notes[0] and "not the machine's" in notes[0]
