@@ -121,19 +121,21 @@ VMAP_DROPOUT_NEEDS_ONE_SEED = ("dropout under torch.func.vmap needs randomness='
 def through_op(tensor):
     """Whether a call goes through its custom op rather than straight to its implementation: when tracing
     (torch.compile, export) and for fake or other tensor subclasses (a memory estimator's FakeTensorMode), which only
-    the op's fake impl or the subclass's own dispatch can run. Plain eager calls run the implementation directly: the
-    custom-op dispatcher costs ~30 us of host time per call (measured on this project's CPU machine), which a decode
-    step outside a CUDA graph would pay for every launch."""
-    return torch.compiler.is_compiling() or type(tensor) is not torch.Tensor
+    the op's fake impl or the subclass's own dispatch can run, and under torch.func.functionalize (its tensors have no
+    storage a kernel could take: the op's functionalization runs it, or torch refuses it naming the op). Plain eager
+    calls run the implementation directly: the custom-op dispatcher costs ~30 us of host time per call (measured on
+    this project's CPU machine), which a decode step outside a CUDA graph would pay for every launch."""
+    return torch.compiler.is_compiling() or type(tensor) is not torch.Tensor or torch._is_functional_tensor(tensor)
 
 
 def has_host_values(tensor):
     """Whether the host may read tensor's values now: not while tracing, nor for a fake tensor (a memory estimator's
     FakeTensorMode, outside torch.compile) or a meta one, which have none (reading them raised
     DataDependentOutputException, or "Tensor.item() cannot be called on meta tensors" in the reference backend's
-    grouped ops, which then take their slot-masked torch ops, as for fake tensors)."""
+    grouped ops, which then take their slot-masked torch ops, as for fake tensors); nor under
+    torch.func.functionalize (torch's RuntimeError on unallocated storage)."""
     return not (torch.compiler.is_compiling() or isinstance(tensor, FakeTensor)
-                or isinstance(tensor, torch.Tensor) and tensor.is_meta)
+                or isinstance(tensor, torch.Tensor) and (tensor.is_meta or torch._is_functional_tensor(tensor)))
 
 
 def autocast_dtype(device):

@@ -2507,6 +2507,40 @@ def test_multi_lora_under_torch_func_grad(backend, device):
 
 
 @pytest.mark.parametrize("backend", GROUPED_BACKENDS + ["reference"])
+def test_functionalize_runs_the_grouped_ops(backend, device):
+    """torch.func.functionalize over multi_lora_linear and lk.ops.*: eager's results. Its tensors hold no values the
+    host may read: scalings given as a list were read back with .tolist() (a RuntimeError of torch's on unallocated
+    storage) and the overlap check of an in-place op read the storages' addresses ("invalid python storage"). The
+    in-place ops run on the torch and reference backends; torch cannot functionalize a custom op that writes in place
+    outside torch.compile/export (the cpu backend's expand, the triton kernels lk.ops.* call: they write an out
+    tensor), and says so naming it."""
+    backend_or_skip(backend, device)
+    from torch.func import functionalize
+    x, weight, lora_a, lora_b, ids, scalings, ranks = _grouped_inputs(device)
+    scaling_list = scalings.tolist()
+    batch = lk.LoRABatch.from_adapter_ids(ids, lora_a.shape[0])
+    calls = {
+        "multi_lora_linear": lambda x: lk.multi_lora_linear(x, weight, lora_a, lora_b, ids, scaling_list, ranks=ranks,
+                                                            backend=backend),
+        "lora_shrink": lambda x: lk.ops.lora_shrink(x, lora_a, batch, scaling_list, ranks, backend=backend),
+    }
+    in_place = {
+        "lora_expand": lambda x: lk.ops.lora_expand(x[:, :4] * 1.0, lora_b, batch, torch.zeros_like(x[:, :6]), 0,
+                                                     ranks, backend=backend),
+        "add_lora": lambda x: lk.ops.add_lora(torch.zeros_like(x[:, :6]), x, [lora_a], [lora_b], batch, scaling_list,
+                                               ranks, [6], backend=backend),
+    }
+    runs = {"torch": {**calls, **in_place}, "reference": {**calls, **in_place}, "cpu": calls,
+            "triton": {"multi_lora_linear": None}}[backend]
+    for name, call in {**calls, **in_place}.items():
+        if name in runs:
+            assert_close(functionalize(call)(x), call(x), torch.float32, name)
+        else:
+            with pytest.raises(RuntimeError, match="operator whose output has alias annotations: lora_kernels"):
+                functionalize(call)(x)
+
+
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS + ["reference"])
 def test_multi_lora_vmap_over_the_adapter_ids(backend, device):
     """torch.func.vmap mapping the adapter ids as well as x (sequences with ids of their own), and per-sample
     gradients of the stacked adapters under it: each sample's output and gradient are the reference's for that
