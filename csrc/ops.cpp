@@ -64,9 +64,9 @@ TORCH_LIBRARY(lora_kernels, m) {
 //
 // sgmv_expand returns nothing (it adds into out), so that fallback sees no output to attach the error to: it refuses
 // a t or lora_b that requires grad (in grad mode) before any work, and bumps out's version counter, so autograd
-// knows out changed. Like torch's own in-place ops it refuses a leaf out that requires grad (helper 188: it was
-// written); a non-leaf one (y = F.linear(x, W) of a trained W) keeps its gradient, which the added term, a constant
-// to autograd, does not change.
+// knows out changed. Like torch's own in-place ops it refuses a leaf out that requires grad, or a view of one (helper
+// 188: it was written); a non-leaf one (y = F.linear(x, W) of a trained W) keeps its gradient, which the added term,
+// a constant to autograd, does not change.
 void sgmv_expand_autograd(c10::DispatchKeySet keys, const at::Tensor& t, const at::Tensor& lora_b,
                           const at::Tensor& sorted_token_ids, const at::Tensor& slot_starts,
                           const at::Tensor& slot_counts, const at::Tensor& ranks, const at::Tensor& out,
@@ -74,10 +74,11 @@ void sgmv_expand_autograd(c10::DispatchKeySet keys, const at::Tensor& t, const a
   TORCH_CHECK(!at::GradMode::is_enabled() || !(t.requires_grad() || lora_b.requires_grad()),
               "lora_kernels::sgmv_expand is not differentiable, but ", t.requires_grad() ? "t" : "lora_b",
               " requires grad: call lora_kernels.multi_lora_linear (autograd) or this op under torch.no_grad()");
-  TORCH_CHECK(!at::GradMode::is_enabled() || !(out.requires_grad() && out.is_leaf()),
-              "lora_kernels::sgmv_expand: out is a leaf tensor that requires grad, which an in-place op cannot write ",
-              "(torch's own in-place ops refuse it too): pass one that does not require grad, or call this op under ",
-              "torch.no_grad()");
+  const bool leaf_view = out.is_view() && out._base().is_leaf();
+  TORCH_CHECK(!at::GradMode::is_enabled() || !(out.requires_grad() && (out.is_leaf() || leaf_view)),
+              "lora_kernels::sgmv_expand: out is a ", leaf_view ? "view of a " : "", "leaf tensor that requires grad, ",
+              "which an in-place op cannot write (torch's own in-place ops refuse it too): pass one that does not ",
+              "require grad, or call this op under torch.no_grad()");
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     static const auto op = c10::Dispatcher::singleton()

@@ -198,35 +198,38 @@ def scaled_mm(a, b, scaling, out_dtype=None):
     return product if scale_b else product.mul_(scaling)
 
 
-def _check_devices(op, ref_name, ref, **tensors):
-    """The kernels' device check, in the fakes too: one meta tensor among CPU ones sends a call here, and a fake
-    that took any devices returned uninitialised CPU tensors (or, for sgmv_expand, wrote nothing) without an error."""
-    for name, t in tensors.items():
-        if t is not None and t.device != ref.device:
-            raise ValueError(f"{op}: {name} expected device {ref.device} (same as {ref_name}), got {t.device}")
+def check_devices(op, ref_name, ref, **tensors):
+    """The kernels' device check, in the fakes too (the C++ and the Triton ops'): one meta tensor among CPU ones sends
+    a call there, and a fake that took any devices returned uninitialised CPU tensors (or, for the in-place ops, wrote
+    nothing) without an error. A list of tensors (the Triton grouped ops' slices) is checked item by item."""
+    for name, value in tensors.items():
+        for index, t in enumerate(value if isinstance(value, (list, tuple)) else [value]):
+            if t is not None and t.device != ref.device:
+                what = f"{name}[{index}]" if isinstance(value, (list, tuple)) else name
+                raise ValueError(f"{op}: {what} expected device {ref.device} (same as {ref_name}), got {t.device}")
 
 
 def _fake_lora_fwd(x, x_lora, weight, lora_a, lora_b, scaling, bias):
-    _check_devices("lora_fwd", "x", x, x_lora=x_lora, weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias)
+    check_devices("lora_fwd", "x", x, x_lora=x_lora, weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias)
     return (x.new_empty(x.shape[0], weight.shape[0]),
             x.new_empty(x.shape[0], lora_a.shape[0], dtype=accumulate_dtype(x.dtype)))
 
 
 def _fake_lora_bwd_dy(dy, s, lora_b, scaling):
-    _check_devices("lora_bwd_dy", "dy", dy, s=s, lora_b=lora_b)
+    check_devices("lora_bwd_dy", "dy", dy, s=s, lora_b=lora_b)
     acc = accumulate_dtype(dy.dtype)
     return dy.new_empty(lora_b.shape, dtype=acc), dy.new_empty(dy.shape[0], lora_b.shape[1], dtype=acc)
 
 
 def _fake_sgmv_shrink(x, lora_a, sorted_token_ids, slot_starts, slot_counts, scalings, ranks):
-    _check_devices("sgmv_shrink", "x", x, lora_a=lora_a, sorted_token_ids=sorted_token_ids, slot_starts=slot_starts,
-                   slot_counts=slot_counts, scalings=scalings, ranks=ranks)
+    check_devices("sgmv_shrink", "x", x, lora_a=lora_a, sorted_token_ids=sorted_token_ids, slot_starts=slot_starts,
+                  slot_counts=slot_counts, scalings=scalings, ranks=ranks)
     return x.new_empty(x.shape[0], lora_a.shape[1], dtype=torch.float32)
 
 
 def _fake_sgmv_expand(t, lora_b, sorted_token_ids, slot_starts, slot_counts, ranks, out, slice_offset):
-    _check_devices("sgmv_expand", "t", t, lora_b=lora_b, sorted_token_ids=sorted_token_ids, slot_starts=slot_starts,
-                   slot_counts=slot_counts, ranks=ranks, out=out)
+    check_devices("sgmv_expand", "t", t, lora_b=lora_b, sorted_token_ids=sorted_token_ids, slot_starts=slot_starts,
+                  slot_counts=slot_counts, ranks=ranks, out=out)
 
 
 if HAS_EXTENSION:

@@ -944,9 +944,9 @@ def test_the_fakes_device_check_tells_one_gpu_from_another():
     from types import SimpleNamespace
 
     on = {index: SimpleNamespace(device=torch.device("cuda", index)) for index in (0, 1)}
-    _ext._check_devices("lora_fwd", "x", on[0], weight=on[0], bias=None)  # same device, no bias: fine
+    _ext.check_devices("lora_fwd", "x", on[0], weight=on[0], bias=None)  # same device, no bias: fine
     with pytest.raises(ValueError, match=r"lora_fwd: lora_a expected device cuda:0 \(same as x\), got cuda:1"):
-        _ext._check_devices("lora_fwd", "x", on[0], weight=on[0], lora_a=on[1])
+        _ext.check_devices("lora_fwd", "x", on[0], weight=on[0], lora_a=on[1])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

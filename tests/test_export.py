@@ -274,6 +274,9 @@ def test_the_raw_cpp_ops_refuse_or_raise_for_every_input_that_requires_grad():
     with pytest.raises(RuntimeError, match="sgmv_expand: out is a leaf tensor that requires grad, which an in-place "
                                            "op cannot write"):
         ops.sgmv_expand(torch.randn(3, 4), torch.randn(2, 5, 4), *meta, ranks, out, 0)
+    # and a view of one (torch's in-place ops refuse both): it was written
+    with pytest.raises(RuntimeError, match="sgmv_expand: out is a view of a leaf tensor that requires grad"):
+        ops.sgmv_expand(torch.randn(3, 4), torch.randn(2, 5, 4), *meta, ranks, out[:, :], 0)
     assert torch.equal(out.detach(), torch.zeros(3, 5))
     # a graph node (an exported program's y = F.linear(x, W) of a trained W) is added into, its gradient unchanged
     weight = torch.ones((), requires_grad=True)

@@ -740,10 +740,10 @@ def test_the_grouped_triton_ops_refuse_what_their_kernels_would_index_out_of_bou
 
 @pytest.mark.parametrize("op", ["sgmv_shrink", "sgmv_expand", "segment_outer"])
 def test_the_grouped_triton_ops_refuse_an_out_that_requires_grad(op, device):
-    """Called directly in grad mode, a leaf out that requires grad is refused before it is written (helper 188: it
-    was written, where torch's own in-place ops refuse it); so is a graph node that the shrink and segment_outer
-    overwrite (its gradient would still flow to what it was computed from). sgmv_expand adds into a graph node, as
-    torch's add_ would: its gradient stays right."""
+    """Called directly in grad mode, a leaf out that requires grad, or a view of one, is refused before it is written
+    (helper 188: it was written, where torch's own in-place ops refuse it); so is a graph node that the shrink and
+    segment_outer overwrite (its gradient would still flow to what it was computed from). sgmv_expand adds into a
+    graph node, as torch's add_ would: its gradient stays right."""
     batch = LoRABatch.from_adapter_ids(torch.tensor([0, 1, -1], dtype=torch.int32, device=device), 2)
     meta = (batch.adapter_ids, batch.sorted_token_ids, batch.slot_counts, batch.slot_starts)
     ranks = torch.tensor([4, 4], dtype=torch.int32, device=device)
@@ -762,6 +762,12 @@ def test_the_grouped_triton_ops_refuse_an_out_that_requires_grad(op, device):
     with pytest.raises(RuntimeError, match=f"lora_kernels_triton::{op}: out is a leaf tensor that requires grad, "
                                            f"which this op {how} in place"):
         calls[op]()
+    leaf = out
+    out = leaf[:]  # a view of the leaf, which torch's in-place ops refuse too: it was written
+    with pytest.raises(RuntimeError, match=f"lora_kernels_triton::{op}: out is a view of a leaf tensor that requires "
+                                           f"grad"):
+        calls[op]()
+    out = leaf
     assert torch.equal(out.detach(), torch.zeros_like(out))
     with torch.no_grad():  # outside grad mode the op writes it, as torch's in-place ops do
         calls[op]()
@@ -820,3 +826,42 @@ def test_the_grouped_triton_ops_refuse_a_later_slice_that_requires_grad(op, devi
             slices = [randn(2, 6, 4, device=device), randn(2, 2, 4, device=device).requires_grad_(True)]
             torch.ops.lora_kernels_triton.sgmv_expand(torch.zeros(2, 3, 4, device=device), slices, *meta, ranks,
                                                       torch.zeros(3, 8, device=device), [0, 6], "auto")
+
+
+def _raw_triton_calls(meta_arg):
+    """Each raw Triton op with every tensor on the CPU but `meta_arg`, which is on the meta device."""
+    from lora_kernels.triton import lora_linear  # noqa: F401 (registers the single-adapter ops)
+    M, K, N, r, L = 4, 6, 5, 2, 2
+    batch = LoRABatch.from_adapter_ids(torch.tensor([0, 1, -1, 0]), L)
+    meta = lambda name, t: t.to("meta") if name == meta_arg else t
+    ranks, seed = torch.full((L,), r, dtype=torch.int32), torch.tensor(1)
+    single, grouped = torch.ops.lora_kernels, torch.ops.lora_kernels_triton
+    metadata = (batch.adapter_ids, batch.sorted_token_ids, batch.slot_counts, batch.slot_starts)
+    return {
+        "triton_lora_fwd": lambda: single.triton_lora_fwd(
+            randn(M, K), meta("weight", randn(N, K)), meta("lora_a", randn(r, K)), randn(N, r), 1.0, None, 0.0, seed),
+        "triton_lora_bwd_dx": lambda: single.triton_lora_bwd_dx(
+            randn(M, N), meta("ds", randn(M, r)), randn(N, K), randn(r, K), 0.0, seed),
+        "triton_lora_bwd_dy": lambda: single.triton_lora_bwd_dy(randn(M, N), meta("s", randn(M, r)), randn(N, r), 1.0),
+        "triton_lora_bwd_da": lambda: single.triton_lora_bwd_da(randn(M, r), meta("x", randn(M, K)), 0.0, seed),
+        "sgmv_shrink": lambda: grouped.sgmv_shrink(
+            randn(M, K), [torch.ones(L, r, K)], *metadata, meta("scalings", torch.ones(L)), ranks,
+            torch.full((M, r), 7.0), False, "auto"),
+        "sgmv_expand": lambda: grouped.sgmv_expand(
+            torch.ones(M, r), [meta("lora_b", torch.ones(L, N, r))], *metadata, ranks, torch.zeros(M, N), [0], "auto"),
+        "segment_outer": lambda: grouped.segment_outer(
+            torch.ones(M, r), meta("right", torch.ones(M, N)), *metadata[1:], torch.zeros(L, r, N)),
+    }
+
+
+@pytest.mark.parametrize("op, meta_arg, named", [
+    ("triton_lora_fwd", "weight", "weight"), ("triton_lora_fwd", "lora_a", "lora_a"),
+    ("triton_lora_bwd_dx", "ds", "ds"), ("triton_lora_bwd_dy", "s", "s"), ("triton_lora_bwd_da", "x", "x"),
+    ("sgmv_shrink", "scalings", "scalings"), ("sgmv_expand", "lora_b", r"lora_b\[0\]"),
+    ("segment_outer", "right", "right")])
+def test_a_meta_argument_among_cpu_tensors_is_a_device_error_for_the_raw_triton_ops(op, meta_arg, named):
+    """One meta tensor among CPU ones sends a raw op's call to its fake, which took any devices: the single-adapter
+    ops returned uninitialised CPU tensors and the grouped ones wrote nothing, with no error. The fakes check devices
+    as the launchers do (the C++ ops' too: test_cpp_ops)."""
+    with pytest.raises(ValueError, match=rf"{named} expected device cpu \(same as \w+\), got meta"):
+        _raw_triton_calls(meta_arg)[op]()

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lora_kernels._ext import VMAP_DROPOUT_NEEDS_ONE_SEED, is_finite_number, scaled_mm, through_op
+from lora_kernels._ext import VMAP_DROPOUT_NEEDS_ONE_SEED, check_devices, is_finite_number, scaled_mm, through_op
 from lora_kernels.triton import (FP_FUSION, INTERPRET, TRITON_DTYPE_NAMES, UPCAST_DOT_OPERANDS, cdiv, check_tensor,
                                  on_tensor_device, one_launch_at_a_time, round_to_tf32, sm_count)
 
@@ -1040,21 +1040,26 @@ def _lora_bwd_da_impl(ds: torch.Tensor, x: torch.Tensor, dropout_p: float, seed:
     return _sum_partials(partials)
 
 
+# The fakes check the devices as the launchers do (the seed is a CPU tensor on every device): see check_devices.
 def _fake_lora_fwd(x, weight, lora_a, lora_b, scaling, bias, dropout_p, seed):
+    check_devices("triton_lora_fwd", "x", x, weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias)
     return (x.new_empty((x.shape[0], weight.shape[0])),
             x.new_empty((x.shape[0], lora_a.shape[0]), dtype=torch.float32))
 
 
 def _fake_lora_bwd_dy(dy, s, lora_b, scaling):
+    check_devices("triton_lora_bwd_dy", "dy", dy, s=s, lora_b=lora_b)
     return (dy.new_empty(tuple(lora_b.shape), dtype=torch.float32),
             dy.new_empty((dy.shape[0], lora_b.shape[1]), dtype=torch.float32))
 
 
 def _fake_lora_bwd_dx(dy, ds, weight, lora_a, dropout_p, seed):
+    check_devices("triton_lora_bwd_dx", "dy", dy, ds=ds, weight=weight, lora_a=lora_a)
     return dy.new_empty((dy.shape[0], weight.shape[1]))
 
 
 def _fake_lora_bwd_da(ds, x, dropout_p, seed):
+    check_devices("triton_lora_bwd_da", "ds", ds, x=x)
     return x.new_empty((ds.shape[1], x.shape[1]), dtype=torch.float32)
 
 

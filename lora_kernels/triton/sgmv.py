@@ -30,7 +30,7 @@ import inspect
 
 import torch
 
-from lora_kernels._ext import through_op
+from lora_kernels._ext import check_devices, through_op
 from lora_kernels.triton import (FP_FUSION, HAS_TRITON, INTERPRET, SUPPORTED_DTYPES, TRITON_DTYPE_NAMES, cdiv,
                                  check_tensor, on_tensor_device, one_launch_at_a_time, sm_count)
 
@@ -697,7 +697,10 @@ def _sgmv_shrink_op(x: torch.Tensor, lora_a: list[torch.Tensor], adapter_ids: to
 
 @_sgmv_shrink_op.register_fake
 def _(x, lora_a, adapter_ids, sorted_token_ids, slot_counts, slot_starts, scalings, ranks, out, deterministic, path):
-    return None
+    # the launchers' device check (see check_devices): one meta tensor among real ones sends a call here
+    check_devices("lora_kernels_triton::sgmv_shrink", "x", x, lora_a=lora_a, adapter_ids=adapter_ids,
+                  sorted_token_ids=sorted_token_ids, slot_counts=slot_counts, slot_starts=slot_starts,
+                  scalings=scalings, ranks=ranks, out=out)
 
 
 @torch.library.custom_op("lora_kernels_triton::sgmv_expand", mutates_args=("out",))
@@ -711,7 +714,9 @@ def _sgmv_expand_op(t: torch.Tensor, lora_b: list[torch.Tensor], adapter_ids: to
 
 @_sgmv_expand_op.register_fake
 def _(t, lora_b, adapter_ids, sorted_token_ids, slot_counts, slot_starts, ranks, out, first_columns, path):
-    return None
+    check_devices("lora_kernels_triton::sgmv_expand", "t", t, lora_b=lora_b, adapter_ids=adapter_ids,
+                  sorted_token_ids=sorted_token_ids, slot_counts=slot_counts, slot_starts=slot_starts, ranks=ranks,
+                  out=out)
 
 
 @one_launch_at_a_time
@@ -741,7 +746,8 @@ def _segment_outer_op(left: torch.Tensor, right: torch.Tensor, sorted_token_ids:
 
 @_segment_outer_op.register_fake
 def _(left, right, sorted_token_ids, slot_counts, slot_starts, out):
-    return None
+    check_devices("lora_kernels_triton::segment_outer", "left", left, right=right, sorted_token_ids=sorted_token_ids,
+                  slot_counts=slot_counts, slot_starts=slot_starts, out=out)
 
 
 # Autograd kernels of the three ops. They write into `out` and return nothing, so custom_op's own Autograd kernel has
@@ -764,11 +770,14 @@ def _refuse_grad_inputs(op_name, inputs, adds_into_out):
                 raise RuntimeError(f"lora_kernels_triton::{op_name} is not differentiable, but {needing} requires "
                                    f"grad: call lora_kernels.multi_lora_linear (autograd) or this op under "
                                    f"torch.no_grad()")
-            # out: a leaf that requires grad was written (torch's own in-place ops refuse it). A graph node keeps
-            # its gradient where the op adds a constant (to autograd) into it, not where it overwrites it.
+            # out: a leaf that requires grad, or a view of one, was written (torch's own in-place ops refuse both).
+            # A graph node keeps its gradient where the op adds a constant (to autograd) into it, not where it
+            # overwrites it.
             out = values["out"]
-            if out.requires_grad and (out.is_leaf or not adds_into_out):
-                raise RuntimeError(f"lora_kernels_triton::{op_name}: out is a {'leaf ' if out.is_leaf else ''}tensor "
+            leaf_view = out._base is not None and out._base.is_leaf
+            if out.requires_grad and (out.is_leaf or leaf_view or not adds_into_out):
+                what = "leaf " if out.is_leaf else "view of a leaf " if leaf_view else ""
+                raise RuntimeError(f"lora_kernels_triton::{op_name}: out is a {what}tensor "
                                    f"that requires grad, which this op {'adds into' if adds_into_out else 'overwrites'}"
                                    f" in place without a derivative: pass one that does not require grad, or call "
                                    f"this op under torch.no_grad()")
