@@ -134,8 +134,9 @@ def auto_backend(device, op_name="lora_linear", dtype=None, num_slots=0):
       bf16), behind at 1024 tokens (1.7-2.0x). The Triton interpreter is for tests and never chosen automatically
       (with TRITON_INTERPRET=1 on a GPU machine the grouped ops take the C++ CUDA kernels).
     float64 (dtype) skips Triton, whose kernels run 32- and 16-bit floats only; more adapter slots (num_slots) than
-    a grid's slot axis holds (MAX_GRID_YZ) skip both GPU kernels (the C++ CUDA ops refused them too). DTensor arguments (tensor parallelism) never come
-    here: lora_linear picks "torch" for them (functional.resolve_dtensor_backend)."""
+    a grid's slot axis holds (MAX_GRID_YZ) skip both GPU kernels (the C++ CUDA ops refused them too). DTensor
+    arguments (tensor parallelism) never come here: lora_linear picks "torch" for them
+    (functional.resolve_dtensor_backend)."""
     device = torch.device(device)
     if device.type == "cuda":
         order = ("triton", "cuda", "torch") if op_name in GROUPED_OPS else ("torch",)

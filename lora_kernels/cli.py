@@ -172,7 +172,8 @@ def _add_compare_parser(sub):
     run.add_argument("--infer-reps", type=_positive_int, help=f"forward passes per inference latency (median; "
                                                                f"default {cpu['infer_reps']} / {gpu['infer_reps']})")
     run.add_argument("--seed", type=int, default=0, help="seed of the init, the task and the data (default 0)")
-    run.add_argument("--threads", type=_thread_count, help=f"torch CPU threads, at most {MAX_THREADS} (default: torch's)")
+    run.add_argument("--threads", type=_thread_count,
+                     help=f"torch CPU threads, at most {MAX_THREADS} (default: torch's)")
     run.add_argument("--compile", action="store_true",
                      help="torch.compile every decoder layer of the three models (compiled in the warm-up steps): "
                           "steps without Python's per-op host time, which a small model's eager step on a GPU is "
