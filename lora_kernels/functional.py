@@ -803,7 +803,7 @@ def _segment_outer_sum(batch, ranks, backend, left, right, scalings=None):
     acc = accumulate_dtype(right.dtype)
     if backend == "triton":
         sums = ops.triton_sgmv().segment_outer_sum(left, right, batch)
-    elif ops.slots_on_host(right):
+    elif ops.slots_on_host(right, batch, ranks):
         # Each slot's own rows only, M·P·Q work in all; in fp32, as the CPU kernels compute (a 16-bit copy of a
         # slot's rows is no cheaper to multiply on a CPU). A slot of rank 0 keeps its zero sum.
         left = left.to(acc)

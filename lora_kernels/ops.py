@@ -463,13 +463,15 @@ def as_rows(x):
     return rows
 
 
-def slots_on_host(tensor):
+def slots_on_host(tensor, batch, ranks):
     """Whether the torch paths of the grouped ops read the slot sizes on the host and touch each slot's own rows only
     (M·R·K work in all, like PEFT's per-adapter loop): for CPU tensors in eager mode, where reading them costs
     nothing. Traced, on fake tensors or on a GPU, they take a masked loop over every row once per slot (L·M·R·K
     work, no host sync): on this project's CPU that was 5.5-6.7x the per-adapter loop at 64 and 1024 tokens on 64
-    adapters (BENCHMARKS.md)."""
-    return tensor.device.type == "cpu" and has_host_values(tensor)
+    adapters (BENCHMARKS.md). The ranks and the batch's buffers, which host_slot_rows reads, must hold values too:
+    under torch.func.functionalize ranks made from a list inside the call do not, where x may."""
+    return tensor.device.type == "cpu" and all(
+        has_host_values(t) for t in (tensor, ranks, batch.sorted_token_ids, batch.slot_starts, batch.slot_counts))
 
 
 def host_slot_rows(batch, ranks):
@@ -493,7 +495,7 @@ def host_slot_rows(batch, ranks):
 
 def _torch_shrink(x, lora_a, batch, scalings, ranks):
     with autocast_off(x.device):
-        shrink = _torch_shrink_by_slot if slots_on_host(x) else _torch_shrink_masked
+        shrink = _torch_shrink_by_slot if slots_on_host(x, batch, ranks) else _torch_shrink_masked
         return shrink(x, lora_a, batch, scalings, ranks)
 
 
@@ -529,7 +531,7 @@ def _torch_shrink_masked(x, lora_a, batch, scalings, ranks):
 
 def _torch_expand(t, lora_b, batch, ranks, out, slice_offset):
     with autocast_off(out.device):
-        expand = _torch_expand_by_slot if slots_on_host(out) else _torch_expand_masked
+        expand = _torch_expand_by_slot if slots_on_host(out, batch, ranks) else _torch_expand_masked
         total = expand(t, lora_b, batch, ranks)
     target = out[:, slice_offset:slice_offset + lora_b.shape[1]]
     target.copy_(target.to(total.dtype) + total)  # one rounding to out's dtype
