@@ -813,10 +813,14 @@ class MultiLoRALinear(nn.Module):
                 result = tensor.to(device=result.device)
             return result
 
+        computed_in = self._scalings_dtype()
         module = super()._apply(keep_scalings_dtype, recurse)
         scalings = self._buffers.get("scalings")
-        if scalings is not None and scalings.dtype != self._scalings_dtype():
-            self._buffers["scalings"] = scalings.to(self._scalings_dtype())
+        # only after a conversion of the layer's dtype: any other _apply (share_memory(), a move) keeps the buffer
+        # it made, even one whose dtype no longer follows the layer (a float32 state dict assigned into it)
+        wanted = self._scalings_dtype()
+        if wanted != computed_in and scalings is not None and scalings.dtype != wanted:
+            self._buffers["scalings"] = scalings.to(wanted)
         return module
 
     @property

@@ -1911,6 +1911,18 @@ def test_multi_lora_float64_layers_keep_float64_scalings(made, tmp_path):
     assert layer.scalings.dtype == torch.float32 and layer.scalings[0].item() == torch.tensor(scaling).float().item()
 
 
+def test_multi_lora_share_memory_shares_the_scalings_it_holds():
+    """Only a conversion of the layer's dtype re-types the scalings: share_memory() of a float64 layer holding float32
+    scalings (a float32 state dict assigned into it) had replaced them by an unshared float64 copy."""
+    from lora_kernels import MultiLoRALinear
+    layer = MultiLoRALinear(nn.Linear(8, 4).double(), max_adapters=2, max_rank=2)
+    state = {name: t.float() if name == "scalings" else t for name, t in layer.state_dict().items()}
+    layer.load_state_dict(state, assign=True)
+    held = layer.scalings
+    layer.share_memory()
+    assert layer.scalings is held and held.is_shared() and layer.lora_a.is_shared()
+
+
 def test_hooks_on_a_replaced_or_wrapped_layer_get_a_warning(tmp_path):
     """Hooks registered on a layer before the adapter goes in never fire afterwards: inject_lora and
     load_peft_adapter replace the module, MultiLoRALinear keeps it but never calls it, merge_and_unload replaces the
