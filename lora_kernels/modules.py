@@ -793,9 +793,9 @@ class MultiLoRALinear(nn.Module):
         base_linear.requires_grad_(False)  # last: a failed allocation above leaves the base layer as it was
 
     def _scalings_dtype(self):
-        """float64 where the layer computes in float64 (multi_lora_linear reads float64 scalings there: float32 ones
-        left outputs and gradients 3e-8 off for a scaling such as 3/sqrt(6), against design §7's 1e-10), float32
-        elsewhere, the array the kernels read as it is."""
+        """float64 where the base weight or the slots are float64 (multi_lora_linear reads float64 scalings for a
+        float64 x: float32 ones left outputs and gradients 3e-8 off for a scaling such as 3/sqrt(6), against design
+        §7's 1e-10), float32 elsewhere, the array the kernels read as it is."""
         wide = torch.float64 in (self.base_layer.weight.dtype, self.lora_a.dtype)
         return torch.float64 if wide else torch.float32
 

@@ -341,7 +341,7 @@ def test_torch_fallback_expand_keeps_float64(path, device, monkeypatch):
     """A float64 output stays float64: rows without an adapter keep their bits, the others get the float64 sum (the
     fallback once rounded the whole output slice, base result included, to float32)."""
     from lora_kernels import ops
-    monkeypatch.setattr(ops, "slots_on_host", lambda device: path)
+    monkeypatch.setattr(ops, "slots_on_host", lambda *args: path)
     lora_a, lora_b = _adapters(2, 4, 9, 7, [4, 3], torch.float64, device)
     ids = torch.tensor([0, -1, 1, 1, -1], device=device)
     batch, ranks = LoRABatch.from_adapter_ids(ids, 2), torch.tensor([4, 3], dtype=torch.int32, device=device)
@@ -1958,7 +1958,7 @@ def _run_the_device_slot_loop(backend, monkeypatch):
     if backend == "triton":
         pytest.skip("the triton backend runs its own kernel")
     from lora_kernels import ops
-    monkeypatch.setattr(ops, "slots_on_host", lambda device: False)
+    monkeypatch.setattr(ops, "slots_on_host", lambda *args: False)
 
 
 @pytest.mark.parametrize("backend", GROUPED_BACKENDS)
@@ -2052,7 +2052,7 @@ def test_device_slot_loop_gradients_match_the_reference(backend, dtype, device, 
     rank 0 and tokens without an adapter (id -1)."""
     backend_or_skip(backend, device)
     from lora_kernels import ops
-    monkeypatch.setattr(ops, "slots_on_host", lambda device: False)
+    monkeypatch.setattr(ops, "slots_on_host", lambda *args: False)
     num_slots, max_rank, k, n = 3, 4, 24, 10
     ranks, scalings = [4, 0, 2], torch.tensor([2.0, 1.0, 0.5])
     lora_a = randn(num_slots, max_rank, k, dtype=dtype, device=device, scale=k ** -0.5)
@@ -2096,7 +2096,7 @@ def test_a_non_finite_token_stays_in_its_slots_gradients(path, device, monkeypat
     from lora_kernels import ops
     dtype, backend = torch.float32, "torch"
     if path == "device_slot_loop":
-        monkeypatch.setattr(ops, "slots_on_host", lambda device: False)
+        monkeypatch.setattr(ops, "slots_on_host", lambda *args: False)
     else:
         dtype, backend = torch.float64, "cpu"
     backend_or_skip(backend, device)

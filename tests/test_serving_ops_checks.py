@@ -554,7 +554,7 @@ def test_torch_fallback_reads_nothing_past_a_slot_rank(on_host, monkeypatch):
     """Both paths of the torch backend: an Inf in a token of a rank-1 slot leaves zeros in its shrink columns past
     rank 1 (the masked path made NaN there as Inf times A's rows zeroed), and NaN in t's columns past the rank stays
     out of the expand (the masked path zeroed B's columns only: NaN times 0)."""
-    monkeypatch.setattr(ops, "slots_on_host", lambda device: on_host)
+    monkeypatch.setattr(ops, "slots_on_host", lambda *args: on_host)
     x, lora_a, batch, scalings = _serving_args()  # tokens 1 and 3 in slot 1
     ranks = [3, 1]
     x[1, 0] = float("inf")
