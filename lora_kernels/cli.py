@@ -379,9 +379,16 @@ def _print_results(text):
 
 def _discard_stdout():
     try:  # the interpreter's own flush at exit would raise again
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        stdout_fd = sys.stdout.fileno()
     except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor (a test's capture)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, stdout_fd)
+    except OSError:
         pass
+    finally:
+        os.close(devnull)  # dup2 made a copy; this one would leak a descriptor per call
 
 
 def _finish(command, failed, stdout_error):

@@ -1048,3 +1048,17 @@ def test_a_closed_stdout_still_buffering_the_output_ends_with_status_141(monkeyp
     assert cli.main(["info"]) == 141
     pipe.reader_gone = False  # what is left in the buffer goes nowhere when the test's stand-in is closed
     stdout.close()
+
+
+def test_discarding_stdout_leaves_no_descriptor_open(tmp_path, monkeypatch):
+    """After a failed print the CLI points stdout at /dev/null; it left the descriptor it copied from open (one per
+    failed print). The file the test's stdout wrote to sees nothing after the switch."""
+    target = tmp_path / "stdout.txt"
+    with open(target, "w") as stdout:
+        monkeypatch.setattr(sys, "stdout", stdout)
+        open_before = len(os.listdir("/proc/self/fd"))
+        cli._discard_stdout()
+        assert len(os.listdir("/proc/self/fd")) == open_before
+        stdout.write("after the switch")
+        stdout.flush()
+    assert target.read_text() == ""
