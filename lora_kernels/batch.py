@@ -12,6 +12,8 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from lora_kernels._ext import has_host_values
 
+MAX_TOKENS = 2**31 - 1
+
 
 @dataclass(frozen=True)
 class LoRABatch:
@@ -93,6 +95,9 @@ class LoRABatch:
         the function the user called."""
         from lora_kernels.ops import positive_int  # ops imports this module
         _check_ids_tensor(op, adapter_ids)
+        if guard_or_false(adapter_ids.numel() > MAX_TOKENS):  # token positions are int32: they would wrap
+            raise ValueError(f"{op}: adapter_ids expected at most {MAX_TOKENS} ids (the batch holds token positions "
+                             f"as int32), got {adapter_ids.numel()}")
         num_adapters = positive_int(op, "num_adapters", num_adapters)  # a numpy integer too, as set_adapter's slots
         ids = adapter_ids.reshape(-1)
         validate = _check_validate(op, validate)

@@ -81,6 +81,19 @@ def test_lora_batch_metadata():
     assert batch.num_active.dtype == torch.int32 and batch.num_active.shape == (1,)
 
 
+@pytest.mark.parametrize("ids", [torch.zeros(1, dtype=torch.int8).expand(2**31),  # no memory: one element, stride 0
+                                 torch.empty(2**31, dtype=torch.int64, device="meta")],
+                         ids=["cpu", "meta"])
+def test_lora_batch_refuses_more_tokens_than_int32_positions_hold(ids):
+    """Token positions are int32 in every buffer: 2**31 ids wrapped to negative positions (on the meta device a batch
+    came back; on the CPU it went on to copy and sort 8 GB of int32 positions)."""
+    with pytest.raises(ValueError, match=r"LoRABatch.from_adapter_ids: adapter_ids expected at most 2147483647 ids "
+                                         r"\(the batch holds token positions as int32\), got 2147483648"):
+        LoRABatch.from_adapter_ids(ids, 4)
+    with pytest.raises(ValueError, match="multi_lora_linear: adapter_ids expected at most 2147483647 ids"):
+        LoRABatch._for_op("multi_lora_linear", ids, 4)
+
+
 @pytest.mark.parametrize("num_tokens", [100, 333])
 def test_lora_batch_sort_is_stable_on_many_tokens(device, num_tokens):
     """The metadata of a batch long enough that an unstable sort reorders equal ids (torch's CPU sort does from
