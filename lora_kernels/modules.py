@@ -453,12 +453,15 @@ class LoRALinear(nn.Module):
         (added in that dtype, rounded once; transposed first with fan_in_fan_out)."""
         self._refuse_hook_computed_factors("LoRALinear.delta_weight")
         self._check_factor_devices("LoRALinear.delta_weight")
+        self._check_scaling("LoRALinear.delta_weight")
         dtype = self._merge_dtype()
-        check_layer_scaling("LoRALinear.delta_weight", self.scaling, dtype,
-                            f"the layer's scaling attribute (lora_alpha and r give "
-                            f"{lora_scaling(self.r, self.lora_alpha, self.use_rslora)!r})")
         with autocast_off(self.lora_B.weight.device):  # autocast would round the product (and so merge) to 16 bits
             return self.scaling * (self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype))
+
+    def _check_scaling(self, op):
+        check_layer_scaling(op, self.scaling, self._merge_dtype(),
+                            f"the layer's scaling attribute (lora_alpha and r give "
+                            f"{lora_scaling(self.r, self.lora_alpha, self.use_rslora)!r})")
 
     def _stored_delta(self):
         delta = self.delta_weight()
@@ -2084,7 +2087,10 @@ def merge_and_unload(model, *, safe_merge=False):
                         f"{describe_subclass(quantized[0][1])}, {_NO_MERGE_INTO_SUBCLASS}; the model is unchanged. "
                         f"{_KEEP_THE_ADAPTER_SEPARATE}")
     for name, module in layers:  # to_linear would refuse them, after earlier layers were replaced
-        module._check_factor_devices(f"merge_and_unload: module {name!r}", unchanged="the model")
+        op = f"merge_and_unload: module {name!r}"
+        module._check_factor_devices(op, unchanged="the model")
+        module._refuse_hook_computed_factors(op)
+        module._check_scaling(op)
     if safe_merge:
         meta = [name for name, module in layers if module.weight.is_meta]
         if meta:

@@ -649,6 +649,24 @@ def test_merge_and_unload_that_cannot_finish_changes_nothing(monkeypatch):
         model[1].to_linear()
 
 
+@pytest.mark.parametrize("break_last_layer", ["hook_computed_factor", "scaling_past_float32"])
+def test_merge_and_unload_refuses_a_layer_to_linear_would_refuse_before_any_change(break_last_layer):
+    """The deprecated weight_norm on a factor and a scaling attribute past float32's range are refused by to_linear;
+    merge_and_unload met them in its replace loop, after the layers before had been replaced (helper 270)."""
+    model = nn.Sequential(_trained(LoRALinear(8, 6)), _trained(LoRALinear(6, 4)))
+    if break_last_layer == "hook_computed_factor":
+        torch.nn.utils.weight_norm(model[1].lora_A)
+        error, message = TypeError, r"merge_and_unload: module '1': lora_A\.weight is recomputed by a forward pre-hook"
+    else:
+        model[1].scaling = 1e39
+        error, message = ValueError, r"merge_and_unload: module '1': the layer's scaling attribute .* 1e\+39, past"
+    layers, weights = list(model), [p.clone() for p in model.parameters()]
+    for safe_merge in (False, True):
+        with pytest.raises(error, match=message):
+            merge_and_unload(model, safe_merge=safe_merge)
+        assert list(model) == layers and all(torch.equal(a, b) for a, b in zip(model.parameters(), weights))
+
+
 def test_merge_and_unload_safe_merge_refuses_a_broken_adapter_before_any_change():
     """PEFT's merge_and_unload(safe_merge=True), a call users copy: a layer whose merged weight would hold NaN or Inf
     (here one B entry NaN, and one large enough that the fp16 weight overflows) refuses the whole merge, naming the
