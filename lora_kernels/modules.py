@@ -231,7 +231,8 @@ def warn_dropped_hooks(op, what, module, why):
     caller holds would remove them from the old module only."""
     # parallelize_module's layout hooks are not dropped: LoRALinear.from_linear carries them over
     kinds = [kind for kind, attr in _HOOK_KINDS
-             if any(not is_tensor_parallel_hook(hook) for hook in (getattr(module, attr, None) or {}).values())]
+             if any(not is_tensor_parallel_hook(hook) and hook is not _take_transformer_slow_path
+                    for hook in (getattr(module, attr, None) or {}).values())]
     if kinds:
         warn_at_caller(f"{op}: {what} ({type(module).__name__}) has {' and '.join(kinds)} hooks, which are not carried "
                        f"over: {why}, so they will not fire. Register them again on the new layer (they then see its "
@@ -1634,7 +1635,18 @@ def enable_input_grads_for_checkpointing(model):
 def _set_submodule(model, name, module):
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    if (isinstance(parent, nn.TransformerEncoderLayer) and isinstance(module, (LoRALinear, MultiLoRALinear))
+            and _take_transformer_slow_path not in module._forward_pre_hooks.values()):
+        module.register_forward_pre_hook(_take_transformer_slow_path)
     setattr(parent, child, module)
+
+
+def _take_transformer_slow_path(module, args):
+    """A forward pre-hook that does nothing, put on LoRA layers inside an nn.TransformerEncoderLayer: its inference
+    fast path (eval mode, no grad) reads linear1's and linear2's weights and never calls those layers, so their
+    adapter was skipped silently (PEFT's too); torch takes the path that calls them while any submodule has a
+    hook. merge_and_unload's plain layers, which hold the merged weights, go without it."""
+    return None
 
 
 @contextlib.contextmanager

@@ -1,5 +1,6 @@
 """LoRALinear as a drop-in for nn.Linear, and inject_lora / merge_and_unload over a model."""
 
+import copy
 import math
 import pathlib
 import re
@@ -1633,6 +1634,47 @@ def test_multihead_attention_out_proj_is_left_out_with_a_warning(wrap):
     assert wrapped(["out_proj", "linear1"]) == {"linear1"}
     with pytest.raises(ValueError, match=r"matched no nn.Linear in the model it can wrap"):
         wrapped(["out_proj"])
+
+
+@pytest.mark.parametrize("wrap", ["inject_lora", "load_peft_adapter", "prepare_multi_adapter"])
+def test_lora_layers_of_a_transformer_encoder_layer_count_in_eval_without_grad(wrap, tmp_path):
+    """nn.TransformerEncoderLayer's inference fast path (eval mode, no grad) reads linear1's and linear2's weights
+    and never calls them: their adapter was skipped silently there (PEFT's is too), while training and eval with
+    grad saw it (helper 270). A do-nothing hook on each LoRA layer keeps torch on the path that calls them; the plain
+    layers merge_and_unload gives back, which hold the merged weights, need none and warn of no dropped hook."""
+    torch.manual_seed(0)
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0,
+                                                                batch_first=True), num_layers=2,
+                                    enable_nested_tensor=False)
+    source = inject_lora(copy.deepcopy(encoder), ["linear1", "linear2"], r=2)
+    for module in source.modules():
+        if isinstance(module, LoRALinear):
+            nn.init.normal_(module.lora_B.weight)
+    if wrap == "inject_lora":
+        model = source
+    else:
+        lk.save_peft_adapter(source, tmp_path)
+        model = copy.deepcopy(encoder)
+        if wrap == "prepare_multi_adapter":
+            lk.prepare_multi_adapter(model, ["linear1", "linear2"], 2, 2)
+            load_peft_adapter(model, tmp_path, adapter_name="a")
+            lk.set_batch_adapters(model, ["a", "a"])
+        else:
+            load_peft_adapter(model, tmp_path)
+    model.eval()
+    x = torch.randn(2, 5, 16)
+    with_grad = model(x)
+    with torch.no_grad():
+        without_grad = model(x)
+        base = encoder.eval()(x)
+    assert (with_grad - base).abs().max() > 0.1
+    torch.testing.assert_close(without_grad, with_grad, rtol=0, atol=1e-6)
+    if wrap != "prepare_multi_adapter":
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            merged = merge_and_unload(model)
+        with torch.no_grad():
+            torch.testing.assert_close(merged(x), with_grad, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("error", [NotImplementedError, AttributeError])
