@@ -183,6 +183,11 @@ def check_wrappable_linear(op, what, module, hint=""):
     nn.Linear, transformers' Conv1D and their subclasses that keep the parent's forward (or whose forward computes
     F.linear: LINEAR_EQUIVALENTS) pass."""
     cls = type(module)
+    # _parameters, not getattr: reading a parametrized weight computes it (spectral_norm's power iteration updates
+    # its buffers in training mode), and the check below refuses such layers unchanged
+    if isinstance(module._parameters.get("weight"), nn.parameter.UninitializedParameter):
+        raise TypeError(f"{op}: {what} ({cls.__name__}) has a weight that is not initialised yet (its shape comes "
+                        f"from the first input): run one forward first{hint}")
     if has_own_linear_forward(module):
         kind = "a transformers Conv1D" if is_conv1d(module) else "an nn.Linear"
         raise TypeError(f"{op}: {what} is a {cls.__module__}.{cls.__qualname__}, {kind} subclass with its own "
@@ -190,6 +195,10 @@ def check_wrappable_linear(op, what, module, hint=""):
                         f"weight and never calls that forward, so the layer's own computation would be lost. Only "
                         f"nn.Linear, transformers' Conv1D and their subclasses that keep the parent's forward can be "
                         f"wrapped{hint}")
+    if "forward" in vars(module) and getattr(module, "_hf_hook", None) is None:  # accelerate's: refused by name later
+        raise TypeError(f"{op}: {what} ({cls.__name__}) has a forward set on the instance (module.forward = ...); a "
+                        f"LoRA layer computes F.linear on its weight and never calls that forward, so its computation "
+                        f"would be lost. Remove it first (del module.forward){hint}")
     if nn.utils.parametrize.is_parametrized(module):
         raise TypeError(f"{op}: {what} ({cls.__name__}) has parametrizations on {sorted(module.parametrizations)} "
                         f"(torch.nn.utils.parametrize: weight_norm, spectral_norm, orthogonal, ...): its weight is "
@@ -199,9 +208,10 @@ def check_wrappable_linear(op, what, module, hint=""):
     weight = getattr(module, "weight", None)
     if not isinstance(weight, nn.Parameter):
         raise TypeError(f"{op}: {what} ({cls.__name__}) has a weight that is not a Parameter (got "
-                        f"{type(weight).__name__}; the deprecated torch.nn.utils.weight_norm computes it in a forward "
-                        f"pre-hook): a LoRA layer needs the weight Parameter itself. Remove the hook first "
-                        f"(torch.nn.utils.remove_weight_norm){hint}")
+                        f"{type(weight).__name__}; the deprecated torch.nn.utils.weight_norm and spectral_norm, and "
+                        f"torch.nn.utils.prune, compute it in a forward pre-hook): a LoRA layer needs the weight "
+                        f"Parameter itself. Remove the hook first (torch.nn.utils.remove_weight_norm, "
+                        f"remove_spectral_norm, prune.remove){hint}")
     if weight.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: {what} ({cls.__name__}) expected a float32, float16, bfloat16 or float64 weight, got "
                         f"{weight.dtype}: LoRA layers compute in those (a float8 weight is run by layers with a "
@@ -222,13 +232,17 @@ def check_wrappable_linear(op, what, module, hint=""):
 
 _HOOK_KINDS = (("forward", "_forward_hooks"), ("forward pre", "_forward_pre_hooks"), ("backward", "_backward_hooks"),
                ("backward pre", "_backward_pre_hooks"))
+_STATE_DICT_HOOK_KINDS = (("state_dict", "_state_dict_hooks"), ("state_dict pre", "_state_dict_pre_hooks"),
+                          ("load_state_dict pre", "_load_state_dict_pre_hooks"),
+                          ("load_state_dict post", "_load_state_dict_post_hooks"))
 
 
-def warn_dropped_hooks(op, what, module, why):
+def warn_dropped_hooks(op, what, module, why, *, replaced=True):
     """Warns when `module` carries hooks that the LoRA wrapper replacing it (or wrapping it without calling it) will
     not fire: activation capture, steering or observers registered before the adapter went in would go silent. Not
     carried over: a forward hook would then see the LoRA output (PEFT's see the base layer's), and the handles the
-    caller holds would remove them from the old module only."""
+    caller holds would remove them from the old module only. A layer `replaced` (not kept as a submodule, as
+    MultiLoRALinear keeps it) loses its state_dict and load_state_dict hooks too."""
     # parallelize_module's layout hooks are not dropped: LoRALinear.from_linear carries them over
     kinds = [kind for kind, attr in _HOOK_KINDS
              if any(not is_tensor_parallel_hook(hook) and hook is not _take_transformer_slow_path
@@ -237,6 +251,11 @@ def warn_dropped_hooks(op, what, module, why):
         warn_at_caller(f"{op}: {what} ({type(module).__name__}) has {' and '.join(kinds)} hooks, which are not carried "
                        f"over: {why}, so they will not fire. Register them again on the new layer (they then see its "
                        f"output, adapter included)")
+    state_dict_kinds = [kind for kind, attr in _STATE_DICT_HOOK_KINDS if getattr(module, attr, None)] if replaced else []
+    if state_dict_kinds:
+        warn_at_caller(f"{op}: {what} ({type(module).__name__}) has {' and '.join(state_dict_kinds)} hooks, which are "
+                       f"not carried over to the layer that replaces it, so they will not run on its state dict. "
+                       f"Register them again on the new layer")
 
 
 # init_lora_weights -> (lora_A's, lora_B's) LoRAFactor.init_scheme
@@ -403,6 +422,13 @@ class LoRALinear(nn.Module):
         else:
             raise TypeError(f"{op}: linear expected an nn.Linear, got {type(linear).__name__}")
         check_wrappable_linear(op, "linear", linear)
+        others = ([f"parameter {n!r}" for n, _ in linear.named_parameters(recurse=False) if n not in ("weight", "bias")]
+                  + [f"buffer {n!r}" for n, _ in linear.named_buffers(recurse=False)]
+                  + [f"submodule {n!r}" for n, _ in linear.named_children()])
+        if others:  # the new layer holds weight and bias only: the rest left the model and its state dict, silently
+            raise TypeError(f"{op}: linear ({type(linear).__name__}) holds {', '.join(others)} besides its weight and "
+                            f"bias Parameters, which a LoRALinear would not keep (they would leave the model and its "
+                            f"state dict); move them to another module first")
         pre_hooks, hooks = tensor_parallel_hooks(linear)
         if is_dtensor(linear.weight) and not (pre_hooks and hooks):
             raise TypeError(f"{op}: linear's weight is {describe(linear.weight)} without the input and output hooks "
@@ -778,7 +804,7 @@ class MultiLoRALinear(nn.Module):
             raise TypeError(f"MultiLoRALinear: adapter_dtype expected None or a floating torch.dtype "
                             f"(float32/float16/bfloat16/float64), got {adapter_dtype!r}")
         warn_dropped_hooks(op, what, base_linear, "MultiLoRALinear keeps it as base_layer but reads its weight and "
-                           "never calls it")
+                           "never calls it", replaced=False)
         self.base_layer = base_linear
         self.max_adapters, self.max_rank, self.backend = max_adapters, max_rank, backend
         self._in_features, self._out_features = in_features, out_features
@@ -1170,6 +1196,12 @@ def named_target_modules(model, target_modules, exclude_modules=None, *, layers_
     if not isinstance(target_modules, (str, list, tuple, set)) or not target_modules:
         raise ValueError(f"{op}: target_modules expected a regex string or a non-empty list of names, "
                          f"got {target_modules!r}")
+    lazy = [name for name, module in model.named_modules()
+            if any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters(recurse=False))]
+    if lazy:  # freezing the model's parameters failed in torch's "uninitialized parameter" error, naming no module
+        raise ValueError(f"{op}: modules {lazy[:3]}{' ...' if len(lazy) > 3 else ''} have uninitialised parameters "
+                         f"(nn.LazyLinear and other lazy modules take their shapes from the first input): run one "
+                         f"forward first; the model is unchanged")
     if not isinstance(target_modules, str):
         target_modules = list(target_modules)
     if isinstance(exclude_modules, (tuple, set)):

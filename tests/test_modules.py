@@ -2185,3 +2185,103 @@ def test_merge_of_a_plain_tensor_weight_names_fsdp1_not_a_parametrization():
                                             rf"Parameter .*summon_full_params"):
             getattr(layer, op)()
     torch.testing.assert_close(layer.weight, before, rtol=0, atol=0)
+
+
+def test_a_forward_set_on_the_linear_instance_is_refused_like_a_subclass_forward():
+    """A forward patched onto one nn.Linear (module.forward = ...: a clamp, fake-quant or capture patch) passed the
+    check of the class's forward and was dropped silently: a fresh adapter differed from the layer by 1.0, where
+    PEFT calls the patched layer (helper 270). Refused by name as a subclass's own forward is; "all-linear" leaves
+    the layer out with a warning."""
+    import types
+
+    def patched(self, x):
+        return nn.functional.linear(x, self.weight, self.bias).clamp(min=0)
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    model[0].forward = types.MethodType(patched, model[0])
+    layers = list(model)
+    message = r"has a forward set on the instance \(module.forward = \.\.\.\).*\(del module.forward\)"
+    with pytest.raises(TypeError, match=r"LoRALinear.from_linear: linear \(Linear\) " + message):
+        LoRALinear.from_linear(model[0])
+    with pytest.raises(TypeError, match=r"MultiLoRALinear: base_linear \(Linear\) " + message):
+        lk.MultiLoRALinear(model[0], 2, 2)
+    with pytest.raises(TypeError, match=r"inject_lora: module '0' \(Linear\) " + message):
+        inject_lora(model, ["0", "1"], r=2)
+    assert list(model) == layers and all(p.requires_grad for p in model.parameters())
+    with pytest.warns(UserWarning, match=r"left out 1 matched layer\(s\).*'0' \(a Linear: its own forward"):
+        inject_lora(model, "all-linear", r=2)
+    assert model[0] is layers[0] and isinstance(model[1], LoRALinear)
+
+
+@pytest.mark.parametrize("register, kind", [("register_state_dict_post_hook", "state_dict"),
+                                            ("register_state_dict_pre_hook", "state_dict pre"),
+                                            ("register_load_state_dict_pre_hook", "load_state_dict pre"),
+                                            ("register_load_state_dict_post_hook", "load_state_dict post")])
+def test_state_dict_hooks_of_a_replaced_linear_are_warned_of(register, kind):
+    """state_dict and load_state_dict hooks of a layer a LoRALinear replaces stop running, like its forward hooks,
+    which were warned of; these were dropped without a word (helper 270). MultiLoRALinear keeps the layer as
+    base_layer, whose state dict still runs them: no warning there."""
+    def hooked():
+        linear = nn.Linear(8, 8)
+        getattr(linear, register)(lambda *args: None)
+        return linear
+
+    with pytest.warns(UserWarning, match=rf"inject_lora: module '0' \(Linear\) has {kind} hooks, which are not "
+                                         rf"carried over to the layer that replaces it"):
+        inject_lora(nn.Sequential(hooked()), ["0"], r=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lk.MultiLoRALinear(hooked(), 2, 2)
+
+
+@pytest.mark.parametrize("extra", ["bias_buffer", "parameter", "buffer"])
+def test_a_linear_holding_other_tensors_is_refused_before_they_leave_the_model(extra):
+    """A LoRALinear keeps the weight and bias Parameters only: a bias registered as a buffer, or an extra Parameter
+    or buffer (an activation scale), left the model and its state dict silently, and a bias buffer stayed float32
+    through .double() (helper 270). Refused by name, the model unchanged."""
+    model = nn.Sequential(nn.Linear(8, 4))
+    if extra == "bias_buffer":
+        del model[0].bias
+        model[0].register_buffer("bias", torch.zeros(4))
+        named = "buffer 'bias'"
+    elif extra == "parameter":
+        model[0].extra = nn.Parameter(torch.ones(4))
+        named = "parameter 'extra'"
+    else:
+        model[0].register_buffer("act_scale", torch.ones(8))
+        named = "buffer 'act_scale'"
+    keys = list(model.state_dict())
+    with pytest.raises(TypeError, match=rf"inject_lora: module '0': LoRALinear.from_linear: linear \(Linear\) holds "
+                                        rf"{named} besides its weight and bias Parameters"):
+        inject_lora(model, ["0"], r=2)
+    assert type(model[0]) is nn.Linear and list(model.state_dict()) == keys
+
+
+def test_uninitialised_lazy_linears_are_refused_by_name():
+    """nn.LazyLinear before its first forward: torch's "uninitialized parameter" error, naming no module, also under
+    "all-linear" and for a lazy module the targets do not include (the model's parameters are frozen)."""
+    with pytest.raises(TypeError, match=r"LoRALinear.from_linear: linear \(LazyLinear\) has a weight that is not "
+                                        r"initialised yet .*run one forward first"):
+        LoRALinear.from_linear(nn.LazyLinear(4))
+    with pytest.raises(TypeError, match=r"MultiLoRALinear: base_linear \(LazyLinear\) has a weight that is not "
+                                        r"initialised"):
+        lk.MultiLoRALinear(nn.LazyLinear(4), 2, 2)
+    model = nn.Sequential(nn.Linear(8, 8), nn.LazyLinear(4))
+    for targets in (["0"], "all-linear"):
+        with pytest.raises(ValueError, match=r"inject_lora: modules \['1'\] have uninitialised parameters .*run one "
+                                             r"forward first; the model is unchanged"):
+            inject_lora(model, targets, r=2)
+    assert type(model[0]) is nn.Linear and model[0].weight.requires_grad
+    model(torch.randn(2, 8))
+    inject_lora(model, "all-linear", r=2)
+    assert isinstance(model[1], LoRALinear)
+
+
+def test_a_pruned_linear_is_refused_with_how_to_remove_the_pruning():
+    """The refusal of a weight computed by a forward pre-hook named only weight_norm's remedy (helper 270)."""
+    import torch.nn.utils.prune
+
+    linear = nn.Linear(8, 4)
+    torch.nn.utils.prune.l1_unstructured(linear, "weight", 0.5)
+    with pytest.raises(TypeError, match=r"torch.nn.utils.prune, compute it in a forward pre-hook.*prune.remove"):
+        LoRALinear.from_linear(linear)
