@@ -1062,7 +1062,9 @@ def _layer_index_matches(name, layers_to_transform, layers_pattern):
             match = re.match(layers_pattern_regex(pattern), name)
             if match is not None:
                 break
-    if match is None:
+    # a pattern with an alternation ("layers|h") can match through a branch without the index group: no index, as
+    # PEFT reads it (int(None) was a bare TypeError)
+    if match is None or match.group("idx") is None:
         return False
     index = int(match.group("idx"))
     return index == layers_to_transform if isinstance(layers_to_transform, int) else index in layers_to_transform

@@ -556,6 +556,24 @@ def test_layers_to_transform_takes_numpy_integers_and_ranges_as_peft():
         assert [name for name, m in model.named_modules() if isinstance(m, LoRALinear)] == ["0.0.1.q_proj"], layers
 
 
+def test_a_layers_pattern_alternation_matching_without_an_index_selects_as_peft():
+    """layers_pattern "layers|h" is a regex: in PEFT's index regex its first branch matches "enc.layers.0.q_proj"
+    without the index group, which PEFT reads as no layer index (not selected). int(None) was a bare TypeError, for
+    a file PEFT loads too (helper 271)."""
+    def block():
+        return nn.ModuleDict({"q_proj": nn.Linear(8, 8)})
+
+    model = nn.ModuleDict({"h": nn.ModuleList([block(), block()]),
+                           "enc": nn.ModuleDict({"layers": nn.ModuleList([block()])})})
+    inject_lora(model, ["q_proj"], layers_to_transform=[0], layers_pattern="layers|h")
+    chosen = [name for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+    assert chosen == ["h.0.q_proj"]
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(target_modules=["q_proj"], layers_to_transform=[0], layers_pattern="layers|h")
+    assert [name for name, _ in model.named_modules()
+            if name.endswith("q_proj") and peft.tuners.tuners_utils.check_target_module_exists(config, name)] == chosen
+
+
 def test_an_empty_layers_pattern_needs_no_layers_to_transform_as_in_peft():
     """PEFT's LoraConfig asks for layers_to_transform only beside a non-empty layers_pattern: "" and [] mean no
     pattern, and select every layer the targets name."""
