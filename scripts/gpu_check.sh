@@ -196,10 +196,11 @@ fi
 # 4. tests: every CUDA case, before the timings (correctness first): the gpu-marked tests and the
 # normal suite's cuda-device cases ("-k" matches marker names too). With pytest-xdist a test that crashes its
 # process (a segfault in a kernel) fails alone instead of ending the run (seen on the first H100 run: one segfault
-# hid every later result). LORA_KERNELS_AUTOTUNE=0: one config per Triton kernel, so many test shapes do not spend
-# minutes autotuning (the H200 run: 1259 tests in 122 s with 14 workers). "not gpu_check": test_cli's
-# tests of this script match "gpu" by name but run on the CPU (the dry run took 19 s of CPU on 2 cores); "not
-# emulation": test_cuda_emulation.py matches "cuda" but runs the CUDA sources on the CPU (80 s of CPU on 2 cores).
+# hid every later result). LORA_KERNELS_AUTOTUNE=0: the first config each Triton kernel's prune keeps, untimed, so
+# many test shapes do not spend minutes autotuning (the H200 run: 1259 tests in 122 s with 14 workers). "not
+# gpu_check": test_cli's tests of this script match "gpu" by name but run on the CPU (the dry run took 19 s of CPU
+# on 2 cores); "not emulation": test_cuda_emulation.py matches "cuda" but runs the CUDA sources on the CPU (80 s of
+# CPU on 2 cores).
 PYTEST_OPTIONS=()
 "$PY" -c "import xdist" > /dev/null 2>&1 && PYTEST_OPTIONS=(-n 14)
 # a test that hangs (a kernel that never ends) fails alone after 120 s instead of holding the stage to its limit.

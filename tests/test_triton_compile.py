@@ -367,13 +367,93 @@ def test_gate_compiles_every_config_the_prune_launches():
     assert missing == "[]", f"launched but never compiled by the gate: {missing}"
 
 
+def test_with_autotuning_off_each_kernel_launches_the_first_config_its_prune_keeps():
+    """LORA_KERNELS_AUTOTUNE=0 (the GPU tests' setting) cut each config list to its first config, and triton's
+    autotuner calls the prune only for lists of more than one: the fp32 shrink's first config (114-164 KB of shared
+    memory) launched unpruned on the 99 KiB of sm_86/sm_89 GPUs, OutOfResources (helper 272). Now each autotuner
+    holds the whole list, its own prune_configs gives the first config the prune keeps for that GPU's budget (the
+    one test_the_prune_leaves_a_config_that_fits_a_99_kib_gpu compiles), and its do_bench runs nothing (triton
+    3.6 times a lone config). A TRITON_INTERPRET=0 subprocess: the GPU config lists."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import json, torch
+        from lora_kernels.triton import aot, lora_linear as ll
+        assert not ll.AUTOTUNE
+        budget = ll.SMEM_BUDGET * aot.SHARED_MEMORY_LIMIT[86] // ll.SM80_SHARED_MEMORY
+        ll.smem_budget = lambda tensor: budget  # what the prune reads on an sm_86 GPU
+        results = {}
+        for name, pointer in (("_shrink", "x_ptr"), ("_fwd", "x_ptr"), ("_bwd_dy", "dy_ptr"), ("_bwd_dx", "dy_ptr"),
+                              ("_bwd_da", "x_ptr")):
+            tuner = getattr(ll, name)
+            tuner.nargs = {pointer: torch.empty(0, dtype=torch.float32)}
+            fixed = dict(BLOCK_R=64, GROUP=ll.GROUP_M, BLOCK_M=ll.DY_BLOCK_M if name == "_bwd_dy" else None)
+            fixed = {key: value for key, value in fixed.items() if value is not None and key not in
+                     tuner.configs[0].kwargs}
+            chosen = tuner.prune_configs(fixed)
+            expected = ll._PRUNE[tuner.base_fn.__name__](tuner.configs, tuner.nargs, budget, **fixed)[0]
+            def kernel_call():
+                raise AssertionError("timed")
+            results[name] = dict(listed=len(tuner.configs), chosen=len(chosen), same=str(chosen[0]) == str(expected),
+                                 first=str(chosen[0]) == str(tuner.configs[0]),
+                                 timing=tuner.do_bench(kernel_call, quantiles=(0.5, 0.2, 0.8)))
+        print("RESULTS:" + json.dumps(results))
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="0", LORA_KERNELS_AUTOTUNE="0")
+    repo_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert "RESULTS:" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    results = json.loads(proc.stdout.split("RESULTS:", 1)[1])
+    for name, result in results.items():
+        assert result["listed"] > 1 and result["chosen"] == 1 and result["same"], (name, result)
+        assert result["timing"] == [0.0, 0.0, 0.0], (name, result)
+    assert not results["_shrink"]["first"]  # fp32 at rank chunk 64: the first config does not fit 99 KiB
+
+
+def test_every_da_config_the_prune_keeps_for_a_99_kib_gpu_fits_there():
+    """The prune costed dA's pipelined dSᵀ tile at x's element size, but it is float32 for 16-bit x too: for bf16 at
+    rank chunk 64 it kept two configs needing 131-139 KB on sm_86, which autotuning compiled to no use on every new
+    key (helper 272). Every config it keeps now compiles within 99 KiB."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import json, torch
+        from lora_kernels.triton import aot, lora_linear as ll
+        budget = ll.SMEM_BUDGET * aot.SHARED_MEMORY_LIMIT[86] // ll.SM80_SHARED_MEMORY
+        specs = []
+        for dtype in (torch.bfloat16, torch.float32):
+            for chunk in (32, 64):
+                kept = ll._PRUNE["_lora_bwd_da_kernel"](ll.DA_CONFIGS, {"x_ptr": torch.empty(0, dtype=dtype)}, budget,
+                                                        BLOCK_R=chunk)
+                specs += [ll._spec(ll._lora_bwd_da_kernel, dtype, cfg.kwargs, cfg.num_warps, cfg.num_stages,
+                                   HAS_DROPOUT=True, BLOCK_R=chunk) for cfg in kept]
+        records = aot.compile_all(specs, targets=(86,))
+        print("RECORDS:" + json.dumps([(r["name"], r["ok"], r.get("shared"), r.get("error")) for r in records]))
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    repo_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert "RECORDS:" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    records = json.loads(proc.stdout.split("RECORDS:", 1)[1])
+    assert len(records) >= 4
+    assert all(ok and shared <= aot.SHARED_MEMORY_LIMIT[86] for _, ok, shared, _ in records), records
+
+
 def test_the_prune_leaves_a_config_that_fits_a_99_kib_gpu():
     """sm_86 and sm_89 GPUs (A10, L4, L40S, RTX 30 and 40 series) have 99 KiB of shared memory per block, where the
     prune's budget was sm_80's: every config it kept of the fp32 shrink at rank chunks 32 (with dropout) and 64
     needed 114-164 KB there (its own fallback, the first config, 164 KB), so each launch raised OutOfResources.
     With that GPU's budget, the config it launches first (the first one kept; the only one with
     LORA_KERNELS_AUTOTUNE=0) compiles for sm_86 within 99 KiB, for every kernel, fp32 and bf16, rank chunk and flag
-    on. A TRITON_INTERPRET=0 subprocess, as the gate's."""
+    on (and a lone config's fitted copy too). A TRITON_INTERPRET=0 subprocess, as the gate's."""
     import json
     import subprocess
     import sys
