@@ -419,6 +419,13 @@ def read_adapter_weights(path):
     return tensors, file
 
 
+_LORA_BIAS_HINT = " (PEFT's lora_bias: a bias on lora_B, which is not supported; the config has lora_bias=false)"
+
+
+def _is_lora_b_bias(key):
+    return re.search(r"\.lora_B(\.[^.]+)?\.bias$", key) is not None
+
+
 def _key_hint(key, bias):
     if "lora_magnitude_vector" in key:
         return " (DoRA magnitude: DoRA is not supported)"
@@ -427,6 +434,8 @@ def _key_hint(key, bias):
     if ".base_layer." in key:
         return (" (a wrapped layer's own tensor, which PEFT saves for a targeted embedding layer such as lm_head; "
                 "here that module is no target, or has no such tensor)")
+    if _is_lora_b_bias(key):
+        return _LORA_BIAS_HINT
     if key.endswith(".bias"):
         if bias != "none":
             return f" (a bias, as bias={bias!r} saves them, of no module of this model)"
@@ -566,6 +575,10 @@ def _split_biases(model, config, tensors, file, adapter_name, op, lora_names, he
             f"bias={config.bias!r} trains the model's {key!r}")
         biases.append((key, current, tensor))
     unmatched = sorted(k for k in rest if k.endswith(".bias"))
+    lora_b_biases = [k for k in unmatched if _is_lora_b_bias(k)]
+    if lora_b_biases:
+        raise ValueError(f"{op}: {file} has {lora_b_biases[0]!r}{' and more' if len(lora_b_biases) > 1 else ''}"
+                         f"{_LORA_BIAS_HINT}")
     if unmatched:
         where = "a LoRA layer's" if config.bias == "lora_only" else "the model's"
         raise ValueError(f"{op}: {file} has {unmatched[0]!r}{' and more' if len(unmatched) > 1 else ''}, which maps "

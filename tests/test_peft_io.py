@@ -1535,6 +1535,14 @@ def _bad_cases():
             lambda t: [t.pop(k) for k in [k for k in t if k.endswith(".base_layer.bias")]]),
             add("base_model.model.head.bias", torch.randn(5))), ValueError,
          r"has 'base_model\.model\.head\.bias', which maps to no bias that bias='lora_only' trains"),
+        # PEFT's lora_bias (a bias on lora_B) in a file whose config says lora_bias=false: named as such, not as a
+        # base bias (helper 271)
+        ("lora_B bias, bias none", add("base_model.model.layers.0.q_proj.lora_B.bias", torch.randn(16)), ValueError,
+         r"unexpected keys 'base_model\.model\.layers\.0\.q_proj\.lora_B\.bias' \(PEFT's lora_bias: a bias on "
+         r"lora_B, which is not supported; the config has lora_bias=false\)"),
+        ("lora_B bias, bias all", then(bias_saved("all"), add("base_model.model.layers.0.q_proj.lora_B.bias",
+                                                              torch.randn(16))), ValueError,
+         r"has 'base_model\.model\.layers\.0\.q_proj\.lora_B\.bias' \(PEFT's lora_bias: a bias on lora_B"),
         ("bias key, bias none", add("base_model.model.head.bias", torch.randn(5)), ValueError,
          (r"unexpected keys 'base_model\.model\.head\.bias' \(a bias, which PEFT saves with bias='all' or "
           r"'lora_only'; the config has bias='none'\)")),
