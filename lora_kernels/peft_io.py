@@ -242,6 +242,10 @@ def parse_adapter_config(raw, file=CONFIG_NAME):
     if isinstance(init, str) and init.lower().startswith(_BASE_MODIFYING_INITS):
         warn_at_caller(f"{file}: init_lora_weights={init!r}: this adapter was trained on a base model that PEFT "
                        f"modified (residual weights); it is loaded as is, so pass that modified base model")
+    if isinstance(init, str) and init.lower() == "mica":  # PEFT's MiCA: plain LoRA's forward and merge, B frozen
+        warn_at_caller(f"{file}: init_lora_weights='mica': PEFT trains this adapter's lora_A only (lora_B frozen); "
+                       f"here lora_B loads trainable as in plain LoRA. To go on training it as MiCA, freeze the "
+                       f"lora_B weights (requires_grad_(False))")
     return AdapterConfig(r=r, lora_alpha=lora_alpha, lora_dropout=float(lora_dropout), use_rslora=flags["use_rslora"],
                          fan_in_fan_out=flags["fan_in_fan_out"], target_modules=target_modules,
                          exclude_modules=exclude_modules,

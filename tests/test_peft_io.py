@@ -1422,6 +1422,17 @@ def test_adapters_trained_on_a_base_that_peft_modified_load_with_a_warning(init,
     assert any("PEFT modified (residual weights)" in str(w.message) for w in caught) == warns
 
 
+@pytest.mark.parametrize("init, warns", [("mica", True), ("MiCA", True), (True, False), ("pissa", False)])
+def test_a_mica_adapter_loads_with_a_warning_that_lora_b_trains_here(init, warns):
+    """PEFT 0.21.2's MiCA (init_lora_weights="mica") computes as plain LoRA but keeps lora_B frozen in training; it
+    loaded here with lora_B trainable without a word (helper 271)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_io.parse_adapter_config(_raw_config(init_lora_weights=init))
+    assert any("init_lora_weights='mica': PEFT trains this adapter's lora_A only (lora_B frozen)" in str(w.message)
+               for w in caught) == warns
+
+
 def test_conv1d_like_layers_need_transformers():
     # without transformers imported nothing is a Conv1D and fan_in_fan_out on nn.Linear is refused by from_linear
     with pytest.raises(TypeError, match="fan_in_fan_out=True expects a transformers Conv1D"):
