@@ -906,8 +906,12 @@ std::tuple<at::Tensor, at::Tensor> lora_bwd_dy_cuda_launch(const at::Tensor& dy,
   }
   if (r > kBwdMaxRank || dy.scalar_type() == at::kDouble) {
     // Two cuBLAS GEMMs read dy twice but run on tensor cores; at large r that beats 2r fp32 FMAs per element.
-    // float64 stays float64 throughout (mm_float), so float64 gradients keep float64 precision.
-    at::Tensor d_lora_b = mm_float(dy.t(), s.to(dy.scalar_type())).mul_(scaling);
+    // float64 stays float64 throughout (mm_float), so float64 gradients keep float64 precision. dB is formed from
+    // the float32 S, as the kernels below and the CPU op form it: S rounded to fp16 was inf past 65504, and dB NaN
+    // or inf where they are finite. A GEMM takes one input dtype, so dy is widened instead; functional.py sends
+    // this op M·r <= 4096 (CUDA_BWD_DY_KERNEL_MAX_WORK): at most 63 rows of dy here.
+    const at::Tensor dy_like_s = dy.scalar_type() == s.scalar_type() ? dy : dy.to(s.scalar_type());
+    at::Tensor d_lora_b = at::mm(dy_like_s.t(), s).mul_(scaling);
     at::Tensor ds = mm_float(dy, lora_b).mul_(scaling);
     return {d_lora_b, ds};
   }

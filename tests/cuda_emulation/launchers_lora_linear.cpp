@@ -245,6 +245,7 @@ struct BwdLayout {
   int64_t ld_dy = 0;
   bool dy_transposed = false, dy_misaligned = false, s_column_major = false, b_column_major = false;
   bool b_misaligned_transpose = false;
+  bool s_past_fp16 = false;  // S of 70000 and -69999 in one column: past fp16's 65504, their dB sum is not
 };
 
 void run_bwd(const std::string& what, at::ScalarType dtype, int64_t M, int64_t N, int64_t r, const BwdLayout& layout,
@@ -254,6 +255,10 @@ void run_bwd(const std::string& what, at::ScalarType dtype, int64_t M, int64_t N
   const at::ScalarType s_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor dy = ints({M, N}, 3, dtype, seed), s = ints({M, r}, 8, s_dtype, seed + 1);
   at::Tensor b = ints({N, r}, 3, dtype, seed + 2);
+  if (layout.s_past_fp16) {
+    s[0][0] = 70000.0;
+    s[1][0] = -69999.0;
+  }
   const at::Tensor db_ref = at::mm(dy.to(at::kDouble).t(), s.to(at::kDouble)) * scaling;
   const at::Tensor ds_ref = at::mm(dy.to(at::kDouble), b.to(at::kDouble)) * scaling;
   if (layout.ld_dy) dy = padded_rows(dy, layout.ld_dy);
@@ -296,8 +301,12 @@ void bwd_cases(bool quick) {
     const at::Tensor dy = ints({40, 72}, 3, at::kBFloat16, 1), s = ints({40, 8}, 8, at::kFloat, 2);
     (void)lora_bwd_dy_cuda_launch(dy, s, ints({72, 8}, 3, at::kBFloat16, 3), 0.5);
   }, {address(lora_bwd_dy_kernel<BF>)});
-  // Two cuBLAS GEMMs: r > 64 (16-bit S rounded to dy's dtype: the data keeps it exact), float64.
+  // Two cuBLAS GEMMs: r > 64, float64. dB from the float32 S: rounded to fp16, S past 65504 was inf and dB NaN,
+  // where the kernel at r = 64 is finite.
   run_bwd("bwd bf16 r=65 gemm", bf16, 40, 72, 65, {}, 90, {});
+  run_bwd("bwd fp16 r=64 S past fp16", at::kHalf, 40, 72, 64, {.s_past_fp16 = true}, 90,
+          {address(lora_bwd_dy_kernel<c10::Half>)});
+  run_bwd("bwd fp16 r=65 gemm S past fp16", at::kHalf, 40, 72, 65, {.s_past_fp16 = true}, 90, {});
   run_bwd("bwd fp64 gemm", at::kDouble, 40, 72, 8, {}, 90, {});
   // Empty: zeros of the accumulation dtype, nothing launched.
   run_bwd("bwd bf16 M=0", bf16, 0, 72, 8, {}, 90, {});
