@@ -626,6 +626,14 @@ def _pop_base_model_tensor(op, file, rest, file_key, current, owner, what, adapt
     return tensor
 
 
+def _unprepared_error(op, adapter_name, name, module):
+    fix = ("prepare_multi_adapter refuses LoRALinear layers: prepare a fresh base model (save this model's adapter "
+           "with save_peft_adapter to load it there by name too)" if isinstance(module, LoRALinear) else
+           "call prepare_multi_adapter with target_modules covering it first")
+    return ValueError(f"{op}: adapter_name={adapter_name!r} loads into MultiLoRALinear slots, but module {name!r} "
+                      f"is a {type(module).__name__}; {fix}")
+
+
 def _split_base_layers(targets, tensors, file, adapter_name, op):
     """([(state-dict key, model tensor, file tensor)] for each base-layer tensor of a LoRA target that the file holds,
     the remaining tensors). PEFT saves the whole layer a LoRA wraps when target_modules names an embedding layer
@@ -736,11 +744,7 @@ def _plan_layers(op, model, file, config, targets, grouped, adapter_name):
             _check_not_flattened(op, name, "lora_b", module.lora_b, (module.max_adapters, out_features,
                                                                      module.max_rank), _LOAD_UNDER_FSDP1)
         elif adapter_name is not None:
-            fix = ("prepare_multi_adapter refuses LoRALinear layers: prepare a fresh base model (save this model's "
-                   "adapter with save_peft_adapter to load it there by name too)" if isinstance(module, LoRALinear) else
-                   "call prepare_multi_adapter with target_modules covering it first")
-            raise ValueError(f"{op}: adapter_name={adapter_name!r} loads into MultiLoRALinear slots, but module "
-                             f"{name!r} is a {type(module).__name__}; {fix}")
+            raise _unprepared_error(op, adapter_name, name, module)
         elif isinstance(module, LoRALinear):
             module.refuse_offloaded(op)
             if module.merged:
@@ -822,6 +826,10 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
     config = read_adapter_config(path)
     tensors, file = read_adapter_weights(path)
     targets = _targets(model, config, op)
+    if adapter_name is not None:  # before the file's tensors are matched to the layers, which assumes slots
+        for name, module in targets:
+            if isinstance(module, (nn.Linear, LoRALinear)) or is_conv1d(module):
+                raise _unprepared_error(op, adapter_name, name, module)
     heads, tensors = _split_modules_to_save(model, config, tensors, file, adapter_name, op)
     check_targets_outside_heads(op, targets, [(name, module) for name, module, _ in heads], config.modules_to_save)
     biases, tensors = _split_biases(model, config, tensors, file, adapter_name, op, {name for name, _ in targets},

@@ -861,6 +861,14 @@ def test_bias_modes_round_trip_under_peft_keys(tmp_path, bias):
                                          rf"model's.*cannot load by adapter_name"):
         lk.load_peft_adapter(multi, tmp_path, adapter_name="a")
     _assert_same(multi, before)
+    # a model never prepared: that is what the error names (it called a LoRA layer's trained bias "the base layer's
+    # own bias, which PEFT saves for an embedding layer" with bias="lora_only"; helper 271)
+    unprepared = _base()
+    before = _snapshot(unprepared)
+    with pytest.raises(ValueError, match=r"adapter_name='a' loads into MultiLoRALinear slots, but module "
+                                         r"'layers\.0\.q_proj' is a Linear; call prepare_multi_adapter"):
+        lk.load_peft_adapter(unprepared, tmp_path, adapter_name="a")
+    _assert_same(unprepared, before)
 
 
 @pytest.mark.parametrize("bias", ["all", "lora_only"])
