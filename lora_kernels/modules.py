@@ -251,7 +251,7 @@ def warn_dropped_hooks(op, what, module, why, *, replaced=True):
         warn_at_caller(f"{op}: {what} ({type(module).__name__}) has {' and '.join(kinds)} hooks, which are not carried "
                        f"over: {why}, so they will not fire. Register them again on the new layer (they then see its "
                        f"output, adapter included)")
-    state_dict_kinds = [kind for kind, attr in _STATE_DICT_HOOK_KINDS if getattr(module, attr, None)] if replaced else []
+    state_dict_kinds = [kind for kind, attr in _STATE_DICT_HOOK_KINDS if replaced and getattr(module, attr, None)]
     if state_dict_kinds:
         warn_at_caller(f"{op}: {what} ({type(module).__name__}) has {' and '.join(state_dict_kinds)} hooks, which are "
                        f"not carried over to the layer that replaces it, so they will not run on its state dict. "
