@@ -84,12 +84,13 @@ def _check_bias_and_like_x(op, x, weight, lora_a, lora_b, bias, out_features, fa
                          f"{tuple(bias.shape)}")
     # A subclass weight's dtype is its own F.linear's to judge, as in nn.Linear: torchao's Int8Tensor computes in x's
     # dtype, so a bfloat16 one takes the float32 inputs of peft.prepare_model_for_kbit_training's float32 norms and a
-    # float32 one autocast's (it is left uncast, see _cast_for_autocast); others raise their own dtype error.
+    # float32 one autocast's (it is left uncast, see _cast_for_autocast); others raise their own dtype error. The
+    # bias goes into that F.linear too (a bfloat16 Qwen2 layer's, with float32 inputs, ran there and in PEFT).
     subclass_weight = is_subclass_weight(weight)
     for name, t in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("bias", bias)):
         if t is not None:
             factor = name in ("lora_a", "lora_b") and factor_dtype is not None
-            _check_same(op, name, t, "x", x, dtype=not (name == "weight" and subclass_weight or factor))
+            _check_same(op, name, t, "x", x, dtype=not (name in ("weight", "bias") and subclass_weight or factor))
 
 
 def check_lora_linear_args(op, x, weight, lora_a, lora_b, bias, scaling, dropout_p, factor_dtype=None):

@@ -207,8 +207,12 @@ class QuantizedWeight(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         if func is torch.nn.functional.linear:
+            # as torchao's Int8Tensor: the product in x's dtype, then the bias added whatever its dtype (a bfloat16
+            # layer's bias with float32 inputs), in x's dtype again
             x, weight, *rest = args
-            return torch.nn.functional.linear(x, weight.dequantize(x.dtype), *rest, **(kwargs or {}))
+            bias = rest[0] if rest else (kwargs or {}).get("bias")
+            y = torch.nn.functional.linear(x, weight.dequantize(x.dtype))
+            return y if bias is None else (y + bias).to(x.dtype)
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **(kwargs or {}))
 

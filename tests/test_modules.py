@@ -1253,6 +1253,26 @@ def test_quantized_16_bit_base_weight_takes_a_float32_input_as_its_own_linear_do
     assert LoRALinear.from_linear(quantized, r=2, autocast_adapter_dtype=False)(x).dtype == torch.float32
 
 
+def test_quantized_16_bit_base_weight_with_a_16_bit_bias_takes_a_float32_input():
+    """The bias goes into the quantized weight's own F.linear too: a bfloat16 quantized layer with its bfloat16 bias
+    (Qwen2's q/k/v; torchao's quantize_ without peft.prepare_model_for_kbit_training) ran float32 inputs there and in
+    PEFT, and was refused here ("lora_linear: bias expected dtype torch.float32 (same as x)"; helper 274). Without
+    the bias it ran: the Llama layers of the test above."""
+    from conftest import quantized_linear
+    quantized, _ = quantized_linear(12, 6, dtype=torch.bfloat16)
+    plain = nn.Linear(12, 6)
+    with torch.no_grad():
+        plain.weight.copy_(quantized.weight.dequantize(torch.float32))
+        plain.bias.copy_(quantized.bias)
+    x = torch.randn(5, 12)
+    for wrap in (lambda base: LoRALinear.from_linear(base, r=2), lambda base: lk.MultiLoRALinear(base, 2, 2)):
+        layers = [wrap(base) for base in (quantized, plain)]
+        args = (torch.zeros(5, dtype=torch.long),) if isinstance(layers[0], lk.MultiLoRALinear) else ()
+        y = layers[0](x, *args)
+        assert y.dtype == torch.float32
+        assert_close(y, layers[1](x, *args), torch.float32, "y")
+
+
 def test_quantized_base_weights_refuse_reinitialisation_and_conv1d_untouched():
     """A tensor-subclass (quantized) base weight cannot be re-initialised (nn.Linear's init writes into it) nor
     transposed: reset_parameters() and a transformers Conv1D holding one ([in, out], passed transposed) are refused
