@@ -609,6 +609,7 @@ def _lora_linear_composition(x2, weight, lora_a, lora_b, bias, scaling, dropout_
     base = torch.nn.functional.linear(x2, weight, bias)
     with ops.autocast_off(x2.device):
         x_lora, lora_a, lora_b = _differentiable_lora_operands(backend, x2, lora_a, lora_b)
+        x_lora = x_lora.to(lora_a.dtype)  # a subclass weight's float32 factors of a 16-bit x (_lora_linear)
         if drop is not None:  # after the widening, as the kernels apply 1/(1-p) (see _lora_linear_forward)
             x_lora = drop(x_lora)
         term = scaling * ((x_lora @ lora_a.T) @ lora_b.T)
@@ -774,7 +775,11 @@ def _lora_linear(x, weight, lora_a, lora_b, scaling, bias, dropout_p, backend, f
     # implements F.linear and its derivative, not the dY @ W of the Function's backward.
     composition = subclass_weight or _functorch_transforms_active() or _forward_ad_active()
     through_function = not composition and _needs_grad(x, weight, lora_a, lora_b, bias)
-    if factor_dtype is not None and (not through_function or backend == "reference" or dtensor):
+    # A subclass weight's float32 factors stay float32, and its composition runs the LoRA branch in float32, as
+    # PEFT's TorchaoLoraLinear does: cast to fp16, autograd formed dA and dB in fp16 (inf past 65504 under a
+    # GradScaler's loss scale, where PEFT's and the plain-weight torch backend's float32 gradients were finite)
+    if (factor_dtype is not None and (not through_function or backend == "reference" or dtensor)
+            and not (subclass_weight and not dtensor)):
         lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)  # differentiable, as LoRALinear cast them before
     if backend == "reference":
         if seed is not None:

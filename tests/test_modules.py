@@ -1273,6 +1273,28 @@ def test_quantized_16_bit_base_weight_with_a_16_bit_bias_takes_a_float32_input()
         assert_close(y, layers[1](x, *args), torch.float32, "y")
 
 
+def test_quantized_fp16_base_weight_trains_its_float32_factors_in_float32():
+    """A quantized fp16 layer's float32 factors: the LoRA branch runs in float32, as PEFT's TorchaoLoraLinear runs it
+    and as the plain fp16 layer's torch backend writes dA and dB. Cast to fp16, autograd formed them in fp16: inf past
+    65504 (token sums under a GradScaler-sized loss scale), where both of those were finite (helper 274)."""
+    from conftest import quantized_linear
+    torch.manual_seed(0)
+    quantized, plain = quantized_linear(64, 32, dtype=torch.float16)
+    layers = [LoRALinear.from_linear(base, r=4, backend="torch") for base in (quantized, plain)]
+    with torch.no_grad():
+        for layer in layers:
+            layer.lora_A.weight.copy_(torch.linspace(0.1, 0.5, 4 * 64).reshape(4, 64))
+            layer.lora_B.weight.copy_(torch.linspace(0.1, 0.5, 32 * 4).reshape(32, 4))
+    x = torch.rand(256, 64, dtype=torch.float16)
+    grads = []
+    for layer in layers:
+        (layer(x).float().sum() * 64.0).backward()
+        grads.append((layer.lora_A.weight.grad, layer.lora_B.weight.grad))
+    for got, expected in zip(*grads):
+        assert got.dtype == torch.float32 and torch.isfinite(got).all() and expected.abs().max() > 65504
+        torch.testing.assert_close(got, expected, rtol=2e-3, atol=0)
+
+
 def test_quantized_base_weights_refuse_reinitialisation_and_conv1d_untouched():
     """A tensor-subclass (quantized) base weight cannot be re-initialised (nn.Linear's init writes into it) nor
     transposed: reset_parameters() and a transformers Conv1D holding one ([in, out], passed transposed) are refused
