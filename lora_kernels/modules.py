@@ -2157,13 +2157,17 @@ def merge_and_unload(model, *, safe_merge=False):
                            "is a new layer")
         return model.to_linear()
     merged = {}  # by layer: one LoRALinear held under two names (a layer applied twice) becomes one merged layer
-    for name, module in list(model.named_modules(remove_duplicate=False)):  # listed first: the loop replaces them
-        if isinstance(module, LoRALinear):
-            if id(module) not in merged:
-                warn_dropped_hooks("merge_and_unload", f"module {name!r}", module, "it is replaced by a new layer "
-                                   "holding the merged weight")
-                merged[id(module)] = module.to_linear()
-            _set_submodule(model, name, merged[id(module)])
+    # The checks above refuse what to_linear refuses; anything else failing there (a weight subclass that is not
+    # recognised as one, e.g. without __tensor_flatten__, failing in its own add) puts the layers replaced so far back
+    with _rollback_on_error(model) as replaced:
+        for name, module in list(model.named_modules(remove_duplicate=False)):  # listed first: the loop replaces them
+            if isinstance(module, LoRALinear):
+                if id(module) not in merged:
+                    warn_dropped_hooks("merge_and_unload", f"module {name!r}", module, "it is replaced by a new "
+                                       "layer holding the merged weight")
+                    merged[id(module)] = module.to_linear()
+                _set_submodule(model, name, merged[id(module)])
+                replaced.append((name, module))
     # the adapter is gone: a later inject_lora starts a new one; the embedding layers are the merged model's own now.
     # Also what an inject_lora or load on a submodule recorded there: kept, it outlived every LoRA layer
     for module in model.modules():

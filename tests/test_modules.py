@@ -686,6 +686,21 @@ def test_merge_and_unload_refuses_a_layer_to_linear_would_refuse_before_any_chan
         assert list(model) == layers and all(torch.equal(a, b) for a, b in zip(model.parameters(), weights))
 
 
+def test_merge_and_unload_that_fails_in_a_later_layer_puts_the_replaced_layers_back():
+    """A failure no check foresees (a weight subclass without __tensor_flatten__ is not recognised as quantized and
+    fails in its own add; helper 274) left the layers before it merged: they are put back, the model as it was."""
+    model = nn.Sequential(_trained(LoRALinear(8, 6)), _trained(LoRALinear(6, 4)))
+    layers, weights = list(model), [p.clone() for p in model.parameters()]
+
+    def unforeseen():
+        raise RuntimeError("Q8 dispatch: unimplemented operator aten.add.Tensor")
+
+    model[1].to_linear = unforeseen
+    with pytest.raises(RuntimeError, match="Q8 dispatch"):
+        merge_and_unload(model)
+    assert list(model) == layers and all(torch.equal(a, b) for a, b in zip(model.parameters(), weights))
+
+
 def test_merge_and_unload_safe_merge_refuses_a_broken_adapter_before_any_change():
     """PEFT's merge_and_unload(safe_merge=True), a call users copy: a layer whose merged weight would hold NaN or Inf
     (here one B entry NaN, and one large enough that the fp16 weight overflows) refuses the whole merge, naming the
