@@ -169,7 +169,7 @@ def refuse_subclass_reset(op, weight, instead):
                         f"layer is unchanged (use {instead})")
 
 
-def check_wrappable_linear(op, what, module, hint=""):
+def check_wrappable_linear(op, what, module, hint="", *, replaced=True):
     """TypeError, naming `what` and the class, for a linear layer a LoRA wrapper cannot stand in for. The wrappers
     compute F.linear(x, weight, bias) on the layer's weight Parameter and never call the layer itself, so:
     - an nn.Linear (or Conv1D) subclass with its own forward (fake-quant/QAT, torchao's Float8Linear, bnb's
@@ -180,6 +180,9 @@ def check_wrappable_linear(op, what, module, hint=""):
       the first forward, the factors' initialisation or a merge);
     - a transformers Conv1D's weight [in, out] is passed transposed, which a tensor-subclass (quantized) weight does
       not implement (torchao's: "unimplemented operator ... aten.permute" at the first forward).
+    - a layer `replaced` by a LoRALinear (not kept as MultiLoRALinear keeps it) holding other tensors than its weight
+      and bias Parameters (a bias registered as a buffer, an activation scale): they would leave the model and its
+      state dict.
     nn.Linear, transformers' Conv1D and their subclasses that keep the parent's forward (or whose forward computes
     F.linear: LINEAR_EQUIVALENTS) pass."""
     cls = type(module)
@@ -228,6 +231,13 @@ def check_wrappable_linear(op, what, module, hint=""):
                         f"weight is stored [in, out] and a LoRA layer passes its transpose, which such weights do not "
                         f"implement (nor does the Conv1D's own forward run on one). Quantize nn.Linear layers only "
                         f"(torchao's quantize_ default){hint}")
+    others = ([f"parameter {n!r}" for n, _ in module.named_parameters(recurse=False) if n not in ("weight", "bias")]
+              + [f"buffer {n!r}" for n, _ in module.named_buffers(recurse=False)]
+              + [f"submodule {n!r}" for n, _ in module.named_children()]) if replaced else []
+    if others:  # the new layer holds weight and bias only: the rest left the model and its state dict, silently
+        raise TypeError(f"{op}: {what} ({cls.__name__}) holds {', '.join(others)} besides its weight and bias "
+                        f"Parameters, which a LoRALinear would not keep (they would leave the model and its state "
+                        f"dict); move them to another module first{hint}")
 
 
 _HOOK_KINDS = (("forward", "_forward_hooks"), ("forward pre", "_forward_pre_hooks"), ("backward", "_backward_hooks"),
@@ -422,13 +432,6 @@ class LoRALinear(nn.Module):
         else:
             raise TypeError(f"{op}: linear expected an nn.Linear, got {type(linear).__name__}")
         check_wrappable_linear(op, "linear", linear)
-        others = ([f"parameter {n!r}" for n, _ in linear.named_parameters(recurse=False) if n not in ("weight", "bias")]
-                  + [f"buffer {n!r}" for n, _ in linear.named_buffers(recurse=False)]
-                  + [f"submodule {n!r}" for n, _ in linear.named_children()])
-        if others:  # the new layer holds weight and bias only: the rest left the model and its state dict, silently
-            raise TypeError(f"{op}: linear ({type(linear).__name__}) holds {', '.join(others)} besides its weight and "
-                            f"bias Parameters, which a LoRALinear would not keep (they would leave the model and its "
-                            f"state dict); move them to another module first")
         pre_hooks, hooks = tensor_parallel_hooks(linear)
         if is_dtensor(linear.weight) and not (pre_hooks and hooks):
             raise TypeError(f"{op}: linear's weight is {describe(linear.weight)} without the input and output hooks "
@@ -789,7 +792,7 @@ class MultiLoRALinear(nn.Module):
                             f"got {type(base_linear).__name__}")
         self.fan_in_fan_out = is_conv1d(base_linear)  # Conv1D stores weight [in, out]; the forward passes weight.T
         in_features, out_features = in_out_features(base_linear)
-        check_wrappable_linear("MultiLoRALinear", "base_linear", base_linear)
+        check_wrappable_linear("MultiLoRALinear", "base_linear", base_linear, replaced=False)
         if is_dtensor(base_linear.weight):  # the grouped kernels take plain tensors, and the layout hooks never fire
             raise TypeError(f"{owner}: the base weight is {describe(base_linear.weight)} (tensor parallelism); several "
                             f"adapters in one batch are not supported on DTensor layers: use a LoRALinear per adapter "
@@ -1278,7 +1281,7 @@ _PEFT_ONLY_HINT = " (PEFT's LoRA on convolution and embedding layers is not supp
 
 
 def find_target_linears(model, target_modules, exclude_modules=None, op="inject_lora", *, layers_to_transform=None,
-                        layers_pattern=None, modules_to_save=None):
+                        layers_pattern=None, modules_to_save=None, replaced=True):
     """[(name, module)] of the nn.Linear and transformers Conv1D modules that target_modules selects. A matched
     module of another type is a TypeError, one that already holds a LoRA a ValueError. Two kinds of matched linear
     layer are left out with one warning: an nn.MultiheadAttention's out_proj (it reads the weight and never calls
@@ -1304,15 +1307,16 @@ def find_target_linears(model, target_modules, exclude_modules=None, op="inject_
             continue
         if all_linear:
             try:
-                check_wrappable_linear(op, f"module {name!r}", module)
+                check_wrappable_linear(op, f"module {name!r}", module, replaced=replaced)
             except TypeError:
-                skipped.append(f"{name!r} (a {type(module).__name__}: its own forward, a computed weight, or a "
-                               f"weight of another dtype or layout, or a quantized Conv1D weight)")
+                skipped.append(f"{name!r} (a {type(module).__name__}: its own forward, a computed weight, a "
+                               f"weight of another dtype or layout, a quantized Conv1D weight, or other "
+                               f"tensors besides weight and bias)")
                 continue
         check_no_accelerate_hook(op, name, module)
         check_no_offloading_ancestor(op, model, name)
         if not all_linear:  # under "all-linear" checked above, where a refusal leaves the layer out
-            check_wrappable_linear(op, f"module {name!r}", module, _LEAVE_OUT_HINT)
+            check_wrappable_linear(op, f"module {name!r}", module, _LEAVE_OUT_HINT, replaced=replaced)
         found.append((name, module))
     if skipped:
         shown = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
@@ -1863,7 +1867,7 @@ def prepare_multi_adapter(model, target_modules, max_adapters, max_rank, *, excl
     if getattr(model, "lora_adapter_slots", None) is not None:
         raise ValueError(f"{op}: the model is prepared already (it has lora_adapter_slots)")
     targets = find_target_linears(model, target_modules, exclude_modules, op, layers_to_transform=layers_to_transform,
-                                  layers_pattern=layers_pattern)
+                                  layers_pattern=layers_pattern, replaced=False)
     _warn_tied_targets(op, model, targets, _TIED_MULTI_LORA)
     with _rollback_on_error(model) as replaced:
         layers = []

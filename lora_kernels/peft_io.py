@@ -971,9 +971,12 @@ def _commit_single(model, config, plan, grouped, heads, biases, base_tensors, ba
                     conv = conv1d[name]
                     warn_dropped_hooks(op, f"module {name!r}", module, "the LoRALinear that replaces it never calls "
                                        "it")
-                    layer = LoRALinear.from_linear(module, r, alpha, config.lora_dropout, config.use_rslora,
-                                                   backend=backend, fan_in_fan_out=conv,
-                                                   autocast_adapter_dtype=autocast_adapter_dtype)
+                    try:
+                        layer = LoRALinear.from_linear(module, r, alpha, config.lora_dropout, config.use_rslora,
+                                                       backend=backend, fan_in_fan_out=conv,
+                                                       autocast_adapter_dtype=autocast_adapter_dtype)
+                    except (TypeError, ValueError) as exc:  # named as inject_lora names it (a backend that cannot
+                        raise type(exc)(f"{op}: module {name!r}: {exc}") from None  # read a quantized weight)
                 with torch.no_grad():  # sharded like the base weight under tensor parallelism: copy_into
                     copy_into(layer.lora_A.weight, lora_a)
                     copy_into(layer.lora_B.weight, lora_b)

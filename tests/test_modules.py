@@ -1230,6 +1230,13 @@ def test_quantized_base_weights_train_as_dequantized_and_refuse_merging_untouche
     save_peft_adapter(model, tmp_path)
     loaded = load_peft_adapter(model_with(quantized_layer), tmp_path)
     torch.testing.assert_close(loaded(x), outputs[0])
+    # a load with a backend that cannot read it names the call and the module, as inject_lora does (it named
+    # LoRALinear.from_linear alone; helper 274)
+    fresh = model_with(quantized_linear(12, 6)[0])
+    with pytest.raises(TypeError, match=r"^load_peft_adapter: module '2': LoRALinear.from_linear: backend 'cpu' cannot "
+                                        r"read weight"):
+        load_peft_adapter(fresh, tmp_path, backend="cpu")
+    assert type(fresh[0]) is nn.Linear and type(fresh[2]) is nn.Linear
 
 
 def test_quantized_16_bit_base_weight_takes_a_float32_input_as_its_own_linear_does():
@@ -2310,26 +2317,40 @@ def test_state_dict_hooks_of_a_replaced_linear_are_warned_of(register, kind):
 
 
 @pytest.mark.parametrize("extra", ["bias_buffer", "parameter", "buffer"])
-def test_a_linear_holding_other_tensors_is_refused_before_they_leave_the_model(extra):
+def test_a_linear_holding_other_tensors_is_refused_before_they_leave_the_model(extra, tmp_path):
     """A LoRALinear keeps the weight and bias Parameters only: a bias registered as a buffer, or an extra Parameter
     or buffer (an activation scale), left the model and its state dict silently, and a bias buffer stayed float32
-    through .double() (helper 270). Refused by name, the model unchanged."""
-    model = nn.Sequential(nn.Linear(8, 4))
-    if extra == "bias_buffer":
-        del model[0].bias
-        model[0].register_buffer("bias", torch.zeros(4))
-        named = "buffer 'bias'"
-    elif extra == "parameter":
-        model[0].extra = nn.Parameter(torch.ones(4))
-        named = "parameter 'extra'"
-    else:
-        model[0].register_buffer("act_scale", torch.ones(8))
-        named = "buffer 'act_scale'"
+    through .double() (helper 270). Refused by name, the model unchanged; "all-linear" leaves the layer out with a
+    warning (it failed the whole call; helper 273); MultiLoRALinear, which keeps the layer as base_layer, takes it."""
+    def model_with_extra():
+        model = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 4))
+        if extra == "bias_buffer":
+            del model[0].bias
+            model[0].register_buffer("bias", torch.zeros(4))
+        elif extra == "parameter":
+            model[0].extra = nn.Parameter(torch.ones(4))
+        else:
+            model[0].register_buffer("act_scale", torch.ones(8))
+        return model
+
+    named = {"bias_buffer": "buffer 'bias'", "parameter": "parameter 'extra'", "buffer": "buffer 'act_scale'"}[extra]
+    model = model_with_extra()
     keys = list(model.state_dict())
-    with pytest.raises(TypeError, match=rf"inject_lora: module '0': LoRALinear.from_linear: linear \(Linear\) holds "
-                                        rf"{named} besides its weight and bias Parameters"):
+    message = rf"module '0' \(Linear\) holds {named} besides its weight and bias Parameters"
+    with pytest.raises(TypeError, match=rf"^inject_lora: {message}"):
         inject_lora(model, ["0"], r=2)
     assert type(model[0]) is nn.Linear and list(model.state_dict()) == keys
+    with pytest.raises(TypeError, match=rf"^LoRALinear.from_linear: linear \(Linear\) holds {named}"):
+        LoRALinear.from_linear(model[0])
+    with pytest.warns(UserWarning, match=r"left out 1 matched layer\(s\).*'0' \(a Linear: .*other tensors besides"):
+        inject_lora(model, "all-linear", r=2)
+    assert type(model[0]) is nn.Linear and isinstance(model[1], LoRALinear)
+    lk.save_peft_adapter(inject_lora(nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 4)), ["0", "1"], r=2), tmp_path)
+    with pytest.raises(TypeError, match=rf"^load_peft_adapter: {message}"):
+        load_peft_adapter(model_with_extra(), tmp_path)
+    prepared = lk.prepare_multi_adapter(model_with_extra(), ["0"], 2, 2)
+    kept = {"bias_buffer": "bias", "parameter": "extra", "buffer": "act_scale"}[extra]
+    assert isinstance(prepared[0], lk.MultiLoRALinear) and f"0.base_layer.{kept}" in prepared.state_dict()
 
 
 def test_uninitialised_lazy_linears_are_refused_by_name():
