@@ -1607,3 +1607,17 @@ def test_a_scaling_inexact_in_the_input_dtype_is_applied_unrounded(backend, dtyp
         del results["y"], results["x"]
     for name, out in results.items():
         assert_summed_magnitude(out, expected[name], dtype, name)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["reference"])
+def test_functionalize_runs_lora_linear(backend, device):
+    """torch.func.functionalize over lora_linear, as README promises with the grouped ops' test: eager's results on
+    every backend (the transforms take the torch composition, so to rounding), the bias and a list-free scaling
+    included, with the weight as the functionalized input too (helper 273: only the grouped ops had a test)."""
+    backend_or_skip(backend, device)
+    from torch.func import functionalize
+    x, weight, lora_a, lora_b, bias = lora_inputs(6, 8, 5, 3, torch.float32, device)
+    call = lambda x: lora_linear(x, weight, lora_a, lora_b, 0.7, bias, backend=backend)
+    assert_close(functionalize(call)(x), call(x), torch.float32, "y")
+    of_weight = lambda w: lora_linear(x, w, lora_a, lora_b, 0.7, bias, backend=backend)
+    assert_close(functionalize(of_weight)(weight), of_weight(weight), torch.float32, "y of weight")
