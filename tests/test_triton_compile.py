@@ -7,7 +7,10 @@ a module that does not exist yet is skipped, one that exists and fails to import
 
 import importlib
 import importlib.util
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,6 +22,21 @@ pytestmark = pytest.mark.skipif(not HAS_TRITON, reason=f"triton not importable: 
 
 if HAS_TRITON:
     from lora_kernels.triton import aot
+
+
+def _run_without_interpreter(code, timeout, **env):
+    """Runs `code` in a Python subprocess with TRITON_INTERPRET=0 (the GPU config lists, triton's compiler; no GPU
+    needed) and this checkout first on its path."""
+    env = dict(os.environ, TRITON_INTERPRET="0", **env)
+    repo_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH", "")) if p)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _printed_json(proc, marker):
+    """The JSON the subprocess printed after `marker`."""
+    assert marker in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    return json.loads(proc.stdout.split(marker, 1)[1])
 
 
 def _module_exists(name):
@@ -276,9 +294,6 @@ def _argument_selects_no_compiled_variant(module, argument, kernel_count):
     (kernel_count of them): Triton specialises an int argument on its value (1: a constexpr; a multiple of 16: a
     divisibility attribute), each a binary of its own. Checked on the binder whose specialisation a launch's cache
     key is made of, in a TRITON_INTERPRET=0 subprocess (like the gate)."""
-    import os
-    import subprocess
-    import sys
     import textwrap
 
     code = textwrap.dedent(f"""
@@ -300,10 +315,7 @@ def _argument_selects_no_compiled_variant(module, argument, kernel_count):
             assert len(keys) == 1, (name, keys)
         print("UNSPECIALISED-OK")
     """)
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    repo_root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    proc = _run_without_interpreter(code, timeout=300)
     assert "UNSPECIALISED-OK" in proc.stdout, proc.stdout + proc.stderr[-3000:]
 
 
@@ -326,9 +338,6 @@ def test_gate_compiles_every_config_the_prune_launches():
     more configs at chunks 16 and 32 (every fp32 rank up to 32) than at 64, where the gate looked: the shrink's and
     dA's 128-row tiles ran there uncompiled (they fit, spilling 0.7-3.7 KB per thread). Specs are listed in a
     TRITON_INTERPRET=0 subprocess, where the module holds its GPU config lists."""
-    import os
-    import subprocess
-    import sys
     import textwrap
 
     code = textwrap.dedent("""
@@ -358,10 +367,7 @@ def test_gate_compiles_every_config_the_prune_launches():
                             missing.append(f"{kernel}[{key[1]}; {cfg.kwargs}, BLOCK_R={chunk}; {key[2]}]")
         print("MISSING:" + repr(sorted(set(missing))))
     """)
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    repo_root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    proc = _run_without_interpreter(code, timeout=300)
     assert "MISSING:" in proc.stdout, proc.stdout + proc.stderr[-3000:]
     missing = proc.stdout.split("MISSING:", 1)[1].strip()
     assert missing == "[]", f"launched but never compiled by the gate: {missing}"
@@ -374,9 +380,6 @@ def test_with_autotuning_off_each_kernel_launches_the_first_config_its_prune_kee
     holds the whole list, its own prune_configs gives the first config the prune keeps for that GPU's budget (the
     one test_the_prune_leaves_a_config_that_fits_a_99_kib_gpu compiles), and its do_bench runs nothing (triton
     3.6 times a lone config). A TRITON_INTERPRET=0 subprocess: the GPU config lists."""
-    import json
-    import subprocess
-    import sys
     import textwrap
 
     code = textwrap.dedent("""
@@ -402,12 +405,8 @@ def test_with_autotuning_off_each_kernel_launches_the_first_config_its_prune_kee
                                  timing=tuner.do_bench(kernel_call, quantiles=(0.5, 0.2, 0.8)))
         print("RESULTS:" + json.dumps(results))
     """)
-    env = dict(os.environ, TRITON_INTERPRET="0", LORA_KERNELS_AUTOTUNE="0")
-    repo_root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert "RESULTS:" in proc.stdout, proc.stdout + proc.stderr[-3000:]
-    results = json.loads(proc.stdout.split("RESULTS:", 1)[1])
+    proc = _run_without_interpreter(code, timeout=600, LORA_KERNELS_AUTOTUNE="0")
+    results = _printed_json(proc, "RESULTS:")
     for name, result in results.items():
         assert result["listed"] > 1 and result["chosen"] == 1 and result["same"], (name, result)
         assert result["timing"] == [0.0, 0.0, 0.0], (name, result)
@@ -418,9 +417,6 @@ def test_every_da_config_the_prune_keeps_for_a_99_kib_gpu_fits_there():
     """The prune costed dA's pipelined dSᵀ tile at x's element size, but it is float32 for 16-bit x too: for bf16 at
     rank chunk 64 it kept two configs needing 131-139 KB on sm_86, which autotuning compiled to no use on every new
     key (helper 272). Every config it keeps now compiles within 99 KiB."""
-    import json
-    import subprocess
-    import sys
     import textwrap
 
     code = textwrap.dedent("""
@@ -437,12 +433,8 @@ def test_every_da_config_the_prune_keeps_for_a_99_kib_gpu_fits_there():
         records = aot.compile_all(specs, targets=(86,))
         print("RECORDS:" + json.dumps([(r["name"], r["ok"], r.get("shared"), r.get("error")) for r in records]))
     """)
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    repo_root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
-    assert "RECORDS:" in proc.stdout, proc.stdout + proc.stderr[-3000:]
-    records = json.loads(proc.stdout.split("RECORDS:", 1)[1])
+    proc = _run_without_interpreter(code, timeout=900)
+    records = _printed_json(proc, "RECORDS:")
     assert len(records) >= 4
     assert all(ok and shared <= aot.SHARED_MEMORY_LIMIT[86] for _, ok, shared, _ in records), records
 
@@ -454,9 +446,6 @@ def test_the_prune_leaves_a_config_that_fits_a_99_kib_gpu():
     With that GPU's budget, the config it launches first (the first one kept; the only one with
     LORA_KERNELS_AUTOTUNE=0) compiles for sm_86 within 99 KiB, for every kernel, fp32 and bf16, rank chunk and flag
     on (and a lone config's fitted copy too). A TRITON_INTERPRET=0 subprocess, as the gate's."""
-    import json
-    import subprocess
-    import sys
     import textwrap
 
     code = textwrap.dedent("""
@@ -486,12 +475,8 @@ def test_the_prune_leaves_a_config_that_fits_a_99_kib_gpu():
         records = aot.compile_all(specs, targets=(86,))
         print("RECORDS:" + json.dumps([(r["name"], r["ok"], r.get("shared"), r.get("error")) for r in records]))
     """)
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    repo_root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
-    assert "RECORDS:" in proc.stdout, proc.stdout + proc.stderr[-3000:]
-    records = json.loads(proc.stdout.split("RECORDS:", 1)[1])
+    proc = _run_without_interpreter(code, timeout=900)
+    records = _printed_json(proc, "RECORDS:")
     assert len(records) >= 20
     failures = [(name, shared, error) for name, ok, shared, error in records if not ok]
     assert not failures, failures
