@@ -380,9 +380,9 @@ def _print_results(text):
 def _discard_stdout():
     try:  # the interpreter's own flush at exit would raise again
         stdout_fd = sys.stdout.fileno()
-    except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor (a test's capture)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a test's capture), or none left to open
         return
-    devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, stdout_fd)
     except OSError:

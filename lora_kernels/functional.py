@@ -778,8 +778,7 @@ def _lora_linear(x, weight, lora_a, lora_b, scaling, bias, dropout_p, backend, f
     # A subclass weight's float32 factors stay float32, and its composition runs the LoRA branch in float32, as
     # PEFT's TorchaoLoraLinear does: cast to fp16, autograd formed dA and dB in fp16 (inf past 65504 under a
     # GradScaler's loss scale, where PEFT's and the plain-weight torch backend's float32 gradients were finite)
-    if (factor_dtype is not None and (not through_function or backend == "reference" or dtensor)
-            and not (subclass_weight and not dtensor)):
+    if factor_dtype is not None and (not through_function or backend == "reference" or dtensor) and not subclass_weight:
         lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)  # differentiable, as LoRALinear cast them before
     if backend == "reference":
         if seed is not None:

@@ -169,6 +169,17 @@ def refuse_subclass_reset(op, weight, instead):
                         f"layer is unchanged (use {instead})")
 
 
+def _forward_set_on_instance(module):
+    """Whether `module.forward` is set on the instance to something else than its class's own forward: accelerate's
+    hooks (refused by name elsewhere) patch it, and remove_hook_from_module puts back the class's own bound method,
+    which is no patch."""
+    forward = vars(module).get("forward")
+    if forward is None or getattr(module, "_hf_hook", None) is not None:
+        return False
+    return not (getattr(forward, "__self__", None) is module
+                and getattr(forward, "__func__", None) is type(module).forward)
+
+
 def check_wrappable_linear(op, what, module, hint="", *, replaced=True):
     """TypeError, naming `what` and the class, for a linear layer a LoRA wrapper cannot stand in for. The wrappers
     compute F.linear(x, weight, bias) on the layer's weight Parameter and never call the layer itself, so:
@@ -198,7 +209,7 @@ def check_wrappable_linear(op, what, module, hint="", *, replaced=True):
                         f"weight and never calls that forward, so the layer's own computation would be lost. Only "
                         f"nn.Linear, transformers' Conv1D and their subclasses that keep the parent's forward can be "
                         f"wrapped{hint}")
-    if "forward" in vars(module) and getattr(module, "_hf_hook", None) is None:  # accelerate's: refused by name later
+    if _forward_set_on_instance(module):
         raise TypeError(f"{op}: {what} ({cls.__name__}) has a forward set on the instance (module.forward = ...); a "
                         f"LoRA layer computes F.linear on its weight and never calls that forward, so its computation "
                         f"would be lost. Remove it first (del module.forward){hint}")
@@ -1201,12 +1212,6 @@ def named_target_modules(model, target_modules, exclude_modules=None, *, layers_
     if not isinstance(target_modules, (str, list, tuple, set)) or not target_modules:
         raise ValueError(f"{op}: target_modules expected a regex string or a non-empty list of names, "
                          f"got {target_modules!r}")
-    lazy = [name for name, module in model.named_modules()
-            if any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters(recurse=False))]
-    if lazy:  # freezing the model's parameters failed in torch's "uninitialized parameter" error, naming no module
-        raise ValueError(f"{op}: modules {lazy[:3]}{' ...' if len(lazy) > 3 else ''} have uninitialised parameters "
-                         f"(nn.LazyLinear and other lazy modules take their shapes from the first input): run one "
-                         f"forward first; the model is unchanged")
     if not isinstance(target_modules, str):
         target_modules = list(target_modules)
     if isinstance(exclude_modules, (tuple, set)):
@@ -1280,6 +1285,17 @@ PEFT_ONLY_LAYERS = (nn.modules.conv._ConvNd, nn.Embedding)
 _PEFT_ONLY_HINT = " (PEFT's LoRA on convolution and embedding layers is not supported here)"
 
 
+def refuse_uninitialised_modules(op, model):
+    """ValueError naming lazy modules not run yet: a model edit freezes every parameter, which failed in torch's
+    "uninitialized parameter" error, naming no module."""
+    lazy = [name for name, module in model.named_modules()
+            if any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters(recurse=False))]
+    if lazy:
+        raise ValueError(f"{op}: modules {lazy[:3]}{' ...' if len(lazy) > 3 else ''} have uninitialised parameters "
+                         f"(nn.LazyLinear and other lazy modules take their shapes from the first input): run one "
+                         f"forward first; the model is unchanged")
+
+
 def find_target_linears(model, target_modules, exclude_modules=None, op="inject_lora", *, layers_to_transform=None,
                         layers_pattern=None, modules_to_save=None, replaced=True):
     """[(name, module)] of the nn.Linear and transformers Conv1D modules that target_modules selects. A matched
@@ -1290,6 +1306,7 @@ def find_target_linears(model, target_modules, exclude_modules=None, op="inject_
     subclasses with a forward of their own, such as MoE routers that return scores and indices or fake-quant
     layers; parametrized weights; weights of another dtype or a sparse layout; a Conv1D's quantized weight)."""
     refuse_peft_model(op, model)
+    refuse_uninitialised_modules(op, model)
     all_linear = isinstance(target_modules, str) and target_modules.lower() == "all-linear"
     found, skipped = [], []
     for name, module in named_target_modules(model, target_modules, exclude_modules, op=op,
@@ -1673,18 +1690,29 @@ def enable_input_grads_for_checkpointing(model):
 def _set_submodule(model, name, module):
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    if (isinstance(parent, nn.TransformerEncoderLayer) and isinstance(module, (LoRALinear, MultiLoRALinear))
-            and _take_transformer_slow_path not in module._forward_pre_hooks.values()):
-        module.register_forward_pre_hook(_take_transformer_slow_path)
     setattr(parent, child, module)
 
 
 def _take_transformer_slow_path(module, args):
-    """A forward pre-hook that does nothing, put on LoRA layers inside an nn.TransformerEncoderLayer: its inference
-    fast path (eval mode, no grad) reads linear1's and linear2's weights and never calls those layers, so their
-    adapter was skipped silently (PEFT's too); torch takes the path that calls them while any submodule has a
-    hook. merge_and_unload's plain layers, which hold the merged weights, go without it."""
+    """A forward pre-hook that does nothing (keep_transformer_layers_calling_lora)."""
     return None
+
+
+def keep_transformer_layers_calling_lora(model):
+    """nn.TransformerEncoderLayer's inference fast path (eval mode, with grad too: the weights it reads are frozen)
+    reads linear1's and linear2's weights and never calls those layers, so their adapter was skipped silently (PEFT's
+    too). A do-nothing forward pre-hook on each LoRA layer there keeps torch on the path that calls them (it takes it
+    while any submodule has a hook), and an enclosing nn.TransformerEncoder stops turning padded batches into nested
+    tensors, which only that fast path reads (a LoRA layer given one failed). Called once a model edit has succeeded;
+    merge_and_unload's plain layers, which hold the merged weights, go without the hook."""
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoder) and any(isinstance(m, LORA_WRAPPERS) for m in module.modules()):
+            module.use_nested_tensor = False
+        if isinstance(module, nn.TransformerEncoderLayer):
+            for child in module.children():
+                if (isinstance(child, LORA_WRAPPERS)
+                        and _take_transformer_slow_path not in child._forward_pre_hooks.values()):
+                    child.register_forward_pre_hook(_take_transformer_slow_path)
 
 
 @contextlib.contextmanager
@@ -1831,6 +1859,7 @@ def inject_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_
     _record(model, MODULES_TO_SAVE_ATTR, list(modules_to_save) or None)
     _record(model, BIAS_ATTR, None if bias == "none" else bias)
     enable_input_grads_for_checkpointing(model)
+    keep_transformer_layers_calling_lora(model)
     _warn_mixed_adapter_options(op, model)
     return wrapper
 
@@ -1883,6 +1912,7 @@ def prepare_multi_adapter(model, target_modules, max_adapters, max_rank, *, excl
     # Slots trained in one batch (requires_grad_(True)) under reentrant checkpointing switched on before this call
     # get gradients only when the input embeddings' output requires grad, as inject_lora marks it
     enable_input_grads_for_checkpointing(model)
+    keep_transformer_layers_calling_lora(model)
     return wrapper
 
 

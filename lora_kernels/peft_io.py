@@ -45,11 +45,12 @@ from lora_kernels.modules import (_PEFT_ONLY_HINT, BASE_ADAPTER, BIAS_ATTR, BIAS
                                   _warn_tied_targets, adapter_table_lock, check_no_accelerate_hook,
                                   check_no_offloading_ancestor, check_targets_outside_heads, check_wrappable_linear,
                                   copy_into, embedding_layer, enable_input_grads_for_checkpointing, in_out_features,
-                                  is_conv1d, is_layer_index, is_name_wrapper, layers_pattern_regex, lora_scaling,
-                                  modules_to_save_regex, named_modules_to_save, named_target_modules, pattern_key_regex,
-                                  pattern_value, refuse_new_layers_under_fsdp1, regex_error, resolve_batch_adapters,
-                                  scaling_source, selected_modules_to_save, state_dict_name, trained_biases,
-                                  unwrap_model, warn_dropped_hooks, warn_fan_in_fan_out_corrections)
+                                  is_conv1d, is_layer_index, is_name_wrapper, keep_transformer_layers_calling_lora,
+                                  layers_pattern_regex, lora_scaling, modules_to_save_regex, named_modules_to_save,
+                                  named_target_modules, pattern_key_regex, pattern_value, refuse_new_layers_under_fsdp1,
+                                  refuse_uninitialised_modules, regex_error, resolve_batch_adapters, scaling_source,
+                                  selected_modules_to_save, state_dict_name, trained_biases, unwrap_model,
+                                  warn_dropped_hooks, warn_fan_in_fan_out_corrections)
 from lora_kernels.ops import check_flag, refuse_inference_tensor_writes
 
 CONFIG_NAME = "adapter_config.json"
@@ -490,6 +491,7 @@ def group_adapter_weights(tensors, file, modules_to_save=None, bias="none"):
 
 def _targets(model, config, op):
     """[(name, module)] that the config targets in `model`, with PEFT's matching (inside LoRA wrappers excluded)."""
+    refuse_uninitialised_modules(op, model)
     found = named_target_modules(model, config.target_modules, config.exclude_modules,
                                  layers_to_transform=config.layers_to_transform,
                                  layers_pattern=config.layers_pattern, modules_to_save=config.modules_to_save, op=op)
@@ -1011,6 +1013,7 @@ def _commit_single(model, config, plan, grouped, heads, biases, base_tensors, ba
         raise
     _record(model, MODULES_TO_SAVE_ATTR, list(config.modules_to_save) if heads else None)
     _record(model, BIAS_ATTR, None if config.bias == "none" else config.bias)
+    keep_transformer_layers_calling_lora(model)
 
 
 def _copy_state(module, state):
