@@ -83,6 +83,18 @@ def copy_into(parameter, tensor):
     parameter.copy_(tensor)
 
 
+def refuse_overflowed_copy(op, name, source, stored, fix):
+    """ValueError when `stored` (source rounded into a narrower dtype: fp16 factors from a float32 file) holds inf
+    where source held a finite value: the copy turned it into inf without a word (PEFT's load does so too)."""
+    if source.is_meta or stored.is_meta or is_dtensor(source) or is_dtensor(stored):
+        return  # nothing to compare (meta), or a shard of it (checked where the whole tensor is plain)
+    if bool((torch.isfinite(source.to(stored.device)) & ~torch.isfinite(stored)).any()):
+        largest = source.detach().abs().nan_to_num(0.0, 0.0, 0.0).amax().item()
+        raise ValueError(f"{op}: {name} holds finite values past the range of {stored.dtype} (largest magnitude "
+                         f"{largest:.6g}, {stored.dtype} max {torch.finfo(stored.dtype).max:.6g}), which would "
+                         f"become inf there; {fix}, or rescale the adapter")
+
+
 def _factor_placements(op, weight, fan_in_fan_out, backend, lora_dropout):
     """The placements of (lora_A [r, in], lora_B [out, r]) for a LoRA layer on a base weight that is a DTensor, so
     that the factors are sharded as the weight is: a column-parallel weight (split over out) splits lora_B over out,
@@ -947,6 +959,8 @@ class MultiLoRALinear(nn.Module):
         padded_a[:rank] = lora_a.to(padded_a)
         padded_b = torch.zeros_like(self.lora_b[slot])
         padded_b[:, :rank] = lora_b.to(padded_b)
+        refuse_overflowed_copy(op, "lora_a", lora_a, padded_a[:rank], "make the layer with a wider adapter_dtype")
+        refuse_overflowed_copy(op, "lora_b", lora_b, padded_b[:, :rank], "make the layer with a wider adapter_dtype")
         with _SLOT_LOCK:
             self.lora_a[slot].copy_(padded_a)
             self.lora_b[slot].copy_(padded_b)

@@ -48,9 +48,9 @@ from lora_kernels.modules import (_PEFT_ONLY_HINT, BASE_ADAPTER, BIAS_ATTR, BIAS
                                   is_conv1d, is_layer_index, is_name_wrapper, keep_transformer_layers_calling_lora,
                                   layers_pattern_regex, lora_scaling, modules_to_save_regex, named_modules_to_save,
                                   named_target_modules, pattern_key_regex, pattern_value, refuse_new_layers_under_fsdp1,
-                                  refuse_uninitialised_modules, regex_error, resolve_batch_adapters, scaling_source,
-                                  selected_modules_to_save, state_dict_name, trained_biases, unwrap_model,
-                                  warn_dropped_hooks, warn_fan_in_fan_out_corrections)
+                                  refuse_overflowed_copy, refuse_uninitialised_modules, regex_error,
+                                  resolve_batch_adapters, scaling_source, selected_modules_to_save, state_dict_name,
+                                  trained_biases, unwrap_model, warn_dropped_hooks, warn_fan_in_fan_out_corrections)
 from lora_kernels.ops import check_flag, refuse_inference_tensor_writes
 
 CONFIG_NAME = "adapter_config.json"
@@ -982,6 +982,10 @@ def _commit_single(model, config, plan, grouped, heads, biases, base_tensors, ba
                 with torch.no_grad():  # sharded like the base weight under tensor parallelism: copy_into
                     copy_into(layer.lora_A.weight, lora_a)
                     copy_into(layer.lora_B.weight, lora_b)
+                for key, loaded, factor in (("lora_A", lora_a, layer.lora_A.weight),
+                                            ("lora_B", lora_b, layer.lora_B.weight)):
+                    refuse_overflowed_copy(op, f"module {name!r}: {key}", loaded, factor,
+                                           "keep the factors in float32 (autocast_adapter_dtype=True)")
                 layers.append((name, module, layer))
             for parameter in model.parameters():
                 parameter.requires_grad_(False)
@@ -1079,6 +1083,10 @@ def _write_slot(layers, slot, plan, grouped, config):
                                               {"scalings": module._scalings_dtype()})
             if name in loaded:
                 r, alpha = loaded[name]
+                for key, slots_dtype in (("lora_A", module.lora_a.dtype), ("lora_B", module.lora_b.dtype)):
+                    factor = grouped[name][key]  # set_adapter refuses it too, naming neither module nor file key
+                    refuse_overflowed_copy("load_peft_adapter", f"module {name!r}: {key}", factor,
+                                           factor.to(slots_dtype), "prepare the model with adapter_dtype=torch.float32")
                 module.set_adapter(slot, grouped[name]["lora_A"], grouped[name]["lora_B"],
                                    lora_scaling(r, alpha, config.use_rslora))
             else:

@@ -2990,6 +2990,30 @@ def test_layers_built_under_inference_mode_refuse_writes_outside_it_before_writi
         single[0].reset_lora_parameters()
 
 
+@pytest.mark.parametrize("slots_dtype", [torch.float16, torch.bfloat16])
+def test_set_adapter_refuses_factors_past_the_slots_range(slots_dtype):
+    """Finite factors too large for 16-bit slots (a float32 adapter into fp16 slots) became inf without a word, and
+    the rows of that adapter inf or NaN; refused, naming the factor, with the slot as it was. Values that round to
+    the largest finite value, and inf or NaN already in the adapter, are stored as given."""
+    layer = lk.MultiLoRALinear(nn.Linear(8, 6).to(slots_dtype), max_adapters=2, max_rank=4)
+    layer.set_adapter(0, torch.randn(2, 8), torch.randn(6, 2), 1.0)
+    before = [t.detach().clone() for t in (layer.lora_a, layer.lora_b, layer.scalings, layer.ranks)]
+    largest = torch.finfo(slots_dtype).max
+    big_a, big_b = torch.randn(3, 8, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    big_a[1, 2] = big_b[4, 1] = -2.0 * largest
+    for lora_a, lora_b, name in [(big_a, torch.randn(6, 3), "lora_a"), (torch.randn(3, 8), big_b, "lora_b")]:
+        magnitude = re.escape(f"{2.0 * largest:.6g}")
+        with pytest.raises(ValueError, match=rf"set_adapter: {name} holds finite values past the range of "
+                                             rf"{slots_dtype} \(largest magnitude {magnitude}, "):
+            layer.set_adapter(0, lora_a, lora_b, 1.0)
+    for old, new in zip(before, (layer.lora_a, layer.lora_b, layer.scalings, layer.ranks)):
+        assert torch.equal(old, new)
+    given = torch.randn(3, 8)
+    given[0, 0], given[0, 1], given[2, 2] = float("inf"), float("nan"), largest
+    layer.set_adapter(1, given, torch.randn(6, 3), 1.0)
+    torch.testing.assert_close(layer.lora_a[1, :3], given.to(slots_dtype), rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("bad_scaling", [float("nan"), float("inf"), "big", 1e39, None])
 def test_set_adapter_with_a_bad_scaling_keeps_the_slots_rank(bad_scaling):
     """Helper 182: writing the rank before the scaling checks passed every test: the atomicity test's bad scalings all

@@ -2832,6 +2832,36 @@ def test_16_bit_model_loads_float32_factors_exactly(tmp_path):
     assert torch.equal(rounded.layers[0].q_proj.lora_A.weight, saved[key].to(torch.bfloat16))
 
 
+def test_factors_past_the_16_bit_range_are_refused_with_the_model_unchanged(tmp_path):
+    """A float32 factor too large for the layer's fp16 factors (autocast_adapter_dtype=False) or fp16 slots became
+    inf without a word (PEFT's load too), and the layer's output inf or NaN; refused by module, nothing loaded."""
+    trained = _trained()
+    with torch.no_grad():
+        trained.layers[1].v_proj.lora_B.weight[2, 1] = 7e4  # the second layer: the first is loaded before it
+    lk.save_peft_adapter(trained, tmp_path / "a")
+    message = r"module 'layers.1.v_proj': lora_B holds finite values past the range of torch.float16 .*70000"
+    lk.load_peft_adapter(_base().half(), tmp_path / "a")  # float32 factors (PEFT's autocast_adapter_dtype) take it
+    model = lk.inject_lora(_base(), ["q_proj", "v_proj"], r=8, backend=BACKEND).half()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=message + r".*factors in float32"):
+        lk.load_peft_adapter(model, tmp_path / "a", autocast_adapter_dtype=False)
+    _assert_same(model, before)
+    base = _base().half()
+    before = _snapshot(base)
+    with pytest.raises(ValueError, match=message):
+        lk.load_peft_adapter(base, tmp_path / "a", autocast_adapter_dtype=False)
+    _assert_same(base, before)
+    multi = lk.prepare_multi_adapter(_base().half(), ["q_proj", "v_proj"], max_adapters=2, max_rank=8)
+    lk.save_peft_adapter(_trained(r=2), tmp_path / "small")
+    lk.load_peft_adapter(multi, tmp_path / "small", adapter_name="small")
+    before = _snapshot(multi)
+    slots = dict(multi.lora_adapter_slots)
+    with pytest.raises(ValueError, match=message + r".*adapter_dtype=torch.float32"):
+        lk.load_peft_adapter(multi, tmp_path / "a", adapter_name="big")
+    _assert_same(multi, before)
+    assert multi.lora_adapter_slots == slots
+
+
 def test_rows_of_a_deleted_adapter_get_the_base_model_even_after_its_slot_is_reused(tmp_path):
     """set_batch_adapters keeps names, looked up at each forward: after delete_adapter a row naming the deleted
     adapter computes the base model, as documented, also once another adapter took over its slot (it had then
