@@ -621,10 +621,16 @@ def _pop_base_model_tensor(op, file, rest, file_key, current, owner, what, adapt
     is loaded over the model's. With adapter_name only one equal to the model's loads: MultiLoRALinear slots share
     the base model with every adapter."""
     tensor = _pop_state_tensor(op, file, rest, file_key, current, owner, "")
-    if adapter_name is not None and not torch.equal(tensor.to(current.dtype), current.detach().cpu()):
-        raise ValueError(f"{op}: {file} holds {file_key!r}, {what}, and it differs from the model's; MultiLoRALinear "
-                         f"slots share the base layers and embeddings with every adapter, so it cannot load by "
-                         f"adapter_name")
+    if adapter_name is None:
+        return tensor
+    # compared in the narrower dtype: a file saved from the model in bf16 holds its fp32 weights rounded (PEFT saves
+    # in the model's dtype), the same weights; the model keeps its own
+    narrower = min(tensor.dtype, current.dtype, key=lambda dtype: torch.finfo(dtype).bits)
+    if not torch.equal(tensor.to(narrower), current.detach().cpu().to(narrower)):
+        compared = f" (compared in {narrower})" if tensor.dtype != current.dtype else ""
+        raise ValueError(f"{op}: {file} holds {file_key!r}, {what}, and it differs from the model's{compared}; "
+                         f"MultiLoRALinear slots share the base layers and embeddings with every adapter, so it "
+                         f"cannot load by adapter_name")
     return tensor
 
 

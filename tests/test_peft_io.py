@@ -2862,6 +2862,25 @@ def test_factors_past_the_16_bit_range_are_refused_with_the_model_unchanged(tmp_
     assert multi.lora_adapter_slots == slots
 
 
+def test_by_name_load_takes_a_base_layer_saved_rounded_to_16_bits(tmp_path):
+    """A file saved from the bf16 model holds the base layer PEFT saves whole (an lm_head target) in bf16: the
+    float32 model's weights rounded. Loading it by name into the float32 model was refused as differing from the
+    model's; the comparison is now in the narrower dtype, and a real difference is still refused, saying so."""
+    key = "base_model.model.head.base_layer.weight"
+    lk.save_peft_adapter(_trained(("q_proj", "head")), tmp_path / "a")
+    _edit_weights(tmp_path / "a", lambda t: t.update({key: _base().head.weight.detach().to(torch.bfloat16)}))
+    multi = lk.prepare_multi_adapter(_base(), ["q_proj", "head"], max_adapters=2, max_rank=8)
+    lk.load_peft_adapter(multi, tmp_path / "a", adapter_name="a")
+    assert torch.equal(multi.head.base_layer.weight, _base().head.weight)  # shared by every slot: the model's own
+    assert multi.lora_adapter_slots == {"a": 0}
+    _edit_weights(tmp_path / "a", lambda t: t.update({key: (t[key].float() * 1.01).to(torch.bfloat16)}))
+    before = _snapshot(multi)
+    with pytest.raises(ValueError, match=rf"holds '{key}', the base layer's own weight .*, and it differs from the "
+                                         rf"model's \(compared in torch.bfloat16\); MultiLoRALinear slots share"):
+        lk.load_peft_adapter(multi, tmp_path / "a", adapter_name="b")
+    _assert_same(multi, before)
+
+
 def test_rows_of_a_deleted_adapter_get_the_base_model_even_after_its_slot_is_reused(tmp_path):
     """set_batch_adapters keeps names, looked up at each forward: after delete_adapter a row naming the deleted
     adapter computes the base model, as documented, also once another adapter took over its slot (it had then
