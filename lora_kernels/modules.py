@@ -17,7 +17,7 @@ from torch import nn
 
 from lora_kernels._dtensor import (describe, is_dtensor, is_tensor_parallel_hook, reshard_fsdp2_units,
                                    tensor_parallel_hooks)
-from lora_kernels._ext import is_finite_number, through_op
+from lora_kernels._ext import has_host_values, is_finite_number, through_op
 from lora_kernels._warnings import warn_at_caller
 from lora_kernels.backends import check_backend_name
 from lora_kernels.functional import (MULTI_SUBCLASS_WEIGHT_USE, SUBCLASS_WEIGHT_USE, check_layer_scaling,
@@ -86,8 +86,8 @@ def copy_into(parameter, tensor):
 def refuse_overflowed_copy(op, name, source, stored, fix):
     """ValueError when `stored` (source rounded into a narrower dtype: fp16 factors from a float32 file) holds inf
     where source held a finite value: the copy turned it into inf without a word (PEFT's load does so too)."""
-    if source.is_meta or stored.is_meta or is_dtensor(source) or is_dtensor(stored):
-        return  # nothing to compare (meta), or a shard of it (checked where the whole tensor is plain)
+    if not (has_host_values(source) and has_host_values(stored)) or is_dtensor(source) or is_dtensor(stored):
+        return  # no values to read (meta, fake, traced), or a shard of them (checked where the whole tensor is plain)
     if bool((torch.isfinite(source.to(stored.device)) & ~torch.isfinite(stored)).any()):
         largest = source.detach().abs().nan_to_num(0.0, 0.0, 0.0).amax().item()
         raise ValueError(f"{op}: {name} holds finite values past the range of {stored.dtype} (largest magnitude "
