@@ -2056,8 +2056,10 @@ class set_batch_adapters:
     Every layer input must have the batch dimension first ([B, ...]; not the per-expert linears of a mixture of
     experts, whose rows are the tokens routed to them); slot ids broadcast over the other dims. A batch
     dimension k times as long as the list (generate with num_beams=k or num_return_sequences=k) gives each name k
-    consecutive rows. Names are looked up again whenever load_peft_adapter(..., adapter_name=...) or delete_adapter
-    change the model's name -> slot table: a name deleted since computes the base model for its rows. Under
+    consecutive rows (so a list not one name per prompt is refused only where the expanded batch is no multiple of
+    its length: the layers never see the prompt count). Names are looked up again whenever
+    load_peft_adapter(..., adapter_name=...) or delete_adapter change the model's name -> slot table: a name deleted
+    since computes the base model for its rows. Under
     torch.compile the slot ids are an input of the graph, not constants: a new list of as many names runs the same
     graph (generate(): no recompile per mix); another number of names, or a list with no adapter (every layer then
     skips the grouped ops), compiles one more. The setting belongs to the model, not to a thread: threads sharing a
