@@ -915,6 +915,8 @@ def _inference(model, cfg, inputs, fused_backend, progress):
     denom = reference.norm().item() or 1.0
     result["merged_vs_unmerged_rel_diff"] = (logits["merged"] - reference).norm().item() / denom
     result["fused_vs_unfused_rel_diff"] = (logits["unmerged_fused"] - reference).norm().item() / denom
+    # a diverged run's: the differences are then NaN, which says nothing about the fused backend
+    result["unfused_logits_finite"] = bool(torch.isfinite(reference).all())
     result["tokens"] = inputs.numel()
     result["reps"] = cfg.infer_reps
     return result
@@ -1396,7 +1398,10 @@ def _inference_lines(inference, fused, kind, cfg, env):
     if fused_diff is not None:
         lines.append(f"  (fused vs unfused logits: relative difference {fused_diff:.1e})")
         tolerance = LOGITS_TOLERANCE.get(cfg["dtype"])
-        if tolerance is not None and not fused_diff <= tolerance:
+        if inference.get("unfused_logits_finite") is False:  # absent (True) in results saved before it was kept
+            lines.append("  note: the torch column's logits are not finite (its training diverged), so the fused "
+                         "column's logits are not compared with them")
+        elif tolerance is not None and not fused_diff <= tolerance:
             lines.append(f"  note: LoRA, {fused} ({kind}): its logits differ from the torch column's by "
                          f"{fused_diff:.1e} (relative), above {tolerance:g} for {cfg['dtype']}, on the same "
                          f"trained model: the fused backend computes another function, so its column does not "

@@ -1217,7 +1217,12 @@ def test_the_inference_differences_are_against_the_unfused_logits(monkeypatch):
     norm = unfused.norm().item()
     assert result["fused_vs_unfused_rel_diff"] == pytest.approx((fused - unfused).norm().item() / norm, rel=1e-4)
     assert result["merged_vs_unmerged_rel_diff"] == pytest.approx((merged - unfused).norm().item() / norm, rel=1e-4)
-    assert result["fused_vs_unfused_rel_diff"] > 0
+    assert result["fused_vs_unfused_rel_diff"] > 0 and result["unfused_logits_finite"] is True
+    diverged = compare._build("lora_torch", cfg, _init_state(cfg), "torch")
+    for layer in compare._lora_layers(diverged):
+        torch.nn.init.constant_(layer.lora_B.weight, math.nan)
+    result = compare._inference(diverged, cfg, inputs, "reference", compare.ProgressBar(1, enabled=False))
+    assert math.isnan(result["fused_vs_unfused_rel_diff"]) and result["unfused_logits_finite"] is False
 
 
 def test_inference_passes_are_timed_in_ms_after_two_warmup_passes(monkeypatch):
@@ -1754,6 +1759,11 @@ def test_inference_notes_at_their_boundaries(result):
     shown["inference"]["fused_vs_unfused_rel_diff"] = math.nan
     notes = [line for line in compare.format_compare(shown).splitlines() if "note:" in line]
     assert len(notes) == 1 and "its logits differ from the torch column's by nan (relative)" in notes[0], notes
+    # the torch column's logits NaN too (a diverged run, --alpha 1e30): nothing is said against the fused backend
+    shown["inference"]["unfused_logits_finite"] = False
+    notes = [line for line in compare.format_compare(shown).splitlines() if "note:" in line]
+    assert notes == ["  note: the torch column's logits are not finite (its training diverged), so the fused column's "
+                     "logits are not compared with them"], notes
 
 
 def test_gpu_busy_at_half_the_step_or_missing_for_a_column(result):
