@@ -703,6 +703,19 @@ class _MethodRun:
         if timed:
             self.step_seconds.append(elapsed)
 
+    def step_leaving_the_weights(self, inputs, targets):
+        """A step whose AdamW update adds zero to every weight (lr 0, the same kernels): the step profiled after
+        training had trained the model once more, so its checkpoint and inference paths were of `steps` + 1 steps,
+        its losses of `steps`. Its loss is not kept."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = 0.0
+        try:
+            self.step(inputs, targets)
+        finally:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr
+        self.losses.pop()
+
 
 def _train_alternated(runs, cfg, batches, progress):
     """Trains every run on `batches` (one per step) in rounds of one step each, the order reversed every round: a
@@ -744,7 +757,7 @@ def _results(run, cfg, batches, eval_batch):
     eval_loss = _eval_loss(model, eval_batch)
     # One more step, profiled (CUDA only), not timed: how much of a step the GPU works (a step far longer waited on
     # the host: Python and kernel launches, which the LoRA columns have more of, per layer, than full fine-tuning)
-    busy_ms = gpu_busy_ms(lambda: run.step(*batches[0]), run.device)
+    busy_ms = gpu_busy_ms(lambda: run.step_leaving_the_weights(*batches[0]), run.device)
     trainable, total = count_parameters(model)
     tokens = cfg.batch_size * cfg.seq_len
     median = statistics.median(run.step_seconds)

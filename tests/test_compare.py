@@ -1659,16 +1659,37 @@ def test_the_eval_loss_is_taken_on_a_batch_no_step_trained_on(monkeypatch):
 
 def test_the_training_losses_are_the_steps_the_table_counts(monkeypatch):
     """On CUDA one more step runs, profiled, after training (gpu_busy_ms): its loss is not one of the --steps steps
-    the table's "first step -> last" and the plot's curve show (a stand-in profiler runs it here)."""
+    the table's "first step -> last" and the plot's curve show (a stand-in profiler runs it here), and it changes no
+    weight (it had: the checkpoint and the inference paths measured a model trained one step more than its losses
+    say), while its forward, backward and optimizer step run as in training."""
+    profiling, profiled = [], []
+    train_step = compare._train_step
+
+    def recorded_train_step(model, optimizer, inputs, targets):
+        if not profiling:
+            return train_step(model, optimizer, inputs, targets)
+        before = [p.detach().clone() for p in optimizer.param_groups[0]["params"]]
+        steps_before = [optimizer.state[p]["step"].item() for p in optimizer.param_groups[0]["params"]]
+        loss = train_step(model, optimizer, inputs, targets)
+        params = optimizer.param_groups[0]["params"]
+        profiled.append((all(torch.equal(b, p) for b, p in zip(before, params)),
+                         all(p.grad is not None for p in params),
+                         [optimizer.state[p]["step"].item() for p in params] == [s + 1 for s in steps_before]))
+        return loss
+
     def busy(step, device):
+        profiling.append(True)
         step()
+        profiling.pop()
         return 5.0
 
+    monkeypatch.setattr(compare, "_train_step", recorded_train_step)
     monkeypatch.setattr(compare, "gpu_busy_ms", busy)
     shown = run_compare(dataclasses.replace(TINY, steps=3, warmup=1, infer_reps=1, batch_size=2, seq_len=8,
                                             targets=("q_proj",)))
     for name, run in shown["methods"].items():
         assert len(run["train_losses"]) == 3 and run["gpu_busy_ms"] == 5.0, name
+    assert profiled == [(True, True, True)] * len(compare.METHODS)
     assert "GPU busy / step [3]" in compare.format_compare(shown)
 
 
