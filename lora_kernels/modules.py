@@ -381,6 +381,7 @@ class LoRALinear(nn.Module):
                 factor.weight = nn.Parameter(distribute_tensor(factor.weight.detach(), self.weight.device_mesh,
                                                                placement, src_data_rank=None))
         self.merged = False
+        self._merged_factors = None  # merge() keeps the factors it added here (see _merged_delta)
         self.disable_adapters = False
         self.reset_lora_parameters(init_lora_weights)
 
@@ -431,6 +432,7 @@ class LoRALinear(nn.Module):
             ("lora_B.weight", self.lora_B.weight)])
         self._reset_base_parameters()
         self.merged = False  # the base weight is new: nothing is merged into it
+        self._merged_factors = None
         self.reset_lora_parameters(getattr(self, "init_lora_weights", True))  # a layer pickled before it was kept
 
     @classmethod
@@ -540,13 +542,29 @@ class LoRALinear(nn.Module):
             raise ValueError("LoRALinear.merge: safe_merge found NaN/Inf in the merged weight; the layer is unchanged")
         self.weight.copy_(merged_weight)
         self.merged = True
+        # what was added, to subtract it again: the factors may change while merged (an optimizer step with zeroed
+        # rather than None gradients, a factor's load_state_dict, a new scaling), and unmerging by the current ones
+        # left the base weight off by the difference, without a word. r·(K + N) elements, the factors' own size.
+        self._merged_factors = (self.lora_A.weight.detach().clone(), self.lora_B.weight.detach().clone(), self.scaling)
+
+    def _merged_delta(self):
+        """The delta merge() added to the stored weight, from the factors and scaling as they were then (on the
+        weight's device now); the current ones for a layer pickled merged before they were kept."""
+        merged_with = getattr(self, "_merged_factors", None)
+        if merged_with is None:
+            return self._stored_delta()
+        scaling, dtype, device = merged_with[2], self._merge_dtype(), self.weight.device
+        lora_a, lora_b = (f.to(dtype) if f.device == device else f.to(device=device, dtype=dtype)
+                          for f in merged_with[:2])
+        with autocast_off(device):
+            delta = scaling * (lora_b @ lora_a)
+        return delta.T if self.fan_in_fan_out else delta
 
     def _unmerged_weight(self):
         """The stored base weight without the adapter: the weight itself, or once merged what unmerge() would leave."""
         if not self.merged:
             return self.weight
-        self._check_factor_devices("save_peft_adapter")
-        return (self.weight.to(self._merge_dtype()) - self._stored_delta()).to(self.weight.dtype)
+        return (self.weight.to(self._merge_dtype()) - self._merged_delta()).to(self.weight.dtype)
 
     def _merged_weight(self):
         """The base weight with the adapter merged, in the weight's dtype: the weight itself once merged."""
@@ -561,10 +579,10 @@ class LoRALinear(nn.Module):
             raise RuntimeError("LoRALinear.unmerge: the adapter is not merged")
         reshard_fsdp2_units(self)
         self._refuse_computed_weight("LoRALinear.unmerge")
-        self._check_factor_devices("LoRALinear.unmerge")
         refuse_inference_tensor_writes("LoRALinear.unmerge", [("the base weight", self.weight)])
-        self.weight.copy_((self.weight.to(self._merge_dtype()) - self._stored_delta()).to(self.weight.dtype))
+        self.weight.copy_((self.weight.to(self._merge_dtype()) - self._merged_delta()).to(self.weight.dtype))
         self.merged = False
+        self._merged_factors = None
 
     @contextlib.contextmanager
     def disable_adapter(self):
