@@ -591,12 +591,28 @@ class LoRALinear(nn.Module):
         if self.merged:
             raise RuntimeError("LoRALinear.disable_adapter: cannot disable the adapter of a merged layer; call "
                                "unmerge() first")
-        previous = self.disable_adapters
-        self.disable_adapters = True
+        self._enter_disabled()
         try:
             yield self
         finally:
-            self.disable_adapters = previous
+            self._exit_disabled()
+
+    def _enter_disabled(self):
+        """One more disable_adapter context (of the layer or the model) open on this layer. Counted, not saved and
+        restored per context: two contexts that exit out of order (asyncio tasks, threads) put back the flag the
+        first one saw, and the layer stayed disabled for good (or the second ran enabled inside its context)."""
+        with _DISABLE_LOCK:
+            depth = getattr(self, "_disabled_contexts", 0)  # a layer pickled before it was counted: none open
+            if depth == 0:
+                self._disabled_before_contexts = self.disable_adapters
+            self._disabled_contexts = depth + 1
+            self.disable_adapters = True
+
+    def _exit_disabled(self):
+        with _DISABLE_LOCK:
+            self._disabled_contexts -= 1
+            if self._disabled_contexts == 0:  # the last one open: the flag as before the first
+                self.disable_adapters = self._disabled_before_contexts
 
     def _refuse_hook_computed_factors(self, op):
         """TypeError when a factor's weight is recomputed by a forward pre-hook of the factor (the deprecated
@@ -767,6 +783,7 @@ class LoRALinear(nn.Module):
 # writes and the forward's kernels are then queued in that order on the current stream, so the guarantee holds on
 # GPUs too when both threads use the same stream (the default).
 _SLOT_LOCK = threading.RLock()
+_DISABLE_LOCK = threading.Lock()  # disable_adapter's per-layer count of open contexts
 
 # Activation checkpointing reruns a forward during the backward, and a forward without adapter ids reads the names
 # set_batch_adapters has in effect then, not those of the forward it recomputes (it cannot know them). Each layer keeps
@@ -793,8 +810,8 @@ def _new_locks_in_child():
     # a thread that does not exist there: every MultiLoRALinear forward of the child (a DataLoader worker, a
     # fork-started multiprocessing pool) waited for it forever. A slot update in progress at the fork stays as the
     # child copied it.
-    global _SLOT_LOCK, _ADAPTER_TABLE_LOCK
-    _SLOT_LOCK, _ADAPTER_TABLE_LOCK = threading.RLock(), threading.Lock()
+    global _SLOT_LOCK, _ADAPTER_TABLE_LOCK, _DISABLE_LOCK
+    _SLOT_LOCK, _ADAPTER_TABLE_LOCK, _DISABLE_LOCK = threading.RLock(), threading.Lock(), threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):  # POSIX: the processes that fork
@@ -2150,17 +2167,16 @@ def disable_adapter(model):
         raise RuntimeError(f"disable_adapter: layers {merged[:3]}{' ...' if len(merged) > 3 else ''} are merged; "
                            f"unmerge() them first")
     multi = any(isinstance(module, MultiLoRALinear) for module in model.modules())
-    previous = [layer.disable_adapters for layer in layers]
     for layer in layers:
-        layer.disable_adapters = True
+        layer._enter_disabled()
     try:
         # MultiLoRALinear layers beside them (inject_lora on modules that prepare_multi_adapter left out) compute the
         # base model too: they added the adapter set_batch_adapters named (adapter ids a forward is given still win)
         with set_batch_adapters(model, BASE_ADAPTER) if multi else contextlib.nullcontext():
             yield wrapper
     finally:
-        for layer, flag in zip(layers, previous):
-            layer.disable_adapters = flag
+        for layer in layers:
+            layer._exit_disabled()
 
 
 def merge_and_unload(model, *, safe_merge=False):

@@ -326,6 +326,32 @@ def test_nested_disable_adapter_restores_the_outer_state():
     assert not torch.allclose(layer(x), base)
 
 
+def test_disable_adapter_contexts_that_exit_out_of_order_leave_the_adapter_on():
+    """Two disable_adapter contexts that exit in the order they were entered (two asyncio tasks or threads each
+    running a reference pass: A enters, B enters, A exits, B exits): each had put back the flag it saw on entry, so B
+    restored A's "disabled" and the model computed the base model for good, silently; and B ran with the adapter
+    on once A had left. Contexts are counted: disabled while any is open, as before the first once all are closed."""
+    from lora_kernels import disable_adapter
+    layer = _trained(LoRALinear(16, 8, r=2))
+    x = torch.randn(3, 16)
+    adapted, base = layer(x), nn.functional.linear(x, layer.weight, layer.bias)
+    model = nn.Sequential(layer)
+    for first, second in [(layer.disable_adapter(), layer.disable_adapter()),
+                          (disable_adapter(model), layer.disable_adapter()),
+                          (layer.disable_adapter(), disable_adapter(model))]:
+        first.__enter__()
+        second.__enter__()
+        first.__exit__(None, None, None)
+        torch.testing.assert_close(layer(x), base)  # the second context is still open
+        second.__exit__(None, None, None)
+        assert not layer.disable_adapters
+        torch.testing.assert_close(layer(x), adapted)
+    layer.disable_adapters = True  # disabled before any context: stays so after them
+    with disable_adapter(model), layer.disable_adapter():
+        pass
+    assert layer.disable_adapters
+
+
 def test_an_error_inside_a_layers_disable_adapter_puts_the_adapter_back():
     """A reference pass that raises inside `with layer.disable_adapter():` (an out-of-memory error that a training
     loop catches and retries) leaves the adapter on: a context that restored the flag on a normal exit only left the
