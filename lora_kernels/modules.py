@@ -10,6 +10,7 @@ import os
 import re
 import sys
 import threading
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -2083,7 +2084,8 @@ def resolve_batch_adapters(model):
 class set_batch_adapters:
     """Per-row adapters for the MultiLoRALinear layers of `model` (PEFT's `adapter_names=` of a mixed batch):
     adapter_names is a list with one name per batch row ("__base__": the base model for that row), or one name for
-    every row, or None to unset. Applies at once; as a context manager it restores the previous setting on exit:
+    every row, or None to unset. Applies at once; as a context manager its setting ends on exit (the newest context
+    still open applies again, or the setting from before them all: contexts may exit out of order):
 
         with lk.set_batch_adapters(model, ["fr", "__base__", "de"]):
             logits = model(input_ids).logits     # row 0 with adapter "fr", row 1 base only, row 2 with "de"
@@ -2125,8 +2127,17 @@ class set_batch_adapters:
             if adapter_names is not None:
                 names = [adapter_names] if isinstance(adapter_names, str) else adapter_names
                 state = BatchAdapterIds(_check_adapter_names(model, names, op), adapter_names, device)
-            self._previous = [(layer, layer.batch_adapters) for layer in layers]
+            self._layers = layers
+            owner = weakref.ref(self)
             for layer in layers:
+                settings = _BATCH_SETTINGS.get(layer)
+                if settings is None:  # the layer's first: what it had before is the setting under every later one
+                    settings = _BATCH_SETTINGS[layer] = [(None, layer.batch_adapters)]
+                # a call not used as a context is gone once made (its weakref dead): it stays in effect until the
+                # next, which replaces it; only the newest such one is kept, under the open contexts above it
+                done = [i for i, (ref, _) in enumerate(settings) if ref is None or ref() is None]
+                settings[:] = [entry for i, entry in enumerate(settings) if i not in done[:-1]]
+                settings.append((owner, state))
                 layer.batch_adapters = state
 
     def __enter__(self):
@@ -2134,11 +2145,25 @@ class set_batch_adapters:
 
     def __exit__(self, *exc_info):
         with adapter_table_lock():  # as in __init__
-            for layer, previous in self._previous:
-                layer.batch_adapters = previous
-            for previous in {id(p): p for _, p in self._previous if p is not None}.values():
-                previous.resolve()  # the slot table may have changed while it was set aside
+            in_effect = {}
+            for layer in self._layers:
+                settings = _BATCH_SETTINGS.get(layer, [])
+                settings[:] = [entry for entry in settings if entry[0] is None or entry[0]() is not self]
+                state = settings[-1][1] if settings else None
+                layer.batch_adapters = state
+                if state is not None:
+                    in_effect[id(state)] = state
+            for state in in_effect.values():
+                state.resolve()  # the slot table may have changed while it was set aside
         return False
+
+
+# Per MultiLoRALinear, the set_batch_adapters settings made on it, oldest first, as (weakref to the call, its
+# BatchAdapterIds or None); the last is in effect. A `with` removes its own on exit, so contexts that exit out of
+# order (asyncio tasks, threads serving requests) leave the newest one still open, or the setting from before them
+# all, in effect: each had put back what it saw on entry, and the names of a finished request stayed in effect (a
+# forward without ids then ran its adapter instead of refusing), or a disable_adapter left the base model on.
+_BATCH_SETTINGS = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lora_kernels as lk
-from lora_kernels import peft_io
+from lora_kernels import modules, peft_io
 from lora_kernels.modules import (LoRALinear, MultiLoRALinear, named_target_modules, state_dict_name,
                                   target_module_matches)
 
@@ -2438,7 +2438,6 @@ def test_batch_with_no_active_adapter_skips_the_lora_ops(tmp_path, monkeypatch):
     """set_batch_adapters with every row "__base__" (or a name deleted since): each layer computes its base layer
     alone, known from the names on the host, without the grouped ops (a serving stack's "no LoRA" flag); while a
     slot trains, the ops run, so its gradient is a zero tensor as in a mixed batch."""
-    from lora_kernels import modules
     lk.save_peft_adapter(_trained(("q_proj", "v_proj"), r=4, lora_alpha=8), tmp_path / "a")
     model = lk.prepare_multi_adapter(_base(), ["q_proj", "v_proj"], max_adapters=2, max_rank=8)
     lk.load_peft_adapter(model, tmp_path / "a", adapter_name="a")
@@ -2944,6 +2943,38 @@ def test_nested_set_batch_adapters_restore_the_outer_names(tmp_path):
         torch.testing.assert_close(out[1], base(x[1]), rtol=1e-6, atol=1e-6)
     with pytest.raises(RuntimeError, match="set_batch_adapters"):
         model(x)
+
+
+def test_set_batch_adapters_contexts_that_exit_out_of_order_leave_the_open_ones_in_effect(tmp_path):
+    """Two requests' contexts that exit in the order they were entered (asyncio tasks, threads: A enters, B enters,
+    A exits, B exits): each had put back the names it saw on entry, so B ran under no names once A left and, after
+    both, A's names stayed in effect (a forward without names ran adapter "a" instead of refusing). The newest open
+    context's names are in effect, and after all of them the setting from before; a call made without `with` stays
+    in effect until the next."""
+    lk.save_peft_adapter(_trained(r=4), tmp_path / "a")
+    model = lk.prepare_multi_adapter(_base(), ["q_proj", "v_proj"], max_adapters=2, max_rank=4)
+    lk.load_peft_adapter(model, tmp_path / "a", adapter_name="a")
+    x = torch.randn(2, 16)
+    base, single = _base()(x), lk.load_peft_adapter(_base(), tmp_path / "a")(x)
+    first, second = lk.set_batch_adapters(model, "a"), lk.set_batch_adapters(model, "__base__")
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    torch.testing.assert_close(model(x), base, rtol=1e-6, atol=1e-6)  # the second still open
+    second.__exit__(None, None, None)
+    with pytest.raises(RuntimeError, match="set_batch_adapters"):
+        model(x)  # no names in effect again
+    lk.set_batch_adapters(model, "a")  # without `with`: in effect under and after the contexts
+    for _ in range(3):  # each replaces the one before (the settings kept do not grow)
+        lk.set_batch_adapters(model, "a")
+    outer = lk.set_batch_adapters(model, "__base__")
+    outer.__enter__()
+    with lk.set_batch_adapters(model, "a"):
+        torch.testing.assert_close(model(x), single, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(x), base, rtol=1e-6, atol=1e-6)
+    outer.__exit__(None, None, None)
+    torch.testing.assert_close(model(x), single, rtol=1e-5, atol=1e-5)
+    assert len(modules._BATCH_SETTINGS[model.layers[0].q_proj]) == 1
 
 
 def test_a_prepared_models_state_dict_holds_the_slots_but_not_the_name_table(tmp_path):
