@@ -704,9 +704,9 @@ class _MethodRun:
             self.step_seconds.append(elapsed)
 
     def step_leaving_the_weights(self, inputs, targets):
-        """A step whose AdamW update adds zero to every weight (lr 0, the same kernels): the step profiled after
-        training had trained the model once more, so its checkpoint and inference paths were of `steps` + 1 steps,
-        its losses of `steps`. Its loss is not kept."""
+        """A step whose AdamW update adds zero to every weight (lr 0, the same kernels; but -0·inf is NaN where a
+        diverged run's update is not finite): the step profiled after training had trained the model once more, so
+        its checkpoint and inference paths were of `steps` + 1 steps, its losses of `steps`. Its loss is not kept."""
         for group in self.optimizer.param_groups:
             group["lr"] = 0.0
         try:

@@ -87,8 +87,10 @@ def copy_into(parameter, tensor):
 def refuse_overflowed_copy(op, name, source, stored, fix):
     """ValueError when `stored` (source rounded into a narrower dtype: fp16 factors from a float32 file) holds inf
     where source held a finite value: the copy turned it into inf without a word (PEFT's load does so too)."""
+    if torch.finfo(stored.dtype).max >= torch.finfo(source.dtype).max:
+        return  # no narrower range: nothing to check (and no host sync)
     if not (has_host_values(source) and has_host_values(stored)) or is_dtensor(source) or is_dtensor(stored):
-        return  # no values to read (meta, fake, traced), or a shard of them (checked where the whole tensor is plain)
+        return  # no values to read (meta, fake, traced), or a shard of them
     if bool((torch.isfinite(source.to(stored.device)) & ~torch.isfinite(stored)).any()):
         largest = source.detach().abs().nan_to_num(0.0, 0.0, 0.0).amax().item()
         raise ValueError(f"{op}: {name} holds finite values past the range of {stored.dtype} (largest magnitude "
@@ -546,13 +548,19 @@ class LoRALinear(nn.Module):
         # what was added, to subtract it again: the factors may change while merged (an optimizer step with zeroed
         # rather than None gradients, a factor's load_state_dict, a new scaling), and unmerging by the current ones
         # left the base weight off by the difference, without a word. r·(K + N) elements, the factors' own size.
-        self._merged_factors = (self.lora_A.weight.detach().clone(), self.lora_B.weight.detach().clone(), self.scaling)
+        factors = (self.lora_A.weight.detach(), self.lora_B.weight.detach())
+        self._merged_factors = (None if any(f.is_meta for f in factors)  # no values to keep
+                                else (factors[0].clone(), factors[1].clone(), self.scaling))
 
-    def _merged_delta(self):
+    def _merged_delta(self, op):
         """The delta merge() added to the stored weight, from the factors and scaling as they were then (on the
-        weight's device now); the current ones for a layer pickled merged before they were kept."""
+        weight's device now); from the current ones where no copy is kept (a layer pickled merged before they were,
+        or merged on the meta device, which holds no values)."""
+        self.refuse_offloaded(op)
+        self._check_full_shapes(op)
         merged_with = getattr(self, "_merged_factors", None)
         if merged_with is None:
+            self._check_factor_devices(op)
             return self._stored_delta()
         scaling, dtype, device = merged_with[2], self._merge_dtype(), self.weight.device
         lora_a, lora_b = (f.to(dtype) if f.device == device else f.to(device=device, dtype=dtype)
@@ -565,7 +573,7 @@ class LoRALinear(nn.Module):
         """The stored base weight without the adapter: the weight itself, or once merged what unmerge() would leave."""
         if not self.merged:
             return self.weight
-        return (self.weight.to(self._merge_dtype()) - self._merged_delta()).to(self.weight.dtype)
+        return (self.weight.to(self._merge_dtype()) - self._merged_delta("save_peft_adapter")).to(self.weight.dtype)
 
     def _merged_weight(self):
         """The base weight with the adapter merged, in the weight's dtype: the weight itself once merged."""
@@ -581,7 +589,8 @@ class LoRALinear(nn.Module):
         reshard_fsdp2_units(self)
         self._refuse_computed_weight("LoRALinear.unmerge")
         refuse_inference_tensor_writes("LoRALinear.unmerge", [("the base weight", self.weight)])
-        self.weight.copy_((self.weight.to(self._merge_dtype()) - self._merged_delta()).to(self.weight.dtype))
+        delta = self._merged_delta("LoRALinear.unmerge")
+        self.weight.copy_((self.weight.to(self._merge_dtype()) - delta).to(self.weight.dtype))
         self.merged = False
         self._merged_factors = None
 
@@ -602,7 +611,7 @@ class LoRALinear(nn.Module):
         """One more disable_adapter context (of the layer or the model) open on this layer. Counted, not saved and
         restored per context: two contexts that exit out of order (asyncio tasks, threads) put back the flag the
         first one saw, and the layer stayed disabled for good (or the second ran enabled inside its context)."""
-        with _DISABLE_LOCK:
+        with _disable_lock():
             depth = getattr(self, "_disabled_contexts", 0)  # a layer pickled before it was counted: none open
             if depth == 0:
                 self._disabled_before_contexts = self.disable_adapters
@@ -610,10 +619,27 @@ class LoRALinear(nn.Module):
             self.disable_adapters = True
 
     def _exit_disabled(self):
-        with _DISABLE_LOCK:
+        with _disable_lock():
             self._disabled_contexts -= 1
             if self._disabled_contexts == 0:  # the last one open: the flag as before the first
                 self.disable_adapters = self._disabled_before_contexts
+
+    def __setstate__(self, state):
+        # A copy (deepcopy, pickle, torch.save) made inside a disable_adapter context is in none: counted as open
+        # there, every later context on the copy would have left it disabled. It keeps the flag it was copied with.
+        super().__setstate__({**state, "_disabled_contexts": 0})
+
+    def _apply(self, fn, recurse=True):
+        # The factors merge() kept follow the weight to another device (a merged model moved to the CPU or offloaded
+        # held them on the GPU), in their own dtype; to the meta device they go (to_empty() would give them
+        # uninitialised values), and unmerge() then subtracts the current factors.
+        result = super()._apply(fn, recurse)
+        merged_with = self.__dict__.get("_merged_factors")
+        if merged_with is not None and not is_dtensor(self.weight) and merged_with[0].device != self.weight.device:
+            device = self.weight.device
+            self._merged_factors = (None if device.type == "meta"
+                                    else (merged_with[0].to(device), merged_with[1].to(device), merged_with[2]))
+        return result
 
     def _refuse_hook_computed_factors(self, op):
         """TypeError when a factor's weight is recomputed by a forward pre-hook of the factor (the deprecated
@@ -785,6 +811,12 @@ class LoRALinear(nn.Module):
 # GPUs too when both threads use the same stream (the default).
 _SLOT_LOCK = threading.RLock()
 _DISABLE_LOCK = threading.Lock()  # disable_adapter's per-layer count of open contexts
+
+
+def _disable_lock():
+    # a compiled step's `with disable_adapter(model):` (DPO's reference pass): dynamo cannot enter a lock (a graph
+    # break, an error under fullgraph=True), and a traced count is updated by the graph's own code
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else _DISABLE_LOCK
 
 # Activation checkpointing reruns a forward during the backward, and a forward without adapter ids reads the names
 # set_batch_adapters has in effect then, not those of the forward it recomputes (it cannot know them). Each layer keeps
@@ -2084,8 +2116,9 @@ def resolve_batch_adapters(model):
 class set_batch_adapters:
     """Per-row adapters for the MultiLoRALinear layers of `model` (PEFT's `adapter_names=` of a mixed batch):
     adapter_names is a list with one name per batch row ("__base__": the base model for that row), or one name for
-    every row, or None to unset. Applies at once; as a context manager its setting ends on exit (the newest context
-    still open applies again, or the setting from before them all: contexts may exit out of order):
+    every row, or None to unset. Applies at once, and stays in effect until the next call; as a context manager its
+    setting ends on exit (contexts may exit out of order): the newest call still in effect applies again, a context
+    still open or one made without `with`, or else the setting from before them all:
 
         with lk.set_batch_adapters(model, ["fr", "__base__", "de"]):
             logits = model(input_ids).logits     # row 0 with adapter "fr", row 1 base only, row 2 with "de"

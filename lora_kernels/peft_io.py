@@ -625,7 +625,9 @@ def _pop_base_model_tensor(op, file, rest, file_key, current, owner, what, adapt
         return tensor
     # compared in the narrower dtype: a file saved from the model in bf16 holds its fp32 weights rounded (PEFT saves
     # in the model's dtype), the same weights; the model keeps its own
-    narrower = min(tensor.dtype, current.dtype, key=lambda dtype: torch.finfo(dtype).bits)
+    both_floating = tensor.dtype.is_floating_point and current.dtype.is_floating_point
+    narrower = (min(tensor.dtype, current.dtype, key=lambda dtype: torch.finfo(dtype).bits) if both_floating
+                else current.dtype)
     if not torch.equal(tensor.to(narrower), current.detach().cpu().to(narrower)):
         compared = f" (compared in {narrower})" if tensor.dtype != current.dtype else ""
         raise ValueError(f"{op}: {file} holds {file_key!r}, {what}, and it differs from the model's{compared}; "
@@ -985,13 +987,16 @@ def _commit_single(model, config, plan, grouped, heads, biases, base_tensors, ba
                                                        autocast_adapter_dtype=autocast_adapter_dtype)
                     except (TypeError, ValueError) as exc:  # named as inject_lora names it (a backend that cannot
                         raise type(exc)(f"{op}: module {name!r}: {exc}") from None  # read a quantized weight)
+                fix = ("convert the layer's factors to float32 first (layer.lora_A.float(), layer.lora_B.float())"
+                       if layer is module else "load with autocast_adapter_dtype=True (float32 factors)")
+                for key, loaded, factor in (("lora_A", lora_a, layer.lora_A.weight),
+                                            ("lora_B", lora_b, layer.lora_B.weight)):
+                    # against the file's values rounded to the factor's dtype: a sharded factor's (tensor
+                    # parallelism) are read by no one rank whole
+                    refuse_overflowed_copy(op, f"module {name!r}: {key}", loaded, loaded.to(factor.dtype), fix)
                 with torch.no_grad():  # sharded like the base weight under tensor parallelism: copy_into
                     copy_into(layer.lora_A.weight, lora_a)
                     copy_into(layer.lora_B.weight, lora_b)
-                for key, loaded, factor in (("lora_A", lora_a, layer.lora_A.weight),
-                                            ("lora_B", lora_b, layer.lora_B.weight)):
-                    refuse_overflowed_copy(op, f"module {name!r}: {key}", loaded, factor,
-                                           "keep the factors in float32 (autocast_adapter_dtype=True)")
                 layers.append((name, module, layer))
             for parameter in model.parameters():
                 parameter.requires_grad_(False)

@@ -350,6 +350,36 @@ def test_disable_adapter_contexts_that_exit_out_of_order_leave_the_adapter_on():
     with disable_adapter(model), layer.disable_adapter():
         pass
     assert layer.disable_adapters
+    layer.disable_adapters = False
+    with layer.disable_adapter():  # a copy made inside a context is in none (it kept counting this one as open)
+        copied = copy.deepcopy(layer)
+    assert copied.disable_adapters
+    copied.disable_adapters = False
+    with copied.disable_adapter():
+        pass
+    assert not copied.disable_adapters
+
+
+def test_disable_adapter_inside_a_compiled_step():
+    """DPO's reference pass inside the compiled training step: `with disable_adapter(model):` traces in one graph
+    (the count's lock is not taken while compiling: dynamo cannot enter a lock, which broke the graph, and failed
+    under fullgraph=True)."""
+    from lora_kernels import disable_adapter
+    layer = _trained(LoRALinear(16, 8, r=2, backend="torch"))
+    model = nn.Sequential(layer)
+
+    def step(x):
+        with disable_adapter(model):
+            base = model(x)
+        with layer.disable_adapter():
+            base_again = layer(x)
+        return model(x) - base, base_again
+
+    x = torch.randn(3, 16)
+    compiled = torch.compile(step, backend="eager", fullgraph=True)
+    for got, expected in zip(compiled(x), step(x)):
+        torch.testing.assert_close(got, expected)
+    assert not layer.disable_adapters and layer._disabled_contexts == 0
 
 
 def test_an_error_inside_a_layers_disable_adapter_puts_the_adapter_back():
@@ -1552,6 +1582,20 @@ def test_merging_factors_left_on_the_meta_device_is_refused_by_name_unchanged():
         model[0].unmerge()
         assert not model[0].merged
         torch.testing.assert_close(model[0].weight, base_weight, rtol=0, atol=1e-6)
+    # merged on the meta device, then materialised and loaded: no copy of meta factors is kept (to_empty() would give
+    # it uninitialised values, and it failed to copy out of meta), so unmerge subtracts the loaded factors
+    with torch.device("meta"):
+        layer = LoRALinear(8, 6, r=2)
+    layer.merge()
+    layer.to_empty(device="cpu")
+    loaded = _trained(LoRALinear(8, 6, r=2))
+    base_weight = loaded.weight.detach().clone()
+    loaded.merge()
+    with torch.no_grad():  # as a checkpoint's values (load_state_dict refuses a merged layer)
+        for mine, theirs in zip(layer.parameters(), loaded.parameters()):
+            mine.copy_(theirs)
+    layer.unmerge()
+    torch.testing.assert_close(layer.weight, base_weight, rtol=0, atol=1e-6)
 
 
 def test_safe_merge_of_a_layer_on_the_meta_device_is_refused_by_name_unchanged():
