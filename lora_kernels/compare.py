@@ -761,7 +761,12 @@ def _results(run, cfg, batches, eval_batch):
     trainable, total = count_parameters(model)
     tokens = cfg.batch_size * cfg.seq_len
     median = statistics.median(run.step_seconds)
+    lora_layers = _lora_layers(model)
+    extra = {}
+    if lora_layers:  # B starts at zero: still all zero, the adapter never trained (its updates were lost)
+        extra["adapter_trained"] = any(bool(layer.lora_B.weight.count_nonzero()) for layer in lora_layers)
     return {
+        **extra,
         "lr": run.lr,
         "trainable_params": trainable,
         "total_params": total,
@@ -1325,6 +1330,12 @@ def format_compare(result):
                "divide by 0; --dtype bfloat16 or float32 avoid it)" if cfg["dtype"] == "float16" else "")
         lines.append(f"  note: {name}: the training loss is not finite from step {bad + 1} on{why}; its column "
                      f"measures a diverged run")
+    for method, name in zip(METHODS, headers[1:]):
+        if methods[method].get("adapter_trained") is False:  # absent for full fine-tuning and older results
+            lines.append(f"  note: {name}: every lora_B is still zero after training, so the adapter adds nothing "
+                         f"and its eval loss is the untrained model's: its updates were lost (as under a large "
+                         f"--alpha, whose squared gradients pass float32's range in AdamW's state and make every "
+                         f"update 0); its column measures no training")
     if inference:
         lines += _inference_lines(inference, fused, kind, cfg, env)
     m = result["measurement"]

@@ -469,6 +469,23 @@ def test_a_diverged_run_is_named_and_its_json_stays_standard(result):
            "diverged run" in saved_lines
 
 
+def test_a_lora_column_that_trained_nothing_is_named(result):
+    """A huge --alpha (1e30) makes the factors' squared gradients pass float32's range in AdamW's state, so every
+    update is 0: B stayed zero, the eval loss was the untrained model's, and nothing said so (a real tiny run here, and
+    the note on the result of the default run, whose adapters trained)."""
+    assert result["methods"]["lora_torch"]["adapter_trained"] is True
+    assert result["methods"]["lora_fused"]["adapter_trained"] is True and "adapter_trained" not in result["methods"][
+        "full"]
+    assert "still zero" not in compare.format_compare(result)
+    untrained = run_compare(dataclasses.replace(TINY, steps=2, warmup=1, infer_reps=1, batch_size=2, seq_len=8,
+                                                targets=("q_proj",), alpha=1e30))
+    notes = [line for line in compare.format_compare(untrained).splitlines() if "still zero" in line]
+    assert [note.split(":")[1].strip() for note in notes] == [
+        f"LoRA, {label}" for label in ("torch (unfused)", f"{untrained['backends']['fused']} (fused)")], notes
+    assert all(untrained["methods"][m]["eval_loss"] == untrained["task"]["initial_eval_loss"]
+               for m in ("lora_torch", "lora_fused"))
+
+
 def test_small_ratios_keep_two_significant_digits():
     # --targets lm_head --rank 1 printed the adapter file as "976 B (0.00×)" the full checkpoint
     assert compare._ratio(976, 268130) == " (0.0036×)"
