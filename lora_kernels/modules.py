@@ -556,12 +556,12 @@ class LoRALinear(nn.Module):
         """The delta merge() added to the stored weight, from the factors and scaling as they were then (on the
         weight's device now); from the current ones where no copy is kept (a layer pickled merged before they were,
         or merged on the meta device, which holds no values)."""
-        self.refuse_offloaded(op)
-        self._check_full_shapes(op)
         merged_with = getattr(self, "_merged_factors", None)
         if merged_with is None:
-            self._check_factor_devices(op)
+            self._check_factor_devices(op)  # refuses an offloaded layer and checks the shapes too
             return self._stored_delta()
+        self.refuse_offloaded(op)
+        self._check_full_shapes(op)
         scaling, dtype, device = merged_with[2], self._merge_dtype(), self.weight.device
         lora_a, lora_b = (f.to(dtype) if f.device == device else f.to(device=device, dtype=dtype)
                           for f in merged_with[:2])
