@@ -1249,7 +1249,8 @@ def format_compare(result):
         f"MLP {model['intermediate']}, vocab {model['vocab']}; {fmt_count(model['total_params'])} parameters, "
         f"random init (seed {cfg['seed']})",
         f"task: {task['kind']} over {task['task_vocab']} tokens; batch {cfg['batch_size']} x seq {cfg['seq_len']} = "
-        f"{task['tokens_per_step']} tokens/step; {cfg['steps']} AdamW steps ({cfg['warmup']} warm-up, not timed)"
+        f"{_count_of(task['tokens_per_step'], 'token')}/step; {_count_of(cfg['steps'], 'AdamW step')} "
+        f"({cfg['warmup']} warm-up, not timed)"
         + ("; every decoder layer compiled (torch.compile)" if cfg.get("compile") else ""),
         f"LoRA: r={cfg['rank']}, alpha={cfg['alpha']:g}, scaling {_scaling_text(cfg)}, dropout {cfg['dropout']:g} on "
         f"{','.join(cfg['targets'])} ({_count_of(methods['lora_torch']['lora_layers'], 'layer')}); "

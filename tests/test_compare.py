@@ -1,6 +1,7 @@
 """`lora-kernels compare` on a tiny config: the structure of the result and the relations its numbers must obey
 (parameter counts, file sizes, optimizer and gradient memory against the counts, the loss going down)."""
 
+import copy
 import dataclasses
 import io
 import json
@@ -155,6 +156,13 @@ def test_the_table_header_describes_the_run(result):
         f"backends available: {', '.join(result['backends']['available'])}; fused run: backend='auto' -> "
         f"{result['backends']['fused']}",
     ]
+
+
+def test_the_header_counts_one_token_and_one_step_in_the_singular(result):
+    """--batch-size 1 --seq-len 1 --steps 1 --warmup 0 printed "1 tokens/step; 1 AdamW steps"."""
+    single = copy.deepcopy(result)
+    single["task"]["tokens_per_step"], single["config"]["steps"], single["config"]["warmup"] = 1, 1, 0
+    assert "= 1 token/step; 1 AdamW step (0 warm-up, not timed)" in compare.format_compare(single).splitlines()[2]
 
 
 def test_a_trainable_share_under_a_tenth_of_a_percent_keeps_two_significant_digits():
