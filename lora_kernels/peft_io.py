@@ -22,6 +22,7 @@ sharded like the weights they adapt); save on every rank.
 """
 
 import json
+import math
 import os
 import re
 import sys
@@ -1213,6 +1214,16 @@ class _SavedLayer(NamedTuple):
     fan_in_fan_out: bool
 
 
+def _saved_alpha(layer):
+    """The lora_alpha that gives the scaling a LoRALinear computes with: its lora_alpha, or scaling·r (·√r with
+    rsLoRA) where its `scaling` or `lora_alpha` attribute was set since. The file had the attribute lora_alpha, and
+    reproduced another model than the one saved (PEFT's save ignores its set_scale likewise)."""
+    scaling = float(layer.scaling)
+    if scaling == lora_scaling(layer.r, layer.lora_alpha, layer.use_rslora):
+        return layer.lora_alpha
+    return _clean_number(scaling * (math.sqrt(layer.r) if layer.use_rslora else layer.r))
+
+
 def _collect_layers(model, adapter_name, op):
     """[_SavedLayer] of the adapter to save, the names the model's."""
     records = []
@@ -1222,7 +1233,7 @@ def _collect_layers(model, adapter_name, op):
                 m.refuse_offloaded(f"{op} (module {name!r})")
                 _check_not_flattened(op, name, "lora_A.weight", m.lora_A.weight, (m.r, m.in_features))
                 _check_not_flattened(op, name, "lora_B.weight", m.lora_B.weight, (m.out_features, m.r))
-                records.append(_SavedLayer(name, m.lora_A.weight, m.lora_B.weight, m.r, m.lora_alpha, m.use_rslora,
+                records.append(_SavedLayer(name, m.lora_A.weight, m.lora_B.weight, m.r, _saved_alpha(m), m.use_rslora,
                                            m.lora_dropout, m.fan_in_fan_out))
         if not records:
             raise ValueError(f"{op}: the model has no LoRALinear layers (for MultiLoRALinear slots pass adapter_name)")

@@ -159,6 +159,26 @@ def test_rank_alpha_patterns_rslora_and_overwrite(tmp_path):
     torch.testing.assert_close(loaded(x), trained(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_a_scaling_or_lora_alpha_set_on_a_layer_is_saved_as_the_scaling_the_layer_computes_with(tmp_path, use_rslora):
+    """The forward, merge and unmerge use a layer's `scaling` attribute; the save wrote its `lora_alpha`. A scaling set
+    since (or a lora_alpha, which the forward ignores) saved a file that reproduced another model, in PEFT and here
+    (helper 280)."""
+    peft = pytest.importorskip("peft")
+    trained = _trained(("q_proj", "v_proj", "o_proj"), r=4, lora_alpha=8, use_rslora=use_rslora)
+    trained.layers[0].q_proj.scaling = 5.0
+    trained.layers[1].v_proj.scaling = 1 / 3
+    trained.layers[0].o_proj.lora_alpha = 64
+    lk.save_peft_adapter(trained, tmp_path)
+    x = torch.randn(2, 16)
+    loaded = lk.load_peft_adapter(_base(), tmp_path, backend=BACKEND)
+    assert loaded.layers[0].q_proj.scaling == pytest.approx(5.0)
+    assert loaded.layers[1].v_proj.scaling == pytest.approx(1 / 3)
+    torch.testing.assert_close(loaded(x), trained(x))
+    with torch.no_grad():
+        torch.testing.assert_close(peft.PeftModel.from_pretrained(_base(), tmp_path)(x), trained(x))
+
+
 def test_load_into_an_injected_model_and_from_bin_with_adapter_names_in_keys(tmp_path):
     trained = _trained(lora_alpha=4, lora_dropout=0.1, use_rslora=True)
     lk.save_peft_adapter(trained, tmp_path)
