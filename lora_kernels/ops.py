@@ -489,6 +489,18 @@ def host_slot_rows(batch, ranks):
     if num_tokens and not bool(((order >= 0) & (order < num_tokens)).all()):
         bad = order[(order < 0) | (order >= num_tokens)][0].item()
         raise ValueError(f"LoRABatch: sorted_token_ids expected values in [0, {num_tokens}), got {bad}")
+    # a token in two slots' ranges got both adapters' terms (the cpu kernels refuse it too): from_adapter_ids's
+    # ranges are disjoint and its ids a permutation
+    ranges = sorted((start, count, slot) for slot, (start, count) in enumerate(zip(starts, counts)) if count)
+    for (start, count, slot), (next_start, _, next_slot) in zip(ranges, ranges[1:]):
+        if next_start < start + count:
+            raise ValueError(f"LoRABatch: slot_starts/slot_counts expected disjoint token ranges, got slot "
+                             f"{next_slot} overlapping slot {slot} at position {next_start}")
+    covered = torch.cat([order[start:start + count] for start, count, _ in ranges]) if ranges else order[:0]
+    per_token = torch.bincount(covered, minlength=num_tokens)
+    if covered.numel() and int(per_token.max()) > 1:
+        raise ValueError(f"LoRABatch: sorted_token_ids expected each token at most once within the slots' ranges, "
+                         f"got token {int(per_token.argmax())} {int(per_token.max())} times")
     return [(slot, order[start:start + count], rank) for slot, (start, count, rank)
             in enumerate(zip(starts, counts, ranks.tolist())) if count and rank]
 

@@ -1016,6 +1016,31 @@ def test_a_hand_built_batch_out_of_range_is_refused_on_the_host(backend):
         assert (y == 0).all(), what
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_a_hand_built_batch_with_a_token_in_two_slots_is_refused_on_the_host(backend):
+    """Two slots' ranges over one sorted position, or one token listed twice within the ranges (from_adapter_ids
+    never builds either): the cpu kernels refused them, the torch backend added both adapters' terms to the token,
+    without a word (helper 282)."""
+    backend_or_skip(backend, torch.device("cpu"))
+    m, k, n, r, num_slots = 6, 8, 5, 2, 2
+    good = LoRABatch.from_adapter_ids(torch.tensor([0, 1, 1, 0, 1, 0]), num_slots)
+    overlapping = dataclasses.replace(good, slot_counts=good.slot_counts + torch.tensor([1, 0], dtype=torch.int32))
+    token_twice = dataclasses.replace(good, sorted_token_ids=torch.tensor([0, 3, 5, 1, 2, 1], dtype=torch.int32))
+    x, lora_a, lora_b = torch.randn(m, k), torch.randn(num_slots, r, k), torch.randn(num_slots, n, r)
+    for batch, words in ((overlapping, "slot_starts/slot_counts expected disjoint token ranges, got slot 1 "
+                                       "overlapping "),
+                         (token_twice, "sorted_token_ids expected each token at most once within the slots' ranges, "
+                                       "got token 1 ")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            lk.ops.lora_shrink(x, lora_a, batch, torch.ones(num_slots), backend=backend)
+        y = torch.zeros(m, n)
+        with pytest.raises(ValueError, match=re.escape(words)):
+            lk.ops.lora_expand(torch.ones(m, r), lora_b, batch, y, backend=backend)
+        assert (y == 0).all()
+        with pytest.raises(ValueError, match=re.escape(words)):
+            lk.multi_lora_linear(x, torch.randn(n, k), lora_a, lora_b, batch, torch.ones(num_slots), backend=backend)
+
+
 def test_auto_leaves_out_the_triton_kernels_where_they_cannot_run(monkeypatch):
     """On GPUs "auto" picks the Triton kernels for the grouped ops by op and dtype alone: a float64 x into a float32 y
     (add_lora, resolved by y's dtype) and more adapter slots than Triton's grid holds were then refused by the Triton
