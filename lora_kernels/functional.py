@@ -11,8 +11,9 @@ import contextlib
 import numbers
 
 import torch
+import torch.utils.checkpoint
 from torch.fx.experimental.symbolic_shapes import guard_or_false, statically_known_true
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass_type
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack, is_traceable_wrapper_subclass_type
 
 from lora_kernels import ops, reference
 from lora_kernels._dtensor import describe, dtensor_class, is_dtensor
@@ -869,10 +870,27 @@ def per_token(per_slot, batch):
     return per_slot.index_select(0, batch.adapter_ids.clamp(0, per_slot.shape[0] - 1))
 
 
+def _selective_checkpointing():
+    """Whether selective activation checkpointing (torch.utils.checkpoint with context_fn=
+    create_selective_checkpoint_contexts) is recording or replaying this eager forward: it caches the outputs of the
+    ops its policy saves, and raises in the backward where one was written in place since."""
+    if torch.compiler.is_compiling() or not torch._C._len_torch_dispatch_stack():
+        return False
+    return any(isinstance(mode, _SELECTIVE_CHECKPOINT_MODES) for mode in _get_current_dispatch_mode_stack())
+
+
+# torch's private dispatch modes of selective checkpointing (recording, replaying); none where a release renames them
+_SELECTIVE_CHECKPOINT_MODES = tuple(mode for mode in (getattr(torch.utils.checkpoint, name, None) for name in (
+    "_CachingTorchDispatchMode", "_CachedTorchDispatchMode")) if mode is not None)
+
+
 def _multi_lora_forward(x2, weight, bias, lora_a, lora_b, batch, scalings, ranks, backend, unscaled=False):
     """(y, shrunk): the base GEMM, then the grouped shrink and expand added into its output. unscaled: shrunk is
     returned without the scalings (S = x·Aᵀ per slot, fp32), what the backward's dB is built from."""
     y = _multi_lora_base(x2, weight, bias, backend)
+    if _selective_checkpointing():
+        # a policy that saves matmuls (torchtitan's) caches the base GEMM's output: the expand adds into a copy
+        y = y.clone()
     if not unscaled:
         shrunk = ops.run_shrink(backend, x2, lora_a, batch, scalings, ranks)
         ops.run_expand(backend, shrunk, lora_b, batch, ranks, y)

@@ -65,6 +65,43 @@ def test_forward_matches_reference_and_trains_only_the_adapter():
     assert layer.lora_A.weight.grad is not None and layer.lora_B.weight.grad is not None
 
 
+@pytest.mark.parametrize("policy", ["matmuls", "every_op"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton", "reference"])
+def test_selective_activation_checkpointing_gives_the_plain_runs_outputs_and_gradients(backend, policy):
+    """Selective activation checkpointing, as README says: a policy that saves matmuls (torchtitan's), and one that
+    saves every op with allow_cache_entry_mutation=True (the layers write temporaries in place). Dropout on."""
+    import functools
+
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    from lora_kernels import backends
+    reason = backends.unavailable_reason(backend, torch.device("cpu"))
+    if reason is not None:
+        pytest.skip(reason)
+    from lora_kernels.triton import INTERPRET
+    if backend == "triton" and policy == "every_op" and INTERPRET:
+        pytest.skip("the Triton interpreter crashes (segfault) in the recompute that replays every op (README)")
+    saved = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+
+    def save(ctx, op, *args, **kwargs):
+        return (CheckpointPolicy.MUST_SAVE if policy == "every_op" or op in saved
+                else CheckpointPolicy.PREFER_RECOMPUTE)
+
+    context_fn = functools.partial(create_selective_checkpoint_contexts, save,
+                                   allow_cache_entry_mutation=policy == "every_op")
+    layer = LoRALinear(32, 16, r=4, lora_dropout=0.3, init_lora_weights=False, backend=backend)
+    x = torch.randn(8, 32, requires_grad=True)
+    results = []
+    for checkpointed in (False, True):
+        torch.manual_seed(5)
+        y = checkpoint(layer, x, use_reentrant=False, context_fn=context_fn) if checkpointed else layer(x)
+        y.square().sum().backward()
+        results.append([y.detach()] + [t.grad.clone() for t in (x, layer.lora_A.weight, layer.lora_B.weight)])
+        x.grad = layer.lora_A.weight.grad = layer.lora_B.weight.grad = None
+    for name, plain, checkpointed in zip(("y", "dx", "dA", "dB"), *results):
+        assert torch.equal(plain, checkpointed), name
+
+
 def test_dropout_only_in_training_mode():
     layer = _trained(LoRALinear(32, 16, r=4, lora_dropout=0.5))
     x = torch.randn(8, 32)

@@ -932,6 +932,41 @@ def test_a_slot_absent_from_the_batch_gets_zero_gradient_with_nan_in_its_rank(pa
         assert torch.isfinite(grad).all()
 
 
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS)
+def test_selective_activation_checkpointing_that_saves_matmuls_trains_the_slots(backend, device):
+    """Selective activation checkpointing with a policy that saves matmul outputs (torchtitan's saves aten.mm): the
+    base GEMM's output is cached, and the grouped forward added the LoRA term into it in place, so the backward
+    raised "Tensor cached during selective activation checkpoint has been mutated" (helper 281). Outputs and
+    gradients now equal those without checkpointing."""
+    import functools
+
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+    backend_or_skip(backend, device)
+    saved = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+    torch.manual_seed(0)
+    layer = lk.MultiLoRALinear(nn.Linear(8, 6), max_adapters=2, max_rank=2, backend=backend).to(device)
+    for slot in range(2):
+        layer.set_adapter(slot, torch.randn(2, 8), torch.randn(6, 2), 1.5)
+    layer.lora_a.requires_grad_(True)
+    layer.lora_b.requires_grad_(True)
+    ids = torch.tensor([0, 1, -1, 0], device=device)
+    results = []
+    for checkpointed in (False, True):
+        x = torch.randn(4, 8, device=device, generator=torch.Generator(device).manual_seed(1)).requires_grad_()
+        y = (checkpoint(layer, x, ids, use_reentrant=False,
+                        context_fn=functools.partial(create_selective_checkpoint_contexts, policy))
+             if checkpointed else layer(x, ids))
+        y.square().sum().backward()
+        results.append([y.detach(), x.grad, layer.lora_a.grad.clone(), layer.lora_b.grad.clone()])
+        layer.lora_a.grad = layer.lora_b.grad = None
+    for name, plain, checkpointed in zip(("y", "dx", "dA", "dB"), *results):
+        assert torch.equal(plain, checkpointed), name
+
+
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_activation_checkpointing_recomputes_under_the_forwards_adapter_names_or_raises(use_reentrant, tmp_path):
     """set_batch_adapters + activation checkpointing: the backward reruns the forward with the names in effect then.
