@@ -904,6 +904,7 @@ class MultiLoRALinear(nn.Module):
         self._in_features, self._out_features = in_features, out_features
         self.batch_adapters = None  # a BatchAdapterIds while set_batch_adapters is in effect
         self._recent_forward_slot_ids = ()  # of the forwards that read batch_adapters (see _RECENT_FORWARDS)
+        self._exact_scalings = {}  # slot -> the scaling set_adapter stored, as given (see _apply)
         weight = base_linear.weight
         # None follows the base weight: load_peft_adapter makes meta slots anew in the dtype of a base weight loaded
         # since (load_state_dict(..., assign=True) keeps the checkpoint's dtype)
@@ -927,8 +928,7 @@ class MultiLoRALinear(nn.Module):
         # .half() / .bfloat16() / .to(dtype) cast every floating buffer: scalings would round (16/24 -> 0.66797 in
         # bfloat16, +0.2% on every delta of that adapter) and the result would depend on whether the model was
         # converted before or after prepare. Keep their dtype and let the conversion move them (device, to_empty);
-        # then widen or narrow them to what the converted layer computes in (a value stored in float32 before a
-        # .double() stays rounded to float32: set the adapters after the conversion).
+        # then widen or narrow them to what the converted layer computes in.
         scalings = self._buffers.get("scalings")
 
         def keep_scalings_dtype(tensor):
@@ -944,8 +944,23 @@ class MultiLoRALinear(nn.Module):
         # it made, even one whose dtype no longer follows the layer (a float32 state dict assigned into it)
         wanted = self._scalings_dtype()
         if wanted != computed_in and scalings is not None and scalings.dtype != wanted:
-            self._buffers["scalings"] = scalings.to(wanted)
+            self._buffers["scalings"] = self._widened_exactly(scalings, wanted)
         return module
+
+    def _widened_exactly(self, scalings, dtype):
+        """scalings in dtype, where a slot still holds the value set_adapter stored, the scaling it was given:
+        widened, the float32 value of a scaling such as 2/3 left a float64 model's outputs 7e-7 off (against design
+        §7's 1e-10) where the model was converted after its adapters were loaded, not before."""
+        widened = scalings.to(dtype)
+        exact = getattr(self, "_exact_scalings", {})  # a pickle from before it has none
+        if not exact or not has_host_values(scalings) or torch.finfo(dtype).bits <= torch.finfo(scalings.dtype).bits:
+            return widened
+        slots = torch.tensor(list(exact), device=scalings.device)
+        given = torch.tensor(list(exact.values()), dtype=dtype, device=scalings.device)
+        # a slot cleared, reset or loaded from a state dict since holds another value: widened as it is
+        still_set = scalings[slots] == given.to(scalings.dtype)
+        widened[slots] = torch.where(still_set, given, widened[slots])
+        return widened
 
     @property
     def in_features(self):
@@ -1033,6 +1048,7 @@ class MultiLoRALinear(nn.Module):
             self.lora_a[slot].copy_(padded_a)
             self.lora_b[slot].copy_(padded_b)
             self.scalings[slot] = scaling
+            self.__dict__.setdefault("_exact_scalings", {})[slot] = scaling  # a pickle from before it has none
             self.ranks[slot] = rank
 
     def _refuse_sharded_slots(self, op):

@@ -1081,7 +1081,7 @@ def _write_slot(layers, slot, plan, grouped, config):
         refuse_inference_tensor_writes("load_peft_adapter", module._slot_tensors())
     loaded = {name: (r, alpha) for name, _, r, alpha in plan}
     snapshots = [(m, m.lora_a[slot].detach().clone(), m.lora_b[slot].detach().clone(), m.scalings[slot].clone(),
-                  m.ranks[slot].clone()) for _, m in layers]
+                  m.ranks[slot].clone(), dict(getattr(m, "_exact_scalings", {}))) for _, m in layers]
     materialised = []
     try:
         for name, module in layers:
@@ -1107,11 +1107,12 @@ def _write_slot(layers, slot, plan, grouped, config):
         _put_back(materialised)
         # under the slot lock, as set_adapter writes: a forward in another thread never sees a half-restored slot
         with torch.no_grad(), _modules._SLOT_LOCK:
-            for module, a, b, scaling, rank in snapshots:
+            for module, a, b, scaling, rank, exact_scalings in snapshots:
                 module.lora_a[slot].copy_(a)
                 module.lora_b[slot].copy_(b)
                 module.scalings[slot] = scaling
                 module.ranks[slot] = rank
+                module._exact_scalings = exact_scalings
         raise
 
 

@@ -2199,6 +2199,27 @@ def test_multi_lora_float64_layers_keep_float64_scalings(made, tmp_path):
     assert layer.scalings.dtype == torch.float32 and layer.scalings[0].item() == torch.tensor(scaling).float().item()
 
 
+def test_multi_lora_scalings_set_in_float32_are_exact_after_double():
+    """Adapters set (or loaded) into a float32 layer, then .double(): the float32 buffer was widened, so a scaling such
+    as 2/3 stayed rounded to float32 and float64 outputs were 7e-7 off PEFT's (helper 283); converted before the load
+    they were exact. A slot cleared or given another value through the state dict since keeps its stored value."""
+    from lora_kernels import MultiLoRALinear
+    torch.manual_seed(0)
+    scaling = 8 / math.sqrt(6)
+    lora_a, lora_b = torch.randn(6, 16, dtype=torch.float64), torch.randn(8, 6, dtype=torch.float64)
+    layer = MultiLoRALinear(nn.Linear(16, 8), max_adapters=3, max_rank=8)
+    for slot in range(3):
+        layer.set_adapter(slot, lora_a, lora_b, scaling)
+    layer.clear_adapter(1)
+    layer.load_state_dict({**layer.state_dict(), "scalings": torch.tensor([scaling, 0.0, 0.5])})
+    lora_a, lora_b = lora_a.float().double(), lora_b.float().double()  # the float32 slots hold them rounded
+    for _ in range(2):  # and again after a round trip through float32
+        layer.double()
+        assert layer.scalings.dtype == torch.float64 and layer.scalings.tolist() == [scaling, 0.0, 0.5]
+        assert _float64_slot_error(layer, lora_a, lora_b, scaling) < 1e-13
+        layer.float()
+
+
 def test_multi_lora_share_memory_shares_the_scalings_it_holds():
     """Only a conversion of the layer's dtype re-types the scalings: share_memory() of a float64 layer holding float32
     scalings (a float32 state dict assigned into it) had replaced them by an unshared float64 copy."""
