@@ -1484,8 +1484,7 @@ def _warn_aliased_targets(op, model, targets):
         others = [other for other in names[id(module)] if slot(other) != slot(name)]
         if others:
             warn_at_caller(f"{op}: target {name!r} is the same module as {others}; it is replaced under {name!r} "
-                           f"only, so a forward through {others[0]!r} computes without the adapter (as in PEFT), "
-                           f"until merge() adds it to the weight both names share")
+                           f"only, so a forward through {others[0]!r} computes without the adapter (as in PEFT)")
 
 
 def _fused_expert_parameters(model):
