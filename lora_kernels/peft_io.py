@@ -1222,7 +1222,9 @@ def _saved_alpha(layer):
     scaling = float(layer.scaling)
     if scaling == lora_scaling(layer.r, layer.lora_alpha, layer.use_rslora):
         return layer.lora_alpha
-    return _clean_number(scaling * (math.sqrt(layer.r) if layer.use_rslora else layer.r))
+    # not _clean_number's: its rounding to a near int is for float32 scalings, and here wrote 16 for 2.000001 · 8
+    alpha = scaling * (math.sqrt(layer.r) if layer.use_rslora else layer.r)
+    return int(alpha) if alpha.is_integer() else alpha
 
 
 def _collect_layers(model, adapter_name, op):

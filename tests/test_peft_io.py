@@ -168,12 +168,14 @@ def test_a_scaling_or_lora_alpha_set_on_a_layer_is_saved_as_the_scaling_the_laye
     trained = _trained(("q_proj", "v_proj", "o_proj"), r=4, lora_alpha=8, use_rslora=use_rslora)
     trained.layers[0].q_proj.scaling = 5.0
     trained.layers[1].v_proj.scaling = 1 / 3
+    trained.layers[1].q_proj.scaling = (8 / 2 if use_rslora else 8 / 4) * (1 + 1e-6)  # near lora_alpha's
     trained.layers[0].o_proj.lora_alpha = 64
     lk.save_peft_adapter(trained, tmp_path)
     x = torch.randn(2, 16)
     loaded = lk.load_peft_adapter(_base(), tmp_path, backend=BACKEND)
     assert loaded.layers[0].q_proj.scaling == pytest.approx(5.0)
     assert loaded.layers[1].v_proj.scaling == pytest.approx(1 / 3)
+    assert loaded.layers[1].q_proj.scaling == pytest.approx(trained.layers[1].q_proj.scaling, rel=1e-12)
     torch.testing.assert_close(loaded(x), trained(x))
     with torch.no_grad():
         torch.testing.assert_close(peft.PeftModel.from_pretrained(_base(), tmp_path)(x), trained(x))
