@@ -496,11 +496,16 @@ def host_slot_rows(batch, ranks):
         if next_start < start + count:
             raise ValueError(f"LoRABatch: slot_starts/slot_counts expected disjoint token ranges, got slot "
                              f"{next_slot} overlapping slot {slot} at position {next_start}")
-    covered = torch.cat([order[start:start + count] for start, count, _ in ranges]) if ranges else order[:0]
-    per_token = torch.bincount(covered, minlength=num_tokens)
-    if covered.numel() and int(per_token.max()) > 1:
-        raise ValueError(f"LoRABatch: sorted_token_ids expected each token at most once within the slots' ranges, "
-                         f"got token {int(per_token.argmax())} {int(per_token.max())} times")
+    # the whole list first (from_adapter_ids's is a permutation), on the host at decode sizes (a set of a few ints:
+    # ~1 µs, where bincount and reading its max cost ~10 µs a call, three calls a step); the ranges only if it repeats
+    repeats = (len(set(order.tolist())) < num_tokens if num_tokens <= 256
+               else int(torch.bincount(order, minlength=num_tokens).max()) > 1)
+    if repeats:
+        covered = torch.cat([order[start:start + count] for start, count, _ in ranges]) if ranges else order[:0]
+        per_token = torch.bincount(covered, minlength=num_tokens)
+        if covered.numel() and int(per_token.max()) > 1:
+            raise ValueError(f"LoRABatch: sorted_token_ids expected each token at most once within the slots' "
+                             f"ranges, got token {int(per_token.argmax())} {int(per_token.max())} times")
     return [(slot, order[start:start + count], rank) for slot, (start, count, rank)
             in enumerate(zip(starts, counts, ranks.tolist())) if count and rank]
 

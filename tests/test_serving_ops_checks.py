@@ -1039,6 +1039,19 @@ def test_a_hand_built_batch_with_a_token_in_two_slots_is_refused_on_the_host(bac
         assert (y == 0).all()
         with pytest.raises(ValueError, match=re.escape(words)):
             lk.multi_lora_linear(x, torch.randn(n, k), lora_a, lora_b, batch, torch.ones(num_slots), backend=backend)
+    # past decode sizes the torch backend counts the tokens another way; a repeat outside the ranges is no error
+    large = LoRABatch.from_adapter_ids(torch.arange(300) % 3 - 1, num_slots)  # ids -1 (outside the ranges), 0, 1
+    ids = large.sorted_token_ids.clone()
+    outside_twice, inside_twice = ids.clone(), ids.clone()
+    outside_twice[0] = ids[1]  # positions 0-99 hold the -1 tokens, in no slot's range
+    inside_twice[150] = ids[149]
+    x = torch.randn(300, k)
+    lk.ops.lora_shrink(x, lora_a, dataclasses.replace(large, sorted_token_ids=outside_twice), torch.ones(num_slots),
+                       backend=backend)
+    with pytest.raises(ValueError, match=re.escape("sorted_token_ids expected each token at most once within the "
+                                                   f"slots' ranges, got token {int(ids[149])} ")):
+        lk.ops.lora_shrink(x, lora_a, dataclasses.replace(large, sorted_token_ids=inside_twice),
+                           torch.ones(num_slots), backend=backend)
 
 
 def test_auto_leaves_out_the_triton_kernels_where_they_cannot_run(monkeypatch):
