@@ -1416,9 +1416,8 @@ def find_target_linears(model, target_modules, exclude_modules=None, op="inject_
             raise TypeError(f"{op}: module {name!r} matches target_modules but is a {type(module).__name__}; "
                             f"only nn.Linear and transformers' Conv1D (GPT-2's linear layer) can be wrapped"
                             f"{_PEFT_ONLY_HINT if isinstance(module, PEFT_ONLY_LAYERS) else ''}")
-        if isinstance(model.get_submodule(name.rpartition(".")[0]), nn.MultiheadAttention):
-            skipped.append(f"{name!r} (the out_proj of an nn.MultiheadAttention, which reads its weight and never "
-                           f"calls it)")
+        if is_attention_out_proj(model, name):
+            skipped.append(f"{name!r} ({ATTENTION_OUT_PROJ})")
             continue
         if all_linear:
             try:
@@ -1459,6 +1458,14 @@ def find_target_linears(model, target_modules, exclude_modules=None, op="inject_
     _warn_unused_exclude(op, model, exclude_modules)
     _warn_aliased_targets(op, model, found)
     return found
+
+
+ATTENTION_OUT_PROJ = "the out_proj of an nn.MultiheadAttention, which reads its weight and never calls it"
+
+
+def is_attention_out_proj(model, name):
+    """Whether module `name` is an nn.MultiheadAttention's out_proj: a LoRA there would be ignored."""
+    return isinstance(model.get_submodule(name.rpartition(".")[0]), nn.MultiheadAttention)
 
 
 def _module_names(model):

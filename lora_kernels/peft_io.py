@@ -40,13 +40,13 @@ from lora_kernels._files import create_temp_file
 from lora_kernels._warnings import warn_at_caller
 from lora_kernels.backends import check_backend_name
 from lora_kernels.functional import check_layer_scaling
-from lora_kernels.modules import (_PEFT_ONLY_HINT, BASE_ADAPTER, BIAS_ATTR, BIAS_MODES, EMBEDDING_LAYERS_ATTR,
+from lora_kernels.modules import (_PEFT_ONLY_HINT, ATTENTION_OUT_PROJ, BASE_ADAPTER, BIAS_ATTR, BIAS_MODES, EMBEDDING_LAYERS_ATTR,
                                   LORA_WRAPPERS, MODULES_TO_SAVE_ATTR, PEFT_ONLY_LAYERS, TASK_TYPE_ATTR, LoRALinear,
                                   MultiLoRALinear, _record, _rollback_on_error, _set_submodule, _train_biases,
                                   _warn_tied_targets, adapter_table_lock, check_no_accelerate_hook,
                                   check_no_offloading_ancestor, check_targets_outside_heads, check_wrappable_linear,
                                   copy_into, embedding_layer, enable_input_grads_for_checkpointing, in_out_features,
-                                  is_conv1d, is_layer_index, is_name_wrapper, keep_transformer_layers_calling_lora,
+                                  is_attention_out_proj, is_conv1d, is_layer_index, is_name_wrapper, keep_transformer_layers_calling_lora,
                                   layers_pattern_regex, lora_scaling, modules_to_save_regex, named_modules_to_save,
                                   named_target_modules, pattern_key_regex, pattern_value, refuse_new_layers_under_fsdp1,
                                   refuse_overflowed_copy, refuse_uninitialised_modules, regex_error,
@@ -491,14 +491,26 @@ def group_adapter_weights(tensors, file, modules_to_save=None, bias="none"):
 # -------------------------------------------------------------------------------------------------------------- load
 
 def _targets(model, config, op):
-    """[(name, module)] that the config targets in `model`, with PEFT's matching (inside LoRA wrappers excluded)."""
+    """([(name, module)] that the config targets in `model`, with PEFT's matching (inside LoRA wrappers excluded),
+    [names of the targets left out]). An nn.MultiheadAttention's out_proj is left out with a warning, as inject_lora
+    leaves it: the attention reads its weight and never calls it, so PEFT's LoRA there changes no output (a file
+    saved with "all-linear" on a model with one lists it) until merge_and_unload folds it into the weight."""
     refuse_uninitialised_modules(op, model)
     found = named_target_modules(model, config.target_modules, config.exclude_modules,
                                  layers_to_transform=config.layers_to_transform,
                                  layers_pattern=config.layers_pattern, modules_to_save=config.modules_to_save, op=op)
     if not found:
         raise ValueError(f"{op}: the adapter's target_modules {config.target_modules!r} match no module of the model")
-    return found
+    left_out = [name for name, module in found
+                if not isinstance(module, LORA_WRAPPERS) and is_attention_out_proj(model, name)]
+    if len(left_out) == len(found):
+        raise ValueError(f"{op}: the adapter's target_modules {config.target_modules!r} match only {left_out[:3]}, "
+                         f"{ATTENTION_OUT_PROJ}: an adapter there changes no output")
+    if left_out:
+        shown = ", ".join(repr(name) for name in left_out[:3]) + (" ..." if len(left_out) > 3 else "")
+        warn_at_caller(f"{op}: left out {len(left_out)} targeted layer(s), {ATTENTION_OUT_PROJ}: {shown}; their "
+                       f"factors in the file are not loaded (in PEFT they change no output until merge_and_unload)")
+    return [(name, module) for name, module in found if name not in left_out], left_out
 
 
 def _pop_state_tensor(op, file, rest, file_key, current, owner, why):
@@ -836,7 +848,7 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
     path = resolve_adapter_dir(op, path, revision=revision, subfolder=subfolder)
     config = read_adapter_config(path)
     tensors, file = read_adapter_weights(path)
-    targets = _targets(model, config, op)
+    targets, left_out = _targets(model, config, op)
     if adapter_name is not None:  # before the file's tensors are matched to the layers, which assumes slots
         for name, module in targets:
             if isinstance(module, (nn.Linear, LoRALinear)) or is_conv1d(module):
@@ -851,6 +863,8 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
     embedding_tensors, tensors = _split_embedding_layers(model, targets, heads, tensors, file, adapter_name, op)
     base_tensors += embedding_tensors
     grouped = group_adapter_weights(tensors, file, config.modules_to_save, config.bias)
+    for name in left_out:
+        grouped.pop(state_dict_name(name), None)
     # The file's names are the state dict's, the targets' the model's: they differ inside wrappers (state_dict_name)
     model_names = {state_dict_name(name): name for name, _ in targets}
     grouped = {model_names.get(key_name, key_name): factors for key_name, factors in grouped.items()}

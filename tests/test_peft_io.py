@@ -3477,3 +3477,73 @@ def test_non_contiguous_factors_and_heads_are_saved(tmp_path):
     lk.save_peft_adapter(model, tmp_path)
     x = torch.randn(3, 16)
     torch.testing.assert_close(lk.load_peft_adapter(_base(), tmp_path)(x), model(x))  # layouts round differently
+
+
+class _AttentionThenLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.fc(self.attn(x, x, x)[0])
+
+
+def _file_with_an_attention_out_proj(path, target_modules):
+    """A PEFT file for _AttentionThenLinear that holds factors for attn.out_proj as well as fc, as PEFT saves one
+    with "all-linear"; and the model it reproduces (PEFT's LoRA on out_proj changes no output)."""
+    torch.manual_seed(0)
+    trained = lk.inject_lora(_AttentionThenLinear(), ["fc"], r=4, init_lora_weights=False, backend=BACKEND).eval()
+    lk.save_peft_adapter(trained, path)
+    _write_config(path, target_modules=target_modules)
+    _edit_weights(path, lambda tensors: tensors.update({
+        f"{peft_io.KEY_PREFIX}attn.out_proj.lora_A.weight": torch.randn(4, 16),
+        f"{peft_io.KEY_PREFIX}attn.out_proj.lora_B.weight": torch.randn(16, 4)}))
+    return trained
+
+
+@pytest.mark.parametrize("target_modules", [["out_proj", "fc"], "all-linear"])
+def test_load_leaves_out_a_multihead_attention_out_proj_with_a_warning_as_inject_lora(tmp_path, target_modules):
+    """nn.MultiheadAttention reads out_proj.weight and never calls out_proj. inject_lora leaves it out with a
+    warning; load_peft_adapter wrapped it silently (helper 287): its factors changed no output and got no gradient,
+    and merge_and_unload then folded them into the weight, changing the outputs by 1.06. It is left out now, with
+    its factors, as inject_lora does; the outputs are the file's (PEFT's) before and after merge_and_unload."""
+    trained = _file_with_an_attention_out_proj(tmp_path, target_modules)
+    x = torch.randn(2, 5, 16)
+    expected = trained(x)
+    torch.manual_seed(0)
+    model = _AttentionThenLinear().eval()
+    with pytest.warns(UserWarning, match=r"load_peft_adapter: left out 1 targeted layer\(s\), the out_proj of an "
+                                         r"nn.MultiheadAttention, .*: 'attn.out_proj'; their factors in the file are "
+                                         r"not loaded"):
+        lk.load_peft_adapter(model, tmp_path, backend=BACKEND)
+    assert type(model.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert isinstance(model.fc, LoRALinear)
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    torch.testing.assert_close(lk.merge_and_unload(model)(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_slots_load_a_file_that_targets_a_multihead_attention_out_proj(tmp_path):
+    """prepare_multi_adapter leaves the out_proj out; the load into its slots refused the file as "not prepared"
+    for that layer. Its factors are left out with a warning, as a single adapter's load leaves them."""
+    trained = _file_with_an_attention_out_proj(tmp_path, "all-linear")
+    x = torch.randn(2, 5, 16)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match=r"left out 1 matched layer\(s\)"):
+        model = lk.prepare_multi_adapter(_AttentionThenLinear().eval(), "all-linear", max_adapters=2, max_rank=4,
+                                         backend=BACKEND)
+    with pytest.warns(UserWarning, match=r"left out 1 targeted layer\(s\)"):
+        lk.load_peft_adapter(model, tmp_path, adapter_name="a")
+    with lk.set_batch_adapters(model, ["a", "a"]):
+        torch.testing.assert_close(model(x), trained(x), rtol=1e-6, atol=1e-6)
+
+
+def test_a_file_that_targets_only_a_multihead_attention_out_proj_is_refused_untouched(tmp_path):
+    _file_with_an_attention_out_proj(tmp_path, ["out_proj"])
+    _edit_weights(tmp_path, lambda tensors: [tensors.pop(key) for key in list(tensors) if ".fc." in key])
+    model = _AttentionThenLinear()
+    snapshot = _snapshot(model)
+    with pytest.raises(ValueError, match=r"target_modules \['out_proj'\] match only \['attn.out_proj'\], the out_proj "
+                                         r"of an nn.MultiheadAttention, .*: an adapter there changes no output"):
+        lk.load_peft_adapter(model, tmp_path)
+    _assert_same(model, snapshot)
