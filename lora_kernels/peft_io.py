@@ -40,13 +40,14 @@ from lora_kernels._files import create_temp_file
 from lora_kernels._warnings import warn_at_caller
 from lora_kernels.backends import check_backend_name
 from lora_kernels.functional import check_layer_scaling
-from lora_kernels.modules import (_PEFT_ONLY_HINT, ATTENTION_OUT_PROJ, BASE_ADAPTER, BIAS_ATTR, BIAS_MODES, EMBEDDING_LAYERS_ATTR,
-                                  LORA_WRAPPERS, MODULES_TO_SAVE_ATTR, PEFT_ONLY_LAYERS, TASK_TYPE_ATTR, LoRALinear,
-                                  MultiLoRALinear, _record, _rollback_on_error, _set_submodule, _train_biases,
-                                  _warn_tied_targets, adapter_table_lock, check_no_accelerate_hook,
-                                  check_no_offloading_ancestor, check_targets_outside_heads, check_wrappable_linear,
-                                  copy_into, embedding_layer, enable_input_grads_for_checkpointing, in_out_features,
-                                  is_attention_out_proj, is_conv1d, is_layer_index, is_name_wrapper, keep_transformer_layers_calling_lora,
+from lora_kernels.modules import (_PEFT_ONLY_HINT, ATTENTION_OUT_PROJ, BASE_ADAPTER, BIAS_ATTR, BIAS_MODES,
+                                  EMBEDDING_LAYERS_ATTR, LORA_WRAPPERS, MODULES_TO_SAVE_ATTR, PEFT_ONLY_LAYERS,
+                                  TASK_TYPE_ATTR, LoRALinear, MultiLoRALinear, _record, _rollback_on_error,
+                                  _set_submodule, _train_biases, _warn_aliased_targets, _warn_tied_targets,
+                                  adapter_table_lock, check_no_accelerate_hook, check_no_offloading_ancestor,
+                                  check_targets_outside_heads, check_wrappable_linear, copy_into, embedding_layer,
+                                  enable_input_grads_for_checkpointing, in_out_features, is_attention_out_proj,
+                                  is_conv1d, is_layer_index, is_name_wrapper, keep_transformer_layers_calling_lora,
                                   layers_pattern_regex, lora_scaling, modules_to_save_regex, named_modules_to_save,
                                   named_target_modules, pattern_key_regex, pattern_value, refuse_new_layers_under_fsdp1,
                                   refuse_overflowed_copy, refuse_uninitialised_modules, regex_error,
@@ -893,8 +894,11 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
                              f"keep that adapter's weights. Load into the base model")
         _refuse_stale_base_state(op, model, config.bias, {key.rpartition(".")[0] for key, *_ in base_tensors}
                                  | {state_dict_name(name) for name, *_ in heads})
-        # as inject_lora (and PEFT's from_pretrained) warn: merge() of a tied target would change both
-        _warn_tied_targets(op, model, [(n, m) for n, m, *_ in plan if not isinstance(m, LORA_WRAPPERS)])
+        # as inject_lora warns (and PEFT's from_pretrained of tied targets): merge() of a tied target would change
+        # both, and a target under a second name is replaced under the first only
+        new_layers = [(n, m) for n, m, *_ in plan if not isinstance(m, LORA_WRAPPERS)]
+        _warn_tied_targets(op, model, new_layers)
+        _warn_aliased_targets(op, model, new_layers)
         _commit_single(model, config, plan, grouped, heads, biases, base_tensors, backend, autocast_adapter_dtype)
         _record(model, EMBEDDING_LAYERS_ATTR, sorted({key.rpartition(".")[0] for key, *_ in base_tensors}) or None)
         _record(model, TASK_TYPE_ATTR, config.task_type)

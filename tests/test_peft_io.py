@@ -3547,3 +3547,29 @@ def test_a_file_that_targets_only_a_multihead_attention_out_proj_is_refused_unto
                                          r"of an nn.MultiheadAttention, .*: an adapter there changes no output"):
         lk.load_peft_adapter(model, tmp_path)
     _assert_same(model, snapshot)
+
+
+class _SharedProjection(nn.Module):
+    """One nn.Linear under two attribute names (named_modules() lists it once, as `enc`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(8, 8)
+        self.dec = self.enc
+
+    def forward(self, x):
+        return self.dec(torch.relu(self.enc(x)))
+
+
+def test_load_warns_of_a_target_reachable_under_two_names_as_inject_lora(tmp_path):
+    """inject_lora warns that a forward through the second name computes without the adapter; the load, which
+    replaces the layer the same way, was silent (helper 287)."""
+    with pytest.warns(UserWarning, match=r"inject_lora: target 'enc' is the same module as \['dec'\]"):
+        lk.save_peft_adapter(lk.inject_lora(_SharedProjection(), ["enc"], r=2, init_lora_weights=False), tmp_path)
+    model = _SharedProjection()
+    with pytest.warns(UserWarning) as caught:
+        lk.load_peft_adapter(model, tmp_path, backend=BACKEND)
+    assert [str(w.message) for w in caught] == [
+        "load_peft_adapter: target 'enc' is the same module as ['dec']; it is replaced under 'enc' only, so a forward "
+        "through 'dec' computes without the adapter (as in PEFT)"]
+    assert isinstance(model.enc, LoRALinear) and type(model.dec) is nn.Linear
