@@ -983,6 +983,10 @@ class MultiLoRALinear(nn.Module):
     def base_weight(self):
         """The base weight as [out, in] (a transposed view of a Conv1D's [in, out] weight)."""
         weight = self.base_layer.weight
+        if not isinstance(weight, torch.Tensor):  # the forward said "weight expected a torch.Tensor, got method"
+            raise TypeError(f"MultiLoRALinear: base_layer expected the nn.Linear or Conv1D it was prepared with, got "
+                            f"a {type(self.base_layer).__module__}.{type(self.base_layer).__name__} whose weight is a "
+                            f"{type(weight).__name__} (swapped in by a quantizer such as quantize_dynamic?)")
         return weight.T if self.fan_in_fan_out else weight
 
     def _check_slot(self, op, slot):
@@ -1143,10 +1147,11 @@ class MultiLoRALinear(nn.Module):
                                                  backend=self.backend)
 
     def extra_repr(self):
+        # getattr: a base layer a quantizer swapped in may hold a method as its weight (its forward says so)
+        own_dtype = self.lora_a.dtype == getattr(self.base_layer.weight, "dtype", self.lora_a.dtype)
         return (f"in_features={self.in_features}, out_features={self.out_features}, max_adapters={self.max_adapters}, "
                 f"max_rank={self.max_rank}{', fan_in_fan_out=True' if self.fan_in_fan_out else ''}, "
-                f"{'' if self.lora_a.dtype == self.base_layer.weight.dtype else f'adapter_dtype={self.lora_a.dtype}, '}"
-                f"backend={self.backend!r}")
+                f"{'' if own_dtype else f'adapter_dtype={self.lora_a.dtype}, '}backend={self.backend!r}")
 
 
 # ------------------------------------------------------------------------------------------------- model utilities

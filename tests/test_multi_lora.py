@@ -3195,3 +3195,20 @@ def test_add_lora_ranks_none_makes_one_ranks_tensor_per_distinct_r(monkeypatch):
         lk.ops.add_lora(torch.zeros(m, 8 * len(rs)), randn(m, k), list(lora_as), list(lora_bs), batch,
                         [1.0, 1.0], None, (8,) * len(rs), backend="torch")
         assert made.count(True) == distinct, (rs, made)
+
+
+def test_a_base_layer_swapped_by_quantize_dynamic_is_named_in_the_error_and_repr_still_works():
+    """quantize_dynamic({nn.Linear}) swaps a MultiLoRALinear's base_layer for a dynamic quantized Linear, whose weight
+    is a method: repr(model) raised AttributeError, and the forward "weight expected a torch.Tensor, got method"
+    (helper 287). PEFT's layer fails there too; the error now names the base layer and what replaced it."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines and \
+            "qnnpack" not in torch.backends.quantized.supported_engines:
+        pytest.skip("no quantized engine")
+    model = lk.prepare_multi_adapter(nn.Sequential(nn.Linear(16, 8)), ["0"], max_adapters=2, max_rank=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notice
+        quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    assert "in_features=16, out_features=8, max_adapters=2, max_rank=4, backend='auto'" in repr(quantized)
+    with pytest.raises(TypeError, match=r"MultiLoRALinear: base_layer expected the nn.Linear or Conv1D it was prepared "
+                                        r"with, got a torch.ao.nn.quantized.dynamic.*Linear whose weight is a method"):
+        quantized[0](torch.randn(2, 16), torch.zeros(2, dtype=torch.long))
