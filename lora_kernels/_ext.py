@@ -133,9 +133,12 @@ def has_host_values(tensor):
     FakeTensorMode, outside torch.compile) or a meta one, which have none (reading them raised
     DataDependentOutputException, or "Tensor.item() cannot be called on meta tensors" in the reference backend's
     grouped ops, which then take their slot-masked torch ops, as for fake tensors); nor under
-    torch.func.functionalize (torch's RuntimeError on unallocated storage)."""
+    torch.func.functionalize (torch's RuntimeError on unallocated storage), nor for a tensor torch.func wraps (a
+    MultiLoRALinear's scalings under vmap, stack_module_state's ensembles: "Cannot access data pointer of Tensor
+    that doesn't have storage")."""
     return not (torch.compiler.is_compiling() or isinstance(tensor, FakeTensor)
-                or isinstance(tensor, torch.Tensor) and (tensor.is_meta or torch._is_functional_tensor(tensor)))
+                or isinstance(tensor, torch.Tensor) and (tensor.is_meta or torch._is_functional_tensor(tensor)
+                                                         or torch._C._functorch.is_functorch_wrapped_tensor(tensor)))
 
 
 def autocast_dtype(device):

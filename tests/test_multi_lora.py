@@ -3212,3 +3212,54 @@ def test_a_base_layer_swapped_by_quantize_dynamic_is_named_in_the_error_and_repr
     with pytest.raises(TypeError, match=r"MultiLoRALinear: base_layer expected the nn.Linear or Conv1D it was prepared "
                                         r"with, got a torch.ao.nn.quantized.dynamic.*Linear whose weight is a method"):
         quantized[0](torch.randn(2, 16), torch.zeros(2, dtype=torch.long))
+
+
+def _two_adapter_model(tmp_path, backend):
+    base = nn.Sequential(nn.Linear(8, 8))
+    for name in "ab":
+        torch.manual_seed(ord(name))
+        lk.save_peft_adapter(lk.inject_lora(copy.deepcopy(base), ["0"], r=2, init_lora_weights=False), tmp_path / name)
+    model = lk.prepare_multi_adapter(copy.deepcopy(base), ["0"], max_adapters=2, max_rank=2, backend=backend)
+    for name in "ab":
+        lk.load_peft_adapter(model, tmp_path / name, adapter_name=name)
+    return model
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "reference"])
+def test_set_batch_adapters_per_row_names_are_refused_under_vmap(backend, tmp_path):
+    """Under torch.func.vmap over the batch each layer sees one sample [T, K]: the per-row names were spread over
+    that sample's tokens (tokens 2-3 of row 0 got adapter "b"), 5.1 off the eager forward without a word (helper
+    286). They are refused there now; one name (all rows alike) still runs under vmap."""
+    if backend not in backends.available_backends("cpu"):
+        pytest.skip(f"{backend} is not available here")
+    model = _two_adapter_model(tmp_path, backend)
+    x = torch.randn(2, 4, 8)
+    with lk.set_batch_adapters(model, ["a", "b"]):
+        with pytest.raises(ValueError, match=r"set_batch_adapters got 2 adapter names \(one per row\), which cannot "
+                                             r"run under torch.func.vmap"):
+            torch.func.vmap(model)(x)
+    with lk.set_batch_adapters(model, "b"):
+        assert_close(torch.func.vmap(model)(x), model(x), torch.float32)
+    with lk.set_batch_adapters(model, ["b"]):
+        assert_close(torch.func.vmap(model)(x), model(x), torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "reference", "triton"])
+def test_an_ensemble_of_multi_lora_layers_runs_under_vmap(backend):
+    """torch.func's ensembling (stack_module_state + vmap over functional_call) maps the scalings and ranks buffers
+    too: their host-side checks read them with .tolist(), "Cannot access data pointer of Tensor that doesn't have
+    storage" (helper 286). A tensor torch.func wraps now has no host values, as a traced one: each model's outputs."""
+    if backend not in backends.available_backends("cpu"):
+        pytest.skip(f"{backend} is not available here")
+    torch.manual_seed(0)
+    models = []
+    for scaling in (1.0, 2.0):
+        layer = lk.MultiLoRALinear(nn.Linear(16, 12), 2, 4, backend=backend)
+        layer.set_adapter(0, torch.randn(4, 16), torch.randn(12, 4), scaling)
+        layer.set_adapter(1, torch.randn(2, 16), torch.randn(12, 2), 0.5)
+        models.append(layer)
+    params, buffers = torch.func.stack_module_state(models)
+    skeleton = copy.deepcopy(models[0]).to("meta")
+    x, ids = torch.randn(5, 16), torch.tensor([0, 1, -1, 1, 0])
+    ensemble = torch.func.vmap(lambda p, b: torch.func.functional_call(skeleton, (p, b), (x, ids)))(params, buffers)
+    assert_close(ensemble, torch.stack([layer(x, ids) for layer in models]), torch.float32)
