@@ -15,6 +15,7 @@ import sys
 import tarfile
 import tempfile
 import threading
+import warnings
 
 import pytest
 
@@ -59,6 +60,39 @@ def test_info_shows_the_triton_tma_switch():
         "(LORA_KERNELS_TRITON_TMA=1" in info()
     assert json.loads(info("--json"))["triton_tma"] is False
     assert json.loads(info("--json", LORA_KERNELS_TRITON_TMA="1"))["triton_tma"] is True
+    # read as Triton reads TRITON_INTERPRET: "true" left the kernels off (helper 288)
+    assert json.loads(info("--json", LORA_KERNELS_TRITON_TMA="true"))["triton_tma"] is True
+
+
+@pytest.mark.parametrize("value, expected", [("1", True), ("true", True), ("ON", True), (" yes ", True), ("0", False),
+                                             ("false", False), ("Off", False), ("no", False), ("", "default")])
+@pytest.mark.parametrize("default", [True, False])
+def test_the_packages_switches_read_triton_s_spellings(monkeypatch, value, expected, default):
+    """LORA_KERNELS_AUTOTUNE and LORA_KERNELS_TRITON_TMA were compared with "0" and "1": AUTOTUNE=false left the
+    minutes of autotuning on, TRITON_TMA=true the kernels off, silently (helper 288)."""
+    monkeypatch.setenv("LORA_KERNELS_SOME_SWITCH", value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert triton_pkg.env_flag("LORA_KERNELS_SOME_SWITCH", default) is (default if expected == "default"
+                                                                            else expected)
+    monkeypatch.delenv("LORA_KERNELS_SOME_SWITCH")
+    assert triton_pkg.env_flag("LORA_KERNELS_SOME_SWITCH", default) is default
+
+
+@pytest.mark.skipif(not triton_pkg.HAS_TRITON, reason="triton not importable")
+def test_lora_kernels_autotune_false_turns_autotuning_off():
+    proc = subprocess.run([sys.executable, "-c", "import lora_kernels.triton.lora_linear as t; print(t.AUTOTUNE)"],
+                          cwd=ROOT, env={**_env(), "LORA_KERNELS_AUTOTUNE": "false"}, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+
+
+def test_an_unknown_spelling_of_a_switch_warns_and_keeps_the_default(monkeypatch):
+    monkeypatch.setenv("LORA_KERNELS_AUTOTUNE", "fasle")
+    with pytest.warns(UserWarning, match=r"LORA_KERNELS_AUTOTUNE='fasle' is not one of 1/true/on/yes/y/0/false/off/"
+                                         r"no/n; using the default, 1"):
+        assert triton_pkg.env_flag("LORA_KERNELS_AUTOTUNE", True) is True
 
 
 @pytest.mark.skipif(not triton_pkg.HAS_TRITON, reason="triton not importable")

@@ -3,13 +3,28 @@
 import functools
 import os
 import threading
+import warnings
 
 import torch
 
 # Read once: the interpreter must be switched on before triton compiles anything, so tests set it first. Read as
 # Triton reads it (getenv_bool, triton 3.6 to 3.8: "1", "true", "on", "yes", "y" in any case): with only "1" here,
 # TRITON_INTERPRET=true ran the interpreter while the package chose compiled kernels' configs and dot operands.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")
+_TRUE, _FALSE = ("1", "true", "on", "yes", "y"), ("0", "false", "off", "no", "n")
+INTERPRET = os.environ.get("TRITON_INTERPRET", "").lower() in _TRUE
+
+
+def env_flag(name, default):
+    """The package's own switch `name` from the environment, spelled as Triton's (any case): unset or empty gives
+    default, another value a warning and default. Compared with "0" or "1" only, LORA_KERNELS_AUTOTUNE=false left
+    autotuning on and LORA_KERNELS_TRITON_TMA=true the TMA kernels off, without a word."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in _TRUE or value in _FALSE:
+        return value in _TRUE
+    if value:
+        warnings.warn(f"{name}={os.environ[name]!r} is not one of {'/'.join(_TRUE + _FALSE)}; using the default, "
+                      f"{int(default)}", stacklevel=2)
+    return default
 
 TRITON_ERROR = None
 try:

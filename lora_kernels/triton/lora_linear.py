@@ -16,7 +16,6 @@ Dropout is never stored: element (m, k) of x is kept when tl.rand(seed, m * K + 
 
 import functools
 import numbers
-import os
 
 import torch
 import triton
@@ -24,7 +23,7 @@ import triton.language as tl
 
 from lora_kernels._ext import VMAP_DROPOUT_NEEDS_ONE_SEED, check_devices, is_finite_number, scaled_mm, through_op
 from lora_kernels.triton import (FP_FUSION, INTERPRET, TRITON_DTYPE_NAMES, UPCAST_DOT_OPERANDS, cdiv, check_tensor,
-                                 on_tensor_device, one_launch_at_a_time, round_to_tf32, sm_count)
+                                 env_flag, on_tensor_device, one_launch_at_a_time, round_to_tf32, sm_count)
 
 from triton.tools.tensor_descriptor import TensorDescriptor  # host-side TMA descriptors
 
@@ -695,7 +694,7 @@ _PRUNE = {
 
 # LORA_KERNELS_AUTOTUNE=0 launches the first config the prune keeps, untimed: the GPU tests run many shapes, and
 # autotuning every one of them would spend minutes compiling and timing configs that correctness does not need.
-AUTOTUNE = os.environ.get("LORA_KERNELS_AUTOTUNE", "1") != "0"
+AUTOTUNE = env_flag("LORA_KERNELS_AUTOTUNE", True)
 
 
 def _first_kept(prune):
@@ -856,7 +855,7 @@ def _bwd_da_split(M: int, K: int, r: int, device: torch.device) -> int:
 # The TMA forward and dX kernels are opt-in until a GPU run has measured them against the pointer kernels (bench
 # rows "Triton forward: TMA / pointer loads" and "Triton fwd+bwd: TMA / pointer loads"): LORA_KERNELS_TRITON_TMA=1
 # uses them wherever they can run.
-USE_TMA = os.environ.get("LORA_KERNELS_TRITON_TMA", "0") == "1"
+USE_TMA = env_flag("LORA_KERNELS_TRITON_TMA", False)
 
 
 @functools.cache
