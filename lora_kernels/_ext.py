@@ -45,7 +45,11 @@ def shadowed_installed_extension(package_dir):
     import importlib.metadata  # here: only a missing extension pays for it
     # every lora_kernels on sys.path, not the first only: a checkout's lora_kernels.egg-info (python -m build --sdist
     # leaves one) comes first from the checkout's directory and lists no built extension
-    files = [file for dist in importlib.metadata.distributions(name="lora_kernels") for file in dist.files or ()]
+    # a damaged RECORD (a row of 4 fields, bytes not UTF-8) raised here and failed the import: it only words a message
+    try:
+        files = [file for dist in importlib.metadata.distributions(name="lora_kernels") for file in dist.files or ()]
+    except Exception:
+        return None
     for file in files:
         if file.parts[0] == "lora_kernels" and len(file.parts) == 2 and file.name.startswith("_C."):
             located = os.path.dirname(os.path.abspath(file.locate()))

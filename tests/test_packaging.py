@@ -265,6 +265,11 @@ def test_the_shadowed_install_is_a_recorded_extension_file_that_exists_in_anothe
     assert _ext.shadowed_installed_extension(checkout) is None  # recorded, since deleted
     assert shadowed("lora_kernels/nested/_C.cpython-311-x86_64-linux-gnu.so") is None  # not the package's extension
     assert shadowed("lora_kernels/_Cache.py", "lora_kernels/__init__.py") is None
+    # a damaged RECORD (importlib.metadata's TypeError or UnicodeDecodeError) failed `import lora_kernels` where the
+    # extension was missing (helper 288): it only words the message, which is then the plain "not built"
+    for damaged in (f"{extension},,,\n".encode(), b"lora_kernels/\xff.py,,\n"):
+        (dist_info / "RECORD").write_bytes(damaged)
+        assert _ext.shadowed_installed_extension(checkout) is None
 
 
 def test_the_package_own_extension_is_not_another_copys(tmp_path):
