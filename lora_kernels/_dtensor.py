@@ -4,6 +4,8 @@ imported)."""
 
 import sys
 
+import torch
+
 
 def dtensor_class():
     """torch.distributed.tensor.DTensor once that module is imported, else None."""
@@ -11,6 +13,10 @@ def dtensor_class():
 
 
 def is_dtensor(t):
+    # plain tensors and Parameters answered first (a DTensor made a Parameter keeps its type): the grouped ops ask
+    # 16-21 times a call, at 0.4 µs each through the module lookup below (helper 289)
+    if type(t) is torch.Tensor or type(t) is torch.nn.Parameter:
+        return False
     cls = dtensor_class()
     return cls is not None and isinstance(t, cls)
 

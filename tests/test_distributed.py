@@ -663,8 +663,12 @@ def test_tensor_parallel_needs_a_dtensor_weight_and_both_layout_hooks(monkeypatc
     assert not _dtensor.is_tensor_parallel_hook(hook("user_code", theirs[1]))
     assert not _dtensor.is_tensor_parallel_hook(hook(theirs[0], "shard_tensor.<locals>.<lambda>"))
 
+    class StandIn(nn.Parameter):  # a stand-in DTensor (a plain Parameter is known not to be one)
+        pass
+
     def layer(pre_hook, post_hook):
         linear = nn.Linear(4, 3)
+        linear.weight = StandIn(linear.weight.detach())
         if pre_hook:
             linear.register_forward_pre_hook(hook(*theirs))
         if post_hook:
@@ -673,7 +677,7 @@ def test_tensor_parallel_needs_a_dtensor_weight_and_both_layout_hooks(monkeypatc
         return linear
 
     assert not _dtensor.is_tensor_parallel(layer(True, True))  # plain weight
-    monkeypatch.setattr(_dtensor, "dtensor_class", lambda: nn.Parameter)  # every weight a stand-in DTensor
+    monkeypatch.setattr(_dtensor, "dtensor_class", lambda: StandIn)
     assert _dtensor.is_tensor_parallel(layer(True, True))
     assert not _dtensor.is_tensor_parallel(layer(True, False))
     assert not _dtensor.is_tensor_parallel(layer(False, True))
