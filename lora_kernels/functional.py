@@ -982,7 +982,7 @@ class MultiLoRAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2, weight, lora_a, lora_b, s, scalings, ranks, factor_a, factor_b, *batch_buffers = ctx.saved_tensors
-        batch = LoRABatch(**dict(zip(BUFFER_FIELDS, batch_buffers)), num_adapters=ctx.num_adapters)
+        batch = LoRABatch._built(*batch_buffers, ctx.num_adapters)
         backend = ctx.backend
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         # The slots' gradients in their own dtype (float32 slots of a 16-bit x2: see the class docstring)
