@@ -130,7 +130,10 @@ class LoRABatch:
     @classmethod
     def _built(cls, *values):
         """A batch of buffers this package just built as __post_init__ checks them (from_adapter_ids, a backward's
-        saved copies), without those checks: ~10 µs a layer and step on the host (helper 289)."""
+        saved copies), without those checks: ~10 µs a layer and step on the host (helper 289). Traced, through the
+        constructor (dynamo cannot trace this one; __post_init__ checks nothing there)."""
+        if torch.compiler.is_compiling():
+            return cls(*values)
         batch = object.__new__(cls)
         for field, value in zip(fields(cls), values, strict=True):
             object.__setattr__(batch, field.name, value)
