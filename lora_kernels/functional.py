@@ -1059,9 +1059,35 @@ class MultiLoRAFunction(torch.autograd.Function):
 MULTI_SUBCLASS_WEIGHT_USE = "another backend (or 'auto')"
 
 
+def _multi_lora_args_ok(x, weight, lora_a, lora_b, bias, factor_dtype):
+    """True only when every check of _check_multi_lora_args passes, for plain tensors, tested in few Python
+    operations as _lora_linear_args_ok tests lora_linear's (the full checks: ~9 µs a layer and call, helper 289).
+    Other types (a DTensor, a quantized weight) are for the full checks to judge."""
+    plain, dtype, device, strided = (torch.Tensor, torch.nn.Parameter), x.dtype, x.device, torch.strided
+    factors = () if lora_a is None else (lora_a, lora_b)
+    if not (type(x) in plain and type(weight) in plain and all(type(t) in plain for t in factors)
+            and (bias is None or type(bias) in plain)):
+        return False
+    factor_dtype = factor_dtype or dtype
+    if (dtype not in ops.FLOAT_DTYPES or x.dim() < 1 or x.layout != strided
+            or weight.dtype != dtype or weight.device != device or weight.dim() != 2 or weight.layout != strided
+            or any(t.dtype != factor_dtype or t.device != device or t.dim() != 3 or t.layout != strided
+                   for t in factors)):
+        return False
+    out_features, in_features = weight.shape
+    if x.shape[-1] != in_features or factors and (
+            lora_a.shape[0] == 0 or lora_a.shape[2] != in_features
+            or tuple(lora_b.shape) != (lora_a.shape[0], out_features, lora_a.shape[1])):
+        return False
+    return bias is None or (bias.dtype == dtype and bias.device == device and bias.dim() == 1
+                            and bias.shape[0] == out_features and bias.layout == strided)
+
+
 def _check_multi_lora_args(op, x, weight, lora_a, lora_b, bias, factor_dtype=None):
     """multi_lora_linear's checks of its tensors (after autocast's casts); lora_a and lora_b None: x, weight and
     bias only (multi_lora_base_linear). factor_dtype: as check_lora_linear_args'."""
+    if isinstance(x, torch.Tensor) and _multi_lora_args_ok(x, weight, lora_a, lora_b, bias, factor_dtype):
+        return
     for name, t, ndim in (("x", x, None), ("weight", weight, 2), ("lora_a", lora_a, 3), ("lora_b", lora_b, 3)):
         _check_tensor(op, name, t, ndim=ndim, optional=name.startswith("lora_") and lora_a is None)
     _check_tensor(op, "bias", bias, ndim=1, optional=True)
