@@ -126,10 +126,13 @@ def through_op(tensor):
     """Whether a call goes through its custom op rather than straight to its implementation: when tracing
     (torch.compile, export) and for fake or other tensor subclasses (a memory estimator's FakeTensorMode), which only
     the op's fake impl or the subclass's own dispatch can run, and under torch.func.functionalize (its tensors have no
-    storage a kernel could take: the op's functionalization runs it, or torch refuses it naming the op). Plain eager
-    calls run the implementation directly: the custom-op dispatcher costs ~30 us of host time per call (measured on
-    this project's CPU machine), which a decode step outside a CUDA graph would pay for every launch."""
-    return torch.compiler.is_compiling() or type(tensor) is not torch.Tensor or torch._is_functional_tensor(tensor)
+    storage a kernel could take: the op's functionalization runs it, or torch refuses it naming the op), and under
+    make_fx's tracing of real tensors (torch.func.linearize): the dropout seed read as an int there was torch's
+    "trying to get value out of a tracing tensor" (helper 286). Plain eager calls run the implementation directly:
+    the custom-op dispatcher costs ~30 us of host time per call (measured on this project's CPU machine), which a
+    decode step outside a CUDA graph would pay for every launch."""
+    return (torch.compiler.is_compiling() or type(tensor) is not torch.Tensor or torch._is_functional_tensor(tensor)
+            or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None)
 
 
 def has_host_values(tensor):
@@ -139,10 +142,12 @@ def has_host_values(tensor):
     grouped ops, which then take their slot-masked torch ops, as for fake tensors); nor under
     torch.func.functionalize (torch's RuntimeError on unallocated storage), nor for a tensor torch.func wraps (a
     MultiLoRALinear's scalings under vmap, stack_module_state's ensembles: "Cannot access data pointer of Tensor
-    that doesn't have storage")."""
+    that doesn't have storage"), nor under make_fx's tracing of real tensors (torch.func.linearize: "trying to get
+    value out of a tracing tensor")."""
     return not (torch.compiler.is_compiling() or isinstance(tensor, FakeTensor)
                 or isinstance(tensor, torch.Tensor) and (tensor.is_meta or torch._is_functional_tensor(tensor)
-                                                         or torch._C._functorch.is_functorch_wrapped_tensor(tensor)))
+                                                         or torch._C._functorch.is_functorch_wrapped_tensor(tensor))
+                or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None)
 
 
 def autocast_dtype(device):

@@ -1268,6 +1268,35 @@ def test_torch_func_applies_the_dropout_mask_of_the_autograd_path(backend, devic
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_linearize_and_make_fx_of_real_tensors_trace_the_dropout_mask(backend, device):
+    """torch.func.linearize and make_fx(tracing_mode="real") trace real tensors: reading the dropout seed as an int
+    there was torch's "trying to get value out of a tracing tensor" on every backend (helper 286). They go through
+    the custom ops now, as other tracing does: the traced functions give eager's results for the same seed (the
+    linearized function draws its mask anew when called, as torch's own dropout does there)."""
+    backend_or_skip(backend, device)
+    from torch.fx.experimental.proxy_tensor import make_fx
+    x, weight, lora_a, lora_b, bias = lora_inputs(6, 32, 16, 4, device=device)
+    tangent = randn(6, 32, device=device)
+
+    def f(x):
+        return lora_linear(x, weight, lora_a, lora_b, 2.0, bias, dropout_p=0.5, backend=backend)
+
+    torch.manual_seed(3)
+    y, jvp_of = torch.func.linearize(f, x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(y, f(x))
+    torch.manual_seed(5)
+    got_tangent = jvp_of(tangent)
+    torch.manual_seed(5)
+    torch.testing.assert_close(got_tangent, torch.func.jvp(f, (x,), (tangent,))[1])
+    traced = make_fx(f)(x)
+    torch.manual_seed(4)
+    replayed = traced(x)
+    torch.manual_seed(4)
+    torch.testing.assert_close(replayed, f(x))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_torch_func_compiled_whole_matches_eager(backend, device):
     """torch.compile(fullgraph=True) of a torch.func transform of lora_linear with dropout: the eager transform's
     output and gradients (the torch composition, with the backend's mask). Dynamo answers whether a transform is

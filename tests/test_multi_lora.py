@@ -3263,3 +3263,23 @@ def test_an_ensemble_of_multi_lora_layers_runs_under_vmap(backend):
     x, ids = torch.randn(5, 16), torch.tensor([0, 1, -1, 1, 0])
     ensemble = torch.func.vmap(lambda p, b: torch.func.functional_call(skeleton, (p, b), (x, ids)))(params, buffers)
     assert_close(ensemble, torch.stack([layer(x, ids) for layer in models]), torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "reference", "triton"])
+def test_linearize_and_make_fx_of_real_tensors_trace_multi_lora_linear(backend):
+    """make_fx(tracing_mode="real") and torch.func.linearize read the slots' scalings, ranks and batch on the host
+    before: torch's "trying to get value out of a tracing tensor" (helper 286's lead). They take the traced paths
+    now: eager's outputs and tangents."""
+    if backend not in backends.available_backends("cpu"):
+        pytest.skip(f"{backend} is not available here")
+    from torch.fx.experimental.proxy_tensor import make_fx
+    torch.manual_seed(0)
+    layer = lk.MultiLoRALinear(nn.Linear(16, 12), 3, 4, backend=backend)
+    for slot in range(3):
+        layer.set_adapter(slot, torch.randn(4 - slot, 16), torch.randn(12, 4 - slot), 0.5 + slot)
+    x, ids, tangent = torch.randn(5, 16), torch.tensor([0, 1, -1, 2, 0]), torch.randn(5, 16)
+    torch.testing.assert_close(make_fx(layer)(x, ids)(x, ids), layer(x, ids))
+    y, jvp_of = torch.func.linearize(lambda x: layer(x, ids), x)
+    expected_y, expected_tangent = torch.func.jvp(lambda x: layer(x, ids), (x,), (tangent,))
+    torch.testing.assert_close(y, expected_y)
+    torch.testing.assert_close(jvp_of(tangent), expected_tangent)
