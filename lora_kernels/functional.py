@@ -400,6 +400,11 @@ def _lora_linear_forward(x2, weight, lora_a, lora_b, bias, scaling, dropout_p, s
         # it is applied to the fp32 S, as the Triton shrink applies it: x/(1-p) rounded to fp16 passes 65504 where x
         # does not (x = 40000 at p = 0.5 gave S = inf, and y = NaN where lora_b is zeros, against a finite reference).
         keep_scale = 1.0 / (1.0 - dropout_p)
+        if not _scaling_fits(scaling * keep_scale, x2.dtype):  # the op's own refusal named a scaling never passed
+            raise ValueError(f"lora_linear: scaling {scaling!r} with dropout_p {dropout_p!r}: the {backend} kernels "
+                             f"apply scaling / (1 - dropout_p) = {scaling * keep_scale!r} in one factor, past "
+                             f"{'float64' if x2.dtype == torch.float64 else 'float32'}'s range (the torch and triton "
+                             f"backends take it)")
         y, s = torch.ops.lora_kernels.lora_fwd(x2, x2 * keep, weight, lora_a, lora_b, scaling * keep_scale, bias)
         return y, s.mul_(keep_scale)
     # "torch": the unfused composition PEFT runs, in the input dtype. The dropped x and its mask ([M, K] each) are

@@ -1650,3 +1650,15 @@ def test_functionalize_runs_lora_linear(backend, device):
     assert_close(functionalize(call)(x), call(x), torch.float32, "y")
     of_weight = lambda w: lora_linear(x, w, lora_a, lora_b, 0.7, bias, backend=backend)
     assert_close(functionalize(of_weight)(weight), of_weight(weight), torch.float32, "y of weight")
+
+
+def test_a_scaling_whose_dropout_multiple_overflows_is_refused_naming_both(device):
+    """The cpu and cuda kernels take scaling / (1 - p) as one float32 factor: a scaling within float32's range
+    whose multiple is not was refused by the op, naming a scaling the caller never passed (helper 285)."""
+    backend = "cuda" if device == "cuda" else "cpu"
+    backend_or_skip(backend, device)
+    x, weight, lora_a, lora_b, _ = lora_inputs(4, 8, 6, 2, device=device, bias=False)
+    with pytest.raises(ValueError, match=rf"lora_linear: scaling 2e\+38 with dropout_p 0.5: the {backend} kernels "
+                                         r"apply scaling / \(1 - dropout_p\) = 4e\+38 in one factor, past float32's "
+                                         r"range"):
+        lora_linear(x, weight, lora_a, lora_b, 2.0e38, dropout_p=0.5, backend=backend)
