@@ -152,11 +152,13 @@ def has_host_values(tensor):
 
 def autocast_dtype(device):
     """The dtype torch.autocast runs matmuls in on this device, or None where autocast is off."""
-    # eager, with autocast off everywhere (the usual case), one call of 0.1 µs instead of the 0.9 below, which runs
-    # once a forward and 2-3 times a backward (helper 289); traced, the calls below, which dynamo knows
-    if not torch.compiler.is_compiling() and not torch._C._is_any_autocast_enabled():
-        return None
     device_type = device.type
+    # eager on cpu and cuda, with autocast off everywhere (the usual case), one call of 0.1 µs instead of the 0.9
+    # below, which runs once a forward and 2-3 times a backward (helper 289). Not for other devices (it does not
+    # see MPS autocast, review 290); traced, the calls below, which dynamo knows.
+    if (device_type in ("cpu", "cuda") and not torch.compiler.is_compiling()
+            and not torch._C._is_any_autocast_enabled()):
+        return None
     # cpu and cuda always have autocast. Asking torch.amp.is_autocast_available about them broke
     # torch.compile(fullgraph=True) on torch 2.11, whose dynamo cannot trace it (2.14's can).
     if device_type not in ("cpu", "cuda") and not torch.amp.is_autocast_available(device_type):

@@ -1662,3 +1662,15 @@ def test_a_scaling_whose_dropout_multiple_overflows_is_refused_naming_both(devic
                                          r"apply scaling / \(1 - dropout_p\) = 4e\+38 in one factor, past float32's "
                                          r"range"):
         lora_linear(x, weight, lora_a, lora_b, 2.0e38, dropout_p=0.5, backend=backend)
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "mps", "maia"])
+def test_autocast_dtype_sees_autocast_on_devices_its_quick_check_does_not_cover(device_type):
+    """autocast_dtype answers "off" from one call where no autocast is on; torch's call does not see MPS (or MAIA)
+    autocast, where it had answered "off" inside torch.autocast("mps") (review 290)."""
+    from lora_kernels._ext import autocast_dtype
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # autocast on a device this machine lacks
+        with torch.autocast(device_type, dtype=torch.float16):
+            assert autocast_dtype(torch.device(device_type)) == torch.float16
+    assert autocast_dtype(torch.device(device_type)) is None
