@@ -176,10 +176,10 @@ def check_output(op, name, out, inputs, refuse_undecided=False):
     in the common case (separate memory). Not while tracing, nor for meta and fake tensors, which have no memory to
     compare. A tensor that requires grad is refused while grad mode is on (check_no_grad_inputs): torch's in-place
     ops raised on a leaf only after computing, the cpu and triton kernels wrote into it, or into a view of it."""
+    check_no_grad_inputs(op, ((name, out),))  # metadata only: also for tensors torch.func wraps (review 290)
+    refuse_inference_tensor_writes(op, ((name, out),))
     if not has_host_values(out):
         return False
-    check_no_grad_inputs(op, ((name, out),))
-    refuse_inference_tensor_writes(op, ((name, out),))
     if _may_overlap_itself(out):
         expanded = any(stride == 0 and size > 1 for size, stride in zip(out.shape, out.stride()))
         raise ValueError(f"{op}: {name} expected a tensor whose elements do not overlap in memory, got shape "

@@ -10,7 +10,7 @@ import torch
 
 import lora_kernels as lk
 from conftest import backend_or_skip
-from lora_kernels import ops
+from lora_kernels import backends, ops
 from lora_kernels import triton as triton_pkg
 from lora_kernels.batch import BUFFER_FIELDS, LoRABatch
 
@@ -1100,3 +1100,24 @@ def test_auto_leaves_out_the_triton_kernels_where_they_cannot_run(monkeypatch):
     monkeypatch.setattr(backends._triton_pkg, "INTERPRET", True)
     assert backends.auto_backend(torch.device("cuda"), "multi_lora_linear", torch.float32) != "triton"
 
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "reference"])
+def test_an_out_that_requires_grad_is_refused_under_torch_func_grad_too(backend):
+    """check_output read "no host values" for a tensor torch.func wraps and returned before its metadata checks: an
+    out that requires grad went through under torch.func.grad (review 290). They run first now."""
+    if backend not in backends.available_backends("cpu"):
+        pytest.skip(f"{backend} is not available here")
+    torch.manual_seed(0)
+    x, weight = torch.randn(5, 8), torch.randn(6, 8)
+    lora_b = torch.randn(2, 6, 3)
+    batch = lk.LoRABatch.from_adapter_ids(torch.tensor([0, 1, -1, 1, 0]), 2)
+    t = lk.ops.lora_shrink(x, torch.randn(2, 3, 8), batch, torch.tensor([1.0, 2.0]), backend=backend)
+
+    def loss(weight):
+        out = x @ weight.T
+        lk.ops.lora_expand(t, lora_b, batch, out, backend=backend)
+        return out.square().sum()
+
+    with pytest.raises(ValueError, match=r"lora_expand: out expected a tensor that does not require grad"):
+        torch.func.grad(loss)(weight)
