@@ -15,7 +15,6 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch._C._functorch import TransformType, get_interpreter_stack
 
 from lora_kernels._dtensor import (describe, is_dtensor, is_tensor_parallel_hook, reshard_fsdp2_units,
                                    tensor_parallel_hooks)
@@ -2112,11 +2111,6 @@ class BatchAdapterIds:
         """ValueError unless an input with leading dims `lead` has a batch dimension the names can cover."""
         if not self.per_row:
             return
-        if self.count > 1 and any(level.key() == TransformType.Vmap for level in get_interpreter_stack() or ()):
-            # the layer sees one sample of the mapped batch: the names were spread over that sample's first dim
-            raise ValueError(f"MultiLoRALinear: set_batch_adapters got {self.count} adapter names (one per row), "
-                             f"which cannot run under torch.func.vmap: the layers see one sample, not the rows; "
-                             f"call the model outside vmap, or pass one name")
         if not lead or lead[0] % self.count:
             raise ValueError(f"MultiLoRALinear: set_batch_adapters got {self.count} adapter names, but the layer input "
                              f"has shape {tuple(lead)} + [features] (the batch dimension first, expected a multiple "

@@ -3226,22 +3226,20 @@ def _two_adapter_model(tmp_path, backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu", "reference"])
-def test_set_batch_adapters_per_row_names_are_refused_under_vmap(backend, tmp_path):
-    """Under torch.func.vmap over the batch each layer sees one sample [T, K]: the per-row names were spread over
-    that sample's tokens (tokens 2-3 of row 0 got adapter "b"), 5.1 off the eager forward without a word (helper
-    286). They are refused there now; one name (all rows alike) still runs under vmap."""
+def test_set_batch_adapters_per_row_names_under_vmap_over_another_dimension(backend, tmp_path):
+    """vmap over a dimension other than the rows (jacfwd's tangents, a batch of scales) leaves the layers the rows,
+    and the names apply to them: eager's results. (A refusal of per-row names under any vmap broke these; review
+    290. vmap over the rows themselves spreads the names over each sample's first dimension: README.)"""
     if backend not in backends.available_backends("cpu"):
         pytest.skip(f"{backend} is not available here")
     model = _two_adapter_model(tmp_path, backend)
-    x = torch.randn(2, 4, 8)
+    x, scales = torch.randn(2, 3, 8), torch.tensor([0.5, 2.0, -1.0])
     with lk.set_batch_adapters(model, ["a", "b"]):
-        with pytest.raises(ValueError, match=r"set_batch_adapters got 2 adapter names \(one per row\), which cannot "
-                                             r"run under torch.func.vmap"):
-            torch.func.vmap(model)(x)
-    with lk.set_batch_adapters(model, "b"):
-        assert_close(torch.func.vmap(model)(x), model(x), torch.float32)
-    with lk.set_batch_adapters(model, ["b"]):
-        assert_close(torch.func.vmap(model)(x), model(x), torch.float32)
+        mapped = torch.func.vmap(lambda scale: model(x * scale))(scales)
+        assert_close(mapped, torch.stack([model(x * scale) for scale in scales]), torch.float32)
+        jacobian = torch.func.jacfwd(model)(x)
+        expected = torch.autograd.functional.jacobian(model, x)
+    assert_close(jacobian, expected, torch.float32)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu", "reference", "triton"])
