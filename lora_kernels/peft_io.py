@@ -504,9 +504,6 @@ def _targets(model, config, op):
         raise ValueError(f"{op}: the adapter's target_modules {config.target_modules!r} match no module of the model")
     left_out = [name for name, module in found
                 if not isinstance(module, LORA_WRAPPERS) and is_attention_out_proj(model, name)]
-    if len(left_out) == len(found):
-        raise ValueError(f"{op}: the adapter's target_modules {config.target_modules!r} match only {left_out[:3]}, "
-                         f"{ATTENTION_OUT_PROJ}: an adapter there changes no output")
     if left_out:
         shown = ", ".join(repr(name) for name in left_out[:3]) + (" ..." if len(left_out) > 3 else "")
         warn_at_caller(f"{op}: left out {len(left_out)} targeted layer(s), {ATTENTION_OUT_PROJ}: {shown}; their "
@@ -863,6 +860,10 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
     base_tensors, tensors = _split_base_layers(targets, tensors, file, adapter_name, op)
     embedding_tensors, tensors = _split_embedding_layers(model, targets, heads, tensors, file, adapter_name, op)
     base_tensors += embedding_tensors
+    if not (targets or heads or biases or base_tensors):
+        raise ValueError(f"{op}: the adapter's target_modules {config.target_modules!r} match only {left_out[:3]}, "
+                         f"{ATTENTION_OUT_PROJ}, and the file holds nothing else to load: an adapter there changes "
+                         f"no output")
     grouped = group_adapter_weights(tensors, file, config.modules_to_save, config.bias)
     for name in left_out:
         grouped.pop(state_dict_name(name), None)

@@ -3544,9 +3544,39 @@ def test_a_file_that_targets_only_a_multihead_attention_out_proj_is_refused_unto
     model = _AttentionThenLinear()
     snapshot = _snapshot(model)
     with pytest.raises(ValueError, match=r"target_modules \['out_proj'\] match only \['attn.out_proj'\], the out_proj "
-                                         r"of an nn.MultiheadAttention, .*: an adapter there changes no output"):
+                                         r"of an nn.MultiheadAttention, .*, and the file holds nothing else to load"):
         lk.load_peft_adapter(model, tmp_path)
     _assert_same(model, snapshot)
+
+
+class _AttentionThenClassifier(_AttentionThenLinear):
+    def __init__(self):
+        super().__init__()
+        self.classifier = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.classifier(super().forward(x))
+
+
+def test_a_peft_file_with_only_an_attention_out_proj_target_still_loads_its_trained_head(tmp_path):
+    """PEFT with target_modules=["out_proj"] and a modules_to_save head: the head is what the file changes. The
+    first version of the out_proj rule refused the file as "an adapter there changes no output" (review 290); it
+    loads the head, as PEFT does, and leaves the out_proj out with a warning."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(1)
+    base = _AttentionThenClassifier().eval()
+    state = copy.deepcopy(base.state_dict())
+    theirs = peft.get_peft_model(base, peft.LoraConfig(target_modules=["out_proj"], modules_to_save=["classifier"],
+                                                       r=4, init_lora_weights=False)).eval()
+    with torch.no_grad():
+        theirs.base_model.model.classifier.modules_to_save["default"].weight.add_(1.0)
+    theirs.save_pretrained(tmp_path)
+    x = torch.randn(2, 5, 16)
+    model = _AttentionThenClassifier().eval()
+    model.load_state_dict(state)
+    with pytest.warns(UserWarning, match=r"left out 1 targeted layer\(s\)"):
+        lk.load_peft_adapter(model, tmp_path, backend=BACKEND)
+    torch.testing.assert_close(model(x), theirs(x), rtol=1e-6, atol=1e-6)
 
 
 class _SharedProjection(nn.Module):
