@@ -400,7 +400,9 @@ def _lora_linear_forward(x2, weight, lora_a, lora_b, bias, scaling, dropout_p, s
         # it is applied to the fp32 S, as the Triton shrink applies it: x/(1-p) rounded to fp16 passes 65504 where x
         # does not (x = 40000 at p = 0.5 gave S = inf, and y = NaN where lora_b is zeros, against a finite reference).
         keep_scale = 1.0 / (1.0 - dropout_p)
-        if not _scaling_fits(scaling * keep_scale, x2.dtype):  # the op's own refusal named a scaling never passed
+        # the op's own refusal named a scaling never passed; not while tracing (a symbolic scaling: see
+        # _lora_linear_args_ok)
+        if not torch.compiler.is_compiling() and not _scaling_fits(scaling * keep_scale, x2.dtype):
             raise ValueError(f"lora_linear: scaling {scaling!r} with dropout_p {dropout_p!r}: the {backend} kernels "
                              f"apply scaling / (1 - dropout_p) = {scaling * keep_scale!r} in one factor, past "
                              f"{'float64' if x2.dtype == torch.float64 else 'float32'}'s range (the torch and triton "
