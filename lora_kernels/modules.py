@@ -491,11 +491,17 @@ class LoRALinear(nn.Module):
         # The Parameters read from the dicts that hold them: nn.Module.__getattr__ costs ~1 µs a read, and these
         # reads ~10 µs of a forward's host time (helper 289). Through getattr where a dict lacks one (a
         # parametrization computes it, FSDP1 sets a view, a pre-hook recomputes it: refused below).
+        # A subclass's own base_weight() is its to compute (review 291).
         weight, bias = self._parameters.get("weight"), self._parameters.get("bias")
         lora_a = self._modules["lora_A"]._parameters.get("weight")
         lora_b = self._modules["lora_B"]._parameters.get("weight")
-        if weight is None:
-            weight = self.weight
+        if type(self).base_weight is not LoRALinear.base_weight:
+            weight = self.base_weight()
+        else:
+            if weight is None:
+                weight = self.weight
+            if self.fan_in_fan_out:
+                weight = weight.T
         if bias is None:
             bias = self.bias
         if lora_a is None or lora_b is None:
@@ -505,8 +511,8 @@ class LoRALinear(nn.Module):
         # The factors in their own dtype: lora_linear_float32_factors casts them to x's (float32 ones of a 16-bit
         # layer inside the autograd Function, which gives their gradients in float32)
         try:
-            return lora_linear_float32_factors(x, weight.T if self.fan_in_fan_out else weight, lora_a, lora_b,
-                                               self.scaling, bias, dropout_p, self.backend)
+            return lora_linear_float32_factors(x, weight, lora_a, lora_b, self.scaling, bias, dropout_p,
+                                               self.backend)
         except ValueError:  # a factor's device refused: say why where accelerate's offloading is the cause
             offloaded = self._offloaded_error("LoRALinear.forward")
             if offloaded is not None:

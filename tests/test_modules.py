@@ -2565,3 +2565,19 @@ def test_a_pruned_linear_is_refused_with_how_to_remove_the_pruning():
     torch.nn.utils.prune.l1_unstructured(linear, "weight", 0.5)
     with pytest.raises(TypeError, match=r"torch.nn.utils.prune, compute it in a forward pre-hook.*prune.remove"):
         LoRALinear.from_linear(linear)
+
+
+def test_a_subclass_that_computes_its_base_weight_is_used_by_the_forward():
+    """The forward reads the weight from the layer's parameter dict (host time); a subclass's base_weight() had been
+    skipped there, while the disabled and merged paths used it (review 291)."""
+
+    class HalfWeight(LoRALinear):
+        def base_weight(self):
+            return super().base_weight() * 0.5
+
+    layer = HalfWeight.from_linear(nn.Linear(8, 6), r=2).eval()  # B = 0: the adapter adds nothing
+    x = torch.randn(3, 8)
+    with layer.disable_adapter():
+        disabled = layer(x)
+    torch.testing.assert_close(layer(x), disabled)
+    torch.testing.assert_close(disabled, nn.functional.linear(x, layer.weight * 0.5, layer.bias))
