@@ -491,23 +491,28 @@ def group_adapter_weights(tensors, file, modules_to_save=None, bias="none"):
 
 # -------------------------------------------------------------------------------------------------------------- load
 
-def _targets(model, config, op):
+def _targets(model, config, op, into_slots):
     """([(name, module)] that the config targets in `model`, with PEFT's matching (inside LoRA wrappers excluded),
-    [names of the targets left out]). An nn.MultiheadAttention's out_proj is left out with a warning, as inject_lora
-    leaves it: the attention reads its weight and never calls it, so PEFT's LoRA there changes no output (a file
-    saved with "all-linear" on a model with one lists it) until merge_and_unload folds it into the weight."""
+    [names of the targets left out]). An nn.MultiheadAttention's out_proj, which the attention reads the weight of
+    and never calls (a file saved with "all-linear" on a model with one lists it): PEFT's LoRA there changes no
+    output until merge_and_unload folds it into the weight. A single adapter wraps it as PEFT does (its biases,
+    heads and merge as PEFT's), with a warning; into slots (`into_slots`), where prepare_multi_adapter left it out,
+    it is left out with a warning, its factors unloaded."""
     refuse_uninitialised_modules(op, model)
     found = named_target_modules(model, config.target_modules, config.exclude_modules,
                                  layers_to_transform=config.layers_to_transform,
                                  layers_pattern=config.layers_pattern, modules_to_save=config.modules_to_save, op=op)
     if not found:
         raise ValueError(f"{op}: the adapter's target_modules {config.target_modules!r} match no module of the model")
-    left_out = [name for name, module in found
-                if not isinstance(module, LORA_WRAPPERS) and is_attention_out_proj(model, name)]
-    if left_out:
-        shown = ", ".join(repr(name) for name in left_out[:3]) + (" ..." if len(left_out) > 3 else "")
-        warn_at_caller(f"{op}: left out {len(left_out)} targeted layer(s), {ATTENTION_OUT_PROJ}: {shown}; their "
-                       f"factors in the file are not loaded (in PEFT they change no output until merge_and_unload)")
+    out_projs = [name for name, module in found
+                 if not isinstance(module, LORA_WRAPPERS) and is_attention_out_proj(model, name)]
+    if out_projs:
+        shown = ", ".join(repr(name) for name in out_projs[:3]) + (" ..." if len(out_projs) > 3 else "")
+        warn_at_caller(f"{op}: {len(out_projs)} targeted layer(s) are {ATTENTION_OUT_PROJ} ({shown}): their LoRA "
+                       f"factors change no output and get no gradient (as in PEFT), "
+                       + ("so they are left out of the slots, unloaded" if into_slots else
+                          "until merge_and_unload folds them into the weight, as PEFT's does"))
+    left_out = out_projs if into_slots else []
     return [(name, module) for name, module in found if name not in left_out], left_out
 
 
@@ -846,7 +851,7 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
     path = resolve_adapter_dir(op, path, revision=revision, subfolder=subfolder)
     config = read_adapter_config(path)
     tensors, file = read_adapter_weights(path)
-    targets, left_out = _targets(model, config, op)
+    targets, left_out = _targets(model, config, op, into_slots=adapter_name is not None)
     if adapter_name is not None:  # before the file's tensors are matched to the layers, which assumes slots
         for name, module in targets:
             if isinstance(module, (nn.Linear, LoRALinear)) or is_conv1d(module):
@@ -860,10 +865,9 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
     base_tensors, tensors = _split_base_layers(targets, tensors, file, adapter_name, op)
     embedding_tensors, tensors = _split_embedding_layers(model, targets, heads, tensors, file, adapter_name, op)
     base_tensors += embedding_tensors
-    if not (targets or heads or biases or base_tensors):
+    if not (targets or heads or biases or base_tensors):  # into slots: nothing left to load
         raise ValueError(f"{op}: the adapter's target_modules {config.target_modules!r} match only {left_out[:3]}, "
-                         f"{ATTENTION_OUT_PROJ}, and the file holds nothing else to load: an adapter there changes "
-                         f"no output")
+                         f"{ATTENTION_OUT_PROJ}; the slots leave it out: an adapter there changes no output")
     grouped = group_adapter_weights(tensors, file, config.modules_to_save, config.bias)
     for name in left_out:
         grouped.pop(state_dict_name(name), None)
