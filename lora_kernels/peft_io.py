@@ -509,9 +509,9 @@ def _targets(model, config, op, into_slots):
     if out_projs:
         shown = ", ".join(repr(name) for name in out_projs[:3]) + (" ..." if len(out_projs) > 3 else "")
         warn_at_caller(f"{op}: {len(out_projs)} targeted layer(s) are {ATTENTION_OUT_PROJ} ({shown}): their LoRA "
-                       f"factors change no output and get no gradient (as in PEFT), "
+                       f"factors change no output and get no gradient, as in PEFT, "
                        + ("so they are left out of the slots, unloaded" if into_slots else
-                          "until merge_and_unload folds them into the weight, as PEFT's does"))
+                          "until merge_and_unload folds them into the weight"))
     left_out = out_projs if into_slots else []
     return [(name, module) for name, module in found if name not in left_out], left_out
 

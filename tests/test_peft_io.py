@@ -3515,7 +3515,7 @@ def test_load_wraps_a_multihead_attention_out_proj_as_peft_with_a_warning(tmp_pa
     model = _AttentionThenLinear().eval()
     with pytest.warns(UserWarning, match=r"load_peft_adapter: 1 targeted layer\(s\) are the out_proj of an "
                                          r"nn.MultiheadAttention, .* \('attn.out_proj'\): their LoRA factors change "
-                                         r"no output and get no gradient \(as in PEFT\), until merge_and_unload"):
+                                         r"no output and get no gradient, as in PEFT, until merge_and_unload"):
         lk.load_peft_adapter(model, tmp_path, backend=BACKEND)
     assert isinstance(model.attn.out_proj, LoRALinear) and isinstance(model.fc, LoRALinear)
     torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
@@ -3560,6 +3560,16 @@ class _AttentionThenClassifier(_AttentionThenLinear):
         return self.classifier(super().forward(x))
 
 
+def _load_with_the_out_proj_warning(path, base_state):
+    """A fresh _AttentionThenClassifier with base_state, and the PEFT file at path loaded into it, which warns about
+    the attention's out_proj."""
+    model = _AttentionThenClassifier().eval()
+    model.load_state_dict(base_state)
+    with pytest.warns(UserWarning, match=r"1 targeted layer\(s\) are the out_proj"):
+        lk.load_peft_adapter(model, path, backend=BACKEND)
+    return model
+
+
 def test_a_peft_file_with_only_an_attention_out_proj_target_still_loads_its_trained_head(tmp_path):
     """PEFT with target_modules=["out_proj"] and a modules_to_save head: the head is what the file changes. A first
     version of the out_proj rule refused the file as "an adapter there changes no output" (review 290); it loads,
@@ -3574,10 +3584,7 @@ def test_a_peft_file_with_only_an_attention_out_proj_target_still_loads_its_trai
         theirs.base_model.model.classifier.modules_to_save["default"].weight.add_(1.0)
     theirs.save_pretrained(tmp_path)
     x = torch.randn(2, 5, 16)
-    model = _AttentionThenClassifier().eval()
-    model.load_state_dict(state)
-    with pytest.warns(UserWarning, match=r"1 targeted layer\(s\) are the out_proj"):
-        lk.load_peft_adapter(model, tmp_path, backend=BACKEND)
+    model = _load_with_the_out_proj_warning(tmp_path, state)
     torch.testing.assert_close(model(x), theirs(x), rtol=1e-6, atol=1e-6)
 
 
@@ -3597,10 +3604,7 @@ def test_a_peft_file_that_trains_an_attention_out_proj_bias_loads_as_peft(tmp_pa
                 parameter.add_(0.5)
     theirs.save_pretrained(tmp_path)
     x = torch.randn(2, 5, 16)
-    model = _AttentionThenClassifier().eval()
-    model.load_state_dict(state)
-    with pytest.warns(UserWarning, match=r"1 targeted layer\(s\) are the out_proj"):
-        lk.load_peft_adapter(model, tmp_path, backend=BACKEND)
+    model = _load_with_the_out_proj_warning(tmp_path, state)
     untrained = _AttentionThenClassifier().eval()
     untrained.load_state_dict(state)
     assert (model(x) - untrained(x)).abs().max() > 0.1  # the trained biases count
