@@ -951,6 +951,23 @@ def _put_back(replaced):
         setattr(module, name, old)
 
 
+def _refuse_computed_factors(op, name, layer):
+    """ValueError when a LoRALinear's factor weight is computed from other parameters (torch.nn.utils.parametrize,
+    or the deprecated weight_norm / spectral_norm hooks): the file's values copied into it would be lost on the next
+    access, leaving that factor as it was while the rest of the adapter loads (as PEFT, which reports the keys)."""
+    for key in ("lora_A", "lora_B"):
+        factor = getattr(layer, key)
+        if "weight" in factor._parameters:
+            continue
+        if nn.utils.parametrize.is_parametrized(factor, "weight") or any(
+                f"weight{suffix}" in factor._parameters for suffix in ("_orig", "_g", "_v")):
+            raise ValueError(f"{op}: module {name!r}: {key}.weight is computed from other parameters on each access "
+                             f"or forward (torch.nn.utils.parametrize, weight_norm or spectral_norm), so the file's "
+                             f"{key} written into it would be lost; the model is unchanged. Remove that first "
+                             f"(torch.nn.utils.parametrize.remove_parametrizations(layer.{key}, 'weight')), load, "
+                             f"then apply it again")
+
+
 def _commit_single(model, config, plan, grouped, heads, biases, base_tensors, backend,
                    autocast_adapter_dtype):
     op = "load_peft_adapter"
@@ -962,6 +979,8 @@ def _commit_single(model, config, plan, grouped, heads, biases, base_tensors, ba
             raise ValueError(f"{op}: module {name!r}: the adapter's lora_dropout is {config.lora_dropout!r}, but "
                              f"the layer is tensor-parallel (a DTensor weight from parallelize_module), where dropout "
                              f"is refused: each process would draw its own mask; the model is unchanged")
+        if isinstance(module, LoRALinear):
+            _refuse_computed_factors(op, name, module)
         # on the layer's device, in the file's dtype: copy_ rounds once, into the factors' own dtype
         lora_a = grouped[name]["lora_A"].to(device=module.weight.device)
         lora_b = grouped[name]["lora_B"].to(device=module.weight.device)

@@ -3320,6 +3320,33 @@ def test_load_into_a_model_made_under_inference_mode_is_refused_by_name_before_a
     assert isinstance(model.q_proj, LoRALinear) == (kind == "factors")
 
 
+@pytest.mark.parametrize("kind", ["weight_norm", "orthogonal", "deprecated weight_norm"])
+def test_a_load_into_a_computed_factor_is_refused_by_name_with_the_model_unchanged(kind, tmp_path):
+    """README: parametrizations of a factor work. A load copied the file's factor into the weight a parametrization
+    computes on each access, so that factor silently kept its values while the other factor and the scaling loaded
+    (helper 292; PEFT reports the parametrization's keys as missing). The deprecated weight_norm hook's weight is a
+    plain attribute the forward refuses: the load refuses it first."""
+    lk.save_peft_adapter(_trained(lora_alpha=6), tmp_path)
+    model = _trained()
+    layer = model.layers[0].q_proj
+    if kind == "weight_norm":
+        nn.utils.parametrizations.weight_norm(layer.lora_A)
+    elif kind == "orthogonal":
+        nn.utils.parametrizations.orthogonal(layer.lora_B)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # its deprecation
+            nn.utils.weight_norm(layer.lora_A)
+    key = "lora_B" if kind == "orthogonal" else "lora_A"
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    attributes = _lora_attributes(model)
+    with pytest.raises(ValueError, match=rf"load_peft_adapter: module 'layers.0.q_proj': {key}.weight is computed "
+                                         rf"from other parameters .* the model is unchanged"):
+        lk.load_peft_adapter(model, tmp_path)
+    assert _lora_attributes(model) == attributes
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
 def test_a_loaded_task_type_peft_does_not_know_is_refused_before_any_file_is_written(tmp_path):
     """README: "a task type PEFT does not know is refused before any file is written". One read from an adapter
     file (which PEFT itself refuses to load: "Invalid task type") was written to the new file unchecked."""
