@@ -246,12 +246,36 @@ def _is_stream(path):
     return os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path)
 
 
+def _standard_stream(path):
+    """sys.stdout or sys.stderr where PATH is the file or device it writes to (/dev/stdout, /dev/fd/2, the file the
+    shell redirected it to), else None. Such a file is written through that stream: opened anew it was truncated,
+    and renamed over it lost what the stream had printed (the table) and what the shell's `>>` had kept."""
+    try:
+        target = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            own = os.fstat(stream.fileno())
+        except (AttributeError, OSError, ValueError):  # a stream without a descriptor (replaced, closed)
+            continue
+        if (own.st_dev, own.st_ino) == (target.st_dev, target.st_ino):
+            return stream
+    return None
+
+
 def _write_json(result, path):
     """Written to a temporary file and renamed, so a run killed mid-write never leaves a truncated file. The rename
     goes to the file a link points at (the link stays), and a device or FIFO is written in place: renaming over it
-    had replaced /dev/null (as root) or a link with a regular file."""
+    had replaced /dev/null (as root) or a link with a regular file. What stdout or stderr writes to is written
+    through that stream (see _standard_stream)."""
     from lora_kernels.compare import to_json
     text = to_json(result) + "\n"
+    stream = _standard_stream(path)
+    if stream is not None:
+        stream.write(text)
+        stream.flush()
+        return
     if _is_stream(path):
         with open(path, "w") as f:
             f.write(text)
@@ -280,7 +304,7 @@ def _output_paths_ok(command, args):
             problem = "expected a file path, got ''"
         elif os.path.isdir(path):
             problem = "is a folder, expected a file path"
-        elif _is_stream(path):  # /dev/stdout, a FIFO: written in place, its folder need not be writable
+        elif _is_stream(path) or _standard_stream(path):  # written in place: its folder need not be writable
             problem = None if os.access(path, os.W_OK) else "cannot be written"
         elif not os.path.isdir(folder):
             problem = f"the folder {folder} does not exist"
@@ -453,7 +477,8 @@ def run_bench_command(args):
         print(f"lora-kernels {exc}", file=sys.stderr)
         return 2
     # a stream (/dev/stdout, a FIFO) gets the whole result once, not a document per measurement
-    on_update = _progress_writer("bench", args.save) if args.save and not _is_stream(args.save) else None
+    on_update = (_progress_writer("bench", args.save)
+                 if args.save and not (_is_stream(args.save) or _standard_stream(args.save)) else None)
     result = _run_sized("bench", lambda: bench.run_bench(config, on_update=on_update), _sizes(config, BENCH_SIZES))
     if result is None:
         return 1

@@ -778,6 +778,20 @@ def test_save_to_a_fifo_or_device_writes_into_it_and_leaves_it_one(tmp_path):
     assert not (tmp_path / "pipe.tmp").exists()
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/stdout"), reason="no /dev/stdout here")
+def test_save_to_dev_stdout_redirected_to_a_file_keeps_what_was_printed(tmp_path):
+    """`lora-kernels compare --save /dev/stdout >> log.txt`: /dev/stdout led to the regular file, which was renamed
+    over, so the log kept the JSON alone: the printed table and the log's earlier lines were gone (bench's rename
+    left a partial result; helper 294). It is written through stdout, after what was printed."""
+    log = tmp_path / "log.txt"
+    log.write_text("EARLIER\n")
+    script = "from lora_kernels import cli; print('TABLE'); cli._write_json({'a': 1}, '/dev/stdout')"
+    with open(log, "a") as out:
+        subprocess.run([sys.executable, "-c", script], stdout=out, check=True, timeout=300)
+    assert log.read_text() == 'EARLIER\nTABLE\n{\n  "a": 1\n}\n'
+    assert os.listdir(tmp_path) == ["log.txt"]
+
+
 def test_a_writable_stream_in_a_folder_that_cannot_be_written_is_accepted(tmp_path, monkeypatch):
     # --save /dev/stdout as a normal user: /dev is not writable, /dev/stdout is; it had been refused with
     # "cannot write in the folder /dev"
@@ -1029,12 +1043,18 @@ def test_save_and_plot_to_one_stream_are_accepted(monkeypatch, matplotlib_here):
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
-def test_bench_save_to_a_stream_gets_the_whole_result_once(monkeypatch, tmp_path):
+@pytest.mark.parametrize("kind", ["fifo", "stdout's file"])
+def test_bench_save_to_a_stream_gets_the_whole_result_once(monkeypatch, tmp_path, kind):
     """A regular --save file is rewritten after each measurement; a stream (a FIFO, /dev/stdout) cannot be rewritten:
-    its reader would get a JSON document per measurement, one after another. It gets the finished result alone."""
+    its reader would get a JSON document per measurement, one after another. It gets the finished result alone, as
+    does the file stdout is redirected to (each partial result had been renamed over it)."""
     from lora_kernels import bench
     fifo = str(tmp_path / "pipe")
-    os.mkfifo(fifo)
+    if kind == "fifo":
+        os.mkfifo(fifo)
+    else:
+        open(fifo, "w").close()
+        monkeypatch.setattr(cli, "_standard_stream", lambda path: sys.stdout if path == fifo else None)
     written = []
     monkeypatch.setattr(cli, "_write_json", lambda result, path: written.append((result, path)))
 
