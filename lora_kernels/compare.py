@@ -46,6 +46,7 @@ INIT_STD = 0.02  # Llama's initializer_range
 # readout caps the logits LoRA can reach (measured: LoRA stalled at loss 5.7 on the task below while full
 # fine-tuning, which also trains lm_head, reached 0.5); a pretrained model has no such cap.
 ROPE_THETA = 10000.0
+ADAMW_BETA1 = 0.9  # torch.optim.AdamW's default
 
 # Per-device defaults; explicit options override them. Steps include the warm-up steps (trained, not timed).
 DEVICE_DEFAULTS = {
@@ -468,6 +469,9 @@ class CompareConfig:
         for name in ("hidden", "layers", "heads", "intermediate", "vocab", "rank", "batch_size", "seq_len", "steps",
                      "infer_reps", "task_vocab"):
             setattr(cfg, name, positive_int("compare", f"--{name.replace('_', '-')}", getattr(cfg, name)))
+        if cfg.vocab < 2:  # the CLI's --vocab takes any int >= 1
+            raise ValueError(f"compare: --vocab expected an int >= 2 (one token leaves nothing to predict: the loss is "
+                             f"0 before any step, and nothing trains), got {cfg.vocab}")
         if cfg.threads is not None:
             cfg.threads = positive_int("compare", "--threads", cfg.threads)
         # torch's seeds are 64-bit, and the run seeds torch with seed .. seed + 4
@@ -484,10 +488,15 @@ class CompareConfig:
                    else f"the head dim {cfg.hidden} / {cfg.heads} = {cfg.hidden // cfg.heads} is odd")
             raise ValueError(f"compare: --hidden {cfg.hidden} expected a multiple of {heads} with an even head dim "
                              f"(the rotary embedding rotates pairs), but {got}; set --heads to fit")
+        # AdamW's first step divides lr by 1 - beta1 (its default 0.9), a factor torch converts to float32: past
+        # that range the run had ended in a traceback ("value cannot be converted to type float without overflow")
+        largest_lr = torch.finfo(torch.float32).max * (1 - ADAMW_BETA1)
         for name in ("lr", "lora_lr"):
             value = getattr(cfg, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-                raise ValueError(f"compare: --{name.replace('_', '-')} expected a number > 0, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= largest_lr:
+                raise ValueError(f"compare: --{name.replace('_', '-')} expected a number > 0 and at most "
+                                 f"{largest_lr:.4g} (AdamW's first step is lr / (1 - beta1) = 10·lr, in float32), "
+                                 f"got {value!r}")
         if isinstance(cfg.dropout, bool) or not isinstance(cfg.dropout, (int, float)) or not 0.0 <= cfg.dropout < 1.0:
             raise ValueError(f"compare: --dropout expected a number in [0, 1), got {cfg.dropout!r}")
         if isinstance(cfg.alpha, bool) or not isinstance(cfg.alpha, (int, float)) or not is_finite_number(cfg.alpha):
@@ -673,7 +682,7 @@ class _MethodRun:
         self.device = torch.device(cfg.device)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.lr = cfg.lr if method == "full" else cfg.lora_lr
-        self.optimizer = torch.optim.AdamW(self.params, lr=self.lr, weight_decay=0.0)
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.lr, betas=(ADAMW_BETA1, 0.999), weight_decay=0.0)
         with self._forked_rng():
             torch.manual_seed(cfg.seed + 2)
             self._rng = self._rng_state()
@@ -1248,7 +1257,7 @@ def format_compare(result):
         f"{_count_of(model['heads'], 'head')}, "
         f"MLP {model['intermediate']}, vocab {model['vocab']}; {fmt_count(model['total_params'])} parameters, "
         f"random init (seed {cfg['seed']})",
-        f"task: {task['kind']} over {task['task_vocab']} tokens; batch {cfg['batch_size']} x seq {cfg['seq_len']} = "
+        f"task: {task['kind']} over {_tokens(task['task_vocab'])}; batch {cfg['batch_size']} x seq {cfg['seq_len']} = "
         f"{_count_of(task['tokens_per_step'], 'token')}/step; {_count_of(cfg['steps'], 'AdamW step')} "
         f"({cfg['warmup']} warm-up, not timed)"
         + ("; every decoder layer compiled (torch.compile)" if cfg.get("compile") else ""),
@@ -1366,13 +1375,17 @@ SYSTEMATIC_ROUNDS = 0.9
 SYSTEMATIC_MIN_ROUNDS = 5
 
 
+def _tokens(count):
+    return f"{count} token{'' if count == 1 else 's'}"
+
+
 def _inference_lines(inference, fused, kind, cfg, env):
     """The inference latency block: each path's median against the merged model's, its range, and notes on a
     merged model measured slower than an unmerged one and on fused logits that differ beyond rounding."""
     lines = []
     merged = inference["merged_ms"]
     lines.append("")
-    lines.append(f"inference latency of the trained LoRA model, {inference['tokens']} tokens per forward "
+    lines.append(f"inference latency of the trained LoRA model, {_tokens(inference['tokens'])} per forward "
                  f"(median of {inference['reps']}, eval mode, no grad):")
     for key, label in (("merged_ms", "merged (W + s·B·A folded into W)"),
                        ("unmerged_unfused_ms", "unmerged, torch (unfused)"),

@@ -204,8 +204,10 @@ def test_compare_bad_option_is_a_clear_error(capsys):
 
 @pytest.mark.parametrize("options, message", [
     (["--device", "gpu"], "compare: --device expected cpu or cuda, got 'gpu'"),
-    (["--lr", "-1"], "compare: --lr expected a number > 0, got -1.0"),
-    (["--lora-lr", "nan"], "compare: --lora-lr expected a number > 0, got nan"),
+    (["--lr", "-1"], "compare: --lr expected a number > 0 and at most 3.403e+37"),
+    (["--lora-lr", "nan"], "compare: --lora-lr expected a number > 0 and at most 3.403e+37"),
+    (["--lr", "1e39"], "compare: --lr expected a number > 0 and at most 3.403e+37"),  # AdamW's traceback (helper 294)
+    (["--vocab", "1"], "compare: --vocab expected an int >= 2"),
     (["--alpha", "nan"], "compare: --alpha expected a finite number, got nan"),
     (["--alpha", "inf"], "compare: --alpha expected a finite number, got inf"),
     # an odd hidden fits no head count: the message had said to "set --heads to fit", which no --heads can

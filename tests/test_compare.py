@@ -222,6 +222,17 @@ def test_each_table_row_shows_its_own_measurement(result):
                                                                for name in compare.METHODS], label
 
 
+def test_one_token_is_printed_as_one_token(result):
+    """--batch-size 1 --seq-len 1 printed "1 tokens per forward" (helper 294)."""
+    import copy
+    shown = copy.deepcopy(result)
+    shown["inference"]["tokens"] = 1
+    shown["task"]["task_vocab"] = 1
+    text = compare.format_compare(shown)
+    assert "the trained LoRA model, 1 token per forward (" in text and "permutation chain over 1 token;" in text
+    assert "1 tokens" not in text
+
+
 def test_the_lines_around_the_table_print_the_results_own_values(result):
     """format_compare prints the result it is given (a saved one too): its environment, seed and LoRA layer count in
     the header; the inference latencies each over the merged one, the fused line naming the backend that ran; the
@@ -595,8 +606,13 @@ def test_task_is_deterministic_and_follows_the_permutation():
     ({"targets": ("layers.01.self_attn.q_proj",)}, "--targets 'layers.01.self_attn.q_proj' matched no"),
     ({"warmup": -1}, r"--warmup expected an int in \[0, steps=10\), got -1"),  # the CLI's --warmup takes any int
     ({"task_vocab": 0}, "--task-vocab expected an int >= 1, got 0"),
-    ({"lr": 0.0}, "--lr expected a number > 0, got 0.0"),
-    ({"lora_lr": math.inf}, "--lora-lr expected a number > 0, got inf"),  # every LoRA step's update would be inf
+    ({"lr": 0.0}, "--lr expected a number > 0 and at most 3.403e\\+37 .*, got 0.0"),
+    ({"lora_lr": math.inf}, "--lora-lr expected a number > 0 .*, got inf"),  # every LoRA step's update would be inf
+    # AdamW's first step (10·lr in float32) had ended the run in a traceback (helper 294)
+    ({"lr": 3.5e37}, r"--lr expected a number > 0 and at most 3.403e\+37 \(AdamW's first step is lr / \(1 - beta1\) "
+                     r"= 10·lr, in float32\), got 3.5e\+37"),
+    ({"lora_lr": 1e39}, "--lora-lr expected a number > 0 and at most 3.403e\\+37 .*, got 1e\\+39"),
+    ({"vocab": 1}, r"--vocab expected an int >= 2 \(one token leaves nothing to predict"),  # its loss was 0 throughout
     ({"targets": ()}, "--targets '' matched no nn.Linear"),  # no LoRA layer: the two LoRA columns would train nothing
     ({"dropout": 1.0}, r"--dropout expected a number in \[0, 1\), got 1.0"),  # every LoRA input dropped
     ({"alpha": 10**400}, "--alpha expected a finite number, got 1000"),  # math.isfinite raised OverflowError
@@ -613,6 +629,20 @@ def test_task_is_deterministic_and_follows_the_permutation():
 def test_bad_config_names_the_option(change, message):
     with pytest.raises(ValueError, match=message):
         dataclasses.replace(TINY, **change).resolved()
+
+
+def test_the_largest_accepted_lr_takes_an_adamw_step():
+    """The --lr bound is where torch's AdamW stops: its first step at the largest accepted lr runs (the next float64
+    up is refused above)."""
+    largest = torch.finfo(torch.float32).max * (1 - compare.ADAMW_BETA1)
+    dataclasses.replace(TINY, lr=largest, lora_lr=largest).resolved()
+    with pytest.raises(ValueError, match="--lr expected"):
+        dataclasses.replace(TINY, lr=math.nextafter(largest, math.inf)).resolved()
+    weight = torch.nn.Parameter(torch.zeros(2))
+    weight.grad = torch.ones(2)
+    torch.optim.AdamW([weight], lr=largest, betas=(compare.ADAMW_BETA1, 0.999), weight_decay=0.0).step()
+    with pytest.raises(RuntimeError, match="overflow"):
+        torch.optim.AdamW([weight], lr=largest * 1.01, betas=(compare.ADAMW_BETA1, 0.999), weight_decay=0.0).step()
 
 
 
