@@ -431,7 +431,7 @@ class LoRALinearFunction(torch.autograd.Function):
         factors = (lora_a, lora_b)
         lora_a, lora_b = _in_dtype(lora_a, x2.dtype), _in_dtype(lora_b, x2.dtype)
         y, s = _lora_linear_forward(x2, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, backend)
-        need_x, need_w, need_a = ctx.needs_input_grad[:3]
+        need_x, need_w, need_a, need_b = ctx.needs_input_grad[:4]
         # x [M, K] is read only by dA = dSᵀ·drop(x) and dW = dYᵀ·x: with lora_a and the weight frozen (LoRA-FA, or
         # an adapter frozen while the layers below train) dB needs only S and dX only dY, as PEFT's unfused layer
         # then keeps only S. W is read only for dX: not saving it otherwise matters under autocast, where it is a
@@ -439,8 +439,11 @@ class LoRALinearFunction(torch.autograd.Function):
         # too, where they were cast: create_graph's backward differentiates through them (casting them again). Their
         # 16-bit cast of lora_a is read only for dX: not kept beside the float32 factor otherwise (the first layer's
         # projections, whose input needs no gradient: r·K elements per layer).
+        # S is read only by dB = s·dYᵀ·S: not kept with lora_b frozen (an adapter frozen while the layers below
+        # train), where PEFT's layer keeps nothing for its LoRA branch; the backward then computes dS alone.
         cast = lora_a is not factors[0]
-        ctx.save_for_backward(x2 if need_a or need_w else None, s, weight if need_x else None,
+        ctx.save_for_backward(x2 if need_a or need_w else None, s if need_b else None,
+                              weight if need_x else None,
                               lora_a if need_x or not cast else None, lora_b, seed, *(factors if cast else ()))
         ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
         ctx.in_features = x2.shape[1]
@@ -473,14 +476,16 @@ class LoRALinearFunction(torch.autograd.Function):
             pass
         elif backend == "triton":  # dB comes with dS: the kernel reads dY once for both
             kernels = _triton_lora_linear()
-            d_lora_b, ds = kernels.lora_bwd_dy(dy, s, lora_b, scaling)
+            d_lora_b, ds = (kernels.lora_bwd_dy(dy, s, lora_b, scaling) if need_b
+                            else (None, _ds_alone(backend, dy, lora_b, scaling)))
             if need_x:
                 dx = kernels.lora_bwd_dx(dy, ds, weight, lora_a, dropout_p, _or_zero(seed))
             if need_a:
                 d_lora_a = kernels.lora_bwd_da(ds, x2, dropout_p, _or_zero(seed))
         else:
             keep = torch_dropout_keep(seed, _like_x(ctx, dy), dropout_p) if dropout_p > 0.0 else None
-            d_lora_b, ds = _dy_products(backend, dy, s, lora_b, scaling, grad_b_like.dtype)
+            d_lora_b, ds = (_dy_products(backend, dy, s, lora_b, scaling, grad_b_like.dtype) if need_b
+                            else (None, _ds_alone(backend, dy, lora_b, scaling)))
             # ds's dtype: the other operands of the dS products are widened to it (a no-op but for the cpu and
             # small-M cuda paths in 16 bits), and autocast must not round them back.
             with ops.autocast_off(dy.device):
@@ -543,6 +548,17 @@ def _dy_products(backend, dy, s, lora_b, scaling, grad_b_dtype):
         # tokens); written in float32 instead, dA too (LoRALinearFunction.backward). bf16 has float32's range.
         return scaled_mm(dy.T, s, scaling, out_dtype=torch.float32), _scaled_dy_products(dy, None, lora_b, scaling)[1]
     return _scaled_dy_products(dy, s, lora_b, scaling)
+
+
+def _ds_alone(backend, dy, lora_b, scaling):
+    """dS = s·dY·B of LoRALinearFunction's backward where lora_b is frozen (no S kept, no dB): in the dtype
+    _dy_products gives it, the torch backend's and the cuda backend's GEMM path in the input dtype, the fused
+    kernels' in float32 (float64 for float64), which cuBLAS writes from 16-bit operands directly."""
+    if backend == "torch":
+        return _scaled_dy_products(dy, None, lora_b, scaling)[1]
+    if backend == "cuda" and not _at_most(dy.shape[0] * lora_b.shape[1], CUDA_BWD_DY_KERNEL_MAX_WORK):
+        return scaled_mm(dy, lora_b, scaling)
+    return scaled_mm(dy, lora_b, scaling, out_dtype=accumulate_dtype(dy.dtype))
 
 
 def _in_dtype(t, dtype):

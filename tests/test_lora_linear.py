@@ -388,17 +388,19 @@ def _saved_sizes(fn):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25], ids=["no_dropout", "dropout"])
-def test_x_is_saved_only_for_the_gradients_that_read_it(backend, dropout_p, device):
+def test_x_and_s_are_saved_only_for_the_gradients_that_read_them(backend, dropout_p, device):
     """x [M, K] is read only by dA and dW: with lora_a and the weight frozen (PEFT's LoRA-FA freezes lora_A; an
     adapter frozen while the layers below train) the backward needs S for dB and dY for dX, and PEFT's unfused
     layer then keeps only S. x was saved for every backward (an [M, K] activation per layer PEFT does not keep, and
-    an x made under torch.inference_mode could not be saved at all). The gradients are the reference's, with the
-    forward's dropout mask regenerated without x. M, K, N, r all distinct."""
+    an x made under torch.inference_mode could not be saved at all). S [M, r] is read only by dB: with lora_b
+    frozen PEFT's layer keeps nothing for its LoRA branch, and S was saved all the same (helper 296). The gradients
+    are the reference's, with the forward's dropout mask regenerated without x. M, K, N, r all distinct."""
     backend_or_skip(backend, device)
     m, k, n, r = 11, 24, 18, 8
     x, weight, lora_a, lora_b, bias = lora_inputs(m, k, n, r, torch.float32, device)
     dy = randn(m, n, device=device)
-    for trained in (("x", "lora_b"), ("lora_b",), ("x",), ("x", "lora_a", "lora_b"), ("lora_b", "weight")):
+    for trained in (("x", "lora_b"), ("lora_b",), ("x",), ("x", "lora_a", "lora_b"), ("lora_b", "weight"),
+                    ("x", "lora_a"), ("lora_a",), ("x", "weight")):
         leaves = {name: t.clone().requires_grad_(name in trained)
                   for name, t in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b))}
         torch.manual_seed(5)
@@ -409,6 +411,7 @@ def test_x_is_saved_only_for_the_gradients_that_read_it(backend, dropout_p, devi
             lora_linear(*leaves.values(), 0.5, bias, dropout_p=dropout_p, backend=backend)))
         x_read = "lora_a" in trained or "weight" in trained
         assert ((m, k) in saved) == x_read, (trained, saved)
+        assert ((m, r) in saved) == ("lora_b" in trained), (trained, saved)
         grads = torch.autograd.grad(outputs[0], [leaves[name] for name in trained], dy)
         mask = _dropout_mask(backend, seed, x, dropout_p) if dropout_p else None
         full = {name: t.double().requires_grad_(name in trained)
