@@ -553,12 +553,15 @@ def _dy_products(backend, dy, s, lora_b, scaling, grad_b_dtype):
 def _ds_alone(backend, dy, lora_b, scaling):
     """dS = s·dY·B of LoRALinearFunction's backward where lora_b is frozen (no S kept, no dB): in the dtype
     _dy_products gives it, the torch backend's and the cuda backend's GEMM path in the input dtype, the fused
-    kernels' in float32 (float64 for float64), which cuBLAS writes from 16-bit operands directly."""
+    kernels' in float32 (float64 for float64), which cuBLAS writes from 16-bit operands directly. Outside the
+    torch backend with autocast off, as the C++ and Triton ops compute: a backward run inside an autocast region
+    had rounded an fp32 layer's dS to bf16 (review 297; Triton then refused it)."""
     if backend == "torch":
         return _scaled_dy_products(dy, None, lora_b, scaling)[1]
-    if backend == "cuda" and not _at_most(dy.shape[0] * lora_b.shape[1], CUDA_BWD_DY_KERNEL_MAX_WORK):
-        return scaled_mm(dy, lora_b, scaling)
-    return scaled_mm(dy, lora_b, scaling, out_dtype=accumulate_dtype(dy.dtype))
+    with ops.autocast_off(dy.device):
+        if backend == "cuda" and not _at_most(dy.shape[0] * lora_b.shape[1], CUDA_BWD_DY_KERNEL_MAX_WORK):
+            return scaled_mm(dy, lora_b, scaling)
+        return scaled_mm(dy, lora_b, scaling, out_dtype=accumulate_dtype(dy.dtype))
 
 
 def _in_dtype(t, dtype):

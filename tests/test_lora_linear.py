@@ -880,6 +880,28 @@ def test_torch_compile_fullgraph_with_dropout(backend, device):
     assert not torch.equal(eager[0], layer.eval()(x)), "dropout must be active for this test to mean anything"
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_a_frozen_b_backward_inside_autocast_keeps_the_fp32_ds(backend):
+    """An fp32 layer with lora_b frozen, its forward outside autocast and its backward inside a bf16 region: the dS
+    computed without S (no dY-once kernel) was rounded to bf16 by autocast (dA and dX 1e4x further from float64;
+    Triton refused it: "ds expected dtype torch.float32"; review 297). The kernels' float32 dS, as with lora_b
+    trained."""
+    backend_or_skip(backend, "cpu")
+    m, k, n, r = 20, 24, 18, 4
+    x, weight, lora_a, lora_b, _ = lora_inputs(m, k, n, r, torch.float32, "cpu")
+    dy = randn(m, n, device="cpu")
+    x_leaf, a_leaf = x.clone().requires_grad_(True), lora_a.clone().requires_grad_(True)
+    y = lora_linear(x_leaf, weight, a_leaf, lora_b, 0.5, backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y.backward(dy)
+    full = {name: t.double().requires_grad_(name in ("x", "lora_a"))
+            for name, t in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b))}
+    want_x, want_a = torch.autograd.grad(reference.lora_linear(*full.values(), 0.5), [full["x"], full["lora_a"]],
+                                         dy.double())
+    assert_close(x_leaf.grad, want_x, torch.float32, "dx")
+    assert_close(a_leaf.grad, want_a, torch.float32, "dA")
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_autocast_saves_no_weight_copy_when_x_needs_no_gradient(backend):
     """W is read by the backward only for dX. Under autocast it is a 16-bit copy [N, K]; saving it when x needs no
