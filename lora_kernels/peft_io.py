@@ -959,13 +959,18 @@ def _refuse_computed_factors(op, name, layer):
         factor = getattr(layer, key)
         if "weight" in factor._parameters:
             continue
-        if nn.utils.parametrize.is_parametrized(factor, "weight") or any(
-                f"weight{suffix}" in factor._parameters for suffix in ("_orig", "_g", "_v")):
-            raise ValueError(f"{op}: module {name!r}: {key}.weight is computed from other parameters on each access "
-                             f"or forward (torch.nn.utils.parametrize, weight_norm or spectral_norm), so the file's "
-                             f"{key} written into it would be lost; the model is unchanged. Remove that first "
-                             f"(torch.nn.utils.parametrize.remove_parametrizations(layer.{key}, 'weight')), load, "
-                             f"then apply it again")
+        if nn.utils.parametrize.is_parametrized(factor, "weight"):
+            source = "a parametrization (torch.nn.utils.parametrize)"
+            remedy = (f"remove it first (parametrize.remove_parametrizations(layer.{key}, 'weight')), load, then "
+                      f"apply it again")
+        elif any(f"weight{suffix}" in factor._parameters for suffix in ("_orig", "_g", "_v")):
+            source = ("a forward pre-hook (the deprecated torch.nn.utils.weight_norm or spectral_norm, or "
+                      "torch.nn.utils.prune), which the layer's forward refuses")
+            remedy = "remove it first (remove_weight_norm, remove_spectral_norm, prune.remove)"
+        else:
+            continue
+        raise ValueError(f"{op}: module {name!r}: {key}.weight is computed from other parameters by {source}, so "
+                         f"the file's {key} written into it would be lost; the model is unchanged. To load, {remedy}")
 
 
 def _commit_single(model, config, plan, grouped, heads, biases, base_tensors, backend,
