@@ -495,7 +495,7 @@ class CompareConfig:
             value = getattr(cfg, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= largest_lr:
                 raise ValueError(f"compare: --{name.replace('_', '-')} expected a number > 0 and at most "
-                                 f"{largest_lr:.4g} (AdamW's first step is lr / (1 - beta1) = 10·lr, in float32), "
+                                 f"{largest_lr!r} (AdamW's first step is lr / (1 - beta1) = 10·lr, in float32), "
                                  f"got {value!r}")
         if isinstance(cfg.dropout, bool) or not isinstance(cfg.dropout, (int, float)) or not 0.0 <= cfg.dropout < 1.0:
             raise ValueError(f"compare: --dropout expected a number in [0, 1), got {cfg.dropout!r}")

@@ -606,12 +606,12 @@ def test_task_is_deterministic_and_follows_the_permutation():
     ({"targets": ("layers.01.self_attn.q_proj",)}, "--targets 'layers.01.self_attn.q_proj' matched no"),
     ({"warmup": -1}, r"--warmup expected an int in \[0, steps=10\), got -1"),  # the CLI's --warmup takes any int
     ({"task_vocab": 0}, "--task-vocab expected an int >= 1, got 0"),
-    ({"lr": 0.0}, "--lr expected a number > 0 and at most 3.403e\\+37 .*, got 0.0"),
+    ({"lr": 0.0}, "--lr expected a number > 0 and at most 3.4028234663852877e\\+37 .*, got 0.0"),
     ({"lora_lr": math.inf}, "--lora-lr expected a number > 0 .*, got inf"),  # every LoRA step's update would be inf
     # AdamW's first step (10·lr in float32) had ended the run in a traceback (helper 294)
-    ({"lr": 3.5e37}, r"--lr expected a number > 0 and at most 3.403e\+37 \(AdamW's first step is lr / \(1 - beta1\) "
-                     r"= 10·lr, in float32\), got 3.5e\+37"),
-    ({"lora_lr": 1e39}, "--lora-lr expected a number > 0 and at most 3.403e\\+37 .*, got 1e\\+39"),
+    ({"lr": 3.5e37}, r"--lr expected a number > 0 and at most 3.4028234663852877e\+37 \(AdamW's first step is "
+                     r"lr / \(1 - beta1\) = 10·lr, in float32\), got 3.5e\+37"),
+    ({"lora_lr": 1e39}, "--lora-lr expected a number > 0 and at most 3.4028234663852877e\\+37 .*, got 1e\\+39"),
     ({"vocab": 1}, r"--vocab expected an int >= 2 \(one token leaves nothing to predict"),  # its loss was 0 throughout
     ({"targets": ()}, "--targets '' matched no nn.Linear"),  # no LoRA layer: the two LoRA columns would train nothing
     ({"dropout": 1.0}, r"--dropout expected a number in \[0, 1\), got 1.0"),  # every LoRA input dropped
