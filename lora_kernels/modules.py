@@ -184,6 +184,13 @@ def refuse_subclass_reset(op, weight, instead):
                         f"layer is unchanged (use {instead})")
 
 
+def weight_computed_by_hook(module):
+    """Whether `module.weight` is recomputed before each forward by a forward pre-hook of the module rather than
+    held as its Parameter: the deprecated torch.nn.utils.weight_norm ("weight_g"/"weight_v"), spectral_norm and
+    torch.nn.utils.prune ("weight_orig") keep the parameter under those names."""
+    return any(f"weight{suffix}" in module._parameters for suffix in ("_orig", "_g", "_v"))
+
+
 def _forward_set_on_instance(module):
     """Whether `module.forward` is set on the instance to something else than its class's own forward: accelerate's
     hooks (refused by name elsewhere) patch it, and remove_hook_from_module puts back the class's own bound method,
@@ -669,7 +676,7 @@ class LoRALinear(nn.Module):
             factor = self._modules[name]  # not getattr: nn.Module.__getattr__ costs ~0.8 µs per forward and factor
             if "weight" in factor._parameters:  # the common case
                 continue
-            if any(f"weight{suffix}" in factor._parameters for suffix in ("_orig", "_g", "_v")):
+            if weight_computed_by_hook(factor):
                 raise TypeError(f"{op}: {name}.weight is recomputed by a forward pre-hook of {name} (the deprecated "
                                 f"torch.nn.utils.weight_norm or spectral_norm, or torch.nn.utils.prune), which never "
                                 f"runs: the factors are read by the kernels, never called, so {name} would not train "
@@ -686,8 +693,7 @@ class LoRALinear(nn.Module):
         the output (check_wrappable_linear refuses such weights when wrapping; this is one parametrized since)."""
         if "weight" in self._parameters:
             return
-        computed = (nn.utils.parametrize.is_parametrized(self, "weight")
-                    or any(f"weight{suffix}" in self._parameters for suffix in ("_orig", "_g", "_v")))
+        computed = nn.utils.parametrize.is_parametrized(self, "weight") or weight_computed_by_hook(self)
         if not computed:  # a plain tensor attribute: FSDP1 (use_orig_params=False) holds views of its flat parameter
             raise TypeError(f"{op}: the base weight is a {type(self.weight).__name__}, not the layer's Parameter (a "
                             f"view of FullyShardedDataParallel's flat parameter, use_orig_params=False?); the layer "

@@ -52,7 +52,8 @@ from lora_kernels.modules import (_PEFT_ONLY_HINT, ATTENTION_OUT_PROJ, BASE_ADAP
                                   named_target_modules, pattern_key_regex, pattern_value, refuse_new_layers_under_fsdp1,
                                   refuse_overflowed_copy, refuse_uninitialised_modules, regex_error,
                                   resolve_batch_adapters, scaling_source, selected_modules_to_save, state_dict_name,
-                                  trained_biases, unwrap_model, warn_dropped_hooks, warn_fan_in_fan_out_corrections)
+                                  trained_biases, unwrap_model, warn_dropped_hooks, warn_fan_in_fan_out_corrections,
+                                  weight_computed_by_hook)
 from lora_kernels.ops import check_flag, refuse_inference_tensor_writes
 
 CONFIG_NAME = "adapter_config.json"
@@ -953,8 +954,9 @@ def _put_back(replaced):
 
 def _refuse_computed_factors(op, name, layer):
     """ValueError when a LoRALinear's factor weight is computed from other parameters (torch.nn.utils.parametrize,
-    or the deprecated weight_norm / spectral_norm hooks): the file's values copied into it would be lost on the next
-    access, leaving that factor as it was while the rest of the adapter loads (as PEFT, which reports the keys)."""
+    the deprecated weight_norm / spectral_norm hooks, or torch.nn.utils.prune): the file's values copied into it would
+    be lost on the next access, leaving that factor as it was while the rest of the adapter loads (as PEFT, which
+    reports the keys)."""
     for key in ("lora_A", "lora_B"):
         factor = getattr(layer, key)
         if "weight" in factor._parameters:
@@ -963,7 +965,7 @@ def _refuse_computed_factors(op, name, layer):
             source = "a parametrization (torch.nn.utils.parametrize)"
             remedy = (f"remove it first (parametrize.remove_parametrizations(layer.{key}, 'weight')), load, then "
                       f"apply it again")
-        elif any(f"weight{suffix}" in factor._parameters for suffix in ("_orig", "_g", "_v")):
+        elif weight_computed_by_hook(factor):
             source = ("a forward pre-hook (the deprecated torch.nn.utils.weight_norm or spectral_norm, or "
                       "torch.nn.utils.prune), which the layer's forward refuses")
             remedy = "remove it first (remove_weight_norm, remove_spectral_norm, prune.remove)"
