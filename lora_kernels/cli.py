@@ -264,6 +264,12 @@ def _standard_stream(path):
     return None
 
 
+def _written_in_place(path):
+    """PATH is written where it is, never through a temporary file renamed over it (see _is_stream,
+    _standard_stream)."""
+    return _is_stream(path) or _standard_stream(path) is not None
+
+
 def _write_json(result, path):
     """Written to a temporary file and renamed, so a run killed mid-write never leaves a truncated file. The rename
     goes to the file a link points at (the link stays), and a device or FIFO is written in place: renaming over it
@@ -304,7 +310,7 @@ def _output_paths_ok(command, args):
             problem = "expected a file path, got ''"
         elif os.path.isdir(path):
             problem = "is a folder, expected a file path"
-        elif _is_stream(path) or _standard_stream(path):  # written in place: its folder need not be writable
+        elif _written_in_place(path):  # its folder need not be writable
             problem = None if os.access(path, os.W_OK) else "cannot be written"
         elif not os.path.isdir(folder):
             problem = f"the folder {folder} does not exist"
@@ -478,7 +484,7 @@ def run_bench_command(args):
         return 2
     # a stream (/dev/stdout, a FIFO) gets the whole result once, not a document per measurement
     on_update = (_progress_writer("bench", args.save)
-                 if args.save and not (_is_stream(args.save) or _standard_stream(args.save)) else None)
+                 if args.save and not _written_in_place(args.save) else None)
     result = _run_sized("bench", lambda: bench.run_bench(config, on_update=on_update), _sizes(config, BENCH_SIZES))
     if result is None:
         return 1
