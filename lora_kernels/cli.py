@@ -354,6 +354,13 @@ def _plot_option_ok(args):
             print(f"lora-kernels compare: --plot {args.plot}: matplotlib writes .pgf with {texsystem}, which is not "
                   f"installed; choose another format (.pdf, .svg, .png)", file=sys.stderr)
             return False
+    stream = _standard_stream(args.plot)
+    if stream is not None:  # `--plot /dev/stdout > fig.png`: savefig truncated the printed table, and the
+        # "figure:" line then written at stdout's offset landed inside the PNG, which no viewer opened
+        name = "standard output" if stream is sys.stdout else "standard error"
+        print(f"lora-kernels compare: --plot {args.plot}: is where {name} writes, whose text the figure would be "
+              f"mixed with; name a file for the figure", file=sys.stderr)
+        return False
     if args.save and os.path.realpath(args.save) == os.path.realpath(args.plot) and not _is_stream(args.save):
         print(f"lora-kernels compare: --save and --plot name the same file {args.plot}: the figure would "
               f"overwrite the JSON", file=sys.stderr)

@@ -938,6 +938,26 @@ def test_save_and_plot_on_one_file_are_refused_before_the_run(capsys, monkeypatc
     assert "--save and --plot name the same file" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/stdout"), reason="no /dev/stdout here")
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+def test_plot_to_where_a_standard_stream_writes_is_refused_before_the_run(tmp_path, stream, matplotlib_here):
+    """`lora-kernels compare --plot /dev/stdout > fig.png` exited 0 with a PNG no viewer opened: savefig truncated
+    the printed table, and the "figure:" line printed after it landed inside the PNG."""
+    script = ("import sys; from lora_kernels import cli, compare\n"
+              "def refused(*args, **kwargs): raise SystemExit('the run started')\n"
+              "compare.run_compare = refused\n"
+              f"sys.exit(cli.main({TINY_COMPARE + ['--plot', '/dev/' + stream]!r}))")
+    target = tmp_path / "fig.png"
+    with open(target, "w") as out:
+        other = subprocess.PIPE
+        done = subprocess.run([sys.executable, "-c", script], timeout=300, text=True,
+                              stdout=out if stream == "stdout" else other, stderr=out if stream == "stderr" else other)
+    message = done.stderr if stream == "stdout" else target.read_text()
+    assert done.returncode == 2, message
+    name = "standard output" if stream == "stdout" else "standard error"
+    assert f"--plot /dev/{stream}: is where {name} writes" in message
+
+
 def test_plot_without_an_extension_writes_the_named_file(capsys, tmp_path, matplotlib_here):
     """savefig wrote PATH.png for a PATH without an extension, while the CLI printed "figure: PATH"."""
     figure = tmp_path / "fig"
