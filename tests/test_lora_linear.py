@@ -902,6 +902,24 @@ def test_a_frozen_b_backward_inside_autocast_keeps_the_fp32_ds(backend):
     assert_close(a_leaf.grad, want_a, torch.float32, "dA")
 
 
+def test_the_triton_gemm_fallback_inside_autocast_keeps_the_fp32_products(monkeypatch):
+    """An fp32 layer's backward run inside a bf16 autocast region past DY_PARTIALS_BUDGET (two GEMMs instead of the
+    dY-once kernel): autocast rounded both products to bf16, and lora_bwd_dx refused the bf16 dS."""
+    backend_or_skip("triton", "cpu")
+    from lora_kernels.triton import lora_linear as triton_lora_linear
+    monkeypatch.setattr(triton_lora_linear, "DY_PARTIALS_BUDGET", 0)
+    x, weight, lora_a, lora_b, _ = lora_inputs(20, 24, 18, 4, torch.float32, "cpu")
+    dy = randn(20, 18, device="cpu")
+    leaves = [t.clone().requires_grad_(True) for t in (x, lora_a, lora_b)]
+    y = lora_linear(leaves[0], weight, leaves[1], leaves[2], 0.5, backend="triton")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y.backward(dy)
+    full = [t.double().requires_grad_(True) for t in (x, weight, lora_a, lora_b)]
+    wanted = torch.autograd.grad(reference.lora_linear(*full, 0.5), [full[0], full[2], full[3]], dy.double())
+    for name, leaf, want in zip(("dx", "dA", "dB"), leaves, wanted):
+        assert_close(leaf.grad, want, torch.float32, name)
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_autocast_saves_no_weight_copy_when_x_needs_no_gradient(backend):
     """W is read by the backward only for dX. Under autocast it is a 16-bit copy [N, K]; saving it when x needs no

@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lora_kernels._ext import VMAP_DROPOUT_NEEDS_ONE_SEED, check_devices, is_finite_number, scaled_mm, through_op
+from lora_kernels._ext import (VMAP_DROPOUT_NEEDS_ONE_SEED, autocast_off, check_devices, is_finite_number, scaled_mm,
+                               through_op)
 from lora_kernels.triton import (FP_FUSION, INTERPRET, TRITON_DTYPE_NAMES, UPCAST_DOT_OPERANDS, cdiv, check_tensor,
                                  env_flag, on_tensor_device, one_launch_at_a_time, round_to_tf32, sm_count)
 
@@ -979,8 +980,11 @@ def _lora_bwd_dy_impl(dy: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, s
     if num_parts * N * r * 4 > DY_PARTIALS_BUDGET:
         # Two GEMMs with 16-bit operands (S rounded to dy's dtype, as PEFT rounds it, scaled first at |scaling| <= 1)
         # and fp32 products, dy read twice: no [M, r] or [N, r] product is rounded to 16 bits (see scaled_mm).
-        return (scaled_mm(dy.T, s, scaling, out_dtype=torch.float32),
-                scaled_mm(dy, lora_b, scaling, out_dtype=torch.float32))
+        # Autocast off: a backward run inside an autocast region rounded an fp32 layer's products to its 16-bit
+        # dtype, which lora_bwd_dx then refused as ds.
+        with autocast_off(dy.device):
+            return (scaled_mm(dy.T, s, scaling, out_dtype=torch.float32),
+                    scaled_mm(dy, lora_b, scaling, out_dtype=torch.float32))
     block_r = _dy_block_r(r, dy.dtype)
     split = _bwd_dy_split(M, N, r, dy.device, dy.dtype)
     partials = torch.empty((num_parts, N, r), device=dy.device, dtype=torch.float32)
