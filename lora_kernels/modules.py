@@ -971,6 +971,15 @@ class MultiLoRALinear(nn.Module):
             self._buffers["scalings"] = self._widened_exactly(scalings, wanted)
         return module
 
+    def _given_scaling(self, slot):
+        """The scaling set_adapter stored in `slot`, as it was given, while the slot still holds it (see
+        _widened_exactly); else the buffer's value."""
+        held = float(self.scalings[slot])
+        given = getattr(self, "_exact_scalings", {}).get(slot)  # a pickle from before it has none
+        if given is not None and float(torch.tensor(given, dtype=self.scalings.dtype)) == held:
+            return given
+        return held
+
     def _widened_exactly(self, scalings, dtype):
         """scalings in dtype, where a slot still holds the value set_adapter stored, the scaling it was given:
         widened, the float32 value of a scaling such as 2/3 left a float64 model's outputs 7e-7 off (against design

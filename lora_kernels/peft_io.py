@@ -1222,9 +1222,10 @@ def _to_saved(op, what, tensor):
 
 
 def _clean_number(value):
-    """An alpha recovered from a float scaling: the int it is meant to be when within rounding of one."""
+    """An alpha recovered from a float scaling: the int it is meant to be when within rounding of one. Relative: an
+    absolute margin had turned every |alpha| <= 1e-6 into 0, an adapter that changes nothing (helper 301)."""
     rounded = round(value)
-    return int(rounded) if abs(value - rounded) <= 1e-6 * max(1.0, abs(value)) else float(value)
+    return int(rounded) if abs(value - rounded) <= 1e-6 * abs(value) else float(value)
 
 
 _SAVE_UNDER_FSDP1 = ("call save_peft_adapter on every rank inside `with FullyShardedDataParallel.summon_full_params("
@@ -1306,8 +1307,9 @@ def _collect_layers(model, adapter_name, op):
                 r = int(m.ranks[slot])
                 if r == 0:
                     continue  # this layer is not targeted by the adapter
-                # MultiLoRALinear keeps the scaling, not alpha: alpha = scaling * r reproduces it (use_rslora off).
-                alpha = _clean_number(float(m.scalings[slot]) * r)
+                # MultiLoRALinear keeps the scaling, not alpha: alpha = scaling * r reproduces it (use_rslora off),
+                # from the scaling as it was given where the slot still holds it, not its float32 rounding.
+                alpha = _clean_number(m._given_scaling(slot) * r)
                 records.append(_SavedLayer(name, m.lora_a[slot, :r].clone(), m.lora_b[slot, :, :r].clone(), r, alpha,
                                            False, 0.0, m.fan_in_fan_out))
     if not records:
