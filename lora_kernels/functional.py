@@ -535,8 +535,10 @@ def _dy_products(backend, dy, s, lora_b, scaling, grad_b_dtype):
         # cuBLAS GEMMs in the input dtype, S rounded to it as PEFT rounds it (scaled first when that keeps it
         # smaller: see scaled_mm). Using the fp32 S and dS would take fp32 copies of dy [M, N] and x [M, K] (a GEMM
         # takes one input dtype): a cost at large M no GPU has measured yet. A float32 factor's gradient is written
-        # in float32 by cuBLAS, not rounded to 16 bits (the backward's dA likewise).
-        return scaled_mm(dy.T, s, scaling, out_dtype=grad_b_dtype), scaled_mm(dy, lora_b, scaling)
+        # in float32 by cuBLAS, not rounded to 16 bits (the backward's dA likewise). Autocast off, as the fused ops
+        # compute: a backward run inside an autocast region rounded an fp32 layer's dB and dS to bf16 (review 304).
+        with ops.autocast_off(dy.device):
+            return scaled_mm(dy.T, s, scaling, out_dtype=grad_b_dtype), scaled_mm(dy, lora_b, scaling)
     if backend in ("cpu", "cuda"):
         # dS stays in fp32 (fp64 for fp64): |s·dY·B| may pass 65504 in fp16 where dA and the LoRA term of dX do not,
         # as the Triton backward keeps it (rounding it first gave dx = inf there, as PEFT does).

@@ -902,16 +902,22 @@ def test_a_frozen_b_backward_inside_autocast_keeps_the_fp32_ds(backend):
     assert_close(a_leaf.grad, want_a, torch.float32, "dA")
 
 
-def test_the_triton_gemm_fallback_inside_autocast_keeps_the_fp32_products(monkeypatch):
-    """An fp32 layer's backward run inside a bf16 autocast region past DY_PARTIALS_BUDGET (two GEMMs instead of the
-    dY-once kernel): autocast rounded both products to bf16, and lora_bwd_dx refused the bf16 dS."""
-    backend_or_skip("triton", "cpu")
-    from lora_kernels.triton import lora_linear as triton_lora_linear
-    monkeypatch.setattr(triton_lora_linear, "DY_PARTIALS_BUDGET", 0)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_the_gemm_fallbacks_inside_autocast_keep_the_fp32_products(backend, monkeypatch):
+    """An fp32 layer's backward run inside a bf16 autocast region on the two-GEMM paths (the Triton backward past
+    DY_PARTIALS_BUDGET; the cuda backend above CUDA_BWD_DY_KERNEL_MAX_WORK, here on CPU tensors, whose fused forward
+    the C++ CPU op runs): autocast rounded dB and dS to bf16, so Triton's lora_bwd_dx refused the dS and the cuda
+    backend's gradients were 3e-3 off, silently (review 304)."""
+    backend_or_skip({"cuda": "cpu"}.get(backend, backend), "cpu")
+    if backend == "cuda":
+        monkeypatch.setattr(functional, "CUDA_BWD_DY_KERNEL_MAX_WORK", 0)
+    else:
+        from lora_kernels.triton import lora_linear as triton_lora_linear
+        monkeypatch.setattr(triton_lora_linear, "DY_PARTIALS_BUDGET", 0)
     x, weight, lora_a, lora_b, _ = lora_inputs(20, 24, 18, 4, torch.float32, "cpu")
     dy = randn(20, 18, device="cpu")
     leaves = [t.clone().requires_grad_(True) for t in (x, lora_a, lora_b)]
-    y = lora_linear(leaves[0], weight, leaves[1], leaves[2], 0.5, backend="triton")
+    y = functional.LoRALinearFunction.apply(leaves[0], weight, leaves[1], leaves[2], None, 0.5, 0.0, None, backend)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y.backward(dy)
     full = [t.double().requires_grad_(True) for t in (x, weight, lora_a, lora_b)]
