@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import shutil
+import stat
 import sys
 import tempfile
 
@@ -264,6 +265,16 @@ def _standard_stream(path):
     return None
 
 
+def _is_null_device(path):
+    """PATH is the null device (/dev/null, or /dev/stdout while stdout is sent there): what is written there is
+    dropped, so nothing written beside it can be spoiled."""
+    try:
+        target, null = os.stat(path), os.stat(os.devnull)
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISCHR(target.st_mode) and target.st_rdev == null.st_rdev
+
+
 def _written_in_place(path):
     """PATH is written where it is, never through a temporary file renamed over it (see _is_stream,
     _standard_stream)."""
@@ -328,7 +339,8 @@ def _output_paths_ok(command, args):
 
 def _plot_option_ok(args):
     """compare --plot can be written once the run is over: matplotlib importable, a format it knows, not the
-    file --save writes (each refused with one line on stderr, before a run of minutes)."""
+    file --save writes nor where stdout or stderr writes (each refused with one line on stderr, before a run of
+    minutes)."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -355,11 +367,12 @@ def _plot_option_ok(args):
                   f"installed; choose another format (.pdf, .svg, .png)", file=sys.stderr)
             return False
     stream = _standard_stream(args.plot)
-    if stream is not None:  # `--plot /dev/stdout > fig.png`: savefig truncated the printed table, and the
-        # "figure:" line then written at stdout's offset landed inside the PNG, which no viewer opened
+    if stream is not None and not _is_null_device(args.plot):
+        # `--plot /dev/stdout > fig.png`: savefig truncated the printed table, and the "figure:" line then written
+        # at stdout's offset landed inside the PNG, which no viewer opened
         name = "standard output" if stream is sys.stdout else "standard error"
         print(f"lora-kernels compare: --plot {args.plot}: is where {name} writes, whose text the figure would be "
-              f"mixed with; name a file for the figure", file=sys.stderr)
+              f"mixed with; name another file for the figure", file=sys.stderr)
         return False
     if args.save and os.path.realpath(args.save) == os.path.realpath(args.plot) and not _is_stream(args.save):
         print(f"lora-kernels compare: --save and --plot name the same file {args.plot}: the figure would "

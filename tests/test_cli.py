@@ -958,6 +958,20 @@ def test_plot_to_where_a_standard_stream_writes_is_refused_before_the_run(tmp_pa
     assert f"--plot /dev/{stream}: is where {name} writes" in message
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/stdout"), reason="no /dev/stdout here")
+@pytest.mark.parametrize("plot", [os.devnull, "/dev/stdout"])
+def test_plot_to_the_null_device_that_stdout_writes_to_is_accepted(plot, matplotlib_here):
+    """`--plot /dev/null > /dev/null` (a quiet run): nothing written there can be mixed; review 304 found the
+    refusal above firing on it (and on `pytest -s > /dev/null` through the tests passing --plot os.devnull)."""
+    script = ("import sys; from lora_kernels import cli, compare\n"
+              "def started(*args, **kwargs): raise SystemExit(7)\n"
+              "compare.run_compare = started\n"
+              f"sys.exit(cli.main({TINY_COMPARE + ['--plot', plot]!r}))")
+    done = subprocess.run([sys.executable, "-c", script], timeout=300, text=True, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE)
+    assert done.returncode == 7, done.stderr  # the run started: not refused
+
+
 def test_plot_without_an_extension_writes_the_named_file(capsys, tmp_path, matplotlib_here):
     """savefig wrote PATH.png for a PATH without an extension, while the CLI printed "figure: PATH"."""
     figure = tmp_path / "fig"
