@@ -973,12 +973,11 @@ class MultiLoRALinear(nn.Module):
 
     def _given_scaling(self, slot):
         """The scaling set_adapter stored in `slot`, as it was given, while the slot still holds it (see
-        _widened_exactly); else the buffer's value."""
-        held = float(self.scalings[slot])
+        _widened_exactly); else None."""
         given = getattr(self, "_exact_scalings", {}).get(slot)  # a pickle from before it has none
-        if given is not None and float(torch.tensor(given, dtype=self.scalings.dtype)) == held:
+        if given is not None and float(torch.tensor(given, dtype=self.scalings.dtype)) == float(self.scalings[slot]):
             return given
-        return held
+        return None
 
     def _widened_exactly(self, scalings, dtype):
         """scalings in dtype, where a slot still holds the value set_adapter stored, the scaling it was given:

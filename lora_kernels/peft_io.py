@@ -1221,11 +1221,12 @@ def _to_saved(op, what, tensor):
     return tensor.to("cpu", copy=True).contiguous()
 
 
-def _clean_number(value):
-    """An alpha recovered from a float scaling: the int it is meant to be when within rounding of one. Relative: an
-    absolute margin had turned every |alpha| <= 1e-6 into 0, an adapter that changes nothing (helper 301)."""
+def _clean_number(value, margin):
+    """An alpha recovered from a scaling: the int it is meant to be when within `margin` (relative: the scaling's
+    rounding) of one. Relative: an absolute margin had turned every |alpha| <= 1e-6 into 0, an adapter that changes
+    nothing (helper 301)."""
     rounded = round(value)
-    return int(rounded) if abs(value - rounded) <= 1e-6 * abs(value) else float(value)
+    return int(rounded) if abs(value - rounded) <= margin * abs(value) else float(value)
 
 
 _SAVE_UNDER_FSDP1 = ("call save_peft_adapter on every rank inside `with FullyShardedDataParallel.summon_full_params("
@@ -1308,8 +1309,11 @@ def _collect_layers(model, adapter_name, op):
                 if r == 0:
                     continue  # this layer is not targeted by the adapter
                 # MultiLoRALinear keeps the scaling, not alpha: alpha = scaling * r reproduces it (use_rslora off),
-                # from the scaling as it was given where the slot still holds it, not its float32 rounding.
-                alpha = _clean_number(m._given_scaling(slot) * r)
+                # from the scaling as it was given where the slot still holds it (alpha / r · r is alpha to a few
+                # float64 ulps: 16.000008 stays), else from its float32 rounding (10 / 3 · 3 is 10.0000003)
+                given = m._given_scaling(slot)
+                alpha = (_clean_number(given * r, 1e-12) if given is not None
+                         else _clean_number(float(m.scalings[slot]) * r, 1e-6))
                 records.append(_SavedLayer(name, m.lora_a[slot, :r].clone(), m.lora_b[slot, :, :r].clone(), r, alpha,
                                            False, 0.0, m.fan_in_fan_out))
     if not records:

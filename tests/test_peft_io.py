@@ -2806,23 +2806,39 @@ def test_a_slot_saves_the_config_it_was_loaded_from(tmp_path):
     torch.testing.assert_close(lk.load_peft_adapter(_base(), tmp_path / "slot")(x), trained(x), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("lora_alpha", [4e-7, -3e-9, 7.05])
+@pytest.mark.parametrize("lora_alpha", [4e-7, -3e-9, 7.05, 16.000008])
 def test_a_slot_saves_a_small_or_fractional_alpha_as_it_was_given(tmp_path, lora_alpha):
     """The alpha rebuilt from the slot's scaling was snapped to the nearest int within 1e-6 absolute: every |alpha|
     <= 1e-6 was saved as 0, an adapter that changes nothing (helper 301). It is rebuilt from the scaling as given
-    (7.05 had been 7.0500001907 from the float32 scaling), and snapped only within 1e-6 relative."""
+    (7.05 had been 7.0500001907 from the float32 scaling; 16.000008 had been 16), snapped to an int only within
+    float64's rounding."""
     trained = _trained(r=2, lora_alpha=lora_alpha)
     lk.save_peft_adapter(trained, tmp_path / "a")
     model = lk.prepare_multi_adapter(_base(), ["q_proj", "v_proj"], max_adapters=2, max_rank=8)
     lk.load_peft_adapter(model, tmp_path / "a", adapter_name="a")
     lk.save_peft_adapter(model, tmp_path / "slot", adapter_name="a")
     saved = json.loads((tmp_path / "slot" / "adapter_config.json").read_text())["lora_alpha"]
-    assert saved == pytest.approx(lora_alpha, rel=1e-15)
+    assert saved == pytest.approx(lora_alpha, rel=1e-15, abs=0)
     x = torch.randn(3, 16)
     reloaded = lk.load_peft_adapter(_base(), tmp_path / "slot")
     assert [s for *_, s, _, _ in _lora_attributes(reloaded)] == pytest.approx(
-        [s for *_, s, _, _ in _lora_attributes(trained)], rel=1e-15)
+        [s for *_, s, _, _ in _lora_attributes(trained)], rel=1e-15, abs=0)
     torch.testing.assert_close(reloaded(x), trained(x))
+
+
+def test_a_slot_whose_scaling_was_set_since_saves_the_int_alpha_its_float32_scaling_holds(tmp_path):
+    """A slot's scaling written since the load (here directly; a state dict loads it so) is no longer the one given:
+    alpha comes from its float32 value, snapped to the int within float32's rounding (16 / 3 · 3 = 16.0000004)."""
+    lk.save_peft_adapter(_trained(r=3, lora_alpha=10), tmp_path / "a")
+    model = lk.prepare_multi_adapter(_base(), ["q_proj", "v_proj"], max_adapters=2, max_rank=8)
+    lk.load_peft_adapter(model, tmp_path / "a", adapter_name="a")
+    slot = model.lora_adapter_slots["a"]
+    for layer in (m for m in model.modules() if isinstance(m, MultiLoRALinear)):
+        layer.scalings[slot] = 16 / 3
+    assert float(torch.tensor(16 / 3)) * 3 != 16
+    lk.save_peft_adapter(model, tmp_path / "slot", adapter_name="a")
+    alpha = json.loads((tmp_path / "slot" / "adapter_config.json").read_text())["lora_alpha"]
+    assert alpha == 16 and isinstance(alpha, int)
 
 
 def test_a_name_that_cannot_name_a_slot_is_refused_before_any_file_is_read(tmp_path):

@@ -1073,11 +1073,11 @@ def test_saving_an_adapter_by_name_while_it_is_replaced_saves_it_whole(tmp_path,
     first_read, writer_waits_or_done = threading.Event(), threading.Event()
     clean_number = peft_io._clean_number
 
-    def stopping_clean_number(value):
+    def stopping_clean_number(*args):
         if threading.current_thread().name == "saver" and not first_read.is_set():
             first_read.set()
             writer_waits_or_done.wait(10)
-        return clean_number(value)
+        return clean_number(*args)
 
     # held by the saver: the writer announces that it waits for it
     table_lock = AnnouncingLock(modules.adapter_table_lock(), "writer", writer_waits_or_done)
