@@ -1310,7 +1310,7 @@ def _collect_layers(model, adapter_name, op):
                     continue  # this layer is not targeted by the adapter
                 # MultiLoRALinear keeps the scaling, not alpha: alpha = scaling * r reproduces it (use_rslora off),
                 # from the scaling as it was given where the slot still holds it (alpha / r · r is alpha to a few
-                # float64 ulps: 16.000008 stays), else from its float32 rounding (10 / 3 · 3 is 10.0000003)
+                # float64 ulps: 16.000008 stays), else from its float32 rounding (10 / 3 · 3 is 9.9999998 there)
                 given = m._given_scaling(slot)
                 alpha = (_clean_number(given * r, 1e-12) if given is not None
                          else _clean_number(float(m.scalings[slot]) * r, 1e-6))

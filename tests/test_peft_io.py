@@ -2786,8 +2786,8 @@ def test_a_file_with_dropout_loads_into_slots_with_a_warning_that_slots_apply_no
 
 def test_a_slot_saves_the_config_it_was_loaded_from(tmp_path):
     """MultiLoRALinear keeps scalings, not alphas: a slot's alpha is scaling * r, an int again where it was one
-    (10 / 3 * 3 is not 10 in float32), the others as close as float32 holds them; layers the adapter does not
-    target (rank 0 in its slot) are not in the file. Another adapter in the next slot, of a larger rank and on
+    (10 / 3 * 3 is not 10 in float32), the others as given; layers the adapter does not target (rank 0 in its
+    slot) are not in the file. Another adapter in the next slot, of a larger rank and on
     another layer too, changes none of it: each layer's rank is the slot's own, not the layer's largest."""
     trained = _trained(r=3, lora_alpha=10, rank_pattern={"v_proj": 6}, alpha_pattern={"v_proj": 7.05})
     lk.save_peft_adapter(trained, tmp_path / "a")
@@ -2828,7 +2828,7 @@ def test_a_slot_saves_a_small_or_fractional_alpha_as_it_was_given(tmp_path, lora
 
 def test_a_slot_whose_scaling_was_set_since_saves_the_int_alpha_its_float32_scaling_holds(tmp_path):
     """A slot's scaling written since the load (here directly; a state dict loads it so) is no longer the one given:
-    alpha comes from its float32 value, snapped to the int within float32's rounding (16 / 3 · 3 = 16.0000004)."""
+    alpha comes from its float32 value, snapped to the int within float32's rounding (16 / 3 · 3 = 16.0000005)."""
     lk.save_peft_adapter(_trained(r=3, lora_alpha=10), tmp_path / "a")
     model = lk.prepare_multi_adapter(_base(), ["q_proj", "v_proj"], max_adapters=2, max_rank=8)
     lk.load_peft_adapter(model, tmp_path / "a", adapter_name="a")
