@@ -66,7 +66,7 @@ _KEY_RE = re.compile(r"^(?P<module>.+)\.(?P<factor>lora_A|lora_B)(?:\.(?P<adapte
 _IGNORED_FIELDS = {
     "peft_type", "task_type", "peft_version", "auto_mapping", "base_model_name_or_path", "revision", "inference_mode",
     "init_lora_weights", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "qalora_group_size",
-    "megatron_core", "ensure_weight_tying", "runtime_config",
+    "megatron_core", "ensure_weight_tying", "runtime_config", "astra_config",
 }
 # Honoured (read and validated below).
 _HONOURED_FIELDS = {
@@ -95,7 +95,7 @@ _REFUSED_FIELDS = {
 _SUBCONFIG_FIELDS = ("velora_config", "monteclora_config", "kasa_config", "use_bdlora", "arrow_config")
 # init_lora_weights values whose adapters were trained against a base model PEFT modified (residual weights):
 # loaded as they are, with a warning, since only the caller knows which base they pass.
-_BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+_BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "astra")
 
 
 # ------------------------------------------------------------------------------------------------------------ config

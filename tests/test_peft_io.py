@@ -1452,6 +1452,17 @@ def test_adapters_trained_on_a_base_that_peft_modified_load_with_a_warning(init,
     assert any("PEFT modified (residual weights)" in str(w.message) for w in caught) == warns
 
 
+def test_an_astra_adapter_loads_with_a_warning_that_peft_modified_its_base():
+    """PEFT 0.22's Astra initialisation subtracts the initial product from the base weight, as PiSSA does, and
+    writes its astra_config (how the base was modified) into the file: refused as an unknown field until now."""
+    astra_config = {"cache_file": None, "covariance_file": None, "verbose": False, "use_float16_for_covariance": False,
+                    "prune_temporary_fields": True}
+    with pytest.warns(UserWarning, match=r"init_lora_weights='astra': this adapter was trained on a base model that "
+                                         r"PEFT modified \(residual weights\)"):
+        config = peft_io.parse_adapter_config(_raw_config(init_lora_weights="astra", astra_config=astra_config))
+    assert config.r == _raw_config()["r"]
+
+
 @pytest.mark.parametrize("init, warns", [("mica", True), ("MiCA", True), (True, False), ("pissa", False)])
 def test_a_mica_adapter_loads_with_a_warning_that_lora_b_trains_here(init, warns):
     """PEFT 0.21.2's MiCA (init_lora_weights="mica") computes as plain LoRA but keeps lora_B frozen in training; it
