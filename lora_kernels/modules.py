@@ -1615,14 +1615,17 @@ def _alias_hint(model, entries):
 MODULES_TO_SAVE_ATTR = "lora_modules_to_save"  # on the model: the modules_to_save names its adapter trains and saves
 
 
-def selected_modules_to_save(model, modules_to_save):
-    """[(name, module)] that the modules_to_save entries select (named_modules_to_save's rule), unchecked."""
+def selected_modules_to_save(model, modules_to_save, whole_components=True):
+    """[(name, module)] that the modules_to_save entries select (named_modules_to_save's rule), unchecked.
+    whole_components=False: PEFT <= 0.21's plain suffix test instead ("proj" also selects "q_proj"), which the files
+    it wrote followed."""
     found, skip_prefixes = [], []
     for name, module in model.named_modules():
         if not name or any(name.startswith(prefix) for prefix in skip_prefixes) or is_name_wrapper(module):
             continue
         key_name = state_dict_name(name)
-        selected = bool(key_name) and any(key_name.endswith(entry) for entry in modules_to_save)
+        selected = bool(key_name) and (_matches(key_name, list(modules_to_save)) if whole_components
+                                       else any(key_name.endswith(entry) for entry in modules_to_save))
         if selected:
             found.append((name, module))
         if selected or isinstance(module, LORA_WRAPPERS):
@@ -1630,13 +1633,22 @@ def selected_modules_to_save(model, modules_to_save):
     return found
 
 
+def suffix_only_modules_to_save(model, modules_to_save):
+    """[(name, module)] whose state-dict name ends with a modules_to_save entry, but not as whole name components:
+    PEFT <= 0.21 selected them, PEFT >= 0.22 and lora_kernels do not. Those inside a selected module are left out."""
+    selected = [name + "." for name, _ in selected_modules_to_save(model, modules_to_save)]
+    return [(name, module) for name, module in selected_modules_to_save(model, modules_to_save, whole_components=False)
+            if not any((name + ".").startswith(prefix) for prefix in selected)]
+
+
 def named_modules_to_save(model, modules_to_save, op):
     """[(name, module)] that PEFT's modules_to_save selects: modules whose full name (as the state dict spells it)
-    ends with an entry (PEFT's plain suffix test), the outermost of nested matches, none inside a LoRA wrapper. Such
-    a module is trained and saved whole beside the adapter (PEFT adds the classification head of SEQ_CLS models this
-    way); LoRA targets never lie inside one (in_modules_to_save). A module that holds a LoRA layer already, shares a
-    parameter with the rest of the model (tied weights: changing it would change both) or carries an accelerate hook
-    is a ValueError."""
+    ends with an entry as whole name components ("score" selects "score" and "model.score", not "prescore"; PEFT's
+    rule since 0.22, before which it tested a plain suffix), the outermost of nested matches, none inside a LoRA
+    wrapper. Such a module is trained and saved whole beside the adapter (PEFT adds the classification head of SEQ_CLS
+    models this way); LoRA targets never lie inside one (in_modules_to_save). A module that holds a LoRA layer
+    already, shares a parameter with the rest of the model (tied weights: changing it would change both) or carries
+    an accelerate hook is a ValueError."""
     if (not isinstance(modules_to_save, (list, tuple)) or not modules_to_save
             or not all(isinstance(n, str) and n for n in modules_to_save)):
         raise ValueError(f"{op}: modules_to_save expected a non-empty list of module names, got {modules_to_save!r}")
@@ -1662,20 +1674,33 @@ def named_modules_to_save(model, modules_to_save, op):
 
 
 def check_targets_outside_heads(op, targets, heads, modules_to_save):
-    """ValueError when a LoRA target is (or lies inside) a modules_to_save module. PEFT selects modules_to_save by a
-    plain suffix test (name.endswith(entry): "classifier" also selects DistilBERT's "pre_classifier") but keeps LoRA
-    targets out of them by whole name components only (in_modules_to_save), so the two disagree on such names; the
-    module would get a LoRA and train whole, and PEFT refuses it at get_peft_model. Called before the model changes."""
+    """ValueError when a LoRA target is (or lies inside) a modules_to_save module of an adapter file. LoRA targets
+    are kept out of the modules an entry selects by whole name components (in_modules_to_save), but PEFT <= 0.21
+    selected modules_to_save by a plain suffix test ("classifier" also selected DistilBERT's "pre_classifier"), and
+    a file it wrote holds such a module's state (_split_modules_to_save loads it); PEFT before 0.16 also put a LoRA
+    on it. The module would get a LoRA and train whole. Called before the model changes."""
     for name, _ in targets:
         for head, _ in heads:
             if name == head or name.startswith(head + "."):
-                entry = next(e for e in modules_to_save if head.endswith(e))
+                entry = next(e for e in modules_to_save if state_dict_name(head).endswith(e))
                 where = "is" if name == head else "lies inside"
                 raise ValueError(f"{op}: module {name!r} is a LoRA target and {where} the modules_to_save module "
-                                 f"{head!r} (entry {entry!r}: modules_to_save selects every module whose name ends "
-                                 f"with an entry, as PEFT); a module is either trained whole or given a LoRA, not "
-                                 f"both. Leave it out of the targets (exclude_modules=[{name!r}]: it then trains "
-                                 f"whole, as PEFT would) or use modules_to_save entries it does not end with")
+                                 f"{head!r}, whose state the file holds (entry {entry!r}: PEFT <= 0.21 selected "
+                                 f"modules_to_save by a plain name suffix); a module is either trained whole or "
+                                 f"given a LoRA, not both")
+
+
+def _warn_suffix_only_modules_to_save(op, model, modules_to_save):
+    """Names the modules whose names end with a modules_to_save entry but not as whole name components: not selected
+    (PEFT >= 0.22's rule, and ours), where PEFT <= 0.21 selected them (trained whole, or refused the model where one
+    holds a LoRA layer; it reads a saved file the same way)."""
+    left_out = [state_dict_name(name) for name, _ in suffix_only_modules_to_save(model, modules_to_save or [])]
+    if left_out:
+        warn_at_caller(f"{op}: modules_to_save {list(modules_to_save)!r} selects modules by whole name components "
+                       f"(PEFT >= 0.22's rule): {left_out[:5]}{' ...' if len(left_out) > 5 else ''} end with an entry "
+                       f"but are not selected and train only as targets, if at all; PEFT <= 0.21 selected them by a "
+                       f"plain suffix (and refuses a file of this model where one holds a LoRA layer). Name them in "
+                       f"modules_to_save to train them whole", UserWarning)
 
 
 def _record(model, attr, value):
@@ -1958,7 +1983,11 @@ def inject_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_
             if isinstance(entry, str):
                 check_regex(op, "modules_to_save entry", entry, modules_to_save_regex)
     if modules_to_save and not named_modules_to_save(model, modules_to_save, op):  # None or [] (PEFT's default)
-        raise ValueError(f"{op}: modules_to_save {modules_to_save!r} matched no module of the model")
+        ends = [state_dict_name(name) for name, _ in suffix_only_modules_to_save(model, modules_to_save)][:3]
+        hint = (f" ({ends} end with an entry, but modules_to_save selects by whole name components, as PEFT >= 0.22; "
+                f"name them to train them whole)" if ends else "")
+        raise ValueError(f"{op}: modules_to_save {modules_to_save!r} matched no module of the model{hint}")
+    _warn_suffix_only_modules_to_save(op, model, modules_to_save)
     # an earlier call's adapter stays part of this one
     earlier = getattr(model, MODULES_TO_SAVE_ATTR, None) or []
     modules_to_save = earlier + [name for name in modules_to_save or [] if name not in earlier]
@@ -1966,7 +1995,6 @@ def inject_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_
     targets = find_target_linears(model, target_modules, exclude_modules, op, layers_to_transform=layers_to_transform,
                                   layers_pattern=layers_pattern, modules_to_save=modules_to_save or None)
     heads = named_modules_to_save(model, modules_to_save, op) if modules_to_save else []
-    check_targets_outside_heads(op, targets, heads, modules_to_save)
     _warn_tied_targets(op, model, targets)
     with _rollback_on_error(model) as replaced:
         layers = []

@@ -52,8 +52,8 @@ from lora_kernels.modules import (_PEFT_ONLY_HINT, ATTENTION_OUT_PROJ, BASE_ADAP
                                   named_target_modules, pattern_key_regex, pattern_value, refuse_new_layers_under_fsdp1,
                                   refuse_overflowed_copy, refuse_uninitialised_modules, regex_error,
                                   resolve_batch_adapters, scaling_source, selected_modules_to_save, state_dict_name,
-                                  trained_biases, unwrap_model, warn_dropped_hooks, warn_fan_in_fan_out_corrections,
-                                  weight_computed_by_hook)
+                                  suffix_only_modules_to_save, trained_biases, unwrap_model, warn_dropped_hooks,
+                                  warn_fan_in_fan_out_corrections, weight_computed_by_hook)
 from lora_kernels.ops import check_flag, refuse_inference_tensor_writes
 
 CONFIG_NAME = "adapter_config.json"
@@ -533,22 +533,36 @@ def _pop_state_tensor(op, file, rest, file_key, current, owner, why):
     return tensor
 
 
+def _modules_to_save_entries(model, modules_to_save, tensors):
+    """The modules_to_save entries, plus the full name of each module that only PEFT <= 0.21's plain suffix test
+    selected and whose whole state the file holds: a file written under that rule ("proj" selected "q_proj", saved
+    whole), read as its writer meant. Named, the module is selected by either rule, in a save of the model too."""
+    written = []
+    for name, module in suffix_only_modules_to_save(model, modules_to_save):
+        state, prefix = module.state_dict(), f"{KEY_PREFIX}{state_dict_name(name)}."
+        if state and all(prefix + key in tensors for key in state):  # not a bias="all" file's bias alone
+            written.append(state_dict_name(name))
+    return list(modules_to_save) + written
+
+
 def _split_modules_to_save(model, config, tensors, file, adapter_name, op):
     """([(name, module, {state key: tensor})] for each module the config's modules_to_save selects in model, the
-    remaining tensors). Each selected module's whole state must be in the file, shapes equal."""
+    remaining tensors, the entries that select them (_modules_to_save_entries)). Each selected module's whole state
+    must be in the file, shapes equal."""
     if not config.modules_to_save:
-        return [], tensors
+        return [], tensors, None
+    entries = _modules_to_save_entries(model, config.modules_to_save, tensors)
     if adapter_name is not None:
         # entries that select no module of this model leave nothing trained whole (PEFT's load_adapter takes the file
         # as another adapter); any keys of such a module left in the file are unexpected keys
-        selected = selected_modules_to_save(model, config.modules_to_save)
+        selected = selected_modules_to_save(model, entries)
         if not selected:
-            return [], tensors
+            return [], tensors, None
         raise ValueError(f"{op}: {file} has modules_to_save {config.modules_to_save}, which selects module "
                          f"{selected[0][0]!r} (whole modules trained with the adapter); MultiLoRALinear slots hold "
                          f"LoRA factors only, so it cannot load by adapter_name")
     rest, heads = dict(tensors), []
-    for name, module in named_modules_to_save(model, config.modules_to_save, op):
+    for name, module in named_modules_to_save(model, entries, op):
         # PEFT's files may also hold a module's state under its wrapper's names: the trained copy
         # (`<module>.modules_to_save.<key>`) and the original (`<module>.original_module.<key>`), both from its
         # save_embedding_layers (a resized vocabulary) or bias="all" (their biases). PEFT loads `<module>.<key>`
@@ -568,7 +582,7 @@ def _split_modules_to_save(model, config, tensors, file, adapter_name, op):
                                          f"modules_to_save {config.modules_to_save} selects module {name!r}")
                   for key, current in state.items()}
         heads.append((name, module, loaded))
-    return heads, rest
+    return heads, rest, entries
 
 
 def _bias_file_keys(model, bias, lora_names, head_names):
@@ -857,8 +871,8 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
         for name, module in targets:
             if isinstance(module, (nn.Linear, LoRALinear)) or is_conv1d(module):
                 raise _unprepared_error(op, adapter_name, name, module)
-    heads, tensors = _split_modules_to_save(model, config, tensors, file, adapter_name, op)
-    check_targets_outside_heads(op, targets, [(name, module) for name, module, _ in heads], config.modules_to_save)
+    heads, tensors, modules_to_save = _split_modules_to_save(model, config, tensors, file, adapter_name, op)
+    check_targets_outside_heads(op, targets, [(name, module) for name, module, _ in heads], modules_to_save)
     biases, tensors = _split_biases(model, config, tensors, file, adapter_name, op, {name for name, _ in targets},
                                     heads)
     for name, module in targets:  # before the tensors: a Conv layer's 3-D/4-D factors would be refused by shape
@@ -905,7 +919,8 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
         new_layers = [(n, m) for n, m, *_ in plan if not isinstance(m, LORA_WRAPPERS)]
         _warn_tied_targets(op, model, new_layers)
         _warn_aliased_targets(op, model, new_layers)
-        _commit_single(model, config, plan, grouped, heads, biases, base_tensors, backend, autocast_adapter_dtype)
+        _commit_single(model, config, plan, grouped, heads, modules_to_save, biases, base_tensors, backend,
+                       autocast_adapter_dtype)
         _record(model, EMBEDDING_LAYERS_ATTR, sorted({key.rpartition(".")[0] for key, *_ in base_tensors}) or None)
         _record(model, TASK_TYPE_ATTR, config.task_type)
         enable_input_grads_for_checkpointing(model)
@@ -975,7 +990,7 @@ def _refuse_computed_factors(op, name, layer):
                          f"the file's {key} written into it would be lost; the model is unchanged. To load, {remedy}")
 
 
-def _commit_single(model, config, plan, grouped, heads, biases, base_tensors, backend,
+def _commit_single(model, config, plan, grouped, heads, modules_to_save, biases, base_tensors, backend,
                    autocast_adapter_dtype):
     op = "load_peft_adapter"
     # Everything that can fail on the inputs is checked; build the new layers before touching the model.
@@ -1076,7 +1091,7 @@ def _commit_single(model, config, plan, grouped, heads, biases, base_tensors, ba
         for module, state in head_snapshots:
             _copy_state(module, state)
         raise
-    _record(model, MODULES_TO_SAVE_ATTR, list(config.modules_to_save) if heads else None)
+    _record(model, MODULES_TO_SAVE_ATTR, modules_to_save if heads else None)
     _record(model, BIAS_ATTR, None if config.bias == "none" else config.bias)
     keep_transformer_layers_calling_lora(model)
 
@@ -1461,8 +1476,8 @@ def _warn_if_peft_reads_targets_as_experts(op, model, target_modules):
     """PeftModel.from_pretrained of a file whose target_modules names such a layer put new LoRAs on the model's
     fused experts and dropped the file's factors of the dense or shared-expert layers of that name (logits 0.25-0.51
     off on qwen3_next, qwen3_moe, deepseek_v3; helper 260), with only a missing-keys warning, or refused the file
-    (gate_proj without up_proj). load_peft_adapter reads the file as written. A regex target_modules is read as the
-    names of the modules it selects, as PEFT resolves it."""
+    (gate_proj without up_proj). PEFT 0.22 and load_peft_adapter read the file as written. A regex target_modules is
+    read as the names of the modules it selects, as PEFT resolves it."""
     expert_names = _peft_expert_target_names(model)
     if not expert_names:
         return
@@ -1474,12 +1489,14 @@ def _warn_if_peft_reads_targets_as_experts(op, model, target_modules):
         warn_at_caller(f"{op}: target_modules names {named}, which PEFT (0.21, with transformers 5) reads as this "
                        f"{model.config.model_type} model's fused experts (target_parameters): "
                        f"PeftModel.from_pretrained would put new LoRAs there and drop these factors, or refuse the "
-                       f"file; load_peft_adapter reads it as written", UserWarning)
+                       f"file; PEFT 0.22 and load_peft_adapter read it as written", UserWarning)
 
 
 # PEFT's task model classes add their head to modules_to_save when they load a file with these task types
-# (PeftModelForSequenceClassification and ...ForTokenClassification "classifier" and "score", ...ForQuestionAnswering
-# "qa_outputs"; selected by PEFT's suffix test), then require its weights in the file and never put a LoRA on it.
+# (PeftModelForSequenceClassification and ...ForTokenClassification "classifier" and "score", and from 0.22
+# "pre_classifier", ...ForQuestionAnswering "qa_outputs"), then require its weights in the file and never put a LoRA
+# on it. Tested here as PEFT <= 0.21 selected them, by a plain suffix ("classifier" selects "pre_classifier" too):
+# the modules of both rules, so that either PEFT reads the file.
 _TASK_TYPE_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
                     "QUESTION_ANS": ("qa_outputs",)}
 
@@ -1524,7 +1541,7 @@ def _refuse_records_below(op, model):
         if not prefix:
             continue
         # what the model's own records already save (its bias mode covers the submodule's layers too; its
-        # modules_to_save entries select by suffix anywhere) is not lost
+        # modules_to_save entries select by trailing name components anywhere) is not lost
         lost = [(attr, what) for attr, what, covered in (
             (BIAS_ATTR, "bias", lambda mode: BIAS_MODES.index(mode) <= root_bias),
             (MODULES_TO_SAVE_ATTR, "modules_to_save", lambda entries: set(entries) <= root_heads),

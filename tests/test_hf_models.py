@@ -235,7 +235,8 @@ def test_sequence_classification_head_in_modules_to_save_both_ways(tmp_path):
         theirs.base_model.model.score.modules_to_save["default"].weight.add_(1.0)  # as if trained
     theirs.save_pretrained(tmp_path / "peft")
     saved = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["modules_to_save"]
-    assert sorted(saved) == ["classifier", "score"]  # "classifier" selects nothing in a Llama: fine, as in PEFT
+    # "classifier" selects nothing in a Llama: fine, as in PEFT; PEFT 0.22 adds DistilBERT's "pre_classifier" too
+    assert sorted(saved) == ["classifier", "pre_classifier", "score"] if PEFT >= (0, 22) else ["classifier", "score"]
 
     ours = lk.load_peft_adapter(copy.deepcopy(base), tmp_path / "peft", backend="torch").eval()
     ids, labels = _ids(), torch.tensor([0, 2, 1])
@@ -314,28 +315,36 @@ def test_save_refuses_a_task_type_whose_head_the_file_would_leave_out(tmp_path, 
             assert_close(ours_out.detach(), theirs_out.detach(), torch.float32, name)
 
 
-def test_distilbert_pre_classifier_as_target_and_head_is_refused_untouched():
-    """DistilBERT's pre_classifier ends with "classifier": modules_to_save=["classifier"] selects it (PEFT's suffix
-    rule), and "all-linear" targets it too. PEFT refuses that at get_peft_model; so does inject_lora, before any
-    change (it used to train the layer whole beside its LoRA and fail only at save time)."""
+def test_distilbert_pre_classifier_is_a_target_beside_the_classifier_head(tmp_path):
+    """DistilBERT's pre_classifier ends with "classifier": modules_to_save=["classifier"] leaves it out (whole name
+    components, PEFT >= 0.22's rule), so "all-linear" targets it, with a warning naming it; the same model as PEFT
+    0.22's, both ways. PEFT 0.16 to 0.21 selected it by its suffix and refused it as a LoRA target (and refuse the
+    file); inject_lora refused it too, before PEFT 0.22."""
     torch.manual_seed(0)
     base = transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(
         dim=64, hidden_dim=96, n_layers=2, n_heads=4, vocab_size=VOCAB, num_labels=3)).eval()
-    if PEFT >= (0, 16):  # peft < 0.16 accepts it (checked: 0.13, 0.14, 0.15)
+    if (0, 16) <= PEFT < (0, 22):  # peft < 0.16 accepts it (checked: 0.13, 0.14, 0.15)
         with pytest.raises(TypeError, match="modules_to_save cannot be applied to modules of type"):
             _peft(base, target_modules="all-linear", modules_to_save=["classifier"])
-    model = copy.deepcopy(base)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    flags = [(n, p.requires_grad) for n, p in model.named_parameters()]
-    types = [(n, type(m)) for n, m in model.named_modules()]
-    for targets in ("all-linear", ["q_lin", "pre_classifier"]):
-        with pytest.raises(ValueError, match="module 'pre_classifier' is a LoRA target and is the modules_to_save "
-                                             "module 'pre_classifier'"):
-            lk.inject_lora(model, targets, modules_to_save=["classifier"])
-        assert [(n, type(m)) for n, m in model.named_modules()] == types
-        assert [(n, p.requires_grad) for n, p in model.named_parameters()] == flags
-        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-        assert not hasattr(model, "lora_modules_to_save")
+    with pytest.warns(UserWarning, match=r"modules_to_save \['classifier'\] selects modules by whole name components "
+                                         r".*\['pre_classifier'\] end with an entry but are not selected"):
+        ours = lk.inject_lora(copy.deepcopy(base), "all-linear", modules_to_save=["classifier"],
+                              init_lora_weights=False).eval()
+    assert isinstance(ours.pre_classifier, LoRALinear) and ours.classifier.weight.requires_grad
+    with torch.no_grad():
+        ours.classifier.weight.add_(0.5)  # as if trained
+    lk.save_peft_adapter(ours, tmp_path)
+    ids = _ids()
+    with torch.no_grad():
+        expected = ours(input_ids=ids).logits
+        assert_close(lk.load_peft_adapter(copy.deepcopy(base), tmp_path).eval()(input_ids=ids).logits, expected,
+                     F32, "our file read by us")
+        if PEFT >= (0, 22):
+            theirs = _peft(base, target_modules="all-linear", modules_to_save=["classifier"])
+            assert ({n.removeprefix("base_model.model.") for n, m in theirs.named_modules() if hasattr(m, "lora_A")}
+                    == {n for n, m in ours.named_modules() if isinstance(m, LoRALinear)})
+            back = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+            assert_close(back(input_ids=ids).logits, expected, F32, "our file read by PEFT")
 
 
 def test_a_smaller_adapter_than_asked_for_gets_a_warning(llama):
@@ -378,8 +387,8 @@ def test_saving_a_moe_model_s_dense_down_proj_warns_that_peft_reads_it_as_the_ex
     """Qwen3-MoE with a dense layer (mlp_only_layers) keeps nn.Linear down_proj layers beside the fused experts. PEFT
     0.21 with transformers 5 rewrites a target_modules "down_proj" of such a model type into target_parameters on
     the experts: PeftModel.from_pretrained of our file put new LoRAs there and dropped the factors, with only a
-    missing-keys warning (helper 260). save_peft_adapter warns; load_peft_adapter reads the file as written. Qwen2-MoE
-    itself, which PEFT reads as written, gets no warning."""
+    missing-keys warning (helper 260). save_peft_adapter warns; load_peft_adapter and PEFT 0.22 read the file as
+    written. Qwen2-MoE itself, which PEFT reads as written, gets no warning."""
     def qwen3_moe():
         torch.manual_seed(0)
         return transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
@@ -405,7 +414,10 @@ def test_saving_a_moe_model_s_dense_down_proj_warns_that_peft_reads_it_as_the_ex
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 theirs = PeftModel.from_pretrained(qwen3_moe(), tmp_path).eval()
-            assert (theirs(input_ids=ids).logits - expected).abs().max() > 1e-3
+            if PEFT >= (0, 22):
+                torch.testing.assert_close(theirs(input_ids=ids).logits, expected)
+            else:
+                assert (theirs(input_ids=ids).logits - expected).abs().max() > 1e-3
     torch.manual_seed(0)
     qwen2_moe = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,

@@ -648,31 +648,84 @@ class _PreClassifier(nn.Module):
         return self.classifier(self.pre_classifier(self.dense(x)) + self.my_classifier(x))
 
 
-@pytest.mark.parametrize("targets, culprit", [("all-linear", "pre_classifier"), (["dense", "pre_classifier"],
-                                                                                  "pre_classifier"),
-                                              (["dense", "proj"], "my_classifier.proj")])
-def test_a_target_that_modules_to_save_also_selects_is_refused_untouched(targets, culprit, tmp_path):
-    """modules_to_save selects by name suffix (PEFT: "classifier" also picks "pre_classifier"), targets skip only
-    whole name components: such a module would get a LoRA and train whole. Refused before any change, as PEFT."""
+def _seeded_pre_classifier():
     torch.manual_seed(0)
-    model = _PreClassifier()
-    before = _snapshot(model)
-    with pytest.raises(ValueError, match=rf"inject_lora: module '{culprit}' is a LoRA target and (is|lies inside) "
-                                         rf"the modules_to_save module .*entry 'classifier'"):
-        lk.inject_lora(model, targets, modules_to_save=["classifier"], backend=BACKEND)
-    _assert_same(model, before)
-    # the way out the message names: the module then trains whole, as a head
-    excluded = ["pre_classifier", "my_classifier.proj"] if targets == "all-linear" else [culprit]
-    lk.inject_lora(model, targets, modules_to_save=["classifier"], exclude_modules=excluded, backend=BACKEND)
-    assert not isinstance(model.get_submodule(culprit), LoRALinear)
-    assert model.get_submodule(culprit).weight.requires_grad
+    return _PreClassifier()
 
-    # the loader's path: a config whose targets overlap its modules_to_save
+
+@pytest.mark.parametrize("targets", ["all-linear", ["dense", "pre_classifier", "proj"]])
+def test_modules_to_save_select_by_whole_name_components_with_a_warning_naming_the_suffix_matches(targets, tmp_path):
+    """modules_to_save selects a module whose name ends with an entry as whole name components, as PEFT >= 0.22:
+    "classifier" selects "classifier", not "pre_classifier" or "my_classifier" (PEFT <= 0.21's plain suffix test did,
+    and refused them as LoRA targets). They are targets here, with a warning naming them; the file loads the same."""
+    with pytest.warns(UserWarning, match=r"inject_lora: modules_to_save \['classifier'\] selects modules by whole "
+                                         r"name components \(PEFT >= 0.22's rule\): \['pre_classifier', "
+                                         r"'my_classifier'\] end with an entry but are not selected"):
+        model = lk.inject_lora(_seeded_pre_classifier(), targets, modules_to_save=["classifier"],
+                               init_lora_weights="gaussian", backend=BACKEND)
+    assert isinstance(model.pre_classifier, LoRALinear) and isinstance(model.my_classifier.proj, LoRALinear)
+    assert model.classifier.weight.requires_grad and not model.pre_classifier.weight.requires_grad
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)  # as if trained
     lk.save_peft_adapter(model, tmp_path)
-    _write_config(tmp_path, target_modules=targets, exclude_modules=None)
-    fresh = _PreClassifier()
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(lk.load_peft_adapter(_seeded_pre_classifier(), tmp_path, backend=BACKEND)(x), model(x),
+                               rtol=0, atol=0)
+    # an entry that ends names only as a suffix selects nothing: refused, naming them
+    with pytest.raises(ValueError, match=r"modules_to_save \['_classifier'\] matched no module of the model "
+                                         r"\(\['pre_classifier', 'my_classifier'\] end with an entry, but "
+                                         r"modules_to_save selects by whole name components"):
+        lk.inject_lora(_PreClassifier(), ["dense"], modules_to_save=["_classifier"], backend=BACKEND)
+
+
+def _legacy_heads_file(tmp_path, targets):
+    """A file written under PEFT <= 0.21's rule: modules_to_save ["classifier"], holding the state of every module
+    whose name ends with it (classifier, pre_classifier, my_classifier), trained."""
+    model = lk.inject_lora(_seeded_pre_classifier(), ["dense"], init_lora_weights=False, backend=BACKEND,
+                           modules_to_save=["classifier", "pre_classifier", "my_classifier"])
+    with torch.no_grad():
+        for name in ("classifier", "pre_classifier", "my_classifier.proj"):
+            model.get_submodule(name).weight.add_(0.5)  # as if trained
+    lk.save_peft_adapter(model, tmp_path)
+    _write_config(tmp_path, modules_to_save=["classifier"], target_modules=targets)
+    return model
+
+
+def test_a_file_saved_under_peft_0_21_s_suffix_rule_loads_the_modules_it_holds_and_saves_them_by_name(tmp_path):
+    """PEFT <= 0.21 (and lora_kernels until now) selected modules_to_save by a plain name suffix and saved every
+    module so selected: such a file holds them, and they load as its writer trained them (PEFT 0.22 would leave them
+    out: a model other than the one saved). Saved again, they are named in full, which both rules select."""
+    trained = _legacy_heads_file(tmp_path / "legacy", ["dense"])
+    loaded = lk.load_peft_adapter(_seeded_pre_classifier(), tmp_path / "legacy", backend=BACKEND)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(loaded(x), trained(x), rtol=0, atol=0)
+    assert loaded.lora_modules_to_save == ["classifier", "pre_classifier", "my_classifier"]
+    assert all(loaded.get_submodule(name).weight.requires_grad
+               for name in ("classifier", "pre_classifier", "my_classifier.proj"))
+    lk.save_peft_adapter(loaded, tmp_path / "again")
+    saved = json.loads((tmp_path / "again" / "adapter_config.json").read_text())["modules_to_save"]
+    assert saved == ["classifier", "pre_classifier", "my_classifier"]
+    torch.testing.assert_close(lk.load_peft_adapter(_seeded_pre_classifier(), tmp_path / "again", backend=BACKEND)(x),
+                               trained(x), rtol=0, atol=0)
+    peft = pytest.importorskip("peft")
+    theirs = peft.PeftModel.from_pretrained(_seeded_pre_classifier(), tmp_path / "again").eval()
+    torch.testing.assert_close(theirs(x), trained(x))
+
+
+@pytest.mark.parametrize("targets, culprit", [(["dense", "pre_classifier"], "pre_classifier"),
+                                              (["dense", "proj"], "my_classifier.proj")])
+def test_a_file_whose_targets_lie_in_a_module_it_holds_under_the_suffix_rule_is_refused_untouched(targets, culprit,
+                                                                                               tmp_path):
+    """Under PEFT <= 0.21's suffix rule a target could also be a modules_to_save module (PEFT before 0.16 wrapped it
+    both ways): it would get a LoRA and train whole. Refused before any change, naming the entry."""
+    _legacy_heads_file(tmp_path, targets)
+    fresh = _seeded_pre_classifier()
     before = _snapshot(fresh)
-    with pytest.raises(ValueError, match=rf"load_peft_adapter: module '{culprit}' is a LoRA target"):
+    where = "is" if culprit == "pre_classifier" else "lies inside"
+    with pytest.raises(ValueError, match=rf"load_peft_adapter: module '{culprit}' is a LoRA target and {where} the "
+                                         rf"modules_to_save module '{culprit.partition('.')[0]}', whose state the "
+                                         rf"file holds \(entry 'classifier'"):
         lk.load_peft_adapter(fresh, tmp_path, backend=BACKEND)
     _assert_same(fresh, before)
 
@@ -728,15 +781,6 @@ def test_modules_to_save_take_siblings_whose_names_extend_one_another_and_the_ou
         with pytest.raises(ValueError, match=message):
             lk.inject_lora(tied, ["dense"], modules_to_save=[entry], backend=BACKEND)
         _assert_same(tied, before)
-
-
-def test_a_target_refused_as_a_modules_to_save_module_is_told_which_entry_selects_it():
-    model = _PreClassifier()
-    before = _snapshot(model)
-    with pytest.raises(ValueError, match=r"module 'pre_classifier' is a LoRA target and is the modules_to_save "
-                                         r"module 'pre_classifier' \(entry 'classifier'"):
-        lk.inject_lora(model, ["pre_classifier"], modules_to_save=["dense", "classifier"], backend=BACKEND)
-    _assert_same(model, before)
 
 
 # ----------------------------------------------------------------------------------------------------- bias modes
