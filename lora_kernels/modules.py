@@ -1693,14 +1693,14 @@ def check_targets_outside_heads(op, targets, heads, modules_to_save):
 def _warn_suffix_only_modules_to_save(op, model, modules_to_save):
     """Names the modules whose names end with a modules_to_save entry but not as whole name components: not selected
     (PEFT >= 0.22's rule, and ours), where PEFT <= 0.21 selected them (trained whole, or refused the model where one
-    holds a LoRA layer; it reads a saved file the same way)."""
+    holds a LoRA layer), and expects their weights in a saved file (save_peft_adapter warns too)."""
     left_out = [state_dict_name(name) for name, _ in suffix_only_modules_to_save(model, modules_to_save or [])]
     if left_out:
         warn_at_caller(f"{op}: modules_to_save {list(modules_to_save)!r} selects modules by whole name components "
                        f"(PEFT >= 0.22's rule): {left_out[:5]}{' ...' if len(left_out) > 5 else ''} end with an entry "
                        f"but are not selected and train only as targets, if at all; PEFT <= 0.21 selected them by a "
-                       f"plain suffix (and refuses a file of this model where one holds a LoRA layer). Name them in "
-                       f"modules_to_save to train them whole", UserWarning)
+                       f"plain suffix, and cannot read a file saved from this model. Name them in modules_to_save to "
+                       f"train them whole", UserWarning)
 
 
 def _record(model, attr, value):

@@ -118,6 +118,7 @@ class AdapterConfig:
     modules_to_save: list = None  # module names trained whole and saved beside the adapter (None: none)
     bias: str = "none"  # which base biases the adapter trained and holds: "none", "all" or "lora_only"
     task_type: str = None  # PEFT's task type ("CAUSAL_LM"), kept for save_peft_adapter; changes no computation
+    peft_version: str = None  # the PEFT that wrote the file, where it says (its modules_to_save rule changed in 0.22)
 
     def rank_and_alpha(self, name):
         """(r, lora_alpha) of the module called `name`, with PEFT's rank_pattern / alpha_pattern lookup."""
@@ -257,7 +258,8 @@ def parse_adapter_config(raw, file=CONFIG_NAME):
                          alpha_pattern=_check_pattern(file, "alpha_pattern", raw.get("alpha_pattern"), "alpha"),
                          layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
                          modules_to_save=modules_to_save, bias=bias,
-                         task_type=raw["task_type"] if isinstance(raw.get("task_type"), str) else None)
+                         task_type=raw["task_type"] if isinstance(raw.get("task_type"), str) else None,
+                         peft_version=raw.get("peft_version"))
 
 
 def _check_path(op, path):
@@ -533,16 +535,29 @@ def _pop_state_tensor(op, file, rest, file_key, current, owner, why):
     return tensor
 
 
-def _modules_to_save_entries(model, modules_to_save, tensors):
-    """The modules_to_save entries, plus the full name of each module that only PEFT <= 0.21's plain suffix test
-    selected and whose whole state the file holds: a file written under that rule ("proj" selected "q_proj", saved
-    whole), read as its writer meant. Named, the module is selected by either rule, in a save of the model too."""
+def _modules_to_save_entries(model, config, tensors):
+    """The config's modules_to_save entries, plus the full name of each module that only PEFT <= 0.21's plain suffix
+    test selected and whose whole state the file holds: a file written under that rule ("proj" selected "q_proj",
+    saved whole), read as its writer meant. Named, the module is selected by either rule, in a save of the model
+    too. Not for a file PEFT >= 0.22 wrote, nor the embedding layers (whose whole weights a file may hold for
+    save_embedding_layers)."""
+    if _written_by_peft_0_22_or_later(config.peft_version):
+        return list(config.modules_to_save)
+    embeddings = {id(embedding_layer(model, getter)) for getter in ("get_input_embeddings", "get_output_embeddings")}
     written = []
-    for name, module in suffix_only_modules_to_save(model, modules_to_save):
+    for name, module in suffix_only_modules_to_save(model, config.modules_to_save):
         state, prefix = module.state_dict(), f"{KEY_PREFIX}{state_dict_name(name)}."
-        if state and all(prefix + key in tensors for key in state):  # not a bias="all" file's bias alone
+        # the whole state: not a bias="all" file's bias alone
+        if id(module) not in embeddings and state and all(prefix + key in tensors for key in state):
             written.append(state_dict_name(name))
-    return list(modules_to_save) + written
+    return list(config.modules_to_save) + written
+
+
+def _written_by_peft_0_22_or_later(peft_version):
+    """Whether an adapter_config.json's peft_version ("0.22.0", "0.22.1.dev0@<commit>") is 0.22 or later: PEFT
+    writes it since 0.18; lora_kernels writes none."""
+    match = re.match(r"(\d+)\.(\d+)", peft_version) if isinstance(peft_version, str) else None
+    return match is not None and (int(match.group(1)), int(match.group(2))) >= (0, 22)
 
 
 def _split_modules_to_save(model, config, tensors, file, adapter_name, op):
@@ -551,7 +566,7 @@ def _split_modules_to_save(model, config, tensors, file, adapter_name, op):
     must be in the file, shapes equal."""
     if not config.modules_to_save:
         return [], tensors, None
-    entries = _modules_to_save_entries(model, config.modules_to_save, tensors)
+    entries = _modules_to_save_entries(model, config, tensors)
     if adapter_name is not None:
         # entries that select no module of this model leave nothing trained whole (PEFT's load_adapter takes the file
         # as another adapter); any keys of such a module left in the file are unexpected keys
@@ -1492,6 +1507,17 @@ def _warn_if_peft_reads_targets_as_experts(op, model, target_modules):
                        f"file; PEFT 0.22 and load_peft_adapter read it as written", UserWarning)
 
 
+def _warn_if_peft_0_21_selects_more_heads(op, model, modules_to_save):
+    """PEFT <= 0.21 selected modules_to_save by a plain name suffix: where an entry also ends other module names, it
+    wraps those too and expects their weights in the file (from_pretrained raised a KeyError), or refuses a LoRA
+    layer among them. PEFT 0.22 and load_peft_adapter select whole name components, as the file was written."""
+    also = [state_dict_name(name) for name, _ in suffix_only_modules_to_save(model, modules_to_save or [])]
+    if also:
+        warn_at_caller(f"{op}: PEFT <= 0.21 cannot read this file: it selects modules_to_save {modules_to_save!r} by "
+                       f"a plain name suffix, so also {also[:5]}{' ...' if len(also) > 5 else ''}, whose weights the "
+                       f"file does not hold; PEFT >= 0.22 and load_peft_adapter read it as written", UserWarning)
+
+
 # PEFT's task model classes add their head to modules_to_save when they load a file with these task types
 # (PeftModelForSequenceClassification and ...ForTokenClassification "classifier" and "score", and from 0.22
 # "pre_classifier", ...ForQuestionAnswering "qa_outputs"), then require its weights in the file and never put a LoRA
@@ -1716,6 +1742,7 @@ def save_peft_adapter(model, path, adapter_name=None, *, task_type=None, base_mo
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
     _warn_if_peft_reads_targets_as_experts(op, model, config["target_modules"])  # once, on the rank that writes
+    _warn_if_peft_0_21_selects_more_heads(op, model, modules_to_save)
     os.makedirs(path, exist_ok=True)
     from safetensors.torch import save_file
 

@@ -667,7 +667,10 @@ def test_modules_to_save_select_by_whole_name_components_with_a_warning_naming_t
     assert model.classifier.weight.requires_grad and not model.pre_classifier.weight.requires_grad
     with torch.no_grad():
         model.classifier.weight.add_(1.0)  # as if trained
-    lk.save_peft_adapter(model, tmp_path)
+    with pytest.warns(UserWarning, match=r"save_peft_adapter: PEFT <= 0.21 cannot read this file: it selects "
+                                         r"modules_to_save \['classifier'\] by a plain name suffix, so also "
+                                         r"\['pre_classifier', 'my_classifier'\]"):
+        lk.save_peft_adapter(model, tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
     x = torch.randn(3, 16)
     torch.testing.assert_close(lk.load_peft_adapter(_seeded_pre_classifier(), tmp_path, backend=BACKEND)(x), model(x),
@@ -711,6 +714,45 @@ def test_a_file_saved_under_peft_0_21_s_suffix_rule_loads_the_modules_it_holds_a
     peft = pytest.importorskip("peft")
     theirs = peft.PeftModel.from_pretrained(_seeded_pre_classifier(), tmp_path / "again").eval()
     torch.testing.assert_close(theirs(x), trained(x))
+
+
+def test_a_file_that_peft_0_22_wrote_or_one_holding_embedding_layers_is_not_read_by_the_suffix_rule(tmp_path):
+    """A file that says PEFT >= 0.22 wrote it selected its modules_to_save by whole name components: the state of a
+    module that only the suffix rule selects is no module_to_save there (an unexpected key here). Nor are the
+    embedding layers, whose whole weights a file holds for save_embedding_layers; nor a bias alone (bias="all")."""
+    _legacy_heads_file(tmp_path / "new", ["dense"])
+    _write_config(tmp_path / "new", peft_version="0.22.0")
+    fresh = _seeded_pre_classifier()
+    before = _snapshot(fresh)
+    with pytest.raises(ValueError, match=r"unexpected keys 'base_model.model.my_classifier.proj.bias'"):
+        lk.load_peft_adapter(fresh, tmp_path / "new", backend=BACKEND)
+    _assert_same(fresh, before)
+    _legacy_heads_file(tmp_path / "old", ["dense"])
+    _write_config(tmp_path / "old", peft_version="0.21.2")
+    assert lk.load_peft_adapter(_seeded_pre_classifier(), tmp_path / "old", backend=BACKEND).lora_modules_to_save == [
+        "classifier", "pre_classifier", "my_classifier"]
+
+    class WithEmbeddings(_PreClassifier):
+        def get_output_embeddings(self):
+            return self.pre_classifier  # as an lm_head: save_embedding_layers writes its whole weight and bias
+
+    torch.manual_seed(0)
+    base = WithEmbeddings()
+    model = lk.inject_lora(copy.deepcopy(base), ["dense"], modules_to_save=["classifier"], bias="all",
+                           init_lora_weights=False, backend=BACKEND)
+    with torch.no_grad():
+        model.pre_classifier.bias.add_(1.0)  # trained by bias="all"
+    with pytest.warns(UserWarning, match="PEFT <= 0.21 cannot read this file"):
+        lk.save_peft_adapter(model, tmp_path / "bias", save_embedding_layers=False)
+    loaded = lk.load_peft_adapter(copy.deepcopy(base), tmp_path / "bias", backend=BACKEND)
+    assert loaded.lora_modules_to_save == ["classifier"] and not loaded.pre_classifier.weight.requires_grad
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    with pytest.warns(UserWarning, match="PEFT <= 0.21 cannot read this file"):
+        lk.save_peft_adapter(model, tmp_path / "embedding", save_embedding_layers=True)
+    loaded = lk.load_peft_adapter(copy.deepcopy(base), tmp_path / "embedding", backend=BACKEND)
+    assert loaded.lora_modules_to_save == ["classifier"] and not loaded.pre_classifier.weight.requires_grad
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("targets, culprit", [(["dense", "pre_classifier"], "pre_classifier"),
