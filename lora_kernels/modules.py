@@ -1636,6 +1636,8 @@ def selected_modules_to_save(model, modules_to_save, whole_components=True):
 def suffix_only_modules_to_save(model, modules_to_save):
     """[(name, module)] whose state-dict name ends with a modules_to_save entry, but not as whole name components:
     PEFT <= 0.21 selected them, PEFT >= 0.22 and lora_kernels do not. Those inside a selected module are left out."""
+    if not modules_to_save:  # inject_lora without modules_to_save: no second walk over the model
+        return []
     selected = [name + "." for name, _ in selected_modules_to_save(model, modules_to_save)]
     return [(name, module) for name, module in selected_modules_to_save(model, modules_to_save, whole_components=False)
             if not any((name + ".").startswith(prefix) for prefix in selected)]
