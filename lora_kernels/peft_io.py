@@ -847,8 +847,10 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
     file) and keep their backend and factor dtype: backend and autocast_adapter_dtype set up the layers this call
     creates (with adapter_name, none: the prepared layers keep theirs). Every non-LoRA parameter is frozen
     and lora_A/lora_B train, like inject_lora. Modules that the config's modules_to_save selects (a classification
-    head) get their saved state and train whole; unlike PEFT, which keeps the originals beside a trained copy, their
-    state is replaced in place (load into a fresh base model to keep it). With the config's bias "all" or
+    head; by whole name components, PEFT 0.22's rule, and also, in a file whose peft_version is not 0.22 or later, a
+    module that the plain-suffix rule of PEFT 0.21 and earlier selected and whose whole state the file holds) get
+    their saved state and train whole; unlike PEFT, which keeps the originals beside a trained copy, their state is
+    replaced in place (load into a fresh base model to keep it). With the config's bias "all" or
     "lora_only" (PEFT's option, see inject_lora) the file's biases are copied into the model's, which then train;
     every bias that mode selects must be in the file, and every bias of the file must map to one. Except: a
     "lora_only" file without any bias, as PEFT before 0.21 saved them, loads with a warning, keeping the model's
