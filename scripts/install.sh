@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up ./.venv with torch, triton and lora_kernels, building the C++/CUDA extension against that torch.
 #   bash scripts/install.sh          # the package
-#   bash scripts/install.sh --test   # plus the test dependencies (pytest, hypothesis, transformers, peft)
+#   bash scripts/install.sh --test   # plus the test dependencies (pytest, pytest-xdist, hypothesis, transformers, peft)
 # The CUDA sources are built when torch is a CUDA build and a CUDA toolkit of its major version is found
 # (setup.py; LORA_KERNELS_BUILD_CUDA=0/1 forces off/on).
 set -euo pipefail
