@@ -1675,19 +1675,20 @@ def named_modules_to_save(model, modules_to_save, op):
     return found
 
 
-def check_targets_outside_heads(op, targets, heads, modules_to_save):
+def check_targets_outside_heads(op, targets, heads, modules_to_save, file):
     """ValueError when a LoRA target is (or lies inside) a modules_to_save module of an adapter file. LoRA targets
     are kept out of the modules an entry selects by whole name components (in_modules_to_save), but PEFT <= 0.21
     selected modules_to_save by a plain suffix test ("classifier" also selected DistilBERT's "pre_classifier"), and
     a file it wrote holds such a module's state (_split_modules_to_save loads it); PEFT before 0.16 also put a LoRA
-    on it. The module would get a LoRA and train whole. Called before the model changes."""
+    on it. The module would get a LoRA and train whole. file: the weights file, named in the error. Called before the
+    model changes."""
     for name, _ in targets:
         for head, _ in heads:
             if name == head or name.startswith(head + "."):
                 entry = next(e for e in modules_to_save if state_dict_name(head).endswith(e))
                 where = "is" if name == head else "lies inside"
                 raise ValueError(f"{op}: module {name!r} is a LoRA target and {where} the modules_to_save module "
-                                 f"{head!r}, whose state the file holds (entry {entry!r}: PEFT <= 0.21 selected "
+                                 f"{head!r}, whose state {file} holds (entry {entry!r}: PEFT <= 0.21 selected "
                                  f"modules_to_save by a plain name suffix); a module is either trained whole or "
                                  f"given a LoRA, not both")
 

@@ -889,7 +889,7 @@ def load_peft_adapter(model, path, adapter_name=None, *, backend="auto", autocas
             if isinstance(module, (nn.Linear, LoRALinear)) or is_conv1d(module):
                 raise _unprepared_error(op, adapter_name, name, module)
     heads, tensors, modules_to_save = _split_modules_to_save(model, config, tensors, file, adapter_name, op)
-    check_targets_outside_heads(op, targets, [(name, module) for name, module, _ in heads], modules_to_save)
+    check_targets_outside_heads(op, targets, [(name, module) for name, module, _ in heads], modules_to_save, file)
     biases, tensors = _split_biases(model, config, tensors, file, adapter_name, op, {name for name, _ in targets},
                                     heads)
     for name, module in targets:  # before the tensors: a Conv layer's 3-D/4-D factors would be refused by shape

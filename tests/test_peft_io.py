@@ -766,8 +766,9 @@ def test_a_file_whose_targets_lie_in_a_module_it_holds_under_the_suffix_rule_is_
     before = _snapshot(fresh)
     where = "is" if culprit == "pre_classifier" else "lies inside"
     with pytest.raises(ValueError, match=rf"load_peft_adapter: module '{culprit}' is a LoRA target and {where} the "
-                                         rf"modules_to_save module '{culprit.partition('.')[0]}', whose state the "
-                                         rf"file holds \(entry 'classifier'"):
+                                         rf"modules_to_save module '{culprit.partition('.')[0]}', whose state "
+                                         rf"{re.escape(str(tmp_path / 'adapter_model.safetensors'))} holds \(entry "
+                                         rf"'classifier'"):
         lk.load_peft_adapter(fresh, tmp_path, backend=BACKEND)
     _assert_same(fresh, before)
 
