@@ -773,6 +773,20 @@ def test_a_file_whose_targets_lie_in_a_module_it_holds_under_the_suffix_rule_is_
     _assert_same(fresh, before)
 
 
+def test_slots_refuse_a_module_only_the_old_suffix_rule_selects_saying_why_it_is_selected(tmp_path):
+    """Slots hold LoRA factors only, so a file's modules_to_save module is refused; one that its entry selects only
+    by PEFT <= 0.21's plain-suffix rule (the file holds its whole state) is named with that reason."""
+    _legacy_heads_file(tmp_path, ["dense"])
+    multi = lk.prepare_multi_adapter(_seeded_pre_classifier(), ["dense"], max_adapters=2, max_rank=8)
+    before = _snapshot(multi)
+    with pytest.raises(ValueError, match=r"has modules_to_save \['classifier'\], which selects module 'pre_classifier' "
+                                         r"\(whole modules trained with the adapter; by PEFT <= 0\.21's plain-suffix "
+                                         r"rule, which the file was written under, as it holds the module's whole "
+                                         r"state\); MultiLoRALinear slots hold LoRA factors only"):
+        lk.load_peft_adapter(multi, tmp_path, adapter_name="a")
+    _assert_same(multi, before)
+
+
 class _Heads(nn.Module):
     """Modules whose names extend one another: siblings ("head", "head2") and a nested pair ("classifier",
     "classifier.out_proj")."""
