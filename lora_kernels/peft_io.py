@@ -553,11 +553,6 @@ def _modules_to_save_entries(model, config, tensors):
     return list(config.modules_to_save) + written
 
 
-# why a module whose name an entry ends other than as whole name components is selected (_modules_to_save_entries)
-OLD_RULE_SELECTION = ("; by PEFT <= 0.21's plain-suffix rule, which the file was written under, as it holds the "
-                      "module's whole state")
-
-
 def _written_by_peft_0_22_or_later(peft_version):
     """Whether an adapter_config.json's peft_version ("0.22.0", "0.22.1.dev0@<commit>") is 0.22 or later: PEFT
     writes it since 0.18; lora_kernels writes none."""
@@ -579,10 +574,14 @@ def _split_modules_to_save(model, config, tensors, file, adapter_name, op):
         if not selected:
             return [], tensors, None
         name = selected[0][0]
+        # an entry that ends the name other than as whole components selects it only in a file of the old rule
+        # (_modules_to_save_entries)
         old_rule = name not in {n for n, _ in selected_modules_to_save(model, config.modules_to_save)}
+        why = ("; by PEFT <= 0.21's plain-suffix rule, which the file was written under, as it holds the module's "
+               "whole state") if old_rule else ""
         raise ValueError(f"{op}: {file} has modules_to_save {config.modules_to_save}, which selects module {name!r} "
-                         f"(whole modules trained with the adapter{OLD_RULE_SELECTION if old_rule else ''}); "
-                         f"MultiLoRALinear slots hold LoRA factors only, so it cannot load by adapter_name")
+                         f"(whole modules trained with the adapter{why}); MultiLoRALinear slots hold LoRA factors "
+                         f"only, so it cannot load by adapter_name")
     rest, heads = dict(tensors), []
     for name, module in named_modules_to_save(model, entries, op):
         # PEFT's files may also hold a module's state under its wrapper's names: the trained copy
