@@ -40,8 +40,8 @@ assert has('CPU') and has('CUDA') == bool($cuda)
 
 status=0
 # The triton 3.6 interpreter warns on every call under numpy 2.3 ("Conversion of an array with ndim > 0 to a
-# scalar"): -W ignore keeps the log readable.
-(cd "$venv/src" && "$py" -m pytest -q -p no:cacheprovider -W ignore) > "$venv/logs/pytest.log" 2>&1 || status=1
+# scalar"): -W ignore keeps the log readable. -n 2: two processes, as the README's test command.
+(cd "$venv/src" && "$py" -m pytest -q -n 2 -p no:cacheprovider -W ignore) > "$venv/logs/pytest.log" 2>&1 || status=1
 tail -n 3 "$venv/logs/pytest.log"
 (cd "$venv/src" && "$py" -m lora_kernels.triton.aot) > "$venv/logs/aot.log" 2>&1 || status=1
 tail -n 2 "$venv/logs/aot.log"
