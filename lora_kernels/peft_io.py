@@ -1039,6 +1039,14 @@ def _commit_single(model, config, plan, grouped, heads, modules_to_save, biases,
     written += [(f"{name}.{key}", t) for name, module, _ in heads
                 for key, t in module.state_dict(keep_vars=True).items()]
     refuse_inference_tensor_writes("load_peft_adapter", written)
+    # the whole tensors too, as the factors are below: a float32 file's 1e6 would become inf in an fp16 model
+    whole = [(key, current, loaded) for key, current, loaded in biases + base_tensors]
+    whole += [(f"{name}.{key}", module.state_dict()[key], tensor) for name, module, loaded in heads
+              for key, tensor in loaded.items()]
+    for key, current, loaded in whole:
+        if current.dtype.is_floating_point:
+            refuse_overflowed_copy(op, f"tensor {key!r}", loaded, loaded.to(current.dtype),
+                                   "convert the model to float32 or bfloat16 first")
     snapshots = [(m, m.lora_A.weight.detach().clone(), m.lora_B.weight.detach().clone(),
                   (m.lora_alpha, m.use_rslora, m.scaling, m.lora_dropout))
                  for _, m, *_ in plan if isinstance(m, LoRALinear)]

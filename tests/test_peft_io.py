@@ -3030,6 +3030,29 @@ def test_factors_past_the_16_bit_range_are_refused_with_the_model_unchanged(tmp_
     assert multi.lora_adapter_slots == slots
 
 
+@pytest.mark.parametrize("whole", ["modules_to_save head", "bias", "base layer"])
+def test_whole_tensors_past_the_16_bit_range_are_refused_with_the_model_unchanged(tmp_path, whole):
+    """A float32 file's head (modules_to_save), trained bias (bias="all") or target's base layer (saved whole, as
+    PEFT saves a tied lm_head's) too large for an fp16 model became inf there without a word, where the factors'
+    overflow was refused; refused by key now, as theirs is, nothing loaded."""
+    targets, kwargs, key = {"modules_to_save head": (("q_proj",), dict(modules_to_save=["head"]), "head.weight"),
+                            "bias": (("q_proj",), dict(bias="all"), "layers.1.q_proj.base_layer.bias"),
+                            "base layer": (("q_proj", "head"), {}, "head.base_layer.weight")}[whole]
+    lk.save_peft_adapter(_trained(targets, **kwargs), tmp_path / "a")
+    file_key = "base_model.model." + key
+    big = torch.full_like(_base().head.weight if whole == "base layer" else load_file(
+        os.path.join(tmp_path / "a", "adapter_model.safetensors"))[file_key], 7e4)
+    _edit_weights(tmp_path / "a", lambda tensors: tensors.update({file_key: big}))
+    lk.load_peft_adapter(_base(), tmp_path / "a")  # float32 takes it
+    model = _base().half()
+    before = _snapshot(model)
+    shown = key.replace(".base_layer.bias", ".bias") if whole == "bias" else key.replace(".base_layer", "")
+    with pytest.raises(ValueError, match=rf"tensor '{re.escape(shown)}' holds finite values past the range of "
+                                         r"torch.float16 .*70000.*convert the model to float32 or bfloat16 first"):
+        lk.load_peft_adapter(model, tmp_path / "a")
+    _assert_same(model, before)
+
+
 def test_by_name_load_takes_a_base_layer_saved_rounded_to_16_bits(tmp_path):
     """A file saved from the bf16 model holds the base layer PEFT saves whole (an lm_head target) in bf16: the
     float32 model's weights rounded. Loading it by name into the float32 model was refused as differing from the
