@@ -269,7 +269,9 @@ def _check_path(op, path):
 
 def _check_directory_to_create(op, path):
     """save_peft_adapter's path is a directory it may create: one that names a file, or lies under one, is refused
-    before any work (os.makedirs raised a bare FileExistsError / NotADirectoryError after the checks)."""
+    before any work (os.makedirs raised a bare FileExistsError / NotADirectoryError after the checks); so is one
+    holding a directory where a file of the adapter goes, which _atomic_write's rename would meet only after renaming
+    the other file (new weights beside the old config)."""
     existing = os.path.abspath(os.fspath(path))
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
@@ -277,6 +279,10 @@ def _check_directory_to_create(op, path):
         where = "which" if existing == os.path.abspath(os.fspath(path)) else f"under {existing!r}, which"
         raise ValueError(f"{op}: path expected a directory (created if missing), got {os.fspath(path)!r}, {where} "
                          f"is a file")
+    for name in (SAFETENSORS_NAME, CONFIG_NAME):
+        if os.path.isdir(os.path.join(existing, name)):
+            raise ValueError(f"{op}: path {os.fspath(path)!r} holds a directory named {name!r}, where the adapter's "
+                             f"file goes; nothing was written")
 
 
 def _check_adapter_name(op, adapter_name):

@@ -2036,6 +2036,23 @@ def test_save_is_atomic_a_crash_keeps_the_old_file(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
+@pytest.mark.parametrize("blocked", ["adapter_config.json", "adapter_model.safetensors"])
+def test_save_over_a_directory_named_as_an_adapter_file_writes_nothing(tmp_path, blocked):
+    """A directory where one of the two files goes: the second rename failed after the first had replaced its file
+    (new weights beside the old config), with a bare IsADirectoryError naming the temporary file; refused by name
+    before anything is written."""
+    lk.save_peft_adapter(_trained(), tmp_path)
+    (tmp_path / blocked).unlink()
+    (tmp_path / blocked).mkdir()
+    other = ({"adapter_config.json", "adapter_model.safetensors"} - {blocked}).pop()
+    old = (tmp_path / other).read_bytes()
+    with pytest.raises(ValueError, match=rf"save_peft_adapter: path '{re.escape(str(tmp_path))}' holds a directory "
+                                         rf"named '{blocked}', where the adapter's file goes; nothing was written"):
+        lk.save_peft_adapter(_trained(("q_proj",)), tmp_path)
+    assert (tmp_path / other).read_bytes() == old
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
 def test_under_a_process_group_only_rank_0_writes(tmp_path, monkeypatch):
     """Every rank may call save_peft_adapter (under FSDP2 they must: gathering the shards is a collective), and only
     rank 0 writes: others writing the same files at once could interleave (checked on a stand-in process group;
