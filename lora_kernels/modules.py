@@ -2015,6 +2015,9 @@ def inject_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_
             except (TypeError, ValueError) as exc:  # name the module: its r or alpha may come from a pattern
                 raise type(exc)(f"{op}: module {name!r}: {exc}") from None
             layers.append((name, module, layer))
+        # before the model changes: a warning raised as an error (-W error) leaves it as it was
+        _warn_mixed_adapter_options(op, [m for m in model.modules() if isinstance(m, LoRALinear)]
+                                    + [layer for _, _, layer in layers])
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         for name, old, layer in layers:
@@ -2033,14 +2036,13 @@ def inject_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_
     _record(model, BIAS_ATTR, None if bias == "none" else bias)
     enable_input_grads_for_checkpointing(model)
     keep_transformer_layers_calling_lora(model)
-    _warn_mixed_adapter_options(op, model)
     return wrapper
 
 
-def _warn_mixed_adapter_options(op, model):
+def _warn_mixed_adapter_options(op, layers):
     """A second inject_lora call with another lora_dropout or use_rslora trains, but save_peft_adapter refuses the
-    adapter (PEFT's config holds one of each): said here, before the training, instead of only at the save."""
-    layers = [module for module in model.modules() if isinstance(module, LoRALinear)]
+    adapter (PEFT's config holds one of each): said here, before the training, instead of only at the save. layers:
+    the model's LoRALinear layers once the call is done."""
     for option in ("lora_dropout", "use_rslora"):
         values = sorted({getattr(layer, option) for layer in layers})
         if len(values) > 1:

@@ -338,11 +338,16 @@ def test_a_second_inject_lora_adds_to_the_adapter(tmp_path):
 def test_a_second_inject_lora_with_another_option_warns_before_training(tmp_path, option, first, second):
     """A second call with another lora_dropout or use_rslora is one adapter that save_peft_adapter refuses (PEFT's
     config holds one of each): the inject says so when it happens, not only the save after the training. The same
-    value again does not warn."""
+    value again does not warn. Warned before the model changes: under warnings as errors the call raised out of a
+    model whose layers it had already replaced."""
     model = lk.inject_lora(_base(), ["q_proj"], **{option: first}, backend=BACKEND)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lk.inject_lora(model, ["o_proj"], **{option: first}, backend=BACKEND)
+        before = _snapshot(model)
+        with pytest.raises(UserWarning, match=f"now have different {option} values"):
+            lk.inject_lora(model, ["v_proj"], **{option: second}, backend=BACKEND)
+        _assert_same(model, before)
     with pytest.warns(UserWarning, match=rf"inject_lora: the model's LoRA layers now have different {option} values "
                                          rf"\[{min(first, second)}, {max(first, second)}\]: they train, but "
                                          r"save_peft_adapter refuses them"):
