@@ -710,7 +710,7 @@ def lora_linear(x, weight, lora_a, lora_b, scaling=1.0, bias=None, *, dropout_p=
     subclass's F.linear gives dX).
     Saves x for the backward only when lora_a or weight requires grad (PEFT's layer with lora_A frozen keeps none):
     a create_graph=True backward with x and lora_b requiring grad but lora_a and weight frozen then raises (keep
-    lora_a requiring grad for it).
+    lora_a requiring grad for it), but on "reference", plain autograd of torch ops, which keeps x.
     """
     return _lora_linear(x, weight, lora_a, lora_b, scaling, bias, dropout_p, backend, float32_factors=False)
 
@@ -1173,7 +1173,8 @@ def multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias=Non
     A weight that is a tensor subclass (is_subclass_weight: torchao's quantized weights) computes its own F.linear,
     on every backend but "reference"; with gradients, in that slot-by-slot composition (its dX is the subclass's).
     Saves x for the backward only when lora_a or weight requires grad, as lora_linear does (and raises as it does
-    for a create_graph=True backward with x and lora_b requiring grad but lora_a and weight frozen).
+    for a create_graph=True backward with x and lora_b requiring grad but lora_a and weight frozen, but on
+    "reference" and in float64, whose torch compositions autograd differentiates whole, keeping x).
     """
     return _multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scalings, bias, ranks, backend,
                               float32_factors=False)

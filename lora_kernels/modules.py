@@ -319,7 +319,8 @@ class LoRALinear(nn.Module):
     away). The forward casts them to the input's dtype, the layer's, and runs the same 16-bit kernels; their
     gradients come back in float32 from the backward's float32 sums, not rounded to 16 bits (but with the `torch`
     backend, PEFT's unfused composition in the input dtype, whose products are bf16 in bf16, and float32 in fp16,
-    where 16-bit sums overflowed, in the first-order backward; PEFT itself runs its LoRA branch in float32). A
+    where 16-bit sums overflowed, in the first-order backward, and the `reference` backend, autograd of the 16-bit
+    casts; PEFT itself runs its LoRA branch in float32). A
     quantized (tensor-subclass) weight whose own F.linear takes float32 inputs runs the branch in float32 on them.
     False: the factors take the layer's dtype."""
 
@@ -889,7 +890,8 @@ class MultiLoRALinear(nn.Module):
     (set_adapter casts float32 factors down). torch.float32 on a 16-bit model trains several adapters in one batch
     the way LoRALinear trains one (PEFT's autocast_adapter_dtype): optimizer updates below the 16-bit spacing still
     land, each forward casts the factors (L·R·(K+N) elements) to x's dtype for the kernels, and their gradients
-    come back in float32 as the backward sums them (on GPUs the cuda and torch backends sum them in 16 bits).
+    come back in float32 as the backward sums them (on GPUs the cuda and torch backends sum them in 16 bits; the
+    reference backend, autograd of the 16-bit casts, rounds them to 16 bits everywhere).
 
     Thread safety: set_adapter / clear_adapter may run in another thread while eager forwards run; each forward of
     this layer uses either the old or the new weights of a slot, never a mix (per layer: a model forward that runs
