@@ -1032,6 +1032,32 @@ class MultiLoRALinear(nn.Module):
     def _slot_tensors(self):
         return [(name, getattr(self, name)) for name in ("lora_a", "lora_b", "scalings", "ranks")]
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A rank past max_rank or a non-finite scaling, which set_adapter refuses, loaded without a word and only
+        # the next forward refused it. Reported as torch reports a shape mismatch (an error after the load), the
+        # slots left as they were: their four tensors describe the adapters together.
+        def bad_slots(key, is_bad, expected):
+            tensor = state_dict.get(prefix + key)
+            if (not isinstance(tensor, torch.Tensor) or tensor.dim() != 1 or not has_host_values(tensor)
+                    or is_dtensor(tensor)):
+                return  # torch reports a wrong shape; meta or sharded values are not read
+            slots = is_bad(tensor).nonzero().flatten().tolist()
+            if slots:
+                shown = ", ".join(f"{tensor[i].item()} in slot {i}" for i in slots[:4])
+                problems.append(f"{key} expected {expected}, got {shown}{', ...' if len(slots) > 4 else ''}")
+
+        problems = []
+        bad_slots("ranks", lambda ranks: (ranks < 0) | (ranks > self.max_rank), f"values in [0, {self.max_rank}]")
+        bad_slots("scalings", lambda scalings: ~torch.isfinite(scalings), "finite numbers")
+        if problems:
+            error_msgs.append(f"MultiLoRALinear{f' {prefix[:-1]!r}' if prefix else ''}: in the state dict, "
+                              f"{'; '.join(problems)} (as set_adapter takes them); its slots (lora_a, lora_b, "
+                              f"scalings, ranks) not loaded")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     @torch.no_grad()
     def set_adapter(self, slot, lora_a, lora_b, scaling):
         """Loads one adapter (lora_a [r, K], lora_b [N, r], any r <= max_rank) into `slot`. Everything is checked

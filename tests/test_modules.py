@@ -1692,6 +1692,29 @@ def test_a_state_dict_is_not_loaded_into_a_merged_layer():
     torch.testing.assert_close(model(x), reference(x))
 
 
+def test_a_multi_lora_state_dict_with_slot_metadata_set_adapter_refuses_is_not_loaded():
+    """A rank past max_rank (or negative) or a non-finite scaling loaded without a word, and only the next forward
+    refused it. Refused as torch reports a mismatch (after the load), naming the slots, the layer's slots left as
+    they were; the base layer still loads, and a good state dict goes in."""
+    layer = lk.MultiLoRALinear(nn.Linear(8, 6), max_adapters=3, max_rank=4)
+    torch.manual_seed(0)
+    layer.set_adapter(1, torch.randn(2, 8), torch.randn(6, 2), 0.5)
+    good = {key: value.clone() for key, value in layer.state_dict().items()}
+    layer.clear_adapter(1)
+    before = {key: value.clone() for key, value in layer.state_dict().items() if not key.startswith("base_layer.")}
+    bad = dict(good, ranks=torch.tensor([9, -1, 2], dtype=torch.int32),
+               scalings=torch.tensor([float("nan"), 1.0, 0.0]), **{"base_layer.bias": torch.ones(6)})
+    with pytest.raises(RuntimeError, match=r"MultiLoRALinear: in the state dict, ranks expected values in \[0, 4\], "
+                                           r"got 9 in slot 0, -1 in slot 1; scalings expected finite numbers, got nan "
+                                           r"in slot 0 \(as set_adapter takes them\); its slots \(lora_a, lora_b, "
+                                           r"scalings, ranks\) not loaded"):
+        layer.load_state_dict(bad)
+    assert all(torch.equal(layer.state_dict()[key], value) for key, value in before.items())
+    assert torch.equal(layer.base_layer.bias, torch.ones(6))
+    layer.load_state_dict(good)
+    assert layer.ranks.tolist() == [0, 2, 0] and layer.scalings[1].item() == 0.5
+
+
 class _Aliased(nn.Module):
     """One nn.Linear under two attribute names (named_modules() lists it once, as `a`)."""
 
