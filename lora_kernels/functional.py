@@ -147,6 +147,10 @@ def check_layer_scaling(op, scaling, dtype, source):
     """ValueError where a layer of `dtype` could not run `scaling` (_scaling_fits), naming `source`, what made it
     (lora_alpha and r): refused where the layer is made or its adapter loaded, not first at its forward, and before
     a merge, which computed inf·0 = NaN into the weight (B is zero at init) in float32."""
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):  # a layer's attribute set by hand
+        raise TypeError(f"{op}: {source} gives the scaling {scaling!r}, expected a real number")
+    if not is_finite_number(scaling):
+        raise ValueError(f"{op}: {source} gives the scaling {scaling!r}, expected a finite number")
     if not _scaling_fits(scaling, dtype):
         raise ValueError(f"{op}: {source} gives the scaling {scaling!r}, past float32's range (±{FLOAT32_MAX:.4g}), in "
                          f"which the kernels apply it to a {dtype} layer (only a float64 layer takes any finite "

@@ -953,6 +953,15 @@ def test_scalings_past_float32s_range_are_refused_where_the_layer_is_made():
                                          r"give 8.0\) gives the scaling 1e\+39, past float32's range"):
         layer.merge()
     assert not layer.merged and torch.equal(layer.weight, weight)
+    # set by hand to a NaN or a string: said so (NaN read "past float32's range"; a string got torch's bare "must be
+    # real number, not str" from inside the merge)
+    for scaling, error, words in ((math.nan, ValueError, "nan, expected a finite number"),
+                                  ("2", TypeError, "'2', expected a real number")):
+        layer.scaling = scaling
+        with pytest.raises(error, match=r"LoRALinear.delta_weight: the layer's scaling attribute \(lora_alpha and r "
+                                        r"give 8.0\) gives the scaling " + words):
+            layer.merge()
+        assert not layer.merged and torch.equal(layer.weight, weight)
 
 
 def test_bad_backend_names_and_non_finite_scalings_are_refused_at_construction():
