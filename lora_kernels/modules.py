@@ -394,6 +394,9 @@ class LoRALinear(nn.Module):
         self.merged = False
         self._merged_factors = None  # merge() keeps the factors it added here (see _merged_delta)
         self.disable_adapters = False
+        # set here, not first by a disable_adapter context: a compiled step's first trace guarded on their absence,
+        # which its own run ended, and the step compiled again on its second call
+        self._disabled_contexts, self._disabled_before_contexts = 0, False
         self.reset_lora_parameters(init_lora_weights)
 
     def base_weight(self):
