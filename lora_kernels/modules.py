@@ -862,8 +862,10 @@ _ADAPTER_TABLE_LOCK = threading.Lock()
 
 
 def adapter_table_lock():
-    """_ADAPTER_TABLE_LOCK as it is now (a forked process replaces it)."""
-    return _ADAPTER_TABLE_LOCK
+    """_ADAPTER_TABLE_LOCK as it is now (a forked process replaces it); none while compiling, as _disable_lock: a
+    compiled step's disable_adapter on a model with MultiLoRALinear layers enters set_batch_adapters, and dynamo
+    cannot enter a lock (a graph break, an error under fullgraph=True)."""
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else _ADAPTER_TABLE_LOCK
 
 
 def _new_locks_in_child():
@@ -2330,7 +2332,8 @@ def disable_adapter(model):
     as it was. A merged layer cannot be disabled: RuntimeError before any layer changes. MultiLoRALinear layers beside
     them compute the base model too (unless a forward passes them adapter ids); a model with MultiLoRALinear layers
     only is refused: use set_batch_adapters(model, "__base__") there. modules_to_save heads and trained
-    biases are not switched off (they hold the trained values in place; a warning says so for heads)."""
+    biases are not switched off (they hold the trained values in place; a warning says so for heads, outside
+    torch.compile: dynamo cannot trace it, and a compiled step's graph broke there)."""
     wrapper, model = model, unwrap_model(model, "disable_adapter")
     layers = [module for module in model.modules() if isinstance(module, LoRALinear)]
     if not layers:
@@ -2340,7 +2343,7 @@ def disable_adapter(model):
                     "computes the base model")
         raise ValueError(f"disable_adapter: the model has no LoRALinear layers{hint}")
     heads = getattr(model, MODULES_TO_SAVE_ATTR, None)
-    if heads:
+    if heads and not torch.compiler.is_compiling():
         warn_at_caller(f"disable_adapter: the modules_to_save {heads} train in place and stay active in this "
                        f"context, so the result is not the base model's once they have trained (PEFT keeps the "
                        f"originals beside them)")

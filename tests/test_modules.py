@@ -2351,6 +2351,44 @@ def test_disable_adapter_computes_the_base_model_beside_multi_lora_layers():
         assert torch.equal(model(x), adapted)
 
 
+def test_disable_adapter_beside_multi_lora_layers_and_with_heads_inside_a_compiled_step():
+    """The compiled step of test_disable_adapter_inside_a_compiled_step on a model with MultiLoRALinear layers beside
+    the LoRALinear ones, and on one with modules_to_save heads: the name table's lock (set_batch_adapters, entered
+    for the MultiLoRALinear layers) and the heads' warning broke the graph (an error under fullgraph=True). One graph
+    now, eager's results, the names in effect before put back."""
+    from torch._dynamo.testing import CompileCounter
+    import copy
+    import warnings
+    base = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    mixed = lk.prepare_multi_adapter(copy.deepcopy(base), ["0"], 2, 4, backend="torch")
+    mixed[0].set_adapter(0, torch.randn(2, 8), torch.randn(8, 2), 1.0)
+    mixed.lora_adapter_slots["a"] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lk.inject_lora(mixed, ["2"], r=2, init_lora_weights=False, backend="torch")
+        with_heads = inject_lora(copy.deepcopy(base), ["0"], r=2, init_lora_weights=False, backend="torch",
+                                 modules_to_save=["2"])
+    x = torch.randn(3, 8)
+    for model in (mixed, with_heads):
+        def step(x):
+            adapted = model(x)
+            with lk.disable_adapter(model):
+                return adapted, model(x)
+
+        counter = CompileCounter()
+        compiled = torch.compile(step, backend=counter, fullgraph=True)
+        with torch.no_grad(), lk.set_batch_adapters(mixed, "a"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                expected = step(x)
+            for _ in range(2):
+                for got, want in zip(compiled(x), expected):
+                    torch.testing.assert_close(got, want)
+            assert mixed[0].batch_adapters.names == "a"
+        assert counter.frame_count == 1
+        assert torch.allclose(expected[1], base(x) if model is mixed else model[2](model[1](base[0](x))), atol=1e-6)
+
+
 def _three_projections():
     torch.manual_seed(0)
     return nn.ModuleDict({"q_proj": nn.Linear(8, 8), "v_proj": nn.Linear(8, 8), "o_proj": nn.Linear(8, 8)})
