@@ -1258,10 +1258,12 @@ def test_grouped_bad_input():
     with pytest.raises(ValueError, match=r"multi_lora_linear: scalings expected finite numbers, got inf"):
         lk.multi_lora_linear(x, torch.randn(5, 6), lora_a, lora_b, torch.tensor([0, 1, -1, 0]),
                              torch.tensor([float("inf"), 1.0]))
-    # float64 1e39 is finite, and infinite in the float32 the kernels read (a list is cast before its check)
-    with pytest.raises(ValueError, match=r"lora_shrink: scalings expected finite numbers in torch.float32's range, "
-                                         r"got 1e\+39"):
-        lk.ops.lora_shrink(x, lora_a, batch, torch.tensor([1.0, 1e39], dtype=torch.float64))
+    # float64 1e39 is finite, and infinite in the float32 the kernels read; a list's, cast to float32 before its
+    # check, was named as "got inf"
+    for scalings in (torch.tensor([1.0, 1e39], dtype=torch.float64), [1.0, 1e39]):
+        with pytest.raises(ValueError, match=r"lora_shrink: scalings expected finite numbers in torch.float32's "
+                                             r"range, got 1e\+39"):
+            lk.ops.lora_shrink(x, lora_a, batch, scalings)
     with pytest.raises(ValueError, match=r"ranks expected values in \[0, 3\]"):
         lk.ops.lora_shrink(x, lora_a, batch, [1.0, 1.0], [3, 4])
     with pytest.raises(ValueError, match="batch was built for 4 tokens, but x has 3 rows"):
