@@ -843,8 +843,10 @@ _DISABLE_LOCK = threading.Lock()  # disable_adapter's per-layer count of open co
 
 def _disable_lock():
     # a compiled step's `with disable_adapter(model):` (DPO's reference pass): dynamo cannot enter a lock (a graph
-    # break, an error under fullgraph=True), and a traced count is updated by the graph's own code
-    return contextlib.nullcontext() if torch.compiler.is_compiling() else _DISABLE_LOCK
+    # break, an error under fullgraph=True), and a traced count is updated by the graph's own code. Dynamo's own
+    # flag: torch.compiler.is_compiling() is one flag for the process, True in every thread while any compiles, and
+    # an eager thread then went without the lock
+    return contextlib.nullcontext() if torch.compiler.is_dynamo_compiling() else _DISABLE_LOCK
 
 # Activation checkpointing reruns a forward during the backward, and a forward without adapter ids reads the names
 # set_batch_adapters has in effect then, not those of the forward it recomputes (it cannot know them). Each layer keeps
@@ -865,7 +867,7 @@ def adapter_table_lock():
     """_ADAPTER_TABLE_LOCK as it is now (a forked process replaces it); none while compiling, as _disable_lock: a
     compiled step's disable_adapter on a model with MultiLoRALinear layers enters set_batch_adapters, and dynamo
     cannot enter a lock (a graph break, an error under fullgraph=True)."""
-    return contextlib.nullcontext() if torch.compiler.is_compiling() else _ADAPTER_TABLE_LOCK
+    return contextlib.nullcontext() if torch.compiler.is_dynamo_compiling() else _ADAPTER_TABLE_LOCK
 
 
 def _new_locks_in_child():
@@ -1169,7 +1171,7 @@ class MultiLoRALinear(nn.Module):
     def forward(self, x, adapter_ids=None):
         """x: [..., K]; adapter_ids: integer tensor shaped like x.shape[:-1], or a LoRABatch built for x's tokens;
         None takes the per-row slots of set_batch_adapters (one LoRABatch per input shape, shared by all layers)."""
-        if torch.compiler.is_compiling():  # a traced graph cannot hold a Python lock
+        if torch.compiler.is_dynamo_compiling():  # a traced graph cannot hold a Python lock (see _disable_lock)
             return self._resolve_and_forward(x, adapter_ids)
         # set_batch_adapters' slot ids are read under the lock too: read before it, a delete of their name and a load
         # of another adapter into the freed slot in between made the rows of the deleted name compute the new adapter
@@ -2343,7 +2345,7 @@ def disable_adapter(model):
                     "computes the base model")
         raise ValueError(f"disable_adapter: the model has no LoRALinear layers{hint}")
     heads = getattr(model, MODULES_TO_SAVE_ATTR, None)
-    if heads and not torch.compiler.is_compiling():
+    if heads and not torch.compiler.is_dynamo_compiling():  # see _disable_lock
         warn_at_caller(f"disable_adapter: the modules_to_save {heads} train in place and stay active in this "
                        f"context, so the result is not the base model's once they have trained (PEFT keeps the "
                        f"originals beside them)")

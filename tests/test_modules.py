@@ -425,6 +425,37 @@ def test_disable_adapter_inside_a_compiled_step():
     assert not layer.disable_adapters and layer._disabled_contexts == 0
 
 
+def test_an_eager_thread_keeps_the_locks_and_the_heads_warning_while_another_thread_compiles():
+    """The name table's and disable_adapter's locks (and the heads warning) are skipped inside dynamo's trace only:
+    torch.compiler.is_compiling() is one flag for the process, True in every thread while any compiles, so an eager
+    thread's loads by name and deletes stopped taking turns then (two loads could pick one slot)."""
+    import threading
+    import warnings
+
+    from lora_kernels import modules
+    compiling, release = threading.Event(), threading.Event()
+
+    def slow_backend(graph_module, inputs):  # a long compile (Inductor on a large model)
+        compiling.set()
+        release.wait(30)
+        return graph_module.forward
+
+    compiled = torch.compile(lambda x: x * 2, backend=slow_backend)
+    thread = threading.Thread(target=compiled, args=(torch.randn(3),))
+    thread.start()
+    try:
+        assert compiling.wait(30)  # torch.compiler.is_compiling() is True here now (torch 2.11 to 2.14)
+        with modules.adapter_table_lock():
+            assert modules._ADAPTER_TABLE_LOCK.locked()
+        assert modules._disable_lock() is modules._DISABLE_LOCK
+        model = inject_lora(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), ["0"], r=2, modules_to_save=["1"])
+        with pytest.warns(UserWarning, match=r"modules_to_save \['1'\] train in place"), lk.disable_adapter(model):
+            pass
+    finally:
+        release.set()
+        thread.join()
+
+
 def test_an_error_inside_a_layers_disable_adapter_puts_the_adapter_back():
     """A reference pass that raises inside `with layer.disable_adapter():` (an out-of-memory error that a training
     loop catches and retries) leaves the adapter on: a context that restored the flag on a normal exit only left the
