@@ -325,7 +325,7 @@ def _check_host_or_device(op, name, t, device):
 def as_scalings(op, scalings, num_slots, device, dtype=torch.float32):
     """scalings (a sequence or tensor of L numbers) as a float32 tensor [L] on device (what the kernels read);
     dtype=torch.float64 for multi_lora_linear's float64 composition, which must not round them to float32."""
-    given = scalings
+    given = scalings if isinstance(scalings, (torch.Tensor, list, tuple)) else None  # read again on an error
     if not isinstance(scalings, torch.Tensor):
         scalings = _host_tensor(op, "scalings", scalings, dtype, "a float tensor [L] or a sequence of numbers")
     refuse_dtensor(op, "scalings", scalings)
@@ -342,7 +342,7 @@ def as_scalings(op, scalings, num_slots, device, dtype=torch.float32):
         limit = torch.finfo(dtype).max
         bad = next((v for v in scalings.tolist() if not abs(v) <= limit), None)
         if bad is not None:
-            if scalings is not given:  # a sequence: the value given, not its inf in dtype (1e39 in float32)
+            if scalings is not given and given is not None:  # the value given, not its inf in dtype (1e39 in float32)
                 wide = _host_tensor(op, "scalings", given, torch.float64, "").tolist()
                 bad = next(v for v in wide if not abs(v) <= limit)
             in_range = f" in {dtype}'s range" if math.isfinite(bad) else ""

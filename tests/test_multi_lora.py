@@ -1264,6 +1264,8 @@ def test_grouped_bad_input():
         with pytest.raises(ValueError, match=r"lora_shrink: scalings expected finite numbers in torch.float32's "
                                              r"range, got 1e\+39"):
             lk.ops.lora_shrink(x, lora_a, batch, scalings)
+    with pytest.raises(ValueError, match=r"lora_shrink: scalings expected finite numbers, got inf"):  # read once
+        lk.ops.lora_shrink(x, lora_a, batch, (s for s in [1.0, 1e39]))
     with pytest.raises(ValueError, match=r"ranks expected values in \[0, 3\]"):
         lk.ops.lora_shrink(x, lora_a, batch, [1.0, 1.0], [3, 4])
     with pytest.raises(ValueError, match="batch was built for 4 tokens, but x has 3 rows"):
