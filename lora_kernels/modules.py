@@ -91,6 +91,8 @@ def refuse_overflowed_copy(op, name, source, stored, fix):
         return  # no narrower range: nothing to check (and no host sync)
     if not (has_host_values(source) and has_host_values(stored)) or is_dtensor(source) or is_dtensor(stored):
         return  # no values to read (meta, fake, traced), or a shard of them
+    if not bool(torch.isinf(stored).any()):  # the usual case, in one pass over the narrower copy
+        return
     if bool((torch.isfinite(source.to(stored.device)) & ~torch.isfinite(stored)).any()):
         largest = source.detach().abs().nan_to_num(0.0, 0.0, 0.0).amax().item()
         raise ValueError(f"{op}: {name} holds finite values past the range of {stored.dtype} (largest magnitude "
@@ -1054,9 +1056,15 @@ class MultiLoRALinear(nn.Module):
                 shown = ", ".join(f"{tensor[i].item()} in slot {i}" for i in slots[:4])
                 problems.append(f"{key} expected {expected}, got {shown}{', ...' if len(slots) > 4 else ''}")
 
+        def bad_ranks(ranks):
+            bad = (ranks < 0) | (ranks > self.max_rank)
+            return bad | (ranks != ranks.trunc()) if ranks.dtype.is_floating_point else bad  # NaN, 2.5
+
         problems = []
-        bad_slots("ranks", lambda ranks: (ranks < 0) | (ranks > self.max_rank), f"values in [0, {self.max_rank}]")
-        bad_slots("scalings", lambda scalings: ~torch.isfinite(scalings), "finite numbers")
+        bad_slots("ranks", bad_ranks, f"integers in [0, {self.max_rank}]")
+        # finite in the slots' dtype, which they are cast to (float64 1e39 is inf in float32)
+        bad_slots("scalings", lambda scalings: ~torch.isfinite(scalings.to(self.scalings.dtype)),
+                  f"finite numbers in the range of the slots' {self.scalings.dtype}")
         if problems:
             error_msgs.append(f"MultiLoRALinear{f' {prefix[:-1]!r}' if prefix else ''}: in the state dict, "
                               f"{'; '.join(problems)} (as set_adapter takes them); its slots (lora_a, lora_b, "

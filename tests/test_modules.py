@@ -1750,13 +1750,19 @@ def test_a_multi_lora_state_dict_with_slot_metadata_set_adapter_refuses_is_not_l
     before = {key: value.clone() for key, value in layer.state_dict().items() if not key.startswith("base_layer.")}
     bad = dict(good, ranks=torch.tensor([9, -1, 2], dtype=torch.int32),
                scalings=torch.tensor([float("nan"), 1.0, 0.0]), **{"base_layer.bias": torch.ones(6)})
-    with pytest.raises(RuntimeError, match=r"MultiLoRALinear: in the state dict, ranks expected values in \[0, 4\], "
-                                           r"got 9 in slot 0, -1 in slot 1; scalings expected finite numbers, got nan "
-                                           r"in slot 0 \(as set_adapter takes them\); its slots \(lora_a, lora_b, "
-                                           r"scalings, ranks\) not loaded"):
+    with pytest.raises(RuntimeError, match=r"MultiLoRALinear: in the state dict, ranks expected integers in \[0, 4\], "
+                                           r"got 9 in slot 0, -1 in slot 1; scalings expected finite numbers in the "
+                                           r"range of the slots' torch.float32, got nan in slot 0 \(as set_adapter "
+                                           r"takes them\); its slots \(lora_a, lora_b, scalings, ranks\) not loaded"):
         layer.load_state_dict(bad)
     assert all(torch.equal(layer.state_dict()[key], value) for key, value in before.items())
     assert torch.equal(layer.base_layer.bias, torch.ones(6))
+    # float64 1e39 is finite there and inf in the slots' float32; a float rank NaN (or 2.5) is no rank
+    for key, value, shown in (("scalings", torch.tensor([0.0, 1e39, 0.0], dtype=torch.float64), "1e+39 in slot 1"),
+                              ("ranks", torch.tensor([0.0, math.nan, 2.5]), "nan in slot 1, 2.5 in slot 2")):
+        with pytest.raises(RuntimeError, match=rf"{key} expected .*, got {re.escape(shown)} \(as set_adapter"):
+            layer.load_state_dict(dict(good, **{key: value}))
+        assert all(torch.equal(layer.state_dict()[key], value) for key, value in before.items())
     layer.load_state_dict(good)
     assert layer.ranks.tolist() == [0, 2, 0] and layer.scalings[1].item() == 0.5
 
