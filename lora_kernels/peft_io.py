@@ -279,8 +279,11 @@ def _check_directory_to_create(op, path):
         where = "which" if existing == os.path.abspath(os.fspath(path)) else f"under {existing!r}, which"
         raise ValueError(f"{op}: path expected a directory (created if missing), got {os.fspath(path)!r}, {where} "
                          f"is a file")
+    if existing != os.path.abspath(os.fspath(path)):
+        return  # made by the save: empty
     for name in (SAFETENSORS_NAME, CONFIG_NAME):
-        if os.path.isdir(os.path.join(existing, name)):
+        target = os.path.join(existing, name)
+        if os.path.isdir(target) and not os.path.islink(target):  # a link is replaced by the rename, as a file
             raise ValueError(f"{op}: path {os.fspath(path)!r} holds a directory named {name!r}, where the adapter's "
                              f"file goes; nothing was written")
 
@@ -1052,7 +1055,8 @@ def _commit_single(model, config, plan, grouped, heads, modules_to_save, biases,
     for key, current, loaded in whole:
         if current.dtype.is_floating_point:
             refuse_overflowed_copy(op, f"tensor {key!r}", loaded, loaded.to(current.dtype),
-                                   "convert the model to float32 or bfloat16 first")
+                                   "convert the model to float32 or bfloat16 first" if current.dtype == torch.float16
+                                   else "convert the model to a wider dtype first")
     snapshots = [(m, m.lora_A.weight.detach().clone(), m.lora_B.weight.detach().clone(),
                   (m.lora_alpha, m.use_rslora, m.scaling, m.lora_dropout))
                  for _, m, *_ in plan if isinstance(m, LoRALinear)]

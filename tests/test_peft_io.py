@@ -2056,6 +2056,12 @@ def test_save_over_a_directory_named_as_an_adapter_file_writes_nothing(tmp_path,
         lk.save_peft_adapter(_trained(("q_proj",)), tmp_path)
     assert (tmp_path / other).read_bytes() == old
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    # a new directory under it is empty, and a link to a directory is replaced by the rename as a file is
+    lk.save_peft_adapter(_trained(("q_proj",)), tmp_path / "run" / "checkpoint-1")
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / blocked).symlink_to(tmp_path / blocked, target_is_directory=True)
+    lk.save_peft_adapter(_trained(("q_proj",)), tmp_path / "linked")
+    assert (tmp_path / "linked" / blocked).is_file() and (tmp_path / blocked).is_dir()
 
 
 def test_under_a_process_group_only_rank_0_writes(tmp_path, monkeypatch):
@@ -3071,6 +3077,14 @@ def test_whole_tensors_past_the_16_bit_range_are_refused_with_the_model_unchange
     shown = key.replace(".base_layer.bias", ".bias") if whole == "bias" else key.replace(".base_layer", "")
     with pytest.raises(ValueError, match=rf"tensor '{re.escape(shown)}' holds finite values past the range of "
                                          r"torch.float16 .*70000.*convert the model to float32 or bfloat16 first"):
+        lk.load_peft_adapter(model, tmp_path / "a")
+    _assert_same(model, before)
+    # a float64 file's 1e39 into the float32 model: no advice to convert to float32
+    _edit_weights(tmp_path / "a", lambda tensors: tensors.update({file_key: big.double().fill_(1e39)}))
+    model = _base()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=rf"tensor '{re.escape(shown)}' holds finite values past the range of "
+                                         r"torch.float32 .*convert the model to a wider dtype first"):
         lk.load_peft_adapter(model, tmp_path / "a")
     _assert_same(model, before)
 
