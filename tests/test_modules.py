@@ -430,7 +430,6 @@ def test_an_eager_thread_keeps_the_locks_and_the_heads_warning_while_another_thr
     torch.compiler.is_compiling() is one flag for the process, True in every thread while any compiles, so an eager
     thread's loads by name and deletes stopped taking turns then (two loads could pick one slot)."""
     import threading
-    import warnings
 
     from lora_kernels import modules
     compiling, release = threading.Event(), threading.Event()
